@@ -1,0 +1,70 @@
+"""Shared pytest setup: the `gpu` marker and session-scoped tiny checkpoints built locally."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if importlib.util.find_spec("hotswap") is None:  # allow running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from hotswap.testing.tiny_models import build_tiny_checkpoint, perturb_checkpoint  # noqa: E402
+
+LLAMA3_ROPE_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 128,
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs CUDA")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip `gpu`-marked tests on machines without CUDA instead of failing them."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_qwen3"), "qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_qwen2"), "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Llama with tied embeddings, llama3 rope scaling and head_dim != hidden/heads: the awkward cases."""
+    return build_tiny_checkpoint(
+        tmp_path_factory.mktemp("tiny_llama"),
+        "llama",
+        head_dim=32,
+        tie_word_embeddings=True,
+        rope_scaling=LLAMA3_ROPE_SCALING,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_sharded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_qwen3_sharded"), "qwen3", max_shard_size="40KB")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_v2(tiny_qwen3: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Same architecture as `tiny_qwen3` with perturbed weights, standing in for a trainer update."""
+    return perturb_checkpoint(tiny_qwen3, tmp_path_factory.mktemp("tiny_qwen3_v2"), seed=1)
