@@ -1,0 +1,152 @@
+"""Configs: what the checkpoint says (ModelConfig) and how the engine runs it (EngineConfig)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hotswap.errors import CheckpointError, HotswapError, UnsupportedModelError
+
+# architecture name in config.json -> (attention bias on q/k/v, RMSNorm on q and k per head)
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": (False, False),
+    "Qwen2ForCausalLM": (True, False),
+    "Qwen3ForCausalLM": (False, True),
+}
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in _DTYPES:
+        raise HotswapError(f"unsupported dtype {name!r}; expected one of {sorted(_DTYPES)} or 'auto'")
+    return _DTYPES[name]
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """The architecture facts the engine needs, read from a HF config.json."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    qk_norm: bool
+    torch_dtype: torch.dtype
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_pretrained(cls, model_path: str | Path) -> ModelConfig:
+        path = Path(model_path)
+        if not path.is_dir():
+            raise CheckpointError(f"model path {str(path)!r} is not a directory")
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise CheckpointError(f"{str(path)!r} is not a checkpoint folder: no config.json")
+        try:
+            raw = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{cfg_file} is not valid JSON: {exc}") from exc
+        archs = raw.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise UnsupportedModelError(
+                f"unsupported architecture {archs or raw.get('model_type')!r}; "
+                f"hotswap serves {sorted(SUPPORTED_ARCHITECTURES)}"
+            )
+        bias_default, qk_norm = SUPPORTED_ARCHITECTURES[arch]
+        heads = raw["num_attention_heads"]
+        dtype_name = raw.get("torch_dtype") or raw.get("dtype") or "float32"
+        rope_scaling = raw.get("rope_scaling")
+        rope_theta = raw.get("rope_theta")
+        rope_params = raw.get("rope_parameters")  # transformers >= 5 folds theta and scaling together
+        if isinstance(rope_params, dict):
+            rope_theta = rope_theta or rope_params.get("rope_theta")
+            if rope_params.get("rope_type", "default") != "default":
+                rope_scaling = rope_scaling or rope_params
+        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default", "llama3"):
+            raise UnsupportedModelError(f"unsupported rope_scaling {rope_scaling!r}; hotswap implements 'llama3'")
+        cfg = cls(
+            architecture=arch,
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"],
+            num_layers=raw["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=raw.get("num_key_value_heads") or heads,
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta or 10000.0),
+            rope_scaling=rope_scaling if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "llama3" else None,
+            max_position_embeddings=raw.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attention_bias=bool(raw.get("attention_bias", bias_default)),
+            qk_norm=qk_norm,
+            torch_dtype=parse_dtype(dtype_name if dtype_name in _DTYPES else "float32"),
+            eos_token_ids=_eos_ids(raw.get("eos_token_id")),
+        )
+        gen_file = path / "generation_config.json"
+        if gen_file.is_file():
+            gen_eos = _eos_ids(json.loads(gen_file.read_text()).get("eos_token_id"))
+            cfg.eos_token_ids = sorted(set(cfg.eos_token_ids) | set(gen_eos))
+        if cfg.num_heads % cfg.num_kv_heads:
+            raise CheckpointError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {cfg.num_kv_heads}")
+        return cfg
+
+
+def _eos_ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else [int(v) for v in value]
+
+
+@dataclass(kw_only=True, slots=True)
+class EngineConfig:
+    """How one engine runs a model. Defaults suit a single GPU; the CPU picks smaller ones."""
+
+    model_path: str
+    dtype: str = "auto"
+    device: str = "auto"
+    page_size: int = 0  # 0 = 16 on CUDA, 4 on CPU
+    num_pages: int = 0  # 0 = sized from kv_cache_memory_fraction on CUDA, 1024 on CPU
+    kv_cache_memory_fraction: float = 0.8
+    max_running_requests: int = 256
+    max_num_batched_tokens: int = 8192
+    chunked_prefill_size: int = 2048
+    max_context_len: int = 0  # 0 = the model's max_position_embeddings
+    enable_prefix_cache: bool = True
+    attention_backend: str = "auto"  # "torch" | "triton" | "auto"
+    enable_cuda_graph: bool = True
+    cuda_graph_max_batch: int = 256
+    weight_update_bucket_bytes: int = 1 << 30
+    weight_session_timeout_s: float = 600.0
+    rollback_device_budget_bytes: int = 1 << 30
+    enable_rollback: bool = True
+    check_weights_finite: bool = False  # refuse updates holding NaN or Inf (costs one pass over the data)
+    check_invariants_when_idle: bool = False
+    seed: int = 0
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise HotswapError("device 'cuda' requested but CUDA is not available")
+        if dev.type not in ("cpu", "cuda"):
+            raise HotswapError(f"unsupported device {self.device!r}; use 'cpu', 'cuda' or 'auto'")
+        return dev

@@ -1,0 +1,17 @@
+"""Error types. Every user-facing error is a ValueError subclass so callers can catch bad input uniformly."""
+
+
+class HotswapError(ValueError):
+    """Bad input or a request the engine refuses; the message names what was wrong."""
+
+
+class CheckpointError(HotswapError):
+    """A folder is not a loadable checkpoint, or its tensors do not fit the model."""
+
+
+class UnsupportedModelError(HotswapError):
+    """The checkpoint's architecture is not one hotswap implements."""
+
+
+class SamplingParamsError(HotswapError):
+    """A sampling parameter is unknown or out of range."""

@@ -1,0 +1,1 @@
+"""Model definitions: one decoder covers the Llama, Qwen2 and Qwen3 families."""

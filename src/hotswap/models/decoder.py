@@ -1,0 +1,119 @@
+"""The Llama-family decoder (Llama, Qwen2 with q/k/v bias, Qwen3 with q/k RMSNorm) over a paged KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hotswap.config import ModelConfig
+from hotswap.models.layers import MergedColumnLinear, RMSNorm, RotaryEmbedding, RowLinear, VocabEmbedding
+from hotswap.models.parallel import TPInfo
+from hotswap.runner.forward_context import ForwardContext
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPInfo, rotary: RotaryEmbedding):
+        super().__init__()
+        self.layer_id = layer_id
+        self.head_dim = cfg.head_dim
+        self.num_heads = cfg.num_heads // tp.size
+        self.num_kv_heads = max(1, cfg.num_kv_heads // tp.size)
+        self.scale = cfg.head_dim**-0.5
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        dt = cfg.torch_dtype
+        self.qkv_proj = MergedColumnLinear(cfg.hidden_size, {"q": q, "k": kv, "v": kv}, cfg.attention_bias, dt, tp)
+        self.o_proj = RowLinear(q, cfg.hidden_size, dt, tp)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dt) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dt) if cfg.qk_norm else None
+        self.rotary = rotary
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        sizes = self.qkv_proj.output_sizes
+        q, k, v = qkv.split([sizes["q"], sizes["k"], sizes["v"]], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(ctx.positions, q, k)
+        out = ctx.attention.forward(self.layer_id, q, k, v, self.scale, ctx)
+        return self.o_proj(out.view(-1, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPInfo):
+        super().__init__()
+        i = cfg.intermediate_size
+        self.gate_up_proj = MergedColumnLinear(cfg.hidden_size, {0: i, 1: i}, False, cfg.torch_dtype, tp)
+        self.down_proj = RowLinear(i, cfg.hidden_size, cfg.torch_dtype, tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPInfo, rotary: RotaryEmbedding):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.torch_dtype)
+        self.self_attn = Attention(cfg, layer_id, tp, rotary)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.torch_dtype)
+        self.mlp = MLP(cfg, tp)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext):
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm.forward_residual(x, residual)
+        x = self.self_attn(x, ctx)
+        x, residual = self.post_attention_layernorm.forward_residual(x, residual)
+        return self.mlp(x), residual
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPInfo):
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, cfg.torch_dtype, tp)
+        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, torch.device("cpu"))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp, rotary) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.torch_dtype)
+        self.rotary = rotary
+
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x, residual = self.embed_tokens.embed(input_ids), None
+        for layer in self.layers:
+            x, residual = layer(x, residual, ctx)
+        x, _ = self.norm.forward_residual(x, residual)
+        return x
+
+
+class CausalLM(nn.Module):
+    """Parameter names are HF names with q/k/v fused into `qkv_proj` and gate/up into `gate_up_proj`."""
+
+    # HF sub-module name -> (engine parameter's module name, shard id)
+    packed_modules = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, cfg: ModelConfig, tp: TPInfo = TPInfo()):
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg, tp)
+        self.lm_head = None if cfg.tie_word_embeddings else VocabEmbedding(cfg.vocab_size, cfg.hidden_size, cfg.torch_dtype, tp)
+
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self.model(input_ids, ctx)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.lm_head if self.lm_head is not None else self.model.embed_tokens
+        return head.logits(hidden).float()
+
+    def tied_aliases(self) -> dict[str, str]:
+        """HF names that share storage with another (tied embeddings): alias -> canonical."""
+        return {"lm_head.weight": "model.embed_tokens.weight"} if self.lm_head is None else {}

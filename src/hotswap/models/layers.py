@@ -1,0 +1,144 @@
+"""Layers whose parameters know where each HF tensor lands in them (`param.hf_shards`)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hotswap.models.parallel import ShardSpec, TPInfo
+
+
+def _param(shape: tuple[int, ...], dtype: torch.dtype, shards: dict) -> nn.Parameter:
+    p = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+    p.hf_shards = shards
+    return p
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = _param((dim,), dtype, {})
+        self.weight.hf_shards[None] = ShardSpec(0, 0, dim, 0, 0, dim, (dim,))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        orig = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(orig)
+
+    def forward_residual(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the residual then normalise; returns (normed, new residual) as HF does in the layer's dtype."""
+        residual = x + residual
+        return self.forward(residual), residual
+
+
+class MergedColumnLinear(nn.Module):
+    """Several HF projections fused along the output dim (q/k/v or gate/up), each column-sharded for TP."""
+
+    def __init__(self, in_features: int, out_sizes: dict, bias: bool, dtype: torch.dtype, tp: TPInfo):
+        super().__init__()
+        local = {sid: tp.split(size) for sid, size in out_sizes.items()}
+        total = sum(length for _, length in local.values())
+        w_shards, b_shards, offset = {}, {}, 0
+        for sid, (src_start, length) in local.items():
+            full = out_sizes[sid]
+            w_shards[sid] = ShardSpec(0, offset, length, 0, src_start, length, (full, in_features))
+            b_shards[sid] = ShardSpec(0, offset, length, 0, src_start, length, (full,))
+            offset += length
+        self.output_sizes = {sid: length for sid, (_, length) in local.items()}
+        self.weight = _param((total, in_features), dtype, w_shards)
+        self.bias = _param((total,), dtype, b_shards) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowLinear(nn.Module):
+    """Input-dim sharded projection (o_proj, down_proj); partial sums are all-reduced across TP ranks."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, tp: TPInfo):
+        super().__init__()
+        start, length = tp.split(in_features)
+        self.tp = tp
+        self.weight = _param(
+            (out_features, length), dtype, {None: ShardSpec(1, 0, length, 1, start, length, (out_features, in_features))}
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_reduce(F.linear(x, self.weight))
+
+
+class VocabEmbedding(nn.Module):
+    """Vocab-sharded embedding; also serves as the (tied or untied) LM head."""
+
+    def __init__(self, vocab_size: int, hidden: int, dtype: torch.dtype, tp: TPInfo):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.tp = tp
+        self.shard_len = math.ceil(vocab_size / tp.size)
+        self.start = tp.rank * self.shard_len
+        length = max(0, min(self.shard_len, vocab_size - self.start))
+        self.weight = _param((self.shard_len, hidden), dtype, {None: ShardSpec(0, 0, length, 0, self.start, length, (vocab_size, hidden))})
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        mask = (local < 0) | (local >= self.shard_len)
+        out = F.embedding(local.clamp(0, self.shard_len - 1), self.weight)
+        out[mask] = 0
+        return self.tp.all_reduce(out)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = F.linear(hidden, self.weight)
+        return self.tp.all_gather_last_dim(out)[..., : self.vocab_size]
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style rotary embedding with an optional Llama-3 frequency rescale.
+
+    The cos/sin cache is a non-persistent buffer: `rebuild()` recreates it after memory release.
+    """
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None, device: torch.device):
+        super().__init__()
+        self.head_dim, self.max_positions, self.theta, self.scaling = head_dim, max_positions, theta, scaling
+        self.register_buffer("cos_sin", self._build(device), persistent=False)
+
+    def _build(self, device: torch.device) -> torch.Tensor:
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim))
+        if self.scaling is not None:
+            inv_freq = _llama3_scale(inv_freq, self.scaling)
+        t = torch.arange(self.max_positions, dtype=torch.float32, device=device)
+        freqs = torch.outer(t, inv_freq)
+        return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+
+    def rebuild(self, device: torch.device) -> None:
+        self.cos_sin = self._build(device)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.cos_sin[positions].chunk(2, dim=-1)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, H, D]; HF computes rotary in float32 then casts back (apply_rotary_pos_emb on q.dtype tensors).
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def _llama3_scale(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_len = s["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)

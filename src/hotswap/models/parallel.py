@@ -1,0 +1,69 @@
+"""Tensor-parallel placement: which slice of a full HF tensor this rank holds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True, slots=True)
+class TPInfo:
+    rank: int = 0
+    size: int = 1
+    group: dist.ProcessGroup | None = None
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+    def split(self, total: int) -> tuple[int, int]:
+        """(start, length) of this rank's even share of `total` rows."""
+        if total % self.size:
+            raise ValueError(f"dimension {total} does not divide evenly over tensor-parallel size {self.size}")
+        share = total // self.size
+        return self.rank * share, share
+
+
+@dataclass(frozen=True, slots=True)
+class ShardSpec:
+    """Where a HF tensor lands in a (fused, TP-sliced) parameter.
+
+    dest_* select the rows of the live parameter; src_* select this rank's part of the full HF tensor.
+    """
+
+    dest_dim: int
+    dest_start: int
+    dest_len: int
+    src_dim: int
+    src_start: int
+    src_len: int
+    hf_shape: tuple[int, ...]
+
+    def dest_view(self, param: torch.Tensor) -> torch.Tensor:
+        return param.narrow(self.dest_dim, self.dest_start, self.dest_len)
+
+    def src_view(self, hf_tensor: torch.Tensor) -> torch.Tensor:
+        if self.src_len == hf_tensor.shape[self.src_dim]:
+            return hf_tensor
+        return hf_tensor.narrow(self.src_dim, self.src_start, self.src_len)
+
+
+def whole(param: torch.Tensor) -> ShardSpec:
+    """The HF tensor is the parameter itself (replicated on every rank)."""
+    return ShardSpec(0, 0, param.shape[0], 0, 0, param.shape[0], tuple(param.shape))
+
+
+def weight_loader(param: torch.nn.Parameter, hf_tensor: torch.Tensor, shard_id: str | int | None = None) -> None:
+    """Copy a full HF tensor into its place in `param` (the per-parameter loader of DESIGN.md section 5)."""
+    spec: ShardSpec = param.hf_shards[shard_id]
+    spec.dest_view(param.data).copy_(spec.src_view(hf_tensor))

@@ -1,0 +1,234 @@
+"""Every request the frontend sends the scheduler, and every output it gets back (SGLang's names and fields).
+
+Control requests are answered with an output dataclass carrying `success` and `message`; generation
+requests stream `GenerateOutput`s into their sink.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from hotswap.sampling_params import SamplingParams
+
+
+@dataclass(kw_only=True, slots=True)
+class GenerateOutput:
+    """An incremental piece of one request's output (the whole of it when `finished`)."""
+
+    rid: str
+    new_token_ids: list[int]
+    new_logprobs: list[float]
+    new_top_logprobs: list[list[tuple[float, int]]]
+    new_token_versions: list[str]
+    text_delta: str
+    finished: bool
+    finish_reason: dict | None
+    prompt_tokens: int
+    cached_tokens: int
+    weight_version: str
+
+
+@dataclass(kw_only=True, slots=True)
+class GenerateRequest:
+    rid: str
+    input_ids: list[int]
+    sampling_params: SamplingParams
+    seed: int
+    sink: Callable[[GenerateOutput], None]
+    stream_text: bool = False  # detokenize incrementally (streaming or stop strings)
+
+
+@dataclass(kw_only=True, slots=True)
+class AbortRequest:
+    rid: str | None = None  # None aborts every request
+    message: str = "aborted by request"
+
+
+@dataclass(kw_only=True, slots=True)
+class ControlOutput:
+    """Reads as an object (`out.success`), a mapping (`out["message"]`) or SGLang's `(success, message)` tuple."""
+
+    success: bool
+    message: str = ""
+
+    def __iter__(self):
+        return iter((self.success, self.message))
+
+    def __getitem__(self, key):
+        return getattr(self, key) if isinstance(key, str) else (self.success, self.message)[key]
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(kw_only=True, slots=True)
+class FlushCacheRequest:
+    pass
+
+
+@dataclass(kw_only=True, slots=True)
+class GetLoadRequest:
+    pass
+
+
+@dataclass(kw_only=True, slots=True)
+class LoadOutput(ControlOutput):
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_pages_used: int = 0
+    kv_pages_total: int = 0
+    weight_version: str = ""
+    paused: bool = False
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckInvariantsRequest:
+    pass
+
+
+# ---- weight lifecycle (WeightUpdater) -------------------------------------------------------------
+
+
+@dataclass(kw_only=True, slots=True)
+class UpdateWeightsFromDiskRequest:
+    model_path: str
+    load_format: str | None = None
+    weight_version: str | None = None
+    flush_cache: bool = True
+    abort_all_requests: bool = False
+
+
+@dataclass(kw_only=True, slots=True)
+class UpdateWeightsFromTensorRequest:
+    """`named_tensors`: list of (HF name, tensor) in process, or plain-data handle descriptors
+    (see hotswap.weights.ipc) when the tensors live in another process."""
+
+    named_tensors: list[tuple[str, Any]] | list[dict]
+    load_format: str | None = None
+    flush_cache: bool = True
+    weight_version: str | None = None
+    abort_all_requests: bool = False
+
+
+@dataclass(kw_only=True, slots=True)
+class UpdateWeightsFromIPCRequest:
+    """checkpoint-engine's push: a ZMQ socket address per device UUID; buckets arrive over ZMQ."""
+
+    zmq_handles: dict[str, str]
+    flush_cache: bool = True
+    weight_version: str | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class InitWeightsUpdateGroupRequest:
+    master_address: str
+    master_port: int
+    rank_offset: int
+    world_size: int
+    group_name: str = "weight_update_group"
+    backend: str | None = None  # None: nccl on CUDA, gloo on CPU
+    timeout_s: float = 600.0
+
+
+@dataclass(kw_only=True, slots=True)
+class UpdateWeightsFromDistributedRequest:
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[list[int]]
+    group_name: str = "weight_update_group"
+    flush_cache: bool = True
+    weight_version: str | None = None
+    load_format: str | None = None  # None: one broadcast per tensor; "flattened_bucket": one per call
+    abort_all_requests: bool = False
+
+
+@dataclass(kw_only=True, slots=True)
+class DestroyWeightsUpdateGroupRequest:
+    group_name: str = "weight_update_group"
+
+
+@dataclass(kw_only=True, slots=True)
+class GetWeightsByNameRequest:
+    name: str
+    truncate_size: int = 100
+
+
+@dataclass(kw_only=True, slots=True)
+class GetWeightsByNameOutput(ControlOutput):
+    parameter: list | None = None
+    dtype: str | None = None
+    shape: list[int] | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckWeightsRequest:
+    action: str  # snapshot | compare | reset_tensors | checksum
+    expected: dict[str, str] | None = None  # for checksum: a manifest to compare against
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckWeightsOutput(ControlOutput):
+    checksums: dict[str, str] | None = None
+    digest: str | None = None
+    mismatches: list[str] | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class ReleaseMemoryOccupationRequest:
+    tags: list[str] | None = None
+    keep_weights_on_host: bool = True  # False: the caller will reload weights after resume
+
+
+@dataclass(kw_only=True, slots=True)
+class ResumeMemoryOccupationRequest:
+    tags: list[str] | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class SaveShardedModelRequest:
+    path: str
+    pattern: str | None = None
+    max_size: int = 5 * 1024**3
+
+
+@dataclass(kw_only=True, slots=True)
+class SaveRemoteModelRequest:
+    url: str
+
+
+@dataclass(kw_only=True, slots=True)
+class PauseGenerationRequest:
+    mode: str = "abort"  # abort | retract | in_place
+
+
+@dataclass(kw_only=True, slots=True)
+class ContinueGenerationRequest:
+    pass
+
+
+@dataclass(kw_only=True, slots=True)
+class UpdateWeightVersionRequest:
+    new_version: str
+    abort_all_requests: bool = False
+
+
+@dataclass(kw_only=True, slots=True)
+class BeginWeightUpdateRequest:
+    pass
+
+
+@dataclass(kw_only=True, slots=True)
+class EndWeightUpdateRequest:
+    weight_version: str | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class WeightUpdateOutput(ControlOutput):
+    weight_version: str = ""
+    num_tensors: int = 0
+    num_bytes: int = 0
+    elapsed_s: float = 0.0
+    rolled_back: bool = False
+    extra: dict = field(default_factory=dict)

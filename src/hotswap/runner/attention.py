@@ -1,0 +1,76 @@
+"""Attention backends over the paged KV cache: plain PyTorch (CPU, reference) and Triton (CUDA)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from hotswap.runner.forward_context import ForwardContext
+from hotswap.runner.kv_cache import KVCachePool
+
+
+class AttentionBackend(Protocol):
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                ctx: ForwardContext) -> torch.Tensor: ...
+
+
+def store_kv(pool: KVCachePool, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write this step's K/V rows into their page slots."""
+    k_cache = pool.k_cache(layer).view(-1, pool.num_kv_heads, pool.head_dim)
+    v_cache = pool.v_cache(layer).view(-1, pool.num_kv_heads, pool.head_dim)
+    k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+class TorchAttention:
+    """Reference backend: gathers each sequence's pages and runs SDPA with a causal offset mask."""
+
+    def __init__(self, pool: KVCachePool):
+        self.pool = pool
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                ctx: ForwardContext) -> torch.Tensor:
+        store_kv(self.pool, layer, k, v, ctx.slot_mapping)
+        k_cache, v_cache = self.pool.k_cache(layer), self.pool.v_cache(layer)
+        page_size = self.pool.page_size
+        out = torch.empty_like(q)
+        cu = ctx.cu_seqlens_q.tolist()
+        lens = ctx.seq_lens.tolist()
+        group = q.shape[1] // k.shape[1]
+        for b, kv_len in enumerate(lens):
+            q_start, q_end = cu[b], cu[b + 1]
+            n_pages = (kv_len + page_size - 1) // page_size
+            pages = ctx.page_table[b, :n_pages].long()
+            keys = k_cache[pages].flatten(0, 1)[:kv_len]  # [kv_len, Hkv, D]
+            values = v_cache[pages].flatten(0, 1)[:kv_len]
+            qb = q[q_start:q_end].transpose(0, 1)  # [H, q_len, D]
+            kb = keys.transpose(0, 1).repeat_interleave(group, dim=0)
+            vb = values.transpose(0, 1).repeat_interleave(group, dim=0)
+            q_len = q_end - q_start
+            q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device).unsqueeze(1)
+            mask = torch.arange(kv_len, device=q.device).unsqueeze(0) <= q_pos
+            o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
+            out[q_start:q_end] = o.transpose(0, 1)
+        return out
+
+
+class TritonAttention:
+    """CUDA backend: split-KV decode and paged prefill kernels from hotswap.kernels."""
+
+    def __init__(self, pool: KVCachePool):
+        from hotswap.kernels import triton_attention
+
+        self.pool = pool
+        self.kernels = triton_attention
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                ctx: ForwardContext) -> torch.Tensor:
+        store_kv(self.pool, layer, k, v, ctx.slot_mapping)
+        k_cache, v_cache = self.pool.k_cache(layer), self.pool.v_cache(layer)
+        if ctx.is_decode:
+            return self.kernels.paged_decode_attention(q, k_cache, v_cache, ctx.page_table, ctx.seq_lens, scale)
+        return self.kernels.paged_prefill_attention(
+            q, k_cache, v_cache, ctx.page_table, ctx.cu_seqlens_q, ctx.seq_lens, ctx.max_q_len, scale
+        )

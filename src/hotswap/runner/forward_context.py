@@ -1,0 +1,30 @@
+"""The per-batch attention metadata, passed to the model as an argument (never a global)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from hotswap.runner.attention import AttentionBackend
+
+
+@dataclass(slots=True)
+class ForwardContext:
+    """Tensors live on the model's device; under CUDA graphs they are the graph's static buffers.
+
+    Sequence b's new tokens are rows cu_seqlens_q[b]:cu_seqlens_q[b+1] of the flattened batch; its KV
+    length after this step is seq_lens[b]; slot_mapping[t] is the flat cache slot (page * page_size +
+    offset) where token t's K and V are written.
+    """
+
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    page_table: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    seq_lens: torch.Tensor
+    max_q_len: int
+    is_decode: bool
+    attention: AttentionBackend

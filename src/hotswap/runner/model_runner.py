@@ -1,0 +1,145 @@
+"""Runs one batch of the model: builds the forward context, runs the model, samples on the device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hotswap.config import EngineConfig, ModelConfig
+from hotswap.errors import HotswapError
+from hotswap.models.decoder import CausalLM
+from hotswap.models.parallel import TPInfo
+from hotswap.runner.attention import TorchAttention, TritonAttention
+from hotswap.runner.forward_context import ForwardContext
+from hotswap.runner.kv_cache import KVCachePool
+from hotswap.runner.sampler import SampleResult, SamplingBatch, sample
+from hotswap.sampling_params import SamplingParams
+from hotswap.weights.loader import load_checkpoint
+from hotswap.weights.mapping import WeightMap
+
+
+@dataclass(slots=True)
+class BatchEntry:
+    """One sequence's share of a step: compute `input_ids` at positions start_pos.. and maybe sample."""
+
+    input_ids: list[int]
+    start_pos: int
+    pages: list[int]
+    sample: bool
+    params: SamplingParams
+    seed: int
+    step: int
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, device: torch.device, tp: TPInfo = TPInfo()):
+        self.config, self.model_config, self.device, self.tp = config, model_config, device, tp
+        with torch.device(device):
+            self.model = CausalLM(model_config, tp)
+        self.model.model.rotary.rebuild(device)
+        self.weight_map = WeightMap(self.model)
+        load_checkpoint(self.weight_map, config.model_path)
+        self.pool = self._make_pool()
+        self.attention = self._make_attention()
+        self.cuda_graphs = None
+        if device.type == "cuda" and config.enable_cuda_graph:
+            from hotswap.runner.cuda_graph import CudaGraphRunner
+
+            self.cuda_graphs = CudaGraphRunner(self)
+            self.cuda_graphs.capture()
+
+    def _make_pool(self) -> KVCachePool:
+        cfg, mc = self.config, self.model_config
+        page_size = cfg.page_size or (16 if self.device.type == "cuda" else 4)
+        kv_heads = max(1, mc.num_kv_heads // self.tp.size)
+        num_pages = cfg.num_pages
+        if not num_pages:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                per_page = 2 * mc.num_layers * page_size * kv_heads * mc.head_dim * mc.torch_dtype.itemsize
+                num_pages = int(free * cfg.kv_cache_memory_fraction) // per_page
+            else:
+                num_pages = 1024
+        return KVCachePool(num_layers=mc.num_layers, num_pages=num_pages, page_size=page_size,
+                           num_kv_heads=kv_heads, head_dim=mc.head_dim, dtype=mc.torch_dtype, device=self.device)
+
+    def _make_attention(self):
+        backend = self.config.attention_backend
+        if backend == "auto":
+            backend = "triton" if self.device.type == "cuda" else "torch"
+        if backend == "triton":
+            if self.device.type != "cuda":
+                raise HotswapError("attention_backend 'triton' needs a CUDA device")
+            return TritonAttention(self.pool)
+        if backend == "torch":
+            return TorchAttention(self.pool)
+        raise HotswapError(f"unknown attention_backend {backend!r}; use 'torch', 'triton' or 'auto'")
+
+    def rebuild_weight_map(self) -> None:
+        """Parameter storage moved (memory resume): refresh the views every transport copies into."""
+        self.weight_map = WeightMap(self.model)
+
+    def build_context(self, entries: list[BatchEntry]) -> tuple[torch.Tensor, ForwardContext, torch.Tensor]:
+        ps = self.pool.page_size
+        ids, positions, slots, cu, lens, logits_idx = [], [], [], [0], [], []
+        for e in entries:
+            n = len(e.input_ids)
+            ids.extend(e.input_ids)
+            pos = range(e.start_pos, e.start_pos + n)
+            positions.extend(pos)
+            slots.extend(e.pages[p // ps] * ps + p % ps for p in pos)
+            cu.append(cu[-1] + n)
+            lens.append(e.start_pos + n)
+            if e.sample:
+                logits_idx.append(cu[-1] - 1)
+        max_pages = max(len(e.pages) for e in entries)
+        table = [e.pages + [0] * (max_pages - len(e.pages)) for e in entries]
+        dev = self.device
+
+        def t(data, dtype):
+            return torch.tensor(data, dtype=dtype, pin_memory=dev.type == "cuda").to(dev, non_blocking=True)
+
+        ctx = ForwardContext(
+            positions=t(positions, torch.int64),
+            slot_mapping=t(slots, torch.int64),
+            page_table=t(table, torch.int32),
+            cu_seqlens_q=t(cu, torch.int32),
+            seq_lens=t(lens, torch.int32),
+            max_q_len=max(len(e.input_ids) for e in entries),
+            is_decode=all(len(e.input_ids) == 1 for e in entries),
+            attention=self.attention,
+        )
+        return t(ids, torch.int64), ctx, t(logits_idx, torch.int64)
+
+    def sampling_batch(self, entries: list[BatchEntry]) -> SamplingBatch:
+        ps = [e.params for e in entries]
+        vocab = self.model_config.vocab_size
+        dev = self.device
+        all_greedy = all(p.greedy for p in ps)
+        top_ks = [p.top_k if p.top_k > 0 else vocab for p in ps]
+        return SamplingBatch(
+            temperatures=torch.tensor([0.0 if p.greedy else p.temperature for p in ps], device=dev),
+            top_ps=torch.tensor([p.top_p for p in ps], device=dev),
+            top_ks=torch.tensor(top_ks, dtype=torch.int64, device=dev),
+            min_ps=torch.tensor([p.min_p for p in ps], device=dev),
+            seeds=torch.tensor([e.seed for e in entries], dtype=torch.int64, device=dev),
+            steps=torch.tensor([e.step for e in entries], dtype=torch.int64, device=dev),
+            all_greedy=all_greedy,
+            needs_filter=not all_greedy and any(p.top_p < 1.0 or k < vocab or p.min_p > 0 for p, k in zip(ps, top_ks)),
+            max_top_logprobs=max(p.top_logprobs_num for p in ps),
+        )
+
+    @torch.inference_mode()
+    def run(self, entries: list[BatchEntry]) -> SampleResult | None:
+        """Forward the batch; sample for the entries with `sample` set (in their order)."""
+        to_sample = [e for e in entries if e.sample]
+        if self.cuda_graphs is not None and self.cuda_graphs.can_run(entries):
+            logits = self.cuda_graphs.run(entries)
+        else:
+            input_ids, ctx, logits_idx = self.build_context(entries)
+            hidden = self.model(input_ids, ctx)
+            if not to_sample:
+                return None
+            logits = self.model.compute_logits(hidden[logits_idx])
+        return sample(logits, self.sampling_batch(to_sample))

@@ -1,0 +1,133 @@
+"""A radix tree over token ids at page granularity: requests with a common prefix share KV pages.
+
+Each edge holds whole pages (its key length is a multiple of page_size). The tree holds one
+reference on every page it stores; leaves whose pages nobody else references are evicted LRU-first.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+
+from hotswap.runner.kv_cache import KVCachePool
+
+_clock = itertools.count()
+
+
+@dataclass(eq=False, slots=True)
+class _Node:
+    key: tuple[int, ...] = ()
+    pages: list[int] = field(default_factory=list)
+    children: dict[tuple[int, ...], _Node] = field(default_factory=dict)  # first page of tokens -> child
+    parent: _Node | None = None
+    last_access: int = 0
+
+
+class RadixPrefixCache:
+    def __init__(self, pool: KVCachePool):
+        self.pool = pool
+        self.page_size = pool.page_size
+        self.root = _Node()
+
+    def _chunks(self, tokens: list[int]) -> list[tuple[int, ...]]:
+        ps = self.page_size
+        return [tuple(tokens[i : i + ps]) for i in range(0, len(tokens) - len(tokens) % ps, ps)]
+
+    def match(self, tokens: list[int]) -> list[int]:
+        """Pages caching the longest page-aligned prefix of `tokens`; the caller retains them."""
+        node, pages, now = self.root, [], next(_clock)
+        chunks = self._chunks(tokens)
+        i = 0
+        while i < len(chunks):
+            child = node.children.get(chunks[i])
+            if child is None:
+                break
+            n = len(child.pages)
+            common = 0
+            while common < n and i + common < len(chunks) and child.key[common * self.page_size : (common + 1) * self.page_size] == chunks[i + common]:
+                common += 1
+            pages.extend(child.pages[:common])
+            child.last_access = now
+            if common < n:
+                break
+            node, i = child, i + n
+        while node is not self.root:  # refresh ancestors so LRU never evicts under a hot leaf
+            node.last_access = now
+            node = node.parent
+        return pages
+
+    def insert(self, tokens: list[int], pages: list[int]) -> None:
+        """Cache the page-aligned prefix of `tokens` held in `pages` (len(pages) >= full pages of tokens).
+
+        The tree retains the pages it newly stores; pages it already had for the same tokens are left to the
+        caller (who releases its own reference as usual).
+        """
+        chunks = self._chunks(tokens)
+        pages = pages[: len(chunks)]
+        node, i, now = self.root, 0, next(_clock)
+        while i < len(chunks):
+            child = node.children.get(chunks[i])
+            if child is None:
+                new = _Node(key=tuple(tokens[i * self.page_size : len(chunks) * self.page_size]), pages=list(pages[i:]), parent=node, last_access=now)
+                node.children[chunks[i]] = new
+                self.pool.retain(new.pages)
+                return
+            n = len(child.pages)
+            common = 0
+            while common < n and i + common < len(chunks) and child.key[common * self.page_size : (common + 1) * self.page_size] == chunks[i + common]:
+                common += 1
+            if common < n:
+                self._split(child, common)
+            child.last_access = now
+            node, i = child, i + common
+
+    def _split(self, node: _Node, n_pages: int) -> None:
+        """Cut `node` after n_pages pages; the tail becomes its only child."""
+        cut = n_pages * self.page_size
+        tail = _Node(key=node.key[cut:], pages=node.pages[n_pages:], children=node.children, parent=node,
+                     last_access=node.last_access)
+        for c in tail.children.values():
+            c.parent = tail
+        node.key, node.pages = node.key[:cut], node.pages[:n_pages]
+        node.children = {tail.key[: self.page_size]: tail}
+
+    def evict(self, num_pages: int) -> int:
+        """Free at least num_pages pages from unreferenced leaves, oldest first; returns pages freed."""
+        freed = 0
+        heap = [(n.last_access, id(n), n) for n in self._leaves() if self._evictable(n)]
+        heapq.heapify(heap)
+        while heap and freed < num_pages:
+            _, _, leaf = heapq.heappop(heap)
+            self.pool.release(leaf.pages)
+            freed += len(leaf.pages)
+            parent = leaf.parent
+            del parent.children[leaf.key[: self.page_size]]
+            if parent is not self.root and not parent.children and self._evictable(parent):
+                heapq.heappush(heap, (parent.last_access, id(parent), parent))
+        return freed
+
+    def _evictable(self, node: _Node) -> bool:
+        return all(self.pool.refcount[p] == 1 for p in node.pages)
+
+    def _leaves(self) -> list[_Node]:
+        out, stack = [], [self.root]
+        while stack:
+            n = stack.pop()
+            if n is not self.root and not n.children:
+                out.append(n)
+            stack.extend(n.children.values())
+        return out
+
+    def all_pages(self) -> list[int]:
+        out, stack = [], [self.root]
+        while stack:
+            n = stack.pop()
+            out.extend(n.pages)
+            stack.extend(n.children.values())
+        return out
+
+    def reset(self) -> None:
+        """Drop every cached prefix (after a weight update the cached KV is stale)."""
+        self.pool.release(self.all_pages())
+        self.root = _Node()

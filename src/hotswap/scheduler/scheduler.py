@@ -1,0 +1,270 @@
+"""The scheduler: owns all device state, runs in one thread, and reads top to bottom:
+receive requests -> dispatch control requests through one table -> schedule a batch -> run it ->
+process and stream its outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+
+from hotswap import protocol as p
+from hotswap.config import EngineConfig
+from hotswap.runner.model_runner import ModelRunner
+from hotswap.runner.radix_cache import RadixPrefixCache
+from hotswap.scheduler.batcher import Batcher, ScheduledBatch
+from hotswap.scheduler.invariant_checker import InvariantChecker
+from hotswap.scheduler.memory_manager import MemoryManager
+from hotswap.scheduler.output_streamer import OutputStreamer
+from hotswap.scheduler.sequence import Sequence
+from hotswap.scheduler.weight_updater import WeightUpdater
+
+log = logging.getLogger(__name__)
+
+# Weight-changing requests wait for running requests to finish on the old weights (SGLang's default),
+# unless generation is paused, a weight-update session is open, or the request aborts everything.
+_DRAIN_FIRST = (
+    p.UpdateWeightsFromDiskRequest,
+    p.UpdateWeightsFromTensorRequest,
+    p.UpdateWeightsFromDistributedRequest,
+    p.UpdateWeightsFromIPCRequest,
+    p.BeginWeightUpdateRequest,
+)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, model_runner: ModelRunner, tokenizer, eos_token_ids: list[int], max_context_len: int):
+        self.config = config
+        self.model_runner = model_runner
+        pool = model_runner.pool
+        self.prefix_cache = RadixPrefixCache(pool) if config.enable_prefix_cache else None
+        self.batcher = Batcher(
+            pool=pool,
+            prefix_cache=self.prefix_cache,
+            max_running_requests=config.max_running_requests,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            chunked_prefill_size=config.chunked_prefill_size,
+        )
+        self.streamer = OutputStreamer(tokenizer=tokenizer, eos_token_ids=frozenset(eos_token_ids), max_context_len=max_context_len)
+        self.invariants = InvariantChecker(pool=pool, prefix_cache=self.prefix_cache)
+        self.memory = MemoryManager(model_runner=model_runner, can_release=self.memory_may_change, reset_prefix_cache=self.flush_cache)
+        self.weight_updater = WeightUpdater(
+            model_runner=model_runner,
+            config=config,
+            flush_cache=self.flush_cache,
+            is_idle=self.is_idle,
+            abort_all=self.abort_all,
+            retract_all=self.batcher.retract_all,
+            memory_released=self.memory.any_released,
+        )
+        self.handlers = {
+            p.AbortRequest: self.abort,
+            p.FlushCacheRequest: self.handle_flush_cache,
+            p.GetLoadRequest: self.get_load,
+            p.CheckInvariantsRequest: self.check_invariants,
+            p.UpdateWeightsFromDiskRequest: self.weight_updater.update_weights_from_disk,
+            p.UpdateWeightsFromTensorRequest: self.weight_updater.update_weights_from_tensor,
+            p.UpdateWeightsFromIPCRequest: self.weight_updater.update_weights_from_ipc,
+            p.InitWeightsUpdateGroupRequest: self.weight_updater.init_weights_update_group,
+            p.UpdateWeightsFromDistributedRequest: self.weight_updater.update_weights_from_distributed,
+            p.DestroyWeightsUpdateGroupRequest: self.weight_updater.destroy_weights_update_group,
+            p.GetWeightsByNameRequest: self.weight_updater.get_weights_by_name,
+            p.CheckWeightsRequest: self.weight_updater.check_weights,
+            p.SaveShardedModelRequest: self.weight_updater.save_sharded_model,
+            p.SaveRemoteModelRequest: self.weight_updater.save_remote_model,
+            p.PauseGenerationRequest: self.weight_updater.pause_generation,
+            p.ContinueGenerationRequest: self.weight_updater.continue_generation,
+            p.UpdateWeightVersionRequest: self.weight_updater.update_weight_version,
+            p.BeginWeightUpdateRequest: self.weight_updater.begin_weight_update,
+            p.EndWeightUpdateRequest: self.weight_updater.end_weight_update,
+            p.ReleaseMemoryOccupationRequest: self.memory.release_memory_occupation,
+            p.ResumeMemoryOccupationRequest: self.memory.resume_memory_occupation,
+        }
+        self.inbox: queue.Queue[tuple[object, Future | None]] = queue.Queue()
+        self.deferred: deque[tuple[object, Future]] = deque()
+        self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "steps": 0}
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self.loop, name="hotswap-scheduler", daemon=True)
+
+    # ---- the loop --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.inbox.put((None, None))
+        self.thread.join(timeout=30)
+
+    def submit(self, request) -> Future:
+        fut: Future = Future()
+        self.inbox.put((request, fut))
+        return fut
+
+    def loop(self) -> None:
+        while not self._stop.is_set():
+            self.receive(block=not self.batcher.has_work and not self.deferred)
+            self.run_deferred()
+            self.weight_updater.expire_session()
+            batch = self.schedule()
+            if batch is None:
+                continue
+            try:
+                result = self.model_runner.run(batch.entries)
+            except Exception as exc:  # a device fault must not hang clients: fail the batch cleanly
+                log.exception("batch failed")
+                for seq in batch.seqs:
+                    self.finish(seq, {"type": "abort", "message": f"internal error: {exc}"})
+                continue
+            self.process(batch, result)
+
+    def receive(self, block: bool) -> None:
+        timeout = 0.5 if self.weight_updater.session_open else None
+        try:
+            item = self.inbox.get(block=block, timeout=timeout if block else None)
+        except queue.Empty:
+            return
+        while item is not None:
+            self.dispatch(*item)
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                item = None
+
+    def dispatch(self, request, fut: Future | None) -> None:
+        if request is None:
+            return
+        if isinstance(request, p.GenerateRequest):
+            self.add_request(request)
+            fut.set_result(None)
+            return
+        if isinstance(request, _DRAIN_FIRST):
+            if getattr(request, "abort_all_requests", False):
+                self.abort_all("aborted for a weight update")
+            elif self.batcher.running and not self.weight_updater.generation_held:
+                self.deferred.append((request, fut))
+                return
+        self._handle(request, fut)
+
+    def _handle(self, request, fut: Future) -> None:
+        handler = self.handlers.get(type(request))
+        try:
+            out = handler(request) if handler else p.ControlOutput(success=False, message=f"unknown request {type(request).__name__}")
+        except Exception as exc:  # handlers return refusals; this is the last guard so the engine survives
+            log.exception("handler failed")
+            out = p.ControlOutput(success=False, message=f"{type(request).__name__} failed: {exc}")
+        fut.set_result(out)
+
+    def run_deferred(self) -> None:
+        while self.deferred and (not self.batcher.running or self.weight_updater.generation_held):
+            self._handle(*self.deferred.popleft())
+
+    def schedule(self) -> ScheduledBatch | None:
+        if self.weight_updater.generation_held or self.memory.any_released():
+            return None
+        # while a weight update waits for running requests to drain, admit nothing new
+        return self.batcher.schedule(admit_new=not self.deferred)
+
+    def process(self, batch: ScheduledBatch, result) -> None:
+        self.stats["steps"] += 1
+        version = self.weight_updater.weight_version
+        sampled = [e.sample for e in batch.entries]
+        if result is not None:
+            ids = result.token_ids.tolist()
+            lps = result.logprobs.tolist()
+            tops = None
+            if result.top_logprob_values is not None:
+                tops = list(zip(result.top_logprob_values.tolist(), result.top_logprob_ids.tolist()))
+        k = 0
+        for seq, entry, is_sampled in zip(batch.seqs, batch.entries, sampled):
+            seq.num_computed = entry.start_pos + len(entry.input_ids)
+            if not is_sampled:
+                continue
+            top = []
+            if tops is not None and seq.req.sampling_params.top_logprobs_num:
+                vals, tids = tops[k]
+                top = list(zip(vals, tids))[: seq.req.sampling_params.top_logprobs_num]
+            self.streamer.append_token(seq, ids[k], lps[k], top, version)
+            self.stats["generated_tokens"] += 1
+            k += 1
+            if seq.finish_reason is not None:
+                self.finish(seq, seq.finish_reason)
+            else:
+                self.streamer.emit(seq, version, finished=False)
+
+    # ---- request handlers owned by the scheduler itself ------------------------------------------
+
+    def add_request(self, req: p.GenerateRequest) -> None:
+        self.stats["requests"] += 1
+        self.stats["prompt_tokens"] += len(req.input_ids)
+        seq = Sequence(req=req)
+        if req.sampling_params.max_new_tokens == 0:
+            self.finish(seq, {"type": "length", "length": 0})
+            return
+        pages_needed = -(-(len(req.input_ids) + 1) // self.model_runner.pool.page_size)
+        if pages_needed > self.model_runner.pool.num_pages:
+            self.finish(seq, {"type": "abort", "message": f"prompt of {len(req.input_ids)} tokens does not fit the KV cache"})
+            return
+        self.batcher.add(seq)
+
+    def finish(self, seq: Sequence, reason: dict) -> None:
+        seq.finish_reason = reason
+        self.batcher.finish(seq)
+        self.streamer.emit(seq, self.weight_updater.weight_version, finished=True)
+
+    def abort(self, req: p.AbortRequest) -> p.ControlOutput:
+        if req.rid is None:
+            n = self.abort_all(req.message)
+            return p.ControlOutput(success=True, message=f"aborted {n} request(s)")
+        seq = self.batcher.find(req.rid)
+        if seq is None:
+            return p.ControlOutput(success=False, message=f"no running or waiting request with id {req.rid!r}")
+        self.finish(seq, {"type": "abort", "message": req.message})
+        return p.ControlOutput(success=True, message=f"aborted {req.rid}")
+
+    def abort_all(self, message: str = "aborted") -> int:
+        seqs = self.batcher.all_seqs()
+        for seq in seqs:
+            self.finish(seq, {"type": "abort", "message": message})
+        return len(seqs)
+
+    def is_idle(self) -> bool:
+        return not self.batcher.has_work
+
+    def memory_may_change(self) -> bool:
+        return self.is_idle() and self.weight_updater.session is None
+
+    def flush_cache(self) -> bool:
+        """Drop every cached prefix; refused (False) while requests hold pages."""
+        if self.batcher.running:
+            return False
+        if self.prefix_cache is not None:
+            self.prefix_cache.reset()
+        return True
+
+    def handle_flush_cache(self, req: p.FlushCacheRequest) -> p.ControlOutput:
+        if not self.flush_cache():
+            return p.ControlOutput(success=False, message=f"cannot flush the cache while {len(self.batcher.running)} request(s) are running")
+        return p.ControlOutput(success=True, message="cache flushed")
+
+    def get_load(self, req: p.GetLoadRequest) -> p.LoadOutput:
+        pool = self.model_runner.pool
+        return p.LoadOutput(
+            success=True,
+            num_running=len(self.batcher.running),
+            num_waiting=len(self.batcher.waiting) + len(self.deferred),
+            kv_pages_used=pool.num_pages - pool.num_free,
+            kv_pages_total=pool.num_pages,
+            weight_version=self.weight_updater.weight_version,
+            paused=self.weight_updater.generation_held,
+        )
+
+    def check_invariants(self, req: p.CheckInvariantsRequest) -> p.ControlOutput:
+        if not self.is_idle():
+            return p.ControlOutput(success=False, message="invariants are checked only when idle")
+        problems = self.invariants.check_idle()
+        return p.ControlOutput(success=not problems, message="; ".join(problems) or "ok")

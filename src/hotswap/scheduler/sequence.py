@@ -1,0 +1,51 @@
+"""A request's state inside the scheduler."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from hotswap.protocol import GenerateRequest
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False, slots=True)
+class Sequence:
+    req: GenerateRequest
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
+    token_versions: list[str] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+    num_computed: int = 0  # leading tokens whose KV is in `pages`
+    cached_tokens: int = 0  # prefix-cache hit at first admission (reported in meta_info)
+    admitted: bool = False
+    status: Status = Status.WAITING
+    finish_reason: dict | None = None
+    # incremental detokenization (only when the request streams text or has stop strings)
+    text: str = ""
+    prefix_offset: int = 0
+    read_offset: int = 0
+    sent_tokens: int = 0
+    sent_text: int = 0
+
+    @property
+    def rid(self) -> str:
+        return self.req.rid
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.req.input_ids)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.req.input_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.req.input_ids) + len(self.output_ids)

@@ -1,0 +1,446 @@
+"""The WeightUpdater component: every weight-lifecycle request, atomic, against the live parameters.
+
+An update is a session: opened explicitly (`begin_weight_update`, `pause_generation`) or implicitly by a
+single update call. Inside a session no batch runs; every call is validated whole before its first live
+byte changes; slices are saved (RollbackBuffer) before they are overwritten when a later failure could
+otherwise leave a mixture; the version advances once, when the session commits.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from hotswap import protocol as p
+from hotswap.config import EngineConfig
+from hotswap.errors import HotswapError
+from hotswap.runner.model_runner import ModelRunner
+from hotswap.weights import saver
+from hotswap.weights.checksum import manifest_digest, tensor_sha256
+from hotswap.weights.distributed import WeightsGroup, dtype_from_name, init_custom_process_group
+from hotswap.weights.loader import TensorMeta, check_tensor_metas, plan_checkpoint
+from hotswap.weights.mapping import WeightSlot
+from hotswap.weights.rollback import RollbackBuffer
+from hotswap.weights.safetensors_io import iter_tensors
+
+log = logging.getLogger(__name__)
+
+
+class UpdateFailed(HotswapError):
+    """An update failed after validation began; the session rolls back."""
+
+
+@dataclass(kw_only=True, slots=True)
+class UpdateSession:
+    explicit: bool  # opened by begin_weight_update / pause_generation (else: one call)
+    rollback: RollbackBuffer
+    opened_by: str
+    started: float = field(default_factory=time.monotonic)
+    last_activity: float = field(default_factory=time.monotonic)
+    begun: bool = False  # begin_weight_update inside a pause-opened session
+    version: str | None = None
+    failure: str | None = None
+    num_tensors: int = 0
+    num_bytes: int = 0
+    changed: bool = False
+
+
+@dataclass(kw_only=True, slots=True)
+class WeightUpdater:
+    model_runner: ModelRunner
+    config: EngineConfig
+    flush_cache: Callable[[], bool]
+    is_idle: Callable[[], bool]
+    abort_all: Callable[[str], int]
+    retract_all: Callable[[], None]
+    memory_released: Callable[[], bool]
+    weight_version: str = "default"
+    update_count: int = 0
+    session: UpdateSession | None = None
+    paused: bool = False
+    expired_message: str | None = None
+    groups: dict[str, WeightsGroup] = field(default_factory=dict)
+    snapshot: dict[str, torch.Tensor] | None = None
+    history: list[dict] = field(default_factory=list)  # (time, elapsed, bytes) per committed update, for metrics
+
+    # ---- session state the scheduler reads -------------------------------------------------------
+
+    @property
+    def session_open(self) -> bool:
+        return self.session is not None and self.session.explicit
+
+    @property
+    def generation_held(self) -> bool:
+        """No batch may run: generation is paused or an explicit update session is open."""
+        return self.paused or self.session_open
+
+    def expire_session(self) -> None:
+        """Roll back and close a session whose trainer went silent (died or hung)."""
+        s = self.session
+        if s is None or not s.explicit:
+            return
+        idle = time.monotonic() - s.last_activity
+        if idle < self.config.weight_session_timeout_s:
+            return
+        restored = s.rollback.restore()
+        self.expired_message = (
+            f"the weight-update session opened by {s.opened_by} expired after {idle:.0f} s without a call; "
+            f"{restored} tensor(s) were rolled back and serving resumed"
+        )
+        log.warning(self.expired_message)
+        self.session = None
+        self.paused = False
+
+    def _take_expired(self) -> str | None:
+        msg, self.expired_message = self.expired_message, None
+        return msg
+
+    # ---- the session machinery -------------------------------------------------------------------
+
+    def _open_implicit(self) -> UpdateSession | None:
+        if self.session is None:
+            self.session = UpdateSession(explicit=False, opened_by="a single update", rollback=self._new_buffer())
+            return self.session
+        return None
+
+    def _new_buffer(self) -> RollbackBuffer:
+        return RollbackBuffer(device_budget_bytes=self.config.rollback_device_budget_bytes)
+
+    def _run_update(self, kind: str, weight_version: str | None, flush: bool, apply: Callable[[UpdateSession], tuple[int, int]]) -> p.WeightUpdateOutput:
+        """Run one update call inside the open session or one of its own; commit or roll back."""
+        expired = self._take_expired()
+        if expired is not None:
+            return self._refuse(f"{kind} refused: {expired}")
+        if self.memory_released():
+            return self._refuse(f"{kind} refused: weights or KV cache are released; resume memory first")
+        if self.session is not None and self.session.failure is not None:
+            return self._refuse(f"{kind} refused: this weight-update session already failed: {self.session.failure}")
+        implicit = self._open_implicit()
+        session = self.session
+        start = time.perf_counter()
+        try:
+            n, nbytes = apply(session)
+            if self.model_runner.device.type == "cuda":
+                torch.cuda.synchronize(self.model_runner.device)
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, HotswapError) else f"{type(exc).__name__}: {exc}"
+            restored = session.rollback.restore()
+            if implicit is not None:
+                self.session = None
+            else:
+                session.failure = reason
+            log.warning("%s failed: %s (rolled back %d tensors)", kind, reason, restored)
+            where = "" if implicit is not None else " The session is marked failed; end it with end_weight_update."
+            return p.WeightUpdateOutput(success=False, message=f"{kind} failed: {reason}; weights unchanged.{where}",
+                                        weight_version=self.weight_version, rolled_back=restored > 0)
+        session.last_activity = time.monotonic()
+        session.num_tensors += n
+        session.num_bytes += nbytes
+        session.changed = True
+        if weight_version is not None:
+            session.version = weight_version
+        elapsed = time.perf_counter() - start
+        if implicit is not None:
+            msg = self._commit(flush)
+            self.history.append({"elapsed_s": elapsed, "bytes": nbytes})
+            return p.WeightUpdateOutput(success=True, message=f"{kind}: updated {n} tensor(s); {msg}", weight_version=self.weight_version,
+                                        num_tensors=n, num_bytes=nbytes, elapsed_s=elapsed)
+        return p.WeightUpdateOutput(success=True, message=f"{kind}: applied {n} tensor(s) inside the open session",
+                                    weight_version=self.weight_version, num_tensors=n, num_bytes=nbytes, elapsed_s=elapsed)
+
+    def _commit(self, flush: bool = True) -> str:
+        s = self.session
+        self.session = None
+        s.rollback.clear()
+        if not s.changed and s.version is None:
+            return "nothing to commit"
+        self.update_count += 1
+        self.weight_version = s.version if s.version is not None else str(self.update_count)
+        flushed = self.flush_cache() if flush else False
+        return f"weight version {self.weight_version}" + (", prefix cache flushed" if flushed else "")
+
+    def _refuse(self, message: str) -> p.WeightUpdateOutput:
+        return p.WeightUpdateOutput(success=False, message=message, weight_version=self.weight_version)
+
+    def _guard_rollback(self, session: UpdateSession, slots: list[WeightSlot], streaming: bool) -> None:
+        """Save originals when a later failure could strand these copies: inside an explicit session,
+        or when this call's own source can still fail after the first copy (streaming reads)."""
+        if self.config.enable_rollback and (session.explicit or streaming):
+            for slot in slots:
+                session.rollback.protect(slot)
+
+    def _check_values(self, name: str, t: torch.Tensor) -> None:
+        if self.config.check_weights_finite and not bool(torch.isfinite(t).all()):
+            raise UpdateFailed(f"tensor {name!r} holds NaN or Inf values")
+
+    # ---- update from disk --------------------------------------------------------------------------
+
+    def update_weights_from_disk(self, req: p.UpdateWeightsFromDiskRequest) -> p.WeightUpdateOutput:
+        if req.load_format not in (None, "auto", "safetensors"):
+            return self._refuse(f"unsupported load_format {req.load_format!r}; hotswap loads safetensors")
+        try:
+            plan = plan_checkpoint(self.model_runner.weight_map, req.model_path)
+        except HotswapError as exc:
+            return self._refuse(f"update_weights_from_disk refused: {exc}; weights unchanged")
+
+        def apply(session: UpdateSession) -> tuple[int, int]:
+            slot_of = {info.name: slot for info, slot in plan}
+            self._guard_rollback(session, list(slot_of.values()), streaming=True)
+            nbytes = 0
+            for info, tensor in iter_tensors([info for info, _ in plan]):
+                self._check_values(info.name, tensor)
+                slot_of[info.name].load(tensor)
+                nbytes += info.nbytes
+            return len(plan), nbytes
+
+        return self._run_update("update_weights_from_disk", req.weight_version, req.flush_cache, apply)
+
+    # ---- update from tensors (in process, CUDA IPC, shared memory) ---------------------------------
+
+    def update_weights_from_tensor(self, req: p.UpdateWeightsFromTensorRequest) -> p.WeightUpdateOutput:
+        if req.load_format not in (None, "direct"):
+            return self._refuse(f"unsupported load_format {req.load_format!r}")
+        try:
+            from hotswap.weights.ipc import resolve_named_tensors
+
+            named = resolve_named_tensors(req.named_tensors, self.model_runner.device)
+            metas = [TensorMeta(n, t.dtype, tuple(t.shape)) for n, t in named]
+            pairs = check_tensor_metas(self.model_runner.weight_map, metas, require_all=False)
+        except HotswapError as exc:
+            return self._refuse(f"update_weights_from_tensor refused: {exc}; weights unchanged")
+        tensors = dict(named)
+
+        def apply(session: UpdateSession) -> tuple[int, int]:
+            for meta, _ in pairs:
+                self._check_values(meta.name, tensors[meta.name])
+            self._guard_rollback(session, [slot for _, slot in pairs], streaming=False)
+            nbytes = 0
+            for meta, slot in pairs:
+                src = tensors[meta.name]
+                slot.load(src)
+                nbytes += src.numel() * src.element_size()
+            return len(pairs), nbytes
+
+        return self._run_update("update_weights_from_tensor", req.weight_version, req.flush_cache, apply)
+
+    def update_weights_from_ipc(self, req: p.UpdateWeightsFromIPCRequest) -> p.WeightUpdateOutput:
+        try:
+            from hotswap.weights.checkpoint_engine import receive_from_checkpoint_engine
+        except ImportError as exc:
+            return self._refuse(f"update_weights_from_ipc needs pyzmq: {exc}")
+
+        def apply(session: UpdateSession) -> tuple[int, int]:
+            return receive_from_checkpoint_engine(
+                req.zmq_handles, self.model_runner, protect=lambda slots: self._guard_rollback(session, slots, streaming=True),
+                check_values=self._check_values,
+            )
+
+        return self._run_update("update_weights_from_ipc", req.weight_version, req.flush_cache, apply)
+
+    # ---- update from a trainer over torch.distributed ----------------------------------------------
+
+    def init_weights_update_group(self, req: p.InitWeightsUpdateGroupRequest) -> p.ControlOutput:
+        if req.group_name in self.groups:
+            return p.ControlOutput(success=False, message=f"weights update group {req.group_name!r} already exists")
+        device = self.model_runner.device
+        backend = req.backend or ("nccl" if device.type == "cuda" else "gloo")
+        rank = req.rank_offset + self.model_runner.tp.rank
+        if not 0 < rank < req.world_size:
+            return p.ControlOutput(success=False, message=f"engine rank {rank} (rank_offset {req.rank_offset}) must be in 1..world_size-1={req.world_size - 1}")
+        try:
+            pg = init_custom_process_group(
+                backend=backend, init_method=f"tcp://{req.master_address}:{req.master_port}", world_size=req.world_size,
+                rank=rank, group_name=req.group_name, timeout=timedelta(seconds=req.timeout_s),
+            )
+        except Exception as exc:
+            return p.ControlOutput(success=False, message=f"failed to join weights update group {req.group_name!r}: {type(exc).__name__}: {exc}")
+        self.groups[req.group_name] = WeightsGroup(req.group_name, pg, rank, req.world_size, backend, device)
+        return p.ControlOutput(success=True, message=f"joined group {req.group_name!r} as rank {rank} of {req.world_size} ({backend})")
+
+    def destroy_weights_update_group(self, req: p.DestroyWeightsUpdateGroupRequest) -> p.ControlOutput:
+        group = self.groups.pop(req.group_name, None)
+        if group is None:
+            return p.ControlOutput(success=False, message=f"no weights update group named {req.group_name!r}")
+        try:
+            group.destroy()
+        except Exception as exc:  # a dead peer can make teardown fail; the group is gone either way
+            return p.ControlOutput(success=True, message=f"group {req.group_name!r} destroyed ({type(exc).__name__}: {exc})")
+        return p.ControlOutput(success=True, message=f"group {req.group_name!r} destroyed")
+
+    def update_weights_from_distributed(self, req: p.UpdateWeightsFromDistributedRequest) -> p.WeightUpdateOutput:
+        from hotswap.weights.distributed_receiver import BucketMeta, plan_receive, receive_bucket
+
+        group = self.groups.get(req.group_name)
+        if group is None:
+            return self._refuse(f"update_weights_from_distributed refused: no weights update group {req.group_name!r}; call init_weights_update_group first")
+        try:
+            metas = plan_receive(req.names, req.dtypes, req.shapes, req.load_format, max_bytes=self.config.weight_update_bucket_bytes)
+        except HotswapError as exc:
+            # metadata that cannot be received at all: refuse up front; the group's timeout frees the trainer
+            return self._refuse(f"update_weights_from_distributed refused: {exc}")
+
+        def apply(session: UpdateSession) -> tuple[int, int]:
+            # lockstep: take part in every broadcast the request announces, then validate, then copy
+            received = receive_bucket(group, metas, req.load_format)
+            named = list(zip([m.name for m in metas], received))
+            pairs = check_tensor_metas(self.model_runner.weight_map, [TensorMeta(m.name, m.dtype, m.shape) for m in metas], require_all=False)
+            for name, t in named:
+                self._check_values(name, t)
+            self._guard_rollback(session, [slot for _, slot in pairs], streaming=False)
+            tensors = dict(named)
+            nbytes = 0
+            for meta, slot in pairs:
+                slot.load(tensors[meta.name])
+                nbytes += tensors[meta.name].numel() * tensors[meta.name].element_size()
+            return len(pairs), nbytes
+
+        return self._run_update("update_weights_from_distributed", req.weight_version, req.flush_cache, apply)
+
+    # ---- explicit sessions and pausing -------------------------------------------------------------
+
+    def begin_weight_update(self, req: p.BeginWeightUpdateRequest) -> p.ControlOutput:
+        self._take_expired()
+        if self.memory_released():
+            return p.ControlOutput(success=False, message="begin_weight_update refused: memory is released; resume it first")
+        if self.session is not None:
+            if self.session.opened_by == "pause_generation" and not self.session.begun:
+                self.session.begun = True
+                return p.ControlOutput(success=True, message="weight-update session begun inside the paused generation")
+            return p.ControlOutput(success=False, message=f"begin_weight_update refused: a session opened by {self.session.opened_by} is already open")
+        self.session = UpdateSession(explicit=True, opened_by="begin_weight_update", rollback=self._new_buffer(), begun=True)
+        return p.ControlOutput(success=True, message="weight-update session open; generation holds until end_weight_update")
+
+    def end_weight_update(self, req: p.EndWeightUpdateRequest) -> p.WeightUpdateOutput:
+        expired = self._take_expired()
+        if expired is not None:
+            return self._refuse(f"end_weight_update: {expired}")
+        s = self.session
+        if s is None or not s.begun:
+            return self._refuse("end_weight_update refused: no weight-update session is open")
+        if req.weight_version is not None:
+            s.version = req.weight_version
+        if s.failure is not None:
+            s.rollback.restore()
+            self._close_after(s)
+            return p.WeightUpdateOutput(success=False, rolled_back=True, weight_version=self.weight_version,
+                                        message=f"session rolled back: {s.failure}; weights are as before begin_weight_update")
+        n, nbytes = s.num_tensors, s.num_bytes
+        elapsed = time.monotonic() - s.started
+        if s.opened_by == "pause_generation":  # commit the updates, stay paused until continue_generation
+            msg = self._commit()
+            self.session = UpdateSession(explicit=True, opened_by="pause_generation", rollback=self._new_buffer())
+        else:
+            msg = self._commit()
+        if n:
+            self.history.append({"elapsed_s": elapsed, "bytes": nbytes})
+        return p.WeightUpdateOutput(success=True, message=f"session committed {n} tensor(s); {msg}", weight_version=self.weight_version,
+                                    num_tensors=n, num_bytes=nbytes, elapsed_s=elapsed)
+
+    def _close_after(self, s: UpdateSession) -> None:
+        self.session = UpdateSession(explicit=True, opened_by="pause_generation", rollback=self._new_buffer()) if s.opened_by == "pause_generation" else None
+
+    def pause_generation(self, req: p.PauseGenerationRequest) -> p.ControlOutput:
+        if req.mode not in ("abort", "retract", "in_place"):
+            return p.ControlOutput(success=False, message=f"unknown pause mode {req.mode!r}; use abort, retract or in_place")
+        if self.paused:
+            return p.ControlOutput(success=False, message="generation is already paused")
+        if self.session is not None:
+            return p.ControlOutput(success=False, message=f"pause_generation refused: a session opened by {self.session.opened_by} is open")
+        if req.mode == "abort":
+            self.abort_all("aborted by pause_generation")
+        elif req.mode == "retract":
+            self.retract_all()
+        self.paused = True
+        self.session = UpdateSession(explicit=True, opened_by="pause_generation", rollback=self._new_buffer())
+        return p.ControlOutput(success=True, message=f"generation paused ({req.mode})")
+
+    def continue_generation(self, req: p.ContinueGenerationRequest) -> p.ControlOutput:
+        if not self.paused:
+            return p.ControlOutput(success=False, message="generation is not paused")
+        s = self.session
+        msg = "generation continues"
+        if s is not None:
+            if s.failure is not None:
+                s.rollback.restore()
+                msg += f"; the failed session was rolled back ({s.failure})"
+                self.session = None
+            else:
+                msg += "; " + self._commit()
+        self.paused = False
+        return p.ControlOutput(success=True, message=msg)
+
+    def update_weight_version(self, req: p.UpdateWeightVersionRequest) -> p.ControlOutput:
+        if req.abort_all_requests:
+            self.abort_all("aborted by update_weight_version")
+        self.weight_version = str(req.new_version)
+        return p.ControlOutput(success=True, message=f"weight version is now {self.weight_version}")
+
+    # ---- reads and checks --------------------------------------------------------------------------
+
+    def get_weights_by_name(self, req: p.GetWeightsByNameRequest) -> p.GetWeightsByNameOutput:
+        slot = self.model_runner.weight_map.resolve(req.name)
+        if slot is None:
+            return p.GetWeightsByNameOutput(success=False, message=f"unknown parameter {req.name!r}")
+        if self.memory_released():
+            return p.GetWeightsByNameOutput(success=False, message="weights are released; resume memory first")
+        t = slot.dest
+        part = t[: req.truncate_size] if req.truncate_size and req.truncate_size > 0 else t
+        return p.GetWeightsByNameOutput(success=True, parameter=part.float().cpu().tolist(), dtype=str(t.dtype).removeprefix("torch."),
+                                        shape=list(t.shape))
+
+    def check_weights(self, req: p.CheckWeightsRequest) -> p.CheckWeightsOutput:
+        wm = self.model_runner.weight_map
+        if self.memory_released():
+            return p.CheckWeightsOutput(success=False, message="weights are released; resume memory first")
+        if req.action == "checksum":
+            sums = {name: tensor_sha256(wm.slots[name].dest) for name in wm.names}
+            digest = manifest_digest(sums)
+            if req.expected is not None:
+                mism = sorted(n for n in set(sums) | set(req.expected) if sums.get(n) != req.expected.get(n))
+                return p.CheckWeightsOutput(success=not mism, checksums=sums, digest=digest, mismatches=mism,
+                                            message="all checksums match" if not mism else f"{len(mism)} parameter(s) differ, e.g. {mism[:3]}")
+            return p.CheckWeightsOutput(success=True, checksums=sums, digest=digest, message=f"{len(sums)} checksums")
+        if req.action == "snapshot":
+            self.snapshot = {name: wm.slots[name].dest.detach().to("cpu", copy=True) for name in wm.names}
+            return p.CheckWeightsOutput(success=True, message=f"snapshot of {len(self.snapshot)} tensors")
+        if req.action == "compare":
+            if self.snapshot is None:
+                return p.CheckWeightsOutput(success=False, message="no snapshot to compare against; call check_weights('snapshot') first")
+            mism = [n for n in wm.names if not torch.equal(wm.slots[n].dest.cpu(), self.snapshot[n])]
+            return p.CheckWeightsOutput(success=not mism, mismatches=mism,
+                                        message="weights equal the snapshot" if not mism else f"{len(mism)} tensor(s) differ from the snapshot")
+        if req.action == "reset_tensors":
+            if not self.is_idle():
+                return p.CheckWeightsOutput(success=False, message="reset_tensors refused while requests are running")
+            for name in wm.names:
+                wm.slots[name].dest.zero_()
+            self.flush_cache()
+            return p.CheckWeightsOutput(success=True, message=f"zeroed {len(wm.names)} tensors")
+        return p.CheckWeightsOutput(success=False, message=f"unknown check_weights action {req.action!r}; use snapshot, compare, reset_tensors or checksum")
+
+    # ---- saving ------------------------------------------------------------------------------------
+
+    def save_sharded_model(self, req: p.SaveShardedModelRequest) -> p.ControlOutput:
+        if self.memory_released():
+            return p.ControlOutput(success=False, message="weights are released; resume memory first")
+        try:
+            files = saver.save_sharded(self.model_runner.weight_map, Path(req.path), self.config.model_path,
+                                       pattern=req.pattern, max_size=req.max_size, tp_rank=self.model_runner.tp.rank)
+        except (HotswapError, OSError) as exc:
+            return p.ControlOutput(success=False, message=f"save_sharded_model failed: {exc}")
+        return p.ControlOutput(success=True, message=f"saved {len(files)} file(s) to {req.path}")
+
+    def save_remote_model(self, req: p.SaveRemoteModelRequest) -> p.ControlOutput:
+        if self.memory_released():
+            return p.ControlOutput(success=False, message="weights are released; resume memory first")
+        try:
+            saver.save_remote(self.model_runner.weight_map, req.url, self.config.model_path)
+        except (HotswapError, OSError, ValueError, ImportError) as exc:
+            return p.ControlOutput(success=False, message=f"save_remote_model failed: {exc}")
+        return p.ControlOutput(success=True, message=f"saved to {req.url}")

@@ -1,0 +1,1 @@
+"""Weights: HF-name mapping onto fused parameters, checkpoint formats, transports, checksums, saving."""

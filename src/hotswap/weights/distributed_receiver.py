@@ -1,0 +1,65 @@
+"""The engine's side of a trainer broadcast: per-tensor broadcasts, or one flattened byte bucket per call
+(SGLang's `flattened_bucket`: every tensor's bytes concatenated in the announced order)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from hotswap.errors import HotswapError
+from hotswap.weights.distributed import WeightsGroup, dtype_from_name
+
+
+@dataclass(frozen=True, slots=True)
+class BucketMeta:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def plan_receive(names: list[str], dtypes: list[str], shapes: list[list[int]], load_format: str | None, *, max_bytes: int) -> list[BucketMeta]:
+    """Check the announced metadata can be received at all (the only refusal made before receiving)."""
+    if load_format not in (None, "flattened_bucket"):
+        raise HotswapError(f"unsupported load_format {load_format!r}; use None or 'flattened_bucket'")
+    if not (len(names) == len(dtypes) == len(shapes)):
+        raise HotswapError(f"names, dtypes and shapes differ in length ({len(names)}, {len(dtypes)}, {len(shapes)})")
+    metas = []
+    for name, dt, shape in zip(names, dtypes, shapes):
+        dtype = dtype_from_name(dt) if not isinstance(dt, torch.dtype) else dt
+        if dtype is None:
+            raise HotswapError(f"unknown dtype {dt!r} for {name!r}")
+        if any((not isinstance(d, int)) or d < 0 for d in shape):
+            raise HotswapError(f"invalid shape {shape!r} for {name!r}")
+        metas.append(BucketMeta(name, dtype, tuple(shape)))
+    total = sum(m.nbytes for m in metas)
+    if total > max_bytes:
+        raise HotswapError(f"bucket of {total} bytes exceeds the configured limit of {max_bytes} bytes (weight_update_bucket_bytes)")
+    return metas
+
+
+def receive_bucket(group: WeightsGroup, metas: list[BucketMeta], load_format: str | None) -> list[torch.Tensor]:
+    """Receive every tensor the request announced into fresh scratch buffers on the group's device."""
+    device = group.device
+    if load_format == "flattened_bucket":
+        flat = torch.empty(sum(m.nbytes for m in metas), dtype=torch.uint8, device=device)
+        group.broadcast_from_trainer(flat)
+        out, offset = [], 0
+        for m in metas:
+            chunk = flat[offset : offset + m.nbytes]
+            if offset % m.dtype.itemsize:
+                chunk = chunk.clone()
+            out.append(chunk.view(m.dtype).view(m.shape))
+            offset += m.nbytes
+        return out
+    out = []
+    for m in metas:
+        t = torch.empty(m.shape, dtype=m.dtype, device=device)
+        group.broadcast_from_trainer(t)
+        out.append(t)
+    return out

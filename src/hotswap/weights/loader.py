@@ -1,0 +1,72 @@
+"""Validate a set of HF-named tensors against the live model, before any live byte changes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hotswap.errors import CheckpointError
+from hotswap.weights.mapping import WeightMap, WeightSlot
+from hotswap.weights.safetensors_io import TensorInfo, checkpoint_files, iter_tensors, read_headers
+
+# Checkpoint entries that are derived state, not parameters (old Llama exports carry rotary caches).
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorMeta:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def check_tensor_metas(weight_map: WeightMap, metas: list[TensorMeta], *, require_all: bool) -> list[tuple[TensorMeta, WeightSlot]]:
+    """Pair each incoming tensor with its slot, or raise naming every problem found."""
+    problems: list[str] = []
+    pairs: list[tuple[TensorMeta, WeightSlot]] = []
+    seen: set[str] = set()
+    for meta in metas:
+        if meta.name.endswith(IGNORED_SUFFIXES):
+            continue
+        slot = weight_map.resolve(meta.name)
+        if slot is None:
+            problems.append(f"unknown parameter {meta.name!r}")
+            continue
+        if slot.hf_name in seen:
+            if meta.name in weight_map.aliases:
+                continue  # tied lm_head alongside the embedding: same tensor, load once
+            problems.append(f"parameter {meta.name!r} given twice")
+            continue
+        seen.add(slot.hf_name)
+        if tuple(meta.shape) != slot.hf_shape:
+            problems.append(f"shape mismatch for {meta.name!r}: got {list(meta.shape)}, expected {list(slot.hf_shape)}")
+        if not (meta.dtype.is_floating_point and slot.dtype.is_floating_point):
+            problems.append(f"dtype {meta.dtype} of {meta.name!r} cannot be loaded into a {slot.dtype} parameter")
+        pairs.append((meta, slot))
+    if require_all:
+        missing = sorted(set(weight_map.names) - seen)
+        if missing:
+            more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+            problems.append(f"checkpoint lacks parameter(s) {missing[:5]}{more}")
+    if problems:
+        more = f"; and {len(problems) - 10} more problem(s)" if len(problems) > 10 else ""
+        raise CheckpointError("; ".join(problems[:10]) + more)
+    return pairs
+
+
+def plan_checkpoint(weight_map: WeightMap, model_path: str | Path) -> list[tuple[TensorInfo, WeightSlot]]:
+    """Read only the headers of a checkpoint and check it fits the model whole."""
+    infos = read_headers(checkpoint_files(model_path))
+    metas = [TensorMeta(i.name, i.dtype, i.shape) for i in infos.values()]
+    pairs = check_tensor_metas(weight_map, metas, require_all=True)
+    return [(infos[meta.name], slot) for meta, slot in pairs]
+
+
+def load_checkpoint(weight_map: WeightMap, model_path: str | Path) -> None:
+    """Startup load: validate headers, then copy every tensor into place."""
+    plan = plan_checkpoint(weight_map, model_path)
+    slot_of = {info.name: slot for info, slot in plan}
+    for info, tensor in iter_tensors([info for info, _ in plan]):
+        slot_of[info.name].load(tensor)

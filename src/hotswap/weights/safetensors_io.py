@@ -1,0 +1,105 @@
+"""Reading HF safetensors checkpoints: the file list, headers without data (for validation), tensors."""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from hotswap.errors import CheckpointError
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in the file
+    nbytes: int
+
+
+def checkpoint_files(model_path: str | Path) -> list[Path]:
+    """The safetensors files of a HF checkpoint folder (from its index when there is one)."""
+    path = Path(model_path)
+    if not path.is_dir():
+        raise CheckpointError(f"model path {str(path)!r} is not a directory")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from exc
+        files = [path / f for f in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"checkpoint index names missing shard(s): {missing}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{str(path)!r} holds no *.safetensors files (hotswap loads safetensors only)")
+    return files
+
+
+def read_header(file: Path) -> dict[str, TensorInfo]:
+    """Parse one file's header; never touches tensor data."""
+    try:
+        with open(file, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise CheckpointError(f"{file} is truncated (no safetensors header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > 100 * 1024 * 1024:
+                raise CheckpointError(f"{file} has an implausible header size {n}")
+            header = json.loads(f.read(n))
+        size = file.stat().st_size
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"cannot read safetensors header of {file}: {exc}") from exc
+    out = {}
+    base = 8 + n
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta.get("dtype") not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {meta.get('dtype')!r}")
+        start, end = meta["data_offsets"]
+        if base + end > size:
+            raise CheckpointError(f"{file} is truncated: tensor {name!r} ends past the end of the file")
+        out[name] = TensorInfo(name, file, SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"]), base + start, end - start)
+    return out
+
+
+def read_headers(files: list[Path]) -> dict[str, TensorInfo]:
+    infos: dict[str, TensorInfo] = {}
+    for file in files:
+        for name, info in read_header(file).items():
+            if name in infos:
+                raise CheckpointError(f"tensor {name!r} appears in both {infos[name].file.name} and {file.name}")
+            infos[name] = info
+    return infos
+
+
+def iter_tensors(infos: list[TensorInfo]):
+    """Yield (info, cpu tensor) grouped by file, through safetensors' own reader."""
+    by_file: dict[Path, list[TensorInfo]] = {}
+    for info in infos:
+        by_file.setdefault(info.file, []).append(info)
+    for file, group in by_file.items():
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for info in group:
+                    yield info, f.get_tensor(info.name)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise CheckpointError(f"failed reading {file}: {exc}") from exc
