@@ -1,0 +1,76 @@
+"""`hotswap generate | serve | demo`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from hotswap import Engine
+
+    sp = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    if args.seed is not None:
+        sp["seed"] = args.seed
+    with Engine(args.model_path, dtype=args.dtype, device=args.device) as engine:
+        out = engine.generate(args.prompt, sp)
+    print(json.dumps(out, indent=2) if args.json else out["text"])
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from hotswap.server.launch import serve
+
+    serve(args)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from hotswap.demo.run import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hotswap", description="An LLM inference engine whose weights change while it serves.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from one prompt")
+    g.add_argument("--model-path", required=True)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--dtype", default="auto")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--json", action="store_true", help="print the whole output dict")
+    g.set_defaults(func=_generate)
+
+    s = sub.add_parser("serve", help="serve a model over HTTP (OpenAI + SGLang-compatible routes)")
+    from hotswap.server.launch import add_serve_arguments
+
+    add_serve_arguments(s)
+    s.set_defaults(func=_serve)
+
+    d = sub.add_parser("demo", help="an RL loop: a trainer improves a policy that hotswap serves live")
+    from hotswap.demo.run import add_demo_arguments
+
+    add_demo_arguments(d)
+    d.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:  # HotswapError and friends: bad input, named
+        print(f"hotswap: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

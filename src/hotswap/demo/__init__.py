@@ -1,0 +1,1 @@
+"""`hotswap demo`: a small RL loop in which a trainer improves a policy that hotswap serves live."""

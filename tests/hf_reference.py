@@ -1,0 +1,29 @@
+"""Hugging Face `transformers` as the reference: greedy tokens and per-step log-probabilities."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from transformers import AutoModelForCausalLM
+
+
+@lru_cache(maxsize=8)
+def hf_model(path: str):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def hf_greedy(path, input_ids: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
+    """Greedy continuation with no eos stop, and log_softmax of each chosen token."""
+    model = hf_model(str(path))
+    out = model.generate(torch.tensor([input_ids]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
+                         pad_token_id=0, output_scores=True, return_dict_in_generate=True, output_logits=True)
+    ids = out.sequences[0, len(input_ids):].tolist()
+    lps = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, ids)]
+    return ids, lps
+
+
+def prompt_ids(seed: int, length: int, vocab: int = 500) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (length,), generator=g).tolist()
