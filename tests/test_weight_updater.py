@@ -1,0 +1,273 @@
+"""Issue 3: the weight lifecycle on the Engine: atomic updates, checksums, reads, release/resume, saves,
+versions and in-flight requests."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import pytest
+import torch
+from hf_reference import hf_greedy, prompt_ids
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from hotswap import Engine
+from hotswap.weights import loader as loader_mod
+from hotswap.weights.checksum import state_dict_manifest
+from hotswap.weights.safetensors_io import checkpoint_files
+
+GREEDY = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
+PROMPTS = [prompt_ids(1, 9), prompt_ids(2, 21)]
+
+
+def make_engine(path, **kw) -> Engine:
+    kw.setdefault("page_size", 4)
+    return Engine(str(path), device="cpu", **kw)
+
+
+def greedy_ids(engine) -> list[list[int]]:
+    return [o["output_ids"] for o in engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)]
+
+
+def checkpoint_tensors(path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in checkpoint_files(path):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.fixture
+def engine(tiny_qwen3):
+    with make_engine(tiny_qwen3) as eng:
+        yield eng
+        assert eng.check_invariants().success
+
+
+def test_update_from_disk_matches_new_checkpoint(engine, tiny_qwen3, tiny_qwen3_v2):
+    ptrs = {n: p.data_ptr() for n, p in engine.model_runner.model.named_parameters()}
+    assert greedy_ids(engine) == [hf_greedy(tiny_qwen3, ids, 8)[0] for ids in PROMPTS]
+    res = engine.update_weights_from_disk(str(tiny_qwen3_v2), weight_version="v2")
+    assert res.success, res.message
+    assert res.weight_version == "v2" and res.num_tensors > 0
+    outs = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)
+    assert [o["output_ids"] for o in outs] == [hf_greedy(tiny_qwen3_v2, ids, 8)[0] for ids in PROMPTS]
+    assert all(o["meta_info"]["weight_version"] == "v2" for o in outs)
+    # copied into the existing storage: CUDA graphs captured before stay valid
+    assert {n: p.data_ptr() for n, p in engine.model_runner.model.named_parameters()} == ptrs
+    manifest = state_dict_manifest(checkpoint_tensors(tiny_qwen3_v2))
+    assert engine.check_weights("checksum", expected=manifest).success
+    # a version is auto-assigned when none is given
+    res = engine.update_weights_from_disk(str(tiny_qwen3))
+    assert res.success and res.weight_version == "2"
+
+
+def test_prefix_cache_flushed_after_update(engine, tiny_qwen3_v2):
+    ids = prompt_ids(5, 40)
+    engine.generate(input_ids=ids, sampling_params=GREEDY)
+    assert engine.generate(input_ids=ids, sampling_params=GREEDY)["meta_info"]["cached_tokens"] > 0
+    assert engine.update_weights_from_disk(str(tiny_qwen3_v2)).success
+    out = engine.generate(input_ids=ids, sampling_params=GREEDY)
+    assert out["meta_info"]["cached_tokens"] == 0
+    assert out["output_ids"] == hf_greedy(tiny_qwen3_v2, ids, 8)[0]
+
+
+def _refused_update_keeps_weights(engine, call):
+    before = engine.check_weights("checksum").digest
+    outputs = greedy_ids(engine)
+    version = engine.weight_version
+    res = call()
+    assert not res.success and res.message
+    assert engine.check_weights("checksum").digest == before
+    assert greedy_ids(engine) == outputs
+    assert engine.weight_version == version
+    return res
+
+
+def test_refused_updates_leave_weights_bit_exact(engine, tiny_qwen3, tiny_qwen2, tmp_path):
+    res = _refused_update_keeps_weights(engine, lambda: engine.update_weights_from_disk(str(tmp_path / "missing")))
+    assert "not a directory" in res.message
+    res = _refused_update_keeps_weights(engine, lambda: engine.update_weights_from_disk(str(tiny_qwen2)))
+    assert "unknown parameter" in res.message or "shape mismatch" in res.message
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_qwen3, truncated)
+    f = truncated / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    res = _refused_update_keeps_weights(engine, lambda: engine.update_weights_from_disk(str(truncated)))
+    assert "truncated" in res.message
+    bad = list(checkpoint_tensors(tiny_qwen3).items())
+    bad[0] = (bad[0][0], torch.zeros(3, 3))
+    res = _refused_update_keeps_weights(engine, lambda: engine.update_weights_from_tensor(bad))
+    assert "shape mismatch" in res.message
+    res = _refused_update_keeps_weights(engine, lambda: engine.update_weights_from_tensor([("model.nope.weight", torch.zeros(2))]))
+    assert "unknown parameter" in res.message
+    res = _refused_update_keeps_weights(engine, lambda: engine.update_weights_from_tensor([(bad[1][0], bad[1][1].to(torch.int32))]))
+    assert "dtype" in res.message
+
+
+def test_fault_mid_read_rolls_back(engine, tiny_qwen3_v2, monkeypatch):
+    from hotswap.scheduler import weight_updater
+
+    real = weight_updater.iter_tensors
+
+    def failing(infos):
+        for k, item in enumerate(real(infos)):
+            if k == 5:
+                raise OSError("injected I/O error")
+            yield item
+
+    monkeypatch.setattr(weight_updater, "iter_tensors", failing)
+    res = _refused_update_keeps_weights(engine, lambda: engine.update_weights_from_disk(str(tiny_qwen3_v2)))
+    assert "injected I/O error" in res.message and res.rolled_back
+
+
+def test_update_from_tensor_and_get_weights_by_name(engine, tiny_qwen3_v2):
+    new = checkpoint_tensors(tiny_qwen3_v2)
+    res = engine.update_weights_from_tensor(list(new.items()), weight_version="t1")
+    assert res.success, res.message
+    assert engine.check_weights("checksum", expected=state_dict_manifest(new)).success
+    assert greedy_ids(engine) == [hf_greedy(tiny_qwen3_v2, ids, 8)[0] for ids in PROMPTS]
+    for name in ("model.layers.0.self_attn.k_proj.weight", "model.layers.1.mlp.up_proj.weight", "model.layers.0.self_attn.q_norm.weight"):
+        out = engine.get_weights_by_name(name, truncate_size=3)
+        assert out.success
+        torch.testing.assert_close(torch.tensor(out.parameter), new[name][:3].float(), rtol=0, atol=0)
+        assert out.shape == list(new[name].shape)
+    assert not engine.get_weights_by_name("model.layers.9.mlp.up_proj.weight").success
+
+
+def test_get_weights_by_name_tied_llama(tiny_llama):
+    with make_engine(tiny_llama) as eng:
+        hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+        for name in ("lm_head.weight", "model.embed_tokens.weight", "model.layers.1.self_attn.v_proj.weight", "model.layers.0.mlp.gate_proj.weight"):
+            out = eng.get_weights_by_name(name, truncate_size=4)
+            torch.testing.assert_close(torch.tensor(out.parameter), hf.state_dict()[name][:4], rtol=0, atol=0)
+        assert eng.check_weights("checksum", expected=state_dict_manifest(hf.state_dict())).success
+
+
+def test_check_weights_snapshot_compare_reset(engine, tiny_qwen3):
+    assert not engine.check_weights("compare").success
+    assert engine.check_weights("snapshot").success
+    assert engine.check_weights("compare").success
+    assert engine.check_weights("reset_tensors").success
+    res = engine.check_weights("compare")
+    assert not res.success and res.mismatches
+    assert engine.update_weights_from_disk(str(tiny_qwen3)).success
+    assert engine.check_weights("compare").success  # the update rewrote every tensor
+    assert not engine.check_weights("bogus").success
+
+
+def test_release_resume_on_cpu(engine):
+    before = engine.check_weights("checksum").digest
+    outputs = greedy_ids(engine)
+    assert engine.release_memory_occupation().success
+    runner = engine.model_runner
+    assert not runner.pool.has_storage
+    assert all(p.numel() == 0 for p in runner.model.parameters())
+    assert not engine.release_memory_occupation(["weights"]).success  # already released
+    assert not engine.check_weights("checksum").success
+    assert not engine.update_weights_from_tensor([]).success
+    assert engine.resume_memory_occupation().success
+    assert engine.check_weights("checksum").digest == before
+    assert greedy_ids(engine) == outputs
+    assert not engine.resume_memory_occupation(["kv_cache"]).success  # nothing released
+    assert not engine.release_memory_occupation(["gpu"]).success  # unknown tag
+    assert engine.release_memory_occupation(["kv_cache"]).success
+    assert engine.resume_memory_occupation(["kv_cache"]).success
+    assert greedy_ids(engine) == outputs
+
+
+def test_release_refused_while_busy(engine):
+    results = []
+    t = threading.Thread(target=lambda: results.append(engine.generate(input_ids=prompt_ids(3, 8), sampling_params={"max_new_tokens": 400, "temperature": 0, "ignore_eos": True})))
+    t.start()
+    while engine.get_load().num_running == 0:
+        time.sleep(0.005)
+    res = engine.release_memory_occupation()
+    flush = engine.flush_cache()
+    t.join()
+    assert not res.success and "running" in res.message
+    assert not flush.success
+    assert results[0]["meta_info"]["completion_tokens"] == 400
+
+
+def test_save_sharded_model_round_trips(engine, tiny_qwen3_v2, tmp_path):
+    assert engine.update_weights_from_disk(str(tiny_qwen3_v2)).success
+    out = tmp_path / "saved"
+    res = engine.save_sharded_model(str(out), max_size=30_000)
+    assert res.success, res.message
+    assert len(list(out.glob("*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
+    assert state_dict_manifest(checkpoint_tensors(out)) == state_dict_manifest(checkpoint_tensors(tiny_qwen3_v2))
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert engine.check_weights("checksum", expected=state_dict_manifest(hf.state_dict())).success
+    with make_engine(out) as again:
+        assert again.check_weights("checksum").digest == engine.check_weights("checksum").digest
+    assert not engine.save_sharded_model(str(out)).success  # refuses to mix with existing shards
+
+
+def test_save_remote_model(engine, tmp_path):
+    res = engine.save_remote_model(f"file://{tmp_path}/remote")
+    assert res.success, res.message
+    assert state_dict_manifest(checkpoint_tensors(tmp_path / "remote")) == engine.check_weights("checksum").checksums
+    assert not engine.save_remote_model("nosuchproto://x").success
+
+
+def _slow_request(engine, results, tokens=200, seed=11):
+    ids = prompt_ids(seed, 6)
+    t = threading.Thread(target=lambda: results.append(engine.generate(input_ids=ids, sampling_params={"max_new_tokens": tokens, "temperature": 0, "ignore_eos": True})))
+    t.start()
+    while engine.get_load().num_running == 0 and not results:
+        time.sleep(0.002)
+    return t, ids
+
+
+def test_update_waits_for_running_requests(engine, tiny_qwen3, tiny_qwen3_v2):
+    results = []
+    t, ids = _slow_request(engine, results)
+    res = engine.update_weights_from_disk(str(tiny_qwen3_v2), weight_version="v2")
+    t.join()
+    assert res.success
+    out = results[0]
+    assert out["meta_info"]["weight_version"] == "default" and "weight_versions" not in out["meta_info"]
+    assert out["output_ids"] == hf_greedy(tiny_qwen3, ids, 200)[0]
+
+
+def test_update_aborts_running_requests_when_asked(engine, tiny_qwen3_v2):
+    results = []
+    t, _ = _slow_request(engine, results, tokens=400)
+    res = engine.update_weights_from_disk(str(tiny_qwen3_v2), abort_all_requests=True)
+    t.join()
+    assert res.success
+    assert results[0]["meta_info"]["finish_reason"]["type"] == "abort"
+
+
+@pytest.mark.parametrize("mode", ["in_place", "retract"])
+def test_pause_update_continue_reports_per_token_versions(engine, tiny_qwen3_v2, mode):
+    results = []
+    t, _ = _slow_request(engine, results, tokens=300)
+    assert engine.pause_generation(mode).success
+    res = engine.update_weights_from_disk(str(tiny_qwen3_v2), weight_version="v2", flush_cache=True)
+    assert res.success, res.message
+    assert engine.continue_generation().success
+    t.join()
+    meta = results[0]["meta_info"]
+    assert meta["finish_reason"]["type"] == "length"
+    assert meta["weight_version"] == "v2"
+    versions = meta["weight_versions"]
+    assert versions[0] == "default" and versions[-1] == "v2" and len(versions) == 300
+    assert versions == sorted(versions, key=lambda v: v == "v2")  # old tokens first, then new
+
+
+def test_pause_abort_and_refusals(engine):
+    results = []
+    t, _ = _slow_request(engine, results, tokens=400)
+    assert engine.pause_generation("abort").success
+    t.join()
+    assert results[0]["meta_info"]["finish_reason"]["type"] == "abort"
+    assert not engine.pause_generation("abort").success  # already paused
+    assert not engine.pause_generation("sideways").success
+    assert engine.continue_generation().success
+    assert not engine.continue_generation().success
+    assert not engine.update_weights_from_distributed(["x"], ["float32"], [[1]], group_name="nope").success
+    assert engine.update_weight_version("rl-7").success
+    assert engine.generate(input_ids=PROMPTS[0], sampling_params=GREEDY)["meta_info"]["weight_version"] == "rl-7"
