@@ -122,6 +122,7 @@ class EngineConfig:
     model_path: str
     dtype: str = "auto"
     device: str = "auto"
+    load_format: str = "auto"  # "auto": the checkpoint's safetensors; "dummy": random weights (benchmarks)
     page_size: int = 0  # 0 = 16 on CUDA, 4 on CPU
     num_pages: int = 0  # 0 = sized from kv_cache_memory_fraction on CUDA, 1024 on CPU
     kv_cache_memory_fraction: float = 0.8

@@ -23,6 +23,7 @@ class KVCachePool:
         self.num_layers, self.num_pages, self.page_size = num_layers, num_pages, page_size
         self.num_kv_heads, self.head_dim, self.dtype, self.device = num_kv_heads, head_dim, dtype, device
         self.refcount = [0] * num_pages
+        self.scratch_page = num_pages  # one extra page, never allocated: padded CUDA-graph rows write here
         self.free_pages: deque[int] = deque(range(num_pages))
         self.kv: torch.Tensor | None = None
         self.allocate_storage()
@@ -32,7 +33,7 @@ class KVCachePool:
         return 2 * self.num_layers * self.page_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
 
     def allocate_storage(self) -> None:
-        shape = (2, self.num_layers, self.num_pages, self.page_size, self.num_kv_heads, self.head_dim)
+        shape = (2, self.num_layers, self.num_pages + 1, self.page_size, self.num_kv_heads, self.head_dim)
         self.kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     def free_storage(self) -> None:

@@ -39,15 +39,29 @@ class ModelRunner:
             self.model = CausalLM(model_config, tp)
         self.model.model.rotary.rebuild(device)
         self.weight_map = WeightMap(self.model)
-        load_checkpoint(self.weight_map, config.model_path)
+        if config.load_format == "dummy":
+            self._init_dummy_weights()
+        elif config.load_format in ("auto", "safetensors"):
+            load_checkpoint(self.weight_map, config.model_path)
+        else:
+            raise HotswapError(f"unknown load_format {config.load_format!r}; use 'auto' or 'dummy'")
         self.pool = self._make_pool()
         self.attention = self._make_attention()
         self.cuda_graphs = None
-        if device.type == "cuda" and config.enable_cuda_graph:
+        if device.type == "cuda" and config.enable_cuda_graph and isinstance(self.attention, TritonAttention):
             from hotswap.runner.cuda_graph import CudaGraphRunner
 
             self.cuda_graphs = CudaGraphRunner(self)
             self.cuda_graphs.capture()
+
+    def _init_dummy_weights(self) -> None:
+        """Random weights of a sensible scale (norms at 1), for benchmarks that need no checkpoint."""
+        g = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        for name, param in self.model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.data.fill_(1.0)
+            else:
+                param.data.normal_(0.0, 0.02, generator=g)
 
     def _make_pool(self) -> KVCachePool:
         cfg, mc = self.config, self.model_config

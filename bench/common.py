@@ -1,0 +1,70 @@
+"""Shared bench helpers: model shapes, a config-only checkpoint folder, device ceilings."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=32, vocab_size=512, tie_word_embeddings=False),
+    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                       head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+    "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=128, vocab_size=151936, tie_word_embeddings=False),
+}
+# Measured on the lent H100 (docs/benchmarks.md): device-to-device copy, bytes read + written.
+H100_D2D_BYTES_PER_S = 3.0e12
+
+
+def config_only_checkpoint(out_dir: Path, shape: str, dtype: str = "bfloat16", max_positions: int = 4096) -> Path:
+    """A folder with config.json and a small tokenizer; weights come from load_format='dummy'."""
+    from hotswap.testing.tiny_models import build_tokenizer
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    s = SHAPES[shape]
+    cfg = {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_act": "silu", "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "max_position_embeddings": max_positions, "torch_dtype": dtype, "attention_bias": False,
+        "eos_token_id": 0, "bos_token_id": 0, "pad_token_id": 0, **s,
+    }
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    build_tokenizer(out_dir)
+    return out_dir
+
+
+def weight_bytes(engine) -> int:
+    return engine.model_runner.weight_map.total_bytes
+
+
+def kv_bytes_per_token(engine) -> int:
+    mc = engine.model_config
+    return 2 * mc.num_kv_heads * mc.head_dim * mc.torch_dtype.itemsize * mc.num_layers
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def timed(fn, sync: bool):
+    if sync:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    if sync:
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t
+
+
+def print_table(title: str, header: list[str], rows: list[list]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda r: "| " + " | ".join(str(x).rjust(w) for x, w in zip(r, widths)) + " |"
+    text = "\n".join([f"### {title}", "", line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+    print(text + "\n", flush=True)
+    return text

@@ -1,0 +1,103 @@
+"""Offline generation throughput: hotswap beside HF transformers `generate` in the same process, and the
+memory-bound decode roofline (each step reads all weights plus every sequence's KV at its average context).
+
+    python bench/throughput.py --shape tiny                      # CPU
+    python bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,64x128x128,256x128x512 --hf dynamic,static
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import H100_D2D_BYTES_PER_S, config_only_checkpoint, device_name, kv_bytes_per_token, print_table, timed, weight_bytes  # noqa: E402
+
+from hotswap import Engine  # noqa: E402
+
+
+def roofline_tok_s(engine, batch: int, prompt: int, output: int, bandwidth: float) -> float:
+    avg_ctx = prompt + output / 2
+    step_bytes = weight_bytes(engine) + batch * avg_ctx * kv_bytes_per_token(engine)
+    return batch / (step_bytes / bandwidth)
+
+
+def hf_model_like(engine, device):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(engine.config.model_path)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=engine.model_config.torch_dtype).eval()
+    return model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="tiny")
+    ap.add_argument("--cases", default=None, help="BATCHxPROMPTxOUTPUT,... (default by device)")
+    ap.add_argument("--hf", default="dynamic", help="comma list of HF cache kinds to run: dynamic,static or none")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default=None, help="append the table to this file")
+    args = ap.parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else (args.device if args.device != "auto" else "cpu"))
+    on_gpu = device.type == "cuda"
+    cases = args.cases or ("1x128x128,64x128x128,256x128x512" if on_gpu else "1x32x32,8x32x32")
+    cases = [tuple(int(x) for x in c.split("x")) for c in cases.split(",")]
+    max_pos = max(p + o for _, p, o in cases) + 16
+    tmp = Path(tempfile.mkdtemp())
+    path = config_only_checkpoint(tmp / args.shape, args.shape, "bfloat16" if on_gpu else "float32", max_positions=max(max_pos, 1024))
+    engine = Engine(str(path), device=str(device), load_format="dummy", max_running_requests=max(b for b, _, _ in cases))
+    hf_kinds = [k for k in args.hf.split(",") if k and k != "none"]
+    hf = None
+    if hf_kinds:
+        hf = hf_model_like(engine, device)
+        res = engine.update_weights_from_tensor(list(hf.state_dict().items()))  # identical weights in both
+        assert res.success, res.message
+    bandwidth = H100_D2D_BYTES_PER_S if on_gpu else float("nan")
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for batch, prompt, output in cases:
+        prompts = torch.randint(3, 500, (batch, prompt), generator=g)
+        sp = {"max_new_tokens": output, "temperature": 0, "ignore_eos": True}
+        engine.generate(input_ids=prompts[:1].tolist(), sampling_params=dict(sp, max_new_tokens=4))  # warm-up
+        engine.flush_cache()
+        _, t_prefill = timed(lambda: engine.generate(input_ids=prompts.tolist(), sampling_params=dict(sp, max_new_tokens=1)), on_gpu)
+        engine.flush_cache()
+        outs, t = timed(lambda: engine.generate(input_ids=prompts.tolist(), sampling_params=sp), on_gpu)
+        engine.flush_cache()
+        ours = batch * output / t
+        roof = roofline_tok_s(engine, batch, prompt, output, bandwidth)
+        row = [f"{batch}, {prompt}/{output}", f"{ours:,.0f}", f"{batch * prompt / t_prefill:,.0f}"]
+        hf_cells = []
+        for kind in hf_kinds:
+            kw = dict(max_new_tokens=output, min_new_tokens=output, do_sample=False, eos_token_id=None, pad_token_id=0)
+            if kind == "static":
+                kw["cache_implementation"] = "static"
+            ids = prompts.to(device)
+            with torch.no_grad():
+                hf.generate(ids[:, :8], **dict(kw, max_new_tokens=4, min_new_tokens=4))  # warm-up / compile
+                ref, t_hf = timed(lambda: hf.generate(ids, **kw), on_gpu)
+            same = 0
+            for a, b in zip(outs[0]["output_ids"], ref[0, prompt:].tolist()):
+                if a != b:
+                    break
+                same += 1
+            hf_cells.append(f"{batch * output / t_hf:,.0f} ({same}/{output} same)")
+        row += hf_cells + [f"{roof:,.0f}" if on_gpu else "-", f"{100 * ours / roof:.1f}%" if on_gpu else "-"]
+        rows.append(row)
+    header = ["batch, prompt/output", "hotswap output tok/s", "hotswap prefill tok/s"] + [f"HF {k} tok/s (greedy prefix = ours)" for k in hf_kinds] + ["decode roofline tok/s", "% of roofline"]
+    text = print_table(f"throughput, {args.shape}, {device_name(device)}, {engine.model_config.torch_dtype}", header, rows)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(text + "\n\n")
+    engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()

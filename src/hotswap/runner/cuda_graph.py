@@ -1,0 +1,112 @@
+"""CUDA graphs for decode: captured per batch-size bucket, replayed with the batch padded to the bucket.
+
+Graphs read static input buffers and the live parameter storage, so weight updates (which copy into
+that storage) need no recapture; releasing weights, the KV cache or the graphs themselves drops them,
+and resume recaptures.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import TYPE_CHECKING
+
+import torch
+
+from hotswap.runner.forward_context import ForwardContext
+
+if TYPE_CHECKING:
+    from hotswap.runner.model_runner import BatchEntry, ModelRunner
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+class CudaGraphRunner:
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        limit = min(runner.config.cuda_graph_max_batch, runner.config.max_running_requests)
+        self.buckets = [b for b in BUCKETS if b <= limit] or [1]
+        self.max_batch = self.buckets[-1]
+        self.max_pages = -(-runner.model_config.max_position_embeddings // runner.pool.page_size)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = None
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    @property
+    def captured(self) -> bool:
+        return bool(self.graphs)
+
+    def can_run(self, entries: list[BatchEntry]) -> bool:
+        return (self.captured and len(entries) <= self.max_batch
+                and all(len(e.input_ids) == 1 and e.sample for e in entries))
+
+    def _alloc_buffers(self) -> None:
+        dev, n = self.runner.device, self.max_batch
+        pool = self.runner.pool
+        self.buffers = {
+            "input_ids": torch.zeros(n, dtype=torch.int64, device=dev),
+            "positions": torch.zeros(n, dtype=torch.int64, device=dev),
+            "slot_mapping": torch.full((n,), pool.scratch_page * pool.page_size, dtype=torch.int64, device=dev),
+            "page_table": torch.full((n, self.max_pages), pool.scratch_page, dtype=torch.int32, device=dev),
+            "seq_lens": torch.ones(n, dtype=torch.int32, device=dev),
+            "cu_seqlens_q": torch.arange(n + 1, dtype=torch.int32, device=dev),
+        }
+
+    def _context(self, bs: int) -> ForwardContext:
+        b = self.buffers
+        return ForwardContext(positions=b["positions"][:bs], slot_mapping=b["slot_mapping"][:bs], page_table=b["page_table"][:bs],
+                              cu_seqlens_q=b["cu_seqlens_q"][: bs + 1], seq_lens=b["seq_lens"][:bs], max_q_len=1, is_decode=True,
+                              attention=self.runner.attention)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        self._alloc_buffers()
+        model = self.runner.model
+        self.pool = torch.cuda.graph_pool_handle()
+        self.outputs: dict[int, torch.Tensor] = {}
+        for bs in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory
+            ctx = self._context(bs)
+            ids = self.buffers["input_ids"][:bs]
+            for _ in range(2):  # warm up (Triton autotuning, allocator) outside the graph
+                model.compute_logits(model(ids, ctx))
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.outputs[bs] = model.compute_logits(model(ids, ctx))
+            self.graphs[bs] = graph
+        torch.cuda.synchronize()
+
+    def release(self) -> None:
+        self.graphs.clear()
+        self.outputs = {}
+        self.buffers = {}
+        self.pool = None
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+    def run(self, entries: list[BatchEntry]) -> torch.Tensor:
+        n = len(entries)
+        bs = self.buckets[bisect.bisect_left(self.buckets, n)]
+        ps = self.runner.pool.page_size
+        b = self.buffers
+        ids, pos, slots, lens = [], [], [], []
+        table = torch.full((n, self.max_pages), self.runner.pool.scratch_page, dtype=torch.int32)
+        for i, e in enumerate(entries):
+            p = e.start_pos
+            ids.append(e.input_ids[0])
+            pos.append(p)
+            slots.append(e.pages[p // ps] * ps + p % ps)
+            lens.append(p + 1)
+            table[i, : len(e.pages)] = torch.tensor(e.pages, dtype=torch.int32)
+        host = {
+            "input_ids": torch.tensor(ids, dtype=torch.int64), "positions": torch.tensor(pos, dtype=torch.int64),
+            "slot_mapping": torch.tensor(slots, dtype=torch.int64), "seq_lens": torch.tensor(lens, dtype=torch.int32),
+        }
+        for k, v in host.items():
+            b[k][:n].copy_(v.pin_memory(), non_blocking=True)
+        b["page_table"][:n].copy_(table.pin_memory(), non_blocking=True)
+        if bs > n:  # padded rows: length 1 over the scratch page
+            b["slot_mapping"][n:bs].fill_(self.runner.pool.scratch_page * ps)
+            b["seq_lens"][n:bs].fill_(1)
+            b["page_table"][n:bs].fill_(self.runner.pool.scratch_page)
+        self.graphs[bs].replay()
+        return self.outputs[bs][:n]
