@@ -121,6 +121,10 @@ class Scheduler:
                     self.finish(seq, {"type": "abort", "message": f"internal error: {exc}"})
                 continue
             self.process(batch, result)
+            if self.config.check_invariants_when_idle and not self.batcher.has_work:
+                problems = self.invariants.check_idle()
+                if problems:
+                    log.error("KV page accounting broken: %s", "; ".join(problems))
 
     def receive(self, block: bool) -> None:
         timeout = 0.5 if self.weight_updater.session_open else None

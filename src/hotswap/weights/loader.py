@@ -26,7 +26,7 @@ def check_tensor_metas(weight_map: WeightMap, metas: list[TensorMeta], *, requir
     """Pair each incoming tensor with its slot, or raise naming every problem found."""
     problems: list[str] = []
     pairs: list[tuple[TensorMeta, WeightSlot]] = []
-    seen: set[str] = set()
+    seen: dict[str, str] = {}  # slot name -> the incoming name that filled it
     for meta in metas:
         if meta.name.endswith(IGNORED_SUFFIXES):
             continue
@@ -35,18 +35,18 @@ def check_tensor_metas(weight_map: WeightMap, metas: list[TensorMeta], *, requir
             problems.append(f"unknown parameter {meta.name!r}")
             continue
         if slot.hf_name in seen:
-            if meta.name in weight_map.aliases:
-                continue  # tied lm_head alongside the embedding: same tensor, load once
+            if meta.name in weight_map.aliases or seen[slot.hf_name] in weight_map.aliases:
+                continue  # tied lm_head alongside the embedding: one tensor, loaded once
             problems.append(f"parameter {meta.name!r} given twice")
             continue
-        seen.add(slot.hf_name)
+        seen[slot.hf_name] = meta.name
         if tuple(meta.shape) != slot.hf_shape:
             problems.append(f"shape mismatch for {meta.name!r}: got {list(meta.shape)}, expected {list(slot.hf_shape)}")
         if not (meta.dtype.is_floating_point and slot.dtype.is_floating_point):
             problems.append(f"dtype {meta.dtype} of {meta.name!r} cannot be loaded into a {slot.dtype} parameter")
         pairs.append((meta, slot))
     if require_all:
-        missing = sorted(set(weight_map.names) - seen)
+        missing = sorted(set(weight_map.names) - seen.keys())
         if missing:
             more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
             problems.append(f"checkpoint lacks parameter(s) {missing[:5]}{more}")
