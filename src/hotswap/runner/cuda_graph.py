@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from hotswap.runner.forward_context import ForwardContext
+from hotswap.runner.host_batch import HostBatch
 
 if TYPE_CHECKING:
-    from hotswap.runner.model_runner import BatchEntry, ModelRunner
+    from hotswap.runner.batch_entry import BatchEntry
+    from hotswap.runner.model_runner import ModelRunner
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
@@ -86,27 +88,14 @@ class CudaGraphRunner:
     def run(self, entries: list[BatchEntry]) -> torch.Tensor:
         n = len(entries)
         bs = self.buckets[bisect.bisect_left(self.buckets, n)]
-        ps = self.runner.pool.page_size
+        pool = self.runner.pool
+        hb = HostBatch.build(entries, pool.page_size, width=self.max_pages, pad_page=pool.scratch_page)
         b = self.buffers
-        ids, pos, slots, lens = [], [], [], []
-        table = torch.full((n, self.max_pages), self.runner.pool.scratch_page, dtype=torch.int32)
-        for i, e in enumerate(entries):
-            p = e.start_pos
-            ids.append(e.input_ids[0])
-            pos.append(p)
-            slots.append(e.pages[p // ps] * ps + p % ps)
-            lens.append(p + 1)
-            table[i, : len(e.pages)] = torch.tensor(e.pages, dtype=torch.int32)
-        host = {
-            "input_ids": torch.tensor(ids, dtype=torch.int64), "positions": torch.tensor(pos, dtype=torch.int64),
-            "slot_mapping": torch.tensor(slots, dtype=torch.int64), "seq_lens": torch.tensor(lens, dtype=torch.int32),
-        }
-        for k, v in host.items():
-            b[k][:n].copy_(v.pin_memory(), non_blocking=True)
-        b["page_table"][:n].copy_(table.pin_memory(), non_blocking=True)
+        for name in ("input_ids", "positions", "slot_mapping", "seq_lens", "page_table"):
+            b[name][:n].copy_(torch.from_numpy(getattr(hb, name)).pin_memory(), non_blocking=True)
         if bs > n:  # padded rows: length 1 over the scratch page
-            b["slot_mapping"][n:bs].fill_(self.runner.pool.scratch_page * ps)
+            b["slot_mapping"][n:bs].fill_(pool.scratch_page * pool.page_size)
             b["seq_lens"][n:bs].fill_(1)
-            b["page_table"][n:bs].fill_(self.runner.pool.scratch_page)
+            b["page_table"][n:bs].fill_(pool.scratch_page)
         self.graphs[bs].replay()
         return self.outputs[bs][:n]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from hotswap.config import EngineConfig, ModelConfig
@@ -12,24 +10,12 @@ from hotswap.models.decoder import CausalLM
 from hotswap.models.parallel import TPInfo
 from hotswap.runner.attention import TorchAttention, TritonAttention
 from hotswap.runner.forward_context import ForwardContext
+from hotswap.runner.host_batch import HostBatch
 from hotswap.runner.kv_cache import KVCachePool
+from hotswap.runner.batch_entry import BatchEntry
 from hotswap.runner.sampler import SampleResult, SamplingBatch, sample
-from hotswap.sampling_params import SamplingParams
 from hotswap.weights.loader import load_checkpoint
 from hotswap.weights.mapping import WeightMap
-
-
-@dataclass(slots=True)
-class BatchEntry:
-    """One sequence's share of a step: compute `input_ids` at positions start_pos.. and maybe sample."""
-
-    input_ids: list[int]
-    start_pos: int
-    pages: list[int]
-    sample: bool
-    params: SamplingParams
-    seed: int
-    step: int
 
 
 class ModelRunner:
@@ -94,37 +80,25 @@ class ModelRunner:
         """Parameter storage moved (memory resume): refresh the views every transport copies into."""
         self.weight_map = WeightMap(self.model)
 
+    def to_device(self, a) -> torch.Tensor:
+        t = torch.from_numpy(a)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
     def build_context(self, entries: list[BatchEntry]) -> tuple[torch.Tensor, ForwardContext, torch.Tensor]:
-        ps = self.pool.page_size
-        ids, positions, slots, cu, lens, logits_idx = [], [], [], [0], [], []
-        for e in entries:
-            n = len(e.input_ids)
-            ids.extend(e.input_ids)
-            pos = range(e.start_pos, e.start_pos + n)
-            positions.extend(pos)
-            slots.extend(e.pages[p // ps] * ps + p % ps for p in pos)
-            cu.append(cu[-1] + n)
-            lens.append(e.start_pos + n)
-            if e.sample:
-                logits_idx.append(cu[-1] - 1)
-        max_pages = max(len(e.pages) for e in entries)
-        table = [e.pages + [0] * (max_pages - len(e.pages)) for e in entries]
-        dev = self.device
-
-        def t(data, dtype):
-            return torch.tensor(data, dtype=dtype, pin_memory=dev.type == "cuda").to(dev, non_blocking=True)
-
+        hb = HostBatch.build(entries, self.pool.page_size)
         ctx = ForwardContext(
-            positions=t(positions, torch.int64),
-            slot_mapping=t(slots, torch.int64),
-            page_table=t(table, torch.int32),
-            cu_seqlens_q=t(cu, torch.int32),
-            seq_lens=t(lens, torch.int32),
-            max_q_len=max(len(e.input_ids) for e in entries),
-            is_decode=all(len(e.input_ids) == 1 for e in entries),
+            positions=self.to_device(hb.positions),
+            slot_mapping=self.to_device(hb.slot_mapping),
+            page_table=self.to_device(hb.page_table),
+            cu_seqlens_q=self.to_device(hb.cu_seqlens_q),
+            seq_lens=self.to_device(hb.seq_lens),
+            max_q_len=hb.max_q_len,
+            is_decode=hb.is_decode,
             attention=self.attention,
         )
-        return t(ids, torch.int64), ctx, t(logits_idx, torch.int64)
+        return self.to_device(hb.input_ids), ctx, self.to_device(hb.logits_indices)
 
     def sampling_batch(self, entries: list[BatchEntry]) -> SamplingBatch:
         ps = [e.params for e in entries]

@@ -10,7 +10,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from hotswap.runner.kv_cache import KVCachePool
-from hotswap.runner.model_runner import BatchEntry
+from hotswap.runner.batch_entry import BatchEntry
 from hotswap.runner.radix_cache import RadixPrefixCache
 from hotswap.scheduler.sequence import Sequence, Status
 
@@ -54,17 +54,17 @@ class Batcher:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            remaining = seq.num_tokens - seq.num_computed
-            n = min(remaining, self.chunked_prefill_size, budget)
+            n = min(seq.num_tokens - seq.num_computed, self.chunked_prefill_size, budget)
             need = self._pages_needed(seq, seq.num_computed + n)
-            while not self._ensure_free(need):
-                victim = self.running[-1]
-                self.preempt(victim)
-                if victim is seq:
+            if need:
+                while not self._ensure_free(need):
+                    victim = self.running[-1]
+                    self.preempt(victim)
+                    if victim is seq:
+                        break
+                if seq.status is not Status.RUNNING:
                     break
-            if seq.status is not Status.RUNNING:
-                break
-            seq.pages.extend(self.pool.allocate(need))
+                seq.pages.extend(self.pool.allocate(need))
             entries.append(self._entry(seq, n))
             seqs.append(seq)
             budget -= n
@@ -88,11 +88,12 @@ class Batcher:
 
     def _entry(self, seq: Sequence, n: int) -> BatchEntry:
         start = seq.num_computed
+        end = start + n
         return BatchEntry(
-            input_ids=seq.token_ids[start : start + n],
+            input_ids=seq.tokens_slice(start, end),
             start_pos=start,
             pages=seq.pages,
-            sample=start + n == seq.num_tokens,
+            sample=end == seq.num_tokens,
             params=seq.req.sampling_params,
             seed=seq.req.seed,
             step=len(seq.output_ids),

@@ -46,6 +46,15 @@ class Sequence:
     def token_ids(self) -> list[int]:
         return self.req.input_ids + self.output_ids
 
+    def tokens_slice(self, start: int, end: int) -> list[int]:
+        """token_ids[start:end] without building the whole list (the decode step needs only the last)."""
+        plen = len(self.req.input_ids)
+        if start >= plen:
+            return self.output_ids[start - plen : end - plen]
+        if end <= plen:
+            return self.req.input_ids[start:end]
+        return self.req.input_ids[start:] + self.output_ids[: end - plen]
+
     @property
     def num_tokens(self) -> int:
         return len(self.req.input_ids) + len(self.output_ids)

@@ -1,0 +1,47 @@
+"""One batch's metadata built on the host with numpy, shared by the eager and CUDA-graph paths."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from hotswap.runner.batch_entry import BatchEntry
+
+
+@dataclass(slots=True)
+class HostBatch:
+    input_ids: np.ndarray  # int64 [T]
+    positions: np.ndarray  # int64 [T]
+    slot_mapping: np.ndarray  # int64 [T]
+    cu_seqlens_q: np.ndarray  # int32 [B+1]
+    seq_lens: np.ndarray  # int32 [B]
+    page_table: np.ndarray  # int32 [B, width]
+    logits_indices: np.ndarray  # int64 [number of sampled entries]
+    max_q_len: int
+    is_decode: bool
+
+    @classmethod
+    def build(cls, entries: list[BatchEntry], page_size: int, width: int | None = None, pad_page: int = 0) -> HostBatch:
+        n = len(entries)
+        q_lens = np.fromiter((len(e.input_ids) for e in entries), dtype=np.int64, count=n)
+        starts = np.fromiter((e.start_pos for e in entries), dtype=np.int64, count=n)
+        width = width or max(len(e.pages) for e in entries)
+        table = np.full((n, width), pad_page, dtype=np.int32)
+        for i, e in enumerate(entries):
+            table[i, : len(e.pages)] = e.pages
+        cu = np.zeros(n + 1, dtype=np.int32)
+        np.cumsum(q_lens, out=cu[1:])
+        is_decode = bool((q_lens == 1).all())
+        if is_decode:
+            ids = np.fromiter((e.input_ids[0] for e in entries), dtype=np.int64, count=n)
+            positions = starts
+            rows = np.arange(n)
+        else:
+            ids = np.fromiter((t for e in entries for t in e.input_ids), dtype=np.int64, count=int(cu[-1]))
+            rows = np.repeat(np.arange(n), q_lens)
+            positions = np.arange(int(cu[-1]), dtype=np.int64) - np.repeat(cu[:-1].astype(np.int64) - starts, q_lens)
+        slots = table[rows, positions // page_size].astype(np.int64) * page_size + positions % page_size
+        sampled = np.fromiter((e.sample for e in entries), dtype=bool, count=n)
+        return cls(ids, positions, slots, cu, (starts + q_lens).astype(np.int32), table,
+                   (cu[1:][sampled] - 1).astype(np.int64), int(q_lens.max()), is_decode)
