@@ -37,6 +37,7 @@ class GenerateRequest:
     sampling_params: SamplingParams
     seed: int
     sink: Callable[[GenerateOutput], None]
+    stream: bool = False  # deliver an output per step (else only the finished one)
     stream_text: bool = False  # detokenize incrementally (streaming or stop strings)
 
 
@@ -222,6 +223,7 @@ class BeginWeightUpdateRequest:
 @dataclass(kw_only=True, slots=True)
 class EndWeightUpdateRequest:
     weight_version: str | None = None
+    abort: bool = False  # roll back every update of the session instead of committing (a trainer-side failure)
 
 
 @dataclass(kw_only=True, slots=True)

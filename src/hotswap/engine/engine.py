@@ -188,7 +188,7 @@ class Engine:
         q: queue.Queue = queue.Queue()
         req_sp = sp
         rid = uuid.uuid4().hex
-        self.scheduler.submit(p.GenerateRequest(rid=rid, input_ids=ids, sampling_params=req_sp, seed=seed, sink=q.put, stream_text=True))
+        self.scheduler.submit(p.GenerateRequest(rid=rid, input_ids=ids, sampling_params=req_sp, seed=seed, sink=q.put, stream=True, stream_text=True))
         c = _Collector(rid=rid, return_logprob=sp.return_logprob)
         try:
             while True:
@@ -234,7 +234,7 @@ class Engine:
         q: asyncio.Queue = asyncio.Queue()
         rid = uuid.uuid4().hex
         self.scheduler.submit(p.GenerateRequest(rid=rid, input_ids=ids, sampling_params=sp, seed=seed,
-                                                sink=lambda out: loop.call_soon_threadsafe(q.put_nowait, out), stream_text=True))
+                                                sink=lambda out: loop.call_soon_threadsafe(q.put_nowait, out), stream=True, stream_text=True))
         c = _Collector(rid=rid, return_logprob=sp.return_logprob)
         try:
             while True:
@@ -338,8 +338,8 @@ class Engine:
     def begin_weight_update(self) -> p.ControlOutput:
         return self._call(p.BeginWeightUpdateRequest())
 
-    def end_weight_update(self, weight_version: str | None = None) -> p.WeightUpdateOutput:
-        return self._call(p.EndWeightUpdateRequest(weight_version=weight_version))
+    def end_weight_update(self, weight_version: str | None = None, abort: bool = False) -> p.WeightUpdateOutput:
+        return self._call(p.EndWeightUpdateRequest(weight_version=weight_version, abort=abort))
 
     def submit(self, request):
         """Send any protocol request and wait for its output (the HTTP server's single entry point)."""

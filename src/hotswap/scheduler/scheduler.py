@@ -107,7 +107,8 @@ class Scheduler:
 
     def loop(self) -> None:
         while not self._stop.is_set():
-            self.receive(block=not self.batcher.has_work and not self.deferred)
+            held = self.weight_updater.generation_held or self.memory.any_released()  # no batch can run: wait, don't spin
+            self.receive(block=held or (not self.batcher.has_work and not self.deferred))
             self.run_deferred()
             self.weight_updater.expire_session()
             batch = self.schedule()
@@ -161,6 +162,9 @@ class Scheduler:
         except Exception as exc:  # handlers return refusals; this is the last guard so the engine survives
             log.exception("handler failed")
             out = p.ControlOutput(success=False, message=f"{type(request).__name__} failed: {exc}")
+        if isinstance(out, Future):  # finished off this thread (a group rendezvous): reply when it resolves
+            out.add_done_callback(lambda done: fut.set_result(done.result()))
+            return
         fut.set_result(out)
 
     def run_deferred(self) -> None:
@@ -197,7 +201,7 @@ class Scheduler:
             k += 1
             if seq.finish_reason is not None:
                 self.finish(seq, seq.finish_reason)
-            else:
+            elif seq.req.stream:
                 self.streamer.emit(seq, version, finished=False)
 
     # ---- request handlers owned by the scheduler itself ------------------------------------------
