@@ -52,7 +52,11 @@ def main() -> None:
     max_pos = max(p + o for _, p, o in cases) + 16
     tmp = Path(tempfile.mkdtemp())
     path = config_only_checkpoint(tmp / args.shape, args.shape, "bfloat16" if on_gpu else "float32", max_positions=max(max_pos, 1024))
-    engine = Engine(str(path), device=str(device), load_format="dummy", max_running_requests=max(b for b, _, _ in cases))
+    page_size = 16
+    # size the KV cache to the largest case (plus slack) so HF has room to run beside it in this process
+    num_pages = max(b * -(-(p + o + 1) // page_size) for b, p, o in cases) + 256
+    engine = Engine(str(path), device=str(device), load_format="dummy", max_running_requests=max(b for b, _, _ in cases),
+                    page_size=page_size, num_pages=num_pages)
     hf_kinds = [k for k in args.hf.split(",") if k and k != "none"]
     hf = None
     if hf_kinds:
