@@ -163,7 +163,7 @@ def test_release_resume_on_cpu(engine):
     assert engine.release_memory_occupation().success
     runner = engine.model_runner
     assert not runner.pool.has_storage
-    assert all(p.numel() == 0 for p in runner.model.parameters())
+    assert all(p.untyped_storage().nbytes() <= p.element_size() for p in runner.model.parameters())
     assert not engine.release_memory_occupation(["weights"]).success  # already released
     assert not engine.check_weights("checksum").success
     assert not engine.update_weights_from_tensor([]).success

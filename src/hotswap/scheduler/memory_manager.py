@@ -62,8 +62,10 @@ class MemoryManager:
                     host = torch.empty(param.shape, dtype=param.dtype, pin_memory=pin)
                     host.copy_(param.data)
                     self.host_weights[name] = host
-                param.data = torch.empty(0, dtype=param.dtype, device=runner.device)
+                # a one-element stand-in of the same shape: storage is freed, views stay well-formed
+                param.data = torch.zeros((1,) * param.dim(), dtype=param.dtype, device=runner.device).expand(param.shape)
             runner.model.model.rotary.cos_sin = torch.empty(0, device=runner.device)
+            runner.rebuild_weight_map()  # the old views would keep the released storage alive
             self.host_weights = self.host_weights if keep else None
         self.released.update(tags)
         gc.collect()

@@ -1,0 +1,62 @@
+"""Where a decode step's time goes: GPU kernels (torch.profiler) and the host-side step time.
+
+    python bench/profile_decode.py --shape qwen3-0.6b --batch 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import config_only_checkpoint  # noqa: E402
+
+from hotswap import Engine  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="qwen3-0.6b")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=32)
+    args = ap.parse_args()
+    path = config_only_checkpoint(Path(tempfile.mkdtemp()) / args.shape, args.shape)
+    engine = Engine(str(path), device="cuda", load_format="dummy", page_size=16, num_pages=20000, max_running_requests=max(args.batch))
+    runner = engine.model_runner
+    for batch in args.batch:
+        ids = torch.randint(3, 500, (batch, args.prompt)).tolist()
+        sp = {"max_new_tokens": args.steps, "temperature": 0, "ignore_eos": True}
+        engine.generate(input_ids=ids, sampling_params=sp)
+        engine.flush_cache()
+        # time replay alone vs the whole step
+        graphs = runner.cuda_graphs
+        bs = min(b for b in graphs.buckets if b >= batch)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(50):
+            graphs.graphs[bs].replay()
+        torch.cuda.synchronize()
+        replay_ms = (time.perf_counter() - t) / 50 * 1e3
+        t = time.perf_counter()
+        engine.generate(input_ids=ids, sampling_params=sp)
+        total = time.perf_counter() - t
+        engine.flush_cache()
+        print(f"batch {batch}: graph replay {replay_ms:.3f} ms; generate of {args.steps} tokens {total * 1e3:.1f} ms "
+              f"= {total / args.steps * 1e3:.2f} ms/step incl. prefill", flush=True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+            engine.generate(input_ids=ids, sampling_params=dict(sp, max_new_tokens=8))
+        engine.flush_cache()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60), flush=True)
+    engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()
