@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hotswap.config import ModelConfig
+from hotswap.kernels import fused
 from hotswap.models.layers import MergedColumnLinear, RMSNorm, RotaryEmbedding, RowLinear, VocabEmbedding
 from hotswap.models.parallel import TPInfo
 from hotswap.runner.forward_context import ForwardContext
@@ -35,9 +36,14 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(ctx.positions, q, k)
+        if fused.available(q):
+            has_norm = self.q_norm is not None
+            fused.qk_norm_rope(q, k, self.q_norm.weight if has_norm else None, self.k_norm.weight if has_norm else None,
+                               self.rotary.cos_sin, ctx.positions, self.q_norm.eps if has_norm else 0.0)
+        else:
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotary(ctx.positions, q, k)
         out = ctx.attention.forward(self.layer_id, q, k, v, self.scale, ctx)
         return self.o_proj(out.view(-1, self.num_heads * self.head_dim))
 
@@ -50,7 +56,10 @@ class MLP(nn.Module):
         self.down_proj = RowLinear(i, cfg.hidden_size, cfg.torch_dtype, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if fused.available(gate_up):
+            return self.down_proj(fused.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hotswap.kernels import fused
 from hotswap.models.parallel import ShardSpec, TPInfo
 
 
@@ -25,6 +26,8 @@ class RMSNorm(nn.Module):
         self.weight.hf_shards[None] = ShardSpec(0, 0, dim, 0, 0, dim, (dim,))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.available(x):
+            return fused.rmsnorm(x, self.weight, self.eps)
         orig = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -32,6 +35,8 @@ class RMSNorm(nn.Module):
 
     def forward_residual(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add the residual then normalise; returns (normed, new residual) as HF does in the layer's dtype."""
+        if fused.available(x):
+            return fused.rmsnorm(x, self.weight, self.eps, residual=residual), residual  # residual updated in place
         residual = x + residual
         return self.forward(residual), residual
 

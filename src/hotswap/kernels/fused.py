@@ -1,0 +1,113 @@
+"""Fused elementwise kernels for the decoder (Triton, CUDA only): add + RMSNorm, per-head RMSNorm +
+rotary for q and k, SiLU-and-mul. Each replaces a chain of small PyTorch kernels whose launches
+dominate a decode step at small batch. The PyTorch layers in hotswap.models.layers remain the
+reference (CPU) path and the tests compare the two.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only machines: the layers never call these without CUDA
+    triton = None
+
+
+def available(x: torch.Tensor) -> bool:
+    return triton is not None and x.is_cuda
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rmsnorm_kernel(X, R, W, Y, stride_x, stride_r, stride_y, n_cols, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+        if HAS_RES:
+            # the residual sum is rounded to the model dtype, as the PyTorch reference does
+            x = x + tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+            tl.store(R + row * stride_r + cols, x, mask=mask)
+        xf = x.to(tl.float32)
+        var = tl.sum(xf * xf, axis=0) / n_cols
+        y = (xf * tl.rsqrt(var + eps)).to(x.dtype)
+        w = tl.load(W + cols, mask=mask, other=0.0)
+        tl.store(Y + row * stride_y + cols, w * y, mask=mask)
+
+    @triton.jit
+    def _qk_norm_rope_kernel(Q, K, QW, KW, COS_SIN, POS, stride_qt, stride_qh, stride_kt, stride_kh, stride_cs,
+                             n_q_heads, eps, HAS_NORM: tl.constexpr, HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """One program per (token, head) over q heads then k heads; in place."""
+        t = tl.program_id(0)
+        h = tl.program_id(1)
+        is_q = h < n_q_heads
+        if is_q:
+            base = Q + t * stride_qt + h * stride_qh
+            wp = QW
+        else:
+            base = K + t * stride_kt + (h - n_q_heads) * stride_kh
+            wp = KW
+        offs = tl.arange(0, HALF)
+        x1 = tl.load(base + offs)
+        x2 = tl.load(base + HALF + offs)
+        if HAS_NORM:
+            f1 = x1.to(tl.float32)
+            f2 = x2.to(tl.float32)
+            var = (tl.sum(f1 * f1, axis=0) + tl.sum(f2 * f2, axis=0)) / HEAD_DIM
+            r = tl.rsqrt(var + eps)
+            x1 = tl.load(wp + offs) * (f1 * r).to(x1.dtype)
+            x2 = tl.load(wp + HALF + offs) * (f2 * r).to(x2.dtype)
+        pos = tl.load(POS + t)
+        cos = tl.load(COS_SIN + pos * stride_cs + offs).to(x1.dtype)
+        sin = tl.load(COS_SIN + pos * stride_cs + HALF + offs).to(x1.dtype)
+        tl.store(base + offs, x1 * cos - x2 * sin)
+        tl.store(base + HALF + offs, x2 * cos + x1 * sin)
+
+    @triton.jit
+    def _silu_mul_kernel(X, Y, stride_x, stride_y, n, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n
+        g = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+        u = tl.load(X + row * stride_x + n + cols, mask=mask, other=0.0)
+        gf = g.to(tl.float32)
+        # torch computes silu in float32 and rounds before the product, in the input dtype
+        s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
+        tl.store(Y + row * stride_y + cols, s * u, mask=mask)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """y = weight * norm(x [+ residual]); with a residual, it is updated in place to x + residual."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = torch.empty_like(x2)
+    r2 = residual.view(-1, x.shape[-1]) if residual is not None else x2
+    n = x2.shape[1]
+    _rmsnorm_kernel[(x2.shape[0],)](x2, r2, weight, y, x2.stride(0), r2.stride(0), y.stride(0), n, eps,
+                                    HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(n), num_warps=4 if n <= 4096 else 8)
+    return y.view(x.shape)
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
+                 cos_sin: torch.Tensor, positions: torch.Tensor, eps: float) -> None:
+    """In place on q [T, Hq, D] and k [T, Hkv, D] (views of the fused qkv output are fine)."""
+    T, hq, d = q.shape
+    hk = k.shape[1]
+    has_norm = q_weight is not None
+    _qk_norm_rope_kernel[(T, hq + hk)](
+        q, k, q_weight if has_norm else q, k_weight if has_norm else k, cos_sin, positions,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin.stride(0), hq, eps,
+        HAS_NORM=has_norm, HALF=d // 2, HEAD_DIM=d, num_warps=1 if d <= 128 else 2,
+    )
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [T, 2I] (gate | up) -> silu(gate) * up [T, I]."""
+    n = x.shape[-1] // 2
+    x2 = x.reshape(-1, 2 * n)
+    y = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
+    block = 1024
+    _silu_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](x2, y, x2.stride(0), y.stride(0), n, BLOCK=block, num_warps=4)
+    return y.view(*x.shape[:-1], n)
