@@ -1,0 +1,628 @@
+"""Triton paged-attention kernels for the GPU backend.
+
+KV cache contract (per layer): ``k_cache``, ``v_cache`` of shape
+``[num_pages, page_size, num_kv_heads, head_dim]`` (bf16 / fp16 / fp32, last dim contiguous),
+``page_size`` a power of two (1..256). Position ``p`` of sequence ``b`` lives at page
+``page_table[b, p // page_size]``, slot ``p % page_size``.
+
+Two entry points:
+
+* :func:`paged_decode_attention` -- one query token per sequence. Split-KV ("flash decoding"):
+  grid ``(B, num_kv_heads, num_splits)``; each program handles all ``Hq // Hkv`` query heads
+  of one KV head (GQA group packed into one tile, so every KV element is read once) over one
+  contiguous chunk of the context, writes a partial output + log-sum-exp into fp32 scratch,
+  and a second small kernel merges the splits. With ``num_splits == 1`` the first kernel
+  writes the final output directly (no scratch, one launch). ``num_splits`` is chosen from
+  *shapes only* (batch, kv heads, page-table width, SM count), so the call is CUDA-graph
+  capturable: no host syncs, no data-dependent allocation. Inside the kernel, short sequences
+  use fewer of the splits (the idle ones write an empty partial that the merge ignores).
+
+* :func:`paged_prefill_attention` -- ragged batch of causal "extend" chunks (prefix already in
+  the cache + new tokens whose KV is also already written), flash-attention online softmax
+  with K/V tiles gathered through the page table. Grid ``(Hq, B, q_blocks)``; the q blocks with
+  the longest causal range are launched first. Fully visible KV blocks run without masks, only
+  the blocks crossing the diagonal are masked. Rows with ``q_len == 1`` may be mixed in (they
+  waste most of a 128-row tile: batches of pure decode rows belong to the decode kernel).
+  A variant that packs the GQA group into one tile exists (``pack_gqa``) but measured slower
+  on H100 for Hq/Hkv = 2, so it is off by default.
+
+Both accumulate in fp32 and return the dtype of ``q``. Sequences with ``seq_len == 0``
+(e.g. padding rows of a CUDA-graph batch) produce zeros in decode, never NaN.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+
+try:  # Triton is optional: the module must import on CPU-only machines without it.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+__all__ = [
+    "HAS_TRITON",
+    "paged_decode_attention",
+    "paged_prefill_attention",
+    "decode_num_splits",
+    "MAX_DECODE_SPLITS",
+]
+
+#: Upper bound on the number of KV splits of the decode kernel. Scratch for a decode call is
+#: ``B * Hq * num_splits * (head_dim + 1) * 4`` bytes, so at most
+#: ``B * Hq * MAX_DECODE_SPLITS * (head_dim + 1) * 4``.
+MAX_DECODE_SPLITS = 64
+
+# Tunables (defaults; measured on H100, see bench/attention_kernels.py).
+_DECODE_TARGET_CTAS_PER_SM = 2  # aim for about this many split-programs per SM
+_DECODE_MIN_CHUNK = 128  # a split never gets fewer tokens than this (inside the kernel)
+
+_LOG2E = 1.4426950408889634
+
+_SM_COUNT: dict = {}
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _require_triton(*tensors: torch.Tensor) -> None:
+    if not HAS_TRITON:
+        raise RuntimeError(
+            "hotswap.kernels.triton_attention needs Triton (pip install triton) and a CUDA GPU; "
+            "Triton could not be imported on this machine."
+        )
+    if not _interpret():
+        for t in tensors:
+            if not t.is_cuda:
+                raise RuntimeError(
+                    "hotswap.kernels.triton_attention: all tensors must be CUDA tensors "
+                    f"(got a tensor on {t.device})."
+                )
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    n = _SM_COUNT.get(idx)
+    if n is None:
+        n = torch.cuda.get_device_properties(idx).multi_processor_count
+        _SM_COUNT[idx] = n
+    return n
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor):
+    if k_cache.dim() != 4 or v_cache.dim() != 4:
+        raise ValueError("k_cache / v_cache must be [num_pages, page_size, num_kv_heads, head_dim]")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    if k_cache.dtype != v_cache.dtype:
+        raise ValueError("k_cache and v_cache dtypes differ")
+    _, page_size, hkv, d = k_cache.shape
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        # pages may be strided (e.g. a slice of a bigger buffer); each page must be a dense
+        # [page_size, Hkv, D] block.
+        if c.stride()[1:] != (hkv * d, d, 1):
+            raise ValueError(
+                f"{name}: each page must be a contiguous [page_size, Hkv, D] block, got strides {c.stride()}"
+            )
+    if page_size & (page_size - 1):
+        raise ValueError(f"page_size must be a power of two, got {page_size}")
+    return page_size, hkv, d
+
+
+def _last_dim_contig(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# ----------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _decode_split_kernel(
+        Q, K, V, PT, SEQ, MID_O, MID_LSE, OUT,
+        qk_scale,  # scale * log2(e)
+        stride_qb, stride_qh,
+        stride_kp, stride_vp,  # page strides (inside a page: [PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM] dense)
+        stride_ptb,
+        stride_ob, stride_oh,
+        num_splits,  # splits of this launch (grid dim 2); scratch MID_* is [B, Hq, num_splits, (D)]
+        NUM_KV_HEADS: tl.constexpr,
+        GROUP: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        PAGE_SIZE: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        DIRECT: tl.constexpr,
+        MIN_CHUNK: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        hk = tl.program_id(1)
+        split = tl.program_id(2)
+
+        seq_len = tl.load(SEQ + b).to(tl.int32)
+        # Splits actually used by this sequence (the shape-fixed num_splits is an upper bound).
+        n_split = tl.minimum(tl.cdiv(seq_len, MIN_CHUNK), num_splits)
+        n_split = tl.maximum(n_split, 1)
+        chunk = tl.cdiv(tl.cdiv(seq_len, n_split), BLOCK_N) * BLOCK_N
+        start = split * chunk
+        end = tl.minimum(start + chunk, seq_len)
+
+        offs_h = tl.arange(0, BLOCK_H)
+        h_mask = offs_h < GROUP
+        heads = hk * GROUP + offs_h
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HEAD_DIM
+        offs_n = tl.arange(0, BLOCK_N)
+
+        q = tl.load(
+            Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=h_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        q = q.to(K.dtype.element_ty)
+
+        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+
+        pt_row = PT + b * stride_ptb
+        k_base = K + hk * HEAD_DIM
+        v_base = V + hk * HEAD_DIM
+        stride_t: tl.constexpr = NUM_KV_HEADS * HEAD_DIM
+
+        for s in range(start, end, BLOCK_N):
+            pos = s + offs_n
+            n_mask = pos < end
+            page = tl.load(pt_row + pos // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+            slot = (pos % PAGE_SIZE).to(tl.int64)
+            if BLOCK_D == HEAD_DIM:
+                kv_mask = n_mask[:, None]
+            else:
+                kv_mask = n_mask[:, None] & d_mask[None, :]
+            k = tl.load(
+                k_base + page[:, None] * stride_kp + slot[:, None] * stride_t + offs_d[None, :],
+                mask=kv_mask,
+                other=0.0,
+            )
+            qk = tl.dot(q, tl.trans(k))
+            qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(
+                v_base + page[:, None] * stride_vp + slot[:, None] * stride_t + offs_d[None, :],
+                mask=kv_mask,
+                other=0.0,
+            )
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        o = acc / l_safe[:, None]
+        o_mask = h_mask[:, None] & d_mask[None, :]
+        if DIRECT:
+            tl.store(
+                OUT + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                o.to(OUT.dtype.element_ty),
+                mask=o_mask,
+            )
+        else:
+            lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
+            row = (b * (NUM_KV_HEADS * GROUP) + heads) * num_splits + split  # [BLOCK_H]
+            tl.store(MID_O + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=o_mask)
+            tl.store(MID_LSE + row, lse, mask=h_mask)
+
+    @triton.jit
+    def _decode_reduce_kernel(
+        MID_O, MID_LSE, OUT,
+        stride_ob, stride_oh,
+        num_splits,
+        NUM_HEADS: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        offs_s = tl.arange(0, BLOCK_S)
+        s_mask = offs_s < num_splits
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HEAD_DIM
+        row0 = (b * NUM_HEADS + h) * num_splits
+        lse = tl.load(MID_LSE + row0 + offs_s, mask=s_mask, other=float("-inf"))
+        m = tl.max(lse, 0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        w = tl.exp2(lse - m)  # empty splits: exp2(-inf) = 0
+        denom = tl.sum(w, 0)
+        denom = tl.where(denom > 0.0, denom, 1.0)
+        o = tl.load(
+            MID_O + (row0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+            mask=s_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        out = tl.sum(o * w[:, None], 0) / denom
+        tl.store(OUT + b * stride_ob + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty), mask=d_mask)
+
+    @triton.jit
+    def _prefill_kernel(
+        Q, K, V, PT, CUQ, SEQ, O,
+        qk_scale,  # scale * log2(e)
+        stride_qt, stride_qh,
+        stride_kp, stride_vp,  # page strides (inside a page: [PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM] dense)
+        stride_ptb,
+        stride_ot, stride_oh,
+        NUM_KV_HEADS: tl.constexpr,
+        GROUP: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        PAGE_SIZE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        PACK_GQA: tl.constexpr,
+    ):
+        # Tile = BLOCK_M rows. With PACK_GQA the rows are (token, query head) pairs of all GROUP
+        # query heads sharing one KV head (token-major), so each K/V tile loaded serves them all;
+        # otherwise one query head per program.
+        if PACK_GQA:
+            HPT: tl.constexpr = GROUP  # query heads per tile
+            hk = tl.program_id(0)
+            head0 = hk * GROUP
+        else:
+            HPT: tl.constexpr = 1
+            head0 = tl.program_id(0)
+            hk = head0 // GROUP
+        TOK: tl.constexpr = BLOCK_M // HPT  # query tokens per tile
+        b = tl.program_id(1)
+        # Heaviest (last, longest causal range) token blocks are launched first.
+        tblk = tl.num_programs(2) - 1 - tl.program_id(2)
+
+        q_start = tl.load(CUQ + b).to(tl.int32)
+        q_len = tl.load(CUQ + b + 1).to(tl.int32) - q_start
+        m_start = tblk * TOK
+        if m_start >= q_len:
+            return
+        kv_len = tl.load(SEQ + b).to(tl.int32)
+        prefix = kv_len - q_len
+
+        r = tl.arange(0, BLOCK_M)
+        offs_m = m_start + r // HPT  # query token index within the sequence
+        heads = head0 + r % HPT
+        m_mask = (r < TOK * HPT) & (offs_m < q_len)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HEAD_DIM
+        offs_n = tl.arange(0, BLOCK_N)
+        rows = (q_start + offs_m).to(tl.int64)
+
+        q = tl.load(
+            Q + rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=m_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        q = q.to(K.dtype.element_ty)
+        q_pos = prefix + offs_m
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+        pt_row = PT + b * stride_ptb
+        k_base = K + hk * HEAD_DIM
+        v_base = V + hk * HEAD_DIM
+        stride_t: tl.constexpr = NUM_KV_HEADS * HEAD_DIM
+
+        # Phase 1: KV positions every row of this tile attends (strictly before the tile's
+        # first query position), whole blocks only: no masks at all.
+        full_end = ((prefix + m_start) // BLOCK_N) * BLOCK_N
+        for s in range(0, full_end, BLOCK_N):
+            pos = s + offs_n
+            page = tl.load(pt_row + pos // PAGE_SIZE).to(tl.int64)
+            slot = (pos % PAGE_SIZE).to(tl.int64)
+            if BLOCK_D == HEAD_DIM:
+                k = tl.load(k_base + page[:, None] * stride_kp + slot[:, None] * stride_t + offs_d[None, :])
+            else:
+                k = tl.load(
+                    k_base + page[:, None] * stride_kp + slot[:, None] * stride_t + offs_d[None, :],
+                    mask=d_mask[None, :],
+                    other=0.0,
+                )
+            qk = tl.dot(q, tl.trans(k)) * qk_scale
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if BLOCK_D == HEAD_DIM:
+                v = tl.load(v_base + page[:, None] * stride_vp + slot[:, None] * stride_t + offs_d[None, :])
+            else:
+                v = tl.load(
+                    v_base + page[:, None] * stride_vp + slot[:, None] * stride_t + offs_d[None, :],
+                    mask=d_mask[None, :],
+                    other=0.0,
+                )
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+
+        # Phase 2: blocks crossing the causal diagonal of this tile.
+        causal_end = prefix + tl.minimum(m_start + TOK, q_len)  # exclusive, <= kv_len
+        for s in range(full_end, causal_end, BLOCK_N):
+            pos = s + offs_n
+            n_mask = pos < causal_end
+            page = tl.load(pt_row + pos // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+            slot = (pos % PAGE_SIZE).to(tl.int64)
+            if BLOCK_D == HEAD_DIM:
+                kv_mask = n_mask[:, None]
+            else:
+                kv_mask = n_mask[:, None] & d_mask[None, :]
+            k = tl.load(
+                k_base + page[:, None] * stride_kp + slot[:, None] * stride_t + offs_d[None, :],
+                mask=kv_mask,
+                other=0.0,
+            )
+            qk = tl.dot(q, tl.trans(k)) * qk_scale
+            keep = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
+            qk = tl.where(keep, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(
+                v_base + page[:, None] * stride_vp + slot[:, None] * stride_t + offs_d[None, :],
+                mask=kv_mask,
+                other=0.0,
+            )
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        o = acc / l_safe[:, None]
+        tl.store(
+            O + rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+            o.to(O.dtype.element_ty),
+            mask=m_mask[:, None] & d_mask[None, :],
+        )
+
+
+# ----------------------------------------------------------------------------------------
+# Launch helpers
+# ----------------------------------------------------------------------------------------
+def decode_num_splits(batch: int, num_kv_heads: int, max_kv_len: int, device=None) -> int:
+    """Number of KV splits the decode kernel uses for these *shapes* (never data values).
+
+    ``max_kv_len`` is the KV capacity of the page table (``page_table.shape[1] * page_size``).
+    Deterministic for a given (batch, kv heads, capacity, GPU), so a CUDA graph captured for
+    a batch size keeps using the same scratch layout on replay.
+    """
+    if device is None:
+        device = torch.device("cuda") if (torch.cuda.is_available() and not _interpret()) else torch.device("cpu")
+    sms = _sm_count(torch.device(device))
+    pairs = max(1, batch * num_kv_heads)
+    want = -(-_DECODE_TARGET_CTAS_PER_SM * sms // pairs)
+    cap = max(1, -(-max_kv_len // _DECODE_MIN_CHUNK))
+    return int(max(1, min(want, cap, MAX_DECODE_SPLITS)))
+
+
+def _decode_config(group: int, head_dim: int, dtype: torch.dtype):
+    block_d = max(16, _next_pow2(head_dim))
+    block_n = 64 if block_d <= 128 else 32
+    if dtype == torch.float32:
+        block_n = min(block_n, 32)
+    return dict(block_n=block_n, num_warps=4, num_stages=2)
+
+
+def _decode_launch(
+    q, k_cache, v_cache, page_table, seq_lens, scale, out,
+    *, num_splits: int, block_n: int, num_warps: int, num_stages: int,
+    min_chunk: int = _DECODE_MIN_CHUNK,
+):
+    B, Hq, D = q.shape
+    page_size, Hkv = k_cache.shape[1], k_cache.shape[2]
+    group = Hq // Hkv
+    block_d = max(16, _next_pow2(D))
+    num_splits = int(max(1, min(num_splits, MAX_DECODE_SPLITS)))
+    if num_splits > 1:
+        mid_o = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)
+    else:  # unused: with one split the kernel writes the output directly (DIRECT)
+        mid_o = mid_lse = out
+    _decode_split_kernel[(B, Hkv, num_splits)](
+        q, k_cache, v_cache, page_table, seq_lens, mid_o, mid_lse, out,
+        float(scale) * _LOG2E,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), v_cache.stride(0),
+        page_table.stride(0),
+        out.stride(0), out.stride(1),
+        num_splits,
+        NUM_KV_HEADS=Hkv,
+        GROUP=group,
+        BLOCK_H=max(16, _next_pow2(group)),
+        HEAD_DIM=D,
+        BLOCK_D=block_d,
+        PAGE_SIZE=page_size,
+        BLOCK_N=block_n,
+        DIRECT=num_splits == 1,
+        MIN_CHUNK=max(int(min_chunk), block_n),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if num_splits > 1:
+        block_s = _next_pow2(num_splits)
+        _decode_reduce_kernel[(B, Hq)](
+            mid_o, mid_lse, out,
+            out.stride(0), out.stride(1),
+            num_splits,
+            NUM_HEADS=Hq,
+            HEAD_DIM=D,
+            BLOCK_D=block_d,
+            BLOCK_S=block_s,
+            num_warps=4 if block_d * block_s >= 2048 else 2,
+        )
+    return out
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: Optional[torch.Tensor] = None,
+    *,
+    num_splits: Optional[int] = None,
+) -> torch.Tensor:
+    """Paged decode attention (one query token per sequence), split-KV.
+
+    Args:
+        q: ``[B, Hq, D]`` (last dim contiguous; other strides free, e.g. a view of a fused qkv).
+        k_cache, v_cache: ``[num_pages, page_size, Hkv, D]``; ``Hq % Hkv == 0``.
+        page_table: int32 (or int64) ``[B, max_pages]``; entries past a sequence's last page
+            are never read.
+        seq_lens: int32 (or int64) ``[B]``, KV length including the current token (whose KV is
+            already in the cache). 0 is allowed (output row is zeros).
+        scale: softmax scale (usually ``1/sqrt(D)``).
+        out: optional ``[B, Hq, D]`` output (dtype of q); allocated if None.
+        num_splits: override the shape-derived number of KV splits (1..MAX_DECODE_SPLITS).
+
+    CUDA graphs: capturable. The only allocations are the output (if ``out`` is None) and, when
+    ``num_splits > 1``, fp32 scratch ``[B, Hq, num_splits, D]`` + ``[B, Hq, num_splits]`` whose
+    sizes depend on shapes only. Run once eagerly before capture so the kernels are compiled.
+    """
+    _require_triton(q, k_cache, v_cache, page_table, seq_lens)
+    if q.dim() != 3:
+        raise ValueError(f"q must be [B, Hq, D], got {tuple(q.shape)}")
+    page_size, Hkv, D = _check_cache(k_cache, v_cache)
+    B, Hq, Dq = q.shape
+    if Dq != D:
+        raise ValueError(f"q head_dim {Dq} != cache head_dim {D}")
+    if Hq % Hkv:
+        raise ValueError(f"num query heads {Hq} not a multiple of num kv heads {Hkv}")
+    if page_table.dim() != 2 or page_table.shape[0] < B or seq_lens.shape[0] < B:
+        raise ValueError("page_table must be [B, max_pages] and seq_lens [B]")
+    q = _last_dim_contig(q)
+    page_table = _last_dim_contig(page_table)
+    seq_lens = _last_dim_contig(seq_lens)
+    if out is None:
+        out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
+    elif out.shape != (B, Hq, D) or out.stride(-1) != 1:
+        raise ValueError(f"out must be [B, Hq, D] with contiguous last dim, got {tuple(out.shape)}")
+    if B == 0:
+        return out
+    if num_splits is None:
+        num_splits = decode_num_splits(B, Hkv, page_table.shape[1] * page_size, q.device)
+    cfg = _decode_config(Hq // Hkv, D, k_cache.dtype)
+    return _decode_launch(q, k_cache, v_cache, page_table, seq_lens, scale, out, num_splits=num_splits, **cfg)
+
+
+def _prefill_config(head_dim: int, dtype: torch.dtype):
+    block_d = max(16, _next_pow2(head_dim))
+    if dtype == torch.float32:
+        if block_d <= 64:
+            return dict(block_m=64, block_n=32, num_warps=4, num_stages=2, pack_gqa=False)
+        return dict(block_m=32, block_n=32, num_warps=4, num_stages=2, pack_gqa=False)
+    if block_d <= 64:
+        return dict(block_m=64, block_n=64, num_warps=4, num_stages=2, pack_gqa=False)
+    if block_d <= 128:
+        return dict(block_m=128, block_n=32, num_warps=8, num_stages=2, pack_gqa=False)
+    return dict(block_m=64, block_n=32, num_warps=8, num_stages=2, pack_gqa=False)
+
+
+def _prefill_launch(
+    q, k_cache, v_cache, page_table, cu_seqlens_q, seq_lens, max_q_len, scale, out,
+    *, block_m: int, block_n: int, num_warps: int, num_stages: int, pack_gqa: bool = False,
+):
+    T, Hq, D = q.shape
+    page_size, Hkv = k_cache.shape[1], k_cache.shape[2]
+    B = seq_lens.shape[0]
+    group = Hq // Hkv
+    if pack_gqa:
+        block_m = max(block_m, _next_pow2(group))
+        grid = (Hkv, B, triton.cdiv(int(max_q_len), block_m // group))
+    else:
+        grid = (Hq, B, triton.cdiv(int(max_q_len), block_m))
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, page_table, cu_seqlens_q, seq_lens, out,
+        float(scale) * _LOG2E,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), v_cache.stride(0),
+        page_table.stride(0),
+        out.stride(0), out.stride(1),
+        NUM_KV_HEADS=Hkv,
+        GROUP=Hq // Hkv,
+        HEAD_DIM=D,
+        BLOCK_D=max(16, _next_pow2(D)),
+        PAGE_SIZE=page_size,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        PACK_GQA=bool(pack_gqa),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    max_q_len: int,
+    scale: float,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Causal paged attention for a ragged batch of extend chunks.
+
+    Args:
+        q: ``[T, Hq, D]``; sequence ``b``'s queries are rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``.
+        k_cache, v_cache: ``[num_pages, page_size, Hkv, D]`` holding the prefix *and* the new
+            tokens' KV.
+        page_table: int32 ``[B, max_pages]``.
+        cu_seqlens_q: int32 ``[B + 1]`` (B = ``seq_lens.shape[0]``).
+        seq_lens: int32 ``[B]``: total KV length after this chunk. Query ``j`` of sequence ``b``
+            sits at position ``seq_lens[b] - q_len_b + j`` and attends KV ``0..`` that position.
+        max_q_len: Python int >= every q_len_b (sizes the grid; no device sync is done).
+        scale: softmax scale.
+        out: optional ``[T, Hq, D]`` output; allocated if None.
+    """
+    _require_triton(q, k_cache, v_cache, page_table, cu_seqlens_q, seq_lens)
+    if q.dim() != 3:
+        raise ValueError(f"q must be [T, Hq, D], got {tuple(q.shape)}")
+    page_size, Hkv, D = _check_cache(k_cache, v_cache)
+    T, Hq, Dq = q.shape
+    if Dq != D:
+        raise ValueError(f"q head_dim {Dq} != cache head_dim {D}")
+    if Hq % Hkv:
+        raise ValueError(f"num query heads {Hq} not a multiple of num kv heads {Hkv}")
+    B = seq_lens.shape[0]
+    if cu_seqlens_q.shape[0] != B + 1:
+        raise ValueError("cu_seqlens_q must have B + 1 entries")
+    q = _last_dim_contig(q)
+    page_table = _last_dim_contig(page_table)
+    if out is None:
+        out = torch.empty((T, Hq, D), dtype=q.dtype, device=q.device)
+    elif out.shape != (T, Hq, D) or out.stride(-1) != 1:
+        raise ValueError(f"out must be [T, Hq, D] with contiguous last dim, got {tuple(out.shape)}")
+    if T == 0 or B == 0 or int(max_q_len) <= 0:
+        return out
+    cfg = _prefill_config(D, k_cache.dtype)
+    return _prefill_launch(
+        q, k_cache, v_cache, page_table, cu_seqlens_q, seq_lens, max_q_len, scale, out, **cfg
+    )
