@@ -143,7 +143,7 @@ def test_filters_never_emit_outside_allowed_set(top_k, top_p, min_p):
     batch = SamplingBatch(
         temperatures=torch.full((rows,), 0.8), top_ps=torch.full((rows,), top_p), top_ks=torch.full((rows,), top_k if top_k > 0 else 64),
         min_ps=torch.full((rows,), min_p), seeds=torch.arange(rows), steps=torch.zeros(rows, dtype=torch.int64),
-        all_greedy=False, needs_filter=True, max_top_logprobs=0)
+        all_greedy=False, needs_filter=True, needs_logprobs=False, max_top_logprobs=0)
     seen = set(sample(logits.expand(rows, -1).contiguous(), batch).token_ids.tolist())
     assert seen <= allowed
     assert len(allowed) > 1 and len(seen) > 1  # it really samples from a set of several
@@ -153,7 +153,7 @@ def test_sampling_matches_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     rows = 20000
     batch = SamplingBatch(temperatures=torch.ones(rows), top_ps=torch.ones(rows), top_ks=torch.full((rows,), 4), min_ps=torch.zeros(rows),
-                          seeds=torch.arange(rows), steps=torch.zeros(rows, dtype=torch.int64), all_greedy=False, needs_filter=False,
+                          seeds=torch.arange(rows), steps=torch.zeros(rows, dtype=torch.int64), all_greedy=False, needs_filter=False, needs_logprobs=False,
                           max_top_logprobs=0)
     counts = torch.bincount(sample(logits.expand(rows, -1).contiguous(), batch).token_ids, minlength=4).float() / rows
     torch.testing.assert_close(counts, torch.softmax(logits[0], -1), atol=0.015, rtol=0)

@@ -50,7 +50,11 @@ def test_cuda_graph_equals_eager_and_survives_updates(tiny_qwen3, tiny_qwen3_v2)
         assert _outputs(eng, prompts) == ref_new
 
 
-def test_bf16_matches_hf_first_tokens(tiny_qwen3):
+def test_bf16_greedy_agrees_with_hf(tiny_qwen3):
+    """bf16 kernels round differently from HF's op-by-op bf16, so exact token equality can break at a
+    near-tie. We judge each of our greedy tokens against HF's bf16 logits, teacher-forced on our own
+    sequence: it must be HF's argmax, or within bf16 rounding (1% of the logit scale) of HF's maximum.
+    The first token (prefill only) must match exactly."""
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.bfloat16).cuda().eval()
@@ -58,8 +62,12 @@ def test_bf16_matches_hf_first_tokens(tiny_qwen3):
     with Engine(str(tiny_qwen3), device="cuda", dtype="bfloat16") as eng:
         got = _outputs(eng, prompts)
     for ids, ours in zip(prompts, got):
-        ref = hf.generate(torch.tensor([ids], device="cuda"), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 16:].tolist()
-        assert ours[:3] == ref[:3]  # bf16 ties may diverge later
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids + ours], device="cuda")).logits[0, len(ids) - 1 : -1].float()
+        assert ours[0] == logits[0].argmax().item()
+        best = logits.max(-1).values
+        mine = logits.gather(1, torch.tensor(ours, device="cuda").unsqueeze(1)).squeeze(1)
+        assert bool(((best - mine) <= 0.01 * logits.abs().max(-1).values).all()), (best - mine).tolist()
 
 
 def test_release_resume_frees_device_memory(tiny_qwen3):

@@ -52,6 +52,7 @@ class CudaGraphRunner:
             "seq_lens": torch.ones(n, dtype=torch.int32, device=dev),
             "cu_seqlens_q": torch.arange(n + 1, dtype=torch.int32, device=dev),
         }
+        self.staging = {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for name, t in self.buffers.items()}
 
     def _context(self, bs: int) -> ForwardContext:
         b = self.buffers
@@ -81,6 +82,7 @@ class CudaGraphRunner:
         self.graphs.clear()
         self.outputs = {}
         self.buffers = {}
+        self.staging = {}
         self.pool = None
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -92,7 +94,11 @@ class CudaGraphRunner:
         hb = HostBatch.build(entries, pool.page_size, width=self.max_pages, pad_page=pool.scratch_page)
         b = self.buffers
         for name in ("input_ids", "positions", "slot_mapping", "seq_lens", "page_table"):
-            b[name][:n].copy_(torch.from_numpy(getattr(hb, name)).pin_memory(), non_blocking=True)
+            # staged through pinned buffers reused every step (the previous step's copies finished when its
+            # sampled ids were read back)
+            staged = self.staging[name][:n]
+            staged.numpy()[...] = getattr(hb, name)
+            b[name][:n].copy_(staged, non_blocking=True)
         if bs > n:  # padded rows: length 1 over the scratch page
             b["slot_mapping"][n:bs].fill_(pool.scratch_page * pool.page_size)
             b["seq_lens"][n:bs].fill_(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from hotswap.config import EngineConfig, ModelConfig
@@ -102,20 +103,20 @@ class ModelRunner:
 
     def sampling_batch(self, entries: list[BatchEntry]) -> SamplingBatch:
         ps = [e.params for e in entries]
-        vocab = self.model_config.vocab_size
-        dev = self.device
         all_greedy = all(p.greedy for p in ps)
-        top_ks = [p.top_k if p.top_k > 0 else vocab for p in ps]
+        needs_logprobs = any(p.return_logprob for p in ps)
+        max_top = max(p.top_logprobs_num for p in ps)
+        if all_greedy:
+            return SamplingBatch(None, None, None, None, None, None, all_greedy=True, needs_filter=False,
+                                 needs_logprobs=needs_logprobs, max_top_logprobs=max_top)
+        vocab = self.model_config.vocab_size
+        floats = np.array([[0.0 if p.greedy else p.temperature for p in ps], [p.top_p for p in ps], [p.min_p for p in ps]], dtype=np.float32)
+        ints = np.array([[p.top_k if p.top_k > 0 else vocab for p in ps], [e.seed for e in entries], [e.step for e in entries]], dtype=np.int64)
+        f, i = self.to_device(floats), self.to_device(ints)
         return SamplingBatch(
-            temperatures=torch.tensor([0.0 if p.greedy else p.temperature for p in ps], device=dev),
-            top_ps=torch.tensor([p.top_p for p in ps], device=dev),
-            top_ks=torch.tensor(top_ks, dtype=torch.int64, device=dev),
-            min_ps=torch.tensor([p.min_p for p in ps], device=dev),
-            seeds=torch.tensor([e.seed for e in entries], dtype=torch.int64, device=dev),
-            steps=torch.tensor([e.step for e in entries], dtype=torch.int64, device=dev),
-            all_greedy=all_greedy,
-            needs_filter=not all_greedy and any(p.top_p < 1.0 or k < vocab or p.min_p > 0 for p, k in zip(ps, top_ks)),
-            max_top_logprobs=max(p.top_logprobs_num for p in ps),
+            temperatures=f[0], top_ps=f[1], min_ps=f[2], top_ks=i[0], seeds=i[1], steps=i[2], all_greedy=False,
+            needs_filter=bool((floats[1] < 1.0).any() or (ints[0] < vocab).any() or (floats[2] > 0).any()),
+            needs_logprobs=needs_logprobs, max_top_logprobs=max_top,
         )
 
     @torch.inference_mode()

@@ -33,30 +33,30 @@ def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.
 
 @dataclass(slots=True)
 class SamplingBatch:
-    """Per-row sampling parameters as device tensors (built once per batch by the model runner)."""
+    """Per-row sampling parameters as device tensors; built only when some row does not sample greedily."""
 
-    temperatures: torch.Tensor  # float32 [B]; 0 = greedy
-    top_ps: torch.Tensor  # float32 [B]
-    top_ks: torch.Tensor  # int64 [B]; vocab size = off
-    min_ps: torch.Tensor  # float32 [B]
-    seeds: torch.Tensor  # int64 [B]
-    steps: torch.Tensor  # int64 [B]; index of the token being sampled in the output
+    temperatures: torch.Tensor | None  # float32 [B]; 0 = greedy
+    top_ps: torch.Tensor | None  # float32 [B]
+    top_ks: torch.Tensor | None  # int64 [B]; vocab size = off
+    min_ps: torch.Tensor | None  # float32 [B]
+    seeds: torch.Tensor | None  # int64 [B]
+    steps: torch.Tensor | None  # int64 [B]; index of the token being sampled in the output
     all_greedy: bool
     needs_filter: bool
+    needs_logprobs: bool
     max_top_logprobs: int
 
 
 @dataclass(slots=True)
 class SampleResult:
     token_ids: torch.Tensor  # int64 [B]
-    logprobs: torch.Tensor  # float32 [B]: log_softmax of the raw logits at the chosen token
+    logprobs: torch.Tensor | None  # float32 [B]: log_softmax of the raw logits at the chosen token
     top_logprob_values: torch.Tensor | None  # [B, k]
     top_logprob_ids: torch.Tensor | None
 
 
 def sample(logits: torch.Tensor, sb: SamplingBatch) -> SampleResult:
     """logits [B, V] float32 -> chosen ids and their logprobs under the unmodified distribution."""
-    logprobs_all = torch.log_softmax(logits, dim=-1)
     greedy_ids = logits.argmax(dim=-1)
     if sb.all_greedy:
         ids = greedy_ids
@@ -68,10 +68,12 @@ def sample(logits: torch.Tensor, sb: SamplingBatch) -> SampleResult:
             scaled = _filter(scaled, sb)
         sampled = (scaled + noise).argmax(dim=-1)
         ids = torch.where(sb.temperatures == 0, greedy_ids, sampled)
-    chosen = logprobs_all.gather(1, ids.unsqueeze(1)).squeeze(1)
-    top_v = top_i = None
-    if sb.max_top_logprobs:
-        top_v, top_i = logprobs_all.topk(sb.max_top_logprobs, dim=-1)
+    chosen = top_v = top_i = None
+    if sb.needs_logprobs or sb.max_top_logprobs:
+        logprobs_all = torch.log_softmax(logits, dim=-1)
+        chosen = logprobs_all.gather(1, ids.unsqueeze(1)).squeeze(1)
+        if sb.max_top_logprobs:
+            top_v, top_i = logprobs_all.topk(sb.max_top_logprobs, dim=-1)
     return SampleResult(ids, chosen, top_v, top_i)
 
 

@@ -183,7 +183,7 @@ class Scheduler:
         sampled = [e.sample for e in batch.entries]
         if result is not None:
             ids = result.token_ids.tolist()
-            lps = result.logprobs.tolist()
+            lps = result.logprobs.tolist() if result.logprobs is not None else [0.0] * len(ids)
             tops = None
             if result.top_logprob_values is not None:
                 tops = list(zip(result.top_logprob_values.tolist(), result.top_logprob_ids.tolist()))
