@@ -18,3 +18,4 @@ class BatchEntry:
     params: SamplingParams
     seed: int
     step: int
+    prev_row: int = -1  # >= 0: the input token is still on the device, row prev_row of the previous step's sample

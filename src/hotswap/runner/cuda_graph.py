@@ -52,7 +52,10 @@ class CudaGraphRunner:
             "seq_lens": torch.ones(n, dtype=torch.int32, device=dev),
             "cu_seqlens_q": torch.arange(n + 1, dtype=torch.int32, device=dev),
         }
-        self.staging = {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for name, t in self.buffers.items()}
+        # two pinned staging sets, alternating: with one step in flight, the set a step reuses belongs to the
+        # step before the in-flight one, whose copies finished when its sampled ids were read back
+        self.staging = [{name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for name, t in self.buffers.items()} for _ in range(2)]
+        self.step = 0
 
     def _context(self, bs: int) -> ForwardContext:
         b = self.buffers
@@ -82,26 +85,29 @@ class CudaGraphRunner:
         self.graphs.clear()
         self.outputs = {}
         self.buffers = {}
-        self.staging = {}
+        self.staging = []
         self.pool = None
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
 
-    def run(self, entries: list[BatchEntry]) -> torch.Tensor:
+    def run(self, entries: list[BatchEntry], prev_token_ids: torch.Tensor | None = None) -> torch.Tensor:
         n = len(entries)
         bs = self.buckets[bisect.bisect_left(self.buckets, n)]
         pool = self.runner.pool
         hb = HostBatch.build(entries, pool.page_size, width=self.max_pages, pad_page=pool.scratch_page)
         b = self.buffers
+        staging = self.staging[self.step % 2]
+        self.step += 1
         for name in ("input_ids", "positions", "slot_mapping", "seq_lens", "page_table"):
-            # staged through pinned buffers reused every step (the previous step's copies finished when its
-            # sampled ids were read back)
-            staged = self.staging[name][:n]
+            staged = staging[name][:n]
             staged.numpy()[...] = getattr(hb, name)
             b[name][:n].copy_(staged, non_blocking=True)
         if bs > n:  # padded rows: length 1 over the scratch page
             b["slot_mapping"][n:bs].fill_(pool.scratch_page * pool.page_size)
             b["seq_lens"][n:bs].fill_(1)
             b["page_table"][n:bs].fill_(pool.scratch_page)
+        fix = self.runner.pending_inputs(entries, range(n))  # decode: one input row per entry
+        if fix is not None:
+            b["input_ids"][fix[0]] = prev_token_ids[fix[1]]
         self.graphs[bs].replay()
         return self.outputs[bs][:n]

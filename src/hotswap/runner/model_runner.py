@@ -15,6 +15,7 @@ from hotswap.runner.host_batch import HostBatch
 from hotswap.runner.kv_cache import KVCachePool
 from hotswap.runner.batch_entry import BatchEntry
 from hotswap.runner.sampler import SampleResult, SamplingBatch, sample
+from hotswap.weights.fast_reader import ReaderOptions
 from hotswap.weights.loader import load_checkpoint
 from hotswap.weights.mapping import WeightMap
 
@@ -29,7 +30,7 @@ class ModelRunner:
         if config.load_format == "dummy":
             self._init_dummy_weights()
         elif config.load_format in ("auto", "safetensors"):
-            load_checkpoint(self.weight_map, config.model_path)
+            load_checkpoint(self.weight_map, config.model_path, ReaderOptions.from_config(config))
         else:
             raise HotswapError(f"unknown load_format {config.load_format!r}; use 'auto' or 'dummy'")
         self.pool = self._make_pool()
@@ -119,14 +120,27 @@ class ModelRunner:
             needs_logprobs=needs_logprobs, max_top_logprobs=max_top,
         )
 
+    def pending_inputs(self, entries: list[BatchEntry], row_offsets) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(destination rows in input_ids, source rows in the previous step's sampled ids) for inputs
+        that are still on the device, as device index tensors; None when every input is known."""
+        pairs = [(int(row_offsets[i]), e.prev_row) for i, e in enumerate(entries) if e.prev_row >= 0]
+        if not pairs:
+            return None
+        idx = self.to_device(np.array(pairs, dtype=np.int64).T.copy())
+        return idx[0], idx[1]
+
     @torch.inference_mode()
-    def run(self, entries: list[BatchEntry]) -> SampleResult | None:
-        """Forward the batch; sample for the entries with `sample` set (in their order)."""
+    def run(self, entries: list[BatchEntry], prev_token_ids: torch.Tensor | None = None) -> SampleResult | None:
+        """Forward the batch; sample for the entries with `sample` set (in their order). Inputs marked
+        `prev_row` are filled on the device from `prev_token_ids` (the step before, still in flight)."""
         to_sample = [e for e in entries if e.sample]
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(entries):
-            logits = self.cuda_graphs.run(entries)
+            logits = self.cuda_graphs.run(entries, prev_token_ids)
         else:
             input_ids, ctx, logits_idx = self.build_context(entries)
+            fix = self.pending_inputs(entries, np.cumsum([0] + [len(e.input_ids) for e in entries]))
+            if fix is not None:
+                input_ids[fix[0]] = prev_token_ids[fix[1]]
             hidden = self.model(input_ids, ctx)
             if not to_sample:
                 return None

@@ -27,6 +27,7 @@ class Batcher:
     prefix_cache: RadixPrefixCache | None
     max_running_requests: int
     max_num_batched_tokens: int
+    max_context_len: int
     chunked_prefill_size: int
     waiting: deque[Sequence] = field(default_factory=deque)
     running: list[Sequence] = field(default_factory=list)
@@ -54,7 +55,10 @@ class Batcher:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed, self.chunked_prefill_size, budget)
+            if seq.pending and self._finishes_with_pending(seq):
+                i += 1  # its last token is in flight: nothing more to compute
+                continue
+            n = min(seq.num_tokens + seq.pending - seq.num_computed, self.chunked_prefill_size, budget)
             need = self._pages_needed(seq, seq.num_computed + n)
             if need:
                 while not self._ensure_free(need):
@@ -71,6 +75,8 @@ class Batcher:
             i += 1
         while admit_new and self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
             seq = self.waiting[0]
+            if seq.pending:  # preempted with a token in flight: admit it once that token is read back
+                break
             if not seq.pages:
                 self._match_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed, self.chunked_prefill_size, budget)
@@ -86,18 +92,30 @@ class Batcher:
             budget -= n
         return ScheduledBatch(seqs=seqs, entries=entries) if entries else None
 
+    def _finishes_with_pending(self, seq: Sequence) -> bool:
+        """The token in flight is the last one for sure (length limits; eos is only known later)."""
+        return len(seq.output_ids) + seq.pending >= seq.req.sampling_params.max_new_tokens or seq.num_tokens + seq.pending >= self.max_context_len
+
     def _entry(self, seq: Sequence, n: int) -> BatchEntry:
+        """Plan computing tokens [num_computed, num_computed + n) and advance the sequence's bookkeeping
+        now, so the next step can be scheduled while this one runs."""
         start = seq.num_computed
         end = start + n
-        return BatchEntry(
-            input_ids=seq.tokens_slice(start, end),
+        known = seq.num_tokens
+        entry = BatchEntry(
+            input_ids=seq.tokens_slice(start, min(end, known)) + [0] * max(0, end - max(start, known)),
             start_pos=start,
             pages=seq.pages,
-            sample=end == seq.num_tokens,
+            sample=end == known + seq.pending,
             params=seq.req.sampling_params,
             seed=seq.req.seed,
-            step=len(seq.output_ids),
+            step=len(seq.output_ids) + seq.pending,
+            prev_row=seq.pending_row if end > known else -1,
         )
+        seq.num_computed = end
+        if entry.sample:
+            seq.pending += 1
+        return entry
 
     def _match_prefix(self, seq: Sequence) -> None:
         """Reuse cached pages for the prompt's prefix, leaving at least one token to compute."""

@@ -11,19 +11,30 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 from hotswap import protocol as p
 from hotswap.config import EngineConfig
 from hotswap.runner.model_runner import ModelRunner
 from hotswap.runner.radix_cache import RadixPrefixCache
+from hotswap.runner.sampler import SampleResult
 from hotswap.scheduler.batcher import Batcher, ScheduledBatch
 from hotswap.scheduler.invariant_checker import InvariantChecker
 from hotswap.scheduler.memory_manager import MemoryManager
 from hotswap.scheduler.output_streamer import OutputStreamer
-from hotswap.scheduler.sequence import Sequence
+from hotswap.scheduler.sequence import Sequence, Status
 from hotswap.scheduler.weight_updater import WeightUpdater
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class InFlight:
+    """A launched step whose sampled tokens have not been read back yet."""
+
+    batch: ScheduledBatch
+    result: SampleResult | None
+    version: str  # the weights that computed it
 
 # Weight-changing requests wait for running requests to finish on the old weights (SGLang's default),
 # unless generation is paused, a weight-update session is open, or the request aborts everything.
@@ -48,6 +59,7 @@ class Scheduler:
             max_running_requests=config.max_running_requests,
             max_num_batched_tokens=config.max_num_batched_tokens,
             chunked_prefill_size=config.chunked_prefill_size,
+            max_context_len=max_context_len,
         )
         self.streamer = OutputStreamer(tokenizer=tokenizer, eos_token_ids=frozenset(eos_token_ids), max_context_len=max_context_len)
         self.invariants = InvariantChecker(pool=pool, prefix_cache=self.prefix_cache)
@@ -106,26 +118,48 @@ class Scheduler:
         return fut
 
     def loop(self) -> None:
+        """One step stays in flight: the next batch is scheduled and launched (its decode inputs taken
+        from the in-flight step's sampled ids on the device) before the in-flight step's outputs are read
+        back and processed, so host work overlaps device work. Control requests see no step in flight."""
+        inflight: InFlight | None = None
         while not self._stop.is_set():
-            held = self.weight_updater.generation_held or self.memory.any_released()  # no batch can run: wait, don't spin
-            self.receive(block=held or (not self.batcher.has_work and not self.deferred))
+            if inflight is not None and not self.inbox.empty():
+                self.process(inflight)
+                inflight = None
+            idle = self.weight_updater.generation_held or self.memory.any_released() or not (self.batcher.has_work or self.deferred)
+            self.receive(block=idle and inflight is None)
             self.run_deferred()
             self.weight_updater.expire_session()
             batch = self.schedule()
-            if batch is None:
-                continue
-            try:
-                result = self.model_runner.run(batch.entries)
-            except Exception as exc:  # a device fault must not hang clients: fail the batch cleanly
-                log.exception("batch failed")
-                for seq in batch.seqs:
-                    self.finish(seq, {"type": "abort", "message": f"internal error: {exc}"})
-                continue
-            self.process(batch, result)
-            if self.config.check_invariants_when_idle and not self.batcher.has_work:
+            launched = None
+            if batch is not None:
+                launched = self.launch(batch, inflight)
+            if inflight is not None:
+                self.process(inflight)
+            inflight = launched
+            if inflight is None and self.config.check_invariants_when_idle and not self.batcher.has_work:
                 problems = self.invariants.check_idle()
                 if problems:
                     log.error("KV page accounting broken: %s", "; ".join(problems))
+
+    def launch(self, batch: ScheduledBatch, inflight: InFlight | None) -> InFlight | None:
+        rows = 0
+        for seq, entry in zip(batch.seqs, batch.entries):
+            if entry.sample:
+                seq.pending_row = rows
+                rows += 1
+        try:
+            result = self.model_runner.run(batch.entries, inflight.result.token_ids if inflight and inflight.result else None)
+        except Exception as exc:  # a device fault must not hang clients: fail the batch cleanly
+            log.exception("batch failed")
+            if inflight is not None:
+                self.process(inflight)
+            for seq in batch.seqs:
+                seq.pending = 0
+                if seq.status is not Status.FINISHED:
+                    self.finish(seq, {"type": "abort", "message": f"internal error: {exc}"})
+            return None
+        return InFlight(batch=batch, result=result, version=self.weight_updater.weight_version)
 
     def receive(self, block: bool) -> None:
         timeout = 0.5 if self.weight_updater.session_open else None
@@ -177,28 +211,31 @@ class Scheduler:
         # while a weight update waits for running requests to drain, admit nothing new
         return self.batcher.schedule(admit_new=not self.deferred)
 
-    def process(self, batch: ScheduledBatch, result) -> None:
+    def process(self, step: InFlight) -> None:
+        """Read back a step's sampled tokens and hand them to their sequences."""
         self.stats["steps"] += 1
-        version = self.weight_updater.weight_version
-        sampled = [e.sample for e in batch.entries]
-        if result is not None:
-            ids = result.token_ids.tolist()
-            lps = result.logprobs.tolist() if result.logprobs is not None else [0.0] * len(ids)
-            tops = None
-            if result.top_logprob_values is not None:
-                tops = list(zip(result.top_logprob_values.tolist(), result.top_logprob_ids.tolist()))
-        k = 0
-        for seq, entry, is_sampled in zip(batch.seqs, batch.entries, sampled):
-            seq.num_computed = entry.start_pos + len(entry.input_ids)
-            if not is_sampled:
+        result, version = step.result, step.version
+        if result is None:
+            return
+        ids = result.token_ids.tolist()
+        lps = result.logprobs.tolist() if result.logprobs is not None else None
+        tops = None
+        if result.top_logprob_values is not None:
+            tops = list(zip(result.top_logprob_values.tolist(), result.top_logprob_ids.tolist()))
+        k = -1
+        for seq, entry in zip(step.batch.seqs, step.batch.entries):
+            if not entry.sample:
+                continue
+            k += 1
+            seq.pending -= 1
+            if seq.status is Status.FINISHED:  # aborted, or it stopped while this step ran: drop the token
                 continue
             top = []
             if tops is not None and seq.req.sampling_params.top_logprobs_num:
                 vals, tids = tops[k]
                 top = list(zip(vals, tids))[: seq.req.sampling_params.top_logprobs_num]
-            self.streamer.append_token(seq, ids[k], lps[k], top, version)
+            self.streamer.append_token(seq, ids[k], lps[k] if lps is not None else 0.0, top, version)
             self.stats["generated_tokens"] += 1
-            k += 1
             if seq.finish_reason is not None:
                 self.finish(seq, seq.finish_reason)
             elif seq.req.stream:

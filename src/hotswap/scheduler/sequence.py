@@ -22,7 +22,9 @@ class Sequence:
     top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
     token_versions: list[str] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
-    num_computed: int = 0  # leading tokens whose KV is in `pages`
+    num_computed: int = 0  # leading tokens whose KV is in `pages` (or is being computed by the step in flight)
+    pending: int = 0  # sampled tokens in flight: launched, not yet read back (0 or 1)
+    pending_row: int = -1  # which sampled row of the in-flight step holds that token
     cached_tokens: int = 0  # prefix-cache hit at first admission (reported in meta_info)
     admitted: bool = False
     status: Status = Status.WAITING
