@@ -145,4 +145,6 @@ class ModelRunner:
             if not to_sample:
                 return None
             logits = self.model.compute_logits(hidden[logits_idx])
-        return sample(logits, self.sampling_batch(to_sample))
+        result = sample(logits, self.sampling_batch(to_sample))
+        result.copy_to_host()
+        return result

@@ -53,6 +53,26 @@ class SampleResult:
     logprobs: torch.Tensor | None  # float32 [B]: log_softmax of the raw logits at the chosen token
     top_logprob_values: torch.Tensor | None  # [B, k]
     top_logprob_ids: torch.Tensor | None
+    host: tuple | None = None  # the same tensors copied to the host, valid once `ready` completes
+    ready: torch.cuda.Event | None = None
+
+    def copy_to_host(self) -> None:
+        """Start the device-to-host copy now, ahead of later work queued on the stream; `to_lists` waits
+        for this copy only (not for whatever was launched after it)."""
+        tensors = (self.token_ids, self.logprobs, self.top_logprob_values, self.top_logprob_ids)
+        if self.token_ids.is_cuda:
+            self.host = tuple(t.to("cpu", non_blocking=True) if t is not None else None for t in tensors)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.host = tensors
+
+    def to_lists(self) -> tuple[list, list | None, list | None, list | None]:
+        if self.host is None:
+            self.copy_to_host()
+        if self.ready is not None:
+            self.ready.synchronize()
+        return tuple(t.tolist() if t is not None else None for t in self.host)
 
 
 def sample(logits: torch.Tensor, sb: SamplingBatch) -> SampleResult:

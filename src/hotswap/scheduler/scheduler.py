@@ -217,11 +217,8 @@ class Scheduler:
         result, version = step.result, step.version
         if result is None:
             return
-        ids = result.token_ids.tolist()
-        lps = result.logprobs.tolist() if result.logprobs is not None else None
-        tops = None
-        if result.top_logprob_values is not None:
-            tops = list(zip(result.top_logprob_values.tolist(), result.top_logprob_ids.tolist()))
+        ids, lps, top_values, top_ids = result.to_lists()
+        tops = list(zip(top_values, top_ids)) if top_values is not None else None
         k = -1
         for seq, entry in zip(step.batch.seqs, step.batch.entries):
             if not entry.sample:
