@@ -262,7 +262,9 @@ class Engine:
 
     async def _acall(self, request):
         self._check_open()
-        return await asyncio.wrap_future(self.scheduler.submit(request))
+        # shielded: cancelling the awaiting task must not cancel the scheduler's Future (its set_result would
+        # then raise InvalidStateError in the scheduler thread and end it); the request completes regardless
+        return await asyncio.shield(asyncio.wrap_future(self.scheduler.submit(request)))
 
     def flush_cache(self) -> p.ControlOutput:
         return self._call(p.FlushCacheRequest())

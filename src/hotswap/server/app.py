@@ -1,0 +1,460 @@
+"""The FastAPI app on one Engine: OpenAI routes, SGLang's native routes, weight routes, /metrics.
+
+`create_app(engine, api_key=None, served_model_name=None)`. Everything the routes need from the engine
+goes through its public API (`async_generate`, `asubmit` (shielded), `tokenizer`, `model_info`); the app never
+blocks the event loop on the scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import hmac
+import logging
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import PlainTextResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import hotswap
+from hotswap import protocol as p
+from hotswap.server import openai_api, weights_api
+from hotswap.server.generation import ClientRids, apply_no_stop_trim, expand_jobs, merge_streams, normalize_sampling_params, open_streams
+from hotswap.server.http_utils import (
+    SSE_DONE,
+    APIError,
+    ClientDisconnected,
+    DisconnectAwareStreamingResponse,
+    JSONResponse,
+    RequestCancelled,
+    await_unless_disconnected,
+    dumps,
+    engine_call,
+    error_body,
+    error_response,
+    parse_body,
+    sse,
+)
+from hotswap.server.metrics import Metrics
+
+log = logging.getLogger("hotswap.server")
+
+# Status code nginx uses for "client closed request"; only ever logged, the client is gone.
+_CLIENT_CLOSED = 499
+
+
+class ServerState:
+    """What the routes share: the engine, names, limits, metrics, client rids, draining flag."""
+
+    def __init__(self, engine, *, api_key: str | None, served_model_name: str | None):
+        self.engine = engine
+        self.api_key = api_key or None
+        self.model_path = str(engine.config.model_path)
+        self.served_model_name = served_model_name or self.model_path
+        # SGLang clients commonly send model="default"; the path and the served name are accepted too
+        self.accepted_model_names = {self.served_model_name, self.model_path, "default"}
+        self.created = int(time.time())
+        self.metrics = Metrics()
+        self.client_rids = ClientRids()
+        self.draining = False
+        self.last_weight_version = "default"
+        self.tokenizer = engine.tokenizer
+        self.max_context_len = int(engine.max_context_len)
+        pool = getattr(getattr(engine, "model_runner", None), "pool", None)
+        self.page_size = int(getattr(pool, "page_size", 0) or 0)
+        self.num_pages = int(getattr(pool, "num_pages", 0) or 0)
+        self.kv_capacity_tokens = self.page_size * self.num_pages if pool is not None else self.max_context_len
+        # the scheduler needs ceil((prompt + 1) / page_size) pages for a prompt
+        self.max_prompt_tokens = min(self.max_context_len - 1, self.kv_capacity_tokens - 1)
+        self.token_text = functools.lru_cache(maxsize=1 << 16)(self._token_text)
+
+    # ---- helpers the routes use --------------------------------------------------------------------
+
+    def _token_text(self, tid: int) -> str:
+        return self.tokenizer.decode([tid])
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def check_serving(self) -> None:
+        if self.draining:
+            raise APIError(503, "the server is shutting down", type_="ServiceUnavailableError")
+
+    def model_card(self) -> dict:
+        return {"id": self.served_model_name, "object": "model", "created": self.created, "owned_by": "hotswap",
+                "root": self.model_path, "parent": None, "max_model_len": self.max_context_len}
+
+    def fingerprint(self, outputs: list[dict]) -> str:
+        versions = [o["meta_info"].get("weight_version") for o in outputs if o.get("meta_info")]
+        version = versions[-1] if versions else self.last_weight_version
+        if version:
+            self.last_weight_version = version
+        return f"hotswap-{hotswap.__version__}-w{version}"
+
+    def render_chat(self, messages: list[dict], *, tools, add_generation_prompt: bool, continue_final_message: bool,
+                    kwargs: dict | None) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise APIError(400, "the model's tokenizer has no chat template; use /v1/completions", param="messages")
+        msgs = []
+        for i, m in enumerate(messages):
+            role = m.get("role")
+            if not isinstance(role, str) or not role:
+                raise APIError(400, f"messages[{i}].role must be a non-empty string", param="messages")
+            content = m.get("content")
+            if isinstance(content, list):
+                texts = []
+                for j, part in enumerate(content):
+                    if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                        raise APIError(400, f"messages[{i}].content[{j}]: hotswap takes only text parts ({{'type': 'text', 'text': ...}})",
+                                       param="messages")
+                    texts.append(part["text"])
+                content = "\n".join(texts)
+            elif content is None:
+                content = None if m.get("tool_calls") else ""
+            elif not isinstance(content, str):
+                raise APIError(400, f"messages[{i}].content must be a string or a list of text parts", param="messages")
+            msgs.append({**m, "content": content})
+        extra = dict(kwargs or {})
+        if tools:
+            extra["tools"] = tools
+        try:
+            text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt and not continue_final_message,
+                                                      continue_final_message=continue_final_message, **extra)
+        except Exception as exc:  # noqa: BLE001 - jinja raises anything; it is the client's template input
+            raise APIError(400, f"cannot apply the chat template: {type(exc).__name__}: {exc}", param="messages") from None
+        return self.encode(text)
+
+    async def load(self, timeout: float | None = None) -> p.LoadOutput | None:
+        try:
+            fut = engine_call(self.engine, p.GetLoadRequest())
+            out = await (asyncio.wait_for(fut, timeout) if timeout else fut)
+        except (asyncio.TimeoutError, ValueError):
+            return None
+        self.last_weight_version = out.weight_version
+        return out
+
+
+# ---- middleware: auth and per-route counters --------------------------------------------------------
+
+
+class ServerMiddleware:
+    """Pure ASGI (streaming and disconnects pass through untouched): bearer auth on every route but
+    /health, and a request counter per (method, route, status)."""
+
+    def __init__(self, app: ASGIApp, state: ServerState):
+        self.app = app
+        self.state = state
+        self._key = state.api_key.encode() if state.api_key else None
+
+    def _authorized(self, scope: Scope) -> bool:
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._key)
+        return False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method = scope.get("method", "")
+        if self._key is not None and scope.get("path") != "/health" and not self._authorized(scope):
+            err = APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", type_="AuthenticationError",
+                           code="invalid_api_key")
+            body = dumps(error_body(err))
+            await send({"type": "http.response.start", "status": 401,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                    (b"www-authenticate", b"Bearer")]})
+            await send({"type": "http.response.body", "body": body})
+            self.state.metrics.observe_http(method, "unauthorized", 401)
+            return
+        status = _CLIENT_CLOSED
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            self.state.metrics.observe_http(method, getattr(route, "path", None) or "unmatched", status)
+
+
+# ---- native routes ----------------------------------------------------------------------------------
+
+
+class GenerateBody(BaseModel):
+    """SGLang's GenerateReqInput, the fields hotswap serves (others are accepted and ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
+    stream: bool = False
+    return_logprob: bool | list[bool] = False
+    top_logprobs_num: int | list[int] = 0
+    return_text_in_logprobs: bool = False
+    rid: str | list[str] | None = None
+
+
+class AbortBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    rid: str | None = ""
+    abort_all: bool = False
+
+
+def _fill_logprob_text(state: ServerState, out: dict) -> None:
+    meta = out.get("meta_info", {})
+    if "output_token_logprobs" in meta:
+        meta["output_token_logprobs"] = [(lp, tid, state.token_text(tid)) for lp, tid, _ in meta["output_token_logprobs"]]
+    if "output_top_logprobs" in meta:
+        meta["output_top_logprobs"] = [[(lp, tid, state.token_text(tid)) for lp, tid, _ in top] for top in meta["output_top_logprobs"]]
+
+
+def _aborted_stub(prompt_tokens: int, message: str) -> dict:
+    return {"text": "", "output_ids": [], "meta_info": {"id": None, "prompt_tokens": prompt_tokens, "completion_tokens": 0,
+                                                          "cached_tokens": 0, "finish_reason": {"type": "abort", "message": message},
+                                                          "weight_version": None}}
+
+
+def _register_native(app: FastAPI, state: ServerState) -> None:
+    engine = state.engine
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.draining:
+            return Response(status_code=503)
+        return Response(status_code=200)
+
+    @app.get("/health_generate")
+    async def health_generate() -> Response:
+        if state.draining:
+            return Response(status_code=503)
+        load = await state.load(timeout=5.0)
+        if load is None:
+            return Response(status_code=503)
+        if load.paused:  # held on purpose (a weight update); generating would only wait
+            return Response(status_code=200)
+        probe = engine.eos_token_ids[0] if getattr(engine, "eos_token_ids", None) else 0
+        try:
+            await asyncio.wait_for(engine.async_generate(input_ids=[probe], sampling_params={"max_new_tokens": 1, "temperature": 0.0}), 20.0)
+        except (asyncio.TimeoutError, ValueError):
+            return Response(status_code=503)
+        return Response(status_code=200)
+
+    @app.get("/get_model_info")
+    async def get_model_info() -> JSONResponse:
+        info = dict(engine.model_info())
+        load = await state.load(timeout=2.0)
+        info.update({"tokenizer_path": state.model_path, "served_model_name": state.served_model_name, "is_generation": True,
+                     "preferred_sampling_params": None, "weight_version": load.weight_version if load else state.last_weight_version,
+                     "model_type": info.get("architecture"), "architectures": [info.get("architecture")],
+                     "has_image_understanding": False, "has_audio_understanding": False})
+        return JSONResponse(info)
+
+    @app.get("/get_server_info")
+    async def get_server_info() -> JSONResponse:
+        load = await state.load(timeout=2.0)
+        cfg = dataclasses.asdict(engine.config)
+        info = {**cfg, "served_model_name": state.served_model_name, "version": hotswap.__version__,
+                "api_key_set": state.api_key is not None, "max_context_len": state.max_context_len,
+                "max_total_num_tokens": state.kv_capacity_tokens, "resolved_page_size": state.page_size,
+                "resolved_num_pages": state.num_pages, "weight_version": load.weight_version if load else state.last_weight_version,
+                "model_info": engine.model_info(), "internal_states": [load.to_dict() if load else {}]}
+        return JSONResponse(info)
+
+    @app.get("/get_load")
+    async def get_load() -> JSONResponse:
+        load = await state.load(timeout=5.0)
+        if load is None:
+            raise APIError(503, "the engine did not answer")
+        return JSONResponse(load.to_dict())
+
+    @app.get("/get_weight_version")
+    async def get_weight_version() -> JSONResponse:
+        load = await state.load(timeout=2.0)
+        return JSONResponse({"weight_version": load.weight_version if load else state.last_weight_version})
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        load = await state.load(timeout=1.0)
+        return PlainTextResponse(state.metrics.render(load, state.served_model_name), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    async def flush_cache() -> JSONResponse:
+        out = await engine_call(engine, p.FlushCacheRequest())
+        return JSONResponse(out.to_dict(), status_code=200 if out.success else 400)
+
+    @app.post("/abort_request")
+    async def abort_request(request: Request) -> JSONResponse:
+        try:
+            body = await parse_body(request, AbortBody)
+        except APIError as exc:
+            return JSONResponse({"success": False, "message": exc.message}, status_code=400)
+        if body.abort_all:
+            out = await engine_call(engine, p.AbortRequest(rid=None, message="aborted by /abort_request"))
+            return JSONResponse(out.to_dict())
+        if not body.rid:  # as SGLang: an empty rid without abort_all aborts nothing
+            return JSONResponse({"success": False, "message": "nothing to abort: give a rid or abort_all=true"})
+        entry = state.client_rids.get(body.rid)
+        if entry is not None:
+            entry.abort_requested = True
+            for erid in list(entry.engine_rids):
+                await engine_call(engine, p.AbortRequest(rid=erid, message="aborted by /abort_request"))
+            if entry.cancel is not None:
+                entry.cancel()
+            return JSONResponse({"success": True, "message": f"aborting {body.rid}"})
+        out = await engine_call(engine, p.AbortRequest(rid=body.rid, message="aborted by /abort_request"))
+        return JSONResponse(out.to_dict())
+
+    @app.post("/generate")
+    async def generate(request: Request):
+        body = await parse_body(request, GenerateBody)
+        state.check_serving()
+        if (body.text is None) == (body.input_ids is None):
+            raise APIError(400, "give exactly one of text or input_ids", param="text")
+        if body.text is not None:
+            single = isinstance(body.text, str)
+            prompts: list[str] | None = [body.text] if single else list(body.text)
+            id_lists = None
+            count = len(prompts)
+        else:
+            single = not body.input_ids or isinstance(body.input_ids[0], int)
+            prompts = None
+            id_lists = [list(body.input_ids)] if single else [list(x) for x in body.input_ids]
+            count = len(id_lists)
+        if count == 0:
+            raise APIError(400, "empty batch", param="text")
+        if isinstance(body.sampling_params, list):
+            if len(body.sampling_params) != count:
+                raise APIError(400, f"{len(body.sampling_params)} sampling_params for {count} prompts", param="sampling_params")
+            normalized = [normalize_sampling_params(sp) for sp in body.sampling_params]
+        else:
+            normalized = [normalize_sampling_params(body.sampling_params)] * count
+        sps = [sp for sp, _ in normalized]
+        trims = [trim for _, trim in normalized]
+        return_logprob = any(body.return_logprob) if isinstance(body.return_logprob, list) else body.return_logprob
+        top_n = max(body.top_logprobs_num, default=0) if isinstance(body.top_logprobs_num, list) else body.top_logprobs_num
+        client_rids = [body.rid] if isinstance(body.rid, str) else list(body.rid or [])
+
+        def post(out: dict, trim: bool, delta: bool = False) -> dict:
+            if trim:
+                apply_no_stop_trim(out, delta=delta)
+            if body.return_text_in_logprobs:
+                _fill_logprob_text(state, out)
+            return out
+
+        if not body.stream:
+            coro = engine.async_generate(prompt=body.text, input_ids=body.input_ids,
+                                         sampling_params=sps if isinstance(body.sampling_params, list) else sps[0],
+                                         return_logprob=return_logprob, top_logprobs_num=top_n)
+            task = asyncio.ensure_future(coro)
+            entry = state.client_rids.register(client_rids)
+            if entry is not None:
+                entry.cancel = task.cancel
+            try:
+                result = await await_unless_disconnected(request, task)
+            except (ValueError, TypeError) as exc:  # validation in the engine (HotswapError is a ValueError)
+                raise APIError(400, str(exc)) from None
+            except RequestCancelled:
+                n_total = sum(sp.get("n", 1) for sp in sps)
+                stubs = [_aborted_stub(0, "aborted by /abort_request") for _ in range(n_total)]
+                return JSONResponse(stubs[0] if single and n_total == 1 else stubs)
+            finally:
+                state.client_rids.release(client_rids, entry)
+            outs = result if isinstance(result, list) else [result]
+            per_prompt_n = [sp.get("n", 1) for sp in sps]
+            owners = [i for i, n in enumerate(per_prompt_n) for _ in range(n)]
+            for out, owner in zip(outs, owners):
+                post(out, trims[owner])
+            state.metrics.observe_generation("/generate", outs)
+            return JSONResponse(result)
+
+        jobs = expand_jobs(prompts, id_lists, sps, return_logprob=return_logprob, top_logprobs_num=top_n)
+        owners = [i for i, sp in enumerate(sps) for _ in range(sp.get("n", 1))]
+        try:
+            streams = await open_streams(engine, jobs)
+        except (ValueError, TypeError) as exc:
+            raise APIError(400, str(exc)) from None
+        multi = len(streams) > 1
+        entry = state.client_rids.register(client_rids)
+
+        async def events():
+            merged = merge_streams(streams)
+            finals: dict[int, dict] = {}
+            try:
+                async for i, out in merged:
+                    erid = out["meta_info"].get("id")
+                    if entry is not None and erid and erid not in entry.engine_rids:
+                        entry.engine_rids.add(erid)
+                        if entry.abort_requested:
+                            await engine_call(engine, p.AbortRequest(rid=erid, message="aborted by /abort_request"))
+                    finished = out["meta_info"].get("finish_reason") is not None
+                    post(out, trims[owners[i]] and finished, delta=True)
+                    if multi:
+                        out["index"] = i
+                    if finished:
+                        finals[i] = out
+                    yield sse(out)
+            except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
+                yield sse(error_body(APIError(exc.status if isinstance(exc, APIError) else 500, str(exc))))
+            finally:
+                await merged.aclose()
+                state.client_rids.release(client_rids, entry)
+                state.metrics.observe_generation("/generate", list(finals.values()))
+            yield SSE_DONE
+
+        return DisconnectAwareStreamingResponse(events(), on_disconnect=state.metrics.observe_disconnect)
+
+
+# ---- the factory ------------------------------------------------------------------------------------
+
+
+def create_app(engine, *, api_key: str | None = None, served_model_name: str | None = None) -> FastAPI:
+    """Build the HTTP app on a running Engine. The caller owns the engine (and shuts it down)."""
+    state = ServerState(engine, api_key=api_key, served_model_name=served_model_name)
+    app = FastAPI(title="hotswap", version=hotswap.__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.hotswap = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, exc: ClientDisconnected) -> Response:
+        state.metrics.observe_disconnect()
+        return Response(status_code=_CLIENT_CLOSED)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404:
+            detail = f"no route {request.method} {request.url.path}"
+        return error_response(APIError(exc.status_code, detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(APIError(400, f"invalid request: {exc.errors()}"))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}"))
+
+    _register_native(app, state)
+    openai_api.register(app, state)
+    weights_api.register(app, state)
+    app.add_middleware(ServerMiddleware, state=state)
+    return app

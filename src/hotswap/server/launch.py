@@ -1,0 +1,190 @@
+"""`hotswap serve`: build the Engine (with a progress bar), run uvicorn, drain on SIGTERM, shut down.
+
+Also `ServerThread`, which runs the app on a loopback socket in a background thread (tests, notebooks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+
+log = logging.getLogger("hotswap.server")
+
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `hotswap serve` options (SGLang's names where SGLang has them)."""
+    parser.add_argument("--model-path", required=True, help="local Hugging Face checkpoint folder")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=30000, help="port to listen on (default 30000)")
+    parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--api-key", default=os.environ.get("HOTSWAP_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on every route but /health (default: $HOTSWAP_API_KEY)")
+    parser.add_argument("--max-running-requests", type=int, default=None, help="cap on requests in the running batch")
+    parser.add_argument("--served-model-name", default=None, help="model name in OpenAI replies (default: the model path)")
+    parser.add_argument("--page-size", type=int, default=None, help="KV-cache page size in tokens (default: 16 on CUDA, 4 on CPU)")
+    parser.add_argument("--num-pages", type=int, default=None, help="KV-cache pages (default: sized from free memory)")
+    parser.add_argument("--log-level", default="info", choices=_LOG_LEVELS)
+    parser.add_argument("--max-context-len", type=int, default=None, help="context length (default: the model's)")
+    parser.add_argument("--kv-cache-memory-fraction", type=float, default=None, help="fraction of free GPU memory for the KV cache")
+    parser.add_argument("--attention-backend", default=None, choices=("auto", "torch", "triton"))
+    parser.add_argument("--disable-cuda-graph", action="store_true", help="run decode eagerly")
+    parser.add_argument("--seed", type=int, default=None, help="engine seed for requests without their own")
+    parser.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="on SIGTERM, seconds to let running requests finish before aborting them (default 30)")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the one-token warm-up generation at start")
+
+
+def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
+    kw: dict = {}
+    for name in ("max_running_requests", "page_size", "num_pages", "max_context_len", "kv_cache_memory_fraction", "attention_backend", "seed"):
+        value = getattr(args, name, None)
+        if value is not None:
+            kw[name] = value
+    if getattr(args, "disable_cuda_graph", False):
+        kw["enable_cuda_graph"] = False
+    return kw
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Build the Engine, serve it until SIGTERM/SIGINT, drain, shut the engine down."""
+    import uvicorn
+    from tqdm import tqdm
+
+    from hotswap import Engine
+    from hotswap.server.app import create_app
+
+    level = getattr(args, "log_level", "info") or "info"
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    host, port = args.host, int(args.port)
+    engine = None
+    with tqdm(total=4, desc="hotswap", unit="step", bar_format="{desc}: {n_fmt}/{total_fmt} |{bar:12}| {elapsed}{postfix}",
+              disable=level in ("critical", "error")) as bar:
+        bar.set_postfix_str(f"binding {host}:{port}")
+        sock = _bind(host, port)  # fail fast, before loading anything, when the port is taken
+        bar.update()
+        try:
+            bar.set_postfix_str(f"loading {args.model_path} (config, tokenizer, weights, KV cache)")
+            engine = Engine(args.model_path, dtype=args.dtype, device=args.device, **engine_kwargs_from_args(args))
+            bar.update()
+            bar.set_postfix_str("warm-up generation")
+            if not getattr(args, "no_warmup", False):
+                probe = engine.eos_token_ids[0] if engine.eos_token_ids else 0
+                engine.generate(input_ids=[probe], sampling_params={"max_new_tokens": 1, "temperature": 0.0})
+            bar.update()
+            bar.set_postfix_str("building the app")
+            app = create_app(engine, api_key=args.api_key, served_model_name=args.served_model_name)
+            bar.update()
+            bar.set_postfix_str(f"ready on http://{host}:{port}")
+        except BaseException:
+            sock.close()
+            if engine is not None:
+                engine.shutdown()
+            raise
+    drain = max(0.0, float(getattr(args, "drain_timeout", 30.0)))
+    config = uvicorn.Config(app, log_level=level, timeout_graceful_shutdown=int(drain) + 10, lifespan="off")
+    server = make_draining_server(config, app.state.hotswap, drain)
+    log.info("serving %s on http://%s:%d (%s)", args.model_path, host, port, "api key required" if args.api_key else "no api key")
+    # uvicorn re-raises the signal that stopped it once it has shut down; with the default handlers that
+    # would kill the process before the engine shuts down, so take the re-raised signal here instead.
+    received: list[int] = []
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if server.drain_timer is not None:
+            server.drain_timer.cancel()
+        sock.close()
+        engine.shutdown()
+        log.info("engine shut down%s", f" after signal {received[0]}" if received else "")
+
+
+def make_draining_server(config, state, drain_timeout: float):
+    """A uvicorn.Server whose first SIGTERM/SIGINT stops new work, lets running requests finish for
+    `drain_timeout` seconds, then aborts what is left (streams end with finish_reason abort); uvicorn
+    then closes the connections and returns. A second signal exits at once."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        drain_timer: threading.Timer | None = None
+
+        def handle_exit(self, sig, frame) -> None:  # called from the signal handler
+            if not state.draining:
+                state.draining = True
+                log.info("signal %s: draining for up to %.0f s (running requests finish, new ones get 503)", sig, drain_timeout)
+                self.drain_timer = threading.Timer(drain_timeout, _abort_all, args=(state,))
+                self.drain_timer.daemon = True
+                self.drain_timer.start()
+            super().handle_exit(sig, frame)
+
+    return DrainingServer(config)
+
+
+def _abort_all(state) -> None:
+    try:
+        out = state.engine.abort_request()
+        log.info("drain timeout: %s", out.message)
+    except Exception as exc:  # noqa: BLE001 - the engine may already be down
+        log.info("drain timeout: abort failed: %s", exc)
+
+
+class ServerThread:
+    """Run an ASGI app with uvicorn on a freshly bound loopback socket in a daemon thread.
+
+    with ServerThread(create_app(engine)) as srv:
+        httpx.get(srv.url + "/health")
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+
+        self.sock = _bind(host, port)
+        self.host, self.port = self.sock.getsockname()[:2]
+        self.url = f"http://{self.host}:{self.port}"
+        config = uvicorn.Config(app, log_level=log_level, lifespan="off", timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, name="hotswap-http", daemon=True)
+
+    def start(self, timeout: float = 30.0) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the HTTP server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        self.sock.close()
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

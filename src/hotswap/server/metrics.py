@@ -1,0 +1,129 @@
+"""Prometheus text-format metrics: counters kept by the routes, gauges read from the engine's load.
+
+No prometheus_client dependency: the exposition format is a few lines of text.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import defaultdict
+
+# seconds; weight updates range from milliseconds (tiny models, one bucket) to minutes (large disk loads)
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, math.inf)
+
+
+def _escape(value: str) -> str:
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(**labels) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
+
+
+def _num(x: float) -> str:
+    if x == math.inf:
+        return "+Inf"
+    return repr(float(x)) if isinstance(x, float) else str(x)
+
+
+class Metrics:
+    """Thread-safe counters the HTTP layer updates; `render(load)` writes the exposition text."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.http_requests: dict[tuple[str, str, int], int] = defaultdict(int)  # (method, route, status)
+        self.generation_requests: dict[str, int] = defaultdict(int)  # route -> engine requests (one per choice)
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.aborted_requests = 0
+        self.disconnects = 0
+        self.weight_updates: dict[tuple[str, str], int] = defaultdict(int)  # (route, result)
+        self.weight_update_buckets: dict[str, list[int]] = {}
+        self.weight_update_sum: dict[str, float] = defaultdict(float)
+        self.weight_update_count: dict[str, int] = defaultdict(int)
+
+    # ---- updates -----------------------------------------------------------------------------------
+
+    def observe_http(self, method: str, route: str, status: int) -> None:
+        with self._lock:
+            self.http_requests[(method, route, int(status))] += 1
+
+    def observe_generation(self, route: str, outputs: list[dict]) -> None:
+        """Count the engine requests behind one HTTP call and their tokens, from the final output dicts."""
+        with self._lock:
+            for out in outputs:
+                meta = out.get("meta_info", {})
+                self.generation_requests[route] += 1
+                self.prompt_tokens += int(meta.get("prompt_tokens") or 0)
+                self.completion_tokens += int(meta.get("completion_tokens") or 0)
+                reason = meta.get("finish_reason") or {}
+                if reason.get("type") == "abort":
+                    self.aborted_requests += 1
+
+    def observe_disconnect(self) -> None:
+        with self._lock:
+            self.disconnects += 1
+
+    def observe_weight_update(self, route: str, success: bool, seconds: float) -> None:
+        with self._lock:
+            self.weight_updates[(route, "success" if success else "failure")] += 1
+            if not success:
+                return
+            buckets = self.weight_update_buckets.setdefault(route, [0] * len(DURATION_BUCKETS))
+            for i, bound in enumerate(DURATION_BUCKETS):
+                if seconds <= bound:
+                    buckets[i] += 1
+            self.weight_update_sum[route] += seconds
+            self.weight_update_count[route] += 1
+
+    # ---- exposition --------------------------------------------------------------------------------
+
+    def render(self, load=None, model_name: str = "") -> str:
+        """`load` is the engine's LoadOutput (None when the engine could not answer)."""
+        lines: list[str] = []
+
+        def family(name: str, kind: str, help_: str, samples: list[tuple[dict, float]]) -> None:
+            lines.append(f"# HELP {name} {help_}")
+            lines.append(f"# TYPE {name} {kind}")
+            for labels, value in samples:
+                lines.append(f"{name}{_labels(**labels)} {_num(value)}")
+
+        with self._lock:
+            family("hotswap_http_requests_total", "counter", "HTTP requests by method, route and status code.",
+                   [({"method": m, "route": r, "status": str(s)}, v) for (m, r, s), v in sorted(self.http_requests.items())])
+            family("hotswap_generation_requests_total", "counter", "Engine generation requests (one per choice) by route.",
+                   [({"route": r}, v) for r, v in sorted(self.generation_requests.items())])
+            family("hotswap_prompt_tokens_total", "counter", "Prompt tokens of finished generation requests.", [({}, self.prompt_tokens)])
+            family("hotswap_generation_tokens_total", "counter", "Generated tokens of finished generation requests.",
+                   [({}, self.completion_tokens)])
+            family("hotswap_aborted_requests_total", "counter", "Generation requests that finished aborted.", [({}, self.aborted_requests)])
+            family("hotswap_client_disconnects_total", "counter", "Clients that went away before their request finished.",
+                   [({}, self.disconnects)])
+            family("hotswap_weight_updates_total", "counter", "Weight-update calls by route and result.",
+                   [({"route": r, "result": res}, v) for (r, res), v in sorted(self.weight_updates.items())])
+            lines.append("# HELP hotswap_weight_update_duration_seconds Wall time of successful weight-update calls.")
+            lines.append("# TYPE hotswap_weight_update_duration_seconds histogram")
+            for route in sorted(self.weight_update_buckets):
+                for bound, count in zip(DURATION_BUCKETS, self.weight_update_buckets[route]):
+                    lines.append(f"hotswap_weight_update_duration_seconds_bucket{_labels(route=route, le=_num(bound))} {count}")
+                lines.append(f"hotswap_weight_update_duration_seconds_sum{_labels(route=route)} {_num(self.weight_update_sum[route])}")
+                lines.append(f"hotswap_weight_update_duration_seconds_count{_labels(route=route)} {self.weight_update_count[route]}")
+
+        family("hotswap_engine_up", "gauge", "1 when the engine answered the load query.", [({}, 0 if load is None else 1)])
+        if load is not None:
+            total = load.kv_pages_total or 0
+            family("hotswap_num_running_requests", "gauge", "Requests in the running batch.", [({}, load.num_running)])
+            family("hotswap_num_waiting_requests", "gauge", "Queue depth: requests waiting for admission (or for a weight update).",
+                   [({}, load.num_waiting)])
+            family("hotswap_kv_pages_used", "gauge", "KV-cache pages in use (requests and prefix cache).", [({}, load.kv_pages_used)])
+            family("hotswap_kv_pages_total", "gauge", "KV-cache pages in the pool.", [({}, total)])
+            family("hotswap_kv_cache_usage_ratio", "gauge", "Fraction of KV-cache pages in use.",
+                   [({}, (load.kv_pages_used / total) if total else 0.0)])
+            family("hotswap_generation_paused", "gauge", "1 while generation is held (paused or inside a weight-update session).",
+                   [({}, int(bool(load.paused)))])
+            family("hotswap_weight_version_info", "gauge", "The weight version the engine serves (value is always 1).",
+                   [({"version": load.weight_version, "model": model_name}, 1)])
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,428 @@
+"""OpenAI-compatible routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions.
+
+Request models accept and ignore fields they do not know (as vLLM and SGLang do) but validate the types
+of the ones they do; parameters hotswap does not implement are refused with a 400 unless sent with
+their neutral value.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from hotswap.server.generation import expand_jobs, merge_streams, open_streams
+from hotswap.server.http_utils import (
+    SSE_DONE,
+    APIError,
+    DisconnectAwareStreamingResponse,
+    JSONResponse,
+    await_unless_disconnected,
+    error_body,
+    parse_body,
+    sse,
+)
+
+if TYPE_CHECKING:
+    from hotswap.server.app import ServerState
+
+
+# ---- request models ---------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class _SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    temperature: float | None = Field(None, ge=0.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=256)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # extensions that vLLM and SGLang accept
+    top_k: int | None = None
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    no_stop_trim: bool = False
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+
+# ---- shared helpers ---------------------------------------------------------------------------------
+
+_FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+def finish_reason(meta: dict) -> str | None:
+    reason = meta.get("finish_reason")
+    if not reason:
+        return None
+    return _FINISH.get(reason.get("type"), reason.get("type"))
+
+
+def _stop_suffix(meta: dict, no_stop_trim: bool) -> str:
+    reason = meta.get("finish_reason") or {}
+    if no_stop_trim and reason.get("type") == "stop" and isinstance(reason.get("matched"), str):
+        return reason["matched"]
+    return ""
+
+
+def check_model(state: ServerState, model: str | None) -> None:
+    if model is not None and model not in state.accepted_model_names:
+        raise APIError(404, f"The model `{model}` does not exist; this server serves `{state.served_model_name}`.",
+                       type_="NotFoundError", param="model", code="model_not_found")
+
+
+def sampling_dict(state: ServerState, body: _SamplingFields, max_new_tokens: int) -> dict:
+    for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
+        value = getattr(body, name)
+        if value is not None and value != neutral:
+            raise APIError(400, f"{name}={value} is not supported by hotswap (only {neutral})", param=name)
+    if body.logit_bias:
+        raise APIError(400, "logit_bias is not supported by hotswap", param="logit_bias")
+    if body.min_tokens:
+        raise APIError(400, "min_tokens is not supported by hotswap", param="min_tokens")
+    sp: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "temperature": 1.0 if body.temperature is None else body.temperature,
+        "n": body.n,
+        "ignore_eos": body.ignore_eos,
+        "skip_special_tokens": body.skip_special_tokens,
+    }
+    if body.top_p is not None:
+        sp["top_p"] = body.top_p
+    if body.top_k is not None:
+        sp["top_k"] = body.top_k
+    if body.min_p is not None:
+        sp["min_p"] = body.min_p
+    if body.seed is not None:
+        sp["seed"] = body.seed
+    if body.stop:
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop)
+        if any(not s for s in stops):
+            raise APIError(400, "stop strings must be non-empty", param="stop")
+        sp["stop"] = stops
+    if body.stop_token_ids:
+        sp["stop_token_ids"] = list(body.stop_token_ids)
+    return sp
+
+
+def check_prompt(state: ServerState, ids: list[int], max_tokens: int | None, index: int) -> None:
+    if not ids:
+        raise APIError(400, f"prompt {index} is empty", param="prompt")
+    if len(ids) > state.max_prompt_tokens:
+        raise APIError(400, f"prompt {index} has {len(ids)} tokens; this server takes at most {state.max_prompt_tokens} "
+                            f"(context length {state.max_context_len}, KV cache {state.kv_capacity_tokens} tokens)", param="prompt")
+    if max_tokens is not None and len(ids) + max_tokens > state.max_context_len:
+        raise APIError(400, f"prompt {index} has {len(ids)} tokens and max_tokens is {max_tokens}: {len(ids) + max_tokens} exceeds "
+                            f"the context length {state.max_context_len}", param="max_tokens")
+
+
+def _usage(prompt_tokens: int, outputs: list[dict]) -> dict:
+    completion = sum(int(o["meta_info"].get("completion_tokens") or 0) for o in outputs)
+    cached = sum(int(o["meta_info"].get("cached_tokens") or 0) for o in outputs)
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+    if cached:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    return usage
+
+
+def _metadata(outputs: list[dict]) -> dict:
+    versions = [o["meta_info"].get("weight_version") for o in outputs if o.get("meta_info")]
+    return {"weight_version": versions[-1] if versions else None}
+
+
+def _slices(meta: dict, start: int, end: int) -> tuple[list, list | None]:
+    lps = (meta.get("output_token_logprobs") or [])[start:end]
+    tops = meta.get("output_top_logprobs")
+    return lps, (tops[start:end] if tops is not None else None)
+
+
+def completion_logprobs(state: ServerState, meta: dict, start: int, end: int, k: int, offset: int) -> dict:
+    lps, tops = _slices(meta, start, end)
+    tokens = [state.token_text(tid) for _, tid, _ in lps]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    top_logprobs = None
+    if k > 0:
+        top_logprobs = []
+        for j in range(len(lps)):
+            entry: dict[str, float] = {}
+            for lp, tid, _ in (tops[j] if tops is not None and j < len(tops) else [])[:k]:
+                entry.setdefault(state.token_text(tid), lp)
+            top_logprobs.append(entry)
+    return {"tokens": tokens, "token_logprobs": [lp for lp, _, _ in lps], "top_logprobs": top_logprobs, "text_offset": offsets}
+
+
+def chat_logprobs(state: ServerState, meta: dict, start: int, end: int, k: int) -> dict:
+    lps, tops = _slices(meta, start, end)
+    content = []
+    for j, (lp, tid, _) in enumerate(lps):
+        tok = state.token_text(tid)
+        top = []
+        for tlp, ttid, _ in (tops[j] if tops is not None and j < len(tops) else [])[:k]:
+            ttok = state.token_text(ttid)
+            top.append({"token": ttok, "logprob": tlp, "bytes": list(ttok.encode("utf-8"))})
+        content.append({"token": tok, "logprob": lp, "bytes": list(tok.encode("utf-8")), "top_logprobs": top})
+    return {"content": content}
+
+
+async def _generate_all(state: ServerState, request: Request, id_lists: list[list[int]], sp: dict, return_logprob: bool,
+                        top_logprobs_num: int) -> list[dict]:
+    coro = state.engine.async_generate(input_ids=id_lists, sampling_params=sp, return_logprob=return_logprob,
+                                       top_logprobs_num=top_logprobs_num)
+    try:
+        outs = await await_unless_disconnected(request, coro)
+    except (ValueError, TypeError) as exc:  # validation in the engine (HotswapError is a ValueError)
+        raise APIError(400, str(exc)) from None
+    return outs if isinstance(outs, list) else [outs]
+
+
+async def _open(state: ServerState, id_lists: list[list[int]], sp: dict, return_logprob: bool, top_logprobs_num: int):
+    jobs = expand_jobs(None, id_lists, [sp] * len(id_lists), return_logprob=return_logprob, top_logprobs_num=top_logprobs_num)
+    try:
+        return await open_streams(state.engine, jobs)
+    except (ValueError, TypeError) as exc:
+        raise APIError(400, str(exc)) from None
+
+
+def _stream_error(exc: Exception) -> bytes:
+    status = exc.status if isinstance(exc, APIError) else 500
+    return sse(error_body(APIError(status, str(exc))))
+
+
+# ---- routes -----------------------------------------------------------------------------------------
+
+
+def register(app: FastAPI, state: ServerState) -> None:
+    @app.get("/v1/models")
+    async def list_models() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [state.model_card()]})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> JSONResponse:
+        check_model(state, model_id)
+        return JSONResponse(state.model_card())
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await parse_body(request, CompletionRequest)
+        state.check_serving()
+        check_model(state, body.model)
+        if body.suffix:
+            raise APIError(400, "suffix is not supported by hotswap", param="suffix")
+        if body.best_of is not None and body.best_of != body.n:
+            raise APIError(400, "best_of is not supported by hotswap (only best_of == n)", param="best_of")
+        if body.echo and body.logprobs is not None:
+            raise APIError(400, "echo with logprobs is not supported (hotswap does not score prompt tokens)", param="echo")
+        prompt = body.prompt
+        if isinstance(prompt, str):
+            id_lists = [state.encode(prompt)]
+        elif not prompt:
+            raise APIError(400, "prompt is empty", param="prompt")
+        elif isinstance(prompt[0], str):
+            id_lists = [state.encode(x) for x in prompt]
+        elif isinstance(prompt[0], int):
+            id_lists = [list(prompt)]
+        else:
+            id_lists = [list(x) for x in prompt]
+        for i, ids in enumerate(id_lists):
+            check_prompt(state, ids, body.max_tokens, i)
+        max_tokens = body.max_tokens if body.max_tokens is not None else 16
+        sp = sampling_dict(state, body, max_tokens)
+        want_lp = body.logprobs is not None
+        k = body.logprobs or 0
+        echo_texts = [state.decode(ids) for ids in id_lists] if body.echo else None
+        n = body.n
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        prompt_tokens = sum(len(ids) for ids in id_lists)
+
+        if not body.stream:
+            outs = await _generate_all(state, request, id_lists, sp, want_lp, k)
+            state.metrics.observe_generation("/v1/completions", outs)
+            choices = []
+            for i, out in enumerate(outs):
+                meta = out["meta_info"]
+                text = out["text"] + _stop_suffix(meta, body.no_stop_trim)
+                if echo_texts is not None:
+                    text = echo_texts[i // n] + text
+                lp = completion_logprobs(state, meta, 0, len(out["output_ids"]), k, 0) if want_lp else None
+                choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": finish_reason(meta)})
+            return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": state.served_model_name,
+                                 "system_fingerprint": state.fingerprint(outs), "choices": choices,
+                                 "usage": _usage(prompt_tokens, outs), "metadata": _metadata(outs)})
+
+        streams = await _open(state, id_lists, sp, want_lp, k)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(choices: list[dict], **extra) -> bytes:
+            obj = {"id": rid, "object": "text_completion", "created": created, "model": state.served_model_name, "choices": choices}
+            if include_usage:
+                obj["usage"] = None
+            obj.update(extra)
+            return sse(obj)
+
+        async def events():
+            merged = merge_streams(streams)
+            sent = [0] * len(streams)
+            offsets = [0] * len(streams)
+            finals: dict[int, dict] = {}
+            try:
+                if echo_texts is not None:
+                    for i in range(len(streams)):
+                        offsets[i] = 0
+                        yield chunk([{"index": i, "text": echo_texts[i // n], "logprobs": None, "finish_reason": None}])
+                async for i, out in merged:
+                    meta = out["meta_info"]
+                    fin = finish_reason(meta)
+                    text = out.get("delta_text", "") + (_stop_suffix(meta, body.no_stop_trim) if fin else "")
+                    if not text and fin is None:
+                        continue
+                    end = len(out["output_ids"])
+                    lp = None
+                    if want_lp:
+                        lp = completion_logprobs(state, meta, sent[i], end, k, offsets[i])
+                        offsets[i] += sum(len(t) for t in lp["tokens"])
+                        sent[i] = end
+                    if fin is not None:
+                        finals[i] = out
+                    yield chunk([{"index": i, "text": text, "logprobs": lp, "finish_reason": fin}])
+                if include_usage:
+                    outs = [finals[i] for i in sorted(finals)]
+                    yield chunk([], usage=_usage(prompt_tokens, outs))
+            except Exception as exc:  # noqa: BLE001 - report in-band; the stream has started
+                yield _stream_error(exc)
+            finally:
+                await merged.aclose()
+                state.metrics.observe_generation("/v1/completions", list(finals.values()))
+            yield SSE_DONE
+
+        return DisconnectAwareStreamingResponse(events(), on_disconnect=state.metrics.observe_disconnect)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await parse_body(request, ChatCompletionRequest)
+        state.check_serving()
+        check_model(state, body.model)
+        if body.response_format and body.response_format.get("type", "text") != "text":
+            raise APIError(400, f"response_format {body.response_format.get('type')!r} is not supported by hotswap", param="response_format")
+        if isinstance(body.tool_choice, dict) or body.tool_choice == "required":
+            raise APIError(400, "forcing tool calls is not supported by hotswap", param="tool_choice")
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
+        ids = state.render_chat(body.messages, tools=body.tools if body.tool_choice != "none" else None,
+                                add_generation_prompt=body.add_generation_prompt,
+                                continue_final_message=body.continue_final_message, kwargs=body.chat_template_kwargs)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        check_prompt(state, ids, max_tokens, 0)
+        if max_tokens is None:
+            max_tokens = max(1, state.max_context_len - len(ids))
+        sp = sampling_dict(state, body, max_tokens)
+        want_lp = body.logprobs
+        k = body.top_logprobs or 0
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        prompt_tokens = len(ids)
+
+        if not body.stream:
+            outs = await _generate_all(state, request, [ids], sp, want_lp, k)
+            state.metrics.observe_generation("/v1/chat/completions", outs)
+            choices = []
+            for i, out in enumerate(outs):
+                meta = out["meta_info"]
+                text = out["text"] + _stop_suffix(meta, body.no_stop_trim)
+                lp = chat_logprobs(state, meta, 0, len(out["output_ids"]), k) if want_lp else None
+                choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
+                                "finish_reason": finish_reason(meta)})
+            return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": state.served_model_name,
+                                 "system_fingerprint": state.fingerprint(outs), "choices": choices,
+                                 "usage": _usage(prompt_tokens, outs), "metadata": _metadata(outs)})
+
+        streams = await _open(state, [ids], sp, want_lp, k)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(choices: list[dict], **extra) -> bytes:
+            obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.served_model_name, "choices": choices}
+            if include_usage:
+                obj["usage"] = None
+            obj.update(extra)
+            return sse(obj)
+
+        async def events():
+            merged = merge_streams(streams)
+            sent = [0] * len(streams)
+            finals: dict[int, dict] = {}
+            try:
+                for i in range(len(streams)):
+                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+                async for i, out in merged:
+                    meta = out["meta_info"]
+                    fin = finish_reason(meta)
+                    text = out.get("delta_text", "") + (_stop_suffix(meta, body.no_stop_trim) if fin else "")
+                    if not text and fin is None:
+                        continue
+                    end = len(out["output_ids"])
+                    lp = None
+                    if want_lp:
+                        lp = chat_logprobs(state, meta, sent[i], end, k)
+                        sent[i] = end
+                    if fin is not None:
+                        finals[i] = out
+                    yield chunk([{"index": i, "delta": {"content": text} if text else {}, "logprobs": lp, "finish_reason": fin}])
+                if include_usage:
+                    outs = [finals[i] for i in sorted(finals)]
+                    yield chunk([], usage=_usage(prompt_tokens, outs))
+            except Exception as exc:  # noqa: BLE001
+                yield _stream_error(exc)
+            finally:
+                await merged.aclose()
+                state.metrics.observe_generation("/v1/chat/completions", list(finals.values()))
+            yield SSE_DONE
+
+        return DisconnectAwareStreamingResponse(events(), on_disconnect=state.metrics.observe_disconnect)
+
+
+__all__ = ["ChatCompletionRequest", "CompletionRequest", "register"]

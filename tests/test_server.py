@@ -1,0 +1,477 @@
+"""Issue 4: the HTTP server over real loopback sockets — OpenAI routes with the official client, native
+routes with httpx, errors, auth, and clients that disconnect mid-request."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from hotswap import Engine
+from hotswap.server.app import create_app
+from hotswap.server.launch import ServerThread
+
+GREEDY = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
+PROMPT = "Alice likes 12 apples"
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_qwen3):
+    eng = Engine(str(tiny_qwen3), device="cpu", page_size=4)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    with ServerThread(create_app(engine, served_model_name="tiny")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def sse_events(response: httpx.Response) -> list:
+    """Parse an SSE body into JSON events; asserts it ends with [DONE]."""
+    events, done = [], False
+    for line in response.iter_lines():
+        if not line:
+            continue
+        assert line.startswith("data: "), line
+        payload = line[len("data: "):]
+        assert not done, "data after [DONE]"
+        if payload == "[DONE]":
+            done = True
+            continue
+        events.append(json.loads(payload))
+    assert done, "stream did not end with [DONE]"
+    return events
+
+
+def pick_stop(text: str) -> str:
+    """A short plain-ASCII piece from the middle of `text` (clear of partial UTF-8 replacement chars)."""
+    for i in range(max(1, len(text) // 3), len(text) - 1):
+        piece = text[i: i + 2]
+        if piece.isascii() and piece.isalnum():
+            return piece
+    pytest.skip(f"no plain stop string in {text!r}")
+
+
+def wait_idle(engine: Engine, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        load = engine.get_load()
+        if load.num_running == 0 and load.num_waiting == 0:
+            return
+        assert time.monotonic() < deadline, f"engine not idle: {load}"
+        time.sleep(0.02)
+
+
+def assert_clean(engine: Engine) -> None:
+    wait_idle(engine)
+    res = engine.check_invariants()
+    assert res.success, res.message
+
+
+# ---- OpenAI routes ----------------------------------------------------------------------------------
+
+
+def test_models(oai, engine, tiny_qwen3):
+    models = oai.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    assert oai.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        oai.models.retrieve("other-model")
+
+
+def test_completion_matches_engine_and_stream(oai, engine):
+    ref = engine.generate(PROMPT, {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True})
+    res = oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, logprobs=3, extra_body={"ignore_eos": True})
+    choice = res.choices[0]
+    assert choice.text == ref["text"]
+    assert choice.finish_reason == "length"
+    assert res.usage.prompt_tokens == ref["meta_info"]["prompt_tokens"]
+    assert res.usage.completion_tokens == 12
+    assert res.usage.total_tokens == res.usage.prompt_tokens + 12
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 12
+    assert all(len(top) >= 1 for top in lp.top_logprobs)
+    assert all(x <= 0 for x in lp.token_logprobs)
+    assert lp.text_offset == sorted(lp.text_offset)
+
+    chunks = list(oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, logprobs=3, stream=True,
+                                         stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == choice.text
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["length"]
+    streamed_lps = [x for c in chunks if c.choices and c.choices[0].logprobs for x in c.choices[0].logprobs.token_logprobs]
+    assert streamed_lps == pytest.approx(lp.token_logprobs)
+    assert chunks[-1].usage.completion_tokens == 12 and not chunks[-1].choices
+
+
+def test_completion_batch_n_seed(oai):
+    kw = dict(model="tiny", prompt=["Bob sees", "Carol counts 7"], max_tokens=8, temperature=1.0, n=3, seed=11)
+    a = oai.completions.create(**kw)
+    b = oai.completions.create(**kw)
+    assert [c.index for c in a.choices] == list(range(6))
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]  # seeded: reproducible
+    assert len({c.text for c in a.choices}) > 1
+    streamed = [""] * 6
+    for chunk in oai.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == [c.text for c in a.choices]
+
+
+def test_completion_token_prompt_and_stop(oai, engine):
+    ids = engine.tokenizer.encode(PROMPT, add_special_tokens=False)
+    full = oai.completions.create(model="tiny", prompt=ids, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    text = full.choices[0].text
+    stop = pick_stop(text)
+    cut = oai.completions.create(model="tiny", prompt=ids, max_tokens=12, temperature=0, stop=[stop], extra_body={"ignore_eos": True})
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == text[: text.index(stop)]
+    streamed = "".join(c.choices[0].text for c in oai.completions.create(
+        model="tiny", prompt=ids, max_tokens=12, temperature=0, stop=stop, stream=True, extra_body={"ignore_eos": True}) if c.choices)
+    assert streamed == cut.choices[0].text
+
+
+def test_chat_uses_template_and_stream_equals_nonstream(oai, engine):
+    messages = [{"role": "system", "content": "Count."}, {"role": "user", "content": "What is the sum of 3 plus 4?"}]
+    templ = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = engine.tokenizer.encode(templ, add_special_tokens=False)
+    ref = engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 10, "temperature": 0, "ignore_eos": True})
+    res = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0, logprobs=True, top_logprobs=2,
+                                      extra_body={"ignore_eos": True})
+    choice = res.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == ref["text"]
+    assert res.usage.prompt_tokens == len(ids) and res.usage.completion_tokens == 10
+    assert len(choice.logprobs.content) == 10
+    assert all(len(t.top_logprobs) == 2 for t in choice.logprobs.content)
+    assert choice.logprobs.content[0].top_logprobs[0].logprob >= choice.logprobs.content[0].top_logprobs[1].logprob
+
+    stream = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0, stream=True,
+                                         logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == choice.message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+    lps = [t.logprob for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert lps == pytest.approx([t.logprob for t in choice.logprobs.content])
+
+    # content as text parts renders the same prompt
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What is the sum of 3 plus 4?"}]}]
+    res2 = oai.chat.completions.create(model="tiny", messages=[messages[0], *parts], max_tokens=10, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert res2.choices[0].message.content == choice.message.content
+
+
+def test_chat_n_seed_default_max_tokens(oai, engine):
+    msgs = [{"role": "user", "content": "hello"}]
+    a = oai.chat.completions.create(model="default", messages=msgs, max_tokens=6, n=2, seed=3, temperature=0.8)
+    b = oai.chat.completions.create(model="default", messages=msgs, max_tokens=6, n=2, seed=3, temperature=0.8)
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert len(a.choices) == 2
+    # no max_tokens: runs to EOS or the context end (finishes either way)
+    c = oai.chat.completions.create(model="tiny", messages=msgs, temperature=0)
+    assert c.choices[0].finish_reason in ("stop", "length")
+    assert c.usage.prompt_tokens + c.usage.completion_tokens <= engine.max_context_len
+
+
+def test_openai_errors(oai, http):
+    with pytest.raises(openai.BadRequestError) as exc:
+        oai.completions.create(model="tiny", prompt="x", max_tokens=-1)
+    assert "max_tokens" in str(exc.value)
+    with pytest.raises(openai.NotFoundError):
+        oai.completions.create(model="gpt-4", prompt="x", max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        oai.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        oai.completions.create(model="tiny", prompt="x", max_tokens=2, presence_penalty=0.5)
+    with pytest.raises(openai.BadRequestError):
+        oai.completions.create(model="tiny", prompt="x " * 600, max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        oai.completions.create(model="tiny", prompt="x", max_tokens=600)
+    with pytest.raises(openai.BadRequestError):
+        oai.chat.completions.create(model="tiny", messages=[], max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+
+    for body in (b"{not json", b"[1, 2]", b'"text"'):
+        r = http.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400
+        assert set(r.json()["error"]) >= {"message", "type", "code"}
+    r = http.post("/v1/completions", json={"prompt": "x", "temperature": "hot"})
+    assert r.status_code == 400 and "temperature" in r.json()["error"]["message"]
+    r = http.post("/v1/chat/completions", json={"model": "tiny", "messages": "hello"})
+    assert r.status_code == 400
+    r = http.post("/v1/completions", json={"prompt": "x", "n": 0})
+    assert r.status_code == 400
+    r = http.get("/no/such/route")
+    assert r.status_code == 404 and "error" in r.json()
+    assert http.get("/health").status_code == 200  # still alive
+
+
+# ---- native routes ----------------------------------------------------------------------------------
+
+
+def test_generate_native(http, engine):
+    ref = engine.generate(PROMPT, GREEDY, return_logprob=True)
+    r = http.post("/generate", json={"text": PROMPT, "sampling_params": GREEDY, "return_logprob": True})
+    assert r.status_code == 200
+    out = r.json()
+    assert out["text"] == ref["text"] and out["output_ids"] == ref["output_ids"]
+    meta = out["meta_info"]
+    assert meta["finish_reason"] == {"type": "length", "length": 12}
+    assert meta["completion_tokens"] == 12 and meta["weight_version"] == "default"
+    assert [x[1] for x in meta["output_token_logprobs"]] == ref["output_ids"]
+
+    ids = engine.tokenizer.encode(PROMPT, add_special_tokens=False)
+    r = http.post("/generate", json={"input_ids": ids, "sampling_params": GREEDY})
+    assert r.json()["output_ids"] == ref["output_ids"]
+
+    # batch (list of texts) and n > 1 return lists
+    r = http.post("/generate", json={"text": [PROMPT, "Bob sees"], "sampling_params": GREEDY})
+    outs = r.json()
+    assert isinstance(outs, list) and len(outs) == 2 and outs[0]["output_ids"] == ref["output_ids"]
+    r = http.post("/generate", json={"input_ids": [ids, ids], "sampling_params": [GREEDY, dict(GREEDY, max_new_tokens=3)]})
+    outs = r.json()
+    assert [o["meta_info"]["completion_tokens"] for o in outs] == [12, 3]
+    r = http.post("/generate", json={"text": PROMPT, "sampling_params": {"max_new_tokens": 4, "n": 3, "seed": 5}})
+    assert len(r.json()) == 3
+
+    # SGLang parameters with neutral values are accepted; text in logprobs on request
+    sg = dict(GREEDY, frequency_penalty=0.0, presence_penalty=0.0, repetition_penalty=1.0, min_new_tokens=0,
+              spaces_between_special_tokens=True, no_stop_trim=False, regex=None)
+    r = http.post("/generate", json={"text": PROMPT, "sampling_params": sg, "return_logprob": True, "return_text_in_logprobs": True,
+                                     "image_data": None, "lora_path": None})
+    assert r.status_code == 200, r.text
+    assert all(isinstance(x[2], str) for x in r.json()["meta_info"]["output_token_logprobs"])
+
+
+def test_generate_native_stream(http, engine):
+    ref = engine.generate(PROMPT, GREEDY)
+    with http.stream("POST", "/generate", json={"text": PROMPT, "sampling_params": GREEDY, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    assert events[-1]["text"] == ref["text"] and events[-1]["output_ids"] == ref["output_ids"]
+    assert "".join(e["delta_text"] for e in events) == ref["text"]
+    assert events[-1]["meta_info"]["finish_reason"]["type"] == "length"
+    assert all(e["meta_info"]["finish_reason"] is None for e in events[:-1])
+
+    # batch stream: chunks carry an index, each sub-stream equals its non-streamed output
+    body = {"text": [PROMPT, "Bob sees"], "sampling_params": GREEDY}
+    outs = http.post("/generate", json=body).json()
+    with http.stream("POST", "/generate", json={**body, "stream": True}) as r:
+        events = sse_events(r)
+    last = {e["index"]: e for e in events}
+    assert [last[i]["text"] for i in range(2)] == [o["text"] for o in outs]
+
+
+def test_generate_stop_and_no_stop_trim(http):
+    base = http.post("/generate", json={"text": PROMPT, "sampling_params": GREEDY}).json()["text"]
+    stop = pick_stop(base)
+    idx = base.index(stop)
+    sp = dict(GREEDY, stop=[stop])
+    trimmed = http.post("/generate", json={"text": PROMPT, "sampling_params": sp}).json()
+    assert trimmed["text"] == base[:idx] and trimmed["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    kept = http.post("/generate", json={"text": PROMPT, "sampling_params": dict(sp, no_stop_trim=True)}).json()
+    assert kept["text"] == base[:idx] + stop
+
+
+def test_generate_native_errors(http):
+    cases = [
+        {"sampling_params": GREEDY},  # neither text nor input_ids
+        {"text": "a", "input_ids": [1], "sampling_params": GREEDY},
+        {"text": "a", "sampling_params": {"max_new_tokens": -3}},
+        {"text": "a", "sampling_params": {"bogus_param": 1}},
+        {"text": "a", "sampling_params": {"stop": 5}},
+        {"text": "a", "sampling_params": {"repetition_penalty": 1.3}},
+        {"text": "a", "sampling_params": "greedy"},
+        {"input_ids": [10**9]},
+        {"input_ids": []},
+        {"text": 17},
+        {"text": ["a", "b"], "sampling_params": [GREEDY]},
+    ]
+    for body in cases:
+        r = http.post("/generate", json=body)
+        assert r.status_code == 400, (body, r.text)
+        assert r.json()["error"]["message"]
+    r = http.post("/generate", json={"text": "a", "sampling_params": {"max_new_tokens": -1}, "stream": True})
+    assert r.status_code == 400
+    r = http.post("/generate", content=b"{oops", headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert http.get("/health").status_code == 200
+
+
+def test_info_routes(http, engine, tiny_qwen3):
+    assert http.get("/health").status_code == 200
+    assert http.get("/health_generate").status_code == 200
+    info = http.get("/get_model_info").json()
+    assert info["model_path"] == str(tiny_qwen3) and info["is_generation"] is True and info["weight_version"] == "default"
+    sinfo = http.get("/get_server_info").json()
+    assert sinfo["page_size"] == 4 and sinfo["served_model_name"] == "tiny" and "internal_states" in sinfo
+    assert http.get("/get_weight_version").json() == {"weight_version": "default"}
+    assert http.get("/flush_cache").status_code == 200
+    r = http.post("/flush_cache")
+    assert r.status_code == 200 and r.json()["success"] is True
+    r = http.post("/abort_request", json={"rid": "no-such-request"})
+    assert r.status_code == 200 and r.json()["success"] is False
+    r = http.post("/abort_request", json={"rid": ""})
+    assert r.status_code == 200 and r.json()["success"] is False
+    assert http.post("/abort_request", json={"rid": 5}).status_code == 400
+    r = http.post("/abort_request", json={"abort_all": True})
+    assert r.status_code == 200 and r.json()["success"] is True
+
+    assert http.post("/generate", json={"text": PROMPT, "sampling_params": GREEDY}).status_code == 200
+    metrics = http.get("/metrics")
+    assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+    text = metrics.text
+    for name in ("hotswap_http_requests_total", "hotswap_prompt_tokens_total", "hotswap_generation_tokens_total",
+                 "hotswap_num_waiting_requests", "hotswap_num_running_requests", "hotswap_kv_cache_usage_ratio",
+                 "hotswap_weight_updates_total", "hotswap_weight_update_duration_seconds"):
+        assert name in text, name
+    assert 'hotswap_weight_version_info{version="default"' in text
+    gen = [line for line in text.splitlines() if line.startswith("hotswap_generation_tokens_total ")]
+    assert int(gen[0].split()[1]) > 0
+
+
+def test_abort_by_client_rid_and_engine_id(http, engine):
+    """/abort_request reaches a request by the rid its client chose (non-stream and stream) or by meta_info.id."""
+    assert http.post("/pause_generation", json={"mode": "in_place"}).status_code == 200
+    try:
+        results = {}
+
+        def call(name, body):
+            results[name] = http.post("/generate", json=body)
+
+        t = threading.Thread(target=call, args=("plain", {"text": PROMPT, "sampling_params": GREEDY, "rid": "my-rid"}))
+        t.start()
+        deadline = time.monotonic() + 5
+        while engine.get_load().num_waiting < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert http.post("/abort_request", json={"rid": "my-rid"}).json()["success"] is True
+        t.join(5)
+        out = results["plain"].json()
+        assert out["meta_info"]["finish_reason"]["type"] == "abort"
+    finally:
+        assert http.post("/continue_generation").status_code == 200
+    # a stream: abort by the engine id seen in the first chunk keeps the partial output
+    sp = dict(GREEDY, max_new_tokens=400)
+    with http.stream("POST", "/generate", json={"text": PROMPT, "sampling_params": sp, "stream": True}) as r:
+        lines = r.iter_lines()
+        first = next(x for x in lines if x)
+        erid = json.loads(first[len("data: "):])["meta_info"]["id"]
+        http.post("/abort_request", json={"rid": erid})
+        rest = [x for x in lines if x]
+    assert rest[-1] == "data: [DONE]"
+    final = json.loads(rest[-2][len("data: "):])
+    assert final["meta_info"]["finish_reason"]["type"] in ("abort", "length")
+    assert_clean(engine)
+
+
+# ---- disconnects ------------------------------------------------------------------------------------
+
+
+def test_disconnect_mid_stream_frees_request(server, http, engine):
+    """The client reads a few chunks, generation is held so the request cannot finish on its own, the client
+    goes away: the server must abort it (no running request, pages back, invariants hold)."""
+    sp = {"max_new_tokens": 500, "temperature": 0, "ignore_eos": True}
+    before = disconnects(http)
+    client = httpx.Client(base_url=server.url, timeout=30)
+    with client.stream("POST", "/generate", json={"text": PROMPT, "sampling_params": sp, "stream": True}) as r:
+        lines = r.iter_lines()
+        got = [x for _, x in zip(range(6), (y for y in lines if y))]
+        assert len(got) == 6
+        assert http.post("/pause_generation", json={"mode": "in_place"}).status_code == 200
+        load = engine.get_load()
+        assert load.num_running + load.num_waiting == 1  # held, unfinished
+    client.close()  # the connection is gone mid-stream
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            load = engine.get_load()
+            if load.num_running == 0 and load.num_waiting == 0:
+                break
+            assert time.monotonic() < deadline, f"disconnected stream still holds a request: {load}"
+            time.sleep(0.02)
+    finally:
+        assert http.post("/continue_generation").status_code == 200
+    assert_clean(engine)
+    wait_disconnects(http, before + 1)
+
+
+def disconnects(http) -> int:
+    line = next(x for x in http.get("/metrics").text.splitlines() if x.startswith("hotswap_client_disconnects_total "))
+    return int(line.split()[1])
+
+
+def wait_disconnects(http, expected: int) -> None:
+    deadline = time.monotonic() + 5
+    while disconnects(http) < expected:
+        assert time.monotonic() < deadline, f"disconnect count {disconnects(http)} != {expected}"
+        time.sleep(0.02)
+    assert disconnects(http) == expected
+
+
+def test_disconnect_openai_stream_and_nonstream(server, http, engine):
+    before = disconnects(http)
+    assert http.post("/pause_generation", json={"mode": "in_place"}).status_code == 200
+    try:
+        # non-streaming: the client times out and closes while the request waits
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 50, "n": 2}, timeout=0.5)
+        # streaming chat: the client reads the role chunk and leaves
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            with c.stream("POST", "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 50,
+                                                                "stream": True}) as r:
+                first = next(x for x in r.iter_lines() if x)
+                assert "assistant" in first
+        deadline = time.monotonic() + 10
+        while True:
+            load = engine.get_load()
+            if load.num_running == 0 and load.num_waiting == 0:
+                break
+            assert time.monotonic() < deadline, f"requests left behind: {load}"
+            time.sleep(0.02)
+    finally:
+        assert http.post("/continue_generation").status_code == 200
+    assert_clean(engine)
+    wait_disconnects(http, before + 2)
+
+
+# ---- auth -------------------------------------------------------------------------------------------
+
+
+def test_api_key(engine):
+    with ServerThread(create_app(engine, api_key="s3cret", served_model_name="tiny")) as srv:
+        assert httpx.get(srv.url + "/health").status_code == 200
+        for method, path in (("GET", "/v1/models"), ("POST", "/generate"), ("GET", "/metrics"), ("GET", "/get_model_info"),
+                             ("POST", "/update_weights_from_disk"), ("GET", "/health_generate"), ("POST", "/flush_cache")):
+            r = httpx.request(method, srv.url + path, json={})
+            assert r.status_code == 401, path
+            assert "error" in r.json()
+        r = httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401
+        r = httpx.post(srv.url + "/generate", json={"text": "a", "sampling_params": {"max_new_tokens": 2}},
+                       headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 200
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0).models.list()
+        good = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)
+        assert good.completions.create(model="tiny", prompt="a", max_tokens=2).usage.completion_tokens == 2

@@ -1,0 +1,85 @@
+"""Issue 4: `serve(args)` in its own process — progress bar on load, SIGTERM drains then aborts cleanly."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from hotswap.server.launch import add_serve_arguments, engine_kwargs_from_args
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_arguments():
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["--model-path", "/m", "--page-size", "4", "--num-pages", "64", "--max-running-requests", "8"])
+    assert (args.host, args.port, args.dtype, args.device, args.api_key, args.served_model_name) == ("127.0.0.1", 30000, "auto", "auto", None, None)
+    assert engine_kwargs_from_args(args) == {"page_size": 4, "num_pages": 64, "max_running_requests": 8}
+
+
+def test_serve_sigterm_drains_then_aborts(tiny_qwen3):
+    port = free_port()
+    code = (
+        "import argparse, sys\n"
+        "from hotswap.server.launch import add_serve_arguments, serve\n"
+        "p = argparse.ArgumentParser(); add_serve_arguments(p)\n"
+        "serve(p.parse_args(sys.argv[1:]))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "--model-path", str(tiny_qwen3), "--port", str(port), "--device", "cpu", "--page-size", "4",
+         "--num-pages", "256", "--drain-timeout", "1", "--api-key", "k", "--log-level", "info"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": "Bearer k"}
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.communicate()[1]
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.1)
+        with httpx.Client(base_url=url, headers=headers, timeout=30) as c:
+            assert c.get("/get_server_info").json()["num_pages"] == 256
+            # hold generation so the stream cannot finish by itself: the drain must end it
+            assert c.post("/pause_generation", json={"mode": "in_place"}).status_code == 200
+            with c.stream("POST", "/generate", json={"text": "Alice likes", "stream": True,
+                                                     "sampling_params": {"max_new_tokens": 50, "ignore_eos": True}}) as r:
+                time.sleep(0.3)
+                proc.send_signal(signal.SIGTERM)
+                t0 = time.monotonic()
+                lines = [x for x in r.iter_lines() if x]
+                waited = time.monotonic() - t0
+        assert lines[-1] == "data: [DONE]"
+        final = json.loads(lines[-2][len("data: "):])
+        assert final["meta_info"]["finish_reason"]["type"] == "abort"
+        assert 0.5 < waited < 15  # drained for --drain-timeout, then aborted
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read()
+    assert "hotswap: 4/4" in err  # the load progress bar reached its end
+    assert "draining" in err
