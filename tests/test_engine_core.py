@@ -169,6 +169,8 @@ def test_bad_input_is_named_and_engine_keeps_serving(tiny_qwen3, tmp_path):
             engine.generate("hi", {"max_tokens": 3})
         with pytest.raises(HotswapError, match="top_p"):
             engine.generate("hi", {"top_p": 1.5})
+        with pytest.raises(HotswapError, match="stop"):
+            engine.generate("hi", {"stop": 5})
         with pytest.raises(HotswapError, match="temperature"):
             engine.generate("hi", {"temperature": -1})
         with pytest.raises(HotswapError, match="vocabulary"):

@@ -41,6 +41,9 @@ class SamplingParams:
         if isinstance(values.get("stop"), str):
             values["stop"] = [values["stop"]]
         for key in ("stop", "stop_token_ids"):
+            if isinstance(values.get(key), tuple):
+                values[key] = list(values[key])
+        for key in ("stop", "stop_token_ids"):
             if values.get(key) is None:
                 values.pop(key, None)
         sp = cls(**values)
@@ -67,6 +70,8 @@ class SamplingParams:
             raise bad(f"n must be in [1, 256], got {self.n!r}")
         if not isinstance(self.top_logprobs_num, int) or not 0 <= self.top_logprobs_num <= 20:
             raise bad(f"top_logprobs_num must be in [0, 20], got {self.top_logprobs_num!r}")
+        if not isinstance(self.stop, list) or not isinstance(self.stop_token_ids, list):
+            raise bad("stop must be a string or a list of strings, stop_token_ids a list of integers")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop must be a list of non-empty strings")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):

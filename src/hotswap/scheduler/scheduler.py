@@ -179,7 +179,7 @@ class Scheduler:
             return
         if isinstance(request, p.GenerateRequest):
             self.add_request(request)
-            fut.set_result(None)
+            _reply(fut, None)
             return
         if isinstance(request, _DRAIN_FIRST):
             if getattr(request, "abort_all_requests", False):
@@ -197,9 +197,9 @@ class Scheduler:
             log.exception("handler failed")
             out = p.ControlOutput(success=False, message=f"{type(request).__name__} failed: {exc}")
         if isinstance(out, Future):  # finished off this thread (a group rendezvous): reply when it resolves
-            out.add_done_callback(lambda done: fut.set_result(done.result()))
+            out.add_done_callback(lambda done: _reply(fut, done.result()))
             return
-        fut.set_result(out)
+        _reply(fut, out)
 
     def run_deferred(self) -> None:
         while self.deferred and (not self.batcher.running or self.weight_updater.generation_held):
@@ -310,3 +310,9 @@ class Scheduler:
             return p.ControlOutput(success=False, message="invariants are checked only when idle")
         problems = self.invariants.check_idle()
         return p.ControlOutput(success=not problems, message="; ".join(problems) or "ok")
+
+
+def _reply(fut: Future, out) -> None:
+    """Answer a caller unless it gave up (cancelled its future); never raise into the scheduler loop."""
+    if fut.set_running_or_notify_cancel():
+        fut.set_result(out)
