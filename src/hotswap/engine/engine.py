@@ -156,10 +156,10 @@ class Engine:
         with self._rng_lock:
             return self._rng.getrandbits(62)
 
-    def _submit(self, ids: list[int], sp: SamplingParams, seed: int, sink) -> _Collector:
+    def _submit(self, ids: list[int], sp: SamplingParams, seed: int, sink, stream: bool = False) -> _Collector:
         rid = uuid.uuid4().hex
         req = p.GenerateRequest(rid=rid, input_ids=ids, sampling_params=sp, seed=seed, sink=sink,
-                                stream_text=bool(sp.stop))
+                                stream=stream, stream_text=stream or bool(sp.stop))
         self.scheduler.submit(req)
         return _Collector(rid=rid, return_logprob=sp.return_logprob)
 
@@ -186,10 +186,7 @@ class Engine:
 
     def _stream(self, ids, sp, seed) -> Iterator[dict]:
         q: queue.Queue = queue.Queue()
-        req_sp = sp
-        rid = uuid.uuid4().hex
-        self.scheduler.submit(p.GenerateRequest(rid=rid, input_ids=ids, sampling_params=req_sp, seed=seed, sink=q.put, stream=True, stream_text=True))
-        c = _Collector(rid=rid, return_logprob=sp.return_logprob)
+        c = self._submit(ids, sp, seed, q.put, stream=True)
         try:
             while True:
                 out = q.get()
@@ -199,7 +196,7 @@ class Engine:
                     return
         finally:
             if c.last is None or not c.last.finished:  # the consumer stopped early: free the request
-                self.scheduler.submit(p.AbortRequest(rid=rid, message="stream closed by the client"))
+                self.scheduler.submit(p.AbortRequest(rid=c.rid, message="stream closed by the client"))
 
     async def async_generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool = False,
                              top_logprobs_num: int = 0, stream: bool = False):
@@ -232,10 +229,7 @@ class Engine:
     async def _astream(self, ids, sp, seed) -> AsyncIterator[dict]:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        rid = uuid.uuid4().hex
-        self.scheduler.submit(p.GenerateRequest(rid=rid, input_ids=ids, sampling_params=sp, seed=seed,
-                                                sink=lambda out: loop.call_soon_threadsafe(q.put_nowait, out), stream=True, stream_text=True))
-        c = _Collector(rid=rid, return_logprob=sp.return_logprob)
+        c = self._submit(ids, sp, seed, lambda out: loop.call_soon_threadsafe(q.put_nowait, out), stream=True)
         try:
             while True:
                 out = await q.get()
@@ -245,7 +239,7 @@ class Engine:
                     return
         finally:
             if c.last is None or not c.last.finished:
-                self.scheduler.submit(p.AbortRequest(rid=rid, message="stream closed by the client"))
+                self.scheduler.submit(p.AbortRequest(rid=c.rid, message="stream closed by the client"))
 
     def abort_request(self, rid: str | None = None) -> p.ControlOutput:
         return self._call(p.AbortRequest(rid=rid))
