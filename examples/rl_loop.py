@@ -79,13 +79,10 @@ def trainer_process(conn, model_path: str, sync: str, engine_dtype: str, lr: flo
     from transformers.utils import logging
 
     from hotswap.demo.bridge import PipeEngineHandle
-    from hotswap.demo.trainer import use_own_resource_tracker
     from hotswap.trainer import DiskWeightPusher, DistributedWeightPusher, IPCWeightPusher, verify_engine_weights
 
     torch.set_num_threads(1)  # a tiny model: one thread is fastest
     logging.disable_progress_bar()
-    if sync == "ipc":
-        use_own_resource_tracker()  # as a trainer outside the engine's process tree has (see its docstring)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     engine = PipeEngineHandle(conn)  # or HttpEngineClient("http://host:port")

@@ -70,6 +70,7 @@ def plot_log(log: dict, path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     steps = log["steps"]
     xs = [s["step"] for s in steps]
@@ -85,8 +86,10 @@ def plot_log(log: dict, path: str | Path) -> Path:
         ax1.axhline(chance, color="gray", linestyle=":", linewidth=1, label=f"uniform chance {chance:.3f}")
     ax1.set_ylim(-0.02, 1.02)
     ax1.set_ylabel("reward")
-    ax1.set_title(f"hotswap demo: task '{log['task']['name']}', sync={cfg['sync']}, "
-                  f"{cfg['prompts_per_step']}x{cfg['group_size']} rollouts/step")
+    model = log["model"]
+    params = f"{model['num_parameters'] / 1e6:.2f}M-param " if model.get("num_parameters") else ""
+    ax1.set_title(f"hotswap demo: task '{log['task']['name']}', {params}{model['engine_dtype']} policy, sync={cfg['sync']}, "
+                  f"{cfg['prompts_per_step']}x{cfg['group_size']} rollouts/step", fontsize=10)
     ax1.legend(loc="lower right", fontsize=8)
     ax1.grid(alpha=0.3)
     px = [v for v, _ in pushes]
@@ -94,6 +97,7 @@ def plot_log(log: dict, path: str | Path) -> Path:
     ver = [(v, p["verify_s"] * 1000) for v, p in pushes if p.get("checksum_ok") is not None]
     if ver:
         ax2.plot([v for v, _ in ver], [t for _, t in ver], color="tab:purple", linewidth=1, label="checksum verify")
+    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2.set_xlabel("step (weights after k updates; the push drawn at k installs version step-k)")
     ax2.set_ylabel("ms")
     ax2.legend(loc="upper right", fontsize=8)

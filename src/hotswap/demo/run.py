@@ -44,7 +44,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", choices=sorted(TASKS), default="last", help="what the policy must learn (see hotswap.demo.task)")
     parser.add_argument("--prompts-per-step", type=int, default=64, help="B: prompts per step")
     parser.add_argument("--group-size", type=int, default=8, help="G: samples per prompt (the group of the baseline)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate of the trainer")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="Adam learning rate of the trainer (default: 2e-3 for the default built-in model, scaled down as 64/width for "
+                             "wider built-in models, 1e-5 for --model-path)")
     parser.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip range of the importance ratio")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--max-new-tokens", type=int, default=None, help="completion length (default: 1 on the built-in model, else 4)")
@@ -128,6 +130,8 @@ def run_rl(args, out=None) -> dict:
     model_path = Path(args.model_path) if not built_in else cached_digit_model(
         args.cache_dir, hidden_size=args.hidden_size, num_layers=args.num_layers, seed=args.seed)
     max_new_tokens = args.max_new_tokens or (1 if built_in else 4)
+    if args.lr is None:
+        args.lr = 2e-3 * min(1.0, 64 / args.hidden_size) if built_in else 1e-5
     engine_dev, trainer_dev, backend = _resolve_devices(args)
     task = DigitTask(args.task, seed=args.seed)
     n_seq = args.prompts_per_step * args.group_size

@@ -150,26 +150,9 @@ def push_and_verify(pusher, engine, model, version: str, push_dtype: torch.dtype
     return out
 
 
-def use_own_resource_tracker() -> None:
-    """Give this process its own multiprocessing resource tracker instead of the parent's.
-
-    A `spawn` child shares its parent's tracker, so here the trainer (which creates and unlinks the
-    shared-memory blocks of IPC pushes) and the engine (which attaches to them) talk to one tracker; the
-    engine's attach in `hotswap.weights.ipc` registers and then unregisters the block there, and the
-    trainer's unlink then unregisters it a second time: the tracker prints a KeyError traceback per
-    push. A trainer that is not the engine's child has a tracker of its own, as this one now does."""
-    from multiprocessing import resource_tracker as rt
-
-    tracker = rt.ResourceTracker()
-    rt._resource_tracker = tracker  # noqa: SLF001
-    rt.ensure_running, rt.register, rt.unregister, rt.getfd = tracker.ensure_running, tracker.register, tracker.unregister, tracker.getfd
-
-
 def trainer_main(conn: Connection, cfg: TrainerConfig) -> None:
     """Entry point of the trainer process."""
     try:
-        if cfg.sync == "ipc":
-            use_own_resource_tracker()
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
