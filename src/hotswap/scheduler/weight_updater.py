@@ -9,8 +9,10 @@ otherwise leave a mixture; the version advances once, when the session commits.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -23,7 +25,7 @@ from hotswap.errors import HotswapError
 from hotswap.runner.model_runner import ModelRunner
 from hotswap.weights import saver
 from hotswap.weights.checksum import manifest_digest, tensor_sha256
-from hotswap.weights.distributed import WeightsGroup, dtype_from_name, init_custom_process_group
+from hotswap.weights.distributed import WeightsGroup, WeightsGroupError, init_custom_process_group, short_error
 from hotswap.weights.loader import TensorMeta, check_tensor_metas, plan_checkpoint
 from hotswap.weights.mapping import WeightSlot
 from hotswap.weights.rollback import RollbackBuffer
@@ -66,6 +68,7 @@ class WeightUpdater:
     paused: bool = False
     expired_message: str | None = None
     groups: dict[str, WeightsGroup] = field(default_factory=dict)
+    pending_groups: set[str] = field(default_factory=set)  # rendezvous under way in a helper thread
     snapshot: dict[str, torch.Tensor] | None = None
     history: list[dict] = field(default_factory=list)  # (time, elapsed, bytes) per committed update, for metrics
 
@@ -85,6 +88,8 @@ class WeightUpdater:
         s = self.session
         if s is None or not s.explicit:
             return
+        if s.opened_by == "pause_generation" and not s.begun and not s.changed:
+            return  # a pause holding no updates has nothing to roll back: it lasts until continue_generation
         idle = time.monotonic() - s.last_activity
         if idle < self.config.weight_session_timeout_s:
             return
@@ -168,6 +173,19 @@ class WeightUpdater:
     def _refuse(self, message: str) -> p.WeightUpdateOutput:
         return p.WeightUpdateOutput(success=False, message=message, weight_version=self.weight_version)
 
+    def _refuse_update(self, message: str) -> p.WeightUpdateOutput:
+        """Refuse an update call; inside an explicit session the refused bucket fails the session (rolled
+        back now, closed by end_weight_update), so ending it can never commit the other buckets alone."""
+        s = self.session
+        rolled_back = False
+        if s is not None and s.explicit and s.failure is None:
+            rolled_back = s.rollback.restore() > 0
+            s.failure = message
+            message += "; the open session is marked failed and rolled back: end it with end_weight_update"
+        out = self._refuse(message)
+        out.rolled_back = rolled_back
+        return out
+
     def _guard_rollback(self, session: UpdateSession, slots: list[WeightSlot], streaming: bool) -> None:
         """Save originals when a later failure could strand these copies: inside an explicit session,
         or when this call's own source can still fail after the first copy (streaming reads)."""
@@ -183,11 +201,11 @@ class WeightUpdater:
 
     def update_weights_from_disk(self, req: p.UpdateWeightsFromDiskRequest) -> p.WeightUpdateOutput:
         if req.load_format not in (None, "auto", "safetensors"):
-            return self._refuse(f"unsupported load_format {req.load_format!r}; hotswap loads safetensors")
+            return self._refuse_update(f"unsupported load_format {req.load_format!r}; hotswap loads safetensors")
         try:
             plan = plan_checkpoint(self.model_runner.weight_map, req.model_path)
         except HotswapError as exc:
-            return self._refuse(f"update_weights_from_disk refused: {exc}; weights unchanged")
+            return self._refuse_update(f"update_weights_from_disk refused: {exc}; weights unchanged")
 
         def apply(session: UpdateSession) -> tuple[int, int]:
             slot_of = {info.name: slot for info, slot in plan}
@@ -205,7 +223,7 @@ class WeightUpdater:
 
     def update_weights_from_tensor(self, req: p.UpdateWeightsFromTensorRequest) -> p.WeightUpdateOutput:
         if req.load_format not in (None, "direct"):
-            return self._refuse(f"unsupported load_format {req.load_format!r}")
+            return self._refuse_update(f"unsupported load_format {req.load_format!r}")
         try:
             from hotswap.weights.ipc import resolve_named_tensors
 
@@ -213,7 +231,7 @@ class WeightUpdater:
             metas = [TensorMeta(n, t.dtype, tuple(t.shape)) for n, t in named]
             pairs = check_tensor_metas(self.model_runner.weight_map, metas, require_all=False)
         except HotswapError as exc:
-            return self._refuse(f"update_weights_from_tensor refused: {exc}; weights unchanged")
+            return self._refuse_update(f"update_weights_from_tensor refused: {exc}; weights unchanged")
         tensors = dict(named)
 
         def apply(session: UpdateSession) -> tuple[int, int]:
@@ -233,7 +251,7 @@ class WeightUpdater:
         try:
             from hotswap.weights.checkpoint_engine import receive_from_checkpoint_engine
         except ImportError as exc:
-            return self._refuse(f"update_weights_from_ipc needs pyzmq: {exc}")
+            return self._refuse_update(f"update_weights_from_ipc needs pyzmq: {exc}")
 
         def apply(session: UpdateSession) -> tuple[int, int]:
             return receive_from_checkpoint_engine(
@@ -245,49 +263,89 @@ class WeightUpdater:
 
     # ---- update from a trainer over torch.distributed ----------------------------------------------
 
-    def init_weights_update_group(self, req: p.InitWeightsUpdateGroupRequest) -> p.ControlOutput:
-        if req.group_name in self.groups:
-            return p.ControlOutput(success=False, message=f"weights update group {req.group_name!r} already exists")
+    def init_weights_update_group(self, req: p.InitWeightsUpdateGroupRequest) -> p.ControlOutput | Future:
+        """Validate, then rendezvous in a helper thread (it blocks until the trainer and every other rank
+        arrive, up to `timeout_s`) so the engine keeps serving meanwhile; the returned Future carries the
+        output, and the group is registered before it resolves."""
+        name = req.group_name
+        if name in self.groups or name in self.pending_groups:
+            state = "is still being set up" if name in self.pending_groups else "already exists"
+            return p.ControlOutput(success=False, message=f"weights update group {name!r} {state}; destroy it or use another group_name")
         device = self.model_runner.device
         backend = req.backend or ("nccl" if device.type == "cuda" else "gloo")
+        if backend not in ("gloo", "nccl"):
+            return p.ControlOutput(success=False, message=f"unsupported backend {backend!r}; use 'nccl' (CUDA) or 'gloo'")
+        if backend == "nccl" and device.type != "cuda":
+            return p.ControlOutput(success=False, message="backend 'nccl' needs a CUDA engine; use 'gloo' on the CPU")
         rank = req.rank_offset + self.model_runner.tp.rank
         if not 0 < rank < req.world_size:
             return p.ControlOutput(success=False, message=f"engine rank {rank} (rank_offset {req.rank_offset}) must be in 1..world_size-1={req.world_size - 1}")
-        try:
-            pg = init_custom_process_group(
-                backend=backend, init_method=f"tcp://{req.master_address}:{req.master_port}", world_size=req.world_size,
-                rank=rank, group_name=req.group_name, timeout=timedelta(seconds=req.timeout_s),
-            )
-        except Exception as exc:
-            return p.ControlOutput(success=False, message=f"failed to join weights update group {req.group_name!r}: {type(exc).__name__}: {exc}")
-        self.groups[req.group_name] = WeightsGroup(req.group_name, pg, rank, req.world_size, backend, device)
-        return p.ControlOutput(success=True, message=f"joined group {req.group_name!r} as rank {rank} of {req.world_size} ({backend})")
+        if not req.timeout_s or req.timeout_s <= 0:
+            return p.ControlOutput(success=False, message=f"timeout_s must be positive, got {req.timeout_s!r}")
+        where = f"tcp://{req.master_address}:{req.master_port}"
+        self.pending_groups.add(name)
+        fut: Future = Future()
+
+        def join() -> None:
+            try:
+                pg = init_custom_process_group(backend=backend, init_method=where, world_size=req.world_size, rank=rank,
+                                               group_name=name, timeout=timedelta(seconds=req.timeout_s))
+            except Exception as exc:
+                out = p.ControlOutput(success=False, message=(
+                    f"failed to join weights update group {name!r} at {where} as rank {rank} of {req.world_size} within "
+                    f"{req.timeout_s:g} s (the trainer must create it as rank 0 there, with every other rank joining): {short_error(exc)}"))
+            else:
+                # one dict store, atomic under the GIL; the scheduler thread only reads this dict
+                self.groups[name] = WeightsGroup(name, pg, rank, req.world_size, backend, device,
+                                                 op_timeout_s=self.config.weight_session_timeout_s)
+                out = p.ControlOutput(success=True, message=f"joined group {name!r} as rank {rank} of {req.world_size} ({backend})")
+            finally:
+                self.pending_groups.discard(name)
+            fut.set_result(out)
+
+        threading.Thread(target=join, name=f"hotswap-join-{name}", daemon=True).start()
+        return fut
 
     def destroy_weights_update_group(self, req: p.DestroyWeightsUpdateGroupRequest) -> p.ControlOutput:
         group = self.groups.pop(req.group_name, None)
         if group is None:
-            return p.ControlOutput(success=False, message=f"no weights update group named {req.group_name!r}")
-        try:
-            group.destroy()
-        except Exception as exc:  # a dead peer can make teardown fail; the group is gone either way
-            return p.ControlOutput(success=True, message=f"group {req.group_name!r} destroyed ({type(exc).__name__}: {exc})")
-        return p.ControlOutput(success=True, message=f"group {req.group_name!r} destroyed")
+            pending = " (it is still being set up)" if req.group_name in self.pending_groups else ""
+            return p.ControlOutput(success=False, message=f"no weights update group named {req.group_name!r}{pending}")
+        note = group.destroy()  # a dead peer can make teardown complain; the group is gone either way
+        extra = "".join(f" ({x})" for x in (f"it was broken: {group.broken}" if group.broken else None, note) if x)
+        return p.ControlOutput(success=True, message=f"group {req.group_name!r} destroyed{extra}")
 
     def update_weights_from_distributed(self, req: p.UpdateWeightsFromDistributedRequest) -> p.WeightUpdateOutput:
-        from hotswap.weights.distributed_receiver import BucketMeta, plan_receive, receive_bucket
+        """Lockstep with the trainer: once the group exists and the metadata can be received, take part in
+        every broadcast the request announces, then decide (session state, names, shapes, values). The
+        output's `extra["received"]` tells the trainer whether lockstep held."""
+        from hotswap.weights.distributed_receiver import plan_receive, receive_bucket
+
+        def refuse(message: str) -> p.WeightUpdateOutput:
+            out = self._refuse_update(f"update_weights_from_distributed refused: {message}")
+            out.extra["received"] = False
+            return out
 
         group = self.groups.get(req.group_name)
         if group is None:
-            return self._refuse(f"update_weights_from_distributed refused: no weights update group {req.group_name!r}; call init_weights_update_group first")
+            pending = " (it is still being set up)" if req.group_name in self.pending_groups else ""
+            return refuse(f"no weights update group {req.group_name!r}{pending}; call init_weights_update_group first")
+        if group.broken is not None:
+            return refuse(f"weights update group {req.group_name!r} is broken ({group.broken}); destroy it and init a new one")
         try:
             metas = plan_receive(req.names, req.dtypes, req.shapes, req.load_format, max_bytes=self.config.weight_update_bucket_bytes)
         except HotswapError as exc:
             # metadata that cannot be received at all: refuse up front; the group's timeout frees the trainer
-            return self._refuse(f"update_weights_from_distributed refused: {exc}")
+            return refuse(str(exc))
+        recv_error = None
+        try:
+            received = receive_bucket(group, metas, req.load_format)
+        except Exception as exc:  # a dead or hung trainer: the group is now broken
+            received, recv_error = [], str(exc) if isinstance(exc, WeightsGroupError) else short_error(exc)
 
         def apply(session: UpdateSession) -> tuple[int, int]:
-            # lockstep: take part in every broadcast the request announces, then validate, then copy
-            received = receive_bucket(group, metas, req.load_format)
+            if recv_error is not None:
+                raise UpdateFailed(f"receiving the bucket failed: {recv_error}")
             named = list(zip([m.name for m in metas], received))
             pairs = check_tensor_metas(self.model_runner.weight_map, [TensorMeta(m.name, m.dtype, m.shape) for m in metas], require_all=False)
             for name, t in named:
@@ -300,7 +358,11 @@ class WeightUpdater:
                 nbytes += tensors[meta.name].numel() * tensors[meta.name].element_size()
             return len(pairs), nbytes
 
-        return self._run_update("update_weights_from_distributed", req.weight_version, req.flush_cache, apply)
+        out = self._run_update("update_weights_from_distributed", req.weight_version, req.flush_cache, apply)
+        if recv_error is not None and recv_error not in out.message:
+            out.message += f" (receiving the bucket also failed: {recv_error})"
+        out.extra["received"] = recv_error is None
+        return out
 
     # ---- explicit sessions and pausing -------------------------------------------------------------
 
@@ -325,11 +387,12 @@ class WeightUpdater:
             return self._refuse("end_weight_update refused: no weight-update session is open")
         if req.weight_version is not None:
             s.version = req.weight_version
-        if s.failure is not None:
+        if req.abort or s.failure is not None:
             s.rollback.restore()
             self._close_after(s)
-            return p.WeightUpdateOutput(success=False, rolled_back=True, weight_version=self.weight_version,
-                                        message=f"session rolled back: {s.failure}; weights are as before begin_weight_update")
+            why = "aborted by the caller" + (f" after a failure: {s.failure}" if s.failure else "") if req.abort else f"rolled back: {s.failure}"
+            return p.WeightUpdateOutput(success=req.abort, rolled_back=True, weight_version=self.weight_version,
+                                        message=f"session {why}; weights are as before begin_weight_update")
         n, nbytes = s.num_tensors, s.num_bytes
         elapsed = time.monotonic() - s.started
         if s.opened_by == "pause_generation":  # commit the updates, stay paused until continue_generation

@@ -1,5 +1,7 @@
 """The engine's side of a trainer broadcast: per-tensor broadcasts, or one flattened byte bucket per call
-(SGLang's `flattened_bucket`: every tensor's bytes concatenated in the announced order)."""
+(SGLang's `flattened_bucket`: every tensor's bytes concatenated in the announced order, each tensor
+contiguous and row-major). The trainer's side is `hotswap.trainer.DistributedWeightPusher`; both use
+`bucket_layout` so they agree on the bytes."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import torch
 
 from hotswap.errors import HotswapError
 from hotswap.weights.distributed import WeightsGroup, dtype_from_name
+
+LOAD_FORMATS = (None, "flattened_bucket")
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,10 +27,21 @@ class BucketMeta:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
+def bucket_layout(metas: list[BucketMeta]) -> tuple[list[int], int]:
+    """Byte offset of each tensor in a flattened bucket, and the bucket's size."""
+    offsets, total = [], 0
+    for m in metas:
+        offsets.append(total)
+        total += m.nbytes
+    return offsets, total
+
+
 def plan_receive(names: list[str], dtypes: list[str], shapes: list[list[int]], load_format: str | None, *, max_bytes: int) -> list[BucketMeta]:
     """Check the announced metadata can be received at all (the only refusal made before receiving)."""
-    if load_format not in (None, "flattened_bucket"):
-        raise HotswapError(f"unsupported load_format {load_format!r}; use None or 'flattened_bucket'")
+    if load_format not in LOAD_FORMATS:
+        raise HotswapError(f"unsupported load_format {load_format!r}; use None (one broadcast per tensor) or 'flattened_bucket'")
+    if not all(isinstance(x, (list, tuple)) for x in (names, dtypes, shapes)):
+        raise HotswapError("names, dtypes and shapes must be lists")
     if not (len(names) == len(dtypes) == len(shapes)):
         raise HotswapError(f"names, dtypes and shapes differ in length ({len(names)}, {len(dtypes)}, {len(shapes)})")
     metas = []
@@ -34,28 +49,29 @@ def plan_receive(names: list[str], dtypes: list[str], shapes: list[list[int]], l
         dtype = dtype_from_name(dt) if not isinstance(dt, torch.dtype) else dt
         if dtype is None:
             raise HotswapError(f"unknown dtype {dt!r} for {name!r}")
-        if any((not isinstance(d, int)) or d < 0 for d in shape):
+        if not isinstance(shape, (list, tuple)) or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
             raise HotswapError(f"invalid shape {shape!r} for {name!r}")
-        metas.append(BucketMeta(name, dtype, tuple(shape)))
-    total = sum(m.nbytes for m in metas)
+        metas.append(BucketMeta(str(name), dtype, tuple(shape)))
+    total = bucket_layout(metas)[1]
     if total > max_bytes:
         raise HotswapError(f"bucket of {total} bytes exceeds the configured limit of {max_bytes} bytes (weight_update_bucket_bytes)")
     return metas
 
 
 def receive_bucket(group: WeightsGroup, metas: list[BucketMeta], load_format: str | None) -> list[torch.Tensor]:
-    """Receive every tensor the request announced into fresh scratch buffers on the group's device."""
+    """Receive every tensor the request announced into fresh scratch buffers on the group's device
+    (bounded by the bucket limit), in the announced order."""
     device = group.device
     if load_format == "flattened_bucket":
-        flat = torch.empty(sum(m.nbytes for m in metas), dtype=torch.uint8, device=device)
+        offsets, total = bucket_layout(metas)
+        flat = torch.empty(total, dtype=torch.uint8, device=device)
         group.broadcast_from_trainer(flat)
-        out, offset = [], 0
-        for m in metas:
+        out = []
+        for m, offset in zip(metas, offsets):
             chunk = flat[offset : offset + m.nbytes]
             if offset % m.dtype.itemsize:
-                chunk = chunk.clone()
+                chunk = chunk.clone()  # view(dtype) needs an aligned start
             out.append(chunk.view(m.dtype).view(m.shape))
-            offset += m.nbytes
         return out
     out = []
     for m in metas:

@@ -3,36 +3,50 @@
 A descriptor is a JSON-able dict: {"name", "dtype", "shape", "kind", ...}
 - kind "cuda_ipc": a CUDA IPC memory handle of the producer's storage (base64 fields), plus
   "storage_offset" and "stride" in elements. The consumer maps the same GPU memory: no copy in transit.
-- kind "shm": a POSIX shared-memory block name and a byte "offset"; for CPU engines and tests.
-The producer must keep its tensors alive until the update call returns.
+- kind "shm": a POSIX shared-memory block name ("shm_name") and a byte "offset"; the tensor's bytes lie
+  there contiguous and row-major. For CPU engines and tests.
+The producer keeps its tensors (and blocks) alive until the update call returns, then frees them: the
+consumer copies what it needs before it replies and keeps no reference.
+
+Both sides live here: the trainer builds descriptors (`cuda_ipc_descriptor`, `SharedMemoryBucket`), the
+engine opens them (`resolve_named_tensors`). Keep this module free of engine imports.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import math
+from collections.abc import Iterable
 from multiprocessing import shared_memory
 
 import torch
 
 from hotswap.errors import HotswapError
-from hotswap.weights.distributed import dtype_from_name
+from hotswap.weights.distributed import dtype_from_name, dtype_name
 
 _B64_FIELDS = ("handle", "ref_counter_handle", "event_handle")
+_CUDA_FIELDS = ("device", "handle", "storage_size", "storage_handle_offset", "ref_counter_handle", "ref_counter_offset",
+                "event_handle", "event_sync_required", "storage_offset", "stride")
 
 
 def _b64(x: bytes) -> str:
     return base64.b64encode(x).decode()
 
 
+# ---- producer side ---------------------------------------------------------------------------------
+
+
 def cuda_ipc_descriptor(name: str, t: torch.Tensor) -> dict:
-    """Producer side: describe a CUDA tensor by its storage's IPC handle."""
+    """Producer side: describe a CUDA tensor by its storage's IPC handle. The producer must make the
+    tensor's data visible before the consumer reads it (`torch.cuda.synchronize()` or the stream it was
+    written on) and keep it alive until the update call returns."""
     if not t.is_cuda:
         raise HotswapError(f"{name!r}: cuda_ipc needs a CUDA tensor")
     storage = t.untyped_storage()
     device, handle, size, offset, rc_handle, rc_offset, ev_handle, ev_sync = storage._share_cuda_()
     return {
-        "name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "stride": list(t.stride()),
+        "name": name, "dtype": dtype_name(t.dtype), "shape": list(t.shape), "stride": list(t.stride()),
         "storage_offset": t.storage_offset(), "kind": "cuda_ipc",
         "device": device, "handle": _b64(handle), "storage_size": size, "storage_handle_offset": offset,
         "ref_counter_handle": _b64(rc_handle), "ref_counter_offset": rc_offset,
@@ -40,52 +54,170 @@ def cuda_ipc_descriptor(name: str, t: torch.Tensor) -> dict:
     }
 
 
-def _open_cuda_ipc(d: dict, dtype: torch.dtype) -> torch.Tensor:
-    raw = {k: base64.b64decode(d[k]) for k in _B64_FIELDS}
-    storage = torch.UntypedStorage._new_shared_cuda(
-        int(d["device"]), raw["handle"], int(d["storage_size"]), int(d["storage_handle_offset"]),
-        raw["ref_counter_handle"], int(d["ref_counter_offset"]), raw["event_handle"] or None, bool(d["event_sync_required"]),
-    )
-    t = torch.empty(0, dtype=dtype, device=f"cuda:{int(d['device'])}")
-    return t.set_(storage, int(d["storage_offset"]), tuple(d["shape"]), tuple(d["stride"]))
+class SharedMemoryBucket:
+    """Producer side for CPU tensors: one shared-memory block holding a bucket of tensors, and their
+    descriptors. Use as a context manager (or call `close()`): the block is unlinked when done."""
+
+    def __init__(self, named_tensors: Iterable[tuple[str, torch.Tensor]]):
+        named = [(str(n), t) for n, t in named_tensors]
+        sizes = [t.numel() * t.element_size() for _, t in named]
+        self.block = shared_memory.SharedMemory(create=True, size=max(1, sum(sizes)))
+        self.descriptors: list[dict] = []
+        self.nbytes = sum(sizes)
+        offset = 0
+        try:
+            for (name, t), n in zip(named, sizes):
+                if n:
+                    dst = torch.frombuffer(self.block.buf, dtype=torch.uint8, count=n, offset=offset)
+                    dst.copy_(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8))
+                    del dst
+                self.descriptors.append({"name": name, "dtype": dtype_name(t.dtype), "shape": list(t.shape), "kind": "shm",
+                                         "shm_name": self.block.name, "offset": offset})
+                offset += n
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def name(self) -> str:
+        return self.block.name
+
+    def close(self) -> None:
+        block, self.block = getattr(self, "block", None), None
+        if block is None:
+            return
+        block.close()
+        try:
+            block.unlink()
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> SharedMemoryBucket:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def shm_descriptors(named_tensors: list[tuple[str, torch.Tensor]]) -> tuple[shared_memory.SharedMemory, list[dict]]:
-    """Producer side for CPU: copy tensors into one shared-memory block; the caller unlinks it after the update."""
-    sizes = [t.numel() * t.element_size() for _, t in named_tensors]
-    block = shared_memory.SharedMemory(create=True, size=max(1, sum(sizes)))
-    descs, offset = [], 0
-    for (name, t), n in zip(named_tensors, sizes):
-        if n:
-            dst = torch.frombuffer(block.buf, dtype=torch.uint8, count=n, offset=offset)
-            dst.copy_(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8))
-        descs.append({"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "kind": "shm",
-                      "shm_name": block.name, "offset": offset})
-        offset += n
-    return block, descs
+    """Producer side for CPU: copy tensors into one shared-memory block; the caller closes and unlinks it
+    after the update. (`SharedMemoryBucket` does the same and cleans up itself.)"""
+    bucket = SharedMemoryBucket(named_tensors)
+    return bucket.block, bucket.descriptors
+
+
+# ---- consumer side ---------------------------------------------------------------------------------
+
+
+def _read_shm(name: str, offset: int, nbytes: int, what: str) -> torch.Tensor:
+    """Copy `nbytes` at `offset` out of an existing POSIX shared-memory block, mapped read-only.
+
+    The block belongs to the producer: it is opened by name with `shm_open` rather than through
+    `multiprocessing.shared_memory`, whose attach (before Python 3.13) registers the block with this
+    process's resource tracker, which would then unlink it at our exit (or complain when the producer,
+    living in this same process, unlinks it)."""
+    import mmap
+    import os
+
+    import numpy as np
+
+    try:
+        import _posixshmem
+    except ImportError:  # not POSIX: fall back to the stdlib class
+        block = shared_memory.SharedMemory(name=name, create=False)
+        try:
+            if offset + nbytes > block.size:
+                raise HotswapError(f"{what}: offset {offset} + {nbytes} bytes runs past the end of shared-memory block {name!r} ({block.size} bytes)")
+            out = torch.empty(nbytes, dtype=torch.uint8)
+            out.numpy()[:] = np.frombuffer(block.buf, dtype=np.uint8, count=nbytes, offset=offset)
+            return out
+        finally:
+            block.close()
+    fd = _posixshmem.shm_open("/" + name.lstrip("/"), os.O_RDONLY, mode=0o600)
+    try:
+        size = os.fstat(fd).st_size
+        if offset + nbytes > size:
+            raise HotswapError(f"{what}: offset {offset} + {nbytes} bytes runs past the end of shared-memory block {name!r} ({size} bytes)")
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mm:
+                src = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=offset)
+                out.numpy()[:] = src
+                del src  # release the exported buffer before the map closes
+        return out
+    finally:
+        os.close(fd)
+
+
+def _int_field(d: dict, key: str) -> int:
+    v = d[key]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise HotswapError(f"{d['name']!r}: field {key!r} must be an integer, got {v!r}")
+    return v
+
+
+def _shape(d: dict) -> tuple[int, ...]:
+    shape = d["shape"]
+    if not isinstance(shape, (list, tuple)) or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in shape):
+        raise HotswapError(f"{d['name']!r}: shape must be a list of non-negative integers, got {shape!r}")
+    return tuple(shape)
 
 
 def _open_shm(d: dict, dtype: torch.dtype) -> torch.Tensor:
+    if "shm_name" not in d or "offset" not in d:
+        raise HotswapError(f"{d['name']!r}: an 'shm' descriptor needs 'shm_name' and 'offset'")
+    shm_name = d["shm_name"]
+    if not isinstance(shm_name, str) or not shm_name.lstrip("/") or "/" in shm_name.lstrip("/") or "\0" in shm_name:
+        raise HotswapError(f"{d['name']!r}: invalid shared-memory block name {shm_name!r}")
+    offset = _int_field(d, "offset")
+    shape = _shape(d)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if offset < 0:
+        raise HotswapError(f"{d['name']!r}: negative offset {offset}")
     try:
-        block = shared_memory.SharedMemory(name=str(d["shm_name"]))
+        raw = _read_shm(shm_name, offset, nbytes, repr(d["name"]))
     except FileNotFoundError as exc:
-        raise HotswapError(f"{d['name']!r}: shared-memory block {d['shm_name']!r} does not exist") from exc
+        raise HotswapError(f"{d['name']!r}: shared-memory block {shm_name!r} does not exist (freed too early?)") from exc
+    except OSError as exc:
+        raise HotswapError(f"{d['name']!r}: cannot open shared-memory block {shm_name!r}: {exc}") from exc
+    return raw.view(dtype).view(shape)
+
+
+def _open_cuda_ipc(d: dict, dtype: torch.dtype) -> torch.Tensor:
+    missing = [k for k in _CUDA_FIELDS if k not in d]
+    if missing:
+        raise HotswapError(f"{d['name']!r}: a 'cuda_ipc' descriptor lacks field(s) {missing}")
+    if not torch.cuda.is_available():
+        raise HotswapError(f"{d['name']!r}: cuda_ipc handles need a CUDA engine")
     try:
-        count = math.prod(d["shape"])
-        nbytes = count * dtype.itemsize
-        if int(d["offset"]) < 0 or int(d["offset"]) + nbytes > block.size:
-            raise HotswapError(f"{d['name']!r}: offset/shape run past the end of shared-memory block {d['shm_name']!r}")
-        if count == 0:
-            return torch.empty(tuple(d["shape"]), dtype=dtype)
-        src = torch.frombuffer(block.buf, dtype=dtype, count=count, offset=int(d["offset"]))
-        return src.clone().view(tuple(d["shape"]))
-    finally:
-        block.close()
+        raw = {k: base64.b64decode(d[k], validate=True) for k in _B64_FIELDS}
+    except (binascii.Error, TypeError, ValueError) as exc:
+        raise HotswapError(f"{d['name']!r}: handle fields are not valid base64: {exc}") from exc
+    shape = _shape(d)
+    stride = d["stride"]
+    if not isinstance(stride, (list, tuple)) or len(stride) != len(shape) or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in stride):
+        raise HotswapError(f"{d['name']!r}: stride {stride!r} does not fit shape {list(shape)}")
+    storage_offset = _int_field(d, "storage_offset")
+    storage_size = _int_field(d, "storage_size")
+    if storage_offset < 0:
+        raise HotswapError(f"{d['name']!r}: negative storage_offset {storage_offset}")
+    if math.prod(shape):
+        last = storage_offset + sum((n - 1) * s for n, s in zip(shape, stride))
+        if (last + 1) * dtype.itemsize > storage_size:
+            raise HotswapError(f"{d['name']!r}: shape/stride/offset reach past the shared storage ({storage_size} bytes)")
+    storage = torch.UntypedStorage._new_shared_cuda(
+        _int_field(d, "device"), raw["handle"], storage_size, _int_field(d, "storage_handle_offset"),
+        raw["ref_counter_handle"], _int_field(d, "ref_counter_offset"), raw["event_handle"] or None, bool(d["event_sync_required"]),
+    )
+    t = torch.empty(0, dtype=dtype, device=f"cuda:{int(d['device'])}")
+    return t.set_(storage, storage_offset, shape, tuple(stride))
 
 
 def resolve_named_tensors(items, device: torch.device) -> list[tuple[str, torch.Tensor]]:
-    """In-process (name, tensor) pairs pass through; descriptors are opened. Raises HotswapError naming
-    the first malformed entry."""
+    """In-process (name, tensor) pairs pass through; descriptors are opened (shm data is copied out, CUDA
+    IPC maps the producer's memory). Raises HotswapError naming the first malformed entry."""
+    if not isinstance(items, (list, tuple)):
+        raise HotswapError("named_tensors must be a list of (name, tensor) pairs or handle descriptors")
     out = []
     for i, item in enumerate(items):
         if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], torch.Tensor):
@@ -96,7 +228,9 @@ def resolve_named_tensors(items, device: torch.device) -> list[tuple[str, torch.
         missing = [k for k in ("name", "dtype", "shape", "kind") if k not in item]
         if missing:
             raise HotswapError(f"named_tensors[{i}] lacks field(s) {missing}")
-        dtype = dtype_from_name(item["dtype"])
+        if not isinstance(item["name"], str) or not item["name"]:
+            raise HotswapError(f"named_tensors[{i}]: name must be a non-empty string, got {item['name']!r}")
+        dtype = dtype_from_name(item["dtype"]) if isinstance(item["dtype"], str) else None
         if dtype is None:
             raise HotswapError(f"{item['name']!r}: unknown dtype {item['dtype']!r}")
         try:
@@ -108,6 +242,6 @@ def resolve_named_tensors(items, device: torch.device) -> list[tuple[str, torch.
                 raise HotswapError(f"{item['name']!r}: unknown handle kind {item['kind']!r}; use 'cuda_ipc' or 'shm'")
         except HotswapError:
             raise
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as exc:
             raise HotswapError(f"{item['name']!r}: cannot open {item['kind']} handle: {exc}") from exc
     return out

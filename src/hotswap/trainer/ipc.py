@@ -1,0 +1,81 @@
+"""Push weights to engines on the same host by handle: CUDA IPC for GPU tensors (the engine maps the
+trainer's memory, no copy in transit), shared memory for CPU tensors. Descriptors are plain JSON-able
+data (`hotswap.weights.ipc`), so the same push works in process and over HTTP."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from hotswap.trainer.buckets import BucketMetadata, iter_buckets, tensor_nbytes
+from hotswap.trainer.client import EngineHandle, EngineResult
+from hotswap.trainer.push import DEFAULT_BUCKET_BYTES, WeightPusher, WeightPushError, failure_reason
+from hotswap.weights.ipc import SharedMemoryBucket, cuda_ipc_descriptor
+
+
+class IPCWeightPusher(WeightPusher):
+    """Buckets of handle descriptors through `update_weights_from_tensor`.
+
+    GPU tensors travel as CUDA IPC handles of their own storage (or of a cast copy when `dtype` differs),
+    kept alive until every engine has replied; CPU tensors are copied into one shared-memory block per
+    bucket, unlinked after the call. Extra trainer memory is one bucket at most."""
+
+    def __init__(self, engines: EngineHandle | Sequence[EngineHandle], *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 dtype: torch.dtype | None = None, flush_cache: bool = True, use_sessions: bool = True, pack_cuda: bool = True):
+        super().__init__(engines, bucket_bytes=bucket_bytes, dtype=dtype, flush_cache=flush_cache, use_sessions=use_sessions)
+        self.pack_cuda = pack_cuda
+
+    def _send(self, named, weight_version: str | None, progress: Callable | None) -> dict:
+        stats = {"num_tensors": 0, "num_bytes": 0, "num_buckets": 0, "last_results": []}
+        for bucket in iter_buckets(named, self.bucket_bytes, self.dtype):
+            results = self.push_bucket(bucket, weight_version=weight_version)
+            stats["num_tensors"] += len(bucket)
+            stats["num_bytes"] += sum(tensor_nbytes(t, self.dtype) for _, t in bucket)
+            stats["num_buckets"] += 1
+            stats["last_results"] = results
+            if progress is not None:
+                progress(stats["num_buckets"] - 1, stats["num_tensors"], stats["num_bytes"])
+        return stats
+
+    def _gpu_tensors(self, gpu: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """The tensors whose handles are sent. With `pack_cuda`, a bucket of one wire dtype is copied into one
+        flat buffer (extra memory: one bucket) so the engine opens a single IPC storage per bucket instead of
+        one per tensor; tensors already sharing one storage, uncast, are sent as they are."""
+        dtypes = {self.dtype or t.dtype for _, t in gpu}
+        shared = len({t.untyped_storage().data_ptr() for _, t in gpu}) == 1 and all(self.dtype in (None, t.dtype) for _, t in gpu)
+        if not (self.pack_cuda and len(gpu) > 1 and len(dtypes) == 1 and not shared):
+            return [t.detach() if self.dtype in (None, t.dtype) else t.detach().to(self.dtype) for _, t in gpu]
+        flat = torch.empty(sum(t.numel() for _, t in gpu), dtype=dtypes.pop(), device=gpu[0][1].device)
+        views, offset = [], 0
+        for _, t in gpu:
+            view = flat[offset : offset + t.numel()].view(t.shape)
+            view.copy_(t.detach())
+            views.append(view)
+            offset += t.numel()
+        return views
+
+    def push_bucket(self, bucket: list[tuple[str, torch.Tensor]], *, weight_version: str | None = None) -> list[EngineResult]:
+        """Describe one bucket, have every engine load it, free the handles."""
+        BucketMetadata.of(bucket, self.dtype)  # refuse dtypes no engine takes before anything is shared
+        gpu = [(n, t) for n, t in bucket if t.is_cuda]
+        cpu = [(n, t) for n, t in bucket if not t.is_cuda]
+        keep_alive = self._gpu_tensors(gpu)
+        descriptors: dict[str, dict] = {}
+        shm = None
+        try:
+            if keep_alive:
+                torch.cuda.synchronize()  # the engine reads on its own stream: make the data visible first
+                descriptors.update({n: cuda_ipc_descriptor(n, t) for (n, _), t in zip(gpu, keep_alive)})
+            if cpu:
+                shm = SharedMemoryBucket((n, t if self.dtype in (None, t.dtype) else t.to(self.dtype)) for n, t in cpu)
+                descriptors.update({d["name"]: d for d in shm.descriptors})
+            ordered = [descriptors[n] for n, _ in bucket]
+            results = self.call_all("update_weights_from_tensor", ordered, flush_cache=self.flush_cache, weight_version=weight_version)
+        finally:
+            if shm is not None:
+                shm.close()
+            del keep_alive
+        if not all(results):
+            raise WeightPushError(failure_reason("update_weights_from_tensor", results, self.engines), results=results)
+        return results

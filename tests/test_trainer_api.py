@@ -1,0 +1,116 @@
+"""hotswap.trainer pieces that need no second process: buckets, results, the disk transport, aborts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from trainer_support import checkpoint_tensors
+
+from hotswap import Engine
+from hotswap.protocol import ControlOutput, WeightUpdateOutput
+from hotswap.trainer import (BucketMetadata, DiskWeightPusher, DistributedWeightPusher, EngineResult, IPCWeightPusher, WeightPushError,
+                             flatten_bucket, iter_buckets, iter_named_tensors, save_hf_checkpoint, state_dict_manifest,
+                             verify_engine_weights)
+from hotswap.weights.distributed_receiver import BucketMeta, bucket_layout
+
+
+@pytest.fixture
+def engine(tiny_qwen3):
+    with Engine(str(tiny_qwen3), device="cpu", page_size=4) as eng:
+        yield eng
+
+
+def test_trainer_package_does_not_import_the_engine():
+    code = ("import sys, hotswap.trainer; bad = [m for m in sys.modules if m.startswith(('transformers', 'hotswap.engine', "
+            "'hotswap.runner', 'hotswap.scheduler', 'hotswap.models'))]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(__import__("pathlib").Path(__file__).resolve().parents[1] / "src"), "PATH": ""})
+    assert out.stdout.strip() == "[]"
+
+
+def test_buckets_are_bounded_and_flatten_matches_the_receiver():
+    named = [("a", torch.randn(3, 5)), ("b", torch.randn(7, dtype=torch.float64)), ("c", torch.randn(5).to(torch.bfloat16)),
+             ("d", torch.randn(2, 2)), ("e", torch.randn(1000))]
+    buckets = list(iter_buckets(named, 100))
+    assert [[n for n, _ in b] for b in buckets] == [["a"], ["b", "c", "d"], ["e"]]  # the 4000-byte tensor travels alone
+    assert all(BucketMetadata.of(b).nbytes <= 100 for b in buckets[:-1])
+    for cast in (None, torch.bfloat16):
+        bucket = named[:4]
+        meta = BucketMetadata.of(bucket, cast)
+        flat = flatten_bucket(bucket, dtype=cast, device=torch.device("cpu"))
+        metas = [BucketMeta(n, getattr(torch, d), tuple(s)) for n, d, s in zip(meta.names, meta.dtypes, meta.shapes)]
+        offsets, total = bucket_layout(metas)
+        assert total == flat.numel() == meta.nbytes
+        for (name, t), m, off in zip(bucket, metas, offsets):
+            got = flat[off: off + m.nbytes].clone().view(m.dtype).view(m.shape)
+            assert torch.equal(got, t.to(cast or t.dtype)), name
+    with pytest.raises(TypeError, match="dtype torch.int64"):
+        BucketMetadata.of([("i", torch.arange(3))])
+
+
+def test_tied_aliases_are_sent_once_from_a_mapping():
+    emb = torch.randn(8, 4)
+    sd = {"lm_head.weight": emb, "model.embed_tokens.weight": emb, "model.norm.weight": torch.ones(4),
+          "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(2)}
+    assert [n for n, _ in iter_named_tensors(sd)] == ["model.embed_tokens.weight", "model.norm.weight"]
+    assert [n for n, _ in iter_named_tensors(list(sd.items()))] == ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"]
+
+
+def test_engine_result_normalises_every_reply_shape():
+    assert EngineResult.of(ControlOutput(success=True, message="ok")) == EngineResult(True, "ok", {})
+    r = EngineResult.of(WeightUpdateOutput(success=False, message="no", extra={"received": False}))
+    assert not r and r.message == "no" and r.received is False and r.get("weight_version") == ""
+    assert EngineResult.of({"success": True, "message": "m", "x": 1}).get("x") == 1
+    assert EngineResult.of((False, "tuple")) == EngineResult(False, "tuple")
+    assert not EngineResult.of(None)
+
+
+def test_disk_pusher_writes_a_sharded_checkpoint(engine, tiny_qwen3, tiny_qwen3_v2, tmp_path):
+    v2 = checkpoint_tensors(tiny_qwen3_v2)
+    pusher = DiskWeightPusher(engine, template_dir=tiny_qwen3, root_dir=tmp_path, max_shard_bytes=200_000, keep=True)
+    res = pusher.push(v2, weight_version="step/7")
+    assert res.success if hasattr(res, "success") else True
+    assert res.weight_version == "step/7" and res.num_buckets == 3 and res.num_tensors == len(v2)
+    folder = pusher.last_path
+    assert folder.parent == tmp_path and (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(v2) and len(set(index["weight_map"].values())) == 3
+    assert state_dict_manifest(checkpoint_tensors(folder)) == state_dict_manifest(v2)
+    assert verify_engine_weights(engine, v2).success
+    # without keep, the folder goes away; a checkpoint missing tensors is refused and rolled back
+    temp = DiskWeightPusher(engine, template_dir=tiny_qwen3)
+    before = engine.check_weights("checksum").digest
+    with pytest.raises(WeightPushError, match="checkpoint lacks parameter") as info:
+        temp.push(dict(list(checkpoint_tensors(tiny_qwen3).items())[:3]), weight_version="partial")
+    assert info.value.rolled_back and not temp.last_path.exists()
+    assert engine.check_weights("checksum").digest == before and engine.weight_version == "step/7"
+    with pytest.raises(FileExistsError):
+        save_hf_checkpoint(v2, folder)
+
+
+def test_trainer_side_failure_aborts_the_session(engine, tiny_qwen3_v2):
+    """A failure on the trainer between buckets (here: an unsendable tensor) must not commit the buckets
+    already sent: the pusher ends the session with abort=True."""
+    before = engine.check_weights("checksum").digest
+    v2 = list(checkpoint_tensors(tiny_qwen3_v2).items())
+    weights = v2[:10] + [("model.layers.0.mlp.up_proj.weight", torch.zeros(3, dtype=torch.int64))] + v2[10:]
+    with pytest.raises(WeightPushError, match="int64") as info:
+        IPCWeightPusher(engine, bucket_bytes=50_000).push(weights, weight_version="broken")
+    assert info.value.rolled_back
+    assert engine.check_weights("checksum").digest == before and engine.weight_version == "default"
+    assert not engine.get_load().paused
+
+
+def test_distributed_pusher_needs_another_process_for_the_engine(engine):
+    """Two ranks of one group cannot live in one interpreter (torch keys the group's store by its name):
+    refused at once, with a message, and the engine keeps working."""
+    pusher = DistributedWeightPusher(engine, group_name="same-process", timeout_s=3)
+    with pytest.raises(WeightPushError, match="cannot share a weights update group inside one interpreter"):
+        pusher.connect()
+    with pytest.raises(WeightPushError, match="connect"):
+        pusher.push({"model.norm.weight": torch.ones(64)})
+    assert engine.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
