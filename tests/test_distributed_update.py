@@ -184,3 +184,25 @@ def test_through_the_real_http_server(engine, tiny_qwen3, tiny_qwen3_v2):
         assert greedy_ids(engine) == reference(tiny_qwen3)
     finally:
         srv.stop()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["nccl", "gloo"])
+def test_gpu_engine_receives_from_a_trainer_process(tiny_qwen3, tiny_qwen3_v2, backend):
+    """NCCL needs the two ranks on different GPUs (trainer on cuda:0, engine on cuda:1); gloo stages CUDA
+    tensors through the host and runs on one GPU."""
+    import torch
+
+    if backend == "nccl" and torch.cuda.device_count() < 2:
+        pytest.skip("NCCL between two processes needs two GPUs")
+    engine_device = "cuda:1" if backend == "nccl" else "cuda:0"
+    with Engine(str(tiny_qwen3), device=engine_device, dtype="float32") as eng:
+        url, server = serve_engine_http(eng)
+        trainer = TrainerProcess(spec(url, tiny_qwen3_v2, [{"version": "v2"}, {"version": "bad", "fault": (2, "shape")}],
+                                      backend=backend, device="cuda:0" if backend == "nccl" else "cpu", timeout_s=120))
+        manifest = trainer.expect("connected", timeout=120)["manifest"]
+        assert trainer.expect("pushed", timeout=120)["buckets"] == 3
+        assert trainer.expect("push_failed")["received"] == [True]
+        assert trainer.expect("closed") == [True] and trainer.join() == 0
+        assert eng.check_weights("checksum", expected=manifest).success
+        server.shutdown()

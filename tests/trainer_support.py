@@ -116,15 +116,17 @@ def trainer_main(spec: dict, events) -> None:
     try:
         from hotswap.trainer import DistributedWeightPusher, HttpEngineClient, WeightPushError, state_dict_manifest
 
-        weights = checkpoint_tensors(spec["checkpoint"])
+        if spec.get("device", "cpu").startswith("cuda"):
+            torch.cuda.set_device(torch.device(spec["device"]))
+        weights = {k: v.to(spec.get("device", "cpu")) for k, v in checkpoint_tensors(spec["checkpoint"]).items()}
         bucket_bytes = bucket_bytes_for(weights, spec.get("buckets", 3))
         engines = [HttpEngineClient(url, timeout_s=60) for url in spec.get("base_urls") or [spec["base_url"]]]
         engine = engines[0]
         pusher = DistributedWeightPusher(engines, master_address="127.0.0.1", master_port=spec["master_port"], group_name=spec["group_name"],
-                                         backend="gloo", bucket_bytes=bucket_bytes, load_format=spec.get("load_format", "flattened_bucket"),
+                                         backend=spec.get("backend", "gloo"), bucket_bytes=bucket_bytes, load_format=spec.get("load_format", "flattened_bucket"),
                                          timeout_s=spec.get("timeout_s", 30))
         pusher.connect()
-        events.put(("connected", {"pid": os.getpid(), "manifest": state_dict_manifest(weights)}))
+        events.put(("connected", {"pid": os.getpid(), "manifest": state_dict_manifest({k: v.cpu() for k, v in weights.items()})}))
         for job in spec.get("pushes", [{}]):
             sd = weights if not job.get("fault") else faulted(weights, bucket_bytes, *job["fault"])
 
