@@ -107,17 +107,16 @@ def test_refused_updates_leave_weights_bit_exact(engine, tiny_qwen3, tiny_qwen2,
 
 
 def test_fault_mid_read_rolls_back(engine, tiny_qwen3_v2, monkeypatch):
-    from hotswap.scheduler import weight_updater
+    from hotswap.weights import fast_reader
 
-    real = weight_updater.iter_tensors
+    real, calls = fast_reader._read_into, iter(range(10**6))
 
-    def failing(infos):
-        for k, item in enumerate(real(infos)):
-            if k == 5:
-                raise OSError("injected I/O error")
-            yield item
+    def failing(fd, view, offset):
+        if next(calls) == 5:
+            raise OSError("injected I/O error")
+        real(fd, view, offset)
 
-    monkeypatch.setattr(weight_updater, "iter_tensors", failing)
+    monkeypatch.setattr(fast_reader, "_read_into", failing)
     res = _refused_update_keeps_weights(engine, lambda: engine.update_weights_from_disk(str(tiny_qwen3_v2)))
     assert "injected I/O error" in res.message and res.rolled_back
 

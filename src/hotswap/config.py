@@ -135,6 +135,9 @@ class EngineConfig:
     enable_cuda_graph: bool = True
     cuda_graph_max_batch: int = 256
     weight_update_bucket_bytes: int = 1 << 30
+    weight_load_strategy: str = "auto"  # disk reads: "auto" (pinned on CUDA) | "pinned" | "register" | "hybrid" | "plain" (weights/fast_reader.py)
+    weight_load_threads: int = 16  # reader threads for disk loads
+    weight_load_staging_bytes: int = 512 << 20  # pinned host staging for disk loads (and device scratch for dtype casts)
     weight_session_timeout_s: float = 600.0
     rollback_device_budget_bytes: int = 1 << 30
     enable_rollback: bool = True

@@ -26,10 +26,12 @@ from hotswap.runner.model_runner import ModelRunner
 from hotswap.weights import saver
 from hotswap.weights.checksum import manifest_digest, tensor_sha256
 from hotswap.weights.distributed import WeightsGroup, WeightsGroupError, init_custom_process_group, short_error
+from hotswap.weights.fast_copy import TensorPlanCache, copy_into
+from hotswap.weights.fast_reader import ReaderOptions, load_plan
+from hotswap.weights.ipc_grouped import resolve_grouped
 from hotswap.weights.loader import TensorMeta, check_tensor_metas, plan_checkpoint
 from hotswap.weights.mapping import WeightSlot
-from hotswap.weights.rollback import RollbackBuffer
-from hotswap.weights.safetensors_io import iter_tensors
+from hotswap.weights.rollback import HostArena, RollbackBuffer
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,9 @@ class WeightUpdater:
     pending_groups: set[str] = field(default_factory=set)  # rendezvous under way in a helper thread
     snapshot: dict[str, torch.Tensor] | None = None
     history: list[dict] = field(default_factory=list)  # (time, elapsed, bytes) per committed update, for metrics
+    tensor_plans: TensorPlanCache = field(default_factory=TensorPlanCache)  # names -> slots, for repeated tensor updates
+    rollback_arena: HostArena = field(default_factory=HostArena)  # pinned host for saved originals, kept across sessions
+    last_read: object = None  # fast_reader.ReadStats of the last disk load
 
     # ---- session state the scheduler reads -------------------------------------------------------
 
@@ -115,7 +120,7 @@ class WeightUpdater:
         return None
 
     def _new_buffer(self) -> RollbackBuffer:
-        return RollbackBuffer(device_budget_bytes=self.config.rollback_device_budget_bytes)
+        return RollbackBuffer(device_budget_bytes=self.config.rollback_device_budget_bytes, arena=self.rollback_arena)
 
     def _run_update(self, kind: str, weight_version: str | None, flush: bool, apply: Callable[[UpdateSession], tuple[int, int]]) -> p.WeightUpdateOutput:
         """Run one update call inside the open session or one of its own; commit or roll back."""
@@ -186,12 +191,13 @@ class WeightUpdater:
         out.rolled_back = rolled_back
         return out
 
-    def _guard_rollback(self, session: UpdateSession, slots: list[WeightSlot], streaming: bool) -> None:
+    def _guard_rollback(self, session: UpdateSession, slots: list[WeightSlot], streaming: bool) -> dict | None:
         """Save originals when a later failure could strand these copies: inside an explicit session,
-        or when this call's own source can still fail after the first copy (streaming reads)."""
+        or when this call's own source can still fail after the first copy (streaming reads). For
+        streaming reads the saves overlap the load: returns per-slot events the writer waits on."""
         if self.config.enable_rollback and (session.explicit or streaming):
-            for slot in slots:
-                session.rollback.protect(slot)
+            return session.rollback.protect_many(slots, overlap=streaming)
+        return None
 
     def _check_values(self, name: str, t: torch.Tensor) -> None:
         if self.config.check_weights_finite and not bool(torch.isfinite(t).all()):
@@ -208,14 +214,9 @@ class WeightUpdater:
             return self._refuse_update(f"update_weights_from_disk refused: {exc}; weights unchanged")
 
         def apply(session: UpdateSession) -> tuple[int, int]:
-            slot_of = {info.name: slot for info, slot in plan}
-            self._guard_rollback(session, list(slot_of.values()), streaming=True)
-            nbytes = 0
-            for info, tensor in iter_tensors([info for info, _ in plan]):
-                self._check_values(info.name, tensor)
-                slot_of[info.name].load(tensor)
-                nbytes += info.nbytes
-            return len(plan), nbytes
+            saved = self._guard_rollback(session, [slot for _, slot in plan], streaming=True)
+            self.last_read = load_plan(plan, ReaderOptions.from_config(self.config), wait_for=saved)
+            return len(plan), self.last_read.nbytes
 
         return self._run_update("update_weights_from_disk", req.weight_version, req.flush_cache, apply)
 
@@ -225,27 +226,23 @@ class WeightUpdater:
         if req.load_format not in (None, "direct"):
             return self._refuse_update(f"unsupported load_format {req.load_format!r}")
         try:
-            from hotswap.weights.ipc import resolve_named_tensors
-
-            named = resolve_named_tensors(req.named_tensors, self.model_runner.device)
-            metas = [TensorMeta(n, t.dtype, tuple(t.shape)) for n, t in named]
-            pairs = check_tensor_metas(self.model_runner.weight_map, metas, require_all=False)
+            start = time.perf_counter()
+            named = resolve_grouped(req.named_tensors, self.model_runner.device)  # one open per shared IPC storage
+            items = self.tensor_plans.match(self.model_runner.weight_map, named)  # metadata only, cached by names
+            validate_s = time.perf_counter() - start
         except HotswapError as exc:
             return self._refuse_update(f"update_weights_from_tensor refused: {exc}; weights unchanged")
-        tensors = dict(named)
 
         def apply(session: UpdateSession) -> tuple[int, int]:
-            for meta, _ in pairs:
-                self._check_values(meta.name, tensors[meta.name])
-            self._guard_rollback(session, [slot for _, slot in pairs], streaming=False)
-            nbytes = 0
-            for meta, slot in pairs:
-                src = tensors[meta.name]
-                slot.load(src)
-                nbytes += src.numel() * src.element_size()
-            return len(pairs), nbytes
+            if self.config.check_weights_finite:
+                for name, _, t in items:
+                    self._check_values(name, t)
+            self._guard_rollback(session, [target.slot for _, target, _ in items], streaming=False)
+            return len(items), copy_into(items)
 
-        return self._run_update("update_weights_from_tensor", req.weight_version, req.flush_cache, apply)
+        out = self._run_update("update_weights_from_tensor", req.weight_version, req.flush_cache, apply)
+        out.extra["validate_s"] = validate_s
+        return out
 
     def update_weights_from_ipc(self, req: p.UpdateWeightsFromIPCRequest) -> p.WeightUpdateOutput:
         try:

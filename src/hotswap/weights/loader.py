@@ -9,7 +9,7 @@ import torch
 
 from hotswap.errors import CheckpointError
 from hotswap.weights.mapping import WeightMap, WeightSlot
-from hotswap.weights.safetensors_io import TensorInfo, checkpoint_files, iter_tensors, read_headers
+from hotswap.weights.safetensors_io import TensorInfo, checkpoint_files, read_headers
 
 # Checkpoint entries that are derived state, not parameters (old Llama exports carry rotary caches).
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -64,9 +64,10 @@ def plan_checkpoint(weight_map: WeightMap, model_path: str | Path) -> list[tuple
     return [(infos[meta.name], slot) for meta, slot in pairs]
 
 
-def load_checkpoint(weight_map: WeightMap, model_path: str | Path) -> None:
-    """Startup load: validate headers, then copy every tensor into place."""
+def load_checkpoint(weight_map: WeightMap, model_path: str | Path, options=None):
+    """Startup load: validate headers, then copy every tensor into place through the parallel reader
+    (`options`: a fast_reader.ReaderOptions; None = its defaults). Returns the reader's ReadStats."""
+    from hotswap.weights.fast_reader import ReaderOptions, load_plan
+
     plan = plan_checkpoint(weight_map, model_path)
-    slot_of = {info.name: slot for info, slot in plan}
-    for info, tensor in iter_tensors([info for info, _ in plan]):
-        slot_of[info.name].load(tensor)
+    return load_plan(plan, options or ReaderOptions())

@@ -1,0 +1,99 @@
+"""Open CUDA IPC descriptors that share one producer storage once, not once per tensor.
+
+`hotswap.weights.ipc.resolve_named_tensors` opens every descriptor on its own: a memory handle, an IPC
+event and a shared ref-counter file per tensor, about 50 us each, which dominates an update of a few
+hundred tensors. A trainer that packs a bucket into one flat buffer (or whose tensors live in one
+allocation) sends descriptors with the same `handle`: here each such group opens the storage once, through
+`resolve_named_tensors` itself (a uint8 view of the whole storage, waiting on the group's last event, which
+the producer recorded after every earlier one), and every tensor of the group becomes a view of it after the
+same checks `ipc._open_cuda_ipc` makes. Anything else goes through `resolve_named_tensors` unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hotswap.errors import HotswapError
+from hotswap.weights.distributed import dtype_from_name
+from hotswap.weights.ipc import resolve_named_tensors
+
+
+def _group_key(item) -> tuple | None:
+    if isinstance(item, dict) and item.get("kind") == "cuda_ipc" and isinstance(item.get("handle"), str):
+        return item.get("device"), item["handle"], item.get("storage_handle_offset"), item.get("storage_size")
+    return None
+
+
+def _whole_dtype(item: dict) -> torch.dtype | None:
+    """The dtype the whole storage is opened as (the descriptor's own: the engine knows only float dtypes),
+    when the storage is a whole number of its elements."""
+    dtype = dtype_from_name(item["dtype"]) if isinstance(item.get("dtype"), str) else None
+    size = item.get("storage_size")
+    if dtype is None or isinstance(size, bool) or not isinstance(size, int) or size < 0 or size % dtype.itemsize:
+        return None
+    return dtype
+
+
+def _int_list(d: dict, key: str) -> tuple[int, ...]:
+    v = d.get(key)
+    if not isinstance(v, (list, tuple)) or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in v):
+        raise HotswapError(f"{d.get('name')!r}: {key} must be a list of non-negative integers, got {v!r}")
+    return tuple(v)
+
+
+def _view(d: dict, storage: torch.UntypedStorage, device: torch.device, storage_size: int) -> tuple[str, torch.Tensor]:
+    name = d.get("name")
+    if not isinstance(name, str) or not name:
+        raise HotswapError(f"descriptor name must be a non-empty string, got {name!r}")
+    dtype = dtype_from_name(d["dtype"]) if isinstance(d.get("dtype"), str) else None
+    if dtype is None:
+        raise HotswapError(f"{name!r}: unknown dtype {d.get('dtype')!r}")
+    shape, stride = _int_list(d, "shape"), _int_list(d, "stride")
+    if len(stride) != len(shape):
+        raise HotswapError(f"{name!r}: stride {list(stride)} does not fit shape {list(shape)}")
+    offset = d.get("storage_offset")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise HotswapError(f"{name!r}: storage_offset must be a non-negative integer, got {offset!r}")
+    if math.prod(shape):
+        last = offset + sum((n - 1) * s for n, s in zip(shape, stride))
+        if (last + 1) * dtype.itemsize > storage_size:
+            raise HotswapError(f"{name!r}: shape/stride/offset reach past the shared storage ({storage_size} bytes)")
+    return name, torch.empty(0, dtype=dtype, device=device).set_(storage, offset, shape, stride)
+
+
+def resolve_grouped(items, device: torch.device) -> list[tuple[str, torch.Tensor]]:
+    """`resolve_named_tensors` with one open per shared producer storage (same result, same errors)."""
+    if not isinstance(items, (list, tuple)):
+        return resolve_named_tensors(items, device)
+    groups: dict[tuple, list[int]] = {}
+    for i, item in enumerate(items):
+        key = _group_key(item)
+        if key is not None:
+            groups.setdefault(key, []).append(i)
+    shared = {key: idx for key, idx in groups.items() if len(idx) > 1 and _whole_dtype(items[idx[-1]]) is not None}
+    if not shared:
+        return resolve_named_tensors(items, device)
+    grouped = {i for idx in shared.values() for i in idx}
+    out: list = [None] * len(items)
+    rest = [i for i in range(len(items)) if i not in grouped]
+    for i, pair in zip(rest, resolve_named_tensors([items[i] for i in rest], device)):
+        out[i] = pair
+    for idx in shared.values():
+        last = items[idx[-1]]
+        size = last.get("storage_size")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise HotswapError(f"{last.get('name')!r}: field 'storage_size' must be an integer, got {size!r}")
+        itemsize = _whole_dtype(last).itemsize
+        whole = dict(last, name=f"{last.get('name')} (storage)", shape=[size // itemsize], stride=[1], storage_offset=0)
+        _, flat = resolve_named_tensors([whole], device)[0]
+        storage = flat.untyped_storage()
+        for i in idx:
+            try:
+                out[i] = _view(items[i], storage, flat.device, size)
+            except HotswapError:
+                raise
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                raise HotswapError(f"{items[i].get('name')!r}: cannot open cuda_ipc handle: {exc}") from exc
+    return out

@@ -1,0 +1,68 @@
+"""Issue 8: CUDA IPC descriptors sharing one producer storage are opened once (weights/ipc_grouped.py).
+The opening itself is faked with CPU storages here; the real handles run in bench/weight_sync.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hotswap.errors import HotswapError
+from hotswap.weights import ipc_grouped
+from hotswap.weights.distributed import dtype_from_name
+from hotswap.weights.ipc_grouped import resolve_grouped
+
+
+def descriptor(name: str, t: torch.Tensor, handle: str) -> dict:
+    return {"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "stride": list(t.stride()),
+            "storage_offset": t.storage_offset(), "kind": "cuda_ipc", "device": 0, "handle": handle,
+            "storage_size": t.untyped_storage().nbytes(), "storage_handle_offset": 0}
+
+
+@pytest.fixture
+def fake_open(monkeypatch):
+    storages: dict[str, torch.Tensor] = {}
+    opened: list[str] = []
+
+    def resolve(items, device):
+        out = []
+        for d in items:
+            if isinstance(d, dict):
+                opened.append(d["name"])
+                base = storages[d["handle"]]
+                assert d["storage_size"] == base.untyped_storage().nbytes()
+                t = torch.empty(0, dtype=dtype_from_name(d["dtype"])).set_(base.untyped_storage(), d["storage_offset"], d["shape"], d["stride"])
+                out.append((d["name"], t))
+            else:
+                out.append((str(d[0]), d[1]))
+        return out
+
+    monkeypatch.setattr(ipc_grouped, "resolve_named_tensors", resolve)
+    return storages, opened
+
+
+def test_shared_storage_opened_once(fake_open):
+    storages, opened = fake_open
+    flat = torch.randn(4096, dtype=torch.float32)
+    views = {"a": flat[:600].view(20, 30), "b": flat[600:1000], "c": flat[1000:1600].view(30, 20).t(), "d": flat[4000:]}
+    other = torch.randn(7, 3, dtype=torch.bfloat16)
+    storages["H1"], storages["H2"] = flat, other
+    items = [descriptor(n, t, "H1") for n, t in views.items()] + [descriptor("e", other, "H2"), ("f", torch.ones(2))]
+    got = resolve_grouped(items, torch.device("cpu"))
+    assert [n for n, _ in got] == ["a", "b", "c", "d", "e", "f"]
+    for (name, t), want in zip(got, [*views.values(), other, torch.ones(2)]):
+        assert t.shape == want.shape and t.stride() == want.stride() and torch.equal(t, want), name
+    assert opened == ["e", "d (storage)"]  # the lone one as is; the shared storage once, through its last descriptor
+
+
+def test_shared_storage_checks_each_view(fake_open):
+    storages, _ = fake_open
+    flat = torch.randn(100)
+    storages["H"] = flat
+    good = descriptor("a", flat[:50], "H")
+    bad = dict(descriptor("b", flat[50:], "H"), storage_offset=90)
+    with pytest.raises(HotswapError, match="reach past"):
+        resolve_grouped([good, bad], torch.device("cpu"))
+    with pytest.raises(HotswapError, match="stride"):
+        resolve_grouped([good, dict(descriptor("b", flat[50:], "H"), stride=[1, 1])], torch.device("cpu"))
+    with pytest.raises(HotswapError, match="dtype"):
+        resolve_grouped([dict(good, dtype="int7"), descriptor("b", flat[50:], "H")], torch.device("cpu"))
