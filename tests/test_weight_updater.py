@@ -270,3 +270,8 @@ def test_pause_abort_and_refusals(engine):
     assert not engine.update_weights_from_distributed(["x"], ["float32"], [[1]], group_name="nope").success
     assert engine.update_weight_version("rl-7").success
     assert engine.generate(input_ids=PROMPTS[0], sampling_params=GREEDY)["meta_info"]["weight_version"] == "rl-7"
+
+
+def test_checkpoint_engine_ipc_is_refused_clearly(engine):
+    res = _refused_update_keeps_weights(engine, lambda: engine.update_weights_from_ipc({"GPU-0": "ipc:///tmp/x.sock"}))
+    assert "pickled" in res.message

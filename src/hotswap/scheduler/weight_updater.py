@@ -245,18 +245,13 @@ class WeightUpdater:
         return out
 
     def update_weights_from_ipc(self, req: p.UpdateWeightsFromIPCRequest) -> p.WeightUpdateOutput:
-        try:
-            from hotswap.weights.checkpoint_engine import receive_from_checkpoint_engine
-        except ImportError as exc:
-            return self._refuse_update(f"update_weights_from_ipc needs pyzmq: {exc}")
-
-        def apply(session: UpdateSession) -> tuple[int, int]:
-            return receive_from_checkpoint_engine(
-                req.zmq_handles, self.model_runner, protect=lambda slots: self._guard_rollback(session, slots, streaming=True),
-                check_values=self._check_values,
-            )
-
-        return self._run_update("update_weights_from_ipc", req.weight_version, req.flush_cache, apply)
+        """checkpoint-engine's receiving end. Its ParameterServer sends pickled payloads over ZMQ, which
+        hotswap does not unpickle; until a restricted decoder is built and tested against the real package,
+        the request is refused and colocated trainers use plain-data handles (update_weights_from_tensor)."""
+        return self._refuse(
+            "update_weights_from_ipc (checkpoint-engine's ZMQ protocol) is not supported yet: it carries pickled "
+            "payloads; push CUDA IPC / shared-memory descriptors with update_weights_from_tensor instead"
+        )
 
     # ---- update from a trainer over torch.distributed ----------------------------------------------
 
