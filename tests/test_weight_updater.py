@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from hotswap import Engine
-from hotswap.weights import loader as loader_mod
 from hotswap.weights.checksum import state_dict_manifest
 from hotswap.weights.safetensors_io import checkpoint_files
 

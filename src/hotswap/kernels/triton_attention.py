@@ -32,7 +32,6 @@ Both accumulate in fp32 and return the dtype of ``q``. Sequences with ``seq_len 
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import timedelta
@@ -18,7 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from hotswap.trainer.buckets import BucketMetadata, flatten_bucket, iter_buckets, tensor_nbytes
+from hotswap.trainer.buckets import BucketMetadata, flatten_bucket
 from hotswap.trainer.client import EngineHandle, EngineResult
 from hotswap.trainer.push import DEFAULT_BUCKET_BYTES, WeightPusher, WeightPushError, call_result, failure_reason, first_failure
 from hotswap.weights.distributed import (destroy_custom_process_group, init_custom_process_group, retire_process_group, short_error,
@@ -159,18 +159,6 @@ class DistributedWeightPusher(WeightPusher):
     def _before_push(self) -> None:
         if self.pg is None:
             raise WeightPushError(f"not connected: call connect() before push() (group {self.group_name!r})")
-
-    def _send(self, named, weight_version: str | None, progress: Callable | None) -> dict:
-        stats = {"num_tensors": 0, "num_bytes": 0, "num_buckets": 0, "last_results": []}
-        for bucket in iter_buckets(named, self.bucket_bytes, self.dtype):
-            results = self.push_bucket(bucket, weight_version=weight_version)
-            stats["num_tensors"] += len(bucket)
-            stats["num_bytes"] += sum(tensor_nbytes(t, self.dtype) for _, t in bucket)
-            stats["num_buckets"] += 1
-            stats["last_results"] = results
-            if progress is not None:
-                progress(stats["num_buckets"] - 1, stats["num_tensors"], stats["num_bytes"])
-        return stats
 
     @staticmethod
     def _wait_all(works: list, deadline: float) -> str | None:

@@ -4,11 +4,11 @@ data (`hotswap.weights.ipc`), so the same push works in process and over HTTP.""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from hotswap.trainer.buckets import BucketMetadata, iter_buckets, tensor_nbytes
+from hotswap.trainer.buckets import BucketMetadata
 from hotswap.trainer.client import EngineHandle, EngineResult
 from hotswap.trainer.push import DEFAULT_BUCKET_BYTES, WeightPusher, WeightPushError, failure_reason
 from hotswap.weights.ipc import SharedMemoryBucket, cuda_ipc_descriptor
@@ -25,18 +25,6 @@ class IPCWeightPusher(WeightPusher):
                  dtype: torch.dtype | None = None, flush_cache: bool = True, use_sessions: bool = True, pack_cuda: bool = True):
         super().__init__(engines, bucket_bytes=bucket_bytes, dtype=dtype, flush_cache=flush_cache, use_sessions=use_sessions)
         self.pack_cuda = pack_cuda
-
-    def _send(self, named, weight_version: str | None, progress: Callable | None) -> dict:
-        stats = {"num_tensors": 0, "num_bytes": 0, "num_buckets": 0, "last_results": []}
-        for bucket in iter_buckets(named, self.bucket_bytes, self.dtype):
-            results = self.push_bucket(bucket, weight_version=weight_version)
-            stats["num_tensors"] += len(bucket)
-            stats["num_bytes"] += sum(tensor_nbytes(t, self.dtype) for _, t in bucket)
-            stats["num_buckets"] += 1
-            stats["last_results"] = results
-            if progress is not None:
-                progress(stats["num_buckets"] - 1, stats["num_tensors"], stats["num_bytes"])
-        return stats
 
     def _gpu_tensors(self, gpu: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
         """The tensors whose handles are sent. With `pack_cuda`, a bucket of one wire dtype is copied into one

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hotswap.trainer.buckets import Weights, iter_named_tensors
+from hotswap.trainer.buckets import Weights, iter_buckets, iter_named_tensors, tensor_nbytes
 from hotswap.trainer.client import EngineHandle, EngineResult
 
 log = logging.getLogger(__name__)
@@ -173,8 +173,21 @@ class WeightPusher:
             out.append(r.success)
         return out
 
-    def _send(self, named, weight_version: str | None, progress) -> dict:
-        """Send every bucket; returns {"num_tensors", "num_bytes", "num_buckets", "last_results"}."""
+    def _send(self, named, weight_version: str | None, progress: Callable | None) -> dict:
+        """Send every bucket through `push_bucket`; returns {"num_tensors", "num_bytes", "num_buckets", "last_results"}."""
+        stats = {"num_tensors": 0, "num_bytes": 0, "num_buckets": 0, "last_results": []}
+        for bucket in iter_buckets(named, self.bucket_bytes, self.dtype):
+            results = self.push_bucket(bucket, weight_version=weight_version)
+            stats["num_tensors"] += len(bucket)
+            stats["num_bytes"] += sum(tensor_nbytes(t, self.dtype) for _, t in bucket)
+            stats["num_buckets"] += 1
+            stats["last_results"] = results
+            if progress is not None:
+                progress(stats["num_buckets"] - 1, stats["num_tensors"], stats["num_bytes"])
+        return stats
+
+    def push_bucket(self, bucket: list[tuple[str, torch.Tensor]], *, weight_version: str | None = None) -> list[EngineResult]:
+        """Deliver one bucket to every engine (each transport's own job)."""
         raise NotImplementedError
 
     def _before_push(self) -> None:
