@@ -122,7 +122,7 @@ class Scheduler:
         back and processed, so host work overlaps device work. Control requests see no step in flight."""
         inflight: InFlight | None = None
         while not self._stop.is_set():
-            if inflight is not None and not self.inbox.empty():
+            if inflight is not None and (not self.inbox.empty() or (self.deferred and not self.batcher.running)):
                 self.process(inflight)
                 inflight = None
             idle = self.weight_updater.generation_held or self.memory.any_released() or not (self.batcher.has_work or self.deferred)
