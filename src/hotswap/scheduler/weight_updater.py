@@ -72,7 +72,6 @@ class WeightUpdater:
     groups: dict[str, WeightsGroup] = field(default_factory=dict)
     pending_groups: set[str] = field(default_factory=set)  # rendezvous under way in a helper thread
     snapshot: dict[str, torch.Tensor] | None = None
-    history: list[dict] = field(default_factory=list)  # (time, elapsed, bytes) per committed update, for metrics
     tensor_plans: TensorPlanCache = field(default_factory=TensorPlanCache)  # names -> slots, for repeated tensor updates
     rollback_arena: HostArena = field(default_factory=HostArena)  # pinned host for saved originals, kept across sessions
     last_read: object = None  # fast_reader.ReadStats of the last disk load
@@ -158,7 +157,6 @@ class WeightUpdater:
         elapsed = time.perf_counter() - start
         if implicit is not None:
             msg = self._commit(flush)
-            self.history.append({"elapsed_s": elapsed, "bytes": nbytes})
             return p.WeightUpdateOutput(success=True, message=f"{kind}: updated {n} tensor(s); {msg}", weight_version=self.weight_version,
                                         num_tensors=n, num_bytes=nbytes, elapsed_s=elapsed)
         return p.WeightUpdateOutput(success=True, message=f"{kind}: applied {n} tensor(s) inside the open session",
@@ -392,8 +390,6 @@ class WeightUpdater:
             self.session = UpdateSession(explicit=True, opened_by="pause_generation", rollback=self._new_buffer())
         else:
             msg = self._commit()
-        if n:
-            self.history.append({"elapsed_s": elapsed, "bytes": nbytes})
         return p.WeightUpdateOutput(success=True, message=f"session committed {n} tensor(s); {msg}", weight_version=self.weight_version,
                                     num_tensors=n, num_bytes=nbytes, elapsed_s=elapsed)
 
