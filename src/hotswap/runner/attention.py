@@ -34,6 +34,8 @@ class TorchAttention:
                 ctx: ForwardContext) -> torch.Tensor:
         store_kv(self.pool, layer, k, v, ctx.slot_mapping)
         k_cache, v_cache = self.pool.k_cache(layer), self.pool.v_cache(layer)
+        if ctx.is_decode:
+            return self._decode(q, k_cache, v_cache, scale, ctx)
         page_size = self.pool.page_size
         out = torch.empty_like(q)
         cu = ctx.cu_seqlens_q.tolist()
@@ -54,6 +56,21 @@ class TorchAttention:
             o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
             out[q_start:q_end] = o.transpose(0, 1)
         return out
+
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, ctx: ForwardContext) -> torch.Tensor:
+        """One query per sequence: gather every sequence's pages at once and mask past its length."""
+        ps = self.pool.page_size
+        lens = ctx.seq_lens.long()
+        n_pages = int((lens.max() + ps - 1) // ps)
+        pages = ctx.page_table[:, :n_pages].long()
+        keys = k_cache[pages].flatten(1, 2)  # [B, L, Hkv, D]
+        values = v_cache[pages].flatten(1, 2)
+        group = q.shape[1] // keys.shape[2]
+        kb = keys.transpose(1, 2).repeat_interleave(group, dim=1)  # [B, H, L, D]
+        vb = values.transpose(1, 2).repeat_interleave(group, dim=1)
+        mask = torch.arange(keys.shape[1], device=q.device).unsqueeze(0) < lens.unsqueeze(1)  # [B, L]
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), kb, vb, attn_mask=mask[:, None, None, :], scale=scale)
+        return o.squeeze(2)
 
 
 class TritonAttention:
