@@ -297,13 +297,7 @@ def register(app: FastAPI, state: ServerState) -> None:
 
         streams = await _open(state, id_lists, sp, want_lp, k)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-        def chunk(choices: list[dict], **extra) -> bytes:
-            obj = {"id": rid, "object": "text_completion", "created": created, "model": state.served_model_name, "choices": choices}
-            if include_usage:
-                obj["usage"] = None
-            obj.update(extra)
-            return sse(obj)
+        chunk = _chunker(rid, "text_completion", created, state.served_model_name, include_usage)
 
         async def events():
             merged = merge_streams(streams)
@@ -383,13 +377,7 @@ def register(app: FastAPI, state: ServerState) -> None:
 
         streams = await _open(state, [ids], sp, want_lp, k)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-        def chunk(choices: list[dict], **extra) -> bytes:
-            obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.served_model_name, "choices": choices}
-            if include_usage:
-                obj["usage"] = None
-            obj.update(extra)
-            return sse(obj)
+        chunk = _chunker(rid, "chat.completion.chunk", created, state.served_model_name, include_usage)
 
         async def events():
             merged = merge_streams(streams)
@@ -426,3 +414,17 @@ def register(app: FastAPI, state: ServerState) -> None:
 
 
 __all__ = ["ChatCompletionRequest", "CompletionRequest", "register"]
+
+
+def _chunker(rid: str, object_name: str, created: int, model: str, include_usage: bool):
+    """The SSE chunk builder both streaming routes share (OpenAI sends `usage: null` until the last chunk
+    when usage is asked for)."""
+
+    def chunk(choices: list[dict], **extra) -> bytes:
+        obj = {"id": rid, "object": object_name, "created": created, "model": model, "choices": choices}
+        if include_usage:
+            obj["usage"] = None
+        obj.update(extra)
+        return sse(obj)
+
+    return chunk
