@@ -24,6 +24,13 @@ def store_kv(pool: KVCachePool, layer: int, k: torch.Tensor, v: torch.Tensor, sl
     v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
+def _gather_heads(cache: torch.Tensor, pages: torch.Tensor, group: int) -> torch.Tensor:
+    """The KV rows of `pages` ([..., n]) as [..., H, n * page_size, D], each kv head repeated for its
+    `group` query heads."""
+    rows = cache[pages].flatten(-4, -3)  # [..., L, Hkv, D]
+    return rows.transpose(-3, -2).repeat_interleave(group, dim=-3)
+
+
 class TorchAttention:
     """Reference backend: gathers each sequence's pages and runs SDPA with a causal offset mask."""
 
@@ -45,11 +52,9 @@ class TorchAttention:
             q_start, q_end = cu[b], cu[b + 1]
             n_pages = (kv_len + page_size - 1) // page_size
             pages = ctx.page_table[b, :n_pages].long()
-            keys = k_cache[pages].flatten(0, 1)[:kv_len]  # [kv_len, Hkv, D]
-            values = v_cache[pages].flatten(0, 1)[:kv_len]
+            kb = _gather_heads(k_cache, pages, group)[:, :kv_len]  # [H, kv_len, D]
+            vb = _gather_heads(v_cache, pages, group)[:, :kv_len]
             qb = q[q_start:q_end].transpose(0, 1)  # [H, q_len, D]
-            kb = keys.transpose(0, 1).repeat_interleave(group, dim=0)
-            vb = values.transpose(0, 1).repeat_interleave(group, dim=0)
             q_len = q_end - q_start
             q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device).unsqueeze(1)
             mask = torch.arange(kv_len, device=q.device).unsqueeze(0) <= q_pos
@@ -63,12 +68,10 @@ class TorchAttention:
         lens = ctx.seq_lens.long()
         n_pages = int((lens.max() + ps - 1) // ps)
         pages = ctx.page_table[:, :n_pages].long()
-        keys = k_cache[pages].flatten(1, 2)  # [B, L, Hkv, D]
-        values = v_cache[pages].flatten(1, 2)
-        group = q.shape[1] // keys.shape[2]
-        kb = keys.transpose(1, 2).repeat_interleave(group, dim=1)  # [B, H, L, D]
-        vb = values.transpose(1, 2).repeat_interleave(group, dim=1)
-        mask = torch.arange(keys.shape[1], device=q.device).unsqueeze(0) < lens.unsqueeze(1)  # [B, L]
+        group = q.shape[1] // k_cache.shape[2]
+        kb = _gather_heads(k_cache, pages, group)  # [B, H, L, D]
+        vb = _gather_heads(v_cache, pages, group)
+        mask = torch.arange(kb.shape[2], device=q.device).unsqueeze(0) < lens.unsqueeze(1)  # [B, L]
         o = F.scaled_dot_product_attention(q.unsqueeze(2), kb, vb, attn_mask=mask[:, None, None, :], scale=scale)
         return o.squeeze(2)
 
