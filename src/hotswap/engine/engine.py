@@ -116,7 +116,7 @@ class Engine:
 
     # ---- generation --------------------------------------------------------------------------------
 
-    def _prepare(self, prompt, sampling_params, input_ids, return_logprob: bool, top_logprobs_num: int):
+    def _prepare(self, prompt, sampling_params, input_ids, return_logprob: bool, top_logprobs_num: int, stream: bool):
         """Validate everything up front and build (request args, collector) per output; raises on bad input."""
         if (prompt is None) == (input_ids is None):
             raise HotswapError("give exactly one of prompt or input_ids")
@@ -150,6 +150,8 @@ class Engine:
             for k in range(sp.n):
                 seed = sp.seed + k if sp.seed is not None else self._draw_seed()
                 jobs.append((ids, sp, seed))
+        if stream and len(jobs) != 1:
+            raise HotswapError("stream=True takes one prompt with n=1")
         return single and jobs and sps[0].n == 1, jobs
 
     def _draw_seed(self) -> int:
@@ -167,10 +169,8 @@ class Engine:
                  top_logprobs_num: int = 0, stream: bool = False):
         """One prompt -> one dict; a list (or n > 1) -> a list of dicts; stream=True -> an iterator of dicts."""
         self._check_open()
-        single, jobs = self._prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num)
+        single, jobs = self._prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, stream)
         if stream:
-            if len(jobs) != 1:
-                raise HotswapError("stream=True takes one prompt with n=1")
             return self._stream(*jobs[0])
         q: queue.Queue = queue.Queue()
         collectors = []
@@ -202,10 +202,8 @@ class Engine:
                              top_logprobs_num: int = 0, stream: bool = False):
         """Awaitable generate; with stream=True returns an async iterator of dicts."""
         self._check_open()
-        single, jobs = self._prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num)
+        single, jobs = self._prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, stream)
         if stream:
-            if len(jobs) != 1:
-                raise HotswapError("stream=True takes one prompt with n=1")
             return self._astream(*jobs[0])
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()

@@ -137,18 +137,18 @@ class Batcher:
         seq.pages = []
         seq.num_computed = 0
 
-    def preempt(self, seq: Sequence) -> None:
+    def preempt(self, seq: Sequence, *, out_of_pages: bool = True) -> None:
         """Free a running sequence's pages and put it first in line; it is recomputed from its tokens."""
         self.running.remove(seq)
         self.cache_and_release(seq)
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
-        self.num_preemptions += 1
+        self.num_preemptions += out_of_pages
 
     def retract_all(self) -> None:
+        """pause_generation("retract"): every running sequence goes back to waiting (not counted as preemption)."""
         for seq in reversed(list(self.running)):
-            self.preempt(seq)
-            self.num_preemptions -= 1
+            self.preempt(seq, out_of_pages=False)
 
     def finish(self, seq: Sequence) -> None:
         if seq in self.running:
