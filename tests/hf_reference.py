@@ -27,3 +27,17 @@ def hf_greedy(path, input_ids: list[int], max_new_tokens: int) -> tuple[list[int
 def prompt_ids(seed: int, length: int, vocab: int = 500) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (length,), generator=g).tolist()
+
+
+# Shared by the weight-update tests: a short greedy continuation of two prompts of different lengths.
+UPDATE_GREEDY = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
+UPDATE_PROMPTS = [prompt_ids(1, 9), prompt_ids(2, 21)]
+
+
+def greedy_ids(engine, prompts=UPDATE_PROMPTS) -> list[list[int]]:
+    return [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=UPDATE_GREEDY)]
+
+
+def reference_ids(path, prompts=UPDATE_PROMPTS) -> list[list[int]]:
+    """HF's greedy tokens for the same prompts: what an engine holding `path`'s weights must produce."""
+    return [hf_greedy(path, ids, UPDATE_GREEDY["max_new_tokens"])[0] for ids in prompts]

@@ -7,23 +7,14 @@ import threading
 import time
 
 import pytest
-from hf_reference import hf_greedy, prompt_ids
+from hf_reference import UPDATE_GREEDY as GREEDY
+from hf_reference import UPDATE_PROMPTS as PROMPTS
+from hf_reference import greedy_ids
+from hf_reference import reference_ids as reference
 from trainer_support import TrainerProcess, checkpoint_tensors, serve_engine_http
 
 from hotswap import Engine
 from hotswap.trainer import free_port, state_dict_manifest
-
-GREEDY = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
-PROMPTS = [prompt_ids(1, 9), prompt_ids(2, 21)]
-
-
-def greedy_ids(engine) -> list[list[int]]:
-    return [o["output_ids"] for o in engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)]
-
-
-def reference(path) -> list[list[int]]:
-    return [hf_greedy(path, ids, GREEDY["max_new_tokens"])[0] for ids in PROMPTS]
-
 
 @pytest.fixture
 def engine(tiny_qwen3):

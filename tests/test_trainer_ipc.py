@@ -5,24 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_reference import hf_greedy, prompt_ids
+from hf_reference import UPDATE_GREEDY as GREEDY
+from hf_reference import UPDATE_PROMPTS as PROMPTS
+from hf_reference import reference_ids as reference
 from trainer_support import TrainerProcess, checkpoint_tensors, ipc_trainer_main, serve_engine_http
 
 from hotswap import Engine
 from hotswap.trainer import EngineResult, HttpEngineClient, IPCWeightPusher, state_dict_manifest, verify_engine_weights
 from hotswap.weights.ipc import SharedMemoryBucket
 
-GREEDY = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
-PROMPTS = [prompt_ids(1, 9), prompt_ids(2, 21)]
-
-
 def greedy_ids(engine) -> list[list[int]]:
     assert engine.flush_cache().success
     return [o["output_ids"] for o in engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)]
-
-
-def reference(path) -> list[list[int]]:
-    return [hf_greedy(path, ids, GREEDY["max_new_tokens"])[0] for ids in PROMPTS]
 
 
 @pytest.fixture

@@ -9,13 +9,13 @@ import time
 
 import pytest
 import torch
-from hf_reference import hf_greedy, prompt_ids
+from hf_reference import UPDATE_GREEDY as GREEDY
+from hf_reference import prompt_ids, reference_ids
 from trainer_support import TrainerProcess, bucket_bytes_for, checkpoint_tensors, faulted, serve_engine_http
 
 from hotswap import Engine
 from hotswap.trainer import free_port, iter_buckets, iter_named_tensors, state_dict_manifest
 
-GREEDY = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
 PROMPTS = [prompt_ids(1, 9), prompt_ids(2, 21), prompt_ids(3, 5)]
 
 
@@ -29,10 +29,6 @@ def outputs(engine) -> list[tuple[list[int], list]]:
         o = engine.generate(input_ids=ids, sampling_params=GREEDY, return_logprob=True)
         out.append((o["output_ids"], o["meta_info"]["output_token_logprobs"]))
     return out
-
-
-def reference(path) -> list[list[int]]:
-    return [hf_greedy(path, ids, GREEDY["max_new_tokens"])[0] for ids in PROMPTS]
 
 
 def make_engine(path, **kw) -> Engine:
@@ -95,7 +91,7 @@ def test_fault_in_third_bucket_in_process(tiny_qwen3, tiny_qwen3_v2):
 
 
 def test_concurrent_generation_sees_old_or_new_weights(tiny_qwen3, tiny_qwen3_v2):
-    old, new = reference(tiny_qwen3), reference(tiny_qwen3_v2)
+    old, new = reference_ids(tiny_qwen3, PROMPTS), reference_ids(tiny_qwen3_v2, PROMPTS)
     assert all(a != b for a, b in zip(old, new))
     with make_engine(tiny_qwen3) as engine:
         url, server = serve(engine)
@@ -137,7 +133,7 @@ def test_concurrent_generation_sees_old_or_new_weights(tiny_qwen3, tiny_qwen3_v2
 
 @pytest.mark.parametrize("how", ["between_calls", "mid_broadcast"])
 def test_killed_trainer_rolls_back_and_a_new_trainer_can_update(tiny_qwen3, tiny_qwen3_v2, how):
-    old = reference(tiny_qwen3)
+    old = reference_ids(tiny_qwen3, PROMPTS)
     timeout = 3.0
     with make_engine(tiny_qwen3, weight_session_timeout_s=timeout) as engine:
         url, server = serve(engine)
@@ -168,14 +164,14 @@ def test_killed_trainer_rolls_back_and_a_new_trainer_can_update(tiny_qwen3, tiny
         assert trainer2.expect("pushed")["version"] == "v2"
         assert trainer2.expect("closed") == [True] and trainer2.join() == 0
         assert engine.check_weights("checksum", expected=manifest).success
-        assert [ids for ids, _ in outputs(engine)] == reference(tiny_qwen3_v2)
+        assert [ids for ids, _ in outputs(engine)] == reference_ids(tiny_qwen3_v2, PROMPTS)
         server.shutdown()
         assert engine.check_invariants().success
 
 
 def test_hung_trainer_times_out_mid_broadcast(tiny_qwen3, tiny_qwen3_v2):
     """A trainer alive but silent inside a broadcast: the engine's receive gives up at the session timeout."""
-    old = reference(tiny_qwen3)
+    old = reference_ids(tiny_qwen3, PROMPTS)
     with make_engine(tiny_qwen3, weight_session_timeout_s=2.0) as engine:
         url, server = serve(engine)
         before = engine.check_weights("checksum").digest
@@ -259,7 +255,7 @@ def test_session_refusals_leave_the_engine_unharmed(tiny_qwen3, tiny_qwen3_v2):
         res = engine.end_weight_update(weight_version="v2")
         assert res.success and res.weight_version == "v2" and res.num_tensors == len(v2)
         assert engine.check_weights("checksum", expected=state_dict_manifest(v2)).success
-        assert [ids for ids, _ in outputs(engine)] == reference(tiny_qwen3_v2)
+        assert [ids for ids, _ in outputs(engine)] == reference_ids(tiny_qwen3_v2, PROMPTS)
         assert engine.check_invariants().success
 
 
@@ -270,7 +266,7 @@ def test_a_pause_without_updates_does_not_expire(tiny_qwen3):
         assert engine.get_load().paused
         assert engine.continue_generation().success
         assert not engine.get_load().paused
-        assert [ids for ids, _ in outputs(engine)] == reference(tiny_qwen3)
+        assert [ids for ids, _ in outputs(engine)] == reference_ids(tiny_qwen3, PROMPTS)
 
 
 def test_an_abandoned_session_expires(tiny_qwen3, tiny_qwen3_v2):

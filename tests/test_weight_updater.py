@@ -9,32 +9,18 @@ import time
 
 import pytest
 import torch
-from hf_reference import hf_greedy, prompt_ids
-from safetensors.torch import load_file
+from hf_reference import UPDATE_GREEDY as GREEDY
+from hf_reference import UPDATE_PROMPTS as PROMPTS
+from hf_reference import greedy_ids, hf_greedy, prompt_ids
+from trainer_support import checkpoint_tensors
 from transformers import AutoModelForCausalLM
 
 from hotswap import Engine
 from hotswap.weights.checksum import state_dict_manifest
-from hotswap.weights.safetensors_io import checkpoint_files
-
-GREEDY = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
-PROMPTS = [prompt_ids(1, 9), prompt_ids(2, 21)]
-
 
 def make_engine(path, **kw) -> Engine:
     kw.setdefault("page_size", 4)
     return Engine(str(path), device="cpu", **kw)
-
-
-def greedy_ids(engine) -> list[list[int]]:
-    return [o["output_ids"] for o in engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)]
-
-
-def checkpoint_tensors(path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in checkpoint_files(path):
-        out.update(load_file(str(f)))
-    return out
 
 
 @pytest.fixture
