@@ -184,3 +184,28 @@ def test_bad_input_is_named_and_engine_keeps_serving(tiny_qwen3, tmp_path):
         Engine(str(tmp_path), device="cpu")
     with pytest.raises(HotswapError, match="unknown engine argument"):
         Engine(str(tiny_qwen3), device="cpu", page_sizes=3)
+
+
+def test_failed_batch_aborts_cleanly_and_leaves_no_stale_cache(tiny_qwen3, monkeypatch):
+    """A device fault mid-step fails that step's requests with a message; the engine keeps serving and
+    never reuses KV the failed step did not write."""
+    ids = prompt_ids(77, 40)
+    with make_engine(tiny_qwen3) as engine:
+        real_run = engine.model_runner.run
+        calls = {"n": 0}
+
+        def flaky(entries, prev=None):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("injected device fault")
+            return real_run(entries, prev)
+
+        monkeypatch.setattr(engine.model_runner, "run", flaky)
+        failed = engine.generate(input_ids=ids, sampling_params=GREEDY)
+        assert failed["meta_info"]["finish_reason"]["type"] == "abort"
+        assert "injected device fault" in failed["meta_info"]["finish_reason"]["message"]
+        assert_idle_invariants(engine)
+        again = engine.generate(input_ids=ids, sampling_params=GREEDY)
+        assert again["meta_info"]["cached_tokens"] == 0
+        assert again["output_ids"] == hf_greedy(tiny_qwen3, ids, 10)[0]
+        assert_idle_invariants(engine)

@@ -153,8 +153,9 @@ class Scheduler:
             log.exception("batch failed")
             if inflight is not None:
                 self.process(inflight)
-            for seq in batch.seqs:
+            for seq, entry in zip(batch.seqs, batch.entries):
                 seq.pending = 0
+                seq.num_computed = entry.start_pos  # this step's KV was never written: keep it out of the prefix cache
                 if seq.status is not Status.FINISHED:
                     self.finish(seq, {"type": "abort", "message": f"internal error: {exc}"})
             return None
