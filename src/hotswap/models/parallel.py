@@ -56,14 +56,3 @@ class ShardSpec:
         if self.src_len == hf_tensor.shape[self.src_dim]:
             return hf_tensor
         return hf_tensor.narrow(self.src_dim, self.src_start, self.src_len)
-
-
-def whole(param: torch.Tensor) -> ShardSpec:
-    """The HF tensor is the parameter itself (replicated on every rank)."""
-    return ShardSpec(0, 0, param.shape[0], 0, 0, param.shape[0], tuple(param.shape))
-
-
-def weight_loader(param: torch.nn.Parameter, hf_tensor: torch.Tensor, shard_id: str | int | None = None) -> None:
-    """Copy a full HF tensor into its place in `param` (the per-parameter loader of DESIGN.md section 5)."""
-    spec: ShardSpec = param.hf_shards[shard_id]
-    spec.dest_view(param.data).copy_(spec.src_view(hf_tensor))

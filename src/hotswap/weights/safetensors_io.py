@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from hotswap.errors import CheckpointError
 
@@ -87,19 +86,3 @@ def read_headers(files: list[Path]) -> dict[str, TensorInfo]:
                 raise CheckpointError(f"tensor {name!r} appears in both {infos[name].file.name} and {file.name}")
             infos[name] = info
     return infos
-
-
-def iter_tensors(infos: list[TensorInfo]):
-    """Yield (info, cpu tensor) grouped by file, through safetensors' own reader."""
-    by_file: dict[Path, list[TensorInfo]] = {}
-    for info in infos:
-        by_file.setdefault(info.file, []).append(info)
-    for file, group in by_file.items():
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for info in group:
-                    yield info, f.get_tensor(info.name)
-        except CheckpointError:
-            raise
-        except Exception as exc:  # safetensors raises its own error types for corrupt files
-            raise CheckpointError(f"failed reading {file}: {exc}") from exc
