@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import config_only_checkpoint  # noqa: E402
+from common import config_only_checkpoint, timed  # noqa: E402
 
 from hotswap import Engine  # noqa: E402
 
@@ -51,6 +51,16 @@ def main() -> None:
         engine.flush_cache()
         print(f"batch {batch}: graph replay {replay_ms:.3f} ms; generate of {args.steps} tokens {total * 1e3:.1f} ms "
               f"= {total / args.steps * 1e3:.2f} ms/step incl. prefill", flush=True)
+        # prefill alone: host time against the GPU's kernel time
+        _, t_prefill = timed(lambda: engine.generate(input_ids=ids, sampling_params=dict(sp, max_new_tokens=1)), True)
+        engine.flush_cache()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+            engine.generate(input_ids=ids, sampling_params=dict(sp, max_new_tokens=1))
+        engine.flush_cache()
+        gpu_ms = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+        print(f"batch {batch}: prefill of {batch}x{args.prompt} tokens (generate, 1 new token) {t_prefill * 1e3:.1f} ms; "
+              f"GPU kernel time {gpu_ms:.1f} ms (profiled run)", flush=True)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60), flush=True)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
             engine.generate(input_ids=ids, sampling_params=dict(sp, max_new_tokens=8))
         engine.flush_cache()

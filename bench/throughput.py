@@ -44,7 +44,10 @@ def main() -> None:
     ap.add_argument("--hf", default="dynamic", help="comma list of HF cache kinds to run: dynamic,static or none")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None, help="append the table to this file")
+    ap.add_argument("--engine", action="append", default=[], metavar="FIELD=INT",
+                    help="an integer EngineConfig override, e.g. skinny_matmul_max_rows=0 (repeatable)")
     args = ap.parse_args()
+    overrides = {k: int(v) for k, v in (kv.split("=", 1) for kv in args.engine)}
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else (args.device if args.device != "auto" else "cpu"))
     on_gpu = device.type == "cuda"
     cases = args.cases or ("1x128x128,64x128x128,256x128x512" if on_gpu else "1x32x32,8x32x32")
@@ -56,7 +59,7 @@ def main() -> None:
     # size the KV cache to the largest case (plus slack) so HF has room to run beside it in this process
     num_pages = max(b * -(-(p + o + 1) // page_size) for b, p, o in cases) + 256
     engine = Engine(str(path), device=str(device), load_format="dummy", max_running_requests=max(b for b, _, _ in cases),
-                    page_size=page_size, num_pages=num_pages)
+                    page_size=page_size, num_pages=num_pages, **overrides)
     hf_kinds = [k for k in args.hf.split(",") if k and k != "none"]
     hf = None
     if hf_kinds:
@@ -96,7 +99,8 @@ def main() -> None:
         row += hf_cells + [f"{roof:,.0f}" if on_gpu else "-", f"{100 * ours / roof:.1f}%" if on_gpu else "-"]
         rows.append(row)
     header = ["batch, prompt/output", "hotswap output tok/s", "hotswap prefill tok/s"] + [f"HF {k} tok/s (greedy prefix = ours)" for k in hf_kinds] + ["decode roofline tok/s", "% of roofline"]
-    text = print_table(f"throughput, {args.shape}, {device_name(device)}, {engine.model_config.torch_dtype}", header, rows)
+    variant = "".join(f", {k}={v}" for k, v in overrides.items())
+    text = print_table(f"throughput, {args.shape}, {device_name(device)}, {engine.model_config.torch_dtype}{variant}", header, rows)
     if args.out:
         with open(args.out, "a") as f:
             f.write(text + "\n\n")

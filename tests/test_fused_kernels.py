@@ -60,3 +60,49 @@ def test_silu_and_mul(dtype, tol):
     x = torch.randn(23, 2 * 3072, device="cuda", dtype=dtype)
     gate, up = x.chunk(2, -1)
     assert rel(fused.silu_and_mul(x), F.silu(gate) * up) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_qk_norm_rope_writes_kv_cache(dtype):
+    T, hq, hk, d = 7, 16, 8, 128
+    rot = RotaryEmbedding(d, 4096, 1e6, None, torch.device("cuda"))
+    qkv = torch.randn(T, (hq + 2 * hk) * d, device="cuda", dtype=dtype)
+    q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+    q, k, v = q.view(T, hq, d), k.view(T, hk, d), v.view(T, hk, d)
+    qw, kw = torch.randn(d, device="cuda", dtype=dtype), torch.randn(d, device="cuda", dtype=dtype)
+    pos = torch.randint(0, 4000, (T,), device="cuda")
+    rq, rk = rot(pos, ref_rmsnorm(q, qw, 1e-6), ref_rmsnorm(k, kw, 1e-6))
+    k_cache = torch.full((9, 16, hk, d), float("nan"), device="cuda", dtype=dtype)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    slots = torch.randperm(9 * 16, device="cuda")[:T]
+    fused.qk_norm_rope(q, k, qw, kw, rot.cos_sin, pos, 1e-6, kv_store=(v, k_cache, v_cache, slots))
+    assert rel(q, rq) < 1e-2 and rel(k, rk) < 1e-2
+    assert torch.equal(k_cache.view(-1, hk, d)[slots], k) and torch.equal(v_cache.view(-1, hk, d)[slots], v)
+    untouched = torch.ones(9 * 16, dtype=torch.bool, device="cuda")
+    untouched[slots] = False
+    assert k_cache.view(-1, hk, d)[untouched].isnan().all() and v_cache.view(-1, hk, d)[untouched].isnan().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 2, 5, 8])
+@pytest.mark.parametrize("n,k", [(4096, 1024), (1024, 2048), (6144, 1024), (1000, 3000)])
+def test_skinny_matmul_prologues(dtype, m, n, k):
+    from hotswap.kernels import skinny_matmul as sm
+
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    r = torch.randn(m, k, device="cuda", dtype=dtype)
+    w = torch.randn(n, k, device="cuda", dtype=dtype) * k**-0.5
+    b = torch.randn(n, device="cuda", dtype=dtype)
+    nw = torch.randn(k, device="cuda", dtype=dtype)
+    y, _ = sm.skinny_linear(x, w, b)
+    assert rel(y, F.linear(x, w, b)) < 1e-2
+    y, _ = sm.skinny_linear(x, w, prologue=sm.NORM, norm_weight=nw, eps=1e-6)
+    assert rel(y, F.linear(ref_rmsnorm(x, nw, 1e-6), w)) < 1e-2
+    r_before = r.clone()
+    y, new_r = sm.skinny_linear(x, w, prologue=sm.ADD_NORM, residual=r, norm_weight=nw, eps=1e-6)
+    assert torch.equal(new_r, x + r) and torch.equal(r, r_before)
+    assert rel(y, F.linear(ref_rmsnorm(x + r, nw, 1e-6), w)) < 1e-2
+    gu = torch.randn(m, 2 * k, device="cuda", dtype=dtype)
+    gate, up = gu.chunk(2, -1)
+    y, _ = sm.skinny_linear(gu, w, prologue=sm.SILU_MUL)
+    assert rel(y, F.linear(F.silu(gate) * up, w)) < 1e-2

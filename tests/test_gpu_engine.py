@@ -50,16 +50,18 @@ def test_cuda_graph_equals_eager_and_survives_updates(tiny_qwen3, tiny_qwen3_v2)
         assert _outputs(eng, prompts) == ref_new
 
 
-def test_bf16_greedy_agrees_with_hf(tiny_qwen3):
-    """bf16 kernels round differently from HF's op-by-op bf16, so exact token equality can break at a
+@pytest.mark.parametrize("batch,skinny_rows", [(1, 8), (4, 8), (4, 0)])
+def test_bf16_greedy_agrees_with_hf(tiny_qwen3, batch, skinny_rows):
+    """With and without the fused small-batch matmuls (skinny_rows 0 = cuBLAS). bf16 kernels round differently from HF's op-by-op bf16, so exact token equality can break at a
     near-tie. We judge each of our greedy tokens against HF's bf16 logits, teacher-forced on our own
     sequence: it must be HF's argmax, or within bf16 rounding (1% of the logit scale) of HF's maximum.
     The first token (prefill only) must match exactly."""
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.bfloat16).cuda().eval()
-    prompts = [prompt_ids(70 + i, 16) for i in range(4)]
-    with Engine(str(tiny_qwen3), device="cuda", dtype="bfloat16") as eng:
+    prompts = [prompt_ids(70 + i, 16) for i in range(batch)]
+    with Engine(str(tiny_qwen3), device="cuda", dtype="bfloat16", skinny_matmul_max_rows=skinny_rows) as eng:
+        assert eng.model_runner.use_skinny_matmul(batch) == (skinny_rows > 0)
         got = _outputs(eng, prompts)
     for ids, ours in zip(prompts, got):
         with torch.no_grad():

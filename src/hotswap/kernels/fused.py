@@ -38,33 +38,53 @@ if triton is not None:
         tl.store(Y + row * stride_y + cols, w * y, mask=mask)
 
     @triton.jit
-    def _qk_norm_rope_kernel(Q, K, QW, KW, COS_SIN, POS, stride_qt, stride_qh, stride_kt, stride_kh, stride_cs,
-                             n_q_heads, eps, HAS_NORM: tl.constexpr, HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
-        """One program per (token, head) over q heads then k heads; in place."""
+    def _qk_norm_rope_kernel(Q, K, V, QW, KW, COS_SIN, POS, K_CACHE, V_CACHE, SLOTS,
+                             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
+                             n_q_heads, n_kv_heads, eps, HAS_NORM: tl.constexpr, STORE_KV: tl.constexpr,
+                             HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """One program per (token, head) over q heads, then k heads, then (STORE_KV) v heads.
+
+        q and k are rotated in place; with STORE_KV, k (rotated) and v are also written to their cache
+        slot (cache rows [slot, kv_head, HEAD_DIM]), which saves the two scatter kernels per layer."""
         t = tl.program_id(0)
         h = tl.program_id(1)
-        is_q = h < n_q_heads
-        if is_q:
-            base = Q + t * stride_qt + h * stride_qh
-            wp = QW
-        else:
-            base = K + t * stride_kt + (h - n_q_heads) * stride_kh
-            wp = KW
         offs = tl.arange(0, HALF)
-        x1 = tl.load(base + offs)
-        x2 = tl.load(base + HALF + offs)
-        if HAS_NORM:
-            f1 = x1.to(tl.float32)
-            f2 = x2.to(tl.float32)
-            var = (tl.sum(f1 * f1, axis=0) + tl.sum(f2 * f2, axis=0)) / HEAD_DIM
-            r = tl.rsqrt(var + eps)
-            x1 = tl.load(wp + offs) * (f1 * r).to(x1.dtype)
-            x2 = tl.load(wp + HALF + offs) * (f2 * r).to(x2.dtype)
-        pos = tl.load(POS + t)
-        cos = tl.load(COS_SIN + pos * stride_cs + offs).to(x1.dtype)
-        sin = tl.load(COS_SIN + pos * stride_cs + HALF + offs).to(x1.dtype)
-        tl.store(base + offs, x1 * cos - x2 * sin)
-        tl.store(base + HALF + offs, x2 * cos + x1 * sin)
+        if h >= n_q_heads + n_kv_heads:  # v: only a copy into the cache
+            hv = h - n_q_heads - n_kv_heads
+            slot = tl.load(SLOTS + t)
+            src = V + t * stride_vt + hv * stride_vh
+            dst = V_CACHE + (slot * n_kv_heads + hv) * HEAD_DIM
+            tl.store(dst + offs, tl.load(src + offs))
+            tl.store(dst + HALF + offs, tl.load(src + HALF + offs))
+        else:
+            is_q = h < n_q_heads
+            if is_q:
+                base = Q + t * stride_qt + h * stride_qh
+                wp = QW
+            else:
+                base = K + t * stride_kt + (h - n_q_heads) * stride_kh
+                wp = KW
+            x1 = tl.load(base + offs)
+            x2 = tl.load(base + HALF + offs)
+            if HAS_NORM:
+                f1 = x1.to(tl.float32)
+                f2 = x2.to(tl.float32)
+                var = (tl.sum(f1 * f1, axis=0) + tl.sum(f2 * f2, axis=0)) / HEAD_DIM
+                r = tl.rsqrt(var + eps)
+                x1 = tl.load(wp + offs) * (f1 * r).to(x1.dtype)
+                x2 = tl.load(wp + HALF + offs) * (f2 * r).to(x2.dtype)
+            pos = tl.load(POS + t)
+            cos = tl.load(COS_SIN + pos * stride_cs + offs).to(x1.dtype)
+            sin = tl.load(COS_SIN + pos * stride_cs + HALF + offs).to(x1.dtype)
+            y1 = x1 * cos - x2 * sin
+            y2 = x2 * cos + x1 * sin
+            tl.store(base + offs, y1)
+            tl.store(base + HALF + offs, y2)
+            if STORE_KV and h >= n_q_heads:
+                slot = tl.load(SLOTS + t)
+                dst = K_CACHE + (slot * n_kv_heads + h - n_q_heads) * HEAD_DIM
+                tl.store(dst + offs, y1)
+                tl.store(dst + HALF + offs, y2)
 
     @triton.jit
     def _silu_mul_kernel(X, Y, stride_x, stride_y, n, BLOCK: tl.constexpr):
@@ -91,15 +111,25 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
-                 cos_sin: torch.Tensor, positions: torch.Tensor, eps: float) -> None:
-    """In place on q [T, Hq, D] and k [T, Hkv, D] (views of the fused qkv output are fine)."""
+                 cos_sin: torch.Tensor, positions: torch.Tensor, eps: float,
+                 kv_store: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+    """In place on q [T, Hq, D] and k [T, Hkv, D] (views of the fused qkv output are fine).
+
+    kv_store = (v [T, Hkv, D], k_cache, v_cache, slot_mapping [T]) also writes this step's rotated k
+    and v into the paged cache (contiguous [..., page_size, Hkv, D] storage) at their slots."""
     T, hq, d = q.shape
     hk = k.shape[1]
     has_norm = q_weight is not None
-    _qk_norm_rope_kernel[(T, hq + hk)](
-        q, k, q_weight if has_norm else q, k_weight if has_norm else k, cos_sin, positions,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin.stride(0), hq, eps,
-        HAS_NORM=has_norm, HALF=d // 2, HEAD_DIM=d, num_warps=1 if d <= 128 else 2,
+    if kv_store is not None:
+        v, k_cache, v_cache, slots = kv_store
+        if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or k_cache.shape[-2:] != (hk, d):
+            raise ValueError(f"KV cache must be contiguous with rows of [{hk}, {d}], got {tuple(k_cache.shape)}")
+    else:
+        v, k_cache, v_cache, slots = k, k, k, positions
+    _qk_norm_rope_kernel[(T, hq + hk + (hk if kv_store is not None else 0))](
+        q, k, v, q_weight if has_norm else q, k_weight if has_norm else k, cos_sin, positions, k_cache, v_cache, slots,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin.stride(0), hq, hk, eps,
+        HAS_NORM=has_norm, STORE_KV=kv_store is not None, HALF=d // 2, HEAD_DIM=d, num_warps=1 if d <= 128 else 2,
     )
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hotswap.config import ModelConfig
@@ -29,8 +28,9 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dt) if cfg.qk_norm else None
         self.rotary = rotary
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
+    def forward(self, qkv: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Attention and o_proj over the already projected q/k/v rows (the layer runs qkv_proj, fused
+        with the input norm)."""
         sizes = self.qkv_proj.output_sizes
         q, k, v = qkv.split([sizes["q"], sizes["k"], sizes["v"]], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -38,29 +38,27 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if fused.available(q):
             has_norm = self.q_norm is not None
+            k_cache, v_cache = ctx.attention.kv_cache(self.layer_id)
             fused.qk_norm_rope(q, k, self.q_norm.weight if has_norm else None, self.k_norm.weight if has_norm else None,
-                               self.rotary.cos_sin, ctx.positions, self.q_norm.eps if has_norm else 0.0)
+                               self.rotary.cos_sin, ctx.positions, self.q_norm.eps if has_norm else 0.0,
+                               kv_store=(v, k_cache, v_cache, ctx.slot_mapping))
+            out = ctx.attention.attend(self.layer_id, q, self.scale, ctx)
         else:
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = self.rotary(ctx.positions, q, k)
-        out = ctx.attention.forward(self.layer_id, q, k, v, self.scale, ctx)
-        return self.o_proj(out.view(-1, self.num_heads * self.head_dim))
+            out = ctx.attention.forward(self.layer_id, q, k, v, self.scale, ctx)
+        return self.o_proj(out.view(-1, self.num_heads * self.head_dim), ctx.skinny_matmul)
 
 
 class MLP(nn.Module):
+    """gate/up and down projections; the layer runs them (gate_up fused with the post-attention norm)."""
+
     def __init__(self, cfg: ModelConfig, tp: TPInfo):
         super().__init__()
         i = cfg.intermediate_size
         self.gate_up_proj = MergedColumnLinear(cfg.hidden_size, {0: i, 1: i}, False, cfg.torch_dtype, tp)
         self.down_proj = RowLinear(i, cfg.hidden_size, cfg.torch_dtype, tp)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        if fused.available(gate_up):
-            return self.down_proj(fused.silu_and_mul(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -72,13 +70,11 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, tp)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext):
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm.forward_residual(x, residual)
-        x = self.self_attn(x, ctx)
-        x, residual = self.post_attention_layernorm.forward_residual(x, residual)
-        return self.mlp(x), residual
+        skinny = ctx.skinny_matmul
+        qkv, residual = self.self_attn.qkv_proj.norm_forward(x, residual, self.input_layernorm, skinny)
+        x = self.self_attn(qkv, ctx)
+        gate_up, residual = self.mlp.gate_up_proj.norm_forward(x, residual, self.post_attention_layernorm, skinny)
+        return self.mlp.down_proj.silu_mul_forward(gate_up, skinny), residual
 
 
 class DecoderModel(nn.Module):

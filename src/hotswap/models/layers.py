@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hotswap.kernels import fused
+from hotswap.kernels import fused, skinny_matmul
 from hotswap.models.parallel import ShardSpec, TPInfo
 
 
@@ -61,6 +61,21 @@ class MergedColumnLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
+    def norm_forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                     skinny: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """This projection of norm(x + residual), or of norm(x) before the first residual exists;
+        returns (projection, new residual). `skinny` fuses the add and the norm into the matmul."""
+        if skinny:
+            prologue = skinny_matmul.NORM if residual is None else skinny_matmul.ADD_NORM
+            y, new_residual = skinny_matmul.skinny_linear(x, self.weight, self.bias, prologue=prologue, residual=residual,
+                                                          norm_weight=norm.weight, eps=norm.eps)
+            return y, x if residual is None else new_residual
+        if residual is None:
+            residual, h = x, norm(x)
+        else:
+            h, residual = norm.forward_residual(x, residual)
+        return self(h), residual
+
 
 class RowLinear(nn.Module):
     """Input-dim sharded projection (o_proj, down_proj); partial sums are all-reduced across TP ranks."""
@@ -73,8 +88,20 @@ class RowLinear(nn.Module):
             (out_features, length), dtype, {None: ShardSpec(1, 0, length, 1, start, length, (out_features, in_features))}
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(F.linear(x, self.weight))
+    def forward(self, x: torch.Tensor, skinny: bool = False) -> torch.Tensor:
+        y = skinny_matmul.skinny_linear(x, self.weight)[0] if skinny else F.linear(x, self.weight)
+        return self.tp.all_reduce(y)
+
+    def silu_mul_forward(self, gate_up: torch.Tensor, skinny: bool) -> torch.Tensor:
+        """This projection of silu(gate) * up, for gate_up = [gate | up] along the last dim."""
+        if skinny:
+            y = skinny_matmul.skinny_linear(gate_up, self.weight, prologue=skinny_matmul.SILU_MUL)[0]
+        elif fused.available(gate_up):
+            y = F.linear(fused.silu_and_mul(gate_up), self.weight)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.weight)
+        return self.tp.all_reduce(y)
 
 
 class VocabEmbedding(nn.Module):

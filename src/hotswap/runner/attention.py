@@ -12,8 +12,15 @@ from hotswap.runner.kv_cache import KVCachePool
 
 
 class AttentionBackend(Protocol):
+    """`forward` stores this step's K/V then attends; a caller that wrote K/V into `kv_cache(layer)`
+    itself (the fused rotary kernel does) calls `attend` alone."""
+
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                 ctx: ForwardContext) -> torch.Tensor: ...
+
+    def kv_cache(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def attend(self, layer: int, q: torch.Tensor, scale: float, ctx: ForwardContext) -> torch.Tensor: ...
 
 
 def store_kv(pool: KVCachePool, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -31,23 +38,31 @@ def _gather_heads(cache: torch.Tensor, pages: torch.Tensor, group: int) -> torch
     return rows.transpose(-3, -2).repeat_interleave(group, dim=-3)
 
 
-class TorchAttention:
-    """Reference backend: gathers each sequence's pages and runs SDPA with a causal offset mask."""
-
+class _PagedBackend:
     def __init__(self, pool: KVCachePool):
         self.pool = pool
+
+    def kv_cache(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pool.k_cache(layer), self.pool.v_cache(layer)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                 ctx: ForwardContext) -> torch.Tensor:
         store_kv(self.pool, layer, k, v, ctx.slot_mapping)
-        k_cache, v_cache = self.pool.k_cache(layer), self.pool.v_cache(layer)
+        return self.attend(layer, q, scale, ctx)
+
+
+class TorchAttention(_PagedBackend):
+    """Reference backend: gathers each sequence's pages and runs SDPA with a causal offset mask."""
+
+    def attend(self, layer: int, q: torch.Tensor, scale: float, ctx: ForwardContext) -> torch.Tensor:
+        k_cache, v_cache = self.kv_cache(layer)
         if ctx.is_decode:
             return self._decode(q, k_cache, v_cache, scale, ctx)
         page_size = self.pool.page_size
         out = torch.empty_like(q)
         cu = ctx.cu_seqlens_q.tolist()
         lens = ctx.seq_lens.tolist()
-        group = q.shape[1] // k.shape[1]
+        group = q.shape[1] // k_cache.shape[2]
         for b, kv_len in enumerate(lens):
             q_start, q_end = cu[b], cu[b + 1]
             n_pages = (kv_len + page_size - 1) // page_size
@@ -76,19 +91,17 @@ class TorchAttention:
         return o.squeeze(2)
 
 
-class TritonAttention:
+class TritonAttention(_PagedBackend):
     """CUDA backend: split-KV decode and paged prefill kernels from hotswap.kernels."""
 
     def __init__(self, pool: KVCachePool):
         from hotswap.kernels import triton_attention
 
-        self.pool = pool
+        super().__init__(pool)
         self.kernels = triton_attention
 
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                ctx: ForwardContext) -> torch.Tensor:
-        store_kv(self.pool, layer, k, v, ctx.slot_mapping)
-        k_cache, v_cache = self.pool.k_cache(layer), self.pool.v_cache(layer)
+    def attend(self, layer: int, q: torch.Tensor, scale: float, ctx: ForwardContext) -> torch.Tensor:
+        k_cache, v_cache = self.kv_cache(layer)
         if ctx.is_decode:
             return self.kernels.paged_decode_attention(q, k_cache, v_cache, ctx.page_table, ctx.seq_lens, scale)
         return self.kernels.paged_prefill_attention(

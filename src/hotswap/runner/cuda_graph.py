@@ -61,7 +61,7 @@ class CudaGraphRunner:
         b = self.buffers
         return ForwardContext(positions=b["positions"][:bs], slot_mapping=b["slot_mapping"][:bs], page_table=b["page_table"][:bs],
                               cu_seqlens_q=b["cu_seqlens_q"][: bs + 1], seq_lens=b["seq_lens"][:bs], max_q_len=1, is_decode=True,
-                              attention=self.runner.attention)
+                              attention=self.runner.attention, skinny_matmul=self.runner.use_skinny_matmul(bs))
 
     @torch.inference_mode()
     def capture(self) -> None:

@@ -17,7 +17,8 @@ class ForwardContext:
 
     Sequence b's new tokens are rows cu_seqlens_q[b]:cu_seqlens_q[b+1] of the flattened batch; its KV
     length after this step is seq_lens[b]; slot_mapping[t] is the flat cache slot (page * page_size +
-    offset) where token t's K and V are written.
+    offset) where token t's K and V are written. `skinny_matmul` routes the layer matmuls through the
+    fused small-batch kernels (few rows, half precision, CUDA); the runner decides it per batch shape.
     """
 
     positions: torch.Tensor
@@ -28,3 +29,4 @@ class ForwardContext:
     max_q_len: int
     is_decode: bool
     attention: AttentionBackend
+    skinny_matmul: bool = False

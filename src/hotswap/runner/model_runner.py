@@ -7,6 +7,7 @@ import torch
 
 from hotswap.config import EngineConfig, ModelConfig
 from hotswap.errors import HotswapError
+from hotswap.kernels import skinny_matmul
 from hotswap.models.decoder import CausalLM
 from hotswap.models.parallel import TPInfo
 from hotswap.runner.attention import TorchAttention, TritonAttention
@@ -82,6 +83,9 @@ class ModelRunner:
         """Parameter storage moved (memory resume): refresh the views every transport copies into."""
         self.weight_map = WeightMap(self.model)
 
+    def use_skinny_matmul(self, rows: int) -> bool:
+        return skinny_matmul.enabled(rows, self.model_config.torch_dtype, self.device, self.config.skinny_matmul_max_rows)
+
     def to_device(self, a) -> torch.Tensor:
         t = torch.from_numpy(a)
         if self.device.type == "cuda":
@@ -99,6 +103,7 @@ class ModelRunner:
             max_q_len=hb.max_q_len,
             is_decode=hb.is_decode,
             attention=self.attention,
+            skinny_matmul=self.use_skinny_matmul(len(hb.input_ids)),
         )
         return self.to_device(hb.input_ids), ctx, self.to_device(hb.logits_indices)
 

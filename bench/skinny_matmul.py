@@ -1,0 +1,104 @@
+"""Small-batch decode matmuls: the fused skinny kernels beside cuBLAS (`F.linear`, plus the separate
+norm / SiLU kernel it needs) and beside the HBM bandwidth limit, on a model shape's four layer matmuls.
+
+    python bench/skinny_matmul.py --shape qwen3-0.6b --rows 1 2 4 8
+
+Each case is captured in a CUDA graph over 8 weight copies used in turn (more bytes than L2 holds), so
+the time is one launch reading its weights from HBM, as in a decode step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import H100_D2D_BYTES_PER_S, SHAPES, device_name, print_table  # noqa: E402
+
+from hotswap.kernels import fused  # noqa: E402
+from hotswap.kernels import skinny_matmul as sm  # noqa: E402
+
+COPIES = 8
+
+
+def graph_time_us(fn, reps: int = 20) -> float:
+    """Median time of one `fn()` call, from a graph of COPIES calls (fn cycles its weight copies)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(COPIES):
+            fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / COPIES)
+    return sorted(times)[len(times) // 2]
+
+
+def cases(shape: dict) -> list[tuple[str, int, int, int]]:
+    h, i, d = shape["hidden_size"], shape["intermediate_size"], shape["head_dim"]
+    qkv = (shape["num_attention_heads"] + 2 * shape["num_key_value_heads"]) * d
+    return [("qkv (add+norm)", qkv, h, sm.ADD_NORM), ("o_proj", h, shape["num_attention_heads"] * d, sm.PLAIN),
+            ("gate_up (add+norm)", 2 * i, h, sm.ADD_NORM), ("down (silu*mul)", h, i, sm.SILU_MUL)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="qwen3-0.6b")
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8])
+    args = ap.parse_args()
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    rows, totals = [], {}
+    for name, n, k, prologue in cases(SHAPES[args.shape]):
+        ws = [torch.randn(n, k, device=dev, dtype=dt) * k**-0.5 for _ in range(COPIES)]
+        nw = torch.randn(k, device=dev, dtype=dt)
+        it = iter(range(10**9))
+        for m in args.rows:
+            kin = 2 * k if prologue == sm.SILU_MUL else k
+            x = torch.randn(m, kin, device=dev, dtype=dt)
+            r = torch.randn(m, k, device=dev, dtype=dt)
+
+            def ours():
+                w = ws[next(it) % COPIES]
+                return sm.skinny_linear(x, w, prologue=prologue, residual=r if prologue == sm.ADD_NORM else None,
+                                        norm_weight=nw, eps=1e-6)
+
+            def cublas():
+                w = ws[next(it) % COPIES]
+                if prologue == sm.ADD_NORM:
+                    return F.linear(fused.rmsnorm(x, nw, 1e-6, residual=r.clone()), w)
+                if prologue == sm.SILU_MUL:
+                    return F.linear(fused.silu_and_mul(x), w)
+                return F.linear(x, w)
+
+            def cublas_alone():
+                return F.linear(x[:, :k], ws[next(it) % COPIES])
+
+            t_ours, t_cublas, t_gemm = graph_time_us(ours), graph_time_us(cublas), graph_time_us(cublas_alone)
+            floor = n * k * 2 / H100_D2D_BYTES_PER_S * 1e6  # one read of W at 3.0 TB/s, as the issue's decode roofline counts
+            for key, t in (("ours", t_ours), ("cublas", t_cublas), ("floor", floor)):
+                totals[(m, key)] = totals.get((m, key), 0.0) + t
+            rows.append([name, f"{n}x{k}", m, f"{t_ours:.2f}", f"{n * k * 2 / t_ours / 1e3:,.0f}", f"{t_cublas:.2f}",
+                         f"{t_gemm:.2f}", f"{floor:.2f}", f"{100 * floor / t_ours:.0f}%"])
+    for m in args.rows:
+        rows.append(["layer total", "", m, f"{totals[(m, 'ours')]:.2f}", "", f"{totals[(m, 'cublas')]:.2f}", "",
+                     f"{totals[(m, 'floor')]:.2f}", f"{100 * totals[(m, 'floor')] / totals[(m, 'ours')]:.0f}%"])
+    print_table(f"skinny matmuls, {args.shape}, {device_name(dev)}, bf16 (us per call, weights from HBM)",
+                ["matmul", "N x K", "rows", "ours us", "ours GB/s", "cuBLAS + separate prologue us", "cuBLAS matmul alone us",
+                 "floor us (W at 3.0 TB/s)", "% of floor"], rows)
+
+
+if __name__ == "__main__":
+    main()
