@@ -44,7 +44,6 @@ from hotswap import Engine  # noqa: E402
 from hotswap.weights import fast_copy, fast_reader  # noqa: E402
 from hotswap.weights.fast_reader import ReaderOptions, load_plan  # noqa: E402
 from hotswap.weights.loader import plan_checkpoint  # noqa: E402
-from hotswap.weights.safetensors_io import iter_tensors  # noqa: E402
 
 GB = 1e9
 RESULTS: dict = {"tables": {}, "figures": {}}
@@ -499,9 +498,15 @@ def bench_disk(shape: str, device: str, ceil: dict, layers: int | None, reps: in
         row("peer: safetensors.torch.load_file(device=cuda), per shard", median_time(naive, max(2, reps // 2), 1), "one shard on device")
 
         def previous():
-            slot_of = {info.name: slot for info, slot in plan}
-            for info, tensor in iter_tensors([info for info, _ in plan]):
-                slot_of[info.name].load(tensor)
+            from safetensors import safe_open
+
+            by_file: dict = {}
+            for info, slot in plan:
+                by_file.setdefault(str(info.file), []).append((info.name, slot))
+            for path, named in by_file.items():
+                with safe_open(path, framework="pt") as f:
+                    for name, slot in named:
+                        slot.load(f.get_tensor(name))
 
         row("peer: previous hotswap path (safe_open + copy per tensor)", median_time(previous, max(2, reps // 2), 1), "one tensor")
         # (strategy, threads, staging, register threads, populate page tables before registering)

@@ -4,6 +4,7 @@ release/resume freeing device memory. Skipped without CUDA."""
 from __future__ import annotations
 
 import gc
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -50,9 +51,34 @@ def test_cuda_graph_equals_eager_and_survives_updates(tiny_qwen3, tiny_qwen3_v2)
         assert _outputs(eng, prompts) == ref_new
 
 
+def test_extend_graphs_equal_eager_with_prefix_hits_and_chunks(tiny_qwen3):
+    """Prefill and mixed steps replayed from extend graphs (chunked prefill, prefix-cache hits, a
+    second wave joining running decodes) give the eager path's tokens exactly (float32)."""
+    base = prompt_ids(90, 40)
+    wave1 = [base + prompt_ids(91 + i, 3 + 11 * i) for i in range(3)]
+    wave2 = [base + prompt_ids(95 + i, 7 * i + 1) for i in range(4)] + [prompt_ids(99, 130)]
+    kw = dict(device="cuda", dtype="float32", chunked_prefill_size=32, page_size=16)
+
+    def run(engine):
+        first = _outputs(engine, wave1)  # fills the prefix cache with `base`
+        with ThreadPoolExecutor(1) as pool:  # a long wave decoding while the second one prefills
+            long = pool.submit(engine.generate, input_ids=wave1, sampling_params=dict(GREEDY, max_new_tokens=40))
+            second = _outputs(engine, wave2)
+            return first, second, [o["output_ids"] for o in long.result()]
+
+    with Engine(str(tiny_qwen3), enable_cuda_graph=False, **kw) as eager:
+        ref = run(eager)
+    with Engine(str(tiny_qwen3), **kw) as eng:
+        got = run(eng)
+        assert eng.model_runner.cuda_graphs.extend.graphs, "no extend graph was used"
+        assert eng.check_invariants().success
+    assert got == ref
+
+
 @pytest.mark.parametrize("batch,skinny_rows", [(1, 8), (4, 8), (4, 0)])
 def test_bf16_greedy_agrees_with_hf(tiny_qwen3, batch, skinny_rows):
-    """With and without the fused small-batch matmuls (skinny_rows 0 = cuBLAS). bf16 kernels round differently from HF's op-by-op bf16, so exact token equality can break at a
+    """With and without the fused small-batch matmuls (skinny_rows 0 = cuBLAS). bf16 kernels round
+    differently from HF's op-by-op bf16, so exact token equality can break at a
     near-tie. We judge each of our greedy tokens against HF's bf16 logits, teacher-forced on our own
     sequence: it must be HF's argmax, or within bf16 rounding (1% of the logit scale) of HF's maximum.
     The first token (prefill only) must match exactly."""

@@ -234,7 +234,7 @@ def test_decode_cuda_graph_replay(B, cap):
 # prefill / extend
 # ------------------------------------------------------------------------------------------
 def run_prefill_case(seed, prefixes, q_lens, page_size, hq, hkv, d, dtype, max_q_len=None,
-                     strided_pages=False):
+                     strided_pages=False, tiles_width=None):
     gen = _gen(seed)
     kv_lens = [p + n for p, n in zip(prefixes, q_lens)]
     k, v, pt = make_paged_kv(kv_lens, page_size, hkv, d, dtype, gen)
@@ -248,8 +248,15 @@ def run_prefill_case(seed, prefixes, q_lens, page_size, hq, hkv, d, dtype, max_q
     seq_lens = torch.tensor(kv_lens, dtype=torch.int32, device=DEV)
     scale = 1.0 / math.sqrt(d)
     out = torch.full((T, hq, d), float("nan"), dtype=dtype, device=DEV)
+    tiles = None
+    if tiles_width is not None:  # the CUDA-graph work list: grid fixed by its width, padded with -1
+        from hotswap.kernels.triton_attention import prefill_tile_tokens
+        from hotswap.runner.host_batch import prefill_tiles
+
+        tok = prefill_tile_tokens(d, hq, hkv, dtype)
+        tiles = torch.from_numpy(prefill_tiles(cu.cpu().numpy(), seq_lens.cpu().numpy(), tok, tiles_width)).to(DEV)
     res = paged_prefill_attention(
-        q, k, v, pt, cu, seq_lens, max_q_len or max(q_lens), scale, out=out
+        q, k, v, pt, cu, seq_lens, max_q_len or max(q_lens), scale, out=out, tiles=tiles
     )
     assert res is out and res.dtype == dtype
     refs = []
@@ -291,6 +298,14 @@ def test_prefill_single_token_rows_and_loose_max_q_len():
     prefixes = [0, 0, 100, 1000]
     q_lens = [1, 513, 1, 129]
     run_prefill_case(4, prefixes, q_lens, 16, 16, 8, 128, torch.bfloat16, max_q_len=600)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prefill_work_list_matches_reference(dtype):
+    """The tile work list (extend CUDA graphs) gives the reference result; padding entries do nothing."""
+    prefixes, q_lens = _rand_extend(_gen(21), 6)
+    run_prefill_case(21, prefixes, q_lens, 16, 16, 8, 128, dtype, tiles_width=64)
+    run_prefill_case(22, [0, 40, 0], [0, 1, 300], 16, 16, 8, 128, dtype, tiles_width=40)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])

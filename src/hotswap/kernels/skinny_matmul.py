@@ -19,7 +19,7 @@ except ImportError:  # CPU-only machines: the layers never call these without CU
     triton = None
 
 #: Largest number of rows served here; larger batches go to cuBLAS.
-MAX_ROWS = 8
+MAX_ROWS = 16
 
 PLAIN, NORM, ADD_NORM, SILU_MUL = 0, 1, 2, 3
 
@@ -42,41 +42,37 @@ if triton is not None:
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         m_mask = offs_m < M
         n_mask = offs_n < N
-        if PROLOGUE == 1 or PROLOGUE == 2:
-            # RMS of each row (after the residual add), rounded like the unfused layers: x + r in the
-            # model dtype, the mean square in float32
-            ss = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for k0 in tl.range(0, K, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                mk = m_mask[:, None] & (offs_k[None, :] < K)
-                x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mk, other=0.0)
-                if PROLOGUE == 2:
-                    x = x + tl.load(R + offs_m[:, None] * stride_rm + offs_k[None, :], mask=mk, other=0.0)
-                    if pid == 0:  # the new residual, written once into its own buffer (others still read R)
-                        tl.store(R_OUT + offs_m[:, None] * stride_rm + offs_k[None, :], x, mask=mk)
-                xf = x.to(tl.float32)
-                ss += tl.sum(xf * xf, axis=1)
-            rstd = tl.rsqrt(ss / K + eps)
+        # One pass: RMSNorm scales a row by a constant, so (x * nw) @ W^T is accumulated beside the row's
+        # sum of squares and scaled at the end; W's loads never wait for the norm.
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        ss = tl.zeros([BLOCK_M], dtype=tl.float32)
         for k0 in tl.range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
             mk = m_mask[:, None] & k_mask[None, :]
+            w = tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
             if PROLOGUE == 3:
                 g = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mk, other=0.0)
                 u = tl.load(X + offs_m[:, None] * stride_xm + K + offs_k[None, :], mask=mk, other=0.0)
                 gf = g.to(tl.float32)
-                x = (gf / (1.0 + tl.exp(-gf))).to(g.dtype) * u
+                xf = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32) * u.to(tl.float32)
             else:
                 x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mk, other=0.0)
                 if PROLOGUE == 2:
+                    # the residual sum is rounded to the model dtype, as the unfused layers do
                     x = x + tl.load(R + offs_m[:, None] * stride_rm + offs_k[None, :], mask=mk, other=0.0)
+                    if pid == 0:  # the new residual, written once into its own buffer (others still read R)
+                        tl.store(R_OUT + offs_m[:, None] * stride_rm + offs_k[None, :], x, mask=mk)
+                xf = x.to(tl.float32)
                 if PROLOGUE == 1 or PROLOGUE == 2:
-                    nw = tl.load(NW + offs_k, mask=k_mask, other=0.0)
-                    x = nw[None, :] * (x.to(tl.float32) * rstd[:, None]).to(x.dtype)
-            w = tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            prod = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]  # [BLOCK_M, BLOCK_N, BLOCK_K]
-            acc += tl.sum(prod, axis=2)
+                    ss += tl.sum(xf * xf, axis=1)
+                    xf = xf * tl.load(NW + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            if BLOCK_M == 1:
+                acc += tl.sum(xf * w.to(tl.float32), axis=1)[None, :]  # [1, BLOCK_K] * [BLOCK_N, BLOCK_K]
+            else:  # rows padded to the tensor-core tile
+                acc = tl.dot(xf.to(w.dtype), tl.trans(w), acc)
+        if PROLOGUE == 1 or PROLOGUE == 2:
+            acc = acc * tl.rsqrt(ss / K + eps)[:, None]
         if HAS_BIAS:
             acc += tl.load(BIAS + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
@@ -96,13 +92,18 @@ def _programs_wanted(device: torch.device) -> int:
 
 
 def _blocks(m: int, n: int, k: int, device: torch.device) -> tuple[int, int, int]:
-    """Enough programs to cover every SM twice; a register tile of at most 8K products per program."""
-    block_m = triton.next_power_of_2(m)
-    block_n = 2
-    while block_n < 32 and n // (block_n * 2) >= _programs_wanted(device):
+    """One row: enough programs to cover every SM twice, at most 8K weights a tile. More rows: a
+    16 x 16 tensor-core tile (the rows padded), widened while the SMs stay covered."""
+    wanted = _programs_wanted(device)
+    if m == 1:
+        block_m, block_n = 1, 2
+        while block_n < 32 and n // (block_n * 2) >= wanted:
+            block_n *= 2
+        return block_m, block_n, min(triton.next_power_of_2(k), max(64, 8192 // block_n))
+    block_n = 16
+    while block_n < 64 and n // (block_n * 2) >= wanted:
         block_n *= 2
-    block_k = min(triton.next_power_of_2(k), max(64, 8192 // (block_m * block_n)))
-    return block_m, block_n, block_k
+    return 16, block_n, min(triton.next_power_of_2(k), 128)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, prologue: int = PLAIN,
@@ -112,6 +113,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
     NORM: rmsnorm(x) * norm_weight; ADD_NORM: the same of x + residual, also returned as the new
     residual (a fresh tensor: the input residual is left as it was). Returns (y, new residual or None).
+    The normalised activation is kept in float32 (the unfused layers round it to the model dtype twice),
+    so results differ from them by bf16 rounding, not more.
     """
     m = x.shape[0]
     n, k = weight.shape

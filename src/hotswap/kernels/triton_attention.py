@@ -52,6 +52,7 @@ __all__ = [
     "paged_decode_attention",
     "paged_prefill_attention",
     "decode_num_splits",
+    "prefill_tile_tokens",
     "MAX_DECODE_SPLITS",
 ]
 
@@ -62,7 +63,7 @@ MAX_DECODE_SPLITS = 64
 
 # Tunables (defaults; measured on H100, see bench/attention_kernels.py).
 _DECODE_TARGET_CTAS_PER_SM = 2  # aim for about this many split-programs per SM
-_DECODE_MIN_CHUNK = 128  # a split never gets fewer tokens than this (inside the kernel)
+_DECODE_MIN_CHUNK = 64  # a split never gets fewer tokens than this (inside the kernel)
 
 _LOG2E = 1.4426950408889634
 
@@ -262,7 +263,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _prefill_kernel(
-        Q, K, V, PT, CUQ, SEQ, O,
+        Q, K, V, PT, CUQ, SEQ, O, TILES, n_tiles,
         qk_scale,  # scale * log2(e)
         stride_qt, stride_qh,
         stride_kp, stride_vp,  # page strides (inside a page: [PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM] dense)
@@ -276,6 +277,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         PACK_GQA: tl.constexpr,
+        USE_TILES: tl.constexpr,
     ):
         # Tile = BLOCK_M rows. With PACK_GQA the rows are (token, query head) pairs of all GROUP
         # query heads sharing one KV head (token-major), so each K/V tile loaded serves them all;
@@ -289,9 +291,17 @@ if HAS_TRITON:
             head0 = tl.program_id(0)
             hk = head0 // GROUP
         TOK: tl.constexpr = BLOCK_M // HPT  # query tokens per tile
-        b = tl.program_id(1)
-        # Heaviest (last, longest causal range) token blocks are launched first.
-        tblk = tl.num_programs(2) - 1 - tl.program_id(2)
+        if USE_TILES:
+            # a host-built list of (sequence, token block), heaviest first, padded with b = -1: the grid
+            # is fixed by the token count alone (CUDA graphs), not by the longest sequence
+            b = tl.load(TILES + tl.program_id(1))
+            if b < 0:
+                return
+            tblk = tl.load(TILES + n_tiles + tl.program_id(1))
+        else:
+            b = tl.program_id(1)
+            # Heaviest (last, longest causal range) token blocks are launched first.
+            tblk = tl.num_programs(2) - 1 - tl.program_id(2)
 
         q_start = tl.load(CUQ + b).to(tl.int32)
         q_len = tl.load(CUQ + b + 1).to(tl.int32) - q_start
@@ -542,8 +552,17 @@ def _prefill_config(head_dim: int, dtype: torch.dtype):
     return dict(block_m=64, block_n=32, num_warps=8, num_stages=2, pack_gqa=False)
 
 
+def prefill_tile_tokens(head_dim: int, num_heads: int, num_kv_heads: int, dtype: torch.dtype) -> int:
+    """Query tokens per prefill program; a tile list for `tiles=` is built with this."""
+    cfg = _prefill_config(head_dim, dtype)
+    if cfg["pack_gqa"]:
+        group = num_heads // num_kv_heads
+        return max(cfg["block_m"], _next_pow2(group)) // group
+    return cfg["block_m"]
+
+
 def _prefill_launch(
-    q, k_cache, v_cache, page_table, cu_seqlens_q, seq_lens, max_q_len, scale, out,
+    q, k_cache, v_cache, page_table, cu_seqlens_q, seq_lens, max_q_len, scale, out, tiles,
     *, block_m: int, block_n: int, num_warps: int, num_stages: int, pack_gqa: bool = False,
 ):
     T, Hq, D = q.shape
@@ -552,11 +571,14 @@ def _prefill_launch(
     group = Hq // Hkv
     if pack_gqa:
         block_m = max(block_m, _next_pow2(group))
-        grid = (Hkv, B, triton.cdiv(int(max_q_len), block_m // group))
+    heads = Hkv if pack_gqa else Hq
+    if tiles is not None:
+        grid = (heads, tiles.shape[1], 1)
     else:
-        grid = (Hq, B, triton.cdiv(int(max_q_len), block_m))
+        grid = (heads, B, triton.cdiv(int(max_q_len), block_m // group if pack_gqa else block_m))
     _prefill_kernel[grid](
         q, k_cache, v_cache, page_table, cu_seqlens_q, seq_lens, out,
+        tiles if tiles is not None else seq_lens, tiles.shape[1] if tiles is not None else 0,
         float(scale) * _LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), v_cache.stride(0),
@@ -570,6 +592,7 @@ def _prefill_launch(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         PACK_GQA=bool(pack_gqa),
+        USE_TILES=tiles is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -586,6 +609,7 @@ def paged_prefill_attention(
     max_q_len: int,
     scale: float,
     out: Optional[torch.Tensor] = None,
+    tiles: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Causal paged attention for a ragged batch of extend chunks.
 
@@ -600,6 +624,9 @@ def paged_prefill_attention(
         max_q_len: Python int >= every q_len_b (sizes the grid; no device sync is done).
         scale: softmax scale.
         out: optional ``[T, Hq, D]`` output; allocated if None.
+        tiles: optional int32 ``[2, n]``: program i handles token block ``tiles[1, i]`` (of
+            ``prefill_tile_tokens`` queries) of sequence ``tiles[0, i]``, or nothing where that is -1.
+            The grid then depends on n alone, so a CUDA graph can be replayed for any batch it covers.
     """
     _require_triton(q, k_cache, v_cache, page_table, cu_seqlens_q, seq_lens)
     if q.dim() != 3:
@@ -623,5 +650,5 @@ def paged_prefill_attention(
         return out
     cfg = _prefill_config(D, k_cache.dtype)
     return _prefill_launch(
-        q, k_cache, v_cache, page_table, cu_seqlens_q, seq_lens, max_q_len, scale, out, **cfg
+        q, k_cache, v_cache, page_table, cu_seqlens_q, seq_lens, max_q_len, scale, out, tiles, **cfg
     )

@@ -105,5 +105,6 @@ class TritonAttention(_PagedBackend):
         if ctx.is_decode:
             return self.kernels.paged_decode_attention(q, k_cache, v_cache, ctx.page_table, ctx.seq_lens, scale)
         return self.kernels.paged_prefill_attention(
-            q, k_cache, v_cache, ctx.page_table, ctx.cu_seqlens_q, ctx.seq_lens, ctx.max_q_len, scale
+            q, k_cache, v_cache, ctx.page_table, ctx.cu_seqlens_q, ctx.seq_lens, ctx.max_q_len, scale,
+            tiles=ctx.prefill_tiles,
         )

@@ -1,4 +1,5 @@
-"""CUDA graphs for decode: captured per batch-size bucket, replayed with the batch padded to the bucket.
+"""CUDA graphs for decode: captured per batch-size bucket, replayed with the batch padded to the bucket;
+and, through `ExtendGraphRunner`, for prefill and mixed steps (captured on first use), in the same pool.
 
 Graphs read static input buffers and the live parameter storage, so weight updates (which copy into
 that storage) need no recapture; releasing weights, the KV cache or the graphs themselves drops them,
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from hotswap.runner.extend_graph import ExtendGraphRunner
 from hotswap.runner.forward_context import ForwardContext
 from hotswap.runner.host_batch import HostBatch
 
@@ -32,6 +34,7 @@ class CudaGraphRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
         self.buffers: dict[str, torch.Tensor] = {}
+        self.extend = ExtendGraphRunner(runner, self.buckets, self.max_pages)
 
     @property
     def captured(self) -> bool:
@@ -40,6 +43,12 @@ class CudaGraphRunner:
     def can_run(self, entries: list[BatchEntry]) -> bool:
         return (self.captured and len(entries) <= self.max_batch
                 and all(len(e.input_ids) == 1 and e.sample for e in entries))
+
+    def can_run_extend(self, entries: list[BatchEntry]) -> bool:
+        return self.captured and self.extend.can_run(entries)
+
+    def run_extend(self, entries: list[BatchEntry], prev_token_ids: torch.Tensor | None) -> torch.Tensor:
+        return self.extend.run(entries, prev_token_ids, self.pool)
 
     def _alloc_buffers(self) -> None:
         dev, n = self.runner.device, self.max_batch
@@ -82,6 +91,7 @@ class CudaGraphRunner:
         torch.cuda.synchronize()
 
     def release(self) -> None:
+        self.extend.release()
         self.graphs.clear()
         self.outputs = {}
         self.buffers = {}

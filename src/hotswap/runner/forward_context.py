@@ -30,3 +30,4 @@ class ForwardContext:
     is_decode: bool
     attention: AttentionBackend
     skinny_matmul: bool = False
+    prefill_tiles: torch.Tensor | None = None  # the prefill kernel's work list under extend CUDA graphs

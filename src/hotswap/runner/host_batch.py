@@ -45,3 +45,21 @@ class HostBatch:
         sampled = np.fromiter((e.sample for e in entries), dtype=bool, count=n)
         return cls(ids, positions, slots, cu, (starts + q_lens).astype(np.int32), table,
                    (cu[1:][sampled] - 1).astype(np.int64), int(q_lens.max()), is_decode)
+
+
+def prefill_tiles(cu_seqlens_q: np.ndarray, seq_lens: np.ndarray, tile_tokens: int, width: int) -> np.ndarray:
+    """The prefill kernel's work list, int32 [2, width]: (sequence, token block) per program, the blocks
+    that attend the most KV first, padded with sequence -1."""
+    q_lens = np.diff(cu_seqlens_q).astype(np.int64)
+    blocks = -(-q_lens // tile_tokens)
+    n = int(blocks.sum())
+    if n > width:
+        raise ValueError(f"{n} prefill tiles do not fit a work list of {width}")
+    seq = np.repeat(np.arange(len(q_lens)), blocks)
+    blk = np.arange(n) - np.repeat(np.cumsum(blocks) - blocks, blocks)
+    work = (seq_lens.astype(np.int64) - q_lens)[seq] + np.minimum((blk + 1) * tile_tokens, q_lens[seq])
+    order = np.argsort(-work, kind="stable")
+    out = np.full((2, width), -1, dtype=np.int32)
+    out[0, :n] = seq[order]
+    out[1, :n] = blk[order]
+    return out

@@ -139,8 +139,13 @@ class ModelRunner:
         """Forward the batch; sample for the entries with `sample` set (in their order). Inputs marked
         `prev_row` are filled on the device from `prev_token_ids` (the step before, still in flight)."""
         to_sample = [e for e in entries if e.sample]
-        if self.cuda_graphs is not None and self.cuda_graphs.can_run(entries):
-            logits = self.cuda_graphs.run(entries, prev_token_ids)
+        graphs = self.cuda_graphs
+        if graphs is not None and graphs.can_run(entries):
+            logits = graphs.run(entries, prev_token_ids)
+        elif graphs is not None and graphs.can_run_extend(entries):
+            logits = graphs.run_extend(entries, prev_token_ids)
+            if not to_sample:
+                return None
         else:
             input_ids, ctx, logits_idx = self.build_context(entries)
             fix = self.pending_inputs(entries, np.cumsum([0] + [len(e.input_ids) for e in entries]))

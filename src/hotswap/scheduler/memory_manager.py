@@ -21,7 +21,8 @@ class MemoryManager:
     can_release: Callable[[], bool]
     reset_prefix_cache: Callable[[], object]
     released: set[str] = field(default_factory=set)
-    host_weights: dict[str, torch.Tensor] | None = None  # parameter name -> host copy while released
+    host_weights: dict[str, torch.Tensor] | None = None  # parameter name -> host copy (a view of host_arena) while released
+    host_arena: torch.Tensor | None = None  # one pinned buffer for every weight, kept across release cycles
     param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def any_released(self) -> bool:
@@ -53,20 +54,7 @@ class MemoryManager:
             self.reset_prefix_cache()
             runner.pool.free_storage()
         if "weights" in tags:
-            keep = req.keep_weights_on_host
-            pin = runner.device.type == "cuda"
-            self.host_weights = {}
-            self.param_shapes = {name: tuple(param.shape) for name, param in runner.model.named_parameters()}
-            for name, param in runner.model.named_parameters():
-                if keep:
-                    host = torch.empty(param.shape, dtype=param.dtype, pin_memory=pin)
-                    host.copy_(param.data)
-                    self.host_weights[name] = host
-                # a one-element stand-in of the same shape: storage is freed, views stay well-formed
-                param.data = torch.zeros((1,) * param.dim(), dtype=param.dtype, device=runner.device).expand(param.shape)
-            runner.model.model.rotary.cos_sin = torch.empty(0, device=runner.device)
-            runner.rebuild_weight_map()  # the old views would keep the released storage alive
-            self.host_weights = self.host_weights if keep else None
+            self._release_weights(keep_on_host=req.keep_weights_on_host)
         self.released.update(tags)
         gc.collect()
         if runner.device.type == "cuda":
@@ -85,17 +73,7 @@ class MemoryManager:
             return p.ControlOutput(success=False, message="resume refused: nothing is released")
         runner = self.model_runner
         if "weights" in tags:
-            for name, param in runner.model.named_parameters():
-                host = self.host_weights.get(name) if self.host_weights is not None else None
-                data = torch.empty(self.param_shapes[name], dtype=param.dtype, device=runner.device)
-                if host is not None:
-                    data.copy_(host)
-                else:
-                    data.zero_()  # the caller said it will reload weights
-                param.data = data
-            runner.model.model.rotary.rebuild(runner.device)
-            runner.rebuild_weight_map()
-            self.host_weights = None
+            self._resume_weights()
         if "kv_cache" in tags:
             runner.pool.allocate_storage()
         self.released.difference_update(tags)
@@ -104,3 +82,68 @@ class MemoryManager:
             graphs.capture()
         return p.ControlOutput(success=True, message=f"resumed {tags}")
 
+
+    def _release_weights(self, keep_on_host: bool) -> None:
+        """Copy every weight into one pinned host arena (allocated once: a pinned allocation per tensor
+        cost about 1 s for a 0.6B model), then swap each parameter for a zero-stride stand-in."""
+        runner = self.model_runner
+        params = list(runner.model.named_parameters())
+        self.param_shapes = {name: tuple(param.shape) for name, param in params}
+        self.host_weights = None
+        if keep_on_host:
+            layout, total = _flat_layout(params)
+            if self.host_arena is None or self.host_arena.numel() < total:
+                self.host_arena = torch.empty(total, dtype=torch.uint8, pin_memory=runner.device.type == "cuda")
+            self.host_weights = {}
+            for name, param in params:
+                host = _view(self.host_arena, layout[name], param)
+                host.copy_(param.data, non_blocking=True)
+                self.host_weights[name] = host
+            if runner.device.type == "cuda":
+                torch.cuda.synchronize(runner.device)
+        stand_ins: dict[torch.dtype, torch.Tensor] = {}
+        for name, param in params:
+            # a one-element stand-in of the same shape: storage is freed, views stay well-formed
+            zero = stand_ins.setdefault(param.dtype, torch.zeros((), dtype=param.dtype, device=runner.device))
+            param.data = zero.view((1,) * param.dim()).expand(param.shape)
+        runner.model.model.rotary.cos_sin = torch.empty(0, device=runner.device)
+        runner.rebuild_weight_map()  # the old views would keep the released storage alive
+
+    def _resume_weights(self) -> None:
+        """One device allocation for all weights (not one per tensor) and asynchronous copies from the
+        pinned arena, then one synchronize."""
+        runner = self.model_runner
+        params = list(runner.model.named_parameters())
+        shapes = self.param_shapes
+        layout, total = _flat_layout([(name, torch.empty(shapes[name], dtype=param.dtype, device="meta")) for name, param in params])
+        flat = torch.empty(total, dtype=torch.uint8, device=runner.device)
+        for name, param in params:
+            data = _view(flat, layout[name], torch.empty(shapes[name], dtype=param.dtype, device="meta"))
+            host = self.host_weights.get(name) if self.host_weights is not None else None
+            if host is not None:
+                data.copy_(host, non_blocking=True)
+            else:
+                data.zero_()  # the caller said it will reload weights
+            param.data = data
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize(runner.device)
+        runner.model.model.rotary.rebuild(runner.device)
+        runner.rebuild_weight_map()
+        self.host_weights = None
+
+
+_ALIGN = 256
+
+
+def _flat_layout(params: list[tuple[str, torch.Tensor]]) -> tuple[dict[str, int], int]:
+    """Byte offset of each tensor in one flat buffer (256-byte aligned), and the buffer's size."""
+    offsets, total = {}, 0
+    for name, t in params:
+        offsets[name] = total
+        total += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+    return offsets, max(total, _ALIGN)
+
+
+def _view(flat: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
+    nbytes = like.numel() * like.element_size()
+    return flat[offset : offset + nbytes].view(like.dtype).view(like.shape)
