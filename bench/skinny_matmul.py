@@ -1,7 +1,7 @@
-"""Small-batch decode matmuls: the fused skinny kernels beside cuBLAS (`F.linear`, plus the separate
+"""Batch-1 decode matmuls: the fused skinny kernels beside cuBLAS (`F.linear`, plus the separate
 norm / SiLU kernel it needs) and beside the HBM bandwidth limit, on a model shape's four layer matmuls.
 
-    python bench/skinny_matmul.py --shape qwen3-0.6b --rows 1 2 4 8
+    python bench/skinny_matmul.py --shape qwen3-0.6b
 
 Each case is captured in a CUDA graph over 8 weight copies used in turn (more bytes than L2 holds), so
 the time is one launch reading its weights from HBM, as in a decode step.
@@ -57,8 +57,8 @@ def cases(shape: dict) -> list[tuple[str, int, int, int]]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen3-0.6b")
-    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8])
     args = ap.parse_args()
+    args.rows = [1]
     dev, dt = torch.device("cuda"), torch.bfloat16
     rows, totals = [], {}
     for name, n, k, prologue in cases(SHAPES[args.shape]):

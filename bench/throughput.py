@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None, help="append the table to this file")
     ap.add_argument("--engine", action="append", default=[], metavar="FIELD=INT",
-                    help="an integer EngineConfig override, e.g. skinny_matmul_max_rows=0 (repeatable)")
+                    help="an integer EngineConfig override, e.g. enable_skinny_matmul=0 (repeatable)")
     args = ap.parse_args()
     overrides = {k: int(v) for k, v in (kv.split("=", 1) for kv in args.engine)}
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else (args.device if args.device != "auto" else "cpu"))

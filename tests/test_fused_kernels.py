@@ -84,9 +84,9 @@ def test_qk_norm_rope_writes_kv_cache(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m", [1, 2, 5, 8])
 @pytest.mark.parametrize("n,k", [(4096, 1024), (1024, 2048), (6144, 1024), (1000, 3000)])
-def test_skinny_matmul_prologues(dtype, m, n, k):
+def test_skinny_matmul_prologues(dtype, n, k):
+    m = 1
     from hotswap.kernels import skinny_matmul as sm
 
     x = torch.randn(m, k, device="cuda", dtype=dtype)

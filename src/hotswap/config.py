@@ -135,7 +135,7 @@ class EngineConfig:
     enable_cuda_graph: bool = True
     cuda_graph_max_batch: int = 256
     extend_cuda_graph_max_tokens: int = 8192  # prefill/mixed steps up to this many tokens replay graphs (0: eager)
-    skinny_matmul_max_rows: int = 8  # batches of at most this many tokens use the fused small-batch matmuls (0: cuBLAS)
+    enable_skinny_matmul: bool = True  # one-token batches use the fused batch-1 matmul kernels (False: cuBLAS)
     weight_update_bucket_bytes: int = 1 << 30
     weight_load_strategy: str = "auto"  # disk reads: "auto" (pinned on CUDA) | "pinned" | "register" | "hybrid" | "plain" (weights/fast_reader.py)
     weight_load_threads: int = 16  # reader threads for disk loads

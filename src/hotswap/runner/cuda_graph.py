@@ -34,7 +34,7 @@ class CudaGraphRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
         self.buffers: dict[str, torch.Tensor] = {}
-        self.extend = ExtendGraphRunner(runner, self.buckets, self.max_pages)
+        self.extend = ExtendGraphRunner(runner, self.max_batch, self.max_pages)
 
     @property
     def captured(self) -> bool:
@@ -81,8 +81,7 @@ class CudaGraphRunner:
         for bs in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory
             ctx = self._context(bs)
             ids = self.buffers["input_ids"][:bs]
-            for _ in range(2):  # warm up (Triton autotuning, allocator) outside the graph
-                model.compute_logits(model(ids, ctx))
+            model.compute_logits(model(ids, ctx))  # warm up outside the graph (Triton compiles, cuBLAS workspaces)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):

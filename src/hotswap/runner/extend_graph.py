@@ -2,9 +2,10 @@
 
 An eager extend step launches about ten kernels per layer from Python; on the lent H100's host a
 128-token prefill of a 28-layer model took 17 ms of host time for 1.4 ms of GPU work. Here each step
-is padded to a (token bucket, sequence bucket) shape whose graph is captured the first time that shape
-is seen and replayed after. Padded token rows write their K/V into the pool's scratch page and are
-never read; the attention kernel takes a host-built work list, so its grid depends on the bucket alone.
+is padded to a token bucket whose graph is captured the first time that bucket is used and replayed
+after; per-sequence metadata is sized for the most sequences a step can hold, so the bucket is the only
+key. Padded token rows write their K/V into the pool's scratch page and are never read; the attention
+kernel takes a host-built work list, so its grid depends on the bucket alone.
 Every graph writes its final hidden states into one shared buffer and the few sampled rows go through
 the LM head outside the graph, so the graphs hold no per-shape logits.
 """
@@ -23,41 +24,44 @@ if TYPE_CHECKING:
     from hotswap.runner.batch_entry import BatchEntry
     from hotswap.runner.model_runner import ModelRunner
 
-TOKEN_BUCKETS = tuple(16 << i for i in range(10))  # 16 .. 8192
+# at most 1/8 of padding above 1024 tokens (a chunked prefill plus a few decodes lands just above a
+# power of two), coarser below where steps are cheap
+TOKEN_BUCKETS = (16, 32, 64, 128, *range(256, 2048, 128), *range(2048, 4096, 256), *range(4096, 8193, 512))
 
 
 class ExtendGraphRunner:
-    def __init__(self, runner: ModelRunner, seq_buckets: list[int], max_pages: int):
+    def __init__(self, runner: ModelRunner, max_seqs: int, max_pages: int):
         from hotswap.kernels.triton_attention import prefill_tile_tokens
 
         self.runner = runner
         cfg, mc = runner.config, runner.model_config
         self.max_tokens = min(cfg.extend_cuda_graph_max_tokens, cfg.max_num_batched_tokens)
         self.token_buckets = [t for t in TOKEN_BUCKETS if t < self.max_tokens] + [self.max_tokens]
-        self.seq_buckets = seq_buckets
+        self.max_seqs = max_seqs
         self.max_pages = max_pages
         tp = runner.tp.size
         self.tile_tokens = prefill_tile_tokens(mc.head_dim, mc.num_heads // tp, max(1, mc.num_kv_heads // tp), mc.torch_dtype)
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.buffers: dict[str, torch.Tensor] = {}
         self.hidden: torch.Tensor | None = None
         self.staging: list[dict[str, torch.Tensor]] = []
         self.step = 0
 
     def can_run(self, entries: list[BatchEntry]) -> bool:
-        return (self.max_tokens > 0 and len(entries) <= self.seq_buckets[-1]
+        return (self.max_tokens > 0 and len(entries) <= self.max_seqs
                 and sum(len(e.input_ids) for e in entries) <= self.max_tokens)
 
-    def _max_tiles(self, tokens: int, seqs: int) -> int:
-        return -(-tokens // self.tile_tokens) + seqs
+    def _max_tiles(self, tokens: int) -> int:
+        """Sum over sequences of ceil(q_len / tile) <= tokens / tile + number of sequences."""
+        return -(-tokens // self.tile_tokens) + min(tokens, self.max_seqs)
 
     def _alloc_buffers(self) -> None:
-        dev, t, s = self.runner.device, self.max_tokens, self.seq_buckets[-1]
+        dev, t, s = self.runner.device, self.max_tokens, self.max_seqs
         shapes = {
             "input_ids": ((t,), torch.int64), "positions": ((t,), torch.int64), "slot_mapping": ((t,), torch.int64),
             "page_table": ((s, self.max_pages), torch.int32), "cu_seqlens_q": ((s + 1,), torch.int32),
             "seq_lens": ((s,), torch.int32), "logits_indices": ((s,), torch.int64),
-            "tiles": ((2 * self._max_tiles(t, s),), torch.int32),
+            "tiles": ((2 * self._max_tiles(t),), torch.int32),
         }
         self.buffers = {name: torch.zeros(shape, dtype=dtype, device=dev) for name, (shape, dtype) in shapes.items()}
         self.hidden = torch.zeros((t, self.runner.model_config.hidden_size), dtype=self.runner.model_config.torch_dtype, device=dev)
@@ -65,21 +69,21 @@ class ExtendGraphRunner:
         self.staging = [{name: torch.empty(shape, dtype=dtype, pin_memory=True) for name, (shape, dtype) in shapes.items()}
                         for _ in range(2)]
 
-    def _context(self, tokens: int, seqs: int) -> ForwardContext:
-        b, n_tiles = self.buffers, self._max_tiles(tokens, seqs)
+    def _context(self, tokens: int) -> ForwardContext:
+        b, n_tiles = self.buffers, self._max_tiles(tokens)
         return ForwardContext(
-            positions=b["positions"][:tokens], slot_mapping=b["slot_mapping"][:tokens], page_table=b["page_table"][:seqs],
-            cu_seqlens_q=b["cu_seqlens_q"][: seqs + 1], seq_lens=b["seq_lens"][:seqs], max_q_len=tokens, is_decode=False,
+            positions=b["positions"][:tokens], slot_mapping=b["slot_mapping"][:tokens], page_table=b["page_table"],
+            cu_seqlens_q=b["cu_seqlens_q"], seq_lens=b["seq_lens"], max_q_len=tokens, is_decode=False,
             attention=self.runner.attention, skinny_matmul=self.runner.use_skinny_matmul(tokens),
             prefill_tiles=b["tiles"][: 2 * n_tiles].view(2, n_tiles),
         )
 
-    def _stage(self, entries: list[BatchEntry], tokens: int, seqs: int) -> tuple[int, tuple | None]:
+    def _stage(self, entries: list[BatchEntry], tokens: int) -> tuple[int, tuple | None]:
         """Copy this batch, padded to the bucket, into the graph's input buffers; returns the number of
         sampled rows and the inputs still on the device (`ModelRunner.pending_inputs`)."""
         pool = self.runner.pool
         hb = HostBatch.build(entries, pool.page_size, width=self.max_pages, pad_page=pool.scratch_page)
-        n, t = len(entries), len(hb.input_ids)
+        n, t, seqs = len(entries), len(hb.input_ids), self.max_seqs
         scratch_slot = pool.scratch_page * pool.page_size
         staging = self.staging[self.step % 2]
         self.step += 1
@@ -92,7 +96,7 @@ class ExtendGraphRunner:
         host["seq_lens"][:n], host["seq_lens"][n:seqs] = hb.seq_lens, 0
         sampled = len(hb.logits_indices)
         host["logits_indices"][:sampled] = hb.logits_indices
-        n_tiles = self._max_tiles(tokens, seqs)
+        n_tiles = self._max_tiles(tokens)
         host["tiles"][: 2 * n_tiles] = prefill_tiles(hb.cu_seqlens_q, hb.seq_lens, self.tile_tokens, n_tiles).reshape(-1)
         sizes = {"input_ids": tokens, "positions": tokens, "slot_mapping": tokens, "page_table": n,
                  "cu_seqlens_q": seqs + 1, "seq_lens": seqs, "logits_indices": sampled, "tiles": 2 * n_tiles}
@@ -105,32 +109,28 @@ class ExtendGraphRunner:
         """Logits of the sampled entries, in order."""
         total = sum(len(e.input_ids) for e in entries)
         tokens = self.token_buckets[bisect.bisect_left(self.token_buckets, total)]
-        seqs = self.seq_buckets[bisect.bisect_left(self.seq_buckets, len(entries))]
         if not self.buffers:
             self._alloc_buffers()
-        sampled, fix = self._stage(entries, tokens, seqs)
+        sampled, fix = self._stage(entries, tokens)
         if fix is not None:
             self.buffers["input_ids"][fix[0]] = prev_token_ids[fix[1]]
-        key = (tokens, seqs)
-        if key not in self.graphs:
-            self._capture(key, pool)
-        self.graphs[key].replay()
+        if tokens not in self.graphs:
+            self._capture(tokens, pool)
+        self.graphs[tokens].replay()
         return self.runner.model.compute_logits(self.hidden[self.buffers["logits_indices"][:sampled]])
 
     @torch.inference_mode()
-    def _capture(self, key: tuple[int, int], pool: tuple) -> None:
-        """Capture with this batch already staged: the warm-up runs recompute the same K/V into the
-        same slots, so they change nothing."""
-        tokens, seqs = key
-        model, ctx = self.runner.model, self._context(tokens, seqs)
+    def _capture(self, tokens: int, pool: tuple) -> None:
+        """Capture with this batch already staged: the warm-up run recomputes the same K/V into the
+        same slots, so it changes nothing."""
+        model, ctx = self.runner.model, self._context(tokens)
         ids, hidden = self.buffers["input_ids"][:tokens], self.hidden[:tokens]
-        for _ in range(2):
-            hidden.copy_(model(ids, ctx))
+        hidden.copy_(model(ids, ctx))  # warm-up outside the graph (allocator, first launches)
         graph = torch.cuda.CUDAGraph()
         # thread-local: a weight-group rendezvous thread may touch CUDA while a graph is captured here
         with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             hidden.copy_(model(ids, ctx))
-        self.graphs[key] = graph
+        self.graphs[tokens] = graph
 
     def release(self) -> None:
         self.graphs.clear()

@@ -18,7 +18,7 @@ class ForwardContext:
     Sequence b's new tokens are rows cu_seqlens_q[b]:cu_seqlens_q[b+1] of the flattened batch; its KV
     length after this step is seq_lens[b]; slot_mapping[t] is the flat cache slot (page * page_size +
     offset) where token t's K and V are written. `skinny_matmul` routes the layer matmuls through the
-    fused small-batch kernels (few rows, half precision, CUDA); the runner decides it per batch shape.
+    fused batch-1 kernels (one row, half precision, CUDA); the runner decides it per batch shape.
     """
 
     positions: torch.Tensor

@@ -84,7 +84,7 @@ class ModelRunner:
         self.weight_map = WeightMap(self.model)
 
     def use_skinny_matmul(self, rows: int) -> bool:
-        return skinny_matmul.enabled(rows, self.model_config.torch_dtype, self.device, self.config.skinny_matmul_max_rows)
+        return skinny_matmul.enabled(rows, self.model_config.torch_dtype, self.device, self.config.enable_skinny_matmul)
 
     def to_device(self, a) -> torch.Tensor:
         t = torch.from_numpy(a)

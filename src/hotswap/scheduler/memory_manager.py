@@ -3,7 +3,6 @@ the GPU. Only when idle; while anything is released no batch runs."""
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -56,7 +55,6 @@ class MemoryManager:
         if "weights" in tags:
             self._release_weights(keep_on_host=req.keep_weights_on_host)
         self.released.update(tags)
-        gc.collect()
         if runner.device.type == "cuda":
             torch.cuda.empty_cache()
         return p.ControlOutput(success=True, message=f"released {tags}")
