@@ -15,6 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,6 +25,8 @@ from hotswap.config import EngineConfig
 from hotswap.errors import HotswapError
 from hotswap.runner.model_runner import ModelRunner
 from hotswap.weights import saver
+from hotswap.weights.checkpoint_engine_payloads import BucketEntry
+from hotswap.weights.checkpoint_engine_receiver import BufferSource, ReceiveStats, find_address, receive_buckets, refuse_exchange
 from hotswap.weights.checksum import manifest_digest, tensor_sha256
 from hotswap.weights.distributed import WeightsGroup, WeightsGroupError, init_custom_process_group, short_error
 from hotswap.weights.fast_copy import TensorPlanCache, copy_into
@@ -74,6 +77,7 @@ class WeightUpdater:
     snapshot: dict[str, torch.Tensor] | None = None
     tensor_plans: TensorPlanCache = field(default_factory=TensorPlanCache)  # names -> slots, for repeated tensor updates
     rollback_arena: HostArena = field(default_factory=HostArena)  # pinned host for saved originals, kept across sessions
+    ipc_source: BufferSource = field(default_factory=BufferSource)  # checkpoint-engine's buffers: CUDA IPC (tests: a CPU stand-in)
     last_read: object = None  # fast_reader.ReadStats of the last disk load
 
     # ---- session state the scheduler reads -------------------------------------------------------
@@ -189,12 +193,13 @@ class WeightUpdater:
         out.rolled_back = rolled_back
         return out
 
-    def _guard_rollback(self, session: UpdateSession, slots: list[WeightSlot], streaming: bool) -> dict | None:
-        """Save originals when a later failure could strand these copies: inside an explicit session,
-        or when this call's own source can still fail after the first copy (streaming reads). For
-        streaming reads the saves overlap the load: returns per-slot events the writer waits on."""
-        if self.config.enable_rollback and (session.explicit or streaming):
-            return session.rollback.protect_many(slots, overlap=streaming)
+    def _guard_rollback(self, session: UpdateSession, slots: list[WeightSlot], *, source_can_fail: bool, overlap: bool = False) -> dict | None:
+        """Save originals when a later failure could strand these copies: inside an explicit session, or
+        when this call's own source can still fail after the first copy (streaming reads, later IPC
+        buckets). With `overlap` the saves run alongside the load: returns per-slot events the writer
+        waits on; otherwise they are done when this returns."""
+        if self.config.enable_rollback and (session.explicit or source_can_fail):
+            return session.rollback.protect_many(slots, overlap=overlap)
         return None
 
     def _check_values(self, name: str, t: torch.Tensor) -> None:
@@ -212,7 +217,7 @@ class WeightUpdater:
             return self._refuse_update(f"update_weights_from_disk refused: {exc}; weights unchanged")
 
         def apply(session: UpdateSession) -> tuple[int, int]:
-            saved = self._guard_rollback(session, [slot for _, slot in plan], streaming=True)
+            saved = self._guard_rollback(session, [slot for _, slot in plan], source_can_fail=True, overlap=True)
             self.last_read = load_plan(plan, ReaderOptions.from_config(self.config), wait_for=saved)
             return len(plan), self.last_read.nbytes
 
@@ -235,7 +240,7 @@ class WeightUpdater:
             if self.config.check_weights_finite:
                 for name, _, t in items:
                     self._check_values(name, t)
-            self._guard_rollback(session, [target.slot for _, target, _ in items], streaming=False)
+            self._guard_rollback(session, [target.slot for _, target, _ in items], source_can_fail=False)
             return len(items), copy_into(items)
 
         out = self._run_update("update_weights_from_tensor", req.weight_version, req.flush_cache, apply)
@@ -243,13 +248,41 @@ class WeightUpdater:
         return out
 
     def update_weights_from_ipc(self, req: p.UpdateWeightsFromIPCRequest) -> p.WeightUpdateOutput:
-        """checkpoint-engine's receiving end. Its ParameterServer sends pickled payloads over ZMQ, which
-        hotswap does not unpickle; until a restricted decoder is built and tested against the real package,
-        the request is refused and colocated trainers use plain-data handles (update_weights_from_tensor)."""
-        return self._refuse(
-            "update_weights_from_ipc (checkpoint-engine's ZMQ protocol) is not supported yet: it carries pickled "
-            "payloads; push CUDA IPC / shared-memory descriptors with update_weights_from_tensor instead"
-        )
+        """checkpoint-engine's push (weights/checkpoint_engine_receiver.py): buckets arrive one by one over
+        ZMQ; each is checked against the model before its first byte lands, and a failure in any later
+        bucket rolls back the earlier ones. Once this device's socket is known the exchange always runs,
+        even for a refused update, so the parameter server fails instead of waiting for a peer."""
+        device = self.model_runner.device
+        try:
+            address = find_address(req.zmq_handles, self.ipc_source.device_key(device))
+        except HotswapError as exc:
+            return self._refuse_update(f"update_weights_from_ipc refused: {exc}; weights unchanged")
+        timeout_s = self.config.weight_session_timeout_s
+        took_part = False
+        received: list[ReceiveStats] = []
+
+        def apply(session: UpdateSession) -> tuple[int, int]:
+            nonlocal took_part
+            took_part = True
+            received.append(receive_buckets(address, device=device, source=self.ipc_source, timeout_s=timeout_s,
+                                            load_bucket=partial(self._load_ipc_bucket, session)))
+            return received[0].num_tensors, received[0].num_bytes
+
+        out = self._run_update("update_weights_from_ipc", req.weight_version, req.flush_cache, apply)
+        if not took_part:  # refused before the exchange began
+            refuse_exchange(address, out.message, timeout_s=timeout_s)
+        if received:
+            out.extra["buckets"] = received[0].num_buckets
+        return out
+
+    def _load_ipc_bucket(self, session: UpdateSession, views: list[tuple[BucketEntry, torch.Tensor]]) -> None:
+        pairs = check_tensor_metas(self.model_runner.weight_map, [TensorMeta(e.name, e.dtype, e.shape) for e, _ in views], require_all=False)
+        tensors = {e.name: t for e, t in views}
+        for meta, _ in pairs:
+            self._check_values(meta.name, tensors[meta.name])
+        self._guard_rollback(session, [slot for _, slot in pairs], source_can_fail=True)
+        for meta, slot in pairs:
+            slot.load(tensors[meta.name])
 
     # ---- update from a trainer over torch.distributed ----------------------------------------------
 
@@ -340,7 +373,7 @@ class WeightUpdater:
             pairs = check_tensor_metas(self.model_runner.weight_map, [TensorMeta(m.name, m.dtype, m.shape) for m in metas], require_all=False)
             for name, t in named:
                 self._check_values(name, t)
-            self._guard_rollback(session, [slot for _, slot in pairs], streaming=False)
+            self._guard_rollback(session, [slot for _, slot in pairs], source_can_fail=False)
             tensors = dict(named)
             nbytes = 0
             for meta, slot in pairs:
