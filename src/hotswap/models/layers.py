@@ -94,7 +94,7 @@ class RowLinear(nn.Module):
 
     def silu_mul_forward(self, gate_up: torch.Tensor, skinny: bool) -> torch.Tensor:
         """This projection of silu(gate) * up, for gate_up = [gate | up] along the last dim."""
-        if skinny:
+        if skinny and self.weight.shape[1] <= skinny_matmul.SILU_MUL_MAX_K:
             y = skinny_matmul.skinny_linear(gate_up, self.weight, prologue=skinny_matmul.SILU_MUL)[0]
         elif fused.available(gate_up):
             y = F.linear(fused.silu_and_mul(gate_up), self.weight)

@@ -1,5 +1,5 @@
 """CUDA graphs for decode: captured per batch-size bucket, replayed with the batch padded to the bucket;
-and, through `ExtendGraphRunner`, for prefill and mixed steps (captured on first use), in the same pool.
+and, through `ExtendGraphRunner`, for prefill and mixed steps per token bucket, in the same pool.
 
 Graphs read static input buffers and the live parameter storage, so weight updates (which copy into
 that storage) need no recapture; releasing weights, the KV cache or the graphs themselves drops them,
@@ -87,6 +87,7 @@ class CudaGraphRunner:
             with torch.cuda.graph(graph, pool=self.pool):
                 self.outputs[bs] = model.compute_logits(model(ids, ctx))
             self.graphs[bs] = graph
+        self.extend.capture(self.pool)
         torch.cuda.synchronize()
 
     def release(self) -> None:

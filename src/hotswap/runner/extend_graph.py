@@ -2,9 +2,9 @@
 
 An eager extend step launches about ten kernels per layer from Python; on the lent H100's host a
 128-token prefill of a 28-layer model took 17 ms of host time for 1.4 ms of GPU work. Here each step
-is padded to a token bucket whose graph is captured the first time that bucket is used and replayed
-after; per-sequence metadata is sized for the most sequences a step can hold, so the bucket is the only
-key. Padded token rows write their K/V into the pool's scratch page and are never read; the attention
+is padded to a token bucket whose graph was captured with the decode graphs (capturing on first use put
+100 ms captures inside timed rollouts); per-sequence metadata is sized for the most sequences a step can
+hold, so the bucket is the only key. Padded token rows write their K/V into the pool's scratch page and are never read; the attention
 kernel takes a host-built work list, so its grid depends on the bucket alone.
 Every graph writes its final hidden states into one shared buffer and the few sampled rows go through
 the LM head outside the graph, so the graphs hold no per-shape logits.
@@ -24,9 +24,9 @@ if TYPE_CHECKING:
     from hotswap.runner.batch_entry import BatchEntry
     from hotswap.runner.model_runner import ModelRunner
 
-# at most 1/8 of padding above 1024 tokens (a chunked prefill plus a few decodes lands just above a
-# power of two), coarser below where steps are cheap
-TOKEN_BUCKETS = (16, 32, 64, 128, *range(256, 2048, 128), *range(2048, 4096, 256), *range(4096, 8193, 512))
+# about a quarter of padding at most above 1K tokens (a chunked prefill plus a few decodes lands just
+# above a power of two); every bucket is captured up front, so there are few
+TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 2560, 3072, 4096, 5120, 6144, 8192)
 
 
 class ExtendGraphRunner:
@@ -114,15 +114,32 @@ class ExtendGraphRunner:
         sampled, fix = self._stage(entries, tokens)
         if fix is not None:
             self.buffers["input_ids"][fix[0]] = prev_token_ids[fix[1]]
-        if tokens not in self.graphs:
+        if tokens not in self.graphs:  # released and not yet recaptured: never, while serving
             self._capture(tokens, pool)
         self.graphs[tokens].replay()
         return self.runner.model.compute_logits(self.hidden[self.buffers["logits_indices"][:sampled]])
 
+    def capture(self, pool: tuple) -> None:
+        """Every bucket, largest first (smaller graphs reuse its pool memory), over an all-padding batch:
+        no sequence, every token row writing the scratch page."""
+        if self.max_tokens <= 0:
+            return
+        if not self.buffers:
+            self._alloc_buffers()
+        b, kv = self.buffers, self.runner.pool
+        b["input_ids"].zero_()
+        b["positions"].zero_()
+        b["slot_mapping"].fill_(kv.scratch_page * kv.page_size)
+        b["cu_seqlens_q"].zero_()
+        b["seq_lens"].zero_()
+        b["tiles"].fill_(-1)
+        for tokens in reversed(self.token_buckets):
+            self._capture(tokens, pool)
+
     @torch.inference_mode()
     def _capture(self, tokens: int, pool: tuple) -> None:
-        """Capture with this batch already staged: the warm-up run recomputes the same K/V into the
-        same slots, so it changes nothing."""
+        """The warm-up run before the capture recomputes what the staged batch's step will write, into
+        the same slots, so it changes nothing."""
         model, ctx = self.runner.model, self._context(tokens)
         ids, hidden = self.buffers["input_ids"][:tokens], self.hidden[:tokens]
         hidden.copy_(model(ids, ctx))  # warm-up outside the graph (allocator, first launches)
