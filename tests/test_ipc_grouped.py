@@ -23,7 +23,7 @@ def fake_open(monkeypatch):
     storages: dict[str, torch.Tensor] = {}
     opened: list[str] = []
 
-    def resolve(items, device):
+    def resolve(items, device, mappings=None):
         out = []
         for d in items:
             if isinstance(d, dict):
@@ -66,3 +66,26 @@ def test_shared_storage_checks_each_view(fake_open):
         resolve_grouped([good, dict(descriptor("b", flat[50:], "H"), stride=[1, 1])], torch.device("cpu"))
     with pytest.raises(HotswapError, match="dtype"):
         resolve_grouped([dict(good, dtype="int7"), descriptor("b", flat[50:], "H")], torch.device("cpu"))
+
+
+def test_ipc_mappings_keep_recent_storages_within_their_bound():
+    """Kept mappings: a repeated handle is opened once; least recently used ones go first past the bound,
+    and a storage larger than the bound is opened but never kept."""
+    from hotswap.weights.ipc import CudaIpcMappings
+
+    opened: list[str] = []
+
+    def opener(key: str, nbytes: int):
+        return lambda: opened.append(key) or torch.UntypedStorage(nbytes)
+
+    m = CudaIpcMappings(max_bytes=100)
+    a = m.get("a", opener("a", 40), 40)
+    assert m.get("a", opener("a", 40), 40) is a and opened == ["a"]
+    m.get("b", opener("b", 40), 40)
+    m.get("a", opener("a", 40), 40)  # a is now the most recent
+    m.get("c", opener("c", 40), 40)  # 120 > 100: b goes
+    assert list(m.storages) == ["a", "c"] and m.mapped_bytes == 80
+    m.get("big", opener("big", 500), 500)
+    assert "big" not in m.storages and m.mapped_bytes == 80
+    assert (m.hits, m.misses) == (2, 4) and opened == ["a", "b", "c", "big"]
+    assert m.get("b", opener("b", 40), 40) is not None and opened[-1] == "b"  # evicted: opened again

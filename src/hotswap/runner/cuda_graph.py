@@ -35,6 +35,7 @@ class CudaGraphRunner:
         self.pool = None
         self.buffers: dict[str, torch.Tensor] = {}
         self.extend = ExtendGraphRunner(runner, self.max_batch, self.max_pages)
+        self.warmed = False
 
     @property
     def captured(self) -> bool:
@@ -81,13 +82,15 @@ class CudaGraphRunner:
         for bs in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory
             ctx = self._context(bs)
             ids = self.buffers["input_ids"][:bs]
-            model.compute_logits(model(ids, ctx))  # warm up outside the graph (Triton compiles, cuBLAS workspaces)
+            if not self.warmed:  # first capture only (Triton compiles, cuBLAS handles); a resume recaptures without it
+                model.compute_logits(model(ids, ctx))
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
                 self.outputs[bs] = model.compute_logits(model(ids, ctx))
             self.graphs[bs] = graph
-        self.extend.capture(self.pool)
+        self.extend.capture(self.pool, warm=not self.warmed)
+        self.warmed = True
         torch.cuda.synchronize()
 
     def release(self) -> None:

@@ -115,11 +115,11 @@ class ExtendGraphRunner:
         if fix is not None:
             self.buffers["input_ids"][fix[0]] = prev_token_ids[fix[1]]
         if tokens not in self.graphs:  # released and not yet recaptured: never, while serving
-            self._capture(tokens, pool)
+            self._capture(tokens, pool, warm=True)
         self.graphs[tokens].replay()
         return self.runner.model.compute_logits(self.hidden[self.buffers["logits_indices"][:sampled]])
 
-    def capture(self, pool: tuple) -> None:
+    def capture(self, pool: tuple, warm: bool) -> None:
         """Every bucket, largest first (smaller graphs reuse its pool memory), over an all-padding batch:
         no sequence, every token row writing the scratch page."""
         if self.max_tokens <= 0:
@@ -134,15 +134,16 @@ class ExtendGraphRunner:
         b["seq_lens"].zero_()
         b["tiles"].fill_(-1)
         for tokens in reversed(self.token_buckets):
-            self._capture(tokens, pool)
+            self._capture(tokens, pool, warm)
 
     @torch.inference_mode()
-    def _capture(self, tokens: int, pool: tuple) -> None:
-        """The warm-up run before the capture recomputes what the staged batch's step will write, into
-        the same slots, so it changes nothing."""
+    def _capture(self, tokens: int, pool: tuple, warm: bool) -> None:
+        """`warm`: run once outside the graph first (first launches); that run recomputes what the staged
+        batch's step will write, into the same slots, so it changes nothing."""
         model, ctx = self.runner.model, self._context(tokens)
         ids, hidden = self.buffers["input_ids"][:tokens], self.hidden[:tokens]
-        hidden.copy_(model(ids, ctx))  # warm-up outside the graph (allocator, first launches)
+        if warm:
+            hidden.copy_(model(ids, ctx))
         graph = torch.cuda.CUDAGraph()
         # thread-local: a weight-group rendezvous thread may touch CUDA while a graph is captured here
         with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):

@@ -31,6 +31,7 @@ from hotswap.weights.checksum import manifest_digest, tensor_sha256
 from hotswap.weights.distributed import WeightsGroup, WeightsGroupError, init_custom_process_group, short_error
 from hotswap.weights.fast_copy import TensorPlanCache, copy_into
 from hotswap.weights.fast_reader import ReaderOptions, load_plan
+from hotswap.weights.ipc import CudaIpcMappings
 from hotswap.weights.ipc_grouped import resolve_grouped
 from hotswap.weights.loader import TensorMeta, check_tensor_metas, plan_checkpoint
 from hotswap.weights.mapping import WeightSlot
@@ -76,9 +77,14 @@ class WeightUpdater:
     pending_groups: set[str] = field(default_factory=set)  # rendezvous under way in a helper thread
     snapshot: dict[str, torch.Tensor] | None = None
     tensor_plans: TensorPlanCache = field(default_factory=TensorPlanCache)  # names -> slots, for repeated tensor updates
+    ipc_mappings: CudaIpcMappings = field(init=False)  # CUDA IPC storages kept open between updates
     rollback_arena: HostArena = field(default_factory=HostArena)  # pinned host for saved originals, kept across sessions
     ipc_source: BufferSource = field(default_factory=BufferSource)  # checkpoint-engine's buffers: CUDA IPC (tests: a CPU stand-in)
     last_read: object = None  # fast_reader.ReadStats of the last disk load
+
+    def __post_init__(self) -> None:
+        limit = self.config.cuda_ipc_cache_bytes
+        self.ipc_mappings = CudaIpcMappings(2 * self.model_runner.weight_map.total_bytes if limit < 0 else limit)
 
     # ---- session state the scheduler reads -------------------------------------------------------
 
@@ -230,7 +236,7 @@ class WeightUpdater:
             return self._refuse_update(f"unsupported load_format {req.load_format!r}")
         try:
             start = time.perf_counter()
-            named = resolve_grouped(req.named_tensors, self.model_runner.device)  # one open per shared IPC storage
+            named = resolve_grouped(req.named_tensors, self.model_runner.device, self.ipc_mappings)  # one open per shared IPC storage
             items = self.tensor_plans.match(self.model_runner.weight_map, named)  # metadata only, cached by names
             validate_s = time.perf_counter() - start
         except HotswapError as exc:

@@ -19,12 +19,14 @@ class IPCWeightPusher(WeightPusher):
 
     GPU tensors travel as CUDA IPC handles of their own storage (or of a cast copy when `dtype` differs),
     kept alive until every engine has replied; CPU tensors are copied into one shared-memory block per
-    bucket, unlinked after the call. Extra trainer memory is one bucket at most."""
+    bucket, unlinked after the call. Extra trainer memory is one bucket at most: packed buckets reuse one
+    buffer, so engines map its handle once and keep it mapped (`CudaIpcMappings`)."""
 
     def __init__(self, engines: EngineHandle | Sequence[EngineHandle], *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                  dtype: torch.dtype | None = None, flush_cache: bool = True, use_sessions: bool = True, pack_cuda: bool = True):
         super().__init__(engines, bucket_bytes=bucket_bytes, dtype=dtype, flush_cache=flush_cache, use_sessions=use_sessions)
         self.pack_cuda = pack_cuda
+        self.pack_buffer: torch.Tensor | None = None  # reused by every packed bucket (grown when one is larger)
 
     def _gpu_tensors(self, gpu: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
         """The tensors whose handles are sent. With `pack_cuda`, a bucket of one wire dtype is copied into one
@@ -34,7 +36,11 @@ class IPCWeightPusher(WeightPusher):
         shared = len({t.untyped_storage().data_ptr() for _, t in gpu}) == 1 and all(self.dtype in (None, t.dtype) for _, t in gpu)
         if not (self.pack_cuda and len(gpu) > 1 and len(dtypes) == 1 and not shared):
             return [t.detach() if self.dtype in (None, t.dtype) else t.detach().to(self.dtype) for _, t in gpu]
-        flat = torch.empty(sum(t.numel() for _, t in gpu), dtype=dtypes.pop(), device=gpu[0][1].device)
+        dtype, device, numel = dtypes.pop(), gpu[0][1].device, sum(t.numel() for _, t in gpu)
+        buf = self.pack_buffer
+        if buf is None or buf.dtype != dtype or buf.device != device or buf.numel() < numel:
+            self.pack_buffer = buf = torch.empty(numel, dtype=dtype, device=device)
+        flat = buf[:numel]  # every engine replied to the last bucket after copying it out: overwriting is safe
         views, offset = [], 0
         for _, t in gpu:
             view = flat[offset : offset + t.numel()].view(t.shape)

@@ -17,7 +17,7 @@ import torch
 
 from hotswap.errors import HotswapError
 from hotswap.weights.distributed import dtype_from_name
-from hotswap.weights.ipc import resolve_named_tensors
+from hotswap.weights.ipc import CudaIpcMappings, resolve_named_tensors
 
 
 def _group_key(item) -> tuple | None:
@@ -63,10 +63,10 @@ def _view(d: dict, storage: torch.UntypedStorage, device: torch.device, storage_
     return name, torch.empty(0, dtype=dtype, device=device).set_(storage, offset, shape, stride)
 
 
-def resolve_grouped(items, device: torch.device) -> list[tuple[str, torch.Tensor]]:
+def resolve_grouped(items, device: torch.device, mappings: CudaIpcMappings | None = None) -> list[tuple[str, torch.Tensor]]:
     """`resolve_named_tensors` with one open per shared producer storage (same result, same errors)."""
     if not isinstance(items, (list, tuple)):
-        return resolve_named_tensors(items, device)
+        return resolve_named_tensors(items, device, mappings)
     groups: dict[tuple, list[int]] = {}
     for i, item in enumerate(items):
         key = _group_key(item)
@@ -74,11 +74,11 @@ def resolve_grouped(items, device: torch.device) -> list[tuple[str, torch.Tensor
             groups.setdefault(key, []).append(i)
     shared = {key: idx for key, idx in groups.items() if len(idx) > 1 and _whole_dtype(items[idx[-1]]) is not None}
     if not shared:
-        return resolve_named_tensors(items, device)
+        return resolve_named_tensors(items, device, mappings)
     grouped = {i for idx in shared.values() for i in idx}
     out: list = [None] * len(items)
     rest = [i for i in range(len(items)) if i not in grouped]
-    for i, pair in zip(rest, resolve_named_tensors([items[i] for i in rest], device)):
+    for i, pair in zip(rest, resolve_named_tensors([items[i] for i in rest], device, mappings)):
         out[i] = pair
     for idx in shared.values():
         last = items[idx[-1]]
@@ -87,7 +87,7 @@ def resolve_grouped(items, device: torch.device) -> list[tuple[str, torch.Tensor
             raise HotswapError(f"{last.get('name')!r}: field 'storage_size' must be an integer, got {size!r}")
         itemsize = _whole_dtype(last).itemsize
         whole = dict(last, name=f"{last.get('name')} (storage)", shape=[size // itemsize], stride=[1], storage_offset=0)
-        _, flat = resolve_named_tensors([whole], device)[0]
+        _, flat = resolve_named_tensors([whole], device, mappings)[0]
         storage = flat.untyped_storage()
         for i in idx:
             try:
