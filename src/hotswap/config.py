@@ -147,6 +147,8 @@ class EngineConfig:
     check_weights_finite: bool = False  # refuse updates holding NaN or Inf (costs one pass over the data)
     check_invariants_when_idle: bool = False
     seed: int = 0
+    tensor_parallel_size: int = 1  # > 1: one worker process per extra rank (cuda:k+r; gloo ranks on the CPU)
+    tp_timeout_s: float = 600.0  # the longest rank 0 waits on a tensor-parallel worker before declaring the engine broken
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -157,3 +159,18 @@ class EngineConfig:
         if dev.type not in ("cpu", "cuda"):
             raise HotswapError(f"unsupported device {self.device!r}; use 'cpu', 'cuda' or 'auto'")
         return dev
+
+
+def model_config_for(config: EngineConfig) -> ModelConfig:
+    """The checkpoint's ModelConfig with the engine's dtype applied, checked against its tensor-parallel size."""
+    mc = ModelConfig.from_pretrained(config.model_path)
+    if config.dtype != "auto":
+        mc.torch_dtype = parse_dtype(config.dtype)
+    tp = config.tensor_parallel_size
+    if not isinstance(tp, int) or tp < 1:
+        raise HotswapError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
+    uneven = [f"{what} {n}" for what, n in (("num_attention_heads", mc.num_heads), ("num_key_value_heads", mc.num_kv_heads),
+                                            ("intermediate_size", mc.intermediate_size)) if n % tp]
+    if uneven:
+        raise HotswapError(f"tensor_parallel_size {tp} does not divide the model's {', '.join(uneven)}")
+    return mc

@@ -12,12 +12,15 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
+import torch
 from transformers import AutoTokenizer
 
 from hotswap import protocol as p
-from hotswap.config import EngineConfig, ModelConfig, parse_dtype
+from hotswap.config import EngineConfig, model_config_for
 from hotswap.errors import HotswapError
+from hotswap.models.parallel import TPInfo
 from hotswap.runner.model_runner import ModelRunner
+from hotswap.runner.tp_peers import TPPeers
 from hotswap.sampling_params import SamplingParams
 from hotswap.scheduler.scheduler import Scheduler
 
@@ -73,6 +76,9 @@ class Engine:
 
     `Engine(model_path, dtype="auto", device="auto", **engine_args)` where engine_args are EngineConfig
     fields (page_size, num_pages, max_running_requests, ...). Usable as a context manager.
+
+    `tensor_parallel_size=N` spawns N-1 worker processes (so a script that builds one needs the usual
+    `if __name__ == "__main__":` guard); this process is rank 0 and schedules for all of them.
     """
 
     def __init__(self, model_path: str, dtype: str = "auto", device: str = "auto", **engine_args):
@@ -81,9 +87,11 @@ class Engine:
             raise HotswapError(f"unknown engine argument(s): {', '.join(unknown)}")
         self.config = EngineConfig(model_path=str(model_path), dtype=dtype, device=device, **engine_args)
         self.device = self.config.resolved_device()
-        self.model_config = ModelConfig.from_pretrained(model_path)
-        if dtype != "auto":
-            self.model_config.torch_dtype = parse_dtype(dtype)
+        self.model_config = model_config_for(self.config)
+        tp_size = self.config.tensor_parallel_size
+        if self.device.type == "cuda" and (self.device.index or 0) + tp_size > torch.cuda.device_count():
+            raise HotswapError(f"tensor_parallel_size {tp_size} from {self.device} needs GPUs up to cuda:{(self.device.index or 0) + tp_size - 1}; "
+                               f"{torch.cuda.device_count()} visible")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         except Exception as exc:
@@ -93,7 +101,20 @@ class Engine:
         if not eos and self.tokenizer.eos_token_id is not None:
             eos = [self.tokenizer.eos_token_id]
         self.eos_token_ids = eos
-        self.model_runner = ModelRunner(self.config, self.model_config, self.device)
+        self.tp_peers = TPPeers.launch(self.config, self.device) if tp_size > 1 else None
+        try:
+            self.model_runner = ModelRunner(self.config, self.model_config, self.device, self.tp_peers.info if self.tp_peers else TPInfo(),
+                                            tp_peers=self.tp_peers)
+            if self.tp_peers is not None:
+                self.tp_peers.wait_ready()
+        except BaseException as exc:
+            if self.tp_peers is None:
+                raise
+            self.tp_peers.shutdown()
+            reason = self.tp_peers.worker_error()
+            if reason is None:
+                raise
+            raise HotswapError(reason) from exc
         self.scheduler = Scheduler(self.config, self.model_runner, self.tokenizer, eos, self.max_context_len)
         self._rng = random.Random(self.config.seed)
         self._rng_lock = threading.Lock()
@@ -113,6 +134,8 @@ class Engine:
             self._closed = True
             self.scheduler.submit(p.AbortRequest(message="engine shutting down"))
             self.scheduler.stop()
+            if self.tp_peers is not None:
+                self.tp_peers.shutdown()
 
     # ---- generation --------------------------------------------------------------------------------
 

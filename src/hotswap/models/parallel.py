@@ -56,3 +56,12 @@ class ShardSpec:
         if self.src_len == hf_tensor.shape[self.src_dim]:
             return hf_tensor
         return hf_tensor.narrow(self.src_dim, self.src_start, self.src_len)
+
+    def rank_slice(self, rank: int) -> tuple[int, int]:
+        """(src_start, src_len) that tensor-parallel rank `rank` holds, read off rank 0's spec: every rank
+        holds rank 0's share length except the last vocab shard, which stops at the tensor's end."""
+        full = self.hf_shape[self.src_dim]
+        if self.src_len == full:
+            return 0, full
+        start = min(rank * self.src_len, full)
+        return start, min(self.src_len, full - start)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from hotswap.config import EngineConfig, ModelConfig
 from hotswap.errors import HotswapError
@@ -20,10 +23,16 @@ from hotswap.weights.fast_reader import ReaderOptions
 from hotswap.weights.loader import load_checkpoint
 from hotswap.weights.mapping import WeightMap
 
+if TYPE_CHECKING:
+    from hotswap.runner.tp_peers import TPPeers
+
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, device: torch.device, tp: TPInfo = TPInfo()):
-        self.config, self.model_config, self.device, self.tp = config, model_config, device, tp
+    """`tp_peers` (rank 0 of a tensor-parallel engine only): every batch is sent to the workers before it runs."""
+
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, device: torch.device, tp: TPInfo = TPInfo(),
+                 tp_peers: TPPeers | None = None):
+        self.config, self.model_config, self.device, self.tp, self.tp_peers = config, model_config, device, tp, tp_peers
         with torch.device(device):
             self.model = CausalLM(model_config, tp)
         self.model.model.rotary.rebuild(device)
@@ -37,20 +46,23 @@ class ModelRunner:
         self.pool = self._make_pool()
         self.attention = self._make_attention()
         self.cuda_graphs = None
-        if device.type == "cuda" and config.enable_cuda_graph and isinstance(self.attention, TritonAttention):
+        # not under tensor parallelism yet: graphs would capture the NCCL collectives and the batch relay would need static buffers
+        if device.type == "cuda" and config.enable_cuda_graph and isinstance(self.attention, TritonAttention) and tp.size == 1:
             from hotswap.runner.cuda_graph import CudaGraphRunner
 
             self.cuda_graphs = CudaGraphRunner(self)
             self.cuda_graphs.capture()
 
     def _init_dummy_weights(self) -> None:
-        """Random weights of a sensible scale (norms at 1), for benchmarks that need no checkpoint."""
+        """Random weights of a sensible scale (norms at 1), for benchmarks that need no checkpoint. Drawn
+        whole per HF tensor, in name order, then sliced: every tensor-parallel size holds the same model."""
         g = torch.Generator(device=self.device).manual_seed(self.config.seed)
-        for name, param in self.model.named_parameters():
+        for name in self.weight_map.names:
+            slot = self.weight_map.slots[name]
             if name.endswith("norm.weight"):
-                param.data.fill_(1.0)
+                slot.dest.fill_(1.0)
             else:
-                param.data.normal_(0.0, 0.02, generator=g)
+                slot.load(torch.empty(slot.hf_shape, dtype=slot.dtype, device=self.device).normal_(0.0, 0.02, generator=g))
 
     def _make_pool(self) -> KVCachePool:
         cfg, mc = self.config, self.model_config
@@ -64,6 +76,10 @@ class ModelRunner:
                 num_pages = int(free * cfg.kv_cache_memory_fraction) // per_page
             else:
                 num_pages = 1024
+        if self.tp.size > 1:  # rank 0 hands out pages for every rank: use what the smallest rank holds
+            pages = torch.tensor([num_pages], dtype=torch.int64, device=self.device)
+            dist.all_reduce(pages, op=dist.ReduceOp.MIN, group=self.tp.group)
+            num_pages = int(pages.item())
         return KVCachePool(num_layers=mc.num_layers, num_pages=num_pages, page_size=page_size,
                            num_kv_heads=kv_heads, head_dim=mc.head_dim, dtype=mc.torch_dtype, device=self.device)
 
@@ -93,7 +109,9 @@ class ModelRunner:
         return t
 
     def build_context(self, entries: list[BatchEntry]) -> tuple[torch.Tensor, ForwardContext, torch.Tensor]:
-        hb = HostBatch.build(entries, self.pool.page_size)
+        return self.device_context(HostBatch.build(entries, self.pool.page_size))
+
+    def device_context(self, hb: HostBatch) -> tuple[torch.Tensor, ForwardContext, torch.Tensor]:
         ctx = ForwardContext(
             positions=self.to_device(hb.positions),
             slot_mapping=self.to_device(hb.slot_mapping),
@@ -128,11 +146,16 @@ class ModelRunner:
     def pending_inputs(self, entries: list[BatchEntry], row_offsets) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(destination rows in input_ids, source rows in the previous step's sampled ids) for inputs
         that are still on the device, as device index tensors; None when every input is known."""
-        pairs = [(int(row_offsets[i]), e.prev_row) for i, e in enumerate(entries) if e.prev_row >= 0]
-        if not pairs:
+        rows = self.pending_rows(entries, row_offsets)
+        if rows is None:
             return None
-        idx = self.to_device(np.array(pairs, dtype=np.int64).T.copy())
+        idx = self.to_device(rows)
         return idx[0], idx[1]
+
+    def pending_rows(self, entries: list[BatchEntry], row_offsets) -> np.ndarray | None:
+        """`pending_inputs` on the host: int64 [2, k], or None."""
+        pairs = [(int(row_offsets[i]), e.prev_row) for i, e in enumerate(entries) if e.prev_row >= 0]
+        return np.array(pairs, dtype=np.int64).T.copy() if pairs else None
 
     @torch.inference_mode()
     def run(self, entries: list[BatchEntry], prev_token_ids: torch.Tensor | None = None) -> SampleResult | None:
@@ -147,14 +170,29 @@ class ModelRunner:
             if not to_sample:
                 return None
         else:
-            input_ids, ctx, logits_idx = self.build_context(entries)
-            fix = self.pending_inputs(entries, np.cumsum([0] + [len(e.input_ids) for e in entries]))
-            if fix is not None:
-                input_ids[fix[0]] = prev_token_ids[fix[1]]
-            hidden = self.model(input_ids, ctx)
-            if not to_sample:
+            hb = HostBatch.build(entries, self.pool.page_size)
+            fix = self.pending_rows(entries, hb.cu_seqlens_q)
+            if self.tp_peers is None:
+                logits = self.forward(hb, fix, prev_token_ids)
+            else:
+                logits = self.tp_peers.forward(self.forward, hb, fix, prev_token_ids)
+            if logits is None:
                 return None
-            logits = self.model.compute_logits(hidden[logits_idx])
         result = sample(logits, self.sampling_batch(to_sample))
+        if self.tp_peers is not None:
+            self.tp_peers.send_sampled(result.token_ids)
         result.copy_to_host()
         return result
+
+    @torch.inference_mode()
+    def forward(self, hb: HostBatch, fix: np.ndarray | None, prev_token_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """The model on one host-built batch (tensor-parallel workers call this too): the logits of its
+        sampled rows, or None when no row samples. `fix` rows take their input from `prev_token_ids`."""
+        input_ids, ctx, logits_idx = self.device_context(hb)
+        if fix is not None:
+            idx = self.to_device(fix)
+            input_ids[idx[0]] = prev_token_ids[idx[1]]
+        hidden = self.model(input_ids, ctx)
+        if not len(hb.logits_indices):
+            return None
+        return self.model.compute_logits(hidden[logits_idx])

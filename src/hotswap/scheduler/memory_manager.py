@@ -1,15 +1,20 @@
 """Release and resume device memory by tag (`weights`, `kv_cache`, `cuda_graph`) so a trainer can share
-the GPU. Only when idle; while anything is released no batch runs."""
+the GPU. Only when idle; while anything is released no batch runs. Under tensor parallelism (`peers`, rank
+0) every worker releases and resumes the same tags on its own GPU."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from hotswap import protocol as p
 from hotswap.runner.model_runner import ModelRunner
+
+if TYPE_CHECKING:
+    from hotswap.runner.tp_peers import TPPeers
 
 TAGS = ("weights", "kv_cache", "cuda_graph")
 
@@ -19,6 +24,7 @@ class MemoryManager:
     model_runner: ModelRunner
     can_release: Callable[[], bool]
     reset_prefix_cache: Callable[[], object]
+    peers: TPPeers | None = None
     released: set[str] = field(default_factory=set)
     host_weights: dict[str, torch.Tensor] | None = None  # parameter name -> host copy (a view of host_arena) while released
     host_arena: torch.Tensor | None = None  # one pinned buffer for every weight, kept across release cycles
@@ -44,6 +50,8 @@ class MemoryManager:
         already = [t for t in tags if t in self.released]
         if already:
             return p.ControlOutput(success=False, message=f"already released: {already}")
+        if self.peers is not None:
+            self.peers.release(tags, req.keep_weights_on_host)
         runner = self.model_runner
         graphs = runner.cuda_graphs
         # graphs point at weights and KV storage: they go whenever either goes
@@ -57,7 +65,7 @@ class MemoryManager:
         self.released.update(tags)
         if runner.device.type == "cuda":
             torch.cuda.empty_cache()
-        return p.ControlOutput(success=True, message=f"released {tags}")
+        return self._agreed(f"released {tags}")
 
     def resume_memory_occupation(self, req: p.ResumeMemoryOccupationRequest) -> p.ControlOutput:
         tags = self._tags(req.tags)
@@ -69,6 +77,8 @@ class MemoryManager:
             return p.ControlOutput(success=False, message=f"resume refused: {missing} not released")
         if not tags:
             return p.ControlOutput(success=False, message="resume refused: nothing is released")
+        if self.peers is not None:
+            self.peers.resume(tags)
         runner = self.model_runner
         if "weights" in tags:
             self._resume_weights()
@@ -78,7 +88,13 @@ class MemoryManager:
         graphs = runner.cuda_graphs
         if graphs is not None and not self.released and not graphs.captured:
             graphs.capture()
-        return p.ControlOutput(success=True, message=f"resumed {tags}")
+        return self._agreed(f"resumed {tags}")
+
+    def _agreed(self, done: str) -> p.ControlOutput:
+        failure = self.peers.agree(None) if self.peers is not None else None
+        if failure is not None:
+            return p.ControlOutput(success=False, message=f"{done} on rank 0, but {failure}")
+        return p.ControlOutput(success=True, message=done)
 
 
     def _release_weights(self, keep_on_host: bool) -> None:

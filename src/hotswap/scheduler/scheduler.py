@@ -62,7 +62,8 @@ class Scheduler:
         )
         self.streamer = OutputStreamer(tokenizer=tokenizer, eos_token_ids=frozenset(eos_token_ids), max_context_len=max_context_len)
         self.invariants = InvariantChecker(pool=pool, prefix_cache=self.prefix_cache)
-        self.memory = MemoryManager(model_runner=model_runner, can_release=self.memory_may_change, reset_prefix_cache=self.flush_cache)
+        self.memory = MemoryManager(model_runner=model_runner, can_release=self.memory_may_change, reset_prefix_cache=self.flush_cache,
+                                    peers=model_runner.tp_peers)
         self.weight_updater = WeightUpdater(
             model_runner=model_runner,
             config=config,
@@ -71,6 +72,7 @@ class Scheduler:
             abort_all=self.abort_all,
             retract_all=self.batcher.retract_all,
             memory_released=self.memory.any_released,
+            peers=model_runner.tp_peers,
         )
         self.handlers = {
             p.AbortRequest: self.abort,

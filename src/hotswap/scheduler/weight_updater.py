@@ -4,6 +4,10 @@ An update is a session: opened explicitly (`begin_weight_update`, `pause_generat
 single update call. Inside a session no batch runs; every call is validated whole before its first live
 byte changes; slices are saved (RollbackBuffer) before they are overwritten when a later failure could
 otherwise leave a mixture; the version advances once, when the session commits.
+
+Under tensor parallelism (`peers`, rank 0 only) every op is sent to the workers too; each rank validates
+and loads its own slices, and the ranks agree on the outcome before rank 0 commits or rolls back, and tells
+the workers which. Reads (get_weights_by_name, checksums, saves) see whole HF tensors, gathered to rank 0.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,14 +33,20 @@ from hotswap.weights import saver
 from hotswap.weights.checkpoint_engine_payloads import BucketEntry
 from hotswap.weights.checkpoint_engine_receiver import BufferSource, ReceiveStats, find_address, receive_buckets, refuse_exchange
 from hotswap.weights.checksum import manifest_digest, tensor_sha256
-from hotswap.weights.distributed import WeightsGroup, WeightsGroupError, init_custom_process_group, short_error
-from hotswap.weights.fast_copy import TensorPlanCache, copy_into
+from hotswap.weights.distributed import (WeightsGroup, WeightsGroupError, destroy_custom_process_group, init_custom_process_group,
+                                         short_error)
+from hotswap.weights.fast_copy import TensorPlanCache, check_finite, copy_into
 from hotswap.weights.fast_reader import ReaderOptions, load_plan
 from hotswap.weights.ipc import CudaIpcMappings
 from hotswap.weights.ipc_grouped import resolve_grouped
-from hotswap.weights.loader import TensorMeta, check_tensor_metas, plan_checkpoint
+from hotswap.weights.loader import plan_checkpoint
 from hotswap.weights.mapping import WeightSlot
 from hotswap.weights.rollback import HostArena, RollbackBuffer
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from hotswap.runner.tp_peers import TPPeers
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +79,7 @@ class WeightUpdater:
     abort_all: Callable[[str], int]
     retract_all: Callable[[], None]
     memory_released: Callable[[], bool]
+    peers: TPPeers | None = None  # the tensor-parallel workers (rank 0 of a TP engine)
     weight_version: str = "default"
     update_count: int = 0
     session: UpdateSession | None = None
@@ -107,7 +119,7 @@ class WeightUpdater:
         idle = time.monotonic() - s.last_activity
         if idle < self.config.weight_session_timeout_s:
             return
-        restored = s.rollback.restore()
+        restored = self._roll_back(s)
         self.expired_message = (
             f"the weight-update session opened by {s.opened_by} expired after {idle:.0f} s without a call; "
             f"{restored} tensor(s) were rolled back and serving resumed"
@@ -143,13 +155,17 @@ class WeightUpdater:
         implicit = self._open_implicit()
         session = self.session
         start = time.perf_counter()
+        reason = None
         try:
             n, nbytes = apply(session)
             if self.model_runner.device.type == "cuda":
                 torch.cuda.synchronize(self.model_runner.device)
         except Exception as exc:
             reason = str(exc) if isinstance(exc, HotswapError) else f"{type(exc).__name__}: {exc}"
-            restored = session.rollback.restore()
+        if self.peers is not None:
+            reason = self.peers.agree(reason)  # every rank loads its slices; any failure fails them all
+        if reason is not None:
+            restored = self._roll_back(session)
             if implicit is not None:
                 self.session = None
             else:
@@ -176,12 +192,20 @@ class WeightUpdater:
         s = self.session
         self.session = None
         s.rollback.clear()
+        if self.peers is not None:
+            self.peers.commit()
         if not s.changed and s.version is None:
             return "nothing to commit"
         self.update_count += 1
         self.weight_version = s.version if s.version is not None else str(self.update_count)
         flushed = self.flush_cache() if flush else False
         return f"weight version {self.weight_version}" + (", prefix cache flushed" if flushed else "")
+
+    def _roll_back(self, s: UpdateSession) -> int:
+        """Restore the session's saved originals here and on every tensor-parallel worker."""
+        if self.peers is not None:
+            self.peers.rollback()
+        return s.rollback.restore()
 
     def _refuse(self, message: str) -> p.WeightUpdateOutput:
         return p.WeightUpdateOutput(success=False, message=message, weight_version=self.weight_version)
@@ -192,7 +216,7 @@ class WeightUpdater:
         s = self.session
         rolled_back = False
         if s is not None and s.explicit and s.failure is None:
-            rolled_back = s.rollback.restore() > 0
+            rolled_back = self._roll_back(s) > 0
             s.failure = message
             message += "; the open session is marked failed and rolled back: end it with end_weight_update"
         out = self._refuse(message)
@@ -200,17 +224,13 @@ class WeightUpdater:
         return out
 
     def _guard_rollback(self, session: UpdateSession, slots: list[WeightSlot], *, source_can_fail: bool, overlap: bool = False) -> dict | None:
-        """Save originals when a later failure could strand these copies: inside an explicit session, or
-        when this call's own source can still fail after the first copy (streaming reads, later IPC
-        buckets). With `overlap` the saves run alongside the load: returns per-slot events the writer
-        waits on; otherwise they are done when this returns."""
-        if self.config.enable_rollback and (session.explicit or source_can_fail):
+        """Save originals when a later failure could strand these copies: inside an explicit session, when
+        this call's own source can still fail after the first copy (streaming reads, later IPC buckets), or
+        when another tensor-parallel rank can still fail. With `overlap` the saves run alongside the load:
+        returns per-slot events the writer waits on; otherwise they are done when this returns."""
+        if self.config.enable_rollback and (session.explicit or source_can_fail or self.peers is not None):
             return session.rollback.protect_many(slots, overlap=overlap)
         return None
-
-    def _check_values(self, name: str, t: torch.Tensor) -> None:
-        if self.config.check_weights_finite and not bool(torch.isfinite(t).all()):
-            raise UpdateFailed(f"tensor {name!r} holds NaN or Inf values")
 
     # ---- update from disk --------------------------------------------------------------------------
 
@@ -223,6 +243,8 @@ class WeightUpdater:
             return self._refuse_update(f"update_weights_from_disk refused: {exc}; weights unchanged")
 
         def apply(session: UpdateSession) -> tuple[int, int]:
+            if self.peers is not None:
+                self.peers.apply_disk(req.model_path)  # every worker reads its own slices meanwhile
             saved = self._guard_rollback(session, [slot for _, slot in plan], source_can_fail=True, overlap=True)
             self.last_read = load_plan(plan, ReaderOptions.from_config(self.config), wait_for=saved)
             return len(plan), self.last_read.nbytes
@@ -243,9 +265,10 @@ class WeightUpdater:
             return self._refuse_update(f"update_weights_from_tensor refused: {exc}; weights unchanged")
 
         def apply(session: UpdateSession) -> tuple[int, int]:
+            if self.peers is not None:  # the tensors are here only: broadcast them, each worker takes its slices
+                self.peers.relay([(name, t) for name, _, t in items], self.config.weight_update_bucket_bytes)
             if self.config.check_weights_finite:
-                for name, _, t in items:
-                    self._check_values(name, t)
+                check_finite(items)
             self._guard_rollback(session, [target.slot for _, target, _ in items], source_can_fail=False)
             return len(items), copy_into(items)
 
@@ -264,6 +287,11 @@ class WeightUpdater:
         except HotswapError as exc:
             return self._refuse_update(f"update_weights_from_ipc refused: {exc}; weights unchanged")
         timeout_s = self.config.weight_session_timeout_s
+        if self.peers is not None:  # each rank would have to take its own device's socket: not built yet
+            out = self._refuse_update("update_weights_from_ipc (checkpoint-engine) is not supported with tensor_parallel_size > 1 yet; "
+                                      "push with update_weights_from_distributed, _from_tensor or _from_disk")
+            refuse_exchange(address, out.message, timeout_s=timeout_s)
+            return out
         took_part = False
         received: list[ReceiveStats] = []
 
@@ -282,20 +310,19 @@ class WeightUpdater:
         return out
 
     def _load_ipc_bucket(self, session: UpdateSession, views: list[tuple[BucketEntry, torch.Tensor]]) -> None:
-        pairs = check_tensor_metas(self.model_runner.weight_map, [TensorMeta(e.name, e.dtype, e.shape) for e, _ in views], require_all=False)
-        tensors = {e.name: t for e, t in views}
-        for meta, _ in pairs:
-            self._check_values(meta.name, tensors[meta.name])
-        self._guard_rollback(session, [slot for _, slot in pairs], source_can_fail=True)
-        for meta, slot in pairs:
-            slot.load(tensors[meta.name])
+        items = self.tensor_plans.match(self.model_runner.weight_map, [(e.name, t) for e, t in views])
+        if self.config.check_weights_finite:
+            check_finite(items)
+        self._guard_rollback(session, [target.slot for _, target, _ in items], source_can_fail=True)
+        copy_into(items)
 
     # ---- update from a trainer over torch.distributed ----------------------------------------------
 
     def init_weights_update_group(self, req: p.InitWeightsUpdateGroupRequest) -> p.ControlOutput | Future:
         """Validate, then rendezvous in a helper thread (it blocks until the trainer and every other rank
         arrive, up to `timeout_s`) so the engine keeps serving meanwhile; the returned Future carries the
-        output, and the group is registered before it resolves."""
+        output, and the group is registered before it resolves. Tensor-parallel rank r joins as
+        rank_offset + r; the group is kept only if every rank joined."""
         name = req.group_name
         if name in self.groups or name in self.pending_groups:
             state = "is still being set up" if name in self.pending_groups else "already exists"
@@ -306,30 +333,42 @@ class WeightUpdater:
             return p.ControlOutput(success=False, message=f"unsupported backend {backend!r}; use 'nccl' (CUDA) or 'gloo'")
         if backend == "nccl" and device.type != "cuda":
             return p.ControlOutput(success=False, message="backend 'nccl' needs a CUDA engine; use 'gloo' on the CPU")
-        rank = req.rank_offset + self.model_runner.tp.rank
-        if not 0 < rank < req.world_size:
-            return p.ControlOutput(success=False, message=f"engine rank {rank} (rank_offset {req.rank_offset}) must be in 1..world_size-1={req.world_size - 1}")
+        rank, last = req.rank_offset, req.rank_offset + self.model_runner.tp.size - 1
+        if not 0 < rank <= last < req.world_size:
+            ranks = f"engine rank {rank}" if rank == last else f"engine ranks {rank}..{last} (one per tensor-parallel rank)"
+            return p.ControlOutput(success=False, message=f"{ranks} (rank_offset {req.rank_offset}) must be in 1..world_size-1={req.world_size - 1}")
         if not req.timeout_s or req.timeout_s <= 0:
             return p.ControlOutput(success=False, message=f"timeout_s must be positive, got {req.timeout_s!r}")
         where = f"tcp://{req.master_address}:{req.master_port}"
+        key = None
+        if self.peers is not None:  # the workers join in threads of their own, from now
+            key = self.peers.init_group({"group_name": name, "init_method": where, "world_size": req.world_size, "rank_offset": rank,
+                                         "backend": backend, "timeout_s": req.timeout_s})
         self.pending_groups.add(name)
         fut: Future = Future()
 
         def join() -> None:
+            pg, failure = None, None
             try:
                 pg = init_custom_process_group(backend=backend, init_method=where, world_size=req.world_size, rank=rank,
                                                group_name=name, timeout=timedelta(seconds=req.timeout_s))
             except Exception as exc:
-                out = p.ControlOutput(success=False, message=(
-                    f"failed to join weights update group {name!r} at {where} as rank {rank} of {req.world_size} within "
-                    f"{req.timeout_s:g} s (the trainer must create it as rank 0 there, with every other rank joining): {short_error(exc)}"))
-            else:
+                failure = short_error(exc)
+            if key is not None:
+                failure = self.peers.settle_join(key, failure, req.timeout_s)
+                if failure is not None and pg is not None:
+                    destroy_custom_process_group(pg)
+            if failure is None:
                 # one dict store, atomic under the GIL; the scheduler thread only reads this dict
                 self.groups[name] = WeightsGroup(name, pg, rank, req.world_size, backend, device,
                                                  op_timeout_s=self.config.weight_session_timeout_s)
-                out = p.ControlOutput(success=True, message=f"joined group {name!r} as rank {rank} of {req.world_size} ({backend})")
-            finally:
-                self.pending_groups.discard(name)
+                ranks = f"rank {rank}" if rank == last else f"ranks {rank}..{last}"
+                out = p.ControlOutput(success=True, message=f"joined group {name!r} as {ranks} of {req.world_size} ({backend})")
+            else:
+                out = p.ControlOutput(success=False, message=(
+                    f"failed to join weights update group {name!r} at {where} as rank {rank} of {req.world_size} within "
+                    f"{req.timeout_s:g} s (the trainer must create it as rank 0 there, with every other rank joining): {failure}"))
+            self.pending_groups.discard(name)
             fut.set_result(out)
 
         threading.Thread(target=join, name=f"hotswap-join-{name}", daemon=True).start()
@@ -340,6 +379,8 @@ class WeightUpdater:
         if group is None:
             pending = " (it is still being set up)" if req.group_name in self.pending_groups else ""
             return p.ControlOutput(success=False, message=f"no weights update group named {req.group_name!r}{pending}")
+        if self.peers is not None:
+            self.peers.destroy_group(req.group_name)
         note = group.destroy()  # a dead peer can make teardown complain; the group is gone either way
         extra = "".join(f" ({x})" for x in (f"it was broken: {group.broken}" if group.broken else None, note) if x)
         return p.ControlOutput(success=True, message=f"group {req.group_name!r} destroyed{extra}")
@@ -366,26 +407,29 @@ class WeightUpdater:
         except HotswapError as exc:
             # metadata that cannot be received at all: refuse up front; the group's timeout frees the trainer
             return refuse(str(exc))
+        if self.peers is not None:  # every rank is a member of the group: each receives the whole bucket
+            self.peers.receive(req.group_name, req.names, req.dtypes, req.shapes, req.load_format)
         recv_error = None
         try:
             received = receive_bucket(group, metas, req.load_format)
         except Exception as exc:  # a dead or hung trainer: the group is now broken
             received, recv_error = [], str(exc) if isinstance(exc, WeightsGroupError) else short_error(exc)
+        if self.peers is not None:
+            other = self.peers.agree(recv_error)
+            if recv_error is None and other is not None:  # lockstep is lost on another rank: this group is unusable too
+                recv_error = other
+                group.mark_broken(other)
 
         def apply(session: UpdateSession) -> tuple[int, int]:
+            if self.peers is not None:
+                self.peers.apply_received()
             if recv_error is not None:
                 raise UpdateFailed(f"receiving the bucket failed: {recv_error}")
-            named = list(zip([m.name for m in metas], received))
-            pairs = check_tensor_metas(self.model_runner.weight_map, [TensorMeta(m.name, m.dtype, m.shape) for m in metas], require_all=False)
-            for name, t in named:
-                self._check_values(name, t)
-            self._guard_rollback(session, [slot for _, slot in pairs], source_can_fail=False)
-            tensors = dict(named)
-            nbytes = 0
-            for meta, slot in pairs:
-                slot.load(tensors[meta.name])
-                nbytes += tensors[meta.name].numel() * tensors[meta.name].element_size()
-            return len(pairs), nbytes
+            items = self.tensor_plans.match(self.model_runner.weight_map, list(zip([m.name for m in metas], received)))
+            if self.config.check_weights_finite:
+                check_finite(items)
+            self._guard_rollback(session, [target.slot for _, target, _ in items], source_can_fail=False)
+            return len(items), copy_into(items)
 
         out = self._run_update("update_weights_from_distributed", req.weight_version, req.flush_cache, apply)
         if recv_error is not None and recv_error not in out.message:
@@ -417,7 +461,7 @@ class WeightUpdater:
         if req.weight_version is not None:
             s.version = req.weight_version
         if req.abort or s.failure is not None:
-            s.rollback.restore()
+            self._roll_back(s)
             self._close_after(s)
             why = "aborted by the caller" + (f" after a failure: {s.failure}" if s.failure else "") if req.abort else f"rolled back: {s.failure}"
             return p.WeightUpdateOutput(success=req.abort, rolled_back=True, weight_version=self.weight_version,
@@ -457,7 +501,7 @@ class WeightUpdater:
         msg = "generation continues"
         if s is not None:
             if s.failure is not None:
-                s.rollback.restore()
+                self._roll_back(s)
                 msg += f"; the failed session was rolled back ({s.failure})"
                 self.session = None
             else:
@@ -479,17 +523,27 @@ class WeightUpdater:
             return p.GetWeightsByNameOutput(success=False, message=f"unknown parameter {req.name!r}")
         if self.memory_released():
             return p.GetWeightsByNameOutput(success=False, message="weights are released; resume memory first")
-        t = slot.dest
+        _, t = next(iter(self._whole([slot.hf_name])))
         part = t[: req.truncate_size] if req.truncate_size and req.truncate_size > 0 else t
         return p.GetWeightsByNameOutput(success=True, parameter=part.float().cpu().tolist(), dtype=str(t.dtype).removeprefix("torch."),
                                         shape=list(t.shape))
 
+    def _whole(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Each named HF tensor whole, one at a time: this rank's slot, or under tensor parallelism gathered
+        from every rank's slice (so reads, checksums and saves look the same at every TP size)."""
+        wm = self.model_runner.weight_map
+        if self.peers is not None:
+            return self.peers.gather(wm, names)
+        return ((name, wm.slots[name].dest) for name in names)
+
     def check_weights(self, req: p.CheckWeightsRequest) -> p.CheckWeightsOutput:
+        """`checksum` hashes whole HF tensors (gathered under tensor parallelism): the manifest equals a
+        trainer's `state_dict_manifest` of the same weights whatever the engine's TP size."""
         wm = self.model_runner.weight_map
         if self.memory_released():
             return p.CheckWeightsOutput(success=False, message="weights are released; resume memory first")
         if req.action == "checksum":
-            sums = {name: tensor_sha256(wm.slots[name].dest) for name in wm.names}
+            sums = {name: tensor_sha256(t) for name, t in self._whole(wm.names)}
             digest = manifest_digest(sums)
             if req.expected is not None:
                 mism = sorted(n for n in set(sums) | set(req.expected) if sums.get(n) != req.expected.get(n))
@@ -497,20 +551,25 @@ class WeightUpdater:
                                             message="all checksums match" if not mism else f"{len(mism)} parameter(s) differ, e.g. {mism[:3]}")
             return p.CheckWeightsOutput(success=True, checksums=sums, digest=digest, message=f"{len(sums)} checksums")
         if req.action == "snapshot":
-            self.snapshot = {name: wm.slots[name].dest.detach().to("cpu", copy=True) for name in wm.names}
+            self.snapshot = {name: t.detach().to("cpu", copy=True) for name, t in self._whole(wm.names)}
             return p.CheckWeightsOutput(success=True, message=f"snapshot of {len(self.snapshot)} tensors")
         if req.action == "compare":
             if self.snapshot is None:
                 return p.CheckWeightsOutput(success=False, message="no snapshot to compare against; call check_weights('snapshot') first")
-            mism = [n for n in wm.names if not torch.equal(wm.slots[n].dest.cpu(), self.snapshot[n])]
+            mism = [n for n, t in self._whole(wm.names) if not torch.equal(t.cpu(), self.snapshot[n])]
             return p.CheckWeightsOutput(success=not mism, mismatches=mism,
                                         message="weights equal the snapshot" if not mism else f"{len(mism)} tensor(s) differ from the snapshot")
         if req.action == "reset_tensors":
             if not self.is_idle():
                 return p.CheckWeightsOutput(success=False, message="reset_tensors refused while requests are running")
+            if self.peers is not None:
+                self.peers.reset_tensors()
             for name in wm.names:
                 wm.slots[name].dest.zero_()
             self.flush_cache()
+            failure = self.peers.agree(None) if self.peers is not None else None
+            if failure is not None:
+                return p.CheckWeightsOutput(success=False, message=f"reset_tensors failed: {failure}")
             return p.CheckWeightsOutput(success=True, message=f"zeroed {len(wm.names)} tensors")
         return p.CheckWeightsOutput(success=False, message=f"unknown check_weights action {req.action!r}; use snapshot, compare, reset_tensors or checksum")
 
@@ -520,8 +579,8 @@ class WeightUpdater:
         if self.memory_released():
             return p.ControlOutput(success=False, message="weights are released; resume memory first")
         try:
-            files = saver.save_sharded(self.model_runner.weight_map, Path(req.path), self.config.model_path,
-                                       pattern=req.pattern, max_size=req.max_size, tp_rank=self.model_runner.tp.rank)
+            files = saver.save_sharded(self.model_runner.weight_map, self._whole, Path(req.path), self.config.model_path,
+                                       pattern=req.pattern, max_size=req.max_size)
         except (HotswapError, OSError) as exc:
             return p.ControlOutput(success=False, message=f"save_sharded_model failed: {exc}")
         return p.ControlOutput(success=True, message=f"saved {len(files)} file(s) to {req.path}")
@@ -530,7 +589,7 @@ class WeightUpdater:
         if self.memory_released():
             return p.ControlOutput(success=False, message="weights are released; resume memory first")
         try:
-            saver.save_remote(self.model_runner.weight_map, req.url, self.config.model_path)
+            saver.save_remote(self.model_runner.weight_map, self._whole, req.url, self.config.model_path)
         except (HotswapError, OSError, ValueError, ImportError) as exc:
             return p.ControlOutput(success=False, message=f"save_remote_model failed: {exc}")
         return p.ControlOutput(success=True, message=f"saved to {req.url}")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hotswap.errors import CheckpointError
 from hotswap.weights.loader import TensorMeta, check_tensor_metas
 from hotswap.weights.mapping import WeightMap, WeightSlot
 
@@ -75,6 +76,15 @@ class TensorPlanCache:
         while len(self.plans) > self.max_entries:
             self.plans.popitem(last=False)
         return [(name, target, t) for (name, t), target in zip(named, plan) if target is not None]
+
+
+def check_finite(items: list[tuple[str, _Target, torch.Tensor]]) -> None:
+    """Refuse NaN or Inf in what each slot takes: under tensor parallelism, this rank's slice only (the
+    other ranks check theirs, and the update fails on all of them if any finds one)."""
+    for name, target, src in items:
+        if not bool(torch.isfinite(target.slot.spec.src_view(src)).all()):
+            where = "" if target.full else " (in this rank's tensor-parallel slice)"
+            raise CheckpointError(f"tensor {name!r} holds NaN or Inf values{where}")
 
 
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}

@@ -1,0 +1,56 @@
+"""The process groups of one tensor-parallel engine, over a TCP store that rank 0 hosts.
+
+- `control` (gloo, host memory): commands, batch metadata and outcomes. Its timeout is unbounded because
+  an idle worker waits in it for the next command; rank 0 bounds each of its own waits instead.
+- `device` (NCCL on CUDA, gloo on the CPU): the model's all-reduces and all-gathers, the sampled ids, the
+  weight relay and gathers. Bounded by `timeout_s`.
+
+Neither is the default process group, so an engine can live in a process that has its own (a trainer's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import PrefixStore, _new_process_group_helper, _world
+
+from hotswap.models.parallel import TPInfo
+
+UNBOUNDED = timedelta(days=3650)
+
+
+def _group(store: dist.Store, name: str, rank: int, size: int, backend: str, timeout: timedelta) -> dist.ProcessGroup:
+    pg, _ = _new_process_group_helper(size, rank, [], backend, PrefixStore(name, store), group_name=name, timeout=timeout)
+    _world.pg_group_ranks[pg] = {i: i for i in range(size)}
+    return pg
+
+
+@dataclass(slots=True)
+class TPGroups:
+    rank: int
+    size: int
+    store: dist.Store
+    control: dist.ProcessGroup
+    device: dist.ProcessGroup
+    backend: str
+
+    @classmethod
+    def create(cls, *, store: dist.Store, rank: int, size: int, prefix: str, backend: str, timeout_s: float) -> TPGroups:
+        """Blocks until every rank arrives (bounded by the store's timeout)."""
+        control = _group(store, f"{prefix}-control", rank, size, "gloo", UNBOUNDED)
+        device = _group(store, f"{prefix}-device", rank, size, backend, timedelta(seconds=timeout_s))
+        return cls(rank=rank, size=size, store=store, control=control, device=device, backend=backend)
+
+    @property
+    def info(self) -> TPInfo:
+        return TPInfo(self.rank, self.size, self.device)
+
+
+def worker_device(device: torch.device, rank: int) -> torch.device:
+    """Rank r's device: the next GPUs after rank 0's (cuda:k -> cuda:k+r); every rank of a CPU engine on the CPU."""
+    if device.type != "cuda":
+        return device
+    return torch.device("cuda", (device.index or 0) + rank)

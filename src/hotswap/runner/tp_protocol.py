@@ -1,0 +1,114 @@
+"""What rank 0 and its tensor-parallel workers say to each other on the control group (gloo, host memory).
+
+Every command is an int64 header of HEADER_LEN (the op, then op-specific sizes) followed by its payload:
+a batch's host metadata as one int64 tensor (STEP), or UTF-8 JSON (every other op). Outcomes travel back
+as JSON through `exchange`. Nothing is pickled. Rank 0 waits at most `timeout_s` for any of these (a hung
+worker must not hang the engine); workers wait for commands without a limit (an idle engine is normal).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from enum import IntEnum
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from hotswap.runner.host_batch import HostBatch
+
+HEADER_LEN = 8
+
+
+class Op(IntEnum):
+    STEP = 1  # a batch to forward; the sampled ids follow on the device group when the batch samples
+    SHUTDOWN = 2
+    AGREE = 3  # report the outcome of the ops since the last AGREE (exchange), then forget it
+    COMMIT = 4  # the update session committed: drop the saved originals
+    ROLLBACK = 5  # the update session failed somewhere: restore the saved originals
+    APPLY_DISK = 6  # {"model_path"}: load this rank's slices of a checkpoint
+    RELAY = 7  # {"names", "dtypes", "shapes"}: a flattened bucket follows from rank 0 on the device group: load it
+    RECEIVE = 8  # {"group", "names", "dtypes", "shapes", "load_format"}: receive a trainer's broadcast bucket
+    APPLY_RECEIVED = 9  # load the bucket RECEIVE took
+    INIT_GROUP = 10  # join a trainer's weights update group (in a thread; outcome through the store)
+    DESTROY_GROUP = 11  # {"group"}
+    GATHER = 12  # {"names"}: send this rank's slice of each (not replicated) tensor to rank 0, in order
+    RESET = 13  # zero every parameter (check_weights reset_tensors)
+    RELEASE = 14  # {"tags", "keep_weights_on_host"}
+    RESUME = 15  # {"tags"}
+
+
+def _wait(work, timeout_s: float | None) -> None:
+    if timeout_s is None:
+        work.wait()
+    else:
+        work.wait(timeout=timedelta(seconds=timeout_s))
+
+
+def _broadcast(t: torch.Tensor, group, timeout_s: float | None) -> None:
+    _wait(dist.broadcast(t, src=0, group=group, async_op=True), timeout_s)
+
+
+def send_command(group, op: Op, args: dict | None, timeout_s: float) -> None:
+    """Rank 0: a JSON command to every worker."""
+    payload = np.frombuffer(json.dumps(args or {}).encode(), dtype=np.uint8)
+    header = np.zeros(HEADER_LEN, dtype=np.int64)
+    header[0], header[1] = op, len(payload)
+    _broadcast(torch.from_numpy(header), group, timeout_s)
+    _broadcast(torch.from_numpy(payload.copy()), group, timeout_s)
+
+
+def send_step(group, hb: HostBatch, fix: np.ndarray | None, timeout_s: float) -> None:
+    """Rank 0: one batch's host metadata (and the pending-input rows) to every worker."""
+    n, width = hb.page_table.shape
+    k = 0 if fix is None else fix.shape[1]
+    header = np.array([Op.STEP, len(hb.input_ids), n, width, len(hb.logits_indices), k, hb.max_q_len, int(hb.is_decode)], dtype=np.int64)
+    parts = [hb.input_ids, hb.positions, hb.slot_mapping, hb.cu_seqlens_q, hb.seq_lens, hb.page_table.reshape(-1), hb.logits_indices]
+    if fix is not None:
+        parts.append(fix.reshape(-1))
+    _broadcast(torch.from_numpy(header), group, timeout_s)
+    _broadcast(torch.from_numpy(np.concatenate(parts).astype(np.int64, copy=False)), group, timeout_s)
+
+
+def recv_command(group) -> tuple[Op, np.ndarray, np.ndarray]:
+    """A worker: the next command's op, header and payload (int64 for STEP, uint8 JSON otherwise)."""
+    header = torch.zeros(HEADER_LEN, dtype=torch.int64)
+    _broadcast(header, group, None)
+    h = header.numpy()
+    op = Op(int(h[0]))
+    if op is Op.STEP:
+        t, n, w, n_logits, k = (int(x) for x in h[1:6])
+        payload = torch.empty(3 * t + (n + 1) + n + n * w + n_logits + 2 * k, dtype=torch.int64)
+    else:
+        payload = torch.empty(int(h[1]), dtype=torch.uint8)
+    if payload.numel():
+        _broadcast(payload, group, None)
+    return op, h, payload.numpy()
+
+
+def decode_step(header: np.ndarray, payload: np.ndarray) -> tuple[HostBatch, np.ndarray | None]:
+    t, n, w, n_logits, k, max_q_len, is_decode = (int(x) for x in header[1:8])
+    cuts = np.cumsum([t, t, t, n + 1, n, n * w, n_logits])
+    ids, positions, slots, cu, lens, table, logits, fix = np.split(payload, cuts)
+    hb = HostBatch(ids, positions, slots, cu.astype(np.int32), lens.astype(np.int32), table.astype(np.int32).reshape(n, w), logits,
+                   max_q_len, bool(is_decode))
+    return hb, fix.reshape(2, k) if k else None
+
+
+def decode_json(payload: np.ndarray) -> dict:
+    return json.loads(payload.tobytes().decode()) if len(payload) else {}
+
+
+def exchange(group, size: int, outcome: dict, timeout_s: float | None) -> list[dict]:
+    """Every rank's JSON outcome, in rank order (all-gather of sizes, then of padded bytes)."""
+    data = json.dumps(outcome).encode()
+    n = torch.tensor([len(data)], dtype=torch.int64)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(size)]
+    _wait(dist.all_gather(sizes, n, group=group, async_op=True), timeout_s)
+    width = int(max(s.item() for s in sizes))
+    mine = torch.zeros(width, dtype=torch.uint8)
+    mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    parts = [torch.zeros(width, dtype=torch.uint8) for _ in range(size)]
+    _wait(dist.all_gather(parts, mine, group=group, async_op=True), timeout_s)
+    return [json.loads(p[: int(s.item())].numpy().tobytes().decode()) for p, s in zip(parts, sizes)]
