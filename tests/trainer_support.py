@@ -109,7 +109,8 @@ def faulted(weights: dict[str, torch.Tensor], bucket_bytes: int, bucket: int, ki
 def trainer_main(spec: dict, events) -> None:
     """A trainer process following `spec`; reports ("event", payload) tuples on `events`.
 
-    spec: base_url (or base_urls: several engines, one rank each), checkpoint, master_port, group_name, buckets (count), load_format, pushes (list of
+    spec: base_url (or base_urls: several engines), ranks_per_engine (their tensor-parallel size), checkpoint, master_port, group_name,
+    buckets (count), load_format, pushes (list of
     {"version", "fault": None | (bucket, kind), "sleep_after_bucket": s, "stop_after_bucket": i,
      "hang_in_bucket": i}), timeout_s.
     """
@@ -124,7 +125,7 @@ def trainer_main(spec: dict, events) -> None:
         engine = engines[0]
         pusher = DistributedWeightPusher(engines, master_address="127.0.0.1", master_port=spec["master_port"], group_name=spec["group_name"],
                                          backend=spec.get("backend", "gloo"), bucket_bytes=bucket_bytes, load_format=spec.get("load_format", "flattened_bucket"),
-                                         timeout_s=spec.get("timeout_s", 30))
+                                         ranks_per_engine=spec.get("ranks_per_engine", 1), timeout_s=spec.get("timeout_s", 30))
         pusher.connect()
         events.put(("connected", {"pid": os.getpid(), "manifest": state_dict_manifest({k: v.cpu() for k, v in weights.items()})}))
         for job in spec.get("pushes", [{}]):

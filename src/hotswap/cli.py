@@ -13,7 +13,7 @@ def _generate(args: argparse.Namespace) -> int:
     sp = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     if args.seed is not None:
         sp["seed"] = args.seed
-    with Engine(args.model_path, dtype=args.dtype, device=args.device) as engine:
+    with Engine(args.model_path, dtype=args.dtype, device=args.device, tensor_parallel_size=args.tensor_parallel_size) as engine:
         out = engine.generate(args.prompt, sp)
     print(json.dumps(out, indent=2) if args.json else out["text"])
     return 0
@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--dtype", default="auto")
     g.add_argument("--device", default="auto")
+    g.add_argument("--tp-size", "--tensor-parallel-size", dest="tensor_parallel_size", type=int, default=1,
+                   help="tensor-parallel ranks, one process and GPU each")
     g.add_argument("--json", action="store_true", help="print the whole output dict")
     g.set_defaults(func=_generate)
 

@@ -369,4 +369,5 @@ class Engine:
         mc = self.model_config
         return {"model_path": self.config.model_path, "architecture": mc.architecture, "dtype": str(mc.torch_dtype).removeprefix("torch."),
                 "device": str(self.device), "max_context_len": self.max_context_len, "vocab_size": mc.vocab_size,
-                "num_layers": mc.num_layers, "hidden_size": mc.hidden_size, "is_generation": True}
+                "num_layers": mc.num_layers, "hidden_size": mc.hidden_size, "tensor_parallel_size": self.config.tensor_parallel_size,
+                "is_generation": True}

@@ -62,7 +62,7 @@ class TPWorker:
             op, header, payload = recv_command(self.groups.control)
             if op is Op.SHUTDOWN:
                 return
-            if op is not Op.APPLY_RECEIVED:
+            if op not in (Op.AGREE, Op.APPLY_RECEIVED):  # a bucket rank 0 refused before applying it
                 self.received = None
             if op is Op.STEP:
                 self.step(*decode_step(header, payload))
@@ -130,8 +130,9 @@ class TPWorker:
 
     def apply_received(self, args: dict) -> None:
         named, self.received = self.received, None
-        if named is not None:
-            self.load(named)
+        if named is None:
+            raise HotswapError("this rank holds no received bucket to apply")
+        self.load(named)
 
     def load(self, named: list[tuple[str, torch.Tensor]]) -> None:
         """This rank's slices of HF-named tensors, after the same checks rank 0 makes on its own."""

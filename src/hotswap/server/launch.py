@@ -25,6 +25,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=30000, help="port to listen on (default 30000)")
     parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--tp-size", "--tensor-parallel-size", dest="tensor_parallel_size", type=int, default=None,
+                        help="tensor-parallel ranks, one process and GPU each (cuda:N.. onwards; gloo ranks on the CPU); default 1")
+    parser.add_argument("--load-format", default=None, choices=("auto", "dummy"),
+                        help="'dummy': random weights of the checkpoint's shapes (benchmarks; config.json and tokenizer only)")
     parser.add_argument("--api-key", default=os.environ.get("HOTSWAP_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on every route but /health (default: $HOTSWAP_API_KEY)")
     parser.add_argument("--max-running-requests", type=int, default=None, help="cap on requests in the running batch")
@@ -44,7 +48,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
     kw: dict = {}
-    for name in ("max_running_requests", "page_size", "num_pages", "max_context_len", "kv_cache_memory_fraction", "attention_backend", "seed"):
+    for name in ("max_running_requests", "page_size", "num_pages", "max_context_len", "kv_cache_memory_fraction", "attention_backend", "seed",
+                 "tensor_parallel_size", "load_format"):
         value = getattr(args, name, None)
         if value is not None:
             kw[name] = value

@@ -1,0 +1,180 @@
+"""Issue 7: a tensor-parallel Engine (TP=2 over gloo: this process is rank 0 and schedules, one spawned
+worker is rank 1) generates what TP=1 and transformers generate, and takes every weight update atomically
+across its ranks; reads and checksums see whole HF tensors, as at TP=1."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+
+import pytest
+import torch
+from hf_reference import UPDATE_GREEDY as GREEDY
+from hf_reference import greedy_ids, hf_greedy, prompt_ids
+from hf_reference import reference_ids as reference
+from safetensors.torch import save_file
+from trainer_support import TrainerProcess, checkpoint_tensors, serve_engine_http
+
+from hotswap import Engine
+from hotswap.trainer import free_port, state_dict_manifest
+
+# chunked_prefill_size 8: the longer prompts below are prefilled in chunks
+ARGS = dict(device="cpu", page_size=4, chunked_prefill_size=8, check_weights_finite=True)
+# rank 1 holds rows 64..127 of gate_proj (intermediate 128): a NaN there is invisible to rank 0
+RANK1_ONLY = ("model.layers.1.mlp.gate_proj.weight", (127, 3))
+
+
+@pytest.fixture(scope="module")
+def tp2(tiny_qwen3):
+    with Engine(str(tiny_qwen3), tensor_parallel_size=2, **ARGS) as eng:
+        yield eng
+
+
+@pytest.fixture
+def engine(tp2, tiny_qwen3):
+    """The shared TP=2 engine, holding tiny_qwen3's weights again after each test."""
+    yield tp2
+    assert tp2.check_invariants().success
+    if tp2.check_weights("checksum").checksums != state_dict_manifest(checkpoint_tensors(tiny_qwen3)):
+        assert tp2.update_weights_from_disk(str(tiny_qwen3)).success
+
+
+def manifest_of(path) -> dict[str, str]:
+    return state_dict_manifest(checkpoint_tensors(path))
+
+
+def test_greedy_matches_tp1_and_transformers(engine, tiny_qwen3):
+    prompts = [prompt_ids(1, 9), prompt_ids(2, 21), prompt_ids(3, 30)]  # ragged; 21 and 30 tokens prefill in chunks of 8
+    again = prompts[2][:24] + prompt_ids(4, 5)  # shares 24 tokens (6 pages) with the last prompt: a prefix-cache hit
+    with Engine(str(tiny_qwen3), **ARGS) as tp1:
+        expected = greedy_ids(tp1, prompts)
+        expected_again = tp1.generate(input_ids=again, sampling_params=GREEDY)["output_ids"]
+    assert expected == [hf_greedy(tiny_qwen3, ids, GREEDY["max_new_tokens"])[0] for ids in prompts]
+    assert expected_again == hf_greedy(tiny_qwen3, again, GREEDY["max_new_tokens"])[0]
+    assert greedy_ids(engine, prompts) == expected
+    out = engine.generate(input_ids=again, sampling_params=GREEDY)
+    assert out["output_ids"] == expected_again
+    assert out["meta_info"]["cached_tokens"] >= 24
+    # sampled (not greedy) requests: rank 0 samples, the worker follows through the broadcast ids
+    sp = {"max_new_tokens": 6, "temperature": 0.8, "seed": 7, "ignore_eos": True}
+    with Engine(str(tiny_qwen3), **ARGS) as tp1:
+        assert [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=sp)] == [
+            o["output_ids"] for o in tp1.generate(input_ids=prompts, sampling_params=sp)]
+
+
+def test_checksums_and_reads_see_whole_tensors(engine, tiny_qwen3, tmp_path):
+    ckpt = checkpoint_tensors(tiny_qwen3)
+    check = engine.check_weights("checksum", expected=state_dict_manifest(ckpt))
+    assert check.success, check.message
+    # column-, row- and vocab-parallel, and replicated tensors come back whole, as TP=1 returns them
+    for name in ["model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.o_proj.weight", "model.embed_tokens.weight",
+                 "lm_head.weight", "model.layers.0.self_attn.q_norm.weight"]:
+        out = engine.get_weights_by_name(name, truncate_size=10_000)
+        assert out.success and out.shape == list(ckpt[name].shape), (name, out.message)
+        assert torch.equal(torch.tensor(out.parameter), ckpt[name]), name
+    assert engine.save_sharded_model(str(tmp_path / "saved"), max_size=40_000).success
+    saved = checkpoint_tensors(tmp_path / "saved")
+    assert saved.keys() == ckpt.keys() and all(torch.equal(saved[n], ckpt[n]) for n in ckpt)
+    assert engine.check_weights("snapshot").success
+    assert engine.check_weights("compare").success
+
+
+def test_disk_and_tensor_updates(engine, tiny_qwen3, tiny_qwen3_v2):
+    res = engine.update_weights_from_disk(str(tiny_qwen3_v2), weight_version="v2")
+    assert res.success, res.message
+    assert engine.check_weights("checksum", expected=manifest_of(tiny_qwen3_v2)).success
+    assert greedy_ids(engine) == reference(tiny_qwen3_v2)
+    res = engine.update_weights_from_tensor(checkpoint_tensors(tiny_qwen3), weight_version="v1")
+    assert res.success, res.message
+    assert engine.check_weights("checksum", expected=manifest_of(tiny_qwen3)).success
+    assert greedy_ids(engine) == reference(tiny_qwen3)
+    assert engine.weight_version == "v1"
+
+
+def test_a_fault_on_rank1_only_rolls_every_rank_back(engine, tiny_qwen3, tiny_qwen3_v2, tmp_path):
+    before, version = engine.check_weights("checksum").digest, engine.weight_version
+    bad = checkpoint_tensors(tiny_qwen3_v2)
+    name, where = RANK1_ONLY
+    bad[name][where] = float("nan")
+    res = engine.update_weights_from_tensor(bad)
+    assert not res.success and res.rolled_back
+    assert "tensor-parallel rank 1" in res.message and "NaN" in res.message and name in res.message
+    # the same checkpoint on disk: rank 1 finds the NaN in the slice it read
+    folder = tmp_path / "bad"
+    shutil.copytree(tiny_qwen3_v2, folder)
+    save_file(bad, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    res = engine.update_weights_from_disk(str(folder))
+    assert not res.success and "tensor-parallel rank 1" in res.message, res.message
+    # inside a session: a good bucket, then the bad one; ending the session rolls both back on both ranks
+    names = sorted(bad)
+    good = {n: t for n, t in checkpoint_tensors(tiny_qwen3_v2).items() if n != name}
+    assert engine.begin_weight_update().success
+    assert engine.update_weights_from_tensor({n: good[n] for n in names[:10] if n in good}).success
+    assert not engine.update_weights_from_tensor({name: bad[name]}).success
+    assert not engine.end_weight_update().success
+    assert engine.check_weights("checksum").digest == before
+    assert greedy_ids(engine) == reference(tiny_qwen3)
+    assert engine.weight_version == version
+
+
+def test_trainer_pushes_to_both_ranks_over_a_group(engine, tiny_qwen3, tiny_qwen3_v2):
+    """Each engine rank joins the trainer's group (ranks 1 and 2 of 3) and takes its slice of every bucket."""
+    url, server = serve_engine_http(engine)
+    try:
+        trainer = TrainerProcess({"base_url": url, "checkpoint": str(tiny_qwen3_v2), "master_port": free_port(), "group_name": "tp-push",
+                                  "buckets": 3, "ranks_per_engine": 2, "pushes": [{"version": "v2"}, {"version": "bad", "fault": (1, "nan")}]})
+        manifest = trainer.expect("connected", timeout=60)["manifest"]
+        pushed = trainer.expect("pushed")
+        failed = trainer.expect("push_failed")
+        assert trainer.expect("closed") == [True] and trainer.join() == 0
+    finally:
+        server.shutdown()
+    assert pushed["buckets"] == 3 and pushed["version"] == "v2"
+    assert "NaN" in failed["reason"] and failed["received"] == [True] and failed["rolled_back"] and not failed["group_broken"]
+    assert manifest == manifest_of(tiny_qwen3_v2)
+    check = engine.check_weights("checksum", expected=manifest)
+    assert check.success, check.message
+    assert greedy_ids(engine) == reference(tiny_qwen3_v2)
+    assert engine.weight_version == "v2"
+
+
+def test_release_and_resume_on_every_rank(engine, tiny_qwen3):
+    expected = reference(tiny_qwen3)
+    assert engine.release_memory_occupation().success
+    assert engine.resume_memory_occupation().success
+    assert greedy_ids(engine) == expected
+    assert engine.check_weights("checksum", expected=manifest_of(tiny_qwen3)).success
+
+
+def test_tied_embeddings_split_by_vocab(tiny_llama):
+    with Engine(str(tiny_llama), tensor_parallel_size=2, **ARGS) as eng:
+        assert greedy_ids(eng) == reference(tiny_llama)
+        assert eng.check_weights("checksum", expected=manifest_of(tiny_llama)).success
+        head = eng.get_weights_by_name("lm_head.weight", truncate_size=10_000)
+        assert torch.equal(torch.tensor(head.parameter), checkpoint_tensors(tiny_llama)["model.embed_tokens.weight"])
+
+
+def test_a_dead_worker_fails_requests_instead_of_hanging(tiny_qwen3):
+    with Engine(str(tiny_qwen3), tensor_parallel_size=2, **ARGS) as eng:
+        assert greedy_ids(eng) == reference(tiny_qwen3)
+        worker = eng.tp_peers.procs[0]
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(10)
+        out = eng.generate(input_ids=prompt_ids(5, 7), sampling_params=GREEDY)
+        reason = out["meta_info"]["finish_reason"]
+        assert reason["type"] == "abort" and "tensor-parallel engine broken" in reason["message"]
+        assert "worker rank 1" in reason["message"] and "exited with code -9" in reason["message"]
+        again = eng.generate(input_ids=prompt_ids(6, 7), sampling_params=GREEDY)["meta_info"]["finish_reason"]
+        assert "tensor-parallel engine broken" in again["message"]
+        res = eng.update_weights_from_disk(str(tiny_qwen3))
+        assert not res.success and "tensor-parallel engine broken" in res.message
+
+
+def test_cli_and_server_take_the_tp_size():
+    from hotswap.cli import build_parser
+    from hotswap.server.launch import engine_kwargs_from_args
+
+    args = build_parser().parse_args(["serve", "--model-path", "m", "--tp-size", "2", "--load-format", "dummy"])
+    assert engine_kwargs_from_args(args) == {"tensor_parallel_size": 2, "load_format": "dummy"}
+    assert build_parser().parse_args(["generate", "--model-path", "m", "--prompt", "p", "--tp-size", "2"]).tensor_parallel_size == 2
