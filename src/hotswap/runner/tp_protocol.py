@@ -1,7 +1,9 @@
 """What rank 0 and its tensor-parallel workers say to each other on the control group (gloo, host memory).
 
-Every command is an int64 header of HEADER_LEN (the op, then op-specific sizes) followed by its payload:
-a batch's host metadata as one int64 tensor (STEP), or UTF-8 JSON (every other op). Outcomes travel back
+A command is one int64 message of MESSAGE_LEN words: the op, the payload's length in words, up to
+HEADER_ARGS op-specific integers, then as much of the payload as fits; a longer payload's rest follows in
+a second broadcast. The payload is a batch's host metadata (STEP: a decode batch of a hundred sequences
+fits in the message, so a step costs one broadcast) or UTF-8 JSON (every other op). Outcomes travel back
 as JSON through `exchange`. Nothing is pickled. Rank 0 waits at most `timeout_s` for any of these (a hung
 worker must not hang the engine); workers wait for commands without a limit (an idle engine is normal).
 """
@@ -18,7 +20,9 @@ import torch.distributed as dist
 
 from hotswap.runner.host_batch import HostBatch
 
-HEADER_LEN = 8
+MESSAGE_LEN = 2048
+HEADER_ARGS = 8
+_INLINE = MESSAGE_LEN - 2 - HEADER_ARGS
 
 
 class Op(IntEnum):
@@ -50,45 +54,51 @@ def _broadcast(t: torch.Tensor, group, timeout_s: float | None) -> None:
     _wait(dist.broadcast(t, src=0, group=group, async_op=True), timeout_s)
 
 
+def _send(group, op: Op, args: list[int], payload: np.ndarray, timeout_s: float) -> None:
+    msg = np.zeros(MESSAGE_LEN, dtype=np.int64)
+    inline = min(len(payload), _INLINE)
+    msg[0], msg[1] = op, len(payload)
+    msg[2 : 2 + len(args)] = args
+    msg[2 + HEADER_ARGS : 2 + HEADER_ARGS + inline] = payload[:inline]
+    _broadcast(torch.from_numpy(msg), group, timeout_s)
+    if len(payload) > inline:
+        _broadcast(torch.from_numpy(np.ascontiguousarray(payload[inline:])), group, timeout_s)
+
+
 def send_command(group, op: Op, args: dict | None, timeout_s: float) -> None:
     """Rank 0: a JSON command to every worker."""
-    payload = np.frombuffer(json.dumps(args or {}).encode(), dtype=np.uint8)
-    header = np.zeros(HEADER_LEN, dtype=np.int64)
-    header[0], header[1] = op, len(payload)
-    _broadcast(torch.from_numpy(header), group, timeout_s)
-    _broadcast(torch.from_numpy(payload.copy()), group, timeout_s)
+    data = json.dumps(args or {}).encode()
+    words = np.frombuffer(data + b"\0" * (-len(data) % 8), dtype=np.int64)
+    _send(group, op, [len(data)], words, timeout_s)
 
 
 def send_step(group, hb: HostBatch, fix: np.ndarray | None, timeout_s: float) -> None:
     """Rank 0: one batch's host metadata (and the pending-input rows) to every worker."""
     n, width = hb.page_table.shape
     k = 0 if fix is None else fix.shape[1]
-    header = np.array([Op.STEP, len(hb.input_ids), n, width, len(hb.logits_indices), k, hb.max_q_len, int(hb.is_decode)], dtype=np.int64)
     parts = [hb.input_ids, hb.positions, hb.slot_mapping, hb.cu_seqlens_q, hb.seq_lens, hb.page_table.reshape(-1), hb.logits_indices]
     if fix is not None:
         parts.append(fix.reshape(-1))
-    _broadcast(torch.from_numpy(header), group, timeout_s)
-    _broadcast(torch.from_numpy(np.concatenate(parts).astype(np.int64, copy=False)), group, timeout_s)
+    args = [len(hb.input_ids), n, width, len(hb.logits_indices), k, hb.max_q_len, int(hb.is_decode)]
+    _send(group, Op.STEP, args, np.concatenate(parts).astype(np.int64, copy=False), timeout_s)
 
 
 def recv_command(group) -> tuple[Op, np.ndarray, np.ndarray]:
-    """A worker: the next command's op, header and payload (int64 for STEP, uint8 JSON otherwise)."""
-    header = torch.zeros(HEADER_LEN, dtype=torch.int64)
-    _broadcast(header, group, None)
-    h = header.numpy()
-    op = Op(int(h[0]))
-    if op is Op.STEP:
-        t, n, w, n_logits, k = (int(x) for x in h[1:6])
-        payload = torch.empty(3 * t + (n + 1) + n + n * w + n_logits + 2 * k, dtype=torch.int64)
-    else:
-        payload = torch.empty(int(h[1]), dtype=torch.uint8)
-    if payload.numel():
-        _broadcast(payload, group, None)
-    return op, h, payload.numpy()
+    """A worker: the next command's op, header args and payload (int64 words)."""
+    msg = torch.zeros(MESSAGE_LEN, dtype=torch.int64)
+    _broadcast(msg, group, None)
+    m = msg.numpy()
+    n = int(m[1])
+    payload = torch.empty(n, dtype=torch.int64)
+    inline = min(n, _INLINE)
+    payload[:inline] = msg[2 + HEADER_ARGS : 2 + HEADER_ARGS + inline]
+    if n > inline:
+        _broadcast(payload[inline:], group, None)
+    return Op(int(m[0])), m[2 : 2 + HEADER_ARGS], payload.numpy()
 
 
-def decode_step(header: np.ndarray, payload: np.ndarray) -> tuple[HostBatch, np.ndarray | None]:
-    t, n, w, n_logits, k, max_q_len, is_decode = (int(x) for x in header[1:8])
+def decode_step(args: np.ndarray, payload: np.ndarray) -> tuple[HostBatch, np.ndarray | None]:
+    t, n, w, n_logits, k, max_q_len, is_decode = (int(x) for x in args[:7])
     cuts = np.cumsum([t, t, t, n + 1, n, n * w, n_logits])
     ids, positions, slots, cu, lens, table, logits, fix = np.split(payload, cuts)
     hb = HostBatch(ids, positions, slots, cu.astype(np.int32), lens.astype(np.int32), table.astype(np.int32).reshape(n, w), logits,
@@ -96,8 +106,8 @@ def decode_step(header: np.ndarray, payload: np.ndarray) -> tuple[HostBatch, np.
     return hb, fix.reshape(2, k) if k else None
 
 
-def decode_json(payload: np.ndarray) -> dict:
-    return json.loads(payload.tobytes().decode()) if len(payload) else {}
+def decode_json(args: np.ndarray, payload: np.ndarray) -> dict:
+    return json.loads(payload.tobytes()[: int(args[0])].decode())
 
 
 def exchange(group, size: int, outcome: dict, timeout_s: float | None) -> list[dict]:

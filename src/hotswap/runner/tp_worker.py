@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -59,18 +60,18 @@ class TPWorker:
         }
         collective = {Op.AGREE: self.agree, Op.RELAY: self.relay, Op.GATHER: self.gather}
         while True:
-            op, header, payload = recv_command(self.groups.control)
+            op, args, payload = recv_command(self.groups.control)
             if op is Op.SHUTDOWN:
                 return
             if op not in (Op.AGREE, Op.APPLY_RECEIVED):  # a bucket rank 0 refused before applying it
                 self.received = None
             if op is Op.STEP:
-                self.step(*decode_step(header, payload))
+                self.step(*decode_step(args, payload))
             elif op in collective:
-                collective[op](decode_json(payload))
+                collective[op](decode_json(args, payload))
             else:
                 try:
-                    local[op](decode_json(payload))
+                    local[op](decode_json(args, payload))
                 except Exception as exc:
                     self.note_failure(exc)
 
@@ -206,6 +207,7 @@ class TPWorker:
 
 def worker_main(spec_json: str) -> None:
     """Entry point of a spawned worker: join the groups, build the model runner, serve until SHUTDOWN."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: rank 0 decides when workers stop
     spec = json.loads(spec_json)
     rank = spec["rank"]
     config = EngineConfig(**spec["config"])
