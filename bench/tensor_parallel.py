@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import H100_D2D_BYTES_PER_S, config_only_checkpoint, device_name, kv_bytes_per_token, print_table, timed  # noqa: E402
 
 from hotswap import Engine  # noqa: E402
-from hotswap.trainer import DistributedWeightPusher, HttpEngineClient, flatten_bucket, free_port, iter_buckets, state_dict_manifest  # noqa: E402
+from hotswap.trainer import DistributedWeightPusher, HttpEngineClient, free_port, iter_buckets, state_dict_manifest  # noqa: E402
 from hotswap.weights.distributed import init_custom_process_group  # noqa: E402
 
 GB = 1e9
