@@ -96,7 +96,6 @@ class MemoryManager:
             return p.ControlOutput(success=False, message=f"{done} on rank 0, but {failure}")
         return p.ControlOutput(success=True, message=done)
 
-
     def _release_weights(self, keep_on_host: bool) -> None:
         """Copy every weight into one pinned host arena (allocated once: a pinned allocation per tensor
         cost about 1 s for a 0.6B model), then swap each parameter for a zero-stride stand-in."""
