@@ -47,15 +47,22 @@ def manifest_of(path) -> dict[str, str]:
 def test_greedy_matches_tp1_and_transformers(engine, tiny_qwen3):
     prompts = [prompt_ids(1, 9), prompt_ids(2, 21), prompt_ids(3, 30)]  # ragged; 21 and 30 tokens prefill in chunks of 8
     again = prompts[2][:24] + prompt_ids(4, 5)  # shares 24 tokens (6 pages) with the last prompt: a prefix-cache hit
+    # 120 prompts at once: a step's metadata outgrows one control message and travels in two broadcasts
+    many = [prompt_ids(100 + i, 7 + i % 6) for i in range(120)]
+    short = dict(GREEDY, max_new_tokens=3)
     with Engine(str(tiny_qwen3), **ARGS) as tp1:
         expected = greedy_ids(tp1, prompts)
         expected_again = tp1.generate(input_ids=again, sampling_params=GREEDY)["output_ids"]
+        expected_many = [o["output_ids"] for o in tp1.generate(input_ids=many, sampling_params=short)]
+        tp1.flush_cache()
     assert expected == [hf_greedy(tiny_qwen3, ids, GREEDY["max_new_tokens"])[0] for ids in prompts]
     assert expected_again == hf_greedy(tiny_qwen3, again, GREEDY["max_new_tokens"])[0]
     assert greedy_ids(engine, prompts) == expected
     out = engine.generate(input_ids=again, sampling_params=GREEDY)
     assert out["output_ids"] == expected_again
     assert out["meta_info"]["cached_tokens"] >= 24
+    assert [o["output_ids"] for o in engine.generate(input_ids=many, sampling_params=short)] == expected_many
+    engine.flush_cache()
     # sampled (not greedy) requests: rank 0 samples, the worker follows through the broadcast ids
     sp = {"max_new_tokens": 6, "temperature": 0.8, "seed": 7, "ignore_eos": True}
     with Engine(str(tiny_qwen3), **ARGS) as tp1:

@@ -101,8 +101,8 @@ def decode_step(args: np.ndarray, payload: np.ndarray) -> tuple[HostBatch, np.nd
     t, n, w, n_logits, k, max_q_len, is_decode = (int(x) for x in args[:7])
     cuts = np.cumsum([t, t, t, n + 1, n, n * w, n_logits])
     ids, positions, slots, cu, lens, table, logits, fix = np.split(payload, cuts)
-    hb = HostBatch(ids, positions, slots, cu.astype(np.int32), lens.astype(np.int32), table.astype(np.int32).reshape(n, w), logits,
-                   max_q_len, bool(is_decode))
+    hb = HostBatch(input_ids=ids, positions=positions, slot_mapping=slots, cu_seqlens_q=cu.astype(np.int32), seq_lens=lens.astype(np.int32),
+                   page_table=table.astype(np.int32).reshape(n, w), logits_indices=logits, max_q_len=max_q_len, is_decode=bool(is_decode))
     return hb, fix.reshape(2, k) if k else None
 
 
