@@ -29,6 +29,7 @@ import os
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # before torch can start NCCL; inherited by every process started here
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -182,27 +183,45 @@ def raw_broadcast_s(sizes: list[int], devices: list[str], trainer: torch.device,
     return statistics.median(times[1:] if reps > 1 else times)
 
 
-def start_server(path: Path, device: str, tp: int) -> tuple[subprocess.Popen, str]:
-    """`hotswap serve --tp-size tp` on random weights; returns (process, base url) once /health answers."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "hotswap.cli", "serve", "--model-path", str(path), "--device", device, "--tp-size", str(tp),
-           "--load-format", "dummy", "--port", str(port), "--num-pages", "64", "--no-warmup", "--log-level", "warning"]
-    env = dict(os.environ, PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.Popen(cmd, env=env)
-    url = f"http://127.0.0.1:{port}"
+def serve_engine(engine_json: str, url_file: str) -> None:
+    """The push section's engine process: an Engine (EngineConfig fields as JSON) behind the real HTTP app,
+    until SIGTERM. Writes its base URL to `url_file` once it serves."""
+    import signal
+    import threading
+
+    from hotswap.server.app import create_app
+    from hotswap.server.launch import ServerThread
+
+    engine = Engine(**json.loads(engine_json))
+    srv = ServerThread(create_app(engine), log_level="error").start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    Path(url_file).write_text(srv.url)
+    stop.wait()
+    srv.stop()
+    engine.shutdown()
+
+
+def start_engine(engine_kw: dict) -> tuple[subprocess.Popen, str]:
+    """`serve_engine` in a subprocess; returns (process, base url) once /health answers."""
+    url_file = Path(tempfile.mkdtemp()) / "url"
+    cmd = [sys.executable, __file__, "--serve-engine", json.dumps(engine_kw), "--url-file", str(url_file)]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"))
     deadline = time.monotonic() + 900
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"hotswap serve exited with code {proc.returncode}: {' '.join(cmd)}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, url
-        except OSError:
-            pass
+            raise RuntimeError(f"the engine process exited with code {proc.returncode} ({engine_kw})")
+        if url_file.exists():
+            url = url_file.read_text()
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return proc, url
+            except OSError:
+                pass
         if time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError(f"hotswap serve did not answer /health within 900 s: {' '.join(cmd)}")
+            raise RuntimeError(f"the engine did not answer /health within 900 s ({engine_kw})")
         time.sleep(0.5)
 
 
@@ -219,6 +238,13 @@ def push_state_dict(path: Path, device: torch.device) -> dict[str, torch.Tensor]
     return {n: torch.empty(wm.slots[n].hf_shape, dtype=mc.torch_dtype, device=device).normal_(0, 0.02, generator=g) for n in wm.names}
 
 
+# (label, engine config beyond the defaults, push modes): rollback protection is what the engine adds to the transfer
+PUSH_CONFIGS = [
+    ("originals: 1 GiB on the GPU, the rest in pinned host memory (defaults)", {}, (True, False)),
+    ("originals kept on the GPU (rollback_device_budget_bytes = model)", {"rollback_device_budget_bytes": None}, (True,)),
+]
+
+
 def bench_push(path: Path, device: torch.device, bucket_bytes: int, reps: int) -> None:
     on_gpu = device.type == "cuda"
     trainer = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
@@ -227,6 +253,7 @@ def bench_push(path: Path, device: torch.device, bucket_bytes: int, reps: int) -
         torch.cuda.set_device(trainer)
     sd = push_state_dict(path, trainer)
     nbytes = sum(t.numel() * t.element_size() for t in sd.values())
+    largest = max(t.numel() * t.element_size() for t in sd.values())  # travels alone when over bucket_bytes
     sizes = [sum(t.numel() * t.element_size() for _, t in b) for b in iter_buckets(list(sd.items()), bucket_bytes)]
     manifest = state_dict_manifest({k: v.cpu() for k, v in sd.items()})
     gpus = torch.cuda.device_count() if on_gpu else 0
@@ -234,28 +261,36 @@ def bench_push(path: Path, device: torch.device, bucket_bytes: int, reps: int) -
     for tp in (1, 2):
         devices = [f"cuda:{1 + r}" for r in range(tp)] if on_gpu else ["cpu"] * tp
         if on_gpu and 1 + tp > gpus:
-            rows.append([tp, ", ".join(devices), "-", "-", "-", "-", "-", f"skipped: needs {1 + tp} GPUs, {gpus} visible"])
+            rows.append([tp, ", ".join(devices), "-", "-", "-", "-", "-", "-", f"skipped: needs {1 + tp} GPUs, {gpus} visible"])
             continue
         raw = raw_broadcast_s(sizes, devices, trainer, backend, reps + 1)
-        proc, url = start_server(path, devices[0], tp)
-        try:
-            client = HttpEngineClient(url, timeout_s=3600)
-            pusher = DistributedWeightPusher([client], master_port=free_port(), group_name="bench-push", backend=backend, ranks_per_engine=tp,
-                                             bucket_bytes=bucket_bytes, device=trainer, timeout_s=600)
-            pusher.connect()
-            pusher.push(sd, weight_version="warm-up")  # first use of the communicators
-            times = [pusher.push(sd, weight_version=f"push-{i}").elapsed_s for i in range(reps)]
-            check = client.check_weights("checksum", expected=manifest)
-            pusher.close()
-        finally:
-            proc.terminate()
-            proc.wait(120)
-        t = statistics.median(times)
-        rows.append([tp, ", ".join(devices), f"{nbytes / GB:.2f}", f"{t * 1e3:,.1f}", f"{nbytes / t / GB:,.2f}", f"{nbytes / raw / GB:,.2f}",
-                     f"{100 * raw / t:.0f}%", "manifest = trainer's" if check.success else f"MISMATCH: {check.message}"])
+        for k, (label, extra, modes) in enumerate(PUSH_CONFIGS):
+            engine_kw = {"model_path": str(path), "device": devices[0], "tensor_parallel_size": tp, "load_format": "dummy", "num_pages": 64,
+                         "weight_update_bucket_bytes": max(bucket_bytes, largest),
+                         **{key: (nbytes if v is None else v) for key, v in extra.items()}}
+            proc, url = start_engine(engine_kw)
+            try:
+                client = HttpEngineClient(url, timeout_s=3600)
+                for sessions in modes:
+                    pusher = DistributedWeightPusher([client], master_port=free_port(), group_name=f"bench-push-{k}-{sessions}", backend=backend,
+                                                     ranks_per_engine=tp, bucket_bytes=bucket_bytes, device=trainer, timeout_s=600,
+                                                     use_sessions=sessions)
+                    pusher.connect()
+                    pusher.push(sd, weight_version="warm-up")  # first use of the communicators, the host arena
+                    times = [pusher.push(sd, weight_version=f"push-{i}").elapsed_s for i in range(reps)]
+                    pusher.close()
+                    check = client.check_weights("checksum", expected=manifest) if k == 0 and sessions else None
+                    t = statistics.median(times)
+                    mode = "one session per push" if sessions else "each bucket atomic alone"
+                    verdict = "-" if check is None else "manifest = trainer's" if check.success else f"MISMATCH: {check.message}"
+                    rows.append([tp, ", ".join(devices), f"{mode}; {label}", f"{nbytes / GB:.2f}", f"{t * 1e3:,.1f}", f"{nbytes / t / GB:,.2f}",
+                                 f"{nbytes / raw / GB:,.2f}", f"{100 * raw / t:.0f}%", verdict])
+            finally:
+                proc.terminate()
+                proc.wait(120)
     table(f"distributed push, {path.name}, trainer {device_name(trainer)} -> engines ({backend}, flattened {bucket_bytes >> 20} MiB buckets, "
-          f"{len(sizes)} buckets, one session per push, median of {reps})",
-          ["TP", "engine devices", "GB", "push ms", "push GB/s", "plain broadcast GB/s (bus bw)", "% of plain broadcast", "checksums"], rows)
+          f"{len(sizes)} buckets, median of {reps})",
+          ["TP", "engine devices", "push", "GB", "push ms", "push GB/s", "plain broadcast GB/s (bus bw)", "% of plain broadcast", "checksums"], rows)
 
 
 def main() -> None:
@@ -265,10 +300,15 @@ def main() -> None:
     ap.add_argument("--sections", default="decode,push")
     ap.add_argument("--cases", default=None, help="BATCHxPROMPTxOUTPUT,... (default by device)")
     ap.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True, help="HF transformers beside TP=1 (default on)")
-    ap.add_argument("--bucket-mb", type=int, default=512)
+    ap.add_argument("--bucket-mb", type=int, default=1024, help="trainer bucket size (the engine's limit is raised to fit the largest tensor)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=None, help="append the tables to this file")
+    ap.add_argument("--serve-engine", default=None, help=argparse.SUPPRESS)  # internal: the push section's engine process
+    ap.add_argument("--url-file", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.serve_engine:
+        serve_engine(args.serve_engine, args.url_file)
+        return
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
     on_gpu = device.type == "cuda"
     cases = [tuple(int(x) for x in c.split("x")) for c in (args.cases or ("1x128x128,32x128x256,128x128x256" if on_gpu else "1x16x16,4x24x16")).split(",")]

@@ -185,3 +185,47 @@ def test_cli_and_server_take_the_tp_size():
     args = build_parser().parse_args(["serve", "--model-path", "m", "--tp-size", "2", "--load-format", "dummy"])
     assert engine_kwargs_from_args(args) == {"tensor_parallel_size": 2, "load_format": "dummy"}
     assert build_parser().parse_args(["generate", "--model-path", "m", "--prompt", "p", "--tp-size", "2"]).tensor_parallel_size == 2
+
+
+def _gpus(n: int) -> None:
+    if torch.cuda.device_count() < n:
+        pytest.skip(f"needs {n} GPUs")
+
+
+@pytest.mark.gpu
+def test_gpu_tp2_matches_tp1_over_nccl(tiny_qwen3, tiny_qwen3_v2):
+    _gpus(2)
+    expected = reference(tiny_qwen3)
+    with Engine(str(tiny_qwen3), device="cuda:0", dtype="float32") as tp1:
+        assert greedy_ids(tp1) == expected
+    with Engine(str(tiny_qwen3), device="cuda:0", dtype="float32", tensor_parallel_size=2, check_weights_finite=True) as eng:
+        assert greedy_ids(eng) == expected
+        assert eng.check_weights("checksum", expected=manifest_of(tiny_qwen3)).success
+        v2 = {k: v.to("cuda:0") for k, v in checkpoint_tensors(tiny_qwen3_v2).items()}
+        assert eng.update_weights_from_tensor(v2, weight_version="v2").success  # relayed to cuda:1 over NCCL
+        assert eng.check_weights("checksum", expected=manifest_of(tiny_qwen3_v2)).success
+        assert greedy_ids(eng) == reference(tiny_qwen3_v2)
+        name, where = RANK1_ONLY
+        v2[name][where] = float("nan")
+        res = eng.update_weights_from_tensor(v2)
+        assert not res.success and "tensor-parallel rank 1" in res.message
+        assert eng.check_weights("checksum", expected=manifest_of(tiny_qwen3_v2)).success
+
+
+@pytest.mark.gpu
+def test_gpu_trainer_pushes_over_nccl_to_tp2(tiny_qwen3, tiny_qwen3_v2):
+    """Trainer on cuda:0, engine ranks on cuda:1 and cuda:2: one NCCL group of 3."""
+    _gpus(3)
+    with Engine(str(tiny_qwen3), device="cuda:1", dtype="float32", tensor_parallel_size=2) as eng:
+        url, server = serve_engine_http(eng)
+        try:
+            trainer = TrainerProcess({"base_url": url, "checkpoint": str(tiny_qwen3_v2), "master_port": free_port(), "group_name": "tp-nccl",
+                                      "buckets": 3, "ranks_per_engine": 2, "backend": "nccl", "device": "cuda:0", "timeout_s": 120,
+                                      "pushes": [{"version": "v2"}]})
+            manifest = trainer.expect("connected", timeout=120)["manifest"]
+            assert trainer.expect("pushed", timeout=120)["buckets"] == 3
+            assert trainer.expect("closed", timeout=60) == [True] and trainer.join() == 0
+        finally:
+            server.shutdown()
+        assert eng.check_weights("checksum", expected=manifest).success
+        assert greedy_ids(eng) == reference(tiny_qwen3_v2)

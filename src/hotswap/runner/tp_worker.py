@@ -216,6 +216,8 @@ def worker_main(spec_json: str) -> None:
         device = torch.device(spec["device"])
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        else:  # the ranks share the host's cores: one rank's idle threads must not spin on the others'
+            torch.set_num_threads(max(1, torch.get_num_threads() // spec["size"]))
         store.set(f"hello/{rank}", str(os.getpid()))
         groups = TPGroups.create(store=store, rank=rank, size=spec["size"], prefix=spec["prefix"], backend=spec["backend"],
                                  timeout_s=config.tp_timeout_s)
