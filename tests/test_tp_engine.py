@@ -229,3 +229,14 @@ def test_gpu_trainer_pushes_over_nccl_to_tp2(tiny_qwen3, tiny_qwen3_v2):
             server.shutdown()
         assert eng.check_weights("checksum", expected=manifest).success
         assert greedy_ids(eng) == reference(tiny_qwen3_v2)
+
+
+def test_a_failed_start_names_the_error_and_leaves_no_worker(tiny_qwen3):
+    import multiprocessing
+
+    before = set(multiprocessing.active_children())
+    with pytest.raises(ValueError, match="unknown load_format 'bogus'"):
+        Engine(str(tiny_qwen3), tensor_parallel_size=2, load_format="bogus", **ARGS)
+    assert set(multiprocessing.active_children()) <= before
+    with pytest.raises(ValueError, match="tensor_parallel_size 3 does not divide the model's num_attention_heads 4"):
+        Engine(str(tiny_qwen3), tensor_parallel_size=3, **ARGS)

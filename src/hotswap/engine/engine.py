@@ -18,7 +18,6 @@ from transformers import AutoTokenizer
 from hotswap import protocol as p
 from hotswap.config import EngineConfig, model_config_for
 from hotswap.errors import HotswapError
-from hotswap.models.parallel import TPInfo
 from hotswap.runner.model_runner import ModelRunner
 from hotswap.runner.tp_peers import TPPeers
 from hotswap.sampling_params import SamplingParams
@@ -101,25 +100,30 @@ class Engine:
         if not eos and self.tokenizer.eos_token_id is not None:
             eos = [self.tokenizer.eos_token_id]
         self.eos_token_ids = eos
-        self.tp_peers = TPPeers.launch(self.config, self.device) if tp_size > 1 else None
-        try:
-            self.model_runner = ModelRunner(self.config, self.model_config, self.device, self.tp_peers.info if self.tp_peers else TPInfo(),
-                                            tp_peers=self.tp_peers)
-            if self.tp_peers is not None:
-                self.tp_peers.wait_ready()
-        except BaseException as exc:
-            if self.tp_peers is None:
-                raise
-            self.tp_peers.shutdown()
-            reason = self.tp_peers.worker_error()
-            if reason is None:
-                raise
-            raise HotswapError(reason) from exc
+        self.tp_peers: TPPeers | None = None
+        self.model_runner = self._start_runner()
         self.scheduler = Scheduler(self.config, self.model_runner, self.tokenizer, eos, self.max_context_len)
         self._rng = random.Random(self.config.seed)
         self._rng_lock = threading.Lock()
         self.scheduler.start()
         self._closed = False
+
+    def _start_runner(self) -> ModelRunner:
+        """This process's ModelRunner; under tensor parallelism the workers are spawned first and build
+        theirs meanwhile (a worker's startup error is raised here, naming it)."""
+        if self.config.tensor_parallel_size == 1:
+            return ModelRunner(self.config, self.model_config, self.device)
+        peers = self.tp_peers = TPPeers.launch(self.config, self.device)
+        try:
+            runner = ModelRunner(self.config, self.model_config, self.device, peers.info, tp_peers=peers)
+            peers.wait_ready()
+        except BaseException as exc:
+            peers.shutdown()
+            reason = None if isinstance(exc, HotswapError) else peers.worker_error()  # a collective failed: say why
+            if reason is None:
+                raise
+            raise HotswapError(reason) from exc
+        return runner
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 

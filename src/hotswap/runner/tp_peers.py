@@ -14,12 +14,13 @@ import multiprocessing as mp
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import _world
 
 from hotswap.config import EngineConfig
 from hotswap.errors import HotswapError
@@ -27,6 +28,7 @@ from hotswap.models.parallel import TPInfo
 from hotswap.runner.host_batch import HostBatch
 from hotswap.runner.tp_group import TPGroups, worker_device
 from hotswap.runner.tp_protocol import Op, exchange, send_command, send_step
+from hotswap.runner.tp_worker import worker_main
 from hotswap.trainer.buckets import BucketMetadata, flatten_bucket, iter_buckets
 from hotswap.weights.distributed import WeightsGroup, short_error
 from hotswap.weights.mapping import WeightMap, WeightSlot
@@ -34,16 +36,20 @@ from hotswap.weights.mapping import WeightMap, WeightSlot
 log = logging.getLogger(__name__)
 
 
+@dataclass(kw_only=True, slots=True)
 class TPPeers:
-    def __init__(self, *, groups: TPGroups, procs: list, device: torch.device, timeout_s: float):
-        self.groups = groups
-        self.procs = procs  # worker of rank r at procs[r - 1]
-        self.device = device
-        self.timeout_s = timeout_s
-        # the device group as a broadcast channel from rank 0 (weight relays), with WeightsGroup's error handling
-        self.relay_group = WeightsGroup("tensor-parallel relay", groups.device, 0, groups.size, groups.backend, device, op_timeout_s=timeout_s)
-        self.broken: str | None = None
-        self.joins = 0
+    groups: TPGroups
+    procs: list  # the worker of rank r at procs[r - 1] (multiprocessing processes)
+    device: torch.device  # rank 0's
+    timeout_s: float
+    relay_group: WeightsGroup = field(init=False)  # the device group as a broadcast channel from rank 0 (weight relays)
+    ready: bool = False  # every worker built its runner and serves commands
+    broken: str | None = None  # why nothing may run any more
+    joins: int = 0  # weights update groups joined so far (store keys)
+
+    def __post_init__(self) -> None:
+        self.relay_group = WeightsGroup("tensor-parallel relay", self.groups.device, 0, self.groups.size, self.groups.backend, self.device,
+                                        op_timeout_s=self.timeout_s)
 
     # ---- startup and shutdown ----------------------------------------------------------------------
 
@@ -57,8 +63,6 @@ class TPPeers:
         store = dist.TCPStore("127.0.0.1", 0, size, True, timeout=timeout, wait_for_workers=False)
         prefix = f"hotswap-tp-{uuid.uuid4().hex[:12]}"
         ctx = mp.get_context("spawn")  # CUDA cannot be forked
-        from hotswap.runner.tp_worker import worker_main
-
         procs = []
         for rank in range(1, size):
             spec = {"rank": rank, "size": size, "port": store.port, "prefix": prefix, "backend": backend,
@@ -77,6 +81,7 @@ class TPPeers:
     def wait_ready(self) -> None:
         """Every worker built its model runner (raises naming the worker's error otherwise)."""
         _wait_for(self.groups.store, self.procs, "ready", self.timeout_s)
+        self.ready = True
 
     def worker_error(self) -> str | None:
         """The first startup error a worker reported, if any (after a failed start)."""
@@ -86,14 +91,20 @@ class TPPeers:
         return None
 
     def shutdown(self) -> None:
-        """Tell the workers to exit, then wait for them (killing any that does not)."""
-        if self.broken is None:
+        """Tell the workers to exit and wait for them; kill any that does not (or that a broken engine left
+        inside a collective), then leave the groups."""
+        told = False
+        if self.broken is None and self.ready:
             try:
                 send_command(self.groups.control, Op.SHUTDOWN, None, min(self.timeout_s, 10.0))
+                told = True
             except Exception:
                 pass
         self.broken = self.broken or "the tensor-parallel engine is shut down"
-        _stop(self.procs, 10.0)
+        _stop(self.procs, 10.0 if told else 0.0)
+        for pg in (self.groups.device, self.groups.control):
+            if _world.pg_map.get(pg) is not None:
+                dist.destroy_process_group(pg)
 
     @property
     def size(self) -> int:

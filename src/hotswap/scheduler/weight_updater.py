@@ -396,6 +396,8 @@ class WeightUpdater:
             out.extra["received"] = False
             return out
 
+        if self.peers is not None and self.peers.broken is not None:
+            return refuse(self.peers.broken)  # before receiving: the trainer learns at once that lockstep is gone
         group = self.groups.get(req.group_name)
         if group is None:
             pending = " (it is still being set up)" if req.group_name in self.pending_groups else ""
