@@ -146,6 +146,19 @@ def test_trainer_pushes_to_both_ranks_over_a_group(engine, tiny_qwen3, tiny_qwen
     assert engine.weight_version == "v2"
 
 
+def test_a_checkpoint_engine_push_is_refused_cleanly(engine, tiny_qwen3_v2):
+    """Not built for TP yet (each rank would take its own device's socket): refused, and the server told."""
+    from test_checkpoint_engine_ipc import CPU_SOURCE, FakeParameterServer, push, split
+
+    engine.scheduler.weight_updater.ipc_source = CPU_SOURCE
+    before = engine.check_weights("checksum").digest
+    server = FakeParameterServer(split(checkpoint_tensors(tiny_qwen3_v2), 2))
+    res = push(engine, server)
+    assert not res.success and "not supported with tensor_parallel_size > 1" in res.message
+    assert server.outcome == "aborted" and "tensor_parallel_size" in server.answers[0].decode()
+    assert engine.check_weights("checksum").digest == before
+
+
 def test_release_and_resume_on_every_rank(engine, tiny_qwen3):
     expected = reference(tiny_qwen3)
     assert engine.release_memory_occupation().success
