@@ -140,6 +140,9 @@ class Engine:
             self.scheduler.stop()
             if self.tp_peers is not None:
                 self.tp_peers.shutdown()
+            if not self.scheduler.thread.is_alive():  # a stuck step keeps its state rather than crash under it
+                self.scheduler.weight_updater.close()
+                self.model_runner.close()
 
     # ---- generation --------------------------------------------------------------------------------
 

@@ -95,6 +95,19 @@ class ModelRunner:
             return TorchAttention(self.pool)
         raise HotswapError(f"unknown attention_backend {backend!r}; use 'torch', 'triton' or 'auto'")
 
+    def close(self) -> None:
+        """Free the device memory this runner holds, at engine shutdown: the engine object (and the
+        reference cycles between its components) may outlive it in the caller's hands."""
+        if self.cuda_graphs is not None:
+            self.cuda_graphs.release()
+        self.pool.kv = None
+        for param in self.model.parameters():
+            param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+        self.model.model.rotary.cos_sin = torch.empty(0, device=self.device)
+        self.weight_map = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def rebuild_weight_map(self) -> None:
         """Parameter storage moved (memory resume): refresh the views every transport copies into."""
         self.weight_map = WeightMap(self.model)

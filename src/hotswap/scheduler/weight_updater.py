@@ -98,6 +98,12 @@ class WeightUpdater:
         limit = self.config.cuda_ipc_cache_bytes
         self.ipc_mappings = CudaIpcMappings(2 * self.model_runner.weight_map.total_bytes if limit < 0 else limit)
 
+    def close(self) -> None:
+        """At engine shutdown: unmap kept IPC storages (they pin the producer's memory) and drop snapshots."""
+        self.ipc_mappings = CudaIpcMappings(0)
+        self.snapshot = None
+        self.session = None
+
     # ---- session state the scheduler reads -------------------------------------------------------
 
     @property
