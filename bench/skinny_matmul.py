@@ -54,9 +54,31 @@ def cases(shape: dict) -> list[tuple[str, int, int, int]]:
             ("gate_up (add+norm)", 2 * i, h, sm.ADD_NORM), ("down (silu*mul)", h, i, sm.SILU_MUL)]
 
 
+def sweep(name, n, k, prologue, x, r, nw, ws, t_default) -> None:
+    """Time every tile shape for one matmul and print the best few beside the heuristic's choice."""
+    results = []
+    it = iter(range(10**9))
+    for block_n in (1, 2, 4, 8, 16, 32):
+        for block_k in (256, 512, 1024, 2048, 4096):
+            if block_k > 2 * k or block_n * block_k > 16384:
+                continue
+            for warps in (2, 4, 8):
+                blocks = (block_n, block_k, warps)
+
+                def run():
+                    return sm.skinny_linear(x, ws[next(it) % COPIES], prologue=prologue,
+                                            residual=r if prologue == sm.ADD_NORM else None, norm_weight=nw, eps=1e-6, blocks=blocks)
+
+                results.append((graph_time_us(run, reps=10), blocks))
+    results.sort()
+    best = ", ".join(f"{b} {t:.2f}" for t, b in results[:4])
+    print(f"sweep {name} {n}x{k}: heuristic {t_default:.2f} us; best (BLOCK_N, BLOCK_K, warps) us: {best}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen3-0.6b")
+    ap.add_argument("--sweep", action="store_true", help="also time (BLOCK_N, BLOCK_K, warps) variants per matmul")
     args = ap.parse_args()
     args.rows = [1]
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -87,6 +109,8 @@ def main() -> None:
                 return F.linear(x[:, :k], ws[next(it) % COPIES])
 
             t_ours, t_cublas, t_gemm = graph_time_us(ours), graph_time_us(cublas), graph_time_us(cublas_alone)
+            if args.sweep:
+                sweep(name, n, k, prologue, x, r, nw, ws, t_ours)
             floor = n * k * 2 / H100_D2D_BYTES_PER_S * 1e6  # one read of W at 3.0 TB/s, as the issue's decode roofline counts
             for key, t in (("ours", t_ours), ("cublas", t_cublas), ("floor", floor)):
                 totals[(m, key)] = totals.get((m, key), 0.0) + t

@@ -90,24 +90,25 @@ def _blocks(n: int, k: int, device: torch.device) -> tuple[int, int]:
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, prologue: int = PLAIN,
-                  residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-                  eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+                  blocks: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """prologue(x) @ weight.T + bias for x [1, K] (SILU_MUL: x is [1, 2K], gate | up).
 
     NORM: rmsnorm(x) * norm_weight; ADD_NORM: the same of x + residual, also returned as the new
     residual (a fresh tensor: the input residual is left as it was). Returns (y, new residual or None).
     The normalised activation stays in float32 (the unfused layers round it to the model dtype twice),
-    so results differ from them by bf16 rounding, not more.
+    so results differ from them by bf16 rounding, not more. `blocks` = (BLOCK_N, BLOCK_K, warps) overrides
+    the shape heuristic (bench/skinny_matmul.py --sweep).
     """
     n, k = weight.shape
     if x.shape[0] != 1 or not x.is_contiguous() or weight.stride(-1) != 1 or (residual is not None and not residual.is_contiguous()):
         raise ValueError("skinny_linear takes one contiguous row (and residual) and a row-major weight")
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     r_out = torch.empty_like(x) if prologue == ADD_NORM else None
-    block_n, block_k = _blocks(n, k, x.device)
+    block_n, block_k, warps = blocks or (*_blocks(n, k, x.device), 4)
     _skinny_kernel[(triton.cdiv(n, block_n),)](
         x, residual if prologue == ADD_NORM else x, r_out if r_out is not None else x,
         norm_weight if norm_weight is not None else weight, weight, bias if bias is not None else weight, y, n, k,
-        weight.stride(0), eps, PROLOGUE=prologue, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+        weight.stride(0), eps, PROLOGUE=prologue, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
     )
     return y, r_out
