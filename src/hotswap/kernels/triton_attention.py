@@ -10,10 +10,9 @@ Two entry points:
 * :func:`paged_decode_attention` -- one query token per sequence. Split-KV ("flash decoding"):
   grid ``(B, num_kv_heads, num_splits)``; each program handles all ``Hq // Hkv`` query heads
   of one KV head (GQA group packed into one tile, so every KV element is read once) over one
-  contiguous chunk of the context, writes a partial output + log-sum-exp into fp32 scratch;
-  the last program of a (sequence, kv head) to finish (an atomic counter) merges the splits,
-  so a decode step is one launch per layer. With ``num_splits == 1`` the kernel writes the
-  final output directly (no scratch). ``num_splits`` is chosen from
+  contiguous chunk of the context, writes a partial output + log-sum-exp into fp32 scratch,
+  and a second small kernel merges the splits. With ``num_splits == 1`` the first kernel
+  writes the final output directly (no scratch, one launch). ``num_splits`` is chosen from
   *shapes only* (batch, kv heads, page-table width, SM count), so the call is CUDA-graph
   capturable: no host syncs, no data-dependent allocation. Inside the kernel, short sequences
   use fewer of the splits (the idle ones write an empty partial that the merge ignores).
@@ -136,7 +135,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _decode_split_kernel(
-        Q, K, V, PT, SEQ, MID_O, MID_LSE, OUT, CNT,
+        Q, K, V, PT, SEQ, MID_O, MID_LSE, OUT,
         qk_scale,  # scale * log2(e)
         stride_qb, stride_qh,
         stride_kp, stride_vp,  # page strides (inside a page: [PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM] dense)
@@ -230,30 +229,37 @@ if HAS_TRITON:
             row = (b * (NUM_KV_HEADS * GROUP) + heads) * num_splits + split  # [BLOCK_H]
             tl.store(MID_O + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=o_mask)
             tl.store(MID_LSE + row, lse, mask=h_mask)
-            # the last split of this (sequence, kv head) to arrive merges them all: no second launch
-            tl.debug_barrier()  # this program's partials are all stored before it is counted
-            counter = CNT + b * NUM_KV_HEADS + hk
-            if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
-                row0 = (b * (NUM_KV_HEADS * GROUP) + heads) * num_splits  # [BLOCK_H]
-                m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-                for sp in range(0, num_splits):
-                    m = tl.maximum(m, tl.load(MID_LSE + row0 + sp, mask=h_mask, other=float("-inf"), cache_modifier=".cg"))
-                m = tl.where(m == float("-inf"), 0.0, m)
-                den = tl.zeros([BLOCK_H], tl.float32)
-                merged = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-                for sp in range(0, num_splits):
-                    w = tl.exp2(tl.load(MID_LSE + row0 + sp, mask=h_mask, other=float("-inf"), cache_modifier=".cg") - m)
-                    part = tl.load(MID_O + (row0 + sp)[:, None] * HEAD_DIM + offs_d[None, :], mask=o_mask, other=0.0,
-                                   cache_modifier=".cg")
-                    den += w  # empty splits: exp2(-inf) = 0
-                    merged += part * w[:, None]
-                den = tl.where(den > 0.0, den, 1.0)
-                tl.store(
-                    OUT + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                    (merged / den[:, None]).to(OUT.dtype.element_ty),
-                    mask=o_mask,
-                )
-                tl.atomic_xchg(counter, 0)  # zero again for the next launch (graph replays reuse it)
+
+    @triton.jit
+    def _decode_reduce_kernel(
+        MID_O, MID_LSE, OUT,
+        stride_ob, stride_oh,
+        num_splits,
+        NUM_HEADS: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        offs_s = tl.arange(0, BLOCK_S)
+        s_mask = offs_s < num_splits
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HEAD_DIM
+        row0 = (b * NUM_HEADS + h) * num_splits
+        lse = tl.load(MID_LSE + row0 + offs_s, mask=s_mask, other=float("-inf"))
+        m = tl.max(lse, 0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        w = tl.exp2(lse - m)  # empty splits: exp2(-inf) = 0
+        denom = tl.sum(w, 0)
+        denom = tl.where(denom > 0.0, denom, 1.0)
+        o = tl.load(
+            MID_O + (row0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+            mask=s_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        out = tl.sum(o * w[:, None], 0) / denom
+        tl.store(OUT + b * stride_ob + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty), mask=d_mask)
 
     @triton.jit
     def _prefill_kernel(
@@ -430,7 +436,7 @@ def _decode_config(group: int, head_dim: int, dtype: torch.dtype):
 
 
 def _decode_launch(
-    q, k_cache, v_cache, page_table, seq_lens, scale, out, counters,
+    q, k_cache, v_cache, page_table, seq_lens, scale, out,
     *, num_splits: int, block_n: int, num_warps: int, num_stages: int,
     min_chunk: int = _DECODE_MIN_CHUNK,
 ):
@@ -442,15 +448,10 @@ def _decode_launch(
     if num_splits > 1:
         mid_o = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)
         mid_lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)
-        if counters is None:
-            counters = torch.zeros(B * Hkv, dtype=torch.int32, device=q.device)
-        elif counters.numel() < B * Hkv or counters.dtype != torch.int32:
-            raise ValueError(f"counters must be int32 with at least {B * Hkv} zeros")
     else:  # unused: with one split the kernel writes the output directly (DIRECT)
         mid_o = mid_lse = out
-        counters = seq_lens
     _decode_split_kernel[(B, Hkv, num_splits)](
-        q, k_cache, v_cache, page_table, seq_lens, mid_o, mid_lse, out, counters,
+        q, k_cache, v_cache, page_table, seq_lens, mid_o, mid_lse, out,
         float(scale) * _LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), v_cache.stride(0),
@@ -469,6 +470,18 @@ def _decode_launch(
         num_warps=num_warps,
         num_stages=num_stages,
     )
+    if num_splits > 1:
+        block_s = _next_pow2(num_splits)
+        _decode_reduce_kernel[(B, Hq)](
+            mid_o, mid_lse, out,
+            out.stride(0), out.stride(1),
+            num_splits,
+            NUM_HEADS=Hq,
+            HEAD_DIM=D,
+            BLOCK_D=block_d,
+            BLOCK_S=block_s,
+            num_warps=4 if block_d * block_s >= 2048 else 2,
+        )
     return out
 
 
@@ -482,7 +495,6 @@ def paged_decode_attention(
     out: Optional[torch.Tensor] = None,
     *,
     num_splits: Optional[int] = None,
-    counters: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Paged decode attention (one query token per sequence), split-KV.
 
@@ -496,14 +508,10 @@ def paged_decode_attention(
         scale: softmax scale (usually ``1/sqrt(D)``).
         out: optional ``[B, Hq, D]`` output (dtype of q); allocated if None.
         num_splits: override the shape-derived number of KV splits (1..MAX_DECODE_SPLITS).
-        counters: int32 zeros, at least ``B * Hkv``, that the splits count themselves on (each
-            launch leaves them zero again): a caller that keeps one buffer saves a memset per call.
-            Launches sharing a buffer must be ordered (one stream).
 
     CUDA graphs: capturable. The only allocations are the output (if ``out`` is None) and, when
-    ``num_splits > 1``, fp32 scratch ``[B, Hq, num_splits, D]`` + ``[B, Hq, num_splits]`` (and the
-    counters when not given) whose sizes depend on shapes only. Run once eagerly before capture so
-    the kernels are compiled.
+    ``num_splits > 1``, fp32 scratch ``[B, Hq, num_splits, D]`` + ``[B, Hq, num_splits]`` whose
+    sizes depend on shapes only. Run once eagerly before capture so the kernels are compiled.
     """
     _require_triton(q, k_cache, v_cache, page_table, seq_lens)
     if q.dim() != 3:
@@ -528,7 +536,7 @@ def paged_decode_attention(
     if num_splits is None:
         num_splits = decode_num_splits(B, Hkv, page_table.shape[1] * page_size, q.device)
     cfg = _decode_config(Hq // Hkv, D, k_cache.dtype)
-    return _decode_launch(q, k_cache, v_cache, page_table, seq_lens, scale, out, counters, num_splits=num_splits, **cfg)
+    return _decode_launch(q, k_cache, v_cache, page_table, seq_lens, scale, out, num_splits=num_splits, **cfg)
 
 
 def _prefill_config(head_dim: int, dtype: torch.dtype):

@@ -99,14 +99,11 @@ class TritonAttention(_PagedBackend):
 
         super().__init__(pool)
         self.kernels = triton_attention
-        # the decode kernel's split counters (zero between launches), enough for any batch of this pool
-        self.counters = torch.zeros(max(512, pool.num_pages) * pool.num_kv_heads, dtype=torch.int32, device=pool.device)
 
     def attend(self, layer: int, q: torch.Tensor, scale: float, ctx: ForwardContext) -> torch.Tensor:
         k_cache, v_cache = self.kv_cache(layer)
         if ctx.is_decode:
-            return self.kernels.paged_decode_attention(q, k_cache, v_cache, ctx.page_table, ctx.seq_lens, scale,
-                                                       counters=self.counters)
+            return self.kernels.paged_decode_attention(q, k_cache, v_cache, ctx.page_table, ctx.seq_lens, scale)
         return self.kernels.paged_prefill_attention(
             q, k_cache, v_cache, ctx.page_table, ctx.cu_seqlens_q, ctx.seq_lens, ctx.max_q_len, scale,
             tiles=ctx.prefill_tiles,
