@@ -49,7 +49,7 @@ class CudaGraphRunner:
         return self.captured and self.extend.can_run(entries)
 
     def run_extend(self, entries: list[BatchEntry], prev_token_ids: torch.Tensor | None) -> torch.Tensor:
-        return self.extend.run(entries, prev_token_ids, self.pool)
+        return self.extend.run(entries, prev_token_ids)
 
     def _alloc_buffers(self) -> None:
         dev, n = self.runner.device, self.max_batch

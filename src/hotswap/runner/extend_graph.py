@@ -105,18 +105,14 @@ class ExtendGraphRunner:
         fix = self.runner.pending_inputs(entries, hb.cu_seqlens_q[:-1])
         return sampled, fix
 
-    def run(self, entries: list[BatchEntry], prev_token_ids: torch.Tensor | None, pool: tuple) -> torch.Tensor:
+    def run(self, entries: list[BatchEntry], prev_token_ids: torch.Tensor | None) -> torch.Tensor:
         """Logits of the sampled entries, in order."""
         total = sum(len(e.input_ids) for e in entries)
         tokens = self.token_buckets[bisect.bisect_left(self.token_buckets, total)]
-        if not self.buffers:
-            self._alloc_buffers()
         sampled, fix = self._stage(entries, tokens)
         if fix is not None:
             self.buffers["input_ids"][fix[0]] = prev_token_ids[fix[1]]
-        if tokens not in self.graphs:  # released and not yet recaptured: never, while serving
-            self._capture(tokens, pool, warm=True)
-        self.graphs[tokens].replay()
+        self.graphs[tokens].replay()  # every bucket was captured with the decode graphs
         return self.runner.model.compute_logits(self.hidden[self.buffers["logits_indices"][:sampled]])
 
     def capture(self, pool: tuple, warm: bool) -> None:
