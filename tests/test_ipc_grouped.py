@@ -89,3 +89,19 @@ def test_ipc_mappings_keep_recent_storages_within_their_bound():
     assert "big" not in m.storages and m.mapped_bytes == 80
     assert (m.hits, m.misses) == (2, 4) and opened == ["a", "b", "c", "big"]
     assert m.get("b", opener("b", 40), 40) is not None and opened[-1] == "b"  # evicted: opened again
+
+    # views over a kept storage are checked and built once per geometry; eviction drops them with it
+    made: list[tuple] = []
+
+    def make(g):
+        return lambda: made.append(g) or torch.empty(3)
+
+    assert list(m.storages) == ["c", "b"]
+    vc = m.view("c", ("bf16", (3,)), make(("c", 1)))
+    assert m.view("c", ("bf16", (3,)), make(("c", 2))) is vc and made == [("c", 1)]
+    m.view("c", ("bf16", (1, 3)), make(("c", 3)))
+    m.view("big", ("bf16", (3,)), make(("big", 1)))
+    m.view("big", ("bf16", (3,)), make(("big", 2)))  # not kept: built every time
+    assert made == [("c", 1), ("c", 3), ("big", 1), ("big", 2)]
+    m.get("d", opener("d", 40), 40)  # pushes "c" out, and its views with it
+    assert list(m.storages) == ["b", "d"] and "c" not in m.views

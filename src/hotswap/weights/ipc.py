@@ -197,10 +197,13 @@ class CudaIpcMappings:
     hit the producer's IPC event is not waited on again: the producer makes its data visible before
     sending (`cuda_ipc_descriptor` says so; `IPCWeightPusher` synchronizes)."""
 
+    MAX_VIEWS = 4096  # per storage; a producer sending ever new shapes only rebuilds them
+
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.storages: OrderedDict[tuple, torch.UntypedStorage] = OrderedDict()
         self.sizes: dict[tuple, int] = {}
+        self.views: dict[tuple, dict[tuple, torch.Tensor]] = {}  # storage key -> geometry -> checked view
         self.mapped_bytes = 0
         self.hits = 0
         self.misses = 0
@@ -219,7 +222,27 @@ class CudaIpcMappings:
             while self.mapped_bytes > self.max_bytes:
                 old, _ = self.storages.popitem(last=False)
                 self.mapped_bytes -= self.sizes.pop(old)
+                self.views.pop(old, None)
         return storage
+
+    def view(self, key: tuple, geometry: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The checked tensor view `make()` builds over the kept storage `key`, built once per geometry
+        (dtype, shape, stride, offset): checking and building 310 views cost about 4.6 ms a call."""
+        if key not in self.storages:
+            return make()
+        views = self.views.setdefault(key, {})
+        t = views.get(geometry)
+        if t is None:
+            if len(views) >= self.MAX_VIEWS:
+                views.clear()
+            t = views[geometry] = make()
+        return t
+
+
+def cuda_ipc_storage_key(d: dict) -> tuple:
+    """What identifies the producer storage a 'cuda_ipc' descriptor maps: (device, handle, offset, size)."""
+    return (_int_field(d, "device"), base64.b64decode(d["handle"], validate=True), _int_field(d, "storage_handle_offset"),
+            _int_field(d, "storage_size"))
 
 
 def _open_cuda_ipc(d: dict, dtype: torch.dtype, mappings: CudaIpcMappings | None) -> torch.Tensor:
@@ -244,7 +267,8 @@ def _open_cuda_ipc(d: dict, dtype: torch.dtype, mappings: CudaIpcMappings | None
         last = storage_offset + sum((n - 1) * s for n, s in zip(shape, stride))
         if (last + 1) * dtype.itemsize > storage_size:
             raise HotswapError(f"{d['name']!r}: shape/stride/offset reach past the shared storage ({storage_size} bytes)")
-    device, handle_offset = _int_field(d, "device"), _int_field(d, "storage_handle_offset")
+    key = cuda_ipc_storage_key(d)
+    device, _, handle_offset, _ = key
 
     def open_storage() -> torch.UntypedStorage:
         return torch.UntypedStorage._new_shared_cuda(
@@ -252,10 +276,12 @@ def _open_cuda_ipc(d: dict, dtype: torch.dtype, mappings: CudaIpcMappings | None
             raw["event_handle"] or None, bool(d["event_sync_required"]),
         )
 
-    key = (device, raw["handle"], handle_offset, storage_size)
     storage = mappings.get(key, open_storage, storage_size) if mappings is not None else open_storage()
-    t = torch.empty(0, dtype=dtype, device=f"cuda:{device}")
-    return t.set_(storage, storage_offset, shape, tuple(stride))
+
+    def make_view() -> torch.Tensor:
+        return torch.empty(0, dtype=dtype, device=f"cuda:{device}").set_(storage, storage_offset, shape, tuple(stride))
+
+    return mappings.view(key, (dtype, shape, tuple(stride), storage_offset), make_view) if mappings is not None else make_view()
 
 
 def resolve_named_tensors(items, device: torch.device, mappings: CudaIpcMappings | None = None) -> list[tuple[str, torch.Tensor]]:

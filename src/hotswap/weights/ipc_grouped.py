@@ -17,7 +17,7 @@ import torch
 
 from hotswap.errors import HotswapError
 from hotswap.weights.distributed import dtype_from_name
-from hotswap.weights.ipc import CudaIpcMappings, resolve_named_tensors
+from hotswap.weights.ipc import CudaIpcMappings, cuda_ipc_storage_key, resolve_named_tensors
 
 
 def _group_key(item) -> tuple | None:
@@ -63,6 +63,16 @@ def _view(d: dict, storage: torch.UntypedStorage, device: torch.device, storage_
     return name, torch.empty(0, dtype=dtype, device=device).set_(storage, offset, shape, stride)
 
 
+def _geometry(d: dict) -> tuple | None:
+    """A descriptor's view geometry as a hashable key, or None when malformed (then `_view` says why)."""
+    try:
+        g = (d["name"], d["dtype"], tuple(d["shape"]), tuple(d["stride"]), d["storage_offset"])
+        hash(g)
+    except (KeyError, TypeError):
+        return None
+    return g[1:] if isinstance(g[0], str) and g[0] else None
+
+
 def resolve_grouped(items, device: torch.device, mappings: CudaIpcMappings | None = None) -> list[tuple[str, torch.Tensor]]:
     """`resolve_named_tensors` with one open per shared producer storage (same result, same errors)."""
     if not isinstance(items, (list, tuple)):
@@ -89,11 +99,17 @@ def resolve_grouped(items, device: torch.device, mappings: CudaIpcMappings | Non
         whole = dict(last, name=f"{last.get('name')} (storage)", shape=[size // itemsize], stride=[1], storage_offset=0)
         _, flat = resolve_named_tensors([whole], device, mappings)[0]
         storage = flat.untyped_storage()
+        key = cuda_ipc_storage_key(whole) if mappings is not None else None  # opened above, so well-formed
         for i in idx:
+            d = items[i]
+            geometry = _geometry(d) if key is not None else None
             try:
-                out[i] = _view(items[i], storage, flat.device, size)
+                if geometry is None:
+                    out[i] = _view(d, storage, flat.device, size)
+                else:  # a view checked and built for an earlier update of the same kept storage
+                    out[i] = d["name"], mappings.view(key, geometry, lambda d=d: _view(d, storage, flat.device, size)[1])
             except HotswapError:
                 raise
             except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-                raise HotswapError(f"{items[i].get('name')!r}: cannot open cuda_ipc handle: {exc}") from exc
+                raise HotswapError(f"{d.get('name')!r}: cannot open cuda_ipc handle: {exc}") from exc
     return out
