@@ -805,7 +805,9 @@ def run_shape(shape: str, args, ceil: dict) -> None:
     if sections & {"tensor", "ttft", "ipc", "distributed"}:
         tmp = Path(tempfile.mkdtemp(prefix="hotswap-ws-"))
         path = config_only_checkpoint(tmp / shape, shape, "bfloat16" if on_gpu else "float32")
-        engine = make_engine(path, device)
+        # the IPC producer sends the same buffers every update, so keeping all of them mapped pins nothing
+        # extra; the engine default (1 GiB) is sized for IPCWeightPusher's reused pack buffer instead
+        engine = make_engine(path, device, cuda_ipc_cache_bytes=64 << 30)
         sources = hf_sources(engine, device)
         try:
             for name, fn in (("tensor", lambda: bench_tensor(shape, engine, sources, ceil, args.reps)),

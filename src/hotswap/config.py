@@ -137,7 +137,10 @@ class EngineConfig:
     extend_cuda_graph_max_tokens: int = 8192  # prefill/mixed steps up to this many tokens replay graphs (0: eager)
     enable_skinny_matmul: bool = True  # one-token batches use the fused batch-1 matmul kernels (False: cuBLAS)
     weight_update_bucket_bytes: int = 1 << 30
-    cuda_ipc_cache_bytes: int = -1  # producer memory kept mapped between IPC updates (-1: twice the weights; 0: none)
+    # producer GPU memory kept mapped between CUDA IPC updates (0: none). Kept mappings keep the producer's
+    # blocks alive, so the default stays small: it holds IPCWeightPusher's reused pack buffer. Raise it to the
+    # model's size when a trainer sends handles of its live parameters (the same buffers every push).
+    cuda_ipc_cache_bytes: int = 1 << 30
     weight_load_strategy: str = "auto"  # disk reads: "auto" (pinned on CUDA) | "pinned" | "register" | "hybrid" | "plain" (weights/fast_reader.py)
     weight_load_threads: int = 16  # reader threads for disk loads
     weight_load_staging_bytes: int = 512 << 20  # pinned host staging for disk loads (and device scratch for dtype casts)

@@ -95,8 +95,7 @@ class WeightUpdater:
     last_read: object = None  # fast_reader.ReadStats of the last disk load
 
     def __post_init__(self) -> None:
-        limit = self.config.cuda_ipc_cache_bytes
-        self.ipc_mappings = CudaIpcMappings(2 * self.model_runner.weight_map.total_bytes if limit < 0 else limit)
+        self.ipc_mappings = CudaIpcMappings(self.config.cuda_ipc_cache_bytes)
 
     def close(self) -> None:
         """At engine shutdown: unmap kept IPC storages (they pin the producer's memory) and drop snapshots."""
