@@ -116,8 +116,9 @@ class CausalLM(nn.Module):
         return self.model(input_ids, ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """In the model's dtype: the sampler casts to float32 only where it computes with them."""
         head = self.lm_head if self.lm_head is not None else self.model.embed_tokens
-        return head.logits(hidden).float()
+        return head.logits(hidden)
 
     def tied_aliases(self) -> dict[str, str]:
         """HF names that share storage with another (tied embeddings): alias -> canonical."""

@@ -76,8 +76,14 @@ class SampleResult:
 
 
 def sample(logits: torch.Tensor, sb: SamplingBatch) -> SampleResult:
-    """logits [B, V] float32 -> chosen ids and their logprobs under the unmodified distribution."""
+    """logits [B, V] in the model's dtype -> chosen ids and their logprobs under the unmodified distribution.
+
+    Greedy ids come from the logits as they are (casting to float32 is exact, so the argmax is the same);
+    temperature sampling and logprobs work in float32. A greedy batch without logprobs never pays for the
+    float32 copy of its [B, V] logits (at batch 256 on a 152K vocabulary, 155 MB written and read again)."""
     greedy_ids = logits.argmax(dim=-1)
+    if not sb.all_greedy or sb.needs_logprobs or sb.max_top_logprobs:
+        logits = logits.float()
     if sb.all_greedy:
         ids = greedy_ids
     else:
