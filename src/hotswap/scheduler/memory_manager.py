@@ -4,6 +4,7 @@ the GPU. Only when idle; while anything is released no batch runs. Under tensor 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -12,6 +13,7 @@ import torch
 
 from hotswap import protocol as p
 from hotswap.runner.model_runner import ModelRunner
+from hotswap.weights.rollback import HostArena
 
 if TYPE_CHECKING:
     from hotswap.runner.tp_peers import TPPeers
@@ -27,7 +29,7 @@ class MemoryManager:
     peers: TPPeers | None = None
     released: set[str] = field(default_factory=set)
     host_weights: dict[str, torch.Tensor] | None = None  # parameter name -> host copy (a view of host_arena) while released
-    host_arena: torch.Tensor | None = None  # one pinned buffer for every weight, kept across release cycles
+    host_arena: HostArena = field(default_factory=HostArena)  # pinned host for released weights, kept across cycles
     param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def any_released(self) -> bool:
@@ -97,22 +99,21 @@ class MemoryManager:
         return p.ControlOutput(success=True, message=done)
 
     def _release_weights(self, keep_on_host: bool) -> None:
-        """Copy every weight into one pinned host arena (allocated once: a pinned allocation per tensor
+        """Copy every weight into the pinned host arena (kept across cycles: a pinned allocation per tensor
         cost about 1 s for a 0.6B model), then swap each parameter for a zero-stride stand-in."""
         runner = self.model_runner
         params = list(runner.model.named_parameters())
         self.param_shapes = {name: tuple(param.shape) for name, param in params}
         self.host_weights = None
         if keep_on_host:
-            layout, total = _flat_layout(params)
-            if self.host_arena is None or self.host_arena.numel() < total:
-                self.host_arena = torch.empty(total, dtype=torch.uint8, pin_memory=runner.device.type == "cuda")
+            self.host_arena.reset()
+            pin = runner.device.type == "cuda"
             self.host_weights = {}
             for name, param in params:
-                host = _view(self.host_arena, layout[name], param)
+                host = _typed(self.host_arena.take(param.numel() * param.element_size(), pin), param.dtype, param.shape)
                 host.copy_(param.data, non_blocking=True)
                 self.host_weights[name] = host
-            if runner.device.type == "cuda":
+            if pin:
                 torch.cuda.synchronize(runner.device)
         stand_ins: dict[torch.dtype, torch.Tensor] = {}
         for name, param in params:
@@ -127,11 +128,12 @@ class MemoryManager:
         pinned arena, then one synchronize."""
         runner = self.model_runner
         params = list(runner.model.named_parameters())
-        shapes = self.param_shapes
-        layout, total = _flat_layout([(name, torch.empty(shapes[name], dtype=param.dtype, device="meta")) for name, param in params])
-        flat = torch.empty(total, dtype=torch.uint8, device=runner.device)
-        for name, param in params:
-            data = _view(flat, layout[name], torch.empty(shapes[name], dtype=param.dtype, device="meta"))
+        nbytes = [math.prod(self.param_shapes[name]) * param.element_size() for name, param in params]
+        flat = torch.empty(sum(-(-n // _ALIGN) * _ALIGN for n in nbytes), dtype=torch.uint8, device=runner.device)
+        offset = 0
+        for (name, param), n in zip(params, nbytes):
+            data = _typed(flat[offset : offset + n], param.dtype, self.param_shapes[name])
+            offset += -(-n // _ALIGN) * _ALIGN  # every dtype view starts aligned
             host = self.host_weights.get(name) if self.host_weights is not None else None
             if host is not None:
                 data.copy_(host, non_blocking=True)
@@ -148,15 +150,6 @@ class MemoryManager:
 _ALIGN = 256
 
 
-def _flat_layout(params: list[tuple[str, torch.Tensor]]) -> tuple[dict[str, int], int]:
-    """Byte offset of each tensor in one flat buffer (256-byte aligned), and the buffer's size."""
-    offsets, total = {}, 0
-    for name, t in params:
-        offsets[name] = total
-        total += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
-    return offsets, max(total, _ALIGN)
-
-
-def _view(flat: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
-    nbytes = like.numel() * like.element_size()
-    return flat[offset : offset + nbytes].view(like.dtype).view(like.shape)
+def _typed(buf: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A uint8 buffer seen as a tensor of `dtype` and `shape`."""
+    return buf.view(dtype).view(shape)
