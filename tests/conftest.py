@@ -68,3 +68,13 @@ def tiny_qwen3_sharded(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_qwen3_v2(tiny_qwen3: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Same architecture as `tiny_qwen3` with perturbed weights, standing in for a trainer update."""
     return perturb_checkpoint(tiny_qwen3, tmp_path_factory.mktemp("tiny_qwen3_v2"), seed=1)
+
+
+@pytest.fixture
+def base_url(engine):
+    """The module's `engine` fixture served over HTTP on a free loopback port."""
+    from trainer_support import serve_engine_http
+
+    url, server = serve_engine_http(engine)
+    yield url
+    server.shutdown()

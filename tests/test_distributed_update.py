@@ -23,13 +23,6 @@ def engine(tiny_qwen3):
         assert eng.check_invariants().success
 
 
-@pytest.fixture
-def base_url(engine):
-    url, server = serve_engine_http(engine)
-    yield url
-    server.shutdown()
-
-
 def spec(base_url, checkpoint, pushes, **kw) -> dict:
     return {"base_url": base_url, "checkpoint": str(checkpoint), "master_port": free_port(), "group_name": kw.pop("group_name", "wg"),
             "buckets": 3, "pushes": pushes, **kw}

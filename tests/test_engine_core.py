@@ -209,3 +209,15 @@ def test_failed_batch_aborts_cleanly_and_leaves_no_stale_cache(tiny_qwen3, monke
         assert again["meta_info"]["cached_tokens"] == 0
         assert again["output_ids"] == hf_greedy(tiny_qwen3, ids, 10)[0]
         assert_idle_invariants(engine)
+
+
+def test_shutdown_frees_the_engine_state_while_the_object_lives_on(tiny_qwen3):
+    """A closed engine that its caller still holds (and whose components reference each other) keeps no
+    weights, KV storage or kept IPC mappings: on a GPU that memory goes back without a gc pass."""
+    engine = Engine(str(tiny_qwen3), device="cpu", page_size=4)
+    engine.generate(input_ids=prompt_ids(1, 6), sampling_params={"max_new_tokens": 2, "temperature": 0})
+    runner, updater = engine.model_runner, engine.scheduler.weight_updater
+    engine.shutdown()
+    assert runner.pool.kv is None and runner.weight_map is None
+    assert all(p.numel() == 0 for p in runner.model.parameters())
+    assert updater.ipc_mappings.max_bytes == 0 and not updater.ipc_mappings.storages and updater.snapshot is None

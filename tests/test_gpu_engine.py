@@ -119,3 +119,15 @@ def test_release_resume_frees_device_memory(tiny_qwen3):
         assert eng.model_runner.cuda_graphs.captured
         assert eng.check_weights("checksum").digest == before
         assert _outputs(eng, [prompt_ids(1, 10)]) == outs
+
+
+def test_shutdown_returns_device_memory_without_a_gc_pass(tiny_qwen3):
+    gc.collect()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    engine = Engine(str(tiny_qwen3), device="cuda", dtype="float32", num_pages=20000)
+    _outputs(engine, [prompt_ids(3, 20)])
+    peak = torch.cuda.memory_allocated()
+    engine.shutdown()  # the object stays referenced here, as in a caller that keeps it
+    after = torch.cuda.memory_allocated()
+    assert peak - before > 100 << 20 and after - before < 0.1 * (peak - before), (before, peak, after)

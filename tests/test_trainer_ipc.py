@@ -26,13 +26,6 @@ def engine(tiny_qwen3):
         assert eng.check_invariants().success
 
 
-@pytest.fixture
-def base_url(engine):
-    url, server = serve_engine_http(engine)
-    yield url
-    server.shutdown()
-
-
 def test_shm_push_from_a_trainer_process(engine, base_url, tiny_qwen3, tiny_qwen3_v2):
     v2 = checkpoint_tensors(tiny_qwen3_v2)
     trainer = TrainerProcess({"base_url": base_url, "checkpoint": str(tiny_qwen3_v2),

@@ -134,6 +134,17 @@ def _last_dim_contig(x: torch.Tensor) -> torch.Tensor:
 if HAS_TRITON:
 
     @triton.jit
+    def _softmax_step(qk, v, m_i, l_i, acc):
+        """One key/value block of the online softmax: `qk` is scaled (base 2) and masked; returns the
+        running max, denominator and unnormalised output."""
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _decode_split_kernel(
         Q, K, V, PT, SEQ, MID_O, MID_LSE, OUT,
         qk_scale,  # scale * log2(e)
@@ -203,17 +214,12 @@ if HAS_TRITON:
             )
             qk = tl.dot(q, tl.trans(k))
             qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(
                 v_base + page[:, None] * stride_vp + slot[:, None] * stride_t + offs_d[None, :],
                 mask=kv_mask,
                 other=0.0,
             )
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc)
 
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         o = acc / l_safe[:, None]
@@ -353,10 +359,6 @@ if HAS_TRITON:
                     other=0.0,
                 )
             qk = tl.dot(q, tl.trans(k)) * qk_scale
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
             if BLOCK_D == HEAD_DIM:
                 v = tl.load(v_base + page[:, None] * stride_vp + slot[:, None] * stride_t + offs_d[None, :])
             else:
@@ -365,8 +367,7 @@ if HAS_TRITON:
                     mask=d_mask[None, :],
                     other=0.0,
                 )
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc)
 
         # Phase 2: blocks crossing the causal diagonal of this tile.
         causal_end = prefix + tl.minimum(m_start + TOK, q_len)  # exclusive, <= kv_len
@@ -387,17 +388,12 @@ if HAS_TRITON:
             qk = tl.dot(q, tl.trans(k)) * qk_scale
             keep = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
             qk = tl.where(keep, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(
                 v_base + page[:, None] * stride_vp + slot[:, None] * stride_t + offs_d[None, :],
                 mask=kv_mask,
                 other=0.0,
             )
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc)
 
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         o = acc / l_safe[:, None]

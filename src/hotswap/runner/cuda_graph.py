@@ -57,7 +57,7 @@ class CudaGraphRunner:
         self.buffers = {
             "input_ids": torch.zeros(n, dtype=torch.int64, device=dev),
             "positions": torch.zeros(n, dtype=torch.int64, device=dev),
-            "slot_mapping": torch.full((n,), pool.scratch_page * pool.page_size, dtype=torch.int64, device=dev),
+            "slot_mapping": torch.full((n,), pool.scratch_slot, dtype=torch.int64, device=dev),
             "page_table": torch.full((n, self.max_pages), pool.scratch_page, dtype=torch.int32, device=dev),
             "seq_lens": torch.ones(n, dtype=torch.int32, device=dev),
             "cu_seqlens_q": torch.arange(n + 1, dtype=torch.int32, device=dev),
@@ -116,7 +116,7 @@ class CudaGraphRunner:
             staged.numpy()[...] = getattr(hb, name)
             b[name][:n].copy_(staged, non_blocking=True)
         if bs > n:  # padded rows: length 1 over the scratch page
-            b["slot_mapping"][n:bs].fill_(pool.scratch_page * pool.page_size)
+            b["slot_mapping"][n:bs].fill_(pool.scratch_slot)
             b["seq_lens"][n:bs].fill_(1)
             b["page_table"][n:bs].fill_(pool.scratch_page)
         fix = self.runner.pending_inputs(entries, range(n))  # decode: one input row per entry

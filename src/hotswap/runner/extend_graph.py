@@ -84,13 +84,12 @@ class ExtendGraphRunner:
         pool = self.runner.pool
         hb = HostBatch.build(entries, pool.page_size, width=self.max_pages, pad_page=pool.scratch_page)
         n, t, seqs = len(entries), len(hb.input_ids), self.max_seqs
-        scratch_slot = pool.scratch_page * pool.page_size
         staging = self.staging[self.step % 2]
         self.step += 1
         host = {name: staging[name].numpy() for name in staging}
         host["input_ids"][:t], host["input_ids"][t:tokens] = hb.input_ids, 0
         host["positions"][:t], host["positions"][t:tokens] = hb.positions, 0
-        host["slot_mapping"][:t], host["slot_mapping"][t:tokens] = hb.slot_mapping, scratch_slot
+        host["slot_mapping"][:t], host["slot_mapping"][t:tokens] = hb.slot_mapping, pool.scratch_slot
         host["page_table"][:n] = hb.page_table
         host["cu_seqlens_q"][: n + 1], host["cu_seqlens_q"][n + 1 : seqs + 1] = hb.cu_seqlens_q, t
         host["seq_lens"][:n], host["seq_lens"][n:seqs] = hb.seq_lens, 0
@@ -125,7 +124,7 @@ class ExtendGraphRunner:
         b, kv = self.buffers, self.runner.pool
         b["input_ids"].zero_()
         b["positions"].zero_()
-        b["slot_mapping"].fill_(kv.scratch_page * kv.page_size)
+        b["slot_mapping"].fill_(kv.scratch_slot)
         b["cu_seqlens_q"].zero_()
         b["seq_lens"].zero_()
         b["tiles"].fill_(-1)

@@ -29,6 +29,11 @@ class KVCachePool:
         self.allocate_storage()
 
     @property
+    def scratch_slot(self) -> int:
+        """The first cache slot of the scratch page: where padded rows of a graph batch write K/V."""
+        return self.scratch_page * self.page_size
+
+    @property
     def bytes_per_page(self) -> int:
         return 2 * self.num_layers * self.page_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
 
