@@ -200,7 +200,7 @@ def bench_tensor(shape: str, engine, sources, ceil: dict, reps: int) -> None:
             d.copy_(s)
 
     wu = engine.scheduler.weight_updater
-    items = wu.tensor_plans.match(wm, sources)
+    matched = wu.tensor_plans.match(wm, sources)
     rows = []
     ideal = 2 * total / d2d if d2d == d2d else float("nan")
 
@@ -212,14 +212,34 @@ def bench_tensor(shape: str, engine, sources, ceil: dict, reps: int) -> None:
 
     t_plain = median_time(plain_loop, reps, 2)
     row("peer: plain param.copy_(src) loop", t_plain, note=f"{len(pairs)} tensors")
+    row(f"copy_into: one launch of the table-driven copy kernel (engine default: {fast_copy._CHUNK * 4 >> 10} KiB a program, "
+        f"{fast_copy._WARPS} warps)", median_time(lambda: fast_copy.copy_into(matched), reps, 2))
+    if cuda():
+        default = (fast_copy._CHUNK, fast_copy._WARPS)
+        for chunk, warps in ((4096, 4), (8192, 4), (16384, 8), (16384, 16), (32768, 16)):
+            fast_copy._CHUNK, fast_copy._WARPS = chunk, warps
+            matched.plan.multi_built = False
+            row(f"copy_into: one launch, {chunk * 4 >> 10} KiB a program, {warps} warps", median_time(lambda: fast_copy.copy_into(matched), reps, 2))
+        fast_copy._CHUNK, fast_copy._WARPS = default
+        matched.plan.multi_built = False
+    # host work of an engine call, timed here in the caller's thread: what runs before the first byte moves
+    from hotswap.weights.ipc_grouped import resolve_grouped
+
+    def host_checks():
+        wu.tensor_plans.match(wm, resolve_grouped(sources, engine.model_runner.device, wu.ipc_mappings))
+
+    t_checks = median_time(host_checks, reps, 2)
+    t_round = median_time(lambda: engine.get_load(), reps, 2)
+    RESULTS["figures"][f"{shape}.tensor.host"] = {"checks_ms": t_checks * 1e3, "scheduler_round_trip_ms": t_round * 1e3}
+    print(f"[{shape}] host work of a call: resolve + match {t_checks * 1e3:.3f} ms; scheduler round trip (get_load) {t_round * 1e3:.3f} ms", flush=True)
     for label, small, streams in (
-            (f"copy_into: < {fast_copy.SMALL_COPY_BYTES >> 20} MiB grouped, rest copy_ on {fast_copy.COPY_STREAMS} streams (engine default)", None, None),
+            (f"copy_into without it: < {fast_copy.SMALL_COPY_BYTES >> 20} MiB grouped, rest copy_ on {fast_copy.COPY_STREAMS} streams", None, None),
             ("copy_into: < 16 MiB grouped, rest copy_, 1 stream", 16 << 20, 1),
             ("copy_into: < 1 MiB grouped, rest copy_, 2 streams", 1 << 20, 2),
             ("copy_into: < 1 MiB grouped, rest copy_, 1 stream", 1 << 20, 1),
             ("copy_into: all grouped (one _foreach_copy_)", 1 << 62, 1),
             ("copy_into: all copy_, 1 stream", 0, 1)):
-        row(label, median_time(lambda: fast_copy.copy_into(items, small, streams), reps, 2))
+        row(label, median_time(lambda: fast_copy.copy_into(matched, small, streams, one_launch=False), reps, 2))
     inner = []
 
     def engine_update():

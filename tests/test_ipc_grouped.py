@@ -105,3 +105,33 @@ def test_ipc_mappings_keep_recent_storages_within_their_bound():
     assert made == [("c", 1), ("c", 3), ("big", 1), ("big", 2)]
     m.get("d", opener("d", 40), 40)  # pushes "c" out, and its views with it
     assert list(m.storages) == ["b", "d"] and "c" not in m.views
+
+
+def test_repeated_descriptors_reuse_the_previous_result():
+    """The same descriptors as the previous call resolve to its views without being decoded again; a
+    change in any field, a dict the caller edited in place, an evicted storage or an 'shm' entry do not."""
+    import base64
+
+    from hotswap.weights.ipc import CudaIpcMappings, cuda_ipc_storage_key
+
+    def desc(name: str, handle: bytes, offset: int) -> dict:
+        return {"name": name, "dtype": "bfloat16", "shape": [2, 3], "stride": [3, 1], "storage_offset": offset, "kind": "cuda_ipc",
+                "device": 0, "handle": base64.b64encode(handle).decode(), "storage_size": 64, "storage_handle_offset": 0}
+
+    m = CudaIpcMappings(max_bytes=100)
+    items = [desc("a", b"h1", 0), desc("b", b"h1", 6)]
+    m.get(cuda_ipc_storage_key(items[0]), lambda: torch.UntypedStorage(64), 64)
+    resolved = [("a", torch.ones(2, 3)), ("b", torch.zeros(2, 3))]
+    m.remember(items, resolved)
+    assert m.repeat([dict(d) for d in items]) is resolved  # equal descriptors, new objects (as after a queue or RPC)
+    assert m.repeat([dict(d, event_handle="new", ref_counter_offset=7) for d in items]) is resolved  # made anew per share
+    assert m.repeat([items[0], desc("b", b"h1", 12)]) is None  # another offset
+    items[1]["shape"][0] = 1  # the caller reuses its dicts: the kept snapshot is not affected
+    assert m.repeat(items) is None
+    items[1]["shape"][0] = 2
+    assert m.repeat(items) is resolved
+    m.get(cuda_ipc_storage_key(desc("c", b"h2", 0)), lambda: torch.UntypedStorage(64), 64)  # evicts h1 (128 > 100)
+    assert m.repeat(items) is None and m.last_descriptors is None
+    m.get(cuda_ipc_storage_key(items[0]), lambda: torch.UntypedStorage(64), 64)
+    m.remember([*items, {**items[0], "kind": "shm"}], resolved)  # shm bytes may change under one name: never reused
+    assert m.repeat([*items, {**items[0], "kind": "shm"}]) is None

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import torch
 
+from hotswap.kernels import pdl
+
 try:
     import triton
     import triton.language as tl
+
+    from hotswap.kernels.pdl import wait_previous
 except ImportError:  # CPU-only machines: the layers never call these without CUDA
     triton = None
 
@@ -22,7 +26,9 @@ def available(x: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _rmsnorm_kernel(X, R, W, Y, stride_x, stride_r, stride_y, n_cols, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    def _rmsnorm_kernel(X, R, W, Y, stride_x, stride_r, stride_y, n_cols, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+                        USE_PDL: tl.constexpr):
+        wait_previous(USE_PDL)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -41,11 +47,12 @@ if triton is not None:
     def _qk_norm_rope_kernel(Q, K, V, QW, KW, COS_SIN, POS, K_CACHE, V_CACHE, SLOTS,
                              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
                              n_q_heads, n_kv_heads, eps, HAS_NORM: tl.constexpr, STORE_KV: tl.constexpr,
-                             HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
+                             HALF: tl.constexpr, HEAD_DIM: tl.constexpr, USE_PDL: tl.constexpr):
         """One program per (token, head) over q heads, then k heads, then (STORE_KV) v heads.
 
         q and k are rotated in place; with STORE_KV, k (rotated) and v are also written to their cache
         slot (cache rows [slot, kv_head, HEAD_DIM]), which saves the two scatter kernels per layer."""
+        wait_previous(USE_PDL)
         t = tl.program_id(0)
         h = tl.program_id(1)
         offs = tl.arange(0, HALF)
@@ -87,7 +94,8 @@ if triton is not None:
                 tl.store(dst + HALF + offs, y2)
 
     @triton.jit
-    def _silu_mul_kernel(X, Y, stride_x, stride_y, n, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(X, Y, stride_x, stride_y, n, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+        wait_previous(USE_PDL)
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n
@@ -105,8 +113,10 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
     y = torch.empty_like(x2)
     r2 = residual.view(-1, x.shape[-1]) if residual is not None else x2
     n = x2.shape[1]
+    use_pdl = pdl.enabled(x.device, x2.shape[0])
     _rmsnorm_kernel[(x2.shape[0],)](x2, r2, weight, y, x2.stride(0), r2.stride(0), y.stride(0), n, eps,
-                                    HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(n), num_warps=4 if n <= 4096 else 8)
+                                    HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(n), num_warps=4 if n <= 4096 else 8,
+                                    USE_PDL=use_pdl, launch_pdl=use_pdl)
     return y.view(x.shape)
 
 
@@ -126,10 +136,12 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None
             raise ValueError(f"KV cache must be contiguous with rows of [{hk}, {d}], got {tuple(k_cache.shape)}")
     else:
         v, k_cache, v_cache, slots = k, k, k, positions
+    use_pdl = pdl.enabled(q.device, T)
     _qk_norm_rope_kernel[(T, hq + hk + (hk if kv_store is not None else 0))](
         q, k, v, q_weight if has_norm else q, k_weight if has_norm else k, cos_sin, positions, k_cache, v_cache, slots,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin.stride(0), hq, hk, eps,
         HAS_NORM=has_norm, STORE_KV=kv_store is not None, HALF=d // 2, HEAD_DIM=d, num_warps=1 if d <= 128 else 2,
+        USE_PDL=use_pdl, launch_pdl=use_pdl,
     )
 
 
@@ -139,5 +151,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, 2 * n)
     y = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
     block = 1024
-    _silu_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](x2, y, x2.stride(0), y.stride(0), n, BLOCK=block, num_warps=4)
+    use_pdl = pdl.enabled(x.device, x2.shape[0])
+    _silu_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](x2, y, x2.stride(0), y.stride(0), n, BLOCK=block, num_warps=4,
+                                                           USE_PDL=use_pdl, launch_pdl=use_pdl)
     return y.view(*x.shape[:-1], n)

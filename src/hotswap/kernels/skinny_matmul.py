@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import torch
 
+from hotswap.kernels import pdl
+
 try:
     import triton
     import triton.language as tl
+
+    from hotswap.kernels.pdl import wait_previous
 except ImportError:  # CPU-only machines: the layers never call these without CUDA
     triton = None
 
@@ -35,10 +39,17 @@ if triton is not None:
 
     @triton.jit
     def _skinny_kernel(X, R, R_OUT, NW, W, BIAS, Y, N, K, stride_wn, eps,
-                       PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       USE_PDL: tl.constexpr):
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
+        w_rows = W + offs_n[:, None] * stride_wn
+        # The first weight tile is read before waiting for the previous kernel (PDL): no kernel of the
+        # step writes W, and at the model's shapes it is most of this program's reads.
+        offs_k = tl.arange(0, BLOCK_K)
+        w_next = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+        wait_previous(USE_PDL)
         # One pass: RMSNorm scales the row by a constant, so (x * nw) @ W^T is accumulated beside the
         # row's sum of squares and scaled at the end; W's loads never wait for the norm.
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -46,7 +57,9 @@ if triton is not None:
         for k0 in tl.range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
-            w = tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            w = w_next
+            next_k = offs_k + BLOCK_K
+            w_next = tl.load(w_rows + next_k[None, :], mask=n_mask[:, None] & (next_k < K)[None, :], other=0.0)
             if PROLOGUE == 3:
                 g = tl.load(X + offs_k, mask=k_mask, other=0.0)
                 u = tl.load(X + K + offs_k, mask=k_mask, other=0.0)
@@ -106,9 +119,11 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     r_out = torch.empty_like(x) if prologue == ADD_NORM else None
     block_n, block_k, warps = blocks or (*_blocks(n, k, x.device), 4)
+    use_pdl = pdl.enabled(x.device, 1)
     _skinny_kernel[(triton.cdiv(n, block_n),)](
         x, residual if prologue == ADD_NORM else x, r_out if r_out is not None else x,
         norm_weight if norm_weight is not None else weight, weight, bias if bias is not None else weight, y, n, k,
-        weight.stride(0), eps, PROLOGUE=prologue, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        weight.stride(0), eps, PROLOGUE=prologue, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        USE_PDL=use_pdl, num_warps=warps, launch_pdl=use_pdl,
     )
     return y, r_out

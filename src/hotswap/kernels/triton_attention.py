@@ -37,9 +37,13 @@ from typing import Optional
 
 import torch
 
+from hotswap.kernels import pdl
+
 try:  # Triton is optional: the module must import on CPU-only machines without it.
     import triton
     import triton.language as tl
+
+    from hotswap.kernels.pdl import wait_previous
 
     HAS_TRITON = True
 except Exception:  # pragma: no cover - exercised only where triton is absent
@@ -162,7 +166,9 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         DIRECT: tl.constexpr,
         MIN_CHUNK: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
+        wait_previous(USE_PDL)
         b = tl.program_id(0)
         hk = tl.program_id(1)
         split = tl.program_id(2)
@@ -245,7 +251,9 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_S: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
+        wait_previous(USE_PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)
         offs_s = tl.arange(0, BLOCK_S)
@@ -284,7 +292,9 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         PACK_GQA: tl.constexpr,
         USE_TILES: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
+        wait_previous(USE_PDL)
         # Tile = BLOCK_M rows. With PACK_GQA the rows are (token, query head) pairs of all GROUP
         # query heads sharing one KV head (token-major), so each K/V tile loaded serves them all;
         # otherwise one query head per program.
@@ -446,6 +456,7 @@ def _decode_launch(
         mid_lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)
     else:  # unused: with one split the kernel writes the output directly (DIRECT)
         mid_o = mid_lse = out
+    use_pdl = pdl.enabled(q.device, B)
     _decode_split_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, page_table, seq_lens, mid_o, mid_lse, out,
         float(scale) * _LOG2E,
@@ -463,8 +474,10 @@ def _decode_launch(
         BLOCK_N=block_n,
         DIRECT=num_splits == 1,
         MIN_CHUNK=max(int(min_chunk), block_n),
+        USE_PDL=use_pdl,
         num_warps=num_warps,
         num_stages=num_stages,
+        launch_pdl=use_pdl,
     )
     if num_splits > 1:
         block_s = _next_pow2(num_splits)
@@ -476,7 +489,9 @@ def _decode_launch(
             HEAD_DIM=D,
             BLOCK_D=block_d,
             BLOCK_S=block_s,
+            USE_PDL=use_pdl,
             num_warps=4 if block_d * block_s >= 2048 else 2,
+            launch_pdl=use_pdl,
         )
     return out
 
@@ -572,6 +587,7 @@ def _prefill_launch(
         grid = (heads, tiles.shape[1], 1)
     else:
         grid = (heads, B, triton.cdiv(int(max_q_len), block_m // group if pack_gqa else block_m))
+    use_pdl = pdl.enabled(q.device, T)
     _prefill_kernel[grid](
         q, k_cache, v_cache, page_table, cu_seqlens_q, seq_lens, out,
         tiles if tiles is not None else seq_lens, tiles.shape[1] if tiles is not None else 0,
@@ -589,8 +605,10 @@ def _prefill_launch(
         BLOCK_N=block_n,
         PACK_GQA=bool(pack_gqa),
         USE_TILES=tiles is not None,
+        USE_PDL=use_pdl,
         num_warps=num_warps,
         num_stages=num_stages,
+        launch_pdl=use_pdl,
     )
     return out
 

@@ -139,12 +139,12 @@ class TPWorker:
         """This rank's slices of HF-named tensors, after the same checks rank 0 makes on its own."""
         if self.failure is not None:
             return  # this update already failed here: it will be rolled back
-        items = self.tensor_plans.match(self.runner.weight_map, named)
+        matched = self.tensor_plans.match(self.runner.weight_map, named)
         if self.config.check_weights_finite:
-            check_finite(items)
+            check_finite(matched.items)
         if self.config.enable_rollback:
-            self.rollback.protect_many([target.slot for _, target, _ in items])
-        copy_into(items)
+            self.rollback.protect_many([target.slot for _, target, _ in matched.items])
+        copy_into(matched)
 
     def reset(self, args: dict) -> None:
         for slot in self.runner.weight_map.slots.values():

@@ -264,18 +264,19 @@ class WeightUpdater:
         try:
             start = time.perf_counter()
             named = resolve_grouped(req.named_tensors, self.model_runner.device, self.ipc_mappings)  # one open per shared IPC storage
-            items = self.tensor_plans.match(self.model_runner.weight_map, named)  # metadata only, cached by names
+            matched = self.tensor_plans.match(self.model_runner.weight_map, named)  # metadata only, cached by names
             validate_s = time.perf_counter() - start
         except HotswapError as exc:
             return self._refuse_update(f"update_weights_from_tensor refused: {exc}; weights unchanged")
 
         def apply(session: UpdateSession) -> tuple[int, int]:
+            items = matched.items
             if self.peers is not None:  # the tensors are here only: broadcast them, each worker takes its slices
                 self.peers.relay([(name, t) for name, _, t in items], self.config.weight_update_bucket_bytes)
             if self.config.check_weights_finite:
                 check_finite(items)
             self._guard_rollback(session, [target.slot for _, target, _ in items], source_can_fail=False)
-            return len(items), copy_into(items)
+            return len(items), copy_into(matched)
 
         out = self._run_update("update_weights_from_tensor", req.weight_version, req.flush_cache, apply)
         out.extra["validate_s"] = validate_s
@@ -315,11 +316,11 @@ class WeightUpdater:
         return out
 
     def _load_ipc_bucket(self, session: UpdateSession, views: list[tuple[BucketEntry, torch.Tensor]]) -> None:
-        items = self.tensor_plans.match(self.model_runner.weight_map, [(e.name, t) for e, t in views])
+        matched = self.tensor_plans.match(self.model_runner.weight_map, [(e.name, t) for e, t in views])
         if self.config.check_weights_finite:
-            check_finite(items)
-        self._guard_rollback(session, [target.slot for _, target, _ in items], source_can_fail=True)
-        copy_into(items)
+            check_finite(matched.items)
+        self._guard_rollback(session, [target.slot for _, target, _ in matched.items], source_can_fail=True)
+        copy_into(matched)
 
     # ---- update from a trainer over torch.distributed ----------------------------------------------
 
@@ -432,11 +433,11 @@ class WeightUpdater:
                 self.peers.apply_received()
             if recv_error is not None:
                 raise UpdateFailed(f"receiving the bucket failed: {recv_error}")
-            items = self.tensor_plans.match(self.model_runner.weight_map, list(zip([m.name for m in metas], received)))
+            matched = self.tensor_plans.match(self.model_runner.weight_map, list(zip([m.name for m in metas], received)))
             if self.config.check_weights_finite:
-                check_finite(items)
-            self._guard_rollback(session, [target.slot for _, target, _ in items], source_can_fail=False)
-            return len(items), copy_into(items)
+                check_finite(matched.items)
+            self._guard_rollback(session, [target.slot for _, target, _ in matched.items], source_can_fail=False)
+            return len(matched.items), copy_into(matched)
 
         out = self._run_update("update_weights_from_distributed", req.weight_version, req.flush_cache, apply)
         if recv_error is not None and recv_error not in out.message:

@@ -1,18 +1,25 @@
 """The tensor transports' copy path: validate by metadata, then copy with little Python per tensor.
 
 Trainers send the same names every step, so the name -> slot matching (aliases, duplicates, unknown
-names) is done once per names tuple by `check_tensor_metas` and cached; a later call with those names
-only compares each tensor's shape and dtype class with its slot (a mismatch re-runs the full check, which
-names the problem). The copies then go out as plain `copy_` for large tensors (a cudaMemcpyAsync each)
-and one grouped `_foreach_copy_` launch for the small ones (norms, biases), all on the current stream,
-with no host synchronisation: the caller synchronises once.
+names) is done once per names tuple by `check_tensor_metas` and cached as a `TensorPlan`; a later call with
+those names compares the tensors' shapes with the plan's in one list comparison and their dtypes as a set
+(a mismatch re-runs the full check, which names the problem).
+
+On CUDA the copies of whole, same-dtype, 16-byte-aligned tensors then go out as one launch of a Triton
+kernel that walks a table of (source, destination, size) rows (`_multi_copy_kernel`): the table's
+destination half is built once per plan, and a call only uploads its sources' addresses. A few hundred
+1-12 MB copies launched one by one leave the copy engine idle between launches (a 0.6B model's 310 tensors
+reached 68 % of the device-to-device ceiling that way). Everything else (tensor-parallel slices, dtype
+casts, strided or misaligned sources, CPU engines) goes out as plain `copy_` for large tensors and one
+grouped `_foreach_copy_` for small ones. All on the current stream, with no host synchronisation: the
+caller synchronises once.
 """
 
 from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,8 +27,17 @@ from hotswap.errors import CheckpointError
 from hotswap.weights.loader import TensorMeta, check_tensor_metas
 from hotswap.weights.mapping import WeightMap, WeightSlot
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only machines copy with copy_
+    triton = None
+
 SMALL_COPY_BYTES = 16 << 20  # tensors under this go out in one grouped launch
 COPY_STREAMS = 2  # CUDA streams the large copies are spread over
+_ALIGN = 16  # bytes: the one-launch copy moves 16-byte vectors
+_CHUNK = 8192  # int32 words (32 KiB) a program of the one-launch copy moves
+_WARPS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +48,41 @@ class _Target:
     dtype: torch.dtype
     full: bool  # the slot takes the whole HF tensor (no TP slice)
     nbytes: int
+
+
+@dataclass(slots=True)
+class _MultiCopy:
+    """Device tables of the one-launch copy for a plan's eligible targets (rows in item order)."""
+
+    rows: list[int]  # indices into the matched items
+    base: torch.Tensor  # int32 view of the first destination: the kernel addresses everything from it
+    dst_offsets: torch.Tensor  # int64 [n], in int32 words from base
+    sizes: torch.Tensor  # int64 [n], in int32 words
+    owner: torch.Tensor  # int32 [programs]: the row each program copies a chunk of
+    first: torch.Tensor  # int32 [n]: each row's first program
+    dtype: torch.dtype
+    device_index: int
+    nbytes: int
+    last_ptrs: list[int] = field(default_factory=list)  # the previous call's sources, and their device copy
+    last_ptrs_dev: torch.Tensor | None = None
+
+
+@dataclass(slots=True)
+class TensorPlan:
+    targets: list[_Target | None]  # per incoming entry; None where it is skipped (ignored suffix, tied alias)
+    shapes: list[torch.Size]  # the incoming shapes this plan was checked with
+    dtypes: frozenset  # the incoming dtypes it was checked with (all floating point)
+    kept: list[int] | None  # entries with a target, or None when every entry has one
+    multi: _MultiCopy | None = None
+    multi_built: bool = False
+
+
+@dataclass(slots=True)
+class MatchedTensors:
+    """What `TensorPlanCache.match` returns: (incoming name, target, tensor) per tensor to load, and the plan."""
+
+    items: list[tuple[str, _Target, torch.Tensor]]
+    plan: TensorPlan
 
 
 class TensorPlanCache:
@@ -46,36 +97,32 @@ class TensorPlanCache:
     def _dropped(self, _ref) -> None:
         self.plans.clear()  # the plans' views would otherwise keep released parameter storage alive
 
-    def match(self, weight_map: WeightMap, named: list[tuple[str, torch.Tensor]]) -> list[tuple[str, _Target, torch.Tensor]]:
-        """(incoming name, target, tensor) for every tensor to load; raises CheckpointError (a
-        HotswapError) naming every problem when the set does not fit the model."""
+    def match(self, weight_map: WeightMap, named: list[tuple[str, torch.Tensor]]) -> MatchedTensors:
+        """The tensors to load and their targets; raises CheckpointError (a HotswapError) naming every
+        problem when the set does not fit the model."""
         if self.weight_map is None or self.weight_map() is not weight_map:
             self.plans.clear()
             self.weight_map = weakref.ref(weight_map, self._dropped)
-        names = tuple(n for n, _ in named)
+        names = tuple([n for n, _ in named])
         plan = self.plans.get(names)
-        if plan is not None:
-            out = []
-            for (name, t), target in zip(named, plan):
-                if target is None:
-                    continue
-                if t.shape != target.shape or not t.dtype.is_floating_point:
-                    break
-                out.append((name, target, t))
-            else:
-                return out
+        if plan is not None and [t.shape for _, t in named] == plan.shapes and {t.dtype for _, t in named} <= plan.dtypes:
+            if plan.kept is None:
+                return MatchedTensors([(name, target, t) for (name, t), target in zip(named, plan.targets)], plan)
+            return MatchedTensors([(named[i][0], plan.targets[i], named[i][1]) for i in plan.kept], plan)
         metas = [TensorMeta(n, t.dtype, tuple(t.shape)) for n, t in named]
         pairs = check_tensor_metas(weight_map, metas, require_all=False)
         slot_of = {id(meta): slot for meta, slot in pairs}
-        plan = []
+        targets = []
         for meta in metas:
             slot = slot_of.get(id(meta))
-            plan.append(None if slot is None else _Target(slot, slot.dest, torch.Size(slot.hf_shape), slot.dtype, slot.is_full,
-                                                          slot.dest.numel() * slot.dest.element_size()))
+            targets.append(None if slot is None else _Target(slot, slot.dest, torch.Size(slot.hf_shape), slot.dtype, slot.is_full,
+                                                             slot.dest.numel() * slot.dest.element_size()))
+        kept = None if all(t is not None for t in targets) else [i for i, t in enumerate(targets) if t is not None]
+        plan = TensorPlan(targets, [t.shape for _, t in named], frozenset(t.dtype for _, t in named), kept)
         self.plans[names] = plan
         while len(self.plans) > self.max_entries:
             self.plans.popitem(last=False)
-        return [(name, target, t) for (name, t), target in zip(named, plan) if target is not None]
+        return MatchedTensors([(name, target, t) for (name, t), target in zip(named, targets) if target is not None], plan)
 
 
 def check_finite(items: list[tuple[str, _Target, torch.Tensor]]) -> None:
@@ -97,13 +144,91 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return stream
 
 
-def copy_into(items: list[tuple[str, _Target, torch.Tensor]], small_bytes: int | None = None, streams: int | None = None) -> int:
+if triton is not None:
+
+    @triton.jit
+    def _multi_copy_kernel(BASE, SRC_PTRS, DST_OFFSETS, SIZES, OWNER, FIRST, base_addr, CHUNK: tl.constexpr):
+        """Program p copies chunk p - FIRST[r] of row r = OWNER[p]: SIZES[r] int32 words from the address
+        SRC_PTRS[r] to BASE + DST_OFFSETS[r]. Everything is 16-byte aligned (checked by the caller), so
+        the loads and stores are 16-byte vectors."""
+        pid = tl.program_id(0)
+        row = tl.load(OWNER + pid)
+        n = tl.multiple_of(tl.load(SIZES + row), 4)
+        src = tl.multiple_of((tl.load(SRC_PTRS + row) - base_addr) // 4, 4)
+        dst = tl.multiple_of(tl.load(DST_OFFSETS + row), 4)
+        offs = (pid - tl.load(FIRST + row)).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
+        mask = offs < n
+        tl.store(BASE + dst + offs, tl.load(BASE + src + offs, mask=mask), mask=mask)
+
+
+def _build_multi(items: list[tuple[str, _Target, torch.Tensor]]) -> _MultiCopy | None:
+    """The one-launch tables for the items whose targets qualify (whole tensor, contiguous, aligned, the
+    dtype most of them have), or None when too few do or this is not a CUDA engine with Triton."""
+    if triton is None or not items or not items[0][1].dest.is_cuda:
+        return None
+    dtype = items[0][1].dtype
+    rows = [i for i, (_, t, _) in enumerate(items)
+            if t.full and t.dtype is dtype and t.dest.is_contiguous() and t.dest.data_ptr() % _ALIGN == 0 and t.nbytes % _ALIGN == 0]
+    if len(rows) < 2:
+        return None
+    dests = [items[i][1].dest for i in rows]
+    base = dests[0].view(-1).view(torch.int32)
+    base_addr = base.data_ptr()
+    sizes = [d.numel() * d.element_size() // 4 for d in dests]
+    chunks = [max(1, -(-n // _CHUNK)) for n in sizes]
+    first, owner = [], []
+    for r, c in enumerate(chunks):
+        first.append(len(owner))
+        owner.extend([r] * c)
+    device = base.device
+
+    def dev(values: list[int], dt: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dt).to(device)
+
+    return _MultiCopy(rows=rows, base=base, dst_offsets=dev([(d.data_ptr() - base_addr) // 4 for d in dests], torch.int64),
+                      sizes=dev(sizes, torch.int64), owner=dev(owner, torch.int32), first=dev(first, torch.int32),
+                      dtype=dtype, device_index=device.index, nbytes=sum(sizes) * 4)
+
+
+def _copy_multi(multi: _MultiCopy, items: list[tuple[str, _Target, torch.Tensor]]) -> bool:
+    """Launch the one-launch copy for the plan's rows when every source qualifies (same dtype as its
+    target, contiguous, on this device, 16-byte aligned); False (nothing launched) otherwise."""
+    srcs = [items[i][2] for i in multi.rows] if len(multi.rows) != len(items) else [t for _, _, t in items]
+    if ({t.dtype for t in srcs} != {multi.dtype} or not all(map(torch.Tensor.is_contiguous, srcs))
+            or set(map(torch.Tensor.get_device, srcs)) != {multi.device_index}):
+        return False
+    ptrs = list(map(torch.Tensor.data_ptr, srcs))
+    if ptrs != multi.last_ptrs:
+        host = torch.tensor(ptrs, dtype=torch.int64)
+        if bool((host % _ALIGN).any()):
+            return False
+        multi.last_ptrs, multi.last_ptrs_dev = ptrs, host.to(multi.base.device, non_blocking=True)
+    _multi_copy_kernel[(multi.owner.numel(),)](multi.base, multi.last_ptrs_dev, multi.dst_offsets, multi.sizes, multi.owner, multi.first,
+                                               multi.base.data_ptr(), CHUNK=_CHUNK, num_warps=_WARPS)
+    return True
+
+
+def copy_into(matched: MatchedTensors, small_bytes: int | None = None, streams: int | None = None, one_launch: bool = True) -> int:
     """Copy each tensor into its slot, asynchronously with respect to the host; returns bytes written.
 
-    Tensors under `small_bytes` go out in one grouped `_foreach_copy_` launch; larger ones as one `copy_`
-    each. On CUDA the large copies are spread over `streams` streams (the current one and side streams that
-    wait for it first and that it waits for at the end), so one copy's ramp-down overlaps the next one's
-    ramp-up; callers see the usual semantics: everything is ordered on the current stream."""
+    With `one_launch` (CUDA with Triton), the plan's qualifying tensors go out in one kernel launch. The
+    rest: tensors under `small_bytes` in one grouped `_foreach_copy_` launch, larger ones as one `copy_`
+    each, spread over `streams` streams (the current one and side streams that wait for it first and that
+    it waits for at the end), so one copy's ramp-down overlaps the next one's ramp-up. Callers see the
+    usual semantics: everything is ordered on the current stream."""
+    items, plan = matched.items, matched.plan
+    if one_launch and items:
+        if not plan.multi_built:
+            plan.multi, plan.multi_built = _build_multi(items), True
+        if plan.multi is not None and _copy_multi(plan.multi, items):
+            if len(plan.multi.rows) == len(items):
+                return plan.multi.nbytes
+            done = set(plan.multi.rows)
+            return plan.multi.nbytes + _copy_each([item for i, item in enumerate(items) if i not in done], small_bytes, streams)
+    return _copy_each(items, small_bytes, streams)
+
+
+def _copy_each(items: list[tuple[str, _Target, torch.Tensor]], small_bytes: int | None, streams: int | None) -> int:
     small = SMALL_COPY_BYTES if small_bytes is None else small_bytes
     nstreams = COPY_STREAMS if streams is None else streams
     group_dst, group_src = [], []

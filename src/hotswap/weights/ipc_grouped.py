@@ -74,9 +74,20 @@ def _geometry(d: dict) -> tuple | None:
 
 
 def resolve_grouped(items, device: torch.device, mappings: CudaIpcMappings | None = None) -> list[tuple[str, torch.Tensor]]:
-    """`resolve_named_tensors` with one open per shared producer storage (same result, same errors)."""
+    """`resolve_named_tensors` with one open per shared producer storage (same result, same errors); the
+    same descriptors as the previous call resolve to its result (`CudaIpcMappings.repeat`)."""
     if not isinstance(items, (list, tuple)):
         return resolve_named_tensors(items, device, mappings)
+    if mappings is None or not items or type(items[0]) is not dict:
+        return _resolve(items, device, mappings)
+    out = mappings.repeat(items)
+    if out is None:
+        out = _resolve(items, device, mappings)
+        mappings.remember(items, out)
+    return out
+
+
+def _resolve(items, device: torch.device, mappings: CudaIpcMappings | None) -> list[tuple[str, torch.Tensor]]:
     groups: dict[tuple, list[int]] = {}
     for i, item in enumerate(items):
         key = _group_key(item)
