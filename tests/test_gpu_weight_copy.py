@@ -39,7 +39,7 @@ def _assert_loaded(engine, named) -> None:
 def test_one_launch_copy_and_its_fallbacks(tiny_qwen3, monkeypatch):
     launches = []
     real = fast_copy._copy_multi
-    monkeypatch.setattr(fast_copy, "_copy_multi", lambda multi, items: launches.append(ok := real(multi, items)) or ok)
+    monkeypatch.setattr(fast_copy, "_copy_multi", lambda multi, matched: launches.append(ok := real(multi, matched)) or ok)
     with Engine(str(tiny_qwen3), device="cuda", dtype="bfloat16") as engine:
         first = _random_like(engine, 1)
         for named in (first, first, _random_like(engine, 2)):  # the same sources twice (pointer table kept), then new ones

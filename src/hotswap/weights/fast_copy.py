@@ -20,6 +20,7 @@ from __future__ import annotations
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 import torch
 
@@ -82,6 +83,7 @@ class MatchedTensors:
     """What `TensorPlanCache.match` returns: (incoming name, target, tensor) per tensor to load, and the plan."""
 
     items: list[tuple[str, _Target, torch.Tensor]]
+    tensors: tuple[torch.Tensor, ...]  # the items' tensors, in order
     plan: TensorPlan
 
 
@@ -103,12 +105,10 @@ class TensorPlanCache:
         if self.weight_map is None or self.weight_map() is not weight_map:
             self.plans.clear()
             self.weight_map = weakref.ref(weight_map, self._dropped)
-        names = tuple([n for n, _ in named])
+        names, tensors = zip(*named) if named else ((), ())
         plan = self.plans.get(names)
-        if plan is not None and [t.shape for _, t in named] == plan.shapes and {t.dtype for _, t in named} <= plan.dtypes:
-            if plan.kept is None:
-                return MatchedTensors([(name, target, t) for (name, t), target in zip(named, plan.targets)], plan)
-            return MatchedTensors([(named[i][0], plan.targets[i], named[i][1]) for i in plan.kept], plan)
+        if plan is not None and list(map(_SHAPE, tensors)) == plan.shapes and set(map(_DTYPE, tensors)) <= plan.dtypes:
+            return _matched(plan, names, tensors)
         metas = [TensorMeta(n, t.dtype, tuple(t.shape)) for n, t in named]
         pairs = check_tensor_metas(weight_map, metas, require_all=False)
         slot_of = {id(meta): slot for meta, slot in pairs}
@@ -118,11 +118,22 @@ class TensorPlanCache:
             targets.append(None if slot is None else _Target(slot, slot.dest, torch.Size(slot.hf_shape), slot.dtype, slot.is_full,
                                                              slot.dest.numel() * slot.dest.element_size()))
         kept = None if all(t is not None for t in targets) else [i for i, t in enumerate(targets) if t is not None]
-        plan = TensorPlan(targets, [t.shape for _, t in named], frozenset(t.dtype for _, t in named), kept)
+        plan = TensorPlan(targets, list(map(_SHAPE, tensors)), frozenset(map(_DTYPE, tensors)), kept)
         self.plans[names] = plan
         while len(self.plans) > self.max_entries:
             self.plans.popitem(last=False)
-        return MatchedTensors([(name, target, t) for (name, t), target in zip(named, targets) if target is not None], plan)
+        return _matched(plan, names, tensors)
+
+
+_SHAPE = attrgetter("shape")
+_DTYPE = attrgetter("dtype")
+
+
+def _matched(plan: TensorPlan, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> MatchedTensors:
+    if plan.kept is None:
+        return MatchedTensors(list(zip(names, plan.targets, tensors)), tensors, plan)
+    kept = [tensors[i] for i in plan.kept]
+    return MatchedTensors([(names[i], plan.targets[i], t) for i, t in zip(plan.kept, kept)], tuple(kept), plan)
 
 
 def check_finite(items: list[tuple[str, _Target, torch.Tensor]]) -> None:
@@ -190,10 +201,11 @@ def _build_multi(items: list[tuple[str, _Target, torch.Tensor]]) -> _MultiCopy |
                       dtype=dtype, device_index=device.index, nbytes=sum(sizes) * 4)
 
 
-def _copy_multi(multi: _MultiCopy, items: list[tuple[str, _Target, torch.Tensor]]) -> bool:
+def _copy_multi(multi: _MultiCopy, matched: MatchedTensors) -> bool:
     """Launch the one-launch copy for the plan's rows when every source qualifies (same dtype as its
     target, contiguous, on this device, 16-byte aligned); False (nothing launched) otherwise."""
-    srcs = [items[i][2] for i in multi.rows] if len(multi.rows) != len(items) else [t for _, _, t in items]
+    tensors = matched.tensors
+    srcs = [tensors[i] for i in multi.rows] if len(multi.rows) != len(tensors) else tensors
     if ({t.dtype for t in srcs} != {multi.dtype} or not all(map(torch.Tensor.is_contiguous, srcs))
             or set(map(torch.Tensor.get_device, srcs)) != {multi.device_index}):
         return False
@@ -220,7 +232,7 @@ def copy_into(matched: MatchedTensors, small_bytes: int | None = None, streams: 
     if one_launch and items:
         if not plan.multi_built:
             plan.multi, plan.multi_built = _build_multi(items), True
-        if plan.multi is not None and _copy_multi(plan.multi, items):
+        if plan.multi is not None and _copy_multi(plan.multi, matched):
             if len(plan.multi.rows) == len(items):
                 return plan.multi.nbytes
             done = set(plan.multi.rows)

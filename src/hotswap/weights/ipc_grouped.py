@@ -78,13 +78,27 @@ def resolve_grouped(items, device: torch.device, mappings: CudaIpcMappings | Non
     same descriptors as the previous call resolve to its result (`CudaIpcMappings.repeat`)."""
     if not isinstance(items, (list, tuple)):
         return resolve_named_tensors(items, device, mappings)
-    if mappings is None or not items or type(items[0]) is not dict:
+    if items and type(items[0]) is not dict:
+        pairs = _tensor_pairs(items)
+        return pairs if pairs is not None else _resolve(items, device, mappings)
+    if mappings is None or not items:
         return _resolve(items, device, mappings)
     out = mappings.repeat(items)
     if out is None:
         out = _resolve(items, device, mappings)
         mappings.remember(items, out)
     return out
+
+
+def _tensor_pairs(items) -> list[tuple[str, torch.Tensor]] | None:
+    """In-process (str, tensor) pairs, checked in bulk rather than one by one (a few hundred tensors every
+    step); None when anything else is in the list, which `resolve_named_tensors` then names."""
+    if set(map(type, items)) != {tuple} or set(map(len, items)) != {2}:
+        return None
+    names, tensors = zip(*items)
+    if set(map(type, names)) != {str} or not all(map(torch.is_tensor, tensors)):
+        return None
+    return items if type(items) is list else list(items)
 
 
 def _resolve(items, device: torch.device, mappings: CudaIpcMappings | None) -> list[tuple[str, torch.Tensor]]:
