@@ -259,9 +259,12 @@ if HAS_TRITON:
         k_base = K + hk * HEAD_DIM
         v_base = V + hk * HEAD_DIM
 
-        for s in range(start, end, BLOCK_N):
+        # With ROPE the last position's K/V are this step's, in registers: the cache loop stops before it
+        # and one rank-1 softmax step adds it (selecting it into the loaded tiles slowed the loop's MMAs).
+        cached_end = tl.minimum(end, seq_len - 1) if ROPE else end
+        for s in range(start, cached_end, BLOCK_N):
             pos = s + offs_n
-            n_mask = pos < end
+            n_mask = pos < cached_end
             page = tl.load(pt_row + pos // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
             slot = (pos % PAGE_SIZE).to(tl.int64)
             if BLOCK_D == HEAD_DIM:
@@ -273,8 +276,6 @@ if HAS_TRITON:
                 mask=kv_mask,
                 other=0.0,
             )
-            if ROPE:
-                k = tl.where((pos == seq_len - 1)[:, None], k_new.to(k.dtype), k)
             qk = tl.dot(q, tl.trans(k))
             qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
             v = tl.load(
@@ -282,9 +283,16 @@ if HAS_TRITON:
                 mask=kv_mask,
                 other=0.0,
             )
-            if ROPE:
-                v = tl.where((pos == seq_len - 1)[:, None], v_new.to(v.dtype), v)
             m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc)
+        if ROPE:
+            if (start <= seq_len - 1) & (seq_len - 1 < end):
+                s_new = tl.sum(q.to(tl.float32) * k_new.to(K.dtype.element_ty).to(tl.float32), axis=1) * qk_scale
+                m_new = tl.maximum(m_i, s_new)
+                alpha = tl.exp2(m_i - m_new)
+                p_new = tl.exp2(s_new - m_new)
+                l_i = l_i * alpha + p_new
+                acc = acc * alpha[:, None] + p_new.to(V.dtype.element_ty).to(tl.float32)[:, None] * v_new.to(V.dtype.element_ty).to(tl.float32)
+                m_i = m_new
 
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         o = acc / l_safe[:, None]
