@@ -185,49 +185,6 @@ def test_decode_strided_q_and_zero_len_rows():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("qk_norm", [True, False])
-@pytest.mark.parametrize("lens,num_splits", [([1, 37, 200], None), ([130, 64], 4), ([513], 1)])
-def test_decode_with_rotary_inside_equals_separate_kernels(qk_norm, lens, num_splits):
-    """`rotary=` applies QK-norm + rotary in the decode kernel and stores this step's K/V: the same output
-    and cache as the separate qk_norm_rope kernel followed by decode. The last position's cache slot is
-    NaN before the call, so reading it instead of the rows in registers would show."""
-    from hotswap.kernels import fused
-    from hotswap.kernels.triton_attention import DecodeRotary
-
-    dtype, page_size, hq, hkv, d = torch.bfloat16 if DEV == "cuda" else torch.float32, 16, 8, 2, 64
-    gen = _gen(7)
-    k_cache, v_cache, pt = make_paged_kv(lens, page_size, hkv, d, dtype, gen)
-    B = len(lens)
-    qkv = torch.randn(B, hq + 2 * hkv, d, generator=gen).to(dtype).to(DEV)
-    positions = torch.tensor([n - 1 for n in lens], device=DEV)
-    slots = torch.stack([pt[b, (n - 1) // page_size].long() * page_size + (n - 1) % page_size for b, n in enumerate(lens)]).to(DEV)
-    for b, n in enumerate(lens):
-        page, at = int(pt[b, (n - 1) // page_size]), (n - 1) % page_size
-        k_cache[page, at] = float("nan")
-        v_cache[page, at] = float("nan")
-    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-    ang = torch.arange(1024, dtype=torch.float32)[:, None] * inv[None, :]
-    cos_sin = torch.cat([ang.cos(), ang.sin()], dim=-1).to(DEV)
-    qw = (1 + 0.1 * torch.randn(d, generator=gen)).to(dtype).to(DEV) if qk_norm else None
-    kw = (1 + 0.1 * torch.randn(d, generator=gen)).to(dtype).to(DEV) if qk_norm else None
-    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEV)
-    scale = d**-0.5
-
-    ref_qkv, ref_k, ref_v = qkv.clone(), k_cache.clone(), v_cache.clone()
-    q, k, v = ref_qkv.split([hq, hkv, hkv], dim=1)
-    fused.qk_norm_rope(q, k, qw, kw, cos_sin, positions, 1e-6, kv_store=(v, ref_k, ref_v, slots))
-    want = paged_decode_attention(q, ref_k, ref_v, pt, seq_lens, scale, num_splits=num_splits)
-
-    q, k, v = qkv.split([hq, hkv, hkv], dim=1)
-    got = paged_decode_attention(q, k_cache, v_cache, pt, seq_lens, scale, num_splits=num_splits,
-                                 rotary=DecodeRotary(k, v, qw, kw, cos_sin, positions, slots, 1e-6))
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
-    assert torch.isfinite(got).all()
-    assert rel_err(got, want.double()) < tol
-    assert torch.allclose(k_cache.float(), ref_k.float(), atol=tol, rtol=tol, equal_nan=True)
-    assert torch.equal(v_cache.isnan(), ref_v.isnan()) and torch.allclose(v_cache.float(), ref_v.float(), equal_nan=True)
-
-
 @pytest.mark.parametrize("B,cap", [(1, MAX_CTX), (8, MAX_CTX), (64, 800)])
 def test_decode_cuda_graph_replay(B, cap):
     hq, hkv, d, ps, dtype = 16, 8, 128, 16, torch.bfloat16

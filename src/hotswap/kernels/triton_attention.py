@@ -33,7 +33,6 @@ Both accumulate in fp32 and return the dtype of ``q``. Sequences with ``seq_len 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -55,7 +54,6 @@ except Exception:  # pragma: no cover - exercised only where triton is absent
 __all__ = [
     "HAS_TRITON",
     "paged_decode_attention",
-    "DecodeRotary",
     "paged_prefill_attention",
     "decode_num_splits",
     "prefill_tile_tokens",
@@ -74,22 +72,6 @@ _DECODE_MIN_CHUNK = 64  # a split never gets fewer tokens than this (inside the 
 _LOG2E = 1.4426950408889634
 
 _SM_COUNT: dict = {}
-
-
-@dataclass(frozen=True, slots=True)
-class DecodeRotary:
-    """What `paged_decode_attention` needs to apply QK-norm and rotary itself and store this step's K/V:
-    k, v [B, Hkv, D] raw rows (views of the fused qkv output are fine), the per-head norm weights (None
-    without QK-norm), the [max_pos, D] cos|sin table, positions [B] and cache slots [B]."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    q_weight: torch.Tensor | None
-    k_weight: torch.Tensor | None
-    cos_sin: torch.Tensor
-    positions: torch.Tensor
-    slots: torch.Tensor
-    eps: float
 
 
 def _interpret() -> bool:
@@ -167,26 +149,10 @@ if HAS_TRITON:
         return m_new, l_i, acc
 
     @triton.jit
-    def _norm_rope(x, xp, W, offs_d, partner, first_half, cos, sin, eps, HAS_NORM: tl.constexpr, HEAD_DIM: tl.constexpr):
-        """Rows x [R, D] (and xp, each row's rotated partner: element d + D/2 mod D) -> RMSNorm (per row,
-        weight W) then rotary, rounded as hotswap.kernels.fused.qk_norm_rope rounds them."""
-        if HAS_NORM:
-            xf = x.to(tl.float32)
-            r = tl.rsqrt(tl.sum(xf * xf, axis=1) / HEAD_DIM + eps)[:, None]
-            x = tl.load(W + offs_d)[None, :] * (xf * r).to(x.dtype)
-            xp = tl.load(W + partner)[None, :] * (xp.to(tl.float32) * r).to(xp.dtype)
-        c = cos.to(x.dtype)[None, :]
-        s = sin.to(x.dtype)[None, :]
-        return tl.where(first_half[None, :], x * c - xp * s, x * c + xp * s)
-
-    @triton.jit
     def _decode_split_kernel(
         Q, K, V, PT, SEQ, MID_O, MID_LSE, OUT,
-        K_NEW, V_NEW, QW, KW, COS_SIN, POS, SLOTS,  # ROPE only: this step's raw k/v rows, norms, rotary table
         qk_scale,  # scale * log2(e)
-        eps,
         stride_qb, stride_qh,
-        stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cs,
         stride_kp, stride_vp,  # page strides (inside a page: [PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM] dense)
         stride_ptb,
         stride_ob, stride_oh,
@@ -200,15 +166,12 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         DIRECT: tl.constexpr,
         MIN_CHUNK: tl.constexpr,
-        ROPE: tl.constexpr,
-        HAS_NORM: tl.constexpr,
         USE_PDL: tl.constexpr,
     ):
         wait_previous(USE_PDL)
         b = tl.program_id(0)
         hk = tl.program_id(1)
         split = tl.program_id(2)
-        stride_t: tl.constexpr = NUM_KV_HEADS * HEAD_DIM
 
         seq_len = tl.load(SEQ + b).to(tl.int32)
         # Splits actually used by this sequence (the shape-fixed num_splits is an upper bound).
@@ -225,30 +188,11 @@ if HAS_TRITON:
         d_mask = offs_d < HEAD_DIM
         offs_n = tl.arange(0, BLOCK_N)
 
-        q_rows = Q + b * stride_qb + heads[:, None] * stride_qh
-        q = tl.load(q_rows + offs_d[None, :], mask=h_mask[:, None] & d_mask[None, :], other=0.0)
-        if ROPE:
-            # The rotary (and QK-norm) step of this token, done here instead of in its own kernel: q for
-            # this program's heads, k and v of its kv head (the split-0 program also stores them in the
-            # cache; the tile holding the last position takes them from registers, not from the cache).
-            HALF: tl.constexpr = HEAD_DIM // 2
-            partner = (offs_d + HALF) % HEAD_DIM  # the other half of each rotated pair
-            first_half = offs_d < HALF
-            p = tl.load(POS + b)
-            cos = tl.load(COS_SIN + p * stride_cs + offs_d % HALF)
-            sin = tl.load(COS_SIN + p * stride_cs + HALF + offs_d % HALF)
-            qp = tl.load(q_rows + partner[None, :], mask=h_mask[:, None], other=0.0)
-            q = _norm_rope(q, qp, QW, offs_d, partner, first_half, cos, sin, eps, HAS_NORM, HEAD_DIM)
-            k_row = K_NEW + b * stride_knb + hk * stride_knh
-            k_new = _norm_rope(tl.load(k_row + offs_d)[None, :], tl.load(k_row + partner)[None, :], KW, offs_d, partner,
-                               first_half, cos, sin, eps, HAS_NORM, HEAD_DIM)
-            v_new = tl.load(V_NEW + b * stride_vnb + hk * stride_vnh + offs_d)[None, :]
-            if split == 0:
-                cache_slot = tl.load(SLOTS + b).to(tl.int64)
-                c_off = (cache_slot // PAGE_SIZE) * stride_kp + (cache_slot % PAGE_SIZE) * stride_t + hk * HEAD_DIM
-                tl.store(K + c_off + offs_d[None, :], k_new.to(K.dtype.element_ty))
-                tl.store(V + (cache_slot // PAGE_SIZE) * stride_vp + (cache_slot % PAGE_SIZE) * stride_t + hk * HEAD_DIM + offs_d[None, :],
-                         v_new.to(V.dtype.element_ty))
+        q = tl.load(
+            Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=h_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
         q = q.to(K.dtype.element_ty)
 
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
@@ -258,13 +202,11 @@ if HAS_TRITON:
         pt_row = PT + b * stride_ptb
         k_base = K + hk * HEAD_DIM
         v_base = V + hk * HEAD_DIM
+        stride_t: tl.constexpr = NUM_KV_HEADS * HEAD_DIM
 
-        # With ROPE the last position's K/V are this step's, in registers: the cache loop stops before it
-        # and one rank-1 softmax step adds it (selecting it into the loaded tiles slowed the loop's MMAs).
-        cached_end = tl.minimum(end, seq_len - 1) if ROPE else end
-        for s in range(start, cached_end, BLOCK_N):
+        for s in range(start, end, BLOCK_N):
             pos = s + offs_n
-            n_mask = pos < cached_end
+            n_mask = pos < end
             page = tl.load(pt_row + pos // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
             slot = (pos % PAGE_SIZE).to(tl.int64)
             if BLOCK_D == HEAD_DIM:
@@ -284,15 +226,6 @@ if HAS_TRITON:
                 other=0.0,
             )
             m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc)
-        if ROPE:
-            if (start <= seq_len - 1) & (seq_len - 1 < end):
-                s_new = tl.sum(q.to(tl.float32) * k_new.to(K.dtype.element_ty).to(tl.float32), axis=1) * qk_scale
-                m_new = tl.maximum(m_i, s_new)
-                alpha = tl.exp2(m_i - m_new)
-                p_new = tl.exp2(s_new - m_new)
-                l_i = l_i * alpha + p_new
-                acc = acc * alpha[:, None] + p_new.to(V.dtype.element_ty).to(tl.float32)[:, None] * v_new.to(V.dtype.element_ty).to(tl.float32)
-                m_i = m_new
 
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         o = acc / l_safe[:, None]
@@ -511,7 +444,7 @@ def _decode_config(group: int, head_dim: int, dtype: torch.dtype):
 def _decode_launch(
     q, k_cache, v_cache, page_table, seq_lens, scale, out,
     *, num_splits: int, block_n: int, num_warps: int, num_stages: int,
-    min_chunk: int = _DECODE_MIN_CHUNK, rotary: DecodeRotary | None = None,
+    min_chunk: int = _DECODE_MIN_CHUNK,
 ):
     B, Hq, D = q.shape
     page_size, Hkv = k_cache.shape[1], k_cache.shape[2]
@@ -524,16 +457,10 @@ def _decode_launch(
     else:  # unused: with one split the kernel writes the output directly (DIRECT)
         mid_o = mid_lse = out
     use_pdl = pdl.enabled(q.device, B)
-    r = rotary
-    has_norm = r is not None and r.q_weight is not None
     _decode_split_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, page_table, seq_lens, mid_o, mid_lse, out,
-        *((r.k, r.v, r.q_weight if has_norm else q, r.k_weight if has_norm else q, r.cos_sin, r.positions, r.slots) if r is not None
-          else (q,) * 7),
         float(scale) * _LOG2E,
-        r.eps if r is not None else 0.0,
         q.stride(0), q.stride(1),
-        *((r.k.stride(0), r.k.stride(1), r.v.stride(0), r.v.stride(1), r.cos_sin.stride(0)) if r is not None else (0,) * 5),
         k_cache.stride(0), v_cache.stride(0),
         page_table.stride(0),
         out.stride(0), out.stride(1),
@@ -547,8 +474,6 @@ def _decode_launch(
         BLOCK_N=block_n,
         DIRECT=num_splits == 1,
         MIN_CHUNK=max(int(min_chunk), block_n),
-        ROPE=r is not None,
-        HAS_NORM=has_norm,
         USE_PDL=use_pdl,
         num_warps=num_warps,
         num_stages=num_stages,
@@ -581,7 +506,6 @@ def paged_decode_attention(
     out: Optional[torch.Tensor] = None,
     *,
     num_splits: Optional[int] = None,
-    rotary: DecodeRotary | None = None,
 ) -> torch.Tensor:
     """Paged decode attention (one query token per sequence), split-KV.
 
@@ -595,9 +519,6 @@ def paged_decode_attention(
         scale: softmax scale (usually ``1/sqrt(D)``).
         out: optional ``[B, Hq, D]`` output (dtype of q); allocated if None.
         num_splits: override the shape-derived number of KV splits (1..MAX_DECODE_SPLITS).
-        rotary: this step's raw k/v rows and rotary parameters: q is then the raw (un-normed,
-            un-rotated) query, and the kernel applies QK-norm and rotary and stores k/v in the cache
-            itself (power-of-two head_dim only). Without it the caller has done all that.
 
     CUDA graphs: capturable. The only allocations are the output (if ``out`` is None) and, when
     ``num_splits > 1``, fp32 scratch ``[B, Hq, num_splits, D]`` + ``[B, Hq, num_splits]`` whose
@@ -623,15 +544,10 @@ def paged_decode_attention(
         raise ValueError(f"out must be [B, Hq, D] with contiguous last dim, got {tuple(out.shape)}")
     if B == 0:
         return out
-    if rotary is not None:
-        if D != _next_pow2(D) or D < 16:
-            raise ValueError(f"rotary inside the decode kernel needs a power-of-two head_dim >= 16, got {D}")
-        if rotary.k.shape != (B, Hkv, D) or rotary.v.shape != (B, Hkv, D) or rotary.k.stride(-1) != 1 or rotary.v.stride(-1) != 1:
-            raise ValueError(f"rotary k and v must be [B, Hkv, D] = [{B}, {Hkv}, {D}] with contiguous rows")
     if num_splits is None:
         num_splits = decode_num_splits(B, Hkv, page_table.shape[1] * page_size, q.device)
     cfg = _decode_config(Hq // Hkv, D, k_cache.dtype)
-    return _decode_launch(q, k_cache, v_cache, page_table, seq_lens, scale, out, num_splits=num_splits, rotary=rotary, **cfg)
+    return _decode_launch(q, k_cache, v_cache, page_table, seq_lens, scale, out, num_splits=num_splits, **cfg)
 
 
 def _prefill_config(head_dim: int, dtype: torch.dtype):

@@ -38,15 +38,11 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if fused.available(q):
             has_norm = self.q_norm is not None
-            q_weight, k_weight = (self.q_norm.weight, self.k_norm.weight) if has_norm else (None, None)
-            eps = self.q_norm.eps if has_norm else 0.0
-            if ctx.is_decode and ctx.attention.fuses_decode_rotary:
-                out = ctx.attention.decode_with_rotary(self.layer_id, q, k, v, q_weight, k_weight, self.rotary.cos_sin, eps, self.scale, ctx)
-            else:
-                k_cache, v_cache = ctx.attention.kv_cache(self.layer_id)
-                fused.qk_norm_rope(q, k, q_weight, k_weight, self.rotary.cos_sin, ctx.positions, eps,
-                                   kv_store=(v, k_cache, v_cache, ctx.slot_mapping))
-                out = ctx.attention.attend(self.layer_id, q, self.scale, ctx)
+            k_cache, v_cache = ctx.attention.kv_cache(self.layer_id)
+            fused.qk_norm_rope(q, k, self.q_norm.weight if has_norm else None, self.k_norm.weight if has_norm else None,
+                               self.rotary.cos_sin, ctx.positions, self.q_norm.eps if has_norm else 0.0,
+                               kv_store=(v, k_cache, v_cache, ctx.slot_mapping))
+            out = ctx.attention.attend(self.layer_id, q, self.scale, ctx)
         else:
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)

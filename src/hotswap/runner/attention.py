@@ -13,10 +13,7 @@ from hotswap.runner.kv_cache import KVCachePool
 
 class AttentionBackend(Protocol):
     """`forward` stores this step's K/V then attends; a caller that wrote K/V into `kv_cache(layer)`
-    itself (the fused rotary kernel does) calls `attend` alone. Backends with `fuses_decode_rotary`
-    also take a decode step's raw q/k/v (`decode_with_rotary`)."""
-
-    fuses_decode_rotary: bool
+    itself (the fused rotary kernel does) calls `attend` alone."""
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                 ctx: ForwardContext) -> torch.Tensor: ...
@@ -42,9 +39,6 @@ def _gather_heads(cache: torch.Tensor, pages: torch.Tensor, group: int) -> torch
 
 
 class _PagedBackend:
-    #: `decode_with_rotary` exists: decode steps hand over raw q/k/v and the rotary parameters
-    fuses_decode_rotary = False
-
     def __init__(self, pool: KVCachePool):
         self.pool = pool
 
@@ -105,7 +99,6 @@ class TritonAttention(_PagedBackend):
 
         super().__init__(pool)
         self.kernels = triton_attention
-        self.fuses_decode_rotary = pool.head_dim >= 16 and pool.head_dim & (pool.head_dim - 1) == 0
 
     def attend(self, layer: int, q: torch.Tensor, scale: float, ctx: ForwardContext) -> torch.Tensor:
         k_cache, v_cache = self.kv_cache(layer)
@@ -115,12 +108,3 @@ class TritonAttention(_PagedBackend):
             q, k_cache, v_cache, ctx.page_table, ctx.cu_seqlens_q, ctx.seq_lens, ctx.max_q_len, scale,
             tiles=ctx.prefill_tiles,
         )
-
-    def decode_with_rotary(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor | None,
-                           k_weight: torch.Tensor | None, cos_sin: torch.Tensor, eps: float, scale: float,
-                           ctx: ForwardContext) -> torch.Tensor:
-        """A decode step from raw q/k/v: QK-norm, rotary and the K/V store run inside the attention kernel,
-        one launch fewer per layer than `qk_norm_rope` + `attend`."""
-        k_cache, v_cache = self.kv_cache(layer)
-        rotary = self.kernels.DecodeRotary(k, v, q_weight, k_weight, cos_sin, ctx.positions, ctx.slot_mapping, eps)
-        return self.kernels.paged_decode_attention(q, k_cache, v_cache, ctx.page_table, ctx.seq_lens, scale, rotary=rotary)
