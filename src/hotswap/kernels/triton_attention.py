@@ -267,9 +267,9 @@ if HAS_TRITON:
         w = tl.exp2(lse - m)  # empty splits: exp2(-inf) = 0
         denom = tl.sum(w, 0)
         denom = tl.where(denom > 0.0, denom, 1.0)
-        o = tl.load(
+        o = tl.load(  # splits a short sequence left empty (lse = -inf, weight 0) are not read
             MID_O + (row0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
-            mask=s_mask[:, None] & d_mask[None, :],
+            mask=(s_mask & (lse > float("-inf")))[:, None] & d_mask[None, :],
             other=0.0,
         )
         out = tl.sum(o * w[:, None], 0) / denom
