@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHAPES, config_only_checkpoint, device_name, print_table  # noqa: E402
 
 from hotswap import Engine  # noqa: E402
+from hotswap.trainer.buckets import iter_buckets  # noqa: E402
 from hotswap.weights import fast_copy, fast_reader  # noqa: E402
 from hotswap.weights.fast_reader import ReaderOptions, load_plan  # noqa: E402
 from hotswap.weights.loader import plan_checkpoint  # noqa: E402
@@ -218,10 +219,10 @@ def bench_tensor(shape: str, engine, sources, ceil: dict, reps: int) -> None:
         default = (fast_copy._CHUNK, fast_copy._WARPS)
         for chunk, warps in ((4096, 4), (8192, 4), (16384, 8), (16384, 16), (32768, 16)):
             fast_copy._CHUNK, fast_copy._WARPS = chunk, warps
-            matched.plan.multi_built = False
+            matched.plan.multi = fast_copy.build_multi([t for _, t, _ in matched.items])
             row(f"copy_into: one launch, {chunk * 4 >> 10} KiB a program, {warps} warps", median_time(lambda: fast_copy.copy_into(matched), reps, 2))
         fast_copy._CHUNK, fast_copy._WARPS = default
-        matched.plan.multi_built = False
+        matched.plan.multi = fast_copy.build_multi([t for _, t, _ in matched.items])
     # host work of an engine call, timed here in the caller's thread: what runs before the first byte moves
     from hotswap.weights.ipc_grouped import resolve_grouped
 
@@ -432,16 +433,7 @@ def bench_ipc(shape: str, engine, ceil: dict, updates: int) -> None:
 
 def write_safetensors_shards(folder: Path, named: list[tuple[str, torch.Tensor]], shard_bytes: int) -> list[Path]:
     """Sharded HF safetensors from device tensors, written through a pinned buffer (fast, no CPU copy)."""
-    shards, cur, size = [], [], 0
-    for n, t in named:
-        nb = t.numel() * t.element_size()
-        if cur and size + nb > shard_bytes:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append((n, t))
-        size += nb
-    if cur:
-        shards.append(cur)
+    shards = list(iter_buckets(named, shard_bytes))
     files, weight_map = [], {}
     dt = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
     pinned = torch.empty(64 << 20, dtype=torch.uint8, pin_memory=cuda())
@@ -730,18 +722,10 @@ def _gloo_sender(raw_port: int, port: int, specs, bucket_bytes: int, pushes: int
     os._exit(0)  # skip tearing the gloo groups down (it can block on a peer that already left)
 
 
-def _buckets(specs, bucket_bytes: int):
-    out, cur, size = [], [], 0
-    for name, shape in specs:
-        nb = torch.Size(shape).numel() * 2
-        if cur and size + nb > bucket_bytes:
-            out.append(cur)
-            cur, size = [], 0
-        cur.append((name, shape))
-        size += nb
-    if cur:
-        out.append(cur)
-    return out
+def _buckets(specs, bucket_bytes: int) -> list[list[tuple[str, tuple]]]:
+    """(name, shape) specs of bf16 tensors, grouped as a trainer's `iter_buckets` groups them."""
+    meta = [(name, torch.empty(shape, dtype=torch.bfloat16, device="meta")) for name, shape in specs]
+    return [[(name, tuple(t.shape)) for name, t in bucket] for bucket in iter_buckets(meta, bucket_bytes)]
 
 
 def bench_distributed(shape: str, engine, max_bytes: int, bucket_bytes: int = 256 << 20) -> None:

@@ -80,3 +80,17 @@ def test_one_launch_copy_serves_hf_weights(tiny_qwen3, tiny_qwen3_v2):
         prompt = prompt_ids(7, 21)
         out = engine.generate(input_ids=prompt, sampling_params={"max_new_tokens": 8, "temperature": 0, "ignore_eos": True})
     assert out["output_ids"] == hf_greedy(tiny_qwen3_v2, prompt, 8)[0]
+
+
+def test_one_launch_copy_leaves_the_rest_to_the_per_tensor_path(tiny_qwen3, monkeypatch):
+    """Targets the kernel cannot write (here: the norms, made not to qualify) go through the per-tensor
+    copies in the same call; every tensor lands."""
+    real = fast_copy._qualifies
+    monkeypatch.setattr(fast_copy, "_qualifies", lambda target, dtype: real(target, dtype) and "norm" not in target.slot.hf_name)
+    with Engine(str(tiny_qwen3), device="cuda", dtype="bfloat16") as engine:
+        named = _random_like(engine, 7)
+        assert engine.update_weights_from_tensor(named).success
+        _assert_loaded(engine, named)
+        multi = engine.scheduler.weight_updater.tensor_plans.plans[tuple(n for n, _ in named)].multi
+        norms = [i for i, (n, _) in enumerate(named) if "norm" in n]
+        assert norms and multi.rest == norms and len(multi.rows) == len(named) - len(norms)

@@ -33,7 +33,7 @@ try:
 except ImportError:  # CPU-only machines: no kernel is launched there
     triton = None
 
-_ENABLED = os.environ.get("HOTSWAP_PDL", "1") != "0"
+_ENABLED = os.environ.get("HOTSWAP_PDL", "1") != "0" and os.environ.get("TRITON_INTERPRET", "0") != "1"
 MAX_ROWS = int(os.environ.get("HOTSWAP_PDL_MAX_ROWS", "64"))
 #: Signal the next kernel before this one's wait rather than after it (each still waits before reading
 #: what the previous one wrote).
@@ -44,7 +44,7 @@ _CAPABLE: dict[int, bool] = {}
 def enabled(device: torch.device, rows: int) -> bool:
     """Whether a kernel over `rows` tokens on `device` is launched with PDL (a CUDA device of compute
     capability 9.0+)."""
-    if not _ENABLED or rows > MAX_ROWS or device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if not _ENABLED or rows > MAX_ROWS or device.type != "cuda":
         return False
     idx = device.index if device.index is not None else torch.cuda.current_device()
     ok = _CAPABLE.get(idx)

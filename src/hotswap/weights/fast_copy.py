@@ -56,6 +56,7 @@ class _MultiCopy:
     """Device tables of the one-launch copy for a plan's eligible targets (rows in item order)."""
 
     rows: list[int]  # indices into the matched items
+    rest: list[int]  # the items it leaves to the per-tensor path
     base: torch.Tensor  # int32 view of the first destination: the kernel addresses everything from it
     dst_offsets: torch.Tensor  # int64 [n], in int32 words from base
     sizes: torch.Tensor  # int64 [n], in int32 words
@@ -74,8 +75,7 @@ class TensorPlan:
     shapes: list[torch.Size]  # the incoming shapes this plan was checked with
     dtypes: frozenset  # the incoming dtypes it was checked with (all floating point)
     kept: list[int] | None  # entries with a target, or None when every entry has one
-    multi: _MultiCopy | None = None
-    multi_built: bool = False
+    multi: _MultiCopy | None  # the one-launch tables for its targets (None: none qualify, or not CUDA)
 
 
 @dataclass(slots=True)
@@ -118,7 +118,8 @@ class TensorPlanCache:
             targets.append(None if slot is None else _Target(slot, slot.dest, torch.Size(slot.hf_shape), slot.dtype, slot.is_full,
                                                              slot.dest.numel() * slot.dest.element_size()))
         kept = None if all(t is not None for t in targets) else [i for i, t in enumerate(targets) if t is not None]
-        plan = TensorPlan(targets, list(map(_SHAPE, tensors)), frozenset(map(_DTYPE, tensors)), kept)
+        plan = TensorPlan(targets, list(map(_SHAPE, tensors)), frozenset(map(_DTYPE, tensors)), kept,
+                          build_multi([t for t in targets if t is not None]))
         self.plans[names] = plan
         while len(self.plans) > self.max_entries:
             self.plans.popitem(last=False)
@@ -172,33 +173,38 @@ if triton is not None:
         tl.store(BASE + dst + offs, tl.load(BASE + src + offs, mask=mask), mask=mask)
 
 
-def _build_multi(items: list[tuple[str, _Target, torch.Tensor]]) -> _MultiCopy | None:
-    """The one-launch tables for the items whose targets qualify (whole tensor, contiguous, aligned, the
-    dtype most of them have), or None when too few do or this is not a CUDA engine with Triton."""
-    if triton is None or not items or not items[0][1].dest.is_cuda:
+def _qualifies(target: _Target, dtype: torch.dtype) -> bool:
+    """Whether the one-launch copy can write this target: the whole tensor, contiguous, 16-byte aligned."""
+    return (target.full and target.dtype is dtype and target.dest.is_contiguous() and target.dest.data_ptr() % _ALIGN == 0
+            and target.nbytes % _ALIGN == 0)
+
+
+def build_multi(targets: list[_Target]) -> _MultiCopy | None:
+    """The one-launch tables for the targets that qualify (in the dtype of the first), or None when fewer
+    than two do or this is not a CUDA engine with Triton."""
+    if triton is None or not targets or not targets[0].dest.is_cuda:
         return None
-    dtype = items[0][1].dtype
-    rows = [i for i, (_, t, _) in enumerate(items)
-            if t.full and t.dtype is dtype and t.dest.is_contiguous() and t.dest.data_ptr() % _ALIGN == 0 and t.nbytes % _ALIGN == 0]
+    rows = [i for i, t in enumerate(targets) if _qualifies(t, targets[0].dtype)]
     if len(rows) < 2:
         return None
-    dests = [items[i][1].dest for i in rows]
+    dests = [targets[i].dest for i in rows]
     base = dests[0].view(-1).view(torch.int32)
     base_addr = base.data_ptr()
     sizes = [d.numel() * d.element_size() // 4 for d in dests]
-    chunks = [max(1, -(-n // _CHUNK)) for n in sizes]
     first, owner = [], []
-    for r, c in enumerate(chunks):
+    for r, n in enumerate(sizes):
         first.append(len(owner))
-        owner.extend([r] * c)
+        owner.extend([r] * max(1, -(-n // _CHUNK)))
     device = base.device
 
     def dev(values: list[int], dt: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dt).to(device)
 
-    return _MultiCopy(rows=rows, base=base, dst_offsets=dev([(d.data_ptr() - base_addr) // 4 for d in dests], torch.int64),
+    done = set(rows)
+    return _MultiCopy(rows=rows, rest=[i for i in range(len(targets)) if i not in done], base=base,
+                      dst_offsets=dev([(d.data_ptr() - base_addr) // 4 for d in dests], torch.int64),
                       sizes=dev(sizes, torch.int64), owner=dev(owner, torch.int32), first=dev(first, torch.int32),
-                      dtype=dtype, device_index=device.index, nbytes=sum(sizes) * 4)
+                      dtype=targets[0].dtype, device_index=device.index, nbytes=sum(sizes) * 4)
 
 
 def _copy_multi(multi: _MultiCopy, matched: MatchedTensors) -> bool:
@@ -206,7 +212,7 @@ def _copy_multi(multi: _MultiCopy, matched: MatchedTensors) -> bool:
     target, contiguous, on this device, 16-byte aligned); False (nothing launched) otherwise."""
     tensors = matched.tensors
     srcs = [tensors[i] for i in multi.rows] if len(multi.rows) != len(tensors) else tensors
-    if ({t.dtype for t in srcs} != {multi.dtype} or not all(map(torch.Tensor.is_contiguous, srcs))
+    if (set(map(_DTYPE, srcs)) != {multi.dtype} or not all(map(torch.Tensor.is_contiguous, srcs))
             or set(map(torch.Tensor.get_device, srcs)) != {multi.device_index}):
         return False
     ptrs = list(map(torch.Tensor.data_ptr, srcs))
@@ -228,15 +234,9 @@ def copy_into(matched: MatchedTensors, small_bytes: int | None = None, streams: 
     each, spread over `streams` streams (the current one and side streams that wait for it first and that
     it waits for at the end), so one copy's ramp-down overlaps the next one's ramp-up. Callers see the
     usual semantics: everything is ordered on the current stream."""
-    items, plan = matched.items, matched.plan
-    if one_launch and items:
-        if not plan.multi_built:
-            plan.multi, plan.multi_built = _build_multi(items), True
-        if plan.multi is not None and _copy_multi(plan.multi, matched):
-            if len(plan.multi.rows) == len(items):
-                return plan.multi.nbytes
-            done = set(plan.multi.rows)
-            return plan.multi.nbytes + _copy_each([item for i, item in enumerate(items) if i not in done], small_bytes, streams)
+    items, multi = matched.items, matched.plan.multi
+    if one_launch and multi is not None and _copy_multi(multi, matched):
+        return multi.nbytes + _copy_each([items[i] for i in multi.rest], small_bytes, streams)
     return _copy_each(items, small_bytes, streams)
 
 
