@@ -41,6 +41,17 @@ def test_greedy_parity_ragged_batch(family, request):
         assert_idle_invariants(engine)
 
 
+def test_one_generate_call_is_admitted_at_once(tiny_qwen3):
+    """A list of prompts reaches the scheduler as one message: the first step prefills them all, so 16
+    prompts of 4 new tokens take 4 steps (submitted one by one, the first steps would see a few)."""
+    prompts = [prompt_ids(300 + i, 6) for i in range(16)]
+    with make_engine(tiny_qwen3) as engine:
+        before = engine.scheduler.stats["steps"]
+        outs = engine.generate(input_ids=prompts, sampling_params=dict(GREEDY, max_new_tokens=4))
+        assert [len(o["output_ids"]) for o in outs] == [4] * 16
+        assert engine.scheduler.stats["steps"] - before == 4
+
+
 def test_shared_prefix_hits_cache_and_matches(tiny_qwen3):
     prefix = prompt_ids(100, 64)
     prompts = [prefix + prompt_ids(200 + i, 5) for i in range(3)]

@@ -42,6 +42,14 @@ class GenerateRequest:
 
 
 @dataclass(kw_only=True, slots=True)
+class GenerateBatch:
+    """Several requests submitted at once (one `generate` call over a list of prompts): the scheduler
+    admits them together, so the first step prefills them all instead of whatever had arrived."""
+
+    requests: list[GenerateRequest]
+
+
+@dataclass(kw_only=True, slots=True)
 class AbortRequest:
     rid: str | None = None  # None aborts every request
     message: str = "aborted by request"

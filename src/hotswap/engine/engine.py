@@ -188,12 +188,21 @@ class Engine:
         with self._rng_lock:
             return self._rng.getrandbits(62)
 
+    @staticmethod
+    def _request(ids: list[int], sp: SamplingParams, seed: int, sink, stream: bool = False) -> p.GenerateRequest:
+        return p.GenerateRequest(rid=uuid.uuid4().hex, input_ids=ids, sampling_params=sp, seed=seed, sink=sink,
+                                 stream=stream, stream_text=stream or bool(sp.stop))
+
     def _submit(self, ids: list[int], sp: SamplingParams, seed: int, sink, stream: bool = False) -> _Collector:
-        rid = uuid.uuid4().hex
-        req = p.GenerateRequest(rid=rid, input_ids=ids, sampling_params=sp, seed=seed, sink=sink,
-                                stream=stream, stream_text=stream or bool(sp.stop))
+        req = self._request(ids, sp, seed, sink, stream)
         self.scheduler.submit(req)
-        return _Collector(rid=rid, return_logprob=sp.return_logprob)
+        return _Collector(rid=req.rid, return_logprob=sp.return_logprob)
+
+    def _submit_all(self, jobs: list, sink_for) -> list[_Collector]:
+        """All of one call's requests in one message; `sink_for(i)` is the i-th request's sink."""
+        reqs = [self._request(ids, sp, seed, sink_for(i)) for i, (ids, sp, seed) in enumerate(jobs)]
+        self.scheduler.submit(p.GenerateBatch(requests=reqs))
+        return [_Collector(rid=r.rid, return_logprob=r.sampling_params.return_logprob) for r in reqs]
 
     def generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool = False,
                  top_logprobs_num: int = 0, stream: bool = False):
@@ -203,9 +212,7 @@ class Engine:
         if stream:
             return self._stream(*jobs[0])
         q: queue.Queue = queue.Queue()
-        collectors = []
-        for idx, (ids, sp, seed) in enumerate(jobs):
-            collectors.append(self._submit(ids, sp, seed, lambda out, i=idx: q.put((i, out))))
+        collectors = self._submit_all(jobs, lambda i: lambda out: q.put((i, out)))
         remaining = len(collectors)
         while remaining:
             i, out = q.get()
@@ -237,9 +244,7 @@ class Engine:
             return self._astream(*jobs[0])
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        collectors = []
-        for idx, (ids, sp, seed) in enumerate(jobs):
-            collectors.append(self._submit(ids, sp, seed, lambda out, i=idx: loop.call_soon_threadsafe(q.put_nowait, (i, out))))
+        collectors = self._submit_all(jobs, lambda i: lambda out: loop.call_soon_threadsafe(q.put_nowait, (i, out)))
         remaining = len(collectors)
         try:
             while remaining:

@@ -1,5 +1,5 @@
 """Fused elementwise kernels for the decoder (Triton, CUDA only): add + RMSNorm, per-head RMSNorm +
-rotary for q and k, SiLU-and-mul. Each replaces a chain of small PyTorch kernels whose launches
+rotary for q and k, SiLU-and-mul, and the embedding lookup of inputs that are still on the device. Each replaces a chain of small PyTorch kernels whose launches
 dominate a decode step at small batch. The PyTorch layers in hotswap.models.layers remain the
 reference (CPU) path and the tests compare the two.
 """
@@ -106,6 +106,19 @@ if triton is not None:
         s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
         tl.store(Y + row * stride_y + cols, s * u, mask=mask)
 
+    @triton.jit
+    def _embed_kernel(IDS, SRC, PREV, W, Y, stride_w, stride_y, n_cols, BLOCK: tl.constexpr):
+        """Row t's token is PREV[SRC[t]] when SRC[t] >= 0 (sampled by the previous step, not yet on the
+        host), else IDS[t]; Y[t] = W[token]."""
+        row = tl.program_id(0)
+        src = tl.load(SRC + row)
+        tok = tl.load(IDS + row)
+        if src >= 0:
+            tok = tl.load(PREV + src)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        tl.store(Y + row * stride_y + cols, tl.load(W + tok * stride_w + cols, mask=mask), mask=mask)
+
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
     """y = weight * norm(x [+ residual]); with a residual, it is updated in place to x + residual."""
@@ -155,3 +168,14 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     _silu_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](x2, y, x2.stride(0), y.stride(0), n, BLOCK=block, num_warps=4,
                                                            USE_PDL=use_pdl, launch_pdl=use_pdl)
     return y.view(*x.shape[:-1], n)
+
+
+def embed_pending(ids: torch.Tensor, src: torch.Tensor, prev: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Embedding rows for ids [T], where src [T] >= 0 takes the token from prev[src] instead: the inputs a
+    CUDA graph step takes from the step still in flight, resolved inside the graph."""
+    T, n = ids.shape[0], weight.shape[1]
+    y = torch.empty((T, n), dtype=weight.dtype, device=weight.device)
+    block = min(triton.next_power_of_2(n), 4096)
+    _embed_kernel[(T, triton.cdiv(n, block))](ids, src, prev, weight, y, weight.stride(0), y.stride(0), n, BLOCK=block,
+                                               num_warps=4)
+    return y

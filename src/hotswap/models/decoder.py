@@ -87,7 +87,7 @@ class DecoderModel(nn.Module):
         self.rotary = rotary
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x, residual = self.embed_tokens.embed(input_ids), None
+        x, residual = self.embed_tokens.embed(input_ids, ctx.input_src, ctx.prev_ids), None
         for layer in self.layers:
             x, residual = layer(x, residual, ctx)
         x, _ = self.norm.forward_residual(x, residual)

@@ -116,7 +116,10 @@ class VocabEmbedding(nn.Module):
         length = max(0, min(self.shard_len, vocab_size - self.start))
         self.weight = _param((self.shard_len, hidden), dtype, {None: ShardSpec(0, 0, length, 0, self.start, length, (vocab_size, hidden))})
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, src: torch.Tensor | None = None, prev: torch.Tensor | None = None) -> torch.Tensor:
+        """`src`/`prev` (CUDA graphs, one rank): rows with src >= 0 embed prev[src] instead of ids."""
+        if src is not None:
+            return fused.embed_pending(ids, src, prev, self.weight)
         if self.tp.size == 1:
             return F.embedding(ids, self.weight)
         local = ids - self.start

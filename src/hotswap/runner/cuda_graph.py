@@ -16,6 +16,7 @@ import torch
 from hotswap.runner.extend_graph import ExtendGraphRunner
 from hotswap.runner.forward_context import ForwardContext
 from hotswap.runner.host_batch import HostBatch
+from hotswap.runner.staged_inputs import StagedInputs
 
 if TYPE_CHECKING:
     from hotswap.runner.batch_entry import BatchEntry
@@ -33,7 +34,9 @@ class CudaGraphRunner:
         self.max_pages = -(-runner.model_config.max_position_embeddings // runner.pool.page_size)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
-        self.buffers: dict[str, torch.Tensor] = {}
+        self.inputs: StagedInputs | None = None
+        self.cu_seqlens_q: torch.Tensor | None = None
+        self.prev_ids: torch.Tensor | None = None
         self.extend = ExtendGraphRunner(runner, self.max_batch, self.max_pages)
         self.warmed = False
 
@@ -49,29 +52,30 @@ class CudaGraphRunner:
         return self.captured and self.extend.can_run(entries)
 
     def run_extend(self, entries: list[BatchEntry], prev_token_ids: torch.Tensor | None) -> torch.Tensor:
-        return self.extend.run(entries, prev_token_ids)
+        self._load_prev(prev_token_ids)
+        return self.extend.run(entries)
 
     def _alloc_buffers(self) -> None:
-        dev, n = self.runner.device, self.max_batch
-        pool = self.runner.pool
-        self.buffers = {
-            "input_ids": torch.zeros(n, dtype=torch.int64, device=dev),
-            "positions": torch.zeros(n, dtype=torch.int64, device=dev),
-            "slot_mapping": torch.full((n,), pool.scratch_slot, dtype=torch.int64, device=dev),
-            "page_table": torch.full((n, self.max_pages), pool.scratch_page, dtype=torch.int32, device=dev),
-            "seq_lens": torch.ones(n, dtype=torch.int32, device=dev),
-            "cu_seqlens_q": torch.arange(n + 1, dtype=torch.int32, device=dev),
-        }
-        # two pinned staging sets, alternating: with one step in flight, the set a step reuses belongs to the
-        # step before the in-flight one, whose copies finished when its sampled ids were read back
-        self.staging = [{name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for name, t in self.buffers.items()} for _ in range(2)]
-        self.step = 0
+        dev, n, w = self.runner.device, self.max_batch, self.max_pages
+        self.inputs = StagedInputs({
+            "input_ids": ((n,), torch.int64), "positions": ((n,), torch.int64), "slot_mapping": ((n,), torch.int64),
+            "input_src": ((n,), torch.int64), "seq_lens": ((n,), torch.int32), "page_table": ((n, w), torch.int32),
+        }, dev)
+        self.cu_seqlens_q = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        # the previous step's sampled ids: the decode graphs write their argmax here, other steps' ids are copied in
+        self.prev_ids = torch.zeros(max(n, self.runner.config.max_running_requests), dtype=torch.int64, device=dev)
+
+    def _load_prev(self, prev_token_ids: torch.Tensor | None) -> None:
+        """Make `prev_ids` hold the previous step's sampled ids (already there after a decode graph step)."""
+        if prev_token_ids is not None and prev_token_ids.data_ptr() != self.prev_ids.data_ptr():
+            self.prev_ids[: len(prev_token_ids)].copy_(prev_token_ids)
 
     def _context(self, bs: int) -> ForwardContext:
-        b = self.buffers
-        return ForwardContext(positions=b["positions"][:bs], slot_mapping=b["slot_mapping"][:bs], page_table=b["page_table"][:bs],
-                              cu_seqlens_q=b["cu_seqlens_q"][: bs + 1], seq_lens=b["seq_lens"][:bs], max_q_len=1, is_decode=True,
-                              attention=self.runner.attention, skinny_matmul=self.runner.use_skinny_matmul(bs))
+        d = self.inputs.device
+        return ForwardContext(positions=d["positions"][:bs], slot_mapping=d["slot_mapping"][:bs], page_table=d["page_table"][:bs],
+                              cu_seqlens_q=self.cu_seqlens_q[: bs + 1], seq_lens=d["seq_lens"][:bs], max_q_len=1, is_decode=True,
+                              attention=self.runner.attention, skinny_matmul=self.runner.use_skinny_matmul(bs),
+                              input_src=d["input_src"][:bs], prev_ids=self.prev_ids)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -79,17 +83,24 @@ class CudaGraphRunner:
         model = self.runner.model
         self.pool = torch.cuda.graph_pool_handle()
         self.outputs: dict[int, torch.Tensor] = {}
+        d = self.inputs.device
+        d["input_src"].fill_(-1)
+        d["slot_mapping"].fill_(self.runner.pool.scratch_slot)
+        d["seq_lens"].fill_(1)
+        d["page_table"].fill_(self.runner.pool.scratch_page)
         for bs in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory
             ctx = self._context(bs)
-            ids = self.buffers["input_ids"][:bs]
+            ids, greedy = d["input_ids"][:bs], self.prev_ids[:bs]
             if not self.warmed:  # first capture only (Triton compiles, cuBLAS handles); a resume recaptures without it
-                model.compute_logits(model(ids, ctx))
+                torch.argmax(model.compute_logits(model(ids, ctx)), dim=-1, out=greedy)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
+                # the greedy choice is taken inside the graph: no launch of its own between steps
                 self.outputs[bs] = model.compute_logits(model(ids, ctx))
+                torch.argmax(self.outputs[bs], dim=-1, out=greedy)
             self.graphs[bs] = graph
-        self.extend.capture(self.pool, warm=not self.warmed)
+        self.extend.capture(self.pool, warm=not self.warmed, prev_ids=self.prev_ids)
         self.warmed = True
         torch.cuda.synchronize()
 
@@ -97,30 +108,34 @@ class CudaGraphRunner:
         self.extend.release()
         self.graphs.clear()
         self.outputs = {}
-        self.buffers = {}
-        self.staging = []
+        self.inputs = None
+        self.cu_seqlens_q = self.prev_ids = None
         self.pool = None
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
 
-    def run(self, entries: list[BatchEntry], prev_token_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def run(self, entries: list[BatchEntry], prev_token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [n, V], greedy ids [n]) of a decode batch. The ids are a view of `prev_ids`: valid until
+        the next decode graph step, which is after the caller has read them back."""
         n = len(entries)
         bs = self.buckets[bisect.bisect_left(self.buckets, n)]
         pool = self.runner.pool
         hb = HostBatch.build(entries, pool.page_size, width=self.max_pages, pad_page=pool.scratch_page)
-        b = self.buffers
-        staging = self.staging[self.step % 2]
-        self.step += 1
-        for name in ("input_ids", "positions", "slot_mapping", "seq_lens", "page_table"):
-            staged = staging[name][:n]
-            staged.numpy()[...] = getattr(hb, name)
-            b[name][:n].copy_(staged, non_blocking=True)
+        h = self.inputs.stage()
+        h["input_ids"][:n] = hb.input_ids
+        h["positions"][:n] = hb.positions
+        h["slot_mapping"][:n] = hb.slot_mapping
+        h["seq_lens"][:n] = hb.seq_lens
+        h["page_table"][:n] = hb.page_table
+        h["input_src"][:bs] = -1
         if bs > n:  # padded rows: length 1 over the scratch page
-            b["slot_mapping"][n:bs].fill_(pool.scratch_slot)
-            b["seq_lens"][n:bs].fill_(1)
-            b["page_table"][n:bs].fill_(pool.scratch_page)
-        fix = self.runner.pending_inputs(entries, range(n))  # decode: one input row per entry
+            h["slot_mapping"][n:bs] = pool.scratch_slot
+            h["seq_lens"][n:bs] = 1
+            h["page_table"][n:bs, 0] = pool.scratch_page
+        fix = self.runner.pending_rows(entries, range(n))  # decode: one input row per entry
         if fix is not None:
-            b["input_ids"][fix[0]] = prev_token_ids[fix[1]]
+            h["input_src"][fix[0]] = fix[1]
+        self.inputs.upload(bs)
+        self._load_prev(prev_token_ids)
         self.graphs[bs].replay()
-        return self.outputs[bs][:n]
+        return self.outputs[bs][:n], self.prev_ids[:n]

@@ -19,6 +19,7 @@ import torch
 
 from hotswap.runner.forward_context import ForwardContext
 from hotswap.runner.host_batch import HostBatch, prefill_tiles
+from hotswap.runner.staged_inputs import StagedInputs
 
 if TYPE_CHECKING:
     from hotswap.runner.batch_entry import BatchEntry
@@ -42,10 +43,9 @@ class ExtendGraphRunner:
         tp = runner.tp.size
         self.tile_tokens = prefill_tile_tokens(mc.head_dim, mc.num_heads // tp, max(1, mc.num_kv_heads // tp), mc.torch_dtype)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.buffers: dict[str, torch.Tensor] = {}
+        self.inputs: StagedInputs | None = None
         self.hidden: torch.Tensor | None = None
-        self.staging: list[dict[str, torch.Tensor]] = []
-        self.step = 0
+        self.prev_ids: torch.Tensor | None = None
 
     def can_run(self, entries: list[BatchEntry]) -> bool:
         return (self.max_tokens > 0 and len(entries) <= self.max_seqs
@@ -56,40 +56,40 @@ class ExtendGraphRunner:
         return -(-tokens // self.tile_tokens) + min(tokens, self.max_seqs)
 
     def _alloc_buffers(self) -> None:
-        dev, t, s = self.runner.device, self.max_tokens, self.max_seqs
-        shapes = {
-            "input_ids": ((t,), torch.int64), "positions": ((t,), torch.int64), "slot_mapping": ((t,), torch.int64),
-            "page_table": ((s, self.max_pages), torch.int32), "cu_seqlens_q": ((s + 1,), torch.int32),
-            "seq_lens": ((s,), torch.int32), "logits_indices": ((s,), torch.int64),
-            "tiles": ((2 * self._max_tiles(t),), torch.int32),
-        }
-        self.buffers = {name: torch.zeros(shape, dtype=dtype, device=dev) for name, (shape, dtype) in shapes.items()}
-        self.hidden = torch.zeros((t, self.runner.model_config.hidden_size), dtype=self.runner.model_config.torch_dtype, device=dev)
-        # two pinned sets, alternating: one step is in flight while the next is staged (see CudaGraphRunner)
-        self.staging = [{name: torch.empty(shape, dtype=dtype, pin_memory=True) for name, (shape, dtype) in shapes.items()}
-                        for _ in range(2)]
+        t, s = self.max_tokens, self.max_seqs
+        # per-sequence fields first, the page table last: a step uploads them with one copy (StagedInputs)
+        self.inputs = StagedInputs({
+            "cu_seqlens_q": ((s + 1,), torch.int32), "seq_lens": ((s,), torch.int32), "logits_indices": ((s,), torch.int64),
+            "tiles": ((2 * self._max_tiles(t),), torch.int32), "input_ids": ((t,), torch.int64),
+            "positions": ((t,), torch.int64), "slot_mapping": ((t,), torch.int64), "input_src": ((t,), torch.int64),
+            "page_table": ((s, self.max_pages), torch.int32),
+        }, self.runner.device)
+        mc = self.runner.model_config
+        self.hidden = torch.zeros((t, mc.hidden_size), dtype=mc.torch_dtype, device=self.runner.device)
 
     def _context(self, tokens: int) -> ForwardContext:
-        b, n_tiles = self.buffers, self._max_tiles(tokens)
+        d, n_tiles = self.inputs.device, self._max_tiles(tokens)
         return ForwardContext(
-            positions=b["positions"][:tokens], slot_mapping=b["slot_mapping"][:tokens], page_table=b["page_table"],
-            cu_seqlens_q=b["cu_seqlens_q"], seq_lens=b["seq_lens"], max_q_len=tokens, is_decode=False,
+            positions=d["positions"][:tokens], slot_mapping=d["slot_mapping"][:tokens], page_table=d["page_table"],
+            cu_seqlens_q=d["cu_seqlens_q"], seq_lens=d["seq_lens"], max_q_len=tokens, is_decode=False,
             attention=self.runner.attention, skinny_matmul=self.runner.use_skinny_matmul(tokens),
-            prefill_tiles=b["tiles"][: 2 * n_tiles].view(2, n_tiles),
+            prefill_tiles=d["tiles"][: 2 * n_tiles].view(2, n_tiles), input_src=d["input_src"][:tokens], prev_ids=self.prev_ids,
         )
 
-    def _stage(self, entries: list[BatchEntry], tokens: int) -> tuple[int, tuple | None]:
-        """Copy this batch, padded to the bucket, into the graph's input buffers; returns the number of
-        sampled rows and the inputs still on the device (`ModelRunner.pending_inputs`)."""
+    def _stage(self, entries: list[BatchEntry], tokens: int) -> int:
+        """Stage this batch, padded to the bucket, and upload it into the graph's inputs; returns the
+        number of sampled rows. Inputs still on the device are marked in `input_src`."""
         pool = self.runner.pool
         hb = HostBatch.build(entries, pool.page_size, width=self.max_pages, pad_page=pool.scratch_page)
         n, t, seqs = len(entries), len(hb.input_ids), self.max_seqs
-        staging = self.staging[self.step % 2]
-        self.step += 1
-        host = {name: staging[name].numpy() for name in staging}
+        host = self.inputs.stage()
         host["input_ids"][:t], host["input_ids"][t:tokens] = hb.input_ids, 0
         host["positions"][:t], host["positions"][t:tokens] = hb.positions, 0
         host["slot_mapping"][:t], host["slot_mapping"][t:tokens] = hb.slot_mapping, pool.scratch_slot
+        host["input_src"][:tokens] = -1
+        fix = self.runner.pending_rows(entries, hb.cu_seqlens_q[:-1])
+        if fix is not None:
+            host["input_src"][fix[0]] = fix[1]
         host["page_table"][:n] = hb.page_table
         host["cu_seqlens_q"][: n + 1], host["cu_seqlens_q"][n + 1 : seqs + 1] = hb.cu_seqlens_q, t
         host["seq_lens"][:n], host["seq_lens"][n:seqs] = hb.seq_lens, 0
@@ -97,37 +97,35 @@ class ExtendGraphRunner:
         host["logits_indices"][:sampled] = hb.logits_indices
         n_tiles = self._max_tiles(tokens)
         host["tiles"][: 2 * n_tiles] = prefill_tiles(hb.cu_seqlens_q, hb.seq_lens, self.tile_tokens, n_tiles).reshape(-1)
-        sizes = {"input_ids": tokens, "positions": tokens, "slot_mapping": tokens, "page_table": n,
-                 "cu_seqlens_q": seqs + 1, "seq_lens": seqs, "logits_indices": sampled, "tiles": 2 * n_tiles}
-        for name, size in sizes.items():
-            self.buffers[name][:size].copy_(staging[name][:size], non_blocking=True)
-        fix = self.runner.pending_inputs(entries, hb.cu_seqlens_q[:-1])
-        return sampled, fix
+        self.inputs.upload(n)
+        return sampled
 
-    def run(self, entries: list[BatchEntry], prev_token_ids: torch.Tensor | None) -> torch.Tensor:
-        """Logits of the sampled entries, in order."""
+    def run(self, entries: list[BatchEntry]) -> torch.Tensor:
+        """Logits of the sampled entries, in order; inputs still on the device are read from `prev_ids`,
+        which the caller has filled."""
         total = sum(len(e.input_ids) for e in entries)
         tokens = self.token_buckets[bisect.bisect_left(self.token_buckets, total)]
-        sampled, fix = self._stage(entries, tokens)
-        if fix is not None:
-            self.buffers["input_ids"][fix[0]] = prev_token_ids[fix[1]]
+        sampled = self._stage(entries, tokens)
         self.graphs[tokens].replay()  # every bucket was captured with the decode graphs
-        return self.runner.model.compute_logits(self.hidden[self.buffers["logits_indices"][:sampled]])
+        return self.runner.model.compute_logits(self.hidden[self.inputs.device["logits_indices"][:sampled]])
 
-    def capture(self, pool: tuple, warm: bool) -> None:
+    def capture(self, pool: tuple, warm: bool, prev_ids: torch.Tensor) -> None:
         """Every bucket, largest first (smaller graphs reuse its pool memory), over an all-padding batch:
-        no sequence, every token row writing the scratch page."""
+        no sequence, every token row writing the scratch page. `prev_ids`: the decode graphs' buffer of
+        the previous step's sampled ids."""
         if self.max_tokens <= 0:
             return
-        if not self.buffers:
+        self.prev_ids = prev_ids
+        if self.inputs is None:
             self._alloc_buffers()
-        b, kv = self.buffers, self.runner.pool
-        b["input_ids"].zero_()
-        b["positions"].zero_()
-        b["slot_mapping"].fill_(kv.scratch_slot)
-        b["cu_seqlens_q"].zero_()
-        b["seq_lens"].zero_()
-        b["tiles"].fill_(-1)
+        d, kv = self.inputs.device, self.runner.pool
+        d["input_ids"].zero_()
+        d["positions"].zero_()
+        d["input_src"].fill_(-1)
+        d["slot_mapping"].fill_(kv.scratch_slot)
+        d["cu_seqlens_q"].zero_()
+        d["seq_lens"].zero_()
+        d["tiles"].fill_(-1)
         for tokens in reversed(self.token_buckets):
             self._capture(tokens, pool, warm)
 
@@ -136,7 +134,7 @@ class ExtendGraphRunner:
         """`warm`: run once outside the graph first (first launches); that run recomputes what the staged
         batch's step will write, into the same slots, so it changes nothing."""
         model, ctx = self.runner.model, self._context(tokens)
-        ids, hidden = self.buffers["input_ids"][:tokens], self.hidden[:tokens]
+        ids, hidden = self.inputs.device["input_ids"][:tokens], self.hidden[:tokens]
         if warm:
             hidden.copy_(model(ids, ctx))
         graph = torch.cuda.CUDAGraph()
@@ -147,6 +145,5 @@ class ExtendGraphRunner:
 
     def release(self) -> None:
         self.graphs.clear()
-        self.buffers = {}
-        self.hidden = None
-        self.staging = []
+        self.inputs = None
+        self.hidden = self.prev_ids = None

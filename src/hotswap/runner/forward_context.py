@@ -19,6 +19,8 @@ class ForwardContext:
     length after this step is seq_lens[b]; slot_mapping[t] is the flat cache slot (page * page_size +
     offset) where token t's K and V are written. `skinny_matmul` routes the layer matmuls through the
     fused batch-1 kernels (one row, half precision, CUDA); the runner decides it per batch shape.
+    Under CUDA graphs, token t whose `input_src[t]` >= 0 takes its input id from `prev_ids[input_src[t]]`
+    (sampled by the step still in flight) instead of input_ids[t].
     """
 
     positions: torch.Tensor
@@ -31,3 +33,5 @@ class ForwardContext:
     attention: AttentionBackend
     skinny_matmul: bool = False
     prefill_tiles: torch.Tensor | None = None  # the prefill kernel's work list under extend CUDA graphs
+    input_src: torch.Tensor | None = None  # int64 [T]: row of prev_ids holding the input, or -1
+    prev_ids: torch.Tensor | None = None  # int64: the previous step's sampled ids

@@ -156,17 +156,9 @@ class ModelRunner:
             needs_logprobs=needs_logprobs, max_top_logprobs=max_top,
         )
 
-    def pending_inputs(self, entries: list[BatchEntry], row_offsets) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(destination rows in input_ids, source rows in the previous step's sampled ids) for inputs
-        that are still on the device, as device index tensors; None when every input is known."""
-        rows = self.pending_rows(entries, row_offsets)
-        if rows is None:
-            return None
-        idx = self.to_device(rows)
-        return idx[0], idx[1]
-
     def pending_rows(self, entries: list[BatchEntry], row_offsets) -> np.ndarray | None:
-        """`pending_inputs` on the host: int64 [2, k], or None."""
+        """The inputs still on the device (sampled by the step in flight): int64 [2, k] of (row in this
+        batch's input_ids, row in the previous step's sampled ids), or None when every input is known."""
         pairs = [(int(row_offsets[i]), e.prev_row) for i, e in enumerate(entries) if e.prev_row >= 0]
         return np.array(pairs, dtype=np.int64).T.copy() if pairs else None
 
@@ -176,8 +168,9 @@ class ModelRunner:
         `prev_row` are filled on the device from `prev_token_ids` (the step before, still in flight)."""
         to_sample = [e for e in entries if e.sample]
         graphs = self.cuda_graphs
+        greedy_ids = None
         if graphs is not None and graphs.can_run(entries):
-            logits = graphs.run(entries, prev_token_ids)
+            logits, greedy_ids = graphs.run(entries, prev_token_ids)
         elif graphs is not None and graphs.can_run_extend(entries):
             logits = graphs.run_extend(entries, prev_token_ids)
             if not to_sample:
@@ -191,7 +184,7 @@ class ModelRunner:
                 logits = self.tp_peers.forward(self.forward, hb, fix, prev_token_ids)
             if logits is None:
                 return None
-        result = sample(logits, self.sampling_batch(to_sample))
+        result = sample(logits, self.sampling_batch(to_sample), greedy_ids)
         if self.tp_peers is not None:
             self.tp_peers.send_sampled(result.token_ids)
         result.copy_to_host()

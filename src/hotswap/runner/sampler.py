@@ -75,13 +75,15 @@ class SampleResult:
         return tuple(t.tolist() if t is not None else None for t in self.host)
 
 
-def sample(logits: torch.Tensor, sb: SamplingBatch) -> SampleResult:
+def sample(logits: torch.Tensor, sb: SamplingBatch, greedy_ids: torch.Tensor | None = None) -> SampleResult:
     """logits [B, V] in the model's dtype -> chosen ids and their logprobs under the unmodified distribution.
+    `greedy_ids`: the argmax of these logits when already taken (inside a decode CUDA graph).
 
     Greedy ids come from the logits as they are (casting to float32 is exact, so the argmax is the same);
     temperature sampling and logprobs work in float32. A greedy batch without logprobs never pays for the
     float32 copy of its [B, V] logits (at batch 256 on a 152K vocabulary, 155 MB written and read again)."""
-    greedy_ids = logits.argmax(dim=-1)
+    if greedy_ids is None:
+        greedy_ids = logits.argmax(dim=-1)
     if not sb.all_greedy or sb.needs_logprobs or sb.max_top_logprobs:
         logits = logits.float()
     if sb.all_greedy:

@@ -183,6 +183,11 @@ class Scheduler:
             self.add_request(request)
             _reply(fut, None)
             return
+        if isinstance(request, p.GenerateBatch):
+            for req in request.requests:
+                self.add_request(req)
+            _reply(fut, None)
+            return
         if isinstance(request, _DRAIN_FIRST):
             if getattr(request, "abort_all_requests", False):
                 self.abort_all("aborted for a weight update")
