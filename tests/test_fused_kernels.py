@@ -139,8 +139,6 @@ def test_small_batch_matmul_split_k_under_a_cuda_graph():
 
 
 def test_embed_pending_takes_device_inputs():
-    from hotswap.kernels import fused
-
     w = torch.randn(1000, 1024, device="cuda", dtype=torch.bfloat16)
     ids = torch.randint(0, 1000, (37,), device="cuda")
     src = torch.full((37,), -1, dtype=torch.int64, device="cuda")
@@ -164,3 +162,15 @@ def test_staged_inputs_upload_one_span():
         torch.cuda.synchronize()
         assert d["a"].tolist() == [step + i for i in range(5)] and d["b"].tolist() == [-step] * 3
         assert d["table"][:2].eq(step * 10).all() and d["table"][2:].eq(0).all()  # rows past the span stay as they were
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_argmax_rows_matches_torch_with_ties(rows):
+    from hotswap.kernels.argmax import argmax_rows
+
+    x = torch.randn(rows, 151936, device="cuda").to(torch.bfloat16)
+    x[0, 70000] = x[0, 150000] = 50.0  # a tie across chunks: the first index wins, as in torch
+    x[-1, 4095] = x[-1, 4096] = 60.0  # a tie on a chunk boundary
+    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+    out = torch.empty(rows, dtype=torch.int64, device="cuda")
+    assert argmax_rows(x, out=out) is out and torch.equal(out, x.argmax(dim=-1))

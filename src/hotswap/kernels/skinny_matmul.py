@@ -16,6 +16,8 @@ matmul launches, the rotary/KV-store kernel and attention, every one of them lau
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from hotswap.kernels import pdl
@@ -35,6 +37,7 @@ PLAIN, NORM, ADD_NORM, SILU_MUL = 0, 1, 2, 3
 SILU_MUL_MAX_K = 4096
 
 
+ROWS_PDL = os.environ.get("HOTSWAP_ROWS_PDL", "0") == "1"
 #: Most rows the fused kernels take; larger batches are compute-shaped and stay on cuBLAS.
 MAX_ROWS = 64
 
@@ -138,6 +141,9 @@ if triton is not None:
                      stride_x, stride_r, stride_w, stride_y, eps,
                      PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr):
+        """W's tile is the MMA's first operand ([BLOCK_N, BLOCK_K], 64+ rows as the tensor cores want) and
+        the few activation rows the second, so the accumulator is [BLOCK_N, BLOCK_M]."""
+        wait_previous(USE_PDL)
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_m = tl.arange(0, BLOCK_M)
@@ -147,21 +153,17 @@ if triton is not None:
         k_lo = pid_k * k_per_split
         k_hi = tl.minimum(k_lo + k_per_split, K)
         w_rows = W + offs_n[:, None] * stride_w
-        # the first weight tile is read before waiting for the previous kernel (PDL): no kernel of the step writes W
-        offs_k = k_lo + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < k_hi
-        w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        wait_previous(USE_PDL)
         write_r = pid_n == 0
-        x, ss = _x_tile(X, R, R_OUT, NW, offs_m, m_mask, offs_k, k_mask, stride_x, stride_r, K, write_r, PROLOGUE, BLOCK_M)
-        acc = tl.dot(x, tl.trans(w))
-        for k0 in tl.range(k_lo + BLOCK_K, k_hi, BLOCK_K, num_stages=STAGES):
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < k_hi
             w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
             x, part = _x_tile(X, R, R_OUT, NW, offs_m, m_mask, offs_k, k_mask, stride_x, stride_r, K, write_r, PROLOGUE, BLOCK_M)
             ss += part
-            acc = tl.dot(x, tl.trans(w), acc)
+            acc = tl.dot(w, tl.trans(x), acc)
+        acc = tl.trans(acc)
         if SPLIT_K == 1:
             _rows_epilogue(acc, ss, BIAS, Y, offs_m, m_mask, offs_n, n_mask, stride_y, K, eps, PROLOGUE, HAS_BIAS)
         else:
@@ -179,7 +181,6 @@ if triton is not None:
                     ss += tl.load(WS_SS + s * BLOCK_M + offs_m, cache_modifier=".cg")
                 _rows_epilogue(acc, ss, BIAS, Y, offs_m, m_mask, offs_n, n_mask, stride_y, K, eps, PROLOGUE, HAS_BIAS)
                 tl.store(COUNTERS + pid_n, 0)  # zero again for the next launch (CUDA-graph replays reuse it)
-
 
 _SM_COUNT: dict[int, int] = {}
 
@@ -269,10 +270,11 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         counters = _counters(x.device)
     else:
         ws = ws_ss = counters = y
+    rows_pdl = use_pdl and ROWS_PDL
     _rows_kernel[(tiles, split)](
         *args, ws, ws_ss, counters, m, n, k, k_per_split, x.stride(0), residual.stride(0) if residual is not None else 0,
         weight.stride(0), y.stride(0), eps, PROLOGUE=prologue, HAS_BIAS=bias is not None, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, STAGES=stages, USE_PDL=use_pdl, num_warps=warps,
-        launch_pdl=use_pdl,
+        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, STAGES=stages, USE_PDL=rows_pdl, num_warps=warps,
+        launch_pdl=rows_pdl,
     )
     return y, r_out

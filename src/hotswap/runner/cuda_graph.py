@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from hotswap.kernels import argmax
 from hotswap.runner.extend_graph import ExtendGraphRunner
 from hotswap.runner.forward_context import ForwardContext
 from hotswap.runner.host_batch import HostBatch
@@ -92,13 +93,13 @@ class CudaGraphRunner:
             ctx = self._context(bs)
             ids, greedy = d["input_ids"][:bs], self.prev_ids[:bs]
             if not self.warmed:  # first capture only (Triton compiles, cuBLAS handles); a resume recaptures without it
-                torch.argmax(model.compute_logits(model(ids, ctx)), dim=-1, out=greedy)
+                argmax.argmax_rows(model.compute_logits(model(ids, ctx)), out=greedy)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
                 # the greedy choice is taken inside the graph: no launch of its own between steps
                 self.outputs[bs] = model.compute_logits(model(ids, ctx))
-                torch.argmax(self.outputs[bs], dim=-1, out=greedy)
+                argmax.argmax_rows(self.outputs[bs], out=greedy)
             self.graphs[bs] = graph
         self.extend.capture(self.pool, warm=not self.warmed, prev_ids=self.prev_ids)
         self.warmed = True

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hotswap.kernels import argmax
+
 _M32 = 0xFFFFFFFF
 
 
@@ -83,7 +85,7 @@ def sample(logits: torch.Tensor, sb: SamplingBatch, greedy_ids: torch.Tensor | N
     temperature sampling and logprobs work in float32. A greedy batch without logprobs never pays for the
     float32 copy of its [B, V] logits (at batch 256 on a 152K vocabulary, 155 MB written and read again)."""
     if greedy_ids is None:
-        greedy_ids = logits.argmax(dim=-1)
+        greedy_ids = argmax.argmax_rows(logits) if argmax.available(logits) else logits.argmax(dim=-1)
     if not sb.all_greedy or sb.needs_logprobs or sb.max_top_logprobs:
         logits = logits.float()
     if sb.all_greedy:
