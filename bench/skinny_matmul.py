@@ -1,8 +1,7 @@
-"""Small-batch decode matmuls: the fused kernels (`kernels/skinny_matmul.py`) beside cuBLAS (`F.linear`,
-plus the separate norm / SiLU kernel it needs) and beside the HBM bandwidth limit, on a model shape's
-four layer matmuls, at each batch size given.
+"""Batch-1 decode matmuls: the fused skinny kernels beside cuBLAS (`F.linear`, plus the separate
+norm / SiLU kernel it needs) and beside the HBM bandwidth limit, on a model shape's four layer matmuls.
 
-    python bench/skinny_matmul.py --shape qwen3-0.6b --rows 1 64 [--sweep]
+    python bench/skinny_matmul.py --shape qwen3-0.6b
 
 Each case is captured in a CUDA graph over 8 weight copies used in turn (more bytes than L2 holds), so
 the time is one launch reading its weights from HBM, as in a decode step.
@@ -16,7 +15,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -57,73 +55,68 @@ def cases(shape: dict) -> list[tuple[str, int, int, int]]:
 
 
 def sweep(name, n, k, prologue, x, r, nw, ws, t_default) -> None:
-    """Time tile shapes for one matmul and print the best few beside the heuristic's choice."""
+    """Time every tile shape for one matmul and print the best few beside the heuristic's choice."""
     results = []
     it = iter(range(10**9))
-    if x.shape[0] == 1:
-        shapes = [(bn, bk, w) for bn in (1, 2, 4, 8, 16, 32) for bk in (256, 512, 1024, 2048, 4096) for w in (2, 4, 8)
-                  if bk <= 2 * k and bn * bk <= 16384]
-    else:  # (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages)
-        shapes = [(bn, bk, sk, 4, st) for bn in (32, 64, 128) for bk in (64, 128, 256) for sk in (1, 2, 4, 8) for st in (3,)
-                  if sk * bk <= k and bn * bk <= 16384]
-    for blocks in shapes:
-        def run(blocks=blocks):
-            return sm.skinny_linear(x, ws[next(it) % COPIES], prologue=prologue,
-                                    residual=r if prologue == sm.ADD_NORM else None, norm_weight=nw, eps=1e-6, blocks=blocks)
+    for block_n in (1, 2, 4, 8, 16, 32):
+        for block_k in (256, 512, 1024, 2048, 4096):
+            if block_k > 2 * k or block_n * block_k > 16384:
+                continue
+            for warps in (2, 4, 8):
+                blocks = (block_n, block_k, warps)
 
-        try:
-            results.append((graph_time_us(run, reps=10), blocks))
-        except triton.runtime.errors.OutOfResources:  # too much shared memory for this tile shape
-            continue
+                def run():
+                    return sm.skinny_linear(x, ws[next(it) % COPIES], prologue=prologue,
+                                            residual=r if prologue == sm.ADD_NORM else None, norm_weight=nw, eps=1e-6, blocks=blocks)
+
+                results.append((graph_time_us(run, reps=10), blocks))
     results.sort()
     best = ", ".join(f"{b} {t:.2f}" for t, b in results[:4])
-    print(f"sweep rows {x.shape[0]} {name} {n}x{k}: heuristic {t_default:.2f} us; best blocks, us: {best}", flush=True)
+    print(f"sweep {name} {n}x{k}: heuristic {t_default:.2f} us; best (BLOCK_N, BLOCK_K, warps) us: {best}", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen3-0.6b")
-    ap.add_argument("--rows", type=int, nargs="+", default=[1, 64], help="batch sizes (activation rows)")
-    ap.add_argument("--sweep", action="store_true", help="also time tile-shape variants per matmul")
+    ap.add_argument("--sweep", action="store_true", help="also time (BLOCK_N, BLOCK_K, warps) variants per matmul")
     args = ap.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
-    for m in args.rows:
-        rows, totals = [], {"ours": 0.0, "cublas": 0.0, "floor": 0.0}
-        for name, n, k, prologue in cases(SHAPES[args.shape]):
-            ws = [torch.randn(n, k, device=dev, dtype=dt) * k**-0.5 for _ in range(COPIES)]
-            nw = torch.randn(k, device=dev, dtype=dt)
-            it = iter(range(10**9))
-            x = torch.randn(m, 2 * k if prologue == sm.SILU_MUL else k, device=dev, dtype=dt)
-            r = torch.randn(m, k, device=dev, dtype=dt)
+    rows, totals = [], {"ours": 0.0, "cublas": 0.0, "floor": 0.0}
+    for name, n, k, prologue in cases(SHAPES[args.shape]):
+        ws = [torch.randn(n, k, device=dev, dtype=dt) * k**-0.5 for _ in range(COPIES)]
+        nw = torch.randn(k, device=dev, dtype=dt)
+        it = iter(range(10**9))
+        x = torch.randn(1, 2 * k if prologue == sm.SILU_MUL else k, device=dev, dtype=dt)
+        r = torch.randn(1, k, device=dev, dtype=dt)
 
-            def ours():
-                return sm.skinny_linear(x, ws[next(it) % COPIES], prologue=prologue, residual=r if prologue == sm.ADD_NORM else None,
-                                        norm_weight=nw, eps=1e-6)
+        def ours():
+            return sm.skinny_linear(x, ws[next(it) % COPIES], prologue=prologue, residual=r if prologue == sm.ADD_NORM else None,
+                                    norm_weight=nw, eps=1e-6)
 
-            def cublas():
-                w = ws[next(it) % COPIES]
-                if prologue == sm.ADD_NORM:
-                    return F.linear(fused.rmsnorm(x, nw, 1e-6, residual=r.clone()), w)
-                if prologue == sm.SILU_MUL:
-                    return F.linear(fused.silu_and_mul(x), w)
-                return F.linear(x, w)
+        def cublas():
+            w = ws[next(it) % COPIES]
+            if prologue == sm.ADD_NORM:
+                return F.linear(fused.rmsnorm(x, nw, 1e-6, residual=r.clone()), w)
+            if prologue == sm.SILU_MUL:
+                return F.linear(fused.silu_and_mul(x), w)
+            return F.linear(x, w)
 
-            def cublas_alone():
-                return F.linear(x[:, :k].contiguous() if prologue == sm.SILU_MUL else x, ws[next(it) % COPIES])
+        def cublas_alone():
+            return F.linear(x[:, :k], ws[next(it) % COPIES])
 
-            t_ours, t_cublas, t_gemm = graph_time_us(ours), graph_time_us(cublas), graph_time_us(cublas_alone)
-            if args.sweep:
-                sweep(name, n, k, prologue, x, r, nw, ws, t_ours)
-            floor = n * k * 2 / H100_D2D_BYTES_PER_S * 1e6  # one read of W at 3.0 TB/s, as the issue's decode roofline counts
-            for key, t in (("ours", t_ours), ("cublas", t_cublas), ("floor", floor)):
-                totals[key] += t
-            rows.append([name, f"{n}x{k}", f"{t_ours:.2f}", f"{n * k * 2 / t_ours / 1e3:,.0f}", f"{t_cublas:.2f}",
-                         f"{t_gemm:.2f}", f"{floor:.2f}", f"{100 * floor / t_ours:.0f}%"])
-        rows.append(["layer total", "", f"{totals['ours']:.2f}", "", f"{totals['cublas']:.2f}", "", f"{totals['floor']:.2f}",
-                     f"{100 * totals['floor'] / totals['ours']:.0f}%"])
-        print_table(f"{m}-row matmuls, {args.shape}, {device_name(dev)}, bf16 (us per call, weights from HBM)",
-                    ["matmul", "N x K", "ours us", "ours GB/s", "cuBLAS + separate prologue us", "cuBLAS matmul alone us",
-                     "floor us (W at 3.0 TB/s)", "% of floor"], rows)
+        t_ours, t_cublas, t_gemm = graph_time_us(ours), graph_time_us(cublas), graph_time_us(cublas_alone)
+        if args.sweep:
+            sweep(name, n, k, prologue, x, r, nw, ws, t_ours)
+        floor = n * k * 2 / H100_D2D_BYTES_PER_S * 1e6  # one read of W at 3.0 TB/s, as the issue's decode roofline counts
+        for key, t in (("ours", t_ours), ("cublas", t_cublas), ("floor", floor)):
+            totals[key] += t
+        rows.append([name, f"{n}x{k}", f"{t_ours:.2f}", f"{n * k * 2 / t_ours / 1e3:,.0f}", f"{t_cublas:.2f}",
+                     f"{t_gemm:.2f}", f"{floor:.2f}", f"{100 * floor / t_ours:.0f}%"])
+    rows.append(["layer total", "", f"{totals['ours']:.2f}", "", f"{totals['cublas']:.2f}", "", f"{totals['floor']:.2f}",
+                 f"{100 * totals['floor'] / totals['ours']:.0f}%"])
+    print_table(f"batch-1 matmuls, {args.shape}, {device_name(dev)}, bf16 (us per call, weights from HBM)",
+                ["matmul", "N x K", "ours us", "ours GB/s", "cuBLAS + separate prologue us", "cuBLAS matmul alone us",
+                 "floor us (W at 3.0 TB/s)", "% of floor"], rows)
 
 
 if __name__ == "__main__":

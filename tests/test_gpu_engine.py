@@ -76,9 +76,9 @@ def test_extend_graphs_equal_eager_with_prefix_hits_and_chunks(tiny_qwen3):
     assert got == ref
 
 
-@pytest.mark.parametrize("batch,skinny", [(1, True), (1, False), (4, True), (4, False)])
+@pytest.mark.parametrize("batch,skinny", [(1, True), (1, False), (4, True)])
 def test_bf16_greedy_agrees_with_hf(tiny_qwen3, batch, skinny):
-    """With and without the fused small-batch matmuls (one row, and tensor-core tiles at 4). bf16 kernels round
+    """With and without the fused batch-1 matmuls (used at batch 1 only). bf16 kernels round
     differently from HF's op-by-op bf16, so exact token equality can break at a
     near-tie. We judge each of our greedy tokens against HF's bf16 logits, teacher-forced on our own
     sequence: it must be HF's argmax, or within bf16 rounding (1% of the logit scale) of HF's maximum.
@@ -88,7 +88,7 @@ def test_bf16_greedy_agrees_with_hf(tiny_qwen3, batch, skinny):
     hf = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.bfloat16).cuda().eval()
     prompts = [prompt_ids(70 + i, 16) for i in range(batch)]
     with Engine(str(tiny_qwen3), device="cuda", dtype="bfloat16", enable_skinny_matmul=skinny) as eng:
-        assert eng.model_runner.use_skinny_matmul(batch) == skinny
+        assert eng.model_runner.use_skinny_matmul(batch) == (skinny and batch == 1)
         got = _outputs(eng, prompts)
     for ids, ours in zip(prompts, got):
         with torch.no_grad():
