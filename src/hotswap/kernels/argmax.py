@@ -4,6 +4,11 @@ A decode step's argmax reads B x 152K logits; PyTorch's reduction gives each row
 batch 1 one row of 152K values is reduced by a handful of SMs. Here every row is cut into chunks
 reduced in parallel, then a second small kernel picks each row's best chunk. Ties go to the lowest
 index, as `torch.argmax` does.
+
+PDL is used from two rows up only. The kernel before this one is the LM head (cuBLAS); launched early,
+the waiting chunk programs hold SM slots that the one-row LM head's later waves need: batch-1 decode
+(Qwen3-0.6B shape, H100) ran at 1,156 tokens/s with PDL here, 1,205 without, 1,199 with torch.argmax;
+at batch 64 PDL gave 33.0k against 31.4k without.
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ def argmax_rows(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
     vals = torch.empty((b, n_chunks), dtype=torch.float32, device=x.device)
     idx = torch.empty((b, n_chunks), dtype=torch.int32, device=x.device)
     out = torch.empty(b, dtype=torch.int64, device=x.device) if out is None else out
-    use_pdl = pdl.enabled(x.device, b)
+    use_pdl = b > 1 and pdl.enabled(x.device, b)
     _chunk_max_kernel[(b, n_chunks)](x, vals, idx, v, x.stride(0), n_chunks, CHUNK=_CHUNK, USE_PDL=use_pdl, num_warps=8,
                                      launch_pdl=use_pdl)
     _pick_kernel[(b,)](vals, idx, out, n_chunks, BLOCK=triton.next_power_of_2(n_chunks), USE_PDL=use_pdl, num_warps=1,
