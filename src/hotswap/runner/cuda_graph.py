@@ -3,7 +3,9 @@ and, through `ExtendGraphRunner`, for prefill and mixed steps per token bucket, 
 
 Graphs read static input buffers and the live parameter storage, so weight updates (which copy into
 that storage) need no recapture; releasing weights, the KV cache or the graphs themselves drops them,
-and resume recaptures.
+and resume recaptures. A step's inputs reach the device in one copy (`StagedInputs`); inputs sampled by
+the step still in flight are read inside the graph from `prev_ids`, which the decode graphs' own argmax
+fills, so a steady run of decode steps puts only that copy and the read-back of the ids between graphs.
 """
 
 from __future__ import annotations

@@ -75,6 +75,8 @@ class Scheduler:
             peers=model_runner.tp_peers,
         )
         self.handlers = {
+            p.GenerateRequest: self.add_request,
+            p.GenerateBatch: self.add_requests,
             p.AbortRequest: self.abort,
             p.FlushCacheRequest: self.handle_flush_cache,
             p.GetLoadRequest: self.get_load,
@@ -179,15 +181,6 @@ class Scheduler:
     def dispatch(self, request, fut: Future | None) -> None:
         if request is None:
             return
-        if isinstance(request, p.GenerateRequest):
-            self.add_request(request)
-            _reply(fut, None)
-            return
-        if isinstance(request, p.GenerateBatch):
-            for req in request.requests:
-                self.add_request(req)
-            _reply(fut, None)
-            return
         if isinstance(request, _DRAIN_FIRST):
             if getattr(request, "abort_all_requests", False):
                 self.abort_all("aborted for a weight update")
@@ -246,6 +239,10 @@ class Scheduler:
                 self.streamer.emit(seq, version, finished=False)
 
     # ---- request handlers owned by the scheduler itself ------------------------------------------
+
+    def add_requests(self, batch: p.GenerateBatch) -> None:
+        for req in batch.requests:
+            self.add_request(req)
 
     def add_request(self, req: p.GenerateRequest) -> None:
         self.stats["requests"] += 1
