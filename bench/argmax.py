@@ -17,29 +17,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import H100_D2D_BYTES_PER_S, device_name, print_table  # noqa: E402
+from common import H100_D2D_BYTES_PER_S, device_name, graph_time_us, print_table  # noqa: E402
 
 from hotswap.kernels.argmax import argmax_rows  # noqa: E402
 
 CALLS = 20
-
-
-def graph_time_us(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(CALLS):
-            fn()
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / CALLS)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -53,8 +35,8 @@ def main() -> None:
         x = torch.randn(rows, args.vocab, device=dev).to(torch.bfloat16)
         out = torch.empty(rows, dtype=torch.int64, device=dev)
         assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
-        ours = graph_time_us(lambda: argmax_rows(x, out=out))
-        peer = graph_time_us(lambda: torch.argmax(x, dim=-1, out=out))
+        ours = graph_time_us(lambda: argmax_rows(x, out=out), CALLS)
+        peer = graph_time_us(lambda: torch.argmax(x, dim=-1, out=out), CALLS)
         floor = x.numel() * x.element_size() / H100_D2D_BYTES_PER_S * 1e6
         table.append([str(rows), f"{ours:.2f}", f"{peer:.2f}", f"{floor:.2f}"])
     print_table(f"argmax over [rows, {args.vocab}] bf16 logits, {device_name(dev)} (us per call)",

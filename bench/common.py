@@ -62,6 +62,27 @@ def timed(fn, sync: bool):
     return out, time.perf_counter() - t
 
 
+def graph_time_us(fn, calls: int, reps: int = 20) -> float:
+    """Median time of one `fn()` call, from a CUDA graph of `calls` calls replayed `reps` times (no
+    launch overhead between calls, as inside a decode step's graph)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return sorted(times)[len(times) // 2]
+
+
 def print_table(title: str, header: list[str], rows: list[list]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda r: "| " + " | ".join(str(x).rjust(w) for x, w in zip(r, widths)) + " |"

@@ -19,32 +19,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import H100_D2D_BYTES_PER_S, SHAPES, device_name, print_table  # noqa: E402
+from common import H100_D2D_BYTES_PER_S, SHAPES, device_name, graph_time_us, print_table  # noqa: E402
 
 from hotswap.kernels import fused  # noqa: E402
 from hotswap.kernels import skinny_matmul as sm  # noqa: E402
 
 COPIES = 8
-
-
-def graph_time_us(fn, reps: int = 20) -> float:
-    """Median time of one `fn()` call, from a graph of COPIES calls (fn cycles its weight copies)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(COPIES):
-            fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / COPIES)
-    return sorted(times)[len(times) // 2]
 
 
 def cases(shape: dict) -> list[tuple[str, int, int, int]]:
@@ -69,7 +49,7 @@ def sweep(name, n, k, prologue, x, r, nw, ws, t_default) -> None:
                     return sm.skinny_linear(x, ws[next(it) % COPIES], prologue=prologue,
                                             residual=r if prologue == sm.ADD_NORM else None, norm_weight=nw, eps=1e-6, blocks=blocks)
 
-                results.append((graph_time_us(run, reps=10), blocks))
+                results.append((graph_time_us(run, COPIES, reps=10), blocks))
     results.sort()
     best = ", ".join(f"{b} {t:.2f}" for t, b in results[:4])
     print(f"sweep {name} {n}x{k}: heuristic {t_default:.2f} us; best (BLOCK_N, BLOCK_K, warps) us: {best}", flush=True)
@@ -104,7 +84,7 @@ def main() -> None:
         def cublas_alone():
             return F.linear(x[:, :k], ws[next(it) % COPIES])
 
-        t_ours, t_cublas, t_gemm = graph_time_us(ours), graph_time_us(cublas), graph_time_us(cublas_alone)
+        t_ours, t_cublas, t_gemm = (graph_time_us(fn, COPIES) for fn in (ours, cublas, cublas_alone))
         if args.sweep:
             sweep(name, n, k, prologue, x, r, nw, ws, t_ours)
         floor = n * k * 2 / H100_D2D_BYTES_PER_S * 1e6  # one read of W at 3.0 TB/s, as the issue's decode roofline counts
