@@ -51,6 +51,25 @@ def test_cuda_graph_equals_eager_and_survives_updates(tiny_qwen3, tiny_qwen3_v2)
         assert _outputs(eng, prompts) == ref_new
 
 
+def test_cuda_graph_seeded_sampling_equals_eager(tiny_qwen3):
+    """A batch mixing greedy rows (their ids from the argmax inside the decode graph) with seeded
+    temperature/top-p rows (sampled outside it, then copied into the graph's input buffer for the next
+    step) gives the eager path's tokens exactly (float32)."""
+    prompts = [prompt_ids(60 + i, 6 + 5 * i) for i in range(4)]
+    params = [GREEDY, dict(GREEDY, temperature=0.8, seed=3), dict(GREEDY, temperature=1.0, top_p=0.9, seed=4), GREEDY]
+
+    def run(engine):
+        return [engine.generate(input_ids=ids, sampling_params=sp)["output_ids"] for ids, sp in zip(prompts, params)] + [
+            o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
+
+    with Engine(str(tiny_qwen3), device="cuda", dtype="float32", enable_cuda_graph=False) as eager:
+        ref = run(eager)
+    with Engine(str(tiny_qwen3), device="cuda", dtype="float32") as eng:
+        assert eng.model_runner.cuda_graphs.captured
+        got = run(eng)
+    assert got == ref
+
+
 def test_extend_graphs_equal_eager_with_prefix_hits_and_chunks(tiny_qwen3):
     """Prefill and mixed steps replayed from extend graphs (chunked prefill, prefix-cache hits, a
     second wave joining running decodes) give the eager path's tokens exactly (float32)."""

@@ -1,4 +1,4 @@
-"""Greedy choice over the logits, [B, V] -> [B], in two PDL-launched passes.
+"""Greedy choice over the logits, [B, V] -> [B], in two passes.
 
 A decode step's argmax reads B x 152K logits; PyTorch's reduction gives each row few blocks, so at
 batch 1 one row of 152K values is reduced by a handful of SMs. Here every row is cut into chunks

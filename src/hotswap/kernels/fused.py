@@ -1,6 +1,6 @@
 """Fused elementwise kernels for the decoder (Triton, CUDA only): add + RMSNorm, per-head RMSNorm +
-rotary for q and k, SiLU-and-mul, and the embedding lookup of inputs that are still on the device. Each replaces a chain of small PyTorch kernels whose launches
-dominate a decode step at small batch. The PyTorch layers in hotswap.models.layers remain the
+rotary for q and k, SiLU-and-mul, and the embedding lookup of inputs that are still on the device.
+Each replaces a chain of small PyTorch kernels whose launches dominate a decode step at small batch. The PyTorch layers in hotswap.models.layers remain the
 reference (CPU) path and the tests compare the two.
 """
 

@@ -119,6 +119,8 @@ class VocabEmbedding(nn.Module):
     def embed(self, ids: torch.Tensor, src: torch.Tensor | None = None, prev: torch.Tensor | None = None) -> torch.Tensor:
         """`src`/`prev` (CUDA graphs, one rank): rows with src >= 0 embed prev[src] instead of ids."""
         if src is not None:
+            if self.tp.size != 1:
+                raise ValueError("inputs resolved on the device (CUDA graphs) need the whole vocabulary on one rank")
             return fused.embed_pending(ids, src, prev, self.weight)
         if self.tp.size == 1:
             return F.embedding(ids, self.weight)

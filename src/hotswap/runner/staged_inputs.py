@@ -29,8 +29,8 @@ class StagedInputs:
             self.offsets[name] = offset
             offset += -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
         self.fields = dict(fields)
-        self.last = name
-        shape, dtype = fields[name]
+        self.last = next(reversed(fields))
+        shape, dtype = fields[self.last]
         self.last_row_bytes = math.prod(shape[1:]) * dtype.itemsize
         self.device_bytes = torch.zeros(offset, dtype=torch.uint8, device=device)
         self.device = self._views(self.device_bytes)
