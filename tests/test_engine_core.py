@@ -106,6 +106,26 @@ def test_text_prompts_stop_strings_and_stream(tiny_qwen3):
         assert_idle_invariants(engine)
 
 
+def test_batched_final_texts_equal_tokenizer_decode(tiny_qwen3):
+    """Requests that finish in the same step get their texts from one batched decode (the fast tokenizer's
+    backend); each must equal `tokenizer.decode` of its ids, special tokens kept or skipped per request."""
+    with make_engine(tiny_qwen3) as engine:
+        tok = engine.tokenizer
+        specials = [t for t in tok.all_special_ids if t is not None]
+        assert specials, "the fixture tokenizer should define special tokens"
+        streamer = engine.scheduler.streamer
+        assert streamer.backend is not None  # the fast path is the one under test
+        id_lists = [prompt_ids(50 + i, 9) + [specials[i % len(specials)]] + prompt_ids(80 + i, 4) for i in range(6)]
+        skips = [i % 2 == 0 for i in range(6)]
+        want = [tok.decode(ids, skip_special_tokens=skip) for ids, skip in zip(id_lists, skips)]
+        assert streamer.decode_many(id_lists, skips) == want
+        assert [streamer.decode(ids, skip) for ids, skip in zip(id_lists, skips)] == want
+        outs = engine.generate(input_ids=[prompt_ids(20 + i, 5) for i in range(5)],
+                               sampling_params=[dict(GREEDY, skip_special_tokens=i % 2 == 0) for i in range(5)])
+        for i, out in enumerate(outs):
+            assert out["text"] == tok.decode(out["output_ids"], skip_special_tokens=i % 2 == 0)
+
+
 def test_seeded_sampling_is_reproducible_and_batch_invariant(tiny_qwen3):
     ids = prompt_ids(7, 12)
     sp = {"max_new_tokens": 16, "temperature": 1.0, "seed": 1234, "ignore_eos": True}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hotswap.protocol import GenerateOutput
 from hotswap.scheduler.sequence import Sequence
@@ -10,9 +10,33 @@ from hotswap.scheduler.sequence import Sequence
 
 @dataclass(kw_only=True, slots=True)
 class OutputStreamer:
-    tokenizer: object  # a transformers tokenizer; only `decode` is used
+    tokenizer: object  # a transformers tokenizer; only `decode` (and a fast tokenizer's backend) is used
     eos_token_ids: frozenset[int]
     max_context_len: int
+    # the Rust tokenizer of a fast HF tokenizer, used directly where `tokenizer.decode` would add only its
+    # per-token input checks (no clean-up pass configured); None: every decode goes through `tokenizer.decode`
+    backend: object | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        cleanup = getattr(self.tokenizer, "clean_up_tokenization_spaces", False)
+        self.backend = None if cleanup else getattr(self.tokenizer, "backend_tokenizer", None)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        if self.backend is not None:
+            return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def decode_many(self, id_lists: list[list[int]], skip_special_tokens: list[bool]) -> list[str]:
+        """Several sequences at once (a step that finishes many requests): the backend decodes each group
+        in one call, in parallel and without holding the GIL."""
+        if self.backend is None:
+            return [self.tokenizer.decode(ids, skip_special_tokens=skip) for ids, skip in zip(id_lists, skip_special_tokens)]
+        texts: list[str] = [""] * len(id_lists)
+        for skip in set(skip_special_tokens):
+            rows = [i for i, s in enumerate(skip_special_tokens) if s == skip]
+            for i, text in zip(rows, self.backend.decode_batch([id_lists[i] for i in rows], skip_special_tokens=skip)):
+                texts[i] = text
+        return texts
 
     def append_token(self, seq: Sequence, token: int, logprob: float, top: list[tuple[float, int]], version: str) -> None:
         """Record one sampled token and decide whether the sequence is done."""
@@ -38,8 +62,8 @@ class OutputStreamer:
     def _detokenize(self, seq: Sequence) -> None:
         """Append newly complete text; a trailing partial UTF-8 character waits for the next token."""
         ids = seq.output_ids
-        prefix = self.tokenizer.decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=self._skip(seq))
-        full = self.tokenizer.decode(ids[seq.prefix_offset :], skip_special_tokens=self._skip(seq))
+        prefix = self.decode(ids[seq.prefix_offset : seq.read_offset], self._skip(seq))
+        full = self.decode(ids[seq.prefix_offset :], self._skip(seq))
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             seq.text += full[len(prefix) :]
             seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
@@ -58,26 +82,34 @@ class OutputStreamer:
     def _skip(self, seq: Sequence) -> bool:
         return seq.req.sampling_params.skip_special_tokens
 
-    def final_text(self, seq: Sequence) -> str:
-        if seq.req.stream_text:
-            if seq.finish_reason and seq.finish_reason.get("type") == "stop" and isinstance(seq.finish_reason.get("matched"), str):
-                return seq.text
-            return self.tokenizer.decode(seq.output_ids, skip_special_tokens=self._skip(seq))
-        return self.tokenizer.decode(seq.output_ids, skip_special_tokens=self._skip(seq))
+    @staticmethod
+    def _text_is_final(seq: Sequence) -> bool:
+        """A stop string matched: the streamed text, cut before it, is the answer (not a fresh decode)."""
+        reason = seq.finish_reason
+        return seq.req.stream_text and bool(reason) and reason.get("type") == "stop" and isinstance(reason.get("matched"), str)
 
-    def emit(self, seq: Sequence, weight_version: str, *, finished: bool) -> None:
-        """Send what the client has not seen yet (everything new since the last emit)."""
+    def emit_finished(self, seqs: list[Sequence], weight_version: str) -> None:
+        """Send the last output of finished sequences; their full texts are decoded in one call."""
+        todo = [s for s in seqs if not self._text_is_final(s)]
+        texts = dict(zip(map(id, todo), self.decode_many([s.output_ids for s in todo], [self._skip(s) for s in todo])))
+        for seq in seqs:
+            self._send(seq, weight_version, True, texts.get(id(seq), seq.text))
+
+    def emit(self, seq: Sequence, weight_version: str) -> None:
+        """Stream what the client of a running sequence has not seen yet (everything new since the last emit)."""
+        if seq.sent_tokens < len(seq.output_ids):
+            self._send(seq, weight_version, False, seq.text)
+
+    def _send(self, seq: Sequence, weight_version: str, finished: bool, text: str) -> None:
+        """`text`: the sequence's whole text so far (final when finished)."""
         start = seq.sent_tokens
         if finished:
-            text = self.final_text(seq)
             delta = text[seq.sent_text :] if text.startswith(seq.text[: seq.sent_text]) else text
         else:
-            delta = seq.text[seq.sent_text :]
+            delta = text[seq.sent_text :]
             if seq.req.sampling_params.stop:  # hold back text that could still become a stop string
                 hold = max(len(s) for s in seq.req.sampling_params.stop) - 1
                 delta = delta[: max(0, len(delta) - hold)]
-        if not finished and start == len(seq.output_ids):
-            return
         out = GenerateOutput(
             rid=seq.rid,
             new_token_ids=seq.output_ids[start:],

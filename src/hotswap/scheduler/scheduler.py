@@ -219,6 +219,7 @@ class Scheduler:
             return
         ids, lps, top_values, top_ids = result.to_lists()
         tops = list(zip(top_values, top_ids)) if top_values is not None else None
+        done = []
         k = -1
         for seq, entry in zip(step.batch.seqs, step.batch.entries):
             if not entry.sample:
@@ -234,9 +235,11 @@ class Scheduler:
             self.streamer.append_token(seq, ids[k], lps[k] if lps is not None else 0.0, top, version)
             self.stats["generated_tokens"] += 1
             if seq.finish_reason is not None:
-                self.finish(seq, seq.finish_reason)
+                done.append(seq)
             elif seq.req.stream:
-                self.streamer.emit(seq, version, finished=False)
+                self.streamer.emit(seq, version)
+        if done:
+            self.finish_all(done)
 
     # ---- request handlers owned by the scheduler itself ------------------------------------------
 
@@ -259,8 +262,13 @@ class Scheduler:
 
     def finish(self, seq: Sequence, reason: dict) -> None:
         seq.finish_reason = reason
-        self.batcher.finish(seq)
-        self.streamer.emit(seq, self.weight_updater.weight_version, finished=True)
+        self.finish_all([seq])
+
+    def finish_all(self, seqs: list[Sequence]) -> None:
+        """Release finished sequences (their reasons set) and send their last outputs."""
+        for seq in seqs:
+            self.batcher.finish(seq)
+        self.streamer.emit_finished(seqs, self.weight_updater.weight_version)
 
     def abort(self, req: p.AbortRequest) -> p.ControlOutput:
         if req.rid is None:
@@ -275,7 +283,8 @@ class Scheduler:
     def abort_all(self, message: str = "aborted") -> int:
         seqs = self.batcher.all_seqs()
         for seq in seqs:
-            self.finish(seq, {"type": "abort", "message": message})
+            seq.finish_reason = {"type": "abort", "message": message}
+        self.finish_all(seqs)
         return len(seqs)
 
     def is_idle(self) -> bool:
