@@ -262,7 +262,7 @@ def prefill_sweep(configs, d=D, layouts=(("64x128+512", [128] * 64, [512] * 64),
         for name, (q, k, v, pt, cu, seq, mq, flops) in data:
             try:
                 out = torch.empty_like(q)
-                fn = lambda: ta._prefill_launch(q, k, v, pt, cu, seq, mq, scale, out, **cfg)
+                fn = lambda: ta._prefill_launch(q, k, v, pt, cu, seq, mq, scale, out, None, **cfg)
                 fn()
                 if name not in refs:
                     refs[name] = out.clone()

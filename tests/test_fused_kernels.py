@@ -38,8 +38,8 @@ def test_rmsnorm_and_fused_residual(dtype, tol, n):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("head_dim,hq,hk,norm", [(128, 16, 8, True), (64, 8, 1, False), (128, 32, 8, False)])
-def test_qk_norm_rope_in_place_on_fused_qkv(dtype, tol, head_dim, hq, hk, norm):
-    T = 19
+@pytest.mark.parametrize("T", [19, 70])  # below and above fused.TOKEN_GRID_MIN_TOKENS: both kernels
+def test_qk_norm_rope_in_place_on_fused_qkv(dtype, tol, head_dim, hq, hk, norm, T):
     rot = RotaryEmbedding(head_dim, 4096, 1e6, None, torch.device("cuda"))
     qkv = torch.randn(T, (hq + 2 * hk) * head_dim, device="cuda", dtype=dtype)
     q, k, _ = qkv.split([hq * head_dim, hk * head_dim, hk * head_dim], dim=-1)
@@ -63,8 +63,9 @@ def test_silu_and_mul(dtype, tol):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_qk_norm_rope_writes_kv_cache(dtype):
-    T, hq, hk, d = 7, 16, 8, 128
+@pytest.mark.parametrize("T", [7, 70])
+def test_qk_norm_rope_writes_kv_cache(dtype, T):
+    hq, hk, d = 16, 8, 128
     rot = RotaryEmbedding(d, 4096, 1e6, None, torch.device("cuda"))
     qkv = torch.randn(T, (hq + 2 * hk) * d, device="cuda", dtype=dtype)
     q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
@@ -81,6 +82,28 @@ def test_qk_norm_rope_writes_kv_cache(dtype):
     untouched = torch.ones(9 * 16, dtype=torch.bool, device="cuda")
     untouched[slots] = False
     assert k_cache.view(-1, hk, d)[untouched].isnan().all() and v_cache.view(-1, hk, d)[untouched].isnan().all()
+
+
+@pytest.mark.parametrize("hq,hk,norm", [(16, 8, True), (12, 3, False)])
+def test_qk_norm_rope_token_grid_equals_head_grid(monkeypatch, hq, hk, norm):
+    """The per-token kernel (many tokens) and the per-(token, head) kernel (few) give the same bits, so the
+    size rule choosing between them never changes a result."""
+    T, d = 33, 128
+    rot = RotaryEmbedding(d, 4096, 1e6, None, torch.device("cuda"))
+    qkv = torch.randn(T, (hq + 2 * hk) * d, device="cuda", dtype=torch.bfloat16)
+    qw, kw = (torch.randn(d, device="cuda", dtype=torch.bfloat16), torch.randn(d, device="cuda", dtype=torch.bfloat16)) if norm else (None, None)
+    pos = torch.randint(0, 4000, (T,), device="cuda")
+    slots = torch.randperm(9 * 16, device="cuda")[:T]
+    results = []
+    for min_tokens in (1, 10**9):
+        monkeypatch.setattr(fused, "TOKEN_GRID_MIN_TOKENS", min_tokens)
+        x = qkv.clone()
+        q, k, v = (t.view(T, -1, d) for t in x.split([hq * d, hk * d, hk * d], dim=-1))
+        k_cache = torch.zeros((9, 16, hk, d), device="cuda", dtype=torch.bfloat16)
+        v_cache = torch.zeros_like(k_cache)
+        fused.qk_norm_rope(q, k, qw, kw, rot.cos_sin, pos, 1e-6, kv_store=(v, k_cache, v_cache, slots))
+        results.append((x, k_cache, v_cache))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
