@@ -86,8 +86,8 @@ def test_qk_norm_rope_writes_kv_cache(dtype, T):
 
 @pytest.mark.parametrize("hq,hk,norm", [(16, 8, True), (12, 3, False)])
 def test_qk_norm_rope_token_grid_equals_head_grid(monkeypatch, hq, hk, norm):
-    """The per-token kernel (many tokens) and the per-(token, head) kernel (few) give the same bits, so the
-    size rule choosing between them never changes a result."""
+    """The per-token kernel (many tokens) and the per-(token, head) kernel (few) agree: the same values up to
+    the order of the norm's fp32 sum (a last-bit difference in bf16), and the same bits for v."""
     T, d = 33, 128
     rot = RotaryEmbedding(d, 4096, 1e6, None, torch.device("cuda"))
     qkv = torch.randn(T, (hq + 2 * hk) * d, device="cuda", dtype=torch.bfloat16)
@@ -103,7 +103,10 @@ def test_qk_norm_rope_token_grid_equals_head_grid(monkeypatch, hq, hk, norm):
         v_cache = torch.zeros_like(k_cache)
         fused.qk_norm_rope(q, k, qw, kw, rot.cos_sin, pos, 1e-6, kv_store=(v, k_cache, v_cache, slots))
         results.append((x, k_cache, v_cache))
-    assert all(torch.equal(a, b) for a, b in zip(*results))
+    (x1, k1, v1), (x2, k2, v2) = results
+    torch.testing.assert_close(x1, x2, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(k1, k2, rtol=1e-2, atol=1e-2)
+    assert torch.equal(v1, v2) and torch.equal(x1[:, (hq + hk) * d :], x2[:, (hq + hk) * d :])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
