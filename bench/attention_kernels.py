@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from common import graph_time_us
 from hotswap.kernels import triton_attention as ta
 
 PEAK_BW = 3.0e12  # measured H100 device-to-device copy ceiling (bytes read + written per s)
@@ -161,29 +162,27 @@ def print_decode_table(rows, peak):
               f"{te * 1e6:>8.1f} {err:>8.1e}  {label}")
 
 
-def decode_sweep(B, ctx, configs):
-    q, k, v, pt, seq = make_decode(B, ctx, seed=1)
-    scale = 1.0 / math.sqrt(D)
+def decode_sweep(B, ctx, configs, layers=28):
+    """Decode configs timed as the engine runs them: one CUDA graph of `layers` calls, each on its own
+    layer's cache (nothing left in L2 from the call before), us per call."""
+    pages_per = -(-ctx // PS)
+    kv = torch.randn(layers, 2, B * pages_per, PS, HKV, D, device=DEV, dtype=DT)
+    pt = torch.arange(B * pages_per, device=DEV, dtype=torch.int32).view(B, pages_per)
+    seq = torch.full((B,), ctx, dtype=torch.int32, device=DEV)
+    q = torch.randn(B, HQ, D, device=DEV, dtype=DT)
     out = torch.empty_like(q)
-    nb = decode_bytes(B, ctx)
-    ref = None
+    floor = decode_bytes(B, ctx) / PEAK_BW * 1e6
     res = []
     for cfg in configs:
-        try:
-            fn = lambda: ta._decode_launch(q, k, v, pt, seq, scale, out, **cfg)
-            fn()
-            if ref is None:
-                ref = out.clone()
-            err = rel(out, ref)
-            t = bench_graph(fn)
-            res.append((t, cfg))
-            print(f"  B{B:>4} ctx{ctx:>5} {cfg}  {t * 1e6:7.1f} us  {nb / t / 1e9:6.0f} GB/s  err {err:.1e}",
-                  flush=True)
-        except Exception as e:  # noqa: BLE001
-            print(f"  B{B} ctx{ctx} {cfg} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
-    if res:
-        t, cfg = min(res, key=lambda r: r[0])
-        print(f"  best B{B} ctx{ctx}: {cfg} {t * 1e6:.1f} us {nb / t / 1e9:.0f} GB/s", flush=True)
+        layer = iter(i % layers for i in range(10**9))
+
+        def fn(cfg=cfg):
+            cache = kv[next(layer)]
+            ta._decode_launch(q, cache[0], cache[1], pt, seq, 0.088, out, **cfg)
+
+        res.append((graph_time_us(fn, layers, reps=10), cfg))
+    for t, cfg in sorted(res, key=lambda r: r[0])[:6]:
+        print(f"  B{B:>4} ctx{ctx:>5} {t:7.1f} us ({floor / t:4.0%} of the {floor:.1f} us floor)  {cfg}", flush=True)
 
 
 def make_prefill(q_lens, prefixes, hq=HQ, hkv=HKV, d=D, ps=PS, dtype=DT, seed=0):
@@ -252,25 +251,22 @@ def print_prefill_table(rows):
               f"{flops / ts / 1e12 if ts == ts else float('nan'):>9.1f} {te * 1e6:>9.1f} {err:>8.1e}  {label}")
 
 
-def prefill_sweep(configs, d=D, layouts=(("64x128+512", [128] * 64, [512] * 64),
-                                           ("8x1024", [1024] * 8, [0] * 8))):
-    data = [(name, make_prefill(ql, pr, d=d, seed=3)) for name, ql, pr in layouts]
-    scale = 1.0 / math.sqrt(d)
-    refs = {}
-    for cfg in configs:
-        line = f"  prefill D{d} {cfg}"
-        for name, (q, k, v, pt, cu, seq, mq, flops) in data:
-            try:
-                out = torch.empty_like(q)
-                fn = lambda: ta._prefill_launch(q, k, v, pt, cu, seq, mq, scale, out, None, **cfg)
-                fn()
-                if name not in refs:
-                    refs[name] = out.clone()
-                t = bench_graph(fn)
-                line += f" | {name} {t * 1e6:7.1f} us {flops / t / 1e12:5.0f} TF/s err {rel(out, refs[name]):.0e}"
-            except Exception as e:  # noqa: BLE001
-                line += f" | {name} FAILED {type(e).__name__}: {str(e)[:120]}"
-        print(line, flush=True)
+def prefill_sweep(configs, layouts):
+    """Prefill configs through a tile list, as the engine's extend graphs launch them."""
+    from hotswap.runner.host_batch import prefill_tiles
+
+    data = [(name, make_prefill(ql, pr, seed=3)) for name, ql, pr in layouts]
+    for name, (q, k, v, pt, cu, seq, mq, flops) in data:
+        res = []
+        for cfg in configs:
+            tile = cfg["block_m"] // (HQ // HKV) if cfg["pack_gqa"] else cfg["block_m"]
+            cu_h, seq_h = cu.cpu().numpy(), seq.cpu().numpy()
+            tiles = torch.from_numpy(prefill_tiles(cu_h, seq_h, tile, -(-q.shape[0] // tile) + len(seq_h))).to(DEV)
+            out = torch.empty_like(q)
+            t = graph_time_us(lambda: ta._prefill_launch(q, k, v, pt, cu, seq, mq, 0.088, out, tiles, **cfg), 10, reps=5)
+            res.append((t, cfg))
+        for t, cfg in sorted(res, key=lambda r: r[0])[:5]:
+            print(f"  {name:<12} {t:8.1f} us {flops / t / 1e6:5.0f} TFLOP/s  {cfg}", flush=True)
 
 
 def host_overheads():
@@ -298,34 +294,20 @@ def host_overheads():
 
 
 def sweeps(which):
-    global REP_MS
-    REP_MS = 60
+    """Tuning sweeps (the figures behind `_decode_config` / `_prefill_config`)."""
     if which in ("decode", "all"):
-        print("\n## decode num_splits sweep (graph replay)")
-        base = dict(block_n=64, num_warps=4, num_stages=2)
-        for B in (1, 4, 16, 32, 64):
-            for ctx in (640, 2048, 8192):
-                if B * ctx > 64 * 2048:
-                    continue
-                decode_sweep(B, ctx, [dict(base, num_splits=sp) for sp in (1, 2, 4, 8, 16, 32, 64)
-                                      if B * HKV * sp <= 8 * 132 and sp * 128 <= ctx])
-        print("\n## decode config sweep (graph replay)")
-        cfgs = [dict(block_n=bn, num_warps=nw, num_stages=st, num_splits=1)
-                for bn in (32, 64, 128) for nw in (4, 8) for st in (1, 2, 3)]
-        decode_sweep(64, 640, cfgs)
-        decode_sweep(256, 256, [c for c in cfgs if c["num_warps"] == 4])
+        print("\n## decode configs (28 layers in one graph)")
+        for B, ctx in ((1, 192), (1, 1024), (1, 4000), (4, 2000), (16, 256), (64, 192), (64, 1000), (128, 256), (256, 384)):
+            splits = ta.decode_num_splits(B, HKV, 256 * PS)
+            decode_sweep(B, ctx, [dict(num_splits=sp, block_n=bn, num_warps=4, num_stages=st, min_chunk=mc)
+                                  for sp in sorted({splits, min(splits, 16), min(splits, 8)})
+                                  for bn, mc in ((32, 32), (64, 64)) for st in (1, 2, 3)])
     if which in ("prefill", "all"):
-        print("\n## prefill config sweep (graph replay)")
-        pc = [dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=st, pack_gqa=True)
-              for bm in (64, 128) for bn in (32, 64, 128) for nw in (4, 8) for st in (2, 3)
-              if not (bm == 64 and nw == 8)]
-        unpacked = [dict(block_m=128, block_n=32, num_warps=8, num_stages=2, pack_gqa=False),
-                    dict(block_m=64, block_n=64, num_warps=4, num_stages=2, pack_gqa=False)]
-        lay = (("64x128+512", [128] * 64, [512] * 64), ("8x1024", [1024] * 8, [0] * 8),
-               ("1x8192", [8192], [0]))
-        prefill_sweep(unpacked + pc, layouts=lay)
-        prefill_sweep(unpacked + [c for c in pc if c["block_n"] != 128 or c["block_m"] == 64], d=64)
-    REP_MS = 200
+        print("\n## prefill configs (through the tile list)")
+        cfgs = [dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=st, pack_gqa=pk)
+                for bm in (64, 128) for bn in (32, 64) for nw in (4, 8) for st in (2, 3) for pk in (False, True)]
+        prefill_sweep(cfgs, (("64x128", [128] * 64, [0] * 64), ("64x128+512", [128] * 64, [512] * 64),
+                             ("8x1024", [1024] * 8, [0] * 8), ("1x8192", [8192], [0]), ("256x32", [32] * 256, [0] * 256)))
 
 
 def main():
