@@ -149,6 +149,19 @@ if HAS_TRITON:
         return m_new, l_i, acc
 
     @triton.jit
+    def _kv_offsets(pt_row, pos, n_mask, offs_d, d_mask, stride_kp, stride_vp,
+                    STRIDE_T: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Offsets of the K and V rows of keys at positions `pos` ([BLOCK_N]) in one sequence's pages, and
+        the load mask. Inside a page a key's heads are dense: row `slot` of a KV head is at slot * STRIDE_T."""
+        page = tl.load(pt_row + pos // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+        row = (pos % PAGE_SIZE).to(tl.int64) * STRIDE_T
+        if BLOCK_D == HEAD_DIM:
+            kv_mask = n_mask[:, None]
+        else:
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+        return (page * stride_kp + row)[:, None] + offs_d[None, :], (page * stride_vp + row)[:, None] + offs_d[None, :], kv_mask
+
+    @triton.jit
     def _active_splits(seq_len, num_splits, MIN_CHUNK: tl.constexpr):
         """Splits a sequence of `seq_len` keys uses: at least MIN_CHUNK keys each, at most `num_splits`."""
         return tl.maximum(tl.minimum(tl.cdiv(seq_len, MIN_CHUNK), num_splits), 1)
@@ -213,24 +226,12 @@ if HAS_TRITON:
             for s in range(start, end, BLOCK_N):
                 pos = s + offs_n
                 n_mask = pos < end
-                page = tl.load(pt_row + pos // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
-                slot = (pos % PAGE_SIZE).to(tl.int64)
-                if BLOCK_D == HEAD_DIM:
-                    kv_mask = n_mask[:, None]
-                else:
-                    kv_mask = n_mask[:, None] & d_mask[None, :]
-                k = tl.load(
-                    k_base + page[:, None] * stride_kp + slot[:, None] * stride_t + offs_d[None, :],
-                    mask=kv_mask,
-                    other=0.0,
-                )
+                k_off, v_off, kv_mask = _kv_offsets(pt_row, pos, n_mask, offs_d, d_mask, stride_kp, stride_vp,
+                                                    stride_t, PAGE_SIZE, HEAD_DIM, BLOCK_D)
+                k = tl.load(k_base + k_off, mask=kv_mask, other=0.0)
                 qk = tl.dot(q, tl.trans(k))
                 qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
-                v = tl.load(
-                    v_base + page[:, None] * stride_vp + slot[:, None] * stride_t + offs_d[None, :],
-                    mask=kv_mask,
-                    other=0.0,
-                )
+                v = tl.load(v_base + v_off, mask=kv_mask, other=0.0)
                 m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc)
 
             l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -392,25 +393,13 @@ if HAS_TRITON:
         for s in range(full_end, causal_end, BLOCK_N):
             pos = s + offs_n
             n_mask = pos < causal_end
-            page = tl.load(pt_row + pos // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
-            slot = (pos % PAGE_SIZE).to(tl.int64)
-            if BLOCK_D == HEAD_DIM:
-                kv_mask = n_mask[:, None]
-            else:
-                kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(
-                k_base + page[:, None] * stride_kp + slot[:, None] * stride_t + offs_d[None, :],
-                mask=kv_mask,
-                other=0.0,
-            )
+            k_off, v_off, kv_mask = _kv_offsets(pt_row, pos, n_mask, offs_d, d_mask, stride_kp, stride_vp,
+                                                stride_t, PAGE_SIZE, HEAD_DIM, BLOCK_D)
+            k = tl.load(k_base + k_off, mask=kv_mask, other=0.0)
             qk = tl.dot(q, tl.trans(k)) * qk_scale
             keep = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
             qk = tl.where(keep, qk, float("-inf"))
-            v = tl.load(
-                v_base + page[:, None] * stride_vp + slot[:, None] * stride_t + offs_d[None, :],
-                mask=kv_mask,
-                other=0.0,
-            )
+            v = tl.load(v_base + v_off, mask=kv_mask, other=0.0)
             m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc)
 
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
