@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from hf_reference import hf_greedy, prompt_ids
 
 from hotswap import Engine, HotswapError
 from hotswap.runner.sampler import SamplingBatch, sample
+from hotswap.scheduler.output_streamer import OutputStreamer
 
 GREEDY = {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True}
 
@@ -120,6 +122,12 @@ def test_batched_final_texts_equal_tokenizer_decode(tiny_qwen3):
         want = [tok.decode(ids, skip_special_tokens=skip) for ids, skip in zip(id_lists, skips)]
         assert streamer.decode_many(id_lists, skips) == want
         assert [streamer.decode(ids, skip) for ids, skip in zip(id_lists, skips)] == want
+        # a tokenizer with a clean-up pass configured keeps going through tokenizer.decode
+        cleaning = copy.deepcopy(tok)
+        cleaning.clean_up_tokenization_spaces = True
+        slow = OutputStreamer(tokenizer=cleaning, eos_token_ids=frozenset(), max_context_len=64)
+        assert slow.backend is None
+        assert slow.decode_many(id_lists, skips) == [cleaning.decode(ids, skip_special_tokens=skip) for ids, skip in zip(id_lists, skips)]
         outs = engine.generate(input_ids=[prompt_ids(20 + i, 5) for i in range(5)],
                                sampling_params=[dict(GREEDY, skip_special_tokens=i % 2 == 0) for i in range(5)])
         for i, out in enumerate(outs):

@@ -27,8 +27,8 @@ class OutputStreamer:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def decode_many(self, id_lists: list[list[int]], skip_special_tokens: list[bool]) -> list[str]:
-        """Several sequences at once (a step that finishes many requests): the backend decodes each group
-        in one call, in parallel and without holding the GIL."""
+        """Several sequences at once (a step that finishes many requests): one backend call per
+        skip_special_tokens setting instead of a Python-wrapped decode per sequence."""
         if self.backend is None:
             return [self.tokenizer.decode(ids, skip_special_tokens=skip) for ids, skip in zip(id_lists, skip_special_tokens)]
         texts: list[str] = [""] * len(id_lists)
