@@ -35,7 +35,7 @@ from hotswap.weights.checkpoint_engine_receiver import BufferSource, ReceiveStat
 from hotswap.weights.checksum import manifest_digest, tensor_sha256
 from hotswap.weights.distributed import (WeightsGroup, WeightsGroupError, destroy_custom_process_group, init_custom_process_group,
                                          short_error)
-from hotswap.weights.fast_copy import TensorPlanCache, check_finite, copy_into
+from hotswap.weights.fast_copy import MatchedTensors, TensorPlanCache, check_finite, copy_into
 from hotswap.weights.fast_reader import ReaderOptions, load_plan
 from hotswap.weights.ipc import CudaIpcMappings
 from hotswap.weights.ipc_grouped import resolve_grouped
@@ -237,6 +237,14 @@ class WeightUpdater:
             return session.rollback.protect_many(slots, overlap=overlap)
         return None
 
+    def _load_matched(self, session: UpdateSession, matched: MatchedTensors, *, source_can_fail: bool) -> int:
+        """Copy matched source tensors into their parameters (finite check first, originals saved when a
+        later failure could strand them); returns the bytes copied."""
+        if self.config.check_weights_finite:
+            check_finite(matched.items)
+        self._guard_rollback(session, [target.slot for _, target, _ in matched.items], source_can_fail=source_can_fail)
+        return copy_into(matched)
+
     # ---- update from disk --------------------------------------------------------------------------
 
     def update_weights_from_disk(self, req: p.UpdateWeightsFromDiskRequest) -> p.WeightUpdateOutput:
@@ -270,13 +278,9 @@ class WeightUpdater:
             return self._refuse_update(f"update_weights_from_tensor refused: {exc}; weights unchanged")
 
         def apply(session: UpdateSession) -> tuple[int, int]:
-            items = matched.items
             if self.peers is not None:  # the tensors are here only: broadcast them, each worker takes its slices
-                self.peers.relay([(name, t) for name, _, t in items], self.config.weight_update_bucket_bytes)
-            if self.config.check_weights_finite:
-                check_finite(items)
-            self._guard_rollback(session, [target.slot for _, target, _ in items], source_can_fail=False)
-            return len(items), copy_into(matched)
+                self.peers.relay([(name, t) for name, _, t in matched.items], self.config.weight_update_bucket_bytes)
+            return len(matched.items), self._load_matched(session, matched, source_can_fail=False)
 
         out = self._run_update("update_weights_from_tensor", req.weight_version, req.flush_cache, apply)
         out.extra["validate_s"] = validate_s
@@ -317,10 +321,7 @@ class WeightUpdater:
 
     def _load_ipc_bucket(self, session: UpdateSession, views: list[tuple[BucketEntry, torch.Tensor]]) -> None:
         matched = self.tensor_plans.match(self.model_runner.weight_map, [(e.name, t) for e, t in views])
-        if self.config.check_weights_finite:
-            check_finite(matched.items)
-        self._guard_rollback(session, [target.slot for _, target, _ in matched.items], source_can_fail=True)
-        copy_into(matched)
+        self._load_matched(session, matched, source_can_fail=True)
 
     # ---- update from a trainer over torch.distributed ----------------------------------------------
 
@@ -434,10 +435,7 @@ class WeightUpdater:
             if recv_error is not None:
                 raise UpdateFailed(f"receiving the bucket failed: {recv_error}")
             matched = self.tensor_plans.match(self.model_runner.weight_map, list(zip([m.name for m in metas], received)))
-            if self.config.check_weights_finite:
-                check_finite(matched.items)
-            self._guard_rollback(session, [target.slot for _, target, _ in matched.items], source_can_fail=False)
-            return len(matched.items), copy_into(matched)
+            return len(matched.items), self._load_matched(session, matched, source_can_fail=False)
 
         out = self._run_update("update_weights_from_distributed", req.weight_version, req.flush_cache, apply)
         if recv_error is not None and recv_error not in out.message:
