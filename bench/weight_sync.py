@@ -9,7 +9,9 @@ Per shape (bf16, random weights, `load_format="dummy"` engines):
   Also the cost of rollback protection (explicit session, `enable_rollback`) and the time from an update
   returning to the first token of a request (TTFT) beside the TTFT with no update before it.
 - ipc: a producer process (spawn) holds the tensors and sends plain-data CUDA IPC descriptors through a
-  queue; the engine loads them; N updates; memory of both sides before and after.
+  queue; the engine loads them; N updates; memory of both sides before and after. Layouts: one allocation
+  per tensor, one flat buffer, and IPCWeightPusher's (512 MiB buckets packed into one reused buffer, one
+  call per bucket: the engine time of all of a push's calls).
 - disk: random bf16 sharded safetensors written to a temp dir and read once (page cache); the reader's
   strategies, the engine's `update_weights_from_disk` end to end (with and without rollback), the
   previous per-tensor path and `safetensors.torch.load_file(device="cuda")`; ceiling: pinned H2D.
@@ -322,17 +324,20 @@ def bench_ttft(shape: str, engine, sources, reps: int) -> None:
 # ---- CUDA IPC from another process ---------------------------------------------------------------
 
 
-def _producer(specs, flat: bool, updates: int, q_out, q_in) -> None:
+def _producer(specs, layout: str, updates: int, q_out, q_in, bucket_bytes: int) -> None:
+    """layout "separate": one allocation per tensor; "flat": all in one buffer; "buckets": what
+    IPCWeightPusher sends, buckets of `bucket_bytes` packed one by one into one reused buffer (one message
+    per bucket, the engine's reply before the next is packed)."""
     import torch
 
+    from hotswap.trainer.buckets import iter_buckets
     from hotswap.weights.ipc import cuda_ipc_descriptor
 
     torch.cuda.set_device(0)
     total = sum(torch.Size(s).numel() for _, s, _ in specs) * 2
-    tensors = []
-    if flat:
+    if layout == "flat":
         buf = torch.empty(total // 2, dtype=torch.bfloat16, device="cuda")
-        off = 0
+        off, tensors = 0, []
         for name, shape, _ in specs:
             n = torch.Size(shape).numel()
             tensors.append((name, buf[off : off + n].view(shape)))
@@ -341,17 +346,30 @@ def _producer(specs, flat: bool, updates: int, q_out, q_in) -> None:
         tensors = [(name, torch.empty(shape, dtype=torch.bfloat16, device="cuda")) for name, shape, _ in specs]
     for _, t in tensors:
         t.normal_(0, 0.02)
+    buckets = list(iter_buckets(tensors, bucket_bytes)) if layout == "buckets" else [tensors]
+    pack = torch.empty(max(sum(t.numel() for _, t in b) for b in buckets), dtype=torch.bfloat16, device="cuda") if layout == "buckets" else None
     torch.cuda.synchronize()
     mem0 = (torch.cuda.memory_allocated(), torch.cuda.memory_reserved())
-    q_out.put({"ready": True, "allocated": mem0[0], "reserved": mem0[1]})
+    q_out.put({"ready": True, "allocated": mem0[0], "reserved": mem0[1], "buckets": len(buckets)})
+    t0 = time.perf_counter()
     for i in range(updates):
-        descs = [cuda_ipc_descriptor(n, t) for n, t in tensors]
-        t0 = time.perf_counter()
-        q_out.put({"descs": descs, "i": i})
-        reply = q_in.get()
-        if not reply.get("ok"):
-            break
-        del descs
+        for bucket in buckets:
+            sent = bucket
+            if pack is not None:
+                off, sent = 0, []
+                for name, t in bucket:
+                    view = pack[off : off + t.numel()].view(t.shape)
+                    view.copy_(t)
+                    sent.append((name, view))
+                    off += t.numel()
+                torch.cuda.synchronize()
+            descs = [cuda_ipc_descriptor(n, t) for n, t in sent]
+            t0 = time.perf_counter()
+            q_out.put({"descs": descs, "i": i})
+            reply = q_in.get()
+            if not reply.get("ok"):
+                break
+            del descs
         if i % 10 == 9:
             torch.cuda.ipc_collect()
     torch.cuda.synchronize()
@@ -375,7 +393,7 @@ def _get_alive(q, proc, timeout: float = 300):
                 raise TimeoutError("no message from the peer process") from None
 
 
-def bench_ipc(shape: str, engine, ceil: dict, updates: int) -> None:
+def bench_ipc(shape: str, engine, ceil: dict, updates: int, bucket_bytes: int = 512 << 20) -> None:
     import torch.multiprocessing as mp
 
     wm = engine.model_runner.weight_map
@@ -384,25 +402,29 @@ def bench_ipc(shape: str, engine, ceil: dict, updates: int) -> None:
     ctx = mp.get_context("spawn")
     rows = []
     d2d = ceil["d2d"]
-    for flat in (False, True):
+    for layout in ("separate", "flat", "buckets"):
         q_out, q_in = ctx.Queue(), ctx.Queue()
         free_all()  # memory this process cached must not crowd the producer out
-        proc = ctx.Process(target=_producer, args=(specs, flat, updates, q_out, q_in), daemon=True)
+        proc = ctx.Process(target=_producer, args=(specs, layout, updates, q_out, q_in, bucket_bytes), daemon=True)
         proc.start()
         ready = _get_alive(q_out, proc)
+        nb = ready["buckets"]
         used0 = used_bytes()
         cons0 = torch.cuda.memory_allocated()
-        times = []
+        times = []  # engine time of each update (all its buckets' calls)
         used_after_first = None
         for i in range(updates):
-            msg = _get_alive(q_out, proc)
-            t = time.perf_counter()
-            res = engine.update_weights_from_tensor(msg["descs"])
-            times.append(time.perf_counter() - t)
-            ok = res.success
-            del msg
-            q_in.put({"ok": ok})
-            assert ok, res.message
+            spent = 0.0
+            for b in range(nb):
+                msg = _get_alive(q_out, proc)
+                t = time.perf_counter()
+                res = engine.update_weights_from_tensor(msg["descs"], flush_cache=b == nb - 1)
+                spent += time.perf_counter() - t
+                ok = res.success
+                del msg
+                q_in.put({"ok": ok})
+                assert ok, res.message
+            times.append(spent)
             if i == 0:
                 used_after_first = used_bytes()
         done = _get_alive(q_out, proc)
@@ -413,18 +435,19 @@ def bench_ipc(shape: str, engine, ceil: dict, updates: int) -> None:
         proc.join(timeout=60)
         t_med = statistics.median(times[1:] if len(times) > 1 else times)
         bw = 2 * total / t_med
-        label = "one flat buffer (1 handle)" if flat else f"separate allocations ({len(specs)} handles)"
+        label = {"flat": "one flat buffer (1 handle)", "separate": f"separate allocations ({len(specs)} handles)",
+                 "buckets": f"IPCWeightPusher's layout: {nb} bucket(s) of <= {mib(bucket_bytes)} packed into one reused buffer, one call each"}[layout]
         rows.append([f"IPC, {label}", f"{total / GB:.2f}", fmt_ms(t_med), f"{bw / GB:,.0f}", f"{d2d / GB:,.0f}" if d2d == d2d else "-",
                      pct(bw, d2d), "0 (maps the producer's memory)",
                      f"device used {mib(used0)} -> {mib(used_after_first)} (1st) -> {mib(used1)} ({updates}th); "
                      f"producer allocated {mib(ready['allocated'])} -> {mib(done['allocated'])}; consumer allocated {mib(cons0)} -> {mib(cons1)}"])
-        RESULTS["figures"][f"{shape}.ipc.{'flat' if flat else 'separate'}"] = {
-            "ms": t_med * 1e3, "GBps_rw": bw / GB, "pct_d2d": 100 * bw / d2d if d2d == d2d else None, "updates": updates,
+        RESULTS["figures"][f"{shape}.ipc.{layout}"] = {
+            "ms": t_med * 1e3, "GBps_rw": bw / GB, "pct_d2d": 100 * bw / d2d if d2d == d2d else None, "updates": updates, "calls_per_update": nb,
             "first_ms": times[0] * 1e3, "max_ms": max(times) * 1e3,
             "device_used_before": used0, "device_used_after_first": used_after_first, "device_used_after_all": used1,
             "producer_allocated": [ready["allocated"], done["allocated"]], "producer_reserved": [ready["reserved"], done["reserved"]],
             "consumer_allocated": [cons0, cons1]}
-    table(f"{shape}.ipc", f"{shape}: update_weights_from_tensor from another process over CUDA IPC ({updates} updates, median)",
+    table(f"{shape}.ipc", f"{shape}: update_weights_from_tensor from another process over CUDA IPC ({updates} updates, median; engine time)",
           ["path", "GB", "time ms", "GB/s (r+w)", "ceiling D2D GB/s", "% of ceiling", "extra memory", f"memory over {updates} updates"], rows)
 
 

@@ -131,7 +131,57 @@ def test_repeated_descriptors_reuse_the_previous_result():
     items[1]["shape"][0] = 2
     assert m.repeat(items) is resolved
     m.get(cuda_ipc_storage_key(desc("c", b"h2", 0)), lambda: torch.UntypedStorage(64), 64)  # evicts h1 (128 > 100)
-    assert m.repeat(items) is None and m.last_descriptors is None
+    assert m.repeat(items) is None and not m.calls
     m.get(cuda_ipc_storage_key(items[0]), lambda: torch.UntypedStorage(64), 64)
     m.remember([*items, {**items[0], "kind": "shm"}], resolved)  # shm bytes may change under one name: never reused
     assert m.repeat([*items, {**items[0], "kind": "shm"}]) is None
+
+
+def test_remembered_calls_keep_their_match_and_a_callers_list_is_checked_every_time(tiny_qwen3):
+    """Each of several remembered calls (one per bucket of a push) resolves to its own views and keeps what
+    the engine matched them to; a caller's own list is matched anew every call, even the same list object
+    edited in place, and its match is never kept."""
+    import base64
+
+    from hotswap import Engine
+    from hotswap.errors import CheckpointError
+    from hotswap.weights.ipc import CudaIpcMappings, cuda_ipc_storage_key
+
+    def desc(name: str, offset: int) -> dict:
+        return {"name": name, "dtype": "float32", "shape": [2], "stride": [1], "storage_offset": offset, "kind": "cuda_ipc",
+                "device": 0, "handle": base64.b64encode(b"h").decode(), "storage_size": 64, "storage_handle_offset": 0}
+
+    m = CudaIpcMappings(max_bytes=100)
+    m.get(cuda_ipc_storage_key(desc("a", 0)), lambda: torch.UntypedStorage(64), 64)
+    buckets = [[desc("a", 0), desc("b", 2)], [desc("c", 4), desc("d", 6)]]
+    views = [[(d["name"], torch.zeros(2)) for d in b] for b in buckets]
+    for b, v in zip(buckets, views):
+        m.remember(b, v)
+        assert m.last_call.resolved is v
+    for b, v in zip(buckets, views):  # a push of two buckets, repeated: both calls are remembered
+        assert m.repeat([dict(d) for d in b]) is v and m.last_call.resolved is v
+    assert m.repeat([desc("a", 0), desc("b", 4)]) is None and m.last_call is None
+
+    with Engine(str(tiny_qwen3), device="cpu", dtype="float32") as engine:
+        wu, wm = engine.scheduler.weight_updater, engine.model_runner.weight_map
+        named = [(n, torch.zeros(wm.slots[n].hf_shape)) for n in wm.names]
+        wu.ipc_mappings = m
+        m.remember(buckets[0], named)  # stands in for the views of a remembered call
+        first = wu._match_sources(named)
+        assert first.trusted and wu._match_sources(named) is first and m.last_call.matched is first
+        m.last_call = None  # a call that was not a repeat: matched anew, not kept
+        again = wu._match_sources(named)
+        assert again is not first and not again.trusted
+        caller = list(named)
+        caller[0] = (caller[0][0], torch.zeros(3))  # a caller's list edited in place is checked again
+        with pytest.raises(CheckpointError, match="shape mismatch"):
+            wu._match_sources(caller)
+
+
+def test_in_process_pairs_accept_tensor_subclasses_and_refuse_other_values():
+    from hotswap.weights.ipc_grouped import _tensor_pairs
+
+    items = [("a", torch.nn.Parameter(torch.zeros(2))), ("b", torch.zeros(3))]
+    assert _tensor_pairs(items) is items
+    assert _tensor_pairs([("a", torch.zeros(2)), ("b", [1.0, 2.0])]) is None
+    assert _tensor_pairs([("a", torch.zeros(2)), (7, torch.zeros(2))]) is None

@@ -36,10 +36,9 @@ from hotswap.weights.checksum import manifest_digest, tensor_sha256
 from hotswap.weights.distributed import (WeightsGroup, WeightsGroupError, destroy_custom_process_group, init_custom_process_group,
                                          short_error)
 from hotswap.weights.fast_copy import MatchedTensors, TensorPlanCache, check_finite, copy_into
-from hotswap.weights.fast_reader import ReaderOptions, load_plan
+from hotswap.weights.fast_reader import ReaderOptions, ReadPlanCache, run_read
 from hotswap.weights.ipc import CudaIpcMappings
 from hotswap.weights.ipc_grouped import resolve_grouped
-from hotswap.weights.loader import plan_checkpoint
 from hotswap.weights.mapping import WeightSlot
 from hotswap.weights.rollback import HostArena, RollbackBuffer
 
@@ -89,6 +88,7 @@ class WeightUpdater:
     pending_groups: set[str] = field(default_factory=set)  # rendezvous under way in a helper thread
     snapshot: dict[str, torch.Tensor] | None = None
     tensor_plans: TensorPlanCache = field(default_factory=TensorPlanCache)  # names -> slots, for repeated tensor updates
+    read_plans: ReadPlanCache = field(default_factory=ReadPlanCache)  # checkpoint layout -> validated read tasks
     ipc_mappings: CudaIpcMappings = field(init=False)  # CUDA IPC storages kept open between updates
     rollback_arena: HostArena = field(default_factory=HostArena)  # pinned host for saved originals, kept across sessions
     ipc_source: BufferSource = field(default_factory=BufferSource)  # checkpoint-engine's buffers: CUDA IPC (tests: a CPU stand-in)
@@ -100,6 +100,7 @@ class WeightUpdater:
     def close(self) -> None:
         """At engine shutdown: unmap kept IPC storages (they pin the producer's memory) and drop snapshots."""
         self.ipc_mappings = CudaIpcMappings(0)
+        self.tensor_plans, self.read_plans = TensorPlanCache(), ReadPlanCache()
         self.snapshot = None
         self.session = None
 
@@ -250,17 +251,18 @@ class WeightUpdater:
     def update_weights_from_disk(self, req: p.UpdateWeightsFromDiskRequest) -> p.WeightUpdateOutput:
         if req.load_format not in (None, "auto", "safetensors"):
             return self._refuse_update(f"unsupported load_format {req.load_format!r}; hotswap loads safetensors")
+        options = ReaderOptions.from_config(self.config)
         try:
-            plan = plan_checkpoint(self.model_runner.weight_map, req.model_path)
+            read = self.read_plans.prepare(self.model_runner.weight_map, req.model_path, options)  # validated; cached by layout
         except HotswapError as exc:
             return self._refuse_update(f"update_weights_from_disk refused: {exc}; weights unchanged")
 
         def apply(session: UpdateSession) -> tuple[int, int]:
             if self.peers is not None:
                 self.peers.apply_disk(req.model_path)  # every worker reads its own slices meanwhile
-            saved = self._guard_rollback(session, [slot for _, slot in plan], source_can_fail=True, overlap=True)
-            self.last_read = load_plan(plan, ReaderOptions.from_config(self.config), wait_for=saved)
-            return len(plan), self.last_read.nbytes
+            saved = self._guard_rollback(session, read.slots, source_can_fail=True, overlap=True)
+            self.last_read = run_read(read, options, wait_for=saved)
+            return len(read.slots), self.last_read.nbytes
 
         return self._run_update("update_weights_from_disk", req.weight_version, req.flush_cache, apply)
 
@@ -272,7 +274,7 @@ class WeightUpdater:
         try:
             start = time.perf_counter()
             named = resolve_grouped(req.named_tensors, self.model_runner.device, self.ipc_mappings)  # one open per shared IPC storage
-            matched = self.tensor_plans.match(self.model_runner.weight_map, named)  # metadata only, cached by names
+            matched = self._match_sources(named)
             validate_s = time.perf_counter() - start
         except HotswapError as exc:
             return self._refuse_update(f"update_weights_from_tensor refused: {exc}; weights unchanged")
@@ -285,6 +287,16 @@ class WeightUpdater:
         out = self._run_update("update_weights_from_tensor", req.weight_version, req.flush_cache, apply)
         out.extra["validate_s"] = validate_s
         return out
+
+    def _match_sources(self, named: list[tuple[str, torch.Tensor]]) -> MatchedTensors:
+        """Match by metadata (cached by names). Views of remembered IPC descriptors are the engine's own and
+        cannot change: their call keeps its match, and a repeat of it skips every per-tensor check."""
+        wm, call = self.model_runner.weight_map, self.ipc_mappings.last_call
+        if call is None or call.resolved is not named:
+            return self.tensor_plans.match(wm, named)
+        if not self.tensor_plans.current(call.matched, wm):
+            call.matched = self.tensor_plans.match(wm, named, trusted=True)
+        return call.matched
 
     def update_weights_from_ipc(self, req: p.UpdateWeightsFromIPCRequest) -> p.WeightUpdateOutput:
         """checkpoint-engine's push (weights/checkpoint_engine_receiver.py): buckets arrive one by one over

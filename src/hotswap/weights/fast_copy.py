@@ -67,6 +67,7 @@ class _MultiCopy:
     nbytes: int
     last_ptrs: list[int] = field(default_factory=list)  # the previous call's sources, and their device copy
     last_ptrs_dev: torch.Tensor | None = None
+    checked: weakref.ref | None = None  # the trusted MatchedTensors those pointers were checked for (weak: never pins a source)
 
 
 @dataclass(slots=True)
@@ -78,20 +79,22 @@ class TensorPlan:
     multi: _MultiCopy | None  # the one-launch tables for its targets (None: none qualify, or not CUDA)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, weakref_slot=True)
 class MatchedTensors:
     """What `TensorPlanCache.match` returns: (incoming name, target, tensor) per tensor to load, and the plan."""
 
     items: list[tuple[str, _Target, torch.Tensor]]
     tensors: tuple[torch.Tensor, ...]  # the items' tensors, in order
     plan: TensorPlan
+    names: tuple[str, ...]  # the incoming names (the plan's key)
+    trusted: bool = False  # engine-held views whose metadata cannot change (see TensorPlanCache.match)
 
 
 class TensorPlanCache:
     """names tuple -> per-tensor targets (None for entries that are skipped: ignored suffixes, a tied
     alias given beside its embedding). Invalidated when the weight map is rebuilt (memory resume)."""
 
-    def __init__(self, max_entries: int = 16):
+    def __init__(self, max_entries: int = 64):  # an 8B model pushed in 512 MiB buckets: 32 name sets a step
         self.max_entries = max_entries
         self.weight_map: weakref.ref | None = None  # weak: a rebuilt map drops the old one, and our plans with it
         self.plans: OrderedDict[tuple[str, ...], list[_Target | None]] = OrderedDict()
@@ -99,16 +102,30 @@ class TensorPlanCache:
     def _dropped(self, _ref) -> None:
         self.plans.clear()  # the plans' views would otherwise keep released parameter storage alive
 
-    def match(self, weight_map: WeightMap, named: list[tuple[str, torch.Tensor]]) -> MatchedTensors:
+    def match(self, weight_map: WeightMap, named: list[tuple[str, torch.Tensor]], trusted: bool = False) -> MatchedTensors:
         """The tensors to load and their targets; raises CheckpointError (a HotswapError) naming every
-        problem when the set does not fit the model."""
+        problem when the set does not fit the model.
+
+        `trusted`: `named` is a list only the engine holds, whose tensors' metadata cannot change (the
+        views `CudaIpcMappings` keeps for remembered descriptors). The result may then be used again for
+        the same list while `current` says so, and the copy checks its sources once (`_MultiCopy.checked`)."""
         if self.weight_map is None or self.weight_map() is not weight_map:
             self.plans.clear()
             self.weight_map = weakref.ref(weight_map, self._dropped)
         names, tensors = zip(*named) if named else ((), ())
         plan = self.plans.get(names)
-        if plan is not None and list(map(_SHAPE, tensors)) == plan.shapes and set(map(_DTYPE, tensors)) <= plan.dtypes:
-            return _matched(plan, names, tensors)
+        if plan is None or list(map(_SHAPE, tensors)) != plan.shapes or not set(map(_DTYPE, tensors)) <= plan.dtypes:
+            plan = self._plan(weight_map, named, names, tensors)
+        return _matched(plan, names, tensors, trusted)
+
+    def current(self, matched: object, weight_map: WeightMap) -> bool:
+        """Whether a trusted result of `match` still stands: same weight map, and its plan still cached."""
+        return (isinstance(matched, MatchedTensors) and matched.trusted and self.weight_map is not None
+                and self.weight_map() is weight_map and self.plans.get(matched.names) is matched.plan)
+
+    def _plan(self, weight_map: WeightMap, named: list[tuple[str, torch.Tensor]], names: tuple[str, ...],
+              tensors: tuple[torch.Tensor, ...]) -> TensorPlan:
+        """Check the set in full (naming every problem) and cache its plan under its names."""
         metas = [TensorMeta(n, t.dtype, tuple(t.shape)) for n, t in named]
         pairs = check_tensor_metas(weight_map, metas, require_all=False)
         slot_of = {id(meta): slot for meta, slot in pairs}
@@ -123,18 +140,18 @@ class TensorPlanCache:
         self.plans[names] = plan
         while len(self.plans) > self.max_entries:
             self.plans.popitem(last=False)
-        return _matched(plan, names, tensors)
+        return plan
 
 
 _SHAPE = attrgetter("shape")
 _DTYPE = attrgetter("dtype")
 
 
-def _matched(plan: TensorPlan, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> MatchedTensors:
+def _matched(plan: TensorPlan, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], trusted: bool) -> MatchedTensors:
     if plan.kept is None:
-        return MatchedTensors(list(zip(names, plan.targets, tensors)), tensors, plan)
+        return MatchedTensors(list(zip(names, plan.targets, tensors)), tensors, plan, names, trusted)
     kept = [tensors[i] for i in plan.kept]
-    return MatchedTensors([(names[i], plan.targets[i], t) for i, t in zip(plan.kept, kept)], tuple(kept), plan)
+    return MatchedTensors([(names[i], plan.targets[i], t) for i, t in zip(plan.kept, kept)], tuple(kept), plan, names, trusted)
 
 
 def check_finite(items: list[tuple[str, _Target, torch.Tensor]]) -> None:
@@ -209,18 +226,22 @@ def build_multi(targets: list[_Target]) -> _MultiCopy | None:
 
 def _copy_multi(multi: _MultiCopy, matched: MatchedTensors) -> bool:
     """Launch the one-launch copy for the plan's rows when every source qualifies (same dtype as its
-    target, contiguous, on this device, 16-byte aligned); False (nothing launched) otherwise."""
+    target, contiguous, on this device, 16-byte aligned); False (nothing launched) otherwise. A trusted
+    MatchedTensors whose sources were checked before (a repeated IPC call) is not checked again."""
     tensors = matched.tensors
-    srcs = [tensors[i] for i in multi.rows] if len(multi.rows) != len(tensors) else tensors
-    if (set(map(_DTYPE, srcs)) != {multi.dtype} or not all(map(torch.Tensor.is_contiguous, srcs))
-            or set(map(torch.Tensor.get_device, srcs)) != {multi.device_index}):
-        return False
-    ptrs = list(map(torch.Tensor.data_ptr, srcs))
-    if ptrs != multi.last_ptrs:
-        host = torch.tensor(ptrs, dtype=torch.int64)
-        if bool((host % _ALIGN).any()):
+    if multi.checked is None or multi.checked() is not matched:
+        srcs = [tensors[i] for i in multi.rows] if len(multi.rows) != len(tensors) else tensors
+        # match() has checked the dtypes against the plan's: a plan of one dtype needs no second look
+        if ((matched.plan.dtypes != {multi.dtype} and set(map(_DTYPE, srcs)) != {multi.dtype})
+                or not all(map(torch.Tensor.is_contiguous, srcs)) or set(map(torch.Tensor.get_device, srcs)) != {multi.device_index}):
             return False
-        multi.last_ptrs, multi.last_ptrs_dev = ptrs, host.to(multi.base.device, non_blocking=True)
+        ptrs = list(map(torch.Tensor.data_ptr, srcs))
+        if ptrs != multi.last_ptrs:
+            host = torch.tensor(ptrs, dtype=torch.int64)
+            if bool((host % _ALIGN).any()):
+                return False
+            multi.last_ptrs, multi.last_ptrs_dev = ptrs, host.to(multi.base.device, non_blocking=True)
+        multi.checked = weakref.ref(matched) if matched.trusted else None
     _multi_copy_kernel[(multi.owner.numel(),)](multi.base, multi.last_ptrs_dev, multi.dst_offsets, multi.sizes, multi.owner, multi.first,
                                                multi.base.data_ptr(), CHUNK=_CHUNK, num_warps=_WARPS)
     return True

@@ -20,6 +20,7 @@ import binascii
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from multiprocessing import shared_memory
 from operator import itemgetter
 
@@ -189,6 +190,18 @@ def _open_shm(d: dict, dtype: torch.dtype) -> torch.Tensor:
     return raw.view(dtype).view(shape)
 
 
+@dataclass(slots=True)
+class RememberedCall:
+    """One earlier call's 'cuda_ipc' descriptors (their view fields), the views they resolved to, the kept
+    storages those views map, and what the engine matched the views to (set by the caller, see
+    `WeightUpdater.update_weights_from_tensor`): all dropped together when one of the storages is."""
+
+    descriptors: list[tuple]
+    resolved: list[tuple[str, torch.Tensor]]
+    keys: list[tuple]
+    matched: object = None
+
+
 class CudaIpcMappings:
     """Storages opened from CUDA IPC handles, kept open across updates (least recently used first out,
     bounded by the bytes they map).
@@ -200,9 +213,12 @@ class CudaIpcMappings:
     producer that allocates fresh buffers every push (an FSDP gather, say) has up to the bound of its
     freed memory held here, which on a shared GPU is memory its trainer lacks, hence a small default. On a
     hit the producer's IPC event is not waited on again: the producer makes its data visible before
-    sending (`cuda_ipc_descriptor` says so; `IPCWeightPusher` synchronizes)."""
+    sending (`cuda_ipc_descriptor` says so; `IPCWeightPusher` synchronizes).
+
+    The last `MAX_CALLS` calls are remembered too (`repeat`): a push of N buckets repeats N calls a step."""
 
     MAX_VIEWS = 4096  # per storage; a producer sending ever new shapes only rebuilds them
+    MAX_CALLS = 64  # remembered calls: an 8B model pushed in 512 MiB buckets is 32 calls a step
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -212,38 +228,52 @@ class CudaIpcMappings:
         self.mapped_bytes = 0
         self.hits = 0
         self.misses = 0
-        # the previous call's descriptors (all 'cuda_ipc'), what they resolved to and the storages they map
-        self.last_descriptors: list[dict] | None = None
-        self.last_resolved: list[tuple[str, torch.Tensor]] | None = None
-        self.last_keys: list[tuple] = []
+        self.calls: OrderedDict[tuple, RememberedCall] = OrderedDict()  # (length, first name, last name) -> call
+        self.last_call: RememberedCall | None = None  # the call the latest repeat or remember returned
+
+    @staticmethod
+    def _call_key(items: list) -> tuple | None:
+        try:
+            return len(items), items[0]["name"], items[-1]["name"]
+        except (KeyError, TypeError, IndexError):
+            return None
 
     def repeat(self, items: list) -> list[tuple[str, torch.Tensor]] | None:
-        """The previous call's result when `items` describe the same views of the same kept storages
+        """A remembered call's result when `items` describe the same views of the same kept storages
         (every field but the IPC event and ref-counter handles, which a producer makes anew each time
         and which a kept mapping does not use): the same checked views, without decoding 300 handles
         again. A trainer sends such descriptors every step when it pushes the same buffers."""
-        last = self.last_descriptors
-        if last is None or len(items) != len(last) or not all(k in self.storages for k in self.last_keys):
+        key = self._call_key(items)
+        call = self.calls.get(key) if key is not None else None
+        self.last_call = None
+        if call is None:
             return None
         try:
-            if list(map(_VIEW_FIELDS, items)) != last:
+            if list(map(_VIEW_FIELDS, items)) != call.descriptors:
                 return None
         except (KeyError, TypeError):
             return None
-        self.hits += len(self.last_keys)
-        return self.last_resolved
+        self.calls.move_to_end(key)
+        self.hits += len(call.keys)
+        self.last_call = call
+        return call.resolved
 
     def remember(self, items: list, resolved: list[tuple[str, torch.Tensor]]) -> None:
         """Keep this call for `repeat` when every entry is a 'cuda_ipc' descriptor whose storage stayed
         mapped ('shm' blocks are copied out every time: their bytes may change under the same name)."""
-        self.last_descriptors = self.last_resolved = None
-        self.last_keys = []
+        self.last_call = None
+        key = self._call_key(items)
+        if key is None:
+            return
+        self.calls.pop(key, None)
         if not all(type(d) is dict and d.get("kind") == "cuda_ipc" for d in items):
             return
         keys = list({cuda_ipc_storage_key(d) for d in items})
         if all(k in self.storages for k in keys):  # a snapshot: the caller may reuse its dicts and lists
-            self.last_descriptors = [(*f[:2], list(f[2]), list(f[3]), *f[4:]) for f in map(_VIEW_FIELDS, items)]
-            self.last_resolved, self.last_keys = resolved, keys
+            snapshot = [(*f[:2], list(f[2]), list(f[3]), *f[4:]) for f in map(_VIEW_FIELDS, items)]
+            self.calls[key] = self.last_call = RememberedCall(snapshot, resolved, keys)
+            while len(self.calls) > self.MAX_CALLS:
+                self.calls.popitem(last=False)
 
     def get(self, key: tuple, open_storage: Callable[[], torch.UntypedStorage], nbytes: int) -> torch.UntypedStorage:
         storage = self.storages.get(key)
@@ -260,8 +290,9 @@ class CudaIpcMappings:
                 old, _ = self.storages.popitem(last=False)
                 self.mapped_bytes -= self.sizes.pop(old)
                 self.views.pop(old, None)
-                if old in self.last_keys:
-                    self.last_descriptors = self.last_resolved = None
+                for k in [k for k, call in self.calls.items() if old in call.keys]:
+                    if self.calls.pop(k) is self.last_call:
+                        self.last_call = None
         return storage
 
     def view(self, key: tuple, geometry: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:

@@ -96,7 +96,7 @@ def _tensor_pairs(items) -> list[tuple[str, torch.Tensor]] | None:
     if set(map(type, items)) != {tuple} or set(map(len, items)) != {2}:
         return None
     names, tensors = zip(*items)
-    if set(map(type, names)) != {str} or not all(map(torch.is_tensor, tensors)):
+    if set(map(type, names)) != {str} or not all(issubclass(t, torch.Tensor) for t in set(map(type, tensors))):
         return None
     return items if type(items) is list else list(items)
 

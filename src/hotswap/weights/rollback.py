@@ -116,20 +116,16 @@ class RollbackBuffer:
                 sizes = [-(-s.dest.numel() * s.dest.element_size() // _ALIGN) * _ALIGN for s in on_device]
                 block = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
                 off = 0
-                small_dst, small_src = [], []
+                copies = []
                 for s, size in zip(on_device, sizes):
                     nbytes = s.dest.numel() * s.dest.element_size()
                     copy = block[off : off + nbytes].view(s.dest.dtype).view(s.dest.shape)
                     off += size
-                    if nbytes < (1 << 20):
-                        small_dst.append(copy)
-                        small_src.append(s.dest)
-                    else:
-                        copy.copy_(s.dest, non_blocking=True)
+                    copies.append(copy)
                     self.device_bytes += size
                     self.saved[s.hf_name] = (s, copy)
-                if small_dst:
-                    torch._foreach_copy_(small_dst, small_src, non_blocking=True)
+                # one grouped launch: a copy_ per slot costs a launch each (300 for a 0.6B model) on the host
+                torch._foreach_copy_(copies, [s.dest for s in on_device], non_blocking=True)
                 if overlap:
                     ev = torch.cuda.Event()
                     ev.record(self.stream)

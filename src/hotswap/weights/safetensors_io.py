@@ -78,6 +78,23 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
     return out
 
 
+def layout_signature(files: list[Path]) -> tuple | None:
+    """(name, size, raw header bytes) per file: equal signatures mean the same tensors at the same offsets.
+    Reads only the headers' bytes, without parsing them; None when one cannot be read (`read_header` says why)."""
+    out = []
+    for file in files:
+        try:
+            with open(file, "rb") as f:
+                raw = f.read(8)
+                if len(raw) != 8 or struct.unpack("<Q", raw)[0] > 100 * 1024 * 1024:
+                    return None
+                header = f.read(struct.unpack("<Q", raw)[0])
+            out.append((file.name, file.stat().st_size, header))
+        except OSError:
+            return None
+    return tuple(out)
+
+
 def read_headers(files: list[Path]) -> dict[str, TensorInfo]:
     infos: dict[str, TensorInfo] = {}
     for file in files:
