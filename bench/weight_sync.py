@@ -45,6 +45,7 @@ from common import SHAPES, config_only_checkpoint, device_name, print_table  # n
 from hotswap import Engine  # noqa: E402
 from hotswap.trainer.buckets import iter_buckets  # noqa: E402
 from hotswap.weights import fast_copy, fast_reader  # noqa: E402
+from hotswap.weights.ipc import CudaIpcMappings  # noqa: E402
 from hotswap.weights.fast_reader import ReaderOptions, load_plan  # noqa: E402
 from hotswap.weights.loader import plan_checkpoint  # noqa: E402
 
@@ -402,8 +403,10 @@ def bench_ipc(shape: str, engine, ceil: dict, updates: int, bucket_bytes: int = 
     ctx = mp.get_context("spawn")
     rows = []
     d2d = ceil["d2d"]
+    wu = engine.scheduler.weight_updater
     for layout in ("separate", "flat", "buckets"):
         q_out, q_in = ctx.Queue(), ctx.Queue()
+        wu.ipc_mappings = CudaIpcMappings(wu.config.cuda_ipc_cache_bytes)  # unmap the last producer's memory (it exited)
         free_all()  # memory this process cached must not crowd the producer out
         proc = ctx.Process(target=_producer, args=(specs, layout, updates, q_out, q_in, bucket_bytes), daemon=True)
         proc.start()
