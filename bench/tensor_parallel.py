@@ -45,7 +45,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import H100_D2D_BYTES_PER_S, config_only_checkpoint, device_name, kv_bytes_per_token, print_table, timed  # noqa: E402
+from common import config_only_checkpoint, device_name, kv_bytes_per_token, print_table, timed  # noqa: E402
 
 from hotswap import Engine  # noqa: E402
 from hotswap.trainer import DistributedWeightPusher, HttpEngineClient, free_port, iter_buckets, state_dict_manifest  # noqa: E402
@@ -62,6 +62,14 @@ def table(title: str, header: list[str], rows: list[list]) -> None:
 def whole_weight_bytes(engine: Engine) -> int:
     """The whole model's bytes (under TP, rank 0's weight map holds its slices only)."""
     return sum(torch.Size(s.hf_shape).numel() * s.dtype.itemsize for s in engine.model_runner.weight_map.slots.values())
+
+
+def d2d_bytes_per_s(device: torch.device) -> float:
+    """Device-to-device copy bandwidth of this GPU (bytes read + written), measured: the roofline's memory speed."""
+    a = torch.empty(2 << 30, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    _, t = timed(lambda: [b.copy_(a) for _ in range(10)], True)
+    return 2 * a.numel() * 10 / t
 
 
 def roofline_tok_s(engine: Engine, tp: int, batch: int, prompt: int, output: int, bandwidth: float) -> float:
@@ -102,6 +110,7 @@ def bench_decode(path: Path, device: torch.device, cases: list[tuple[int, int, i
     num_pages = max(b * -(-(p + o + 1) // 16) for b, p, o in cases) + 64
     greedy: dict[tuple, list[list[int]]] = {}
     rows = []
+    d2d = d2d_bytes_per_s(device) if on_gpu else float("nan")
     for tp in tps:
         engine = Engine(str(path), device=str(device), load_format="dummy", tensor_parallel_size=tp, max_running_requests=max_batch,
                         page_size=16, num_pages=num_pages)
@@ -118,7 +127,7 @@ def bench_decode(path: Path, device: torch.device, cases: list[tuple[int, int, i
             ids = [o["output_ids"] for o in outs]
             greedy.setdefault(case, ids)  # TP=1 runs first: the reference
             ours = batch * output / t
-            roof = roofline_tok_s(engine, tp, batch, prompt, output, H100_D2D_BYTES_PER_S) if on_gpu else float("nan")
+            roof = roofline_tok_s(engine, tp, batch, prompt, output, d2d) if on_gpu else float("nan")
             row = [tp, f"{batch}, {prompt}/{output}", f"{ours:,.0f}", f"{roof:,.0f}" if on_gpu else "-",
                    f"{100 * ours / roof:.1f}%" if on_gpu else "-", parity(ids, greedy[case])]
             if hf is not None and tp == tps[0]:
@@ -133,7 +142,8 @@ def bench_decode(path: Path, device: torch.device, cases: list[tuple[int, int, i
                 row += ["", ""]
             rows.append(row)
         engine.shutdown()
-    header = ["TP", "batch, prompt/output", "hotswap output tok/s", "decode roofline tok/s (per-GPU share, 3.0 TB/s)", "% of roofline",
+    bw = f"{d2d / 1e12:.2f} TB/s" if on_gpu else "-"
+    header = ["TP", "batch, prompt/output", "hotswap output tok/s", f"decode roofline tok/s (per-GPU share, {bw} D2D measured)", "% of roofline",
               "greedy = TP=1"] + (["HF tok/s (1 device)", "TP=1 greedy = HF"] if hf is not None else [])
     table(f"decode, {path.name}, {device_name(device)}, {dtype}, TP {tps}", header, rows)
 

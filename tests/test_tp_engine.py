@@ -226,6 +226,22 @@ def test_gpu_tp2_matches_tp1_over_nccl(tiny_qwen3, tiny_qwen3_v2):
 
 
 @pytest.mark.gpu
+def test_gpu_engine_on_a_second_gpu(tiny_qwen3, tiny_qwen3_v2):
+    """An engine on cuda:1 (a trainer beside it on cuda:0) serves and updates there: its threads launch on
+    its own device, and the caller's current device is left alone."""
+    _gpus(2)
+    torch.cuda.set_device(0)
+    with Engine(str(tiny_qwen3), device="cuda:1", dtype="float32") as eng:
+        assert torch.cuda.current_device() == 0
+        assert greedy_ids(eng) == reference(tiny_qwen3)
+        v2 = {k: v.to("cuda:1") for k, v in checkpoint_tensors(tiny_qwen3_v2).items()}
+        assert eng.update_weights_from_tensor(v2, weight_version="v2").success
+        assert greedy_ids(eng) == reference(tiny_qwen3_v2)
+        assert eng.update_weights_from_disk(str(tiny_qwen3)).success
+        assert greedy_ids(eng) == reference(tiny_qwen3)
+
+
+@pytest.mark.gpu
 def test_gpu_trainer_pushes_over_nccl_to_tp2(tiny_qwen3, tiny_qwen3_v2):
     """Trainer on cuda:0, engine ranks on cuda:1 and cuda:2: one NCCL group of 3."""
     _gpus(3)

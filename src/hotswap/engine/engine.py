@@ -4,6 +4,7 @@ thread through request objects, and assembles outputs; it never touches schedule
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import queue
 import random
@@ -101,7 +102,9 @@ class Engine:
             eos = [self.tokenizer.eos_token_id]
         self.eos_token_ids = eos
         self.tp_peers: TPPeers | None = None
-        self.model_runner = self._start_runner()
+        # the runner captures CUDA graphs on its device; the caller's current device is left as it was
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            self.model_runner = self._start_runner()
         self.scheduler = Scheduler(self.config, self.model_runner, self.tokenizer, eos, self.max_context_len)
         self._rng = random.Random(self.config.seed)
         self._rng_lock = threading.Lock()

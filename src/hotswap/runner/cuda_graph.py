@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from hotswap.kernels import argmax
-from hotswap.runner.extend_graph import ExtendGraphRunner
+from hotswap.runner.extend_graph import ExtendGraphRunner, capture_stream
 from hotswap.runner.forward_context import ForwardContext
 from hotswap.runner.host_batch import HostBatch
 from hotswap.runner.staged_inputs import StagedInputs
@@ -98,7 +98,7 @@ class CudaGraphRunner:
                 argmax.argmax_rows(model.compute_logits(model(ids, ctx)), out=greedy)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.pool, stream=capture_stream(ids.device)):
                 # the greedy choice is taken inside the graph: no launch of its own between steps
                 self.outputs[bs] = model.compute_logits(model(ids, ctx))
                 argmax.argmax_rows(self.outputs[bs], out=greedy)

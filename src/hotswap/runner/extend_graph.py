@@ -27,6 +27,19 @@ if TYPE_CHECKING:
 
 # about a quarter of padding at most above 1K tokens (a chunked prefill plus a few decodes lands just
 # above a power of two); every bucket is captured up front, so there are few
+_CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """A graph-capture stream on `device`. torch.cuda.graph's default is one stream for the whole process,
+    made on whichever device was current at the first capture: an engine on cuda:1 in a process that
+    captured on cuda:0 before (another engine, a trainer) would capture on the wrong device."""
+    stream = _CAPTURE_STREAMS.get(device)
+    if stream is None:
+        stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream(device=device)
+    return stream
+
+
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 2560, 3072, 4096, 5120, 6144, 8192)
 
 
@@ -139,7 +152,7 @@ class ExtendGraphRunner:
             hidden.copy_(model(ids, ctx))
         graph = torch.cuda.CUDAGraph()
         # thread-local: a weight-group rendezvous thread may touch CUDA while a graph is captured here
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=pool, stream=capture_stream(hidden.device), capture_error_mode="thread_local"):
             hidden.copy_(model(ids, ctx))
         self.graphs[tokens] = graph
 

@@ -12,6 +12,8 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+import torch
+
 from hotswap import protocol as p
 from hotswap.config import EngineConfig
 from hotswap.runner.model_runner import ModelRunner
@@ -124,6 +126,8 @@ class Scheduler:
         """One step stays in flight: the next batch is scheduled and launched (its decode inputs taken
         from the in-flight step's sampled ids on the device) before the in-flight step's outputs are read
         back and processed, so host work overlaps device work. Control requests see no step in flight."""
+        if self.model_runner.device.type == "cuda":  # kernels launch on the thread's current device (Triton checks it)
+            torch.cuda.set_device(self.model_runner.device)
         inflight: InFlight | None = None
         while not self._stop.is_set():
             if inflight is not None and (not self.inbox.empty() or (self.deferred and not self.batcher.running)):
