@@ -208,12 +208,18 @@ def test_read_plans_are_reused_for_a_new_folder_with_the_same_layout(tiny_qwen3,
     files); a different layout is planned and checked anew."""
     import shutil
 
+    from safetensors.torch import save_file
+
     wm = fresh_map(tiny_qwen3)
     cache = ReadPlanCache()
     opts = ReaderOptions(threads=2, staging_bytes=8 * 4096)
-    first = cache.prepare(wm, tiny_qwen3, opts)
+    step1 = tmp_path / "step1"
+    shutil.copytree(tiny_qwen3, step1)
+    # a file holding only ignored entries sorts first: the plan reads none of it, and must not mistake it for the weights
+    save_file({"model.rotary_emb.inv_freq": torch.ones(4)}, str(step1 / "a-extra.safetensors"))
+    first = cache.prepare(wm, step1, opts)
     copy = tmp_path / "step2"
-    shutil.copytree(tiny_qwen3, copy)
+    shutil.copytree(step1, copy)
     again = cache.prepare(wm, copy, opts)
     assert again.tasks is first.tasks and all(f.parent == copy for f in again.files)
     run_read(again, opts)
@@ -224,8 +230,6 @@ def test_read_plans_are_reused_for_a_new_folder_with_the_same_layout(tiny_qwen3,
     tensors = checkpoint_tensors(tiny_qwen3)
     name = next(iter(tensors))
     tensors[name] = tensors[name][:1].clone()
-    from safetensors.torch import save_file
-
     save_file(tensors, str(other / "model.safetensors"))
     with pytest.raises(CheckpointError, match="shape mismatch"):
         cache.prepare(wm, other, opts)

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 # about a quarter of padding at most above 1K tokens (a chunked prefill plus a few decodes lands just
 # above a power of two); every bucket is captured up front, so there are few
+TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 2560, 3072, 4096, 5120, 6144, 8192)
+
+
 _CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
@@ -38,9 +41,6 @@ def capture_stream(device: torch.device) -> torch.cuda.Stream:
     if stream is None:
         stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream(device=device)
     return stream
-
-
-TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 2560, 3072, 4096, 5120, 6144, 8192)
 
 
 class ExtendGraphRunner:

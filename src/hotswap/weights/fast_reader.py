@@ -297,7 +297,8 @@ class ReadPlanCache:
                     self.plans.popitem(last=False)
             return read
         self.plans.move_to_end(key)
-        return dataclasses.replace(read, files=files)
+        by_name = {f.name: f for f in files}  # the same names as the cached checkpoint's (the signature says so)
+        return dataclasses.replace(read, files=[by_name[f.name] for f in read.files])
 
 
 def _run_workers(threads: int, tasks: list[_Task], work) -> None:
