@@ -127,7 +127,8 @@ class Scheduler:
         from the in-flight step's sampled ids on the device) before the in-flight step's outputs are read
         back and processed, so host work overlaps device work. Control requests see no step in flight."""
         if self.model_runner.device.type == "cuda":  # kernels launch on the thread's current device (Triton checks it)
-            torch.cuda.set_device(self.model_runner.device)
+            # the weights' device is indexed even for an engine on plain "cuda" (set_device refuses an unindexed one)
+            torch.cuda.set_device(next(self.model_runner.model.parameters()).device)
         inflight: InFlight | None = None
         while not self._stop.is_set():
             if inflight is not None and (not self.inbox.empty() or (self.deferred and not self.batcher.running)):
