@@ -250,6 +250,29 @@ def test_failed_batch_aborts_cleanly_and_leaves_no_stale_cache(tiny_qwen3, monke
         assert_idle_invariants(engine)
 
 
+def test_a_dead_scheduler_fails_every_request_instead_of_hanging(tiny_qwen3, monkeypatch):
+    """Should the scheduler loop itself raise (a bug, not a device fault), the request it held is aborted
+    with the reason, and every later call fails at once with it instead of waiting forever."""
+    ids = prompt_ids(78, 12)
+    with make_engine(tiny_qwen3) as engine:
+        assert engine.generate(input_ids=ids, sampling_params=GREEDY)["meta_info"]["finish_reason"]["type"] == "length"
+
+        def broken():
+            raise RuntimeError("injected scheduler bug")
+
+        monkeypatch.setattr(engine.scheduler, "schedule", broken)
+        held = engine.generate(input_ids=ids, sampling_params=GREEDY)
+        reason = held["meta_info"]["finish_reason"]
+        assert reason["type"] == "abort" and "injected scheduler bug" in reason["message"]
+        engine.scheduler.thread.join(timeout=30)
+        assert not engine.scheduler.thread.is_alive()
+        later = engine.generate(input_ids=[ids, ids], sampling_params=GREEDY)
+        assert all(o["meta_info"]["finish_reason"]["type"] == "abort" for o in later)
+        load = engine.get_load()
+        assert not load.success and "injected scheduler bug" in load.message
+        assert not engine.update_weights_from_disk(str(tiny_qwen3)).success
+
+
 def test_shutdown_frees_the_engine_state_while_the_object_lives_on(tiny_qwen3):
     """A closed engine that its caller still holds (and whose components reference each other) keeps no
     weights, KV storage or kept IPC mappings: on a GPU that memory goes back without a gc pass."""

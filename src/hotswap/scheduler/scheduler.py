@@ -105,7 +105,8 @@ class Scheduler:
         self.deferred: deque[tuple[object, Future]] = deque()
         self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "steps": 0}
         self._stop = threading.Event()
-        self.thread = threading.Thread(target=self.loop, name="hotswap-scheduler", daemon=True)
+        self.dead: str | None = None  # why the loop stopped on an error: every request fails with it from then on
+        self.thread = threading.Thread(target=self._run, name="hotswap-scheduler", daemon=True)
 
     # ---- the loop --------------------------------------------------------------------------------
 
@@ -120,7 +121,44 @@ class Scheduler:
     def submit(self, request) -> Future:
         fut: Future = Future()
         self.inbox.put((request, fut))
+        if self.dead is not None:  # nothing takes it any more: fail it (and anything queued beside it) now
+            self._fail_queued()
         return fut
+
+    def _run(self) -> None:
+        """The loop. Should it ever raise, what it holds and whatever is sent later fails with the reason,
+        rather than leaving every caller waiting on a thread that is gone."""
+        try:
+            self.loop()
+        except BaseException as exc:
+            log.exception("the scheduler loop stopped")
+            self.dead = f"the engine's scheduler stopped on an error: {type(exc).__name__}: {exc}"
+            try:
+                self.abort_all(self.dead)
+            except Exception:
+                log.exception("aborting the running requests failed too")
+            deferred, self.deferred = list(self.deferred), deque()
+            self._fail(deferred)
+            self._fail_queued()
+
+    def _fail_queued(self) -> None:
+        items = []
+        while True:
+            try:
+                items.append(self.inbox.get_nowait())
+            except queue.Empty:
+                return self._fail(items)
+
+    def _fail(self, items: list[tuple[object, Future | None]]) -> None:
+        """Answer requests the loop will never take: a generate request gets an aborted output, a control
+        request a failed ControlOutput, both saying why."""
+        for request, fut in items:
+            reqs = request.requests if isinstance(request, p.GenerateBatch) else [request] if isinstance(request, p.GenerateRequest) else []
+            for req in reqs:
+                seq = Sequence(req=req, finish_reason={"type": "abort", "message": self.dead})
+                self.streamer.emit_finished([seq], self.weight_updater.weight_version)
+            if fut is not None:
+                _reply(fut, None if reqs else p.ControlOutput(success=False, message=f"{type(request).__name__} not run: {self.dead}"))
 
     def loop(self) -> None:
         """One step stays in flight: the next batch is scheduled and launched (its decode inputs taken
