@@ -233,3 +233,15 @@ def test_read_plans_are_reused_for_a_new_folder_with_the_same_layout(tiny_qwen3,
     save_file(tensors, str(other / "model.safetensors"))
     with pytest.raises(CheckpointError, match="shape mismatch"):
         cache.prepare(wm, other, opts)
+
+
+def test_a_truncated_header_is_refused_by_name_not_cached(tiny_qwen3, tmp_path):
+    import struct
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes(struct.pack("<Q", 1000) + b'{"x": 1}')
+    cache = ReadPlanCache()
+    with pytest.raises(CheckpointError, match="truncated"):
+        cache.prepare(fresh_map(tiny_qwen3), bad, ReaderOptions(threads=2, staging_bytes=8 * 4096))
+    assert not cache.plans

@@ -231,8 +231,6 @@ def prepare_read(plan: list[tuple[TensorInfo, WeightSlot]], options: ReaderOptio
 def load_plan(plan: list[tuple[TensorInfo, WeightSlot]], options: ReaderOptions = ReaderOptions(),
               wait_for: dict[str, torch.cuda.Event] | None = None) -> ReadStats:
     """Copy every tensor of a validated plan into its slot (`prepare_read` + `run_read`)."""
-    if not plan:
-        return ReadStats(strategy="none")
     return run_read(prepare_read(plan, options), options, wait_for)
 
 

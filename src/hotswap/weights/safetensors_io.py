@@ -50,8 +50,8 @@ def checkpoint_files(model_path: str | Path) -> list[Path]:
     return files
 
 
-def read_header(file: Path) -> dict[str, TensorInfo]:
-    """Parse one file's header; never touches tensor data."""
+def _raw_header(file: Path) -> tuple[bytes, int]:
+    """A file's header bytes (unparsed) and the file's size; raises CheckpointError naming what is wrong."""
     try:
         with open(file, "rb") as f:
             raw = f.read(8)
@@ -60,12 +60,23 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
             (n,) = struct.unpack("<Q", raw)
             if n > 100 * 1024 * 1024:
                 raise CheckpointError(f"{file} has an implausible header size {n}")
-            header = json.loads(f.read(n))
-        size = file.stat().st_size
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            header = f.read(n)
+            if len(header) != n:
+                raise CheckpointError(f"{file} is truncated (its header says {n} bytes)")
+        return header, file.stat().st_size
+    except OSError as exc:
+        raise CheckpointError(f"cannot read safetensors header of {file}: {exc}") from exc
+
+
+def read_header(file: Path) -> dict[str, TensorInfo]:
+    """Parse one file's header; never touches tensor data."""
+    raw, size = _raw_header(file)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"cannot read safetensors header of {file}: {exc}") from exc
     out = {}
-    base = 8 + n
+    base = 8 + len(raw)
     for name, meta in header.items():
         if name == "__metadata__":
             continue
@@ -84,14 +95,10 @@ def layout_signature(files: list[Path]) -> tuple | None:
     out = []
     for file in files:
         try:
-            with open(file, "rb") as f:
-                raw = f.read(8)
-                if len(raw) != 8 or struct.unpack("<Q", raw)[0] > 100 * 1024 * 1024:
-                    return None
-                header = f.read(struct.unpack("<Q", raw)[0])
-            out.append((file.name, file.stat().st_size, header))
-        except OSError:
+            header, size = _raw_header(file)
+        except CheckpointError:
             return None
+        out.append((file.name, size, header))
     return tuple(out)
 
 
