@@ -245,3 +245,18 @@ def test_a_truncated_header_is_refused_by_name_not_cached(tiny_qwen3, tmp_path):
     with pytest.raises(CheckpointError, match="truncated"):
         cache.prepare(fresh_map(tiny_qwen3), bad, ReaderOptions(threads=2, staging_bytes=8 * 4096))
     assert not cache.plans
+
+
+def test_read_plan_lists_slots_in_the_order_reads_reach_them(tiny_qwen3):
+    """Rollback saves follow this order (device budget first): a slot read early must be saved early."""
+    from hotswap.weights.fast_reader import prepare_read
+
+    plan = plan_checkpoint(fresh_map(tiny_qwen3), tiny_qwen3)[::-1]  # a plan not in file order
+    read = prepare_read(plan, ReaderOptions(threads=2, staging_bytes=8 * 4096))
+    assert [s.hf_name for s in read.slots] != [slot.hf_name for _, slot in plan]
+    first_read = {}
+    for i, t in enumerate(read.tasks):
+        for p in t.pieces:
+            first_read.setdefault(p.slot.hf_name, (i, p.start))
+    assert [s.hf_name for s in read.slots] == sorted(first_read, key=first_read.get)
+    assert {s.hf_name for s in read.slots} == {slot.hf_name for _, slot in plan}
