@@ -661,7 +661,7 @@ def bench_release(shape: str, device: str, cycles: int, label: str, breakdown: b
         ref = engine.generate(input_ids=prompt, sampling_params=sp)["output_ids"]
         names = list(engine.model_runner.weight_map.names[:4])
         weights_bytes = engine.model_runner.weight_map.total_bytes
-        kv = engine.model_runner.pool.kv
+        kv = engine.model_runner.kv_cache.kv
         kv_bytes = kv.numel() * kv.element_size()
         del kv
 

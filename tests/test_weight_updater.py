@@ -146,7 +146,7 @@ def test_release_resume_on_cpu(engine):
     outputs = greedy_ids(engine)
     assert engine.release_memory_occupation().success
     runner = engine.model_runner
-    assert not runner.pool.has_storage
+    assert not runner.kv_cache.has_storage
     assert all(p.untyped_storage().nbytes() <= p.element_size() for p in runner.model.parameters())
     assert not engine.release_memory_occupation(["weights"]).success  # already released
     assert not engine.check_weights("checksum").success

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoTokenizer
 
 from hotswap import protocol as p
+from hotswap.cache.page_allocator import PoolCapacity
 from hotswap.config import EngineConfig, model_config_for
 from hotswap.errors import HotswapError
 from hotswap.runner.model_runner import ModelRunner
@@ -304,6 +305,10 @@ class Engine:
 
     def check_invariants(self) -> p.ControlOutput:
         return self._call(p.CheckInvariantsRequest())
+
+    def capacity(self) -> PoolCapacity:
+        """The KV cache's size: pages, tokens per page, and the tokens it holds in all."""
+        return self.scheduler.capacity()
 
     @property
     def weight_version(self) -> str:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from hotswap.runner.forward_context import ForwardContext
-from hotswap.runner.kv_cache import KVCachePool
+from hotswap.runner.kv_cache import KVCacheStorage
 
 
 class AttentionBackend(Protocol):
@@ -23,10 +23,10 @@ class AttentionBackend(Protocol):
     def attend(self, layer: int, q: torch.Tensor, scale: float, ctx: ForwardContext) -> torch.Tensor: ...
 
 
-def store_kv(pool: KVCachePool, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def store_kv(kv_cache: KVCacheStorage, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Write this step's K/V rows into their page slots."""
-    k_cache = pool.k_cache(layer).view(-1, pool.num_kv_heads, pool.head_dim)
-    v_cache = pool.v_cache(layer).view(-1, pool.num_kv_heads, pool.head_dim)
+    k_cache = kv_cache.k_cache(layer).view(-1, kv_cache.num_kv_heads, kv_cache.head_dim)
+    v_cache = kv_cache.v_cache(layer).view(-1, kv_cache.num_kv_heads, kv_cache.head_dim)
     k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
@@ -39,15 +39,15 @@ def _gather_heads(cache: torch.Tensor, pages: torch.Tensor, group: int) -> torch
 
 
 class _PagedBackend:
-    def __init__(self, pool: KVCachePool):
-        self.pool = pool
+    def __init__(self, kv_cache: KVCacheStorage):
+        self.storage = kv_cache
 
     def kv_cache(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.pool.k_cache(layer), self.pool.v_cache(layer)
+        return self.storage.k_cache(layer), self.storage.v_cache(layer)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                 ctx: ForwardContext) -> torch.Tensor:
-        store_kv(self.pool, layer, k, v, ctx.slot_mapping)
+        store_kv(self.storage, layer, k, v, ctx.slot_mapping)
         return self.attend(layer, q, scale, ctx)
 
 
@@ -58,7 +58,7 @@ class TorchAttention(_PagedBackend):
         k_cache, v_cache = self.kv_cache(layer)
         if ctx.is_decode:
             return self._decode(q, k_cache, v_cache, scale, ctx)
-        page_size = self.pool.page_size
+        page_size = self.storage.page_size
         out = torch.empty_like(q)
         cu = ctx.cu_seqlens_q.tolist()
         lens = ctx.seq_lens.tolist()
@@ -79,7 +79,7 @@ class TorchAttention(_PagedBackend):
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, ctx: ForwardContext) -> torch.Tensor:
         """One query per sequence: gather every sequence's pages at once and mask past its length."""
-        ps = self.pool.page_size
+        ps = self.storage.page_size
         lens = ctx.seq_lens.long()
         n_pages = int((lens.max() + ps - 1) // ps)
         pages = ctx.page_table[:, :n_pages].long()
@@ -94,10 +94,10 @@ class TorchAttention(_PagedBackend):
 class TritonAttention(_PagedBackend):
     """CUDA backend: split-KV decode and paged prefill kernels from hotswap.kernels."""
 
-    def __init__(self, pool: KVCachePool):
+    def __init__(self, kv_cache: KVCacheStorage):
         from hotswap.kernels import triton_attention
 
-        super().__init__(pool)
+        super().__init__(kv_cache)
         self.kernels = triton_attention
 
     def attend(self, layer: int, q: torch.Tensor, scale: float, ctx: ForwardContext) -> torch.Tensor:

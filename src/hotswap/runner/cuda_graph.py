@@ -34,7 +34,7 @@ class CudaGraphRunner:
         limit = min(runner.config.cuda_graph_max_batch, runner.config.max_running_requests)
         self.buckets = [b for b in BUCKETS if b <= limit] or [1]
         self.max_batch = self.buckets[-1]
-        self.max_pages = -(-runner.model_config.max_position_embeddings // runner.pool.page_size)
+        self.max_pages = -(-runner.model_config.max_position_embeddings // runner.kv_cache.page_size)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
         self.inputs: StagedInputs | None = None
@@ -88,9 +88,9 @@ class CudaGraphRunner:
         self.outputs: dict[int, torch.Tensor] = {}
         d = self.inputs.device
         d["input_src"].fill_(-1)
-        d["slot_mapping"].fill_(self.runner.pool.scratch_slot)
+        d["slot_mapping"].fill_(self.runner.kv_cache.scratch_slot)
         d["seq_lens"].fill_(1)
-        d["page_table"].fill_(self.runner.pool.scratch_page)
+        d["page_table"].fill_(self.runner.kv_cache.scratch_page)
         for bs in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory
             ctx = self._context(bs)
             ids, greedy = d["input_ids"][:bs], self.prev_ids[:bs]
@@ -122,8 +122,8 @@ class CudaGraphRunner:
         the next decode graph step, which is after the caller has read them back."""
         n = len(entries)
         bs = self.buckets[bisect.bisect_left(self.buckets, n)]
-        pool = self.runner.pool
-        hb = HostBatch.build(entries, pool.page_size, width=self.max_pages, pad_page=pool.scratch_page)
+        kv = self.runner.kv_cache
+        hb = HostBatch.build(entries, kv.page_size, width=self.max_pages, pad_page=kv.scratch_page)
         h = self.inputs.stage()
         h["input_ids"][:n] = hb.input_ids
         h["positions"][:n] = hb.positions
@@ -132,9 +132,9 @@ class CudaGraphRunner:
         h["page_table"][:n] = hb.page_table
         h["input_src"][:bs] = -1
         if bs > n:  # padded rows: length 1 over the scratch page
-            h["slot_mapping"][n:bs] = pool.scratch_slot
+            h["slot_mapping"][n:bs] = kv.scratch_slot
             h["seq_lens"][n:bs] = 1
-            h["page_table"][n:bs, 0] = pool.scratch_page
+            h["page_table"][n:bs, 0] = kv.scratch_page
         fix = self.runner.pending_rows(entries, range(n))  # decode: one input row per entry
         if fix is not None:
             h["input_src"][fix[0]] = fix[1]

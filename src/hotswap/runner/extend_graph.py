@@ -92,13 +92,13 @@ class ExtendGraphRunner:
     def _stage(self, entries: list[BatchEntry], tokens: int) -> int:
         """Stage this batch, padded to the bucket, and upload it into the graph's inputs; returns the
         number of sampled rows. Inputs still on the device are marked in `input_src`."""
-        pool = self.runner.pool
-        hb = HostBatch.build(entries, pool.page_size, width=self.max_pages, pad_page=pool.scratch_page)
+        kv = self.runner.kv_cache
+        hb = HostBatch.build(entries, kv.page_size, width=self.max_pages, pad_page=kv.scratch_page)
         n, t, seqs = len(entries), len(hb.input_ids), self.max_seqs
         host = self.inputs.stage()
         host["input_ids"][:t], host["input_ids"][t:tokens] = hb.input_ids, 0
         host["positions"][:t], host["positions"][t:tokens] = hb.positions, 0
-        host["slot_mapping"][:t], host["slot_mapping"][t:tokens] = hb.slot_mapping, pool.scratch_slot
+        host["slot_mapping"][:t], host["slot_mapping"][t:tokens] = hb.slot_mapping, kv.scratch_slot
         host["input_src"][:tokens] = -1
         fix = self.runner.pending_rows(entries, hb.cu_seqlens_q[:-1])
         if fix is not None:
@@ -131,7 +131,7 @@ class ExtendGraphRunner:
         self.prev_ids = prev_ids
         if self.inputs is None:
             self._alloc_buffers()
-        d, kv = self.inputs.device, self.runner.pool
+        d, kv = self.inputs.device, self.runner.kv_cache
         d["input_ids"].zero_()
         d["positions"].zero_()
         d["input_src"].fill_(-1)

@@ -16,7 +16,7 @@ from hotswap.models.parallel import TPInfo
 from hotswap.runner.attention import TorchAttention, TritonAttention
 from hotswap.runner.forward_context import ForwardContext
 from hotswap.runner.host_batch import HostBatch
-from hotswap.runner.kv_cache import KVCachePool
+from hotswap.runner.kv_cache import KVCacheStorage
 from hotswap.runner.batch_entry import BatchEntry
 from hotswap.runner.sampler import SampleResult, SamplingBatch, sample
 from hotswap.weights.fast_reader import ReaderOptions
@@ -43,7 +43,7 @@ class ModelRunner:
             load_checkpoint(self.weight_map, config.model_path, ReaderOptions.from_config(config))
         else:
             raise HotswapError(f"unknown load_format {config.load_format!r}; use 'auto' or 'dummy'")
-        self.pool = self._make_pool()
+        self.kv_cache = self._make_kv_cache()
         self.attention = self._make_attention()
         self.cuda_graphs = None
         # not under tensor parallelism yet: graphs would capture the NCCL collectives and the batch relay would need static buffers
@@ -64,7 +64,7 @@ class ModelRunner:
             else:
                 slot.load(torch.empty(slot.hf_shape, dtype=slot.dtype, device=self.device).normal_(0.0, 0.02, generator=g))
 
-    def _make_pool(self) -> KVCachePool:
+    def _make_kv_cache(self) -> KVCacheStorage:
         cfg, mc = self.config, self.model_config
         page_size = cfg.page_size or (16 if self.device.type == "cuda" else 4)
         kv_heads = max(1, mc.num_kv_heads // self.tp.size)
@@ -80,7 +80,7 @@ class ModelRunner:
             pages = torch.tensor([num_pages], dtype=torch.int64, device=self.device)
             dist.all_reduce(pages, op=dist.ReduceOp.MIN, group=self.tp.group)
             num_pages = int(pages.item())
-        return KVCachePool(num_layers=mc.num_layers, num_pages=num_pages, page_size=page_size,
+        return KVCacheStorage(num_layers=mc.num_layers, num_pages=num_pages, page_size=page_size,
                            num_kv_heads=kv_heads, head_dim=mc.head_dim, dtype=mc.torch_dtype, device=self.device)
 
     def _make_attention(self):
@@ -90,9 +90,9 @@ class ModelRunner:
         if backend == "triton":
             if self.device.type != "cuda":
                 raise HotswapError("attention_backend 'triton' needs a CUDA device")
-            return TritonAttention(self.pool)
+            return TritonAttention(self.kv_cache)
         if backend == "torch":
-            return TorchAttention(self.pool)
+            return TorchAttention(self.kv_cache)
         raise HotswapError(f"unknown attention_backend {backend!r}; use 'torch', 'triton' or 'auto'")
 
     def close(self) -> None:
@@ -100,7 +100,7 @@ class ModelRunner:
         reference cycles between its components) may outlive it in the caller's hands."""
         if self.cuda_graphs is not None:
             self.cuda_graphs.release()
-        self.pool.kv = None
+        self.kv_cache.free_storage()
         for param in self.model.parameters():
             param.data = torch.empty(0, dtype=param.dtype, device=param.device)
         self.model.model.rotary.cos_sin = torch.empty(0, device=self.device)
@@ -122,7 +122,7 @@ class ModelRunner:
         return t
 
     def build_context(self, entries: list[BatchEntry]) -> tuple[torch.Tensor, ForwardContext, torch.Tensor]:
-        return self.device_context(HostBatch.build(entries, self.pool.page_size))
+        return self.device_context(HostBatch.build(entries, self.kv_cache.page_size))
 
     def device_context(self, hb: HostBatch) -> tuple[torch.Tensor, ForwardContext, torch.Tensor]:
         ctx = ForwardContext(
@@ -176,7 +176,7 @@ class ModelRunner:
             if not to_sample:
                 return None
         else:
-            hb = HostBatch.build(entries, self.pool.page_size)
+            hb = HostBatch.build(entries, self.kv_cache.page_size)
             fix = self.pending_rows(entries, hb.cu_seqlens_q)
             if self.tp_peers is None:
                 logits = self.forward(hb, fix, prev_token_ids)

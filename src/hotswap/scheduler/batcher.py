@@ -2,16 +2,23 @@
 
 Running sequences are served first, oldest first; when pages run out the prefix cache is evicted, then
 the newest running sequence is preempted (its pages freed, recomputed later from its tokens).
+
+Progress is guaranteed: waiting sequences hold no pages (a prefix match is taken only at the moment of
+admission and given back if admission fails), so when nothing runs every used page is an evictable
+cache page; a sequence that alone cannot fit the whole cache is failed with a message instead of
+being preempted and re-admitted forever.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hotswap.runner.kv_cache import KVCachePool
+from hotswap.cache.page_allocator import PageAllocator
+from hotswap.cache.radix_cache import RadixPrefixCache
 from hotswap.runner.batch_entry import BatchEntry
-from hotswap.runner.radix_cache import RadixPrefixCache
+from hotswap.scheduler.overlap import in_flight_token_is_last, inputs_from_inflight, token_in_flight
 from hotswap.scheduler.sequence import Sequence, Status
 
 
@@ -23,12 +30,13 @@ class ScheduledBatch:
 
 @dataclass(kw_only=True, slots=True)
 class Batcher:
-    pool: KVCachePool
+    allocator: PageAllocator
     prefix_cache: RadixPrefixCache | None
     max_running_requests: int
     max_num_batched_tokens: int
     max_context_len: int
     chunked_prefill_size: int
+    fail: Callable[[Sequence, str], None]  # ends a sequence that can never fit (already out of running/waiting)
     waiting: deque[Sequence] = field(default_factory=deque)
     running: list[Sequence] = field(default_factory=list)
     num_preemptions: int = 0
@@ -40,61 +48,85 @@ class Batcher:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def has_started(self) -> bool:
+        """Some sequence has computed tokens: running, or preempted/retracted and waiting to resume."""
+        return bool(self.running) or any(s.admitted for s in self.waiting)
+
     def _pages_needed(self, seq: Sequence, upto: int) -> int:
-        return max(0, -(-upto // self.pool.page_size) - len(seq.pages))
+        return max(0, self.allocator.pages_for(upto) - len(seq.pages))
 
     def _ensure_free(self, n: int) -> bool:
-        if self.pool.num_free < n and self.prefix_cache is not None:
-            self.prefix_cache.evict(n - self.pool.num_free)
-        return self.pool.num_free >= n
+        if self.allocator.num_free < n and self.prefix_cache is not None:
+            self.prefix_cache.evict(n - self.allocator.num_free)
+        return self.allocator.num_free >= n
 
     def schedule(self, admit_new: bool = True) -> ScheduledBatch | None:
+        """The next step. admit_new=False (a weight update drains) still re-admits sequences that started."""
         budget = self.max_num_batched_tokens
         seqs: list[Sequence] = []
         entries: list[BatchEntry] = []
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if seq.pending and self._finishes_with_pending(seq):
-                i += 1  # its last token is in flight: nothing more to compute
+            if in_flight_token_is_last(seq, self.max_context_len):
+                i += 1  # nothing more to compute
                 continue
             n = min(seq.num_tokens + seq.pending - seq.num_computed, self.chunked_prefill_size, budget)
             need = self._pages_needed(seq, seq.num_computed + n)
-            if need:
-                while not self._ensure_free(need):
-                    victim = self.running[-1]
-                    self.preempt(victim)
-                    if victim is seq:
-                        break
-                if seq.status is not Status.RUNNING:
-                    break
-                seq.pages.extend(self.pool.allocate(need))
+            if need and not self._make_room(seq, need):
+                break
+            seq.pages.extend(self.allocator.allocate(need))
             entries.append(self._entry(seq, n))
             seqs.append(seq)
             budget -= n
             i += 1
-        while admit_new and self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
+        while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
             seq = self.waiting[0]
-            if seq.pending:  # preempted with a token in flight: admit it once that token is read back
+            if token_in_flight(seq):  # preempted with a token in flight: admit it once that token is read back
                 break
-            if not seq.pages:
-                self._match_prefix(seq)
+            if not (admit_new or seq.admitted):
+                break
+            self._match_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed, self.chunked_prefill_size, budget)
             need = self._pages_needed(seq, seq.num_computed + n)
             if not self._ensure_free(need):
-                break
+                self._drop_pages(seq)
+                if self.running:
+                    break  # room comes back as running sequences finish
+                self.waiting.popleft()  # nothing else holds a page: it can never fit
+                self.fail(seq, self._too_big(self.allocator.pages_for(seq.num_tokens + 1)))
+                continue
             self.waiting.popleft()
-            seq.pages.extend(self.pool.allocate(need))
+            seq.pages.extend(self.allocator.allocate(need))
             seq.status = Status.RUNNING
+            if not seq.admitted:
+                seq.cached_tokens = seq.num_computed
+                seq.admitted = True
             self.running.append(seq)
             entries.append(self._entry(seq, n))
             seqs.append(seq)
             budget -= n
         return ScheduledBatch(seqs=seqs, entries=entries) if entries else None
 
-    def _finishes_with_pending(self, seq: Sequence) -> bool:
-        """The token in flight is the last one for sure (length limits; eos is only known later)."""
-        return len(seq.output_ids) + seq.pending >= seq.req.sampling_params.max_new_tokens or seq.num_tokens + seq.pending >= self.max_context_len
+    def _make_room(self, seq: Sequence, need: int) -> bool:
+        """Free `need` pages for running `seq`, preempting the newest sequences; False when `seq` itself
+        had to go (preempted, or failed when it alone does not fit the cache)."""
+        while not self._ensure_free(need):
+            victim = self.running[-1]
+            if victim is seq and len(self.running) == 1:
+                self.running.remove(seq)
+                self.fail(seq, self._too_big(len(seq.pages) + need))
+                return False
+            self.preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _too_big(self, pages: int) -> str:
+        a = self.allocator
+        return (f"the request does not fit the KV cache: it needs {pages} pages of {a.page_size} tokens, "
+                f"the cache has {a.num_pages}")
 
     def _entry(self, seq: Sequence, n: int) -> BatchEntry:
         """Plan computing tokens [num_computed, num_computed + n) and advance the sequence's bookkeeping
@@ -110,7 +142,7 @@ class Batcher:
             params=seq.req.sampling_params,
             seed=seq.req.seed,
             step=len(seq.output_ids) + seq.pending,
-            prev_row=seq.pending_row if end > known else -1,
+            prev_row=inputs_from_inflight(seq, end),
         )
         seq.num_computed = end
         if entry.sample:
@@ -118,24 +150,25 @@ class Batcher:
         return entry
 
     def _match_prefix(self, seq: Sequence) -> None:
-        """Reuse cached pages for the prompt's prefix, leaving at least one token to compute."""
+        """Take cached pages for the prompt's prefix, leaving at least one token to compute."""
         if self.prefix_cache is None:
             return
         pages = self.prefix_cache.match(seq.token_ids[: seq.num_tokens - 1])
-        self.pool.retain(pages)
+        self.allocator.retain(pages)
         seq.pages = pages
-        seq.num_computed = len(pages) * self.pool.page_size
-        if not seq.admitted:
-            seq.cached_tokens = seq.num_computed
-            seq.admitted = True
+        seq.num_computed = len(pages) * self.allocator.page_size
+
+    def _drop_pages(self, seq: Sequence) -> None:
+        """Give back pages holding nothing new (a prefix match whose admission failed)."""
+        self.allocator.release(seq.pages)
+        seq.pages = []
+        seq.num_computed = 0
 
     def cache_and_release(self, seq: Sequence) -> None:
         """Hand a sequence's computed full pages to the prefix cache and drop its own references."""
         if self.prefix_cache is not None and seq.num_computed:
             self.prefix_cache.insert(seq.token_ids[: seq.num_computed], seq.pages)
-        self.pool.release(seq.pages)
-        seq.pages = []
-        seq.num_computed = 0
+        self._drop_pages(seq)
 
     def preempt(self, seq: Sequence, *, out_of_pages: bool = True) -> None:
         """Free a running sequence's pages and put it first in line; it is recomputed from its tokens."""

@@ -5,19 +5,19 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from hotswap.runner.kv_cache import KVCachePool
-from hotswap.runner.radix_cache import RadixPrefixCache
+from hotswap.cache.page_allocator import PageAllocator
+from hotswap.cache.radix_cache import RadixPrefixCache
 
 
 @dataclass(kw_only=True, slots=True)
 class InvariantChecker:
-    pool: KVCachePool
+    allocator: PageAllocator
     prefix_cache: RadixPrefixCache | None
 
     def check_idle(self) -> list[str]:
         """With no request alive every page is either free or held once by the prefix cache."""
         problems = []
-        free = Counter(self.pool.free_pages)
+        free = Counter(self.allocator.free_pages)
         dup_free = [p for p, c in free.items() if c > 1]
         if dup_free:
             problems.append(f"pages listed free twice: {dup_free[:10]}")
@@ -28,13 +28,13 @@ class InvariantChecker:
         both = set(free) & set(cached)
         if both:
             problems.append(f"pages both free and cached: {sorted(both)[:10]}")
-        for p in range(self.pool.num_pages):
+        for p in range(self.allocator.num_pages):
             want = 1 if p in cached else 0
-            if self.pool.refcount[p] != want:
-                problems.append(f"page {p} has refcount {self.pool.refcount[p]}, expected {want}")
+            if self.allocator.refcount[p] != want:
+                problems.append(f"page {p} has refcount {self.allocator.refcount[p]}, expected {want}")
                 if len(problems) > 20:
                     break
-        leaked = self.pool.num_pages - len(free) - len(cached)
+        leaked = self.allocator.num_pages - len(free) - len(cached)
         if leaked:
             problems.append(f"{leaked} page(s) neither free nor cached (leaked)")
         return problems

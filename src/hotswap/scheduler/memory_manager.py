@@ -61,7 +61,7 @@ class MemoryManager:
             graphs.release()
         if "kv_cache" in tags:
             self.reset_prefix_cache()
-            runner.pool.free_storage()
+            runner.kv_cache.free_storage()
         if "weights" in tags:
             self._release_weights(keep_on_host=req.keep_weights_on_host)
         self.released.update(tags)
@@ -85,7 +85,7 @@ class MemoryManager:
         if "weights" in tags:
             self._resume_weights()
         if "kv_cache" in tags:
-            runner.pool.allocate_storage()
+            runner.kv_cache.allocate_storage()
         self.released.difference_update(tags)
         graphs = runner.cuda_graphs
         if graphs is not None and not self.released and not graphs.captured:

@@ -16,26 +16,19 @@ import torch
 
 from hotswap import protocol as p
 from hotswap.config import EngineConfig
+from hotswap.cache.page_allocator import PageAllocator, PoolCapacity
+from hotswap.cache.radix_cache import RadixPrefixCache
 from hotswap.runner.model_runner import ModelRunner
-from hotswap.runner.radix_cache import RadixPrefixCache
-from hotswap.runner.sampler import SampleResult
 from hotswap.scheduler.batcher import Batcher, ScheduledBatch
 from hotswap.scheduler.invariant_checker import InvariantChecker
 from hotswap.scheduler.memory_manager import MemoryManager
 from hotswap.scheduler.output_streamer import OutputStreamer
+from hotswap.scheduler.overlap import InFlight, mark_sample_rows, must_drain_before
 from hotswap.scheduler.sequence import Sequence, Status
 from hotswap.scheduler.weight_updater import WeightUpdater
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(slots=True)
-class InFlight:
-    """A launched step whose sampled tokens have not been read back yet."""
-
-    batch: ScheduledBatch
-    result: SampleResult | None
-    version: str  # the weights that computed it
 
 # Weight-changing requests wait for running requests to finish on the old weights (SGLang's default),
 # unless generation is paused, a weight-update session is open, or the request aborts everything.
@@ -52,18 +45,20 @@ class Scheduler:
     def __init__(self, config: EngineConfig, model_runner: ModelRunner, tokenizer, eos_token_ids: list[int], max_context_len: int):
         self.config = config
         self.model_runner = model_runner
-        pool = model_runner.pool
-        self.prefix_cache = RadixPrefixCache(pool) if config.enable_prefix_cache else None
+        kv = model_runner.kv_cache  # the scheduler owns the page bookkeeping; the runner only the storage
+        self.allocator = PageAllocator(num_pages=kv.num_pages, page_size=kv.page_size)
+        self.prefix_cache = RadixPrefixCache(self.allocator) if config.enable_prefix_cache else None
         self.batcher = Batcher(
-            pool=pool,
+            allocator=self.allocator,
             prefix_cache=self.prefix_cache,
+            fail=lambda seq, message: self.finish(seq, {"type": "abort", "message": message}),
             max_running_requests=config.max_running_requests,
             max_num_batched_tokens=config.max_num_batched_tokens,
             chunked_prefill_size=config.chunked_prefill_size,
             max_context_len=max_context_len,
         )
         self.streamer = OutputStreamer(tokenizer=tokenizer, eos_token_ids=frozenset(eos_token_ids), max_context_len=max_context_len)
-        self.invariants = InvariantChecker(pool=pool, prefix_cache=self.prefix_cache)
+        self.invariants = InvariantChecker(allocator=self.allocator, prefix_cache=self.prefix_cache)
         self.memory = MemoryManager(model_runner=model_runner, can_release=self.memory_may_change, reset_prefix_cache=self.flush_cache,
                                     peers=model_runner.tp_peers)
         self.weight_updater = WeightUpdater(
@@ -169,7 +164,7 @@ class Scheduler:
             torch.cuda.set_device(next(self.model_runner.model.parameters()).device)
         inflight: InFlight | None = None
         while not self._stop.is_set():
-            if inflight is not None and (not self.inbox.empty() or (self.deferred and not self.batcher.running)):
+            if must_drain_before(inflight, control_waiting=not self.inbox.empty(), update_ready=bool(self.deferred) and self.update_may_run()):
                 self.process(inflight)
                 inflight = None
             idle = self.weight_updater.generation_held or self.memory.any_released() or not (self.batcher.has_work or self.deferred)
@@ -189,11 +184,7 @@ class Scheduler:
                     log.error("KV page accounting broken: %s", "; ".join(problems))
 
     def launch(self, batch: ScheduledBatch, inflight: InFlight | None) -> InFlight | None:
-        rows = 0
-        for seq, entry in zip(batch.seqs, batch.entries):
-            if entry.sample:
-                seq.pending_row = rows
-                rows += 1
+        mark_sample_rows(batch.seqs, batch.entries)
         try:
             result = self.model_runner.run(batch.entries, inflight.result.token_ids if inflight and inflight.result else None)
         except Exception as exc:  # a device fault must not hang clients: fail the batch cleanly
@@ -206,7 +197,7 @@ class Scheduler:
                 if seq.status is not Status.FINISHED:
                     self.finish(seq, {"type": "abort", "message": f"internal error: {exc}"})
             return None
-        return InFlight(batch=batch, result=result, version=self.weight_updater.weight_version)
+        return InFlight(seqs=batch.seqs, entries=batch.entries, result=result, version=self.weight_updater.weight_version)
 
     def receive(self, block: bool) -> None:
         timeout = 0.5 if self.weight_updater.session_open else None
@@ -227,7 +218,7 @@ class Scheduler:
         if isinstance(request, _DRAIN_FIRST):
             if getattr(request, "abort_all_requests", False):
                 self.abort_all("aborted for a weight update")
-            elif self.batcher.running and not self.weight_updater.generation_held:
+            elif not self.update_may_run():
                 self.deferred.append((request, fut))
                 return
         self._handle(request, fut)
@@ -244,8 +235,14 @@ class Scheduler:
             return
         _reply(fut, out)
 
+    def update_may_run(self) -> bool:
+        """A weight update runs once every started request has finished on the old weights (SGLang's
+        default), including requests preempted for KV space and waiting to resume: resumed under new
+        weights, their outputs would match neither policy. A pause or an open session runs it at once."""
+        return not self.batcher.has_started or self.weight_updater.generation_held
+
     def run_deferred(self) -> None:
-        while self.deferred and (not self.batcher.running or self.weight_updater.generation_held):
+        while self.deferred and self.update_may_run():
             self._handle(*self.deferred.popleft())
 
     def schedule(self) -> ScheduledBatch | None:
@@ -264,7 +261,7 @@ class Scheduler:
         tops = list(zip(top_values, top_ids)) if top_values is not None else None
         done = []
         k = -1
-        for seq, entry in zip(step.batch.seqs, step.batch.entries):
+        for seq, entry in zip(step.seqs, step.entries):
             if not entry.sample:
                 continue
             k += 1
@@ -297,8 +294,7 @@ class Scheduler:
         if req.sampling_params.max_new_tokens == 0:
             self.finish(seq, {"type": "length", "length": 0})
             return
-        pages_needed = -(-(len(req.input_ids) + 1) // self.model_runner.pool.page_size)
-        if pages_needed > self.model_runner.pool.num_pages:
+        if self.allocator.pages_for(len(req.input_ids) + 1) > self.allocator.num_pages:
             self.finish(seq, {"type": "abort", "message": f"prompt of {len(req.input_ids)} tokens does not fit the KV cache"})
             return
         self.batcher.add(seq)
@@ -350,16 +346,19 @@ class Scheduler:
         return p.ControlOutput(success=True, message="cache flushed")
 
     def get_load(self, req: p.GetLoadRequest) -> p.LoadOutput:
-        pool = self.model_runner.pool
         return p.LoadOutput(
             success=True,
             num_running=len(self.batcher.running),
             num_waiting=len(self.batcher.waiting) + len(self.deferred),
-            kv_pages_used=pool.num_pages - pool.num_free,
-            kv_pages_total=pool.num_pages,
+            kv_pages_used=self.allocator.num_used,
+            kv_pages_total=self.allocator.num_pages,
             weight_version=self.weight_updater.weight_version,
             paused=self.weight_updater.generation_held,
         )
+
+    def capacity(self) -> PoolCapacity:
+        """The KV cache's size (fixed for the engine's life; read without a trip through the loop)."""
+        return self.allocator.capacity
 
     def check_invariants(self, req: p.CheckInvariantsRequest) -> p.ControlOutput:
         if not self.is_idle():

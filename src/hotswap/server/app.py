@@ -66,10 +66,10 @@ class ServerState:
         self.last_weight_version = "default"
         self.tokenizer = engine.tokenizer
         self.max_context_len = int(engine.max_context_len)
-        pool = getattr(getattr(engine, "model_runner", None), "pool", None)
-        self.page_size = int(getattr(pool, "page_size", 0) or 0)
-        self.num_pages = int(getattr(pool, "num_pages", 0) or 0)
-        self.kv_capacity_tokens = self.page_size * self.num_pages if pool is not None else self.max_context_len
+        capacity = engine.capacity()
+        self.page_size = capacity.page_size
+        self.num_pages = capacity.num_pages
+        self.kv_capacity_tokens = capacity.max_total_tokens
         # the scheduler needs ceil((prompt + 1) / page_size) pages for a prompt
         self.max_prompt_tokens = min(self.max_context_len - 1, self.kv_capacity_tokens - 1)
         self.token_text = functools.lru_cache(maxsize=1 << 16)(self._token_text)

@@ -2,6 +2,8 @@
 
 Each edge holds whole pages (its key length is a multiple of page_size). The tree holds one
 reference on every page it stores; leaves whose pages nobody else references are evicted LRU-first.
+A match that ends inside an edge splits it there, so the unmatched tail stays evictable while the
+matched head is in use.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import heapq
 import itertools
 from dataclasses import dataclass, field
 
-from hotswap.runner.kv_cache import KVCachePool
+from hotswap.cache.page_allocator import PageAllocator
 
 _clock = itertools.count()
 
@@ -25,9 +27,9 @@ class _Node:
 
 
 class RadixPrefixCache:
-    def __init__(self, pool: KVCachePool):
-        self.pool = pool
-        self.page_size = pool.page_size
+    def __init__(self, allocator: PageAllocator):
+        self.allocator = allocator
+        self.page_size = allocator.page_size
         self.root = _Node()
 
     def _chunks(self, tokens: list[int]) -> list[tuple[int, ...]]:
@@ -47,7 +49,9 @@ class RadixPrefixCache:
             common = 0
             while common < n and i + common < len(chunks) and child.key[common * self.page_size : (common + 1) * self.page_size] == chunks[i + common]:
                 common += 1
-            pages.extend(child.pages[:common])
+            if common < n:  # ends inside this edge: split so the tail can still be evicted
+                self._split(child, common)
+            pages.extend(child.pages)
             child.last_access = now
             if common < n:
                 break
@@ -71,7 +75,7 @@ class RadixPrefixCache:
             if child is None:
                 new = _Node(key=tuple(tokens[i * self.page_size : len(chunks) * self.page_size]), pages=list(pages[i:]), parent=node, last_access=now)
                 node.children[chunks[i]] = new
-                self.pool.retain(new.pages)
+                self.allocator.retain(new.pages)
                 return
             n = len(child.pages)
             common = 0
@@ -99,7 +103,7 @@ class RadixPrefixCache:
         heapq.heapify(heap)
         while heap and freed < num_pages:
             _, _, leaf = heapq.heappop(heap)
-            self.pool.release(leaf.pages)
+            self.allocator.release(leaf.pages)
             freed += len(leaf.pages)
             parent = leaf.parent
             del parent.children[leaf.key[: self.page_size]]
@@ -108,7 +112,7 @@ class RadixPrefixCache:
         return freed
 
     def _evictable(self, node: _Node) -> bool:
-        return all(self.pool.refcount[p] == 1 for p in node.pages)
+        return all(self.allocator.refcount[p] == 1 for p in node.pages)
 
     def _leaves(self) -> list[_Node]:
         out, stack = [], [self.root]
@@ -129,5 +133,5 @@ class RadixPrefixCache:
 
     def reset(self) -> None:
         """Drop every cached prefix (after a weight update the cached KV is stale)."""
-        self.pool.release(self.all_pages())
+        self.allocator.release(self.all_pages())
         self.root = _Node()
