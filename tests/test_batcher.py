@@ -1,0 +1,232 @@
+"""The Batcher alone: admission under page and token budgets, chunked prefill, preemption, prefix hits,
+and progress under KV pressure. No model: a fake step marks what the runner would compute, and sampled
+tokens are appended by hand, as the scheduler's process() does."""
+
+from __future__ import annotations
+
+import pytest
+
+from hotswap.cache.page_allocator import PageAllocator
+from hotswap.cache.radix_cache import RadixPrefixCache
+from hotswap.protocol import GenerateRequest
+from hotswap.sampling_params import SamplingParams
+from hotswap.scheduler.batcher import Batcher, ScheduledBatch
+from hotswap.scheduler.invariant_checker import InvariantChecker
+from hotswap.scheduler.sequence import Sequence, Status
+
+
+def make_batcher(num_pages=32, page_size=4, *, prefix_cache=True, max_running=8, token_budget=256, chunk=64,
+                 max_context_len=1024):
+    alloc = PageAllocator(num_pages=num_pages, page_size=page_size)
+    cache = RadixPrefixCache(alloc) if prefix_cache else None
+    failed: list[tuple[Sequence, str]] = []
+
+    def fail(seq: Sequence, message: str) -> None:
+        failed.append((seq, message))
+        batcher.finish(seq)
+
+    batcher = Batcher(allocator=alloc, prefix_cache=cache, max_running_requests=max_running,
+                      max_num_batched_tokens=token_budget, max_context_len=max_context_len,
+                      chunked_prefill_size=chunk, fail=fail)
+    return batcher, alloc, failed
+
+
+def seq(prompt: list[int], max_new_tokens: int = 4, rid: str = "r") -> Sequence:
+    sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
+    return Sequence(req=GenerateRequest(rid=rid, input_ids=list(prompt), sampling_params=sp, seed=0, sink=lambda out: None))
+
+
+def read_back(batch: ScheduledBatch, batcher: Batcher, token: int = 7) -> None:
+    """What process() does with a step's sampled tokens: append them, finish sequences at their limit."""
+    for s, e in zip(batch.seqs, batch.entries):
+        if not e.sample:
+            continue
+        s.pending -= 1
+        if s.status is Status.FINISHED:
+            continue
+        s.output_ids.append(token)
+        if len(s.output_ids) >= s.req.sampling_params.max_new_tokens:
+            batcher.finish(s)
+
+
+def run_to_completion(batcher: Batcher, max_steps: int = 2000) -> int:
+    steps = 0
+    while batcher.has_work:
+        batch = batcher.schedule()
+        assert batch is not None, f"no progress: running={len(batcher.running)} waiting={len(batcher.waiting)}"
+        read_back(batch, batcher)
+        steps += 1
+        assert steps < max_steps
+    return steps
+
+
+def assert_accounted(batcher: Batcher, alloc: PageAllocator) -> None:
+    assert InvariantChecker(allocator=alloc, prefix_cache=batcher.prefix_cache).check_idle() == []
+
+
+def test_admits_within_the_running_limit():
+    batcher, alloc, _ = make_batcher(max_running=2)
+    for i in range(3):
+        batcher.add(seq(range(10 * i, 10 * i + 8), rid=f"r{i}"))
+    batch = batcher.schedule()
+    assert [s.rid for s in batch.seqs] == ["r0", "r1"]
+    assert [len(e.input_ids) for e in batch.entries] == [8, 8] and all(e.sample for e in batch.entries)
+    assert alloc.num_used == 2 * 2  # 8 tokens in 4-token pages each
+    assert [s.rid for s in batcher.waiting] == ["r2"] and batcher.waiting[0].pages == []
+
+
+def test_token_budget_cuts_the_last_admitted_prompt_into_a_chunk():
+    batcher, alloc, _ = make_batcher(token_budget=12)
+    for i in range(3):
+        batcher.add(seq(range(10 * i, 10 * i + 8), rid=f"r{i}"))
+    batch = batcher.schedule()
+    assert [(s.rid, len(e.input_ids), e.sample) for s, e in zip(batch.seqs, batch.entries)] == [("r0", 8, True), ("r1", 4, False)]
+    read_back(batch, batcher)
+    batch = batcher.schedule()  # r0 decodes (1), r1 finishes its prompt (4), r2 gets the rest of the budget (7)
+    assert [(s.rid, len(e.input_ids), e.start_pos) for s, e in zip(batch.seqs, batch.entries)] == [("r0", 1, 8), ("r1", 4, 4), ("r2", 7, 0)]
+    read_back(batch, batcher)
+    run_to_completion(batcher)
+    assert_accounted(batcher, alloc)
+
+
+def test_chunked_prefill_splits_a_long_prompt():
+    batcher, alloc, _ = make_batcher(chunk=16, token_budget=16)
+    s = seq(range(40), max_new_tokens=1)
+    batcher.add(s)
+    sizes = []
+    while batcher.has_work:
+        batch = batcher.schedule()
+        sizes.append((len(batch.entries[0].input_ids), batch.entries[0].start_pos, batch.entries[0].sample))
+        read_back(batch, batcher)
+    assert sizes == [(16, 0, False), (16, 16, False), (8, 32, True)]
+    assert s.output_ids == [7] and s.status is Status.FINISHED
+    assert_accounted(batcher, alloc)
+
+
+def test_prefix_hit_reuses_cached_pages_and_leaves_one_token():
+    batcher, alloc, _ = make_batcher()
+    prompt = list(range(100, 116))  # four full pages
+    first = seq(prompt, max_new_tokens=1, rid="a")
+    batcher.add(first)
+    run_to_completion(batcher)
+    second = seq(prompt + [1, 2], max_new_tokens=1, rid="b")
+    batcher.add(second)
+    batch = batcher.schedule()
+    assert batch.entries[0].start_pos == 16 and second.cached_tokens == 16
+    same = seq(prompt, max_new_tokens=1, rid="c")  # identical prompt: the last token is still computed
+    batcher.add(same)
+    read_back(batch, batcher)
+    batch = batcher.schedule()
+    assert batch.entries[0].start_pos == 12 and batch.entries[0].input_ids == prompt[12:]
+    read_back(batch, batcher)
+    assert_accounted(batcher, alloc)
+
+
+def test_partial_prefix_match_leaves_the_unmatched_tail_evictable():
+    batcher, alloc, _ = make_batcher(num_pages=12)
+    cached = list(range(200, 232))  # 8 pages cached
+    batcher.add(seq(cached, max_new_tokens=1, rid="warm"))
+    run_to_completion(batcher)
+    assert alloc.num_free <= 4
+    # shares 2 pages with the cached entry, then needs 8 pages of its own: the 6-page tail must be evicted
+    s = seq(cached[:8] + list(range(900, 930)), max_new_tokens=1, rid="partial")
+    batcher.add(s)
+    run_to_completion(batcher)
+    assert s.cached_tokens == 8 and s.status is Status.FINISHED
+    assert_accounted(batcher, alloc)
+
+
+def test_preempts_the_newest_when_pages_run_out_and_everyone_finishes():
+    batcher, alloc, failed = make_batcher(num_pages=12, page_size=4)
+    seqs = [seq(range(50 * i, 50 * i + 10), max_new_tokens=16, rid=f"r{i}") for i in range(4)]
+    for s in seqs:
+        batcher.add(s)
+    run_to_completion(batcher)
+    assert batcher.num_preemptions > 0 and not failed
+    assert all(len(s.output_ids) == 16 for s in seqs)
+    assert_accounted(batcher, alloc)
+
+
+def test_waiting_requests_hold_no_pages():
+    batcher, alloc, _ = make_batcher(num_pages=10)
+    prompt = list(range(300, 316))
+    batcher.add(seq(prompt, max_new_tokens=1, rid="warm"))
+    run_to_completion(batcher)  # 4 pages cached, 6 free
+    batcher.add(seq(list(range(500, 520)), max_new_tokens=8, rid="running"))  # takes 5
+    batcher.add(seq(prompt + list(range(5, 13)), max_new_tokens=2, rid="waiting"))  # hits 4 cached pages, needs 2 more
+    batch = batcher.schedule()
+    assert [s.rid for s in batcher.waiting] == ["waiting"] and batcher.waiting[0].pages == []
+    assert all(alloc.refcount[p] == 1 for p in batcher.prefix_cache.all_pages())
+    read_back(batch, batcher)
+    run_to_completion(batcher)
+    assert_accounted(batcher, alloc)
+
+
+def test_shared_prefixes_under_pressure_never_wedge():
+    """Warm prefixes fill most of the pool, then long generations over them: always some progress."""
+    batcher, alloc, failed = make_batcher(num_pages=48, page_size=4, chunk=32, token_budget=64)
+    prompts = [list(range(1000 + 40 * i, 1000 + 40 * i + 12)) + list(range(10, 14 + i)) for i in range(8)]
+    for i, p in enumerate(prompts):
+        batcher.add(seq(p, max_new_tokens=1, rid=f"warm{i}"))
+    run_to_completion(batcher)
+    long = [seq(p, max_new_tokens=120, rid=f"gen{i}") for i, p in enumerate(prompts)]
+    for s in long:
+        batcher.add(s)
+    run_to_completion(batcher, max_steps=20000)
+    assert not failed
+    assert all(len(s.output_ids) == 120 for s in long)
+    assert_accounted(batcher, alloc)
+
+
+def test_a_request_larger_than_the_cache_fails_with_a_message():
+    batcher, alloc, failed = make_batcher(num_pages=6, page_size=4)
+    big = seq(range(400, 420), max_new_tokens=40, rid="big")  # 20 prompt tokens fit; 60 never do
+    small = seq(range(600, 604), max_new_tokens=2, rid="small")
+    batcher.add(big)
+    batcher.add(small)
+    run_to_completion(batcher)
+    assert [s.rid for s, _ in failed] == ["big"]
+    assert "does not fit the KV cache" in failed[0][1] and "6" in failed[0][1]
+    assert len(small.output_ids) == 2
+    assert_accounted(batcher, alloc)
+
+
+def test_draining_readmits_started_requests_but_admits_no_new_ones():
+    batcher, alloc, _ = make_batcher(num_pages=8, page_size=4)
+    a, b = seq(range(10, 18), max_new_tokens=12, rid="a"), seq(range(30, 38), max_new_tokens=12, rid="b")
+    batcher.add(a)
+    batcher.add(b)
+    while not batcher.num_preemptions:
+        read_back(batcher.schedule(), batcher)
+    assert batcher.has_started
+    batcher.add(seq(range(60, 64), max_new_tokens=2, rid="new"))
+    while batcher.has_started:
+        batch = batcher.schedule(admit_new=False)
+        assert "new" not in [s.rid for s in batch.seqs]
+        read_back(batch, batcher)
+    assert len(a.output_ids) == len(b.output_ids) == 12
+    assert [s.rid for s in batcher.waiting] == ["new"]
+    run_to_completion(batcher)
+    assert_accounted(batcher, alloc)
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_page_allocator_refcounts(n):
+    alloc = PageAllocator(num_pages=4, page_size=2)
+    pages = alloc.allocate(2 + n)
+    alloc.retain(pages[:1])
+    alloc.release(pages)
+    assert alloc.num_free == 3 and alloc.refcount[pages[0]] == 1
+    alloc.release(pages[:1])
+    assert alloc.num_free == 4
+    with pytest.raises(RuntimeError, match="released more often"):
+        alloc.release(pages[:1])
+
+
+def test_cache_package_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; import hotswap.cache.page_allocator, hotswap.cache.radix_cache; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
