@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from hotswap.runner.batch_entry import BatchEntry
 from hotswap.runner.sampler import SampleResult
 from hotswap.scheduler.sequence import Sequence
@@ -53,6 +55,19 @@ def mark_sample_rows(seqs: list[Sequence], entries: list[BatchEntry]) -> None:
         if entry.sample:
             seq.pending_row = row
             row += 1
+
+
+def sampled_on_device(inflight: InFlight | None) -> torch.Tensor | None:
+    """The in-flight step's sampled ids, still on the device: the next step's decode inputs come from them."""
+    return inflight.result.token_ids if inflight is not None and inflight.result is not None else None
+
+
+def undo_launch(seqs: list[Sequence], entries: list[BatchEntry]) -> None:
+    """A step that failed to launch computed nothing: no token is in flight and its KV was never written
+    (so it must stay out of the prefix cache)."""
+    for seq, entry in zip(seqs, entries):
+        seq.pending = 0
+        seq.num_computed = entry.start_pos
 
 
 def must_drain_before(inflight: InFlight | None, *, control_waiting: bool, update_ready: bool) -> bool:

@@ -23,7 +23,7 @@ from hotswap.scheduler.batcher import Batcher, ScheduledBatch
 from hotswap.scheduler.invariant_checker import InvariantChecker
 from hotswap.scheduler.memory_manager import MemoryManager
 from hotswap.scheduler.output_streamer import OutputStreamer
-from hotswap.scheduler.overlap import InFlight, mark_sample_rows, must_drain_before
+from hotswap.scheduler.overlap import InFlight, mark_sample_rows, must_drain_before, sampled_on_device, undo_launch
 from hotswap.scheduler.sequence import Sequence, Status
 from hotswap.scheduler.weight_updater import WeightUpdater
 
@@ -167,33 +167,36 @@ class Scheduler:
             if must_drain_before(inflight, control_waiting=not self.inbox.empty(), update_ready=bool(self.deferred) and self.update_may_run()):
                 self.process(inflight)
                 inflight = None
-            idle = self.weight_updater.generation_held or self.memory.any_released() or not (self.batcher.has_work or self.deferred)
-            self.receive(block=idle and inflight is None)
+            self.receive(block=self.nothing_to_run() and inflight is None)
             self.run_deferred()
             self.weight_updater.expire_session()
             batch = self.schedule()
-            launched = None
-            if batch is not None:
-                launched = self.launch(batch, inflight)
+            launched = self.launch(batch, inflight) if batch is not None else None
             if inflight is not None:
                 self.process(inflight)
             inflight = launched
             if inflight is None and self.config.check_invariants_when_idle and not self.batcher.has_work:
-                problems = self.invariants.check_idle()
-                if problems:
-                    log.error("KV page accounting broken: %s", "; ".join(problems))
+                self.log_broken_invariants()
+
+    def nothing_to_run(self) -> bool:
+        """No step can be scheduled until a request arrives: the loop may block on its inbox."""
+        return self.weight_updater.generation_held or self.memory.any_released() or not (self.batcher.has_work or self.deferred)
+
+    def log_broken_invariants(self) -> None:
+        problems = self.invariants.check_idle()
+        if problems:
+            log.error("KV page accounting broken: %s", "; ".join(problems))
 
     def launch(self, batch: ScheduledBatch, inflight: InFlight | None) -> InFlight | None:
         mark_sample_rows(batch.seqs, batch.entries)
         try:
-            result = self.model_runner.run(batch.entries, inflight.result.token_ids if inflight and inflight.result else None)
+            result = self.model_runner.run(batch.entries, sampled_on_device(inflight))
         except Exception as exc:  # a device fault must not hang clients: fail the batch cleanly
             log.exception("batch failed")
             if inflight is not None:
                 self.process(inflight)
-            for seq, entry in zip(batch.seqs, batch.entries):
-                seq.pending = 0
-                seq.num_computed = entry.start_pos  # this step's KV was never written: keep it out of the prefix cache
+            undo_launch(batch.seqs, batch.entries)
+            for seq in batch.seqs:
                 if seq.status is not Status.FINISHED:
                     self.finish(seq, {"type": "abort", "message": f"internal error: {exc}"})
             return None

@@ -23,10 +23,10 @@ class Sequence:
     token_versions: list[str] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
     num_computed: int = 0  # leading tokens whose KV is in `pages` (or is being computed by the step in flight)
-    pending: int = 0  # sampled tokens in flight: launched, not yet read back (0 or 1)
+    pending: int = 0  # sampled tokens in flight: launched, not yet read back (0 or 1); see scheduler/overlap.py
     pending_row: int = -1  # which sampled row of the in-flight step holds that token
     cached_tokens: int = 0  # prefix-cache hit at first admission (reported in meta_info)
-    admitted: bool = False
+    admitted: bool = False  # has been running once: a weight update waits for it even while it is preempted
     status: Status = Status.WAITING
     finish_reason: dict | None = None
     # incremental detokenization (only when the request streams text or has stop strings)
