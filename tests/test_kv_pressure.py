@@ -99,3 +99,17 @@ def test_request_preempted_during_an_update_finishes_on_one_policy(tiny_qwen3, t
         assert [o["output_ids"] for o in after] == references["A"]
         assert all(o["meta_info"]["weight_version"] == "A2" for o in after)
         assert_drained(engine)
+
+
+def test_a_request_that_outgrows_the_cache_is_aborted_and_others_finish(tiny_qwen3, references):
+    with small_engine(tiny_qwen3) as engine, ThreadPoolExecutor(2) as pool:
+        cap = engine.capacity()
+        assert (cap.num_pages, cap.page_size, cap.max_total_tokens) == (48, 4, 192)
+        big = pool.submit(engine.generate, input_ids=prompt_ids(7300, 100),
+                          sampling_params={"max_new_tokens": 150, "temperature": 0, "ignore_eos": True})
+        small = pool.submit(engine.generate, input_ids=shared_prefix_prompts()[0], sampling_params=LONG)
+        out = big.result(timeout=120)
+        assert out["meta_info"]["finish_reason"]["type"] == "abort"
+        assert "does not fit the KV cache" in out["meta_info"]["finish_reason"]["message"]
+        assert small.result(timeout=120)["output_ids"] == references["A"][0]
+        assert_drained(engine)
