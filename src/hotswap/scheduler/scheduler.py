@@ -10,7 +10,6 @@ import queue
 import threading
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
 
 import torch
 
