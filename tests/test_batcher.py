@@ -230,3 +230,19 @@ def test_cache_package_does_not_import_torch():
     code = ("import sys; import hotswap.cache.page_allocator, hotswap.cache.radix_cache; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_radix_match_inside_an_edge_splits_it_and_only_the_tail_is_evicted():
+    alloc = PageAllocator(num_pages=8, page_size=2)
+    cache = RadixPrefixCache(alloc)
+    tokens = list(range(10, 22))  # 6 pages, one edge
+    pages = alloc.allocate(6)
+    cache.insert(tokens, pages)
+    alloc.release(pages)  # only the tree holds them now
+    hit = cache.match(tokens[:5] + [99])  # two full pages match
+    assert hit == pages[:2]
+    alloc.retain(hit)  # a sequence uses the matched head
+    assert cache.evict(8) == 4 and alloc.num_free == 6  # the tail goes, the head in use stays
+    assert cache.match(tokens) == pages[:2]
+    alloc.release(hit)
+    assert cache.evict(8) == 2 and alloc.num_free == 8 and cache.all_pages() == []
