@@ -295,6 +295,48 @@ def test_the_manager_socket_must_be_torchs(manager, tmp_path):
         decode_serialized_named_tensors([serialize([("w", _shared_file_tensor(manager, name, 16))])], 0, None)
 
 
+# ---- CUDA IPC ------------------------------------------------------------------------------------------
+
+
+def _cuda_tensor(rebuild, device) -> Reduce:
+    """rebuild_cuda_tensor's 15 arguments for a (3, 4) bfloat16 tensor, with made-up handles."""
+    return Reduce(rebuild, (torch.Tensor, torch.Size([3, 4]), (4, 1), 0, torch.storage.TypedStorage, torch.bfloat16, device,
+                            b"h" * 64, 24, 0, False, b"/torch_ref_counter", 0, b"e" * 64, True))
+
+
+def _patched_rebuild(monkeypatch):
+    """SGLang's patched rebuild function, registered under its module path."""
+    module = types.ModuleType("sglang.srt.utils.patch_torch")
+
+    def _rebuild_cuda_tensor_modified(*args):
+        raise AssertionError("never called")
+
+    _rebuild_cuda_tensor_modified.__module__ = module.__name__
+    _rebuild_cuda_tensor_modified.__qualname__ = "_rebuild_cuda_tensor_modified"
+    module._rebuild_cuda_tensor_modified = _rebuild_cuda_tensor_modified
+    for name in ("sglang", "sglang.srt", "sglang.srt.utils"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    return _rebuild_cuda_tensor_modified
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU engine's refusal")
+@pytest.mark.parametrize("patched", [False, True], ids=["torch", "sglang_uuid"])
+def test_cuda_handles_are_checked_then_refused_on_a_cpu_engine(patched, monkeypatch):
+    rebuild = _patched_rebuild(monkeypatch) if patched else reductions.rebuild_cuda_tensor
+    device = "GPU-8e2a0c1d-0000-0000-0000-000000000000" if patched else 0
+    with pytest.raises(TensorHandleError, match="'w': a CUDA IPC handle needs a CUDA engine"):
+        decode_serialized_named_tensors([serialize([("w", _cuda_tensor(rebuild, device))])], 0, None)
+    with pytest.raises(PayloadError, match="reach past the shared storage \\(16 bytes\\)"):
+        bad = _cuda_tensor(rebuild, device)
+        bad.args = (*bad.args[:8], 16, *bad.args[9:])
+        decode_serialized_named_tensors([serialize([("w", bad)])], 0, None)
+    with pytest.raises(PayloadError, match="device must be a CUDA ordinal or a GPU UUID"):
+        bad = _cuda_tensor(rebuild, device)
+        bad.args = (*bad.args[:6], [0], *bad.args[7:])
+        decode_serialized_named_tensors([serialize([("w", bad)])], 0, None)
+
+
 # ---- CUDA IPC (GPU) -----------------------------------------------------------------------------------
 
 
@@ -314,6 +356,7 @@ def _cuda_producer(queue, done, uuid_device: bool) -> None:
             raise AssertionError("never called")
 
         _rebuild_cuda_tensor_modified.__module__ = module.__name__
+        _rebuild_cuda_tensor_modified.__qualname__ = "_rebuild_cuda_tensor_modified"
         module._rebuild_cuda_tensor_modified = _rebuild_cuda_tensor_modified
         for name in ("sglang", "sglang.srt", "sglang.srt.utils"):
             sys.modules[name] = types.ModuleType(name)
@@ -327,7 +370,7 @@ def _cuda_producer(queue, done, uuid_device: bool) -> None:
         pairs = named
     buf = io.BytesIO()
     ForkingPickler(buf).dump(pairs)
-    queue.put((buf.getvalue(), [t.cpu() for _, t in named]))
+    queue.put((buf.getvalue(), pickle.dumps([t.cpu() for _, t in named])))  # plain pickle: the bytes inline
     done.wait(60)
 
 
@@ -340,6 +383,7 @@ def test_cuda_ipc_payload_from_another_process(uuid_device):
     proc.start()
     try:
         payload, expected = queue.get(timeout=120)
+        expected = pickle.loads(expected)
         decoded = decode_serialized_named_tensors([base64.b64encode(payload).decode()], 0, None)
         got = [(n, t.cpu()) for n, t in decoded.named_tensors]
         assert all(t.is_cuda for _, t in decoded.named_tensors)
