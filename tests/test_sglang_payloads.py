@@ -242,6 +242,25 @@ def test_malicious_payloads_are_refused_and_nothing_runs(attack, where, marker, 
             decode_serialized_named_tensors([serialize(obj, output_str)], 0, "flattened_bucket" if where == "bucket" else None)
 
 
+class ReduceWithState(Reduce):
+    """Pickles as `func(*args)` followed by BUILD with `state`."""
+
+    def __init__(self, func, args, state):
+        super().__init__(func, args)
+        self.state = state
+
+    def __reduce__(self):
+        return self.func, self.args, self.state
+
+
+@pytest.mark.parametrize("state", [(None, {"func": {}}), (None, {"args": ()}), {"func": "x"}])
+def test_a_pickled_state_cannot_rewrite_a_rebuild_record(state):
+    """BUILD on a recorded call (a frozen slots dataclass) would otherwise set its fields from the stream."""
+    evil = ReduceWithState(reductions.rebuild_storage_empty, (torch.UntypedStorage,), state)
+    with pytest.raises(PayloadError, match="refused to set the state of RebuildCall"):
+        decode_serialized_named_tensors([serialize([("w", evil)])], 0, None)
+
+
 def test_malicious_value_inside_a_local_serialized_tensor(marker, sglang_names):
     inner = pickle.dumps(Reduce(os.system, (f"touch {marker}",)))
     payload = serialize([("w", LocalSerializedTensor(values=[inner]))])

@@ -54,12 +54,19 @@ class PayloadError(HotswapError):
     """A serialized_named_tensors payload is not one SGLang's frameworks send, or names something refused."""
 
 
+def _refuse_build(self: object, state: object) -> None:
+    """The __setstate__ of the inert records: pickle's BUILD would otherwise set a frozen slots
+    dataclass's fields from the stream (the dataclass adds a __setstate__ unless the class has one)."""
+    raise PayloadError(f"refused to set the state of {type(self).__name__.lstrip('_')} {self}: payloads never do")
+
+
 @dataclass(frozen=True, slots=True)
 class GlobalRef:
     """A class named in a payload, kept as its name: calling it is refused."""
 
     module: str
     name: str
+    __setstate__ = _refuse_build
 
     def __str__(self) -> str:
         return f"{self.module}.{self.name}"
@@ -74,6 +81,7 @@ class RebuildCall:
 
     func: GlobalRef
     args: tuple
+    __setstate__ = _refuse_build
 
     def __call__(self, *args: object) -> object:
         raise PayloadError(f"refused a call on the result of {self.func}(...): a nested reducer is never part of a payload")
@@ -84,6 +92,7 @@ class _Recorder:
     """What find_class gives for a rebuild function: REDUCE on it records the call."""
 
     func: GlobalRef
+    __setstate__ = _refuse_build
 
     def __call__(self, *args: object) -> RebuildCall:
         return RebuildCall(self.func, args)
