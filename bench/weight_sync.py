@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHAPES, config_only_checkpoint, device_name, print_table  # noqa: E402
 
 from hotswap import Engine  # noqa: E402
-from hotswap.trainer.buckets import iter_buckets  # noqa: E402
+from hotswap.wire.buckets import iter_buckets  # noqa: E402
 from hotswap.weights import fast_copy, fast_reader  # noqa: E402
 from hotswap.weights.ipc import CudaIpcMappings  # noqa: E402
 from hotswap.weights.fast_reader import ReaderOptions, load_plan  # noqa: E402
@@ -331,8 +331,8 @@ def _producer(specs, layout: str, updates: int, q_out, q_in, bucket_bytes: int) 
     per bucket, the engine's reply before the next is packed)."""
     import torch
 
-    from hotswap.trainer.buckets import iter_buckets
-    from hotswap.weights.ipc import cuda_ipc_descriptor
+    from hotswap.wire.buckets import iter_buckets
+    from hotswap.wire.ipc import cuda_ipc_descriptor
 
     torch.cuda.set_device(0)
     total = sum(torch.Size(s).numel() for _, s, _ in specs) * 2
@@ -724,7 +724,7 @@ def _gloo_sender(raw_port: int, port: int, specs, bucket_bytes: int, pushes: int
     import torch
     import torch.distributed as dist
 
-    from hotswap.weights.distributed import init_custom_process_group
+    from hotswap.wire.process_group import init_custom_process_group
 
     raw = init_custom_process_group(backend="gloo", init_method=f"tcp://127.0.0.1:{raw_port}", world_size=2, rank=0,
                                     group_name="raw", timeout=timedelta(seconds=60))
@@ -763,7 +763,7 @@ def bench_distributed(shape: str, engine, max_bytes: int, bucket_bytes: int = 25
     import torch.multiprocessing as mp
 
     from hotswap.trainer import free_port
-    from hotswap.weights.distributed import init_custom_process_group
+    from hotswap.wire.process_group import init_custom_process_group
 
     wm = engine.model_runner.weight_map
     specs, size = [], 0

@@ -8,7 +8,7 @@ import torch
 
 from hotswap.errors import HotswapError
 from hotswap.weights import ipc_grouped
-from hotswap.weights.distributed import dtype_from_name
+from hotswap.wire.dtypes import dtype_from_name
 from hotswap.weights.ipc_grouped import resolve_grouped
 
 

@@ -16,7 +16,7 @@ from trainer_support import checkpoint_tensors
 from transformers import AutoModelForCausalLM
 
 from hotswap import Engine
-from hotswap.weights.checksum import state_dict_manifest
+from hotswap.wire.checksum import state_dict_manifest
 
 def make_engine(path, **kw) -> Engine:
     kw.setdefault("page_size", 4)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from hotswap.trainer.buckets import BucketMetadata, Weights, iter_buckets, iter_named_tensors, tensor_nbytes
+from hotswap.wire.buckets import BucketMetadata, Weights, iter_buckets, iter_named_tensors, tensor_nbytes
 from hotswap.trainer.client import EngineHandle, EngineResult
 from hotswap.trainer.push import WeightPusher, WeightPushError, failure_reason
 

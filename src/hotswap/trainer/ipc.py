@@ -8,10 +8,10 @@ from collections.abc import Sequence
 
 import torch
 
-from hotswap.trainer.buckets import BucketMetadata
+from hotswap.wire.buckets import BucketMetadata
 from hotswap.trainer.client import EngineHandle, EngineResult
 from hotswap.trainer.push import DEFAULT_BUCKET_BYTES, WeightPusher, WeightPushError, failure_reason
-from hotswap.weights.ipc import SharedMemoryBucket, cuda_ipc_descriptor
+from hotswap.wire.ipc import SharedMemoryBucket, cuda_ipc_descriptor
 
 
 class IPCWeightPusher(WeightPusher):
