@@ -217,7 +217,7 @@ def ipc_trainer_main(spec: dict, events) -> None:
     CUDA IPC when spec["device"] is "cuda". Reports ("pushed", {..., "leftover_blocks": [...]}) or
     ("push_failed", {...}) per entry of spec["pushes"], then ("done", None)."""
     try:
-        import hotswap.weights.ipc as ipc
+        import hotswap.wire.ipc as ipc
         from hotswap.trainer import HttpEngineClient, IPCWeightPusher, WeightPushError
 
         created = []
