@@ -43,11 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHAPES, config_only_checkpoint, device_name, print_table  # noqa: E402
 
 from hotswap import Engine  # noqa: E402
-from hotswap.wire.buckets import iter_buckets  # noqa: E402
 from hotswap.weights import fast_copy, fast_reader  # noqa: E402
-from hotswap.weights.ipc import CudaIpcMappings  # noqa: E402
 from hotswap.weights.fast_reader import ReaderOptions, load_plan  # noqa: E402
+from hotswap.weights.ipc import CudaIpcMappings  # noqa: E402
 from hotswap.weights.loader import plan_checkpoint  # noqa: E402
+from hotswap.wire.buckets import iter_buckets  # noqa: E402
 
 GB = 1e9
 RESULTS: dict = {"tables": {}, "figures": {}}
@@ -699,7 +699,8 @@ def bench_release(shape: str, device: str, cycles: int, label: str, breakdown: b
                 [f"freed by release, min..max over {n} cycles", f"{100 * min(freed):.2f}% .. {100 * max(freed):.2f}%", "goal >= 95%"],
                 ["left after release, min..max", f"{mib(min(r['rel_used']))} .. {mib(max(r['rel_used']))}", f"nvidia-smi: {smi_rel} MiB"],
                 ["in use after resume, min..max", f"{mib(min(r['res_used']))} .. {mib(max(r['res_used']))}", "flat = no leak"],
-                ["release time, median (first, max)", f"{med(r['rel_t']):,.1f} ms ({r['rel_t'][0] * 1e3:,.1f}, {max(r['rel_t']) * 1e3:,.1f})", "weights to pinned host, KV freed"],
+                ["release time, median (first, max)", f"{med(r['rel_t']):,.1f} ms ({r['rel_t'][0] * 1e3:,.1f}, {max(r['rel_t']) * 1e3:,.1f})",
+                 "weights to pinned host, KV freed"],
                 ["resume time, median (first, max)", f"{med(r['res_t']):,.1f} ms ({r['res_t'][0] * 1e3:,.1f}, {max(r['res_t']) * 1e3:,.1f})",
                  "weights back, KV allocated, graphs recaptured"]]
         for tag, v in parts.items():

@@ -14,11 +14,11 @@ from hotswap.errors import CheckpointError
 from hotswap.models.decoder import CausalLM
 from hotswap.models.parallel import TPInfo
 from hotswap.weights import fast_reader
-from hotswap.wire.checksum import state_dict_manifest
 from hotswap.weights.fast_reader import ReaderOptions, ReadPlanCache, load_checkpoint, plan_tasks, run_read
 from hotswap.weights.loader import plan_checkpoint
 from hotswap.weights.mapping import WeightMap
 from hotswap.weights.safetensors_io import checkpoint_files
+from hotswap.wire.checksum import state_dict_manifest
 
 
 def checkpoint_tensors(path) -> dict[str, torch.Tensor]:

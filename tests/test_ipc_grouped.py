@@ -8,8 +8,8 @@ import torch
 
 from hotswap.errors import HotswapError
 from hotswap.weights import ipc_grouped
-from hotswap.wire.dtypes import dtype_from_name
 from hotswap.weights.ipc_grouped import resolve_grouped
+from hotswap.wire.dtypes import dtype_from_name
 
 
 def descriptor(name: str, t: torch.Tensor, handle: str) -> dict:

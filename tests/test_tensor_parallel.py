@@ -77,7 +77,7 @@ def test_tp2_matches_tp1(family, request):
         p.join(timeout=30)
         assert p.exitcode == 0
     full = {n: tuple(p.shape) for n, p in make_runner(path, TPInfo()).model.named_parameters()}
-    for rank, logits, tokens, sizes in results:
+    for _rank, logits, tokens, sizes in results:
         torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
         assert tokens == ref_tokens
         qkv = next(n for n in sizes if n.endswith("layers.0.self_attn.qkv_proj.weight"))

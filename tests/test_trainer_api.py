@@ -12,9 +12,20 @@ from trainer_support import checkpoint_tensors
 
 from hotswap import Engine
 from hotswap.protocol import ControlOutput, WeightUpdateOutput
-from hotswap.trainer import (BucketMetadata, DiskWeightPusher, DistributedWeightPusher, EngineResult, IPCWeightPusher, WeightPushError,
-                             flatten_bucket, iter_buckets, iter_named_tensors, save_hf_checkpoint, state_dict_manifest,
-                             verify_engine_weights)
+from hotswap.trainer import (
+    BucketMetadata,
+    DiskWeightPusher,
+    DistributedWeightPusher,
+    EngineResult,
+    IPCWeightPusher,
+    WeightPushError,
+    flatten_bucket,
+    iter_buckets,
+    iter_named_tensors,
+    save_hf_checkpoint,
+    state_dict_manifest,
+    verify_engine_weights,
+)
 from hotswap.weights.distributed_receiver import BucketMeta, bucket_layout
 
 

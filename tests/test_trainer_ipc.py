@@ -14,6 +14,7 @@ from hotswap import Engine
 from hotswap.trainer import EngineResult, HttpEngineClient, IPCWeightPusher, state_dict_manifest, verify_engine_weights
 from hotswap.wire.ipc import SharedMemoryBucket
 
+
 def greedy_ids(engine) -> list[list[int]]:
     assert engine.flush_cache().success
     return [o["output_ids"] for o in engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)]

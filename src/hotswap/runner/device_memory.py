@@ -76,7 +76,7 @@ class DeviceMemory:
             if pin:
                 torch.cuda.synchronize(runner.device)
         stand_ins: dict[torch.dtype, torch.Tensor] = {}
-        for name, param in params:
+        for _, param in params:
             # a one-element stand-in of the same shape: storage is freed, views stay well-formed
             zero = stand_ins.setdefault(param.dtype, torch.zeros((), dtype=param.dtype, device=runner.device))
             param.data = zero.view((1,) * param.dim()).expand(param.shape)

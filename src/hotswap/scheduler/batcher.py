@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from hotswap.runner.kv_cache import KVCachePool
 from hotswap.runner.batch_entry import BatchEntry
+from hotswap.runner.kv_cache import KVCachePool
 from hotswap.runner.radix_cache import RadixPrefixCache
 from hotswap.scheduler.sequence import Sequence, Status
 

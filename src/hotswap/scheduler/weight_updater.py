@@ -38,9 +38,9 @@ from hotswap.weights.fast_reader import ReaderOptions, ReadPlanCache, run_read
 from hotswap.weights.ipc import CudaIpcMappings
 from hotswap.weights.ipc_grouped import resolve_grouped
 from hotswap.weights.mapping import WeightSlot
+from hotswap.weights.rollback import HostArena, RollbackBuffer
 from hotswap.wire.checksum import manifest_digest, tensor_sha256
 from hotswap.wire.process_group import destroy_custom_process_group, init_custom_process_group, short_error
-from hotswap.weights.rollback import HostArena, RollbackBuffer
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 
 import torch
 
-from hotswap.wire.buckets import BucketMetadata
 from hotswap.trainer.client import EngineHandle, EngineResult
 from hotswap.trainer.push import DEFAULT_BUCKET_BYTES, WeightPusher, WeightPushError, failure_reason
+from hotswap.wire.buckets import BucketMetadata
 from hotswap.wire.ipc import SharedMemoryBucket, cuda_ipc_descriptor
 
 
