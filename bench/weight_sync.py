@@ -258,7 +258,7 @@ def bench_tensor(shape: str, engine, sources, ceil: dict, reps: int) -> None:
     RESULTS["figures"][f"{shape}.tensor"] = {"GB": total / GB, "ms": t_eng * 1e3, "GBps_rw": bw / GB, "pct_d2d": 100 * bw / d2d if d2d == d2d else None,
                                              "plain_loop_ms": t_plain * 1e3, "ideal_ms": ideal * 1e3, "validate_ms": v * 1e3,
                                              "copy_sync_ms": e * 1e3, "tensors": len(pairs)}
-    # rollback protection (issue 10): an explicit session takes copies of what it overwrites
+    # rollback protection: an explicit session takes copies of what it overwrites
     cfg = engine.config
     saved = (cfg.enable_rollback, cfg.rollback_device_budget_bytes)
 

@@ -1,4 +1,4 @@
-"""Issue 3: `update_weights_from_ipc`, the receiving end of MoonshotAI's checkpoint-engine.
+"""`update_weights_from_ipc`, the receiving end of MoonshotAI's checkpoint-engine.
 
 The restricted decoder against the messages a real ParameterServer pickles (and against malicious ones),
 then the whole exchange on the CPU: a fake ParameterServer thread speaks ps.py's side of the protocol over

@@ -1,4 +1,4 @@
-"""Issue 8: the parallel safetensors reader (weights/fast_reader.py) loads bit-exactly: sharded checkpoints,
+"""The parallel safetensors reader (weights/fast_reader.py) loads bit-exactly: sharded checkpoints,
 small staging windows that cut tensors into many pieces, dtype conversion, tensor-parallel slices along
 either dimension; a fault mid-read rolls the update back. CPU here; the CUDA strategies run on the GPU."""
 

@@ -1,4 +1,4 @@
-"""Issue 8: CUDA IPC descriptors sharing one producer storage are opened once (weights/ipc_grouped.py).
+"""CUDA IPC descriptors sharing one producer storage are opened once (weights/ipc_grouped.py).
 The opening itself is faked with CPU storages here; the real handles run in bench/weight_sync.py."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 4: weight routes over HTTP — updates that change outputs, refusals that change nothing, bad bodies,
+"""Weight routes over HTTP — updates that change outputs, refusals that change nothing, bad bodies,
 the rest of the weight lifecycle, and concurrent clients while the weights change."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 7 (model part): the TP-sharded decoder over gloo (2 CPU ranks, each loading its slice of every
+"""The TP-sharded decoder over gloo (2 CPU ranks, each loading its slice of every
 HF tensor through the same WeightMap) computes the same logits and greedy tokens as TP=1."""
 
 from __future__ import annotations

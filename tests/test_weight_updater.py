@@ -1,4 +1,4 @@
-"""Issue 3: the weight lifecycle on the Engine: atomic updates, checksums, reads, release/resume, saves,
+"""The weight lifecycle on the Engine: atomic updates, checksums, reads, release/resume, saves,
 versions and in-flight requests."""
 
 from __future__ import annotations
