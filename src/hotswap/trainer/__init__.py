@@ -17,7 +17,8 @@ Transports: `DistributedWeightPusher` (torch.distributed broadcast; NCCL or gloo
 or shared-memory handles, same host), `DiskWeightPusher` (a sharded HF checkpoint on a shared filesystem).
 Engines: an in-process `hotswap.Engine`, or `HttpEngineClient(base_url, api_key=None)`; both are `EngineHandle`s.
 
-This package never imports the engine (no transformers, no model code): trainer processes stay light.
+This package never imports the engine (no transformers, no model code); it shares only `hotswap.wire` with it,
+so trainer processes stay light.
 """
 
 from hotswap.trainer.checks import verify_engine_weights

@@ -1,6 +1,6 @@
 """Push weights to engines on the same host by handle: CUDA IPC for GPU tensors (the engine maps the
 trainer's memory, no copy in transit), shared memory for CPU tensors. Descriptors are plain JSON-able
-data (`hotswap.weights.ipc`), so the same push works in process and over HTTP."""
+data (`hotswap.wire.ipc`), so the same push works in process and over HTTP."""
 
 from __future__ import annotations
 
