@@ -17,6 +17,7 @@ Usage: PYTHONPATH=src python3 bench/attention_kernels.py [--sweep]
 """
 
 import argparse
+import functools
 import math
 import sys
 import time
@@ -24,8 +25,8 @@ import time
 import torch
 import torch.nn.functional as F
 import triton
-
 from common import graph_time_us
+
 from hotswap.kernels import triton_attention as ta
 
 PEAK_BW = 3.0e12  # measured H100 device-to-device copy ceiling (bytes read + written per s)
@@ -132,7 +133,7 @@ def run_decode_table(shapes):
         scale = 1.0 / math.sqrt(D)
         out = torch.empty_like(q)
         splits = ta.decode_num_splits(B, HKV, pt.shape[1] * PS, q.device)
-        fn = lambda: ta.paged_decode_attention(q, k, v, pt, seq, scale, out=out)
+        fn = functools.partial(ta.paged_decode_attention, q, k, v, pt, seq, scale, out=out)
         fn()
         te = bench(fn)
         t = bench_graph(fn)
@@ -145,7 +146,7 @@ def run_decode_table(shapes):
         ts = bench_graph(sfn)
         nb = decode_bytes(B, ctx)
         rows.append((B, ctx, splits, t, nb, ts, err, label, te))
-        del k4, v4, k, v
+        del k4, v4, k, v, fn
         torch.cuda.empty_cache()
     return rows
 
@@ -222,7 +223,7 @@ def run_prefill_table():
         q, k, v, pt, cu, seq, mq, flops = make_prefill(q_lens, prefixes, seed=len(q_lens))
         scale = 1.0 / math.sqrt(D)
         out = torch.empty_like(q)
-        fn = lambda: ta.paged_prefill_attention(q, k, v, pt, cu, seq, mq, scale, out=out)
+        fn = functools.partial(ta.paged_prefill_attention, q, k, v, pt, cu, seq, mq, scale, out=out)
         fn()
         te = bench(fn)
         t = bench_graph(fn)

@@ -85,7 +85,10 @@ def graph_time_us(fn, calls: int, reps: int = 20) -> float:
 
 def print_table(title: str, header: list[str], rows: list[list]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda r: "| " + " | ".join(str(x).rjust(w) for x, w in zip(r, widths)) + " |"
+
+    def line(r: list) -> str:
+        return "| " + " | ".join(str(x).rjust(w) for x, w in zip(r, widths)) + " |"
+
     text = "\n".join([f"### {title}", "", line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
     print(text + "\n", flush=True)
     return text

@@ -49,7 +49,7 @@ from common import config_only_checkpoint, device_name, kv_bytes_per_token, prin
 
 from hotswap import Engine  # noqa: E402
 from hotswap.trainer import DistributedWeightPusher, HttpEngineClient, free_port, iter_buckets, state_dict_manifest  # noqa: E402
-from hotswap.weights.distributed import init_custom_process_group  # noqa: E402
+from hotswap.wire.process_group import init_custom_process_group  # noqa: E402
 
 GB = 1e9
 TABLES: list[str] = []

@@ -99,7 +99,8 @@ def main() -> None:
             hf_cells.append(f"{batch * output / t_hf:,.0f} ({same}/{output} same)")
         row += hf_cells + [f"{roof:,.0f}" if on_gpu else "-", f"{100 * ours / roof:.1f}%" if on_gpu else "-"]
         rows.append(row)
-    header = ["batch, prompt/output", "hotswap output tok/s", "hotswap prefill tok/s"] + [f"HF {k} tok/s (greedy prefix = ours)" for k in hf_kinds] + ["decode roofline tok/s", "% of roofline"]
+    header = (["batch, prompt/output", "hotswap output tok/s", "hotswap prefill tok/s"] + [f"HF {k} tok/s (greedy prefix = ours)" for k in hf_kinds]
+              + ["decode roofline tok/s", "% of roofline"])
     variant = "".join(f", {k}={v}" for k, v in overrides.items())
     text = print_table(f"throughput, {args.shape}, {device_name(device)}, {engine.model_config.torch_dtype}{variant}", header, rows)
     if args.out:

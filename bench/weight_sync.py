@@ -43,11 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHAPES, config_only_checkpoint, device_name, print_table  # noqa: E402
 
 from hotswap import Engine  # noqa: E402
-from hotswap.trainer.buckets import iter_buckets  # noqa: E402
 from hotswap.weights import fast_copy, fast_reader  # noqa: E402
-from hotswap.weights.ipc import CudaIpcMappings  # noqa: E402
 from hotswap.weights.fast_reader import ReaderOptions, load_plan  # noqa: E402
+from hotswap.weights.ipc import CudaIpcMappings  # noqa: E402
 from hotswap.weights.loader import plan_checkpoint  # noqa: E402
+from hotswap.wire.buckets import iter_buckets  # noqa: E402
 
 GB = 1e9
 RESULTS: dict = {"tables": {}, "figures": {}}
@@ -258,7 +258,7 @@ def bench_tensor(shape: str, engine, sources, ceil: dict, reps: int) -> None:
     RESULTS["figures"][f"{shape}.tensor"] = {"GB": total / GB, "ms": t_eng * 1e3, "GBps_rw": bw / GB, "pct_d2d": 100 * bw / d2d if d2d == d2d else None,
                                              "plain_loop_ms": t_plain * 1e3, "ideal_ms": ideal * 1e3, "validate_ms": v * 1e3,
                                              "copy_sync_ms": e * 1e3, "tensors": len(pairs)}
-    # rollback protection (issue 10): an explicit session takes copies of what it overwrites
+    # rollback protection: an explicit session takes copies of what it overwrites
     cfg = engine.config
     saved = (cfg.enable_rollback, cfg.rollback_device_budget_bytes)
 
@@ -331,8 +331,8 @@ def _producer(specs, layout: str, updates: int, q_out, q_in, bucket_bytes: int) 
     per bucket, the engine's reply before the next is packed)."""
     import torch
 
-    from hotswap.trainer.buckets import iter_buckets
-    from hotswap.weights.ipc import cuda_ipc_descriptor
+    from hotswap.wire.buckets import iter_buckets
+    from hotswap.wire.ipc import cuda_ipc_descriptor
 
     torch.cuda.set_device(0)
     total = sum(torch.Size(s).numel() for _, s, _ in specs) * 2
@@ -699,7 +699,8 @@ def bench_release(shape: str, device: str, cycles: int, label: str, breakdown: b
                 [f"freed by release, min..max over {n} cycles", f"{100 * min(freed):.2f}% .. {100 * max(freed):.2f}%", "goal >= 95%"],
                 ["left after release, min..max", f"{mib(min(r['rel_used']))} .. {mib(max(r['rel_used']))}", f"nvidia-smi: {smi_rel} MiB"],
                 ["in use after resume, min..max", f"{mib(min(r['res_used']))} .. {mib(max(r['res_used']))}", "flat = no leak"],
-                ["release time, median (first, max)", f"{med(r['rel_t']):,.1f} ms ({r['rel_t'][0] * 1e3:,.1f}, {max(r['rel_t']) * 1e3:,.1f})", "weights to pinned host, KV freed"],
+                ["release time, median (first, max)", f"{med(r['rel_t']):,.1f} ms ({r['rel_t'][0] * 1e3:,.1f}, {max(r['rel_t']) * 1e3:,.1f})",
+                 "weights to pinned host, KV freed"],
                 ["resume time, median (first, max)", f"{med(r['res_t']):,.1f} ms ({r['res_t'][0] * 1e3:,.1f}, {max(r['res_t']) * 1e3:,.1f})",
                  "weights back, KV allocated, graphs recaptured"]]
         for tag, v in parts.items():
@@ -724,7 +725,7 @@ def _gloo_sender(raw_port: int, port: int, specs, bucket_bytes: int, pushes: int
     import torch
     import torch.distributed as dist
 
-    from hotswap.weights.distributed import init_custom_process_group
+    from hotswap.wire.process_group import init_custom_process_group
 
     raw = init_custom_process_group(backend="gloo", init_method=f"tcp://127.0.0.1:{raw_port}", world_size=2, rank=0,
                                     group_name="raw", timeout=timedelta(seconds=60))
@@ -763,7 +764,7 @@ def bench_distributed(shape: str, engine, max_bytes: int, bucket_bytes: int = 25
     import torch.multiprocessing as mp
 
     from hotswap.trainer import free_port
-    from hotswap.weights.distributed import init_custom_process_group
+    from hotswap.wire.process_group import init_custom_process_group
 
     wm = engine.model_runner.weight_map
     specs, size = [], 0

@@ -1,4 +1,4 @@
-"""Issue 3: `update_weights_from_ipc`, the receiving end of MoonshotAI's checkpoint-engine.
+"""`update_weights_from_ipc`, the receiving end of MoonshotAI's checkpoint-engine.
 
 The restricted decoder against the messages a real ParameterServer pickles (and against malicious ones),
 then the whole exchange on the CPU: a fake ParameterServer thread speaks ps.py's side of the protocol over
@@ -29,7 +29,7 @@ from trainer_support import checkpoint_tensors
 from hotswap import Engine
 from hotswap.weights.checkpoint_engine_payloads import PayloadError, decode, parse_bucket, parse_ipc_handle
 from hotswap.weights.checkpoint_engine_receiver import BufferSource
-from hotswap.weights.checksum import state_dict_manifest
+from hotswap.wire.checksum import state_dict_manifest
 
 DEVICE_KEY = "GPU-00000000-fake-0000-0000-000000000000"
 ALIGN = 256  # checkpoint-engine aligns every tensor in its buffer to 256 bytes

@@ -16,6 +16,7 @@ from trainer_support import TrainerProcess, checkpoint_tensors, serve_engine_htt
 from hotswap import Engine
 from hotswap.trainer import free_port, state_dict_manifest
 
+
 @pytest.fixture
 def engine(tiny_qwen3):
     with Engine(str(tiny_qwen3), device="cpu", page_size=4) as eng:
@@ -146,9 +147,10 @@ def test_two_engine_replicas_one_group(engine, base_url, tiny_qwen3, tiny_qwen3_
 def test_through_the_real_http_server(engine, tiny_qwen3, tiny_qwen3_v2):
     """The same trainer against hotswap.server's routes (not the test shim): distributed, then IPC back."""
     pytest.importorskip("fastapi")
+    from trainer_support import ipc_trainer_main
+
     from hotswap.server.app import create_app
     from hotswap.server.launch import ServerThread
-    from trainer_support import ipc_trainer_main
 
     srv = ServerThread(create_app(engine)).start()
     try:

@@ -1,4 +1,4 @@
-"""Issue 2: greedy parity with transformers, prefix cache, preemption, chunked prefill, logprobs, sampling."""
+"""Greedy parity with transformers, prefix cache, preemption, chunked prefill, logprobs, sampling."""
 
 from __future__ import annotations
 

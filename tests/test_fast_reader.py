@@ -1,4 +1,4 @@
-"""Issue 8: the parallel safetensors reader (weights/fast_reader.py) loads bit-exactly: sharded checkpoints,
+"""The parallel safetensors reader (weights/fast_reader.py) loads bit-exactly: sharded checkpoints,
 small staging windows that cut tensors into many pieces, dtype conversion, tensor-parallel slices along
 either dimension; a fault mid-read rolls the update back. CPU here; the CUDA strategies run on the GPU."""
 
@@ -14,11 +14,11 @@ from hotswap.errors import CheckpointError
 from hotswap.models.decoder import CausalLM
 from hotswap.models.parallel import TPInfo
 from hotswap.weights import fast_reader
-from hotswap.weights.checksum import state_dict_manifest
-from hotswap.weights.fast_reader import ReaderOptions, ReadPlanCache, plan_tasks, run_read
-from hotswap.weights.loader import load_checkpoint, plan_checkpoint
+from hotswap.weights.fast_reader import ReaderOptions, ReadPlanCache, load_checkpoint, plan_tasks, run_read
+from hotswap.weights.loader import plan_checkpoint
 from hotswap.weights.mapping import WeightMap
 from hotswap.weights.safetensors_io import checkpoint_files
+from hotswap.wire.checksum import state_dict_manifest
 
 
 def checkpoint_tensors(path) -> dict[str, torch.Tensor]:

@@ -130,7 +130,7 @@ def test_parameter_server_pushes_into_the_engine(tiny_qwen3, tiny_qwen3_v2):
     from hf_reference import greedy_ids, reference_ids
 
     from hotswap import Engine
-    from hotswap.weights.checksum import state_dict_manifest
+    from hotswap.wire.checksum import state_dict_manifest
 
     ps = ParameterServerProcess()
     try:

@@ -1,4 +1,4 @@
-"""Issue 8: in-process tensor updates on CUDA go out as one launch of the table-driven copy kernel
+"""In-process tensor updates on CUDA go out as one launch of the table-driven copy kernel
 (weights/fast_copy.py) when every source qualifies, and through per-tensor copies otherwise; both land
 the same bytes, and a refused update changes none. Skipped without CUDA."""
 

@@ -1,4 +1,4 @@
-"""Issue 8: CUDA IPC descriptors sharing one producer storage are opened once (weights/ipc_grouped.py).
+"""CUDA IPC descriptors sharing one producer storage are opened once (weights/ipc_grouped.py).
 The opening itself is faked with CPU storages here; the real handles run in bench/weight_sync.py."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import torch
 
 from hotswap.errors import HotswapError
 from hotswap.weights import ipc_grouped
-from hotswap.weights.distributed import dtype_from_name
 from hotswap.weights.ipc_grouped import resolve_grouped
+from hotswap.wire.dtypes import dtype_from_name
 
 
 def descriptor(name: str, t: torch.Tensor, handle: str) -> dict:

@@ -1,4 +1,4 @@
-"""Issue 4: the HTTP server over real loopback sockets — OpenAI routes with the official client, native
+"""The HTTP server over real loopback sockets — OpenAI routes with the official client, native
 routes with httpx, errors, auth, and clients that disconnect mid-request."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 4: `serve(args)` in its own process — progress bar on load, SIGTERM drains then aborts cleanly."""
+"""`serve(args)` in its own process — progress bar on load, SIGTERM drains then aborts cleanly."""
 
 from __future__ import annotations
 

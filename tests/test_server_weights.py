@@ -1,4 +1,4 @@
-"""Issue 4: weight routes over HTTP — updates that change outputs, refusals that change nothing, bad bodies,
+"""Weight routes over HTTP — updates that change outputs, refusals that change nothing, bad bodies,
 the rest of the weight lifecycle, and concurrent clients while the weights change."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from hotswap import Engine
 from hotswap.server.app import create_app
 from hotswap.server.launch import ServerThread
 from hotswap.testing.tiny_models import build_tiny_checkpoint
-from hotswap.weights.ipc import shm_descriptors
+from hotswap.wire.ipc import shm_descriptors
 
 GREEDY = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
 PROMPTS = ["Alice likes 12 apples", "Bob sees the river", "what is the sum of 4 plus 5", "Grace gives 3 cards"]

@@ -19,11 +19,11 @@ import pickle
 import sys
 import types
 from dataclasses import dataclass
+from multiprocessing.reduction import ForkingPickler
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from multiprocessing.reduction import ForkingPickler
 from torch.multiprocessing import reductions
 
 from hotswap.weights.sglang_payloads import PayloadError, decode_serialized_named_tensors
@@ -362,8 +362,9 @@ def test_cuda_handles_are_checked_then_refused_on_a_cpu_engine(patched, monkeypa
 def _cuda_producer(queue, done, uuid_device: bool) -> None:
     """A trainer process: serializes CUDA tensors (with SGLang's UUID device form when asked) and keeps
     them alive until the engine side is done."""
-    import torch
     from multiprocessing.reduction import ForkingPickler
+
+    import torch
     from torch.multiprocessing import reductions
 
     named = [("w", torch.arange(12.0, device="cuda").reshape(3, 4).to(torch.bfloat16)), ("b", torch.arange(8.0, device="cuda")[2:6])]

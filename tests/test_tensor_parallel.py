@@ -1,4 +1,4 @@
-"""Issue 7 (model part): the TP-sharded decoder over gloo (2 CPU ranks, each loading its slice of every
+"""The TP-sharded decoder over gloo (2 CPU ranks, each loading its slice of every
 HF tensor through the same WeightMap) computes the same logits and greedy tokens as TP=1."""
 
 from __future__ import annotations
@@ -46,13 +46,14 @@ def make_runner(path: str, tp: TPInfo) -> ModelRunner:
     return ModelRunner(cfg, ModelConfig.from_pretrained(path), torch.device("cpu"), tp)
 
 
-def _worker(rank: int, world: int, port: int, path: str, out) -> None:
+def _worker(rank: int, world: int, port: int, path: str, out, received) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         runner = make_runner(path, TPInfo(rank, world, dist.group.WORLD))
         logits, tokens = greedy_run(runner)
         sizes = {n: tuple(p.shape) for n, p in runner.model.named_parameters()}
         out.put((rank, logits, tokens, sizes))
+        received.wait(120)  # a queued tensor is shared by handle: this process must outlive the parent's get
     finally:
         dist.destroy_process_group()
 
@@ -68,16 +69,17 @@ def test_tp2_matches_tp1(family, request):
     path = str(request.getfixturevalue(family))
     ref_logits, ref_tokens = greedy_run(make_runner(path, TPInfo()))
     ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, path, out)) for port in [_free_port()] for r in range(2)]
+    out, received = ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, path, out, received)) for port in [_free_port()] for r in range(2)]
     for p in procs:
         p.start()
     results = sorted(out.get(timeout=120) for _ in procs)
+    received.set()
     for p in procs:
         p.join(timeout=30)
         assert p.exitcode == 0
     full = {n: tuple(p.shape) for n, p in make_runner(path, TPInfo()).model.named_parameters()}
-    for rank, logits, tokens, sizes in results:
+    for _rank, logits, tokens, sizes in results:
         torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
         assert tokens == ref_tokens
         qkv = next(n for n in sizes if n.endswith("layers.0.self_attn.qkv_proj.weight"))

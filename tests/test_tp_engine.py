@@ -1,4 +1,4 @@
-"""Issue 7: a tensor-parallel Engine (TP=2 over gloo: this process is rank 0 and schedules, one spawned
+"""A tensor-parallel Engine (TP=2 over gloo: this process is rank 0 and schedules, one spawned
 worker is rank 1) generates what TP=1 and transformers generate, and takes every weight update atomically
 across its ranks; reads and checksums see whole HF tensors, as at TP=1."""
 

@@ -12,7 +12,8 @@ from trainer_support import TrainerProcess, checkpoint_tensors, ipc_trainer_main
 
 from hotswap import Engine
 from hotswap.trainer import EngineResult, HttpEngineClient, IPCWeightPusher, state_dict_manifest, verify_engine_weights
-from hotswap.weights.ipc import SharedMemoryBucket
+from hotswap.wire.ipc import SharedMemoryBucket
+
 
 def greedy_ids(engine) -> list[list[int]]:
     assert engine.flush_cache().success

@@ -1,4 +1,4 @@
-"""Issue 10: an update of several calls is one update. A trainer pushing N buckets brackets them with
+"""An update of several calls is one update. A trainer pushing N buckets brackets them with
 begin_weight_update / end_weight_update; a fault in any bucket, a trainer that dies, or a refused call
 leaves the engine exactly as before the session, and no request ever sees a mixture of weights."""
 

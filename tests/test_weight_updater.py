@@ -1,4 +1,4 @@
-"""Issue 3: the weight lifecycle on the Engine: atomic updates, checksums, reads, release/resume, saves,
+"""The weight lifecycle on the Engine: atomic updates, checksums, reads, release/resume, saves,
 versions and in-flight requests."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from trainer_support import checkpoint_tensors
 from transformers import AutoModelForCausalLM
 
 from hotswap import Engine
-from hotswap.weights.checksum import state_dict_manifest
+from hotswap.wire.checksum import state_dict_manifest
+
 
 def make_engine(path, **kw) -> Engine:
     kw.setdefault("page_size", 4)
@@ -163,7 +164,8 @@ def test_release_resume_on_cpu(engine):
 
 def test_release_refused_while_busy(engine):
     results = []
-    t = threading.Thread(target=lambda: results.append(engine.generate(input_ids=prompt_ids(3, 8), sampling_params={"max_new_tokens": 400, "temperature": 0, "ignore_eos": True})))
+    sp = {"max_new_tokens": 400, "temperature": 0, "ignore_eos": True}
+    t = threading.Thread(target=lambda: results.append(engine.generate(input_ids=prompt_ids(3, 8), sampling_params=sp)))
     t.start()
     while engine.get_load().num_running == 0:
         time.sleep(0.005)
@@ -198,7 +200,8 @@ def test_save_remote_model(engine, tmp_path):
 
 def _slow_request(engine, results, tokens=200, seed=11):
     ids = prompt_ids(seed, 6)
-    t = threading.Thread(target=lambda: results.append(engine.generate(input_ids=ids, sampling_params={"max_new_tokens": tokens, "temperature": 0, "ignore_eos": True})))
+    sp = {"max_new_tokens": tokens, "temperature": 0, "ignore_eos": True}
+    t = threading.Thread(target=lambda: results.append(engine.generate(input_ids=ids, sampling_params=sp)))
     t.start()
     while engine.get_load().num_running == 0 and not results:
         time.sleep(0.002)

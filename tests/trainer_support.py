@@ -124,7 +124,8 @@ def trainer_main(spec: dict, events) -> None:
         engines = [HttpEngineClient(url, timeout_s=60) for url in spec.get("base_urls") or [spec["base_url"]]]
         engine = engines[0]
         pusher = DistributedWeightPusher(engines, master_address="127.0.0.1", master_port=spec["master_port"], group_name=spec["group_name"],
-                                         backend=spec.get("backend", "gloo"), bucket_bytes=bucket_bytes, load_format=spec.get("load_format", "flattened_bucket"),
+                                         backend=spec.get("backend", "gloo"), bucket_bytes=bucket_bytes,
+                                         load_format=spec.get("load_format", "flattened_bucket"),
                                          ranks_per_engine=spec.get("ranks_per_engine", 1), timeout_s=spec.get("timeout_s", 30))
         pusher.connect()
         events.put(("connected", {"pid": os.getpid(), "manifest": state_dict_manifest({k: v.cpu() for k, v in weights.items()})}))
@@ -217,7 +218,7 @@ def ipc_trainer_main(spec: dict, events) -> None:
     CUDA IPC when spec["device"] is "cuda". Reports ("pushed", {..., "leftover_blocks": [...]}) or
     ("push_failed", {...}) per entry of spec["pushes"], then ("done", None)."""
     try:
-        import hotswap.weights.ipc as ipc
+        import hotswap.wire.ipc as ipc
         from hotswap.trainer import HttpEngineClient, IPCWeightPusher, WeightPushError
 
         created = []

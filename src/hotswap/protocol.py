@@ -112,7 +112,7 @@ class UpdateWeightsFromDiskRequest:
 @dataclass(kw_only=True, slots=True)
 class UpdateWeightsFromTensorRequest:
     """`named_tensors`: list of (HF name, tensor) in process, or plain-data handle descriptors
-    (see hotswap.weights.ipc) when the tensors live in another process."""
+    (see hotswap.wire.ipc) when the tensors live in another process."""
 
     named_tensors: list[tuple[str, Any]] | list[dict]
     load_format: str | None = None

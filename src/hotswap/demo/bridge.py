@@ -64,7 +64,7 @@ class PipeEngineHandle:
 
     def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True, weight_version=None):
         if any(not isinstance(x, dict) for x in named_tensors):
-            raise TypeError("across processes, update_weights_from_tensor takes handle descriptors (hotswap.weights.ipc), not tensors")
+            raise TypeError("across processes, update_weights_from_tensor takes handle descriptors (hotswap.wire.ipc), not tensors")
         return self._call("update_weights_from_tensor", named_tensors=list(named_tensors), load_format=load_format,
                           flush_cache=flush_cache, weight_version=weight_version)
 

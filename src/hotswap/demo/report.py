@@ -60,7 +60,8 @@ class ProgressTable:
         check = push.get("checksum_ok")
         check_cell = "-" if not push else ("skipped" if check is None else ("ok" if check else "MISMATCH"))
         cells = [rec["step"], rec["weight_version"], f"{rec['reward']:.3f}", reward_bar(rec["reward"]), _ms(rec.get("gen_s")),
-                 _ms(train.get("train_s")), _ms(push.get("sync_s")) if push else "-", check_cell, push.get("pushed_version", "-"), sample_cell(rec.get("example"))]
+                 _ms(train.get("train_s")), _ms(push.get("sync_s")) if push else "-", check_cell, push.get("pushed_version", "-"),
+                 sample_cell(rec.get("example"))]
         print(self._line(cells), file=self.out, flush=True)
 
 

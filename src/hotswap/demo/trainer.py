@@ -157,7 +157,7 @@ def trainer_main(conn: Connection, cfg: TrainerConfig) -> None:
         from transformers.utils import logging as hf_logging
 
         from hotswap.demo.bridge import PipeEngineHandle
-        from hotswap.weights.distributed import dtype_from_name
+        from hotswap.wire.dtypes import dtype_from_name
 
         hf_logging.disable_progress_bar()
         if cfg.num_threads:

@@ -7,9 +7,9 @@ from torch import nn
 
 from hotswap.config import ModelConfig
 from hotswap.kernels import fused
+from hotswap.models.forward_context import ForwardContext
 from hotswap.models.layers import MergedColumnLinear, RMSNorm, RotaryEmbedding, RowLinear, VocabEmbedding
 from hotswap.models.parallel import TPInfo
-from hotswap.runner.forward_context import ForwardContext
 
 
 class Attention(nn.Module):

@@ -7,7 +7,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from hotswap.runner.forward_context import ForwardContext
+from hotswap.models.forward_context import ForwardContext
 from hotswap.runner.kv_cache import KVCacheStorage
 
 

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from hotswap.kernels import argmax
+from hotswap.models.forward_context import ForwardContext
 from hotswap.runner.extend_graph import ExtendGraphRunner, capture_stream
-from hotswap.runner.forward_context import ForwardContext
 from hotswap.runner.host_batch import HostBatch
 from hotswap.runner.staged_inputs import StagedInputs
 

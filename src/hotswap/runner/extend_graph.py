@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hotswap.runner.forward_context import ForwardContext
+from hotswap.models.forward_context import ForwardContext
 from hotswap.runner.host_batch import HostBatch, prefill_tiles
 from hotswap.runner.staged_inputs import StagedInputs
 

@@ -12,15 +12,14 @@ from hotswap.config import EngineConfig, ModelConfig
 from hotswap.errors import HotswapError
 from hotswap.kernels import skinny_matmul
 from hotswap.models.decoder import CausalLM
+from hotswap.models.forward_context import ForwardContext
 from hotswap.models.parallel import TPInfo
 from hotswap.runner.attention import TorchAttention, TritonAttention
-from hotswap.runner.forward_context import ForwardContext
+from hotswap.runner.batch_entry import BatchEntry
 from hotswap.runner.host_batch import HostBatch
 from hotswap.runner.kv_cache import KVCacheStorage
-from hotswap.runner.batch_entry import BatchEntry
 from hotswap.runner.sampler import SampleResult, SamplingBatch, sample
-from hotswap.weights.fast_reader import ReaderOptions
-from hotswap.weights.loader import load_checkpoint
+from hotswap.weights.fast_reader import ReaderOptions, load_checkpoint
 from hotswap.weights.mapping import WeightMap
 
 if TYPE_CHECKING:

@@ -29,9 +29,10 @@ from hotswap.runner.host_batch import HostBatch
 from hotswap.runner.tp_group import TPGroups, worker_device
 from hotswap.runner.tp_protocol import Op, exchange, send_command, send_step
 from hotswap.runner.tp_worker import worker_main
-from hotswap.trainer.buckets import BucketMetadata, flatten_bucket, iter_buckets
-from hotswap.weights.distributed import WeightsGroup, short_error
+from hotswap.weights.distributed import WeightsGroup
 from hotswap.weights.mapping import WeightMap, WeightSlot
+from hotswap.wire.buckets import BucketMetadata, flatten_bucket, iter_buckets
+from hotswap.wire.process_group import short_error
 
 log = logging.getLogger(__name__)
 

@@ -20,20 +20,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from hotswap import protocol as p
 from hotswap.config import EngineConfig, model_config_for
 from hotswap.errors import HotswapError
+from hotswap.runner.device_memory import DeviceMemory
 from hotswap.runner.host_batch import HostBatch
 from hotswap.runner.model_runner import ModelRunner
 from hotswap.runner.tp_group import TPGroups
 from hotswap.runner.tp_protocol import Op, decode_json, decode_step, exchange, recv_command
-from hotswap.scheduler.memory_manager import MemoryManager
-from hotswap.weights.distributed import WeightsGroup, init_custom_process_group, short_error
+from hotswap.weights.distributed import WeightsGroup
 from hotswap.weights.distributed_receiver import plan_receive, receive_bucket
 from hotswap.weights.fast_copy import TensorPlanCache, check_finite, copy_into
 from hotswap.weights.fast_reader import ReaderOptions, load_plan
 from hotswap.weights.loader import plan_checkpoint
 from hotswap.weights.rollback import HostArena, RollbackBuffer
+from hotswap.wire.process_group import init_custom_process_group, short_error
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class TPWorker:
     runner: ModelRunner
     config: EngineConfig
     relay_group: WeightsGroup  # the device group, receiving rank 0's weight relays
-    memory: MemoryManager
+    memory: DeviceMemory
     rollback: RollbackBuffer  # originals saved by the open update session, until COMMIT or ROLLBACK
     tensor_plans: TensorPlanCache = field(default_factory=TensorPlanCache)
     weights_groups: dict[str, WeightsGroup] = field(default_factory=dict)  # trainers' groups this rank joined
@@ -151,14 +151,10 @@ class TPWorker:
             slot.dest.zero_()
 
     def release(self, args: dict) -> None:
-        out = self.memory.release_memory_occupation(p.ReleaseMemoryOccupationRequest(tags=args["tags"], keep_weights_on_host=args["keep_weights_on_host"]))
-        if not out.success:
-            raise HotswapError(out.message)
+        self.memory.release(args["tags"], args["keep_weights_on_host"])
 
     def resume(self, args: dict) -> None:
-        out = self.memory.resume_memory_occupation(p.ResumeMemoryOccupationRequest(tags=args["tags"]))
-        if not out.success:
-            raise HotswapError(out.message)
+        self.memory.resume(args["tags"])
 
     # ---- reads -------------------------------------------------------------------------------------
 
@@ -222,8 +218,7 @@ def worker_main(spec_json: str) -> None:
         groups = TPGroups.create(store=store, rank=rank, size=spec["size"], prefix=spec["prefix"], backend=spec["backend"],
                                  timeout_s=config.tp_timeout_s)
         runner = ModelRunner(config, model_config_for(config), device, groups.info)
-        worker = TPWorker(groups=groups, runner=runner, config=config, memory=MemoryManager(
-                              model_runner=runner, can_release=lambda: True, reset_prefix_cache=lambda: None),
+        worker = TPWorker(groups=groups, runner=runner, config=config, memory=DeviceMemory(runner=runner),
                           relay_group=WeightsGroup("tensor-parallel relay", groups.device, rank, groups.size, groups.backend, device,
                                                    op_timeout_s=config.tp_timeout_s),
                           rollback=RollbackBuffer(device_budget_bytes=config.rollback_device_budget_bytes, arena=HostArena()))

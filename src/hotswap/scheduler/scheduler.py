@@ -14,9 +14,10 @@ from concurrent.futures import Future
 import torch
 
 from hotswap import protocol as p
-from hotswap.config import EngineConfig
 from hotswap.cache.page_allocator import PageAllocator, PoolCapacity
 from hotswap.cache.radix_cache import RadixPrefixCache
+from hotswap.config import EngineConfig
+from hotswap.runner.device_memory import DeviceMemory
 from hotswap.runner.model_runner import ModelRunner
 from hotswap.scheduler.batcher import Batcher, ScheduledBatch
 from hotswap.scheduler.invariant_checker import InvariantChecker
@@ -58,7 +59,7 @@ class Scheduler:
         )
         self.streamer = OutputStreamer(tokenizer=tokenizer, eos_token_ids=frozenset(eos_token_ids), max_context_len=max_context_len)
         self.invariants = InvariantChecker(allocator=self.allocator, prefix_cache=self.prefix_cache)
-        self.memory = MemoryManager(model_runner=model_runner, can_release=self.memory_may_change, reset_prefix_cache=self.flush_cache,
+        self.memory = MemoryManager(device_memory=DeviceMemory(runner=model_runner), can_release=self.memory_may_change, reset_prefix_cache=self.flush_cache,
                                     peers=model_runner.tp_peers)
         self.weight_updater = WeightUpdater(
             model_runner=model_runner,

@@ -32,15 +32,15 @@ from hotswap.runner.model_runner import ModelRunner
 from hotswap.weights import saver
 from hotswap.weights.checkpoint_engine_payloads import BucketEntry
 from hotswap.weights.checkpoint_engine_receiver import BufferSource, ReceiveStats, find_address, receive_buckets, refuse_exchange
-from hotswap.weights.checksum import manifest_digest, tensor_sha256
-from hotswap.weights.distributed import (WeightsGroup, WeightsGroupError, destroy_custom_process_group, init_custom_process_group,
-                                         short_error)
+from hotswap.weights.distributed import WeightsGroup, WeightsGroupError
 from hotswap.weights.fast_copy import MatchedTensors, TensorPlanCache, check_finite, copy_into
 from hotswap.weights.fast_reader import ReaderOptions, ReadPlanCache, run_read
 from hotswap.weights.ipc import CudaIpcMappings
 from hotswap.weights.ipc_grouped import resolve_grouped
 from hotswap.weights.mapping import WeightSlot
 from hotswap.weights.rollback import HostArena, RollbackBuffer
+from hotswap.wire.checksum import manifest_digest, tensor_sha256
+from hotswap.wire.process_group import destroy_custom_process_group, init_custom_process_group, short_error
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

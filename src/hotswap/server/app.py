@@ -24,7 +24,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import hotswap
 from hotswap import protocol as p
-from hotswap.server import openai_api, weights_api
 from hotswap.server.generation import ClientRids, apply_no_stop_trim, expand_jobs, merge_streams, normalize_sampling_params, open_streams
 from hotswap.server.http_utils import (
     SSE_DONE,
@@ -42,6 +41,8 @@ from hotswap.server.http_utils import (
     sse,
 )
 from hotswap.server.metrics import Metrics
+from hotswap.server.openai_api import register as register_openai_routes
+from hotswap.server.weights_api import register as register_weight_routes
 
 log = logging.getLogger("hotswap.server")
 
@@ -454,7 +455,7 @@ def create_app(engine, *, api_key: str | None = None, served_model_name: str | N
         return error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}"))
 
     _register_native(app, state)
-    openai_api.register(app, state)
-    weights_api.register(app, state)
+    register_openai_routes(app, state)
+    register_weight_routes(app, state)
     app.add_middleware(ServerMiddleware, state=state)
     return app

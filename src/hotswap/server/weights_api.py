@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 
 class UpdateWeightsFromTensorBody(BaseModel):
-    """HTTP form of UpdateWeightsFromTensorRequest: plain-data handle descriptors only (hotswap.weights.ipc)."""
+    """HTTP form of UpdateWeightsFromTensorRequest: plain-data handle descriptors only (hotswap.wire.ipc)."""
 
     model_config = ConfigDict(extra="ignore")
     named_tensors: list[dict[str, Any]] | None = None
@@ -35,7 +35,7 @@ class UpdateWeightsFromTensorBody(BaseModel):
     def to_request(self) -> p.UpdateWeightsFromTensorRequest:
         if self.serialized_named_tensors is not None:
             raise APIError(400, "hotswap does not unpickle serialized_named_tensors; send `named_tensors`: a list of plain-data "
-                                "handle descriptors ({name, dtype, shape, kind: 'cuda_ipc'|'shm', ...}, see hotswap.weights.ipc)",
+                                "handle descriptors ({name, dtype, shape, kind: 'cuda_ipc'|'shm', ...}, see hotswap.wire.ipc)",
                            param="serialized_named_tensors")
         if self.named_tensors is None:
             raise APIError(400, "named_tensors is required: a list of handle descriptors", param="named_tensors")

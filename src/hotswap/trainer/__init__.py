@@ -17,17 +17,18 @@ Transports: `DistributedWeightPusher` (torch.distributed broadcast; NCCL or gloo
 or shared-memory handles, same host), `DiskWeightPusher` (a sharded HF checkpoint on a shared filesystem).
 Engines: an in-process `hotswap.Engine`, or `HttpEngineClient(base_url, api_key=None)`; both are `EngineHandle`s.
 
-This package never imports the engine (no transformers, no model code): trainer processes stay light.
+This package never imports the engine (no transformers, no model code); it shares only `hotswap.wire` with it,
+so trainer processes stay light.
 """
 
-from hotswap.trainer.buckets import BucketMetadata, flatten_bucket, iter_buckets, iter_named_tensors
 from hotswap.trainer.checks import verify_engine_weights
 from hotswap.trainer.client import EngineConnectionError, EngineHandle, EngineResult, HttpEngineClient
 from hotswap.trainer.disk import DiskWeightPusher, save_hf_checkpoint
 from hotswap.trainer.distributed import DistributedWeightPusher, free_port
 from hotswap.trainer.ipc import IPCWeightPusher
 from hotswap.trainer.push import PushResult, WeightPusher, WeightPushError
-from hotswap.weights.checksum import checksum_manifest, state_dict_manifest
+from hotswap.wire.buckets import BucketMetadata, flatten_bucket, iter_buckets, iter_named_tensors
+from hotswap.wire.checksum import checksum_manifest, state_dict_manifest
 
 __all__ = [
     "BucketMetadata", "DiskWeightPusher", "DistributedWeightPusher", "EngineConnectionError", "EngineHandle", "EngineResult",

@@ -8,8 +8,8 @@ import torch
 
 from hotswap.trainer.client import EngineHandle, EngineResult
 from hotswap.trainer.push import call_result
-from hotswap.weights.checksum import state_dict_manifest
-from hotswap.weights.distributed import dtype_from_name
+from hotswap.wire.checksum import state_dict_manifest
+from hotswap.wire.dtypes import dtype_from_name
 
 
 def engine_dtype(engine: EngineHandle, name: str) -> torch.dtype | None:

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from hotswap.trainer.buckets import BucketMetadata, Weights, iter_buckets, iter_named_tensors, tensor_nbytes
 from hotswap.trainer.client import EngineHandle, EngineResult
 from hotswap.trainer.push import WeightPusher, WeightPushError, failure_reason
+from hotswap.wire.buckets import BucketMetadata, Weights, iter_buckets, iter_named_tensors, tensor_nbytes
 
 # Files beside the weights that make a folder a complete checkpoint.
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

@@ -18,11 +18,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from hotswap.trainer.buckets import BucketMetadata, flatten_bucket
 from hotswap.trainer.client import EngineHandle, EngineResult
 from hotswap.trainer.push import DEFAULT_BUCKET_BYTES, WeightPusher, WeightPushError, call_result, failure_reason, first_failure
-from hotswap.weights.distributed import (destroy_custom_process_group, init_custom_process_group, retire_process_group, short_error,
-                                         wait_work)
+from hotswap.wire.buckets import BucketMetadata, flatten_bucket
+from hotswap.wire.process_group import destroy_custom_process_group, init_custom_process_group, retire_process_group, short_error, wait_work
 
 LOAD_FORMATS = ("flattened_bucket", None)
 

@@ -1,6 +1,6 @@
 """Push weights to engines on the same host by handle: CUDA IPC for GPU tensors (the engine maps the
 trainer's memory, no copy in transit), shared memory for CPU tensors. Descriptors are plain JSON-able
-data (`hotswap.weights.ipc`), so the same push works in process and over HTTP."""
+data (`hotswap.wire.ipc`), so the same push works in process and over HTTP."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from collections.abc import Sequence
 
 import torch
 
-from hotswap.trainer.buckets import BucketMetadata
 from hotswap.trainer.client import EngineHandle, EngineResult
 from hotswap.trainer.push import DEFAULT_BUCKET_BYTES, WeightPusher, WeightPushError, failure_reason
-from hotswap.weights.ipc import SharedMemoryBucket, cuda_ipc_descriptor
+from hotswap.wire.buckets import BucketMetadata
+from hotswap.wire.ipc import SharedMemoryBucket, cuda_ipc_descriptor
 
 
 class IPCWeightPusher(WeightPusher):

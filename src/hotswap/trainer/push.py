@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hotswap.trainer.buckets import Weights, iter_buckets, iter_named_tensors, tensor_nbytes
 from hotswap.trainer.client import EngineHandle, EngineResult
+from hotswap.wire.buckets import Weights, iter_buckets, iter_named_tensors, tensor_nbytes
 
 log = logging.getLogger(__name__)
 

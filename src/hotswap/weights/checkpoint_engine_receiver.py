@@ -21,8 +21,15 @@ from dataclasses import dataclass
 import torch
 
 from hotswap.errors import HotswapError
-from hotswap.weights.checkpoint_engine_payloads import (MAX_MESSAGE_BYTES, BucketEntry, CudaIpcHandle, PayloadError, decode,
-                                                        parse_bucket, parse_ipc_handle)
+from hotswap.weights.checkpoint_engine_payloads import (
+    MAX_MESSAGE_BYTES,
+    BucketEntry,
+    CudaIpcHandle,
+    PayloadError,
+    decode,
+    parse_bucket,
+    parse_ipc_handle,
+)
 
 LoadBucket = Callable[[list[tuple[BucketEntry, torch.Tensor]]], None]
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from hotswap.errors import HotswapError
-from hotswap.weights.distributed import WeightsGroup, dtype_from_name
+from hotswap.weights.distributed import WeightsGroup
+from hotswap.wire.dtypes import dtype_from_name
 
 LOAD_FORMATS = (None, "flattened_bucket")
 

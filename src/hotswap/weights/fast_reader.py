@@ -228,6 +228,11 @@ def prepare_read(plan: list[tuple[TensorInfo, WeightSlot]], options: ReaderOptio
     return ReadPlan(files, tasks, total, slots, chunk, threads)
 
 
+def load_checkpoint(weight_map: WeightMap, model_path: str | Path, options: ReaderOptions | None = None) -> ReadStats:
+    """Startup load: validate headers, then copy every tensor into place (`options`: None = the defaults)."""
+    return load_plan(plan_checkpoint(weight_map, model_path), options or ReaderOptions())
+
+
 def load_plan(plan: list[tuple[TensorInfo, WeightSlot]], options: ReaderOptions = ReaderOptions(),
               wait_for: dict[str, torch.cuda.Event] | None = None) -> ReadStats:
     """Copy every tensor of a validated plan into its slot (`prepare_read` + `run_read`)."""

@@ -16,8 +16,8 @@ import math
 import torch
 
 from hotswap.errors import HotswapError
-from hotswap.weights.distributed import dtype_from_name
 from hotswap.weights.ipc import CudaIpcMappings, cuda_ipc_storage_key, resolve_named_tensors
+from hotswap.wire.dtypes import dtype_from_name
 
 
 def _group_key(item) -> tuple | None:

@@ -63,11 +63,3 @@ def plan_checkpoint(weight_map: WeightMap, model_path: str | Path) -> list[tuple
     pairs = check_tensor_metas(weight_map, metas, require_all=True)
     return [(infos[meta.name], slot) for meta, slot in pairs]
 
-
-def load_checkpoint(weight_map: WeightMap, model_path: str | Path, options=None):
-    """Startup load: validate headers, then copy every tensor into place through the parallel reader
-    (`options`: a fast_reader.ReaderOptions; None = its defaults). Returns the reader's ReadStats."""
-    from hotswap.weights.fast_reader import ReaderOptions, load_plan
-
-    plan = plan_checkpoint(weight_map, model_path)
-    return load_plan(plan, options or ReaderOptions())

@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-
 from safetensors.torch import save_file
 
 from hotswap.errors import HotswapError

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hotswap.weights.distributed import DTYPES_BY_NAME, dtype_name
+from hotswap.wire.dtypes import DTYPES_BY_NAME, dtype_name
 
 Weights = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
 

@@ -1,0 +1,99 @@
+"""Tensors handed to another process on the same host, described by plain data (never pickle).
+
+A descriptor is a JSON-able dict: {"name", "dtype", "shape", "kind", ...}
+- kind "cuda_ipc": a CUDA IPC memory handle of the producer's storage (base64 fields), plus
+  "storage_offset" and "stride" in elements. The consumer maps the same GPU memory: no copy in transit.
+- kind "shm": a POSIX shared-memory block name ("shm_name") and a byte "offset"; the tensor's bytes lie
+  there contiguous and row-major. For CPU engines and tests.
+The producer keeps its tensors (and blocks) alive until the update call returns: the consumer copies what
+it needs before it replies.
+
+The producer side (a trainer) builds descriptors here; the engine opens them (`hotswap.weights.ipc`).
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterable
+from multiprocessing import shared_memory
+
+import torch
+
+from hotswap.wire.dtypes import dtype_name
+
+B64_FIELDS = ("handle", "ref_counter_handle", "event_handle")  # bytes fields of a 'cuda_ipc' descriptor, base64-encoded
+CUDA_FIELDS = ("device", "handle", "storage_size", "storage_handle_offset", "ref_counter_handle", "ref_counter_offset",
+               "event_handle", "event_sync_required", "storage_offset", "stride")  # what a 'cuda_ipc' descriptor adds
+
+
+def _b64(x: bytes) -> str:
+    return base64.b64encode(x).decode()
+
+
+def cuda_ipc_descriptor(name: str, t: torch.Tensor) -> dict:
+    """Producer side: describe a CUDA tensor by its storage's IPC handle. The producer must make the
+    tensor's data visible before the consumer reads it (`torch.cuda.synchronize()` or the stream it was
+    written on) and keep it alive until the update call returns."""
+    if not t.is_cuda:
+        raise ValueError(f"{name!r}: cuda_ipc needs a CUDA tensor")
+    storage = t.untyped_storage()
+    device, handle, size, offset, rc_handle, rc_offset, ev_handle, ev_sync = storage._share_cuda_()
+    return {
+        "name": name, "dtype": dtype_name(t.dtype), "shape": list(t.shape), "stride": list(t.stride()),
+        "storage_offset": t.storage_offset(), "kind": "cuda_ipc",
+        "device": device, "handle": _b64(handle), "storage_size": size, "storage_handle_offset": offset,
+        "ref_counter_handle": _b64(rc_handle), "ref_counter_offset": rc_offset,
+        "event_handle": _b64(ev_handle or b""), "event_sync_required": bool(ev_sync),
+    }
+
+
+class SharedMemoryBucket:
+    """Producer side for CPU tensors: one shared-memory block holding a bucket of tensors, and their
+    descriptors. Use as a context manager (or call `close()`): the block is unlinked when done."""
+
+    def __init__(self, named_tensors: Iterable[tuple[str, torch.Tensor]]):
+        named = [(str(n), t) for n, t in named_tensors]
+        sizes = [t.numel() * t.element_size() for _, t in named]
+        self.block = shared_memory.SharedMemory(create=True, size=max(1, sum(sizes)))
+        self.descriptors: list[dict] = []
+        self.nbytes = sum(sizes)
+        offset = 0
+        try:
+            for (name, t), n in zip(named, sizes):
+                if n:
+                    dst = torch.frombuffer(self.block.buf, dtype=torch.uint8, count=n, offset=offset)
+                    dst.copy_(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8))
+                    del dst
+                self.descriptors.append({"name": name, "dtype": dtype_name(t.dtype), "shape": list(t.shape), "kind": "shm",
+                                         "shm_name": self.block.name, "offset": offset})
+                offset += n
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def name(self) -> str:
+        return self.block.name
+
+    def close(self) -> None:
+        block, self.block = getattr(self, "block", None), None
+        if block is None:
+            return
+        block.close()
+        try:
+            block.unlink()
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> SharedMemoryBucket:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def shm_descriptors(named_tensors: list[tuple[str, torch.Tensor]]) -> tuple[shared_memory.SharedMemory, list[dict]]:
+    """Producer side for CPU: copy tensors into one shared-memory block; the caller closes and unlinks it
+    after the update. (`SharedMemoryBucket` does the same and cleans up itself.)"""
+    bucket = SharedMemoryBucket(named_tensors)
+    return bucket.block, bucket.descriptors
