@@ -26,8 +26,9 @@ from dataclasses import dataclass
 import torch
 
 from hotswap.errors import HotswapError
-from hotswap.weights.distributed import dtype_name
-from hotswap.weights.ipc import CudaIpcMappings, _b64, _open_cuda_ipc
+from hotswap.weights.ipc import CudaIpcMappings, _open_cuda_ipc
+from hotswap.wire.dtypes import dtype_name
+from hotswap.wire.ipc import b64
 
 SHM_HEADER_BYTES = 64  # torch's RefcountedMapAllocator: an aligned refcount block before the data
 _TORCH_SHM_NAME = re.compile(r"/torch_\d{1,10}_\d{1,20}_\d{1,20}")
@@ -123,9 +124,9 @@ def _open_cuda(handle: CudaTensorHandle, what: str, mappings: CudaIpcMappings | 
     descriptor = {  # ipc's own descriptor: the same checks and the same kept mappings as our CUDA IPC path
         "name": what, "dtype": dtype_name(v.dtype), "shape": list(v.shape), "stride": list(v.stride),
         "storage_offset": v.storage_offset, "kind": "cuda_ipc", "device": _device_index(handle.device, what),
-        "handle": _b64(handle.storage_handle), "storage_size": handle.storage_size_bytes,
-        "storage_handle_offset": handle.storage_offset_bytes, "ref_counter_handle": _b64(handle.ref_counter_handle),
-        "ref_counter_offset": handle.ref_counter_offset, "event_handle": _b64(handle.event_handle or b""),
+        "handle": b64(handle.storage_handle), "storage_size": handle.storage_size_bytes,
+        "storage_handle_offset": handle.storage_offset_bytes, "ref_counter_handle": b64(handle.ref_counter_handle),
+        "ref_counter_offset": handle.ref_counter_offset, "event_handle": b64(handle.event_handle or b""),
         "event_sync_required": handle.event_sync_required,
     }
     try:

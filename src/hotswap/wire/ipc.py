@@ -26,7 +26,7 @@ CUDA_FIELDS = ("device", "handle", "storage_size", "storage_handle_offset", "ref
                "event_handle", "event_sync_required", "storage_offset", "stride")  # what a 'cuda_ipc' descriptor adds
 
 
-def _b64(x: bytes) -> str:
+def b64(x: bytes) -> str:
     return base64.b64encode(x).decode()
 
 
@@ -41,9 +41,9 @@ def cuda_ipc_descriptor(name: str, t: torch.Tensor) -> dict:
     return {
         "name": name, "dtype": dtype_name(t.dtype), "shape": list(t.shape), "stride": list(t.stride()),
         "storage_offset": t.storage_offset(), "kind": "cuda_ipc",
-        "device": device, "handle": _b64(handle), "storage_size": size, "storage_handle_offset": offset,
-        "ref_counter_handle": _b64(rc_handle), "ref_counter_offset": rc_offset,
-        "event_handle": _b64(ev_handle or b""), "event_sync_required": bool(ev_sync),
+        "device": device, "handle": b64(handle), "storage_size": size, "storage_handle_offset": offset,
+        "ref_counter_handle": b64(rc_handle), "ref_counter_offset": rc_offset,
+        "event_handle": b64(ev_handle or b""), "event_sync_required": bool(ev_sync),
     }
 
 
