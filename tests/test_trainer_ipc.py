@@ -84,7 +84,7 @@ def test_malformed_descriptors_are_refused(engine, base_url, tiny_qwen3):
     before = engine.check_weights("checksum").digest
     expected = reference(tiny_qwen3)
     client = HttpEngineClient(base_url)
-    with SharedMemoryBucket([("model.norm.weight", torch.ones(64))]) as block:
+    with SharedMemoryBucket([("model.norm.weight", torch.ones(64))], token=engine.get_ipc_token()) as block:
         for desc, text in malformed(block.name, block.block.size):
             for via in (engine, client):
                 res = EngineResult.of(via.update_weights_from_tensor([desc]))
@@ -103,7 +103,7 @@ def test_malformed_descriptors_are_refused(engine, base_url, tiny_qwen3):
 
 def test_freed_block_is_refused(engine):
     before = engine.check_weights("checksum").digest
-    block = SharedMemoryBucket([("model.norm.weight", torch.ones(64))])
+    block = SharedMemoryBucket([("model.norm.weight", torch.ones(64))], token=engine.get_ipc_token())
     descs = block.descriptors
     block.close()
     res = engine.update_weights_from_tensor(descs)

@@ -224,8 +224,8 @@ def ipc_trainer_main(spec: dict, events) -> None:
         real_bucket = ipc.SharedMemoryBucket
 
         class Recording(real_bucket):
-            def __init__(self, named):
-                super().__init__(named)
+            def __init__(self, named, **kw):
+                super().__init__(named, **kw)
                 created.append(self.name)
 
         import hotswap.trainer.ipc as trainer_ipc

@@ -37,7 +37,7 @@ from hotswap.weights.distributed import (WeightsGroup, WeightsGroupError, destro
                                          short_error)
 from hotswap.weights.fast_copy import MatchedTensors, TensorPlanCache, check_finite, copy_into
 from hotswap.weights.fast_reader import ReaderOptions, ReadPlanCache, run_read
-from hotswap.weights.ipc import CudaIpcMappings
+from hotswap.weights.ipc import CudaIpcMappings, shm_block_prefix
 from hotswap.weights.ipc_grouped import resolve_grouped
 from hotswap.weights.mapping import WeightSlot
 from hotswap.weights.rollback import HostArena, RollbackBuffer
@@ -273,7 +273,7 @@ class WeightUpdater:
             return self._refuse_update(f"unsupported load_format {req.load_format!r}")
         try:
             start = time.perf_counter()
-            named = resolve_grouped(req.named_tensors, self.model_runner.device, self.ipc_mappings)  # one open per shared IPC storage
+            named = resolve_grouped(req.named_tensors, self.model_runner.device, self.ipc_mappings, shm_prefix=shm_block_prefix(self.config.ipc_token))
             matched = self._match_sources(named)
             validate_s = time.perf_counter() - start
         except HotswapError as exc:
@@ -598,7 +598,7 @@ class WeightUpdater:
             return p.ControlOutput(success=False, message="weights are released; resume memory first")
         try:
             files = saver.save_sharded(self.model_runner.weight_map, self._whole, Path(req.path), self.config.model_path,
-                                       pattern=req.pattern, max_size=req.max_size)
+                                       pattern=req.pattern, max_size=req.max_size, overwrite=req.overwrite)
         except (HotswapError, OSError) as exc:
             return p.ControlOutput(success=False, message=f"save_sharded_model failed: {exc}")
         return p.ControlOutput(success=True, message=f"saved {len(files)} file(s) to {req.path}")
@@ -607,7 +607,7 @@ class WeightUpdater:
         if self.memory_released():
             return p.ControlOutput(success=False, message="weights are released; resume memory first")
         try:
-            saver.save_remote(self.model_runner.weight_map, self._whole, req.url, self.config.model_path)
+            saver.save_remote(self.model_runner.weight_map, self._whole, req.url, self.config.model_path, overwrite=req.overwrite)
         except (HotswapError, OSError, ValueError, ImportError) as exc:
             return p.ControlOutput(success=False, message=f"save_remote_model failed: {exc}")
         return p.ControlOutput(success=True, message=f"saved to {req.url}")

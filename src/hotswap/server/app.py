@@ -1,6 +1,7 @@
 """The FastAPI app on one Engine: OpenAI routes, SGLang's native routes, weight routes, /metrics.
 
-`create_app(engine, api_key=None, served_model_name=None)`. Everything the routes need from the engine
+`create_app(engine, api_key=None, served_model_name=None, policy=None)`; `policy` (server/access.py) says which
+Hosts, Origins and save destinations are allowed. Everything the routes need from the engine
 goes through its public API (`async_generate`, `asubmit` (shielded), `tokenizer`, `model_info`); the app never
 blocks the event loop on the scheduler.
 """
@@ -25,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import hotswap
 from hotswap import protocol as p
 from hotswap.server import openai_api, weights_api
+from hotswap.server.access import AccessPolicy
 from hotswap.server.generation import ClientRids, apply_no_stop_trim, expand_jobs, merge_streams, normalize_sampling_params, open_streams
 from hotswap.server.http_utils import (
     SSE_DONE,
@@ -42,6 +44,7 @@ from hotswap.server.http_utils import (
     sse,
 )
 from hotswap.server.metrics import Metrics
+from hotswap.weights.ipc import shm_block_prefix
 
 log = logging.getLogger("hotswap.server")
 
@@ -52,9 +55,12 @@ _CLIENT_CLOSED = 499
 class ServerState:
     """What the routes share: the engine, names, limits, metrics, client rids, draining flag."""
 
-    def __init__(self, engine, *, api_key: str | None, served_model_name: str | None):
+    def __init__(self, engine, *, api_key: str | None, served_model_name: str | None, policy: AccessPolicy):
+        if api_key is not None and not api_key.strip():
+            raise ValueError("api_key is empty: give a real key, or none to serve without authentication")
         self.engine = engine
-        self.api_key = api_key or None
+        self.api_key = api_key
+        self.policy = policy
         self.model_path = str(engine.config.model_path)
         self.served_model_name = served_model_name or self.model_path
         # SGLang clients commonly send model="default"; the path and the served name are accepted too
@@ -147,8 +153,8 @@ class ServerState:
 
 
 class ServerMiddleware:
-    """Pure ASGI (streaming and disconnects pass through untouched): bearer auth on every route but
-    /health, and a request counter per (method, route, status)."""
+    """Pure ASGI (streaming and disconnects pass through untouched): the access policy (Host, Origin, JSON
+    bodies), bearer auth on every route but /health, and a request counter per (method, route, status)."""
 
     def __init__(self, app: ASGIApp, state: ServerState):
         self.app = app
@@ -167,14 +173,16 @@ class ServerMiddleware:
             await self.app(scope, receive, send)
             return
         method = scope.get("method", "")
+        try:
+            self.state.policy.check_request(method, scope.get("path", ""), dict(scope.get("headers", ())))
+        except APIError as err:
+            await _send_error(send, err)
+            self.state.metrics.observe_http(method, "refused", err.status)
+            return
         if self._key is not None and scope.get("path") != "/health" and not self._authorized(scope):
             err = APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", type_="AuthenticationError",
                            code="invalid_api_key")
-            body = dumps(error_body(err))
-            await send({"type": "http.response.start", "status": 401,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                    (b"www-authenticate", b"Bearer")]})
-            await send({"type": "http.response.body", "body": body})
+            await _send_error(send, err, [(b"www-authenticate", b"Bearer")])
             self.state.metrics.observe_http(method, "unauthorized", 401)
             return
         status = _CLIENT_CLOSED
@@ -190,6 +198,13 @@ class ServerMiddleware:
         finally:
             route = scope.get("route")
             self.state.metrics.observe_http(method, getattr(route, "path", None) or "unmatched", status)
+
+
+async def _send_error(send: Send, err: APIError, extra_headers: list[tuple[bytes, bytes]] = ()) -> None:
+    body = dumps(error_body(err))
+    await send({"type": "http.response.start", "status": err.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra_headers]})
+    await send({"type": "http.response.body", "body": body})
 
 
 # ---- native routes ----------------------------------------------------------------------------------
@@ -292,7 +307,12 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
         load = await state.load(timeout=1.0)
         return PlainTextResponse(state.metrics.render(load, state.served_model_name), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    @app.get("/get_ipc_token")
+    async def get_ipc_token() -> JSONResponse:
+        token = engine.get_ipc_token()
+        return JSONResponse({"ipc_token": token, "shm_prefix": shm_block_prefix(token)})
+
+    @app.post("/flush_cache")  # POST only, as SGLang now: a GET (a link, an <img>) must not change state
     async def flush_cache() -> JSONResponse:
         out = await engine_call(engine, p.FlushCacheRequest())
         return JSONResponse(out.to_dict(), status_code=200 if out.success else 400)
@@ -422,9 +442,9 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
 # ---- the factory ------------------------------------------------------------------------------------
 
 
-def create_app(engine, *, api_key: str | None = None, served_model_name: str | None = None) -> FastAPI:
+def create_app(engine, *, api_key: str | None = None, served_model_name: str | None = None, policy: AccessPolicy | None = None) -> FastAPI:
     """Build the HTTP app on a running Engine. The caller owns the engine (and shuts it down)."""
-    state = ServerState(engine, api_key=api_key, served_model_name=served_model_name)
+    state = ServerState(engine, api_key=api_key, served_model_name=served_model_name, policy=policy or AccessPolicy())
     app = FastAPI(title="hotswap", version=hotswap.__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.hotswap = state
 

@@ -4,7 +4,9 @@ A descriptor is a JSON-able dict: {"name", "dtype", "shape", "kind", ...}
 - kind "cuda_ipc": a CUDA IPC memory handle of the producer's storage (base64 fields), plus
   "storage_offset" and "stride" in elements. The consumer maps the same GPU memory: no copy in transit.
 - kind "shm": a POSIX shared-memory block name ("shm_name") and a byte "offset"; the tensor's bytes lie
-  there contiguous and row-major. For CPU engines and tests.
+  there contiguous and row-major. For CPU engines and tests. The engine opens only blocks named with its
+  prefix, `shm_block_prefix(token)` for the token it hands out (`Engine.get_ipc_token()`, HTTP
+  `GET /get_ipc_token`): a descriptor cannot name some other shared-memory block on the host.
 The producer keeps its tensors (and blocks) alive until the update call returns: the consumer copies what
 it needs before it replies. Shared-memory blocks are never kept; CUDA IPC mappings may be kept open for
 the next update (`CudaIpcMappings`, bounded), which keeps that producer block alive meanwhile.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -35,6 +38,18 @@ _VIEW_FIELDS = itemgetter("name", "dtype", "shape", "stride", "storage_offset", 
                           "storage_handle_offset")
 _CUDA_FIELDS = ("device", "handle", "storage_size", "storage_handle_offset", "ref_counter_handle", "ref_counter_offset",
                 "event_handle", "event_sync_required", "storage_offset", "stride")
+
+
+def new_ipc_token() -> str:
+    """A fresh engine IPC token (random, so each engine's shared-memory names are its own)."""
+    return secrets.token_hex(8)
+
+
+def shm_block_prefix(token: str) -> str:
+    """The name prefix of the shared-memory blocks an engine with IPC token `token` accepts."""
+    if not isinstance(token, str) or not token.isalnum():
+        raise HotswapError(f"invalid IPC token {token!r}: letters and digits only")
+    return f"hotswap_{token}_"
 
 
 def _b64(x: bytes) -> str:
@@ -63,12 +78,14 @@ def cuda_ipc_descriptor(name: str, t: torch.Tensor) -> dict:
 
 class SharedMemoryBucket:
     """Producer side for CPU tensors: one shared-memory block holding a bucket of tensors, and their
-    descriptors. Use as a context manager (or call `close()`): the block is unlinked when done."""
+    descriptors. Use as a context manager (or call `close()`): the block is unlinked when done. `token` is the
+    consuming engine's IPC token (`get_ipc_token()`): the block is named with its prefix, as it requires."""
 
-    def __init__(self, named_tensors: Iterable[tuple[str, torch.Tensor]]):
+    def __init__(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, token: str):
         named = [(str(n), t) for n, t in named_tensors]
         sizes = [t.numel() * t.element_size() for _, t in named]
-        self.block = shared_memory.SharedMemory(create=True, size=max(1, sum(sizes)))
+        name = shm_block_prefix(token) + secrets.token_hex(8)
+        self.block = shared_memory.SharedMemory(name=name, create=True, size=max(1, sum(sizes)))
         self.descriptors: list[dict] = []
         self.nbytes = sum(sizes)
         offset = 0
@@ -106,10 +123,10 @@ class SharedMemoryBucket:
         self.close()
 
 
-def shm_descriptors(named_tensors: list[tuple[str, torch.Tensor]]) -> tuple[shared_memory.SharedMemory, list[dict]]:
-    """Producer side for CPU: copy tensors into one shared-memory block; the caller closes and unlinks it
-    after the update. (`SharedMemoryBucket` does the same and cleans up itself.)"""
-    bucket = SharedMemoryBucket(named_tensors)
+def shm_descriptors(named_tensors: list[tuple[str, torch.Tensor]], *, token: str) -> tuple[shared_memory.SharedMemory, list[dict]]:
+    """Producer side for CPU: copy tensors into one shared-memory block for the engine with IPC token `token`;
+    the caller closes and unlinks it after the update. (`SharedMemoryBucket` does the same and cleans up itself.)"""
+    bucket = SharedMemoryBucket(named_tensors, token=token)
     return bucket.block, bucket.descriptors
 
 
@@ -170,12 +187,15 @@ def _shape(d: dict) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _open_shm(d: dict, dtype: torch.dtype) -> torch.Tensor:
+def _open_shm(d: dict, dtype: torch.dtype, shm_prefix: str | None) -> torch.Tensor:
     if "shm_name" not in d or "offset" not in d:
         raise HotswapError(f"{d['name']!r}: an 'shm' descriptor needs 'shm_name' and 'offset'")
     shm_name = d["shm_name"]
     if not isinstance(shm_name, str) or not shm_name.lstrip("/") or "/" in shm_name.lstrip("/") or "\0" in shm_name:
         raise HotswapError(f"{d['name']!r}: invalid shared-memory block name {shm_name!r}")
+    if shm_prefix is None or not shm_name.lstrip("/").startswith(shm_prefix):
+        raise HotswapError(f"{d['name']!r}: shared-memory block {shm_name!r} was not made for this engine; blocks must be "
+                           "named with the engine's prefix (hotswap.weights.ipc.SharedMemoryBucket(..., token=engine.get_ipc_token()))")
     offset = _int_field(d, "offset")
     shape = _shape(d)
     nbytes = math.prod(shape) * dtype.itemsize
@@ -354,10 +374,11 @@ def _open_cuda_ipc(d: dict, dtype: torch.dtype, mappings: CudaIpcMappings | None
     return mappings.view(key, (dtype, shape, tuple(stride), storage_offset), make_view) if mappings is not None else make_view()
 
 
-def resolve_named_tensors(items, device: torch.device, mappings: CudaIpcMappings | None = None) -> list[tuple[str, torch.Tensor]]:
+def resolve_named_tensors(items, device: torch.device, mappings: CudaIpcMappings | None = None, *,
+                          shm_prefix: str | None = None) -> list[tuple[str, torch.Tensor]]:
     """In-process (name, tensor) pairs pass through; descriptors are opened (shm data is copied out, CUDA
-    IPC maps the producer's memory, through `mappings` when given). Raises HotswapError naming the first
-    malformed entry."""
+    IPC maps the producer's memory, through `mappings` when given). Only shared-memory blocks named with
+    `shm_prefix` are opened (None: none are). Raises HotswapError naming the first malformed entry."""
     if not isinstance(items, (list, tuple)):
         raise HotswapError("named_tensors must be a list of (name, tensor) pairs or handle descriptors")
     out = []
@@ -379,7 +400,7 @@ def resolve_named_tensors(items, device: torch.device, mappings: CudaIpcMappings
             if item["kind"] == "cuda_ipc":
                 out.append((item["name"], _open_cuda_ipc(item, dtype, mappings)))
             elif item["kind"] == "shm":
-                out.append((item["name"], _open_shm(item, dtype)))
+                out.append((item["name"], _open_shm(item, dtype, shm_prefix)))
             else:
                 raise HotswapError(f"{item['name']!r}: unknown handle kind {item['kind']!r}; use 'cuda_ipc' or 'shm'")
         except HotswapError:
