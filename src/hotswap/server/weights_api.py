@@ -155,9 +155,9 @@ def _make_handler(state: ServerState, path: str, body_type, build, is_update: bo
     async def handler(request: Request) -> JSONResponse:
         try:
             body = await parse_body(request, body_type, allow_query=True)
+            if path in POLICY_CHECKS:  # before any other check: nothing is said about paths outside the policy
+                POLICY_CHECKS[path](state, body)
             req = build(body)
-            if path in POLICY_CHECKS:
-                POLICY_CHECKS[path](state, req)
         except APIError as exc:
             if is_update:
                 state.metrics.observe_weight_update(path, False, 0.0)
