@@ -68,12 +68,15 @@ def test_save_refuses_to_replace_files_unless_told(engine, tmp_path):
     out.mkdir()
     (out / "config.json").write_text('{"mine": true}')
     (out / "old.safetensors").write_bytes(b"x")
+    (out / "model.safetensors.index.json").write_text('{"weight_map": {"x": "old.safetensors"}}')
     res = engine.save_sharded_model(str(out))
-    assert not res.success and "config.json" in res.message and "old.safetensors" in res.message and "overwrite" in res.message
+    assert not res.success and "overwrite" in res.message
+    assert all(name in res.message for name in ("config.json", "old.safetensors", "model.safetensors.index.json")), res.message
     assert (out / "config.json").read_text() == '{"mine": true}' and (out / "old.safetensors").read_bytes() == b"x"
     res = engine.save_sharded_model(str(out), overwrite=True)
     assert res.success, res.message
-    assert not (out / "old.safetensors").exists() and json.loads((out / "config.json").read_text()).get("mine") is None
+    assert not (out / "old.safetensors").exists() and not (out / "model.safetensors.index.json").exists()
+    assert json.loads((out / "config.json").read_text()).get("mine") is None
     with Engine(str(out), device="cpu", page_size=4, num_pages=16) as again:
         assert digest(again) == digest(engine)
 

@@ -273,7 +273,7 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
     async def get_model_info() -> JSONResponse:
         info = dict(engine.model_info())
         load = await state.load(timeout=2.0)
-        info.update({"tokenizer_path": state.model_path, "served_model_name": state.served_model_name, "is_generation": True,
+        info.update({"tokenizer_path": engine.config.tokenizer_path or state.model_path, "served_model_name": state.served_model_name, "is_generation": True,
                      "preferred_sampling_params": None, "weight_version": load.weight_version if load else state.last_weight_version,
                      "model_type": info.get("architecture"), "architectures": [info.get("architecture")],
                      "has_image_understanding": False, "has_audio_understanding": False})

@@ -85,7 +85,8 @@ def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
 
 
 def access_policy_from_args(args: argparse.Namespace) -> AccessPolicy:
-    return AccessPolicy(allowed_hosts=split_list(getattr(args, "allowed_hosts", "")),
+    bound = (args.host,) if args.host else ()  # a server told to listen under a name answers to it
+    return AccessPolicy(allowed_hosts=bound + split_list(getattr(args, "allowed_hosts", "")),
                         allowed_origins=split_list(getattr(args, "allowed_origins", "")),
                         save_roots=tuple(getattr(args, "save_root", None) or ()),
                         remote_model_stores=split_list(getattr(args, "remote_model_stores", "")))

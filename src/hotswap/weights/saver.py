@@ -104,7 +104,7 @@ def save_sharded(weight_map: WeightMap, whole: Whole, path: Path, source_model_p
     path.mkdir(parents=True, exist_ok=True)
     for stale in path.glob(f"*{_PARTIAL}"):  # left by a save that was killed
         stale.unlink(missing_ok=True)
-    clash = _existing(path, [*names, *sides, *([_INDEX] if index else [])])
+    clash = _existing(path, [*names, *sides, _INDEX])  # an old index is replaced or removed: it counts either way
     if clash and not overwrite:
         shown = ", ".join(clash[:8]) + (f" and {len(clash) - 8} more" if len(clash) > 8 else "")
         raise HotswapError(f"{path} already holds {shown}; choose an empty folder or pass overwrite=true to replace them")
