@@ -23,7 +23,7 @@ def fake_open(monkeypatch):
     storages: dict[str, torch.Tensor] = {}
     opened: list[str] = []
 
-    def resolve(items, device, mappings=None):
+    def resolve(items, device, mappings=None, *, shm_prefix=None):
         out = []
         for d in items:
             if isinstance(d, dict):

@@ -326,7 +326,7 @@ def test_info_routes(http, engine, tiny_qwen3):
     sinfo = http.get("/get_server_info").json()
     assert sinfo["page_size"] == 4 and sinfo["served_model_name"] == "tiny" and "internal_states" in sinfo
     assert http.get("/get_weight_version").json() == {"weight_version": "default"}
-    assert http.get("/flush_cache").status_code == 200
+    assert http.get("/flush_cache").status_code == 405  # a GET never changes state
     r = http.post("/flush_cache")
     assert r.status_code == 200 and r.json()["success"] is True
     r = http.post("/abort_request", json={"rid": "no-such-request"})

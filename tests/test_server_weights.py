@@ -13,6 +13,7 @@ import pytest
 from safetensors.torch import load_file
 
 from hotswap import Engine
+from hotswap.server.access import AccessPolicy
 from hotswap.server.app import create_app
 from hotswap.server.launch import ServerThread
 from hotswap.testing.tiny_models import build_tiny_checkpoint
@@ -38,10 +39,10 @@ def refs(tiny_qwen3, tiny_qwen3_v2):
 
 
 @pytest.fixture()
-def served(tiny_qwen3):
-    """A fresh engine (weights change in these tests) behind a loopback server."""
+def served(tiny_qwen3, tmp_path):
+    """A fresh engine (weights change in these tests) behind a loopback server that may save under tmp_path."""
     eng = make_engine(tiny_qwen3)
-    srv = ServerThread(create_app(eng)).start()
+    srv = ServerThread(create_app(eng, policy=AccessPolicy(save_roots=(str(tmp_path),)))).start()
     client = httpx.Client(base_url=srv.url, timeout=60)
     yield eng, srv, client
     client.close()
@@ -130,7 +131,7 @@ def test_update_from_tensor_descriptors(served, refs, tiny_qwen3_v2):
     tensors = {}
     for shard in sorted(Path(tiny_qwen3_v2).glob("*.safetensors")):
         tensors.update(load_file(shard))
-    block, descs = shm_descriptors(list(tensors.items()))
+    block, descs = shm_descriptors(list(tensors.items()), token=eng.get_ipc_token())
     try:
         r = c.post("/update_weights_from_tensor", json={"named_tensors": descs, "weight_version": "from-shm"})
         assert r.status_code == 200 and r.json()["success"], r.text
@@ -176,7 +177,7 @@ def test_weight_lifecycle_routes(served, refs, tiny_qwen3_v2, tmp_path):
     blocks = []
     try:
         for half in (items[: len(items) // 2], items[len(items) // 2:]):
-            block, descs = shm_descriptors(half)
+            block, descs = shm_descriptors(half, token=eng.get_ipc_token())
             blocks.append(block)
             r = c.post("/update_weights_from_tensor", json={"named_tensors": descs})
             assert r.status_code == 200, r.text
@@ -199,7 +200,7 @@ def test_weight_lifecycle_routes(served, refs, tiny_qwen3_v2, tmp_path):
     assert r.status_code == 200, r.text
     assert digest(c) == refs["v2"]["digest"]
     r = c.post("/save_remote_model", json={"url": "nosuchscheme://bucket/x"})
-    assert r.status_code == 400 and r.json()["success"] is False
+    assert r.status_code == 403 and r.json()["success"] is False and "--remote-model-stores" in r.json()["message"]
 
     # memory release / resume (idle only)
     r = c.post("/release_memory_occupation", json={"tags": ["kv_cache"]})

@@ -65,7 +65,8 @@ def malformed(block_name: str, size: int) -> list[tuple[object, str]]:
         ({k: v for k, v in ok.items() if k != "dtype"}, "lacks field(s) ['dtype']"),
         ({**ok, "dtype": "int4"}, "unknown dtype 'int4'"),
         ({**ok, "kind": "pickle"}, "unknown handle kind 'pickle'"),
-        ({**ok, "shm_name": "hotswap-no-such-block"}, "does not exist"),
+        ({**ok, "shm_name": block_name + "0"}, "does not exist"),
+        ({**ok, "shm_name": "hotswap-no-such-block"}, "was not made for this engine"),
         ({**ok, "shm_name": "../etc/passwd"}, "invalid shared-memory block name"),
         ({**ok, "offset": size}, "runs past the end"),
         ({**ok, "offset": -4}, "negative offset"),
@@ -85,7 +86,7 @@ def test_malformed_descriptors_are_refused(engine, base_url, tiny_qwen3):
     before = engine.check_weights("checksum").digest
     expected = reference(tiny_qwen3)
     client = HttpEngineClient(base_url)
-    with SharedMemoryBucket([("model.norm.weight", torch.ones(64))]) as block:
+    with SharedMemoryBucket([("model.norm.weight", torch.ones(64))], token=engine.get_ipc_token()) as block:
         for desc, text in malformed(block.name, block.block.size):
             for via in (engine, client):
                 res = EngineResult.of(via.update_weights_from_tensor([desc]))
@@ -104,7 +105,7 @@ def test_malformed_descriptors_are_refused(engine, base_url, tiny_qwen3):
 
 def test_freed_block_is_refused(engine):
     before = engine.check_weights("checksum").digest
-    block = SharedMemoryBucket([("model.norm.weight", torch.ones(64))])
+    block = SharedMemoryBucket([("model.norm.weight", torch.ones(64))], token=engine.get_ipc_token())
     descs = block.descriptors
     block.close()
     res = engine.update_weights_from_tensor(descs)

@@ -43,6 +43,12 @@ def serve_engine_http(engine) -> tuple[str, ThreadingHTTPServer]:
         def log_message(self, *args):  # keep pytest output clean
             pass
 
+        def do_GET(self):  # the one read a trainer makes: the engine's IPC token for shared-memory blocks
+            if self.path == "/get_ipc_token":
+                self._reply(200, {"ipc_token": engine.get_ipc_token()})
+            else:
+                self._reply(404, {"success": False, "message": f"no route GET {self.path}"})
+
         def do_POST(self):
             name = methods.get(self.path)
             try:
@@ -55,6 +61,9 @@ def serve_engine_http(engine) -> tuple[str, ThreadingHTTPServer]:
                     status = 200 if reply.get("success") else 400
             except Exception as exc:
                 status, reply = 500, {"success": False, "message": f"{type(exc).__name__}: {exc}"}
+            self._reply(status, reply)
+
+        def _reply(self, status: int, reply: dict) -> None:
             data = json.dumps(reply).encode()
             try:
                 self.send_response(status)
@@ -225,8 +234,8 @@ def ipc_trainer_main(spec: dict, events) -> None:
         real_bucket = ipc.SharedMemoryBucket
 
         class Recording(real_bucket):
-            def __init__(self, named):
-                super().__init__(named)
+            def __init__(self, named, **kw):
+                super().__init__(named, **kw)
                 created.append(self.name)
 
         import hotswap.trainer.ipc as trainer_ipc

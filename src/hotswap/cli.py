@@ -1,4 +1,4 @@
-"""`hotswap generate | serve | demo`."""
+"""`hotswap generate | serve | demo | make-tiny-model`, and `hotswap --version`."""
 
 from __future__ import annotations
 
@@ -32,8 +32,24 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hotswap.testing.tiny_models import build_tiny_checkpoint
+
+    out = Path(args.dir)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not empty; choose a new folder")
+    build_tiny_checkpoint(out, args.family, seed=args.seed)
+    print(f"wrote a tiny random {args.family} checkpoint to {out}; try: hotswap serve --model-path {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from hotswap import __version__
+
     parser = argparse.ArgumentParser(prog="hotswap", description="An LLM inference engine whose weights change while it serves.")
+    parser.add_argument("--version", action="version", version=f"hotswap {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text from one prompt")
@@ -62,16 +78,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_demo_arguments(d)
     d.set_defaults(func=_demo)
+
+    t = sub.add_parser("make-tiny-model", help="write a tiny random Hugging Face checkpoint (with tokenizer) to try serve on")
+    t.add_argument("dir", help="a new (or empty) folder")
+    t.add_argument("--family", default="qwen3", choices=("qwen3", "qwen2", "llama"))
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=_make_tiny_model)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from hotswap.server.launch import BindError
+
     try:
         return args.func(args)
     except ValueError as exc:  # HotswapError and friends: bad input, named
         print(f"hotswap: error: {exc}", file=sys.stderr)
         return 2
+    except BindError as exc:  # the port is taken, or the address is not ours
+        print(f"hotswap: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from hotswap.errors import CheckpointError, HotswapError, UnsupportedModelError
+from hotswap.wire.ipc import new_ipc_token, shm_block_prefix
 
 # architecture name in config.json -> (attention bias on q/k/v, RMSNorm on q and k per head)
 SUPPORTED_ARCHITECTURES = {
@@ -152,6 +153,16 @@ class EngineConfig:
     seed: int = 0
     tensor_parallel_size: int = 1  # > 1: one worker process per extra rank (cuda:k+r; gloo ranks on the CPU)
     tp_timeout_s: float = 600.0  # the longest rank 0 waits on a tensor-parallel worker before declaring the engine broken
+    # shared-memory blocks of update_weights_from_tensor must be named with this token's prefix
+    # (hotswap.wire.ipc.shm_block_prefix); "" = a fresh random token, handed out by get_ipc_token
+    ipc_token: str = ""
+    tokenizer_path: str = ""  # "" = the model's folder
+    chat_template: str = ""  # a Jinja chat template file replacing the tokenizer's ("" = the tokenizer's own)
+
+    def __post_init__(self) -> None:
+        if not self.ipc_token:
+            self.ipc_token = new_ipc_token()
+        shm_block_prefix(self.ipc_token)  # refuses a malformed token
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

@@ -198,13 +198,15 @@ class ResumeMemoryOccupationRequest:
 @dataclass(kw_only=True, slots=True)
 class SaveShardedModelRequest:
     path: str
-    pattern: str | None = None
+    pattern: str | None = None  # shard names from {rank}, {part}, {total}; plain file names only
     max_size: int = 5 * 1024**3
+    overwrite: bool = False  # replace weight/config/tokenizer files already in `path` (refused otherwise)
 
 
 @dataclass(kw_only=True, slots=True)
 class SaveRemoteModelRequest:
     url: str
+    overwrite: bool = False  # replace a checkpoint already at `url` (refused otherwise)
 
 
 @dataclass(kw_only=True, slots=True)

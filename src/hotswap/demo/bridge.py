@@ -23,7 +23,7 @@ from hotswap.trainer.client import EngineResult
 ENGINE_METHODS = frozenset({
     "init_weights_update_group", "update_weights_from_distributed", "destroy_weights_update_group",
     "update_weights_from_tensor", "update_weights_from_disk", "begin_weight_update", "end_weight_update",
-    "check_weights", "get_weights_by_name",
+    "check_weights", "get_weights_by_name", "get_ipc_token",
 })
 
 
@@ -84,6 +84,12 @@ class PipeEngineHandle:
     def get_weights_by_name(self, name, truncate_size=100):
         return self._call("get_weights_by_name", name=name, truncate_size=truncate_size)
 
+    def get_ipc_token(self) -> str:
+        res = self._call("get_ipc_token")
+        if not res:
+            raise RuntimeError(f"get_ipc_token failed: {res.message}")
+        return res.message
+
 
 def serve_calls(conn: Connection, engine, *, until: str | tuple[str, ...], timeout_s: float | None = None) -> tuple:
     """Answer the trainer's engine calls until a message whose kind is in `until` arrives; return it.
@@ -110,7 +116,8 @@ def serve_calls(conn: Connection, engine, *, until: str | tuple[str, ...], timeo
             r = EngineResult(False, f"{method!r} is not an engine weight method")
         else:
             try:
-                r = EngineResult.of(getattr(engine, method)(**kwargs))
+                out = getattr(engine, method)(**kwargs)
+                r = EngineResult(True, out) if isinstance(out, str) else EngineResult.of(out)  # get_ipc_token: the token
             except Exception as exc:  # bad input from the trainer: answer it, keep serving
                 r = EngineResult(False, f"{type(exc).__name__}: {exc}")
         conn.send(("reply", r.success, r.message, _plain(r.data)))

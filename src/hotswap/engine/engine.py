@@ -14,11 +14,11 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoTokenizer
 
 from hotswap import protocol as p
 from hotswap.cache.page_allocator import PoolCapacity
 from hotswap.config import EngineConfig, model_config_for
+from hotswap.engine.tokenizer import load_tokenizer
 from hotswap.errors import HotswapError
 from hotswap.runner.model_runner import ModelRunner
 from hotswap.runner.tp_peers import TPPeers
@@ -93,10 +93,7 @@ class Engine:
         if self.device.type == "cuda" and (self.device.index or 0) + tp_size > torch.cuda.device_count():
             raise HotswapError(f"tensor_parallel_size {tp_size} from {self.device} needs GPUs up to cuda:{(self.device.index or 0) + tp_size - 1}; "
                                f"{torch.cuda.device_count()} visible")
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        except Exception as exc:
-            raise HotswapError(f"cannot load a tokenizer from {model_path!r}: {exc}") from exc
+        self.tokenizer = load_tokenizer(self.config)
         self.max_context_len = self.config.max_context_len or self.model_config.max_position_embeddings
         eos = list(self.model_config.eos_token_ids)
         if not eos and self.tokenizer.eos_token_id is not None:
@@ -357,11 +354,16 @@ class Engine:
     def resume_memory_occupation(self, tags: list[str] | None = None) -> p.ControlOutput:
         return self._call(p.ResumeMemoryOccupationRequest(tags=tags))
 
-    def save_sharded_model(self, path: str, pattern: str | None = None, max_size: int = 5 * 1024**3) -> p.ControlOutput:
-        return self._call(p.SaveShardedModelRequest(path=str(path), pattern=pattern, max_size=max_size))
+    def save_sharded_model(self, path: str, pattern: str | None = None, max_size: int = 5 * 1024**3, overwrite: bool = False) -> p.ControlOutput:
+        return self._call(p.SaveShardedModelRequest(path=str(path), pattern=pattern, max_size=max_size, overwrite=overwrite))
 
-    def save_remote_model(self, url: str) -> p.ControlOutput:
-        return self._call(p.SaveRemoteModelRequest(url=url))
+    def get_ipc_token(self) -> str:
+        """The token a trainer names its shared-memory blocks with (`SharedMemoryBucket(..., token=...)`):
+        update_weights_from_tensor opens no other block."""
+        return self.config.ipc_token
+
+    def save_remote_model(self, url: str, overwrite: bool = False) -> p.ControlOutput:
+        return self._call(p.SaveRemoteModelRequest(url=url, overwrite=overwrite))
 
     def pause_generation(self, mode: str = "abort") -> p.ControlOutput:
         return self._call(p.PauseGenerationRequest(mode=mode))

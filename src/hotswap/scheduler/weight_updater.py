@@ -40,6 +40,7 @@ from hotswap.weights.ipc_grouped import resolve_grouped
 from hotswap.weights.mapping import WeightSlot
 from hotswap.weights.rollback import HostArena, RollbackBuffer
 from hotswap.wire.checksum import manifest_digest, tensor_sha256
+from hotswap.wire.ipc import shm_block_prefix
 from hotswap.wire.process_group import destroy_custom_process_group, init_custom_process_group, short_error
 
 if TYPE_CHECKING:
@@ -273,7 +274,7 @@ class WeightUpdater:
             return self._refuse_update(f"unsupported load_format {req.load_format!r}")
         try:
             start = time.perf_counter()
-            named = resolve_grouped(req.named_tensors, self.model_runner.device, self.ipc_mappings)  # one open per shared IPC storage
+            named = resolve_grouped(req.named_tensors, self.model_runner.device, self.ipc_mappings, shm_prefix=shm_block_prefix(self.config.ipc_token))
             matched = self._match_sources(named)
             validate_s = time.perf_counter() - start
         except HotswapError as exc:
@@ -598,7 +599,7 @@ class WeightUpdater:
             return p.ControlOutput(success=False, message="weights are released; resume memory first")
         try:
             files = saver.save_sharded(self.model_runner.weight_map, self._whole, Path(req.path), self.config.model_path,
-                                       pattern=req.pattern, max_size=req.max_size)
+                                       pattern=req.pattern, max_size=req.max_size, overwrite=req.overwrite)
         except (HotswapError, OSError) as exc:
             return p.ControlOutput(success=False, message=f"save_sharded_model failed: {exc}")
         return p.ControlOutput(success=True, message=f"saved {len(files)} file(s) to {req.path}")
@@ -607,7 +608,7 @@ class WeightUpdater:
         if self.memory_released():
             return p.ControlOutput(success=False, message="weights are released; resume memory first")
         try:
-            saver.save_remote(self.model_runner.weight_map, self._whole, req.url, self.config.model_path)
+            saver.save_remote(self.model_runner.weight_map, self._whole, req.url, self.config.model_path, overwrite=req.overwrite)
         except (HotswapError, OSError, ValueError, ImportError) as exc:
             return p.ControlOutput(success=False, message=f"save_remote_model failed: {exc}")
         return p.ControlOutput(success=True, message=f"saved to {req.url}")

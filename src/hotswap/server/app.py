@@ -1,6 +1,7 @@
 """The FastAPI app on one Engine: OpenAI routes, SGLang's native routes, weight routes, /metrics.
 
-`create_app(engine, api_key=None, served_model_name=None)`. Everything the routes need from the engine
+`create_app(engine, api_key=None, served_model_name=None, policy=None)`; `policy` (server/access.py) says which
+Hosts, Origins and save destinations are allowed. Everything the routes need from the engine
 goes through its public API (`async_generate`, `asubmit` (shielded), `tokenizer`, `model_info`); the app never
 blocks the event loop on the scheduler.
 """
@@ -24,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import hotswap
 from hotswap import protocol as p
+from hotswap.server.access import AccessPolicy
 from hotswap.server.generation import ClientRids, apply_no_stop_trim, expand_jobs, merge_streams, normalize_sampling_params, open_streams
 from hotswap.server.http_utils import (
     SSE_DONE,
@@ -43,6 +45,7 @@ from hotswap.server.http_utils import (
 from hotswap.server.metrics import Metrics
 from hotswap.server.openai_api import register as register_openai_routes
 from hotswap.server.weights_api import register as register_weight_routes
+from hotswap.wire.ipc import shm_block_prefix
 
 log = logging.getLogger("hotswap.server")
 
@@ -53,9 +56,12 @@ _CLIENT_CLOSED = 499
 class ServerState:
     """What the routes share: the engine, names, limits, metrics, client rids, draining flag."""
 
-    def __init__(self, engine, *, api_key: str | None, served_model_name: str | None):
+    def __init__(self, engine, *, api_key: str | None, served_model_name: str | None, policy: AccessPolicy):
+        if api_key is not None and not api_key.strip():
+            raise ValueError("api_key is empty: give a real key, or none to serve without authentication")
         self.engine = engine
-        self.api_key = api_key or None
+        self.api_key = api_key
+        self.policy = policy
         self.model_path = str(engine.config.model_path)
         self.served_model_name = served_model_name or self.model_path
         # SGLang clients commonly send model="default"; the path and the served name are accepted too
@@ -148,8 +154,8 @@ class ServerState:
 
 
 class ServerMiddleware:
-    """Pure ASGI (streaming and disconnects pass through untouched): bearer auth on every route but
-    /health, and a request counter per (method, route, status)."""
+    """Pure ASGI (streaming and disconnects pass through untouched): the access policy (Host, Origin, JSON
+    bodies), bearer auth on every route but /health, and a request counter per (method, route, status)."""
 
     def __init__(self, app: ASGIApp, state: ServerState):
         self.app = app
@@ -168,14 +174,16 @@ class ServerMiddleware:
             await self.app(scope, receive, send)
             return
         method = scope.get("method", "")
+        try:
+            self.state.policy.check_request(method, scope.get("path", ""), dict(scope.get("headers", ())))
+        except APIError as err:
+            await _send_error(send, err)
+            self.state.metrics.observe_http(method, "refused", err.status)
+            return
         if self._key is not None and scope.get("path") != "/health" and not self._authorized(scope):
             err = APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", type_="AuthenticationError",
                            code="invalid_api_key")
-            body = dumps(error_body(err))
-            await send({"type": "http.response.start", "status": 401,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                    (b"www-authenticate", b"Bearer")]})
-            await send({"type": "http.response.body", "body": body})
+            await _send_error(send, err, [(b"www-authenticate", b"Bearer")])
             self.state.metrics.observe_http(method, "unauthorized", 401)
             return
         status = _CLIENT_CLOSED
@@ -191,6 +199,13 @@ class ServerMiddleware:
         finally:
             route = scope.get("route")
             self.state.metrics.observe_http(method, getattr(route, "path", None) or "unmatched", status)
+
+
+async def _send_error(send: Send, err: APIError, extra_headers: list[tuple[bytes, bytes]] = ()) -> None:
+    body = dumps(error_body(err))
+    await send({"type": "http.response.start", "status": err.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra_headers]})
+    await send({"type": "http.response.body", "body": body})
 
 
 # ---- native routes ----------------------------------------------------------------------------------
@@ -259,7 +274,7 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
     async def get_model_info() -> JSONResponse:
         info = dict(engine.model_info())
         load = await state.load(timeout=2.0)
-        info.update({"tokenizer_path": state.model_path, "served_model_name": state.served_model_name, "is_generation": True,
+        info.update({"tokenizer_path": engine.config.tokenizer_path or state.model_path, "served_model_name": state.served_model_name, "is_generation": True,
                      "preferred_sampling_params": None, "weight_version": load.weight_version if load else state.last_weight_version,
                      "model_type": info.get("architecture"), "architectures": [info.get("architecture")],
                      "has_image_understanding": False, "has_audio_understanding": False})
@@ -293,7 +308,12 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
         load = await state.load(timeout=1.0)
         return PlainTextResponse(state.metrics.render(load, state.served_model_name), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    @app.get("/get_ipc_token")
+    async def get_ipc_token() -> JSONResponse:
+        token = engine.get_ipc_token()
+        return JSONResponse({"ipc_token": token, "shm_prefix": shm_block_prefix(token)})
+
+    @app.post("/flush_cache")  # POST only, as SGLang now: a GET (a link, an <img>) must not change state
     async def flush_cache() -> JSONResponse:
         out = await engine_call(engine, p.FlushCacheRequest())
         return JSONResponse(out.to_dict(), status_code=200 if out.success else 400)
@@ -423,9 +443,9 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
 # ---- the factory ------------------------------------------------------------------------------------
 
 
-def create_app(engine, *, api_key: str | None = None, served_model_name: str | None = None) -> FastAPI:
+def create_app(engine, *, api_key: str | None = None, served_model_name: str | None = None, policy: AccessPolicy | None = None) -> FastAPI:
     """Build the HTTP app on a running Engine. The caller owns the engine (and shuts it down)."""
-    state = ServerState(engine, api_key=api_key, served_model_name=served_model_name)
+    state = ServerState(engine, api_key=api_key, served_model_name=served_model_name, policy=policy or AccessPolicy())
     app = FastAPI(title="hotswap", version=hotswap.__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.hotswap = state
 

@@ -13,6 +13,8 @@ import socket
 import threading
 import time
 
+from hotswap.server.access import AccessPolicy, split_list
+
 log = logging.getLogger("hotswap.server")
 
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -20,9 +22,15 @@ _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The `hotswap serve` options (SGLang's names where SGLang has them)."""
-    parser.add_argument("--model-path", required=True, help="local Hugging Face checkpoint folder")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=30000, help="port to listen on (default 30000)")
+    parser.add_argument("--model-path", required=True,
+                        help="local Hugging Face checkpoint folder (config.json, tokenizer, *.safetensors); "
+                             "`hotswap make-tiny-model DIR` writes a tiny random one to try")
+    parser.add_argument("--tokenizer-path", default=None, help="tokenizer folder (default: the model's)")
+    parser.add_argument("--chat-template", default=None, help="a Jinja chat template file replacing the tokenizer's")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="accepted for SGLang compatibility; hotswap never runs a checkpoint's own code")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=30000, help="port to listen on (default 30000; 0: any free port, printed)")
     parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--tp-size", "--tensor-parallel-size", dest="tensor_parallel_size", type=int, default=None,
@@ -30,14 +38,32 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load-format", default=None, choices=("auto", "dummy"),
                         help="'dummy': random weights of the checkpoint's shapes (benchmarks; config.json and tokenizer only)")
     parser.add_argument("--api-key", default=os.environ.get("HOTSWAP_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' on every route but /health (default: $HOTSWAP_API_KEY)")
+                        help="require 'Authorization: Bearer KEY' on every route but /health (default: $HOTSWAP_API_KEY; "
+                             "an empty key is an error)")
+    parser.add_argument("--allowed-hosts", default="",
+                        help="comma-separated Host names accepted besides IP addresses and localhost ('*': any), "
+                             "e.g. the name a proxy forwards")
+    parser.add_argument("--allowed-origins", default="",
+                        help="comma-separated browser origins allowed to call the server ('*': any); default: none")
+    parser.add_argument("--save-root", action="append", default=[],
+                        help="folder under which /save_sharded_model may write (repeatable); default: saves over HTTP are refused")
+    parser.add_argument("--remote-model-stores", default="",
+                        help="comma-separated URL prefixes /save_remote_model may write to, e.g. s3://bucket/ckpts; "
+                             "default: refused")
     parser.add_argument("--max-running-requests", type=int, default=None, help="cap on requests in the running batch")
     parser.add_argument("--served-model-name", default=None, help="model name in OpenAI replies (default: the model path)")
     parser.add_argument("--page-size", type=int, default=None, help="KV-cache page size in tokens (default: 16 on CUDA, 4 on CPU)")
     parser.add_argument("--num-pages", type=int, default=None, help="KV-cache pages (default: sized from free memory)")
     parser.add_argument("--log-level", default="info", choices=_LOG_LEVELS)
-    parser.add_argument("--max-context-len", type=int, default=None, help="context length (default: the model's)")
-    parser.add_argument("--kv-cache-memory-fraction", type=float, default=None, help="fraction of free GPU memory for the KV cache")
+    parser.add_argument("--max-context-len", "--context-length", dest="max_context_len", type=int, default=None,
+                        help="context length (default: the model's)")
+    parser.add_argument("--kv-cache-memory-fraction", "--mem-fraction-static", dest="kv_cache_memory_fraction", type=float, default=None,
+                        help="fraction of the GPU memory free after loading the weights that the KV cache takes (default 0.8)")
+    parser.add_argument("--weight-update-bucket-bytes", type=int, default=None,
+                        help="largest bucket an update_weights_from_distributed call may carry, and the relay bucket to "
+                             "tensor-parallel workers (default 1 GiB)")
+    parser.add_argument("--weight-session-timeout-s", "--weight-update-session-timeout", dest="weight_session_timeout_s", type=float,
+                        default=None, help="seconds an open begin_weight_update session may stay idle before it is rolled back (default 600)")
     parser.add_argument("--attention-backend", default=None, choices=("auto", "torch", "triton"))
     parser.add_argument("--disable-cuda-graph", action="store_true", help="run decode eagerly")
     parser.add_argument("--seed", type=int, default=None, help="engine seed for requests without their own")
@@ -49,13 +75,26 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
     kw: dict = {}
     for name in ("max_running_requests", "page_size", "num_pages", "max_context_len", "kv_cache_memory_fraction", "attention_backend", "seed",
-                 "tensor_parallel_size", "load_format"):
+                 "tensor_parallel_size", "load_format", "tokenizer_path", "chat_template", "weight_update_bucket_bytes",
+                 "weight_session_timeout_s"):
         value = getattr(args, name, None)
         if value is not None:
             kw[name] = value
     if getattr(args, "disable_cuda_graph", False):
         kw["enable_cuda_graph"] = False
     return kw
+
+
+def access_policy_from_args(args: argparse.Namespace) -> AccessPolicy:
+    bound = (args.host,) if args.host else ()  # a server told to listen under a name answers to it
+    return AccessPolicy(allowed_hosts=bound + split_list(getattr(args, "allowed_hosts", "")),
+                        allowed_origins=split_list(getattr(args, "allowed_origins", "")),
+                        save_roots=tuple(getattr(args, "save_root", None) or ()),
+                        remote_model_stores=split_list(getattr(args, "remote_model_stores", "")))
+
+
+class BindError(OSError):
+    """The server cannot listen where it was told to (port in use, address not ours, no permission)."""
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -66,7 +105,7 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        raise BindError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     sock.set_inheritable(True)
     return sock
 
@@ -81,12 +120,16 @@ def serve(args: argparse.Namespace) -> None:
 
     level = getattr(args, "log_level", "info") or "info"
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("--api-key (or $HOTSWAP_API_KEY) is empty: give a real key, or leave it unset to serve without one")
+    policy = access_policy_from_args(args)
     host, port = args.host, int(args.port)
     engine = None
     with tqdm(total=4, desc="hotswap", unit="step", bar_format="{desc}: {n_fmt}/{total_fmt} |{bar:12}| {elapsed}{postfix}",
               disable=level in ("critical", "error")) as bar:
         bar.set_postfix_str(f"binding {host}:{port}")
         sock = _bind(host, port)  # fail fast, before loading anything, when the port is taken
+        port = sock.getsockname()[1]  # the port the system chose for --port 0
         bar.update()
         try:
             bar.set_postfix_str(f"loading {args.model_path} (config, tokenizer, weights, KV cache)")
@@ -98,7 +141,7 @@ def serve(args: argparse.Namespace) -> None:
                 engine.generate(input_ids=[probe], sampling_params={"max_new_tokens": 1, "temperature": 0.0})
             bar.update()
             bar.set_postfix_str("building the app")
-            app = create_app(engine, api_key=args.api_key, served_model_name=args.served_model_name)
+            app = create_app(engine, api_key=args.api_key, served_model_name=args.served_model_name, policy=policy)
             bar.update()
             bar.set_postfix_str(f"ready on http://{host}:{port}")
         except BaseException:
@@ -107,7 +150,8 @@ def serve(args: argparse.Namespace) -> None:
                 engine.shutdown()
             raise
     drain = max(0.0, float(getattr(args, "drain_timeout", 30.0)))
-    config = uvicorn.Config(app, log_level=level, timeout_graceful_shutdown=int(drain) + 10, lifespan="off")
+    # host and port only label uvicorn's "running on" line: it serves the socket bound above
+    config = uvicorn.Config(app, host=host, port=port, log_level=level, timeout_graceful_shutdown=int(drain) + 10, lifespan="off")
     server = make_draining_server(config, app.state.hotswap, drain)
     log.info("serving %s on http://%s:%d (%s)", args.model_path, host, port, "api key required" if args.api_key else "no api key")
     # uvicorn re-raises the signal that stopped it once it has shut down; with the default handlers that
@@ -170,7 +214,7 @@ class ServerThread:
         self.sock = _bind(host, port)
         self.host, self.port = self.sock.getsockname()[:2]
         self.url = f"http://{self.host}:{self.port}"
-        config = uvicorn.Config(app, log_level=log_level, lifespan="off", timeout_graceful_shutdown=5)
+        config = uvicorn.Config(app, host=self.host, port=self.port, log_level=log_level, lifespan="off", timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, name="hotswap-http", daemon=True)
 

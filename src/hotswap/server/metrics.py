@@ -13,6 +13,9 @@ from collections import defaultdict
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, math.inf)
 
 
+_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+
+
 def _escape(value: str) -> str:
     return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
@@ -48,6 +51,9 @@ class Metrics:
     # ---- updates -----------------------------------------------------------------------------------
 
     def observe_http(self, method: str, route: str, status: int) -> None:
+        """Count one request. `route` is the matched route's path or one of a few fixed words ('unmatched'...);
+        methods outside HTTP's standard ones count as 'OTHER', so clients cannot grow the label set."""
+        method = method if method in _HTTP_METHODS else "OTHER"
         with self._lock:
             self.http_requests[(method, route, int(status))] += 1
 

@@ -15,7 +15,9 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict
 
 from hotswap import protocol as p
+from hotswap.errors import HotswapError
 from hotswap.server.http_utils import APIError, JSONResponse, engine_call, parse_body
+from hotswap.weights.saver import check_remote_url
 
 if TYPE_CHECKING:
     from hotswap.server.app import ServerState
@@ -122,6 +124,24 @@ ROUTES: dict[str, WeightRoute] = {
 }
 
 
+def _check_save_policy(state: ServerState, req: p.SaveShardedModelRequest) -> None:
+    state.policy.check_save_path(req.path)
+
+
+def _check_remote_policy(state: ServerState, req: p.SaveRemoteModelRequest) -> None:
+    try:
+        check_remote_url(req.url, state.policy.remote_model_stores)
+    except HotswapError as exc:
+        raise APIError(403, str(exc), param="url", type_="PermissionDeniedError") from None
+
+
+# route -> what the server's access policy checks before the request reaches the engine
+POLICY_CHECKS: dict[str, Callable[[ServerState, Any], None]] = {
+    "/save_sharded_model": _check_save_policy,
+    "/save_remote_model": _check_remote_policy,
+}
+
+
 def refusal(message: str, status: int = 400) -> JSONResponse:
     return JSONResponse({"success": False, "message": message}, status_code=status)
 
@@ -135,6 +155,8 @@ def _make_handler(state: ServerState, path: str, body_type, build, is_update: bo
     async def handler(request: Request) -> JSONResponse:
         try:
             body = await parse_body(request, body_type, allow_query=True)
+            if path in POLICY_CHECKS:  # before any other check: nothing is said about paths outside the policy
+                POLICY_CHECKS[path](state, body)
             req = build(body)
         except APIError as exc:
             if is_update:

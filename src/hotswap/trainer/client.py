@@ -86,6 +86,8 @@ class EngineHandle(Protocol):
 
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> Any: ...
 
+    def get_ipc_token(self) -> str: ...
+
 
 class EngineConnectionError(RuntimeError):
     """The engine could not be reached, or answered something that is not a reply."""
@@ -118,17 +120,21 @@ class HttpEngineClient:
     def __repr__(self) -> str:
         return f"HttpEngineClient({self.base_url!r})"
 
-    def post(self, route: str, body: dict) -> EngineResult:
-        """POST a JSON body to a route; HTTP error statuses still yield the engine's reply when it sent one."""
+    def post(self, route: str, body: dict | None, method: str = "POST") -> EngineResult:
+        """POST a JSON body to a route (or GET one with `body=None, method="GET"`); HTTP error statuses still
+        yield the engine's reply when it sent one."""
         url = self.base_url + route
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        headers = {"Accept": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        try:
-            data = json.dumps(body).encode()
-        except TypeError as exc:
-            raise TypeError(f"{route}: body is not JSON-serialisable ({exc}); over HTTP, pass tensors as IPC descriptors") from exc
-        request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+        data = None
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+            try:
+                data = json.dumps(body).encode()
+            except TypeError as exc:
+                raise TypeError(f"{route}: body is not JSON-serialisable ({exc}); over HTTP, pass tensors as IPC descriptors") from exc
+        request = urllib.request.Request(url, data=data, headers=headers, method=method)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
                 status, raw = resp.status, resp.read()
@@ -193,3 +199,11 @@ class HttpEngineClient:
 
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> EngineResult:
         return self.post(self.ROUTES["get_weights_by_name"], {"name": name, "truncate_size": truncate_size})
+
+    def get_ipc_token(self) -> str:
+        """The engine's IPC token (shared-memory blocks for it are named with its prefix)."""
+        reply = self.post("/get_ipc_token", None, method="GET")
+        token = reply.get("ipc_token")
+        if not reply or not isinstance(token, str) or not token:
+            raise EngineConnectionError(f"{self.base_url} gave no IPC token: {reply.message or reply.data}")
+        return token

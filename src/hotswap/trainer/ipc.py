@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from hotswap.trainer.client import EngineHandle, EngineResult
-from hotswap.trainer.push import DEFAULT_BUCKET_BYTES, WeightPusher, WeightPushError, failure_reason
+from hotswap.trainer.push import DEFAULT_BUCKET_BYTES, WeightPusher, WeightPushError, call_result, failure_reason
 from hotswap.wire.buckets import BucketMetadata
 from hotswap.wire.ipc import SharedMemoryBucket, cuda_ipc_descriptor
 
@@ -19,7 +19,8 @@ class IPCWeightPusher(WeightPusher):
 
     GPU tensors travel as CUDA IPC handles of their own storage (or of a cast copy when `dtype` differs),
     kept alive until every engine has replied; CPU tensors are copied into one shared-memory block per
-    bucket, unlinked after the call. Extra trainer memory is one bucket at most: packed buckets reuse one
+    bucket and engine IPC token (fetched with `get_ipc_token` each push: an engine opens only blocks named
+    for it), unlinked after the call. Extra trainer memory is one bucket at most: packed buckets reuse one
     buffer, so engines map its handle once and keep it mapped (`CudaIpcMappings`)."""
 
     def __init__(self, engines: EngineHandle | Sequence[EngineHandle], *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
@@ -27,6 +28,22 @@ class IPCWeightPusher(WeightPusher):
         super().__init__(engines, bucket_bytes=bucket_bytes, dtype=dtype, flush_cache=flush_cache, use_sessions=use_sessions)
         self.pack_cuda = pack_cuda
         self.pack_buffer: torch.Tensor | None = None  # reused by every packed bucket (grown when one is larger)
+        self.ipc_tokens: list[str] | None = None  # each engine's IPC token, fetched once a push when a bucket holds CPU tensors
+
+    def _before_push(self) -> None:
+        self.ipc_tokens = None  # an engine restarted since the last push has a new token
+
+    def _tokens(self) -> list[str]:
+        if self.ipc_tokens is None:
+            tokens = []
+            for engine in self.engines:
+                try:
+                    tokens.append(str(engine.get_ipc_token()))
+                except Exception as exc:
+                    raise WeightPushError(f"cannot get the IPC token of {engine!r} for shared-memory buckets: "
+                                          f"{type(exc).__name__}: {exc}") from exc
+            self.ipc_tokens = tokens
+        return self.ipc_tokens
 
     def _gpu_tensors(self, gpu: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
         """The tensors whose handles are sent. With `pack_cuda`, a bucket of one wire dtype is copied into one
@@ -56,19 +73,28 @@ class IPCWeightPusher(WeightPusher):
         cpu = [(n, t) for n, t in bucket if not t.is_cuda]
         keep_alive = self._gpu_tensors(gpu)
         descriptors: dict[str, dict] = {}
-        shm = None
+        blocks: dict[str, SharedMemoryBucket] = {}  # IPC token -> this bucket's CPU tensors in a block named for it
         try:
             if keep_alive:
                 torch.cuda.synchronize()  # the engine reads on its own stream: make the data visible first
                 descriptors.update({n: cuda_ipc_descriptor(n, t) for (n, _), t in zip(gpu, keep_alive)})
+            tokens = self._tokens() if cpu else [""] * len(self.engines)
             if cpu:
-                shm = SharedMemoryBucket((n, t if self.dtype in (None, t.dtype) else t.to(self.dtype)) for n, t in cpu)
-                descriptors.update({d["name"]: d for d in shm.descriptors})
-            ordered = [descriptors[n] for n, _ in bucket]
-            results = self.call_all("update_weights_from_tensor", ordered, flush_cache=self.flush_cache, weight_version=weight_version)
+                cast = [(n, t if self.dtype in (None, t.dtype) else t.to(self.dtype)) for n, t in cpu]
+                for token in dict.fromkeys(tokens):
+                    blocks[token] = SharedMemoryBucket(cast, token=token)
+
+            def ordered(token: str) -> list[dict]:
+                named = {**descriptors, **({d["name"]: d for d in blocks[token].descriptors} if token in blocks else {})}
+                return [named[n] for n, _ in bucket]
+
+            futures = [self._pool.submit(call_result, e.update_weights_from_tensor, ordered(token),
+                                         flush_cache=self.flush_cache, weight_version=weight_version)
+                       for e, token in zip(self.engines, tokens)]
+            results = [f.result() for f in futures]
         finally:
-            if shm is not None:
-                shm.close()
+            for block in blocks.values():
+                block.close()
             del keep_alive
         if not all(results):
             raise WeightPushError(failure_reason("update_weights_from_tensor", results, self.engines), results=results)

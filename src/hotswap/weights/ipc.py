@@ -1,6 +1,8 @@
 """Opening tensor descriptors another process on the same host sent (`hotswap.wire.ipc` describes them
 and builds them on the producer side): shared-memory bytes are copied out, CUDA IPC handles are mapped,
 and kept mapped across updates (`CudaIpcMappings`, bounded), which keeps that producer block alive meanwhile.
+The engine opens only shared-memory blocks named with its prefix (`wire.ipc.shm_block_prefix` of the token it
+hands out: `Engine.get_ipc_token()`, HTTP `GET /get_ipc_token`), so a descriptor cannot name another block on the host.
 """
 
 from __future__ import annotations
@@ -79,12 +81,15 @@ def _shape(d: dict) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _open_shm(d: dict, dtype: torch.dtype) -> torch.Tensor:
+def _open_shm(d: dict, dtype: torch.dtype, shm_prefix: str | None) -> torch.Tensor:
     if "shm_name" not in d or "offset" not in d:
         raise HotswapError(f"{d['name']!r}: an 'shm' descriptor needs 'shm_name' and 'offset'")
     shm_name = d["shm_name"]
     if not isinstance(shm_name, str) or not shm_name.lstrip("/") or "/" in shm_name.lstrip("/") or "\0" in shm_name:
         raise HotswapError(f"{d['name']!r}: invalid shared-memory block name {shm_name!r}")
+    if shm_prefix is None or not shm_name.lstrip("/").startswith(shm_prefix):
+        raise HotswapError(f"{d['name']!r}: shared-memory block {shm_name!r} was not made for this engine; blocks must be "
+                           "named with the engine's prefix (hotswap.wire.ipc.SharedMemoryBucket(..., token=engine.get_ipc_token()))")
     offset = _int_field(d, "offset")
     shape = _shape(d)
     nbytes = math.prod(shape) * dtype.itemsize
@@ -263,10 +268,11 @@ def _open_cuda_ipc(d: dict, dtype: torch.dtype, mappings: CudaIpcMappings | None
     return mappings.view(key, (dtype, shape, tuple(stride), storage_offset), make_view) if mappings is not None else make_view()
 
 
-def resolve_named_tensors(items, device: torch.device, mappings: CudaIpcMappings | None = None) -> list[tuple[str, torch.Tensor]]:
+def resolve_named_tensors(items, device: torch.device, mappings: CudaIpcMappings | None = None, *,
+                          shm_prefix: str | None = None) -> list[tuple[str, torch.Tensor]]:
     """In-process (name, tensor) pairs pass through; descriptors are opened (shm data is copied out, CUDA
-    IPC maps the producer's memory, through `mappings` when given). Raises HotswapError naming the first
-    malformed entry."""
+    IPC maps the producer's memory, through `mappings` when given). Only shared-memory blocks named with
+    `shm_prefix` are opened (None: none are). Raises HotswapError naming the first malformed entry."""
     if not isinstance(items, (list, tuple)):
         raise HotswapError("named_tensors must be a list of (name, tensor) pairs or handle descriptors")
     out = []
@@ -288,7 +294,7 @@ def resolve_named_tensors(items, device: torch.device, mappings: CudaIpcMappings
             if item["kind"] == "cuda_ipc":
                 out.append((item["name"], _open_cuda_ipc(item, dtype, mappings)))
             elif item["kind"] == "shm":
-                out.append((item["name"], _open_shm(item, dtype)))
+                out.append((item["name"], _open_shm(item, dtype, shm_prefix)))
             else:
                 raise HotswapError(f"{item['name']!r}: unknown handle kind {item['kind']!r}; use 'cuda_ipc' or 'shm'")
         except HotswapError:

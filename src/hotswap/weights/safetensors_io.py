@@ -75,18 +75,46 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"cannot read safetensors header of {file}: {exc}") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: damaged safetensors header: a JSON object was expected, got {type(header).__name__}")
     out = {}
     base = 8 + len(raw)
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        if meta.get("dtype") not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {meta.get('dtype')!r}")
-        start, end = meta["data_offsets"]
-        if base + end > size:
-            raise CheckpointError(f"{file} is truncated: tensor {name!r} ends past the end of the file")
-        out[name] = TensorInfo(name, file, SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"]), base + start, end - start)
+        out[name] = _tensor_info(file, name, meta, base, size)
     return out
+
+
+def _is_uint(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _tensor_info(file: Path, name: str, meta, base: int, size: int) -> TensorInfo:
+    """One header entry, checked field by field: a damaged header is named, never a KeyError."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{file}: damaged safetensors header: the entry of tensor {name!r} is not an object")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{file}: damaged safetensors header: tensor {name!r} lacks {', '.join(missing)}")
+    if meta["dtype"] not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {meta['dtype']!r}")
+    shape, offsets = meta["shape"], meta["data_offsets"]
+    if not isinstance(shape, list) or not all(map(_is_uint, shape)):
+        raise CheckpointError(f"{file}: damaged safetensors header: tensor {name!r} has shape {shape!r}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_uint, offsets)) or offsets[0] > offsets[1]:
+        raise CheckpointError(f"{file}: damaged safetensors header: tensor {name!r} has data_offsets {offsets!r}")
+    dtype = SAFETENSORS_DTYPES[meta["dtype"]]
+    start, end = offsets
+    numel = 1
+    for n in shape:
+        numel *= n
+    if end - start != numel * dtype.itemsize:
+        raise CheckpointError(f"{file}: damaged safetensors header: tensor {name!r} of shape {shape} and dtype {meta['dtype']} "
+                              f"needs {numel * dtype.itemsize} bytes, its data_offsets span {end - start}")
+    if base + end > size:
+        raise CheckpointError(f"{file} is truncated: tensor {name!r} ends past the end of the file")
+    return TensorInfo(name, file, dtype, tuple(shape), base + start, end - start)
 
 
 def layout_signature(files: list[Path]) -> tuple | None:

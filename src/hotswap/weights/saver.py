@@ -1,14 +1,23 @@
 """Write the live weights as a sharded HF checkpoint (loadable by transformers and hotswap).
 
 Tensors come from `whole(names)`, which yields each HF tensor whole: a tensor-parallel engine gathers its
-slices to rank 0 there, so the files are the same at every TP size."""
+slices to rank 0 there, so the files are the same at every TP size.
+
+A save never writes outside its folder and never replaces a file without `overwrite=True`: the shard-name
+`pattern` may only use the fields {rank}, {part} and {total} with plain integer formats and must give plain
+file names; each shard is written as `NAME.partial` beside its final name and renamed only when every shard
+is complete, so a failed save leaves nothing behind and a killed one leaves only `*.partial` files (which the
+loader ignores and the next save into the folder removes)."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import string
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -20,17 +29,46 @@ from hotswap.weights.mapping import WeightMap
 # Files beside the weights that make a folder a complete checkpoint.
 _SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model")
+_INDEX = "model.safetensors.index.json"
+_PARTIAL = ".partial"
+_PATTERN_FIELDS = ("rank", "part", "total")
+_INT_SPEC = re.compile(r"0?[1-9]?\d?d?")  # "", "d", "05d", "5": plain integer formats only
 
 
 Whole = Callable[[list[str]], Iterable[tuple[str, torch.Tensor]]]
 
 
-def save_sharded(weight_map: WeightMap, whole: Whole, path: Path, source_model_path: str, *, pattern: str | None, max_size: int) -> list[Path]:
-    if max_size <= 0:
-        raise HotswapError(f"max_size must be positive, got {max_size}")
-    path.mkdir(parents=True, exist_ok=True)
-    if any(path.glob("*.safetensors")):
-        raise HotswapError(f"{path} already holds safetensors files; choose an empty folder")
+def shard_names(pattern: str | None, total: int) -> list[str]:
+    """The shard file names for `total` parts. A pattern may use only {rank}, {part} and {total} with plain
+    integer formats (no attribute or index lookups, no conversions) and must give distinct plain file names
+    ending in .safetensors: nothing outside the target folder can be named."""
+    if not pattern:
+        return ["model.safetensors"] if total == 1 else [f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
+    if not isinstance(pattern, str):
+        raise HotswapError(f"pattern must be a string, got {type(pattern).__name__}")
+    try:
+        fields = list(string.Formatter().parse(pattern))
+    except ValueError as exc:
+        raise HotswapError(f"pattern {pattern!r} is not a valid format string: {exc}") from None
+    for _, field_name, spec, conversion in fields:
+        if field_name is None:
+            continue
+        if field_name not in _PATTERN_FIELDS:
+            raise HotswapError(f"pattern {pattern!r}: field {{{field_name}}} is not allowed; use only {{rank}}, {{part}} and {{total}}")
+        if conversion is not None or not _INT_SPEC.fullmatch(spec or ""):
+            raise HotswapError(f"pattern {pattern!r}: field {{{field_name}}} may only take a plain integer format such as :05d")
+    names = [pattern.format(rank=0, part=i, total=total) for i in range(1, total + 1)]
+    for name in names:
+        if (not name or name != os.path.basename(name) or "\\" in name or "\0" in name or name.startswith(".")
+                or not name.endswith(".safetensors") or name == _INDEX):
+            raise HotswapError(f"pattern {pattern!r} gives {name!r}: shard names must be plain file names ending in .safetensors "
+                               "(no folders, no leading dot)")
+    if len(set(names)) != len(names):
+        raise HotswapError(f"pattern {pattern!r} gives the same name to several of the {total} shards; use {{part}}")
+    return names
+
+
+def _plan_shards(weight_map: WeightMap, max_size: int) -> tuple[list[list[str]], int]:
     sizes = {name: torch.Size(slot.hf_shape).numel() * slot.dtype.itemsize for name, slot in weight_map.slots.items()}
     shards: list[list[str]] = [[]]
     size = 0
@@ -41,32 +79,104 @@ def save_sharded(weight_map: WeightMap, whole: Whole, path: Path, source_model_p
             size = 0
         shards[-1].append(name)
         size += n
-    total = len(shards)
-    files, index = [], {}
-    for i, names in enumerate(shards, start=1):
-        fname = pattern.format(rank=0, part=i, total=total) if pattern else (
-            "model.safetensors" if total == 1 else f"model-{i:05d}-of-{total:05d}.safetensors")
-        tensors = {n: t.detach().contiguous().cpu() for n, t in whole(names)}
-        save_file(tensors, str(path / fname), metadata={"format": "pt"})
-        files.append(path / fname)
-        index.update({n: fname for n in names})
-    if total > 1 or pattern:
-        (path / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": sum(sizes.values())}, "weight_map": index}, indent=2))
+    return shards, sum(sizes.values())
+
+
+def _existing(path: Path, written: Sequence[str]) -> list[str]:
+    """Files a save into `path` would replace or leave mixed in: the names it writes, and any other shards."""
+    clash = {name for name in written if (path / name).exists()}
+    clash.update(f.name for f in path.glob("*.safetensors"))
+    return sorted(clash)
+
+
+def save_sharded(weight_map: WeightMap, whole: Whole, path: Path, source_model_path: str, *, pattern: str | None, max_size: int,
+                 overwrite: bool = False) -> list[Path]:
+    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size <= 0:
+        raise HotswapError(f"max_size must be a positive integer, got {max_size!r}")
+    shards, total_size = _plan_shards(weight_map, max_size)
+    names = shard_names(pattern, len(shards))
     src = Path(source_model_path)
-    for side in _SIDE_FILES:
-        if (src / side).is_file():
-            shutil.copy2(src / side, path / side)
-    return files
+    sides = [s for s in _SIDE_FILES if (src / s).is_file()]
+    index = len(shards) > 1 or bool(pattern)
+    if path.exists() and not path.is_dir():
+        raise HotswapError(f"{path} exists and is not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob(f"*{_PARTIAL}"):  # left by a save that was killed
+        stale.unlink(missing_ok=True)
+    clash = _existing(path, [*names, *sides, _INDEX])  # an old index is replaced or removed: it counts either way
+    if clash and not overwrite:
+        shown = ", ".join(clash[:8]) + (f" and {len(clash) - 8} more" if len(clash) > 8 else "")
+        raise HotswapError(f"{path} already holds {shown}; choose an empty folder or pass overwrite=true to replace them")
+    partial: list[Path] = []
+    try:
+        for fname, shard in zip(names, shards):
+            tmp = path / (fname + _PARTIAL)
+            partial.append(tmp)
+            save_file({n: t.detach().contiguous().cpu() for n, t in whole(shard)}, str(tmp), metadata={"format": "pt"})
+        if index:
+            tmp = path / (_INDEX + _PARTIAL)
+            partial.append(tmp)
+            weight_index = {n: fname for fname, shard in zip(names, shards) for n in shard}
+            tmp.write_text(json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_index}, indent=2))
+        for side in sides:
+            tmp = path / (side + _PARTIAL)
+            partial.append(tmp)
+            shutil.copy2(src / side, tmp)
+        # every file is complete: drop shards of an older checkpoint this one replaces, then move the new ones in
+        for old in path.glob("*.safetensors"):
+            if old.name not in names:
+                old.unlink()
+        if not index:
+            (path / _INDEX).unlink(missing_ok=True)
+        for tmp in partial:
+            os.replace(tmp, tmp.with_name(tmp.name.removesuffix(_PARTIAL)))
+    except BaseException:
+        for tmp in partial:
+            tmp.unlink(missing_ok=True)
+        raise
+    return [path / name for name in names]
 
 
-def save_remote(weight_map: WeightMap, whole: Whole, url: str, source_model_path: str, max_size: int = 5 * 1024**3) -> None:
-    """Save to a temporary folder, then upload it with fsspec (s3://, gs://, memory://, file://, ...)."""
+def _matches_store(url: str, store: str) -> bool:
+    """Whether `url` lies in `store` (scheme and prefix; the prefix ends at a path boundary)."""
+    store = store.rstrip("/")
+    return url == store or url.startswith(store + "/")
+
+
+def check_remote_url(url: str, stores: Sequence[str]) -> None:
+    """Refuse a save_remote_model URL outside the configured stores (a server's --remote-model-stores)."""
+    if not isinstance(url, str) or "://" not in url:
+        raise HotswapError(f"url {url!r} is not a URL like s3://bucket/prefix")
+    if ".." in url.split("://", 1)[1].split("/"):
+        raise HotswapError(f"url {url!r} may not contain '..'")
+    if not stores:
+        raise HotswapError("save_remote_model is off on this server: start it with --remote-model-stores s3://bucket/prefix[,...]")
+    if not any(_matches_store(url, s) for s in stores):
+        raise HotswapError(f"url {url!r} is outside the stores this server may write to ({', '.join(stores)})")
+
+
+def save_remote(weight_map: WeightMap, whole: Whole, url: str, source_model_path: str, max_size: int = 5 * 1024**3,
+                overwrite: bool = False) -> None:
+    """Save to a temporary local folder, then upload it with fsspec (s3://, gs://, memory://, file://, ...).
+    Refuses a destination that already holds files unless `overwrite`; a failed upload removes what it put."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(url)
-    with tempfile.TemporaryDirectory() as tmp:
+    root = root.rstrip("/")
+    if not overwrite and fs.exists(root) and (not fs.isdir(root) or fs.ls(root, detail=False)):
+        raise HotswapError(f"{url} already exists and is not empty; pass overwrite=true to replace it")
+    with tempfile.TemporaryDirectory(prefix="hotswap-save-remote-") as tmp:
         save_sharded(weight_map, whole, Path(tmp), source_model_path, pattern=None, max_size=max_size)
         fs.makedirs(root, exist_ok=True)
-        for f in sorted(Path(tmp).iterdir()):
-            fs.put_file(str(f), f"{root.rstrip('/')}/{f.name}")
+        put: list[str] = []
+        try:
+            for f in sorted(Path(tmp).iterdir()):
+                put.append(f"{root}/{f.name}")
+                fs.put_file(str(f), put[-1])
+        except BaseException:
+            for target in put:
+                try:
+                    fs.rm_file(target)
+                except (OSError, FileNotFoundError):
+                    pass
+            raise

@@ -4,7 +4,8 @@ A descriptor is a JSON-able dict: {"name", "dtype", "shape", "kind", ...}
 - kind "cuda_ipc": a CUDA IPC memory handle of the producer's storage (base64 fields), plus
   "storage_offset" and "stride" in elements. The consumer maps the same GPU memory: no copy in transit.
 - kind "shm": a POSIX shared-memory block name ("shm_name") and a byte "offset"; the tensor's bytes lie
-  there contiguous and row-major. For CPU engines and tests.
+  there contiguous and row-major. For CPU engines and tests. An engine opens only blocks named with its
+  prefix, `shm_block_prefix(token)` for the token it hands out (`get_ipc_token`).
 The producer keeps its tensors (and blocks) alive until the update call returns: the consumer copies what
 it needs before it replies.
 
@@ -14,6 +15,7 @@ The producer side (a trainer) builds descriptors here; the engine opens them (`h
 from __future__ import annotations
 
 import base64
+import secrets
 from collections.abc import Iterable
 from multiprocessing import shared_memory
 
@@ -28,6 +30,18 @@ CUDA_FIELDS = ("device", "handle", "storage_size", "storage_handle_offset", "ref
 
 def b64(x: bytes) -> str:
     return base64.b64encode(x).decode()
+
+
+def new_ipc_token() -> str:
+    """A fresh engine IPC token (random, so each engine's shared-memory names are its own)."""
+    return secrets.token_hex(8)
+
+
+def shm_block_prefix(token: str) -> str:
+    """The name prefix of the shared-memory blocks an engine with IPC token `token` accepts."""
+    if not isinstance(token, str) or not token.isalnum():
+        raise ValueError(f"invalid IPC token {token!r}: letters and digits only")
+    return f"hotswap_{token}_"
 
 
 def cuda_ipc_descriptor(name: str, t: torch.Tensor) -> dict:
@@ -49,12 +63,13 @@ def cuda_ipc_descriptor(name: str, t: torch.Tensor) -> dict:
 
 class SharedMemoryBucket:
     """Producer side for CPU tensors: one shared-memory block holding a bucket of tensors, and their
-    descriptors. Use as a context manager (or call `close()`): the block is unlinked when done."""
+    descriptors. Use as a context manager (or call `close()`): the block is unlinked when done. `token` is the
+    consuming engine's IPC token (`get_ipc_token()`): the block is named with its prefix, as it requires."""
 
-    def __init__(self, named_tensors: Iterable[tuple[str, torch.Tensor]]):
+    def __init__(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, token: str):
         named = [(str(n), t) for n, t in named_tensors]
         sizes = [t.numel() * t.element_size() for _, t in named]
-        self.block = shared_memory.SharedMemory(create=True, size=max(1, sum(sizes)))
+        self.block = shared_memory.SharedMemory(name=shm_block_prefix(token) + secrets.token_hex(8), create=True, size=max(1, sum(sizes)))
         self.descriptors: list[dict] = []
         self.nbytes = sum(sizes)
         offset = 0
@@ -92,8 +107,8 @@ class SharedMemoryBucket:
         self.close()
 
 
-def shm_descriptors(named_tensors: list[tuple[str, torch.Tensor]]) -> tuple[shared_memory.SharedMemory, list[dict]]:
-    """Producer side for CPU: copy tensors into one shared-memory block; the caller closes and unlinks it
-    after the update. (`SharedMemoryBucket` does the same and cleans up itself.)"""
-    bucket = SharedMemoryBucket(named_tensors)
+def shm_descriptors(named_tensors: list[tuple[str, torch.Tensor]], *, token: str) -> tuple[shared_memory.SharedMemory, list[dict]]:
+    """Producer side for CPU: copy tensors into one shared-memory block for the engine with IPC token `token`;
+    the caller closes and unlinks it after the update. (`SharedMemoryBucket` does the same and cleans up itself.)"""
+    bucket = SharedMemoryBucket(named_tensors, token=token)
     return bucket.block, bucket.descriptors

@@ -1,0 +1,30 @@
+"""Load the engine's tokenizer: from the model folder or `tokenizer_path`, with an optional chat template
+file replacing the tokenizer's own (SGLang's --tokenizer-path and --chat-template)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from hotswap.config import EngineConfig
+from hotswap.errors import HotswapError
+
+
+def load_tokenizer(config: EngineConfig):
+    """The tokenizer `config` names. Remote code is never run (no trust_remote_code): hotswap serves only the
+    architectures it implements, whose tokenizers transformers loads itself."""
+    source = config.tokenizer_path or config.model_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as exc:
+        raise HotswapError(f"cannot load a tokenizer from {source!r}: {exc}") from exc
+    if config.chat_template:
+        path = Path(config.chat_template).expanduser()
+        if not path.is_file():
+            raise HotswapError(f"chat_template {config.chat_template!r} is not a file (give a Jinja template file)")
+        try:
+            tokenizer.chat_template = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise HotswapError(f"cannot read chat_template {config.chat_template!r}: {exc}") from exc
+    return tokenizer

@@ -1,0 +1,109 @@
+"""Who may reach the server and what the host-touching routes may do: the `hotswap serve` access policy.
+
+Browsers are the threat here, not the RL frameworks (which send JSON from non-browser clients, with no
+Origin header): without an API key a web page could otherwise drive the weight routes of a server on
+localhost. So every request must
+- name an allowed Host (an IP literal, `localhost`, or one of `allowed_hosts`): a DNS-rebinding page
+  reaches us under its own host name;
+- come from no Origin, the server's own origin, or one of `allowed_origins`, and not be a cross-site
+  browser request (`Sec-Fetch-Site`);
+- carry a JSON content type when it sends a body (`text/plain` and form bodies are what a page can send
+  cross-site without a CORS preflight).
+Saves are confined too: `save_sharded_model` writes only under `save_roots`, `save_remote_model` only to
+`remote_model_stores`; with none configured, the route is refused."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from hotswap.server.http_utils import APIError
+
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_EXEMPT_PATHS = frozenset({"/health"})  # probes from load balancers and orchestrators
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class AccessPolicy:
+    allowed_hosts: tuple[str, ...] = ()  # Host names besides IP literals and localhost ("*": any)
+    allowed_origins: tuple[str, ...] = ()  # browser origins besides the server's own ("*": any)
+    save_roots: tuple[str, ...] = ()  # folders save_sharded_model may write under (none: refused over HTTP)
+    remote_model_stores: tuple[str, ...] = ()  # URL prefixes save_remote_model may write to (none: refused)
+
+    # ---- requests ------------------------------------------------------------------------------------
+
+    def check_request(self, method: str, path: str, headers: dict[bytes, bytes]) -> None:
+        """Raise APIError (403 / 415) for a request this policy refuses."""
+        if path in _EXEMPT_PATHS:
+            return
+        host = headers.get(b"host", b"").decode("latin-1").strip()
+        if host and not self._host_allowed(host):
+            raise APIError(403, f"Host {host!r} is not allowed: use an IP address or localhost, or start the server with "
+                                "--allowed-hosts NAME", type_="PermissionDeniedError")
+        origin = headers.get(b"origin")
+        if origin is not None:
+            origin_text = origin.decode("latin-1").strip()
+            if not self._origin_allowed(origin_text, host):
+                raise APIError(403, f"cross-origin request from {origin_text!r} refused; start the server with "
+                                    "--allowed-origins ORIGIN to allow it", type_="PermissionDeniedError")
+        elif headers.get(b"sec-fetch-site", b"").lower() in (b"cross-site", b"same-site"):
+            raise APIError(403, "cross-site browser request refused", type_="PermissionDeniedError")
+        if method in _BODY_METHODS and _has_body(headers):
+            ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+            if ctype != b"application/json" and not (ctype.startswith(b"application/") and ctype.endswith(b"+json")):
+                shown = ctype.decode("latin-1") or "none"
+                raise APIError(415, f"request bodies must be JSON: send 'Content-Type: application/json' (got {shown})",
+                               type_="UnsupportedMediaType")
+
+    def _host_allowed(self, host: str) -> bool:
+        name = _strip_port(host).lower()
+        if name == "localhost" or "*" in self.allowed_hosts or name in (h.lower() for h in self.allowed_hosts):
+            return True
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        return True  # DNS rebinding needs a host name; an address is whoever the client connected to
+
+    def _origin_allowed(self, origin: str, host: str) -> bool:
+        if "*" in self.allowed_origins or origin.rstrip("/") in (o.rstrip("/") for o in self.allowed_origins):
+            return True
+        scheme, sep, rest = origin.partition("://")
+        return bool(sep) and scheme in ("http", "https") and bool(host) and rest.rstrip("/").lower() == host.lower()
+
+    # ---- saves -----------------------------------------------------------------------------------------
+
+    def check_save_path(self, path: str) -> None:
+        """save_sharded_model over HTTP writes only inside one of `save_roots` (after resolving symlinks)."""
+        if not self.save_roots:
+            raise APIError(403, "save_sharded_model is off on this server: start it with --save-root DIR to allow saves under DIR",
+                           param="path", type_="PermissionDeniedError")
+        target = Path(os.path.realpath(Path(path).expanduser()))
+        for root in self.save_roots:
+            real_root = Path(os.path.realpath(Path(root).expanduser()))
+            if target == real_root or real_root in target.parents:
+                return
+        raise APIError(403, f"path {path!r} is outside the folders this server may save to ({', '.join(self.save_roots)})",
+                       param="path", type_="PermissionDeniedError")
+
+
+def _strip_port(host: str) -> str:
+    if host.startswith("["):  # [v6]:port
+        return host[1:].split("]", 1)[0]
+    if host.count(":") == 1:
+        return host.split(":", 1)[0]
+    return host
+
+
+def _has_body(headers: dict[bytes, bytes]) -> bool:
+    length = headers.get(b"content-length")
+    if length is not None:
+        return length.strip() not in (b"", b"0")
+    return b"transfer-encoding" in headers
+
+
+def split_list(value: str | None) -> tuple[str, ...]:
+    """A comma-separated flag value as a tuple (empty items dropped)."""
+    return tuple(v.strip() for v in (value or "").split(",") if v.strip())

@@ -1,0 +1,107 @@
+"""The command line as a new user meets it: --version, make-tiny-model, the SGLang flags serve accepts,
+and one clear line (no traceback) when the port is taken; --port 0 reports the port it got."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+import hotswap
+from hotswap import Engine
+from hotswap.cli import main
+from hotswap.server.launch import add_serve_arguments, engine_kwargs_from_args
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+ENV = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"hotswap {hotswap.__version__}"
+
+
+def test_make_tiny_model_writes_a_servable_checkpoint(tmp_path, capsys):
+    out = tmp_path / "tiny"
+    assert main(["make-tiny-model", str(out)]) == 0
+    assert "hotswap serve --model-path" in capsys.readouterr().out
+    with Engine(str(out), device="cpu", page_size=4, num_pages=16) as eng:
+        assert eng.generate("hello", {"max_new_tokens": 2, "temperature": 0})["meta_info"]["completion_tokens"] == 2
+    assert main(["make-tiny-model", str(out)]) == 2  # never writes into a folder that holds files
+
+
+def test_sglang_flags_reach_the_engine(tiny_qwen3, tmp_path):
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["--model-path", "/m", "--mem-fraction-static", "0.5", "--context-length", "128",
+                              "--tokenizer-path", str(tiny_qwen3), "--chat-template", str(template), "--trust-remote-code",
+                              "--weight-update-bucket-bytes", "4096", "--weight-update-session-timeout", "5"])
+    kw = engine_kwargs_from_args(args)
+    assert kw == {"kv_cache_memory_fraction": 0.5, "max_context_len": 128, "tokenizer_path": str(tiny_qwen3),
+                  "chat_template": str(template), "weight_update_bucket_bytes": 4096, "weight_session_timeout_s": 5.0}
+    assert args.trust_remote_code and args.host == "127.0.0.1"  # loopback unless told otherwise
+    del kw["kv_cache_memory_fraction"]  # a GPU sizing knob
+    with Engine(str(tiny_qwen3), device="cpu", page_size=4, num_pages=64, **kw) as eng:
+        assert eng.max_context_len == 128 and eng.config.weight_session_timeout_s == 5.0
+        assert eng.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "[hi]"
+
+
+def _serve(*argv: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "hotswap.cli", "serve", *argv], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_port_in_use_is_one_clear_line(tiny_qwen3):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = _serve("--model-path", str(tiny_qwen3), "--device", "cpu", "--port", str(taken.getsockname()[1]), "--log-level", "error")
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "Traceback" not in err and re.search(r"hotswap: error: cannot listen on 127\.0\.0\.1:\d+: Address already in use", err), err
+
+
+def test_port_zero_reports_the_bound_port(tiny_qwen3):
+    proc = _serve("--model-path", str(tiny_qwen3), "--device", "cpu", "--port", "0", "--page-size", "4", "--num-pages", "64",
+                  "--no-warmup", "--log-level", "info")
+    try:
+        port = None
+        deadline = time.monotonic() + 120
+        lines = []
+        while port is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "".join(lines)
+            lines.append(line)
+            m = re.search(r"serving .* on http://127\.0\.0\.1:(\d+)", line)
+            if m:
+                port = int(m.group(1))
+        assert port and port != 0, "".join(lines)
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_readme_links_resolve():
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    links = [link for link in re.findall(r"\]\(([^)#\s]+)", text) if "://" not in link]
+    assert links
+    missing = [link for link in links if not (root / link).exists()]
+    assert not missing, missing
