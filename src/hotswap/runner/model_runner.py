@@ -168,9 +168,9 @@ class ModelRunner:
         `prev_row` are filled on the device from `prev_token_ids` (the step before, still in flight)."""
         to_sample = [e for e in entries if e.sample]
         graphs = self.cuda_graphs
-        greedy_ids = None
+        presampled = None
         if graphs is not None and graphs.can_run(entries):
-            logits, greedy_ids = graphs.run(entries, prev_token_ids)
+            logits, presampled = graphs.run(entries, prev_token_ids)
         elif graphs is not None and graphs.can_run_extend(entries):
             logits = graphs.run_extend(entries, prev_token_ids)
             if not to_sample:
@@ -184,7 +184,7 @@ class ModelRunner:
                 logits = self.tp_peers.forward(self.forward, hb, fix, prev_token_ids)
             if logits is None:
                 return None
-        result = sample(logits, self.sampling_batch(to_sample), greedy_ids)
+        result = sample(logits, self.sampling_batch(to_sample), presampled)
         if self.tp_peers is not None:
             self.tp_peers.send_sampled(result.token_ids)
         result.copy_to_host()
