@@ -134,4 +134,4 @@ def h2d_bytes_per_s(device: torch.device) -> float:
 def ceilings_line(device: torch.device) -> str:
     """The measured ceilings, for a bench's table title."""
     h2d = h2d_bytes_per_s(device)
-    return f"D2D {d2d_bytes_per_s(device) / 1e12:.2f} TB/s" + (f", H2D {h2d / 1e9:.1f} GB/s" if h2d == h2d else "") + " (measured)"
+    return f"D2D {d2d_bytes_per_s(device) / 1e9:,.0f} GB/s" + (f", H2D {h2d / 1e9:.1f} GB/s" if h2d == h2d else "") + " (measured, bytes read + written for D2D)"
