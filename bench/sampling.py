@@ -1,7 +1,8 @@
 """The fused sampling kernels (kernels/sampling.py) beside the eager PyTorch sampler they replace
 (runner/sampler.py `reference_sample`, the same function), on bf16 logits of a 152K vocabulary, and
 beside the floor of reading the logits once at the D2D bandwidth measured in this run. Times are
-CUDA-graph replays (as inside a decode step's graph); each check compares the kernels' tokens with the
+CUDA-graph replays for the kernels (as inside a decode step's graph), launches from Python for the
+eager sampler (its filters sync on the host); each row compares the kernels' tokens with the
 reference's first.
 
     python bench/sampling.py --rows 1,64,256,512
@@ -31,6 +32,21 @@ MODES = {  # name -> (temperature, top_k, top_p, min_p); top_k 0 = off
 }
 
 
+def eager_time_us(fn, reps: int = 5) -> float:
+    """Median time of `fn()` launched from Python (the reference syncs on the host for its filters, so it
+    cannot be captured in a graph)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="1,64,256,512")
@@ -51,7 +67,7 @@ def main() -> None:
             fused = lambda: sampling.sample_rows(logits, temps, sb.top_ks, sb.top_ps, sb.min_ps, sb.seeds, sb.steps, original=False)
             same = (fused()[0] == reference_sample(logits, sb)[0]).float().mean().item()
             t_fused = graph_time_us(fused, 10)
-            t_eager = graph_time_us(lambda: reference_sample(logits, sb), 3, reps=5)
+            t_eager = eager_time_us(lambda: reference_sample(logits, sb))
             floor = logits.numel() * logits.element_size() / bw * 1e6
             table.append([b, name, f"{t_fused:.1f}", f"{t_eager:.1f}", f"{t_eager / t_fused:.1f}x", f"{floor:.1f}",
                           f"{100 * floor / t_fused:.0f}%", f"{100 * same:.2f}%"])
