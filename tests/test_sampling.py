@@ -221,3 +221,23 @@ def test_gpu_kernels_sample_the_distribution():
     ids, _, _ = sampling.sample_rows(x, sb.temperatures, sb.top_ks, sb.top_ps, sb.min_ps, sb.seeds, sb.steps, original=False)
     counts = torch.bincount(ids, minlength=4)[:4].float().cpu() / rows
     torch.testing.assert_close(counts, torch.softmax(torch.tensor([2.0, 1.0, 0.0, -1.0]), -1), atol=0.015, rtol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_graphs_reach_max_running_requests_and_sample_inside(tiny_qwen3):
+    """600 sequences in flight replay a 600-row decode graph (not eager), sampled with logprobs inside it."""
+    from hotswap import Engine
+
+    with Engine(str(tiny_qwen3), device="cuda", dtype="float32", max_running_requests=600, num_pages=4096) as eng:
+        graphs = eng.model_runner.cuda_graphs
+        assert graphs.buckets[-1] == 600
+        rows = []
+        real_run = graphs.run
+        graphs.run = lambda entries, prev=None: (rows.append(len(entries)), real_run(entries, prev))[1]
+        outs = eng.generate(input_ids=[[5 + i % 50, 7, 9] for i in range(600)],
+                            sampling_params={"max_new_tokens": 6, "temperature": 1.0, "ignore_eos": True, "seed": 11},
+                            return_logprob=True)
+        assert max(rows) == 600
+        for o in outs:
+            lps = [lp for lp, _, _ in o["meta_info"]["output_token_logprobs"]]
+            assert len(o["output_ids"]) == 6 and all(math.isfinite(lp) and lp <= 0 for lp in lps)
