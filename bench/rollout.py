@@ -151,8 +151,12 @@ def run_path(engine, path: str, w: Workload, mode: str, args, url: str | None) -
                 assert all(len(o["meta_info"]["output_token_logprobs"]) == len(o["output_ids"]) for o in outs)
         else:
             order = json.dumps({"url": url, "path": path, "jobs": jobs, "mode": mode, "concurrency": args.concurrency})
-            proc = subprocess.run([sys.executable, str(Path(__file__).with_name("rollout_clients.py"))], input=order,
-                                  capture_output=True, text=True, check=False)
+            try:
+                proc = subprocess.run([sys.executable, str(Path(__file__).with_name("rollout_clients.py"))], input=order,
+                                      capture_output=True, text=True, check=False, timeout=args.http_timeout)
+            except subprocess.TimeoutExpired:
+                engine.abort_request()  # the requests still running
+                return {"seconds": float("nan"), "tokens": 0, "tail_seconds": float("nan"), "timed_out": args.http_timeout}
             if proc.returncode:
                 raise RuntimeError(f"{mode}/{path}: the HTTP clients failed:\n{proc.stderr[-4000:]}")
             res = json.loads(proc.stdout)
@@ -178,6 +182,7 @@ def main() -> None:
     ap.add_argument("--modes", default="sampled,greedy", help="comma list of sampled,greedy")
     ap.add_argument("--paths", default=",".join(PATHS), help=f"comma list of {','.join(PATHS)}")
     ap.add_argument("--concurrency", type=int, default=512, help="HTTP clients in flight")
+    ap.add_argument("--http-timeout", type=float, default=300.0, help="seconds one HTTP path may take; then it is aborted and reported")
     ap.add_argument("--max-running", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engine", action="append", default=[], metavar="FIELD=INT", help="integer EngineConfig override (repeatable)")
@@ -229,6 +234,9 @@ def main() -> None:
             for path in paths:
                 r = run_path(engine, path, w, mode, args, url)
                 results["runs"][f"{mode}/{path}"] = r
+                if "timed_out" in r:
+                    rows.append([mode, path, f"> {r['timed_out']:g} (aborted)", "-", "-", "-", "-"])
+                    continue
                 offline = r["seconds"] if path == "offline" else offline
                 rows.append([mode, path, f"{r['seconds']:.2f}", f"{r['tokens'] / r['seconds']:,.0f}",
                              f"{100 * roof['seconds'] / r['seconds']:.1f}%" if on_gpu else "-",
