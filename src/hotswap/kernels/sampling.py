@@ -148,7 +148,7 @@ if triton is not None:
                 if (k < V) | (p < 1.0) | (log_min_p > float("-inf")):
                     key_m = _order_key(m).to(tl.int64)
                     # top-k: the largest key with at least k tokens at or above it
-                    lo = _order_key(tl.full((), float("-inf"), tl.float32)).to(tl.int64)
+                    lo = key_m - key_m - 2139095041  # _order_key(-inf): every token is at or above it
                     hi = tl.where(k < V, key_m + 1, lo + 1)
                     while hi - lo > 1:
                         mid = lo + (hi - lo) // 2
