@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from hotswap.runner.cuda_graph import graph_buckets
-from hotswap.runner.sampler import SamplingBatch, gumbel_noise, kept, reference_sample
+from hotswap.runner.sampler import SamplingBatch, gumbel_noise, host_params, kept, reference_sample
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -104,6 +104,16 @@ def test_noise_is_the_counter_hash_of_seed_step_and_token():
     b = gumbel_noise(torch.tensor([6, 5]), torch.tensor([0, 0]), 1000)
     assert torch.equal(a[0], b[1]) and torch.equal(a[2], b[0]) and not torch.equal(a[0], a[1])
     assert abs(a.mean().item() - 0.5772) < 0.05  # Gumbel(0, 1) has mean Euler's gamma
+
+
+def test_row_parameters_keep_a_huge_seed_to_its_low_64_bits():
+    from hotswap.runner.batch_entry import BatchEntry
+    from hotswap.sampling_params import SamplingParams
+
+    entries = [BatchEntry(input_ids=[1], start_pos=0, pages=[0], sample=True, params=SamplingParams(temperature=0.5, top_k=3),
+                          seed=seed, step=4) for seed in (2**64 + 5, 5, 2**63)]
+    floats, ints = host_params(entries, vocab=100)
+    assert ints[1].tolist() == [5, 5, -(2**63)] and ints[0].tolist() == [3, 3, 3] and floats[0].tolist() == [0.5] * 3
 
 
 def test_graph_buckets_reach_max_running_requests():

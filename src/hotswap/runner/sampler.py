@@ -68,7 +68,8 @@ def host_params(entries: list[BatchEntry], vocab: int) -> tuple[np.ndarray, np.n
     int64 [3, B] (top_k, vocab = off; seed; output step)."""
     ps = [e.params for e in entries]
     floats = np.array([[0.0 if p.greedy else p.temperature for p in ps], [p.top_p for p in ps], [p.min_p for p in ps]], dtype=np.float32)
-    ints = np.array([[p.top_k if p.top_k > 0 else vocab for p in ps], [e.seed for e in entries], [e.step for e in entries]], dtype=np.int64)
+    seeds = [(e.seed + 2**63) % 2**64 - 2**63 for e in entries]  # the low 64 bits (the noise reads no more): no seed overflows
+    ints = np.array([[p.top_k if p.top_k > 0 else vocab for p in ps], seeds, [e.step for e in entries]], dtype=np.int64)
     return floats, ints
 
 
