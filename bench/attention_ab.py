@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import H100_D2D_BYTES_PER_S, config_only_checkpoint, print_table  # noqa: E402
+from common import config_only_checkpoint, d2d_bytes_per_s, print_table  # noqa: E402
 from throughput import roofline_tok_s  # noqa: E402
 
 from hotswap import Engine  # noqa: E402
@@ -81,7 +81,7 @@ def main() -> None:
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - t)
                 engine.flush_cache()
-            roof = roofline_tok_s(engine, args.batch, args.prompt, args.output, H100_D2D_BYTES_PER_S)
+            roof = roofline_tok_s(engine, args.batch, args.prompt, args.output, d2d_bytes_per_s(torch.device("cuda")))
             engine.shutdown()
             times.sort()
             tokens = args.batch * args.output

@@ -1,7 +1,8 @@
-"""Shared bench helpers: model shapes, a config-only checkpoint folder, device ceilings."""
+"""Shared bench helpers: model shapes, a config-only checkpoint folder, device ceilings measured in the run."""
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import time
@@ -17,8 +18,6 @@ SHAPES = {
     "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
                      head_dim=128, vocab_size=151936, tie_word_embeddings=False),
 }
-# Measured on the lent H100 (docs/benchmarks.md): device-to-device copy, bytes read + written.
-H100_D2D_BYTES_PER_S = 3.0e12
 
 
 def config_only_checkpoint(out_dir: Path, shape: str, dtype: str = "bfloat16", max_positions: int = 4096) -> Path:
@@ -92,3 +91,51 @@ def print_table(title: str, header: list[str], rows: list[list]) -> str:
     text = "\n".join([f"### {title}", "", line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
     print(text + "\n", flush=True)
     return text
+
+
+def _median_copy_s(dst: torch.Tensor, src: torch.Tensor, reps: int) -> float:
+    """Median seconds of one `dst.copy_(src)` (device events on CUDA, after a warm-up)."""
+    cuda = dst.is_cuda or src.is_cuda
+    dst.copy_(src, non_blocking=True)
+    times = []
+    for _ in range(reps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src, non_blocking=True)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e-3)
+        else:
+            t = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+@functools.cache
+def d2d_bytes_per_s(device: torch.device) -> float:
+    """Device-to-device copy bandwidth, bytes read + written, measured now (once per process): the memory
+    roofline's speed. On the CPU, the host memory copy (the CPU engine's ceiling). Random data: never zeros."""
+    n = (1 << 30) if device.type == "cuda" else (64 << 20)
+    a = torch.empty(n, dtype=torch.uint8, device=device).random_()
+    b = torch.empty_like(a)
+    return 2 * n / _median_copy_s(b, a, 20)
+
+
+@functools.cache
+def h2d_bytes_per_s(device: torch.device) -> float:
+    """Pinned host-to-device copy bandwidth, measured now (once per process); NaN on the CPU."""
+    if device.type != "cuda":
+        return float("nan")
+    n = 256 << 20
+    host = torch.empty(n, dtype=torch.uint8, pin_memory=True).random_()
+    dev = torch.empty(n, dtype=torch.uint8, device=device)
+    return n / _median_copy_s(dev, host, 10)
+
+
+def ceilings_line(device: torch.device) -> str:
+    """The measured ceilings, for a bench's table title."""
+    h2d = h2d_bytes_per_s(device)
+    h2d_text = f", H2D {h2d / 1e9:.1f} GB/s" if h2d == h2d else ""
+    return f"D2D {d2d_bytes_per_s(device) / 1e9:,.0f} GB/s{h2d_text} (measured, bytes read + written for D2D)"

@@ -12,7 +12,7 @@ say so). NCCL_NVLS_ENABLE=0 is set before anything starts NCCL: NVLink multicast
   holds the same model); with --hf, HF transformers' own random weights are pushed into each engine
   (`update_weights_from_tensor`, relayed to the workers under TP) and HF's `generate` runs beside them.
   Roofline per GPU: each decode step reads its share of the weights and of every sequence's KV (both split
-  by TP) at 3.0 TB/s. Greedy parity: sequences of TP=2 (and HF) equal to TP=1's, and the mean common
+  by TP) at the D2D copy bandwidth measured in the run. Greedy parity: sequences of TP=2 (and HF) equal to TP=1's, and the mean common
   prefix (bf16 sums in another order can flip a near-tie late in a sequence).
 - push: the trainer (this process, rank 0) pushes a state_dict of the shape's tensors with
   `DistributedWeightPusher` (flattened buckets, one begin/end session per push) into an engine served by
@@ -45,7 +45,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import config_only_checkpoint, device_name, kv_bytes_per_token, print_table, timed  # noqa: E402
+from common import config_only_checkpoint, d2d_bytes_per_s, device_name, kv_bytes_per_token, print_table, timed  # noqa: E402
 
 from hotswap import Engine  # noqa: E402
 from hotswap.trainer import DistributedWeightPusher, HttpEngineClient, free_port, iter_buckets, state_dict_manifest  # noqa: E402
@@ -62,14 +62,6 @@ def table(title: str, header: list[str], rows: list[list]) -> None:
 def whole_weight_bytes(engine: Engine) -> int:
     """The whole model's bytes (under TP, rank 0's weight map holds its slices only)."""
     return sum(torch.Size(s.hf_shape).numel() * s.dtype.itemsize for s in engine.model_runner.weight_map.slots.values())
-
-
-def d2d_bytes_per_s(device: torch.device) -> float:
-    """Device-to-device copy bandwidth of this GPU (bytes read + written), measured: the roofline's memory speed."""
-    a = torch.empty(2 << 30, dtype=torch.uint8, device=device)
-    b = torch.empty_like(a)
-    _, t = timed(lambda: [b.copy_(a) for _ in range(10)], True)
-    return 2 * a.numel() * 10 / t
 
 
 def roofline_tok_s(engine: Engine, tp: int, batch: int, prompt: int, output: int, bandwidth: float) -> float:

@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import H100_D2D_BYTES_PER_S, config_only_checkpoint, device_name, kv_bytes_per_token, print_table, timed, weight_bytes  # noqa: E402
+from common import config_only_checkpoint, d2d_bytes_per_s, device_name, kv_bytes_per_token, print_table, timed, weight_bytes  # noqa: E402
 
 from hotswap import Engine  # noqa: E402
 
@@ -66,7 +66,7 @@ def main() -> None:
         hf = hf_model_like(engine, device)
         res = engine.update_weights_from_tensor(list(hf.state_dict().items()))  # identical weights in both
         assert res.success, res.message
-    bandwidth = H100_D2D_BYTES_PER_S if on_gpu else float("nan")
+    bandwidth = d2d_bytes_per_s(device) if on_gpu else float("nan")
     rows = []
     g = torch.Generator().manual_seed(0)
     for batch, prompt, output in cases:

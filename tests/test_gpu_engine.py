@@ -52,15 +52,16 @@ def test_cuda_graph_equals_eager_and_survives_updates(tiny_qwen3, tiny_qwen3_v2)
 
 
 def test_cuda_graph_seeded_sampling_equals_eager(tiny_qwen3):
-    """A batch mixing greedy rows (their ids from the argmax inside the decode graph) with seeded
-    temperature/top-p rows (sampled outside it, then copied into the graph's input buffer for the next
-    step) gives the eager path's tokens exactly (float32)."""
-    prompts = [prompt_ids(60 + i, 6 + 5 * i) for i in range(4)]
-    params = [GREEDY, dict(GREEDY, temperature=0.8, seed=3), dict(GREEDY, temperature=1.0, top_p=0.9, seed=4), GREEDY]
+    """A batch mixing greedy rows with seeded temperature / top-p / top-k + min-p rows, sampled inside the
+    decode graph by the fused kernels, gives the eager path's tokens and logprobs exactly (float32)."""
+    prompts = [prompt_ids(60 + i, 6 + 5 * i) for i in range(5)]
+    params = [GREEDY, dict(GREEDY, temperature=0.8, seed=3), dict(GREEDY, temperature=1.0, top_p=0.9, seed=4), GREEDY,
+              dict(GREEDY, temperature=0.7, top_k=5, min_p=0.05, seed=5)]
 
     def run(engine):
-        return [engine.generate(input_ids=ids, sampling_params=sp)["output_ids"] for ids, sp in zip(prompts, params)] + [
-            o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
+        outs = [engine.generate(input_ids=ids, sampling_params=sp, return_logprob=True) for ids, sp in zip(prompts, params)]
+        outs += engine.generate(input_ids=prompts, sampling_params=params, return_logprob=True)
+        return [(o["output_ids"], [lp for lp, _, _ in o["meta_info"]["output_token_logprobs"]]) for o in outs]
 
     with Engine(str(tiny_qwen3), device="cuda", dtype="float32", enable_cuda_graph=False) as eager:
         ref = run(eager)

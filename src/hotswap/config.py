@@ -127,14 +127,14 @@ class EngineConfig:
     page_size: int = 0  # 0 = 16 on CUDA, 4 on CPU
     num_pages: int = 0  # 0 = sized from kv_cache_memory_fraction on CUDA, 1024 on CPU
     kv_cache_memory_fraction: float = 0.8
-    max_running_requests: int = 256
+    max_running_requests: int = 512  # an RL rollout (P prompts x n samples) keeps hundreds of sequences in flight
     max_num_batched_tokens: int = 8192
     chunked_prefill_size: int = 2048
     max_context_len: int = 0  # 0 = the model's max_position_embeddings
     enable_prefix_cache: bool = True
     attention_backend: str = "auto"  # "torch" | "triton" | "auto"
     enable_cuda_graph: bool = True
-    cuda_graph_max_batch: int = 256
+    cuda_graph_max_batch: int = 0  # decode graphs for batches up to this many rows (0: max_running_requests)
     extend_cuda_graph_max_tokens: int = 8192  # prefill/mixed steps up to this many tokens replay graphs (0: eager)
     enable_skinny_matmul: bool = True  # one-token batches use the fused batch-1 matmul kernels (False: cuBLAS)
     weight_update_bucket_bytes: int = 1 << 30
@@ -151,6 +151,8 @@ class EngineConfig:
     check_weights_finite: bool = False  # refuse updates holding NaN or Inf (costs one pass over the data)
     check_invariants_when_idle: bool = False
     seed: int = 0
+    # logprobs of the raw logits instead of the temperature-scaled distribution (SGLang's SGLANG_RETURN_ORIGINAL_LOGPROB)
+    return_original_logprob: bool = False
     tensor_parallel_size: int = 1  # > 1: one worker process per extra rank (cuda:k+r; gloo ranks on the CPU)
     tp_timeout_s: float = 600.0  # the longest rank 0 waits on a tensor-parallel worker before declaring the engine broken
     # shared-memory blocks of update_weights_from_tensor must be named with this token's prefix

@@ -4,8 +4,14 @@ and, through `ExtendGraphRunner`, for prefill and mixed steps per token bucket, 
 Graphs read static input buffers and the live parameter storage, so weight updates (which copy into
 that storage) need no recapture; releasing weights, the KV cache or the graphs themselves drops them,
 and resume recaptures. A step's inputs reach the device in one copy (`StagedInputs`); inputs sampled by
-the step still in flight are read inside the graph from `prev_ids`, which the decode graphs' own argmax
+the step still in flight are read inside the graph from `prev_ids`, which the decode graphs' own sampler
 fills, so a steady run of decode steps puts only that copy and the read-back of the ids between graphs.
+
+The decode graphs sample inside the graph with the fused kernels of kernels/sampling.py: each row's
+temperature, filters, seed and step travel in the same staged upload as its inputs, so greedy, sampled
+and filtered rows share one graph per bucket and a seeded request draws the same tokens eager or
+replayed. Buckets reach `max_running_requests` (an RL rollout keeps hundreds of sequences in flight;
+larger batches ran eagerly before).
 """
 
 from __future__ import annotations
@@ -15,10 +21,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hotswap.kernels import argmax
+from hotswap.kernels import sampling
 from hotswap.models.forward_context import ForwardContext
 from hotswap.runner.extend_graph import ExtendGraphRunner, capture_stream
 from hotswap.runner.host_batch import HostBatch
+from hotswap.runner.sampler import host_params
 from hotswap.runner.staged_inputs import StagedInputs
 
 if TYPE_CHECKING:
@@ -26,13 +33,22 @@ if TYPE_CHECKING:
     from hotswap.runner.model_runner import ModelRunner
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+_WIDE_STEP = 128  # bucket spacing above the table
+
+
+def graph_buckets(limit: int) -> list[int]:
+    """Batch-size buckets up to `limit`, the last one `limit` itself: every batch the scheduler can form
+    replays a graph, padded by at most a bucket's spacing."""
+    limit = max(1, limit)
+    wide = range(BUCKETS[-1] + _WIDE_STEP, limit, _WIDE_STEP)
+    return [b for b in (*BUCKETS, *wide) if b < limit] + [limit]
 
 
 class CudaGraphRunner:
     def __init__(self, runner: ModelRunner):
         self.runner = runner
-        limit = min(runner.config.cuda_graph_max_batch, runner.config.max_running_requests)
-        self.buckets = [b for b in BUCKETS if b <= limit] or [1]
+        cfg = runner.config
+        self.buckets = graph_buckets(min(cfg.cuda_graph_max_batch or cfg.max_running_requests, cfg.max_running_requests))
         self.max_batch = self.buckets[-1]
         self.max_pages = -(-runner.model_config.max_position_embeddings // runner.kv_cache.page_size)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -62,10 +78,14 @@ class CudaGraphRunner:
         dev, n, w = self.runner.device, self.max_batch, self.max_pages
         self.inputs = StagedInputs({
             "input_ids": ((n,), torch.int64), "positions": ((n,), torch.int64), "slot_mapping": ((n,), torch.int64),
-            "input_src": ((n,), torch.int64), "seq_lens": ((n,), torch.int32), "page_table": ((n, w), torch.int32),
+            "input_src": ((n,), torch.int64), "seq_lens": ((n,), torch.int32),
+            "floats": ((3, n), torch.float32), "ints": ((3, n), torch.int64),  # sampler.host_params of the rows
+            "page_table": ((n, w), torch.int32),
         }, dev)
+        self.logprobs = torch.zeros(n, dtype=torch.float32, device=dev)
+        self.lse = torch.zeros(n, dtype=torch.float32, device=dev)
         self.cu_seqlens_q = torch.arange(n + 1, dtype=torch.int32, device=dev)
-        # the previous step's sampled ids: the decode graphs write their argmax here, other steps' ids are copied in
+        # the previous step's sampled ids: the decode graphs' sampler writes them here, other steps' ids are copied in
         self.prev_ids = torch.zeros(max(n, self.runner.config.max_running_requests), dtype=torch.int64, device=dev)
 
     def _load_prev(self, prev_token_ids: torch.Tensor | None) -> None:
@@ -91,35 +111,45 @@ class CudaGraphRunner:
         d["slot_mapping"].fill_(self.runner.kv_cache.scratch_slot)
         d["seq_lens"].fill_(1)
         d["page_table"].fill_(self.runner.kv_cache.scratch_page)
+        d["floats"].zero_()  # greedy rows: temperature 0 (top_p, min_p unread)
+        d["ints"].zero_()
         for bs in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory
             ctx = self._context(bs)
-            ids, greedy = d["input_ids"][:bs], self.prev_ids[:bs]
+            ids = d["input_ids"][:bs]
             if not self.warmed:  # first capture only (Triton compiles, cuBLAS handles); a resume recaptures without it
-                argmax.argmax_rows(model.compute_logits(model(ids, ctx)), out=greedy)
+                self._sample(model.compute_logits(model(ids, ctx)), bs)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool, stream=capture_stream(ids.device)):
-                # the greedy choice is taken inside the graph: no launch of its own between steps
+                # the sampler runs inside the graph: no launch of its own between steps
                 self.outputs[bs] = model.compute_logits(model(ids, ctx))
-                argmax.argmax_rows(self.outputs[bs], out=greedy)
+                self._sample(self.outputs[bs], bs)
             self.graphs[bs] = graph
         self.extend.capture(self.pool, warm=not self.warmed, prev_ids=self.prev_ids)
         self.warmed = True
         torch.cuda.synchronize()
+
+    def _sample(self, logits: torch.Tensor, bs: int) -> None:
+        """The fused sampler over a bucket's logits, from the staged row parameters into `prev_ids`."""
+        f, i = self.inputs.device["floats"][:, :bs], self.inputs.device["ints"][:, :bs]
+        sampling.sample_rows(logits, f[0], i[0], f[1], f[2], i[1], i[2], original=self.runner.config.return_original_logprob,
+                             out_ids=self.prev_ids[:bs], out_logprobs=self.logprobs[:bs], out_lse=self.lse[:bs])
 
     def release(self) -> None:
         self.extend.release()
         self.graphs.clear()
         self.outputs = {}
         self.inputs = None
-        self.cu_seqlens_q = self.prev_ids = None
+        self.cu_seqlens_q = self.prev_ids = self.logprobs = self.lse = None
         self.pool = None
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
 
-    def run(self, entries: list[BatchEntry], prev_token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits [n, V], greedy ids [n]) of a decode batch. The ids are a view of `prev_ids`: valid until
-        the next decode graph step, which is after the caller has read them back."""
+    def run(self, entries: list[BatchEntry], prev_token_ids: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(logits [n, V], (sampled ids, their logprobs, log-sum-exp) [n]) of a decode batch. The outputs are
+        views of static buffers: valid until the next decode graph step, which is after the caller has
+        read them back."""
         n = len(entries)
         bs = self.buckets[bisect.bisect_left(self.buckets, n)]
         kv = self.runner.kv_cache
@@ -130,6 +160,8 @@ class CudaGraphRunner:
         h["slot_mapping"][:n] = hb.slot_mapping
         h["seq_lens"][:n] = hb.seq_lens
         h["page_table"][:n] = hb.page_table
+        h["floats"][:, :n], h["ints"][:, :n] = host_params(entries, self.runner.model_config.vocab_size)
+        h["floats"][0, n:bs] = 0.0  # padded rows: greedy
         h["input_src"][:bs] = -1
         if bs > n:  # padded rows: length 1 over the scratch page
             h["slot_mapping"][n:bs] = kv.scratch_slot
@@ -141,4 +173,4 @@ class CudaGraphRunner:
         self.inputs.upload(bs)
         self._load_prev(prev_token_ids)
         self.graphs[bs].replay()
-        return self.outputs[bs][:n], self.prev_ids[:n]
+        return self.outputs[bs][:n], (self.prev_ids[:n], self.logprobs[:n], self.lse[:n])

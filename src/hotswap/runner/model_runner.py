@@ -18,7 +18,7 @@ from hotswap.runner.attention import TorchAttention, TritonAttention
 from hotswap.runner.batch_entry import BatchEntry
 from hotswap.runner.host_batch import HostBatch
 from hotswap.runner.kv_cache import KVCacheStorage
-from hotswap.runner.sampler import SampleResult, SamplingBatch, sample
+from hotswap.runner.sampler import SampleResult, SamplingBatch, host_params, sample
 from hotswap.weights.fast_reader import ReaderOptions, load_checkpoint
 from hotswap.weights.mapping import WeightMap
 
@@ -142,17 +142,17 @@ class ModelRunner:
         all_greedy = all(p.greedy for p in ps)
         needs_logprobs = any(p.return_logprob for p in ps)
         max_top = max(p.top_logprobs_num for p in ps)
+        original = self.config.return_original_logprob
         if all_greedy:
             return SamplingBatch(None, None, None, None, None, None, all_greedy=True, needs_filter=False,
-                                 needs_logprobs=needs_logprobs, max_top_logprobs=max_top)
+                                 needs_logprobs=needs_logprobs, max_top_logprobs=max_top, original_logprobs=original)
         vocab = self.model_config.vocab_size
-        floats = np.array([[0.0 if p.greedy else p.temperature for p in ps], [p.top_p for p in ps], [p.min_p for p in ps]], dtype=np.float32)
-        ints = np.array([[p.top_k if p.top_k > 0 else vocab for p in ps], [e.seed for e in entries], [e.step for e in entries]], dtype=np.int64)
+        floats, ints = host_params(entries, vocab)
         f, i = self.to_device(floats), self.to_device(ints)
         return SamplingBatch(
             temperatures=f[0], top_ps=f[1], min_ps=f[2], top_ks=i[0], seeds=i[1], steps=i[2], all_greedy=False,
             needs_filter=bool((floats[1] < 1.0).any() or (ints[0] < vocab).any() or (floats[2] > 0).any()),
-            needs_logprobs=needs_logprobs, max_top_logprobs=max_top,
+            needs_logprobs=needs_logprobs, max_top_logprobs=max_top, original_logprobs=original,
         )
 
     def pending_rows(self, entries: list[BatchEntry], row_offsets) -> np.ndarray | None:
@@ -167,9 +167,9 @@ class ModelRunner:
         `prev_row` are filled on the device from `prev_token_ids` (the step before, still in flight)."""
         to_sample = [e for e in entries if e.sample]
         graphs = self.cuda_graphs
-        greedy_ids = None
+        presampled = None
         if graphs is not None and graphs.can_run(entries):
-            logits, greedy_ids = graphs.run(entries, prev_token_ids)
+            logits, presampled = graphs.run(entries, prev_token_ids)
         elif graphs is not None and graphs.can_run_extend(entries):
             logits = graphs.run_extend(entries, prev_token_ids)
             if not to_sample:
@@ -183,7 +183,7 @@ class ModelRunner:
                 logits = self.tp_peers.forward(self.forward, hb, fix, prev_token_ids)
             if logits is None:
                 return None
-        result = sample(logits, self.sampling_batch(to_sample), greedy_ids)
+        result = sample(logits, self.sampling_batch(to_sample), presampled)
         if self.tp_peers is not None:
             self.tp_peers.send_sampled(result.token_ids)
         result.copy_to_host()

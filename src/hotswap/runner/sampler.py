@@ -2,17 +2,30 @@
 
 Randomness comes from a counter-based hash of (seed, output step, token id), so a seeded request samples
 the same tokens whatever batch it lands in, and no host round trip or generator state is needed.
+
+On CUDA the fused kernels of kernels/sampling.py do the work (and the decode CUDA graphs run them
+inside the graph); the PyTorch code here is the reference they are tested against and the CPU path.
+Both compute one function, whose semantics kernels/sampling.py documents: thresholds rather than sorted
+ranks (ties at a boundary are kept together), filters measured on the unfiltered temperature-scaled
+distribution, logprobs of that distribution (SGLang's default) or of the raw logits (`original_logprobs`,
+SGLang's SGLANG_RETURN_ORIGINAL_LOGPROB).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
-from hotswap.kernels import argmax
+from hotswap.kernels import argmax, sampling
+
+if TYPE_CHECKING:
+    from hotswap.runner.batch_entry import BatchEntry
 
 _M32 = 0xFFFFFFFF
+MIN_TEMPERATURE = 1e-5  # sampled rows divide by at least this (the kernels use the same floor)
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
@@ -47,6 +60,17 @@ class SamplingBatch:
     needs_filter: bool
     needs_logprobs: bool
     max_top_logprobs: int
+    original_logprobs: bool = False  # logprobs of the raw logits instead of the temperature-scaled distribution
+
+
+def host_params(entries: list[BatchEntry], vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows' parameters on the host: float32 [3, B] (temperature, 0 = greedy; top_p; min_p) and
+    int64 [3, B] (top_k, vocab = off; seed; output step)."""
+    ps = [e.params for e in entries]
+    floats = np.array([[0.0 if p.greedy else p.temperature for p in ps], [p.top_p for p in ps], [p.min_p for p in ps]], dtype=np.float32)
+    seeds = [(e.seed + 2**63) % 2**64 - 2**63 for e in entries]  # the low 64 bits (the noise reads no more): no seed overflows
+    ints = np.array([[p.top_k if p.top_k > 0 else vocab for p in ps], seeds, [e.step for e in entries]], dtype=np.int64)
+    return floats, ints
 
 
 @dataclass(slots=True)
@@ -77,44 +101,72 @@ class SampleResult:
         return tuple(t.tolist() if t is not None else None for t in self.host)
 
 
-def sample(logits: torch.Tensor, sb: SamplingBatch, greedy_ids: torch.Tensor | None = None) -> SampleResult:
-    """logits [B, V] in the model's dtype -> chosen ids and their logprobs under the unmodified distribution.
-    `greedy_ids`: the argmax of these logits when already taken (inside a decode CUDA graph).
+def sample(logits: torch.Tensor, sb: SamplingBatch,
+           presampled: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> SampleResult:
+    """logits [B, V] in the model's dtype -> chosen ids and their logprobs. `presampled`: (ids, logprobs,
+    log-sum-exp) the fused kernels already computed for these logits (inside a decode CUDA graph).
 
-    Greedy ids come from the logits as they are (casting to float32 is exact, so the argmax is the same);
-    temperature sampling and logprobs work in float32. A greedy batch without logprobs never pays for the
-    float32 copy of its [B, V] logits (at batch 256 on a 152K vocabulary, 155 MB written and read again)."""
-    if greedy_ids is None:
-        greedy_ids = argmax.argmax_rows(logits) if argmax.available(logits) else logits.argmax(dim=-1)
-    if not sb.all_greedy or sb.needs_logprobs or sb.max_top_logprobs:
-        logits = logits.float()
-    if sb.all_greedy:
-        ids = greedy_ids
+    A greedy batch without logprobs takes the argmax alone: it never pays for a float32 pass."""
+    wants_lse = sb.needs_logprobs or sb.max_top_logprobs > 0
+    if presampled is not None:
+        ids, lps, lse = presampled
+    elif sampling.available(logits):
+        if sb.all_greedy and not wants_lse:
+            ids, lps, lse = argmax.argmax_rows(logits), None, None
+        else:
+            ids, lps, lse = sampling.sample_rows(logits, None if sb.all_greedy else sb.temperatures, sb.top_ks, sb.top_ps,
+                                                 sb.min_ps, sb.seeds, sb.steps, original=sb.original_logprobs)
     else:
-        temps = sb.temperatures.clamp_min(1e-5).unsqueeze(1)
-        scaled = logits / temps
-        noise = gumbel_noise(sb.seeds, sb.steps, logits.shape[1])
+        ids, lps, lse = reference_sample(logits, sb, wants_lse)
+    top_v = top_i = None
+    if sb.max_top_logprobs:
+        vals, top_i = logits.topk(sb.max_top_logprobs, dim=-1)
+        top_v = vals.float() / logprob_temperatures(sb, logits).unsqueeze(1) - lse.unsqueeze(1)
+    return SampleResult(ids, lps if sb.needs_logprobs or sb.max_top_logprobs else None, top_v, top_i)
+
+
+def logprob_temperatures(sb: SamplingBatch, logits: torch.Tensor) -> torch.Tensor:
+    """float32 [B]: the temperature each row's logprobs are taken at (1 for greedy rows and raw logprobs)."""
+    if sb.all_greedy or sb.original_logprobs:
+        return torch.ones(logits.shape[0], dtype=torch.float32, device=logits.device)
+    return torch.where(sb.temperatures > 0, sb.temperatures.clamp_min(MIN_TEMPERATURE), 1.0)
+
+
+def reference_sample(logits: torch.Tensor, sb: SamplingBatch, wants_lse: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The PyTorch version of kernels/sampling.py `sample_rows`, in float32: (ids, logprobs, log-sum-exp)."""
+    x = logits.float()
+    greedy = x.argmax(dim=-1)
+    if sb.all_greedy:
+        ids = greedy
+    else:
+        ts = sb.temperatures.clamp_min(MIN_TEMPERATURE).unsqueeze(1)
+        scores = x / ts + gumbel_noise(sb.seeds, sb.steps, x.shape[1])
         if sb.needs_filter:
-            scaled = _filter(scaled, sb)
-        sampled = (scaled + noise).argmax(dim=-1)
-        ids = torch.where(sb.temperatures == 0, greedy_ids, sampled)
-    chosen = top_v = top_i = None
-    if sb.needs_logprobs or sb.max_top_logprobs:
-        logprobs_all = torch.log_softmax(logits, dim=-1)
-        chosen = logprobs_all.gather(1, ids.unsqueeze(1)).squeeze(1)
-        if sb.max_top_logprobs:
-            top_v, top_i = logprobs_all.topk(sb.max_top_logprobs, dim=-1)
-    return SampleResult(ids, chosen, top_v, top_i)
+            scores = scores.masked_fill(~kept(x, ts, sb), float("-inf"))
+        ids = torch.where(sb.temperatures > 0, scores.argmax(dim=-1), greedy)
+    if not wants_lse:
+        return ids, None, None
+    te = logprob_temperatures(sb, x).unsqueeze(1)
+    lse = torch.logsumexp(x / te, dim=-1)
+    return ids, x.gather(1, ids.unsqueeze(1)).squeeze(1) / te.squeeze(1) - lse, lse
 
 
-def _filter(scaled: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
-    """Mask tokens outside top-k, the top-p nucleus and the min-p floor with -inf."""
-    sorted_logits, order = scaled.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    rank = torch.arange(scaled.shape[1], device=scaled.device).unsqueeze(0)
-    remove = rank >= sb.top_ks.unsqueeze(1)
-    remove |= (probs.cumsum(dim=-1) - probs) > sb.top_ps.unsqueeze(1)
-    remove |= probs < (sb.min_ps.unsqueeze(1) * probs[:, :1])
-    remove[:, 0] = False  # the most likely token always survives
-    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-    return torch.full_like(scaled, float("-inf")).scatter(1, order, sorted_logits)
+def kept(x: torch.Tensor, ts: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
+    """bool [B, V]: the tokens top-k, top-p and min-p all keep (x: float32 logits, ts: [B, 1] temperatures)."""
+    v = x.shape[1]
+    m = x.max(dim=-1, keepdim=True).values
+    keep = (x - m) / ts >= torch.log(sb.min_ps).unsqueeze(1)
+    limited = sb.top_ks < v
+    if bool(limited.any()):
+        kmax = int(sb.top_ks[limited].max())
+        kth = x.topk(kmax, dim=-1).values.gather(1, (sb.top_ks.clamp(1, kmax) - 1).unsqueeze(1))
+        keep &= x >= torch.where(limited.unsqueeze(1), kth, float("-inf"))
+    if bool((sb.top_ps < 1.0).any()):
+        s = x.sort(dim=-1, descending=True).values
+        cum = torch.exp((s - m) / ts).cumsum(dim=-1)
+        n_gt = v - torch.searchsorted(s.flip(-1).contiguous(), s.contiguous(), right=True)  # tokens strictly above each
+        above = torch.where(n_gt > 0, cum.gather(1, (n_gt - 1).clamp_min(0)), 0.0)
+        n_keep = (above <= sb.top_ps.unsqueeze(1) * cum[:, -1:]).sum(dim=-1, keepdim=True)
+        keep &= x >= s.gather(1, n_keep - 1)
+    return keep

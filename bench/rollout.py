@@ -1,0 +1,268 @@
+"""An RL rollout against its schedule roofline: P prompts x n samples, long-tailed output lengths, run
+offline (`Engine.generate`), over HTTP non-streaming and streaming (native `/generate`, `/v1/completions`)
+by concurrent clients, in one run.
+
+Workload (flags): prompts of uniform length in [--prompt-min, --prompt-max] tokens, each sampled --n
+times; output lengths lognormal (median --out-median, sigma --out-sigma, clipped to [--out-min,
+--out-max]) with `ignore_eos`, so random weights still give the tail. Modes: `sampled` (temperature 1,
+a seed per request, the logprob of every token) and `greedy` (temperature 0, no logprobs).
+
+Roofline of the schedule: every decode step reads all weights plus the KV of every sequence still running
+at its current context, at the device-to-device copy bandwidth measured in this run; prefill left out
+(a sequence's first token comes from its prefill). Sequences are admitted in order as slots free up
+(--max-running). The tail is the time with fewer than 16 sequences running: for the roofline, its steps;
+for a measured run, the wall time from the last moment 16 or more requests were unfinished to the end
+(from `get_load` polled every few ms; each poll is answered between two scheduler steps). Every path
+checks that it got every token the workload asked for (streams: the last chunk's count).
+
+HTTP clients run in a separate process (bench/rollout_clients.py: asyncio + httpx, --concurrency
+connections), so they do not share the engine process's interpreter lock; the server is the engine's own
+FastAPI app in a thread of this process, as `hotswap serve` runs it.
+
+    python bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8                       # GPU
+    python bench/rollout.py --shape qwen3-8b --prompts 32 --n 8 --modes sampled
+    python bench/rollout.py --device cpu --tiny                                        # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    ceilings_line,
+    config_only_checkpoint,
+    d2d_bytes_per_s,
+    device_name,
+    kv_bytes_per_token,
+    print_table,
+    weight_bytes,
+)
+
+TAIL_ROWS = 16
+PATHS = ("offline", "generate", "generate-stream", "completions", "completions-stream")
+
+
+@dataclass(kw_only=True, slots=True)
+class Workload:
+    prompts: list[list[int]]  # one per request (each prompt repeated n times, consecutively)
+    out_lens: list[int]
+    seeds: list[int]
+
+    def sampling_params(self, i: int, mode: str) -> dict:
+        sp = {"max_new_tokens": self.out_lens[i], "ignore_eos": True}
+        if mode == "sampled":
+            return dict(sp, temperature=1.0, seed=self.seeds[i])
+        return dict(sp, temperature=0.0)
+
+
+def make_workload(args, vocab: int) -> Workload:
+    rng = np.random.default_rng(args.seed)
+    prompts, out_lens = [], []
+    for _ in range(args.prompts):
+        ids = rng.integers(3, vocab, size=int(rng.integers(args.prompt_min, args.prompt_max + 1))).tolist()
+        prompts += [ids] * args.n
+    lens = np.exp(np.log(args.out_median) + args.out_sigma * rng.standard_normal(len(prompts)))
+    out_lens = np.clip(np.rint(lens), args.out_min, args.out_max).astype(int).tolist()
+    return Workload(prompts=prompts, out_lens=out_lens, seeds=[1000 + i for i in range(len(prompts))])
+
+
+def schedule_roofline(w: Workload, max_running: int, weight_b: int, kv_per_token: int, bandwidth: float) -> dict:
+    """Seconds of the decode steps of this schedule at `bandwidth`, with its steps and tail steps."""
+    waiting = list(range(len(w.prompts)))[::-1]
+    ctx = np.zeros(0, dtype=np.int64)  # running sequences' current context
+    left = np.zeros(0, dtype=np.int64)  # their decode steps still to run
+    seconds = tail_seconds = 0.0
+    steps = tail_steps = 0
+    while waiting or len(ctx):
+        admit = []
+        while waiting and len(ctx) + len(admit) < max_running:
+            admit.append(waiting.pop())
+        if admit:  # the prefill gives the first token; decode runs the rest
+            ctx = np.concatenate([ctx, [len(w.prompts[i]) + 1 for i in admit]])
+            left = np.concatenate([left, [w.out_lens[i] - 1 for i in admit]])
+            keep = left > 0
+            ctx, left = ctx[keep], left[keep]
+            if not len(ctx):
+                continue
+        t = (weight_b + int(ctx.sum()) * kv_per_token) / bandwidth
+        seconds += t
+        steps += 1
+        if len(ctx) < TAIL_ROWS:
+            tail_seconds += t
+            tail_steps += 1
+        ctx, left = ctx + 1, left - 1
+        keep = left > 0
+        ctx, left = ctx[keep], left[keep]
+    return {"seconds": seconds, "steps": steps, "tail_steps": tail_steps, "tail_seconds": tail_seconds}
+
+
+class LoadMonitor:
+    """Polls `get_load` in a thread and keeps the wall-clock times (time.time(), comparable with the
+    client process's) at which TAIL_ROWS or more requests were unfinished."""
+
+    def __init__(self, engine, period_s: float = 0.005):
+        self.engine, self.period_s = engine, period_s
+        self.busy: list[float] = []
+        self.stop_flag = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop_flag.is_set():
+            load = self.engine.get_load()
+            if load.num_running + load.num_waiting >= TAIL_ROWS:
+                self.busy.append(time.time())
+            time.sleep(self.period_s)
+
+    def tail_seconds(self, start: float, end: float) -> float:
+        """Of the run [start, end]: the time after the last moment it had TAIL_ROWS requests unfinished."""
+        return end - max([start] + [t for t in self.busy if start <= t <= end])
+
+    def __enter__(self) -> LoadMonitor:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_flag.set()
+        self.thread.join(5.0)
+
+
+# ---- the run ----
+
+
+def run_path(engine, path: str, w: Workload, mode: str, args, url: str | None) -> dict:
+    jobs = [(ids, w.sampling_params(i, mode)) for i, ids in enumerate(w.prompts)]
+    engine.flush_cache()  # every path starts from the same empty prefix cache
+    with LoadMonitor(engine) as mon:
+        if path == "offline":
+            start = time.time()
+            outs = engine.generate(input_ids=[j[0] for j in jobs], sampling_params=[j[1] for j in jobs],
+                                   return_logprob=mode == "sampled")
+            end = time.time()
+            tokens = sum(len(o["output_ids"]) for o in outs)
+            if mode == "sampled":
+                assert all(len(o["meta_info"]["output_token_logprobs"]) == len(o["output_ids"]) for o in outs)
+        else:
+            order = json.dumps({"url": url, "path": path, "jobs": jobs, "mode": mode, "concurrency": args.concurrency})
+            try:
+                proc = subprocess.run([sys.executable, str(Path(__file__).with_name("rollout_clients.py"))], input=order,
+                                      capture_output=True, text=True, check=False, timeout=args.http_timeout)
+            except subprocess.TimeoutExpired:
+                engine.abort_request()  # the requests still running
+                return {"seconds": float("nan"), "tokens": 0, "tail_seconds": float("nan"), "timed_out": args.http_timeout}
+            if proc.returncode:
+                raise RuntimeError(f"{mode}/{path}: the HTTP clients failed:\n{proc.stderr[-4000:]}")
+            res = json.loads(proc.stdout)
+            start, end, tokens = res["start"], res["end"], res["tokens"]
+    if tokens != sum(w.out_lens):
+        raise RuntimeError(f"{mode}/{path}: {tokens} output tokens, the workload asked for {sum(w.out_lens)}")
+    return {"seconds": end - start, "tokens": tokens, "tail_seconds": mon.tail_seconds(start, end)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="qwen3-0.6b")
+    ap.add_argument("--tiny", action="store_true", help="tiny model and counts (a CPU smoke run in seconds)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--prompt-min", type=int, default=64)
+    ap.add_argument("--prompt-max", type=int, default=512)
+    ap.add_argument("--out-median", type=float, default=384)
+    ap.add_argument("--out-sigma", type=float, default=0.8)
+    ap.add_argument("--out-min", type=int, default=32)
+    ap.add_argument("--out-max", type=int, default=2048)
+    ap.add_argument("--modes", default="sampled,greedy", help="comma list of sampled,greedy")
+    ap.add_argument("--paths", default=",".join(PATHS), help=f"comma list of {','.join(PATHS)}")
+    ap.add_argument("--concurrency", type=int, default=512, help="HTTP clients in flight")
+    ap.add_argument("--http-timeout", type=float, default=300.0, help="seconds one HTTP path may take; then it is aborted and reported")
+    ap.add_argument("--max-running", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--engine", action="append", default=[], metavar="FIELD=INT", help="integer EngineConfig override (repeatable)")
+    ap.add_argument("--out", default=None, help="append the tables to this file")
+    ap.add_argument("--json", default=None, help="write every figure to this file")
+    args = ap.parse_args()
+    if args.tiny:
+        args.shape = "tiny"
+        for k, v in dict(prompts=4, n=2, prompt_min=8, prompt_max=24, out_median=12, out_min=4, out_max=40, concurrency=8,
+                         max_running=8).items():
+            setattr(args, k, v)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else (args.device if args.device != "auto" else "cpu"))
+    on_gpu = device.type == "cuda"
+    paths = [p for p in args.paths.split(",") if p]
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = [p for p in paths if p not in PATHS] + [m for m in modes if m not in ("sampled", "greedy")]
+    if unknown:
+        raise SystemExit(f"unknown path or mode {unknown}; paths: {PATHS}, modes: sampled, greedy")
+
+    from hotswap import Engine
+
+    overrides = {k: int(v) for k, v in (kv.split("=", 1) for kv in args.engine)}
+    ckpt = config_only_checkpoint(Path(tempfile.mkdtemp()) / args.shape, args.shape, "bfloat16" if on_gpu else "float32",
+                                  max_positions=args.prompt_max + args.out_max + 16)
+    engine = Engine(str(ckpt), device=str(device), load_format="dummy", max_running_requests=args.max_running, **overrides)
+    w = make_workload(args, engine.model_config.vocab_size)
+    bw = d2d_bytes_per_s(device)
+    roof = schedule_roofline(w, args.max_running, weight_bytes(engine), kv_bytes_per_token(engine), bw)
+    title = (f"rollout, {args.shape}, {device_name(device)}, {engine.model_config.torch_dtype}: {args.prompts} prompts x {args.n}, "
+             f"prompts {args.prompt_min}-{args.prompt_max}, outputs lognormal median {args.out_median:g} sigma {args.out_sigma:g} "
+             f"in [{args.out_min}, {args.out_max}] ({sum(w.out_lens):,} tokens), max_running {args.max_running}, "
+             f"{args.concurrency} HTTP clients; {ceilings_line(device)}")
+
+    server = url = None
+    if any(p != "offline" for p in paths):
+        from hotswap.server.app import create_app
+        from hotswap.server.launch import ServerThread
+
+        server = ServerThread(create_app(engine)).start()
+        url = server.url
+    results: dict = {"roofline": roof, "title": title, "runs": {}}
+    rows = []
+    try:
+        for mode in modes:
+            warm = Workload(prompts=w.prompts[: args.max_running], out_lens=[min(8, n) for n in w.out_lens[: args.max_running]],
+                            seeds=w.seeds[: args.max_running])
+            run_path(engine, "offline", warm, mode, args, url)  # graphs, compiles, allocator
+            offline = None
+            for path in paths:
+                r = run_path(engine, path, w, mode, args, url)
+                results["runs"][f"{mode}/{path}"] = r
+                if "timed_out" in r:
+                    rows.append([mode, path, f"> {r['timed_out']:g} (aborted)", "-", "-", "-", "-"])
+                    continue
+                offline = r["seconds"] if path == "offline" else offline
+                rows.append([mode, path, f"{r['seconds']:.2f}", f"{r['tokens'] / r['seconds']:,.0f}",
+                             f"{100 * roof['seconds'] / r['seconds']:.1f}%" if on_gpu else "-",
+                             f"{r['seconds'] / offline:.2f}" if offline else "-",
+                             f"{r['tail_seconds']:.2f} ({100 * r['tail_seconds'] / r['seconds']:.0f}%)"])
+    finally:
+        if server is not None:
+            server.stop()
+        engine.shutdown()
+    text = print_table(title, ["mode", "path", "wall s", "output tok/s", "% of schedule roofline", "/ offline",
+                               f"tail s (< {TAIL_ROWS} running)"], rows)
+    text += (f"\nschedule roofline: {roof['seconds']:.2f} s over {roof['steps']:,} decode steps at {bw / 1e9:,.0f} GB/s; "
+             f"tail {roof['tail_steps']:,} steps, {roof['tail_seconds']:.2f} s\n")
+    print(text.splitlines()[-1], flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(text + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
