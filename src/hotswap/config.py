@@ -150,6 +150,8 @@ class EngineConfig:
     check_weights_finite: bool = False  # refuse updates holding NaN or Inf (costs one pass over the data)
     check_invariants_when_idle: bool = False
     seed: int = 0
+    stream_interval: int = 1  # a streaming request gets an output every this many tokens (SGLang's --stream-interval)
+    max_queue_wait_s: float = 300.0  # the longest a request queues while generation is paused or a session is open
     tensor_parallel_size: int = 1  # > 1: one worker process per extra rank (cuda:k+r; gloo ranks on the CPU)
     tp_timeout_s: float = 600.0  # the longest rank 0 waits on a tensor-parallel worker before declaring the engine broken
 
