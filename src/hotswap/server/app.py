@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import hotswap
 from hotswap import protocol as p
 from hotswap.server import openai_api, weights_api
+from hotswap.server.body_limit import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
 from hotswap.server.generation import ClientRids, apply_no_stop_trim, engine_error, normalize_sampling_params, open_stream
 from hotswap.server.http_utils import (
     SSE_DONE,
@@ -423,8 +424,10 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
 # ---- the factory ------------------------------------------------------------------------------------
 
 
-def create_app(engine, *, api_key: str | None = None, served_model_name: str | None = None) -> FastAPI:
-    """Build the HTTP app on a running Engine. The caller owns the engine (and shuts it down)."""
+def create_app(engine, *, api_key: str | None = None, served_model_name: str | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """Build the HTTP app on a running Engine. The caller owns the engine (and shuts it down).
+    `max_body_bytes`: larger request bodies get 413 (0: no limit)."""
     state = ServerState(engine, api_key=api_key, served_model_name=served_model_name)
     app = FastAPI(title="hotswap", version=hotswap.__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.hotswap = state
@@ -457,5 +460,6 @@ def create_app(engine, *, api_key: str | None = None, served_model_name: str | N
     _register_native(app, state)
     openai_api.register(app, state)
     weights_api.register(app, state)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     app.add_middleware(ServerMiddleware, state=state)
     return app
