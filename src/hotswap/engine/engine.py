@@ -120,6 +120,7 @@ class Engine:
         self.scheduler = Scheduler(self.config, self.model_runner, self.tokenizer, eos, self.max_context_len)
         self.prep = RequestPrep(encode=self.encode, vocab_size=self.model_config.vocab_size, max_context_len=self.max_context_len,
                                 seed=self.config.seed)
+        self._decode = self.scheduler.streamer.decode  # the one decoder (a fast tokenizer's backend when it can)
         self._mailboxes = Mailboxes(abort=lambda rid: self.scheduler.submit(p.AbortRequest(rid=rid, message="the consumer's event loop closed")))
         self.scheduler.start()
         self._closed = False
@@ -238,9 +239,6 @@ class Engine:
             for c in call.collectors:
                 if not c.finished:
                     self.scheduler.submit(p.AbortRequest(rid=c.rid, message=message))
-
-    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
-        return self.scheduler.streamer.decode(ids, skip_special_tokens)
 
     def abort_request(self, rid: str | None = None) -> p.ControlOutput:
         return self._call(p.AbortRequest(rid=rid))
