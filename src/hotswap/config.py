@@ -153,6 +153,8 @@ class EngineConfig:
     seed: int = 0
     # logprobs of the raw logits instead of the temperature-scaled distribution (SGLang's SGLANG_RETURN_ORIGINAL_LOGPROB)
     return_original_logprob: bool = False
+    stream_interval: int = 1  # a streaming request gets an output every this many tokens (SGLang's --stream-interval)
+    max_queue_wait_s: float = 300.0  # the longest a request queues while generation is paused or a session is open
     tensor_parallel_size: int = 1  # > 1: one worker process per extra rank (cuda:k+r; gloo ranks on the CPU)
     tp_timeout_s: float = 600.0  # the longest rank 0 waits on a tensor-parallel worker before declaring the engine broken
     # shared-memory blocks of update_weights_from_tensor must be named with this token's prefix

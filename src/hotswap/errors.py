@@ -15,3 +15,8 @@ class UnsupportedModelError(HotswapError):
 
 class SamplingParamsError(HotswapError):
     """A sampling parameter is unknown or out of range."""
+
+
+class EngineUnavailableError(HotswapError):
+    """Generation cannot run now (memory released, or held past the queue bound); the message says why.
+    Over HTTP: 503."""

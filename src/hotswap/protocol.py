@@ -6,6 +6,7 @@ requests stream `GenerateOutput`s into their sink.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -37,8 +38,10 @@ class GenerateRequest:
     sampling_params: SamplingParams
     seed: int
     sink: Callable[[GenerateOutput], None]
+    flush: Callable[[], None] | None = None  # called once per scheduler step after this step's outputs are sunk
     stream: bool = False  # deliver an output per step (else only the finished one)
-    stream_text: bool = False  # detokenize incrementally (streaming or stop strings)
+    stream_text: bool = False  # detokenize incrementally on the scheduler thread (stop strings need it)
+    submitted_at: float = field(default_factory=time.monotonic)  # bounds how long it may wait while generation is held
 
 
 @dataclass(kw_only=True, slots=True)

@@ -7,69 +7,77 @@ import asyncio
 import contextlib
 import dataclasses
 import queue
-import random
-import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from hotswap import protocol as p
 from hotswap.cache.page_allocator import PoolCapacity
 from hotswap.config import EngineConfig, model_config_for
+from hotswap.engine.collector import Collector, IncrementalDetokenizer
+from hotswap.engine.delivery import CallInbox, Mailboxes
+from hotswap.engine.request_prep import PreparedCall, RequestPrep
 from hotswap.engine.tokenizer import load_tokenizer
 from hotswap.errors import HotswapError
 from hotswap.runner.model_runner import ModelRunner
 from hotswap.runner.tp_peers import TPPeers
-from hotswap.sampling_params import SamplingParams
 from hotswap.scheduler.scheduler import Scheduler
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
 
 
-@dataclass(slots=True)
-class _Collector:
-    """Accumulates one request's streamed pieces into SGLang's output dict."""
+@dataclass(kw_only=True, slots=True)
+class _Call:
+    """One generate call in flight: its requests' collectors, fed with outputs as they arrive."""
 
-    rid: str
-    return_logprob: bool
-    text: str = ""
-    output_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list = field(default_factory=list)
-    versions: list[str] = field(default_factory=list)
-    last: p.GenerateOutput | None = None
+    collectors: list[Collector]
+    single: bool
+    stream: bool
+    by_rid: dict[str, Collector] = dataclasses.field(init=False)
+    remaining: int = dataclasses.field(init=False)
 
-    def add(self, out: p.GenerateOutput) -> None:
-        self.text += out.text_delta
-        self.output_ids += out.new_token_ids
-        self.logprobs += out.new_logprobs
-        self.top_logprobs += out.new_top_logprobs
-        self.versions += out.new_token_versions
-        self.last = out
+    def __post_init__(self) -> None:
+        self.by_rid = {c.rid: c for c in self.collectors}
+        self.remaining = len(self.collectors)
 
-    def to_dict(self, delta: p.GenerateOutput | None = None) -> dict:
-        out = self.last
-        meta = {
-            "id": self.rid,
-            "prompt_tokens": out.prompt_tokens,
-            "completion_tokens": len(self.output_ids),
-            "cached_tokens": out.cached_tokens,
-            "finish_reason": out.finish_reason,
-            "weight_version": out.weight_version,
-        }
-        if len(set(self.versions)) > 1:
-            meta["weight_versions"] = list(self.versions)
-        if self.return_logprob:
-            meta["output_token_logprobs"] = [(lp, tid, None) for lp, tid in zip(self.logprobs, self.output_ids)]
-            if any(self.top_logprobs):
-                meta["output_top_logprobs"] = [[(lp, tid, None) for lp, tid in top] for top in self.top_logprobs]
-        result = {"text": self.text, "output_ids": list(self.output_ids), "meta_info": meta}
-        if delta is not None:
-            result["delta_text"] = delta.text_delta
-            result["delta_output_ids"] = list(delta.new_token_ids)
-        return result
+    @property
+    def done(self) -> bool:
+        return self.remaining == 0
+
+    def feed(self, outs: list[p.GenerateOutput]) -> list[dict]:
+        """Take a batch of outputs; several for one request coalesce into one chunk (returned when streaming).
+        Raises EngineUnavailableError when the engine refused a request."""
+        groups: dict[str, list[p.GenerateOutput]] = {}
+        for out in outs:
+            groups.setdefault(out.rid, []).append(out)
+        chunks = []
+        for rid, group in groups.items():
+            c = self.by_rid[rid]
+            delta = c.add(group)
+            if c.finished:
+                self.remaining -= 1
+                refused = c.refusal()
+                if refused is not None:
+                    raise refused
+            if self.stream:
+                chunks.append(c.to_dict(delta))
+        return chunks
+
+    def result(self):
+        results = [c.to_dict() for c in self.collectors]
+        return results[0] if self.single else results
+
+
+def _take(q: queue.Queue) -> list[p.GenerateOutput]:
+    """Everything in a thread queue (waits for at least one output)."""
+    items = [q.get()]
+    while True:
+        try:
+            items.append(q.get_nowait())
+        except queue.Empty:
+            return items
 
 
 class Engine:
@@ -87,6 +95,10 @@ class Engine:
         if unknown:
             raise HotswapError(f"unknown engine argument(s): {', '.join(unknown)}")
         self.config = EngineConfig(model_path=str(model_path), dtype=dtype, device=device, **engine_args)
+        if not isinstance(self.config.stream_interval, int) or self.config.stream_interval < 1:
+            raise HotswapError(f"stream_interval must be an integer >= 1, got {self.config.stream_interval!r}")
+        if not self.config.max_queue_wait_s > 0:
+            raise HotswapError(f"max_queue_wait_s must be > 0, got {self.config.max_queue_wait_s!r}")
         self.device = self.config.resolved_device()
         self.model_config = model_config_for(self.config)
         tp_size = self.config.tensor_parallel_size
@@ -104,10 +116,16 @@ class Engine:
         with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
             self.model_runner = self._start_runner()
         self.scheduler = Scheduler(self.config, self.model_runner, self.tokenizer, eos, self.max_context_len)
-        self._rng = random.Random(self.config.seed)
-        self._rng_lock = threading.Lock()
+        self.prep = RequestPrep(encode=self.encode, vocab_size=self.model_config.vocab_size, max_context_len=self.max_context_len,
+                                seed=self.config.seed)
+        self._decode = self.scheduler.streamer.decode  # the one decoder (a fast tokenizer's backend when it can)
+        self._mailboxes = Mailboxes(abort=lambda rid: self.scheduler.submit(p.AbortRequest(rid=rid, message="the consumer's event loop closed")))
         self.scheduler.start()
         self._closed = False
+
+    def encode(self, text: str) -> list[int]:
+        """A text prompt's token ids."""
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _start_runner(self) -> ModelRunner:
         """This process's ModelRunner; under tensor parallelism the workers are spawned first and build
@@ -145,135 +163,80 @@ class Engine:
                 self.scheduler.weight_updater.close()
                 self.model_runner.close()
 
-    # ---- generation --------------------------------------------------------------------------------
-
-    def _prepare(self, prompt, sampling_params, input_ids, return_logprob: bool, top_logprobs_num: int, stream: bool):
-        """Validate everything up front and build (request args, collector) per output; raises on bad input."""
-        if (prompt is None) == (input_ids is None):
-            raise HotswapError("give exactly one of prompt or input_ids")
-        single = isinstance(prompt, str) or (input_ids is not None and (not input_ids or isinstance(input_ids[0], int)))
-        if prompt is not None:
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            if not all(isinstance(x, str) for x in prompts):
-                raise HotswapError("prompt must be a string or a list of strings")
-            id_lists = [self.tokenizer.encode(x, add_special_tokens=False) if x else [] for x in prompts]
-        else:
-            id_lists = [list(input_ids)] if single else [list(x) for x in input_ids]
-        if isinstance(sampling_params, list):
-            if len(sampling_params) != len(id_lists):
-                raise HotswapError(f"{len(sampling_params)} sampling_params for {len(id_lists)} prompts")
-            sps = [SamplingParams.from_dict(sp) for sp in sampling_params]
-        else:
-            sp = SamplingParams.from_dict(dict(sampling_params) if isinstance(sampling_params, dict) else sampling_params)
-            sps = [sp] * len(id_lists)
-        if return_logprob or top_logprobs_num:
-            sps = [dataclasses.replace(sp, return_logprob=True, top_logprobs_num=max(sp.top_logprobs_num, top_logprobs_num)) for sp in sps]
-        vocab = self.model_config.vocab_size
-        for i, ids in enumerate(id_lists):
-            if not ids:
-                raise HotswapError(f"prompt {i} is empty")
-            if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in ids):
-                raise HotswapError(f"prompt {i} holds token ids outside the vocabulary [0, {vocab})")
-            if len(ids) >= self.max_context_len:
-                raise HotswapError(f"prompt {i} has {len(ids)} tokens; the context length is {self.max_context_len}")
-        jobs = []
-        for ids, sp in zip(id_lists, sps):
-            for k in range(sp.n):
-                seed = sp.seed + k if sp.seed is not None else self._draw_seed()
-                jobs.append((ids, sp, seed))
-        if stream and len(jobs) != 1:
-            raise HotswapError("stream=True takes one prompt with n=1")
-        return single and jobs and sps[0].n == 1, jobs
-
-    def _draw_seed(self) -> int:
-        with self._rng_lock:
-            return self._rng.getrandbits(62)
-
-    @staticmethod
-    def _request(ids: list[int], sp: SamplingParams, seed: int, sink, stream: bool = False) -> p.GenerateRequest:
-        return p.GenerateRequest(rid=uuid.uuid4().hex, input_ids=ids, sampling_params=sp, seed=seed, sink=sink,
-                                 stream=stream, stream_text=stream or bool(sp.stop))
-
-    def _submit(self, ids: list[int], sp: SamplingParams, seed: int, sink, stream: bool = False) -> _Collector:
-        req = self._request(ids, sp, seed, sink, stream)
-        self.scheduler.submit(req)
-        return _Collector(rid=req.rid, return_logprob=sp.return_logprob)
-
-    def _submit_all(self, jobs: list, sink_for) -> list[_Collector]:
-        """All of one call's requests in one message; `sink_for(i)` is the i-th request's sink."""
-        reqs = [self._request(ids, sp, seed, sink_for(i)) for i, (ids, sp, seed) in enumerate(jobs)]
-        self.scheduler.submit(p.GenerateBatch(requests=reqs))
-        return [_Collector(rid=r.rid, return_logprob=r.sampling_params.return_logprob) for r in reqs]
+    # ---- generation: one core (prepare -> submit -> feed outputs), thin sync / async / stream wrappers ----
 
     def generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool = False,
                  top_logprobs_num: int = 0, stream: bool = False):
-        """One prompt -> one dict; a list (or n > 1) -> a list of dicts; stream=True -> an iterator of dicts."""
+        """One prompt -> one dict; a list (or n > 1) -> a list of dicts; stream=True -> an iterator of dicts
+        (each with an `index` when the call fans out to several requests)."""
         self._check_open()
-        single, jobs = self._prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, stream)
+        prepared = self.prep.prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num)
         if stream:
-            return self._stream(*jobs[0])
+            return self._stream(prepared)
         q: queue.Queue = queue.Queue()
-        collectors = self._submit_all(jobs, lambda i: lambda out: q.put((i, out)))
-        remaining = len(collectors)
-        while remaining:
-            i, out = q.get()
-            collectors[i].add(out)
-            remaining -= out.finished
-        results = [c.to_dict() for c in collectors]
-        return results[0] if single else results
+        call = self._start(prepared, stream=False, sink=q.put, flush=None)
+        with self._aborting_unfinished(call, "generate interrupted"):
+            while not call.done:
+                call.feed(_take(q))
+        return call.result()
 
-    def _stream(self, ids, sp, seed) -> Iterator[dict]:
+    def _stream(self, prepared: PreparedCall) -> Iterator[dict]:
         q: queue.Queue = queue.Queue()
-        c = self._submit(ids, sp, seed, q.put, stream=True)
-        try:
-            while True:
-                out = q.get()
-                c.add(out)
-                yield c.to_dict(delta=out)
-                if out.finished:
-                    return
-        finally:
-            if c.last is None or not c.last.finished:  # the consumer stopped early: free the request
-                self.scheduler.submit(p.AbortRequest(rid=c.rid, message="stream closed by the client"))
+        call = self._start(prepared, stream=True, sink=q.put, flush=None)
+        with self._aborting_unfinished(call, "stream closed by the client"):
+            while not call.done:
+                yield from call.feed(_take(q))
 
     async def async_generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool = False,
                              top_logprobs_num: int = 0, stream: bool = False):
-        """Awaitable generate; with stream=True returns an async iterator of dicts."""
+        """Awaitable generate; with stream=True returns an async iterator of dicts. Tokenization and
+        validation run in a worker thread, never on the event loop."""
         self._check_open()
-        single, jobs = self._prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, stream)
+        prepared = await asyncio.to_thread(self.prep.prepare, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num)
         if stream:
-            return self._astream(*jobs[0])
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-        collectors = self._submit_all(jobs, lambda i: lambda out: loop.call_soon_threadsafe(q.put_nowait, (i, out)))
-        remaining = len(collectors)
-        try:
-            while remaining:
-                i, out = await q.get()
-                collectors[i].add(out)
-                remaining -= out.finished
-        except asyncio.CancelledError:
-            for c in collectors:
-                if c.last is None or not c.last.finished:
-                    self.scheduler.submit(p.AbortRequest(rid=c.rid, message="client cancelled"))
-            raise
-        results = [c.to_dict() for c in collectors]
-        return results[0] if single else results
+            return self._astream(prepared)
+        inbox = CallInbox()
+        box = self._mailboxes.for_running_loop()
+        call = self._start(prepared, stream=False, sink=box.sink(inbox), flush=box.flush)
+        with self._aborting_unfinished(call, "client cancelled"):
+            while not call.done:
+                call.feed(await inbox.take())
+        return call.result()
 
-    async def _astream(self, ids, sp, seed) -> AsyncIterator[dict]:
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-        c = self._submit(ids, sp, seed, lambda out: loop.call_soon_threadsafe(q.put_nowait, out), stream=True)
+    async def _astream(self, prepared: PreparedCall) -> AsyncIterator[dict]:
+        inbox = CallInbox()
+        box = self._mailboxes.for_running_loop()
+        call = self._start(prepared, stream=True, sink=box.sink(inbox), flush=box.flush)
+        with self._aborting_unfinished(call, "stream closed by the client"):
+            while not call.done:
+                for chunk in call.feed(await inbox.take()):
+                    yield chunk
+
+    def _start(self, prepared: PreparedCall, *, stream: bool, sink, flush) -> _Call:
+        """Submit every request of a call in one message; outputs reach `sink`, `flush` once per step."""
+        reqs, collectors = [], []
+        multi = len(prepared.requests) > 1
+        for i, r in enumerate(prepared.requests):
+            sp = r.sampling_params
+            # streamed text is detokenized by the consumer unless stop strings need it on the scheduler
+            detok = IncrementalDetokenizer(decode=self._decode, skip_special_tokens=sp.skip_special_tokens) if stream and not sp.stop else None
+            req = p.GenerateRequest(rid=uuid.uuid4().hex, input_ids=r.input_ids, sampling_params=sp, seed=r.seed, sink=sink,
+                                    flush=flush, stream=stream, stream_text=bool(sp.stop))
+            reqs.append(req)
+            collectors.append(Collector(rid=req.rid, return_logprob=sp.return_logprob, index=i if multi else None, detok=detok))
+        call = _Call(collectors=collectors, single=prepared.single, stream=stream)
+        self.scheduler.submit(p.GenerateBatch(requests=reqs))
+        return call
+
+    @contextlib.contextmanager
+    def _aborting_unfinished(self, call: _Call, message: str):
+        """However the consumer leaves (done, cancelled, closed early, refused), free what still runs."""
         try:
-            while True:
-                out = await q.get()
-                c.add(out)
-                yield c.to_dict(delta=out)
-                if out.finished:
-                    return
+            yield
         finally:
-            if c.last is None or not c.last.finished:
-                self.scheduler.submit(p.AbortRequest(rid=c.rid, message="stream closed by the client"))
+            for c in call.collectors:
+                if not c.finished:
+                    self.scheduler.submit(p.AbortRequest(rid=c.rid, message=message))
 
     def abort_request(self, rid: str | None = None) -> p.ControlOutput:
         return self._call(p.AbortRequest(rid=rid))

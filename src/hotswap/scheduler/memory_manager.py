@@ -26,6 +26,11 @@ class MemoryManager:
     def any_released(self) -> bool:
         return bool(self.device_memory.released)
 
+    @property
+    def released(self) -> frozenset[str]:
+        """The tags whose device memory is released now."""
+        return frozenset(self.device_memory.released)
+
     def _tags(self, tags: list[str] | None) -> list[str] | str:
         if tags is None:
             return list(TAGS)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from hotswap.protocol import GenerateOutput
 from hotswap.scheduler.sequence import Sequence
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -13,9 +16,12 @@ class OutputStreamer:
     tokenizer: object  # a transformers tokenizer; only `decode` (and a fast tokenizer's backend) is used
     eos_token_ids: frozenset[int]
     max_context_len: int
+    stream_interval: int = 1  # a streaming request gets an output every this many tokens (SGLang's stream_interval)
     # the Rust tokenizer of a fast HF tokenizer, used directly where `tokenizer.decode` would add only its
     # per-token input checks (no clean-up pass configured); None: every decode goes through `tokenizer.decode`
     backend: object | None = field(init=False)
+    # each consumer's per-step flush, called once after the step's outputs are sunk (one hand-off per step)
+    pending_flushes: dict = field(init=False, default_factory=dict)  # callable -> None (an ordered set)
 
     def __post_init__(self) -> None:
         cleanup = getattr(self.tokenizer, "clean_up_tokenization_spaces", False)
@@ -97,8 +103,18 @@ class OutputStreamer:
 
     def emit(self, seq: Sequence, weight_version: str) -> None:
         """Stream what the client of a running sequence has not seen yet (everything new since the last emit)."""
-        if seq.sent_tokens < len(seq.output_ids):
+        if len(seq.output_ids) - seq.sent_tokens >= self.stream_interval:
             self._send(seq, weight_version, False, seq.text)
+
+    def flush(self) -> None:
+        """Hand this step's outputs over: one call per consumer (e.g. one event-loop wake-up), not per token.
+        A failing consumer costs only itself (its sink is expected to abort its own requests)."""
+        flushes, self.pending_flushes = self.pending_flushes, {}
+        for fn in flushes:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - never let one consumer end the scheduler loop
+                log.exception("a consumer's flush failed")
 
     def _send(self, seq: Sequence, weight_version: str, finished: bool, text: str) -> None:
         """`text`: the sequence's whole text so far (final when finished)."""
@@ -125,4 +141,9 @@ class OutputStreamer:
         )
         seq.sent_tokens = len(seq.output_ids)
         seq.sent_text += len(delta)
-        seq.req.sink(out)
+        try:
+            seq.req.sink(out)
+        except Exception:  # noqa: BLE001 - a broken consumer must not end the loop for everyone else
+            log.exception("delivering an output of %s failed", seq.rid)
+        if seq.req.flush is not None:
+            self.pending_flushes[seq.req.flush] = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 
@@ -57,7 +58,8 @@ class Scheduler:
             chunked_prefill_size=config.chunked_prefill_size,
             max_context_len=max_context_len,
         )
-        self.streamer = OutputStreamer(tokenizer=tokenizer, eos_token_ids=frozenset(eos_token_ids), max_context_len=max_context_len)
+        self.streamer = OutputStreamer(tokenizer=tokenizer, eos_token_ids=frozenset(eos_token_ids), max_context_len=max_context_len,
+                                       stream_interval=config.stream_interval)
         self.invariants = InvariantChecker(allocator=self.allocator, prefix_cache=self.prefix_cache)
         self.memory = MemoryManager(device_memory=DeviceMemory(runner=model_runner), can_release=self.memory_may_change, reset_prefix_cache=self.flush_cache,
                                     peers=model_runner.tp_peers)
@@ -154,6 +156,7 @@ class Scheduler:
                 self.streamer.emit_finished([seq], self.weight_updater.weight_version)
             if fut is not None:
                 _reply(fut, None if reqs else p.ControlOutput(success=False, message=f"{type(request).__name__} not run: {self.dead}"))
+        self.streamer.flush()
 
     def loop(self) -> None:
         """One step stays in flight: the next batch is scheduled and launched (its decode inputs taken
@@ -170,11 +173,13 @@ class Scheduler:
             self.receive(block=self.nothing_to_run() and inflight is None)
             self.run_deferred()
             self.weight_updater.expire_session()
+            self.expire_held()
             batch = self.schedule()
             launched = self.launch(batch, inflight) if batch is not None else None
             if inflight is not None:
                 self.process(inflight)
             inflight = launched
+            self.streamer.flush()
             if inflight is None and self.config.check_invariants_when_idle and not self.batcher.has_work:
                 self.log_broken_invariants()
 
@@ -203,7 +208,7 @@ class Scheduler:
         return InFlight(seqs=batch.seqs, entries=batch.entries, result=result, version=self.weight_updater.weight_version)
 
     def receive(self, block: bool) -> None:
-        timeout = 0.5 if self.weight_updater.session_open else None
+        timeout = 0.5 if self.weight_updater.generation_held else None  # sessions and queued requests expire
         try:
             item = self.inbox.get(block=block, timeout=timeout if block else None)
         except queue.Empty:
@@ -294,6 +299,11 @@ class Scheduler:
         self.stats["requests"] += 1
         self.stats["prompt_tokens"] += len(req.input_ids)
         seq = Sequence(req=req)
+        if self.memory.any_released():  # nothing can run until a resume, which may never come: refuse now
+            self.finish(seq, {"type": "abort", "status_code": 503,
+                              "message": f"generation is unavailable: memory is released ({', '.join(sorted(self.memory.released))}); "
+                                         "resume_memory_occupation first"})
+            return
         if req.sampling_params.max_new_tokens == 0:
             self.finish(seq, {"type": "length", "length": 0})
             return
@@ -301,6 +311,21 @@ class Scheduler:
             self.finish(seq, {"type": "abort", "message": f"prompt of {len(req.input_ids)} tokens does not fit the KV cache"})
             return
         self.batcher.add(seq)
+
+    def expire_held(self) -> None:
+        """While generation is held (paused, or a weight-update session is open) new requests queue, as in
+        SGLang, but only for `max_queue_wait_s`: then they are refused, saying why."""
+        if not self.weight_updater.generation_held or not self.batcher.waiting:
+            return
+        limit = self.config.max_queue_wait_s
+        deadline = time.monotonic() - limit
+        expired = [s for s in self.batcher.waiting if not s.output_ids and s.req.submitted_at < deadline]
+        if expired:
+            why = "a weight-update session is open" if self.weight_updater.session_open else "generation is paused"
+            for seq in expired:
+                seq.finish_reason = {"type": "abort", "status_code": 503,
+                                     "message": f"generation is unavailable: {why}; the request waited {limit:g} s (max_queue_wait_s)"}
+            self.finish_all(expired)
 
     def finish(self, seq: Sequence, reason: dict) -> None:
         seq.finish_reason = reason

@@ -26,7 +26,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import hotswap
 from hotswap import protocol as p
 from hotswap.server.access import AccessPolicy
-from hotswap.server.generation import ClientRids, apply_no_stop_trim, expand_jobs, merge_streams, normalize_sampling_params, open_streams
+from hotswap.server.body_limit import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
+from hotswap.server.generation import ClientRids, apply_no_stop_trim, engine_error, normalize_sampling_params, open_stream
 from hotswap.server.http_utils import (
     SSE_DONE,
     APIError,
@@ -48,6 +49,13 @@ from hotswap.server.weights_api import register as register_weight_routes
 from hotswap.wire.ipc import shm_block_prefix
 
 log = logging.getLogger("hotswap.server")
+
+# apply_chat_template's own parameters: a client may pass template variables, never these (a template
+# given here would be executed).
+_TEMPLATE_OWN_ARGS = frozenset({"chat_template", "conversation", "tools", "documents", "tokenize", "padding", "truncation", "max_length",
+                                "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+                                "add_generation_prompt", "continue_final_message"})
+_MAX_TEMPLATE_KWARGS_BYTES = 16 << 10
 
 # Status code nginx uses for "client closed request"; only ever logged, the client is gone.
 _CLIENT_CLOSED = 499
@@ -131,6 +139,14 @@ class ServerState:
                 raise APIError(400, f"messages[{i}].content must be a string or a list of text parts", param="messages")
             msgs.append({**m, "content": content})
         extra = dict(kwargs or {})
+        # only the server's own template runs (transformers renders it in a sandboxed Jinja environment): a
+        # template, or any other argument of apply_chat_template itself, is refused when a client sends it
+        refused = sorted(set(extra) & _TEMPLATE_OWN_ARGS)
+        if refused:
+            raise APIError(400, f"chat_template_kwargs may not set {', '.join(refused)}: the server's chat template is the only one that runs",
+                           param="chat_template_kwargs")
+        if len(dumps(extra)) > _MAX_TEMPLATE_KWARGS_BYTES:
+            raise APIError(400, f"chat_template_kwargs is larger than {_MAX_TEMPLATE_KWARGS_BYTES} bytes", param="chat_template_kwargs")
         if tools:
             extra["tools"] = tools
         try:
@@ -346,16 +362,8 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
         state.check_serving()
         if (body.text is None) == (body.input_ids is None):
             raise APIError(400, "give exactly one of text or input_ids", param="text")
-        if body.text is not None:
-            single = isinstance(body.text, str)
-            prompts: list[str] | None = [body.text] if single else list(body.text)
-            id_lists = None
-            count = len(prompts)
-        else:
-            single = not body.input_ids or isinstance(body.input_ids[0], int)
-            prompts = None
-            id_lists = [list(body.input_ids)] if single else [list(x) for x in body.input_ids]
-            count = len(id_lists)
+        single = isinstance(body.text, str) if body.text is not None else (not body.input_ids or isinstance(body.input_ids[0], int))
+        count = 1 if single else len(body.text if body.text is not None else body.input_ids)
         if count == 0:
             raise APIError(400, "empty batch", param="text")
         if isinstance(body.sampling_params, list):
@@ -369,6 +377,10 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
         return_logprob = any(body.return_logprob) if isinstance(body.return_logprob, list) else body.return_logprob
         top_n = max(body.top_logprobs_num, default=0) if isinstance(body.top_logprobs_num, list) else body.top_logprobs_num
         client_rids = [body.rid] if isinstance(body.rid, str) else list(body.rid or [])
+        # the engine prepares, validates and fans out (prompts x n, seeds) on every path, streaming or not
+        kwargs = {"prompt": body.text, "input_ids": body.input_ids, "sampling_params": sps if isinstance(body.sampling_params, list) else sps[0],
+                  "return_logprob": return_logprob, "top_logprobs_num": top_n}
+        owners = [i for i, sp in enumerate(sps) for _ in range(sp.get("n", 1) if isinstance(sp.get("n", 1), int) else 1)]
 
         def post(out: dict, trim: bool, delta: bool = False) -> dict:
             if trim:
@@ -378,63 +390,53 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
             return out
 
         if not body.stream:
-            coro = engine.async_generate(prompt=body.text, input_ids=body.input_ids,
-                                         sampling_params=sps if isinstance(body.sampling_params, list) else sps[0],
-                                         return_logprob=return_logprob, top_logprobs_num=top_n)
-            task = asyncio.ensure_future(coro)
+            task = asyncio.ensure_future(engine.async_generate(**kwargs))
             entry = state.client_rids.register(client_rids)
             if entry is not None:
                 entry.cancel = task.cancel
             try:
                 result = await await_unless_disconnected(request, task)
-            except (ValueError, TypeError) as exc:  # validation in the engine (HotswapError is a ValueError)
-                raise APIError(400, str(exc)) from None
+            except (ValueError, TypeError) as exc:  # the engine refused (HotswapError is a ValueError)
+                raise engine_error(exc) from None
             except RequestCancelled:
-                n_total = sum(sp.get("n", 1) for sp in sps)
-                stubs = [_aborted_stub(0, "aborted by /abort_request") for _ in range(n_total)]
-                return JSONResponse(stubs[0] if single and n_total == 1 else stubs)
+                stubs = [_aborted_stub(0, "aborted by /abort_request") for _ in owners]
+                return JSONResponse(stubs[0] if single and len(owners) == 1 else stubs)
             finally:
                 state.client_rids.release(client_rids, entry)
             outs = result if isinstance(result, list) else [result]
-            per_prompt_n = [sp.get("n", 1) for sp in sps]
-            owners = [i for i, n in enumerate(per_prompt_n) for _ in range(n)]
             for out, owner in zip(outs, owners):
                 post(out, trims[owner])
             state.metrics.observe_generation("/generate", outs)
             return JSONResponse(result)
 
-        jobs = expand_jobs(prompts, id_lists, sps, return_logprob=return_logprob, top_logprobs_num=top_n)
-        owners = [i for i, sp in enumerate(sps) for _ in range(sp.get("n", 1))]
-        try:
-            streams = await open_streams(engine, jobs)
-        except (ValueError, TypeError) as exc:
-            raise APIError(400, str(exc)) from None
-        multi = len(streams) > 1
         entry = state.client_rids.register(client_rids)
+        try:
+            chunks = await open_stream(engine, **kwargs)
+        except BaseException:
+            state.client_rids.release(client_rids, entry)
+            raise
 
         async def events():
-            merged = merge_streams(streams)
-            finals: dict[int, dict] = {}
+            finals: list[dict] = []
             try:
-                async for i, out in merged:
+                async for out in chunks:
                     erid = out["meta_info"].get("id")
                     if entry is not None and erid and erid not in entry.engine_rids:
                         entry.engine_rids.add(erid)
                         if entry.abort_requested:
                             await engine_call(engine, p.AbortRequest(rid=erid, message="aborted by /abort_request"))
                     finished = out["meta_info"].get("finish_reason") is not None
-                    post(out, trims[owners[i]] and finished, delta=True)
-                    if multi:
-                        out["index"] = i
+                    post(out, trims[owners[out.get("index", 0)]] and finished, delta=True)
                     if finished:
-                        finals[i] = out
+                        finals.append(out)
                     yield sse(out)
             except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
-                yield sse(error_body(APIError(exc.status if isinstance(exc, APIError) else 500, str(exc))))
+                err = exc if isinstance(exc, APIError) else engine_error(exc) if isinstance(exc, ValueError) else APIError(500, str(exc))
+                yield sse(error_body(err))
             finally:
-                await merged.aclose()
+                await chunks.aclose()
                 state.client_rids.release(client_rids, entry)
-                state.metrics.observe_generation("/generate", list(finals.values()))
+                state.metrics.observe_generation("/generate", finals)
             yield SSE_DONE
 
         return DisconnectAwareStreamingResponse(events(), on_disconnect=state.metrics.observe_disconnect)
@@ -443,8 +445,10 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
 # ---- the factory ------------------------------------------------------------------------------------
 
 
-def create_app(engine, *, api_key: str | None = None, served_model_name: str | None = None, policy: AccessPolicy | None = None) -> FastAPI:
-    """Build the HTTP app on a running Engine. The caller owns the engine (and shuts it down)."""
+def create_app(engine, *, api_key: str | None = None, served_model_name: str | None = None, policy: AccessPolicy | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """Build the HTTP app on a running Engine. The caller owns the engine (and shuts it down).
+    `max_body_bytes`: larger request bodies get 413 (0: no limit)."""
     state = ServerState(engine, api_key=api_key, served_model_name=served_model_name, policy=policy or AccessPolicy())
     app = FastAPI(title="hotswap", version=hotswap.__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.hotswap = state
@@ -477,5 +481,6 @@ def create_app(engine, *, api_key: str | None = None, served_model_name: str | N
     _register_native(app, state)
     register_openai_routes(app, state)
     register_weight_routes(app, state)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     app.add_middleware(ServerMiddleware, state=state)
     return app

@@ -1,14 +1,15 @@
 """Engine-facing generation helpers shared by the native and OpenAI routes: SGLang sampling-parameter
-compatibility, fan-out of prompts x n into single streams, merging those streams, and client request ids."""
+compatibility, opening an engine stream (the engine fans prompts x n out itself), engine refusals as HTTP
+errors, and client request ids."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from hotswap.errors import EngineUnavailableError
 from hotswap.server.http_utils import APIError
 
 # SGLang sampling parameters hotswap does not implement. Sent with their neutral value they are dropped,
@@ -21,7 +22,7 @@ _NEUTRAL = {
 }
 _MUST_BE_EMPTY = ("regex", "json_schema", "ebnf", "structural_tag", "logit_bias", "custom_params", "lora_path")
 # Accepted and ignored: they change nothing observable in hotswap's outputs (or only formatting).
-_IGNORED = ("spaces_between_special_tokens", "stream_interval")
+_IGNORED = ("spaces_between_special_tokens", "stream_interval")  # stream_interval: the server's --stream-interval applies
 
 
 def normalize_sampling_params(params: Any) -> tuple[dict, bool]:
@@ -65,92 +66,43 @@ def apply_no_stop_trim(out: dict, *, delta: bool = False) -> None:
             out["delta_text"] += reason["matched"]
 
 
-@dataclass(slots=True)
-class Job:
-    """One engine request (n == 1) of a streamed fan-out."""
-
-    prompt: str | None
-    input_ids: list[int] | None
-    sampling_params: dict
-    return_logprob: bool
-    top_logprobs_num: int
-
-    def kwargs(self) -> dict:
-        kw = {"sampling_params": self.sampling_params, "return_logprob": self.return_logprob, "top_logprobs_num": self.top_logprobs_num}
-        if self.input_ids is not None:
-            kw["input_ids"] = self.input_ids
-        else:
-            kw["prompt"] = self.prompt
-        return kw
+def engine_error(exc: Exception) -> APIError:
+    """A refusal from the engine as an HTTP error: 503 when generation cannot run now, else 400."""
+    if isinstance(exc, EngineUnavailableError):
+        return APIError(503, str(exc), type_="ServiceUnavailableError")
+    return APIError(400, str(exc))
 
 
-def expand_jobs(prompts: list[str] | None, id_lists: list[list[int]] | None, sps: list[dict], *, return_logprob: bool,
-                top_logprobs_num: int) -> list[Job]:
-    """prompts (or id lists) x n -> single jobs in the engine's order (prompt-major), with the engine's
-    seeding rule (seed + k for the k-th sample), so a streamed fan-out equals the non-streamed call."""
-    items = prompts if prompts is not None else id_lists
-    jobs = []
-    for i, item in enumerate(items):
-        sp = sps[i]
-        n = sp.get("n", 1)
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise APIError(400, f"invalid sampling parameter: n must be a positive integer, got {n!r}", param="n")
-        for k in range(n):
-            one = dict(sp, n=1)
-            if sp.get("seed") is not None and isinstance(sp["seed"], int):
-                one["seed"] = sp["seed"] + k
-            jobs.append(Job(prompt=item if prompts is not None else None, input_ids=item if prompts is None else None,
-                            sampling_params=one, return_logprob=return_logprob, top_logprobs_num=top_logprobs_num))
-    return jobs
-
-
-async def open_streams(engine, jobs: list[Job]) -> list[AsyncIterator[dict]]:
-    """Validate every job and create its stream; nothing reaches the scheduler until a stream is iterated,
-    so a bad job refuses the whole call before any request starts. Raises ValueError (HotswapError)."""
-    return [await engine.async_generate(stream=True, **job.kwargs()) for job in jobs]
-
-
-async def merge_streams(streams: list[AsyncIterator[dict]]) -> AsyncIterator[tuple[int, dict]]:
-    """Yield (job index, chunk) from several engine streams as chunks arrive. Closing this iterator (or
-    cancelling its consumer) closes every stream, which aborts their unfinished engine requests."""
-    if len(streams) == 1:
-        it = streams[0]
-        try:
-            async for chunk in it:
-                yield 0, chunk
-        finally:
-            with contextlib.suppress(Exception):
-                await it.aclose()
-        return
-    q: asyncio.Queue = asyncio.Queue()
-    _END = object()
-
-    async def pump(i: int, it: AsyncIterator[dict]) -> None:
-        try:
-            async for chunk in it:
-                q.put_nowait((i, chunk))
-        except Exception as exc:  # delivered to the consumer
-            q.put_nowait((i, exc))
-        finally:
-            with contextlib.suppress(Exception):
-                await it.aclose()
-            q.put_nowait((i, _END))
-
-    tasks = [asyncio.ensure_future(pump(i, it)) for i, it in enumerate(streams)]
+async def open_stream(engine, first_chunk_wait_s: float = 1.0, **kwargs) -> AsyncIterator[dict]:
+    """`engine.async_generate(stream=True, ...)`, waiting up to `first_chunk_wait_s` for its first chunk so
+    that a refusal (bad input: 400; memory released: 503, answered within a scheduler step) is the reply's
+    status. A first chunk that takes longer (generation paused: the request queues) lets the response start;
+    what comes later, a refusal included, is sent in-band."""
     try:
-        remaining = len(tasks)
-        while remaining:
-            i, item = await q.get()
-            if item is _END:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        stream = await engine.async_generate(stream=True, **kwargs)
+    except (ValueError, TypeError) as exc:  # HotswapError is a ValueError
+        raise engine_error(exc) from None
+    first = asyncio.ensure_future(anext(stream))
+    await asyncio.wait({first}, timeout=first_chunk_wait_s)
+    if first.done() and first.exception() is not None:
+        await stream.aclose()
+        exc = first.exception()
+        if isinstance(exc, StopAsyncIteration):
+            raise APIError(500, "the engine ended the stream without output")
+        raise engine_error(exc) if isinstance(exc, (ValueError, TypeError)) else exc
+
+    async def chunks() -> AsyncIterator[dict]:
+        try:
+            yield await first
+            async for chunk in stream:
+                yield chunk
+        finally:
+            if not first.done():
+                first.cancel()
+                await asyncio.gather(first, return_exceptions=True)
+            await stream.aclose()
+
+    return chunks()
 
 
 @dataclass(slots=True)

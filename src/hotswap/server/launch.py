@@ -22,6 +22,7 @@ _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The `hotswap serve` options (SGLang's names where SGLang has them)."""
+    from hotswap.server.body_limit import DEFAULT_MAX_BODY_BYTES
     parser.add_argument("--model-path", required=True,
                         help="local Hugging Face checkpoint folder (config.json, tokenizer, *.safetensors); "
                              "`hotswap make-tiny-model DIR` writes a tiny random one to try")
@@ -70,13 +71,19 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="on SIGTERM, seconds to let running requests finish before aborting them (default 30)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the one-token warm-up generation at start")
+    parser.add_argument("--stream-interval", type=int, default=None,
+                        help="a streaming request gets an output every this many tokens (SGLang's name; default 1)")
+    parser.add_argument("--max-queue-wait-s", type=float, default=None,
+                        help="how long a request may queue while generation is paused or a weight-update session is open (default 300)")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                        help=f"larger request bodies are refused with 413 (default {DEFAULT_MAX_BODY_BYTES}; 0: no limit)")
 
 
 def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
     kw: dict = {}
     for name in ("max_running_requests", "page_size", "num_pages", "max_context_len", "kv_cache_memory_fraction", "attention_backend", "seed",
                  "tensor_parallel_size", "load_format", "tokenizer_path", "chat_template", "weight_update_bucket_bytes",
-                 "weight_session_timeout_s"):
+                 "weight_session_timeout_s", "stream_interval", "max_queue_wait_s"):
         value = getattr(args, name, None)
         if value is not None:
             kw[name] = value
@@ -141,7 +148,8 @@ def serve(args: argparse.Namespace) -> None:
                 engine.generate(input_ids=[probe], sampling_params={"max_new_tokens": 1, "temperature": 0.0})
             bar.update()
             bar.set_postfix_str("building the app")
-            app = create_app(engine, api_key=args.api_key, served_model_name=args.served_model_name, policy=policy)
+            app = create_app(engine, api_key=args.api_key, served_model_name=args.served_model_name, policy=policy,
+                             max_body_bytes=args.max_body_bytes)
             bar.update()
             bar.set_postfix_str(f"ready on http://{host}:{port}")
         except BaseException:

@@ -7,6 +7,7 @@ their neutral value.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from hotswap.server.generation import expand_jobs, merge_streams, open_streams
+from hotswap.server.generation import engine_error, open_stream
 from hotswap.server.http_utils import (
     SSE_DONE,
     APIError,
@@ -167,11 +168,6 @@ def _usage(prompt_tokens: int, outputs: list[dict]) -> dict:
     return usage
 
 
-def _metadata(outputs: list[dict]) -> dict:
-    versions = [o["meta_info"].get("weight_version") for o in outputs if o.get("meta_info")]
-    return {"weight_version": versions[-1] if versions else None}
-
-
 def _slices(meta: dict, start: int, end: int) -> tuple[list, list | None]:
     lps = (meta.get("output_token_logprobs") or [])[start:end]
     tops = meta.get("output_top_logprobs")
@@ -215,22 +211,74 @@ async def _generate_all(state: ServerState, request: Request, id_lists: list[lis
                                        top_logprobs_num=top_logprobs_num)
     try:
         outs = await await_unless_disconnected(request, coro)
-    except (ValueError, TypeError) as exc:  # validation in the engine (HotswapError is a ValueError)
-        raise APIError(400, str(exc)) from None
+    except (ValueError, TypeError) as exc:  # the engine refused (HotswapError is a ValueError)
+        raise engine_error(exc) from None
     return outs if isinstance(outs, list) else [outs]
 
 
-async def _open(state: ServerState, id_lists: list[list[int]], sp: dict, return_logprob: bool, top_logprobs_num: int):
-    jobs = expand_jobs(None, id_lists, [sp] * len(id_lists), return_logprob=return_logprob, top_logprobs_num=top_logprobs_num)
-    try:
-        return await open_streams(state.engine, jobs)
-    except (ValueError, TypeError) as exc:
-        raise APIError(400, str(exc)) from None
-
-
 def _stream_error(exc: Exception) -> bytes:
-    status = exc.status if isinstance(exc, APIError) else 500
-    return sse(error_body(APIError(status, str(exc))))
+    err = exc if isinstance(exc, APIError) else engine_error(exc) if isinstance(exc, ValueError) else APIError(500, str(exc))
+    return sse(error_body(err))
+
+
+def _runs(versions: list[str]) -> list[str]:
+    """Per-token weight versions -> the versions of its consecutive runs (["1", "1", "2"] -> ["1", "2"])."""
+    return [v for j, v in enumerate(versions) if j == 0 or versions[j - 1] != v]
+
+
+def _choice_versions(out: dict) -> list[str]:
+    meta = out["meta_info"]
+    return _runs(meta.get("weight_versions") or [meta.get("weight_version")])
+
+
+def _metadata(outputs: list[dict]) -> dict:
+    """SGLang's `metadata.weight_version` (the last) plus, per choice, the versions its tokens came from."""
+    versions = [o["meta_info"].get("weight_version") for o in outputs if o.get("meta_info")]
+    return {"weight_version": versions[-1] if versions else None, "weight_versions": [_choice_versions(o) for o in outputs]}
+
+
+def _chunk_metadata(out: dict) -> dict:
+    """A streamed chunk's versions: those of the tokens it carries (the current one when it carries none)."""
+    meta = out["meta_info"]
+    return {"weight_version": meta.get("weight_version"), "weight_versions": [_runs(out.get("delta_weight_versions") or [meta.get("weight_version")])]}
+
+
+def _stream_response(state: ServerState, route: str, chunks, *, rid: str, object_name: str, created: int, include_usage: bool,
+                     prompt_tokens: int, no_stop_trim: bool, opening: list[dict], choice) -> DisconnectAwareStreamingResponse:
+    """The one OpenAI streaming loop (completions and chat). `opening`: choices sent before any token (echo,
+    role); `choice(i, text, meta, start, end, finish)`: the route's choice for the tokens [start, end) of
+    request i."""
+    chunk = _chunker(rid, object_name, created, state.served_model_name, include_usage)
+
+    async def events():
+        sent: dict[int, int] = {}
+        finals: dict[int, dict] = {}
+        try:
+            for c in opening:
+                yield chunk([c])
+            async for out in chunks:
+                i = out.get("index", 0)
+                meta = out["meta_info"]
+                fin = finish_reason(meta)
+                text = out.get("delta_text", "") + (_stop_suffix(meta, no_stop_trim) if fin else "")
+                if not text and fin is None:
+                    continue
+                end = len(out["output_ids"])
+                c = choice(i, text, meta, sent.get(i, 0), end, fin)
+                sent[i] = end
+                if fin is not None:
+                    finals[i] = out
+                yield chunk([c], metadata=_chunk_metadata(out))
+            if include_usage:
+                yield chunk([], usage=_usage(prompt_tokens, [finals[i] for i in sorted(finals)]))
+        except Exception as exc:  # noqa: BLE001 - report in-band; the stream has started
+            yield _stream_error(exc)
+        finally:
+            await chunks.aclose()
+            state.metrics.observe_generation(route, list(finals.values()))
+        yield SSE_DONE
+
+    return DisconnectAwareStreamingResponse(events(), on_disconnect=state.metrics.observe_disconnect)
 
 
 # ---- routes -----------------------------------------------------------------------------------------
@@ -259,11 +307,11 @@ def register(app: FastAPI, state: ServerState) -> None:
             raise APIError(400, "echo with logprobs is not supported (hotswap does not score prompt tokens)", param="echo")
         prompt = body.prompt
         if isinstance(prompt, str):
-            id_lists = [state.encode(prompt)]
+            id_lists = [await asyncio.to_thread(state.encode, prompt)]  # tokenization never stalls the event loop
         elif not prompt:
             raise APIError(400, "prompt is empty", param="prompt")
         elif isinstance(prompt[0], str):
-            id_lists = [state.encode(x) for x in prompt]
+            id_lists = await asyncio.to_thread(lambda: [state.encode(x) for x in prompt])
         elif isinstance(prompt[0], int):
             id_lists = [list(prompt)]
         else:
@@ -274,7 +322,7 @@ def register(app: FastAPI, state: ServerState) -> None:
         sp = sampling_dict(state, body, max_tokens)
         want_lp = body.logprobs is not None
         k = body.logprobs or 0
-        echo_texts = [state.decode(ids) for ids in id_lists] if body.echo else None
+        echo_texts = await asyncio.to_thread(lambda: [state.decode(ids) for ids in id_lists]) if body.echo else None
         n = body.n
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -295,46 +343,21 @@ def register(app: FastAPI, state: ServerState) -> None:
                                  "system_fingerprint": state.fingerprint(outs), "choices": choices,
                                  "usage": _usage(prompt_tokens, outs), "metadata": _metadata(outs)})
 
-        streams = await _open(state, id_lists, sp, want_lp, k)
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunk = _chunker(rid, "text_completion", created, state.served_model_name, include_usage)
+        chunks = await open_stream(state.engine, input_ids=id_lists, sampling_params=sp, return_logprob=want_lp, top_logprobs_num=k)
+        offsets: dict[int, int] = {}
 
-        async def events():
-            merged = merge_streams(streams)
-            sent = [0] * len(streams)
-            offsets = [0] * len(streams)
-            finals: dict[int, dict] = {}
-            try:
-                if echo_texts is not None:
-                    for i in range(len(streams)):
-                        offsets[i] = 0
-                        yield chunk([{"index": i, "text": echo_texts[i // n], "logprobs": None, "finish_reason": None}])
-                async for i, out in merged:
-                    meta = out["meta_info"]
-                    fin = finish_reason(meta)
-                    text = out.get("delta_text", "") + (_stop_suffix(meta, body.no_stop_trim) if fin else "")
-                    if not text and fin is None:
-                        continue
-                    end = len(out["output_ids"])
-                    lp = None
-                    if want_lp:
-                        lp = completion_logprobs(state, meta, sent[i], end, k, offsets[i])
-                        offsets[i] += sum(len(t) for t in lp["tokens"])
-                        sent[i] = end
-                    if fin is not None:
-                        finals[i] = out
-                    yield chunk([{"index": i, "text": text, "logprobs": lp, "finish_reason": fin}])
-                if include_usage:
-                    outs = [finals[i] for i in sorted(finals)]
-                    yield chunk([], usage=_usage(prompt_tokens, outs))
-            except Exception as exc:  # noqa: BLE001 - report in-band; the stream has started
-                yield _stream_error(exc)
-            finally:
-                await merged.aclose()
-                state.metrics.observe_generation("/v1/completions", list(finals.values()))
-            yield SSE_DONE
+        def choice(i: int, text: str, meta: dict, start: int, end: int, fin: str | None) -> dict:
+            lp = None
+            if want_lp:
+                lp = completion_logprobs(state, meta, start, end, k, offsets.get(i, 0))
+                offsets[i] = offsets.get(i, 0) + sum(len(t) for t in lp["tokens"])
+            return {"index": i, "text": text, "logprobs": lp, "finish_reason": fin}
 
-        return DisconnectAwareStreamingResponse(events(), on_disconnect=state.metrics.observe_disconnect)
+        opening = [{"index": i, "text": echo_texts[i // n], "logprobs": None, "finish_reason": None}
+                   for i in range(len(id_lists) * n)] if echo_texts is not None else []
+        return _stream_response(state, "/v1/completions", chunks, rid=rid, object_name="text_completion", created=created,
+                                include_usage=bool(body.stream_options and body.stream_options.include_usage),
+                                prompt_tokens=prompt_tokens, no_stop_trim=body.no_stop_trim, opening=opening, choice=choice)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -347,9 +370,10 @@ def register(app: FastAPI, state: ServerState) -> None:
             raise APIError(400, "forcing tool calls is not supported by hotswap", param="tool_choice")
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
-        ids = state.render_chat(body.messages, tools=body.tools if body.tool_choice != "none" else None,
-                                add_generation_prompt=body.add_generation_prompt,
-                                continue_final_message=body.continue_final_message, kwargs=body.chat_template_kwargs)
+        # the chat template runs in a worker thread, never on the event loop
+        ids = await asyncio.to_thread(state.render_chat, body.messages, tools=body.tools if body.tool_choice != "none" else None,
+                                      add_generation_prompt=body.add_generation_prompt,
+                                      continue_final_message=body.continue_final_message, kwargs=body.chat_template_kwargs)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         check_prompt(state, ids, max_tokens, 0)
         if max_tokens is None:
@@ -357,6 +381,7 @@ def register(app: FastAPI, state: ServerState) -> None:
         sp = sampling_dict(state, body, max_tokens)
         want_lp = body.logprobs
         k = body.top_logprobs or 0
+        n = body.n
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         prompt_tokens = len(ids)
@@ -375,42 +400,16 @@ def register(app: FastAPI, state: ServerState) -> None:
                                  "system_fingerprint": state.fingerprint(outs), "choices": choices,
                                  "usage": _usage(prompt_tokens, outs), "metadata": _metadata(outs)})
 
-        streams = await _open(state, [ids], sp, want_lp, k)
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunk = _chunker(rid, "chat.completion.chunk", created, state.served_model_name, include_usage)
+        chunks = await open_stream(state.engine, input_ids=[ids], sampling_params=sp, return_logprob=want_lp, top_logprobs_num=k)
 
-        async def events():
-            merged = merge_streams(streams)
-            sent = [0] * len(streams)
-            finals: dict[int, dict] = {}
-            try:
-                for i in range(len(streams)):
-                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
-                async for i, out in merged:
-                    meta = out["meta_info"]
-                    fin = finish_reason(meta)
-                    text = out.get("delta_text", "") + (_stop_suffix(meta, body.no_stop_trim) if fin else "")
-                    if not text and fin is None:
-                        continue
-                    end = len(out["output_ids"])
-                    lp = None
-                    if want_lp:
-                        lp = chat_logprobs(state, meta, sent[i], end, k)
-                        sent[i] = end
-                    if fin is not None:
-                        finals[i] = out
-                    yield chunk([{"index": i, "delta": {"content": text} if text else {}, "logprobs": lp, "finish_reason": fin}])
-                if include_usage:
-                    outs = [finals[i] for i in sorted(finals)]
-                    yield chunk([], usage=_usage(prompt_tokens, outs))
-            except Exception as exc:  # noqa: BLE001
-                yield _stream_error(exc)
-            finally:
-                await merged.aclose()
-                state.metrics.observe_generation("/v1/chat/completions", list(finals.values()))
-            yield SSE_DONE
+        def choice(i: int, text: str, meta: dict, start: int, end: int, fin: str | None) -> dict:
+            lp = chat_logprobs(state, meta, start, end, k) if want_lp else None
+            return {"index": i, "delta": {"content": text} if text else {}, "logprobs": lp, "finish_reason": fin}
 
-        return DisconnectAwareStreamingResponse(events(), on_disconnect=state.metrics.observe_disconnect)
+        opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None} for i in range(n)]
+        return _stream_response(state, "/v1/chat/completions", chunks, rid=rid, object_name="chat.completion.chunk", created=created,
+                                include_usage=bool(body.stream_options and body.stream_options.include_usage),
+                                prompt_tokens=prompt_tokens, no_stop_trim=body.no_stop_trim, opening=opening, choice=choice)
 
 
 __all__ = ["ChatCompletionRequest", "CompletionRequest", "register"]

@@ -1,0 +1,95 @@
+"""Consumer-side assembly of one request's outputs into SGLang's output dict. Streaming requests without
+stop strings are detokenized here, on the consumer's thread, instead of on the scheduler thread."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hotswap import protocol as p
+from hotswap.errors import EngineUnavailableError
+
+
+@dataclass(kw_only=True, slots=True)
+class IncrementalDetokenizer:
+    """Appends newly complete text as tokens arrive; a trailing partial UTF-8 character waits."""
+
+    decode: object  # (ids, skip_special_tokens) -> str
+    skip_special_tokens: bool
+    prefix_offset: int = 0
+    read_offset: int = 0
+
+    def step(self, ids: list[int]) -> str:
+        prefix = self.decode(ids[self.prefix_offset : self.read_offset], self.skip_special_tokens)
+        full = self.decode(ids[self.prefix_offset :], self.skip_special_tokens)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(ids)
+            return full[len(prefix) :]
+        return ""
+
+
+@dataclass(kw_only=True, slots=True)
+class Collector:
+    """Accumulates one request's pieces. `detok` is set when the scheduler sends no text until the end."""
+
+    rid: str
+    return_logprob: bool
+    index: int | None = None  # the request's place in a fanned-out stream (None: a stream of one)
+    detok: IncrementalDetokenizer | None = None
+    text: str = ""
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list = field(default_factory=list)
+    versions: list[str] = field(default_factory=list)
+    last: p.GenerateOutput | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.last is not None and self.last.finished
+
+    def add(self, outs: list[p.GenerateOutput]) -> dict:
+        """Take one or more consecutive outputs; returns the coalesced delta (text, ids, versions)."""
+        start, old_text = len(self.output_ids), self.text
+        for out in outs:
+            self.output_ids += out.new_token_ids
+            self.logprobs += out.new_logprobs
+            self.top_logprobs += out.new_top_logprobs
+            self.versions += out.new_token_versions
+            if self.detok is None:
+                self.text += out.text_delta
+            elif out.finished:  # the scheduler's full final text is the answer
+                self.text = out.text_delta
+            else:
+                self.text += self.detok.step(self.output_ids)
+            self.last = out
+        delta_text = self.text[len(old_text) :] if self.text.startswith(old_text) else self.text
+        return {"delta_text": delta_text, "delta_output_ids": self.output_ids[start:], "delta_weight_versions": self.versions[start:]}
+
+    def refusal(self) -> EngineUnavailableError | None:
+        """The engine refused to run this request (memory released, held past the queue bound)."""
+        reason = self.last.finish_reason if self.last is not None else None
+        if reason and reason.get("type") == "abort" and reason.get("status_code") == 503 and not self.output_ids:
+            return EngineUnavailableError(reason.get("message", "generation is unavailable"))
+        return None
+
+    def to_dict(self, delta: dict | None = None) -> dict:
+        out = self.last
+        meta = {
+            "id": self.rid,
+            "prompt_tokens": out.prompt_tokens,
+            "completion_tokens": len(self.output_ids),
+            "cached_tokens": out.cached_tokens,
+            "finish_reason": out.finish_reason,
+            "weight_version": out.weight_version,
+        }
+        if len(set(self.versions)) > 1:
+            meta["weight_versions"] = list(self.versions)
+        if self.return_logprob:
+            meta["output_token_logprobs"] = [(lp, tid, None) for lp, tid in zip(self.logprobs, self.output_ids)]
+            if any(self.top_logprobs):
+                meta["output_top_logprobs"] = [[(lp, tid, None) for lp, tid in top] for top in self.top_logprobs]
+        result = {"text": self.text, "output_ids": list(self.output_ids), "meta_info": meta}
+        if delta is not None:
+            result.update(delta)
+        if self.index is not None:
+            result["index"] = self.index
+        return result

@@ -1,0 +1,119 @@
+"""The one place a generate call becomes engine requests: prompts -> token ids, sampling parameters
+normalised and validated, prompts x n fanned out with their seeds. The Engine and the HTTP server both go
+through `RequestPrep.prepare`, so a bad value is refused the same way (a HotswapError naming the field)
+on every path, streaming or not, before anything reaches the scheduler."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from hotswap.errors import HotswapError, SamplingParamsError
+from hotswap.sampling_params import SamplingParams
+
+_INT64_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRequest:
+    """One engine request (one sample of one prompt)."""
+
+    input_ids: list[int]
+    sampling_params: SamplingParams
+    seed: int
+    prompt_index: int  # which prompt of the call it samples
+
+
+@dataclass(slots=True)
+class PreparedCall:
+    requests: list[PreparedRequest]
+    single: bool  # one prompt given bare with n == 1: the caller gets one dict, not a list
+
+
+@dataclass(kw_only=True, slots=True)
+class RequestPrep:
+    encode: Callable[[str], list[int]]  # text -> token ids (the tokenizer's own settings)
+    vocab_size: int
+    max_context_len: int
+    seed: int  # the engine's seed: requests without one draw theirs from it
+    _rng: random.Random = field(init=False)
+    _rng_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+
+    def prepare(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool = False,
+                top_logprobs_num: int = 0) -> PreparedCall:
+        """Validate everything up front; raises HotswapError on bad input and submits nothing."""
+        if (prompt is None) == (input_ids is None):
+            raise HotswapError("give exactly one of prompt or input_ids")
+        id_lists, single = self._token_ids(prompt, input_ids)
+        sps = self._sampling_params(sampling_params, len(id_lists), return_logprob, top_logprobs_num)
+        for i, ids in enumerate(id_lists):
+            self._check_prompt(i, ids)
+        requests = []
+        for i, (ids, sp) in enumerate(zip(id_lists, sps)):
+            one = dataclasses.replace(sp, n=1) if sp.n != 1 else sp
+            for k in range(sp.n):
+                seed = sp.seed + k if sp.seed is not None else self._draw_seed()
+                requests.append(PreparedRequest(input_ids=ids, sampling_params=one, seed=seed, prompt_index=i))
+        return PreparedCall(requests=requests, single=single and sps[0].n == 1)
+
+    def _token_ids(self, prompt, input_ids) -> tuple[list[list[int]], bool]:
+        if prompt is not None:
+            single = isinstance(prompt, str)
+            prompts = [prompt] if single else list(prompt) if isinstance(prompt, (list, tuple)) else None
+            if prompts is None or not all(isinstance(x, str) for x in prompts):
+                raise HotswapError("prompt must be a string or a list of strings")
+            id_lists = [self.encode(x) if x else [] for x in prompts]
+        else:
+            if not isinstance(input_ids, (list, tuple)):
+                raise HotswapError("input_ids must be a list of token ids or a list of such lists")
+            single = not input_ids or not isinstance(input_ids[0], (list, tuple))
+            id_lists = [list(input_ids)] if single else [list(x) if isinstance(x, (list, tuple)) else x for x in input_ids]
+            if not all(isinstance(x, list) for x in id_lists):
+                raise HotswapError("input_ids must be a list of token ids or a list of such lists")
+        if not id_lists:
+            raise HotswapError("empty batch: no prompt given")
+        return id_lists, single
+
+    def _sampling_params(self, sampling_params, count: int, return_logprob: bool, top_logprobs_num: int) -> list[SamplingParams]:
+        if isinstance(sampling_params, list):
+            if len(sampling_params) != count:
+                raise HotswapError(f"{len(sampling_params)} sampling_params for {count} prompts")
+            sps = [SamplingParams.from_dict(sp) for sp in sampling_params]
+        else:
+            sps = [SamplingParams.from_dict(dict(sampling_params) if isinstance(sampling_params, dict) else sampling_params)] * count
+        if not isinstance(return_logprob, bool):
+            raise HotswapError(f"return_logprob must be a boolean, got {return_logprob!r}")
+        if not isinstance(top_logprobs_num, int) or isinstance(top_logprobs_num, bool) or top_logprobs_num < 0:
+            raise SamplingParamsError(f"invalid top_logprobs_num: must be an integer >= 0, got {top_logprobs_num!r}")
+        if return_logprob or top_logprobs_num:
+            sps = [dataclasses.replace(sp, return_logprob=True, top_logprobs_num=max(sp.top_logprobs_num, top_logprobs_num)) for sp in sps]
+        out = []
+        for sp in sps:
+            sp.validate()  # again: a top-level top_logprobs_num was merged in above
+            if sp.top_logprobs_num > self.vocab_size:
+                raise SamplingParamsError(f"invalid top_logprobs_num: {sp.top_logprobs_num} exceeds the vocabulary ({self.vocab_size})")
+            if sp.seed is not None and sp.seed + sp.n - 1 > _INT64_MAX:
+                raise SamplingParamsError(f"invalid sampling parameter: seed must be below 2**63 - n + 1, got {sp.seed!r}")
+            if sp.top_k >= self.vocab_size:  # the whole vocabulary: the same as off
+                sp = dataclasses.replace(sp, top_k=-1)
+            out.append(sp)
+        return out
+
+    def _check_prompt(self, i: int, ids: list) -> None:
+        if not ids:
+            raise HotswapError(f"prompt {i} is empty")
+        vocab = self.vocab_size
+        if any((not isinstance(t, int)) or isinstance(t, bool) or t < 0 or t >= vocab for t in ids):
+            raise HotswapError(f"prompt {i} holds token ids outside the vocabulary [0, {vocab})")
+        if len(ids) >= self.max_context_len:
+            raise HotswapError(f"prompt {i} has {len(ids)} tokens; the context length is {self.max_context_len}")
+
+    def _draw_seed(self) -> int:
+        with self._rng_lock:
+            return self._rng.getrandbits(62)

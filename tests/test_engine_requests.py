@@ -1,0 +1,138 @@
+"""The Engine's one request path: n fan-out and seeds on every wrapper, validation at the door, refusals
+while generation cannot run, bounded queueing while paused, stream_interval, and streaming consumers that
+leave early (inside asyncio.run) costing only their own request."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from hotswap import Engine
+from hotswap.errors import EngineUnavailableError, HotswapError
+
+SAMPLED = {"max_new_tokens": 8, "temperature": 1.0, "ignore_eos": True}
+PROMPT = "Alice likes 12 apples"
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_qwen3):
+    eng = Engine(str(tiny_qwen3), device="cpu", page_size=4, max_queue_wait_s=1.0)
+    yield eng
+    eng.shutdown()
+
+
+def wait_idle(engine: Engine, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (load := engine.get_load()).num_running or load.num_waiting:
+        assert time.monotonic() < deadline, f"engine not idle: {load}"
+        time.sleep(0.02)
+
+
+def test_n_samples_use_seed_plus_k_on_every_path(engine):
+    fanned = engine.generate(PROMPT, dict(SAMPLED, n=3, seed=5))
+    singles = [engine.generate(PROMPT, dict(SAMPLED, seed=5 + k))["output_ids"] for k in range(3)]
+    assert [o["output_ids"] for o in fanned] == singles
+    assert len({tuple(s) for s in singles}) > 1  # the samples differ
+
+    finals = {}
+    for chunk in engine.generate(PROMPT, dict(SAMPLED, n=3, seed=5), stream=True):
+        if chunk["meta_info"]["finish_reason"] is not None:
+            finals[chunk["index"]] = chunk
+    assert [finals[i]["output_ids"] for i in range(3)] == singles
+    assert [finals[i]["text"] for i in range(3)] == [o["text"] for o in fanned]
+
+    async def astream():
+        out = {}
+        async for chunk in await engine.async_generate(PROMPT, dict(SAMPLED, n=3, seed=5), stream=True):
+            out.setdefault(chunk["index"], []).extend(chunk["delta_output_ids"])
+        return out
+
+    deltas = asyncio.run(astream())
+    assert [deltas[i] for i in range(3)] == singles
+    assert [o["output_ids"] for o in asyncio.run(engine.async_generate(PROMPT, dict(SAMPLED, n=3, seed=5)))] == singles
+
+
+def test_unseeded_samples_draw_distinct_seeds(engine):
+    outs = engine.generate([PROMPT, PROMPT], dict(SAMPLED, n=2))
+    assert len(outs) == 4
+    assert len({tuple(o["output_ids"]) for o in outs}) > 1
+
+
+@pytest.mark.parametrize(("kwargs", "named"), [
+    ({"sampling_params": {"seed": 2**63}}, "seed"),
+    ({"sampling_params": {"seed": 2**63 - 1, "n": 2}}, "seed"),
+    ({"sampling_params": {"top_k": 2**63}}, "top_k"),
+    ({"top_logprobs_num": 10**6}, "top_logprobs_num"),
+    ({"top_logprobs_num": -1}, "top_logprobs_num"),
+    ({"sampling_params": {"n": 257}}, "n"),
+])
+def test_out_of_range_values_are_refused_before_anything_runs(engine, kwargs, named):
+    for stream in (False, True):
+        with pytest.raises(HotswapError, match=named):
+            engine.generate(PROMPT, stream=stream, **kwargs)
+    assert engine.get_load().num_waiting == 0
+
+
+def test_a_huge_top_k_means_the_whole_vocabulary(engine):
+    params = dict(SAMPLED, seed=3)
+    assert engine.generate(PROMPT, dict(params, top_k=2**62))["output_ids"] == engine.generate(PROMPT, params)["output_ids"]
+
+
+def test_stream_consumer_leaving_early_inside_asyncio_run_costs_only_its_request(engine):
+    async def read_one():
+        stream = await engine.async_generate(PROMPT, {"max_new_tokens": 200, "temperature": 0, "ignore_eos": True}, stream=True)
+        async for _ in stream:
+            break  # the loop closes with the generator unfinished
+
+    for _ in range(5):
+        asyncio.run(read_one())
+    wait_idle(engine)
+    assert engine.scheduler.dead is None and engine.scheduler.thread.is_alive()
+    assert engine.generate(PROMPT, {"max_new_tokens": 4, "temperature": 0})["meta_info"]["completion_tokens"] == 4
+
+
+def test_generate_refused_at_once_while_memory_is_released(engine):
+    assert engine.release_memory_occupation().success
+    try:
+        start = time.monotonic()
+        with pytest.raises(EngineUnavailableError, match="memory is released"):
+            engine.generate(PROMPT, {"max_new_tokens": 4})
+        with pytest.raises(EngineUnavailableError, match="memory is released"):
+            list(engine.generate(PROMPT, {"max_new_tokens": 4}, stream=True))
+        assert time.monotonic() - start < 5
+    finally:
+        assert engine.resume_memory_occupation().success
+    assert engine.generate(PROMPT, {"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
+
+
+def test_generate_queues_while_paused_within_a_bound(engine):
+    assert engine.pause_generation(mode="in_place").success
+    try:
+        start = time.monotonic()
+        with pytest.raises(EngineUnavailableError, match="max_queue_wait_s"):
+            engine.generate(PROMPT, {"max_new_tokens": 4})
+        assert 0.9 < time.monotonic() - start < 5
+        # queued requests run once generation continues (SGLang's pause semantics)
+        result = {}
+        worker = threading.Thread(target=lambda: result.update(engine.generate(PROMPT, {"max_new_tokens": 3})))
+        worker.start()
+        time.sleep(0.3)
+        assert engine.get_load().num_waiting == 1
+    finally:
+        assert engine.continue_generation().success
+    worker.join(10)
+    assert result["meta_info"]["completion_tokens"] == 3
+
+
+def test_stream_interval_batches_tokens_per_output(tiny_qwen3):
+    with Engine(str(tiny_qwen3), device="cpu", page_size=4, stream_interval=4) as eng:
+        chunks = list(eng.generate(PROMPT, {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True}, stream=True))
+        reference = eng.generate(PROMPT, {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True})
+    sizes = [len(c["delta_output_ids"]) for c in chunks]
+    assert sum(sizes) == 10 and all(s >= 4 for s in sizes[:-1]) and len(sizes) <= 3
+    assert chunks[-1]["text"] == reference["text"] and "".join(c["delta_text"] for c in chunks) == reference["text"]
+    with pytest.raises(HotswapError, match="stream_interval"):
+        Engine(str(tiny_qwen3), device="cpu", stream_interval=0)
