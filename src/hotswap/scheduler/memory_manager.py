@@ -26,6 +26,7 @@ class MemoryManager:
     model_runner: ModelRunner
     can_release: Callable[[], bool]
     reset_prefix_cache: Callable[[], object]
+    weights_discarded: Callable[[], None] = lambda: None  # released without keeping them: other weights come back
     peers: TPPeers | None = None
     released: set[str] = field(default_factory=set)
     host_weights: dict[str, torch.Tensor] | None = None  # parameter name -> host copy (a view of host_arena) while released
@@ -34,6 +35,10 @@ class MemoryManager:
 
     def any_released(self) -> bool:
         return bool(self.released)
+
+    def weights_released(self) -> bool:
+        """Weight updates and reads need the weights resident, not the KV cache (SGLang's rule)."""
+        return "weights" in self.released
 
     def _tags(self, tags: list[str] | None) -> list[str] | str:
         if tags is None:
@@ -48,7 +53,8 @@ class MemoryManager:
         if isinstance(tags, str):
             return p.ControlOutput(success=False, message=tags)
         if not self.can_release():
-            return p.ControlOutput(success=False, message="release_memory_occupation refused: requests are running or a weight-update session is open")
+            return p.ControlOutput(success=False, message="release_memory_occupation refused: requests are running or a weight-update "
+                                                          "session holds uncommitted updates")
         already = [t for t in tags if t in self.released]
         if already:
             return p.ControlOutput(success=False, message=f"already released: {already}")
@@ -64,6 +70,8 @@ class MemoryManager:
             runner.pool.free_storage()
         if "weights" in tags:
             self._release_weights(keep_on_host=req.keep_weights_on_host)
+            if not req.keep_weights_on_host:
+                self.weights_discarded()
         self.released.update(tags)
         if runner.device.type == "cuda":
             torch.cuda.empty_cache()

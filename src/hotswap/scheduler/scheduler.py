@@ -23,8 +23,14 @@ from hotswap.scheduler.batcher import Batcher, ScheduledBatch
 from hotswap.scheduler.invariant_checker import InvariantChecker
 from hotswap.scheduler.memory_manager import MemoryManager
 from hotswap.scheduler.output_streamer import OutputStreamer
+from hotswap.scheduler.pause import GenerationPause
 from hotswap.scheduler.sequence import Sequence, Status
+from hotswap.scheduler.weight_reads import WeightReads
 from hotswap.scheduler.weight_updater import WeightUpdater
+from hotswap.weights.ranks import LocalRanks
+from hotswap.weights.rollback import HostArena, RollbackBuffer
+from hotswap.weights.session import Sessions
+from hotswap.weights.sources.distributed import WeightGroups
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +70,31 @@ class Scheduler:
         )
         self.streamer = OutputStreamer(tokenizer=tokenizer, eos_token_ids=frozenset(eos_token_ids), max_context_len=max_context_len)
         self.invariants = InvariantChecker(pool=pool, prefix_cache=self.prefix_cache)
+        ranks = model_runner.tp_peers or LocalRanks()
+        arena = HostArena()  # pinned host for saved originals, kept across sessions
+        self.sessions = Sessions(
+            ranks=ranks,
+            new_buffer=lambda: RollbackBuffer(device_budget_bytes=config.rollback_device_budget_bytes, arena=arena),
+            flush_cache=self.flush_cache,
+            timeout_s=config.weight_session_timeout_s,
+            synchronize=self._synchronize,
+            enable_rollback=config.enable_rollback,
+        )
         self.memory = MemoryManager(model_runner=model_runner, can_release=self.memory_may_change, reset_prefix_cache=self.flush_cache,
-                                    peers=model_runner.tp_peers)
+                                    weights_discarded=lambda: self.sessions.mark("discarded"), peers=model_runner.tp_peers)
+        self.pause = GenerationPause(sessions=self.sessions, abort_all=self.abort_all, retract_all=self.batcher.retract_all)
         self.weight_updater = WeightUpdater(
             model_runner=model_runner,
             config=config,
-            flush_cache=self.flush_cache,
-            is_idle=self.is_idle,
+            sessions=self.sessions,
+            ranks=ranks,
+            weights_released=self.memory.weights_released,
             abort_all=self.abort_all,
-            retract_all=self.batcher.retract_all,
-            memory_released=self.memory.any_released,
-            peers=model_runner.tp_peers,
+            groups=WeightGroups(ranks=ranks, device=model_runner.device, tp_size=model_runner.tp.size,
+                                op_timeout_s=config.weight_session_timeout_s),
         )
+        self.weight_reads = WeightReads(model_runner=model_runner, config=config, ranks=ranks, weights_released=self.memory.weights_released,
+                                        is_idle=self.is_idle, flush_cache=self.flush_cache, mark_version=self.sessions.mark)
         self.handlers = {
             p.GenerateRequest: self.add_request,
             p.GenerateBatch: self.add_requests,
@@ -89,12 +108,12 @@ class Scheduler:
             p.InitWeightsUpdateGroupRequest: self.weight_updater.init_weights_update_group,
             p.UpdateWeightsFromDistributedRequest: self.weight_updater.update_weights_from_distributed,
             p.DestroyWeightsUpdateGroupRequest: self.weight_updater.destroy_weights_update_group,
-            p.GetWeightsByNameRequest: self.weight_updater.get_weights_by_name,
-            p.CheckWeightsRequest: self.weight_updater.check_weights,
-            p.SaveShardedModelRequest: self.weight_updater.save_sharded_model,
-            p.SaveRemoteModelRequest: self.weight_updater.save_remote_model,
-            p.PauseGenerationRequest: self.weight_updater.pause_generation,
-            p.ContinueGenerationRequest: self.weight_updater.continue_generation,
+            p.GetWeightsByNameRequest: self.weight_reads.get_weights_by_name,
+            p.CheckWeightsRequest: self.weight_reads.check_weights,
+            p.SaveShardedModelRequest: self.weight_reads.save_sharded_model,
+            p.SaveRemoteModelRequest: self.weight_reads.save_remote_model,
+            p.PauseGenerationRequest: self.pause.pause_generation,
+            p.ContinueGenerationRequest: self.pause.continue_generation,
             p.UpdateWeightVersionRequest: self.weight_updater.update_weight_version,
             p.BeginWeightUpdateRequest: self.weight_updater.begin_weight_update,
             p.EndWeightUpdateRequest: self.weight_updater.end_weight_update,
@@ -156,7 +175,7 @@ class Scheduler:
             reqs = request.requests if isinstance(request, p.GenerateBatch) else [request] if isinstance(request, p.GenerateRequest) else []
             for req in reqs:
                 seq = Sequence(req=req, finish_reason={"type": "abort", "message": self.dead})
-                self.streamer.emit_finished([seq], self.weight_updater.weight_version)
+                self.streamer.emit_finished([seq], self.sessions.weight_version)
             if fut is not None:
                 _reply(fut, None if reqs else p.ControlOutput(success=False, message=f"{type(request).__name__} not run: {self.dead}"))
 
@@ -172,10 +191,10 @@ class Scheduler:
             if inflight is not None and (not self.inbox.empty() or (self.deferred and not self.batcher.running)):
                 self.process(inflight)
                 inflight = None
-            idle = self.weight_updater.generation_held or self.memory.any_released() or not (self.batcher.has_work or self.deferred)
+            idle = self.pause.held or self.memory.any_released() or not (self.batcher.has_work or self.deferred)
             self.receive(block=idle and inflight is None)
             self.run_deferred()
-            self.weight_updater.expire_session()
+            self.pause.expire()
             batch = self.schedule()
             launched = None
             if batch is not None:
@@ -206,10 +225,10 @@ class Scheduler:
                 if seq.status is not Status.FINISHED:
                     self.finish(seq, {"type": "abort", "message": f"internal error: {exc}"})
             return None
-        return InFlight(batch=batch, result=result, version=self.weight_updater.weight_version)
+        return InFlight(batch=batch, result=result, version=self.sessions.weight_version)
 
     def receive(self, block: bool) -> None:
-        timeout = 0.5 if self.weight_updater.session_open else None
+        timeout = 0.5 if self.sessions.open else None
         try:
             item = self.inbox.get(block=block, timeout=timeout if block else None)
         except queue.Empty:
@@ -227,7 +246,7 @@ class Scheduler:
         if isinstance(request, _DRAIN_FIRST):
             if getattr(request, "abort_all_requests", False):
                 self.abort_all("aborted for a weight update")
-            elif self.batcher.running and not self.weight_updater.generation_held:
+            elif self.batcher.running and not self.pause.held:
                 self.deferred.append((request, fut))
                 return
         self._handle(request, fut)
@@ -245,11 +264,11 @@ class Scheduler:
         _reply(fut, out)
 
     def run_deferred(self) -> None:
-        while self.deferred and (not self.batcher.running or self.weight_updater.generation_held):
+        while self.deferred and (not self.batcher.running or self.pause.held):
             self._handle(*self.deferred.popleft())
 
     def schedule(self) -> ScheduledBatch | None:
-        if self.weight_updater.generation_held or self.memory.any_released():
+        if self.pause.held or self.memory.any_released():
             return None
         # while a weight update waits for running requests to drain, admit nothing new
         return self.batcher.schedule(admit_new=not self.deferred)
@@ -311,7 +330,7 @@ class Scheduler:
         """Release finished sequences (their reasons set) and send their last outputs."""
         for seq in seqs:
             self.batcher.finish(seq)
-        self.streamer.emit_finished(seqs, self.weight_updater.weight_version)
+        self.streamer.emit_finished(seqs, self.sessions.weight_version)
 
     def abort(self, req: p.AbortRequest) -> p.ControlOutput:
         if req.rid is None:
@@ -334,7 +353,12 @@ class Scheduler:
         return not self.batcher.has_work
 
     def memory_may_change(self) -> bool:
-        return self.is_idle() and self.weight_updater.session is None
+        """Idle, and no uncommitted update (its saved originals point into the weights): a pause alone is fine."""
+        return self.is_idle() and not self.sessions.holds_changes
+
+    def _synchronize(self) -> None:
+        if self.model_runner.device.type == "cuda":
+            torch.cuda.synchronize(self.model_runner.device)
 
     def flush_cache(self) -> bool:
         """Drop every cached prefix; refused (False) while requests hold pages."""
@@ -357,8 +381,8 @@ class Scheduler:
             num_waiting=len(self.batcher.waiting) + len(self.deferred),
             kv_pages_used=pool.num_pages - pool.num_free,
             kv_pages_total=pool.num_pages,
-            weight_version=self.weight_updater.weight_version,
-            paused=self.weight_updater.generation_held,
+            weight_version=self.sessions.weight_version,
+            paused=self.pause.held,
         )
 
     def check_invariants(self, req: p.CheckInvariantsRequest) -> p.ControlOutput:
