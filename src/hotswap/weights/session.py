@@ -141,7 +141,7 @@ class Sessions:
         s.rollback.clear()
         self.ranks.commit()
         if not s.changed:
-            return f"nothing changed; weight version {self.weight_version}"
+            return f"nothing to commit; weight version {self.weight_version}"
         flushed = self.flush_cache() if flush else False
         return f"weight version {self.weight_version}" + (", prefix cache flushed" if flushed else "")
 
