@@ -14,12 +14,16 @@ from hotswap.weights.mapping import WeightMap
 
 def match_tensors(req: p.UpdateWeightsFromTensorRequest, weight_map: WeightMap, device: torch.device, mappings: CudaIpcMappings,
                   plans: TensorPlanCache) -> MatchedTensors:
-    """Open the handles (one open per shared IPC storage) and match them by metadata (cached by names).
-    Views of remembered IPC descriptors are the engine's own and cannot change: their call keeps its
-    match, and a repeat of it skips every per-tensor check."""
+    """Open the handles (one open per shared IPC storage), then match them (`match_named`)."""
     if req.load_format not in (None, "direct"):
         raise HotswapError(f"unsupported load_format {req.load_format!r}")
-    named = resolve_grouped(req.named_tensors, device, mappings)
+    return match_named(resolve_grouped(req.named_tensors, device, mappings), weight_map, mappings, plans)
+
+
+def match_named(named: list[tuple[str, torch.Tensor]], weight_map: WeightMap, mappings: CudaIpcMappings,
+                plans: TensorPlanCache) -> MatchedTensors:
+    """Match by metadata (cached by names). Views of remembered IPC descriptors are the engine's own and
+    cannot change: their call keeps its match, and a repeat of it skips every per-tensor check."""
     call = mappings.last_call
     if call is None or call.resolved is not named:
         return plans.match(weight_map, named)
