@@ -117,9 +117,10 @@ def test_checkpoint_that_is_a_fifo_is_refused(engine, tiny_qwen3_v2, tmp_path):
     assert engine.check_weights("checksum").digest == before and engine.weight_version == "default"
 
 
-def test_read_that_never_finishes_fails_at_its_deadline(tiny_qwen3, tiny_qwen3_v2, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_read_that_never_finishes_fails_at_its_deadline(tiny_qwen3, tiny_qwen3_v2, monkeypatch, device):
     """A hung mount: the reader's pread never returns. The update fails at weight_read_timeout_s and the
-    weights stay as they were, also after the hung read comes back."""
+    weights stay as they were, also after the hung read comes back (on CUDA: the pinned staging path)."""
     from hotswap.weights import fast_reader
 
     release = threading.Event()
@@ -129,7 +130,7 @@ def test_read_that_never_finishes_fails_at_its_deadline(tiny_qwen3, tiny_qwen3_v
         release.wait(30)
         real(fd, view, offset)
 
-    with make_engine(tiny_qwen3, weight_read_timeout_s=1.0) as engine:
+    with Engine(str(tiny_qwen3), device=device, page_size=4, weight_read_timeout_s=1.0) as engine:
         before = engine.check_weights("checksum").digest
         monkeypatch.setattr(fast_reader, "_read_into", hung)
         start = time.monotonic()
@@ -141,6 +142,7 @@ def test_read_that_never_finishes_fails_at_its_deadline(tiny_qwen3, tiny_qwen3_v
         monkeypatch.setattr(fast_reader, "_read_into", real)
         assert engine.check_weights("checksum").digest == before and engine.weight_version == "default"
         assert engine.update_weights_from_disk(str(tiny_qwen3_v2), weight_version="v2").success
+        assert engine.check_weights("checksum", expected=state_dict_manifest(checkpoint_tensors(tiny_qwen3_v2))).success
 
 
 def test_rendezvous_that_never_answers_fails_within_its_timeout(engine):
