@@ -10,7 +10,6 @@ from hotswap.errors import HotswapError
 from hotswap.models.parallel import ShardSpec
 from hotswap.weights.mapping import WeightSlot
 from hotswap.weights.ranks import LocalRanks
-from hotswap.weights.rollback import RollbackBuffer
 from hotswap.weights.session import Sessions
 
 
@@ -22,7 +21,7 @@ def slot(name: str, values: list[float]) -> WeightSlot:
 
 def machine(timeout_s: float = 600.0) -> tuple[Sessions, list[str]]:
     flushes: list[str] = []
-    sessions = Sessions(ranks=LocalRanks(), new_buffer=lambda: RollbackBuffer(device_budget_bytes=0), timeout_s=timeout_s,
+    sessions = Sessions(ranks=LocalRanks(), device_budget_bytes=0, timeout_s=timeout_s,
                         flush_cache=lambda: flushes.append("flush") or True)
     return sessions, flushes
 

@@ -28,7 +28,6 @@ from hotswap.scheduler.sequence import Sequence, Status
 from hotswap.scheduler.weight_reads import WeightReads
 from hotswap.scheduler.weight_updater import WeightUpdater
 from hotswap.weights.ranks import LocalRanks
-from hotswap.weights.rollback import HostArena, RollbackBuffer
 from hotswap.weights.session import Sessions
 from hotswap.weights.sources.distributed import WeightGroups
 
@@ -71,10 +70,9 @@ class Scheduler:
         self.streamer = OutputStreamer(tokenizer=tokenizer, eos_token_ids=frozenset(eos_token_ids), max_context_len=max_context_len)
         self.invariants = InvariantChecker(pool=pool, prefix_cache=self.prefix_cache)
         ranks = model_runner.tp_peers or LocalRanks()
-        arena = HostArena()  # pinned host for saved originals, kept across sessions
         self.sessions = Sessions(
             ranks=ranks,
-            new_buffer=lambda: RollbackBuffer(device_budget_bytes=config.rollback_device_budget_bytes, arena=arena),
+            device_budget_bytes=config.rollback_device_budget_bytes,
             flush_cache=self.flush_cache,
             timeout_s=config.weight_session_timeout_s,
             synchronize=self._synchronize,

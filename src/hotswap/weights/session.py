@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from hotswap import protocol as p
 from hotswap.errors import HotswapError
 from hotswap.weights.ranks import WeightRanks
-from hotswap.weights.rollback import RollbackBuffer
+from hotswap.weights.rollback import HostArena, RollbackBuffer
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +54,12 @@ class UpdateSession:
 @dataclass(kw_only=True, slots=True)
 class Sessions:
     ranks: WeightRanks
-    new_buffer: Callable[[], RollbackBuffer]
+    device_budget_bytes: int  # saved originals kept on the device up to this, the rest in pinned host memory
     flush_cache: Callable[[], bool]
     timeout_s: float
     synchronize: Callable[[], None] = lambda: None  # wait for the device's copies (a failed copy fails here)
     enable_rollback: bool = True
+    arena: HostArena = field(default_factory=HostArena)  # pinned host for saved originals, kept across sessions (pinning is slow)
     weight_version: str = "default"
     session: UpdateSession | None = None
     expired_message: str | None = None
@@ -81,7 +82,7 @@ class Sessions:
         return s is not None and (s.begun or s.changed or not s.explicit)
 
     def _open(self, *, explicit: bool, opened_by: str, begun: bool = False) -> UpdateSession:
-        self.session = UpdateSession(explicit=explicit, opened_by=opened_by, rollback=self.new_buffer(), base_version=self.weight_version,
+        self.session = UpdateSession(explicit=explicit, opened_by=opened_by, rollback=RollbackBuffer(device_budget_bytes=self.device_budget_bytes, arena=self.arena), base_version=self.weight_version,
                                      begun=begun)
         return self.session
 
