@@ -23,7 +23,10 @@ from hotswap.weights.distributed import (WeightsGroup, destroy_custom_process_gr
 from hotswap.weights.distributed_receiver import plan_receive, receive_bucket
 from hotswap.weights.ranks import WeightRanks
 
-JOIN_GRACE_S = 2.0  # past timeout_s: the rendezvous and the group's own setup each honour it, give or take
+def join_deadline_s(timeout_s: float) -> float:
+    """When a join is given up: torch's rendezvous and the group's setup each honour timeout_s, give or take
+    (under load they overshoot by seconds); a rendezvous that never returns is answered at this point."""
+    return timeout_s + 2.0 + 0.25 * timeout_s
 
 
 @dataclass(slots=True)
@@ -112,10 +115,10 @@ class WeightGroups:
             if self.pending.get(name) is attempt:
                 del self.pending[name]
             forget_reservation(name)
-            attempt.future.set_result(failed("no answer from the rendezvous; the attempt was given up and the name is free again"))
+            attempt.future.set_result(failed("timed out: no answer from the rendezvous; the attempt was given up and the name is free again"))
 
         threading.Thread(target=join, name=f"hotswap-join-{name}", daemon=True).start()
-        timer = threading.Timer(req.timeout_s + JOIN_GRACE_S, give_up)
+        timer = threading.Timer(join_deadline_s(req.timeout_s), give_up)
         timer.daemon = True
         timer.start()
         attempt.future.add_done_callback(lambda _f: timer.cancel())
