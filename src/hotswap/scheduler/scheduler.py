@@ -350,6 +350,11 @@ class Scheduler:
     def is_idle(self) -> bool:
         return not self.batcher.has_work
 
+    def close_weights(self) -> None:
+        """At engine shutdown, after the loop stopped: kept IPC mappings, plan caches, snapshots go."""
+        self.weight_updater.close()
+        self.weight_reads.snapshot = None
+
     def memory_may_change(self) -> bool:
         """Idle, and no uncommitted update (its saved originals point into the weights): a pause alone is fine."""
         return self.is_idle() and not self.sessions.holds_changes
