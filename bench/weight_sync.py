@@ -269,7 +269,7 @@ def bench_tensor(shape: str, engine, sources, ceil: dict, reps: int) -> None:
         if capture is not None:
             s = wu.session
             capture["dev"], capture["host"] = s.rollback.extra_bytes
-            capture["arena"] = wu.rollback_arena.nbytes
+            capture["arena"] = engine.scheduler.sessions.arena.nbytes
         assert engine.end_weight_update().success
 
     cases = [("session, enable_rollback=False", False, saved[1]),
@@ -596,7 +596,7 @@ def bench_disk(shape: str, device: str, ceil: dict, layers: int | None, reps: in
 
             upd()
             t = median_time(upd, reps, 0)
-            arena = wu.rollback_arena.nbytes if on else 0
+            arena = engine.scheduler.sessions.arena.nbytes if on else 0
             dev = min(total, cfg.rollback_device_budget_bytes) if on else 0
             st = wu.last_read
             extra = (f"staging {mib(st.staging_bytes)}" if st.staging_bytes else "no staging") + (

@@ -278,8 +278,8 @@ def test_shutdown_frees_the_engine_state_while_the_object_lives_on(tiny_qwen3):
     weights, KV storage or kept IPC mappings: on a GPU that memory goes back without a gc pass."""
     engine = Engine(str(tiny_qwen3), device="cpu", page_size=4)
     engine.generate(input_ids=prompt_ids(1, 6), sampling_params={"max_new_tokens": 2, "temperature": 0})
-    runner, updater = engine.model_runner, engine.scheduler.weight_updater
+    runner, updater, reads = engine.model_runner, engine.scheduler.weight_updater, engine.scheduler.weight_reads
     engine.shutdown()
     assert runner.kv_cache.kv is None and runner.weight_map is None
     assert all(p.numel() == 0 for p in runner.model.parameters())
-    assert updater.ipc_mappings.max_bytes == 0 and not updater.ipc_mappings.storages and updater.snapshot is None
+    assert updater.ipc_mappings.max_bytes == 0 and not updater.ipc_mappings.storages and reads.snapshot is None

@@ -165,17 +165,21 @@ def test_remembered_calls_keep_their_match_and_a_callers_list_is_checked_every_t
     with Engine(str(tiny_qwen3), device="cpu", dtype="float32") as engine:
         wu, wm = engine.scheduler.weight_updater, engine.model_runner.weight_map
         named = [(n, torch.zeros(wm.slots[n].hf_shape)) for n in wm.names]
-        wu.ipc_mappings = m
+        from hotswap.weights.sources.tensor import match_named
+
+        def match(pairs):
+            return match_named(pairs, wm, m, wu.tensor_plans)
+
         m.remember(buckets[0], named)  # stands in for the views of a remembered call
-        first = wu._match_sources(named)
-        assert first.trusted and wu._match_sources(named) is first and m.last_call.matched is first
+        first = match(named)
+        assert first.trusted and match(named) is first and m.last_call.matched is first
         m.last_call = None  # a call that was not a repeat: matched anew, not kept
-        again = wu._match_sources(named)
+        again = match(named)
         assert again is not first and not again.trusted
         caller = list(named)
         caller[0] = (caller[0][0], torch.zeros(3))  # a caller's list edited in place is checked again
         with pytest.raises(CheckpointError, match="shape mismatch"):
-            wu._match_sources(caller)
+            match(caller)
 
 
 def test_in_process_pairs_accept_tensor_subclasses_and_refuse_other_values():

@@ -81,7 +81,7 @@ def test_update_from_disk_changes_outputs(served, refs, tiny_qwen3, tiny_qwen3_v
     assert 'hotswap_weight_update_duration_seconds_count{route="/update_weights_from_disk"} 1' in metrics
     # and back: the checksum manifest of v1 matches again
     r = c.post("/update_weights_from_disk", json={"model_path": str(tiny_qwen3)})
-    assert r.status_code == 200 and r.json()["weight_version"] == "2"
+    assert r.status_code == 200 and r.json()["weight_version"] == "v2"  # no version given: unchanged (SGLang)
     assert gen_ids(c) == refs["v1"]["ids"]
     r = c.post("/weights_checker", json={"action": "checksum", "expected": c.post("/weights_checker", json={"action": "checksum"}).json()["checksums"]})
     assert r.status_code == 200 and r.json()["mismatches"] == []
@@ -165,9 +165,11 @@ def test_weight_lifecycle_routes(served, refs, tiny_qwen3_v2, tmp_path):
     # pause / continue, and a session of two buckets committed once
     assert c.post("/pause_generation", json={"mode": "bogus"}).status_code == 400
     assert c.post("/pause_generation", json={"mode": "abort"}).status_code == 200
-    assert c.post("/pause_generation").status_code == 400  # already paused
+    r = c.post("/pause_generation")  # already paused: a no-op answering success (frameworks retry it)
+    assert r.status_code == 200 and "no-op" in r.json()["message"]
     assert c.post("/continue_generation").status_code == 200
-    assert c.post("/continue_generation").status_code == 400  # not paused
+    r = c.post("/continue_generation")  # not paused: a no-op answering success
+    assert r.status_code == 200 and "no-op" in r.json()["message"]
     assert c.post("/end_weight_update").status_code == 400  # no session
     assert c.post("/begin_weight_update").status_code == 200
     tensors = {}

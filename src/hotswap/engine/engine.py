@@ -160,7 +160,7 @@ class Engine:
             if self.tp_peers is not None:
                 self.tp_peers.shutdown()
             if not self.scheduler.thread.is_alive():  # a stuck step keeps its state rather than crash under it
-                self.scheduler.weight_updater.close()
+                self.scheduler.close_weights()
                 self.model_runner.close()
 
     # ---- generation: one core (prepare -> submit -> feed outputs), thin sync / async / stream wrappers ----

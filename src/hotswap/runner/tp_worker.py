@@ -27,12 +27,13 @@ from hotswap.runner.host_batch import HostBatch
 from hotswap.runner.model_runner import ModelRunner
 from hotswap.runner.tp_group import TPGroups
 from hotswap.runner.tp_protocol import Op, decode_json, decode_step, exchange, recv_command
+from hotswap.weights.apply import apply_read, apply_tensors
 from hotswap.weights.distributed import WeightsGroup
 from hotswap.weights.distributed_receiver import plan_receive, receive_bucket
-from hotswap.weights.fast_copy import TensorPlanCache, check_finite, copy_into
-from hotswap.weights.fast_reader import ReaderOptions, load_plan
-from hotswap.weights.loader import plan_checkpoint
+from hotswap.weights.fast_copy import TensorPlanCache
+from hotswap.weights.fast_reader import ReaderOptions, ReadPlanCache
 from hotswap.weights.rollback import HostArena, RollbackBuffer
+from hotswap.weights.sources.disk import plan_disk
 from hotswap.wire.process_group import init_custom_process_group, short_error
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class TPWorker:
     memory: DeviceMemory
     rollback: RollbackBuffer  # originals saved by the open update session, until COMMIT or ROLLBACK
     tensor_plans: TensorPlanCache = field(default_factory=TensorPlanCache)
+    read_plans: ReadPlanCache = field(default_factory=ReadPlanCache)  # as rank 0's: a trainer's new folder each step is planned once
     weights_groups: dict[str, WeightsGroup] = field(default_factory=dict)  # trainers' groups this rank joined
     received: list[tuple[str, torch.Tensor]] | None = None  # the last RECEIVE's bucket, for APPLY_RECEIVED
     failure: str | None = None  # the first failure since the last AGREE
@@ -105,10 +107,14 @@ class TPWorker:
     def roll_back(self, args: dict) -> None:
         self.rollback.restore()
 
+    def _guard(self) -> RollbackBuffer | None:
+        """Another rank can always fail after this one copied: originals are saved whenever rollback is on."""
+        return self.rollback if self.config.enable_rollback else None
+
     def apply_disk(self, args: dict) -> None:
-        plan = plan_checkpoint(self.runner.weight_map, args["model_path"])
-        saved = self.rollback.protect_many([slot for _, slot in plan], overlap=True) if self.config.enable_rollback else None
-        load_plan(plan, ReaderOptions.from_config(self.config), wait_for=saved)
+        options, timeout_s = ReaderOptions.from_config(self.config), self.config.weight_read_timeout_s
+        read = plan_disk(args["model_path"], self.runner.weight_map, self.read_plans, options, timeout_s)
+        apply_read(read, options, rollback=self._guard(), timeout_s=timeout_s)
 
     def relay(self, args: dict) -> None:
         metas = plan_receive(args["names"], args["dtypes"], args["shapes"], "flattened_bucket", max_bytes=1 << 62)
@@ -139,12 +145,7 @@ class TPWorker:
         """This rank's slices of HF-named tensors, after the same checks rank 0 makes on its own."""
         if self.failure is not None:
             return  # this update already failed here: it will be rolled back
-        matched = self.tensor_plans.match(self.runner.weight_map, named)
-        if self.config.check_weights_finite:
-            check_finite(matched.items)
-        if self.config.enable_rollback:
-            self.rollback.protect_many([target.slot for _, target, _ in matched.items])
-        copy_into(matched)
+        apply_tensors(self.tensor_plans.match(self.runner.weight_map, named), finite=self.config.check_weights_finite, rollback=self._guard())
 
     def reset(self, args: dict) -> None:
         for slot in self.runner.weight_map.slots.values():

@@ -21,6 +21,7 @@ class MemoryManager:
     device_memory: DeviceMemory  # the runner's release/resume mechanics
     can_release: Callable[[], bool]
     reset_prefix_cache: Callable[[], object]
+    weights_discarded: Callable[[], None] = lambda: None  # released without keeping them: other weights come back
     peers: TPPeers | None = None
 
     def any_released(self) -> bool:
@@ -30,6 +31,10 @@ class MemoryManager:
     def released(self) -> frozenset[str]:
         """The tags whose device memory is released now."""
         return frozenset(self.device_memory.released)
+
+    def weights_released(self) -> bool:
+        """Weight updates and reads need the weights resident, not the KV cache (SGLang's rule)."""
+        return "weights" in self.released
 
     def _tags(self, tags: list[str] | None) -> list[str] | str:
         if tags is None:
@@ -44,7 +49,8 @@ class MemoryManager:
         if isinstance(tags, str):
             return p.ControlOutput(success=False, message=tags)
         if not self.can_release():
-            return p.ControlOutput(success=False, message="release_memory_occupation refused: requests are running or a weight-update session is open")
+            return p.ControlOutput(success=False, message="release_memory_occupation refused: requests are running or a weight-update "
+                                                          "session holds uncommitted updates")
         already = [t for t in tags if t in self.device_memory.released]
         if already:
             return p.ControlOutput(success=False, message=f"already released: {already}")
@@ -53,6 +59,8 @@ class MemoryManager:
         if "kv_cache" in tags:
             self.reset_prefix_cache()  # no cached prefix may hold pages of the storage about to go
         self.device_memory.release(tags, req.keep_weights_on_host)
+        if "weights" in tags and not req.keep_weights_on_host:
+            self.weights_discarded()
         return self._agreed(f"released {tags}")
 
     def resume_memory_occupation(self, req: p.ResumeMemoryOccupationRequest) -> p.ControlOutput:

@@ -25,8 +25,13 @@ from hotswap.scheduler.invariant_checker import InvariantChecker
 from hotswap.scheduler.memory_manager import MemoryManager
 from hotswap.scheduler.output_streamer import OutputStreamer
 from hotswap.scheduler.overlap import InFlight, mark_sample_rows, must_drain_before, sampled_on_device, undo_launch
+from hotswap.scheduler.pause import GenerationPause
 from hotswap.scheduler.sequence import Sequence, Status
+from hotswap.scheduler.weight_reads import WeightReads
 from hotswap.scheduler.weight_updater import WeightUpdater
+from hotswap.weights.ranks import LocalRanks
+from hotswap.weights.session import Sessions
+from hotswap.weights.sources.distributed import WeightGroups
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +66,31 @@ class Scheduler:
         self.streamer = OutputStreamer(tokenizer=tokenizer, eos_token_ids=frozenset(eos_token_ids), max_context_len=max_context_len,
                                        stream_interval=config.stream_interval)
         self.invariants = InvariantChecker(allocator=self.allocator, prefix_cache=self.prefix_cache)
-        self.memory = MemoryManager(device_memory=DeviceMemory(runner=model_runner), can_release=self.memory_may_change, reset_prefix_cache=self.flush_cache,
+        ranks = model_runner.tp_peers or LocalRanks()
+        self.sessions = Sessions(
+            ranks=ranks,
+            device_budget_bytes=config.rollback_device_budget_bytes,
+            flush_cache=self.flush_cache,
+            timeout_s=config.weight_session_timeout_s,
+            synchronize=self._synchronize,
+            enable_rollback=config.enable_rollback,
+        )
+        self.memory = MemoryManager(device_memory=DeviceMemory(runner=model_runner), can_release=self.memory_may_change,
+                                    reset_prefix_cache=self.flush_cache, weights_discarded=lambda: self.sessions.mark("discarded"),
                                     peers=model_runner.tp_peers)
+        self.pause = GenerationPause(sessions=self.sessions, abort_all=self.abort_all, retract_all=self.batcher.retract_all)
         self.weight_updater = WeightUpdater(
             model_runner=model_runner,
             config=config,
-            flush_cache=self.flush_cache,
-            is_idle=self.is_idle,
+            sessions=self.sessions,
+            ranks=ranks,
+            weights_released=self.memory.weights_released,
             abort_all=self.abort_all,
-            retract_all=self.batcher.retract_all,
-            memory_released=self.memory.any_released,
-            peers=model_runner.tp_peers,
+            groups=WeightGroups(ranks=ranks, device=model_runner.device, tp_size=model_runner.tp.size,
+                                op_timeout_s=config.weight_session_timeout_s),
         )
+        self.weight_reads = WeightReads(model_runner=model_runner, config=config, ranks=ranks, weights_released=self.memory.weights_released,
+                                        is_idle=self.is_idle, flush_cache=self.flush_cache, mark_version=self.sessions.mark)
         self.handlers = {
             p.GenerateRequest: self.add_request,
             p.GenerateBatch: self.add_requests,
@@ -86,12 +104,12 @@ class Scheduler:
             p.InitWeightsUpdateGroupRequest: self.weight_updater.init_weights_update_group,
             p.UpdateWeightsFromDistributedRequest: self.weight_updater.update_weights_from_distributed,
             p.DestroyWeightsUpdateGroupRequest: self.weight_updater.destroy_weights_update_group,
-            p.GetWeightsByNameRequest: self.weight_updater.get_weights_by_name,
-            p.CheckWeightsRequest: self.weight_updater.check_weights,
-            p.SaveShardedModelRequest: self.weight_updater.save_sharded_model,
-            p.SaveRemoteModelRequest: self.weight_updater.save_remote_model,
-            p.PauseGenerationRequest: self.weight_updater.pause_generation,
-            p.ContinueGenerationRequest: self.weight_updater.continue_generation,
+            p.GetWeightsByNameRequest: self.weight_reads.get_weights_by_name,
+            p.CheckWeightsRequest: self.weight_reads.check_weights,
+            p.SaveShardedModelRequest: self.weight_reads.save_sharded_model,
+            p.SaveRemoteModelRequest: self.weight_reads.save_remote_model,
+            p.PauseGenerationRequest: self.pause.pause_generation,
+            p.ContinueGenerationRequest: self.pause.continue_generation,
             p.UpdateWeightVersionRequest: self.weight_updater.update_weight_version,
             p.BeginWeightUpdateRequest: self.weight_updater.begin_weight_update,
             p.EndWeightUpdateRequest: self.weight_updater.end_weight_update,
@@ -153,7 +171,7 @@ class Scheduler:
             reqs = request.requests if isinstance(request, p.GenerateBatch) else [request] if isinstance(request, p.GenerateRequest) else []
             for req in reqs:
                 seq = Sequence(req=req, finish_reason={"type": "abort", "message": self.dead})
-                self.streamer.emit_finished([seq], self.weight_updater.weight_version)
+                self.streamer.emit_finished([seq], self.sessions.weight_version)
             if fut is not None:
                 _reply(fut, None if reqs else p.ControlOutput(success=False, message=f"{type(request).__name__} not run: {self.dead}"))
         self.streamer.flush()
@@ -172,7 +190,7 @@ class Scheduler:
                 inflight = None
             self.receive(block=self.nothing_to_run() and inflight is None)
             self.run_deferred()
-            self.weight_updater.expire_session()
+            self.pause.expire()
             self.expire_held()
             batch = self.schedule()
             launched = self.launch(batch, inflight) if batch is not None else None
@@ -185,7 +203,7 @@ class Scheduler:
 
     def nothing_to_run(self) -> bool:
         """No step can be scheduled until a request arrives: the loop may block on its inbox."""
-        return self.weight_updater.generation_held or self.memory.any_released() or not (self.batcher.has_work or self.deferred)
+        return self.pause.held or self.memory.any_released() or not (self.batcher.has_work or self.deferred)
 
     def log_broken_invariants(self) -> None:
         problems = self.invariants.check_idle()
@@ -205,10 +223,10 @@ class Scheduler:
                 if seq.status is not Status.FINISHED:
                     self.finish(seq, {"type": "abort", "message": f"internal error: {exc}"})
             return None
-        return InFlight(seqs=batch.seqs, entries=batch.entries, result=result, version=self.weight_updater.weight_version)
+        return InFlight(seqs=batch.seqs, entries=batch.entries, result=result, version=self.sessions.weight_version)
 
     def receive(self, block: bool) -> None:
-        timeout = 0.5 if self.weight_updater.generation_held else None  # sessions and queued requests expire
+        timeout = 0.5 if self.pause.held else None  # sessions and queued requests expire
         try:
             item = self.inbox.get(block=block, timeout=timeout if block else None)
         except queue.Empty:
@@ -247,14 +265,14 @@ class Scheduler:
         """A weight update runs once every started request has finished on the old weights (SGLang's
         default), including requests preempted for KV space and waiting to resume: resumed under new
         weights, their outputs would match neither policy. A pause or an open session runs it at once."""
-        return not self.batcher.has_started or self.weight_updater.generation_held
+        return not self.batcher.has_started or self.pause.held
 
     def run_deferred(self) -> None:
         while self.deferred and self.update_may_run():
             self._handle(*self.deferred.popleft())
 
     def schedule(self) -> ScheduledBatch | None:
-        if self.weight_updater.generation_held or self.memory.any_released():
+        if self.pause.held or self.memory.any_released():
             return None
         # while a weight update waits for running requests to drain, admit nothing new
         return self.batcher.schedule(admit_new=not self.deferred)
@@ -315,13 +333,13 @@ class Scheduler:
     def expire_held(self) -> None:
         """While generation is held (paused, or a weight-update session is open) new requests queue, as in
         SGLang, but only for `max_queue_wait_s`: then they are refused, saying why."""
-        if not self.weight_updater.generation_held or not self.batcher.waiting:
+        if not self.pause.held or not self.batcher.waiting:
             return
         limit = self.config.max_queue_wait_s
         deadline = time.monotonic() - limit
         expired = [s for s in self.batcher.waiting if not s.output_ids and s.req.submitted_at < deadline]
         if expired:
-            why = "a weight-update session is open" if self.weight_updater.session_open else "generation is paused"
+            why = "a weight-update session is open" if self.sessions.open else "generation is paused"
             for seq in expired:
                 seq.finish_reason = {"type": "abort", "status_code": 503,
                                      "message": f"generation is unavailable: {why}; the request waited {limit:g} s (max_queue_wait_s)"}
@@ -335,7 +353,7 @@ class Scheduler:
         """Release finished sequences (their reasons set) and send their last outputs."""
         for seq in seqs:
             self.batcher.finish(seq)
-        self.streamer.emit_finished(seqs, self.weight_updater.weight_version)
+        self.streamer.emit_finished(seqs, self.sessions.weight_version)
 
     def abort(self, req: p.AbortRequest) -> p.ControlOutput:
         if req.rid is None:
@@ -357,8 +375,18 @@ class Scheduler:
     def is_idle(self) -> bool:
         return not self.batcher.has_work
 
+    def close_weights(self) -> None:
+        """At engine shutdown, after the loop stopped: kept IPC mappings, plan caches, snapshots go."""
+        self.weight_updater.close()
+        self.weight_reads.snapshot = None
+
     def memory_may_change(self) -> bool:
-        return self.is_idle() and self.weight_updater.session is None
+        """Idle, and no uncommitted update (its saved originals point into the weights): a pause alone is fine."""
+        return self.is_idle() and not self.sessions.holds_changes
+
+    def _synchronize(self) -> None:
+        if self.model_runner.device.type == "cuda":
+            torch.cuda.synchronize(self.model_runner.device)
 
     def flush_cache(self) -> bool:
         """Drop every cached prefix; refused (False) while requests hold pages."""
@@ -380,8 +408,8 @@ class Scheduler:
             num_waiting=len(self.batcher.waiting) + len(self.deferred),
             kv_pages_used=self.allocator.num_used,
             kv_pages_total=self.allocator.num_pages,
-            weight_version=self.weight_updater.weight_version,
-            paused=self.weight_updater.generation_held,
+            weight_version=self.sessions.weight_version,
+            paused=self.pause.held,
         )
 
     def capacity(self) -> PoolCapacity:

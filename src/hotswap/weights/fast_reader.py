@@ -239,9 +239,12 @@ def load_plan(plan: list[tuple[TensorInfo, WeightSlot]], options: ReaderOptions 
     return run_read(prepare_read(plan, options), options, wait_for)
 
 
-def run_read(read: ReadPlan, options: ReaderOptions, wait_for: dict[str, torch.cuda.Event] | None = None) -> ReadStats:
+def run_read(read: ReadPlan, options: ReaderOptions, wait_for: dict[str, torch.cuda.Event] | None = None,
+             timeout_s: float | None = None) -> ReadStats:
     """Execute a ReadPlan. Raises CheckpointError on any read failure (what was already copied stays
-    copied: callers protect originals with a RollbackBuffer)."""
+    copied: callers protect originals with a RollbackBuffer). With `timeout_s` the reads run on worker
+    threads only and a read still pending at the deadline fails the load: a worker that comes back later
+    (a hung mount that wakes up) writes no live byte, and the files are closed once the last one returns."""
     if not read.tasks:
         return ReadStats(strategy="none")
     device = read.slots[0].dest.device
@@ -255,16 +258,20 @@ def run_read(read: ReadPlan, options: ReaderOptions, wait_for: dict[str, torch.c
     files, tasks, threads, chunk = read.files, read.tasks, read.threads, read.chunk
     stats = ReadStats(nbytes=read.nbytes, strategy=strategy, threads=threads, num_tasks=len(tasks))
     start = time.perf_counter()
-    fds = []
+    fds: list[int] = []
     try:
         for f in files:
-            fds.append(os.open(f, os.O_RDONLY))
+            fds.append(os.open(f, os.O_RDONLY | os.O_NONBLOCK))  # a FIFO must not block the open (regular files ignore the flag)
         if strategy == "plain":
-            _run_workers(threads, tasks, lambda it, fail: _plain_worker(it, fail, fds))
+            _run_workers(threads, tasks, lambda it, fail: _plain_worker(it, fail, fds, chunk), timeout_s)
         else:
-            _CudaLoad(device, files, fds, tasks, threads, chunk, strategy, wait_for or {}, stats, options.register_threads).run()
+            _CudaLoad(device, files, fds, tasks, threads, chunk, strategy, wait_for or {}, stats, options.register_threads, timeout_s).run()
         if options.check_finite:
             _check_finite(read.slots)
+    except _Abandoned as exc:
+        _close_after(exc.workers, fds)
+        fds = []
+        raise CheckpointError(str(exc)) from None
     except CheckpointError:
         raise
     except OSError as exc:
@@ -274,6 +281,26 @@ def run_read(read: ReadPlan, options: ReaderOptions, wait_for: dict[str, torch.c
             os.close(fd)
     stats.elapsed_s = time.perf_counter() - start
     return stats
+
+
+class _Abandoned(CheckpointError):
+    """Reads still pending at the deadline; `workers` are the threads still inside them."""
+
+    def __init__(self, message: str, workers: list[threading.Thread]):
+        super().__init__(message)
+        self.workers = workers
+
+
+def _close_after(workers: list[threading.Thread], fds: list[int]) -> None:
+    """Close the files once the abandoned workers return (closing them earlier could hand their numbers
+    to another open while a worker still reads by number)."""
+    def reap() -> None:
+        for w in workers:
+            w.join()
+        for fd in fds:
+            os.close(fd)
+
+    threading.Thread(target=reap, name="hotswap-read-reaper", daemon=True).start()
 
 
 class ReadPlanCache:
@@ -308,8 +335,9 @@ class ReadPlanCache:
         return dataclasses.replace(read, files=[by_name[f.name] for f in read.files])
 
 
-def _run_workers(threads: int, tasks: list[_Task], work) -> None:
-    """Run `work(task_iterator, failure)` on `threads` threads sharing one iterator of tasks."""
+def _run_workers(threads: int, tasks: list[_Task], work, timeout_s: float | None = None) -> None:
+    """Run `work(task_iterator, failure)` on `threads` threads sharing one iterator of tasks; with
+    `timeout_s`, raise _Abandoned if they have not all finished by then (the failure tells them to stop)."""
     it = iter(tasks)
     lock = threading.Lock()
 
@@ -326,28 +354,43 @@ def _run_workers(threads: int, tasks: list[_Task], work) -> None:
             fail.set(exc)
 
     n = min(threads, len(tasks))
-    if n <= 1:
+    if n <= 1 and timeout_s is None:
         body()
     else:
-        workers = [threading.Thread(target=body, name=f"hotswap-read-{i}", daemon=True) for i in range(n)]
+        workers = [threading.Thread(target=body, name=f"hotswap-read-{i}", daemon=True) for i in range(max(1, n))]
         for w in workers:
             w.start()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         for w in workers:
-            w.join()
+            w.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        stuck = [w for w in workers if w.is_alive()]
+        if stuck:
+            message = (f"reading the checkpoint did not finish within {timeout_s:g} s (weight_read_timeout_s): a hung "
+                       "mount or a file that never ends")
+            fail.set(CheckpointError(message))
+            raise _Abandoned(message, stuck)
     if fail.error is not None:
         raise fail.error
 
 
-def _plain_worker(next_task, fail: _Failure, fds: list[int]) -> None:
+def _plain_worker(next_task, fail: _Failure, fds: list[int], chunk: int) -> None:
+    """Each window into a private buffer, then into its destinations: a read that returns after the
+    load was abandoned writes nothing live."""
+    buf = torch.empty(chunk, dtype=torch.uint8)
     while fail.error is None and (task := next_task()) is not None:
-        fd = fds[task.file_idx]
+        n = task.end - task.start
+        if n > buf.numel():  # a single row wider than a window
+            buf = torch.empty(n, dtype=torch.uint8)
+        view = buf[:n]
+        _read_into(fds[task.file_idx], _np_bytes(view), task.start)
+        if fail.error is not None:
+            return
         for piece in task.pieces:
+            raw = view[piece.start - task.start : piece.start - task.start + piece.nbytes]
             if piece.convert is None:
-                _read_into(fd, _np_bytes(piece.dest), piece.start)
+                piece.dest.copy_(raw)
             else:
-                tmp = torch.empty(piece.nbytes, dtype=torch.uint8)
-                _read_into(fd, _np_bytes(tmp), piece.start)
-                _apply_convert(piece, tmp)
+                _apply_convert(piece, raw)
 
 
 def _apply_convert(piece: _Piece, raw: torch.Tensor) -> None:
@@ -404,8 +447,9 @@ class _CudaLoad:
 
     _streams: dict[tuple[int, int], list[torch.cuda.Stream]] = {}
 
-    def __init__(self, device, files, fds, tasks, threads, chunk, strategy, wait_for, stats: ReadStats, register_threads=None):
-        self.device, self.files, self.fds, self.tasks = device, files, fds, tasks
+    def __init__(self, device, files, fds, tasks, threads, chunk, strategy, wait_for, stats: ReadStats, register_threads=None,
+                 timeout_s: float | None = None):
+        self.device, self.files, self.fds, self.tasks, self.timeout_s = device, files, fds, tasks, timeout_s
         self.threads, self.chunk, self.strategy, self.wait_for, self.stats = threads, chunk, strategy, wait_for, stats
         self.register_ok = strategy in ("register", "hybrid")
         n = min(threads, len(tasks))
@@ -443,7 +487,7 @@ class _CudaLoad:
                 i = next(counter)
                 self.worker(it, fail, streams[i], register=i < self.registering)
 
-            _run_workers(n, self.tasks, work)
+            _run_workers(n, self.tasks, work, self.timeout_s)
         finally:
             for s in streams:
                 current.wait_stream(s)
@@ -473,6 +517,8 @@ class _CudaLoad:
                     buf = torch.empty(n, dtype=torch.uint8, pin_memory=True)
                 view = buf[:n]
                 _read_into(self.fds[task.file_idx], _np_bytes(view), task.start)
+                if fail.error is not None:  # abandoned at its deadline: copy nothing live
+                    break
                 with torch.cuda.stream(stream):
                     self._wait_slots(task, stream)
                     if task.convert:

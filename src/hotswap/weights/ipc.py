@@ -108,7 +108,7 @@ def _open_shm(d: dict, dtype: torch.dtype, shm_prefix: str | None) -> torch.Tens
 class RememberedCall:
     """One earlier call's 'cuda_ipc' descriptors (their view fields), the views they resolved to, the kept
     storages those views map, and what the engine matched the views to (set by the caller, see
-    `WeightUpdater._match_sources`): all dropped together when one of the storages is."""
+    `weights.sources.tensor.match_named`): all dropped together when one of the storages is."""
 
     descriptors: list[tuple]
     resolved: list[tuple[str, torch.Tensor]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,13 +41,28 @@ def checkpoint_files(model_path: str | Path) -> list[Path]:
         except (json.JSONDecodeError, KeyError) as exc:
             raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from exc
         files = [path / f for f in sorted(set(weight_map.values()))]
-        missing = [str(f) for f in files if not f.is_file()]
+        missing = [str(f) for f in files if not f.exists()]
         if missing:
             raise CheckpointError(f"checkpoint index names missing shard(s): {missing}")
-        return files
+        return _regular(files)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{str(path)!r} holds no *.safetensors files (hotswap loads safetensors only)")
+    return _regular(files)
+
+
+def _regular(files: list[Path]) -> list[Path]:
+    """Refuse anything but regular files up front: opening or reading a FIFO (or a device) can block forever."""
+    odd = []
+    for f in files:
+        try:
+            mode = f.stat().st_mode
+        except OSError as exc:
+            raise CheckpointError(f"cannot stat checkpoint file {f}: {exc}") from exc
+        if not stat.S_ISREG(mode):
+            odd.append(str(f))
+    if odd:
+        raise CheckpointError(f"checkpoint file(s) {odd} are not regular files (a FIFO, socket or device never reads as a checkpoint)")
     return files
 
 

@@ -29,7 +29,7 @@ def init_custom_process_group(*, backend: str, init_method: str, world_size: int
     by its process-local name, so every rank registers it under `group_name`; one process cannot hold two
     ranks of the same group (a trainer and an in-process engine in one interpreter): that is refused at once.
     """
-    _reserve_name(group_name)
+    token = _reserve_name(group_name)
     try:
         store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=timeout))
         store.set_timeout(timeout)
@@ -37,21 +37,30 @@ def init_custom_process_group(*, backend: str, init_method: str, world_size: int
         pg, _ = _new_process_group_helper(world_size, rank, [], backend, store, group_name=group_name, timeout=timeout)
     finally:
         with _names_lock:
-            _reserved_names.discard(group_name)
+            if _reserved_names.get(group_name) is token:
+                del _reserved_names[group_name]
     _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
     return pg
 
 
 _names_lock = threading.Lock()
-_reserved_names: set[str] = set()  # groups being created right now (creation blocks: no lock is held meanwhile)
+_reserved_names: dict[str, object] = {}  # groups being created right now (creation blocks: no lock is held meanwhile)
 
 
-def _reserve_name(group_name: str) -> None:
+def _reserve_name(group_name: str) -> object:
     with _names_lock:
         if group_name in _reserved_names or group_name in _world.pg_names.values():
             raise ValueError(f"this process already holds (or is creating) a process group named {group_name!r}; a trainer and an "
                              "engine cannot share a weights update group inside one interpreter, and group names must be unique")
-        _reserved_names.add(group_name)
+        token = _reserved_names[group_name] = object()
+        return token
+
+
+def forget_reservation(group_name: str) -> None:
+    """A creation that was given up (its rendezvous never answered) no longer holds its name: a retry may
+    take it. Should the abandoned one ever get that far, creating the group under a taken name fails."""
+    with _names_lock:
+        _reserved_names.pop(group_name, None)
 
 
 def destroy_custom_process_group(pg: dist.ProcessGroup) -> None:

@@ -1,0 +1,108 @@
+"""Reading the live weights whole: get_weights_by_name, checksums, snapshots, saves, and reset_tensors.
+
+Reads see whole HF tensors (gathered from every rank under tensor parallelism, through `ranks`), so they
+look the same at every TP size. They need the weights resident, not the KV cache."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hotswap import protocol as p
+from hotswap.config import EngineConfig
+from hotswap.errors import HotswapError
+from hotswap.runner.model_runner import ModelRunner
+from hotswap.weights import saver
+from hotswap.weights.ranks import WeightRanks
+from hotswap.wire.checksum import manifest_digest, tensor_sha256
+
+RELEASED = "the weights are released; resume_memory_occupation(['weights']) first"
+
+
+@dataclass(kw_only=True, slots=True)
+class WeightReads:
+    model_runner: ModelRunner
+    config: EngineConfig
+    ranks: WeightRanks
+    weights_released: Callable[[], bool]
+    is_idle: Callable[[], bool]
+    flush_cache: Callable[[], bool]
+    mark_version: Callable[[str], None]  # the weights changed with no version naming them
+    snapshot: dict[str, torch.Tensor] | None = None
+
+    def _whole(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        return self.ranks.gather(self.model_runner.weight_map, names)
+
+    def get_weights_by_name(self, req: p.GetWeightsByNameRequest) -> p.GetWeightsByNameOutput:
+        slot = self.model_runner.weight_map.resolve(req.name)
+        if slot is None:
+            return p.GetWeightsByNameOutput(success=False, message=f"unknown parameter {req.name!r}")
+        if self.weights_released():
+            return p.GetWeightsByNameOutput(success=False, message=RELEASED)
+        _, t = next(iter(self._whole([slot.hf_name])))
+        part = t[: req.truncate_size] if req.truncate_size and req.truncate_size > 0 else t
+        return p.GetWeightsByNameOutput(success=True, parameter=part.float().cpu().tolist(), dtype=str(t.dtype).removeprefix("torch."),
+                                        shape=list(t.shape))
+
+    def check_weights(self, req: p.CheckWeightsRequest) -> p.CheckWeightsOutput:
+        """`checksum` hashes whole HF tensors: the manifest equals a trainer's `state_dict_manifest` of the
+        same weights whatever the engine's TP size."""
+        wm = self.model_runner.weight_map
+        if self.weights_released():
+            return p.CheckWeightsOutput(success=False, message=RELEASED)
+        if req.action == "checksum":
+            sums = {name: tensor_sha256(t) for name, t in self._whole(wm.names)}
+            digest = manifest_digest(sums)
+            if req.expected is not None:
+                mism = sorted(n for n in set(sums) | set(req.expected) if sums.get(n) != req.expected.get(n))
+                return p.CheckWeightsOutput(success=not mism, checksums=sums, digest=digest, mismatches=mism,
+                                            message="all checksums match" if not mism else f"{len(mism)} parameter(s) differ, e.g. {mism[:3]}")
+            return p.CheckWeightsOutput(success=True, checksums=sums, digest=digest, message=f"{len(sums)} checksums")
+        if req.action == "snapshot":
+            self.snapshot = {name: t.detach().to("cpu", copy=True) for name, t in self._whole(wm.names)}
+            return p.CheckWeightsOutput(success=True, message=f"snapshot of {len(self.snapshot)} tensors")
+        if req.action == "compare":
+            if self.snapshot is None:
+                return p.CheckWeightsOutput(success=False, message="no snapshot to compare against; call check_weights('snapshot') first")
+            mism = [n for n, t in self._whole(wm.names) if not torch.equal(t.cpu(), self.snapshot[n])]
+            return p.CheckWeightsOutput(success=not mism, mismatches=mism,
+                                        message="weights equal the snapshot" if not mism else f"{len(mism)} tensor(s) differ from the snapshot")
+        if req.action == "reset_tensors":
+            return self._reset(wm)
+        return p.CheckWeightsOutput(success=False, message=f"unknown check_weights action {req.action!r}; use snapshot, compare, reset_tensors or checksum")
+
+    def _reset(self, wm) -> p.CheckWeightsOutput:
+        """Zero every weight on every rank; the version is marked (`+reset`): these are other weights."""
+        if not self.is_idle():
+            return p.CheckWeightsOutput(success=False, message="reset_tensors refused while requests are running")
+        self.ranks.reset_tensors()
+        for name in wm.names:
+            wm.slots[name].dest.zero_()
+        self.flush_cache()
+        self.mark_version("reset")
+        failure = self.ranks.agree(None)
+        if failure is not None:
+            return p.CheckWeightsOutput(success=False, message=f"reset_tensors failed: {failure}")
+        return p.CheckWeightsOutput(success=True, message=f"zeroed {len(wm.names)} tensors")
+
+    def save_sharded_model(self, req: p.SaveShardedModelRequest) -> p.ControlOutput:
+        if self.weights_released():
+            return p.ControlOutput(success=False, message=RELEASED)
+        try:
+            files = saver.save_sharded(self.model_runner.weight_map, self._whole, Path(req.path), self.config.model_path,
+                                       pattern=req.pattern, max_size=req.max_size, overwrite=req.overwrite)
+        except (HotswapError, OSError) as exc:
+            return p.ControlOutput(success=False, message=f"save_sharded_model failed: {exc}")
+        return p.ControlOutput(success=True, message=f"saved {len(files)} file(s) to {req.path}")
+
+    def save_remote_model(self, req: p.SaveRemoteModelRequest) -> p.ControlOutput:
+        if self.weights_released():
+            return p.ControlOutput(success=False, message=RELEASED)
+        try:
+            saver.save_remote(self.model_runner.weight_map, self._whole, req.url, self.config.model_path, overwrite=req.overwrite)
+        except (HotswapError, OSError, ValueError, ImportError) as exc:
+            return p.ControlOutput(success=False, message=f"save_remote_model failed: {exc}")
+        return p.ControlOutput(success=True, message=f"saved to {req.url}")

@@ -1,0 +1,259 @@
+"""Update sessions: several calls that are one update, committed or rolled back whole.
+
+A session is opened explicitly (`begin_weight_update`; `pause_generation` opens one that holds the
+updates made during the pause) or implicitly by a single update call. Each call's `apply` runs inside
+it; slices it overwrites are saved first when a later failure could strand them (`guard`); every rank
+agrees on the call's outcome; a failure rolls back every call of the session on every rank.
+
+Versions follow SGLang's rule: the version changes only when a call gives one (`weight_version`), and
+then at once, so a trainer reads it back between its update and `continue_generation`; an update
+without one leaves it as it was, and an update that changed nothing (no tensors) changes nothing else
+either. A rollback restores the version the session started from. Operations that change the weights
+without a version to name them (`reset_tensors`, memory released without keeping the weights) mark the
+version (`mark`) with a suffix such as `+reset`, so two different sets of weights are never served
+under one name.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from hotswap import protocol as p
+from hotswap.errors import HotswapError
+from hotswap.weights.ranks import WeightRanks
+from hotswap.weights.rollback import HostArena, RollbackBuffer
+
+log = logging.getLogger(__name__)
+
+PAUSE = "pause_generation"
+BEGIN = "begin_weight_update"
+
+
+class UpdateFailed(HotswapError):
+    """An update failed after validation began; the session rolls back."""
+
+
+@dataclass(kw_only=True, slots=True)
+class UpdateSession:
+    explicit: bool  # opened by begin_weight_update / pause_generation (else: one call)
+    opened_by: str
+    rollback: RollbackBuffer
+    base_version: str  # restored by a rollback
+    started: float = field(default_factory=time.monotonic)
+    last_activity: float = field(default_factory=time.monotonic)
+    begun: bool = False  # begin_weight_update was called (possibly inside a pause)
+    failure: str | None = None
+    num_tensors: int = 0
+    num_bytes: int = 0
+    changed: bool = False  # some call copied tensors
+
+
+@dataclass(kw_only=True, slots=True)
+class Sessions:
+    ranks: WeightRanks
+    device_budget_bytes: int  # saved originals kept on the device up to this, the rest in pinned host memory
+    flush_cache: Callable[[], bool]
+    timeout_s: float
+    synchronize: Callable[[], None] = lambda: None  # wait for the device's copies (a failed copy fails here)
+    enable_rollback: bool = True
+    arena: HostArena = field(default_factory=HostArena)  # pinned host for saved originals, kept across sessions (pinning is slow)
+    weight_version: str = "default"
+    session: UpdateSession | None = None
+    expired_message: str | None = None
+
+    # ---- state ------------------------------------------------------------------------------------
+
+    @property
+    def open(self) -> bool:
+        """An explicit session is open: no batch may run."""
+        return self.session is not None and self.session.explicit
+
+    @property
+    def begun(self) -> bool:
+        return self.session is not None and self.session.begun
+
+    @property
+    def holds_changes(self) -> bool:
+        """Uncommitted updates or a begun session: memory must not move under their saved originals."""
+        s = self.session
+        return s is not None and (s.begun or s.changed or not s.explicit)
+
+    def _open(self, *, explicit: bool, opened_by: str, begun: bool = False) -> UpdateSession:
+        rollback = RollbackBuffer(device_budget_bytes=self.device_budget_bytes, arena=self.arena)
+        self.session = UpdateSession(explicit=explicit, opened_by=opened_by, rollback=rollback, base_version=self.weight_version, begun=begun)
+        return self.session
+
+    def guard(self, session: UpdateSession, *, source_can_fail: bool) -> RollbackBuffer | None:
+        """The buffer to save originals into when a later failure could strand this call's copies: inside an
+        explicit session, when the source can still fail after the first copy, or when another rank can."""
+        if self.enable_rollback and (session.explicit or source_can_fail or self.ranks.size > 1):
+            return session.rollback
+        return None
+
+    # ---- one update call --------------------------------------------------------------------------
+
+    def run(self, kind: str, weight_version: str | None, flush: bool, apply: Callable[[UpdateSession], tuple[int, int]]) -> p.WeightUpdateOutput:
+        """Run one update call inside the open session or one of its own; commit or roll back."""
+        expired = self.take_expired()
+        if expired is not None:
+            return self.refuse(f"{kind} refused: {expired}")
+        if self.session is not None and self.session.failure is not None:
+            return self.refuse(f"{kind} refused: this weight-update session already failed: {self.session.failure}")
+        implicit = self.session is None
+        session = self.session if not implicit else self._open(explicit=False, opened_by="a single update")
+        start = time.perf_counter()
+        reason = None
+        try:
+            n, nbytes = apply(session)
+            self.synchronize()
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, HotswapError) else f"{type(exc).__name__}: {exc}"
+        reason = self.ranks.agree(reason)  # every rank loads its slices; any failure fails them all
+        if reason is not None:
+            restored = self.roll_back(session)
+            if implicit:
+                self.session = None
+            else:
+                session.failure = reason
+            log.warning("%s failed: %s (rolled back %d tensors)", kind, reason, restored)
+            where = "" if implicit else " The session is marked failed; end it with end_weight_update."
+            return p.WeightUpdateOutput(success=False, message=f"{kind} failed: {reason}; weights unchanged.{where}",
+                                        weight_version=self.weight_version, rolled_back=restored > 0)
+        session.last_activity = time.monotonic()
+        session.num_tensors += n
+        session.num_bytes += nbytes
+        session.changed = session.changed or n > 0
+        if weight_version is not None:
+            self.weight_version = str(weight_version)  # SGLang's rule: set when given, readable at once
+        elapsed = time.perf_counter() - start
+        if implicit:
+            msg = self.commit(flush)
+            return p.WeightUpdateOutput(success=True, message=f"{kind}: updated {n} tensor(s); {msg}", weight_version=self.weight_version,
+                                        num_tensors=n, num_bytes=nbytes, elapsed_s=elapsed)
+        return p.WeightUpdateOutput(success=True, message=f"{kind}: applied {n} tensor(s) inside the open session",
+                                    weight_version=self.weight_version, num_tensors=n, num_bytes=nbytes, elapsed_s=elapsed)
+
+    def commit(self, flush: bool = True) -> str:
+        """Close the open session keeping its updates (every rank drops its saved originals)."""
+        s, self.session = self.session, None
+        s.rollback.clear()
+        self.ranks.commit()
+        if not s.changed:
+            return f"nothing to commit; weight version {self.weight_version}"
+        flushed = self.flush_cache() if flush else False
+        return f"weight version {self.weight_version}" + (", prefix cache flushed" if flushed else "")
+
+    def roll_back(self, s: UpdateSession) -> int:
+        """Restore the session's saved originals (here and on every rank) and the version it started from."""
+        self.ranks.rollback()
+        self.weight_version = s.base_version
+        return s.rollback.restore()
+
+    def refuse(self, message: str) -> p.WeightUpdateOutput:
+        return p.WeightUpdateOutput(success=False, message=message, weight_version=self.weight_version)
+
+    def refuse_update(self, message: str) -> p.WeightUpdateOutput:
+        """Refuse an update call; inside an explicit session the refused bucket fails the session (rolled
+        back now, closed by end_weight_update), so ending it can never commit the other buckets alone."""
+        s = self.session
+        rolled_back = False
+        if s is not None and s.explicit and s.failure is None:
+            rolled_back = self.roll_back(s) > 0
+            s.failure = message
+            message += "; the open session is marked failed and rolled back: end it with end_weight_update"
+        out = self.refuse(message)
+        out.rolled_back = rolled_back
+        return out
+
+    # ---- explicit sessions ------------------------------------------------------------------------
+
+    def begin(self) -> p.ControlOutput:
+        self.take_expired()
+        s = self.session
+        if s is not None:
+            if s.opened_by == PAUSE and not s.begun:
+                s.begun = True
+                return p.ControlOutput(success=True, message="weight-update session begun inside the paused generation")
+            return p.ControlOutput(success=False, message=f"begin_weight_update refused: a session opened by {s.opened_by} is already open")
+        self._open(explicit=True, opened_by=BEGIN, begun=True)
+        return p.ControlOutput(success=True, message="weight-update session open; generation holds until end_weight_update")
+
+    def end(self, weight_version: str | None, abort: bool) -> p.WeightUpdateOutput:
+        expired = self.take_expired()
+        if expired is not None:
+            return self.refuse(f"end_weight_update: {expired}")
+        s = self.session
+        if s is None or not s.begun:
+            return self.refuse("end_weight_update refused: no weight-update session is open")
+        if abort or s.failure is not None:
+            self.roll_back(s)
+            self._after_end(s)
+            why = "aborted by the caller" + (f" after a failure: {s.failure}" if s.failure else "") if abort else f"rolled back: {s.failure}"
+            return p.WeightUpdateOutput(success=abort, rolled_back=True, weight_version=self.weight_version,
+                                        message=f"session {why}; weights are as before begin_weight_update")
+        if weight_version is not None:
+            self.weight_version = str(weight_version)
+        n, nbytes, elapsed = s.num_tensors, s.num_bytes, time.monotonic() - s.started
+        msg = self.commit()
+        self._after_end(s)
+        return p.WeightUpdateOutput(success=True, message=f"session committed {n} tensor(s); {msg}", weight_version=self.weight_version,
+                                    num_tensors=n, num_bytes=nbytes, elapsed_s=elapsed)
+
+    def _after_end(self, s: UpdateSession) -> None:
+        """A session begun inside a pause leaves the pause holding (a fresh pause session) until continue."""
+        self.session = None
+        if s.opened_by == PAUSE:
+            self._open(explicit=True, opened_by=PAUSE)
+
+    def open_pause(self) -> None:
+        """pause_generation: updates made during the pause form one session, committed at continue."""
+        if self.session is None:
+            self._open(explicit=True, opened_by=PAUSE)
+
+    def close_pause(self) -> str | None:
+        """continue_generation: commit the pause's updates (or roll back a failed pause session). Returns
+        what happened, or None when it must be refused: a begun session is half-pushed and stays open."""
+        s = self.session
+        if s is None or s.opened_by != PAUSE:
+            return "" if s is None or not s.begun else None
+        if s.begun:
+            return None
+        if s.failure is not None:
+            self.roll_back(s)
+            self.session = None
+            return f"the failed session was rolled back ({s.failure})"
+        return self.commit()
+
+    # ---- expiry and versions ----------------------------------------------------------------------
+
+    def expire(self) -> bool:
+        """Roll back and close a session whose trainer went silent (died or hung); True when one expired."""
+        s = self.session
+        if s is None or not s.explicit:
+            return False
+        if s.opened_by == PAUSE and not s.begun and not s.changed:
+            return False  # a pause holding no updates has nothing to roll back: it lasts until continue_generation
+        idle = time.monotonic() - s.last_activity
+        if idle < self.timeout_s:
+            return False
+        restored = self.roll_back(s)
+        self.expired_message = (f"the weight-update session opened by {s.opened_by} expired after {idle:.0f} s without a call; "
+                                f"{restored} tensor(s) were rolled back and serving resumed")
+        log.warning(self.expired_message)
+        self.session = None
+        return True
+
+    def take_expired(self) -> str | None:
+        msg, self.expired_message = self.expired_message, None
+        return msg
+
+    def set_version(self, version: str) -> None:
+        self.weight_version = str(version)
+
+    def mark(self, suffix: str) -> None:
+        """The weights changed without a version naming them: make that visible (`v` -> `v+reset`)."""
+        if not self.weight_version.endswith(f"+{suffix}"):  # the same change twice gives the same weights
+            self.weight_version = f"{self.weight_version}+{suffix}"

@@ -1,0 +1,40 @@
+"""checkpoint-engine's push: the ZMQ socket of this device -> buckets matched one by one, or a refusal.
+
+Once this device's socket is known the exchange always runs, even for a refused update (`refuse`), so
+the parameter server fails instead of waiting for a peer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from hotswap import protocol as p
+from hotswap.errors import HotswapError
+from hotswap.weights.checkpoint_engine_payloads import BucketEntry
+from hotswap.weights.checkpoint_engine_receiver import BufferSource, ReceiveStats, find_address, receive_buckets, refuse_exchange
+from hotswap.weights.fast_copy import MatchedTensors, TensorPlanCache
+from hotswap.weights.mapping import WeightMap
+
+
+def address_for(req: p.UpdateWeightsFromIPCRequest, device: torch.device, source: BufferSource) -> str:
+    return find_address(req.zmq_handles, source.device_key(device))
+
+
+def check_ranks(tp_size: int) -> None:
+    if tp_size > 1:  # each rank would have to take its own device's socket: not built yet
+        raise HotswapError("update_weights_from_ipc (checkpoint-engine) is not supported with tensor_parallel_size > 1 yet; "
+                           "push with update_weights_from_distributed, _from_tensor or _from_disk")
+
+
+def receive(address: str, device: torch.device, source: BufferSource, timeout_s: float, weight_map: WeightMap, plans: TensorPlanCache,
+            load: Callable[[MatchedTensors], object]) -> ReceiveStats:
+    """Take every bucket; each is matched against the model before `load` copies it."""
+    def load_bucket(views: list[tuple[BucketEntry, torch.Tensor]]) -> None:
+        load(plans.match(weight_map, [(e.name, t) for e, t in views]))
+
+    return receive_buckets(address, device=device, source=source, timeout_s=timeout_s, load_bucket=load_bucket)
+
+
+def refuse(address: str, message: str, timeout_s: float) -> None:
+    refuse_exchange(address, message, timeout_s=timeout_s)

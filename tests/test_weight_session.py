@@ -1,0 +1,134 @@
+"""The update-session state machine on its own: fake apply callables write into plain CPU tensors."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from hotswap.errors import HotswapError
+from hotswap.models.parallel import ShardSpec
+from hotswap.weights.mapping import WeightSlot
+from hotswap.weights.ranks import LocalRanks
+from hotswap.weights.session import Sessions
+
+
+def slot(name: str, values: list[float]) -> WeightSlot:
+    t = torch.tensor(values)
+    spec = ShardSpec(dest_dim=0, dest_start=0, dest_len=len(values), src_dim=0, src_start=0, src_len=len(values), hf_shape=(len(values),))
+    return WeightSlot(name, name, None, spec, t)
+
+
+def machine(timeout_s: float = 600.0) -> tuple[Sessions, list[str]]:
+    flushes: list[str] = []
+    sessions = Sessions(ranks=LocalRanks(), device_budget_bytes=0, timeout_s=timeout_s,
+                        flush_cache=lambda: flushes.append("flush") or True)
+    return sessions, flushes
+
+
+def writer(target: WeightSlot, value: float, sessions: Sessions, fail: bool = False):
+    """An apply callable: saves the original when the session asks, writes `value`, may fail afterwards."""
+    def apply(session):
+        guard = sessions.guard(session, source_can_fail=fail)
+        if guard is not None:
+            guard.protect_many([target])
+        target.dest.fill_(value)
+        if fail:
+            raise HotswapError("the source broke after copying")
+        return 1, target.dest.numel() * 4
+
+    return apply
+
+
+def test_single_call_commits_and_keeps_version_unless_given():
+    sessions, flushes = machine()
+    a = slot("a", [0.0, 0.0])
+    out = sessions.run("update", None, True, writer(a, 1.0, sessions))
+    assert out.success and out.weight_version == "default" and a.dest.tolist() == [1.0, 1.0]
+    assert sessions.session is None and flushes == ["flush"]
+    out = sessions.run("update", "v1", True, writer(a, 2.0, sessions))
+    assert out.success and sessions.weight_version == "v1"
+
+
+def test_call_that_changes_nothing_commits_nothing():
+    sessions, flushes = machine()
+    out = sessions.run("update", None, True, lambda s: (0, 0))
+    assert out.success and "nothing to commit" in out.message and flushes == [] and sessions.weight_version == "default"
+
+
+def test_failing_call_rolls_back_its_own_copies():
+    sessions, _ = machine()
+    a = slot("a", [3.0])
+    out = sessions.run("update", "v9", True, writer(a, 7.0, sessions, fail=True))
+    assert not out.success and out.rolled_back and "source broke" in out.message
+    assert a.dest.tolist() == [3.0] and sessions.weight_version == "default" and sessions.session is None
+
+
+def test_session_rolls_back_every_bucket_after_a_failing_one():
+    sessions, flushes = machine()
+    a, b = slot("a", [1.0]), slot("b", [2.0])
+    assert sessions.begin().success and sessions.open
+    assert sessions.run("bucket", "v2", True, writer(a, 10.0, sessions)).success
+    assert sessions.weight_version == "v2"  # readable at once
+    out = sessions.run("bucket", None, True, writer(b, 20.0, sessions, fail=True))
+    assert not out.success and "marked failed" in out.message
+    assert a.dest.tolist() == [1.0] and b.dest.tolist() == [2.0] and sessions.weight_version == "default"
+    refused = sessions.run("bucket", None, True, writer(a, 5.0, sessions))
+    assert not refused.success and "already failed" in refused.message and a.dest.tolist() == [1.0]
+    end = sessions.end(None, abort=False)
+    assert not end.success and end.rolled_back and sessions.session is None and flushes == []
+
+
+def test_session_commits_once_with_its_version():
+    sessions, flushes = machine()
+    a, b = slot("a", [1.0]), slot("b", [2.0])
+    assert sessions.begin().success
+    assert sessions.run("bucket", None, True, writer(a, 10.0, sessions)).success
+    assert sessions.run("bucket", None, True, writer(b, 20.0, sessions)).success
+    assert flushes == []  # nothing committed yet
+    end = sessions.end("step-3", abort=False)
+    assert end.success and end.num_tensors == 2 and end.weight_version == "step-3"
+    assert flushes == ["flush"] and sessions.session is None and (a.dest.item(), b.dest.item()) == (10.0, 20.0)
+    assert not sessions.end(None, abort=False).success  # no session any more
+
+
+def test_begun_session_inside_a_pause_is_not_closed_by_continue():
+    sessions, _ = machine()
+    a = slot("a", [1.0])
+    sessions.open_pause()
+    assert sessions.close_pause() == "nothing to commit; weight version default"
+    sessions.open_pause()
+    assert sessions.begin().success
+    assert sessions.run("bucket", None, True, writer(a, 4.0, sessions)).success
+    assert sessions.close_pause() is None and sessions.begun  # refused: the half-pushed session stays open
+    assert sessions.end("v5", abort=False).success
+    assert sessions.session is not None and not sessions.begun  # back to the pause's own session
+    assert sessions.close_pause().startswith("nothing to commit") and sessions.session is None
+
+
+def test_silent_session_expires_and_rolls_back():
+    sessions, _ = machine(timeout_s=0.05)
+    a = slot("a", [1.0])
+    assert sessions.begin().success
+    assert sessions.run("bucket", "v7", True, writer(a, 9.0, sessions)).success
+    assert not sessions.expire()  # not silent yet
+    time.sleep(0.1)
+    assert sessions.expire()
+    assert a.dest.tolist() == [1.0] and sessions.weight_version == "default" and sessions.session is None
+    out = sessions.run("update", None, True, writer(a, 2.0, sessions))
+    assert not out.success and "expired" in out.message  # the trainer hears about it once
+    assert sessions.run("update", None, True, writer(a, 2.0, sessions)).success
+
+
+def test_a_pause_without_updates_never_expires():
+    sessions, _ = machine(timeout_s=0.0)
+    sessions.open_pause()
+    assert not sessions.expire() and sessions.open
+
+
+def test_mark_makes_content_changes_visible_once():
+    sessions, _ = machine()
+    sessions.set_version("v3")
+    sessions.mark("reset")
+    sessions.mark("reset")
+    assert sessions.weight_version == "v3+reset"
