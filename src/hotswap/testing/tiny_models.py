@@ -29,9 +29,14 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
-FAMILIES = ("llama", "qwen2", "qwen3")
+FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe")
+
+# The tiny Qwen3-MoE: 8 experts, top-2 renormalised, and (with 3 layers) a dense layer in the middle.
+TINY_MOE = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True,
+            "decoder_sparse_step": 1, "mlp_only_layers": [1]}
 
 EOS_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = (EOS_TOKEN, "<|im_start|>", "<|im_end|>")
@@ -51,6 +56,7 @@ _CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {
     "llama": LlamaConfig,
     "qwen2": Qwen2Config,
     "qwen3": Qwen3Config,
+    "qwen3_moe": Qwen3MoeConfig,
 }
 
 # vocab_size -> temp dir holding the saved tokenizer; training once per process keeps fixtures cheap.
@@ -184,11 +190,14 @@ def build_tiny_checkpoint(
     seed: int = 0,
     max_shard_size: str | int | None = None,
     attention_bias: bool | None = None,
+    moe: dict[str, Any] | None = None,
 ) -> Path:
     """Save a random ``family`` causal LM plus tokenizer in Hugging Face layout; return the folder.
 
     ``vocab_size`` defaults to the tokenizer's size. ``max_shard_size`` (e.g. ``"20KB"``) forces a
-    sharded safetensors layout with ``model.safetensors.index.json``. ``config.json`` carries both
+    sharded safetensors layout with ``model.safetensors.index.json``. ``moe`` (family ``qwen3_moe``)
+    overrides ``TINY_MOE``; transformers writes the experts per expert (``experts.{e}.gate_proj.weight``),
+    as published checkpoints hold them. ``config.json`` carries both
     the transformers-5 ``rope_parameters``/``dtype`` keys and the legacy ``rope_theta``/
     ``rope_scaling``/``torch_dtype`` keys that published checkpoints use.
     """
@@ -215,6 +224,7 @@ def build_tiny_checkpoint(
         eos_token_id=eos_id,
         pad_token_id=eos_id,
         dtype=dtype,
+        **({**TINY_MOE, **(moe or {})} if family == "qwen3_moe" else {}),
     )
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _reinit_(model, seed=seed, init_std=init_std)

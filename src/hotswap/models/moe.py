@@ -1,0 +1,62 @@
+"""The sparse MoE block (Qwen3-MoE): a float32-softmax top-k router over stacked experts.
+
+The experts live in two stacked parameters named as transformers 5 names them,
+`experts.gate_up_proj` [E, 2I, H] and `experts.down_proj` [E, H, I]; each also carries a ShardSpec per
+expert and projection, so checkpoint names (`experts.{e}.gate_proj.weight`, ...) land in the same
+storage (see weights/mapping.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hotswap.kernels import fused_moe
+from hotswap.models.layers import RMSNorm, _param
+from hotswap.models.parallel import ExpertShard, ShardSpec
+from hotswap.runner.forward_context import ForwardContext
+
+
+def _full(shape: tuple[int, ...]) -> ShardSpec:
+    return ShardSpec(0, 0, shape[0], 0, 0, shape[0], shape)
+
+
+class StackedExperts(nn.Module):
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, dtype: torch.dtype):
+        super().__init__()
+        e, h, i = num_experts, hidden, intermediate
+        gate_up: dict = {None: _full((e, 2 * i, h))}
+        down: dict = {None: _full((e, h, i))}
+        for x in range(e):
+            gate_up[ExpertShard(x, "gate_proj")] = ShardSpec(0, 0, i, 0, 0, i, (i, h), dest_index=x)
+            gate_up[ExpertShard(x, "up_proj")] = ShardSpec(0, i, i, 0, 0, i, (i, h), dest_index=x)
+            down[ExpertShard(x, "down_proj")] = ShardSpec(0, 0, h, 0, 0, h, (h, i), dest_index=x)
+        self.gate_up_proj = _param((e, 2 * i, h), dtype, gate_up)
+        self.down_proj = _param((e, h, i), dtype, down)
+
+
+class Router(nn.Module):
+    def __init__(self, num_experts: int, hidden: int, dtype: torch.dtype):
+        super().__init__()
+        self.weight = _param((num_experts, hidden), dtype, {None: _full((num_experts, hidden))})
+
+
+class SparseMoeBlock(nn.Module):
+    """`moe_index`: this block's position among the model's MoE layers (its column of routed-expert ids)."""
+
+    def __init__(self, num_experts: int, top_k: int, hidden: int, intermediate: int, renormalize: bool,
+                 dtype: torch.dtype, moe_index: int):
+        super().__init__()
+        self.top_k, self.renormalize, self.moe_index = top_k, renormalize, moe_index
+        self.gate = Router(num_experts, hidden, dtype)
+        self.experts = StackedExperts(num_experts, hidden, intermediate, dtype)
+
+    def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        weights, ids = fused_moe.route(h, self.gate.weight, self.top_k, self.renormalize)
+        return fused_moe.moe_reference(h, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+
+    def norm_forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm,
+                     ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block on norm(x + residual); returns (output, new residual)."""
+        h, residual = norm.forward_residual(x, residual)
+        return self(h, ctx), residual
