@@ -541,7 +541,10 @@ class WeightUpdater:
             return p.GetWeightsByNameOutput(success=False, message=f"unknown parameter {req.name!r}")
         if self.memory_released():
             return p.GetWeightsByNameOutput(success=False, message="weights are released; resume memory first")
-        _, t = next(iter(self._whole([slot.hf_name])))
+        whole_name = self.model_runner.weight_map.part_of.get(slot.hf_name, slot.hf_name)
+        _, t = next(iter(self._whole([whole_name])))
+        if whole_name != slot.hf_name:
+            t = slot.spec.dest_view(t)  # one expert's tensor inside the stacked parameter
         part = t[: req.truncate_size] if req.truncate_size and req.truncate_size > 0 else t
         return p.GetWeightsByNameOutput(success=True, parameter=part.float().cpu().tolist(), dtype=str(t.dtype).removeprefix("torch."),
                                         shape=list(t.shape))

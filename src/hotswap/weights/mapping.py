@@ -80,6 +80,14 @@ class WeightMap:
         name = self.aliases.get(name, name)
         return self.slots.get(name) or self.parts.get(name)
 
+    def checkpoint_layout(self, name: str, whole: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """Canonical tensor `name` (whole, as `whole`) as checkpoints store it: stacked experts split per
+        expert and projection (the layout transformers writes and every engine reads), others as is."""
+        parts = self.part_names.get(name)
+        if parts is None:
+            return [(name, whole)]
+        return [(part, self.parts[part].spec.dest_view(whole)) for part in parts]
+
     def __len__(self) -> int:
         return len(self.slots)
 

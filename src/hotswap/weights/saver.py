@@ -47,10 +47,10 @@ def save_sharded(weight_map: WeightMap, whole: Whole, path: Path, source_model_p
     for i, names in enumerate(shards, start=1):
         fname = pattern.format(rank=0, part=i, total=total) if pattern else (
             "model.safetensors" if total == 1 else f"model-{i:05d}-of-{total:05d}.safetensors")
-        tensors = {n: t.detach().contiguous().cpu() for n, t in whole(names)}
+        tensors = {part: t.detach().contiguous().cpu() for n, w in whole(names) for part, t in weight_map.checkpoint_layout(n, w)}
         save_file(tensors, str(path / fname), metadata={"format": "pt"})
         files.append(path / fname)
-        index.update({n: fname for n in names})
+        index.update({n: fname for n in tensors})
     if total > 1 or pattern:
         (path / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": sum(sizes.values())}, "weight_map": index}, indent=2))
