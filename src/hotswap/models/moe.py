@@ -53,7 +53,8 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         weights, ids = fused_moe.route(h, self.gate.weight, self.top_k, self.renormalize)
-        return fused_moe.moe_reference(h, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+        run = fused_moe.fused_moe if fused_moe.available(h) else fused_moe.moe_reference
+        return run(h, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
 
     def norm_forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm,
                      ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
