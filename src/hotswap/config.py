@@ -187,7 +187,10 @@ class EngineConfig:
     check_invariants_when_idle: bool = False
     seed: int = 0
     tensor_parallel_size: int = 1  # > 1: one worker process per extra rank (cuda:k+r; gloo ranks on the CPU)
-    tp_timeout_s: float = 600.0  # the longest rank 0 waits on a tensor-parallel worker before declaring the engine broken
+    tp_timeout_s: float = 600.0
+    # MoE: keep each token's routed experts beside its KV (a per-cache-slot table) so requests can ask for
+    # them (`return_routed_experts`, SGLang's routing replay interface)
+    enable_return_routed_experts: bool = False  # the longest rank 0 waits on a tensor-parallel worker before declaring the engine broken
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -212,6 +215,8 @@ def model_config_for(config: EngineConfig) -> ModelConfig:
                                             ("intermediate_size", mc.intermediate_size)) if n % tp]
     if uneven:
         raise HotswapError(f"tensor_parallel_size {tp} does not divide the model's {', '.join(uneven)}")
+    if config.enable_return_routed_experts and not mc.num_experts:
+        raise HotswapError(f"enable_return_routed_experts needs a mixture-of-experts model; {mc.architecture} has no experts")
     if tp > 1 and mc.num_experts:
         raise HotswapError(f"tensor_parallel_size {tp}: mixture-of-experts models run on one GPU for now "
                            "(expert weights are not sharded across ranks)")

@@ -60,6 +60,8 @@ class _Collector:
         }
         if len(set(self.versions)) > 1:
             meta["weight_versions"] = list(self.versions)
+        if out.routed_experts is not None:
+            meta["routed_experts"] = out.routed_experts
         if self.return_logprob:
             meta["output_token_logprobs"] = [(lp, tid, None) for lp, tid in zip(self.logprobs, self.output_ids)]
             if any(self.top_logprobs):
@@ -149,7 +151,8 @@ class Engine:
 
     # ---- generation --------------------------------------------------------------------------------
 
-    def _prepare(self, prompt, sampling_params, input_ids, return_logprob: bool, top_logprobs_num: int, stream: bool):
+    def _prepare(self, prompt, sampling_params, input_ids, return_logprob: bool, top_logprobs_num: int, stream: bool,
+                 return_routed_experts: bool = False):
         """Validate everything up front and build (request args, collector) per output; raises on bad input."""
         if (prompt is None) == (input_ids is None):
             raise HotswapError("give exactly one of prompt or input_ids")
@@ -170,6 +173,10 @@ class Engine:
             sps = [sp] * len(id_lists)
         if return_logprob or top_logprobs_num:
             sps = [dataclasses.replace(sp, return_logprob=True, top_logprobs_num=max(sp.top_logprobs_num, top_logprobs_num)) for sp in sps]
+        if return_routed_experts:
+            sps = [dataclasses.replace(sp, return_routed_experts=True) for sp in sps]
+        if any(sp.return_routed_experts for sp in sps) and not self.config.enable_return_routed_experts:
+            raise HotswapError("return_routed_experts needs an engine started with enable_return_routed_experts=True")
         vocab = self.model_config.vocab_size
         for i, ids in enumerate(id_lists):
             if not ids:
@@ -208,10 +215,10 @@ class Engine:
         return [_Collector(rid=r.rid, return_logprob=r.sampling_params.return_logprob) for r in reqs]
 
     def generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool = False,
-                 top_logprobs_num: int = 0, stream: bool = False):
+                 top_logprobs_num: int = 0, stream: bool = False, return_routed_experts: bool = False):
         """One prompt -> one dict; a list (or n > 1) -> a list of dicts; stream=True -> an iterator of dicts."""
         self._check_open()
-        single, jobs = self._prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, stream)
+        single, jobs = self._prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, stream, return_routed_experts)
         if stream:
             return self._stream(*jobs[0])
         q: queue.Queue = queue.Queue()
@@ -239,10 +246,10 @@ class Engine:
                 self.scheduler.submit(p.AbortRequest(rid=c.rid, message="stream closed by the client"))
 
     async def async_generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool = False,
-                             top_logprobs_num: int = 0, stream: bool = False):
+                             top_logprobs_num: int = 0, stream: bool = False, return_routed_experts: bool = False):
         """Awaitable generate; with stream=True returns an async iterator of dicts."""
         self._check_open()
-        single, jobs = self._prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, stream)
+        single, jobs = self._prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, stream, return_routed_experts)
         if stream:
             return self._astream(*jobs[0])
         loop = asyncio.get_running_loop()

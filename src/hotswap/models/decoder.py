@@ -73,7 +73,7 @@ def _mlp(cfg: ModelConfig, layer_id: int, tp: TPInfo) -> MLP | SparseMoeBlock:
     if not cfg.is_moe_layer(layer_id):
         return MLP(cfg, tp)
     return SparseMoeBlock(cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size,
-                          cfg.norm_topk_prob, cfg.torch_dtype, moe_index=cfg.moe_layers.index(layer_id))
+                          cfg.norm_topk_prob, cfg.torch_dtype, layer_id=layer_id)
 
 
 class DecoderLayer(nn.Module):

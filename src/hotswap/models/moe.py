@@ -42,17 +42,19 @@ class Router(nn.Module):
 
 
 class SparseMoeBlock(nn.Module):
-    """`moe_index`: this block's position among the model's MoE layers (its column of routed-expert ids)."""
+    """`layer_id`: the decoder layer, the column of the routed-experts table this block writes."""
 
     def __init__(self, num_experts: int, top_k: int, hidden: int, intermediate: int, renormalize: bool,
-                 dtype: torch.dtype, moe_index: int):
+                 dtype: torch.dtype, layer_id: int):
         super().__init__()
-        self.top_k, self.renormalize, self.moe_index = top_k, renormalize, moe_index
+        self.top_k, self.renormalize, self.layer_id = top_k, renormalize, layer_id
         self.gate = Router(num_experts, hidden, dtype)
         self.experts = StackedExperts(num_experts, hidden, intermediate, dtype)
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         weights, ids = fused_moe.route(h, self.gate.weight, self.top_k, self.renormalize)
+        if ctx.routed_experts is not None:
+            ctx.routed_experts[ctx.slot_mapping, self.layer_id] = ids.to(torch.int32)
         run = fused_moe.fused_moe if fused_moe.available(h) else fused_moe.moe_reference
         return run(h, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
 

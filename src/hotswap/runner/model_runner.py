@@ -17,6 +17,7 @@ from hotswap.runner.attention import TorchAttention, TritonAttention
 from hotswap.runner.forward_context import ForwardContext
 from hotswap.runner.host_batch import HostBatch
 from hotswap.runner.kv_cache import KVCachePool
+from hotswap.runner.routed_experts import RoutedExpertsTable
 from hotswap.runner.batch_entry import BatchEntry
 from hotswap.runner.sampler import SampleResult, SamplingBatch, sample
 from hotswap.weights.fast_reader import ReaderOptions
@@ -44,6 +45,7 @@ class ModelRunner:
         else:
             raise HotswapError(f"unknown load_format {config.load_format!r}; use 'auto' or 'dummy'")
         self.pool = self._make_pool()
+        self.routed_experts = self._make_routed_experts()
         self.attention = self._make_attention()
         self.cuda_graphs = None
         # not under tensor parallelism yet: graphs would capture the NCCL collectives and the batch relay would need static buffers
@@ -82,6 +84,18 @@ class ModelRunner:
             num_pages = int(pages.item())
         return KVCachePool(num_layers=mc.num_layers, num_pages=num_pages, page_size=page_size,
                            num_kv_heads=kv_heads, head_dim=mc.head_dim, dtype=mc.torch_dtype, device=self.device)
+
+    def _make_routed_experts(self) -> RoutedExpertsTable | None:
+        mc, pool = self.model_config, self.pool
+        if not self.config.enable_return_routed_experts:
+            return None
+        return RoutedExpertsTable.create(num_slots=(pool.num_pages + 1) * pool.page_size, num_layers=mc.num_layers,
+                                         top_k=mc.num_experts_per_tok, page_size=pool.page_size, device=self.device)
+
+    @property
+    def routed_experts_ids(self) -> torch.Tensor | None:
+        """The table the MoE layers write (the forward context's `routed_experts`), or None when off."""
+        return None if self.routed_experts is None else self.routed_experts.ids
 
     def _make_attention(self):
         backend = self.config.attention_backend
@@ -135,6 +149,7 @@ class ModelRunner:
             is_decode=hb.is_decode,
             attention=self.attention,
             skinny_matmul=self.use_skinny_matmul(len(hb.input_ids)),
+            routed_experts=self.routed_experts_ids,
         )
         return self.to_device(hb.input_ids), ctx, self.to_device(hb.logits_indices)
 

@@ -309,7 +309,11 @@ class Scheduler:
 
     def finish_all(self, seqs: list[Sequence]) -> None:
         """Release finished sequences (their reasons set) and send their last outputs."""
+        table = self.model_runner.routed_experts
         for seq in seqs:
+            if table is not None and seq.req.sampling_params.return_routed_experts:
+                # every forwarded position (the last sampled token never was), read before the pages go
+                seq.routed_experts = table.encode(seq.pages, min(seq.num_computed, seq.num_tokens - 1))
             self.batcher.finish(seq)
         self.streamer.emit_finished(seqs, self.weight_updater.weight_version)
 
