@@ -3,6 +3,9 @@ also for prompts served from the prefix cache, under preemption, chunked prefill
 
 from __future__ import annotations
 
+import argparse
+import json
+
 import pytest
 import torch
 from hf_reference import hf_model, prompt_ids
@@ -106,3 +109,31 @@ def test_decode_routed_experts_refuses_a_wrong_shape():
     assert decode_routed_experts(data, 3, 2).shape == (2, 3, 2)
     with pytest.raises(ValueError, match="do not split"):
         decode_routed_experts(data, 5, 2)
+
+
+def test_http_generate_and_openai_routes_return_routing(tiny_qwen3_moe):
+    """Native /generate (plain and streamed) takes `return_routed_experts`; the OpenAI routes take it as an
+    extra body field and put the same base64 string on each choice."""
+    import httpx
+    import openai
+
+    from hotswap.server.app import create_app
+    from hotswap.server.launch import ServerThread, add_serve_arguments, engine_kwargs_from_args
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["--model-path", "x", "--enable-return-routed-experts"])
+    assert engine_kwargs_from_args(args)["enable_return_routed_experts"] is True
+    prompt = prompt_ids(9, 8)
+    with make_engine(tiny_qwen3_moe) as eng, ServerThread(create_app(eng, served_model_name="tiny")) as srv:
+        with httpx.Client(base_url=srv.url, timeout=30) as http:
+            out = http.post("/generate", json={"input_ids": prompt, "sampling_params": SP, "return_routed_experts": True}).json()
+            assert_routing_matches(tiny_qwen3_moe, prompt, out)
+            with http.stream("POST", "/generate", json={"input_ids": prompt, "sampling_params": SP, "stream": True,
+                                                         "return_routed_experts": True}) as resp:
+                events = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+            assert events[-1]["meta_info"]["routed_experts"] == out["meta_info"]["routed_experts"]
+        oai = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        res = oai.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, extra_body={
+            "ignore_eos": True, "return_routed_experts": True})
+        assert res.choices[0].model_extra["routed_experts"] == out["meta_info"]["routed_experts"]
