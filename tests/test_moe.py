@@ -44,6 +44,14 @@ def hf_state(path) -> dict[str, torch.Tensor]:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
 
 
+def fused_checkpoint(src, dst):
+    """A copy of checkpoint `src` holding transformers 5's fused expert names (its state_dict saved as is)."""
+    shutil.copytree(src, dst)
+    save_file({k: v.contiguous() for k, v in hf_state(src).items()}, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    assert FUSED in checkpoint_tensors(dst)
+    return dst
+
+
 def test_config_reads_the_moe_layout(tiny_qwen3_moe):
     mc = ModelConfig.from_pretrained(tiny_qwen3_moe)
     assert (mc.architecture, mc.num_experts, mc.num_experts_per_tok, mc.moe_intermediate_size) == ("Qwen3MoeForCausalLM", 8, 2, 32)
@@ -105,11 +113,7 @@ def test_update_from_disk_per_expert_and_fused_checkpoints(fresh, tiny_qwen3_moe
     assert res.success, res.message
     assert fresh.check_weights("checksum", expected=state_dict_manifest(v2_state)).success
     assert greedy_ids(fresh) == reference_ids(tiny_qwen3_moe_v2)
-    # a checkpoint holding transformers 5's fused names (its state_dict saved as is)
-    fused = tmp_path / "fused"
-    shutil.copytree(tiny_qwen3_moe, fused)
-    save_file({k: v.contiguous() for k, v in hf_state(tiny_qwen3_moe).items()}, str(fused / "model.safetensors"), metadata={"format": "pt"})
-    assert FUSED in checkpoint_tensors(fused)
+    fused = fused_checkpoint(tiny_qwen3_moe, tmp_path / "fused")
     assert fresh.update_weights_from_disk(str(fused)).success
     assert fresh.check_weights("checksum", expected=state_dict_manifest(hf_state(tiny_qwen3_moe))).success
     assert greedy_ids(fresh) == reference_ids(tiny_qwen3_moe)
@@ -162,6 +166,46 @@ def test_partial_per_expert_checkpoint_is_refused_from_disk(fresh, tiny_qwen3_mo
     res = fresh.update_weights_from_disk(str(partial))
     assert not res.success and "model.layers.2.mlp.experts.gate_up_proj" in res.message, res.message
     assert fresh.check_weights("checksum").digest == before
+
+
+def test_fault_mid_read_of_experts_rolls_back(fresh, tiny_qwen3_moe_v2, monkeypatch):
+    from hotswap.weights import fast_reader
+
+    before = fresh.check_weights("checksum").digest
+    real, calls = fast_reader._read_into, iter(range(10**6))
+
+    def failing(fd, view, offset):
+        if next(calls) == 20:
+            raise OSError("injected I/O error")
+        real(fd, view, offset)
+
+    monkeypatch.setattr(fast_reader, "_read_into", failing)
+    res = fresh.update_weights_from_disk(str(tiny_qwen3_moe_v2))
+    assert not res.success and "injected I/O error" in res.message and res.rolled_back
+    assert fresh.check_weights("checksum").digest == before
+
+
+@pytest.mark.parametrize("names", ["per_expert", "fused"])
+def test_trainer_pushes_experts_over_torch_distributed(fresh, tiny_qwen3_moe_v2, tmp_path, names):
+    """A trainer process broadcasts the experts in 3 buckets (gloo), under either naming scheme."""
+    from trainer_support import TrainerProcess, serve_engine_http
+
+    from hotswap.trainer import free_port
+
+    source = tiny_qwen3_moe_v2 if names == "per_expert" else fused_checkpoint(tiny_qwen3_moe_v2, tmp_path / "fused")
+    url, server = serve_engine_http(fresh)
+    try:
+        trainer = TrainerProcess({"base_url": url, "checkpoint": str(source), "master_port": free_port(), "group_name": "moe",
+                                  "buckets": 3, "pushes": [{"version": "v2"}]})
+        trainer.expect("connected")
+        assert trainer.expect("pushed")["buckets"] == 3
+        trainer.expect("closed")
+        assert trainer.join() == 0
+    finally:
+        server.shutdown()
+    assert fresh.check_weights("checksum", expected=state_dict_manifest(hf_state(tiny_qwen3_moe_v2))).success
+    assert greedy_ids(fresh) == reference_ids(tiny_qwen3_moe_v2)
+    assert fresh.weight_version == "v2"
 
 
 def test_save_sharded_model_reloads_in_hf_bit_exactly(fresh, tiny_qwen3_moe_v2, tmp_path):
