@@ -261,3 +261,17 @@ def test_bf16_greedy_agrees_with_hf(tiny_qwen3_moe, batch):
         best = logits.max(-1).values
         mine = logits.gather(1, torch.tensor(ours, device="cuda").unsqueeze(1)).squeeze(1)
         assert bool(((best - mine) <= 0.01 * logits.abs().max(-1).values).all()), (best - mine).tolist()
+
+
+def test_qwen2_moe_shared_expert_parity_and_weights(tiny_qwen2_moe):
+    prompts = [prompt_ids(i, n) for i, n in enumerate([4, 23])]
+    with make_engine(tiny_qwen2_moe) as eng:
+        outs = eng.generate(input_ids=prompts, sampling_params=GREEDY, return_logprob=True)
+        for ids, out in zip(prompts, outs):
+            ref_ids, ref_lps = hf_greedy(tiny_qwen2_moe, ids, 10)
+            assert out["output_ids"] == ref_ids
+            got = [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]]
+            torch.testing.assert_close(torch.tensor(got), torch.tensor(ref_lps), atol=1e-4, rtol=1e-4)
+        state = hf_state(tiny_qwen2_moe)
+        assert "model.layers.0.mlp.shared_expert_gate.weight" in state and "model.layers.0.self_attn.q_proj.bias" in state
+        assert eng.check_weights("checksum", expected=state_dict_manifest(state)).success

@@ -16,6 +16,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": (True, False),
     "Qwen3ForCausalLM": (False, True),
     "Qwen3MoeForCausalLM": (False, True),
+    "Qwen2MoeForCausalLM": (True, False),  # q/k/v bias under the name qkv_bias; a gated shared expert
 }
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -57,6 +58,7 @@ class ModelConfig:
     norm_topk_prob: bool = False
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: an always-on expert scaled by sigmoid(shared_expert_gate)
 
     def is_moe_layer(self, layer_id: int) -> bool:
         """HF's rule (Qwen3MoeDecoderLayer): sparse unless listed in mlp_only_layers or off the sparse step."""
@@ -112,7 +114,7 @@ class ModelConfig:
             rope_scaling=rope_scaling if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "llama3" else None,
             max_position_embeddings=raw.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            attention_bias=bool(raw.get("attention_bias", bias_default)),
+            attention_bias=bool(raw.get("attention_bias", raw.get("qkv_bias", bias_default))),
             qk_norm=qk_norm,
             torch_dtype=parse_dtype(dtype_name if dtype_name in _DTYPES else "float32"),
             eos_token_ids=_eos_ids(raw.get("eos_token_id")),
@@ -139,6 +141,7 @@ def _moe_fields(raw: dict) -> dict:
         "norm_topk_prob": bool(raw.get("norm_topk_prob", False)),
         "decoder_sparse_step": int(raw.get("decoder_sparse_step") or 1),
         "mlp_only_layers": [int(i) for i in raw.get("mlp_only_layers") or []],
+        "shared_expert_intermediate_size": int(raw.get("shared_expert_intermediate_size") or 0),
     }
     if not 0 < fields["num_experts_per_tok"] <= fields["num_experts"]:
         raise CheckpointError(f"num_experts_per_tok {fields['num_experts_per_tok']} must be in 1..num_experts {experts}")

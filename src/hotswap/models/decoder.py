@@ -1,5 +1,5 @@
-"""The Llama-family decoder (Llama, Qwen2 with q/k/v bias, Qwen3 with q/k RMSNorm, Qwen3-MoE with a sparse
-MoE block in place of the MLP on its MoE layers) over a paged KV cache."""
+"""The Llama-family decoder (Llama, Qwen2 with q/k/v bias, Qwen3 with q/k RMSNorm; Qwen3-MoE and Qwen2-MoE
+with a sparse MoE block in place of the MLP on their MoE layers) over a paged KV cache."""
 
 from __future__ import annotations
 
@@ -73,7 +73,8 @@ def _mlp(cfg: ModelConfig, layer_id: int, tp: TPInfo) -> MLP | SparseMoeBlock:
     if not cfg.is_moe_layer(layer_id):
         return MLP(cfg, tp)
     return SparseMoeBlock(cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size,
-                          cfg.norm_topk_prob, cfg.torch_dtype, layer_id=layer_id)
+                          cfg.norm_topk_prob, cfg.torch_dtype, layer_id=layer_id,
+                          shared_intermediate=cfg.shared_expert_intermediate_size)
 
 
 class DecoderLayer(nn.Module):
