@@ -24,12 +24,16 @@ class RoutedExpertsTable:
     def create(cls, *, num_slots: int, num_layers: int, top_k: int, page_size: int, device: torch.device) -> RoutedExpertsTable:
         return cls(ids=torch.full((num_slots, num_layers, top_k), -1, dtype=torch.int32, device=device), page_size=page_size)
 
-    def rows(self, pages: list[int], num_positions: int) -> np.ndarray:
-        """int32 [num_positions, num_layers, top_k]: positions 0.. of the sequence holding `pages`."""
+    def _slots(self, pages: list[int], num_positions: int) -> np.ndarray:
         pos = np.arange(num_positions)
-        slots = np.asarray(pages, dtype=np.int64)[pos // self.page_size] * self.page_size + pos % self.page_size
-        return self.ids[torch.from_numpy(slots).to(self.ids.device)].cpu().numpy()
+        return np.asarray(pages, dtype=np.int64)[pos // self.page_size] * self.page_size + pos % self.page_size
 
-    def encode(self, pages: list[int], num_positions: int) -> str:
-        """SGLang's wire form: base64 of the int32 (little-endian) array ordered (token, layer, top-k slot)."""
-        return base64.b64encode(self.rows(pages, num_positions).astype("<i4").tobytes()).decode("ascii")
+    def encode_many(self, spans: list[tuple[list[int], int]]) -> list[str]:
+        """For each (pages, num_positions) of a sequence: positions 0.. in SGLang's wire form, base64 of the
+        int32 (little-endian) array ordered (token, layer, top-k slot). One gather and one device-to-host
+        copy for all of them (a step that finishes many sequences waits once)."""
+        slots = [self._slots(pages, n) for pages, n in spans]
+        flat = np.concatenate(slots) if slots else np.zeros(0, dtype=np.int64)
+        rows = self.ids[torch.from_numpy(flat).to(self.ids.device)].cpu().numpy().astype("<i4")
+        bounds = np.cumsum([0] + [len(s) for s in slots])
+        return [base64.b64encode(rows[a:b].tobytes()).decode("ascii") for a, b in zip(bounds[:-1], bounds[1:])]
