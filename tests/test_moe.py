@@ -275,3 +275,18 @@ def test_qwen2_moe_shared_expert_parity_and_weights(tiny_qwen2_moe):
         state = hf_state(tiny_qwen2_moe)
         assert "model.layers.0.mlp.shared_expert_gate.weight" in state and "model.layers.0.self_attn.q_proj.bias" in state
         assert eng.check_weights("checksum", expected=state_dict_manifest(state)).success
+
+
+def test_ipc_pusher_sends_fused_experts_and_verify_proves_them(fresh, tiny_qwen3_moe_v2):
+    """The trainer library's shared-memory pusher, in buckets, with a transformers 5 state_dict (fused
+    experts); `verify_engine_weights` on that state_dict then proves the engine holds it."""
+    from hotswap.trainer import IPCWeightPusher, verify_engine_weights
+
+    state = hf_state(tiny_qwen3_moe_v2)
+    assert not verify_engine_weights(fresh, state).success
+    with IPCWeightPusher(fresh, bucket_bytes=200_000) as pusher:
+        res = pusher.push(state, weight_version="v2")
+    assert res.num_buckets > 1
+    check = verify_engine_weights(fresh, state)
+    assert check.success, check.get("mismatches")
+    assert greedy_ids(fresh) == reference_ids(tiny_qwen3_moe_v2)

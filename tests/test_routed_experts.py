@@ -137,3 +137,17 @@ def test_http_generate_and_openai_routes_return_routing(tiny_qwen3_moe):
         res = oai.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, extra_body={
             "ignore_eos": True, "return_routed_experts": True})
         assert res.choices[0].model_extra["routed_experts"] == out["meta_info"]["routed_experts"]
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_write_the_same_routing_as_the_cpu(tiny_qwen3_moe):
+    """Decode and extend CUDA graphs write the routing table too (it is in their captured context)."""
+    prompts = [prompt_ids(60 + i, n) for i, n in enumerate([5, 30, 9])]
+    with make_engine(tiny_qwen3_moe) as cpu:
+        ref = cpu.generate(input_ids=prompts, sampling_params=SP, return_routed_experts=True)
+    with Engine(str(tiny_qwen3_moe), device="cuda", dtype="float32", enable_return_routed_experts=True) as gpu:
+        assert gpu.model_runner.cuda_graphs is not None
+        got = gpu.generate(input_ids=prompts, sampling_params=SP, return_routed_experts=True)
+    for a, b in zip(ref, got):
+        assert a["output_ids"] == b["output_ids"]
+        assert a["meta_info"]["routed_experts"] == b["meta_info"]["routed_experts"]
