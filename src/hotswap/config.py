@@ -190,10 +190,10 @@ class EngineConfig:
     check_invariants_when_idle: bool = False
     seed: int = 0
     tensor_parallel_size: int = 1  # > 1: one worker process per extra rank (cuda:k+r; gloo ranks on the CPU)
-    tp_timeout_s: float = 600.0
+    tp_timeout_s: float = 600.0  # the longest rank 0 waits on a tensor-parallel worker before declaring the engine broken
     # MoE: keep each token's routed experts beside its KV (a per-cache-slot table) so requests can ask for
     # them (`return_routed_experts`, SGLang's routing replay interface)
-    enable_return_routed_experts: bool = False  # the longest rank 0 waits on a tensor-parallel worker before declaring the engine broken
+    enable_return_routed_experts: bool = False
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

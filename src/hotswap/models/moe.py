@@ -37,6 +37,9 @@ class StackedExperts(nn.Module):
 
 
 class Router(nn.Module):
+    """A bias-free [out, H] projection held whole: the router's logits over the experts (`mlp.gate`), or
+    Qwen2-MoE's one-logit shared-expert gate (`mlp.shared_expert_gate`)."""
+
     def __init__(self, num_experts: int, hidden: int, dtype: torch.dtype):
         super().__init__()
         self.weight = hf_param((num_experts, hidden), dtype, {None: _full((num_experts, hidden))})

@@ -41,8 +41,9 @@ def check_tensor_metas(weight_map: WeightMap, metas: list[TensorMeta], *, requir
             problems.append(f"parameter {meta.name!r} given twice")
             continue
         seen[slot.hf_name] = meta.name
-        if slot.hf_name in weight_map.part_of:
-            parts_seen[weight_map.part_of[slot.hf_name]] = parts_seen.get(weight_map.part_of[slot.hf_name], 0) + 1
+        canonical = weight_map.part_of.get(slot.hf_name)
+        if canonical is not None:
+            parts_seen[canonical] = parts_seen.get(canonical, 0) + 1
         if tuple(meta.shape) != slot.hf_shape:
             problems.append(f"shape mismatch for {meta.name!r}: got {list(meta.shape)}, expected {list(slot.hf_shape)}")
         if not (meta.dtype.is_floating_point and slot.dtype.is_floating_point):
