@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from hf_reference import hf_model, prompt_ids
+from hf_reference import hf_greedy, hf_model, prompt_ids
 
 from hotswap import Engine, HotswapError
 from hotswap.trainer import decode_routed_experts
@@ -80,6 +80,7 @@ def test_routing_under_preemption_and_chunked_prefill(tiny_qwen3_moe):
         outs = eng.generate(input_ids=prompts, sampling_params=sp, return_routed_experts=True)
         assert eng.scheduler.batcher.num_preemptions > 0
         for ids, out in zip(prompts, outs):
+            assert out["output_ids"] == hf_greedy(tiny_qwen3_moe, ids, 16)[0]
             assert_routing_matches(tiny_qwen3_moe, ids, out)
 
 
