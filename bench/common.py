@@ -17,6 +17,13 @@ SHAPES = {
                        head_dim=128, vocab_size=151936, tie_word_embeddings=True),
     "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
                      head_dim=128, vocab_size=151936, tie_word_embeddings=False),
+    # mixture of experts (Qwen3MoeForCausalLM): every layer sparse
+    "tiny-moe": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                     head_dim=32, vocab_size=512, tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2,
+                     moe_intermediate_size=64, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[]),
+    "qwen3-30b-a3b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                          head_dim=128, vocab_size=151936, tie_word_embeddings=False, num_experts=128, num_experts_per_tok=8,
+                          moe_intermediate_size=768, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[]),
 }
 
 
@@ -26,8 +33,10 @@ def config_only_checkpoint(out_dir: Path, shape: str, dtype: str = "bfloat16", m
 
     out_dir.mkdir(parents=True, exist_ok=True)
     s = SHAPES[shape]
+    moe = "num_experts" in s
     cfg = {
-        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_act": "silu", "rms_norm_eps": 1e-6,
+        "architectures": ["Qwen3MoeForCausalLM" if moe else "Qwen3ForCausalLM"], "model_type": "qwen3_moe" if moe else "qwen3",
+        "hidden_act": "silu", "rms_norm_eps": 1e-6,
         "rope_theta": 1000000.0, "max_position_embeddings": max_positions, "torch_dtype": dtype, "attention_bias": False,
         "eos_token_id": 0, "bos_token_id": 0, "pad_token_id": 0, **s,
     }
@@ -38,6 +47,28 @@ def config_only_checkpoint(out_dir: Path, shape: str, dtype: str = "bfloat16", m
 
 def weight_bytes(engine) -> int:
     return engine.model_runner.weight_map.total_bytes
+
+
+def decode_step_bytes(engine, batch: int, avg_ctx: float) -> float:
+    """What one decode step of `batch` sequences at context `avg_ctx` must read at least.
+
+    Dense: every weight plus the KV. MoE: the weights outside the experts (attention, norms, routers, the
+    LM head), the embedding rows of the batch's tokens, per MoE layer the experts the batch routes to
+    (expected distinct count under uniform top-k routing: E * (1 - (1 - k/E)^batch)), plus the KV."""
+    mc = engine.model_config
+    kv = batch * avg_ctx * kv_bytes_per_token(engine)
+    if not mc.num_experts:
+        return weight_bytes(engine) + kv
+    slots = engine.model_runner.weight_map.slots
+    size = lambda name: slots[name].dest.numel() * slots[name].dest.element_size()
+    experts = sum(size(n) for n in slots if ".mlp.experts." in n)
+    embed = size("model.embed_tokens.weight") if not mc.tie_word_embeddings else 0  # tied: read whole as the LM head
+    rest = weight_bytes(engine) - experts - embed
+    e, k = mc.num_experts, mc.num_experts_per_tok
+    touched = e * (1.0 - (1.0 - k / e) ** batch)
+    per_expert = 3 * mc.moe_intermediate_size * mc.hidden_size * mc.torch_dtype.itemsize
+    embed_rows = batch * mc.hidden_size * mc.torch_dtype.itemsize if embed else 0
+    return rest + embed_rows + len(mc.moe_layers) * touched * per_expert + kv
 
 
 def kv_bytes_per_token(engine) -> int:

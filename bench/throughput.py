@@ -1,8 +1,11 @@
 """Offline generation throughput: hotswap beside HF transformers `generate` in the same process, and the
-memory-bound decode roofline (each step reads all weights plus every sequence's KV at its average context).
+memory-bound decode roofline at the device-to-device bandwidth measured in the run (each step reads all
+weights plus every sequence's KV at its average context; an MoE model only the experts its batch routes
+to, see common.decode_step_bytes).
 
     python bench/throughput.py --shape tiny                      # CPU
     python bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,64x128x128,256x128x512 --hf dynamic,static
+    python bench/throughput.py --shape qwen3-30b-a3b --cases 1x128x128,64x128x128,256x128x512   # MoE, random bf16 weights
 """
 
 from __future__ import annotations
@@ -17,15 +20,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import config_only_checkpoint, d2d_bytes_per_s, device_name, kv_bytes_per_token, print_table, timed, weight_bytes  # noqa: E402
+from common import SHAPES, ceilings_line, config_only_checkpoint, d2d_bytes_per_s, decode_step_bytes, device_name, print_table, timed  # noqa: E402
 
 from hotswap import Engine  # noqa: E402
 
 
 def roofline_tok_s(engine, batch: int, prompt: int, output: int, bandwidth: float) -> float:
-    avg_ctx = prompt + output / 2
-    step_bytes = weight_bytes(engine) + batch * avg_ctx * kv_bytes_per_token(engine)
-    return batch / (step_bytes / bandwidth)
+    return batch / (decode_step_bytes(engine, batch, prompt + output / 2) / bandwidth)
 
 
 def hf_model_like(engine, device):
@@ -41,7 +42,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="tiny")
     ap.add_argument("--cases", default=None, help="BATCHxPROMPTxOUTPUT,... (default by device)")
-    ap.add_argument("--hf", default="dynamic", help="comma list of HF cache kinds to run: dynamic,static or none")
+    ap.add_argument("--hf", default=None, help="comma list of HF cache kinds to run: dynamic,static or none "
+                                               "(default dynamic; none for MoE shapes, whose HF copy would not fit beside ours)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None, help="append the table to this file")
     ap.add_argument("--engine", action="append", default=[], metavar="FIELD=INT",
@@ -60,7 +62,8 @@ def main() -> None:
     num_pages = max(b * -(-(p + o + 1) // page_size) for b, p, o in cases) + 256
     engine = Engine(str(path), device=str(device), load_format="dummy", max_running_requests=max(b for b, _, _ in cases),
                     page_size=page_size, num_pages=num_pages, **overrides)
-    hf_kinds = [k for k in args.hf.split(",") if k and k != "none"]
+    hf_arg = args.hf or ("none" if "num_experts" in SHAPES[args.shape] else "dynamic")
+    hf_kinds = [k for k in hf_arg.split(",") if k and k != "none"]
     hf = None
     if hf_kinds:
         hf = hf_model_like(engine, device)
@@ -102,7 +105,8 @@ def main() -> None:
     header = (["batch, prompt/output", "hotswap output tok/s", "hotswap prefill tok/s"] + [f"HF {k} tok/s (greedy prefix = ours)" for k in hf_kinds]
               + ["decode roofline tok/s", "% of roofline"])
     variant = "".join(f", {k}={v}" for k, v in overrides.items())
-    text = print_table(f"throughput, {args.shape}, {device_name(device)}, {engine.model_config.torch_dtype}{variant}", header, rows)
+    d2d = f"; {ceilings_line(device)}" if on_gpu else ""
+    text = print_table(f"throughput, {args.shape}, {device_name(device)}, {engine.model_config.torch_dtype}{variant}{d2d}", header, rows)
     if args.out:
         with open(args.out, "a") as f:
             f.write(text + "\n\n")

@@ -78,3 +78,20 @@ def base_url(engine):
     url, server = serve_engine_http(engine)
     yield url
     server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Qwen3-MoE: 8 experts, top-2 renormalised; layers 0 and 2 sparse, layer 1 dense (mlp_only_layers)."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_qwen3_moe"), "qwen3_moe", num_hidden_layers=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe_v2(tiny_qwen3_moe: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return perturb_checkpoint(tiny_qwen3_moe, tmp_path_factory.mktemp("tiny_qwen3_moe_v2"), seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Qwen2-MoE: q/k/v bias, a gated shared expert, unnormalised top-2 of 8; layer 1 dense."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_qwen2_moe"), "qwen2_moe", num_hidden_layers=3)

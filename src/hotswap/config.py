@@ -16,6 +16,8 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": (False, False),
     "Qwen2ForCausalLM": (True, False),
     "Qwen3ForCausalLM": (False, True),
+    "Qwen3MoeForCausalLM": (False, True),
+    "Qwen2MoeForCausalLM": (True, False),  # q/k/v bias under the name qkv_bias; a gated shared expert
 }
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -50,6 +52,23 @@ class ModelConfig:
     qk_norm: bool
     torch_dtype: torch.dtype
     eos_token_ids: list[int] = field(default_factory=list)
+    # mixture of experts (Qwen3-MoE); num_experts == 0: every layer is dense
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: an always-on expert scaled by sigmoid(shared_expert_gate)
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        """HF's rule (Qwen3MoeDecoderLayer): sparse unless listed in mlp_only_layers or off the sparse step."""
+        return (self.num_experts > 0 and layer_id not in self.mlp_only_layers
+                and (layer_id + 1) % self.decoder_sparse_step == 0)
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
 
     @classmethod
     def from_pretrained(cls, model_path: str | Path) -> ModelConfig:
@@ -96,10 +115,11 @@ class ModelConfig:
             rope_scaling=rope_scaling if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "llama3" else None,
             max_position_embeddings=raw.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            attention_bias=bool(raw.get("attention_bias", bias_default)),
+            attention_bias=bool(raw.get("attention_bias", raw.get("qkv_bias", bias_default))),
             qk_norm=qk_norm,
             torch_dtype=parse_dtype(dtype_name if dtype_name in _DTYPES else "float32"),
             eos_token_ids=_eos_ids(raw.get("eos_token_id")),
+            **_moe_fields(raw),
         )
         gen_file = path / "generation_config.json"
         if gen_file.is_file():
@@ -108,6 +128,25 @@ class ModelConfig:
         if cfg.num_heads % cfg.num_kv_heads:
             raise CheckpointError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {cfg.num_kv_heads}")
         return cfg
+
+
+def _moe_fields(raw: dict) -> dict:
+    """The MoE keys of a config.json (transformers 5 writes `num_local_experts` for `num_experts`)."""
+    experts = raw.get("num_experts") or raw.get("num_local_experts") or 0
+    if not experts:
+        return {}
+    fields = {
+        "num_experts": int(experts),
+        "num_experts_per_tok": int(raw["num_experts_per_tok"]),
+        "moe_intermediate_size": int(raw["moe_intermediate_size"]),
+        "norm_topk_prob": bool(raw.get("norm_topk_prob", False)),
+        "decoder_sparse_step": int(raw.get("decoder_sparse_step") or 1),
+        "mlp_only_layers": [int(i) for i in raw.get("mlp_only_layers") or []],
+        "shared_expert_intermediate_size": int(raw.get("shared_expert_intermediate_size") or 0),
+    }
+    if not 0 < fields["num_experts_per_tok"] <= fields["num_experts"]:
+        raise CheckpointError(f"num_experts_per_tok {fields['num_experts_per_tok']} must be in 1..num_experts {experts}")
+    return fields
 
 
 def _eos_ids(value) -> list[int]:
@@ -163,6 +202,9 @@ class EngineConfig:
     ipc_token: str = ""
     tokenizer_path: str = ""  # "" = the model's folder
     chat_template: str = ""  # a Jinja chat template file replacing the tokenizer's ("" = the tokenizer's own)
+    # MoE: keep each token's routed experts beside its KV (a per-cache-slot table) so requests can ask for
+    # them (`return_routed_experts`, SGLang's routing replay interface)
+    enable_return_routed_experts: bool = False
 
     def __post_init__(self) -> None:
         if not self.ipc_token:
@@ -192,4 +234,9 @@ def model_config_for(config: EngineConfig) -> ModelConfig:
                                             ("intermediate_size", mc.intermediate_size)) if n % tp]
     if uneven:
         raise HotswapError(f"tensor_parallel_size {tp} does not divide the model's {', '.join(uneven)}")
+    if config.enable_return_routed_experts and not mc.num_experts:
+        raise HotswapError(f"enable_return_routed_experts needs a mixture-of-experts model; {mc.architecture} has no experts")
+    if tp > 1 and mc.num_experts:
+        raise HotswapError(f"tensor_parallel_size {tp}: mixture-of-experts models run on one GPU for now "
+                           "(expert weights are not sharded across ranks)")
     return mc

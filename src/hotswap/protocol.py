@@ -29,6 +29,7 @@ class GenerateOutput:
     prompt_tokens: int
     cached_tokens: int
     weight_version: str
+    routed_experts: str | None = None  # finished outputs of requests asking for them: see runner/routed_experts.py
 
 
 @dataclass(kw_only=True, slots=True)

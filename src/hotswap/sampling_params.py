@@ -24,6 +24,9 @@ class SamplingParams:
     top_logprobs_num: int = 0
     n: int = 1
     skip_special_tokens: bool = True
+    # MoE: return each position's routed experts in meta_info["routed_experts"] (a request-level field in
+    # SGLang's API; carried here so every route hands it through like return_logprob)
+    return_routed_experts: bool = False
 
     @classmethod
     def from_dict(cls, params: dict | SamplingParams | None) -> SamplingParams:

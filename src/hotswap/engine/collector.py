@@ -83,6 +83,8 @@ class Collector:
         }
         if len(set(self.versions)) > 1:
             meta["weight_versions"] = list(self.versions)
+        if out.routed_experts is not None:
+            meta["routed_experts"] = out.routed_experts
         if self.return_logprob:
             meta["output_token_logprobs"] = [(lp, tid, None) for lp, tid in zip(self.logprobs, self.output_ids)]
             if any(self.top_logprobs):

@@ -117,7 +117,7 @@ class Engine:
             self.model_runner = self._start_runner()
         self.scheduler = Scheduler(self.config, self.model_runner, self.tokenizer, eos, self.max_context_len)
         self.prep = RequestPrep(encode=self.encode, vocab_size=self.model_config.vocab_size, max_context_len=self.max_context_len,
-                                seed=self.config.seed)
+                                seed=self.config.seed, routed_experts_enabled=self.config.enable_return_routed_experts)
         self._decode = self.scheduler.streamer.decode  # the one decoder (a fast tokenizer's backend when it can)
         self._mailboxes = Mailboxes(abort=lambda rid: self.scheduler.submit(p.AbortRequest(rid=rid, message="the consumer's event loop closed")))
         self.scheduler.start()
@@ -166,11 +166,11 @@ class Engine:
     # ---- generation: one core (prepare -> submit -> feed outputs), thin sync / async / stream wrappers ----
 
     def generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool = False,
-                 top_logprobs_num: int = 0, stream: bool = False):
+                 top_logprobs_num: int = 0, stream: bool = False, return_routed_experts: bool = False):
         """One prompt -> one dict; a list (or n > 1) -> a list of dicts; stream=True -> an iterator of dicts
         (each with an `index` when the call fans out to several requests)."""
         self._check_open()
-        prepared = self.prep.prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num)
+        prepared = self.prep.prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, return_routed_experts)
         if stream:
             return self._stream(prepared)
         q: queue.Queue = queue.Queue()
@@ -188,11 +188,12 @@ class Engine:
                 yield from call.feed(_take(q))
 
     async def async_generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool = False,
-                             top_logprobs_num: int = 0, stream: bool = False):
+                             top_logprobs_num: int = 0, stream: bool = False, return_routed_experts: bool = False):
         """Awaitable generate; with stream=True returns an async iterator of dicts. Tokenization and
         validation run in a worker thread, never on the event loop."""
         self._check_open()
-        prepared = await asyncio.to_thread(self.prep.prepare, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num)
+        prepared = await asyncio.to_thread(self.prep.prepare, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num,
+                                           return_routed_experts)
         if stream:
             return self._astream(prepared)
         inbox = CallInbox()

@@ -39,6 +39,7 @@ class RequestPrep:
     vocab_size: int
     max_context_len: int
     seed: int  # the engine's seed: requests without one draw theirs from it
+    routed_experts_enabled: bool = False  # the engine keeps routed experts (enable_return_routed_experts): requests may ask
     _rng: random.Random = field(init=False)
     _rng_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
 
@@ -46,12 +47,12 @@ class RequestPrep:
         self._rng = random.Random(self.seed)
 
     def prepare(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool = False,
-                top_logprobs_num: int = 0) -> PreparedCall:
+                top_logprobs_num: int = 0, return_routed_experts: bool = False) -> PreparedCall:
         """Validate everything up front; raises HotswapError on bad input and submits nothing."""
         if (prompt is None) == (input_ids is None):
             raise HotswapError("give exactly one of prompt or input_ids")
         id_lists, single = self._token_ids(prompt, input_ids)
-        sps = self._sampling_params(sampling_params, len(id_lists), return_logprob, top_logprobs_num)
+        sps = self._sampling_params(sampling_params, len(id_lists), return_logprob, top_logprobs_num, return_routed_experts)
         for i, ids in enumerate(id_lists):
             self._check_prompt(i, ids)
         requests = []
@@ -80,7 +81,8 @@ class RequestPrep:
             raise HotswapError("empty batch: no prompt given")
         return id_lists, single
 
-    def _sampling_params(self, sampling_params, count: int, return_logprob: bool, top_logprobs_num: int) -> list[SamplingParams]:
+    def _sampling_params(self, sampling_params, count: int, return_logprob: bool, top_logprobs_num: int,
+                         return_routed_experts: bool) -> list[SamplingParams]:
         if isinstance(sampling_params, list):
             if len(sampling_params) != count:
                 raise HotswapError(f"{len(sampling_params)} sampling_params for {count} prompts")
@@ -93,6 +95,12 @@ class RequestPrep:
             raise SamplingParamsError(f"invalid top_logprobs_num: must be an integer >= 0, got {top_logprobs_num!r}")
         if return_logprob or top_logprobs_num:
             sps = [dataclasses.replace(sp, return_logprob=True, top_logprobs_num=max(sp.top_logprobs_num, top_logprobs_num)) for sp in sps]
+        if not isinstance(return_routed_experts, bool):
+            raise HotswapError(f"return_routed_experts must be a boolean, got {return_routed_experts!r}")
+        if return_routed_experts:
+            sps = [dataclasses.replace(sp, return_routed_experts=True) for sp in sps]
+        if any(sp.return_routed_experts for sp in sps) and not self.routed_experts_enabled:
+            raise HotswapError("return_routed_experts needs an engine started with enable_return_routed_experts=True")
         out = []
         for sp in sps:
             sp.validate()  # again: a top-level top_logprobs_num was merged in above

@@ -1,4 +1,5 @@
-"""The Llama-family decoder (Llama, Qwen2 with q/k/v bias, Qwen3 with q/k RMSNorm) over a paged KV cache."""
+"""The Llama-family decoder (Llama, Qwen2 with q/k/v bias, Qwen3 with q/k RMSNorm; Qwen3-MoE and Qwen2-MoE
+with a sparse MoE block in place of the MLP on their MoE layers) over a paged KV cache."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from hotswap.config import ModelConfig
 from hotswap.kernels import fused
 from hotswap.models.forward_context import ForwardContext
 from hotswap.models.layers import MergedColumnLinear, RMSNorm, RotaryEmbedding, RowLinear, VocabEmbedding
+from hotswap.models.moe import SparseMoeBlock
 from hotswap.models.parallel import TPInfo
 
 
@@ -60,6 +62,20 @@ class MLP(nn.Module):
         self.gate_up_proj = MergedColumnLinear(cfg.hidden_size, {0: i, 1: i}, False, cfg.torch_dtype, tp)
         self.down_proj = RowLinear(i, cfg.hidden_size, cfg.torch_dtype, tp)
 
+    def norm_forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm,
+                     ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MLP on norm(x + residual); returns (output, new residual)."""
+        gate_up, residual = self.gate_up_proj.norm_forward(x, residual, norm, ctx.skinny_matmul)
+        return self.down_proj.silu_mul_forward(gate_up, ctx.skinny_matmul), residual
+
+
+def _mlp(cfg: ModelConfig, layer_id: int, tp: TPInfo) -> MLP | SparseMoeBlock:
+    if not cfg.is_moe_layer(layer_id):
+        return MLP(cfg, tp)
+    return SparseMoeBlock(cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size,
+                          cfg.norm_topk_prob, cfg.torch_dtype, layer_id=layer_id,
+                          shared_intermediate=cfg.shared_expert_intermediate_size)
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPInfo, rotary: RotaryEmbedding):
@@ -67,14 +83,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.torch_dtype)
         self.self_attn = Attention(cfg, layer_id, tp, rotary)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.torch_dtype)
-        self.mlp = MLP(cfg, tp)
+        self.mlp = _mlp(cfg, layer_id, tp)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext):
-        skinny = ctx.skinny_matmul
-        qkv, residual = self.self_attn.qkv_proj.norm_forward(x, residual, self.input_layernorm, skinny)
+        qkv, residual = self.self_attn.qkv_proj.norm_forward(x, residual, self.input_layernorm, ctx.skinny_matmul)
         x = self.self_attn(qkv, ctx)
-        gate_up, residual = self.mlp.gate_up_proj.norm_forward(x, residual, self.post_attention_layernorm, skinny)
-        return self.mlp.down_proj.silu_mul_forward(gate_up, skinny), residual
+        return self.mlp.norm_forward(x, residual, self.post_attention_layernorm, ctx)
 
 
 class DecoderModel(nn.Module):

@@ -12,7 +12,7 @@ from hotswap.kernels import fused, skinny_matmul
 from hotswap.models.parallel import ShardSpec, TPInfo
 
 
-def _param(shape: tuple[int, ...], dtype: torch.dtype, shards: dict) -> nn.Parameter:
+def hf_param(shape: tuple[int, ...], dtype: torch.dtype, shards: dict) -> nn.Parameter:
     p = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
     p.hf_shards = shards
     return p
@@ -22,7 +22,7 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, dtype: torch.dtype):
         super().__init__()
         self.eps = eps
-        self.weight = _param((dim,), dtype, {})
+        self.weight = hf_param((dim,), dtype, {})
         self.weight.hf_shards[None] = ShardSpec(0, 0, dim, 0, 0, dim, (dim,))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,8 +55,8 @@ class MergedColumnLinear(nn.Module):
             b_shards[sid] = ShardSpec(0, offset, length, 0, src_start, length, (full,))
             offset += length
         self.output_sizes = {sid: length for sid, (_, length) in local.items()}
-        self.weight = _param((total, in_features), dtype, w_shards)
-        self.bias = _param((total,), dtype, b_shards) if bias else None
+        self.weight = hf_param((total, in_features), dtype, w_shards)
+        self.bias = hf_param((total,), dtype, b_shards) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -84,7 +84,7 @@ class RowLinear(nn.Module):
         super().__init__()
         start, length = tp.split(in_features)
         self.tp = tp
-        self.weight = _param(
+        self.weight = hf_param(
             (out_features, length), dtype, {None: ShardSpec(1, 0, length, 1, start, length, (out_features, in_features))}
         )
 
@@ -114,7 +114,7 @@ class VocabEmbedding(nn.Module):
         self.shard_len = math.ceil(vocab_size / tp.size)
         self.start = tp.rank * self.shard_len
         length = max(0, min(self.shard_len, vocab_size - self.start))
-        self.weight = _param((self.shard_len, hidden), dtype, {None: ShardSpec(0, 0, length, 0, self.start, length, (vocab_size, hidden))})
+        self.weight = hf_param((self.shard_len, hidden), dtype, {None: ShardSpec(0, 0, length, 0, self.start, length, (vocab_size, hidden))})
 
     def embed(self, ids: torch.Tensor, src: torch.Tensor | None = None, prev: torch.Tensor | None = None) -> torch.Tensor:
         """`src`/`prev` (CUDA graphs, one rank): rows with src >= 0 embed prev[src] instead of ids."""

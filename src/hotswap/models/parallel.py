@@ -39,6 +39,8 @@ class ShardSpec:
     """Where a HF tensor lands in a (fused, TP-sliced) parameter.
 
     dest_* select the rows of the live parameter; src_* select this rank's part of the full HF tensor.
+    `dest_index` (stacked MoE experts): the HF tensor is one entry of the parameter's leading dim; dest_*
+    then narrow that entry.
     """
 
     dest_dim: int
@@ -48,8 +50,11 @@ class ShardSpec:
     src_start: int
     src_len: int
     hf_shape: tuple[int, ...]
+    dest_index: int | None = None
 
     def dest_view(self, param: torch.Tensor) -> torch.Tensor:
+        if self.dest_index is not None:
+            param = param.select(0, self.dest_index)
         return param.narrow(self.dest_dim, self.dest_start, self.dest_len)
 
     def src_view(self, hf_tensor: torch.Tensor) -> torch.Tensor:
@@ -65,3 +70,15 @@ class ShardSpec:
             return 0, full
         start = min(rank * self.src_len, full)
         return start, min(self.src_len, full - start)
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertShard:
+    """Shard id of one expert's checkpoint tensor inside a stacked expert parameter
+    (`...mlp.experts.gate_up_proj` [E, 2I, H] holds `...mlp.experts.{e}.gate_proj.weight` and `up_proj`)."""
+
+    expert: int
+    proj: str  # the HF projection: gate_proj, up_proj or down_proj
+
+    def hf_name(self, param_name: str) -> str:
+        return f"{param_name.rsplit('.', 1)[0]}.{self.expert}.{self.proj}.weight"

@@ -18,6 +18,7 @@ from hotswap.runner.attention import TorchAttention, TritonAttention
 from hotswap.runner.batch_entry import BatchEntry
 from hotswap.runner.host_batch import HostBatch
 from hotswap.runner.kv_cache import KVCacheStorage
+from hotswap.runner.routed_experts import RoutedExpertsTable
 from hotswap.runner.sampler import SampleResult, SamplingBatch, host_params, sample
 from hotswap.weights.fast_reader import ReaderOptions, load_checkpoint
 from hotswap.weights.mapping import WeightMap
@@ -43,6 +44,7 @@ class ModelRunner:
         else:
             raise HotswapError(f"unknown load_format {config.load_format!r}; use 'auto' or 'dummy'")
         self.kv_cache = self._make_kv_cache()
+        self.routed_experts = self._make_routed_experts()
         self.attention = self._make_attention()
         self.cuda_graphs = None
         # not under tensor parallelism yet: graphs would capture the NCCL collectives and the batch relay would need static buffers
@@ -81,6 +83,18 @@ class ModelRunner:
             num_pages = int(pages.item())
         return KVCacheStorage(num_layers=mc.num_layers, num_pages=num_pages, page_size=page_size,
                            num_kv_heads=kv_heads, head_dim=mc.head_dim, dtype=mc.torch_dtype, device=self.device)
+
+    def _make_routed_experts(self) -> RoutedExpertsTable | None:
+        mc, kv = self.model_config, self.kv_cache
+        if not self.config.enable_return_routed_experts:
+            return None
+        return RoutedExpertsTable.create(num_slots=(kv.num_pages + 1) * kv.page_size, num_layers=mc.num_layers,
+                                         top_k=mc.num_experts_per_tok, page_size=kv.page_size, device=self.device)
+
+    @property
+    def routed_experts_ids(self) -> torch.Tensor | None:
+        """The table the MoE layers write (the forward context's `routed_experts`), or None when off."""
+        return None if self.routed_experts is None else self.routed_experts.ids
 
     def _make_attention(self):
         backend = self.config.attention_backend
@@ -134,6 +148,7 @@ class ModelRunner:
             is_decode=hb.is_decode,
             attention=self.attention,
             skinny_matmul=self.use_skinny_matmul(len(hb.input_ids)),
+            routed_experts=self.routed_experts_ids,
         )
         return self.to_device(hb.input_ids), ctx, self.to_device(hb.logits_indices)
 

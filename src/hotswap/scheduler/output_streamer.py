@@ -138,6 +138,7 @@ class OutputStreamer:
             prompt_tokens=seq.prompt_len,
             cached_tokens=seq.cached_tokens,
             weight_version=weight_version,
+            routed_experts=seq.routed_experts if finished else None,
         )
         seq.sent_tokens = len(seq.output_ids)
         seq.sent_text += len(delta)

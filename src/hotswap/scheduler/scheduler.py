@@ -351,6 +351,12 @@ class Scheduler:
 
     def finish_all(self, seqs: list[Sequence]) -> None:
         """Release finished sequences (their reasons set) and send their last outputs."""
+        table = self.model_runner.routed_experts
+        asking = [s for s in seqs if s.req.sampling_params.return_routed_experts] if table is not None else []
+        # every forwarded position (the last sampled token never was), read before the pages go
+        spans = [(s.pages, min(s.num_computed, s.num_tokens - 1)) for s in asking]
+        for seq, routed in zip(asking, table.encode_many(spans) if asking else []):
+            seq.routed_experts = routed
         for seq in seqs:
             self.batcher.finish(seq)
         self.streamer.emit_finished(seqs, self.sessions.weight_version)

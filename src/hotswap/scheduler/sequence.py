@@ -29,6 +29,7 @@ class Sequence:
     admitted: bool = False  # has been running once: a weight update waits for it even while it is preempted
     status: Status = Status.WAITING
     finish_reason: dict | None = None
+    routed_experts: str | None = None  # read from the KV-side table when the sequence finishes (it asked for them)
     # incremental detokenization (only when the request streams text or has stop strings)
     text: str = ""
     prefix_offset: int = 0

@@ -42,7 +42,11 @@ class WeightReads:
             return p.GetWeightsByNameOutput(success=False, message=f"unknown parameter {req.name!r}")
         if self.weights_released():
             return p.GetWeightsByNameOutput(success=False, message=RELEASED)
-        _, t = next(iter(self._whole([slot.hf_name])))
+        wm = self.model_runner.weight_map
+        canonical = wm.part_of.get(slot.hf_name, slot.hf_name)  # one expert's tensor: read its stacked parameter
+        _, t = next(iter(self._whole([canonical])))
+        if canonical != slot.hf_name:
+            t = slot.spec.dest_view(t)
         part = t[: req.truncate_size] if req.truncate_size and req.truncate_size > 0 else t
         return p.GetWeightsByNameOutput(success=True, parameter=part.float().cpu().tolist(), dtype=str(t.dtype).removeprefix("torch."),
                                         shape=list(t.shape))

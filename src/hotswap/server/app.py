@@ -238,6 +238,7 @@ class GenerateBody(BaseModel):
     return_logprob: bool | list[bool] = False
     top_logprobs_num: int | list[int] = 0
     return_text_in_logprobs: bool = False
+    return_routed_experts: bool = False
     rid: str | list[str] | None = None
 
 
@@ -372,7 +373,7 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
             normalized = [normalize_sampling_params(sp) for sp in body.sampling_params]
         else:
             normalized = [normalize_sampling_params(body.sampling_params)] * count
-        sps = [sp for sp, _ in normalized]
+        sps = [dict(sp, return_routed_experts=True) if body.return_routed_experts else sp for sp, _ in normalized]
         trims = [trim for _, trim in normalized]
         return_logprob = any(body.return_logprob) if isinstance(body.return_logprob, list) else body.return_logprob
         top_n = max(body.top_logprobs_num, default=0) if isinstance(body.top_logprobs_num, list) else body.top_logprobs_num

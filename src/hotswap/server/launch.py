@@ -70,6 +70,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="engine seed for requests without their own")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="on SIGTERM, seconds to let running requests finish before aborting them (default 30)")
+    parser.add_argument("--enable-return-routed-experts", action="store_true",
+                        help="MoE models: keep each token's routed experts so requests can ask for them (return_routed_experts)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the one-token warm-up generation at start")
     parser.add_argument("--stream-interval", type=int, default=None,
                         help="a streaming request gets an output every this many tokens (SGLang's name; default 1)")
@@ -89,6 +91,8 @@ def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
             kw[name] = value
     if getattr(args, "disable_cuda_graph", False):
         kw["enable_cuda_graph"] = False
+    if getattr(args, "enable_return_routed_experts", False):
+        kw["enable_return_routed_experts"] = True
     return kw
 
 

@@ -64,6 +64,7 @@ class _SamplingFields(BaseModel):
     no_stop_trim: bool = False
     repetition_penalty: float | None = None
     min_tokens: int = 0
+    return_routed_experts: bool = False  # SGLang's extra field (MoE routing replay); the choice carries `routed_experts`
 
 
 class CompletionRequest(_SamplingFields):
@@ -130,6 +131,8 @@ def sampling_dict(state: ServerState, body: _SamplingFields, max_new_tokens: int
         "ignore_eos": body.ignore_eos,
         "skip_special_tokens": body.skip_special_tokens,
     }
+    if body.return_routed_experts:
+        sp["return_routed_experts"] = True
     if body.top_p is not None:
         sp["top_p"] = body.top_p
     if body.top_k is not None:
@@ -146,6 +149,11 @@ def sampling_dict(state: ServerState, body: _SamplingFields, max_new_tokens: int
     if body.stop_token_ids:
         sp["stop_token_ids"] = list(body.stop_token_ids)
     return sp
+
+
+def _routed(meta: dict) -> dict:
+    """The choice's `routed_experts` (base64 int32, as in /generate's meta_info) when the request asked."""
+    return {"routed_experts": meta["routed_experts"]} if "routed_experts" in meta else {}
 
 
 def check_prompt(state: ServerState, ids: list[int], max_tokens: int | None, index: int) -> None:
@@ -264,7 +272,7 @@ def _stream_response(state: ServerState, route: str, chunks, *, rid: str, object
                 if not text and fin is None:
                     continue
                 end = len(out["output_ids"])
-                c = choice(i, text, meta, sent.get(i, 0), end, fin)
+                c = {**choice(i, text, meta, sent.get(i, 0), end, fin), **_routed(meta)}  # routing comes with the last chunk
                 sent[i] = end
                 if fin is not None:
                     finals[i] = out
@@ -338,7 +346,7 @@ def register(app: FastAPI, state: ServerState) -> None:
                 if echo_texts is not None:
                     text = echo_texts[i // n] + text
                 lp = completion_logprobs(state, meta, 0, len(out["output_ids"]), k, 0) if want_lp else None
-                choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": finish_reason(meta)})
+                choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": finish_reason(meta), **_routed(meta)})
             return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": state.served_model_name,
                                  "system_fingerprint": state.fingerprint(outs), "choices": choices,
                                  "usage": _usage(prompt_tokens, outs), "metadata": _metadata(outs)})
@@ -395,7 +403,7 @@ def register(app: FastAPI, state: ServerState) -> None:
                 text = out["text"] + _stop_suffix(meta, body.no_stop_trim)
                 lp = chat_logprobs(state, meta, 0, len(out["output_ids"]), k) if want_lp else None
                 choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
-                                "finish_reason": finish_reason(meta)})
+                                "finish_reason": finish_reason(meta), **_routed(meta)})
             return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": state.served_model_name,
                                  "system_fingerprint": state.fingerprint(outs), "choices": choices,
                                  "usage": _usage(prompt_tokens, outs), "metadata": _metadata(outs)})

@@ -28,10 +28,18 @@ from transformers import (
     PretrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
-FAMILIES = ("llama", "qwen2", "qwen3")
+FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe")
+
+# The tiny Qwen3-MoE: 8 experts, top-2 renormalised, and (with 3 layers) a dense layer in the middle.
+TINY_MOE = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True,
+            "decoder_sparse_step": 1, "mlp_only_layers": [1]}
+# Qwen2-MoE adds a gated shared expert and keeps the routing weights unnormalised (its default)
+TINY_QWEN2_MOE = {**TINY_MOE, "norm_topk_prob": False, "shared_expert_intermediate_size": 48}
 
 EOS_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = (EOS_TOKEN, "<|im_start|>", "<|im_end|>")
@@ -51,6 +59,8 @@ _CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {
     "llama": LlamaConfig,
     "qwen2": Qwen2Config,
     "qwen3": Qwen3Config,
+    "qwen3_moe": Qwen3MoeConfig,
+    "qwen2_moe": Qwen2MoeConfig,
 }
 
 # vocab_size -> temp dir holding the saved tokenizer; training once per process keeps fixtures cheap.
@@ -133,14 +143,14 @@ def _make_config(family: str, **kw: Any) -> PretrainedConfig:
     """Instantiate the family's own transformers config, applying only what that class understands."""
     if family not in _CONFIG_CLASSES:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
-    if family == "qwen2":
-        # Qwen2 always has q/k/v biases and no attention_bias switch.
+    if family in ("qwen2", "qwen2_moe"):
+        # Qwen2 always has q/k/v biases and no attention_bias switch (Qwen2-MoE calls it qkv_bias).
         kw.pop("attention_bias")
     elif kw["attention_bias"] is None:
         kw["attention_bias"] = False
     if kw["head_dim"] is None:
         kw["head_dim"] = kw["hidden_size"] // kw["num_attention_heads"]
-    if family == "qwen2" and kw["head_dim"] != kw["hidden_size"] // kw["num_attention_heads"]:
+    if family in ("qwen2", "qwen2_moe") and kw["head_dim"] != kw["hidden_size"] // kw["num_attention_heads"]:
         raise ValueError("qwen2 derives head_dim from hidden_size / num_attention_heads")
     head_dim = kw.pop("head_dim")
     config = _CONFIG_CLASSES[family](**kw)
@@ -184,11 +194,14 @@ def build_tiny_checkpoint(
     seed: int = 0,
     max_shard_size: str | int | None = None,
     attention_bias: bool | None = None,
+    moe: dict[str, Any] | None = None,
 ) -> Path:
     """Save a random ``family`` causal LM plus tokenizer in Hugging Face layout; return the folder.
 
     ``vocab_size`` defaults to the tokenizer's size. ``max_shard_size`` (e.g. ``"20KB"``) forces a
-    sharded safetensors layout with ``model.safetensors.index.json``. ``config.json`` carries both
+    sharded safetensors layout with ``model.safetensors.index.json``. ``moe`` (families ``qwen3_moe``,
+    ``qwen2_moe``) overrides ``TINY_MOE`` / ``TINY_QWEN2_MOE``; transformers writes the experts per expert (``experts.{e}.gate_proj.weight``),
+    as published checkpoints hold them. ``config.json`` carries both
     the transformers-5 ``rope_parameters``/``dtype`` keys and the legacy ``rope_theta``/
     ``rope_scaling``/``torch_dtype`` keys that published checkpoints use.
     """
@@ -215,6 +228,7 @@ def build_tiny_checkpoint(
         eos_token_id=eos_id,
         pad_token_id=eos_id,
         dtype=dtype,
+        **({**{"qwen3_moe": TINY_MOE, "qwen2_moe": TINY_QWEN2_MOE}[family], **(moe or {})} if family.endswith("_moe") else {}),
     )
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _reinit_(model, seed=seed, init_std=init_std)

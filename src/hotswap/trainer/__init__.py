@@ -27,11 +27,12 @@ from hotswap.trainer.disk import DiskWeightPusher, save_hf_checkpoint
 from hotswap.trainer.distributed import DistributedWeightPusher, free_port
 from hotswap.trainer.ipc import IPCWeightPusher
 from hotswap.trainer.push import PushResult, WeightPusher, WeightPushError
+from hotswap.trainer.routing import decode_routed_experts
 from hotswap.wire.buckets import BucketMetadata, flatten_bucket, iter_buckets, iter_named_tensors
 from hotswap.wire.checksum import checksum_manifest, state_dict_manifest
 
 __all__ = [
     "BucketMetadata", "DiskWeightPusher", "DistributedWeightPusher", "EngineConnectionError", "EngineHandle", "EngineResult",
-    "HttpEngineClient", "IPCWeightPusher", "PushResult", "WeightPushError", "WeightPusher", "checksum_manifest", "flatten_bucket",
-    "free_port", "iter_buckets", "iter_named_tensors", "save_hf_checkpoint", "state_dict_manifest", "verify_engine_weights",
+    "HttpEngineClient", "IPCWeightPusher", "PushResult", "WeightPushError", "WeightPusher", "checksum_manifest", "decode_routed_experts",
+    "flatten_bucket", "free_port", "iter_buckets", "iter_named_tensors", "save_hf_checkpoint", "state_dict_manifest", "verify_engine_weights",
 ]

@@ -27,6 +27,7 @@ def check_tensor_metas(weight_map: WeightMap, metas: list[TensorMeta], *, requir
     problems: list[str] = []
     pairs: list[tuple[TensorMeta, WeightSlot]] = []
     seen: dict[str, str] = {}  # slot name -> the incoming name that filled it
+    parts_seen: dict[str, int] = {}  # canonical name -> how many of its per-expert parts came
     for meta in metas:
         if meta.name.endswith(IGNORED_SUFFIXES):
             continue
@@ -40,13 +41,20 @@ def check_tensor_metas(weight_map: WeightMap, metas: list[TensorMeta], *, requir
             problems.append(f"parameter {meta.name!r} given twice")
             continue
         seen[slot.hf_name] = meta.name
+        canonical = weight_map.part_of.get(slot.hf_name)
+        if canonical is not None:
+            parts_seen[canonical] = parts_seen.get(canonical, 0) + 1
         if tuple(meta.shape) != slot.hf_shape:
             problems.append(f"shape mismatch for {meta.name!r}: got {list(meta.shape)}, expected {list(slot.hf_shape)}")
         if not (meta.dtype.is_floating_point and slot.dtype.is_floating_point):
             problems.append(f"dtype {meta.dtype} of {meta.name!r} cannot be loaded into a {slot.dtype} parameter")
         pairs.append((meta, slot))
+    both = sorted(name for name in parts_seen if name in seen)
+    if both:
+        problems.append(f"parameter(s) {both[:3]} given both whole and per expert")
     if require_all:
-        missing = sorted(set(weight_map.names) - seen.keys())
+        whole = {name for name, count in parts_seen.items() if count == len(weight_map.part_names[name])}
+        missing = sorted(set(weight_map.names) - seen.keys() - whole)
         if missing:
             more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
             problems.append(f"checkpoint lacks parameter(s) {missing[:5]}{more}")

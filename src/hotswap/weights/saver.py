@@ -108,15 +108,17 @@ def save_sharded(weight_map: WeightMap, whole: Whole, path: Path, source_model_p
         shown = ", ".join(clash[:8]) + (f" and {len(clash) - 8} more" if len(clash) > 8 else "")
         raise HotswapError(f"{path} already holds {shown}; choose an empty folder or pass overwrite=true to replace them")
     partial: list[Path] = []
+    weight_index: dict[str, str] = {}  # checkpoint tensor name -> its shard (stacked experts are written per expert)
     try:
         for fname, shard in zip(names, shards):
             tmp = path / (fname + _PARTIAL)
             partial.append(tmp)
-            save_file({n: t.detach().contiguous().cpu() for n, t in whole(shard)}, str(tmp), metadata={"format": "pt"})
+            tensors = {part: t.detach().contiguous().cpu() for n, w in whole(shard) for part, t in weight_map.checkpoint_layout(n, w)}
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+            weight_index.update(dict.fromkeys(tensors, fname))
         if index:
             tmp = path / (_INDEX + _PARTIAL)
             partial.append(tmp)
-            weight_index = {n: fname for fname, shard in zip(names, shards) for n in shard}
             tmp.write_text(json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_index}, indent=2))
         for side in sides:
             tmp = path / (side + _PARTIAL)

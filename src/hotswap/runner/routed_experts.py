@@ -1,0 +1,39 @@
+"""Routed experts kept beside the KV cache, for routing replay (R3) in RL trainers.
+
+Row s of the table holds the top-k expert ids, per decoder layer, of the token whose K/V sit in cache slot
+s (-1 on dense layers): the MoE blocks write it in the same forward that writes the KV. The routing so
+lives exactly as long as the KV: a prefix-cache hit finds its prompt's routing in the shared pages, a
+preempted sequence recomputes both, and nothing is copied per step.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(kw_only=True, slots=True)
+class RoutedExpertsTable:
+    ids: torch.Tensor  # int32 [cache slots (scratch page included), num_layers, top_k]
+    page_size: int
+
+    @classmethod
+    def create(cls, *, num_slots: int, num_layers: int, top_k: int, page_size: int, device: torch.device) -> RoutedExpertsTable:
+        return cls(ids=torch.full((num_slots, num_layers, top_k), -1, dtype=torch.int32, device=device), page_size=page_size)
+
+    def _slots(self, pages: list[int], num_positions: int) -> np.ndarray:
+        pos = np.arange(num_positions)
+        return np.asarray(pages, dtype=np.int64)[pos // self.page_size] * self.page_size + pos % self.page_size
+
+    def encode_many(self, spans: list[tuple[list[int], int]]) -> list[str]:
+        """For each (pages, num_positions) of a sequence: positions 0.. in SGLang's wire form, base64 of the
+        int32 (little-endian) array ordered (token, layer, top-k slot). One gather and one device-to-host
+        copy for all of them (a step that finishes many sequences waits once)."""
+        slots = [self._slots(pages, n) for pages, n in spans]
+        flat = np.concatenate(slots) if slots else np.zeros(0, dtype=np.int64)
+        rows = self.ids[torch.from_numpy(flat).to(self.ids.device)].cpu().numpy().astype("<i4")
+        bounds = np.cumsum([0] + [len(s) for s in slots])
+        return [base64.b64encode(rows[a:b].tobytes()).decode("ascii") for a, b in zip(bounds[:-1], bounds[1:])]

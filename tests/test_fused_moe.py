@@ -1,0 +1,108 @@
+"""The MoE layer math: the router against transformers', the expert alignment, and the fused Triton
+kernels against the PyTorch reference (on CUDA; on the CPU through Triton's interpreter when asked)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import Qwen3MoeConfig
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts, Qwen3MoeTopKRouter
+
+from hotswap.kernels import fused_moe
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _layer(t: int, e: int, k: int, h: int, i: int, dtype: torch.dtype, device: str, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(t, h, generator=g).to(device, dtype)
+    w_gate_up = (torch.randn(e, 2 * i, h, generator=g) * h**-0.5).to(device, dtype)
+    w_down = (torch.randn(e, h, i, generator=g) * i**-0.5).to(device, dtype)
+    gate = torch.randn(e, h, generator=g).to(device, dtype)
+    weights, ids = fused_moe.route(x, gate, k, renormalize=True)
+    return x, w_gate_up, w_down, weights, ids
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_router_and_reference_equal_transformers(norm_topk_prob):
+    cfg = Qwen3MoeConfig(hidden_size=32, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=16, norm_topk_prob=norm_topk_prob)
+    router, experts = Qwen3MoeTopKRouter(cfg), Qwen3MoeExperts(cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in (router.weight, experts.gate_up_proj, experts.down_proj):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        x = torch.randn(21, 32, generator=g)
+        _, hf_weights, hf_ids = router(x)
+        weights, ids = fused_moe.route(x, router.weight, 3, norm_topk_prob)
+        assert torch.equal(ids, hf_ids) and torch.equal(weights, hf_weights)
+        ours = fused_moe.moe_reference(x, experts.gate_up_proj, experts.down_proj, weights, ids)
+        torch.testing.assert_close(ours, experts(x, hf_ids, hf_weights), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("t,e,k,block_m", [(1, 8, 1, 16), (5, 8, 8, 16), (37, 16, 4, 32), (300, 64, 8, 64)])
+def test_align_by_expert_groups_every_pair_once(t, e, k, block_m):
+    ids = torch.stack([torch.randperm(e, generator=torch.Generator().manual_seed(s))[:k] for s in range(t)])
+    sorted_pairs, block_expert = fused_moe.align_by_expert(ids, e, block_m)
+    p = t * k
+    real = sorted_pairs[sorted_pairs < p]
+    assert sorted(real.tolist()) == list(range(p))
+    assert sorted_pairs.numel() % block_m == 0 and block_expert.numel() == sorted_pairs.numel() // block_m
+    for b, expert in enumerate(block_expert.tolist()):
+        rows = sorted_pairs[b * block_m : (b + 1) * block_m]
+        pairs = rows[rows < p]
+        if expert < 0:
+            assert pairs.numel() == 0
+        else:
+            assert pairs.numel() > 0 and bool((ids.reshape(-1)[pairs.long()] == expert).all())
+    used = block_expert[block_expert >= 0]
+    assert bool((used[1:] > used[:-1]).all())  # each expert's run is one stretch of blocks, in expert order
+
+
+@pytest.mark.skipif(not INTERPRET, reason="Triton interpreter run: set TRITON_INTERPRET=1 to check the kernels on the CPU")
+@pytest.mark.parametrize("t,e,k", [(3, 8, 2), (12, 8, 3)])
+def test_kernels_in_the_interpreter(t, e, k):
+    x, w_gate_up, w_down, weights, ids = _layer(t, e, k, 32, 16, torch.float32, "cpu")
+    ref = fused_moe.moe_reference(x, w_gate_up, w_down, weights, ids)
+    for path in (fused_moe._moe_pairs, fused_moe._moe_grouped):
+        torch.testing.assert_close(path(x, w_gate_up, w_down, weights, ids), ref, rtol=1e-5, atol=1e-5)
+
+
+GPU_SHAPES = [  # tokens, experts, top-k, hidden, intermediate
+    (1, 8, 1, 256, 128), (1, 128, 8, 2048, 768), (4, 64, 6, 512, 256), (8, 128, 8, 2048, 768),
+    (9, 8, 2, 256, 192), (64, 128, 8, 2048, 768), (517, 32, 4, 1024, 512), (2048, 16, 1, 512, 256),
+    (8192, 128, 8, 2048, 768),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,e,k,h,i", GPU_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_moe_equals_reference_on_cuda(t, e, k, h, i, dtype):
+    x, w_gate_up, w_down, weights, ids = _layer(t, e, k, h, i, dtype, "cuda", seed=t + e + k)
+    out = fused_moe.fused_moe(x, w_gate_up, w_down, weights, ids)
+    assert out.dtype == dtype and out.shape == x.shape
+    ref = fused_moe.moe_reference(x.float(), w_gate_up.float(), w_down.float(), weights.float(), ids)
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    assert err < (1e-2 if dtype == torch.bfloat16 else 1e-5), err
+    for path in (fused_moe._moe_pairs, fused_moe._moe_grouped):  # both paths at every size
+        if t <= 64:
+            got = path(x, w_gate_up, w_down, weights, ids).float()
+            assert ((got - ref).norm() / ref.norm()).item() < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [4, 256])
+def test_fused_moe_replays_under_a_cuda_graph(t):
+    """No host synchronisation inside: captured once, replayed on new routing, it equals an eager run."""
+    x, w_gate_up, w_down, weights, ids = _layer(t, 64, 8, 512, 256, torch.bfloat16, "cuda")
+    fused_moe.fused_moe(x, w_gate_up, w_down, weights, ids)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_moe.fused_moe(x, w_gate_up, w_down, weights, ids)
+    _, _, _, new_weights, new_ids = _layer(t, 64, 8, 512, 256, torch.bfloat16, "cuda", seed=5)
+    weights.copy_(new_weights)
+    ids.copy_(new_ids)
+    graph.replay()
+    assert torch.equal(out, fused_moe.fused_moe(x, w_gate_up, w_down, weights, ids))

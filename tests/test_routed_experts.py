@@ -1,0 +1,154 @@
+"""Routed experts (routing replay, R3): SGLang's interface, ids equal to HF's router top-k on the same tokens,
+also for prompts served from the prefix cache, under preemption, chunked prefill and streaming."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from hf_reference import hf_greedy, hf_model, prompt_ids
+
+from hotswap import Engine, HotswapError
+from hotswap.trainer import decode_routed_experts
+
+SP = {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}
+LAYERS, TOP_K = 3, 2  # the tiny fixture: layers 0 and 2 sparse, layer 1 dense
+
+
+def make_engine(path, **kw) -> Engine:
+    kw.setdefault("page_size", 4)
+    return Engine(str(path), device="cpu", enable_return_routed_experts=True, **kw)
+
+
+@torch.no_grad()
+def hf_routing(path, tokens: list[int]) -> torch.Tensor:
+    """[len(tokens), layers, top_k] of HF's router top-k ids on the tokens, -1 on dense layers."""
+    model = hf_model(str(path))
+    out = torch.full((len(tokens), LAYERS, TOP_K), -1, dtype=torch.int32)
+    hooks = []
+
+    def record(layer: int):
+        def hook(_module, _inputs, result) -> None:  # the router returns (logits, weights, top-k ids)
+            out[:, layer] = result[2]
+        return hook
+
+    for i, layer in enumerate(model.model.layers):
+        gate = getattr(layer.mlp, "gate", None)
+        if isinstance(gate, torch.nn.Module):  # the sparse block's router (dense MLPs have a gate_proj only)
+            hooks.append(gate.register_forward_hook(record(i)))
+    try:
+        model(torch.tensor([tokens]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+def assert_routing_matches(path, prompt: list[int], out: dict) -> None:
+    got = decode_routed_experts(out, LAYERS, TOP_K)
+    tokens = prompt + out["output_ids"]
+    assert got.shape == (len(tokens) - 1, LAYERS, TOP_K)  # every forwarded position
+    assert (got[:, 1] == -1).all()
+    assert torch.equal(torch.from_numpy(got), hf_routing(path, tokens[:-1]))
+
+
+def test_routed_experts_equal_hf_router_on_a_ragged_batch(tiny_qwen3_moe):
+    prompts = [prompt_ids(i, n) for i, n in enumerate([5, 19, 2])]
+    with make_engine(tiny_qwen3_moe) as eng:
+        outs = eng.generate(input_ids=prompts, sampling_params=SP, return_routed_experts=True)
+        for ids, out in zip(prompts, outs):
+            assert_routing_matches(tiny_qwen3_moe, ids, out)
+        assert "routed_experts" not in eng.generate(input_ids=prompts[0], sampling_params=SP)["meta_info"]
+
+
+def test_prefix_cache_hit_still_returns_the_prompts_routing(tiny_qwen3_moe):
+    prefix = prompt_ids(50, 24)
+    with make_engine(tiny_qwen3_moe) as eng:
+        eng.generate(input_ids=prefix + [7], sampling_params=SP)  # caches the prefix, routing not asked
+        prompt = prefix + prompt_ids(51, 6)
+        out = eng.generate(input_ids=prompt, sampling_params=SP, return_routed_experts=True)
+        assert out["meta_info"]["cached_tokens"] == 24
+        assert_routing_matches(tiny_qwen3_moe, prompt, out)
+
+
+def test_routing_under_preemption_and_chunked_prefill(tiny_qwen3_moe):
+    prompts = [prompt_ids(300 + i, 20) for i in range(5)] + [prompt_ids(399, 70)]
+    sp = dict(SP, max_new_tokens=16)
+    with make_engine(tiny_qwen3_moe, num_pages=36, chunked_prefill_size=16, max_num_batched_tokens=24) as eng:
+        outs = eng.generate(input_ids=prompts, sampling_params=sp, return_routed_experts=True)
+        assert eng.scheduler.batcher.num_preemptions > 0
+        for ids, out in zip(prompts, outs):
+            assert out["output_ids"] == hf_greedy(tiny_qwen3_moe, ids, 16)[0]
+            assert_routing_matches(tiny_qwen3_moe, ids, out)
+
+
+def test_streamed_request_gets_routing_with_its_last_chunk(tiny_qwen3_moe):
+    prompt = prompt_ids(7, 11)
+    with make_engine(tiny_qwen3_moe) as eng:
+        chunks = list(eng.generate(input_ids=prompt, sampling_params=SP, stream=True, return_routed_experts=True))
+        assert all("routed_experts" not in c["meta_info"] for c in chunks[:-1])
+        assert_routing_matches(tiny_qwen3_moe, prompt, chunks[-1])
+
+
+def test_routing_needs_the_engine_flag_and_an_moe_model(tiny_qwen3_moe, tiny_qwen3):
+    with Engine(str(tiny_qwen3_moe), device="cpu") as eng:
+        with pytest.raises(HotswapError, match="enable_return_routed_experts"):
+            eng.generate(input_ids=[1, 2, 3], sampling_params=SP, return_routed_experts=True)
+        assert eng.generate(input_ids=[1, 2, 3], sampling_params=SP)["output_ids"]  # still serves
+    with pytest.raises(HotswapError, match="mixture-of-experts"):
+        Engine(str(tiny_qwen3), device="cpu", enable_return_routed_experts=True)
+
+
+def test_decode_routed_experts_refuses_a_wrong_shape():
+    import base64
+
+    import numpy as np
+
+    data = base64.b64encode(np.arange(12, dtype="<i4").tobytes()).decode()
+    assert decode_routed_experts(data, 3, 2).shape == (2, 3, 2)
+    with pytest.raises(ValueError, match="do not split"):
+        decode_routed_experts(data, 5, 2)
+
+
+def test_http_generate_and_openai_routes_return_routing(tiny_qwen3_moe):
+    """Native /generate (plain and streamed) takes `return_routed_experts`; the OpenAI routes take it as an
+    extra body field and put the same base64 string on each choice."""
+    import httpx
+    import openai
+
+    from hotswap.server.app import create_app
+    from hotswap.server.launch import ServerThread, add_serve_arguments, engine_kwargs_from_args
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["--model-path", "x", "--enable-return-routed-experts"])
+    assert engine_kwargs_from_args(args)["enable_return_routed_experts"] is True
+    prompt = prompt_ids(9, 8)
+    with make_engine(tiny_qwen3_moe) as eng, ServerThread(create_app(eng, served_model_name="tiny")) as srv:
+        with httpx.Client(base_url=srv.url, timeout=30) as http:
+            out = http.post("/generate", json={"input_ids": prompt, "sampling_params": SP, "return_routed_experts": True}).json()
+            assert_routing_matches(tiny_qwen3_moe, prompt, out)
+            with http.stream("POST", "/generate", json={"input_ids": prompt, "sampling_params": SP, "stream": True,
+                                                         "return_routed_experts": True}) as resp:
+                events = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+            assert events[-1]["meta_info"]["routed_experts"] == out["meta_info"]["routed_experts"]
+        oai = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        res = oai.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, extra_body={
+            "ignore_eos": True, "return_routed_experts": True})
+        assert res.choices[0].model_extra["routed_experts"] == out["meta_info"]["routed_experts"]
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_write_the_same_routing_as_the_cpu(tiny_qwen3_moe):
+    """Decode and extend CUDA graphs write the routing table too (it is in their captured context)."""
+    prompts = [prompt_ids(60 + i, n) for i, n in enumerate([5, 30, 9])]
+    with make_engine(tiny_qwen3_moe) as cpu:
+        ref = cpu.generate(input_ids=prompts, sampling_params=SP, return_routed_experts=True)
+    with Engine(str(tiny_qwen3_moe), device="cuda", dtype="float32", enable_return_routed_experts=True) as gpu:
+        assert gpu.model_runner.cuda_graphs is not None
+        got = gpu.generate(input_ids=prompts, sampling_params=SP, return_routed_experts=True)
+    for a, b in zip(ref, got):
+        assert a["output_ids"] == b["output_ids"]
+        assert a["meta_info"]["routed_experts"] == b["meta_info"]["routed_experts"]
