@@ -168,10 +168,9 @@ def test_partial_per_expert_checkpoint_is_refused_from_disk(fresh, tiny_qwen3_mo
     assert fresh.check_weights("checksum").digest == before
 
 
-def test_fault_mid_read_of_experts_rolls_back(fresh, tiny_qwen3_moe_v2, monkeypatch):
+def test_fault_mid_read_of_experts_rolls_back(tiny_qwen3_moe, tiny_qwen3_moe_v2, monkeypatch):
     from hotswap.weights import fast_reader
 
-    before = fresh.check_weights("checksum").digest
     real, calls = fast_reader._read_into, iter(range(10**6))
 
     def failing(fd, view, offset):
@@ -179,10 +178,14 @@ def test_fault_mid_read_of_experts_rolls_back(fresh, tiny_qwen3_moe_v2, monkeypa
             raise OSError("injected I/O error")
         real(fd, view, offset)
 
-    monkeypatch.setattr(fast_reader, "_read_into", failing)
-    res = fresh.update_weights_from_disk(str(tiny_qwen3_moe_v2))
-    assert not res.success and "injected I/O error" in res.message and res.rolled_back
-    assert fresh.check_weights("checksum").digest == before
+    # small windows on one thread: the fault lands after earlier windows (experts among them) were copied in
+    with make_engine(tiny_qwen3_moe, weight_load_threads=1, weight_load_staging_bytes=2 * 16384) as eng:
+        before = eng.check_weights("checksum").digest
+        monkeypatch.setattr(fast_reader, "_read_into", failing)
+        res = eng.update_weights_from_disk(str(tiny_qwen3_moe_v2))
+        assert not res.success and "injected I/O error" in res.message and res.rolled_back
+        assert eng.check_weights("checksum").digest == before
+        assert eng.check_invariants().success
 
 
 @pytest.mark.parametrize("names", ["per_expert", "fused"])
