@@ -114,7 +114,7 @@ def test_decode_routed_experts_refuses_a_wrong_shape():
 
 def test_http_generate_and_openai_routes_return_routing(tiny_qwen3_moe):
     """Native /generate (plain and streamed) takes `return_routed_experts`; the OpenAI routes take it as an
-    extra body field and put the same base64 string on each choice."""
+    extra body field and put the same base64 string on each choice (streamed: on the choice's last chunk)."""
     import httpx
     import openai
 
@@ -138,6 +138,15 @@ def test_http_generate_and_openai_routes_return_routing(tiny_qwen3_moe):
         res = oai.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, extra_body={
             "ignore_eos": True, "return_routed_experts": True})
         assert res.choices[0].model_extra["routed_experts"] == out["meta_info"]["routed_experts"]
+        extra = {"ignore_eos": True, "return_routed_experts": True}
+        stream = oai.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, stream=True, extra_body=extra)
+        routed = [c.choices[0].model_extra.get("routed_experts") for c in stream if c.choices]
+        assert routed[-1] == out["meta_info"]["routed_experts"] and not any(routed[:-1])  # on the last chunk only
+        messages = [{"role": "user", "content": "route me"}]
+        chat = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0, extra_body=extra)
+        stream = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0, stream=True, extra_body=extra)
+        routed = [c.choices[0].model_extra.get("routed_experts") for c in stream if c.choices]
+        assert routed[-1] == chat.choices[0].model_extra["routed_experts"] and not any(routed[:-1])
 
 
 @pytest.mark.gpu
