@@ -7,8 +7,9 @@ times; output lengths lognormal (median --out-median, sigma --out-sigma, clipped
 --out-max]) with `ignore_eos`, so random weights still give the tail. Modes: `sampled` (temperature 1,
 a seed per request, the logprob of every token) and `greedy` (temperature 0, no logprobs).
 
-Roofline of the schedule: every decode step reads all weights plus the KV of every sequence still running
-at its current context, at the device-to-device copy bandwidth measured in this run; prefill left out
+Roofline of the schedule: every decode step reads what `common.decode_step_bytes` counts (all weights, or
+for an MoE model only the experts its rows route to, plus the KV of every sequence still running at its
+current context), at the device-to-device copy bandwidth measured in this run; prefill left out
 (a sequence's first token comes from its prefill). Sequences are admitted in order as slots free up
 (--max-running). The tail is the time with fewer than 16 sequences running: for the roofline, its steps;
 for a measured run, the wall time from the last moment 16 or more requests were unfinished to the end
@@ -21,6 +22,7 @@ FastAPI app in a thread of this process, as `hotswap serve` runs it.
 
     python bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8                       # GPU
     python bench/rollout.py --shape qwen3-8b --prompts 32 --n 8 --modes sampled
+    python bench/rollout.py --shape qwen3-30b-a3b --prompts 32 --n 8 --modes sampled      # MoE
     python bench/rollout.py --device cpu --tiny                                        # smoke test
 """
 
@@ -33,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,10 +49,9 @@ from common import (  # noqa: E402
     ceilings_line,
     config_only_checkpoint,
     d2d_bytes_per_s,
+    decode_step_bytes,
     device_name,
-    kv_bytes_per_token,
     print_table,
-    weight_bytes,
 )
 
 TAIL_ROWS = 16
@@ -80,8 +82,10 @@ def make_workload(args, vocab: int) -> Workload:
     return Workload(prompts=prompts, out_lens=out_lens, seeds=[1000 + i for i in range(len(prompts))])
 
 
-def schedule_roofline(w: Workload, max_running: int, weight_b: int, kv_per_token: int, bandwidth: float) -> dict:
-    """Seconds of the decode steps of this schedule at `bandwidth`, with its steps and tail steps."""
+def schedule_roofline(w: Workload, max_running: int, step_bytes: Callable[[int, int], float], bandwidth: float) -> dict:
+    """Seconds of the decode steps of this schedule at `bandwidth`, with its steps and tail steps.
+    `step_bytes(rows, context_tokens)`: the bytes a decode step of `rows` sequences holding
+    `context_tokens` in all must read."""
     waiting = list(range(len(w.prompts)))[::-1]
     ctx = np.zeros(0, dtype=np.int64)  # running sequences' current context
     left = np.zeros(0, dtype=np.int64)  # their decode steps still to run
@@ -98,7 +102,7 @@ def schedule_roofline(w: Workload, max_running: int, weight_b: int, kv_per_token
             ctx, left = ctx[keep], left[keep]
             if not len(ctx):
                 continue
-        t = (weight_b + int(ctx.sum()) * kv_per_token) / bandwidth
+        t = step_bytes(len(ctx), int(ctx.sum())) / bandwidth
         seconds += t
         steps += 1
         if len(ctx) < TAIL_ROWS:
@@ -216,7 +220,7 @@ def main() -> None:
     engine = Engine(str(ckpt), device=str(device), load_format="dummy", max_running_requests=args.max_running, **overrides)
     w = make_workload(args, engine.model_config.vocab_size)
     bw = d2d_bytes_per_s(device)
-    roof = schedule_roofline(w, args.max_running, weight_bytes(engine), kv_bytes_per_token(engine), bw)
+    roof = schedule_roofline(w, args.max_running, lambda rows, ctx: decode_step_bytes(engine, rows, ctx / rows), bw)
     title = (f"rollout, {args.shape}, {device_name(device)}, {engine.model_config.torch_dtype}: {args.prompts} prompts x {args.n}, "
              f"prompts {args.prompt_min}-{args.prompt_max}, outputs lognormal median {args.out_median:g} sigma {args.out_sigma:g} "
              f"in [{args.out_min}, {args.out_max}] ({sum(w.out_lens):,} tokens), max_running {args.max_running}, "
