@@ -1,0 +1,47 @@
+"""bench/common.decode_step_bytes: what a decode step must read, dense and mixture-of-experts."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import config_only_checkpoint, decode_step_bytes, kv_bytes_per_token, weight_bytes  # noqa: E402
+
+from hotswap import Engine  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    out = {}
+    for shape in ("tiny", "tiny-moe"):
+        path = config_only_checkpoint(tmp_path_factory.mktemp(shape), shape, "float32", max_positions=256)
+        out[shape] = Engine(str(path), device="cpu", load_format="dummy", page_size=4, num_pages=16, max_running_requests=4)
+    yield out
+    for eng in out.values():
+        eng.shutdown()
+
+
+def test_dense_step_reads_every_weight_and_the_kv(engines):
+    eng = engines["tiny"]
+    assert decode_step_bytes(eng, 4, 10.0) == weight_bytes(eng) + 4 * 10.0 * kv_bytes_per_token(eng)
+
+
+def test_moe_step_reads_only_the_experts_its_rows_route_to(engines):
+    eng = engines["tiny-moe"]
+    mc = eng.model_config
+    per_expert = 3 * mc.moe_intermediate_size * mc.hidden_size * mc.torch_dtype.itemsize
+    all_experts = len(mc.moe_layers) * mc.num_experts * per_expert
+    embed = mc.vocab_size * mc.hidden_size * mc.torch_dtype.itemsize
+    rest = weight_bytes(eng) - all_experts - embed  # attention, norms, routers, LM head
+    row = mc.hidden_size * mc.torch_dtype.itemsize  # one embedding row per token
+    # one row: its top-k experts per MoE layer, its embedding row
+    assert decode_step_bytes(eng, 1, 0.0) == pytest.approx(rest + row + len(mc.moe_layers) * mc.num_experts_per_tok * per_expert)
+    # many rows: every expert (uniform routing touches them all), still only the rows' embeddings
+    assert decode_step_bytes(eng, 4096, 0.0) == pytest.approx(rest + 4096 * row + all_experts)
+    # the KV adds as for a dense model
+    assert decode_step_bytes(eng, 2, 8.0) - decode_step_bytes(eng, 2, 0.0) == pytest.approx(2 * 8.0 * kv_bytes_per_token(eng))
