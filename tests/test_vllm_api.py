@@ -119,7 +119,9 @@ def test_prime_rl_filesystem_update_cycle(http, server, engine, tiny_qwen3, tiny
 
 
 def test_prime_rl_retries_are_idempotent(http):
-    """prime-rl `_admin_post` retries /pause and /resume on transport errors: a second one answers success."""
+    """prime-rl `_admin_post` retries /pause and /resume on transport errors: a second one answers success.
+    Its server's GET /liveness answers {"status": "ok"} while the engine loop runs."""
+    assert http.get("/liveness").json() == {"status": "ok"}
     for _ in range(2):
         assert http.post("/pause", params={"mode": "keep", "clear_cache": "false"}).json() == {"status": "paused"}
     for _ in range(2):
@@ -248,7 +250,7 @@ def test_pause_modes(http, server, engine):
     wait_running(engine)
     skyrl_call(http, "/pause", params={"mode": "wait", "clear_cache": "false"})
     assert engine.get_load().num_running == 0  # neither frozen (keep) ...
-    out = bg.join()  # ... nor aborted: it finished whole before the pause answered  # finished whole: the pause waited for it
+    out = bg.join()  # ... nor aborted: it finished whole before the pause answered
     assert out["meta_info"]["finish_reason"]["type"] == "length" and len(out["output_ids"]) == 120
     assert http.get("/is_paused").json() == {"is_paused": True}
     skyrl_call(http, "/resume")
@@ -325,6 +327,64 @@ def test_areal_vllm_control_routes(http, tiny_qwen3, tiny_qwen3_v2):
     r = http.post("/areal_update_weights_xccl", json={})
     assert r.status_code == 400 and r.json()["success"] is False and "areal_set_update_weight_meta" in r.json()["message"]
     assert http.post("/areal_update_weights", json={"model_path": str(tiny_qwen3)}).json()["success"] is True
+    assert greedy_ids(http, PROMPT_IDS) == before
+
+
+def _areal_trainer(port: int, checkpoint: str, go, done) -> None:
+    """AReaL's trainer side of the xccl update (`areal/engine/fsdp_engine.py::_update_weights_from_distributed`,
+    here on gloo): rank 0 of the group, one broadcast per tensor in the announced order."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from trainer_support import checkpoint_tensors
+
+    from hotswap.wire.process_group import destroy_custom_process_group, init_custom_process_group
+
+    pg = init_custom_process_group(backend="gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=0,
+                                   group_name="areal_xccl", timeout=timedelta(seconds=60))
+    go.wait(60)
+    for tensor in checkpoint_tensors(checkpoint).values():
+        dist.broadcast(tensor.contiguous(), src=0, group=pg)
+    done.wait(60)
+    destroy_custom_process_group(pg)
+
+
+def test_areal_vllm_xccl_update(http, tiny_qwen3, tiny_qwen3_v2):
+    """AReaL `VLLMBackend`: /areal_init_weights_update_group {master_address, master_port: str, rank_offset,
+    world_size, backend, group_name}, then per bucket /areal_set_update_weight_meta {names, dtypes, shapes,
+    group_name} and /areal_update_weights_xccl {} while the trainer broadcasts."""
+    import multiprocessing as mp
+
+    from trainer_support import checkpoint_tensors
+
+    from hotswap.trainer import free_port
+
+    before = greedy_ids(http, PROMPT_IDS)
+    v2 = checkpoint_tensors(tiny_qwen3_v2)
+    ctx = mp.get_context("spawn")
+    go, done, port = ctx.Event(), ctx.Event(), free_port()
+    trainer = ctx.Process(target=_areal_trainer, args=(port, str(tiny_qwen3_v2), go, done), daemon=True)
+    trainer.start()
+    try:
+        r = http.post("/areal_init_weights_update_group", json={"master_address": "127.0.0.1", "master_port": str(port), "rank_offset": 1,
+                                                                "world_size": 2, "backend": "gloo", "group_name": "areal_xccl"})
+        assert r.status_code == 200 and r.json()["success"], r.text
+        meta = {"names": list(v2), "dtypes": [str(t.dtype).split("torch.")[1] for t in v2.values()],
+                "shapes": [list(t.shape) for t in v2.values()], "group_name": "areal_xccl"}
+        assert http.post("/areal_set_update_weight_meta", json=meta).json()["success"]
+        http.post("/areal_pause_generation", json={}).raise_for_status()
+        go.set()
+        r = http.post("/areal_update_weights_xccl", json={})
+        assert r.status_code == 200 and r.json()["success"], r.text
+        http.post("/areal_continue_generation", json={}).raise_for_status()
+        assert greedy_ids(http, PROMPT_IDS) != before
+        assert http.post("/destroy_weights_update_group", json={"group_name": "areal_xccl"}).json()["success"]
+    finally:
+        done.set()
+        trainer.join(timeout=30)
+        if trainer.is_alive():
+            trainer.kill()
+    assert http.post("/areal_update_weights", json={"model_path": str(tiny_qwen3)}).json()["success"]
     assert greedy_ids(http, PROMPT_IDS) == before
 
 

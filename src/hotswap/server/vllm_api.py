@@ -1,7 +1,7 @@
 """vLLM's RL control plane beside SGLang's routes, as prime-rl, SkyRL and AReaL's vLLM backend call it.
 
 Served: `/pause` `/resume` `/is_paused` `/sleep` `/wake_up` `/is_sleeping` `/reset_prefix_cache`
-`/get_world_size` `/weight_info`, prime-rl's `/update_weights {weight_dir}` (a disk update), the token-in
+`/get_world_size` `/weight_info`, prime-rl's `/liveness` and `/update_weights {weight_dir}` (a disk update), the token-in
 token-out `/inference/v1/generate`, `/tokenize` `/detokenize` (vLLM's and SGLang's shapes, also under /v1),
 and AReaL's own `/areal_*` routes that map onto our operations. Parameters are read where vLLM reads them:
 the query string for `/pause`, `/sleep`, `/wake_up`, `/get_world_size`, `/reset_prefix_cache` (whose
@@ -274,6 +274,13 @@ def register(app: FastAPI, state: ServerState) -> None:
     async def get_world_size(request: Request) -> JSONResponse:
         _query_bool(request, "include_dp", True)  # validated; data parallelism is one engine per server here
         return JSONResponse({"world_size": int(engine.model_info()["tensor_parallel_size"])})
+
+    @app.get("/liveness")
+    async def liveness() -> JSONResponse:
+        """prime-rl's probe: the engine loop answers a no-op within 10 s."""
+        if await state.load(timeout=10.0) is None:
+            return JSONResponse({"status": "engine_unresponsive"}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/weight_info")
     async def weight_info() -> JSONResponse:
