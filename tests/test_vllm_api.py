@@ -419,6 +419,23 @@ def test_completion_token_ids(http):
     assert r["choices"][0]["prompt_token_ids"] == PROMPT_IDS and r["choices"][0]["token_ids"] == greedy_ids(http, PROMPT_IDS, 5)
 
 
+def test_openrlhf_actor_calls_in_process(engine):
+    """OpenRLHF `trainer/ray/vllm_engine.py::LLMRayActor` calls vLLM's engine in process: `sleep(level)`,
+    `wake_up(tags)` one tag at a time, `reset_prefix_cache()`, `pause_generation()` / `resume_generation()`
+    (keep mode); hotswap.Engine answers the same names."""
+    greedy = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
+    before = engine.generate(input_ids=PROMPT_IDS, sampling_params=greedy)["output_ids"]
+    assert engine.sleep(level=1).success and engine.is_sleeping()
+    assert not engine.sleep(level=1, mode="later").success  # a bad mode is refused even when asleep
+    for tag in ("weights", "kv_cache"):
+        assert engine.wake_up([tag]).success
+    assert not engine.is_sleeping()
+    assert engine.reset_prefix_cache() is True
+    assert engine.pause("keep").success and engine.is_paused()
+    assert engine.resume().success and not engine.is_paused()
+    assert engine.generate(input_ids=PROMPT_IDS, sampling_params=greedy)["output_ids"] == before
+
+
 # ---- access policy and API key ----------------------------------------------------------------------
 
 

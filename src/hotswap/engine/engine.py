@@ -365,6 +365,8 @@ class Engine:
         """vLLM's sleep: level 1 keeps the weights on the host, level 2 discards them (an update must follow
         the wake-up); the KV cache is discarded. In-flight requests are handled by `mode` first (as `pause`).
         Asleep, generation is refused (503) until `wake_up`. Tags already asleep are skipped."""
+        if mode not in VLLM_PAUSE_MODES:
+            return p.ControlOutput(success=False, message=f"unknown pause mode {mode!r}; use abort, wait or keep")
         if level not in (1, 2) or isinstance(level, bool):
             return p.ControlOutput(success=False, message=f"sleep level must be 1 (weights kept on the host) or 2 (weights discarded), got {level!r}")
         wanted = self._vllm_memory_tags(tags)
