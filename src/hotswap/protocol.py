@@ -94,6 +94,7 @@ class LoadOutput(ControlOutput):
     kv_pages_total: int = 0
     weight_version: str = ""
     paused: bool = False
+    memory_released: list[str] = field(default_factory=list)  # tags released now (vLLM: sleeping)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -215,7 +216,7 @@ class SaveRemoteModelRequest:
 
 @dataclass(kw_only=True, slots=True)
 class PauseGenerationRequest:
-    mode: str = "abort"  # abort | retract | in_place
+    mode: str = "abort"  # abort | retract | in_place | wait
 
 
 @dataclass(kw_only=True, slots=True)

@@ -4,6 +4,10 @@ A second pause, or a continue while running, is a no-op that answers success (fr
 Updates made during a pause form one session (`Sessions.open_pause`), committed at continue; each
 version they give is readable at once. A continue while a `begin_weight_update` session is open is
 refused and the session stays open: committing it would serve a half-pushed update.
+
+Modes: `abort` ends in-flight requests, `retract` returns them to the queue (recomputed on continue),
+`in_place` freezes them where they are, `wait` (vLLM's) lets started requests finish first: the scheduler
+holds it back, admitting nothing new, until they have (as it does a weight update).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 from hotswap import protocol as p
 from hotswap.weights.session import Sessions
 
-MODES = ("abort", "retract", "in_place")
+MODES = ("abort", "retract", "in_place", "wait")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -36,7 +40,7 @@ class GenerationPause:
 
     def pause_generation(self, req: p.PauseGenerationRequest) -> p.ControlOutput:
         if req.mode not in MODES:
-            return p.ControlOutput(success=False, message=f"unknown pause mode {req.mode!r}; use abort, retract or in_place")
+            return p.ControlOutput(success=False, message=f"unknown pause mode {req.mode!r}; use abort, retract, in_place or wait")
         if self.paused:
             return p.ControlOutput(success=True, message="generation is already paused (no-op)")
         if req.mode == "abort":

@@ -241,6 +241,9 @@ class Scheduler:
     def dispatch(self, request, fut: Future | None) -> None:
         if request is None:
             return
+        if isinstance(request, p.PauseGenerationRequest) and request.mode == "wait" and not self.update_may_run():
+            self.deferred.append((request, fut))  # vLLM's wait mode: started requests finish first
+            return
         if isinstance(request, _DRAIN_FIRST):
             if getattr(request, "abort_all_requests", False):
                 self.abort_all("aborted for a weight update")
@@ -416,6 +419,7 @@ class Scheduler:
             kv_pages_total=self.allocator.num_pages,
             weight_version=self.sessions.weight_version,
             paused=self.pause.held,
+            memory_released=sorted(self.memory.released),
         )
 
     def capacity(self) -> PoolCapacity:

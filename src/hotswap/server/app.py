@@ -45,6 +45,7 @@ from hotswap.server.http_utils import (
 )
 from hotswap.server.metrics import Metrics
 from hotswap.server.openai_api import register as register_openai_routes
+from hotswap.server.vllm_api import register as register_vllm_routes
 from hotswap.server.weights_api import register as register_weight_routes
 from hotswap.wire.ipc import shm_block_prefix
 
@@ -482,6 +483,7 @@ def create_app(engine, *, api_key: str | None = None, served_model_name: str | N
     _register_native(app, state)
     register_openai_routes(app, state)
     register_weight_routes(app, state)
+    register_vllm_routes(app, state)
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     app.add_middleware(ServerMiddleware, state=state)
     return app

@@ -65,6 +65,13 @@ class _SamplingFields(BaseModel):
     repetition_penalty: float | None = None
     min_tokens: int = 0
     return_routed_experts: bool = False  # SGLang's extra field (MoE routing replay); the choice carries `routed_experts`
+    use_beam_search: bool = False
+    cache_salt: str | None = None  # accepted: every weight update flushes the prefix cache, what a version salt is for
+    # token-in/token-out for multi-turn RL: vLLM's token ids (`token_id:N` logprob tokens, `token_ids` and
+    # `prompt_token_ids`) and SGLang's per-choice `meta_info` (output ids, logprobs, weight versions)
+    return_tokens_as_token_ids: bool | None = None
+    return_token_ids: bool | None = None
+    return_meta_info: bool = False
 
 
 class CompletionRequest(_SamplingFields):
@@ -124,6 +131,8 @@ def sampling_dict(state: ServerState, body: _SamplingFields, max_new_tokens: int
         raise APIError(400, "logit_bias is not supported by hotswap", param="logit_bias")
     if body.min_tokens:
         raise APIError(400, "min_tokens is not supported by hotswap", param="min_tokens")
+    if body.use_beam_search:
+        raise APIError(400, "use_beam_search is not supported by hotswap", param="use_beam_search")
     sp: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "temperature": 1.0 if body.temperature is None else body.temperature,
@@ -182,9 +191,15 @@ def _slices(meta: dict, start: int, end: int) -> tuple[list, list | None]:
     return lps, (tops[start:end] if tops is not None else None)
 
 
-def completion_logprobs(state: ServerState, meta: dict, start: int, end: int, k: int, offset: int) -> dict:
+def token_namer(state: ServerState, as_ids: bool | None):
+    """How a logprob entry names its token: its text, or vLLM's `token_id:N` (return_tokens_as_token_ids)."""
+    return (lambda tid: f"token_id:{tid}") if as_ids else state.token_text
+
+
+def completion_logprobs(state: ServerState, meta: dict, start: int, end: int, k: int, offset: int, as_ids: bool | None = None) -> dict:
+    name = token_namer(state, as_ids)
     lps, tops = _slices(meta, start, end)
-    tokens = [state.token_text(tid) for _, tid, _ in lps]
+    tokens = [name(tid) for _, tid, _ in lps]
     offsets = []
     for t in tokens:
         offsets.append(offset)
@@ -195,19 +210,20 @@ def completion_logprobs(state: ServerState, meta: dict, start: int, end: int, k:
         for j in range(len(lps)):
             entry: dict[str, float] = {}
             for lp, tid, _ in (tops[j] if tops is not None and j < len(tops) else [])[:k]:
-                entry.setdefault(state.token_text(tid), lp)
+                entry.setdefault(name(tid), lp)
             top_logprobs.append(entry)
     return {"tokens": tokens, "token_logprobs": [lp for lp, _, _ in lps], "top_logprobs": top_logprobs, "text_offset": offsets}
 
 
-def chat_logprobs(state: ServerState, meta: dict, start: int, end: int, k: int) -> dict:
+def chat_logprobs(state: ServerState, meta: dict, start: int, end: int, k: int, as_ids: bool | None = None) -> dict:
+    name = token_namer(state, as_ids)
     lps, tops = _slices(meta, start, end)
     content = []
     for j, (lp, tid, _) in enumerate(lps):
-        tok = state.token_text(tid)
+        tok = name(tid)
         top = []
         for tlp, ttid, _ in (tops[j] if tops is not None and j < len(tops) else [])[:k]:
-            ttok = state.token_text(ttid)
+            ttok = name(ttid)
             top.append({"token": ttok, "logprob": tlp, "bytes": list(ttok.encode("utf-8"))})
         content.append({"token": tok, "logprob": lp, "bytes": list(tok.encode("utf-8")), "top_logprobs": top})
     return {"content": content}
@@ -251,11 +267,18 @@ def _chunk_metadata(out: dict) -> dict:
     return {"weight_version": meta.get("weight_version"), "weight_versions": [_runs(out.get("delta_weight_versions") or [meta.get("weight_version")])]}
 
 
+def choice_meta_info(out: dict) -> dict:
+    """SGLang's meta_info for an OpenAI choice (return_meta_info): the output ids beside it."""
+    return {**out["meta_info"], "output_ids": list(out["output_ids"])}
+
+
 def _stream_response(state: ServerState, route: str, chunks, *, rid: str, object_name: str, created: int, include_usage: bool,
-                     prompt_tokens: int, no_stop_trim: bool, opening: list[dict], choice) -> DisconnectAwareStreamingResponse:
+                     prompt_tokens: int, no_stop_trim: bool, opening: list[dict], choice, token_ids: bool = False,
+                     meta_info: bool = False, opening_extra: dict | None = None) -> DisconnectAwareStreamingResponse:
     """The one OpenAI streaming loop (completions and chat). `opening`: choices sent before any token (echo,
-    role); `choice(i, text, meta, start, end, finish)`: the route's choice for the tokens [start, end) of
-    request i."""
+    role), with `opening_extra` top-level fields; `choice(i, text, meta, start, end, finish)`: the route's
+    choice for the tokens [start, end) of request i. `token_ids`: each choice carries its new token ids;
+    `meta_info`: a finishing choice carries its request's meta_info."""
     chunk = _chunker(rid, object_name, created, state.served_model_name, include_usage)
 
     async def events():
@@ -263,7 +286,7 @@ def _stream_response(state: ServerState, route: str, chunks, *, rid: str, object
         finals: dict[int, dict] = {}
         try:
             for c in opening:
-                yield chunk([c])
+                yield chunk([c], **(opening_extra or {}))
             async for out in chunks:
                 i = out.get("index", 0)
                 meta = out["meta_info"]
@@ -273,6 +296,10 @@ def _stream_response(state: ServerState, route: str, chunks, *, rid: str, object
                     continue
                 end = len(out["output_ids"])
                 c = {**choice(i, text, meta, sent.get(i, 0), end, fin), **_routed(meta)}  # routing comes with the last chunk
+                if token_ids:
+                    c["token_ids"] = list(out["output_ids"][sent.get(i, 0):end])
+                if meta_info and fin is not None:
+                    c["meta_info"] = choice_meta_info(out)
                 sent[i] = end
                 if fin is not None:
                     finals[i] = out
@@ -330,6 +357,7 @@ def register(app: FastAPI, state: ServerState) -> None:
         sp = sampling_dict(state, body, max_tokens)
         want_lp = body.logprobs is not None
         k = body.logprobs or 0
+        as_ids = body.return_tokens_as_token_ids
         echo_texts = await asyncio.to_thread(lambda: [state.decode(ids) for ids in id_lists]) if body.echo else None
         n = body.n
         rid = f"cmpl-{uuid.uuid4().hex}"
@@ -345,8 +373,13 @@ def register(app: FastAPI, state: ServerState) -> None:
                 text = out["text"] + _stop_suffix(meta, body.no_stop_trim)
                 if echo_texts is not None:
                     text = echo_texts[i // n] + text
-                lp = completion_logprobs(state, meta, 0, len(out["output_ids"]), k, 0) if want_lp else None
-                choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": finish_reason(meta), **_routed(meta)})
+                lp = completion_logprobs(state, meta, 0, len(out["output_ids"]), k, 0, as_ids) if want_lp else None
+                c = {"index": i, "text": text, "logprobs": lp, "finish_reason": finish_reason(meta), **_routed(meta)}
+                if body.return_token_ids:
+                    c.update(prompt_token_ids=id_lists[i // n], token_ids=list(out["output_ids"]))
+                if body.return_meta_info:
+                    c["meta_info"] = choice_meta_info(out)
+                choices.append(c)
             return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": state.served_model_name,
                                  "system_fingerprint": state.fingerprint(outs), "choices": choices,
                                  "usage": _usage(prompt_tokens, outs), "metadata": _metadata(outs)})
@@ -357,15 +390,19 @@ def register(app: FastAPI, state: ServerState) -> None:
         def choice(i: int, text: str, meta: dict, start: int, end: int, fin: str | None) -> dict:
             lp = None
             if want_lp:
-                lp = completion_logprobs(state, meta, start, end, k, offsets.get(i, 0))
+                lp = completion_logprobs(state, meta, start, end, k, offsets.get(i, 0), as_ids)
                 offsets[i] = offsets.get(i, 0) + sum(len(t) for t in lp["tokens"])
-            return {"index": i, "text": text, "logprobs": lp, "finish_reason": fin}
+            c = {"index": i, "text": text, "logprobs": lp, "finish_reason": fin}
+            if body.return_token_ids and start == 0:  # vLLM: the prompt's ids come with a choice's first chunk
+                c["prompt_token_ids"] = id_lists[i // n]
+            return c
 
         opening = [{"index": i, "text": echo_texts[i // n], "logprobs": None, "finish_reason": None}
                    for i in range(len(id_lists) * n)] if echo_texts is not None else []
         return _stream_response(state, "/v1/completions", chunks, rid=rid, object_name="text_completion", created=created,
                                 include_usage=bool(body.stream_options and body.stream_options.include_usage),
-                                prompt_tokens=prompt_tokens, no_stop_trim=body.no_stop_trim, opening=opening, choice=choice)
+                                prompt_tokens=prompt_tokens, no_stop_trim=body.no_stop_trim, opening=opening, choice=choice,
+                                token_ids=bool(body.return_token_ids), meta_info=body.return_meta_info)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -389,6 +426,7 @@ def register(app: FastAPI, state: ServerState) -> None:
         sp = sampling_dict(state, body, max_tokens)
         want_lp = body.logprobs
         k = body.top_logprobs or 0
+        as_ids = body.return_tokens_as_token_ids
         n = body.n
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -401,23 +439,33 @@ def register(app: FastAPI, state: ServerState) -> None:
             for i, out in enumerate(outs):
                 meta = out["meta_info"]
                 text = out["text"] + _stop_suffix(meta, body.no_stop_trim)
-                lp = chat_logprobs(state, meta, 0, len(out["output_ids"]), k) if want_lp else None
-                choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
-                                "finish_reason": finish_reason(meta), **_routed(meta)})
-            return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": state.served_model_name,
-                                 "system_fingerprint": state.fingerprint(outs), "choices": choices,
-                                 "usage": _usage(prompt_tokens, outs), "metadata": _metadata(outs)})
+                lp = chat_logprobs(state, meta, 0, len(out["output_ids"]), k, as_ids) if want_lp else None
+                c = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": finish_reason(meta),
+                     **_routed(meta)}
+                if body.return_token_ids:
+                    c["token_ids"] = list(out["output_ids"])
+                if body.return_meta_info:
+                    c["meta_info"] = choice_meta_info(out)
+                choices.append(c)
+            reply = {"id": rid, "object": "chat.completion", "created": created, "model": state.served_model_name,
+                     "system_fingerprint": state.fingerprint(outs), "choices": choices, "usage": _usage(prompt_tokens, outs),
+                     "metadata": _metadata(outs)}
+            if body.return_token_ids:
+                reply["prompt_token_ids"] = ids
+            return JSONResponse(reply)
 
         chunks = await open_stream(state.engine, input_ids=[ids], sampling_params=sp, return_logprob=want_lp, top_logprobs_num=k)
 
         def choice(i: int, text: str, meta: dict, start: int, end: int, fin: str | None) -> dict:
-            lp = chat_logprobs(state, meta, start, end, k) if want_lp else None
+            lp = chat_logprobs(state, meta, start, end, k, as_ids) if want_lp else None
             return {"index": i, "delta": {"content": text} if text else {}, "logprobs": lp, "finish_reason": fin}
 
         opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None} for i in range(n)]
         return _stream_response(state, "/v1/chat/completions", chunks, rid=rid, object_name="chat.completion.chunk", created=created,
                                 include_usage=bool(body.stream_options and body.stream_options.include_usage),
-                                prompt_tokens=prompt_tokens, no_stop_trim=body.no_stop_trim, opening=opening, choice=choice)
+                                prompt_tokens=prompt_tokens, no_stop_trim=body.no_stop_trim, opening=opening, choice=choice,
+                                token_ids=bool(body.return_token_ids), meta_info=body.return_meta_info,
+                                opening_extra={"prompt_token_ids": ids} if body.return_token_ids else None)
 
 
 __all__ = ["ChatCompletionRequest", "CompletionRequest", "register"]

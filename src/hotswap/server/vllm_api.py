@@ -1,0 +1,457 @@
+"""vLLM's RL control plane beside SGLang's routes, as prime-rl, SkyRL and AReaL's vLLM backend call it.
+
+Served: `/pause` `/resume` `/is_paused` `/sleep` `/wake_up` `/is_sleeping` `/reset_prefix_cache`
+`/get_world_size` `/weight_info`, prime-rl's `/liveness` and `/update_weights {weight_dir}` (a disk update), the token-in
+token-out `/inference/v1/generate`, `/tokenize` `/detokenize` (vLLM's and SGLang's shapes, also under /v1),
+and AReaL's own `/areal_*` routes that map onto our operations. Parameters are read where vLLM reads them:
+the query string for `/pause`, `/sleep`, `/wake_up`, `/get_world_size`, `/reset_prefix_cache` (whose
+`reset_running_requests` SkyRL sends as a JSON body: read there too), JSON bodies elsewhere. vLLM's native
+weight transfer (`/init_weight_transfer_engine`, `/update_weights {update_info}`) and `/collective_rpc` are
+refused by name. The control operations are the Engine's vLLM-named methods, run in a worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
+
+from hotswap import protocol as p
+from hotswap.server.generation import engine_error
+from hotswap.server.http_utils import APIError, JSONResponse, await_unless_disconnected, engine_call, parse_body
+from hotswap.server.openai_api import check_model, finish_reason
+from hotswap.server.weights_api import check_source_dir
+
+if TYPE_CHECKING:
+    from hotswap.server.app import ServerState
+
+_LOGPROB_FLOOR = -9999.0  # vLLM clamps logprobs in its token-id replies to this
+
+
+# ---- query parameters as FastAPI's Query() reads them ----------------------------------------------
+
+
+def _query_bool(request: Request, name: str, default: bool) -> bool:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise APIError(400, f"query parameter {name}={raw!r} is not a boolean", param=name)
+
+
+def _query_tags(request: Request) -> list[str] | None:
+    tags = request.query_params.getlist("tags")
+    return tags or None  # none given: every tag
+
+
+async def _json_object(request: Request) -> dict:
+    """The JSON body as a dict ({} when empty): for routes whose body is optional."""
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise APIError(400, "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+async def _control(call, *args) -> p.ControlOutput:
+    """An Engine control method in a worker thread (it waits on the scheduler, never the event loop)."""
+    try:
+        return await asyncio.to_thread(call, *args)
+    except ValueError as exc:  # the engine is shut down
+        return p.ControlOutput(success=False, message=str(exc))
+
+
+def _refused(out: p.ControlOutput, status: int = 400) -> APIError:
+    return APIError(status, out.message)
+
+
+# ---- tokenize / detokenize --------------------------------------------------------------------------
+
+
+class TokenizeBody(BaseModel):
+    """vLLM's TokenizeCompletionRequest / TokenizeChatRequest and SGLang's TokenizeRequest (prompt may be a list)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    prompt: str | list[str] | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_special_tokens: bool | None = None  # vLLM: True for a prompt, False for messages
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    tokens: list[int] | list[list[int]]
+    skip_special_tokens: bool | None = None
+
+
+# ---- /inference/v1/generate -------------------------------------------------------------------------
+
+
+class TokensGenerateBody(BaseModel):
+    """vLLM's GenerateRequest (vllm/entrypoints/serve/disagg/protocol.py)."""
+
+    model_config = ConfigDict(extra="ignore")
+    request_id: str | None = None
+    token_ids: list[int] = Field(min_length=1)
+    sampling_params: dict[str, Any]
+    model: str | None = None
+    stream: bool | None = False
+    features: Any = None
+    cache_salt: str | None = None  # accepted: every weight update flushes the prefix cache, what a version salt is for
+    priority: int = 0
+    kv_transfer_params: dict[str, Any] | None = None
+
+
+# vLLM SamplingParams fields served, and those accepted only at their neutral value (anything else is refused by name)
+_NEUTRAL_SAMPLING = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "min_tokens": 0,
+                     "logit_bias": None, "allowed_token_ids": None, "bad_words": None, "structured_outputs": None,
+                     "guided_decoding": None, "logits_processors": None, "extra_args": None, "truncate_prompt_tokens": None,
+                     "prompt_logprobs": None, "use_beam_search": False, "flat_logprobs": False}
+# output formatting only (token ids are what this route returns): accepted as they come
+_FORMAT_ONLY = ("detokenize", "include_stop_str_in_output", "spaces_between_special_tokens", "output_kind", "skip_special_tokens")
+_SERVED = ("n", "best_of", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos", "max_tokens", "logprobs")
+
+
+def vllm_sampling_params(sp: dict[str, Any], prompt_len: int, max_context_len: int) -> tuple[dict[str, Any], int | None]:
+    """vLLM SamplingParams -> (our sampling dict, logprobs k or None). Raises APIError(400) naming the field."""
+    unknown = sorted(set(sp) - set(_NEUTRAL_SAMPLING) - set(_FORMAT_ONLY) - set(_SERVED))
+    if unknown:
+        raise APIError(400, f"unknown or unsupported sampling parameter(s): {', '.join(unknown)}", param="sampling_params")
+    for key, neutral in _NEUTRAL_SAMPLING.items():
+        value = sp.get(key, neutral)
+        if value is not None and value != neutral and value not in ({}, []):
+            hint = " (prompt logprobs are not served by this route yet)" if key == "prompt_logprobs" else ""
+            raise APIError(400, f"sampling parameter {key}={value!r} is not supported by hotswap (only {neutral!r}){hint}", param=key)
+    n = sp.get("n", 1)
+    best_of = sp.get("best_of")
+    if best_of is not None and best_of != n:
+        raise APIError(400, "best_of is not supported by hotswap (only best_of == n)", param="best_of")
+    max_tokens = sp.get("max_tokens")
+    out: dict[str, Any] = {"n": n, "max_new_tokens": max_context_len - prompt_len if max_tokens is None else max_tokens,
+                           "temperature": 1.0 if sp.get("temperature") is None else sp["temperature"],
+                           "ignore_eos": bool(sp.get("ignore_eos", False)), "skip_special_tokens": sp.get("skip_special_tokens", True)}
+    for key in ("top_p", "min_p", "seed"):
+        if sp.get(key) is not None:
+            out[key] = sp[key]
+    top_k = sp.get("top_k")
+    if top_k is not None:
+        out["top_k"] = -1 if isinstance(top_k, int) and not isinstance(top_k, bool) and top_k <= 0 else top_k  # vLLM: 0 or -1 = off
+    if sp.get("stop"):
+        out["stop"] = [sp["stop"]] if isinstance(sp["stop"], str) else sp["stop"]
+    if sp.get("stop_token_ids"):
+        out["stop_token_ids"] = sp["stop_token_ids"]
+    k = sp.get("logprobs")
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= 20):
+        raise APIError(400, f"logprobs must be an integer in [0, 20] or null, got {k!r}", param="logprobs")
+    return out, k
+
+
+def token_id_logprobs(meta: dict, k: int) -> dict:
+    """vLLM's ChatCompletionLogProbs for a token-id reply: tokens as "token_id:N"; each entry's top_logprobs
+    lists the sampled token first, then the best others, max(k, 1) in all (as vLLM's logprob dicts)."""
+    tops = meta.get("output_top_logprobs") or []
+    content = []
+    for j, (lp, tid, _) in enumerate(meta.get("output_token_logprobs") or []):
+        entries = [(tid, lp)] + [(ttid, tlp) for tlp, ttid, _ in (tops[j] if j < len(tops) else []) if ttid != tid]
+        top = [{"token": f"token_id:{t}", "logprob": max(v, _LOGPROB_FLOOR), "bytes": None} for t, v in entries[: max(k, 1)]]
+        content.append({"token": f"token_id:{tid}", "logprob": max(lp, _LOGPROB_FLOOR), "bytes": None, "top_logprobs": top})
+    return {"content": content}
+
+
+# ---- AReaL's own vLLM server routes (areal/engine/vllm_ext/areal_vllm_server.py) ---------------------
+
+
+class ArealUpdateWeightsBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model_path: str
+    load_format: str | None = "auto"
+    abort_all_requests: bool = False
+
+
+class ArealGroupBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    master_address: str
+    master_port: int
+    rank_offset: int
+    world_size: int
+    backend: str | None = None
+    group_name: str = "weight_update_group"
+
+
+class ArealWeightMetaBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[list[int]]
+    group_name: str = "weight_update_group"
+
+
+def _areal_reply(out) -> JSONResponse:
+    return JSONResponse({"success": bool(out.success), "message": str(out.message)}, status_code=200 if out.success else 400)
+
+
+# ---- routes -----------------------------------------------------------------------------------------
+
+
+def register(app: FastAPI, state: ServerState) -> None:
+    engine = state.engine
+
+    @app.post("/pause")
+    async def pause(request: Request) -> JSONResponse:
+        mode = request.query_params.get("mode", "abort")
+        if _query_bool(request, "wait_for_inflight_requests", False) and "mode" not in request.query_params:
+            mode = "wait"  # vLLM's deprecated spelling of mode=wait
+        out = await _control(engine.pause, mode, _query_bool(request, "clear_cache", True))
+        if not out.success:
+            raise _refused(out)
+        return JSONResponse({"status": "paused"})
+
+    @app.post("/resume")
+    async def resume() -> JSONResponse:
+        out = await _control(engine.resume)
+        if not out.success:
+            raise _refused(out, 409)
+        return JSONResponse({"status": "resumed"})
+
+    @app.get("/is_paused")
+    async def is_paused() -> JSONResponse:
+        return JSONResponse({"is_paused": await asyncio.to_thread(engine.is_paused)})
+
+    @app.post("/sleep")
+    async def sleep(request: Request) -> Response:
+        raw_level = request.query_params.get("level", "1")
+        try:
+            level = int(raw_level)
+        except ValueError:
+            raise APIError(400, f"query parameter level={raw_level!r} is not an integer", param="level") from None
+        out = await _control(engine.sleep, level, request.query_params.get("mode", "abort"), _query_tags(request))
+        if not out.success:
+            raise _refused(out)
+        return Response(status_code=200)
+
+    @app.post("/wake_up")
+    async def wake_up(request: Request) -> Response:
+        out = await _control(engine.wake_up, _query_tags(request))
+        if not out.success:
+            raise _refused(out)
+        return Response(status_code=200)
+
+    @app.get("/is_sleeping")
+    async def is_sleeping() -> JSONResponse:
+        return JSONResponse({"is_sleeping": await asyncio.to_thread(engine.is_sleeping)})
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache(request: Request) -> JSONResponse:
+        body = await _json_object(request)
+        running = _query_bool(request, "reset_running_requests", bool(body.get("reset_running_requests", False)))
+        reset = await asyncio.to_thread(engine.reset_prefix_cache)
+        if not reset and running:
+            raise APIError(409, "reset_running_requests is not supported by hotswap: requests are running and hold cached pages; "
+                                "pause first (POST /pause?mode=abort or mode=wait), then reset")
+        return JSONResponse({"success": reset})
+
+    @app.get("/get_world_size")
+    async def get_world_size(request: Request) -> JSONResponse:
+        _query_bool(request, "include_dp", True)  # validated; data parallelism is one engine per server here
+        return JSONResponse({"world_size": int(engine.model_info()["tensor_parallel_size"])})
+
+    @app.get("/liveness")
+    async def liveness() -> JSONResponse:
+        """prime-rl's probe: the engine loop answers a no-op within 10 s."""
+        if await state.load(timeout=10.0) is None:
+            return JSONResponse({"status": "engine_unresponsive"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/weight_info")
+    async def weight_info() -> JSONResponse:
+        load = await state.load(timeout=2.0)
+        return JSONResponse({"weight_version": load.weight_version if load else state.last_weight_version})
+
+    @app.post("/update_weights")
+    async def update_weights(request: Request) -> JSONResponse:
+        body = await _json_object(request)
+        if "update_info" in body:
+            raise APIError(400, "vLLM's native weight transfer (update_info, /init_weight_transfer_engine) is not served by hotswap; "
+                                "send {\"weight_dir\": HF folder} for a disk update, or use /update_weights_from_distributed",
+                           param="update_info")
+        weight_dir = body.get("weight_dir")
+        if not isinstance(weight_dir, str):
+            raise APIError(400, "weight_dir is required: the folder of an HF checkpoint to load", param="weight_dir")
+        version = body.get("weight_version")
+        if version is not None and not isinstance(version, str):
+            raise APIError(400, "weight_version must be a string", param="weight_version")
+        check_source_dir(weight_dir, "weight_dir")
+        start = time.perf_counter()
+        out = await engine_call(engine, p.UpdateWeightsFromDiskRequest(model_path=weight_dir, weight_version=version))
+        state.metrics.observe_weight_update("/update_weights", bool(out.success), time.perf_counter() - start)
+        if not out.success:
+            raise APIError(400, out.message)
+        state.last_weight_version = out.weight_version or state.last_weight_version
+        return JSONResponse({"status": "ok", "message": out.message, "weight_version": out.weight_version})
+
+    for route in ("/init_weight_transfer_engine", "/collective_rpc"):
+        app.add_api_route(route, _not_served(route), methods=["POST"], name=route.strip("/"))
+
+    for route in ("/tokenize", "/v1/tokenize"):
+        app.add_api_route(route, _tokenize_handler(state), methods=["POST"], name=route.strip("/").replace("/", "_"))
+    for route, skip_default in (("/detokenize", False), ("/v1/detokenize", True)):
+        app.add_api_route(route, _detokenize_handler(state, skip_default), methods=["POST"], name=route.strip("/").replace("/", "_"))
+
+    @app.post("/inference/v1/generate")
+    async def tokens_generate(request: Request) -> JSONResponse:
+        body = await parse_body(request, TokensGenerateBody)
+        state.check_serving()
+        check_model(state, body.model)
+        for name, given in (("stream", bool(body.stream)), ("features", body.features is not None), ("priority", body.priority != 0),
+                            ("kv_transfer_params", bool(body.kv_transfer_params))):
+            if given:
+                raise APIError(400, f"{name} is not supported by hotswap's /inference/v1/generate", param=name)
+        sp, k = vllm_sampling_params(body.sampling_params, len(body.token_ids), state.max_context_len)
+        coro = engine.async_generate(input_ids=list(body.token_ids), sampling_params=sp, return_logprob=k is not None,
+                                     top_logprobs_num=k or 0)
+        try:
+            result = await await_unless_disconnected(request, coro)
+        except (ValueError, TypeError) as exc:
+            raise engine_error(exc) from None
+        outs = result if isinstance(result, list) else [result]
+        state.metrics.observe_generation("/inference/v1/generate", outs)
+        choices = [{"index": i, "logprobs": token_id_logprobs(out["meta_info"], k) if k is not None else None,
+                    "finish_reason": finish_reason(out["meta_info"]) or "stop", "token_ids": list(out["output_ids"])}
+                   for i, out in enumerate(outs)]
+        completion = sum(len(out["output_ids"]) for out in outs)
+        prompt = len(body.token_ids)
+        return JSONResponse({"request_id": f"generate-tokens-{body.request_id or uuid.uuid4().hex}", "choices": choices,
+                             "prompt_logprobs": None, "kv_transfer_params": None,
+                             "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+                             "metadata": {"weight_version": outs[-1]["meta_info"].get("weight_version")}})
+
+    _register_areal(app, state)
+
+
+def _not_served(route: str):
+    async def handler() -> JSONResponse:
+        raise APIError(400, f"{route} is not served by hotswap: vLLM's in-process collective_rpc and its own weight-transfer process "
+                            "group are out of scope; use /update_weights {weight_dir}, /update_weights_from_disk, "
+                            "/update_weights_from_distributed or /update_weights_from_tensor")
+
+    return handler
+
+
+def _tokenize_handler(state: ServerState):
+    async def handler(request: Request) -> JSONResponse:
+        body = await parse_body(request, TokenizeBody)
+        check_model(state, body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+        tok = state.tokenizer
+        if body.messages is not None:
+            if body.add_special_tokens:
+                raise APIError(400, "add_special_tokens with messages is not supported: the chat template places the special tokens",
+                               param="add_special_tokens")
+            ids: list[int] | list[list[int]] = await asyncio.to_thread(
+                state.render_chat, body.messages, tools=body.tools, add_generation_prompt=body.add_generation_prompt,
+                continue_final_message=body.continue_final_message, kwargs=body.chat_template_kwargs)
+        else:
+            special = True if body.add_special_tokens is None else body.add_special_tokens
+            texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+            lists = await asyncio.to_thread(lambda: [tok.encode(t, add_special_tokens=special) for t in texts])
+            ids = lists[0] if isinstance(body.prompt, str) else lists
+        single = not ids or isinstance(ids[0], int)
+        reply: dict[str, Any] = {"count": len(ids) if single else [len(x) for x in ids], "max_model_len": state.max_context_len, "tokens": ids,
+                                 "token_strs": None}
+        if body.return_token_strs:
+            reply["token_strs"] = tok.convert_ids_to_tokens(ids) if single else [tok.convert_ids_to_tokens(x) for x in ids]
+        return JSONResponse(reply)
+
+    return handler
+
+
+def _detokenize_handler(state: ServerState, skip_default: bool):
+    """vLLM's /detokenize replies {prompt} and decodes every token; SGLang's /v1/detokenize replies {text}
+    and skips special tokens by default. Both keys are in every reply."""
+
+    async def handler(request: Request) -> JSONResponse:
+        body = await parse_body(request, DetokenizeBody)
+        check_model(state, body.model)
+        vocab = int(state.engine.model_info()["vocab_size"])
+        single = not body.tokens or isinstance(body.tokens[0], int)
+        lists = [body.tokens] if single else body.tokens
+        for ids in lists:
+            if any(t < 0 or t >= vocab for t in ids):
+                raise APIError(400, f"tokens holds ids outside the vocabulary [0, {vocab})", param="tokens")
+        skip = skip_default if body.skip_special_tokens is None else body.skip_special_tokens
+        texts = await asyncio.to_thread(lambda: [state.tokenizer.decode(ids, skip_special_tokens=skip) for ids in lists])
+        text = texts[0] if single else texts
+        return JSONResponse({"prompt": text, "text": text})
+
+    return handler
+
+
+def _register_areal(app: FastAPI, state: ServerState) -> None:
+    """AReaL's vLLM server routes (reply {success, message}, 400 on failure), mapped onto our operations.
+    The weight metadata of /areal_set_update_weight_meta is kept for the /areal_update_weights_xccl that follows."""
+    engine = state.engine
+    pending_meta: dict[str, ArealWeightMetaBody] = {}  # "next": the metadata the next xccl update reads
+
+    @app.post("/areal_update_weights")
+    async def areal_update_weights(request: Request) -> JSONResponse:
+        body = await parse_body(request, ArealUpdateWeightsBody)
+        check_source_dir(body.model_path, "model_path")
+        load_format = None if body.load_format in (None, "auto") else body.load_format
+        out = await engine_call(engine, p.UpdateWeightsFromDiskRequest(model_path=body.model_path, load_format=load_format,
+                                                                       abort_all_requests=body.abort_all_requests))
+        return _areal_reply(out)
+
+    @app.post("/areal_init_weights_update_group")
+    async def areal_init_group(request: Request) -> JSONResponse:
+        body = await parse_body(request, ArealGroupBody)
+        out = await engine_call(engine, p.InitWeightsUpdateGroupRequest(master_address=body.master_address, master_port=body.master_port,
+                                                                        rank_offset=body.rank_offset, world_size=body.world_size,
+                                                                        group_name=body.group_name, backend=body.backend))
+        return _areal_reply(out)
+
+    @app.post("/areal_set_update_weight_meta")
+    async def areal_set_meta(request: Request) -> JSONResponse:
+        body = await parse_body(request, ArealWeightMetaBody)
+        if not (len(body.names) == len(body.dtypes) == len(body.shapes)):
+            raise APIError(400, f"names, dtypes and shapes differ in length ({len(body.names)}, {len(body.dtypes)}, {len(body.shapes)})")
+        pending_meta["next"] = body
+        return _areal_reply(p.ControlOutput(success=True, message=f"weight metadata set for {len(body.names)} tensor(s)"))
+
+    @app.post("/areal_update_weights_xccl")
+    async def areal_update_xccl() -> JSONResponse:
+        meta = pending_meta.pop("next", None)
+        if meta is None:
+            return _areal_reply(p.ControlOutput(success=False, message="no weight metadata: call /areal_set_update_weight_meta first"))
+        dtypes = [d.removeprefix("torch.") for d in meta.dtypes]
+        out = await engine_call(engine, p.UpdateWeightsFromDistributedRequest(names=meta.names, dtypes=dtypes, shapes=meta.shapes,
+                                                                              group_name=meta.group_name))
+        return _areal_reply(out)
+
+    @app.post("/areal_pause_generation")
+    async def areal_pause() -> JSONResponse:
+        return _areal_reply(await _control(engine.pause, "abort", True))
+
+    @app.post("/areal_continue_generation")
+    async def areal_continue() -> JSONResponse:
+        return _areal_reply(await _control(engine.resume))
