@@ -93,6 +93,7 @@ class LoadOutput(ControlOutput):
     kv_pages_total: int = 0
     weight_version: str = ""
     paused: bool = False
+    num_preemptions: int = 0  # running requests preempted for KV space so far (recomputed later)
 
 
 @dataclass(kw_only=True, slots=True)

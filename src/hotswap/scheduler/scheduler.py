@@ -410,6 +410,7 @@ class Scheduler:
             kv_pages_total=self.allocator.num_pages,
             weight_version=self.sessions.weight_version,
             paused=self.pause.held,
+            num_preemptions=self.batcher.num_preemptions,
         )
 
     def capacity(self) -> PoolCapacity:
