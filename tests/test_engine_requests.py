@@ -12,6 +12,7 @@ import pytest
 
 from hotswap import Engine
 from hotswap.errors import EngineUnavailableError, HotswapError
+from hotswap.sampling_params import SamplingParams
 
 SAMPLED = {"max_new_tokens": 8, "temperature": 1.0, "ignore_eos": True}
 PROMPT = "Alice likes 12 apples"
@@ -79,6 +80,31 @@ def test_out_of_range_values_are_refused_before_anything_runs(engine, kwargs, na
 def test_a_huge_top_k_means_the_whole_vocabulary(engine):
     params = dict(SAMPLED, seed=3)
     assert engine.generate(PROMPT, dict(params, top_k=2**62))["output_ids"] == engine.generate(PROMPT, params)["output_ids"]
+
+
+def test_a_row_that_cannot_run_fails_alone_and_its_batch_mates_finish(engine, monkeypatch):
+    """A value the door missed (validation switched off here: a top_p that is no number) fails its own request in
+    the step; the requests sharing that step, and one already streaming beside it, finish as if alone."""
+    good = [dict(SAMPLED, seed=21), dict(SAMPLED, seed=22, top_k=5), dict(SAMPLED, seed=23)]
+    prompts = [PROMPT, "Bob sees 3 cats", "Carol counts"]
+    alone = [engine.generate(pr, sp)["output_ids"] for pr, sp in zip(prompts, good)]
+    long_params = {"max_new_tokens": 60, "temperature": 0, "ignore_eos": True}
+    long_alone = engine.generate("Dan runs", long_params)["output_ids"]
+
+    monkeypatch.setattr(SamplingParams, "validate", lambda self: None)
+    stream = engine.generate("Dan runs", long_params, stream=True)
+    first = next(stream)  # running: the bad row joins its decode steps
+    bad = dict(SAMPLED, seed=24, top_p="high")
+    outs = engine.generate([prompts[0], "Eve", prompts[1], prompts[2]], [good[0], bad, good[1], good[2]])
+    streamed = first["delta_output_ids"] + [t for chunk in stream for t in chunk["delta_output_ids"]]
+
+    assert [o["meta_info"]["finish_reason"]["type"] for o in (outs[0], outs[2], outs[3])] == ["length"] * 3
+    assert [o["output_ids"] for o in (outs[0], outs[2], outs[3])] == alone
+    assert streamed == long_alone
+    reason = outs[1]["meta_info"]["finish_reason"]
+    assert reason["type"] == "abort" and "sampling parameters cannot run" in reason["message"] and "high" in reason["message"], reason
+    wait_idle(engine)
+    assert engine.check_invariants().success and engine.scheduler.dead is None
 
 
 def test_stream_consumer_leaving_early_inside_asyncio_run_costs_only_its_request(engine):

@@ -18,6 +18,7 @@ from hotswap import protocol as p
 from hotswap.cache.page_allocator import PageAllocator, PoolCapacity
 from hotswap.cache.radix_cache import RadixPrefixCache
 from hotswap.config import EngineConfig
+from hotswap.errors import BatchRowError
 from hotswap.runner.device_memory import DeviceMemory
 from hotswap.runner.model_runner import ModelRunner
 from hotswap.scheduler.batcher import Batcher, ScheduledBatch
@@ -214,6 +215,9 @@ class Scheduler:
         mark_sample_rows(batch.seqs, batch.entries)
         try:
             result = self.model_runner.run(batch.entries, sampled_on_device(inflight))
+        except BatchRowError as exc:  # one request cannot run (found before the forward): it fails alone
+            rest = self.drop_row(batch, exc)
+            return self.launch(rest, inflight) if rest is not None else None
         except Exception as exc:  # a device fault must not hang clients: fail the batch cleanly
             log.exception("batch failed")
             if inflight is not None:
@@ -224,6 +228,18 @@ class Scheduler:
                     self.finish(seq, {"type": "abort", "message": f"internal error: {exc}"})
             return None
         return InFlight(seqs=batch.seqs, entries=batch.entries, result=result, version=self.sessions.weight_version)
+
+    def drop_row(self, batch: ScheduledBatch, exc: BatchRowError) -> ScheduledBatch | None:
+        """Fail the request of the row `exc` names, undoing its share of the launch; the rest of the batch,
+        or None when nothing is left."""
+        k = next(k for k, entry in enumerate(batch.entries) if entry is exc.entry)
+        seq, entry = batch.seqs[k], batch.entries[k]
+        log.warning("request %s failed alone: %s", seq.rid, exc)
+        seq.pending -= entry.sample  # a token of the step in flight may still be pending: keep its count
+        seq.num_computed = entry.start_pos
+        self.finish(seq, {"type": "abort", "message": str(exc)})
+        seqs, entries = batch.seqs[:k] + batch.seqs[k + 1:], batch.entries[:k] + batch.entries[k + 1:]
+        return ScheduledBatch(seqs=seqs, entries=entries) if entries else None
 
     def receive(self, block: bool) -> None:
         timeout = 0.5 if self.pause.held else None  # sessions and queued requests expire
