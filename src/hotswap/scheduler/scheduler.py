@@ -314,12 +314,16 @@ class Scheduler:
             if tops is not None and seq.req.sampling_params.top_logprobs_num:
                 vals, tids = tops[k]
                 top = list(zip(vals, tids))[: seq.req.sampling_params.top_logprobs_num]
-            self.streamer.append_token(seq, ids[k], lps[k] if lps is not None else 0.0, top, version)
+            try:
+                self.streamer.append_token(seq, ids[k], lps[k] if lps is not None else 0.0, top, version)
+                if seq.finish_reason is None and seq.req.stream:
+                    self.streamer.emit(seq, version)
+            except Exception as exc:  # one request's output handling failed: it fails alone, the loop goes on
+                log.exception("handling a token of %s failed", seq.rid)
+                seq.finish_reason = {"type": "abort", "message": f"internal error: {type(exc).__name__}: {exc}"}
             self.stats["generated_tokens"] += 1
             if seq.finish_reason is not None:
                 done.append(seq)
-            elif seq.req.stream:
-                self.streamer.emit(seq, version)
         if done:
             self.finish_all(done)
 
