@@ -250,7 +250,7 @@ def test_ab_updates_under_streaming_load_serve_one_policy_per_response(server, p
     with httpx.Client(base_url=url, timeout=10) as c:
         run.versions[c.get("/get_weight_version").json()["weight_version"]] = "A"
         for route in ROUTES:  # warm every path once before memory is measured
-            route(c, 0)
+            run.answers.append(route(c, 0))
     stop, rss_stop = threading.Event(), threading.Event()
     threads = [threading.Thread(target=client_loop, args=(url, k, stop, run)) for k in range(CLIENTS)]
     threads.append(threading.Thread(target=updater_loop, args=(url, policies, stop, run)))
@@ -266,7 +266,7 @@ def test_ab_updates_under_streaming_load_serve_one_policy_per_response(server, p
     assert not any(t.is_alive() for t in threads), "a client or the updater hung past its request timeout"
 
     assert not run.errors, f"{len(run.errors)} request(s) lost, e.g. {run.errors[:5]}"
-    assert run.updates >= LOAD_S / UPDATE_EVERY_S / 4, f"only {run.updates} updates ran"
+    assert run.updates >= 5, f"only {run.updates} updates ran"
     served = {"A": 0, "B": 0}
     for a in run.answers:
         unknown = set(a.versions) - set(run.versions)
