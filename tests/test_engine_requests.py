@@ -12,6 +12,8 @@ import pytest
 
 from hotswap import Engine
 from hotswap.errors import EngineUnavailableError, HotswapError
+from hotswap.sampling_params import SamplingParams
+from hotswap.scheduler.output_streamer import OutputStreamer
 
 SAMPLED = {"max_new_tokens": 8, "temperature": 1.0, "ignore_eos": True}
 PROMPT = "Alice likes 12 apples"
@@ -81,6 +83,56 @@ def test_a_huge_top_k_means_the_whole_vocabulary(engine):
     assert engine.generate(PROMPT, dict(params, top_k=2**62))["output_ids"] == engine.generate(PROMPT, params)["output_ids"]
 
 
+def test_a_row_that_cannot_run_fails_alone_and_its_batch_mates_finish(engine, monkeypatch):
+    """A value the door missed (validation switched off here: a top_p that is no number) fails its own request in
+    the step; the requests sharing that step, and one already streaming beside it, finish as if alone."""
+    good = [dict(SAMPLED, seed=21), dict(SAMPLED, seed=22, top_k=5), dict(SAMPLED, seed=23)]
+    prompts = [PROMPT, "Bob sees 3 cats", "Carol counts"]
+    alone = [engine.generate(pr, sp)["output_ids"] for pr, sp in zip(prompts, good)]
+    long_params = {"max_new_tokens": 60, "temperature": 0, "ignore_eos": True}
+    long_alone = engine.generate("Dan runs", long_params)["output_ids"]
+
+    monkeypatch.setattr(SamplingParams, "validate", lambda self: None)
+    stream = engine.generate("Dan runs", long_params, stream=True)
+    first = next(stream)  # running: the bad row joins its decode steps
+    bad = dict(SAMPLED, seed=24, top_p="high")
+    outs = engine.generate([prompts[0], "Eve", prompts[1], prompts[2]], [good[0], bad, good[1], good[2]])
+    streamed = first["delta_output_ids"] + [t for chunk in stream for t in chunk["delta_output_ids"]]
+
+    assert [o["meta_info"]["finish_reason"]["type"] for o in (outs[0], outs[2], outs[3])] == ["length"] * 3
+    assert [o["output_ids"] for o in (outs[0], outs[2], outs[3])] == alone
+    assert streamed == long_alone
+    reason = outs[1]["meta_info"]["finish_reason"]
+    assert reason["type"] == "abort" and "sampling parameters cannot run" in reason["message"] and "high" in reason["message"], reason
+    wait_idle(engine)
+    assert engine.check_invariants().success and engine.scheduler.dead is None
+
+
+def test_a_fault_handling_one_requests_tokens_fails_that_request_only(engine, monkeypatch):
+    """Stop checks and detokenization run per request on the scheduler thread: an exception there ends
+    that request with the reason, not the scheduler loop (which would fail every request from then on)."""
+    params = [dict(SAMPLED, seed=31), dict(SAMPLED, seed=666), dict(SAMPLED, seed=33)]
+    alone = [engine.generate(PROMPT, sp)["output_ids"] for sp in (params[0], params[2])]
+    real = OutputStreamer.append_token
+
+    def faulty(self, seq, token, logprob, top, version):
+        real(self, seq, token, logprob, top, version)
+        if seq.req.seed == 666 and len(seq.output_ids) == 3:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "a tokenizer fault")
+
+    monkeypatch.setattr(OutputStreamer, "append_token", faulty)
+    outs = engine.generate([PROMPT] * 3, params)
+    assert [outs[0]["output_ids"], outs[2]["output_ids"]] == alone
+    reason = outs[1]["meta_info"]["finish_reason"]
+    assert reason["type"] == "abort" and "UnicodeDecodeError" in reason["message"] and outs[1]["meta_info"]["completion_tokens"] == 3
+    chunks = list(engine.generate(PROMPT, params[1], stream=True))
+    assert chunks[-1]["meta_info"]["finish_reason"]["type"] == "abort"
+    monkeypatch.undo()
+    wait_idle(engine)
+    assert engine.scheduler.dead is None and engine.check_invariants().success
+    assert engine.generate(PROMPT, params[0])["output_ids"] == alone[0]
+
+
 def test_stream_consumer_leaving_early_inside_asyncio_run_costs_only_its_request(engine):
     async def read_one():
         stream = await engine.async_generate(PROMPT, {"max_new_tokens": 200, "temperature": 0, "ignore_eos": True}, stream=True)
@@ -125,6 +177,24 @@ def test_generate_queues_while_paused_within_a_bound(engine):
         assert engine.continue_generation().success
     worker.join(10)
     assert result["meta_info"]["completion_tokens"] == 3
+
+
+def test_generate_inside_an_open_update_session_waits_within_a_bound(engine):
+    """A session holds generation (its weights are half-pushed) but never longer than max_queue_wait_s for a
+    request: the refusal says why, and nothing ran on the half-pushed weights."""
+    before = engine.check_weights("checksum").digest
+    assert engine.begin_weight_update().success
+    try:
+        start = time.monotonic()
+        with pytest.raises(EngineUnavailableError, match="weight-update session is open.*max_queue_wait_s"):
+            engine.generate(PROMPT, {"max_new_tokens": 4})
+        with pytest.raises(EngineUnavailableError, match="weight-update session is open"):
+            list(engine.generate(PROMPT, {"max_new_tokens": 4}, stream=True))
+        assert 1.8 < time.monotonic() - start < 8
+    finally:
+        assert engine.end_weight_update(abort=True).success
+    assert engine.check_weights("checksum").digest == before
+    assert engine.generate(PROMPT, {"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
 
 
 def test_stream_interval_batches_tokens_per_output(tiny_qwen3):

@@ -5,7 +5,11 @@ blocks, and browsers (foreign Origins, rebinding Host names, text/plain bodies) 
 from __future__ import annotations
 
 import json
+import os
 import struct
+import subprocess
+import sys
+import tempfile
 from multiprocessing import shared_memory
 from pathlib import Path
 
@@ -19,6 +23,8 @@ from hotswap.server.app import create_app
 from hotswap.server.launch import ServerThread
 from hotswap.weights import saver
 from hotswap.wire.ipc import SharedMemoryBucket, shm_block_prefix
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +182,45 @@ def test_failed_remote_save_leaves_nothing(engine, tmp_path, monkeypatch):
     res = engine.save_remote_model(f"file://{tmp_path}/remote")
     assert not res.success and "connection reset" in res.message
     assert list((tmp_path / "remote").iterdir()) == []
+
+
+_HANGING_REMOTE_SAVE = """
+import sys, time
+import fsspec.implementations.local as local
+from hotswap import Engine
+
+def hang(self, lpath, rpath, **kw):
+    print("uploading", flush=True)
+    time.sleep(600)
+
+local.LocalFileSystem.put_file = hang
+with Engine(sys.argv[1], device="cpu", page_size=4, num_pages=16) as engine:
+    engine.save_remote_model(sys.argv[2])
+"""
+
+
+def test_a_killed_remote_save_leaves_no_local_copy_behind(engine, tiny_qwen3, tmp_path, monkeypatch):
+    """A process killed mid-upload runs no clean-up: its local copy is found and removed by the next save."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = dict(os.environ, TMPDIR=str(scratch), PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    child = subprocess.Popen([sys.executable, "-c", _HANGING_REMOTE_SAVE, str(tiny_qwen3), f"file://{tmp_path}/killed"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "uploading\n", child.communicate(timeout=60)[1]
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+    left = list(scratch.glob("hotswap-save-remote-*"))
+    assert len(left) == 1 and (left[0] / "model.safetensors").is_file()  # what a kill leaves
+
+    live = scratch / f"hotswap-save-remote-{os.getpid()}-inuse"  # a live process's copy stays
+    live.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    res = engine.save_remote_model(f"file://{tmp_path}/next")
+    assert res.success, res.message
+    assert list(scratch.iterdir()) == [live]
+    assert (tmp_path / "next" / "model.safetensors").is_file()
 
 
 # ---- shared-memory descriptors --------------------------------------------------------------------

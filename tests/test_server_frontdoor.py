@@ -5,6 +5,7 @@ the reason, and OpenAI replies carry the weight versions of their tokens (stream
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import httpx
@@ -145,3 +146,42 @@ def test_openai_replies_carry_weight_versions(http, engine):
         assert all(c["metadata"]["weight_versions"] == [["v7"]] and c["metadata"]["weight_version"] == "v7" for c in token_chunks)
     r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}).json()
     assert r["metadata"]["weight_versions"] == [["v7"]]
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/generate", lambda text: {"text": text, "sampling_params": GREEDY}),
+    ("/v1/chat/completions", lambda text: {"messages": [{"role": "user", "content": text}], "max_tokens": 4}),
+])
+def test_a_huge_prompt_is_tokenized_while_a_small_stream_keeps_flowing(engine, path, body):
+    """Tokenizing (and templating) a 2 MB prompt takes seconds: it runs beside the event loop and the
+    scheduler, so a small streaming request sent meanwhile gets every chunk promptly and finishes first."""
+    huge = ("Alice likes 12 apples and Bob sees 3 cats. " * 60_000)[: 2 << 20]
+    with ServerThread(create_app(engine, served_model_name="tiny")) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+        answered: dict[str, float] = {}
+
+        def send_huge() -> None:
+            r = http.post(path, json=body(huge))
+            answered["at"] = time.monotonic()
+            answered["status"] = r.status_code
+            answered["message"] = r.json()["error"]["message"]
+
+        worker = threading.Thread(target=send_huge)
+        worker.start()
+        time.sleep(0.5)  # the body is in; tokenization is under way
+        arrivals, tokens = [], 0
+        with http.stream("POST", "/generate", json={"text": PROMPT, "stream": True,
+                                                    "sampling_params": {"max_new_tokens": 48, "temperature": 0, "ignore_eos": True}}) as s:
+            start = time.monotonic()
+            for line in s.iter_lines():
+                if line.startswith("data: "):
+                    arrivals.append(time.monotonic())
+                    if line != "data: [DONE]":
+                        tokens += len(json.loads(line[len("data: "):])["delta_output_ids"])
+        worker.join(timeout=60)
+        assert not worker.is_alive()
+    assert "at" in answered and answered["at"] > arrivals[-1], "the huge prompt was done before the stream ended: nothing overlapped"
+    assert answered["status"] == 400 and "context" in answered["message"], answered
+    assert tokens == 48
+    gaps = [b - a for a, b in zip([start, *arrivals], arrivals)]
+    assert max(gaps) < 0.5, f"the stream stalled {max(gaps):.2f} s while the huge prompt was tokenized"
+    assert_idle(engine)

@@ -20,3 +20,12 @@ class SamplingParamsError(HotswapError):
 class EngineUnavailableError(HotswapError):
     """Generation cannot run now (memory released, or held past the queue bound); the message says why.
     Over HTTP: 503."""
+
+
+class BatchRowError(HotswapError):
+    """One row of a batch cannot run (found before the forward): that request fails alone and the rest of
+    the batch runs without it. `entry` is the row's BatchEntry."""
+
+    def __init__(self, entry: object, message: str):
+        super().__init__(message)
+        self.entry = entry

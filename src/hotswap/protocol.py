@@ -95,6 +95,7 @@ class LoadOutput(ControlOutput):
     weight_version: str = ""
     paused: bool = False
     memory_released: list[str] = field(default_factory=list)  # tags released now (vLLM: sleeping)
+    num_preemptions: int = 0  # running requests preempted for KV space so far (recomputed later)
 
 
 @dataclass(kw_only=True, slots=True)

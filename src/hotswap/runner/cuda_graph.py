@@ -25,7 +25,6 @@ from hotswap.kernels import sampling
 from hotswap.models.forward_context import ForwardContext
 from hotswap.runner.extend_graph import ExtendGraphRunner, capture_stream
 from hotswap.runner.host_batch import HostBatch
-from hotswap.runner.sampler import host_params
 from hotswap.runner.staged_inputs import StagedInputs
 
 if TYPE_CHECKING:
@@ -160,7 +159,7 @@ class CudaGraphRunner:
         h["slot_mapping"][:n] = hb.slot_mapping
         h["seq_lens"][:n] = hb.seq_lens
         h["page_table"][:n] = hb.page_table
-        h["floats"][:, :n], h["ints"][:, :n] = host_params(entries, self.runner.model_config.vocab_size)
+        h["floats"][:, :n], h["ints"][:, :n] = self.runner.host_params(entries)
         h["floats"][0, n:bs] = 0.0  # padded rows: greedy
         h["input_src"][:bs] = -1
         if bs > n:  # padded rows: length 1 over the scratch page

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from hotswap.config import EngineConfig, ModelConfig
-from hotswap.errors import HotswapError
+from hotswap.errors import BatchRowError, HotswapError
 from hotswap.kernels import skinny_matmul
 from hotswap.models.decoder import CausalLM
 from hotswap.models.forward_context import ForwardContext
@@ -162,13 +162,27 @@ class ModelRunner:
             return SamplingBatch(None, None, None, None, None, None, all_greedy=True, needs_filter=False,
                                  needs_logprobs=needs_logprobs, max_top_logprobs=max_top, original_logprobs=original)
         vocab = self.model_config.vocab_size
-        floats, ints = host_params(entries, vocab)
+        floats, ints = self.host_params(entries)
         f, i = self.to_device(floats), self.to_device(ints)
         return SamplingBatch(
             temperatures=f[0], top_ps=f[1], min_ps=f[2], top_ks=i[0], seeds=i[1], steps=i[2], all_greedy=False,
             needs_filter=bool((floats[1] < 1.0).any() or (ints[0] < vocab).any() or (floats[2] > 0).any()),
             needs_logprobs=needs_logprobs, max_top_logprobs=max_top, original_logprobs=original,
         )
+
+    def host_params(self, entries: list[BatchEntry]) -> tuple[np.ndarray, np.ndarray]:
+        """The rows' sampling parameters on the host; a row whose parameters do not convert (a value past
+        int64 that the door missed) raises BatchRowError naming it, so only its request fails."""
+        vocab = self.model_config.vocab_size
+        try:
+            return host_params(entries, vocab)
+        except (OverflowError, TypeError, ValueError):
+            for entry in entries:
+                try:
+                    host_params([entry], vocab)
+                except (OverflowError, TypeError, ValueError) as exc:
+                    raise BatchRowError(entry, f"this request's sampling parameters cannot run: {exc}") from exc
+            raise
 
     def pending_rows(self, entries: list[BatchEntry], row_offsets) -> np.ndarray | None:
         """The inputs still on the device (sampled by the step in flight): int64 [2, k] of (row in this
@@ -181,6 +195,8 @@ class ModelRunner:
         """Forward the batch; sample for the entries with `sample` set (in their order). Inputs marked
         `prev_row` are filled on the device from `prev_token_ids` (the step before, still in flight)."""
         to_sample = [e for e in entries if e.sample]
+        # built before the forward: a row that cannot run fails alone (BatchRowError) with nothing computed
+        sb = self.sampling_batch(to_sample) if to_sample else None
         graphs = self.cuda_graphs
         presampled = None
         if graphs is not None and graphs.can_run(entries):
@@ -198,7 +214,7 @@ class ModelRunner:
                 logits = self.tp_peers.forward(self.forward, hb, fix, prev_token_ids)
             if logits is None:
                 return None
-        result = sample(logits, self.sampling_batch(to_sample), presampled)
+        result = sample(logits, sb, presampled)
         if self.tp_peers is not None:
             self.tp_peers.send_sampled(result.token_ids)
         result.copy_to_host()

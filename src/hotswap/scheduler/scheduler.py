@@ -18,6 +18,7 @@ from hotswap import protocol as p
 from hotswap.cache.page_allocator import PageAllocator, PoolCapacity
 from hotswap.cache.radix_cache import RadixPrefixCache
 from hotswap.config import EngineConfig
+from hotswap.errors import BatchRowError
 from hotswap.runner.device_memory import DeviceMemory
 from hotswap.runner.model_runner import ModelRunner
 from hotswap.scheduler.batcher import Batcher, ScheduledBatch
@@ -214,6 +215,9 @@ class Scheduler:
         mark_sample_rows(batch.seqs, batch.entries)
         try:
             result = self.model_runner.run(batch.entries, sampled_on_device(inflight))
+        except BatchRowError as exc:  # one request cannot run (found before the forward): it fails alone
+            rest = self.drop_row(batch, exc)
+            return self.launch(rest, inflight) if rest is not None else None
         except Exception as exc:  # a device fault must not hang clients: fail the batch cleanly
             log.exception("batch failed")
             if inflight is not None:
@@ -224,6 +228,18 @@ class Scheduler:
                     self.finish(seq, {"type": "abort", "message": f"internal error: {exc}"})
             return None
         return InFlight(seqs=batch.seqs, entries=batch.entries, result=result, version=self.sessions.weight_version)
+
+    def drop_row(self, batch: ScheduledBatch, exc: BatchRowError) -> ScheduledBatch | None:
+        """Fail the request of the row `exc` names, undoing its share of the launch; the rest of the batch,
+        or None when nothing is left."""
+        k = next(k for k, entry in enumerate(batch.entries) if entry is exc.entry)
+        seq, entry = batch.seqs[k], batch.entries[k]
+        log.warning("request %s failed alone: %s", seq.rid, exc)
+        seq.pending -= entry.sample  # a token of the step in flight may still be pending: keep its count
+        seq.num_computed = entry.start_pos
+        self.finish(seq, {"type": "abort", "message": str(exc)})
+        seqs, entries = batch.seqs[:k] + batch.seqs[k + 1:], batch.entries[:k] + batch.entries[k + 1:]
+        return ScheduledBatch(seqs=seqs, entries=entries) if entries else None
 
     def receive(self, block: bool) -> None:
         timeout = 0.5 if self.pause.held else None  # sessions and queued requests expire
@@ -301,12 +317,16 @@ class Scheduler:
             if tops is not None and seq.req.sampling_params.top_logprobs_num:
                 vals, tids = tops[k]
                 top = list(zip(vals, tids))[: seq.req.sampling_params.top_logprobs_num]
-            self.streamer.append_token(seq, ids[k], lps[k] if lps is not None else 0.0, top, version)
+            try:
+                self.streamer.append_token(seq, ids[k], lps[k] if lps is not None else 0.0, top, version)
+                if seq.finish_reason is None and seq.req.stream:
+                    self.streamer.emit(seq, version)
+            except Exception as exc:  # one request's output handling failed: it fails alone, the loop goes on
+                log.exception("handling a token of %s failed", seq.rid)
+                seq.finish_reason = {"type": "abort", "message": f"internal error: {type(exc).__name__}: {exc}"}
             self.stats["generated_tokens"] += 1
             if seq.finish_reason is not None:
                 done.append(seq)
-            elif seq.req.stream:
-                self.streamer.emit(seq, version)
         if done:
             self.finish_all(done)
 
@@ -420,6 +440,7 @@ class Scheduler:
             weight_version=self.sessions.weight_version,
             paused=self.pause.held,
             memory_released=sorted(self.memory.released),
+            num_preemptions=self.batcher.num_preemptions,
         )
 
     def capacity(self) -> PoolCapacity:

@@ -157,17 +157,48 @@ def check_remote_url(url: str, stores: Sequence[str]) -> None:
         raise HotswapError(f"url {url!r} is outside the stores this server may write to ({', '.join(stores)})")
 
 
+_REMOTE_TMP = "hotswap-save-remote-"  # + the saving process's id + "-" + a random part
+
+
+def remove_orphaned_remote_saves() -> list[Path]:
+    """Remove the local copies that remote saves of dead processes left (a process killed mid-save runs no
+    clean-up): this user's `hotswap-save-remote-PID-*` folders in the temp folder whose PID is gone."""
+    removed = []
+    for folder in Path(tempfile.gettempdir()).glob(f"{_REMOTE_TMP}*-*"):
+        pid = folder.name[len(_REMOTE_TMP):].split("-", 1)[0]
+        try:
+            mine = folder.is_dir() and not folder.is_symlink() and folder.stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if mine and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
 def save_remote(weight_map: WeightMap, whole: Whole, url: str, source_model_path: str, max_size: int = 5 * 1024**3,
                 overwrite: bool = False) -> None:
     """Save to a temporary local folder, then upload it with fsspec (s3://, gs://, memory://, file://, ...).
-    Refuses a destination that already holds files unless `overwrite`; a failed upload removes what it put."""
+    Refuses a destination that already holds files unless `overwrite`; a failed upload removes what it put, and
+    the local copy a killed save left is removed by the next one."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(url)
     root = root.rstrip("/")
     if not overwrite and fs.exists(root) and (not fs.isdir(root) or fs.ls(root, detail=False)):
         raise HotswapError(f"{url} already exists and is not empty; pass overwrite=true to replace it")
-    with tempfile.TemporaryDirectory(prefix="hotswap-save-remote-") as tmp:
+    remove_orphaned_remote_saves()
+    with tempfile.TemporaryDirectory(prefix=f"{_REMOTE_TMP}{os.getpid()}-") as tmp:
         save_sharded(weight_map, whole, Path(tmp), source_model_path, pattern=None, max_size=max_size)
         fs.makedirs(root, exist_ok=True)
         put: list[str] = []
