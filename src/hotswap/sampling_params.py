@@ -47,13 +47,13 @@ class SamplingParams:
             return params
         if not isinstance(params, dict):
             raise SamplingParamsError(f"sampling_params must be a dict, got {type(params).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise SamplingParamsError(f"unknown sampling parameter(s): {', '.join(unknown)}")
         values = dict(params)
         if "custom_params" in values:
             values.update(_custom_params(values.pop("custom_params")))
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SamplingParamsError(f"unknown sampling parameter(s): {', '.join(unknown)}")
         if isinstance(values.get("logit_bias"), dict):
             values["logit_bias"] = _logit_bias(values["logit_bias"])
         if isinstance(values.get("stop"), str):
