@@ -92,6 +92,7 @@ class SampleResult:
     prompt_top_ids: torch.Tensor | None = None
     host: tuple | None = None  # the tensors copied to the host, valid once `ready` completes
     ready: torch.cuda.Event | None = None
+    lists: tuple | None = None  # `host` as Python lists, made once
 
     def _tensors(self) -> tuple:
         return (self.token_ids, self.logprobs, self.top_logprob_values, self.top_logprob_ids, self.keep_ids, self.keep_counts,
@@ -109,11 +110,13 @@ class SampleResult:
             self.host = tensors
 
     def _host_lists(self) -> tuple:
-        if self.host is None:
-            self.copy_to_host()
-        if self.ready is not None:
-            self.ready.synchronize()
-        return tuple(t.tolist() if t is not None else None for t in self.host)
+        if self.lists is None:
+            if self.host is None:
+                self.copy_to_host()
+            if self.ready is not None:
+                self.ready.synchronize()
+            self.lists = tuple(t.tolist() if t is not None else None for t in self.host)
+        return self.lists
 
     def to_lists(self) -> tuple[list, list | None, list | None, list | None]:
         """(ids, logprobs, top values, top ids) of the sampled rows."""
@@ -133,8 +136,10 @@ class SampleResult:
 
     def prompt_lists(self) -> tuple[list, list | None, list | None]:
         """(logprobs, top values, top ids) of the scored prompt rows; empty lists when none."""
+        if self.prompt_logprobs is None:
+            return [], None, None
         lists = self._host_lists()
-        return lists[6] or [], lists[7], lists[8]
+        return lists[6], lists[7], lists[8]
 
 
 def empty_result(device: torch.device) -> SampleResult:
