@@ -61,7 +61,8 @@ class SamplingParams:
         for key in ("stop", "stop_token_ids"):
             if isinstance(values.get(key), tuple):
                 values[key] = list(values[key])
-        for key in ("stop", "stop_token_ids", "logit_bias"):
+        for key in ("stop", "stop_token_ids", "logit_bias", "frequency_penalty", "presence_penalty", "repetition_penalty",
+                    "min_new_tokens", "no_stop_trim"):  # None: the default, as SGLang reads it
             if values.get(key) is None:
                 values.pop(key, None)
         sp = cls(**values)

@@ -20,7 +20,8 @@ class BatchEntry:
     step: int
     prev_row: int = -1  # >= 0: the input token is still on the device, row prev_row of the previous step's sample
     # penalties (only when params.has_penalties): the tokens they count, by reference (the token in flight,
-    # prev_row, is read on the device), and the ids min_new_tokens still masks
+    # prev_row, is read on the device): the prompt's distinct ids (repetition_penalty only), the output so
+    # far; and the ids min_new_tokens still masks
     prompt_ids: list[int] | None = None
     output_ids: list[int] | None = None
     banned_ids: list[int] | None = None

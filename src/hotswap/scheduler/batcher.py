@@ -156,7 +156,9 @@ class Batcher:
         whose logits give prompt logprobs (positions already scored, e.g. before a preemption, are skipped)."""
         sp = seq.req.sampling_params
         if sp.has_penalties and entry.sample:
-            entry.prompt_ids, entry.output_ids = seq.req.input_ids, seq.output_ids
+            entry.output_ids = seq.output_ids
+            if sp.repetition_penalty != 1.0:
+                entry.prompt_ids = seq.distinct_prompt_ids()
             if entry.step < sp.min_new_tokens:
                 entry.banned_ids = sorted(set(sp.stop_token_ids) | (set() if sp.ignore_eos else self.eos_token_ids))
         first = max(entry.start_pos, seq.prompt_logprobs_owed)

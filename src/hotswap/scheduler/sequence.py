@@ -25,6 +25,7 @@ class Sequence:
     input_logprobs: list[float] = field(default_factory=list)
     input_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
     top_p_token_ids: list[list[int]] = field(default_factory=list)  # per output token: the ids the filters kept
+    prompt_token_set: list[int] | None = None  # the prompt's distinct ids, made once for repetition_penalty
     pages: list[int] = field(default_factory=list)
     num_computed: int = 0  # leading tokens whose KV is in `pages` (or is being computed by the step in flight)
     pending: int = 0  # sampled tokens in flight: launched, not yet read back (0 or 1); see scheduler/overlap.py
@@ -61,6 +62,11 @@ class Sequence:
         if end <= plen:
             return self.req.input_ids[start:end]
         return self.req.input_ids[start:] + self.output_ids[: end - plen]
+
+    def distinct_prompt_ids(self) -> list[int]:
+        if self.prompt_token_set is None:
+            self.prompt_token_set = sorted(set(self.req.input_ids))
+        return self.prompt_token_set
 
     @property
     def prompt_logprob_start(self) -> int:
