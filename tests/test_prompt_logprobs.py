@@ -98,3 +98,16 @@ def test_logprob_start_len_is_validated(tiny_qwen3):
             engine.generate(input_ids=[5, 6, 7], sampling_params=GREEDY, return_logprob=True, logprob_start_len=3)
         with pytest.raises(HotswapError, match="logprob_start_len"):
             engine.generate(input_ids=[5, 6, 7], sampling_params=GREEDY, return_logprob=True, logprob_start_len=-2)
+
+
+def test_prompt_logprobs_survive_preemption(tiny_qwen3):
+    """A small KV pool preempts requests (mid-prefill too: chunks of 8); a recomputed chunk scores its
+    positions again and each position keeps exactly one value."""
+    prompts = [prompt_ids(40 + i, 30) for i in range(6)]
+    sp = {"max_new_tokens": 40, "temperature": 0, "ignore_eos": True}
+    with make_engine(tiny_qwen3, num_pages=40, chunked_prefill_size=8, max_num_batched_tokens=24) as engine:
+        outs = engine.generate(input_ids=prompts, sampling_params=sp, return_logprob=True, logprob_start_len=0)
+        assert engine.scheduler.batcher.num_preemptions > 0
+        for ids, out in zip(prompts, outs):
+            check_against_hf(tiny_qwen3, ids, out, 0)
+        assert engine.check_invariants().success
