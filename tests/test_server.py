@@ -201,7 +201,7 @@ def test_openai_errors(oai, http):
     with pytest.raises(openai.NotFoundError):
         oai.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}], max_tokens=2)
     with pytest.raises(openai.BadRequestError):
-        oai.completions.create(model="tiny", prompt="x", max_tokens=2, presence_penalty=0.5)
+        oai.completions.create(model="tiny", prompt="x", max_tokens=2, presence_penalty=2.5)  # OpenAI's range is [-2, 2]
     with pytest.raises(openai.BadRequestError):
         oai.completions.create(model="tiny", prompt="x " * 600, max_tokens=2)
     with pytest.raises(openai.BadRequestError):
@@ -300,7 +300,10 @@ def test_generate_native_errors(http):
         {"text": "a", "sampling_params": {"max_new_tokens": -3}},
         {"text": "a", "sampling_params": {"bogus_param": 1}},
         {"text": "a", "sampling_params": {"stop": 5}},
-        {"text": "a", "sampling_params": {"repetition_penalty": 1.3}},
+        {"text": "a", "sampling_params": {"repetition_penalty": 3.0}},
+        {"text": "a", "sampling_params": {"custom_params": {"unknown": 1}}},
+        {"text": "a", "sampling_params": {"regex": "a+"}},
+        {"input_ids": [1, 2], "return_logprob": True, "logprob_start_len": 2},
         {"text": "a", "sampling_params": "greedy"},
         {"input_ids": [10**9]},
         {"input_ids": []},

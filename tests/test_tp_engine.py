@@ -70,6 +70,21 @@ def test_greedy_matches_tp1_and_transformers(engine, tiny_qwen3):
             o["output_ids"] for o in tp1.generate(input_ids=prompts, sampling_params=sp)]
 
 
+def test_prompt_logprobs_and_penalties_match_tp1(engine, tiny_qwen3):
+    """Scored prompt rows travel to the worker with the step (the LM head is split by vocabulary), chunk by
+    chunk; a chunk that scores rows but samples nothing sends no sampled ids."""
+    prompts = [prompt_ids(5, 21), prompt_ids(6, 6)]
+    sp = dict(GREEDY, repetition_penalty=1.5, frequency_penalty=0.4)
+    kw = dict(input_ids=prompts, sampling_params=sp, return_logprob=True, logprob_start_len=1, top_logprobs_num=2)
+    with Engine(str(tiny_qwen3), **ARGS) as tp1:
+        ref = tp1.generate(**kw)
+    got = engine.generate(**kw)
+    for g, r in zip(got, ref):
+        assert g["output_ids"] == r["output_ids"]
+        torch.testing.assert_close(torch.tensor([x[0] for x in g["meta_info"]["input_token_logprobs"][1:]]),
+                                   torch.tensor([x[0] for x in r["meta_info"]["input_token_logprobs"][1:]]), atol=1e-5, rtol=1e-5)
+
+
 def test_checksums_and_reads_see_whole_tensors(engine, tiny_qwen3, tmp_path):
     ckpt = checkpoint_tensors(tiny_qwen3)
     check = engine.check_weights("checksum", expected=state_dict_manifest(ckpt))

@@ -30,6 +30,11 @@ class GenerateOutput:
     cached_tokens: int
     weight_version: str
     routed_experts: str | None = None  # finished outputs of requests asking for them: see runner/routed_experts.py
+    # SGLang's input_token_logprobs as (logprob or None, token id), and input_top_logprobs (None first):
+    # sent once, with the request's first output, when it asked for logprobs
+    input_token_logprobs: list[tuple[float | None, int]] | None = None
+    input_top_logprobs: list[list[tuple[float, int]] | None] | None = None
+    new_top_p_token_ids: list[list[int]] = field(default_factory=list)  # per new token: the ids its filters kept
 
 
 @dataclass(kw_only=True, slots=True)

@@ -27,6 +27,18 @@ class SamplingParams:
     # MoE: return each position's routed experts in meta_info["routed_experts"] (a request-level field in
     # SGLang's API; carried here so every route hands it through like return_logprob)
     return_routed_experts: bool = False
+    # penalties and biases, applied to the logits on the device before temperature and filters (vLLM's order):
+    # logit_bias, then repetition (prompt + output tokens), frequency and presence (output tokens), min_new_tokens
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = 0  # eos and stop_token_ids are masked until this many tokens are out
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI)
+    no_stop_trim: bool = False  # a matched stop string stays in the text
+    # SGLang's `logprob_start_len` (a top-level generate argument there): prompt logprobs from this position;
+    # -1: none but the last prompt token's placeholder
+    logprob_start_len: int = -1
+    return_top_p_token_ids: bool = False  # slime's custom_params flag: each output token's kept ids (top-k/p/min-p)
 
     @classmethod
     def from_dict(cls, params: dict | SamplingParams | None) -> SamplingParams:
@@ -38,17 +50,22 @@ class SamplingParams:
             return params
         if not isinstance(params, dict):
             raise SamplingParamsError(f"sampling_params must be a dict, got {type(params).__name__}")
+        values = dict(params)
+        if "custom_params" in values:
+            values.update(_custom_params(values.pop("custom_params")))
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
+        unknown = sorted(set(values) - known)
         if unknown:
             raise SamplingParamsError(f"unknown sampling parameter(s): {', '.join(unknown)}")
-        values = dict(params)
+        if isinstance(values.get("logit_bias"), dict):
+            values["logit_bias"] = _logit_bias(values["logit_bias"])
         if isinstance(values.get("stop"), str):
             values["stop"] = [values["stop"]]
         for key in ("stop", "stop_token_ids"):
             if isinstance(values.get(key), tuple):
                 values[key] = list(values[key])
-        for key in ("stop", "stop_token_ids"):
+        for key in ("stop", "stop_token_ids", "logit_bias", "frequency_penalty", "presence_penalty", "repetition_penalty",
+                    "min_new_tokens", "no_stop_trim"):  # None: the default, as SGLang reads it
             if values.get(key) is None:
                 values.pop(key, None)
         sp = cls(**values)
@@ -81,7 +98,62 @@ class SamplingParams:
             raise bad("stop must be a list of non-empty strings")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids must be a list of non-negative integers")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2.0 <= value <= 2.0:
+                raise bad(f"{name} must be in [-2, 2], got {value!r}")
+        if not _is_number(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 2.0:
+            raise bad(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty!r}")
+        if not _is_int(self.min_new_tokens) or self.min_new_tokens < 0:
+            raise bad(f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}")
+        if not isinstance(self.logit_bias, dict) or not all(
+                _is_int(t) and t >= 0 and _is_number(b) and -100.0 <= b <= 100.0 for t, b in self.logit_bias.items()):
+            raise bad("logit_bias must map token ids (>= 0) to biases in [-100, 100]")
+        if not _is_int(self.logprob_start_len) or self.logprob_start_len < -1:
+            raise bad(f"logprob_start_len must be -1 or an integer >= 0, got {self.logprob_start_len!r}")
+        for name in ("no_stop_trim", "return_top_p_token_ids", "ignore_eos", "skip_special_tokens", "return_logprob"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(f"{name} must be a boolean, got {getattr(self, name)!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        """Anything that changes the logits before sampling (a neutral request costs the batch nothing)."""
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0
+                    or self.min_new_tokens or self.logit_bias)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _custom_params(value) -> dict:
+    """SGLang's custom_params: only slime's `return_top_p_token_ids` means something here; anything else
+    is refused by name rather than ignored."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SamplingParamsError("invalid sampling parameter: custom_params must be an object")
+    unknown = sorted(set(value) - {"return_top_p_token_ids"})
+    if unknown:
+        raise SamplingParamsError(f"unsupported custom_params key(s): {', '.join(map(str, unknown))} (only return_top_p_token_ids)")
+    return {"return_top_p_token_ids": value["return_top_p_token_ids"]} if "return_top_p_token_ids" in value else {}
+
+
+def _logit_bias(bias: dict) -> dict:
+    """OpenAI sends the token ids as strings: {"50256": -100}."""
+    out = {}
+    for key, value in bias.items():
+        if isinstance(key, str) and key.strip().isdigit():
+            key = int(key)
+        if not _is_int(key):
+            raise SamplingParamsError(f"invalid sampling parameter: logit_bias key {key!r} is not a token id")
+        out[key] = value
+    return out

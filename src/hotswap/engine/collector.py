@@ -3,10 +3,22 @@ stop strings are detokenized here, on the consumer's thread, instead of on the s
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from hotswap import protocol as p
 from hotswap.errors import EngineUnavailableError
+
+
+def encode_top_p_token_ids(rows: list[list[int]]) -> tuple[str, str]:
+    """slime's encoding of per-token kept ids: every row's ids back to back, and len(rows) + 1 offsets,
+    each as little-endian int32, base64."""
+    flat = np.fromiter((t for row in rows for t in row), dtype="<i4")
+    offsets = np.zeros(len(rows) + 1, dtype="<i4")
+    np.cumsum([len(row) for row in rows], out=offsets[1:])
+    return base64.b64encode(flat.tobytes()).decode("ascii"), base64.b64encode(offsets.tobytes()).decode("ascii")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -40,6 +52,9 @@ class Collector:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list = field(default_factory=list)
     versions: list[str] = field(default_factory=list)
+    top_p_token_ids: list[list[int]] = field(default_factory=list)
+    input_token_logprobs: list | None = None
+    input_top_logprobs: list | None = None
     last: p.GenerateOutput | None = None
 
     @property
@@ -54,6 +69,9 @@ class Collector:
             self.logprobs += out.new_logprobs
             self.top_logprobs += out.new_top_logprobs
             self.versions += out.new_token_versions
+            self.top_p_token_ids += out.new_top_p_token_ids
+            if out.input_token_logprobs is not None:
+                self.input_token_logprobs, self.input_top_logprobs = out.input_token_logprobs, out.input_top_logprobs
             if self.detok is None:
                 self.text += out.text_delta
             elif out.finished:  # the scheduler's full final text is the answer
@@ -89,6 +107,13 @@ class Collector:
             meta["output_token_logprobs"] = [(lp, tid, None) for lp, tid in zip(self.logprobs, self.output_ids)]
             if any(self.top_logprobs):
                 meta["output_top_logprobs"] = [[(lp, tid, None) for lp, tid in top] for top in self.top_logprobs]
+            if self.input_token_logprobs is not None:
+                meta["input_token_logprobs"] = [(lp, tid, None) for lp, tid in self.input_token_logprobs]
+            if self.input_top_logprobs is not None:
+                meta["input_top_logprobs"] = [None if top is None else [(lp, tid, None) for lp, tid in top]
+                                              for top in self.input_top_logprobs]
+        if self.top_p_token_ids and out.finished:  # slime's replay fields: int32 ids and offsets, base64
+            meta["top_p_token_ids"], meta["top_p_token_offsets"] = encode_top_p_token_ids(self.top_p_token_ids)
         result = {"text": self.text, "output_ids": list(self.output_ids), "meta_info": meta}
         if delta is not None:
             result.update(delta)

@@ -171,11 +171,13 @@ class Engine:
     # ---- generation: one core (prepare -> submit -> feed outputs), thin sync / async / stream wrappers ----
 
     def generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool = False,
-                 top_logprobs_num: int = 0, stream: bool = False, return_routed_experts: bool = False):
+                 top_logprobs_num: int = 0, stream: bool = False, return_routed_experts: bool = False,
+                 logprob_start_len: int | None = None):
         """One prompt -> one dict; a list (or n > 1) -> a list of dicts; stream=True -> an iterator of dicts
         (each with an `index` when the call fans out to several requests)."""
         self._check_open()
-        prepared = self.prep.prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, return_routed_experts)
+        prepared = self.prep.prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, return_routed_experts,
+                                     logprob_start_len)
         if stream:
             return self._stream(prepared)
         q: queue.Queue = queue.Queue()
@@ -193,12 +195,13 @@ class Engine:
                 yield from call.feed(_take(q))
 
     async def async_generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool = False,
-                             top_logprobs_num: int = 0, stream: bool = False, return_routed_experts: bool = False):
+                             top_logprobs_num: int = 0, stream: bool = False, return_routed_experts: bool = False,
+                             logprob_start_len: int | None = None):
         """Awaitable generate; with stream=True returns an async iterator of dicts. Tokenization and
         validation run in a worker thread, never on the event loop."""
         self._check_open()
         prepared = await asyncio.to_thread(self.prep.prepare, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num,
-                                           return_routed_experts)
+                                           return_routed_experts, logprob_start_len)
         if stream:
             return self._astream(prepared)
         inbox = CallInbox()

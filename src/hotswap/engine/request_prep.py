@@ -47,14 +47,23 @@ class RequestPrep:
         self._rng = random.Random(self.seed)
 
     def prepare(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool = False,
-                top_logprobs_num: int = 0, return_routed_experts: bool = False) -> PreparedCall:
-        """Validate everything up front; raises HotswapError on bad input and submits nothing."""
+                top_logprobs_num: int = 0, return_routed_experts: bool = False,
+                logprob_start_len: int | None = None) -> PreparedCall:
+        """Validate everything up front; raises HotswapError on bad input and submits nothing.
+        `logprob_start_len` (SGLang's): prompt logprobs from that position (None or -1: none)."""
         if (prompt is None) == (input_ids is None):
             raise HotswapError("give exactly one of prompt or input_ids")
         id_lists, single = self._token_ids(prompt, input_ids)
         sps = self._sampling_params(sampling_params, len(id_lists), return_logprob, top_logprobs_num, return_routed_experts)
-        for i, ids in enumerate(id_lists):
+        if logprob_start_len is not None:
+            if not isinstance(logprob_start_len, int) or isinstance(logprob_start_len, bool) or logprob_start_len < -1:
+                raise SamplingParamsError(f"invalid logprob_start_len: must be -1 or an integer >= 0, got {logprob_start_len!r}")
+            sps = [dataclasses.replace(sp, logprob_start_len=logprob_start_len) for sp in sps]
+        for i, (ids, sp) in enumerate(zip(id_lists, sps)):
             self._check_prompt(i, ids)
+            if sp.logprob_start_len >= len(ids):
+                raise SamplingParamsError(f"invalid logprob_start_len: {sp.logprob_start_len} is not a position of prompt {i} "
+                                          f"({len(ids)} tokens)")
         requests = []
         for i, (ids, sp) in enumerate(zip(id_lists, sps)):
             one = dataclasses.replace(sp, n=1) if sp.n != 1 else sp
@@ -108,6 +117,8 @@ class RequestPrep:
                 raise SamplingParamsError(f"invalid top_logprobs_num: {sp.top_logprobs_num} exceeds the vocabulary ({self.vocab_size})")
             if sp.seed is not None and sp.seed + sp.n - 1 > _INT64_MAX:
                 raise SamplingParamsError(f"invalid sampling parameter: seed must be below 2**63 - n + 1, got {sp.seed!r}")
+            if any(t >= self.vocab_size for t in sp.logit_bias):
+                raise SamplingParamsError(f"invalid sampling parameter: logit_bias names a token id outside the vocabulary [0, {self.vocab_size})")
             if sp.top_k >= self.vocab_size:  # the whole vocabulary: the same as off
                 sp = dataclasses.replace(sp, top_k=-1)
             out.append(sp)

@@ -19,3 +19,12 @@ class BatchEntry:
     seed: int
     step: int
     prev_row: int = -1  # >= 0: the input token is still on the device, row prev_row of the previous step's sample
+    # penalties (only when params.has_penalties): the tokens they count, by reference (the token in flight,
+    # prev_row, is read on the device): the prompt's distinct ids (repetition_penalty only), the output so
+    # far; and the ids min_new_tokens still masks
+    prompt_ids: list[int] | None = None
+    output_ids: list[int] | None = None
+    banned_ids: list[int] | None = None
+    # prompt logprobs: the logits of input rows prompt_from.. of this chunk score the next prompt tokens
+    prompt_from: int = 0
+    prompt_targets: list[int] | None = None

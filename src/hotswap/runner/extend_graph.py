@@ -90,9 +90,10 @@ class ExtendGraphRunner:
             routed_experts=self.runner.routed_experts_ids,
         )
 
-    def _stage(self, entries: list[BatchEntry], tokens: int) -> int:
+    def _stage(self, entries: list[BatchEntry], tokens: int) -> tuple[int, object]:
         """Stage this batch, padded to the bucket, and upload it into the graph's inputs; returns the
-        number of sampled rows. Inputs still on the device are marked in `input_src`."""
+        number of sampled rows and the token rows scored for prompt logprobs. Inputs still on the device
+        are marked in `input_src`."""
         kv = self.runner.kv_cache
         hb = HostBatch.build(entries, kv.page_size, width=self.max_pages, pad_page=kv.scratch_page)
         n, t, seqs = len(entries), len(hb.input_ids), self.max_seqs
@@ -112,16 +113,19 @@ class ExtendGraphRunner:
         n_tiles = self._max_tiles(tokens)
         host["tiles"][: 2 * n_tiles] = prefill_tiles(hb.cu_seqlens_q, hb.seq_lens, self.tile_tokens, n_tiles).reshape(-1)
         self.inputs.upload(n)
-        return sampled
+        return sampled, hb.prompt_rows
 
-    def run(self, entries: list[BatchEntry]) -> torch.Tensor:
-        """Logits of the sampled entries, in order; inputs still on the device are read from `prev_ids`,
-        which the caller has filled."""
+    def run(self, entries: list[BatchEntry]) -> torch.Tensor | None:
+        """Logits of the sampled entries, in order, then of the scored prompt rows (None when neither);
+        inputs still on the device are read from `prev_ids`, which the caller has filled."""
         total = sum(len(e.input_ids) for e in entries)
         tokens = self.token_buckets[bisect.bisect_left(self.token_buckets, total)]
-        sampled = self._stage(entries, tokens)
+        sampled, prompt_rows = self._stage(entries, tokens)
         self.graphs[tokens].replay()  # every bucket was captured with the decode graphs
-        return self.runner.model.compute_logits(self.hidden[self.inputs.device["logits_indices"][:sampled]])
+        rows = self.inputs.device["logits_indices"][:sampled]
+        if len(prompt_rows):
+            rows = torch.cat([rows, self.runner.to_device(prompt_rows)])
+        return self.runner.model.compute_logits(self.hidden[rows]) if len(rows) else None
 
     def capture(self, pool: tuple, warm: bool, prev_ids: torch.Tensor) -> None:
         """Every bucket, largest first (smaller graphs reuse its pool memory), over an all-padding batch:

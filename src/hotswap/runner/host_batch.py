@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -20,6 +20,7 @@ class HostBatch:
     logits_indices: np.ndarray  # int64 [number of sampled entries]
     max_q_len: int
     is_decode: bool
+    prompt_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # token rows scored for prompt logprobs
 
     @classmethod
     def build(cls, entries: list[BatchEntry], page_size: int, width: int | None = None, pad_page: int = 0) -> HostBatch:
@@ -43,8 +44,11 @@ class HostBatch:
             positions = np.arange(int(cu[-1]), dtype=np.int64) - np.repeat(cu[:-1].astype(np.int64) - starts, q_lens)
         slots = table[rows, positions // page_size].astype(np.int64) * page_size + positions % page_size
         sampled = np.fromiter((e.sample for e in entries), dtype=bool, count=n)
+        scored = [np.arange(len(e.prompt_targets), dtype=np.int64) + int(cu[i]) + e.prompt_from
+                  for i, e in enumerate(entries) if e.prompt_targets]
         return cls(ids, positions, slots, cu, (starts + q_lens).astype(np.int32), table,
-                   (cu[1:][sampled] - 1).astype(np.int64), int(q_lens.max()), is_decode)
+                   (cu[1:][sampled] - 1).astype(np.int64), int(q_lens.max()), is_decode,
+                   np.concatenate(scored) if scored else np.zeros(0, dtype=np.int64))
 
 
 def prefill_tiles(cu_seqlens_q: np.ndarray, seq_lens: np.ndarray, tile_tokens: int, width: int) -> np.ndarray:

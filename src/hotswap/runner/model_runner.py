@@ -18,8 +18,10 @@ from hotswap.runner.attention import TorchAttention, TritonAttention
 from hotswap.runner.batch_entry import BatchEntry
 from hotswap.runner.host_batch import HostBatch
 from hotswap.runner.kv_cache import KVCacheStorage
+from hotswap.runner.penalties import apply_penalties
+from hotswap.runner.prompt_logprobs import score_prompt_rows
 from hotswap.runner.routed_experts import RoutedExpertsTable
-from hotswap.runner.sampler import SampleResult, SamplingBatch, host_params, sample
+from hotswap.runner.sampler import SampleResult, SamplingBatch, empty_result, host_params, sample
 from hotswap.weights.fast_reader import ReaderOptions, load_checkpoint
 from hotswap.weights.mapping import WeightMap
 
@@ -158,16 +160,20 @@ class ModelRunner:
         needs_logprobs = any(p.return_logprob for p in ps)
         max_top = max(p.top_logprobs_num for p in ps)
         original = self.config.return_original_logprob
+        keep = [i for i, p in enumerate(ps) if p.return_top_p_token_ids]
+        keep_greedy = [i for i in keep if ps[i].greedy]
         if all_greedy:
             return SamplingBatch(None, None, None, None, None, None, all_greedy=True, needs_filter=False,
-                                 needs_logprobs=needs_logprobs, max_top_logprobs=max_top, original_logprobs=original)
+                                 needs_logprobs=needs_logprobs, max_top_logprobs=max_top, original_logprobs=original,
+                                 keep_greedy_rows=keep_greedy)
         vocab = self.model_config.vocab_size
         floats, ints = self.host_params(entries)
         f, i = self.to_device(floats), self.to_device(ints)
         return SamplingBatch(
             temperatures=f[0], top_ps=f[1], min_ps=f[2], top_ks=i[0], seeds=i[1], steps=i[2], all_greedy=False,
             needs_filter=bool((floats[1] < 1.0).any() or (ints[0] < vocab).any() or (floats[2] > 0).any()),
-            needs_logprobs=needs_logprobs, max_top_logprobs=max_top, original_logprobs=original,
+            needs_logprobs=needs_logprobs, max_top_logprobs=max_top, original_logprobs=original, keep_greedy_rows=keep_greedy,
+            keep_filtered_rows=[r for r in keep if not ps[r].greedy and (floats[1, r] < 1.0 or ints[0, r] < vocab or floats[2, r] > 0)],
         )
 
     def host_params(self, entries: list[BatchEntry]) -> tuple[np.ndarray, np.ndarray]:
@@ -192,8 +198,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, entries: list[BatchEntry], prev_token_ids: torch.Tensor | None = None) -> SampleResult | None:
-        """Forward the batch; sample for the entries with `sample` set (in their order). Inputs marked
-        `prev_row` are filled on the device from `prev_token_ids` (the step before, still in flight)."""
+        """Forward the batch; sample for the entries with `sample` set (in their order) and score the prompt
+        rows entries ask logprobs for. Inputs marked `prev_row` are filled on the device from
+        `prev_token_ids` (the step before, still in flight)."""
         to_sample = [e for e in entries if e.sample]
         # built before the forward: a row that cannot run fails alone (BatchRowError) with nothing computed
         sb = self.sampling_batch(to_sample) if to_sample else None
@@ -203,8 +210,6 @@ class ModelRunner:
             logits, presampled = graphs.run(entries, prev_token_ids)
         elif graphs is not None and graphs.can_run_extend(entries):
             logits = graphs.run_extend(entries, prev_token_ids)
-            if not to_sample:
-                return None
         else:
             hb = HostBatch.build(entries, self.kv_cache.page_size)
             fix = self.pending_rows(entries, hb.cu_seqlens_q)
@@ -212,23 +217,38 @@ class ModelRunner:
                 logits = self.forward(hb, fix, prev_token_ids)
             else:
                 logits = self.tp_peers.forward(self.forward, hb, fix, prev_token_ids)
-            if logits is None:
-                return None
-        result = sample(logits, sb, presampled)
-        if self.tp_peers is not None:
-            self.tp_peers.send_sampled(result.token_ids)
+        if logits is None:
+            return None
+        n = len(to_sample)
+        if n:
+            sample_logits = logits[:n]
+            if any(e.params.has_penalties for e in to_sample):
+                sample_logits = apply_penalties(sample_logits, to_sample, prev_token_ids, self.to_device)
+            result = sample(sample_logits, sb, presampled)
+            if self.tp_peers is not None:
+                self.tp_peers.send_sampled(result.token_ids)
+        else:
+            result = empty_result(self.device)
+        scored = [e for e in entries if e.prompt_targets]
+        if scored:
+            targets = self.to_device(np.array([t for e in scored for t in e.prompt_targets], dtype=np.int64))
+            top_k = max(e.params.top_logprobs_num for e in scored)
+            result.prompt_logprobs, result.prompt_top_values, result.prompt_top_ids = score_prompt_rows(logits[n:], targets, top_k)
         result.copy_to_host()
         return result
 
     @torch.inference_mode()
     def forward(self, hb: HostBatch, fix: np.ndarray | None, prev_token_ids: torch.Tensor | None) -> torch.Tensor | None:
         """The model on one host-built batch (tensor-parallel workers call this too): the logits of its
-        sampled rows, or None when no row samples. `fix` rows take their input from `prev_token_ids`."""
+        sampled rows, then of its scored prompt rows; None when there are neither. `fix` rows take their
+        input from `prev_token_ids`."""
         input_ids, ctx, logits_idx = self.device_context(hb)
         if fix is not None:
             idx = self.to_device(fix)
             input_ids[idx[0]] = prev_token_ids[idx[1]]
         hidden = self.model(input_ids, ctx)
-        if not len(hb.logits_indices):
+        if not len(hb.logits_indices) and not len(hb.prompt_rows):
             return None
+        if len(hb.prompt_rows):
+            logits_idx = torch.cat([logits_idx, self.to_device(hb.prompt_rows)])
         return self.model.compute_logits(hidden[logits_idx])

@@ -61,6 +61,9 @@ class SamplingBatch:
     needs_logprobs: bool
     max_top_logprobs: int
     original_logprobs: bool = False  # logprobs of the raw logits instead of the temperature-scaled distribution
+    # rows that asked for their keep-set (slime's return_top_p_token_ids): greedy rows, rows with a filter
+    keep_greedy_rows: list[int] | None = None
+    keep_filtered_rows: list[int] | None = None
 
 
 def host_params(entries: list[BatchEntry], vocab: int) -> tuple[np.ndarray, np.ndarray]:
@@ -79,13 +82,26 @@ class SampleResult:
     logprobs: torch.Tensor | None  # float32 [B]: log_softmax of the raw logits at the chosen token
     top_logprob_values: torch.Tensor | None  # [B, k]
     top_logprob_ids: torch.Tensor | None
-    host: tuple | None = None  # the same tensors copied to the host, valid once `ready` completes
+    # the kept ids of the rows that asked (keep_rows): flat, row after row, keep_counts[i] of them for row i
+    keep_ids: torch.Tensor | None = None
+    keep_counts: torch.Tensor | None = None
+    keep_rows: list[int] | None = None
+    # prompt logprobs of the batch's scored prompt rows (HostBatch.prompt_rows order), top-k beside them
+    prompt_logprobs: torch.Tensor | None = None
+    prompt_top_values: torch.Tensor | None = None
+    prompt_top_ids: torch.Tensor | None = None
+    host: tuple | None = None  # the tensors copied to the host, valid once `ready` completes
     ready: torch.cuda.Event | None = None
+    lists: tuple | None = None  # `host` as Python lists, made once
+
+    def _tensors(self) -> tuple:
+        return (self.token_ids, self.logprobs, self.top_logprob_values, self.top_logprob_ids, self.keep_ids, self.keep_counts,
+                self.prompt_logprobs, self.prompt_top_values, self.prompt_top_ids)
 
     def copy_to_host(self) -> None:
         """Start the device-to-host copy now, ahead of later work queued on the stream; `to_lists` waits
         for this copy only (not for whatever was launched after it)."""
-        tensors = (self.token_ids, self.logprobs, self.top_logprob_values, self.top_logprob_ids)
+        tensors = self._tensors()
         if self.token_ids.is_cuda:
             self.host = tuple(t.to("cpu", non_blocking=True) if t is not None else None for t in tensors)
             self.ready = torch.cuda.Event()
@@ -93,12 +109,42 @@ class SampleResult:
         else:
             self.host = tensors
 
+    def _host_lists(self) -> tuple:
+        if self.lists is None:
+            if self.host is None:
+                self.copy_to_host()
+            if self.ready is not None:
+                self.ready.synchronize()
+            self.lists = tuple(t.tolist() if t is not None else None for t in self.host)
+        return self.lists
+
     def to_lists(self) -> tuple[list, list | None, list | None, list | None]:
-        if self.host is None:
-            self.copy_to_host()
-        if self.ready is not None:
-            self.ready.synchronize()
-        return tuple(t.tolist() if t is not None else None for t in self.host)
+        """(ids, logprobs, top values, top ids) of the sampled rows."""
+        return self._host_lists()[:4]
+
+    def keep_sets(self) -> list[list[int] | None]:
+        """Per sampled row: the ids its filters kept (None where not asked for, or no filter applied)."""
+        out: list[list[int] | None] = [None] * len(self.token_ids)
+        lists = self._host_lists()
+        if self.keep_rows:
+            flat, counts = lists[4], lists[5]
+            at = 0
+            for row, n in zip(self.keep_rows, counts):
+                out[row] = flat[at : at + n]
+                at += n
+        return out
+
+    def prompt_lists(self) -> tuple[list, list | None, list | None]:
+        """(logprobs, top values, top ids) of the scored prompt rows; empty lists when none."""
+        if self.prompt_logprobs is None:
+            return [], None, None
+        lists = self._host_lists()
+        return lists[6], lists[7], lists[8]
+
+
+def empty_result(device: torch.device) -> SampleResult:
+    """A step that samples nothing (a chunk of a prompt) but scored prompt rows."""
+    return SampleResult(torch.zeros(0, dtype=torch.int64, device=device), None, None, None)
 
 
 def sample(logits: torch.Tensor, sb: SamplingBatch,
@@ -122,7 +168,29 @@ def sample(logits: torch.Tensor, sb: SamplingBatch,
     if sb.max_top_logprobs:
         vals, top_i = logits.topk(sb.max_top_logprobs, dim=-1)
         top_v = vals.float() / logprob_temperatures(sb, logits).unsqueeze(1) - lse.unsqueeze(1)
-    return SampleResult(ids, lps if sb.needs_logprobs or sb.max_top_logprobs else None, top_v, top_i)
+    result = SampleResult(ids, lps if sb.needs_logprobs or sb.max_top_logprobs else None, top_v, top_i)
+    if sb.keep_greedy_rows or sb.keep_filtered_rows:
+        result.keep_ids, result.keep_counts, result.keep_rows = keep_sets(logits, ids, sb)
+    return result
+
+
+def keep_sets(logits: torch.Tensor, ids: torch.Tensor, sb: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The ids the filters kept for the rows that asked: a greedy row keeps its argmax alone, a filtered row
+    the set `kept` defines (the same function as the fused kernel's) with the sampled token forced in, so a
+    float rounding at the set's boundary between kernel and reference can never leave it out (slime's
+    replay keeps it too). Rows sampled without a filter keep the whole vocabulary: nothing is returned."""
+    greedy, filtered = sb.keep_greedy_rows or [], sb.keep_filtered_rows or []
+    parts, counts = [ids[greedy]] if greedy else [], [torch.ones(len(greedy), dtype=torch.int64, device=ids.device)]
+    if filtered:
+        rows = torch.tensor(filtered, dtype=torch.int64, device=ids.device)
+        sub = SamplingBatch(sb.temperatures[rows], sb.top_ps[rows], sb.top_ks[rows], sb.min_ps[rows], None, None,
+                            all_greedy=False, needs_filter=True, needs_logprobs=False, max_top_logprobs=0)
+        x = logits[rows].float()
+        mask = kept(x, sub.temperatures.clamp_min(MIN_TEMPERATURE).unsqueeze(1), sub)
+        mask[torch.arange(len(filtered), device=ids.device), ids[rows]] = True
+        parts.append(mask.nonzero()[:, 1])
+        counts.append(mask.sum(dim=-1))
+    return torch.cat(parts), torch.cat(counts), greedy + filtered
 
 
 def logprob_temperatures(sb: SamplingBatch, logits: torch.Tensor) -> torch.Tensor:

@@ -76,10 +76,11 @@ def send_step(group, hb: HostBatch, fix: np.ndarray | None, timeout_s: float) ->
     """Rank 0: one batch's host metadata (and the pending-input rows) to every worker."""
     n, width = hb.page_table.shape
     k = 0 if fix is None else fix.shape[1]
-    parts = [hb.input_ids, hb.positions, hb.slot_mapping, hb.cu_seqlens_q, hb.seq_lens, hb.page_table.reshape(-1), hb.logits_indices]
+    parts = [hb.input_ids, hb.positions, hb.slot_mapping, hb.cu_seqlens_q, hb.seq_lens, hb.page_table.reshape(-1), hb.logits_indices,
+             hb.prompt_rows]
     if fix is not None:
         parts.append(fix.reshape(-1))
-    args = [len(hb.input_ids), n, width, len(hb.logits_indices), k, hb.max_q_len, int(hb.is_decode)]
+    args = [len(hb.input_ids), n, width, len(hb.logits_indices), k, hb.max_q_len, int(hb.is_decode), len(hb.prompt_rows)]
     _send(group, Op.STEP, args, np.concatenate(parts).astype(np.int64, copy=False), timeout_s)
 
 
@@ -98,11 +99,12 @@ def recv_command(group) -> tuple[Op, np.ndarray, np.ndarray]:
 
 
 def decode_step(args: np.ndarray, payload: np.ndarray) -> tuple[HostBatch, np.ndarray | None]:
-    t, n, w, n_logits, k, max_q_len, is_decode = (int(x) for x in args[:7])
-    cuts = np.cumsum([t, t, t, n + 1, n, n * w, n_logits])
-    ids, positions, slots, cu, lens, table, logits, fix = np.split(payload, cuts)
+    t, n, w, n_logits, k, max_q_len, is_decode, n_prompt = (int(x) for x in args[:8])
+    cuts = np.cumsum([t, t, t, n + 1, n, n * w, n_logits, n_prompt])
+    ids, positions, slots, cu, lens, table, logits, prompt_rows, fix = np.split(payload, cuts)
     hb = HostBatch(input_ids=ids, positions=positions, slot_mapping=slots, cu_seqlens_q=cu.astype(np.int32), seq_lens=lens.astype(np.int32),
-                   page_table=table.astype(np.int32).reshape(n, w), logits_indices=logits, max_q_len=max_q_len, is_decode=bool(is_decode))
+                   page_table=table.astype(np.int32).reshape(n, w), logits_indices=logits, max_q_len=max_q_len, is_decode=bool(is_decode),
+                   prompt_rows=prompt_rows)
     return hb, fix.reshape(2, k) if k else None
 
 

@@ -85,7 +85,7 @@ class TPWorker:
 
     def step(self, hb: HostBatch, fix: np.ndarray | None) -> None:
         logits = self.runner.forward(hb, fix, self.prev_token_ids)
-        if logits is not None:
+        if logits is not None and len(hb.logits_indices):  # rank 0 samples and sends the ids
             ids = torch.empty(len(hb.logits_indices), dtype=torch.int64, device=self.runner.device)
             dist.broadcast(ids, src=0, group=self.groups.device)
             self.prev_token_ids = ids

@@ -37,6 +37,7 @@ class Batcher:
     max_context_len: int
     chunked_prefill_size: int
     fail: Callable[[Sequence, str], None]  # ends a sequence that can never fit (already out of running/waiting)
+    eos_token_ids: frozenset[int] = frozenset()  # masked with stop_token_ids until min_new_tokens are out
     waiting: deque[Sequence] = field(default_factory=deque)
     running: list[Sequence] = field(default_factory=list)
     num_preemptions: int = 0
@@ -144,16 +145,36 @@ class Batcher:
             step=len(seq.output_ids) + seq.pending,
             prev_row=inputs_from_inflight(seq, end),
         )
+        self._plan_extras(seq, entry, end)
         seq.num_computed = end
         if entry.sample:
             seq.pending += 1
         return entry
 
+    def _plan_extras(self, seq: Sequence, entry: BatchEntry, end: int) -> None:
+        """What the runner needs beyond the forward: penalty state, and the prompt positions of this chunk
+        whose logits give prompt logprobs (positions already scored, e.g. before a preemption, are skipped)."""
+        sp = seq.req.sampling_params
+        if sp.has_penalties and entry.sample:
+            entry.output_ids = seq.output_ids
+            if sp.repetition_penalty != 1.0:
+                entry.prompt_ids = seq.distinct_prompt_ids()
+            if entry.step < sp.min_new_tokens:
+                entry.banned_ids = sorted(set(sp.stop_token_ids) | (set() if sp.ignore_eos else self.eos_token_ids))
+        first = max(entry.start_pos, seq.prompt_logprobs_owed)
+        last = min(end, seq.prompt_len - 1)
+        if first < last:
+            entry.prompt_from = first - entry.start_pos
+            entry.prompt_targets = seq.req.input_ids[first + 1 : last + 1]
+
     def _match_prefix(self, seq: Sequence) -> None:
         """Take cached pages for the prompt's prefix, leaving at least one token to compute."""
         if self.prefix_cache is None:
             return
-        pages = self.prefix_cache.match(seq.token_ids[: seq.num_tokens - 1])
+        limit = seq.num_tokens - 1
+        if seq.prompt_logprobs_owed < seq.prompt_len - 1:  # owed positions are recomputed (their logits are needed)
+            limit = min(limit, seq.prompt_logprobs_owed)
+        pages = self.prefix_cache.match(seq.token_ids[:limit])
         self.allocator.retain(pages)
         seq.pages = pages
         seq.num_computed = len(pages) * self.allocator.page_size

@@ -11,6 +11,17 @@ from hotswap.scheduler.sequence import Sequence
 log = logging.getLogger(__name__)
 
 
+def input_logprobs(seq: Sequence) -> tuple[list, list | None]:
+    """SGLang's shapes: the prompt tokens from logprob_start_len, each with the logprob it had given the
+    tokens before it; the first has None (SGLang computes no logits before its start). The top-k list
+    likewise starts with None; it is only built when top_logprobs_num asks for it."""
+    s = seq.prompt_logprob_start
+    ids = seq.req.input_ids[s:]
+    values = [None, *seq.input_logprobs]
+    tops = [None, *seq.input_top_logprobs] if seq.req.sampling_params.top_logprobs_num else None
+    return list(zip(values, ids)), tops
+
+
 @dataclass(kw_only=True, slots=True)
 class OutputStreamer:
     tokenizer: object  # a transformers tokenizer; only `decode` (and a fast tokenizer's backend) is used
@@ -81,7 +92,7 @@ class OutputStreamer:
         for s in sp.stop:
             pos = seq.text.find(s, start)
             if pos != -1:
-                seq.text = seq.text[:pos]
+                seq.text = seq.text[: pos + len(s) if sp.no_stop_trim else pos]
                 seq.finish_reason = {"type": "stop", "matched": s}
                 return
 
@@ -139,7 +150,11 @@ class OutputStreamer:
             cached_tokens=seq.cached_tokens,
             weight_version=weight_version,
             routed_experts=seq.routed_experts if finished else None,
+            new_top_p_token_ids=seq.top_p_token_ids[start:],
         )
+        if seq.req.sampling_params.return_logprob and not seq.sent_input_logprobs:
+            out.input_token_logprobs, out.input_top_logprobs = input_logprobs(seq)
+            seq.sent_input_logprobs = True
         seq.sent_tokens = len(seq.output_ids)
         seq.sent_text += len(delta)
         try:

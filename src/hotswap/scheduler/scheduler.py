@@ -63,6 +63,7 @@ class Scheduler:
             max_num_batched_tokens=config.max_num_batched_tokens,
             chunked_prefill_size=config.chunked_prefill_size,
             max_context_len=max_context_len,
+            eos_token_ids=frozenset(eos_token_ids),
         )
         self.streamer = OutputStreamer(tokenizer=tokenizer, eos_token_ids=frozenset(eos_token_ids), max_context_len=max_context_len,
                                        stream_interval=config.stream_interval)
@@ -304,9 +305,17 @@ class Scheduler:
             return
         ids, lps, top_values, top_ids = result.to_lists()
         tops = list(zip(top_values, top_ids)) if top_values is not None else None
+        keeps = result.keep_sets() if result.keep_rows else None
+        prompt = result.prompt_lists()
         done = []
         k = -1
+        at = 0  # the next scored prompt row
         for seq, entry in zip(step.seqs, step.entries):
+            if entry.prompt_targets:
+                m = len(entry.prompt_targets)
+                if seq.status is not Status.FINISHED:
+                    take_prompt_logprobs(seq, entry, prompt, at)
+                at += m
             if not entry.sample:
                 continue
             k += 1
@@ -318,6 +327,8 @@ class Scheduler:
                 vals, tids = tops[k]
                 top = list(zip(vals, tids))[: seq.req.sampling_params.top_logprobs_num]
             try:
+                if keeps is not None and keeps[k] is not None:
+                    seq.top_p_token_ids.append(keeps[k])
                 self.streamer.append_token(seq, ids[k], lps[k] if lps is not None else 0.0, top, version)
                 if seq.finish_reason is None and seq.req.stream:
                     self.streamer.emit(seq, version)
@@ -452,6 +463,21 @@ class Scheduler:
             return p.ControlOutput(success=False, message="invariants are checked only when idle")
         problems = self.invariants.check_idle()
         return p.ControlOutput(success=not problems, message="; ".join(problems) or "ok")
+
+
+def take_prompt_logprobs(seq: Sequence, entry, prompt: tuple[list, list | None, list | None], at: int) -> None:
+    """Append a chunk's prompt logprobs to its sequence; values a recomputation (after a preemption) scores
+    again are dropped, so each prompt position has exactly one."""
+    values, top_values, top_ids = prompt
+    m = len(entry.prompt_targets)
+    first = entry.start_pos + entry.prompt_from - seq.prompt_logprob_start  # index of this chunk's first value
+    skip = len(seq.input_logprobs) - first
+    if skip < 0 or skip >= m:
+        return
+    seq.input_logprobs += values[at + skip : at + m]
+    n_top = seq.req.sampling_params.top_logprobs_num
+    if n_top:
+        seq.input_top_logprobs += [list(zip(v[:n_top], i[:n_top])) for v, i in zip(top_values[at + skip : at + m], top_ids[at + skip : at + m])]
 
 
 def _reply(fut: Future, out) -> None:

@@ -21,6 +21,11 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
     token_versions: list[str] = field(default_factory=list)
+    # prompt logprobs (SGLang's input_token_logprobs): values for prompt positions logprob_start_len + 1 ..
+    input_logprobs: list[float] = field(default_factory=list)
+    input_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
+    top_p_token_ids: list[list[int]] = field(default_factory=list)  # per output token: the ids the filters kept
+    prompt_token_set: list[int] | None = None  # the prompt's distinct ids, made once for repetition_penalty
     pages: list[int] = field(default_factory=list)
     num_computed: int = 0  # leading tokens whose KV is in `pages` (or is being computed by the step in flight)
     pending: int = 0  # sampled tokens in flight: launched, not yet read back (0 or 1); see scheduler/overlap.py
@@ -36,6 +41,7 @@ class Sequence:
     read_offset: int = 0
     sent_tokens: int = 0
     sent_text: int = 0
+    sent_input_logprobs: bool = False
 
     @property
     def rid(self) -> str:
@@ -57,6 +63,22 @@ class Sequence:
         if end <= plen:
             return self.req.input_ids[start:end]
         return self.req.input_ids[start:] + self.output_ids[: end - plen]
+
+    def distinct_prompt_ids(self) -> list[int]:
+        if self.prompt_token_set is None:
+            self.prompt_token_set = sorted(set(self.req.input_ids))
+        return self.prompt_token_set
+
+    @property
+    def prompt_logprob_start(self) -> int:
+        """The first prompt position whose logits score a prompt token (SGLang: -1 means the last)."""
+        start = self.req.sampling_params.logprob_start_len
+        return self.prompt_len - 1 if start < 0 or not self.req.sampling_params.return_logprob else start
+
+    @property
+    def prompt_logprobs_owed(self) -> int:
+        """The first position whose prompt logprob is still missing (prompt_len - 1: none missing)."""
+        return self.prompt_logprob_start + len(self.input_logprobs)
 
     @property
     def num_tokens(self) -> int:

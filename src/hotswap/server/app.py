@@ -27,7 +27,7 @@ import hotswap
 from hotswap import protocol as p
 from hotswap.server.access import AccessPolicy
 from hotswap.server.body_limit import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
-from hotswap.server.generation import ClientRids, apply_no_stop_trim, engine_error, normalize_sampling_params, open_stream
+from hotswap.server.generation import ClientRids, engine_error, normalize_sampling_params, open_stream
 from hotswap.server.http_utils import (
     SSE_DONE,
     APIError,
@@ -238,6 +238,7 @@ class GenerateBody(BaseModel):
     stream: bool = False
     return_logprob: bool | list[bool] = False
     top_logprobs_num: int | list[int] = 0
+    logprob_start_len: int | list[int] | None = None
     return_text_in_logprobs: bool = False
     return_routed_experts: bool = False
     rid: str | list[str] | None = None
@@ -255,6 +256,11 @@ def _fill_logprob_text(state: ServerState, out: dict) -> None:
         meta["output_token_logprobs"] = [(lp, tid, state.token_text(tid)) for lp, tid, _ in meta["output_token_logprobs"]]
     if "output_top_logprobs" in meta:
         meta["output_top_logprobs"] = [[(lp, tid, state.token_text(tid)) for lp, tid, _ in top] for top in meta["output_top_logprobs"]]
+    if "input_token_logprobs" in meta:
+        meta["input_token_logprobs"] = [(lp, tid, state.token_text(tid)) for lp, tid, _ in meta["input_token_logprobs"]]
+    if "input_top_logprobs" in meta:
+        meta["input_top_logprobs"] = [None if top is None else [(lp, tid, state.token_text(tid)) for lp, tid, _ in top]
+                                      for top in meta["input_top_logprobs"]]
 
 
 def _aborted_stub(prompt_tokens: int, message: str) -> dict:
@@ -371,22 +377,25 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
         if isinstance(body.sampling_params, list):
             if len(body.sampling_params) != count:
                 raise APIError(400, f"{len(body.sampling_params)} sampling_params for {count} prompts", param="sampling_params")
-            normalized = [normalize_sampling_params(sp) for sp in body.sampling_params]
+            sps = [normalize_sampling_params(sp) for sp in body.sampling_params]
         else:
-            normalized = [normalize_sampling_params(body.sampling_params)] * count
-        sps = [dict(sp, return_routed_experts=True) if body.return_routed_experts else sp for sp, _ in normalized]
-        trims = [trim for _, trim in normalized]
+            sps = [normalize_sampling_params(body.sampling_params)] * count
+        if body.return_routed_experts:
+            sps = [dict(sp, return_routed_experts=True) for sp in sps]
+        start = body.logprob_start_len
+        if isinstance(start, list):
+            if len(set(start)) > 1:
+                raise APIError(400, "logprob_start_len: per-prompt values must be equal", param="logprob_start_len")
+            start = start[0] if start else None
         return_logprob = any(body.return_logprob) if isinstance(body.return_logprob, list) else body.return_logprob
         top_n = max(body.top_logprobs_num, default=0) if isinstance(body.top_logprobs_num, list) else body.top_logprobs_num
         client_rids = [body.rid] if isinstance(body.rid, str) else list(body.rid or [])
         # the engine prepares, validates and fans out (prompts x n, seeds) on every path, streaming or not
         kwargs = {"prompt": body.text, "input_ids": body.input_ids, "sampling_params": sps if isinstance(body.sampling_params, list) else sps[0],
-                  "return_logprob": return_logprob, "top_logprobs_num": top_n}
+                  "return_logprob": return_logprob, "top_logprobs_num": top_n, "logprob_start_len": start}
         owners = [i for i, sp in enumerate(sps) for _ in range(sp.get("n", 1) if isinstance(sp.get("n", 1), int) else 1)]
 
-        def post(out: dict, trim: bool, delta: bool = False) -> dict:
-            if trim:
-                apply_no_stop_trim(out, delta=delta)
+        def post(out: dict) -> dict:
             if body.return_text_in_logprobs:
                 _fill_logprob_text(state, out)
             return out
@@ -406,8 +415,8 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
             finally:
                 state.client_rids.release(client_rids, entry)
             outs = result if isinstance(result, list) else [result]
-            for out, owner in zip(outs, owners):
-                post(out, trims[owner])
+            for out in outs:
+                post(out)
             state.metrics.observe_generation("/generate", outs)
             return JSONResponse(result)
 
@@ -428,7 +437,7 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
                         if entry.abort_requested:
                             await engine_call(engine, p.AbortRequest(rid=erid, message="aborted by /abort_request"))
                     finished = out["meta_info"].get("finish_reason") is not None
-                    post(out, trims[owners[out.get("index", 0)]] and finished, delta=True)
+                    post(out)
                     if finished:
                         finals.append(out)
                     yield sse(out)

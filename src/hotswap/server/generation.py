@@ -12,31 +12,21 @@ from typing import Any
 from hotswap.errors import EngineUnavailableError
 from hotswap.server.http_utils import APIError
 
-# SGLang sampling parameters hotswap does not implement. Sent with their neutral value they are dropped,
-# so frameworks that always send them work; any other value is refused rather than silently ignored.
-_NEUTRAL = {
-    "frequency_penalty": 0.0,
-    "presence_penalty": 0.0,
-    "repetition_penalty": 1.0,
-    "min_new_tokens": 0,
-}
-_MUST_BE_EMPTY = ("regex", "json_schema", "ebnf", "structural_tag", "logit_bias", "custom_params", "lora_path")
+# SGLang sampling parameters hotswap does not implement: sent empty they are dropped, so frameworks that
+# always send them work; any other value is refused rather than silently ignored.
+_MUST_BE_EMPTY = ("regex", "json_schema", "ebnf", "structural_tag", "lora_path")
 # Accepted and ignored: they change nothing observable in hotswap's outputs (or only formatting).
 _IGNORED = ("spaces_between_special_tokens", "stream_interval")  # stream_interval: the server's --stream-interval applies
 
 
-def normalize_sampling_params(params: Any) -> tuple[dict, bool]:
-    """SGLang's sampling_params dict -> (hotswap SamplingParams dict, no_stop_trim). Raises APIError(400)."""
+def normalize_sampling_params(params: Any) -> dict:
+    """SGLang's sampling_params dict -> hotswap's SamplingParams dict (the engine validates the values).
+    Raises APIError(400)."""
     if params is None:
-        return {}, False
+        return {}
     if not isinstance(params, dict):
         raise APIError(400, f"sampling_params must be an object, got {type(params).__name__}", param="sampling_params")
     sp = dict(params)
-    for key, neutral in _NEUTRAL.items():
-        if key in sp:
-            value = sp.pop(key)
-            if value is not None and value != neutral:
-                raise APIError(400, f"sampling parameter {key}={value!r} is not supported by hotswap (only {neutral!r})", param=key)
     for key in _MUST_BE_EMPTY:
         if key in sp:
             value = sp.pop(key)
@@ -48,22 +38,11 @@ def normalize_sampling_params(params: Any) -> tuple[dict, bool]:
         seed = sp.pop("sampling_seed")
         if seed is not None:
             sp.setdefault("seed", seed)
-    for key in ("max_new_tokens", "top_k", "top_p", "min_p", "temperature", "seed", "n"):
+    for key in ("max_new_tokens", "top_k", "top_p", "min_p", "temperature", "seed", "n", "frequency_penalty", "presence_penalty",
+                "repetition_penalty", "min_new_tokens", "logit_bias", "custom_params", "no_stop_trim"):
         if key in sp and sp[key] is None:
             del sp[key]
-    no_stop_trim = sp.pop("no_stop_trim", False)
-    if not isinstance(no_stop_trim, bool):
-        raise APIError(400, "sampling parameter no_stop_trim must be a boolean", param="no_stop_trim")
-    return sp, no_stop_trim
-
-
-def apply_no_stop_trim(out: dict, *, delta: bool = False) -> None:
-    """Append the stop string that ended a request to its text (SGLang's no_stop_trim)."""
-    reason = out.get("meta_info", {}).get("finish_reason") or {}
-    if reason.get("type") == "stop" and isinstance(reason.get("matched"), str):
-        out["text"] = out.get("text", "") + reason["matched"]
-        if delta and "delta_text" in out:
-            out["delta_text"] += reason["matched"]
+    return sp
 
 
 def engine_error(exc: Exception) -> APIError:

@@ -79,6 +79,7 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM's: each prompt token's logprob and the top-k
     best_of: int | None = None
     suffix: str | None = None
 
@@ -109,13 +110,6 @@ def finish_reason(meta: dict) -> str | None:
     return _FINISH.get(reason.get("type"), reason.get("type"))
 
 
-def _stop_suffix(meta: dict, no_stop_trim: bool) -> str:
-    reason = meta.get("finish_reason") or {}
-    if no_stop_trim and reason.get("type") == "stop" and isinstance(reason.get("matched"), str):
-        return reason["matched"]
-    return ""
-
-
 def check_model(state: ServerState, model: str | None) -> None:
     if model is not None and model not in state.accepted_model_names:
         raise APIError(404, f"The model `{model}` does not exist; this server serves `{state.served_model_name}`.",
@@ -123,14 +117,7 @@ def check_model(state: ServerState, model: str | None) -> None:
 
 
 def sampling_dict(state: ServerState, body: _SamplingFields, max_new_tokens: int) -> dict:
-    for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
-        value = getattr(body, name)
-        if value is not None and value != neutral:
-            raise APIError(400, f"{name}={value} is not supported by hotswap (only {neutral})", param=name)
-    if body.logit_bias:
-        raise APIError(400, "logit_bias is not supported by hotswap", param="logit_bias")
-    if body.min_tokens:
-        raise APIError(400, "min_tokens is not supported by hotswap", param="min_tokens")
+    """The engine's sampling parameters (it validates the values: a bad one is a 400 naming it)."""
     if body.use_beam_search:
         raise APIError(400, "use_beam_search is not supported by hotswap", param="use_beam_search")
     sp: dict[str, Any] = {
@@ -139,7 +126,12 @@ def sampling_dict(state: ServerState, body: _SamplingFields, max_new_tokens: int
         "n": body.n,
         "ignore_eos": body.ignore_eos,
         "skip_special_tokens": body.skip_special_tokens,
+        "no_stop_trim": body.no_stop_trim,
+        "min_new_tokens": body.min_tokens,
     }
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias"):
+        if getattr(body, name) is not None:
+            sp[name] = getattr(body, name)
     if body.return_routed_experts:
         sp["return_routed_experts"] = True
     if body.top_p is not None:
@@ -196,9 +188,16 @@ def token_namer(state: ServerState, as_ids: bool | None):
     return (lambda tid: f"token_id:{tid}") if as_ids else state.token_text
 
 
-def completion_logprobs(state: ServerState, meta: dict, start: int, end: int, k: int, offset: int, as_ids: bool | None = None) -> dict:
+def completion_logprobs(state: ServerState, meta: dict, start: int, end: int, k: int, offset: int, as_ids: bool | None = None,
+                        echo: bool = False) -> dict:
+    """OpenAI's completion logprobs of output tokens [start, end); `echo`: the prompt's tokens first, as
+    OpenAI gives them (the first has logprob None)."""
     name = token_namer(state, as_ids)
     lps, tops = _slices(meta, start, end)
+    if echo:
+        lps = list(meta.get("input_token_logprobs") or []) + list(lps)
+        in_tops = meta.get("input_top_logprobs") or [None] * len(meta.get("input_token_logprobs") or [])
+        tops = [t or [] for t in in_tops] + list(tops if tops is not None else [[] for _ in range(end - start)])
     tokens = [name(tid) for _, tid, _ in lps]
     offsets = []
     for t in tokens:
@@ -212,7 +211,27 @@ def completion_logprobs(state: ServerState, meta: dict, start: int, end: int, k:
             for lp, tid, _ in (tops[j] if tops is not None and j < len(tops) else [])[:k]:
                 entry.setdefault(name(tid), lp)
             top_logprobs.append(entry)
+    if echo and top_logprobs:
+        top_logprobs[0] = None  # the first prompt token has no distribution
     return {"tokens": tokens, "token_logprobs": [lp for lp, _, _ in lps], "top_logprobs": top_logprobs, "text_offset": offsets}
+
+
+def vllm_prompt_logprobs(state: ServerState, meta: dict, k: int) -> list:
+    """vLLM's `prompt_logprobs`: None for the first prompt token, then per token {token id: {logprob, rank,
+    decoded_token}} holding the prompt token and the top-k (rank is given where the top-k shows it)."""
+    out: list = []
+    tops = meta.get("input_top_logprobs") or []
+    for j, (lp, tid, _) in enumerate(meta.get("input_token_logprobs") or []):
+        if lp is None:
+            out.append(None)
+            continue
+        top = (tops[j] if j < len(tops) and tops[j] else [])[:k]
+        ranks = {t: r + 1 for r, (_, t, _) in enumerate(top)}
+        entry = {str(tid): {"logprob": lp, "rank": ranks.get(tid), "decoded_token": state.token_text(tid)}}
+        for tlp, ttid, _ in top:
+            entry.setdefault(str(ttid), {"logprob": tlp, "rank": ranks[ttid], "decoded_token": state.token_text(ttid)})
+        out.append(entry)
+    return out
 
 
 def chat_logprobs(state: ServerState, meta: dict, start: int, end: int, k: int, as_ids: bool | None = None) -> dict:
@@ -230,9 +249,9 @@ def chat_logprobs(state: ServerState, meta: dict, start: int, end: int, k: int, 
 
 
 async def _generate_all(state: ServerState, request: Request, id_lists: list[list[int]], sp: dict, return_logprob: bool,
-                        top_logprobs_num: int) -> list[dict]:
+                        top_logprobs_num: int, logprob_start_len: int | None = None) -> list[dict]:
     coro = state.engine.async_generate(input_ids=id_lists, sampling_params=sp, return_logprob=return_logprob,
-                                       top_logprobs_num=top_logprobs_num)
+                                       top_logprobs_num=top_logprobs_num, logprob_start_len=logprob_start_len)
     try:
         outs = await await_unless_disconnected(request, coro)
     except (ValueError, TypeError) as exc:  # the engine refused (HotswapError is a ValueError)
@@ -273,8 +292,8 @@ def choice_meta_info(out: dict) -> dict:
 
 
 def _stream_response(state: ServerState, route: str, chunks, *, rid: str, object_name: str, created: int, include_usage: bool,
-                     prompt_tokens: int, no_stop_trim: bool, opening: list[dict], choice, token_ids: bool = False,
-                     meta_info: bool = False, opening_extra: dict | None = None) -> DisconnectAwareStreamingResponse:
+                     prompt_tokens: int, opening: list[dict], choice, token_ids: bool = False, meta_info: bool = False,
+                     opening_extra: dict | None = None) -> DisconnectAwareStreamingResponse:
     """The one OpenAI streaming loop (completions and chat). `opening`: choices sent before any token (echo,
     role), with `opening_extra` top-level fields; `choice(i, text, meta, start, end, finish)`: the route's
     choice for the tokens [start, end) of request i. `token_ids`: each choice carries its new token ids;
@@ -291,7 +310,7 @@ def _stream_response(state: ServerState, route: str, chunks, *, rid: str, object
                 i = out.get("index", 0)
                 meta = out["meta_info"]
                 fin = finish_reason(meta)
-                text = out.get("delta_text", "") + (_stop_suffix(meta, no_stop_trim) if fin else "")
+                text = out.get("delta_text", "")
                 if not text and fin is None:
                     continue
                 end = len(out["output_ids"])
@@ -338,8 +357,6 @@ def register(app: FastAPI, state: ServerState) -> None:
             raise APIError(400, "suffix is not supported by hotswap", param="suffix")
         if body.best_of is not None and body.best_of != body.n:
             raise APIError(400, "best_of is not supported by hotswap (only best_of == n)", param="best_of")
-        if body.echo and body.logprobs is not None:
-            raise APIError(400, "echo with logprobs is not supported (hotswap does not score prompt tokens)", param="echo")
         prompt = body.prompt
         if isinstance(prompt, str):
             id_lists = [await asyncio.to_thread(state.encode, prompt)]  # tokenization never stalls the event loop
@@ -358,6 +375,10 @@ def register(app: FastAPI, state: ServerState) -> None:
         want_lp = body.logprobs is not None
         k = body.logprobs or 0
         as_ids = body.return_tokens_as_token_ids
+        echo_lp = body.echo and want_lp  # OpenAI prepends the prompt tokens' logprobs
+        score_prompt = echo_lp or body.prompt_logprobs is not None
+        lp_args = {"return_logprob": want_lp or score_prompt, "top_logprobs_num": max(k, body.prompt_logprobs or 0),
+                   "logprob_start_len": 0 if score_prompt else None}
         echo_texts = await asyncio.to_thread(lambda: [state.decode(ids) for ids in id_lists]) if body.echo else None
         n = body.n
         rid = f"cmpl-{uuid.uuid4().hex}"
@@ -365,16 +386,18 @@ def register(app: FastAPI, state: ServerState) -> None:
         prompt_tokens = sum(len(ids) for ids in id_lists)
 
         if not body.stream:
-            outs = await _generate_all(state, request, id_lists, sp, want_lp, k)
+            outs = await _generate_all(state, request, id_lists, sp, **lp_args)
             state.metrics.observe_generation("/v1/completions", outs)
             choices = []
             for i, out in enumerate(outs):
                 meta = out["meta_info"]
-                text = out["text"] + _stop_suffix(meta, body.no_stop_trim)
+                text = out["text"]
                 if echo_texts is not None:
                     text = echo_texts[i // n] + text
-                lp = completion_logprobs(state, meta, 0, len(out["output_ids"]), k, 0, as_ids) if want_lp else None
+                lp = completion_logprobs(state, meta, 0, len(out["output_ids"]), k, 0, as_ids, echo=echo_lp) if want_lp else None
                 c = {"index": i, "text": text, "logprobs": lp, "finish_reason": finish_reason(meta), **_routed(meta)}
+                if body.prompt_logprobs is not None:
+                    c["prompt_logprobs"] = vllm_prompt_logprobs(state, meta, body.prompt_logprobs)
                 if body.return_token_ids:
                     c.update(prompt_token_ids=id_lists[i // n], token_ids=list(out["output_ids"]))
                 if body.return_meta_info:
@@ -384,15 +407,17 @@ def register(app: FastAPI, state: ServerState) -> None:
                                  "system_fingerprint": state.fingerprint(outs), "choices": choices,
                                  "usage": _usage(prompt_tokens, outs), "metadata": _metadata(outs)})
 
-        chunks = await open_stream(state.engine, input_ids=id_lists, sampling_params=sp, return_logprob=want_lp, top_logprobs_num=k)
+        chunks = await open_stream(state.engine, input_ids=id_lists, sampling_params=sp, **lp_args)
         offsets: dict[int, int] = {}
 
         def choice(i: int, text: str, meta: dict, start: int, end: int, fin: str | None) -> dict:
             lp = None
-            if want_lp:
-                lp = completion_logprobs(state, meta, start, end, k, offsets.get(i, 0), as_ids)
+            if want_lp:  # the prompt's logprobs ride on each choice's first chunk
+                lp = completion_logprobs(state, meta, start, end, k, offsets.get(i, 0), as_ids, echo=echo_lp and start == 0)
                 offsets[i] = offsets.get(i, 0) + sum(len(t) for t in lp["tokens"])
             c = {"index": i, "text": text, "logprobs": lp, "finish_reason": fin}
+            if body.prompt_logprobs is not None and start == 0:
+                c["prompt_logprobs"] = vllm_prompt_logprobs(state, meta, body.prompt_logprobs)
             if body.return_token_ids and start == 0:  # vLLM: the prompt's ids come with a choice's first chunk
                 c["prompt_token_ids"] = id_lists[i // n]
             return c
@@ -401,7 +426,7 @@ def register(app: FastAPI, state: ServerState) -> None:
                    for i in range(len(id_lists) * n)] if echo_texts is not None else []
         return _stream_response(state, "/v1/completions", chunks, rid=rid, object_name="text_completion", created=created,
                                 include_usage=bool(body.stream_options and body.stream_options.include_usage),
-                                prompt_tokens=prompt_tokens, no_stop_trim=body.no_stop_trim, opening=opening, choice=choice,
+                                prompt_tokens=prompt_tokens, opening=opening, choice=choice,
                                 token_ids=bool(body.return_token_ids), meta_info=body.return_meta_info)
 
     @app.post("/v1/chat/completions")
@@ -438,7 +463,7 @@ def register(app: FastAPI, state: ServerState) -> None:
             choices = []
             for i, out in enumerate(outs):
                 meta = out["meta_info"]
-                text = out["text"] + _stop_suffix(meta, body.no_stop_trim)
+                text = out["text"]
                 lp = chat_logprobs(state, meta, 0, len(out["output_ids"]), k, as_ids) if want_lp else None
                 c = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": finish_reason(meta),
                      **_routed(meta)}
@@ -463,7 +488,7 @@ def register(app: FastAPI, state: ServerState) -> None:
         opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None} for i in range(n)]
         return _stream_response(state, "/v1/chat/completions", chunks, rid=rid, object_name="chat.completion.chunk", created=created,
                                 include_usage=bool(body.stream_options and body.stream_options.include_usage),
-                                prompt_tokens=prompt_tokens, no_stop_trim=body.no_stop_trim, opening=opening, choice=choice,
+                                prompt_tokens=prompt_tokens, opening=opening, choice=choice,
                                 token_ids=bool(body.return_token_ids), meta_info=body.return_meta_info,
                                 opening_extra={"prompt_token_ids": ids} if body.return_token_ids else None)
 

@@ -1,0 +1,76 @@
+"""Penalties and biases on the logits, on the device, before temperature and filters (vLLM's order):
+logit_bias, then repetition_penalty over the prompt and output tokens, frequency and presence penalties
+over the output tokens, then min_new_tokens (eos and stop ids masked while too few tokens are out).
+
+Only the rows that use one pay anything. No [B, V] count buffer is kept: each step the rows' token ids
+are scattered as (row, id) keys and `torch.unique` turns them into the few (row, id, count) triples
+that change, so the work is proportional to the tokens of penalized rows, not to B x V. The token still
+in flight (sampled by the previous step, not yet read back) is read on the device through `prev_row`.
+Rows with penalties run eagerly (outside the decode CUDA graphs, whose sampler reads the raw logits).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from hotswap.runner.batch_entry import BatchEntry
+
+
+def _flat(lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(row of each id, the ids) of several id lists, as int64 arrays."""
+    lengths = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
+    ids = np.fromiter((t for x in lists for t in x), dtype=np.int64, count=int(lengths.sum()))
+    return np.repeat(np.arange(len(lists), dtype=np.int64), lengths), ids
+
+
+def _unique_keys(rows: torch.Tensor, ids: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    keys, counts = torch.unique(rows * vocab + ids, return_counts=True)
+    return keys // vocab, keys % vocab, counts
+
+
+def apply_penalties(logits: torch.Tensor, entries: list[BatchEntry], prev_token_ids: torch.Tensor | None,
+                    to_device) -> torch.Tensor:
+    """float32 [B, V]: `logits` (one row per entry) with each row's penalties and biases applied.
+    `to_device`: numpy array -> tensor on the logits' device."""
+    x = logits.float().clone() if logits.dtype == torch.float32 else logits.float()
+    vocab, dev = x.shape[1], x.device
+    pen = [i for i, e in enumerate(entries) if e.params.has_penalties]
+    ps = [entries[i].params for i in pen]
+    pen_rows = to_device(np.array(pen, dtype=np.int64))
+
+    bias = [(i, t, b) for i, p in zip(pen, ps) for t, b in p.logit_bias.items()]
+    if bias:
+        r, t, b = zip(*bias)
+        x.index_put_((to_device(np.array(r, dtype=np.int64)), to_device(np.array(t, dtype=np.int64))),
+                     to_device(np.array(b, dtype=np.float32)), accumulate=True)
+
+    counted = [k for k, p in enumerate(ps) if p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty]
+    if counted:
+        rows, ids = _flat([entries[pen[k]].output_ids for k in counted])
+        rows, ids = to_device(np.asarray(np.take(counted, rows), dtype=np.int64)), to_device(ids)
+        inflight = [(k, entries[pen[k]].prev_row) for k in counted if entries[pen[k]].prev_row >= 0]
+        if inflight:  # the newest output token is still on the device
+            k_rows, prev = (to_device(np.array(c, dtype=np.int64)) for c in zip(*inflight))
+            rows, ids = torch.cat([rows, k_rows]), torch.cat([ids, prev_token_ids[prev]])
+        rep = torch.tensor([p.repetition_penalty for p in ps], dtype=torch.float32, device=dev)
+        freq = torch.tensor([p.frequency_penalty for p in ps], dtype=torch.float32, device=dev)
+        pres = torch.tensor([p.presence_penalty for p in ps], dtype=torch.float32, device=dev)
+        repeated = [k for k in counted if ps[k].repetition_penalty != 1.0]
+        if repeated:  # repetition: every token seen in the prompt or the output
+            p_rows, p_ids = _flat([entries[pen[k]].prompt_ids for k in repeated])
+            all_rows = torch.cat([rows, to_device(np.asarray(np.take(repeated, p_rows), dtype=np.int64))])
+            k, t, _ = _unique_keys(all_rows, torch.cat([ids, to_device(p_ids)]), vocab)
+            v = x[pen_rows[k], t]
+            x[pen_rows[k], t] = torch.where(v > 0, v / rep[k], v * rep[k])
+        k, t, c = _unique_keys(rows, ids, vocab)
+        x[pen_rows[k], t] -= freq[k] * c.float() + pres[k]
+
+    banned = [(i, t) for i in pen for t in (entries[i].banned_ids or ())]
+    if banned:
+        r, t = zip(*banned)
+        x[to_device(np.array(r, dtype=np.int64)), to_device(np.array(t, dtype=np.int64))] = float("-inf")
+    return x

@@ -1,0 +1,116 @@
+"""Prompt logprobs, penalties, keep-sets and no_stop_trim over HTTP, each reply parsed as the framework
+that sends the request parses it."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from hotswap import Engine
+from hotswap.server.app import create_app
+from hotswap.server.launch import ServerThread
+
+GREEDY = {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}
+IDS = [11, 52, 7, 300, 41, 9, 120, 77]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_qwen3):
+    eng = Engine(str(tiny_qwen3), device="cpu", page_size=4)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    with ServerThread(create_app(engine, served_model_name="tiny")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def test_generate_returns_sglang_input_token_logprobs(http, engine):
+    """verl's HttpServerAdapter.generate sends logprob_start_len and top_logprobs_num and returns the dict."""
+    ref = engine.generate(input_ids=IDS, sampling_params=GREEDY, return_logprob=True, logprob_start_len=0, top_logprobs_num=2)
+    body = {"input_ids": IDS, "sampling_params": GREEDY, "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 2,
+            "return_text_in_logprobs": True}
+    meta = http.post("/generate", json=body).json()["meta_info"]
+    assert [x[1] for x in meta["input_token_logprobs"]] == IDS and meta["input_token_logprobs"][0][0] is None
+    assert [x[0] for x in meta["input_token_logprobs"]] == [x[0] for x in ref["meta_info"]["input_token_logprobs"]]
+    assert all(isinstance(x[2], str) for x in meta["input_token_logprobs"])
+    assert meta["input_top_logprobs"][0] is None and all(len(t) == 2 for t in meta["input_top_logprobs"][1:])
+
+
+def test_openai_echo_with_logprobs_prepends_the_prompt(oai, engine):
+    ref = engine.generate(input_ids=IDS, sampling_params=dict(GREEDY, max_new_tokens=4), return_logprob=True, logprob_start_len=0)
+    c = oai.completions.create(model="tiny", prompt=IDS, max_tokens=4, temperature=0, echo=True, logprobs=1)
+    lp = c.choices[0].logprobs
+    want = [x[0] for x in ref["meta_info"]["input_token_logprobs"]] + [x[0] for x in ref["meta_info"]["output_token_logprobs"]]
+    assert lp.token_logprobs == want and lp.token_logprobs[0] is None
+    assert len(lp.tokens) == len(IDS) + 4 and lp.top_logprobs[0] is None and len(lp.top_logprobs) == len(IDS) + 4
+
+    stream = oai.completions.create(model="tiny", prompt=IDS, max_tokens=4, temperature=0, echo=True, logprobs=1, stream=True)
+    streamed = [x for chunk in stream for ch in chunk.choices if ch.logprobs for x in ch.logprobs.token_logprobs]
+    assert streamed == want
+
+
+def test_vllm_prompt_logprobs_on_completions(http, engine):
+    """prime-rl's prefill_logprobs reads prompt_logprobs[i] (None at 0, else {token_id: {logprob}}, first value)."""
+    ref = engine.generate(input_ids=IDS, sampling_params=dict(GREEDY, max_new_tokens=1), return_logprob=True, logprob_start_len=0)
+    r = http.post("/v1/completions", json={"model": "tiny", "prompt": IDS, "max_tokens": 1, "temperature": 1.0, "prompt_logprobs": 1})
+    assert r.status_code == 200, r.text
+    pl = r.json()["choices"][0]["prompt_logprobs"]
+    assert pl[0] is None and len(pl) == len(IDS)
+    for j in range(1, len(IDS)):
+        assert pl[j][str(IDS[j])]["logprob"] == ref["meta_info"]["input_token_logprobs"][j][0]
+        assert 1 <= len(pl[j]) <= 2
+
+
+def test_penalties_and_bias_over_http(http, oai, engine):
+    sp = dict(GREEDY, frequency_penalty=1.0, presence_penalty=0.5, repetition_penalty=1.5, min_new_tokens=2)
+    ref = engine.generate(input_ids=IDS, sampling_params=sp)
+    assert http.post("/generate", json={"input_ids": IDS, "sampling_params": sp}).json()["output_ids"] == ref["output_ids"]
+    c = oai.completions.create(model="tiny", prompt=IDS, max_tokens=3, temperature=0, logit_bias={"123": 100})
+    plain = engine.generate(input_ids=IDS, sampling_params={"max_new_tokens": 3, "temperature": 0})["output_ids"]
+    assert plain != [123] * 3 and c.choices[0].text == engine.tokenizer.decode([123] * 3)
+
+
+def test_keep_sets_over_http_as_slime_reads_them(http):
+    sp = {"max_new_tokens": 5, "temperature": 1.0, "top_p": 0.7, "top_k": 30, "seed": 1, "ignore_eos": True,
+          "custom_params": {"return_top_p_token_ids": True}}
+    out = http.post("/generate", json={"input_ids": IDS, "sampling_params": sp, "return_logprob": True}).json()
+    meta = out["meta_info"]
+    ids = np.frombuffer(base64.b64decode(meta["top_p_token_ids"]), dtype="<i4")
+    offsets = np.frombuffer(base64.b64decode(meta["top_p_token_offsets"]), dtype="<i4")
+    assert len(offsets) == len(out["output_ids"]) + 1
+    for j, tok in enumerate(out["output_ids"]):
+        assert tok in ids[offsets[j] : offsets[j + 1]].tolist()
+
+
+def test_no_stop_trim_on_every_path(http, oai, engine):
+    base = engine.generate(input_ids=IDS, sampling_params=dict(GREEDY, max_new_tokens=12))["text"]
+    stop = next(base[i : i + 2] for i in range(2, len(base) - 2) if base[i : i + 2].strip() and base.find(base[i : i + 2]) == i)
+    cut = base[: base.index(stop)]
+    sp = dict(GREEDY, max_new_tokens=12, stop=[stop])
+    assert engine.generate(input_ids=IDS, sampling_params=dict(sp, no_stop_trim=True))["text"] == cut + stop
+    assert engine.generate(input_ids=IDS, sampling_params=sp)["text"] == cut
+    c = oai.completions.create(model="tiny", prompt=IDS, max_tokens=12, temperature=0, stop=[stop], extra_body={"no_stop_trim": True,
+                                                                                                                "ignore_eos": True})
+    assert c.choices[0].text == cut + stop
+    with http.stream("POST", "/generate", json={"input_ids": IDS, "sampling_params": dict(sp, no_stop_trim=True), "stream": True}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert events[-1]["text"] == cut + stop and "".join(e["delta_text"] for e in events) == cut + stop
