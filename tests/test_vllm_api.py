@@ -147,9 +147,9 @@ def test_update_weights_refusals_change_nothing(http, tmp_path):
 
 
 def skyrl_sampling_params(**overrides) -> dict:
-    """`engine_utils.py::get_vllm_sampling_params` for a greedy config, without `min_tokens` (refused below)."""
-    sp = {"skip_special_tokens": True, "include_stop_str_in_output": True, "max_tokens": 8, "temperature": 0.0, "top_p": 1.0,
-          "top_k": -1, "min_p": 0.0, "logprobs": 0, "stop": None, "ignore_eos": True}
+    """`engine_utils.py::get_vllm_sampling_params` for a greedy config (its default `min_tokens: 1` included)."""
+    sp = {"min_tokens": 1, "skip_special_tokens": True, "include_stop_str_in_output": True, "max_tokens": 8, "temperature": 0.0,
+          "top_p": 1.0, "top_k": -1, "min_p": 0.0, "logprobs": 0, "stop": None, "ignore_eos": True}
     sp.update(overrides)
     return sp
 
@@ -191,10 +191,49 @@ def test_skyrl_tinker_sample(http):
     assert [c["token_ids"] for c in again["choices"]] == [s["tokens"] for s in seqs]  # seeded
 
 
+def test_generate_tokens_min_tokens_holds_back_stop_ids(http):
+    """vLLM's min_tokens (SkyRL sends 1 by default) is the engine's min_new_tokens: a stop id the greedy
+    path would emit first cannot end the request before min_tokens tokens are out."""
+    first = greedy_ids(http, PROMPT_IDS, n=1)[0]
+    sp = skyrl_sampling_params(ignore_eos=False, stop_token_ids=[first], max_tokens=6, min_tokens=0)
+    r = http.post("/inference/v1/generate", json={"sampling_params": sp, "token_ids": PROMPT_IDS})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["token_ids"] == [first] and r.json()["choices"][0]["finish_reason"] == "stop"
+    r = http.post("/inference/v1/generate", json={"sampling_params": dict(sp, min_tokens=3), "token_ids": PROMPT_IDS})
+    assert r.status_code == 200, r.text
+    ids = r.json()["choices"][0]["token_ids"]
+    assert len(ids) >= 3 and first not in ids[:3]
+
+
+def test_prime_rl_prefill_logprobs(http):
+    """prime-rl `client.py::prefill_logprobs`: {max_tokens: 1, temperature: 1.0, top_p: 1.0, prompt_logprobs: 1};
+    reads prompt_logprobs[i] (None at 0, else the first value's logprob, the prompt token's). Equal to
+    /generate's input_token_logprobs from logprob_start_len 0; the top-1 entry carries rank 1."""
+    sp = {"max_tokens": 1, "temperature": 1.0, "top_p": 1.0, "prompt_logprobs": 1}
+    r = http.post("/inference/v1/generate", json={"model": "tiny", "token_ids": PROMPT_IDS, "sampling_params": sp})
+    assert r.status_code == 200, r.text
+    plp = r.json()["prompt_logprobs"]
+    assert len(plp) == len(PROMPT_IDS) and plp[0] is None
+    logprobs = [next(iter(entry.values()))["logprob"] for entry in plp[1:]]
+    assert [int(next(iter(entry))) for entry in plp[1:]] == PROMPT_IDS[1:]
+    for entry in plp[1:]:
+        assert 1 <= len(entry) <= 2 and any(v["rank"] == 1 for v in entry.values())
+    ref = http.post("/generate", json={"input_ids": PROMPT_IDS, "return_logprob": True, "logprob_start_len": 0,
+                                       "sampling_params": {"max_new_tokens": 1}}).json()
+    expected = [lp for lp, _, _ in ref["meta_info"]["input_token_logprobs"]]
+    assert expected[0] is None and logprobs == pytest.approx(expected[1:], abs=1e-5)
+    assert all(lp < 0 for lp in logprobs)
+    # prompt_logprobs 0: the prompt token alone; and output logprobs stay absent unless asked
+    r = http.post("/inference/v1/generate", json={"token_ids": PROMPT_IDS, "sampling_params": dict(sp, prompt_logprobs=0)})
+    body = r.json()
+    assert all(len(entry) == 1 for entry in body["prompt_logprobs"][1:]) and body["choices"][0]["logprobs"] is None
+    assert [next(iter(e.values()))["logprob"] for e in body["prompt_logprobs"][1:]] == pytest.approx(expected[1:], abs=1e-5)
+
+
 def test_generate_tokens_refuses_what_it_does_not_serve(http):
-    """SkyRL's default sampling params carry min_tokens: 1, refused by name rather than ignored; so are
-    prompt_logprobs (prime-rl's `prefill_logprobs`), penalties and unknown fields."""
-    for key, value in (("min_tokens", 1), ("prompt_logprobs", 1), ("presence_penalty", 0.5), ("no_such_field", 1)):
+    """Fields hotswap does not implement are refused by name rather than ignored, as are out-of-range
+    prompt_logprobs and penalties (the engine names them) and unknown fields."""
+    for key, value in (("allowed_token_ids", [1, 2]), ("prompt_logprobs", 21), ("presence_penalty", 5.0), ("no_such_field", 1)):
         r = http.post("/inference/v1/generate", json={"sampling_params": skyrl_sampling_params(**{key: value}), "token_ids": PROMPT_IDS})
         assert r.status_code == 400 and key in r.json()["error"]["message"], (key, r.text)
     r = http.post("/inference/v1/generate", json={"sampling_params": skyrl_sampling_params(), "token_ids": PROMPT_IDS, "model": "other"})

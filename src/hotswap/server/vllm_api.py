@@ -15,6 +15,7 @@ import asyncio
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -24,7 +25,7 @@ from starlette.responses import Response
 from hotswap import protocol as p
 from hotswap.server.generation import engine_error
 from hotswap.server.http_utils import APIError, JSONResponse, await_unless_disconnected, engine_call, parse_body
-from hotswap.server.openai_api import check_model, finish_reason
+from hotswap.server.openai_api import check_model, finish_reason, vllm_prompt_logprobs
 from hotswap.server.weights_api import check_source_dir
 
 if TYPE_CHECKING:
@@ -123,25 +124,44 @@ class TokensGenerateBody(BaseModel):
 
 
 # vLLM SamplingParams fields served, and those accepted only at their neutral value (anything else is refused by name)
-_NEUTRAL_SAMPLING = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "min_tokens": 0,
-                     "logit_bias": None, "allowed_token_ids": None, "bad_words": None, "structured_outputs": None,
-                     "guided_decoding": None, "logits_processors": None, "extra_args": None, "truncate_prompt_tokens": None,
-                     "prompt_logprobs": None, "use_beam_search": False, "flat_logprobs": False}
+_NEUTRAL_SAMPLING = {"allowed_token_ids": None, "bad_words": None, "structured_outputs": None, "guided_decoding": None,
+                     "logits_processors": None, "extra_args": None, "truncate_prompt_tokens": None, "use_beam_search": False,
+                     "flat_logprobs": False}
 # output formatting only (token ids are what this route returns): accepted as they come
 _FORMAT_ONLY = ("detokenize", "include_stop_str_in_output", "spaces_between_special_tokens", "output_kind", "skip_special_tokens")
-_SERVED = ("n", "best_of", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos", "max_tokens", "logprobs")
+_SERVED = ("n", "best_of", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos", "max_tokens", "logprobs",
+           "prompt_logprobs", "min_tokens", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias")
+# vLLM name -> ours, passed as given (the engine validates the values and names a bad one)
+_RENAMED = {"min_tokens": "min_new_tokens", "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+            "repetition_penalty": "repetition_penalty", "logit_bias": "logit_bias"}
 
 
-def vllm_sampling_params(sp: dict[str, Any], prompt_len: int, max_context_len: int) -> tuple[dict[str, Any], int | None]:
-    """vLLM SamplingParams -> (our sampling dict, logprobs k or None). Raises APIError(400) naming the field."""
+@dataclass(frozen=True, slots=True)
+class VllmSampling:
+    """A vLLM SamplingParams read for our engine: the sampling dict, `logprobs` (k per output token, or None)
+    and `prompt_logprobs` (k per prompt token, or None)."""
+
+    params: dict[str, Any]
+    logprobs: int | None
+    prompt_logprobs: int | None
+
+
+def _logprob_count(sp: dict[str, Any], key: str) -> int | None:
+    k = sp.get(key)
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= 20):
+        raise APIError(400, f"{key} must be an integer in [0, 20] or null, got {k!r}", param=key)
+    return k
+
+
+def vllm_sampling_params(sp: dict[str, Any], prompt_len: int, max_context_len: int) -> VllmSampling:
+    """vLLM SamplingParams -> our sampling dict and logprob counts. Raises APIError(400) naming the field."""
     unknown = sorted(set(sp) - set(_NEUTRAL_SAMPLING) - set(_FORMAT_ONLY) - set(_SERVED))
     if unknown:
         raise APIError(400, f"unknown or unsupported sampling parameter(s): {', '.join(unknown)}", param="sampling_params")
     for key, neutral in _NEUTRAL_SAMPLING.items():
         value = sp.get(key, neutral)
         if value is not None and value != neutral and value not in ({}, []):
-            hint = " (prompt logprobs are not served by this route yet)" if key == "prompt_logprobs" else ""
-            raise APIError(400, f"sampling parameter {key}={value!r} is not supported by hotswap (only {neutral!r}){hint}", param=key)
+            raise APIError(400, f"sampling parameter {key}={value!r} is not supported by hotswap (only {neutral!r})", param=key)
     n = sp.get("n", 1)
     best_of = sp.get("best_of")
     if best_of is not None and best_of != n:
@@ -153,6 +173,9 @@ def vllm_sampling_params(sp: dict[str, Any], prompt_len: int, max_context_len: i
     for key in ("top_p", "min_p", "seed"):
         if sp.get(key) is not None:
             out[key] = sp[key]
+    for theirs, ours in _RENAMED.items():
+        if sp.get(theirs) is not None:
+            out[ours] = sp[theirs]
     top_k = sp.get("top_k")
     if top_k is not None:
         out["top_k"] = -1 if isinstance(top_k, int) and not isinstance(top_k, bool) and top_k <= 0 else top_k  # vLLM: 0 or -1 = off
@@ -160,10 +183,7 @@ def vllm_sampling_params(sp: dict[str, Any], prompt_len: int, max_context_len: i
         out["stop"] = [sp["stop"]] if isinstance(sp["stop"], str) else sp["stop"]
     if sp.get("stop_token_ids"):
         out["stop_token_ids"] = sp["stop_token_ids"]
-    k = sp.get("logprobs")
-    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= 20):
-        raise APIError(400, f"logprobs must be an integer in [0, 20] or null, got {k!r}", param="logprobs")
-    return out, k
+    return VllmSampling(params=out, logprobs=_logprob_count(sp, "logprobs"), prompt_logprobs=_logprob_count(sp, "prompt_logprobs"))
 
 
 def token_id_logprobs(meta: dict, k: int) -> dict:
@@ -326,9 +346,11 @@ def register(app: FastAPI, state: ServerState) -> None:
                             ("kv_transfer_params", bool(body.kv_transfer_params))):
             if given:
                 raise APIError(400, f"{name} is not supported by hotswap's /inference/v1/generate", param=name)
-        sp, k = vllm_sampling_params(body.sampling_params, len(body.token_ids), state.max_context_len)
-        coro = engine.async_generate(input_ids=list(body.token_ids), sampling_params=sp, return_logprob=k is not None,
-                                     top_logprobs_num=k or 0)
+        vs = vllm_sampling_params(body.sampling_params, len(body.token_ids), state.max_context_len)
+        k, pk = vs.logprobs, vs.prompt_logprobs
+        coro = engine.async_generate(input_ids=list(body.token_ids), sampling_params=vs.params,
+                                     return_logprob=k is not None or pk is not None, top_logprobs_num=max(k or 0, pk or 0),
+                                     logprob_start_len=0 if pk is not None else None)
         try:
             result = await await_unless_disconnected(request, coro)
         except (ValueError, TypeError) as exc:
@@ -340,8 +362,10 @@ def register(app: FastAPI, state: ServerState) -> None:
                    for i, out in enumerate(outs)]
         completion = sum(len(out["output_ids"]) for out in outs)
         prompt = len(body.token_ids)
+        # every choice scored the same prompt: the reply carries it once, at the top level (vLLM's GenerateResponse)
+        prompt_logprobs = vllm_prompt_logprobs(state, outs[0]["meta_info"], pk) if pk is not None else None
         return JSONResponse({"request_id": f"generate-tokens-{body.request_id or uuid.uuid4().hex}", "choices": choices,
-                             "prompt_logprobs": None, "kv_transfer_params": None,
+                             "prompt_logprobs": prompt_logprobs, "kv_transfer_params": None,
                              "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
                              "metadata": {"weight_version": outs[-1]["meta_info"].get("weight_version")}})
 
