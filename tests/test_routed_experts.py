@@ -215,3 +215,25 @@ def test_cuda_graphs_write_the_same_routing_as_the_cpu(tiny_qwen3_moe):
     for a, b in zip(ref, got):
         assert a["output_ids"] == b["output_ids"]
         assert a["meta_info"]["routed_experts"] == b["meta_info"]["routed_experts"]
+
+
+@pytest.mark.gpu
+def test_gpu_kv_release_frees_the_table_and_recaptured_graphs_write_the_new_one(tiny_qwen3_moe):
+    """Released with the KV, the table's device memory is returned; the graphs captured after the resume
+    write the new table (a graph still holding the old address would leave its rows at -1)."""
+    prompts = [prompt_ids(70 + i, n) for i, n in enumerate([6, 25])]
+    with make_engine(tiny_qwen3_moe) as cpu:
+        ref = cpu.generate(input_ids=prompts, sampling_params=SP, return_routed_experts=True)
+    with Engine(str(tiny_qwen3_moe), device="cuda", dtype="float32", enable_return_routed_experts=True, num_pages=4096) as gpu:
+        assert gpu.model_runner.cuda_graphs is not None
+        table = gpu.model_runner.routed_experts
+        table_bytes = table.ids.numel() * table.ids.element_size()
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated(gpu.device)
+        assert gpu.release_memory_occupation(tags=["kv_cache"]).success
+        assert held - torch.cuda.memory_allocated(gpu.device) >= table_bytes + gpu.model_runner.kv_cache.bytes_per_page * 4096
+        assert gpu.resume_memory_occupation(tags=["kv_cache"]).success
+        got = gpu.generate(input_ids=prompts, sampling_params=SP, return_routed_experts=True)
+    for a, b in zip(ref, got):
+        assert a["output_ids"] == b["output_ids"]
+        assert a["meta_info"]["routed_experts"] == b["meta_info"]["routed_experts"]
