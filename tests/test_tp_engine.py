@@ -16,7 +16,7 @@ from hf_reference import reference_ids as reference
 from safetensors.torch import save_file
 from trainer_support import TrainerProcess, checkpoint_tensors, serve_engine_http
 
-from hotswap import Engine
+from hotswap import Engine, HotswapError
 from hotswap.trainer import free_port, state_dict_manifest
 
 # chunked_prefill_size 8: the longer prompts below are prefilled in chunks
@@ -269,3 +269,13 @@ def test_a_failed_start_names_the_error_and_leaves_no_worker(tiny_qwen3):
     assert set(multiprocessing.active_children()) <= before
     with pytest.raises(ValueError, match="tensor_parallel_size 3 does not divide the model's num_attention_heads 4"):
         Engine(str(tiny_qwen3), tensor_parallel_size=3, **ARGS)
+
+
+def test_an_moe_model_is_refused_at_construction_naming_the_limitation(tiny_qwen3_moe):
+    """Experts are not sharded across ranks yet: the Engine says so before it spawns any worker."""
+    import multiprocessing
+
+    before = set(multiprocessing.active_children())
+    with pytest.raises(HotswapError, match=r"mixture-of-experts model.*not sharded across tensor-parallel ranks.*tensor_parallel_size=1"):
+        Engine(str(tiny_qwen3_moe), tensor_parallel_size=2, **ARGS)
+    assert set(multiprocessing.active_children()) <= before

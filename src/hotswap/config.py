@@ -230,13 +230,14 @@ def model_config_for(config: EngineConfig) -> ModelConfig:
     tp = config.tensor_parallel_size
     if not isinstance(tp, int) or tp < 1:
         raise HotswapError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
+    if tp > 1 and mc.num_experts:
+        raise HotswapError(f"tensor_parallel_size {tp}: {mc.architecture} is a mixture-of-experts model, and hotswap serves those on "
+                           "one device only for now (expert weights are not sharded across tensor-parallel ranks); "
+                           "use tensor_parallel_size=1")
     uneven = [f"{what} {n}" for what, n in (("num_attention_heads", mc.num_heads), ("num_key_value_heads", mc.num_kv_heads),
                                             ("intermediate_size", mc.intermediate_size)) if n % tp]
     if uneven:
         raise HotswapError(f"tensor_parallel_size {tp} does not divide the model's {', '.join(uneven)}")
     if config.enable_return_routed_experts and not mc.num_experts:
         raise HotswapError(f"enable_return_routed_experts needs a mixture-of-experts model; {mc.architecture} has no experts")
-    if tp > 1 and mc.num_experts:
-        raise HotswapError(f"tensor_parallel_size {tp}: mixture-of-experts models run on one GPU for now "
-                           "(expert weights are not sharded across ranks)")
     return mc

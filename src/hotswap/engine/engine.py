@@ -171,11 +171,14 @@ class Engine:
     # ---- generation: one core (prepare -> submit -> feed outputs), thin sync / async / stream wrappers ----
 
     def generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool = False,
-                 top_logprobs_num: int = 0, stream: bool = False, return_routed_experts: bool = False):
+                 top_logprobs_num: int = 0, stream: bool = False, return_routed_experts: bool = False,
+                 routed_experts_start_len: int = 0):
         """One prompt -> one dict; a list (or n > 1) -> a list of dicts; stream=True -> an iterator of dicts
-        (each with an `index` when the call fans out to several requests)."""
+        (each with an `index` when the call fans out to several requests). `routed_experts_start_len`: the
+        routing returned starts at that absolute position (SGLang's field; at most the prompt's length)."""
         self._check_open()
-        prepared = self.prep.prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, return_routed_experts)
+        prepared = self.prep.prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, return_routed_experts,
+                                     routed_experts_start_len)
         if stream:
             return self._stream(prepared)
         q: queue.Queue = queue.Queue()
@@ -193,12 +196,13 @@ class Engine:
                 yield from call.feed(_take(q))
 
     async def async_generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool = False,
-                             top_logprobs_num: int = 0, stream: bool = False, return_routed_experts: bool = False):
+                             top_logprobs_num: int = 0, stream: bool = False, return_routed_experts: bool = False,
+                             routed_experts_start_len: int = 0):
         """Awaitable generate; with stream=True returns an async iterator of dicts. Tokenization and
         validation run in a worker thread, never on the event loop."""
         self._check_open()
         prepared = await asyncio.to_thread(self.prep.prepare, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num,
-                                           return_routed_experts)
+                                           return_routed_experts, routed_experts_start_len)
         if stream:
             return self._astream(prepared)
         inbox = CallInbox()
@@ -229,7 +233,8 @@ class Engine:
             req = p.GenerateRequest(rid=uuid.uuid4().hex, input_ids=r.input_ids, sampling_params=sp, seed=r.seed, sink=sink,
                                     flush=flush, stream=stream, stream_text=bool(sp.stop))
             reqs.append(req)
-            collectors.append(Collector(rid=req.rid, return_logprob=sp.return_logprob, index=i if multi else None, detok=detok))
+            collectors.append(Collector(rid=req.rid, return_logprob=sp.return_logprob, index=i if multi else None, detok=detok,
+                                        routed_experts_start_len=sp.routed_experts_start_len))
         call = _Call(collectors=collectors, single=prepared.single, stream=stream)
         self.scheduler.submit(p.GenerateBatch(requests=reqs))
         return call

@@ -47,14 +47,18 @@ class RequestPrep:
         self._rng = random.Random(self.seed)
 
     def prepare(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool = False,
-                top_logprobs_num: int = 0, return_routed_experts: bool = False) -> PreparedCall:
+                top_logprobs_num: int = 0, return_routed_experts: bool = False, routed_experts_start_len: int = 0) -> PreparedCall:
         """Validate everything up front; raises HotswapError on bad input and submits nothing."""
         if (prompt is None) == (input_ids is None):
             raise HotswapError("give exactly one of prompt or input_ids")
         id_lists, single = self._token_ids(prompt, input_ids)
-        sps = self._sampling_params(sampling_params, len(id_lists), return_logprob, top_logprobs_num, return_routed_experts)
-        for i, ids in enumerate(id_lists):
+        sps = self._sampling_params(sampling_params, len(id_lists), return_logprob, top_logprobs_num, return_routed_experts,
+                                    routed_experts_start_len)
+        for i, (ids, sp) in enumerate(zip(id_lists, sps)):
             self._check_prompt(i, ids)
+            if sp.routed_experts_start_len > len(ids):  # SGLang's range: [0, prompt tokens]
+                raise HotswapError(f"routed_experts_start_len {sp.routed_experts_start_len} is past the end of prompt {i} "
+                                   f"({len(ids)} tokens)")
         requests = []
         for i, (ids, sp) in enumerate(zip(id_lists, sps)):
             one = dataclasses.replace(sp, n=1) if sp.n != 1 else sp
@@ -82,7 +86,7 @@ class RequestPrep:
         return id_lists, single
 
     def _sampling_params(self, sampling_params, count: int, return_logprob: bool, top_logprobs_num: int,
-                         return_routed_experts: bool) -> list[SamplingParams]:
+                         return_routed_experts: bool, routed_experts_start_len: int) -> list[SamplingParams]:
         if isinstance(sampling_params, list):
             if len(sampling_params) != count:
                 raise HotswapError(f"{len(sampling_params)} sampling_params for {count} prompts")
@@ -99,6 +103,12 @@ class RequestPrep:
             raise HotswapError(f"return_routed_experts must be a boolean, got {return_routed_experts!r}")
         if return_routed_experts:
             sps = [dataclasses.replace(sp, return_routed_experts=True) for sp in sps]
+        if not isinstance(routed_experts_start_len, int) or isinstance(routed_experts_start_len, bool) or routed_experts_start_len < 0:
+            raise HotswapError(f"routed_experts_start_len must be an integer >= 0, got {routed_experts_start_len!r}")
+        if routed_experts_start_len:
+            sps = [dataclasses.replace(sp, routed_experts_start_len=routed_experts_start_len) for sp in sps]
+        if any(sp.routed_experts_start_len and not sp.return_routed_experts for sp in sps):
+            raise HotswapError("routed_experts_start_len needs return_routed_experts")
         if any(sp.return_routed_experts for sp in sps) and not self.routed_experts_enabled:
             raise HotswapError("return_routed_experts needs an engine started with enable_return_routed_experts=True")
         out = []

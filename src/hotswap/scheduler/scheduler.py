@@ -376,8 +376,8 @@ class Scheduler:
         """Release finished sequences (their reasons set) and send their last outputs."""
         table = self.model_runner.routed_experts
         asking = [s for s in seqs if s.req.sampling_params.return_routed_experts] if table is not None else []
-        # every forwarded position (the last sampled token never was), read before the pages go
-        spans = [(s.pages, min(s.num_computed, s.num_tokens - 1)) for s in asking]
+        # every forwarded position from the asked start (the last sampled token never was), read before the pages go
+        spans = [(s.pages, s.req.sampling_params.routed_experts_start_len, min(s.num_computed, s.num_tokens - 1)) for s in asking]
         for seq, routed in zip(asking, table.encode_many(spans) if asking else []):
             seq.routed_experts = routed
         for seq in seqs:

@@ -240,6 +240,7 @@ class GenerateBody(BaseModel):
     top_logprobs_num: int | list[int] = 0
     return_text_in_logprobs: bool = False
     return_routed_experts: bool = False
+    routed_experts_start_len: int = 0  # the returned routing starts at this absolute position (<= the prompt's length)
     rid: str | list[str] | None = None
 
 
@@ -374,14 +375,15 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
             normalized = [normalize_sampling_params(sp) for sp in body.sampling_params]
         else:
             normalized = [normalize_sampling_params(body.sampling_params)] * count
-        sps = [dict(sp, return_routed_experts=True) if body.return_routed_experts else sp for sp, _ in normalized]
+        sps = [sp for sp, _ in normalized]
         trims = [trim for _, trim in normalized]
         return_logprob = any(body.return_logprob) if isinstance(body.return_logprob, list) else body.return_logprob
         top_n = max(body.top_logprobs_num, default=0) if isinstance(body.top_logprobs_num, list) else body.top_logprobs_num
         client_rids = [body.rid] if isinstance(body.rid, str) else list(body.rid or [])
         # the engine prepares, validates and fans out (prompts x n, seeds) on every path, streaming or not
         kwargs = {"prompt": body.text, "input_ids": body.input_ids, "sampling_params": sps if isinstance(body.sampling_params, list) else sps[0],
-                  "return_logprob": return_logprob, "top_logprobs_num": top_n}
+                  "return_logprob": return_logprob, "top_logprobs_num": top_n, "return_routed_experts": body.return_routed_experts,
+                  "routed_experts_start_len": body.routed_experts_start_len}
         owners = [i for i, sp in enumerate(sps) for _ in range(sp.get("n", 1) if isinstance(sp.get("n", 1), int) else 1)]
 
         def post(out: dict, trim: bool, delta: bool = False) -> dict:
