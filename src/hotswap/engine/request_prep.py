@@ -25,6 +25,7 @@ class PreparedRequest:
     sampling_params: SamplingParams
     seed: int
     prompt_index: int  # which prompt of the call it samples
+    rid: str | None = None  # the client's request id (SGLang's `rid`): the engine's id for it, in `meta_info.id`
 
 
 @dataclass(slots=True)
@@ -46,12 +47,13 @@ class RequestPrep:
         self._rng = random.Random(self.seed)
 
     def prepare(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool = False,
-                top_logprobs_num: int = 0) -> PreparedCall:
+                top_logprobs_num: int = 0, rid: str | list[str] | None = None) -> PreparedCall:
         """Validate everything up front; raises HotswapError on bad input and submits nothing."""
         if (prompt is None) == (input_ids is None):
             raise HotswapError("give exactly one of prompt or input_ids")
         id_lists, single = self._token_ids(prompt, input_ids)
         sps = self._sampling_params(sampling_params, len(id_lists), return_logprob, top_logprobs_num)
+        rids = self._rids(rid, len(id_lists), single)
         for i, ids in enumerate(id_lists):
             self._check_prompt(i, ids)
         requests = []
@@ -59,8 +61,22 @@ class RequestPrep:
             one = dataclasses.replace(sp, n=1) if sp.n != 1 else sp
             for k in range(sp.n):
                 seed = sp.seed + k if sp.seed is not None else self._draw_seed()
-                requests.append(PreparedRequest(input_ids=ids, sampling_params=one, seed=seed, prompt_index=i))
+                # n samples of one rid: the first keeps it, the others are `rid-k`
+                sample_rid = None if rids[i] is None else rids[i] if k == 0 else f"{rids[i]}-{k}"
+                requests.append(PreparedRequest(input_ids=ids, sampling_params=one, seed=seed, prompt_index=i, rid=sample_rid))
         return PreparedCall(requests=requests, single=single and sps[0].n == 1)
+
+    @staticmethod
+    def _rids(rid, count: int, single: bool) -> list[str | None]:
+        """One client rid per prompt (SGLang: a string for one prompt, a list for a batch), or none."""
+        if rid is None:
+            return [None] * count
+        rids = [rid] if isinstance(rid, str) and single else rid
+        if not isinstance(rids, (list, tuple)) or len(rids) != count or not all(isinstance(r, str) and r for r in rids):
+            raise HotswapError(f"rid must be a non-empty string for one prompt or a list of {count} such strings, got {rid!r}")
+        if len(set(rids)) != len(rids):
+            raise HotswapError(f"rid holds duplicates: {rid!r}")
+        return list(rids)
 
     def _token_ids(self, prompt, input_ids) -> tuple[list[list[int]], bool]:
         if prompt is not None:

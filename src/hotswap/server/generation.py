@@ -1,12 +1,11 @@
 """Engine-facing generation helpers shared by the native and OpenAI routes: SGLang sampling-parameter
-compatibility, opening an engine stream (the engine fans prompts x n out itself), engine refusals as HTTP
-errors, and client request ids."""
+compatibility, opening an engine stream (the engine fans prompts x n out itself), and engine refusals as
+HTTP errors."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from typing import Any
 
 from hotswap.errors import EngineUnavailableError
@@ -103,35 +102,3 @@ async def open_stream(engine, first_chunk_wait_s: float = 1.0, **kwargs) -> Asyn
             await stream.aclose()
 
     return chunks()
-
-
-@dataclass(slots=True)
-class ClientRequest:
-    """A generation call registered under a client-chosen `rid`, so /abort_request can reach it."""
-
-    engine_rids: set[str] = field(default_factory=set)
-    abort_requested: bool = False
-    cancel: Callable[[], None] | None = None  # cancels a non-streaming wait
-
-
-class ClientRids:
-    """client rid -> the engine requests behind it (engine rids appear in `meta_info.id`)."""
-
-    def __init__(self) -> None:
-        self._entries: dict[str, ClientRequest] = {}
-
-    def register(self, rids: list[str]) -> ClientRequest | None:
-        if not rids:
-            return None
-        entry = ClientRequest()
-        for rid in rids:
-            self._entries[rid] = entry
-        return entry
-
-    def release(self, rids: list[str], entry: ClientRequest | None) -> None:
-        for rid in rids:
-            if self._entries.get(rid) is entry:
-                del self._entries[rid]
-
-    def get(self, rid: str) -> ClientRequest | None:
-        return self._entries.get(rid)

@@ -109,9 +109,9 @@ def _stop_suffix(meta: dict, no_stop_trim: bool) -> str:
 
 
 def check_model(state: ServerState, model: str | None) -> None:
-    if model is not None and model not in state.accepted_model_names:
-        raise APIError(404, f"The model `{model}` does not exist; this server serves `{state.served_model_name}`.",
-                       type_="NotFoundError", param="model", code="model_not_found")
+    """Any model name is served by the one model (as SGLang's server does: frameworks send their own names)."""
+    if model is not None and not isinstance(model, str):
+        raise APIError(400, f"model must be a string, got {type(model).__name__}", param="model")
 
 
 def sampling_dict(state: ServerState, body: _SamplingFields, max_new_tokens: int) -> dict:
@@ -291,7 +291,10 @@ def register(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/v1/models/{model_id:path}")
     async def retrieve_model(model_id: str) -> JSONResponse:
-        check_model(state, model_id)
+        # the listing names one model (requests may name any: check_model)
+        if model_id not in (state.served_model_name, state.model_path):
+            raise APIError(404, f"The model `{model_id}` does not exist; this server serves `{state.served_model_name}`.",
+                           type_="NotFoundError", param="model", code="model_not_found")
         return JSONResponse(state.model_card())
 
     @app.post("/v1/completions")
