@@ -19,7 +19,18 @@ _NEUTRAL = {
     "repetition_penalty": 1.0,
     "min_new_tokens": 0,
 }
-_MUST_BE_EMPTY = ("regex", "json_schema", "ebnf", "structural_tag", "logit_bias", "custom_params", "lora_path")
+# constrained decoding (SGLang's and vLLM's names): refused by name wherever a request may carry it
+CONSTRAINED_DECODING_FIELDS = ("regex", "json_schema", "ebnf", "structural_tag", "guided_json", "guided_regex", "guided_choice",
+                               "guided_grammar", "guided_decoding_backend", "structured_outputs")
+_MUST_BE_EMPTY = (*CONSTRAINED_DECODING_FIELDS, "logit_bias", "custom_params", "lora_path")
+
+
+def refuse_constrained_decoding(fields: dict) -> None:
+    """Raise APIError(400) naming a constrained-decoding field that is set: hotswap does not constrain
+    decoding, and an ignored constraint would silently give unconstrained text."""
+    for key in CONSTRAINED_DECODING_FIELDS:
+        if fields.get(key):
+            raise APIError(400, f"{key!r} (constrained decoding) is not supported by hotswap", param=key)
 # Accepted and ignored: they change nothing observable in hotswap's outputs (or only formatting).
 _IGNORED = ("spaces_between_special_tokens", "stream_interval")  # stream_interval: the server's --stream-interval applies
 
@@ -36,6 +47,7 @@ def normalize_sampling_params(params: Any) -> tuple[dict, bool]:
             value = sp.pop(key)
             if value is not None and value != neutral:
                 raise APIError(400, f"sampling parameter {key}={value!r} is not supported by hotswap (only {neutral!r})", param=key)
+    refuse_constrained_decoding(sp)
     for key in _MUST_BE_EMPTY:
         if key in sp:
             value = sp.pop(key)

@@ -13,9 +13,9 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from hotswap.server.generation import engine_error, open_stream
+from hotswap.server.generation import CONSTRAINED_DECODING_FIELDS, engine_error, open_stream
 from hotswap.server.http_utils import (
     SSE_DONE,
     APIError,
@@ -42,6 +42,17 @@ class StreamOptions(BaseModel):
 
 class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_constrained_decoding(cls, data: Any) -> Any:
+        """SGLang's and vLLM's constrained-decoding extras are refused by name, never dropped with the
+        other unknown fields."""
+        if isinstance(data, dict):
+            for key in CONSTRAINED_DECODING_FIELDS:
+                if data.get(key):
+                    raise ValueError(f"{key!r} (constrained decoding) is not supported by hotswap")
+        return data
 
     model: str | None = None
     temperature: float | None = Field(None, ge=0.0)
