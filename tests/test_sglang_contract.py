@@ -94,7 +94,7 @@ def test_slime_flattened_bucket_over_http(served, tiny_qwen3_v2, v2_ids, sglang_
     new = checkpoint(tiny_qwen3_v2)
     names = sorted(new)
     half = len(names) // 2
-    for i, part in enumerate((names[:half], names[half:])):
+    for part in (names[:half], names[half:]):
         payload = serialize(flattened_bucket([(n, new[n]) for n in part]), output_str=True)
         r = c.post("/update_weights_from_tensor", json={"serialized_named_tensors": [payload], "load_format": "flattened_bucket",
                                                         "flush_cache": False, "weight_version": "7"})
@@ -405,3 +405,50 @@ def test_text_prompts_get_bos_as_the_tokenizer_says(tiny_llama_bos):
             oai = openai.OpenAI(base_url=srv.url + "/v1", api_key="x")
             res = oai.completions.create(model="m", prompt=PROMPTS[0], max_tokens=2, temperature=0)
             assert res.usage.prompt_tokens == len(ids)
+
+
+def test_cached_tokens_count_tokens(served):
+    """slime reads meta_info["cached_tokens"] as a token count: a repeated 10-token prompt on 4-token pages
+    reuses its two full pages, 8 tokens."""
+    eng, c = served
+    body = {"input_ids": list(range(3, 13)), "sampling_params": {"max_new_tokens": 2}}
+    assert c.post("/generate", json=body).json()["meta_info"]["cached_tokens"] == 0
+    assert c.post("/generate", json=body).json()["meta_info"]["cached_tokens"] == 8
+
+
+def test_a_tensor_update_waiting_for_a_drain_is_bounded(tiny_qwen3, tiny_qwen3_v2, tmp_path):
+    """A shared-memory tensor update posted over HTTP while a long request runs (SGLang's non-blocking
+    update test) waits for the drain only weight_update_drain_timeout_s: then it is refused, weights
+    unchanged, and the running request goes on."""
+    from hotswap.wire.ipc import shm_descriptors
+
+    long_context = tmp_path / "long"
+    shutil.copytree(tiny_qwen3, long_context)
+    config = json.loads((long_context / "config.json").read_text())
+    config["max_position_embeddings"] = 1 << 16  # a request that runs far longer than the drain bound
+    (long_context / "config.json").write_text(json.dumps(config))
+    with Engine(str(long_context), device="cpu", page_size=4, num_pages=1 << 15, weight_update_drain_timeout_s=1.0) as eng, \
+            ServerThread(create_app(eng)) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        before = eng.check_weights("checksum").digest
+        results = {}
+        body = {"input_ids": [3, 4, 5], "sampling_params": {"max_new_tokens": 60_000, "temperature": 0, "ignore_eos": True}, "rid": "long"}
+        t = threading.Thread(target=lambda: results.setdefault("r", c.post("/generate", json=body)))
+        t.start()
+        deadline = time.monotonic() + 20
+        while eng.get_load().num_running < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        block, descs = shm_descriptors(list(checkpoint(tiny_qwen3_v2).items()), token=eng.get_ipc_token())
+        try:
+            start = time.monotonic()
+            r = c.post("/update_weights_from_tensor", json={"named_tensors": descs})
+            assert r.status_code == 400 and "did not finish within 1 s" in r.json()["message"]
+            assert time.monotonic() - start < 15
+        finally:
+            block.close()
+            block.unlink()
+        assert eng.check_weights("checksum").digest == before
+        assert eng.get_load().num_running == 1  # the request was not disturbed
+        c.post("/abort_request", json={"rid": "long"})
+        t.join(30)
+        assert results["r"].json()["meta_info"]["finish_reason"]["type"] == "abort"
