@@ -16,6 +16,25 @@ from hotswap.sampling_params import SamplingParams
 
 _INT64_MAX = 2**63 - 1
 
+# SGLang sampling parameters frameworks send at their neutral value (AReaL: frequency_penalty=0). One that
+# hotswap's SamplingParams does not have is dropped at exactly this value; any other value is refused by
+# name as an unknown parameter, never silently ignored.
+_SGLANG_NEUTRAL = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0, "min_new_tokens": 0,
+                   "no_stop_trim": False, "spaces_between_special_tokens": True, "regex": None, "json_schema": None, "ebnf": None,
+                   "structural_tag": None, "custom_params": None, "logit_bias": None}
+_SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+
+
+def _is_neutral(key: str, value) -> bool:
+    neutral = _SGLANG_NEUTRAL[key]
+    if neutral is None or isinstance(neutral, bool):
+        return value is neutral
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == neutral
+
+
+def _drop_neutral(params: dict) -> dict:
+    return {k: v for k, v in params.items() if not (k in _SGLANG_NEUTRAL and k not in _SAMPLING_FIELDS and _is_neutral(k, v))}
+
 
 @dataclass(frozen=True, slots=True)
 class PreparedRequest:
@@ -100,9 +119,9 @@ class RequestPrep:
         if isinstance(sampling_params, list):
             if len(sampling_params) != count:
                 raise HotswapError(f"{len(sampling_params)} sampling_params for {count} prompts")
-            sps = [SamplingParams.from_dict(sp) for sp in sampling_params]
+            sps = [SamplingParams.from_dict(_drop_neutral(sp) if isinstance(sp, dict) else sp) for sp in sampling_params]
         else:
-            sps = [SamplingParams.from_dict(dict(sampling_params) if isinstance(sampling_params, dict) else sampling_params)] * count
+            sps = [SamplingParams.from_dict(_drop_neutral(dict(sampling_params)) if isinstance(sampling_params, dict) else sampling_params)] * count
         if not isinstance(return_logprob, bool):
             raise HotswapError(f"return_logprob must be a boolean, got {return_logprob!r}")
         if not isinstance(top_logprobs_num, int) or isinstance(top_logprobs_num, bool) or top_logprobs_num < 0:
