@@ -337,6 +337,8 @@ def test_weights_checker_compare_report(served):
     message = r.json()["message"]
     assert message.startswith("check tensor equality failed:\n") and "name=model.layers.0.self_attn.q_proj.weight max_abs_err=" in message
     assert "name=model.norm.weight " not in message
+    r = c.post("/weights_checker", json={"action": "frobnicate"})
+    assert r.status_code == 400 and "Unsupported action='frobnicate'" in r.json()["message"]
 
 
 # ---- aborts and request ids ----------------------------------------------------------------------------------

@@ -81,8 +81,8 @@ class WeightReads:
             return p.CheckWeightsOutput(success=False, mismatches=mism, message="check tensor equality failed:\n" + "\n".join(lines))
         if req.action == "reset_tensors":
             return self._reset(wm)
-        return p.CheckWeightsOutput(success=False, message=f"Unsupported weights_checker action {req.action!r}; use snapshot, compare, "
-                                                           "reset_tensors or checksum")
+        # SGLang's wording (WeightChecker.handle), then ours
+        return p.CheckWeightsOutput(success=False, message=f"Unsupported action={req.action!r}; use snapshot, compare, reset_tensors or checksum")
 
     def _rank_entry(self, sums: dict[str, str], digest: str) -> dict:
         """SGLang's per-rank checksum entry. hotswap's checksums are of whole (gathered) tensors, the same on
