@@ -165,7 +165,7 @@ def run_path(engine, path: str, w: Workload, mode: str, args, url: str | None) -
                 proc = subprocess.run([sys.executable, str(Path(__file__).with_name("rollout_clients.py"))], input=order,
                                       capture_output=True, text=True, check=False, timeout=args.http_timeout)
             except subprocess.TimeoutExpired:
-                engine.abort_request()  # the requests still running
+                engine.abort_request(abort_all=True)  # the requests still running
                 return {"seconds": float("nan"), "tokens": 0, "tail_seconds": float("nan"), "timed_out": args.http_timeout}
             if proc.returncode:
                 raise RuntimeError(f"{mode}/{path}: the HTTP clients failed:\n{proc.stderr[-4000:]}")

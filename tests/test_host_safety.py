@@ -228,7 +228,7 @@ def test_a_killed_remote_save_leaves_no_local_copy_behind(engine, tiny_qwen3, tm
 
 def test_shm_descriptors_name_only_the_engines_blocks(engine):
     before = digest(engine)
-    norm = engine.get_weights_by_name("model.norm.weight", truncate_size=4).parameter
+    norm = engine.get_weights_by_name("model.norm.weight", truncate_size=4)
     secret = shared_memory.SharedMemory(create=True, size=256)  # some other process's block on the host
     try:
         torch.frombuffer(secret.buf, dtype=torch.float32, count=64).fill_(7.0)
@@ -241,7 +241,7 @@ def test_shm_descriptors_name_only_the_engines_blocks(engine):
             with SharedMemoryBucket([("model.norm.weight", torch.full((64,), 7.0))], token="someotherengine1") as other:
                 r = c.post("/update_weights_from_tensor", json={"named_tensors": other.descriptors})
                 assert r.status_code == 400 and "was not made for this engine" in r.json()["message"]
-        assert digest(engine) == before and engine.get_weights_by_name("model.norm.weight", truncate_size=4).parameter == norm
+        assert digest(engine) == before and engine.get_weights_by_name("model.norm.weight", truncate_size=4) == norm
     finally:
         secret.close()
         secret.unlink()
@@ -271,14 +271,17 @@ def test_cross_site_requests_cannot_change_weights(engine, http):
     assert r.status_code == 403
     r = c.post("/flush_cache", headers={"Origin": "https://evil.example"})
     assert r.status_code == 403
-    r = c.get("/flush_cache")  # a link or an <img> cannot change state
-    assert r.status_code == 405
+    # a link or an <img> on another site cannot flush: browsers mark such GETs, and a marked GET is refused
+    for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"}, {"Origin": "https://evil.example"},
+                    {"Origin": srv.url, "Sec-Fetch-Site": "same-origin"}):
+        assert c.get("/flush_cache", headers=headers).status_code == 403, headers
     r = c.get("/get_weights_by_name", params={"name": "model.norm.weight"}, headers={"Sec-Fetch-Site": "cross-site"})
     assert r.status_code == 403
     assert digest(engine) == before
     # frameworks (JSON, no Origin), the server's own origin and configured origins keep working
     assert c.post("/flush_cache").status_code == 200
     assert c.post("/flush_cache", json={}).status_code == 200
+    assert c.get("/flush_cache").status_code == 200  # slime's and verl's GET (requests/aiohttp send no Origin)
     assert c.post("/flush_cache", headers={"Origin": srv.url}).status_code == 200
     r = c.post("/weights_checker", json={"action": "checksum"}, headers={"Origin": "https://trainer.example"})
     assert r.status_code == 200 and r.json()["digest"] == before

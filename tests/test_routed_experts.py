@@ -11,6 +11,7 @@ import torch
 from hf_reference import hf_greedy, hf_model, prompt_ids
 
 from hotswap import Engine, HotswapError
+from hotswap.errors import EngineUnavailableError
 from hotswap.trainer import decode_routed_experts
 
 SP = {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}
@@ -92,6 +93,50 @@ def test_streamed_request_gets_routing_with_its_last_chunk(tiny_qwen3_moe):
         assert_routing_matches(tiny_qwen3_moe, prompt, chunks[-1])
 
 
+def test_routing_from_a_start_position(tiny_qwen3_moe):
+    """`routed_experts_start_len`: the rows of positions [start, prompt + output - 1) only, the start echoed
+    beside them; a start past the prompt, a bad value, or one without return_routed_experts is refused."""
+    prompt = prompt_ids(21, 13)
+    with make_engine(tiny_qwen3_moe) as eng:
+        full = eng.generate(input_ids=prompt, sampling_params=SP, return_routed_experts=True)
+        assert full["meta_info"]["routed_experts_start_len"] == 0
+        rows = decode_routed_experts(full, LAYERS, TOP_K)
+        for start in (5, len(prompt)):
+            out = eng.generate(input_ids=prompt, sampling_params=SP, return_routed_experts=True, routed_experts_start_len=start)
+            assert out["output_ids"] == full["output_ids"] and out["meta_info"]["routed_experts_start_len"] == start
+            assert (decode_routed_experts(out, LAYERS, TOP_K) == rows[start:]).all()
+        two = [prompt, prompt_ids(22, 9)]  # one start for every prompt of a batch (fanned out with n)
+        outs = eng.generate(input_ids=two, sampling_params=dict(SP, n=2), return_routed_experts=True, routed_experts_start_len=9)
+        for ids, out in zip([two[0]] * 2 + [two[1]] * 2, outs):
+            got = decode_routed_experts(out, LAYERS, TOP_K)
+            assert got.shape[0] == len(ids) + len(out["output_ids"]) - 1 - 9
+            assert torch.equal(torch.from_numpy(got), hf_routing(tiny_qwen3_moe, (ids + out["output_ids"])[:-1])[9:])
+        for kwargs, why in (({"routed_experts_start_len": 10}, "past the end of prompt 1"),
+                            ({"routed_experts_start_len": -1}, "integer >= 0"), ({"routed_experts_start_len": True}, "integer >= 0"),
+                            ({"routed_experts_start_len": 2, "return_routed_experts": False}, "needs return_routed_experts")):
+            with pytest.raises(HotswapError, match=why):
+                eng.generate(input_ids=two, sampling_params=SP, **{"return_routed_experts": True, **kwargs})
+        assert "routed_experts" not in eng.generate(input_ids=prompt, sampling_params=SP)["meta_info"]  # still serves
+
+
+def test_releasing_the_kv_cache_releases_the_routing_table(tiny_qwen3_moe):
+    """The table goes and comes back with the `kv_cache` tag; after the resume (prefix cache emptied) a new
+    request's routing is HF's again."""
+    prompt = prompt_ids(31, 17)
+    with make_engine(tiny_qwen3_moe) as eng:
+        table = eng.model_runner.routed_experts
+        assert_routing_matches(tiny_qwen3_moe, prompt, eng.generate(input_ids=prompt, sampling_params=SP, return_routed_experts=True))
+        assert eng.release_memory_occupation(tags=["kv_cache"]).success
+        assert table.ids is None and eng.model_runner.routed_experts_ids is None
+        with pytest.raises(EngineUnavailableError, match="memory is released"):  # refused, the scheduler unharmed
+            eng.generate(input_ids=prompt, sampling_params=SP, return_routed_experts=True)
+        assert eng.resume_memory_occupation(tags=["kv_cache"]).success
+        assert table.ids.shape == table.shape and (table.ids == -1).all()
+        out = eng.generate(input_ids=prompt, sampling_params=SP, return_routed_experts=True)
+        assert out["meta_info"]["cached_tokens"] == 0
+        assert_routing_matches(tiny_qwen3_moe, prompt, out)
+
+
 def test_routing_needs_the_engine_flag_and_an_moe_model(tiny_qwen3_moe, tiny_qwen3):
     with Engine(str(tiny_qwen3_moe), device="cpu") as eng:
         with pytest.raises(HotswapError, match="enable_return_routed_experts"):
@@ -113,8 +158,9 @@ def test_decode_routed_experts_refuses_a_wrong_shape():
 
 
 def test_http_generate_and_openai_routes_return_routing(tiny_qwen3_moe):
-    """Native /generate (plain and streamed) takes `return_routed_experts`; the OpenAI routes take it as an
-    extra body field and put the same base64 string on each choice (streamed: on the choice's last chunk)."""
+    """Native /generate (plain and streamed) takes `return_routed_experts` and `routed_experts_start_len`; the
+    OpenAI routes take the flag as an extra body field and put the same base64 string on each choice
+    (streamed: on the choice's last chunk)."""
     import httpx
     import openai
 
@@ -134,6 +180,14 @@ def test_http_generate_and_openai_routes_return_routing(tiny_qwen3_moe):
                                                          "return_routed_experts": True}) as resp:
                 events = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
             assert events[-1]["meta_info"]["routed_experts"] == out["meta_info"]["routed_experts"]
+            # top-level routed_experts_start_len, as SGLang's GenerateReqInput; the flag inside sampling_params works too
+            part = http.post("/generate", json={"input_ids": prompt, "sampling_params": dict(SP, return_routed_experts=True),
+                                                "routed_experts_start_len": 3}).json()
+            assert part["meta_info"]["routed_experts_start_len"] == 3
+            assert (decode_routed_experts(part, LAYERS, TOP_K) == decode_routed_experts(out, LAYERS, TOP_K)[3:]).all()
+            bad = http.post("/generate", json={"input_ids": prompt, "sampling_params": SP, "return_routed_experts": True,
+                                               "routed_experts_start_len": len(prompt) + 1})
+            assert bad.status_code == 400 and "routed_experts_start_len" in bad.text
         oai = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=30)
         res = oai.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, extra_body={
             "ignore_eos": True, "return_routed_experts": True})
@@ -157,6 +211,28 @@ def test_cuda_graphs_write_the_same_routing_as_the_cpu(tiny_qwen3_moe):
         ref = cpu.generate(input_ids=prompts, sampling_params=SP, return_routed_experts=True)
     with Engine(str(tiny_qwen3_moe), device="cuda", dtype="float32", enable_return_routed_experts=True) as gpu:
         assert gpu.model_runner.cuda_graphs is not None
+        got = gpu.generate(input_ids=prompts, sampling_params=SP, return_routed_experts=True)
+    for a, b in zip(ref, got):
+        assert a["output_ids"] == b["output_ids"]
+        assert a["meta_info"]["routed_experts"] == b["meta_info"]["routed_experts"]
+
+
+@pytest.mark.gpu
+def test_gpu_kv_release_frees_the_table_and_recaptured_graphs_write_the_new_one(tiny_qwen3_moe):
+    """Released with the KV, the table's device memory is returned; the graphs captured after the resume
+    write the new table (a graph still holding the old address would leave its rows at -1)."""
+    prompts = [prompt_ids(70 + i, n) for i, n in enumerate([6, 25])]
+    with make_engine(tiny_qwen3_moe) as cpu:
+        ref = cpu.generate(input_ids=prompts, sampling_params=SP, return_routed_experts=True)
+    with Engine(str(tiny_qwen3_moe), device="cuda", dtype="float32", enable_return_routed_experts=True, num_pages=4096) as gpu:
+        assert gpu.model_runner.cuda_graphs is not None
+        table = gpu.model_runner.routed_experts
+        table_bytes = table.ids.numel() * table.ids.element_size()
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated(gpu.device)
+        assert gpu.release_memory_occupation(tags=["kv_cache"]).success
+        assert held - torch.cuda.memory_allocated(gpu.device) >= table_bytes + gpu.model_runner.kv_cache.bytes_per_page * 4096
+        assert gpu.resume_memory_occupation(tags=["kv_cache"]).success
         got = gpu.generate(input_ids=prompts, sampling_params=SP, return_routed_experts=True)
     for a, b in zip(ref, got):
         assert a["output_ids"] == b["output_ids"]

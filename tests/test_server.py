@@ -196,10 +196,8 @@ def test_openai_errors(oai, http):
     with pytest.raises(openai.BadRequestError) as exc:
         oai.completions.create(model="tiny", prompt="x", max_tokens=-1)
     assert "max_tokens" in str(exc.value)
-    with pytest.raises(openai.NotFoundError):
-        oai.completions.create(model="gpt-4", prompt="x", max_tokens=2)
-    with pytest.raises(openai.NotFoundError):
-        oai.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+    # any model name is served by the one model, as SGLang's server does
+    assert oai.completions.create(model="gpt-4", prompt="x", max_tokens=2).model == "tiny"
     with pytest.raises(openai.BadRequestError):
         oai.completions.create(model="tiny", prompt="x", max_tokens=2, presence_penalty=2.5)  # OpenAI's range is [-2, 2]
     with pytest.raises(openai.BadRequestError):
@@ -329,16 +327,13 @@ def test_info_routes(http, engine, tiny_qwen3):
     sinfo = http.get("/get_server_info").json()
     assert sinfo["page_size"] == 4 and sinfo["served_model_name"] == "tiny" and "internal_states" in sinfo
     assert http.get("/get_weight_version").json() == {"weight_version": "default"}
-    assert http.get("/flush_cache").status_code == 405  # a GET never changes state
+    assert http.get("/flush_cache").status_code == 200  # slime and verl flush with GET (no browser headers)
     r = http.post("/flush_cache")
     assert r.status_code == 200 and r.json()["success"] is True
-    r = http.post("/abort_request", json={"rid": "no-such-request"})
-    assert r.status_code == 200 and r.json()["success"] is False
-    r = http.post("/abort_request", json={"rid": ""})
-    assert r.status_code == 200 and r.json()["success"] is False
+    for body in ({"rid": "no-such-request"}, {"rid": ""}, {"abort_all": True}):  # SGLang: 200, empty body
+        r = http.post("/abort_request", json=body)
+        assert r.status_code == 200 and r.content == b""
     assert http.post("/abort_request", json={"rid": 5}).status_code == 400
-    r = http.post("/abort_request", json={"abort_all": True})
-    assert r.status_code == 200 and r.json()["success"] is True
 
     assert http.post("/generate", json={"text": PROMPT, "sampling_params": GREEDY}).status_code == 200
     metrics = http.get("/metrics")
@@ -368,10 +363,10 @@ def test_abort_by_client_rid_and_engine_id(http, engine):
         while engine.get_load().num_waiting < 1:
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        assert http.post("/abort_request", json={"rid": "my-rid"}).json()["success"] is True
+        assert http.post("/abort_request", json={"rid": "my-rid"}).status_code == 200
         t.join(5)
         out = results["plain"].json()
-        assert out["meta_info"]["finish_reason"]["type"] == "abort"
+        assert out["meta_info"]["finish_reason"]["type"] == "abort" and out["meta_info"]["id"] == "my-rid"
     finally:
         assert http.post("/continue_generation").status_code == 200
     # a stream: abort by the engine id seen in the first chunk keeps the partial output

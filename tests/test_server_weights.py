@@ -120,7 +120,7 @@ def test_refused_updates_change_nothing(served, refs, tiny_qwen3, tmp_path):
 def test_update_from_tensor_descriptors(served, refs, tiny_qwen3_v2):
     eng, srv, c = served
     r = c.post("/update_weights_from_tensor", json={"serialized_named_tensors": ["gASV..."], "flush_cache": True})
-    assert r.status_code == 400 and "pickle" in r.json()["message"]
+    assert r.status_code == 400 and "not valid base64" in r.json()["message"]
     r = c.post("/update_weights_from_tensor", json={"named_tensors": [{"name": "nope", "dtype": "float32", "shape": [1], "kind": "shm",
                                                                       "shm_name": "hotswap-missing", "offset": 0}]})
     assert r.status_code == 400 and r.json()["success"] is False
@@ -147,9 +147,9 @@ def test_weight_lifecycle_routes(served, refs, tiny_qwen3_v2, tmp_path):
     eng, srv, c = served
     # reads
     r = c.post("/get_weights_by_name", json={"name": "model.layers.0.self_attn.q_proj.weight", "truncate_size": 2})
-    assert r.status_code == 200 and r.json()["success"] and len(r.json()["parameter"]) == 2 and r.json()["shape"]
+    assert r.status_code == 200 and len(r.json()) == 2 and isinstance(r.json()[0], list)  # the bare nested list
     r = c.get("/get_weights_by_name", params={"name": "model.norm.weight", "truncate_size": "3"})
-    assert r.status_code == 200 and len(r.json()["parameter"]) == 3
+    assert r.status_code == 200 and len(r.json()) == 3
     r = c.post("/get_weights_by_name", json={"name": "model.nope"})
     assert r.status_code == 400 and r.json()["success"] is False
     assert c.post("/weights_checker", json={"action": "snapshot"}).status_code == 200

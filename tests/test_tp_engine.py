@@ -16,7 +16,7 @@ from hf_reference import reference_ids as reference
 from safetensors.torch import save_file
 from trainer_support import TrainerProcess, checkpoint_tensors, serve_engine_http
 
-from hotswap import Engine
+from hotswap import Engine, HotswapError
 from hotswap.trainer import free_port, state_dict_manifest
 
 # chunked_prefill_size 8: the longer prompts below are prefilled in chunks
@@ -92,9 +92,8 @@ def test_checksums_and_reads_see_whole_tensors(engine, tiny_qwen3, tmp_path):
     # column-, row- and vocab-parallel, and replicated tensors come back whole, as TP=1 returns them
     for name in ["model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.o_proj.weight", "model.embed_tokens.weight",
                  "lm_head.weight", "model.layers.0.self_attn.q_norm.weight"]:
-        out = engine.get_weights_by_name(name, truncate_size=10_000)
-        assert out.success and out.shape == list(ckpt[name].shape), (name, out.message)
-        assert torch.equal(torch.tensor(out.parameter), ckpt[name]), name
+        out = torch.tensor(engine.get_weights_by_name(name, truncate_size=10_000))
+        assert out.shape == ckpt[name].shape and torch.equal(out, ckpt[name]), name
     assert engine.save_sharded_model(str(tmp_path / "saved"), max_size=40_000).success
     saved = checkpoint_tensors(tmp_path / "saved")
     assert saved.keys() == ckpt.keys() and all(torch.equal(saved[n], ckpt[n]) for n in ckpt)
@@ -187,7 +186,7 @@ def test_tied_embeddings_split_by_vocab(tiny_llama):
         assert greedy_ids(eng) == reference(tiny_llama)
         assert eng.check_weights("checksum", expected=manifest_of(tiny_llama)).success
         head = eng.get_weights_by_name("lm_head.weight", truncate_size=10_000)
-        assert torch.equal(torch.tensor(head.parameter), checkpoint_tensors(tiny_llama)["model.embed_tokens.weight"])
+        assert torch.equal(torch.tensor(head), checkpoint_tensors(tiny_llama)["model.embed_tokens.weight"])
 
 
 def test_a_dead_worker_fails_requests_instead_of_hanging(tiny_qwen3):
@@ -284,3 +283,13 @@ def test_a_failed_start_names_the_error_and_leaves_no_worker(tiny_qwen3):
     assert set(multiprocessing.active_children()) <= before
     with pytest.raises(ValueError, match="tensor_parallel_size 3 does not divide the model's num_attention_heads 4"):
         Engine(str(tiny_qwen3), tensor_parallel_size=3, **ARGS)
+
+
+def test_an_moe_model_is_refused_at_construction_naming_the_limitation(tiny_qwen3_moe):
+    """Experts are not sharded across ranks yet: the Engine says so before it spawns any worker."""
+    import multiprocessing
+
+    before = set(multiprocessing.active_children())
+    with pytest.raises(HotswapError, match=r"mixture-of-experts model.*not sharded across tensor-parallel ranks.*tensor_parallel_size=1"):
+        Engine(str(tiny_qwen3_moe), tensor_parallel_size=2, **ARGS)
+    assert set(multiprocessing.active_children()) <= before

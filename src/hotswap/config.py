@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -185,6 +185,8 @@ class EngineConfig:
     weight_load_threads: int = 16  # reader threads for disk loads
     weight_load_staging_bytes: int = 512 << 20  # pinned host staging for disk loads (and device scratch for dtype casts)
     weight_session_timeout_s: float = 600.0
+    # the longest a weight update waits for started requests to finish (SGLang's drain) before it is refused
+    weight_update_drain_timeout_s: float = 600.0
     weight_read_timeout_s: float = 600.0  # a disk update whose reads (headers and data) take longer fails, weights untouched
     rollback_device_budget_bytes: int = 1 << 30
     enable_rollback: bool = True
@@ -205,6 +207,7 @@ class EngineConfig:
     # MoE: keep each token's routed experts beside its KV (a per-cache-slot table) so requests can ask for
     # them (`return_routed_experts`, SGLang's routing replay interface)
     enable_return_routed_experts: bool = False
+    weight_version: str = "default"  # the version the launch weights carry (SGLang's --weight-version)
 
     def __post_init__(self) -> None:
         if not self.ipc_token:
@@ -222,6 +225,90 @@ class EngineConfig:
         return dev
 
 
+# SGLang ServerArgs names frameworks pass to `Engine(**server_args)` -> (our field, value converter)
+_SGLANG_ALIASES: dict[str, tuple[str, object]] = {
+    "tp_size": ("tensor_parallel_size", int),
+    "mem_fraction_static": ("kv_cache_memory_fraction", float),  # the share of free memory the KV cache takes
+    "disable_radix_cache": ("enable_prefix_cache", lambda v: not v),
+    "random_seed": ("seed", lambda v: 0 if v is None else int(v)),
+    "context_length": ("max_context_len", lambda v: 0 if v is None else int(v)),
+    "disable_cuda_graph": ("enable_cuda_graph", lambda v: not v),
+    "cuda_graph_max_bs": ("cuda_graph_max_batch", lambda v: 0 if v is None else int(v)),
+    "max_prefill_tokens": ("max_num_batched_tokens", int),
+}
+
+
+def _neutral(what: str, ok) -> object:
+    return lambda v: None if ok(v) else what
+
+
+# SGLang ServerArgs names taken with the values hotswap honours as they are; any other value is refused by
+# name (the check returns the reason). The values shown are what these settings mean for hotswap.
+_SGLANG_ACCEPTED: dict[str, object] = {
+    "dp_size": _neutral("dp_size must be 1: run one engine per data-parallel replica", lambda v: v in (None, 1)),
+    "pp_size": _neutral("pp_size must be 1: hotswap has no pipeline parallelism", lambda v: v in (None, 1)),
+    "ep_size": _neutral("ep_size must be 1", lambda v: v in (None, 1)),
+    "nnodes": _neutral("nnodes must be 1: an engine runs on one host", lambda v: v in (None, 1)),
+    "node_rank": _neutral("node_rank must be 0", lambda v: v in (None, 0)),
+    "custom_weight_loader": _neutral("custom_weight_loader is not supported: hotswap loads weights with its own loaders",
+                                     lambda v: not v),
+    "lora_paths": _neutral("lora_paths is not supported: hotswap serves no LoRA adapters", lambda v: not v),
+    "enable_lora": _neutral("enable_lora is not supported", lambda v: not v),
+    "quantization": _neutral("quantization is not supported", lambda v: v in (None, "")),
+    "speculative_algorithm": _neutral("speculative decoding is not supported", lambda v: v in (None, "")),
+    "tokenizer_mode": _neutral("tokenizer_mode must be 'auto'", lambda v: v in (None, "auto")),
+    "kv_cache_dtype": _neutral("kv_cache_dtype must be 'auto' (the model's dtype)", lambda v: v in (None, "auto")),
+    "base_gpu_id": _neutral("base_gpu_id: give device='cuda:N' instead", lambda v: v in (None, 0)),
+    "enable_dp_attention": _neutral("enable_dp_attention is not supported", lambda v: not v),
+    # accepted whatever they say: hotswap's behaviour already matches, or they concern nothing it runs
+    "skip_tokenizer_init": None,  # input_ids work either way; text is still detokenized when a tokenizer exists
+    "trust_remote_code": None,  # hotswap implements its models natively: no remote code ever runs
+    "enable_memory_saver": None,  # release/resume_memory_occupation always work
+    "enable_return_routed_experts": None,  # wired by the MoE model family
+    "log_level": None,
+    "host": None,
+    "port": None,
+    "dist_init_addr": None,
+    "served_model_name": None,
+    "enable_metrics": None,
+    "mm_attention_backend": None,
+    "load_balance_method": None,
+}
+
+
+def engine_args_from_sglang(args: dict) -> dict:
+    """SGLang's ServerArgs names -> EngineConfig fields (our own names pass through). Raises HotswapError
+    naming each setting that cannot be honoured, and each name that is neither ours nor SGLang's."""
+    ours = {f.name for f in fields(EngineConfig)}
+    out, problems = {}, []
+    for name, value in args.items():
+        if name in ours:
+            target, converted = name, value
+        elif name in _SGLANG_ALIASES:
+            target, convert = _SGLANG_ALIASES[name]
+            try:
+                converted = convert(value)
+            except (TypeError, ValueError):
+                problems.append(f"{name}={value!r} is not a valid value")
+                continue
+        elif name in _SGLANG_ACCEPTED:
+            check = _SGLANG_ACCEPTED[name]
+            reason = check(value) if check is not None else None
+            if reason:
+                problems.append(f"{name}={value!r}: {reason}")
+            continue
+        else:
+            problems.append(f"unknown engine argument {name}")
+            continue
+        if target in out and out[target] != converted:
+            problems.append(f"{name} and {target} disagree ({converted!r} vs {out[target]!r})")
+            continue
+        out[target] = converted
+    if problems:
+        raise HotswapError("; ".join(problems))
+    return out
+
+
 def model_config_for(config: EngineConfig) -> ModelConfig:
     """The checkpoint's ModelConfig with the engine's dtype applied, checked against its tensor-parallel size."""
     mc = ModelConfig.from_pretrained(config.model_path)
@@ -230,13 +317,14 @@ def model_config_for(config: EngineConfig) -> ModelConfig:
     tp = config.tensor_parallel_size
     if not isinstance(tp, int) or tp < 1:
         raise HotswapError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
+    if tp > 1 and mc.num_experts:
+        raise HotswapError(f"tensor_parallel_size {tp}: {mc.architecture} is a mixture-of-experts model, and hotswap serves those on "
+                           "one device only for now (expert weights are not sharded across tensor-parallel ranks); "
+                           "use tensor_parallel_size=1")
     uneven = [f"{what} {n}" for what, n in (("num_attention_heads", mc.num_heads), ("num_key_value_heads", mc.num_kv_heads),
                                             ("intermediate_size", mc.intermediate_size)) if n % tp]
     if uneven:
         raise HotswapError(f"tensor_parallel_size {tp} does not divide the model's {', '.join(uneven)}")
     if config.enable_return_routed_experts and not mc.num_experts:
         raise HotswapError(f"enable_return_routed_experts needs a mixture-of-experts model; {mc.architecture} has no experts")
-    if tp > 1 and mc.num_experts:
-        raise HotswapError(f"tensor_parallel_size {tp}: mixture-of-experts models run on one GPU for now "
-                           "(expert weights are not sharded across ranks)")
     return mc

@@ -65,17 +65,23 @@ class AbortRequest:
 
 
 @dataclass(kw_only=True, slots=True)
-class ControlOutput:
-    """Reads as an object (`out.success`), a mapping (`out["message"]`) or SGLang's `(success, message)` tuple."""
+class ControlOutput(dict):
+    """Reads as an object (`out.success`), a mapping (`out["message"]`, `json.dumps(out)`: it is a dict of
+    its fields) or SGLang's `(success, message)` tuple (`ok, msg = out`, `out[0]`), as ported SGLang tests
+    and frameworks use the Engine's replies."""
 
     success: bool
     message: str = ""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        dict.__setitem__(self, name, value)  # the mapping view follows every field
 
     def __iter__(self):
         return iter((self.success, self.message))
 
     def __getitem__(self, key):
-        return getattr(self, key) if isinstance(key, str) else (self.success, self.message)[key]
+        return dict.__getitem__(self, key) if isinstance(key, str) else (self.success, self.message)[key]
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -123,9 +129,12 @@ class UpdateWeightsFromDiskRequest:
 @dataclass(kw_only=True, slots=True)
 class UpdateWeightsFromTensorRequest:
     """`named_tensors`: list of (HF name, tensor) in process, or plain-data handle descriptors
-    (see hotswap.wire.ipc) when the tensors live in another process."""
+    (see hotswap.wire.ipc) when the tensors live in another process; or, instead, SGLang's
+    `serialized_named_tensors` (one MultiprocessingSerializer payload per TP rank, read by the restricted
+    decoder weights/sglang_payloads.py) with load_format None, "direct" or "flattened_bucket"."""
 
-    named_tensors: list[tuple[str, Any]] | list[dict]
+    named_tensors: list[tuple[str, Any]] | list[dict] | None = None
+    serialized_named_tensors: list[str | bytes] | None = None
     load_format: str | None = None
     flush_cache: bool = True
     weight_version: str | None = None
@@ -186,6 +195,8 @@ class GetWeightsByNameOutput(ControlOutput):
 class CheckWeightsRequest:
     action: str  # snapshot | compare | reset_tensors | checksum
     expected: dict[str, str] | None = None  # for checksum: a manifest to compare against
+    skip_tensor_list: list[str] | None = None  # SGLang's: parameters left out of checksum and compare
+    allow_quant_error: bool = False  # SGLang's: hotswap serves no quantized weights, so equality is exact either way
 
 
 @dataclass(kw_only=True, slots=True)
@@ -193,6 +204,7 @@ class CheckWeightsOutput(ControlOutput):
     checksums: dict[str, str] | None = None
     digest: str | None = None
     mismatches: list[str] | None = None
+    ranks: list[dict] | None = None  # SGLang's checksum reply: one entry per GPU rank
 
 
 @dataclass(kw_only=True, slots=True)
@@ -233,7 +245,7 @@ class ContinueGenerationRequest:
 @dataclass(kw_only=True, slots=True)
 class UpdateWeightVersionRequest:
     new_version: str
-    abort_all_requests: bool = False
+    abort_all_requests: bool = True  # SGLang's UpdateWeightVersionReqInput default: requests of the old version end
 
 
 @dataclass(kw_only=True, slots=True)

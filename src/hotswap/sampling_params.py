@@ -24,8 +24,9 @@ class SamplingParams:
     top_logprobs_num: int = 0
     n: int = 1
     skip_special_tokens: bool = True
-    # MoE: return each position's routed experts in meta_info["routed_experts"] (a request-level field in
-    # SGLang's API; carried here so every route hands it through like return_logprob)
+    # MoE: return each position's routed experts in meta_info["routed_experts"], from absolute position
+    # routed_experts_start_len on (request-level fields in SGLang's API; carried here so every route hands
+    # them through like return_logprob)
     return_routed_experts: bool = False
     # penalties and biases, applied to the logits on the device before temperature and filters (vLLM's order):
     # logit_bias, then repetition (prompt + output tokens), frequency and presence (output tokens), min_new_tokens
@@ -39,6 +40,7 @@ class SamplingParams:
     # -1: none but the last prompt token's placeholder
     logprob_start_len: int = -1
     return_top_p_token_ids: bool = False  # slime's custom_params flag: each output token's kept ids (top-k/p/min-p)
+    routed_experts_start_len: int = 0
 
     @classmethod
     def from_dict(cls, params: dict | SamplingParams | None) -> SamplingParams:
@@ -92,6 +94,11 @@ class SamplingParams:
             raise bad(f"n must be in [1, 256], got {self.n!r}")
         if not isinstance(self.top_logprobs_num, int) or not 0 <= self.top_logprobs_num <= 20:
             raise bad(f"top_logprobs_num must be in [0, 20], got {self.top_logprobs_num!r}")
+        if not isinstance(self.return_routed_experts, bool):
+            raise bad(f"return_routed_experts must be a boolean, got {self.return_routed_experts!r}")
+        start = self.routed_experts_start_len
+        if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+            raise bad(f"routed_experts_start_len must be an integer >= 0, got {start!r}")
         if not isinstance(self.stop, list) or not isinstance(self.stop_token_ids, list):
             raise bad("stop must be a string or a list of strings, stop_token_ids a list of integers")
         if not all(isinstance(s, str) and s for s in self.stop):

@@ -23,7 +23,7 @@ from hotswap.trainer.client import EngineResult
 ENGINE_METHODS = frozenset({
     "init_weights_update_group", "update_weights_from_distributed", "destroy_weights_update_group",
     "update_weights_from_tensor", "update_weights_from_disk", "begin_weight_update", "end_weight_update",
-    "check_weights", "get_weights_by_name", "get_ipc_token",
+    "check_weights", "get_weights_by_name", "get_model_info", "get_ipc_token",
 })
 
 
@@ -83,6 +83,9 @@ class PipeEngineHandle:
 
     def get_weights_by_name(self, name, truncate_size=100):
         return self._call("get_weights_by_name", name=name, truncate_size=truncate_size)
+
+    def get_model_info(self):
+        return self._call("get_model_info")
 
     def get_ipc_token(self) -> str:
         res = self._call("get_ipc_token")

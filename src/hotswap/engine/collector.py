@@ -46,6 +46,7 @@ class Collector:
     rid: str
     return_logprob: bool
     index: int | None = None  # the request's place in a fanned-out stream (None: a stream of one)
+    routed_experts_start_len: int = 0  # the first position of the returned routing, echoed beside it
     detok: IncrementalDetokenizer | None = None
     text: str = ""
     output_ids: list[int] = field(default_factory=list)
@@ -103,6 +104,8 @@ class Collector:
             meta["weight_versions"] = list(self.versions)
         if out.routed_experts is not None:
             meta["routed_experts"] = out.routed_experts
+            # slime reads it to splice a partial routing onto the rows it holds (0 when absent)
+            meta["routed_experts_start_len"] = self.routed_experts_start_len
         if self.return_logprob:
             meta["output_token_logprobs"] = [(lp, tid, None) for lp, tid in zip(self.logprobs, self.output_ids)]
             if any(self.top_logprobs):

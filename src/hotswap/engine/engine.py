@@ -6,16 +6,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import queue
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import torch
 
+import hotswap
 from hotswap import protocol as p
 from hotswap.cache.page_allocator import PoolCapacity
-from hotswap.config import EngineConfig, model_config_for
+from hotswap.config import EngineConfig, engine_args_from_sglang, model_config_for
 from hotswap.engine.collector import Collector, IncrementalDetokenizer
 from hotswap.engine.delivery import CallInbox, Mailboxes
 from hotswap.engine.request_prep import PreparedCall, RequestPrep
@@ -26,7 +29,6 @@ from hotswap.runner.model_runner import ModelRunner
 from hotswap.runner.tp_peers import TPPeers
 from hotswap.scheduler.scheduler import Scheduler
 
-_CONFIG_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
 # vLLM's pause modes -> ours: keep freezes requests in place, wait lets started ones finish first
 VLLM_PAUSE_MODES = {"abort": "abort", "wait": "wait", "keep": "in_place"}
 # vLLM's memory tags -> ours: CUDA graphs point into the KV cache, so they sleep and wake with it
@@ -85,6 +87,13 @@ def _take(q: queue.Queue) -> list[p.GenerateOutput]:
             return items
 
 
+def _refuse_unsupported(**given) -> None:
+    """SGLang generate arguments hotswap does not serve: accepted unset, refused by name when set."""
+    for name, value in given.items():
+        if value is not None and value != [] and value != "":
+            raise HotswapError(f"{name} is not supported by hotswap (text-only, no LoRA adapters, no custom logit processors); leave it unset")
+
+
 class Engine:
     """An inference engine on one model replica.
 
@@ -93,13 +102,18 @@ class Engine:
 
     `tensor_parallel_size=N` spawns N-1 worker processes (so a script that builds one needs the usual
     `if __name__ == "__main__":` guard); this process is rank 0 and schedules for all of them.
+
+    SGLang's ServerArgs names are accepted too (`Engine(**server_args)` as frameworks build it: `tp_size`,
+    `mem_fraction_static`, `disable_radix_cache`, `random_seed`, `context_length`, ...); a setting hotswap
+    cannot honour is refused by name (config.engine_args_from_sglang).
     """
 
-    def __init__(self, model_path: str, dtype: str = "auto", device: str = "auto", **engine_args):
-        unknown = sorted(set(engine_args) - _CONFIG_FIELDS)
-        if unknown:
-            raise HotswapError(f"unknown engine argument(s): {', '.join(unknown)}")
+    def __init__(self, model_path: str | None = None, dtype: str = "auto", device: str = "auto", **engine_args):
+        if model_path is None:
+            raise HotswapError("model_path is required")
+        engine_args = engine_args_from_sglang(engine_args)
         self.config = EngineConfig(model_path=str(model_path), dtype=dtype, device=device, **engine_args)
+        self.model_path = self.config.model_path  # the folder the served weights came from (follows disk updates)
         if not isinstance(self.config.stream_interval, int) or self.config.stream_interval < 1:
             raise HotswapError(f"stream_interval must be an integer >= 1, got {self.config.stream_interval!r}")
         if not self.config.max_queue_wait_s > 0:
@@ -124,13 +138,18 @@ class Engine:
         self.prep = RequestPrep(encode=self.encode, vocab_size=self.model_config.vocab_size, max_context_len=self.max_context_len,
                                 seed=self.config.seed, routed_experts_enabled=self.config.enable_return_routed_experts)
         self._decode = self.scheduler.streamer.decode  # the one decoder (a fast tokenizer's backend when it can)
+        self._live_rids: set[str] = set()  # request ids of calls in flight (a client rid may not run twice)
+        self._live_lock = threading.Lock()
         self._mailboxes = Mailboxes(abort=lambda rid: self.scheduler.submit(p.AbortRequest(rid=rid, message="the consumer's event loop closed")))
         self.scheduler.start()
         self._closed = False
+        if self.config.weight_version != "default":  # SGLang's --weight-version: the launch weights' name
+            self._call(p.UpdateWeightVersionRequest(new_version=self.config.weight_version, abort_all_requests=False))
 
     def encode(self, text: str) -> list[int]:
-        """A text prompt's token ids."""
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        """A text prompt's token ids, tokenized as the tokenizer's own settings say (add_special_tokens: a
+        Llama tokenizer prepends BOS), as SGLang does: the rollout sees the tokens the trainer's tokenizer gives."""
+        return self.tokenizer.encode(text)
 
     def _start_runner(self) -> ModelRunner:
         """This process's ModelRunner; under tensor parallelism the workers are spawned first and build
@@ -172,12 +191,18 @@ class Engine:
 
     def generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool = False,
                  top_logprobs_num: int = 0, stream: bool = False, return_routed_experts: bool = False,
-                 logprob_start_len: int | None = None):
+                 logprob_start_len: int | None = None, routed_experts_start_len: int = 0, rid: str | list[str] | None = None,
+                 image_data=None, custom_logit_processor: str | None = None, lora_path: str | None = None):
         """One prompt -> one dict; a list (or n > 1) -> a list of dicts; stream=True -> an iterator of dicts
-        (each with an `index` when the call fans out to several requests)."""
+        (each with an `index` when the call fans out to several requests). `routed_experts_start_len`: the
+        routing returned starts at that absolute position (SGLang's field; at most the prompt's length).
+        `rid`: the client's request id (`meta_info.id`, `abort_request(rid)`); SGLang's `image_data`,
+        `custom_logit_processor` and `lora_path` are accepted unset and refused by name when set."""
         self._check_open()
-        prepared = self.prep.prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, return_routed_experts,
-                                     logprob_start_len)
+        _refuse_unsupported(image_data=image_data, custom_logit_processor=custom_logit_processor, lora_path=lora_path)
+        prepared = self.prep.prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num,
+                                     return_routed_experts=return_routed_experts, logprob_start_len=logprob_start_len,
+                                     routed_experts_start_len=routed_experts_start_len, rid=rid)
         if stream:
             return self._stream(prepared)
         q: queue.Queue = queue.Queue()
@@ -196,12 +221,17 @@ class Engine:
 
     async def async_generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool = False,
                              top_logprobs_num: int = 0, stream: bool = False, return_routed_experts: bool = False,
-                             logprob_start_len: int | None = None):
+                             logprob_start_len: int | None = None, routed_experts_start_len: int = 0,
+                             rid: str | list[str] | None = None, image_data=None, custom_logit_processor: str | None = None,
+                             lora_path: str | None = None):
         """Awaitable generate; with stream=True returns an async iterator of dicts. Tokenization and
         validation run in a worker thread, never on the event loop."""
         self._check_open()
-        prepared = await asyncio.to_thread(self.prep.prepare, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num,
-                                           return_routed_experts, logprob_start_len)
+        _refuse_unsupported(image_data=image_data, custom_logit_processor=custom_logit_processor, lora_path=lora_path)
+        prepared = await asyncio.to_thread(functools.partial(
+            self.prep.prepare, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num,
+            return_routed_experts=return_routed_experts, logprob_start_len=logprob_start_len,
+            routed_experts_start_len=routed_experts_start_len, rid=rid))
         if stream:
             return self._astream(prepared)
         inbox = CallInbox()
@@ -222,17 +252,25 @@ class Engine:
                     yield chunk
 
     def _start(self, prepared: PreparedCall, *, stream: bool, sink, flush) -> _Call:
-        """Submit every request of a call in one message; outputs reach `sink`, `flush` once per step."""
+        """Submit every request of a call in one message; outputs reach `sink`, `flush` once per step.
+        A client rid already running is refused (SGLang's duplicate-rid check)."""
         reqs, collectors = [], []
         multi = len(prepared.requests) > 1
-        for i, r in enumerate(prepared.requests):
+        rids = [r.rid or uuid.uuid4().hex for r in prepared.requests]
+        with self._live_lock:
+            taken = sorted(set(rids) & self._live_rids)
+            if taken:
+                raise HotswapError(f"duplicate request id: {', '.join(map(repr, taken))} is already running")
+            self._live_rids.update(rids)
+        for i, (r, rid) in enumerate(zip(prepared.requests, rids)):
             sp = r.sampling_params
             # streamed text is detokenized by the consumer unless stop strings need it on the scheduler
             detok = IncrementalDetokenizer(decode=self._decode, skip_special_tokens=sp.skip_special_tokens) if stream and not sp.stop else None
-            req = p.GenerateRequest(rid=uuid.uuid4().hex, input_ids=r.input_ids, sampling_params=sp, seed=r.seed, sink=sink,
+            req = p.GenerateRequest(rid=rid, input_ids=r.input_ids, sampling_params=sp, seed=r.seed, sink=sink,
                                     flush=flush, stream=stream, stream_text=bool(sp.stop))
             reqs.append(req)
-            collectors.append(Collector(rid=req.rid, return_logprob=sp.return_logprob, index=i if multi else None, detok=detok))
+            collectors.append(Collector(rid=req.rid, return_logprob=sp.return_logprob, index=i if multi else None, detok=detok,
+                                        routed_experts_start_len=sp.routed_experts_start_len))
         call = _Call(collectors=collectors, single=prepared.single, stream=stream)
         self.scheduler.submit(p.GenerateBatch(requests=reqs))
         return call
@@ -246,9 +284,17 @@ class Engine:
             for c in call.collectors:
                 if not c.finished:
                     self.scheduler.submit(p.AbortRequest(rid=c.rid, message=message))
+            with self._live_lock:
+                self._live_rids.difference_update(call.by_rid)
 
-    def abort_request(self, rid: str | None = None) -> p.ControlOutput:
-        return self._call(p.AbortRequest(rid=rid))
+    def abort_request(self, rid: str = "", abort_all: bool = False) -> p.ControlOutput:
+        """SGLang's abort: the request `rid` (its tokens so far come back with finish reason abort), or
+        every request with abort_all=True. An empty rid without abort_all aborts nothing."""
+        if abort_all:
+            return self._call(p.AbortRequest(rid=None, message="aborted by abort_request(abort_all=True)"))
+        if not rid:
+            return p.ControlOutput(success=False, message="nothing to abort: give a rid or abort_all=True")
+        return self._call(p.AbortRequest(rid=rid, message="aborted by abort_request"))
 
     # ---- control requests --------------------------------------------------------------------------
 
@@ -285,15 +331,23 @@ class Engine:
 
     def update_weights_from_disk(self, model_path: str, load_format: str | None = None, weight_version: str | None = None,
                                  flush_cache: bool = True, abort_all_requests: bool = False) -> p.WeightUpdateOutput:
-        return self._call(p.UpdateWeightsFromDiskRequest(model_path=str(model_path), load_format=load_format, weight_version=weight_version,
+        return self.submit(p.UpdateWeightsFromDiskRequest(model_path=str(model_path), load_format=load_format, weight_version=weight_version,
                                                          flush_cache=flush_cache, abort_all_requests=abort_all_requests))
 
-    def update_weights_from_tensor(self, named_tensors, load_format: str | None = None, flush_cache: bool = True,
-                                   weight_version: str | None = None, abort_all_requests: bool = False) -> p.WeightUpdateOutput:
+    def update_weights_from_tensor(self, named_tensors=None, load_format: str | None = None, flush_cache: bool = True,
+                                   weight_version: str | None = None, abort_all_requests: bool = False,
+                                   serialized_named_tensors: list[str | bytes] | None = None) -> p.WeightUpdateOutput:
+        """`named_tensors`: (name, tensor) pairs (or a dict) in process, or plain-data handle descriptors.
+        As SGLang's Engine: with load_format "flattened_bucket" `named_tensors` is the per-TP-rank list of
+        serialized payloads; `serialized_named_tensors` gives such a list for any load_format."""
         if isinstance(named_tensors, dict):
             named_tensors = list(named_tensors.items())
-        return self._call(p.UpdateWeightsFromTensorRequest(named_tensors=list(named_tensors), load_format=load_format, flush_cache=flush_cache,
-                                                           weight_version=weight_version, abort_all_requests=abort_all_requests))
+        if serialized_named_tensors is None and load_format == "flattened_bucket":
+            named_tensors, serialized_named_tensors = None, named_tensors
+        return self._call(p.UpdateWeightsFromTensorRequest(
+            named_tensors=None if named_tensors is None else list(named_tensors),
+            serialized_named_tensors=None if serialized_named_tensors is None else list(serialized_named_tensors),
+            load_format=load_format, flush_cache=flush_cache, weight_version=weight_version, abort_all_requests=abort_all_requests))
 
     def update_weights_from_ipc(self, zmq_handles: dict[str, str], flush_cache: bool = True, weight_version: str | None = None) -> p.WeightUpdateOutput:
         return self._call(p.UpdateWeightsFromIPCRequest(zmq_handles=zmq_handles, flush_cache=flush_cache, weight_version=weight_version))
@@ -314,11 +368,19 @@ class Engine:
     def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> p.ControlOutput:
         return self._call(p.DestroyWeightsUpdateGroupRequest(group_name=group_name))
 
-    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> p.GetWeightsByNameOutput:
-        return self._call(p.GetWeightsByNameRequest(name=name, truncate_size=truncate_size))
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
+        """SGLang's reply: the parameter's first `truncate_size` rows as a nested list (float). Raises
+        HotswapError naming why when it cannot be read (an unknown name, weights released)."""
+        out = self._call(p.GetWeightsByNameRequest(name=name, truncate_size=truncate_size))
+        if not out.success:
+            raise HotswapError(f"get_weights_by_name failed: {out.message}")
+        return out.parameter
 
-    def check_weights(self, action: str, expected: dict[str, str] | None = None) -> p.CheckWeightsOutput:
-        return self._call(p.CheckWeightsRequest(action=action, expected=expected))
+    def check_weights(self, action: str, expected: dict[str, str] | None = None, skip_tensor_list: list[str] | None = None,
+                      allow_quant_error: bool = False) -> p.CheckWeightsOutput:
+        """hotswap's checks and SGLang's weights_checker actions (its `ranks` checksum reply, `skip_tensor_list`)."""
+        return self._call(p.CheckWeightsRequest(action=action, expected=expected, skip_tensor_list=skip_tensor_list,
+                                                allow_quant_error=allow_quant_error))
 
     def release_memory_occupation(self, tags: list[str] | None = None, keep_weights_on_host: bool = True) -> p.ControlOutput:
         return self._call(p.ReleaseMemoryOccupationRequest(tags=tags, keep_weights_on_host=keep_weights_on_host))
@@ -417,7 +479,7 @@ class Engine:
             return f"unknown memory tag(s) {bad}; use {sorted(_VLLM_MEMORY_TAGS)}"
         return list(dict.fromkeys(t for tag in tags for t in _VLLM_MEMORY_TAGS[tag]))
 
-    def update_weight_version(self, new_version: str, abort_all_requests: bool = False) -> p.ControlOutput:
+    def update_weight_version(self, new_version: str, abort_all_requests: bool = True) -> p.ControlOutput:
         return self._call(p.UpdateWeightVersionRequest(new_version=str(new_version), abort_all_requests=abort_all_requests))
 
     def begin_weight_update(self) -> p.ControlOutput:
@@ -428,14 +490,50 @@ class Engine:
 
     def submit(self, request):
         """Send any protocol request and wait for its output (the HTTP server's single entry point)."""
-        return self._call(request)
+        return self._observe(request, self._call(request))
 
     async def asubmit(self, request):
-        return await self._acall(request)
+        return self._observe(request, await self._acall(request))
+
+    def _observe(self, request, out):
+        """The model path follows a successful update from another folder (SGLang's model_info does)."""
+        if isinstance(request, p.UpdateWeightsFromDiskRequest) and out.success:
+            self.model_path = request.model_path
+        return out
 
     def model_info(self) -> dict:
         mc = self.model_config
-        return {"model_path": self.config.model_path, "architecture": mc.architecture, "dtype": str(mc.torch_dtype).removeprefix("torch."),
+        return {"model_path": self.model_path, "architecture": mc.architecture, "dtype": str(mc.torch_dtype).removeprefix("torch."),
                 "device": str(self.device), "max_context_len": self.max_context_len, "vocab_size": mc.vocab_size,
                 "num_layers": mc.num_layers, "hidden_size": mc.hidden_size, "tensor_parallel_size": self.config.tensor_parallel_size,
                 "is_generation": True}
+
+    def get_model_info(self) -> dict:
+        """SGLang's model info: model_info() with the tokenizer path, the current weight version and the keys
+        SGLang's /model_info carries."""
+        info = self.model_info()
+        info.update({"tokenizer_path": self.config.tokenizer_path or self.model_path, "weight_version": self.weight_version,
+                     "preferred_sampling_params": None, "model_type": info["architecture"], "architectures": [info["architecture"]],
+                     "has_image_understanding": False, "has_audio_understanding": False})
+        return info
+
+    def get_server_info(self) -> dict:
+        """SGLang's server info: every EngineConfig field, and the ServerArgs names frameworks read (slime
+        compares `enable_memory_saver` and the parallel sizes with its launch arguments)."""
+        cfg = self.config
+        load = self.get_load()
+        capacity = self.capacity()
+        info = dataclasses.asdict(cfg)
+        info.update({
+            "model_path": self.model_path, "tokenizer_path": cfg.tokenizer_path or self.model_path,
+            "tp_size": cfg.tensor_parallel_size, "dp_size": 1, "pp_size": 1, "ep_size": 1, "nnodes": 1, "node_rank": 0,
+            "page_size": capacity.page_size, "max_running_requests": cfg.max_running_requests,
+            "max_total_num_tokens": capacity.max_total_tokens, "max_req_input_len": min(self.max_context_len, capacity.max_total_tokens) - 1,
+            "context_length": self.max_context_len, "mem_fraction_static": cfg.kv_cache_memory_fraction,
+            "disable_radix_cache": not cfg.enable_prefix_cache, "random_seed": cfg.seed, "chunked_prefill_size": cfg.chunked_prefill_size,
+            "disable_cuda_graph": not cfg.enable_cuda_graph, "enable_memory_saver": True, "skip_tokenizer_init": False,
+            "weight_version": load.weight_version, "disaggregation_mode": "null", "disaggregation_bootstrap_port": None,
+            "encoder_only": False, "enable_lora": False, "enable_dp_attention": False, "num_gpus": cfg.tensor_parallel_size,
+            "version": hotswap.__version__, "internal_states": [load.to_dict()],
+        })
+        return info

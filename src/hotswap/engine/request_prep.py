@@ -16,6 +16,25 @@ from hotswap.sampling_params import SamplingParams
 
 _INT64_MAX = 2**63 - 1
 
+# SGLang sampling parameters frameworks send at their neutral value (AReaL: frequency_penalty=0). One that
+# hotswap's SamplingParams does not have is dropped at exactly this value; any other value is refused by
+# name as an unknown parameter, never silently ignored.
+_SGLANG_NEUTRAL = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0, "min_new_tokens": 0,
+                   "no_stop_trim": False, "spaces_between_special_tokens": True, "regex": None, "json_schema": None, "ebnf": None,
+                   "structural_tag": None, "custom_params": None, "logit_bias": None}
+_SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+
+
+def _is_neutral(key: str, value) -> bool:
+    neutral = _SGLANG_NEUTRAL[key]
+    if neutral is None or isinstance(neutral, bool):
+        return value is neutral
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == neutral
+
+
+def _drop_neutral(params: dict) -> dict:
+    return {k: v for k, v in params.items() if not (k in _SGLANG_NEUTRAL and k not in _SAMPLING_FIELDS and _is_neutral(k, v))}
+
 
 @dataclass(frozen=True, slots=True)
 class PreparedRequest:
@@ -25,6 +44,7 @@ class PreparedRequest:
     sampling_params: SamplingParams
     seed: int
     prompt_index: int  # which prompt of the call it samples
+    rid: str | None = None  # the client's request id (SGLang's `rid`): the engine's id for it, in `meta_info.id`
 
 
 @dataclass(slots=True)
@@ -47,30 +67,49 @@ class RequestPrep:
         self._rng = random.Random(self.seed)
 
     def prepare(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool = False,
-                top_logprobs_num: int = 0, return_routed_experts: bool = False,
-                logprob_start_len: int | None = None) -> PreparedCall:
+                top_logprobs_num: int = 0, return_routed_experts: bool = False, logprob_start_len: int | None = None,
+                routed_experts_start_len: int = 0, rid: str | list[str] | None = None) -> PreparedCall:
         """Validate everything up front; raises HotswapError on bad input and submits nothing.
         `logprob_start_len` (SGLang's): prompt logprobs from that position (None or -1: none)."""
         if (prompt is None) == (input_ids is None):
             raise HotswapError("give exactly one of prompt or input_ids")
         id_lists, single = self._token_ids(prompt, input_ids)
-        sps = self._sampling_params(sampling_params, len(id_lists), return_logprob, top_logprobs_num, return_routed_experts)
+        sps = self._sampling_params(sampling_params, len(id_lists), return_logprob, top_logprobs_num, return_routed_experts,
+                                    routed_experts_start_len)
         if logprob_start_len is not None:
             if not isinstance(logprob_start_len, int) or isinstance(logprob_start_len, bool) or logprob_start_len < -1:
                 raise SamplingParamsError(f"invalid logprob_start_len: must be -1 or an integer >= 0, got {logprob_start_len!r}")
             sps = [dataclasses.replace(sp, logprob_start_len=logprob_start_len) for sp in sps]
+        rids = self._rids(rid, len(id_lists), single)
         for i, (ids, sp) in enumerate(zip(id_lists, sps)):
             self._check_prompt(i, ids)
             if sp.logprob_start_len >= len(ids):
                 raise SamplingParamsError(f"invalid logprob_start_len: {sp.logprob_start_len} is not a position of prompt {i} "
                                           f"({len(ids)} tokens)")
+            if sp.routed_experts_start_len > len(ids):  # SGLang's range: [0, prompt tokens]
+                raise HotswapError(f"routed_experts_start_len {sp.routed_experts_start_len} is past the end of prompt {i} "
+                                   f"({len(ids)} tokens)")
         requests = []
         for i, (ids, sp) in enumerate(zip(id_lists, sps)):
             one = dataclasses.replace(sp, n=1) if sp.n != 1 else sp
             for k in range(sp.n):
                 seed = sp.seed + k if sp.seed is not None else self._draw_seed()
-                requests.append(PreparedRequest(input_ids=ids, sampling_params=one, seed=seed, prompt_index=i))
+                # n samples of one rid: the first keeps it, the others are `rid-k`
+                sample_rid = None if rids[i] is None else rids[i] if k == 0 else f"{rids[i]}-{k}"
+                requests.append(PreparedRequest(input_ids=ids, sampling_params=one, seed=seed, prompt_index=i, rid=sample_rid))
         return PreparedCall(requests=requests, single=single and sps[0].n == 1)
+
+    @staticmethod
+    def _rids(rid, count: int, single: bool) -> list[str | None]:
+        """One client rid per prompt (SGLang: a string for one prompt, a list for a batch), or none."""
+        if rid is None:
+            return [None] * count
+        rids = [rid] if isinstance(rid, str) and single else rid
+        if not isinstance(rids, (list, tuple)) or len(rids) != count or not all(isinstance(r, str) and r for r in rids):
+            raise HotswapError(f"rid must be a non-empty string for one prompt or a list of {count} such strings, got {rid!r}")
+        if len(set(rids)) != len(rids):
+            raise HotswapError(f"rid holds duplicates: {rid!r}")
+        return list(rids)
 
     def _token_ids(self, prompt, input_ids) -> tuple[list[list[int]], bool]:
         if prompt is not None:
@@ -91,13 +130,13 @@ class RequestPrep:
         return id_lists, single
 
     def _sampling_params(self, sampling_params, count: int, return_logprob: bool, top_logprobs_num: int,
-                         return_routed_experts: bool) -> list[SamplingParams]:
+                         return_routed_experts: bool, routed_experts_start_len: int) -> list[SamplingParams]:
         if isinstance(sampling_params, list):
             if len(sampling_params) != count:
                 raise HotswapError(f"{len(sampling_params)} sampling_params for {count} prompts")
-            sps = [SamplingParams.from_dict(sp) for sp in sampling_params]
+            sps = [SamplingParams.from_dict(_drop_neutral(sp) if isinstance(sp, dict) else sp) for sp in sampling_params]
         else:
-            sps = [SamplingParams.from_dict(dict(sampling_params) if isinstance(sampling_params, dict) else sampling_params)] * count
+            sps = [SamplingParams.from_dict(_drop_neutral(dict(sampling_params)) if isinstance(sampling_params, dict) else sampling_params)] * count
         if not isinstance(return_logprob, bool):
             raise HotswapError(f"return_logprob must be a boolean, got {return_logprob!r}")
         if not isinstance(top_logprobs_num, int) or isinstance(top_logprobs_num, bool) or top_logprobs_num < 0:
@@ -108,6 +147,12 @@ class RequestPrep:
             raise HotswapError(f"return_routed_experts must be a boolean, got {return_routed_experts!r}")
         if return_routed_experts:
             sps = [dataclasses.replace(sp, return_routed_experts=True) for sp in sps]
+        if not isinstance(routed_experts_start_len, int) or isinstance(routed_experts_start_len, bool) or routed_experts_start_len < 0:
+            raise HotswapError(f"routed_experts_start_len must be an integer >= 0, got {routed_experts_start_len!r}")
+        if routed_experts_start_len:
+            sps = [dataclasses.replace(sp, routed_experts_start_len=routed_experts_start_len) for sp in sps]
+        if any(sp.routed_experts_start_len and not sp.return_routed_experts for sp in sps):
+            raise HotswapError("routed_experts_start_len needs return_routed_experts")
         if any(sp.return_routed_experts for sp in sps) and not self.routed_experts_enabled:
             raise HotswapError("return_routed_experts needs an engine started with enable_return_routed_experts=True")
         out = []

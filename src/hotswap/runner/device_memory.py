@@ -2,7 +2,7 @@
 
 The mechanics only: rank 0's MemoryManager (scheduler) decides when and which tags, and every
 tensor-parallel worker runs the same on its own GPU. The caller empties the KV cache's page bookkeeping
-(the prefix cache) before releasing `kv_cache`."""
+(the prefix cache) before releasing `kv_cache`, which covers the routed-experts table kept beside the KV."""
 
 from __future__ import annotations
 
@@ -33,11 +33,13 @@ class DeviceMemory:
             raise HotswapError(f"already released: {already}")
         runner = self.runner
         graphs = runner.cuda_graphs
-        # graphs point at weights and KV storage: they go whenever either goes
+        # graphs point at weights and KV storage (routing table included): they go whenever either goes
         if graphs is not None and ("cuda_graph" in tags or "weights" in tags or "kv_cache" in tags):
             graphs.release()
         if "kv_cache" in tags:
             runner.kv_cache.free_storage()
+            if runner.routed_experts is not None:  # its rows describe the KV slots: they go (and come back) together
+                runner.routed_experts.free_storage()
         if "weights" in tags:
             self._release_weights(keep_on_host=keep_weights_on_host)
         self.released.update(tags)
@@ -53,6 +55,8 @@ class DeviceMemory:
             self._resume_weights()
         if "kv_cache" in tags:
             runner.kv_cache.allocate_storage()
+            if runner.routed_experts is not None:
+                runner.routed_experts.allocate_storage()
         self.released.difference_update(tags)
         graphs = runner.cuda_graphs
         if graphs is not None and not self.released and not graphs.captured:

@@ -17,23 +17,40 @@ import torch
 
 @dataclass(kw_only=True, slots=True)
 class RoutedExpertsTable:
-    ids: torch.Tensor  # int32 [cache slots (scratch page included), num_layers, top_k]
+    """Released and restored with the `kv_cache` memory tag (`free_storage` / `allocate_storage`): its rows
+    mean nothing once the KV they describe is gone, and at the Qwen3-30B-A3B shape a million cache slots
+    hold about 1.5 GB of routing."""
+
+    shape: tuple[int, int, int]  # (cache slots, scratch page included; num_layers; top_k)
     page_size: int
+    device: torch.device
+    ids: torch.Tensor | None = None  # int32 [shape]; None while released
+
+    def __post_init__(self) -> None:
+        self.allocate_storage()
 
     @classmethod
     def create(cls, *, num_slots: int, num_layers: int, top_k: int, page_size: int, device: torch.device) -> RoutedExpertsTable:
-        return cls(ids=torch.full((num_slots, num_layers, top_k), -1, dtype=torch.int32, device=device), page_size=page_size)
+        return cls(shape=(num_slots, num_layers, top_k), page_size=page_size, device=device)
 
-    def _slots(self, pages: list[int], num_positions: int) -> np.ndarray:
-        pos = np.arange(num_positions)
+    def allocate_storage(self) -> None:
+        self.ids = torch.full(self.shape, -1, dtype=torch.int32, device=self.device)
+
+    def free_storage(self) -> None:
+        self.ids = None
+
+    def _slots(self, pages: list[int], start: int, end: int) -> np.ndarray:
+        pos = np.arange(start, end)
         return np.asarray(pages, dtype=np.int64)[pos // self.page_size] * self.page_size + pos % self.page_size
 
-    def encode_many(self, spans: list[tuple[list[int], int]]) -> list[str]:
-        """For each (pages, num_positions) of a sequence: positions 0.. in SGLang's wire form, base64 of the
-        int32 (little-endian) array ordered (token, layer, top-k slot). One gather and one device-to-host
+    def encode_many(self, spans: list[tuple[list[int], int, int]]) -> list[str]:
+        """For each (pages, start, end) of a sequence: positions [start, end) in SGLang's wire form, base64 of
+        the int32 (little-endian) array ordered (token, layer, top-k slot). One gather and one device-to-host
         copy for all of them (a step that finishes many sequences waits once)."""
-        slots = [self._slots(pages, n) for pages, n in spans]
+        slots = [self._slots(pages, start, max(start, end)) for pages, start, end in spans]
         flat = np.concatenate(slots) if slots else np.zeros(0, dtype=np.int64)
+        if not len(flat):  # nothing forwarded (requests refused while the storage is released): no device work
+            return [""] * len(spans)
         rows = self.ids[torch.from_numpy(flat).to(self.ids.device)].cpu().numpy().astype("<i4")
         bounds = np.cumsum([0] + [len(s) for s in slots])
         return [base64.b64encode(rows[a:b].tobytes()).decode("ascii") for a, b in zip(bounds[:-1], bounds[1:])]

@@ -119,7 +119,7 @@ class Scheduler:
             p.ResumeMemoryOccupationRequest: self.memory.resume_memory_occupation,
         }
         self.inbox: queue.Queue[tuple[object, Future | None]] = queue.Queue()
-        self.deferred: deque[tuple[object, Future]] = deque()
+        self.deferred: deque[tuple[object, Future, float]] = deque()  # weight updates waiting for a drain, with their deadline
         self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "steps": 0}
         self._stop = threading.Event()
         self.dead: str | None = None  # why the loop stopped on an error: every request fails with it from then on
@@ -154,7 +154,7 @@ class Scheduler:
                 self.abort_all(self.dead)
             except Exception:
                 log.exception("aborting the running requests failed too")
-            deferred, self.deferred = list(self.deferred), deque()
+            deferred, self.deferred = [(r, f) for r, f, _ in self.deferred], deque()
             self._fail(deferred)
             self._fail_queued()
 
@@ -192,6 +192,7 @@ class Scheduler:
                 inflight = None
             self.receive(block=self.nothing_to_run() and inflight is None)
             self.run_deferred()
+            self.expire_deferred()
             self.pause.expire()
             self.expire_held()
             batch = self.schedule()
@@ -243,7 +244,7 @@ class Scheduler:
         return ScheduledBatch(seqs=seqs, entries=entries) if entries else None
 
     def receive(self, block: bool) -> None:
-        timeout = 0.5 if self.pause.held else None  # sessions and queued requests expire
+        timeout = 0.5 if self.pause.held or self.deferred else None  # sessions, queued requests and deferred updates expire
         try:
             item = self.inbox.get(block=block, timeout=timeout if block else None)
         except queue.Empty:
@@ -265,7 +266,7 @@ class Scheduler:
             if getattr(request, "abort_all_requests", False):
                 self.abort_all("aborted for a weight update")
             elif not self.update_may_run():
-                self.deferred.append((request, fut))
+                self.deferred.append((request, fut, time.monotonic() + self.config.weight_update_drain_timeout_s))
                 return
         self._handle(request, fut)
 
@@ -289,7 +290,21 @@ class Scheduler:
 
     def run_deferred(self) -> None:
         while self.deferred and self.update_may_run():
-            self._handle(*self.deferred.popleft())
+            request, fut, _ = self.deferred.popleft()
+            self._handle(request, fut)
+
+    def expire_deferred(self) -> None:
+        """A weight update waits for started requests to finish only `weight_update_drain_timeout_s`: then it
+        is refused, weights unchanged, and new requests are admitted again (a request may run for a long
+        time, or memory released under a started request may keep it from ever finishing)."""
+        now = time.monotonic()
+        while self.deferred and self.deferred[0][2] <= now:
+            request, fut, _ = self.deferred.popleft()
+            running = len(self.batcher.running) + sum(1 for s in self.batcher.waiting if s.admitted)
+            _reply(fut, self.sessions.refuse(
+                f"{type(request).__name__} refused: {running} started request(s) did not finish within "
+                f"{self.config.weight_update_drain_timeout_s:g} s (weight_update_drain_timeout_s); pause_generation first or pass "
+                "abort_all_requests=true; weights unchanged"))
 
     def schedule(self) -> ScheduledBatch | None:
         if self.pause.held or self.memory.any_released():
@@ -387,8 +402,8 @@ class Scheduler:
         """Release finished sequences (their reasons set) and send their last outputs."""
         table = self.model_runner.routed_experts
         asking = [s for s in seqs if s.req.sampling_params.return_routed_experts] if table is not None else []
-        # every forwarded position (the last sampled token never was), read before the pages go
-        spans = [(s.pages, min(s.num_computed, s.num_tokens - 1)) for s in asking]
+        # every forwarded position from the asked start (the last sampled token never was), read before the pages go
+        spans = [(s.pages, s.req.sampling_params.routed_experts_start_len, min(s.num_computed, s.num_tokens - 1)) for s in asking]
         for seq, routed in zip(asking, table.encode_many(spans) if asking else []):
             seq.routed_experts = routed
         for seq in seqs:

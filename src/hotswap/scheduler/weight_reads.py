@@ -53,30 +53,48 @@ class WeightReads:
 
     def check_weights(self, req: p.CheckWeightsRequest) -> p.CheckWeightsOutput:
         """`checksum` hashes whole HF tensors: the manifest equals a trainer's `state_dict_manifest` of the
-        same weights whatever the engine's TP size."""
+        same weights whatever the engine's TP size; the reply also carries SGLang's `ranks` shape.
+        `skip_tensor_list` (SGLang's) leaves those parameters out of checksum and compare."""
         wm = self.model_runner.weight_map
         if self.weights_released():
             return p.CheckWeightsOutput(success=False, message=RELEASED)
+        skip = set(req.skip_tensor_list or ())
+        names = [n for n in wm.names if n not in skip]
         if req.action == "checksum":
-            sums = {name: tensor_sha256(t) for name, t in self._whole(wm.names)}
+            sums = {name: tensor_sha256(t) for name, t in self._whole(names)}
             digest = manifest_digest(sums)
+            ranks = [self._rank_entry(sums, digest)]
             if req.expected is not None:
-                mism = sorted(n for n in set(sums) | set(req.expected) if sums.get(n) != req.expected.get(n))
-                return p.CheckWeightsOutput(success=not mism, checksums=sums, digest=digest, mismatches=mism,
+                expected = {n: v for n, v in req.expected.items() if n not in skip}
+                mism = sorted(n for n in set(sums) | set(expected) if sums.get(n) != expected.get(n))
+                return p.CheckWeightsOutput(success=not mism, checksums=sums, digest=digest, mismatches=mism, ranks=ranks,
                                             message="all checksums match" if not mism else f"{len(mism)} parameter(s) differ, e.g. {mism[:3]}")
-            return p.CheckWeightsOutput(success=True, checksums=sums, digest=digest, message=f"{len(sums)} checksums")
+            return p.CheckWeightsOutput(success=True, checksums=sums, digest=digest, ranks=ranks, message=f"{len(sums)} checksums")
         if req.action == "snapshot":
             self.snapshot = {name: t.detach().to("cpu", copy=True) for name, t in self._whole(wm.names)}
             return p.CheckWeightsOutput(success=True, message=f"snapshot of {len(self.snapshot)} tensors")
         if req.action == "compare":
             if self.snapshot is None:
                 return p.CheckWeightsOutput(success=False, message="no snapshot to compare against; call check_weights('snapshot') first")
-            mism = [n for n, t in self._whole(wm.names) if not torch.equal(t.cpu(), self.snapshot[n])]
-            return p.CheckWeightsOutput(success=not mism, mismatches=mism,
-                                        message="weights equal the snapshot" if not mism else f"{len(mism)} tensor(s) differ from the snapshot")
+            report = [(n, _difference(t.cpu(), self.snapshot[n])) for n, t in self._whole(names)]
+            mism = [n for n, diff in report if diff is not None]
+            if not mism:
+                return p.CheckWeightsOutput(success=True, mismatches=[], message="weights equal the snapshot")
+            # SGLang's report: a header, then one line per differing tensor
+            lines = [f"name={n} {diff}" for n, diff in report if diff is not None]
+            return p.CheckWeightsOutput(success=False, mismatches=mism, message="check tensor equality failed:\n" + "\n".join(lines))
         if req.action == "reset_tensors":
             return self._reset(wm)
-        return p.CheckWeightsOutput(success=False, message=f"unknown check_weights action {req.action!r}; use snapshot, compare, reset_tensors or checksum")
+        # SGLang's wording (WeightChecker.handle), then ours
+        return p.CheckWeightsOutput(success=False, message=f"Unsupported action={req.action!r}; use snapshot, compare, reset_tensors or checksum")
+
+    def _rank_entry(self, sums: dict[str, str], digest: str) -> dict:
+        """SGLang's per-rank checksum entry. hotswap's checksums are of whole (gathered) tensors, the same on
+        every TP rank, so one entry stands for the engine; `parallelism_info` is a list of role dicts as
+        miles reads it (upstream SGLang sends one dict)."""
+        size = self.ranks.size
+        info = {"tp_rank": 0, "tp_size": size, "dp_rank": 0, "dp_size": 1, "pp_rank": 0, "pp_size": 1, "rank": 0, "size": size}
+        return {"checksums": sums, "per_gpu_checksum": digest, "parallelism_info": [info]}
 
     def _reset(self, wm) -> p.CheckWeightsOutput:
         """Zero every weight on every rank; the version is marked (`+reset`): these are other weights."""
@@ -110,3 +128,13 @@ class WeightReads:
         except (HotswapError, OSError, ValueError, ImportError) as exc:
             return p.ControlOutput(success=False, message=f"save_remote_model failed: {exc}")
         return p.ControlOutput(success=True, message=f"saved to {req.url}")
+
+
+def _difference(current: torch.Tensor, snapshot: torch.Tensor) -> str | None:
+    """None when equal, else SGLang's per-tensor line: max and mean absolute error, elements that differ."""
+    if current.shape != snapshot.shape or current.dtype != snapshot.dtype:
+        return f"shape/dtype {tuple(current.shape)}/{current.dtype} vs snapshot {tuple(snapshot.shape)}/{snapshot.dtype}"
+    if torch.equal(current, snapshot):
+        return None
+    err = (current.float() - snapshot.float()).abs()
+    return f"max_abs_err={err.max().item():.6g} mean_abs_err={err.mean().item():.6g} num_exceed={int((err > 0).sum())}"

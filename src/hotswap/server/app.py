@@ -9,7 +9,6 @@ blocks the event loop on the scheduler.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import hmac
 import logging
@@ -27,14 +26,13 @@ import hotswap
 from hotswap import protocol as p
 from hotswap.server.access import AccessPolicy
 from hotswap.server.body_limit import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
-from hotswap.server.generation import ClientRids, engine_error, normalize_sampling_params, open_stream
+from hotswap.server.generation import engine_error, normalize_sampling_params, open_stream
 from hotswap.server.http_utils import (
     SSE_DONE,
     APIError,
     ClientDisconnected,
     DisconnectAwareStreamingResponse,
     JSONResponse,
-    RequestCancelled,
     await_unless_disconnected,
     dumps,
     engine_call,
@@ -71,13 +69,9 @@ class ServerState:
         self.engine = engine
         self.api_key = api_key
         self.policy = policy
-        self.model_path = str(engine.config.model_path)
-        self.served_model_name = served_model_name or self.model_path
-        # SGLang clients commonly send model="default"; the path and the served name are accepted too
-        self.accepted_model_names = {self.served_model_name, self.model_path, "default"}
+        self._served_model_name = served_model_name
         self.created = int(time.time())
         self.metrics = Metrics()
-        self.client_rids = ClientRids()
         self.draining = False
         self.last_weight_version = "default"
         self.tokenizer = engine.tokenizer
@@ -90,13 +84,23 @@ class ServerState:
         self.max_prompt_tokens = min(self.max_context_len - 1, self.kv_capacity_tokens - 1)
         self.token_text = functools.lru_cache(maxsize=1 << 16)(self._token_text)
 
+    @property
+    def model_path(self) -> str:
+        return str(self.engine.model_path)  # follows an update from another folder
+
+    @property
+    def served_model_name(self) -> str:
+        return self._served_model_name or self.model_path
+
     # ---- helpers the routes use --------------------------------------------------------------------
 
     def _token_text(self, tid: int) -> str:
         return self.tokenizer.decode([tid])
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """A text prompt's ids as the tokenizer's own settings say (a Llama tokenizer adds BOS, as SGLang's
+        server does); a rendered chat template already holds its special tokens (add_special_tokens=False)."""
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens) if text else []
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
@@ -155,7 +159,7 @@ class ServerState:
                                                       continue_final_message=continue_final_message, **extra)
         except Exception as exc:  # noqa: BLE001 - jinja raises anything; it is the client's template input
             raise APIError(400, f"cannot apply the chat template: {type(exc).__name__}: {exc}", param="messages") from None
-        return self.encode(text)
+        return self.encode(text, add_special_tokens=False)
 
     async def load(self, timeout: float | None = None) -> p.LoadOutput | None:
         try:
@@ -241,7 +245,11 @@ class GenerateBody(BaseModel):
     logprob_start_len: int | list[int] | None = None
     return_text_in_logprobs: bool = False
     return_routed_experts: bool = False
+    routed_experts_start_len: int = 0  # the returned routing starts at this absolute position (<= the prompt's length)
     rid: str | list[str] | None = None
+    image_data: Any = None  # refused by the engine when set (text-only)
+    lora_path: Any = None  # refused by the engine when set (no adapters)
+    custom_logit_processor: Any = None  # refused by the engine when set
 
 
 class AbortBody(BaseModel):
@@ -261,12 +269,6 @@ def _fill_logprob_text(state: ServerState, out: dict) -> None:
     if "input_top_logprobs" in meta:
         meta["input_top_logprobs"] = [None if top is None else [(lp, tid, state.token_text(tid)) for lp, tid, _ in top]
                                       for top in meta["input_top_logprobs"]]
-
-
-def _aborted_stub(prompt_tokens: int, message: str) -> dict:
-    return {"text": "", "output_ids": [], "meta_info": {"id": None, "prompt_tokens": prompt_tokens, "completion_tokens": 0,
-                                                          "cached_tokens": 0, "finish_reason": {"type": "abort", "message": message},
-                                                          "weight_version": None}}
 
 
 def _register_native(app: FastAPI, state: ServerState) -> None:
@@ -294,26 +296,36 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
             return Response(status_code=503)
         return Response(status_code=200)
 
-    @app.get("/get_model_info")
-    async def get_model_info() -> JSONResponse:
-        info = dict(engine.model_info())
-        load = await state.load(timeout=2.0)
-        info.update({"tokenizer_path": engine.config.tokenizer_path or state.model_path, "served_model_name": state.served_model_name, "is_generation": True,
-                     "preferred_sampling_params": None, "weight_version": load.weight_version if load else state.last_weight_version,
-                     "model_type": info.get("architecture"), "architectures": [info.get("architecture")],
-                     "has_image_understanding": False, "has_audio_understanding": False})
+    async def model_info() -> JSONResponse:
+        info = await asyncio.to_thread(engine.get_model_info)
+        info["served_model_name"] = state.served_model_name
         return JSONResponse(info)
 
-    @app.get("/get_server_info")
-    async def get_server_info() -> JSONResponse:
-        load = await state.load(timeout=2.0)
-        cfg = dataclasses.asdict(engine.config)
-        info = {**cfg, "served_model_name": state.served_model_name, "version": hotswap.__version__,
-                "api_key_set": state.api_key is not None, "max_context_len": state.max_context_len,
-                "max_total_num_tokens": state.kv_capacity_tokens, "resolved_page_size": state.page_size,
-                "resolved_num_pages": state.num_pages, "weight_version": load.weight_version if load else state.last_weight_version,
-                "model_info": engine.model_info(), "internal_states": [load.to_dict() if load else {}]}
+    async def server_info() -> JSONResponse:
+        info = await asyncio.to_thread(engine.get_server_info)
+        info.update({"served_model_name": state.served_model_name, "api_key_set": state.api_key is not None,
+                     "model_info": engine.model_info()})
         return JSONResponse(info)
+
+    for path in ("/get_model_info", "/model_info"):  # SGLang renamed them; frameworks call both names
+        app.add_api_route(path, model_info, methods=["GET"], name=path.strip("/"))
+    for path in ("/get_server_info", "/server_info"):
+        app.add_api_route(path, server_info, methods=["GET"], name=path.strip("/"))
+
+    @app.get("/v1/loads")
+    async def loads() -> JSONResponse:
+        """SGLang's per-DP load envelope (one DP rank here); slime polls it after abort_all until idle."""
+        load = await state.load(timeout=5.0)
+        if load is None:
+            raise APIError(503, "the engine did not answer")
+        used = load.kv_pages_used * state.page_size
+        total = state.kv_capacity_tokens
+        now = time.time()
+        entry = {"dp_rank": 0, "timestamp": now, "num_running_reqs": load.num_running, "num_waiting_reqs": load.num_waiting,
+                 "num_reqs": load.num_running + load.num_waiting, "num_used_tokens": used, "num_total_tokens": total,
+                 "max_total_num_tokens": total, "token_usage": used / total if total else 0.0,
+                 "max_running_requests": engine.config.max_running_requests, "weight_version": load.weight_version}
+        return JSONResponse({"timestamp": now, "version": hotswap.__version__, "dp_rank_count": 1, "loads": [entry]})
 
     @app.get("/get_load")
     async def get_load() -> JSONResponse:
@@ -337,32 +349,30 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
         token = engine.get_ipc_token()
         return JSONResponse({"ipc_token": token, "shm_prefix": shm_block_prefix(token)})
 
-    @app.post("/flush_cache")  # POST only, as SGLang now: a GET (a link, an <img>) must not change state
-    async def flush_cache() -> JSONResponse:
+    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    async def flush_cache(request: Request) -> JSONResponse:
+        # slime and verl flush with GET. A browser always marks a cross-site request (Origin or
+        # Sec-Fetch-Site; the middleware refuses those it does not allow), so a GET carrying either is
+        # refused here: a link or an <img> on any page cannot flush the cache.
+        if request.method == "GET" and (request.headers.get("origin") is not None
+                                        or request.headers.get("sec-fetch-site", "").lower() in ("cross-site", "same-site")):
+            raise APIError(403, "GET /flush_cache from a browser page is refused; POST it", type_="PermissionDeniedError")
         out = await engine_call(engine, p.FlushCacheRequest())
         return JSONResponse(out.to_dict(), status_code=200 if out.success else 400)
 
     @app.post("/abort_request")
-    async def abort_request(request: Request) -> JSONResponse:
+    async def abort_request(request: Request) -> Response:
+        """SGLang's: `{rid}` aborts that request (a non-streaming one returns its tokens so far with finish
+        reason abort), `{abort_all: true}` every request; 200 with an empty body."""
         try:
             body = await parse_body(request, AbortBody)
         except APIError as exc:
             return JSONResponse({"success": False, "message": exc.message}, status_code=400)
         if body.abort_all:
-            out = await engine_call(engine, p.AbortRequest(rid=None, message="aborted by /abort_request"))
-            return JSONResponse(out.to_dict())
-        if not body.rid:  # as SGLang: an empty rid without abort_all aborts nothing
-            return JSONResponse({"success": False, "message": "nothing to abort: give a rid or abort_all=true"})
-        entry = state.client_rids.get(body.rid)
-        if entry is not None:
-            entry.abort_requested = True
-            for erid in list(entry.engine_rids):
-                await engine_call(engine, p.AbortRequest(rid=erid, message="aborted by /abort_request"))
-            if entry.cancel is not None:
-                entry.cancel()
-            return JSONResponse({"success": True, "message": f"aborting {body.rid}"})
-        out = await engine_call(engine, p.AbortRequest(rid=body.rid, message="aborted by /abort_request"))
-        return JSONResponse(out.to_dict())
+            await engine_call(engine, p.AbortRequest(rid=None, message="aborted by /abort_request"))
+        elif body.rid:  # as SGLang: an empty rid without abort_all aborts nothing
+            await engine_call(engine, p.AbortRequest(rid=body.rid, message="aborted by /abort_request"))
+        return Response(status_code=200)
 
     @app.post("/generate")
     async def generate(request: Request):
@@ -380,8 +390,6 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
             sps = [normalize_sampling_params(sp) for sp in body.sampling_params]
         else:
             sps = [normalize_sampling_params(body.sampling_params)] * count
-        if body.return_routed_experts:
-            sps = [dict(sp, return_routed_experts=True) for sp in sps]
         start = body.logprob_start_len
         if isinstance(start, list):
             if len(set(start)) > 1:
@@ -389,11 +397,13 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
             start = start[0] if start else None
         return_logprob = any(body.return_logprob) if isinstance(body.return_logprob, list) else body.return_logprob
         top_n = max(body.top_logprobs_num, default=0) if isinstance(body.top_logprobs_num, list) else body.top_logprobs_num
-        client_rids = [body.rid] if isinstance(body.rid, str) else list(body.rid or [])
-        # the engine prepares, validates and fans out (prompts x n, seeds) on every path, streaming or not
+        # the engine prepares, validates and fans out (prompts x n, seeds) on every path, streaming or not;
+        # a client rid is the engine's id for the request, so /abort_request reaches it directly
         kwargs = {"prompt": body.text, "input_ids": body.input_ids, "sampling_params": sps if isinstance(body.sampling_params, list) else sps[0],
-                  "return_logprob": return_logprob, "top_logprobs_num": top_n, "logprob_start_len": start}
-        owners = [i for i, sp in enumerate(sps) for _ in range(sp.get("n", 1) if isinstance(sp.get("n", 1), int) else 1)]
+                  "return_logprob": return_logprob, "top_logprobs_num": top_n, "logprob_start_len": start,
+                  "return_routed_experts": body.return_routed_experts, "routed_experts_start_len": body.routed_experts_start_len,
+                  "rid": body.rid, "image_data": body.image_data, "lora_path": body.lora_path,
+                  "custom_logit_processor": body.custom_logit_processor}
 
         def post(out: dict) -> dict:
             if body.return_text_in_logprobs:
@@ -401,41 +411,22 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
             return out
 
         if not body.stream:
-            task = asyncio.ensure_future(engine.async_generate(**kwargs))
-            entry = state.client_rids.register(client_rids)
-            if entry is not None:
-                entry.cancel = task.cancel
             try:
-                result = await await_unless_disconnected(request, task)
+                result = await await_unless_disconnected(request, engine.async_generate(**kwargs))
             except (ValueError, TypeError) as exc:  # the engine refused (HotswapError is a ValueError)
                 raise engine_error(exc) from None
-            except RequestCancelled:
-                stubs = [_aborted_stub(0, "aborted by /abort_request") for _ in owners]
-                return JSONResponse(stubs[0] if single and len(owners) == 1 else stubs)
-            finally:
-                state.client_rids.release(client_rids, entry)
             outs = result if isinstance(result, list) else [result]
             for out in outs:
                 post(out)
             state.metrics.observe_generation("/generate", outs)
             return JSONResponse(result)
 
-        entry = state.client_rids.register(client_rids)
-        try:
-            chunks = await open_stream(engine, **kwargs)
-        except BaseException:
-            state.client_rids.release(client_rids, entry)
-            raise
+        chunks = await open_stream(engine, **kwargs)
 
         async def events():
             finals: list[dict] = []
             try:
                 async for out in chunks:
-                    erid = out["meta_info"].get("id")
-                    if entry is not None and erid and erid not in entry.engine_rids:
-                        entry.engine_rids.add(erid)
-                        if entry.abort_requested:
-                            await engine_call(engine, p.AbortRequest(rid=erid, message="aborted by /abort_request"))
                     finished = out["meta_info"].get("finish_reason") is not None
                     post(out)
                     if finished:
@@ -446,7 +437,6 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
                 yield sse(error_body(err))
             finally:
                 await chunks.aclose()
-                state.client_rids.release(client_rids, entry)
                 state.metrics.observe_generation("/generate", finals)
             yield SSE_DONE
 

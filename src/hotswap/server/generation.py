@@ -1,20 +1,30 @@
 """Engine-facing generation helpers shared by the native and OpenAI routes: SGLang sampling-parameter
-compatibility, opening an engine stream (the engine fans prompts x n out itself), engine refusals as HTTP
-errors, and client request ids."""
+compatibility, opening an engine stream (the engine fans prompts x n out itself), and engine refusals as
+HTTP errors."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from typing import Any
 
 from hotswap.errors import EngineUnavailableError
 from hotswap.server.http_utils import APIError
 
+# constrained decoding (SGLang's and vLLM's names): refused by name wherever a request may carry it
+CONSTRAINED_DECODING_FIELDS = ("regex", "json_schema", "ebnf", "structural_tag", "guided_json", "guided_regex", "guided_choice",
+                               "guided_grammar", "guided_decoding_backend", "structured_outputs")
 # SGLang sampling parameters hotswap does not implement: sent empty they are dropped, so frameworks that
 # always send them work; any other value is refused rather than silently ignored.
-_MUST_BE_EMPTY = ("regex", "json_schema", "ebnf", "structural_tag", "lora_path")
+_MUST_BE_EMPTY = (*CONSTRAINED_DECODING_FIELDS, "lora_path")
+
+
+def refuse_constrained_decoding(fields: dict) -> None:
+    """Raise APIError(400) naming a constrained-decoding field that is set: hotswap does not constrain
+    decoding, and an ignored constraint would silently give unconstrained text."""
+    for key in CONSTRAINED_DECODING_FIELDS:
+        if fields.get(key):
+            raise APIError(400, f"{key!r} (constrained decoding) is not supported by hotswap", param=key)
 # Accepted and ignored: they change nothing observable in hotswap's outputs (or only formatting).
 _IGNORED = ("spaces_between_special_tokens", "stream_interval")  # stream_interval: the server's --stream-interval applies
 
@@ -27,6 +37,7 @@ def normalize_sampling_params(params: Any) -> dict:
     if not isinstance(params, dict):
         raise APIError(400, f"sampling_params must be an object, got {type(params).__name__}", param="sampling_params")
     sp = dict(params)
+    refuse_constrained_decoding(sp)
     for key in _MUST_BE_EMPTY:
         if key in sp:
             value = sp.pop(key)
@@ -82,35 +93,3 @@ async def open_stream(engine, first_chunk_wait_s: float = 1.0, **kwargs) -> Asyn
             await stream.aclose()
 
     return chunks()
-
-
-@dataclass(slots=True)
-class ClientRequest:
-    """A generation call registered under a client-chosen `rid`, so /abort_request can reach it."""
-
-    engine_rids: set[str] = field(default_factory=set)
-    abort_requested: bool = False
-    cancel: Callable[[], None] | None = None  # cancels a non-streaming wait
-
-
-class ClientRids:
-    """client rid -> the engine requests behind it (engine rids appear in `meta_info.id`)."""
-
-    def __init__(self) -> None:
-        self._entries: dict[str, ClientRequest] = {}
-
-    def register(self, rids: list[str]) -> ClientRequest | None:
-        if not rids:
-            return None
-        entry = ClientRequest()
-        for rid in rids:
-            self._entries[rid] = entry
-        return entry
-
-    def release(self, rids: list[str], entry: ClientRequest | None) -> None:
-        for rid in rids:
-            if self._entries.get(rid) is entry:
-                del self._entries[rid]
-
-    def get(self, rid: str) -> ClientRequest | None:
-        return self._entries.get(rid)

@@ -48,10 +48,6 @@ class ClientDisconnected(Exception):
     """The client closed its connection while we waited on the engine."""
 
 
-class RequestCancelled(Exception):
-    """The awaited engine call was cancelled from elsewhere (an /abort_request naming its client rid)."""
-
-
 def _clean(obj: Any) -> Any:
     """Replace non-finite floats (JSON has none) with None, recursively."""
     if isinstance(obj, float):
@@ -156,8 +152,6 @@ async def await_unless_disconnected(request: Request, awaitable: Awaitable[T]) -
     try:
         done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
-            if task.cancelled():
-                raise RequestCancelled()
             return task.result()
         task.cancel()
         try:

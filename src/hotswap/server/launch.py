@@ -65,9 +65,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "tensor-parallel workers (default 1 GiB)")
     parser.add_argument("--weight-session-timeout-s", "--weight-update-session-timeout", dest="weight_session_timeout_s", type=float,
                         default=None, help="seconds an open begin_weight_update session may stay idle before it is rolled back (default 600)")
+    parser.add_argument("--weight-update-drain-timeout-s", type=float, default=None,
+                        help="seconds a weight update waits for started requests to finish before it is refused (default 600)")
     parser.add_argument("--attention-backend", default=None, choices=("auto", "torch", "triton"))
     parser.add_argument("--disable-cuda-graph", action="store_true", help="run decode eagerly")
-    parser.add_argument("--seed", type=int, default=None, help="engine seed for requests without their own")
+    parser.add_argument("--seed", "--random-seed", dest="seed", type=int, default=None, help="engine seed for requests without their own")
+    parser.add_argument("--weight-version", default=None, help="the version name the launch weights carry (SGLang's; default 'default')")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="on SIGTERM, seconds to let running requests finish before aborting them (default 30)")
     parser.add_argument("--enable-return-routed-experts", action="store_true",
@@ -85,7 +88,8 @@ def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
     kw: dict = {}
     for name in ("max_running_requests", "page_size", "num_pages", "max_context_len", "kv_cache_memory_fraction", "attention_backend", "seed",
                  "tensor_parallel_size", "load_format", "tokenizer_path", "chat_template", "weight_update_bucket_bytes",
-                 "weight_session_timeout_s", "stream_interval", "max_queue_wait_s"):
+                 "weight_session_timeout_s", "stream_interval", "max_queue_wait_s", "weight_version",
+                 "weight_update_drain_timeout_s"):
         value = getattr(args, name, None)
         if value is not None:
             kw[name] = value
@@ -207,7 +211,7 @@ def make_draining_server(config, state, drain_timeout: float):
 
 def _abort_all(state) -> None:
     try:
-        out = state.engine.abort_request()
+        out = state.engine.abort_request(abort_all=True)
         log.info("drain timeout: %s", out.message)
     except Exception as exc:  # noqa: BLE001 - the engine may already be down
         log.info("drain timeout: abort failed: %s", exc)

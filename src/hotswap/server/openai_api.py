@@ -13,9 +13,9 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from hotswap.server.generation import engine_error, open_stream
+from hotswap.server.generation import CONSTRAINED_DECODING_FIELDS, engine_error, open_stream
 from hotswap.server.http_utils import (
     SSE_DONE,
     APIError,
@@ -42,6 +42,17 @@ class StreamOptions(BaseModel):
 
 class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_constrained_decoding(cls, data: Any) -> Any:
+        """SGLang's and vLLM's constrained-decoding extras are refused by name, never dropped with the
+        other unknown fields."""
+        if isinstance(data, dict):
+            for key in CONSTRAINED_DECODING_FIELDS:
+                if data.get(key):
+                    raise ValueError(f"{key!r} (constrained decoding) is not supported by hotswap")
+        return data
 
     model: str | None = None
     temperature: float | None = Field(None, ge=0.0)
@@ -111,9 +122,9 @@ def finish_reason(meta: dict) -> str | None:
 
 
 def check_model(state: ServerState, model: str | None) -> None:
-    if model is not None and model not in state.accepted_model_names:
-        raise APIError(404, f"The model `{model}` does not exist; this server serves `{state.served_model_name}`.",
-                       type_="NotFoundError", param="model", code="model_not_found")
+    """Any model name is served by the one model (as SGLang's server does: frameworks send their own names)."""
+    if model is not None and not isinstance(model, str):
+        raise APIError(400, f"model must be a string, got {type(model).__name__}", param="model")
 
 
 def sampling_dict(state: ServerState, body: _SamplingFields, max_new_tokens: int) -> dict:
@@ -345,7 +356,10 @@ def register(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/v1/models/{model_id:path}")
     async def retrieve_model(model_id: str) -> JSONResponse:
-        check_model(state, model_id)
+        # the listing names one model (requests may name any: check_model)
+        if model_id not in (state.served_model_name, state.model_path):
+            raise APIError(404, f"The model `{model_id}` does not exist; this server serves `{state.served_model_name}`.",
+                           type_="NotFoundError", param="model", code="model_not_found")
         return JSONResponse(state.model_card())
 
     @app.post("/v1/completions")

@@ -24,24 +24,23 @@ if TYPE_CHECKING:
 
 
 class UpdateWeightsFromTensorBody(BaseModel):
-    """HTTP form of UpdateWeightsFromTensorRequest: plain-data handle descriptors only (hotswap.wire.ipc)."""
+    """HTTP form of UpdateWeightsFromTensorRequest: plain-data handle descriptors (hotswap.wire.ipc), or
+    SGLang's `serialized_named_tensors` (base64 text, one per TP rank; decoded without running anything)."""
 
     model_config = ConfigDict(extra="ignore")
     named_tensors: list[dict[str, Any]] | None = None
-    serialized_named_tensors: Any = None  # SGLang's pickled form: refused
+    serialized_named_tensors: list[str] | None = None
     load_format: str | None = None
     flush_cache: bool = True
     weight_version: str | None = None
     abort_all_requests: bool = False
 
     def to_request(self) -> p.UpdateWeightsFromTensorRequest:
-        if self.serialized_named_tensors is not None:
-            raise APIError(400, "hotswap does not unpickle serialized_named_tensors; send `named_tensors`: a list of plain-data "
-                                "handle descriptors ({name, dtype, shape, kind: 'cuda_ipc'|'shm', ...}, see hotswap.wire.ipc)",
-                           param="serialized_named_tensors")
-        if self.named_tensors is None:
-            raise APIError(400, "named_tensors is required: a list of handle descriptors", param="named_tensors")
-        return p.UpdateWeightsFromTensorRequest(named_tensors=self.named_tensors, load_format=self.load_format, flush_cache=self.flush_cache,
+        if (self.named_tensors is None) == (self.serialized_named_tensors is None):
+            raise APIError(400, "give exactly one of named_tensors (handle descriptors) or serialized_named_tensors (SGLang's payloads)",
+                           param="named_tensors")
+        return p.UpdateWeightsFromTensorRequest(named_tensors=self.named_tensors, serialized_named_tensors=self.serialized_named_tensors,
+                                                load_format=self.load_format, flush_cache=self.flush_cache,
                                                 weight_version=self.weight_version, abort_all_requests=self.abort_all_requests)
 
 
@@ -170,6 +169,8 @@ def _make_handler(state: ServerState, path: str, body_type, build, is_update: bo
         elapsed = time.perf_counter() - start
         if is_update:
             state.metrics.observe_weight_update(path, bool(out.success), elapsed)
+        if path == "/get_weights_by_name" and out.success:  # SGLang's reply: the bare (truncated) parameter
+            return JSONResponse(out.parameter)
         reply = out.to_dict() if hasattr(out, "to_dict") else {"success": bool(out.success), "message": str(out.message)}
         version = reply.get("weight_version")
         if isinstance(version, str) and version:

@@ -12,9 +12,9 @@ from hotswap.wire.checksum import state_dict_manifest
 from hotswap.wire.dtypes import dtype_from_name
 
 
-def engine_dtype(engine: EngineHandle, name: str) -> torch.dtype | None:
-    """The dtype the engine stores parameter `name` in (None if it cannot say)."""
-    r = call_result(engine.get_weights_by_name, name, truncate_size=1)
+def engine_dtype(engine: EngineHandle) -> torch.dtype | None:
+    """The dtype the engine stores its weights in (None if it cannot say)."""
+    r = call_result(engine.get_model_info)
     return dtype_from_name(r.get("dtype") or "") if r.success else None
 
 
@@ -25,8 +25,7 @@ def verify_engine_weights(engine: EngineHandle, state_dict: Mapping[str, torch.T
     asks the engine which dtype it stores. Returns the engine's reply as an EngineResult: `success` when
     every checksum matches, else `data["mismatches"]` names the parameters that differ."""
     if dtype == "auto":
-        first = next((n for n in state_dict if not n.startswith("lm_head")), next(iter(state_dict), None))
-        dtype = engine_dtype(engine, first) if first is not None else None
+        dtype = engine_dtype(engine)
     elif isinstance(dtype, str):
         resolved = dtype_from_name(dtype)
         if resolved is None:

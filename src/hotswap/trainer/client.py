@@ -86,6 +86,8 @@ class EngineHandle(Protocol):
 
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> Any: ...
 
+    def get_model_info(self) -> Any: ...
+
     def get_ipc_token(self) -> str: ...
 
 
@@ -199,6 +201,9 @@ class HttpEngineClient:
 
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> EngineResult:
         return self.post(self.ROUTES["get_weights_by_name"], {"name": name, "truncate_size": truncate_size})
+
+    def get_model_info(self) -> EngineResult:
+        return self.post("/get_model_info", None, method="GET")
 
     def get_ipc_token(self) -> str:
         """The engine's IPC token (shared-memory blocks for it are named with its prefix)."""

@@ -10,14 +10,21 @@ from hotswap.weights.fast_copy import MatchedTensors, TensorPlanCache
 from hotswap.weights.ipc import CudaIpcMappings
 from hotswap.weights.ipc_grouped import resolve_grouped
 from hotswap.weights.mapping import WeightMap
+from hotswap.weights.sglang_payloads import decode_serialized_named_tensors
 
 
 def match_tensors(req: p.UpdateWeightsFromTensorRequest, weight_map: WeightMap, device: torch.device, mappings: CudaIpcMappings,
                   plans: TensorPlanCache, *, shm_prefix: str) -> MatchedTensors:
     """Open the handles (one open per shared IPC storage; shared-memory blocks only under this engine's
-    `shm_prefix`), then match them (`match_named`)."""
+    `shm_prefix`; SGLang's `serialized_named_tensors` through the restricted decoder, this rank's payload,
+    tensor parallelism relays the whole tensors from here), then match them (`match_named`)."""
+    if (req.named_tensors is None) == (req.serialized_named_tensors is None):
+        raise HotswapError("give exactly one of named_tensors or serialized_named_tensors")
+    if req.serialized_named_tensors is not None:
+        decoded = decode_serialized_named_tensors(req.serialized_named_tensors, 0, req.load_format, mappings)
+        return plans.match(weight_map, decoded.named_tensors)
     if req.load_format not in (None, "direct"):
-        raise HotswapError(f"unsupported load_format {req.load_format!r}")
+        raise HotswapError(f"unsupported load_format {req.load_format!r} for named_tensors (\"flattened_bucket\" comes as serialized_named_tensors)")
     return match_named(resolve_grouped(req.named_tensors, device, mappings, shm_prefix=shm_prefix), weight_map, mappings, plans)
 
 

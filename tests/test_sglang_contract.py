@@ -1,0 +1,460 @@
+"""SGLang's engine contract as the RL frameworks use it: each test replays a framework's request (from its
+source, named in the docstring; docs/framework_calls.md has the details) and parses the reply as that
+source does. Tiny CPU models; CPU tensors are shared the way a colocated CPU trainer must share them."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from hf_reference import hf_greedy
+from safetensors.torch import load_file
+from test_sglang_payloads import LocalSerializedTensor, file_system_sharing, flattened_bucket, serialize, sglang_names  # noqa: F401
+from tokenizers import Tokenizer, processors
+
+from hotswap import Engine, HotswapError
+from hotswap.server.app import create_app
+from hotswap.server.launch import ServerThread
+from hotswap.testing.tiny_models import build_tiny_checkpoint
+from hotswap.wire.checksum import state_dict_manifest
+
+GREEDY = {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True}
+PROMPTS = ["Alice likes 12 apples", "Bob sees the river"]
+
+
+def checkpoint(path) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in sorted(Path(path).glob("*.safetensors")):
+        out.update(load_file(shard))
+    return out
+
+
+def texts(engine_or_client, prompts=PROMPTS) -> list[list[int]]:
+    if isinstance(engine_or_client, Engine):
+        return [o["output_ids"] for o in engine_or_client.generate(prompts, GREEDY)]
+    r = engine_or_client.post("/generate", json={"text": prompts, "sampling_params": GREEDY})
+    r.raise_for_status()
+    return [o["output_ids"] for o in r.json()]
+
+
+@pytest.fixture(scope="module")
+def v2_ids(tiny_qwen3_v2) -> list[list[int]]:
+    with Engine(str(tiny_qwen3_v2), device="cpu", page_size=4) as eng:
+        return texts(eng)
+
+
+@pytest.fixture()
+def served(tiny_qwen3):
+    eng = Engine(str(tiny_qwen3), device="cpu", page_size=4)
+    srv = ServerThread(create_app(eng)).start()
+    client = httpx.Client(base_url=srv.url, timeout=60)
+    yield eng, client
+    client.close()
+    srv.stop()
+    eng.shutdown()
+
+
+# ---- get_weights_by_name --------------------------------------------------------------------------
+
+
+def test_get_weights_by_name_is_the_bare_parameter(served, tiny_qwen3):
+    """SGLang's test/srt/test_get_weights_by_name.py: `engine.get_weights_by_name(name, truncate_size)` and
+    `requests.get(url + "/get_weights_by_name", json={...}).json()` are both the nested list, compared with
+    `np.testing.assert_allclose(np.array(...), hf_param[:truncate_size])`."""
+    eng, c = served
+    want = checkpoint(tiny_qwen3)["model.layers.0.self_attn.q_proj.weight"][:3]
+    assert torch.equal(torch.tensor(eng.get_weights_by_name("model.layers.0.self_attn.q_proj.weight", truncate_size=3)), want)
+    r = c.post("/get_weights_by_name", json={"name": "model.layers.0.self_attn.q_proj.weight", "truncate_size": 3})
+    r.raise_for_status()
+    assert torch.equal(torch.tensor(r.json()), want)
+    r = c.post("/get_weights_by_name", json={"name": "model.no_such.weight"})
+    assert r.status_code == 400 and "unknown parameter 'model.no_such.weight'" in r.json()["message"]
+    with pytest.raises(HotswapError, match="unknown parameter"):
+        eng.get_weights_by_name("model.no_such.weight")
+
+
+# ---- the colocated tensor path --------------------------------------------------------------------
+
+
+def test_slime_flattened_bucket_over_http(served, tiny_qwen3_v2, v2_ids, sglang_names):  # noqa: F811
+    """slime `update_weight_from_tensor.py::_send_to_colocated_engine` -> `sglang_engine.py::
+    update_weights_from_tensor`: one FlattenedTensorBucket per rank, `MultiprocessingSerializer.serialize(
+    ..., output_str=True)`, POST {serialized_named_tensors, load_format: "flattened_bucket", flush_cache:
+    False, weight_version}; `raise_for_status()` then `response.json()`. An empty bucket (a rank with fewer
+    buckets) loads nothing. Then slime flushes with GET /flush_cache."""
+    eng, c = served
+    new = checkpoint(tiny_qwen3_v2)
+    names = sorted(new)
+    half = len(names) // 2
+    for part in (names[:half], names[half:]):
+        payload = serialize(flattened_bucket([(n, new[n]) for n in part]), output_str=True)
+        r = c.post("/update_weights_from_tensor", json={"serialized_named_tensors": [payload], "load_format": "flattened_bucket",
+                                                        "flush_cache": False, "weight_version": "7"})
+        r.raise_for_status()
+        assert r.json()["success"] is True
+    empty = serialize({"flattened_tensor": torch.empty(0, dtype=torch.uint8), "metadata": []}, output_str=True)
+    r = c.post("/update_weights_from_tensor", json={"serialized_named_tensors": [empty], "load_format": "flattened_bucket"})
+    r.raise_for_status()
+    assert c.get("/flush_cache").status_code == 200
+    assert c.get("/get_weight_version").json()["weight_version"] == "7"
+    assert eng.check_weights("checksum", expected=state_dict_manifest(new)).success
+    assert texts(c) == v2_ids
+
+
+def test_verl_local_serialized_tensors_over_http(served, tiny_qwen3_v2, v2_ids, sglang_names):  # noqa: F811
+    """verl `http_server_engine.py::AsyncHttpServerAdapter.update_weights_from_tensor` through sglang's
+    `weight_sync/utils.py::update_weights`: (name, LocalSerializedTensor(values=[payload per TP rank])) pairs,
+    serialized once per rank, base64, load_format None; after the buckets verl GETs /flush_cache."""
+    eng, c = served
+    new = checkpoint(tiny_qwen3_v2)
+    named = [(n, LocalSerializedTensor(values=[serialize(t)])) for n, t in new.items()]
+    body = {"serialized_named_tensors": [base64.b64encode(serialize(named)).decode()], "load_format": None, "flush_cache": True}
+    r = c.post("/update_weights_from_tensor", json=body)
+    r.raise_for_status()
+    assert r.json()["success"], r.text
+    assert c.get("/flush_cache").status_code == 200
+    assert texts(c) == v2_ids
+
+
+def test_refused_serialized_payload_changes_nothing(served, tiny_qwen3, sglang_names):  # noqa: F811
+    """A payload naming a parameter the model lacks, or a bad load_format, is a 400 with a message; the
+    weights stay bit for bit."""
+    eng, c = served
+    before = eng.check_weights("checksum").digest
+    bad = serialize([("model.layers.7.nope.weight", torch.zeros(2))], output_str=True)
+    r = c.post("/update_weights_from_tensor", json={"serialized_named_tensors": [bad]})
+    assert r.status_code == 400 and "model.layers.7.nope.weight" in r.json()["message"]
+    r = c.post("/update_weights_from_tensor", json={"serialized_named_tensors": [bad], "load_format": "jit"})
+    assert r.status_code == 400 and "load_format" in r.json()["message"]
+    r = c.post("/update_weights_from_tensor", json={})
+    assert r.status_code == 400 and "serialized_named_tensors" in r.json()["message"]
+    assert eng.check_weights("checksum").digest == before
+
+
+def test_engine_update_weights_from_tensor_sglang_forms(tiny_qwen3, tiny_qwen3_v2, v2_ids, sglang_names):  # noqa: F811
+    """SGLang's Engine.update_weights_from_tensor: in-process (name, tensor) pairs; with load_format
+    "flattened_bucket" `named_tensors` is the per-rank payload list (slime's in-process path). Replies are
+    `(success, message)`-style: indexable, unpackable, JSON-serialisable."""
+    new = checkpoint(tiny_qwen3_v2)
+    with Engine(str(tiny_qwen3), device="cpu", page_size=4) as eng:
+        ret = eng.update_weights_from_tensor(list(new.items()))
+        ok, message = ret
+        assert ok and ret[0] is True and json.loads(json.dumps(ret))["success"] is True
+        assert texts(eng) == v2_ids
+    with Engine(str(tiny_qwen3), device="cpu", page_size=4) as eng:
+        payload = serialize(flattened_bucket(list(new.items())))
+        assert eng.update_weights_from_tensor([payload], load_format="flattened_bucket", weight_version="b").success
+        assert texts(eng) == v2_ids and eng.weight_version == "b"
+
+
+# ---- info routes --------------------------------------------------------------------------------------
+
+
+def test_info_routes_as_frameworks_read_them(served, tiny_qwen3):
+    """slime `external.py::get_server_info` (GET /server_info, falling back to /get_server_info; reads
+    tp_size/pp_size/disaggregation_*/encoder_only, asserts enable_memory_saver against its launch args);
+    miles `sglang_engine.py::get_weight_version` (GET /model_info then /get_weight_version);
+    slime `server_control.py` (GET /v1/loads?include=core until idle, `loads[i]["num_running_reqs"]`)."""
+    eng, c = served
+    for path in ("/server_info", "/get_server_info"):
+        info = c.get(path).json()
+        assert info["tp_size"] == 1 and info["dp_size"] == 1 and info["pp_size"] == 1 and info["page_size"] == 4
+        assert info["enable_memory_saver"] is True and info["model_path"] == str(tiny_qwen3)
+        assert info["max_total_num_tokens"] == eng.capacity().max_total_tokens and info["weight_version"] == "default"
+        assert info["max_running_requests"] == eng.config.max_running_requests and info["disaggregation_mode"] == "null"
+    for path in ("/model_info", "/get_model_info"):
+        info = c.get(path).json()
+        assert info["weight_version"] == "default" and info["model_path"] == str(tiny_qwen3) and info["is_generation"] is True
+    assert c.get("/get_weight_version").json() == {"weight_version": "default"}
+    loads = c.get("/v1/loads", params={"include": "core"}).json()
+    entry = loads["loads"][0]
+    assert entry["num_running_reqs"] + entry["num_waiting_reqs"] == 0 and entry["max_total_num_tokens"] > 0
+    assert eng.get_server_info()["tp_size"] == 1 and eng.get_model_info()["weight_version"] == "default"
+
+
+# ---- Engine construction and generate arguments ---------------------------------------------------------
+
+
+def test_engine_takes_sglang_server_args(tiny_qwen3):
+    """SGLang's tests and verl build `Engine(**server_args)` with ServerArgs names (e.g. SGLang's
+    test_release_memory_occupation.py: model_path, random_seed, enable_memory_saver, mem_fraction_static,
+    tp_size); what hotswap cannot honour is refused by name."""
+    with Engine(model_path=str(tiny_qwen3), device="cpu", random_seed=42, enable_memory_saver=True, mem_fraction_static=0.85,
+                tp_size=1, dp_size=1, disable_radix_cache=True, context_length=256, skip_tokenizer_init=False,
+                custom_weight_loader=None, enable_return_routed_experts=False, page_size=4, chunked_prefill_size=64,
+                max_running_requests=8, log_level="error", tokenizer_path=str(tiny_qwen3)) as eng:
+        cfg = eng.config
+        assert (cfg.seed, cfg.kv_cache_memory_fraction, cfg.tensor_parallel_size, cfg.enable_prefix_cache, cfg.max_context_len) == \
+            (42, 0.85, 1, False, 256)
+        assert eng.get_server_info()["random_seed"] == 42
+    for bad, needle in (({"dp_size": 2}, "dp_size must be 1"), ({"custom_weight_loader": ["my.loader"]}, "custom_weight_loader"),
+                        ({"no_such_arg": 1}, "unknown engine argument no_such_arg"), ({"tp_size": 2, "tensor_parallel_size": 1}, "disagree")):
+        with pytest.raises(HotswapError, match=needle):
+            Engine(model_path=str(tiny_qwen3), device="cpu", **bad)
+
+
+def test_generate_takes_sglang_arguments_and_refuses_what_it_cannot_serve(served):
+    """verl `async_sglang_server.py::generate` passes rid, input_ids, image_data=None and sampling_params;
+    verl's HttpServerAdapter.generate adds lora_path and custom_logit_processor (None dropped). A set
+    image_data or lora_path is refused by name; a duplicate rid among running requests is refused."""
+    eng, c = served
+    out = eng.generate(input_ids=[5, 6, 7], sampling_params=GREEDY, rid="verl-1", image_data=None, custom_logit_processor=None)
+    assert out["meta_info"]["id"] == "verl-1" and len(out["output_ids"]) == GREEDY["max_new_tokens"]
+    # AReaL's sampling_params (sglang_remote.py::build_generation_request), neutral penalties included
+    areal = {"top_p": 1.0, "top_k": -1, "max_new_tokens": 10, "temperature": 0.0, "stop_token_ids": [], "ignore_eos": True,
+             "skip_special_tokens": True, "frequency_penalty": 0.0, "presence_penalty": 0, "repetition_penalty": 1.0, "regex": None}
+    assert eng.generate(input_ids=[5, 6, 7], sampling_params=areal)["output_ids"] == out["output_ids"]
+    for kw, name in (({"image_data": ["x.png"]}, "image_data"), ({"lora_path": "adapter"}, "lora_path"),
+                     ({"custom_logit_processor": "{}"}, "custom_logit_processor")):
+        with pytest.raises(HotswapError, match=name):
+            eng.generate("hi", GREEDY, **kw)
+        r = c.post("/generate", json={"text": "hi", "sampling_params": GREEDY, **kw})
+        assert r.status_code == 400 and name in r.json()["error"]["message"]
+    r = c.post("/generate", json={"text": PROMPTS, "sampling_params": GREEDY, "rid": ["a", "b"]})
+    assert [o["meta_info"]["id"] for o in r.json()] == ["a", "b"]
+    # a duplicate rid while the first runs
+    assert c.post("/pause_generation", json={"mode": "in_place"}).status_code == 200
+    try:
+        first = threading.Thread(target=c.post, args=("/generate",), kwargs={"json": {"text": "x", "sampling_params": GREEDY, "rid": "dup"}})
+        first.start()
+        deadline = time.monotonic() + 10
+        while eng.get_load().num_waiting < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        r = c.post("/generate", json={"text": "y", "sampling_params": GREEDY, "rid": "dup"})
+        assert r.status_code == 400 and "duplicate request id" in r.json()["error"]["message"]
+    finally:
+        c.post("/continue_generation", json={})
+    first.join(30)
+
+
+def test_constrained_decoding_is_refused_everywhere(served):
+    """regex / json_schema / ebnf (SGLang's sampling_params; SGLang's and vLLM's OpenAI extras) would be
+    unconstrained text if ignored: refused by name on every path."""
+    eng, c = served
+    for field in ("regex", "json_schema", "ebnf"):
+        with pytest.raises(HotswapError, match=field):
+            eng.generate("hi", {**GREEDY, field: "a+"})
+        r = c.post("/generate", json={"text": "hi", "sampling_params": {**GREEDY, field: "a+"}})
+        assert r.status_code == 400 and field in r.json()["error"]["message"]
+        r = c.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2, field: "a+"})
+        assert r.status_code == 400 and field in r.text
+        r = c.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                                                 field: "a+"})
+        assert r.status_code == 400 and field in r.text
+    r = c.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2, "guided_regex": "a+"})
+    assert r.status_code == 400 and "guided_regex" in r.text
+
+
+# ---- weight methods' return shapes, model path and versions ------------------------------------------------
+
+
+def test_disk_update_from_another_folder_moves_model_path(tiny_qwen3, tiny_qwen3_v2, tmp_path, v2_ids):
+    """SGLang's test_update_weights_from_disk.py: `ret = engine.update_weights_from_disk(new_path)`, then
+    `ret[0]` and `json.dumps(ret)`; `get_model_info()["model_path"]` names the new folder, and over HTTP the
+    served model name (no --served-model-name given) follows it."""
+    folder = tmp_path / "step-1"
+    shutil.copytree(tiny_qwen3_v2, folder)
+    with Engine(str(tiny_qwen3), device="cpu", page_size=4) as eng, ServerThread(create_app(eng)) as srv:
+        ret = eng.update_weights_from_disk(str(folder))
+        assert ret[0] is True and json.loads(json.dumps(ret))["success"] is True
+        success, message = ret
+        assert success and "updated" in message
+        assert eng.get_model_info()["model_path"] == str(folder)
+        assert texts(eng) == v2_ids
+        oai = openai.OpenAI(base_url=srv.url + "/v1", api_key="x")
+        assert [m.id for m in oai.models.list().data] == [str(folder)]
+        # any model name is served (SGLang's server does the same)
+        assert oai.completions.create(model="policy", prompt="hi", max_tokens=2).model == str(folder)
+        with httpx.Client(base_url=srv.url) as c:
+            r = c.post("/update_weights_from_disk", json={"model_path": str(tiny_qwen3)})
+            assert r.json()["success"] and c.get("/model_info").json()["model_path"] == str(tiny_qwen3)
+
+
+def test_weight_versions_as_sglang(tiny_qwen3):
+    """SGLang's --weight-version names the launch weights; an update without weight_version leaves it;
+    /update_weight_version aborts in-flight requests by default (UpdateWeightVersionReqInput.
+    abort_all_requests=True) and OpenAI replies carry metadata.weight_versions."""
+    with Engine(str(tiny_qwen3), device="cpu", page_size=4, weight_version="init-0") as eng, ServerThread(create_app(eng)) as srv, \
+            httpx.Client(base_url=srv.url, timeout=60) as c:
+        assert c.get("/get_weight_version").json()["weight_version"] == "init-0"
+        assert eng.update_weights_from_disk(str(tiny_qwen3)).success and eng.weight_version == "init-0"
+        results = {}
+        long = {"max_new_tokens": 100_000 // 100, "temperature": 0, "ignore_eos": True}
+        t = threading.Thread(target=lambda: results.setdefault("r", c.post("/generate", json={"text": "x", "sampling_params": long})))
+        t.start()
+        deadline = time.monotonic() + 20
+        while eng.get_load().num_running < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        r = c.post("/update_weight_version", json={"new_version": "v9"})
+        assert r.status_code == 200 and r.json()["new_version"] == "v9"
+        t.join(30)
+        assert results["r"].json()["meta_info"]["finish_reason"]["type"] == "abort"
+        r = c.post("/v1/completions", json={"model": "x", "prompt": "hi", "max_tokens": 2})
+        assert r.json()["metadata"]["weight_versions"]
+
+
+# ---- weights_checker -----------------------------------------------------------------------------------
+
+
+def test_weights_checker_checksum_reply_as_miles_parses_it(served, tiny_qwen3):
+    """miles `sglang_engine.py::check_weights` POSTs {action, allow_quant_error, selector, skip_tensor_list};
+    `audit_utils/checksum_utils.py` asserts body["success"], a non-empty body["ranks"], per rank
+    `checksums` (name -> str) and `parallelism_info` (a list of role dicts with equal "rank")."""
+    eng, c = served
+    skip = ["lm_head.weight"]
+    r = c.post("/weights_checker", json={"action": "checksum", "allow_quant_error": False, "selector": "all", "skip_tensor_list": skip})
+    r.raise_for_status()
+    body = r.json()
+    assert body["success"] and body["ranks"]
+    for rank_info in body["ranks"]:
+        assert isinstance(rank_info["checksums"], dict) and "lm_head.weight" not in rank_info["checksums"]
+        assert all(isinstance(v, str) for v in rank_info["checksums"].values()) and rank_info["per_gpu_checksum"]
+        roles = rank_info["parallelism_info"]
+        assert isinstance(roles, list) and len({role["rank"] for role in roles}) == 1
+    want = state_dict_manifest(checkpoint(tiny_qwen3))
+    assert body["ranks"][0]["checksums"] == {n: v for n, v in want.items() if n not in skip}
+
+
+def test_weights_checker_compare_report(served):
+    """slime `placement_group.py`: snapshot, reset_tensors, later compare; SGLang's failed compare message
+    is "check tensor equality failed:" then a line per tensor with max_abs_err."""
+    eng, c = served
+    assert c.post("/weights_checker", json={"action": "snapshot"}).json()["success"]
+    assert c.post("/weights_checker", json={"action": "compare"}).json()["success"]
+    assert c.post("/weights_checker", json={"action": "reset_tensors"}).json()["success"]
+    r = c.post("/weights_checker", json={"action": "compare", "skip_tensor_list": ["model.norm.weight"]})
+    assert r.status_code == 400
+    message = r.json()["message"]
+    assert message.startswith("check tensor equality failed:\n") and "name=model.layers.0.self_attn.q_proj.weight max_abs_err=" in message
+    assert "name=model.norm.weight " not in message
+    r = c.post("/weights_checker", json={"action": "frobnicate"})
+    assert r.status_code == 400 and "Unsupported action='frobnicate'" in r.json()["message"]
+
+
+# ---- aborts and request ids ----------------------------------------------------------------------------------
+
+
+def test_abort_by_rid_returns_the_tokens_so_far(served):
+    """verl `http_server_engine.py` POST /abort_request {rid, abort_all} (200, empty body as SGLang); AReaL
+    `parse_generation_response` on finish_reason abort re-sends prompt + the tokens so far, so they must be
+    in the reply."""
+    eng, c = served
+    results = {}
+    body = {"input_ids": [3, 4, 5], "sampling_params": {"max_new_tokens": 1000, "temperature": 0, "ignore_eos": True}, "rid": "areal-7"}
+    t = threading.Thread(target=lambda: results.setdefault("r", c.post("/generate", json=body)))
+    t.start()
+    deadline = time.monotonic() + 20
+    while eng.get_load().num_running < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.3)  # some tokens
+    r = c.post("/abort_request", json={"rid": "areal-7", "abort_all": False})
+    assert r.status_code == 200 and r.content == b""
+    t.join(30)
+    out = results["r"].json()
+    meta = out["meta_info"]
+    assert meta["id"] == "areal-7" and meta["finish_reason"]["type"] == "abort"
+    assert 0 < len(out["output_ids"]) < 1000 and meta["completion_tokens"] == len(out["output_ids"])
+    assert eng.abort_request(abort_all=True).success
+
+
+# ---- tokenization ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_bos(tmp_path_factory) -> Path:
+    """A Llama checkpoint whose tokenizer prepends BOS (a TemplateProcessing post-processor, as Llama's)."""
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_llama_bos"), "llama")
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    bos = "<|im_start|>"
+    tok.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False),
+                                              processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                                            special_tokens=[(bos, tok.token_to_id(bos))])])
+    tok.save(str(path / "tokenizer.json"))
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["bos_token"] = bos
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_text_prompts_get_bos_as_the_tokenizer_says(tiny_llama_bos):
+    """SGLang tokenizes text prompts with the tokenizer's defaults (add_special_tokens): a Llama prompt
+    starts with BOS, `prompt_tokens` counts it, and greedy output equals HF's on tokenizer(prompt). The
+    multi-stage release/resume of SGLang's test_release_memory_occupation.py then gives the same tokens
+    (its expected strings came from prompts with BOS)."""
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(tiny_llama_bos)
+    ids = hf_tok(PROMPTS[0])["input_ids"]
+    assert ids[0] == hf_tok.convert_tokens_to_ids("<|im_start|>")
+    want = hf_greedy(tiny_llama_bos, ids, GREEDY["max_new_tokens"])[0]
+    with Engine(model_path=str(tiny_llama_bos), device="cpu", page_size=4, random_seed=42, enable_memory_saver=True) as eng:
+        out = eng.generate(PROMPTS[0], GREEDY)
+        assert out["meta_info"]["prompt_tokens"] == len(ids) and out["output_ids"] == want
+        eng.release_memory_occupation(tags=["kv_cache"])
+        eng.release_memory_occupation(tags=["weights"])
+        eng.resume_memory_occupation(tags=["weights"])
+        assert eng.update_weights_from_tensor(list(checkpoint(tiny_llama_bos).items())).success
+        eng.resume_memory_occupation(tags=["kv_cache"])
+        assert eng.generate(PROMPTS[0], GREEDY)["output_ids"] == want
+        with ServerThread(create_app(eng)) as srv:
+            oai = openai.OpenAI(base_url=srv.url + "/v1", api_key="x")
+            res = oai.completions.create(model="m", prompt=PROMPTS[0], max_tokens=2, temperature=0)
+            assert res.usage.prompt_tokens == len(ids)
+
+
+def test_cached_tokens_count_tokens(served):
+    """slime reads meta_info["cached_tokens"] as a token count: a repeated 10-token prompt on 4-token pages
+    reuses its two full pages, 8 tokens."""
+    eng, c = served
+    body = {"input_ids": list(range(3, 13)), "sampling_params": {"max_new_tokens": 2}}
+    assert c.post("/generate", json=body).json()["meta_info"]["cached_tokens"] == 0
+    assert c.post("/generate", json=body).json()["meta_info"]["cached_tokens"] == 8
+
+
+def test_a_tensor_update_waiting_for_a_drain_is_bounded(tiny_qwen3, tiny_qwen3_v2, tmp_path):
+    """A shared-memory tensor update posted over HTTP while a long request runs (SGLang's non-blocking
+    update test) waits for the drain only weight_update_drain_timeout_s: then it is refused, weights
+    unchanged, and the running request goes on."""
+    from hotswap.wire.ipc import shm_descriptors
+
+    long_context = tmp_path / "long"
+    shutil.copytree(tiny_qwen3, long_context)
+    config = json.loads((long_context / "config.json").read_text())
+    config["max_position_embeddings"] = 1 << 16  # a request that runs far longer than the drain bound
+    (long_context / "config.json").write_text(json.dumps(config))
+    with Engine(str(long_context), device="cpu", page_size=4, num_pages=1 << 15, weight_update_drain_timeout_s=1.0) as eng, \
+            ServerThread(create_app(eng)) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        before = eng.check_weights("checksum").digest
+        results = {}
+        body = {"input_ids": [3, 4, 5], "sampling_params": {"max_new_tokens": 60_000, "temperature": 0, "ignore_eos": True}, "rid": "long"}
+        t = threading.Thread(target=lambda: results.setdefault("r", c.post("/generate", json=body)))
+        t.start()
+        deadline = time.monotonic() + 20
+        while eng.get_load().num_running < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        block, descs = shm_descriptors(list(checkpoint(tiny_qwen3_v2).items()), token=eng.get_ipc_token())
+        try:
+            start = time.monotonic()
+            r = c.post("/update_weights_from_tensor", json={"named_tensors": descs})
+            assert r.status_code == 400 and "did not finish within 1 s" in r.json()["message"]
+            assert time.monotonic() - start < 15
+        finally:
+            block.close()
+            block.unlink()
+        assert eng.check_weights("checksum").digest == before
+        assert eng.get_load().num_running == 1  # the request was not disturbed
+        c.post("/abort_request", json={"rid": "long"})
+        t.join(30)
+        assert results["r"].json()["meta_info"]["finish_reason"]["type"] == "abort"
