@@ -11,6 +11,7 @@ import time
 import pytest
 
 from hotswap import Engine
+from hotswap import protocol as p
 from hotswap.errors import EngineUnavailableError, HotswapError
 from hotswap.sampling_params import SamplingParams
 from hotswap.scheduler.output_streamer import OutputStreamer
@@ -206,3 +207,13 @@ def test_stream_interval_batches_tokens_per_output(tiny_qwen3):
     assert chunks[-1]["text"] == reference["text"] and "".join(c["delta_text"] for c in chunks) == reference["text"]
     with pytest.raises(HotswapError, match="stream_interval"):
         Engine(str(tiny_qwen3), device="cpu", stream_interval=0)
+
+
+def test_requests_the_loop_never_answered_fail_when_the_engine_shuts_down(tiny_qwen3):
+    """A control request queued or deferred behind running requests (a weight update waiting for them to
+    drain) when the engine shuts down is answered with a failure, never left waiting on a stopped loop."""
+    eng = Engine(str(tiny_qwen3), device="cpu", page_size=4)
+    eng.scheduler.stop()  # the loop is gone: nothing dispatches what is queued
+    out = eng.scheduler.submit(p.FlushCacheRequest()).result(timeout=5)
+    assert not out.success and "shut down" in out.message
+    eng.shutdown()

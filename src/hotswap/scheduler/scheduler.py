@@ -131,9 +131,18 @@ class Scheduler:
         self.thread.start()
 
     def stop(self) -> None:
+        """Stop the loop; whatever it had not answered (deferred or still queued requests) fails with the
+        reason, so no caller waits on a loop that is gone."""
         self._stop.set()
         self.inbox.put((None, None))
         self.thread.join(timeout=30)
+        if self.thread.is_alive():  # a stuck step: its state stays with it
+            return
+        if self.dead is None:
+            self.dead = "the engine was shut down"
+        deferred, self.deferred = list(self.deferred), deque()
+        self._fail(deferred)
+        self._fail_queued()
 
     def submit(self, request) -> Future:
         fut: Future = Future()
