@@ -24,6 +24,7 @@ import torch
 
 from hotswap.errors import HotswapError
 from hotswap.weights.restricted_pickle import TORCH_VALUES, GlobalRef, PickleRules, is_ref, restricted_loads
+from hotswap.weights.torch_handles import CudaTensorHandle, TensorView
 
 
 class PayloadError(HotswapError):
@@ -49,22 +50,6 @@ def decode(data: bytes) -> object:
 # ---- the buffer handle --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class CudaIpcHandle:
-    """The checked arguments of `rebuild_cuda_tensor` for the server's 1-D uint8 buffer (the device it
-    names is ignored: the engine maps the buffer on its own device)."""
-
-    numel: int
-    tensor_offset: int  # in elements (bytes) within the storage
-    storage_handle: bytes
-    storage_size_bytes: int
-    storage_offset_bytes: int
-    ref_counter_handle: bytes
-    ref_counter_offset: int
-    event_handle: bytes | None
-    event_sync_required: bool
-
-
 def _int(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise PayloadError(f"buffer handle: {what} must be a non-negative integer, got {value!r}")
@@ -77,8 +62,9 @@ def _bytes(value: object, what: str) -> bytes:
     return value
 
 
-def parse_ipc_handle(msg: object) -> CudaIpcHandle:
-    """Check that `msg` is reduce_tensor's form of a contiguous 1-D uint8 CUDA tensor."""
+def parse_ipc_handle(msg: object) -> CudaTensorHandle:
+    """Check that `msg` is reduce_tensor's form of a contiguous 1-D uint8 CUDA tensor. The device it names
+    is checked but not used: the engine maps the buffer on its own device."""
     if not (isinstance(msg, tuple) and len(msg) == 2 and msg[0] == REBUILD_CUDA_TENSOR and isinstance(msg[1], tuple)):
         raise PayloadError(f"expected the buffer handle ({REBUILD_CUDA_TENSOR}, args), got {type(msg).__name__}")
     args = msg[1]
@@ -94,18 +80,19 @@ def parse_ipc_handle(msg: object) -> CudaIpcHandle:
         raise PayloadError(f"buffer handle: the buffer must be uint8, got {dtype!r}")
     if not (isinstance(size, tuple) and len(size) == 1 and stride == (1,)):
         raise PayloadError(f"buffer handle: the buffer must be 1-D and contiguous, got size {size!r} stride {stride!r}")
-    _int(device, "device")
+    device = _int(device, "device")
     if event_handle is not None and not isinstance(event_handle, bytes):
         raise PayloadError(f"buffer handle: event handle must be bytes or None, got {type(event_handle).__name__}")
-    numel = _int(size[0], "size")
-    handle = CudaIpcHandle(
-        numel=numel, tensor_offset=_int(tensor_offset, "tensor offset"), storage_handle=_bytes(storage_handle, "storage handle"),
-        storage_size_bytes=_int(storage_size, "storage size"), storage_offset_bytes=_int(storage_offset, "storage offset"),
-        ref_counter_handle=_bytes(ref_counter_handle, "ref-counter handle"), ref_counter_offset=_int(ref_counter_offset, "ref-counter offset"),
-        event_handle=event_handle or None, event_sync_required=bool(event_sync_required),
+    numel, offset = _int(size[0], "size"), _int(tensor_offset, "tensor offset")
+    handle = CudaTensorHandle(
+        view=TensorView(dtype=torch.uint8, shape=(numel,), stride=(1,), storage_offset=offset), device=device,
+        storage_handle=_bytes(storage_handle, "storage handle"), storage_size_bytes=_int(storage_size, "storage size"),
+        storage_offset_bytes=_int(storage_offset, "storage offset"), ref_counter_handle=_bytes(ref_counter_handle, "ref-counter handle"),
+        ref_counter_offset=_int(ref_counter_offset, "ref-counter offset"), event_handle=event_handle or None,
+        event_sync_required=bool(event_sync_required),
     )
-    if handle.tensor_offset + numel > handle.storage_size_bytes:
-        raise PayloadError(f"buffer handle: {numel} bytes at offset {handle.tensor_offset} run past the storage ({handle.storage_size_bytes} bytes)")
+    if offset + numel > handle.storage_size_bytes:
+        raise PayloadError(f"buffer handle: {numel} bytes at offset {offset} run past the storage ({handle.storage_size_bytes} bytes)")
     return handle
 
 
