@@ -140,8 +140,7 @@ class Scheduler:
             return
         if self.dead is None:
             self.dead = "the engine was shut down"
-        deferred, self.deferred = list(self.deferred), deque()
-        self._fail(deferred)
+        self._fail_deferred()
         self._fail_queued()
 
     def submit(self, request) -> Future:
@@ -163,9 +162,12 @@ class Scheduler:
                 self.abort_all(self.dead)
             except Exception:
                 log.exception("aborting the running requests failed too")
-            deferred, self.deferred = [(r, f) for r, f, _ in self.deferred], deque()
-            self._fail(deferred)
+            self._fail_deferred()
             self._fail_queued()
+
+    def _fail_deferred(self) -> None:
+        deferred, self.deferred = [(r, f) for r, f, _ in self.deferred], deque()
+        self._fail(deferred)
 
     def _fail_queued(self) -> None:
         items = []
@@ -268,15 +270,15 @@ class Scheduler:
     def dispatch(self, request, fut: Future | None) -> None:
         if request is None:
             return
-        if isinstance(request, p.PauseGenerationRequest) and request.mode == "wait" and not self.update_may_run():
-            self.deferred.append((request, fut))  # vLLM's wait mode: started requests finish first
-            return
+        waits_for_drain = isinstance(request, p.PauseGenerationRequest) and request.mode == "wait"  # vLLM's wait mode
         if isinstance(request, _DRAIN_FIRST):
             if getattr(request, "abort_all_requests", False):
                 self.abort_all("aborted for a weight update")
-            elif not self.update_may_run():
-                self.deferred.append((request, fut, time.monotonic() + self.config.weight_update_drain_timeout_s))
-                return
+            else:
+                waits_for_drain = True
+        if waits_for_drain and not self.update_may_run():  # started requests finish first, for a bounded time
+            self.deferred.append((request, fut, time.monotonic() + self.config.weight_update_drain_timeout_s))
+            return
         self._handle(request, fut)
 
     def _handle(self, request, fut: Future) -> None:
