@@ -17,6 +17,8 @@ from safetensors.torch import save_file
 from trainer_support import TrainerProcess, checkpoint_tensors, serve_engine_http
 
 from hotswap import Engine
+from hotswap.runner import tp_protocol
+from hotswap.runner.tp_protocol import Op
 from hotswap.trainer import free_port, state_dict_manifest
 
 # chunked_prefill_size 8: the longer prompts below are prefilled in chunks
@@ -68,6 +70,24 @@ def test_greedy_matches_tp1_and_transformers(engine, tiny_qwen3):
     with Engine(str(tiny_qwen3), **ARGS) as tp1:
         assert [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=sp)] == [
             o["output_ids"] for o in tp1.generate(input_ids=prompts, sampling_params=sp)]
+
+
+def test_decode_steps_reach_the_worker_as_small_deltas(engine, tiny_qwen3, monkeypatch):
+    """Rank 0 sends a decode step as an ADVANCE against the batch the worker already holds (whole steps
+    only for prefill); the worker's rebuilt batches still give TP=1's tokens."""
+    sent: list[tuple[Op, int]] = []
+    encode = tp_protocol.encode_step
+
+    def counting(*args):
+        op, header, payload = encode(*args)
+        sent.append((op, len(payload)))
+        return op, header, payload
+
+    monkeypatch.setattr(tp_protocol, "encode_step", counting)
+    assert greedy_ids(engine) == reference(tiny_qwen3)
+    advances = [words for op, words in sent if op is Op.ADVANCE]
+    assert len(advances) >= GREEDY["max_new_tokens"] - 2
+    assert max(advances) < min(words for op, words in sent if op is Op.STEP)
 
 
 def test_checksums_and_reads_see_whole_tensors(engine, tiny_qwen3, tmp_path):

@@ -47,8 +47,8 @@ class ModelRunner:
         self.routed_experts = self._make_routed_experts()
         self.attention = self._make_attention()
         self.cuda_graphs = None
-        # not under tensor parallelism yet: graphs would capture the NCCL collectives and the batch relay would need static buffers
-        if device.type == "cuda" and config.enable_cuda_graph and isinstance(self.attention, TritonAttention) and tp.size == 1:
+        # under tensor parallelism every rank captures the same decode buckets, NCCL collectives inside (cuda_graph.py)
+        if device.type == "cuda" and config.enable_cuda_graph and isinstance(self.attention, TritonAttention):
             from hotswap.runner.cuda_graph import CudaGraphRunner
 
             self.cuda_graphs = CudaGraphRunner(self)
@@ -200,7 +200,12 @@ class ModelRunner:
         graphs = self.cuda_graphs
         presampled = None
         if graphs is not None and graphs.can_run(entries):
-            logits, presampled = graphs.run(entries, prev_token_ids)
+            hb = HostBatch.build(entries, self.kv_cache.page_size)
+            fix, params = self.pending_rows(entries, range(len(entries))), self.host_params(entries)
+            if self.tp_peers is None:
+                logits, presampled = graphs.replay(hb, fix, params, prev_token_ids)
+            else:  # the workers replay the same bucket; the sampled ids reach them inside the graph
+                logits, presampled = self.tp_peers.forward(hb, fix, True, lambda: graphs.replay(hb, fix, params, prev_token_ids))
         elif graphs is not None and graphs.can_run_extend(entries):
             logits = graphs.run_extend(entries, prev_token_ids)
             if not to_sample:
@@ -211,11 +216,11 @@ class ModelRunner:
             if self.tp_peers is None:
                 logits = self.forward(hb, fix, prev_token_ids)
             else:
-                logits = self.tp_peers.forward(self.forward, hb, fix, prev_token_ids)
+                logits = self.tp_peers.forward(hb, fix, False, lambda: self.forward(hb, fix, prev_token_ids))
             if logits is None:
                 return None
         result = sample(logits, sb, presampled)
-        if self.tp_peers is not None:
+        if self.tp_peers is not None and presampled is None:
             self.tp_peers.send_sampled(result.token_ids)
         result.copy_to_host()
         return result

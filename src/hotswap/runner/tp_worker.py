@@ -27,6 +27,7 @@ from hotswap.runner.host_batch import HostBatch
 from hotswap.runner.model_runner import ModelRunner
 from hotswap.runner.tp_group import TPGroups
 from hotswap.runner.tp_protocol import Op, decode_json, decode_step, exchange, recv_command
+from hotswap.runner.tp_step_codec import StepReplica
 from hotswap.weights.apply import apply_read, apply_tensors
 from hotswap.weights.distributed import WeightsGroup
 from hotswap.weights.distributed_receiver import plan_receive, receive_bucket
@@ -53,6 +54,7 @@ class TPWorker:
     received: list[tuple[str, torch.Tensor]] | None = None  # the last RECEIVE's bucket, for APPLY_RECEIVED
     failure: str | None = None  # the first failure since the last AGREE
     prev_token_ids: torch.Tensor | None = None  # the last batch's sampled ids, as rank 0 sent them
+    replica: StepReplica = field(default_factory=StepReplica)  # the last batch, which the next ADVANCE continues
 
     def serve(self) -> None:
         local = {  # ops whose failure is only reported: the ranks stay in step
@@ -67,8 +69,8 @@ class TPWorker:
                 return
             if op not in (Op.AGREE, Op.APPLY_RECEIVED):  # a bucket rank 0 refused before applying it
                 self.received = None
-            if op is Op.STEP:
-                self.step(*decode_step(args, payload))
+            if op in (Op.STEP, Op.ADVANCE):
+                self.step(*decode_step(self.replica, op, args, payload, self.runner.kv_cache.page_size))
             elif op in collective:
                 collective[op](decode_json(args, payload))
             else:
@@ -83,7 +85,16 @@ class TPWorker:
 
     # ---- batches -----------------------------------------------------------------------------------
 
-    def step(self, hb: HostBatch, fix: np.ndarray | None) -> None:
+    def step(self, hb: HostBatch, fix: np.ndarray | None, graph: bool) -> None:
+        """The batch rank 0 runs now: the same decode graph bucket when it replays one (the sampled ids
+        arrive inside the graph), else eagerly, taking the sampled ids when the batch samples."""
+        if graph:
+            graphs = self.runner.cuda_graphs
+            if graphs is None or not graphs.captured:
+                raise HotswapError("rank 0 replays a decode CUDA graph that this rank has not captured")
+            _, (ids, _, _) = graphs.replay(hb, fix, None, self.prev_token_ids)
+            self.prev_token_ids = ids
+            return
         logits = self.runner.forward(hb, fix, self.prev_token_ids)
         if logits is not None:
             ids = torch.empty(len(hb.logits_indices), dtype=torch.int64, device=self.runner.device)
