@@ -246,6 +246,38 @@ def test_gpu_tp2_matches_tp1_over_nccl(tiny_qwen3, tiny_qwen3_v2):
 
 
 @pytest.mark.gpu
+def test_gpu_tp2_decode_replays_cuda_graphs_on_every_rank(tiny_qwen3, tiny_qwen3_v2, monkeypatch):
+    """Both ranks capture the decode buckets with the NCCL collectives inside; rank 0 sends each decode
+    step as a graph ADVANCE and the worker replays the same bucket from the batch it rebuilt. Greedy in
+    float32 equals TP=1 (also graphed) over a ragged batch of 12, after a weight update (the graphs read the
+    live parameters) and after a release and resume (which recaptures on both ranks)."""
+    _gpus(2)
+    prompts = [prompt_ids(200 + i, 5 + 3 * i) for i in range(12)]
+    with Engine(str(tiny_qwen3), device="cuda:0", dtype="float32") as tp1:
+        expected = greedy_ids(tp1, prompts)
+        tp1.update_weights_from_disk(str(tiny_qwen3_v2))
+        expected_v2 = greedy_ids(tp1, prompts)
+    graph_steps: list[int] = []
+    encode = tp_protocol.encode_step
+
+    def counting(replica, hb, fix, graph):
+        graph_steps.append(int(graph))
+        return encode(replica, hb, fix, graph)
+
+    monkeypatch.setattr(tp_protocol, "encode_step", counting)
+    with Engine(str(tiny_qwen3), device="cuda:0", dtype="float32", tensor_parallel_size=2) as eng:
+        assert eng.model_runner.cuda_graphs is not None and eng.model_runner.cuda_graphs.captured
+        assert greedy_ids(eng, prompts) == expected
+        assert sum(graph_steps) >= GREEDY["max_new_tokens"] - 2
+        v2 = {k: v.to("cuda:0") for k, v in checkpoint_tensors(tiny_qwen3_v2).items()}
+        assert eng.update_weights_from_tensor(v2, weight_version="v2").success
+        assert greedy_ids(eng, prompts) == expected_v2
+        assert eng.release_memory_occupation().success
+        assert eng.resume_memory_occupation().success
+        assert greedy_ids(eng, prompts) == expected_v2
+
+
+@pytest.mark.gpu
 def test_gpu_engine_on_a_second_gpu(tiny_qwen3, tiny_qwen3_v2):
     """An engine on cuda:1 (a trainer beside it on cuda:0) serves and updates there: its threads launch on
     its own device, and the caller's current device is left alone."""
