@@ -174,8 +174,7 @@ class CudaGraphRunner:
         h["positions"][:n] = hb.positions
         h["slot_mapping"][:n] = hb.slot_mapping
         h["seq_lens"][:n] = hb.seq_lens
-        h["page_table"][:n, :width] = hb.page_table
-        h["page_table"][:n, width:] = kv.scratch_page
+        h["page_table"][:n, :width] = hb.page_table  # cells past a row's pages are never read (attention stops at seq_lens)
         if params is not None:
             h["floats"][:, :n], h["ints"][:, :n] = params
         h["floats"][0, n:bs] = 0.0  # padded rows: greedy

@@ -28,7 +28,7 @@ _INLINE = MESSAGE_LEN - 2 - HEADER_ARGS
 
 
 class Op(IntEnum):
-    STEP = 1  # a batch to forward; the sampled ids follow on the device group when the batch samples
+    STEP = 1  # a batch to forward; the sampled ids follow on the device group when it samples (inside the graph when it replays one)
     SHUTDOWN = 2
     AGREE = 3  # report the outcome of the ops since the last AGREE (exchange), then forget it
     COMMIT = 4  # the update session committed: drop the saved originals
