@@ -90,6 +90,19 @@ def test_decode_steps_reach_the_worker_as_small_deltas(engine, tiny_qwen3, monke
     assert max(advances) < min(words for op, words in sent if op is Op.STEP)
 
 
+def test_preemption_and_joins_under_kv_pressure_match_tp1(tiny_qwen3):
+    """48 pages of 4 tokens for 8 requests that need 9-14 pages each: sequences are preempted, rejoin and
+    finish while others decode, so the worker's replica follows rows leaving, joining and moving."""
+    prompts = [prompt_ids(300 + i, 10 + 3 * i) for i in range(8)]
+    sp = dict(GREEDY, max_new_tokens=24)
+    args = dict(ARGS, num_pages=48)
+    with Engine(str(tiny_qwen3), **args) as tp1:
+        expected = [o["output_ids"] for o in tp1.generate(input_ids=prompts, sampling_params=sp)]
+    with Engine(str(tiny_qwen3), tensor_parallel_size=2, **args) as eng:
+        assert [o["output_ids"] for o in eng.generate(input_ids=prompts, sampling_params=sp)] == expected
+        assert eng.scheduler.batcher.num_preemptions > 0
+
+
 def test_checksums_and_reads_see_whole_tensors(engine, tiny_qwen3, tmp_path):
     ckpt = checkpoint_tensors(tiny_qwen3)
     check = engine.check_weights("checksum", expected=state_dict_manifest(ckpt))
