@@ -19,6 +19,7 @@ from trainer_support import TrainerProcess, checkpoint_tensors, serve_engine_htt
 from hotswap import Engine
 from hotswap.runner import tp_protocol
 from hotswap.runner.tp_protocol import Op
+from hotswap.runner.tp_step_codec import StepMode
 from hotswap.trainer import free_port, state_dict_manifest
 
 # chunked_prefill_size 8: the longer prompts below are prefilled in chunks
@@ -260,8 +261,8 @@ def test_gpu_tp2_matches_tp1_over_nccl(tiny_qwen3, tiny_qwen3_v2):
 
 @pytest.mark.gpu
 def test_gpu_tp2_decode_replays_cuda_graphs_on_every_rank(tiny_qwen3, tiny_qwen3_v2, monkeypatch):
-    """Both ranks capture the decode buckets with the NCCL collectives inside; rank 0 sends each decode
-    step as a graph ADVANCE and the worker replays the same bucket from the batch it rebuilt. Greedy in
+    """Both ranks capture the decode and extend buckets with the NCCL collectives inside; rank 0 sends each
+    decode step as a graph ADVANCE and the worker replays the same bucket from the batch it rebuilt. Greedy in
     float32 equals TP=1 (also graphed) over a ragged batch of 12, after a weight update (the graphs read the
     live parameters) and after a release and resume (which recaptures on both ranks)."""
     _gpus(2)
@@ -270,18 +271,19 @@ def test_gpu_tp2_decode_replays_cuda_graphs_on_every_rank(tiny_qwen3, tiny_qwen3
         expected = greedy_ids(tp1, prompts)
         tp1.update_weights_from_disk(str(tiny_qwen3_v2))
         expected_v2 = greedy_ids(tp1, prompts)
-    graph_steps: list[int] = []
+    modes: list[StepMode] = []
     encode = tp_protocol.encode_step
 
-    def counting(replica, hb, fix, graph):
-        graph_steps.append(int(graph))
-        return encode(replica, hb, fix, graph)
+    def counting(replica, hb, fix, mode):
+        modes.append(mode)
+        return encode(replica, hb, fix, mode)
 
     monkeypatch.setattr(tp_protocol, "encode_step", counting)
     with Engine(str(tiny_qwen3), device="cuda:0", dtype="float32", tensor_parallel_size=2) as eng:
         assert eng.model_runner.cuda_graphs is not None and eng.model_runner.cuda_graphs.captured
         assert greedy_ids(eng, prompts) == expected
-        assert sum(graph_steps) >= GREEDY["max_new_tokens"] - 2
+        assert modes.count(StepMode.DECODE_GRAPH) >= GREEDY["max_new_tokens"] - 2
+        assert StepMode.EXTEND_GRAPH in modes  # the prefill of the 12 prompts
         v2 = {k: v.to("cuda:0") for k, v in checkpoint_tensors(tiny_qwen3_v2).items()}
         assert eng.update_weights_from_tensor(v2, weight_version="v2").success
         assert greedy_ids(eng, prompts) == expected_v2

@@ -14,7 +14,7 @@ import pytest
 from hotswap.runner.batch_entry import BatchEntry
 from hotswap.runner.host_batch import HostBatch
 from hotswap.runner.tp_protocol import HEADER_ARGS, Op, decode_step, encode_step
-from hotswap.runner.tp_step_codec import StepReplica
+from hotswap.runner.tp_step_codec import StepMode, StepReplica
 from hotswap.sampling_params import SamplingParams
 
 PAGE = 4
@@ -97,16 +97,16 @@ class Link:
         self.ops: list[Op] = []
         self.words: list[int] = []
 
-    def send(self, hb: HostBatch, fix: np.ndarray | None, graph: bool = False) -> None:
-        op, args, payload = encode_step(self.sender, hb, fix, graph)
+    def send(self, hb: HostBatch, fix: np.ndarray | None, mode: StepMode = StepMode.EAGER) -> None:
+        op, args, payload = encode_step(self.sender, hb, fix, mode)
         header = np.zeros(HEADER_ARGS, dtype=np.int64)
         header[: len(args)] = args
-        got, got_fix, got_graph = decode_step(self.worker, op, header, payload.copy(), PAGE)
+        got, got_fix, got_mode = decode_step(self.worker, op, header, payload.copy(), PAGE)
         _assert_same(got, hb)
         assert (got_fix is None) == (fix is None)
         if fix is not None:
             assert got_fix.dtype == np.int64 and (got_fix == fix).all()
-        assert got_graph == graph
+        assert got_mode is mode
         self.ops.append(op)
         self.words.append(len(payload))
 
@@ -118,7 +118,7 @@ def test_steady_decode_travels_as_a_few_words():
     for _ in range(3):  # prefill (chunks of 8), then decode
         link.send(*sched.step(8, overlap=True)[1:])
     for _ in range(6):
-        link.send(*sched.step(8, overlap=True)[1:], graph=True)
+        link.send(*sched.step(8, overlap=True)[1:], StepMode.DECODE_GRAPH)
     assert link.ops[:2] == [Op.STEP, Op.STEP] and set(link.ops[3:]) == {Op.ADVANCE}
     # same rows, inputs from the device, every row samples: only the page cells a row crossed into
     assert max(link.words[3:]) <= 2 * 3 * 2
@@ -158,7 +158,7 @@ def test_random_schedules_rebuild_exactly(seed):
         if not sched.running:
             sched.join(rng.randrange(1, 30))
         _, hb, fix = sched.step(rng.choice((4, 8, 16)), overlap=rng.random() < 0.8)
-        link.send(hb, fix, graph=hb.is_decode and rng.random() < 0.5)
+        link.send(hb, fix, rng.choice(list(StepMode)) if hb.is_decode else rng.choice((StepMode.EAGER, StepMode.EXTEND_GRAPH)))
     assert link.ops.count(Op.ADVANCE) > 20
 
 
@@ -166,8 +166,8 @@ def test_an_advance_without_a_whole_step_first_is_refused():
     sched = Scheduler(random.Random(2))
     sched.join(3)
     sender = StepReplica()
-    encode_step(sender, *sched.step(8, overlap=True)[1:], False)
-    op, args, payload = encode_step(sender, *sched.step(8, overlap=True)[1:], False)
+    encode_step(sender, *sched.step(8, overlap=True)[1:], StepMode.EAGER)
+    op, args, payload = encode_step(sender, *sched.step(8, overlap=True)[1:], StepMode.EAGER)
     assert op is Op.ADVANCE
     header = np.zeros(HEADER_ARGS, dtype=np.int64)
     header[: len(args)] = args

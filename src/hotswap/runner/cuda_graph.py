@@ -16,8 +16,8 @@ larger batches ran eagerly before).
 Under tensor parallelism every rank captures the same buckets, in the same order, with the model's NCCL
 all-reduces and all-gathers inside; rank 0's graph samples and then broadcasts the ids from `prev_ids`,
 a worker's graph only receives them there, so a worker needs no sampling parameters: it replays the
-bucket from the batch that `runner/tp_step_codec.py` rebuilt. Extend graphs stay off under tensor
-parallelism (the workers do not replay them yet), so those steps run eagerly on every rank.
+bucket from the batch that `runner/tp_step_codec.py` rebuilt. Extend graphs are captured on every rank
+too (their all-reduces inside); the LM head of their sampled rows runs eagerly on every rank after them.
 """
 
 from __future__ import annotations
@@ -75,11 +75,12 @@ class CudaGraphRunner:
                 and all(len(e.input_ids) == 1 and e.sample for e in entries))
 
     def can_run_extend(self, entries: list[BatchEntry]) -> bool:
-        return self.captured and self.runner.tp.size == 1 and self.extend.can_run(entries)
+        return self.captured and self.extend.can_run(entries)
 
-    def run_extend(self, entries: list[BatchEntry], prev_token_ids: torch.Tensor | None) -> torch.Tensor:
+    def run_extend(self, hb: HostBatch, fix: np.ndarray | None, prev_token_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """An extend step (`can_run_extend`): the logits of its sampled rows, None when none samples."""
         self._load_prev(prev_token_ids)
-        return self.extend.run(entries)
+        return self.extend.run(hb, fix)
 
     def _alloc_buffers(self) -> None:
         dev, n, w = self.runner.device, self.max_batch, self.max_pages
@@ -134,8 +135,7 @@ class CudaGraphRunner:
                 self.outputs[bs] = model.compute_logits(model(ids, ctx))
                 self._sample(self.outputs[bs], bs)
             self.graphs[bs] = graph
-        if not tp:
-            self.extend.capture(self.pool, warm=not self.warmed, prev_ids=self.prev_ids)
+        self.extend.capture(self.pool, warm=not self.warmed, prev_ids=self.prev_ids)
         self.warmed = True
         torch.cuda.synchronize()
 

@@ -20,6 +20,7 @@ from hotswap.runner.host_batch import HostBatch
 from hotswap.runner.kv_cache import KVCacheStorage
 from hotswap.runner.routed_experts import RoutedExpertsTable
 from hotswap.runner.sampler import SampleResult, SamplingBatch, host_params, sample
+from hotswap.runner.tp_step_codec import StepMode
 from hotswap.weights.fast_reader import ReaderOptions, load_checkpoint
 from hotswap.weights.mapping import WeightMap
 
@@ -47,7 +48,7 @@ class ModelRunner:
         self.routed_experts = self._make_routed_experts()
         self.attention = self._make_attention()
         self.cuda_graphs = None
-        # under tensor parallelism every rank captures the same decode buckets, NCCL collectives inside (cuda_graph.py)
+        # under tensor parallelism every rank captures the same buckets, NCCL collectives inside (cuda_graph.py)
         if device.type == "cuda" and config.enable_cuda_graph and isinstance(self.attention, TritonAttention):
             from hotswap.runner.cuda_graph import CudaGraphRunner
 
@@ -205,18 +206,15 @@ class ModelRunner:
             if self.tp_peers is None:
                 logits, presampled = graphs.replay(hb, fix, params, prev_token_ids)
             else:  # the workers replay the same bucket; the sampled ids reach them inside the graph
-                logits, presampled = self.tp_peers.forward(hb, fix, True, lambda: graphs.replay(hb, fix, params, prev_token_ids))
-        elif graphs is not None and graphs.can_run_extend(entries):
-            logits = graphs.run_extend(entries, prev_token_ids)
-            if not to_sample:
-                return None
+                logits, presampled = self.tp_peers.forward(hb, fix, StepMode.DECODE_GRAPH, lambda: graphs.replay(hb, fix, params, prev_token_ids))
         else:
             hb = HostBatch.build(entries, self.kv_cache.page_size)
             fix = self.pending_rows(entries, hb.cu_seqlens_q)
-            if self.tp_peers is None:
-                logits = self.forward(hb, fix, prev_token_ids)
+            if graphs is not None and graphs.can_run_extend(entries):
+                mode, compute = StepMode.EXTEND_GRAPH, lambda: graphs.run_extend(hb, fix, prev_token_ids)
             else:
-                logits = self.tp_peers.forward(hb, fix, False, lambda: self.forward(hb, fix, prev_token_ids))
+                mode, compute = StepMode.EAGER, lambda: self.forward(hb, fix, prev_token_ids)
+            logits = compute() if self.tp_peers is None else self.tp_peers.forward(hb, fix, mode, compute)
             if logits is None:
                 return None
         result = sample(logits, sb, presampled)

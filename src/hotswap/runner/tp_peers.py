@@ -30,7 +30,7 @@ from hotswap.models.parallel import TPInfo
 from hotswap.runner.host_batch import HostBatch
 from hotswap.runner.tp_group import TPGroups, worker_device
 from hotswap.runner.tp_protocol import Op, exchange, send_command, send_step
-from hotswap.runner.tp_step_codec import StepReplica
+from hotswap.runner.tp_step_codec import StepMode, StepReplica
 from hotswap.runner.tp_worker import worker_main
 from hotswap.weights.distributed import WeightsGroup
 from hotswap.weights.mapping import WeightMap, WeightSlot
@@ -149,14 +149,14 @@ class TPPeers:
 
     # ---- batches -----------------------------------------------------------------------------------
 
-    def forward(self, hb: HostBatch, fix: np.ndarray | None, graph: bool, compute: Callable[[], T]) -> T:
+    def forward(self, hb: HostBatch, fix: np.ndarray | None, mode: StepMode, compute: Callable[[], T]) -> T:
         """Send the batch to every worker, then `compute()` it here (its collectives pair with the workers'
-        own forward of the same batch). `graph`: every rank replays the decode CUDA graph, whose sampled
-        ids reach the workers inside it (no `send_sampled`)."""
+        own forward of the same batch, run the same way: `mode`). A decode graph's sampled ids reach the
+        workers inside it (no `send_sampled`)."""
         if self.broken is not None:
             raise HotswapError(self.broken)
         try:
-            send_step(self.groups.control, self.replica, hb, fix, graph, self.timeout_s)
+            send_step(self.groups.control, self.replica, hb, fix, mode, self.timeout_s)
             return compute()
         except Exception as exc:
             raise self._fail(exc) from exc

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from hotswap.runner.host_batch import HostBatch
-from hotswap.runner.tp_step_codec import FLAG_GRAPH, StepReplica
+from hotswap.runner.tp_step_codec import StepMode, StepReplica
 
 MESSAGE_LEN = 2048
 HEADER_ARGS = 8
@@ -28,7 +28,7 @@ _INLINE = MESSAGE_LEN - 2 - HEADER_ARGS
 
 
 class Op(IntEnum):
-    STEP = 1  # a batch to forward; the sampled ids follow on the device group when it samples (inside the graph when it replays one)
+    STEP = 1  # a batch to forward; the sampled ids follow on the device group when it samples (inside a decode graph)
     SHUTDOWN = 2
     AGREE = 3  # report the outcome of the ops since the last AGREE (exchange), then forget it
     COMMIT = 4  # the update session committed: drop the saved originals
@@ -75,11 +75,11 @@ def send_command(group, op: Op, args: dict | None, timeout_s: float) -> None:
     _send(group, op, [len(data)], words, timeout_s)
 
 
-def encode_step(replica: StepReplica, hb: HostBatch, fix: np.ndarray | None, graph: bool) -> tuple[Op, list[int], np.ndarray]:
+def encode_step(replica: StepReplica, hb: HostBatch, fix: np.ndarray | None, mode: StepMode) -> tuple[Op, list[int], np.ndarray]:
     """Rank 0: the message of one batch's host metadata (and pending-input rows): an ADVANCE against
-    `replica` when that is smaller, else STEP (whole). `replica` then holds `hb`. `graph`: every rank
-    replays the decode CUDA graph."""
-    advance = replica.encode_advance(hb, fix, graph)
+    `replica` when that is smaller, else STEP (whole). `replica` then holds `hb`. `mode`: how every
+    rank runs it."""
+    advance = replica.encode_advance(hb, fix, mode)
     replica.last = hb
     if advance is not None:
         return Op.ADVANCE, *advance
@@ -88,13 +88,13 @@ def encode_step(replica: StepReplica, hb: HostBatch, fix: np.ndarray | None, gra
     parts = [hb.input_ids, hb.positions, hb.slot_mapping, hb.cu_seqlens_q, hb.seq_lens, hb.page_table.reshape(-1), hb.logits_indices]
     if fix is not None:
         parts.append(fix.reshape(-1))
-    args = [len(hb.input_ids), n, width, len(hb.logits_indices), k, hb.max_q_len, int(hb.is_decode), FLAG_GRAPH if graph else 0]
+    args = [len(hb.input_ids), n, width, len(hb.logits_indices), k, hb.max_q_len, int(hb.is_decode), int(mode)]
     return Op.STEP, args, np.concatenate(parts).astype(np.int64, copy=False)
 
 
-def send_step(group, replica: StepReplica, hb: HostBatch, fix: np.ndarray | None, graph: bool, timeout_s: float) -> None:
+def send_step(group, replica: StepReplica, hb: HostBatch, fix: np.ndarray | None, mode: StepMode, timeout_s: float) -> None:
     """Rank 0: one batch to every worker (`encode_step`)."""
-    _send(group, *encode_step(replica, hb, fix, graph), timeout_s)
+    _send(group, *encode_step(replica, hb, fix, mode), timeout_s)
 
 
 def recv_command(group) -> tuple[Op, np.ndarray, np.ndarray]:
@@ -111,19 +111,19 @@ def recv_command(group) -> tuple[Op, np.ndarray, np.ndarray]:
     return Op(int(m[0])), m[2 : 2 + HEADER_ARGS], payload.numpy()
 
 
-def decode_step(replica: StepReplica, op: Op, args: np.ndarray, payload: np.ndarray, page_size: int) -> tuple[HostBatch, np.ndarray | None, bool]:
+def decode_step(replica: StepReplica, op: Op, args: np.ndarray, payload: np.ndarray, page_size: int) -> tuple[HostBatch, np.ndarray | None, StepMode]:
     """A worker: the batch of a STEP or ADVANCE (which becomes the replica), its pending-input rows, and
-    whether it replays the decode CUDA graph."""
+    how every rank runs it."""
     if op is Op.ADVANCE:
         hb, fix = replica.decode_advance(args, payload, page_size)
-        return hb, fix, bool(int(args[2]) & FLAG_GRAPH)
-    t, n, w, n_logits, k, max_q_len, is_decode, flags = (int(x) for x in args[:8])
+        return hb, fix, StepMode(int(args[2]) >> 1)
+    t, n, w, n_logits, k, max_q_len, is_decode, mode = (int(x) for x in args[:8])
     cuts = np.cumsum([t, t, t, n + 1, n, n * w, n_logits])
     ids, positions, slots, cu, lens, table, logits, fix = np.split(payload, cuts)
     hb = HostBatch(input_ids=ids, positions=positions, slot_mapping=slots, cu_seqlens_q=cu.astype(np.int32), seq_lens=lens.astype(np.int32),
                    page_table=table.astype(np.int32).reshape(n, w), logits_indices=logits, max_q_len=max_q_len, is_decode=bool(is_decode))
     replica.last = hb
-    return hb, fix.reshape(2, k) if k else None, bool(flags & FLAG_GRAPH)
+    return hb, fix.reshape(2, k) if k else None, StepMode(mode)
 
 
 def decode_json(args: np.ndarray, payload: np.ndarray) -> dict:

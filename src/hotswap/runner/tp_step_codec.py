@@ -8,7 +8,8 @@ the batch differs from what that predicts. Both sides predict with the same func
 worker's rebuilt batch equals rank 0's by construction; the prediction only decides how small the message
 is. Any other step (prefill, chunked or mixed) travels whole and becomes the new replica.
 
-Message args (HEADER_ARGS words) of an ADVANCE: rows, table width, flags, then the number of corrections
+Message args (HEADER_ARGS words) of an ADVANCE: rows, table width, flags (FLAG_SAME_ROWS, the StepMode
+shifted left by one), then the number of corrections
 of input ids, of positions and of page-table cells, the number of sampled rows (-1: every row, in order)
 and of pending-input rows (-1: as predicted). The payload: the source rows (unless FLAG_SAME_ROWS), each
 correction list as indices then values, the sampled rows, the pending-input pairs.
@@ -17,13 +18,21 @@ correction list as indices then values, the sampled rows, the pending-input pair
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
 
 import numpy as np
 
 from hotswap.runner.host_batch import HostBatch
 
-FLAG_SAME_ROWS = 1  # row i continues row i of the last batch, for every row of both
-FLAG_GRAPH = 2  # the step replays the decode CUDA graph (rank 0 decided; every rank follows)
+FLAG_SAME_ROWS = 1  # row i continues row i of the last batch, for every row of both; the step's mode above it
+
+
+class StepMode(IntEnum):
+    """How every rank runs the step (rank 0 decides; the collectives inside must pair)."""
+
+    EAGER = 0
+    DECODE_GRAPH = 1  # the decode bucket's graph; the sampled ids reach the workers inside it
+    EXTEND_GRAPH = 2  # the token bucket's extend graph, then the LM head eagerly
 
 _PAD_PAGE = 0  # HostBatch.build's default padding, which rank 0 sends
 
@@ -105,7 +114,7 @@ class StepReplica:
 
     last: HostBatch | None = None
 
-    def encode_advance(self, hb: HostBatch, fix: np.ndarray | None, graph: bool) -> tuple[list[int], np.ndarray] | None:
+    def encode_advance(self, hb: HostBatch, fix: np.ndarray | None, mode: StepMode) -> tuple[list[int], np.ndarray] | None:
         """(args, payload) of an ADVANCE for this batch, or None when it must travel whole (not a decode
         step, nothing to continue, or an ADVANCE would not be smaller). Does not change the replica."""
         prev = self.last
@@ -128,7 +137,7 @@ class StepReplica:
         payload = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
         if len(payload) >= _whole_len(hb, fix):
             return None
-        flags = (FLAG_SAME_ROWS if same_rows else 0) | (FLAG_GRAPH if graph else 0)
+        flags = (FLAG_SAME_ROWS if same_rows else 0) | int(mode) << 1
         args = [n, width, flags, len(ids) // 2, len(pos) // 2, len(table) // 2, -1 if all_sample else len(hb.logits_indices), k]
         return args, payload
 

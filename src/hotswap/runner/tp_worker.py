@@ -27,7 +27,7 @@ from hotswap.runner.host_batch import HostBatch
 from hotswap.runner.model_runner import ModelRunner
 from hotswap.runner.tp_group import TPGroups
 from hotswap.runner.tp_protocol import Op, decode_json, decode_step, exchange, recv_command
-from hotswap.runner.tp_step_codec import StepReplica
+from hotswap.runner.tp_step_codec import StepMode, StepReplica
 from hotswap.weights.apply import apply_read, apply_tensors
 from hotswap.weights.distributed import WeightsGroup
 from hotswap.weights.distributed_receiver import plan_receive, receive_bucket
@@ -85,17 +85,20 @@ class TPWorker:
 
     # ---- batches -----------------------------------------------------------------------------------
 
-    def step(self, hb: HostBatch, fix: np.ndarray | None, graph: bool) -> None:
-        """The batch rank 0 runs now: the same decode graph bucket when it replays one (the sampled ids
-        arrive inside the graph), else eagerly, taking the sampled ids when the batch samples."""
-        if graph:
-            graphs = self.runner.cuda_graphs
-            if graphs is None or not graphs.captured:
-                raise HotswapError("rank 0 replays a decode CUDA graph that this rank has not captured")
+    def step(self, hb: HostBatch, fix: np.ndarray | None, mode: StepMode) -> None:
+        """The batch rank 0 runs now, the way it runs it: a decode graph's sampled ids arrive inside the
+        graph; otherwise they follow on the device group when the batch samples."""
+        graphs = self.runner.cuda_graphs
+        if mode is not StepMode.EAGER and (graphs is None or not graphs.captured):
+            raise HotswapError(f"rank 0 replays a CUDA graph ({mode.name}) that this rank has not captured")
+        if mode is StepMode.DECODE_GRAPH:
             _, (ids, _, _) = graphs.replay(hb, fix, None, self.prev_token_ids)
             self.prev_token_ids = ids
             return
-        logits = self.runner.forward(hb, fix, self.prev_token_ids)
+        if mode is StepMode.EXTEND_GRAPH:
+            logits = graphs.run_extend(hb, fix, self.prev_token_ids)
+        else:
+            logits = self.runner.forward(hb, fix, self.prev_token_ids)
         if logits is not None:
             ids = torch.empty(len(hb.logits_indices), dtype=torch.int64, device=self.runner.device)
             dist.broadcast(ids, src=0, group=self.groups.device)
