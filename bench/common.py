@@ -56,7 +56,8 @@ def decode_step_bytes(engine, batch: int, avg_ctx: float) -> float:
     LM head), the embedding rows of the batch's tokens, per MoE layer the experts the batch routes to
     (expected distinct count under uniform top-k routing: E * (1 - (1 - k/E)^batch)), plus the KV."""
     mc = engine.model_config
-    kv = batch * avg_ctx * kv_bytes_per_token(engine)
+    # under tensor parallelism: one rank's share (the weight map holds rank 0's slices, its cache its KV heads)
+    kv = batch * avg_ctx * kv_bytes_per_token(engine) * engine.model_runner.kv_cache.num_kv_heads / mc.num_kv_heads
     if not mc.num_experts:
         return weight_bytes(engine) + kv
     slots = engine.model_runner.weight_map.slots

@@ -6,7 +6,8 @@ push into TP=1 and TP=2 engines beside a plain broadcast of the same bytes, in o
 
 GPUs: decode uses cuda:0 (TP=1) and cuda:0-1 (TP=2); the push runs the trainer on cuda:0 and engines from
 cuda:1 (TP=1: cuda:1; TP=2: cuda:1-2), so the full run needs 3 GPUs (cases that do not fit are skipped and
-say so). NCCL_NVLS_ENABLE=0 is set before anything starts NCCL: NVLink multicast stays off.
+say so). NCCL_NVLS_ENABLE=0 (and PyTorch's and NVSHMEM's multicast switches) are set before anything starts
+NCCL: NVLink multicast stays off.
 
 - decode: engines on random weights (`load_format="dummy"` draws each HF tensor whole, so every TP size
   holds the same model); with --hf, HF transformers' own random weights are pushed into each engine
@@ -26,7 +27,9 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # before torch can start NCCL; inherited by every process started here
+# NVLink multicast off before torch can start NCCL; inherited by every process started here
+for _var, _off in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
+    os.environ.setdefault(_var, _off)
 
 import argparse  # noqa: E402
 import json  # noqa: E402

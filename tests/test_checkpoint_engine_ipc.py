@@ -44,7 +44,8 @@ def ipc_handle(key: bytes, nbytes: int) -> tuple:
 
 
 def open_shared(handle, device: torch.device) -> torch.Tensor:
-    return SHARED[handle.storage_handle][handle.tensor_offset : handle.tensor_offset + handle.numel]
+    start = handle.view.storage_offset
+    return SHARED[handle.storage_handle][start : start + handle.view.numel]
 
 
 CPU_SOURCE = BufferSource(device_key=lambda device: DEVICE_KEY, open=open_shared)
@@ -132,7 +133,7 @@ def push(engine: Engine, ps: FakeParameterServer, **kw):
 def test_decoder_accepts_what_a_parameter_server_sends(protocol):
     assert len(ipc_handle(b"k", 8)[1]) == len(inspect.signature(rebuild_cuda_tensor).parameters)  # reduce_tensor's shape
     handle = parse_ipc_handle(decode(pickle.dumps(ipc_handle(b"k" * 64, 4096), protocol=protocol)))
-    assert (handle.numel, handle.storage_handle, handle.storage_size_bytes, handle.event_sync_required) == (4096, b"k" * 64, 4096, True)
+    assert (handle.view.numel, handle.storage_handle, handle.storage_size_bytes, handle.event_sync_required) == (4096, b"k" * 64, 4096, True)
     bucket = [{"name": f"w{i}", "dtype": dt, "shape": torch.Size([2, 3]), "offset": 256 * i}
               for i, dt in enumerate([torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn])]
     entries = parse_bucket(decode(pickle.dumps(bucket, protocol=protocol)), 4096)

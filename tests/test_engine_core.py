@@ -7,18 +7,14 @@ import copy
 
 import pytest
 import torch
-from hf_reference import hf_greedy, prompt_ids
+from engine_support import make_engine
+from hf_reference import assert_greedy_matches_hf, hf_greedy, prompt_ids
 
 from hotswap import Engine, HotswapError
 from hotswap.runner.sampler import SamplingBatch, sample
 from hotswap.scheduler.output_streamer import OutputStreamer
 
 GREEDY = {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True}
-
-
-def make_engine(path, **kw) -> Engine:
-    kw.setdefault("page_size", 4)
-    return Engine(str(path), device="cpu", **kw)
 
 
 def assert_idle_invariants(engine: Engine) -> None:
@@ -32,11 +28,8 @@ def test_greedy_parity_ragged_batch(family, request):
     prompts = [prompt_ids(i, n) for i, n in enumerate([3, 17, 40, 9])]
     with make_engine(path) as engine:
         outs = engine.generate(input_ids=prompts, sampling_params=GREEDY, return_logprob=True)
+        assert_greedy_matches_hf(path, prompts, outs, GREEDY["max_new_tokens"])
         for ids, out in zip(prompts, outs):
-            ref_ids, ref_lps = hf_greedy(path, ids, 10)
-            assert out["output_ids"] == ref_ids
-            got = [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]]
-            torch.testing.assert_close(torch.tensor(got), torch.tensor(ref_lps), atol=1e-4, rtol=1e-4)
             assert out["meta_info"]["finish_reason"] == {"type": "length", "length": 10}
             assert out["meta_info"]["prompt_tokens"] == len(ids)
             assert out["meta_info"]["completion_tokens"] == 10

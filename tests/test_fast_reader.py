@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_support import fail_disk_read
 from safetensors.torch import load_file
 
 from hotswap import Engine
@@ -102,14 +103,7 @@ def test_mid_read_fault_rolls_back(tiny_qwen3, tiny_qwen3_sharded, monkeypatch, 
     with Engine(str(tiny_qwen3), device="cpu", page_size=4, weight_load_threads=4, weight_load_staging_bytes=8 * 4096) as eng:
         before = eng.check_weights("checksum").digest
         version = eng.weight_version
-        real, calls = fast_reader._read_into, iter(range(10**6))
-
-        def failing(fd, view, offset):
-            if next(calls) == fail_at:
-                raise OSError("injected I/O error")
-            real(fd, view, offset)
-
-        monkeypatch.setattr(fast_reader, "_read_into", failing)
+        real = fail_disk_read(monkeypatch, at=fail_at)
         res = eng.update_weights_from_disk(str(tiny_qwen3_sharded))
         assert not res.success and "injected I/O error" in res.message and res.rolled_back
         assert eng.check_weights("checksum").digest == before and eng.weight_version == version
@@ -155,14 +149,7 @@ def test_cuda_engine_disk_update_fault_rolls_back(tiny_qwen3, tiny_qwen3_sharded
                 weight_load_threads=3, weight_load_staging_bytes=8 * 4096, rollback_device_budget_bytes=64 * 1024) as eng:
         before = eng.check_weights("checksum").digest
         if strategy == "pinned":
-            real, calls = fast_reader._read_into, iter(range(10**6))
-
-            def failing(fd, view, offset):
-                if next(calls) == 6:
-                    raise OSError("injected I/O error")
-                real(fd, view, offset)
-
-            monkeypatch.setattr(fast_reader, "_read_into", failing)
+            fail_disk_read(monkeypatch, at=6)
         else:
             real, calls = fast_reader._CudaLoad._copy_registered, iter(range(10**6))
 

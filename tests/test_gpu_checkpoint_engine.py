@@ -119,7 +119,7 @@ def test_real_messages_decode():
 
     buffer = torch.empty(1 << 20, dtype=torch.uint8, device="cuda")
     handle = parse_ipc_handle(decode(pickle.dumps(reduce_tensor(buffer), protocol=pickle.DEFAULT_PROTOCOL)))
-    assert handle.numel == 1 << 20 and handle.storage_size_bytes >= 1 << 20
+    assert handle.view.numel == 1 << 20 and handle.storage_size_bytes >= 1 << 20
     metas = [ParameterMeta(name="w", dtype=torch.bfloat16, shape=torch.Size([16, 8]), aligned_size=256),
              ParameterMeta(name="b", dtype=torch.float32, shape=torch.Size([5]), aligned_size=256)]
     entries = parse_bucket(decode(pickle.dumps(_to_named_tensor(metas, 512), protocol=pickle.DEFAULT_PROTOCOL)), 1 << 20)

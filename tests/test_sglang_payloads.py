@@ -323,8 +323,8 @@ def _cuda_tensor(rebuild, device) -> Reduce:
                             b"h" * 64, 24, 0, False, b"/torch_ref_counter", 0, b"e" * 64, True))
 
 
-def _patched_rebuild(monkeypatch):
-    """SGLang's patched rebuild function, registered under its module path."""
+def _sglang_patch_torch() -> tuple[dict[str, types.ModuleType], object]:
+    """SGLang's patched rebuild function and the modules (to put in sys.modules) that name it by its path."""
     module = types.ModuleType("sglang.srt.utils.patch_torch")
 
     def _rebuild_cuda_tensor_modified(*args):
@@ -333,10 +333,17 @@ def _patched_rebuild(monkeypatch):
     _rebuild_cuda_tensor_modified.__module__ = module.__name__
     _rebuild_cuda_tensor_modified.__qualname__ = "_rebuild_cuda_tensor_modified"
     module._rebuild_cuda_tensor_modified = _rebuild_cuda_tensor_modified
-    for name in ("sglang", "sglang.srt", "sglang.srt.utils"):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.setitem(sys.modules, module.__name__, module)
-    return _rebuild_cuda_tensor_modified
+    modules = {name: types.ModuleType(name) for name in ("sglang", "sglang.srt", "sglang.srt.utils")}
+    modules[module.__name__] = module
+    return modules, _rebuild_cuda_tensor_modified
+
+
+def _patched_rebuild(monkeypatch):
+    """SGLang's patched rebuild function, registered under its module path for this test."""
+    modules, rebuild = _sglang_patch_torch()
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return rebuild
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU engine's refusal")
@@ -354,6 +361,10 @@ def test_cuda_handles_are_checked_then_refused_on_a_cpu_engine(patched, monkeypa
         bad = _cuda_tensor(rebuild, device)
         bad.args = (*bad.args[:6], [0], *bad.args[7:])
         decode_serialized_named_tensors([serialize([("w", bad)])], 0, None)
+    with pytest.raises(PayloadError, match="must name torch's tensor and storage classes"):  # unhashable, not a ref
+        bad = _cuda_tensor(rebuild, device)
+        bad.args = ([torch.Tensor], *bad.args[1:])
+        decode_serialized_named_tensors([serialize([("w", bad)])], 0, None)
 
 
 # ---- CUDA IPC (GPU) -----------------------------------------------------------------------------------
@@ -370,22 +381,13 @@ def _cuda_producer(queue, done, uuid_device: bool) -> None:
     named = [("w", torch.arange(12.0, device="cuda").reshape(3, 4).to(torch.bfloat16)), ("b", torch.arange(8.0, device="cuda")[2:6])]
     torch.cuda.synchronize()
     if uuid_device:  # what SGLang's monkey_patch_torch_reductions writes: its rebuild function, the GPU's UUID
-        module = types.ModuleType("sglang.srt.utils.patch_torch")
-
-        def _rebuild_cuda_tensor_modified(*args):
-            raise AssertionError("never called")
-
-        _rebuild_cuda_tensor_modified.__module__ = module.__name__
-        _rebuild_cuda_tensor_modified.__qualname__ = "_rebuild_cuda_tensor_modified"
-        module._rebuild_cuda_tensor_modified = _rebuild_cuda_tensor_modified
-        for name in ("sglang", "sglang.srt", "sglang.srt.utils"):
-            sys.modules[name] = types.ModuleType(name)
-        sys.modules[module.__name__] = module
+        modules, rebuild = _sglang_patch_torch()
+        sys.modules.update(modules)
         pairs = []
         for name, t in named:
             _, args = reductions.reduce_tensor(t)
             args = (*args[:6], str(torch.cuda.get_device_properties(args[6]).uuid), *args[7:])
-            pairs.append((name, Reduce(_rebuild_cuda_tensor_modified, args)))
+            pairs.append((name, Reduce(rebuild, args)))
     else:
         pairs = named
     buf = io.BytesIO()

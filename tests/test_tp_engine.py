@@ -17,6 +17,9 @@ from safetensors.torch import save_file
 from trainer_support import TrainerProcess, checkpoint_tensors, serve_engine_http
 
 from hotswap import Engine, HotswapError
+from hotswap.runner import tp_protocol
+from hotswap.runner.tp_protocol import Op
+from hotswap.runner.tp_step_codec import StepMode
 from hotswap.trainer import free_port, state_dict_manifest
 
 # chunked_prefill_size 8: the longer prompts below are prefilled in chunks
@@ -83,6 +86,37 @@ def test_prompt_logprobs_and_penalties_match_tp1(engine, tiny_qwen3):
         assert g["output_ids"] == r["output_ids"]
         torch.testing.assert_close(torch.tensor([x[0] for x in g["meta_info"]["input_token_logprobs"][1:]]),
                                    torch.tensor([x[0] for x in r["meta_info"]["input_token_logprobs"][1:]]), atol=1e-5, rtol=1e-5)
+
+
+def test_decode_steps_reach_the_worker_as_small_deltas(engine, tiny_qwen3, monkeypatch):
+    """Rank 0 sends a decode step as an ADVANCE against the batch the worker already holds (whole steps
+    only for prefill); the worker's rebuilt batches still give TP=1's tokens."""
+    sent: list[tuple[Op, int]] = []
+    encode = tp_protocol.encode_step
+
+    def counting(*args):
+        op, header, payload = encode(*args)
+        sent.append((op, len(payload)))
+        return op, header, payload
+
+    monkeypatch.setattr(tp_protocol, "encode_step", counting)
+    assert greedy_ids(engine) == reference(tiny_qwen3)
+    advances = [words for op, words in sent if op is Op.ADVANCE]
+    assert len(advances) >= GREEDY["max_new_tokens"] - 2
+    assert max(advances) < min(words for op, words in sent if op is Op.STEP)
+
+
+def test_preemption_and_joins_under_kv_pressure_match_tp1(tiny_qwen3):
+    """48 pages of 4 tokens for 8 requests that need 9-14 pages each: sequences are preempted, rejoin and
+    finish while others decode, so the worker's replica follows rows leaving, joining and moving."""
+    prompts = [prompt_ids(300 + i, 10 + 3 * i) for i in range(8)]
+    sp = dict(GREEDY, max_new_tokens=24)
+    args = dict(ARGS, num_pages=48)
+    with Engine(str(tiny_qwen3), **args) as tp1:
+        expected = [o["output_ids"] for o in tp1.generate(input_ids=prompts, sampling_params=sp)]
+    with Engine(str(tiny_qwen3), tensor_parallel_size=2, **args) as eng:
+        assert [o["output_ids"] for o in eng.generate(input_ids=prompts, sampling_params=sp)] == expected
+        assert eng.scheduler.batcher.num_preemptions > 0
 
 
 def test_checksums_and_reads_see_whole_tensors(engine, tiny_qwen3, tmp_path):
@@ -237,6 +271,39 @@ def test_gpu_tp2_matches_tp1_over_nccl(tiny_qwen3, tiny_qwen3_v2):
         res = eng.update_weights_from_tensor(v2)
         assert not res.success and "tensor-parallel rank 1" in res.message
         assert eng.check_weights("checksum", expected=manifest_of(tiny_qwen3_v2)).success
+
+
+@pytest.mark.gpu
+def test_gpu_tp2_decode_replays_cuda_graphs_on_every_rank(tiny_qwen3, tiny_qwen3_v2, monkeypatch):
+    """Both ranks capture the decode and extend buckets with the NCCL collectives inside; rank 0 sends each
+    decode step as a graph ADVANCE and the worker replays the same bucket from the batch it rebuilt. Greedy in
+    float32 equals TP=1 (also graphed) over a ragged batch of 12, after a weight update (the graphs read the
+    live parameters) and after a release and resume (which recaptures on both ranks)."""
+    _gpus(2)
+    prompts = [prompt_ids(200 + i, 5 + 3 * i) for i in range(12)]
+    with Engine(str(tiny_qwen3), device="cuda:0", dtype="float32") as tp1:
+        expected = greedy_ids(tp1, prompts)
+        tp1.update_weights_from_disk(str(tiny_qwen3_v2))
+        expected_v2 = greedy_ids(tp1, prompts)
+    modes: list[StepMode] = []
+    encode = tp_protocol.encode_step
+
+    def counting(replica, hb, fix, mode):
+        modes.append(mode)
+        return encode(replica, hb, fix, mode)
+
+    monkeypatch.setattr(tp_protocol, "encode_step", counting)
+    with Engine(str(tiny_qwen3), device="cuda:0", dtype="float32", tensor_parallel_size=2) as eng:
+        assert eng.model_runner.cuda_graphs is not None and eng.model_runner.cuda_graphs.captured
+        assert greedy_ids(eng, prompts) == expected
+        assert modes.count(StepMode.DECODE_GRAPH) >= GREEDY["max_new_tokens"] - 2
+        assert StepMode.EXTEND_GRAPH in modes  # the prefill of the 12 prompts
+        v2 = {k: v.to("cuda:0") for k, v in checkpoint_tensors(tiny_qwen3_v2).items()}
+        assert eng.update_weights_from_tensor(v2, weight_version="v2").success
+        assert greedy_ids(eng, prompts) == expected_v2
+        assert eng.release_memory_occupation().success
+        assert eng.resume_memory_occupation().success
+        assert greedy_ids(eng, prompts) == expected_v2
 
 
 @pytest.mark.gpu

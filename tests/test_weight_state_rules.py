@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from engine_support import make_engine
 from hf_reference import UPDATE_GREEDY as GREEDY
 from hf_reference import UPDATE_PROMPTS as PROMPTS
 from hf_reference import greedy_ids, hf_greedy
@@ -19,11 +20,6 @@ from trainer_support import checkpoint_tensors
 
 from hotswap import Engine
 from hotswap.wire.checksum import state_dict_manifest
-
-
-def make_engine(path, **kw) -> Engine:
-    kw.setdefault("page_size", 4)
-    return Engine(str(path), device="cpu", **kw)
 
 
 @pytest.fixture

@@ -9,19 +9,15 @@ import time
 
 import pytest
 import torch
+from engine_support import fail_disk_read, make_engine
 from hf_reference import UPDATE_GREEDY as GREEDY
 from hf_reference import UPDATE_PROMPTS as PROMPTS
 from hf_reference import greedy_ids, hf_greedy, prompt_ids
 from trainer_support import checkpoint_tensors
 from transformers import AutoModelForCausalLM
 
-from hotswap import Engine, HotswapError
+from hotswap import HotswapError
 from hotswap.wire.checksum import state_dict_manifest
-
-
-def make_engine(path, **kw) -> Engine:
-    kw.setdefault("page_size", 4)
-    return Engine(str(path), device="cpu", **kw)
 
 
 @pytest.fixture
@@ -93,18 +89,9 @@ def test_refused_updates_leave_weights_bit_exact(engine, tiny_qwen3, tiny_qwen2,
 
 
 def test_fault_mid_read_rolls_back(tiny_qwen3, tiny_qwen3_v2, monkeypatch):
-    from hotswap.weights import fast_reader
-
-    real, calls = fast_reader._read_into, iter(range(10**6))
-
-    def failing(fd, view, offset):
-        if next(calls) == 5:
-            raise OSError("injected I/O error")
-        real(fd, view, offset)
-
     # small windows on one thread: the fault lands after earlier windows were copied into the live weights
     with make_engine(tiny_qwen3, weight_load_threads=1, weight_load_staging_bytes=2 * 16384) as engine:
-        monkeypatch.setattr(fast_reader, "_read_into", failing)
+        fail_disk_read(monkeypatch, at=5)
         res = _refused_update_keeps_weights(engine, lambda: engine.update_weights_from_disk(str(tiny_qwen3_v2)))
     assert "injected I/O error" in res.message and res.rolled_back
 

@@ -46,9 +46,7 @@ class RadixPrefixCache:
             if child is None:
                 break
             n = len(child.pages)
-            common = 0
-            while common < n and i + common < len(chunks) and child.key[common * self.page_size : (common + 1) * self.page_size] == chunks[i + common]:
-                common += 1
+            common = self._common_pages(child, chunks, i)
             if common < n:  # ends inside this edge: split so the tail can still be evicted
                 self._split(child, common)
             pages.extend(child.pages)
@@ -78,13 +76,18 @@ class RadixPrefixCache:
                 self.allocator.retain(new.pages)
                 return
             n = len(child.pages)
-            common = 0
-            while common < n and i + common < len(chunks) and child.key[common * self.page_size : (common + 1) * self.page_size] == chunks[i + common]:
-                common += 1
+            common = self._common_pages(child, chunks, i)
             if common < n:
                 self._split(child, common)
             child.last_access = now
             node, i = child, i + common
+
+    def _common_pages(self, node: _Node, chunks: list[tuple[int, ...]], i: int) -> int:
+        """How many of `node`'s pages hold chunks[i], chunks[i + 1], ... in order."""
+        ps, common = self.page_size, 0
+        while common < len(node.pages) and i + common < len(chunks) and node.key[common * ps : (common + 1) * ps] == chunks[i + common]:
+            common += 1
+        return common
 
     def _split(self, node: _Node, n_pages: int) -> None:
         """Cut `node` after n_pages pages; the tail becomes its only child."""

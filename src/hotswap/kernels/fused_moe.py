@@ -145,18 +145,23 @@ def _moe_pairs(x, w_gate_up, w_down, weights, ids):
 if triton is not None:
 
     @triton.jit
+    def _block_pairs(SORTED, num_pairs, BM: tl.constexpr):
+        """Block m of a grouped kernel: its BM sorted rows, the (token, slot) pair at each, and which rows
+        hold a pair (not padding)."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        pair = tl.load(SORTED + rows)
+        return rows, pair, pair < num_pairs
+
+    @triton.jit
     def _gate_up_grouped_kernel(X, W, Y, SORTED, BLOCK_EXPERT, num_pairs, top_k, H, I, stride_xt, stride_we, stride_wn,
                                 stride_yt, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
         """Block (m, n): the BM pairs of sorted rows m*BM.. (one expert) times columns n*BN.. of that
         expert's gate and up rows; writes silu(gate) * up at the pairs' sorted rows."""
-        pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        e = tl.load(BLOCK_EXPERT + pid_m)
-        if e < 0:
+        e = tl.load(BLOCK_EXPERT + tl.program_id(0))
+        if e < 0:  # past the last expert's blocks
             return
-        rows = pid_m * BM + tl.arange(0, BM)
-        pair = tl.load(SORTED + rows)
-        valid = pair < num_pairs
+        rows, pair, valid = _block_pairs(SORTED, num_pairs, BM)
         tok = (pair // top_k).to(tl.int64)
         n = pid_n * BN + tl.arange(0, BN)
         n_ok = n < I
@@ -181,14 +186,11 @@ if triton is not None:
                              stride_ot, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
         """Block (m, n): the expert's down projection of BM sorted rows, columns n*BN.. of H, scaled by
         each pair's routing weight; written at the pair's own row (token * k + slot)."""
-        pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        e = tl.load(BLOCK_EXPERT + pid_m)
-        if e < 0:
+        e = tl.load(BLOCK_EXPERT + tl.program_id(0))
+        if e < 0:  # past the last expert's blocks
             return
-        rows = pid_m * BM + tl.arange(0, BM)
-        pair = tl.load(SORTED + rows)
-        valid = pair < num_pairs
+        rows, pair, valid = _block_pairs(SORTED, num_pairs, BM)
         n = pid_n * BN + tl.arange(0, BN)
         n_ok = n < H
         kk = tl.arange(0, BK)

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+# torch 2.13 renamed all_gather_into_tensor (deprecated since) to all_gather_single
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 @dataclass(frozen=True, slots=True)
 class TPInfo:
@@ -22,9 +25,10 @@ class TPInfo:
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         if self.size == 1:
             return x
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts, dim=-1)
+        # one flat gather (a single collective, capturable in a CUDA graph), then the ranks' slices side by side
+        out = torch.empty((self.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+        _all_gather_flat(out, x.contiguous(), group=self.group)
+        return out.view(self.size, *x.shape).movedim(0, -2).reshape(*x.shape[:-1], self.size * x.shape[-1])
 
     def split(self, total: int) -> tuple[int, int]:
         """(start, length) of this rank's even share of `total` rows."""

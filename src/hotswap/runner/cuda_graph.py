@@ -12,6 +12,12 @@ temperature, filters, seed and step travel in the same staged upload as its inpu
 and filtered rows share one graph per bucket and a seeded request draws the same tokens eager or
 replayed. Buckets reach `max_running_requests` (an RL rollout keeps hundreds of sequences in flight;
 larger batches ran eagerly before).
+
+Under tensor parallelism every rank captures the same buckets, in the same order, with the model's NCCL
+all-reduces and all-gathers inside; rank 0's graph samples and then broadcasts the ids from `prev_ids`,
+a worker's graph only receives them there, so a worker needs no sampling parameters: it replays the
+bucket from the batch that `runner/tp_step_codec.py` rebuilt. Extend graphs are captured on every rank
+too (their all-reduces inside); the LM head of their sampled rows runs eagerly on every rank after them.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ from __future__ import annotations
 import bisect
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 from hotswap.kernels import sampling
 from hotswap.models.forward_context import ForwardContext
@@ -70,9 +78,11 @@ class CudaGraphRunner:
     def can_run_extend(self, entries: list[BatchEntry]) -> bool:
         return self.captured and self.extend.can_run(entries)
 
-    def run_extend(self, entries: list[BatchEntry], prev_token_ids: torch.Tensor | None) -> torch.Tensor | None:
+    def run_extend(self, hb: HostBatch, fix: np.ndarray | None, prev_token_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """An extend step (`can_run_extend`): the logits of its sampled rows, then of its scored prompt rows;
+        None when it has neither."""
         self._load_prev(prev_token_ids)
-        return self.extend.run(entries)
+        return self.extend.run(hb, fix)
 
     def _alloc_buffers(self) -> None:
         dev, n, w = self.runner.device, self.max_batch, self.max_pages
@@ -113,14 +123,16 @@ class CudaGraphRunner:
         d["page_table"].fill_(self.runner.kv_cache.scratch_page)
         d["floats"].zero_()  # greedy rows: temperature 0 (top_p, min_p unread)
         d["ints"].zero_()
+        tp = self.runner.tp.size > 1
         for bs in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory
             ctx = self._context(bs)
             ids = d["input_ids"][:bs]
-            if not self.warmed:  # first capture only (Triton compiles, cuBLAS handles); a resume recaptures without it
+            if not self.warmed:  # first capture only (Triton compiles, cuBLAS handles, NCCL communicators); a resume recaptures without it
                 self._sample(model.compute_logits(model(ids, ctx)), bs)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, stream=capture_stream(ids.device)):
+            # thread-local under TP: NCCL's watchdog thread queries events while this thread captures
+            with torch.cuda.graph(graph, pool=self.pool, stream=capture_stream(ids.device), capture_error_mode="thread_local" if tp else "global"):
                 # the sampler runs inside the graph: no launch of its own between steps
                 self.outputs[bs] = model.compute_logits(model(ids, ctx))
                 self._sample(self.outputs[bs], bs)
@@ -130,10 +142,15 @@ class CudaGraphRunner:
         torch.cuda.synchronize()
 
     def _sample(self, logits: torch.Tensor, bs: int) -> None:
-        """The fused sampler over a bucket's logits, from the staged row parameters into `prev_ids`."""
-        f, i = self.inputs.device["floats"][:, :bs], self.inputs.device["ints"][:, :bs]
-        sampling.sample_rows(logits, f[0], i[0], f[1], f[2], i[1], i[2], original=self.runner.config.return_original_logprob,
-                             out_ids=self.prev_ids[:bs], out_logprobs=self.logprobs[:bs], out_lse=self.lse[:bs])
+        """The fused sampler over a bucket's logits, from the staged row parameters into `prev_ids`; under
+        tensor parallelism rank 0 samples and every rank takes its ids from there."""
+        tp = self.runner.tp
+        if tp.rank == 0:
+            f, i = self.inputs.device["floats"][:, :bs], self.inputs.device["ints"][:, :bs]
+            sampling.sample_rows(logits, f[0], i[0], f[1], f[2], i[1], i[2], original=self.runner.config.return_original_logprob,
+                                 out_ids=self.prev_ids[:bs], out_logprobs=self.logprobs[:bs], out_lse=self.lse[:bs])
+        if tp.size > 1:
+            dist.broadcast(self.prev_ids[:bs], src=0, group=tp.group)
 
     def release(self) -> None:
         self.extend.release()
@@ -145,30 +162,30 @@ class CudaGraphRunner:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
 
-    def run(self, entries: list[BatchEntry], prev_token_ids: torch.Tensor | None = None
-            ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(logits [n, V], (sampled ids, their logprobs, log-sum-exp) [n]) of a decode batch. The outputs are
-        views of static buffers: valid until the next decode graph step, which is after the caller has
-        read them back."""
-        n = len(entries)
+    def replay(self, hb: HostBatch, fix: np.ndarray | None, params: tuple[np.ndarray, np.ndarray] | None,
+               prev_token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(logits [n, V], (sampled ids, their logprobs, log-sum-exp) [n]) of a decode batch (`can_run`),
+        padded to its bucket. `params`: the rows' sampler.host_params (None on a tensor-parallel worker,
+        which does not sample). The outputs are views of static buffers: valid until the next decode graph
+        step, which is after the caller has read them back."""
+        n, width = hb.page_table.shape
         bs = self.buckets[bisect.bisect_left(self.buckets, n)]
         kv = self.runner.kv_cache
-        hb = HostBatch.build(entries, kv.page_size, width=self.max_pages, pad_page=kv.scratch_page)
         h = self.inputs.stage()
         h["input_ids"][:n] = hb.input_ids
         h["positions"][:n] = hb.positions
         h["slot_mapping"][:n] = hb.slot_mapping
         h["seq_lens"][:n] = hb.seq_lens
-        h["page_table"][:n] = hb.page_table
-        h["floats"][:, :n], h["ints"][:, :n] = self.runner.host_params(entries)
+        h["page_table"][:n, :width] = hb.page_table  # cells past a row's pages are never read (attention stops at seq_lens)
+        if params is not None:
+            h["floats"][:, :n], h["ints"][:, :n] = params
         h["floats"][0, n:bs] = 0.0  # padded rows: greedy
         h["input_src"][:bs] = -1
         if bs > n:  # padded rows: length 1 over the scratch page
             h["slot_mapping"][n:bs] = kv.scratch_slot
             h["seq_lens"][n:bs] = 1
             h["page_table"][n:bs, 0] = kv.scratch_page
-        fix = self.runner.pending_rows(entries, range(n))  # decode: one input row per entry
-        if fix is not None:
+        if fix is not None:  # decode: one input row per entry
             h["input_src"][fix[0]] = fix[1]
         self.inputs.upload(bs)
         self._load_prev(prev_token_ids)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from hotswap.models.forward_context import ForwardContext
@@ -90,22 +91,19 @@ class ExtendGraphRunner:
             routed_experts=self.runner.routed_experts_ids,
         )
 
-    def _stage(self, entries: list[BatchEntry], tokens: int) -> tuple[int, object]:
+    def _stage(self, hb: HostBatch, fix: np.ndarray | None, tokens: int) -> int:
         """Stage this batch, padded to the bucket, and upload it into the graph's inputs; returns the
-        number of sampled rows and the token rows scored for prompt logprobs. Inputs still on the device
-        are marked in `input_src`."""
+        number of sampled rows. Inputs still on the device (`fix`) are marked in `input_src`."""
         kv = self.runner.kv_cache
-        hb = HostBatch.build(entries, kv.page_size, width=self.max_pages, pad_page=kv.scratch_page)
-        n, t, seqs = len(entries), len(hb.input_ids), self.max_seqs
+        n, t, seqs = len(hb.seq_lens), len(hb.input_ids), self.max_seqs
         host = self.inputs.stage()
         host["input_ids"][:t], host["input_ids"][t:tokens] = hb.input_ids, 0
         host["positions"][:t], host["positions"][t:tokens] = hb.positions, 0
         host["slot_mapping"][:t], host["slot_mapping"][t:tokens] = hb.slot_mapping, kv.scratch_slot
         host["input_src"][:tokens] = -1
-        fix = self.runner.pending_rows(entries, hb.cu_seqlens_q[:-1])
         if fix is not None:
             host["input_src"][fix[0]] = fix[1]
-        host["page_table"][:n] = hb.page_table
+        host["page_table"][:n, : hb.page_table.shape[1]] = hb.page_table  # cells past a row's pages are never read
         host["cu_seqlens_q"][: n + 1], host["cu_seqlens_q"][n + 1 : seqs + 1] = hb.cu_seqlens_q, t
         host["seq_lens"][:n], host["seq_lens"][n:seqs] = hb.seq_lens, 0
         sampled = len(hb.logits_indices)
@@ -113,18 +111,17 @@ class ExtendGraphRunner:
         n_tiles = self._max_tiles(tokens)
         host["tiles"][: 2 * n_tiles] = prefill_tiles(hb.cu_seqlens_q, hb.seq_lens, self.tile_tokens, n_tiles).reshape(-1)
         self.inputs.upload(n)
-        return sampled, hb.prompt_rows
+        return sampled
 
-    def run(self, entries: list[BatchEntry]) -> torch.Tensor | None:
-        """Logits of the sampled entries, in order, then of the scored prompt rows (None when neither);
-        inputs still on the device are read from `prev_ids`, which the caller has filled."""
-        total = sum(len(e.input_ids) for e in entries)
-        tokens = self.token_buckets[bisect.bisect_left(self.token_buckets, total)]
-        sampled, prompt_rows = self._stage(entries, tokens)
+    def run(self, hb: HostBatch, fix: np.ndarray | None) -> torch.Tensor | None:
+        """Logits of the sampled rows, in order, then of the scored prompt rows (None when neither);
+        inputs still on the device (`fix`) are read from `prev_ids`, which the caller has filled."""
+        tokens = self.token_buckets[bisect.bisect_left(self.token_buckets, len(hb.input_ids))]
+        sampled = self._stage(hb, fix, tokens)
         self.graphs[tokens].replay()  # every bucket was captured with the decode graphs
         rows = self.inputs.device["logits_indices"][:sampled]
-        if len(prompt_rows):
-            rows = torch.cat([rows, self.runner.to_device(prompt_rows)])
+        if len(hb.prompt_rows):
+            rows = torch.cat([rows, self.runner.to_device(hb.prompt_rows)])
         return self.runner.model.compute_logits(self.hidden[rows]) if len(rows) else None
 
     def capture(self, pool: tuple, warm: bool, prev_ids: torch.Tensor) -> None:

@@ -22,6 +22,7 @@ from hotswap.runner.penalties import apply_penalties
 from hotswap.runner.prompt_logprobs import score_prompt_rows
 from hotswap.runner.routed_experts import RoutedExpertsTable
 from hotswap.runner.sampler import SampleResult, SamplingBatch, empty_result, host_params, sample
+from hotswap.runner.tp_step_codec import StepMode
 from hotswap.weights.fast_reader import ReaderOptions, load_checkpoint
 from hotswap.weights.mapping import WeightMap
 
@@ -49,8 +50,8 @@ class ModelRunner:
         self.routed_experts = self._make_routed_experts()
         self.attention = self._make_attention()
         self.cuda_graphs = None
-        # not under tensor parallelism yet: graphs would capture the NCCL collectives and the batch relay would need static buffers
-        if device.type == "cuda" and config.enable_cuda_graph and isinstance(self.attention, TritonAttention) and tp.size == 1:
+        # under tensor parallelism every rank captures the same buckets, NCCL collectives inside (cuda_graph.py)
+        if device.type == "cuda" and config.enable_cuda_graph and isinstance(self.attention, TritonAttention):
             from hotswap.runner.cuda_graph import CudaGraphRunner
 
             self.cuda_graphs = CudaGraphRunner(self)
@@ -207,16 +208,20 @@ class ModelRunner:
         graphs = self.cuda_graphs
         presampled = None
         if graphs is not None and graphs.can_run(entries):
-            logits, presampled = graphs.run(entries, prev_token_ids)
-        elif graphs is not None and graphs.can_run_extend(entries):
-            logits = graphs.run_extend(entries, prev_token_ids)
+            hb = HostBatch.build(entries, self.kv_cache.page_size)
+            fix, params = self.pending_rows(entries, range(len(entries))), self.host_params(entries)
+            if self.tp_peers is None:
+                logits, presampled = graphs.replay(hb, fix, params, prev_token_ids)
+            else:  # the workers replay the same bucket; the sampled ids reach them inside the graph
+                logits, presampled = self.tp_peers.forward(hb, fix, StepMode.DECODE_GRAPH, lambda: graphs.replay(hb, fix, params, prev_token_ids))
         else:
             hb = HostBatch.build(entries, self.kv_cache.page_size)
             fix = self.pending_rows(entries, hb.cu_seqlens_q)
-            if self.tp_peers is None:
-                logits = self.forward(hb, fix, prev_token_ids)
+            if graphs is not None and graphs.can_run_extend(entries):
+                mode, compute = StepMode.EXTEND_GRAPH, lambda: graphs.run_extend(hb, fix, prev_token_ids)
             else:
-                logits = self.tp_peers.forward(self.forward, hb, fix, prev_token_ids)
+                mode, compute = StepMode.EAGER, lambda: self.forward(hb, fix, prev_token_ids)
+            logits = compute() if self.tp_peers is None else self.tp_peers.forward(hb, fix, mode, compute)
         if logits is None:
             return None
         n = len(to_sample)
@@ -225,7 +230,7 @@ class ModelRunner:
             if any(e.params.has_penalties for e in to_sample):
                 sample_logits = apply_penalties(sample_logits, to_sample, prev_token_ids, self.to_device)
             result = sample(sample_logits, sb, presampled)
-            if self.tp_peers is not None:
+            if self.tp_peers is not None and presampled is None:  # a decode graph's ids reached the workers inside it
                 self.tp_peers.send_sampled(result.token_ids)
         else:
             result = empty_result(self.device)

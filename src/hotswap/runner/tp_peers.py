@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -28,6 +30,7 @@ from hotswap.models.parallel import TPInfo
 from hotswap.runner.host_batch import HostBatch
 from hotswap.runner.tp_group import TPGroups, worker_device
 from hotswap.runner.tp_protocol import Op, exchange, send_command, send_step
+from hotswap.runner.tp_step_codec import StepMode, StepReplica
 from hotswap.runner.tp_worker import worker_main
 from hotswap.weights.distributed import WeightsGroup
 from hotswap.weights.mapping import WeightMap, WeightSlot
@@ -35,6 +38,11 @@ from hotswap.wire.buckets import BucketMetadata, flatten_bucket, iter_buckets
 from hotswap.wire.process_group import short_error
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# NVLink multicast can take a shared host's GPUs out of service: off in NCCL, PyTorch and NVSHMEM
+_MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -47,6 +55,7 @@ class TPPeers:
     ready: bool = False  # every worker built its runner and serves commands
     broken: str | None = None  # why nothing may run any more
     joins: int = 0  # weights update groups joined so far (store keys)
+    replica: StepReplica = field(default_factory=StepReplica)  # the last batch the workers hold (decode steps go as deltas)
 
     def __post_init__(self) -> None:
         self.relay_group = WeightsGroup("tensor-parallel relay", self.groups.device, 0, self.groups.size, self.groups.backend, self.device,
@@ -60,6 +69,8 @@ class TPPeers:
         ModelRunner (loading its slices) while rank 0 builds its own. Call `wait_ready` after that."""
         size = config.tensor_parallel_size
         backend = "nccl" if device.type == "cuda" else "gloo"
+        for var, off in _MULTICAST_OFF.items():  # before NCCL starts here; the workers inherit them
+            os.environ.setdefault(var, off)
         timeout = timedelta(seconds=config.tp_timeout_s)
         store = dist.TCPStore("127.0.0.1", 0, size, True, timeout=timeout, wait_for_workers=False)
         prefix = f"hotswap-tp-{uuid.uuid4().hex[:12]}"
@@ -138,14 +149,15 @@ class TPPeers:
 
     # ---- batches -----------------------------------------------------------------------------------
 
-    def forward(self, forward: Callable, hb: HostBatch, fix: np.ndarray | None, prev_token_ids: torch.Tensor | None) -> torch.Tensor | None:
-        """Send the batch to every worker, then run `forward(hb, fix, prev_token_ids)` here (its collectives
-        pair with the workers' own forward)."""
+    def forward(self, hb: HostBatch, fix: np.ndarray | None, mode: StepMode, compute: Callable[[], T]) -> T:
+        """Send the batch to every worker, then `compute()` it here (its collectives pair with the workers'
+        own forward of the same batch, run the same way: `mode`). A decode graph's sampled ids reach the
+        workers inside it (no `send_sampled`)."""
         if self.broken is not None:
             raise HotswapError(self.broken)
         try:
-            send_step(self.groups.control, hb, fix, self.timeout_s)
-            return forward(hb, fix, prev_token_ids)
+            send_step(self.groups.control, self.replica, hb, fix, mode, self.timeout_s)
+            return compute()
         except Exception as exc:
             raise self._fail(exc) from exc
 

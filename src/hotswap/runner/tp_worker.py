@@ -27,6 +27,7 @@ from hotswap.runner.host_batch import HostBatch
 from hotswap.runner.model_runner import ModelRunner
 from hotswap.runner.tp_group import TPGroups
 from hotswap.runner.tp_protocol import Op, decode_json, decode_step, exchange, recv_command
+from hotswap.runner.tp_step_codec import StepMode, StepReplica
 from hotswap.weights.apply import apply_read, apply_tensors
 from hotswap.weights.distributed import WeightsGroup
 from hotswap.weights.distributed_receiver import plan_receive, receive_bucket
@@ -53,6 +54,7 @@ class TPWorker:
     received: list[tuple[str, torch.Tensor]] | None = None  # the last RECEIVE's bucket, for APPLY_RECEIVED
     failure: str | None = None  # the first failure since the last AGREE
     prev_token_ids: torch.Tensor | None = None  # the last batch's sampled ids, as rank 0 sent them
+    replica: StepReplica = field(default_factory=StepReplica)  # the last batch, which the next ADVANCE continues
 
     def serve(self) -> None:
         local = {  # ops whose failure is only reported: the ranks stay in step
@@ -67,8 +69,8 @@ class TPWorker:
                 return
             if op not in (Op.AGREE, Op.APPLY_RECEIVED):  # a bucket rank 0 refused before applying it
                 self.received = None
-            if op is Op.STEP:
-                self.step(*decode_step(args, payload))
+            if op in (Op.STEP, Op.ADVANCE):
+                self.step(*decode_step(self.replica, op, args, payload, self.runner.kv_cache.page_size))
             elif op in collective:
                 collective[op](decode_json(args, payload))
             else:
@@ -83,9 +85,21 @@ class TPWorker:
 
     # ---- batches -----------------------------------------------------------------------------------
 
-    def step(self, hb: HostBatch, fix: np.ndarray | None) -> None:
-        logits = self.runner.forward(hb, fix, self.prev_token_ids)
-        if logits is not None and len(hb.logits_indices):  # rank 0 samples and sends the ids
+    def step(self, hb: HostBatch, fix: np.ndarray | None, mode: StepMode) -> None:
+        """The batch rank 0 runs now, the way it runs it: a decode graph's sampled ids arrive inside the
+        graph; otherwise they follow on the device group when the batch samples."""
+        graphs = self.runner.cuda_graphs
+        if mode is not StepMode.EAGER and (graphs is None or not graphs.captured):
+            raise HotswapError(f"rank 0 replays a CUDA graph ({mode.name}) that this rank has not captured")
+        if mode is StepMode.DECODE_GRAPH:
+            _, (ids, _, _) = graphs.replay(hb, fix, None, self.prev_token_ids)
+            self.prev_token_ids = ids
+            return
+        if mode is StepMode.EXTEND_GRAPH:
+            logits = graphs.run_extend(hb, fix, self.prev_token_ids)
+        else:
+            logits = self.runner.forward(hb, fix, self.prev_token_ids)
+        if logits is not None and len(hb.logits_indices):  # rank 0 sampled: its ids follow
             ids = torch.empty(len(hb.logits_indices), dtype=torch.int64, device=self.runner.device)
             dist.broadcast(ids, src=0, group=self.groups.device)
             self.prev_token_ids = ids

@@ -6,101 +6,48 @@ Its ParameterServer talks to an engine over ZMQ with `send_pyobj` (pickle). The 
 - a bucket: a list of `{"name", "dtype": torch.dtype, "shape": torch.Size, "offset"}` dicts;
 - `None` (release the buffer, then: done) and an exception object (the server aborts the update).
 
-`decode` unpickles with a whitelist: torch dtypes, `torch.Size` and builtin exception classes are the real
-objects (constructing them runs nothing of consequence); the rebuild function and the tensor and storage
-classes become inert `GlobalRef` markers, so a pickle that tries to call them fails. Every other global
-(`os.system`, `builtins.eval`, ...) is refused by name. `parse_ipc_handle` and `parse_bucket` then check
+`decode` unpickles with `restricted_pickle`'s reader and this protocol's whitelist: torch dtypes,
+`torch.Size` and builtin exception classes are the real objects (constructing them runs nothing of
+consequence); the rebuild function and the tensor and storage classes become inert `GlobalRef` markers,
+so a pickle that tries to call them fails. Every other global (`os.system`, `builtins.eval`, ...) is
+refused by name. `parse_ipc_handle` and `parse_bucket` then check
 the decoded shapes; the engine opens the buffer itself from the checked record.
 """
 
 from __future__ import annotations
 
 import builtins
-import io
 import math
-import pickle
 from dataclasses import dataclass
 
 import torch
 
 from hotswap.errors import HotswapError
+from hotswap.weights.restricted_pickle import TORCH_VALUES, GlobalRef, PickleRules, is_ref, restricted_loads
+from hotswap.weights.torch_handles import CudaTensorHandle, TensorView
 
 
 class PayloadError(HotswapError):
     """A message from the parameter server is not one the protocol allows."""
 
 
-@dataclass(frozen=True, slots=True)
-class GlobalRef:
-    """A whitelisted global that may be named but never called: a plain-data stand-in."""
-
-    module: str
-    name: str
-
-    def __str__(self) -> str:
-        return f"{self.module}.{self.name}"
-
-
-def _ref(obj: object) -> GlobalRef:
-    """The name pickle writes for a class or function."""
-    return GlobalRef(obj.__module__, obj.__qualname__)
-
-
 REBUILD_CUDA_TENSOR = GlobalRef("torch.multiprocessing.reductions", "rebuild_cuda_tensor")
-TENSOR_CLASSES = frozenset({_ref(torch.Tensor)})
-STORAGE_CLASSES = frozenset({_ref(torch.storage.TypedStorage), _ref(torch.UntypedStorage)})
-_INERT = frozenset({REBUILD_CUDA_TENSOR}) | TENSOR_CLASSES | STORAGE_CLASSES
-# The real objects: looked up in these tables, never by getattr on a module with a name from the wire.
-_ALLOWED = {
-    **{GlobalRef("torch", name): v for name, v in vars(torch).items() if isinstance(v, torch.dtype)},
-    GlobalRef("torch", "Size"): torch.Size,
-    **{GlobalRef("builtins", name): v for name, v in vars(builtins).items() if isinstance(v, type) and issubclass(v, Exception)},
-}
+TENSOR_CLASSES = frozenset({GlobalRef.of(torch.Tensor)})
+STORAGE_CLASSES = frozenset({GlobalRef.of(torch.storage.TypedStorage), GlobalRef.of(torch.UntypedStorage)})
 MAX_MESSAGE_BYTES = 64 << 20  # a bucket's metadata is ~100 bytes per tensor; nothing legitimate comes near this
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> object:
-        ref = GlobalRef(module, name)
-        if ref in _INERT:
-            return ref
-        if ref in _ALLOWED:
-            return _ALLOWED[ref]
-        raise PayloadError(f"refused to unpickle global {module}.{name}: checkpoint-engine messages never name it")
-
-    def persistent_load(self, pid: object) -> object:
-        raise PayloadError(f"refused a pickle persistent id {pid!r}: checkpoint-engine messages carry none")
+_RULES = PickleRules(
+    source="checkpoint-engine messages", unit="message", error=PayloadError, max_bytes=MAX_MESSAGE_BYTES,
+    allowed={**{ref: ref for ref in {REBUILD_CUDA_TENSOR} | TENSOR_CLASSES | STORAGE_CLASSES}, **TORCH_VALUES,
+             **{GlobalRef("builtins", name): v for name, v in vars(builtins).items() if isinstance(v, type) and issubclass(v, Exception)}},
+)
 
 
 def decode(data: bytes) -> object:
     """Unpickle one message with the whitelist; raises PayloadError naming what was refused."""
-    if len(data) > MAX_MESSAGE_BYTES:
-        raise PayloadError(f"message of {len(data)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
-    try:
-        return _RestrictedUnpickler(io.BytesIO(data)).load()
-    except PayloadError:
-        raise
-    except Exception as exc:  # malformed pickles raise anything from EOFError to TypeError
-        raise PayloadError(f"undecodable message: {type(exc).__name__}: {exc}") from None
+    return restricted_loads(data, _RULES)
 
 
 # ---- the buffer handle --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class CudaIpcHandle:
-    """The checked arguments of `rebuild_cuda_tensor` for the server's 1-D uint8 buffer (the device it
-    names is ignored: the engine maps the buffer on its own device)."""
-
-    numel: int
-    tensor_offset: int  # in elements (bytes) within the storage
-    storage_handle: bytes
-    storage_size_bytes: int
-    storage_offset_bytes: int
-    ref_counter_handle: bytes
-    ref_counter_offset: int
-    event_handle: bytes | None
-    event_sync_required: bool
 
 
 def _int(value: object, what: str) -> int:
@@ -115,8 +62,9 @@ def _bytes(value: object, what: str) -> bytes:
     return value
 
 
-def parse_ipc_handle(msg: object) -> CudaIpcHandle:
-    """Check that `msg` is reduce_tensor's form of a contiguous 1-D uint8 CUDA tensor."""
+def parse_ipc_handle(msg: object) -> CudaTensorHandle:
+    """Check that `msg` is reduce_tensor's form of a contiguous 1-D uint8 CUDA tensor. The device it names
+    is checked but not used: the engine maps the buffer on its own device."""
     if not (isinstance(msg, tuple) and len(msg) == 2 and msg[0] == REBUILD_CUDA_TENSOR and isinstance(msg[1], tuple)):
         raise PayloadError(f"expected the buffer handle ({REBUILD_CUDA_TENSOR}, args), got {type(msg).__name__}")
     args = msg[1]
@@ -124,26 +72,27 @@ def parse_ipc_handle(msg: object) -> CudaIpcHandle:
         raise PayloadError(f"buffer handle: rebuild_cuda_tensor takes 15 arguments, got {len(args)}")
     (tensor_cls, size, stride, tensor_offset, storage_cls, dtype, device, storage_handle, storage_size, storage_offset,
      _requires_grad, ref_counter_handle, ref_counter_offset, event_handle, event_sync_required) = args
-    if not isinstance(tensor_cls, GlobalRef) or tensor_cls not in TENSOR_CLASSES:
+    if not is_ref(tensor_cls, TENSOR_CLASSES):
         raise PayloadError(f"buffer handle: tensor class must be torch.Tensor, got {tensor_cls!r}")
-    if not isinstance(storage_cls, GlobalRef) or storage_cls not in STORAGE_CLASSES:
+    if not is_ref(storage_cls, STORAGE_CLASSES):
         raise PayloadError(f"buffer handle: storage class must be a torch storage, got {storage_cls!r}")
     if dtype != torch.uint8:
         raise PayloadError(f"buffer handle: the buffer must be uint8, got {dtype!r}")
     if not (isinstance(size, tuple) and len(size) == 1 and stride == (1,)):
         raise PayloadError(f"buffer handle: the buffer must be 1-D and contiguous, got size {size!r} stride {stride!r}")
-    _int(device, "device")
+    device = _int(device, "device")
     if event_handle is not None and not isinstance(event_handle, bytes):
         raise PayloadError(f"buffer handle: event handle must be bytes or None, got {type(event_handle).__name__}")
-    numel = _int(size[0], "size")
-    handle = CudaIpcHandle(
-        numel=numel, tensor_offset=_int(tensor_offset, "tensor offset"), storage_handle=_bytes(storage_handle, "storage handle"),
-        storage_size_bytes=_int(storage_size, "storage size"), storage_offset_bytes=_int(storage_offset, "storage offset"),
-        ref_counter_handle=_bytes(ref_counter_handle, "ref-counter handle"), ref_counter_offset=_int(ref_counter_offset, "ref-counter offset"),
-        event_handle=event_handle or None, event_sync_required=bool(event_sync_required),
+    numel, offset = _int(size[0], "size"), _int(tensor_offset, "tensor offset")
+    handle = CudaTensorHandle(
+        view=TensorView(dtype=torch.uint8, shape=(numel,), stride=(1,), storage_offset=offset), device=device,
+        storage_handle=_bytes(storage_handle, "storage handle"), storage_size_bytes=_int(storage_size, "storage size"),
+        storage_offset_bytes=_int(storage_offset, "storage offset"), ref_counter_handle=_bytes(ref_counter_handle, "ref-counter handle"),
+        ref_counter_offset=_int(ref_counter_offset, "ref-counter offset"), event_handle=event_handle or None,
+        event_sync_required=bool(event_sync_required),
     )
-    if handle.tensor_offset + numel > handle.storage_size_bytes:
-        raise PayloadError(f"buffer handle: {numel} bytes at offset {handle.tensor_offset} run past the storage ({handle.storage_size_bytes} bytes)")
+    if offset + numel > handle.storage_size_bytes:
+        raise PayloadError(f"buffer handle: {numel} bytes at offset {offset} run past the storage ({handle.storage_size_bytes} bytes)")
     return handle
 
 

@@ -24,12 +24,12 @@ from hotswap.errors import HotswapError
 from hotswap.weights.checkpoint_engine_payloads import (
     MAX_MESSAGE_BYTES,
     BucketEntry,
-    CudaIpcHandle,
     PayloadError,
     decode,
     parse_bucket,
     parse_ipc_handle,
 )
+from hotswap.weights.torch_handles import CudaTensorHandle
 
 LoadBucket = Callable[[list[tuple[BucketEntry, torch.Tensor]]], None]
 
@@ -50,13 +50,13 @@ def cuda_device_key(device: torch.device) -> str:
     return f"GPU-{torch.cuda.get_device_properties(_cuda_index(device)).uuid}"
 
 
-def open_cuda_buffer(handle: CudaIpcHandle, device: torch.device) -> torch.Tensor:
+def open_cuda_buffer(handle: CudaTensorHandle, device: torch.device) -> torch.Tensor:
     """Map the server's buffer through torch's own rebuild path, with our classes, dtype and device: it
     caches the mapping per handle and hands the server's ref-count back when the storage dies."""
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
     return rebuild_cuda_tensor(
-        torch.Tensor, torch.Size([handle.numel]), (1,), handle.tensor_offset, torch.UntypedStorage, torch.uint8, _cuda_index(device),
+        torch.Tensor, torch.Size([handle.view.numel]), (1,), handle.view.storage_offset, torch.UntypedStorage, torch.uint8, _cuda_index(device),
         handle.storage_handle, handle.storage_size_bytes, handle.storage_offset_bytes, False, handle.ref_counter_handle,
         handle.ref_counter_offset, handle.event_handle, handle.event_sync_required,
     )
@@ -68,7 +68,7 @@ class BufferSource:
     CPU tests substitute an in-process stand-in."""
 
     device_key: Callable[[torch.device], str] = cuda_device_key
-    open: Callable[[CudaIpcHandle, torch.device], torch.Tensor] = open_cuda_buffer
+    open: Callable[[CudaTensorHandle, torch.device], torch.Tensor] = open_cuda_buffer
 
 
 @dataclass(slots=True)

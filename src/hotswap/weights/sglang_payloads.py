@@ -13,10 +13,10 @@ A tensor is pickled as a call to a torch rebuild function (`rebuild_cuda_tensor`
 `_rebuild_cuda_tensor_modified` that names the GPU by UUID; on CPU `rebuild_tensor` over
 `rebuild_typed_storage(rebuild_storage_filename(...))`).
 
-The restricted unpickler here makes every such call an inert `RebuildCall` record, every class a tensor
-handle needs a `GlobalRef`, torch dtypes and `torch.Size` the real (inert) objects, and SGLang's two
-dataclasses records of their state; it refuses every other global by name and calls nothing named on
-the wire. The records are then checked into `torch_handles` handles and opened there, every handle
+`restricted_pickle`'s reader, with this protocol's whitelist, makes every such call an inert
+`RebuildCall` record, every class a tensor handle needs a `GlobalRef`, torch dtypes and `torch.Size` the
+real (inert) objects, and SGLang's two dataclasses records of their state; it refuses every other global
+by name and calls nothing named on the wire. The records are then checked into `torch_handles` handles and opened there, every handle
 before the first is opened.
 """
 
@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import math
-import pickle
 from dataclasses import dataclass
 
 import torch
 
 from hotswap.errors import HotswapError
 from hotswap.weights.ipc import CudaIpcMappings
+from hotswap.weights.restricted_pickle import TORCH_VALUES, GlobalRef, PickleRules, Refused, is_ref, refuse_build, restricted_loads
 from hotswap.weights.torch_handles import (
     MAX_TENSOR_BYTES,
     CudaTensorHandle,
@@ -54,37 +53,16 @@ class PayloadError(HotswapError):
     """A serialized_named_tensors payload is not one SGLang's frameworks send, or names something refused."""
 
 
-def _refuse_build(self: object, state: object) -> None:
-    """The __setstate__ of the inert records: pickle's BUILD would otherwise set a frozen slots
-    dataclass's fields from the stream (the dataclass adds a __setstate__ unless the class has one)."""
-    raise PayloadError(f"refused to set the state of {type(self).__name__.lstrip('_')} {self}: payloads never do")
-
-
-@dataclass(frozen=True, slots=True)
-class GlobalRef:
-    """A class named in a payload, kept as its name: calling it is refused."""
-
-    module: str
-    name: str
-    __setstate__ = _refuse_build
-
-    def __str__(self) -> str:
-        return f"{self.module}.{self.name}"
-
-    def __call__(self, *args: object) -> object:
-        raise PayloadError(f"refused to call {self}: payloads only name it")
-
-
 @dataclass(frozen=True, slots=True)
 class RebuildCall:
     """A rebuild function applied to its arguments, recorded instead of called."""
 
     func: GlobalRef
     args: tuple
-    __setstate__ = _refuse_build
+    __setstate__ = refuse_build
 
     def __call__(self, *args: object) -> object:
-        raise PayloadError(f"refused a call on the result of {self.func}(...): a nested reducer is never part of a payload")
+        raise Refused(f"refused a call on the result of {self.func}(...): a nested reducer is never part of a payload")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +70,7 @@ class _Recorder:
     """What find_class gives for a rebuild function: REDUCE on it records the call."""
 
     func: GlobalRef
-    __setstate__ = _refuse_build
+    __setstate__ = refuse_build
 
     def __call__(self, *args: object) -> RebuildCall:
         return RebuildCall(self.func, args)
@@ -107,7 +85,7 @@ class _StateRecord:
 
     def __setstate__(self, state: object) -> None:
         if self.state is not None or not isinstance(state, dict):
-            raise PayloadError(f"malformed {self.kind} record")
+            raise Refused(f"malformed {self.kind} record")
         self.state = state
 
 
@@ -117,10 +95,6 @@ class _MetadataRecord(_StateRecord):
 
 class _LocalSerializedRecord(_StateRecord):
     kind = "LocalSerializedTensor"
-
-
-def _ref(obj: object) -> GlobalRef:
-    return GlobalRef(obj.__module__, obj.__qualname__)
 
 
 _REDUCTIONS = "torch.multiprocessing.reductions"
@@ -136,17 +110,13 @@ CUDA_REBUILDS = frozenset({
 })
 _REBUILDS = CUDA_REBUILDS | {REBUILD_TENSOR, REBUILD_TYPED_STORAGE, REBUILD_STORAGE_FILENAME, REBUILD_STORAGE_EMPTY,
                              REBUILD_STORAGE_FD}
-TENSOR_CLASSES = frozenset({_ref(torch.Tensor), _ref(torch.nn.Parameter)})
-UNTYPED_STORAGE = _ref(torch.UntypedStorage)
-STORAGE_CLASSES = frozenset({UNTYPED_STORAGE, _ref(torch.storage.TypedStorage)})
+TENSOR_CLASSES = frozenset({GlobalRef.of(torch.Tensor), GlobalRef.of(torch.nn.Parameter)})
+UNTYPED_STORAGE = GlobalRef.of(torch.UntypedStorage)
+STORAGE_CLASSES = frozenset({UNTYPED_STORAGE, GlobalRef.of(torch.storage.TypedStorage)})
 _RECORDS: dict[GlobalRef, type[_StateRecord]] = {
     GlobalRef("sglang.srt.weight_sync.tensor_bucket", "FlattenedTensorMetadata"): _MetadataRecord,
     GlobalRef("sglang.srt.model_executor.model_runner", "FlattenedTensorMetadata"): _MetadataRecord,  # older SGLang
     GlobalRef("sglang.srt.model_executor.model_runner", "LocalSerializedTensor"): _LocalSerializedRecord,
-}
-_VALUES = {  # inert objects, looked up in this table (never by getattr with a name from the wire)
-    **{GlobalRef("torch", name): v for name, v in vars(torch).items() if isinstance(v, torch.dtype)},
-    GlobalRef("torch", "Size"): torch.Size,
 }
 _WHY_REFUSED = {
     GlobalRef("multiprocessing.resource_sharer", "DupFd"): (
@@ -155,22 +125,12 @@ _WHY_REFUSED = {
 }
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> object:
-        ref = GlobalRef(module, name)
-        if ref in _REBUILDS:
-            return _Recorder(ref)
-        if ref in TENSOR_CLASSES or ref in STORAGE_CLASSES:
-            return ref
-        if ref in _RECORDS:
-            return _RECORDS[ref]
-        if ref in _VALUES:
-            return _VALUES[ref]
-        why = _WHY_REFUSED.get(ref, "serialized_named_tensors never name it")
-        raise PayloadError(f"refused to unpickle global {module}.{name}: {why}")
-
-    def persistent_load(self, pid: object) -> object:
-        raise PayloadError(f"refused a pickle persistent id {pid!r}: serialized_named_tensors carry none")
+_RULES = PickleRules(
+    source="serialized_named_tensors", unit="payload", error=PayloadError, max_bytes=MAX_PAYLOAD_BYTES,
+    allowed={**{ref: _Recorder(ref) for ref in _REBUILDS}, **{ref: ref for ref in TENSOR_CLASSES | STORAGE_CLASSES},
+             **_RECORDS, **TORCH_VALUES},
+    why_refused=_WHY_REFUSED,
+)
 
 
 def unpickle(data: bytes | str, what: str) -> object:
@@ -182,14 +142,10 @@ def unpickle(data: bytes | str, what: str) -> object:
             raise PayloadError(f"{what}: not valid base64: {exc}") from None
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise PayloadError(f"{what}: a payload must be bytes or base64 text, got {type(data).__name__}")
-    if len(data) > MAX_PAYLOAD_BYTES:
-        raise PayloadError(f"{what}: {len(data)} bytes exceed the {MAX_PAYLOAD_BYTES}-byte limit on a payload")
     try:
-        return _RestrictedUnpickler(io.BytesIO(data)).load()
+        return restricted_loads(data, _RULES)
     except PayloadError as exc:
         raise PayloadError(f"{what}: {exc}") from None
-    except Exception as exc:  # a malformed pickle raises anything from EOFError to TypeError
-        raise PayloadError(f"{what}: undecodable payload: {type(exc).__name__}: {exc}") from None
 
 
 # ---- records -> checked handles ------------------------------------------------------------------------
@@ -237,7 +193,7 @@ def _parse_cuda(call: RebuildCall, what: str) -> TensorHandle:
         raise PayloadError(f"{what}: {call.func} takes 15 arguments, got {len(call.args)}")
     (tensor_cls, size, stride, tensor_offset, storage_cls, dtype, device, storage_handle, storage_size, storage_offset,
      _requires_grad, ref_counter_handle, ref_counter_offset, event_handle, event_sync_required) = call.args
-    if tensor_cls not in TENSOR_CLASSES or storage_cls not in STORAGE_CLASSES:
+    if not is_ref(tensor_cls, TENSOR_CLASSES) or not is_ref(storage_cls, STORAGE_CLASSES):
         raise PayloadError(f"{what}: a CUDA tensor handle must name torch's tensor and storage classes, got {tensor_cls!r:.80}, {storage_cls!r:.80}")
     view = _view(dtype, size, stride, tensor_offset, what)
     if not (isinstance(device, int) and not isinstance(device, bool) and 0 <= device < 1024) and not (
@@ -278,7 +234,7 @@ def _parse_cpu(call: RebuildCall, what: str) -> TensorHandle:
     if len(call.args) != 3 or not isinstance(call.args[2], tuple) or len(call.args[2]) != 4:
         raise PayloadError(f"{what}: {REBUILD_TENSOR} takes (class, storage, (offset, size, stride, requires_grad))")
     tensor_cls, storage, (offset, size, stride, _requires_grad) = call.args
-    if tensor_cls not in TENSOR_CLASSES:
+    if not is_ref(tensor_cls, TENSOR_CLASSES):
         raise PayloadError(f"{what}: tensor class must be torch.Tensor or a Parameter, got {tensor_cls!r:.80}")
     typed = _call(storage, {REBUILD_TYPED_STORAGE}, what)
     if len(typed.args) != 2:

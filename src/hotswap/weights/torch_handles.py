@@ -5,6 +5,7 @@ a call to a rebuild function; `sglang_payloads` turns that call into one of the 
 calling anything, and `open_tensor_handle` opens a record the way our own descriptors are opened:
 - `CudaTensorHandle`: `rebuild_cuda_tensor`'s arguments (a CUDA IPC handle of the sender's allocation and
   the view on it); opened through `ipc`'s checked CUDA IPC path (bounds against the storage size).
+  checkpoint-engine's buffer handle is one too (`checkpoint_engine_payloads`), mapped by its receiver.
 - `SharedFileTensorHandle`: a CPU tensor shared with the `file_system` strategy: a POSIX shared-memory
   object named `/torch_<pid>_<n>_<n>` that torch's allocator laid out as a 64-byte refcount header and
   the storage's bytes. The name is confined to that pattern, the object's size must be exactly header +

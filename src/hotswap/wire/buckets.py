@@ -20,8 +20,8 @@ def iter_named_tensors(weights: Weights) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) pairs from a state_dict or an iterable of pairs.
 
     From a mapping, tied aliases (two names viewing the same memory, e.g. `lm_head.weight` of a model
-    with tied embeddings) are sent once, under the non-`lm_head` name, as `state_dict_manifest` counts
-    them. An iterable is passed through as is (its tensors may be temporaries whose addresses repeat).
+    with tied embeddings) are sent once, under the non-`lm_head` name; `state_dict_manifest` counts
+    what this yields. An iterable is passed through as is (its tensors may be temporaries whose addresses repeat).
     """
     if isinstance(weights, Mapping):
         seen: set[tuple] = set()

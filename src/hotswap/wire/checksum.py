@@ -9,6 +9,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from hotswap.wire.buckets import iter_named_tensors
+
 
 def tensor_sha256(t: torch.Tensor) -> str:
     data = t.detach().contiguous().cpu()
@@ -31,17 +33,6 @@ def checksum_manifest(named_tensors: Iterable[tuple[str, torch.Tensor]], dtype: 
 
 
 def state_dict_manifest(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, str]:
-    """The manifest of a HF model's state_dict as the engine reports it: tied aliases
-    (`lm_head.weight` sharing the embedding's storage) and rotary caches are left out."""
-    seen: dict[tuple[int, tuple], str] = {}
-    named = []
-    for name in sorted(state_dict, key=lambda n: n.startswith("lm_head")):
-        t = state_dict[name]
-        if name.endswith(".rotary_emb.inv_freq"):
-            continue
-        key = (t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size(), tuple(t.shape))
-        if key in seen and t.numel():
-            continue
-        seen[key] = name
-        named.append((name, t))
-    return checksum_manifest(named, dtype)
+    """The manifest of a HF model's state_dict as the engine reports it: what a push of that state_dict
+    sends (`iter_named_tensors`: tied aliases such as `lm_head.weight` and rotary caches left out)."""
+    return checksum_manifest(iter_named_tensors(state_dict), dtype)

@@ -91,7 +91,7 @@ class SharedMemoryBucket:
         return self.block.name
 
     def close(self) -> None:
-        block, self.block = getattr(self, "block", None), None
+        block, self.block = self.block, None
         if block is None:
             return
         block.close()
