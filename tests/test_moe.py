@@ -8,7 +8,16 @@ import shutil
 
 import pytest
 import torch
-from hf_reference import UPDATE_PROMPTS, greedy_ids, hf_greedy, prompt_ids, reference_ids
+from engine_support import fail_disk_read, make_engine
+from hf_reference import (
+    UPDATE_PROMPTS,
+    assert_bf16_greedy_agrees,
+    assert_greedy_matches_hf,
+    greedy_ids,
+    hf_greedy,
+    prompt_ids,
+    reference_ids,
+)
 from safetensors.torch import save_file
 from trainer_support import checkpoint_tensors
 from transformers import AutoModelForCausalLM
@@ -19,11 +28,6 @@ from hotswap.wire.checksum import state_dict_manifest
 
 GREEDY = {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True}
 FUSED = "model.layers.0.mlp.experts.gate_up_proj"
-
-
-def make_engine(path, **kw) -> Engine:
-    kw.setdefault("page_size", 4)
-    return Engine(str(path), device="cpu", **kw)
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +69,7 @@ def test_config_reads_the_moe_layout(tiny_qwen3_moe):
 def test_greedy_and_logprob_parity_ragged_batch(engine, tiny_qwen3_moe):
     prompts = [prompt_ids(i, n) for i, n in enumerate([3, 17, 40, 9])]
     outs = engine.generate(input_ids=prompts, sampling_params=GREEDY, return_logprob=True)
-    for ids, out in zip(prompts, outs):
-        ref_ids, ref_lps = hf_greedy(tiny_qwen3_moe, ids, 10)
-        assert out["output_ids"] == ref_ids
-        got = [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]]
-        torch.testing.assert_close(torch.tensor(got), torch.tensor(ref_lps), atol=1e-4, rtol=1e-4)
+    assert_greedy_matches_hf(tiny_qwen3_moe, prompts, outs, GREEDY["max_new_tokens"])
 
 
 def test_prefix_hits_and_chunked_prefill_match(tiny_qwen3_moe):
@@ -98,7 +98,7 @@ def test_get_weights_by_name_reads_fused_and_per_expert_names(engine, tiny_qwen3
                       ("model.layers.0.mlp.experts.5.up_proj.weight", ckpt["model.layers.0.mlp.experts.5.up_proj.weight"]),
                       ("model.layers.2.mlp.experts.7.down_proj.weight", ckpt["model.layers.2.mlp.experts.7.down_proj.weight"]),
                       ("model.layers.0.mlp.gate.weight", ckpt["model.layers.0.mlp.gate.weight"])):
-        out = engine.get_weights_by_name(name, truncate_size=2)  # SGLang's reply: the bare (truncated) nested list
+        out = engine.get_weights_by_name(name, truncate_size=2)  # SGLang's bare nested list of the first rows
         torch.testing.assert_close(torch.tensor(out), ref[:2], rtol=0, atol=0)
     # the per-expert view is the same storage as the fused tensor's slice
     up = state[FUSED][5, 32:]
@@ -167,19 +167,10 @@ def test_partial_per_expert_checkpoint_is_refused_from_disk(fresh, tiny_qwen3_mo
 
 
 def test_fault_mid_read_of_experts_rolls_back(tiny_qwen3_moe, tiny_qwen3_moe_v2, monkeypatch):
-    from hotswap.weights import fast_reader
-
-    real, calls = fast_reader._read_into, iter(range(10**6))
-
-    def failing(fd, view, offset):
-        if next(calls) == 20:
-            raise OSError("injected I/O error")
-        real(fd, view, offset)
-
     # small windows on one thread: the fault lands after earlier windows (experts among them) were copied in
     with make_engine(tiny_qwen3_moe, weight_load_threads=1, weight_load_staging_bytes=2 * 16384) as eng:
         before = eng.check_weights("checksum").digest
-        monkeypatch.setattr(fast_reader, "_read_into", failing)
+        fail_disk_read(monkeypatch, at=20)
         res = eng.update_weights_from_disk(str(tiny_qwen3_moe_v2))
         assert not res.success and "injected I/O error" in res.message and res.rolled_back
         assert eng.check_weights("checksum").digest == before
@@ -255,24 +246,14 @@ def test_bf16_greedy_agrees_with_hf(tiny_qwen3_moe, batch):
     prompts = [prompt_ids(70 + i, 16) for i in range(batch)]
     with Engine(str(tiny_qwen3_moe), device="cuda", dtype="bfloat16") as eng:
         got = [o["output_ids"] for o in eng.generate(input_ids=prompts, sampling_params=GREEDY)]
-    for ids, ours in zip(prompts, got):
-        with torch.no_grad():
-            logits = hf(torch.tensor([ids + ours], device="cuda")).logits[0, len(ids) - 1 : -1].float()
-        assert ours[0] == logits[0].argmax().item()
-        best = logits.max(-1).values
-        mine = logits.gather(1, torch.tensor(ours, device="cuda").unsqueeze(1)).squeeze(1)
-        assert bool(((best - mine) <= 0.01 * logits.abs().max(-1).values).all()), (best - mine).tolist()
+    assert_bf16_greedy_agrees(hf, prompts, got)
 
 
 def test_qwen2_moe_shared_expert_parity_and_weights(tiny_qwen2_moe):
     prompts = [prompt_ids(i, n) for i, n in enumerate([4, 23])]
     with make_engine(tiny_qwen2_moe) as eng:
         outs = eng.generate(input_ids=prompts, sampling_params=GREEDY, return_logprob=True)
-        for ids, out in zip(prompts, outs):
-            ref_ids, ref_lps = hf_greedy(tiny_qwen2_moe, ids, 10)
-            assert out["output_ids"] == ref_ids
-            got = [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]]
-            torch.testing.assert_close(torch.tensor(got), torch.tensor(ref_lps), atol=1e-4, rtol=1e-4)
+        assert_greedy_matches_hf(tiny_qwen2_moe, prompts, outs, GREEDY["max_new_tokens"])
         state = hf_state(tiny_qwen2_moe)
         assert "model.layers.0.mlp.shared_expert_gate.weight" in state and "model.layers.0.self_attn.q_proj.bias" in state
         assert eng.check_weights("checksum", expected=state_dict_manifest(state)).success
