@@ -23,9 +23,6 @@ class PoolCapacity:
     def max_total_tokens(self) -> int:
         return self.num_pages * self.page_size
 
-    def pages_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.page_size)
-
 
 @dataclass(kw_only=True, slots=True)
 class PageAllocator:
