@@ -20,8 +20,9 @@ from hotswap.config import EngineConfig
 from hotswap.errors import HotswapError
 from hotswap.runner.model_runner import ModelRunner
 from hotswap.weights.apply import apply_read, apply_tensors
-from hotswap.weights.checkpoint_engine_receiver import BufferSource, ReceiveStats
+from hotswap.weights.checkpoint_engine_receiver import BufferSource, ReceiveStats, find_address, refuse_exchange
 from hotswap.weights.distributed import WeightsGroupError
+from hotswap.weights.distributed_receiver import plan_receive, receive_bucket
 from hotswap.weights.fast_copy import MatchedTensors, TensorPlanCache
 from hotswap.weights.fast_reader import ReaderOptions, ReadPlanCache
 from hotswap.weights.ipc import CudaIpcMappings
@@ -105,14 +106,14 @@ class WeightUpdater:
         back the earlier ones."""
         device, timeout_s = self.model_runner.device, self.config.weight_session_timeout_s
         try:
-            address = checkpoint_engine.address_for(req, device, self.ipc_source)
+            address = find_address(req.zmq_handles, self.ipc_source.device_key(device))
         except HotswapError as exc:
             return self.sessions.refuse_update(f"update_weights_from_ipc refused: {exc}; weights unchanged")
         try:
             checkpoint_engine.check_ranks(self.ranks.size)
         except HotswapError as exc:
             out = self.sessions.refuse_update(str(exc))
-            checkpoint_engine.refuse(address, out.message, timeout_s)
+            refuse_exchange(address, out.message, timeout_s=timeout_s)
             return out
         received: list[ReceiveStats] = []
         took_part = []
@@ -125,7 +126,7 @@ class WeightUpdater:
 
         out = self._run("update_weights_from_ipc", req, apply)
         if not took_part:  # refused before the exchange began
-            checkpoint_engine.refuse(address, out.message, timeout_s)
+            refuse_exchange(address, out.message, timeout_s=timeout_s)
         if received:
             out.extra["buckets"] = received[0].num_buckets
         return out
@@ -150,13 +151,13 @@ class WeightUpdater:
         try:
             group = self.groups.get(req.group_name)
             # metadata that cannot be received at all is refused up front; the group's timeout frees the trainer
-            metas = distributed.plan(req, self.config.weight_update_bucket_bytes)
+            metas = plan_receive(req.names, req.dtypes, req.shapes, req.load_format, max_bytes=self.config.weight_update_bucket_bytes)
         except HotswapError as exc:
             return refuse(str(exc))
         self.ranks.receive(req.group_name, req.names, req.dtypes, req.shapes, req.load_format)  # every rank is a member
         recv_error = None
         try:
-            received = distributed.receive(group, metas, req.load_format)
+            received = receive_bucket(group, metas, req.load_format)
         except Exception as exc:  # a dead or hung trainer: the group is now broken
             received, recv_error = [], str(exc) if isinstance(exc, WeightsGroupError) else short_error(exc)
         other = self.ranks.agree(recv_error)

@@ -1,7 +1,7 @@
 """checkpoint-engine's push: the ZMQ socket of this device -> buckets matched one by one, or a refusal.
 
-Once this device's socket is known the exchange always runs, even for a refused update (`refuse`), so
-the parameter server fails instead of waiting for a peer."""
+Once this device's socket is known the exchange always runs, even for a refused update (the updater calls
+`checkpoint_engine_receiver.refuse_exchange`), so the parameter server fails instead of waiting for a peer."""
 
 from __future__ import annotations
 
@@ -9,16 +9,11 @@ from collections.abc import Callable
 
 import torch
 
-from hotswap import protocol as p
 from hotswap.errors import HotswapError
 from hotswap.weights.checkpoint_engine_payloads import BucketEntry
-from hotswap.weights.checkpoint_engine_receiver import BufferSource, ReceiveStats, find_address, receive_buckets, refuse_exchange
+from hotswap.weights.checkpoint_engine_receiver import BufferSource, ReceiveStats, receive_buckets
 from hotswap.weights.fast_copy import MatchedTensors, TensorPlanCache
 from hotswap.weights.mapping import WeightMap
-
-
-def address_for(req: p.UpdateWeightsFromIPCRequest, device: torch.device, source: BufferSource) -> str:
-    return find_address(req.zmq_handles, source.device_key(device))
 
 
 def check_ranks(tp_size: int) -> None:
@@ -35,6 +30,3 @@ def receive(address: str, device: torch.device, source: BufferSource, timeout_s:
 
     return receive_buckets(address, device=device, source=source, timeout_s=timeout_s, load_bucket=load_bucket)
 
-
-def refuse(address: str, message: str, timeout_s: float) -> None:
-    refuse_exchange(address, message, timeout_s=timeout_s)

@@ -1,4 +1,4 @@
-"""A trainer's torch.distributed group: joining and leaving it, and receiving one bucket of a push.
+"""A trainer's torch.distributed group: joining and leaving it (a push's buckets: `weights.distributed_receiver`).
 
 Joining blocks until the trainer and every other rank arrive, so it runs on a helper thread and answers
 through a Future; the answer comes within `timeout_s` (plus a short grace) even when the rendezvous
@@ -19,7 +19,6 @@ import torch
 from hotswap import protocol as p
 from hotswap.errors import HotswapError
 from hotswap.weights.distributed import WeightsGroup
-from hotswap.weights.distributed_receiver import plan_receive, receive_bucket
 from hotswap.weights.ranks import WeightRanks
 from hotswap.wire.process_group import destroy_custom_process_group, forget_reservation, init_custom_process_group, short_error
 
@@ -145,11 +144,3 @@ class WeightGroups:
             raise HotswapError(f"weights update group {name!r} is broken ({group.broken}); destroy it and init a new one")
         return group
 
-
-def plan(req: p.UpdateWeightsFromDistributedRequest, max_bytes: int) -> list:
-    """What the trainer will broadcast; raises HotswapError for metadata that cannot be received at all."""
-    return plan_receive(req.names, req.dtypes, req.shapes, req.load_format, max_bytes=max_bytes)
-
-
-def receive(group: WeightsGroup, metas: list, load_format: str | None) -> list[torch.Tensor]:
-    return receive_bucket(group, metas, load_format)
