@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -17,7 +18,7 @@ from hotswap.server.access import AccessPolicy
 from hotswap.server.app import create_app
 from hotswap.server.launch import ServerThread
 from hotswap.testing.tiny_models import build_tiny_checkpoint
-from hotswap.wire.ipc import shm_descriptors
+from hotswap.wire.ipc import SharedMemoryBucket
 
 GREEDY = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
 PROMPTS = ["Alice likes 12 apples", "Bob sees the river", "what is the sum of 4 plus 5", "Grace gives 3 cards"]
@@ -131,13 +132,9 @@ def test_update_from_tensor_descriptors(served, refs, tiny_qwen3_v2):
     tensors = {}
     for shard in sorted(Path(tiny_qwen3_v2).glob("*.safetensors")):
         tensors.update(load_file(shard))
-    block, descs = shm_descriptors(list(tensors.items()), token=eng.get_ipc_token())
-    try:
-        r = c.post("/update_weights_from_tensor", json={"named_tensors": descs, "weight_version": "from-shm"})
+    with SharedMemoryBucket(list(tensors.items()), token=eng.get_ipc_token()) as bucket:
+        r = c.post("/update_weights_from_tensor", json={"named_tensors": bucket.descriptors, "weight_version": "from-shm"})
         assert r.status_code == 200 and r.json()["success"], r.text
-    finally:
-        block.close()
-        block.unlink()
     assert digest(c) == refs["v2"]["digest"]
     assert gen_ids(c) == refs["v2"]["ids"]
     assert eng.get_load().weight_version == "from-shm"
@@ -176,19 +173,13 @@ def test_weight_lifecycle_routes(served, refs, tiny_qwen3_v2, tmp_path):
     for shard in sorted(Path(tiny_qwen3_v2).glob("*.safetensors")):
         tensors.update(load_file(shard))
     items = list(tensors.items())
-    blocks = []
-    try:
+    with ExitStack() as buckets:  # every block stays alive until the session ends
         for half in (items[: len(items) // 2], items[len(items) // 2:]):
-            block, descs = shm_descriptors(half, token=eng.get_ipc_token())
-            blocks.append(block)
-            r = c.post("/update_weights_from_tensor", json={"named_tensors": descs})
+            bucket = buckets.enter_context(SharedMemoryBucket(half, token=eng.get_ipc_token()))
+            r = c.post("/update_weights_from_tensor", json={"named_tensors": bucket.descriptors})
             assert r.status_code == 200, r.text
         r = c.post("/end_weight_update", json={"weight_version": "sess"})
         assert r.status_code == 200 and r.json()["weight_version"] == "sess"
-    finally:
-        for b in blocks:
-            b.close()
-            b.unlink()
     assert digest(c) == refs["v2"]["digest"]
 
     # save, then load back what was saved

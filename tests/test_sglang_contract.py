@@ -426,7 +426,7 @@ def test_a_tensor_update_waiting_for_a_drain_is_bounded(tiny_qwen3, tiny_qwen3_v
     """A shared-memory tensor update posted over HTTP while a long request runs (SGLang's non-blocking
     update test) waits for the drain only weight_update_drain_timeout_s: then it is refused, weights
     unchanged, and the running request goes on."""
-    from hotswap.wire.ipc import shm_descriptors
+    from hotswap.wire.ipc import SharedMemoryBucket
 
     long_context = tmp_path / "long"
     shutil.copytree(tiny_qwen3, long_context)
@@ -444,15 +444,11 @@ def test_a_tensor_update_waiting_for_a_drain_is_bounded(tiny_qwen3, tiny_qwen3_v
         while eng.get_load().num_running < 1:
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        block, descs = shm_descriptors(list(checkpoint(tiny_qwen3_v2).items()), token=eng.get_ipc_token())
-        try:
+        with SharedMemoryBucket(list(checkpoint(tiny_qwen3_v2).items()), token=eng.get_ipc_token()) as bucket:
             start = time.monotonic()
-            r = c.post("/update_weights_from_tensor", json={"named_tensors": descs})
+            r = c.post("/update_weights_from_tensor", json={"named_tensors": bucket.descriptors})
             assert r.status_code == 400 and "did not finish within 1 s" in r.json()["message"]
             assert time.monotonic() - start < 15
-        finally:
-            block.close()
-            block.unlink()
         assert eng.check_weights("checksum").digest == before
         assert eng.get_load().num_running == 1  # the request was not disturbed
         c.post("/abort_request", json={"rid": "long"})

@@ -106,9 +106,3 @@ class SharedMemoryBucket:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-def shm_descriptors(named_tensors: list[tuple[str, torch.Tensor]], *, token: str) -> tuple[shared_memory.SharedMemory, list[dict]]:
-    """Producer side for CPU: copy tensors into one shared-memory block for the engine with IPC token `token`;
-    the caller closes and unlinks it after the update. (`SharedMemoryBucket` does the same and cleans up itself.)"""
-    bucket = SharedMemoryBucket(named_tensors, token=token)
-    return bucket.block, bucket.descriptors
