@@ -88,8 +88,7 @@ class Scheduler:
             ranks=ranks,
             weights_released=self.memory.weights_released,
             abort_all=self.abort_all,
-            groups=WeightGroups(ranks=ranks, device=model_runner.device, tp_size=model_runner.tp.size,
-                                op_timeout_s=config.weight_session_timeout_s),
+            groups=WeightGroups(ranks=ranks, device=model_runner.device, op_timeout_s=config.weight_session_timeout_s),
         )
         self.weight_reads = WeightReads(model_runner=model_runner, config=config, ranks=ranks, weights_released=self.memory.weights_released,
                                         is_idle=self.is_idle, flush_cache=self.flush_cache, mark_version=self.sessions.mark)

@@ -41,7 +41,6 @@ class _Join:
 class WeightGroups:
     ranks: WeightRanks
     device: torch.device
-    tp_size: int
     op_timeout_s: float  # a collective in a joined group
     groups: dict[str, WeightsGroup] = field(default_factory=dict)
     pending: dict[str, _Join] = field(default_factory=dict)  # rendezvous under way in a helper thread
@@ -57,7 +56,7 @@ class WeightGroups:
             return f"unsupported backend {backend!r}; use 'nccl' (CUDA) or 'gloo'"
         if backend == "nccl" and self.device.type != "cuda":
             return "backend 'nccl' needs a CUDA engine; use 'gloo' on the CPU"
-        rank, last = req.rank_offset, req.rank_offset + self.tp_size - 1
+        rank, last = req.rank_offset, req.rank_offset + self.ranks.size - 1
         if not 0 < rank <= last < req.world_size:
             ranks = f"engine rank {rank}" if rank == last else f"engine ranks {rank}..{last} (one per tensor-parallel rank)"
             return f"{ranks} (rank_offset {req.rank_offset}) must be in 1..world_size-1={req.world_size - 1}"
@@ -70,7 +69,7 @@ class WeightGroups:
         if isinstance(checked, str):
             return p.ControlOutput(success=False, message=checked)
         backend, where = checked
-        name, rank, last = req.group_name, req.rank_offset, req.rank_offset + self.tp_size - 1
+        name, rank, last = req.group_name, req.rank_offset, req.rank_offset + self.ranks.size - 1
         ranks = f"rank {rank}" if rank == last else f"ranks {rank}..{last}"
         key = self.ranks.init_group({"group_name": name, "init_method": where, "world_size": req.world_size, "rank_offset": rank,
                                      "backend": backend, "timeout_s": req.timeout_s})  # the workers join in threads of their own
