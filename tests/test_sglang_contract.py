@@ -45,6 +45,19 @@ def texts(engine_or_client, prompts=PROMPTS) -> list[list[int]]:
     return [o["output_ids"] for o in r.json()]
 
 
+def generate_in_background(eng: Engine, client: httpx.Client, body: dict) -> tuple[threading.Thread, dict]:
+    """POST /generate from a thread; returns once the engine runs the request (a bounded wait). The reply
+    is in the dict's "r" once the thread ends."""
+    results: dict = {}
+    t = threading.Thread(target=lambda: results.setdefault("r", client.post("/generate", json=body)))
+    t.start()
+    deadline = time.monotonic() + 20
+    while eng.get_load().num_running < 1:
+        assert time.monotonic() < deadline, "the request never started running"
+        time.sleep(0.01)
+    return t, results
+
+
 @pytest.fixture(scope="module")
 def v2_ids(tiny_qwen3_v2) -> list[list[int]]:
     with Engine(str(tiny_qwen3_v2), device="cpu", page_size=4) as eng:
@@ -287,14 +300,8 @@ def test_weight_versions_as_sglang(tiny_qwen3):
             httpx.Client(base_url=srv.url, timeout=60) as c:
         assert c.get("/get_weight_version").json()["weight_version"] == "init-0"
         assert eng.update_weights_from_disk(str(tiny_qwen3)).success and eng.weight_version == "init-0"
-        results = {}
         long = {"max_new_tokens": 100_000 // 100, "temperature": 0, "ignore_eos": True}
-        t = threading.Thread(target=lambda: results.setdefault("r", c.post("/generate", json={"text": "x", "sampling_params": long})))
-        t.start()
-        deadline = time.monotonic() + 20
-        while eng.get_load().num_running < 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        t, results = generate_in_background(eng, c, {"text": "x", "sampling_params": long})
         r = c.post("/update_weight_version", json={"new_version": "v9"})
         assert r.status_code == 200 and r.json()["new_version"] == "v9"
         t.join(30)
@@ -349,14 +356,8 @@ def test_abort_by_rid_returns_the_tokens_so_far(served):
     `parse_generation_response` on finish_reason abort re-sends prompt + the tokens so far, so they must be
     in the reply."""
     eng, c = served
-    results = {}
     body = {"input_ids": [3, 4, 5], "sampling_params": {"max_new_tokens": 1000, "temperature": 0, "ignore_eos": True}, "rid": "areal-7"}
-    t = threading.Thread(target=lambda: results.setdefault("r", c.post("/generate", json=body)))
-    t.start()
-    deadline = time.monotonic() + 20
-    while eng.get_load().num_running < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    t, results = generate_in_background(eng, c, body)
     time.sleep(0.3)  # some tokens
     r = c.post("/abort_request", json={"rid": "areal-7", "abort_all": False})
     assert r.status_code == 200 and r.content == b""
@@ -436,14 +437,8 @@ def test_a_tensor_update_waiting_for_a_drain_is_bounded(tiny_qwen3, tiny_qwen3_v
     with Engine(str(long_context), device="cpu", page_size=4, num_pages=1 << 15, weight_update_drain_timeout_s=1.0) as eng, \
             ServerThread(create_app(eng)) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
         before = eng.check_weights("checksum").digest
-        results = {}
         body = {"input_ids": [3, 4, 5], "sampling_params": {"max_new_tokens": 60_000, "temperature": 0, "ignore_eos": True}, "rid": "long"}
-        t = threading.Thread(target=lambda: results.setdefault("r", c.post("/generate", json=body)))
-        t.start()
-        deadline = time.monotonic() + 20
-        while eng.get_load().num_running < 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        t, results = generate_in_background(eng, c, body)
         with SharedMemoryBucket(list(checkpoint(tiny_qwen3_v2).items()), token=eng.get_ipc_token()) as bucket:
             start = time.monotonic()
             r = c.post("/update_weights_from_tensor", json={"named_tensors": bucket.descriptors})

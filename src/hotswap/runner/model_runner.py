@@ -155,7 +155,8 @@ class ModelRunner:
         )
         return self.to_device(hb.input_ids), ctx, self.to_device(hb.logits_indices)
 
-    def sampling_batch(self, entries: list[BatchEntry]) -> SamplingBatch:
+    def sampling_batch(self, entries: list[BatchEntry], params: tuple[np.ndarray, np.ndarray] | None = None) -> SamplingBatch:
+        """`params`: the rows' host_params when the caller has them already (a decode graph step)."""
         ps = [e.params for e in entries]
         all_greedy = all(p.greedy for p in ps)
         needs_logprobs = any(p.return_logprob for p in ps)
@@ -168,7 +169,7 @@ class ModelRunner:
                                  needs_logprobs=needs_logprobs, max_top_logprobs=max_top, original_logprobs=original,
                                  keep_greedy_rows=keep_greedy)
         vocab = self.model_config.vocab_size
-        floats, ints = self.host_params(entries)
+        floats, ints = params if params is not None else self.host_params(entries)
         f, i = self.to_device(floats), self.to_device(ints)
         return SamplingBatch(
             temperatures=f[0], top_ps=f[1], min_ps=f[2], top_ks=i[0], seeds=i[1], steps=i[2], all_greedy=False,
@@ -203,13 +204,16 @@ class ModelRunner:
         rows entries ask logprobs for. Inputs marked `prev_row` are filled on the device from
         `prev_token_ids` (the step before, still in flight)."""
         to_sample = [e for e in entries if e.sample]
-        # built before the forward: a row that cannot run fails alone (BatchRowError) with nothing computed
-        sb = self.sampling_batch(to_sample) if to_sample else None
         graphs = self.cuda_graphs
+        decode_graph = graphs is not None and graphs.can_run(entries)
+        # a decode graph step samples every entry: its host parameters are made once, for the graph and `sb`
+        params = self.host_params(entries) if decode_graph else None
+        # built before the forward: a row that cannot run fails alone (BatchRowError) with nothing computed
+        sb = self.sampling_batch(to_sample, params) if to_sample else None
         presampled = None
-        if graphs is not None and graphs.can_run(entries):
+        if decode_graph:
             hb = HostBatch.build(entries, self.kv_cache.page_size)
-            fix, params = self.pending_rows(entries, range(len(entries))), self.host_params(entries)
+            fix = self.pending_rows(entries, range(len(entries)))
             if self.tp_peers is None:
                 logits, presampled = graphs.replay(hb, fix, params, prev_token_ids)
             else:  # the workers replay the same bucket; the sampled ids reach them inside the graph

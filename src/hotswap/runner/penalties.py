@@ -37,7 +37,7 @@ def apply_penalties(logits: torch.Tensor, entries: list[BatchEntry], prev_token_
     """float32 [B, V]: `logits` (one row per entry) with each row's penalties and biases applied.
     `to_device`: numpy array -> tensor on the logits' device."""
     x = logits.float().clone() if logits.dtype == torch.float32 else logits.float()
-    vocab, dev = x.shape[1], x.device
+    vocab = x.shape[1]
     pen = [i for i, e in enumerate(entries) if e.params.has_penalties]
     ps = [entries[i].params for i in pen]
     pen_rows = to_device(np.array(pen, dtype=np.int64))
@@ -56,9 +56,9 @@ def apply_penalties(logits: torch.Tensor, entries: list[BatchEntry], prev_token_
         if inflight:  # the newest output token is still on the device
             k_rows, prev = (to_device(np.array(c, dtype=np.int64)) for c in zip(*inflight))
             rows, ids = torch.cat([rows, k_rows]), torch.cat([ids, prev_token_ids[prev]])
-        rep = torch.tensor([p.repetition_penalty for p in ps], dtype=torch.float32, device=dev)
-        freq = torch.tensor([p.frequency_penalty for p in ps], dtype=torch.float32, device=dev)
-        pres = torch.tensor([p.presence_penalty for p in ps], dtype=torch.float32, device=dev)
+        # one (pinned, asynchronous) upload for the three coefficients
+        rep, freq, pres = to_device(np.array([[p.repetition_penalty for p in ps], [p.frequency_penalty for p in ps],
+                                              [p.presence_penalty for p in ps]], dtype=np.float32))
         repeated = [k for k in counted if ps[k].repetition_penalty != 1.0]
         if repeated:  # repetition: every token seen in the prompt or the output
             p_rows, p_ids = _flat([entries[pen[k]].prompt_ids for k in repeated])
