@@ -121,12 +121,6 @@ def finish_reason(meta: dict) -> str | None:
     return _FINISH.get(reason.get("type"), reason.get("type"))
 
 
-def check_model(state: ServerState, model: str | None) -> None:
-    """Any model name is served by the one model (as SGLang's server does: frameworks send their own names)."""
-    if model is not None and not isinstance(model, str):
-        raise APIError(400, f"model must be a string, got {type(model).__name__}", param="model")
-
-
 def sampling_dict(state: ServerState, body: _SamplingFields, max_new_tokens: int) -> dict:
     """The engine's sampling parameters (it validates the values: a bad one is a 400 naming it)."""
     if body.use_beam_search:
@@ -356,7 +350,7 @@ def register(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/v1/models/{model_id:path}")
     async def retrieve_model(model_id: str) -> JSONResponse:
-        # the listing names one model (requests may name any: check_model)
+        # the listing names one model (requests may name any: frameworks send their own names, as to SGLang)
         if model_id not in (state.served_model_name, state.model_path):
             raise APIError(404, f"The model `{model_id}` does not exist; this server serves `{state.served_model_name}`.",
                            type_="NotFoundError", param="model", code="model_not_found")
@@ -366,7 +360,6 @@ def register(app: FastAPI, state: ServerState) -> None:
     async def completions(request: Request):
         body = await parse_body(request, CompletionRequest)
         state.check_serving()
-        check_model(state, body.model)
         if body.suffix:
             raise APIError(400, "suffix is not supported by hotswap", param="suffix")
         if body.best_of is not None and body.best_of != body.n:
@@ -447,7 +440,6 @@ def register(app: FastAPI, state: ServerState) -> None:
     async def chat_completions(request: Request):
         body = await parse_body(request, ChatCompletionRequest)
         state.check_serving()
-        check_model(state, body.model)
         if body.response_format and body.response_format.get("type", "text") != "text":
             raise APIError(400, f"response_format {body.response_format.get('type')!r} is not supported by hotswap", param="response_format")
         if isinstance(body.tool_choice, dict) or body.tool_choice == "required":

@@ -25,7 +25,7 @@ from starlette.responses import Response
 from hotswap import protocol as p
 from hotswap.server.generation import engine_error
 from hotswap.server.http_utils import APIError, JSONResponse, await_unless_disconnected, engine_call, parse_body
-from hotswap.server.openai_api import check_model, finish_reason, vllm_prompt_logprobs
+from hotswap.server.openai_api import finish_reason, vllm_prompt_logprobs
 from hotswap.server.weights_api import check_source_dir
 
 if TYPE_CHECKING:
@@ -341,7 +341,6 @@ def register(app: FastAPI, state: ServerState) -> None:
     async def tokens_generate(request: Request) -> JSONResponse:
         body = await parse_body(request, TokensGenerateBody)
         state.check_serving()
-        check_model(state, body.model)
         for name, given in (("stream", bool(body.stream)), ("features", body.features is not None), ("priority", body.priority != 0),
                             ("kv_transfer_params", bool(body.kv_transfer_params))):
             if given:
@@ -384,7 +383,6 @@ def _not_served(route: str):
 def _tokenize_handler(state: ServerState):
     async def handler(request: Request) -> JSONResponse:
         body = await parse_body(request, TokenizeBody)
-        check_model(state, body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         tok = state.tokenizer
@@ -416,7 +414,6 @@ def _detokenize_handler(state: ServerState, skip_default: bool):
 
     async def handler(request: Request) -> JSONResponse:
         body = await parse_body(request, DetokenizeBody)
-        check_model(state, body.model)
         vocab = int(state.engine.model_info()["vocab_size"])
         single = not body.tokens or isinstance(body.tokens[0], int)
         lists = [body.tokens] if single else body.tokens
