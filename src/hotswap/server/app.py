@@ -26,7 +26,7 @@ import hotswap
 from hotswap import protocol as p
 from hotswap.server.access import AccessPolicy
 from hotswap.server.body_limit import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
-from hotswap.server.generation import engine_error, normalize_sampling_params, open_stream
+from hotswap.server.generation import engine_error, normalize_sampling_params, open_stream, stream_error_event
 from hotswap.server.http_utils import (
     SSE_DONE,
     APIError,
@@ -433,8 +433,7 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
                         finals.append(out)
                     yield sse(out)
             except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
-                err = exc if isinstance(exc, APIError) else engine_error(exc) if isinstance(exc, ValueError) else APIError(500, str(exc))
-                yield sse(error_body(err))
+                yield stream_error_event(exc)
             finally:
                 await chunks.aclose()
                 state.metrics.observe_generation("/generate", finals)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from hotswap.errors import EngineUnavailableError
-from hotswap.server.http_utils import APIError
+from hotswap.server.http_utils import APIError, error_body, sse
 
 # constrained decoding (SGLang's and vLLM's names): refused by name wherever a request may carry it
 CONSTRAINED_DECODING_FIELDS = ("regex", "json_schema", "ebnf", "structural_tag", "guided_json", "guided_regex", "guided_choice",
@@ -61,6 +61,12 @@ def engine_error(exc: Exception) -> APIError:
     if isinstance(exc, EngineUnavailableError):
         return APIError(503, str(exc), type_="ServiceUnavailableError")
     return APIError(400, str(exc))
+
+
+def stream_error_event(exc: Exception) -> bytes:
+    """The SSE event reporting a failure after a stream has started (its status is already sent)."""
+    err = exc if isinstance(exc, APIError) else engine_error(exc) if isinstance(exc, ValueError) else APIError(500, str(exc))
+    return sse(error_body(err))
 
 
 async def open_stream(engine, first_chunk_wait_s: float = 1.0, **kwargs) -> AsyncIterator[dict]:

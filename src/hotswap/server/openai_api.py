@@ -15,14 +15,13 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from hotswap.server.generation import CONSTRAINED_DECODING_FIELDS, engine_error, open_stream
+from hotswap.server.generation import CONSTRAINED_DECODING_FIELDS, engine_error, open_stream, stream_error_event
 from hotswap.server.http_utils import (
     SSE_DONE,
     APIError,
     DisconnectAwareStreamingResponse,
     JSONResponse,
     await_unless_disconnected,
-    error_body,
     parse_body,
     sse,
 )
@@ -264,11 +263,6 @@ async def _generate_all(state: ServerState, request: Request, id_lists: list[lis
     return outs if isinstance(outs, list) else [outs]
 
 
-def _stream_error(exc: Exception) -> bytes:
-    err = exc if isinstance(exc, APIError) else engine_error(exc) if isinstance(exc, ValueError) else APIError(500, str(exc))
-    return sse(error_body(err))
-
-
 def _runs(versions: list[str]) -> list[str]:
     """Per-token weight versions -> the versions of its consecutive runs (["1", "1", "2"] -> ["1", "2"])."""
     return [v for j, v in enumerate(versions) if j == 0 or versions[j - 1] != v]
@@ -331,7 +325,7 @@ def _stream_response(state: ServerState, route: str, chunks, *, rid: str, object
             if include_usage:
                 yield chunk([], usage=_usage(prompt_tokens, [finals[i] for i in sorted(finals)]))
         except Exception as exc:  # noqa: BLE001 - report in-band; the stream has started
-            yield _stream_error(exc)
+            yield stream_error_event(exc)
         finally:
             await chunks.aclose()
             state.metrics.observe_generation(route, list(finals.values()))
