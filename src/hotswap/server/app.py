@@ -26,14 +26,13 @@ import hotswap
 from hotswap import protocol as p
 from hotswap.server.access import AccessPolicy
 from hotswap.server.body_limit import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
-from hotswap.server.generation import engine_error, normalize_sampling_params, open_stream, stream_error_event
+from hotswap.server.generation import await_generation, normalize_sampling_params, open_stream, stream_error_event
 from hotswap.server.http_utils import (
     SSE_DONE,
     APIError,
     ClientDisconnected,
     DisconnectAwareStreamingResponse,
     JSONResponse,
-    await_unless_disconnected,
     dumps,
     engine_call,
     error_body,
@@ -411,10 +410,7 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
             return out
 
         if not body.stream:
-            try:
-                result = await await_unless_disconnected(request, engine.async_generate(**kwargs))
-            except (ValueError, TypeError) as exc:  # the engine refused (HotswapError is a ValueError)
-                raise engine_error(exc) from None
+            result = await await_generation(request, engine.async_generate(**kwargs))
             outs = result if isinstance(result, list) else [result]
             for out in outs:
                 post(out)

@@ -5,11 +5,13 @@ HTTP errors."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
+from starlette.requests import Request
+
 from hotswap.errors import EngineUnavailableError
-from hotswap.server.http_utils import APIError, error_body, sse
+from hotswap.server.http_utils import APIError, await_unless_disconnected, error_body, sse
 
 # constrained decoding (SGLang's and vLLM's names): refused by name wherever a request may carry it
 CONSTRAINED_DECODING_FIELDS = ("regex", "json_schema", "ebnf", "structural_tag", "guided_json", "guided_regex", "guided_choice",
@@ -61,6 +63,15 @@ def engine_error(exc: Exception) -> APIError:
     if isinstance(exc, EngineUnavailableError):
         return APIError(503, str(exc), type_="ServiceUnavailableError")
     return APIError(400, str(exc))
+
+
+async def await_generation(request: Request, generation: Awaitable[Any]) -> Any:
+    """A non-streaming `engine.async_generate(...)`, awaited unless the client goes (ClientDisconnected);
+    an engine refusal as its HTTP error."""
+    try:
+        return await await_unless_disconnected(request, generation)
+    except (ValueError, TypeError) as exc:  # the engine refused (HotswapError is a ValueError)
+        raise engine_error(exc) from None
 
 
 def stream_error_event(exc: Exception) -> bytes:

@@ -15,13 +15,12 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from hotswap.server.generation import CONSTRAINED_DECODING_FIELDS, engine_error, open_stream, stream_error_event
+from hotswap.server.generation import CONSTRAINED_DECODING_FIELDS, await_generation, open_stream, stream_error_event
 from hotswap.server.http_utils import (
     SSE_DONE,
     APIError,
     DisconnectAwareStreamingResponse,
     JSONResponse,
-    await_unless_disconnected,
     parse_body,
     sse,
 )
@@ -256,10 +255,7 @@ async def _generate_all(state: ServerState, request: Request, id_lists: list[lis
                         top_logprobs_num: int, logprob_start_len: int | None = None) -> list[dict]:
     coro = state.engine.async_generate(input_ids=id_lists, sampling_params=sp, return_logprob=return_logprob,
                                        top_logprobs_num=top_logprobs_num, logprob_start_len=logprob_start_len)
-    try:
-        outs = await await_unless_disconnected(request, coro)
-    except (ValueError, TypeError) as exc:  # the engine refused (HotswapError is a ValueError)
-        raise engine_error(exc) from None
+    outs = await await_generation(request, coro)
     return outs if isinstance(outs, list) else [outs]
 
 

@@ -23,8 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from hotswap import protocol as p
-from hotswap.server.generation import engine_error
-from hotswap.server.http_utils import APIError, JSONResponse, await_unless_disconnected, engine_call, parse_body
+from hotswap.server.generation import await_generation
+from hotswap.server.http_utils import APIError, JSONResponse, engine_call, parse_body
 from hotswap.server.openai_api import finish_reason, vllm_prompt_logprobs
 from hotswap.server.weights_api import check_source_dir
 
@@ -350,10 +350,7 @@ def register(app: FastAPI, state: ServerState) -> None:
         coro = engine.async_generate(input_ids=list(body.token_ids), sampling_params=vs.params,
                                      return_logprob=k is not None or pk is not None, top_logprobs_num=max(k or 0, pk or 0),
                                      logprob_start_len=0 if pk is not None else None)
-        try:
-            result = await await_unless_disconnected(request, coro)
-        except (ValueError, TypeError) as exc:
-            raise engine_error(exc) from None
+        result = await await_generation(request, coro)
         outs = result if isinstance(result, list) else [result]
         state.metrics.observe_generation("/inference/v1/generate", outs)
         choices = [{"index": i, "logprobs": token_id_logprobs(out["meta_info"], k) if k is not None else None,
