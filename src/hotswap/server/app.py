@@ -34,7 +34,6 @@ from hotswap.server.http_utils import (
     DisconnectAwareStreamingResponse,
     JSONResponse,
     dumps,
-    engine_call,
     error_body,
     error_response,
     parse_body,
@@ -162,7 +161,7 @@ class ServerState:
 
     async def load(self, timeout: float | None = None) -> p.LoadOutput | None:
         try:
-            fut = engine_call(self.engine, p.GetLoadRequest())
+            fut = self.engine.asubmit(p.GetLoadRequest())
             out = await (asyncio.wait_for(fut, timeout) if timeout else fut)
         except (asyncio.TimeoutError, ValueError):
             return None
@@ -356,7 +355,7 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
         if request.method == "GET" and (request.headers.get("origin") is not None
                                         or request.headers.get("sec-fetch-site", "").lower() in ("cross-site", "same-site")):
             raise APIError(403, "GET /flush_cache from a browser page is refused; POST it", type_="PermissionDeniedError")
-        out = await engine_call(engine, p.FlushCacheRequest())
+        out = await engine.asubmit(p.FlushCacheRequest())
         return JSONResponse(out.to_dict(), status_code=200 if out.success else 400)
 
     @app.post("/abort_request")
@@ -368,9 +367,9 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
         except APIError as exc:
             return JSONResponse({"success": False, "message": exc.message}, status_code=400)
         if body.abort_all:
-            await engine_call(engine, p.AbortRequest(rid=None, message="aborted by /abort_request"))
+            await engine.asubmit(p.AbortRequest(rid=None, message="aborted by /abort_request"))
         elif body.rid:  # as SGLang: an empty rid without abort_all aborts nothing
-            await engine_call(engine, p.AbortRequest(rid=body.rid, message="aborted by /abort_request"))
+            await engine.asubmit(p.AbortRequest(rid=body.rid, message="aborted by /abort_request"))
         return Response(status_code=200)
 
     @app.post("/generate")

@@ -24,7 +24,7 @@ from starlette.responses import Response
 
 from hotswap import protocol as p
 from hotswap.server.generation import await_generation
-from hotswap.server.http_utils import APIError, JSONResponse, engine_call, parse_body
+from hotswap.server.http_utils import APIError, JSONResponse, parse_body
 from hotswap.server.openai_api import finish_reason, vllm_prompt_logprobs
 from hotswap.server.weights_api import check_source_dir
 
@@ -322,7 +322,7 @@ def register(app: FastAPI, state: ServerState) -> None:
             raise APIError(400, "weight_version must be a string", param="weight_version")
         check_source_dir(weight_dir, "weight_dir")
         start = time.perf_counter()
-        out = await engine_call(engine, p.UpdateWeightsFromDiskRequest(model_path=weight_dir, weight_version=version))
+        out = await engine.asubmit(p.UpdateWeightsFromDiskRequest(model_path=weight_dir, weight_version=version))
         state.metrics.observe_weight_update("/update_weights", bool(out.success), time.perf_counter() - start)
         if not out.success:
             raise APIError(400, out.message)
@@ -436,14 +436,14 @@ def _register_areal(app: FastAPI, state: ServerState) -> None:
         body = await parse_body(request, ArealUpdateWeightsBody)
         check_source_dir(body.model_path, "model_path")
         load_format = None if body.load_format in (None, "auto") else body.load_format
-        out = await engine_call(engine, p.UpdateWeightsFromDiskRequest(model_path=body.model_path, load_format=load_format,
+        out = await engine.asubmit(p.UpdateWeightsFromDiskRequest(model_path=body.model_path, load_format=load_format,
                                                                        abort_all_requests=body.abort_all_requests))
         return _areal_reply(out)
 
     @app.post("/areal_init_weights_update_group")
     async def areal_init_group(request: Request) -> JSONResponse:
         body = await parse_body(request, ArealGroupBody)
-        out = await engine_call(engine, p.InitWeightsUpdateGroupRequest(master_address=body.master_address, master_port=body.master_port,
+        out = await engine.asubmit(p.InitWeightsUpdateGroupRequest(master_address=body.master_address, master_port=body.master_port,
                                                                         rank_offset=body.rank_offset, world_size=body.world_size,
                                                                         group_name=body.group_name, backend=body.backend))
         return _areal_reply(out)
@@ -462,7 +462,7 @@ def _register_areal(app: FastAPI, state: ServerState) -> None:
         if meta is None:
             return _areal_reply(p.ControlOutput(success=False, message="no weight metadata: call /areal_set_update_weight_meta first"))
         dtypes = [d.removeprefix("torch.") for d in meta.dtypes]
-        out = await engine_call(engine, p.UpdateWeightsFromDistributedRequest(names=meta.names, dtypes=dtypes, shapes=meta.shapes,
+        out = await engine.asubmit(p.UpdateWeightsFromDistributedRequest(names=meta.names, dtypes=dtypes, shapes=meta.shapes,
                                                                               group_name=meta.group_name))
         return _areal_reply(out)
 
