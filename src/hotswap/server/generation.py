@@ -51,8 +51,9 @@ def normalize_sampling_params(params: Any) -> dict:
         seed = sp.pop("sampling_seed")
         if seed is not None:
             sp.setdefault("seed", seed)
-    for key in ("max_new_tokens", "top_k", "top_p", "min_p", "temperature", "seed", "n", "frequency_penalty", "presence_penalty",
-                "repetition_penalty", "min_new_tokens", "logit_bias", "custom_params", "no_stop_trim"):
+    # None means the default (SamplingParams.from_dict reads None as the default for the penalties, logit_bias,
+    # no_stop_trim and custom_params itself)
+    for key in ("max_new_tokens", "top_k", "top_p", "min_p", "temperature", "seed", "n"):
         if key in sp and sp[key] is None:
             del sp[key]
     return sp
