@@ -59,7 +59,7 @@ _CLIENT_CLOSED = 499
 
 
 class ServerState:
-    """What the routes share: the engine, names, limits, metrics, client rids, draining flag."""
+    """What the routes share: the engine, names, limits, metrics, draining flag."""
 
     def __init__(self, engine, *, api_key: str | None, served_model_name: str | None, policy: AccessPolicy):
         if api_key is not None and not api_key.strip():
@@ -76,7 +76,6 @@ class ServerState:
         self.max_context_len = int(engine.max_context_len)
         capacity = engine.capacity()
         self.page_size = capacity.page_size
-        self.num_pages = capacity.num_pages
         self.kv_capacity_tokens = capacity.max_total_tokens
         # the scheduler needs ceil((prompt + 1) / page_size) pages for a prompt
         self.max_prompt_tokens = min(self.max_context_len - 1, self.kv_capacity_tokens - 1)
