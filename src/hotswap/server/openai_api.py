@@ -109,14 +109,10 @@ class ChatCompletionRequest(_SamplingFields):
 
 # ---- shared helpers ---------------------------------------------------------------------------------
 
-_FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
-
-
 def finish_reason(meta: dict) -> str | None:
+    """OpenAI's finish_reason: the engine's finish type (stop, length, abort) as it is."""
     reason = meta.get("finish_reason")
-    if not reason:
-        return None
-    return _FINISH.get(reason.get("type"), reason.get("type"))
+    return reason.get("type") if reason else None
 
 
 def sampling_dict(state: ServerState, body: _SamplingFields, max_new_tokens: int) -> dict:
