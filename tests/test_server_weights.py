@@ -288,18 +288,17 @@ def test_concurrent_clients_during_updates(served, refs, tiny_qwen3, tiny_qwen3_
 
 def test_cancelled_engine_call_leaves_scheduler_alive(tiny_qwen3):
     """A weight request whose HTTP task is cancelled (shutdown, timeout) while the scheduler defers it must
-    not end the scheduler thread: the server's engine_call shields the scheduler's Future."""
+    not end the scheduler thread: Engine.asubmit shields the scheduler's Future."""
     import asyncio
 
     from hotswap import protocol as p
-    from hotswap.server.http_utils import engine_call
 
     with make_engine(tiny_qwen3) as eng:
 
         async def main() -> dict:
             gen = asyncio.ensure_future(eng.async_generate("Alice", {"max_new_tokens": 300, "ignore_eos": True}))
             await asyncio.sleep(0.02)
-            call = asyncio.ensure_future(engine_call(eng, p.UpdateWeightsFromDiskRequest(model_path=str(tiny_qwen3))))
+            call = asyncio.ensure_future(eng.asubmit(p.UpdateWeightsFromDiskRequest(model_path=str(tiny_qwen3))))
             await asyncio.sleep(0.01)
             call.cancel()
             return await gen

@@ -210,6 +210,10 @@ class EngineConfig:
     weight_version: str = "default"  # the version the launch weights carry (SGLang's --weight-version)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.stream_interval, int) or self.stream_interval < 1:
+            raise HotswapError(f"stream_interval must be an integer >= 1, got {self.stream_interval!r}")
+        if not self.max_queue_wait_s > 0:
+            raise HotswapError(f"max_queue_wait_s must be > 0, got {self.max_queue_wait_s!r}")
         if not self.ipc_token:
             self.ipc_token = new_ipc_token()
         shm_block_prefix(self.ipc_token)  # refuses a malformed token

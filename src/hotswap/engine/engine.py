@@ -114,10 +114,6 @@ class Engine:
         engine_args = engine_args_from_sglang(engine_args)
         self.config = EngineConfig(model_path=str(model_path), dtype=dtype, device=device, **engine_args)
         self.model_path = self.config.model_path  # the folder the served weights came from (follows disk updates)
-        if not isinstance(self.config.stream_interval, int) or self.config.stream_interval < 1:
-            raise HotswapError(f"stream_interval must be an integer >= 1, got {self.config.stream_interval!r}")
-        if not self.config.max_queue_wait_s > 0:
-            raise HotswapError(f"max_queue_wait_s must be > 0, got {self.config.max_queue_wait_s!r}")
         self.device = self.config.resolved_device()
         self.model_config = model_config_for(self.config)
         tp_size = self.config.tensor_parallel_size

@@ -16,24 +16,14 @@ from hotswap.sampling_params import SamplingParams
 
 _INT64_MAX = 2**63 - 1
 
-# SGLang sampling parameters frameworks send at their neutral value (AReaL: frequency_penalty=0). One that
-# hotswap's SamplingParams does not have is dropped at exactly this value; any other value is refused by
-# name as an unknown parameter, never silently ignored.
-_SGLANG_NEUTRAL = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0, "min_new_tokens": 0,
-                   "no_stop_trim": False, "spaces_between_special_tokens": True, "regex": None, "json_schema": None, "ebnf": None,
-                   "structural_tag": None, "custom_params": None, "logit_bias": None}
-_SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
-
-
-def _is_neutral(key: str, value) -> bool:
-    neutral = _SGLANG_NEUTRAL[key]
-    if neutral is None or isinstance(neutral, bool):
-        return value is neutral
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == neutral
+# SGLang sampling parameters that hotswap's SamplingParams does not have, which frameworks send at their
+# neutral value: dropped at exactly this value; any other value is refused by name as an unknown
+# parameter, never silently ignored. (Penalties, logit_bias, no_stop_trim, custom_params are fields.)
+_SGLANG_NEUTRAL = {"spaces_between_special_tokens": True, "regex": None, "json_schema": None, "ebnf": None, "structural_tag": None}
 
 
 def _drop_neutral(params: dict) -> dict:
-    return {k: v for k, v in params.items() if not (k in _SGLANG_NEUTRAL and k not in _SAMPLING_FIELDS and _is_neutral(k, v))}
+    return {k: v for k, v in params.items() if not (k in _SGLANG_NEUTRAL and v is _SGLANG_NEUTRAL[k])}
 
 
 @dataclass(frozen=True, slots=True)

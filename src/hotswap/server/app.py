@@ -26,16 +26,14 @@ import hotswap
 from hotswap import protocol as p
 from hotswap.server.access import AccessPolicy
 from hotswap.server.body_limit import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
-from hotswap.server.generation import engine_error, normalize_sampling_params, open_stream
+from hotswap.server.generation import await_generation, normalize_sampling_params, open_stream, stream_error_event
 from hotswap.server.http_utils import (
     SSE_DONE,
     APIError,
     ClientDisconnected,
     DisconnectAwareStreamingResponse,
     JSONResponse,
-    await_unless_disconnected,
     dumps,
-    engine_call,
     error_body,
     error_response,
     parse_body,
@@ -61,7 +59,7 @@ _CLIENT_CLOSED = 499
 
 
 class ServerState:
-    """What the routes share: the engine, names, limits, metrics, client rids, draining flag."""
+    """What the routes share: the engine, names, limits, metrics, draining flag."""
 
     def __init__(self, engine, *, api_key: str | None, served_model_name: str | None, policy: AccessPolicy):
         if api_key is not None and not api_key.strip():
@@ -78,7 +76,6 @@ class ServerState:
         self.max_context_len = int(engine.max_context_len)
         capacity = engine.capacity()
         self.page_size = capacity.page_size
-        self.num_pages = capacity.num_pages
         self.kv_capacity_tokens = capacity.max_total_tokens
         # the scheduler needs ceil((prompt + 1) / page_size) pages for a prompt
         self.max_prompt_tokens = min(self.max_context_len - 1, self.kv_capacity_tokens - 1)
@@ -163,7 +160,7 @@ class ServerState:
 
     async def load(self, timeout: float | None = None) -> p.LoadOutput | None:
         try:
-            fut = engine_call(self.engine, p.GetLoadRequest())
+            fut = self.engine.asubmit(p.GetLoadRequest())
             out = await (asyncio.wait_for(fut, timeout) if timeout else fut)
         except (asyncio.TimeoutError, ValueError):
             return None
@@ -357,7 +354,7 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
         if request.method == "GET" and (request.headers.get("origin") is not None
                                         or request.headers.get("sec-fetch-site", "").lower() in ("cross-site", "same-site")):
             raise APIError(403, "GET /flush_cache from a browser page is refused; POST it", type_="PermissionDeniedError")
-        out = await engine_call(engine, p.FlushCacheRequest())
+        out = await engine.asubmit(p.FlushCacheRequest())
         return JSONResponse(out.to_dict(), status_code=200 if out.success else 400)
 
     @app.post("/abort_request")
@@ -369,9 +366,9 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
         except APIError as exc:
             return JSONResponse({"success": False, "message": exc.message}, status_code=400)
         if body.abort_all:
-            await engine_call(engine, p.AbortRequest(rid=None, message="aborted by /abort_request"))
+            await engine.asubmit(p.AbortRequest(rid=None, message="aborted by /abort_request"))
         elif body.rid:  # as SGLang: an empty rid without abort_all aborts nothing
-            await engine_call(engine, p.AbortRequest(rid=body.rid, message="aborted by /abort_request"))
+            await engine.asubmit(p.AbortRequest(rid=body.rid, message="aborted by /abort_request"))
         return Response(status_code=200)
 
     @app.post("/generate")
@@ -411,10 +408,7 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
             return out
 
         if not body.stream:
-            try:
-                result = await await_unless_disconnected(request, engine.async_generate(**kwargs))
-            except (ValueError, TypeError) as exc:  # the engine refused (HotswapError is a ValueError)
-                raise engine_error(exc) from None
+            result = await await_generation(request, engine.async_generate(**kwargs))
             outs = result if isinstance(result, list) else [result]
             for out in outs:
                 post(out)
@@ -433,8 +427,7 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
                         finals.append(out)
                     yield sse(out)
             except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
-                err = exc if isinstance(exc, APIError) else engine_error(exc) if isinstance(exc, ValueError) else APIError(500, str(exc))
-                yield sse(error_body(err))
+                yield stream_error_event(exc)
             finally:
                 await chunks.aclose()
                 state.metrics.observe_generation("/generate", finals)

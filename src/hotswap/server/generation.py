@@ -5,11 +5,13 @@ HTTP errors."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
+from starlette.requests import Request
+
 from hotswap.errors import EngineUnavailableError
-from hotswap.server.http_utils import APIError
+from hotswap.server.http_utils import APIError, await_unless_disconnected, error_body, sse
 
 # constrained decoding (SGLang's and vLLM's names): refused by name wherever a request may carry it
 CONSTRAINED_DECODING_FIELDS = ("regex", "json_schema", "ebnf", "structural_tag", "guided_json", "guided_regex", "guided_choice",
@@ -49,8 +51,9 @@ def normalize_sampling_params(params: Any) -> dict:
         seed = sp.pop("sampling_seed")
         if seed is not None:
             sp.setdefault("seed", seed)
-    for key in ("max_new_tokens", "top_k", "top_p", "min_p", "temperature", "seed", "n", "frequency_penalty", "presence_penalty",
-                "repetition_penalty", "min_new_tokens", "logit_bias", "custom_params", "no_stop_trim"):
+    # None means the default (SamplingParams.from_dict reads None as the default for the penalties, logit_bias,
+    # no_stop_trim and custom_params itself)
+    for key in ("max_new_tokens", "top_k", "top_p", "min_p", "temperature", "seed", "n"):
         if key in sp and sp[key] is None:
             del sp[key]
     return sp
@@ -61,6 +64,21 @@ def engine_error(exc: Exception) -> APIError:
     if isinstance(exc, EngineUnavailableError):
         return APIError(503, str(exc), type_="ServiceUnavailableError")
     return APIError(400, str(exc))
+
+
+async def await_generation(request: Request, generation: Awaitable[Any]) -> Any:
+    """A non-streaming `engine.async_generate(...)`, awaited unless the client goes (ClientDisconnected);
+    an engine refusal as its HTTP error."""
+    try:
+        return await await_unless_disconnected(request, generation)
+    except (ValueError, TypeError) as exc:  # the engine refused (HotswapError is a ValueError)
+        raise engine_error(exc) from None
+
+
+def stream_error_event(exc: Exception) -> bytes:
+    """The SSE event reporting a failure after a stream has started (its status is already sent)."""
+    err = exc if isinstance(exc, APIError) else engine_error(exc) if isinstance(exc, ValueError) else APIError(500, str(exc))
+    return sse(error_body(err))
 
 
 async def open_stream(engine, first_chunk_wait_s: float = 1.0, **kwargs) -> AsyncIterator[dict]:

@@ -38,12 +38,6 @@ def _default_type(status: int) -> str:
         status, "InternalServerError" if status >= 500 else "invalid_request_error")
 
 
-async def engine_call(engine, request):
-    """`await engine.asubmit(request)`. Engine.asubmit shields the scheduler's Future, so a cancelled caller
-    (server shutdown, a timeout) never cancels it under the scheduler; the request completes regardless."""
-    return await engine.asubmit(request)
-
-
 class ClientDisconnected(Exception):
     """The client closed its connection while we waited on the engine."""
 

@@ -15,14 +15,12 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from hotswap.server.generation import CONSTRAINED_DECODING_FIELDS, engine_error, open_stream
+from hotswap.server.generation import CONSTRAINED_DECODING_FIELDS, await_generation, open_stream, stream_error_event
 from hotswap.server.http_utils import (
     SSE_DONE,
     APIError,
     DisconnectAwareStreamingResponse,
     JSONResponse,
-    await_unless_disconnected,
-    error_body,
     parse_body,
     sse,
 )
@@ -111,20 +109,10 @@ class ChatCompletionRequest(_SamplingFields):
 
 # ---- shared helpers ---------------------------------------------------------------------------------
 
-_FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
-
-
 def finish_reason(meta: dict) -> str | None:
+    """OpenAI's finish_reason: the engine's finish type (stop, length, abort) as it is."""
     reason = meta.get("finish_reason")
-    if not reason:
-        return None
-    return _FINISH.get(reason.get("type"), reason.get("type"))
-
-
-def check_model(state: ServerState, model: str | None) -> None:
-    """Any model name is served by the one model (as SGLang's server does: frameworks send their own names)."""
-    if model is not None and not isinstance(model, str):
-        raise APIError(400, f"model must be a string, got {type(model).__name__}", param="model")
+    return reason.get("type") if reason else None
 
 
 def sampling_dict(state: ServerState, body: _SamplingFields, max_new_tokens: int) -> dict:
@@ -263,16 +251,8 @@ async def _generate_all(state: ServerState, request: Request, id_lists: list[lis
                         top_logprobs_num: int, logprob_start_len: int | None = None) -> list[dict]:
     coro = state.engine.async_generate(input_ids=id_lists, sampling_params=sp, return_logprob=return_logprob,
                                        top_logprobs_num=top_logprobs_num, logprob_start_len=logprob_start_len)
-    try:
-        outs = await await_unless_disconnected(request, coro)
-    except (ValueError, TypeError) as exc:  # the engine refused (HotswapError is a ValueError)
-        raise engine_error(exc) from None
+    outs = await await_generation(request, coro)
     return outs if isinstance(outs, list) else [outs]
-
-
-def _stream_error(exc: Exception) -> bytes:
-    err = exc if isinstance(exc, APIError) else engine_error(exc) if isinstance(exc, ValueError) else APIError(500, str(exc))
-    return sse(error_body(err))
 
 
 def _runs(versions: list[str]) -> list[str]:
@@ -337,7 +317,7 @@ def _stream_response(state: ServerState, route: str, chunks, *, rid: str, object
             if include_usage:
                 yield chunk([], usage=_usage(prompt_tokens, [finals[i] for i in sorted(finals)]))
         except Exception as exc:  # noqa: BLE001 - report in-band; the stream has started
-            yield _stream_error(exc)
+            yield stream_error_event(exc)
         finally:
             await chunks.aclose()
             state.metrics.observe_generation(route, list(finals.values()))
@@ -356,7 +336,7 @@ def register(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/v1/models/{model_id:path}")
     async def retrieve_model(model_id: str) -> JSONResponse:
-        # the listing names one model (requests may name any: check_model)
+        # the listing names one model (requests may name any: frameworks send their own names, as to SGLang)
         if model_id not in (state.served_model_name, state.model_path):
             raise APIError(404, f"The model `{model_id}` does not exist; this server serves `{state.served_model_name}`.",
                            type_="NotFoundError", param="model", code="model_not_found")
@@ -366,7 +346,6 @@ def register(app: FastAPI, state: ServerState) -> None:
     async def completions(request: Request):
         body = await parse_body(request, CompletionRequest)
         state.check_serving()
-        check_model(state, body.model)
         if body.suffix:
             raise APIError(400, "suffix is not supported by hotswap", param="suffix")
         if body.best_of is not None and body.best_of != body.n:
@@ -447,7 +426,6 @@ def register(app: FastAPI, state: ServerState) -> None:
     async def chat_completions(request: Request):
         body = await parse_body(request, ChatCompletionRequest)
         state.check_serving()
-        check_model(state, body.model)
         if body.response_format and body.response_format.get("type", "text") != "text":
             raise APIError(400, f"response_format {body.response_format.get('type')!r} is not supported by hotswap", param="response_format")
         if isinstance(body.tool_choice, dict) or body.tool_choice == "required":

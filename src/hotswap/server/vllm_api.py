@@ -23,9 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from hotswap import protocol as p
-from hotswap.server.generation import engine_error
-from hotswap.server.http_utils import APIError, JSONResponse, await_unless_disconnected, engine_call, parse_body
-from hotswap.server.openai_api import check_model, finish_reason, vllm_prompt_logprobs
+from hotswap.server.generation import await_generation
+from hotswap.server.http_utils import APIError, JSONResponse, parse_body
+from hotswap.server.openai_api import finish_reason, vllm_prompt_logprobs
 from hotswap.server.weights_api import check_source_dir
 
 if TYPE_CHECKING:
@@ -322,7 +322,7 @@ def register(app: FastAPI, state: ServerState) -> None:
             raise APIError(400, "weight_version must be a string", param="weight_version")
         check_source_dir(weight_dir, "weight_dir")
         start = time.perf_counter()
-        out = await engine_call(engine, p.UpdateWeightsFromDiskRequest(model_path=weight_dir, weight_version=version))
+        out = await engine.asubmit(p.UpdateWeightsFromDiskRequest(model_path=weight_dir, weight_version=version))
         state.metrics.observe_weight_update("/update_weights", bool(out.success), time.perf_counter() - start)
         if not out.success:
             raise APIError(400, out.message)
@@ -341,7 +341,6 @@ def register(app: FastAPI, state: ServerState) -> None:
     async def tokens_generate(request: Request) -> JSONResponse:
         body = await parse_body(request, TokensGenerateBody)
         state.check_serving()
-        check_model(state, body.model)
         for name, given in (("stream", bool(body.stream)), ("features", body.features is not None), ("priority", body.priority != 0),
                             ("kv_transfer_params", bool(body.kv_transfer_params))):
             if given:
@@ -351,10 +350,7 @@ def register(app: FastAPI, state: ServerState) -> None:
         coro = engine.async_generate(input_ids=list(body.token_ids), sampling_params=vs.params,
                                      return_logprob=k is not None or pk is not None, top_logprobs_num=max(k or 0, pk or 0),
                                      logprob_start_len=0 if pk is not None else None)
-        try:
-            result = await await_unless_disconnected(request, coro)
-        except (ValueError, TypeError) as exc:
-            raise engine_error(exc) from None
+        result = await await_generation(request, coro)
         outs = result if isinstance(result, list) else [result]
         state.metrics.observe_generation("/inference/v1/generate", outs)
         choices = [{"index": i, "logprobs": token_id_logprobs(out["meta_info"], k) if k is not None else None,
@@ -384,7 +380,6 @@ def _not_served(route: str):
 def _tokenize_handler(state: ServerState):
     async def handler(request: Request) -> JSONResponse:
         body = await parse_body(request, TokenizeBody)
-        check_model(state, body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         tok = state.tokenizer
@@ -416,7 +411,6 @@ def _detokenize_handler(state: ServerState, skip_default: bool):
 
     async def handler(request: Request) -> JSONResponse:
         body = await parse_body(request, DetokenizeBody)
-        check_model(state, body.model)
         vocab = int(state.engine.model_info()["vocab_size"])
         single = not body.tokens or isinstance(body.tokens[0], int)
         lists = [body.tokens] if single else body.tokens
@@ -442,14 +436,14 @@ def _register_areal(app: FastAPI, state: ServerState) -> None:
         body = await parse_body(request, ArealUpdateWeightsBody)
         check_source_dir(body.model_path, "model_path")
         load_format = None if body.load_format in (None, "auto") else body.load_format
-        out = await engine_call(engine, p.UpdateWeightsFromDiskRequest(model_path=body.model_path, load_format=load_format,
+        out = await engine.asubmit(p.UpdateWeightsFromDiskRequest(model_path=body.model_path, load_format=load_format,
                                                                        abort_all_requests=body.abort_all_requests))
         return _areal_reply(out)
 
     @app.post("/areal_init_weights_update_group")
     async def areal_init_group(request: Request) -> JSONResponse:
         body = await parse_body(request, ArealGroupBody)
-        out = await engine_call(engine, p.InitWeightsUpdateGroupRequest(master_address=body.master_address, master_port=body.master_port,
+        out = await engine.asubmit(p.InitWeightsUpdateGroupRequest(master_address=body.master_address, master_port=body.master_port,
                                                                         rank_offset=body.rank_offset, world_size=body.world_size,
                                                                         group_name=body.group_name, backend=body.backend))
         return _areal_reply(out)
@@ -468,7 +462,7 @@ def _register_areal(app: FastAPI, state: ServerState) -> None:
         if meta is None:
             return _areal_reply(p.ControlOutput(success=False, message="no weight metadata: call /areal_set_update_weight_meta first"))
         dtypes = [d.removeprefix("torch.") for d in meta.dtypes]
-        out = await engine_call(engine, p.UpdateWeightsFromDistributedRequest(names=meta.names, dtypes=dtypes, shapes=meta.shapes,
+        out = await engine.asubmit(p.UpdateWeightsFromDistributedRequest(names=meta.names, dtypes=dtypes, shapes=meta.shapes,
                                                                               group_name=meta.group_name))
         return _areal_reply(out)
 

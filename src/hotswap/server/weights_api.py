@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from hotswap import protocol as p
 from hotswap.errors import HotswapError
-from hotswap.server.http_utils import APIError, JSONResponse, engine_call, parse_body
+from hotswap.server.http_utils import APIError, JSONResponse, parse_body
 from hotswap.weights.saver import check_remote_url
 
 if TYPE_CHECKING:
@@ -163,7 +163,7 @@ def _make_handler(state: ServerState, path: str, body_type, build, is_update: bo
             return refusal(exc.message, exc.status)
         start = time.perf_counter()
         try:
-            out = await engine_call(state.engine, req)
+            out = await state.engine.asubmit(req)
         except ValueError as exc:  # the engine is shut down, or refused outright
             out = p.ControlOutput(success=False, message=str(exc))
         elapsed = time.perf_counter() - start
