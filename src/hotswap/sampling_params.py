@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 
 from hotswap.errors import SamplingParamsError
 
-_INT64_MAX = 2**63 - 1  # seeds and top_k travel to the device as int64
+INT64_MAX = 2**63 - 1  # seeds and top_k travel to the device as int64
 
 
 @dataclass(kw_only=True, slots=True)
@@ -84,11 +84,11 @@ class SamplingParams:
             raise bad(f"temperature must be in [0, 100], got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
             raise bad(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or (self.top_k < 1 and self.top_k != -1) or self.top_k > _INT64_MAX:
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or (self.top_k < 1 and self.top_k != -1) or self.top_k > INT64_MAX:
             raise bad(f"top_k must be -1 (off) or in [1, 2**63), got {self.top_k!r}")
         if not isinstance(self.min_p, (int, float)) or not 0.0 <= self.min_p <= 1.0:
             raise bad(f"min_p must be in [0, 1], got {self.min_p!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= _INT64_MAX):
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= INT64_MAX):
             raise bad(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if not isinstance(self.n, int) or not 1 <= self.n <= 256:
             raise bad(f"n must be in [1, 256], got {self.n!r}")

@@ -12,9 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hotswap.errors import HotswapError, SamplingParamsError
-from hotswap.sampling_params import SamplingParams
-
-_INT64_MAX = 2**63 - 1
+from hotswap.sampling_params import INT64_MAX, SamplingParams
 
 # SGLang sampling parameters that hotswap's SamplingParams does not have, which frameworks send at their
 # neutral value: dropped at exactly this value; any other value is refused by name as an unknown
@@ -150,7 +148,7 @@ class RequestPrep:
             sp.validate()  # again: a top-level top_logprobs_num was merged in above
             if sp.top_logprobs_num > self.vocab_size:
                 raise SamplingParamsError(f"invalid top_logprobs_num: {sp.top_logprobs_num} exceeds the vocabulary ({self.vocab_size})")
-            if sp.seed is not None and sp.seed + sp.n - 1 > _INT64_MAX:
+            if sp.seed is not None and sp.seed + sp.n - 1 > INT64_MAX:
                 raise SamplingParamsError(f"invalid sampling parameter: seed must be below 2**63 - n + 1, got {sp.seed!r}")
             if any(t >= self.vocab_size for t in sp.logit_bias):
                 raise SamplingParamsError(f"invalid sampling parameter: logit_bias names a token id outside the vocabulary [0, {self.vocab_size})")

@@ -19,6 +19,8 @@ CONSTRAINED_DECODING_FIELDS = ("regex", "json_schema", "ebnf", "structural_tag",
 # SGLang sampling parameters hotswap does not implement: sent empty they are dropped, so frameworks that
 # always send them work; any other value is refused rather than silently ignored.
 _MUST_BE_EMPTY = (*CONSTRAINED_DECODING_FIELDS, "lora_path")
+# Accepted and ignored: they change nothing observable in hotswap's outputs (or only formatting).
+_IGNORED = ("spaces_between_special_tokens", "stream_interval")  # stream_interval: the server's --stream-interval applies
 
 
 def refuse_constrained_decoding(fields: dict) -> None:
@@ -27,8 +29,6 @@ def refuse_constrained_decoding(fields: dict) -> None:
     for key in CONSTRAINED_DECODING_FIELDS:
         if fields.get(key):
             raise APIError(400, f"{key!r} (constrained decoding) is not supported by hotswap", param=key)
-# Accepted and ignored: they change nothing observable in hotswap's outputs (or only formatting).
-_IGNORED = ("spaces_between_special_tokens", "stream_interval")  # stream_interval: the server's --stream-interval applies
 
 
 def normalize_sampling_params(params: Any) -> dict:
