@@ -147,16 +147,18 @@ class LoadMonitor:
 # ---- the run ----
 
 
-def run_path(engine, path: str, w: Workload, mode: str, args, url: str | None) -> dict:
+def run_path(engine, path: str, w: Workload, mode: str, args, url: str | None, routed_experts: bool = False) -> dict:
     jobs = [(ids, w.sampling_params(i, mode)) for i, ids in enumerate(w.prompts)]
     engine.flush_cache()  # every path starts from the same empty prefix cache
     with LoadMonitor(engine) as mon:
         if path == "offline":
             start = time.time()
             outs = engine.generate(input_ids=[j[0] for j in jobs], sampling_params=[j[1] for j in jobs],
-                                   return_logprob=mode == "sampled")
+                                   return_logprob=mode == "sampled", return_routed_experts=routed_experts)
             end = time.time()
             tokens = sum(len(o["output_ids"]) for o in outs)
+            if routed_experts:
+                assert all(o["meta_info"].get("routed_experts") for o in outs)
             if mode == "sampled":
                 assert all(len(o["meta_info"]["output_token_logprobs"]) == len(o["output_ids"]) for o in outs)
         else:
@@ -196,11 +198,14 @@ def main() -> None:
     ap.add_argument("--max-running", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engine", action="append", default=[], metavar="FIELD=INT", help="integer EngineConfig override (repeatable)")
+    ap.add_argument("--routed-experts", action="store_true",
+                    help="MoE: then run the sampled rollout offline again on an engine with enable_return_routed_experts, "
+                         "every request asking for its routing (R3), and report its time / the sampled offline time")
     ap.add_argument("--out", default=None, help="append the tables to this file")
     ap.add_argument("--json", default=None, help="write every figure to this file")
     args = ap.parse_args()
     if args.tiny:
-        args.shape = "tiny"
+        args.shape = args.shape if args.shape.startswith("tiny") else "tiny"
         for k, v in dict(prompts=4, n=2, prompt_min=8, prompt_max=24, out_median=12, out_min=4, out_max=40, concurrency=8,
                          max_running=8).items():
             setattr(args, k, v)
@@ -217,7 +222,12 @@ def main() -> None:
     overrides = {k: int(v) for k, v in (kv.split("=", 1) for kv in args.engine)}
     ckpt = config_only_checkpoint(Path(tempfile.mkdtemp()) / args.shape, args.shape, "bfloat16" if on_gpu else "float32",
                                   max_positions=args.prompt_max + args.out_max + 16)
-    engine = Engine(str(ckpt), device=str(device), load_format="dummy", max_running_requests=args.max_running, **overrides)
+
+    def start_engine(routed_experts: bool) -> Engine:
+        return Engine(str(ckpt), device=str(device), load_format="dummy", max_running_requests=args.max_running,
+                      enable_return_routed_experts=routed_experts, **overrides)
+
+    engine = start_engine(False)
     w = make_workload(args, engine.model_config.vocab_size)
     bw = d2d_bytes_per_s(device)
     roof = schedule_roofline(w, args.max_running, lambda rows, ctx: decode_step_bytes(engine, rows, ctx / rows), bw)
@@ -235,10 +245,10 @@ def main() -> None:
         url = server.url
     results: dict = {"roofline": roof, "title": title, "runs": {}}
     rows = []
+    warm = Workload(prompts=w.prompts[: args.max_running], out_lens=[min(8, n) for n in w.out_lens[: args.max_running]],
+                    seeds=w.seeds[: args.max_running])
     try:
         for mode in modes:
-            warm = Workload(prompts=w.prompts[: args.max_running], out_lens=[min(8, n) for n in w.out_lens[: args.max_running]],
-                            seeds=w.seeds[: args.max_running])
             run_path(engine, "offline", warm, mode, args, url)  # graphs, compiles, allocator
             offline = None
             for path in paths:
@@ -256,6 +266,18 @@ def main() -> None:
         if server is not None:
             server.stop()
         engine.shutdown()
+    if args.routed_experts:  # a second engine, so the first one's rows carry no routing-table writes
+        engine = start_engine(True)
+        try:
+            run_path(engine, "offline", warm, "sampled", args, None, routed_experts=True)
+            r = results["runs"]["sampled+R3/offline"] = run_path(engine, "offline", w, "sampled", args, None, routed_experts=True)
+        finally:
+            engine.shutdown()
+        base = results["runs"].get("sampled/offline")
+        rows.append(["sampled+R3", "offline", f"{r['seconds']:.2f}", f"{r['tokens'] / r['seconds']:,.0f}",
+                     f"{100 * roof['seconds'] / r['seconds']:.1f}%" if on_gpu else "-",
+                     f"{r['seconds'] / base['seconds']:.2f}" if base else "-",
+                     f"{r['tail_seconds']:.2f} ({100 * r['tail_seconds'] / r['seconds']:.0f}%)"])
     text = print_table(title, ["mode", "path", "wall s", "output tok/s", "% of schedule roofline", "/ offline",
                                f"tail s (< {TAIL_ROWS} running)"], rows)
     text += (f"\nschedule roofline: {roof['seconds']:.2f} s over {roof['steps']:,} decode steps at {bw / 1e9:,.0f} GB/s; "

@@ -267,7 +267,7 @@ def bench_tensor(shape: str, engine, sources, ceil: dict, reps: int) -> None:
         res = engine.update_weights_from_tensor(sources)
         assert res.success, res.message
         if capture is not None:
-            s = wu.session
+            s = wu.sessions.session
             capture["dev"], capture["host"] = s.rollback.extra_bytes
             capture["arena"] = engine.scheduler.sessions.arena.nbytes
         assert engine.end_weight_update().success

@@ -46,3 +46,16 @@ def test_rollout_bench_runs_tiny_on_the_cpu(tmp_path):
     for run in figures["runs"].values():
         assert run["tokens"] > 0 and 0 <= run["tail_seconds"] <= run["seconds"] + 1e-6
     assert figures["roofline"]["steps"] > 0
+
+
+def test_rollout_bench_reports_routed_experts_cost_on_a_tiny_moe(tmp_path):
+    out = tmp_path / "figures.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "rollout.py"), "--device", "cpu", "--tiny", "--shape", "tiny-moe",
+                           "--modes", "sampled", "--paths", "offline", "--routed-experts", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {"sampled/offline", "sampled+R3/offline"}
+    assert runs["sampled+R3/offline"]["tokens"] == runs["sampled/offline"]["tokens"] > 0
+    assert "sampled+R3 | offline" in proc.stdout

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The GPU runs that the open issues' goals need, split so each stage fits one 10-minute device call.
+# Run from the repository root on the GPU machine:  bash scripts/gpu_runs.sh STAGE
+#   suite   the whole GPU test suite
+#   dense   issue 19's before/after (throughput, weight sync) and issue 24's sampler + rollouts (0.6B, 8B)
+#   http    issue 24's HTTP and streaming rollouts (needs FastAPI/uvicorn/pydantic wheels in .whl/)
+#   moe     issue 20's Qwen3-30B-A3B throughput, and its rollout with and without routed experts (R3)
+#   moe-sync  issue 20's 61 GB update, in process and over the trainer library's CUDA IPC pusher
+# "Before" is the tree before the restructure, unpacked beside this one (untracked, so it travels to the
+# device):  git archive 6c9ff7c src bench | (mkdir -p .before && tar -x -C .before)
+# Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+stage=${1:?usage: bash scripts/gpu_runs.sh suite|dense|http|moe|moe-sync}
+out=${OUT:-bench/results/gpu_runs}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/device.txt" 2>&1
+
+run() {  # run NAME SECONDS COMMAND...: one step, its output kept, a failure does not stop the stage
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name: $*" | tee -a "$out/summary.txt"
+    timeout "$limit" "$@" > "$out/$name.log" 2>&1
+    echo "   exit $?" | tee -a "$out/summary.txt"
+    tail -n 25 "$out/$name.log"
+}
+
+case $stage in
+suite)
+    PYTHONPATH=src run gpu_suite 570 python3 -m pytest -m gpu tests -q -p no:cacheprovider -rfE
+    ;;
+dense)
+    if [ -d .before/src ]; then
+        PYTHONPATH=.before/src run throughput_before 100 python3 .before/bench/throughput.py \
+            --shape qwen3-0.6b --cases 1x128x128,64x128x128,256x128x512 --hf none
+        PYTHONPATH=.before/src run weight_sync_before 80 python3 .before/bench/weight_sync.py \
+            --shapes qwen3-0.6b,qwen3-8b --sections tensor,ipc,disk --reps 5
+    else
+        echo "no .before/src: the before runs are skipped" | tee -a "$out/summary.txt"
+    fi
+    PYTHONPATH=src run throughput_after 100 python3 bench/throughput.py \
+        --shape qwen3-0.6b --cases 1x128x128,64x128x128,256x128x512 --hf none
+    PYTHONPATH=src run weight_sync_after 80 python3 bench/weight_sync.py \
+        --shapes qwen3-0.6b,qwen3-8b --sections tensor,ipc,disk --reps 5
+    PYTHONPATH=src run sampling 40 python3 bench/sampling.py
+    PYTHONPATH=src run rollout_0.6b 90 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline
+    PYTHONPATH=src run rollout_8b 90 python3 bench/rollout.py --shape qwen3-8b --prompts 32 --n 8 --paths offline
+    ;;
+http)
+    pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+    PYTHONPATH=/tmp/site:src run rollout_http 400 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 \
+        --paths offline,generate,generate-stream,completions,completions-stream
+    PYTHONPATH=/tmp/site:src run stream_load 150 python3 bench/stream_load.py --shape qwen3-0.6b --clients 512 --tokens 256
+    ;;
+moe)
+    PYTHONPATH=src run throughput_moe 200 python3 bench/throughput.py \
+        --shape qwen3-30b-a3b --cases 1x128x128,64x128x128,256x128x512 --hf none
+    PYTHONPATH=src run rollout_moe 360 python3 bench/rollout.py --shape qwen3-30b-a3b --prompts 32 --n 8 --modes sampled \
+        --paths offline --routed-experts
+    ;;
+moe-sync)
+    PYTHONPATH=src run weight_sync_moe 570 python3 bench/weight_sync.py --shapes qwen3-30b-a3b --sections tensor,ipc --reps 3 --budget-s 540
+    ;;
+*)
+    echo "unknown stage: $stage (suite|dense|http|moe|moe-sync)" >&2
+    exit 2
+    ;;
+esac
