@@ -263,7 +263,7 @@ class Engine:
             # streamed text is detokenized by the consumer unless stop strings need it on the scheduler
             detok = IncrementalDetokenizer(decode=self._decode, skip_special_tokens=sp.skip_special_tokens) if stream and not sp.stop else None
             req = p.GenerateRequest(rid=rid, input_ids=r.input_ids, sampling_params=sp, seed=r.seed, sink=sink,
-                                    flush=flush, stream=stream, stream_text=bool(sp.stop))
+                                    flush=flush, stream=stream, stream_text=bool(sp.stop), group=r.group)
             reqs.append(req)
             collectors.append(Collector(rid=req.rid, return_logprob=sp.return_logprob, index=i if multi else None, detok=detok,
                                         routed_experts_start_len=sp.routed_experts_start_len))

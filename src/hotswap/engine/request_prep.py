@@ -17,11 +17,23 @@ from hotswap.sampling_params import INT64_MAX, SamplingParams
 # SGLang sampling parameters that hotswap's SamplingParams does not have, which frameworks send at their
 # neutral value: dropped at exactly this value; any other value is refused by name as an unknown
 # parameter, never silently ignored. (Penalties, logit_bias, no_stop_trim, custom_params are fields.)
-_SGLANG_NEUTRAL = {"spaces_between_special_tokens": True, "regex": None, "json_schema": None, "ebnf": None, "structural_tag": None}
+_SGLANG_NEUTRAL = {"regex": None, "json_schema": None, "ebnf": None, "structural_tag": None}
 
 
 def _drop_neutral(params: dict) -> dict:
-    return {k: v for k, v in params.items() if not (k in _SGLANG_NEUTRAL and v is _SGLANG_NEUTRAL[k])}
+    """Neutral SGLang fields dropped; `spaces_between_special_tokens` (a boolean) too: a fast tokenizer's
+    decode has no such option (SGLang's, with a fast tokenizer, ignores it alike)."""
+    spaces = params.get("spaces_between_special_tokens", True)
+    if not isinstance(spaces, bool):
+        raise SamplingParamsError(f"invalid sampling parameter: spaces_between_special_tokens must be a boolean, got {spaces!r}")
+    return {k: v for k, v in params.items()
+            if k != "spaces_between_special_tokens" and not (k in _SGLANG_NEUTRAL and v is _SGLANG_NEUTRAL[k])}
+
+
+def _gives_max_new_tokens(params) -> bool:
+    """The caller set max_new_tokens (to a number): SGLang then refuses a prompt + max_new_tokens over the
+    context instead of cutting the generation short at it."""
+    return isinstance(params, SamplingParams) or (isinstance(params, dict) and params.get("max_new_tokens") is not None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +45,7 @@ class PreparedRequest:
     seed: int
     prompt_index: int  # which prompt of the call it samples
     rid: str | None = None  # the client's request id (SGLang's `rid`): the engine's id for it, in `meta_info.id`
+    group: str | None = None  # the client's rid of the prompt whose n samples this is one of (aborting it aborts them all)
 
 
 @dataclass(slots=True)
@@ -69,8 +82,12 @@ class RequestPrep:
                 raise SamplingParamsError(f"invalid logprob_start_len: must be -1 or an integer >= 0, got {logprob_start_len!r}")
             sps = [dataclasses.replace(sp, logprob_start_len=logprob_start_len) for sp in sps]
         rids = self._rids(rid, len(id_lists), single)
+        raw = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(id_lists)
         for i, (ids, sp) in enumerate(zip(id_lists, sps)):
             self._check_prompt(i, ids)
+            if _gives_max_new_tokens(raw[i]) and len(ids) + sp.max_new_tokens > self.max_context_len:
+                raise SamplingParamsError(f"prompt {i} has {len(ids)} tokens and max_new_tokens is {sp.max_new_tokens}: "
+                                          f"{len(ids) + sp.max_new_tokens} exceeds the context length {self.max_context_len}")
             if sp.logprob_start_len >= len(ids):
                 raise SamplingParamsError(f"invalid logprob_start_len: {sp.logprob_start_len} is not a position of prompt {i} "
                                           f"({len(ids)} tokens)")
@@ -84,7 +101,8 @@ class RequestPrep:
                 seed = sp.seed + k if sp.seed is not None else self._draw_seed()
                 # n samples of one rid: the first keeps it, the others are `rid-k`
                 sample_rid = None if rids[i] is None else rids[i] if k == 0 else f"{rids[i]}-{k}"
-                requests.append(PreparedRequest(input_ids=ids, sampling_params=one, seed=seed, prompt_index=i, rid=sample_rid))
+                requests.append(PreparedRequest(input_ids=ids, sampling_params=one, seed=seed, prompt_index=i, rid=sample_rid,
+                                                group=rids[i] if sp.n > 1 else None))
         return PreparedCall(requests=requests, single=single and sps[0].n == 1)
 
     @staticmethod
@@ -122,9 +140,9 @@ class RequestPrep:
         if isinstance(sampling_params, list):
             if len(sampling_params) != count:
                 raise HotswapError(f"{len(sampling_params)} sampling_params for {count} prompts")
-            sps = [SamplingParams.from_dict(_drop_neutral(sp) if isinstance(sp, dict) else sp) for sp in sampling_params]
+            sps = [SamplingParams.from_dict(self._from_sglang(sp)) for sp in sampling_params]
         else:
-            sps = [SamplingParams.from_dict(_drop_neutral(dict(sampling_params)) if isinstance(sampling_params, dict) else sampling_params)] * count
+            sps = [SamplingParams.from_dict(self._from_sglang(sampling_params))] * count
         if not isinstance(return_logprob, bool):
             raise HotswapError(f"return_logprob must be a boolean, got {return_logprob!r}")
         if not isinstance(top_logprobs_num, int) or isinstance(top_logprobs_num, bool) or top_logprobs_num < 0:
@@ -156,6 +174,16 @@ class RequestPrep:
                 sp = dataclasses.replace(sp, top_k=-1)
             out.append(sp)
         return out
+
+    def _from_sglang(self, params):
+        """An SGLang sampling_params dict as SamplingParams.from_dict takes it: neutral fields dropped, and
+        max_new_tokens None (SGLang: until the context is full) as the context length (the context ends it)."""
+        if not isinstance(params, dict):
+            return params
+        params = _drop_neutral(params)
+        if "max_new_tokens" in params and params["max_new_tokens"] is None:
+            params["max_new_tokens"] = self.max_context_len
+        return params
 
     def _check_prompt(self, i: int, ids: list) -> None:
         if not ids:
