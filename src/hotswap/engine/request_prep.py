@@ -60,6 +60,7 @@ class RequestPrep:
     vocab_size: int
     max_context_len: int
     seed: int  # the engine's seed: requests without one draw theirs from it
+    allow_auto_truncate: bool = False  # SGLang's: a max_new_tokens past the context is cut to fit, not refused
     routed_experts_enabled: bool = False  # the engine keeps routed experts (enable_return_routed_experts): requests may ask
     _rng: random.Random = field(init=False)
     _rng_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
@@ -85,9 +86,10 @@ class RequestPrep:
         raw = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(id_lists)
         for i, (ids, sp) in enumerate(zip(id_lists, sps)):
             self._check_prompt(i, ids)
-            if _gives_max_new_tokens(raw[i]) and len(ids) + sp.max_new_tokens > self.max_context_len:
+            if _gives_max_new_tokens(raw[i]) and len(ids) + sp.max_new_tokens > self.max_context_len and not self.allow_auto_truncate:
                 raise SamplingParamsError(f"prompt {i} has {len(ids)} tokens and max_new_tokens is {sp.max_new_tokens}: "
-                                          f"{len(ids) + sp.max_new_tokens} exceeds the context length {self.max_context_len}")
+                                          f"{len(ids) + sp.max_new_tokens} exceeds the context length {self.max_context_len} "
+                                          "(start the engine with allow_auto_truncate=True to cut it to fit)")
             if sp.logprob_start_len >= len(ids):
                 raise SamplingParamsError(f"invalid logprob_start_len: {sp.logprob_start_len} is not a position of prompt {i} "
                                           f"({len(ids)} tokens)")

@@ -74,6 +74,7 @@ class ServerState:
         self.last_weight_version = "default"
         self.tokenizer = engine.tokenizer
         self.max_context_len = int(engine.max_context_len)
+        self.allow_auto_truncate = bool(engine.config.allow_auto_truncate)  # max_tokens past the context: cut, not refused
         capacity = engine.capacity()
         self.page_size = capacity.page_size
         self.kv_capacity_tokens = capacity.max_total_tokens
