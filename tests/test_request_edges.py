@@ -97,8 +97,13 @@ def test_the_context_limits_max_new_tokens_as_sglang_does(engine):
     for bad in ([], ""):
         with pytest.raises(HotswapError, match="prompt 0 is empty"):
             engine.generate(bad, GREEDY) if isinstance(bad, str) else engine.generate(input_ids=bad, sampling_params=GREEDY)
-    with pytest.raises(HotswapError, match="exactly one of prompt or input_ids"):
-        engine.generate(PROMPT, GREEDY, input_ids=[1, 2])
+    # text and input_ids both given: SGLang runs the input_ids (the text is not tokenized); their shapes must agree
+    ids = engine.tokenizer.encode("Bob sees")
+    assert engine.generate(PROMPT, GREEDY, input_ids=ids)["output_ids"] == engine.generate("Bob sees", GREEDY)["output_ids"]
+    with pytest.raises(HotswapError, match="prompt and input_ids disagree"):
+        engine.generate([PROMPT, PROMPT], GREEDY, input_ids=ids)
+    with pytest.raises(HotswapError, match="give a prompt or input_ids"):
+        engine.generate(None, GREEDY)
     assert_idle(engine)
 
 

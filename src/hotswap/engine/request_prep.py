@@ -73,8 +73,14 @@ class RequestPrep:
                 routed_experts_start_len: int = 0, rid: str | list[str] | None = None) -> PreparedCall:
         """Validate everything up front; raises HotswapError on bad input and submits nothing.
         `logprob_start_len` (SGLang's): prompt logprobs from that position (None or -1: none)."""
-        if (prompt is None) == (input_ids is None):
-            raise HotswapError("give exactly one of prompt or input_ids")
+        if prompt is None and input_ids is None:
+            raise HotswapError("give a prompt or input_ids")
+        if prompt is not None and input_ids is not None:  # SGLang's rule: the token ids run, the text is not tokenized
+            shapes = [(single, len(lists)) for lists, single in (self._token_ids(prompt, None, encode=False), self._token_ids(None, input_ids))]
+            if shapes[0] != shapes[1]:
+                raise HotswapError("prompt and input_ids disagree in shape: give one prompt with one list of token ids, "
+                                   "or as many prompts as lists")
+            prompt = None
         id_lists, single = self._token_ids(prompt, input_ids)
         sps = self._sampling_params(sampling_params, len(id_lists), return_logprob, top_logprobs_num, return_routed_experts,
                                     routed_experts_start_len)
@@ -119,13 +125,15 @@ class RequestPrep:
             raise HotswapError(f"rid holds duplicates: {rid!r}")
         return list(rids)
 
-    def _token_ids(self, prompt, input_ids) -> tuple[list[list[int]], bool]:
+    def _token_ids(self, prompt, input_ids, encode: bool = True) -> tuple[list[list[int]], bool]:
+        """The prompts' token ids and whether one bare prompt was given (`encode=False`: empty lists, for the
+        shape only)."""
         if prompt is not None:
             single = isinstance(prompt, str)
             prompts = [prompt] if single else list(prompt) if isinstance(prompt, (list, tuple)) else None
             if prompts is None or not all(isinstance(x, str) for x in prompts):
                 raise HotswapError("prompt must be a string or a list of strings")
-            id_lists = [self.encode(x) if x else [] for x in prompts]
+            id_lists = [self.encode(x) if x and encode else [] for x in prompts]
         else:
             if not isinstance(input_ids, (list, tuple)):
                 raise HotswapError("input_ids must be a list of token ids or a list of such lists")
