@@ -430,17 +430,21 @@ class Scheduler:
         seqs = self.batcher.find(req.rid)
         if not seqs:
             return p.ControlOutput(success=False, message=f"no running or waiting request with id {req.rid!r}")
-        for seq in seqs:
-            seq.finish_reason = {"type": "abort", "message": req.message}
-        self.finish_all(seqs)
+        self.abort_seqs(seqs, req.message)
         return p.ControlOutput(success=True, message=f"aborted {req.rid}" + (f" ({len(seqs)} samples)" if len(seqs) > 1 else ""))
 
     def abort_all(self, message: str = "aborted") -> int:
         seqs = self.batcher.all_seqs()
-        for seq in seqs:
-            seq.finish_reason = {"type": "abort", "message": message}
-        self.finish_all(seqs)
+        self.abort_seqs(seqs, message)
         return len(seqs)
+
+    def abort_seqs(self, seqs: list[Sequence], message: str) -> None:
+        """End `seqs` with finish reason abort and their tokens so far. One that never ran says so as SGLang
+        does ("Abort before prefill": AReaL reads it as "no tokens, send it again")."""
+        for seq in seqs:
+            ran = seq.admitted or seq.output_ids
+            seq.finish_reason = {"type": "abort", "message": message if ran else f"Abort before prefill ({message})"}
+        self.finish_all(seqs)
 
     def is_idle(self) -> bool:
         return not self.batcher.has_work
