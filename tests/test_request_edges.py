@@ -235,17 +235,54 @@ def test_aborting_a_prompts_rid_aborts_its_n_samples_and_no_request_sharing_its_
     assert_idle(engine)
 
 
-def test_seeded_sampling_is_the_same_when_preempted(engine, tiny_qwen3):
+@pytest.fixture(scope="module")
+def tight(tiny_qwen3):
+    """160 tokens of KV and 8-token prefill chunks: requests are preempted, prompts take several steps."""
+    eng = Engine(str(tiny_qwen3), device="cpu", page_size=4, num_pages=40, chunked_prefill_size=8)
+    yield eng
+    eng.shutdown()
+
+
+def test_seeded_sampling_is_the_same_when_preempted(engine, tight):
     prompts = [f"{PROMPT} and {i} pears" for i in range(6)]
     sampled = {"max_new_tokens": 48, "temperature": 1.0, "ignore_eos": True}
     params = [dict(sampled, seed=100 + i) for i in range(len(prompts))]
     roomy = [o["output_ids"] for o in engine.generate(prompts, params)]
-    with Engine(str(tiny_qwen3), device="cpu", page_size=4, num_pages=40) as small, ThreadPoolExecutor(len(prompts)) as pool:
-        futures = [pool.submit(small.generate, prompt, sp) for prompt, sp in zip(prompts, params)]
-        tight = [f.result(timeout=120)["output_ids"] for f in futures]
-        assert small.get_load().num_preemptions > 0
-        assert_idle(small)
-    assert tight == roomy
+    before = tight.get_load().num_preemptions
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        futures = [pool.submit(tight.generate, prompt, sp) for prompt, sp in zip(prompts, params)]
+        squeezed = [f.result(timeout=120)["output_ids"] for f in futures]
+    assert tight.get_load().num_preemptions > before
+    assert squeezed == roomy
+    assert_idle(tight)
+
+
+def test_prompt_scoring_and_abort_in_a_chunked_prefill(engine, tight, monkeypatch):
+    ids = engine.tokenizer.encode(" ".join(["Carol counts 7 pears"] * 16))[:100]
+    want = engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 0}, return_logprob=True, logprob_start_len=0)
+    got = tight.generate(input_ids=ids, sampling_params={"max_new_tokens": 0}, return_logprob=True, logprob_start_len=0)
+    assert [t for _, t, _ in got["meta_info"]["input_token_logprobs"]] == ids and got["output_ids"] == []
+    assert [lp for lp, _, _ in got["meta_info"]["input_token_logprobs"][1:]] == \
+        pytest.approx([lp for lp, _, _ in want["meta_info"]["input_token_logprobs"][1:]], abs=1e-5)
+
+    run = tight.model_runner.run  # each step takes 30 ms: the 13 prefill chunks outlast the abort's round trip
+
+    def slow_run(*args, **kwargs):
+        time.sleep(0.03)
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(tight.model_runner, "run", slow_run)
+    assert tight.flush_cache().success  # the prompt is computed again, chunk by chunk
+    t, box = in_thread(tight.generate, input_ids=ids, sampling_params=SLOW, rid="prefilling")
+    wait_running(tight)
+    assert tight.abort_request("prefilling").success
+    t.join(10)
+    out = box["out"]
+    assert out["output_ids"] == [] and out["meta_info"]["finish_reason"] == {"type": "abort", "message": "aborted by abort_request"}
+    monkeypatch.undo()
+    assert_idle(tight)
+    assert tight.generate(input_ids=ids, sampling_params=dict(GREEDY, max_new_tokens=4))["output_ids"] == \
+        engine.generate(input_ids=ids, sampling_params=dict(GREEDY, max_new_tokens=4))["output_ids"]
 
 
 def test_http_generate_edges(engine):
