@@ -73,6 +73,9 @@ def test_max_new_tokens_zero_returns_the_prompt_logprobs_and_no_tokens(engine):
     lps = [lp for lp, _, _ in batch[0]["meta_info"]["input_token_logprobs"][1:]]
     assert lps == pytest.approx([lp for lp, _, _ in meta["input_token_logprobs"][2:]], abs=1e-5)
     assert len(batch[1]["meta_info"]["input_token_logprobs"]) == len(engine.tokenizer.encode("Bob sees 3 birds")) - 1
+    tops = engine.generate(PROMPT, {"max_new_tokens": 0}, return_logprob=True, logprob_start_len=0, top_logprobs_num=2)["meta_info"]
+    assert tops["input_top_logprobs"][0] is None and all(len(top) == 2 for top in tops["input_top_logprobs"][1:])
+    assert len(tops["input_top_logprobs"]) == len(ids) and "output_top_logprobs" not in tops
     assert engine.generate(PROMPT, {"max_new_tokens": 0})["meta_info"]["finish_reason"] == {"type": "length", "length": 0}
     assert_idle(engine)
 
@@ -142,8 +145,9 @@ def test_stop_strings_span_tokens_and_wait_for_min_new_tokens(engine):
     assert out["output_ids"] == ids[: last + 1]
     kept = engine.generate(PROMPT, dict(GREEDY, max_new_tokens=40, stop=[stop], no_stop_trim=True))
     assert kept["text"] == text[: pos + len(stop)]
-    streamed = list(engine.generate(PROMPT, dict(GREEDY, max_new_tokens=40, stop=[stop]), stream=True))
-    assert "".join(c["delta_text"] for c in streamed) == out["text"] and streamed[-1]["output_ids"] == out["output_ids"]
+    for keep, want in ((False, out["text"]), (True, kept["text"])):
+        streamed = list(engine.generate(PROMPT, dict(GREEDY, max_new_tokens=40, stop=[stop], no_stop_trim=keep), stream=True))
+        assert "".join(c["delta_text"] for c in streamed) == want and streamed[-1]["output_ids"] == out["output_ids"]
     # held: a stop string that ends before min_new_tokens tokens are out does not stop the request
     held = engine.generate(PROMPT, dict(GREEDY, max_new_tokens=40, stop=[stop], min_new_tokens=last + 2))
     assert len(held["output_ids"]) >= last + 2
