@@ -5,6 +5,7 @@ freeing their KV, and seeded sampling that a preemption does not change."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -302,8 +303,19 @@ def test_http_generate_edges(engine):
         assert r.json()["output_ids"] == [] and len(meta["input_token_logprobs"]) == len(engine.tokenizer.encode(PROMPT))
         # n > 1 over a list of prompts: prompt-major, as SGLang orders them
         body = {"text": [PROMPT, "Bob sees"], "sampling_params": {"max_new_tokens": 4, "n": 2, "seed": 3}}
-        outs = r = http.post("/generate", json=body).json()
+        outs = http.post("/generate", json=body).json()
         singles = [http.post("/generate", json={"text": t, "sampling_params": {"max_new_tokens": 4, "seed": 3 + k}}).json()["output_ids"]
                    for t in (PROMPT, "Bob sees") for k in range(2)]
         assert [o["output_ids"] for o in outs] == singles
+        # a stream aborted by its rid ends with its tokens so far, then [DONE]
+        events = []
+        with http.stream("POST", "/generate", json={"text": PROMPT, "sampling_params": SLOW, "stream": True, "rid": "sse"}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if len(events) == 2:
+                        assert httpx.post(srv.url + "/abort_request", json={"rid": "sse"}).status_code == 200
+        assert events[-1] == "[DONE]"
+        last = json.loads(events[-2])
+        assert last["meta_info"]["finish_reason"]["type"] == "abort" and 0 < len(last["output_ids"]) < 400
     assert_idle(engine)
