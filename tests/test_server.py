@@ -294,7 +294,7 @@ def test_generate_stop_and_no_stop_trim(http):
 def test_generate_native_errors(http):
     cases = [
         {"sampling_params": GREEDY},  # neither text nor input_ids
-        {"text": "a", "input_ids": [1], "sampling_params": GREEDY},
+        {"text": ["a", "b"], "input_ids": [1], "sampling_params": GREEDY},  # both given (allowed), shapes disagree
         {"text": "a", "sampling_params": {"max_new_tokens": -3}},
         {"text": "a", "sampling_params": {"bogus_param": 1}},
         {"text": "a", "sampling_params": {"stop": 5}},

@@ -170,6 +170,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192
     chunked_prefill_size: int = 2048
     max_context_len: int = 0  # 0 = the model's max_position_embeddings
+    # SGLang's --allow-auto-truncate: a max_new_tokens past the context is cut to fit instead of refused (400)
+    allow_auto_truncate: bool = False
     enable_prefix_cache: bool = True
     attention_backend: str = "auto"  # "torch" | "triton" | "auto"
     enable_cuda_graph: bool = True

@@ -48,6 +48,7 @@ class GenerateRequest:
     stream: bool = False  # deliver an output per step (else only the finished one)
     stream_text: bool = False  # detokenize incrementally on the scheduler thread (stop strings need it)
     submitted_at: float = field(default_factory=time.monotonic)  # bounds how long it may wait while generation is held
+    group: str | None = None  # one of n samples: the client's rid of its prompt, which aborts every sample (AbortRequest)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -60,7 +61,7 @@ class GenerateBatch:
 
 @dataclass(kw_only=True, slots=True)
 class AbortRequest:
-    rid: str | None = None  # None aborts every request
+    rid: str | None = None  # None aborts every request; a prompt's rid given with n > 1 aborts all its samples
     message: str = "aborted by request"
 
 

@@ -132,7 +132,8 @@ class Engine:
             self.model_runner = self._start_runner()
         self.scheduler = Scheduler(self.config, self.model_runner, self.tokenizer, eos, self.max_context_len)
         self.prep = RequestPrep(encode=self.encode, vocab_size=self.model_config.vocab_size, max_context_len=self.max_context_len,
-                                seed=self.config.seed, routed_experts_enabled=self.config.enable_return_routed_experts)
+                                seed=self.config.seed, routed_experts_enabled=self.config.enable_return_routed_experts,
+                                allow_auto_truncate=self.config.allow_auto_truncate)
         self._decode = self.scheduler.streamer.decode  # the one decoder (a fast tokenizer's backend when it can)
         self._live_rids: set[str] = set()  # request ids of calls in flight (a client rid may not run twice)
         self._live_lock = threading.Lock()
@@ -263,7 +264,7 @@ class Engine:
             # streamed text is detokenized by the consumer unless stop strings need it on the scheduler
             detok = IncrementalDetokenizer(decode=self._decode, skip_special_tokens=sp.skip_special_tokens) if stream and not sp.stop else None
             req = p.GenerateRequest(rid=rid, input_ids=r.input_ids, sampling_params=sp, seed=r.seed, sink=sink,
-                                    flush=flush, stream=stream, stream_text=bool(sp.stop))
+                                    flush=flush, stream=stream, stream_text=bool(sp.stop), group=r.group)
             reqs.append(req)
             collectors.append(Collector(rid=req.rid, return_logprob=sp.return_logprob, index=i if multi else None, detok=detok,
                                         routed_experts_start_len=sp.routed_experts_start_len))

@@ -17,11 +17,23 @@ from hotswap.sampling_params import INT64_MAX, SamplingParams
 # SGLang sampling parameters that hotswap's SamplingParams does not have, which frameworks send at their
 # neutral value: dropped at exactly this value; any other value is refused by name as an unknown
 # parameter, never silently ignored. (Penalties, logit_bias, no_stop_trim, custom_params are fields.)
-_SGLANG_NEUTRAL = {"spaces_between_special_tokens": True, "regex": None, "json_schema": None, "ebnf": None, "structural_tag": None}
+_SGLANG_NEUTRAL = {"regex": None, "json_schema": None, "ebnf": None, "structural_tag": None}
 
 
 def _drop_neutral(params: dict) -> dict:
-    return {k: v for k, v in params.items() if not (k in _SGLANG_NEUTRAL and v is _SGLANG_NEUTRAL[k])}
+    """Neutral SGLang fields dropped; `spaces_between_special_tokens` (a boolean) too: a fast tokenizer's
+    decode has no such option (SGLang's, with a fast tokenizer, ignores it alike)."""
+    spaces = params.get("spaces_between_special_tokens", True)
+    if not isinstance(spaces, bool):
+        raise SamplingParamsError(f"invalid sampling parameter: spaces_between_special_tokens must be a boolean, got {spaces!r}")
+    return {k: v for k, v in params.items()
+            if k != "spaces_between_special_tokens" and not (k in _SGLANG_NEUTRAL and v is _SGLANG_NEUTRAL[k])}
+
+
+def _gives_max_new_tokens(params) -> bool:
+    """The caller set max_new_tokens (to a number): SGLang then refuses a prompt + max_new_tokens over the
+    context instead of cutting the generation short at it."""
+    return isinstance(params, SamplingParams) or (isinstance(params, dict) and params.get("max_new_tokens") is not None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +45,7 @@ class PreparedRequest:
     seed: int
     prompt_index: int  # which prompt of the call it samples
     rid: str | None = None  # the client's request id (SGLang's `rid`): the engine's id for it, in `meta_info.id`
+    group: str | None = None  # the client's rid of the prompt whose n samples this is one of (aborting it aborts them all)
 
 
 @dataclass(slots=True)
@@ -47,6 +60,7 @@ class RequestPrep:
     vocab_size: int
     max_context_len: int
     seed: int  # the engine's seed: requests without one draw theirs from it
+    allow_auto_truncate: bool = False  # SGLang's: a max_new_tokens past the context is cut to fit, not refused
     routed_experts_enabled: bool = False  # the engine keeps routed experts (enable_return_routed_experts): requests may ask
     _rng: random.Random = field(init=False)
     _rng_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
@@ -59,8 +73,14 @@ class RequestPrep:
                 routed_experts_start_len: int = 0, rid: str | list[str] | None = None) -> PreparedCall:
         """Validate everything up front; raises HotswapError on bad input and submits nothing.
         `logprob_start_len` (SGLang's): prompt logprobs from that position (None or -1: none)."""
-        if (prompt is None) == (input_ids is None):
-            raise HotswapError("give exactly one of prompt or input_ids")
+        if prompt is None and input_ids is None:
+            raise HotswapError("give a prompt or input_ids")
+        if prompt is not None and input_ids is not None:  # SGLang's rule: the token ids run, the text is not tokenized
+            shapes = [(single, len(lists)) for lists, single in (self._token_ids(prompt, None, encode=False), self._token_ids(None, input_ids))]
+            if shapes[0] != shapes[1]:
+                raise HotswapError("prompt and input_ids disagree in shape: give one prompt with one list of token ids, "
+                                   "or as many prompts as lists")
+            prompt = None
         id_lists, single = self._token_ids(prompt, input_ids)
         sps = self._sampling_params(sampling_params, len(id_lists), return_logprob, top_logprobs_num, return_routed_experts,
                                     routed_experts_start_len)
@@ -69,8 +89,13 @@ class RequestPrep:
                 raise SamplingParamsError(f"invalid logprob_start_len: must be -1 or an integer >= 0, got {logprob_start_len!r}")
             sps = [dataclasses.replace(sp, logprob_start_len=logprob_start_len) for sp in sps]
         rids = self._rids(rid, len(id_lists), single)
+        raw = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(id_lists)
         for i, (ids, sp) in enumerate(zip(id_lists, sps)):
             self._check_prompt(i, ids)
+            if _gives_max_new_tokens(raw[i]) and len(ids) + sp.max_new_tokens > self.max_context_len and not self.allow_auto_truncate:
+                raise SamplingParamsError(f"prompt {i} has {len(ids)} tokens and max_new_tokens is {sp.max_new_tokens}: "
+                                          f"{len(ids) + sp.max_new_tokens} exceeds the context length {self.max_context_len} "
+                                          "(start the engine with allow_auto_truncate=True to cut it to fit)")
             if sp.logprob_start_len >= len(ids):
                 raise SamplingParamsError(f"invalid logprob_start_len: {sp.logprob_start_len} is not a position of prompt {i} "
                                           f"({len(ids)} tokens)")
@@ -84,7 +109,8 @@ class RequestPrep:
                 seed = sp.seed + k if sp.seed is not None else self._draw_seed()
                 # n samples of one rid: the first keeps it, the others are `rid-k`
                 sample_rid = None if rids[i] is None else rids[i] if k == 0 else f"{rids[i]}-{k}"
-                requests.append(PreparedRequest(input_ids=ids, sampling_params=one, seed=seed, prompt_index=i, rid=sample_rid))
+                requests.append(PreparedRequest(input_ids=ids, sampling_params=one, seed=seed, prompt_index=i, rid=sample_rid,
+                                                group=rids[i] if sp.n > 1 else None))
         return PreparedCall(requests=requests, single=single and sps[0].n == 1)
 
     @staticmethod
@@ -99,13 +125,15 @@ class RequestPrep:
             raise HotswapError(f"rid holds duplicates: {rid!r}")
         return list(rids)
 
-    def _token_ids(self, prompt, input_ids) -> tuple[list[list[int]], bool]:
+    def _token_ids(self, prompt, input_ids, encode: bool = True) -> tuple[list[list[int]], bool]:
+        """The prompts' token ids and whether one bare prompt was given (`encode=False`: empty lists, for the
+        shape only)."""
         if prompt is not None:
             single = isinstance(prompt, str)
             prompts = [prompt] if single else list(prompt) if isinstance(prompt, (list, tuple)) else None
             if prompts is None or not all(isinstance(x, str) for x in prompts):
                 raise HotswapError("prompt must be a string or a list of strings")
-            id_lists = [self.encode(x) if x else [] for x in prompts]
+            id_lists = [self.encode(x) if x and encode else [] for x in prompts]
         else:
             if not isinstance(input_ids, (list, tuple)):
                 raise HotswapError("input_ids must be a list of token ids or a list of such lists")
@@ -122,9 +150,9 @@ class RequestPrep:
         if isinstance(sampling_params, list):
             if len(sampling_params) != count:
                 raise HotswapError(f"{len(sampling_params)} sampling_params for {count} prompts")
-            sps = [SamplingParams.from_dict(_drop_neutral(sp) if isinstance(sp, dict) else sp) for sp in sampling_params]
+            sps = [SamplingParams.from_dict(self._from_sglang(sp)) for sp in sampling_params]
         else:
-            sps = [SamplingParams.from_dict(_drop_neutral(dict(sampling_params)) if isinstance(sampling_params, dict) else sampling_params)] * count
+            sps = [SamplingParams.from_dict(self._from_sglang(sampling_params))] * count
         if not isinstance(return_logprob, bool):
             raise HotswapError(f"return_logprob must be a boolean, got {return_logprob!r}")
         if not isinstance(top_logprobs_num, int) or isinstance(top_logprobs_num, bool) or top_logprobs_num < 0:
@@ -156,6 +184,16 @@ class RequestPrep:
                 sp = dataclasses.replace(sp, top_k=-1)
             out.append(sp)
         return out
+
+    def _from_sglang(self, params):
+        """An SGLang sampling_params dict as SamplingParams.from_dict takes it: neutral fields dropped, and
+        max_new_tokens None (SGLang: until the context is full) as the context length (the context ends it)."""
+        if not isinstance(params, dict):
+            return params
+        params = _drop_neutral(params)
+        if "max_new_tokens" in params and params["max_new_tokens"] is None:
+            params["max_new_tokens"] = self.max_context_len
+        return params
 
     def _check_prompt(self, i: int, ids: list) -> None:
         if not ids:

@@ -74,6 +74,9 @@ class Batcher:
                 i += 1  # nothing more to compute
                 continue
             n = min(seq.num_tokens + seq.pending - seq.num_computed, self.chunked_prefill_size, budget)
+            if n <= 0:  # a prompt-only request (max_new_tokens 0) whose last chunk is in flight
+                i += 1
+                continue
             need = self._pages_needed(seq, seq.num_computed + n)
             if need and not self._make_room(seq, need):
                 break
@@ -139,7 +142,7 @@ class Batcher:
             input_ids=seq.tokens_slice(start, min(end, known)) + [0] * max(0, end - max(start, known)),
             start_pos=start,
             pages=seq.pages,
-            sample=end == known + seq.pending,
+            sample=end == known + seq.pending and seq.req.sampling_params.max_new_tokens > 0,
             params=seq.req.sampling_params,
             seed=seq.req.seed,
             step=len(seq.output_ids) + seq.pending,
@@ -212,8 +215,9 @@ class Batcher:
         self.cache_and_release(seq)
         seq.status = Status.FINISHED
 
-    def find(self, rid: str) -> Sequence | None:
-        return next((s for s in (*self.running, *self.waiting) if s.rid == rid), None)
+    def find(self, rid: str) -> list[Sequence]:
+        """The running or waiting request `rid`, or every sample of the prompt whose rid it is (n > 1)."""
+        return [s for s in (*self.running, *self.waiting) if s.rid == rid or s.req.group == rid]
 
     def all_seqs(self) -> list[Sequence]:
         return [*self.running, *self.waiting]

@@ -63,18 +63,21 @@ class OutputStreamer:
             seq.top_logprobs.append(top)
         seq.token_versions.append(version)
         sp = seq.req.sampling_params
-        if not sp.ignore_eos and token in self.eos_token_ids:
+        # SGLang's order: the length limit first (a last allowed token that is eos still reports length)
+        if len(seq.output_ids) >= sp.max_new_tokens:
+            seq.finish_reason = {"type": "length", "length": sp.max_new_tokens}
+        elif not sp.ignore_eos and token in self.eos_token_ids:
             seq.finish_reason = {"type": "stop", "matched": token}
         elif token in sp.stop_token_ids:
             seq.finish_reason = {"type": "stop", "matched": token}
-        elif len(seq.output_ids) >= sp.max_new_tokens:
-            seq.finish_reason = {"type": "length", "length": sp.max_new_tokens}
         elif seq.num_tokens >= self.max_context_len:
             seq.finish_reason = {"type": "length", "length": len(seq.output_ids)}
         if seq.req.stream_text:
+            seen = len(seq.text)
             self._detokenize(seq)
-            if sp.stop and seq.finish_reason is None:
-                self._check_stop_strings(seq)
+            # min_new_tokens holds stop strings as it holds eos and stop_token_ids (masked on the device)
+            if sp.stop and seq.finish_reason is None and len(seq.output_ids) >= sp.min_new_tokens:
+                self._check_stop_strings(seq, seen)
 
     def _detokenize(self, seq: Sequence) -> None:
         """Append newly complete text; a trailing partial UTF-8 character waits for the next token."""
@@ -85,16 +88,17 @@ class OutputStreamer:
             seq.text += full[len(prefix) :]
             seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
 
-    def _check_stop_strings(self, seq: Sequence) -> None:
+    def _check_stop_strings(self, seq: Sequence, seen: int) -> None:
+        """Match stop strings that end in the text after `seen` characters: text from before was checked
+        already, or was held by min_new_tokens (a stop string wholly inside it does not stop the request)."""
         sp = seq.req.sampling_params
-        window = max(len(s) for s in sp.stop) + 16
-        start = max(0, len(seq.text) - window)
-        for s in sp.stop:
-            pos = seq.text.find(s, start)
-            if pos != -1:
-                seq.text = seq.text[: pos + len(s) if sp.no_stop_trim else pos]
-                seq.finish_reason = {"type": "stop", "matched": s}
-                return
+        if len(seq.text) == seen:
+            return
+        found = [(pos, s) for s in sp.stop if (pos := seq.text.find(s, max(0, seen - len(s) + 1))) != -1]
+        if found:
+            pos, s = min(found, key=lambda m: m[0])  # the earliest match ends the text
+            seq.text = seq.text[: pos + len(s) if sp.no_stop_trim else pos]
+            seq.finish_reason = {"type": "stop", "matched": s}
 
     def _skip(self, seq: Sequence) -> bool:
         return seq.req.sampling_params.skip_special_tokens

@@ -342,6 +342,9 @@ class Scheduler:
                     take_prompt_logprobs(seq, entry, prompt, at)
                 at += m
             if not entry.sample:
+                if prompt_scored(seq, entry):  # max_new_tokens 0 (SGLang's prompt scoring): done once prefilled
+                    seq.finish_reason = {"type": "length", "length": 0}
+                    done.append(seq)
                 continue
             k += 1
             seq.pending -= 1
@@ -381,8 +384,8 @@ class Scheduler:
                               "message": f"generation is unavailable: memory is released ({', '.join(sorted(self.memory.released))}); "
                                          "resume_memory_occupation first"})
             return
-        if req.sampling_params.max_new_tokens == 0:
-            self.finish(seq, {"type": "length", "length": 0})
+        if req.sampling_params.max_new_tokens == 0 and seq.prompt_logprobs_owed >= seq.prompt_len - 1:
+            self.finish(seq, {"type": "length", "length": 0})  # nothing to sample, no prompt position to score
             return
         if self.allocator.pages_for(len(req.input_ids) + 1) > self.allocator.num_pages:
             self.finish(seq, {"type": "abort", "message": f"prompt of {len(req.input_ids)} tokens does not fit the KV cache"})
@@ -424,18 +427,24 @@ class Scheduler:
         if req.rid is None:
             n = self.abort_all(req.message)
             return p.ControlOutput(success=True, message=f"aborted {n} request(s)")
-        seq = self.batcher.find(req.rid)
-        if seq is None:
+        seqs = self.batcher.find(req.rid)
+        if not seqs:
             return p.ControlOutput(success=False, message=f"no running or waiting request with id {req.rid!r}")
-        self.finish(seq, {"type": "abort", "message": req.message})
-        return p.ControlOutput(success=True, message=f"aborted {req.rid}")
+        self.abort_seqs(seqs, req.message)
+        return p.ControlOutput(success=True, message=f"aborted {req.rid}" + (f" ({len(seqs)} samples)" if len(seqs) > 1 else ""))
 
     def abort_all(self, message: str = "aborted") -> int:
         seqs = self.batcher.all_seqs()
-        for seq in seqs:
-            seq.finish_reason = {"type": "abort", "message": message}
-        self.finish_all(seqs)
+        self.abort_seqs(seqs, message)
         return len(seqs)
+
+    def abort_seqs(self, seqs: list[Sequence], message: str) -> None:
+        """End `seqs` with finish reason abort and their tokens so far. One that never ran says so as SGLang
+        does ("Abort before prefill": AReaL reads it as "no tokens, send it again")."""
+        for seq in seqs:
+            ran = seq.admitted or seq.output_ids
+            seq.finish_reason = {"type": "abort", "message": message if ran else f"Abort before prefill ({message})"}
+        self.finish_all(seqs)
 
     def is_idle(self) -> bool:
         return not self.batcher.has_work
@@ -503,6 +512,12 @@ def take_prompt_logprobs(seq: Sequence, entry, prompt: tuple[list, list | None, 
     n_top = seq.req.sampling_params.top_logprobs_num
     if n_top:
         seq.input_top_logprobs += [list(zip(v[:n_top], i[:n_top])) for v, i in zip(top_values[at + skip : at + m], top_ids[at + skip : at + m])]
+
+
+def prompt_scored(seq: Sequence, entry) -> bool:
+    """A request that samples nothing has had the last chunk of its prompt computed (its logprobs taken)."""
+    return (seq.req.sampling_params.max_new_tokens == 0 and seq.status is not Status.FINISHED
+            and entry.start_pos + len(entry.input_ids) >= seq.prompt_len)
 
 
 def _reply(fut: Future, out) -> None:

@@ -74,6 +74,7 @@ class ServerState:
         self.last_weight_version = "default"
         self.tokenizer = engine.tokenizer
         self.max_context_len = int(engine.max_context_len)
+        self.allow_auto_truncate = bool(engine.config.allow_auto_truncate)  # max_tokens past the context: cut, not refused
         capacity = engine.capacity()
         self.page_size = capacity.page_size
         self.kv_capacity_tokens = capacity.max_total_tokens
@@ -375,10 +376,14 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
     async def generate(request: Request):
         body = await parse_body(request, GenerateBody)
         state.check_serving()
-        if (body.text is None) == (body.input_ids is None):
-            raise APIError(400, "give exactly one of text or input_ids", param="text")
-        single = isinstance(body.text, str) if body.text is not None else (not body.input_ids or isinstance(body.input_ids[0], int))
-        count = 1 if single else len(body.text if body.text is not None else body.input_ids)
+        if body.text is None and body.input_ids is None:
+            raise APIError(400, "give text or input_ids", param="text")
+        # SGLang's rule: given both, the input_ids run (the engine checks that their shapes agree)
+        if body.input_ids is not None:
+            single = not body.input_ids or isinstance(body.input_ids[0], int)
+        else:
+            single = isinstance(body.text, str)
+        count = 1 if single else len(body.input_ids if body.input_ids is not None else body.text)
         if count == 0:
             raise APIError(400, "empty batch", param="text")
         if isinstance(body.sampling_params, list):

@@ -20,7 +20,7 @@ CONSTRAINED_DECODING_FIELDS = ("regex", "json_schema", "ebnf", "structural_tag",
 # always send them work; any other value is refused rather than silently ignored.
 _MUST_BE_EMPTY = (*CONSTRAINED_DECODING_FIELDS, "lora_path")
 # Accepted and ignored: they change nothing observable in hotswap's outputs (or only formatting).
-_IGNORED = ("spaces_between_special_tokens", "stream_interval")  # stream_interval: the server's --stream-interval applies
+_IGNORED = ("stream_interval",)  # the server's --stream-interval applies
 
 
 def refuse_constrained_decoding(fields: dict) -> None:
@@ -52,8 +52,8 @@ def normalize_sampling_params(params: Any) -> dict:
         if seed is not None:
             sp.setdefault("seed", seed)
     # None means the default (SamplingParams.from_dict reads None as the default for the penalties, logit_bias,
-    # no_stop_trim and custom_params itself)
-    for key in ("max_new_tokens", "top_k", "top_p", "min_p", "temperature", "seed", "n"):
+    # no_stop_trim and custom_params itself; the engine reads max_new_tokens None as SGLang: until the context is full)
+    for key in ("top_k", "top_p", "min_p", "temperature", "seed", "n"):
         if key in sp and sp[key] is None:
             del sp[key]
     return sp

@@ -58,6 +58,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", choices=_LOG_LEVELS)
     parser.add_argument("--max-context-len", "--context-length", dest="max_context_len", type=int, default=None,
                         help="context length (default: the model's)")
+    parser.add_argument("--allow-auto-truncate", action="store_true",
+                        help="cut a max_new_tokens past the context to fit instead of refusing the request (SGLang's flag)")
     parser.add_argument("--kv-cache-memory-fraction", "--mem-fraction-static", dest="kv_cache_memory_fraction", type=float, default=None,
                         help="fraction of the GPU memory free after loading the weights that the KV cache takes (default 0.8)")
     parser.add_argument("--weight-update-bucket-bytes", type=int, default=None,
@@ -93,6 +95,8 @@ def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
         value = getattr(args, name, None)
         if value is not None:
             kw[name] = value
+    if getattr(args, "allow_auto_truncate", False):
+        kw["allow_auto_truncate"] = True
     if getattr(args, "disable_cuda_graph", False):
         kw["enable_cuda_graph"] = False
     if getattr(args, "enable_return_routed_experts", False):

@@ -162,7 +162,7 @@ def check_prompt(state: ServerState, ids: list[int], max_tokens: int | None, ind
     if len(ids) > state.max_prompt_tokens:
         raise APIError(400, f"prompt {index} has {len(ids)} tokens; this server takes at most {state.max_prompt_tokens} "
                             f"(context length {state.max_context_len}, KV cache {state.kv_capacity_tokens} tokens)", param="prompt")
-    if max_tokens is not None and len(ids) + max_tokens > state.max_context_len:
+    if max_tokens is not None and len(ids) + max_tokens > state.max_context_len and not state.allow_auto_truncate:
         raise APIError(400, f"prompt {index} has {len(ids)} tokens and max_tokens is {max_tokens}: {len(ids) + max_tokens} exceeds "
                             f"the context length {state.max_context_len}", param="max_tokens")
 
