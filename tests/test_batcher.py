@@ -246,3 +246,18 @@ def test_radix_match_inside_an_edge_splits_it_and_only_the_tail_is_evicted():
     assert cache.match(tokens) == pages[:2]
     alloc.release(hit)
     assert cache.evict(8) == 2 and alloc.num_free == 8 and cache.all_pages() == []
+
+
+def test_min_new_tokens_ids_are_made_once_per_request_and_dropped_once_reached():
+    batcher, _, _ = make_batcher()
+    batcher.eos_token_ids = frozenset({2})
+    sp = SamplingParams(max_new_tokens=6, temperature=0.0, min_new_tokens=3, stop_token_ids=[9, 4, 9])
+    s = Sequence(req=GenerateRequest(rid="m", input_ids=[5, 6, 7], sampling_params=sp, seed=0, sink=lambda out: None))
+    batcher.add(s)
+    seen = []
+    while batcher.has_work:
+        batch = batcher.schedule()
+        seen.append(batch.entries[0].banned_ids)
+        read_back(batch, batcher)
+    assert seen[0] == [2, 4, 9] and all(b is seen[0] for b in seen[:3])  # one list for the request's life
+    assert seen[3:] == [None] * 3

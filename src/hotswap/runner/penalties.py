@@ -69,8 +69,8 @@ def apply_penalties(logits: torch.Tensor, entries: list[BatchEntry], prev_token_
         k, t, c = _unique_keys(rows, ids, vocab)
         x[pen_rows[k], t] -= freq[k] * c.float() + pres[k]
 
-    banned = [(i, t) for i in pen for t in (entries[i].banned_ids or ())]
-    if banned:
-        r, t = zip(*banned)
-        x[to_device(np.array(r, dtype=np.int64)), to_device(np.array(t, dtype=np.int64))] = float("-inf")
+    banned = [i for i in pen if entries[i].banned_ids]
+    if banned:  # each request's list is made once (the batcher keeps it on the sequence): flattened here in numpy
+        rows, ids = _flat([entries[i].banned_ids for i in banned])
+        x[to_device(np.asarray(np.take(banned, rows), dtype=np.int64)), to_device(ids)] = float("-inf")
     return x

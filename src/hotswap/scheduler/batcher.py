@@ -141,7 +141,7 @@ class Batcher:
             pages=seq.pages,
             sample=end == known + seq.pending,
             params=seq.req.sampling_params,
-            seed=seq.req.seed,
+            row=seq.row(),
             step=len(seq.output_ids) + seq.pending,
             prev_row=inputs_from_inflight(seq, end),
         )
@@ -160,7 +160,9 @@ class Batcher:
             if sp.repetition_penalty != 1.0:
                 entry.prompt_ids = seq.distinct_prompt_ids()
             if entry.step < sp.min_new_tokens:
-                entry.banned_ids = sorted(set(sp.stop_token_ids) | (set() if sp.ignore_eos else self.eos_token_ids))
+                if seq.banned_ids is None:
+                    seq.banned_ids = sorted(set(sp.stop_token_ids) | (set() if sp.ignore_eos else self.eos_token_ids))
+                entry.banned_ids = seq.banned_ids
         first = max(entry.start_pos, seq.prompt_logprobs_owed)
         last = min(end, seq.prompt_len - 1)
         if first < last:

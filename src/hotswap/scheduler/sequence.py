@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from hotswap.protocol import GenerateRequest
+from hotswap.runner.row_params import SamplerRow
 
 
 class Status(enum.Enum):
@@ -26,6 +27,8 @@ class Sequence:
     input_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
     top_p_token_ids: list[list[int]] = field(default_factory=list)  # per output token: the ids the filters kept
     prompt_token_set: list[int] | None = None  # the prompt's distinct ids, made once for repetition_penalty
+    banned_ids: list[int] | None = None  # the ids min_new_tokens masks (stop ids, eos unless ignored), made once
+    sampler_row: SamplerRow | None = None  # its sampling parameters as a runner row, made once (`row`)
     pages: list[int] = field(default_factory=list)
     num_computed: int = 0  # leading tokens whose KV is in `pages` (or is being computed by the step in flight)
     pending: int = 0  # sampled tokens in flight: launched, not yet read back (0 or 1); see scheduler/overlap.py
@@ -68,6 +71,11 @@ class Sequence:
         if self.prompt_token_set is None:
             self.prompt_token_set = sorted(set(self.req.input_ids))
         return self.prompt_token_set
+
+    def row(self) -> SamplerRow:
+        if self.sampler_row is None:
+            self.sampler_row = SamplerRow.of(self.req.sampling_params, self.req.seed)
+        return self.sampler_row
 
     @property
     def prompt_logprob_start(self) -> int:
