@@ -3,7 +3,8 @@ sampler's arithmetic (batch formation, row parameters, input tensors, read-back,
 part that grows with the batch and that the GPU waits on when the graphs run faster than the host.
 
 Each decode step of a full batch is timed (schedule + launch + process of the scheduler loop), minus
-the time inside the model's forward, its LM head and the sampler's arithmetic; the median over steps.
+the time inside the model's forward, its LM head and the sampler's arithmetic; the median (and the
+90th percentile, which garbage-collector pauses raise) over the steps of the best of a few runs.
 
     python bench/host_step.py --batch 256 --steps 48                  # CPU, tiny model, RL sampling
     python bench/host_step.py --batch 256 --mode penalties            # + min_new_tokens and a frequency penalty
@@ -26,6 +27,7 @@ from common import config_only_checkpoint  # noqa: E402
 from hotswap import Engine  # noqa: E402
 from hotswap.runner import sampler  # noqa: E402
 
+PHASES = ("schedule", "launch", "process")  # the scheduler loop's host work per step (launch minus its compute)
 MODES = {
     "greedy": {"temperature": 0.0},
     "sampled": {"temperature": 1.0, "top_p": 0.95},  # an RL rollout: logprobs of every token (return_logprob below)
@@ -34,12 +36,10 @@ MODES = {
 
 
 class Clock:
-    """Wall time per scheduler-loop phase, and the compute time inside them, per decode step."""
+    """Compute time (model, LM head, sampler arithmetic), accumulated by the wrapped functions."""
 
     def __init__(self) -> None:
         self.compute = 0.0
-        self.step_start: float | None = None
-        self.steps: list[float] = []
 
     def wrap_compute(self, fn):
         def timed(*args, **kwargs):
@@ -69,22 +69,23 @@ def main() -> None:
     model.forward = clock.wrap_compute(model.forward)
     model.compute_logits = clock.wrap_compute(model.compute_logits)
     sampler.reference_sample = clock.wrap_compute(sampler.reference_sample)
-    real = {name: getattr(sched, name) for name in ("schedule", "launch", "process")}
-    phase = {"wall": 0.0, "compute": 0.0, "decode": False}
+    real = {name: getattr(sched, name) for name in PHASES}
+    step: dict[str, float] = {}
+    steps: list[dict[str, float]] = []
+    decode = [False]
 
     def timed_phase(name):
         def run(*a, **kw):
             c0, t = clock.compute, time.perf_counter()
             out = real[name](*a, **kw)
-            phase["wall"] += time.perf_counter() - t
-            phase["compute"] += clock.compute - c0
+            step[name] = step.get(name, 0.0) + (time.perf_counter() - t) - (clock.compute - c0)
             if name == "launch":
                 entries = a[0].entries
-                phase["decode"] = len(entries) == args.batch and all(len(e.input_ids) == 1 for e in entries)
-            if name == "process":  # one loop iteration ends after the in-flight step is processed
-                if phase["decode"]:
-                    clock.steps.append(phase["wall"] - phase["compute"])
-                phase["wall"] = phase["compute"] = 0.0
+                decode[0] = len(entries) == args.batch and all(len(e.input_ids) == 1 for e in entries)
+            if name == "process":  # a loop iteration ends once the step before the one just launched is processed
+                if decode[0] and len(step) == len(PHASES):
+                    steps.append(dict(step))
+                step.clear()
             return out
         return run
 
@@ -92,16 +93,20 @@ def main() -> None:
         setattr(sched, name, timed_phase(name))
     sp = dict(MODES[args.mode], max_new_tokens=args.steps, ignore_eos=True)
     prompts = [[3 + (7 * i + j) % 400 for j in range(args.prompt)] for i in range(args.batch)]
-    per_repeat = []
+    repeats = []
     for r in range(args.repeats):
-        clock.steps.clear()
+        steps.clear()
         engine.generate(input_ids=prompts, sampling_params=dict(sp, seed=r), return_logprob=True)
         engine.flush_cache()
-        per_repeat.append(statistics.median(clock.steps) * 1e3)
+        totals = [sum(s.values()) * 1e3 for s in steps]
+        phases = {name: statistics.median(s[name] for s in steps) * 1e3 for name in PHASES}
+        repeats.append((statistics.median(totals), statistics.quantiles(totals, n=10)[-1], phases, len(steps)))
     engine.shutdown()
-    print(f"host_step shape={args.shape} batch={args.batch} mode={args.mode} steps={args.steps} decode steps timed="
-          f"{len(clock.steps)}/repeat: host ms/step (median per repeat) = " + " ".join(f"{x:.2f}" for x in per_repeat)
-          + f"; best {min(per_repeat):.2f}")
+    best = min(repeats, key=lambda r: r[0])
+    print(f"host_step shape={args.shape} batch={args.batch} mode={args.mode} output={args.steps}: host ms per decode step "
+          f"(median over {best[3]} steps; best of {args.repeats} runs) = {best[0]:.2f}, 90th percentile {best[1]:.2f}; by phase (medians) "
+          + ", ".join(f"{k} {v:.2f}" for k, v in best[2].items())
+          + "; every run's median: " + " ".join(f"{r[0]:.2f}" for r in repeats))
 
 
 if __name__ == "__main__":

@@ -182,11 +182,16 @@ class ModelRunner:
             keep_greedy_rows=keep_greedy, keep_filtered_rows=np.flatnonzero(keep & ~greedy & filters).tolist(),
         )
 
-    def pending_rows(self, entries: list[BatchEntry], row_offsets) -> np.ndarray | None:
+    def pending_rows(self, entries: list[BatchEntry], row_offsets: np.ndarray | None) -> np.ndarray | None:
         """The inputs still on the device (sampled by the step in flight): int64 [2, k] of (row in this
-        batch's input_ids, row in the previous step's sampled ids), or None when every input is known."""
-        pairs = [(int(row_offsets[i]), e.prev_row) for i, e in enumerate(entries) if e.prev_row >= 0]
-        return np.array(pairs, dtype=np.int64).T.copy() if pairs else None
+        batch's input_ids, row in the previous step's sampled ids), or None when every input is known.
+        `row_offsets`: each entry's first input row (None: entry i is row i, a decode batch)."""
+        prev = np.fromiter((e.prev_row for e in entries), dtype=np.int64, count=len(entries))
+        which = np.flatnonzero(prev >= 0)
+        if not len(which):
+            return None
+        rows = which if row_offsets is None else row_offsets[which].astype(np.int64)
+        return np.stack([rows, prev[which]])
 
     @torch.inference_mode()
     def run(self, entries: list[BatchEntry], prev_token_ids: torch.Tensor | None = None) -> SampleResult | None:
@@ -202,7 +207,7 @@ class ModelRunner:
         presampled = None
         if decode_graph:
             hb = HostBatch.build(entries, self.kv_cache.page_size)
-            fix = self.pending_rows(entries, range(len(entries)))
+            fix = self.pending_rows(entries, None)
             n, table = len(entries), self.row_params
             rows = table.floats[:, :n], table.ints[:, :n]
             if self.tp_peers is None:
