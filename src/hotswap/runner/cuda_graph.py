@@ -73,7 +73,7 @@ class CudaGraphRunner:
     def can_run(self, entries: list[BatchEntry]) -> bool:
         """Penalized rows run eagerly: the in-graph sampler reads the logits as the model left them."""
         return (self.captured and len(entries) <= self.max_batch
-                and all(len(e.input_ids) == 1 and e.sample and not e.prompt_targets and not e.params.has_penalties for e in entries))
+                and all(len(e.input_ids) == 1 and e.sample and not e.prompt_targets and not e.row.penalized for e in entries))
 
     def can_run_extend(self, entries: list[BatchEntry]) -> bool:
         return self.captured and self.extend.can_run(entries)

@@ -227,7 +227,7 @@ class ModelRunner:
         n = len(to_sample)
         if n:
             sample_logits = logits[:n]
-            if any(e.params.has_penalties for e in to_sample):
+            if any(e.row.penalized for e in to_sample):
                 sample_logits = apply_penalties(sample_logits, to_sample, prev_token_ids, self.to_device)
             result = sample(sample_logits, sb, presampled)
             if self.tp_peers is not None and presampled is None:  # a decode graph's ids reached the workers inside it

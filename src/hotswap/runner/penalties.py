@@ -38,7 +38,7 @@ def apply_penalties(logits: torch.Tensor, entries: list[BatchEntry], prev_token_
     `to_device`: numpy array -> tensor on the logits' device."""
     x = logits.float().clone() if logits.dtype == torch.float32 else logits.float()
     vocab = x.shape[1]
-    pen = [i for i, e in enumerate(entries) if e.params.has_penalties]
+    pen = [i for i, e in enumerate(entries) if e.row.penalized]
     ps = [entries[i].params for i in pen]
     pen_rows = to_device(np.array(pen, dtype=np.int64))
 

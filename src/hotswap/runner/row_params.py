@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 
 class SamplerRow(NamedTuple):
     """One request's row, as submitted (converted when a table writes it, so a value the door missed fails
-    that request alone): temperature (0 = greedy), top_p, min_p, top_k (<= 0 = off), seed, and what it
-    asks back (logprobs, top-logprobs count, its kept ids)."""
+    that request alone): temperature (0 = greedy), top_p, min_p, top_k (<= 0 = off), seed, what it asks
+    back (logprobs, top-logprobs count, its kept ids), and whether penalties or biases change its logits
+    (SamplingParams.has_penalties, read for every row of every step)."""
 
     temperature: float
     top_p: float
@@ -35,11 +36,12 @@ class SamplerRow(NamedTuple):
     return_logprob: bool
     top_logprobs_num: int
     return_top_p_token_ids: bool
+    penalized: bool
 
     @classmethod
     def of(cls, params: SamplingParams, seed: int) -> SamplerRow:
         return cls(0.0 if params.greedy else params.temperature, params.top_p, params.min_p, params.top_k, seed,
-                   params.return_logprob, params.top_logprobs_num, params.return_top_p_token_ids)
+                   params.return_logprob, params.top_logprobs_num, params.return_top_p_token_ids, params.has_penalties)
 
 
 class RowParamTable:

@@ -136,6 +136,7 @@ class Batcher:
         start = seq.num_computed
         end = start + n
         known = seq.num_tokens
+        row = seq.row()
         # tokens not read back yet (in flight) are placeholders, filled on the device
         input_ids = [0] * n if start >= known else seq.tokens_slice(start, min(end, known)) + [0] * max(0, end - known)
         entry = BatchEntry(
@@ -144,11 +145,11 @@ class Batcher:
             pages=seq.pages,
             sample=end == known + seq.pending,
             params=seq.req.sampling_params,
-            row=seq.row(),
+            row=row,
             step=len(seq.output_ids) + seq.pending,
             prev_row=inputs_from_inflight(seq, end),
         )
-        if entry.sample and seq.req.sampling_params.has_penalties:
+        if entry.sample and row.penalized:
             self._plan_penalties(seq, entry)
         if start < seq.prompt_len - 1:  # a chunk of the prompt (never a decode step): maybe prompt logprobs
             self._plan_prompt_logprobs(seq, entry, end)
