@@ -20,10 +20,11 @@ if TYPE_CHECKING:
     from hotswap.runner.batch_entry import BatchEntry
 
 
-def _flat(lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """(row of each id, the ids) of several id lists, as int64 arrays."""
+def _flat(lists: list) -> tuple[np.ndarray, np.ndarray]:
+    """(row of each id, the ids) of several id lists (int64 arrays, as the batcher keeps them, or lists), as
+    int64 arrays."""
     lengths = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
-    ids = np.fromiter((t for x in lists for t in x), dtype=np.int64, count=int(lengths.sum()))
+    ids = np.concatenate([np.asarray(x, dtype=np.int64) for x in lists]) if lists else np.zeros(0, dtype=np.int64)
     return np.repeat(np.arange(len(lists), dtype=np.int64), lengths), ids
 
 

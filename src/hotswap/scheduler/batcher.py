@@ -159,9 +159,10 @@ class Batcher:
         return entry
 
     def _plan_penalties(self, seq: Sequence, entry: BatchEntry) -> None:
-        """The penalty state the runner reads (by reference: the lists are the sequence's own, made once)."""
+        """The penalty state the runner reads, kept on the sequence so that a step adds only what changed."""
         sp = seq.req.sampling_params
-        entry.output_ids = seq.output_ids
+        if sp.repetition_penalty != 1.0 or sp.frequency_penalty or sp.presence_penalty:
+            entry.output_ids = seq.counted_output()
         if sp.repetition_penalty != 1.0:
             entry.prompt_ids = seq.distinct_prompt_ids()
         if entry.step < sp.min_new_tokens:
