@@ -70,10 +70,13 @@ class CudaGraphRunner:
     def captured(self) -> bool:
         return bool(self.graphs)
 
-    def can_run(self, entries: list[BatchEntry]) -> bool:
-        """Penalized rows run eagerly: the in-graph sampler reads the logits as the model left them."""
-        return (self.captured and len(entries) <= self.max_batch
-                and all(len(e.input_ids) == 1 and e.sample and not e.prompt_targets and not e.row.penalized for e in entries))
+    def can_run(self, hb: HostBatch, penalized: bool) -> bool:
+        """A decode batch (one input per row, every row sampled, no prompt row scored) that fits a bucket.
+        `penalized`: some row has penalties, and runs eagerly (the in-graph sampler reads the logits as the
+        model left them)."""
+        n = len(hb.seq_lens)
+        return (self.captured and n <= self.max_batch and hb.is_decode and len(hb.logits_indices) == n
+                and not len(hb.prompt_rows) and not penalized)
 
     def can_run_extend(self, entries: list[BatchEntry]) -> bool:
         return self.captured and self.extend.can_run(entries)

@@ -199,14 +199,15 @@ class ModelRunner:
         rows entries ask logprobs for. Inputs marked `prev_row` are filled on the device from
         `prev_token_ids` (the step before, still in flight)."""
         to_sample = [e for e in entries if e.sample]
+        penalized = any(e.row.penalized for e in to_sample)
+        hb = HostBatch.build(entries, self.kv_cache.page_size)
         graphs = self.cuda_graphs
-        decode_graph = graphs is not None and graphs.can_run(entries)
+        decode_graph = graphs is not None and graphs.can_run(hb, penalized)
         # built before the forward: a row that cannot run fails alone (BatchRowError) with nothing computed. A
         # decode graph step samples every entry: the graph's staged parameters are the table's first rows
         sb = self.sampling_batch(to_sample, graphs.sampling_rows(len(entries)) if decode_graph else None) if to_sample else None
         presampled = None
         if decode_graph:
-            hb = HostBatch.build(entries, self.kv_cache.page_size)
             fix = self.pending_rows(entries, None)
             n, table = len(entries), self.row_params
             rows = table.floats[:, :n], table.ints[:, :n]
@@ -215,7 +216,6 @@ class ModelRunner:
             else:  # the workers replay the same bucket; the sampled ids reach them inside the graph
                 logits, presampled = self.tp_peers.forward(hb, fix, StepMode.DECODE_GRAPH, lambda: graphs.replay(hb, fix, rows, prev_token_ids))
         else:
-            hb = HostBatch.build(entries, self.kv_cache.page_size)
             fix = self.pending_rows(entries, hb.cu_seqlens_q)
             if graphs is not None and graphs.can_run_extend(entries):
                 mode, compute = StepMode.EXTEND_GRAPH, lambda: graphs.run_extend(hb, fix, prev_token_ids)
@@ -227,7 +227,7 @@ class ModelRunner:
         n = len(to_sample)
         if n:
             sample_logits = logits[:n]
-            if any(e.row.penalized for e in to_sample):
+            if penalized:
                 sample_logits = apply_penalties(sample_logits, to_sample, prev_token_ids, self.to_device)
             result = sample(sample_logits, sb, presampled)
             if self.tp_peers is not None and presampled is None:  # a decode graph's ids reached the workers inside it
