@@ -246,3 +246,33 @@ def test_radix_match_inside_an_edge_splits_it_and_only_the_tail_is_evicted():
     assert cache.match(tokens) == pages[:2]
     alloc.release(hit)
     assert cache.evict(8) == 2 and alloc.num_free == 8 and cache.all_pages() == []
+
+
+def test_min_new_tokens_ids_are_made_once_per_request_and_dropped_once_reached():
+    batcher, _, _ = make_batcher()
+    batcher.eos_token_ids = frozenset({2})
+    sp = SamplingParams(max_new_tokens=6, temperature=0.0, min_new_tokens=3, stop_token_ids=[9, 4, 9])
+    s = Sequence(req=GenerateRequest(rid="m", input_ids=[5, 6, 7], sampling_params=sp, seed=0, sink=lambda out: None))
+    batcher.add(s)
+    seen = []
+    while batcher.has_work:
+        batch = batcher.schedule()
+        seen.append(batch.entries[0].banned_ids)
+        read_back(batch, batcher)
+    assert seen[0] == [2, 4, 9] and all(b is seen[0] for b in seen[:3])  # one list for the request's life
+    assert seen[3:] == [None] * 3
+
+
+def test_penalized_output_ids_are_converted_once_as_they_come():
+    """The ids penalties count each step are the sequence's own int64 array: a step converts only the new
+    tokens, and an array handed out earlier keeps what it held while the sequence grows."""
+    sp = SamplingParams(max_new_tokens=64, temperature=0.0, frequency_penalty=0.5)
+    s = Sequence(req=GenerateRequest(rid="f", input_ids=[5, 5, 6], sampling_params=sp, seed=0, sink=lambda out: None))
+    assert s.counted_output().tolist() == []
+    seen = []
+    for t in range(40):
+        s.output_ids.append(t % 7)
+        seen.append(s.counted_output())
+        assert s.counted_len == len(s.output_ids)
+    assert [a.tolist() for a in seen] == [[t % 7 for t in range(k + 1)] for k in range(40)]
+    assert s.distinct_prompt_ids().tolist() == [5, 6] and s.distinct_prompt_ids() is s.distinct_prompt_ids()

@@ -71,6 +71,42 @@ def test_cuda_graph_seeded_sampling_equals_eager(tiny_qwen3):
     assert got == ref
 
 
+def test_cuda_graph_rows_follow_their_requests_as_rows_shift(tiny_qwen3):
+    """Requests of different lengths finish mid-batch (the rows after them shift up) and a second wave
+    takes their rows while the first still runs: each row samples with its own request's parameters, as
+    on the eager path, and the sampling after the graph (top logprobs, kept ids) reads the graph's staged
+    rows instead of uploading them again."""
+    prompts = [prompt_ids(80 + i, 4 + 3 * i) for i in range(6)]
+    params = [dict(GREEDY, max_new_tokens=3 + 4 * (i % 3), temperature=[0.0, 0.8, 1.2][i % 3], top_p=[1.0, 0.9, 0.95][i % 3],
+                   top_k=[-1, 7, -1][i % 3], seed=10 + i, return_top_p_token_ids=True) for i in range(6)]
+
+    def run(engine):
+        with ThreadPoolExecutor(1) as pool:  # the first wave decodes while the second joins (tokens are batch-invariant)
+            first = pool.submit(engine.generate, input_ids=prompts[:4], sampling_params=params[:4], return_logprob=True, top_logprobs_num=2)
+            second = engine.generate(input_ids=prompts[4:], sampling_params=params[4:], return_logprob=True, top_logprobs_num=2)
+            outs = first.result() + second
+        meta = ("output_token_logprobs", "output_top_logprobs", "top_p_token_ids", "top_p_token_offsets")
+        return [(o["output_ids"], *(o["meta_info"].get(k) for k in meta)) for o in outs]
+
+    with Engine(str(tiny_qwen3), device="cuda", dtype="float32", enable_cuda_graph=False) as eager:
+        ref = run(eager)
+    with Engine(str(tiny_qwen3), device="cuda", dtype="float32") as eng:
+        runner, graphs = eng.model_runner, eng.model_runner.cuda_graphs
+        staged = []
+        real = runner.sampling_batch
+
+        def spy(entries, graph_rows=None):
+            sb = real(entries, graph_rows)
+            if graph_rows is not None and not sb.all_greedy:
+                staged.append(sb.temperatures.untyped_storage().data_ptr() == graphs.inputs.device_bytes.untyped_storage().data_ptr())
+            return sb
+
+        runner.sampling_batch = spy
+        got = run(eng)
+    assert staged and all(staged)
+    assert got == ref
+
+
 def test_extend_graphs_equal_eager_with_prefix_hits_and_chunks(tiny_qwen3):
     """Prefill and mixed steps replayed from extend graphs (chunked prefill, prefix-cache hits, a
     second wave joining running decodes) give the eager path's tokens exactly (float32)."""

@@ -10,6 +10,7 @@ from hf_reference import hf_model, prompt_ids
 from hotswap import Engine, HotswapError
 from hotswap.runner.batch_entry import BatchEntry
 from hotswap.runner.penalties import apply_penalties
+from hotswap.runner.row_params import SamplerRow
 from hotswap.runner.sampler import SamplingBatch, reference_sample, sample
 from hotswap.sampling_params import SamplingParams
 
@@ -31,7 +32,7 @@ def reference_penalties(x: torch.Tensor, p: SamplingParams, prompt: list[int], o
 
 
 def entry(params: SamplingParams, prompt: list[int], output: list[int], prev_row: int = -1, banned=None) -> BatchEntry:
-    return BatchEntry(input_ids=[0], start_pos=0, pages=[0], sample=True, params=params, seed=3, step=len(output),
+    return BatchEntry(input_ids=[0], start_pos=0, pages=[0], sample=True, params=params, row=SamplerRow.of(params, 3), step=len(output),
                       prev_row=prev_row, prompt_ids=prompt, output_ids=output, banned_ids=banned)
 
 
@@ -56,6 +57,18 @@ def test_penalties_equal_a_float64_reference_with_the_token_in_flight():
         want = reference_penalties(xb[r], params[r], prompts[r], seen_out[r], [0, 63] if r == 2 else [])
         torch.testing.assert_close(got[r].double(), want, atol=1e-5, rtol=1e-5)
     assert torch.equal(got[1], xb[1])
+
+
+def test_min_new_tokens_masks_each_rows_own_ids():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, V, generator=g)
+    params = [SamplingParams(min_new_tokens=3), SamplingParams(logit_bias={8: 1.0}), SamplingParams(min_new_tokens=2, presence_penalty=0.5)]
+    banned = [[2, 9, 63], None, [0, 9]]
+    entries = [entry(p, [1], [4], banned=b) for p, b in zip(params, banned)]
+    got = apply_penalties(x, entries, None, torch.from_numpy)
+    for r in range(3):
+        want = reference_penalties(x[r], params[r], [1], [4], banned[r] or [])
+        torch.testing.assert_close(got[r].double(), want, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("greedy", [True, False])

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from hotswap.runner.cuda_graph import graph_buckets
-from hotswap.runner.sampler import SamplingBatch, gumbel_noise, host_params, kept, reference_sample
+from hotswap.runner.sampler import SamplingBatch, gumbel_noise, kept, reference_sample
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -106,16 +106,6 @@ def test_noise_is_the_counter_hash_of_seed_step_and_token():
     assert abs(a.mean().item() - 0.5772) < 0.05  # Gumbel(0, 1) has mean Euler's gamma
 
 
-def test_row_parameters_keep_a_huge_seed_to_its_low_64_bits():
-    from hotswap.runner.batch_entry import BatchEntry
-    from hotswap.sampling_params import SamplingParams
-
-    entries = [BatchEntry(input_ids=[1], start_pos=0, pages=[0], sample=True, params=SamplingParams(temperature=0.5, top_k=3),
-                          seed=seed, step=4) for seed in (2**64 + 5, 5, 2**63)]
-    floats, ints = host_params(entries, vocab=100)
-    assert ints[1].tolist() == [5, 5, -(2**63)] and ints[0].tolist() == [3, 3, 3] and floats[0].tolist() == [0.5] * 3
-
-
 def test_graph_buckets_reach_max_running_requests():
     assert graph_buckets(256)[-3:] == [192, 224, 256]
     assert graph_buckets(300)[-2:] == [256, 300]
@@ -152,6 +142,54 @@ _INTERPRETER_CHECK = textwrap.dedent("""
         torch.testing.assert_close(lps, torch.log_softmax(x.float(), -1).gather(1, ids[:, None])[:, 0], atol=1e-5, rtol=1e-5)
     print("kernel == reference")
 """)
+
+
+@torch.no_grad()
+def assert_logprobs_match_float64(path, outs, prompts, temperature: float, original: bool) -> None:
+    """Each sampled token's logprob against HF's logits in float64: of the raw distribution (`original`,
+    SGLang's SGLANG_RETURN_ORIGINAL_LOGPROB) or of the temperature-scaled one (SGLang's default)."""
+    from hf_reference import hf_model
+
+    model = hf_model(str(path))
+    scale = 1.0 if original else temperature
+    for out, ids in zip(outs, prompts):
+        got = [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]]
+        toks = out["output_ids"]
+        logits = model(torch.tensor([ids + toks])).logits[0, len(ids) - 1 : -1].double()
+        want = torch.log_softmax(logits / scale, dim=-1).gather(1, torch.tensor(toks).unsqueeze(1)).squeeze(1)
+        torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), want, atol=1e-4, rtol=0)
+
+
+ORIGINAL_PROMPTS = [[5, 9, 14, 3, 77], [40, 2, 8]]
+ORIGINAL_PARAMS = {"max_new_tokens": 8, "temperature": 0.7, "seed": 5, "ignore_eos": True}
+
+
+def test_return_original_logprob_reaches_the_eager_sampler(tiny_qwen3):
+    """The engine config switches between raw and temperature-scaled logprobs; the tokens do not change."""
+    from hotswap import Engine
+
+    outs = {}
+    for original in (False, True):
+        with Engine(str(tiny_qwen3), device="cpu", page_size=4, return_original_logprob=original) as engine:
+            outs[original] = engine.generate(input_ids=ORIGINAL_PROMPTS, sampling_params=ORIGINAL_PARAMS, return_logprob=True)
+        assert_logprobs_match_float64(tiny_qwen3, outs[original], ORIGINAL_PROMPTS, 0.7, original)
+    assert [o["output_ids"] for o in outs[False]] == [o["output_ids"] for o in outs[True]]
+
+
+@pytest.mark.gpu
+def test_gpu_return_original_logprob_reaches_the_graph_sampler(tiny_qwen3):
+    """The same on CUDA, where the decode steps sample inside the CUDA graphs."""
+    from hotswap import Engine
+
+    for original in (False, True):
+        with Engine(str(tiny_qwen3), device="cuda", dtype="float32", return_original_logprob=original) as engine:
+            graphs = engine.model_runner.cuda_graphs
+            replays = []
+            real = graphs.replay
+            graphs.replay = lambda hb, fix, rows, prev=None: (replays.append(len(hb.input_ids)), real(hb, fix, rows, prev))[1]
+            outs = engine.generate(input_ids=ORIGINAL_PROMPTS, sampling_params=ORIGINAL_PARAMS, return_logprob=True)
+        assert len(replays) >= ORIGINAL_PARAMS["max_new_tokens"] - 1  # every decode step ran a graph
+        assert_logprobs_match_float64(tiny_qwen3, outs, ORIGINAL_PROMPTS, 0.7, original)
 
 
 def test_kernels_match_the_reference_in_the_triton_interpreter():
@@ -242,8 +280,8 @@ def test_gpu_decode_graphs_reach_max_running_requests_and_sample_inside(tiny_qwe
         graphs = eng.model_runner.cuda_graphs
         assert graphs.buckets[-1] == 600
         rows = []
-        real_run = graphs.run
-        graphs.run = lambda entries, prev=None: (rows.append(len(entries)), real_run(entries, prev))[1]
+        real = graphs.replay
+        graphs.replay = lambda hb, fix, params, prev=None: (rows.append(len(hb.input_ids)), real(hb, fix, params, prev))[1]
         outs = eng.generate(input_ids=[[5 + i % 50, 7, 9] for i in range(600)],
                             sampling_params={"max_new_tokens": 6, "temperature": 1.0, "ignore_eos": True, "seed": 11},
                             return_logprob=True)

@@ -15,6 +15,7 @@ from hotswap.config import EngineConfig, ModelConfig
 from hotswap.models.parallel import TPInfo
 from hotswap.runner.batch_entry import BatchEntry
 from hotswap.runner.model_runner import ModelRunner
+from hotswap.runner.row_params import SamplerRow
 from hotswap.sampling_params import SamplingParams
 
 PROMPTS = [prompt_ids(11, 13), prompt_ids(12, 6)]
@@ -27,7 +28,8 @@ def greedy_run(runner: ModelRunner) -> tuple[torch.Tensor, list[list[int]]]:
     sp = SamplingParams(temperature=0, max_new_tokens=STEPS)
     pages = [list(range(0, 8)), list(range(8, 16))]
     seqs = [list(p) for p in PROMPTS]
-    entries = [BatchEntry(input_ids=list(p), start_pos=0, pages=pages[i], sample=True, params=sp, seed=0, step=0) for i, p in enumerate(PROMPTS)]
+    entries = [BatchEntry(input_ids=list(p), start_pos=0, pages=pages[i], sample=True, params=sp, row=SamplerRow.of(sp, 0), step=0)
+               for i, p in enumerate(PROMPTS)]
     with torch.inference_mode():
         ids, ctx, idx = runner.build_context(entries)
         first_logits = runner.model.compute_logits(runner.model(ids, ctx)[idx])
@@ -36,7 +38,7 @@ def greedy_run(runner: ModelRunner) -> tuple[torch.Tensor, list[list[int]]]:
         toks = result.token_ids.tolist()
         for s, t in zip(seqs, toks):
             s.append(t)
-        entries = [BatchEntry(input_ids=[s[-1]], start_pos=len(s) - 1, pages=pages[i], sample=True, params=sp, seed=0, step=step + 1)
+        entries = [BatchEntry(input_ids=[s[-1]], start_pos=len(s) - 1, pages=pages[i], sample=True, params=sp, row=SamplerRow.of(sp, 0), step=step + 1)
                    for i, s in enumerate(seqs)]
     return first_logits, [s[len(p):] for s, p in zip(seqs, PROMPTS)]
 

@@ -13,6 +13,7 @@ import pytest
 
 from hotswap.runner.batch_entry import BatchEntry
 from hotswap.runner.host_batch import HostBatch
+from hotswap.runner.row_params import SamplerRow
 from hotswap.runner.tp_protocol import HEADER_ARGS, Op, decode_step, encode_step
 from hotswap.runner.tp_step_codec import StepMode, StepReplica
 from hotswap.sampling_params import SamplingParams
@@ -70,7 +71,7 @@ class Scheduler:
             from_device = left <= 0 and overlap and seq.sampled_row >= 0
             ids = [0] if from_device else [self.rng.randrange(1000) for _ in range(n)]
             entries.append(BatchEntry(input_ids=ids, start_pos=seq.computed, pages=list(seq.pages), sample=sample, params=PARAMS,
-                                      seed=0, step=0, prev_row=seq.sampled_row if from_device else -1))
+                                      row=SamplerRow.of(PARAMS, 0), step=0, prev_row=seq.sampled_row if from_device else -1))
             stepped.append(seq)
             seq.computed = end
         row = 0

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from hotswap.runner.row_params import SamplerRow
 from hotswap.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(slots=True)
@@ -16,14 +21,15 @@ class BatchEntry:
     pages: list[int]
     sample: bool
     params: SamplingParams
-    seed: int
+    row: SamplerRow  # the request's sampler row, made once per request (runner/row_params.py)
     step: int
     prev_row: int = -1  # >= 0: the input token is still on the device, row prev_row of the previous step's sample
-    # penalties (only when params.has_penalties): the tokens they count, by reference (the token in flight,
-    # prev_row, is read on the device): the prompt's distinct ids (repetition_penalty only), the output so
-    # far; and the ids min_new_tokens still masks
-    prompt_ids: list[int] | None = None
-    output_ids: list[int] | None = None
+    # penalties (only when params.has_penalties): the tokens they count, as the sequence keeps them (the token
+    # in flight, prev_row, is read on the device): the prompt's distinct ids (repetition_penalty only) and the
+    # output so far (repetition, frequency or presence penalty), int64 arrays (lists in tests); and the ids
+    # min_new_tokens still masks (one list per request, made once)
+    prompt_ids: np.ndarray | list[int] | None = None
+    output_ids: np.ndarray | list[int] | None = None
     banned_ids: list[int] | None = None
     # prompt logprobs: the logits of input rows prompt_from.. of this chunk score the next prompt tokens
     prompt_from: int = 0

@@ -70,10 +70,13 @@ class CudaGraphRunner:
     def captured(self) -> bool:
         return bool(self.graphs)
 
-    def can_run(self, entries: list[BatchEntry]) -> bool:
-        """Penalized rows run eagerly: the in-graph sampler reads the logits as the model left them."""
-        return (self.captured and len(entries) <= self.max_batch
-                and all(len(e.input_ids) == 1 and e.sample and not e.prompt_targets and not e.params.has_penalties for e in entries))
+    def can_run(self, hb: HostBatch, penalized: bool) -> bool:
+        """A decode batch (one input per row, every row sampled, no prompt row scored) that fits a bucket.
+        `penalized`: some row has penalties, and runs eagerly (the in-graph sampler reads the logits as the
+        model left them)."""
+        n = len(hb.seq_lens)
+        return (self.captured and n <= self.max_batch and hb.is_decode and len(hb.logits_indices) == n
+                and not len(hb.prompt_rows) and not penalized)
 
     def can_run_extend(self, entries: list[BatchEntry]) -> bool:
         return self.captured and self.extend.can_run(entries)
@@ -89,7 +92,7 @@ class CudaGraphRunner:
         self.inputs = StagedInputs({
             "input_ids": ((n,), torch.int64), "positions": ((n,), torch.int64), "slot_mapping": ((n,), torch.int64),
             "input_src": ((n,), torch.int64), "seq_lens": ((n,), torch.int32),
-            "floats": ((3, n), torch.float32), "ints": ((3, n), torch.int64),  # sampler.host_params of the rows
+            "floats": ((3, n), torch.float32), "ints": ((3, n), torch.int64),  # the rows of runner/row_params.py
             "page_table": ((n, w), torch.int32),
         }, dev)
         self.logprobs = torch.zeros(n, dtype=torch.float32, device=dev)
@@ -97,6 +100,12 @@ class CudaGraphRunner:
         self.cu_seqlens_q = torch.arange(n + 1, dtype=torch.int32, device=dev)
         # the previous step's sampled ids: the decode graphs' sampler writes them here, other steps' ids are copied in
         self.prev_ids = torch.zeros(max(n, self.runner.config.max_running_requests), dtype=torch.int64, device=dev)
+
+    def sampling_rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The staged (floats, ints) row parameters of a step's first `n` rows on the device: filled by the
+        step's one upload (`replay`), read by the graph's sampler and by the sampling after it."""
+        d = self.inputs.device
+        return d["floats"][:, :n], d["ints"][:, :n]
 
     def _load_prev(self, prev_token_ids: torch.Tensor | None) -> None:
         """Make `prev_ids` hold the previous step's sampled ids (already there after a decode graph step)."""
@@ -162,11 +171,11 @@ class CudaGraphRunner:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
 
-    def replay(self, hb: HostBatch, fix: np.ndarray | None, params: tuple[np.ndarray, np.ndarray] | None,
+    def replay(self, hb: HostBatch, fix: np.ndarray | None, rows: tuple[np.ndarray, np.ndarray] | None,
                prev_token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(logits [n, V], (sampled ids, their logprobs, log-sum-exp) [n]) of a decode batch (`can_run`),
-        padded to its bucket. `params`: the rows' sampler.host_params (None on a tensor-parallel worker,
-        which does not sample). The outputs are views of static buffers: valid until the next decode graph
+        padded to its bucket. `rows`: the rows' (floats, ints) of the runner's RowParamTable (None on a
+        tensor-parallel worker, which does not sample). The outputs are views of static buffers: valid until the next decode graph
         step, which is after the caller has read them back."""
         n, width = hb.page_table.shape
         bs = self.buckets[bisect.bisect_left(self.buckets, n)]
@@ -177,8 +186,8 @@ class CudaGraphRunner:
         h["slot_mapping"][:n] = hb.slot_mapping
         h["seq_lens"][:n] = hb.seq_lens
         h["page_table"][:n, :width] = hb.page_table  # cells past a row's pages are never read (attention stops at seq_lens)
-        if params is not None:
-            h["floats"][:, :n], h["ints"][:, :n] = params
+        if rows is not None:
+            h["floats"][:, :n], h["ints"][:, :n] = rows
         h["floats"][0, n:bs] = 0.0  # padded rows: greedy
         h["input_src"][:bs] = -1
         if bs > n:  # padded rows: length 1 over the scratch page

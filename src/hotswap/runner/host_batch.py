@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 
@@ -27,10 +28,12 @@ class HostBatch:
         n = len(entries)
         q_lens = np.fromiter((len(e.input_ids) for e in entries), dtype=np.int64, count=n)
         starts = np.fromiter((e.start_pos for e in entries), dtype=np.int64, count=n)
-        width = width or max(len(e.pages) for e in entries)
+        page_counts = np.fromiter((len(e.pages) for e in entries), dtype=np.int64, count=n)
+        width = width or int(page_counts.max())
         table = np.full((n, width), pad_page, dtype=np.int32)
-        for i, e in enumerate(entries):
-            table[i, : len(e.pages)] = e.pages
+        # every row's pages in one flat pass, placed by a row-major mask (no numpy call per row)
+        table[np.arange(width) < page_counts[:, None]] = np.fromiter(
+            chain.from_iterable(e.pages for e in entries), dtype=np.int32, count=int(page_counts.sum()))
         cu = np.zeros(n + 1, dtype=np.int32)
         np.cumsum(q_lens, out=cu[1:])
         is_decode = bool((q_lens == 1).all())

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from hotswap.config import EngineConfig, ModelConfig
-from hotswap.errors import BatchRowError, HotswapError
+from hotswap.errors import HotswapError
 from hotswap.kernels import skinny_matmul
 from hotswap.models.decoder import CausalLM
 from hotswap.models.forward_context import ForwardContext
@@ -21,7 +21,8 @@ from hotswap.runner.kv_cache import KVCacheStorage
 from hotswap.runner.penalties import apply_penalties
 from hotswap.runner.prompt_logprobs import score_prompt_rows
 from hotswap.runner.routed_experts import RoutedExpertsTable
-from hotswap.runner.sampler import SampleResult, SamplingBatch, empty_result, host_params, sample
+from hotswap.runner.row_params import RowParamTable
+from hotswap.runner.sampler import SampleResult, SamplingBatch, empty_result, sample
 from hotswap.runner.tp_step_codec import StepMode
 from hotswap.weights.fast_reader import ReaderOptions, load_checkpoint
 from hotswap.weights.mapping import WeightMap
@@ -49,6 +50,7 @@ class ModelRunner:
         self.kv_cache = self._make_kv_cache()
         self.routed_experts = self._make_routed_experts()
         self.attention = self._make_attention()
+        self.row_params = RowParamTable(model_config.vocab_size, capacity=config.max_running_requests)
         self.cuda_graphs = None
         # under tensor parallelism every rank captures the same buckets, NCCL collectives inside (cuda_graph.py)
         if device.type == "cuda" and config.enable_cuda_graph and isinstance(self.attention, TritonAttention):
@@ -155,48 +157,41 @@ class ModelRunner:
         )
         return self.to_device(hb.input_ids), ctx, self.to_device(hb.logits_indices)
 
-    def sampling_batch(self, entries: list[BatchEntry], params: tuple[np.ndarray, np.ndarray] | None = None) -> SamplingBatch:
-        """`params`: the rows' host_params when the caller has them already (a decode graph step)."""
-        ps = [e.params for e in entries]
-        all_greedy = all(p.greedy for p in ps)
-        needs_logprobs = any(p.return_logprob for p in ps)
-        max_top = max(p.top_logprobs_num for p in ps)
+    def sampling_batch(self, entries: list[BatchEntry], graph_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> SamplingBatch:
+        """The sampled rows' parameters, read from the row table once `entries` are written into it (only rows
+        whose request changed are rewritten; a row that does not convert raises BatchRowError naming it, so
+        only its request fails). `graph_rows`: a decode graph's staged (floats, ints) on the device, which
+        this step's upload fills from the same table: the sampler reads them there, nothing is uploaded twice."""
+        table = self.row_params
+        table.update(entries)
+        n, vocab = len(entries), self.model_config.vocab_size
+        floats, ints, (greedy, logprobs, top_num, keep_flags) = table.floats[:, :n], table.ints[:, :n], table.flags[:, :n]
+        greedy, keep = greedy.astype(bool), keep_flags.astype(bool)
+        needs_logprobs, max_top = bool(logprobs.any()), int(top_num.max())
         original = self.config.return_original_logprob
-        keep = [i for i, p in enumerate(ps) if p.return_top_p_token_ids]
-        keep_greedy = [i for i in keep if ps[i].greedy]
-        if all_greedy:
+        keep_greedy = np.flatnonzero(keep & greedy).tolist()
+        if greedy.all():
             return SamplingBatch(None, None, None, None, None, None, all_greedy=True, needs_filter=False,
                                  needs_logprobs=needs_logprobs, max_top_logprobs=max_top, original_logprobs=original,
                                  keep_greedy_rows=keep_greedy)
-        vocab = self.model_config.vocab_size
-        floats, ints = params if params is not None else self.host_params(entries)
-        f, i = self.to_device(floats), self.to_device(ints)
+        filters = (floats[1] < 1.0) | (ints[0] < vocab) | (floats[2] > 0)
+        f, i = graph_rows if graph_rows is not None else (self.to_device(floats.copy()), self.to_device(ints.copy()))
         return SamplingBatch(
             temperatures=f[0], top_ps=f[1], min_ps=f[2], top_ks=i[0], seeds=i[1], steps=i[2], all_greedy=False,
-            needs_filter=bool((floats[1] < 1.0).any() or (ints[0] < vocab).any() or (floats[2] > 0).any()),
-            needs_logprobs=needs_logprobs, max_top_logprobs=max_top, original_logprobs=original, keep_greedy_rows=keep_greedy,
-            keep_filtered_rows=[r for r in keep if not ps[r].greedy and (floats[1, r] < 1.0 or ints[0, r] < vocab or floats[2, r] > 0)],
+            needs_filter=bool(filters.any()), needs_logprobs=needs_logprobs, max_top_logprobs=max_top, original_logprobs=original,
+            keep_greedy_rows=keep_greedy, keep_filtered_rows=np.flatnonzero(keep & ~greedy & filters).tolist(),
         )
 
-    def host_params(self, entries: list[BatchEntry]) -> tuple[np.ndarray, np.ndarray]:
-        """The rows' sampling parameters on the host; a row whose parameters do not convert (a value past
-        int64 that the door missed) raises BatchRowError naming it, so only its request fails."""
-        vocab = self.model_config.vocab_size
-        try:
-            return host_params(entries, vocab)
-        except (OverflowError, TypeError, ValueError):
-            for entry in entries:
-                try:
-                    host_params([entry], vocab)
-                except (OverflowError, TypeError, ValueError) as exc:
-                    raise BatchRowError(entry, f"this request's sampling parameters cannot run: {exc}") from exc
-            raise
-
-    def pending_rows(self, entries: list[BatchEntry], row_offsets) -> np.ndarray | None:
+    def pending_rows(self, entries: list[BatchEntry], row_offsets: np.ndarray | None) -> np.ndarray | None:
         """The inputs still on the device (sampled by the step in flight): int64 [2, k] of (row in this
-        batch's input_ids, row in the previous step's sampled ids), or None when every input is known."""
-        pairs = [(int(row_offsets[i]), e.prev_row) for i, e in enumerate(entries) if e.prev_row >= 0]
-        return np.array(pairs, dtype=np.int64).T.copy() if pairs else None
+        batch's input_ids, row in the previous step's sampled ids), or None when every input is known.
+        `row_offsets`: each entry's first input row (None: entry i is row i, a decode batch)."""
+        prev = np.fromiter((e.prev_row for e in entries), dtype=np.int64, count=len(entries))
+        which = np.flatnonzero(prev >= 0)
+        if not len(which):
+            return None
+        rows = which if row_offsets is None else row_offsets[which].astype(np.int64)
+        return np.stack([rows, prev[which]])
 
     @torch.inference_mode()
     def run(self, entries: list[BatchEntry], prev_token_ids: torch.Tensor | None = None) -> SampleResult | None:
@@ -204,22 +199,23 @@ class ModelRunner:
         rows entries ask logprobs for. Inputs marked `prev_row` are filled on the device from
         `prev_token_ids` (the step before, still in flight)."""
         to_sample = [e for e in entries if e.sample]
+        penalized = any(e.row.penalized for e in to_sample)
+        hb = HostBatch.build(entries, self.kv_cache.page_size)
         graphs = self.cuda_graphs
-        decode_graph = graphs is not None and graphs.can_run(entries)
-        # a decode graph step samples every entry: its host parameters are made once, for the graph and `sb`
-        params = self.host_params(entries) if decode_graph else None
-        # built before the forward: a row that cannot run fails alone (BatchRowError) with nothing computed
-        sb = self.sampling_batch(to_sample, params) if to_sample else None
+        decode_graph = graphs is not None and graphs.can_run(hb, penalized)
+        # built before the forward: a row that cannot run fails alone (BatchRowError) with nothing computed. A
+        # decode graph step samples every entry: the graph's staged parameters are the table's first rows
+        sb = self.sampling_batch(to_sample, graphs.sampling_rows(len(entries)) if decode_graph else None) if to_sample else None
         presampled = None
         if decode_graph:
-            hb = HostBatch.build(entries, self.kv_cache.page_size)
-            fix = self.pending_rows(entries, range(len(entries)))
+            fix = self.pending_rows(entries, None)
+            n, table = len(entries), self.row_params
+            rows = table.floats[:, :n], table.ints[:, :n]
             if self.tp_peers is None:
-                logits, presampled = graphs.replay(hb, fix, params, prev_token_ids)
+                logits, presampled = graphs.replay(hb, fix, rows, prev_token_ids)
             else:  # the workers replay the same bucket; the sampled ids reach them inside the graph
-                logits, presampled = self.tp_peers.forward(hb, fix, StepMode.DECODE_GRAPH, lambda: graphs.replay(hb, fix, params, prev_token_ids))
+                logits, presampled = self.tp_peers.forward(hb, fix, StepMode.DECODE_GRAPH, lambda: graphs.replay(hb, fix, rows, prev_token_ids))
         else:
-            hb = HostBatch.build(entries, self.kv_cache.page_size)
             fix = self.pending_rows(entries, hb.cu_seqlens_q)
             if graphs is not None and graphs.can_run_extend(entries):
                 mode, compute = StepMode.EXTEND_GRAPH, lambda: graphs.run_extend(hb, fix, prev_token_ids)
@@ -231,7 +227,7 @@ class ModelRunner:
         n = len(to_sample)
         if n:
             sample_logits = logits[:n]
-            if any(e.params.has_penalties for e in to_sample):
+            if penalized:
                 sample_logits = apply_penalties(sample_logits, to_sample, prev_token_ids, self.to_device)
             result = sample(sample_logits, sb, presampled)
             if self.tp_peers is not None and presampled is None:  # a decode graph's ids reached the workers inside it

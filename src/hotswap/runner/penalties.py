@@ -20,10 +20,11 @@ if TYPE_CHECKING:
     from hotswap.runner.batch_entry import BatchEntry
 
 
-def _flat(lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """(row of each id, the ids) of several id lists, as int64 arrays."""
+def _flat(lists: list) -> tuple[np.ndarray, np.ndarray]:
+    """(row of each id, the ids) of several id lists (int64 arrays, as the batcher keeps them, or lists), as
+    int64 arrays."""
     lengths = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
-    ids = np.fromiter((t for x in lists for t in x), dtype=np.int64, count=int(lengths.sum()))
+    ids = np.concatenate([np.asarray(x, dtype=np.int64) for x in lists]) if lists else np.zeros(0, dtype=np.int64)
     return np.repeat(np.arange(len(lists), dtype=np.int64), lengths), ids
 
 
@@ -38,7 +39,7 @@ def apply_penalties(logits: torch.Tensor, entries: list[BatchEntry], prev_token_
     `to_device`: numpy array -> tensor on the logits' device."""
     x = logits.float().clone() if logits.dtype == torch.float32 else logits.float()
     vocab = x.shape[1]
-    pen = [i for i, e in enumerate(entries) if e.params.has_penalties]
+    pen = [i for i, e in enumerate(entries) if e.row.penalized]
     ps = [entries[i].params for i in pen]
     pen_rows = to_device(np.array(pen, dtype=np.int64))
 
@@ -69,8 +70,8 @@ def apply_penalties(logits: torch.Tensor, entries: list[BatchEntry], prev_token_
         k, t, c = _unique_keys(rows, ids, vocab)
         x[pen_rows[k], t] -= freq[k] * c.float() + pres[k]
 
-    banned = [(i, t) for i in pen for t in (entries[i].banned_ids or ())]
-    if banned:
-        r, t = zip(*banned)
-        x[to_device(np.array(r, dtype=np.int64)), to_device(np.array(t, dtype=np.int64))] = float("-inf")
+    banned = [i for i in pen if entries[i].banned_ids]
+    if banned:  # each request's list is made once (the batcher keeps it on the sequence): flattened here in numpy
+        rows, ids = _flat([entries[i].banned_ids for i in banned])
+        x[to_device(np.asarray(np.take(banned, rows), dtype=np.int64)), to_device(ids)] = float("-inf")
     return x

@@ -78,9 +78,10 @@ class Batcher:
                 i += 1
                 continue
             need = self._pages_needed(seq, seq.num_computed + n)
-            if need and not self._make_room(seq, need):
-                break
-            seq.pages.extend(self.allocator.allocate(need))
+            if need:
+                if not self._make_room(seq, need):
+                    break
+                seq.pages.extend(self.allocator.allocate(need))
             entries.append(self._entry(seq, n))
             seqs.append(seq)
             budget -= n
@@ -138,32 +139,43 @@ class Batcher:
         start = seq.num_computed
         end = start + n
         known = seq.num_tokens
+        row = seq.row()
+        # tokens not read back yet (in flight) are placeholders, filled on the device
+        input_ids = [0] * n if start >= known else seq.tokens_slice(start, min(end, known)) + [0] * max(0, end - known)
         entry = BatchEntry(
-            input_ids=seq.tokens_slice(start, min(end, known)) + [0] * max(0, end - max(start, known)),
+            input_ids=input_ids,
             start_pos=start,
             pages=seq.pages,
             sample=end == known + seq.pending and seq.req.sampling_params.max_new_tokens > 0,
             params=seq.req.sampling_params,
-            seed=seq.req.seed,
+            row=row,
             step=len(seq.output_ids) + seq.pending,
             prev_row=inputs_from_inflight(seq, end),
         )
-        self._plan_extras(seq, entry, end)
+        if entry.sample and row.penalized:
+            self._plan_penalties(seq, entry)
+        if start < seq.prompt_len - 1:  # a chunk of the prompt (never a decode step): maybe prompt logprobs
+            self._plan_prompt_logprobs(seq, entry, end)
         seq.num_computed = end
         if entry.sample:
             seq.pending += 1
         return entry
 
-    def _plan_extras(self, seq: Sequence, entry: BatchEntry, end: int) -> None:
-        """What the runner needs beyond the forward: penalty state, and the prompt positions of this chunk
-        whose logits give prompt logprobs (positions already scored, e.g. before a preemption, are skipped)."""
+    def _plan_penalties(self, seq: Sequence, entry: BatchEntry) -> None:
+        """The penalty state the runner reads, kept on the sequence so that a step adds only what changed."""
         sp = seq.req.sampling_params
-        if sp.has_penalties and entry.sample:
-            entry.output_ids = seq.output_ids
-            if sp.repetition_penalty != 1.0:
-                entry.prompt_ids = seq.distinct_prompt_ids()
-            if entry.step < sp.min_new_tokens:
-                entry.banned_ids = sorted(set(sp.stop_token_ids) | (set() if sp.ignore_eos else self.eos_token_ids))
+        if sp.repetition_penalty != 1.0 or sp.frequency_penalty or sp.presence_penalty:
+            entry.output_ids = seq.counted_output()
+        if sp.repetition_penalty != 1.0:
+            entry.prompt_ids = seq.distinct_prompt_ids()
+        if entry.step < sp.min_new_tokens:
+            if seq.banned_ids is None:
+                seq.banned_ids = sorted(set(sp.stop_token_ids) | (set() if sp.ignore_eos else self.eos_token_ids))
+            entry.banned_ids = seq.banned_ids
+
+    def _plan_prompt_logprobs(self, seq: Sequence, entry: BatchEntry, end: int) -> None:
+        """The prompt positions of this chunk whose logits give prompt logprobs (positions already scored,
+        e.g. before a preemption, are skipped)."""
         first = max(entry.start_pos, seq.prompt_logprobs_owed)
         last = min(end, seq.prompt_len - 1)
         if first < last:

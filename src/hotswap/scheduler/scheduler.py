@@ -335,6 +335,7 @@ class Scheduler:
         done = []
         k = -1
         at = 0  # the next scored prompt row
+        generated = 0
         for seq, entry in zip(step.seqs, step.entries):
             if entry.prompt_targets:
                 m = len(entry.prompt_targets)
@@ -363,9 +364,10 @@ class Scheduler:
             except Exception as exc:  # one request's output handling failed: it fails alone, the loop goes on
                 log.exception("handling a token of %s failed", seq.rid)
                 seq.finish_reason = {"type": "abort", "message": f"internal error: {type(exc).__name__}: {exc}"}
-            self.stats["generated_tokens"] += 1
+            generated += 1
             if seq.finish_reason is not None:
                 done.append(seq)
+        self.stats["generated_tokens"] += generated
         if done:
             self.finish_all(done)
 

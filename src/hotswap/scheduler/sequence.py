@@ -5,7 +5,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from hotswap.protocol import GenerateRequest
+from hotswap.runner.row_params import SamplerRow
 
 
 class Status(enum.Enum):
@@ -25,7 +28,13 @@ class Sequence:
     input_logprobs: list[float] = field(default_factory=list)
     input_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
     top_p_token_ids: list[list[int]] = field(default_factory=list)  # per output token: the ids the filters kept
-    prompt_token_set: list[int] | None = None  # the prompt's distinct ids, made once for repetition_penalty
+    # penalties read these every step, as int64 arrays: the prompt's distinct ids (repetition_penalty), made
+    # once; the output ids, converted as they come (`counted_output`), so a step converts no earlier token
+    prompt_token_set: np.ndarray | None = None
+    counted_ids: np.ndarray | None = None  # output_ids[:counted_len] as int64, with room to grow
+    counted_len: int = 0
+    banned_ids: list[int] | None = None  # the ids min_new_tokens masks (stop ids, eos unless ignored), made once
+    sampler_row: SamplerRow | None = None  # its sampling parameters as a runner row, made once (`row`)
     pages: list[int] = field(default_factory=list)
     num_computed: int = 0  # leading tokens whose KV is in `pages` (or is being computed by the step in flight)
     pending: int = 0  # sampled tokens in flight: launched, not yet read back (0 or 1); see scheduler/overlap.py
@@ -64,10 +73,29 @@ class Sequence:
             return self.req.input_ids[start:end]
         return self.req.input_ids[start:] + self.output_ids[: end - plen]
 
-    def distinct_prompt_ids(self) -> list[int]:
+    def distinct_prompt_ids(self) -> np.ndarray:
         if self.prompt_token_set is None:
-            self.prompt_token_set = sorted(set(self.req.input_ids))
+            self.prompt_token_set = np.array(sorted(set(self.req.input_ids)), dtype=np.int64)
         return self.prompt_token_set
+
+    def counted_output(self) -> np.ndarray:
+        """output_ids as int64: a view that later tokens never change (they are written past its end, or
+        into a grown copy); only tokens new since the last call are converted."""
+        n, have = len(self.output_ids), self.counted_len
+        if self.counted_ids is None or len(self.counted_ids) < n:
+            grown = np.empty(max(16, n, 2 * have), dtype=np.int64)
+            if have:
+                grown[:have] = self.counted_ids[:have]
+            self.counted_ids = grown
+        if n > have:
+            self.counted_ids[have:n] = self.output_ids[have:n]
+            self.counted_len = n
+        return self.counted_ids[:n]
+
+    def row(self) -> SamplerRow:
+        if self.sampler_row is None:
+            self.sampler_row = SamplerRow.of(self.req.sampling_params, self.req.seed)
+        return self.sampler_row
 
     @property
     def prompt_logprob_start(self) -> int:

@@ -1,0 +1,113 @@
+"""Host time of one decode step: what the scheduler thread spends per step outside the model and the
+sampler's arithmetic (batch formation, row parameters, input tensors, read-back, token handling), the
+part that grows with the batch and that the GPU waits on when the graphs run faster than the host.
+
+Each decode step of a full batch is timed (schedule + launch + process of the scheduler loop), minus
+the time inside the model's forward, its LM head and the sampler's arithmetic; the median (and the
+90th percentile, which garbage-collector pauses raise) over the steps of the best of a few runs.
+
+    python bench/host_step.py --batch 256 --steps 48                  # CPU, tiny model, RL sampling
+    python bench/host_step.py --batch 256 --mode penalties            # + min_new_tokens and a frequency penalty
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import config_only_checkpoint  # noqa: E402
+
+from hotswap import Engine  # noqa: E402
+from hotswap.runner import sampler  # noqa: E402
+
+PHASES = ("schedule", "launch", "process")  # the scheduler loop's host work per step (launch minus its compute)
+MODES = {
+    "greedy": {"temperature": 0.0},
+    "sampled": {"temperature": 1.0, "top_p": 0.95},  # an RL rollout: logprobs of every token (return_logprob below)
+    "penalties": {"temperature": 1.0, "top_p": 0.95, "min_new_tokens": 40, "frequency_penalty": 0.2},
+}
+
+
+class Clock:
+    """Compute time (model, LM head, sampler arithmetic), accumulated by the wrapped functions."""
+
+    def __init__(self) -> None:
+        self.compute = 0.0
+
+    def wrap_compute(self, fn):
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.compute += time.perf_counter() - t
+        return timed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="tiny")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=48)
+    ap.add_argument("--mode", choices=sorted(MODES), default="sampled")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    path = config_only_checkpoint(Path(tempfile.mkdtemp()) / args.shape, args.shape, "float32", max_positions=1024)
+    engine = Engine(str(path), device="cpu", load_format="dummy", page_size=16, num_pages=4096,
+                    max_running_requests=args.batch, max_num_batched_tokens=max(4096, args.batch * args.prompt))
+    sched, runner = engine.scheduler, engine.model_runner
+    clock = Clock()
+    model = runner.model
+    model.forward = clock.wrap_compute(model.forward)
+    model.compute_logits = clock.wrap_compute(model.compute_logits)
+    sampler.reference_sample = clock.wrap_compute(sampler.reference_sample)
+    real = {name: getattr(sched, name) for name in PHASES}
+    step: dict[str, float] = {}
+    steps: list[dict[str, float]] = []
+    decode = [False]
+
+    def timed_phase(name):
+        def run(*a, **kw):
+            c0, t = clock.compute, time.perf_counter()
+            out = real[name](*a, **kw)
+            step[name] = step.get(name, 0.0) + (time.perf_counter() - t) - (clock.compute - c0)
+            if name == "launch":
+                entries = a[0].entries
+                decode[0] = len(entries) == args.batch and all(len(e.input_ids) == 1 for e in entries)
+            if name == "process":  # a loop iteration ends once the step before the one just launched is processed
+                if decode[0] and len(step) == len(PHASES):
+                    steps.append(dict(step))
+                step.clear()
+            return out
+        return run
+
+    for name in real:
+        setattr(sched, name, timed_phase(name))
+    sp = dict(MODES[args.mode], max_new_tokens=args.steps, ignore_eos=True)
+    prompts = [[3 + (7 * i + j) % 400 for j in range(args.prompt)] for i in range(args.batch)]
+    repeats = []
+    for r in range(args.repeats):
+        steps.clear()
+        engine.generate(input_ids=prompts, sampling_params=dict(sp, seed=r), return_logprob=True)
+        engine.flush_cache()
+        totals = [sum(s.values()) * 1e3 for s in steps]
+        phases = {name: statistics.median(s[name] for s in steps) * 1e3 for name in PHASES}
+        repeats.append((statistics.median(totals), statistics.quantiles(totals, n=10)[-1], phases, len(steps)))
+    engine.shutdown()
+    best = min(repeats, key=lambda r: r[0])
+    print(f"host_step shape={args.shape} batch={args.batch} mode={args.mode} output={args.steps}: host ms per decode step "
+          f"(median over {best[3]} steps; best of {args.repeats} runs) = {best[0]:.2f}, 90th percentile {best[1]:.2f}; by phase (medians) "
+          + ", ".join(f"{k} {v:.2f}" for k, v in best[2].items())
+          + "; every run's median: " + " ".join(f"{r[0]:.2f}" for r in repeats))
+
+
+if __name__ == "__main__":
+    main()
