@@ -251,20 +251,30 @@ def test_generate_takes_sglang_arguments_and_refuses_what_it_cannot_serve(served
 
 def test_constrained_decoding_is_refused_everywhere(served):
     """regex / json_schema / ebnf (SGLang's sampling_params; SGLang's and vLLM's OpenAI extras) would be
-    unconstrained text if ignored: refused by name on every path."""
+    unconstrained text if ignored: refused by name on every path with the one message, and over HTTP a 400
+    whose `param` names the field."""
     eng, c = served
+
+    def message(field: str) -> str:
+        return f"{field!r} (constrained decoding) is not supported by hotswap; leave it unset"
+
+    def refused(r: httpx.Response, field: str) -> None:
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["message"] == message(field) and r.json()["error"]["param"] == field
+
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     for field in ("regex", "json_schema", "ebnf"):
-        with pytest.raises(HotswapError, match=field):
+        with pytest.raises(HotswapError) as err:
             eng.generate("hi", {**GREEDY, field: "a+"})
-        r = c.post("/generate", json={"text": "hi", "sampling_params": {**GREEDY, field: "a+"}})
-        assert r.status_code == 400 and field in r.json()["error"]["message"]
-        r = c.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2, field: "a+"})
-        assert r.status_code == 400 and field in r.text
-        r = c.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
-                                                 field: "a+"})
-        assert r.status_code == 400 and field in r.text
-    r = c.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2, "guided_regex": "a+"})
-    assert r.status_code == 400 and "guided_regex" in r.text
+        assert str(err.value) == message(field)
+        refused(c.post("/generate", json={"text": "hi", "sampling_params": {**GREEDY, field: "a+"}}), field)
+        refused(c.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2, field: "a+"}), field)
+        refused(c.post("/v1/chat/completions", json={**chat, field: "a+"}), field)
+    refused(c.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2, "guided_regex": "a+"}), "guided_regex")
+    refused(c.post("/inference/v1/generate", json={"token_ids": [1, 2], "sampling_params": {"max_tokens": 2, "guided_regex": "a+"}}),
+            "guided_regex")
+    # sent empty (as frameworks do) they are no constraint
+    assert c.post("/generate", json={"text": "hi", "sampling_params": {**GREEDY, "regex": None, "json_schema": None}}).status_code == 200
 
 
 # ---- weight methods' return shapes, model path and versions ------------------------------------------------

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from hotswap.server.generation import CONSTRAINED_DECODING_FIELDS, await_generation, open_stream, stream_error_event
+from hotswap.server.generation import await_generation, open_stream, refuse_constrained_decoding, stream_error_event
 from hotswap.server.http_utils import (
     SSE_DONE,
     APIError,
@@ -45,11 +45,9 @@ class _SamplingFields(BaseModel):
     @classmethod
     def _no_constrained_decoding(cls, data: Any) -> Any:
         """SGLang's and vLLM's constrained-decoding extras are refused by name, never dropped with the
-        other unknown fields."""
+        other unknown fields (an APIError passes through pydantic as it is: the one message, with `param`)."""
         if isinstance(data, dict):
-            for key in CONSTRAINED_DECODING_FIELDS:
-                if data.get(key):
-                    raise ValueError(f"{key!r} (constrained decoding) is not supported by hotswap")
+            refuse_constrained_decoding(data)
         return data
 
     model: str | None = None
