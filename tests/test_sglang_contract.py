@@ -289,8 +289,8 @@ def test_disk_update_from_another_folder_moves_model_path(tiny_qwen3, tiny_qwen3
     with Engine(str(tiny_qwen3), device="cpu", page_size=4) as eng, ServerThread(create_app(eng)) as srv:
         ret = eng.update_weights_from_disk(str(folder))
         assert ret[0] is True and json.loads(json.dumps(ret))["success"] is True
-        success, message = ret
-        assert success and "updated" in message
+        success, message, num_paused_requests = ret  # SGLang's Engine: the tokenizer manager's 3-tuple
+        assert success and "updated" in message and num_paused_requests == 0
         assert eng.get_model_info()["model_path"] == str(folder)
         assert texts(eng) == v2_ids
         oai = openai.OpenAI(base_url=srv.url + "/v1", api_key="x")
@@ -300,6 +300,35 @@ def test_disk_update_from_another_folder_moves_model_path(tiny_qwen3, tiny_qwen3
         with httpx.Client(base_url=srv.url) as c:
             r = c.post("/update_weights_from_disk", json={"model_path": str(tiny_qwen3)})
             assert r.json()["success"] and c.get("/model_info").json()["model_path"] == str(tiny_qwen3)
+
+
+def test_weight_update_replies_as_sglang_shapes_them(served, tiny_qwen3, tmp_path):
+    """SGLang `entrypoints/http_server.py`: POST /update_weights_from_disk answers {success, message,
+    num_paused_requests} (400 with the same keys when it fails); _from_tensor and _from_distributed answer
+    {success, message}. `entrypoints/engine.py`: Engine.update_weights_from_disk returns the tokenizer
+    manager's (success, message, num_paused_requests), update_weights_from_tensor (success, message).
+    num_paused_requests counts the started requests held across the update: one paused in place here."""
+    eng, c = served
+    r = c.post("/update_weights_from_disk", json={"model_path": str(tiny_qwen3)})
+    assert r.status_code == 200 and r.json()["success"] is True and r.json()["num_paused_requests"] == 0
+    r = c.post("/update_weights_from_disk", json={"model_path": str(tmp_path / "missing")})
+    assert r.status_code == 400 and r.json()["success"] is False and r.json()["num_paused_requests"] == 0 and "missing" in r.json()["message"]
+    ok, message, paused = eng.update_weights_from_disk(str(tmp_path / "missing"))
+    assert not ok and "missing" in message and paused == 0
+    ok, message = eng.update_weights_from_tensor([("model.no_such.weight", torch.zeros(1))])
+    assert not ok and "model.no_such.weight" in message
+
+    t, results = generate_in_background(eng, c, {"text": "x", "sampling_params": {"max_new_tokens": 200, "temperature": 0,
+                                                                                   "ignore_eos": True}})
+    try:
+        assert c.post("/pause_generation", json={"mode": "in_place"}).status_code == 200
+        r = c.post("/update_weights_from_disk", json={"model_path": str(tiny_qwen3), "weight_version": "w2"})
+        assert r.status_code == 200 and r.json()["num_paused_requests"] == 1, r.text
+    finally:
+        c.post("/continue_generation", json={})
+    t.join(60)
+    out = results["r"].json()
+    assert out["meta_info"]["finish_reason"]["type"] == "length" and out["meta_info"]["weight_version"] == "w2"
 
 
 def test_weight_versions_as_sglang(tiny_qwen3):

@@ -326,9 +326,11 @@ class Engine:
         return self.get_load().weight_version
 
     def update_weights_from_disk(self, model_path: str, load_format: str | None = None, weight_version: str | None = None,
-                                 flush_cache: bool = True, abort_all_requests: bool = False) -> p.WeightUpdateOutput:
-        return self.submit(p.UpdateWeightsFromDiskRequest(model_path=str(model_path), load_format=load_format, weight_version=weight_version,
-                                                         flush_cache=flush_cache, abort_all_requests=abort_all_requests))
+                                 flush_cache: bool = True, abort_all_requests: bool = False) -> p.DiskUpdateOutput:
+        """As SGLang's Engine: unpacks as `(success, message, num_paused_requests)`."""
+        out = self.submit(p.UpdateWeightsFromDiskRequest(model_path=str(model_path), load_format=load_format, weight_version=weight_version,
+                                                        flush_cache=flush_cache, abort_all_requests=abort_all_requests))
+        return p.DiskUpdateOutput.of(out)
 
     def update_weights_from_tensor(self, named_tensors=None, load_format: str | None = None, flush_cache: bool = True,
                                    weight_version: str | None = None, abort_all_requests: bool = False,

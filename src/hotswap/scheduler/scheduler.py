@@ -287,6 +287,10 @@ class Scheduler:
         except Exception as exc:  # handlers return refusals; this is the last guard so the engine survives
             log.exception("handler failed")
             out = p.ControlOutput(success=False, message=f"{type(request).__name__} failed: {exc}")
+        if isinstance(out, p.WeightUpdateOutput) and isinstance(request, _DRAIN_FIRST):
+            # SGLang's num_paused_requests: started requests held across the update (a pause in place or
+            # retracted); 0 when the update drained them or aborted them
+            out.num_paused_requests = self.batcher.num_started
         if isinstance(out, Future):  # finished off this thread (a group rendezvous): reply when it resolves
             out.add_done_callback(lambda done: _reply(fut, done.result()))
             return
@@ -310,9 +314,8 @@ class Scheduler:
         now = time.monotonic()
         while self.deferred and self.deferred[0][2] <= now:
             request, fut, _ = self.deferred.popleft()
-            running = len(self.batcher.running) + sum(1 for s in self.batcher.waiting if s.admitted)
             _reply(fut, self.sessions.refuse(
-                f"{type(request).__name__} refused: {running} started request(s) did not finish within "
+                f"{type(request).__name__} refused: {self.batcher.num_started} started request(s) did not finish within "
                 f"{self.config.weight_update_drain_timeout_s:g} s (weight_update_drain_timeout_s); pause_generation first or pass "
                 "abort_all_requests=true; weights unchanged"))
 
