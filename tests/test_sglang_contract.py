@@ -451,6 +451,10 @@ def test_text_prompts_get_bos_as_the_tokenizer_says(tiny_llama_bos):
             oai = openai.OpenAI(base_url=srv.url + "/v1", api_key="x")
             res = oai.completions.create(model="m", prompt=PROMPTS[0], max_tokens=2, temperature=0)
             assert res.usage.prompt_tokens == len(ids)
+            # one tokenization everywhere: Engine.encode, /tokenize, and an empty text is no tokens
+            assert eng.encode(PROMPTS[0]) == ids and eng.encode(PROMPTS[0], add_special_tokens=False) == ids[1:]
+            assert httpx.post(srv.url + "/tokenize", json={"prompt": PROMPTS[0]}).json()["tokens"] == ids
+            assert eng.encode("") == []
 
 
 def test_cached_tokens_count_tokens(served):

@@ -142,10 +142,12 @@ class Engine:
         if self.config.weight_version != "default":  # SGLang's --weight-version: the launch weights' name
             self._call(p.UpdateWeightVersionRequest(new_version=self.config.weight_version, abort_all_requests=False))
 
-    def encode(self, text: str) -> list[int]:
-        """A text prompt's token ids, tokenized as the tokenizer's own settings say (add_special_tokens: a
-        Llama tokenizer prepends BOS), as SGLang does: the rollout sees the tokens the trainer's tokenizer gives."""
-        return self.tokenizer.encode(text)
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The one tokenization of text (the Engine, /generate, OpenAI and vLLM routes): as the tokenizer's own
+        settings say (a Llama tokenizer prepends BOS), as SGLang does, so the rollout sees the tokens the
+        trainer's tokenizer gives; a rendered chat template already holds its special tokens
+        (add_special_tokens=False). An empty text is no tokens (not a lone BOS): an empty prompt is refused."""
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens) if text else []
 
     def _start_runner(self) -> ModelRunner:
         """This process's ModelRunner; under tensor parallelism the workers are spawned first and build

@@ -43,7 +43,7 @@ class PreparedCall:
 
 @dataclass(kw_only=True, slots=True)
 class RequestPrep:
-    encode: Callable[[str], list[int]]  # text -> token ids (the tokenizer's own settings)
+    encode: Callable[[str], list[int]]  # text -> token ids (Engine.encode)
     vocab_size: int
     max_context_len: int
     seed: int  # the engine's seed: requests without one draw theirs from it
@@ -105,7 +105,7 @@ class RequestPrep:
             prompts = [prompt] if single else list(prompt) if isinstance(prompt, (list, tuple)) else None
             if prompts is None or not all(isinstance(x, str) for x in prompts):
                 raise HotswapError("prompt must be a string or a list of strings")
-            id_lists = [self.encode(x) if x else [] for x in prompts]
+            id_lists = [self.encode(x) for x in prompts]
         else:
             if not isinstance(input_ids, (list, tuple)):
                 raise HotswapError("input_ids must be a list of token ids or a list of such lists")

@@ -350,11 +350,11 @@ def register(app: FastAPI, state: ServerState) -> None:
             raise APIError(400, "best_of is not supported by hotswap (only best_of == n)", param="best_of")
         prompt = body.prompt
         if isinstance(prompt, str):
-            id_lists = [await asyncio.to_thread(state.encode, prompt)]  # tokenization never stalls the event loop
+            id_lists = [await asyncio.to_thread(state.engine.encode, prompt)]  # tokenization never stalls the event loop
         elif not prompt:
             raise APIError(400, "prompt is empty", param="prompt")
         elif isinstance(prompt[0], str):
-            id_lists = await asyncio.to_thread(lambda: [state.encode(x) for x in prompt])
+            id_lists = await asyncio.to_thread(lambda: [state.engine.encode(x) for x in prompt])
         elif isinstance(prompt[0], int):
             id_lists = [list(prompt)]
         else:

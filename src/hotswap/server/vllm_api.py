@@ -394,7 +394,7 @@ def _tokenize_handler(state: ServerState):
         else:
             special = True if body.add_special_tokens is None else body.add_special_tokens
             texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-            lists = await asyncio.to_thread(lambda: [tok.encode(t, add_special_tokens=special) for t in texts])
+            lists = await asyncio.to_thread(lambda: [state.engine.encode(t, add_special_tokens=special) for t in texts])
             ids = lists[0] if isinstance(body.prompt, str) else lists
         single = not ids or isinstance(ids[0], int)
         reply: dict[str, Any] = {"count": len(ids) if single else [len(x) for x in ids], "max_model_len": state.max_context_len, "tokens": ids,
