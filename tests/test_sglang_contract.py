@@ -466,6 +466,30 @@ def test_cached_tokens_count_tokens(served):
     assert c.post("/generate", json=body).json()["meta_info"]["cached_tokens"] == 8
 
 
+def test_openai_choices_carry_matched_stop(served):
+    """SGLang `entrypoints/openai/protocol.py`: CompletionResponseChoice and ChatCompletionResponseChoice (and
+    their stream choices) carry `matched_stop`, the finish_reason's `matched` (the stop token id or stop
+    string that ended the choice; null when it ran to its length)."""
+    eng, c = served
+    chat = {"model": "m", "messages": [{"role": "user", "content": "Alice likes"}], "temperature": 0, "max_tokens": 8, "ignore_eos": True}
+    free = c.post("/v1/chat/completions", json=chat).json()["choices"][0]
+    assert free["finish_reason"] == "length" and free["matched_stop"] is None
+    ids = c.post("/v1/chat/completions", json={**chat, "return_token_ids": True}).json()["choices"][0]["token_ids"]
+    stop_id = ids[3]
+    r = c.post("/v1/chat/completions", json={**chat, "stop_token_ids": [stop_id]}).json()["choices"][0]
+    assert r["finish_reason"] == "stop" and r["matched_stop"] == stop_id
+    with c.stream("POST", "/v1/chat/completions", json={**chat, "stop_token_ids": [stop_id], "stream": True}) as resp:
+        events = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+    ends = [ch["matched_stop"] for e in events for ch in e["choices"]]
+    assert ends[-1] == stop_id and not any(m is not None for m in ends[:-1])
+
+    cmpl = {"model": "m", "prompt": "Bob sees the river", "temperature": 0, "max_tokens": 8, "ignore_eos": True}
+    text = c.post("/v1/completions", json=cmpl).json()["choices"][0]["text"]
+    stop = next(text[j:j + 2] for j in range(len(text) // 2, len(text) - 1) if text[j:j + 2].strip() == text[j:j + 2])
+    r = c.post("/v1/completions", json={**cmpl, "stop": [stop]}).json()["choices"][0]
+    assert r["finish_reason"] == "stop" and r["matched_stop"] == stop and stop not in r["text"]
+
+
 def test_a_tensor_update_waiting_for_a_drain_is_bounded(tiny_qwen3, tiny_qwen3_v2, tmp_path):
     """A shared-memory tensor update posted over HTTP while a long request runs (SGLang's non-blocking
     update test) waits for the drain only weight_update_drain_timeout_s: then it is refused, weights

@@ -71,7 +71,10 @@ class _SamplingFields(BaseModel):
     no_stop_trim: bool = False
     repetition_penalty: float | None = None
     min_tokens: int = 0
-    return_routed_experts: bool = False  # SGLang's extra field (MoE routing replay); the choice carries `routed_experts`
+    # SGLang's extra fields (MoE routing replay): the reply's `sglext.routed_experts` (SGLang's place: the first
+    # choice's) and each choice's `routed_experts`, rows from absolute position routed_experts_start_len on
+    return_routed_experts: bool = False
+    routed_experts_start_len: int = 0
     use_beam_search: bool = False
     cache_salt: str | None = None  # accepted: every weight update flushes the prefix cache, what a version salt is for
     # token-in/token-out for multi-turn RL: vLLM's token ids (`token_id:N` logprob tokens, `token_ids` and
@@ -131,6 +134,8 @@ def sampling_dict(state: ServerState, body: _SamplingFields, max_new_tokens: int
             sp[name] = getattr(body, name)
     if body.return_routed_experts:
         sp["return_routed_experts"] = True
+    if body.routed_experts_start_len:  # the engine refuses it without return_routed_experts, or past the prompt
+        sp["routed_experts_start_len"] = body.routed_experts_start_len
     if body.top_p is not None:
         sp["top_p"] = body.top_p
     if body.top_k is not None:
@@ -152,6 +157,23 @@ def sampling_dict(state: ServerState, body: _SamplingFields, max_new_tokens: int
 def _routed(meta: dict) -> dict:
     """The choice's `routed_experts` (base64 int32, as in /generate's meta_info) when the request asked."""
     return {"routed_experts": meta["routed_experts"]} if "routed_experts" in meta else {}
+
+
+def sglext(outputs: list[dict]) -> dict:
+    """SGLang's response-level `sglext` (entrypoints/openai/protocol.py::SglExt): the first choice's
+    routed_experts when the request asked for them (serving_chat.py / serving_completions.py build it from
+    ret[0]); {} otherwise (SGLang leaves the key out)."""
+    for out in outputs:
+        if "routed_experts" in out["meta_info"]:
+            return {"sglext": {"routed_experts": out["meta_info"]["routed_experts"]}}
+    return {}
+
+
+def choice_end(meta: dict) -> dict:
+    """A choice's finish_reason and SGLang's `matched_stop` (the stop token id or string that ended it; null
+    otherwise), as SGLang's CompletionResponseChoice / ChatCompletionResponseChoice carry them."""
+    reason = meta.get("finish_reason")
+    return {"finish_reason": finish_reason(meta), "matched_stop": reason.get("matched") if reason else None}
 
 
 def check_prompt(state: ServerState, ids: list[int], max_tokens: int | None, index: int) -> None:
@@ -303,7 +325,8 @@ def _stream_response(state: ServerState, route: str, chunks, *, rid: str, object
                 if not text and fin is None:
                     continue
                 end = len(out["output_ids"])
-                c = {**choice(i, text, meta, sent.get(i, 0), end, fin), **_routed(meta)}  # routing comes with the last chunk
+                c = {**choice(i, text, meta, sent.get(i, 0), end, fin), "matched_stop": choice_end(meta)["matched_stop"],
+                     **_routed(meta)}  # routing comes with the last chunk
                 if token_ids:
                     c["token_ids"] = list(out["output_ids"][sent.get(i, 0):end])
                 if meta_info and fin is not None:
@@ -312,6 +335,9 @@ def _stream_response(state: ServerState, route: str, chunks, *, rid: str, object
                 if fin is not None:
                     finals[i] = out
                 yield chunk([c], metadata=_chunk_metadata(out))
+            ext = sglext([finals[i] for i in sorted(finals)])
+            if ext:  # SGLang's routing chunk: no choices, the response-level sglext, before the usage chunk
+                yield chunk([], **ext)
             if include_usage:
                 yield chunk([], usage=_usage(prompt_tokens, [finals[i] for i in sorted(finals)]))
         except Exception as exc:  # noqa: BLE001 - report in-band; the stream has started
@@ -386,7 +412,7 @@ def register(app: FastAPI, state: ServerState) -> None:
                 if echo_texts is not None:
                     text = echo_texts[i // n] + text
                 lp = completion_logprobs(state, meta, 0, len(out["output_ids"]), k, 0, as_ids, echo=echo_lp) if want_lp else None
-                c = {"index": i, "text": text, "logprobs": lp, "finish_reason": finish_reason(meta), **_routed(meta)}
+                c = {"index": i, "text": text, "logprobs": lp, **choice_end(meta), **_routed(meta)}
                 if body.prompt_logprobs is not None:
                     c["prompt_logprobs"] = vllm_prompt_logprobs(state, meta, body.prompt_logprobs)
                 if body.return_token_ids:
@@ -396,7 +422,7 @@ def register(app: FastAPI, state: ServerState) -> None:
                 choices.append(c)
             return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": state.served_model_name,
                                  "system_fingerprint": state.fingerprint(outs), "choices": choices,
-                                 "usage": _usage(prompt_tokens, outs), "metadata": _metadata(outs)})
+                                 "usage": _usage(prompt_tokens, outs), "metadata": _metadata(outs), **sglext(outs)})
 
         chunks = await open_stream(state.engine, input_ids=id_lists, sampling_params=sp, **lp_args)
         offsets: dict[int, int] = {}
@@ -413,7 +439,7 @@ def register(app: FastAPI, state: ServerState) -> None:
                 c["prompt_token_ids"] = id_lists[i // n]
             return c
 
-        opening = [{"index": i, "text": echo_texts[i // n], "logprobs": None, "finish_reason": None}
+        opening = [{"index": i, "text": echo_texts[i // n], "logprobs": None, "finish_reason": None, "matched_stop": None}
                    for i in range(len(id_lists) * n)] if echo_texts is not None else []
         return _stream_response(state, "/v1/completions", chunks, rid=rid, object_name="text_completion", created=created,
                                 include_usage=bool(body.stream_options and body.stream_options.include_usage),
@@ -455,8 +481,7 @@ def register(app: FastAPI, state: ServerState) -> None:
                 meta = out["meta_info"]
                 text = out["text"]
                 lp = chat_logprobs(state, meta, 0, len(out["output_ids"]), k, as_ids) if want_lp else None
-                c = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": finish_reason(meta),
-                     **_routed(meta)}
+                c = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp, **choice_end(meta), **_routed(meta)}
                 if body.return_token_ids:
                     c["token_ids"] = list(out["output_ids"])
                 if body.return_meta_info:
@@ -464,7 +489,7 @@ def register(app: FastAPI, state: ServerState) -> None:
                 choices.append(c)
             reply = {"id": rid, "object": "chat.completion", "created": created, "model": state.served_model_name,
                      "system_fingerprint": state.fingerprint(outs), "choices": choices, "usage": _usage(prompt_tokens, outs),
-                     "metadata": _metadata(outs)}
+                     "metadata": _metadata(outs), **sglext(outs)}
             if body.return_token_ids:
                 reply["prompt_token_ids"] = ids
             return JSONResponse(reply)
@@ -475,7 +500,8 @@ def register(app: FastAPI, state: ServerState) -> None:
             lp = chat_logprobs(state, meta, start, end, k, as_ids) if want_lp else None
             return {"index": i, "delta": {"content": text} if text else {}, "logprobs": lp, "finish_reason": fin}
 
-        opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None} for i in range(n)]
+        opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None, "matched_stop": None}
+                   for i in range(n)]
         return _stream_response(state, "/v1/chat/completions", chunks, rid=rid, object_name="chat.completion.chunk", created=created,
                                 include_usage=bool(body.stream_options and body.stream_options.include_usage),
                                 prompt_tokens=prompt_tokens, opening=opening, choice=choice,
