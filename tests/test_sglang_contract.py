@@ -466,6 +466,26 @@ def test_cached_tokens_count_tokens(served):
     assert c.post("/generate", json=body).json()["meta_info"]["cached_tokens"] == 8
 
 
+def test_generate_meta_info_as_sglang_fills_it(served):
+    """SGLang `managers/tokenizer_manager.py::_handle_batch_output`: meta_info holds id, finish_reason,
+    prompt_tokens, completion_tokens, cached_tokens, weight_version, and `e2e_latency` (seconds) once the
+    request has finished (not on earlier streamed chunks); `output_token_logprobs` items are
+    (logprob, token_id, text or None), the text with return_text_in_logprobs."""
+    eng, c = served
+    body = {"text": "Alice likes", "sampling_params": {"max_new_tokens": 3, "temperature": 0}, "return_logprob": True}
+    meta = c.post("/generate", json=body).json()["meta_info"]
+    assert {"id", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "weight_version", "e2e_latency"} <= set(meta)
+    assert isinstance(meta["e2e_latency"], float) and 0 < meta["e2e_latency"] < 60
+    assert all(len(item) == 3 and item[2] is None for item in meta["output_token_logprobs"])
+    meta = c.post("/generate", json={**body, "return_text_in_logprobs": True}).json()["meta_info"]
+    assert [item[2] for item in meta["output_token_logprobs"]] == [eng.tokenizer.decode([item[1]]) for item in meta["output_token_logprobs"]]
+    with c.stream("POST", "/generate", json={**body, "stream": True}) as resp:
+        events = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+    assert len(events) > 1 and "e2e_latency" in events[-1]["meta_info"]
+    assert not any("e2e_latency" in e["meta_info"] for e in events[:-1])
+    assert eng.generate("Alice likes", {"max_new_tokens": 2})["meta_info"]["e2e_latency"] > 0
+
+
 def test_openai_choices_carry_matched_stop(served):
     """SGLang `entrypoints/openai/protocol.py`: CompletionResponseChoice and ChatCompletionResponseChoice (and
     their stream choices) carry `matched_stop`, the finish_reason's `matched` (the stop token id or stop
