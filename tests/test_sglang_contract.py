@@ -408,6 +408,35 @@ def test_abort_by_rid_returns_the_tokens_so_far(served):
     assert eng.abort_request(abort_all=True).success
 
 
+def test_a_request_aborted_before_its_prefill_says_so(served):
+    """SGLang `managers/tokenizer_manager.py::_handle_abort_req` answers a request aborted in the waiting queue
+    with finish_reason {"type": "abort", "message": "Abort before prefill"}; AReaL `sglang_remote.py::
+    parse_generation_response` reads that prefix as "no tokens" and sends the request again. One aborted
+    after its prefill keeps its own message (its tokens so far are in the reply)."""
+    eng, c = served
+    assert c.post("/pause_generation", json={"mode": "abort"}).status_code == 200
+    results: dict = {}
+    body = {"input_ids": [3, 4, 5], "sampling_params": {"max_new_tokens": 4}, "return_logprob": True}
+    t = threading.Thread(target=lambda: results.setdefault("r", c.post("/generate", json=body)))
+    t.start()
+    try:
+        deadline = time.monotonic() + 20
+        while eng.get_load().num_waiting < 1:
+            assert time.monotonic() < deadline, "the request never queued"
+            time.sleep(0.01)
+        assert c.post("/abort_request", json={"abort_all": True}).status_code == 200
+        t.join(30)
+    finally:
+        c.post("/continue_generation", json={})
+    meta = results["r"].json()["meta_info"]
+    assert meta["finish_reason"]["type"] == "abort" and meta["finish_reason"]["message"].startswith("Abort before prefill")
+    assert meta["completion_tokens"] == 0 and meta["output_token_logprobs"] == []
+    t, results = generate_in_background(eng, c, {**body, "sampling_params": {"max_new_tokens": 1000, "ignore_eos": True}})
+    assert c.post("/abort_request", json={"abort_all": True}).status_code == 200
+    t.join(30)
+    assert not results["r"].json()["meta_info"]["finish_reason"]["message"].startswith("Abort before prefill")
+
+
 # ---- tokenization ----------------------------------------------------------------------------------------------
 
 

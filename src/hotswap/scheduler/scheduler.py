@@ -48,6 +48,13 @@ _DRAIN_FIRST = (
 )
 
 
+def _abort_reason(seq: Sequence, message: str) -> dict:
+    """An aborted request's finish_reason. One aborted before its prefill began says so first, as SGLang's
+    tokenizer manager does (`_handle_abort_req`: "Abort before prefill"; AReaL's parse_generation_response
+    reads that prefix as "no tokens, send it again")."""
+    return {"type": "abort", "message": message if seq.admitted else f"Abort before prefill: {message}"}
+
+
 class Scheduler:
     def __init__(self, config: EngineConfig, model_runner: ModelRunner, tokenizer, eos_token_ids: list[int], max_context_len: int):
         self.config = config
@@ -430,13 +437,13 @@ class Scheduler:
         seq = self.batcher.find(req.rid)
         if seq is None:
             return p.ControlOutput(success=False, message=f"no running or waiting request with id {req.rid!r}")
-        self.finish(seq, {"type": "abort", "message": req.message})
+        self.finish(seq, _abort_reason(seq, req.message))
         return p.ControlOutput(success=True, message=f"aborted {req.rid}")
 
     def abort_all(self, message: str = "aborted") -> int:
         seqs = self.batcher.all_seqs()
         for seq in seqs:
-            seq.finish_reason = {"type": "abort", "message": message}
+            seq.finish_reason = _abort_reason(seq, message)
         self.finish_all(seqs)
         return len(seqs)
 
