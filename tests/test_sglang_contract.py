@@ -414,7 +414,8 @@ def test_a_request_aborted_before_its_prefill_says_so(served):
     parse_generation_response` reads that prefix as "no tokens" and sends the request again. One aborted
     after its prefill keeps its own message (its tokens so far are in the reply)."""
     eng, c = served
-    assert c.post("/pause_generation", json={"mode": "abort"}).status_code == 200
+    r = c.post("/pause_generation", json={"mode": "abort"})  # SGLang http_server.py: {"message", "status": "ok"}
+    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["message"]
     results: dict = {}
     body = {"input_ids": [3, 4, 5], "sampling_params": {"max_new_tokens": 4}, "return_logprob": True}
     t = threading.Thread(target=lambda: results.setdefault("r", c.post("/generate", json=body)))
@@ -427,7 +428,8 @@ def test_a_request_aborted_before_its_prefill_says_so(served):
         assert c.post("/abort_request", json={"abort_all": True}).status_code == 200
         t.join(30)
     finally:
-        c.post("/continue_generation", json={})
+        r = c.post("/continue_generation", json={})
+    assert r.status_code == 200 and r.json()["status"] == "ok"
     meta = results["r"].json()["meta_info"]
     assert meta["finish_reason"]["type"] == "abort" and meta["finish_reason"]["message"].startswith("Abort before prefill")
     assert meta["completion_tokens"] == 0 and meta["output_token_logprobs"] == []

@@ -178,6 +178,8 @@ def _make_handler(state: ServerState, path: str, body_type, build, is_update: bo
         version = reply.get("weight_version")
         if isinstance(version, str) and version:
             state.last_weight_version = version
+        if path in ("/pause_generation", "/continue_generation"):  # SGLang's reply: {"message", "status": "ok"}
+            reply["status"] = "ok" if out.success else "error"
         if path == "/update_weight_version" and out.success:
             state.last_weight_version = req.new_version
             reply["new_version"] = req.new_version
