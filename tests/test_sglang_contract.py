@@ -517,16 +517,25 @@ def test_generate_meta_info_as_sglang_fills_it(served):
     assert eng.generate("Alice likes", {"max_new_tokens": 2})["meta_info"]["e2e_latency"] > 0
 
 
-def test_openai_choices_carry_matched_stop(served):
+def test_openai_choices_carry_matched_stop_and_prompt_ids(served):
     """SGLang `entrypoints/openai/protocol.py`: CompletionResponseChoice and ChatCompletionResponseChoice (and
     their stream choices) carry `matched_stop`, the finish_reason's `matched` (the stop token id or stop
-    string that ended the choice; null when it ran to its length)."""
+    string that ended the choice; null when it ran to its length), and a chat choice `prompt_token_ids`."""
     eng, c = served
     chat = {"model": "m", "messages": [{"role": "user", "content": "Alice likes"}], "temperature": 0, "max_tokens": 8, "ignore_eos": True}
     free = c.post("/v1/chat/completions", json=chat).json()["choices"][0]
     assert free["finish_reason"] == "length" and free["matched_stop"] is None
     ids = c.post("/v1/chat/completions", json={**chat, "return_token_ids": True}).json()["choices"][0]["token_ids"]
     stop_id = ids[3]
+    # SGLang serving_chat.py: return_prompt_token_ids (or return_token_ids) puts the prompt's ids on each choice
+    prompt = eng.encode(eng.tokenizer.apply_chat_template(chat["messages"], tokenize=False, add_generation_prompt=True),
+                        add_special_tokens=False)
+    for flag in ("return_prompt_token_ids", "return_token_ids"):
+        got = c.post("/v1/chat/completions", json={**chat, flag: True, "n": 2}).json()["choices"]
+        assert [ch["prompt_token_ids"] for ch in got] == [prompt, prompt]
+    with c.stream("POST", "/v1/chat/completions", json={**chat, "return_prompt_token_ids": True, "stream": True}) as resp:
+        first = next(json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {"))
+    assert first["choices"][0]["prompt_token_ids"] == prompt
     r = c.post("/v1/chat/completions", json={**chat, "stop_token_ids": [stop_id]}).json()["choices"][0]
     assert r["finish_reason"] == "stop" and r["matched_stop"] == stop_id
     with c.stream("POST", "/v1/chat/completions", json={**chat, "stop_token_ids": [stop_id], "stream": True}) as resp:

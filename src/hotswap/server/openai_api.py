@@ -106,6 +106,8 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    # SGLang's: each choice carries the prompt's token ids (so does return_token_ids, beside `token_ids`)
+    return_prompt_token_ids: bool = False
 
 
 # ---- shared helpers ---------------------------------------------------------------------------------
@@ -484,6 +486,8 @@ def register(app: FastAPI, state: ServerState) -> None:
                 c = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp, **choice_end(meta), **_routed(meta)}
                 if body.return_token_ids:
                     c["token_ids"] = list(out["output_ids"])
+                if body.return_token_ids or body.return_prompt_token_ids:  # SGLang serving_chat.py: on the choice
+                    c["prompt_token_ids"] = ids
                 if body.return_meta_info:
                     c["meta_info"] = choice_meta_info(out)
                 choices.append(c)
@@ -500,8 +504,8 @@ def register(app: FastAPI, state: ServerState) -> None:
             lp = chat_logprobs(state, meta, start, end, k, as_ids) if want_lp else None
             return {"index": i, "delta": {"content": text} if text else {}, "logprobs": lp, "finish_reason": fin}
 
-        opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None, "matched_stop": None}
-                   for i in range(n)]
+        opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None, "matched_stop": None,
+                    **({"prompt_token_ids": ids} if body.return_token_ids or body.return_prompt_token_ids else {})} for i in range(n)]
         return _stream_response(state, "/v1/chat/completions", chunks, rid=rid, object_name="chat.completion.chunk", created=created,
                                 include_usage=bool(body.stream_options and body.stream_options.include_usage),
                                 prompt_tokens=prompt_tokens, opening=opening, choice=choice,
