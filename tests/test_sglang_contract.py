@@ -486,6 +486,8 @@ def test_text_prompts_get_bos_as_the_tokenizer_says(tiny_llama_bos):
             assert eng.encode(PROMPTS[0]) == ids and eng.encode(PROMPTS[0], add_special_tokens=False) == ids[1:]
             assert httpx.post(srv.url + "/tokenize", json={"prompt": PROMPTS[0]}).json()["tokens"] == ids
             assert eng.encode("") == []
+            with pytest.raises(HotswapError, match="embeddings"):  # SGLang's Engine.encode([...]) means embeddings
+                eng.encode([PROMPTS[0]])
 
 
 def test_cached_tokens_count_tokens(served):

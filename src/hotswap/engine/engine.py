@@ -146,7 +146,11 @@ class Engine:
         """The one tokenization of text (the Engine, /generate, OpenAI and vLLM routes): as the tokenizer's own
         settings say (a Llama tokenizer prepends BOS), as SGLang does, so the rollout sees the tokens the
         trainer's tokenizer gives; a rendered chat template already holds its special tokens
-        (add_special_tokens=False). An empty text is no tokens (not a lone BOS): an empty prompt is refused."""
+        (add_special_tokens=False). An empty text is no tokens (not a lone BOS): an empty prompt is refused.
+        SGLang's Engine.encode is another thing (embeddings of an embedding model): a non-text is refused by name."""
+        if not isinstance(text, str):
+            raise HotswapError(f"encode tokenizes one text, got {type(text).__name__} (SGLang's Engine.encode computes embeddings, "
+                               "which hotswap does not serve)")
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens) if text else []
 
     def _start_runner(self) -> ModelRunner:
