@@ -136,3 +136,22 @@ def test_prompt_logprobs_are_raw_under_temperature(tiny_qwen3, original):
     torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64), atol=1e-4, rtol=1e-4)
     raw = torch.log_softmax(logits, dim=-1)[len(ids) - 1 :]
     assert original or not torch.allclose(ref[len(ids) - 1 :], raw, atol=1e-2)  # the two rules differ here
+
+
+def test_sglang_return_original_logprob_variable_is_honoured(tiny_qwen3, monkeypatch):
+    """SGLang reads SGLANG_RETURN_ORIGINAL_LOGPROB from the environment (`layers/sampler.py`); frameworks and
+    SGLang's own test_original_logprobs.py set it before launching: the same switch here (an explicit
+    return_original_logprob argument wins)."""
+    sp = {"max_new_tokens": 3, "temperature": 0.5, "ignore_eos": True, "seed": 5}
+    ids = prompt_ids(19, 6)
+    with make_engine(tiny_qwen3, return_original_logprob=True) as engine:
+        raw = engine.generate(input_ids=ids, sampling_params=sp, return_logprob=True)["meta_info"]["output_token_logprobs"]
+    monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", "True")
+    with make_engine(tiny_qwen3) as engine:
+        assert engine.config.return_original_logprob
+        assert engine.generate(input_ids=ids, sampling_params=sp, return_logprob=True)["meta_info"]["output_token_logprobs"] == raw
+    with make_engine(tiny_qwen3, return_original_logprob=False) as engine:
+        assert not engine.config.return_original_logprob
+    monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", "0")
+    with make_engine(tiny_qwen3) as engine:
+        assert not engine.config.return_original_logprob
