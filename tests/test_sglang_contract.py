@@ -273,8 +273,10 @@ def test_constrained_decoding_is_refused_everywhere(served):
     refused(c.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2, "guided_regex": "a+"}), "guided_regex")
     refused(c.post("/inference/v1/generate", json={"token_ids": [1, 2], "sampling_params": {"max_tokens": 2, "guided_regex": "a+"}}),
             "guided_regex")
-    # sent empty (as frameworks do) they are no constraint
-    assert c.post("/generate", json={"text": "hi", "sampling_params": {**GREEDY, "regex": None, "json_schema": None}}).status_code == 200
+    # sent empty (as frameworks do) they are no constraint, on every path
+    empty = {**GREEDY, "regex": None, "json_schema": "", "ebnf": None}
+    assert c.post("/generate", json={"text": "hi", "sampling_params": empty}).status_code == 200
+    assert eng.generate("hi", empty)["meta_info"]["completion_tokens"] == GREEDY["max_new_tokens"]
 
 
 # ---- weight methods' return shapes, model path and versions ------------------------------------------------

@@ -12,16 +12,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hotswap.errors import HotswapError, SamplingParamsError
-from hotswap.sampling_params import INT64_MAX, SamplingParams
+from hotswap.sampling_params import CONSTRAINED_DECODING_FIELDS, INT64_MAX, SamplingParams
 
 # SGLang sampling parameters that hotswap's SamplingParams does not have, which frameworks send at their
 # neutral value: dropped at exactly this value; any other value is refused by name as an unknown
 # parameter, never silently ignored. (Penalties, logit_bias, no_stop_trim, custom_params are fields.)
-_SGLANG_NEUTRAL = {"spaces_between_special_tokens": True, "regex": None, "json_schema": None, "ebnf": None, "structural_tag": None}
+# Constrained-decoding fields sent unset (None, "", {}) are dropped too; set, SamplingParams refuses them.
+_SGLANG_NEUTRAL = {"spaces_between_special_tokens": True}
 
 
 def _drop_neutral(params: dict) -> dict:
-    return {k: v for k, v in params.items() if not (k in _SGLANG_NEUTRAL and v is _SGLANG_NEUTRAL[k])}
+    return {k: v for k, v in params.items()
+            if not (k in _SGLANG_NEUTRAL and v is _SGLANG_NEUTRAL[k]) and not (k in CONSTRAINED_DECODING_FIELDS and not v)}
 
 
 @dataclass(frozen=True, slots=True)
