@@ -11,13 +11,13 @@ from typing import Any
 from starlette.requests import Request
 
 from hotswap.errors import ConstrainedDecodingError, EngineUnavailableError
-from hotswap.sampling_params import CONSTRAINED_DECODING_FIELDS
 from hotswap.sampling_params import refuse_constrained_decoding as check_constrained_decoding
 from hotswap.server.http_utils import APIError, await_unless_disconnected, error_body, sse
 
 # SGLang sampling parameters hotswap does not implement: sent empty they are dropped, so frameworks that
-# always send them work; any other value is refused rather than silently ignored.
-_MUST_BE_EMPTY = (*CONSTRAINED_DECODING_FIELDS, "lora_path")
+# always send them work; any other value is refused rather than silently ignored. (Constrained-decoding
+# fields: refused below with their own message; sent unset, the engine drops them.)
+_MUST_BE_EMPTY = ("lora_path",)
 # Accepted and ignored: they change nothing observable in hotswap's outputs (or only formatting).
 _IGNORED = ("spaces_between_special_tokens", "stream_interval")  # stream_interval: the server's --stream-interval applies
 
