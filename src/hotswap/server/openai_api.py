@@ -171,11 +171,11 @@ def sglext(outputs: list[dict]) -> dict:
     return {}
 
 
-def choice_end(meta: dict) -> dict:
-    """A choice's finish_reason and SGLang's `matched_stop` (the stop token id or string that ended it; null
-    otherwise), as SGLang's CompletionResponseChoice / ChatCompletionResponseChoice carry them."""
+def matched_stop(meta: dict) -> int | str | None:
+    """SGLang's choice `matched_stop` (CompletionResponseChoice / ChatCompletionResponseChoice): the stop token
+    id or stop string that ended the choice; None otherwise."""
     reason = meta.get("finish_reason")
-    return {"finish_reason": finish_reason(meta), "matched_stop": reason.get("matched") if reason else None}
+    return reason.get("matched") if reason else None
 
 
 def check_prompt(state: ServerState, ids: list[int], max_tokens: int | None, index: int) -> None:
@@ -327,7 +327,7 @@ def _stream_response(state: ServerState, route: str, chunks, *, rid: str, object
                 if not text and fin is None:
                     continue
                 end = len(out["output_ids"])
-                c = {**choice(i, text, meta, sent.get(i, 0), end, fin), "matched_stop": choice_end(meta)["matched_stop"],
+                c = {**choice(i, text, meta, sent.get(i, 0), end, fin), "matched_stop": matched_stop(meta),
                      **_routed(meta)}  # routing comes with the last chunk
                 if token_ids:
                     c["token_ids"] = list(out["output_ids"][sent.get(i, 0):end])
@@ -414,7 +414,8 @@ def register(app: FastAPI, state: ServerState) -> None:
                 if echo_texts is not None:
                     text = echo_texts[i // n] + text
                 lp = completion_logprobs(state, meta, 0, len(out["output_ids"]), k, 0, as_ids, echo=echo_lp) if want_lp else None
-                c = {"index": i, "text": text, "logprobs": lp, **choice_end(meta), **_routed(meta)}
+                c = {"index": i, "text": text, "logprobs": lp, "finish_reason": finish_reason(meta), "matched_stop": matched_stop(meta),
+                     **_routed(meta)}
                 if body.prompt_logprobs is not None:
                     c["prompt_logprobs"] = vllm_prompt_logprobs(state, meta, body.prompt_logprobs)
                 if body.return_token_ids:
@@ -483,7 +484,8 @@ def register(app: FastAPI, state: ServerState) -> None:
                 meta = out["meta_info"]
                 text = out["text"]
                 lp = chat_logprobs(state, meta, 0, len(out["output_ids"]), k, as_ids) if want_lp else None
-                c = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp, **choice_end(meta), **_routed(meta)}
+                c = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": finish_reason(meta),
+                     "matched_stop": matched_stop(meta), **_routed(meta)}
                 if body.return_token_ids:
                     c["token_ids"] = list(out["output_ids"])
                 if body.return_token_ids or body.return_prompt_token_ids:  # SGLang serving_chat.py: on the choice
