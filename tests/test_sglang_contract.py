@@ -326,6 +326,7 @@ def test_weight_update_replies_as_sglang_shapes_them(served, tiny_qwen3, tmp_pat
         assert c.post("/pause_generation", json={"mode": "in_place"}).status_code == 200
         r = c.post("/update_weights_from_disk", json={"model_path": str(tiny_qwen3), "weight_version": "w2"})
         assert r.status_code == 200 and r.json()["num_paused_requests"] == 1, r.text
+        assert r.json()["message"].endswith(" Weight version updated to w2.")
     finally:
         c.post("/continue_generation", json={})
     t.join(60)
