@@ -113,3 +113,45 @@ def test_prompt_logprobs_survive_preemption(tiny_qwen3):
         for ids, out in zip(prompts, outs):
             check_against_hf(tiny_qwen3, ids, out, 0)
         assert engine.check_invariants().success
+
+
+@pytest.mark.parametrize("original", [False, True])
+def test_prompt_logprobs_are_raw_under_temperature(tiny_qwen3, original):
+    """SGLang's rule at temperature T: prompt logprobs are log_softmax(logits) whatever T
+    (`layers/utils/logprob.py::compute_temp_top_p_normalized_logprobs` divides by T only when
+    `temp_scaled_logprobs`, which `managers/schedule_batch.py::Req` leaves False), while output logprobs are
+    log_softmax(logits / T) (`layers/sampler.py`), or the raw ones with SGLANG_RETURN_ORIGINAL_LOGPROB
+    (our return_original_logprob). Checked against float64 log_softmax over HF's logits of the whole sequence."""
+    ids, t = prompt_ids(18, 10), 0.5
+    sp = {"max_new_tokens": 4, "temperature": t, "ignore_eos": True, "seed": 3}
+    with make_engine(tiny_qwen3, return_original_logprob=original) as engine:
+        out = engine.generate(input_ids=ids, sampling_params=sp, return_logprob=True, logprob_start_len=0, top_logprobs_num=3)
+    check_against_hf(tiny_qwen3, ids, out, 0, top=3)  # prompt: raw, at temperature 1
+    full = ids + out["output_ids"]
+    with torch.no_grad():
+        logits = hf_model(str(tiny_qwen3))(torch.tensor([full])).logits[0].double()
+    ref = torch.log_softmax(logits if original else logits / t, dim=-1)
+    want = [ref[len(ids) - 1 + j, tok].item() for j, tok in enumerate(out["output_ids"])]
+    got = [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]]
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64), atol=1e-4, rtol=1e-4)
+    raw = torch.log_softmax(logits, dim=-1)[len(ids) - 1 :]
+    assert original or not torch.allclose(ref[len(ids) - 1 :], raw, atol=1e-2)  # the two rules differ here
+
+
+def test_sglang_return_original_logprob_variable_is_honoured(tiny_qwen3, monkeypatch):
+    """SGLang reads SGLANG_RETURN_ORIGINAL_LOGPROB from the environment (`layers/sampler.py`); frameworks and
+    SGLang's own test_original_logprobs.py set it before launching: the same switch here (an explicit
+    return_original_logprob argument wins)."""
+    sp = {"max_new_tokens": 3, "temperature": 0.5, "ignore_eos": True, "seed": 5}
+    ids = prompt_ids(19, 6)
+    with make_engine(tiny_qwen3, return_original_logprob=True) as engine:
+        raw = engine.generate(input_ids=ids, sampling_params=sp, return_logprob=True)["meta_info"]["output_token_logprobs"]
+    monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", "True")
+    with make_engine(tiny_qwen3) as engine:
+        assert engine.config.return_original_logprob
+        assert engine.generate(input_ids=ids, sampling_params=sp, return_logprob=True)["meta_info"]["output_token_logprobs"] == raw
+    with make_engine(tiny_qwen3, return_original_logprob=False) as engine:
+        assert not engine.config.return_original_logprob
+    monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", "0")
+    with make_engine(tiny_qwen3) as engine:
+        assert not engine.config.return_original_logprob

@@ -159,8 +159,10 @@ def test_decode_routed_experts_refuses_a_wrong_shape():
 
 def test_http_generate_and_openai_routes_return_routing(tiny_qwen3_moe):
     """Native /generate (plain and streamed) takes `return_routed_experts` and `routed_experts_start_len`; the
-    OpenAI routes take the flag as an extra body field and put the same base64 string on each choice
-    (streamed: on the choice's last chunk)."""
+    OpenAI routes take both as body fields (SGLang `entrypoints/openai/protocol.py`: CompletionRequest and
+    ChatCompletionRequest) and answer with the response-level `sglext.routed_experts` (SGLang's SglExt, from
+    the first choice; streamed: a chunk of its own with no choices after the content, as `serving_chat.py`
+    sends it) and the same base64 string on each choice (streamed: on the choice's last chunk)."""
     import httpx
     import openai
 
@@ -189,18 +191,32 @@ def test_http_generate_and_openai_routes_return_routing(tiny_qwen3_moe):
                                                "routed_experts_start_len": len(prompt) + 1})
             assert bad.status_code == 400 and "routed_experts_start_len" in bad.text
         oai = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=30)
-        res = oai.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, extra_body={
-            "ignore_eos": True, "return_routed_experts": True})
-        assert res.choices[0].model_extra["routed_experts"] == out["meta_info"]["routed_experts"]
         extra = {"ignore_eos": True, "return_routed_experts": True}
-        stream = oai.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, stream=True, extra_body=extra)
+        res = oai.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, extra_body=extra)
+        assert res.choices[0].model_extra["routed_experts"] == out["meta_info"]["routed_experts"]
+        assert res.model_extra["sglext"] == {"routed_experts": out["meta_info"]["routed_experts"]}
+        res = oai.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, extra_body={**extra, "routed_experts_start_len": 3})
+        assert res.model_extra["sglext"]["routed_experts"] == res.choices[0].model_extra["routed_experts"] == part["meta_info"]["routed_experts"]
+        stream = list(oai.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, stream=True,
+                                             extra_body={**extra, "routed_experts_start_len": 3}))
         routed = [c.choices[0].model_extra.get("routed_experts") for c in stream if c.choices]
-        assert routed[-1] == out["meta_info"]["routed_experts"] and not any(routed[:-1])  # on the last chunk only
+        assert routed[-1] == part["meta_info"]["routed_experts"] and not any(routed[:-1])  # on the last chunk only
+        assert [c.model_extra["sglext"] for c in stream if not c.choices] == [{"routed_experts": part["meta_info"]["routed_experts"]}]
         messages = [{"role": "user", "content": "route me"}]
         chat = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0, extra_body=extra)
-        stream = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0, stream=True, extra_body=extra)
+        assert chat.model_extra["sglext"]["routed_experts"] == chat.choices[0].model_extra["routed_experts"]
+        stream = list(oai.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0, stream=True,
+                                                  extra_body=extra, stream_options={"include_usage": True}))
         routed = [c.choices[0].model_extra.get("routed_experts") for c in stream if c.choices]
         assert routed[-1] == chat.choices[0].model_extra["routed_experts"] and not any(routed[:-1])
+        tail = [c for c in stream if not c.choices]  # the routing chunk, then the usage chunk
+        assert tail[0].model_extra["sglext"] == chat.model_extra["sglext"] and tail[-1].usage.completion_tokens == 6
+        part_chat = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                                extra_body={**extra, "routed_experts_start_len": 2})
+        rows = decode_routed_experts(part_chat.model_extra["sglext"]["routed_experts"], LAYERS, TOP_K)
+        assert (rows == decode_routed_experts(chat.model_extra["sglext"]["routed_experts"], LAYERS, TOP_K)[2:]).all()
+        with pytest.raises(openai.BadRequestError, match="routed_experts_start_len needs return_routed_experts"):
+            oai.chat.completions.create(model="tiny", messages=messages, max_tokens=2, extra_body={"routed_experts_start_len": 2})
 
 
 @pytest.mark.gpu

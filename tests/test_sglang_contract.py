@@ -251,20 +251,32 @@ def test_generate_takes_sglang_arguments_and_refuses_what_it_cannot_serve(served
 
 def test_constrained_decoding_is_refused_everywhere(served):
     """regex / json_schema / ebnf (SGLang's sampling_params; SGLang's and vLLM's OpenAI extras) would be
-    unconstrained text if ignored: refused by name on every path."""
+    unconstrained text if ignored: refused by name on every path with the one message, and over HTTP a 400
+    whose `param` names the field."""
     eng, c = served
+
+    def message(field: str) -> str:
+        return f"{field!r} (constrained decoding) is not supported by hotswap; leave it unset"
+
+    def refused(r: httpx.Response, field: str) -> None:
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["message"] == message(field) and r.json()["error"]["param"] == field
+
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     for field in ("regex", "json_schema", "ebnf"):
-        with pytest.raises(HotswapError, match=field):
+        with pytest.raises(HotswapError) as err:
             eng.generate("hi", {**GREEDY, field: "a+"})
-        r = c.post("/generate", json={"text": "hi", "sampling_params": {**GREEDY, field: "a+"}})
-        assert r.status_code == 400 and field in r.json()["error"]["message"]
-        r = c.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2, field: "a+"})
-        assert r.status_code == 400 and field in r.text
-        r = c.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
-                                                 field: "a+"})
-        assert r.status_code == 400 and field in r.text
-    r = c.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2, "guided_regex": "a+"})
-    assert r.status_code == 400 and "guided_regex" in r.text
+        assert str(err.value) == message(field)
+        refused(c.post("/generate", json={"text": "hi", "sampling_params": {**GREEDY, field: "a+"}}), field)
+        refused(c.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2, field: "a+"}), field)
+        refused(c.post("/v1/chat/completions", json={**chat, field: "a+"}), field)
+    refused(c.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2, "guided_regex": "a+"}), "guided_regex")
+    refused(c.post("/inference/v1/generate", json={"token_ids": [1, 2], "sampling_params": {"max_tokens": 2, "guided_regex": "a+"}}),
+            "guided_regex")
+    # sent empty (as frameworks do) they are no constraint, on every path
+    empty = {**GREEDY, "regex": None, "json_schema": "", "ebnf": None}
+    assert c.post("/generate", json={"text": "hi", "sampling_params": empty}).status_code == 200
+    assert eng.generate("hi", empty)["meta_info"]["completion_tokens"] == GREEDY["max_new_tokens"]
 
 
 # ---- weight methods' return shapes, model path and versions ------------------------------------------------
@@ -279,8 +291,8 @@ def test_disk_update_from_another_folder_moves_model_path(tiny_qwen3, tiny_qwen3
     with Engine(str(tiny_qwen3), device="cpu", page_size=4) as eng, ServerThread(create_app(eng)) as srv:
         ret = eng.update_weights_from_disk(str(folder))
         assert ret[0] is True and json.loads(json.dumps(ret))["success"] is True
-        success, message = ret
-        assert success and "updated" in message
+        success, message, num_paused_requests = ret  # SGLang's Engine: the tokenizer manager's 3-tuple
+        assert success and "updated" in message and num_paused_requests == 0
         assert eng.get_model_info()["model_path"] == str(folder)
         assert texts(eng) == v2_ids
         oai = openai.OpenAI(base_url=srv.url + "/v1", api_key="x")
@@ -290,6 +302,36 @@ def test_disk_update_from_another_folder_moves_model_path(tiny_qwen3, tiny_qwen3
         with httpx.Client(base_url=srv.url) as c:
             r = c.post("/update_weights_from_disk", json={"model_path": str(tiny_qwen3)})
             assert r.json()["success"] and c.get("/model_info").json()["model_path"] == str(tiny_qwen3)
+
+
+def test_weight_update_replies_as_sglang_shapes_them(served, tiny_qwen3, tmp_path):
+    """SGLang `entrypoints/http_server.py`: POST /update_weights_from_disk answers {success, message,
+    num_paused_requests} (400 with the same keys when it fails); _from_tensor and _from_distributed answer
+    {success, message}. `entrypoints/engine.py`: Engine.update_weights_from_disk returns the tokenizer
+    manager's (success, message, num_paused_requests), update_weights_from_tensor (success, message).
+    num_paused_requests counts the started requests held across the update: one paused in place here."""
+    eng, c = served
+    r = c.post("/update_weights_from_disk", json={"model_path": str(tiny_qwen3)})
+    assert r.status_code == 200 and r.json()["success"] is True and r.json()["num_paused_requests"] == 0
+    r = c.post("/update_weights_from_disk", json={"model_path": str(tmp_path / "missing")})
+    assert r.status_code == 400 and r.json()["success"] is False and r.json()["num_paused_requests"] == 0 and "missing" in r.json()["message"]
+    ok, message, paused = eng.update_weights_from_disk(str(tmp_path / "missing"))
+    assert not ok and "missing" in message and paused == 0
+    ok, message = eng.update_weights_from_tensor([("model.no_such.weight", torch.zeros(1))])
+    assert not ok and "model.no_such.weight" in message
+
+    t, results = generate_in_background(eng, c, {"text": "x", "sampling_params": {"max_new_tokens": 200, "temperature": 0,
+                                                                                   "ignore_eos": True}})
+    try:
+        assert c.post("/pause_generation", json={"mode": "in_place"}).status_code == 200
+        r = c.post("/update_weights_from_disk", json={"model_path": str(tiny_qwen3), "weight_version": "w2"})
+        assert r.status_code == 200 and r.json()["num_paused_requests"] == 1, r.text
+        assert r.json()["message"].endswith(" Weight version updated to w2.")
+    finally:
+        c.post("/continue_generation", json={})
+    t.join(60)
+    out = results["r"].json()
+    assert out["meta_info"]["finish_reason"]["type"] == "length" and out["meta_info"]["weight_version"] == "w2"
 
 
 def test_weight_versions_as_sglang(tiny_qwen3):
@@ -369,6 +411,37 @@ def test_abort_by_rid_returns_the_tokens_so_far(served):
     assert eng.abort_request(abort_all=True).success
 
 
+def test_a_request_aborted_before_its_prefill_says_so(served):
+    """SGLang `managers/tokenizer_manager.py::_handle_abort_req` answers a request aborted in the waiting queue
+    with finish_reason {"type": "abort", "message": "Abort before prefill"}; AReaL `sglang_remote.py::
+    parse_generation_response` reads that prefix as "no tokens" and sends the request again. One aborted
+    after its prefill keeps its own message (its tokens so far are in the reply)."""
+    eng, c = served
+    r = c.post("/pause_generation", json={"mode": "abort"})  # SGLang http_server.py: {"message", "status": "ok"}
+    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["message"]
+    results: dict = {}
+    body = {"input_ids": [3, 4, 5], "sampling_params": {"max_new_tokens": 4}, "return_logprob": True}
+    t = threading.Thread(target=lambda: results.setdefault("r", c.post("/generate", json=body)))
+    t.start()
+    try:
+        deadline = time.monotonic() + 20
+        while eng.get_load().num_waiting < 1:
+            assert time.monotonic() < deadline, "the request never queued"
+            time.sleep(0.01)
+        assert c.post("/abort_request", json={"abort_all": True}).status_code == 200
+        t.join(30)
+    finally:
+        r = c.post("/continue_generation", json={})
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    meta = results["r"].json()["meta_info"]
+    assert meta["finish_reason"]["type"] == "abort" and meta["finish_reason"]["message"].startswith("Abort before prefill")
+    assert meta["completion_tokens"] == 0 and meta["output_token_logprobs"] == []
+    t, results = generate_in_background(eng, c, {**body, "sampling_params": {"max_new_tokens": 500, "ignore_eos": True}})
+    assert c.post("/abort_request", json={"abort_all": True}).status_code == 200
+    t.join(30)
+    assert not results["r"].json()["meta_info"]["finish_reason"]["message"].startswith("Abort before prefill")
+
+
 # ---- tokenization ----------------------------------------------------------------------------------------------
 
 
@@ -412,6 +485,12 @@ def test_text_prompts_get_bos_as_the_tokenizer_says(tiny_llama_bos):
             oai = openai.OpenAI(base_url=srv.url + "/v1", api_key="x")
             res = oai.completions.create(model="m", prompt=PROMPTS[0], max_tokens=2, temperature=0)
             assert res.usage.prompt_tokens == len(ids)
+            # one tokenization everywhere: Engine.encode, /tokenize, and an empty text is no tokens
+            assert eng.encode(PROMPTS[0]) == ids and eng.encode(PROMPTS[0], add_special_tokens=False) == ids[1:]
+            assert httpx.post(srv.url + "/tokenize", json={"prompt": PROMPTS[0]}).json()["tokens"] == ids
+            assert eng.encode("") == []
+            with pytest.raises(HotswapError, match="embeddings"):  # SGLang's Engine.encode([...]) means embeddings
+                eng.encode([PROMPTS[0]])
 
 
 def test_cached_tokens_count_tokens(served):
@@ -421,6 +500,59 @@ def test_cached_tokens_count_tokens(served):
     body = {"input_ids": list(range(3, 13)), "sampling_params": {"max_new_tokens": 2}}
     assert c.post("/generate", json=body).json()["meta_info"]["cached_tokens"] == 0
     assert c.post("/generate", json=body).json()["meta_info"]["cached_tokens"] == 8
+
+
+def test_generate_meta_info_as_sglang_fills_it(served):
+    """SGLang `managers/tokenizer_manager.py::_handle_batch_output`: meta_info holds id, finish_reason,
+    prompt_tokens, completion_tokens, cached_tokens, weight_version, and `e2e_latency` (seconds) once the
+    request has finished (not on earlier streamed chunks); `output_token_logprobs` items are
+    (logprob, token_id, text or None), the text with return_text_in_logprobs."""
+    eng, c = served
+    body = {"text": "Alice likes", "sampling_params": {"max_new_tokens": 3, "temperature": 0}, "return_logprob": True}
+    meta = c.post("/generate", json=body).json()["meta_info"]
+    assert {"id", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "weight_version", "e2e_latency"} <= set(meta)
+    assert isinstance(meta["e2e_latency"], float) and 0 < meta["e2e_latency"] < 60
+    assert all(len(item) == 3 and item[2] is None for item in meta["output_token_logprobs"])
+    meta = c.post("/generate", json={**body, "return_text_in_logprobs": True}).json()["meta_info"]
+    assert [item[2] for item in meta["output_token_logprobs"]] == [eng.tokenizer.decode([item[1]]) for item in meta["output_token_logprobs"]]
+    with c.stream("POST", "/generate", json={**body, "stream": True}) as resp:
+        events = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+    assert len(events) > 1 and "e2e_latency" in events[-1]["meta_info"]
+    assert not any("e2e_latency" in e["meta_info"] for e in events[:-1])
+    assert eng.generate("Alice likes", {"max_new_tokens": 2})["meta_info"]["e2e_latency"] > 0
+
+
+def test_openai_choices_carry_matched_stop_and_prompt_ids(served):
+    """SGLang `entrypoints/openai/protocol.py`: CompletionResponseChoice and ChatCompletionResponseChoice (and
+    their stream choices) carry `matched_stop`, the finish_reason's `matched` (the stop token id or stop
+    string that ended the choice; null when it ran to its length), and a chat choice `prompt_token_ids`."""
+    eng, c = served
+    chat = {"model": "m", "messages": [{"role": "user", "content": "Alice likes"}], "temperature": 0, "max_tokens": 8, "ignore_eos": True}
+    free = c.post("/v1/chat/completions", json=chat).json()["choices"][0]
+    assert free["finish_reason"] == "length" and free["matched_stop"] is None
+    ids = c.post("/v1/chat/completions", json={**chat, "return_token_ids": True}).json()["choices"][0]["token_ids"]
+    stop_id = ids[3]
+    # SGLang serving_chat.py: return_prompt_token_ids (or return_token_ids) puts the prompt's ids on each choice
+    prompt = eng.encode(eng.tokenizer.apply_chat_template(chat["messages"], tokenize=False, add_generation_prompt=True),
+                        add_special_tokens=False)
+    for flag in ("return_prompt_token_ids", "return_token_ids"):
+        got = c.post("/v1/chat/completions", json={**chat, flag: True, "n": 2}).json()["choices"]
+        assert [ch["prompt_token_ids"] for ch in got] == [prompt, prompt]
+    with c.stream("POST", "/v1/chat/completions", json={**chat, "return_prompt_token_ids": True, "stream": True}) as resp:
+        first = next(json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {"))
+    assert first["choices"][0]["prompt_token_ids"] == prompt
+    r = c.post("/v1/chat/completions", json={**chat, "stop_token_ids": [stop_id]}).json()["choices"][0]
+    assert r["finish_reason"] == "stop" and r["matched_stop"] == stop_id
+    with c.stream("POST", "/v1/chat/completions", json={**chat, "stop_token_ids": [stop_id], "stream": True}) as resp:
+        events = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+    ends = [ch["matched_stop"] for e in events for ch in e["choices"]]
+    assert ends[-1] == stop_id and not any(m is not None for m in ends[:-1])
+
+    cmpl = {"model": "m", "prompt": "Bob sees the river", "temperature": 0, "max_tokens": 8, "ignore_eos": True}
+    text = c.post("/v1/completions", json=cmpl).json()["choices"][0]["text"]
+    stop = next(text[j:j + 2] for j in range(len(text) // 2, len(text) - 1) if text[j:j + 2].strip() == text[j:j + 2])
+    r = c.post("/v1/completions", json={**cmpl, "stop": [stop]}).json()["choices"][0]
+    assert r["finish_reason"] == "stop" and r["matched_stop"] == stop and stop not in r["text"]
 
 
 def test_a_tensor_update_waiting_for_a_drain_is_bounded(tiny_qwen3, tiny_qwen3_v2, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -312,6 +313,9 @@ def engine_args_from_sglang(args: dict) -> dict:
         out[target] = converted
     if problems:
         raise HotswapError("; ".join(problems))
+    env = os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB")
+    if env is not None and "return_original_logprob" not in out:  # SGLang's switch is this variable, read at launch
+        out["return_original_logprob"] = env.strip().lower() in ("1", "true")
     return out
 
 

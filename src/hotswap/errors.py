@@ -17,6 +17,14 @@ class SamplingParamsError(HotswapError):
     """A sampling parameter is unknown or out of range."""
 
 
+class ConstrainedDecodingError(SamplingParamsError):
+    """A constrained-decoding field (regex, json_schema, ...) is set; `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 class EngineUnavailableError(HotswapError):
     """Generation cannot run now (memory released, or held past the queue bound); the message says why.
     Over HTTP: 503."""

@@ -78,11 +78,15 @@ class ControlOutput(dict):
         object.__setattr__(self, name, value)
         dict.__setitem__(self, name, value)  # the mapping view follows every field
 
+    def astuple(self) -> tuple:
+        """SGLang's tuple form of this reply: `(success, message)`."""
+        return (self.success, self.message)
+
     def __iter__(self):
-        return iter((self.success, self.message))
+        return iter(self.astuple())
 
     def __getitem__(self, key):
-        return dict.__getitem__(self, key) if isinstance(key, str) else (self.success, self.message)[key]
+        return dict.__getitem__(self, key) if isinstance(key, str) else self.astuple()[key]
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -267,4 +271,19 @@ class WeightUpdateOutput(ControlOutput):
     num_bytes: int = 0
     elapsed_s: float = 0.0
     rolled_back: bool = False
+    num_paused_requests: int = 0  # SGLang's: started requests held (paused in place or retracted) across the update
     extra: dict = field(default_factory=dict)
+
+
+@dataclass(kw_only=True, slots=True)
+class DiskUpdateOutput(WeightUpdateOutput):
+    """`Engine.update_weights_from_disk`'s reply. SGLang's Engine returns the tokenizer manager's 3-tuple
+    there (entrypoints/engine.py -> tokenizer_manager.py `_wait_for_model_update_from_disk`), so ported code
+    unpacks `ok, msg, num_paused = ...`; its other weight methods return `(success, message)`."""
+
+    @classmethod
+    def of(cls, out: ControlOutput) -> DiskUpdateOutput:
+        return cls(**{f.name: getattr(out, f.name) for f in fields(WeightUpdateOutput) if hasattr(out, f.name)})
+
+    def astuple(self) -> tuple:
+        return (self.success, self.message, self.num_paused_requests)

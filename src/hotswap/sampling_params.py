@@ -4,9 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from hotswap.errors import SamplingParamsError
+from hotswap.errors import ConstrainedDecodingError, SamplingParamsError
 
 INT64_MAX = 2**63 - 1  # seeds and top_k travel to the device as int64
+
+# constrained decoding (SGLang's and vLLM's names): refused by name wherever a request may carry it
+CONSTRAINED_DECODING_FIELDS = ("regex", "json_schema", "ebnf", "structural_tag", "guided_json", "guided_regex", "guided_choice",
+                               "guided_grammar", "guided_decoding", "guided_decoding_backend", "structured_outputs")
+
+
+def refuse_constrained_decoding(values: dict) -> None:
+    """The one refusal of a set constrained-decoding field, on every path (Engine, /generate, OpenAI and vLLM
+    routes): hotswap does not constrain decoding, and an ignored constraint would silently give unconstrained
+    text. Unset (None, "", {}) passes: frameworks send the fields empty."""
+    for key in CONSTRAINED_DECODING_FIELDS:
+        if values.get(key):
+            raise ConstrainedDecodingError(key, f"{key!r} (constrained decoding) is not supported by hotswap; leave it unset")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -53,6 +66,7 @@ class SamplingParams:
         if not isinstance(params, dict):
             raise SamplingParamsError(f"sampling_params must be a dict, got {type(params).__name__}")
         values = dict(params)
+        refuse_constrained_decoding(values)
         if "custom_params" in values:
             values.update(_custom_params(values.pop("custom_params")))
         known = {f.name for f in fields(cls)}

@@ -4,6 +4,7 @@ stop strings are detokenized here, on the consumer's thread, instead of on the s
 from __future__ import annotations
 
 import base64
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,6 +58,8 @@ class Collector:
     input_token_logprobs: list | None = None
     input_top_logprobs: list | None = None
     last: p.GenerateOutput | None = None
+    started_at: float = field(default_factory=time.monotonic)  # when the call handed the request over
+    e2e_latency: float | None = None  # SGLang's meta_info["e2e_latency"]: seconds to the finished output
 
     @property
     def finished(self) -> bool:
@@ -80,6 +83,8 @@ class Collector:
             else:
                 self.text += self.detok.step(self.output_ids)
             self.last = out
+            if out.finished and self.e2e_latency is None:
+                self.e2e_latency = time.monotonic() - self.started_at
         delta_text = self.text[len(old_text) :] if self.text.startswith(old_text) else self.text
         return {"delta_text": delta_text, "delta_output_ids": self.output_ids[start:], "delta_weight_versions": self.versions[start:]}
 
@@ -100,6 +105,8 @@ class Collector:
             "finish_reason": out.finish_reason,
             "weight_version": out.weight_version,
         }
+        if self.e2e_latency is not None:  # finished outputs only, as SGLang's tokenizer manager sets it
+            meta["e2e_latency"] = self.e2e_latency
         if len(set(self.versions)) > 1:
             meta["weight_versions"] = list(self.versions)
         if out.routed_experts is not None:

@@ -143,10 +143,16 @@ class Engine:
         if self.config.weight_version != "default":  # SGLang's --weight-version: the launch weights' name
             self._call(p.UpdateWeightVersionRequest(new_version=self.config.weight_version, abort_all_requests=False))
 
-    def encode(self, text: str) -> list[int]:
-        """A text prompt's token ids, tokenized as the tokenizer's own settings say (add_special_tokens: a
-        Llama tokenizer prepends BOS), as SGLang does: the rollout sees the tokens the trainer's tokenizer gives."""
-        return self.tokenizer.encode(text)
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The one tokenization of text (the Engine, /generate, OpenAI and vLLM routes): as the tokenizer's own
+        settings say (a Llama tokenizer prepends BOS), as SGLang does, so the rollout sees the tokens the
+        trainer's tokenizer gives; a rendered chat template already holds its special tokens
+        (add_special_tokens=False). An empty text is no tokens (not a lone BOS): an empty prompt is refused.
+        SGLang's Engine.encode is another thing (embeddings of an embedding model): a non-text is refused by name."""
+        if not isinstance(text, str):
+            raise HotswapError(f"encode tokenizes one text, got {type(text).__name__} (SGLang's Engine.encode computes embeddings, "
+                               "which hotswap does not serve)")
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens) if text else []
 
     def _start_runner(self) -> ModelRunner:
         """This process's ModelRunner; under tensor parallelism the workers are spawned first and build
@@ -327,9 +333,11 @@ class Engine:
         return self.get_load().weight_version
 
     def update_weights_from_disk(self, model_path: str, load_format: str | None = None, weight_version: str | None = None,
-                                 flush_cache: bool = True, abort_all_requests: bool = False) -> p.WeightUpdateOutput:
-        return self.submit(p.UpdateWeightsFromDiskRequest(model_path=str(model_path), load_format=load_format, weight_version=weight_version,
-                                                         flush_cache=flush_cache, abort_all_requests=abort_all_requests))
+                                 flush_cache: bool = True, abort_all_requests: bool = False) -> p.DiskUpdateOutput:
+        """As SGLang's Engine: unpacks as `(success, message, num_paused_requests)`."""
+        out = self.submit(p.UpdateWeightsFromDiskRequest(model_path=str(model_path), load_format=load_format, weight_version=weight_version,
+                                                        flush_cache=flush_cache, abort_all_requests=abort_all_requests))
+        return p.DiskUpdateOutput.of(out)
 
     def update_weights_from_tensor(self, named_tensors=None, load_format: str | None = None, flush_cache: bool = True,
                                    weight_version: str | None = None, abort_all_requests: bool = False,

@@ -12,22 +12,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hotswap.errors import HotswapError, SamplingParamsError
-from hotswap.sampling_params import INT64_MAX, SamplingParams
-
-# SGLang sampling parameters that hotswap's SamplingParams does not have, which frameworks send at their
-# neutral value: dropped at exactly this value; any other value is refused by name as an unknown
-# parameter, never silently ignored. (Penalties, logit_bias, no_stop_trim, custom_params are fields.)
-_SGLANG_NEUTRAL = {"regex": None, "json_schema": None, "ebnf": None, "structural_tag": None}
+from hotswap.sampling_params import CONSTRAINED_DECODING_FIELDS, INT64_MAX, SamplingParams
 
 
 def _drop_neutral(params: dict) -> dict:
-    """Neutral SGLang fields dropped; `spaces_between_special_tokens` (a boolean) too: a fast tokenizer's
-    decode has no such option (SGLang's, with a fast tokenizer, ignores it alike)."""
+    """SGLang sampling parameters that SamplingParams lacks, which frameworks send at their neutral value
+    (any other value stays and is refused by name, never silently ignored): unset constrained-decoding
+    fields (None, "", {}; set, SamplingParams refuses them by name), and `spaces_between_special_tokens`
+    (a boolean): a fast tokenizer's decode has no such option (SGLang's, with a fast tokenizer, ignores it)."""
     spaces = params.get("spaces_between_special_tokens", True)
     if not isinstance(spaces, bool):
         raise SamplingParamsError(f"invalid sampling parameter: spaces_between_special_tokens must be a boolean, got {spaces!r}")
     return {k: v for k, v in params.items()
-            if k != "spaces_between_special_tokens" and not (k in _SGLANG_NEUTRAL and v is _SGLANG_NEUTRAL[k])}
+            if k != "spaces_between_special_tokens" and not (k in CONSTRAINED_DECODING_FIELDS and not v)}
 
 
 def _gives_max_new_tokens(params) -> bool:
@@ -56,7 +53,7 @@ class PreparedCall:
 
 @dataclass(kw_only=True, slots=True)
 class RequestPrep:
-    encode: Callable[[str], list[int]]  # text -> token ids (the tokenizer's own settings)
+    encode: Callable[[str], list[int]]  # text -> token ids (Engine.encode)
     vocab_size: int
     max_context_len: int
     seed: int  # the engine's seed: requests without one draw theirs from it
@@ -133,7 +130,7 @@ class RequestPrep:
             prompts = [prompt] if single else list(prompt) if isinstance(prompt, (list, tuple)) else None
             if prompts is None or not all(isinstance(x, str) for x in prompts):
                 raise HotswapError("prompt must be a string or a list of strings")
-            id_lists = [self.encode(x) if x and encode else [] for x in prompts]
+            id_lists = [self.encode(x) if encode else [] for x in prompts]
         else:
             if not isinstance(input_ids, (list, tuple)):
                 raise HotswapError("input_ids must be a list of token ids or a list of such lists")

@@ -52,7 +52,12 @@ class Batcher:
     @property
     def has_started(self) -> bool:
         """Some sequence has computed tokens: running, or preempted/retracted and waiting to resume."""
-        return bool(self.running) or any(s.admitted for s in self.waiting)
+        return self.num_started > 0
+
+    @property
+    def num_started(self) -> int:
+        """Sequences with computed tokens that have not finished (running, or preempted/retracted and waiting)."""
+        return len(self.running) + sum(1 for s in self.waiting if s.admitted)
 
     def _pages_needed(self, seq: Sequence, upto: int) -> int:
         return max(0, self.allocator.pages_for(upto) - len(seq.pages))

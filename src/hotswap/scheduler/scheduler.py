@@ -48,6 +48,14 @@ _DRAIN_FIRST = (
 )
 
 
+def _abort_reason(seq: Sequence, message: str) -> dict:
+    """An aborted request's finish_reason. One aborted before its prefill began says so first, as SGLang's
+    tokenizer manager does (`_handle_abort_req`: "Abort before prefill"; AReaL's parse_generation_response
+    reads that prefix as "no tokens, send it again")."""
+    ran = seq.admitted or seq.output_ids  # a preempted request back in the queue has run
+    return {"type": "abort", "message": message if ran else f"Abort before prefill: {message}"}
+
+
 class Scheduler:
     def __init__(self, config: EngineConfig, model_runner: ModelRunner, tokenizer, eos_token_ids: list[int], max_context_len: int):
         self.config = config
@@ -287,6 +295,10 @@ class Scheduler:
         except Exception as exc:  # handlers return refusals; this is the last guard so the engine survives
             log.exception("handler failed")
             out = p.ControlOutput(success=False, message=f"{type(request).__name__} failed: {exc}")
+        if isinstance(out, p.WeightUpdateOutput) and isinstance(request, _DRAIN_FIRST):
+            # SGLang's num_paused_requests: started requests held across the update (a pause in place or
+            # retracted); 0 when the update drained them or aborted them
+            out.num_paused_requests = self.batcher.num_started
         if isinstance(out, Future):  # finished off this thread (a group rendezvous): reply when it resolves
             out.add_done_callback(lambda done: _reply(fut, done.result()))
             return
@@ -310,9 +322,8 @@ class Scheduler:
         now = time.monotonic()
         while self.deferred and self.deferred[0][2] <= now:
             request, fut, _ = self.deferred.popleft()
-            running = len(self.batcher.running) + sum(1 for s in self.batcher.waiting if s.admitted)
             _reply(fut, self.sessions.refuse(
-                f"{type(request).__name__} refused: {running} started request(s) did not finish within "
+                f"{type(request).__name__} refused: {self.batcher.num_started} started request(s) did not finish within "
                 f"{self.config.weight_update_drain_timeout_s:g} s (weight_update_drain_timeout_s); pause_generation first or pass "
                 "abort_all_requests=true; weights unchanged"))
 
@@ -441,11 +452,9 @@ class Scheduler:
         return len(seqs)
 
     def abort_seqs(self, seqs: list[Sequence], message: str) -> None:
-        """End `seqs` with finish reason abort and their tokens so far. One that never ran says so as SGLang
-        does ("Abort before prefill": AReaL reads it as "no tokens, send it again")."""
+        """End `seqs` with finish reason abort and their tokens so far."""
         for seq in seqs:
-            ran = seq.admitted or seq.output_ids
-            seq.finish_reason = {"type": "abort", "message": message if ran else f"Abort before prefill ({message})"}
+            seq.finish_reason = _abort_reason(seq, message)
         self.finish_all(seqs)
 
     def is_idle(self) -> bool:

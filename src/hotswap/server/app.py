@@ -95,11 +95,6 @@ class ServerState:
     def _token_text(self, tid: int) -> str:
         return self.tokenizer.decode([tid])
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """A text prompt's ids as the tokenizer's own settings say (a Llama tokenizer adds BOS, as SGLang's
-        server does); a rendered chat template already holds its special tokens (add_special_tokens=False)."""
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens) if text else []
-
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 
@@ -157,7 +152,7 @@ class ServerState:
                                                       continue_final_message=continue_final_message, **extra)
         except Exception as exc:  # noqa: BLE001 - jinja raises anything; it is the client's template input
             raise APIError(400, f"cannot apply the chat template: {type(exc).__name__}: {exc}", param="messages") from None
-        return self.encode(text, add_special_tokens=False)
+        return self.engine.encode(text, add_special_tokens=False)
 
     async def load(self, timeout: float | None = None) -> p.LoadOutput | None:
         try:

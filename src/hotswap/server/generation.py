@@ -10,25 +10,24 @@ from typing import Any
 
 from starlette.requests import Request
 
-from hotswap.errors import EngineUnavailableError
+from hotswap.errors import ConstrainedDecodingError, EngineUnavailableError
+from hotswap.sampling_params import refuse_constrained_decoding as check_constrained_decoding
 from hotswap.server.http_utils import APIError, await_unless_disconnected, error_body, sse
 
-# constrained decoding (SGLang's and vLLM's names): refused by name wherever a request may carry it
-CONSTRAINED_DECODING_FIELDS = ("regex", "json_schema", "ebnf", "structural_tag", "guided_json", "guided_regex", "guided_choice",
-                               "guided_grammar", "guided_decoding_backend", "structured_outputs")
 # SGLang sampling parameters hotswap does not implement: sent empty they are dropped, so frameworks that
-# always send them work; any other value is refused rather than silently ignored.
-_MUST_BE_EMPTY = (*CONSTRAINED_DECODING_FIELDS, "lora_path")
+# always send them work; any other value is refused rather than silently ignored. (Constrained-decoding
+# fields: refused below with their own message; sent unset, the engine drops them.)
+_MUST_BE_EMPTY = ("lora_path",)
 # Accepted and ignored: they change nothing observable in hotswap's outputs (or only formatting).
 _IGNORED = ("stream_interval",)  # the server's --stream-interval applies
 
 
 def refuse_constrained_decoding(fields: dict) -> None:
-    """Raise APIError(400) naming a constrained-decoding field that is set: hotswap does not constrain
-    decoding, and an ignored constraint would silently give unconstrained text."""
-    for key in CONSTRAINED_DECODING_FIELDS:
-        if fields.get(key):
-            raise APIError(400, f"{key!r} (constrained decoding) is not supported by hotswap", param=key)
+    """sampling_params.refuse_constrained_decoding as HTTP's 400 naming the field (`param`)."""
+    try:
+        check_constrained_decoding(fields)
+    except ConstrainedDecodingError as exc:
+        raise APIError(400, str(exc), param=exc.field) from None
 
 
 def normalize_sampling_params(params: Any) -> dict:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from hotswap.server.generation import CONSTRAINED_DECODING_FIELDS, await_generation, open_stream, stream_error_event
+from hotswap.server.generation import await_generation, open_stream, refuse_constrained_decoding, stream_error_event
 from hotswap.server.http_utils import (
     SSE_DONE,
     APIError,
@@ -45,11 +45,9 @@ class _SamplingFields(BaseModel):
     @classmethod
     def _no_constrained_decoding(cls, data: Any) -> Any:
         """SGLang's and vLLM's constrained-decoding extras are refused by name, never dropped with the
-        other unknown fields."""
+        other unknown fields (an APIError passes through pydantic as it is: the one message, with `param`)."""
         if isinstance(data, dict):
-            for key in CONSTRAINED_DECODING_FIELDS:
-                if data.get(key):
-                    raise ValueError(f"{key!r} (constrained decoding) is not supported by hotswap")
+            refuse_constrained_decoding(data)
         return data
 
     model: str | None = None
@@ -73,7 +71,10 @@ class _SamplingFields(BaseModel):
     no_stop_trim: bool = False
     repetition_penalty: float | None = None
     min_tokens: int = 0
-    return_routed_experts: bool = False  # SGLang's extra field (MoE routing replay); the choice carries `routed_experts`
+    # SGLang's extra fields (MoE routing replay): the reply's `sglext.routed_experts` (SGLang's place: the first
+    # choice's) and each choice's `routed_experts`, rows from absolute position routed_experts_start_len on
+    return_routed_experts: bool = False
+    routed_experts_start_len: int = 0
     use_beam_search: bool = False
     cache_salt: str | None = None  # accepted: every weight update flushes the prefix cache, what a version salt is for
     # token-in/token-out for multi-turn RL: vLLM's token ids (`token_id:N` logprob tokens, `token_ids` and
@@ -105,6 +106,8 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    # SGLang's: each choice carries the prompt's token ids (so does return_token_ids, beside `token_ids`)
+    return_prompt_token_ids: bool = False
 
 
 # ---- shared helpers ---------------------------------------------------------------------------------
@@ -133,6 +136,8 @@ def sampling_dict(state: ServerState, body: _SamplingFields, max_new_tokens: int
             sp[name] = getattr(body, name)
     if body.return_routed_experts:
         sp["return_routed_experts"] = True
+    if body.routed_experts_start_len:  # the engine refuses it without return_routed_experts, or past the prompt
+        sp["routed_experts_start_len"] = body.routed_experts_start_len
     if body.top_p is not None:
         sp["top_p"] = body.top_p
     if body.top_k is not None:
@@ -154,6 +159,23 @@ def sampling_dict(state: ServerState, body: _SamplingFields, max_new_tokens: int
 def _routed(meta: dict) -> dict:
     """The choice's `routed_experts` (base64 int32, as in /generate's meta_info) when the request asked."""
     return {"routed_experts": meta["routed_experts"]} if "routed_experts" in meta else {}
+
+
+def sglext(outputs: list[dict]) -> dict:
+    """SGLang's response-level `sglext` (entrypoints/openai/protocol.py::SglExt): the first choice's
+    routed_experts when the request asked for them (serving_chat.py / serving_completions.py build it from
+    ret[0]); {} otherwise (SGLang leaves the key out)."""
+    for out in outputs:
+        if "routed_experts" in out["meta_info"]:
+            return {"sglext": {"routed_experts": out["meta_info"]["routed_experts"]}}
+    return {}
+
+
+def matched_stop(meta: dict) -> int | str | None:
+    """SGLang's choice `matched_stop` (CompletionResponseChoice / ChatCompletionResponseChoice): the stop token
+    id or stop string that ended the choice; None otherwise."""
+    reason = meta.get("finish_reason")
+    return reason.get("matched") if reason else None
 
 
 def check_prompt(state: ServerState, ids: list[int], max_tokens: int | None, index: int) -> None:
@@ -305,7 +327,8 @@ def _stream_response(state: ServerState, route: str, chunks, *, rid: str, object
                 if not text and fin is None:
                     continue
                 end = len(out["output_ids"])
-                c = {**choice(i, text, meta, sent.get(i, 0), end, fin), **_routed(meta)}  # routing comes with the last chunk
+                c = {**choice(i, text, meta, sent.get(i, 0), end, fin), "matched_stop": matched_stop(meta),
+                     **_routed(meta)}  # routing comes with the last chunk
                 if token_ids:
                     c["token_ids"] = list(out["output_ids"][sent.get(i, 0):end])
                 if meta_info and fin is not None:
@@ -314,6 +337,9 @@ def _stream_response(state: ServerState, route: str, chunks, *, rid: str, object
                 if fin is not None:
                     finals[i] = out
                 yield chunk([c], metadata=_chunk_metadata(out))
+            ext = sglext([finals[i] for i in sorted(finals)])
+            if ext:  # SGLang's routing chunk: no choices, the response-level sglext, before the usage chunk
+                yield chunk([], **ext)
             if include_usage:
                 yield chunk([], usage=_usage(prompt_tokens, [finals[i] for i in sorted(finals)]))
         except Exception as exc:  # noqa: BLE001 - report in-band; the stream has started
@@ -352,11 +378,11 @@ def register(app: FastAPI, state: ServerState) -> None:
             raise APIError(400, "best_of is not supported by hotswap (only best_of == n)", param="best_of")
         prompt = body.prompt
         if isinstance(prompt, str):
-            id_lists = [await asyncio.to_thread(state.encode, prompt)]  # tokenization never stalls the event loop
+            id_lists = [await asyncio.to_thread(state.engine.encode, prompt)]  # tokenization never stalls the event loop
         elif not prompt:
             raise APIError(400, "prompt is empty", param="prompt")
         elif isinstance(prompt[0], str):
-            id_lists = await asyncio.to_thread(lambda: [state.encode(x) for x in prompt])
+            id_lists = await asyncio.to_thread(lambda: [state.engine.encode(x) for x in prompt])
         elif isinstance(prompt[0], int):
             id_lists = [list(prompt)]
         else:
@@ -388,7 +414,8 @@ def register(app: FastAPI, state: ServerState) -> None:
                 if echo_texts is not None:
                     text = echo_texts[i // n] + text
                 lp = completion_logprobs(state, meta, 0, len(out["output_ids"]), k, 0, as_ids, echo=echo_lp) if want_lp else None
-                c = {"index": i, "text": text, "logprobs": lp, "finish_reason": finish_reason(meta), **_routed(meta)}
+                c = {"index": i, "text": text, "logprobs": lp, "finish_reason": finish_reason(meta), "matched_stop": matched_stop(meta),
+                     **_routed(meta)}
                 if body.prompt_logprobs is not None:
                     c["prompt_logprobs"] = vllm_prompt_logprobs(state, meta, body.prompt_logprobs)
                 if body.return_token_ids:
@@ -398,7 +425,7 @@ def register(app: FastAPI, state: ServerState) -> None:
                 choices.append(c)
             return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": state.served_model_name,
                                  "system_fingerprint": state.fingerprint(outs), "choices": choices,
-                                 "usage": _usage(prompt_tokens, outs), "metadata": _metadata(outs)})
+                                 "usage": _usage(prompt_tokens, outs), "metadata": _metadata(outs), **sglext(outs)})
 
         chunks = await open_stream(state.engine, input_ids=id_lists, sampling_params=sp, **lp_args)
         offsets: dict[int, int] = {}
@@ -415,7 +442,7 @@ def register(app: FastAPI, state: ServerState) -> None:
                 c["prompt_token_ids"] = id_lists[i // n]
             return c
 
-        opening = [{"index": i, "text": echo_texts[i // n], "logprobs": None, "finish_reason": None}
+        opening = [{"index": i, "text": echo_texts[i // n], "logprobs": None, "finish_reason": None, "matched_stop": None}
                    for i in range(len(id_lists) * n)] if echo_texts is not None else []
         return _stream_response(state, "/v1/completions", chunks, rid=rid, object_name="text_completion", created=created,
                                 include_usage=bool(body.stream_options and body.stream_options.include_usage),
@@ -458,15 +485,17 @@ def register(app: FastAPI, state: ServerState) -> None:
                 text = out["text"]
                 lp = chat_logprobs(state, meta, 0, len(out["output_ids"]), k, as_ids) if want_lp else None
                 c = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": finish_reason(meta),
-                     **_routed(meta)}
+                     "matched_stop": matched_stop(meta), **_routed(meta)}
                 if body.return_token_ids:
                     c["token_ids"] = list(out["output_ids"])
+                if body.return_token_ids or body.return_prompt_token_ids:  # SGLang serving_chat.py: on the choice
+                    c["prompt_token_ids"] = ids
                 if body.return_meta_info:
                     c["meta_info"] = choice_meta_info(out)
                 choices.append(c)
             reply = {"id": rid, "object": "chat.completion", "created": created, "model": state.served_model_name,
                      "system_fingerprint": state.fingerprint(outs), "choices": choices, "usage": _usage(prompt_tokens, outs),
-                     "metadata": _metadata(outs)}
+                     "metadata": _metadata(outs), **sglext(outs)}
             if body.return_token_ids:
                 reply["prompt_token_ids"] = ids
             return JSONResponse(reply)
@@ -477,7 +506,8 @@ def register(app: FastAPI, state: ServerState) -> None:
             lp = chat_logprobs(state, meta, start, end, k, as_ids) if want_lp else None
             return {"index": i, "delta": {"content": text} if text else {}, "logprobs": lp, "finish_reason": fin}
 
-        opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None} for i in range(n)]
+        opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None, "matched_stop": None,
+                    **({"prompt_token_ids": ids} if body.return_token_ids or body.return_prompt_token_ids else {})} for i in range(n)]
         return _stream_response(state, "/v1/chat/completions", chunks, rid=rid, object_name="chat.completion.chunk", created=created,
                                 include_usage=bool(body.stream_options and body.stream_options.include_usage),
                                 prompt_tokens=prompt_tokens, opening=opening, choice=choice,

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from hotswap import protocol as p
-from hotswap.server.generation import await_generation
+from hotswap.server.generation import await_generation, refuse_constrained_decoding
 from hotswap.server.http_utils import APIError, JSONResponse, parse_body
 from hotswap.server.openai_api import finish_reason, vllm_prompt_logprobs
 from hotswap.server.weights_api import check_source_dir
@@ -155,6 +155,7 @@ def _logprob_count(sp: dict[str, Any], key: str) -> int | None:
 
 def vllm_sampling_params(sp: dict[str, Any], prompt_len: int, max_context_len: int) -> VllmSampling:
     """vLLM SamplingParams -> our sampling dict and logprob counts. Raises APIError(400) naming the field."""
+    refuse_constrained_decoding(sp)
     unknown = sorted(set(sp) - set(_NEUTRAL_SAMPLING) - set(_FORMAT_ONLY) - set(_SERVED))
     if unknown:
         raise APIError(400, f"unknown or unsupported sampling parameter(s): {', '.join(unknown)}", param="sampling_params")
@@ -393,7 +394,7 @@ def _tokenize_handler(state: ServerState):
         else:
             special = True if body.add_special_tokens is None else body.add_special_tokens
             texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-            lists = await asyncio.to_thread(lambda: [tok.encode(t, add_special_tokens=special) for t in texts])
+            lists = await asyncio.to_thread(lambda: [state.engine.encode(t, add_special_tokens=special) for t in texts])
             ids = lists[0] if isinstance(body.prompt, str) else lists
         single = not ids or isinstance(ids[0], int)
         reply: dict[str, Any] = {"count": len(ids) if single else [len(x) for x in ids], "max_model_len": state.max_context_len, "tokens": ids,

@@ -141,8 +141,11 @@ POLICY_CHECKS: dict[str, Callable[[ServerState, Any], None]] = {
 }
 
 
-def refusal(message: str, status: int = 400) -> JSONResponse:
-    return JSONResponse({"success": False, "message": message}, status_code=status)
+def refusal(message: str, status: int, is_update: bool) -> JSONResponse:
+    """A body refused before it reaches the engine, in the shape the engine's own refusal has (a weight
+    update's carries SGLang's num_paused_requests, as every reply of its route does)."""
+    out = p.WeightUpdateOutput(success=False, message=message) if is_update else p.ControlOutput(success=False, message=message)
+    return JSONResponse(out.to_dict(), status_code=status)
 
 
 def register(app: FastAPI, state: ServerState) -> None:
@@ -160,7 +163,7 @@ def _make_handler(state: ServerState, path: str, body_type, build, is_update: bo
         except APIError as exc:
             if is_update:
                 state.metrics.observe_weight_update(path, False, 0.0)
-            return refusal(exc.message, exc.status)
+            return refusal(exc.message, exc.status, is_update)
         start = time.perf_counter()
         try:
             out = await state.engine.asubmit(req)
@@ -175,6 +178,8 @@ def _make_handler(state: ServerState, path: str, body_type, build, is_update: bo
         version = reply.get("weight_version")
         if isinstance(version, str) and version:
             state.last_weight_version = version
+        if path in ("/pause_generation", "/continue_generation"):  # SGLang's reply: {"message", "status": "ok"}
+            reply["status"] = "ok" if out.success else "error"
         if path == "/update_weight_version" and out.success:
             state.last_weight_version = req.new_version
             reply["new_version"] = req.new_version

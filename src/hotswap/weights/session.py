@@ -129,11 +129,13 @@ class Sessions:
         if weight_version is not None:
             self.weight_version = str(weight_version)  # SGLang's rule: set when given, readable at once
         elapsed = time.perf_counter() - start
+        # SGLang's http_server.py ends a versioned update's message so
+        versioned = f" Weight version updated to {weight_version}." if weight_version is not None else ""
         if implicit:
             msg = self.commit(flush)
-            return p.WeightUpdateOutput(success=True, message=f"{kind}: updated {n} tensor(s); {msg}", weight_version=self.weight_version,
-                                        num_tensors=n, num_bytes=nbytes, elapsed_s=elapsed)
-        return p.WeightUpdateOutput(success=True, message=f"{kind}: applied {n} tensor(s) inside the open session",
+            return p.WeightUpdateOutput(success=True, message=f"{kind}: updated {n} tensor(s); {msg}{versioned}",
+                                        weight_version=self.weight_version, num_tensors=n, num_bytes=nbytes, elapsed_s=elapsed)
+        return p.WeightUpdateOutput(success=True, message=f"{kind}: applied {n} tensor(s) inside the open session{versioned}",
                                     weight_version=self.weight_version, num_tensors=n, num_bytes=nbytes, elapsed_s=elapsed)
 
     def commit(self, flush: bool = True) -> str:
