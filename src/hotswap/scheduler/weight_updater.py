@@ -151,7 +151,8 @@ class WeightUpdater:
         try:
             group = self.groups.get(req.group_name)
             # metadata that cannot be received at all is refused up front; the group's timeout frees the trainer
-            metas = plan_receive(req.names, req.dtypes, req.shapes, req.load_format, max_bytes=self.config.weight_update_bucket_bytes)
+            metas = plan_receive(req.names, req.dtypes, req.shapes, req.load_format, max_bytes=self.config.weight_update_bucket_bytes,
+                                 max_numel=self.model_runner.weight_map.max_numel)
         except HotswapError as exc:
             return refuse(str(exc))
         self.ranks.receive(req.group_name, req.names, req.dtypes, req.shapes, req.load_format)  # every rank is a member

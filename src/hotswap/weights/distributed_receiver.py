@@ -12,7 +12,7 @@ import torch
 
 from hotswap.errors import HotswapError
 from hotswap.weights.distributed import WeightsGroup
-from hotswap.wire.dtypes import dtype_from_name
+from hotswap.wire.dtypes import dtype_name, receivable_dtype
 
 LOAD_FORMATS = (None, "flattened_bucket")
 
@@ -37,8 +37,11 @@ def bucket_layout(metas: list[BucketMeta]) -> tuple[list[int], int]:
     return offsets, total
 
 
-def plan_receive(names: list[str], dtypes: list[str], shapes: list[list[int]], load_format: str | None, *, max_bytes: int) -> list[BucketMeta]:
-    """Check the announced metadata can be received at all (the only refusal made before receiving)."""
+def plan_receive(names: list[str], dtypes: list[str], shapes: list[list[int]], load_format: str | None, *, max_bytes: int,
+                 max_numel: int) -> list[BucketMeta]:
+    """Check the announced metadata can be received at all (the only refusal made before receiving): known
+    dtypes, and scratch bounded by `max_bytes` for a bucket, or for one tensor alone by the larger of that and
+    `max_numel` elements (the model's largest parameter: nothing larger can be loaded)."""
     if load_format not in LOAD_FORMATS:
         raise HotswapError(f"unsupported load_format {load_format!r}; use None (one broadcast per tensor) or 'flattened_bucket'")
     if not all(isinstance(x, (list, tuple)) for x in (names, dtypes, shapes)):
@@ -47,7 +50,7 @@ def plan_receive(names: list[str], dtypes: list[str], shapes: list[list[int]], l
         raise HotswapError(f"names, dtypes and shapes differ in length ({len(names)}, {len(dtypes)}, {len(shapes)})")
     metas = []
     for name, dt, shape in zip(names, dtypes, shapes):
-        dtype = dtype_from_name(dt) if not isinstance(dt, torch.dtype) else dt
+        dtype = receivable_dtype(dtype_name(dt) if isinstance(dt, torch.dtype) else dt)
         if dtype is None:
             raise HotswapError(f"unknown dtype {dt!r} for {name!r}")
         if not isinstance(shape, (list, tuple)) or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
@@ -59,6 +62,9 @@ def plan_receive(names: list[str], dtypes: list[str], shapes: list[list[int]], l
         # so the bound on scratch is then the largest parameter, which the engine already holds once
         raise HotswapError(f"bucket of {len(metas)} tensors, {total} bytes, exceeds the configured limit of {max_bytes} bytes "
                            "(weight_update_bucket_bytes); send fewer tensors per bucket")
+    if total > max_bytes and math.prod(metas[0].shape) > max_numel:
+        raise HotswapError(f"tensor {metas[0].name!r} of shape {list(metas[0].shape)} ({total} bytes) is larger than the configured limit of "
+                           f"{max_bytes} bytes (weight_update_bucket_bytes) and than any parameter of the model ({max_numel} elements)")
     return metas
 
 
