@@ -70,7 +70,10 @@ def plan_receive(names: list[str], dtypes: list[str], shapes: list[list[int]], l
 
 def receive_bucket(group: WeightsGroup, metas: list[BucketMeta], load_format: str | None) -> list[torch.Tensor]:
     """Receive every tensor the request announced into fresh scratch buffers on the group's device
-    (bounded by the bucket limit), in the announced order."""
+    (bounded by the bucket limit), in the announced order. An empty request announces no broadcast in
+    either format (SGLang's receiver broadcasts nothing for it), so none is waited for."""
+    if not metas:
+        return []
     device = group.device
     if load_format == "flattened_bucket":
         offsets, total = bucket_layout(metas)
