@@ -457,6 +457,12 @@ def test_distributed_group_lifecycle_refusals(rig):
     r = rig.client.post("/init_weights_update_group", json={"master_address": "127.0.0.1", "master_port": free_port(), "rank_offset": 1,
                                                             "world_size": 2, "group_name": rig.group, "backend": "gloo"})
     assert r.status_code == 400 and "already exists" in r.json()["message"]
+    for bad, needle in [({"timeout_s": float("nan")}, "timeout_s must be positive"), ({"timeout_s": 1e308}, "at most 86400 s"),
+                        ({"master_port": 70000}, "master_port must be a TCP port")]:
+        args = {"master_address": "127.0.0.1", "master_port": free_port(), "rank_offset": 1, "world_size": 2, "group_name": "other",
+                "backend": "gloo", "timeout_s": 5, **bad}
+        res = rig.engine.init_weights_update_group(**args)
+        assert not res.success and needle in res.message, (bad, res.message)
     good_update(rig, "distributed", http=False)  # the existing group is untouched
     res = rig.engine.destroy_weights_update_group("never-made")
     assert not res.success and "no weights update group named 'never-made'" in res.message
