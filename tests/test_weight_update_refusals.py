@@ -578,3 +578,30 @@ def test_payload_naming_a_vanished_torch_shm_object_is_refused(rig):
     res = rig.engine.update_weights_from_tensor(serialized_named_tensors=[base64.b64encode(data).decode()], weight_version="bad")
     assert not res.success and "does not exist" in res.message, res.message
     rig.assert_unchanged("vanished torch shm")
+
+
+def test_moe_expert_then_whole_stack_then_a_bad_bucket_rolls_back_exactly(tiny_qwen3_moe, tiny_qwen3_moe_v2):
+    """One expert alone (a partial set of a stacked tensor), then the whole stack, then a bad bucket in one
+    session: the rollback restores every byte; checkpoint-engine refuses the same two forms in one update."""
+    v2 = checkpoint_tensors(tiny_qwen3_moe_v2)
+    expert = "model.layers.0.mlp.experts.3.gate_proj.weight"
+    with Engine(str(tiny_qwen3_moe), device="cpu", page_size=4, weight_session_timeout_s=OP_TIMEOUT_S) as engine:
+        engine.scheduler.weight_updater.ipc_source = CPU_SOURCE
+        digest, greedy = engine.check_weights("checksum").digest, greedy_ids(engine, PROMPTS)
+        stack = "model.layers.0.mlp.experts.gate_up_proj"
+        whole = torch.tensor(engine.get_weights_by_name(stack, truncate_size=0)) + 1
+        assert engine.begin_weight_update().success
+        assert engine.update_weights_from_tensor([(expert, v2[expert])]).success
+        assert engine.update_weights_from_tensor([(stack, whole)]).success
+        res = engine.update_weights_from_tensor([(expert, v2[expert].to(torch.int64))])
+        assert not res.success and "int64" in res.message
+        assert not engine.end_weight_update().success
+        assert engine.check_weights("checksum").digest == digest and greedy_ids(engine, PROMPTS) == greedy
+
+        replies = []
+        FakeParameterServer([[(expert, v2[expert])], [(stack, whole)]]).update(
+            lambda paths: replies.append(engine.update_weights_from_ipc(dict(paths))))
+        assert not replies[0].success and f"'{stack}' was given both whole and per expert" in replies[0].message
+        assert engine.check_weights("checksum").digest == digest
+        assert engine.update_weights_from_tensor([(expert, v2[expert])]).success  # and a good update works
+        assert engine.get_weights_by_name(expert, truncate_size=0) == v2[expert].tolist()

@@ -22,7 +22,6 @@ from hotswap.weights.distributed import WeightsGroup
 from hotswap.weights.ranks import WeightRanks
 from hotswap.wire.process_group import destroy_custom_process_group, forget_reservation, init_custom_process_group, short_error
 
-
 MAX_TIMEOUT_S = 86400.0  # a group's timeout bounds every wait on it: a day at most (time_t and timedelta overflow far beyond)
 
 
