@@ -449,6 +449,25 @@ def test_distributed_metadata_refused_before_receiving(rig, api):
     good_update(rig, "distributed", api == "http")
 
 
+@pytest.mark.parametrize("load_format", [None, "flattened_bucket"])
+@pytest.mark.parametrize("api", ["engine", "http"])
+def test_trainer_broadcasting_less_than_announced_is_refused(rig, load_format, api):
+    """gloo lets a broadcast shorter than the receiving buffer through: the request announces gate_proj and
+    q_proj whole, the trainer sends only half of q_proj. Refused, nothing uninitialized loaded; lockstep held,
+    so the same group carries a good update next."""
+    sent = [(GATE, rig.v2[GATE]), (Q, rig.v2[Q][:32].contiguous())]
+    rig.commands.put(("send", [flatten_bucket(sent, dtype=None, device=torch.device("cpu"))] if load_format else [t for _, t in sent]))
+    body = {"names": [GATE, Q], "dtypes": ["float32", "float32"], "shapes": [[128, 64], [64, 64]], "group_name": rig.group,
+            "weight_version": "bad", "load_format": load_format}
+    res = _reply(rig.client.post("/update_weights_from_distributed", json=body) if api == "http"
+                 else rig.engine.update_weights_from_distributed(**body))
+    rig.event("sent")
+    where = "the flattened bucket" if load_format else Q
+    assert not res.success and f"the trainer broadcast fewer bytes than announced for ['{where}']" in res.message, res.message
+    rig.assert_unchanged("short broadcast")
+    good_update(rig, "distributed_flat" if load_format else "distributed", api == "http")
+
+
 def test_distributed_group_lifecycle_refusals(rig):
     """Joining a name twice, destroying a missing group, and a trainer that never sends: each answers within
     bounds, and the group (or a new one) carries a good update afterwards."""

@@ -6,6 +6,7 @@ contiguous and row-major). The trainer's side is `hotswap.trainer.DistributedWei
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass
 
 import torch
@@ -68,17 +69,54 @@ def plan_receive(names: list[str], dtypes: list[str], shapes: list[list[int]], l
     return metas
 
 
+class ShortBroadcast(HotswapError):
+    """The trainer broadcast fewer bytes than its request announced; lockstep held, the bucket is refused."""
+
+
+CANARY_BYTES = 16  # random bytes planted at the end of each receiving buffer
+
+
+def _tails(buffers: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    return [(name, b.view(-1).view(torch.uint8)[-CANARY_BYTES:]) for name, b in buffers if b.numel()]
+
+
+def _plant(buffers: list[tuple[str, torch.Tensor]], canary: torch.Tensor) -> None:
+    """Write the canary over each receiving buffer's last bytes (see `_check_planted`)."""
+    for _, tail in _tails(buffers):
+        tail.copy_(canary[: tail.numel()], non_blocking=True)
+
+
+def _check_planted(buffers: list[tuple[str, torch.Tensor]], canary: torch.Tensor) -> None:
+    """Refuse a buffer whose last bytes are still the canary: gloo accepts a broadcast shorter than the
+    receiving buffer and leaves the rest as it was, so a trainer that sends less than it announced would
+    otherwise have uninitialized memory loaded (the canary is random: a tensor of 16 bytes or more ends so by
+    chance with odds of 2**-128)."""
+    tails = _tails(buffers)
+    if not tails:
+        return
+    same = (torch.cat([t for _, t in tails]) == torch.cat([canary[: t.numel()] for _, t in tails])).split([t.numel() for _, t in tails])
+    untouched = torch.stack([x.all() for x in same]).tolist()  # one device sync for the whole bucket
+    short = [name for (name, _), bad in zip(tails, untouched) if bad]
+    if short:
+        more = f" and {len(short) - 3} more" if len(short) > 3 else ""
+        raise ShortBroadcast(f"the trainer broadcast fewer bytes than announced for {short[:3]}{more}; check the dtypes and shapes it sends")
+
+
 def receive_bucket(group: WeightsGroup, metas: list[BucketMeta], load_format: str | None) -> list[torch.Tensor]:
     """Receive every tensor the request announced into fresh scratch buffers on the group's device
     (bounded by the bucket limit), in the announced order. An empty request announces no broadcast in
-    either format (SGLang's receiver broadcasts nothing for it), so none is waited for."""
+    either format (SGLang's receiver broadcasts nothing for it), so none is waited for. Raises
+    ShortBroadcast, once every broadcast completed, when the trainer sent less than it announced."""
     if not metas:
         return []
     device = group.device
+    canary = torch.frombuffer(bytearray(secrets.token_bytes(CANARY_BYTES)), dtype=torch.uint8).to(device)
     if load_format == "flattened_bucket":
         offsets, total = bucket_layout(metas)
         flat = torch.empty(total, dtype=torch.uint8, device=device)
+        _plant([("the flattened bucket", flat)], canary)
         group.broadcast_from_trainer(flat)
+        _check_planted([("the flattened bucket", flat)], canary)
         out = []
         for m, offset in zip(metas, offsets):
             chunk = flat[offset : offset + m.nbytes]
@@ -89,6 +127,8 @@ def receive_bucket(group: WeightsGroup, metas: list[BucketMeta], load_format: st
     out = []
     for m in metas:
         t = torch.empty(m.shape, dtype=m.dtype, device=device)
+        _plant([(m.name, t)], canary)
         group.broadcast_from_trainer(t)
         out.append(t)
+    _check_planted([(m.name, t) for m, t in zip(metas, out)], canary)
     return out
