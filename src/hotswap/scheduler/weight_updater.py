@@ -164,7 +164,9 @@ class WeightUpdater:
         except Exception as exc:  # a dead or hung trainer: the group is now broken
             received, recv_error = [], str(exc) if isinstance(exc, WeightsGroupError) else short_error(exc)
         other = self.ranks.agree(recv_error)
-        if recv_error is None and other is not None:  # lockstep is lost on another rank: this group is unusable too
+        # lockstep is lost on another rank: this group is unusable too (a short broadcast reaches every rank
+        # alike: each refuses it, and lockstep holds)
+        if recv_error is None and refused is None and other is not None:
             recv_error = other
             group.mark_broken(other)
 
