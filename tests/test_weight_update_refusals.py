@@ -351,6 +351,17 @@ def test_checkpoint_engine_buckets_that_lie_are_refused(rig, lie, needle, api):
     good_update(rig, "checkpoint_engine", api == "http")
 
 
+def test_parameter_server_that_never_sends_times_out(rig):
+    """zmq_handles naming a socket no parameter server serves: the engine waits at most its session timeout."""
+    start = time.monotonic()
+    r = rig.client.post("/update_weights_from_ipc", json={"zmq_handles": {CPU_SOURCE.device_key(None): "ipc://@hotswap-nobody-here.sock"},
+                                                          "weight_version": "bad"})
+    assert r.status_code == 400 and "no message from the parameter server" in r.json()["message"], r.text
+    assert time.monotonic() - start < OP_TIMEOUT_S + 5
+    rig.assert_unchanged("silent parameter server")
+    good_update(rig, "checkpoint_engine", http=True)
+
+
 # ---- disk -----------------------------------------------------------------------------------------------
 
 
