@@ -20,7 +20,7 @@ import shutil
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -58,7 +58,6 @@ class Rig:
     commands: object = None  # the trainer process's command queue (broadcaster_main)
     events: object = None
     group: str = GROUP
-    bad: dict = field(default_factory=dict)
 
     def trainer(self, cmd: tuple, expect: str = "sent", timeout: float = 20.0):
         self.commands.put(cmd)
