@@ -57,16 +57,18 @@ class FakeParameterServer:
     then per bucket (filled into alternate halves of a double buffer) the engine's answer to the previous
     message is read before the bucket's metadata goes out; an error answer, or `abort_at` (another worker
     failed), makes it send a RuntimeError and stop; the answer to the last bucket is read and ignored;
-    then None twice. `vanish_after`: close the socket after sending that bucket (the server died)."""
+    then None twice. `vanish_after`: close the socket after sending that bucket (the server died). `tamper`
+    edits a bucket's metadata (index, list of dicts) before it goes out: a server whose metadata lies."""
 
     buckets: list[list[tuple[str, torch.Tensor]]]
     abort_at: int | None = None
     vanish_after: int | None = None
+    tamper: Callable[[int, list[dict]], None] | None = None
     answers: list[bytes] = field(default_factory=list)
     outcome: str = ""
 
     def update(self, req_func: Callable[[list[tuple[str, str]]], None]) -> None:
-        half = max(sum(-(-t.numel() * t.element_size() // ALIGN) * ALIGN for _, t in b) for b in self.buckets)
+        half = max(ALIGN, *(sum(-(-t.numel() * t.element_size() // ALIGN) * ALIGN for _, t in b) for b in self.buckets))
         key = uuid.uuid4().bytes
         SHARED[key] = buffer = torch.zeros(2 * half, dtype=torch.uint8)
         ctx = zmq.Context()
@@ -93,6 +95,8 @@ class FakeParameterServer:
                 buffer[offset : offset + nbytes].copy_(t.contiguous().view(-1).view(torch.uint8))
                 metas.append({"name": name, "dtype": t.dtype, "shape": t.shape, "offset": offset})
                 offset += -(-nbytes // ALIGN) * ALIGN
+            if self.tamper is not None:
+                self.tamper(i, metas)
             self.answers.append(sock.recv())
             if self.answers[-1] != b"" or i == self.abort_at:
                 sock.send_pyobj(RuntimeError("Some workers failed to update weights"))

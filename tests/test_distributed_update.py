@@ -196,11 +196,14 @@ def test_gpu_engine_receives_from_a_trainer_process(tiny_qwen3, tiny_qwen3_v2, b
 
 def test_bucket_limit_takes_one_oversized_tensor_but_not_many():
     """A tensor larger than weight_update_bucket_bytes alone in its bucket is received (a trainer cannot
-    split it); several tensors over the limit are refused before anything is received."""
+    split it) up to the size of the model's largest parameter; several tensors over the limit, or one larger
+    than any parameter, are refused before anything is received."""
     from hotswap.errors import HotswapError
     from hotswap.weights.distributed_receiver import plan_receive
 
-    metas = plan_receive(["model.embed_tokens.weight"], ["bfloat16"], [[1000, 64]], "flattened_bucket", max_bytes=1024)
+    metas = plan_receive(["model.embed_tokens.weight"], ["bfloat16"], [[1000, 64]], "flattened_bucket", max_bytes=1024, max_numel=64000)
     assert [m.name for m in metas] == ["model.embed_tokens.weight"]
     with pytest.raises(HotswapError, match="2 tensors.*exceeds the configured limit"):
-        plan_receive(["a", "b"], ["bfloat16", "bfloat16"], [[600], [600]], "flattened_bucket", max_bytes=1024)
+        plan_receive(["a", "b"], ["bfloat16", "bfloat16"], [[600], [600]], "flattened_bucket", max_bytes=1024, max_numel=64000)
+    with pytest.raises(HotswapError, match="larger than the configured limit of 1024 bytes .* and than any parameter"):
+        plan_receive(["w"], ["float32"], [[10**6, 10**6]], None, max_bytes=1024, max_numel=64000)

@@ -79,6 +79,20 @@ def test_session_rolls_back_every_bucket_after_a_failing_one():
     assert not end.success and end.rolled_back and sessions.session is None and flushes == []
 
 
+def test_rollback_of_overlapping_slots_restores_the_originals():
+    """One expert's slice of a stacked tensor, then the whole stack, in one session: the whole stack's saved
+    copy already holds the expert's new values, so a rollback must restore the earliest save last."""
+    stack = slot("experts.gate_up_proj", [1.0, 2.0, 3.0, 4.0])
+    spec = ShardSpec(dest_dim=0, dest_start=1, dest_len=2, src_dim=0, src_start=0, src_len=2, hf_shape=(2,))
+    expert = WeightSlot("experts.1.gate_proj", stack.param_name, None, spec, stack.dest[1:3])
+    sessions, _ = machine()
+    assert sessions.begin().success
+    assert sessions.run("bucket", None, True, writer(expert, 9.0, sessions)).success
+    assert sessions.run("bucket", None, True, writer(stack, 7.0, sessions)).success
+    assert not sessions.run("bucket", None, True, writer(slot("other", [0.0]), 1.0, sessions, fail=True)).success
+    assert stack.dest.tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
 def test_session_commits_once_with_its_version():
     sessions, flushes = machine()
     a, b = slot("a", [1.0]), slot("b", [2.0])

@@ -262,3 +262,37 @@ def ipc_trainer_main(spec: dict, events) -> None:
     except BaseException as exc:
         events.put(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
         raise
+
+
+
+def broadcaster_main(commands, events) -> None:
+    """A bare trainer rank 0 driven by `commands`: ("join", port, group_name, timeout_s) creates a gloo group of
+    two (leaving the previous one), ("send", tensors) broadcasts each tensor, None ends. Reports ("joined", name),
+    ("sent", None) or ("failed", why) per command."""
+    try:
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        from hotswap.wire.process_group import destroy_custom_process_group, init_custom_process_group, short_error
+
+        pg = None
+        while (cmd := commands.get()) is not None:
+            try:
+                if cmd[0] == "join":
+                    _, port, name, timeout_s = cmd
+                    old, pg = pg, None
+                    if old is not None:
+                        destroy_custom_process_group(old)
+                    pg = init_custom_process_group(backend="gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=0,
+                                                   group_name=name, timeout=timedelta(seconds=timeout_s))
+                    events.put(("joined", name))
+                else:
+                    for t in cmd[1]:
+                        dist.broadcast(t, src=0, group=pg)
+                    events.put(("sent", None))
+            except Exception as exc:
+                events.put(("failed", short_error(exc)))
+    except BaseException as exc:
+        events.put(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        raise

@@ -131,7 +131,7 @@ class TPWorker:
         apply_read(read, options, rollback=self._guard(), timeout_s=timeout_s)
 
     def relay(self, args: dict) -> None:
-        metas = plan_receive(args["names"], args["dtypes"], args["shapes"], "flattened_bucket", max_bytes=1 << 62)
+        metas = plan_receive(args["names"], args["dtypes"], args["shapes"], "flattened_bucket", max_bytes=1 << 62, max_numel=1 << 62)
         tensors = receive_bucket(self.relay_group, metas, "flattened_bucket")
         try:
             self.load(list(zip(args["names"], tensors)))
@@ -144,7 +144,8 @@ class TPWorker:
             group = self.weights_groups.get(args["group"])
             if group is None:
                 raise HotswapError(f"this rank has no weights update group {args['group']!r}")
-            metas = plan_receive(args["names"], args["dtypes"], args["shapes"], args["load_format"], max_bytes=self.config.weight_update_bucket_bytes)
+            metas = plan_receive(args["names"], args["dtypes"], args["shapes"], args["load_format"], max_bytes=self.config.weight_update_bucket_bytes,
+                                 max_numel=self.runner.weight_map.max_numel)
             self.received = list(zip(args["names"], receive_bucket(group, metas, args["load_format"])))
         except Exception as exc:
             self.note_failure(exc, "receiving the bucket failed: ")

@@ -37,7 +37,11 @@ class WeightReads:
         return self.ranks.gather(self.model_runner.weight_map, names)
 
     def get_weights_by_name(self, req: p.GetWeightsByNameRequest) -> p.GetWeightsByNameOutput:
-        slot = self.model_runner.weight_map.resolve(req.name)
+        """The first `truncate_size` rows of a parameter (0: all of it)."""
+        size = req.truncate_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            return p.GetWeightsByNameOutput(success=False, message=f"truncate_size must be a non-negative integer (0: the whole tensor), got {size!r}")
+        slot = self.model_runner.weight_map.resolve(req.name) if isinstance(req.name, str) else None
         if slot is None:
             return p.GetWeightsByNameOutput(success=False, message=f"unknown parameter {req.name!r}")
         if self.weights_released():
@@ -47,7 +51,7 @@ class WeightReads:
         _, t = next(iter(self._whole([canonical])))
         if canonical != slot.hf_name:
             t = slot.spec.dest_view(t)
-        part = t[: req.truncate_size] if req.truncate_size and req.truncate_size > 0 else t
+        part = t[:size] if size else t
         return p.GetWeightsByNameOutput(success=True, parameter=part.float().cpu().tolist(), dtype=str(t.dtype).removeprefix("torch."),
                                         shape=list(t.shape))
 

@@ -22,7 +22,7 @@ from hotswap.runner.model_runner import ModelRunner
 from hotswap.weights.apply import apply_read, apply_tensors
 from hotswap.weights.checkpoint_engine_receiver import BufferSource, ReceiveStats, find_address, refuse_exchange
 from hotswap.weights.distributed import WeightsGroupError
-from hotswap.weights.distributed_receiver import plan_receive, receive_bucket
+from hotswap.weights.distributed_receiver import ShortBroadcast, plan_receive, receive_bucket
 from hotswap.weights.fast_copy import MatchedTensors, TensorPlanCache
 from hotswap.weights.fast_reader import ReaderOptions, ReadPlanCache
 from hotswap.weights.ipc import CudaIpcMappings
@@ -151,17 +151,22 @@ class WeightUpdater:
         try:
             group = self.groups.get(req.group_name)
             # metadata that cannot be received at all is refused up front; the group's timeout frees the trainer
-            metas = plan_receive(req.names, req.dtypes, req.shapes, req.load_format, max_bytes=self.config.weight_update_bucket_bytes)
+            metas = plan_receive(req.names, req.dtypes, req.shapes, req.load_format, max_bytes=self.config.weight_update_bucket_bytes,
+                                 max_numel=self.model_runner.weight_map.max_numel)
         except HotswapError as exc:
             return refuse(str(exc))
         self.ranks.receive(req.group_name, req.names, req.dtypes, req.shapes, req.load_format)  # every rank is a member
-        recv_error = None
+        recv_error = refused = None
         try:
             received = receive_bucket(group, metas, req.load_format)
+        except ShortBroadcast as exc:  # every broadcast completed (lockstep held), with less than announced
+            received, refused = [], str(exc)
         except Exception as exc:  # a dead or hung trainer: the group is now broken
             received, recv_error = [], str(exc) if isinstance(exc, WeightsGroupError) else short_error(exc)
         other = self.ranks.agree(recv_error)
-        if recv_error is None and other is not None:  # lockstep is lost on another rank: this group is unusable too
+        # lockstep is lost on another rank: this group is unusable too (a short broadcast reaches every rank
+        # alike: each refuses it, and lockstep holds)
+        if recv_error is None and refused is None and other is not None:
             recv_error = other
             group.mark_broken(other)
 
@@ -169,6 +174,8 @@ class WeightUpdater:
             self.ranks.apply_received()
             if recv_error is not None:
                 raise UpdateFailed(f"receiving the bucket failed: {recv_error}")
+            if refused is not None:
+                raise UpdateFailed(refused)
             matched = self.tensor_plans.match(self.model_runner.weight_map, list(zip([m.name for m in metas], received)))
             return len(matched.items), self._load(session, matched, source_can_fail=False)
 

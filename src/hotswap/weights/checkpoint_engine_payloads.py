@@ -25,6 +25,7 @@ import torch
 from hotswap.errors import HotswapError
 from hotswap.weights.restricted_pickle import TORCH_VALUES, GlobalRef, PickleRules, is_ref, restricted_loads
 from hotswap.weights.torch_handles import CudaTensorHandle, TensorView
+from hotswap.wire.buckets import first_overlap
 
 
 class PayloadError(HotswapError):
@@ -134,4 +135,7 @@ def parse_bucket(msg: object, buffer_bytes: int) -> list[BucketEntry]:
         if offset + entry.nbytes > buffer_bytes:
             raise PayloadError(f"{name!r}: {entry.nbytes} bytes at offset {offset} run past the {buffer_bytes}-byte buffer")
         entries.append(entry)
+    overlap = first_overlap((e.name, e.offset, e.offset + e.nbytes) for e in entries)
+    if overlap is not None:
+        raise PayloadError(f"bucket: {overlap}")
     return entries

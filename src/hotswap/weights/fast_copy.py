@@ -113,6 +113,7 @@ class TensorPlanCache:
             self.plans.clear()
             self.weight_map = weakref.ref(weight_map, self._dropped)
         names, tensors = zip(*named) if named else ((), ())
+        _check_dense(names, tensors)
         plan = self.plans.get(names)
         if plan is None or list(map(_SHAPE, tensors)) != plan.shapes or not set(map(_DTYPE, tensors)) <= plan.dtypes:
             plan = self._plan(weight_map, named, names, tensors)
@@ -145,6 +146,20 @@ class TensorPlanCache:
 
 _SHAPE = attrgetter("shape")
 _DTYPE = attrgetter("dtype")
+_LAYOUT = attrgetter("layout")
+_NESTED = attrgetter("is_nested")
+_META = attrgetter("is_meta")
+
+
+def _check_dense(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
+    """Refuse what `copy_` would fail on after earlier tensors of the call were copied (sparse, nested or
+    meta tensors): checked in bulk on every call, since a cached plan knows only shapes and dtypes."""
+    if set(map(_LAYOUT, tensors)) <= {torch.strided} and not any(map(_NESTED, tensors)) and not any(map(_META, tensors)):
+        return
+    bad = [(n, t) for n, t in zip(names, tensors) if t.layout != torch.strided or t.is_nested or t.is_meta]
+    name, t = bad[0]
+    kind = "a nested tensor" if t.is_nested else "a meta tensor (no data)" if t.is_meta else f"a {t.layout} tensor"
+    raise CheckpointError(f"tensor {name!r} is {kind}; send dense tensors" + (f" ({len(bad) - 1} more like it)" if len(bad) > 1 else ""))
 
 
 def _matched(plan: TensorPlan, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], trusted: bool) -> MatchedTensors:

@@ -19,6 +19,7 @@ from operator import itemgetter
 import torch
 
 from hotswap.errors import HotswapError
+from hotswap.wire.buckets import first_overlap
 from hotswap.wire.dtypes import dtype_from_name
 from hotswap.wire.ipc import B64_FIELDS, CUDA_FIELDS
 
@@ -276,6 +277,7 @@ def resolve_named_tensors(items, device: torch.device, mappings: CudaIpcMappings
     if not isinstance(items, (list, tuple)):
         raise HotswapError("named_tensors must be a list of (name, tensor) pairs or handle descriptors")
     out = []
+    shm_ranges: dict[str, list[tuple[str, int, int]]] = {}  # block -> (name, start, end) of each tensor read from it
     for i, item in enumerate(items):
         if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], torch.Tensor):
             out.append((str(item[0]), item[1]))
@@ -294,11 +296,17 @@ def resolve_named_tensors(items, device: torch.device, mappings: CudaIpcMappings
             if item["kind"] == "cuda_ipc":
                 out.append((item["name"], _open_cuda_ipc(item, dtype, mappings)))
             elif item["kind"] == "shm":
-                out.append((item["name"], _open_shm(item, dtype, shm_prefix)))
+                t = _open_shm(item, dtype, shm_prefix)
+                shm_ranges.setdefault(item["shm_name"], []).append((item["name"], item["offset"], item["offset"] + t.numel() * t.element_size()))
+                out.append((item["name"], t))
             else:
                 raise HotswapError(f"{item['name']!r}: unknown handle kind {item['kind']!r}; use 'cuda_ipc' or 'shm'")
         except HotswapError:
             raise
         except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as exc:
             raise HotswapError(f"{item['name']!r}: cannot open {item['kind']} handle: {exc}") from exc
+    for block, ranges in shm_ranges.items():
+        overlap = first_overlap(ranges)
+        if overlap is not None:
+            raise HotswapError(f"shared-memory block {block!r}: {overlap}")
     return out

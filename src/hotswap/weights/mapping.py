@@ -12,6 +12,7 @@ resolve to parts: slots viewing a piece of the same storage, accepted by every t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,7 @@ class WeightMap:
                     self.slots[hf] = slot
         self.aliases: dict[str, str] = model.tied_aliases()
         self.names: list[str] = sorted(self.slots)
+        self.max_numel = max((math.prod(s.hf_shape) for s in self.slots.values()), default=0)  # the largest HF tensor
 
     def resolve(self, name: str) -> WeightSlot | None:
         name = self.aliases.get(name, name)

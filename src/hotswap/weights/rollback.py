@@ -147,10 +147,13 @@ class RollbackBuffer:
         return None
 
     def restore(self) -> int:
+        """Put every saved original back, the latest saved first: slots may overlap (a stacked expert
+        tensor and one expert's slice of it), and a later save of overlapping bytes may hold values an
+        earlier call wrote, so the earliest save of each byte must be written last."""
         cuda = any(s.dest.device.type == "cuda" for s, _ in self.saved.values())
         if cuda:
             torch.cuda.synchronize()  # saves and any in-flight writes have finished
-        for slot, copy in self.saved.values():
+        for slot, copy in reversed(self.saved.values()):
             slot.dest.copy_(copy, non_blocking=True)
         if cuda:
             torch.cuda.synchronize()

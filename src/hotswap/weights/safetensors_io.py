@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from hotswap.errors import CheckpointError
+from hotswap.wire.buckets import first_overlap
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -38,8 +39,13 @@ def checkpoint_files(model_path: str | Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index} is not a valid safetensors index: weight_map must map tensor names to shard file names")
+        odd = sorted({f for f in weight_map.values() if Path(f).name != f or f in (".", "..") or not f.endswith(".safetensors")})
+        if odd:
+            raise CheckpointError(f"{index} names shard(s) {odd[:3]} that are not plain *.safetensors file names in the checkpoint folder")
         files = [path / f for f in sorted(set(weight_map.values()))]
         missing = [str(f) for f in files if not f.exists()]
         if missing:
@@ -99,6 +105,9 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         out[name] = _tensor_info(file, name, meta, base, size)
+    overlap = first_overlap((i.name, i.offset, i.offset + i.nbytes) for i in out.values())
+    if overlap is not None:
+        raise CheckpointError(f"{file}: damaged safetensors header: {overlap}")
     return out
 
 

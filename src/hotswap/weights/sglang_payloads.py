@@ -44,6 +44,7 @@ from hotswap.weights.torch_handles import (
     is_torch_shm_name,
     open_tensor_handle,
 )
+from hotswap.wire.buckets import first_overlap
 
 LOAD_FORMATS = (None, "direct", "flattened_bucket")
 MAX_PAYLOAD_BYTES = 64 << 20  # handles and metadata only (~0.5 KB a tensor); the bytes stay in shared memory
@@ -334,7 +335,12 @@ def _parse_bucket(obj: object, what: str) -> tuple[TensorHandle, list[_BucketEnt
         raise PayloadError(f"{what}: flattened_tensor must be 1-D and contiguous, got shape {list(flat.view.shape)}")
     if not isinstance(obj["metadata"], list):
         raise PayloadError(f"{what}: metadata must be a list, got {type(obj['metadata']).__name__}")
-    return flat, [_parse_metadata(m, flat.view, i) for i, m in enumerate(obj["metadata"])]
+    entries = [_parse_metadata(m, flat.view, i) for i, m in enumerate(obj["metadata"])]
+    overlap = first_overlap((e.name, e.start, e.end) for e in entries)
+    if overlap is not None:
+        raise PayloadError(f"{what}: bucket metadata: {overlap}")
+    return flat, entries
+
 
 
 def _unflatten(flat: torch.Tensor, entries: list[_BucketEntry]) -> list[tuple[str, torch.Tensor]]:

@@ -105,3 +105,16 @@ def flatten_bucket(bucket: list[tuple[str, torch.Tensor]], *, dtype: torch.dtype
                 dst.copy_(t.detach().to(device=device, dtype=dt).contiguous().reshape(-1).view(torch.uint8))
         offset += n
     return flat
+
+
+def first_overlap(ranges: Iterable[tuple[str, int, int]]) -> str | None:
+    """What is wrong when two of the (name, start, end) byte ranges of one buffer overlap, else None. Every
+    packer of a bucket gives each tensor bytes of its own: an overlap is metadata that lies (two parameters
+    would load the same bytes)."""
+    last_name, last_end = None, 0
+    for name, start, end in sorted((r for r in ranges if r[2] > r[1]), key=lambda r: r[1]):
+        if start < last_end:
+            return f"{name!r} (from {start}) overlaps {last_name!r} (up to {last_end}); each tensor must have bytes of its own"
+        last_name, last_end = name, max(end, last_end)
+    return None
+

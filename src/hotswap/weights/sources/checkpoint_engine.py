@@ -24,9 +24,24 @@ def check_ranks(tp_size: int) -> None:
 
 def receive(address: str, device: torch.device, source: BufferSource, timeout_s: float, weight_map: WeightMap, plans: TensorPlanCache,
             load: Callable[[MatchedTensors], object]) -> ReceiveStats:
-    """Take every bucket; each is matched against the model before `load` copies it."""
+    """Take every bucket; each is matched against the model, and against the buckets before it (the buckets
+    are one update: each parameter comes once), before `load` copies it."""
+    filled: dict[str, str] = {}  # slot -> the incoming name that filled it
+    stacked: dict[str, str] = {}  # stacked expert parameter -> "whole" or "per expert", as it came
+
     def load_bucket(views: list[tuple[BucketEntry, torch.Tensor]]) -> None:
-        load(plans.match(weight_map, [(e.name, t) for e, t in views]))
+        matched = plans.match(weight_map, [(e.name, t) for e, t in views])
+        for name, target, _ in matched.items:
+            hf = target.slot.hf_name
+            prev = filled.get(hf)
+            if prev is not None and name not in weight_map.aliases and prev not in weight_map.aliases:
+                raise HotswapError(f"parameter {name!r} was given in an earlier bucket of this update already")
+            canonical = weight_map.part_of.get(hf)
+            key, how = (canonical, "per expert") if canonical is not None else (hf, "whole")
+            if key in weight_map.part_names and stacked.setdefault(key, how) != how:
+                raise HotswapError(f"parameter {key!r} was given both whole and per expert in this update")
+            filled[hf] = name
+        load(matched)
 
     return receive_buckets(address, device=device, source=source, timeout_s=timeout_s, load_bucket=load_bucket)
 

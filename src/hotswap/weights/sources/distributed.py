@@ -22,6 +22,8 @@ from hotswap.weights.distributed import WeightsGroup
 from hotswap.weights.ranks import WeightRanks
 from hotswap.wire.process_group import destroy_custom_process_group, forget_reservation, init_custom_process_group, short_error
 
+MAX_TIMEOUT_S = 86400.0  # a group's timeout bounds every wait on it: a day at most (time_t and timedelta overflow far beyond)
+
 
 def join_deadline_s(timeout_s: float) -> float:
     """When a join is given up: torch's rendezvous and the group's setup each honour timeout_s, give or take
@@ -60,8 +62,10 @@ class WeightGroups:
         if not 0 < rank <= last < req.world_size:
             ranks = f"engine rank {rank}" if rank == last else f"engine ranks {rank}..{last} (one per tensor-parallel rank)"
             return f"{ranks} (rank_offset {req.rank_offset}) must be in 1..world_size-1={req.world_size - 1}"
-        if not req.timeout_s or req.timeout_s <= 0:
-            return f"timeout_s must be positive, got {req.timeout_s!r}"
+        if isinstance(req.timeout_s, bool) or not isinstance(req.timeout_s, (int, float)) or not 0 < req.timeout_s <= MAX_TIMEOUT_S:
+            return f"timeout_s must be positive and at most {MAX_TIMEOUT_S:g} s, got {req.timeout_s!r}"  # NaN and inf included
+        if isinstance(req.master_port, bool) or not isinstance(req.master_port, int) or not 0 < req.master_port < 65536:
+            return f"master_port must be a TCP port (1..65535), got {req.master_port!r}"
         return backend, f"tcp://{req.master_address}:{req.master_port}"
 
     def init(self, req: p.InitWeightsUpdateGroupRequest) -> p.ControlOutput | Future:
