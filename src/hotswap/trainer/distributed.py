@@ -199,7 +199,7 @@ class DistributedWeightPusher(WeightPusher):
         except Exception as exc:
             sent_error = short_error(exc)
         deadline = time.monotonic() + self.timeout_s
-        results = [wait_result(f, deadline - time.monotonic(), "update_weights_from_distributed") for f in futures]
+        results = [wait_result(f, deadline - time.monotonic(), "update_weights_from_distributed", self.timeout_s) for f in futures]
         if sent_error is None and any(r.received is False or r.get("timed_out") for r in results):
             # an engine refused without receiving: this process's broadcast has no partner any more
             raise self._break_group(f"update_weights_from_distributed failed without receiving: {first_failure(results, self.engines)}",

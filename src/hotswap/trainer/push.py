@@ -117,12 +117,13 @@ def spawn(fn: Callable, *args, **kwargs) -> Future:
     return future
 
 
-def wait_result(future: Future, timeout_s: float | None, what: str) -> EngineResult:
-    """The EngineResult a `spawn(call_result, ...)` future resolves to, or a failed one once `timeout_s` passed."""
+def wait_result(future: Future, timeout_s: float | None, what: str, limit_s: float | None = None) -> EngineResult:
+    """The EngineResult a `spawn(call_result, ...)` future resolves to, or a failed one once `timeout_s` passed
+    (`limit_s`: the limit to name in the message, when `timeout_s` is what is left of it)."""
     try:
         return future.result(timeout=None if timeout_s is None else max(0.0, timeout_s))
     except FutureTimeout:
-        return EngineResult(False, f"{what}: no reply within {timeout_s:g} s (the engine may still act on it)",
+        return EngineResult(False, f"{what}: no reply within {limit_s or timeout_s:g} s (the engine may still act on it)",
                             {"outcome_unknown": True, "timed_out": True})
 
 
@@ -172,7 +173,7 @@ class WeightPusher:
         """Each future's EngineResult, all waited for within one `timeout_s` (default `call_timeout_s`)."""
         timeout_s = self.call_timeout_s if timeout_s is None else timeout_s
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        return [wait_result(f, None if deadline is None else deadline - time.monotonic(), method) for f in futures]
+        return [wait_result(f, None if deadline is None else deadline - time.monotonic(), method, timeout_s) for f in futures]
 
     def call_all(self, method: str, *args, **kwargs) -> list[EngineResult]:
         return self.gather(method, self.submit_all(method, *args, **kwargs))
