@@ -173,3 +173,24 @@ def test_verify_engines_names_the_differing_tensors_per_engine(engines, tiny_qwe
         assert [r.ok for r in verify_engines([a, http_b], v2)] == [True, False]
     finally:
         server.shutdown()
+
+
+def test_an_engine_committing_under_another_version_fails_the_push(engines, tiny_qwen3_v2):
+    """Every committed engine must report the pushed version; one that commits but keeps its old version
+    (here: a handle that drops it, as a session API without versions would) is named, not hidden."""
+    a, b, _ = engines
+
+    class Versionless:
+        def __getattr__(self, name):
+            return getattr(b, name)
+
+        def end_weight_update(self, weight_version=None, abort=False):
+            return b.end_weight_update(abort=abort)
+
+        def __repr__(self):
+            return "Versionless(engine b)"
+
+    old = b.weight_version
+    with pytest.raises(WeightPushError, match=rf"another weight_version than 'vv'.*Versionless\(engine b\): '{old}'") as info:
+        IPCWeightPusher([a, Versionless()], bucket_bytes=BUCKET).push(checkpoint_tensors(tiny_qwen3_v2), weight_version="vv")
+    assert info.value.states == [COMMITTED, COMMITTED] and a.weight_version == "vv" and b.weight_version == old

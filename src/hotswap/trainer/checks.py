@@ -8,14 +8,14 @@ from dataclasses import dataclass, field
 import torch
 
 from hotswap.trainer.client import EngineHandle, EngineResult
-from hotswap.trainer.push import DEFAULT_CALL_TIMEOUT_S, as_engines, call_result, spawn, wait_result
+from hotswap.trainer.push import DEFAULT_CALL_TIMEOUT_S, as_engines, call_method, spawn, wait_result
 from hotswap.wire.checksum import state_dict_manifest
 from hotswap.wire.dtypes import dtype_from_name
 
 
-def engine_dtype(engine: EngineHandle) -> torch.dtype | None:
-    """The dtype the engine stores its weights in (None if it cannot say)."""
-    r = call_result(engine.get_model_info)
+def engine_dtype(engine: EngineHandle, timeout_s: float | None = DEFAULT_CALL_TIMEOUT_S) -> torch.dtype | None:
+    """The dtype the engine stores its weights in (None if it cannot say in time)."""
+    r = wait_result(spawn(call_method, engine, "get_model_info"), timeout_s, "get_model_info")
     return dtype_from_name(r.get("dtype") or "") if r.success else None
 
 
@@ -27,7 +27,8 @@ def verify_engine_weights(engine: EngineHandle, state_dict: Mapping[str, torch.T
     every checksum matches, else `data["mismatches"]` names the parameters that differ."""
     dtype = engine_dtype(engine) if dtype == "auto" else _resolve(dtype)
     manifest = state_dict_manifest(state_dict, dtype)
-    return call_result(engine.check_weights, "checksum", expected=manifest)
+    return wait_result(spawn(call_method, engine, "check_weights", "checksum", expected=manifest), DEFAULT_CALL_TIMEOUT_S,
+                       "check_weights('checksum')")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,9 +63,9 @@ def verify_engines(engines: EngineHandle | Sequence[EngineHandle], state_dict: M
     per dtype, however many engines), one report per engine naming the tensors that differ. `dtype` as
     in `verify_engine_weights` ("auto": each engine's own)."""
     engines = as_engines(engines)
-    dtypes = [engine_dtype(e) if dtype == "auto" else _resolve(dtype) for e in engines]
+    dtypes = [engine_dtype(e, timeout_s) if dtype == "auto" else _resolve(dtype) for e in engines]
     manifests: dict[torch.dtype | None, dict[str, str]] = {}
-    futures = [spawn(call_result, e.check_weights, "checksum") for e in engines]
+    futures = [spawn(call_method, e, "check_weights", "checksum") for e in engines]
     reports = []
     for engine, dt, future in zip(engines, dtypes, futures):
         r = wait_result(future, timeout_s, "check_weights('checksum')")

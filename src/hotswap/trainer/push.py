@@ -101,6 +101,14 @@ def call_result(fn: Callable, *args, **kwargs) -> EngineResult:
         return EngineResult(False, f"{type(exc).__name__}: {exc}", {"exception": exc})
 
 
+def call_method(engine: EngineHandle, method: str, *args, **kwargs) -> EngineResult:
+    """`call_result` of `engine.method`; a handle without that method is a failed result, not a crash."""
+    fn = getattr(engine, method, None)
+    if fn is None:
+        return EngineResult(False, f"{engine!r} has no method {method}")
+    return call_result(fn, *args, **kwargs)
+
+
 def spawn(fn: Callable, *args, **kwargs) -> Future:
     """Run `fn` in a daemon thread of its own: a call stuck in an engine never holds a worker another call
     needs, nor the interpreter's exit."""
@@ -167,7 +175,7 @@ class WeightPusher:
 
     def submit_all(self, method: str, *args, **kwargs) -> list[Future]:
         """Start `method(*args, **kwargs)` on every engine; futures resolve to EngineResults."""
-        return [spawn(call_result, getattr(e, method), *args, **kwargs) for e in self.engines]
+        return [spawn(call_method, e, method, *args, **kwargs) for e in self.engines]
 
     def gather(self, method: str, futures: Sequence[Future], timeout_s: float | None = None) -> list[EngineResult]:
         """Each future's EngineResult, all waited for within one `timeout_s` (default `call_timeout_s`)."""
@@ -179,7 +187,7 @@ class WeightPusher:
         return self.gather(method, self.submit_all(method, *args, **kwargs))
 
     def call_one(self, engine: EngineHandle, method: str, *args, **kwargs) -> EngineResult:
-        return wait_result(spawn(call_result, getattr(engine, method), *args, **kwargs), self.call_timeout_s, method)
+        return wait_result(spawn(call_method, engine, method, *args, **kwargs), self.call_timeout_s, method)
 
     def close(self) -> None:
         pass
@@ -252,7 +260,7 @@ class WeightPusher:
         answer from the engine means no session is open there now (aborted, or none was)."""
         states = list(states) if states is not None else [UNKNOWN] * len(self.engines)
         todo = [i for i, s in enumerate(states) if s not in (UNTOUCHED, COMMITTED)]
-        futures = [spawn(call_result, self.engines[i].end_weight_update, abort=True) for i in todo]
+        futures = [spawn(call_method, self.engines[i], "end_weight_update", abort=True) for i in todo]
         for i, r in zip(todo, self.gather("end_weight_update(abort=True)", futures)):
             answered = not r.outcome_unknown and "exception" not in r.data
             states[i] = ROLLED_BACK if answered else UNKNOWN
