@@ -171,13 +171,7 @@ def test_shared_memory_buckets_for_many_engines_hold_one_bucket_at_a_time():
     originals = {t.untyped_storage().data_ptr() for t in weights.values()}
 
     def extra_tensor_bytes() -> int:
-        storages = {}
-        for obj in gc.get_objects():
-            if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu":
-                s = obj.untyped_storage()
-                if s.data_ptr() not in originals:
-                    storages[s.data_ptr()] = s.nbytes()
-        return sum(storages.values())
+        return live_tensor_bytes(originals)
 
     peaks = []
 
@@ -214,3 +208,62 @@ def test_shared_memory_buckets_for_many_engines_hold_one_bucket_at_a_time():
     res = IPCWeightPusher(engines, bucket_bytes=bucket_bytes, dtype=torch.bfloat16).push(weights, weight_version="m")
     assert res.num_buckets == 3 and len(peaks) == 9
     assert max(peaks) <= bucket_bytes + 64 * 64 * 2, peaks  # one block (and at most one tensor being cast)
+
+
+def live_tensor_bytes(skip: set[int]) -> int:
+    """Bytes of the CPU tensor storages alive in this process, but those at `skip` (data pointers)."""
+    import gc
+
+    storages = {}
+    for obj in gc.get_objects():
+        if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu":
+            st = obj.untyped_storage()
+            if st.data_ptr() not in skip:
+                storages[st.data_ptr()] = st.nbytes()
+    return sum(storages.values())
+
+
+def test_distributed_buckets_hold_one_bucket_on_the_trainer(monkeypatch):
+    """Broadcasting flattened buckets cast to bf16: what the trainer holds beyond its weights while a bucket
+    is on the wire is that bucket (and at most one tensor being cast)."""
+    import gc
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from hotswap.trainer import free_port
+    from hotswap.wire.process_group import init_custom_process_group
+
+    weights = {f"model.layers.{i}.w": torch.randn(64, 64) for i in range(12)}
+    bucket_bytes = 4 * 64 * 64 * 2
+    originals = {t.untyped_storage().data_ptr() for t in weights.values()}
+
+    class Receiver:  # the engine side's replies; the bytes go through a real one-rank gloo group
+        def begin_weight_update(self):
+            return {"success": True}
+
+        def end_weight_update(self, weight_version=None, abort=False):
+            return {"success": True, "weight_version": weight_version}
+
+        def update_weights_from_distributed(self, names, dtypes, shapes, **kw):
+            return {"success": True, "extra": {"received": True}}
+
+    peaks, real_broadcast = [], dist.broadcast
+
+    def measured_broadcast(tensor, *args, **kwargs):
+        peaks.append(live_tensor_bytes(originals) - baseline)
+        return real_broadcast(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(dist, "broadcast", measured_broadcast)
+    pusher = DistributedWeightPusher(Receiver(), backend="gloo", bucket_bytes=bucket_bytes, dtype=torch.bfloat16, timeout_s=10,
+                                     group_name="memory-bound")
+    pusher.pg = init_custom_process_group(backend="gloo", init_method=f"tcp://127.0.0.1:{free_port()}", world_size=1, rank=0,
+                                          group_name="memory-bound", timeout=timedelta(seconds=10))
+    try:
+        gc.collect()
+        baseline = live_tensor_bytes(originals)
+        res = pusher.push(weights, weight_version="d")
+    finally:
+        pusher._drop_group()
+    assert res.num_buckets == 3 and len(peaks) == 3
+    assert max(peaks) <= bucket_bytes + 64 * 64 * 2, peaks
