@@ -109,6 +109,8 @@ class IPCWeightPusher(WeightPusher):
                         block.close()  # a call that timed out may still read it: the engine then refuses the bucket
         finally:
             del keep_alive
+        if any(r is None or r.outcome_unknown for r in results):
+            self.pack_buffer = None  # an engine may still read it: the next bucket gets a buffer of its own
         if not all(results):
             raise WeightPushError(failure_reason("update_weights_from_tensor", results, self.engines), results=results)
         return results

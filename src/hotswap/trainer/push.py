@@ -242,7 +242,8 @@ class WeightPusher:
         died) is followed by an abort and one more begin; when an engine still has none, every session is
         aborted and the push refused."""
         began = self.call_all("begin_weight_update")
-        retry = [i for i, r in enumerate(began) if not r.success and not r.get("exception")]  # refused: a stale session?
+        # refused outright (not unreachable, not still in flight): a stale session, most likely
+        retry = [i for i, r in enumerate(began) if not r.success and not r.outcome_unknown and "exception" not in r.data]
         for i in retry:
             stale = self.call_one(self.engines[i], "end_weight_update", abort=True)
             if stale.success:
