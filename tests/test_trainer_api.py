@@ -125,3 +125,145 @@ def test_distributed_pusher_needs_another_process_for_the_engine(engine):
     with pytest.raises(WeightPushError, match="connect"):
         pusher.push({"model.norm.weight": torch.ones(64)})
     assert engine.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
+
+
+def test_engine_result_keeps_every_field_of_sglang_reply_shapes(engine, tiny_qwen3, tiny_qwen3_v2, tmp_path):
+    """The disk update's 3-tuple, SGLang's output dataclasses and HTTP dicts all keep their fields, and a
+    pusher driving handles that answer in tuples still pushes and reads the version."""
+    from dataclasses import dataclass
+
+    from hotswap.protocol import DiskUpdateOutput
+
+    @dataclass
+    class UpdateWeightFromDiskReqOutput:  # SGLang's io_struct shape: no to_dict
+        success: bool
+        message: str
+        num_paused_requests: int = 0
+
+    out = DiskUpdateOutput(success=True, message="ok", num_paused_requests=2, weight_version="v")
+    for reply in (out, out.astuple(), UpdateWeightFromDiskReqOutput(True, "ok", 2), {"success": True, "message": "ok", "num_paused_requests": 2}):
+        r = EngineResult.of(reply)
+        assert r.success and r.message == "ok" and r.get("num_paused_requests") == 2, reply
+    assert not EngineResult.of((False, "refused", 0)) and EngineResult.of((False, "refused", 0)).message == "refused"
+
+    class TupleEngine:  # answers as SGLang's Engine does: tuples (disk: the 3-tuple)
+        def __getattr__(self, name):
+            method = getattr(engine, name)
+            return lambda *a, **kw: tuple(method(*a, **kw))
+
+    v2 = checkpoint_tensors(tiny_qwen3_v2)
+    assert len(TupleEngine().update_weights_from_disk(str(tiny_qwen3))) == 3
+    for sessions, version in ((False, "t2"), (True, "t3")):
+        res = DiskWeightPusher(TupleEngine(), template_dir=tiny_qwen3, root_dir=tmp_path, use_sessions=sessions).push(v2, weight_version=version)
+        assert res.weight_version == version and engine.weight_version == version and verify_engine_weights(engine, v2).success
+
+
+def test_shared_memory_buckets_for_many_engines_hold_one_bucket_at_a_time():
+    """Three engines with their own IPC tokens and a cast to bf16: the trainer's extra memory while an
+    engine loads a bucket (shared-memory blocks plus tensors it made) stays within one bucket."""
+    import gc
+    import os
+    import secrets
+    from multiprocessing import shared_memory
+
+    weights = {f"model.layers.{i}.w": torch.randn(64, 64) for i in range(12)}  # 16 KiB each in fp32, 8 KiB in bf16
+    bucket_bytes = 4 * 64 * 64 * 2
+    originals = {t.untyped_storage().data_ptr() for t in weights.values()}
+
+    def extra_tensor_bytes() -> int:
+        return live_tensor_bytes(originals)
+
+    peaks = []
+
+    class ShmEngine:
+        """Reads what it is given (and checks it) while measuring what the trainer holds meanwhile."""
+
+        def __init__(self):
+            self.token = secrets.token_hex(8)
+
+        def get_ipc_token(self):
+            return self.token
+
+        def begin_weight_update(self):
+            return {"success": True}
+
+        def end_weight_update(self, weight_version=None, abort=False):
+            return {"success": True, "weight_version": weight_version}
+
+        def update_weights_from_tensor(self, named_tensors, **kw):
+            blocks = [f for f in os.listdir("/dev/shm") if f.startswith("hotswap_") and any(e.token in f for e in engines)]
+            peaks.append(sum(os.path.getsize(f"/dev/shm/{f}") for f in blocks) + extra_tensor_bytes() - baseline)
+            d = named_tensors[0]
+            block = shared_memory.SharedMemory(name=d["shm_name"])
+            try:
+                got = torch.frombuffer(block.buf, dtype=torch.bfloat16, count=64 * 64, offset=d["offset"]).clone().view(64, 64)
+            finally:
+                block.close()
+            assert d["dtype"] == "bfloat16" and torch.equal(got, weights[d["name"]].to(torch.bfloat16))
+            return {"success": True}
+
+    engines = [ShmEngine() for _ in range(3)]
+    gc.collect()
+    baseline = extra_tensor_bytes()
+    res = IPCWeightPusher(engines, bucket_bytes=bucket_bytes, dtype=torch.bfloat16).push(weights, weight_version="m")
+    assert res.num_buckets == 3 and len(peaks) == 9
+    assert max(peaks) <= bucket_bytes + 64 * 64 * 2, peaks  # one block (and at most one tensor being cast)
+
+
+def live_tensor_bytes(skip: set[int]) -> int:
+    """Bytes of the CPU tensor storages alive in this process, but those at `skip` (data pointers)."""
+    import gc
+
+    storages = {}
+    for obj in gc.get_objects():
+        if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu":
+            st = obj.untyped_storage()
+            if st.data_ptr() not in skip:
+                storages[st.data_ptr()] = st.nbytes()
+    return sum(storages.values())
+
+
+def test_distributed_buckets_hold_one_bucket_on_the_trainer(monkeypatch):
+    """Broadcasting flattened buckets cast to bf16: what the trainer holds beyond its weights while a bucket
+    is on the wire is that bucket (and at most one tensor being cast)."""
+    import gc
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from hotswap.trainer import free_port
+    from hotswap.wire.process_group import init_custom_process_group
+
+    weights = {f"model.layers.{i}.w": torch.randn(64, 64) for i in range(12)}
+    bucket_bytes = 4 * 64 * 64 * 2
+    originals = {t.untyped_storage().data_ptr() for t in weights.values()}
+
+    class Receiver:  # the engine side's replies; the bytes go through a real one-rank gloo group
+        def begin_weight_update(self):
+            return {"success": True}
+
+        def end_weight_update(self, weight_version=None, abort=False):
+            return {"success": True, "weight_version": weight_version}
+
+        def update_weights_from_distributed(self, names, dtypes, shapes, **kw):
+            return {"success": True, "extra": {"received": True}}
+
+    peaks, real_broadcast = [], dist.broadcast
+
+    def measured_broadcast(tensor, *args, **kwargs):
+        peaks.append(live_tensor_bytes(originals) - baseline)
+        return real_broadcast(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(dist, "broadcast", measured_broadcast)
+    pusher = DistributedWeightPusher(Receiver(), backend="gloo", bucket_bytes=bucket_bytes, dtype=torch.bfloat16, timeout_s=10,
+                                     group_name="memory-bound")
+    pusher.pg = init_custom_process_group(backend="gloo", init_method=f"tcp://127.0.0.1:{free_port()}", world_size=1, rank=0,
+                                          group_name="memory-bound", timeout=timedelta(seconds=10))
+    try:
+        gc.collect()
+        baseline = live_tensor_bytes(originals)
+        res = pusher.push(weights, weight_version="d")
+    finally:
+        pusher._drop_group()
+    assert res.num_buckets == 3 and len(peaks) == 3
+    assert max(peaks) <= bucket_bytes + 64 * 64 * 2, peaks

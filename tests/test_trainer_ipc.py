@@ -127,6 +127,87 @@ def test_http_client_rejects_tensors_and_reports_unreachable_engines():
     assert "begin_weight_update" in str(info.value) and "cannot reach" in str(info.value)
 
 
+def recording_server(redirect_to: str | None = None):
+    """A server that records (method, path, Authorization) and answers success; with `redirect_to`, it
+    redirects /get_model_info and /weights_checker there instead."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _answer(self):
+            seen.append((self.command, self.path, self.headers.get("Authorization")))
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if redirect_to and self.path in ("/get_model_info", "/weights_checker"):
+                self.send_response(302 if self.command == "GET" else 307)
+                self.send_header("Location", redirect_to + self.path)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            body = json.dumps({"ipc_token": "abc123"} if self.path == "/get_ipc_token" else {"success": True, "weight_version": "w"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}", server, seen
+
+
+def test_http_client_sends_the_key_on_every_call_and_never_elsewhere():
+    other_url, other, other_seen = recording_server()
+    url, server, seen = recording_server(redirect_to=other_url)
+    try:
+        client = HttpEngineClient(url + "/", api_key="s3cret-key", timeout_s=5)
+        assert "s3cret" not in repr(client)
+        calls = [("init_weights_update_group", ("127.0.0.1", 1234, 1, 2)), ("update_weights_from_distributed", (["a"], ["float32"], [[2]])),
+                 ("destroy_weights_update_group", ()), ("update_weights_from_tensor", ([],)), ("update_weights_from_disk", ("/m",)),
+                 ("begin_weight_update", ()), ("end_weight_update", ()), ("check_weights", ("checksum",)),
+                 ("get_weights_by_name", ("w",)), ("get_model_info", ()), ("get_ipc_token", ())]
+        replies = {name: getattr(client, name)(*args) for name, args in calls}
+        assert {path for _, path, _ in seen} == set(HttpEngineClient.ROUTES.values()) | {"/get_model_info", "/get_ipc_token"}
+        assert all(auth == "Bearer s3cret-key" for _, _, auth in seen), seen
+        # a redirect is an error naming it, never followed with the key to another host
+        assert not replies["get_model_info"] and "redirects are not followed" in replies["get_model_info"].message
+        assert not replies["check_weights"] and other_seen == []
+    finally:
+        server.shutdown()
+        other.shutdown()
+
+
+@pytest.mark.parametrize("url, problem", [("http://user:s3cret@127.0.0.1:30000", "credentials"), ("ftp://127.0.0.1:30000", "http://"),
+                                          ("127.0.0.1:30000", "http://"), ("http://:30000", "no host"),
+                                          ("http://127.0.0.1:30000/?key=s3cret", "query"), ("http://127.0.0.1:port", "port")])
+def test_http_client_refuses_bad_base_urls_without_echoing_credentials(url, problem):
+    with pytest.raises(ValueError, match=problem) as info:
+        HttpEngineClient(url)
+    assert "s3cret" not in str(info.value)
+
+
+def test_http_client_bounds_a_silent_engine():
+    """A port that accepts connections and never answers: the call fails after timeout_s, naming the URL
+    and that the engine may still act on it."""
+    import socket
+
+    from hotswap.trainer import EngineConnectionError
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(EngineConnectionError, match=f"no reply from the engine at {url}/begin_weight_update within 0.3 s") as info:
+            HttpEngineClient(url, timeout_s=0.3).begin_weight_update()
+        assert info.value.outcome_unknown
+
+
 @pytest.mark.gpu
 def test_cuda_ipc_push_from_a_trainer_process(tiny_qwen3, tiny_qwen3_v2):
     v2 = checkpoint_tensors(tiny_qwen3_v2)

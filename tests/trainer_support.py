@@ -8,11 +8,13 @@ no transformers) so the child starts fast.
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing as mp
 import os
 import threading
 import time
 import traceback
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -32,27 +34,54 @@ def checkpoint_tensors(path) -> dict[str, torch.Tensor]:
 # ---- the engine side: a JSON shim with the HTTP routes HttpEngineClient calls ------------------------
 
 
-def serve_engine_http(engine) -> tuple[str, ThreadingHTTPServer]:
+@dataclass
+class Faults:
+    """What a test front does wrong, per route: wait before handing a call to the engine (`delay_before`: it
+    lands late), wait after it ran before replying (`delay_after`: applied, reply late), die on the n-th
+    call of a route (`die_on`: no reply, the port stops listening, as a killed engine), or flatten the
+    first tensor's shape in a bucket (`bad_shape`: the engine refuses it)."""
+
+    delay_before: dict[str, float] = field(default_factory=dict)
+    delay_after: dict[str, float] = field(default_factory=dict)
+    die_on: dict[str, int] = field(default_factory=dict)
+    bad_shape: bool = False
+    calls: dict[str, int] = field(default_factory=dict)
+
+
+def serve_engine_http(engine, faults: Faults | None = None) -> tuple[str, ThreadingHTTPServer]:
     """Serve `engine`'s weight ops on 127.0.0.1 (route -> Engine method, JSON body -> keyword args).
     Returns (base_url, server); call `server.shutdown()` when done."""
     from hotswap.trainer.client import HttpEngineClient
 
     methods = {route: name for name, route in HttpEngineClient.ROUTES.items()}
+    faults = faults or Faults()
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):  # keep pytest output clean
             pass
 
-        def do_GET(self):  # the one read a trainer makes: the engine's IPC token for shared-memory blocks
+        def do_GET(self):  # the reads a trainer makes: the IPC token for shared-memory blocks, the weight version
             if self.path == "/get_ipc_token":
                 self._reply(200, {"ipc_token": engine.get_ipc_token()})
+            elif self.path == "/get_model_info":
+                self._reply(200, engine.get_model_info())
             else:
                 self._reply(404, {"success": False, "message": f"no route GET {self.path}"})
 
         def do_POST(self):
             name = methods.get(self.path)
+            n = faults.calls[self.path] = faults.calls.get(self.path, 0) + 1
+            if faults.die_on.get(self.path) == n:
+                threading.Thread(target=lambda: (server.shutdown(), server.server_close()), daemon=True).start()
+                self.close_connection = True
+                self.connection.close()
+                return
+            time.sleep(faults.delay_before.get(self.path, 0.0))
             try:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+                if faults.bad_shape and name == "update_weights_from_tensor":
+                    first = body["named_tensors"][0]
+                    first["shape"] = [math.prod(first["shape"])]
                 if name is None:
                     status, reply = 404, {"success": False, "message": f"no route {self.path}"}
                 else:
@@ -61,6 +90,7 @@ def serve_engine_http(engine) -> tuple[str, ThreadingHTTPServer]:
                     status = 200 if reply.get("success") else 400
             except Exception as exc:
                 status, reply = 500, {"success": False, "message": f"{type(exc).__name__}: {exc}"}
+            time.sleep(faults.delay_after.get(self.path, 0.0))
             self._reply(status, reply)
 
         def _reply(self, status: int, reply: dict) -> None:

@@ -9,7 +9,7 @@ pusher.connect()
 for step in range(num_steps):
     train_step(model)
     pusher.push(model.state_dict(), weight_version=f"step-{step}")   # atomic on every engine
-assert verify_engine_weights(engines[0], model.state_dict(), dtype="auto")
+assert all(r.ok for r in verify_engines(engines, model.state_dict(), dtype="auto"))   # per engine, names tensors
 pusher.close()
 ```
 
@@ -21,8 +21,8 @@ This package never imports the engine (no transformers, no model code); it share
 so trainer processes stay light.
 """
 
-from hotswap.trainer.checks import verify_engine_weights
-from hotswap.trainer.client import EngineConnectionError, EngineHandle, EngineResult, HttpEngineClient
+from hotswap.trainer.checks import EngineWeightsReport, verify_engine_weights, verify_engines
+from hotswap.trainer.client import EngineConnectionError, EngineHandle, EngineResult, HttpEngineClient, validate_base_url
 from hotswap.trainer.disk import DiskWeightPusher, save_hf_checkpoint
 from hotswap.trainer.distributed import DistributedWeightPusher, free_port
 from hotswap.trainer.ipc import IPCWeightPusher
@@ -32,7 +32,8 @@ from hotswap.wire.buckets import BucketMetadata, flatten_bucket, iter_buckets, i
 from hotswap.wire.checksum import checksum_manifest, state_dict_manifest
 
 __all__ = [
-    "BucketMetadata", "DiskWeightPusher", "DistributedWeightPusher", "EngineConnectionError", "EngineHandle", "EngineResult",
+    "BucketMetadata", "DiskWeightPusher", "EngineWeightsReport", "DistributedWeightPusher", "EngineConnectionError", "EngineHandle", "EngineResult",
     "HttpEngineClient", "IPCWeightPusher", "PushResult", "WeightPushError", "WeightPusher", "checksum_manifest", "decode_routed_experts",
-    "flatten_bucket", "free_port", "iter_buckets", "iter_named_tensors", "save_hf_checkpoint", "state_dict_manifest", "verify_engine_weights",
+    "flatten_bucket", "free_port", "iter_buckets", "iter_named_tensors", "save_hf_checkpoint", "state_dict_manifest",
+    "validate_base_url", "verify_engine_weights", "verify_engines",
 ]

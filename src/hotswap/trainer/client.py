@@ -7,12 +7,14 @@ turns any of them into one type.
 
 from __future__ import annotations
 
+import dataclasses
+import http.client
 import json
-import urllib.error
-import urllib.request
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
+from urllib.parse import urlsplit
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,13 +38,23 @@ class EngineResult:
         extra = self.data.get("extra")
         return extra.get("received") if isinstance(extra, Mapping) else None
 
+    @property
+    def outcome_unknown(self) -> bool:
+        """The call may have reached the engine and run there, but no reply came (a read timeout, a connection
+        dropped after the request was sent): the engine's state must be asked, not assumed."""
+        return bool(self.data.get("outcome_unknown"))
+
     @classmethod
     def of(cls, reply: Any) -> EngineResult:
-        """Normalise an Engine output dataclass, a JSON dict, a `(success, message)` tuple or an EngineResult."""
+        """Normalise any engine reply: an Engine output (a dict with `to_dict`), a JSON dict, another
+        dataclass (SGLang's `*ReqOutput`s), SGLang's `(success, message)` tuple or the disk update's
+        `(success, message, num_paused_requests)`, or an EngineResult."""
         if isinstance(reply, EngineResult):
             return reply
         if hasattr(reply, "to_dict"):
             reply = reply.to_dict()
+        elif dataclasses.is_dataclass(reply) and not isinstance(reply, type):
+            reply = {f.name: getattr(reply, f.name) for f in dataclasses.fields(reply)}
         if isinstance(reply, Mapping):
             data = dict(reply)
             success = data.pop("success", None)
@@ -51,8 +63,9 @@ class EngineResult:
                 success = not data.get("error")
                 message = message or str(data.get("error") or "")
             return cls(bool(success), str(message or ""), data)
-        if isinstance(reply, (tuple, list)) and len(reply) >= 2 and isinstance(reply[0], bool):
-            return cls(reply[0], str(reply[1]))
+        if isinstance(reply, (tuple, list)) and len(reply) in (2, 3) and isinstance(reply[0], bool):
+            data = {"num_paused_requests": reply[2]} if len(reply) == 3 else {}
+            return cls(reply[0], str(reply[1]), data)
         if hasattr(reply, "success"):
             return cls(bool(reply.success), str(getattr(reply, "message", "")))
         return cls(False, f"unexpected engine reply {reply!r}")
@@ -92,15 +105,45 @@ class EngineHandle(Protocol):
 
 
 class EngineConnectionError(RuntimeError):
-    """The engine could not be reached, or answered something that is not a reply."""
+    """The engine could not be reached, or gave no reply. `outcome_unknown` is True when the request may have
+    reached it (a read timeout, a connection dropped after sending): the engine may have acted on it."""
+
+    def __init__(self, message: str, *, outcome_unknown: bool = False):
+        super().__init__(message)
+        self.outcome_unknown = outcome_unknown
+
+
+def validate_base_url(base_url: str) -> str:
+    """`http(s)://host[:port][/prefix]`, without credentials, query or fragment (a key belongs in `api_key`,
+    never in a URL that ends up in logs and error messages)."""
+    if not isinstance(base_url, str):
+        raise TypeError(f"base_url must be a str, got {type(base_url).__name__}")
+    parts = urlsplit(base_url.strip())
+    if parts.username is not None or parts.password is not None:
+        host = parts.hostname or "?"
+        raise ValueError(f"base_url for host {host!r} carries credentials; pass the key as api_key=... instead")
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"base_url {base_url!r} must start with http:// or https://")
+    if not parts.hostname:
+        raise ValueError(f"base_url {base_url!r} names no host")
+    if parts.query or parts.fragment:
+        raise ValueError(f"base_url {parts.scheme}://{parts.netloc}{parts.path} must not carry a query or fragment")
+    try:
+        parts.port  # noqa: B018 (raises on a bad port)
+    except ValueError as exc:
+        raise ValueError(f"base_url {base_url!r}: {exc}") from None
+    return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
 
 
 class HttpEngineClient:
     """An engine behind hotswap's (SGLang-compatible) HTTP server: POSTs JSON with the Engine's field names
     and returns `EngineResult`s. Standard library only, so trainer processes need nothing extra.
 
-    `timeout_s` bounds each HTTP call (None: wait forever); a distributed update's call returns only after
-    the engine has received its bucket, so keep it above the group's timeout."""
+    Every call is bounded: `connect_timeout_s` for the TCP (and TLS) connection, `timeout_s` for each read
+    of the reply (None: wait forever). A distributed update's call returns only after the engine has
+    received its bucket, so keep `timeout_s` above the group's timeout. `api_key` goes as
+    `Authorization: Bearer` on every call; redirects are not followed (the key never goes to another
+    host) and no proxy from the environment is used."""
 
     ROUTES = {
         "init_weights_update_group": "/init_weights_update_group",
@@ -114,13 +157,48 @@ class HttpEngineClient:
         "get_weights_by_name": "/get_weights_by_name",
     }
 
-    def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float | None = 3600.0):
-        self.base_url = base_url.rstrip("/")
+    def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float | None = 3600.0, connect_timeout_s: float = 10.0):
+        self.base_url = validate_base_url(base_url)
+        if api_key is not None and (not isinstance(api_key, str) or not api_key.strip() or any(c in api_key for c in "\r\n")):
+            raise ValueError("api_key must be a non-empty single-line string (or None)")
         self.api_key = api_key
         self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        parts = urlsplit(self.base_url)
+        self._https = parts.scheme == "https"
+        self._host, self._port, self._prefix = parts.hostname, parts.port, parts.path
 
     def __repr__(self) -> str:
         return f"HttpEngineClient({self.base_url!r})"
+
+    def _connection(self) -> http.client.HTTPConnection:
+        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        return cls(self._host, self._port, timeout=self.connect_timeout_s)
+
+    def _exchange(self, url: str, method: str, path: str, data: bytes | None, headers: dict) -> tuple[int, bytes]:
+        """One request on a fresh connection: (status, body). Raises EngineConnectionError saying whether
+        the request may have reached the engine."""
+        conn = self._connection()
+        try:
+            try:
+                conn.connect()
+            except (TimeoutError, socket.timeout):
+                raise EngineConnectionError(f"cannot reach the engine at {url}: no connection within {self.connect_timeout_s:g} s") from None
+            except OSError as exc:
+                raise EngineConnectionError(f"cannot reach the engine at {url}: {exc.strerror or exc}") from exc
+            conn.sock.settimeout(self.timeout_s)
+            try:
+                conn.request(method, path, body=data, headers=headers)
+                resp = conn.getresponse()
+                return resp.status, resp.read()
+            except (TimeoutError, socket.timeout):
+                raise EngineConnectionError(f"no reply from the engine at {url} within {self.timeout_s:g} s (it may still act on "
+                                            "the request)", outcome_unknown=True) from None
+            except (OSError, http.client.HTTPException) as exc:
+                raise EngineConnectionError(f"the engine at {url} dropped the connection before replying ({type(exc).__name__}: "
+                                            f"{exc}); it may have acted on the request", outcome_unknown=True) from exc
+        finally:
+            conn.close()
 
     def post(self, route: str, body: dict | None, method: str = "POST") -> EngineResult:
         """POST a JSON body to a route (or GET one with `body=None, method="GET"`); HTTP error statuses still
@@ -136,20 +214,14 @@ class HttpEngineClient:
                 data = json.dumps(body).encode()
             except TypeError as exc:
                 raise TypeError(f"{route}: body is not JSON-serialisable ({exc}); over HTTP, pass tensors as IPC descriptors") from exc
-        request = urllib.request.Request(url, data=data, headers=headers, method=method)
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
-                status, raw = resp.status, resp.read()
-        except urllib.error.HTTPError as exc:
-            status, raw = exc.code, exc.read()
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise EngineConnectionError(f"cannot reach the engine at {url}: {reason}") from exc
+        status, raw = self._exchange(url, method, self._prefix + route, data, headers)
         text = raw.decode(errors="replace")
         try:
             reply = json.loads(text) if text.strip() else {}
         except json.JSONDecodeError:
             reply = None
+        if 300 <= status < 400:
+            return EngineResult(False, f"HTTP {status} from {url}: redirects are not followed (give the engine's own URL)")
         if isinstance(reply, Mapping):
             if "success" not in reply and 200 <= status < 300:
                 reply = {"success": True, **reply}

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from hotswap.trainer.client import EngineHandle, EngineResult
-from hotswap.trainer.push import WeightPusher, WeightPushError, failure_reason
+from hotswap.trainer.push import DEFAULT_CALL_TIMEOUT_S, WeightPusher, WeightPushError, failure_reason
 from hotswap.wire.buckets import BucketMetadata, Weights, iter_buckets, iter_named_tensors, tensor_nbytes
 
 # Files beside the weights that make a folder a complete checkpoint.
@@ -74,8 +74,9 @@ class DiskWeightPusher(WeightPusher):
 
     def __init__(self, engines: EngineHandle | Sequence[EngineHandle], *, template_dir: str | Path, root_dir: str | Path | None = None,
                  max_shard_bytes: int = 5 * 1024**3, dtype: torch.dtype | None = None, keep: bool = False,
-                 flush_cache: bool = True, use_sessions: bool = True):
-        super().__init__(engines, bucket_bytes=max_shard_bytes, dtype=dtype, flush_cache=flush_cache, use_sessions=use_sessions)
+                 flush_cache: bool = True, use_sessions: bool = True, call_timeout_s: float | None = DEFAULT_CALL_TIMEOUT_S):
+        super().__init__(engines, bucket_bytes=max_shard_bytes, dtype=dtype, flush_cache=flush_cache, use_sessions=use_sessions,
+                         call_timeout_s=call_timeout_s)
         self.template_dir = Path(template_dir)
         if not (self.template_dir / "config.json").is_file():
             raise FileNotFoundError(f"template_dir {str(self.template_dir)!r} has no config.json")

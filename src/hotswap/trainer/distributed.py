@@ -12,14 +12,23 @@ import socket
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, wait
-from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from hotswap.trainer.client import EngineHandle, EngineResult
-from hotswap.trainer.push import DEFAULT_BUCKET_BYTES, WeightPusher, WeightPushError, call_result, failure_reason, first_failure
+from hotswap.trainer.push import (
+    DEFAULT_BUCKET_BYTES,
+    DEFAULT_CALL_TIMEOUT_S,
+    WeightPusher,
+    WeightPushError,
+    call_result,
+    failure_reason,
+    first_failure,
+    spawn,
+    wait_result,
+)
 from hotswap.wire.buckets import BucketMetadata, flatten_bucket
 from hotswap.wire.process_group import destroy_custom_process_group, init_custom_process_group, retire_process_group, short_error, wait_work
 
@@ -53,7 +62,8 @@ class DistributedWeightPusher(WeightPusher):
     - `load_format`: "flattened_bucket" (default: one broadcast per bucket) or None (one per tensor).
     - `bucket_bytes` bounds each bucket as sent (after casting to `dtype`); with flattened buckets the
       trainer's extra memory is one bucket. Keep it at or below the engines' `weight_update_bucket_bytes`.
-    - `timeout_s` bounds the rendezvous and every collective (the group's timeout).
+    - `timeout_s` bounds the rendezvous and every collective (the group's timeout), and the wait for each
+      engine's reply to a bucket; `call_timeout_s` bounds the other calls (sessions, destroy).
     """
 
     def __init__(self, engines: EngineHandle | Sequence[EngineHandle], *, master_address: str = "127.0.0.1",
@@ -61,8 +71,9 @@ class DistributedWeightPusher(WeightPusher):
                  ranks_per_engine: int | Sequence[int] = 1, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                  load_format: str | None = "flattened_bucket", dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, timeout_s: float = 600.0, flush_cache: bool = True,
-                 use_sessions: bool = True):
-        super().__init__(engines, bucket_bytes=bucket_bytes, dtype=dtype, flush_cache=flush_cache, use_sessions=use_sessions)
+                 use_sessions: bool = True, call_timeout_s: float | None = DEFAULT_CALL_TIMEOUT_S):
+        super().__init__(engines, bucket_bytes=bucket_bytes, dtype=dtype, flush_cache=flush_cache, use_sessions=use_sessions,
+                         call_timeout_s=call_timeout_s)
         if load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be 'flattened_bucket' or None, got {load_format!r}")
         ranks = [ranks_per_engine] * len(self.engines) if isinstance(ranks_per_engine, int) else list(ranks_per_engine)
@@ -93,16 +104,17 @@ class DistributedWeightPusher(WeightPusher):
         if self.pg is not None:
             raise RuntimeError(f"already connected to group {self.group_name!r}; close() first")
         self.master_port = self._fixed_port or free_port()
-        futures = [self._pool.submit(call_result, e.init_weights_update_group, self.master_address, self.master_port, offset,
+        futures = [spawn(call_result, e.init_weights_update_group, self.master_address, self.master_port, offset,
                                      self.world_size, group_name=self.group_name, backend=self.backend, timeout_s=self.timeout_s)
                    for e, offset in zip(self.engines, self.rank_offsets)]
-        own = self._pool.submit(init_custom_process_group, backend=self.backend,
+        own = spawn(init_custom_process_group, backend=self.backend,
                                 init_method=f"tcp://{self.master_address}:{self.master_port}", world_size=self.world_size, rank=0,
                                 group_name=self.group_name, timeout=timedelta(seconds=self.timeout_s))
         # wait for everyone, but stop at the first failure: the others would only give up at the timeout
         pending = {own, *futures}
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+        deadline = time.monotonic() + self.timeout_s + 5.0  # the rendezvous gives up at timeout_s on every side
+        while pending and time.monotonic() < deadline:
+            done, pending = wait(pending, timeout=max(0.0, deadline - time.monotonic()), return_when=FIRST_COMPLETED)
             if (own in done and own.exception() is not None) or any(f in done and not f.result() for f in futures):
                 break
         if not pending and own.exception() is None and all(f.result() for f in futures):
@@ -113,7 +125,7 @@ class DistributedWeightPusher(WeightPusher):
                    for f in futures]
         for engine, r, f in zip(self.engines, results, futures):
             if r.success:
-                call_result(engine.destroy_weights_update_group, group_name=self.group_name)
+                self.call_one(engine, "destroy_weights_update_group", group_name=self.group_name)
             elif not f.done():  # undo a late join too
                 f.add_done_callback(lambda f, engine=engine: f.result().success and call_result(
                     engine.destroy_weights_update_group, group_name=self.group_name))
@@ -148,8 +160,7 @@ class DistributedWeightPusher(WeightPusher):
             works.append(self.pg)  # no local reference: the last release must happen in the retiring thread
             self.pg = None
         retire_process_group(works)  # takes the group and the works over, and empties the list
-        for engine in self.engines:
-            call_result(engine.destroy_weights_update_group, group_name=self.group_name)
+        self.call_all("destroy_weights_update_group", group_name=self.group_name)
         return WeightPushError(f"{reason}; the group {self.group_name!r} was torn down, connect() again", results=results,
                                group_broken=True)
 
@@ -188,12 +199,7 @@ class DistributedWeightPusher(WeightPusher):
         except Exception as exc:
             sent_error = short_error(exc)
         deadline = time.monotonic() + self.timeout_s
-        results: list[EngineResult] = []
-        for f in futures:
-            try:
-                results.append(f.result(timeout=max(0.0, deadline - time.monotonic())))
-            except FutureTimeout:
-                results.append(EngineResult(False, f"no reply within {self.timeout_s:g} s", {"timed_out": True}))
+        results = [wait_result(f, deadline - time.monotonic(), "update_weights_from_distributed", self.timeout_s) for f in futures]
         if sent_error is None and any(r.received is False or r.get("timed_out") for r in results):
             # an engine refused without receiving: this process's broadcast has no partner any more
             raise self._break_group(f"update_weights_from_distributed failed without receiving: {first_failure(results, self.engines)}",

@@ -5,11 +5,20 @@ data (`hotswap.wire.ipc`), so the same push works in process and over HTTP."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import torch
 
 from hotswap.trainer.client import EngineHandle, EngineResult
-from hotswap.trainer.push import DEFAULT_BUCKET_BYTES, WeightPusher, WeightPushError, call_result, failure_reason
+from hotswap.trainer.push import (
+    DEFAULT_BUCKET_BYTES,
+    DEFAULT_CALL_TIMEOUT_S,
+    WeightPusher,
+    WeightPushError,
+    call_result,
+    failure_reason,
+    spawn,
+)
 from hotswap.wire.buckets import BucketMetadata
 from hotswap.wire.ipc import SharedMemoryBucket, cuda_ipc_descriptor
 
@@ -24,8 +33,10 @@ class IPCWeightPusher(WeightPusher):
     buffer, so engines map its handle once and keep it mapped (`CudaIpcMappings`)."""
 
     def __init__(self, engines: EngineHandle | Sequence[EngineHandle], *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 dtype: torch.dtype | None = None, flush_cache: bool = True, use_sessions: bool = True, pack_cuda: bool = True):
-        super().__init__(engines, bucket_bytes=bucket_bytes, dtype=dtype, flush_cache=flush_cache, use_sessions=use_sessions)
+                 dtype: torch.dtype | None = None, flush_cache: bool = True, use_sessions: bool = True, pack_cuda: bool = True,
+                 call_timeout_s: float | None = DEFAULT_CALL_TIMEOUT_S):
+        super().__init__(engines, bucket_bytes=bucket_bytes, dtype=dtype, flush_cache=flush_cache, use_sessions=use_sessions,
+                         call_timeout_s=call_timeout_s)
         self.pack_cuda = pack_cuda
         self.pack_buffer: torch.Tensor | None = None  # reused by every packed bucket (grown when one is larger)
         self.ipc_tokens: list[str] | None = None  # each engine's IPC token, fetched once a push when a bucket holds CPU tensors
@@ -36,12 +47,12 @@ class IPCWeightPusher(WeightPusher):
     def _tokens(self) -> list[str]:
         if self.ipc_tokens is None:
             tokens = []
-            for engine in self.engines:
+            for engine, future in zip(self.engines, [spawn(engine.get_ipc_token) for engine in self.engines]):
                 try:
-                    tokens.append(str(engine.get_ipc_token()))
+                    tokens.append(str(future.result(timeout=self.call_timeout_s)))
                 except Exception as exc:
-                    raise WeightPushError(f"cannot get the IPC token of {engine!r} for shared-memory buckets: "
-                                          f"{type(exc).__name__}: {exc}") from exc
+                    what = f"no reply within {self.call_timeout_s:g} s" if isinstance(exc, FutureTimeout) else f"{type(exc).__name__}: {exc}"
+                    raise WeightPushError(f"cannot get the IPC token of {engine!r} for shared-memory buckets: {what}") from exc
             self.ipc_tokens = tokens
         return self.ipc_tokens
 
@@ -67,35 +78,39 @@ class IPCWeightPusher(WeightPusher):
         return views
 
     def push_bucket(self, bucket: list[tuple[str, torch.Tensor]], *, weight_version: str | None = None) -> list[EngineResult]:
-        """Describe one bucket, have every engine load it, free the handles."""
+        """Describe one bucket, have every engine load it, free the handles.
+
+        CPU tensors go through one shared-memory block per engine IPC token, and blocks are made one token
+        at a time (the engines sharing it are called in parallel, then the block is unlinked): the extra
+        host memory is one bucket whatever the number of engines."""
         BucketMetadata.of(bucket, self.dtype)  # refuse dtypes no engine takes before anything is shared
         gpu = [(n, t) for n, t in bucket if t.is_cuda]
         cpu = [(n, t) for n, t in bucket if not t.is_cuda]
         keep_alive = self._gpu_tensors(gpu)
-        descriptors: dict[str, dict] = {}
-        blocks: dict[str, SharedMemoryBucket] = {}  # IPC token -> this bucket's CPU tensors in a block named for it
+        results: list[EngineResult | None] = [None] * len(self.engines)
         try:
+            descriptors: dict[str, dict] = {}
             if keep_alive:
                 torch.cuda.synchronize()  # the engine reads on its own stream: make the data visible first
                 descriptors.update({n: cuda_ipc_descriptor(n, t) for (n, _), t in zip(gpu, keep_alive)})
             tokens = self._tokens() if cpu else [""] * len(self.engines)
-            if cpu:
-                cast = [(n, t if self.dtype in (None, t.dtype) else t.to(self.dtype)) for n, t in cpu]
-                for token in dict.fromkeys(tokens):
-                    blocks[token] = SharedMemoryBucket(cast, token=token)
-
-            def ordered(token: str) -> list[dict]:
-                named = {**descriptors, **({d["name"]: d for d in blocks[token].descriptors} if token in blocks else {})}
-                return [named[n] for n, _ in bucket]
-
-            futures = [self._pool.submit(call_result, e.update_weights_from_tensor, ordered(token),
-                                         flush_cache=self.flush_cache, weight_version=weight_version)
-                       for e, token in zip(self.engines, tokens)]
-            results = [f.result() for f in futures]
+            for token in dict.fromkeys(tokens):
+                group = [i for i, tk in enumerate(tokens) if tk == token]
+                block = SharedMemoryBucket(cpu, token=token, dtype=self.dtype) if cpu else None
+                try:
+                    named = {**descriptors, **({d["name"]: d for d in block.descriptors} if block is not None else {})}
+                    ordered = [named[n] for n, _ in bucket]
+                    futures = [spawn(call_result, self.engines[i].update_weights_from_tensor, ordered, flush_cache=self.flush_cache,
+                                     weight_version=weight_version) for i in group]
+                    for i, r in zip(group, self.gather("update_weights_from_tensor", futures)):
+                        results[i] = r
+                finally:
+                    if block is not None:
+                        block.close()  # a call that timed out may still read it: the engine then refuses the bucket
         finally:
-            for block in blocks.values():
-                block.close()
             del keep_alive
+        if any(r is None or r.outcome_unknown for r in results):
+            self.pack_buffer = None  # an engine may still read it: the next bucket gets a buffer of its own
         if not all(results):
             raise WeightPushError(failure_reason("update_weights_from_tensor", results, self.engines), results=results)
         return results

@@ -1,36 +1,70 @@
-"""What every transport shares: engines as a list, parallel calls, the weight-update session that makes a
-multi-bucket push one atomic update, results and errors."""
+"""What every transport shares: engines as a list, bounded parallel calls, the weight-update sessions that
+make a multi-bucket push one update on every engine, results and errors.
+
+Multi-engine semantics (sessions on, the default): a push is two phases.
+1. Every engine opens a session (`begin_weight_update`) and loads every bucket into it. Nothing is served
+   from a session until it is committed. Any failure here (an engine down, refusing, too slow, dead) ends
+   every session with `abort=True`: each engine that answers rolls back to its weights and version before
+   the push, and the error says which engine failed and what each one holds now.
+2. Only when every engine has loaded every bucket does the pusher commit (`end_weight_update(version)`) on
+   all of them. A commit can still fail on one engine (it dies, or its reply is lost); a commit whose reply
+   was lost is resolved by reading the engine's `weight_version` back. When some engines committed and some
+   did not, the error (`WeightPushError.states`) names both sets: the trainer must push again (the same
+   weights and version: engines that already hold them load them again, nothing changes there) or take
+   the others out of rollout, before generating, so no two engines serve different weights. Give every push
+   a fresh `weight_version`: it is what makes a lost commit reply decidable and mixed versions visible.
+
+A session left open on an engine by a push that timed out is ended by the next push (its refused
+`begin_weight_update` is followed by an abort and one more begin) or expires on the engine. The pusher
+assumes it is the only writer to its engines' sessions.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 import torch
 
-from hotswap.trainer.client import EngineHandle, EngineResult
+from hotswap.trainer.client import EngineConnectionError, EngineHandle, EngineResult
 from hotswap.wire.buckets import Weights, iter_buckets, iter_named_tensors, tensor_nbytes
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BUCKET_BYTES = 512 << 20  # engines accept 1 GiB per call by default (weight_update_bucket_bytes)
+DEFAULT_CALL_TIMEOUT_S = 600.0
+
+# What a push left each engine holding (WeightPushError.states)
+COMMITTED = "committed"  # the pushed weights, served
+ROLLED_BACK = "rolled_back"  # its weights before the push (it confirmed the abort)
+UNTOUCHED = "untouched"  # its weights before the push (no session was ever opened on it)
+UNKNOWN = "unknown"  # unreachable or silent: it may hold an open session (it expires) or be gone
 
 
 class WeightPushError(RuntimeError):
-    """A push failed. `reason` is the first engine's (or the trainer's) explanation; `results` holds every
-    engine's reply to the failing step; `rolled_back` says the sessions were ended without committing
-    (each engine holds the weights it had before the push); `group_broken` says a distributed group lost
-    lockstep and was torn down (call `connect()` again)."""
+    """A push failed. `reason` names each failing engine and what failed; `results` holds every engine's
+    reply to the failing step; `states[i]` says what engine i holds now (COMMITTED, ROLLED_BACK, UNTOUCHED,
+    UNKNOWN); `rolled_back` is True when every engine is back on its weights before the push;
+    `group_broken` says a distributed group lost lockstep and was torn down (call `connect()` again)."""
 
-    def __init__(self, reason: str, *, results: Sequence[EngineResult] = (), rolled_back: bool = False, group_broken: bool = False):
+    def __init__(self, reason: str, *, results: Sequence[EngineResult] = (), rolled_back: bool = False, group_broken: bool = False,
+                 states: Sequence[str] = ()):
         self.reason = reason
         self.results = list(results)
         self.rolled_back = rolled_back
         self.group_broken = group_broken
+        self.states = list(states)
         super().__init__(reason)
+
+    @property
+    def committed(self) -> list[int]:
+        """Indices of the engines that committed the push (non-empty only when the commit itself failed somewhere)."""
+        return [i for i, s in enumerate(self.states) if s == COMMITTED]
 
 
 @dataclass(slots=True)
@@ -61,55 +95,102 @@ def call_result(fn: Callable, *args, **kwargs) -> EngineResult:
     """Call an engine method; an exception (engine unreachable, bad input) becomes a failed result."""
     try:
         return EngineResult.of(fn(*args, **kwargs))
+    except EngineConnectionError as exc:
+        return EngineResult(False, str(exc), {"exception": exc, "outcome_unknown": exc.outcome_unknown})
     except Exception as exc:
         return EngineResult(False, f"{type(exc).__name__}: {exc}", {"exception": exc})
 
 
+def call_method(engine: EngineHandle, method: str, *args, **kwargs) -> EngineResult:
+    """`call_result` of `engine.method`; a handle without that method is a failed result, not a crash."""
+    fn = getattr(engine, method, None)
+    if fn is None:
+        return EngineResult(False, f"{engine!r} has no method {method}")
+    return call_result(fn, *args, **kwargs)
+
+
+def spawn(fn: Callable, *args, **kwargs) -> Future:
+    """Run `fn` in a daemon thread of its own: a call stuck in an engine never holds a worker another call
+    needs, nor the interpreter's exit."""
+    future: Future = Future()
+    future.set_running_or_notify_cancel()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name=f"hotswap-push-{getattr(fn, '__name__', 'call')}", daemon=True).start()
+    return future
+
+
+def wait_result(future: Future, timeout_s: float | None, what: str, limit_s: float | None = None) -> EngineResult:
+    """The EngineResult a `spawn(call_result, ...)` future resolves to, or a failed one once `timeout_s` passed
+    (`limit_s`: the limit to name in the message, when `timeout_s` is what is left of it)."""
+    try:
+        return future.result(timeout=None if timeout_s is None else max(0.0, timeout_s))
+    except FutureTimeout:
+        return EngineResult(False, f"{what}: no reply within {limit_s or timeout_s:g} s (the engine may still act on it)",
+                            {"outcome_unknown": True, "timed_out": True})
+
+
 def first_failure(results: Sequence[EngineResult], engines: Sequence[EngineHandle]) -> str:
-    for engine, r in zip(engines, results):
-        if not r.success:
-            return r.message if len(engines) == 1 else f"{engine!r}: {r.message}"
-    return ""
+    """Every failing engine, by name, with its message."""
+    return "; ".join(f"{engine!r}: {r.message}" for engine, r in zip(engines, results) if not r.success)
 
 
 def failure_reason(step: str, results: Sequence[EngineResult], engines: Sequence[EngineHandle]) -> str:
-    """The first failing engine's message, naming the step unless the engine already did."""
-    msg = first_failure(results, engines)
-    return msg if step in msg else f"{step} failed: {msg}"
+    """`step` and every failing engine's message, each named."""
+    return f"{step} failed on {first_failure(results, engines)}"
 
 
 class WeightPusher:
     """Base of the transports: `push(weights, weight_version)` opens a weight-update session on every
     engine (`begin_weight_update`), sends the buckets, and commits (`end_weight_update`); on any failure
-    it ends every session with `abort=True` (each engine rolls back to its weights before the push) and
-    raises `WeightPushError` carrying the engine's reason.
+    before the commit it ends every session with `abort=True` (each engine rolls back to its weights
+    before the push) and raises `WeightPushError` naming the engines and what they hold (see the module
+    docstring for the multi-engine rules).
 
     `use_sessions=False` drives engines without sessions (SGLang): each call is then atomic on its own,
-    not the push as a whole. Engines are driven in parallel, one thread each."""
+    not the push as a whole. Engines are driven in parallel, one thread per call; `call_timeout_s` bounds
+    the wait for each engine call (in process or over HTTP, whose client has its own timeouts too)."""
 
     def __init__(self, engines: EngineHandle | Sequence[EngineHandle], *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 dtype: torch.dtype | None = None, flush_cache: bool = True, use_sessions: bool = True):
+                 dtype: torch.dtype | None = None, flush_cache: bool = True, use_sessions: bool = True,
+                 call_timeout_s: float | None = DEFAULT_CALL_TIMEOUT_S):
         self.engines = as_engines(engines)
         if bucket_bytes <= 0:
             raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+        if call_timeout_s is not None and call_timeout_s <= 0:
+            raise ValueError(f"call_timeout_s must be positive or None, got {call_timeout_s}")
         self.bucket_bytes = int(bucket_bytes)
         self.dtype = dtype
         self.flush_cache = flush_cache
         self.use_sessions = use_sessions
+        self.call_timeout_s = call_timeout_s
         self.push_version: str | None = None  # the version of the push under way
-        self._pool = ThreadPoolExecutor(max_workers=len(self.engines) + 2, thread_name_prefix="hotswap-push")
 
     # ---- engine calls -----------------------------------------------------------------------------
 
     def submit_all(self, method: str, *args, **kwargs) -> list[Future]:
         """Start `method(*args, **kwargs)` on every engine; futures resolve to EngineResults."""
-        return [self._pool.submit(call_result, getattr(e, method), *args, **kwargs) for e in self.engines]
+        return [spawn(call_method, e, method, *args, **kwargs) for e in self.engines]
+
+    def gather(self, method: str, futures: Sequence[Future], timeout_s: float | None = None) -> list[EngineResult]:
+        """Each future's EngineResult, all waited for within one `timeout_s` (default `call_timeout_s`)."""
+        timeout_s = self.call_timeout_s if timeout_s is None else timeout_s
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        return [wait_result(f, None if deadline is None else deadline - time.monotonic(), method, timeout_s) for f in futures]
 
     def call_all(self, method: str, *args, **kwargs) -> list[EngineResult]:
-        return [f.result() for f in self.submit_all(method, *args, **kwargs)]
+        return self.gather(method, self.submit_all(method, *args, **kwargs))
+
+    def call_one(self, engine: EngineHandle, method: str, *args, **kwargs) -> EngineResult:
+        return wait_result(spawn(call_method, engine, method, *args, **kwargs), self.call_timeout_s, method)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False)
+        pass
 
     def __enter__(self):
         return self
@@ -129,49 +210,97 @@ class WeightPusher:
         self._before_push()
         self.push_version = weight_version
         if self.use_sessions:
-            began = self.call_all("begin_weight_update")
-            if not all(began):
-                self._abort([r.success for r in began])
-                raise WeightPushError(failure_reason("begin_weight_update", began, self.engines), results=began, rolled_back=True)
+            self._begin()
         t0 = time.perf_counter()
         try:
             stats = self._send(iter_named_tensors(weights), None if self.use_sessions else weight_version, progress)
         except BaseException as exc:
             if self.use_sessions:
-                aborted = self._abort([True] * len(self.engines))
+                states = self._abort()
                 if isinstance(exc, WeightPushError):
-                    exc.rolled_back = all(aborted)
+                    exc.states, exc.rolled_back = states, all_back(states)
+                    exc.reason = exc.args[0] + holding(states, self.engines)
+                    exc.args = (exc.reason,)
                 elif isinstance(exc, Exception):
-                    raise WeightPushError(f"push failed on the trainer side: {type(exc).__name__}: {exc}",
-                                          rolled_back=all(aborted)) from exc
+                    raise WeightPushError(f"push failed on the trainer side: {type(exc).__name__}: {exc}{holding(states, self.engines)}",
+                                          rolled_back=all_back(states), states=states) from exc
             raise
         transfer = time.perf_counter() - t0
-        if self.use_sessions:
-            ends = self.call_all("end_weight_update", weight_version=weight_version)
-            if not all(ends):
-                # a failed commit rolls that engine back; roll the others back too only if still open
-                raise WeightPushError(failure_reason("end_weight_update", ends, self.engines), results=ends,
-                                      rolled_back=not any(ends))
-            final = ends
-        else:
-            final = stats.pop("last_results")
-        versions = {r.get("weight_version") for r in final}
-        return PushResult(weight_version=versions.pop() if len(versions) == 1 else weight_version, num_tensors=stats["num_tensors"],
-                          num_bytes=stats["num_bytes"], num_buckets=stats["num_buckets"], elapsed_s=time.perf_counter() - start,
-                          transfer_s=transfer, engine_results=list(final))
+        final = self._commit(weight_version) if self.use_sessions else stats.pop("last_results")
+        versions = {r.get("weight_version") for r in final} - {None}
+        if weight_version is not None and versions - {weight_version}:
+            raise WeightPushError(f"engines report another weight_version than {weight_version!r} after the push: "
+                                  + "; ".join(f"{e!r}: {r.get('weight_version')!r}" for e, r in zip(self.engines, final)),
+                                  results=final, states=[COMMITTED] * len(final))
+        version = weight_version if weight_version is not None else (versions.pop() if len(versions) == 1 else None)
+        return PushResult(weight_version=version, num_tensors=stats["num_tensors"], num_bytes=stats["num_bytes"],
+                          num_buckets=stats["num_buckets"], elapsed_s=time.perf_counter() - start, transfer_s=transfer,
+                          engine_results=list(final))
 
-    def _abort(self, opened: list[bool]) -> list[bool]:
-        """End the given engines' sessions without committing; True where the engine confirmed."""
-        out = []
-        for engine, was_open in zip(self.engines, opened):
-            if not was_open:
-                out.append(True)
-                continue
-            r = call_result(engine.end_weight_update, abort=True)
-            if not r.success:
-                log.warning("aborting the weight-update session on %r failed: %s", engine, r.message)
-            out.append(r.success)
-        return out
+    def _begin(self) -> None:
+        """Open a session on every engine. A refused begin (a session left open by a push that timed out or
+        died) is followed by an abort and one more begin; when an engine still has none, every session is
+        aborted and the push refused."""
+        began = self.call_all("begin_weight_update")
+        # refused outright (not unreachable, not still in flight): a stale session, most likely
+        retry = [i for i, r in enumerate(began) if not r.success and not r.outcome_unknown and "exception" not in r.data]
+        for i in retry:
+            stale = self.call_one(self.engines[i], "end_weight_update", abort=True)
+            if stale.success:
+                log.warning("%r had a weight-update session left open; it was aborted before this push", self.engines[i])
+            began[i] = self.call_one(self.engines[i], "begin_weight_update")
+        if all(began):
+            return
+        states = self._abort([UNKNOWN if r.success or r.outcome_unknown else UNTOUCHED for r in began])
+        raise WeightPushError(failure_reason("begin_weight_update", began, self.engines) + holding(states, self.engines),
+                              results=began, rolled_back=all_back(states), states=states)
+
+    def _abort(self, states: Sequence[str] | None = None) -> list[str]:
+        """End every session that is (or may be) open without committing; what each engine holds afterwards.
+        `states` marks engines with nothing to abort (UNTOUCHED, COMMITTED); the others are all aborted. Any
+        answer from the engine means no session is open there now (aborted, or none was)."""
+        states = list(states) if states is not None else [UNKNOWN] * len(self.engines)
+        todo = [i for i, s in enumerate(states) if s not in (UNTOUCHED, COMMITTED)]
+        futures = [spawn(call_method, self.engines[i], "end_weight_update", abort=True) for i in todo]
+        for i, r in zip(todo, self.gather("end_weight_update(abort=True)", futures)):
+            answered = not r.outcome_unknown and "exception" not in r.data
+            states[i] = ROLLED_BACK if answered else UNKNOWN
+            if not answered:
+                log.warning("aborting the weight-update session on %r failed: %s", self.engines[i], r.message)
+        return states
+
+    def _commit(self, weight_version: str | None) -> list[EngineResult]:
+        """Phase 2: commit on every engine; a lost reply is settled by reading the engine's version back."""
+        ends = self.call_all("end_weight_update", weight_version=weight_version)
+        states = [COMMITTED if r.success else UNKNOWN if r.outcome_unknown or "exception" in r.data else ROLLED_BACK for r in ends]
+        for i, r in enumerate(ends):
+            if r.outcome_unknown:
+                states[i] = self._settle_commit(self.engines[i], weight_version)
+                if states[i] == COMMITTED:
+                    ends[i] = EngineResult(True, f"committed (the reply was lost; the engine reports weight_version {weight_version!r})",
+                                           {"weight_version": weight_version})
+        if all(s == COMMITTED for s in states):
+            return ends
+        reason = failure_reason("end_weight_update", ends, self.engines)
+        if not any(s == COMMITTED for s in states):  # nothing of the push is served anywhere
+            states = self._abort(states)
+            raise WeightPushError(reason + holding(states, self.engines), results=ends, rolled_back=all_back(states), states=states)
+        states = self._abort(states)
+        raise WeightPushError(reason + holding(states, self.engines) + f"; engines now serve different weights: push again (the same "
+                              f"weights, version {weight_version!r}) or take the others out of rollout", results=ends, states=states)
+
+    def _settle_commit(self, engine: EngineHandle, weight_version: str | None) -> str:
+        """Whether a commit whose reply was lost took effect: the version says so; else an abort closes the
+        session if it is still open (the commit never ran), and the version is read once more."""
+        if weight_version is not None and engine_version(self, engine) == weight_version:
+            return COMMITTED
+        abort = self.call_one(engine, "end_weight_update", abort=True)
+        if abort.success:
+            return ROLLED_BACK
+        if abort.outcome_unknown or "exception" in abort.data or weight_version is None:
+            return UNKNOWN
+        version = engine_version(self, engine)  # no session open: the commit ran, or failed, since the first read
+        return COMMITTED if version == weight_version else ROLLED_BACK if version is not None else UNKNOWN
 
     def _send(self, named, weight_version: str | None, progress: Callable | None) -> dict:
         """Send every bucket through `push_bucket`; returns {"num_tensors", "num_bytes", "num_buckets", "last_results"}."""
@@ -193,6 +322,20 @@ class WeightPusher:
     def _before_push(self) -> None:
         pass
 
-    def _check(self, step: str, results: list[EngineResult], **kw) -> None:
-        if not all(results):
-            raise WeightPushError(failure_reason(step, results, self.engines), results=results, **kw)
+
+
+def all_back(states: Sequence[str]) -> bool:
+    """Every engine holds its weights from before the push."""
+    return all(s in (ROLLED_BACK, UNTOUCHED) for s in states)
+
+
+def holding(states: Sequence[str], engines: Sequence[EngineHandle]) -> str:
+    """'; now: A rolled_back, B committed, ...' for an error message."""
+    return "; now: " + ", ".join(f"{e!r} {s}" for e, s in zip(engines, states)) if states else ""
+
+
+def engine_version(pusher: WeightPusher, engine: EngineHandle) -> str | None:
+    """The engine's current weight_version (None when it cannot say in time)."""
+    r = pusher.call_one(engine, "get_model_info")
+    version = r.get("weight_version") if r.success else None
+    return str(version) if version is not None else None

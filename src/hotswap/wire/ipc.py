@@ -64,22 +64,24 @@ def cuda_ipc_descriptor(name: str, t: torch.Tensor) -> dict:
 class SharedMemoryBucket:
     """Producer side for CPU tensors: one shared-memory block holding a bucket of tensors, and their
     descriptors. Use as a context manager (or call `close()`): the block is unlinked when done. `token` is the
-    consuming engine's IPC token (`get_ipc_token()`): the block is named with its prefix, as it requires."""
+    consuming engine's IPC token (`get_ipc_token()`): the block is named with its prefix, as it requires.
+    `dtype` casts the tensors as they are copied in."""
 
-    def __init__(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, token: str):
+    def __init__(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, token: str, dtype: torch.dtype | None = None):
         named = [(str(n), t) for n, t in named_tensors]
-        sizes = [t.numel() * t.element_size() for _, t in named]
+        dtypes = [dtype or t.dtype for _, t in named]
+        sizes = [t.numel() * dt.itemsize for (_, t), dt in zip(named, dtypes)]
         self.block = shared_memory.SharedMemory(name=shm_block_prefix(token) + secrets.token_hex(8), create=True, size=max(1, sum(sizes)))
         self.descriptors: list[dict] = []
         self.nbytes = sum(sizes)
         offset = 0
         try:
-            for (name, t), n in zip(named, sizes):
-                if n:
+            for (name, t), dt, n in zip(named, dtypes, sizes):
+                if n:  # cast one tensor at a time: the extra memory is this block and at most one tensor
                     dst = torch.frombuffer(self.block.buf, dtype=torch.uint8, count=n, offset=offset)
-                    dst.copy_(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8))
+                    dst.copy_(t.detach().to(device="cpu", dtype=dt).contiguous().reshape(-1).view(torch.uint8))
                     del dst
-                self.descriptors.append({"name": name, "dtype": dtype_name(t.dtype), "shape": list(t.shape), "kind": "shm",
+                self.descriptors.append({"name": name, "dtype": dtype_name(dt), "shape": list(t.shape), "kind": "shm",
                                          "shm_name": self.block.name, "offset": offset})
                 offset += n
         except BaseException:
