@@ -10,7 +10,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from hotswap.errors import EngineUnavailableError
+from hotswap.errors import EngineUnavailableError, shown
 from hotswap.server.http_utils import APIError, await_unless_disconnected, error_body, sse
 
 # constrained decoding (SGLang's and vLLM's names): refused by name wherever a request may carry it
@@ -28,7 +28,7 @@ def refuse_constrained_decoding(fields: dict) -> None:
     decoding, and an ignored constraint would silently give unconstrained text."""
     for key in CONSTRAINED_DECODING_FIELDS:
         if fields.get(key):
-            raise APIError(400, f"{key!r} (constrained decoding) is not supported by hotswap", param=key)
+            raise APIError(400, f"{shown(key)} (constrained decoding) is not supported by hotswap", param=key)
 
 
 def normalize_sampling_params(params: Any) -> dict:
@@ -44,7 +44,7 @@ def normalize_sampling_params(params: Any) -> dict:
         if key in sp:
             value = sp.pop(key)
             if value:
-                raise APIError(400, f"sampling parameter {key!r} is not supported by hotswap", param=key)
+                raise APIError(400, f"sampling parameter {shown(key)} is not supported by hotswap", param=key)
     for key in _IGNORED:
         sp.pop(key, None)
     if "sampling_seed" in sp:

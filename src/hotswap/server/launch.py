@@ -22,7 +22,7 @@ _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The `hotswap serve` options (SGLang's names where SGLang has them)."""
-    from hotswap.server.body_limit import DEFAULT_MAX_BODY_BYTES
+    from hotswap.server.body_limit import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
     parser.add_argument("--model-path", required=True,
                         help="local Hugging Face checkpoint folder (config.json, tokenizer, *.safetensors); "
                              "`hotswap make-tiny-model DIR` writes a tiny random one to try")
@@ -82,6 +82,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how long a request may queue while generation is paused or a weight-update session is open (default 300)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                         help=f"larger request bodies are refused with 413 (default {DEFAULT_MAX_BODY_BYTES}; 0: no limit)")
+    parser.add_argument("--body-timeout-s", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+                        help=f"a request body not fully received within this many seconds is refused with 408, so a client that "
+                             f"trickles its body cannot hold a connection (default {DEFAULT_BODY_TIMEOUT_S:g}; 0: no limit)")
 
 
 def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
@@ -157,7 +160,7 @@ def serve(args: argparse.Namespace) -> None:
             bar.update()
             bar.set_postfix_str("building the app")
             app = create_app(engine, api_key=args.api_key, served_model_name=args.served_model_name, policy=policy,
-                             max_body_bytes=args.max_body_bytes)
+                             max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout_s)
             bar.update()
             bar.set_postfix_str(f"ready on http://{host}:{port}")
         except BaseException:

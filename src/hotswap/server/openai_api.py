@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from hotswap.errors import shown
 from hotswap.server.generation import CONSTRAINED_DECODING_FIELDS, await_generation, open_stream, stream_error_event
 from hotswap.server.http_utils import (
     SSE_DONE,
@@ -49,7 +50,7 @@ class _SamplingFields(BaseModel):
         if isinstance(data, dict):
             for key in CONSTRAINED_DECODING_FIELDS:
                 if data.get(key):
-                    raise ValueError(f"{key!r} (constrained decoding) is not supported by hotswap")
+                    raise ValueError(f"{shown(key)} (constrained decoding) is not supported by hotswap")
         return data
 
     model: str | None = None
@@ -427,7 +428,7 @@ def register(app: FastAPI, state: ServerState) -> None:
         body = await parse_body(request, ChatCompletionRequest)
         state.check_serving()
         if body.response_format and body.response_format.get("type", "text") != "text":
-            raise APIError(400, f"response_format {body.response_format.get('type')!r} is not supported by hotswap", param="response_format")
+            raise APIError(400, f"response_format {shown(body.response_format.get('type'))} is not supported by hotswap", param="response_format")
         if isinstance(body.tool_choice, dict) or body.tool_choice == "required":
             raise APIError(400, "forcing tool calls is not supported by hotswap", param="tool_choice")
         if body.top_logprobs and not body.logprobs:

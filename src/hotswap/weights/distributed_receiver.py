@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hotswap.errors import HotswapError
+from hotswap.errors import HotswapError, shown
 from hotswap.weights.distributed import WeightsGroup
 from hotswap.wire.dtypes import dtype_from_name
 
@@ -40,7 +40,7 @@ def bucket_layout(metas: list[BucketMeta]) -> tuple[list[int], int]:
 def plan_receive(names: list[str], dtypes: list[str], shapes: list[list[int]], load_format: str | None, *, max_bytes: int) -> list[BucketMeta]:
     """Check the announced metadata can be received at all (the only refusal made before receiving)."""
     if load_format not in LOAD_FORMATS:
-        raise HotswapError(f"unsupported load_format {load_format!r}; use None (one broadcast per tensor) or 'flattened_bucket'")
+        raise HotswapError(f"unsupported load_format {shown(load_format)}; use None (one broadcast per tensor) or 'flattened_bucket'")
     if not all(isinstance(x, (list, tuple)) for x in (names, dtypes, shapes)):
         raise HotswapError("names, dtypes and shapes must be lists")
     if not (len(names) == len(dtypes) == len(shapes)):
@@ -49,9 +49,9 @@ def plan_receive(names: list[str], dtypes: list[str], shapes: list[list[int]], l
     for name, dt, shape in zip(names, dtypes, shapes):
         dtype = dtype_from_name(dt) if not isinstance(dt, torch.dtype) else dt
         if dtype is None:
-            raise HotswapError(f"unknown dtype {dt!r} for {name!r}")
+            raise HotswapError(f"unknown dtype {shown(dt)} for {shown(name)}")
         if not isinstance(shape, (list, tuple)) or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
-            raise HotswapError(f"invalid shape {shape!r} for {name!r}")
+            raise HotswapError(f"invalid shape {shown(shape)} for {shown(name)}")
         metas.append(BucketMeta(str(name), dtype, tuple(shape)))
     total = bucket_layout(metas)[1]
     if total > max_bytes and len(metas) > 1:
