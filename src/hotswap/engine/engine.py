@@ -472,7 +472,7 @@ class Engine:
             return f"tags must be a list of strings from {sorted(_VLLM_MEMORY_TAGS)}, got {shown(tags)}"
         bad = [t for t in tags if t not in _VLLM_MEMORY_TAGS]
         if bad:
-            return f"unknown memory tag(s) {bad}; use {sorted(_VLLM_MEMORY_TAGS)}"
+            return f"unknown memory tag(s) {shown(bad)}; use {sorted(_VLLM_MEMORY_TAGS)}"
         return list(dict.fromkeys(t for tag in tags for t in _VLLM_MEMORY_TAGS[tag]))
 
     def update_weight_version(self, new_version: str, abort_all_requests: bool = True) -> p.ControlOutput:

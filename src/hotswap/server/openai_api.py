@@ -73,7 +73,7 @@ class _SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
     repetition_penalty: float | None = None
-    min_tokens: int = 0
+    min_tokens: int = Field(0, ge=0)  # the engine's min_new_tokens: checked here, under its OpenAI name
     return_routed_experts: bool = False  # SGLang's extra field (MoE routing replay); the choice carries `routed_experts`
     use_beam_search: bool = False
     cache_salt: str | None = None  # accepted: every weight update flushes the prefix cache, what a version salt is for
