@@ -51,7 +51,8 @@ def base_bodies(model_dir: str) -> dict[str, dict]:
            "stop_token_ids": [7], "skip_special_tokens": True, "repetition_penalty": 1.0, "min_tokens": 0,
            "stream_options": {"include_usage": True}, "return_token_ids": True}
     missing = "/nonexistent/hotswap-fuzz-model"
-    group = {"master_address": "127.0.0.1", "master_port": 1, "rank_offset": 1, "world_size": 1, "group_name": "fuzz",
+    # rank 0 (the trainer's) of a group of 1: no single mutation makes it a join that would wait for a trainer
+    group = {"master_address": "127.0.0.1", "master_port": 1, "rank_offset": 0, "world_size": 1, "group_name": "fuzz",
              "backend": "gloo", "timeout_s": 0.5}
     return {
         "/generate": {"text": PROMPT, "sampling_params": gen_sp, "return_logprob": True, "top_logprobs_num": 2, "logprob_start_len": 0,
@@ -73,7 +74,7 @@ def base_bodies(model_dir: str) -> dict[str, dict]:
         "/update_weights": {"weight_dir": missing, "weight_version": "v-fuzz"},
         "/areal_update_weights": {"model_path": missing, "load_format": "auto", "abort_all_requests": False},
         "/init_weights_update_group": group,
-        "/areal_init_weights_update_group": {k: v for k, v in group.items() if k != "timeout_s"} | {"world_size": 1, "master_port": 1},
+        "/areal_init_weights_update_group": {k: v for k, v in group.items() if k != "timeout_s"},
         "/destroy_weights_update_group": {"group_name": "no-such-group"},
         "/update_weights_from_distributed": {"names": ["model.norm.weight"], "dtypes": ["float32"], "shapes": [[64]], "group_name": "no-such-group",
                                              "flush_cache": True, "weight_version": "v-fuzz", "load_format": None},
@@ -109,6 +110,15 @@ def hostile_values(rng: random.Random) -> list:
             [], [None], [1, "a"], [[[]]], ["x"] * 5000, list(range(-3, 3)), {}, {"a": 1}, {"": None}, DEEP, {"nested": {"deep": DEEP}}]
 
 
+# each limit and its first value past it, for the fields that have one (tiny model: vocabulary 512, context 512)
+EDGES = {"n": [256, 257], "top_logprobs_num": [20, 21, 512, 513], "logprobs": [20, 21], "top_logprobs": [20, 21], "prompt_logprobs": [20, 21],
+         "top_k": [511, 512, 513, 2**63 - 1, 2**63], "max_new_tokens": [0, 505, 506, 600], "max_tokens": [0, 505, 506, 600],
+         "max_completion_tokens": [0, 506, 600], "logprob_start_len": [-1, -2, 4, 5, 6], "seed": [2**63 - 1, 2**63], "min_new_tokens": [600],
+         "min_tokens": [600], "token_ids": [[511], [512], [-1], [0] * 511, [0] * 512], "tokens": [[511], [512], [-1]],
+         "stop": [["x"] * 20_000, ["\ufffd"]], "stop_token_ids": [[511], [512], [2**63]], "logit_bias": [{"511": 100}, {"512": 1}, {"-1": 1}],
+         "temperature": [0, 100, 100.01, 1e-30], "top_p": [1e-30, 1, 1.000001], "min_p": [1, 1.000001], "repetition_penalty": [2, 2.0001, 1e-30],
+         "truncate_size": [0, -1, 2**63], "max_size": [0, 1, 2**63], "rank_offset": [0, 2**31], "world_size": [2**31 - 1, 2**31]}
+
 # raw bodies: (bytes, content-type); every one of them must be refused with a reason
 RAW_BODIES = [
     (b"{", "application/json"), (b"not json", "application/json"), (b"\xff\xfe\x00{", "application/json"),
@@ -125,7 +135,7 @@ RAW_BODIES = [
 class Case:
     route: str
     desc: str
-    field: str | None  # the field a mutation targets (its reply must name it, or the value, when it refuses the body)
+    fields: tuple[str, ...]  # the field a mutation targets and those around it (a refusal names one of them, or the value)
     value: str | None  # the value given, when short enough to be named
     content: bytes
     content_type: str
@@ -153,9 +163,9 @@ def _dumps(body) -> bytes:
     return json.dumps(body, allow_nan=True).encode()  # NaN/Infinity on purpose: Python clients send them
 
 
-def _field_name(path) -> str:
-    names = [k for k in path if isinstance(k, str) and not k.isdigit()]  # logit_bias keys are token ids, not fields
-    return names[-1] if names else str(path[0])
+def _field_names(path) -> tuple[str, ...]:
+    """The fields on a path, innermost first (logit_bias keys are token ids, not fields)."""
+    return tuple(reversed([k for k in path if isinstance(k, str) and not k.isdigit()]))
 
 
 def cases_for(route: str, base: dict, rng: random.Random, per_route: int) -> list[Case]:
@@ -166,16 +176,17 @@ def cases_for(route: str, base: dict, rng: random.Random, per_route: int) -> lis
         kind = rng.random()
         if paths and kind < 0.7:
             path = rng.choice(paths)
-            value = rng.choice(values)
+            edges = EDGES.get(_field_names(path)[0] if _field_names(path) else "", [])
+            value = rng.choice(edges) if edges and rng.random() < 0.5 else rng.choice(values)
             shown = value if isinstance(value, str) and 0 < len(value) < 40 else None
-            out.append(Case(route, f"{'.'.join(map(str, path))} = {str(value)[:40]!r}", _field_name(path), shown,
+            out.append(Case(route, f"{'.'.join(map(str, path))} = {str(value)[:40]!r}", _field_names(path), shown,
                             _dumps(_set(base, path, value)), "application/json"))
         elif kind < 0.8:
             body = {**base, rng.choice(["zz_unknown", "__proto__", "", "x" * 300]): rng.choice(values)}
-            out.append(Case(route, "unknown field", None, None, _dumps(body), "application/json"))
+            out.append(Case(route, "unknown field", (), None, _dumps(body), "application/json"))
         else:
             content, ctype = rng.choice(RAW_BODIES)
-            out.append(Case(route, f"raw {content[:30]!r} as {ctype or 'none'}", None, None, content, ctype))
+            out.append(Case(route, f"raw {content[:30]!r} as {ctype or 'none'}", (), None, content, ctype))
     return out
 
 
@@ -250,7 +261,7 @@ ALIASES = {"token_ids": ("prompt",), "input_ids": ("prompt",), "text": ("prompt"
 
 def names(text: str, case: Case) -> bool:
     low = text.lower()
-    return (case.field.lower() in low or any(alias in low for alias in ALIASES.get(case.field, ()))
+    return (any(field.lower() in low or any(alias in low for alias in ALIASES.get(field, ())) for field in case.fields)
             or (case.value is not None and case.value.lower() in low))
 
 
@@ -300,8 +311,13 @@ def test_every_route_survives_hostile_bodies(server, http, engine, tiny_qwen3):
                     failures.append(f"{label}: a {len(reply.content)}-byte refusal (it echoes the hostile value back)")
                 elif not text.strip():
                     failures.append(f"{label}: refusal without a reason: {reply.text[:200]!r}")
-                elif case.field is not None and (reply.status_code, text) != ref_key and not names(text, case):
-                    failures.append(f"{label}: refusal does not name {case.field!r}: {text[:300]}")
+                elif case.fields and (reply.status_code, text) != ref_key and not names(text, case):
+                    failures.append(f"{label}: refusal does not name {case.fields[0]!r}: {text[:300]}")
+            elif reply.headers.get("content-type", "").startswith("application/json"):
+                try:
+                    reply.json()
+                except ValueError:
+                    failures.append(f"{label}: a 2xx reply that is not JSON: {reply.text[:200]!r}")
             now = engine_state(engine)
             if now != state0:
                 if reply.is_success and route in STATEFUL:
