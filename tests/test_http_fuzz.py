@@ -39,7 +39,7 @@ STATEFUL = frozenset({"/pause_generation", "/continue_generation", "/pause", "/r
                       "/areal_pause_generation", "/areal_continue_generation", "/areal_set_update_weight_meta"})
 
 
-def base_bodies(model_dir: str) -> dict[str, dict]:
+def base_bodies() -> dict[str, dict]:
     """A body for every POST route. Those that would change the weights or reach another host carry a value
     no single-field mutation repairs (a folder that does not exist, a rank outside its group), so each case
     on them must be refused; the others are valid, so a mutation the route accepts answers 2xx."""
@@ -103,6 +103,25 @@ def base_bodies(model_dir: str) -> dict[str, dict]:
     }
 
 
+# a second body for the routes whose fields come in more than one shape (token ids, batches, per-prompt lists)
+ALTERNATES = {
+    "/generate": {"input_ids": [[5, 6, 7], [8, 9]], "sampling_params": [{**GREEDY, "custom_params": {"return_top_p_token_ids": True}},
+                                                                      {**GREEDY, "n": 2, "temperature": 0.7}],
+                  "rid": ["alt-a", "alt-b"], "return_logprob": [True, False], "top_logprobs_num": [1, 0], "logprob_start_len": [1, 1],
+                  "return_routed_experts": False, "routed_experts_start_len": 0, "image_data": None, "lora_path": None,
+                  "custom_logit_processor": None, "stream": True},
+    "/v1/completions": {"prompt": [[5, 6, 7], [8]], "max_tokens": 3, "echo": True, "logprobs": 1, "n": 2, "temperature": 0.5, "seed": 4,
+                        "stream": True, "return_tokens_as_token_ids": True, "return_meta_info": True, "best_of": 2, "suffix": None,
+                        "use_beam_search": False, "cache_salt": "s", "user": "u"},
+    "/v1/chat/completions": {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                                          {"role": "assistant", "content": "he"}],
+                             "max_completion_tokens": 3, "continue_final_message": True, "add_generation_prompt": False,
+                             "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tool_choice": "auto",
+                             "response_format": {"type": "text"}, "stream": True, "n": 2, "temperature": 0.5},
+    "/tokenize": {"prompt": ["a", "b"], "add_special_tokens": False},
+}
+
+
 def hostile_values(rng: random.Random) -> list:
     """Values of every JSON type and the edges of each, plus the odd non-JSON numbers Python's json emits."""
     return [None, True, False, 0, 1, -1, -(2**63) - 1, 2**63, 2**64 + 1, 10**30, 1.5, -0.5, 1e308, -1e308,
@@ -118,6 +137,9 @@ EDGES = {"n": [256, 257], "top_logprobs_num": [20, 21, 512, 513], "logprobs": [2
          "stop": [["x"] * 20_000, ["\ufffd"]], "stop_token_ids": [[511], [512], [2**63]], "logit_bias": [{"511": 100}, {"512": 1}, {"-1": 1}],
          "temperature": [0, 100, 100.01, 1e-30], "top_p": [1e-30, 1, 1.000001], "min_p": [1, 1.000001], "repetition_penalty": [2, 2.0001, 1e-30],
          "truncate_size": [0, -1, 2**63], "max_size": [0, 1, 2**63], "rank_offset": [0, 2**31], "world_size": [2**31 - 1, 2**31]}
+
+HOSTILE_QUERIES = ("level=%ff&mode=%00", "level=99999999999999999999", "level=-1", "mode=bogus", "tags=bogus&tags=" + "z" * 5000,
+                   "include_dp=maybe", "clear_cache=2", "reset_running_requests=maybe", "timeout=-1e309", "name=" + "z" * 4000)
 
 # raw bodies: (bytes, content-type); every one of them must be refused with a reason
 RAW_BODIES = [
@@ -139,6 +161,7 @@ class Case:
     value: str | None  # the value given, when short enough to be named
     content: bytes
     content_type: str
+    query: str = ""
 
 
 def _paths(body, prefix=()):
@@ -181,6 +204,8 @@ def cases_for(route: str, base: dict, rng: random.Random, per_route: int) -> lis
             shown = value if isinstance(value, str) and 0 < len(value) < 40 else None
             out.append(Case(route, f"{'.'.join(map(str, path))} = {str(value)[:40]!r}", _field_names(path), shown,
                             _dumps(_set(base, path, value)), "application/json"))
+        elif kind < 0.75:  # the query parameters vLLM's routes read (mode, level, tags, ...)
+            out.append(Case(route, "hostile query", (), None, _dumps(base), "application/json", rng.choice(HOSTILE_QUERIES)))
         elif kind < 0.8:
             body = {**base, rng.choice(["zz_unknown", "__proto__", "", "x" * 300]): rng.choice(values)}
             out.append(Case(route, "unknown field", (), None, _dumps(body), "application/json"))
@@ -273,7 +298,7 @@ def test_every_route_survives_hostile_bodies(server, http, engine, tiny_qwen3):
     for r in server.server.config.app.routes:
         for method in getattr(r, "methods", None) or ():
             app_routes.setdefault(r.path, set()).add(method)
-    bases = base_bodies(str(tiny_qwen3))
+    bases = base_bodies()
     post_routes = sorted(path for path, methods in app_routes.items() if "POST" in methods)
     assert set(post_routes) <= set(bases), f"give these new routes a base body here: {sorted(set(post_routes) - set(bases))}"
 
@@ -290,15 +315,18 @@ def test_every_route_survives_hostile_bodies(server, http, engine, tiny_qwen3):
             failures.append(f"after {after}: /generate answers {again.status_code} {again.text[:200]}")
 
     for route in post_routes:
-        base = bases[route]
+        cases: list[tuple[Case, tuple]] = []
         t_route = time.monotonic()
-        ref = http.post(route, json=base)
-        ref_key = (ref.status_code, error_text(ref))
-        if route in STATEFUL and ref.is_success:
-            restore(engine, state0)
-        for case in cases_for(route, base, rng, per_route=PER_ROUTE):
+        for base in [bases[route]] + ([ALTERNATES[route]] if route in ALTERNATES else []):
+            ref = http.post(route, json=base)
+            ref_key = (ref.status_code, error_text(ref))
+            if route in STATEFUL and ref.is_success:
+                restore(engine, state0)
+            cases.extend((case, ref_key) for case in cases_for(route, base, rng, per_route=PER_ROUTE))
+        for case, ref_key in cases:
             try:
-                reply = http.post(route, content=case.content, headers={"content-type": case.content_type} if case.content_type else {})
+                headers = {"content-type": case.content_type} if case.content_type else {}
+                reply = http.post(f"{route}?{case.query}" if case.query else route, content=case.content, headers=headers)
             except httpx.TimeoutException:
                 failures.append(f"{route} {case.desc}: no reply in 30 s")
                 continue
@@ -334,7 +362,7 @@ def test_every_route_survives_hostile_bodies(server, http, engine, tiny_qwen3):
         if "GET" not in methods:
             continue
         url = path.replace("{model_id:path}", "tiny")
-        for query in ("level=%ff&mode=%00", "include_dp=maybe", "timeout=-1e309", "name=" + "z" * 4000, "tags=" + "&tags=".join(["x"] * 50)):
+        for query in HOSTILE_QUERIES:
             reply = http.get(f"{url}?{query}")
             if reply.status_code >= 500 and not (reply.status_code == 503 and path in ("/health", "/health_generate")):
                 failures.append(f"GET {url}?{query[:40]} -> {reply.status_code}: {reply.text[:300]}")
@@ -397,6 +425,16 @@ def test_vllm_generate_names_vllm_fields(http, field):
     """/inference/v1/generate renames max_tokens and min_tokens for the engine, whose refusal named its own fields."""
     reply = http.post("/inference/v1/generate", json={"token_ids": [5, 6], "sampling_params": {field: "many"}})
     assert reply.status_code == 400 and error_text(reply).startswith(f"{field} must be"), reply.text
+
+
+@pytest.mark.parametrize("body, field", [({"max_completion_tokens": 600}, "max_completion_tokens"), ({"max_tokens": 600}, "max_tokens"),
+                                         ({"min_tokens": -1}, "min_tokens")])
+def test_openai_chat_names_the_field_it_was_sent(http, body, field):
+    """A context overflow from max_completion_tokens was reported as max_tokens; a negative min_tokens as the
+    engine's min_new_tokens."""
+    reply = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], **body})
+    assert reply.status_code == 400 and field in error_text(reply), reply.text
+    assert reply.json()["error"]["param"] in (field, "min_tokens")
 
 
 @pytest.mark.parametrize("route, body", [

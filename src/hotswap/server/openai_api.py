@@ -157,15 +157,16 @@ def _routed(meta: dict) -> dict:
     return {"routed_experts": meta["routed_experts"]} if "routed_experts" in meta else {}
 
 
-def check_prompt(state: ServerState, ids: list[int], max_tokens: int | None, index: int) -> None:
+def check_prompt(state: ServerState, ids: list[int], max_tokens: int | None, index: int, max_tokens_field: str = "max_tokens") -> None:
+    """The prompt fits the context and the KV cache, with `max_tokens` (the request's `max_tokens_field`) after it."""
     if not ids:
         raise APIError(400, f"prompt {index} is empty", param="prompt")
     if len(ids) > state.max_prompt_tokens:
         raise APIError(400, f"prompt {index} has {len(ids)} tokens; this server takes at most {state.max_prompt_tokens} "
                             f"(context length {state.max_context_len}, KV cache {state.kv_capacity_tokens} tokens)", param="prompt")
     if max_tokens is not None and len(ids) + max_tokens > state.max_context_len:
-        raise APIError(400, f"prompt {index} has {len(ids)} tokens and max_tokens is {max_tokens}: {len(ids) + max_tokens} exceeds "
-                            f"the context length {state.max_context_len}", param="max_tokens")
+        raise APIError(400, f"prompt {index} has {len(ids)} tokens and {max_tokens_field} is {max_tokens}: {len(ids) + max_tokens} "
+                            f"exceeds the context length {state.max_context_len}", param=max_tokens_field)
 
 
 def _usage(prompt_tokens: int, outputs: list[dict]) -> dict:
@@ -438,7 +439,7 @@ def register(app: FastAPI, state: ServerState) -> None:
                                       add_generation_prompt=body.add_generation_prompt,
                                       continue_final_message=body.continue_final_message, kwargs=body.chat_template_kwargs)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        check_prompt(state, ids, max_tokens, 0)
+        check_prompt(state, ids, max_tokens, 0, "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
         if max_tokens is None:
             max_tokens = max(1, state.max_context_len - len(ids))
         sp = sampling_dict(state, body, max_tokens)
