@@ -327,8 +327,8 @@ def test_every_route_survives_hostile_bodies(server, http, engine, tiny_qwen3):
             try:
                 headers = {"content-type": case.content_type} if case.content_type else {}
                 reply = http.post(f"{route}?{case.query}" if case.query else route, content=case.content, headers=headers)
-            except httpx.TimeoutException:
-                failures.append(f"{route} {case.desc}: no reply in 30 s")
+            except httpx.TransportError as exc:  # no reply in 30 s, or the server dropped the connection
+                failures.append(f"{route} [{case.desc}]: no reply: {type(exc).__name__}: {exc}")
                 continue
             label = f"{route} [{case.desc}] -> {reply.status_code}"
             if reply.status_code >= 500:
@@ -435,6 +435,17 @@ def test_openai_chat_names_the_field_it_was_sent(http, body, field):
     reply = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], **body})
     assert reply.status_code == 400 and field in error_text(reply), reply.text
     assert reply.json()["error"]["param"] in (field, "min_tokens")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("bad_id", [-1, 512, 2**64])
+def test_echo_of_out_of_vocabulary_token_ids_is_refused(http, engine, stream, bad_id):
+    """/v1/completions decoded an echoed token-id prompt before the engine had checked its ids: the tokenizer's
+    OverflowError was a 500 (and the connection was dropped)."""
+    reply = http.post("/v1/completions", json={"prompt": [[5, bad_id]], "echo": True, "max_tokens": 2, "stream": stream})
+    assert reply.status_code == 400 and "prompt 0 holds token ids outside the vocabulary" in error_text(reply), reply.text[:300]
+    ok = http.post("/v1/completions", json={"prompt": [[5, 6]], "echo": True, "max_tokens": 2, "temperature": 0})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"].startswith(engine.tokenizer.decode([5, 6]))
 
 
 @pytest.mark.parametrize("route, body", [

@@ -374,7 +374,11 @@ def register(app: FastAPI, state: ServerState) -> None:
         score_prompt = echo_lp or body.prompt_logprobs is not None
         lp_args = {"return_logprob": want_lp or score_prompt, "top_logprobs_num": max(k, body.prompt_logprobs or 0),
                    "logprob_start_len": 0 if score_prompt else None}
-        echo_texts = await asyncio.to_thread(lambda: [state.decode(ids) for ids in id_lists]) if body.echo else None
+
+        async def echoed() -> list[str] | None:
+            """The prompts' text for `echo`, decoded once the engine has accepted their ids (never out-of-vocabulary ones)."""
+            return await asyncio.to_thread(lambda: [state.decode(ids) for ids in id_lists]) if body.echo else None
+
         n = body.n
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -383,6 +387,7 @@ def register(app: FastAPI, state: ServerState) -> None:
         if not body.stream:
             outs = await _generate_all(state, request, id_lists, sp, **lp_args)
             state.metrics.observe_generation("/v1/completions", outs)
+            echo_texts = await echoed()
             choices = []
             for i, out in enumerate(outs):
                 meta = out["meta_info"]
@@ -403,6 +408,7 @@ def register(app: FastAPI, state: ServerState) -> None:
                                  "usage": _usage(prompt_tokens, outs), "metadata": _metadata(outs)})
 
         chunks = await open_stream(state.engine, input_ids=id_lists, sampling_params=sp, **lp_args)
+        echo_texts = await echoed()
         offsets: dict[int, int] = {}
 
         def choice(i: int, text: str, meta: dict, start: int, end: int, fin: str | None) -> dict:
