@@ -25,7 +25,7 @@ from hotswap.server.app import create_app
 from hotswap.server.launch import ServerThread
 
 SEED = int(os.environ.get("HOTSWAP_FUZZ_SEED", "20261205"))
-PER_ROUTE = int(os.environ.get("HOTSWAP_FUZZ_CASES", "10"))  # cases per POST route
+PER_ROUTE = int(os.environ.get("HOTSWAP_FUZZ_CASES", "20"))  # cases per POST route
 PROMPT = "Alice likes 12 apples"
 GREEDY = {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}
 BIG_TEXT = "x" * (1 << 20)
@@ -33,10 +33,13 @@ BODY_TIMEOUT_S = 2.0  # the server's --body-timeout-s here
 MAX_ERROR_BYTES = 4096  # a refusal says what was wrong; it never echoes a megabyte back
 DEEP = json.loads("[" * 60 + "]" * 60)
 
-# Routes that change state when they accept a body: after a 2xx the test puts the state back.
+# Routes that change state when they accept a body: after a 2xx the test puts the state back (the weights
+# themselves must come out bit-identical whatever was accepted: the checksum is compared at the end).
 STATEFUL = frozenset({"/pause_generation", "/continue_generation", "/pause", "/resume", "/sleep", "/wake_up", "/release_memory_occupation",
                       "/resume_memory_occupation", "/update_weight_version", "/begin_weight_update", "/end_weight_update",
-                      "/areal_pause_generation", "/areal_continue_generation", "/areal_set_update_weight_meta"})
+                      "/areal_pause_generation", "/areal_continue_generation", "/areal_set_update_weight_meta",
+                      # an update of no tensors is an update (SGLang's too): it names the new version
+                      "/update_weights_from_tensor", "/update_weights_from_distributed"})
 
 
 def base_bodies() -> dict[str, dict]:
