@@ -29,7 +29,7 @@ PER_ROUTE = int(os.environ.get("HOTSWAP_FUZZ_CASES", "20"))  # cases per POST ro
 PROMPT = "Alice likes 12 apples"
 GREEDY = {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}
 BIG_TEXT = "x" * (1 << 20)
-BODY_TIMEOUT_S = 2.0  # the server's --body-timeout-s here
+BODY_TIMEOUT_S = 1.0  # the server's --body-timeout-s here
 MAX_ERROR_BYTES = 4096  # a refusal says what was wrong; it never echoes a megabyte back
 DEEP = json.loads("[" * 60 + "]" * 60)
 
