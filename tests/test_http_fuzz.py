@@ -440,6 +440,29 @@ def test_openai_chat_names_the_field_it_was_sent(http, body, field):
     assert reply.json()["error"]["param"] in (field, "min_tokens")
 
 
+@pytest.mark.parametrize("bad_id", [512, 2**63 - 1, 2**63 + 5])
+def test_stop_token_ids_outside_the_vocabulary_are_refused(http, engine, bad_id):
+    """With min_new_tokens the stop ids index the logits (they are masked): an id past the vocabulary failed the
+    whole batch in the scheduler ('internal error' abort; on a GPU an out-of-bounds index)."""
+    sp = {"max_new_tokens": 4, "temperature": 0, "min_new_tokens": 3, "stop_token_ids": [7, bad_id]}
+    reply = http.post("/generate", json={"text": PROMPT, "sampling_params": sp})
+    assert reply.status_code == 400 and "stop_token_ids" in error_text(reply), reply.text[:300]
+    reply = http.post("/inference/v1/generate", json={"token_ids": [5, 6], "sampling_params": {"max_tokens": 2, "min_tokens": 1,
+                                                                                                "stop_token_ids": [bad_id]}})
+    assert reply.status_code == 400 and "stop_token_ids" in error_text(reply), reply.text[:300]
+    assert engine.check_invariants().success
+
+
+def test_stop_lists_are_bounded(http):
+    """Every stop string is searched for after every token on the scheduler thread: 200k of them (a 2 MB body)
+    stalled every request for seconds per hundred tokens."""
+    base = {"text": PROMPT, "sampling_params": {**GREEDY, "stop": [f"zq{i}" for i in range(1024)]}}
+    assert http.post("/generate", json=base).status_code == 200
+    for key, many in (("stop", [f"zq{i}" for i in range(1025)]), ("stop_token_ids", [7] * 1025)):
+        reply = http.post("/generate", json={"text": PROMPT, "sampling_params": {**GREEDY, key: many}})
+        assert reply.status_code == 400 and "at most 1024" in error_text(reply), reply.text[:300]
+
+
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("bad_id", [-1, 512, 2**64])
 def test_echo_of_out_of_vocabulary_token_ids_is_refused(http, engine, stream, bad_id):

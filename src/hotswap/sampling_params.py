@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from hotswap.errors import SamplingParamsError, shown
 
 INT64_MAX = 2**63 - 1  # seeds and top_k travel to the device as int64
+MAX_STOPS = 1024  # stop strings (and stop token ids) per request: each is checked after every token, on the scheduler thread
 
 
 @dataclass(kw_only=True, slots=True)
@@ -101,6 +102,8 @@ class SamplingParams:
             raise bad(f"routed_experts_start_len must be an integer >= 0, got {shown(start)}")
         if not isinstance(self.stop, list) or not isinstance(self.stop_token_ids, list):
             raise bad("stop must be a string or a list of strings, stop_token_ids a list of integers")
+        if len(self.stop) > MAX_STOPS or len(self.stop_token_ids) > MAX_STOPS:
+            raise bad(f"stop and stop_token_ids take at most {MAX_STOPS} entries each, got {len(self.stop)} and {len(self.stop_token_ids)}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop must be a list of non-empty strings")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):

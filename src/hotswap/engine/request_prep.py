@@ -150,8 +150,9 @@ class RequestPrep:
                 raise SamplingParamsError(f"invalid top_logprobs_num: {sp.top_logprobs_num} exceeds the vocabulary ({self.vocab_size})")
             if sp.seed is not None and sp.seed + sp.n - 1 > INT64_MAX:
                 raise SamplingParamsError(f"invalid sampling parameter: seed must be below 2**63 - n + 1, got {shown(sp.seed)}")
-            if any(t >= self.vocab_size for t in sp.logit_bias):
-                raise SamplingParamsError(f"invalid sampling parameter: logit_bias names a token id outside the vocabulary [0, {self.vocab_size})")
+            for name, ids in (("logit_bias", sp.logit_bias), ("stop_token_ids", sp.stop_token_ids)):  # both index the logits
+                if any(t >= self.vocab_size for t in ids):
+                    raise SamplingParamsError(f"invalid sampling parameter: {name} names a token id outside the vocabulary [0, {self.vocab_size})")
             if sp.top_k >= self.vocab_size:  # the whole vocabulary: the same as off
                 sp = dataclasses.replace(sp, top_k=-1)
             out.append(sp)
