@@ -15,6 +15,7 @@ import socket
 import struct
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import httpx
@@ -144,6 +145,9 @@ EDGES = {"n": [256, 257], "top_logprobs_num": [20, 21, 512, 513], "logprobs": [2
 HOSTILE_QUERIES = ("level=%ff&mode=%00", "level=99999999999999999999", "level=-1", "mode=bogus", "tags=bogus&tags=" + "z" * 5000,
                    "include_dp=maybe", "clear_cache=2", "reset_running_requests=maybe", "timeout=-1e309", "name=" + "z" * 4000)
 
+# routes whose fields interact: they also get cases that change two fields at once
+PAIRED = frozenset({"/generate", "/v1/completions", "/v1/chat/completions", "/inference/v1/generate", "/tokenize", "/v1/tokenize"})
+
 # raw bodies: (bytes, content-type); every one of them must be refused with a reason
 RAW_BODIES = [
     (b"{", "application/json"), (b"not json", "application/json"), (b"\xff\xfe\x00{", "application/json"),
@@ -198,12 +202,24 @@ def cases_for(route: str, base: dict, rng: random.Random, per_route: int) -> lis
     values = hostile_values(rng)
     paths = list(_paths(base))
     out = []
+
+    def pick(path):
+        edges = EDGES.get(_field_names(path)[0] if _field_names(path) else "", [])
+        return rng.choice(edges) if edges and rng.random() < 0.5 else rng.choice(values)
+
     for _ in range(per_route):
         kind = rng.random()
-        if paths and kind < 0.7:
+        if paths and route in PAIRED and kind < 0.2:  # two fields at once: limits interact (min_new_tokens masks stop ids)
+            first, second = rng.sample(paths, 2)
+            if first[: len(second)] == second or second[: len(first)] == first:
+                continue
+            a, b = pick(first), pick(second)
+            out.append(Case(route, f"{'.'.join(map(str, first))} = {str(a)[:30]!r}, {'.'.join(map(str, second))} = {str(b)[:30]!r}",
+                            _field_names(first) + _field_names(second), None, _dumps(_set(_set(base, first, a), second, b)),
+                            "application/json"))
+        elif paths and kind < 0.7:
             path = rng.choice(paths)
-            edges = EDGES.get(_field_names(path)[0] if _field_names(path) else "", [])
-            value = rng.choice(edges) if edges and rng.random() < 0.5 else rng.choice(values)
+            value = pick(path)
             shown = value if isinstance(value, str) and 0 < len(value) < 40 else None
             out.append(Case(route, f"{'.'.join(map(str, path))} = {str(value)[:40]!r}", _field_names(path), shown,
                             _dumps(_set(base, path, value)), "application/json"))
@@ -359,6 +375,26 @@ def test_every_route_survives_hostile_bodies(server, http, engine, tiny_qwen3):
         check_alive(route)
         if os.environ.get("HOTSWAP_FUZZ_TIMING"):
             print(f"{route}: {time.monotonic() - t_route:.2f} s")
+
+    # the same kind of cases, 48 at once from 8 clients: refusals and generations interleave in the engine
+    crowd = [c for route in post_routes if route not in STATEFUL for c in cases_for(route, bases[route], rng, per_route=2)]
+    rng.shuffle(crowd)
+
+    def send(case: Case) -> str | None:
+        headers = {"content-type": case.content_type} if case.content_type else {}
+        try:
+            reply = httpx.post(server.url + case.route + (f"?{case.query}" if case.query else ""), content=case.content, headers=headers,
+                               timeout=60)
+        except httpx.TransportError as exc:
+            return f"{case.route} [{case.desc}] concurrently: no reply: {type(exc).__name__}: {exc}"
+        return f"{case.route} [{case.desc}] concurrently -> {reply.status_code}: {reply.text[:200]}" if reply.status_code >= 500 else None
+
+    with ThreadPoolExecutor(8) as pool:
+        failures.extend(f for f in pool.map(send, crowd[:48]) if f)
+    if engine_state(engine) != state0:
+        failures.append(f"concurrent cases changed the state {state0} -> {engine_state(engine)}")
+        restore(engine, state0)
+    check_alive("concurrent cases")
 
     # GET routes with hostile query strings
     for path, methods in sorted(app_routes.items()):
