@@ -2,7 +2,10 @@
 negative and non-finite numbers, oversized strings and lists, unknown fields, malformed and non-JSON bodies,
 wrong content types. Each reply must be a 2xx or a 4xx that names the offending field (or the reason), never
 a 5xx; afterwards the server still answers a greedy /generate exactly as before, and the weights (checksum),
-weight_version, pause and memory state are what they were. Seeded and bounded, so a failure replays."""
+weight_version, pause and memory state are what they were. Seeded and bounded, so a failure replays
+(HOTSWAP_FUZZ_SEED / HOTSWAP_FUZZ_CASES run other seeds and more cases per route). Below it, one test per
+defect the fuzz found, and the transport cases by hand: slow bodies, clients gone mid-body or mid-stream,
+concurrent aborts of one rid."""
 
 from __future__ import annotations
 
@@ -312,7 +315,7 @@ def names(text: str, case: Case) -> bool:
 # ---- the fuzz ------------------------------------------------------------------------------------------
 
 
-def test_every_route_survives_hostile_bodies(server, http, engine, tiny_qwen3):
+def test_every_route_survives_hostile_bodies(server, http, engine):
     app_routes = {}
     for r in server.server.config.app.routes:
         for method in getattr(r, "methods", None) or ():
