@@ -1,5 +1,7 @@
 """Error types. Every user-facing error is a ValueError subclass so callers can catch bad input uniformly."""
 
+import reprlib
+
 
 class HotswapError(ValueError):
     """Bad input or a request the engine refuses; the message names what was wrong."""
@@ -37,3 +39,13 @@ class BatchRowError(HotswapError):
     def __init__(self, entry: object, message: str):
         super().__init__(message)
         self.entry = entry
+
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlist, _SHOWN.maxdict, _SHOWN.maxlevel = 160, 160, 16, 16, 3
+
+
+def shown(value: object) -> str:
+    """A client's value as an error message quotes it: its repr, cut short (a hostile one may be a
+    megabyte-long string or a list of a million items, which the reply must not echo back)."""
+    return _SHOWN.repr(value)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from hotswap.errors import ConstrainedDecodingError, SamplingParamsError
+from hotswap.errors import ConstrainedDecodingError, SamplingParamsError, shown
 
 INT64_MAX = 2**63 - 1  # seeds and top_k travel to the device as int64
+MAX_STOPS = 1024  # stop strings (and stop token ids) per request: each is checked after every token, on the scheduler thread
 
 # constrained decoding (SGLang's and vLLM's names): refused by name wherever a request may carry it
 CONSTRAINED_DECODING_FIELDS = ("regex", "json_schema", "ebnf", "structural_tag", "guided_json", "guided_regex", "guided_choice",
@@ -93,28 +94,30 @@ class SamplingParams:
             return SamplingParamsError(f"invalid sampling parameter: {msg}")
 
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 0:
-            raise bad(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
+            raise bad(f"max_new_tokens must be an integer >= 0, got {shown(self.max_new_tokens)}")
         if not isinstance(self.temperature, (int, float)) or not 0.0 <= self.temperature <= 100.0:
-            raise bad(f"temperature must be in [0, 100], got {self.temperature!r}")
+            raise bad(f"temperature must be in [0, 100], got {shown(self.temperature)}")
         if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
-            raise bad(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise bad(f"top_p must be in (0, 1], got {shown(self.top_p)}")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or (self.top_k < 1 and self.top_k != -1) or self.top_k > INT64_MAX:
-            raise bad(f"top_k must be -1 (off) or in [1, 2**63), got {self.top_k!r}")
+            raise bad(f"top_k must be -1 (off) or in [1, 2**63), got {shown(self.top_k)}")
         if not isinstance(self.min_p, (int, float)) or not 0.0 <= self.min_p <= 1.0:
-            raise bad(f"min_p must be in [0, 1], got {self.min_p!r}")
+            raise bad(f"min_p must be in [0, 1], got {shown(self.min_p)}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= INT64_MAX):
-            raise bad(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+            raise bad(f"seed must be an integer in [0, 2**63), got {shown(self.seed)}")
         if not isinstance(self.n, int) or not 1 <= self.n <= 256:
-            raise bad(f"n must be in [1, 256], got {self.n!r}")
+            raise bad(f"n must be in [1, 256], got {shown(self.n)}")
         if not isinstance(self.top_logprobs_num, int) or not 0 <= self.top_logprobs_num <= 20:
-            raise bad(f"top_logprobs_num must be in [0, 20], got {self.top_logprobs_num!r}")
+            raise bad(f"top_logprobs_num must be in [0, 20], got {shown(self.top_logprobs_num)}")
         if not isinstance(self.return_routed_experts, bool):
-            raise bad(f"return_routed_experts must be a boolean, got {self.return_routed_experts!r}")
+            raise bad(f"return_routed_experts must be a boolean, got {shown(self.return_routed_experts)}")
         start = self.routed_experts_start_len
         if not isinstance(start, int) or isinstance(start, bool) or start < 0:
-            raise bad(f"routed_experts_start_len must be an integer >= 0, got {start!r}")
+            raise bad(f"routed_experts_start_len must be an integer >= 0, got {shown(start)}")
         if not isinstance(self.stop, list) or not isinstance(self.stop_token_ids, list):
             raise bad("stop must be a string or a list of strings, stop_token_ids a list of integers")
+        if len(self.stop) > MAX_STOPS or len(self.stop_token_ids) > MAX_STOPS:
+            raise bad(f"stop and stop_token_ids take at most {MAX_STOPS} entries each, got {len(self.stop)} and {len(self.stop_token_ids)}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop must be a list of non-empty strings")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
@@ -122,19 +125,19 @@ class SamplingParams:
         for name in ("frequency_penalty", "presence_penalty"):
             value = getattr(self, name)
             if not _is_number(value) or not -2.0 <= value <= 2.0:
-                raise bad(f"{name} must be in [-2, 2], got {value!r}")
+                raise bad(f"{name} must be in [-2, 2], got {shown(value)}")
         if not _is_number(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 2.0:
-            raise bad(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty!r}")
+            raise bad(f"repetition_penalty must be in (0, 2], got {shown(self.repetition_penalty)}")
         if not _is_int(self.min_new_tokens) or self.min_new_tokens < 0:
-            raise bad(f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}")
+            raise bad(f"min_new_tokens must be an integer >= 0, got {shown(self.min_new_tokens)}")
         if not isinstance(self.logit_bias, dict) or not all(
                 _is_int(t) and t >= 0 and _is_number(b) and -100.0 <= b <= 100.0 for t, b in self.logit_bias.items()):
             raise bad("logit_bias must map token ids (>= 0) to biases in [-100, 100]")
         if not _is_int(self.logprob_start_len) or self.logprob_start_len < -1:
-            raise bad(f"logprob_start_len must be -1 or an integer >= 0, got {self.logprob_start_len!r}")
+            raise bad(f"logprob_start_len must be -1 or an integer >= 0, got {shown(self.logprob_start_len)}")
         for name in ("no_stop_trim", "return_top_p_token_ids", "ignore_eos", "skip_special_tokens", "return_logprob"):
             if not isinstance(getattr(self, name), bool):
-                raise bad(f"{name} must be a boolean, got {getattr(self, name)!r}")
+                raise bad(f"{name} must be a boolean, got {shown(getattr(self, name))}")
 
     @property
     def greedy(self) -> bool:
@@ -175,6 +178,6 @@ def _logit_bias(bias: dict) -> dict:
         if isinstance(key, str) and key.strip().isdigit():
             key = int(key)
         if not _is_int(key):
-            raise SamplingParamsError(f"invalid sampling parameter: logit_bias key {key!r} is not a token id")
+            raise SamplingParamsError(f"invalid sampling parameter: logit_bias key {shown(key)} is not a token id")
         out[key] = value
     return out

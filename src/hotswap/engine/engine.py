@@ -23,7 +23,7 @@ from hotswap.engine.collector import Collector, IncrementalDetokenizer
 from hotswap.engine.delivery import CallInbox, Mailboxes
 from hotswap.engine.request_prep import PreparedCall, RequestPrep
 from hotswap.engine.tokenizer import load_tokenizer
-from hotswap.errors import HotswapError
+from hotswap.errors import HotswapError, shown
 from hotswap.runner.device_memory import TAGS as MEMORY_TAGS
 from hotswap.runner.model_runner import ModelRunner
 from hotswap.runner.tp_peers import TPPeers
@@ -417,7 +417,7 @@ class Engine:
         frozen until `resume`. `clear_cache` drops the prefix cache once drained (never with keep, as vLLM)."""
         ours = VLLM_PAUSE_MODES.get(mode)
         if ours is None:
-            return p.ControlOutput(success=False, message=f"unknown pause mode {mode!r}; use abort, wait or keep")
+            return p.ControlOutput(success=False, message=f"unknown pause mode {shown(mode)}; use abort, wait or keep")
         out = self.pause_generation(ours)
         if out.success and clear_cache and mode != "keep":
             flushed = self.flush_cache()
@@ -437,9 +437,9 @@ class Engine:
         the wake-up); the KV cache is discarded. In-flight requests are handled by `mode` first (as `pause`).
         Asleep, generation is refused (503) until `wake_up`. Tags already asleep are skipped."""
         if mode not in VLLM_PAUSE_MODES:
-            return p.ControlOutput(success=False, message=f"unknown pause mode {mode!r}; use abort, wait or keep")
+            return p.ControlOutput(success=False, message=f"unknown pause mode {shown(mode)}; use abort, wait or keep")
         if level not in (1, 2) or isinstance(level, bool):
-            return p.ControlOutput(success=False, message=f"sleep level must be 1 (weights kept on the host) or 2 (weights discarded), got {level!r}")
+            return p.ControlOutput(success=False, message=f"sleep level must be 1 (weights kept on the host) or 2 (weights discarded), got {shown(level)}")
         wanted = self._vllm_memory_tags(tags)
         if isinstance(wanted, str):
             return p.ControlOutput(success=False, message=wanted)
@@ -478,10 +478,10 @@ class Engine:
         if tags is None:
             return list(MEMORY_TAGS)
         if isinstance(tags, str) or not all(isinstance(t, str) for t in tags):
-            return f"tags must be a list of strings from {sorted(_VLLM_MEMORY_TAGS)}, got {tags!r}"
+            return f"tags must be a list of strings from {sorted(_VLLM_MEMORY_TAGS)}, got {shown(tags)}"
         bad = [t for t in tags if t not in _VLLM_MEMORY_TAGS]
         if bad:
-            return f"unknown memory tag(s) {bad}; use {sorted(_VLLM_MEMORY_TAGS)}"
+            return f"unknown memory tag(s) {shown(bad)}; use {sorted(_VLLM_MEMORY_TAGS)}"
         return list(dict.fromkeys(t for tag in tags for t in _VLLM_MEMORY_TAGS[tag]))
 
     def update_weight_version(self, new_version: str, abort_all_requests: bool = True) -> p.ControlOutput:

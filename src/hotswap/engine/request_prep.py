@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hotswap.errors import HotswapError, SamplingParamsError
+from hotswap.errors import HotswapError, SamplingParamsError, shown
 from hotswap.sampling_params import CONSTRAINED_DECODING_FIELDS, INT64_MAX, SamplingParams
 
 
@@ -83,7 +83,7 @@ class RequestPrep:
                                     routed_experts_start_len)
         if logprob_start_len is not None:
             if not isinstance(logprob_start_len, int) or isinstance(logprob_start_len, bool) or logprob_start_len < -1:
-                raise SamplingParamsError(f"invalid logprob_start_len: must be -1 or an integer >= 0, got {logprob_start_len!r}")
+                raise SamplingParamsError(f"invalid logprob_start_len: must be -1 or an integer >= 0, got {shown(logprob_start_len)}")
             sps = [dataclasses.replace(sp, logprob_start_len=logprob_start_len) for sp in sps]
         rids = self._rids(rid, len(id_lists), single)
         raw = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(id_lists)
@@ -117,9 +117,9 @@ class RequestPrep:
             return [None] * count
         rids = [rid] if isinstance(rid, str) and single else rid
         if not isinstance(rids, (list, tuple)) or len(rids) != count or not all(isinstance(r, str) and r for r in rids):
-            raise HotswapError(f"rid must be a non-empty string for one prompt or a list of {count} such strings, got {rid!r}")
+            raise HotswapError(f"rid must be a non-empty string for one prompt or a list of {count} such strings, got {shown(rid)}")
         if len(set(rids)) != len(rids):
-            raise HotswapError(f"rid holds duplicates: {rid!r}")
+            raise HotswapError(f"rid holds duplicates: {shown(rid)}")
         return list(rids)
 
     def _token_ids(self, prompt, input_ids, encode: bool = True) -> tuple[list[list[int]], bool]:
@@ -151,17 +151,17 @@ class RequestPrep:
         else:
             sps = [SamplingParams.from_dict(self._from_sglang(sampling_params))] * count
         if not isinstance(return_logprob, bool):
-            raise HotswapError(f"return_logprob must be a boolean, got {return_logprob!r}")
+            raise HotswapError(f"return_logprob must be a boolean, got {shown(return_logprob)}")
         if not isinstance(top_logprobs_num, int) or isinstance(top_logprobs_num, bool) or top_logprobs_num < 0:
-            raise SamplingParamsError(f"invalid top_logprobs_num: must be an integer >= 0, got {top_logprobs_num!r}")
+            raise SamplingParamsError(f"invalid top_logprobs_num: must be an integer >= 0, got {shown(top_logprobs_num)}")
         if return_logprob or top_logprobs_num:
             sps = [dataclasses.replace(sp, return_logprob=True, top_logprobs_num=max(sp.top_logprobs_num, top_logprobs_num)) for sp in sps]
         if not isinstance(return_routed_experts, bool):
-            raise HotswapError(f"return_routed_experts must be a boolean, got {return_routed_experts!r}")
+            raise HotswapError(f"return_routed_experts must be a boolean, got {shown(return_routed_experts)}")
         if return_routed_experts:
             sps = [dataclasses.replace(sp, return_routed_experts=True) for sp in sps]
         if not isinstance(routed_experts_start_len, int) or isinstance(routed_experts_start_len, bool) or routed_experts_start_len < 0:
-            raise HotswapError(f"routed_experts_start_len must be an integer >= 0, got {routed_experts_start_len!r}")
+            raise HotswapError(f"routed_experts_start_len must be an integer >= 0, got {shown(routed_experts_start_len)}")
         if routed_experts_start_len:
             sps = [dataclasses.replace(sp, routed_experts_start_len=routed_experts_start_len) for sp in sps]
         if any(sp.routed_experts_start_len and not sp.return_routed_experts for sp in sps):
@@ -174,9 +174,10 @@ class RequestPrep:
             if sp.top_logprobs_num > self.vocab_size:
                 raise SamplingParamsError(f"invalid top_logprobs_num: {sp.top_logprobs_num} exceeds the vocabulary ({self.vocab_size})")
             if sp.seed is not None and sp.seed + sp.n - 1 > INT64_MAX:
-                raise SamplingParamsError(f"invalid sampling parameter: seed must be below 2**63 - n + 1, got {sp.seed!r}")
-            if any(t >= self.vocab_size for t in sp.logit_bias):
-                raise SamplingParamsError(f"invalid sampling parameter: logit_bias names a token id outside the vocabulary [0, {self.vocab_size})")
+                raise SamplingParamsError(f"invalid sampling parameter: seed must be below 2**63 - n + 1, got {shown(sp.seed)}")
+            for name, ids in (("logit_bias", sp.logit_bias), ("stop_token_ids", sp.stop_token_ids)):  # both index the logits
+                if any(t >= self.vocab_size for t in ids):
+                    raise SamplingParamsError(f"invalid sampling parameter: {name} names a token id outside the vocabulary [0, {self.vocab_size})")
             if sp.top_k >= self.vocab_size:  # the whole vocabulary: the same as off
                 sp = dataclasses.replace(sp, top_k=-1)
             out.append(sp)

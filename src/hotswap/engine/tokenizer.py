@@ -8,7 +8,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from hotswap.config import EngineConfig
-from hotswap.errors import HotswapError
+from hotswap.errors import HotswapError, shown
 
 
 def load_tokenizer(config: EngineConfig):
@@ -18,13 +18,13 @@ def load_tokenizer(config: EngineConfig):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as exc:
-        raise HotswapError(f"cannot load a tokenizer from {source!r}: {exc}") from exc
+        raise HotswapError(f"cannot load a tokenizer from {shown(source)}: {exc}") from exc
     if config.chat_template:
         path = Path(config.chat_template).expanduser()
         if not path.is_file():
-            raise HotswapError(f"chat_template {config.chat_template!r} is not a file (give a Jinja template file)")
+            raise HotswapError(f"chat_template {shown(config.chat_template)} is not a file (give a Jinja template file)")
         try:
             tokenizer.chat_template = path.read_text()
         except (OSError, UnicodeDecodeError) as exc:
-            raise HotswapError(f"cannot read chat_template {config.chat_template!r}: {exc}") from exc
+            raise HotswapError(f"cannot read chat_template {shown(config.chat_template)}: {exc}") from exc
     return tokenizer

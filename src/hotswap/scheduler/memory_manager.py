@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from hotswap import protocol as p
+from hotswap.errors import shown
 from hotswap.runner.device_memory import TAGS, DeviceMemory
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ class MemoryManager:
         if isinstance(tags, str):
             tags = [tags]
         bad = [t for t in tags if t not in TAGS]
-        return f"unknown memory tag(s) {bad}; use {list(TAGS)}" if bad else list(dict.fromkeys(tags))
+        return f"unknown memory tag(s) {shown(bad)}; use {list(TAGS)}" if bad else list(dict.fromkeys(tags))
 
     def release_memory_occupation(self, req: p.ReleaseMemoryOccupationRequest) -> p.ControlOutput:
         tags = self._tags(req.tags)

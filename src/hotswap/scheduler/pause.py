@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from hotswap import protocol as p
+from hotswap.errors import shown
 from hotswap.weights.session import Sessions
 
 MODES = ("abort", "retract", "in_place", "wait")
@@ -40,7 +41,7 @@ class GenerationPause:
 
     def pause_generation(self, req: p.PauseGenerationRequest) -> p.ControlOutput:
         if req.mode not in MODES:
-            return p.ControlOutput(success=False, message=f"unknown pause mode {req.mode!r}; use abort, retract, in_place or wait")
+            return p.ControlOutput(success=False, message=f"unknown pause mode {shown(req.mode)}; use abort, retract, in_place or wait")
         if self.paused:
             return p.ControlOutput(success=True, message="generation is already paused (no-op)")
         if req.mode == "abort":

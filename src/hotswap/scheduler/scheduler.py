@@ -18,7 +18,7 @@ from hotswap import protocol as p
 from hotswap.cache.page_allocator import PageAllocator, PoolCapacity
 from hotswap.cache.radix_cache import RadixPrefixCache
 from hotswap.config import EngineConfig
-from hotswap.errors import BatchRowError
+from hotswap.errors import BatchRowError, shown
 from hotswap.runner.device_memory import DeviceMemory
 from hotswap.runner.model_runner import ModelRunner
 from hotswap.scheduler.batcher import Batcher, ScheduledBatch
@@ -442,7 +442,7 @@ class Scheduler:
             return p.ControlOutput(success=True, message=f"aborted {n} request(s)")
         seqs = self.batcher.find(req.rid)
         if not seqs:
-            return p.ControlOutput(success=False, message=f"no running or waiting request with id {req.rid!r}")
+            return p.ControlOutput(success=False, message=f"no running or waiting request with id {shown(req.rid)}")
         self.abort_seqs(seqs, req.message)
         return p.ControlOutput(success=True, message=f"aborted {req.rid}" + (f" ({len(seqs)} samples)" if len(seqs) > 1 else ""))
 

@@ -13,7 +13,7 @@ import torch
 
 from hotswap import protocol as p
 from hotswap.config import EngineConfig
-from hotswap.errors import HotswapError
+from hotswap.errors import HotswapError, shown
 from hotswap.runner.model_runner import ModelRunner
 from hotswap.weights import saver
 from hotswap.weights.ranks import WeightRanks
@@ -43,7 +43,7 @@ class WeightReads:
             return p.GetWeightsByNameOutput(success=False, message=f"truncate_size must be a non-negative integer (0: the whole tensor), got {size!r}")
         slot = self.model_runner.weight_map.resolve(req.name) if isinstance(req.name, str) else None
         if slot is None:
-            return p.GetWeightsByNameOutput(success=False, message=f"unknown parameter {req.name!r}")
+            return p.GetWeightsByNameOutput(success=False, message=f"unknown parameter {shown(req.name)}")
         if self.weights_released():
             return p.GetWeightsByNameOutput(success=False, message=RELEASED)
         wm = self.model_runner.weight_map
@@ -90,7 +90,7 @@ class WeightReads:
         if req.action == "reset_tensors":
             return self._reset(wm)
         # SGLang's wording (WeightChecker.handle), then ours
-        return p.CheckWeightsOutput(success=False, message=f"Unsupported action={req.action!r}; use snapshot, compare, reset_tensors or checksum")
+        return p.CheckWeightsOutput(success=False, message=f"Unsupported action={shown(req.action)}; use snapshot, compare, reset_tensors or checksum")
 
     def _rank_entry(self, sums: dict[str, str], digest: str) -> dict:
         """SGLang's per-rank checksum entry. hotswap's checksums are of whole (gathered) tensors, the same on

@@ -19,13 +19,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import hotswap
 from hotswap import protocol as p
 from hotswap.server.access import AccessPolicy
-from hotswap.server.body_limit import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
+from hotswap.server.body_limit import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, BodyLimits
 from hotswap.server.generation import await_generation, normalize_sampling_params, open_stream, stream_error_event
 from hotswap.server.http_utils import (
     SSE_DONE,
@@ -360,7 +361,7 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
         try:
             body = await parse_body(request, AbortBody)
         except APIError as exc:
-            return JSONResponse({"success": False, "message": exc.message}, status_code=400)
+            return JSONResponse({"success": False, "message": exc.message}, status_code=exc.status)
         if body.abort_all:
             await engine.asubmit(p.AbortRequest(rid=None, message="aborted by /abort_request"))
         elif body.rid:  # as SGLang: an empty rid without abort_all aborts nothing
@@ -440,9 +441,10 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
 
 
 def create_app(engine, *, api_key: str | None = None, served_model_name: str | None = None, policy: AccessPolicy | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> FastAPI:
     """Build the HTTP app on a running Engine. The caller owns the engine (and shuts it down).
-    `max_body_bytes`: larger request bodies get 413 (0: no limit)."""
+    `max_body_bytes`: larger request bodies get 413; `body_timeout_s`: a body not in within this many seconds
+    gets 408 (0: no limit for either)."""
     state = ServerState(engine, api_key=api_key, served_model_name=served_model_name, policy=policy or AccessPolicy())
     app = FastAPI(title="hotswap", version=hotswap.__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.hotswap = state
@@ -452,7 +454,8 @@ def create_app(engine, *, api_key: str | None = None, served_model_name: str | N
         return error_response(exc)
 
     @app.exception_handler(ClientDisconnected)
-    async def _gone(request: Request, exc: ClientDisconnected) -> Response:
+    @app.exception_handler(ClientDisconnect)  # gone before its body was in: nothing was started
+    async def _gone(request: Request, exc: Exception) -> Response:
         state.metrics.observe_disconnect()
         return Response(status_code=_CLIENT_CLOSED)
 
@@ -476,6 +479,6 @@ def create_app(engine, *, api_key: str | None = None, served_model_name: str | N
     register_openai_routes(app, state)
     register_weight_routes(app, state)
     register_vllm_routes(app, state)
-    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    app.add_middleware(BodyLimits, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
     app.add_middleware(ServerMiddleware, state=state)
     return app

@@ -10,7 +10,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from hotswap.errors import ConstrainedDecodingError, EngineUnavailableError
+from hotswap.errors import ConstrainedDecodingError, EngineUnavailableError, shown
 from hotswap.sampling_params import refuse_constrained_decoding as check_constrained_decoding
 from hotswap.server.http_utils import APIError, await_unless_disconnected, error_body, sse
 
@@ -43,7 +43,7 @@ def normalize_sampling_params(params: Any) -> dict:
         if key in sp:
             value = sp.pop(key)
             if value:
-                raise APIError(400, f"sampling parameter {key!r} is not supported by hotswap", param=key)
+                raise APIError(400, f"sampling parameter {shown(key)} is not supported by hotswap", param=key)
     for key in _IGNORED:
         sp.pop(key, None)
     if "sampling_seed" in sp:

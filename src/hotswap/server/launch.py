@@ -22,7 +22,7 @@ _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The `hotswap serve` options (SGLang's names where SGLang has them)."""
-    from hotswap.server.body_limit import DEFAULT_MAX_BODY_BYTES
+    from hotswap.server.body_limit import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
     parser.add_argument("--model-path", required=True,
                         help="local Hugging Face checkpoint folder (config.json, tokenizer, *.safetensors); "
                              "`hotswap make-tiny-model DIR` writes a tiny random one to try")
@@ -84,6 +84,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how long a request may queue while generation is paused or a weight-update session is open (default 300)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                         help=f"larger request bodies are refused with 413 (default {DEFAULT_MAX_BODY_BYTES}; 0: no limit)")
+    parser.add_argument("--body-timeout-s", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+                        help=f"a request body not fully received within this many seconds is refused with 408, so a client that "
+                             f"trickles its body cannot hold a connection (default {DEFAULT_BODY_TIMEOUT_S:g}; 0: no limit)")
 
 
 def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
@@ -118,7 +121,9 @@ class BindError(OSError):
 
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on accepted sockets whose proto says TCP;
+    # with Nagle on, every reply written as headers then body waited ~40 ms for the client's delayed ACK
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -161,7 +166,7 @@ def serve(args: argparse.Namespace) -> None:
             bar.update()
             bar.set_postfix_str("building the app")
             app = create_app(engine, api_key=args.api_key, served_model_name=args.served_model_name, policy=policy,
-                             max_body_bytes=args.max_body_bytes)
+                             max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout_s)
             bar.update()
             bar.set_postfix_str(f"ready on http://{host}:{port}")
         except BaseException:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from hotswap.errors import shown
 from hotswap.server.generation import await_generation, open_stream, refuse_constrained_decoding, stream_error_event
 from hotswap.server.http_utils import (
     SSE_DONE,
@@ -70,7 +71,7 @@ class _SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
     repetition_penalty: float | None = None
-    min_tokens: int = 0
+    min_tokens: int = Field(0, ge=0)  # the engine's min_new_tokens: checked here, under its OpenAI name
     # SGLang's extra fields (MoE routing replay): the reply's `sglext.routed_experts` (SGLang's place: the first
     # choice's) and each choice's `routed_experts`, rows from absolute position routed_experts_start_len on
     return_routed_experts: bool = False
@@ -178,15 +179,16 @@ def matched_stop(meta: dict) -> int | str | None:
     return reason.get("matched") if reason else None
 
 
-def check_prompt(state: ServerState, ids: list[int], max_tokens: int | None, index: int) -> None:
+def check_prompt(state: ServerState, ids: list[int], max_tokens: int | None, index: int, max_tokens_field: str = "max_tokens") -> None:
+    """The prompt fits the context and the KV cache, with `max_tokens` (the request's `max_tokens_field`) after it."""
     if not ids:
         raise APIError(400, f"prompt {index} is empty", param="prompt")
     if len(ids) > state.max_prompt_tokens:
         raise APIError(400, f"prompt {index} has {len(ids)} tokens; this server takes at most {state.max_prompt_tokens} "
                             f"(context length {state.max_context_len}, KV cache {state.kv_capacity_tokens} tokens)", param="prompt")
     if max_tokens is not None and len(ids) + max_tokens > state.max_context_len and not state.allow_auto_truncate:
-        raise APIError(400, f"prompt {index} has {len(ids)} tokens and max_tokens is {max_tokens}: {len(ids) + max_tokens} exceeds "
-                            f"the context length {state.max_context_len}", param="max_tokens")
+        raise APIError(400, f"prompt {index} has {len(ids)} tokens and {max_tokens_field} is {max_tokens}: {len(ids) + max_tokens} "
+                            f"exceeds the context length {state.max_context_len}", param=max_tokens_field)
 
 
 def _usage(prompt_tokens: int, outputs: list[dict]) -> dict:
@@ -398,7 +400,11 @@ def register(app: FastAPI, state: ServerState) -> None:
         score_prompt = echo_lp or body.prompt_logprobs is not None
         lp_args = {"return_logprob": want_lp or score_prompt, "top_logprobs_num": max(k, body.prompt_logprobs or 0),
                    "logprob_start_len": 0 if score_prompt else None}
-        echo_texts = await asyncio.to_thread(lambda: [state.decode(ids) for ids in id_lists]) if body.echo else None
+
+        async def echoed() -> list[str] | None:
+            """The prompts' text for `echo`, decoded once the engine has accepted their ids (never out-of-vocabulary ones)."""
+            return await asyncio.to_thread(lambda: [state.decode(ids) for ids in id_lists]) if body.echo else None
+
         n = body.n
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -407,6 +413,7 @@ def register(app: FastAPI, state: ServerState) -> None:
         if not body.stream:
             outs = await _generate_all(state, request, id_lists, sp, **lp_args)
             state.metrics.observe_generation("/v1/completions", outs)
+            echo_texts = await echoed()
             choices = []
             for i, out in enumerate(outs):
                 meta = out["meta_info"]
@@ -428,6 +435,7 @@ def register(app: FastAPI, state: ServerState) -> None:
                                  "usage": _usage(prompt_tokens, outs), "metadata": _metadata(outs), **sglext(outs)})
 
         chunks = await open_stream(state.engine, input_ids=id_lists, sampling_params=sp, **lp_args)
+        echo_texts = await echoed()
         offsets: dict[int, int] = {}
 
         def choice(i: int, text: str, meta: dict, start: int, end: int, fin: str | None) -> dict:
@@ -454,7 +462,7 @@ def register(app: FastAPI, state: ServerState) -> None:
         body = await parse_body(request, ChatCompletionRequest)
         state.check_serving()
         if body.response_format and body.response_format.get("type", "text") != "text":
-            raise APIError(400, f"response_format {body.response_format.get('type')!r} is not supported by hotswap", param="response_format")
+            raise APIError(400, f"response_format {shown(body.response_format.get('type'))} is not supported by hotswap", param="response_format")
         if isinstance(body.tool_choice, dict) or body.tool_choice == "required":
             raise APIError(400, "forcing tool calls is not supported by hotswap", param="tool_choice")
         if body.top_logprobs and not body.logprobs:
@@ -464,7 +472,7 @@ def register(app: FastAPI, state: ServerState) -> None:
                                       add_generation_prompt=body.add_generation_prompt,
                                       continue_final_message=body.continue_final_message, kwargs=body.chat_template_kwargs)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        check_prompt(state, ids, max_tokens, 0)
+        check_prompt(state, ids, max_tokens, 0, "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
         if max_tokens is None:
             max_tokens = max(1, state.max_context_len - len(ids))
         sp = sampling_dict(state, body, max_tokens)

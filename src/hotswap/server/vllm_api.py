@@ -12,7 +12,6 @@ refused by name. The control operations are the Engine's vLLM-named methods, run
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from hotswap import protocol as p
+from hotswap.errors import shown
 from hotswap.server.generation import await_generation, refuse_constrained_decoding
 from hotswap.server.http_utils import APIError, JSONResponse, parse_body
 from hotswap.server.openai_api import finish_reason, vllm_prompt_logprobs
@@ -46,26 +46,12 @@ def _query_bool(request: Request, name: str, default: bool) -> bool:
         return True
     if value in ("false", "0", "no", "off"):
         return False
-    raise APIError(400, f"query parameter {name}={raw!r} is not a boolean", param=name)
+    raise APIError(400, f"query parameter {name}={shown(raw)} is not a boolean", param=name)
 
 
 def _query_tags(request: Request) -> list[str] | None:
     tags = request.query_params.getlist("tags")
     return tags or None  # none given: every tag
-
-
-async def _json_object(request: Request) -> dict:
-    """The JSON body as a dict ({} when empty): for routes whose body is optional."""
-    raw = await request.body()
-    if not raw.strip():
-        return {}
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        raise APIError(400, "the request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
-    return body
 
 
 async def _control(call, *args) -> p.ControlOutput:
@@ -146,10 +132,12 @@ class VllmSampling:
     prompt_logprobs: int | None
 
 
-def _logprob_count(sp: dict[str, Any], key: str) -> int | None:
+def _count(sp: dict[str, Any], key: str, most: int | None = None) -> int | None:
+    """An integer field of vLLM's (>= 0, at most `most`) or None, checked under vLLM's name before it is renamed."""
     k = sp.get(key)
-    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= 20):
-        raise APIError(400, f"{key} must be an integer in [0, 20] or null, got {k!r}", param=key)
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0 or (most is not None and k > most)):
+        span = f"in [0, {most}]" if most is not None else ">= 0"
+        raise APIError(400, f"{key} must be an integer {span} or null, got {shown(k)}", param=key)
     return k
 
 
@@ -162,12 +150,16 @@ def vllm_sampling_params(sp: dict[str, Any], prompt_len: int, max_context_len: i
     for key, neutral in _NEUTRAL_SAMPLING.items():
         value = sp.get(key, neutral)
         if value is not None and value != neutral and value not in ({}, []):
-            raise APIError(400, f"sampling parameter {key}={value!r} is not supported by hotswap (only {neutral!r})", param=key)
+            raise APIError(400, f"sampling parameter {key}={shown(value)} is not supported by hotswap (only {shown(neutral)})", param=key)
     n = sp.get("n", 1)
     best_of = sp.get("best_of")
     if best_of is not None and best_of != n:
         raise APIError(400, "best_of is not supported by hotswap (only best_of == n)", param="best_of")
-    max_tokens = sp.get("max_tokens")
+    max_tokens = _count(sp, "max_tokens")
+    if max_tokens is not None and prompt_len + max_tokens > max_context_len:  # vLLM's 400, under its own field name
+        raise APIError(400, f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}: {prompt_len + max_tokens} exceeds "
+                            f"the context length {max_context_len}", param="max_tokens")
+    _count(sp, "min_tokens")  # the engine's min_new_tokens
     out: dict[str, Any] = {"n": n, "max_new_tokens": max_context_len - prompt_len if max_tokens is None else max_tokens,
                            "temperature": 1.0 if sp.get("temperature") is None else sp["temperature"],
                            "ignore_eos": bool(sp.get("ignore_eos", False)), "skip_special_tokens": sp.get("skip_special_tokens", True)}
@@ -184,7 +176,7 @@ def vllm_sampling_params(sp: dict[str, Any], prompt_len: int, max_context_len: i
         out["stop"] = [sp["stop"]] if isinstance(sp["stop"], str) else sp["stop"]
     if sp.get("stop_token_ids"):
         out["stop_token_ids"] = sp["stop_token_ids"]
-    return VllmSampling(params=out, logprobs=_logprob_count(sp, "logprobs"), prompt_logprobs=_logprob_count(sp, "prompt_logprobs"))
+    return VllmSampling(params=out, logprobs=_count(sp, "logprobs", 20), prompt_logprobs=_count(sp, "prompt_logprobs", 20))
 
 
 def token_id_logprobs(meta: dict, k: int) -> dict:
@@ -264,7 +256,7 @@ def register(app: FastAPI, state: ServerState) -> None:
         try:
             level = int(raw_level)
         except ValueError:
-            raise APIError(400, f"query parameter level={raw_level!r} is not an integer", param="level") from None
+            raise APIError(400, f"query parameter level={shown(raw_level)} is not an integer", param="level") from None
         out = await _control(engine.sleep, level, request.query_params.get("mode", "abort"), _query_tags(request))
         if not out.success:
             raise _refused(out)
@@ -283,7 +275,7 @@ def register(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/reset_prefix_cache")
     async def reset_prefix_cache(request: Request) -> JSONResponse:
-        body = await _json_object(request)
+        body = await parse_body(request, dict[str, Any])  # optional: an empty body reads as {}
         running = _query_bool(request, "reset_running_requests", bool(body.get("reset_running_requests", False)))
         reset = await asyncio.to_thread(engine.reset_prefix_cache)
         if not reset and running:
@@ -310,7 +302,7 @@ def register(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/update_weights")
     async def update_weights(request: Request) -> JSONResponse:
-        body = await _json_object(request)
+        body = await parse_body(request, dict[str, Any])  # optional: an empty body reads as {}
         if "update_info" in body:
             raise APIError(400, "vLLM's native weight transfer (update_info, /init_weight_transfer_engine) is not served by hotswap; "
                                 "send {\"weight_dir\": HF folder} for a disk update, or use /update_weights_from_distributed",

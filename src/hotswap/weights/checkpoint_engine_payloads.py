@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hotswap.errors import HotswapError
+from hotswap.errors import HotswapError, shown
 from hotswap.weights.restricted_pickle import TORCH_VALUES, GlobalRef, PickleRules, is_ref, restricted_loads
 from hotswap.weights.torch_handles import CudaTensorHandle, TensorView
 from hotswap.wire.buckets import first_overlap
@@ -53,7 +53,7 @@ def decode(data: bytes) -> object:
 
 def _int(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise PayloadError(f"buffer handle: {what} must be a non-negative integer, got {value!r}")
+        raise PayloadError(f"buffer handle: {what} must be a non-negative integer, got {shown(value)}")
     return value
 
 
@@ -74,13 +74,13 @@ def parse_ipc_handle(msg: object) -> CudaTensorHandle:
     (tensor_cls, size, stride, tensor_offset, storage_cls, dtype, device, storage_handle, storage_size, storage_offset,
      _requires_grad, ref_counter_handle, ref_counter_offset, event_handle, event_sync_required) = args
     if not is_ref(tensor_cls, TENSOR_CLASSES):
-        raise PayloadError(f"buffer handle: tensor class must be torch.Tensor, got {tensor_cls!r}")
+        raise PayloadError(f"buffer handle: tensor class must be torch.Tensor, got {shown(tensor_cls)}")
     if not is_ref(storage_cls, STORAGE_CLASSES):
-        raise PayloadError(f"buffer handle: storage class must be a torch storage, got {storage_cls!r}")
+        raise PayloadError(f"buffer handle: storage class must be a torch storage, got {shown(storage_cls)}")
     if dtype != torch.uint8:
-        raise PayloadError(f"buffer handle: the buffer must be uint8, got {dtype!r}")
+        raise PayloadError(f"buffer handle: the buffer must be uint8, got {shown(dtype)}")
     if not (isinstance(size, tuple) and len(size) == 1 and stride == (1,)):
-        raise PayloadError(f"buffer handle: the buffer must be 1-D and contiguous, got size {size!r} stride {stride!r}")
+        raise PayloadError(f"buffer handle: the buffer must be 1-D and contiguous, got size {shown(size)} stride {shown(stride)}")
     device = _int(device, "device")
     if event_handle is not None and not isinstance(event_handle, bytes):
         raise PayloadError(f"buffer handle: event handle must be bytes or None, got {type(event_handle).__name__}")
@@ -124,16 +124,16 @@ def parse_bucket(msg: object, buffer_bytes: int) -> list[BucketEntry]:
             raise PayloadError(f"bucket item {i} must be a dict with name, dtype, shape and offset, got {item!r:.200}")
         name, dtype, shape, offset = item["name"], item["dtype"], item["shape"], item["offset"]
         if not isinstance(name, str) or not name:
-            raise PayloadError(f"bucket item {i}: name must be a non-empty string, got {name!r}")
+            raise PayloadError(f"bucket item {i}: name must be a non-empty string, got {shown(name)}")
         if not isinstance(dtype, torch.dtype):
-            raise PayloadError(f"{name!r}: dtype must be a torch.dtype, got {dtype!r}")
+            raise PayloadError(f"{shown(name)}: dtype must be a torch.dtype, got {shown(dtype)}")
         if not isinstance(shape, (tuple, list)) or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
-            raise PayloadError(f"{name!r}: shape must be a sequence of non-negative integers, got {shape!r}")
+            raise PayloadError(f"{shown(name)}: shape must be a sequence of non-negative integers, got {shown(shape)}")
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0 or offset % dtype.itemsize:
-            raise PayloadError(f"{name!r}: offset must be a non-negative multiple of {dtype.itemsize}, got {offset!r}")
+            raise PayloadError(f"{shown(name)}: offset must be a non-negative multiple of {dtype.itemsize}, got {shown(offset)}")
         entry = BucketEntry(name, dtype, tuple(shape), offset)
         if offset + entry.nbytes > buffer_bytes:
-            raise PayloadError(f"{name!r}: {entry.nbytes} bytes at offset {offset} run past the {buffer_bytes}-byte buffer")
+            raise PayloadError(f"{shown(name)}: {entry.nbytes} bytes at offset {offset} run past the {buffer_bytes}-byte buffer")
         entries.append(entry)
     overlap = first_overlap((e.name, e.offset, e.offset + e.nbytes) for e in entries)
     if overlap is not None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hotswap.errors import HotswapError
+from hotswap.errors import HotswapError, shown
 from hotswap.weights.checkpoint_engine_payloads import (
     MAX_MESSAGE_BYTES,
     BucketEntry,
@@ -87,7 +87,7 @@ def find_address(zmq_handles: object, key: str) -> str:
         raise HotswapError(f"zmq_handles has no entry for this engine's device {key}; it has {sorted(map(str, zmq_handles))} "
                            "(is the parameter server on this host, pushing to this GPU?)")
     if not isinstance(address, str) or not address.startswith(("ipc://", "tcp://")):
-        raise HotswapError(f"zmq_handles[{key!r}] must be an ipc:// or tcp:// address, got {address!r:.200}")
+        raise HotswapError(f"zmq_handles[{shown(key)}] must be an ipc:// or tcp:// address, got {address!r:.200}")
     return address
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from hotswap.errors import shown
 from hotswap.wire.process_group import destroy_custom_process_group, retire_process_group, short_error, wait_work
 
 
@@ -32,7 +33,7 @@ class WeightsGroup:
 
     def broadcast_from_trainer(self, tensor: torch.Tensor) -> None:
         if self.broken is not None or self.pg is None:
-            raise WeightsGroupError(f"weights update group {self.name!r} is broken ({self.broken or 'destroyed'})")
+            raise WeightsGroupError(f"weights update group {shown(self.name)} is broken ({self.broken or 'destroyed'})")
         pending = []
         try:
             pending.append(dist.broadcast(tensor, src=0, group=self.pg, async_op=True))
@@ -42,7 +43,7 @@ class WeightsGroup:
             reason = short_error(exc)
         # outside the except block, so no traceback still sees the work: it goes to the retiring thread
         self.mark_broken(f"a broadcast failed: {reason}", pending)
-        raise WeightsGroupError(f"broadcast in weights update group {self.name!r} failed: {reason}")
+        raise WeightsGroupError(f"broadcast in weights update group {shown(self.name)} failed: {reason}")
 
     def mark_broken(self, reason: str, pending: list | None = None) -> None:
         """No collective can run on this group again: tear it down in the background, with the `pending`

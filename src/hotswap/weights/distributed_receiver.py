@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hotswap.errors import HotswapError
+from hotswap.errors import HotswapError, shown
 from hotswap.weights.distributed import WeightsGroup
 from hotswap.wire.dtypes import dtype_name, receivable_dtype
 
@@ -44,7 +44,7 @@ def plan_receive(names: list[str], dtypes: list[str], shapes: list[list[int]], l
     dtypes, and scratch bounded by `max_bytes` for a bucket, or for one tensor alone by the larger of that and
     `max_numel` elements (the model's largest parameter: nothing larger can be loaded)."""
     if load_format not in LOAD_FORMATS:
-        raise HotswapError(f"unsupported load_format {load_format!r}; use None (one broadcast per tensor) or 'flattened_bucket'")
+        raise HotswapError(f"unsupported load_format {shown(load_format)}; use None (one broadcast per tensor) or 'flattened_bucket'")
     if not all(isinstance(x, (list, tuple)) for x in (names, dtypes, shapes)):
         raise HotswapError("names, dtypes and shapes must be lists")
     if not (len(names) == len(dtypes) == len(shapes)):
@@ -53,9 +53,9 @@ def plan_receive(names: list[str], dtypes: list[str], shapes: list[list[int]], l
     for name, dt, shape in zip(names, dtypes, shapes):
         dtype = receivable_dtype(dtype_name(dt) if isinstance(dt, torch.dtype) else dt)
         if dtype is None:
-            raise HotswapError(f"unknown dtype {dt!r} for {name!r}")
+            raise HotswapError(f"unknown dtype {shown(dt)} for {shown(name)}")
         if not isinstance(shape, (list, tuple)) or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
-            raise HotswapError(f"invalid shape {shape!r} for {name!r}")
+            raise HotswapError(f"invalid shape {shown(shape)} for {shown(name)}")
         metas.append(BucketMeta(str(name), dtype, tuple(shape)))
     total = bucket_layout(metas)[1]
     if total > max_bytes and len(metas) > 1:

@@ -24,7 +24,7 @@ from operator import attrgetter
 
 import torch
 
-from hotswap.errors import CheckpointError
+from hotswap.errors import CheckpointError, shown
 from hotswap.weights.loader import TensorMeta, check_tensor_metas
 from hotswap.weights.mapping import WeightMap, WeightSlot
 
@@ -175,7 +175,7 @@ def check_finite(items: list[tuple[str, _Target, torch.Tensor]]) -> None:
     for name, target, src in items:
         if not bool(torch.isfinite(target.slot.spec.src_view(src)).all()):
             where = "" if target.full else " (in this rank's tensor-parallel slice)"
-            raise CheckpointError(f"tensor {name!r} holds NaN or Inf values{where}")
+            raise CheckpointError(f"tensor {shown(name)} holds NaN or Inf values{where}")
 
 
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from hotswap.errors import CheckpointError, HotswapError
+from hotswap.errors import CheckpointError, HotswapError, shown
 from hotswap.weights.loader import plan_checkpoint
 from hotswap.weights.mapping import WeightMap, WeightSlot
 from hotswap.weights.safetensors_io import TensorInfo, checkpoint_files, layout_signature
@@ -250,7 +250,7 @@ def run_read(read: ReadPlan, options: ReaderOptions, wait_for: dict[str, torch.c
     device = read.slots[0].dest.device
     strategy = options.strategy
     if strategy not in STRATEGIES:
-        raise HotswapError(f"unknown weight_load_strategy {strategy!r}; use one of {STRATEGIES}")
+        raise HotswapError(f"unknown weight_load_strategy {shown(strategy)}; use one of {STRATEGIES}")
     if device.type != "cuda":
         strategy = "plain"
     elif strategy in ("auto", "plain"):
@@ -439,7 +439,7 @@ def _check_finite(slots: list[WeightSlot]) -> None:
     flags = torch.stack([torch.isfinite(s.dest).all() for s in slots]).cpu()
     bad = [s.hf_name for s, ok in zip(slots, flags.tolist()) if not ok]
     if bad:
-        raise CheckpointError(f"tensor {bad[0]!r} holds NaN or Inf values" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+        raise CheckpointError(f"tensor {shown(bad[0])} holds NaN or Inf values" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
 
 
 class _CudaLoad:
@@ -535,7 +535,7 @@ class _CudaLoad:
                             err = cudart.cudaMemcpyAsync(piece.dest.data_ptr(), base + piece.start, piece.nbytes, _H2D, handle)
                             if err:
                                 _clear_cuda_error()
-                                raise HotswapError(f"cudaMemcpyAsync of {piece.slot.hf_name!r} failed with CUDA error {err}")
+                                raise HotswapError(f"cudaMemcpyAsync of {shown(piece.slot.hf_name)} failed with CUDA error {err}")
                     else:
                         for piece in task.pieces:
                             a = piece.start - task.start

@@ -18,7 +18,7 @@ from operator import itemgetter
 
 import torch
 
-from hotswap.errors import HotswapError
+from hotswap.errors import HotswapError, shown
 from hotswap.wire.buckets import first_overlap
 from hotswap.wire.dtypes import dtype_from_name
 from hotswap.wire.ipc import B64_FIELDS, CUDA_FIELDS
@@ -46,7 +46,7 @@ def _read_shm(name: str, offset: int, nbytes: int, what: str) -> torch.Tensor:
         block = shared_memory.SharedMemory(name=name, create=False)
         try:
             if offset + nbytes > block.size:
-                raise HotswapError(f"{what}: offset {offset} + {nbytes} bytes runs past the end of shared-memory block {name!r} ({block.size} bytes)")
+                raise HotswapError(f"{what}: offset {offset} + {nbytes} bytes runs past the end of shared-memory block {shown(name)} ({block.size} bytes)")
             out = torch.empty(nbytes, dtype=torch.uint8)
             out.numpy()[:] = np.frombuffer(block.buf, dtype=np.uint8, count=nbytes, offset=offset)
             return out
@@ -56,7 +56,7 @@ def _read_shm(name: str, offset: int, nbytes: int, what: str) -> torch.Tensor:
     try:
         size = os.fstat(fd).st_size
         if offset + nbytes > size:
-            raise HotswapError(f"{what}: offset {offset} + {nbytes} bytes runs past the end of shared-memory block {name!r} ({size} bytes)")
+            raise HotswapError(f"{what}: offset {offset} + {nbytes} bytes runs past the end of shared-memory block {shown(name)} ({size} bytes)")
         out = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
             with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mm:
@@ -71,37 +71,37 @@ def _read_shm(name: str, offset: int, nbytes: int, what: str) -> torch.Tensor:
 def _int_field(d: dict, key: str) -> int:
     v = d[key]
     if isinstance(v, bool) or not isinstance(v, int):
-        raise HotswapError(f"{d['name']!r}: field {key!r} must be an integer, got {v!r}")
+        raise HotswapError(f"{shown(d['name'])}: field {shown(key)} must be an integer, got {shown(v)}")
     return v
 
 
 def _shape(d: dict) -> tuple[int, ...]:
     shape = d["shape"]
     if not isinstance(shape, (list, tuple)) or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in shape):
-        raise HotswapError(f"{d['name']!r}: shape must be a list of non-negative integers, got {shape!r}")
+        raise HotswapError(f"{shown(d['name'])}: shape must be a list of non-negative integers, got {shown(shape)}")
     return tuple(shape)
 
 
 def _open_shm(d: dict, dtype: torch.dtype, shm_prefix: str | None) -> torch.Tensor:
     if "shm_name" not in d or "offset" not in d:
-        raise HotswapError(f"{d['name']!r}: an 'shm' descriptor needs 'shm_name' and 'offset'")
+        raise HotswapError(f"{shown(d['name'])}: an 'shm' descriptor needs 'shm_name' and 'offset'")
     shm_name = d["shm_name"]
     if not isinstance(shm_name, str) or not shm_name.lstrip("/") or "/" in shm_name.lstrip("/") or "\0" in shm_name:
-        raise HotswapError(f"{d['name']!r}: invalid shared-memory block name {shm_name!r}")
+        raise HotswapError(f"{shown(d['name'])}: invalid shared-memory block name {shown(shm_name)}")
     if shm_prefix is None or not shm_name.lstrip("/").startswith(shm_prefix):
-        raise HotswapError(f"{d['name']!r}: shared-memory block {shm_name!r} was not made for this engine; blocks must be "
+        raise HotswapError(f"{shown(d['name'])}: shared-memory block {shown(shm_name)} was not made for this engine; blocks must be "
                            "named with the engine's prefix (hotswap.wire.ipc.SharedMemoryBucket(..., token=engine.get_ipc_token()))")
     offset = _int_field(d, "offset")
     shape = _shape(d)
     nbytes = math.prod(shape) * dtype.itemsize
     if offset < 0:
-        raise HotswapError(f"{d['name']!r}: negative offset {offset}")
+        raise HotswapError(f"{shown(d['name'])}: negative offset {offset}")
     try:
         raw = _read_shm(shm_name, offset, nbytes, repr(d["name"]))
     except FileNotFoundError as exc:
-        raise HotswapError(f"{d['name']!r}: shared-memory block {shm_name!r} does not exist (freed too early?)") from exc
+        raise HotswapError(f"{shown(d['name'])}: shared-memory block {shown(shm_name)} does not exist (freed too early?)") from exc
     except OSError as exc:
-        raise HotswapError(f"{d['name']!r}: cannot open shared-memory block {shm_name!r}: {exc}") from exc
+        raise HotswapError(f"{shown(d['name'])}: cannot open shared-memory block {shown(shm_name)}: {exc}") from exc
     return raw.view(dtype).view(shape)
 
 
@@ -149,9 +149,10 @@ class CudaIpcMappings:
     @staticmethod
     def _call_key(items: list) -> tuple | None:
         try:
-            return len(items), items[0]["name"], items[-1]["name"]
+            key = len(items), items[0]["name"], items[-1]["name"]
         except (KeyError, TypeError, IndexError):
             return None
+        return key if isinstance(key[1], str) and isinstance(key[2], str) else None  # a malformed name: resolving says why
 
     def repeat(self, items: list) -> list[tuple[str, torch.Tensor]] | None:
         """A remembered call's result when `items` describe the same views of the same kept storages
@@ -233,25 +234,25 @@ def cuda_ipc_storage_key(d: dict) -> tuple:
 def _open_cuda_ipc(d: dict, dtype: torch.dtype, mappings: CudaIpcMappings | None) -> torch.Tensor:
     missing = [k for k in CUDA_FIELDS if k not in d]
     if missing:
-        raise HotswapError(f"{d['name']!r}: a 'cuda_ipc' descriptor lacks field(s) {missing}")
+        raise HotswapError(f"{shown(d['name'])}: a 'cuda_ipc' descriptor lacks field(s) {missing}")
     if not torch.cuda.is_available():
-        raise HotswapError(f"{d['name']!r}: cuda_ipc handles need a CUDA engine")
+        raise HotswapError(f"{shown(d['name'])}: cuda_ipc handles need a CUDA engine")
     try:
         raw = {k: base64.b64decode(d[k], validate=True) for k in B64_FIELDS}
     except (binascii.Error, TypeError, ValueError) as exc:
-        raise HotswapError(f"{d['name']!r}: handle fields are not valid base64: {exc}") from exc
+        raise HotswapError(f"{shown(d['name'])}: handle fields are not valid base64: {exc}") from exc
     shape = _shape(d)
     stride = d["stride"]
     if not isinstance(stride, (list, tuple)) or len(stride) != len(shape) or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in stride):
-        raise HotswapError(f"{d['name']!r}: stride {stride!r} does not fit shape {list(shape)}")
+        raise HotswapError(f"{shown(d['name'])}: stride {shown(stride)} does not fit shape {list(shape)}")
     storage_offset = _int_field(d, "storage_offset")
     storage_size = _int_field(d, "storage_size")
     if storage_offset < 0:
-        raise HotswapError(f"{d['name']!r}: negative storage_offset {storage_offset}")
+        raise HotswapError(f"{shown(d['name'])}: negative storage_offset {storage_offset}")
     if math.prod(shape):
         last = storage_offset + sum((n - 1) * s for n, s in zip(shape, stride))
         if (last + 1) * dtype.itemsize > storage_size:
-            raise HotswapError(f"{d['name']!r}: shape/stride/offset reach past the shared storage ({storage_size} bytes)")
+            raise HotswapError(f"{shown(d['name'])}: shape/stride/offset reach past the shared storage ({storage_size} bytes)")
     key = cuda_ipc_storage_key(d)
     device, _, handle_offset, _ = key
 
@@ -288,10 +289,10 @@ def resolve_named_tensors(items, device: torch.device, mappings: CudaIpcMappings
         if missing:
             raise HotswapError(f"named_tensors[{i}] lacks field(s) {missing}")
         if not isinstance(item["name"], str) or not item["name"]:
-            raise HotswapError(f"named_tensors[{i}]: name must be a non-empty string, got {item['name']!r}")
+            raise HotswapError(f"named_tensors[{i}]: name must be a non-empty string, got {shown(item['name'])}")
         dtype = dtype_from_name(item["dtype"]) if isinstance(item["dtype"], str) else None
         if dtype is None:
-            raise HotswapError(f"{item['name']!r}: unknown dtype {item['dtype']!r}")
+            raise HotswapError(f"{shown(item['name'])}: unknown dtype {shown(item['dtype'])}")
         try:
             if item["kind"] == "cuda_ipc":
                 out.append((item["name"], _open_cuda_ipc(item, dtype, mappings)))
@@ -300,13 +301,13 @@ def resolve_named_tensors(items, device: torch.device, mappings: CudaIpcMappings
                 shm_ranges.setdefault(item["shm_name"], []).append((item["name"], item["offset"], item["offset"] + t.numel() * t.element_size()))
                 out.append((item["name"], t))
             else:
-                raise HotswapError(f"{item['name']!r}: unknown handle kind {item['kind']!r}; use 'cuda_ipc' or 'shm'")
+                raise HotswapError(f"{shown(item['name'])}: unknown handle kind {shown(item['kind'])}; use 'cuda_ipc' or 'shm'")
         except HotswapError:
             raise
         except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as exc:
-            raise HotswapError(f"{item['name']!r}: cannot open {item['kind']} handle: {exc}") from exc
+            raise HotswapError(f"{shown(item['name'])}: cannot open {item['kind']} handle: {exc}") from exc
     for block, ranges in shm_ranges.items():
         overlap = first_overlap(ranges)
         if overlap is not None:
-            raise HotswapError(f"shared-memory block {block!r}: {overlap}")
+            raise HotswapError(f"shared-memory block {shown(block)}: {overlap}")
     return out

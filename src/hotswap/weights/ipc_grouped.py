@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from hotswap.errors import HotswapError
+from hotswap.errors import HotswapError, shown
 from hotswap.weights.ipc import CudaIpcMappings, cuda_ipc_storage_key, resolve_named_tensors
 from hotswap.wire.dtypes import dtype_from_name
 
@@ -39,27 +39,27 @@ def _whole_dtype(item: dict) -> torch.dtype | None:
 def _int_list(d: dict, key: str) -> tuple[int, ...]:
     v = d.get(key)
     if not isinstance(v, (list, tuple)) or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in v):
-        raise HotswapError(f"{d.get('name')!r}: {key} must be a list of non-negative integers, got {v!r}")
+        raise HotswapError(f"{shown(d.get('name'))}: {key} must be a list of non-negative integers, got {shown(v)}")
     return tuple(v)
 
 
 def _view(d: dict, storage: torch.UntypedStorage, device: torch.device, storage_size: int) -> tuple[str, torch.Tensor]:
     name = d.get("name")
     if not isinstance(name, str) or not name:
-        raise HotswapError(f"descriptor name must be a non-empty string, got {name!r}")
+        raise HotswapError(f"descriptor name must be a non-empty string, got {shown(name)}")
     dtype = dtype_from_name(d["dtype"]) if isinstance(d.get("dtype"), str) else None
     if dtype is None:
-        raise HotswapError(f"{name!r}: unknown dtype {d.get('dtype')!r}")
+        raise HotswapError(f"{shown(name)}: unknown dtype {shown(d.get('dtype'))}")
     shape, stride = _int_list(d, "shape"), _int_list(d, "stride")
     if len(stride) != len(shape):
-        raise HotswapError(f"{name!r}: stride {list(stride)} does not fit shape {list(shape)}")
+        raise HotswapError(f"{shown(name)}: stride {list(stride)} does not fit shape {list(shape)}")
     offset = d.get("storage_offset")
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise HotswapError(f"{name!r}: storage_offset must be a non-negative integer, got {offset!r}")
+        raise HotswapError(f"{shown(name)}: storage_offset must be a non-negative integer, got {shown(offset)}")
     if math.prod(shape):
         last = offset + sum((n - 1) * s for n, s in zip(shape, stride))
         if (last + 1) * dtype.itemsize > storage_size:
-            raise HotswapError(f"{name!r}: shape/stride/offset reach past the shared storage ({storage_size} bytes)")
+            raise HotswapError(f"{shown(name)}: shape/stride/offset reach past the shared storage ({storage_size} bytes)")
     return name, torch.empty(0, dtype=dtype, device=device).set_(storage, offset, shape, stride)
 
 
@@ -121,7 +121,7 @@ def _resolve(items, device: torch.device, mappings: CudaIpcMappings | None, shm_
         last = items[idx[-1]]
         size = last.get("storage_size")
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise HotswapError(f"{last.get('name')!r}: field 'storage_size' must be an integer, got {size!r}")
+            raise HotswapError(f"{shown(last.get('name'))}: field 'storage_size' must be an integer, got {shown(size)}")
         itemsize = _whole_dtype(last).itemsize
         whole = dict(last, name=f"{last.get('name')} (storage)", shape=[size // itemsize], stride=[1], storage_offset=0)
         _, flat = resolve_named_tensors([whole], device, mappings)[0]
@@ -138,5 +138,5 @@ def _resolve(items, device: torch.device, mappings: CudaIpcMappings | None, shm_
             except HotswapError:
                 raise
             except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-                raise HotswapError(f"{d.get('name')!r}: cannot open cuda_ipc handle: {exc}") from exc
+                raise HotswapError(f"{shown(d.get('name'))}: cannot open cuda_ipc handle: {exc}") from exc
     return out

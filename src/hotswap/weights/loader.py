@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from hotswap.errors import CheckpointError
+from hotswap.errors import CheckpointError, shown
 from hotswap.weights.mapping import WeightMap, WeightSlot
 from hotswap.weights.safetensors_io import TensorInfo, checkpoint_files, read_headers
 
@@ -33,21 +33,21 @@ def check_tensor_metas(weight_map: WeightMap, metas: list[TensorMeta], *, requir
             continue
         slot = weight_map.resolve(meta.name)
         if slot is None:
-            problems.append(f"unknown parameter {meta.name!r}")
+            problems.append(f"unknown parameter {shown(meta.name)}")
             continue
         if slot.hf_name in seen:
             if meta.name in weight_map.aliases or seen[slot.hf_name] in weight_map.aliases:
                 continue  # tied lm_head alongside the embedding: one tensor, loaded once
-            problems.append(f"parameter {meta.name!r} given twice")
+            problems.append(f"parameter {shown(meta.name)} given twice")
             continue
         seen[slot.hf_name] = meta.name
         canonical = weight_map.part_of.get(slot.hf_name)
         if canonical is not None:
             parts_seen[canonical] = parts_seen.get(canonical, 0) + 1
         if tuple(meta.shape) != slot.hf_shape:
-            problems.append(f"shape mismatch for {meta.name!r}: got {list(meta.shape)}, expected {list(slot.hf_shape)}")
+            problems.append(f"shape mismatch for {shown(meta.name)}: got {list(meta.shape)}, expected {list(slot.hf_shape)}")
         if not (meta.dtype.is_floating_point and slot.dtype.is_floating_point):
-            problems.append(f"dtype {meta.dtype} of {meta.name!r} cannot be loaded into a {slot.dtype} parameter")
+            problems.append(f"dtype {meta.dtype} of {shown(meta.name)} cannot be loaded into a {slot.dtype} parameter")
         pairs.append((meta, slot))
     both = sorted(name for name in parts_seen if name in seen)
     if both:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hotswap.errors import shown
+
 
 class Refused(Exception):
     """Raised while unpickling by the inert stand-ins; `restricted_loads` turns it into the protocol's error."""
@@ -84,7 +86,7 @@ class _Unpickler(pickle.Unpickler):
         raise Refused(f"refused to unpickle global {module}.{name}: {why}")
 
     def persistent_load(self, pid: object) -> object:
-        raise Refused(f"refused a pickle persistent id {pid!r}: {self._rules.source} carry none")
+        raise Refused(f"refused a pickle persistent id {shown(pid)}: {self._rules.source} carry none")
 
 
 def restricted_loads(data: bytes | bytearray | memoryview, rules: PickleRules) -> object:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from hotswap.errors import CheckpointError
+from hotswap.errors import CheckpointError, shown
 from hotswap.wire.buckets import first_overlap
 
 SAFETENSORS_DTYPES = {
@@ -34,7 +34,7 @@ def checkpoint_files(model_path: str | Path) -> list[Path]:
     """The safetensors files of a HF checkpoint folder (from its index when there is one)."""
     path = Path(model_path)
     if not path.is_dir():
-        raise CheckpointError(f"model path {str(path)!r} is not a directory")
+        raise CheckpointError(f"model path {shown(str(path))} is not a directory")
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -53,7 +53,7 @@ def checkpoint_files(model_path: str | Path) -> list[Path]:
         return _regular(files)
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise CheckpointError(f"{str(path)!r} holds no *.safetensors files (hotswap loads safetensors only)")
+        raise CheckpointError(f"{shown(str(path))} holds no *.safetensors files (hotswap loads safetensors only)")
     return _regular(files)
 
 
@@ -118,27 +118,27 @@ def _is_uint(x) -> bool:
 def _tensor_info(file: Path, name: str, meta, base: int, size: int) -> TensorInfo:
     """One header entry, checked field by field: a damaged header is named, never a KeyError."""
     if not isinstance(meta, dict):
-        raise CheckpointError(f"{file}: damaged safetensors header: the entry of tensor {name!r} is not an object")
+        raise CheckpointError(f"{file}: damaged safetensors header: the entry of tensor {shown(name)} is not an object")
     missing = [k for k in ("dtype", "shape", "data_offsets") if k not in meta]
     if missing:
-        raise CheckpointError(f"{file}: damaged safetensors header: tensor {name!r} lacks {', '.join(missing)}")
+        raise CheckpointError(f"{file}: damaged safetensors header: tensor {shown(name)} lacks {', '.join(missing)}")
     if meta["dtype"] not in SAFETENSORS_DTYPES:
-        raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {meta['dtype']!r}")
+        raise CheckpointError(f"{file}: tensor {shown(name)} has unsupported dtype {shown(meta['dtype'])}")
     shape, offsets = meta["shape"], meta["data_offsets"]
     if not isinstance(shape, list) or not all(map(_is_uint, shape)):
-        raise CheckpointError(f"{file}: damaged safetensors header: tensor {name!r} has shape {shape!r}")
+        raise CheckpointError(f"{file}: damaged safetensors header: tensor {shown(name)} has shape {shown(shape)}")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_uint, offsets)) or offsets[0] > offsets[1]:
-        raise CheckpointError(f"{file}: damaged safetensors header: tensor {name!r} has data_offsets {offsets!r}")
+        raise CheckpointError(f"{file}: damaged safetensors header: tensor {shown(name)} has data_offsets {shown(offsets)}")
     dtype = SAFETENSORS_DTYPES[meta["dtype"]]
     start, end = offsets
     numel = 1
     for n in shape:
         numel *= n
     if end - start != numel * dtype.itemsize:
-        raise CheckpointError(f"{file}: damaged safetensors header: tensor {name!r} of shape {shape} and dtype {meta['dtype']} "
+        raise CheckpointError(f"{file}: damaged safetensors header: tensor {shown(name)} of shape {shape} and dtype {meta['dtype']} "
                               f"needs {numel * dtype.itemsize} bytes, its data_offsets span {end - start}")
     if base + end > size:
-        raise CheckpointError(f"{file} is truncated: tensor {name!r} ends past the end of the file")
+        raise CheckpointError(f"{file} is truncated: tensor {shown(name)} ends past the end of the file")
     return TensorInfo(name, file, dtype, tuple(shape), base + start, end - start)
 
 
@@ -160,6 +160,6 @@ def read_headers(files: list[Path]) -> dict[str, TensorInfo]:
     for file in files:
         for name, info in read_header(file).items():
             if name in infos:
-                raise CheckpointError(f"tensor {name!r} appears in both {infos[name].file.name} and {file.name}")
+                raise CheckpointError(f"tensor {shown(name)} appears in both {infos[name].file.name} and {file.name}")
             infos[name] = info
     return infos

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from hotswap.errors import HotswapError
+from hotswap.errors import HotswapError, shown
 from hotswap.weights.mapping import WeightMap
 
 # Files beside the weights that make a folder a complete checkpoint.
@@ -49,22 +49,22 @@ def shard_names(pattern: str | None, total: int) -> list[str]:
     try:
         fields = list(string.Formatter().parse(pattern))
     except ValueError as exc:
-        raise HotswapError(f"pattern {pattern!r} is not a valid format string: {exc}") from None
+        raise HotswapError(f"pattern {shown(pattern)} is not a valid format string: {exc}") from None
     for _, field_name, spec, conversion in fields:
         if field_name is None:
             continue
         if field_name not in _PATTERN_FIELDS:
-            raise HotswapError(f"pattern {pattern!r}: field {{{field_name}}} is not allowed; use only {{rank}}, {{part}} and {{total}}")
+            raise HotswapError(f"pattern {shown(pattern)}: field {{{field_name}}} is not allowed; use only {{rank}}, {{part}} and {{total}}")
         if conversion is not None or not _INT_SPEC.fullmatch(spec or ""):
-            raise HotswapError(f"pattern {pattern!r}: field {{{field_name}}} may only take a plain integer format such as :05d")
+            raise HotswapError(f"pattern {shown(pattern)}: field {{{field_name}}} may only take a plain integer format such as :05d")
     names = [pattern.format(rank=0, part=i, total=total) for i in range(1, total + 1)]
     for name in names:
         if (not name or name != os.path.basename(name) or "\\" in name or "\0" in name or name.startswith(".")
                 or not name.endswith(".safetensors") or name == _INDEX):
-            raise HotswapError(f"pattern {pattern!r} gives {name!r}: shard names must be plain file names ending in .safetensors "
+            raise HotswapError(f"pattern {shown(pattern)} gives {shown(name)}: shard names must be plain file names ending in .safetensors "
                                "(no folders, no leading dot)")
     if len(set(names)) != len(names):
-        raise HotswapError(f"pattern {pattern!r} gives the same name to several of the {total} shards; use {{part}}")
+        raise HotswapError(f"pattern {shown(pattern)} gives the same name to several of the {total} shards; use {{part}}")
     return names
 
 
@@ -92,7 +92,7 @@ def _existing(path: Path, written: Sequence[str]) -> list[str]:
 def save_sharded(weight_map: WeightMap, whole: Whole, path: Path, source_model_path: str, *, pattern: str | None, max_size: int,
                  overwrite: bool = False) -> list[Path]:
     if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size <= 0:
-        raise HotswapError(f"max_size must be a positive integer, got {max_size!r}")
+        raise HotswapError(f"max_size must be a positive integer, got {shown(max_size)}")
     shards, total_size = _plan_shards(weight_map, max_size)
     names = shard_names(pattern, len(shards))
     src = Path(source_model_path)
@@ -105,8 +105,8 @@ def save_sharded(weight_map: WeightMap, whole: Whole, path: Path, source_model_p
         stale.unlink(missing_ok=True)
     clash = _existing(path, [*names, *sides, _INDEX])  # an old index is replaced or removed: it counts either way
     if clash and not overwrite:
-        shown = ", ".join(clash[:8]) + (f" and {len(clash) - 8} more" if len(clash) > 8 else "")
-        raise HotswapError(f"{path} already holds {shown}; choose an empty folder or pass overwrite=true to replace them")
+        listed = ", ".join(clash[:8]) + (f" and {len(clash) - 8} more" if len(clash) > 8 else "")
+        raise HotswapError(f"{path} already holds {listed}; choose an empty folder or pass overwrite=true to replace them")
     partial: list[Path] = []
     weight_index: dict[str, str] = {}  # checkpoint tensor name -> its shard (stacked experts are written per expert)
     try:
@@ -148,13 +148,13 @@ def _matches_store(url: str, store: str) -> bool:
 def check_remote_url(url: str, stores: Sequence[str]) -> None:
     """Refuse a save_remote_model URL outside the configured stores (a server's --remote-model-stores)."""
     if not isinstance(url, str) or "://" not in url:
-        raise HotswapError(f"url {url!r} is not a URL like s3://bucket/prefix")
+        raise HotswapError(f"url {shown(url)} is not a URL like s3://bucket/prefix")
     if ".." in url.split("://", 1)[1].split("/"):
-        raise HotswapError(f"url {url!r} may not contain '..'")
+        raise HotswapError(f"url {shown(url)} may not contain '..'")
     if not stores:
         raise HotswapError("save_remote_model is off on this server: start it with --remote-model-stores s3://bucket/prefix[,...]")
     if not any(_matches_store(url, s) for s in stores):
-        raise HotswapError(f"url {url!r} is outside the stores this server may write to ({', '.join(stores)})")
+        raise HotswapError(f"url {shown(url)} is outside the stores this server may write to ({', '.join(stores)})")
 
 
 _REMOTE_TMP = "hotswap-save-remote-"  # + the saving process's id + "-" + a random part

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hotswap.errors import HotswapError
+from hotswap.errors import HotswapError, shown
 from hotswap.weights.ipc import CudaIpcMappings
 from hotswap.weights.restricted_pickle import TORCH_VALUES, GlobalRef, PickleRules, Refused, is_ref, refuse_build, restricted_loads
 from hotswap.weights.torch_handles import (
@@ -284,10 +284,10 @@ def _parse_pairs(obj: object, tp_rank: int, what: str) -> list[tuple[str, Tensor
         if isinstance(tensor, _LocalSerializedRecord):
             values = (tensor.state or {}).get("values")
             if set(tensor.state or {}) != {"values"} or not isinstance(values, list):
-                raise PayloadError(f"{name!r}: a LocalSerializedTensor has exactly one field, values (a list)")
+                raise PayloadError(f"{shown(name)}: a LocalSerializedTensor has exactly one field, values (a list)")
             if not tp_rank < len(values):
-                raise PayloadError(f"{name!r}: LocalSerializedTensor has {len(values)} values, none for TP rank {tp_rank}")
-            tensor = unpickle(values[tp_rank], f"{name!r} (TP rank {tp_rank})")
+                raise PayloadError(f"{shown(name)}: LocalSerializedTensor has {len(values)} values, none for TP rank {tp_rank}")
+            tensor = unpickle(values[tp_rank], f"{shown(name)} (TP rank {tp_rank})")
         pairs.append((name, parse_tensor(tensor, repr(name))))
     return pairs
 
@@ -312,17 +312,17 @@ def _parse_metadata(record: object, flat: TensorView, i: int) -> _BucketEntry:
     name = _name(s["name"], what)
     dtype = s["dtype"]
     if not isinstance(dtype, torch.dtype):
-        raise PayloadError(f"{name!r}: dtype must be a torch dtype, got {dtype!r:.80}")
+        raise PayloadError(f"{shown(name)}: dtype must be a torch dtype, got {dtype!r:.80}")
     shape = _ints(s["shape"], repr(name), "shape")
     start, end, numel = (_int(s[k], repr(name), k) for k in ("start_idx", "end_idx", "numel"))
     by_bytes = flat.dtype == torch.uint8  # SGLang's multi-dtype bucket: indices count bytes
     if not by_bytes and dtype != flat.dtype:
-        raise PayloadError(f"{name!r}: dtype {dtype} differs from the flat tensor's {flat.dtype} (only a uint8 flat tensor mixes dtypes)")
+        raise PayloadError(f"{shown(name)}: dtype {dtype} differs from the flat tensor's {flat.dtype} (only a uint8 flat tensor mixes dtypes)")
     want = math.prod(shape) * (dtype.itemsize if by_bytes else 1)
     if end - start != numel or numel != want:
-        raise PayloadError(f"{name!r}: start_idx {start}, end_idx {end} and numel {numel} do not hold shape {list(shape)} of {dtype}")
+        raise PayloadError(f"{shown(name)}: start_idx {start}, end_idx {end} and numel {numel} do not hold shape {list(shape)} of {dtype}")
     if end > flat.numel:
-        raise PayloadError(f"{name!r}: end_idx {end} runs past the flat tensor ({flat.numel} elements)")
+        raise PayloadError(f"{shown(name)}: end_idx {end} runs past the flat tensor ({flat.numel} elements)")
     return _BucketEntry(name=name, dtype=dtype, shape=shape, start=start, end=end)
 
 
@@ -374,11 +374,11 @@ def decode_serialized_named_tensors(payloads: list[str | bytes], tp_rank: int, l
     TensorHandleError when a checked handle cannot be opened here) naming what was wrong. Every handle
     is checked before the first is opened."""
     if load_format not in LOAD_FORMATS:
-        raise PayloadError(f"unsupported load_format {load_format!r}; use one of {list(LOAD_FORMATS)}")
+        raise PayloadError(f"unsupported load_format {shown(load_format)}; use one of {list(LOAD_FORMATS)}")
     if not isinstance(payloads, (list, tuple)):
         raise PayloadError(f"serialized_named_tensors must be a list (one payload per TP rank), got {type(payloads).__name__}")
     if isinstance(tp_rank, bool) or not isinstance(tp_rank, int) or not 0 <= tp_rank < len(payloads):
-        raise PayloadError(f"serialized_named_tensors has {len(payloads)} payload(s), none for TP rank {tp_rank!r}")
+        raise PayloadError(f"serialized_named_tensors has {len(payloads)} payload(s), none for TP rank {shown(tp_rank)}")
     what = f"serialized_named_tensors[{tp_rank}]"
     obj = unpickle(payloads[tp_rank], what)
     if load_format == "flattened_bucket":

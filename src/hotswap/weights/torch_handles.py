@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hotswap.errors import HotswapError
+from hotswap.errors import HotswapError, shown
 from hotswap.weights.ipc import CudaIpcMappings, _open_cuda_ipc
 from hotswap.wire.dtypes import dtype_name
 from hotswap.wire.ipc import b64
@@ -115,7 +115,7 @@ def _device_index(device: int | str, what: str) -> int:
     for i in range(torch.cuda.device_count()):
         if str(torch.cuda.get_device_properties(i).uuid) == device:
             return i
-    raise TensorHandleError(f"{what}: no local GPU has UUID {device!r}")
+    raise TensorHandleError(f"{what}: no local GPU has UUID {shown(device)}")
 
 
 def _open_cuda(handle: CudaTensorHandle, what: str, mappings: CudaIpcMappings | None) -> torch.Tensor:
@@ -144,9 +144,9 @@ def _shm_object_size(name: str, what: str) -> int:
     try:
         fd = _posixshmem.shm_open(name, os.O_RDONLY, mode=0o600)
     except FileNotFoundError:
-        raise TensorHandleError(f"{what}: shared-memory object {name!r} does not exist (freed before the update?)") from None
+        raise TensorHandleError(f"{what}: shared-memory object {shown(name)} does not exist (freed before the update?)") from None
     except OSError as exc:
-        raise TensorHandleError(f"{what}: cannot open shared-memory object {name!r}: {exc}") from None
+        raise TensorHandleError(f"{what}: cannot open shared-memory object {shown(name)}: {exc}") from None
     try:
         return os.fstat(fd).st_size
     finally:
@@ -158,13 +158,13 @@ def _check_manager_socket(path: str, what: str) -> None:
     parent = os.path.dirname(path)
     if (not os.path.isabs(path) or os.path.normpath(path) != path or os.path.basename(path) != "manager.sock"
             or not os.path.basename(parent).startswith(_MANAGER_DIR_PREFIX)):
-        raise TensorHandleError(f"{what}: {path!r} is not a torch shared-memory manager socket")
+        raise TensorHandleError(f"{what}: {shown(path)} is not a torch shared-memory manager socket")
     try:
         mode = os.stat(path, follow_symlinks=False).st_mode
     except OSError as exc:
-        raise TensorHandleError(f"{what}: torch shared-memory manager socket {path!r}: {exc.strerror}") from None
+        raise TensorHandleError(f"{what}: torch shared-memory manager socket {shown(path)}: {exc.strerror}") from None
     if not stat.S_ISSOCK(mode):
-        raise TensorHandleError(f"{what}: {path!r} is not a socket")
+        raise TensorHandleError(f"{what}: {shown(path)} is not a socket")
 
 
 def _open_shared_file(handle: SharedFileTensorHandle, what: str) -> torch.Tensor:
@@ -172,7 +172,7 @@ def _open_shared_file(handle: SharedFileTensorHandle, what: str) -> torch.Tensor
         raise TensorHandleError(f"{what}: shared-memory tensors need a POSIX host")
     size = _shm_object_size(handle.shm_name, what)
     if size != SHM_HEADER_BYTES + handle.storage_size_bytes:
-        raise TensorHandleError(f"{what}: shared-memory object {handle.shm_name!r} holds {size} bytes, not the "
+        raise TensorHandleError(f"{what}: shared-memory object {shown(handle.shm_name)} holds {size} bytes, not the "
                                 f"{SHM_HEADER_BYTES}-byte header + {handle.storage_size_bytes} bytes the handle declares")
     _check_manager_socket(handle.manager_socket, what)
     try:
@@ -180,7 +180,7 @@ def _open_shared_file(handle: SharedFileTensorHandle, what: str) -> torch.Tensor
                                                                 handle.storage_size_bytes)
         storage._shared_decref()  # balances the sender's incref at pickling, as torch's own rebuild does
     except RuntimeError as exc:
-        raise TensorHandleError(f"{what}: cannot map shared-memory object {handle.shm_name!r}: {exc}") from None
+        raise TensorHandleError(f"{what}: cannot map shared-memory object {shown(handle.shm_name)}: {exc}") from None
     v = handle.view
     return torch.empty(0, dtype=v.dtype).set_(storage, v.storage_offset, v.shape, v.stride)
 

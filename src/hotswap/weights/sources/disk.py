@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from hotswap import protocol as p
-from hotswap.errors import CheckpointError, HotswapError
+from hotswap.errors import CheckpointError, HotswapError, shown
 from hotswap.weights.fast_reader import ReaderOptions, ReadPlan, ReadPlanCache
 from hotswap.weights.mapping import WeightMap
 
@@ -21,7 +21,7 @@ T = TypeVar("T")
 
 def check_request(req: p.UpdateWeightsFromDiskRequest) -> None:
     if req.load_format not in (None, "auto", "safetensors"):
-        raise HotswapError(f"unsupported load_format {req.load_format!r}; hotswap loads safetensors")
+        raise HotswapError(f"unsupported load_format {shown(req.load_format)}; hotswap loads safetensors")
 
 
 def plan_disk(model_path: str, weight_map: WeightMap, plans: ReadPlanCache, options: ReaderOptions, timeout_s: float) -> ReadPlan:

@@ -17,11 +17,12 @@ from datetime import timedelta
 import torch
 
 from hotswap import protocol as p
-from hotswap.errors import HotswapError
+from hotswap.errors import HotswapError, shown
 from hotswap.weights.distributed import WeightsGroup
 from hotswap.weights.ranks import WeightRanks
 from hotswap.wire.process_group import destroy_custom_process_group, forget_reservation, init_custom_process_group, short_error
 
+_MAX_WORLD_SIZE = 2**31 - 1  # torch.distributed ranks are 32-bit
 MAX_TIMEOUT_S = 86400.0  # a group's timeout bounds every wait on it: a day at most (time_t and timedelta overflow far beyond)
 
 
@@ -52,20 +53,25 @@ class WeightGroups:
         name = req.group_name
         if name in self.groups or name in self.pending:
             state = "is still being set up" if name in self.pending else "already exists"
-            return f"weights update group {name!r} {state}; destroy it or use another group_name"
+            return f"weights update group {shown(name)} {state}; destroy it or use another group_name"
         backend = req.backend or ("nccl" if self.device.type == "cuda" else "gloo")
         if backend not in ("gloo", "nccl"):
-            return f"unsupported backend {backend!r}; use 'nccl' (CUDA) or 'gloo'"
+            return f"unsupported backend {shown(backend)}; use 'nccl' (CUDA) or 'gloo'"
         if backend == "nccl" and self.device.type != "cuda":
             return "backend 'nccl' needs a CUDA engine; use 'gloo' on the CPU"
+        for key in ("master_port", "rank_offset", "world_size"):
+            if not isinstance(getattr(req, key), int) or isinstance(getattr(req, key), bool):
+                return f"{key} must be an integer, got {shown(getattr(req, key))}"
+        if not 0 < req.master_port < 65536:
+            return f"master_port must be a TCP port (1..65535), got {req.master_port}"
+        if req.world_size > _MAX_WORLD_SIZE:  # torch.distributed ranks are 32-bit
+            return f"world_size must be at most {_MAX_WORLD_SIZE}, got {req.world_size}"
         rank, last = req.rank_offset, req.rank_offset + self.ranks.size - 1
         if not 0 < rank <= last < req.world_size:
             ranks = f"engine rank {rank}" if rank == last else f"engine ranks {rank}..{last} (one per tensor-parallel rank)"
             return f"{ranks} (rank_offset {req.rank_offset}) must be in 1..world_size-1={req.world_size - 1}"
         if isinstance(req.timeout_s, bool) or not isinstance(req.timeout_s, (int, float)) or not 0 < req.timeout_s <= MAX_TIMEOUT_S:
-            return f"timeout_s must be positive and at most {MAX_TIMEOUT_S:g} s, got {req.timeout_s!r}"  # NaN and inf included
-        if isinstance(req.master_port, bool) or not isinstance(req.master_port, int) or not 0 < req.master_port < 65536:
-            return f"master_port must be a TCP port (1..65535), got {req.master_port!r}"
+            return f"timeout_s must be positive and at most {MAX_TIMEOUT_S:g} s, got {shown(req.timeout_s)}"  # NaN and inf included
         return backend, f"tcp://{req.master_address}:{req.master_port}"
 
     def init(self, req: p.InitWeightsUpdateGroupRequest) -> p.ControlOutput | Future:
@@ -81,7 +87,7 @@ class WeightGroups:
 
         def failed(why: str) -> p.ControlOutput:
             return p.ControlOutput(success=False, message=(
-                f"failed to join weights update group {name!r} at {where} as {ranks} of {req.world_size} within {req.timeout_s:g} s "
+                f"failed to join weights update group {shown(name)} at {where} as {ranks} of {req.world_size} within {req.timeout_s:g} s "
                 f"(the trainer must create it as rank 0 there, with every other rank joining): {why}"))
 
         def join() -> None:
@@ -106,7 +112,7 @@ class WeightGroups:
             else:
                 # one dict store, atomic under the GIL; the scheduler thread only reads this dict
                 self.groups[name] = WeightsGroup(name, pg, rank, req.world_size, backend, self.device, op_timeout_s=self.op_timeout_s)
-                out = p.ControlOutput(success=True, message=f"joined group {name!r} as {ranks} of {req.world_size} ({backend})")
+                out = p.ControlOutput(success=True, message=f"joined group {shown(name)} as {ranks} of {req.world_size} ({backend})")
             self.pending.pop(name, None)
             attempt.future.set_result(out)
 
@@ -131,19 +137,19 @@ class WeightGroups:
         group = self.groups.pop(name, None)
         if group is None:
             pending = " (it is still being set up)" if name in self.pending else ""
-            return p.ControlOutput(success=False, message=f"no weights update group named {name!r}{pending}")
+            return p.ControlOutput(success=False, message=f"no weights update group named {shown(name)}{pending}")
         self.ranks.destroy_group(name)
         note = group.destroy()  # a dead peer can make teardown complain; the group is gone either way
         extra = "".join(f" ({x})" for x in (f"it was broken: {group.broken}" if group.broken else None, note) if x)
-        return p.ControlOutput(success=True, message=f"group {name!r} destroyed{extra}")
+        return p.ControlOutput(success=True, message=f"group {shown(name)} destroyed{extra}")
 
     def get(self, name: str) -> WeightsGroup:
         """The usable group of that name; raises HotswapError saying why there is none."""
         group = self.groups.get(name)
         if group is None:
             pending = " (it is still being set up)" if name in self.pending else ""
-            raise HotswapError(f"no weights update group {name!r}{pending}; call init_weights_update_group first")
+            raise HotswapError(f"no weights update group {shown(name)}{pending}; call init_weights_update_group first")
         if group.broken is not None:
-            raise HotswapError(f"weights update group {name!r} is broken ({group.broken}); destroy it and init a new one")
+            raise HotswapError(f"weights update group {shown(name)} is broken ({group.broken}); destroy it and init a new one")
         return group
 

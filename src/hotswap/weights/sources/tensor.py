@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from hotswap import protocol as p
-from hotswap.errors import HotswapError
+from hotswap.errors import HotswapError, shown
 from hotswap.weights.fast_copy import MatchedTensors, TensorPlanCache
 from hotswap.weights.ipc import CudaIpcMappings
 from hotswap.weights.ipc_grouped import resolve_grouped
@@ -24,7 +24,7 @@ def match_tensors(req: p.UpdateWeightsFromTensorRequest, weight_map: WeightMap, 
         decoded = decode_serialized_named_tensors(req.serialized_named_tensors, 0, req.load_format, mappings)
         return plans.match(weight_map, decoded.named_tensors)
     if req.load_format not in (None, "direct"):
-        raise HotswapError(f"unsupported load_format {req.load_format!r} for named_tensors (\"flattened_bucket\" comes as serialized_named_tensors)")
+        raise HotswapError(f"unsupported load_format {shown(req.load_format)} for named_tensors (\"flattened_bucket\" comes as serialized_named_tensors)")
     return match_named(resolve_grouped(req.named_tensors, device, mappings, shm_prefix=shm_prefix), weight_map, mappings, plans)
 
 
