@@ -156,6 +156,9 @@ def test_stop_strings_span_tokens_and_wait_for_min_new_tokens(engine):
     reason = held["meta_info"]["finish_reason"]
     assert reason == ({"type": "length", "length": 40} if later == -1 else {"type": "stop", "matched": stop})
     assert held["text"] == (text if later == -1 else text[:later])
+    # SGLang's and vLLM's rule: min_new_tokens may not exceed max_new_tokens
+    with pytest.raises(HotswapError, match=r"min_new_tokens \(41\) must be at most max_new_tokens \(40\)"):
+        engine.generate(PROMPT, dict(GREEDY, max_new_tokens=40, min_new_tokens=41))
 
 
 def test_skip_special_tokens_and_spaces_between_them(engine):

@@ -130,6 +130,8 @@ class SamplingParams:
             raise bad(f"repetition_penalty must be in (0, 2], got {shown(self.repetition_penalty)}")
         if not _is_int(self.min_new_tokens) or self.min_new_tokens < 0:
             raise bad(f"min_new_tokens must be an integer >= 0, got {shown(self.min_new_tokens)}")
+        if self.min_new_tokens > self.max_new_tokens:  # SGLang's and vLLM's rule
+            raise bad(f"min_new_tokens ({self.min_new_tokens}) must be at most max_new_tokens ({self.max_new_tokens})")
         if not isinstance(self.logit_bias, dict) or not all(
                 _is_int(t) and t >= 0 and _is_number(b) and -100.0 <= b <= 100.0 for t, b in self.logit_bias.items()):
             raise bad("logit_bias must map token ids (>= 0) to biases in [-100, 100]")
