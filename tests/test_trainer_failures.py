@@ -184,8 +184,8 @@ def test_an_engine_committing_under_another_version_fails_the_push(engines, tiny
         def __getattr__(self, name):
             return getattr(b, name)
 
-        def end_weight_update(self, weight_version=None, abort=False):
-            return b.end_weight_update(abort=abort)
+        def end_weight_update(self, weight_version=None, abort=False, session_id=None):
+            return b.end_weight_update(abort=abort, session_id=session_id)
 
         def __repr__(self):
             return "Versionless(engine b)"

@@ -279,7 +279,7 @@ class Scheduler:
             return
         waits_for_drain = isinstance(request, p.PauseGenerationRequest) and request.mode == "wait"  # vLLM's wait mode
         # an update of a session that is not open is refused at once: it aborts nothing and waits for nothing
-        if isinstance(request, _DRAIN_FIRST) and self.sessions.stale(request.session_id) is None:
+        if isinstance(request, _DRAIN_FIRST) and self.sessions.stale(getattr(request, "session_id", None)) is None:
             if getattr(request, "abort_all_requests", False):
                 self.abort_all("aborted for a weight update")
             else:
