@@ -643,6 +643,29 @@ def test_a_late_bucket_of_session_one_leaves_session_two_whole(rig, api):
     rig.restore()
 
 
+def test_a_late_call_aborts_no_request_and_waits_for_none(rig):
+    """A late call of an ended session is refused at once: its abort_all_requests aborts nothing, and it does
+    not wait for running requests to drain (as a call that may run does)."""
+    sid = begin(rig, http=False)
+    assert end(rig, False, sid, abort=True)["success"]
+    done = []
+    params = {"max_new_tokens": 450, "temperature": 0.0, "ignore_eos": True}
+    worker = threading.Thread(target=lambda: done.append(rig.engine.generate(input_ids=PROMPTS[0], sampling_params=params)))
+    worker.start()
+    deadline = time.monotonic() + 10
+    while rig.engine.get_load().num_running == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    start = time.monotonic()
+    res = rig.engine.update_weights_from_tensor([(Q, rig.v2[Q])], abort_all_requests=True, session_id=sid)
+    refused_in = time.monotonic() - start
+    running = rig.engine.get_load().num_running
+    worker.join(60)
+    assert not res.success and "is not open" in res.message
+    assert running == 1 and refused_in < 0.5, (running, refused_in)  # refused while the request was still running
+    assert done[0]["meta_info"]["finish_reason"]["type"] == "length" and len(done[0]["output_ids"]) == 450
+    rig.assert_unchanged("late call")
+
+
 def test_racing_updates_are_applied_one_at_a_time(rig):
     """Concurrent updates over HTTP (good, bad, good) never mix: each good one lands whole, the bad one changes
     nothing, and the weights served at the end are exactly those of the version they report."""
