@@ -267,8 +267,9 @@ class WeightPusher:
                           engine_results=list(final))
 
     def _begin(self) -> None:
-        """Open a session on every engine. A refused begin (a session left open by a push that timed out or
-        died) is followed by an abort and one more begin; when an engine still has none, every session is
+        """Open a session on every engine and keep the ids they answer. A refused begin (a session left open
+        by a push that timed out or died) is followed by an abort without an id (that session's id may never
+        have reached this pusher) and one more begin; when an engine still has none, every session is
         aborted and the push refused."""
         began = self.call_all("begin_weight_update")
         # refused outright (not unreachable, not still in flight): a stale session, most likely
