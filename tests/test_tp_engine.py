@@ -173,6 +173,24 @@ def test_a_fault_on_rank1_only_rolls_every_rank_back(engine, tiny_qwen3, tiny_qw
     assert engine.weight_version == version
 
 
+def test_a_late_bucket_of_an_aborted_session_reaches_no_rank(engine, tiny_qwen3, tiny_qwen3_v2):
+    """Rank 0 keeps the sessions: a late bucket of an aborted session is refused before any rank copies a
+    byte, and the session open on every rank commits only its own bucket."""
+    v1, v2 = checkpoint_tensors(tiny_qwen3), checkpoint_tensors(tiny_qwen3_v2)
+    name, other = RANK1_ONLY[0], "model.layers.0.self_attn.q_proj.weight"  # rank 1 holds half of each
+    s1 = engine.begin_weight_update().session_id
+    assert engine.update_weights_from_tensor({name: v2[name]}, session_id=s1).success
+    assert engine.end_weight_update(abort=True, session_id=s1).success
+    s2 = engine.begin_weight_update().session_id
+    assert engine.update_weights_from_tensor({other: v2[other]}, session_id=s2).success
+    for late in (engine.update_weights_from_tensor({name: v2[name]}, session_id=s1),
+                 engine.update_weights_from_disk(str(tiny_qwen3_v2), session_id=s1)):
+        assert not late.success and f"session '{s1}' is not open: it was aborted" in late.message, late.message
+    assert engine.end_weight_update(weight_version="s2", session_id=s2).success
+    check = engine.check_weights("checksum", expected=state_dict_manifest({**v1, other: v2[other]}))
+    assert check.success, check.message
+
+
 def test_trainer_pushes_to_both_ranks_over_a_group(engine, tiny_qwen3, tiny_qwen3_v2):
     """Each engine rank joins the trainer's group (ranks 1 and 2 of 3) and takes its slice of every bucket."""
     url, server = serve_engine_http(engine)

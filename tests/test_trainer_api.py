@@ -267,3 +267,77 @@ def test_distributed_buckets_hold_one_bucket_on_the_trainer(monkeypatch):
         pusher._drop_group()
     assert res.num_buckets == 3 and len(peaks) == 3
     assert max(peaks) <= bucket_bytes + 64 * 64 * 2, peaks
+
+
+class SessionRecorder:
+    """A fake engine that records the session each call names ("-" when the call gave no session_id at all).
+    With `ids` its begin answers a fresh session id, as hotswap does; without, none, as SGLang does.
+    `refuse_bucket` refuses that bucket (0-based), so the pusher aborts."""
+
+    def __init__(self, ids: bool, refuse_bucket: int | None = None):
+        self.ids, self.refuse_bucket = ids, refuse_bucket
+        self.calls: list[tuple[str, str]] = []
+        self.begun = self.buckets = 0
+
+    def _bucket(self, kw: dict) -> dict:
+        self.calls.append(("bucket", kw.get("session_id", "-")))
+        self.buckets += 1
+        ok = self.buckets - 1 != self.refuse_bucket
+        return {"success": ok, "message": "" if ok else "refused", "extra": {"received": True}}
+
+    def begin_weight_update(self):
+        self.begun += 1
+        self.calls.append(("begin", "-"))
+        return {"success": True, **({"session_id": f"s{self.begun}"} if self.ids else {})}
+
+    def end_weight_update(self, weight_version=None, abort=False, **kw):
+        self.calls.append(("abort" if abort else "end", kw.get("session_id", "-")))
+        return {"success": True, "weight_version": weight_version}
+
+    def update_weights_from_tensor(self, named_tensors, **kw):
+        return self._bucket(kw)
+
+    def update_weights_from_disk(self, model_path, **kw):
+        return self._bucket(kw)
+
+    def update_weights_from_distributed(self, names, dtypes, shapes, **kw):
+        return self._bucket(kw)
+
+    def get_ipc_token(self):
+        return "recorder"
+
+
+@pytest.mark.parametrize("transport", ["ipc", "disk", "distributed"])
+def test_pushers_name_each_engines_session_on_every_call(transport, tiny_qwen3, tmp_path):
+    """Every bucket call and the commit or abort of a push name the session the engine's begin answered (each
+    engine its own); an engine that answered none (SGLang) gets no session_id at all."""
+    from datetime import timedelta
+
+    from hotswap.trainer import free_port
+    from hotswap.wire.process_group import destroy_custom_process_group, init_custom_process_group
+
+    weights = {f"model.layers.{i}.w": torch.randn(32, 32) for i in range(4)}
+    buckets = 1 if transport == "disk" else 2  # per push; the disk pusher loads the whole checkpoint in one call
+    engines = [SessionRecorder(ids=True), SessionRecorder(ids=False), SessionRecorder(ids=True, refuse_bucket=2 * buckets - 1)]
+    kw = {"bucket_bytes": 2 * 32 * 32 * 4}
+    if transport == "ipc":
+        pusher = IPCWeightPusher(engines, **kw)
+    elif transport == "disk":
+        pusher = DiskWeightPusher(engines, template_dir=tiny_qwen3, root_dir=tmp_path, max_shard_bytes=kw["bucket_bytes"])
+    else:
+        pusher = DistributedWeightPusher(engines, backend="gloo", timeout_s=10, group_name="sid", **kw)
+        pusher.pg = init_custom_process_group(backend="gloo", init_method=f"tcp://127.0.0.1:{free_port()}", world_size=1, rank=0,
+                                              group_name="sid", timeout=timedelta(seconds=10))
+    try:
+        pusher.push(weights, weight_version="v1")
+        with pytest.raises(WeightPushError):  # the third engine refuses the last bucket of this push
+            pusher.push(weights, weight_version="v2")
+    finally:
+        if transport == "distributed":
+            destroy_custom_process_group(pusher.pg)
+    first = [("begin", "-")] + [("bucket", "s1")] * buckets + [("end", "s1")]
+    second = [("begin", "-"), ("bucket", "s2")] + ([] if transport == "disk" else [("bucket", "s2")]) + [("abort", "s2")]
+    assert engines[0].calls == first + second
+    assert all(sid == "-" for _, sid in engines[1].calls)  # no session id was ever sent to it
+    assert engines[2].calls[:len(first)] == first and ("abort", "s2") in engines[2].calls
+    assert pusher.session_ids == [None, None, None]  # a later call never names an ended push's session

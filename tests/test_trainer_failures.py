@@ -12,7 +12,7 @@ import torch
 from trainer_support import Faults, checkpoint_tensors, serve_engine_http
 
 from hotswap import Engine
-from hotswap.trainer import HttpEngineClient, IPCWeightPusher, WeightPushError, free_port, verify_engines
+from hotswap.trainer import DiskWeightPusher, HttpEngineClient, IPCWeightPusher, WeightPushError, free_port, verify_engines
 from hotswap.trainer.push import COMMITTED, ROLLED_BACK, UNKNOWN, UNTOUCHED
 
 BUCKET = 200_000  # three buckets of the tiny model
@@ -132,6 +132,24 @@ def test_retry_after_a_timed_out_begin_ends_the_stale_session(engines, tiny_qwen
         server.shutdown()
 
 
+def test_a_bucket_landing_after_the_abort_is_refused(engines, tiny_qwen3, tiny_qwen3_v2, tmp_path):
+    """The bucket call reaches the engine after the trainer gave up on it and aborted the session (the
+    checkpoint is kept, so the engine could still read it): it names the aborted session and is refused, so
+    the engine keeps serving its weights under its version, not part of the new ones under the old name."""
+    a = engines[0]
+    client, server = front(a, Faults(delay_before={"/update_weights_from_disk": 1.0}), timeout_s=0.3)
+    before = snapshot(a)
+    try:
+        pusher = DiskWeightPusher(client, template_dir=tiny_qwen3, root_dir=tmp_path, keep=True, call_timeout_s=0.3)
+        with pytest.raises(WeightPushError, match="update_weights_from_disk failed on .* within 0.3 s") as info:
+            pusher.push(checkpoint_tensors(tiny_qwen3_v2), weight_version="late")
+        assert info.value.states == [ROLLED_BACK] and pusher.last_path.is_dir()
+        time.sleep(1.5)  # the late call has landed and been answered
+        assert snapshot(a) == before and no_session_open(a)
+    finally:
+        server.shutdown()
+
+
 def test_a_slow_in_process_engine_fails_the_push_in_bounded_time(engines, tiny_qwen3_v2):
     """An in-process engine that loads a bucket but answers late fails the push within call_timeout_s, named,
     and its session is rolled back with the others."""
@@ -184,8 +202,8 @@ def test_an_engine_committing_under_another_version_fails_the_push(engines, tiny
         def __getattr__(self, name):
             return getattr(b, name)
 
-        def end_weight_update(self, weight_version=None, abort=False):
-            return b.end_weight_update(abort=abort)
+        def end_weight_update(self, weight_version=None, abort=False, session_id=None):
+            return b.end_weight_update(abort=abort, session_id=session_id)
 
         def __repr__(self):
             return "Versionless(engine b)"

@@ -146,3 +146,83 @@ def test_mark_makes_content_changes_visible_once():
     sessions.mark("reset")
     sessions.mark("reset")
     assert sessions.weight_version == "v3+reset"
+
+
+# ---- session ids: a call of a session that is not open changes nothing, the open session included ----------
+
+
+def test_a_bucket_of_an_aborted_session_is_refused_and_changes_nothing():
+    sessions, flushes = machine()
+    a = slot("a", [1.0])
+    begun = sessions.begin()
+    ok, _ = begun  # still SGLang's (success, message)
+    sid = begun.session_id
+    assert ok and sid and begun["session_id"] == sid
+    assert sessions.run("bucket", "v2", True, writer(a, 5.0, sessions), session_id=sid).success
+    assert sessions.end(None, abort=True, session_id=sid).success
+    late = sessions.run("bucket", "v2", True, writer(a, 9.0, sessions), session_id=sid)
+    assert not late.success and f"session '{sid}' is not open: it was aborted; weights unchanged" in late.message
+    assert late.extra["session"] == "aborted" and not late.rolled_back
+    assert a.dest.tolist() == [1.0] and sessions.weight_version == "default" and sessions.session is None and flushes == []
+    refused = sessions.refuse_update("bucket refused: bad shape", sid)  # a validation refusal of that late call
+    assert not refused.success and "is not open" in refused.message and sessions.session is None
+    assert sessions.run("update", None, True, writer(a, 3.0, sessions)).success  # a call without an id: as before ids
+    assert a.dest.tolist() == [3.0]
+
+
+def test_a_late_bucket_of_an_old_session_leaves_the_new_session_alone():
+    """Session 1 is aborted (its trainer gave up), a retry opens session 2; session 1's late bucket (a valid one,
+    or one validation refuses) is refused and session 2 commits exactly its own buckets."""
+    sessions, _ = machine()
+    a, b = slot("a", [1.0]), slot("b", [2.0])
+    s1 = sessions.begin().session_id
+    assert sessions.end(None, abort=True, session_id=s1).success
+    s2 = sessions.begin().session_id
+    assert s2 != s1
+    assert sessions.run("bucket", None, True, writer(b, 20.0, sessions), session_id=s2).success
+    late = sessions.run("bucket", None, True, writer(a, 10.0, sessions), session_id=s1)
+    assert not late.success and "it was aborted" in late.message and "the open session is untouched" in late.message
+    late = sessions.refuse_update("bucket refused: shape mismatch; weights unchanged", s1)
+    assert not late.success and "shape mismatch" in late.message and "is not open" in late.message and not late.rolled_back
+    assert sessions.session.failure is None and b.dest.tolist() == [20.0]  # session 2 neither failed nor rolled back
+    end = sessions.end("v2", abort=False, session_id=s2)
+    assert end.success and end.num_tensors == 1 and sessions.weight_version == "v2"
+    assert (a.dest.item(), b.dest.item()) == (1.0, 20.0)
+
+
+def test_stale_end_and_abort_leave_the_open_session_alone():
+    """An abort ends its own session and never another: of a session that ended without a commit it is a
+    no-op that answers success; of a committed or unknown one it is refused. A stale commit is refused."""
+    sessions, flushes = machine()
+    a = slot("a", [1.0])
+    committed = sessions.begin().session_id
+    assert sessions.end("v1", abort=False, session_id=committed).success
+    aborted = sessions.begin().session_id
+    assert sessions.end(None, abort=True, session_id=aborted).success
+    open_id = sessions.begin().session_id
+    assert sessions.run("bucket", None, True, writer(a, 7.0, sessions), session_id=open_id).success
+    out = sessions.end(None, abort=True, session_id=aborted)
+    assert out.success and not out.rolled_back and "nothing to abort" in out.message and out.extra["session"] == "aborted"
+    out = sessions.end(None, abort=True, session_id=committed)
+    assert not out.success and "it was committed" in out.message and out.extra["session"] == "committed"
+    out = sessions.end(None, abort=True, session_id="never-opened")
+    assert not out.success and "nothing aborted" in out.message and out.extra["session"] == "unknown"
+    out = sessions.end("v9", abort=False, session_id=aborted)
+    assert not out.success and "nothing committed" in out.message
+    assert sessions.session.id == open_id and sessions.session.failure is None and a.dest.tolist() == [7.0]
+    assert sessions.weight_version == "v1" and flushes == []  # nothing was committed since the first (empty) session
+    assert sessions.end("v3", abort=False, session_id=open_id).success and a.dest.tolist() == [7.0] and sessions.weight_version == "v3"
+
+
+def test_a_late_call_of_an_expired_session_hears_of_the_expiry():
+    sessions, _ = machine(timeout_s=0.05)
+    a = slot("a", [1.0])
+    sid = sessions.begin().session_id
+    assert sessions.run("bucket", None, True, writer(a, 9.0, sessions), session_id=sid).success
+    time.sleep(0.1)
+    assert sessions.expire() and a.dest.tolist() == [1.0]
+    late = sessions.run("bucket", None, True, writer(a, 9.0, sessions), session_id=sid)
+    assert not late.success and "it expired" in late.message and "expired after" in late.message and a.dest.tolist() == [1.0]
+    out = sessions.end(None, abort=True, session_id=sid)  # the trainer's abort: its session's updates are gone, as it wants
+    assert out.success and out.extra["session"] == "expired"
+    assert sessions.run("update", None, True, writer(a, 2.0, sessions)).success  # the expiry was told once, to its trainer

@@ -153,12 +153,18 @@ def _tensor_update(rig: Rig, http: bool, version: str | None, **body) -> Reply:
     return _reply(rig.engine.update_weights_from_tensor(**body, weight_version=version))
 
 
-def send(rig: Rig, transport: str, named: list[tuple[str, torch.Tensor]], http: bool, version: str | None = None) -> Reply:
+def _sid(session_id: str | None) -> dict:
+    """`session_id=` when the call names a begin_weight_update session (left out otherwise, as SGLang's callers do)."""
+    return {} if session_id is None else {"session_id": session_id}
+
+
+def send(rig: Rig, transport: str, named: list[tuple[str, torch.Tensor]], http: bool, version: str | None = None,
+         session_id: str | None = None) -> Reply:
     if transport == "tensor":
-        return _reply(rig.engine.update_weights_from_tensor(named, weight_version=version))
+        return _reply(rig.engine.update_weights_from_tensor(named, weight_version=version, **_sid(session_id)))
     if transport == "shm":
         with SharedMemoryBucket(named, token=rig.engine.get_ipc_token()) as bucket:
-            return _tensor_update(rig, http, version, named_tensors=bucket.descriptors)
+            return _tensor_update(rig, http, version, named_tensors=bucket.descriptors, **_sid(session_id))
     if transport in ("serialized", "local_serialized", "flattened_bucket"):
         if transport == "serialized":
             obj = [(n, t.clone()) for n, t in named]
@@ -168,31 +174,32 @@ def send(rig: Rig, transport: str, named: list[tuple[str, torch.Tensor]], http: 
             obj = flattened_bucket(named) if named else {"flattened_tensor": torch.empty(0, dtype=torch.uint8), "metadata": []}
         payload = serialize(obj, output_str=True)
         return _tensor_update(rig, http, version, serialized_named_tensors=[payload],
-                              load_format="flattened_bucket" if transport == "flattened_bucket" else None)
+                              load_format="flattened_bucket" if transport == "flattened_bucket" else None, **_sid(session_id))
     if transport in ("distributed", "distributed_flat"):
         flat = transport == "distributed_flat"
         if named:
             rig.commands.put(("send", [flatten_bucket(named, dtype=None, device=torch.device("cpu"))] if flat else [t.contiguous() for _, t in named]))
         body = {"names": [n for n, _ in named], "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in named],
                 "shapes": [list(t.shape) for _, t in named], "group_name": rig.group, "weight_version": version,
-                "load_format": "flattened_bucket" if flat else None}
+                "load_format": "flattened_bucket" if flat else None, **_sid(session_id)}
         out = _reply(rig.client.post("/update_weights_from_distributed", json=body) if http
                      else rig.engine.update_weights_from_distributed(**body))
         if named:
             rig.event("sent")  # lockstep held: the trainer's broadcast completed even for a refused bucket
         return out
     if transport == "checkpoint_engine":
-        return push_checkpoint_engine(rig, FakeParameterServer([named]), http, version)
+        return push_checkpoint_engine(rig, FakeParameterServer([named]), http, version, session_id)
     raise ValueError(transport)
 
 
-def push_checkpoint_engine(rig: Rig, server: FakeParameterServer, http: bool, version: str | None = None) -> Reply:
+def push_checkpoint_engine(rig: Rig, server: FakeParameterServer, http: bool, version: str | None = None,
+                           session_id: str | None = None) -> Reply:
     replies = []
 
     def request(paths):
         handles = dict(paths)
-        replies.append(_reply(rig.client.post("/update_weights_from_ipc", json={"zmq_handles": handles, "weight_version": version}) if http
-                              else rig.engine.update_weights_from_ipc(handles, weight_version=version)))
+        body = {"zmq_handles": handles, "weight_version": version, **_sid(session_id)}
+        replies.append(_reply(rig.client.post("/update_weights_from_ipc", json=body) if http else rig.engine.update_weights_from_ipc(**body)))
 
     server.update(request)
     return replies[0]
@@ -551,6 +558,112 @@ def test_refused_bucket_in_an_explicit_session_leaves_nothing_behind(rig):
     assert r.status_code == 400 and "rolled back" in r.json()["message"]
     rig.assert_unchanged("session")
     good_update(rig, "shm", http=True)
+
+
+# ---- session ids: a call that reaches the engine after its session ended --------------------------------
+
+
+def begin(rig: Rig, http: bool) -> str:
+    """Open a session; its id (the Engine's reply still unpacks as SGLang's `(success, message)`)."""
+    if http:
+        body = rig.client.post("/begin_weight_update", json={}).json()
+        assert body["success"], body
+        return body["session_id"]
+    out = rig.engine.begin_weight_update()
+    ok, message = out
+    assert ok, message
+    return out.session_id
+
+
+def end(rig: Rig, http: bool, session_id: str, abort: bool = False, version: str | None = None) -> dict:
+    body = {"weight_version": version, "abort": abort, "session_id": session_id}
+    if http:
+        r = rig.client.post("/end_weight_update", json=body)
+        assert r.status_code == (200 if r.json()["success"] else 400)
+        return r.json()
+    return rig.engine.end_weight_update(**body).to_dict()
+
+
+@pytest.mark.parametrize("api", ["engine", "http"])
+def test_a_late_bucket_of_an_aborted_session_is_refused_by_every_transport(rig, api, tiny_qwen3_v2):
+    """The trainer gave up and aborted its session; its buckets still in flight land afterwards, by every
+    transport. Each is refused and changes nothing (weights, version, greedy answer); the distributed one
+    still takes part in the broadcast it announces, so the group carries the next update."""
+    http = api == "http"
+    sid = begin(rig, http)
+    assert send(rig, "shm", [(GATE, rig.v2[GATE])], http, session_id=sid).success
+    assert end(rig, http, sid, abort=True)["rolled_back"]
+    rig.assert_unchanged("aborted session")
+    late_bucket = [(Q, rig.v2[Q]), (GATE, rig.v2[GATE])]
+    for transport in ("tensor", "shm", "serialized", "distributed", "distributed_flat", "checkpoint_engine"):
+        if transport == "tensor" and http:
+            continue
+        res = send(rig, transport, late_bucket, http, version="late", session_id=sid)
+        assert not res.success and f"session '{sid}' is not open: it was aborted; weights unchanged" in res.message, (transport, res.message)
+        assert res.status in (None, 400), transport
+        rig.assert_unchanged(transport)
+    body = {"model_path": str(tiny_qwen3_v2), "weight_version": "late", "session_id": sid}
+    res = _reply(rig.client.post("/update_weights_from_disk", json=body) if http else rig.engine.update_weights_from_disk(**body))
+    assert not res.success and "it was aborted" in res.message, res.message
+    rig.assert_unchanged("disk")
+    good_update(rig, "distributed", http)  # lockstep held through the refused broadcasts
+
+
+@pytest.mark.parametrize("api", ["engine", "http"])
+def test_a_late_bucket_of_session_one_leaves_session_two_whole(rig, api):
+    """A retry opened session 2 while session 1's buckets (good ones, and one a validation refuses) were still
+    in flight: they are refused without failing or rolling back session 2, a stale end or abort leaves it
+    alone, and session 2 commits exactly its own bucket."""
+    http = api == "http"
+    s1 = begin(rig, http)
+    assert send(rig, "shm", [(UP, rig.v2[UP])], http, session_id=s1).success
+    assert end(rig, http, s1, abort=True)["success"]
+    s2 = begin(rig, http)
+    assert s2 != s1
+    assert send(rig, "shm", [(Q, rig.v2[Q])], http, session_id=s2).success
+    late_bucket = [(GATE, rig.v2[GATE]), (DOWN, rig.v2[DOWN])]
+    for transport in ("shm", "distributed_flat", "checkpoint_engine"):
+        late = send(rig, transport, late_bucket, http, session_id=s1)
+        assert not late.success and "is not open: it was aborted" in late.message and "the open session is untouched" in late.message, \
+            (transport, late.message)
+    bad = send(rig, "shm", [(GATE, rig.v2[GATE][:, :8].contiguous())], http, session_id=s1)
+    assert not bad.success and "shape mismatch" in bad.message and "is not open" in bad.message and "marked failed" not in bad.message
+    out = end(rig, http, s1, abort=True)  # the old push's abort, late: a no-op, session 2 stays open
+    assert out["success"] and not out["rolled_back"] and out["extra"]["session"] == "aborted"
+    out = end(rig, http, s1, version="s1")  # a stale commit is refused
+    assert not out["success"] and "nothing committed" in out["message"]
+    assert rig.engine.get_load().paused  # session 2 still holds generation
+    out = end(rig, http, s2, version="s2")
+    assert out["success"] and out["num_tensors"] == 1, out
+    check = rig.engine.check_weights("checksum", expected=state_dict_manifest({**rig.v1, Q: rig.v2[Q]}))
+    assert check.success, check.message
+    assert rig.engine.weight_version == "s2"
+    out = end(rig, http, s2, abort=True)  # an abort never undoes a commit
+    assert not out["success"] and out["extra"]["session"] == "committed" and rig.engine.weight_version == "s2"
+    rig.restore()
+
+
+def test_a_late_call_aborts_no_request_and_waits_for_none(rig):
+    """A late call of an ended session is refused at once: its abort_all_requests aborts nothing, and it does
+    not wait for running requests to drain (as a call that may run does)."""
+    sid = begin(rig, http=False)
+    assert end(rig, False, sid, abort=True)["success"]
+    done = []
+    params = {"max_new_tokens": 450, "temperature": 0.0, "ignore_eos": True}
+    worker = threading.Thread(target=lambda: done.append(rig.engine.generate(input_ids=PROMPTS[0], sampling_params=params)))
+    worker.start()
+    deadline = time.monotonic() + 10
+    while rig.engine.get_load().num_running == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    start = time.monotonic()
+    res = rig.engine.update_weights_from_tensor([(Q, rig.v2[Q])], abort_all_requests=True, session_id=sid)
+    refused_in = time.monotonic() - start
+    running = rig.engine.get_load().num_running
+    worker.join(60)
+    assert not res.success and "is not open" in res.message
+    assert running == 1 and refused_in < 0.5, (running, refused_in)  # refused while the request was still running
+    assert done[0]["meta_info"]["finish_reason"]["type"] == "length" and len(done[0]["output_ids"]) == 450
+    rig.assert_unchanged("late call")
 
 
 def test_racing_updates_are_applied_one_at_a_time(rig):

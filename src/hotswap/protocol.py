@@ -129,6 +129,7 @@ class UpdateWeightsFromDiskRequest:
     weight_version: str | None = None
     flush_cache: bool = True
     abort_all_requests: bool = False
+    session_id: str | None = None  # the begin_weight_update session this call belongs to (see weights/session.py); None: as SGLang
 
 
 @dataclass(kw_only=True, slots=True)
@@ -144,6 +145,7 @@ class UpdateWeightsFromTensorRequest:
     flush_cache: bool = True
     weight_version: str | None = None
     abort_all_requests: bool = False
+    session_id: str | None = None  # the begin_weight_update session this call belongs to (see weights/session.py); None: as SGLang
 
 
 @dataclass(kw_only=True, slots=True)
@@ -153,6 +155,7 @@ class UpdateWeightsFromIPCRequest:
     zmq_handles: dict[str, str]
     flush_cache: bool = True
     weight_version: str | None = None
+    session_id: str | None = None  # the begin_weight_update session this call belongs to (see weights/session.py); None: as SGLang
 
 
 @dataclass(kw_only=True, slots=True)
@@ -176,6 +179,7 @@ class UpdateWeightsFromDistributedRequest:
     weight_version: str | None = None
     load_format: str | None = None  # None: one broadcast per tensor; "flattened_bucket": one per call
     abort_all_requests: bool = False
+    session_id: str | None = None  # the begin_weight_update session this call belongs to (see weights/session.py); None: as SGLang
 
 
 @dataclass(kw_only=True, slots=True)
@@ -262,6 +266,15 @@ class BeginWeightUpdateRequest:
 class EndWeightUpdateRequest:
     weight_version: str | None = None
     abort: bool = False  # roll back every update of the session instead of committing (a trainer-side failure)
+    session_id: str | None = None  # end only this session (a stale id leaves the open one alone); None: whichever is open
+
+
+@dataclass(kw_only=True, slots=True)
+class BeginWeightUpdateOutput(ControlOutput):
+    """Unpacks as `(success, message)`; `session_id` names the opened session ("" when refused): calls that
+    give it run only inside that session, so a late call of an ended session can never land in another."""
+
+    session_id: str = ""
 
 
 @dataclass(kw_only=True, slots=True)

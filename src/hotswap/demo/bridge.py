@@ -54,29 +54,29 @@ class PipeEngineHandle:
                           world_size=world_size, group_name=group_name, backend=backend, timeout_s=timeout_s)
 
     def update_weights_from_distributed(self, names, dtypes, shapes, group_name="weight_update_group", flush_cache=True,
-                                        weight_version=None, load_format=None):
+                                        weight_version=None, load_format=None, session_id=None):
         return self._call("update_weights_from_distributed", names=list(names), dtypes=[str(d) for d in dtypes],
                           shapes=[list(s) for s in shapes], group_name=group_name, flush_cache=flush_cache,
-                          weight_version=weight_version, load_format=load_format)
+                          weight_version=weight_version, load_format=load_format, session_id=session_id)
 
     def destroy_weights_update_group(self, group_name="weight_update_group"):
         return self._call("destroy_weights_update_group", group_name=group_name)
 
-    def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True, weight_version=None):
+    def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True, weight_version=None, session_id=None):
         if any(not isinstance(x, dict) for x in named_tensors):
             raise TypeError("across processes, update_weights_from_tensor takes handle descriptors (hotswap.wire.ipc), not tensors")
         return self._call("update_weights_from_tensor", named_tensors=list(named_tensors), load_format=load_format,
-                          flush_cache=flush_cache, weight_version=weight_version)
+                          flush_cache=flush_cache, weight_version=weight_version, session_id=session_id)
 
-    def update_weights_from_disk(self, model_path, load_format=None, weight_version=None, flush_cache=True):
+    def update_weights_from_disk(self, model_path, load_format=None, weight_version=None, flush_cache=True, session_id=None):
         return self._call("update_weights_from_disk", model_path=str(model_path), load_format=load_format,
-                          weight_version=weight_version, flush_cache=flush_cache)
+                          weight_version=weight_version, flush_cache=flush_cache, session_id=session_id)
 
     def begin_weight_update(self):
         return self._call("begin_weight_update")
 
-    def end_weight_update(self, weight_version=None, abort=False):
-        return self._call("end_weight_update", weight_version=weight_version, abort=abort)
+    def end_weight_update(self, weight_version=None, abort=False, session_id=None):
+        return self._call("end_weight_update", weight_version=weight_version, abort=abort, session_id=session_id)
 
     def check_weights(self, action, expected=None):
         return self._call("check_weights", action=action, expected=expected)

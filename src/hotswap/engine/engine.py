@@ -173,6 +173,9 @@ class Engine:
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 
+    def __repr__(self) -> str:
+        return f"Engine(model_path={getattr(self, 'model_path', None)!r})"  # trainer errors name engines by it
+
     def __enter__(self) -> Engine:
         return self
 
@@ -333,15 +336,16 @@ class Engine:
         return self.get_load().weight_version
 
     def update_weights_from_disk(self, model_path: str, load_format: str | None = None, weight_version: str | None = None,
-                                 flush_cache: bool = True, abort_all_requests: bool = False) -> p.DiskUpdateOutput:
-        """As SGLang's Engine: unpacks as `(success, message, num_paused_requests)`."""
+                                 flush_cache: bool = True, abort_all_requests: bool = False, session_id: str | None = None) -> p.DiskUpdateOutput:
+        """As SGLang's Engine: unpacks as `(success, message, num_paused_requests)`. `session_id` (every weight
+        update method takes it): run only inside that begin_weight_update session, refused once it ended."""
         out = self.submit(p.UpdateWeightsFromDiskRequest(model_path=str(model_path), load_format=load_format, weight_version=weight_version,
-                                                        flush_cache=flush_cache, abort_all_requests=abort_all_requests))
+                                                        flush_cache=flush_cache, abort_all_requests=abort_all_requests, session_id=session_id))
         return p.DiskUpdateOutput.of(out)
 
     def update_weights_from_tensor(self, named_tensors=None, load_format: str | None = None, flush_cache: bool = True,
                                    weight_version: str | None = None, abort_all_requests: bool = False,
-                                   serialized_named_tensors: list[str | bytes] | None = None) -> p.WeightUpdateOutput:
+                                   serialized_named_tensors: list[str | bytes] | None = None, session_id: str | None = None) -> p.WeightUpdateOutput:
         """`named_tensors`: (name, tensor) pairs (or a dict) in process, or plain-data handle descriptors.
         As SGLang's Engine: with load_format "flattened_bucket" `named_tensors` is the per-TP-rank list of
         serialized payloads; `serialized_named_tensors` gives such a list for any load_format."""
@@ -352,10 +356,13 @@ class Engine:
         return self._call(p.UpdateWeightsFromTensorRequest(
             named_tensors=None if named_tensors is None else list(named_tensors),
             serialized_named_tensors=None if serialized_named_tensors is None else list(serialized_named_tensors),
-            load_format=load_format, flush_cache=flush_cache, weight_version=weight_version, abort_all_requests=abort_all_requests))
+            load_format=load_format, flush_cache=flush_cache, weight_version=weight_version, abort_all_requests=abort_all_requests,
+            session_id=session_id))
 
-    def update_weights_from_ipc(self, zmq_handles: dict[str, str], flush_cache: bool = True, weight_version: str | None = None) -> p.WeightUpdateOutput:
-        return self._call(p.UpdateWeightsFromIPCRequest(zmq_handles=zmq_handles, flush_cache=flush_cache, weight_version=weight_version))
+    def update_weights_from_ipc(self, zmq_handles: dict[str, str], flush_cache: bool = True, weight_version: str | None = None,
+                                session_id: str | None = None) -> p.WeightUpdateOutput:
+        return self._call(p.UpdateWeightsFromIPCRequest(zmq_handles=zmq_handles, flush_cache=flush_cache, weight_version=weight_version,
+                                                        session_id=session_id))
 
     def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
                                   group_name: str = "weight_update_group", backend: str | None = None, timeout_s: float = 600.0) -> p.ControlOutput:
@@ -364,11 +371,12 @@ class Engine:
 
     def update_weights_from_distributed(self, names: list[str], dtypes: list, shapes: list, group_name: str = "weight_update_group",
                                         flush_cache: bool = True, weight_version: str | None = None, load_format: str | None = None,
-                                        abort_all_requests: bool = False) -> p.WeightUpdateOutput:
+                                        abort_all_requests: bool = False, session_id: str | None = None) -> p.WeightUpdateOutput:
         dtypes = [str(d).removeprefix("torch.") for d in dtypes]
         return self._call(p.UpdateWeightsFromDistributedRequest(names=list(names), dtypes=dtypes, shapes=[list(s) for s in shapes],
                                                                 group_name=group_name, flush_cache=flush_cache, weight_version=weight_version,
-                                                                load_format=load_format, abort_all_requests=abort_all_requests))
+                                                                load_format=load_format, abort_all_requests=abort_all_requests,
+                                                                session_id=session_id))
 
     def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> p.ControlOutput:
         return self._call(p.DestroyWeightsUpdateGroupRequest(group_name=group_name))
@@ -487,11 +495,13 @@ class Engine:
     def update_weight_version(self, new_version: str, abort_all_requests: bool = True) -> p.ControlOutput:
         return self._call(p.UpdateWeightVersionRequest(new_version=str(new_version), abort_all_requests=abort_all_requests))
 
-    def begin_weight_update(self) -> p.ControlOutput:
+    def begin_weight_update(self) -> p.BeginWeightUpdateOutput:
+        """Open a multi-call update session; the reply's `session_id` is what its calls and its end give."""
         return self._call(p.BeginWeightUpdateRequest())
 
-    def end_weight_update(self, weight_version: str | None = None, abort: bool = False) -> p.WeightUpdateOutput:
-        return self._call(p.EndWeightUpdateRequest(weight_version=weight_version, abort=abort))
+    def end_weight_update(self, weight_version: str | None = None, abort: bool = False, session_id: str | None = None) -> p.WeightUpdateOutput:
+        """Commit (or `abort`) the open session; with `session_id`, only that one (see weights/session.py)."""
+        return self._call(p.EndWeightUpdateRequest(weight_version=weight_version, abort=abort, session_id=session_id))
 
     def submit(self, request):
         """Send any protocol request and wait for its output (the HTTP server's single entry point)."""

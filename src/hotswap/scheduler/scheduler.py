@@ -278,7 +278,8 @@ class Scheduler:
         if request is None:
             return
         waits_for_drain = isinstance(request, p.PauseGenerationRequest) and request.mode == "wait"  # vLLM's wait mode
-        if isinstance(request, _DRAIN_FIRST):
+        # an update of a session that is not open is refused at once: it aborts nothing and waits for nothing
+        if isinstance(request, _DRAIN_FIRST) and self.sessions.stale(getattr(request, "session_id", None)) is None:
             if getattr(request, "abort_all_requests", False):
                 self.abort_all("aborted for a weight update")
             else:

@@ -60,7 +60,7 @@ class WeightUpdater:
     def _run(self, kind: str, req, apply: Callable[[UpdateSession], tuple[int, int]]) -> p.WeightUpdateOutput:
         if self.weights_released():
             return self.sessions.refuse(f"{kind} refused: the weights are released; resume_memory_occupation(['weights']) first")
-        return self.sessions.run(kind, req.weight_version, req.flush_cache, apply)
+        return self.sessions.run(kind, req.weight_version, req.flush_cache, apply, session_id=req.session_id)
 
     def _load(self, session: UpdateSession, matched: MatchedTensors, *, source_can_fail: bool) -> int:
         return apply_tensors(matched, finite=self.config.check_weights_finite,
@@ -74,7 +74,7 @@ class WeightUpdater:
             disk.check_request(req)
             read = disk.plan_disk(req.model_path, self.model_runner.weight_map, self.read_plans, options, timeout_s)
         except HotswapError as exc:
-            return self.sessions.refuse_update(f"update_weights_from_disk refused: {exc}; weights unchanged")
+            return self.sessions.refuse_update(f"update_weights_from_disk refused: {exc}; weights unchanged", req.session_id)
 
         def apply(session: UpdateSession) -> tuple[int, int]:
             self.ranks.apply_disk(req.model_path)  # every other rank reads its own slices meanwhile
@@ -90,7 +90,7 @@ class WeightUpdater:
                                            shm_prefix=shm_block_prefix(self.config.ipc_token))
             validate_s = time.perf_counter() - start
         except HotswapError as exc:
-            return self.sessions.refuse_update(f"update_weights_from_tensor refused: {exc}; weights unchanged")
+            return self.sessions.refuse_update(f"update_weights_from_tensor refused: {exc}; weights unchanged", req.session_id)
 
         def apply(session: UpdateSession) -> tuple[int, int]:
             # the tensors are here only: the other ranks get them broadcast and take their slices
@@ -108,11 +108,11 @@ class WeightUpdater:
         try:
             address = find_address(req.zmq_handles, self.ipc_source.device_key(device))
         except HotswapError as exc:
-            return self.sessions.refuse_update(f"update_weights_from_ipc refused: {exc}; weights unchanged")
+            return self.sessions.refuse_update(f"update_weights_from_ipc refused: {exc}; weights unchanged", req.session_id)
         try:
             checkpoint_engine.check_ranks(self.ranks.size)
         except HotswapError as exc:
-            out = self.sessions.refuse_update(str(exc))
+            out = self.sessions.refuse_update(str(exc), req.session_id)
             refuse_exchange(address, out.message, timeout_s=timeout_s)
             return out
         received: list[ReceiveStats] = []
@@ -139,10 +139,11 @@ class WeightUpdater:
 
     def update_weights_from_distributed(self, req: p.UpdateWeightsFromDistributedRequest) -> p.WeightUpdateOutput:
         """Lockstep with the trainer: once the group exists and the metadata can be received, take part in
-        every broadcast the request announces, then decide (session state, names, shapes, values). The
-        output's `extra["received"]` tells the trainer whether lockstep held."""
+        every broadcast the request announces, then decide (session state, names, shapes, values): a call of a
+        session that is not open receives its bucket too, then is refused. The output's `extra["received"]`
+        tells the trainer whether lockstep held."""
         def refuse(message: str) -> p.WeightUpdateOutput:
-            out = self.sessions.refuse_update(f"update_weights_from_distributed refused: {message}")
+            out = self.sessions.refuse_update(f"update_weights_from_distributed refused: {message}", req.session_id)
             out.extra["received"] = False
             return out
 
@@ -187,13 +188,13 @@ class WeightUpdater:
 
     # ---- explicit sessions and the version -------------------------------------------------------
 
-    def begin_weight_update(self, req: p.BeginWeightUpdateRequest) -> p.ControlOutput:
+    def begin_weight_update(self, req: p.BeginWeightUpdateRequest) -> p.BeginWeightUpdateOutput:
         if self.weights_released():
-            return p.ControlOutput(success=False, message="begin_weight_update refused: the weights are released; resume them first")
+            return p.BeginWeightUpdateOutput(success=False, message="begin_weight_update refused: the weights are released; resume them first")
         return self.sessions.begin()
 
     def end_weight_update(self, req: p.EndWeightUpdateRequest) -> p.WeightUpdateOutput:
-        return self.sessions.end(req.weight_version, req.abort)
+        return self.sessions.end(req.weight_version, req.abort, req.session_id)
 
     def update_weight_version(self, req: p.UpdateWeightVersionRequest) -> p.ControlOutput:
         if req.abort_all_requests:

@@ -34,6 +34,7 @@ class UpdateWeightsFromTensorBody(BaseModel):
     flush_cache: bool = True
     weight_version: str | None = None
     abort_all_requests: bool = False
+    session_id: str | None = None
 
     def to_request(self) -> p.UpdateWeightsFromTensorRequest:
         if (self.named_tensors is None) == (self.serialized_named_tensors is None):
@@ -41,7 +42,8 @@ class UpdateWeightsFromTensorBody(BaseModel):
                            param="named_tensors")
         return p.UpdateWeightsFromTensorRequest(named_tensors=self.named_tensors, serialized_named_tensors=self.serialized_named_tensors,
                                                 load_format=self.load_format, flush_cache=self.flush_cache,
-                                                weight_version=self.weight_version, abort_all_requests=self.abort_all_requests)
+                                                weight_version=self.weight_version, abort_all_requests=self.abort_all_requests,
+                                                session_id=self.session_id)
 
 
 # ---- path checks (before anything changes) ----------------------------------------------------------

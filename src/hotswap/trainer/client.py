@@ -74,26 +74,27 @@ class EngineResult:
 @runtime_checkable
 class EngineHandle(Protocol):
     """The weight-update surface of an engine. `hotswap.Engine` and `HttpEngineClient` both have it; each
-    method returns something `EngineResult.of` understands."""
+    method returns something `EngineResult.of` understands. `session_id` is passed only to engines whose
+    begin_weight_update answered one: a handle for engines without session ids may leave it out."""
 
     def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
                                   group_name: str = ..., backend: str | None = None, timeout_s: float = ...) -> Any: ...
 
     def update_weights_from_distributed(self, names: list[str], dtypes: list, shapes: list, group_name: str = ...,
                                         flush_cache: bool = True, weight_version: str | None = None,
-                                        load_format: str | None = None) -> Any: ...
+                                        load_format: str | None = None, session_id: str | None = None) -> Any: ...
 
     def destroy_weights_update_group(self, group_name: str = ...) -> Any: ...
 
     def update_weights_from_tensor(self, named_tensors: list, load_format: str | None = None, flush_cache: bool = True,
-                                   weight_version: str | None = None) -> Any: ...
+                                   weight_version: str | None = None, session_id: str | None = None) -> Any: ...
 
     def update_weights_from_disk(self, model_path: str, load_format: str | None = None, weight_version: str | None = None,
-                                 flush_cache: bool = True) -> Any: ...
+                                 flush_cache: bool = True, session_id: str | None = None) -> Any: ...
 
     def begin_weight_update(self) -> Any: ...
 
-    def end_weight_update(self, weight_version: str | None = None, abort: bool = False) -> Any: ...
+    def end_weight_update(self, weight_version: str | None = None, abort: bool = False, session_id: str | None = None) -> Any: ...
 
     def check_weights(self, action: str, expected: dict[str, str] | None = None) -> Any: ...
 
@@ -111,6 +112,11 @@ class EngineConnectionError(RuntimeError):
     def __init__(self, message: str, *, outcome_unknown: bool = False):
         super().__init__(message)
         self.outcome_unknown = outcome_unknown
+
+
+def with_session(body: dict, session_id: str | None) -> dict:
+    """A route's body, with `session_id` only when there is one (a server without sessions never sees the key)."""
+    return body if session_id is None else {**body, "session_id": session_id}
 
 
 def validate_base_url(base_url: str) -> str:
@@ -244,29 +250,32 @@ class HttpEngineClient:
 
     def update_weights_from_distributed(self, names: list[str], dtypes: list, shapes: list, group_name: str = "weight_update_group",
                                         flush_cache: bool = True, weight_version: str | None = None,
-                                        load_format: str | None = None) -> EngineResult:
-        return self.post(self.ROUTES["update_weights_from_distributed"], {
+                                        load_format: str | None = None, session_id: str | None = None) -> EngineResult:
+        return self.post(self.ROUTES["update_weights_from_distributed"], with_session({
             "names": list(names), "dtypes": [str(d).removeprefix("torch.") for d in dtypes], "shapes": [list(s) for s in shapes],
-            "group_name": group_name, "flush_cache": flush_cache, "weight_version": weight_version, "load_format": load_format})
+            "group_name": group_name, "flush_cache": flush_cache, "weight_version": weight_version, "load_format": load_format}, session_id))
 
     def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> EngineResult:
         return self.post(self.ROUTES["destroy_weights_update_group"], {"group_name": group_name})
 
     def update_weights_from_tensor(self, named_tensors: list, load_format: str | None = None, flush_cache: bool = True,
-                                   weight_version: str | None = None) -> EngineResult:
-        return self.post(self.ROUTES["update_weights_from_tensor"], {
-            "named_tensors": list(named_tensors), "load_format": load_format, "flush_cache": flush_cache, "weight_version": weight_version})
+                                   weight_version: str | None = None, session_id: str | None = None) -> EngineResult:
+        return self.post(self.ROUTES["update_weights_from_tensor"], with_session({
+            "named_tensors": list(named_tensors), "load_format": load_format, "flush_cache": flush_cache, "weight_version": weight_version},
+            session_id))
 
     def update_weights_from_disk(self, model_path: str, load_format: str | None = None, weight_version: str | None = None,
-                                 flush_cache: bool = True) -> EngineResult:
-        return self.post(self.ROUTES["update_weights_from_disk"], {
-            "model_path": str(model_path), "load_format": load_format, "weight_version": weight_version, "flush_cache": flush_cache})
+                                 flush_cache: bool = True, session_id: str | None = None) -> EngineResult:
+        return self.post(self.ROUTES["update_weights_from_disk"], with_session({
+            "model_path": str(model_path), "load_format": load_format, "weight_version": weight_version, "flush_cache": flush_cache},
+            session_id))
 
     def begin_weight_update(self) -> EngineResult:
+        """The reply's data holds the engine's `session_id` (hotswap; SGLang's has none)."""
         return self.post(self.ROUTES["begin_weight_update"], {})
 
-    def end_weight_update(self, weight_version: str | None = None, abort: bool = False) -> EngineResult:
-        return self.post(self.ROUTES["end_weight_update"], {"weight_version": weight_version, "abort": abort})
+    def end_weight_update(self, weight_version: str | None = None, abort: bool = False, session_id: str | None = None) -> EngineResult:
+        return self.post(self.ROUTES["end_weight_update"], with_session({"weight_version": weight_version, "abort": abort}, session_id))
 
     def check_weights(self, action: str, expected: dict[str, str] | None = None) -> EngineResult:
         return self.post(self.ROUTES["check_weights"], {"action": action, "expected": expected})

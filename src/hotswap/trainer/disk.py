@@ -110,8 +110,8 @@ class DiskWeightPusher(WeightPusher):
 
         try:
             files = save_hf_checkpoint(counted(), path, template_dir=self.template_dir, max_shard_bytes=self.bucket_bytes, dtype=self.dtype)
-            results: list[EngineResult] = self.call_all("update_weights_from_disk", str(path), weight_version=weight_version,
-                                                        flush_cache=self.flush_cache)
+            results: list[EngineResult] = self.call_each("update_weights_from_disk", str(path), weight_version=weight_version,
+                                                         flush_cache=self.flush_cache)
             if not all(results):
                 raise WeightPushError(failure_reason("update_weights_from_disk", results, self.engines), results=results)
             if progress is not None:

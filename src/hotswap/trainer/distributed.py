@@ -180,12 +180,12 @@ class DistributedWeightPusher(WeightPusher):
         return None
 
     def push_bucket(self, bucket: list[tuple[str, torch.Tensor]], *, weight_version: str | None = None) -> list[EngineResult]:
-        """One `update_weights_from_distributed` per engine, with this process broadcasting meanwhile.
-        Usable on its own (inside a session you opened) for custom bucketing."""
+        """One `update_weights_from_distributed` per engine (naming its session, see `session_ids`), with this
+        process broadcasting meanwhile. Usable on its own (inside a session you opened) for custom bucketing."""
         if self.pg is None:
             raise WeightPushError(f"not connected: call connect() first (group {self.group_name!r})")
         meta = BucketMetadata.of(bucket, self.dtype)
-        futures = self.submit_all("update_weights_from_distributed", meta.names, meta.dtypes, meta.shapes,
+        futures = self.submit_each("update_weights_from_distributed", meta.names, meta.dtypes, meta.shapes,
                                   group_name=self.group_name, flush_cache=self.flush_cache, weight_version=weight_version,
                                   load_format=self.load_format)
         works, sent_error = [], None

@@ -101,7 +101,7 @@ class IPCWeightPusher(WeightPusher):
                     named = {**descriptors, **({d["name"]: d for d in block.descriptors} if block is not None else {})}
                     ordered = [named[n] for n, _ in bucket]
                     futures = [spawn(call_result, self.engines[i].update_weights_from_tensor, ordered, flush_cache=self.flush_cache,
-                                     weight_version=weight_version) for i in group]
+                                     weight_version=weight_version, **self.session_kw(i)) for i in group]
                     for i, r in zip(group, self.gather("update_weights_from_tensor", futures)):
                         results[i] = r
                 finally:

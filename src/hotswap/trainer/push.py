@@ -14,9 +14,16 @@ Multi-engine semantics (sessions on, the default): a push is two phases.
    the others out of rollout, before generating, so no two engines serve different weights. Give every push
    a fresh `weight_version`: it is what makes a lost commit reply decidable and mixed versions visible.
 
+Session ids: an engine that answers `begin_weight_update` with a `session_id` (hotswap) gets it on every
+bucket call and on the commit or abort of that push, so a call that reaches it late (after the pusher gave
+up and aborted, or inside the session of a later push) is refused there and changes nothing; an abort
+names only the push's own session. Engines that answer no id (SGLang) get none: their calls run in
+whatever session is open, as SGLang's callers expect.
+
 A session left open on an engine by a push that timed out is ended by the next push (its refused
-`begin_weight_update` is followed by an abort and one more begin) or expires on the engine. The pusher
-assumes it is the only writer to its engines' sessions.
+`begin_weight_update` is followed by an id-less abort, since that session's id may never have reached the
+pusher, and one more begin) or expires on the engine. The pusher assumes it is the only writer to its
+engines' sessions.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -170,6 +177,9 @@ class WeightPusher:
         self.use_sessions = use_sessions
         self.call_timeout_s = call_timeout_s
         self.push_version: str | None = None  # the version of the push under way
+        # each engine's session of the push under way, from its begin reply (None: it gave none); set it
+        # yourself to call push_bucket inside sessions you opened
+        self.session_ids: list[str | None] = [None] * len(self.engines)
 
     # ---- engine calls -----------------------------------------------------------------------------
 
@@ -188,6 +198,18 @@ class WeightPusher:
 
     def call_one(self, engine: EngineHandle, method: str, *args, **kwargs) -> EngineResult:
         return wait_result(spawn(call_method, engine, method, *args, **kwargs), self.call_timeout_s, method)
+
+    def session_kw(self, i: int) -> dict:
+        """`session_id=` for engine i's calls in the push's session, when it answered one (SGLang's do not)."""
+        sid = self.session_ids[i]
+        return {} if sid is None else {"session_id": sid}
+
+    def submit_each(self, method: str, *args, **kwargs) -> list[Future]:
+        """`submit_all` inside the push's sessions: each engine's call names its own session."""
+        return [spawn(call_method, e, method, *args, **kwargs, **self.session_kw(i)) for i, e in enumerate(self.engines)]
+
+    def call_each(self, method: str, *args, **kwargs) -> list[EngineResult]:
+        return self.gather(method, self.submit_each(method, *args, **kwargs))
 
     def close(self) -> None:
         pass
@@ -209,6 +231,13 @@ class WeightPusher:
         start = time.perf_counter()
         self._before_push()
         self.push_version = weight_version
+        try:
+            return self._push(weights, weight_version, progress, start)
+        finally:
+            self.session_ids = [None] * len(self.engines)  # a later call never names this push's sessions
+
+    def _push(self, weights: Weights, weight_version: str | None, progress: Callable[[int, int, int], None] | None,
+              start: float) -> PushResult:
         if self.use_sessions:
             self._begin()
         t0 = time.perf_counter()
@@ -238,8 +267,9 @@ class WeightPusher:
                           engine_results=list(final))
 
     def _begin(self) -> None:
-        """Open a session on every engine. A refused begin (a session left open by a push that timed out or
-        died) is followed by an abort and one more begin; when an engine still has none, every session is
+        """Open a session on every engine and keep the ids they answer. A refused begin (a session left open
+        by a push that timed out or died) is followed by an abort without an id (that session's id may never
+        have reached this pusher) and one more begin; when an engine still has none, every session is
         aborted and the push refused."""
         began = self.call_all("begin_weight_update")
         # refused outright (not unreachable, not still in flight): a stale session, most likely
@@ -249,6 +279,7 @@ class WeightPusher:
             if stale.success:
                 log.warning("%r had a weight-update session left open; it was aborted before this push", self.engines[i])
             began[i] = self.call_one(self.engines[i], "begin_weight_update")
+        self.session_ids = [session_id_of(r) for r in began]
         if all(began):
             return
         states = self._abort([UNKNOWN if r.success or r.outcome_unknown else UNTOUCHED for r in began])
@@ -257,25 +288,26 @@ class WeightPusher:
 
     def _abort(self, states: Sequence[str] | None = None) -> list[str]:
         """End every session that is (or may be) open without committing; what each engine holds afterwards.
-        `states` marks engines with nothing to abort (UNTOUCHED, COMMITTED); the others are all aborted. Any
-        answer from the engine means no session is open there now (aborted, or none was)."""
+        `states` marks engines with nothing to abort (UNTOUCHED, COMMITTED); the others are all aborted, each by
+        its session id when it gave one (never another push's session). Any answer from the engine means this
+        push's session is not open there now (aborted, or already ended), unless it says it was committed."""
         states = list(states) if states is not None else [UNKNOWN] * len(self.engines)
         todo = [i for i, s in enumerate(states) if s not in (UNTOUCHED, COMMITTED)]
-        futures = [spawn(call_method, self.engines[i], "end_weight_update", abort=True) for i in todo]
+        futures = [spawn(call_method, self.engines[i], "end_weight_update", abort=True, **self.session_kw(i)) for i in todo]
         for i, r in zip(todo, self.gather("end_weight_update(abort=True)", futures)):
             answered = not r.outcome_unknown and "exception" not in r.data
-            states[i] = ROLLED_BACK if answered else UNKNOWN
+            states[i] = COMMITTED if ended_as(r) == "committed" else ROLLED_BACK if answered else UNKNOWN
             if not answered:
                 log.warning("aborting the weight-update session on %r failed: %s", self.engines[i], r.message)
         return states
 
     def _commit(self, weight_version: str | None) -> list[EngineResult]:
         """Phase 2: commit on every engine; a lost reply is settled by reading the engine's version back."""
-        ends = self.call_all("end_weight_update", weight_version=weight_version)
+        ends = self.call_each("end_weight_update", weight_version=weight_version)
         states = [COMMITTED if r.success else UNKNOWN if r.outcome_unknown or "exception" in r.data else ROLLED_BACK for r in ends]
         for i, r in enumerate(ends):
             if r.outcome_unknown:
-                states[i] = self._settle_commit(self.engines[i], weight_version)
+                states[i] = self._settle_commit(i, weight_version)
                 if states[i] == COMMITTED:
                     ends[i] = EngineResult(True, f"committed (the reply was lost; the engine reports weight_version {weight_version!r})",
                                            {"weight_version": weight_version})
@@ -289,12 +321,16 @@ class WeightPusher:
         raise WeightPushError(reason + holding(states, self.engines) + f"; engines now serve different weights: push again (the same "
                               f"weights, version {weight_version!r}) or take the others out of rollout", results=ends, states=states)
 
-    def _settle_commit(self, engine: EngineHandle, weight_version: str | None) -> str:
-        """Whether a commit whose reply was lost took effect: the version says so; else an abort closes the
-        session if it is still open (the commit never ran), and the version is read once more."""
+    def _settle_commit(self, i: int, weight_version: str | None) -> str:
+        """Whether engine i's commit whose reply was lost took effect: the version says so; else an abort of the
+        session closes it if it is still open (the commit never ran; arriving later, it is refused), or says
+        how it ended; without a session id the version is read once more."""
+        engine = self.engines[i]
         if weight_version is not None and engine_version(self, engine) == weight_version:
             return COMMITTED
-        abort = self.call_one(engine, "end_weight_update", abort=True)
+        abort = self.call_one(engine, "end_weight_update", abort=True, **self.session_kw(i))
+        if ended_as(abort) == "committed":
+            return COMMITTED
         if abort.success:
             return ROLLED_BACK
         if abort.outcome_unknown or "exception" in abort.data or weight_version is None:
@@ -322,6 +358,18 @@ class WeightPusher:
     def _before_push(self) -> None:
         pass
 
+
+
+def session_id_of(reply: EngineResult) -> str | None:
+    """The session id a begin_weight_update reply names (None: the engine gave none, as SGLang)."""
+    sid = reply.get("session_id") if reply.success else None
+    return sid if isinstance(sid, str) and sid else None
+
+
+def ended_as(reply: EngineResult) -> str | None:
+    """How the session a refused or no-op end_weight_update named had ended (`extra["session"]`), if said."""
+    extra = reply.get("extra")
+    return extra.get("session") if isinstance(extra, Mapping) else None
 
 
 def all_back(states: Sequence[str]) -> bool:

@@ -12,11 +12,23 @@ either. A rollback restores the version the session started from. Operations tha
 without a version to name them (`reset_tensors`, memory released without keeping the weights) mark the
 version (`mark`) with a suffix such as `+reset`, so two different sets of weights are never served
 under one name.
+
+Session ids: `begin_weight_update` answers the id of the session it opened. A call that gives a
+`session_id` runs only inside that session while it is open; otherwise (the session was committed,
+aborted, rolled back or expired: a trainer's late bucket, or its abort after it gave up) it is refused
+and changes nothing, neither the weights nor the session open now (it is not marked failed nor rolled
+back: it belongs to a newer push). `end_weight_update` with a stale id is refused likewise, except an
+abort of a session that already ended without a commit: its goal holds, so it answers success as a
+no-op; an abort of a committed (or unknown) session is refused, so a trainer never mistakes a commit for
+a rollback. Replies to stale calls say how the named session ended in `extra["session"]`. A call
+without an id behaves as before ids existed (SGLang's callers send none): it runs in whatever session is
+open. Only rank 0 keeps sessions: the other ranks follow its commit and rollback.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +42,13 @@ log = logging.getLogger(__name__)
 
 PAUSE = "pause_generation"
 BEGIN = "begin_weight_update"
+ENDED_KEPT = 64  # how many ended sessions' outcomes are remembered for the replies to their late calls
+
+# how a session ended (`Sessions.ended`, and `extra["session"]` of a reply to a call naming it) -> the words for it
+COMMITTED, ABORTED, ROLLED_BACK, EXPIRED = "committed", "aborted", "rolled_back", "expired"
+ENDINGS = {COMMITTED: "it was committed", ABORTED: "it was aborted", ROLLED_BACK: "it was rolled back after a failure",
+           EXPIRED: "it expired"}
+UNKNOWN = "unknown"  # never opened here, or ended too long ago to be remembered
 
 
 class UpdateFailed(HotswapError):
@@ -49,6 +68,7 @@ class UpdateSession:
     num_tensors: int = 0
     num_bytes: int = 0
     changed: bool = False  # some call copied tensors
+    id: str = field(default_factory=lambda: secrets.token_hex(8))  # handed out by begin_weight_update
 
 
 @dataclass(kw_only=True, slots=True)
@@ -62,7 +82,9 @@ class Sessions:
     arena: HostArena = field(default_factory=HostArena)  # pinned host for saved originals, kept across sessions (pinning is slow)
     weight_version: str = "default"
     session: UpdateSession | None = None
-    expired_message: str | None = None
+    expired_message: str | None = None  # told once to the next call: the last session expired
+    expired_id: str | None = None  # that session's id
+    ended: dict[str, str] = field(default_factory=dict)  # id -> how it ended (ENDINGS), the last ENDED_KEPT begun sessions
 
     # ---- state ------------------------------------------------------------------------------------
 
@@ -95,8 +117,13 @@ class Sessions:
 
     # ---- one update call --------------------------------------------------------------------------
 
-    def run(self, kind: str, weight_version: str | None, flush: bool, apply: Callable[[UpdateSession], tuple[int, int]]) -> p.WeightUpdateOutput:
-        """Run one update call inside the open session or one of its own; commit or roll back."""
+    def run(self, kind: str, weight_version: str | None, flush: bool, apply: Callable[[UpdateSession], tuple[int, int]], *,
+            session_id: str | None = None) -> p.WeightUpdateOutput:
+        """Run one update call inside the open session or one of its own; commit or roll back. A call naming a
+        session that is not open is refused and touches nothing."""
+        stale = self.stale(session_id)
+        if stale is not None:
+            return self.refuse_stale(f"{kind} refused: {stale}; weights unchanged", session_id)
         expired = self.take_expired()
         if expired is not None:
             return self.refuse(f"{kind} refused: {expired}")
@@ -157,9 +184,13 @@ class Sessions:
     def refuse(self, message: str) -> p.WeightUpdateOutput:
         return p.WeightUpdateOutput(success=False, message=message, weight_version=self.weight_version)
 
-    def refuse_update(self, message: str) -> p.WeightUpdateOutput:
+    def refuse_update(self, message: str, session_id: str | None = None) -> p.WeightUpdateOutput:
         """Refuse an update call; inside an explicit session the refused bucket fails the session (rolled
-        back now, closed by end_weight_update), so ending it can never commit the other buckets alone."""
+        back now, closed by end_weight_update), so ending it can never commit the other buckets alone. A call
+        naming a session that is not open leaves the open one alone: it is not that session's bucket."""
+        stale = self.stale(session_id)
+        if stale is not None:
+            return self.refuse_stale(f"{message}; besides, {stale}", session_id)
         s = self.session
         rolled_back = False
         if s is not None and s.explicit and s.failure is None:
@@ -170,20 +201,58 @@ class Sessions:
         out.rolled_back = rolled_back
         return out
 
+    # ---- session ids --------------------------------------------------------------------------------
+
+    def stale(self, session_id: str | None) -> str | None:
+        """Why a call naming `session_id` may not run (None: it names the open session, or none)."""
+        if session_id is None or (self.session is not None and self.session.id == session_id):
+            return None
+        how = self.ended.get(session_id)
+        return f"session {session_id!r} is not open: {ENDINGS[how] if how else 'it ended, was aborted or expired'}"
+
+    def refuse_stale(self, message: str, session_id: str) -> p.WeightUpdateOutput:
+        """The reply to a call of a session that is not open: nothing changed, the open session included."""
+        if self.expired_id == session_id:  # its trainer hears of the expiry now
+            message += f" ({self.take_expired()})"
+        out = self.refuse(message + ("; the open session is untouched" if self.session is not None else ""))
+        out.extra["session"] = self.ended.get(session_id, UNKNOWN)
+        return out
+
+    def _record_end(self, s: UpdateSession, how: str) -> None:
+        if s.begun:  # only a begun session's id was handed out
+            self.ended[s.id] = how
+            while len(self.ended) > ENDED_KEPT:
+                del self.ended[next(iter(self.ended))]
+
     # ---- explicit sessions ------------------------------------------------------------------------
 
-    def begin(self) -> p.ControlOutput:
+    def begin(self) -> p.BeginWeightUpdateOutput:
         self.take_expired()
         s = self.session
         if s is not None:
             if s.opened_by == PAUSE and not s.begun:
                 s.begun = True
-                return p.ControlOutput(success=True, message="weight-update session begun inside the paused generation")
-            return p.ControlOutput(success=False, message=f"begin_weight_update refused: a session opened by {s.opened_by} is already open")
-        self._open(explicit=True, opened_by=BEGIN, begun=True)
-        return p.ControlOutput(success=True, message="weight-update session open; generation holds until end_weight_update")
+                return p.BeginWeightUpdateOutput(success=True, message="weight-update session begun inside the paused generation",
+                                                 session_id=s.id)
+            return p.BeginWeightUpdateOutput(success=False,
+                                             message=f"begin_weight_update refused: a session opened by {s.opened_by} is already open")
+        s = self._open(explicit=True, opened_by=BEGIN, begun=True)
+        return p.BeginWeightUpdateOutput(success=True, message="weight-update session open; generation holds until end_weight_update",
+                                         session_id=s.id)
 
-    def end(self, weight_version: str | None, abort: bool) -> p.WeightUpdateOutput:
+    def end(self, weight_version: str | None, abort: bool, session_id: str | None = None) -> p.WeightUpdateOutput:
+        """Commit the open session, or roll it back (`abort`, or after a failure). With a `session_id` that
+        is not open nothing changes: a commit is refused; an abort answers success (a no-op) when that
+        session already ended without a commit, and is refused when it was committed or is unknown."""
+        stale = self.stale(session_id)
+        if stale is not None:
+            how = self.ended.get(session_id)
+            if abort and how in (ABORTED, ROLLED_BACK, EXPIRED):
+                out = self.refuse_stale(f"end_weight_update(abort=True): nothing to abort, {stale}; its updates are not served", session_id)
+                out.success = True
+                return out
+            what = "nothing aborted" if abort else "nothing committed"
+            return self.refuse_stale(f"end_weight_update refused: {stale}; {what}", session_id)
         expired = self.take_expired()
         if expired is not None:
             return self.refuse(f"end_weight_update: {expired}")
@@ -192,6 +261,7 @@ class Sessions:
             return self.refuse("end_weight_update refused: no weight-update session is open")
         if abort or s.failure is not None:
             self.roll_back(s)
+            self._record_end(s, ABORTED if abort else ROLLED_BACK)
             self._after_end(s)
             why = "aborted by the caller" + (f" after a failure: {s.failure}" if s.failure else "") if abort else f"rolled back: {s.failure}"
             return p.WeightUpdateOutput(success=abort, rolled_back=True, weight_version=self.weight_version,
@@ -200,6 +270,7 @@ class Sessions:
             self.weight_version = str(weight_version)
         n, nbytes, elapsed = s.num_tensors, s.num_bytes, time.monotonic() - s.started
         msg = self.commit()
+        self._record_end(s, COMMITTED)
         self._after_end(s)
         return p.WeightUpdateOutput(success=True, message=f"session committed {n} tensor(s); {msg}", weight_version=self.weight_version,
                                     num_tensors=n, num_bytes=nbytes, elapsed_s=elapsed)
@@ -245,11 +316,13 @@ class Sessions:
         self.expired_message = (f"the weight-update session opened by {s.opened_by} expired after {idle:.0f} s without a call; "
                                 f"{restored} tensor(s) were rolled back and serving resumed")
         log.warning(self.expired_message)
+        self.expired_id = s.id
+        self._record_end(s, EXPIRED)
         self.session = None
         return True
 
     def take_expired(self) -> str | None:
-        msg, self.expired_message = self.expired_message, None
+        msg, self.expired_message, self.expired_id = self.expired_message, None, None
         return msg
 
     def set_version(self, version: str) -> None:
