@@ -271,23 +271,47 @@ def runs(labels: list[str]) -> list[str]:
     return [v for j, v in enumerate(labels) if j == 0 or labels[j - 1] != v]
 
 
+def _kept_kv_logprobs(paths: dict[str, object], seq: list[int], first: int, policies: list[str]) -> torch.Tensor:
+    """log_softmax of the logits at positions first-1 .. when each position's KV and logits come from the policy
+    that labels the token it samples (a request frozen in place keeps its KV across the update)."""
+    owner = [policies[0]] * (first - 1) + policies  # positions before the first sampling one: the prefill's policy
+    cache, out = None, []
+    q = 0
+    while q < len(owner):
+        r = q
+        while r < len(owner) and owner[r] == owner[q]:
+            r += 1
+        res = hf_model(str(paths[owner[q]]))(torch.tensor([seq[q:r]]), past_key_values=cache, use_cache=True)
+        cache = res.past_key_values
+        out.append(res.logits[0].float())
+        q = r
+    return torch.log_softmax(torch.cat(out), -1)[first - 1 :]
+
+
 @torch.no_grad()
 def teacher_forced_problems(paths: dict[str, object], sample: Sample, policies: list[str]) -> list[str]:
-    """Each token of `sample` against the policy its label names: HF logits on prompt + tokens so far, plus the
-    engine's Gumbel noise for (seed, step), must pick it (within float noise), with its logprob."""
+    """Each token of a sample that switched policy, against the policy its label names, plus the engine's Gumbel
+    noise for (seed, step): it must be that policy's pick (within float noise) with that logprob, computed either
+    on KV recomputed by that policy (retract, or a preemption after the switch) or on the KV kept from before the
+    switch (pause in place / keep)."""
     prompt = PROMPTS[sample.spec.prompt]
-    seq = torch.tensor([prompt + sample.ids])
-    logits = {name: torch.log_softmax(hf_model(str(paths[name]))(seq).logits[0].float(), -1) for name in set(policies)}
-    steps = torch.arange(len(sample.ids))
+    seq = prompt + sample.ids
+    recomputed = {name: torch.log_softmax(hf_model(str(paths[name]))(torch.tensor([seq])).logits[0].float(), -1)[len(prompt) - 1 :]
+                  for name in set(policies)}
+    kept = _kept_kv_logprobs(paths, seq[:-1], len(prompt), policies)
     problems = []
     for j, (tok, name) in enumerate(zip(sample.ids, policies)):
-        lp = logits[name][len(prompt) - 1 + j]
-        noise = gumbel_noise(torch.tensor([sample.seed]), steps[j : j + 1], lp.shape[0])[0]
-        scores = lp + noise
-        if scores[tok] < scores.max() - 1e-4:
-            problems.append(f"token {j} ({tok}) is not policy {name}'s sample (its pick: {int(scores.argmax())})")
-        if sample.logprobs is not None and not math.isclose(sample.logprobs[j], float(lp[tok]), abs_tol=2e-3):
-            problems.append(f"token {j} logprob {sample.logprobs[j]:.4f} is not policy {name}'s {float(lp[tok]):.4f}")
+        noise = gumbel_noise(torch.tensor([sample.seed]), torch.tensor([j]), kept.shape[1])[0]
+        fits = []
+        for lp in (recomputed[name][j], kept[j]):
+            scores = lp + noise
+            picked = bool(scores[tok] >= scores.max() - 1e-4)
+            same_lp = sample.logprobs is None or math.isclose(sample.logprobs[j], float(lp[tok]), abs_tol=2e-3)
+            fits.append(picked and same_lp)
+        if not any(fits):
+            problems.append(f"token {j} ({tok}, logprob {sample.logprobs[j] if sample.logprobs else None}) is not policy {name}'s sample, "
+                            f"on recomputed KV (pick {int((recomputed[name][j] + noise).argmax())}, lp {float(recomputed[name][j][tok]):.4f}) "
+                            f"or on kept KV (pick {int((kept[j] + noise).argmax())}, lp {float(kept[j][tok]):.4f})")
     return problems
 
 
@@ -327,7 +351,7 @@ def sample_problems(sample: Sample, refs: dict[str, dict], ledger: Ledger, paths
     policies = [policy_of[v] for v in sample.versions]
     if None in policies:
         return [*out, f"{where}: tokens from weights no policy names ({sample.versions})"]
-    switches = len(runs(policies)) - 1
+    switches = max(0, len(runs(policies)) - 1)
     if switches:
         spans = sum(1 for a, b in windows if a < sample.ended and b > sample.started)
         if switches > spans:

@@ -352,7 +352,7 @@ class Trainer:
                 self.post("/resume_memory_occupation", {"tags": tags})
                 self.released -= want
             else:
-                assert "running" in r.json()["message"], r.text
+                assert "request(s) are running" in r.json()["message"], r.text
             return
         self.post("/pause_generation", {"mode": "abort"})
         self.paused = True

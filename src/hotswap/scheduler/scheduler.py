@@ -85,7 +85,7 @@ class Scheduler:
             synchronize=self._synchronize,
             enable_rollback=config.enable_rollback,
         )
-        self.memory = MemoryManager(device_memory=DeviceMemory(runner=model_runner), can_release=self.memory_may_change,
+        self.memory = MemoryManager(device_memory=DeviceMemory(runner=model_runner), why_not_release=self.why_memory_may_not_change,
                                     reset_prefix_cache=self.flush_cache, weights_discarded=lambda: self.sessions.mark("discarded"),
                                     peers=model_runner.tp_peers)
         self.pause = GenerationPause(sessions=self.sessions, abort_all=self.abort_all, retract_all=self.batcher.retract_all)
@@ -479,11 +479,15 @@ class Scheduler:
         self.weight_updater.close()
         self.weight_reads.snapshot = None
 
-    def memory_may_change(self) -> bool:
-        """No request has started (one queued while generation is paused holds no page and can wait for the
-        resume: AReaL releases right after its pause while rollouts keep arriving), and no uncommitted update
-        (its saved originals point into the weights)."""
-        return not self.batcher.has_started and not self.sessions.holds_changes
+    def why_memory_may_not_change(self) -> str | None:
+        """Memory moves when no request has started (one queued while generation is paused holds no page and can
+        wait for the resume: AReaL releases right after its pause while rollouts keep arriving) and no update is
+        uncommitted (its saved originals point into the weights); else, why not."""
+        if self.batcher.has_started:
+            return f"{self.batcher.num_started} request(s) are running or were started and wait to resume"
+        if self.sessions.holds_changes:
+            return "a weight-update session holds uncommitted updates; end it (or continue_generation) first"
+        return None
 
     def _synchronize(self) -> None:
         if self.model_runner.device.type == "cuda":
