@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import httpx
 import torch
 from hf_reference import hf_model, prompt_ids
+from transformers import DynamicCache
 
 from hotswap import Engine
 from hotswap.runner.sampler import gumbel_noise
@@ -275,15 +276,13 @@ def _kept_kv_logprobs(paths: dict[str, object], seq: list[int], first: int, poli
     """log_softmax of the logits at positions first-1 .. when each position's KV and logits come from the policy
     that labels the token it samples (a request frozen in place keeps its KV across the update)."""
     owner = [policies[0]] * (first - 1) + policies  # positions before the first sampling one: the prefill's policy
-    cache, out = None, []
+    cache, out = DynamicCache(), []  # one cache both policies append to (same architecture)
     q = 0
     while q < len(owner):
         r = q
         while r < len(owner) and owner[r] == owner[q]:
             r += 1
-        res = hf_model(str(paths[owner[q]]))(torch.tensor([seq[q:r]]), past_key_values=cache, use_cache=True)
-        cache = res.past_key_values
-        out.append(res.logits[0].float())
+        out.append(hf_model(str(paths[owner[q]]))(torch.tensor([seq[q:r]]), cache=cache, use_cache=True).logits[0].float())
         q = r
     return torch.log_softmax(torch.cat(out), -1)[first - 1 :]
 

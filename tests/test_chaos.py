@@ -54,7 +54,7 @@ from hotswap.server.app import create_app
 from hotswap.server.launch import ServerThread
 
 SEED = int(os.environ.get("HOTSWAP_CHAOS_SEED", "20261205"))
-ROUNDS = int(os.environ.get("HOTSWAP_CHAOS_ROUNDS", "14"))
+ROUNDS = int(os.environ.get("HOTSWAP_CHAOS_ROUNDS", "24"))
 CLIENTS = 3
 NUM_PAGES = 40  # 160 tokens of KV: a few requests of ~30 tokens each already force preemptions
 
@@ -111,11 +111,10 @@ def random_spec(rng: random.Random, route: str, rid: str, refs_a: dict) -> Spec:
     n = rng.choice((1, 1, 2, MAX_N))
     max_new = rng.choice((0, 1, 5, MAX_NEW, MAX_NEW, MAX_NEW))
     stop = None
-    if rng.random() < 0.25:  # a piece of the text policy A would write, so some stops do match
+    if rng.random() < 0.25:  # a plain piece of the text policy A would write, so some stops do match
         text = refs_a[(prompt, base)].text_of[MAX_NEW]
-        at = rng.randrange(max(1, len(text) - 2))
-        piece = text[at : at + 2]
-        stop = [piece] if piece.strip() else None
+        pieces = [text[i : i + 2] for i in range(len(text) - 1) if text[i : i + 2].isascii() and text[i : i + 2].isalnum()]
+        stop = [rng.choice(pieces)] if pieces else None
     return Spec(route=route, prompt=prompt, seed=base, n=n, max_new=max_new, stop=stop, rid=rid)
 
 
