@@ -239,10 +239,12 @@ class Trainer:
         return out.success
 
     def disk_update(self, policy: str, *, version: str) -> None:
+        abort = self.rng.random() < 0.25  # AReaL's abort_all_requests: in-flight requests end instead of draining
         if self.rng.random() < 0.5:
-            self.post("/update_weights_from_disk", {"model_path": str(self.paths[policy]), "weight_version": version})
+            self.post("/update_weights_from_disk", {"model_path": str(self.paths[policy]), "weight_version": version,
+                                                    "abort_all_requests": abort})
         else:
-            out = self.engine.update_weights_from_disk(str(self.paths[policy]), weight_version=version)
+            out = self.engine.update_weights_from_disk(str(self.paths[policy]), weight_version=version, abort_all_requests=abort)
             assert out.success, out.message
 
     def any_update(self, policy: str, version: str) -> None:
@@ -339,7 +341,10 @@ class Trainer:
     def op_memory(self) -> None:
         """AReaL's offload (pause -> release -> resume -> continue), verl's wake-up order (weights, update, kv
         cache), or a release while requests may run (refused unless idle)."""
-        style = self.rng.choice(("areal", "verl", "unpaused"))
+        style = self.rng.choice(("areal", "verl", "unpaused", "vllm_sleep"))
+        if style == "vllm_sleep":
+            self.vllm_sleep()
+            return
         tags = self.rng.choice((["weights"], ["kv_cache"], ["weights", "kv_cache"], None))
         want = set(tags or ("weights", "kv_cache", "cuda_graph"))
         if style == "unpaused":
@@ -366,6 +371,12 @@ class Trainer:
             self.post("/release_memory_occupation", {"tags": tags})
         self.released |= want
         self.check_state(f"released {sorted(want)}")
+        if "weights" not in want and self.rng.random() < 0.5:  # an update needs the weights resident, not the KV cache
+            target = self.other()
+            self.version = self.new_version(target)
+            self.any_update(target, self.version)
+            self.committed = target
+            self.check_state("updated with the KV cache released")
         if style == "verl" and "weights" in want:
             self.post("/resume_memory_occupation", {"tags": ["weights"]})
             self.released.discard("weights")
@@ -381,6 +392,32 @@ class Trainer:
             self.released.clear()
         self.post("/continue_generation")
         self.paused = False
+
+    def vllm_sleep(self) -> None:
+        """SkyRL's colocated cycle: /sleep (in-flight requests aborted; level 2 drops the weights), then
+        /wake_up of the weights, a weight load, /wake_up of the KV cache. Asleep, generation is refused (503)."""
+        level = self.rng.choice((1, 2))
+        r = self.client.post(f"/sleep?level={level}")
+        assert r.status_code == 200, r.text
+        self.released = {"weights", "kv_cache", "cuda_graph"}
+        if level == 2:
+            self.version += "+discarded"
+            with self.ledger.lock:
+                self.ledger.policy_of[self.version] = None
+        self.check_state(f"asleep (level {level})")
+        r = self.client.post("/wake_up?tags=weights")
+        assert r.status_code == 200, r.text
+        self.released.discard("weights")
+        if level == 2 or self.rng.random() < 0.5:
+            target = self.other() if self.rng.random() < 0.5 else self.committed
+            self.version = self.new_version(target)
+            r = self.client.post("/update_weights", json={"weight_dir": str(self.paths[target]), "weight_version": self.version})
+            assert r.status_code == 200 and r.json()["status"] == "ok", r.text
+            self.committed = target
+        self.check_state("weights awake")
+        r = self.client.post("/wake_up?tags=kv_cache")
+        assert r.status_code == 200, r.text
+        self.released.clear()
 
     def op_flush(self) -> None:
         r = self.client.get("/flush_cache")
