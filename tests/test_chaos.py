@@ -502,6 +502,7 @@ def test_interleaved_framework_calls_keep_every_invariant(policies, references):
             assert engine.flush_cache().success
             load = engine.get_load()
             assert load.kv_pages_used == 0, f"{load.kv_pages_used} of {engine.capacity().num_pages} KV pages still used"
+            assert load.num_preemptions > 0, "the KV pool never forced a preemption: the run lost part of its point"
             inv = engine.check_invariants()
             assert inv.success, inv.message
             assert engine.scheduler.dead is None and engine.scheduler.thread.is_alive()
