@@ -13,8 +13,8 @@ memory state the trainer made; refused updates change nothing; the checksum is a
 policy's; at the end the engine is idle with every KV page free, nothing was logged as an internal error,
 and it still serves the committed policy.
 
-HOTSWAP_CHAOS_SEED, HOTSWAP_CHAOS_ROUNDS (trainer operations) and HOTSWAP_CHAOS_CLIENTS run other, longer or busier
-schedules locally."""
+HOTSWAP_CHAOS_SEED, HOTSWAP_CHAOS_ROUNDS (trainer operations), HOTSWAP_CHAOS_CLIENTS and HOTSWAP_CHAOS_PAGES (KV pool)
+run other, longer, busier or tighter schedules locally."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ from hotswap.server.launch import ServerThread
 SEED = int(os.environ.get("HOTSWAP_CHAOS_SEED", "20261205"))
 ROUNDS = int(os.environ.get("HOTSWAP_CHAOS_ROUNDS", "24"))
 CLIENTS = int(os.environ.get("HOTSWAP_CHAOS_CLIENTS", "3"))
-NUM_PAGES = 40  # 160 tokens of KV: a few requests of ~30 tokens each already force preemptions
+NUM_PAGES = int(os.environ.get("HOTSWAP_CHAOS_PAGES", "40"))  # 160 tokens of KV: a few requests of ~30 tokens each already force preemptions
 
 pytestmark = pytest.mark.timeout(120 + 10 * ROUNDS)
 
