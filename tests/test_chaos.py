@@ -14,7 +14,7 @@ policy's; at the end the engine is idle with every KV page free, nothing was log
 and it still serves the committed policy.
 
 HOTSWAP_CHAOS_SEED, HOTSWAP_CHAOS_ROUNDS (trainer operations), HOTSWAP_CHAOS_CLIENTS and HOTSWAP_CHAOS_PAGES (KV pool)
-run other, longer, busier or tighter schedules locally."""
+run other, longer, busier or tighter schedules locally; HOTSWAP_CHAOS_DUMP=FILE writes every sample and the ledger there."""
 
 from __future__ import annotations
 
