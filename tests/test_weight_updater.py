@@ -12,7 +12,7 @@ import torch
 from engine_support import fail_disk_read, make_engine
 from hf_reference import UPDATE_GREEDY as GREEDY
 from hf_reference import UPDATE_PROMPTS as PROMPTS
-from hf_reference import greedy_ids, hf_greedy, prompt_ids
+from hf_reference import greedy_ids, hf_greedy, prompt_ids, reference_ids
 from trainer_support import checkpoint_tensors
 from transformers import AutoModelForCausalLM
 
@@ -252,3 +252,70 @@ def test_checkpoint_engine_ipc_needs_cuda(engine):
     """checkpoint-engine hands over CUDA IPC buffers; the exchange itself is in test_checkpoint_engine_ipc.py."""
     res = _refused_update_keeps_weights(engine, lambda: engine.update_weights_from_ipc({"GPU-0": "ipc:///tmp/x.sock"}))
     assert "needs a CUDA engine" in res.message
+
+
+def test_an_update_inside_a_pause_in_place_leaves_no_old_kv_to_match(engine, tiny_qwen3_v2):
+    """The pause's update commits while a frozen request still holds pages: every prefix cached under the old
+    weights goes anyway, and the frozen request's KV never enters the cache, so later requests see only B."""
+    warm = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)  # both prompts cached under A
+    assert [o["output_ids"] for o in warm] != reference_ids(tiny_qwen3_v2)
+    results = []
+    t, ids = _slow_request(engine, results, tokens=300)
+    assert engine.pause_generation("in_place").success
+    assert engine.update_weights_from_disk(str(tiny_qwen3_v2), weight_version="v2").success
+    assert engine.continue_generation().success
+    assert greedy_ids(engine) == reference_ids(tiny_qwen3_v2)
+    t.join()
+    assert engine.generate(input_ids=ids, sampling_params=GREEDY)["output_ids"] == hf_greedy(tiny_qwen3_v2, ids, GREEDY["max_new_tokens"])[0]
+
+
+def test_a_frozen_request_aborted_after_an_update_reports_its_tokens_version(engine, tiny_qwen3_v2):
+    results = []
+    t, _ = _slow_request(engine, results, tokens=400)
+    assert engine.pause_generation("in_place").success
+    assert engine.update_weights_from_disk(str(tiny_qwen3_v2), weight_version="v2").success
+    assert engine.abort_request(abort_all=True).success
+    t.join()
+    meta = results[0]["meta_info"]
+    assert meta["finish_reason"]["type"] == "abort" and results[0]["output_ids"]
+    assert meta["weight_version"] == "default" and "weight_versions" not in meta  # every token came from the old weights
+    assert engine.continue_generation().success
+
+
+def test_memory_moves_after_a_pause_while_requests_queue(engine):
+    """AReaL offloads right after its pause while rollouts keep arriving: requests queued in the pause hold no
+    pages, so release goes ahead and they run after resume and continue; left queued past a continue while
+    memory stays released, they get the refusal a new request gets."""
+    expected = greedy_ids(engine)[0]
+    assert engine.pause_generation("abort").success
+    results = []
+    t = threading.Thread(target=lambda: results.append(engine.generate(input_ids=PROMPTS[0], sampling_params=GREEDY)))
+    t.start()
+    while engine.get_load().num_waiting == 0:
+        time.sleep(0.002)
+    out = engine.release_memory_occupation(["weights", "kv_cache"])
+    assert out.success, out.message
+    assert engine.resume_memory_occupation(["weights", "kv_cache"]).success
+    assert engine.continue_generation().success
+    t.join(30)
+    assert results[0]["output_ids"] == expected
+
+    assert engine.pause_generation("abort").success
+    errors = []
+    t = threading.Thread(target=lambda: _generate_or_error(engine, errors))
+    t.start()
+    while engine.get_load().num_waiting == 0:
+        time.sleep(0.002)
+    assert engine.release_memory_occupation(["kv_cache"]).success
+    assert engine.continue_generation().success
+    t.join(30)
+    assert not t.is_alive() and "memory is released" in errors[0]
+    assert engine.resume_memory_occupation(["kv_cache"]).success
+    assert greedy_ids(engine)[0] == expected
+
+
+def _generate_or_error(engine, errors: list) -> None:
+    try:
+        engine.generate(input_ids=PROMPTS[0], sampling_params=GREEDY)
+    except HotswapError as exc:
+        errors.append(str(exc))

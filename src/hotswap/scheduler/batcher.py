@@ -41,6 +41,8 @@ class Batcher:
     waiting: deque[Sequence] = field(default_factory=deque)
     running: list[Sequence] = field(default_factory=list)
     num_preemptions: int = 0
+    cache_epoch: int = 0  # advanced when the weights change: KV computed before may not enter the prefix cache
+
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -109,6 +111,7 @@ class Batcher:
                 continue
             self.waiting.popleft()
             seq.pages.extend(self.allocator.allocate(need))
+            seq.cache_epoch = self.cache_epoch  # a waiting sequence holds no pages: all of its KV is computed from here
             seq.status = Status.RUNNING
             if not seq.admitted:
                 seq.cached_tokens = seq.num_computed
@@ -206,10 +209,18 @@ class Batcher:
         seq.num_computed = 0
 
     def cache_and_release(self, seq: Sequence) -> None:
-        """Hand a sequence's computed full pages to the prefix cache and drop its own references."""
-        if self.prefix_cache is not None and seq.num_computed:
+        """Hand a sequence's computed full pages to the prefix cache (unless the weights changed since they
+        were computed) and drop its own references."""
+        if self.prefix_cache is not None and seq.num_computed and seq.cache_epoch == self.cache_epoch:
             self.prefix_cache.insert(seq.token_ids[: seq.num_computed], seq.pages)
         self._drop_pages(seq)
+
+    def invalidate_cache(self) -> None:
+        """The weights changed: drop every cached prefix, and keep the KV of sequences still holding pages (a
+        pause in place froze them) out of the cache when they finish. Their own pages stay theirs."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.reset()
+        self.cache_epoch += 1
 
     def preempt(self, seq: Sequence, *, out_of_pages: bool = True) -> None:
         """Free a running sequence's pages and put it first in line; it is recomputed from its tokens."""

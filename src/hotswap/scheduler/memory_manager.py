@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 @dataclass(kw_only=True, slots=True)
 class MemoryManager:
     device_memory: DeviceMemory  # the runner's release/resume mechanics
-    can_release: Callable[[], bool]
+    why_not_release: Callable[[], str | None]  # why memory may not move now (None: it may)
     reset_prefix_cache: Callable[[], object]
     weights_discarded: Callable[[], None] = lambda: None  # released without keeping them: other weights come back
     peers: TPPeers | None = None
@@ -49,9 +49,9 @@ class MemoryManager:
         tags = self._tags(req.tags)
         if isinstance(tags, str):
             return p.ControlOutput(success=False, message=tags)
-        if not self.can_release():
-            return p.ControlOutput(success=False, message="release_memory_occupation refused: requests are running or a weight-update "
-                                                          "session holds uncommitted updates")
+        why = self.why_not_release()
+        if why is not None:
+            return p.ControlOutput(success=False, message=f"release_memory_occupation refused: {why}")
         already = [t for t in tags if t in self.device_memory.released]
         if already:
             return p.ControlOutput(success=False, message=f"already released: {already}")

@@ -132,7 +132,9 @@ class OutputStreamer:
                 log.exception("a consumer's flush failed")
 
     def _send(self, seq: Sequence, weight_version: str, finished: bool, text: str) -> None:
-        """`text`: the sequence's whole text so far (final when finished)."""
+        """`text`: the sequence's whole text so far (final when finished). The output's weight_version is that
+        of its last token (a request frozen by a pause in place and aborted after an update was computed by the
+        old weights); the engine's current one when it has no token."""
         start = seq.sent_tokens
         if finished:
             delta = text[seq.sent_text :] if text.startswith(seq.text[: seq.sent_text]) else text
@@ -152,7 +154,7 @@ class OutputStreamer:
             finish_reason=seq.finish_reason,
             prompt_tokens=seq.prompt_len,
             cached_tokens=seq.cached_tokens,
-            weight_version=weight_version,
+            weight_version=seq.token_versions[-1] if seq.token_versions else weight_version,
             routed_experts=seq.routed_experts if finished else None,
             new_top_p_token_ids=seq.top_p_token_ids[start:],
         )

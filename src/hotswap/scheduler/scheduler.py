@@ -80,12 +80,12 @@ class Scheduler:
         self.sessions = Sessions(
             ranks=ranks,
             device_budget_bytes=config.rollback_device_budget_bytes,
-            flush_cache=self.flush_cache,
+            flush_cache=self.invalidate_cache,
             timeout_s=config.weight_session_timeout_s,
             synchronize=self._synchronize,
             enable_rollback=config.enable_rollback,
         )
-        self.memory = MemoryManager(device_memory=DeviceMemory(runner=model_runner), can_release=self.memory_may_change,
+        self.memory = MemoryManager(device_memory=DeviceMemory(runner=model_runner), why_not_release=self.why_memory_may_not_change,
                                     reset_prefix_cache=self.flush_cache, weights_discarded=lambda: self.sessions.mark("discarded"),
                                     peers=model_runner.tp_peers)
         self.pause = GenerationPause(sessions=self.sessions, abort_all=self.abort_all, retract_all=self.batcher.retract_all)
@@ -213,6 +213,7 @@ class Scheduler:
             self.expire_deferred()
             self.pause.expire()
             self.expire_held()
+            self.refuse_queued_while_released()
             batch = self.schedule()
             launched = self.launch(batch, inflight) if batch is not None else None
             if inflight is not None:
@@ -394,9 +395,7 @@ class Scheduler:
         self.stats["prompt_tokens"] += len(req.input_ids)
         seq = Sequence(req=req)
         if self.memory.any_released():  # nothing can run until a resume, which may never come: refuse now
-            self.finish(seq, {"type": "abort", "status_code": 503,
-                              "message": f"generation is unavailable: memory is released ({', '.join(sorted(self.memory.released))}); "
-                                         "resume_memory_occupation first"})
+            self.finish(seq, self._released_refusal())
             return
         if req.sampling_params.max_new_tokens == 0 and seq.prompt_logprobs_owed >= seq.prompt_len - 1:
             self.finish(seq, {"type": "length", "length": 0})  # nothing to sample, no prompt position to score
@@ -405,6 +404,21 @@ class Scheduler:
             self.finish(seq, {"type": "abort", "message": f"prompt of {len(req.input_ids)} tokens does not fit the KV cache"})
             return
         self.batcher.add(seq)
+
+    def _released_refusal(self) -> dict:
+        return {"type": "abort", "status_code": 503,
+                "message": f"generation is unavailable: memory is released ({', '.join(sorted(self.memory.released))}); "
+                           "resume_memory_occupation first"}
+
+    def refuse_queued_while_released(self) -> None:
+        """Requests that queued during a pause may outlive it while memory stays released (continue before
+        resume, vLLM's sleep): nothing can run them, so they get the refusal a new request gets."""
+        if self.pause.held or not self.batcher.waiting or not self.memory.any_released():
+            return
+        queued = list(self.batcher.waiting)
+        for seq in queued:
+            seq.finish_reason = self._released_refusal()
+        self.finish_all(queued)
 
     def expire_held(self) -> None:
         """While generation is held (paused, or a weight-update session is open) new requests queue, as in
@@ -466,20 +480,31 @@ class Scheduler:
         self.weight_updater.close()
         self.weight_reads.snapshot = None
 
-    def memory_may_change(self) -> bool:
-        """Idle, and no uncommitted update (its saved originals point into the weights): a pause alone is fine."""
-        return self.is_idle() and not self.sessions.holds_changes
+    def why_memory_may_not_change(self) -> str | None:
+        """Memory moves when no request has started (one queued while generation is paused holds no page and can
+        wait for the resume: AReaL releases right after its pause while rollouts keep arriving) and no update is
+        uncommitted (its saved originals point into the weights); else, why not."""
+        if self.batcher.has_started:
+            return f"{self.batcher.num_started} request(s) are running or were started and wait to resume"
+        if self.sessions.holds_changes:
+            return "a weight-update session holds uncommitted updates; end it (or continue_generation) first"
+        return None
 
     def _synchronize(self) -> None:
         if self.model_runner.device.type == "cuda":
             torch.cuda.synchronize(self.model_runner.device)
 
     def flush_cache(self) -> bool:
-        """Drop every cached prefix; refused (False) while requests hold pages."""
+        """Drop every cached prefix; refused (False) while requests run (SGLang's flush_cache rule)."""
         if self.batcher.running:
             return False
-        if self.prefix_cache is not None:
-            self.prefix_cache.reset()
+        self.batcher.invalidate_cache()
+        return True
+
+    def invalidate_cache(self) -> bool:
+        """After committed weight changes: no KV of the old weights may be matched again, even while requests
+        frozen in place hold pages (their KV stays theirs, never cached)."""
+        self.batcher.invalidate_cache()
         return True
 
     def handle_flush_cache(self, req: p.FlushCacheRequest) -> p.ControlOutput:

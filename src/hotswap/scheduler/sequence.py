@@ -41,6 +41,7 @@ class Sequence:
     pending_row: int = -1  # which sampled row of the in-flight step holds that token
     cached_tokens: int = 0  # prefix-cache hit at first admission (reported in meta_info)
     admitted: bool = False  # has been running once: a weight update waits for it even while it is preempted
+    cache_epoch: int = 0  # the batcher's cache epoch when its pages were taken: KV of older weights is never cached
     status: Status = Status.WAITING
     finish_reason: dict | None = None
     routed_experts: str | None = None  # read from the KV-side table when the sequence finishes (it asked for them)
