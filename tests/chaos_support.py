@@ -10,7 +10,6 @@ Gumbel noise) under the policy its label names."""
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import threading
 import time
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import torch
+from engine_support import sse_events
 from hf_reference import hf_model, prompt_ids
 from transformers import DynamicCache
 
@@ -83,21 +83,6 @@ class Sample:
     def seed(self) -> int:
         return self.spec.seed + self.k
 
-
-def sse_events(lines) -> list[dict]:
-    events, done = [], False
-    for line in lines:
-        if not line:
-            continue
-        assert line.startswith("data: ") and not done, line
-        if line == "data: [DONE]":
-            done = True
-            continue
-        event = json.loads(line[len("data: "):])
-        assert "error" not in event, event
-        events.append(event)
-    assert done, "the stream did not end with [DONE]"
-    return events
 
 
 def _from_meta(spec: Spec, k: int, ids: list[int], meta: dict, versions: list[str] | None, t0: float) -> Sample:

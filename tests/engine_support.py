@@ -3,12 +3,30 @@ disk reads."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterable
 
 import pytest
 
 from hotswap import Engine
 from hotswap.weights import fast_reader
+
+
+def sse_events(lines: Iterable[str]) -> list[dict]:
+    """An SSE body's lines as JSON events; it must end with [DONE], carry nothing after it and no error event."""
+    events, done = [], False
+    for line in lines:
+        if not line:
+            continue
+        assert line.startswith("data: ") and not done, line
+        if line == "data: [DONE]":
+            done = True
+            continue
+        event = json.loads(line[len("data: "):])
+        assert "error" not in event, event
+        events.append(event)
+    assert done, "the stream did not end with [DONE]"
+    return events
 
 
 def make_engine(path, **options) -> Engine:

@@ -8,7 +8,6 @@ every request is answered within a bounded time; the server's resident memory st
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import socket
 import subprocess
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from engine_support import sse_events
 from hf_reference import prompt_ids
 
 from hotswap import Engine
@@ -124,22 +124,6 @@ def server(policies, tmp_path_factory):
             proc.wait(timeout=10)
 
 
-def sse(response: httpx.Response) -> list[dict]:
-    """An SSE body as JSON events; it must end with [DONE] and carry no error event."""
-    events, done = [], False
-    for line in response.iter_lines():
-        if not line:
-            continue
-        assert line.startswith("data: ") and not done, line
-        if line == "data: [DONE]":
-            done = True
-            continue
-        event = json.loads(line[len("data: "):])
-        assert "error" not in event, event
-        events.append(event)
-    assert done, "the stream did not end with [DONE]"
-    return events
-
 
 # ---- one request per route ----------------------------------------------------------------------
 
@@ -156,7 +140,7 @@ def native(client: httpx.Client, i: int) -> Answer:
 def native_stream(client: httpx.Client, i: int) -> Answer:
     with client.stream("POST", "/generate", json={"input_ids": PROMPTS[i], "sampling_params": GREEDY, "stream": True}) as r:
         assert r.status_code == 200, r.read()
-        events = sse(r)
+        events = sse_events(r.iter_lines())
     ids = [t for e in events for t in e["delta_output_ids"]]
     per_token = [v for e in events for v in e["delta_weight_versions"]]
     assert len(per_token) == len(ids), "every streamed token carries its weight version"
@@ -181,7 +165,7 @@ def completion_stream(client: httpx.Client, i: int) -> Answer:
     body = {"model": "tiny", "prompt": PROMPTS[i], "max_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True, "stream": True}
     with client.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200, r.read()
-        events = sse(r)
+        events = sse_events(r.iter_lines())
     choices = [c for e in events for c in e["choices"]]
     assert [c["finish_reason"] for c in choices if c["finish_reason"]] == ["length"]
     assert all("metadata" in e for e in events if e["choices"]), "every streamed chunk reports its weight version"

@@ -10,6 +10,7 @@ import time
 import httpx
 import openai
 import pytest
+from engine_support import sse_events
 
 from hotswap import Engine
 from hotswap.server.app import create_app
@@ -42,22 +43,6 @@ def http(server):
 def oai(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
 
-
-def sse_events(response: httpx.Response) -> list:
-    """Parse an SSE body into JSON events; asserts it ends with [DONE]."""
-    events, done = [], False
-    for line in response.iter_lines():
-        if not line:
-            continue
-        assert line.startswith("data: "), line
-        payload = line[len("data: "):]
-        assert not done, "data after [DONE]"
-        if payload == "[DONE]":
-            done = True
-            continue
-        events.append(json.loads(payload))
-    assert done, "stream did not end with [DONE]"
-    return events
 
 
 def pick_stop(text: str) -> str:
@@ -265,7 +250,7 @@ def test_generate_native_stream(http, engine):
     ref = engine.generate(PROMPT, GREEDY)
     with http.stream("POST", "/generate", json={"text": PROMPT, "sampling_params": GREEDY, "stream": True}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        events = sse_events(r)
+        events = sse_events(r.iter_lines())
     assert events[-1]["text"] == ref["text"] and events[-1]["output_ids"] == ref["output_ids"]
     assert "".join(e["delta_text"] for e in events) == ref["text"]
     assert events[-1]["meta_info"]["finish_reason"]["type"] == "length"
@@ -275,7 +260,7 @@ def test_generate_native_stream(http, engine):
     body = {"text": [PROMPT, "Bob sees"], "sampling_params": GREEDY}
     outs = http.post("/generate", json=body).json()
     with http.stream("POST", "/generate", json={**body, "stream": True}) as r:
-        events = sse_events(r)
+        events = sse_events(r.iter_lines())
     last = {e["index"]: e for e in events}
     assert [last[i]["text"] for i in range(2)] == [o["text"] for o in outs]
 
