@@ -479,6 +479,18 @@ def test_openai_chat_names_the_field_it_was_sent(http, body, field):
     assert reply.json()["error"]["param"] in (field, "min_tokens")
 
 
+@pytest.mark.parametrize("route, body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "min_tokens": 5}),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 4, "min_tokens": 5}),
+    ("/inference/v1/generate", {"token_ids": [5, 6], "sampling_params": {"max_tokens": 4, "min_tokens": 5}}),
+    ("/generate", {"text": "hi", "sampling_params": {"max_new_tokens": 4, "min_new_tokens": 5}})])
+def test_min_tokens_above_max_tokens_is_refused_under_the_routes_names(http, route, body):
+    """SGLang's and vLLM's rule (min at most max), named as each route's body names the fields."""
+    reply = http.post(route, json=body)
+    want = "min_new_tokens" if route == "/generate" else "min_tokens"
+    assert reply.status_code == 400 and f"{want} (5) must be at most" in error_text(reply), reply.text
+
+
 @pytest.mark.parametrize("bad_id", [512, 2**63 - 1, 2**63 + 5])
 def test_stop_token_ids_outside_the_vocabulary_are_refused(http, engine, bad_id):
     """With min_new_tokens the stop ids index the logits (they are masked): an id past the vocabulary failed the

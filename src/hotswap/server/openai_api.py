@@ -123,6 +123,8 @@ def sampling_dict(state: ServerState, body: _SamplingFields, max_new_tokens: int
     """The engine's sampling parameters (it validates the values: a bad one is a 400 naming it)."""
     if body.use_beam_search:
         raise APIError(400, "use_beam_search is not supported by hotswap", param="use_beam_search")
+    if body.min_tokens > max_new_tokens:  # under its OpenAI name (the engine's refusal names min_new_tokens)
+        raise APIError(400, f"min_tokens ({body.min_tokens}) must be at most max_tokens ({max_new_tokens})", param="min_tokens")
     sp: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "temperature": 1.0 if body.temperature is None else body.temperature,

@@ -159,10 +159,12 @@ def vllm_sampling_params(sp: dict[str, Any], prompt_len: int, max_context_len: i
     if max_tokens is not None and prompt_len + max_tokens > max_context_len:  # vLLM's 400, under its own field name
         raise APIError(400, f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}: {prompt_len + max_tokens} exceeds "
                             f"the context length {max_context_len}", param="max_tokens")
-    _count(sp, "min_tokens")  # the engine's min_new_tokens
+    min_tokens = _count(sp, "min_tokens")  # the engine's min_new_tokens
     out: dict[str, Any] = {"n": n, "max_new_tokens": max_context_len - prompt_len if max_tokens is None else max_tokens,
                            "temperature": 1.0 if sp.get("temperature") is None else sp["temperature"],
                            "ignore_eos": bool(sp.get("ignore_eos", False)), "skip_special_tokens": sp.get("skip_special_tokens", True)}
+    if min_tokens is not None and min_tokens > out["max_new_tokens"]:  # vLLM's rule, under its name
+        raise APIError(400, f"min_tokens ({min_tokens}) must be at most max_tokens ({out['max_new_tokens']})", param="min_tokens")
     for key in ("top_p", "min_p", "seed"):
         if sp.get(key) is not None:
             out[key] = sp[key]
