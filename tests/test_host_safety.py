@@ -341,3 +341,13 @@ def test_a_shm_refusal_does_not_echo_a_huge_tensor_name(engine):
             r = c.post("/update_weights_from_tensor", json={"named_tensors": [desc]})
     assert r.status_code == 400 and "runs past the end" in r.json()["message"], r.text[:300]
     assert len(r.content) < 4096, f"{len(r.content)}-byte refusal"
+
+
+def test_an_overlap_refusal_does_not_echo_huge_tensor_names(engine):
+    """Two shm descriptors sharing bytes were refused with both names quoted whole (a 2 MB error)."""
+    with SharedMemoryBucket([("model.norm.weight", torch.zeros(64))], token=engine.get_ipc_token()) as bucket:
+        descs = [dict(bucket.descriptors[0], name=c * (1 << 20)) for c in "ab"]  # the same bytes, twice
+        with ServerThread(create_app(engine)) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+            r = c.post("/update_weights_from_tensor", json={"named_tensors": descs})
+    assert r.status_code == 400 and "each tensor must have bytes of its own" in r.json()["message"], r.text[:300]
+    assert len(r.content) < 4096, f"{len(r.content)}-byte refusal"
