@@ -503,3 +503,14 @@ def test_allow_auto_truncate_holds_on_the_vllm_route_as_on_the_openai_one(tiny_q
     assert openai.status_code == 200 and openai.json()["usage"]["completion_tokens"] == 3, openai.text[:300]
     assert vllm.status_code == 200, vllm.text[:300]
     assert len(vllm.json()["choices"][0]["token_ids"]) == 3 and vllm.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_prompt_past_the_context_is_refused_as_on_the_openai_route(http, engine):
+    """/inference/v1/generate without max_tokens turned a prompt longer than the context into max_new_tokens
+    -3 and a refusal naming that engine field; it gets the OpenAI routes' refusal of the prompt itself."""
+    ids = [5] * (engine.max_context_len + 3)
+    vllm = http.post("/inference/v1/generate", json={"token_ids": ids, "sampling_params": {"temperature": 0}})
+    openai = http.post("/v1/completions", json={"prompt": ids, "max_tokens": None, "temperature": 0})
+    for reply in (vllm, openai):
+        err = reply.json()["error"]
+        assert reply.status_code == 400 and "this server takes at most" in err["message"] and err["param"] == "prompt", reply.text[:300]
