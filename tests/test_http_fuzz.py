@@ -520,6 +520,7 @@ def test_echo_of_out_of_vocabulary_token_ids_is_refused(http, engine, stream, ba
     ("/generate", {"text": "hi", "sampling_params": {"spaces_between_special_tokens": BIG_TEXT}}),
     ("/end_weight_update", {"session_id": BIG_TEXT}),
     ("/update_weights_from_disk", {"model_path": "/", "session_id": BIG_TEXT}),
+    ("/get_weights_by_name", {"name": "model.norm.weight", "truncate_size": -(10**4200)}),
 ])
 def test_refusals_do_not_echo_the_hostile_value(http, route, body):
     """Refusals quoted the client's value whole: a 1 MB group name came back as a 1 MB error."""
