@@ -207,3 +207,7 @@ def test_bucket_limit_takes_one_oversized_tensor_but_not_many():
         plan_receive(["a", "b"], ["bfloat16", "bfloat16"], [[600], [600]], "flattened_bucket", max_bytes=1024, max_numel=64000)
     with pytest.raises(HotswapError, match="larger than the configured limit of 1024 bytes .* and than any parameter"):
         plan_receive(["w"], ["float32"], [[10**6, 10**6]], None, max_bytes=1024, max_numel=64000)
+    # a hostile name (over HTTP) is quoted shortened, never echoed whole
+    with pytest.raises(HotswapError, match="and than any parameter") as refused:
+        plan_receive(["w" * (1 << 20)], ["float32"], [[10**6, 10**6]], None, max_bytes=1024, max_numel=64000)
+    assert len(str(refused.value)) < 1024

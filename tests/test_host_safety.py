@@ -329,3 +329,25 @@ def test_damaged_safetensors_header_is_named(engine, tiny_qwen3, tmp_path):
     res = engine.update_weights_from_disk(str(bad))
     assert not res.success and "model.safetensors" in res.message and "lacks data_offsets" in res.message, res.message
     assert "KeyError" not in res.message and digest(engine) == before
+
+
+def test_a_shm_refusal_does_not_echo_a_huge_tensor_name(engine):
+    """A descriptor reading past its block's end was refused with the tensor's name quoted whole (repr): a
+    1 MB name over HTTP came back as a 1 MB error."""
+    big = "x" * (1 << 20)
+    with SharedMemoryBucket([("model.norm.weight", torch.zeros(64))], token=engine.get_ipc_token()) as bucket:
+        desc = dict(bucket.descriptors[0], name=big, offset=4096)  # past the end of the block
+        with ServerThread(create_app(engine)) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+            r = c.post("/update_weights_from_tensor", json={"named_tensors": [desc]})
+    assert r.status_code == 400 and "runs past the end" in r.json()["message"], r.text[:300]
+    assert len(r.content) < 4096, f"{len(r.content)}-byte refusal"
+
+
+def test_an_overlap_refusal_does_not_echo_huge_tensor_names(engine):
+    """Two shm descriptors sharing bytes were refused with both names quoted whole (a 2 MB error)."""
+    with SharedMemoryBucket([("model.norm.weight", torch.zeros(64))], token=engine.get_ipc_token()) as bucket:
+        descs = [dict(bucket.descriptors[0], name=c * (1 << 20)) for c in "ab"]  # the same bytes, twice
+        with ServerThread(create_app(engine)) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+            r = c.post("/update_weights_from_tensor", json={"named_tensors": descs})
+    assert r.status_code == 400 and "each tensor must have bytes of its own" in r.json()["message"], r.text[:300]
+    assert len(r.content) < 4096, f"{len(r.content)}-byte refusal"

@@ -25,6 +25,7 @@ import httpx
 import pytest
 
 from hotswap import Engine
+from hotswap.server.access import AccessPolicy
 from hotswap.server.app import create_app
 from hotswap.server.launch import ServerThread
 
@@ -529,6 +530,10 @@ def test_echo_of_out_of_vocabulary_token_ids_is_refused(http, engine, stream, ba
     ("/generate", {"text": "hi", "sampling_params": {"temperature": BIG_TEXT}}),
     ("/destroy_weights_update_group", {"group_name": BIG_TEXT}),
     ("/get_weights_by_name", {"name": BIG_TEXT}),
+    ("/generate", {"text": "hi", "sampling_params": {"spaces_between_special_tokens": BIG_TEXT}}),
+    ("/end_weight_update", {"session_id": BIG_TEXT}),
+    ("/update_weights_from_disk", {"model_path": "/", "session_id": BIG_TEXT}),
+    ("/get_weights_by_name", {"name": "model.norm.weight", "truncate_size": -(10**4200)}),
 ])
 def test_refusals_do_not_echo_the_hostile_value(http, route, body):
     """Refusals quoted the client's value whole: a 1 MB group name came back as a 1 MB error."""
@@ -668,3 +673,18 @@ def test_small_replies_are_not_held_back_by_nagle(server):
     finally:
         sock.close()
     assert sorted(gaps)[3] < 0.02, f"replies took {[round(g * 1000, 1) for g in gaps]} ms"
+
+
+def test_access_refusals_do_not_echo_the_hostile_value(engine, tmp_path):
+    """The access policy quoted a refused Host, Origin or Content-Type header or save path whole (a save path may be
+    as long as the body limit)."""
+    policy = AccessPolicy(save_roots=(str(tmp_path),))
+    with ServerThread(create_app(engine, served_model_name="tiny", policy=policy)) as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as client:
+        replies = [client.get("/get_model_info", headers={"Host": "h" * 10000}),
+                   client.get("/get_model_info", headers={"Origin": "https://" + "o" * 10000}),
+                   client.post("/save_sharded_model", json={"path": "/" + BIG_TEXT}),
+                   client.post("/flush_cache", content=b"{}", headers={"Content-Type": "text/" + "c" * 10000})]
+    for reply in replies:
+        assert reply.status_code in (403, 415) and error_text(reply), reply.text[:300]
+        assert len(reply.content) < MAX_ERROR_BYTES, f"{len(reply.content)}-byte refusal"

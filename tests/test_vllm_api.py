@@ -489,3 +489,28 @@ def test_control_routes_follow_the_access_policy(engine, http):
         assert httpx.post(srv.url + "/update_weights", json={"weight_dir": "/"}).status_code == 401
         assert httpx.get(srv.url + "/is_sleeping").status_code == 401
         assert httpx.get(srv.url + "/is_sleeping", headers={"Authorization": "Bearer sekret"}).json() == {"is_sleeping": False}
+
+
+def test_allow_auto_truncate_holds_on_the_vllm_route_as_on_the_openai_one(tiny_qwen3):
+    """--allow-auto-truncate cut a max_tokens past the context to fit on /v1/completions and /generate, while
+    /inference/v1/generate still refused it (400): the routes disagreed on one limit."""
+    with Engine(str(tiny_qwen3), device="cpu", page_size=4, max_context_len=64, allow_auto_truncate=True) as eng, \
+            ServerThread(create_app(eng, served_model_name="tiny")) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
+        ids = [5] * (eng.max_context_len - 3)
+        vllm = client.post("/inference/v1/generate", json={"token_ids": ids, "sampling_params": {"max_tokens": 8, "temperature": 0,
+                                                                                                  "ignore_eos": True}})
+        openai = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 8, "temperature": 0, "ignore_eos": True})
+    assert openai.status_code == 200 and openai.json()["usage"]["completion_tokens"] == 3, openai.text[:300]
+    assert vllm.status_code == 200, vllm.text[:300]
+    assert len(vllm.json()["choices"][0]["token_ids"]) == 3 and vllm.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_prompt_past_the_context_is_refused_as_on_the_openai_route(http, engine):
+    """/inference/v1/generate without max_tokens turned a prompt longer than the context into max_new_tokens
+    -3 and a refusal naming that engine field; it gets the OpenAI routes' refusal of the prompt itself."""
+    ids = [5] * (engine.max_context_len + 3)
+    vllm = http.post("/inference/v1/generate", json={"token_ids": ids, "sampling_params": {"temperature": 0}})
+    openai = http.post("/v1/completions", json={"prompt": ids, "max_tokens": None, "temperature": 0})
+    for reply in (vllm, openai):
+        err = reply.json()["error"]
+        assert reply.status_code == 400 and "this server takes at most" in err["message"] and err["param"] == "prompt", reply.text[:300]

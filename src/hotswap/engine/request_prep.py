@@ -22,7 +22,7 @@ def _drop_neutral(params: dict) -> dict:
     (a boolean): a fast tokenizer's decode has no such option (SGLang's, with a fast tokenizer, ignores it)."""
     spaces = params.get("spaces_between_special_tokens", True)
     if not isinstance(spaces, bool):
-        raise SamplingParamsError(f"invalid sampling parameter: spaces_between_special_tokens must be a boolean, got {spaces!r}")
+        raise SamplingParamsError(f"invalid sampling parameter: spaces_between_special_tokens must be a boolean, got {shown(spaces)}")
     return {k: v for k, v in params.items()
             if k != "spaces_between_special_tokens" and not (k in CONSTRAINED_DECODING_FIELDS and not v)}
 

@@ -14,15 +14,10 @@ SGLang's SGLANG_RETURN_ORIGINAL_LOGPROB).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from hotswap.kernels import argmax, sampling
-
-if TYPE_CHECKING:
-    from hotswap.runner.batch_entry import BatchEntry
 
 _M32 = 0xFFFFFFFF
 MIN_TEMPERATURE = 1e-5  # sampled rows divide by at least this (the kernels use the same floor)
@@ -64,16 +59,6 @@ class SamplingBatch:
     # rows that asked for their keep-set (slime's return_top_p_token_ids): greedy rows, rows with a filter
     keep_greedy_rows: list[int] | None = None
     keep_filtered_rows: list[int] | None = None
-
-
-def host_params(entries: list[BatchEntry], vocab: int) -> tuple[np.ndarray, np.ndarray]:
-    """The rows' parameters on the host: float32 [3, B] (temperature, 0 = greedy; top_p; min_p) and
-    int64 [3, B] (top_k, vocab = off; seed; output step)."""
-    ps = [e.params for e in entries]
-    floats = np.array([[0.0 if p.greedy else p.temperature for p in ps], [p.top_p for p in ps], [p.min_p for p in ps]], dtype=np.float32)
-    seeds = [(e.seed + 2**63) % 2**64 - 2**63 for e in entries]  # the low 64 bits (the noise reads no more): no seed overflows
-    ints = np.array([[p.top_k if p.top_k > 0 else vocab for p in ps], seeds, [e.step for e in entries]], dtype=np.int64)
-    return floats, ints
 
 
 @dataclass(slots=True)

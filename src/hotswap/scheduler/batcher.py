@@ -43,7 +43,6 @@ class Batcher:
     num_preemptions: int = 0
     cache_epoch: int = 0  # advanced when the weights change: KV computed before may not enter the prefix cache
 
-
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 

@@ -40,7 +40,7 @@ class WeightReads:
         """The first `truncate_size` rows of a parameter (0: all of it)."""
         size = req.truncate_size
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            return p.GetWeightsByNameOutput(success=False, message=f"truncate_size must be a non-negative integer (0: the whole tensor), got {size!r}")
+            return p.GetWeightsByNameOutput(success=False, message=f"truncate_size must be a non-negative integer (0: the whole tensor), got {shown(size)}")
         slot = self.model_runner.weight_map.resolve(req.name) if isinstance(req.name, str) else None
         if slot is None:
             return p.GetWeightsByNameOutput(success=False, message=f"unknown parameter {shown(req.name)}")

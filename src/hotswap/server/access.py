@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from hotswap.errors import shown
 from hotswap.server.http_utils import APIError
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -40,21 +41,21 @@ class AccessPolicy:
             return
         host = headers.get(b"host", b"").decode("latin-1").strip()
         if host and not self._host_allowed(host):
-            raise APIError(403, f"Host {host!r} is not allowed: use an IP address or localhost, or start the server with "
+            raise APIError(403, f"Host {shown(host)} is not allowed: use an IP address or localhost, or start the server with "
                                 "--allowed-hosts NAME", type_="PermissionDeniedError")
         origin = headers.get(b"origin")
         if origin is not None:
             origin_text = origin.decode("latin-1").strip()
             if not self._origin_allowed(origin_text, host):
-                raise APIError(403, f"cross-origin request from {origin_text!r} refused; start the server with "
+                raise APIError(403, f"cross-origin request from {shown(origin_text)} refused; start the server with "
                                     "--allowed-origins ORIGIN to allow it", type_="PermissionDeniedError")
         elif headers.get(b"sec-fetch-site", b"").lower() in (b"cross-site", b"same-site"):
             raise APIError(403, "cross-site browser request refused", type_="PermissionDeniedError")
         if method in _BODY_METHODS and _has_body(headers):
             ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
             if ctype != b"application/json" and not (ctype.startswith(b"application/") and ctype.endswith(b"+json")):
-                shown = ctype.decode("latin-1") or "none"
-                raise APIError(415, f"request bodies must be JSON: send 'Content-Type: application/json' (got {shown})",
+                got = shown(ctype.decode("latin-1")) if ctype else "none"
+                raise APIError(415, f"request bodies must be JSON: send 'Content-Type: application/json' (got {got})",
                                type_="UnsupportedMediaType")
 
     def _host_allowed(self, host: str) -> bool:
@@ -85,7 +86,7 @@ class AccessPolicy:
             real_root = Path(os.path.realpath(Path(root).expanduser()))
             if target == real_root or real_root in target.parents:
                 return
-        raise APIError(403, f"path {path!r} is outside the folders this server may save to ({', '.join(self.save_roots)})",
+        raise APIError(403, f"path {shown(path)} is outside the folders this server may save to ({', '.join(self.save_roots)})",
                        param="path", type_="PermissionDeniedError")
 
 

@@ -25,7 +25,7 @@ from hotswap import protocol as p
 from hotswap.errors import shown
 from hotswap.server.generation import await_generation, refuse_constrained_decoding
 from hotswap.server.http_utils import APIError, JSONResponse, parse_body
-from hotswap.server.openai_api import finish_reason, vllm_prompt_logprobs
+from hotswap.server.openai_api import check_prompt, finish_reason, vllm_prompt_logprobs
 from hotswap.server.weights_api import check_source_dir
 
 if TYPE_CHECKING:
@@ -142,7 +142,9 @@ def _count(sp: dict[str, Any], key: str, most: int | None = None) -> int | None:
 
 
 def vllm_sampling_params(sp: dict[str, Any], prompt_len: int, max_context_len: int) -> VllmSampling:
-    """vLLM SamplingParams -> our sampling dict and logprob counts. Raises APIError(400) naming the field."""
+    """vLLM SamplingParams -> our sampling dict and logprob counts. Raises APIError(400) naming the field.
+    (The prompt's fit in the context, with max_tokens after it, is the route's `check_prompt`, as on the
+    OpenAI routes.)"""
     refuse_constrained_decoding(sp)
     unknown = sorted(set(sp) - set(_NEUTRAL_SAMPLING) - set(_FORMAT_ONLY) - set(_SERVED))
     if unknown:
@@ -156,9 +158,6 @@ def vllm_sampling_params(sp: dict[str, Any], prompt_len: int, max_context_len: i
     if best_of is not None and best_of != n:
         raise APIError(400, "best_of is not supported by hotswap (only best_of == n)", param="best_of")
     max_tokens = _count(sp, "max_tokens")
-    if max_tokens is not None and prompt_len + max_tokens > max_context_len:  # vLLM's 400, under its own field name
-        raise APIError(400, f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}: {prompt_len + max_tokens} exceeds "
-                            f"the context length {max_context_len}", param="max_tokens")
     min_tokens = _count(sp, "min_tokens")  # the engine's min_new_tokens
     out: dict[str, Any] = {"n": n, "max_new_tokens": max_context_len - prompt_len if max_tokens is None else max_tokens,
                            "temperature": 1.0 if sp.get("temperature") is None else sp["temperature"],
@@ -341,6 +340,8 @@ def register(app: FastAPI, state: ServerState) -> None:
             if given:
                 raise APIError(400, f"{name} is not supported by hotswap's /inference/v1/generate", param=name)
         vs = vllm_sampling_params(body.sampling_params, len(body.token_ids), state.max_context_len)
+        # the OpenAI routes' check: the context and the KV cache, max_tokens past the context (vLLM's 400, under its name)
+        check_prompt(state, body.token_ids, body.sampling_params.get("max_tokens"), 0)
         k, pk = vs.logprobs, vs.prompt_logprobs
         coro = engine.async_generate(input_ids=list(body.token_ids), sampling_params=vs.params,
                                      return_logprob=k is not None or pk is not None, top_logprobs_num=max(k or 0, pk or 0),

@@ -49,25 +49,20 @@ class UpdateWeightsFromTensorBody(BaseModel):
 # ---- path checks (before anything changes) ----------------------------------------------------------
 
 
-def _shown(path: str) -> str:
-    """A client's path as an error message quotes it (a hostile one may be a megabyte long)."""
-    return repr(path) if len(path) <= 200 else f"{path[:200]!r}... ({len(path)} characters)"
-
-
 def check_source_dir(path: str, what: str) -> None:
     if not str(path).strip():
         raise APIError(400, f"{what} is empty", param=what)
     try:
         pth = Path(path).expanduser()
         if not pth.exists():
-            raise APIError(400, f"{what} {_shown(path)} does not exist", param=what)
+            raise APIError(400, f"{what} {shown(path)} does not exist", param=what)
         if not pth.is_dir():
-            raise APIError(400, f"{what} {_shown(path)} is not a directory", param=what)
+            raise APIError(400, f"{what} {shown(path)} is not a directory", param=what)
         readable = os.access(pth, os.R_OK | os.X_OK)
     except OSError as exc:  # a name too long, a loop of links: the path is unusable
-        raise APIError(400, f"{what} {_shown(path)} is not a usable path: {exc.strerror}", param=what) from None
+        raise APIError(400, f"{what} {shown(path)} is not a usable path: {exc.strerror}", param=what) from None
     if not readable:
-        raise APIError(400, f"{what} {_shown(path)} is not readable", param=what)
+        raise APIError(400, f"{what} {shown(path)} is not readable", param=what)
 
 
 def check_dest_dir(path: str, what: str) -> None:
@@ -77,18 +72,18 @@ def check_dest_dir(path: str, what: str) -> None:
         pth = Path(path).expanduser()
         if pth.exists():
             if not pth.is_dir():
-                raise APIError(400, f"{what} {_shown(path)} exists and is not a directory", param=what)
+                raise APIError(400, f"{what} {shown(path)} exists and is not a directory", param=what)
             if not os.access(pth, os.W_OK | os.X_OK):
-                raise APIError(400, f"{what} {_shown(path)} is not writable", param=what)
+                raise APIError(400, f"{what} {shown(path)} is not writable", param=what)
             return
         parent = pth.absolute().parent
         while not parent.exists() and parent != parent.parent:
             parent = parent.parent
         writable = parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)
     except OSError as exc:
-        raise APIError(400, f"{what} {_shown(path)} is not a usable path: {exc.strerror}", param=what) from None
+        raise APIError(400, f"{what} {shown(path)} is not a usable path: {exc.strerror}", param=what) from None
     if not writable:
-        raise APIError(400, f"{what} {_shown(path)} cannot be created: {shown(str(parent))} is not a writable directory", param=what)
+        raise APIError(400, f"{what} {shown(path)} cannot be created: {shown(str(parent))} is not a writable directory", param=what)
 
 
 def _check_disk_update(req: p.UpdateWeightsFromDiskRequest) -> p.UpdateWeightsFromDiskRequest:

@@ -64,7 +64,7 @@ def plan_receive(names: list[str], dtypes: list[str], shapes: list[list[int]], l
         raise HotswapError(f"bucket of {len(metas)} tensors, {total} bytes, exceeds the configured limit of {max_bytes} bytes "
                            "(weight_update_bucket_bytes); send fewer tensors per bucket")
     if total > max_bytes and math.prod(metas[0].shape) > max_numel:
-        raise HotswapError(f"tensor {metas[0].name!r} of shape {list(metas[0].shape)} ({total} bytes) is larger than the configured limit of "
+        raise HotswapError(f"tensor {shown(metas[0].name)} of shape {shown(list(metas[0].shape))} ({total} bytes) is larger than the configured limit of "
                            f"{max_bytes} bytes (weight_update_bucket_bytes) and than any parameter of the model ({max_numel} elements)")
     return metas
 

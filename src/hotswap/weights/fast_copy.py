@@ -159,7 +159,7 @@ def _check_dense(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> N
     bad = [(n, t) for n, t in zip(names, tensors) if t.layout != torch.strided or t.is_nested or t.is_meta]
     name, t = bad[0]
     kind = "a nested tensor" if t.is_nested else "a meta tensor (no data)" if t.is_meta else f"a {t.layout} tensor"
-    raise CheckpointError(f"tensor {name!r} is {kind}; send dense tensors" + (f" ({len(bad) - 1} more like it)" if len(bad) > 1 else ""))
+    raise CheckpointError(f"tensor {shown(name)} is {kind}; send dense tensors" + (f" ({len(bad) - 1} more like it)" if len(bad) > 1 else ""))
 
 
 def _matched(plan: TensorPlan, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], trusted: bool) -> MatchedTensors:

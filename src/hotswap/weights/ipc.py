@@ -97,7 +97,7 @@ def _open_shm(d: dict, dtype: torch.dtype, shm_prefix: str | None) -> torch.Tens
     if offset < 0:
         raise HotswapError(f"{shown(d['name'])}: negative offset {offset}")
     try:
-        raw = _read_shm(shm_name, offset, nbytes, repr(d["name"]))
+        raw = _read_shm(shm_name, offset, nbytes, shown(d["name"]))
     except FileNotFoundError as exc:
         raise HotswapError(f"{shown(d['name'])}: shared-memory block {shown(shm_name)} does not exist (freed too early?)") from exc
     except OSError as exc:

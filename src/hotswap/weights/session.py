@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hotswap import protocol as p
-from hotswap.errors import HotswapError
+from hotswap.errors import HotswapError, shown
 from hotswap.weights.ranks import WeightRanks
 from hotswap.weights.rollback import HostArena, RollbackBuffer
 
@@ -208,7 +208,7 @@ class Sessions:
         if session_id is None or (self.session is not None and self.session.id == session_id):
             return None
         how = self.ended.get(session_id)
-        return f"session {session_id!r} is not open: {ENDINGS[how] if how else 'it ended, was aborted or expired'}"
+        return f"session {shown(session_id)} is not open: {ENDINGS[how] if how else 'it ended, was aborted or expired'}"
 
     def refuse_stale(self, message: str, session_id: str) -> p.WeightUpdateOutput:
         """The reply to a call of a session that is not open: nothing changed, the open session included."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hotswap.errors import shown  # errors.py imports nothing: wire stays at the bottom
 from hotswap.wire.dtypes import DTYPES_BY_NAME, dtype_name
 
 Weights = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
@@ -114,7 +115,7 @@ def first_overlap(ranges: Iterable[tuple[str, int, int]]) -> str | None:
     last_name, last_end = None, 0
     for name, start, end in sorted((r for r in ranges if r[2] > r[1]), key=lambda r: r[1]):
         if start < last_end:
-            return f"{name!r} (from {start}) overlaps {last_name!r} (up to {last_end}); each tensor must have bytes of its own"
+            return f"{shown(name)} (from {start}) overlaps {shown(last_name)} (up to {last_end}); each tensor must have bytes of its own"
         last_name, last_end = name, max(end, last_end)
     return None
 
