@@ -70,6 +70,31 @@ def tiny_qwen3_v2(tiny_qwen3: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return perturb_checkpoint(tiny_qwen3, tmp_path_factory.mktemp("tiny_qwen3_v2"), seed=1)
 
 
+@pytest.fixture(scope="module")
+def server(engine):
+    """The module's `engine` fixture served by the app in a thread (as `hotswap serve` runs it)."""
+    from hotswap.server.app import create_app
+    from hotswap.server.launch import ServerThread
+
+    with ServerThread(create_app(engine, served_model_name="tiny")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
 @pytest.fixture
 def base_url(engine):
     """The module's `engine` fixture served over HTTP on a free loopback port."""

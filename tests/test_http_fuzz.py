@@ -253,11 +253,6 @@ def server(engine):
         yield srv
 
 
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=30) as client:
-        yield client
-
 
 def engine_state(engine) -> tuple:
     load = engine.get_load()

@@ -27,21 +27,7 @@ def engine(tiny_qwen3):
     eng.shutdown()
 
 
-@pytest.fixture(scope="module")
-def server(engine):
-    with ServerThread(create_app(engine, served_model_name="tiny")) as srv:
-        yield srv
 
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=30) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def oai(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
 
 
 

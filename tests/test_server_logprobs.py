@@ -6,14 +6,10 @@ from __future__ import annotations
 import base64
 import json
 
-import httpx
 import numpy as np
-import openai
 import pytest
 
 from hotswap import Engine
-from hotswap.server.app import create_app
-from hotswap.server.launch import ServerThread
 
 GREEDY = {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}
 IDS = [11, 52, 7, 300, 41, 9, 120, 77]
@@ -26,21 +22,7 @@ def engine(tiny_qwen3):
     eng.shutdown()
 
 
-@pytest.fixture(scope="module")
-def server(engine):
-    with ServerThread(create_app(engine, served_model_name="tiny")) as srv:
-        yield srv
 
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=30) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def oai(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
 
 
 def test_generate_returns_sglang_input_token_logprobs(http, engine):

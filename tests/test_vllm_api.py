@@ -32,11 +32,6 @@ def engine(tiny_qwen3):
     eng.shutdown()
 
 
-@pytest.fixture(scope="module")
-def server(engine):
-    with ServerThread(create_app(engine, served_model_name="tiny")) as srv:
-        yield srv
-
 
 @pytest.fixture()
 def http(server, engine):
