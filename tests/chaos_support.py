@@ -135,14 +135,19 @@ def _collect_stream(spec: Spec, events: list[dict], t0: float) -> list[Sample]:
     return out
 
 
-def run_native_stream(client: httpx.Client, spec: Spec) -> list[Sample] | str:
-    t0 = time.monotonic()
-    with client.stream("POST", "/generate", json=_native_body(spec, True)) as r:
+def _stream_events(client: httpx.Client, route: str, body: dict) -> list[dict] | str:
+    """A streamed POST's JSON events, or "503" (generation unavailable: memory released)."""
+    with client.stream("POST", route, json=body) as r:
         if r.status_code == 503:
             return "503"
         assert r.status_code == 200, r.read()
-        events = sse_events(r.iter_lines())
-    return _collect_stream(spec, events, t0)
+        return sse_events(r.iter_lines())
+
+
+def run_native_stream(client: httpx.Client, spec: Spec) -> list[Sample] | str:
+    t0 = time.monotonic()
+    events = _stream_events(client, "/generate", _native_body(spec, True))
+    return events if events == "503" else _collect_stream(spec, events, t0)
 
 
 def _completions_body(spec: Spec, stream: bool) -> dict:
@@ -171,11 +176,9 @@ def run_completions(client: httpx.Client, spec: Spec) -> list[Sample] | str:
 
 def run_completions_stream(client: httpx.Client, spec: Spec) -> list[Sample] | str:
     t0 = time.monotonic()
-    with client.stream("POST", "/v1/completions", json=_completions_body(spec, True)) as r:
-        if r.status_code == 503:
-            return "503"
-        assert r.status_code == 200, r.read()
-        events = sse_events(r.iter_lines())
+    events = _stream_events(client, "/v1/completions", _completions_body(spec, True))
+    if events == "503":
+        return events
     ids: dict[int, list[int]] = {}
     finals: dict[int, dict] = {}
     for e in events:

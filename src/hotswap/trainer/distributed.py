@@ -24,8 +24,8 @@ from hotswap.trainer.push import (
     WeightPusher,
     WeightPushError,
     call_result,
+    engine_failures,
     failure_reason,
-    first_failure,
     spawn,
     wait_result,
 )
@@ -129,7 +129,7 @@ class DistributedWeightPusher(WeightPusher):
             elif not f.done():  # undo a late join too
                 f.add_done_callback(lambda f, engine=engine: f.result().success and call_result(
                     engine.destroy_weights_update_group, group_name=self.group_name))
-        reasons = [first_failure([r], [e]) for e, r, f in zip(self.engines, results, futures) if f.done() and not r.success]
+        reasons = [engine_failures([r], [e]) for e, r, f in zip(self.engines, results, futures) if f.done() and not r.success]
         if own.done() and own.exception() is not None:
             reasons.append(f"the trainer's rendezvous failed: {short_error(own.exception())}")
         raise WeightPushError(f"init_weights_update_group failed for group {self.group_name!r} at "
@@ -202,12 +202,12 @@ class DistributedWeightPusher(WeightPusher):
         results = [wait_result(f, deadline - time.monotonic(), "update_weights_from_distributed", self.timeout_s) for f in futures]
         if sent_error is None and any(r.received is False or r.get("timed_out") for r in results):
             # an engine refused without receiving: this process's broadcast has no partner any more
-            raise self._break_group(f"update_weights_from_distributed failed without receiving: {first_failure(results, self.engines)}",
+            raise self._break_group(f"update_weights_from_distributed failed without receiving: {engine_failures(results, self.engines)}",
                                     results, works)
         if sent_error is None:
             sent_error = self._wait_all(works, deadline)
         if sent_error is not None:
-            raise self._break_group(f"broadcasting the bucket failed: {sent_error}; engines said: {first_failure(results, self.engines) or 'ok'}",
+            raise self._break_group(f"broadcasting the bucket failed: {sent_error}; engines said: {engine_failures(results, self.engines) or 'ok'}",
                                     results, works)
         if not all(results):
             raise WeightPushError(failure_reason("update_weights_from_distributed", results, self.engines), results=results)

@@ -142,14 +142,14 @@ def wait_result(future: Future, timeout_s: float | None, what: str, limit_s: flo
                             {"outcome_unknown": True, "timed_out": True})
 
 
-def first_failure(results: Sequence[EngineResult], engines: Sequence[EngineHandle]) -> str:
+def engine_failures(results: Sequence[EngineResult], engines: Sequence[EngineHandle]) -> str:
     """Every failing engine, by name, with its message."""
     return "; ".join(f"{engine!r}: {r.message}" for engine, r in zip(engines, results) if not r.success)
 
 
 def failure_reason(step: str, results: Sequence[EngineResult], engines: Sequence[EngineHandle]) -> str:
     """`step` and every failing engine's message, each named."""
-    return f"{step} failed on {first_failure(results, engines)}"
+    return f"{step} failed on {engine_failures(results, engines)}"
 
 
 class WeightPusher:
@@ -212,7 +212,7 @@ class WeightPusher:
         return self.gather(method, self.submit_each(method, *args, **kwargs))
 
     def close(self) -> None:
-        pass
+        """Release what the transport holds between pushes (the distributed pusher: its group); none here."""
 
     def __enter__(self):
         return self
