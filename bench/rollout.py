@@ -201,6 +201,9 @@ def main() -> None:
     ap.add_argument("--routed-experts", action="store_true",
                     help="MoE: then run the sampled rollout offline again on an engine with enable_return_routed_experts, "
                          "every request asking for its routing (R3), and report its time / the sampled offline time")
+    ap.add_argument("--incremental-streaming-output", action="store_true",
+                    help="serve with SGLang's incremental streaming output: a native /generate chunk carries only its new tokens "
+                         "(off: SGLang's default, every chunk repeats the whole output so far)")
     ap.add_argument("--out", default=None, help="append the tables to this file")
     ap.add_argument("--json", default=None, help="write every figure to this file")
     args = ap.parse_args()
@@ -225,7 +228,8 @@ def main() -> None:
 
     def start_engine(routed_experts: bool) -> Engine:
         return Engine(str(ckpt), device=str(device), load_format="dummy", max_running_requests=args.max_running,
-                      enable_return_routed_experts=routed_experts, **overrides)
+                      enable_return_routed_experts=routed_experts, incremental_streaming_output=args.incremental_streaming_output,
+                      **overrides)
 
     engine = start_engine(False)
     w = make_workload(args, engine.model_config.vocab_size)
@@ -234,7 +238,8 @@ def main() -> None:
     title = (f"rollout, {args.shape}, {device_name(device)}, {engine.model_config.torch_dtype}: {args.prompts} prompts x {args.n}, "
              f"prompts {args.prompt_min}-{args.prompt_max}, outputs lognormal median {args.out_median:g} sigma {args.out_sigma:g} "
              f"in [{args.out_min}, {args.out_max}] ({sum(w.out_lens):,} tokens), max_running {args.max_running}, "
-             f"{args.concurrency} HTTP clients; {ceilings_line(device)}")
+             f"{args.concurrency} HTTP clients{', incremental streaming output' if args.incremental_streaming_output else ''}; "
+             f"{ceilings_line(device)}")
 
     server = url = None
     if any(p != "offline" for p in paths):

@@ -11,7 +11,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: bash scripts/gpu_runs.sh suite|dense|http|moe|moe-sync}
+[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... (suite|dense|http|moe|moe-sync, or one step of them)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/device.txt" 2>&1
@@ -25,9 +25,15 @@ run() {  # run NAME SECONDS COMMAND...: one step, its output kept, a failure doe
     tail -n 25 "$out/$name.log"
 }
 
+site_packages() {  # the HTTP stack, carried as wheels in .whl/ (the device has no FastAPI/uvicorn/pydantic)
+    [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+}
+
+for stage in "$@"; do
 case $stage in
 suite)
-    PYTHONPATH=src run gpu_suite 570 python3 -m pytest -m gpu tests -q -p no:cacheprovider -rfE
+    site_packages
+    PYTHONPATH=/tmp/site:src run gpu_suite 570 python3 -m pytest -m gpu tests -q -p no:cacheprovider -rfE
     ;;
 dense)
     if [ -d .before/src ]; then
@@ -47,7 +53,7 @@ dense)
     PYTHONPATH=src run rollout_8b 90 python3 bench/rollout.py --shape qwen3-8b --prompts 32 --n 8 --paths offline
     ;;
 http)
-    pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+    site_packages
     PYTHONPATH=/tmp/site:src run rollout_http 400 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 \
         --paths offline,generate,generate-stream,completions,completions-stream
     PYTHONPATH=/tmp/site:src run stream_load 150 python3 bench/stream_load.py --shape qwen3-0.6b --clients 512 --tokens 256
@@ -66,3 +72,4 @@ moe-sync)
     exit 2
     ;;
 esac
+done

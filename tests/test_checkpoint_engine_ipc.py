@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 import torch
-import zmq
 from hf_reference import greedy_ids, reference_ids
 from torch.multiprocessing.reductions import rebuild_cuda_tensor
 from trainer_support import checkpoint_tensors
@@ -30,6 +29,8 @@ from hotswap import Engine
 from hotswap.weights.checkpoint_engine_payloads import PayloadError, decode, parse_bucket, parse_ipc_handle
 from hotswap.weights.checkpoint_engine_receiver import BufferSource
 from hotswap.wire.checksum import state_dict_manifest
+
+zmq = pytest.importorskip("zmq")  # checkpoint-engine speaks ZeroMQ
 
 DEVICE_KEY = "GPU-00000000-fake-0000-0000-000000000000"
 ALIGN = 256  # checkpoint-engine aligns every tensor in its buffer to 256 bytes

@@ -209,6 +209,29 @@ def test_stream_interval_batches_tokens_per_output(tiny_qwen3):
         Engine(str(tiny_qwen3), device="cpu", stream_interval=0)
 
 
+def test_incremental_streaming_output_chunks_carry_only_their_tokens(tiny_qwen3):
+    """SGLang's incremental_streaming_output: each chunk's text, output_ids and output logprobs are its new
+    tokens only, and together they are the whole output; off (the default), each chunk repeats everything so
+    far. A call may ask for either shape whatever the engine's default (the OpenAI routes read cumulative ones)."""
+    sp = {"max_new_tokens": 9, "temperature": 0.9, "seed": 3, "ignore_eos": True}
+    with Engine(str(tiny_qwen3), device="cpu", page_size=4, incremental_streaming_output=True) as eng:
+        ref = eng.generate(PROMPT, sp, return_logprob=True, top_logprobs_num=2)
+        chunks = list(eng.generate(PROMPT, sp, stream=True, return_logprob=True, top_logprobs_num=2))
+        cumulative = list(eng.generate(PROMPT, sp, stream=True, return_logprob=True, top_logprobs_num=2,
+                                       incremental_streaming_output=False))
+    assert len(chunks) > 1
+    assert sum((c["output_ids"] for c in chunks), []) == ref["output_ids"]
+    assert "".join(c["text"] for c in chunks) == ref["text"]
+    for key in ("output_token_logprobs", "output_top_logprobs"):
+        assert sum((c["meta_info"][key] for c in chunks), []) == ref["meta_info"][key]
+    assert all(len(c["meta_info"]["output_token_logprobs"]) == len(c["output_ids"]) for c in chunks)
+    assert chunks[-1]["meta_info"]["completion_tokens"] == 9  # the count stays the request's total
+    last = cumulative[-1]
+    assert (last["text"], last["output_ids"], last["meta_info"]["output_token_logprobs"]) == (
+        ref["text"], ref["output_ids"], ref["meta_info"]["output_token_logprobs"])
+    assert [len(c["output_ids"]) for c in cumulative] == sorted(len(c["output_ids"]) for c in cumulative)
+
+
 def test_requests_the_loop_never_answered_fail_when_the_engine_shuts_down(tiny_qwen3):
     """A control request queued or deferred behind running requests (a weight update waiting for them to
     drain) when the engine shuts down is answered with a failure, never left waiting on a stopped loop."""

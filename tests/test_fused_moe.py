@@ -65,7 +65,7 @@ def test_align_by_expert_groups_every_pair_once(t, e, k, block_m):
 def test_kernels_in_the_interpreter(t, e, k):
     x, w_gate_up, w_down, weights, ids = _layer(t, e, k, 32, 16, torch.float32, "cpu")
     ref = fused_moe.moe_reference(x, w_gate_up, w_down, weights, ids)
-    for path in (fused_moe._moe_pairs, fused_moe._moe_grouped):
+    for path in (fused_moe.moe_pairs, fused_moe._moe_grouped):
         torch.testing.assert_close(path(x, w_gate_up, w_down, weights, ids), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -86,7 +86,7 @@ def test_fused_moe_equals_reference_on_cuda(t, e, k, h, i, dtype):
     ref = fused_moe.moe_reference(x.float(), w_gate_up.float(), w_down.float(), weights.float(), ids)
     err = ((out.float() - ref).norm() / ref.norm()).item()
     assert err < (1e-2 if dtype == torch.bfloat16 else 1e-5), err
-    for path in (fused_moe._moe_pairs, fused_moe._moe_grouped):  # both paths at every size
+    for path in (fused_moe.moe_pairs, fused_moe._moe_grouped):  # both paths at every size
         if t <= 64:
             got = path(x, w_gate_up, w_down, weights, ids).float()
             assert ((got - ref).norm() / ref.norm()).item() < (1e-2 if dtype == torch.bfloat16 else 1e-5)

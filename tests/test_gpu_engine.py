@@ -104,7 +104,15 @@ def test_cuda_graph_rows_follow_their_requests_as_rows_shift(tiny_qwen3):
         runner.sampling_batch = spy
         got = run(eng)
     assert staged and all(staged)
-    assert got == ref
+    # the second wave joins at a step that depends on thread timing, so the batches (and the order of float sums
+    # in them) differ between the runs: tokens and kept ids equal, logprobs to float32 rounding
+    for g, r in zip(got, ref):
+        assert (g[0], g[3], g[4]) == (r[0], r[3], r[4])
+        assert [tid for _, tid, _ in g[1]] == [tid for _, tid, _ in r[1]]
+        torch.testing.assert_close(torch.tensor([lp for lp, _, _ in g[1]]), torch.tensor([lp for lp, _, _ in r[1]]), atol=1e-5, rtol=1e-5)
+        assert [[tid for _, tid, _ in t] for t in g[2]] == [[tid for _, tid, _ in t] for t in r[2]]
+        torch.testing.assert_close(torch.tensor([[lp for lp, _, _ in t] for t in g[2]]),
+                                   torch.tensor([[lp for lp, _, _ in t] for t in r[2]]), atol=1e-5, rtol=1e-5)
 
 
 def test_extend_graphs_equal_eager_with_prefix_hits_and_chunks(tiny_qwen3):

@@ -8,13 +8,14 @@ import threading
 import time
 
 import httpx
-import openai
 import pytest
 from engine_support import sse_events
 
 from hotswap import Engine
 from hotswap.server.app import create_app
 from hotswap.server.launch import ServerThread
+
+openai = pytest.importorskip("openai")  # the OpenAI routes are driven by the official client
 
 GREEDY = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
 PROMPT = "Alice likes 12 apples"
@@ -249,6 +250,31 @@ def test_generate_native_stream(http, engine):
         events = sse_events(r.iter_lines())
     last = {e["index"]: e for e in events}
     assert [last[i]["text"] for i in range(2)] == [o["text"] for o in outs]
+
+
+def test_generate_incremental_streaming_output(tiny_qwen3):
+    """`--incremental-streaming-output`: /generate chunks carry only their new text, ids and logprobs (SGLang's
+    flag); the OpenAI routes of the same server still stream correctly (they read cumulative chunks)."""
+    import httpx
+
+    from hotswap.server.app import create_app
+    from hotswap.server.launch import ServerThread
+
+    sp = dict(GREEDY, max_new_tokens=8)
+    with Engine(str(tiny_qwen3), device="cpu", page_size=4, incremental_streaming_output=True) as eng, \
+            ServerThread(create_app(eng, served_model_name="tiny")) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
+        ref = http.post("/generate", json={"text": PROMPT, "sampling_params": sp, "return_logprob": True}).json()
+        with http.stream("POST", "/generate", json={"text": PROMPT, "sampling_params": sp, "return_logprob": True, "stream": True}) as r:
+            events = sse_events(r.iter_lines())
+        assert len(events) > 1 and "".join(e["text"] for e in events) == ref["text"]
+        assert sum((e["output_ids"] for e in events), []) == ref["output_ids"]
+        assert sum((e["meta_info"]["output_token_logprobs"] for e in events), []) == ref["meta_info"]["output_token_logprobs"]
+        body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "logprobs": 1}
+        whole = http.post("/v1/completions", json=body).json()["choices"][0]
+        with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            parts = [e["choices"][0] for e in sse_events(r.iter_lines()) if e.get("choices")]
+        assert "".join(c["text"] for c in parts) == whole["text"]
+        assert sum((c["logprobs"]["token_logprobs"] for c in parts), []) == whole["logprobs"]["token_logprobs"]
 
 
 def test_generate_stop_and_no_stop_trim(http):

@@ -9,7 +9,6 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 from safetensors.torch import load_file
 
@@ -19,6 +18,8 @@ from hotswap.server.app import create_app
 from hotswap.server.launch import ServerThread
 from hotswap.testing.tiny_models import build_tiny_checkpoint
 from hotswap.wire.ipc import SharedMemoryBucket
+
+openai = pytest.importorskip("openai")  # the OpenAI routes are driven by the official client
 
 GREEDY = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
 PROMPTS = ["Alice likes 12 apples", "Bob sees the river", "what is the sum of 4 plus 5", "Grace gives 3 cards"]

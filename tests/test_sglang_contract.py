@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 import torch
 from hf_reference import hf_greedy
@@ -25,6 +24,8 @@ from hotswap.server.app import create_app
 from hotswap.server.launch import ServerThread
 from hotswap.testing.tiny_models import build_tiny_checkpoint
 from hotswap.wire.checksum import state_dict_manifest
+
+openai = pytest.importorskip("openai")  # the OpenAI routes are driven by the official client
 
 GREEDY = {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True}
 PROMPTS = ["Alice likes 12 apples", "Bob sees the river"]

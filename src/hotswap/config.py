@@ -199,6 +199,9 @@ class EngineConfig:
     # logprobs of the raw logits instead of the temperature-scaled distribution (SGLang's SGLANG_RETURN_ORIGINAL_LOGPROB)
     return_original_logprob: bool = False
     stream_interval: int = 1  # a streaming request gets an output every this many tokens (SGLang's --stream-interval)
+    # SGLang's --incremental-streaming-output: a streamed chunk's text, output_ids and output logprobs hold only
+    # its new tokens. Off (SGLang's default) every chunk repeats everything so far: O(length^2) bytes per stream
+    incremental_streaming_output: bool = False
     max_queue_wait_s: float = 300.0  # the longest a request queues while generation is paused or a session is open
     tensor_parallel_size: int = 1  # > 1: one worker process per extra rank (cuda:k+r; gloo ranks on the CPU)
     tp_timeout_s: float = 600.0  # the longest rank 0 waits on a tensor-parallel worker before declaring the engine broken
@@ -242,6 +245,7 @@ _SGLANG_ALIASES: dict[str, tuple[str, object]] = {
     "disable_cuda_graph": ("enable_cuda_graph", lambda v: not v),
     "cuda_graph_max_bs": ("cuda_graph_max_batch", lambda v: 0 if v is None else int(v)),
     "max_prefill_tokens": ("max_num_batched_tokens", int),
+    "stream_output": ("incremental_streaming_output", bool),  # the flag's name before SGLang renamed it
 }
 
 

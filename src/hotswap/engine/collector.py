@@ -51,11 +51,15 @@ class Collector:
     detok: IncrementalDetokenizer | None = None
     text: str = ""
     output_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list = field(default_factory=list)
+    # SGLang's (logprob, token id, text) entries, built once per token as it arrives: a streamed chunk that
+    # repeats them all (SGLang's cumulative shape) then copies a list instead of rebuilding every entry
+    token_logprobs: list[tuple] = field(default_factory=list)
+    top_logprobs: list[list[tuple]] = field(default_factory=list)
+    any_top_logprobs: bool = False
     versions: list[str] = field(default_factory=list)
+    mixed_versions: bool = False  # the tokens came from more than one weight version
     top_p_token_ids: list[list[int]] = field(default_factory=list)
-    input_token_logprobs: list | None = None
+    input_token_logprobs: list[tuple] | None = None  # SGLang's entries, as the output ones
     input_top_logprobs: list | None = None
     last: p.GenerateOutput | None = None
     started_at: float = field(default_factory=time.monotonic)  # when the call handed the request over
@@ -70,12 +74,18 @@ class Collector:
         start, old_text = len(self.output_ids), self.text
         for out in outs:
             self.output_ids += out.new_token_ids
-            self.logprobs += out.new_logprobs
-            self.top_logprobs += out.new_top_logprobs
+            if self.return_logprob:
+                self.token_logprobs += [(lp, tid, None) for lp, tid in zip(out.new_logprobs, out.new_token_ids)]
+                self.top_logprobs += [[(lp, tid, None) for lp, tid in top] for top in out.new_top_logprobs]
+                self.any_top_logprobs = self.any_top_logprobs or any(out.new_top_logprobs)
+            first = self.versions[0] if self.versions else out.new_token_versions[0] if out.new_token_versions else None
+            self.mixed_versions = self.mixed_versions or any(v != first for v in out.new_token_versions)
             self.versions += out.new_token_versions
             self.top_p_token_ids += out.new_top_p_token_ids
             if out.input_token_logprobs is not None:
-                self.input_token_logprobs, self.input_top_logprobs = out.input_token_logprobs, out.input_top_logprobs
+                self.input_token_logprobs = [(lp, tid, None) for lp, tid in out.input_token_logprobs]
+                self.input_top_logprobs = None if out.input_top_logprobs is None else [
+                    None if top is None else [(lp, tid, None) for lp, tid in top] for top in out.input_top_logprobs]
             if self.detok is None:
                 self.text += out.text_delta
             elif out.finished:  # the scheduler's full final text is the answer
@@ -95,8 +105,12 @@ class Collector:
             return EngineUnavailableError(reason.get("message", "generation is unavailable"))
         return None
 
-    def to_dict(self, delta: dict | None = None) -> dict:
+    def to_dict(self, delta: dict | None = None, since: int | None = None) -> dict:
+        """SGLang's output dict. `delta`: a streamed chunk's coalesced delta (from `add`), merged in. `since`:
+        SGLang's incremental streaming output: text, output ids and the per-output-token lists hold only the
+        tokens from this position on (the delta), not everything so far."""
         out = self.last
+        start = since or 0
         meta = {
             "id": self.rid,
             "prompt_tokens": out.prompt_tokens,
@@ -107,24 +121,24 @@ class Collector:
         }
         if self.e2e_latency is not None:  # finished outputs only, as SGLang's tokenizer manager sets it
             meta["e2e_latency"] = self.e2e_latency
-        if len(set(self.versions)) > 1:
-            meta["weight_versions"] = list(self.versions)
+        if self.mixed_versions:
+            meta["weight_versions"] = self.versions[start:]
         if out.routed_experts is not None:
             meta["routed_experts"] = out.routed_experts
             # slime reads it to splice a partial routing onto the rows it holds (0 when absent)
             meta["routed_experts_start_len"] = self.routed_experts_start_len
         if self.return_logprob:
-            meta["output_token_logprobs"] = [(lp, tid, None) for lp, tid in zip(self.logprobs, self.output_ids)]
-            if any(self.top_logprobs):
-                meta["output_top_logprobs"] = [[(lp, tid, None) for lp, tid in top] for top in self.top_logprobs]
+            meta["output_token_logprobs"] = self.token_logprobs[start:]
+            if self.any_top_logprobs:
+                meta["output_top_logprobs"] = self.top_logprobs[start:]
             if self.input_token_logprobs is not None:
-                meta["input_token_logprobs"] = [(lp, tid, None) for lp, tid in self.input_token_logprobs]
+                meta["input_token_logprobs"] = list(self.input_token_logprobs)
             if self.input_top_logprobs is not None:
-                meta["input_top_logprobs"] = [None if top is None else [(lp, tid, None) for lp, tid in top]
-                                              for top in self.input_top_logprobs]
+                meta["input_top_logprobs"] = list(self.input_top_logprobs)
         if self.top_p_token_ids and out.finished:  # slime's replay fields: int32 ids and offsets, base64
             meta["top_p_token_ids"], meta["top_p_token_offsets"] = encode_top_p_token_ids(self.top_p_token_ids)
-        result = {"text": self.text, "output_ids": list(self.output_ids), "meta_info": meta}
+        text = self.text if since is None or delta is None else delta["delta_text"]
+        result = {"text": text, "output_ids": self.output_ids[start:], "meta_info": meta}
         if delta is not None:
             result.update(delta)
         if self.index is not None:

@@ -42,6 +42,7 @@ class _Call:
     collectors: list[Collector]
     single: bool
     stream: bool
+    incremental: bool = False  # streamed chunks carry only their new tokens (SGLang's incremental_streaming_output)
     by_rid: dict[str, Collector] = dataclasses.field(init=False)
     remaining: int = dataclasses.field(init=False)
 
@@ -62,6 +63,7 @@ class _Call:
         chunks = []
         for rid, group in groups.items():
             c = self.by_rid[rid]
+            since = len(c.output_ids)
             delta = c.add(group)
             if c.finished:
                 self.remaining -= 1
@@ -69,7 +71,7 @@ class _Call:
                 if refused is not None:
                     raise refused
             if self.stream:
-                chunks.append(c.to_dict(delta))
+                chunks.append(c.to_dict(delta, since if self.incremental else None))
         return chunks
 
     def result(self):
@@ -198,19 +200,22 @@ class Engine:
     def generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool = False,
                  top_logprobs_num: int = 0, stream: bool = False, return_routed_experts: bool = False,
                  logprob_start_len: int | None = None, routed_experts_start_len: int = 0, rid: str | list[str] | None = None,
-                 image_data=None, custom_logit_processor: str | None = None, lora_path: str | None = None):
+                 image_data=None, custom_logit_processor: str | None = None, lora_path: str | None = None,
+                 incremental_streaming_output: bool | None = None):
         """One prompt -> one dict; a list (or n > 1) -> a list of dicts; stream=True -> an iterator of dicts
         (each with an `index` when the call fans out to several requests). `routed_experts_start_len`: the
         routing returned starts at that absolute position (SGLang's field; at most the prompt's length).
         `rid`: the client's request id (`meta_info.id`, `abort_request(rid)`); SGLang's `image_data`,
-        `custom_logit_processor` and `lora_path` are accepted unset and refused by name when set."""
+        `custom_logit_processor` and `lora_path` are accepted unset and refused by name when set.
+        `incremental_streaming_output`: a streamed chunk's text, output_ids and output logprobs hold only its new
+        tokens, not everything so far (None: the engine's `incremental_streaming_output`, SGLang's server flag)."""
         self._check_open()
         _refuse_unsupported(image_data=image_data, custom_logit_processor=custom_logit_processor, lora_path=lora_path)
         prepared = self.prep.prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num,
                                      return_routed_experts=return_routed_experts, logprob_start_len=logprob_start_len,
                                      routed_experts_start_len=routed_experts_start_len, rid=rid)
         if stream:
-            return self._stream(prepared)
+            return self._stream(prepared, self._incremental(incremental_streaming_output))
         q: queue.Queue = queue.Queue()
         call = self._start(prepared, stream=False, sink=q.put, flush=None)
         with self._aborting_unfinished(call, "generate interrupted"):
@@ -218,9 +223,12 @@ class Engine:
                 call.feed(_take(q))
         return call.result()
 
-    def _stream(self, prepared: PreparedCall) -> Iterator[dict]:
+    def _incremental(self, asked: bool | None) -> bool:
+        return self.config.incremental_streaming_output if asked is None else bool(asked)
+
+    def _stream(self, prepared: PreparedCall, incremental: bool) -> Iterator[dict]:
         q: queue.Queue = queue.Queue()
-        call = self._start(prepared, stream=True, sink=q.put, flush=None)
+        call = self._start(prepared, stream=True, sink=q.put, flush=None, incremental=incremental)
         with self._aborting_unfinished(call, "stream closed by the client"):
             while not call.done:
                 yield from call.feed(_take(q))
@@ -229,8 +237,8 @@ class Engine:
                              top_logprobs_num: int = 0, stream: bool = False, return_routed_experts: bool = False,
                              logprob_start_len: int | None = None, routed_experts_start_len: int = 0,
                              rid: str | list[str] | None = None, image_data=None, custom_logit_processor: str | None = None,
-                             lora_path: str | None = None):
-        """Awaitable generate; with stream=True returns an async iterator of dicts. Tokenization and
+                             lora_path: str | None = None, incremental_streaming_output: bool | None = None):
+        """Awaitable generate (arguments as `generate`); with stream=True returns an async iterator of dicts. Tokenization and
         validation run in a worker thread, never on the event loop."""
         self._check_open()
         _refuse_unsupported(image_data=image_data, custom_logit_processor=custom_logit_processor, lora_path=lora_path)
@@ -239,7 +247,7 @@ class Engine:
             return_routed_experts=return_routed_experts, logprob_start_len=logprob_start_len,
             routed_experts_start_len=routed_experts_start_len, rid=rid))
         if stream:
-            return self._astream(prepared)
+            return self._astream(prepared, self._incremental(incremental_streaming_output))
         inbox = CallInbox()
         box = self._mailboxes.for_running_loop()
         call = self._start(prepared, stream=False, sink=box.sink(inbox), flush=box.flush)
@@ -248,16 +256,16 @@ class Engine:
                 call.feed(await inbox.take())
         return call.result()
 
-    async def _astream(self, prepared: PreparedCall) -> AsyncIterator[dict]:
+    async def _astream(self, prepared: PreparedCall, incremental: bool) -> AsyncIterator[dict]:
         inbox = CallInbox()
         box = self._mailboxes.for_running_loop()
-        call = self._start(prepared, stream=True, sink=box.sink(inbox), flush=box.flush)
+        call = self._start(prepared, stream=True, sink=box.sink(inbox), flush=box.flush, incremental=incremental)
         with self._aborting_unfinished(call, "stream closed by the client"):
             while not call.done:
                 for chunk in call.feed(await inbox.take()):
                     yield chunk
 
-    def _start(self, prepared: PreparedCall, *, stream: bool, sink, flush) -> _Call:
+    def _start(self, prepared: PreparedCall, *, stream: bool, sink, flush, incremental: bool = False) -> _Call:
         """Submit every request of a call in one message; outputs reach `sink`, `flush` once per step.
         A client rid already running is refused (SGLang's duplicate-rid check)."""
         reqs, collectors = [], []
@@ -277,7 +285,7 @@ class Engine:
             reqs.append(req)
             collectors.append(Collector(rid=req.rid, return_logprob=sp.return_logprob, index=i if multi else None, detok=detok,
                                         routed_experts_start_len=sp.routed_experts_start_len))
-        call = _Call(collectors=collectors, single=prepared.single, stream=stream)
+        call = _Call(collectors=collectors, single=prepared.single, stream=stream, incremental=incremental)
         self.scheduler.submit(p.GenerateBatch(requests=reqs))
         return call
 

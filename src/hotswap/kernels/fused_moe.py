@@ -8,6 +8,8 @@ w_down [E, H, I], and each token's top-k experts `ids` [T, k] with weights `weig
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -60,6 +62,22 @@ except ImportError:  # CPU-only machines: the layers never call these without CU
 SMALL_BATCH_MAX_TOKENS = 8
 
 
+@dataclass(frozen=True)
+class PairsBlocks:
+    """Tile shapes of the per-pair (decode) kernels: output columns and reduction width per program, warps.
+    bench/moe_kernels.py sweeps them on the device."""
+
+    gate_up_n: int = 32
+    gate_up_k: int = 128
+    gate_up_warps: int = 4
+    down_n: int = 16
+    down_k: int = 128
+    down_warps: int = 4
+
+
+PAIRS_BLOCKS = PairsBlocks()
+
+
 def available(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda
 
@@ -69,7 +87,7 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, we
     """The MoE layer in two kernels (three launches of torch ops align pairs on the large path). No
     host synchronisation: it runs under CUDA graphs, whose shapes fix T."""
     if x.shape[0] <= SMALL_BATCH_MAX_TOKENS:
-        return _moe_pairs(x, w_gate_up, w_down, weights, ids)
+        return moe_pairs(x, w_gate_up, w_down, weights, ids)
     return _moe_grouped(x, w_gate_up, w_down, weights, ids)
 
 
@@ -124,21 +142,21 @@ def _moe_grouped(x, w_gate_up, w_down, weights, ids):
     return per_pair.view(t, top_k, h).sum(dim=1)
 
 
-def _moe_pairs(x, w_gate_up, w_down, weights, ids):
+def moe_pairs(x, w_gate_up, w_down, weights, ids, blocks: PairsBlocks = PAIRS_BLOCKS):
+    """The decode path: one program per (token, slot) pair and column block reads only that expert's rows."""
     t, h = x.shape
     i, top_k = w_gate_up.shape[1] // 2, ids.shape[1]
     p = t * top_k
     flat_ids = ids.reshape(-1)
     inter = torch.empty(p, i, dtype=x.dtype, device=x.device)
-    bn, bk = 32, 128
-    _gate_up_pairs_kernel[(p, triton.cdiv(i, bn))](
+    b = blocks
+    _gate_up_pairs_kernel[(p, triton.cdiv(i, b.gate_up_n))](
         x, w_gate_up, inter, flat_ids, top_k, h, i, x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), inter.stride(0),
-        BN=bn, BK=bk)
+        BN=b.gate_up_n, BK=b.gate_up_k, num_warps=b.gate_up_warps)
     out = torch.empty_like(x)
-    bn_down = 16
-    _down_pairs_kernel[(t, triton.cdiv(h, bn_down))](
+    _down_pairs_kernel[(t, triton.cdiv(h, b.down_n))](
         inter, w_down, out, flat_ids, weights.reshape(-1), top_k, h, i, inter.stride(0), w_down.stride(0), w_down.stride(1),
-        out.stride(0), BN=bn_down, BK=bk)
+        out.stride(0), BN=b.down_n, BK=b.down_k, num_warps=b.down_warps)
     return out
 
 

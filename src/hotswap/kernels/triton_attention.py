@@ -128,6 +128,12 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor):
     return page_size, hkv, d
 
 
+def _precision(q: torch.Tensor) -> str:
+    """tl.dot's input precision: float32 models get float32 products (Triton's default for float32 is TF32, whose
+    10-bit mantissa moved logprobs by ~1e-3 against the CPU engine); bf16/fp16 inputs ignore it."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
 def _last_dim_contig(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -138,14 +144,14 @@ def _last_dim_contig(x: torch.Tensor) -> torch.Tensor:
 if HAS_TRITON:
 
     @triton.jit
-    def _softmax_step(qk, v, m_i, l_i, acc):
+    def _softmax_step(qk, v, m_i, l_i, acc, PREC: tl.constexpr):
         """One key/value block of the online softmax: `qk` is scaled (base 2) and masked; returns the
         running max, denominator and unnormalised output."""
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         return m_new, l_i, acc
 
     @triton.jit
@@ -185,6 +191,7 @@ if HAS_TRITON:
         DIRECT: tl.constexpr,
         MIN_CHUNK: tl.constexpr,
         USE_PDL: tl.constexpr,
+        PREC: tl.constexpr,
     ):
         wait_previous(USE_PDL)
         b = tl.program_id(0)
@@ -229,10 +236,10 @@ if HAS_TRITON:
                 k_off, v_off, kv_mask = _kv_offsets(pt_row, pos, n_mask, offs_d, d_mask, stride_kp, stride_vp,
                                                     stride_t, PAGE_SIZE, HEAD_DIM, BLOCK_D)
                 k = tl.load(k_base + k_off, mask=kv_mask, other=0.0)
-                qk = tl.dot(q, tl.trans(k))
+                qk = tl.dot(q, tl.trans(k), input_precision=PREC)
                 qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
                 v = tl.load(v_base + v_off, mask=kv_mask, other=0.0)
-                m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc)
+                m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, PREC)
 
             l_safe = tl.where(l_i > 0.0, l_i, 1.0)
             o = acc / l_safe[:, None]
@@ -302,6 +309,7 @@ if HAS_TRITON:
         PACK_GQA: tl.constexpr,
         USE_TILES: tl.constexpr,
         USE_PDL: tl.constexpr,
+        PREC: tl.constexpr,
     ):
         wait_previous(USE_PDL)
         # Tile = BLOCK_M rows. With PACK_GQA the rows are (token, query head) pairs of all GROUP
@@ -377,7 +385,7 @@ if HAS_TRITON:
                     mask=d_mask[None, :],
                     other=0.0,
                 )
-            qk = tl.dot(q, tl.trans(k)) * qk_scale
+            qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
             if BLOCK_D == HEAD_DIM:
                 v = tl.load(v_base + page[:, None] * stride_vp + slot[:, None] * stride_t + offs_d[None, :])
             else:
@@ -386,7 +394,7 @@ if HAS_TRITON:
                     mask=d_mask[None, :],
                     other=0.0,
                 )
-            m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc)
+            m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, PREC)
 
         # Phase 2: blocks crossing the causal diagonal of this tile.
         causal_end = prefix + tl.minimum(m_start + TOK, q_len)  # exclusive, <= kv_len
@@ -396,11 +404,11 @@ if HAS_TRITON:
             k_off, v_off, kv_mask = _kv_offsets(pt_row, pos, n_mask, offs_d, d_mask, stride_kp, stride_vp,
                                                 stride_t, PAGE_SIZE, HEAD_DIM, BLOCK_D)
             k = tl.load(k_base + k_off, mask=kv_mask, other=0.0)
-            qk = tl.dot(q, tl.trans(k)) * qk_scale
+            qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
             keep = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
             qk = tl.where(keep, qk, float("-inf"))
             v = tl.load(v_base + v_off, mask=kv_mask, other=0.0)
-            m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc)
+            m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, PREC)
 
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         o = acc / l_safe[:, None]
@@ -478,6 +486,7 @@ def _decode_launch(
         DIRECT=num_splits == 1,
         MIN_CHUNK=min_chunk,
         USE_PDL=use_pdl,
+        PREC=_precision(q),
         num_warps=num_warps,
         num_stages=num_stages,
         launch_pdl=use_pdl,
@@ -613,6 +622,7 @@ def _prefill_launch(
         PACK_GQA=bool(pack_gqa),
         USE_TILES=tiles is not None,
         USE_PDL=use_pdl,
+        PREC=_precision(q),
         num_warps=num_warps,
         num_stages=num_stages,
         launch_pdl=use_pdl,

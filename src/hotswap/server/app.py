@@ -12,6 +12,7 @@ import asyncio
 import functools
 import hmac
 import logging
+import sys
 import time
 from typing import Any
 
@@ -440,12 +441,20 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
 # ---- the factory ------------------------------------------------------------------------------------
 
 
+# The event loop serving HTTP and the engine's scheduler thread share one interpreter lock. Each time the scheduler
+# waits on the device it lets the lock go, and a busy event loop (hundreds of streams) then keeps it for up to the
+# switch interval before the scheduler runs again: 5 ms by default, about a whole decode step. A short interval
+# bounds that wait (measured on the H200: docs/benchmarks.md, streaming rollouts).
+GIL_SWITCH_INTERVAL_S = 0.0005
+
+
 def create_app(engine, *, api_key: str | None = None, served_model_name: str | None = None, policy: AccessPolicy | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> FastAPI:
     """Build the HTTP app on a running Engine. The caller owns the engine (and shuts it down).
     `max_body_bytes`: larger request bodies get 413; `body_timeout_s`: a body not in within this many seconds
     gets 408 (0: no limit for either)."""
     state = ServerState(engine, api_key=api_key, served_model_name=served_model_name, policy=policy or AccessPolicy())
+    sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
     app = FastAPI(title="hotswap", version=hotswap.__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.hotswap = state
 

@@ -80,6 +80,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-warmup", action="store_true", help="skip the one-token warm-up generation at start")
     parser.add_argument("--stream-interval", type=int, default=None,
                         help="a streaming request gets an output every this many tokens (SGLang's name; default 1)")
+    parser.add_argument("--incremental-streaming-output", action="store_true",
+                        help="a streamed /generate chunk carries only its new text, output ids and logprobs, not everything so "
+                             "far (SGLang's flag; off, each chunk repeats the whole output: O(length^2) bytes per stream)")
     parser.add_argument("--max-queue-wait-s", type=float, default=None,
                         help="how long a request may queue while generation is paused or a weight-update session is open (default 300)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
@@ -104,6 +107,8 @@ def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
         kw["enable_cuda_graph"] = False
     if getattr(args, "enable_return_routed_experts", False):
         kw["enable_return_routed_experts"] = True
+    if getattr(args, "incremental_streaming_output", False):
+        kw["incremental_streaming_output"] = True
     return kw
 
 

@@ -436,7 +436,7 @@ def register(app: FastAPI, state: ServerState) -> None:
                                  "system_fingerprint": state.fingerprint(outs), "choices": choices,
                                  "usage": _usage(prompt_tokens, outs), "metadata": _metadata(outs), **sglext(outs)})
 
-        chunks = await open_stream(state.engine, input_ids=id_lists, sampling_params=sp, **lp_args)
+        chunks = await open_stream(state.engine, input_ids=id_lists, sampling_params=sp, incremental_streaming_output=False, **lp_args)
         echo_texts = await echoed()
         offsets: dict[int, int] = {}
 
@@ -510,7 +510,8 @@ def register(app: FastAPI, state: ServerState) -> None:
                 reply["prompt_token_ids"] = ids
             return JSONResponse(reply)
 
-        chunks = await open_stream(state.engine, input_ids=[ids], sampling_params=sp, return_logprob=want_lp, top_logprobs_num=k)
+        chunks = await open_stream(state.engine, input_ids=[ids], sampling_params=sp, return_logprob=want_lp, top_logprobs_num=k,
+                                   incremental_streaming_output=False)
 
         def choice(i: int, text: str, meta: dict, start: int, end: int, fin: str | None) -> dict:
             lp = chat_logprobs(state, meta, start, end, k, as_ids) if want_lp else None
