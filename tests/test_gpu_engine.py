@@ -53,7 +53,9 @@ def test_cuda_graph_equals_eager_and_survives_updates(tiny_qwen3, tiny_qwen3_v2)
 
 def test_cuda_graph_seeded_sampling_equals_eager(tiny_qwen3):
     """A batch mixing greedy rows with seeded temperature / top-p / top-k + min-p rows, sampled inside the
-    decode graph by the fused kernels, gives the eager path's tokens and logprobs exactly (float32)."""
+    decode graph by the fused kernels, gives the eager path's tokens exactly and its logprobs to float32
+    rounding: graphs pad their batches, so the matmuls under them may sum in another order (exact equality held
+    only while float32 attention rounded its inputs to TF32, which hid those last bits)."""
     prompts = [prompt_ids(60 + i, 6 + 5 * i) for i in range(5)]
     params = [GREEDY, dict(GREEDY, temperature=0.8, seed=3), dict(GREEDY, temperature=1.0, top_p=0.9, seed=4), GREEDY,
               dict(GREEDY, temperature=0.7, top_k=5, min_p=0.05, seed=5)]
@@ -68,7 +70,9 @@ def test_cuda_graph_seeded_sampling_equals_eager(tiny_qwen3):
     with Engine(str(tiny_qwen3), device="cuda", dtype="float32") as eng:
         assert eng.model_runner.cuda_graphs.captured
         got = run(eng)
-    assert got == ref
+    assert [ids for ids, _ in got] == [ids for ids, _ in ref]
+    for (_, g), (_, r) in zip(got, ref):
+        torch.testing.assert_close(torch.tensor(g), torch.tensor(r), atol=1e-5, rtol=1e-5)
 
 
 def test_cuda_graph_rows_follow_their_requests_as_rows_shift(tiny_qwen3):
