@@ -114,11 +114,17 @@ def test_the_context_limits_max_new_tokens_as_sglang_does(engine):
 def test_the_length_limit_is_checked_before_a_stop_token(engine):
     ref = engine.generate(PROMPT, GREEDY)["output_ids"]
     k = next(i for i in range(2, len(ref)) if ref[i] not in ref[:i])  # a token first sampled at step k
-    at_limit = engine.generate(PROMPT, dict(GREEDY, max_new_tokens=k + 1, stop_token_ids=[ref[k]]))
+    if set(ref[: k + 2]) & set(engine.eos_token_ids):
+        pytest.skip("the greedy output holds an eos before the chosen stop token")
+    stops = dict(GREEDY, ignore_eos=False, stop_token_ids=[ref[k]])
+    at_limit = engine.generate(PROMPT, dict(stops, max_new_tokens=k + 1))
     assert at_limit["output_ids"] == ref[: k + 1]
     assert at_limit["meta_info"]["finish_reason"] == {"type": "length", "length": k + 1}  # SGLang: length wins
-    before = engine.generate(PROMPT, dict(GREEDY, max_new_tokens=k + 2, stop_token_ids=[ref[k]]))
+    before = engine.generate(PROMPT, dict(stops, max_new_tokens=k + 2))
     assert before["output_ids"] == ref[: k + 1] and before["meta_info"]["finish_reason"] == {"type": "stop", "matched": ref[k]}
+    # SGLang's ignore_eos turns off every token-based stop: stop_token_ids do not end the request either
+    ignored = engine.generate(PROMPT, dict(stops, ignore_eos=True, max_new_tokens=k + 2))
+    assert ignored["output_ids"] == ref[: k + 2] and ignored["meta_info"]["finish_reason"] == {"type": "length", "length": k + 2}
 
 
 def spanning_stop(engine: Engine, ids: list[int], start: int) -> tuple[str, int]:

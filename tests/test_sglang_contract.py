@@ -542,9 +542,11 @@ def test_openai_choices_carry_matched_stop_and_prompt_ids(served):
     with c.stream("POST", "/v1/chat/completions", json={**chat, "return_prompt_token_ids": True, "stream": True}) as resp:
         first = next(json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {"))
     assert first["choices"][0]["prompt_token_ids"] == prompt
-    r = c.post("/v1/chat/completions", json={**chat, "stop_token_ids": [stop_id]}).json()["choices"][0]
+    stops = {**chat, "ignore_eos": False, "stop_token_ids": [stop_id]}  # SGLang's ignore_eos would ignore stop ids too
+    assert not set(ids[:4]) & set(eng.eos_token_ids)
+    r = c.post("/v1/chat/completions", json=stops).json()["choices"][0]
     assert r["finish_reason"] == "stop" and r["matched_stop"] == stop_id
-    with c.stream("POST", "/v1/chat/completions", json={**chat, "stop_token_ids": [stop_id], "stream": True}) as resp:
+    with c.stream("POST", "/v1/chat/completions", json={**stops, "stream": True}) as resp:
         events = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
     ends = [ch["matched_stop"] for e in events for ch in e["choices"]]
     assert ends[-1] == stop_id and not any(m is not None for m in ends[:-1])

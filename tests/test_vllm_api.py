@@ -186,6 +186,19 @@ def test_skyrl_tinker_sample(http):
     assert [c["token_ids"] for c in again["choices"]] == [s["tokens"] for s in seqs]  # seeded
 
 
+def test_generate_tokens_ignore_eos_still_stops_at_stop_token_ids(http):
+    """vLLM's ignore_eos skips only EOS: a stop id still ends the request here (SGLang's ignore_eos, on the native
+    routes, ignores stop ids too)."""
+    first = greedy_ids(http, PROMPT_IDS, n=1)[0]
+    sp = skyrl_sampling_params(ignore_eos=True, stop_token_ids=[first], max_tokens=6, min_tokens=0)
+    r = http.post("/inference/v1/generate", json={"sampling_params": sp, "token_ids": PROMPT_IDS})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["token_ids"] == [first] and r.json()["choices"][0]["finish_reason"] == "stop"
+    native = http.post("/generate", json={"input_ids": PROMPT_IDS, "sampling_params": {
+        "max_new_tokens": 6, "temperature": 0, "ignore_eos": True, "stop_token_ids": [first]}}).json()
+    assert len(native["output_ids"]) == 6 and native["meta_info"]["finish_reason"]["type"] == "length"
+
+
 def test_generate_tokens_min_tokens_holds_back_stop_ids(http):
     """vLLM's min_tokens (SkyRL sends 1 by default) is the engine's min_new_tokens: a stop id the greedy
     path would emit first cannot end the request before min_tokens tokens are out."""

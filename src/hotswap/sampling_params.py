@@ -33,7 +33,8 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
+    ignore_eos: bool = False  # SGLang's: no token-based stop at all (eos nor stop_token_ids); length and stop strings still apply
+    keep_stop_token_ids: bool = False  # with ignore_eos, stop_token_ids still stop (vLLM's ignore_eos skips only eos)
     return_logprob: bool = False
     top_logprobs_num: int = 0
     n: int = 1
@@ -137,7 +138,7 @@ class SamplingParams:
             raise bad("logit_bias must map token ids (>= 0) to biases in [-100, 100]")
         if not _is_int(self.logprob_start_len) or self.logprob_start_len < -1:
             raise bad(f"logprob_start_len must be -1 or an integer >= 0, got {shown(self.logprob_start_len)}")
-        for name in ("no_stop_trim", "return_top_p_token_ids", "ignore_eos", "skip_special_tokens", "return_logprob"):
+        for name in ("no_stop_trim", "return_top_p_token_ids", "ignore_eos", "keep_stop_token_ids", "skip_special_tokens", "return_logprob"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(f"{name} must be a boolean, got {shown(getattr(self, name))}")
 

@@ -66,9 +66,9 @@ class OutputStreamer:
         # SGLang's order: the length limit first (a last allowed token that is eos still reports length)
         if len(seq.output_ids) >= sp.max_new_tokens:
             seq.finish_reason = {"type": "length", "length": sp.max_new_tokens}
-        elif not sp.ignore_eos and token in self.eos_token_ids:
-            seq.finish_reason = {"type": "stop", "matched": token}
-        elif token in sp.stop_token_ids:
+        elif (not sp.ignore_eos and token in self.eos_token_ids
+              or (not sp.ignore_eos or sp.keep_stop_token_ids) and token in sp.stop_token_ids):
+            # SGLang's rule: ignore_eos turns off every token-based stop, stop_token_ids included (vLLM's keeps them)
             seq.finish_reason = {"type": "stop", "matched": token}
         elif seq.num_tokens >= self.max_context_len:
             seq.finish_reason = {"type": "length", "length": len(seq.output_ids)}

@@ -162,6 +162,8 @@ def vllm_sampling_params(sp: dict[str, Any], prompt_len: int, max_context_len: i
     out: dict[str, Any] = {"n": n, "max_new_tokens": max_context_len - prompt_len if max_tokens is None else max_tokens,
                            "temperature": 1.0 if sp.get("temperature") is None else sp["temperature"],
                            "ignore_eos": bool(sp.get("ignore_eos", False)), "skip_special_tokens": sp.get("skip_special_tokens", True)}
+    if out["ignore_eos"]:
+        out["keep_stop_token_ids"] = True  # vLLM's ignore_eos skips only EOS; SGLang's skips stop_token_ids too
     if min_tokens is not None and min_tokens > out["max_new_tokens"]:  # vLLM's rule, under its name
         raise APIError(400, f"min_tokens ({min_tokens}) must be at most max_tokens ({out['max_new_tokens']})", param="min_tokens")
     for key in ("top_p", "min_p", "seed"):
