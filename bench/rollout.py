@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -147,9 +148,24 @@ class LoadMonitor:
 # ---- the run ----
 
 
+def threads_cpu_s() -> dict[str, float]:
+    """CPU seconds so far of this process's scheduler and HTTP event-loop threads (Linux /proc; {} elsewhere):
+    the loop shares the interpreter lock with the scheduler, so its busy time is time the scheduler may wait."""
+    out = {}
+    for t in threading.enumerate():
+        if t.name in ("hotswap-scheduler", "hotswap-http"):
+            try:
+                fields = Path(f"/proc/self/task/{t.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[t.name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return out
+
+
 def run_path(engine, path: str, w: Workload, mode: str, args, url: str | None, routed_experts: bool = False) -> dict:
     jobs = [(ids, w.sampling_params(i, mode)) for i, ids in enumerate(w.prompts)]
     engine.flush_cache()  # every path starts from the same empty prefix cache
+    cpu_before = threads_cpu_s()
     with LoadMonitor(engine) as mon:
         if path == "offline":
             start = time.time()
@@ -162,20 +178,46 @@ def run_path(engine, path: str, w: Workload, mode: str, args, url: str | None, r
             if mode == "sampled":
                 assert all(len(o["meta_info"]["output_token_logprobs"]) == len(o["output_ids"]) for o in outs)
         else:
-            order = json.dumps({"url": url, "path": path, "jobs": jobs, "mode": mode, "concurrency": args.concurrency})
-            try:
-                proc = subprocess.run([sys.executable, str(Path(__file__).with_name("rollout_clients.py"))], input=order,
-                                      capture_output=True, text=True, check=False, timeout=args.http_timeout)
-            except subprocess.TimeoutExpired:
-                engine.abort_request(abort_all=True)  # the requests still running
-                return {"seconds": float("nan"), "tokens": 0, "tail_seconds": float("nan"), "timed_out": args.http_timeout}
-            if proc.returncode:
-                raise RuntimeError(f"{mode}/{path}: the HTTP clients failed:\n{proc.stderr[-4000:]}")
-            res = json.loads(proc.stdout)
+            res = run_clients(engine, path, jobs, mode, args, url)
+            if "timed_out" in res:
+                return res
             start, end, tokens = res["start"], res["end"], res["tokens"]
     if tokens != sum(w.out_lens):
         raise RuntimeError(f"{mode}/{path}: {tokens} output tokens, the workload asked for {sum(w.out_lens)}")
-    return {"seconds": end - start, "tokens": tokens, "tail_seconds": mon.tail_seconds(start, end)}
+    cpu_after = threads_cpu_s()
+    out = {"seconds": end - start, "tokens": tokens, "tail_seconds": mon.tail_seconds(start, end),
+           "thread_cpu_s": {k: cpu_after[k] - cpu_before[k] for k in cpu_after if k in cpu_before}}
+    if path != "offline":
+        out["client_cpu_s"] = res["cpu_s"]
+    return out
+
+
+def run_clients(engine, path: str, jobs: list, mode: str, args, url: str) -> dict:
+    """The jobs over `--client-procs` processes (round-robin, the connections split evenly), all at once; the
+    wall is from the first start to the last end, the CPU the processes' sum."""
+    procs = max(1, min(args.client_procs, len(jobs)))
+    script = str(Path(__file__).with_name("rollout_clients.py"))
+    running = []
+    for k in range(procs):
+        order = json.dumps({"url": url, "path": path, "jobs": jobs[k::procs], "mode": mode,
+                            "concurrency": max(1, args.concurrency // procs)})
+        p = subprocess.Popen([sys.executable, script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        running.append((p, order))
+    deadline = time.monotonic() + args.http_timeout
+    results = []
+    for p, order in running:
+        try:
+            stdout, stderr = p.communicate(order, timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for q, _ in running:
+                q.kill()
+            engine.abort_request(abort_all=True)  # the requests still running
+            return {"seconds": float("nan"), "tokens": 0, "tail_seconds": float("nan"), "timed_out": args.http_timeout}
+        if p.returncode:
+            raise RuntimeError(f"{mode}/{path}: the HTTP clients failed:\n{stderr[-4000:]}")
+        results.append(json.loads(stdout))
+    return {"start": min(r["start"] for r in results), "end": max(r["end"] for r in results),
+            "tokens": sum(r["tokens"] for r in results), "cpu_s": sum(r["cpu_s"] for r in results)}
 
 
 def main() -> None:
@@ -194,6 +236,8 @@ def main() -> None:
     ap.add_argument("--modes", default="sampled,greedy", help="comma list of sampled,greedy")
     ap.add_argument("--paths", default=",".join(PATHS), help=f"comma list of {','.join(PATHS)}")
     ap.add_argument("--concurrency", type=int, default=512, help="HTTP clients in flight")
+    ap.add_argument("--client-procs", type=int, default=1,
+                    help="client processes sharing the jobs and connections (one asyncio process can be the bound when streaming)")
     ap.add_argument("--http-timeout", type=float, default=300.0, help="seconds one HTTP path may take; then it is aborted and reported")
     ap.add_argument("--max-running", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
@@ -260,13 +304,14 @@ def main() -> None:
                 r = run_path(engine, path, w, mode, args, url)
                 results["runs"][f"{mode}/{path}"] = r
                 if "timed_out" in r:
-                    rows.append([mode, path, f"> {r['timed_out']:g} (aborted)", "-", "-", "-", "-"])
+                    rows.append([mode, path, f"> {r['timed_out']:g} (aborted)", "-", "-", "-", "-", "-"])
                     continue
                 offline = r["seconds"] if path == "offline" else offline
                 rows.append([mode, path, f"{r['seconds']:.2f}", f"{r['tokens'] / r['seconds']:,.0f}",
                              f"{100 * roof['seconds'] / r['seconds']:.1f}%" if on_gpu else "-",
                              f"{r['seconds'] / offline:.2f}" if offline else "-",
-                             f"{r['tail_seconds']:.2f} ({100 * r['tail_seconds'] / r['seconds']:.0f}%)"])
+                             f"{r['tail_seconds']:.2f} ({100 * r['tail_seconds'] / r['seconds']:.0f}%)",
+                             f"{r['client_cpu_s']:.1f}" if "client_cpu_s" in r else "-"])
     finally:
         if server is not None:
             server.stop()
@@ -282,12 +327,16 @@ def main() -> None:
         rows.append(["sampled+R3", "offline", f"{r['seconds']:.2f}", f"{r['tokens'] / r['seconds']:,.0f}",
                      f"{100 * roof['seconds'] / r['seconds']:.1f}%" if on_gpu else "-",
                      f"{r['seconds'] / base['seconds']:.2f}" if base else "-",
-                     f"{r['tail_seconds']:.2f} ({100 * r['tail_seconds'] / r['seconds']:.0f}%)"])
+                     f"{r['tail_seconds']:.2f} ({100 * r['tail_seconds'] / r['seconds']:.0f}%)", "-"])
     text = print_table(title, ["mode", "path", "wall s", "output tok/s", "% of schedule roofline", "/ offline",
-                               f"tail s (< {TAIL_ROWS} running)"], rows)
-    text += (f"\nschedule roofline: {roof['seconds']:.2f} s over {roof['steps']:,} decode steps at {bw / 1e9:,.0f} GB/s; "
+                               f"tail s (< {TAIL_ROWS} running)", f"client CPU s ({args.client_procs} proc)"], rows)
+    notes = (f"schedule roofline: {roof['seconds']:.2f} s over {roof['steps']:,} decode steps at {bw / 1e9:,.0f} GB/s; "
              f"tail {roof['tail_steps']:,} steps, {roof['tail_seconds']:.2f} s\n")
-    print(text.splitlines()[-1], flush=True)
+    for key, r in results["runs"].items():
+        if r.get("thread_cpu_s"):
+            notes += f"CPU s during {key}: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["thread_cpu_s"].items())) + "\n"
+    print(notes, flush=True)
+    text += "\n" + notes
     if args.out:
         with open(args.out, "a") as f:
             f.write(text + "\n")

@@ -1,7 +1,8 @@
 """The HTTP clients of bench/rollout.py, in their own process: reads {url, path, jobs, mode, concurrency}
 as JSON on stdin, runs every job through `--concurrency` connections (asyncio + httpx), and writes
-{start, end, tokens} (wall-clock seconds, completion tokens counted by the server) as JSON on stdout.
-Streams count from their last chunk (native meta_info, or OpenAI usage with include_usage)."""
+{start, end, tokens, cpu_s} (wall-clock seconds, completion tokens counted by the server, this process's CPU
+seconds) as JSON on stdout. Streams count from their last chunk (native meta_info, or OpenAI usage with
+include_usage). A client process whose CPU time is close to its wall time is the bound, not the server."""
 
 from __future__ import annotations
 
@@ -57,7 +58,9 @@ async def _clients(url: str, path: str, jobs: list[tuple[list[int], dict]], mode
 
 def main() -> None:
     order = json.load(sys.stdin)
+    cpu = time.process_time()
     res = asyncio.run(_clients(order["url"], order["path"], order["jobs"], order["mode"], order["concurrency"]))
+    res["cpu_s"] = time.process_time() - cpu
     json.dump(res, sys.stdout)
 
 

@@ -4,7 +4,8 @@
 #   suite   the whole GPU test suite
 #   dense   issue 19's before/after (throughput, weight sync) and issue 24's sampler + rollouts (0.6B, 8B)
 #   http    issue 24's HTTP and streaming rollouts (needs FastAPI/uvicorn/pydantic wheels in .whl/)
-#   moe     issue 20's Qwen3-30B-A3B throughput, and its rollout with and without routed experts (R3)
+#   moe     issue 20's MoE layer kernels (tile sweep), Qwen3-30B-A3B throughput, its rollout with and without
+#           routed experts (R3)
 #   moe-sync  issue 20's 61 GB update, in process and over the trainer library's CUDA IPC pusher
 # "Before" is the tree before the restructure, unpacked beside this one (untracked, so it travels to the
 # device):  git archive 6c9ff7c src bench | (mkdir -p .before && tar -x -C .before)
@@ -54,11 +55,12 @@ dense)
     ;;
 http)
     site_packages
-    PYTHONPATH=/tmp/site:src run rollout_http 400 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 \
-        --paths offline,generate,generate-stream,completions,completions-stream
+    PYTHONPATH=/tmp/site:src run rollout_http 400 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --modes sampled \
+        --paths offline,generate,generate-stream,completions,completions-stream --incremental-streaming-output --client-procs 4
     PYTHONPATH=/tmp/site:src run stream_load 150 python3 bench/stream_load.py --shape qwen3-0.6b --clients 512 --tokens 256
     ;;
 moe)
+    PYTHONPATH=src run moe_kernels 120 python3 bench/moe_kernels.py
     PYTHONPATH=src run throughput_moe 200 python3 bench/throughput.py \
         --shape qwen3-30b-a3b --cases 1x128x128,64x128x128,256x128x512 --hf none
     PYTHONPATH=src run rollout_moe 360 python3 bench/rollout.py --shape qwen3-30b-a3b --prompts 32 --n 8 --modes sampled \
