@@ -38,13 +38,17 @@ def test_rollout_bench_runs_tiny_on_the_cpu(tmp_path):
     out = tmp_path / "figures.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "rollout.py"), "--device", "cpu", "--tiny", "--modes", "sampled",
-                           "--paths", "offline,completions-stream", "--json", str(out)],
+                           "--paths", "offline,generate-stream,completions-stream", "--client-procs", "2",
+                           "--incremental-streaming-output", "--json", str(out)],
                           env=env, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     figures = json.loads(out.read_text())
-    assert set(figures["runs"]) == {"sampled/offline", "sampled/completions-stream"}
-    for run in figures["runs"].values():
+    assert set(figures["runs"]) == {"sampled/offline", "sampled/generate-stream", "sampled/completions-stream"}
+    for key, run in figures["runs"].items():
         assert run["tokens"] > 0 and 0 <= run["tail_seconds"] <= run["seconds"] + 1e-6
+        assert ("client_cpu_s" in run) == (key != "sampled/offline")  # the client processes' CPU, HTTP paths only
+        if sys.platform == "linux":
+            assert run["thread_cpu_s"]["hotswap-scheduler"] >= 0  # /proc ticks: a tiny run may read 0
     assert figures["roofline"]["steps"] > 0
 
 
