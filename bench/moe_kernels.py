@@ -60,7 +60,9 @@ def main() -> None:
     expert_bytes = 3 * i * h * 2
     bw = d2d_bytes_per_s(dev)
 
-    def timer(t: int, fn):
+    def timer(t: int, fn, graph: bool = True):
+        """(us per call, bytes a call reads). `graph=False` for the PyTorch loop, which syncs with the host
+        (per-expert counts) and so cannot be captured: timed call by call with events instead."""
         x = torch.randn(t, h, device=dev, dtype=torch.bfloat16)
         routes = routings(t, e, k, dev)
         calls = itertools.count()
@@ -70,12 +72,23 @@ def main() -> None:
             w, ids = routes[n % ROUTINGS]
             return fn(x, gate_up[n % COPIES], down[n % COPIES], w, ids)
 
-        return graph_time_us(one, calls=ROUTINGS * COPIES), bytes_touched(routes, e, expert_bytes, t, h)
+        if graph:
+            us = graph_time_us(one, calls=ROUTINGS * COPIES)
+        else:
+            one()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(ROUTINGS * COPIES):
+                one()
+            end.record()
+            end.synchronize()
+            us = start.elapsed_time(end) * 1e3 / (ROUTINGS * COPIES)
+        return us, bytes_touched(routes, e, expert_bytes, t, h)
 
     rows = []
     for t in [int(b) for b in args.batches.split(",")]:
         us, nbytes = timer(t, fm.fused_moe)
-        ref_us, _ = timer(t, fm.moe_reference) if t <= 64 else (float("nan"), 0)
+        ref_us, _ = timer(t, fm.moe_reference, graph=False) if t <= 64 else (float("nan"), 0)
         floor_us = nbytes / bw * 1e6
         rows.append([t, "pairs" if t <= fm.SMALL_BATCH_MAX_TOKENS else "grouped", f"{us:.1f}", f"{ref_us:.1f}",
                      f"{floor_us:.1f}", f"{nbytes / us / 1e3:,.0f}", f"{floor_us / us:.1%}"])
