@@ -304,6 +304,7 @@ def test_http_generate_edges(engine):
         ctx = engine.max_context_len
         r = http.post("/generate", json={"input_ids": [5] * (ctx - 4), "sampling_params": dict(GREEDY, max_new_tokens=8)})
         assert r.status_code == 400 and "exceeds the context length" in r.json()["error"]["message"]
+        assert "--allow-auto-truncate" in r.json()["error"]["message"]  # the server's flag, not only the engine's field
         r = http.post("/generate", json={"input_ids": [5] * (ctx - 4), "sampling_params": dict(GREEDY, max_new_tokens=None)})
         assert r.status_code == 200 and len(r.json()["output_ids"]) == 4
         r = http.post("/generate", json={"text": PROMPT, "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,

@@ -92,7 +92,7 @@ class RequestPrep:
             if _gives_max_new_tokens(raw[i]) and len(ids) + sp.max_new_tokens > self.max_context_len and not self.allow_auto_truncate:
                 raise SamplingParamsError(f"prompt {i} has {len(ids)} tokens and max_new_tokens is {sp.max_new_tokens}: "
                                           f"{len(ids) + sp.max_new_tokens} exceeds the context length {self.max_context_len} "
-                                          "(start the engine with allow_auto_truncate=True to cut it to fit)")
+                                          "(allow_auto_truncate on the engine, --allow-auto-truncate on the server, cuts it to fit)")
             if sp.logprob_start_len >= len(ids):
                 raise SamplingParamsError(f"invalid logprob_start_len: {sp.logprob_start_len} is not a position of prompt {i} "
                                           f"({len(ids)} tokens)")
