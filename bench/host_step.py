@@ -8,6 +8,7 @@ the time inside the model's forward, its LM head and the sampler's arithmetic; t
 
     python bench/host_step.py --batch 256 --steps 48                  # CPU, tiny model, RL sampling
     python bench/host_step.py --batch 256 --mode penalties            # + min_new_tokens and a frequency penalty
+    python bench/host_step.py --batch 256 --mode stops                # + a stop string (detokenized every step)
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ MODES = {
     "greedy": {"temperature": 0.0},
     "sampled": {"temperature": 1.0, "top_p": 0.95},  # an RL rollout: logprobs of every token (return_logprob below)
     "penalties": {"temperature": 1.0, "top_p": 0.95, "min_new_tokens": 40, "frequency_penalty": 0.2},
+    # a stop string (one that never matches): the scheduler detokenizes every token to look for it
+    "stops": {"temperature": 1.0, "top_p": 0.95, "stop": ["</never-emitted>"]},
 }
 
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from hotswap import protocol as p
 from hotswap.errors import EngineUnavailableError
+from hotswap.scheduler.detokenizer import IncrementalDetokenizer
 
 
 def encode_top_p_token_ids(rows: list[list[int]]) -> tuple[str, str]:
@@ -20,24 +21,6 @@ def encode_top_p_token_ids(rows: list[list[int]]) -> tuple[str, str]:
     offsets = np.zeros(len(rows) + 1, dtype="<i4")
     np.cumsum([len(row) for row in rows], out=offsets[1:])
     return base64.b64encode(flat.tobytes()).decode("ascii"), base64.b64encode(offsets.tobytes()).decode("ascii")
-
-
-@dataclass(kw_only=True, slots=True)
-class IncrementalDetokenizer:
-    """Appends newly complete text as tokens arrive; a trailing partial UTF-8 character waits."""
-
-    decode: object  # (ids, skip_special_tokens) -> str
-    skip_special_tokens: bool
-    prefix_offset: int = 0
-    read_offset: int = 0
-
-    def step(self, ids: list[int]) -> str:
-        prefix = self.decode(ids[self.prefix_offset : self.read_offset], self.skip_special_tokens)
-        full = self.decode(ids[self.prefix_offset :], self.skip_special_tokens)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            self.prefix_offset, self.read_offset = self.read_offset, len(ids)
-            return full[len(prefix) :]
-        return ""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -19,7 +19,7 @@ import hotswap
 from hotswap import protocol as p
 from hotswap.cache.page_allocator import PoolCapacity
 from hotswap.config import EngineConfig, engine_args_from_sglang, model_config_for
-from hotswap.engine.collector import Collector, IncrementalDetokenizer
+from hotswap.engine.collector import Collector
 from hotswap.engine.delivery import CallInbox, Mailboxes
 from hotswap.engine.request_prep import PreparedCall, RequestPrep
 from hotswap.engine.tokenizer import load_tokenizer
@@ -136,7 +136,6 @@ class Engine:
         self.prep = RequestPrep(encode=self.encode, vocab_size=self.model_config.vocab_size, max_context_len=self.max_context_len,
                                 seed=self.config.seed, routed_experts_enabled=self.config.enable_return_routed_experts,
                                 allow_auto_truncate=self.config.allow_auto_truncate)
-        self._decode = self.scheduler.streamer.decode  # the one decoder (a fast tokenizer's backend when it can)
         self._live_rids: set[str] = set()  # request ids of calls in flight (a client rid may not run twice)
         self._live_lock = threading.Lock()
         self._mailboxes = Mailboxes(abort=lambda rid: self.scheduler.submit(p.AbortRequest(rid=rid, message="the consumer's event loop closed")))
@@ -279,7 +278,7 @@ class Engine:
         for i, (r, rid) in enumerate(zip(prepared.requests, rids)):
             sp = r.sampling_params
             # streamed text is detokenized by the consumer unless stop strings need it on the scheduler
-            detok = IncrementalDetokenizer(decode=self._decode, skip_special_tokens=sp.skip_special_tokens) if stream and not sp.stop else None
+            detok = self.scheduler.streamer.detokenizer(sp.skip_special_tokens) if stream and not sp.stop else None
             req = p.GenerateRequest(rid=rid, input_ids=r.input_ids, sampling_params=sp, seed=r.seed, sink=sink,
                                     flush=flush, stream=stream, stream_text=bool(sp.stop), group=r.group)
             reqs.append(req)

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass, field
 
 from hotswap.protocol import GenerateOutput
+from hotswap.scheduler.detokenizer import IncrementalDetokenizer
 from hotswap.scheduler.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -79,14 +80,15 @@ class OutputStreamer:
             if sp.stop and seq.finish_reason is None and len(seq.output_ids) >= sp.min_new_tokens:
                 self._check_stop_strings(seq, seen)
 
+    def detokenizer(self, skip_special_tokens: bool) -> IncrementalDetokenizer:
+        """An incremental detokenizer that gives what `decode` gives (DecodeStream over the backend when there is one)."""
+        return IncrementalDetokenizer(backend=self.backend, decode=self.decode, skip_special_tokens=skip_special_tokens)
+
     def _detokenize(self, seq: Sequence) -> None:
         """Append newly complete text; a trailing partial UTF-8 character waits for the next token."""
-        ids = seq.output_ids
-        prefix = self.decode(ids[seq.prefix_offset : seq.read_offset], self._skip(seq))
-        full = self.decode(ids[seq.prefix_offset :], self._skip(seq))
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            seq.text += full[len(prefix) :]
-            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+        if seq.detokenizer is None:
+            seq.detokenizer = self.detokenizer(self._skip(seq))
+        seq.text += seq.detokenizer.step(seq.output_ids)
 
     def _check_stop_strings(self, seq: Sequence, seen: int) -> None:
         """Match stop strings that end in the text after `seen` characters: text from before was checked

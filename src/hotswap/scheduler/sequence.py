@@ -9,6 +9,7 @@ import numpy as np
 
 from hotswap.protocol import GenerateRequest
 from hotswap.runner.row_params import SamplerRow
+from hotswap.scheduler.detokenizer import IncrementalDetokenizer
 
 
 class Status(enum.Enum):
@@ -47,8 +48,7 @@ class Sequence:
     routed_experts: str | None = None  # read from the KV-side table when the sequence finishes (it asked for them)
     # incremental detokenization (only when the request streams text or has stop strings)
     text: str = ""
-    prefix_offset: int = 0
-    read_offset: int = 0
+    detokenizer: IncrementalDetokenizer | None = None
     sent_tokens: int = 0
     sent_text: int = 0
     sent_input_logprobs: bool = False
