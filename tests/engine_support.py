@@ -4,6 +4,7 @@ disk reads."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterable
 
 import pytest
@@ -27,6 +28,14 @@ def sse_events(lines: Iterable[str]) -> list[dict]:
         events.append(event)
     assert done, "the stream did not end with [DONE]"
     return events
+
+
+def wait_idle(engine: Engine, timeout: float = 10.0) -> None:
+    """Wait until nothing runs or waits (a request just aborted or refused may take a step to go)."""
+    deadline = time.monotonic() + timeout
+    while (load := engine.get_load()).num_running or load.num_waiting:
+        assert time.monotonic() < deadline, f"engine not idle: {load}"
+        time.sleep(0.02)
 
 
 def make_engine(path, **options) -> Engine:

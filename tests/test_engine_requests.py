@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from engine_support import wait_idle
 
 from hotswap import Engine
 from hotswap import protocol as p
@@ -25,13 +26,6 @@ def engine(tiny_qwen3):
     eng = Engine(str(tiny_qwen3), device="cpu", page_size=4, max_queue_wait_s=1.0)
     yield eng
     eng.shutdown()
-
-
-def wait_idle(engine: Engine, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while (load := engine.get_load()).num_running or load.num_waiting:
-        assert time.monotonic() < deadline, f"engine not idle: {load}"
-        time.sleep(0.02)
 
 
 def test_n_samples_use_seed_plus_k_on_every_path(engine):

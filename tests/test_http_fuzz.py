@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+from engine_support import wait_idle
 
 from hotswap import Engine
 from hotswap.server.access import AccessPolicy
@@ -270,16 +271,6 @@ def restore(engine, state: tuple) -> None:
         assert engine.continue_generation().success
     if engine.weight_version != version:
         assert engine.update_weight_version(version, abort_all_requests=False).success
-
-
-def wait_idle(engine, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        load = engine.get_load()
-        if load.num_running == 0 and load.num_waiting == 0:
-            return
-        assert time.monotonic() < deadline, f"engine not idle after a hostile request: {load}"
-        time.sleep(0.01)
 
 
 def error_text(reply: httpx.Response) -> str:

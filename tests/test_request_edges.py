@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from engine_support import wait_idle
 
 from hotswap import Engine
 from hotswap.engine.request_prep import RequestPrep
@@ -33,10 +34,7 @@ def engine(tiny_qwen3):
 
 def assert_idle(engine: Engine, timeout: float = 10.0) -> None:
     """Nothing runs or waits, every KV page is back (cached prefixes aside) and the accounting holds."""
-    deadline = time.monotonic() + timeout
-    while (load := engine.get_load()).num_running or load.num_waiting:
-        assert time.monotonic() < deadline, f"engine not idle: {load}"
-        time.sleep(0.02)
+    wait_idle(engine, timeout)
     res = engine.check_invariants()
     assert res.success, res.message
 

@@ -9,7 +9,7 @@ import time
 
 import httpx
 import pytest
-from engine_support import sse_events
+from engine_support import sse_events, wait_idle
 
 from hotswap import Engine
 from hotswap.server.app import create_app
@@ -39,16 +39,6 @@ def pick_stop(text: str) -> str:
         if piece.isascii() and piece.isalnum():
             return piece
     pytest.skip(f"no plain stop string in {text!r}")
-
-
-def wait_idle(engine: Engine, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        load = engine.get_load()
-        if load.num_running == 0 and load.num_waiting == 0:
-            return
-        assert time.monotonic() < deadline, f"engine not idle: {load}"
-        time.sleep(0.02)
 
 
 def assert_clean(engine: Engine) -> None:

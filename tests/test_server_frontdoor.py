@@ -10,6 +10,7 @@ import time
 
 import httpx
 import pytest
+from engine_support import wait_idle
 
 from hotswap import Engine
 from hotswap.server.app import create_app
@@ -41,13 +42,6 @@ def events(response: httpx.Response) -> list[dict]:
     return out
 
 
-def assert_idle(engine: Engine) -> None:
-    deadline = time.monotonic() + 10
-    while (load := engine.get_load()).num_running or load.num_waiting:
-        assert time.monotonic() < deadline, load
-        time.sleep(0.02)
-
-
 @pytest.mark.parametrize(("body", "named"), [
     ({"sampling_params": dict(GREEDY, seed=2**63)}, "seed"),
     ({"sampling_params": dict(GREEDY, top_k=2**63)}, "top_k"),
@@ -60,7 +54,7 @@ def test_out_of_range_values_get_400_naming_the_field_and_cost_no_one_else(http,
     assert r.status_code == 400, r.text
     assert named in r.json()["error"]["message"]
     assert http.post("/generate", json={"text": PROMPT, "sampling_params": GREEDY}).json()["meta_info"]["completion_tokens"] == 6
-    assert_idle(engine)
+    wait_idle(engine)
 
 
 def test_bodies_over_the_limit_get_413(http, server):
@@ -124,7 +118,7 @@ def test_generate_while_paused_queues_for_a_bounded_time(http, engine):
         assert "max_queue_wait_s" in error["message"] and error["code"] == 503
     finally:
         assert http.post("/continue_generation").status_code == 200
-    assert_idle(engine)
+    wait_idle(engine)
 
 
 def test_openai_replies_carry_weight_versions(http, engine):
@@ -179,4 +173,4 @@ def test_a_huge_prompt_is_tokenized_while_a_small_stream_keeps_flowing(engine, p
     assert tokens == 48
     gaps = [b - a for a, b in zip([start, *arrivals], arrivals)]
     assert max(gaps) < 0.5, f"the stream stalled {max(gaps):.2f} s while the huge prompt was tokenized"
-    assert_idle(engine)
+    wait_idle(engine)
