@@ -18,10 +18,8 @@ def tokenizer(tiny_qwen3):
 
 def both(tok, skip: bool) -> list[dt.IncrementalDetokenizer]:
     decode = lambda ids, s: tok.decode(ids, skip_special_tokens=s)  # noqa: E731
-    made = [dt.IncrementalDetokenizer(backend=None, decode=decode, skip_special_tokens=skip)]
-    if dt.DecodeStream is not None:
-        made.append(dt.IncrementalDetokenizer(backend=tok.backend_tokenizer, decode=decode, skip_special_tokens=skip))
-    return made
+    return [dt.IncrementalDetokenizer(backend=None, decode=decode, skip_special_tokens=skip),
+            dt.IncrementalDetokenizer(backend=tok.backend_tokenizer, decode=decode, skip_special_tokens=skip)]
 
 
 @pytest.mark.parametrize("skip", [True, False])

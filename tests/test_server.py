@@ -242,6 +242,15 @@ def test_generate_native_stream(http, engine):
     assert [last[i]["text"] for i in range(2)] == [o["text"] for o in outs]
 
 
+def test_the_server_shortens_the_interpreter_lock_switch_interval(server):
+    """The event loop shares the lock with the scheduler thread: the app bounds how long a busy loop keeps it."""
+    import sys
+
+    from hotswap.server.app import GIL_SWITCH_INTERVAL_S
+
+    assert sys.getswitchinterval() <= GIL_SWITCH_INTERVAL_S
+
+
 def test_generate_incremental_streaming_output(tiny_qwen3):
     """`--incremental-streaming-output`: /generate chunks carry only their new text, ids and logprobs (SGLang's
     flag); the OpenAI routes of the same server still stream correctly (they read cumulative chunks)."""

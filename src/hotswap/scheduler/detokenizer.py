@@ -5,10 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-try:
-    from tokenizers.decoders import DecodeStream
-except ImportError:  # tokenizers < 0.21
-    DecodeStream = None
+from tokenizers.decoders import DecodeStream
 
 
 class IncrementalDetokenizer:
@@ -20,8 +17,8 @@ class IncrementalDetokenizer:
     __slots__ = ("_backend", "_stream", "_decode", "_skip", "_seen", "_prefix_offset", "_read_offset")
 
     def __init__(self, *, backend: object | None, decode: Callable[[list[int], bool], str], skip_special_tokens: bool):
-        self._backend = backend if DecodeStream is not None else None
-        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens) if self._backend is not None else None
+        self._backend = backend
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens) if backend is not None else None
         self._decode, self._skip = decode, skip_special_tokens
         self._seen = 0  # tokens of `ids` already stepped
         self._prefix_offset = self._read_offset = 0
