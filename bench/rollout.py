@@ -214,6 +214,8 @@ def run_clients(engine, path: str, jobs: list, mode: str, args, url: str) -> dic
             engine.abort_request(abort_all=True)  # the requests still running
             return {"seconds": float("nan"), "tokens": 0, "tail_seconds": float("nan"), "timed_out": args.http_timeout}
         if p.returncode:
+            for q, _ in running:
+                q.kill()
             raise RuntimeError(f"{mode}/{path}: the HTTP clients failed:\n{stderr[-4000:]}")
         results.append(json.loads(stdout))
     return {"start": min(r["start"] for r in results), "end": max(r["end"] for r in results),
