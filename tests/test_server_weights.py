@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -270,10 +271,16 @@ def test_concurrent_clients_during_updates(served, refs, tiny_qwen3, tiny_qwen3_
     try:
         for step in range(6):
             path, version = (tiny_qwen3_v2, "v2") if step % 2 == 0 else (tiny_qwen3, "v1")
+            done_before = len(seen)
             r = c.post("/update_weights_from_disk", json={"model_path": str(path), "weight_version": version})
             assert r.status_code == 200 and r.json()["success"], r.text
             r = c.post("/update_weights_from_disk", json={"model_path": "/definitely/missing"})
             assert r.status_code == 400
+            # Let clients be served by this version before the next flip (on a slow machine back-to-back
+            # updates can otherwise all land between two completions); bounded.
+            deadline = time.monotonic() + 60
+            while not any(v == version for v, _, _ in seen[done_before:]) and not errors and time.monotonic() < deadline:
+                time.sleep(0.01)
     finally:
         stop.set()
         for t in threads:
