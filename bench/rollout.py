@@ -148,24 +148,35 @@ class LoadMonitor:
 # ---- the run ----
 
 
-def threads_cpu_s() -> dict[str, float]:
-    """CPU seconds so far of this process's scheduler and HTTP event-loop threads (Linux /proc; {} elsewhere):
-    the loop shares the interpreter lock with the scheduler, so its busy time is time the scheduler may wait."""
+CPU_THREADS = ("hotswap-scheduler", "hotswap-http", "hotswap-service-in", "hotswap-service-out")
+
+
+def _proc_cpu_s(stat: str) -> float | None:
+    try:
+        fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def threads_cpu_s(frontend_pid: int | None = None) -> dict[str, float]:
+    """CPU seconds so far of this process's scheduler thread, HTTP event-loop thread (or, with the front end in
+    its own process, the threads serving its pipe, and that whole process) (Linux /proc; {} elsewhere): a loop
+    in this process shares the interpreter lock with the scheduler, so its busy time is time the scheduler may wait."""
     out = {}
     for t in threading.enumerate():
-        if t.name in ("hotswap-scheduler", "hotswap-http"):
-            try:
-                fields = Path(f"/proc/self/task/{t.native_id}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            out[t.name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        if t.name in CPU_THREADS and (cpu := _proc_cpu_s(f"/proc/self/task/{t.native_id}/stat")) is not None:
+            out[t.name] = cpu
+    if frontend_pid is not None and (cpu := _proc_cpu_s(f"/proc/{frontend_pid}/stat")) is not None:
+        out["frontend process"] = cpu
     return out
 
 
-def run_path(engine, path: str, w: Workload, mode: str, args, url: str | None, routed_experts: bool = False) -> dict:
+def run_path(engine, path: str, w: Workload, mode: str, args, url: str | None, routed_experts: bool = False,
+             frontend_pid: int | None = None) -> dict:
     jobs = [(ids, w.sampling_params(i, mode)) for i, ids in enumerate(w.prompts)]
     engine.flush_cache()  # every path starts from the same empty prefix cache
-    cpu_before = threads_cpu_s()
+    cpu_before = threads_cpu_s(frontend_pid)
     with LoadMonitor(engine) as mon:
         if path == "offline":
             start = time.time()
@@ -184,7 +195,7 @@ def run_path(engine, path: str, w: Workload, mode: str, args, url: str | None, r
             start, end, tokens = res["start"], res["end"], res["tokens"]
     if tokens != sum(w.out_lens):
         raise RuntimeError(f"{mode}/{path}: {tokens} output tokens, the workload asked for {sum(w.out_lens)}")
-    cpu_after = threads_cpu_s()
+    cpu_after = threads_cpu_s(frontend_pid)
     out = {"seconds": end - start, "tokens": tokens, "tail_seconds": mon.tail_seconds(start, end),
            "thread_cpu_s": {k: cpu_after[k] - cpu_before[k] for k in cpu_after if k in cpu_before}}
     if path != "offline":
@@ -250,6 +261,8 @@ def main() -> None:
     ap.add_argument("--incremental-streaming-output", action="store_true",
                     help="serve with SGLang's incremental streaming output: a native /generate chunk carries only its new tokens "
                          "(off: SGLang's default, every chunk repeats the whole output so far)")
+    ap.add_argument("--frontend-process", action="store_true",
+                    help="serve HTTP from a front end in its own process (`hotswap serve --frontend-process`) instead of a thread here")
     ap.add_argument("--out", default=None, help="append the tables to this file")
     ap.add_argument("--json", default=None, help="write every figure to this file")
     args = ap.parse_args()
@@ -284,11 +297,19 @@ def main() -> None:
     title = (f"rollout, {args.shape}, {device_name(device)}, {engine.model_config.torch_dtype}: {args.prompts} prompts x {args.n}, "
              f"prompts {args.prompt_min}-{args.prompt_max}, outputs lognormal median {args.out_median:g} sigma {args.out_sigma:g} "
              f"in [{args.out_min}, {args.out_max}] ({sum(w.out_lens):,} tokens), max_running {args.max_running}, "
-             f"{args.concurrency} HTTP clients{', incremental streaming output' if args.incremental_streaming_output else ''}; "
+             f"{args.concurrency} HTTP clients{', incremental streaming output' if args.incremental_streaming_output else ''}"
+             f"{', HTTP front end in its own process' if args.frontend_process else ''}; "
              f"{ceilings_line(device)}")
 
-    server = url = None
-    if any(p != "offline" for p in paths):
+    server = url = frontend_pid = None
+    if any(p != "offline" for p in paths) and args.frontend_process:
+        from hotswap.server.frontend_process import FrontendOptions, FrontendProcess
+        from hotswap.server.launch import bind_socket
+
+        sock = bind_socket("127.0.0.1", 0)
+        server = FrontendProcess(engine, sock, FrontendOptions(host="127.0.0.1", port=sock.getsockname()[1])).start()
+        url, frontend_pid = server.url, server.process.pid
+    elif any(p != "offline" for p in paths):
         from hotswap.server.app import create_app
         from hotswap.server.launch import ServerThread
 
@@ -303,7 +324,7 @@ def main() -> None:
             run_path(engine, "offline", warm, mode, args, url)  # graphs, compiles, allocator
             offline = None
             for path in paths:
-                r = run_path(engine, path, w, mode, args, url)
+                r = run_path(engine, path, w, mode, args, url, frontend_pid=frontend_pid)
                 results["runs"][f"{mode}/{path}"] = r
                 if "timed_out" in r:
                     rows.append([mode, path, f"> {r['timed_out']:g} (aborted)", "-", "-", "-", "-", "-"])

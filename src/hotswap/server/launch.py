@@ -12,8 +12,12 @@ import signal
 import socket
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from hotswap.server.access import AccessPolicy, split_list
+
+if TYPE_CHECKING:  # the serving modules pull in torch; `hotswap --help` imports this one
+    from hotswap.server.frontend_process import FrontendOptions
 
 log = logging.getLogger("hotswap.server")
 
@@ -83,6 +87,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--incremental-streaming-output", action="store_true",
                         help="a streamed /generate chunk carries only its new text, output ids and logprobs, not everything so "
                              "far (SGLang's flag; off, each chunk repeats the whole output: O(length^2) bytes per stream)")
+    parser.add_argument("--frontend-process", action="store_true",
+                        help="run the HTTP front end (uvicorn, tokenization, output assembly, SSE) in its own process, as SGLang "
+                             "runs its tokenizer manager, so hundreds of streams do not hold the interpreter lock the scheduler needs")
     parser.add_argument("--max-queue-wait-s", type=float, default=None,
                         help="how long a request may queue while generation is paused or a weight-update session is open (default 300)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
@@ -124,7 +131,7 @@ class BindError(OSError):
     """The server cannot listen where it was told to (port in use, address not ours, no permission)."""
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on accepted sockets whose proto says TCP;
     # with Nagle on, every reply written as headers then body waited ~40 ms for the client's delayed ACK
@@ -141,23 +148,23 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def serve(args: argparse.Namespace) -> None:
     """Build the Engine, serve it until SIGTERM/SIGINT, drain, shut the engine down."""
-    import uvicorn
     from tqdm import tqdm
 
     from hotswap import Engine
     from hotswap.server.app import create_app
+    from hotswap.server.frontend_process import FrontendOptions
 
     level = getattr(args, "log_level", "info") or "info"
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key (or $HOTSWAP_API_KEY) is empty: give a real key, or leave it unset to serve without one")
-    policy = access_policy_from_args(args)
     host, port = args.host, int(args.port)
-    engine = None
+    frontend_process = bool(getattr(args, "frontend_process", False))
+    engine = app = None
     with tqdm(total=4, desc="hotswap", unit="step", bar_format="{desc}: {n_fmt}/{total_fmt} |{bar:12}| {elapsed}{postfix}",
               disable=level in ("critical", "error")) as bar:
         bar.set_postfix_str(f"binding {host}:{port}")
-        sock = _bind(host, port)  # fail fast, before loading anything, when the port is taken
+        sock = bind_socket(host, port)  # fail fast, before loading anything, when the port is taken
         port = sock.getsockname()[1]  # the port the system chose for --port 0
         bar.update()
         try:
@@ -169,9 +176,14 @@ def serve(args: argparse.Namespace) -> None:
                 probe = engine.eos_token_ids[0] if engine.eos_token_ids else 0
                 engine.generate(input_ids=[probe], sampling_params={"max_new_tokens": 1, "temperature": 0.0})
             bar.update()
-            bar.set_postfix_str("building the app")
-            app = create_app(engine, api_key=args.api_key, served_model_name=args.served_model_name, policy=policy,
-                             max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout_s)
+            options = FrontendOptions(host=host, port=port, api_key=args.api_key, served_model_name=args.served_model_name,
+                                      policy=access_policy_from_args(args), max_body_bytes=args.max_body_bytes,
+                                      body_timeout_s=args.body_timeout_s, log_level=level,
+                                      drain_timeout=max(0.0, float(getattr(args, "drain_timeout", 30.0))))
+            if not frontend_process:  # else the front end process builds its own
+                bar.set_postfix_str("building the app")
+                app = create_app(engine, api_key=options.api_key, served_model_name=options.served_model_name, policy=options.policy,
+                                 max_body_bytes=options.max_body_bytes, body_timeout_s=options.body_timeout_s)
             bar.update()
             bar.set_postfix_str(f"ready on http://{host}:{port}")
         except BaseException:
@@ -179,11 +191,29 @@ def serve(args: argparse.Namespace) -> None:
             if engine is not None:
                 engine.shutdown()
             raise
-    drain = max(0.0, float(getattr(args, "drain_timeout", 30.0)))
+    log.info("serving %s on http://%s:%d (%s%s)", args.model_path, host, port, "api key required" if args.api_key else "no api key",
+             "; HTTP front end in its own process" if frontend_process else "")
+    try:
+        if frontend_process:
+            _serve_from_frontend_process(engine, sock, options)
+        else:
+            _serve_in_process(app, sock, options)
+    finally:
+        sock.close()
+        engine.shutdown()
+        log.info("engine shut down")
+
+
+def _serve_in_process(app, sock: socket.socket, options: FrontendOptions) -> None:
+    """uvicorn in this process's main thread; returns once it has drained and stopped."""
+    import uvicorn
+
+    from hotswap.server.frontend_process import make_draining_server
+
     # host and port only label uvicorn's "running on" line: it serves the socket bound above
-    config = uvicorn.Config(app, host=host, port=port, log_level=level, timeout_graceful_shutdown=int(drain) + 10, lifespan="off")
-    server = make_draining_server(config, app.state.hotswap, drain)
-    log.info("serving %s on http://%s:%d (%s)", args.model_path, host, port, "api key required" if args.api_key else "no api key")
+    config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level,
+                            timeout_graceful_shutdown=int(options.drain_timeout) + 10, lifespan="off")
+    server = make_draining_server(config, app.state.hotswap, options.drain_timeout)
     # uvicorn re-raises the signal that stopped it once it has shut down; with the default handlers that
     # would kill the process before the engine shuts down, so take the re-raised signal here instead.
     received: list[int] = []
@@ -197,38 +227,29 @@ def serve(args: argparse.Namespace) -> None:
             signal.signal(sig, handler)
         if server.drain_timer is not None:
             server.drain_timer.cancel()
-        sock.close()
-        engine.shutdown()
-        log.info("engine shut down%s", f" after signal {received[0]}" if received else "")
+        if received:
+            log.info("stopped by signal %d", received[0])
 
 
-def make_draining_server(config, state, drain_timeout: float):
-    """A uvicorn.Server whose first SIGTERM/SIGINT stops new work, lets running requests finish for
-    `drain_timeout` seconds, then aborts what is left (streams end with finish_reason abort); uvicorn
-    then closes the connections and returns. A second signal exits at once."""
-    import uvicorn
+def _serve_from_frontend_process(engine, sock: socket.socket, options: FrontendOptions) -> None:
+    """The front end in a spawned process; SIGTERM/SIGINT here go to it as SIGTERM (the first drains, a second
+    exits at once). Returns when it has exited; raises if it exited on its own with an error."""
+    from hotswap.server.frontend_process import FrontendProcess
 
-    class DrainingServer(uvicorn.Server):
-        drain_timer: threading.Timer | None = None
-
-        def handle_exit(self, sig, frame) -> None:  # called from the signal handler
-            if not state.draining:
-                state.draining = True
-                log.info("signal %s: draining for up to %.0f s (running requests finish, new ones get 503)", sig, drain_timeout)
-                self.drain_timer = threading.Timer(drain_timeout, _abort_all, args=(state,))
-                self.drain_timer.daemon = True
-                self.drain_timer.start()
-            super().handle_exit(sig, frame)
-
-    return DrainingServer(config)
-
-
-def _abort_all(state) -> None:
+    front = FrontendProcess(engine, sock, options)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, lambda signum, frame: front.signal(signal.SIGTERM)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        out = state.engine.abort_request(abort_all=True)
-        log.info("drain timeout: %s", out.message)
-    except Exception as exc:  # noqa: BLE001 - the engine may already be down
-        log.info("drain timeout: abort failed: %s", exc)
+        front.start()
+        log.info("HTTP front end process %d ready", front.process.pid)
+        code = front.wait()
+        if code not in (0, None):
+            raise RuntimeError(f"the HTTP front end process exited with code {code}")
+    finally:
+        front.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class ServerThread:
@@ -241,7 +262,7 @@ class ServerThread:
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
         import uvicorn
 
-        self.sock = _bind(host, port)
+        self.sock = bind_socket(host, port)
         self.host, self.port = self.sock.getsockname()[:2]
         self.url = f"http://{self.host}:{self.port}"
         config = uvicorn.Config(app, host=self.host, port=self.port, log_level=log_level, lifespan="off", timeout_graceful_shutdown=5)

@@ -1,0 +1,531 @@
+"""`EngineAPI`: the offline Python API (SGLang's shapes) over a scheduler. It tokenizes, fans requests out to
+the scheduler through request objects, and assembles outputs; it never touches scheduler state directly.
+Two engines share it: `Engine` (the scheduler thread in this process) and `RemoteEngine` (the scheduler in
+another process, reached over a pipe: the HTTP front end of `hotswap serve --frontend-process`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+import hotswap
+from hotswap import protocol as p
+from hotswap.cache.page_allocator import PoolCapacity
+from hotswap.config import EngineConfig, ModelConfig
+from hotswap.engine.collector import Collector
+from hotswap.engine.delivery import CallInbox, Mailboxes
+from hotswap.engine.request_prep import PreparedCall, RequestPrep
+from hotswap.errors import HotswapError, shown
+from hotswap.runner.device_memory import TAGS as MEMORY_TAGS
+from hotswap.scheduler.detokenizer import IncrementalDetokenizer
+
+# vLLM's pause modes -> ours: keep freezes requests in place, wait lets started ones finish first
+VLLM_PAUSE_MODES = {"abort": "abort", "wait": "wait", "keep": "in_place"}
+# vLLM's memory tags -> ours: CUDA graphs point into the KV cache, so they sleep and wake with it
+_VLLM_MEMORY_TAGS = {"weights": ("weights",), "kv_cache": ("kv_cache", "cuda_graph")}
+
+
+@dataclass(kw_only=True, slots=True)
+class _Call:
+    """One generate call in flight: its requests' collectors, fed with outputs as they arrive."""
+
+    collectors: list[Collector]
+    single: bool
+    stream: bool
+    incremental: bool = False  # streamed chunks carry only their new tokens (SGLang's incremental_streaming_output)
+    by_rid: dict[str, Collector] = dataclasses.field(init=False)
+    remaining: int = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.by_rid = {c.rid: c for c in self.collectors}
+        self.remaining = len(self.collectors)
+
+    @property
+    def done(self) -> bool:
+        return self.remaining == 0
+
+    def feed(self, outs: list[p.GenerateOutput]) -> list[dict]:
+        """Take a batch of outputs; several for one request coalesce into one chunk (returned when streaming).
+        Raises EngineUnavailableError when the engine refused a request."""
+        groups: dict[str, list[p.GenerateOutput]] = {}
+        for out in outs:
+            groups.setdefault(out.rid, []).append(out)
+        chunks = []
+        for rid, group in groups.items():
+            c = self.by_rid[rid]
+            since = len(c.output_ids)
+            delta = c.add(group)
+            if c.finished:
+                self.remaining -= 1
+                refused = c.refusal()
+                if refused is not None:
+                    raise refused
+            if self.stream:
+                chunks.append(c.to_dict(delta, since if self.incremental else None))
+        return chunks
+
+    def result(self):
+        results = [c.to_dict() for c in self.collectors]
+        return results[0] if self.single else results
+
+
+def _take(q: queue.Queue) -> list[p.GenerateOutput]:
+    """Everything in a thread queue (waits for at least one output)."""
+    items = [q.get()]
+    while True:
+        try:
+            items.append(q.get_nowait())
+        except queue.Empty:
+            return items
+
+
+def _refuse_unsupported(**given) -> None:
+    """SGLang generate arguments hotswap does not serve: accepted unset, refused by name when set."""
+    for name, value in given.items():
+        if value is not None and value != [] and value != "":
+            raise HotswapError(f"{name} is not supported by hotswap (text-only, no LoRA adapters, no custom logit processors); leave it unset")
+
+
+class SchedulerPort(Protocol):
+    """What the API needs of a scheduler: the Scheduler itself, or a proxy to one in another process."""
+
+    def submit(self, request) -> Future: ...
+
+    def capacity(self) -> PoolCapacity: ...
+
+
+def context_length(config: EngineConfig, model_config: ModelConfig) -> int:
+    return config.max_context_len or model_config.max_position_embeddings
+
+
+def eos_token_ids(model_config: ModelConfig, tokenizer) -> list[int]:
+    """The model's end-of-sequence ids (the tokenizer's when the model's config names none)."""
+    eos = list(model_config.eos_token_ids)
+    if not eos and tokenizer.eos_token_id is not None:
+        eos = [tokenizer.eos_token_id]
+    return eos
+
+
+class EngineAPI:
+    """The engine's public methods over `scheduler` (generation, weights, memory, pause, introspection)."""
+
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, device: torch.device, tokenizer, scheduler: SchedulerPort,
+                 detokenizer: Callable[[bool], IncrementalDetokenizer]):
+        self.config = config
+        self.model_path = config.model_path  # the folder the served weights came from (follows disk updates)
+        self.device = device
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.max_context_len = context_length(config, model_config)
+        self.eos_token_ids = eos_token_ids(model_config, tokenizer)
+        self.scheduler = scheduler
+        self._detokenizer = detokenizer  # skip_special_tokens -> the detokenizer of one streamed request
+        self.prep = RequestPrep(encode=self.encode, vocab_size=model_config.vocab_size, max_context_len=self.max_context_len,
+                                seed=config.seed, routed_experts_enabled=config.enable_return_routed_experts,
+                                allow_auto_truncate=config.allow_auto_truncate)
+        self._live_rids: set[str] = set()  # request ids of calls in flight (a client rid may not run twice)
+        self._live_lock = threading.Lock()
+        self._mailboxes = Mailboxes(abort=lambda rid: self.scheduler.submit(p.AbortRequest(rid=rid, message="the consumer's event loop closed")))
+        self._closed = False
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The one tokenization of text (the Engine, /generate, OpenAI and vLLM routes): as the tokenizer's own
+        settings say (a Llama tokenizer prepends BOS), as SGLang does, so the rollout sees the tokens the
+        trainer's tokenizer gives; a rendered chat template already holds its special tokens
+        (add_special_tokens=False). An empty text is no tokens (not a lone BOS): an empty prompt is refused.
+        SGLang's Engine.encode is another thing (embeddings of an embedding model): a non-text is refused by name."""
+        if not isinstance(text, str):
+            raise HotswapError(f"encode tokenizes one text, got {type(text).__name__} (SGLang's Engine.encode computes embeddings, "
+                               "which hotswap does not serve)")
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens) if text else []
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        return f"Engine(model_path={getattr(self, 'model_path', None)!r})"  # trainer errors name engines by it
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        raise NotImplementedError
+
+    # ---- generation: one core (prepare -> submit -> feed outputs), thin sync / async / stream wrappers ----
+
+    def generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool = False,
+                 top_logprobs_num: int = 0, stream: bool = False, return_routed_experts: bool = False,
+                 logprob_start_len: int | None = None, routed_experts_start_len: int = 0, rid: str | list[str] | None = None,
+                 image_data=None, custom_logit_processor: str | None = None, lora_path: str | None = None,
+                 incremental_streaming_output: bool | None = None):
+        """One prompt -> one dict; a list (or n > 1) -> a list of dicts; stream=True -> an iterator of dicts
+        (each with an `index` when the call fans out to several requests). `routed_experts_start_len`: the
+        routing returned starts at that absolute position (SGLang's field; at most the prompt's length).
+        `rid`: the client's request id (`meta_info.id`, `abort_request(rid)`); SGLang's `image_data`,
+        `custom_logit_processor` and `lora_path` are accepted unset and refused by name when set.
+        `incremental_streaming_output`: a streamed chunk's text, output_ids and output logprobs hold only its new
+        tokens, not everything so far (None: the engine's `incremental_streaming_output`, SGLang's server flag)."""
+        self._check_open()
+        _refuse_unsupported(image_data=image_data, custom_logit_processor=custom_logit_processor, lora_path=lora_path)
+        prepared = self.prep.prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num,
+                                     return_routed_experts=return_routed_experts, logprob_start_len=logprob_start_len,
+                                     routed_experts_start_len=routed_experts_start_len, rid=rid)
+        if stream:
+            return self._stream(prepared, self._incremental(incremental_streaming_output))
+        q: queue.Queue = queue.Queue()
+        call = self._start(prepared, stream=False, sink=q.put, flush=None)
+        with self._aborting_unfinished(call, "generate interrupted"):
+            while not call.done:
+                call.feed(_take(q))
+        return call.result()
+
+    def _incremental(self, asked: bool | None) -> bool:
+        return self.config.incremental_streaming_output if asked is None else bool(asked)
+
+    def _stream(self, prepared: PreparedCall, incremental: bool) -> Iterator[dict]:
+        q: queue.Queue = queue.Queue()
+        call = self._start(prepared, stream=True, sink=q.put, flush=None, incremental=incremental)
+        with self._aborting_unfinished(call, "stream closed by the client"):
+            while not call.done:
+                yield from call.feed(_take(q))
+
+    async def async_generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool = False,
+                             top_logprobs_num: int = 0, stream: bool = False, return_routed_experts: bool = False,
+                             logprob_start_len: int | None = None, routed_experts_start_len: int = 0,
+                             rid: str | list[str] | None = None, image_data=None, custom_logit_processor: str | None = None,
+                             lora_path: str | None = None, incremental_streaming_output: bool | None = None):
+        """Awaitable generate (arguments as `generate`); with stream=True returns an async iterator of dicts. Tokenization and
+        validation run in a worker thread, never on the event loop."""
+        self._check_open()
+        _refuse_unsupported(image_data=image_data, custom_logit_processor=custom_logit_processor, lora_path=lora_path)
+        prepared = await asyncio.to_thread(functools.partial(
+            self.prep.prepare, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num,
+            return_routed_experts=return_routed_experts, logprob_start_len=logprob_start_len,
+            routed_experts_start_len=routed_experts_start_len, rid=rid))
+        if stream:
+            return self._astream(prepared, self._incremental(incremental_streaming_output))
+        inbox = CallInbox()
+        box = self._mailboxes.for_running_loop()
+        call = self._start(prepared, stream=False, sink=box.sink(inbox), flush=box.flush)
+        with self._aborting_unfinished(call, "client cancelled"):
+            while not call.done:
+                call.feed(await inbox.take())
+        return call.result()
+
+    async def _astream(self, prepared: PreparedCall, incremental: bool) -> AsyncIterator[dict]:
+        inbox = CallInbox()
+        box = self._mailboxes.for_running_loop()
+        call = self._start(prepared, stream=True, sink=box.sink(inbox), flush=box.flush, incremental=incremental)
+        with self._aborting_unfinished(call, "stream closed by the client"):
+            while not call.done:
+                for chunk in call.feed(await inbox.take()):
+                    yield chunk
+
+    def _start(self, prepared: PreparedCall, *, stream: bool, sink, flush, incremental: bool = False) -> _Call:
+        """Submit every request of a call in one message; outputs reach `sink`, `flush` once per step.
+        A client rid already running is refused (SGLang's duplicate-rid check)."""
+        reqs, collectors = [], []
+        multi = len(prepared.requests) > 1
+        rids = [r.rid or uuid.uuid4().hex for r in prepared.requests]
+        with self._live_lock:
+            taken = sorted(set(rids) & self._live_rids)
+            if taken:
+                raise HotswapError(f"duplicate request id: {', '.join(map(repr, taken))} is already running")
+            self._live_rids.update(rids)
+        for i, (r, rid) in enumerate(zip(prepared.requests, rids)):
+            sp = r.sampling_params
+            # streamed text is detokenized by the consumer unless stop strings need it on the scheduler
+            detok = self._detokenizer(sp.skip_special_tokens) if stream and not sp.stop else None
+            req = p.GenerateRequest(rid=rid, input_ids=r.input_ids, sampling_params=sp, seed=r.seed, sink=sink,
+                                    flush=flush, stream=stream, stream_text=bool(sp.stop), group=r.group)
+            reqs.append(req)
+            collectors.append(Collector(rid=req.rid, return_logprob=sp.return_logprob, index=i if multi else None, detok=detok,
+                                        routed_experts_start_len=sp.routed_experts_start_len))
+        call = _Call(collectors=collectors, single=prepared.single, stream=stream, incremental=incremental)
+        self.scheduler.submit(p.GenerateBatch(requests=reqs))
+        return call
+
+    @contextlib.contextmanager
+    def _aborting_unfinished(self, call: _Call, message: str):
+        """However the consumer leaves (done, cancelled, closed early, refused), free what still runs."""
+        try:
+            yield
+        finally:
+            for c in call.collectors:
+                if not c.finished:
+                    self.scheduler.submit(p.AbortRequest(rid=c.rid, message=message))
+            with self._live_lock:
+                self._live_rids.difference_update(call.by_rid)
+
+    def abort_request(self, rid: str = "", abort_all: bool = False) -> p.ControlOutput:
+        """SGLang's abort: the request `rid` (its tokens so far come back with finish reason abort), or
+        every request with abort_all=True. An empty rid without abort_all aborts nothing."""
+        if abort_all:
+            return self._call(p.AbortRequest(rid=None, message="aborted by abort_request(abort_all=True)"))
+        if not rid:
+            return p.ControlOutput(success=False, message="nothing to abort: give a rid or abort_all=True")
+        return self._call(p.AbortRequest(rid=rid, message="aborted by abort_request"))
+
+    # ---- control requests --------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise HotswapError("the engine is shut down")
+
+    def _call(self, request, timeout: float | None = None):
+        self._check_open()
+        return self.scheduler.submit(request).result(timeout=timeout)
+
+    async def _acall(self, request):
+        self._check_open()
+        # shielded: cancelling the awaiting task must not cancel the scheduler's Future (its set_result would
+        # then raise InvalidStateError in the scheduler thread and end it); the request completes regardless
+        return await asyncio.shield(asyncio.wrap_future(self.scheduler.submit(request)))
+
+    def flush_cache(self) -> p.ControlOutput:
+        return self._call(p.FlushCacheRequest())
+
+    def get_load(self) -> p.LoadOutput:
+        return self._call(p.GetLoadRequest())
+
+    def check_invariants(self) -> p.ControlOutput:
+        return self._call(p.CheckInvariantsRequest())
+
+    def capacity(self) -> PoolCapacity:
+        """The KV cache's size: pages, tokens per page, and the tokens it holds in all."""
+        return self.scheduler.capacity()
+
+    @property
+    def weight_version(self) -> str:
+        return self.get_load().weight_version
+
+    def update_weights_from_disk(self, model_path: str, load_format: str | None = None, weight_version: str | None = None,
+                                 flush_cache: bool = True, abort_all_requests: bool = False, session_id: str | None = None) -> p.DiskUpdateOutput:
+        """As SGLang's Engine: unpacks as `(success, message, num_paused_requests)`. `session_id` (every weight
+        update method takes it): run only inside that begin_weight_update session, refused once it ended."""
+        out = self.submit(p.UpdateWeightsFromDiskRequest(model_path=str(model_path), load_format=load_format, weight_version=weight_version,
+                                                        flush_cache=flush_cache, abort_all_requests=abort_all_requests, session_id=session_id))
+        return p.DiskUpdateOutput.of(out)
+
+    def update_weights_from_tensor(self, named_tensors=None, load_format: str | None = None, flush_cache: bool = True,
+                                   weight_version: str | None = None, abort_all_requests: bool = False,
+                                   serialized_named_tensors: list[str | bytes] | None = None, session_id: str | None = None) -> p.WeightUpdateOutput:
+        """`named_tensors`: (name, tensor) pairs (or a dict) in process, or plain-data handle descriptors.
+        As SGLang's Engine: with load_format "flattened_bucket" `named_tensors` is the per-TP-rank list of
+        serialized payloads; `serialized_named_tensors` gives such a list for any load_format."""
+        if isinstance(named_tensors, dict):
+            named_tensors = list(named_tensors.items())
+        if serialized_named_tensors is None and load_format == "flattened_bucket":
+            named_tensors, serialized_named_tensors = None, named_tensors
+        return self._call(p.UpdateWeightsFromTensorRequest(
+            named_tensors=None if named_tensors is None else list(named_tensors),
+            serialized_named_tensors=None if serialized_named_tensors is None else list(serialized_named_tensors),
+            load_format=load_format, flush_cache=flush_cache, weight_version=weight_version, abort_all_requests=abort_all_requests,
+            session_id=session_id))
+
+    def update_weights_from_ipc(self, zmq_handles: dict[str, str], flush_cache: bool = True, weight_version: str | None = None,
+                                session_id: str | None = None) -> p.WeightUpdateOutput:
+        return self._call(p.UpdateWeightsFromIPCRequest(zmq_handles=zmq_handles, flush_cache=flush_cache, weight_version=weight_version,
+                                                        session_id=session_id))
+
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                                  group_name: str = "weight_update_group", backend: str | None = None, timeout_s: float = 600.0) -> p.ControlOutput:
+        return self._call(p.InitWeightsUpdateGroupRequest(master_address=master_address, master_port=int(master_port), rank_offset=rank_offset,
+                                                          world_size=world_size, group_name=group_name, backend=backend, timeout_s=timeout_s))
+
+    def update_weights_from_distributed(self, names: list[str], dtypes: list, shapes: list, group_name: str = "weight_update_group",
+                                        flush_cache: bool = True, weight_version: str | None = None, load_format: str | None = None,
+                                        abort_all_requests: bool = False, session_id: str | None = None) -> p.WeightUpdateOutput:
+        dtypes = [str(d).removeprefix("torch.") for d in dtypes]
+        return self._call(p.UpdateWeightsFromDistributedRequest(names=list(names), dtypes=dtypes, shapes=[list(s) for s in shapes],
+                                                                group_name=group_name, flush_cache=flush_cache, weight_version=weight_version,
+                                                                load_format=load_format, abort_all_requests=abort_all_requests,
+                                                                session_id=session_id))
+
+    def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> p.ControlOutput:
+        return self._call(p.DestroyWeightsUpdateGroupRequest(group_name=group_name))
+
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
+        """SGLang's reply: the parameter's first `truncate_size` rows as a nested list (float). Raises
+        HotswapError naming why when it cannot be read (an unknown name, weights released)."""
+        out = self._call(p.GetWeightsByNameRequest(name=name, truncate_size=truncate_size))
+        if not out.success:
+            raise HotswapError(f"get_weights_by_name failed: {out.message}")
+        return out.parameter
+
+    def check_weights(self, action: str, expected: dict[str, str] | None = None, skip_tensor_list: list[str] | None = None,
+                      allow_quant_error: bool = False) -> p.CheckWeightsOutput:
+        """hotswap's checks and SGLang's weights_checker actions (its `ranks` checksum reply, `skip_tensor_list`)."""
+        return self._call(p.CheckWeightsRequest(action=action, expected=expected, skip_tensor_list=skip_tensor_list,
+                                                allow_quant_error=allow_quant_error))
+
+    def release_memory_occupation(self, tags: list[str] | None = None, keep_weights_on_host: bool = True) -> p.ControlOutput:
+        return self._call(p.ReleaseMemoryOccupationRequest(tags=tags, keep_weights_on_host=keep_weights_on_host))
+
+    def resume_memory_occupation(self, tags: list[str] | None = None) -> p.ControlOutput:
+        return self._call(p.ResumeMemoryOccupationRequest(tags=tags))
+
+    def save_sharded_model(self, path: str, pattern: str | None = None, max_size: int = 5 * 1024**3, overwrite: bool = False) -> p.ControlOutput:
+        return self._call(p.SaveShardedModelRequest(path=str(path), pattern=pattern, max_size=max_size, overwrite=overwrite))
+
+    def get_ipc_token(self) -> str:
+        """The token a trainer names its shared-memory blocks with (`SharedMemoryBucket(..., token=...)`):
+        update_weights_from_tensor opens no other block."""
+        return self.config.ipc_token
+
+    def save_remote_model(self, url: str, overwrite: bool = False) -> p.ControlOutput:
+        return self._call(p.SaveRemoteModelRequest(url=url, overwrite=overwrite))
+
+    def pause_generation(self, mode: str = "abort") -> p.ControlOutput:
+        return self._call(p.PauseGenerationRequest(mode=mode))
+
+    def continue_generation(self) -> p.ControlOutput:
+        return self._call(p.ContinueGenerationRequest())
+
+    # ---- vLLM's RL control plane, by vLLM's names (prime-rl, SkyRL, OpenRLHF); the HTTP routes call these ----
+
+    def pause(self, mode: str = "abort", clear_cache: bool = True) -> p.ControlOutput:
+        """vLLM's pause_generation: `abort` in-flight requests, `wait` for them to finish, or `keep` them
+        frozen until `resume`. `clear_cache` drops the prefix cache once drained (never with keep, as vLLM)."""
+        ours = VLLM_PAUSE_MODES.get(mode)
+        if ours is None:
+            return p.ControlOutput(success=False, message=f"unknown pause mode {shown(mode)}; use abort, wait or keep")
+        out = self.pause_generation(ours)
+        if out.success and clear_cache and mode != "keep":
+            flushed = self.flush_cache()
+            if not flushed.success:
+                return p.ControlOutput(success=False, message=f"paused, but the prefix cache was not cleared: {flushed.message}")
+        return out
+
+    def resume(self) -> p.ControlOutput:
+        """vLLM's resume_generation (a no-op when not paused)."""
+        return self.continue_generation()
+
+    def is_paused(self) -> bool:
+        return self.get_load().paused
+
+    def sleep(self, level: int = 1, mode: str = "abort", tags: list[str] | None = None) -> p.ControlOutput:
+        """vLLM's sleep: level 1 keeps the weights on the host, level 2 discards them (an update must follow
+        the wake-up); the KV cache is discarded. In-flight requests are handled by `mode` first (as `pause`).
+        Asleep, generation is refused (503) until `wake_up`. Tags already asleep are skipped."""
+        if mode not in VLLM_PAUSE_MODES:
+            return p.ControlOutput(success=False, message=f"unknown pause mode {shown(mode)}; use abort, wait or keep")
+        if level not in (1, 2) or isinstance(level, bool):
+            return p.ControlOutput(success=False, message=f"sleep level must be 1 (weights kept on the host) or 2 (weights discarded), got {shown(level)}")
+        wanted = self._vllm_memory_tags(tags)
+        if isinstance(wanted, str):
+            return p.ControlOutput(success=False, message=wanted)
+        load = self.get_load()
+        todo = [t for t in wanted if t not in load.memory_released]
+        if not todo:
+            return p.ControlOutput(success=True, message="already asleep (no-op)")
+        paused = self.pause(mode, clear_cache=False)
+        if not paused.success:
+            return paused
+        out = self.release_memory_occupation(todo, keep_weights_on_host=level == 1)
+        if not load.paused:  # the pause only drained the requests: asleep, generation is refused anyway
+            self.continue_generation()
+        return out
+
+    def wake_up(self, tags: list[str] | None = None) -> p.ControlOutput:
+        """vLLM's wake_up: resume the given tags (all when None); tags that are awake are skipped."""
+        wanted = self._vllm_memory_tags(tags)
+        if isinstance(wanted, str):
+            return p.ControlOutput(success=False, message=wanted)
+        released = self.get_load().memory_released
+        todo = [t for t in wanted if t in released]
+        if not todo:
+            return p.ControlOutput(success=True, message="already awake (no-op)")
+        return self.resume_memory_occupation(todo)
+
+    def is_sleeping(self) -> bool:
+        return bool(self.get_load().memory_released)
+
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's reset_prefix_cache: False while requests hold cached pages (callers retry)."""
+        return self.flush_cache().success
+
+    @staticmethod
+    def _vllm_memory_tags(tags: list[str] | None) -> list[str] | str:
+        if tags is None:
+            return list(MEMORY_TAGS)
+        if isinstance(tags, str) or not all(isinstance(t, str) for t in tags):
+            return f"tags must be a list of strings from {sorted(_VLLM_MEMORY_TAGS)}, got {shown(tags)}"
+        bad = [t for t in tags if t not in _VLLM_MEMORY_TAGS]
+        if bad:
+            return f"unknown memory tag(s) {shown(bad)}; use {sorted(_VLLM_MEMORY_TAGS)}"
+        return list(dict.fromkeys(t for tag in tags for t in _VLLM_MEMORY_TAGS[tag]))
+
+    def update_weight_version(self, new_version: str, abort_all_requests: bool = True) -> p.ControlOutput:
+        return self._call(p.UpdateWeightVersionRequest(new_version=str(new_version), abort_all_requests=abort_all_requests))
+
+    def begin_weight_update(self) -> p.BeginWeightUpdateOutput:
+        """Open a multi-call update session; the reply's `session_id` is what its calls and its end give."""
+        return self._call(p.BeginWeightUpdateRequest())
+
+    def end_weight_update(self, weight_version: str | None = None, abort: bool = False, session_id: str | None = None) -> p.WeightUpdateOutput:
+        """Commit (or `abort`) the open session; with `session_id`, only that one (see weights/session.py)."""
+        return self._call(p.EndWeightUpdateRequest(weight_version=weight_version, abort=abort, session_id=session_id))
+
+    def submit(self, request):
+        """Send any protocol request and wait for its output (the HTTP server's single entry point)."""
+        return self._observe(request, self._call(request))
+
+    async def asubmit(self, request):
+        return self._observe(request, await self._acall(request))
+
+    def _observe(self, request, out):
+        """The model path follows a successful update from another folder (SGLang's model_info does)."""
+        if isinstance(request, p.UpdateWeightsFromDiskRequest) and out.success:
+            self.model_path = request.model_path
+        return out
+
+    def model_info(self) -> dict:
+        mc = self.model_config
+        return {"model_path": self.model_path, "architecture": mc.architecture, "dtype": str(mc.torch_dtype).removeprefix("torch."),
+                "device": str(self.device), "max_context_len": self.max_context_len, "vocab_size": mc.vocab_size,
+                "num_layers": mc.num_layers, "hidden_size": mc.hidden_size, "tensor_parallel_size": self.config.tensor_parallel_size,
+                "is_generation": True}
+
+    def get_model_info(self) -> dict:
+        """SGLang's model info: model_info() with the tokenizer path, the current weight version and the keys
+        SGLang's /model_info carries."""
+        info = self.model_info()
+        info.update({"tokenizer_path": self.config.tokenizer_path or self.model_path, "weight_version": self.weight_version,
+                     "preferred_sampling_params": None, "model_type": info["architecture"], "architectures": [info["architecture"]],
+                     "has_image_understanding": False, "has_audio_understanding": False})
+        return info
+
+    def get_server_info(self) -> dict:
+        """SGLang's server info: every EngineConfig field, and the ServerArgs names frameworks read (slime
+        compares `enable_memory_saver` and the parallel sizes with its launch arguments)."""
+        cfg = self.config
+        load = self.get_load()
+        capacity = self.capacity()
+        info = dataclasses.asdict(cfg)
+        info.update({
+            "model_path": self.model_path, "tokenizer_path": cfg.tokenizer_path or self.model_path,
+            "tp_size": cfg.tensor_parallel_size, "dp_size": 1, "pp_size": 1, "ep_size": 1, "nnodes": 1, "node_rank": 0,
+            "page_size": capacity.page_size, "max_running_requests": cfg.max_running_requests,
+            "max_total_num_tokens": capacity.max_total_tokens, "max_req_input_len": min(self.max_context_len, capacity.max_total_tokens) - 1,
+            "context_length": self.max_context_len, "mem_fraction_static": cfg.kv_cache_memory_fraction,
+            "disable_radix_cache": not cfg.enable_prefix_cache, "random_seed": cfg.seed, "chunked_prefill_size": cfg.chunked_prefill_size,
+            "disable_cuda_graph": not cfg.enable_cuda_graph, "enable_memory_saver": True, "skip_tokenizer_init": False,
+            "weight_version": load.weight_version, "disaggregation_mode": "null", "disaggregation_bootstrap_port": None,
+            "encoder_only": False, "enable_lora": False, "enable_dp_attention": False, "num_gpus": cfg.tensor_parallel_size,
+            "version": hotswap.__version__, "internal_states": [load.to_dict()],
+        })
+        return info

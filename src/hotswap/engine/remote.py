@@ -1,0 +1,159 @@
+"""`RemoteEngine`: the EngineAPI in a process other than the engine's, over a pipe to its EngineService
+(engine/service.py). Tokenization, request preparation, output assembly and streamed detokenization run
+here; the scheduler and the model stay in the engine's process. `hotswap serve --frontend-process` runs the
+HTTP server on one."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from multiprocessing.connection import Connection
+
+import torch
+
+from hotswap import protocol as p
+from hotswap.cache.page_allocator import PoolCapacity
+from hotswap.engine.api import EngineAPI, eos_token_ids
+from hotswap.engine.service import EngineInfo, close_pipe
+from hotswap.engine.tokenizer import load_tokenizer
+from hotswap.errors import EngineUnavailableError, HotswapError
+from hotswap.scheduler.output_streamer import OutputStreamer
+
+log = logging.getLogger("hotswap.engine")
+
+
+class RemoteScheduler:
+    """The SchedulerPort of a RemoteEngine: requests go down the pipe; replies resolve their Futures and each
+    step's outputs reach their requests' sinks, then each consumer's flush once, as the Scheduler does."""
+
+    def __init__(self, conn: Connection, capacity: PoolCapacity, on_close: Callable[[], None] | None = None):
+        self._conn = conn
+        self._capacity = capacity
+        self._on_close = on_close
+        self._lock = threading.Lock()  # guards what follows
+        self._send_lock = threading.Lock()  # one message at a time down the pipe
+        self._ids = itertools.count()
+        self._calls: dict[int, Future] = {}
+        self._routes: dict[str, tuple[Callable, Callable | None]] = {}  # rid -> (sink, flush) until its last output
+        self.dead: str | None = None
+        self._reader = threading.Thread(target=self._read, name="hotswap-remote-in", daemon=True)
+        self._reader.start()
+
+    def capacity(self) -> PoolCapacity:
+        return self._capacity  # fixed for the engine's life
+
+    def submit(self, request) -> Future:
+        fut: Future = Future()
+        if isinstance(request, p.GenerateBatch):
+            routes = {r.rid: (r.sink, r.flush) for r in request.requests}
+            request = p.GenerateBatch(requests=[dataclasses.replace(r, sink=None, flush=None) for r in request.requests])
+        else:
+            routes = {}
+        with self._lock:
+            reason = self.dead
+            if reason is None:
+                call_id = next(self._ids)
+                self._calls[call_id] = fut
+                self._routes.update(routes)
+        if reason is None:
+            try:
+                with self._send_lock:
+                    self._conn.send((call_id, request))
+                return fut
+            except Exception as exc:  # noqa: BLE001 - the pipe is gone, or the request does not pickle
+                with self._lock:
+                    self._calls.pop(call_id, None)
+                    for rid in routes:
+                        self._routes.pop(rid, None)
+                if not isinstance(exc, (OSError, ValueError)):
+                    fut.set_exception(HotswapError(f"cannot send {type(request).__name__} to the engine process: {type(exc).__name__}: {exc}"))
+                    return fut
+                reason = f"the engine process is unreachable: {exc}"
+        fut.set_exception(EngineUnavailableError(reason))
+        return fut
+
+    def close(self, timeout: float = 10.0) -> None:
+        close_pipe(self._conn, (self._reader,), timeout)
+
+    def _read(self) -> None:
+        reason = "the engine process closed the connection"
+        try:
+            while True:
+                try:
+                    msg = self._conn.recv()
+                except (EOFError, OSError):
+                    return
+                if msg[0] == "outputs":
+                    self._deliver(msg[1])
+                else:
+                    _, call_id, output, error = msg
+                    with self._lock:
+                        fut = self._calls.pop(call_id, None)
+                    if fut is not None:
+                        if error is not None:
+                            fut.set_exception(error)
+                        else:
+                            fut.set_result(output)
+        except Exception as exc:  # noqa: BLE001 - a consumer's sink raised: nothing more can be delivered in order
+            log.exception("the front end's reader stopped")
+            reason = f"the front end's reader stopped: {type(exc).__name__}: {exc}"
+        finally:
+            self._fail_all(reason)
+
+    def _deliver(self, outs: list[p.GenerateOutput]) -> None:
+        flushes: dict = {}
+        for out in outs:
+            with self._lock:
+                route = self._routes.pop(out.rid, None) if out.finished else self._routes.get(out.rid)
+            if route is None:
+                continue
+            sink, flush = route
+            sink(out)
+            if flush is not None:
+                flushes[flush] = None
+        for flush in flushes:
+            flush()
+
+    def _fail_all(self, reason: str) -> None:
+        """The pipe is gone: every call waiting fails and every request still running ends aborted, naming why."""
+        with self._lock:
+            self.dead = reason
+            calls, self._calls = self._calls, {}
+            routes, self._routes = self._routes, {}
+        for fut in calls.values():
+            if not fut.done():
+                fut.set_exception(EngineUnavailableError(reason))
+        flushes: dict = {}
+        for rid, (sink, flush) in routes.items():
+            sink(p.GenerateOutput(rid=rid, new_token_ids=[], new_logprobs=[], new_top_logprobs=[], new_token_versions=[], text_delta="",
+                                  finished=True, finish_reason={"type": "abort", "message": reason}, prompt_tokens=0, cached_tokens=0,
+                                  weight_version=""))
+            if flush is not None:
+                flushes[flush] = None
+        for flush in flushes:
+            flush()
+        if self._on_close is not None:
+            self._on_close()
+
+
+class RemoteEngine(EngineAPI):
+    """The EngineAPI of an engine in another process (`info` is what its EngineService sent). `on_close` runs
+    once if the engine's side of the pipe closes (the front end should then exit)."""
+
+    def __init__(self, conn: Connection, info: EngineInfo, on_close: Callable[[], None] | None = None):
+        tokenizer = load_tokenizer(info.config)
+        scheduler = RemoteScheduler(conn, info.capacity, on_close)
+        # only its incremental detokenizer is used here: stop strings are matched in the engine's process
+        streamer = OutputStreamer(tokenizer=tokenizer, eos_token_ids=frozenset(eos_token_ids(info.model_config, tokenizer)),
+                                  max_context_len=0)
+        super().__init__(info.config, info.model_config, torch.device(info.device), tokenizer, scheduler, streamer.detokenizer)
+        self.model_path = info.model_path
+
+    def shutdown(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.scheduler.close()

@@ -1,0 +1,140 @@
+"""The engine's side of a pipe to a front end in another process (`RemoteEngine`, engine/remote.py).
+
+Why: the HTTP front end (uvicorn, JSON, SSE, detokenization of hundreds of streams) and the scheduler thread
+share one interpreter lock when they share a process, and a busy event loop then delays every scheduler
+step. With the front end in its own process the only Python this process runs for it is one pickled message
+per scheduler step carrying every request's new outputs, and one per control reply.
+
+Messages (pickled by multiprocessing's Connection; both ends are this package, one process spawned by the
+other: nothing from the network is unpickled here):
+  front end -> engine: `(call_id, request)`: any protocol request; a GenerateBatch's requests arrive without
+                       their callbacks, which this side fills in
+  engine -> front end: `("outputs", [GenerateOutput, ...])` once per scheduler step with outputs;
+                       `("reply", call_id, output, error)` when the scheduler answers a request
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import queue
+import socket
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+from hotswap import protocol as p
+from hotswap.cache.page_allocator import PoolCapacity
+from hotswap.config import EngineConfig, ModelConfig
+from hotswap.errors import HotswapError
+
+log = logging.getLogger("hotswap.engine")
+
+
+def close_pipe(conn: Connection, readers: tuple[threading.Thread, ...], timeout: float) -> None:
+    """Close a duplex Pipe end (a socket) whose reader may be blocked in recv: shut the socket down first, so
+    the reader sees EOF instead of a handle closed under it, join the threads (bounded), then close."""
+    try:
+        with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # closed already
+        pass
+    for t in readers:
+        if t.is_alive() and t is not threading.current_thread():
+            t.join(timeout)
+    conn.close()
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """What a front end needs to stand in for the engine: sent once, when it starts."""
+
+    config: EngineConfig
+    model_config: ModelConfig
+    device: str
+    model_path: str  # the folder the served weights came from now
+    capacity: PoolCapacity
+
+
+class EngineService:
+    """Serves one RemoteEngine over `conn`: its requests go to the engine's scheduler; the scheduler's replies
+    and per-step outputs go back, in the order the scheduler produced them. When the pipe closes (the front
+    end exited) its unfinished requests are aborted and `closed` is set."""
+
+    def __init__(self, engine, conn: Connection):
+        self.engine = engine
+        self.info = EngineInfo(config=engine.config, model_config=engine.model_config, device=str(engine.device),
+                               model_path=str(engine.model_path), capacity=engine.capacity())
+        self._conn = conn
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # messages to send, in order; None stops the sender
+        self._step: list[p.GenerateOutput] = []  # this step's outputs so far (scheduler thread)
+        self._step_lock = threading.Lock()
+        self._live: set[str] = set()  # rids of this front end's requests not finished yet
+        self.closed = threading.Event()
+        self._reader = threading.Thread(target=self._read, name="hotswap-service-in", daemon=True)
+        self._sender = threading.Thread(target=self._send, name="hotswap-service-out", daemon=True)
+
+    def start(self) -> EngineService:
+        self._reader.start()
+        self._sender.start()
+        return self
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop serving (the front end sees the pipe close) and wait for both threads, bounded."""
+        self._outbox.put(None)
+        close_pipe(self._conn, (self._reader, self._sender), timeout)
+
+    # ---- scheduler thread: one message per step ----
+
+    def _sink(self, out: p.GenerateOutput) -> None:
+        with self._step_lock:
+            self._step.append(out)
+            if out.finished:
+                self._live.discard(out.rid)
+
+    def _flush(self) -> None:
+        with self._step_lock:
+            outs, self._step = self._step, []
+        if outs:
+            self._outbox.put(("outputs", outs))
+
+    def _reply(self, call_id: int, fut: Future) -> None:
+        exc = fut.exception()
+        self._outbox.put(("reply", call_id, None if exc is not None else fut.result(), exc))
+
+    # ---- the pipe ----
+
+    def _read(self) -> None:
+        try:
+            while True:
+                try:
+                    call_id, request = self._conn.recv()
+                except (EOFError, OSError):
+                    return
+                if isinstance(request, p.GenerateBatch):
+                    with self._step_lock:
+                        self._live.update(req.rid for req in request.requests)
+                    for req in request.requests:
+                        req.sink, req.flush = self._sink, self._flush
+                self.engine.scheduler.submit(request).add_done_callback(functools.partial(self._reply, call_id))
+        finally:
+            self.closed.set()
+            self._outbox.put(None)
+            with self._step_lock:
+                orphans, self._live = self._live, set()
+            for rid in orphans:
+                self.engine.scheduler.submit(p.AbortRequest(rid=rid, message="the front end closed"))
+
+    def _send(self) -> None:
+        while (msg := self._outbox.get()) is not None:
+            try:
+                self._conn.send(msg)
+            except (OSError, ValueError):  # the front end is gone (the reader sees it too)
+                return
+            except Exception as exc:  # noqa: BLE001 - an output or error that does not pickle: the caller gets why
+                if msg[0] != "reply":
+                    log.exception("outputs could not be sent to the front end")
+                    continue
+                self._outbox.put(("reply", msg[1], None, HotswapError(f"the engine's reply could not be sent: {type(exc).__name__}: {exc}")))

@@ -1,0 +1,171 @@
+"""The HTTP front end in a process of its own (`hotswap serve --frontend-process`), as SGLang runs its
+tokenizer manager apart from its scheduler: uvicorn, request parsing, tokenization, output assembly, SSE and
+streamed detokenization run there on a RemoteEngine; the engine's process keeps the scheduler and the model
+and spends one message per step on the front end (engine/service.py). Hundreds of streams then no longer
+hold the interpreter lock the scheduler thread needs between device steps.
+
+Also the draining uvicorn server both ways of serving use."""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import multiprocessing as mp
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+from hotswap.engine.service import EngineInfo, EngineService
+from hotswap.server.access import AccessPolicy
+
+log = logging.getLogger("hotswap.server")
+
+
+def make_draining_server(config, state, drain_timeout: float):
+    """A uvicorn.Server whose first SIGTERM/SIGINT stops new work, lets running requests finish for
+    `drain_timeout` seconds, then aborts what is left (streams end with finish_reason abort); uvicorn
+    then closes the connections and returns. A second signal exits at once."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        drain_timer: threading.Timer | None = None
+
+        def handle_exit(self, sig, frame) -> None:  # called from the signal handler
+            if not state.draining:
+                state.draining = True
+                log.info("signal %s: draining for up to %.0f s (running requests finish, new ones get 503)", sig, drain_timeout)
+                self.drain_timer = threading.Timer(drain_timeout, _abort_all, args=(state,))
+                self.drain_timer.daemon = True
+                self.drain_timer.start()
+            super().handle_exit(sig, frame)
+
+    return DrainingServer(config)
+
+
+def _abort_all(state) -> None:
+    try:
+        out = state.engine.abort_request(abort_all=True)
+        log.info("drain timeout: %s", out.message)
+    except Exception as exc:  # noqa: BLE001 - the engine may already be down
+        log.info("drain timeout: abort failed: %s", exc)
+
+
+@dataclass(frozen=True, slots=True)
+class FrontendOptions:
+    """How the front end serves (create_app's and uvicorn's settings)."""
+
+    host: str
+    port: int
+    api_key: str | None = None
+    served_model_name: str | None = None
+    policy: AccessPolicy = AccessPolicy()
+    max_body_bytes: int = 0
+    body_timeout_s: float = 0.0
+    log_level: str = "warning"
+    drain_timeout: float = 30.0
+
+
+def _frontend_main(conn, info: EngineInfo, options: FrontendOptions, sock: socket.socket) -> None:
+    """The front end process: a RemoteEngine, the app on it, uvicorn on the socket the engine's process bound.
+    Exits when uvicorn stops (SIGTERM drains first) or when the engine's side of the pipe closes."""
+    import uvicorn
+
+    from hotswap.engine.remote import RemoteEngine
+    from hotswap.server.app import create_app
+
+    os.setpgrp()  # a terminal's Ctrl-C reaches the engine's process only, which forwards it here once
+    logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s[frontend]: %(message)s")
+    servers: list = []
+    engine = RemoteEngine(conn, info, on_close=lambda: [setattr(s, "should_exit", True) for s in servers])
+    try:
+        app = create_app(engine, api_key=options.api_key, served_model_name=options.served_model_name, policy=options.policy,
+                         max_body_bytes=options.max_body_bytes, body_timeout_s=options.body_timeout_s)
+        config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level, lifespan="off",
+                                timeout_graceful_shutdown=int(options.drain_timeout) + 10)
+        server = make_draining_server(config, app.state.hotswap, options.drain_timeout)
+        servers.append(server)
+        # uvicorn re-raises the signal that stopped it once it has shut down: take it here, so this process
+        # closes its pipe and exits 0 instead of dying of it
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: None)
+        if engine.scheduler.dead is None:
+            server.run(sockets=[sock])
+    finally:
+        engine.shutdown()
+        sock.close()
+
+
+class FrontendProcess:
+    """Serve `engine` (in this process) over HTTP from a spawned front end process on the bound `sock`.
+
+    with FrontendProcess(engine, sock, FrontendOptions(host, port)).start() as front:
+        ...   # http://host:port serves until front.stop() (SIGTERM: drain, then exit)
+    """
+
+    def __init__(self, engine, sock: socket.socket, options: FrontendOptions):
+        ctx = mp.get_context("spawn")  # never fork a process holding a CUDA context and threads
+        ours, theirs = ctx.Pipe(duplex=True)
+        self.options = options
+        self.service = EngineService(engine, ours)
+        self.process = ctx.Process(target=_frontend_main, args=(theirs, self.service.info, options, sock), name="hotswap-frontend")
+        self._theirs = theirs
+        self.address = sock.getsockname()[:2]
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://{host}:{port}"
+
+    def start(self, timeout: float = 180.0) -> FrontendProcess:
+        """Start the process and wait until it answers /health (bounded; its failure to start is raised)."""
+        self.service.start()
+        self.process.start()
+        self._theirs.close()
+        deadline = time.monotonic() + timeout
+        while not self._healthy():
+            if not self.process.is_alive():
+                self.stop()
+                raise RuntimeError(f"the HTTP front end process exited during startup (exit code {self.process.exitcode})")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the HTTP front end did not answer /health within {timeout:.0f} s")
+            time.sleep(0.1)
+        return self
+
+    def _healthy(self) -> bool:
+        host, port = self.address
+        conn = http.client.HTTPConnection(host, port, timeout=2)
+        try:
+            conn.request("GET", "/health")
+            return conn.getresponse().status == 200
+        except OSError:
+            return False
+        finally:
+            conn.close()
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        """SIGTERM: the front end drains (running requests finish, new ones get 503) and exits; a second exits at once."""
+        if self.process.is_alive():
+            os.kill(self.process.pid, signum)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        self.process.join(timeout)
+        return self.process.exitcode
+
+    def stop(self, timeout: float | None = None) -> None:
+        """SIGTERM, wait up to `timeout` (default: the drain timeout plus 15 s), then kill; close the pipe."""
+        self.signal()
+        self.process.join(self.options.drain_timeout + 15 if timeout is None else timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(10)
+        self.service.close()
+
+    def __enter__(self) -> FrontendProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
