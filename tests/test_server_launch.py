@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from hotswap.server.launch import add_serve_arguments, engine_kwargs_from_args
 
@@ -33,7 +34,10 @@ def test_serve_arguments():
     assert engine_kwargs_from_args(args) == {"page_size": 4, "num_pages": 64, "max_running_requests": 8}
 
 
-def test_serve_sigterm_drains_then_aborts(tiny_qwen3):
+@pytest.mark.parametrize("frontend_process", [False, True], ids=["in-process", "frontend-process"])
+def test_serve_sigterm_drains_then_aborts(tiny_qwen3, frontend_process):
+    """Served in one process, or with the HTTP front end in its own (the signal reaches the engine's process,
+    which forwards it): SIGTERM drains, then aborts what is left, and the server exits 0."""
     port = free_port()
     code = (
         "import argparse, sys\n"
@@ -44,7 +48,8 @@ def test_serve_sigterm_drains_then_aborts(tiny_qwen3):
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "--model-path", str(tiny_qwen3), "--port", str(port), "--device", "cpu", "--page-size", "4",
-         "--num-pages", "256", "--drain-timeout", "1", "--api-key", "k", "--log-level", "info"],
+         "--num-pages", "256", "--drain-timeout", "1", "--api-key", "k", "--log-level", "info"]
+        + (["--frontend-process"] if frontend_process else []),
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     url = f"http://127.0.0.1:{port}"

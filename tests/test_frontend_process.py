@@ -1,0 +1,186 @@
+"""The engine behind a pipe: RemoteEngine (the front end's EngineAPI) against the Engine it stands in for,
+over an in-process Pipe, and the HTTP front end in its own process (`hotswap serve --frontend-process`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing as mp
+import threading
+import time
+
+import httpx
+import pytest
+from engine_support import make_engine, sse_events, wait_idle
+
+from hotswap.engine.remote import RemoteEngine
+from hotswap.engine.service import EngineService
+from hotswap.errors import EngineUnavailableError, HotswapError
+from hotswap.server.frontend_process import FrontendOptions, FrontendProcess
+from hotswap.server.launch import bind_socket
+
+GREEDY = {"max_new_tokens": 8, "temperature": 0.0, "ignore_eos": True}
+SAMPLED = {"max_new_tokens": 8, "temperature": 1.0, "ignore_eos": True, "seed": 7}
+
+
+@pytest.fixture
+def linked(tiny_qwen3):
+    """(engine, its service, a RemoteEngine on the other end of the pipe)."""
+    engine = make_engine(tiny_qwen3)
+    ours, theirs = mp.Pipe(duplex=True)
+    service = EngineService(engine, ours).start()
+    remote = RemoteEngine(theirs, service.info)
+    try:
+        yield engine, service, remote
+    finally:
+        remote.shutdown()
+        service.close()
+        engine.shutdown()
+
+
+def test_remote_generate_equals_local(linked):
+    """Every generate shape gives through the pipe what the engine gives in process: tokens, logprobs, text, meta."""
+    engine, _, remote = linked
+    for params, kw in ((GREEDY, {"return_logprob": True, "top_logprobs_num": 2}), (SAMPLED, {"return_logprob": True})):
+        engine.flush_cache()
+        local = engine.generate("Alice likes", params, **kw)
+        engine.flush_cache()
+        there = remote.generate("Alice likes", params, **kw)
+        assert there["output_ids"] == local["output_ids"] and there["text"] == local["text"]
+        assert strip_volatile(there["meta_info"]) == strip_volatile(local["meta_info"])
+    streamed = list(remote.generate("Alice likes", GREEDY, stream=True, incremental_streaming_output=True))
+    assert sum((c["output_ids"] for c in streamed), []) == local_ids(engine)
+    assert "".join(c["text"] for c in streamed) == engine.generate("Alice likes", GREEDY)["text"]
+
+    async def fan_out():
+        outs = await remote.async_generate(["Alice likes", "Bob"], dict(SAMPLED, n=2))
+        chunks = [c async for c in await remote.async_generate(["Alice likes", "Bob"], GREEDY, stream=True)]
+        return outs, chunks
+
+    outs, chunks = asyncio.run(fan_out())
+    assert len(outs) == 4 and all(len(o["output_ids"]) == 8 for o in outs)
+    assert {c["index"] for c in chunks} == {0, 1}
+    assert remote.get_load().num_running == 0
+
+
+def strip_volatile(meta: dict) -> dict:
+    """meta_info without what differs between any two calls (the request id, timings)."""
+    return {k: v for k, v in meta.items() if k not in ("id", "e2e_latency")}
+
+
+def local_ids(engine) -> list[int]:
+    return engine.generate("Alice likes", GREEDY)["output_ids"]
+
+
+def test_remote_control_calls_and_refusals(linked, tiny_qwen3):
+    """Control calls reach the scheduler and come back with their reply types; a refusal crosses as the engine's
+    own error; a bad request changes nothing."""
+    engine, _, remote = linked
+    assert remote.capacity() == engine.capacity()
+    info = remote.get_server_info()
+    assert info["max_total_num_tokens"] == engine.capacity().max_total_tokens and info["weight_version"] == "default"
+    before = remote.check_weights("checksum")
+    out = remote.update_weights_from_disk(str(tiny_qwen3), weight_version="v2")
+    assert out.success and remote.weight_version == "v2" == engine.weight_version
+    assert remote.check_weights("checksum").checksums == before.checksums
+    bad = remote.update_weights_from_disk("/definitely/missing")
+    assert not bad.success and "missing" in bad.message
+    with pytest.raises(HotswapError, match="unknown parameter"):
+        remote.get_weights_by_name("no.such.weight")
+    assert remote.get_weights_by_name("model.norm.weight", 2) == engine.get_weights_by_name("model.norm.weight", 2)
+    with pytest.raises(HotswapError, match="max_new_tokens"):
+        remote.generate("Alice", {"max_new_tokens": -3})
+    assert remote.pause("keep").success and remote.is_paused()
+    assert remote.resume().success and not remote.is_paused()
+
+
+def test_abort_by_rid_through_the_pipe(linked):
+    """abort_request(rid) from the front end ends that running request with its tokens so far."""
+    engine, _, remote = linked
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(out=remote.generate("Alice", {"max_new_tokens": 500, "ignore_eos": True}, rid="r1")))
+    t.start()
+    deadline = time.monotonic() + 30
+    while engine.get_load().num_running == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    assert remote.pause("keep").success  # frozen mid-generation, so the abort cannot race its natural end
+    assert remote.abort_request("r1").success
+    assert remote.resume().success
+    t.join(30)
+    assert result["out"]["meta_info"]["finish_reason"]["type"] == "abort"
+    wait_idle(engine)
+
+
+def test_either_end_closing_ends_the_other_cleanly(tiny_qwen3):
+    """The engine's side closing fails what waits on it and ends running streams aborted (nothing hangs); the
+    front end closing aborts its requests in the engine, which goes on serving."""
+    engine = make_engine(tiny_qwen3)
+    try:
+        ours, theirs = mp.Pipe(duplex=True)
+        service = EngineService(engine, ours).start()
+        closed = threading.Event()
+        remote = RemoteEngine(theirs, service.info, on_close=closed.set)
+        stream = remote.generate("Alice", {"max_new_tokens": 500, "ignore_eos": True}, stream=True)
+        next(stream)
+        service.close()
+        chunks = list(stream)
+        assert chunks[-1]["meta_info"]["finish_reason"]["type"] == "abort"
+        assert "closed" in chunks[-1]["meta_info"]["finish_reason"]["message"]
+        assert closed.wait(5)
+        with pytest.raises(EngineUnavailableError):
+            remote.get_load()
+        remote.shutdown()
+        wait_idle(engine)  # the engine aborted what the gone front end had running
+
+        ours, theirs = mp.Pipe(duplex=True)
+        service = EngineService(engine, ours).start()
+        remote = RemoteEngine(theirs, service.info)
+        stream = remote.generate("Alice", {"max_new_tokens": 500, "ignore_eos": True}, stream=True)
+        next(stream)
+        assert engine.get_load().num_running == 1
+        remote.shutdown()
+        assert service.closed.wait(5)
+        wait_idle(engine)
+        assert engine.generate("Alice", GREEDY)["meta_info"]["finish_reason"]["type"] == "length"
+        service.close()
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.slow
+def test_http_front_end_in_its_own_process(tiny_qwen3):
+    """The app served from a spawned process answers as the in-process one does: native and OpenAI routes,
+    streamed and not, weight updates and their refusals; stop() drains it and it exits 0."""
+    engine = make_engine(tiny_qwen3)
+    sock = bind_socket("127.0.0.1", 0)
+    try:
+        with FrontendProcess(engine, sock, FrontendOptions(host="127.0.0.1", port=sock.getsockname()[1], api_key="k")).start() as front:
+            with httpx.Client(base_url=front.url, timeout=60, headers={"Authorization": "Bearer k"}) as c:
+                assert httpx.get(front.url + "/get_server_info").status_code == 401  # the key holds over there too
+                body = {"text": "Alice likes", "sampling_params": GREEDY, "return_logprob": True}
+                engine.flush_cache()
+                local = engine.generate("Alice likes", GREEDY, return_logprob=True)
+                engine.flush_cache()
+                out = c.post("/generate", json=body).json()
+                assert out["output_ids"] == local["output_ids"]
+                assert out["meta_info"]["output_token_logprobs"] == json.loads(json.dumps(local["meta_info"]["output_token_logprobs"]))
+                with c.stream("POST", "/generate", json={**body, "stream": True}) as r:
+                    events = sse_events(r.iter_lines())
+                assert events[-1]["output_ids"] == local["output_ids"] and events[-1]["text"] == local["text"]
+                r = c.post("/v1/completions", json={"model": "m", "prompt": "Alice likes", "max_tokens": 8, "temperature": 0,
+                                                   "ignore_eos": True})
+                assert r.status_code == 200 and r.json()["choices"][0]["text"] == local["text"]
+                r = c.post("/update_weights_from_disk", json={"model_path": str(tiny_qwen3), "weight_version": "v2"})
+                assert r.status_code == 200 and r.json()["success"]
+                assert c.get("/get_weight_version").json()["weight_version"] == "v2"
+                assert c.post("/update_weights_from_disk", json={"model_path": "/definitely/missing"}).status_code == 400
+                info = c.get("/get_server_info").json()
+                assert info["weight_version"] == "v2" and info["max_total_num_tokens"] == engine.capacity().max_total_tokens
+            front.stop()
+            assert front.process.exitcode == 0
+        assert json.dumps(engine.get_load().to_dict())  # the engine is still fine once its front end is gone
+        wait_idle(engine)
+    finally:
+        sock.close()
+        engine.shutdown()
