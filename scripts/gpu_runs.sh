@@ -57,6 +57,9 @@ http)
     site_packages
     PYTHONPATH=/tmp/site:src run rollout_http 400 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --modes sampled \
         --paths offline,generate,generate-stream,completions,completions-stream --incremental-streaming-output --client-procs 4
+    PYTHONPATH=/tmp/site:src run rollout_http_frontend 400 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --modes sampled \
+        --paths offline,generate,generate-stream,completions,completions-stream --incremental-streaming-output --client-procs 4 \
+        --frontend-process
     PYTHONPATH=/tmp/site:src run stream_load 150 python3 bench/stream_load.py --shape qwen3-0.6b --clients 512 --tokens 256
     ;;
 moe)
