@@ -2,10 +2,12 @@
 logit_bias, then repetition_penalty over the prompt and output tokens, frequency and presence penalties
 over the output tokens, then min_new_tokens (eos and stop ids masked while too few tokens are out).
 
-Only the rows that use one pay anything. No [B, V] count buffer is kept: each step the rows' token ids
-are scattered as (row, id) keys and `torch.unique` turns them into the few (row, id, count) triples
-that change, so the work is proportional to the tokens of penalized rows, not to B x V. The token still
-in flight (sampled by the previous step, not yet read back) is read on the device through `prev_row`.
+Only the rows that use one pay anything. No [B, V] count buffer is kept: each step the rows' (row, id)
+pairs are written straight into the logits, so the work is proportional to the tokens of penalized rows,
+not to B x V, and nothing waits on the device (`torch.unique` would: its output size is data-dependent,
+a host sync every step). A repeated pair writes the same value again (repetition), or accumulates
+(frequency: once per occurrence; presence: only at its first occurrence in the sorted keys). The token
+still in flight (sampled by the previous step, not yet read back) is read on the device through `prev_row`.
 Rows with penalties run eagerly (outside the decode CUDA graphs, whose sampler reads the raw logits).
 """
 
@@ -28,9 +30,12 @@ def _flat(lists: list) -> tuple[np.ndarray, np.ndarray]:
     return np.repeat(np.arange(len(lists), dtype=np.int64), lengths), ids
 
 
-def _unique_keys(rows: torch.Tensor, ids: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    keys, counts = torch.unique(rows * vocab + ids, return_counts=True)
-    return keys // vocab, keys % vocab, counts
+def _sorted_pairs(rows: torch.Tensor, ids: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, ids) sorted by pair, and whether each is its pair's first occurrence (no host sync)."""
+    keys = torch.sort(rows * vocab + ids).values
+    first = torch.ones_like(keys, dtype=torch.bool)
+    first[1:] = keys[1:] != keys[:-1]
+    return keys // vocab, keys % vocab, first
 
 
 def apply_penalties(logits: torch.Tensor, entries: list[BatchEntry], prev_token_ids: torch.Tensor | None,
@@ -63,12 +68,12 @@ def apply_penalties(logits: torch.Tensor, entries: list[BatchEntry], prev_token_
         repeated = [k for k in counted if ps[k].repetition_penalty != 1.0]
         if repeated:  # repetition: every token seen in the prompt or the output
             p_rows, p_ids = _flat([entries[pen[k]].prompt_ids for k in repeated])
-            all_rows = torch.cat([rows, to_device(np.asarray(np.take(repeated, p_rows), dtype=np.int64))])
-            k, t, _ = _unique_keys(all_rows, torch.cat([ids, to_device(p_ids)]), vocab)
-            v = x[pen_rows[k], t]
+            k = torch.cat([rows, to_device(np.asarray(np.take(repeated, p_rows), dtype=np.int64))])
+            t = torch.cat([ids, to_device(p_ids)])
+            v = x[pen_rows[k], t]  # read before any write: a pair seen twice writes the same value twice
             x[pen_rows[k], t] = torch.where(v > 0, v / rep[k], v * rep[k])
-        k, t, c = _unique_keys(rows, ids, vocab)
-        x[pen_rows[k], t] -= freq[k] * c.float() + pres[k]
+        k, t, first = _sorted_pairs(rows, ids, vocab)
+        x.index_put_((pen_rows[k], t), -(freq[k] + pres[k] * first), accumulate=True)
 
     banned = [i for i in pen if entries[i].banned_ids]
     if banned:  # each request's list is made once (the batcher keeps it on the sequence): flattened here in numpy
