@@ -182,5 +182,4 @@ def test_http_front_end_in_its_own_process(tiny_qwen3):
         assert json.dumps(engine.get_load().to_dict())  # the engine is still fine once its front end is gone
         wait_idle(engine)
     finally:
-        sock.close()
         engine.shutdown()

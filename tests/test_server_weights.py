@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from hotswap import Engine
 from hotswap.server.access import AccessPolicy
 from hotswap.server.app import create_app
-from hotswap.server.launch import ServerThread
+from hotswap.server.frontend_process import FrontendOptions, FrontendProcess
+from hotswap.server.launch import ServerThread, bind_socket
 from hotswap.testing.tiny_models import build_tiny_checkpoint
 from hotswap.wire.ipc import SharedMemoryBucket
 
@@ -42,10 +43,16 @@ def refs(tiny_qwen3, tiny_qwen3_v2):
 
 
 @pytest.fixture()
-def served(tiny_qwen3, tmp_path):
-    """A fresh engine (weights change in these tests) behind a loopback server that may save under tmp_path."""
+def served(tiny_qwen3, tmp_path, request):
+    """A fresh engine (weights change in these tests) behind a loopback server that may save under tmp_path: a
+    thread of this process, or (parametrized "process") the HTTP front end in a process of its own."""
     eng = make_engine(tiny_qwen3)
-    srv = ServerThread(create_app(eng, policy=AccessPolicy(save_roots=(str(tmp_path),)))).start()
+    policy = AccessPolicy(save_roots=(str(tmp_path),))
+    if getattr(request, "param", "thread") == "process":
+        sock = bind_socket("127.0.0.1", 0)
+        srv = FrontendProcess(eng, sock, FrontendOptions(host="127.0.0.1", port=sock.getsockname()[1], policy=policy)).start()
+    else:
+        srv = ServerThread(create_app(eng, policy=policy)).start()
     client = httpx.Client(base_url=srv.url, timeout=60)
     yield eng, srv, client
     client.close()
@@ -220,6 +227,7 @@ def test_weight_lifecycle_routes(served, refs, tiny_qwen3_v2, tmp_path):
     assert c.get("/health").status_code == 200
 
 
+@pytest.mark.parametrize("served", ["thread", "process"], indirect=True)
 def test_concurrent_clients_during_updates(served, refs, tiny_qwen3, tiny_qwen3_v2):
     """Clients keep generating (OpenAI and native, streamed and not) while the weights flip between versions;
     every request succeeds and is computed wholly by one version, the one its output names."""

@@ -99,7 +99,8 @@ def _frontend_main(conn, info: EngineInfo, options: FrontendOptions, sock: socke
 
 
 class FrontendProcess:
-    """Serve `engine` (in this process) over HTTP from a spawned front end process on the bound `sock`.
+    """Serve `engine` (in this process) over HTTP from a spawned front end process on the bound `sock` (which
+    it owns from then on).
 
     with FrontendProcess(engine, sock, FrontendOptions(host, port)).start() as front:
         ...   # http://host:port serves until front.stop() (SIGTERM: drain, then exit)
@@ -112,6 +113,7 @@ class FrontendProcess:
         self.service = EngineService(engine, ours)
         self.process = ctx.Process(target=_frontend_main, args=(theirs, self.service.info, options, sock), name="hotswap-frontend")
         self._theirs = theirs
+        self._sock = sock  # ours from here: closed by stop()
         self.address = sock.getsockname()[:2]
 
     @property
@@ -156,13 +158,15 @@ class FrontendProcess:
         return self.process.exitcode
 
     def stop(self, timeout: float | None = None) -> None:
-        """SIGTERM, wait up to `timeout` (default: the drain timeout plus 15 s), then kill; close the pipe."""
-        self.signal()
-        self.process.join(self.options.drain_timeout + 15 if timeout is None else timeout)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(10)
+        """SIGTERM, wait up to `timeout` (default: the drain timeout plus 15 s), then kill; close the pipe and the socket."""
+        if self.process.pid is not None:
+            self.signal()
+            self.process.join(self.options.drain_timeout + 15 if timeout is None else timeout)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join(10)
         self.service.close()
+        self._sock.close()
 
     def __enter__(self) -> FrontendProcess:
         return self
