@@ -50,7 +50,7 @@ class Engine(EngineAPI):
             self.model_runner = self._start_runner()
         scheduler = Scheduler(config, self.model_runner, tokenizer, eos_token_ids(model_config, tokenizer), context_length(config, model_config))
         super().__init__(config, model_config, device, tokenizer, scheduler, scheduler.streamer.detokenizer)
-        self.scheduler = scheduler
+        self.scheduler: Scheduler = scheduler  # the thread itself (tests and benches read its state)
         scheduler.start()
         if config.weight_version != "default":  # SGLang's --weight-version: the launch weights' name
             self._call(p.UpdateWeightVersionRequest(new_version=config.weight_version, abort_all_requests=False))
