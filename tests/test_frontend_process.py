@@ -13,9 +13,11 @@ import httpx
 import pytest
 from engine_support import make_engine, sse_events, wait_idle
 
+from hotswap import protocol as p
 from hotswap.engine.remote import RemoteEngine
 from hotswap.engine.service import EngineService
 from hotswap.errors import EngineUnavailableError, HotswapError
+from hotswap.sampling_params import SamplingParams
 from hotswap.server.frontend_process import FrontendOptions, FrontendProcess
 from hotswap.server.launch import bind_socket
 
@@ -48,9 +50,10 @@ def test_remote_generate_equals_local(linked):
         there = remote.generate("Alice likes", params, **kw)
         assert there["output_ids"] == local["output_ids"] and there["text"] == local["text"]
         assert strip_volatile(there["meta_info"]) == strip_volatile(local["meta_info"])
+    greedy = engine.generate("Alice likes", GREEDY)
     streamed = list(remote.generate("Alice likes", GREEDY, stream=True, incremental_streaming_output=True))
-    assert sum((c["output_ids"] for c in streamed), []) == local_ids(engine)
-    assert "".join(c["text"] for c in streamed) == engine.generate("Alice likes", GREEDY)["text"]
+    assert sum((c["output_ids"] for c in streamed), []) == greedy["output_ids"]
+    assert "".join(c["text"] for c in streamed) == greedy["text"]
 
     async def fan_out():
         outs = await remote.async_generate(["Alice likes", "Bob"], dict(SAMPLED, n=2))
@@ -66,10 +69,6 @@ def test_remote_generate_equals_local(linked):
 def strip_volatile(meta: dict) -> dict:
     """meta_info without what differs between any two calls (the request id, timings)."""
     return {k: v for k, v in meta.items() if k not in ("id", "e2e_latency")}
-
-
-def local_ids(engine) -> list[int]:
-    return engine.generate("Alice likes", GREEDY)["output_ids"]
 
 
 def test_remote_control_calls_and_refusals(linked, tiny_qwen3):
@@ -112,6 +111,43 @@ def test_abort_by_rid_through_the_pipe(linked):
     wait_idle(engine)
 
 
+def test_a_request_that_does_not_pickle_is_refused_by_name(linked):
+    """A request the pipe cannot carry (an in-process object) fails with an error naming it; nothing reaches the
+    engine and the link goes on working."""
+    engine, _, remote = linked
+    before = engine.check_weights("checksum").digest
+    with pytest.raises(HotswapError, match="cannot send UpdateWeightsFromTensorRequest"):
+        remote.update_weights_from_tensor([("model.norm.weight", lambda: None)])
+    assert engine.check_weights("checksum").digest == before
+    assert remote.generate("Alice", GREEDY)["output_ids"] == engine.generate("Alice", GREEDY)["output_ids"]
+
+
+def test_a_failing_consumer_costs_only_itself(linked):
+    """A request whose sink raises (a broken consumer on the front end) is delivered to no further, as in the
+    scheduler; every other request on the link still gets its outputs."""
+    engine, _, remote = linked
+
+    def broken(out):
+        raise RuntimeError("consumer broke")
+
+    req = p.GenerateRequest(rid="broken", input_ids=[1, 2, 3], sampling_params=SamplingParams(max_new_tokens=4, ignore_eos=True),
+                            seed=0, sink=broken, stream=True)
+    remote.scheduler.submit(p.GenerateBatch(requests=[req])).result(timeout=30)
+    assert within(30, lambda: remote.generate("Alice", GREEDY))["output_ids"] == engine.generate("Alice", GREEDY)["output_ids"]
+    wait_idle(engine)
+    assert remote.scheduler.dead is None
+
+
+def within(seconds: float, fn):
+    """fn() in a thread, failing the test (instead of hanging it) if it has not returned in `seconds`."""
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(fn()), daemon=True)
+    t.start()
+    t.join(seconds)
+    assert result, f"no answer within {seconds} s"
+    return result[0]
+
+
 def test_either_end_closing_ends_the_other_cleanly(tiny_qwen3):
     """The engine's side closing fails what waits on it and ends running streams aborted (nothing hangs); the
     front end closing aborts its requests in the engine, which goes on serving."""
@@ -130,6 +166,8 @@ def test_either_end_closing_ends_the_other_cleanly(tiny_qwen3):
         assert closed.wait(5)
         with pytest.raises(EngineUnavailableError):
             remote.get_load()
+        with pytest.raises(EngineUnavailableError, match="closed"):  # refused at once (503), never left waiting
+            remote.generate("Alice", GREEDY)
         remote.shutdown()
         wait_idle(engine)  # the engine aborted what the gone front end had running
 

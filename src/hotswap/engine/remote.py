@@ -26,6 +26,14 @@ from hotswap.scheduler.output_streamer import OutputStreamer
 log = logging.getLogger("hotswap.engine")
 
 
+def _aborted(rid: str, reason: str) -> p.GenerateOutput:
+    """The last output of a request the engine's process can no longer serve (503: the engine is unavailable;
+    a request with no token yet is refused as such)."""
+    return p.GenerateOutput(rid=rid, new_token_ids=[], new_logprobs=[], new_top_logprobs=[], new_token_versions=[], text_delta="",
+                            finished=True, finish_reason={"type": "abort", "message": reason, "status_code": 503}, prompt_tokens=0,
+                            cached_tokens=0, weight_version="")
+
+
 class RemoteScheduler:
     """The SchedulerPort of a RemoteEngine: requests go down the pipe; replies resolve their Futures and each
     step's outputs reach their requests' sinks, then each consumer's flush once, as the Scheduler does."""
@@ -47,6 +55,8 @@ class RemoteScheduler:
         return self._capacity  # fixed for the engine's life
 
     def submit(self, request) -> Future:
+        """As Scheduler.submit. A request that cannot be sent fails its Future; its generate requests, if any,
+        end aborted (503, naming why) as the Scheduler ends those it can no longer take."""
         fut: Future = Future()
         if isinstance(request, p.GenerateBatch):
             routes = {r.rid: (r.sink, r.flush) for r in request.requests}
@@ -55,10 +65,10 @@ class RemoteScheduler:
             routes = {}
         with self._lock:
             reason = self.dead
+            self._routes.update(routes)  # registered either way: a refusal below ends them through _deliver
             if reason is None:
                 call_id = next(self._ids)
                 self._calls[call_id] = fut
-                self._routes.update(routes)
         if reason is None:
             try:
                 with self._send_lock:
@@ -67,13 +77,14 @@ class RemoteScheduler:
             except Exception as exc:  # noqa: BLE001 - the pipe is gone, or the request does not pickle
                 with self._lock:
                     self._calls.pop(call_id, None)
-                    for rid in routes:
-                        self._routes.pop(rid, None)
-                if not isinstance(exc, (OSError, ValueError)):
-                    fut.set_exception(HotswapError(f"cannot send {type(request).__name__} to the engine process: {type(exc).__name__}: {exc}"))
-                    return fut
-                reason = f"the engine process is unreachable: {exc}"
-        fut.set_exception(EngineUnavailableError(reason))
+                if isinstance(exc, (OSError, ValueError)):
+                    error: HotswapError = EngineUnavailableError(f"the engine process is unreachable: {exc}")
+                else:
+                    error = HotswapError(f"cannot send {type(request).__name__} to the engine process: {type(exc).__name__}: {exc}")
+        else:
+            error = EngineUnavailableError(reason)
+        fut.set_exception(error)
+        self._deliver([_aborted(rid, str(error)) for rid in routes])  # those _fail_all ended already are skipped
         return fut
 
     def close(self, timeout: float = 10.0) -> None:
@@ -98,13 +109,15 @@ class RemoteScheduler:
                             fut.set_exception(error)
                         else:
                             fut.set_result(output)
-        except Exception as exc:  # noqa: BLE001 - a consumer's sink raised: nothing more can be delivered in order
+        except Exception as exc:  # noqa: BLE001 - a message that does not unpickle: the stream is no longer in order
             log.exception("the front end's reader stopped")
             reason = f"the front end's reader stopped: {type(exc).__name__}: {exc}"
         finally:
             self._fail_all(reason)
 
     def _deliver(self, outs: list[p.GenerateOutput]) -> None:
+        """As the Scheduler's OutputStreamer: each output to its request's sink, then each consumer's flush once;
+        a failing consumer costs only itself."""
         flushes: dict = {}
         for out in outs:
             with self._lock:
@@ -112,30 +125,28 @@ class RemoteScheduler:
             if route is None:
                 continue
             sink, flush = route
-            sink(out)
+            try:
+                sink(out)
+            except Exception:  # noqa: BLE001
+                log.exception("delivering an output of %s failed", out.rid)
             if flush is not None:
                 flushes[flush] = None
         for flush in flushes:
-            flush()
+            try:
+                flush()
+            except Exception:  # noqa: BLE001
+                log.exception("a consumer's flush failed")
 
     def _fail_all(self, reason: str) -> None:
         """The pipe is gone: every call waiting fails and every request still running ends aborted, naming why."""
         with self._lock:
             self.dead = reason
             calls, self._calls = self._calls, {}
-            routes, self._routes = self._routes, {}
+            rids = list(self._routes)
         for fut in calls.values():
             if not fut.done():
                 fut.set_exception(EngineUnavailableError(reason))
-        flushes: dict = {}
-        for rid, (sink, flush) in routes.items():
-            sink(p.GenerateOutput(rid=rid, new_token_ids=[], new_logprobs=[], new_top_logprobs=[], new_token_versions=[], text_delta="",
-                                  finished=True, finish_reason={"type": "abort", "message": reason}, prompt_tokens=0, cached_tokens=0,
-                                  weight_version=""))
-            if flush is not None:
-                flushes[flush] = None
-        for flush in flushes:
-            flush()
+        self._deliver([_aborted(rid, reason) for rid in rids])
         if self._on_close is not None:
             self._on_close()
 

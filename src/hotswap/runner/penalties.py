@@ -70,8 +70,9 @@ def apply_penalties(logits: torch.Tensor, entries: list[BatchEntry], prev_token_
             p_rows, p_ids = _flat([entries[pen[k]].prompt_ids for k in repeated])
             k = torch.cat([rows, to_device(np.asarray(np.take(repeated, p_rows), dtype=np.int64))])
             t = torch.cat([ids, to_device(p_ids)])
-            v = x[pen_rows[k], t]  # read before any write: a pair seen twice writes the same value twice
-            x[pen_rows[k], t] = torch.where(v > 0, v / rep[k], v * rep[k])
+            r = pen_rows[k]
+            v = x[r, t]  # read before any write: a pair seen twice writes the same value twice
+            x[r, t] = torch.where(v > 0, v / rep[k], v * rep[k])
         k, t, first = _sorted_pairs(rows, ids, vocab)
         x.index_put_((pen_rows[k], t), -(freq[k] + pres[k] * first), accumulate=True)
 

@@ -78,8 +78,13 @@ def _frontend_main(conn, info: EngineInfo, options: FrontendOptions, sock: socke
 
     os.setpgrp()  # a terminal's Ctrl-C reaches the engine's process only, which forwards it here once
     logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s[frontend]: %(message)s")
-    servers: list = []
-    engine = RemoteEngine(conn, info, on_close=lambda: [setattr(s, "should_exit", True) for s in servers])
+    servers: list = []  # the uvicorn server once built: it stops if the engine's side of the pipe closes
+
+    def stop_serving() -> None:
+        for server in servers:
+            server.should_exit = True
+
+    engine = RemoteEngine(conn, info, on_close=stop_serving)
     try:
         app = create_app(engine, api_key=options.api_key, served_model_name=options.served_model_name, policy=options.policy,
                          max_body_bytes=options.max_body_bytes, body_timeout_s=options.body_timeout_s)
@@ -148,7 +153,7 @@ class FrontendProcess:
         finally:
             conn.close()
 
-    def signal(self, signum: int = signal.SIGTERM) -> None:
+    def send_signal(self, signum: int = signal.SIGTERM) -> None:
         """SIGTERM: the front end drains (running requests finish, new ones get 503) and exits; a second exits at once."""
         if self.process.is_alive():
             os.kill(self.process.pid, signum)
@@ -160,7 +165,7 @@ class FrontendProcess:
     def stop(self, timeout: float | None = None) -> None:
         """SIGTERM, wait up to `timeout` (default: the drain timeout plus 15 s), then kill; close the pipe and the socket."""
         if self.process.pid is not None:
-            self.signal()
+            self.send_signal()
             self.process.join(self.options.drain_timeout + 15 if timeout is None else timeout)
             if self.process.is_alive():
                 self.process.kill()

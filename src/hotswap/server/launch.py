@@ -239,7 +239,7 @@ def _serve_from_frontend_process(engine, sock: socket.socket, options: FrontendO
     front = FrontendProcess(engine, sock, options)
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = {sig: signal.signal(sig, lambda signum, frame: front.signal(signal.SIGTERM)) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {sig: signal.signal(sig, lambda signum, frame: front.send_signal(signal.SIGTERM)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         front.start()
         log.info("HTTP front end process %d ready", front.process.pid)
