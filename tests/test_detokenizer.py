@@ -19,7 +19,8 @@ def tokenizer(tiny_qwen3):
 def both(tok, skip: bool) -> list[dt.IncrementalDetokenizer]:
     decode = lambda ids, s: tok.decode(ids, skip_special_tokens=s)  # noqa: E731
     return [dt.IncrementalDetokenizer(backend=None, decode=decode, skip_special_tokens=skip),
-            dt.IncrementalDetokenizer(backend=tok.backend_tokenizer, decode=decode, skip_special_tokens=skip)]
+            dt.IncrementalDetokenizer(backend=tok.backend_tokenizer, decode=decode, skip_special_tokens=skip),
+            dt.detokenizer_for(tok, skip)]  # what a front end in its own process builds from its tokenizer
 
 
 @pytest.mark.parametrize("skip", [True, False])

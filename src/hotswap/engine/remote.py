@@ -6,6 +6,7 @@ HTTP server on one."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import threading
@@ -17,11 +18,11 @@ import torch
 
 from hotswap import protocol as p
 from hotswap.cache.page_allocator import PoolCapacity
-from hotswap.engine.api import EngineAPI, eos_token_ids
+from hotswap.engine.api import EngineAPI
 from hotswap.engine.service import EngineInfo, close_pipe
 from hotswap.engine.tokenizer import load_tokenizer
 from hotswap.errors import EngineUnavailableError, HotswapError
-from hotswap.scheduler.output_streamer import OutputStreamer
+from hotswap.scheduler.detokenizer import detokenizer_for
 
 log = logging.getLogger("hotswap.engine")
 
@@ -158,10 +159,8 @@ class RemoteEngine(EngineAPI):
     def __init__(self, conn: Connection, info: EngineInfo, on_close: Callable[[], None] | None = None):
         tokenizer = load_tokenizer(info.config)
         scheduler = RemoteScheduler(conn, info.capacity, on_close)
-        # only its incremental detokenizer is used here: stop strings are matched in the engine's process
-        streamer = OutputStreamer(tokenizer=tokenizer, eos_token_ids=frozenset(eos_token_ids(info.model_config, tokenizer)),
-                                  max_context_len=0)
-        super().__init__(info.config, info.model_config, torch.device(info.device), tokenizer, scheduler, streamer.detokenizer)
+        super().__init__(info.config, info.model_config, torch.device(info.device), tokenizer, scheduler,
+                         functools.partial(detokenizer_for, tokenizer))
         self.model_path = info.model_path
 
     def shutdown(self) -> None:

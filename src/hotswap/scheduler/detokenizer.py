@@ -37,3 +37,17 @@ class IncrementalDetokenizer:
             self._prefix_offset, self._read_offset = self._read_offset, len(ids)
             return full[len(prefix) :]
         return ""
+
+
+def fast_backend(tokenizer) -> object | None:
+    """The Rust tokenizer of a fast HF tokenizer, used directly where `tokenizer.decode` would add only its
+    per-token input checks; None (a slow tokenizer, or a clean-up pass configured): go through `tokenizer.decode`."""
+    if getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return None
+    return getattr(tokenizer, "backend_tokenizer", None)
+
+
+def detokenizer_for(tokenizer, skip_special_tokens: bool) -> IncrementalDetokenizer:
+    """An incremental detokenizer of `tokenizer` that gives what its `decode` gives."""
+    return IncrementalDetokenizer(backend=fast_backend(tokenizer), skip_special_tokens=skip_special_tokens,
+                                  decode=lambda ids, skip: tokenizer.decode(ids, skip_special_tokens=skip))

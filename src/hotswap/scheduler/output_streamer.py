@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 
 from hotswap.protocol import GenerateOutput
-from hotswap.scheduler.detokenizer import IncrementalDetokenizer
+from hotswap.scheduler.detokenizer import IncrementalDetokenizer, fast_backend
 from hotswap.scheduler.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,7 @@ class OutputStreamer:
     pending_flushes: dict = field(init=False, default_factory=dict)  # callable -> None (an ordered set)
 
     def __post_init__(self) -> None:
-        cleanup = getattr(self.tokenizer, "clean_up_tokenization_spaces", False)
-        self.backend = None if cleanup else getattr(self.tokenizer, "backend_tokenizer", None)
+        self.backend = fast_backend(self.tokenizer)
 
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         if self.backend is not None:
