@@ -119,10 +119,10 @@ class RemoteScheduler:
     def _deliver(self, outs: list[p.GenerateOutput]) -> None:
         """As the Scheduler's OutputStreamer: each output to its request's sink, then each consumer's flush once;
         a failing consumer costs only itself."""
+        with self._lock:  # once per step, not per output
+            routed = [(out, self._routes.pop(out.rid, None) if out.finished else self._routes.get(out.rid)) for out in outs]
         flushes: dict = {}
-        for out in outs:
-            with self._lock:
-                route = self._routes.pop(out.rid, None) if out.finished else self._routes.get(out.rid)
+        for out, route in routed:
             if route is None:
                 continue
             sink, flush = route
