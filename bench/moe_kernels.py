@@ -1,7 +1,8 @@
 """The MoE layer's kernels on one layer of a model shape (default Qwen3-30B-A3B: H 2048, I 768, 128 experts,
 top-8, bf16): each batch size's time beside the bytes it must read at the measured device-to-device bandwidth,
-and beside the PyTorch per-expert loop (`moe_reference`) in the same process. At decode sizes it also sweeps the
-per-pair kernels' tile shapes (`PairsBlocks`) and prints the best beside the default.
+and beside the PyTorch per-expert loop (`moe_reference`) in the same process; the router after its logits as one
+kernel (`topk_softmax`) beside torch's softmax/top-k/renormalise/cast. At decode sizes it also sweeps the per-pair
+kernels' tile shapes (`PairsBlocks`) and prints the best beside the default.
 
     python bench/moe_kernels.py                                # GPU
     python bench/moe_kernels.py --batches 1,8 --no-sweep
@@ -90,22 +91,27 @@ def main() -> None:
         us, nbytes = timer(t, fm.fused_moe)
         ref_us, _ = timer(t, fm.moe_reference, graph=False) if t <= 64 else (float("nan"), 0)
         floor_us = nbytes / bw * 1e6
+        logits = torch.randn(t, e, device=dev, dtype=torch.bfloat16)
+        route_us = graph_time_us(lambda: fm.topk_softmax(logits, k, True), calls=16)
+        torch_route_us = graph_time_us(lambda: torch_route(logits, k), calls=16)
         rows.append([t, "pairs" if t <= fm.SMALL_BATCH_MAX_TOKENS else "grouped", f"{us:.1f}", f"{ref_us:.1f}",
-                     f"{floor_us:.1f}", f"{nbytes / us / 1e3:,.0f}", f"{floor_us / us:.1%}"])
+                     f"{floor_us:.1f}", f"{nbytes / us / 1e3:,.0f}", f"{floor_us / us:.1%}", f"{route_us:.1f}",
+                     f"{torch_route_us:.1f}"])
     print_table(f"MoE layer, {args.shape} (H {h}, I {i}, {e} experts, top-{k}), bf16, {device_name(dev)}; "
                 f"D2D {bw / 1e9:,.0f} GB/s (measured, read + write)",
-                ["tokens", "path", "fused us", "PyTorch loop us", "HBM floor us", "GB/s read", "% of D2D"], rows)
+                ["tokens", "path", "fused us", "PyTorch loop us", "HBM floor us", "GB/s read", "% of D2D",
+                 "routing kernel us", "torch routing us"], rows)
     if args.no_sweep:
         return
     default = fm.PAIRS_BLOCKS
     for t in (1, 8):
         found = []
-        for n, kk, wp in itertools.product((16, 32, 64), (128, 256), (4, 8)):
+        for n, kk, wp in itertools.product((8, 16, 32, 64), (128, 256, 512), (4, 8)):
             b = fm.PairsBlocks(gate_up_n=n, gate_up_k=kk, gate_up_warps=wp, down_n=default.down_n, down_k=default.down_k,
                                down_warps=default.down_warps)
             found.append((timer(t, lambda x, gu, dn, w, ids, b=b: fm.moe_pairs(x, gu, dn, w, ids, b))[0], b))
         best_gu = min(found, key=lambda f: f[0])[1]
-        for n, kk, wp in itertools.product((8, 16, 32, 64), (128, 256), (4, 8)):
+        for n, kk, wp in itertools.product((8, 16, 32, 64), (128, 256, 512), (4, 8)):
             b = fm.PairsBlocks(gate_up_n=best_gu.gate_up_n, gate_up_k=best_gu.gate_up_k, gate_up_warps=best_gu.gate_up_warps,
                                down_n=n, down_k=kk, down_warps=wp)
             found.append((timer(t, lambda x, gu, dn, w, ids, b=b: fm.moe_pairs(x, gu, dn, w, ids, b))[0], b))
@@ -113,6 +119,13 @@ def main() -> None:
         base = timer(t, fm.moe_pairs)[0]
         print(f"pairs sweep, {t} token(s): default {base:.1f} us; best: " +
               "; ".join(f"{us:.1f} us {b}" for us, b in found[:4]), flush=True)
+
+
+def torch_route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route`'s torch path after the logits (the peer of `topk_softmax`)."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, k, dim=-1)
+    return (weights / weights.sum(dim=-1, keepdim=True)).to(logits.dtype), ids
 
 
 if __name__ == "__main__":

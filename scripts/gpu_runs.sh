@@ -4,15 +4,17 @@
 #   suite   the whole GPU test suite
 #   dense   issue 19's before/after (throughput, weight sync) and issue 24's sampler + rollouts (0.6B, 8B)
 #   http    issue 24's HTTP and streaming rollouts (needs FastAPI/uvicorn/pydantic wheels in .whl/)
-#   moe     issue 20's MoE layer kernels (tile sweep), Qwen3-30B-A3B throughput, its rollout with and without
-#           routed experts (R3)
+#   moe-kernels  issue 20's MoE layer kernels before/after and their tile sweep, batch-1 throughput before
+#   moe     issue 20's Qwen3-30B-A3B throughput, its rollout with and without routed experts (R3)
 #   moe-sync  issue 20's 61 GB update, in process and over the trainer library's CUDA IPC pusher
 # "Before" is the tree before the restructure, unpacked beside this one (untracked, so it travels to the
 # device):  git archive 6c9ff7c src bench | (mkdir -p .before && tar -x -C .before)
+# The MoE stage compares its decode kernels with the tree before they changed, unpacked the same way:
+#   git archive d115b5c src bench | (mkdir -p .moe-before && tar -x -C .moe-before)
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... (suite|dense|http|moe|moe-sync, or one step of them)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... (suite|dense|http|moe-kernels|moe|moe-sync, or one step of them)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/device.txt" 2>&1
@@ -62,8 +64,17 @@ http)
         --frontend-process
     PYTHONPATH=/tmp/site:src run stream_load 150 python3 bench/stream_load.py --shape qwen3-0.6b --clients 512 --tokens 256
     ;;
+moe-kernels)
+    if [ -d .moe-before/src ]; then
+        PYTHONPATH=.moe-before/src run moe_kernels_before 60 python3 .moe-before/bench/moe_kernels.py --no-sweep --batches 1,2,4,8
+        PYTHONPATH=.moe-before/src run throughput_moe_before 150 python3 .moe-before/bench/throughput.py \
+            --shape qwen3-30b-a3b --cases 1x128x128 --hf none
+    else
+        echo "no .moe-before/src: the before runs are skipped" | tee -a "$out/summary.txt"
+    fi
+    PYTHONPATH=src run moe_kernels 300 python3 bench/moe_kernels.py
+    ;;
 moe)
-    PYTHONPATH=src run moe_kernels 120 python3 bench/moe_kernels.py
     PYTHONPATH=src run throughput_moe 200 python3 bench/throughput.py \
         --shape qwen3-30b-a3b --cases 1x128x128,64x128x128,256x128x512 --hf none
     PYTHONPATH=src run rollout_moe 360 python3 bench/rollout.py --shape qwen3-30b-a3b --prompts 32 --n 8 --modes sampled \
@@ -73,7 +84,7 @@ moe-sync)
     PYTHONPATH=src run weight_sync_moe 570 python3 bench/weight_sync.py --shapes qwen3-30b-a3b --sections tensor,ipc --reps 3 --budget-s 540
     ;;
 *)
-    echo "unknown stage: $stage (suite|dense|http|moe|moe-sync)" >&2
+    echo "unknown stage: $stage (suite|dense|http|moe-kernels|moe|moe-sync)" >&2
     exit 2
     ;;
 esac

@@ -61,12 +61,27 @@ def test_align_by_expert_groups_every_pair_once(t, e, k, block_m):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="Triton interpreter run: set TRITON_INTERPRET=1 to check the kernels on the CPU")
-@pytest.mark.parametrize("t,e,k", [(3, 8, 2), (12, 8, 3)])
+@pytest.mark.parametrize("t,e,k", [(1, 8, 1), (3, 8, 2), (12, 8, 3), (2, 128, 8)])
 def test_kernels_in_the_interpreter(t, e, k):
     x, w_gate_up, w_down, weights, ids = _layer(t, e, k, 32, 16, torch.float32, "cpu")
     ref = fused_moe.moe_reference(x, w_gate_up, w_down, weights, ids)
-    for path in (fused_moe.moe_pairs, fused_moe._moe_grouped):
+    small = fused_moe.PairsBlocks(gate_up_n=8, gate_up_k=16, down_n=16, down_k=8)  # several tiles per row
+    for path in (fused_moe.moe_pairs, fused_moe._moe_grouped, lambda *a: fused_moe.moe_pairs(*a, small)):
         torch.testing.assert_close(path(x, w_gate_up, w_down, weights, ids), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="Triton interpreter run: set TRITON_INTERPRET=1 to check the kernels on the CPU")
+@pytest.mark.parametrize("t,e,k,renormalize", [(1, 8, 1, True), (5, 60, 4, False), (7, 128, 8, True), (3, 6, 6, True)])
+def test_topk_softmax_kernel_equals_the_torch_router(t, e, k, renormalize):
+    """Same experts in the same order and the same weights as softmax -> topk -> renormalise in torch."""
+    logits = torch.randn(t, e, generator=torch.Generator().manual_seed(e + k))
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    want_w, want_ids = torch.topk(probs, k, dim=-1)
+    if renormalize:
+        want_w = want_w / want_w.sum(dim=-1, keepdim=True)
+    weights, ids = fused_moe.topk_softmax(logits, k, renormalize)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(weights, want_w, rtol=1e-6, atol=1e-7)
 
 
 GPU_SHAPES = [  # tokens, experts, top-k, hidden, intermediate
@@ -90,6 +105,22 @@ def test_fused_moe_equals_reference_on_cuda(t, e, k, h, i, dtype):
         if t <= 64:
             got = path(x, w_gate_up, w_down, weights, ids).float()
             assert ((got - ref).norm() / ref.norm()).item() < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,e,k", [(1, 8, 1), (8, 128, 8), (300, 60, 4), (64, 128, 8)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_topk_softmax_on_cuda_equals_the_torch_router(t, e, k, dtype):
+    """The routing kernel picks the experts torch's top-k picks, weights within the dtype's rounding. The
+    logits are distinct in bf16 too (a shuffled ladder): on ties the two may pick different equal experts."""
+    g = torch.Generator().manual_seed(t)
+    logits = torch.stack([(torch.randperm(e, generator=g) - e / 2) * 0.05 for _ in range(t)]).to("cuda", dtype)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    want_w, want_ids = torch.topk(probs, k, dim=-1)
+    want_w = (want_w / want_w.sum(dim=-1, keepdim=True)).to(dtype)
+    weights, ids = fused_moe.topk_softmax(logits, k, True)
+    assert torch.equal(ids, want_ids) and weights.dtype == dtype
+    torch.testing.assert_close(weights, want_w, rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-6)
 
 
 @pytest.mark.gpu

@@ -16,8 +16,12 @@ import torch.nn.functional as F
 
 def route(hidden: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights [T, k] in the hidden dtype, expert ids [T, k] int64) as HF's Qwen3MoeTopKRouter computes
-    them: logits in the model dtype, softmax in float32, top-k, optional renormalisation over the k."""
+    them: logits in the model dtype, softmax in float32, top-k, optional renormalisation over the k. On
+    CUDA the steps after the logits are one kernel (`topk_softmax`): at decode sizes each of torch's five
+    launches (softmax, top-k, sum, divide, cast) costs more than its work, 48 layers a step."""
     logits = F.linear(hidden, gate_weight)
+    if available(logits):
+        return topk_softmax(logits, top_k, renormalize)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
@@ -65,13 +69,15 @@ SMALL_BATCH_MAX_TOKENS = 8
 @dataclass(frozen=True)
 class PairsBlocks:
     """Tile shapes of the per-pair (decode) kernels: output columns and reduction width per program, warps.
-    bench/moe_kernels.py sweeps them on the device."""
+    Chosen as the batch-1 matmuls' (kernels/skinny_matmul.py) rule: about 8K weights a tile and a few
+    programs an SM at one token (Qwen3-30B-A3B: 384 gate/up and 512 down programs). bench/moe_kernels.py
+    sweeps them on the device."""
 
-    gate_up_n: int = 32
-    gate_up_k: int = 128
+    gate_up_n: int = 16
+    gate_up_k: int = 256
     gate_up_warps: int = 4
-    down_n: int = 16
-    down_k: int = 128
+    down_n: int = 32
+    down_k: int = 256
     down_warps: int = 4
 
 
@@ -142,8 +148,27 @@ def _moe_grouped(x, w_gate_up, w_down, weights, ids):
     return per_pair.view(t, top_k, h).sum(dim=1)
 
 
+def topk_softmax(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router after its logits [T, E], one program per token: float32 softmax over the experts, the k
+    most probable (largest first; equal probabilities by lower expert id), renormalised over the k when
+    asked. Returns (weights [T, k] in the logits' dtype, ids [T, k] int64), as `route`'s torch path."""
+    t, e = logits.shape
+    weights = torch.empty(t, top_k, dtype=logits.dtype, device=logits.device)
+    ids = torch.empty(t, top_k, dtype=torch.int64, device=logits.device)
+    if t:
+        _topk_softmax_kernel[(t,)](logits, weights, ids, e, logits.stride(0), TOP_K=top_k, RENORM=renormalize,
+                                   BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(top_k))
+    return weights, ids
+
+
+# Columns a program of the top-k sum covers.
+SUM_BLOCK = 512
+
+
 def moe_pairs(x, w_gate_up, w_down, weights, ids, blocks: PairsBlocks = PAIRS_BLOCKS):
-    """The decode path: one program per (token, slot) pair and column block reads only that expert's rows."""
+    """The decode path: each (token, slot) pair's programs read only its expert's rows, every pair's down
+    projection in programs of its own (at one token a program per token and column block left most SMs
+    idle); their float32 partials are then summed in slot order, so the result does not depend on timing."""
     t, h = x.shape
     i, top_k = w_gate_up.shape[1] // 2, ids.shape[1]
     p = t * top_k
@@ -153,10 +178,12 @@ def moe_pairs(x, w_gate_up, w_down, weights, ids, blocks: PairsBlocks = PAIRS_BL
     _gate_up_pairs_kernel[(p, triton.cdiv(i, b.gate_up_n))](
         x, w_gate_up, inter, flat_ids, top_k, h, i, x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), inter.stride(0),
         BN=b.gate_up_n, BK=b.gate_up_k, num_warps=b.gate_up_warps)
+    partial = torch.empty(p, h, dtype=torch.float32, device=x.device)
+    _down_pairs_kernel[(p, triton.cdiv(h, b.down_n))](
+        inter, w_down, partial, flat_ids, weights.reshape(-1), h, i, inter.stride(0), w_down.stride(0), w_down.stride(1),
+        BN=b.down_n, BK=b.down_k, num_warps=b.down_warps)
     out = torch.empty_like(x)
-    _down_pairs_kernel[(t, triton.cdiv(h, b.down_n))](
-        inter, w_down, out, flat_ids, weights.reshape(-1), top_k, h, i, inter.stride(0), w_down.stride(0), w_down.stride(1),
-        out.stride(0), BN=b.down_n, BK=b.down_k, num_warps=b.down_warps)
+    _sum_slots_kernel[(t, triton.cdiv(h, SUM_BLOCK))](partial, out, top_k, h, out.stride(0), BLOCK=SUM_BLOCK)
     return out
 
 
@@ -225,51 +252,93 @@ if triton is not None:
         tl.store(out, acc.to(OUT.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 
     @triton.jit
+    def _topk_softmax_kernel(LOGITS, W_OUT, IDS_OUT, E, stride_l, TOP_K: tl.constexpr, RENORM: tl.constexpr,
+                             BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Program t: token t's routing, the k picks by repeated maximum over its probabilities."""
+        t = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK_E)
+        in_row = offs < E
+        logit = tl.load(LOGITS + t * stride_l + offs, mask=in_row, other=-float("inf")).to(tl.float32)
+        num = tl.exp(logit - tl.max(logit, axis=0))
+        prob = num / tl.sum(num, axis=0)
+        left = tl.where(in_row, prob, -1.0)  # probabilities not yet picked; -1 past the experts and once picked
+        slots = tl.arange(0, BLOCK_K)
+        picked_w = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        picked_id = tl.zeros((BLOCK_K,), dtype=tl.int64)
+        for j in tl.static_range(TOP_K):
+            best = tl.max(left, axis=0)
+            pick = tl.min(tl.where(left == best, offs, BLOCK_E), axis=0)
+            picked_w = tl.where(slots == j, best, picked_w)
+            picked_id = tl.where(slots == j, pick.to(tl.int64), picked_id)
+            left = tl.where(offs == pick, -1.0, left)
+        if RENORM:
+            picked_w = picked_w / tl.sum(picked_w, axis=0)  # slots past k hold 0
+        out = t * TOP_K + slots
+        tl.store(W_OUT + out, picked_w.to(W_OUT.dtype.element_ty), mask=slots < TOP_K)
+        tl.store(IDS_OUT + out, picked_id, mask=slots < TOP_K)
+
+    @triton.jit
     def _gate_up_pairs_kernel(X, W, Y, IDS, top_k, H, I, stride_xt, stride_we, stride_wn, stride_yt,
                               BN: tl.constexpr, BK: tl.constexpr):
         """Program (pair, n): silu(gate) * up for one (token, slot) pair, columns n*BN.., reading only
-        its expert's rows."""
+        its expert's rows; the next tiles are loaded before the current ones are used (as the batch-1
+        matmuls do), so each program keeps two tiles of reads in flight."""
         p = tl.program_id(0)
-        pid_n = tl.program_id(1)
+        n = tl.program_id(1) * BN + tl.arange(0, BN)
+        n_ok = n < I
         e = tl.load(IDS + p).to(tl.int64)
         t = (p // top_k).to(tl.int64)
-        n = pid_n * BN + tl.arange(0, BN)
-        n_ok = n < I
         kk = tl.arange(0, BK)
-        g_ptr = W + e * stride_we + n[:, None].to(tl.int64) * stride_wn + kk[None, :]
+        g_ptr = W + e * stride_we + n[:, None].to(tl.int64) * stride_wn
         u_ptr = g_ptr + I * stride_wn
+        w_mask = n_ok[:, None] & (kk < H)[None, :]
+        g_next = tl.load(g_ptr + kk[None, :], mask=w_mask, other=0.0)
+        u_next = tl.load(u_ptr + kk[None, :], mask=w_mask, other=0.0)
         acc_g = tl.zeros((BN,), dtype=tl.float32)
         acc_u = tl.zeros((BN,), dtype=tl.float32)
-        for k0 in range(0, H, BK):
-            k_ok = kk + k0 < H
-            xv = tl.load(X + t * stride_xt + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
-            w_mask = n_ok[:, None] & k_ok[None, :]
-            acc_g += tl.sum(tl.load(g_ptr + k0, mask=w_mask, other=0.0).to(tl.float32) * xv[None, :], axis=1)
-            acc_u += tl.sum(tl.load(u_ptr + k0, mask=w_mask, other=0.0).to(tl.float32) * xv[None, :], axis=1)
+        for k0 in tl.range(0, H, BK):
+            k = k0 + kk
+            g, u = g_next, u_next
+            nk = k + BK
+            w_mask = n_ok[:, None] & (nk < H)[None, :]
+            g_next = tl.load(g_ptr + nk[None, :], mask=w_mask, other=0.0)
+            u_next = tl.load(u_ptr + nk[None, :], mask=w_mask, other=0.0)
+            xv = tl.load(X + t * stride_xt + k, mask=k < H, other=0.0).to(tl.float32)
+            acc_g += tl.sum(g.to(tl.float32) * xv[None, :], axis=1)
+            acc_u += tl.sum(u.to(tl.float32) * xv[None, :], axis=1)
         y = acc_g * tl.sigmoid(acc_g) * acc_u
         tl.store(Y + p.to(tl.int64) * stride_yt + n, y.to(Y.dtype.element_ty), mask=n_ok)
 
     @triton.jit
-    def _down_pairs_kernel(Y, W, OUT, IDS, TOPK_W, top_k, H, I, stride_yt, stride_we, stride_wn, stride_ot,
+    def _down_pairs_kernel(Y, W, PART, IDS, TOPK_W, H, I, stride_yt, stride_we, stride_wn,
                            BN: tl.constexpr, BK: tl.constexpr):
-        """Program (token, n): sum over the token's k slots of weight * down projection, columns n*BN..
-        of H; the slots add in order, so the result does not depend on timing."""
-        t = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        n = pid_n * BN + tl.arange(0, BN)
+        """Program (pair, n): routing weight * down projection of one pair's row, columns n*BN.. of H,
+        in float32 at the pair's row of PART [P, H]; next tile loaded ahead as in the gate/up kernel."""
+        p = tl.program_id(0).to(tl.int64)
+        n = tl.program_id(1) * BN + tl.arange(0, BN)
         n_ok = n < H
+        e = tl.load(IDS + p).to(tl.int64)
         kk = tl.arange(0, BK)
+        rows = W + e * stride_we + n[:, None].to(tl.int64) * stride_wn
+        w_next = tl.load(rows + kk[None, :], mask=n_ok[:, None] & (kk < I)[None, :], other=0.0)
         acc = tl.zeros((BN,), dtype=tl.float32)
+        for k0 in tl.range(0, I, BK):
+            k = k0 + kk
+            wd = w_next
+            nk = k + BK
+            w_next = tl.load(rows + nk[None, :], mask=n_ok[:, None] & (nk < I)[None, :], other=0.0)
+            yv = tl.load(Y + p * stride_yt + k, mask=k < I, other=0.0).to(tl.float32)
+            acc += tl.sum(wd.to(tl.float32) * yv[None, :], axis=1)
+        acc = acc * tl.load(TOPK_W + p).to(tl.float32)
+        tl.store(PART + p * H + n, acc, mask=n_ok)
+
+    @triton.jit
+    def _sum_slots_kernel(PART, OUT, top_k, H, stride_ot, BLOCK: tl.constexpr):
+        """Program (token, n): the token's k partials added in slot order, cast to the model dtype."""
+        t = tl.program_id(0).to(tl.int64)
+        n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = n < H
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for j in range(0, top_k):
-            p = t * top_k + j
-            e = tl.load(IDS + p).to(tl.int64)
-            w = tl.load(TOPK_W + p).to(tl.float32)
-            b_ptr = W + e * stride_we + n[:, None].to(tl.int64) * stride_wn + kk[None, :]
-            part = tl.zeros((BN,), dtype=tl.float32)
-            for k0 in range(0, I, BK):
-                k_ok = kk + k0 < I
-                yv = tl.load(Y + p.to(tl.int64) * stride_yt + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
-                wd = tl.load(b_ptr + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-                part += tl.sum(wd * yv[None, :], axis=1)
-            acc += part * w
-        tl.store(OUT + t.to(tl.int64) * stride_ot + n, acc.to(OUT.dtype.element_ty), mask=n_ok)
+            acc += tl.load(PART + (t * top_k + j) * H + n, mask=ok, other=0.0)
+        tl.store(OUT + t * stride_ot + n, acc.to(OUT.dtype.element_ty), mask=ok)
