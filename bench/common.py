@@ -72,6 +72,27 @@ def decode_step_bytes(engine, batch: int, avg_ctx: float) -> float:
     return rest + embed_rows + len(mc.moe_layers) * touched * per_expert + kv
 
 
+def decode_step_flops(engine, batch: int, avg_ctx: float) -> float:
+    """The arithmetic one decode step of `batch` sequences at context `avg_ctx` must do: 2 FLOPs per weight
+    a row is multiplied by (dense: every weight but an untied embedding table, which is only indexed; MoE:
+    the weights outside the experts and, per MoE layer, its k experts) plus attention's two products over
+    the context (4 * context * query heads * head_dim a layer). At a few hundred rows an 8B model's matmuls
+    need about as long as its reads: the bytes roofline alone then promises more than the device can do."""
+    mc = engine.model_config
+    itemsize = mc.torch_dtype.itemsize
+    slots = engine.model_runner.weight_map.slots
+    size = lambda name: slots[name].dest.numel() * slots[name].dest.element_size()
+    embed = size("model.embed_tokens.weight") if not mc.tie_word_embeddings else 0
+    params = (weight_bytes(engine) - embed) / itemsize
+    if mc.num_experts:
+        experts = sum(size(n) for n in slots if ".mlp.experts." in n) / itemsize
+        per_expert = 3 * mc.moe_intermediate_size * mc.hidden_size
+        params += len(mc.moe_layers) * mc.num_experts_per_tok * per_expert - experts
+    rank_share = engine.model_runner.kv_cache.num_kv_heads / mc.num_kv_heads  # one rank's heads under TP
+    attention = 4 * avg_ctx * mc.num_heads * rank_share * mc.head_dim * mc.num_layers
+    return batch * (2 * params + attention)
+
+
 def kv_bytes_per_token(engine) -> int:
     mc = engine.model_config
     return 2 * mc.num_kv_heads * mc.head_dim * mc.torch_dtype.itemsize * mc.num_layers
@@ -126,23 +147,9 @@ def print_table(title: str, header: list[str], rows: list[list]) -> str:
 
 
 def _median_copy_s(dst: torch.Tensor, src: torch.Tensor, reps: int) -> float:
-    """Median seconds of one `dst.copy_(src)` (device events on CUDA, after a warm-up)."""
-    cuda = dst.is_cuda or src.is_cuda
-    dst.copy_(src, non_blocking=True)
-    times = []
-    for _ in range(reps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            dst.copy_(src, non_blocking=True)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e-3)
-        else:
-            t = time.perf_counter()
-            dst.copy_(src)
-            times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+    """Median seconds of one `dst.copy_(src)` (device events when either side is on CUDA)."""
+    device = dst.device if dst.is_cuda else src.device
+    return timed_median(lambda: dst.copy_(src, non_blocking=True), device, reps)
 
 
 @functools.cache
@@ -153,6 +160,38 @@ def d2d_bytes_per_s(device: torch.device) -> float:
     a = torch.empty(n, dtype=torch.uint8, device=device).random_()
     b = torch.empty_like(a)
     return 2 * n / _median_copy_s(b, a, 20)
+
+
+@functools.cache
+def matmul_flops_per_s(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Dense matmul throughput measured now (once per process): the median of a square product large enough
+    to run at the tensor cores' practical peak (8192 on CUDA; 1024 in float32 on the CPU); the compute
+    roofline's speed."""
+    n, dtype = (8192, dtype) if device.type == "cuda" else (1024, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    seconds = timed_median(lambda: torch.matmul(a, b, out=out), device, reps=10)
+    return 2 * n**3 / seconds
+
+
+def timed_median(fn, device: torch.device, reps: int) -> float:
+    """Median seconds of `fn()` after a warm-up (device events on CUDA)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e-3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
 
 
 @functools.cache

@@ -51,7 +51,9 @@ from common import (  # noqa: E402
     config_only_checkpoint,
     d2d_bytes_per_s,
     decode_step_bytes,
+    decode_step_flops,
     device_name,
+    matmul_flops_per_s,
     print_table,
 )
 
@@ -83,15 +85,15 @@ def make_workload(args, vocab: int) -> Workload:
     return Workload(prompts=prompts, out_lens=out_lens, seeds=[1000 + i for i in range(len(prompts))])
 
 
-def schedule_roofline(w: Workload, max_running: int, step_bytes: Callable[[int, int], float], bandwidth: float) -> dict:
-    """Seconds of the decode steps of this schedule at `bandwidth`, with its steps and tail steps.
-    `step_bytes(rows, context_tokens)`: the bytes a decode step of `rows` sequences holding
-    `context_tokens` in all must read."""
+def schedule_roofline(w: Workload, max_running: int, step_time: Callable[[int, int], tuple[float, bool]]) -> dict:
+    """Seconds of the decode steps of this schedule, with its steps, tail steps and the steps its arithmetic
+    bounds. `step_time(rows, context_tokens)`: (the least seconds a decode step of `rows` sequences holding
+    `context_tokens` in all takes, whether FLOPs rather than bytes set that bound)."""
     waiting = list(range(len(w.prompts)))[::-1]
     ctx = np.zeros(0, dtype=np.int64)  # running sequences' current context
     left = np.zeros(0, dtype=np.int64)  # their decode steps still to run
     seconds = tail_seconds = 0.0
-    steps = tail_steps = 0
+    steps = tail_steps = compute_steps = 0
     while waiting or len(ctx):
         admit = []
         while waiting and len(ctx) + len(admit) < max_running:
@@ -103,16 +105,18 @@ def schedule_roofline(w: Workload, max_running: int, step_bytes: Callable[[int, 
             ctx, left = ctx[keep], left[keep]
             if not len(ctx):
                 continue
-        t = step_bytes(len(ctx), int(ctx.sum())) / bandwidth
+        t, by_compute = step_time(len(ctx), int(ctx.sum()))
         seconds += t
         steps += 1
+        compute_steps += by_compute
         if len(ctx) < TAIL_ROWS:
             tail_seconds += t
             tail_steps += 1
         ctx, left = ctx + 1, left - 1
         keep = left > 0
         ctx, left = ctx[keep], left[keep]
-    return {"seconds": seconds, "steps": steps, "tail_steps": tail_steps, "tail_seconds": tail_seconds}
+    return {"seconds": seconds, "steps": steps, "tail_steps": tail_steps, "tail_seconds": tail_seconds,
+            "compute_steps": compute_steps}
 
 
 class LoadMonitor:
@@ -292,8 +296,14 @@ def main() -> None:
 
     engine = start_engine(False)
     w = make_workload(args, engine.model_config.vocab_size)
-    bw = d2d_bytes_per_s(device)
-    roof = schedule_roofline(w, args.max_running, lambda rows, ctx: decode_step_bytes(engine, rows, ctx / rows), bw)
+    bw, flops = d2d_bytes_per_s(device), matmul_flops_per_s(device)
+
+    def bytes_or_flops(rows: int, ctx: int) -> tuple[float, bool]:
+        read, compute = decode_step_bytes(engine, rows, ctx / rows) / bw, decode_step_flops(engine, rows, ctx / rows) / flops
+        return max(read, compute), compute > read
+
+    roof = schedule_roofline(w, args.max_running, lambda rows, ctx: (decode_step_bytes(engine, rows, ctx / rows) / bw, False))
+    roof_flops = schedule_roofline(w, args.max_running, bytes_or_flops)
     title = (f"rollout, {args.shape}, {device_name(device)}, {engine.model_config.torch_dtype}: {args.prompts} prompts x {args.n}, "
              f"prompts {args.prompt_min}-{args.prompt_max}, outputs lognormal median {args.out_median:g} sigma {args.out_sigma:g} "
              f"in [{args.out_min}, {args.out_max}] ({sum(w.out_lens):,} tokens), max_running {args.max_running}, "
@@ -315,7 +325,13 @@ def main() -> None:
 
         server = ServerThread(create_app(engine)).start()
         url = server.url
-    results: dict = {"roofline": roof, "title": title, "runs": {}}
+    def of_roofline(seconds: float) -> list[str]:
+        """A run's share of the bytes roofline and of the bytes-or-FLOPs one (GPU runs only)."""
+        if not on_gpu:
+            return ["-", "-"]
+        return [f"{100 * roof['seconds'] / seconds:.1f}%", f"{100 * roof_flops['seconds'] / seconds:.1f}%"]
+
+    results: dict = {"roofline": roof, "roofline_bytes_or_flops": roof_flops, "title": title, "runs": {}}
     rows = []
     warm = Workload(prompts=w.prompts[: args.max_running], out_lens=[min(8, n) for n in w.out_lens[: args.max_running]],
                     seeds=w.seeds[: args.max_running])
@@ -327,11 +343,11 @@ def main() -> None:
                 r = run_path(engine, path, w, mode, args, url, frontend_pid=frontend_pid)
                 results["runs"][f"{mode}/{path}"] = r
                 if "timed_out" in r:
-                    rows.append([mode, path, f"> {r['timed_out']:g} (aborted)", "-", "-", "-", "-", "-"])
+                    rows.append([mode, path, f"> {r['timed_out']:g} (aborted)", "-", "-", "-", "-", "-", "-"])
                     continue
                 offline = r["seconds"] if path == "offline" else offline
                 rows.append([mode, path, f"{r['seconds']:.2f}", f"{r['tokens'] / r['seconds']:,.0f}",
-                             f"{100 * roof['seconds'] / r['seconds']:.1f}%" if on_gpu else "-",
+                             *of_roofline(r["seconds"]),
                              f"{r['seconds'] / offline:.2f}" if offline else "-",
                              f"{r['tail_seconds']:.2f} ({100 * r['tail_seconds'] / r['seconds']:.0f}%)",
                              f"{r['client_cpu_s']:.1f}" if "client_cpu_s" in r else "-"])
@@ -348,13 +364,17 @@ def main() -> None:
             engine.shutdown()
         base = results["runs"].get("sampled/offline")
         rows.append(["sampled+R3", "offline", f"{r['seconds']:.2f}", f"{r['tokens'] / r['seconds']:,.0f}",
-                     f"{100 * roof['seconds'] / r['seconds']:.1f}%" if on_gpu else "-",
+                     *of_roofline(r["seconds"]),
                      f"{r['seconds'] / base['seconds']:.2f}" if base else "-",
                      f"{r['tail_seconds']:.2f} ({100 * r['tail_seconds'] / r['seconds']:.0f}%)", "-"])
-    text = print_table(title, ["mode", "path", "wall s", "output tok/s", "% of schedule roofline", "/ offline",
+    text = print_table(title, ["mode", "path", "wall s", "output tok/s", "% of schedule roofline",
+                               "% of bytes-or-FLOPs roofline", "/ offline",
                                f"tail s (< {TAIL_ROWS} running)", f"client CPU s ({args.client_procs} proc)"], rows)
     notes = (f"schedule roofline: {roof['seconds']:.2f} s over {roof['steps']:,} decode steps at {bw / 1e9:,.0f} GB/s; "
-             f"tail {roof['tail_steps']:,} steps, {roof['tail_seconds']:.2f} s\n")
+             f"tail {roof['tail_steps']:,} steps, {roof['tail_seconds']:.2f} s\n"
+             f"with arithmetic (each step the longer of its bytes at D2D and its FLOPs at {flops / 1e12:,.0f} TFLOP/s, "
+             f"a measured dense matmul): {roof_flops['seconds']:.2f} s, {roof_flops['compute_steps']:,} of the steps bound by "
+             f"FLOPs\n")
     for key, r in results["runs"].items():
         if r.get("thread_cpu_s"):
             notes += f"CPU s during {key}: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["thread_cpu_s"].items())) + "\n"

@@ -1,7 +1,8 @@
 """Offline generation throughput: hotswap beside HF transformers `generate` in the same process, and the
 memory-bound decode roofline at the device-to-device bandwidth measured in the run (each step reads all
 weights plus every sequence's KV at its average context; an MoE model only the experts its batch routes
-to, see common.decode_step_bytes).
+to, see common.decode_step_bytes), and the same with arithmetic: each step the longer of its bytes at that
+bandwidth and its FLOPs (common.decode_step_flops) at a dense matmul's rate measured in the run.
 
     python bench/throughput.py --shape tiny                      # CPU
     python bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,64x128x128,256x128x512 --hf dynamic,static
@@ -20,13 +21,26 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import SHAPES, ceilings_line, config_only_checkpoint, d2d_bytes_per_s, decode_step_bytes, device_name, print_table, timed  # noqa: E402
+from common import (  # noqa: E402
+    SHAPES,
+    ceilings_line,
+    config_only_checkpoint,
+    d2d_bytes_per_s,
+    decode_step_bytes,
+    decode_step_flops,
+    device_name,
+    matmul_flops_per_s,
+    print_table,
+    timed,
+)
 
 from hotswap import Engine  # noqa: E402
 
 
-def roofline_tok_s(engine, batch: int, prompt: int, output: int, bandwidth: float) -> float:
-    return batch / (decode_step_bytes(engine, batch, prompt + output / 2) / bandwidth)
+def roofline_tok_s(engine, batch: int, prompt: int, output: int, bandwidth: float, flops: float = float("inf")) -> float:
+    """Decode tokens/s at the roofline: bytes at `bandwidth`, or FLOPs at `flops` where they take longer."""
+    ctx = prompt + output / 2
+    return batch / max(decode_step_bytes(engine, batch, ctx) / bandwidth, decode_step_flops(engine, batch, ctx) / flops)
 
 
 def hf_model_like(engine, device):
@@ -70,6 +84,7 @@ def main() -> None:
         res = engine.update_weights_from_tensor(list(hf.state_dict().items()))  # identical weights in both
         assert res.success, res.message
     bandwidth = d2d_bytes_per_s(device) if on_gpu else float("nan")
+    flops = matmul_flops_per_s(device) if on_gpu else float("nan")
     rows = []
     g = torch.Generator().manual_seed(0)
     for batch, prompt, output in cases:
@@ -84,6 +99,7 @@ def main() -> None:
         engine.flush_cache()
         ours = batch * output / t
         roof = roofline_tok_s(engine, batch, prompt, output, bandwidth)
+        roof_flops = roofline_tok_s(engine, batch, prompt, output, bandwidth, flops)
         row = [f"{batch}, {prompt}/{output}", f"{ours:,.0f}", f"{batch * prompt / t_prefill:,.0f}"]
         hf_cells = []
         for kind in hf_kinds:
@@ -100,12 +116,13 @@ def main() -> None:
                     break
                 same += 1
             hf_cells.append(f"{batch * output / t_hf:,.0f} ({same}/{output} same)")
-        row += hf_cells + [f"{roof:,.0f}" if on_gpu else "-", f"{100 * ours / roof:.1f}%" if on_gpu else "-"]
+        row += hf_cells + ([f"{roof:,.0f}", f"{100 * ours / roof:.1f}%", f"{roof_flops:,.0f}", f"{100 * ours / roof_flops:.1f}%"]
+                           if on_gpu else ["-"] * 4)
         rows.append(row)
     header = (["batch, prompt/output", "hotswap output tok/s", "hotswap prefill tok/s"] + [f"HF {k} tok/s (greedy prefix = ours)" for k in hf_kinds]
-              + ["decode roofline tok/s", "% of roofline"])
+              + ["decode roofline tok/s", "% of roofline", "bytes-or-FLOPs roofline tok/s", "% of it"])
     variant = "".join(f", {k}={v}" for k, v in overrides.items())
-    d2d = f"; {ceilings_line(device)}" if on_gpu else ""
+    d2d = f"; {ceilings_line(device)}, dense matmul {flops / 1e12:,.0f} TFLOP/s (measured)" if on_gpu else ""
     text = print_table(f"throughput, {args.shape}, {device_name(device)}, {engine.model_config.torch_dtype}{variant}{d2d}", header, rows)
     if args.out:
         with open(args.out, "a") as f:

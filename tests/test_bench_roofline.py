@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import config_only_checkpoint, decode_step_bytes, kv_bytes_per_token, weight_bytes  # noqa: E402
+from common import config_only_checkpoint, decode_step_bytes, decode_step_flops, kv_bytes_per_token, weight_bytes  # noqa: E402
 
 from hotswap import Engine  # noqa: E402
 
@@ -45,3 +45,22 @@ def test_moe_step_reads_only_the_experts_its_rows_route_to(engines):
     assert decode_step_bytes(eng, 4096, 0.0) == pytest.approx(rest + 4096 * row + all_experts)
     # the KV adds as for a dense model
     assert decode_step_bytes(eng, 2, 8.0) - decode_step_bytes(eng, 2, 0.0) == pytest.approx(2 * 8.0 * kv_bytes_per_token(eng))
+
+
+def test_step_flops_count_each_multiplied_weight_twice_and_attention_over_the_context(engines):
+    dense, moe = engines["tiny"], engines["tiny-moe"]
+    for eng in (dense, moe):
+        mc = eng.model_config
+        attention_per_ctx = 4 * mc.num_heads * mc.head_dim * mc.num_layers
+        assert decode_step_flops(eng, 3, 10.0) == pytest.approx(3 * decode_step_flops(eng, 1, 10.0))
+        assert decode_step_flops(eng, 1, 10.0) - decode_step_flops(eng, 1, 0.0) == pytest.approx(10 * attention_per_ctx)
+    mc = dense.model_config
+    embed = mc.vocab_size * mc.hidden_size
+    params = weight_bytes(dense) / mc.torch_dtype.itemsize - (0 if mc.tie_word_embeddings else embed)
+    assert decode_step_flops(dense, 1, 0.0) == pytest.approx(2 * params)
+    # MoE: a row multiplies by k of the E experts of each MoE layer, never by the others
+    mc = moe.model_config
+    per_expert = 3 * mc.moe_intermediate_size * mc.hidden_size
+    all_params = weight_bytes(moe) / mc.torch_dtype.itemsize - (0 if mc.tie_word_embeddings else mc.vocab_size * mc.hidden_size)
+    idle = len(mc.moe_layers) * (mc.num_experts - mc.num_experts_per_tok) * per_expert
+    assert decode_step_flops(moe, 1, 0.0) == pytest.approx(2 * (all_params - idle))

@@ -26,12 +26,14 @@ def test_schedule_roofline_counts_each_steps_bytes_for_its_running_rows():
     w = rb.Workload(prompts=[[1] * 10, [1] * 20], out_lens=[3, 2], seeds=[0, 1])
     # both running: the prefill gave token 1; step 1 reads KV of 11 + 21 tokens, step 2 only sequence 0's 12
     rows_seen = []
-    both = rb.schedule_roofline(w, 2, step_bytes=lambda rows, ctx: rows_seen.append(rows) or 100 + ctx, bandwidth=1.0)
-    assert both == {"seconds": 132 + 112, "steps": 2, "tail_steps": 2, "tail_seconds": 244}
+    both = rb.schedule_roofline(w, 2, step_time=lambda rows, ctx: (rows_seen.append(rows) or 100 + ctx, False))
+    assert both == {"seconds": 132 + 112, "steps": 2, "tail_steps": 2, "tail_seconds": 244, "compute_steps": 0}
     assert rows_seen == [2, 1]
     # one at a time: sequence 1 starts once sequence 0 is done
-    one = rb.schedule_roofline(w, 1, step_bytes=lambda rows, ctx: 100 + ctx, bandwidth=1.0)
+    one = rb.schedule_roofline(w, 1, step_time=lambda rows, ctx: (100 + ctx, False))
     assert one["seconds"] == 111 + 112 + 121 and one["steps"] == 3
+    # steps whose arithmetic bounds them are counted
+    assert rb.schedule_roofline(w, 2, step_time=lambda rows, ctx: (1.0, rows > 1))["compute_steps"] == 1
 
 
 def test_rollout_bench_runs_tiny_on_the_cpu(tmp_path):
