@@ -372,7 +372,7 @@ def main() -> None:
                                f"tail s (< {TAIL_ROWS} running)", f"client CPU s ({args.client_procs} proc)"], rows)
     notes = (f"schedule roofline: {roof['seconds']:.2f} s over {roof['steps']:,} decode steps at {bw / 1e9:,.0f} GB/s; "
              f"tail {roof['tail_steps']:,} steps, {roof['tail_seconds']:.2f} s\n"
-             f"with arithmetic (each step the longer of its bytes at D2D and its FLOPs at {flops / 1e12:,.0f} TFLOP/s, "
+             f"with arithmetic (each step the longer of its bytes at D2D and its FLOPs at {flops / 1e12:,.1f} TFLOP/s, "
              f"a measured dense matmul): {roof_flops['seconds']:.2f} s, {roof_flops['compute_steps']:,} of the steps bound by "
              f"FLOPs\n")
     for key, r in results["runs"].items():

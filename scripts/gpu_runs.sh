@@ -7,6 +7,8 @@
 #   moe-kernels  issue 20's MoE layer kernels before/after and their tile sweep, batch-1 throughput before
 #   moe     issue 20's Qwen3-30B-A3B throughput, its rollout with and without routed experts (R3)
 #   moe-sync  issue 20's 61 GB update, in process and over the trainer library's CUDA IPC pusher
+# With a session's 30 minutes, in this order (measured or estimated device seconds): suite (280), dense (~350),
+# moe-kernels (~280), http (~270 if streaming keeps up; its limits allow 950), moe (~300), moe-sync (up to 570).
 # "Before" is the tree before the restructure, unpacked beside this one (untracked, so it travels to the
 # device):  git archive 6c9ff7c src bench | (mkdir -p .before && tar -x -C .before)
 # The MoE stage compares its decode kernels with the tree before they changed, unpacked the same way:
