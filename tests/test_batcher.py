@@ -276,3 +276,76 @@ def test_penalized_output_ids_are_converted_once_as_they_come():
         assert s.counted_len == len(s.output_ids)
     assert [a.tolist() for a in seen] == [[t % 7 for t in range(k + 1)] for k in range(40)]
     assert s.distinct_prompt_ids().tolist() == [5, 6] and s.distinct_prompt_ids() is s.distinct_prompt_ids()
+
+
+def test_repeated_prompts_wait_one_step_and_share_the_first_ones_prompt_pages():
+    """GRPO's n samples of one prompt: the first computes it, the others match its pages a step later and
+    compute only the last page; other prompts are admitted meanwhile."""
+    batcher, alloc, _ = make_batcher(num_pages=64, page_size=4)
+    prompt = list(range(100, 118))  # 18 tokens: 4 full pages a match can give, 2 tokens left to compute
+    samples = [seq(prompt, max_new_tokens=2, rid=f"s{i}") for i in range(4)]
+    other = seq(range(500, 510), max_new_tokens=2, rid="other")
+    for s in [*samples, other]:
+        batcher.add(s)
+    first = batcher.schedule()
+    assert [s.rid for s in first.seqs] == ["s0", "other"]
+    assert [s.rid for s in batcher.waiting] == ["s1", "s2", "s3"]
+    read_back(first, batcher)
+    second = batcher.schedule()
+    followers = [(s.rid, e.start_pos, len(e.input_ids)) for s, e in zip(second.seqs, second.entries) if s.rid in ("s1", "s2", "s3")]
+    assert followers == [("s1", 16, 2), ("s2", 16, 2), ("s3", 16, 2)]
+    assert all(s.cached_tokens == 16 and s.pages[:4] == samples[0].pages[:4] for s in samples[1:])
+    read_back(second, batcher)
+    run_to_completion(batcher)
+    assert all(len(s.output_ids) == 2 for s in [*samples, other])
+    assert_accounted(batcher, alloc)
+
+
+def test_repeated_prompts_wait_for_every_chunk_of_a_long_prompt():
+    batcher, alloc, _ = make_batcher(num_pages=64, page_size=4, chunk=8)
+    prompt = list(range(100, 124))  # 24 tokens: three chunks of 8
+    lead, follower = seq(prompt, max_new_tokens=3, rid="lead"), seq(prompt, max_new_tokens=1, rid="follower")
+    batcher.add(lead)
+    batcher.add(follower)
+    planned = []
+    while follower.status is Status.WAITING:
+        batch = batcher.schedule()
+        planned.append([(s.rid, e.start_pos) for s, e in zip(batch.seqs, batch.entries)])
+        read_back(batch, batcher)
+    assert planned == [[("lead", 0)], [("lead", 8)], [("lead", 16)], [("lead", 24), ("follower", 20)]]
+    assert follower.cached_tokens == 20
+    run_to_completion(batcher)
+    assert_accounted(batcher, alloc)
+
+
+def test_no_wait_for_prompt_logprobs_a_shorter_shared_prefix_or_a_lead_that_stopped():
+    batcher, alloc, _ = make_batcher(num_pages=64, page_size=4)
+    prompt = list(range(100, 118))
+    lead = seq(prompt, max_new_tokens=2, rid="lead")
+    scored = seq(prompt, max_new_tokens=2, rid="scored")  # wants every prompt position's logprob: nothing to share
+    scored.req.sampling_params.return_logprob = True
+    scored.req.sampling_params.logprob_start_len = 0
+    prefix_only = seq(prompt[:12] + [1, 2, 3, 4, 5, 6], max_new_tokens=2, rid="prefix")  # same start, other prompt
+    for s in (lead, scored, prefix_only):
+        batcher.add(s)
+    batch = batcher.schedule()
+    assert [s.rid for s in batch.seqs] == ["lead", "scored", "prefix"]
+    read_back(batch, batcher)
+    run_to_completion(batcher)
+    # a lead that finished (or was aborted) before its followers came in holds nobody back
+    again = [seq(prompt, max_new_tokens=1, rid=f"again{i}") for i in range(2)]
+    late_lead = seq(list(range(300, 318)), max_new_tokens=1, rid="late")
+    batcher.add(late_lead)
+    batch = batcher.schedule()
+    batcher.finish(late_lead)  # aborted while its prompt is in flight
+    for s in again:
+        batcher.add(s)
+    batcher.add(seq(list(range(300, 318)), max_new_tokens=1, rid="after-abort"))
+    read_back(batch, batcher)
+    batch = batcher.schedule()
+    # the prompt cached when its lead finished: nobody computes its full pages, nobody waits
+    assert [s.rid for s in batch.seqs] == ["again0", "again1", "after-abort"]
+    assert [s.cached_tokens for s in again] == [16, 16]
+    read_back(batch, batcher)
+    run_to_completion(batcher)
+    assert_accounted(batcher, alloc)

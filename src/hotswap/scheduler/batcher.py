@@ -3,6 +3,11 @@
 Running sequences are served first, oldest first; when pages run out the prefix cache is evicted, then
 the newest running sequence is preempted (its pages freed, recomputed later from its tokens).
 
+A fresh sequence whose prompt another sequence is computing right now (GRPO's n samples of one prompt, or a
+batch that repeats prompts) waits until that prompt's KV is in: the first sequence's prompt pages enter the
+prefix cache at the end of the step that plans them, and the others match them there one step later instead
+of computing the same prompt n times.
+
 Progress is guaranteed: waiting sequences hold no pages (a prefix match is taken only at the moment of
 admission and given back if admission fails), so when nothing runs every used page is an evictable
 cache page; a sequence that alone cannot fit the whole cache is failed with a message instead of
@@ -28,6 +33,14 @@ class ScheduledBatch:
     entries: list[BatchEntry]
 
 
+@dataclass(eq=False, slots=True)
+class _PromptLead:
+    """The first sequence of a prompt, while it computes that prompt; `followed`: others wait for its KV."""
+
+    seq: Sequence
+    followed: bool = False
+
+
 @dataclass(kw_only=True, slots=True)
 class Batcher:
     allocator: PageAllocator
@@ -42,6 +55,7 @@ class Batcher:
     running: list[Sequence] = field(default_factory=list)
     num_preemptions: int = 0
     cache_epoch: int = 0  # advanced when the weights change: KV computed before may not enter the prefix cache
+    _leads: dict[int, _PromptLead] = field(default_factory=dict)  # prompt hash -> its sequence computing it now
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -92,12 +106,16 @@ class Batcher:
             seqs.append(seq)
             budget -= n
             i += 1
+        followers: list[Sequence] = []  # fresh sequences waiting for a prompt another one computes now
         while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
             seq = self.waiting[0]
             if token_in_flight(seq):  # preempted with a token in flight: admit it once that token is read back
                 break
             if not (admit_new or seq.admitted):
                 break
+            if self._follows_a_prompt_in_flight(seq):
+                followers.append(self.waiting.popleft())
+                continue
             self._match_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed, self.chunked_prefill_size, budget)
             need = self._pages_needed(seq, seq.num_computed + n)
@@ -115,11 +133,52 @@ class Batcher:
             if not seq.admitted:
                 seq.cached_tokens = seq.num_computed
                 seq.admitted = True
+                self._lead_prompt(seq)
             self.running.append(seq)
             entries.append(self._entry(seq, n))
             seqs.append(seq)
             budget -= n
+        self.waiting.extendleft(reversed(followers))  # first in line again, in their order
+        if self._leads:
+            self._publish_led_prompts()
         return ScheduledBatch(seqs=seqs, entries=entries) if entries else None
+
+    def _follows_a_prompt_in_flight(self, seq: Sequence) -> bool:
+        """A fresh sequence whose whole prompt a running sequence is computing now (admitted in this call, or
+        still in its prompt's chunks): it waits, and matches that KV in the prefix cache once it is planned."""
+        if self.prefix_cache is None or seq.admitted or self._match_limit(seq) < self.allocator.page_size:
+            return False
+        lead = self._leads.get(seq.prompt_hash())
+        if (lead is None or lead.seq.status is not Status.RUNNING or lead.seq.cache_epoch != self.cache_epoch
+                or lead.seq.req.input_ids != seq.req.input_ids):
+            return False
+        lead.followed = True
+        return True
+
+    def _lead_prompt(self, seq: Sequence) -> None:
+        """Remember a freshly admitted sequence as its prompt's lead while it computes full pages of that prompt
+        that others could match (none when its own match already gave them: those others match them too)."""
+        ps = self.prefix_cache and self.allocator.page_size
+        if not ps or self._match_limit(seq) // ps * ps <= seq.num_computed:
+            return
+        key = seq.prompt_hash()
+        lead = self._leads.get(key)
+        if lead is None or lead.seq.status is not Status.RUNNING:
+            self._leads[key] = _PromptLead(seq)
+
+    def _publish_led_prompts(self) -> None:
+        """End of a call: the planned prompt pages of every followed lead enter the prefix cache (their KV is
+        computed by this step, which runs before any step that reads them); a lead whose prompt is planned
+        through its end, or that stopped running, is forgotten."""
+        for key, lead in list(self._leads.items()):
+            seq = lead.seq
+            if seq.status is not Status.RUNNING:
+                del self._leads[key]
+                continue
+            if lead.followed and seq.cache_epoch == self.cache_epoch:
+                self.prefix_cache.insert(seq.req.input_ids[: seq.num_computed], seq.pages)
+            if seq.num_computed >= seq.prompt_len:
+                del self._leads[key]
 
     def _make_room(self, seq: Sequence, need: int) -> bool:
         """Free `need` pages for running `seq`, preempting the newest sequences; False when `seq` itself
@@ -189,14 +248,20 @@ class Batcher:
             entry.prompt_from = first - entry.start_pos
             entry.prompt_targets = seq.req.input_ids[first + 1 : last + 1]
 
+    @staticmethod
+    def _match_limit(seq: Sequence) -> int:
+        """How many leading tokens a prefix match may give: all but the last, and none whose prompt logprob is
+        still owed (those positions are recomputed: their logits are needed)."""
+        limit = seq.num_tokens - 1
+        if seq.prompt_logprobs_owed < seq.prompt_len - 1:
+            limit = min(limit, seq.prompt_logprobs_owed)
+        return limit
+
     def _match_prefix(self, seq: Sequence) -> None:
         """Take cached pages for the prompt's prefix, leaving at least one token to compute."""
         if self.prefix_cache is None:
             return
-        limit = seq.num_tokens - 1
-        if seq.prompt_logprobs_owed < seq.prompt_len - 1:  # owed positions are recomputed (their logits are needed)
-            limit = min(limit, seq.prompt_logprobs_owed)
-        pages = self.prefix_cache.match(seq.token_ids[:limit])
+        pages = self.prefix_cache.match(seq.token_ids[: self._match_limit(seq)])
         self.allocator.retain(pages)
         seq.pages = pages
         seq.num_computed = len(pages) * self.allocator.page_size

@@ -36,6 +36,7 @@ class Sequence:
     counted_len: int = 0
     banned_ids: list[int] | None = None  # the ids min_new_tokens masks (stop ids, eos unless ignored), made once
     sampler_row: SamplerRow | None = None  # its sampling parameters as a runner row, made once (`row`)
+    prompt_key: int | None = None  # hash of the prompt's ids, made once (`prompt_hash`)
     pages: list[int] = field(default_factory=list)
     num_computed: int = 0  # leading tokens whose KV is in `pages` (or is being computed by the step in flight)
     pending: int = 0  # sampled tokens in flight: launched, not yet read back (0 or 1); see scheduler/overlap.py
@@ -73,6 +74,12 @@ class Sequence:
         if end <= plen:
             return self.req.input_ids[start:end]
         return self.req.input_ids[start:] + self.output_ids[: end - plen]
+
+    def prompt_hash(self) -> int:
+        """Finds sequences repeating this prompt (the batcher then compares the ids themselves)."""
+        if self.prompt_key is None:
+            self.prompt_key = hash(tuple(self.req.input_ids))
+        return self.prompt_key
 
     def distinct_prompt_ids(self) -> np.ndarray:
         if self.prompt_token_set is None:
