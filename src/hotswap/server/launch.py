@@ -131,6 +131,9 @@ class BindError(OSError):
     """The server cannot listen where it was told to (port in use, address not ours, no permission)."""
 
 
+LISTEN_BACKLOG = 2048  # uvicorn's default
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on accepted sockets whose proto says TCP;
@@ -142,6 +145,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise BindError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    # listening from here on: a client that connects once "serving on" is logged, before uvicorn's loop has
+    # started, waits in the backlog until it accepts instead of being refused (while the model loads, a
+    # connection waits there too, up to the client's own timeout)
+    sock.listen(LISTEN_BACKLOG)
     sock.set_inheritable(True)
     return sock
 
