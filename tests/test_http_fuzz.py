@@ -581,7 +581,7 @@ def test_a_client_gone_mid_body_is_a_disconnect_not_a_server_error(server, http,
         sock = _raw(server, _request_head(path, 200) + b'{"text": "abc')
         time.sleep(0.1)
         sock.close()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while metrics.disconnects < before + 3:
         assert time.monotonic() < deadline, f"disconnects {metrics.disconnects - before} of 3"
         time.sleep(0.02)
