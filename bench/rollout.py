@@ -56,6 +56,7 @@ from common import (  # noqa: E402
     matmul_flops_per_s,
     print_table,
 )
+from kernel_profile import profile_call  # noqa: E402
 
 TAIL_ROWS = 16
 PATHS = ("offline", "generate", "generate-stream", "completions", "completions-stream")
@@ -184,8 +185,7 @@ def run_path(engine, path: str, w: Workload, mode: str, args, url: str | None, r
     with LoadMonitor(engine) as mon:
         if path == "offline":
             start = time.time()
-            outs = engine.generate(input_ids=[j[0] for j in jobs], sampling_params=[j[1] for j in jobs],
-                                   return_logprob=mode == "sampled", return_routed_experts=routed_experts)
+            outs = offline_rollout(engine, jobs, mode, routed_experts)
             end = time.time()
             tokens = sum(len(o["output_ids"]) for o in outs)
             if routed_experts:
@@ -205,6 +205,23 @@ def run_path(engine, path: str, w: Workload, mode: str, args, url: str | None, r
     if path != "offline":
         out["client_cpu_s"] = res["cpu_s"]
     return out
+
+
+def offline_rollout(engine, jobs: list, mode: str, routed_experts: bool = False) -> list[dict]:
+    return engine.generate(input_ids=[j[0] for j in jobs], sampling_params=[j[1] for j in jobs],
+                           return_logprob=mode == "sampled", return_routed_experts=routed_experts)
+
+
+def profile_rollout(engine, w: Workload, mode: str, device: torch.device) -> str:
+    """The offline rollout once more under torch.profiler: device time by kind of kernel, and its idle share."""
+    if device.type != "cuda":
+        return "profile: skipped (it records CUDA kernels)\n"
+    jobs = [(ids, w.sampling_params(i, mode)) for i, ids in enumerate(w.prompts)]
+    engine.flush_cache()
+    rows, wall, busy = profile_call(lambda: offline_rollout(engine, jobs, mode), device)
+    return print_table(f"profile: {mode} offline rollout, {wall:.2f} s wall under the profiler, kernels {busy:.2f} s, "
+                       f"device idle {100 * max(0.0, 1 - busy / wall):.0f}% of the wall (waiting on the host)",
+                       ["kernels", "device ms", "% of kernel time", "launches"], rows)
 
 
 def run_clients(engine, path: str, jobs: list, mode: str, args, url: str) -> dict:
@@ -267,6 +284,9 @@ def main() -> None:
                          "(off: SGLang's default, every chunk repeats the whole output so far)")
     ap.add_argument("--frontend-process", action="store_true",
                     help="serve HTTP from a front end in its own process (`hotswap serve --frontend-process`) instead of a thread here")
+    ap.add_argument("--profile", action="store_true",
+                    help="then run the offline rollout of the first mode once more under torch.profiler: device time by "
+                         "kind of kernel, and the device's idle share of the wall")
     ap.add_argument("--out", default=None, help="append the tables to this file")
     ap.add_argument("--json", default=None, help="write every figure to this file")
     args = ap.parse_args()
@@ -351,6 +371,7 @@ def main() -> None:
                              f"{r['seconds'] / offline:.2f}" if offline else "-",
                              f"{r['tail_seconds']:.2f} ({100 * r['tail_seconds'] / r['seconds']:.0f}%)",
                              f"{r['client_cpu_s']:.1f}" if "client_cpu_s" in r else "-"])
+        profile_text = profile_rollout(engine, w, modes[0], device) if args.profile else ""
     finally:
         if server is not None:
             server.stop()
@@ -379,7 +400,7 @@ def main() -> None:
         if r.get("thread_cpu_s"):
             notes += f"CPU s during {key}: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["thread_cpu_s"].items())) + "\n"
     print(notes, flush=True)
-    text += "\n" + notes
+    text += "\n" + notes + profile_text
     if args.out:
         with open(args.out, "a") as f:
             f.write(text + "\n")

@@ -54,8 +54,8 @@ dense)
     PYTHONPATH=src run weight_sync_after 80 python3 bench/weight_sync.py \
         --shapes qwen3-0.6b,qwen3-8b --sections tensor,ipc,disk --reps 5
     PYTHONPATH=src run sampling 40 python3 bench/sampling.py
-    PYTHONPATH=src run rollout_0.6b 90 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline
-    PYTHONPATH=src run rollout_8b 90 python3 bench/rollout.py --shape qwen3-8b --prompts 32 --n 8 --paths offline
+    PYTHONPATH=src run rollout_0.6b 120 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline --profile
+    PYTHONPATH=src run rollout_8b 120 python3 bench/rollout.py --shape qwen3-8b --prompts 32 --n 8 --paths offline --profile
     ;;
 http)
     site_packages

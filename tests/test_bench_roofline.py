@@ -64,3 +64,17 @@ def test_step_flops_count_each_multiplied_weight_twice_and_attention_over_the_co
     all_params = weight_bytes(moe) / mc.torch_dtype.itemsize - (0 if mc.tie_word_embeddings else mc.vocab_size * mc.hidden_size)
     idle = len(mc.moe_layers) * (mc.num_experts - mc.num_experts_per_tok) * per_expert
     assert decode_step_flops(moe, 1, 0.0) == pytest.approx(2 * (all_params - idle))
+
+
+def test_kernel_profile_files_each_kernel_by_what_it_does():
+    from kernel_profile import category
+
+    assert category("_decode_split_kernel") == "attention" and category("_decode_reduce_kernel") == "attention"
+    assert category("_down_pairs_kernel") == "MoE experts" and category("_topk_softmax_kernel") == "MoE experts"
+    assert category("_skinny_kernel") == "batch-1 matmuls"
+    assert category("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmuls (cuBLAS)"
+    assert category("nvjet_tst_128x64_64x8_1x1_v_bz_coopA_TNT") == "matmuls (cuBLAS)"
+    assert category("_partials_kernel") == "sampling" and category("_finish_kernel") == "sampling"
+    assert category("_rmsnorm_kernel") == "norms, rotary, KV store" and category("_qk_norm_rope_kernel") == "norms, rotary, KV store"
+    assert category("Memcpy DtoD (Device -> Device)") == "copies"
+    assert category("some_new_kernel") == "other"
