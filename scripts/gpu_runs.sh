@@ -7,7 +7,7 @@
 #   moe-kernels  issue 20's MoE layer kernels before/after and their tile sweep, batch-1 throughput before
 #   moe     issue 20's Qwen3-30B-A3B throughput, its rollout with and without routed experts (R3)
 #   moe-sync  issue 20's 61 GB update, in process and over the trainer library's CUDA IPC pusher
-# With a session's 30 minutes, in this order (measured or estimated device seconds): suite (280), dense (~350),
+# With a session's 30 minutes, in this order (measured or estimated device seconds): suite (280), dense (~450),
 # moe-kernels (~280), http (~270 if streaming keeps up; its limits allow 950), moe (~300), moe-sync (up to 570).
 # "Before" is the tree before the restructure, unpacked beside this one (untracked, so it travels to the
 # device):  git archive 6c9ff7c src bench | (mkdir -p .before && tar -x -C .before)
@@ -54,8 +54,8 @@ dense)
     PYTHONPATH=src run weight_sync_after 80 python3 bench/weight_sync.py \
         --shapes qwen3-0.6b,qwen3-8b --sections tensor,ipc,disk --reps 5
     PYTHONPATH=src run sampling 40 python3 bench/sampling.py
-    PYTHONPATH=src run rollout_0.6b 120 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline --profile
-    PYTHONPATH=src run rollout_8b 120 python3 bench/rollout.py --shape qwen3-8b --prompts 32 --n 8 --paths offline --profile
+    PYTHONPATH=src run rollout_0.6b 200 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline --profile
+    PYTHONPATH=src run rollout_8b 200 python3 bench/rollout.py --shape qwen3-8b --prompts 32 --n 8 --paths offline --profile
     ;;
 http)
     site_packages
