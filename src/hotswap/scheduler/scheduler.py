@@ -394,7 +394,11 @@ class Scheduler:
         self.stats["requests"] += 1
         self.stats["prompt_tokens"] += len(req.input_ids)
         seq = Sequence(req=req)
-        if self.memory.any_released():  # nothing can run until a resume, which may never come: refuse now
+        # nothing can run until a resume, which may never come: refuse now. While generation is held (paused,
+        # a weight-update session) a request queues like any other, as behind SGLang's pause gate (tokenizer
+        # manager: every generate waits for continue before anything else); if memory is still released when
+        # the hold ends, refuse_queued_while_released refuses it then.
+        if self.memory.any_released() and not self.pause.held:
             self.finish(seq, self._released_refusal())
             return
         if req.sampling_params.max_new_tokens == 0 and seq.prompt_logprobs_owed >= seq.prompt_len - 1:

@@ -28,7 +28,13 @@ import hotswap
 from hotswap import protocol as p
 from hotswap.server.access import AccessPolicy
 from hotswap.server.body_limit import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, BodyLimits
-from hotswap.server.generation import await_generation, normalize_sampling_params, open_stream, stream_error_event
+from hotswap.server.generation import (
+    await_generation,
+    normalize_sampling_params,
+    open_stream,
+    refuse_unserved_generate_fields,
+    stream_error_event,
+)
 from hotswap.server.http_utils import (
     SSE_DONE,
     APIError,
@@ -228,9 +234,10 @@ async def _send_error(send: Send, err: APIError, extra_headers: list[tuple[bytes
 
 
 class GenerateBody(BaseModel):
-    """SGLang's GenerateReqInput, the fields hotswap serves (others are accepted and ignored)."""
+    """SGLang's GenerateReqInput, the fields hotswap serves. SGLang's fields it does not serve are refused when
+    set (generation.UNSERVED_GENERATE_FIELDS); keys SGLang does not know are ignored, as SGLang ignores them."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     text: str | list[str] | None = None
     input_ids: list[int] | list[list[int]] | None = None
     sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
@@ -337,7 +344,7 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
         load = await state.load(timeout=1.0)
-        return PlainTextResponse(state.metrics.render(load, state.served_model_name), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(state.metrics.render(load, state.served_model_name, state.page_size), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/get_ipc_token")
     async def get_ipc_token() -> JSONResponse:
@@ -372,6 +379,7 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
     @app.post("/generate")
     async def generate(request: Request):
         body = await parse_body(request, GenerateBody)
+        refuse_unserved_generate_fields(body.model_extra or {})
         state.check_serving()
         if body.text is None and body.input_ids is None:
             raise APIError(400, "give text or input_ids", param="text")

@@ -22,6 +22,41 @@ _MUST_BE_EMPTY = ("lora_path",)
 _IGNORED = ("stream_interval",)  # the server's --stream-interval applies
 
 
+# SGLang GenerateReqInput fields (managers/io_struct.py) hotswap does not serve, and what each asks for. Sent
+# unset (None, false, empty: what frameworks send by default) they pass; set, they are refused by name, never
+# silently ignored (an ignored token_ids_logprob or session_params would hand back a reply missing what was asked).
+UNSERVED_GENERATE_FIELDS = {
+    "token_ids_logprob": "logprobs of chosen token ids", "return_hidden_states": "hidden states",
+    "return_sampling_mask": "sampling masks", "return_flat_raw_top_logprobs": "flat top-logprob arrays",
+    "return_flat_raw_top_logprobs_b64": "flat top-logprob arrays", "return_indexer_topk": "indexer top-k",
+    "return_entropy": "entropy", "return_prompt_token_ids": "prompt token ids in the reply", "return_bytes": "image bytes",
+    "input_embeds": "input embeddings", "positional_embed_overrides": "input embeddings",
+    "video_data": "video input", "audio_data": "audio input",
+    "session_params": "continual-prompting sessions", "bootstrap_host": "PD disaggregation",
+    "bootstrap_port": "PD disaggregation", "bootstrap_room": "PD disaggregation", "bootstrap_pair_key": "PD disaggregation",
+    "decode_tp_size": "PD disaggregation", "disagg_prefill_dp_rank": "PD disaggregation",
+    "max_thinking_tokens": "thinking budgets", "require_reasoning": "reasoning control",
+    "multi_item_delimiter_indices": "multi-item scoring",
+}
+# data-parallel rank hints: one DP rank here, so 0 (or unset) is the only rank there is
+_DP_RANK_FIELDS = ("data_parallel_rank", "routed_dp_rank")
+
+
+def _unset(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_unset(v) for v in value)
+    return value is None or value is False or value == "" or value == {}
+
+
+def refuse_unserved_generate_fields(extra: dict[str, Any]) -> None:
+    """Refuse (400 naming the field) an SGLang /generate field that is set but not served; others pass."""
+    for key, value in extra.items():
+        if key in UNSERVED_GENERATE_FIELDS and not _unset(value):
+            raise APIError(400, f"{key!r} ({UNSERVED_GENERATE_FIELDS[key]}) is not supported by hotswap; leave it unset", param=key)
+        if key in _DP_RANK_FIELDS and value not in (None, 0):
+            raise APIError(400, f"{key}={shown(value)} out of range [0, 1): hotswap serves one data-parallel rank", param=key)
+
+
 def refuse_constrained_decoding(fields: dict) -> None:
     """sampling_params.refuse_constrained_decoding as HTTP's 400 naming the field (`param`)."""
     try:
