@@ -1,0 +1,202 @@
+"""What the RL frameworks' newest code sends hotswap's SGLang routes and how it reads the replies, beyond
+test_sglang_contract.py: each test replays a framework's requests (its source file named in the docstring,
+docs/framework_calls.md section 5 has the details) and parses the reply as that source does."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+from engine_support import make_engine, wait_idle
+
+from hotswap.server.generation import UNSERVED_GENERATE_FIELDS
+
+PROMPT = list(range(3, 15))  # 12 token ids
+LONG = {"max_new_tokens": 400, "temperature": 0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_qwen3):
+    with make_engine(tiny_qwen3) as eng:
+        yield eng
+
+
+@pytest.fixture
+def c(http, engine):
+    """The module's server, left as found: generation continues and memory is resident after each test."""
+    yield http
+    http.post("/continue_generation", json={})
+    http.post("/resume_memory_occupation", json={})
+    http.post("/abort_request", json={"abort_all": True})
+    wait_idle(engine)
+
+
+def post_in_background(c: httpx.Client, path: str, body: dict) -> tuple[threading.Thread, dict]:
+    results: dict = {}
+    t = threading.Thread(target=lambda: results.setdefault("r", c.post(path, json=body)))
+    t.start()
+    return t, results
+
+
+def wait_for(predicate, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_set_generate_fields_hotswap_does_not_serve_are_refused_by_name(c, engine):
+    """verl `sglang_rollout/http_server_engine.py::HttpServerAdapter.generate` sends `token_ids_logprob` (None
+    dropped); verl `async_sglang_server.py::generate` adds `bootstrap_host/port/room` in PD mode; SGLang's
+    GenerateReqInput has more (session_params, return_hidden_states, input_embeds, video_data...). hotswap used
+    to accept and silently ignore them (a reply without the logprobs asked for); set, each is now a 400 naming
+    it, and at its unset value (what frameworks send by default) it passes."""
+    body = {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 2}, "return_logprob": True}
+    for field, value in (("token_ids_logprob", [5, 6]), ("bootstrap_room", 1234), ("session_params", {"id": "s1"}),
+                         ("return_hidden_states", True), ("input_embeds", [[0.5] * 4]), ("video_data", ["v.mp4"]),
+                         ("return_prompt_token_ids", True)):
+        r = c.post("/generate", json={**body, field: value})
+        assert r.status_code == 400, (field, r.text)
+        assert r.json()["error"]["param"] == field and f"{field!r}" in r.json()["error"]["message"]
+    r = c.post("/generate", json={**body, "data_parallel_rank": 1})
+    assert r.status_code == 400 and "out of range [0, 1)" in r.json()["error"]["message"]
+    unset = {field: None for field in UNSERVED_GENERATE_FIELDS} | {"return_hidden_states": False, "token_ids_logprob": [],
+                                                                    "data_parallel_rank": 0, "routed_dp_rank": None}
+    r = c.post("/generate", json={**body, **unset, "priority": 0, "log_metrics": True, "no_such_field": 1})
+    assert r.status_code == 200, r.text
+    meta = r.json()["meta_info"]
+    assert [x[1] for x in meta["output_token_logprobs"]] == r.json()["output_ids"] and meta["completion_tokens"] == 2
+    assert engine.get_load().num_running == 0
+
+
+def test_areal_two_step_pause_offload_and_a_request_sent_meanwhile(c, engine):
+    """AReaL `areal/engine/sglang_remote.py::get_pause_requests` pauses twice (`{}`: SGLang's abort, then
+    `{"mode": "in_place"}`), `rl_trainer.py` then offloads `{"tags": ["kv_cache"]}` and `{"tags": ["weights"]}`,
+    later `/resume_memory_occupation {}` and `/continue_generation {}`. The request in flight ends abort with its
+    tokens (AReaL re-sends prompt + tokens, `parse_generation_response`). A request that arrives meanwhile waits
+    behind the pause as SGLang's tokenizer-manager gate holds every generate, and runs after the continue;
+    hotswap used to answer it 503 at once because memory was released."""
+    t, first = post_in_background(c, "/generate", {"input_ids": PROMPT, "sampling_params": LONG, "return_logprob": True})
+    wait_for(lambda: engine.get_load().num_running == 1, "the first request never ran")
+    assert c.post("/pause_generation", json={}).json()["status"] == "ok"
+    assert c.post("/pause_generation", json={"mode": "in_place"}).json()["status"] == "ok"
+    t.join(30)
+    meta = first["r"].json()["meta_info"]
+    assert meta["finish_reason"]["type"] == "abort" and not meta["finish_reason"].get("message", "").startswith("Abort before prefill")
+    tokens = [x[1] for x in meta["output_token_logprobs"]]
+    assert 0 < len(tokens) == meta["completion_tokens"] < LONG["max_new_tokens"]
+    for tags in (["kv_cache"], ["weights"]):
+        assert c.post("/release_memory_occupation", json={"tags": tags}).status_code == 200
+    again = {"input_ids": PROMPT + tokens, "sampling_params": {**LONG, "max_new_tokens": 3}, "return_logprob": True}
+    t, second = post_in_background(c, "/generate", again)
+    wait_for(lambda: engine.get_load().num_waiting == 1, "the request sent while paused never queued")
+    time.sleep(0.3)
+    assert "r" not in second, second["r"].text  # waits, not refused
+    assert c.post("/resume_memory_occupation", json={}).status_code == 200
+    assert c.post("/continue_generation", json={}).json()["status"] == "ok"
+    t.join(30)
+    assert second["r"].status_code == 200, second["r"].text
+    assert second["r"].json()["meta_info"]["finish_reason"] == {"type": "length", "length": 3}
+    # not paused: a request while memory is released is still refused at once (nothing would ever run it)
+    assert c.post("/release_memory_occupation", json={"tags": ["kv_cache"]}).status_code == 200
+    assert c.post("/generate", json=again).status_code == 503
+
+
+def test_a_second_pause_still_aborts_or_retracts(c, engine):
+    """SGLang's `tokenizer_manager.py::pause_generation` aborts every request on each abort-mode pause (and the
+    scheduler retracts on each retract-mode one), paused already or not: a pause(abort) after a pause(in_place)
+    ends the frozen request with its tokens. hotswap answered the second pause as a no-op and left it frozen."""
+    t, out = post_in_background(c, "/generate", {"input_ids": PROMPT, "sampling_params": LONG, "rid": "frozen"})
+    wait_for(lambda: engine.get_load().num_running == 1, "the request never ran")
+    assert c.post("/pause_generation", json={"mode": "in_place"}).status_code == 200
+    assert c.post("/pause_generation", json={"mode": "retract"}).json()["status"] == "ok"
+    assert engine.get_load().num_running == 0 and engine.get_load().num_waiting == 1  # retracted: it will recompute
+    r = c.post("/pause_generation", json={"mode": "abort"})
+    assert r.status_code == 200 and "aborted 1 request" in r.json()["message"]
+    t.join(30)
+    meta = out["r"].json()["meta_info"]
+    assert meta["id"] == "frozen" and meta["finish_reason"]["type"] == "abort" and meta["completion_tokens"] > 0
+    assert "no-op" in c.post("/pause_generation", json={"mode": "abort"}).json()["message"]  # nothing left to abort
+
+
+def test_prompt_logprob_scoring_as_teachers_ask_for_it(c):
+    """Three newest scoring calls, parsed as their code parses them:
+    verl `async_sglang_server.py::generate` for the distillation teacher (`teacher_manager.py`: max_tokens 1,
+    temperature 1.0, prompt_logprobs K) sends logprob_start_len 0 and top_logprobs_num K, and
+    `_extract_prompt_logprobs_sglang` needs len(input_token_logprobs) == prompt length, entry 0's logprob None,
+    exactly K (logprob, id, text) entries at every later position; slime `rollout/on_policy_distillation.py` sends
+    max_new_tokens 0 with logprob_start_len 0 and reads `input_token_logprobs[1:]`; AReaL
+    `sglang_remote.py::build_score_request` sends logprob_start_len len - target - 1, temperature 0,
+    top_logprobs_num 0 and `parse_score_response` takes the last `target` logprobs."""
+    k = 3
+    verl = {"rid": "teacher-1", "input_ids": PROMPT, "return_logprob": True, "image_data": None, "logprob_start_len": 0,
+            "top_logprobs_num": k, "sampling_params": {"temperature": 1.0, "max_new_tokens": 1}}
+    out = c.post("/generate", json=verl).json()
+    meta = out["meta_info"]
+    assert len(meta["input_token_logprobs"]) == len(PROMPT) and meta["input_token_logprobs"][0][0] is None
+    assert [tid for _, tid, _ in meta["input_token_logprobs"]] == PROMPT
+    for position in range(1, len(PROMPT)):
+        top = meta["input_top_logprobs"][position]
+        assert len(top) == k and all(isinstance(lp, float) for lp, _, _ in top)
+        assert [lp for lp, _, _ in top] == sorted((lp for lp, _, _ in top), reverse=True)
+    assert len(meta["output_token_logprobs"]) == len(out["output_ids"]) == 1
+    scored = [lp for lp, _, _ in meta["input_token_logprobs"][1:]]
+
+    slime = {"input_ids": PROMPT, "sampling_params": {"temperature": 0.6, "max_new_tokens": 0, "skip_special_tokens": False},
+             "return_logprob": True, "logprob_start_len": 0}
+    out = c.post("/generate", json=slime).json()
+    assert out["output_ids"] == [] and out["meta_info"]["finish_reason"]["type"] == "length"
+    teacher = [item[0] for item in out["meta_info"]["input_token_logprobs"][1:]]
+    assert teacher == pytest.approx(scored, abs=1e-5)  # prompt logprobs do not depend on the temperature
+
+    target = 4
+    areal = {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}, "return_logprob": True,
+             "logprob_start_len": max(0, len(PROMPT) - target - 1), "top_logprobs_num": 0, "stream": False}
+    meta = c.post("/generate", json=areal).json()["meta_info"]
+    all_logprobs = [float(x[0]) for x in meta["input_token_logprobs"][1:]]  # AReaL floats them all; [0] may be None
+    assert len(meta["input_token_logprobs"]) >= target and all_logprobs[-target:] == pytest.approx(scored[-target:], abs=1e-5)
+
+
+def test_metrics_under_sglang_and_vllm_names(c, engine):
+    """miles `dashboard/sglang_scraper.py::_ingest` keeps `sglang:*` samples (":" read as "_") such as
+    num_running_reqs, num_queue_reqs, token_usage, prompt_tokens_total, num_requests_total; prime-rl
+    `orchestrator/inference_metrics.py::parse_prometheus_text` + `build_load_sample` read `vllm:*` families per
+    `engine` label: num_requests_running, num_requests_waiting, kv_cache_usage_perc, num_preemptions_total and
+    the KV capacity from `vllm:cache_config_info`'s labels. hotswap exported only `hotswap_*` names, so both saw
+    an idle, capacity-less engine."""
+    parser = pytest.importorskip("prometheus_client.parser")
+    assert c.post("/generate", json={"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 2}}).status_code == 200
+    t, _ = post_in_background(c, "/generate", {"input_ids": PROMPT, "sampling_params": LONG})
+    wait_for(lambda: engine.get_load().num_running == 1, "the request never ran")
+    assert c.post("/pause_generation", json={"mode": "in_place"}).status_code == 200
+    text = c.get("/metrics").text
+
+    miles = {}
+    for family in parser.text_string_to_metric_families(text):
+        for sample in family.samples:
+            miles[sample.name.replace(":", "_")] = sample.value
+    assert miles["sglang_num_running_reqs"] == 1 and miles["sglang_num_queue_reqs"] == 0
+    assert 0 < miles["sglang_token_usage"] < 1 and miles["sglang_num_requests_total"] >= 1
+    assert miles["sglang_prompt_tokens_total"] >= len(PROMPT) and miles["sglang_generation_tokens_total"] >= 2
+
+    gauges, counters, cache_config = {}, {}, {}
+    for family in parser.text_string_to_metric_families(text):
+        if not family.name.startswith("vllm:"):
+            continue
+        for sample in family.samples:
+            assert sample.labels.get("engine", "0") == "0"
+            if family.name == "vllm:cache_config_info":
+                cache_config.update(sample.labels)
+            elif family.type == "gauge":
+                gauges[sample.name.removeprefix("vllm:")] = sample.value
+            elif family.type == "counter":
+                counters[sample.name.removeprefix("vllm:")] = sample.value
+    capacity = engine.capacity()
+    assert gauges["num_requests_running"] == 1 and gauges["num_requests_waiting"] == 0 and 0 < gauges["kv_cache_usage_perc"] < 1
+    assert counters["num_preemptions_total"] == 0 and counters["prompt_tokens_total"] >= len(PROMPT)
+    assert int(cache_config["kv_cache_size_tokens"]) == int(cache_config["num_gpu_blocks"]) * int(cache_config["block_size"])
+    assert int(cache_config["block_size"]) == capacity.page_size and int(cache_config["kv_cache_size_tokens"]) == capacity.max_total_tokens
+    c.post("/abort_request", json={"abort_all": True})
+    t.join(30)
