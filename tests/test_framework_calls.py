@@ -200,3 +200,31 @@ def test_metrics_under_sglang_and_vllm_names(c, engine):
     assert int(cache_config["block_size"]) == capacity.page_size and int(cache_config["kv_cache_size_tokens"]) == capacity.max_total_tokens
     c.post("/abort_request", json={"abort_all": True})
     t.join(30)
+
+
+def test_prime_rl_renderer_rollout_turns(c, engine):
+    """prime-rl's training rollouts go through verifiers `v1/clients/train.py::TrainClient.get_response` and
+    `renderers/client.py::generate`: GET /v1/models (the card whose id is the model gives max_model_len), then POST
+    /inference/v1/generate {model, token_ids, sampling_params} where sampling_params merges verifiers' extra_body
+    into the sampling knobs: prime-rl's `orchestrator/envs.py::_sampling` puts the policy version there as
+    `cache_salt`, and a bridged multi-turn turn adds `routed_experts_prompt_start`; renderers sets logprobs=1,
+    stop_token_ids and skip_special_tokens False. vLLM's SamplingParams ignores keys it lacks; hotswap answered
+    400 "unknown sampling parameter(s): cache_salt", so every turn failed. A bad value is still refused by name."""
+    card = next(card for card in c.get("/v1/models").json()["data"] if card["id"] == "tiny")
+    assert isinstance(card["max_model_len"], int) and card["max_model_len"] > len(PROMPT)
+    sampling = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 4, "logprobs": 1, "cache_salt": "policy-3",
+                "stop_token_ids": engine.eos_token_ids, "skip_special_tokens": False}
+    first = c.post("/inference/v1/generate", json={"model": "tiny", "token_ids": PROMPT, "sampling_params": sampling})
+    assert first.status_code == 200, first.text
+    choice = (first.json().get("choices") or [{}])[0]
+    completion_ids = choice.get("token_ids") or []
+    completion_logprobs = [float(x.get("logprob") or 0.0) for x in (choice.get("logprobs") or {}).get("content") or []]
+    assert len(completion_ids) == len(completion_logprobs) > 0 and choice["finish_reason"] in ("stop", "length")
+    assert first.json()["request_id"]
+    bridged = PROMPT + completion_ids + [7, 8]
+    turn = {**sampling, "routed_experts_prompt_start": len(PROMPT) + len(completion_ids) - 1}
+    r = c.post("/inference/v1/generate", json={"model": "tiny", "token_ids": bridged, "sampling_params": turn})
+    assert r.status_code == 200, r.text
+    for key, bad in (("cache_salt", 3), ("routed_experts_prompt_start", -1)):
+        r = c.post("/inference/v1/generate", json={"model": "tiny", "token_ids": PROMPT, "sampling_params": {**sampling, key: bad}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == key
