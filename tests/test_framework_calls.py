@@ -4,6 +4,8 @@ docs/framework_calls.md section 5 has the details) and parses the reply as that 
 
 from __future__ import annotations
 
+import json
+import shutil
 import threading
 import time
 
@@ -11,7 +13,9 @@ import httpx
 import pytest
 from engine_support import make_engine, wait_idle
 
+from hotswap.server.app import create_app
 from hotswap.server.generation import UNSERVED_GENERATE_FIELDS
+from hotswap.server.launch import ServerThread
 
 PROMPT = list(range(3, 15))  # 12 token ids
 LONG = {"max_new_tokens": 400, "temperature": 0, "ignore_eos": True}
@@ -228,3 +232,30 @@ def test_prime_rl_renderer_rollout_turns(c, engine):
     for key, bad in (("cache_salt", 3), ("routed_experts_prompt_start", -1)):
         r = c.post("/inference/v1/generate", json={"model": "tiny", "token_ids": PROMPT, "sampling_params": {**sampling, key: bad}})
         assert r.status_code == 400 and r.json()["error"]["param"] == key
+
+
+def test_health_generate_is_healthy_while_the_batch_is_full(tiny_qwen3, tmp_path):
+    """slime `utils/health_monitor.py` (and miles) GET /health_generate every 30 s during rollouts and kill the
+    engine when it does not answer 200 within the timeout. SGLang (`http_server.py::health_generate`) answers
+    200 once the scheduler outputs anything after the probe was sent, so a saturated engine whose probe
+    queues behind a full batch is healthy. hotswap waited for its probe to finish (up to 20 s, then 503):
+    here the only slot is taken by a long request and the probe cannot be admitted."""
+    long_context = tmp_path / "long"
+    shutil.copytree(tiny_qwen3, long_context)
+    config = json.loads((long_context / "config.json").read_text())
+    config["max_position_embeddings"] = 1 << 16
+    (long_context / "config.json").write_text(json.dumps(config))
+    with make_engine(long_context, num_pages=1 << 15, max_running_requests=1) as eng, ServerThread(create_app(eng)) as srv, \
+            httpx.Client(base_url=srv.url, timeout=60) as client:
+        assert client.get("/health_generate").status_code == 200  # idle: the probe itself runs
+        body = {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 60_000, "temperature": 0, "ignore_eos": True}, "rid": "long"}
+        t, out = post_in_background(client, "/generate", body)
+        wait_for(lambda: eng.get_load().num_running == 1, "the long request never ran")
+        start = time.monotonic()
+        r = client.get("/health_generate", timeout=30)
+        assert r.status_code == 200 and time.monotonic() - start < 5
+        wait_for(lambda: eng.get_load().num_waiting == 0, "the probe was not withdrawn")
+        assert eng.get_load().num_running == 1  # the long request goes on
+        client.post("/abort_request", json={"rid": "long"})
+        t.join(30)
+        assert out["r"].json()["meta_info"]["finish_reason"]["type"] == "abort"

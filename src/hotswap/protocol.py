@@ -112,6 +112,7 @@ class LoadOutput(ControlOutput):
     paused: bool = False
     memory_released: list[str] = field(default_factory=list)  # tags released now (vLLM: sleeping)
     num_preemptions: int = 0  # running requests preempted for KV space so far (recomputed later)
+    num_steps: int = 0  # forward steps processed so far: it grows while the engine makes progress (/health_generate)
 
 
 @dataclass(kw_only=True, slots=True)

@@ -527,6 +527,7 @@ class Scheduler:
             paused=self.pause.held,
             memory_released=sorted(self.memory.released),
             num_preemptions=self.batcher.num_preemptions,
+            num_steps=self.stats["steps"],
         )
 
     def capacity(self) -> PoolCapacity:

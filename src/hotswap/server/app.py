@@ -273,6 +273,9 @@ def _fill_logprob_text(state: ServerState, out: dict) -> None:
                                       for top in meta["input_top_logprobs"]]
 
 
+HEALTH_CHECK_TIMEOUT_S = 20.0  # SGLang's HEALTH_CHECK_TIMEOUT
+
+
 def _register_native(app: FastAPI, state: ServerState) -> None:
     engine = state.engine
 
@@ -284,19 +287,33 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/health_generate")
     async def health_generate() -> Response:
+        """SGLang's rule (http_server.py::health_generate): a 1-token probe is sent, and the engine is healthy
+        once it answers anything after the probe started, within 20 s: the probe's own output, or any step of
+        the requests already running. A busy engine, whose probe queues behind a full batch, is healthy (slime's
+        and miles' health monitors kill an engine that fails this under load)."""
         if state.draining:
             return Response(status_code=503)
-        load = await state.load(timeout=5.0)
-        if load is None:
+        start = await state.load(timeout=5.0)
+        if start is None:
             return Response(status_code=503)
-        if load.paused:  # held on purpose (a weight update); generating would only wait
+        if start.paused:  # held on purpose (a weight update); generating would only wait
             return Response(status_code=200)
-        probe = engine.eos_token_ids[0] if getattr(engine, "eos_token_ids", None) else 0
+        token = engine.eos_token_ids[0] if getattr(engine, "eos_token_ids", None) else 0
+        probe = asyncio.ensure_future(engine.async_generate(input_ids=[token], sampling_params={"max_new_tokens": 1, "temperature": 0.0}))
+        deadline = time.monotonic() + HEALTH_CHECK_TIMEOUT_S
         try:
-            await asyncio.wait_for(engine.async_generate(input_ids=[probe], sampling_params={"max_new_tokens": 1, "temperature": 0.0}), 20.0)
-        except (asyncio.TimeoutError, ValueError):
+            while time.monotonic() < deadline:
+                await asyncio.wait({probe}, timeout=min(1.0, max(deadline - time.monotonic(), 0.0)))
+                if probe.done():
+                    return Response(status_code=503 if probe.exception() is not None else 200)
+                now = await state.load(timeout=max(min(1.0, deadline - time.monotonic()), 0.01))
+                if now is not None and now.num_steps > start.num_steps:
+                    return Response(status_code=200)
             return Response(status_code=503)
-        return Response(status_code=200)
+        finally:
+            if not probe.done():
+                probe.cancel()  # aborts the probe request (async_generate frees what still runs)
+            await asyncio.gather(probe, return_exceptions=True)
 
     async def model_info() -> JSONResponse:
         info = await asyncio.to_thread(engine.get_model_info)
