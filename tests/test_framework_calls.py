@@ -259,3 +259,32 @@ def test_health_generate_is_healthy_while_the_batch_is_full(tiny_qwen3, tmp_path
         client.post("/abort_request", json={"rid": "long"})
         t.join(30)
         assert out["r"].json()["meta_info"]["finish_reason"]["type"] == "abort"
+
+
+def test_miles_session_chat_turn_with_its_own_prompt_ids(c, engine):
+    """miles `rollout/session/core.py::prepare_chat_request` forwards an agent's chat body to SGLang's
+    /v1/chat/completions with its token-in/token-out prompt as `input_ids` (SGLang's protocol.py: "bypasses chat
+    template tokenization entirely"), logprobs true, return_meta_info true, no_stop_trim false;
+    `extract_completion` needs choice.meta_info.output_token_logprobs with one (logprob, id, text) per
+    completion token and message.content not None. hotswap ignored input_ids and rendered the messages, so the
+    session's tokens and the engine's disagreed. SGLang's chat fields hotswap does not serve (lora_path, set by
+    miles with LoRA on; session_params, return_hidden_states...) are refused by name instead of dropped."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "what is the answer?"}], "input_ids": PROMPT,
+            "logprobs": True, "return_meta_info": True, "no_stop_trim": False, "max_tokens": 5, "temperature": 0,
+            "chat_template_kwargs": {"enable_thinking": False}}
+    r = c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    response = r.json()
+    choice = response.get("choices", [{}])[0]
+    meta_info = choice.get("meta_info")
+    assert isinstance(meta_info, dict) and "output_token_logprobs" in meta_info and choice["message"]["content"] is not None
+    assert len(meta_info["output_token_logprobs"]) == meta_info["completion_tokens"] == 5
+    completion_token_ids = [t[1] for t in meta_info["output_token_logprobs"]]
+    assert meta_info["prompt_tokens"] == response["usage"]["prompt_tokens"] == len(PROMPT)
+    same = engine.generate(input_ids=PROMPT, sampling_params={"max_new_tokens": 5, "temperature": 0})
+    assert completion_token_ids == same["output_ids"]  # the prompt was PROMPT, not the rendered messages
+    for field, value in (("lora_path", "miles-lora"), ("session_params", {"id": "s"}), ("return_hidden_states", True)):
+        r = c.post("/v1/chat/completions", json={**body, field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    r = c.post("/v1/chat/completions", json={**body, "lora_path": None, "return_hidden_states": False, "parallel_tool_calls": True})
+    assert r.status_code == 200, r.text

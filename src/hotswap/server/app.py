@@ -32,7 +32,7 @@ from hotswap.server.generation import (
     await_generation,
     normalize_sampling_params,
     open_stream,
-    refuse_unserved_generate_fields,
+    refuse_unserved_fields,
     stream_error_event,
 )
 from hotswap.server.http_utils import (
@@ -396,7 +396,7 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
     @app.post("/generate")
     async def generate(request: Request):
         body = await parse_body(request, GenerateBody)
-        refuse_unserved_generate_fields(body.model_extra or {})
+        refuse_unserved_fields(body.model_extra or {})
         state.check_serving()
         if body.text is None and body.input_ids is None:
             raise APIError(400, "give text or input_ids", param="text")

@@ -38,6 +38,9 @@ UNSERVED_GENERATE_FIELDS = {
     "max_thinking_tokens": "thinking budgets", "require_reasoning": "reasoning control",
     "multi_item_delimiter_indices": "multi-item scoring",
 }
+# the same on SGLang's OpenAI routes (entrypoints/openai/protocol.py), where lora_path and the like are request fields
+UNSERVED_OPENAI_FIELDS = {**UNSERVED_GENERATE_FIELDS, "lora_path": "LoRA adapters",
+                          "custom_logit_processor": "custom logit processors", "stop_regex": "regex stop conditions"}
 # data-parallel rank hints: one DP rank here, so 0 (or unset) is the only rank there is
 _DP_RANK_FIELDS = ("data_parallel_rank", "routed_dp_rank")
 
@@ -48,11 +51,12 @@ def _unset(value: Any) -> bool:
     return value is None or value is False or value == "" or value == {}
 
 
-def refuse_unserved_generate_fields(extra: dict[str, Any]) -> None:
-    """Refuse (400 naming the field) an SGLang /generate field that is set but not served; others pass."""
+def refuse_unserved_fields(extra: dict[str, Any], unserved: dict[str, str] = UNSERVED_GENERATE_FIELDS) -> None:
+    """Refuse (400 naming the field) an SGLang request field of `unserved` that is set; others pass. `extra`:
+    the request's fields its model does not declare."""
     for key, value in extra.items():
-        if key in UNSERVED_GENERATE_FIELDS and not _unset(value):
-            raise APIError(400, f"{key!r} ({UNSERVED_GENERATE_FIELDS[key]}) is not supported by hotswap; leave it unset", param=key)
+        if key in unserved and not _unset(value):
+            raise APIError(400, f"{key!r} ({unserved[key]}) is not supported by hotswap; leave it unset", param=key)
         if key in _DP_RANK_FIELDS and value not in (None, 0):
             raise APIError(400, f"{key}={shown(value)} out of range [0, 1): hotswap serves one data-parallel rank", param=key)
 
