@@ -288,3 +288,30 @@ def test_miles_session_chat_turn_with_its_own_prompt_ids(c, engine):
         assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
     r = c.post("/v1/chat/completions", json={**body, "lora_path": None, "return_hidden_states": False, "parallel_tool_calls": True})
     assert r.status_code == 200, r.text
+
+
+def test_get_load_is_sglangs_per_rank_list(c, engine):
+    """sgl-model-gateway, the router slime and miles put in front of the engines (`sglang_router`), polls
+    GET /get_load and reads it as SGLang's legacy shim answers it (`http_server.py::get_load`): a JSON array
+    with one entry per DP rank, `num_tokens` (used tokens plus pending prefill tokens: what it balances on),
+    `num_reqs`, `num_waiting_reqs`. hotswap answered its own LoadOutput dict, which the router cannot read;
+    /v1/loads' `num_total_tokens` held the KV capacity instead of used + pending tokens (SGLang's
+    GetLoadsReqOutput). hotswap's fields stay beside SGLang's in the entry."""
+    assert c.post("/pause_generation", json={"mode": "in_place"}).status_code == 200
+    t, out = post_in_background(c, "/generate", {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 2}})
+    wait_for(lambda: engine.get_load().num_waiting == 1, "the request never queued")
+    rows = c.get("/get_load").json()
+    assert isinstance(rows, list) and len(rows) == 1
+    row = rows[0]
+    assert row["dp_rank"] == 0 and row["num_reqs"] == 1 and row["num_waiting_reqs"] == 1
+    assert row["num_pending_tokens"] == len(PROMPT) and row["num_tokens"] >= len(PROMPT)
+    assert sum(e.get("num_tokens") for e in rows) == row["num_tokens"] and isinstance(row["ts_tic"], float)
+    assert row["num_waiting"] == 1 and row["paused"] is True  # hotswap's own fields, beside SGLang's
+    entry = c.get("/v1/loads", params={"include": "core"}).json()["loads"][0]
+    assert entry["num_total_tokens"] == entry["num_used_tokens"] + len(PROMPT) < entry["max_total_num_tokens"]
+    assert c.post("/continue_generation", json={}).status_code == 200
+    t.join(30)
+    assert out["r"].status_code == 200
+    wait_idle(engine)
+    row = c.get("/get_load").json()[0]
+    assert row["num_reqs"] == row["num_pending_tokens"] == 0

@@ -113,6 +113,7 @@ class LoadOutput(ControlOutput):
     memory_released: list[str] = field(default_factory=list)  # tags released now (vLLM: sleeping)
     num_preemptions: int = 0  # running requests preempted for KV space so far (recomputed later)
     num_steps: int = 0  # forward steps processed so far: it grows while the engine makes progress (/health_generate)
+    num_waiting_tokens: int = 0  # tokens the waiting requests have still to prefill (SGLang's pending prefill tokens)
 
 
 @dataclass(kw_only=True, slots=True)

@@ -528,6 +528,7 @@ class Scheduler:
             memory_released=sorted(self.memory.released),
             num_preemptions=self.batcher.num_preemptions,
             num_steps=self.stats["steps"],
+            num_waiting_tokens=sum(s.num_tokens - s.num_computed for s in self.batcher.waiting),
         )
 
     def capacity(self) -> PoolCapacity:

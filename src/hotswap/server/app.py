@@ -340,18 +340,27 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
         used = load.kv_pages_used * state.page_size
         total = state.kv_capacity_tokens
         now = time.time()
+        # num_total_tokens is SGLang's "used tokens plus pending prefill tokens" (the router balances on it)
         entry = {"dp_rank": 0, "timestamp": now, "num_running_reqs": load.num_running, "num_waiting_reqs": load.num_waiting,
-                 "num_reqs": load.num_running + load.num_waiting, "num_used_tokens": used, "num_total_tokens": total,
+                 "num_reqs": load.num_running + load.num_waiting, "num_used_tokens": used,
+                 "num_total_tokens": used + load.num_waiting_tokens,
                  "max_total_num_tokens": total, "token_usage": used / total if total else 0.0,
                  "max_running_requests": engine.config.max_running_requests, "weight_version": load.weight_version}
         return JSONResponse({"timestamp": now, "version": hotswap.__version__, "dp_rank_count": 1, "loads": [entry]})
 
     @app.get("/get_load")
     async def get_load() -> JSONResponse:
+        """SGLang's legacy shim: a list with one entry per DP rank, {dp_rank, num_reqs, num_waiting_reqs,
+        num_tokens (used + pending prefill), num_pending_tokens, ts_tic}, which sgl-model-gateway (slime's and
+        miles' router) polls to balance load; hotswap's LoadOutput fields ride beside them in the entry."""
         load = await state.load(timeout=5.0)
         if load is None:
             raise APIError(503, "the engine did not answer")
-        return JSONResponse(load.to_dict())
+        used = load.kv_pages_used * state.page_size
+        entry = {"dp_rank": 0, "num_reqs": load.num_running + load.num_waiting, "num_waiting_reqs": load.num_waiting,
+                 "num_tokens": used + load.num_waiting_tokens, "num_pending_tokens": load.num_waiting_tokens,
+                 "ts_tic": time.perf_counter(), **load.to_dict()}
+        return JSONResponse([entry])
 
     @app.get("/get_weight_version")
     async def get_weight_version() -> JSONResponse:
