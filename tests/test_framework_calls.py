@@ -315,3 +315,15 @@ def test_get_load_is_sglangs_per_rank_list(c, engine):
     wait_idle(engine)
     row = c.get("/get_load").json()[0]
     assert row["num_reqs"] == row["num_pending_tokens"] == 0
+
+
+def test_sampling_seed_is_the_request_seed_on_every_path(c, engine):
+    """AReaL `sglang_remote.py::build_generation_request` (and its v2 `sglang/bridge.py`) sends SGLang's
+    `sampling_params.sampling_seed` when the generation config has a seed. Over HTTP it was read as `seed`; the
+    in-process Engine refused it ("unknown sampling parameter(s): sampling_seed"). Now both read it in one place."""
+    sp = {"max_new_tokens": 6, "temperature": 1.0, "sampling_seed": 1234}
+    first = engine.generate(input_ids=PROMPT, sampling_params=sp)["output_ids"]
+    assert engine.generate(input_ids=PROMPT, sampling_params={**sp, "sampling_seed": None, "seed": 1234})["output_ids"] == first
+    assert engine.generate(input_ids=PROMPT, sampling_params={**sp, "seed": None})["output_ids"] == first
+    r = c.post("/generate", json={"input_ids": PROMPT, "sampling_params": sp})
+    assert r.status_code == 200 and r.json()["output_ids"] == first

@@ -85,10 +85,6 @@ def normalize_sampling_params(params: Any) -> dict:
                 raise APIError(400, f"sampling parameter {shown(key)} is not supported by hotswap", param=key)
     for key in _IGNORED:
         sp.pop(key, None)
-    if "sampling_seed" in sp:
-        seed = sp.pop("sampling_seed")
-        if seed is not None:
-            sp.setdefault("seed", seed)
     # None means the default (SamplingParams.from_dict reads None as the default for the penalties, logit_bias,
     # no_stop_trim and custom_params itself; the engine reads max_new_tokens None as SGLang: until the context is full)
     for key in ("top_k", "top_p", "min_p", "temperature", "seed", "n"):
