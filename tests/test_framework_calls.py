@@ -327,3 +327,27 @@ def test_sampling_seed_is_the_request_seed_on_every_path(c, engine):
     assert engine.generate(input_ids=PROMPT, sampling_params={**sp, "seed": None})["output_ids"] == first
     r = c.post("/generate", json={"input_ids": PROMPT, "sampling_params": sp})
     assert r.status_code == 200 and r.json()["output_ids"] == first
+
+
+def test_skyrl_resets_the_prefix_cache_with_running_requests(c, engine):
+    """SkyRL `workers/fsdp/fsdp_worker.py` (and `megatron_worker.py`) broadcast weights inside a keep-pause
+    (`worker_dispatch.py`: POST /pause?mode=keep&clear_cache=false ... /resume) and, when the prefix cache must go
+    (synchronous training, or fully async with clear_kv_cache_on_weight_sync), POST /reset_prefix_cache
+    {"reset_running_requests": true}; `remote_inference_client.py::_call_server` raises on a non-2xx. vLLM then
+    preempts the running requests (recomputed later) and resets the cache; hotswap answered 409. Now the frozen
+    request gives its pages back, is recomputed after /resume and ends as an uninterrupted run does."""
+    body = {"model": "tiny", "token_ids": PROMPT, "sampling_params": {"max_tokens": 300, "temperature": 0, "ignore_eos": True, "logprobs": 1}}
+    alone = c.post("/inference/v1/generate", json=body).json()["choices"][0]["token_ids"]
+    t, out = post_in_background(c, "/inference/v1/generate", body)
+    wait_for(lambda: engine.get_load().num_running == 1, "the request never ran")
+    r = c.post("/pause", params={"mode": "keep", "clear_cache": "false"})
+    assert r.status_code == 200 and r.json() == {"status": "paused"}
+    r = c.post("/reset_prefix_cache", json={"reset_running_requests": True})
+    assert r.status_code == 200 and r.json() == {"success": True}, r.text
+    load = engine.get_load()
+    assert (load.num_running, load.num_waiting) == (0, 1)  # retracted: no pages held, recomputed on resume
+    assert c.post("/resume").json() == {"status": "resumed"}
+    t.join(60)
+    choice = out["r"].json()["choices"][0]
+    assert choice["finish_reason"] == "length" and choice["token_ids"] == alone
+    assert [x["logprob"] for x in choice["logprobs"]["content"]] and engine.reset_prefix_cache() is True

@@ -94,7 +94,9 @@ class ControlOutput(dict):
 
 @dataclass(kw_only=True, slots=True)
 class FlushCacheRequest:
-    pass
+    # vLLM's reset_prefix_cache(reset_running_requests=True): running requests give their pages back first and are
+    # recomputed from their tokens when they run again (SkyRL resets so while a keep-pause freezes them)
+    reset_running_requests: bool = False
 
 
 @dataclass(kw_only=True, slots=True)

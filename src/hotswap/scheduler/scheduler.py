@@ -512,6 +512,8 @@ class Scheduler:
         return True
 
     def handle_flush_cache(self, req: p.FlushCacheRequest) -> p.ControlOutput:
+        if req.reset_running_requests:
+            self.batcher.retract_all()  # their KV goes with the cache; they recompute it (with the weights then served)
         if not self.flush_cache():
             return p.ControlOutput(success=False, message=f"cannot flush the cache while {len(self.batcher.running)} request(s) are running")
         return p.ControlOutput(success=True, message="cache flushed")

@@ -289,10 +289,7 @@ def register(app: FastAPI, state: ServerState) -> None:
     async def reset_prefix_cache(request: Request) -> JSONResponse:
         body = await parse_body(request, dict[str, Any])  # optional: an empty body reads as {}
         running = _query_bool(request, "reset_running_requests", bool(body.get("reset_running_requests", False)))
-        reset = await asyncio.to_thread(engine.reset_prefix_cache)
-        if not reset and running:
-            raise APIError(409, "reset_running_requests is not supported by hotswap: requests are running and hold cached pages; "
-                                "pause first (POST /pause?mode=abort or mode=wait), then reset")
+        reset = await asyncio.to_thread(engine.reset_prefix_cache, running)
         return JSONResponse({"success": reset})
 
     @app.get("/get_world_size")
