@@ -133,8 +133,9 @@ def test_prompt_logprob_scoring_as_teachers_ask_for_it(c):
     exactly K (logprob, id, text) entries at every later position; slime `rollout/on_policy_distillation.py` sends
     max_new_tokens 0 with logprob_start_len 0 and reads `input_token_logprobs[1:]`; AReaL
     `sglang_remote.py::build_score_request` sends logprob_start_len len - target - 1, temperature 0,
-    top_logprobs_num 0 and `parse_score_response` takes the last `target` logprobs."""
-    k = 3
+    top_logprobs_num 0 and `parse_score_response` takes the last `target` logprobs. SGLang sets no limit on
+    top_logprobs_num; hotswap refused anything above 20, so verl's teacher (topk 32 by default) failed."""
+    k = 32  # verl's distillation.yaml topk (its dataclass default is 128); hotswap capped top_logprobs_num at 20
     verl = {"rid": "teacher-1", "input_ids": PROMPT, "return_logprob": True, "image_data": None, "logprob_start_len": 0,
             "top_logprobs_num": k, "sampling_params": {"temperature": 1.0, "max_new_tokens": 1}}
     out = c.post("/generate", json=verl).json()
