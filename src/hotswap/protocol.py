@@ -94,7 +94,9 @@ class ControlOutput(dict):
 
 @dataclass(kw_only=True, slots=True)
 class FlushCacheRequest:
-    pass
+    # vLLM's reset_prefix_cache(reset_running_requests=True): running requests give their pages back first and are
+    # recomputed from their tokens when they run again (SkyRL resets so while a keep-pause freezes them)
+    reset_running_requests: bool = False
 
 
 @dataclass(kw_only=True, slots=True)
@@ -112,6 +114,8 @@ class LoadOutput(ControlOutput):
     paused: bool = False
     memory_released: list[str] = field(default_factory=list)  # tags released now (vLLM: sleeping)
     num_preemptions: int = 0  # running requests preempted for KV space so far (recomputed later)
+    num_steps: int = 0  # forward steps processed so far: it grows while the engine makes progress (/health_generate)
+    num_waiting_tokens: int = 0  # tokens the waiting requests have still to prefill (SGLang's pending prefill tokens)
 
 
 @dataclass(kw_only=True, slots=True)

@@ -8,6 +8,9 @@ from hotswap.errors import ConstrainedDecodingError, SamplingParamsError, shown
 
 INT64_MAX = 2**63 - 1  # seeds and top_k travel to the device as int64
 MAX_STOPS = 1024  # stop strings (and stop token ids) per request: each is checked after every token, on the scheduler thread
+# top logprobs per position: SGLang sets no limit (verl's distillation teacher asks for its topk, 32 or 128), but each
+# one is a (logprob, id, text) entry in every position's reply; the OpenAI and vLLM routes keep their own limit of 20
+MAX_TOP_LOGPROBS = 1024
 
 # constrained decoding (SGLang's and vLLM's names): refused by name wherever a request may carry it
 CONSTRAINED_DECODING_FIELDS = ("regex", "json_schema", "ebnf", "structural_tag", "guided_json", "guided_regex", "guided_choice",
@@ -108,8 +111,8 @@ class SamplingParams:
             raise bad(f"seed must be an integer in [0, 2**63), got {shown(self.seed)}")
         if not isinstance(self.n, int) or not 1 <= self.n <= 256:
             raise bad(f"n must be in [1, 256], got {shown(self.n)}")
-        if not isinstance(self.top_logprobs_num, int) or not 0 <= self.top_logprobs_num <= 20:
-            raise bad(f"top_logprobs_num must be in [0, 20], got {shown(self.top_logprobs_num)}")
+        if not isinstance(self.top_logprobs_num, int) or not 0 <= self.top_logprobs_num <= MAX_TOP_LOGPROBS:
+            raise bad(f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}], got {shown(self.top_logprobs_num)}")
         if not isinstance(self.return_routed_experts, bool):
             raise bad(f"return_routed_experts must be a boolean, got {shown(self.return_routed_experts)}")
         start = self.routed_experts_start_len

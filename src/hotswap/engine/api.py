@@ -454,9 +454,10 @@ class EngineAPI:
     def is_sleeping(self) -> bool:
         return bool(self.get_load().memory_released)
 
-    def reset_prefix_cache(self) -> bool:
-        """vLLM's reset_prefix_cache: False while requests hold cached pages (callers retry)."""
-        return self.flush_cache().success
+    def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+        """vLLM's reset_prefix_cache: False while requests hold cached pages (callers retry), unless
+        `reset_running_requests`: then running requests give their pages back and are recomputed later."""
+        return self._call(p.FlushCacheRequest(reset_running_requests=reset_running_requests)).success
 
     @staticmethod
     def _vllm_memory_tags(tags: list[str] | None) -> list[str] | str:

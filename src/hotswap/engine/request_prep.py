@@ -184,11 +184,16 @@ class RequestPrep:
         return out
 
     def _from_sglang(self, params):
-        """An SGLang sampling_params dict as SamplingParams.from_dict takes it: neutral fields dropped, and
-        max_new_tokens None (SGLang: until the context is full) as the context length (the context ends it)."""
+        """An SGLang sampling_params dict as SamplingParams.from_dict takes it: neutral fields dropped,
+        `sampling_seed` (SGLang's per-request seed; AReaL sends it) read as `seed`, and max_new_tokens None
+        (SGLang: until the context is full) as the context length (the context ends it)."""
         if not isinstance(params, dict):
             return params
         params = _drop_neutral(params)
+        if "sampling_seed" in params:
+            seed = params.pop("sampling_seed")
+            if seed is not None and params.get("seed") is None:
+                params["seed"] = seed
         if "max_new_tokens" in params and params["max_new_tokens"] is None:
             params["max_new_tokens"] = self.max_context_len
         return params

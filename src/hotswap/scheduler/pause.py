@@ -1,6 +1,8 @@
 """Holding generation: pause_generation / continue_generation, with SGLang's state rules.
 
-A second pause, or a continue while running, is a no-op that answers success (frameworks retry them).
+A second pause, or a continue while running, answers success (frameworks retry them) and changes no hold; a
+second pause's abort or retract still acts on the requests held, as each SGLang pause does (AReaL pauses twice:
+abort, then in_place).
 Updates made during a pause form one session (`Sessions.open_pause`), committed at continue; each
 version they give is readable at once. A continue while a `begin_weight_update` session is open is
 refused and the session stays open: committing it would serve a half-pushed update.
@@ -42,7 +44,12 @@ class GenerationPause:
     def pause_generation(self, req: p.PauseGenerationRequest) -> p.ControlOutput:
         if req.mode not in MODES:
             return p.ControlOutput(success=False, message=f"unknown pause mode {shown(req.mode)}; use abort, retract, in_place or wait")
-        if self.paused:
+        if self.paused:  # the hold stays as it is; an abort or retract still acts, as each of SGLang's pauses does
+            if req.mode == "abort" and (n := self.abort_all("aborted by pause_generation")):
+                return p.ControlOutput(success=True, message=f"generation is already paused; aborted {n} request(s)")
+            if req.mode == "retract":
+                self.retract_all()
+                return p.ControlOutput(success=True, message="generation is already paused; started requests retracted")
             return p.ControlOutput(success=True, message="generation is already paused (no-op)")
         if req.mode == "abort":
             self.abort_all("aborted by pause_generation")

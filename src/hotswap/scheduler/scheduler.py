@@ -394,7 +394,11 @@ class Scheduler:
         self.stats["requests"] += 1
         self.stats["prompt_tokens"] += len(req.input_ids)
         seq = Sequence(req=req)
-        if self.memory.any_released():  # nothing can run until a resume, which may never come: refuse now
+        # nothing can run until a resume, which may never come: refuse now. While generation is held (paused,
+        # a weight-update session) a request queues like any other, as behind SGLang's pause gate (tokenizer
+        # manager: every generate waits for continue before anything else); if memory is still released when
+        # the hold ends, refuse_queued_while_released refuses it then.
+        if self.memory.any_released() and not self.pause.held:
             self.finish(seq, self._released_refusal())
             return
         if req.sampling_params.max_new_tokens == 0 and seq.prompt_logprobs_owed >= seq.prompt_len - 1:
@@ -508,6 +512,8 @@ class Scheduler:
         return True
 
     def handle_flush_cache(self, req: p.FlushCacheRequest) -> p.ControlOutput:
+        if req.reset_running_requests:
+            self.batcher.retract_all()  # their KV goes with the cache; they recompute it (with the weights then served)
         if not self.flush_cache():
             return p.ControlOutput(success=False, message=f"cannot flush the cache while {len(self.batcher.running)} request(s) are running")
         return p.ControlOutput(success=True, message="cache flushed")
@@ -523,6 +529,8 @@ class Scheduler:
             paused=self.pause.held,
             memory_released=sorted(self.memory.released),
             num_preemptions=self.batcher.num_preemptions,
+            num_steps=self.stats["steps"],
+            num_waiting_tokens=sum(s.num_tokens - s.num_computed for s in self.batcher.waiting),
         )
 
     def capacity(self) -> PoolCapacity:

@@ -28,7 +28,13 @@ import hotswap
 from hotswap import protocol as p
 from hotswap.server.access import AccessPolicy
 from hotswap.server.body_limit import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, BodyLimits
-from hotswap.server.generation import await_generation, normalize_sampling_params, open_stream, stream_error_event
+from hotswap.server.generation import (
+    await_generation,
+    normalize_sampling_params,
+    open_stream,
+    refuse_unserved_fields,
+    stream_error_event,
+)
 from hotswap.server.http_utils import (
     SSE_DONE,
     APIError,
@@ -228,9 +234,10 @@ async def _send_error(send: Send, err: APIError, extra_headers: list[tuple[bytes
 
 
 class GenerateBody(BaseModel):
-    """SGLang's GenerateReqInput, the fields hotswap serves (others are accepted and ignored)."""
+    """SGLang's GenerateReqInput, the fields hotswap serves. SGLang's fields it does not serve are refused when
+    set (generation.UNSERVED_GENERATE_FIELDS); keys SGLang does not know are ignored, as SGLang ignores them."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     text: str | list[str] | None = None
     input_ids: list[int] | list[list[int]] | None = None
     sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
@@ -266,6 +273,9 @@ def _fill_logprob_text(state: ServerState, out: dict) -> None:
                                       for top in meta["input_top_logprobs"]]
 
 
+HEALTH_CHECK_TIMEOUT_S = 20.0  # SGLang's HEALTH_CHECK_TIMEOUT
+
+
 def _register_native(app: FastAPI, state: ServerState) -> None:
     engine = state.engine
 
@@ -277,19 +287,33 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/health_generate")
     async def health_generate() -> Response:
+        """SGLang's rule (http_server.py::health_generate): a 1-token probe is sent, and the engine is healthy
+        once it answers anything after the probe started, within 20 s: the probe's own output, or any step of
+        the requests already running. A busy engine, whose probe queues behind a full batch, is healthy (slime's
+        and miles' health monitors kill an engine that fails this under load)."""
         if state.draining:
             return Response(status_code=503)
-        load = await state.load(timeout=5.0)
-        if load is None:
+        start = await state.load(timeout=5.0)
+        if start is None:
             return Response(status_code=503)
-        if load.paused:  # held on purpose (a weight update); generating would only wait
+        if start.paused:  # held on purpose (a weight update); generating would only wait
             return Response(status_code=200)
-        probe = engine.eos_token_ids[0] if getattr(engine, "eos_token_ids", None) else 0
+        token = engine.eos_token_ids[0] if getattr(engine, "eos_token_ids", None) else 0
+        probe = asyncio.ensure_future(engine.async_generate(input_ids=[token], sampling_params={"max_new_tokens": 1, "temperature": 0.0}))
+        deadline = time.monotonic() + HEALTH_CHECK_TIMEOUT_S
         try:
-            await asyncio.wait_for(engine.async_generate(input_ids=[probe], sampling_params={"max_new_tokens": 1, "temperature": 0.0}), 20.0)
-        except (asyncio.TimeoutError, ValueError):
+            while time.monotonic() < deadline:
+                await asyncio.wait({probe}, timeout=min(1.0, max(deadline - time.monotonic(), 0.0)))
+                if probe.done():
+                    return Response(status_code=503 if probe.exception() is not None else 200)
+                now = await state.load(timeout=max(min(1.0, deadline - time.monotonic()), 0.01))
+                if now is not None and now.num_steps > start.num_steps:
+                    return Response(status_code=200)
             return Response(status_code=503)
-        return Response(status_code=200)
+        finally:
+            if not probe.done():
+                probe.cancel()  # aborts the probe request (async_generate frees what still runs)
+            await asyncio.gather(probe, return_exceptions=True)
 
     async def model_info() -> JSONResponse:
         info = await asyncio.to_thread(engine.get_model_info)
@@ -316,18 +340,27 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
         used = load.kv_pages_used * state.page_size
         total = state.kv_capacity_tokens
         now = time.time()
+        # num_total_tokens is SGLang's "used tokens plus pending prefill tokens" (the router balances on it)
         entry = {"dp_rank": 0, "timestamp": now, "num_running_reqs": load.num_running, "num_waiting_reqs": load.num_waiting,
-                 "num_reqs": load.num_running + load.num_waiting, "num_used_tokens": used, "num_total_tokens": total,
+                 "num_reqs": load.num_running + load.num_waiting, "num_used_tokens": used,
+                 "num_total_tokens": used + load.num_waiting_tokens,
                  "max_total_num_tokens": total, "token_usage": used / total if total else 0.0,
                  "max_running_requests": engine.config.max_running_requests, "weight_version": load.weight_version}
         return JSONResponse({"timestamp": now, "version": hotswap.__version__, "dp_rank_count": 1, "loads": [entry]})
 
     @app.get("/get_load")
     async def get_load() -> JSONResponse:
+        """SGLang's legacy shim: a list with one entry per DP rank, {dp_rank, num_reqs, num_waiting_reqs,
+        num_tokens (used + pending prefill), num_pending_tokens, ts_tic}, which sgl-model-gateway (slime's and
+        miles' router) polls to balance load; hotswap's LoadOutput fields ride beside them in the entry."""
         load = await state.load(timeout=5.0)
         if load is None:
             raise APIError(503, "the engine did not answer")
-        return JSONResponse(load.to_dict())
+        used = load.kv_pages_used * state.page_size
+        entry = {"dp_rank": 0, "num_reqs": load.num_running + load.num_waiting, "num_waiting_reqs": load.num_waiting,
+                 "num_tokens": used + load.num_waiting_tokens, "num_pending_tokens": load.num_waiting_tokens,
+                 "ts_tic": time.perf_counter(), **load.to_dict()}
+        return JSONResponse([entry])
 
     @app.get("/get_weight_version")
     async def get_weight_version() -> JSONResponse:
@@ -337,7 +370,7 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
         load = await state.load(timeout=1.0)
-        return PlainTextResponse(state.metrics.render(load, state.served_model_name), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(state.metrics.render(load, state.served_model_name, state.page_size), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/get_ipc_token")
     async def get_ipc_token() -> JSONResponse:
@@ -372,6 +405,7 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
     @app.post("/generate")
     async def generate(request: Request):
         body = await parse_body(request, GenerateBody)
+        refuse_unserved_fields(body.model_extra or {})
         state.check_serving()
         if body.text is None and body.input_ids is None:
             raise APIError(400, "give text or input_ids", param="text")

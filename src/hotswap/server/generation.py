@@ -22,6 +22,45 @@ _MUST_BE_EMPTY = ("lora_path",)
 _IGNORED = ("stream_interval",)  # the server's --stream-interval applies
 
 
+# SGLang GenerateReqInput fields (managers/io_struct.py) hotswap does not serve, and what each asks for. Sent
+# unset (None, false, empty: what frameworks send by default) they pass; set, they are refused by name, never
+# silently ignored (an ignored token_ids_logprob or session_params would hand back a reply missing what was asked).
+UNSERVED_GENERATE_FIELDS = {
+    "token_ids_logprob": "logprobs of chosen token ids", "return_hidden_states": "hidden states",
+    "return_sampling_mask": "sampling masks", "return_flat_raw_top_logprobs": "flat top-logprob arrays",
+    "return_flat_raw_top_logprobs_b64": "flat top-logprob arrays", "return_indexer_topk": "indexer top-k",
+    "return_entropy": "entropy", "return_prompt_token_ids": "prompt token ids in the reply", "return_bytes": "image bytes",
+    "input_embeds": "input embeddings", "positional_embed_overrides": "input embeddings",
+    "video_data": "video input", "audio_data": "audio input",
+    "session_params": "continual-prompting sessions", "bootstrap_host": "PD disaggregation",
+    "bootstrap_port": "PD disaggregation", "bootstrap_room": "PD disaggregation", "bootstrap_pair_key": "PD disaggregation",
+    "decode_tp_size": "PD disaggregation", "disagg_prefill_dp_rank": "PD disaggregation",
+    "max_thinking_tokens": "thinking budgets", "require_reasoning": "reasoning control",
+    "multi_item_delimiter_indices": "multi-item scoring",
+}
+# the same on SGLang's OpenAI routes (entrypoints/openai/protocol.py), where lora_path and the like are request fields
+UNSERVED_OPENAI_FIELDS = {**UNSERVED_GENERATE_FIELDS, "lora_path": "LoRA adapters",
+                          "custom_logit_processor": "custom logit processors", "stop_regex": "regex stop conditions"}
+# data-parallel rank hints: one DP rank here, so 0 (or unset) is the only rank there is
+_DP_RANK_FIELDS = ("data_parallel_rank", "routed_dp_rank")
+
+
+def _unset(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_unset(v) for v in value)
+    return value is None or value is False or value == "" or value == {}
+
+
+def refuse_unserved_fields(extra: dict[str, Any], unserved: dict[str, str] = UNSERVED_GENERATE_FIELDS) -> None:
+    """Refuse (400 naming the field) an SGLang request field of `unserved` that is set; others pass. `extra`:
+    the request's fields its model does not declare."""
+    for key, value in extra.items():
+        if key in unserved and not _unset(value):
+            raise APIError(400, f"{key!r} ({unserved[key]}) is not supported by hotswap; leave it unset", param=key)
+        if key in _DP_RANK_FIELDS and value not in (None, 0):
+            raise APIError(400, f"{key}={shown(value)} out of range [0, 1): hotswap serves one data-parallel rank", param=key)
+
+
 def refuse_constrained_decoding(fields: dict) -> None:
     """sampling_params.refuse_constrained_decoding as HTTP's 400 naming the field (`param`)."""
     try:
@@ -46,10 +85,6 @@ def normalize_sampling_params(params: Any) -> dict:
                 raise APIError(400, f"sampling parameter {shown(key)} is not supported by hotswap", param=key)
     for key in _IGNORED:
         sp.pop(key, None)
-    if "sampling_seed" in sp:
-        seed = sp.pop("sampling_seed")
-        if seed is not None:
-            sp.setdefault("seed", seed)
     # None means the default (SamplingParams.from_dict reads None as the default for the penalties, logit_bias,
     # no_stop_trim and custom_params itself; the engine reads max_new_tokens None as SGLang: until the context is full)
     for key in ("top_k", "top_p", "min_p", "temperature", "seed", "n"):

@@ -1,6 +1,9 @@
 """Prometheus text-format metrics: counters kept by the routes, gauges read from the engine's load.
 
-No prometheus_client dependency: the exposition format is a few lines of text.
+No prometheus_client dependency: the exposition format is a few lines of text. Beside hotswap's own families
+the same facts are exported under SGLang's (`sglang:num_running_reqs`...) and vLLM's (`vllm:num_requests_running`,
+`vllm:cache_config_info`...) names, which RL frameworks scrape (miles' dashboard, prime-rl's concurrency
+controller; docs/framework_calls.md).
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ class Metrics:
         self.generation_requests: dict[str, int] = defaultdict(int)  # route -> engine requests (one per choice)
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cached_tokens = 0  # prompt tokens served from the prefix cache
+        self.finished_requests = 0
         self.aborted_requests = 0
         self.disconnects = 0
         self.weight_updates: dict[tuple[str, str], int] = defaultdict(int)  # (route, result)
@@ -65,6 +70,8 @@ class Metrics:
                 self.generation_requests[route] += 1
                 self.prompt_tokens += int(meta.get("prompt_tokens") or 0)
                 self.completion_tokens += int(meta.get("completion_tokens") or 0)
+                self.cached_tokens += int(meta.get("cached_tokens") or 0)
+                self.finished_requests += 1
                 reason = meta.get("finish_reason") or {}
                 if reason.get("type") == "abort":
                     self.aborted_requests += 1
@@ -87,8 +94,9 @@ class Metrics:
 
     # ---- exposition --------------------------------------------------------------------------------
 
-    def render(self, load=None, model_name: str = "") -> str:
-        """`load` is the engine's LoadOutput (None when the engine could not answer)."""
+    def render(self, load=None, model_name: str = "", page_size: int = 1) -> str:
+        """`load` is the engine's LoadOutput (None when the engine could not answer); `page_size`: tokens per
+        KV page (vLLM's block_size)."""
         lines: list[str] = []
 
         def family(name: str, kind: str, help_: str, samples: list[tuple[dict, float]]) -> None:
@@ -132,4 +140,50 @@ class Metrics:
                    [({}, int(bool(load.paused)))])
             family("hotswap_weight_version_info", "gauge", "The weight version the engine serves (value is always 1).",
                    [({"version": load.weight_version, "model": model_name}, 1)])
+        self._render_sglang(family, load, model_name, page_size)
+        self._render_vllm(family, load, model_name, page_size)
         return "\n".join(lines) + "\n"
+
+    def _render_sglang(self, family, load, model_name: str, page_size: int) -> None:
+        """SGLang's names (srt/metrics/collector.py), read by miles' dashboard (`sglang_scraper.py`)."""
+        labels = {"model_name": model_name, "engine_type": "unified"}
+        with self._lock:
+            counters = [("prompt_tokens_total", "Prompt tokens.", self.prompt_tokens),
+                        ("generation_tokens_total", "Generated tokens.", self.completion_tokens),
+                        ("cached_tokens_total", "Prompt tokens served from the prefix cache.", self.cached_tokens),
+                        ("num_requests_total", "Finished requests.", self.finished_requests),
+                        ("num_aborted_requests_total", "Requests that finished aborted.", self.aborted_requests)]
+            hit_rate = self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+        for name, help_, value in counters:
+            family(f"sglang:{name}", "counter", help_, [(labels, value)])
+        if load is None:
+            return
+        used, total = load.kv_pages_used * page_size, (load.kv_pages_total or 0) * page_size
+        for name, help_, value in (("num_running_reqs", "Running requests.", load.num_running),
+                                   ("num_queue_reqs", "Queued requests.", load.num_waiting),
+                                   ("num_used_tokens", "KV-cache tokens in use.", used),
+                                   ("token_usage", "Fraction of KV-cache tokens in use.", used / total if total else 0.0),
+                                   ("cache_hit_rate", "Prefix-cache hit rate (cached / prompt tokens, since start).", hit_rate)):
+            family(f"sglang:{name}", "gauge", help_, [(labels, value)])
+
+    def _render_vllm(self, family, load, model_name: str, page_size: int) -> None:
+        """vLLM's names (v1/metrics/loggers.py), read by prime-rl's `orchestrator/inference_metrics.py` (engine
+        label "0"; capacity from `cache_config_info`'s labels)."""
+        labels = {"model_name": model_name, "engine": "0"}
+        with self._lock:
+            counters = [("prompt_tokens_total", "Prompt tokens.", self.prompt_tokens),
+                        ("generation_tokens_total", "Generated tokens.", self.completion_tokens),
+                        ("prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache.", self.prompt_tokens),
+                        ("prefix_cache_hits_total", "Prompt tokens found in the prefix cache.", self.cached_tokens)]
+        for name, help_, value in counters:
+            family(f"vllm:{name}", "counter", help_, [(labels, value)])
+        if load is None:
+            return
+        total = load.kv_pages_total or 0
+        family("vllm:num_requests_running", "gauge", "Running requests.", [(labels, load.num_running)])
+        family("vllm:num_requests_waiting", "gauge", "Waiting requests.", [(labels, load.num_waiting)])
+        family("vllm:kv_cache_usage_perc", "gauge", "Fraction of KV-cache blocks in use (1 = full).",
+               [(labels, load.kv_pages_used / total if total else 0.0)])
+        family("vllm:num_preemptions_total", "counter", "Requests preempted for KV space.", [(labels, load.num_preemptions)])
+        family("vllm:cache_config_info", "gauge", "KV-cache configuration (in the labels).",
+               [({**labels, "block_size": str(page_size), "num_gpu_blocks": str(total), "kv_cache_size_tokens": str(total * page_size)}, 1)])

@@ -16,7 +16,14 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hotswap.errors import shown
-from hotswap.server.generation import await_generation, open_stream, refuse_constrained_decoding, stream_error_event
+from hotswap.server.generation import (
+    UNSERVED_OPENAI_FIELDS,
+    await_generation,
+    open_stream,
+    refuse_constrained_decoding,
+    refuse_unserved_fields,
+    stream_error_event,
+)
 from hotswap.server.http_utils import (
     SSE_DONE,
     APIError,
@@ -45,10 +52,12 @@ class _SamplingFields(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _no_constrained_decoding(cls, data: Any) -> Any:
-        """SGLang's and vLLM's constrained-decoding extras are refused by name, never dropped with the
-        other unknown fields (an APIError passes through pydantic as it is: the one message, with `param`)."""
+        """SGLang's and vLLM's constrained-decoding extras, and SGLang's request fields hotswap does not serve
+        (lora_path, session_params, return_hidden_states...), are refused by name when set, never dropped with
+        the other unknown fields (an APIError passes through pydantic as it is: the one message, with `param`)."""
         if isinstance(data, dict):
             refuse_constrained_decoding(data)
+            refuse_unserved_fields({k: v for k, v in data.items() if k not in cls.model_fields}, UNSERVED_OPENAI_FIELDS)
         return data
 
     model: str | None = None
@@ -109,6 +118,9 @@ class ChatCompletionRequest(_SamplingFields):
     continue_final_message: bool = False
     # SGLang's: each choice carries the prompt's token ids (so does return_token_ids, beside `token_ids`)
     return_prompt_token_ids: bool = False
+    # SGLang's pre-computed prompt (protocol.py: "bypasses chat template tokenization entirely"): miles' session
+    # server (rollout/session/core.py) sends its own token-in/token-out ids here
+    input_ids: list[int] | None = None
 
 
 # ---- shared helpers ---------------------------------------------------------------------------------
@@ -469,10 +481,12 @@ def register(app: FastAPI, state: ServerState) -> None:
             raise APIError(400, "forcing tool calls is not supported by hotswap", param="tool_choice")
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
-        # the chat template runs in a worker thread, never on the event loop
-        ids = await asyncio.to_thread(state.render_chat, body.messages, tools=body.tools if body.tool_choice != "none" else None,
-                                      add_generation_prompt=body.add_generation_prompt,
-                                      continue_final_message=body.continue_final_message, kwargs=body.chat_template_kwargs)
+        if body.input_ids is not None:  # the caller's prompt as it is; the messages are not rendered
+            ids = list(body.input_ids)
+        else:  # the chat template runs in a worker thread, never on the event loop
+            ids = await asyncio.to_thread(state.render_chat, body.messages, tools=body.tools if body.tool_choice != "none" else None,
+                                          add_generation_prompt=body.add_generation_prompt,
+                                          continue_final_message=body.continue_final_message, kwargs=body.chat_template_kwargs)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         check_prompt(state, ids, max_tokens, 0, "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
         if max_tokens is None:

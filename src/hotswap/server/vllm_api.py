@@ -115,6 +115,11 @@ _NEUTRAL_SAMPLING = {"allowed_token_ids": None, "bad_words": None, "structured_o
                      "flat_logprobs": False}
 # output formatting only (token ids are what this route returns): accepted as they come
 _FORMAT_ONLY = ("detokenize", "include_stop_str_in_output", "spaces_between_special_tokens", "output_kind", "skip_special_tokens")
+# keys verifiers' TrainClient (v1/clients/train.py, renderers.client.generate) puts in sampling_params for prime-rl: its
+# extra_body `cache_salt` (a policy version; hotswap flushes the prefix cache at every update, what the salt is for) and
+# `routed_experts_prompt_start` (where returned routing starts; this route returns no routing, as vLLM without
+# --enable-return-routed-experts). vLLM's SamplingParams ignores keys it lacks; these two are checked, then unused.
+_POSITIONING = {"cache_salt": str, "routed_experts_prompt_start": int}
 _SERVED = ("n", "best_of", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos", "max_tokens", "logprobs",
            "prompt_logprobs", "min_tokens", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias")
 # vLLM name -> ours, passed as given (the engine validates the values and names a bad one)
@@ -146,9 +151,13 @@ def vllm_sampling_params(sp: dict[str, Any], prompt_len: int, max_context_len: i
     (The prompt's fit in the context, with max_tokens after it, is the route's `check_prompt`, as on the
     OpenAI routes.)"""
     refuse_constrained_decoding(sp)
-    unknown = sorted(set(sp) - set(_NEUTRAL_SAMPLING) - set(_FORMAT_ONLY) - set(_SERVED))
+    unknown = sorted(set(sp) - set(_NEUTRAL_SAMPLING) - set(_FORMAT_ONLY) - set(_SERVED) - set(_POSITIONING))
     if unknown:
         raise APIError(400, f"unknown or unsupported sampling parameter(s): {', '.join(unknown)}", param="sampling_params")
+    for key, kind in _POSITIONING.items():
+        value = sp.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0)):
+            raise APIError(400, f"{key} must be {'a string' if kind is str else 'an integer >= 0'} or null, got {shown(value)}", param=key)
     for key, neutral in _NEUTRAL_SAMPLING.items():
         value = sp.get(key, neutral)
         if value is not None and value != neutral and value not in ({}, []):
@@ -280,10 +289,7 @@ def register(app: FastAPI, state: ServerState) -> None:
     async def reset_prefix_cache(request: Request) -> JSONResponse:
         body = await parse_body(request, dict[str, Any])  # optional: an empty body reads as {}
         running = _query_bool(request, "reset_running_requests", bool(body.get("reset_running_requests", False)))
-        reset = await asyncio.to_thread(engine.reset_prefix_cache)
-        if not reset and running:
-            raise APIError(409, "reset_running_requests is not supported by hotswap: requests are running and hold cached pages; "
-                                "pause first (POST /pause?mode=abort or mode=wait), then reset")
+        reset = await asyncio.to_thread(engine.reset_prefix_cache, running)
         return JSONResponse({"success": reset})
 
     @app.get("/get_world_size")
