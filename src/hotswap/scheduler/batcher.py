@@ -161,7 +161,8 @@ class Batcher:
         )
         if entry.sample and row.penalized:
             self._plan_penalties(seq, entry)
-        if start < seq.prompt_len - 1:  # a chunk of the prompt (never a decode step): maybe prompt logprobs
+        # a chunk of the prompt (never a decode step) of a request that returns logprobs: maybe prompt logprobs
+        if row.return_logprob and start < seq.prompt_len - 1:
             self._plan_prompt_logprobs(seq, entry, end)
         seq.num_computed = end
         if entry.sample:
@@ -194,7 +195,8 @@ class Batcher:
         if self.prefix_cache is None:
             return
         limit = seq.num_tokens - 1
-        if seq.prompt_logprobs_owed < seq.prompt_len - 1:  # owed positions are recomputed (their logits are needed)
+        # owed positions (only a request returning logprobs owes any) are recomputed: their logits are needed
+        if seq.req.sampling_params.return_logprob and seq.prompt_logprobs_owed < seq.prompt_len - 1:
             limit = min(limit, seq.prompt_logprobs_owed)
         pages = self.prefix_cache.match(seq.token_ids[:limit])
         self.allocator.retain(pages)
