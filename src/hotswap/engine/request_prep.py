@@ -169,6 +169,7 @@ class RequestPrep:
             raise HotswapError(f"return_logprob must be a boolean, got {shown(return_logprob)}")
         if not isinstance(top_logprobs_num, int) or isinstance(top_logprobs_num, bool) or top_logprobs_num < 0:
             raise SamplingParamsError(f"invalid top_logprobs_num: must be an integer >= 0, got {shown(top_logprobs_num)}")
+        merged = bool(return_logprob or top_logprobs_num or return_routed_experts or routed_experts_start_len)  # new objects below
         if return_logprob or top_logprobs_num:
             sps = _map_distinct(sps, lambda sp: dataclasses.replace(sp, return_logprob=True,
                                                                     top_logprobs_num=max(sp.top_logprobs_num, top_logprobs_num)))
@@ -184,11 +185,13 @@ class RequestPrep:
             raise HotswapError("routed_experts_start_len needs return_routed_experts")
         if any(sp.return_routed_experts for sp in sps) and not self.routed_experts_enabled:
             raise HotswapError("return_routed_experts needs an engine started with enable_return_routed_experts=True")
-        return _map_distinct(sps, self._checked)
+        return _map_distinct(sps, lambda sp: self._checked(sp, revalidate=merged))
 
-    def _checked(self, sp: SamplingParams) -> SamplingParams:
-        """`sp` validated against this engine (again: a top-level top_logprobs_num may have been merged in)."""
-        sp.validate()
+    def _checked(self, sp: SamplingParams, revalidate: bool) -> SamplingParams:
+        """`sp` (from_dict validated it) checked against this engine; `revalidate`: top-level fields were merged in
+        since (a top_logprobs_num past its range)."""
+        if revalidate:
+            sp.validate()
         if sp.top_logprobs_num > self.vocab_size:
             raise SamplingParamsError(f"invalid top_logprobs_num: {sp.top_logprobs_num} exceeds the vocabulary ({self.vocab_size})")
         if sp.seed is not None and sp.seed + sp.n - 1 > INT64_MAX:
