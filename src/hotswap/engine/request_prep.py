@@ -189,7 +189,7 @@ class RequestPrep:
 
     def _checked(self, sp: SamplingParams, revalidate: bool) -> SamplingParams:
         """`sp` (from_dict validated it) checked against this engine; `revalidate`: top-level fields were merged in
-        since (a top_logprobs_num past its range)."""
+        since (a merged top_logprobs_num may be out of range)."""
         if revalidate:
             sp.validate()
         if sp.top_logprobs_num > self.vocab_size:

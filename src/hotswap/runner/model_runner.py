@@ -171,7 +171,7 @@ class ModelRunner:
         needs_logprobs, max_top, any_keep = flags[1:].max(axis=1).tolist()
         needs_logprobs, any_keep = bool(needs_logprobs), bool(any_keep)
         original = self.config.return_original_logprob
-        greedy, keep = flags[0].astype(bool), flags[3].astype(bool)
+        greedy, keep = flags[0] != 0, flags[3] != 0
         keep_greedy = np.flatnonzero(keep & greedy).tolist() if any_keep else []
         if all_greedy:
             return SamplingBatch(None, None, None, None, None, None, all_greedy=True, needs_filter=False,
