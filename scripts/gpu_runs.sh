@@ -46,6 +46,10 @@ dense)
             --shape qwen3-0.6b --cases 1x128x128,64x128x128,256x128x512 --hf none
         PYTHONPATH=.before/src run weight_sync_before 80 python3 .before/bench/weight_sync.py \
             --shapes qwen3-0.6b,qwen3-8b --sections tensor,ipc,disk --reps 5
+        # the prefill call as throughput.py times it, median of 20 instead of one, the same file in both trees
+        cp bench/host_prefill.py .before/bench/host_prefill.py
+        PYTHONPATH=.before/src run prefill_before 90 python3 .before/bench/host_prefill.py --device cuda --shape qwen3-0.6b \
+            --cases 1x128,64x128,256x128 --calls 20 --repeats 2
     else
         echo "no .before/src: the before runs are skipped" | tee -a "$out/summary.txt"
     fi
@@ -53,6 +57,8 @@ dense)
         --shape qwen3-0.6b --cases 1x128x128,64x128x128,256x128x512 --hf none
     PYTHONPATH=src run weight_sync_after 80 python3 bench/weight_sync.py \
         --shapes qwen3-0.6b,qwen3-8b --sections tensor,ipc,disk --reps 5
+    PYTHONPATH=src run prefill_after 90 python3 bench/host_prefill.py --device cuda --shape qwen3-0.6b \
+        --cases 1x128,64x128,256x128 --calls 20 --repeats 2
     PYTHONPATH=src run sampling 40 python3 bench/sampling.py
     PYTHONPATH=src run rollout_0.6b 200 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline --profile
     PYTHONPATH=src run rollout_8b 200 python3 bench/rollout.py --shape qwen3-8b --prompts 32 --n 8 --paths offline --profile

@@ -74,8 +74,7 @@ class SamplingParams:
         refuse_constrained_decoding(values)
         if "custom_params" in values:
             values.update(_custom_params(values.pop("custom_params")))
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(values) - _FIELD_NAMES)
         if unknown:
             raise SamplingParamsError(f"unknown sampling parameter(s): {', '.join(unknown)}")
         if isinstance(values.get("logit_bias"), dict):
@@ -154,6 +153,9 @@ class SamplingParams:
         """Anything that changes the logits before sampling (a neutral request costs the batch nothing)."""
         return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0
                     or self.min_new_tokens or self.logit_bias)
+
+
+_FIELD_NAMES = frozenset(f.name for f in fields(SamplingParams))
 
 
 def _is_number(x) -> bool:

@@ -42,7 +42,7 @@ class HostBatch:
             positions = starts
             rows = np.arange(n)
         else:
-            ids = np.fromiter((t for e in entries for t in e.input_ids), dtype=np.int64, count=int(cu[-1]))
+            ids = np.fromiter(chain.from_iterable(e.input_ids for e in entries), dtype=np.int64, count=int(cu[-1]))
             rows = np.repeat(np.arange(n), q_lens)
             positions = np.arange(int(cu[-1]), dtype=np.int64) - np.repeat(cu[:-1].astype(np.int64) - starts, q_lens)
         slots = table[rows, positions // page_size].astype(np.int64) * page_size + positions % page_size

@@ -165,12 +165,15 @@ class ModelRunner:
         table = self.row_params
         table.update(entries)
         n, vocab = len(entries), self.model_config.vocab_size
-        floats, ints, (greedy, logprobs, top_num, keep_flags) = table.floats[:, :n], table.ints[:, :n], table.flags[:, :n]
-        greedy, keep = greedy.astype(bool), keep_flags.astype(bool)
-        needs_logprobs, max_top = bool(logprobs.any()), int(top_num.max())
+        floats, ints, flags = table.floats[:, :n], table.ints[:, :n], table.flags[:, :n]
+        # the batch's summary in two reductions (each numpy call costs microseconds of host time every step)
+        all_greedy = bool(flags[0].min())
+        needs_logprobs, max_top, any_keep = flags[1:].max(axis=1).tolist()
+        needs_logprobs, any_keep = bool(needs_logprobs), bool(any_keep)
         original = self.config.return_original_logprob
-        keep_greedy = np.flatnonzero(keep & greedy).tolist()
-        if greedy.all():
+        greedy, keep = flags[0] != 0, flags[3] != 0
+        keep_greedy = np.flatnonzero(keep & greedy).tolist() if any_keep else []
+        if all_greedy:
             return SamplingBatch(None, None, None, None, None, None, all_greedy=True, needs_filter=False,
                                  needs_logprobs=needs_logprobs, max_top_logprobs=max_top, original_logprobs=original,
                                  keep_greedy_rows=keep_greedy)

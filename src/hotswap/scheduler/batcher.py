@@ -220,7 +220,8 @@ class Batcher:
         )
         if entry.sample and row.penalized:
             self._plan_penalties(seq, entry)
-        if start < seq.prompt_len - 1:  # a chunk of the prompt (never a decode step): maybe prompt logprobs
+        # a chunk of the prompt (never a decode step) of a request that returns logprobs: maybe prompt logprobs
+        if row.return_logprob and start < seq.prompt_len - 1:
             self._plan_prompt_logprobs(seq, entry, end)
         seq.num_computed = end
         if entry.sample:
@@ -251,9 +252,10 @@ class Batcher:
     @staticmethod
     def _match_limit(seq: Sequence) -> int:
         """How many leading tokens a prefix match may give: all but the last, and none whose prompt logprob is
-        still owed (those positions are recomputed: their logits are needed)."""
+        still owed (only a request returning logprobs owes any; those positions are recomputed: their logits
+        are needed)."""
         limit = seq.num_tokens - 1
-        if seq.prompt_logprobs_owed < seq.prompt_len - 1:
+        if seq.req.sampling_params.return_logprob and seq.prompt_logprobs_owed < seq.prompt_len - 1:
             limit = min(limit, seq.prompt_logprobs_owed)
         return limit
 
