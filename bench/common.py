@@ -93,6 +93,14 @@ def decode_step_flops(engine, batch: int, avg_ctx: float) -> float:
     return batch * (2 * params + attention)
 
 
+def decode_step_seconds(engine, batch: int, avg_ctx: float, bandwidth: float, flops: float = float("inf")) -> tuple[float, bool]:
+    """(The least seconds a decode step takes: its bytes at `bandwidth`, or its FLOPs at `flops` where those take
+    longer; whether the FLOPs set it). The default `flops` gives the bytes roofline alone."""
+    read = decode_step_bytes(engine, batch, avg_ctx) / bandwidth
+    compute = decode_step_flops(engine, batch, avg_ctx) / flops
+    return max(read, compute), compute > read
+
+
 def kv_bytes_per_token(engine) -> int:
     mc = engine.model_config
     return 2 * mc.num_kv_heads * mc.head_dim * mc.torch_dtype.itemsize * mc.num_layers

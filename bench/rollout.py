@@ -50,8 +50,7 @@ from common import (  # noqa: E402
     ceilings_line,
     config_only_checkpoint,
     d2d_bytes_per_s,
-    decode_step_bytes,
-    decode_step_flops,
+    decode_step_seconds,
     device_name,
     matmul_flops_per_s,
     print_table,
@@ -317,13 +316,8 @@ def main() -> None:
     engine = start_engine(False)
     w = make_workload(args, engine.model_config.vocab_size)
     bw, flops = d2d_bytes_per_s(device), matmul_flops_per_s(device)
-
-    def bytes_or_flops(rows: int, ctx: int) -> tuple[float, bool]:
-        read, compute = decode_step_bytes(engine, rows, ctx / rows) / bw, decode_step_flops(engine, rows, ctx / rows) / flops
-        return max(read, compute), compute > read
-
-    roof = schedule_roofline(w, args.max_running, lambda rows, ctx: (decode_step_bytes(engine, rows, ctx / rows) / bw, False))
-    roof_flops = schedule_roofline(w, args.max_running, bytes_or_flops)
+    roof = schedule_roofline(w, args.max_running, lambda rows, ctx: decode_step_seconds(engine, rows, ctx / rows, bw))
+    roof_flops = schedule_roofline(w, args.max_running, lambda rows, ctx: decode_step_seconds(engine, rows, ctx / rows, bw, flops))
     title = (f"rollout, {args.shape}, {device_name(device)}, {engine.model_config.torch_dtype}: {args.prompts} prompts x {args.n}, "
              f"prompts {args.prompt_min}-{args.prompt_max}, outputs lognormal median {args.out_median:g} sigma {args.out_sigma:g} "
              f"in [{args.out_min}, {args.out_max}] ({sum(w.out_lens):,} tokens), max_running {args.max_running}, "

@@ -2,7 +2,8 @@
 memory-bound decode roofline at the device-to-device bandwidth measured in the run (each step reads all
 weights plus every sequence's KV at its average context; an MoE model only the experts its batch routes
 to, see common.decode_step_bytes), and the same with arithmetic: each step the longer of its bytes at that
-bandwidth and its FLOPs (common.decode_step_flops) at a dense matmul's rate measured in the run.
+bandwidth and its FLOPs (common.decode_step_flops) at a dense matmul's rate measured in the run
+(common.decode_step_seconds).
 
     python bench/throughput.py --shape tiny                      # CPU
     python bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,64x128x128,256x128x512 --hf dynamic,static
@@ -26,8 +27,7 @@ from common import (  # noqa: E402
     ceilings_line,
     config_only_checkpoint,
     d2d_bytes_per_s,
-    decode_step_bytes,
-    decode_step_flops,
+    decode_step_seconds,
     device_name,
     matmul_flops_per_s,
     print_table,
@@ -39,8 +39,7 @@ from hotswap import Engine  # noqa: E402
 
 def roofline_tok_s(engine, batch: int, prompt: int, output: int, bandwidth: float, flops: float = float("inf")) -> float:
     """Decode tokens/s at the roofline: bytes at `bandwidth`, or FLOPs at `flops` where they take longer."""
-    ctx = prompt + output / 2
-    return batch / max(decode_step_bytes(engine, batch, ctx) / bandwidth, decode_step_flops(engine, batch, ctx) / flops)
+    return batch / decode_step_seconds(engine, batch, prompt + output / 2, bandwidth, flops)[0]
 
 
 def hf_model_like(engine, device):
