@@ -1,0 +1,88 @@
+"""A hostile client against the transport and the door, beyond what the body fuzz (test_http_fuzz.py) sends:
+connections that never finish their request head, cross-site form posts with an empty body, and the front
+end in its own process."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+from engine_support import wait_idle
+
+from hotswap import Engine
+from hotswap.server.app import create_app
+from hotswap.server.launch import ServerThread
+
+PROMPT = "Alice likes 12 apples"
+HEAD_TIMEOUT_S = 0.5
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_qwen3):
+    with Engine(str(tiny_qwen3), device="cpu", page_size=4, num_pages=96) as eng:
+        yield eng
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    with ServerThread(create_app(engine, served_model_name="tiny"), header_timeout_s=HEAD_TIMEOUT_S) as srv:
+        yield srv
+
+
+def _read_until_closed(sock: socket.socket, limit_s: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection (or `limit_s` passes), and when it closed."""
+    start = time.monotonic()
+    sock.settimeout(limit_s)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except TimeoutError:
+        data += b"<still open>"
+    return data, time.monotonic() - start
+
+
+def test_a_connection_that_never_finishes_its_request_head_is_closed(server, engine):
+    """uvicorn bounds only a connection idle after a reply (and any byte resets that): a client that connected and
+    sent nothing, or trickled a request head, held its connection and a descriptor forever (slowloris)."""
+    silent = socket.create_connection((server.host, server.port))
+    trickling = socket.create_connection((server.host, server.port))
+    try:
+        trickling.sendall(b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        for _ in range(3):  # a header line now and then: each arrives before any per-read timeout would fire
+            time.sleep(HEAD_TIMEOUT_S / 4)
+            trickling.sendall(b"X-Slow: 1\r\n")
+        got, took = _read_until_closed(trickling, 5)
+        assert got.startswith(b"HTTP/1.1 408") and b"request head not received" in got, got[:300]
+        assert took < HEAD_TIMEOUT_S + 3
+        got, _ = _read_until_closed(silent, 5)
+        assert got == b"", got[:300]  # nothing was asked: closed without a reply
+    finally:
+        silent.close()
+        trickling.close()
+
+    # a client that keeps its connection busy is never cut: a reply that takes longer than the head bound, then
+    # another request on the same connection after a pause shorter than it
+    body = json.dumps({"text": PROMPT, "sampling_params": {"max_new_tokens": 1, "temperature": 0}}).encode()
+    head = (f"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    engine.pause_generation(mode="in_place")
+    sock = socket.create_connection((server.host, server.port), timeout=10)
+    try:
+        sock.sendall(head + body)
+        time.sleep(HEAD_TIMEOUT_S * 2)  # the request waits in the engine past the head bound
+        engine.continue_generation()
+        for i in range(2):
+            reply = b""
+            while b'"e2e_latency"' not in reply:
+                chunk = sock.recv(65536)
+                assert chunk, f"reply {i}: the server closed a busy connection"
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 200"), reply[:300]
+            time.sleep(HEAD_TIMEOUT_S / 2)
+            sock.sendall(head + body)
+    finally:
+        sock.close()
+        engine.continue_generation()
+    wait_idle(engine)
