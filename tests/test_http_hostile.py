@@ -86,3 +86,21 @@ def test_a_connection_that_never_finishes_its_request_head_is_closed(server, eng
         sock.close()
         engine.continue_generation()
     wait_idle(engine)
+
+
+@pytest.mark.parametrize("ctype", ["application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "text/plain;charset=UTF-8"])
+def test_an_empty_form_post_cannot_pause_or_sleep_the_engine(server, engine, ctype):
+    """A fieldless <form method=post action=".../pause_generation?mode=abort"> sends its content type with an empty
+    body: the JSON check looked only at requests with a body, and the route read its query string, so a page in a
+    browser that sends no Origin paused generation."""
+    import httpx
+
+    for path in ("/pause_generation?mode=abort", "/pause?mode=abort", "/sleep?level=1"):
+        reply = httpx.post(server.url + path, content=b"", headers={"Content-Type": ctype}, timeout=30)
+        assert reply.status_code == 415 and "application/json" in reply.json()["error"]["message"], (path, reply.text)
+    load = engine.get_load()
+    assert not load.paused and not load.memory_released, load
+    # a client that sends no content type (requests.post(url), httpx.post(url)) still may
+    reply = httpx.post(server.url + "/pause_generation?mode=abort", timeout=30)
+    assert reply.status_code == 200 and engine.get_load().paused
+    assert engine.continue_generation().success
