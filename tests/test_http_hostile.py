@@ -104,3 +104,26 @@ def test_an_empty_form_post_cannot_pause_or_sleep_the_engine(server, engine, cty
     reply = httpx.post(server.url + "/pause_generation?mode=abort", timeout=30)
     assert reply.status_code == 200 and engine.get_load().paused
     assert engine.continue_generation().success
+
+
+def test_logit_bias_is_bounded(server, engine):
+    """Every step writes each logit_bias entry into each of the request's rows, converted on the scheduler thread: a
+    whole-vocabulary bias (150k entries, a 3 MB body) cost ~60 ms a step per row, and n=256 rows of it stalled every
+    client's step for seconds. The limit is named; at the limit the request runs."""
+    import httpx
+
+    from hotswap.sampling_params import MAX_LOGIT_BIAS
+
+    many = {str(i): -1.0 for i in range(MAX_LOGIT_BIAS + 1)}
+    for path, body in (("/generate", {"text": PROMPT, "sampling_params": {"max_new_tokens": 2, "logit_bias": many}}),
+                       ("/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "logit_bias": many})):
+        reply = httpx.post(server.url + path, json=body, timeout=30)
+        assert reply.status_code == 400, reply.text[:300]
+        assert f"logit_bias takes at most {MAX_LOGIT_BIAS} entries" in reply.json()["error"]["message"]
+    vocab = engine.model_config.vocab_size
+    full = {str(i): 0.5 for i in range(min(vocab, MAX_LOGIT_BIAS))}  # biases every id alike: greedy output unchanged
+    sp = {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True}
+    plain = httpx.post(server.url + "/generate", json={"text": PROMPT, "sampling_params": sp}, timeout=30).json()
+    biased = httpx.post(server.url + "/generate", json={"text": PROMPT, "sampling_params": {**sp, "logit_bias": full}}, timeout=30)
+    assert biased.status_code == 200 and biased.json()["output_ids"] == plain["output_ids"]
+    wait_idle(engine)

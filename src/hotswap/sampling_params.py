@@ -8,6 +8,7 @@ from hotswap.errors import ConstrainedDecodingError, SamplingParamsError, shown
 
 INT64_MAX = 2**63 - 1  # seeds and top_k travel to the device as int64
 MAX_STOPS = 1024  # stop strings (and stop token ids) per request: each is checked after every token, on the scheduler thread
+MAX_LOGIT_BIAS = 1024  # logit_bias entries per request: every step writes each into the logits of each of the request's rows
 
 # constrained decoding (SGLang's and vLLM's names): refused by name wherever a request may carry it
 CONSTRAINED_DECODING_FIELDS = ("regex", "json_schema", "ebnf", "structural_tag", "guided_json", "guided_regex", "guided_choice",
@@ -133,6 +134,8 @@ class SamplingParams:
             raise bad(f"min_new_tokens must be an integer >= 0, got {shown(self.min_new_tokens)}")
         if self.min_new_tokens > self.max_new_tokens:  # SGLang's and vLLM's rule
             raise bad(f"min_new_tokens ({self.min_new_tokens}) must be at most max_new_tokens ({self.max_new_tokens})")
+        if isinstance(self.logit_bias, dict) and len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise bad(f"logit_bias takes at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}")
         if not isinstance(self.logit_bias, dict) or not all(
                 _is_int(t) and t >= 0 and _is_number(b) and -100.0 <= b <= 100.0 for t, b in self.logit_bias.items()):
             raise bad("logit_bias must map token ids (>= 0) to biases in [-100, 100]")
