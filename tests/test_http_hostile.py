@@ -127,3 +127,22 @@ def test_logit_bias_is_bounded(server, engine):
     biased = httpx.post(server.url + "/generate", json={"text": PROMPT, "sampling_params": {**sp, "logit_bias": full}}, timeout=30)
     assert biased.status_code == 200 and biased.json()["output_ids"] == plain["output_ids"]
     wait_idle(engine)
+
+
+def test_stop_strings_are_bounded_in_total_length(server, engine):
+    """After every token each stop string is searched for in the text's last len(stop) characters, on the scheduler
+    thread: 1024 stop strings of 28k characters (a 29 MB body) made every other client's steps ~7x slower on the
+    tiny model, and grow with the text. Their total length is bounded and named; at the bound the request runs."""
+    import httpx
+
+    from hotswap.sampling_params import MAX_STOP_CHARS
+
+    sp = {"max_new_tokens": 3, "temperature": 0, "ignore_eos": True}
+    over = ["q" * (MAX_STOP_CHARS // 4)] * 4 + ["z"]
+    reply = httpx.post(server.url + "/generate", json={"text": PROMPT, "sampling_params": {**sp, "stop": over}}, timeout=30)
+    assert reply.status_code == 400 and f"at most {MAX_STOP_CHARS} characters" in reply.json()["error"]["message"], reply.text[:300]
+    reply = httpx.post(server.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "stop": over[:4] + ["z"]}, timeout=30)
+    assert reply.status_code == 400 and "stop" in reply.json()["error"]["message"], reply.text[:300]
+    reply = httpx.post(server.url + "/generate", json={"text": PROMPT, "sampling_params": {**sp, "stop": over[:4]}}, timeout=30)
+    assert reply.status_code == 200 and reply.json()["meta_info"]["completion_tokens"] == 3
+    wait_idle(engine)

@@ -8,6 +8,7 @@ from hotswap.errors import ConstrainedDecodingError, SamplingParamsError, shown
 
 INT64_MAX = 2**63 - 1  # seeds and top_k travel to the device as int64
 MAX_STOPS = 1024  # stop strings (and stop token ids) per request: each is checked after every token, on the scheduler thread
+MAX_STOP_CHARS = 1 << 16  # all stop strings together: after every token each is searched for in the text's last len(stop) characters
 MAX_LOGIT_BIAS = 1024  # logit_bias entries per request: every step writes each into the logits of each of the request's rows
 
 # constrained decoding (SGLang's and vLLM's names): refused by name wherever a request may carry it
@@ -122,6 +123,8 @@ class SamplingParams:
             raise bad(f"stop and stop_token_ids take at most {MAX_STOPS} entries each, got {len(self.stop)} and {len(self.stop_token_ids)}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop must be a list of non-empty strings")
+        if sum(map(len, self.stop)) > MAX_STOP_CHARS:
+            raise bad(f"stop strings take at most {MAX_STOP_CHARS} characters together, got {sum(map(len, self.stop))}")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids must be a list of non-negative integers")
         for name in ("frequency_penalty", "presence_penalty"):
