@@ -146,3 +146,20 @@ def test_stop_strings_are_bounded_in_total_length(server, engine):
     reply = httpx.post(server.url + "/generate", json={"text": PROMPT, "sampling_params": {**sp, "stop": over[:4]}}, timeout=30)
     assert reply.status_code == 200 and reply.json()["meta_info"]["completion_tokens"] == 3
     wait_idle(engine)
+
+
+def test_every_engine_error_crosses_the_front_end_pipe():
+    """The front end process unpickles the engine's refusals; an error class whose __init__ takes more than its
+    message did not unpickle (pickle rebuilds exceptions from args), and a reply that fails to unpickle stops the
+    front end's reader: every request then fails and the front end exits."""
+    import inspect
+    import pickle
+
+    from hotswap import errors
+
+    classes = [c for c in vars(errors).values() if inspect.isclass(c) and issubclass(c, Exception) and c.__module__ == errors.__name__]
+    assert errors.ConstrainedDecodingError in classes and errors.BatchRowError in classes
+    for cls in classes:
+        exc = cls("field", "refused") if "__init__" in vars(cls) else cls(f"{cls.__name__} refused")  # (what it names, message)
+        back = pickle.loads(pickle.dumps(exc))
+        assert type(back) is cls and str(back) == str(exc) and vars(back) == vars(exc), cls
