@@ -17,6 +17,7 @@ from hotswap.server.launch import ServerThread
 
 PROMPT = "Alice likes 12 apples"
 HEAD_TIMEOUT_S = 0.5
+SEND_TIMEOUT_S = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def engine(tiny_qwen3):
 
 @pytest.fixture(scope="module")
 def server(engine):
-    with ServerThread(create_app(engine, served_model_name="tiny"), header_timeout_s=HEAD_TIMEOUT_S) as srv:
+    with ServerThread(create_app(engine, served_model_name="tiny"), header_timeout_s=HEAD_TIMEOUT_S, send_timeout_s=SEND_TIMEOUT_S) as srv:
         yield srv
 
 
@@ -163,3 +164,37 @@ def test_every_engine_error_crosses_the_front_end_pipe():
         exc = cls("field", "refused") if "__init__" in vars(cls) else cls(f"{cls.__name__} refused")  # (what it names, message)
         back = pickle.loads(pickle.dumps(exc))
         assert type(back) is cls and str(back) == str(exc) and vars(back) == vars(exc), cls
+
+
+def test_a_client_that_stops_reading_is_disconnected(server, engine):
+    """A reply waits on flow control while the client reads nothing, and uvicorn bounds that wait nowhere: a client
+    that opened a stream and never read held the connection and everything queued for it forever."""
+    connections = server.server.server_state.connections  # uvicorn's open connections
+    # each chunk repeats the output so far with its top logprobs: megabytes in all, more than the socket buffers hold
+    body = json.dumps({"text": PROMPT, "stream": True, "return_logprob": True, "top_logprobs_num": 20,
+                       "sampling_params": {"max_new_tokens": 480, "temperature": 0, "ignore_eos": True}}).encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((server.host, server.port))
+    try:
+        sock.sendall(f"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                     .encode() + body)
+        deadline = time.monotonic() + 30
+        while not connections:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        while connections:  # the server gives up on the reader, whatever it still had to send
+            assert time.monotonic() < deadline, "a client that reads nothing was never disconnected"
+            time.sleep(0.05)
+        got = b""
+        sock.settimeout(10)
+        try:
+            while chunk := sock.recv(1 << 20):
+                got += chunk
+        except ConnectionResetError:
+            pass
+    finally:
+        sock.close()
+    assert got.startswith(b"HTTP/1.1 200") and not got.endswith(b"data: [DONE]\n\n")  # cut off, not finished
+    wait_idle(engine)
+    assert engine.check_invariants().success
