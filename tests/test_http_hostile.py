@@ -198,3 +198,26 @@ def test_a_client_that_stops_reading_is_disconnected(server, engine):
     assert got.startswith(b"HTTP/1.1 200") and not got.endswith(b"data: [DONE]\n\n")  # cut off, not finished
     wait_idle(engine)
     assert engine.check_invariants().success
+
+
+def test_a_weight_version_name_is_bounded(server, engine, tiny_qwen3):
+    """A version name rides on every output token and every streamed chunk (and every step's message to a front end
+    process): a 30 MB name, accepted by any route that sets a version, made every client's replies megabytes per
+    token. Each route refuses it by name before anything changes."""
+    import httpx
+
+    from hotswap.weights.session import MAX_VERSION_CHARS
+
+    long = "v" * (MAX_VERSION_CHARS + 1)
+    digest, version = engine.check_weights("checksum").digest, engine.weight_version
+    reply = httpx.post(server.url + "/update_weight_version", json={"new_version": long}, timeout=30)
+    assert reply.status_code == 400 and f"new_version has {len(long)} characters" in reply.json()["message"], reply.text[:300]
+    reply = httpx.post(server.url + "/update_weights_from_disk", json={"model_path": str(tiny_qwen3), "weight_version": long}, timeout=30)
+    assert reply.status_code == 400 and "weight_version has" in reply.json()["message"], reply.text[:300]
+    assert engine.weight_version == version and engine.check_weights("checksum").digest == digest
+    session = engine.begin_weight_update().session_id
+    reply = httpx.post(server.url + "/end_weight_update", json={"weight_version": long, "session_id": session}, timeout=30)
+    assert reply.status_code == 400 and "the session stays open" in reply.json()["message"], reply.text[:300]
+    assert engine.end_weight_update(weight_version="v-ok", session_id=session).success
+    assert engine.weight_version == "v-ok"
+    assert engine.update_weight_version(version, abort_all_requests=False).success
