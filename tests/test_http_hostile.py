@@ -221,3 +221,23 @@ def test_a_weight_version_name_is_bounded(server, engine, tiny_qwen3):
     assert engine.end_weight_update(weight_version="v-ok", session_id=session).success
     assert engine.weight_version == "v-ok"
     assert engine.update_weight_version(version, abort_all_requests=False).success
+
+
+def test_a_request_id_is_bounded(server, engine):
+    """A client's rid rides on each of its outputs every step: the scheduler's message to a front end process, and
+    each streamed chunk serialized on the event loop that every other stream (and, in one process, the scheduler's
+    interpreter lock) shares. A 30 MB rid cost every client tens of milliseconds per step."""
+    import httpx
+
+    from hotswap.engine.request_prep import MAX_RID_CHARS
+
+    sp = {"max_new_tokens": 2, "temperature": 0}
+    reply = httpx.post(server.url + "/generate", json={"text": PROMPT, "rid": "r" * (MAX_RID_CHARS + 1), "sampling_params": sp}, timeout=30)
+    assert reply.status_code == 400 and f"rid must be at most {MAX_RID_CHARS} characters" in reply.json()["error"]["message"], reply.text[:300]
+    reply = httpx.post(server.url + "/generate", json={"text": [PROMPT, PROMPT], "rid": ["a", "b" * (MAX_RID_CHARS + 1)], "sampling_params": sp},
+                       timeout=30)
+    assert reply.status_code == 400 and "rid must be at most" in reply.json()["error"]["message"], reply.text[:300]
+    rid = "r" * MAX_RID_CHARS
+    reply = httpx.post(server.url + "/generate", json={"text": PROMPT, "rid": rid, "sampling_params": sp}, timeout=30)
+    assert reply.status_code == 200 and reply.json()["meta_info"]["id"] == rid
+    wait_idle(engine)
