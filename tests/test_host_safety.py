@@ -102,13 +102,39 @@ def test_failed_save_leaves_no_partial_shard(engine, tmp_path, monkeypatch):
     monkeypatch.setattr(saver, "save_file", failing)
     res = engine.save_sharded_model(str(out), max_size=40_000)
     assert not res.success and "disk full" in res.message
-    assert all(Path(c).name.endswith(".partial") for c in calls)  # shards are written beside their final names
+    assert all(Path(c).name.endswith(".partial") and Path(c).parent.parent == out for c in calls)  # in a staging folder inside
     assert list(out.iterdir()) == []
-    # a save killed outright leaves only *.partial files, which the loader ignores and the next save removes
-    (out / "model-00001-of-00009.safetensors.partial").write_bytes(b"killed")
+    # a save killed outright leaves only its staging folder, which the loader ignores and the next save removes
+    killed = out / ".hotswap-save-killed"
+    killed.mkdir()
+    (killed / "model-00001-of-00009.safetensors.partial").write_bytes(b"killed")
     monkeypatch.setattr(saver, "save_file", real)
     assert engine.save_sharded_model(str(out), max_size=40_000).success
-    assert not list(out.glob("*.partial")) and list(out.glob("*.safetensors"))
+    assert not killed.exists() and [f for f in out.iterdir() if f.name.startswith(".")] == [] and list(out.glob("*.safetensors"))
+
+
+def test_a_save_never_writes_through_a_link_planted_in_its_folder(engine, tmp_path, monkeypatch):
+    """Shards were written as NAME.partial beside their final names: someone else who may write to a shared save
+    folder (a save root such as /tmp/ckpts) could plant NAME.partial as a link to any file of the server's user
+    while the save ran, and the shard was written through it."""
+    out, victim = tmp_path / "shared", tmp_path / "victim.txt"
+    out.mkdir()
+    victim.write_text("precious")
+    real = saver.save_file
+
+    def racing(tensors, filename, metadata=None):  # the other user plants links for every name the save will write
+        for name in [f"model-{i:05d}-of-{n:05d}.safetensors.partial" for n in range(1, 12) for i in range(1, n + 1)] + [
+                "model.safetensors.index.json.partial", "config.json.partial", "tokenizer.json.partial"]:
+            if not (out / name).is_symlink():
+                (out / name).symlink_to(victim)
+        real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(saver, "save_file", racing)
+    assert engine.save_sharded_model(str(out), max_size=40_000).success
+    assert victim.read_text() == "precious"
+    monkeypatch.setattr(saver, "save_file", real)
+    with Engine(str(out), device="cpu", page_size=4, num_pages=16) as again:
+        assert digest(again) == digest(engine)
 
 
 # ---- over HTTP: save roots and remote stores ----------------------------------------------------------

@@ -26,6 +26,9 @@ class ConstrainedDecodingError(SamplingParamsError):
         super().__init__(message)
         self.field = field
 
+    def __reduce__(self):  # crosses the front end's pipe (pickle rebuilds an exception from its args alone)
+        return (type(self), (self.field, str(self)))
+
 
 class EngineUnavailableError(HotswapError):
     """Generation cannot run now (memory released, or held past the queue bound); the message says why.
@@ -39,6 +42,9 @@ class BatchRowError(HotswapError):
     def __init__(self, entry: object, message: str):
         super().__init__(message)
         self.entry = entry
+
+    def __reduce__(self):
+        return (type(self), (self.entry, str(self)))
 
 
 _SHOWN = reprlib.Repr()

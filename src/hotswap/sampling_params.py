@@ -11,6 +11,8 @@ MAX_STOPS = 1024  # stop strings (and stop token ids) per request: each is check
 # top logprobs per position: SGLang sets no limit (verl's distillation teacher asks for its topk, 32 or 128), but each
 # one is a (logprob, id, text) entry in every position's reply; the OpenAI and vLLM routes keep their own limit of 20
 MAX_TOP_LOGPROBS = 1024
+MAX_STOP_CHARS = 1 << 16  # all stop strings together: after every token each is searched for in the text's last len(stop) characters
+MAX_LOGIT_BIAS = 1024  # logit_bias entries per request: every step writes each into the logits of each of the request's rows
 
 # constrained decoding (SGLang's and vLLM's names): refused by name wherever a request may carry it
 CONSTRAINED_DECODING_FIELDS = ("regex", "json_schema", "ebnf", "structural_tag", "guided_json", "guided_regex", "guided_choice",
@@ -123,6 +125,8 @@ class SamplingParams:
             raise bad(f"stop and stop_token_ids take at most {MAX_STOPS} entries each, got {len(self.stop)} and {len(self.stop_token_ids)}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop must be a list of non-empty strings")
+        if sum(map(len, self.stop)) > MAX_STOP_CHARS:
+            raise bad(f"stop strings take at most {MAX_STOP_CHARS} characters together, got {sum(map(len, self.stop))}")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids must be a list of non-negative integers")
         for name in ("frequency_penalty", "presence_penalty"):
@@ -135,6 +139,8 @@ class SamplingParams:
             raise bad(f"min_new_tokens must be an integer >= 0, got {shown(self.min_new_tokens)}")
         if self.min_new_tokens > self.max_new_tokens:  # SGLang's and vLLM's rule
             raise bad(f"min_new_tokens ({self.min_new_tokens}) must be at most max_new_tokens ({self.max_new_tokens})")
+        if isinstance(self.logit_bias, dict) and len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise bad(f"logit_bias takes at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}")
         if not isinstance(self.logit_bias, dict) or not all(
                 _is_int(t) and t >= 0 and _is_number(b) and -100.0 <= b <= 100.0 for t, b in self.logit_bias.items()):
             raise bad("logit_bias must map token ids (>= 0) to biases in [-100, 100]")

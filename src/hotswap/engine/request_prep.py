@@ -15,6 +15,7 @@ from hotswap.errors import HotswapError, SamplingParamsError, shown
 from hotswap.sampling_params import CONSTRAINED_DECODING_FIELDS, INT64_MAX, SamplingParams
 
 _PLAIN_INT = {int}
+MAX_RID_CHARS = 1024
 
 
 def _drop_neutral(params: dict) -> dict:
@@ -133,6 +134,8 @@ class RequestPrep:
         rids = [rid] if isinstance(rid, str) and single else rid
         if not isinstance(rids, (list, tuple)) or len(rids) != count or not all(isinstance(r, str) and r for r in rids):
             raise HotswapError(f"rid must be a non-empty string for one prompt or a list of {count} such strings, got {shown(rid)}")
+        if any(len(r) > MAX_RID_CHARS for r in rids):  # a rid rides on every output of its request, each step
+            raise HotswapError(f"rid must be at most {MAX_RID_CHARS} characters, got {max(map(len, rids))}")
         if len(set(rids)) != len(rids):
             raise HotswapError(f"rid holds duplicates: {shown(rid)}")
         return list(rids)

@@ -27,7 +27,7 @@ from hotswap.weights.fast_copy import MatchedTensors, TensorPlanCache
 from hotswap.weights.fast_reader import ReaderOptions, ReadPlanCache
 from hotswap.weights.ipc import CudaIpcMappings
 from hotswap.weights.ranks import WeightRanks
-from hotswap.weights.session import Sessions, UpdateFailed, UpdateSession
+from hotswap.weights.session import Sessions, UpdateFailed, UpdateSession, version_problem
 from hotswap.weights.sources import checkpoint_engine, disk, distributed, tensor
 from hotswap.wire.ipc import shm_block_prefix
 from hotswap.wire.process_group import short_error
@@ -197,6 +197,9 @@ class WeightUpdater:
         return self.sessions.end(req.weight_version, req.abort, req.session_id)
 
     def update_weight_version(self, req: p.UpdateWeightVersionRequest) -> p.ControlOutput:
+        bad_version = version_problem(req.new_version, "new_version")
+        if bad_version is not None:
+            return p.ControlOutput(success=False, message=f"update_weight_version refused: {bad_version}")
         if req.abort_all_requests:
             self.abort_all("aborted by update_weight_version")
         self.sessions.set_version(req.new_version)

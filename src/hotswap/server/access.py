@@ -7,8 +7,9 @@ localhost. So every request must
   reaches us under its own host name;
 - come from no Origin, the server's own origin, or one of `allowed_origins`, and not be a cross-site
   browser request (`Sec-Fetch-Site`);
-- carry a JSON content type when it sends a body (`text/plain` and form bodies are what a page can send
-  cross-site without a CORS preflight).
+- carry a JSON content type when it sends a body, and never a form or `text/plain` one even with an empty
+  body (those are what a page can send cross-site without a CORS preflight; a form with no fields still
+  carries a query string, which the vLLM-style routes read).
 Saves are confined too: `save_sharded_model` writes only under `save_roots`, `save_remote_model` only to
 `remote_model_stores`; with none configured, the route is refused."""
 
@@ -24,6 +25,8 @@ from hotswap.server.http_utils import APIError
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _EXEMPT_PATHS = frozenset({"/health"})  # probes from load balancers and orchestrators
+# the content types a page may POST cross-site without a CORS preflight (the fetch standard's safelist)
+_CROSS_SITE_TYPES = frozenset({b"application/x-www-form-urlencoded", b"multipart/form-data", b"text/plain"})
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -51,8 +54,9 @@ class AccessPolicy:
                                     "--allowed-origins ORIGIN to allow it", type_="PermissionDeniedError")
         elif headers.get(b"sec-fetch-site", b"").lower() in (b"cross-site", b"same-site"):
             raise APIError(403, "cross-site browser request refused", type_="PermissionDeniedError")
-        if method in _BODY_METHODS and _has_body(headers):
-            ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        # a form post with an empty body still reaches the routes that read their query string (pause, sleep, ...)
+        if method in _BODY_METHODS and (_has_body(headers) or ctype in _CROSS_SITE_TYPES):
             if ctype != b"application/json" and not (ctype.startswith(b"application/") and ctype.endswith(b"+json")):
                 got = shown(ctype.decode("latin-1")) if ctype else "none"
                 raise APIError(415, f"request bodies must be JSON: send 'Content-Type: application/json' (got {got})",

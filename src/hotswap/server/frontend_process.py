@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from hotswap.engine.service import EngineInfo, EngineService
 from hotswap.server.access import AccessPolicy
+from hotswap.server.http_protocol import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_SEND_TIMEOUT_S, bounded_protocol
 
 log = logging.getLogger("hotswap.server")
 
@@ -64,6 +65,8 @@ class FrontendOptions:
     policy: AccessPolicy = AccessPolicy()
     max_body_bytes: int = 0
     body_timeout_s: float = 0.0
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    send_timeout_s: float = DEFAULT_SEND_TIMEOUT_S
     log_level: str = "warning"
     drain_timeout: float = 30.0
 
@@ -89,7 +92,8 @@ def _frontend_main(conn, info: EngineInfo, options: FrontendOptions, sock: socke
         app = create_app(engine, api_key=options.api_key, served_model_name=options.served_model_name, policy=options.policy,
                          max_body_bytes=options.max_body_bytes, body_timeout_s=options.body_timeout_s)
         config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level, lifespan="off",
-                                timeout_graceful_shutdown=int(options.drain_timeout) + 10)
+                                timeout_graceful_shutdown=int(options.drain_timeout) + 10,
+                                http=bounded_protocol(options.header_timeout_s, options.send_timeout_s))
         server = make_draining_server(config, app.state.hotswap, options.drain_timeout)
         servers.append(server)
         # uvicorn re-raises the signal that stopped it once it has shut down: take it here, so this process

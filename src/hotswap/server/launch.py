@@ -27,6 +27,7 @@ _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The `hotswap serve` options (SGLang's names where SGLang has them)."""
     from hotswap.server.body_limit import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
+    from hotswap.server.http_protocol import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_SEND_TIMEOUT_S
     parser.add_argument("--model-path", required=True,
                         help="local Hugging Face checkpoint folder (config.json, tokenizer, *.safetensors); "
                              "`hotswap make-tiny-model DIR` writes a tiny random one to try")
@@ -97,6 +98,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--body-timeout-s", type=float, default=DEFAULT_BODY_TIMEOUT_S,
                         help=f"a request body not fully received within this many seconds is refused with 408, so a client that "
                              f"trickles its body cannot hold a connection (default {DEFAULT_BODY_TIMEOUT_S:g}; 0: no limit)")
+    parser.add_argument("--header-timeout-s", type=float, default=DEFAULT_HEADER_TIMEOUT_S,
+                        help=f"a connection that has not sent a whole request head within this many seconds of opening (or of its "
+                             f"last reply) is closed, so idle or trickling clients cannot hold connections (default "
+                             f"{DEFAULT_HEADER_TIMEOUT_S:g}; 0: no limit)")
+    parser.add_argument("--send-timeout-s", type=float, default=DEFAULT_SEND_TIMEOUT_S,
+                        help=f"a client that takes none of a reply's waiting bytes (a stream, a large body) for this many seconds "
+                             f"is disconnected and its requests aborted (default {DEFAULT_SEND_TIMEOUT_S:g}; 0: no limit)")
 
 
 def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
@@ -185,7 +193,8 @@ def serve(args: argparse.Namespace) -> None:
             bar.update()
             options = FrontendOptions(host=host, port=port, api_key=args.api_key, served_model_name=args.served_model_name,
                                       policy=access_policy_from_args(args), max_body_bytes=args.max_body_bytes,
-                                      body_timeout_s=args.body_timeout_s, log_level=level,
+                                      body_timeout_s=args.body_timeout_s, header_timeout_s=args.header_timeout_s,
+                                      send_timeout_s=args.send_timeout_s, log_level=level,
                                       drain_timeout=max(0.0, float(getattr(args, "drain_timeout", 30.0))))
             if not frontend_process:  # else the front end process builds its own
                 bar.set_postfix_str("building the app")
@@ -216,10 +225,12 @@ def _serve_in_process(app, sock: socket.socket, options: FrontendOptions) -> Non
     import uvicorn
 
     from hotswap.server.frontend_process import make_draining_server
+    from hotswap.server.http_protocol import bounded_protocol
 
     # host and port only label uvicorn's "running on" line: it serves the socket bound above
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level,
-                            timeout_graceful_shutdown=int(options.drain_timeout) + 10, lifespan="off")
+                            timeout_graceful_shutdown=int(options.drain_timeout) + 10, lifespan="off",
+                            http=bounded_protocol(options.header_timeout_s, options.send_timeout_s))
     server = make_draining_server(config, app.state.hotswap, options.drain_timeout)
     # uvicorn re-raises the signal that stopped it once it has shut down; with the default handlers that
     # would kill the process before the engine shuts down, so take the re-raised signal here instead.
@@ -266,13 +277,18 @@ class ServerThread:
         httpx.get(srv.url + "/health")
     """
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 header_timeout_s: float | None = None, send_timeout_s: float | None = None):
         import uvicorn
+
+        from hotswap.server.http_protocol import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_SEND_TIMEOUT_S, bounded_protocol
 
         self.sock = bind_socket(host, port)
         self.host, self.port = self.sock.getsockname()[:2]
         self.url = f"http://{self.host}:{self.port}"
-        config = uvicorn.Config(app, host=self.host, port=self.port, log_level=log_level, lifespan="off", timeout_graceful_shutdown=5)
+        config = uvicorn.Config(app, host=self.host, port=self.port, log_level=log_level, lifespan="off", timeout_graceful_shutdown=5,
+                                http=bounded_protocol(DEFAULT_HEADER_TIMEOUT_S if header_timeout_s is None else header_timeout_s,
+                                                      DEFAULT_SEND_TIMEOUT_S if send_timeout_s is None else send_timeout_s))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, name="hotswap-http", daemon=True)
 

@@ -5,9 +5,10 @@ slices to rank 0 there, so the files are the same at every TP size.
 
 A save never writes outside its folder and never replaces a file without `overwrite=True`: the shard-name
 `pattern` may only use the fields {rank}, {part} and {total} with plain integer formats and must give plain
-file names; each shard is written as `NAME.partial` beside its final name and renamed only when every shard
-is complete, so a failed save leaves nothing behind and a killed one leaves only `*.partial` files (which the
-loader ignores and the next save into the folder removes)."""
+file names; each shard is written as `NAME.partial` in a private staging folder made inside the target (mode
+0700, a fresh name: a link planted there by someone else who can write to the folder is never written
+through) and renamed into place only when every shard is complete, so a failed save leaves nothing behind
+and a killed one leaves only its staging folder (which the loader ignores and the next save removes)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ _SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "token
                "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model")
 _INDEX = "model.safetensors.index.json"
 _PARTIAL = ".partial"
+_STAGING = ".hotswap-save-"  # + a random part: a save's private folder inside its target
 _PATTERN_FIELDS = ("rank", "part", "total")
 _INT_SPEC = re.compile(r"0?[1-9]?\d?d?")  # "", "d", "05d", "5": plain integer formats only
 
@@ -101,27 +103,29 @@ def save_sharded(weight_map: WeightMap, whole: Whole, path: Path, source_model_p
     if path.exists() and not path.is_dir():
         raise HotswapError(f"{path} exists and is not a directory")
     path.mkdir(parents=True, exist_ok=True)
-    for stale in path.glob(f"*{_PARTIAL}"):  # left by a save that was killed
-        stale.unlink(missing_ok=True)
+    for stale in path.glob(f"{_STAGING}*"):  # left by a save that was killed
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
     clash = _existing(path, [*names, *sides, _INDEX])  # an old index is replaced or removed: it counts either way
     if clash and not overwrite:
         listed = ", ".join(clash[:8]) + (f" and {len(clash) - 8} more" if len(clash) > 8 else "")
         raise HotswapError(f"{path} already holds {listed}; choose an empty folder or pass overwrite=true to replace them")
+    staging = Path(tempfile.mkdtemp(prefix=_STAGING, dir=path))
     partial: list[Path] = []
     weight_index: dict[str, str] = {}  # checkpoint tensor name -> its shard (stacked experts are written per expert)
     try:
         for fname, shard in zip(names, shards):
-            tmp = path / (fname + _PARTIAL)
+            tmp = staging / (fname + _PARTIAL)
             partial.append(tmp)
             tensors = {part: t.detach().contiguous().cpu() for n, w in whole(shard) for part, t in weight_map.checkpoint_layout(n, w)}
             save_file(tensors, str(tmp), metadata={"format": "pt"})
             weight_index.update(dict.fromkeys(tensors, fname))
         if index:
-            tmp = path / (_INDEX + _PARTIAL)
+            tmp = staging / (_INDEX + _PARTIAL)
             partial.append(tmp)
             tmp.write_text(json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_index}, indent=2))
         for side in sides:
-            tmp = path / (side + _PARTIAL)
+            tmp = staging / (side + _PARTIAL)
             partial.append(tmp)
             shutil.copy2(src / side, tmp)
         # every file is complete: drop shards of an older checkpoint this one replaces, then move the new ones in
@@ -131,11 +135,9 @@ def save_sharded(weight_map: WeightMap, whole: Whole, path: Path, source_model_p
         if not index:
             (path / _INDEX).unlink(missing_ok=True)
         for tmp in partial:
-            os.replace(tmp, tmp.with_name(tmp.name.removesuffix(_PARTIAL)))
-    except BaseException:
-        for tmp in partial:
-            tmp.unlink(missing_ok=True)
-        raise
+            os.replace(tmp, path / tmp.name.removesuffix(_PARTIAL))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return [path / name for name in names]
 
 

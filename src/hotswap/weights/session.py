@@ -38,6 +38,15 @@ from hotswap.errors import HotswapError, shown
 from hotswap.weights.ranks import WeightRanks
 from hotswap.weights.rollback import HostArena, RollbackBuffer
 
+MAX_VERSION_CHARS = 256  # a version name rides on every output token, and in every streamed chunk's versions
+
+
+def version_problem(version: object, field: str = "weight_version") -> str | None:
+    """Why `version` cannot name the weights (None: it can, or it is not given); `field`: its name in the call."""
+    if version is not None and len(str(version)) > MAX_VERSION_CHARS:
+        return f"{field} has {len(str(version))} characters; at most {MAX_VERSION_CHARS}"
+    return None
+
 log = logging.getLogger(__name__)
 
 PAUSE = "pause_generation"
@@ -124,6 +133,9 @@ class Sessions:
         stale = self.stale(session_id)
         if stale is not None:
             return self.refuse_stale(f"{kind} refused: {stale}; weights unchanged", session_id)
+        bad_version = version_problem(weight_version)
+        if bad_version is not None:
+            return self.refuse_update(f"{kind} refused: {bad_version}; weights unchanged", session_id)
         expired = self.take_expired()
         if expired is not None:
             return self.refuse(f"{kind} refused: {expired}")
@@ -253,6 +265,9 @@ class Sessions:
                 return out
             what = "nothing aborted" if abort else "nothing committed"
             return self.refuse_stale(f"end_weight_update refused: {stale}; {what}", session_id)
+        bad_version = version_problem(weight_version)
+        if bad_version is not None and not abort:
+            return self.refuse(f"end_weight_update refused: {bad_version}; the session stays open")
         expired = self.take_expired()
         if expired is not None:
             return self.refuse(f"end_weight_update: {expired}")
