@@ -90,8 +90,9 @@ def available(x: torch.Tensor) -> bool:
 
 def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, weights: torch.Tensor,
               ids: torch.Tensor) -> torch.Tensor:
-    """The MoE layer in two kernels (three launches of torch ops align pairs on the large path). No
-    host synchronisation: it runs under CUDA graphs, whose shapes fix T."""
+    """The MoE layer: gate/up and down kernels, then the top-k sum (a small kernel on the decode path, a torch
+    reduction on the large path, where a few torch ops also align the pairs by expert). No host
+    synchronisation: it runs under CUDA graphs, whose shapes fix T."""
     if x.shape[0] <= SMALL_BATCH_MAX_TOKENS:
         return moe_pairs(x, w_gate_up, w_down, weights, ids)
     return _moe_grouped(x, w_gate_up, w_down, weights, ids)

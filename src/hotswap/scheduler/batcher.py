@@ -158,8 +158,10 @@ class Batcher:
     def _lead_prompt(self, seq: Sequence) -> None:
         """Remember a freshly admitted sequence as its prompt's lead while it computes full pages of that prompt
         that others could match (none when its own match already gave them: those others match them too)."""
-        ps = self.prefix_cache and self.allocator.page_size
-        if not ps or self._match_limit(seq) // ps * ps <= seq.num_computed:
+        if self.prefix_cache is None:
+            return
+        ps = self.allocator.page_size
+        if self._match_limit(seq) // ps * ps <= seq.num_computed:
             return
         key = seq.prompt_hash()
         lead = self._leads.get(key)
