@@ -187,6 +187,7 @@ def run_path(engine, path: str, w: Workload, mode: str, args, url: str | None, r
             outs = offline_rollout(engine, jobs, mode, routed_experts)
             end = time.time()
             tokens = sum(len(o["output_ids"]) for o in outs)
+            cached = sum(o["meta_info"]["cached_tokens"] for o in outs)  # prompt tokens a prefix match gave
             if routed_experts:
                 assert all(o["meta_info"].get("routed_experts") for o in outs)
             if mode == "sampled":
@@ -201,7 +202,9 @@ def run_path(engine, path: str, w: Workload, mode: str, args, url: str | None, r
     cpu_after = threads_cpu_s(frontend_pid)
     out = {"seconds": end - start, "tokens": tokens, "tail_seconds": mon.tail_seconds(start, end),
            "thread_cpu_s": {k: cpu_after[k] - cpu_before[k] for k in cpu_after if k in cpu_before}}
-    if path != "offline":
+    if path == "offline":
+        out["prompt_tokens_cached"] = cached
+    else:
         out["client_cpu_s"] = res["cpu_s"]
     return out
 
@@ -390,7 +393,11 @@ def main() -> None:
              f"with arithmetic (each step the longer of its bytes at D2D and its FLOPs at {flops / 1e12:,.1f} TFLOP/s, "
              f"a measured dense matmul): {roof_flops['seconds']:.2f} s, {roof_flops['compute_steps']:,} of the steps bound by "
              f"FLOPs\n")
+    prompt_tokens = sum(map(len, w.prompts))
     for key, r in results["runs"].items():
+        if "prompt_tokens_cached" in r:
+            notes += (f"prompt tokens during {key}: {prompt_tokens:,}, of which {r['prompt_tokens_cached']:,} came from the prefix "
+                      f"cache (repeated prompts computed once)\n")
         if r.get("thread_cpu_s"):
             notes += f"CPU s during {key}: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["thread_cpu_s"].items())) + "\n"
     print(notes, flush=True)
