@@ -4,6 +4,9 @@ tokens are appended by hand, as the scheduler's process() does."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from hotswap.cache.page_allocator import PageAllocator
@@ -349,3 +352,56 @@ def test_no_wait_for_prompt_logprobs_a_shorter_shared_prefix_or_a_lead_that_stop
     read_back(batch, batcher)
     run_to_completion(batcher)
     assert_accounted(batcher, alloc)
+
+
+def _tokens_by_page(cache: RadixPrefixCache) -> set:
+    out, stack = set(), [(cache.root, ())]
+    while stack:
+        node, prefix = stack.pop()
+        path = prefix + node.key
+        for k in range(len(node.pages)):
+            out.add(path[: len(prefix) + (k + 1) * cache.page_size])
+        stack.extend((c, path) for c in node.children.values())
+    return out
+
+
+def test_radix_eviction_keeps_its_lru_heap_across_calls_and_evicts_as_a_full_walk_would():
+    """The cache against bench/prefix_cache.py's full-walk eviction (what it did before it kept its heap): random
+    inserts, matches (some held, like running sequences), releases and evictions on both; the same pages freed,
+    the same prefixes left, the leaf count right."""
+    import random
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from prefix_cache import WalkingCache
+
+    rng = random.Random(7)
+    caches = [(alloc := PageAllocator(num_pages=4096, page_size=4), RadixPrefixCache(alloc)),
+              (alloc2 := PageAllocator(num_pages=4096, page_size=4), WalkingCache(alloc2))]
+    held: list[tuple[list[int], list[int]]] = []  # per cache: pages a "running sequence" holds
+    for step in range(1500):
+        op = rng.random()
+        prompt = [rng.randrange(6)] + [rng.randrange(4) for _ in range(rng.randrange(4, 40))]
+        if op < 0.45:  # a sequence ends: its pages are cached
+            n = len(prompt) // 4
+            for alloc, cache in caches:
+                pages = alloc.allocate(n)
+                cache.insert(prompt, pages)
+                alloc.release(pages)
+        elif op < 0.7:  # a sequence starts on a cached prefix and holds it for a while
+            got = [cache.match(prompt) for _, cache in caches]
+            assert len(got[0]) == len(got[1])
+            for (alloc, _), pages in zip(caches, got):
+                alloc.retain(pages)
+            held.append(tuple(got))
+        elif op < 0.85 and held:  # a running sequence ends
+            pages = held.pop(rng.randrange(len(held)))
+            for (alloc, _), p in zip(caches, pages):
+                alloc.release(p)
+        else:
+            want = rng.randrange(1, 30)
+            freed = [cache.evict(want) for _, cache in caches]
+            assert freed[0] == freed[1], step
+        assert _tokens_by_page(caches[0][1]) == _tokens_by_page(caches[1][1]), step
+        assert caches[0][1]._num_leaves == len(caches[0][1]._leaves()), step
+        assert caches[0][0].num_free == caches[1][0].num_free, step
+    assert len(caches[0][1]._lru) <= 4 * caches[0][1]._num_leaves + 1024

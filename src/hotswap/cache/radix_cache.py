@@ -4,6 +4,11 @@ Each edge holds whole pages (its key length is a multiple of page_size). The tre
 reference on every page it stores; leaves whose pages nobody else references are evicted LRU-first.
 A match that ends inside an edge splits it there, so the unmatched tail stays evictable while the
 matched head is in use.
+
+Eviction runs when the pool is full, often every step, while the tree may hold thousands of finished
+sequences' leaves: it pops a heap of leaves kept across calls (an entry per leaf access; entries that went
+stale are skipped as they come up, and the heap is rebuilt when they outnumber the leaves) instead of walking
+the whole tree each time. Whether a leaf may go is decided when it comes up, from the page refcounts then.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from dataclasses import dataclass, field
 
 from hotswap.cache.page_allocator import PageAllocator
 
-_clock = itertools.count()
+_clock = itertools.count(1)  # 0 is a new node's last_access: never a time
 
 
 @dataclass(eq=False, slots=True)
@@ -24,6 +29,7 @@ class _Node:
     children: dict[tuple[int, ...], _Node] = field(default_factory=dict)  # first page of tokens -> child
     parent: _Node | None = None
     last_access: int = 0
+    removed: bool = False  # evicted, or dropped by reset: its heap entries are stale
 
 
 class RadixPrefixCache:
@@ -31,6 +37,23 @@ class RadixPrefixCache:
         self.allocator = allocator
         self.page_size = allocator.page_size
         self.root = _Node()
+        # (last_access, tie, node) for leaves; stale when the node was touched since, gained children or was removed
+        self._lru: list[tuple[int, int, _Node]] = []
+        self._num_leaves = 0
+
+    def _touched(self, node: _Node, now: int) -> None:
+        """`node` was used at `now`: a leaf gets an entry at its new time (its older entries go stale)."""
+        if node.last_access == now:  # touched already in this call
+            return
+        node.last_access = now
+        if not node.children and node is not self.root:
+            self._push(node)
+
+    def _push(self, leaf: _Node) -> None:
+        heapq.heappush(self._lru, (leaf.last_access, next(_clock), leaf))
+        if len(self._lru) > 4 * self._num_leaves + 1024:  # mostly stale entries: start over from the leaves
+            self._lru = [(n.last_access, next(_clock), n) for n in self._leaves()]
+            heapq.heapify(self._lru)
 
     def _chunks(self, tokens: list[int]) -> list[tuple[int, ...]]:
         ps = self.page_size
@@ -50,12 +73,12 @@ class RadixPrefixCache:
             if common < n:  # ends inside this edge: split so the tail can still be evicted
                 self._split(child, common)
             pages.extend(child.pages)
-            child.last_access = now
+            self._touched(child, now)
             if common < n:
                 break
             node, i = child, i + n
         while node is not self.root:  # refresh ancestors so LRU never evicts under a hot leaf
-            node.last_access = now
+            self._touched(node, now)
             node = node.parent
         return pages
 
@@ -71,15 +94,19 @@ class RadixPrefixCache:
         while i < len(chunks):
             child = node.children.get(chunks[i])
             if child is None:
-                new = _Node(key=tuple(tokens[i * self.page_size : len(chunks) * self.page_size]), pages=list(pages[i:]), parent=node, last_access=now)
+                new = _Node(key=tuple(tokens[i * self.page_size : len(chunks) * self.page_size]), pages=list(pages[i:]), parent=node)
+                if node is not self.root and not node.children:
+                    self._num_leaves -= 1  # `node` stops being a leaf (its entries go stale)
                 node.children[chunks[i]] = new
+                self._num_leaves += 1
+                self._touched(new, now)
                 self.allocator.retain(new.pages)
                 return
             n = len(child.pages)
             common = self._common_pages(child, chunks, i)
             if common < n:
                 self._split(child, common)
-            child.last_access = now
+            self._touched(child, now)
             node, i = child, i + common
 
     def _common_pages(self, node: _Node, chunks: list[tuple[int, ...]], i: int) -> int:
@@ -98,20 +125,31 @@ class RadixPrefixCache:
             c.parent = tail
         node.key, node.pages = node.key[:cut], node.pages[:n_pages]
         node.children = {tail.key[: self.page_size]: tail}
+        if not tail.children:  # the leaf is now the tail (the head's entries went stale)
+            self._push(tail)
 
     def evict(self, num_pages: int) -> int:
         """Free at least num_pages pages from unreferenced leaves, oldest first; returns pages freed."""
-        freed = 0
-        heap = [(n.last_access, id(n), n) for n in self._leaves() if self._evictable(n)]
-        heapq.heapify(heap)
-        while heap and freed < num_pages:
-            _, _, leaf = heapq.heappop(heap)
+        freed, in_use = 0, []
+        while self._lru and freed < num_pages:
+            entry = heapq.heappop(self._lru)
+            _, _, leaf = entry
+            if leaf.removed or leaf.children or entry[0] != leaf.last_access:
+                continue  # stale: evicted, no longer a leaf, or touched since (a newer entry exists)
+            if not self._evictable(leaf):
+                in_use.append(entry)
+                continue
             self.allocator.release(leaf.pages)
             freed += len(leaf.pages)
+            leaf.removed = True
+            self._num_leaves -= 1
             parent = leaf.parent
             del parent.children[leaf.key[: self.page_size]]
-            if parent is not self.root and not parent.children and self._evictable(parent):
-                heapq.heappush(heap, (parent.last_access, id(parent), parent))
+            if parent is not self.root and not parent.children:  # the parent is a leaf now
+                self._num_leaves += 1
+                self._push(parent)
+        for entry in in_use:
+            heapq.heappush(self._lru, entry)
         return freed
 
     def _evictable(self, node: _Node) -> bool:
@@ -138,3 +176,4 @@ class RadixPrefixCache:
         """Drop every cached prefix (after a weight update the cached KV is stale)."""
         self.allocator.release(self.all_pages())
         self.root = _Node()
+        self._lru, self._num_leaves = [], 0
