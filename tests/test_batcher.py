@@ -15,6 +15,7 @@ from hotswap.protocol import GenerateRequest
 from hotswap.sampling_params import SamplingParams
 from hotswap.scheduler.batcher import Batcher, ScheduledBatch
 from hotswap.scheduler.invariant_checker import InvariantChecker
+from hotswap.scheduler.overlap import undo_launch
 from hotswap.scheduler.sequence import Sequence, Status
 
 
@@ -405,3 +406,23 @@ def test_radix_eviction_keeps_its_lru_heap_across_calls_and_evicts_as_a_full_wal
         assert caches[0][1]._num_leaves == len(caches[0][1]._leaves()), step
         assert caches[0][0].num_free == caches[1][0].num_free, step
     assert len(caches[0][1]._lru) <= 4 * caches[0][1]._num_leaves + 1024
+
+
+def test_a_lead_whose_step_never_launched_gives_its_followers_no_unwritten_pages():
+    """The step planning a lead's prompt fails to launch (a device fault, or the lead's row refused): its KV was
+    never written, so the follower must compute the prompt itself, not match the lead's pages."""
+    batcher, alloc, _ = make_batcher(num_pages=64, page_size=4)
+    prompt = list(range(100, 118))
+    lead, follower = seq(prompt, max_new_tokens=2, rid="lead"), seq(prompt, max_new_tokens=2, rid="follower")
+    batcher.add(lead)
+    batcher.add(follower)
+    batch = batcher.schedule()
+    assert batch.seqs == [lead]
+    undo_launch(batch.seqs, batch.entries)  # what Scheduler.launch does when the run raises
+    batcher.finish(lead)
+    batch = batcher.schedule()
+    assert batch.seqs == [follower]
+    assert follower.cached_tokens == 0 and batch.entries[0].start_pos == 0
+    read_back(batch, batcher)
+    run_to_completion(batcher)
+    assert_accounted(batcher, alloc)
