@@ -15,6 +15,7 @@ from hotswap.protocol import GenerateRequest
 from hotswap.sampling_params import SamplingParams
 from hotswap.scheduler.batcher import Batcher, ScheduledBatch
 from hotswap.scheduler.invariant_checker import InvariantChecker
+from hotswap.scheduler.overlap import undo_launch
 from hotswap.scheduler.sequence import Sequence, Status
 
 
@@ -405,3 +406,120 @@ def test_radix_eviction_keeps_its_lru_heap_across_calls_and_evicts_as_a_full_wal
         assert caches[0][1]._num_leaves == len(caches[0][1]._leaves()), step
         assert caches[0][0].num_free == caches[1][0].num_free, step
     assert len(caches[0][1]._lru) <= 4 * caches[0][1]._num_leaves + 1024
+
+
+def test_a_lead_whose_step_never_launched_gives_its_followers_no_unwritten_pages():
+    """The step planning a lead's prompt fails to launch (a device fault, or the lead's row refused): its KV was
+    never written, so the follower must compute the prompt itself, not match the lead's pages."""
+    batcher, alloc, _ = make_batcher(num_pages=64, page_size=4)
+    prompt = list(range(100, 118))
+    lead, follower = seq(prompt, max_new_tokens=2, rid="lead"), seq(prompt, max_new_tokens=2, rid="follower")
+    batcher.add(lead)
+    batcher.add(follower)
+    batch = batcher.schedule()
+    assert batch.seqs == [lead]
+    undo_launch(batch.seqs, batch.entries)  # what Scheduler.launch does when the run raises
+    batcher.finish(lead)
+    batch = batcher.schedule()
+    assert batch.seqs == [follower]
+    assert follower.cached_tokens == 0 and batch.entries[0].start_pos == 0
+    read_back(batch, batcher)
+    run_to_completion(batcher)
+    assert_accounted(batcher, alloc)
+
+
+def _overlapped_run(seed: int) -> int:
+    """One random run as the scheduler loop drives the batcher: step N+1 planned and launched before step N's
+    tokens are read back; repeated prompts (some owing prompt logprobs), aborts and retracts (no step in flight),
+    launches that fail and rows refused before the forward. A model of the KV pages checks that every step reads
+    only what an earlier launched step wrote there for the same tokens."""
+    import random
+
+    from hotswap.scheduler.overlap import mark_sample_rows
+
+    rng = random.Random(seed)
+    ps = rng.choice([2, 4])
+    batcher, alloc, _ = make_batcher(num_pages=rng.choice([12, 24, 64]), page_size=ps, chunk=rng.choice([4, 8, 64]),
+                                     token_budget=rng.choice([8, 16, 64]), max_running=rng.choice([2, 4, 8]))
+    kv: dict[tuple[int, int], object] = {}  # (page, slot) -> token written there (a placeholder until read back)
+    prompts = [[rng.randrange(5) for _ in range(rng.randrange(3, 30))] for _ in range(4)]
+    added: list[Sequence] = []
+    inflight = None
+
+    def forward(pairs):
+        for s, e in pairs:
+            toks = s.token_ids
+            for pos in range(e.start_pos):
+                assert kv.get((e.pages[pos // ps], pos % ps)) == toks[pos], (seed, s.rid, pos)
+            for pos in range(e.start_pos, e.start_pos + len(e.input_ids)):
+                kv[(e.pages[pos // ps], pos % ps)] = toks[pos] if pos < len(toks) else (id(s), pos)
+
+    def read_back_step(pairs):
+        for s, e in pairs:
+            if not e.sample:
+                continue
+            s.pending -= 1
+            if s.status is Status.FINISHED:
+                continue
+            tok, pos = rng.randrange(5), s.num_tokens
+            s.output_ids.append(tok)
+            for key in [k for k, v in kv.items() if v == (id(s), pos)]:
+                kv[key] = tok
+            if len(s.output_ids) >= s.req.sampling_params.max_new_tokens:
+                batcher.finish(s)
+
+    for step in range(3000):
+        if step < 400 and rng.random() < 0.3 and len(added) < 60:
+            p = rng.choice(prompts)
+            for _ in range(rng.choice([1, 1, 3])):
+                s = seq(p, max_new_tokens=rng.randrange(1, 6), rid=f"s{len(added)}")
+                if rng.random() < 0.2:
+                    s.req.sampling_params.return_logprob = True
+                    s.req.sampling_params.logprob_start_len = rng.randrange(0, len(p))
+                batcher.add(s)
+                added.append(s)
+        r = rng.random() if step < 400 else 1.0
+        if r < 0.08:  # a control request: the step in flight is read back first
+            if inflight is not None:
+                read_back_step(inflight)
+                inflight = None
+            victim = rng.choice(added) if added else None
+            if r < 0.05 and victim is not None and victim.status is not Status.FINISHED:  # an abort
+                batcher.finish(victim)
+            elif r >= 0.05:
+                batcher.retract_all()
+        batch = batcher.schedule()
+        launched = None
+        if batch is not None:
+            mark_sample_rows(batch.seqs, batch.entries)
+            r = rng.random() if step < 400 else 1.0
+            if r < 0.05:  # the launch fails: Scheduler.launch reads the step in flight back, undoes, aborts
+                if inflight is not None:
+                    read_back_step(inflight)
+                    inflight = None
+                undo_launch(batch.seqs, batch.entries)
+                for s in batch.seqs:
+                    if s.status is not Status.FINISHED:
+                        batcher.finish(s)
+            else:
+                launched = list(zip(batch.seqs, batch.entries))
+                if r < 0.1:  # one row refused before the forward (Scheduler.drop_row)
+                    s, e = launched.pop(rng.randrange(len(launched)))
+                    s.pending -= e.sample
+                    s.num_computed = e.start_pos
+                    batcher.finish(s)
+                forward(launched)
+        elif step >= 400:
+            assert inflight is not None or not batcher.has_work, (seed, "no progress")
+        if inflight is not None:
+            read_back_step(inflight)
+        inflight = launched
+        if step >= 400 and inflight is None and not batcher.has_work:
+            break
+    assert not batcher.has_work, (seed, "wedged")
+    assert_accounted(batcher, alloc)
+    return sum(s.cached_tokens for s in added)
+
+
+def test_overlapped_steps_with_repeated_prompts_read_only_kv_already_written():
+    assert sum(_overlapped_run(seed) > 0 for seed in range(40)) > 30  # prompts were shared

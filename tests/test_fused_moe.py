@@ -84,6 +84,30 @@ def test_topk_softmax_kernel_equals_the_torch_router(t, e, k, renormalize):
     torch.testing.assert_close(weights, want_w, rtol=1e-6, atol=1e-7)
 
 
+def _nan_rows_pick_real_experts(e: int, k: int, device: str) -> None:
+    logits = torch.randn(4, e, generator=torch.Generator().manual_seed(e)).to(device)
+    logits[1, 2], logits[2, 0], logits[3] = float("nan"), float("inf"), float("-inf")
+    for renormalize in (True, False):
+        weights, ids = fused_moe.topk_softmax(logits, k, renormalize)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # torch's router on the same logits
+        want_w, want_ids = torch.topk(probs, k, dim=-1)
+        if renormalize:
+            want_w = want_w / want_w.sum(dim=-1, keepdim=True)
+        assert torch.equal(ids[0], want_ids[0])
+        torch.testing.assert_close(weights[0], want_w[0], rtol=1e-6, atol=1e-7)
+        assert bool(((ids >= 0) & (ids < e)).all()) and all(len(set(r)) == k for r in ids.tolist())
+        assert bool(weights[1:].isnan().all()) and bool(want_w[1:].isnan().all())
+
+
+@pytest.mark.skipif(not INTERPRET, reason="Triton interpreter run: set TRITON_INTERPRET=1 to check the kernels on the CPU")
+@pytest.mark.parametrize("e,k", [(5, 1), (5, 5), (8, 3)])
+def test_topk_softmax_kernel_picks_real_experts_for_a_nan_or_infinite_row(e, k):
+    """A NaN or infinite logit (weights gone bad) makes the row's probabilities NaN, as in torch: the kernel still
+    picks k distinct experts below E (an id past them makes the expert kernels read outside the weights) with NaN
+    weights, and the other rows are untouched."""
+    _nan_rows_pick_real_experts(e, k, "cpu")
+
+
 GPU_SHAPES = [  # tokens, experts, top-k, hidden, intermediate
     (1, 8, 1, 256, 128), (1, 128, 8, 2048, 768), (4, 64, 6, 512, 256), (8, 128, 8, 2048, 768),
     (9, 8, 2, 256, 192), (64, 128, 8, 2048, 768), (517, 32, 4, 1024, 512), (2048, 16, 1, 512, 256),
@@ -121,6 +145,13 @@ def test_topk_softmax_on_cuda_equals_the_torch_router(t, e, k, dtype):
     weights, ids = fused_moe.topk_softmax(logits, k, True)
     assert torch.equal(ids, want_ids) and weights.dtype == dtype
     torch.testing.assert_close(weights, want_w, rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("e,k", [(5, 1), (128, 8)])
+def test_topk_softmax_on_cuda_picks_real_experts_for_a_nan_or_infinite_row(e, k):
+    """On the device a NaN compares as the max reductions implement it: the ids must still be real experts."""
+    _nan_rows_pick_real_experts(e, k, "cuda")
 
 
 @pytest.mark.gpu

@@ -262,14 +262,17 @@ if triton is not None:
         logit = tl.load(LOGITS + t * stride_l + offs, mask=in_row, other=-float("inf")).to(tl.float32)
         num = tl.exp(logit - tl.max(logit, axis=0))
         prob = num / tl.sum(num, axis=0)
-        left = tl.where(in_row, prob, -1.0)  # probabilities not yet picked; -1 past the experts and once picked
+        # probabilities not yet picked; -1 past the experts and once picked. A NaN (a NaN or infinite logit makes
+        # the whole row NaN) ranks 2, above every probability, as torch's top-k ranks NaN first: a comparison with
+        # NaN matches nothing, which picked ids past the experts (the expert kernels then read outside the weights)
+        left = tl.where(in_row, tl.where(prob == prob, prob, 2.0), -1.0)
         slots = tl.arange(0, BLOCK_K)
         picked_w = tl.zeros((BLOCK_K,), dtype=tl.float32)
         picked_id = tl.zeros((BLOCK_K,), dtype=tl.int64)
         for j in tl.static_range(TOP_K):
             best = tl.max(left, axis=0)
             pick = tl.min(tl.where(left == best, offs, BLOCK_E), axis=0)
-            picked_w = tl.where(slots == j, best, picked_w)
+            picked_w = tl.where(slots == j, tl.where(best > 1.5, float("nan"), best), picked_w)
             picked_id = tl.where(slots == j, pick.to(tl.int64), picked_id)
             left = tl.where(offs == pick, -1.0, left)
         if RENORM:

@@ -5,7 +5,7 @@ the newest running sequence is preempted (its pages freed, recomputed later from
 
 A fresh sequence whose prompt another sequence is computing right now (GRPO's n samples of one prompt, or a
 batch that repeats prompts) waits until that prompt's KV is in: the first sequence's prompt pages enter the
-prefix cache at the end of the step that plans them, and the others match them there one step later instead
+prefix cache once the step that plans them has launched, and the others match them there one step later instead
 of computing the same prompt n times.
 
 Progress is guaranteed: waiting sequences hold no pages (a prefix match is taken only at the moment of
@@ -84,6 +84,8 @@ class Batcher:
 
     def schedule(self, admit_new: bool = True) -> ScheduledBatch | None:
         """The next step. admit_new=False (a weight update drains) still re-admits sequences that started."""
+        if self._leads:
+            self._publish_led_prompts()
         budget = self.max_num_batched_tokens
         seqs: list[Sequence] = []
         entries: list[BatchEntry] = []
@@ -139,8 +141,6 @@ class Batcher:
             seqs.append(seq)
             budget -= n
         self.waiting.extendleft(reversed(followers))  # first in line again, in their order
-        if self._leads:
-            self._publish_led_prompts()
         return ScheduledBatch(seqs=seqs, entries=entries) if entries else None
 
     def _follows_a_prompt_in_flight(self, seq: Sequence) -> bool:
@@ -169,9 +169,11 @@ class Batcher:
             self._leads[key] = _PromptLead(seq)
 
     def _publish_led_prompts(self) -> None:
-        """End of a call: the planned prompt pages of every followed lead enter the prefix cache (their KV is
-        computed by this step, which runs before any step that reads them); a lead whose prompt is planned
-        through its end, or that stopped running, is forgotten."""
+        """Start of a call: the prompt pages every followed lead planned in the steps before enter the prefix
+        cache (their KV is computed by those steps, which run before any step that reads them). Not at the end
+        of the call that plans them: that step may still fail to launch (undo_launch, a row refused), leaving
+        pages never written; its lead then no longer runs. A lead whose prompt is planned through its end, or
+        that stopped running, is forgotten."""
         for key, lead in list(self._leads.items()):
             seq = lead.seq
             if seq.status is not Status.RUNNING:
