@@ -1,7 +1,7 @@
 """The MoE layer's kernels on one layer of a model shape (default Qwen3-30B-A3B: H 2048, I 768, 128 experts,
 top-8, bf16): each batch size's time beside the bytes it must read at the measured device-to-device bandwidth,
 and beside the PyTorch per-expert loop (`moe_reference`) in the same process; the router after its logits as one
-kernel (`topk_softmax`) beside torch's softmax/top-k/renormalise/cast. At decode sizes it also sweeps the per-pair
+kernel (`topk_softmax`) beside torch's softmax/top-k/renormalise/cast (`topk_softmax_reference`). At decode sizes it also sweeps the per-pair
 kernels' tile shapes (`PairsBlocks`) and prints the best beside the default.
 
     python bench/moe_kernels.py                                # GPU
@@ -93,7 +93,7 @@ def main() -> None:
         floor_us = nbytes / bw * 1e6
         logits = torch.randn(t, e, device=dev, dtype=torch.bfloat16)
         route_us = graph_time_us(lambda: fm.topk_softmax(logits, k, True), calls=16)
-        torch_route_us = graph_time_us(lambda: torch_route(logits, k), calls=16)
+        torch_route_us = graph_time_us(lambda: fm.topk_softmax_reference(logits, k, True), calls=16)
         rows.append([t, "pairs" if t <= fm.SMALL_BATCH_MAX_TOKENS else "grouped", f"{us:.1f}", f"{ref_us:.1f}",
                      f"{floor_us:.1f}", f"{nbytes / us / 1e3:,.0f}", f"{floor_us / us:.1%}", f"{route_us:.1f}",
                      f"{torch_route_us:.1f}"])
@@ -119,13 +119,6 @@ def main() -> None:
         base = timer(t, fm.moe_pairs)[0]
         print(f"pairs sweep, {t} token(s): default {base:.1f} us; best: " +
               "; ".join(f"{us:.1f} us {b}" for us, b in found[:4]), flush=True)
-
-
-def torch_route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`route`'s torch path after the logits (the peer of `topk_softmax`)."""
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    weights, ids = torch.topk(probs, k, dim=-1)
-    return (weights / weights.sum(dim=-1, keepdim=True)).to(logits.dtype), ids
 
 
 if __name__ == "__main__":

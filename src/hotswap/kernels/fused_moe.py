@@ -20,8 +20,12 @@ def route(hidden: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormali
     CUDA the steps after the logits are one kernel (`topk_softmax`): at decode sizes each of torch's five
     launches (softmax, top-k, sum, divide, cast) costs more than its work, 48 layers a step."""
     logits = F.linear(hidden, gate_weight)
-    if available(logits):
-        return topk_softmax(logits, top_k, renormalize)
+    after_logits = topk_softmax if available(logits) else topk_softmax_reference
+    return after_logits(logits, top_k, renormalize)
+
+
+def topk_softmax_reference(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router after its logits in PyTorch (the CPU path, and the reference of `topk_softmax`)."""
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
