@@ -1,8 +1,8 @@
 """The MoE layer's kernels on one layer of a model shape (default Qwen3-30B-A3B: H 2048, I 768, 128 experts,
 top-8, bf16): each batch size's time beside the bytes it must read at the measured device-to-device bandwidth,
 and beside the PyTorch per-expert loop (`moe_reference`) in the same process; the router after its logits as one
-kernel (`topk_softmax`) beside torch's softmax/top-k/renormalise/cast (`topk_softmax_reference`). At decode sizes it also sweeps the per-pair
-kernels' tile shapes (`PairsBlocks`) and prints the best beside the default.
+kernel (`topk_softmax`) beside torch's softmax/top-k/renormalise/cast (`topk_softmax_reference`). At decode
+sizes it also sweeps the per-pair kernels' tile shapes (`PairsBlocks`) and prints the best beside the default.
 
     python bench/moe_kernels.py                                # GPU
     python bench/moe_kernels.py --batches 1,8 --no-sweep
