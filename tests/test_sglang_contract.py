@@ -222,6 +222,8 @@ def test_generate_takes_sglang_arguments_and_refuses_what_it_cannot_serve(served
     eng, c = served
     out = eng.generate(input_ids=[5, 6, 7], sampling_params=GREEDY, rid="verl-1", image_data=None, custom_logit_processor=None)
     assert out["meta_info"]["id"] == "verl-1" and len(out["output_ids"]) == GREEDY["max_new_tokens"]
+    # SGLang's batch form: one unset image per prompt
+    assert len(eng.generate(input_ids=[[5, 6, 7], [8, 9]], sampling_params=GREEDY, image_data=[None, None])) == 2
     # AReaL's sampling_params (sglang_remote.py::build_generation_request), neutral penalties included
     areal = {"top_p": 1.0, "top_k": -1, "max_new_tokens": 10, "temperature": 0.0, "stop_token_ids": [], "ignore_eos": True,
              "skip_special_tokens": True, "frequency_penalty": 0.0, "presence_penalty": 0, "repetition_penalty": 1.0, "regex": None}

@@ -90,10 +90,18 @@ def _take(q: queue.Queue) -> list[p.GenerateOutput]:
             return items
 
 
+def is_unset(value: object) -> bool:
+    """An SGLang field a framework sends without asking for anything: None, False, "", {}, or a list of those
+    (one per prompt of a batch, e.g. image_data=[None, None])."""
+    if isinstance(value, (list, tuple)):
+        return all(is_unset(v) for v in value)
+    return value is None or value is False or value == "" or value == {}
+
+
 def _refuse_unsupported(**given) -> None:
     """SGLang generate arguments hotswap does not serve: accepted unset, refused by name when set."""
     for name, value in given.items():
-        if value is not None and value != [] and value != "":
+        if not is_unset(value):
             raise HotswapError(f"{name} is not supported by hotswap (text-only, no LoRA adapters, no custom logit processors); leave it unset")
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from starlette.requests import Request
 
+from hotswap.engine.api import is_unset
 from hotswap.errors import ConstrainedDecodingError, EngineUnavailableError, shown
 from hotswap.sampling_params import refuse_constrained_decoding as check_constrained_decoding
 from hotswap.server.http_utils import APIError, await_unless_disconnected, error_body, sse
@@ -45,17 +46,11 @@ UNSERVED_OPENAI_FIELDS = {**UNSERVED_GENERATE_FIELDS, "lora_path": "LoRA adapter
 _DP_RANK_FIELDS = ("data_parallel_rank", "routed_dp_rank")
 
 
-def _unset(value: Any) -> bool:
-    if isinstance(value, (list, tuple)):
-        return all(_unset(v) for v in value)
-    return value is None or value is False or value == "" or value == {}
-
-
 def refuse_unserved_fields(extra: dict[str, Any], unserved: dict[str, str] = UNSERVED_GENERATE_FIELDS) -> None:
     """Refuse (400 naming the field) an SGLang request field of `unserved` that is set; others pass. `extra`:
     the request's fields its model does not declare."""
     for key, value in extra.items():
-        if key in unserved and not _unset(value):
+        if key in unserved and not is_unset(value):
             raise APIError(400, f"{key!r} ({unserved[key]}) is not supported by hotswap; leave it unset", param=key)
         if key in _DP_RANK_FIELDS and value not in (None, 0):
             raise APIError(400, f"{key}={shown(value)} out of range [0, 1): hotswap serves one data-parallel rank", param=key)
@@ -81,7 +76,7 @@ def normalize_sampling_params(params: Any) -> dict:
     for key in _MUST_BE_EMPTY:
         if key in sp:
             value = sp.pop(key)
-            if value:
+            if not is_unset(value):
                 raise APIError(400, f"sampling parameter {shown(key)} is not supported by hotswap", param=key)
     for key in _IGNORED:
         sp.pop(key, None)
