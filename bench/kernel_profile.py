@@ -26,7 +26,7 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("sampling", ("_partials_kernel", "_finish_kernel", "_chunk_max", "_pick_kernel", "sample", "softmax", "topk",
                   "sort", "argmax", "gumbel")),
     ("norms, rotary, KV store", ("rmsnorm", "norm_rope", "silu", "embed", "layer_norm", "rotary")),
-    ("copies", ("memcpy", "memset", "copy", "fill", "cat")),
+    ("copies", ("memcpy", "memset", "copy", "fill")),  # PyTorch's cat is CatArrayBatchedCopy
 )
 
 

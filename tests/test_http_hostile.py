@@ -1,6 +1,7 @@
 """A hostile client against the transport and the door, beyond what the body fuzz (test_http_fuzz.py) sends:
-connections that never finish their request head, cross-site form posts with an empty body, and the front
-end in its own process."""
+connections that never finish their request head or never read their reply, cross-site form posts with an
+empty body, request fields that cost every other client (logit_bias, stop strings, rids, version names), and
+engine errors crossing the front end process's pipe."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ import socket
 import time
 
 import pytest
-from engine_support import wait_idle
+from engine_support import make_engine, wait_idle
 
-from hotswap import Engine
 from hotswap.server.app import create_app
 from hotswap.server.launch import ServerThread
 
@@ -22,7 +22,7 @@ SEND_TIMEOUT_S = 0.5
 
 @pytest.fixture(scope="module")
 def engine(tiny_qwen3):
-    with Engine(str(tiny_qwen3), device="cpu", page_size=4, num_pages=96) as eng:
+    with make_engine(tiny_qwen3, num_pages=96) as eng:
         yield eng
 
 

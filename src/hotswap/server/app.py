@@ -171,6 +171,15 @@ class ServerState:
         self.last_weight_version = out.weight_version
         return out
 
+    async def sglang_load(self) -> tuple[p.LoadOutput, int, int]:
+        """(the engine's load, KV tokens in use, SGLang's token load: in use plus still to prefill, which its
+        router balances on) for SGLang's load routes; 503 when the engine does not answer."""
+        load = await self.load(timeout=5.0)
+        if load is None:
+            raise APIError(503, "the engine did not answer")
+        used = load.kv_pages_used * self.page_size
+        return load, used, used + load.num_waiting_tokens
+
 
 # ---- middleware: auth and per-route counters --------------------------------------------------------
 
@@ -334,16 +343,11 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
     @app.get("/v1/loads")
     async def loads() -> JSONResponse:
         """SGLang's per-DP load envelope (one DP rank here); slime polls it after abort_all until idle."""
-        load = await state.load(timeout=5.0)
-        if load is None:
-            raise APIError(503, "the engine did not answer")
-        used = load.kv_pages_used * state.page_size
+        load, used, tokens = await state.sglang_load()
         total = state.kv_capacity_tokens
         now = time.time()
-        # num_total_tokens is SGLang's "used tokens plus pending prefill tokens" (the router balances on it)
         entry = {"dp_rank": 0, "timestamp": now, "num_running_reqs": load.num_running, "num_waiting_reqs": load.num_waiting,
-                 "num_reqs": load.num_running + load.num_waiting, "num_used_tokens": used,
-                 "num_total_tokens": used + load.num_waiting_tokens,
+                 "num_reqs": load.num_running + load.num_waiting, "num_used_tokens": used, "num_total_tokens": tokens,
                  "max_total_num_tokens": total, "token_usage": used / total if total else 0.0,
                  "max_running_requests": engine.config.max_running_requests, "weight_version": load.weight_version}
         return JSONResponse({"timestamp": now, "version": hotswap.__version__, "dp_rank_count": 1, "loads": [entry]})
@@ -353,12 +357,9 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
         """SGLang's legacy shim: a list with one entry per DP rank, {dp_rank, num_reqs, num_waiting_reqs,
         num_tokens (used + pending prefill), num_pending_tokens, ts_tic}, which sgl-model-gateway (slime's and
         miles' router) polls to balance load; hotswap's LoadOutput fields ride beside them in the entry."""
-        load = await state.load(timeout=5.0)
-        if load is None:
-            raise APIError(503, "the engine did not answer")
-        used = load.kv_pages_used * state.page_size
+        load, _, tokens = await state.sglang_load()
         entry = {"dp_rank": 0, "num_reqs": load.num_running + load.num_waiting, "num_waiting_reqs": load.num_waiting,
-                 "num_tokens": used + load.num_waiting_tokens, "num_pending_tokens": load.num_waiting_tokens,
+                 "num_tokens": tokens, "num_pending_tokens": load.num_waiting_tokens,
                  "ts_tic": time.perf_counter(), **load.to_dict()}
         return JSONResponse([entry])
 

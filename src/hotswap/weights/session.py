@@ -38,6 +38,8 @@ from hotswap.errors import HotswapError, shown
 from hotswap.weights.ranks import WeightRanks
 from hotswap.weights.rollback import HostArena, RollbackBuffer
 
+log = logging.getLogger(__name__)
+
 MAX_VERSION_CHARS = 256  # a version name rides on every output token, and in every streamed chunk's versions
 
 
@@ -47,7 +49,6 @@ def version_problem(version: object, field: str = "weight_version") -> str | Non
         return f"{field} has {len(str(version))} characters; at most {MAX_VERSION_CHARS}"
     return None
 
-log = logging.getLogger(__name__)
 
 PAUSE = "pause_generation"
 BEGIN = "begin_weight_update"
