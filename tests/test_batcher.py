@@ -430,8 +430,8 @@ def test_a_lead_whose_step_never_launched_gives_its_followers_no_unwritten_pages
 
 def _overlapped_run(seed: int) -> int:
     """One random run as the scheduler loop drives the batcher: step N+1 planned and launched before step N's
-    tokens are read back; repeated prompts (some owing prompt logprobs), aborts and retracts (no step in flight),
-    launches that fail and rows refused before the forward. A model of the KV pages checks that every step reads
+    tokens are read back; repeated prompts and prompts with a common head (some owing prompt logprobs), aborts
+    and retracts (no step in flight), launches that fail and rows refused before the forward. A model of the KV pages checks that every step reads
     only what an earlier launched step wrote there for the same tokens."""
     import random
 
@@ -442,7 +442,8 @@ def _overlapped_run(seed: int) -> int:
     batcher, alloc, _ = make_batcher(num_pages=rng.choice([12, 24, 64]), page_size=ps, chunk=rng.choice([4, 8, 64]),
                                      token_budget=rng.choice([8, 16, 64]), max_running=rng.choice([2, 4, 8]))
     kv: dict[tuple[int, int], object] = {}  # (page, slot) -> token written there (a placeholder until read back)
-    prompts = [[rng.randrange(5) for _ in range(rng.randrange(3, 30))] for _ in range(4)]
+    head = [rng.randrange(5) for _ in range(rng.randrange(0, 24))]  # a system prompt some prompts start with
+    prompts = [(head if k % 2 else []) + [rng.randrange(5) for _ in range(rng.randrange(3, 30))] for k in range(4)]
     added: list[Sequence] = []
     inflight = None
 
@@ -523,3 +524,69 @@ def _overlapped_run(seed: int) -> int:
 
 def test_overlapped_steps_with_repeated_prompts_read_only_kv_already_written():
     assert sum(_overlapped_run(seed) > 0 for seed in range(40)) > 30  # prompts were shared
+
+
+def test_a_running_prompt_is_matched_by_a_request_arriving_while_it_decodes():
+    """A sample of the same prompt sent a moment later (its own HTTP request) matches the prompt's pages while
+    the first sequence still generates, instead of computing the prompt again."""
+    batcher, alloc, _ = make_batcher(num_pages=64, page_size=4)
+    prompt = list(range(100, 118))
+    first = seq(prompt, max_new_tokens=6, rid="first")
+    batcher.add(first)
+    for _ in range(3):  # the prompt, then two decode steps
+        read_back(batcher.schedule(), batcher)
+    late = seq(prompt, max_new_tokens=2, rid="late")
+    batcher.add(late)
+    batch = batcher.schedule()
+    assert [(s.rid, e.start_pos) for s, e in zip(batch.seqs, batch.entries)] == [("first", 20), ("late", 16)]
+    assert late.cached_tokens == 16 and late.pages[:4] == first.pages[:4]
+    read_back(batch, batcher)
+    run_to_completion(batcher)
+    assert_accounted(batcher, alloc)
+
+
+def test_prompts_sharing_a_long_head_compute_it_once():
+    """Prompts with a common system prompt admitted together: the first computes the head, the others wait a
+    step and match it; one arriving later matches it too. A head shorter than FOLLOW_MIN_TOKENS is computed
+    again rather than waited for."""
+    from hotswap.scheduler.batcher import FOLLOW_MIN_TOKENS
+
+    batcher, alloc, _ = make_batcher(num_pages=128, page_size=4)
+    head = list(range(1000, 1040))  # 40 tokens: 10 pages
+    assert len(head) >= FOLLOW_MIN_TOKENS
+    prompts = [head + [i, i + 1, i + 2, i + 3, i + 4] for i in range(3)]
+    short_head = [head[:8] + [7, 7, 7, 7, 7, 7, 7, 7, 7]]  # shares 2 pages with the others: no wait
+    seqs = [seq(p, max_new_tokens=3, rid=f"q{i}") for i, p in enumerate(prompts + short_head)]
+    for s in seqs:
+        batcher.add(s)
+    batch = batcher.schedule()
+    assert [s.rid for s in batch.seqs] == ["q0", "q3"]
+    read_back(batch, batcher)
+    batch = batcher.schedule()
+    assert [(s.rid, e.start_pos) for s, e in zip(batch.seqs, batch.entries) if s.rid in ("q1", "q2")] == [("q1", 40), ("q2", 40)]
+    later = seq(head + [9, 9, 9], max_new_tokens=2, rid="later")
+    batcher.add(later)
+    read_back(batch, batcher)
+    batch = batcher.schedule()
+    assert later in batch.seqs and later.cached_tokens == 40
+    read_back(batch, batcher)
+    run_to_completion(batcher)
+    assert [s.cached_tokens for s in seqs] == [0, 40, 40, 0]
+    assert_accounted(batcher, alloc)
+
+
+def test_prompt_pages_computed_before_a_weight_update_are_never_published():
+    batcher, alloc, _ = make_batcher(num_pages=64, page_size=4, chunk=8)
+    prompt = list(range(100, 124))
+    first = seq(prompt, max_new_tokens=4, rid="first")
+    batcher.add(first)
+    read_back(batcher.schedule(), batcher)  # the first chunk
+    batcher.invalidate_cache()  # the weights changed (a pause in place kept `first` running)
+    again = seq(prompt, max_new_tokens=1, rid="again")
+    batcher.add(again)
+    batch = batcher.schedule()
+    assert again in batch.seqs and again.cached_tokens == 0  # neither published nor waited for
+    assert batcher.prefix_cache.all_pages() == []
+    read_back(batch, batcher)
+    run_to_completion(batcher)
+    assert_accounted(batcher, alloc)

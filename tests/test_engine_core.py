@@ -63,6 +63,18 @@ def test_shared_prefix_hits_cache_and_matches(tiny_qwen3):
         assert_idle_invariants(engine)
 
 
+def test_prompts_with_a_common_head_sent_together_compute_it_once(tiny_qwen3):
+    """A batch of prompts sharing a 64-token system prompt: the first computes the head, the others wait a step
+    and match it (their meta_info says so), and every output still equals HF's."""
+    head = prompt_ids(100, 64)
+    prompts = [head + prompt_ids(200 + i, 5) for i in range(3)]
+    with make_engine(tiny_qwen3) as engine:
+        outs = engine.generate(input_ids=prompts, sampling_params=GREEDY, return_logprob=True)
+        assert [o["meta_info"]["cached_tokens"] for o in outs] == [0, 64, 64]
+        assert_greedy_matches_hf(tiny_qwen3, prompts, outs, GREEDY["max_new_tokens"])
+        assert_idle_invariants(engine)
+
+
 def test_small_pool_forces_preemption(tiny_qwen3):
     prompts = [prompt_ids(300 + i, 20) for i in range(6)]
     sp = {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True}

@@ -30,6 +30,9 @@ class PageAllocator:
     page_size: int
     refcount: list[int] = field(init=False)
     free_pages: deque[int] = field(init=False)
+    # pages a release left with one reference, for a prefix cache that waits on them (None: nobody does); a set,
+    # so it stays within the pool's size however long nobody reads it
+    unshared: set[int] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if self.num_pages < 2:
@@ -72,5 +75,7 @@ class PageAllocator:
             self.refcount[p] -= 1
             if self.refcount[p] == 0:
                 self.free_pages.append(p)
+            elif self.refcount[p] == 1 and self.unshared is not None:
+                self.unshared.add(p)
             elif self.refcount[p] < 0:
                 raise RuntimeError(f"page {p} released more often than retained")

@@ -8,7 +8,10 @@ matched head is in use.
 Eviction runs when the pool is full, often every step, while the tree may hold thousands of finished
 sequences' leaves: it pops a heap of leaves kept across calls (an entry per leaf access; entries that went
 stale are skipped as they come up, and the heap is rebuilt when they outnumber the leaves) instead of walking
-the whole tree each time. Whether a leaf may go is decided when it comes up, from the page refcounts then.
+the whole tree each time. Whether a leaf may go is decided when it comes up, from the page refcounts then. A
+leaf still in use then (a running sequence's prompt, a prefix running sequences matched) is parked outside the
+heap until the allocator reports one of its pages released down to the cache's own reference, so calls under KV
+pressure, when most leaves are in use and the batcher asks once per row, do not pop the same leaves again.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ class RadixPrefixCache:
         # (last_access, tie, node) for leaves; stale when the node was touched since, gained children or was removed
         self._lru: list[tuple[int, int, _Node]] = []
         self._num_leaves = 0
+        self._parked: dict[int, _Node] = {}  # page -> the leaf found in use that holds it
+        allocator.unshared = set()
 
     def _touched(self, node: _Node, now: int) -> None:
         """`node` was used at `now`: a leaf gets an entry at its new time (its older entries go stale)."""
@@ -130,14 +135,16 @@ class RadixPrefixCache:
 
     def evict(self, num_pages: int) -> int:
         """Free at least num_pages pages from unreferenced leaves, oldest first; returns pages freed."""
-        freed, in_use = 0, []
+        self._unpark()
+        freed = 0
         while self._lru and freed < num_pages:
             entry = heapq.heappop(self._lru)
             _, _, leaf = entry
             if leaf.removed or leaf.children or entry[0] != leaf.last_access:
                 continue  # stale: evicted, no longer a leaf, or touched since (a newer entry exists)
             if not self._evictable(leaf):
-                in_use.append(entry)
+                for p in leaf.pages:
+                    self._parked[p] = leaf
                 continue
             self.allocator.release(leaf.pages)
             freed += len(leaf.pages)
@@ -148,9 +155,22 @@ class RadixPrefixCache:
             if parent is not self.root and not parent.children:  # the parent is a leaf now
                 self._num_leaves += 1
                 self._push(parent)
-        for entry in in_use:
-            heapq.heappush(self._lru, entry)
         return freed
+
+    def _unpark(self) -> None:
+        """Parked leaves one of whose pages lost its last other reference go back on the heap."""
+        unshared = self.allocator.unshared
+        if not unshared:
+            return
+        for p in unshared:
+            leaf = self._parked.pop(p, None)
+            if leaf is None or leaf.removed:
+                continue
+            for q in leaf.pages:
+                self._parked.pop(q, None)
+            if not leaf.children:  # still a leaf (one that gained children is back when they are gone)
+                heapq.heappush(self._lru, (leaf.last_access, next(_clock), leaf))
+        unshared.clear()
 
     def _evictable(self, node: _Node) -> bool:
         return all(self.allocator.refcount[p] == 1 for p in node.pages)
@@ -175,5 +195,6 @@ class RadixPrefixCache:
     def reset(self) -> None:
         """Drop every cached prefix (after a weight update the cached KV is stale)."""
         self.allocator.release(self.all_pages())
+        self.allocator.unshared.clear()
         self.root = _Node()
-        self._lru, self._num_leaves = [], 0
+        self._lru, self._num_leaves, self._parked = [], 0, {}

@@ -3,10 +3,13 @@
 Running sequences are served first, oldest first; when pages run out the prefix cache is evicted, then
 the newest running sequence is preempted (its pages freed, recomputed later from its tokens).
 
-A fresh sequence whose prompt another sequence is computing right now (GRPO's n samples of one prompt, or a
-batch that repeats prompts) waits until that prompt's KV is in: the first sequence's prompt pages enter the
-prefix cache once the step that plans them has launched, and the others match them there one step later instead
-of computing the same prompt n times.
+Prompt pages enter the prefix cache as they are computed, not only when their sequence ends (SGLang caches an
+unfinished request's prompt the same way): a request that arrives while another one with the same prefix runs
+(a sample of the same prompt sent a moment later, prompts sharing a system prompt or few-shot examples) matches
+it. A fresh sequence whose next uncached prompt pages another running sequence is computing right now (GRPO's
+n samples of one prompt admitted together, a batch of prompts with a common head) waits a step and matches
+them instead of computing them again; it waits only for at least `FOLLOW_MIN_TOKENS` shared tokens, or for all
+it could match.
 
 Progress is guaranteed: waiting sequences hold no pages (a prefix match is taken only at the moment of
 admission and given back if admission fails), so when nothing runs every used page is an evictable
@@ -33,12 +36,16 @@ class ScheduledBatch:
     entries: list[BatchEntry]
 
 
+FOLLOW_MIN_TOKENS = 32  # a shorter shared run (and not all a prompt could match) is computed again: no wait
+
+
 @dataclass(eq=False, slots=True)
-class _PromptLead:
-    """The first sequence of a prompt, while it computes that prompt; `followed`: others wait for its KV."""
+class _PromptInFlight:
+    """A fresh sequence while it computes full pages of its prompt that the prefix cache lacks."""
 
     seq: Sequence
-    followed: bool = False
+    keys: list[int]  # its prompt's page keys (Sequence.prompt_page_keys)
+    published: int  # prompt pages [0, published) are in the prefix cache: matched at admission, or published
 
 
 @dataclass(kw_only=True, slots=True)
@@ -55,7 +62,8 @@ class Batcher:
     running: list[Sequence] = field(default_factory=list)
     num_preemptions: int = 0
     cache_epoch: int = 0  # advanced when the weights change: KV computed before may not enter the prefix cache
-    _leads: dict[int, _PromptLead] = field(default_factory=dict)  # prompt hash -> its sequence computing it now
+    _computing: list[_PromptInFlight] = field(default_factory=list)  # prompts whose pages are still being published
+    _page_owner: dict[int, _PromptInFlight] = field(default_factory=dict)  # page key -> who computes that page now
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -84,8 +92,8 @@ class Batcher:
 
     def schedule(self, admit_new: bool = True) -> ScheduledBatch | None:
         """The next step. admit_new=False (a weight update drains) still re-admits sequences that started."""
-        if self._leads:
-            self._publish_led_prompts()
+        if self._computing:
+            self._publish_prompts()
         budget = self.max_num_batched_tokens
         seqs: list[Sequence] = []
         entries: list[BatchEntry] = []
@@ -115,10 +123,11 @@ class Batcher:
                 break
             if not (admit_new or seq.admitted):
                 break
+            self._match_prefix(seq)
             if self._follows_a_prompt_in_flight(seq):
+                self._drop_pages(seq)
                 followers.append(self.waiting.popleft())
                 continue
-            self._match_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed, self.chunked_prefill_size, budget)
             need = self._pages_needed(seq, seq.num_computed + n)
             if not self._ensure_free(need):
@@ -135,7 +144,7 @@ class Batcher:
             if not seq.admitted:
                 seq.cached_tokens = seq.num_computed
                 seq.admitted = True
-                self._lead_prompt(seq)
+                self._start_prompt(seq)
             self.running.append(seq)
             entries.append(self._entry(seq, n))
             seqs.append(seq)
@@ -144,45 +153,60 @@ class Batcher:
         return ScheduledBatch(seqs=seqs, entries=entries) if entries else None
 
     def _follows_a_prompt_in_flight(self, seq: Sequence) -> bool:
-        """A fresh sequence whose whole prompt a running sequence is computing now (admitted in this call, or
-        still in its prompt's chunks): it waits, and matches that KV in the prefix cache once it is planned."""
-        if self.prefix_cache is None or seq.admitted or self._match_limit(seq) < self.allocator.page_size:
+        """A fresh sequence, its prefix matched, whose next prompt pages another running sequence is computing
+        now (planned in this call or an earlier one): it waits, and matches them once they are published. Only
+        for a shared run of at least FOLLOW_MIN_TOKENS, or of every page a match could give it."""
+        if self.prefix_cache is None or seq.admitted:
             return False
-        lead = self._leads.get(seq.prompt_hash())
-        if (lead is None or lead.seq.status is not Status.RUNNING or lead.seq.cache_epoch != self.cache_epoch
-                or lead.seq.req.input_ids != seq.req.input_ids):
+        ps = self.allocator.page_size
+        matchable, have = self._match_limit(seq) // ps, len(seq.pages)
+        if matchable <= have:
             return False
-        lead.followed = True
-        return True
+        last = min(matchable, have + -(-FOLLOW_MIN_TOKENS // ps)) - 1  # keys chain: this page shared => all before
+        owner = self._page_owner.get(seq.prompt_page_keys(ps)[last])
+        return (owner is not None and owner.seq is not seq and owner.seq.status is Status.RUNNING
+                and owner.seq.cache_epoch == self.cache_epoch)
 
-    def _lead_prompt(self, seq: Sequence) -> None:
-        """Remember a freshly admitted sequence as its prompt's lead while it computes full pages of that prompt
-        that others could match (none when its own match already gave them: those others match them too)."""
+    def _start_prompt(self, seq: Sequence) -> None:
+        """A freshly admitted sequence computes the prompt pages past its match: others may wait for them."""
         if self.prefix_cache is None:
             return
-        ps = self.allocator.page_size
-        if self._match_limit(seq) // ps * ps <= seq.num_computed:
+        keys = seq.prompt_page_keys(self.allocator.page_size)
+        entry = _PromptInFlight(seq=seq, keys=keys, published=seq.num_computed // self.allocator.page_size)
+        if entry.published >= len(keys):
             return
-        key = seq.prompt_hash()
-        lead = self._leads.get(key)
-        if lead is None or lead.seq.status is not Status.RUNNING:
-            self._leads[key] = _PromptLead(seq)
+        for key in keys[entry.published :]:
+            owner = self._page_owner.get(key)
+            if owner is None or owner.seq.status is not Status.RUNNING:
+                self._page_owner[key] = entry
+        self._computing.append(entry)
 
-    def _publish_led_prompts(self) -> None:
-        """Start of a call: the prompt pages every followed lead planned in the steps before enter the prefix
-        cache (their KV is computed by those steps, which run before any step that reads them). Not at the end
+    def _publish_prompts(self) -> None:
+        """Start of a call: the full prompt pages each fresh sequence planned in the calls before enter the prefix
+        cache (the steps computing them have launched, and run before any step that reads them). Not at the end
         of the call that plans them: that step may still fail to launch (undo_launch, a row refused), leaving
-        pages never written; its lead then no longer runs. A lead whose prompt is planned through its end, or
-        that stopped running, is forgotten."""
-        for key, lead in list(self._leads.items()):
-            seq = lead.seq
-            if seq.status is not Status.RUNNING:
-                del self._leads[key]
-                continue
-            if lead.followed and seq.cache_epoch == self.cache_epoch:
-                self.prefix_cache.insert(seq.req.input_ids[: seq.num_computed], seq.pages)
-            if seq.num_computed >= seq.prompt_len:
-                del self._leads[key]
+        pages never written; their sequence then no longer runs and publishes nothing. A sequence whose prompt
+        is published through its last full page, or that stopped running, is forgotten."""
+        ps, still = self.allocator.page_size, []
+        for entry in self._computing:
+            seq = entry.seq
+            if seq.status is Status.RUNNING and seq.cache_epoch == self.cache_epoch:
+                done = min(seq.num_computed, seq.prompt_len) // ps
+                if done > entry.published:
+                    self.prefix_cache.insert(seq.req.input_ids[: done * ps], seq.pages)
+                    self._disown(entry, done)
+                    entry.published = done
+                if entry.published < len(entry.keys):
+                    still.append(entry)
+                    continue
+            self._disown(entry, len(entry.keys))
+        self._computing = still
+
+    def _disown(self, entry: _PromptInFlight, upto: int) -> None:
+        """Pages [published, upto) of `entry`'s prompt are no longer being computed by it."""
+        for key in entry.keys[entry.published : upto]:
+            if self._page_owner.get(key) is entry:
+                del self._page_owner[key]
 
     def _make_room(self, seq: Sequence, need: int) -> bool:
         """Free `need` pages for running `seq`, preempting the newest sequences; False when `seq` itself

@@ -36,7 +36,7 @@ class Sequence:
     counted_len: int = 0
     banned_ids: list[int] | None = None  # the ids min_new_tokens masks (stop ids, eos unless ignored), made once
     sampler_row: SamplerRow | None = None  # its sampling parameters as a runner row, made once (`row`)
-    prompt_key: int | None = None  # hash of the prompt's ids, made once (`prompt_hash`)
+    page_keys: list[int] | None = None  # one key per full page of the prompt, made once (`prompt_page_keys`)
     pages: list[int] = field(default_factory=list)
     num_computed: int = 0  # leading tokens whose KV is in `pages` (or is being computed by the step in flight)
     pending: int = 0  # sampled tokens in flight: launched, not yet read back (0 or 1); see scheduler/overlap.py
@@ -75,11 +75,17 @@ class Sequence:
             return self.req.input_ids[start:end]
         return self.req.input_ids[start:] + self.output_ids[: end - plen]
 
-    def prompt_hash(self) -> int:
-        """Finds sequences repeating this prompt (the batcher then compares the ids themselves)."""
-        if self.prompt_key is None:
-            self.prompt_key = hash(tuple(self.req.input_ids))
-        return self.prompt_key
+    def prompt_page_keys(self, page_size: int) -> list[int]:
+        """A key per full page of the prompt, each naming that page's tokens and every token before it (a chain
+        of hashes), so two prompts share the first k keys exactly when they share the first k pages. The batcher
+        finds with them a prompt page another sequence is computing now; the prefix cache itself compares ids."""
+        if self.page_keys is None:
+            ids, key, keys = self.req.input_ids, 0, []
+            for start in range(0, len(ids) - page_size + 1, page_size):
+                key = hash((key, *ids[start : start + page_size]))
+                keys.append(key)
+            self.page_keys = keys
+        return self.page_keys
 
     def distinct_prompt_ids(self) -> np.ndarray:
         if self.prompt_token_set is None:
