@@ -2,7 +2,8 @@
 offline (`Engine.generate`), over HTTP non-streaming and streaming (native `/generate`, `/v1/completions`)
 by concurrent clients, in one run.
 
-Workload (flags): prompts of uniform length in [--prompt-min, --prompt-max] tokens, each sampled --n
+Workload (flags): prompts of uniform length in [--prompt-min, --prompt-max] tokens, after a head of
+--shared-head tokens every prompt starts with (a system prompt, few-shot examples), each sampled --n
 times; output lengths lognormal (median --out-median, sigma --out-sigma, clipped to [--out-min,
 --out-max]) with `ignore_eos`, so random weights still give the tail. Modes: `sampled` (temperature 1,
 a seed per request, the logprob of every token) and `greedy` (temperature 0, no logprobs).
@@ -76,9 +77,10 @@ class Workload:
 
 def make_workload(args, vocab: int) -> Workload:
     rng = np.random.default_rng(args.seed)
+    head = rng.integers(3, vocab, size=args.shared_head).tolist()
     prompts, out_lens = [], []
     for _ in range(args.prompts):
-        ids = rng.integers(3, vocab, size=int(rng.integers(args.prompt_min, args.prompt_max + 1))).tolist()
+        ids = head + rng.integers(3, vocab, size=int(rng.integers(args.prompt_min, args.prompt_max + 1))).tolist()
         prompts += [ids] * args.n
     lens = np.exp(np.log(args.out_median) + args.out_sigma * rng.standard_normal(len(prompts)))
     out_lens = np.clip(np.rint(lens), args.out_min, args.out_max).astype(int).tolist()
@@ -265,6 +267,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--prompt-min", type=int, default=64)
     ap.add_argument("--prompt-max", type=int, default=512)
+    ap.add_argument("--shared-head", type=int, default=0, help="tokens every prompt starts with, before its own")
     ap.add_argument("--out-median", type=float, default=384)
     ap.add_argument("--out-sigma", type=float, default=0.8)
     ap.add_argument("--out-min", type=int, default=32)
@@ -309,7 +312,7 @@ def main() -> None:
 
     overrides = {k: int(v) for k, v in (kv.split("=", 1) for kv in args.engine)}
     ckpt = config_only_checkpoint(Path(tempfile.mkdtemp()) / args.shape, args.shape, "bfloat16" if on_gpu else "float32",
-                                  max_positions=args.prompt_max + args.out_max + 16)
+                                  max_positions=args.shared_head + args.prompt_max + args.out_max + 16)
 
     def start_engine(routed_experts: bool) -> Engine:
         return Engine(str(ckpt), device=str(device), load_format="dummy", max_running_requests=args.max_running,
@@ -322,7 +325,8 @@ def main() -> None:
     roof = schedule_roofline(w, args.max_running, lambda rows, ctx: decode_step_seconds(engine, rows, ctx / rows, bw))
     roof_flops = schedule_roofline(w, args.max_running, lambda rows, ctx: decode_step_seconds(engine, rows, ctx / rows, bw, flops))
     title = (f"rollout, {args.shape}, {device_name(device)}, {engine.model_config.torch_dtype}: {args.prompts} prompts x {args.n}, "
-             f"prompts {args.prompt_min}-{args.prompt_max}, outputs lognormal median {args.out_median:g} sigma {args.out_sigma:g} "
+             f"prompts {args.prompt_min}-{args.prompt_max}{f' after a shared head of {args.shared_head}' if args.shared_head else ''}, "
+             f"outputs lognormal median {args.out_median:g} sigma {args.out_sigma:g} "
              f"in [{args.out_min}, {args.out_max}] ({sum(w.out_lens):,} tokens), max_running {args.max_running}, "
              f"{args.concurrency} HTTP clients{', incremental streaming output' if args.incremental_streaming_output else ''}"
              f"{', HTTP front end in its own process' if args.frontend_process else ''}; "
@@ -397,7 +401,7 @@ def main() -> None:
     for key, r in results["runs"].items():
         if "prompt_tokens_cached" in r:
             notes += (f"prompt tokens during {key}: {prompt_tokens:,}, of which {r['prompt_tokens_cached']:,} came from the prefix "
-                      f"cache (repeated prompts computed once)\n")
+                      f"cache (repeated prompts and shared heads computed once)\n")
         if r.get("thread_cpu_s"):
             notes += f"CPU s during {key}: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["thread_cpu_s"].items())) + "\n"
     print(notes, flush=True)
