@@ -74,6 +74,18 @@ def test_prefix_cache_hit_still_returns_the_prompts_routing(tiny_qwen3_moe):
         assert_routing_matches(tiny_qwen3_moe, prompt, out)
 
 
+def test_samples_matching_a_running_prompt_get_its_routing(tiny_qwen3_moe):
+    """GRPO's n samples and prompts with a common head, sent together: the others match the pages the first
+    one is computing (cached_tokens), and each still gets the prompt's routing, HF's."""
+    head = prompt_ids(60, 36)
+    prompts = [head + prompt_ids(61, 5), head + prompt_ids(62, 3)]
+    with make_engine(tiny_qwen3_moe) as eng:
+        outs = eng.generate(input_ids=prompts, sampling_params=dict(SP, n=2), return_routed_experts=True)
+        assert [o["meta_info"]["cached_tokens"] for o in outs] == [0, 40, 36, 36]
+        for ids, out in zip([prompts[0]] * 2 + [prompts[1]] * 2, outs):
+            assert_routing_matches(tiny_qwen3_moe, ids, out)
+
+
 def test_routing_under_preemption_and_chunked_prefill(tiny_qwen3_moe):
     prompts = [prompt_ids(300 + i, 20) for i in range(5)] + [prompt_ids(399, 70)]
     sp = dict(SP, max_new_tokens=16)
