@@ -430,20 +430,26 @@ def test_a_lead_whose_step_never_launched_gives_its_followers_no_unwritten_pages
 
 def _overlapped_run(seed: int) -> int:
     """One random run as the scheduler loop drives the batcher: step N+1 planned and launched before step N's
-    tokens are read back; repeated prompts and prompts with a common head (some owing prompt logprobs), aborts
-    and retracts (no step in flight), launches that fail and rows refused before the forward. A model of the KV pages checks that every step reads
-    only what an earlier launched step wrote there for the same tokens."""
+    tokens are read back; repeated prompts, prompts with a common head (shorter and longer than FOLLOW_MIN_TOKENS),
+    prompts extending another one, some owing prompt logprobs, prompt-only requests (max_new_tokens 0); aborts,
+    retracts and weight updates under a pause in place (no step in flight), launches that fail and rows refused
+    before the forward; pools small enough that prefix-cache leaves in use are parked. A model of the KV pages
+    checks that every step reads only what an earlier launched step wrote there for the same tokens, with the
+    weights its sequence started on or newer; and no request that fits the pool alone is failed as too big."""
     import random
 
     from hotswap.scheduler.overlap import mark_sample_rows
+    from hotswap.scheduler.scheduler import prompt_scored
 
     rng = random.Random(seed)
     ps = rng.choice([2, 4])
-    batcher, alloc, _ = make_batcher(num_pages=rng.choice([12, 24, 64]), page_size=ps, chunk=rng.choice([4, 8, 64]),
-                                     token_budget=rng.choice([8, 16, 64]), max_running=rng.choice([2, 4, 8]))
-    kv: dict[tuple[int, int], object] = {}  # (page, slot) -> token written there (a placeholder until read back)
-    head = [rng.randrange(5) for _ in range(rng.randrange(0, 24))]  # a system prompt some prompts start with
+    batcher, alloc, failed = make_batcher(num_pages=rng.choice([12, 24, 64]), page_size=ps, chunk=rng.choice([4, 8, 64]),
+                                          token_budget=rng.choice([8, 16, 64]), max_running=rng.choice([2, 4, 8]))
+    kv: dict[tuple[int, int], tuple[object, int]] = {}  # (page, slot) -> (token written there, or a placeholder
+    # until read back; the cache epoch of the weights that wrote it)
+    head = [rng.randrange(5) for _ in range(rng.choice([rng.randrange(0, 24), rng.randrange(32, 48)]))]
     prompts = [(head if k % 2 else []) + [rng.randrange(5) for _ in range(rng.randrange(3, 30))] for k in range(4)]
+    prompts += [p + [rng.randrange(5) for _ in range(rng.randrange(1, 12))] for p in rng.sample(prompts, 2)]
     added: list[Sequence] = []
     inflight = None
 
@@ -451,21 +457,24 @@ def _overlapped_run(seed: int) -> int:
         for s, e in pairs:
             toks = s.token_ids
             for pos in range(e.start_pos):
-                assert kv.get((e.pages[pos // ps], pos % ps)) == toks[pos], (seed, s.rid, pos)
+                token, epoch = kv.get((e.pages[pos // ps], pos % ps), (None, -1))
+                assert token == toks[pos] and epoch >= s.cache_epoch, (seed, s.rid, pos)
             for pos in range(e.start_pos, e.start_pos + len(e.input_ids)):
-                kv[(e.pages[pos // ps], pos % ps)] = toks[pos] if pos < len(toks) else (id(s), pos)
+                kv[(e.pages[pos // ps], pos % ps)] = (toks[pos] if pos < len(toks) else (id(s), pos), batcher.cache_epoch)
 
     def read_back_step(pairs):
         for s, e in pairs:
             if not e.sample:
+                if prompt_scored(s, e):  # Scheduler.process: a prompt-only request is done once prefilled
+                    batcher.finish(s)
                 continue
             s.pending -= 1
             if s.status is Status.FINISHED:
                 continue
             tok, pos = rng.randrange(5), s.num_tokens
             s.output_ids.append(tok)
-            for key in [k for k, v in kv.items() if v == (id(s), pos)]:
-                kv[key] = tok
+            for key in [k for k, v in kv.items() if v[0] == (id(s), pos)]:
+                kv[key] = (tok, kv[key][1])
             if len(s.output_ids) >= s.req.sampling_params.max_new_tokens:
                 batcher.finish(s)
 
@@ -473,22 +482,26 @@ def _overlapped_run(seed: int) -> int:
         if step < 400 and rng.random() < 0.3 and len(added) < 60:
             p = rng.choice(prompts)
             for _ in range(rng.choice([1, 1, 3])):
-                s = seq(p, max_new_tokens=rng.randrange(1, 6), rid=f"s{len(added)}")
-                if rng.random() < 0.2:
+                s = seq(p, max_new_tokens=rng.randrange(0 if rng.random() < 0.1 else 1, 6), rid=f"s{len(added)}")
+                if rng.random() < 0.2 or s.req.sampling_params.max_new_tokens == 0:  # prompt-only requests score it
                     s.req.sampling_params.return_logprob = True
-                    s.req.sampling_params.logprob_start_len = rng.randrange(0, len(p))
+                    s.req.sampling_params.logprob_start_len = rng.randrange(0, len(p) - 1)
+                if alloc.pages_for(len(p) + s.req.sampling_params.max_new_tokens) > alloc.num_pages:
+                    continue  # could never run to its end in this pool
                 batcher.add(s)
                 added.append(s)
         r = rng.random() if step < 400 else 1.0
-        if r < 0.08:  # a control request: the step in flight is read back first
+        if r < 0.1:  # a control request: the step in flight is read back first
             if inflight is not None:
                 read_back_step(inflight)
                 inflight = None
             victim = rng.choice(added) if added else None
             if r < 0.05 and victim is not None and victim.status is not Status.FINISHED:  # an abort
                 batcher.finish(victim)
-            elif r >= 0.05:
+            elif 0.05 <= r < 0.08:
                 batcher.retract_all()
+            elif r >= 0.08:  # a weight update while generation is paused in place
+                batcher.invalidate_cache()
         batch = batcher.schedule()
         launched = None
         if batch is not None:
@@ -518,11 +531,12 @@ def _overlapped_run(seed: int) -> int:
         if step >= 400 and inflight is None and not batcher.has_work:
             break
     assert not batcher.has_work, (seed, "wedged")
+    assert [(s.rid, why) for s, why in failed] == [], seed
     assert_accounted(batcher, alloc)
     return sum(s.cached_tokens for s in added)
 
 
-def test_overlapped_steps_with_repeated_prompts_read_only_kv_already_written():
+def test_overlapped_steps_with_shared_prompts_read_only_kv_already_written():
     assert sum(_overlapped_run(seed) > 0 for seed in range(40)) > 30  # prompts were shared
 
 
@@ -589,4 +603,26 @@ def test_prompt_pages_computed_before_a_weight_update_are_never_published():
     assert batcher.prefix_cache.all_pages() == []
     read_back(batch, batcher)
     run_to_completion(batcher)
+    assert_accounted(batcher, alloc)
+
+
+def test_a_prompt_page_computed_twice_at_once_is_kept_once():
+    """Two prompts with a common head too short to wait for, admitted together, both compute it; once the first
+    one's pages are in the prefix cache, the second reads the cache's copy and frees its own. Else its own copy
+    stays held while the cache's stays pinned under the second's prompt pages: the pool is short by the head,
+    and a sequence that fits the pool alone is failed as too big."""
+    batcher, alloc, failed = make_batcher(num_pages=16, page_size=4)
+    head = list(range(100, 120))  # 20 tokens: 5 pages, fewer than FOLLOW_MIN_TOKENS
+    first = seq(head + [1, 2, 3, 4], max_new_tokens=1, rid="first")
+    second = seq(head + [5, 6, 7, 8, 9, 10, 11, 12], max_new_tokens=36, rid="second")  # 64 tokens: the whole pool
+    batcher.add(first)
+    batcher.add(second)
+    batch = batcher.schedule()
+    assert batch.seqs == [first, second] and alloc.num_used == 13
+    read_back(batch, batcher)  # `first` is done
+    batch = batcher.schedule()  # both prompts published: `second`'s head is the cache's (the one `first` computed)
+    assert second.pages[:5] == batcher.prefix_cache.match(head)
+    read_back(batch, batcher)
+    run_to_completion(batcher)
+    assert failed == [] and len(second.output_ids) == 36  # its 63 computed tokens fill the 16 pages
     assert_accounted(batcher, alloc)

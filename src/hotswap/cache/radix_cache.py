@@ -87,15 +87,18 @@ class RadixPrefixCache:
             node = node.parent
         return pages
 
-    def insert(self, tokens: list[int], pages: list[int]) -> None:
-        """Cache the page-aligned prefix of `tokens` held in `pages` (len(pages) >= full pages of tokens).
+    def insert(self, tokens: list[int], pages: list[int]) -> list[int]:
+        """Cache the page-aligned prefix of `tokens` held in `pages` (len(pages) >= full pages of tokens); returns
+        the pages caching that prefix now.
 
-        The tree retains the pages it newly stores; pages it already had for the same tokens are left to the
-        caller (who releases its own reference as usual).
+        The tree retains the pages it newly stores; where it already had pages for the same tokens it keeps its own
+        (returned in their place): the caller's copies there are left to the caller (who releases its own reference
+        as usual, or, still running, may read the tree's pages instead and free its copies).
         """
         chunks = self._chunks(tokens)
         pages = pages[: len(chunks)]
         node, i, now = self.root, 0, next(_clock)
+        cached: list[int] = []
         while i < len(chunks):
             child = node.children.get(chunks[i])
             if child is None:
@@ -106,13 +109,15 @@ class RadixPrefixCache:
                 self._num_leaves += 1
                 self._touched(new, now)
                 self.allocator.retain(new.pages)
-                return
+                return cached + new.pages
             n = len(child.pages)
             common = self._common_pages(child, chunks, i)
             if common < n:
                 self._split(child, common)
             self._touched(child, now)
+            cached += child.pages
             node, i = child, i + common
+        return cached
 
     def _common_pages(self, node: _Node, chunks: list[tuple[int, ...]], i: int) -> int:
         """How many of `node`'s pages hold chunks[i], chunks[i + 1], ... in order."""

@@ -193,7 +193,7 @@ class Batcher:
             if seq.status is Status.RUNNING and seq.cache_epoch == self.cache_epoch:
                 done = min(seq.num_computed, seq.prompt_len) // ps
                 if done > entry.published:
-                    self.prefix_cache.insert(seq.req.input_ids[: done * ps], seq.pages)
+                    self._read_cached_copies(seq, self.prefix_cache.insert(seq.req.input_ids[: done * ps], seq.pages))
                     self._disown(entry, done)
                     entry.published = done
                 if entry.published < len(entry.keys):
@@ -201,6 +201,19 @@ class Batcher:
                     continue
             self._disown(entry, len(entry.keys))
         self._computing = still
+
+    def _read_cached_copies(self, seq: Sequence, cached: list[int]) -> None:
+        """`seq`, still running, reads the prefix cache's copy of each prompt page the cache already had when its
+        own was published (computed twice at once: another sequence's was cached first) and frees its own: else
+        its copies stay held beside the cache's, pinned under `seq`'s later pages, and the pool is short by them
+        until `seq` ends. Its steps launched so far were given its old page list (a new list is made here)."""
+        own = seq.pages
+        twice = [i for i, p in enumerate(cached) if p != own[i]]
+        if not twice:
+            return
+        self.allocator.retain([cached[i] for i in twice])
+        self.allocator.release([own[i] for i in twice])
+        seq.pages = cached + own[len(cached) :]
 
     def _disown(self, entry: _PromptInFlight, upto: int) -> None:
         """Pages [published, upto) of `entry`'s prompt are no longer being computed by it."""
