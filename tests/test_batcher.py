@@ -626,3 +626,21 @@ def test_a_prompt_page_computed_twice_at_once_is_kept_once():
     run_to_completion(batcher)
     assert failed == [] and len(second.output_ids) == 36  # its 63 computed tokens fill the 16 pages
     assert_accounted(batcher, alloc)
+
+
+def test_requests_waiting_for_a_long_head_are_not_matched_again_at_every_step():
+    """Requests sharing a head that one of them computes in many chunks wait for all of it; each is matched when
+    it starts waiting and once the head is in, not at every step (with a 32K-token head and hundreds waiting,
+    matching each again per step took the scheduler thread ~0.5 s a step)."""
+    batcher, alloc, _ = make_batcher(num_pages=128, page_size=4, chunk=8, token_budget=16)
+    head = list(range(1000, 1064))  # 64 tokens: 8 chunks
+    seqs = [seq(head + [i] * 6, max_new_tokens=2, rid=f"q{i}") for i in range(4)]
+    for s in seqs:
+        batcher.add(s)
+    matched: list[int] = []
+    match = batcher.prefix_cache.match
+    batcher.prefix_cache.match = lambda tokens: matched.append(tokens[-1]) or match(tokens)
+    steps = run_to_completion(batcher)
+    assert steps >= 9 and [s.cached_tokens for s in seqs] == [0, 64, 64, 64]  # the whole head: none computed twice
+    assert sorted(matched) == [0] + [1, 1, 2, 2, 3, 3]  # q0 once; q1..q3 twice each
+    assert_accounted(batcher, alloc)

@@ -19,6 +19,7 @@ being preempted and re-admitted forever.
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ class Batcher:
     cache_epoch: int = 0  # advanced when the weights change: KV computed before may not enter the prefix cache
     _computing: list[_PromptInFlight] = field(default_factory=list)  # prompts whose pages are still being published
     _page_owner: dict[int, _PromptInFlight] = field(default_factory=dict)  # page key -> who computes that page now
+    _waits: dict[Sequence, int] = field(default_factory=dict)  # sequences that waited in the last call -> the last page they wait for
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -117,12 +119,16 @@ class Batcher:
             budget -= n
             i += 1
         followers: list[Sequence] = []  # fresh sequences waiting for a prompt another one computes now
+        waited, self._waits = self._waits, {}
         while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
             seq = self.waiting[0]
             if token_in_flight(seq):  # preempted with a token in flight: admit it once that token is read back
                 break
             if not (admit_new or seq.admitted):
                 break
+            if self._still_waits(seq, waited.get(seq)):
+                followers.append(self.waiting.popleft())
+                continue
             self._match_prefix(seq)
             if self._follows_a_prompt_in_flight(seq):
                 self._drop_pages(seq)
@@ -155,17 +161,39 @@ class Batcher:
     def _follows_a_prompt_in_flight(self, seq: Sequence) -> bool:
         """A fresh sequence, its prefix matched, whose next prompt pages another running sequence is computing
         now (planned in this call or an earlier one): it waits, and matches them once they are published. Only
-        for a shared run of at least FOLLOW_MIN_TOKENS, or of every page a match could give it."""
+        for a shared run of at least FOLLOW_MIN_TOKENS, or of every page a match could give it; it then waits
+        for that whole run (`_still_waits`)."""
         if self.prefix_cache is None or seq.admitted:
             return False
         ps = self.allocator.page_size
         matchable, have = self._match_limit(seq) // ps, len(seq.pages)
         if matchable <= have:
             return False
+        keys = seq.prompt_page_keys(ps)
         last = min(matchable, have + -(-FOLLOW_MIN_TOKENS // ps)) - 1  # keys chain: this page shared => all before
-        owner = self._page_owner.get(seq.prompt_page_keys(ps)[last])
-        return (owner is not None and owner.seq is not seq and owner.seq.status is Status.RUNNING
-                and owner.seq.cache_epoch == self.cache_epoch)
+        owner = self._owner_computing(keys[last])
+        if owner is None:
+            return False
+        # the end of the run it shares with `owner`: the keys chain, so they are equal up to a page, different after
+        shared = bisect.bisect_left(range(last + 1, min(matchable, len(owner.keys))), True, key=lambda j: keys[j] != owner.keys[j])
+        self._waits[seq] = last + shared
+        return True
+
+    def _still_waits(self, seq: Sequence, last: int | None) -> bool:
+        """A sequence that waited in the call before for prompt pages up to its page `last` waits on, without
+        being matched again, while that page is still being computed: it is matched when it starts waiting and
+        once the run it waits for is in, not at every step (a long head computed in many chunks, many waiting)."""
+        if last is None or self._owner_computing(seq.prompt_page_keys(self.allocator.page_size)[last]) is None:
+            return False
+        self._waits[seq] = last
+        return True
+
+    def _owner_computing(self, key: int) -> _PromptInFlight | None:
+        """The sequence computing the prompt page `key` names now, for sequences that may wait for it."""
+        owner = self._page_owner.get(key)
+        if owner is None or owner.seq.status is not Status.RUNNING or owner.seq.cache_epoch != self.cache_epoch:
+            return None
+        return owner
 
     def _start_prompt(self, seq: Sequence) -> None:
         """A freshly admitted sequence computes the prompt pages past its match: others may wait for them."""
@@ -176,8 +204,7 @@ class Batcher:
         if entry.published >= len(keys):
             return
         for key in keys[entry.published :]:
-            owner = self._page_owner.get(key)
-            if owner is None or owner.seq.status is not Status.RUNNING:
+            if self._owner_computing(key) is None:
                 self._page_owner[key] = entry
         self._computing.append(entry)
 
