@@ -7,9 +7,9 @@ Prompt pages enter the prefix cache as they are computed, not only when their se
 unfinished request's prompt the same way): a request that arrives while another one with the same prefix runs
 (a sample of the same prompt sent a moment later, prompts sharing a system prompt or few-shot examples) matches
 it. A fresh sequence whose next uncached prompt pages another running sequence is computing right now (GRPO's
-n samples of one prompt admitted together, a batch of prompts with a common head) waits a step and matches
-them instead of computing them again; it waits only for at least `FOLLOW_MIN_TOKENS` shared tokens, or for all
-it could match.
+n samples of one prompt admitted together, a batch of prompts with a common head) waits until they are in and
+matches them instead of computing them again; it waits only for at least `FOLLOW_MIN_TOKENS` shared tokens, or
+for all it could match.
 
 Progress is guaranteed: waiting sequences hold no pages (a prefix match is taken only at the moment of
 admission and given back if admission fails), so when nothing runs every used page is an evictable
@@ -46,7 +46,9 @@ class _PromptInFlight:
 
     seq: Sequence
     keys: list[int]  # its prompt's page keys (Sequence.prompt_page_keys)
-    published: int  # prompt pages [0, published) are in the prefix cache: matched at admission, or published
+    # prompt pages [0, published) are in the prefix cache: matched at admission, or published (a preemption may let
+    # the cache evict some; re-admitted in the same call, it computes and publishes them again)
+    published: int
 
 
 @dataclass(kw_only=True, slots=True)
@@ -191,9 +193,11 @@ class Batcher:
     def _owner_computing(self, key: int) -> _PromptInFlight | None:
         """The sequence computing the prompt page `key` names now, for sequences that may wait for it."""
         owner = self._page_owner.get(key)
-        if owner is None or owner.seq.status is not Status.RUNNING or owner.seq.cache_epoch != self.cache_epoch:
-            return None
-        return owner
+        return owner if owner is not None and self._publishes(owner) else None
+
+    def _publishes(self, entry: _PromptInFlight) -> bool:
+        """Its sequence still runs on the weights its prompt's KV is computed with: its pages will be published."""
+        return entry.seq.status is Status.RUNNING and entry.seq.cache_epoch == self.cache_epoch
 
     def _start_prompt(self, seq: Sequence) -> None:
         """A freshly admitted sequence computes the prompt pages past its match: others may wait for them."""
@@ -217,7 +221,7 @@ class Batcher:
         ps, still = self.allocator.page_size, []
         for entry in self._computing:
             seq = entry.seq
-            if seq.status is Status.RUNNING and seq.cache_epoch == self.cache_epoch:
+            if self._publishes(entry):
                 done = min(seq.num_computed, seq.prompt_len) // ps
                 if done > entry.published:
                     self._read_cached_copies(seq, self.prefix_cache.insert(seq.req.input_ids[: done * ps], seq.pages))
