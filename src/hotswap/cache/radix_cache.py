@@ -60,21 +60,17 @@ class RadixPrefixCache:
             self._lru = [(n.last_access, next(_clock), n) for n in self._leaves()]
             heapq.heapify(self._lru)
 
-    def _chunks(self, tokens: list[int]) -> list[tuple[int, ...]]:
-        ps = self.page_size
-        return [tuple(tokens[i : i + ps]) for i in range(0, len(tokens) - len(tokens) % ps, ps)]
-
     def match(self, tokens: list[int]) -> list[int]:
         """Pages caching the longest page-aligned prefix of `tokens`; the caller retains them."""
+        ps = self.page_size
         node, pages, now = self.root, [], next(_clock)
-        chunks = self._chunks(tokens)
-        i = 0
-        while i < len(chunks):
-            child = node.children.get(chunks[i])
+        full, i = len(tokens) // ps, 0
+        while i < full:
+            child = node.children.get(tuple(tokens[i * ps : (i + 1) * ps]))
             if child is None:
                 break
             n = len(child.pages)
-            common = self._common_pages(child, chunks, i)
+            common = self._common_pages(child, tokens, i)
             if common < n:  # ends inside this edge: split so the tail can still be evicted
                 self._split(child, common)
             pages.extend(child.pages)
@@ -95,23 +91,24 @@ class RadixPrefixCache:
         (returned in their place): the caller's copies there are left to the caller (who releases its own reference
         as usual, or, still running, may read the tree's pages instead and free its copies).
         """
-        chunks = self._chunks(tokens)
-        pages = pages[: len(chunks)]
+        ps = self.page_size
+        full = len(tokens) // ps
+        pages = pages[:full]
         node, i, now = self.root, 0, next(_clock)
         cached: list[int] = []
-        while i < len(chunks):
-            child = node.children.get(chunks[i])
+        while i < full:
+            child = node.children.get(first := tuple(tokens[i * ps : (i + 1) * ps]))
             if child is None:
-                new = _Node(key=tuple(tokens[i * self.page_size : len(chunks) * self.page_size]), pages=list(pages[i:]), parent=node)
+                new = _Node(key=tuple(tokens[i * ps : full * ps]), pages=list(pages[i:]), parent=node)
                 if node is not self.root and not node.children:
                     self._num_leaves -= 1  # `node` stops being a leaf (its entries go stale)
-                node.children[chunks[i]] = new
+                node.children[first] = new
                 self._num_leaves += 1
                 self._touched(new, now)
                 self.allocator.retain(new.pages)
                 return cached + new.pages
             n = len(child.pages)
-            common = self._common_pages(child, chunks, i)
+            common = self._common_pages(child, tokens, i)
             if common < n:
                 self._split(child, common)
             self._touched(child, now)
@@ -119,10 +116,16 @@ class RadixPrefixCache:
             node, i = child, i + common
         return cached
 
-    def _common_pages(self, node: _Node, chunks: list[tuple[int, ...]], i: int) -> int:
-        """How many of `node`'s pages hold chunks[i], chunks[i + 1], ... in order."""
-        ps, common = self.page_size, 0
-        while common < len(node.pages) and i + common < len(chunks) and node.key[common * ps : (common + 1) * ps] == chunks[i + common]:
+    def _common_pages(self, node: _Node, tokens: list[int], i: int) -> int:
+        """How many of `node`'s pages hold the full pages of `tokens` from page i on, in order; its first does (the
+        caller found `node` by it). The whole edge is compared at once first: long prompts share long edges."""
+        ps = self.page_size
+        n = min(len(node.pages), len(tokens) // ps - i)
+        start = i * ps
+        if node.key[: n * ps] == tuple(tokens[start : start + n * ps]):
+            return n
+        common = 1
+        while node.key[common * ps : (common + 1) * ps] == tuple(tokens[start + common * ps : start + (common + 1) * ps]):
             common += 1
         return common
 
