@@ -18,6 +18,7 @@ from hotswap.runner.attention import TorchAttention, TritonAttention
 from hotswap.runner.batch_entry import BatchEntry
 from hotswap.runner.host_batch import HostBatch
 from hotswap.runner.kv_cache import KVCacheStorage
+from hotswap.runner.page_table import PageTable
 from hotswap.runner.penalties import apply_penalties
 from hotswap.runner.prompt_logprobs import score_prompt_rows
 from hotswap.runner.routed_experts import RoutedExpertsTable
@@ -51,6 +52,7 @@ class ModelRunner:
         self.routed_experts = self._make_routed_experts()
         self.attention = self._make_attention()
         self.row_params = RowParamTable(model_config.vocab_size, capacity=config.max_running_requests)
+        self.page_table = PageTable(rows=config.max_running_requests)
         self.cuda_graphs = None
         # under tensor parallelism every rank captures the same buckets, NCCL collectives inside (cuda_graph.py)
         if device.type == "cuda" and config.enable_cuda_graph and isinstance(self.attention, TritonAttention):
@@ -203,7 +205,7 @@ class ModelRunner:
         `prev_token_ids` (the step before, still in flight)."""
         to_sample = [e for e in entries if e.sample]
         penalized = any(e.row.penalized for e in to_sample)
-        hb = HostBatch.build(entries, self.kv_cache.page_size)
+        hb = HostBatch.build(entries, self.kv_cache.page_size, self.page_table)
         graphs = self.cuda_graphs
         decode_graph = graphs is not None and graphs.can_run(hb, penalized)
         # built before the forward: a row that cannot run fails alone (BatchRowError) with nothing computed. A
@@ -237,8 +239,8 @@ class ModelRunner:
                 self.tp_peers.send_sampled(result.token_ids)
         else:
             result = empty_result(self.device)
-        scored = [e for e in entries if e.prompt_targets]
-        if scored:
+        if len(hb.prompt_rows):  # some entry scores prompt rows (tested without a pass over every entry)
+            scored = [e for e in entries if e.prompt_targets]
             targets = self.to_device(np.array([t for e in scored for t in e.prompt_targets], dtype=np.int64))
             top_k = max(e.params.top_logprobs_num for e in scored)
             result.prompt_logprobs, result.prompt_top_values, result.prompt_top_ids = score_prompt_rows(logits[n:], targets, top_k)
@@ -259,4 +261,6 @@ class ModelRunner:
             return None
         if len(hb.prompt_rows):
             logits_idx = torch.cat([logits_idx, self.to_device(hb.prompt_rows)])
+        elif hb.is_decode and len(hb.logits_indices) == len(hb.input_ids):  # every row samples, in order: no gather
+            return self.model.compute_logits(hidden)
         return self.model.compute_logits(hidden[logits_idx])
