@@ -166,25 +166,18 @@ class ModelRunner:
         this step's upload fills from the same table: the sampler reads them there, nothing is uploaded twice."""
         table = self.row_params
         table.update(entries)
-        n, vocab = len(entries), self.model_config.vocab_size
-        floats, ints, flags = table.floats[:, :n], table.ints[:, :n], table.flags[:, :n]
-        # the batch's summary in two reductions (each numpy call costs microseconds of host time every step)
-        all_greedy = bool(flags[0].min())
-        needs_logprobs, max_top, any_keep = flags[1:].max(axis=1).tolist()
-        needs_logprobs, any_keep = bool(needs_logprobs), bool(any_keep)
+        n = len(entries)
+        rows = table.summary(n)
         original = self.config.return_original_logprob
-        greedy, keep = flags[0] != 0, flags[3] != 0
-        keep_greedy = np.flatnonzero(keep & greedy).tolist() if any_keep else []
-        if all_greedy:
+        if rows.all_greedy:
             return SamplingBatch(None, None, None, None, None, None, all_greedy=True, needs_filter=False,
-                                 needs_logprobs=needs_logprobs, max_top_logprobs=max_top, original_logprobs=original,
-                                 keep_greedy_rows=keep_greedy)
-        filters = (floats[1] < 1.0) | (ints[0] < vocab) | (floats[2] > 0)
-        f, i = graph_rows if graph_rows is not None else (self.to_device(floats.copy()), self.to_device(ints.copy()))
+                                 needs_logprobs=rows.needs_logprobs, max_top_logprobs=rows.max_top_logprobs, original_logprobs=original,
+                                 keep_greedy_rows=list(rows.keep_greedy_rows))
+        f, i = graph_rows if graph_rows is not None else (self.to_device(table.floats[:, :n].copy()), self.to_device(table.ints[:, :n].copy()))
         return SamplingBatch(
             temperatures=f[0], top_ps=f[1], min_ps=f[2], top_ks=i[0], seeds=i[1], steps=i[2], all_greedy=False,
-            needs_filter=bool(filters.any()), needs_logprobs=needs_logprobs, max_top_logprobs=max_top, original_logprobs=original,
-            keep_greedy_rows=keep_greedy, keep_filtered_rows=np.flatnonzero(keep & ~greedy & filters).tolist(),
+            needs_filter=rows.needs_filter, needs_logprobs=rows.needs_logprobs, max_top_logprobs=rows.max_top_logprobs,
+            original_logprobs=original, keep_greedy_rows=list(rows.keep_greedy_rows), keep_filtered_rows=list(rows.keep_filtered_rows),
         )
 
     def pending_rows(self, entries: list[BatchEntry], row_offsets: np.ndarray | None) -> np.ndarray | None:
