@@ -189,7 +189,7 @@ class ModelRunner:
         if not len(which):
             return None
         rows = which if row_offsets is None else row_offsets[which].astype(np.int64)
-        return np.stack([rows, prev[which]])
+        return np.array((rows, prev[which]))
 
     @torch.inference_mode()
     def run(self, entries: list[BatchEntry], prev_token_ids: torch.Tensor | None = None) -> SampleResult | None:
