@@ -238,12 +238,14 @@ class Batcher:
         """`_entry` of a decoding sequence (`decodes_token_in_flight`), built directly: at hundreds of rows
         this runs for every row of every step, and its one input is known without slicing any tokens."""
         start = seq.num_computed
+        # positionally (keywords cost about as much again): input_ids (the token in flight, filled on the device),
+        # start_pos, pages, sample, params, row, step, prev_row
         entry = BatchEntry([0], start, seq.pages, True, seq.req.sampling_params, seq.row(), len(seq.output_ids) + 1,
                            seq.pending_row)
         if entry.row.penalized:
             self._plan_penalties(seq, entry)
         seq.num_computed = start + 1
-        seq.pending = 2
+        seq.pending += 1
         return entry
 
     def _plan_penalties(self, seq: Sequence, entry: BatchEntry) -> None:
