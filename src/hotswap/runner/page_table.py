@@ -37,12 +37,11 @@ class PageTable:
         return self.table[:n, :width].copy()
 
     def _write(self, rows: list[int], pages: list[list[int]]) -> None:
-        """Rewrite `rows` whole from `pages` in three numpy calls (cells past a row's pages back to padding)."""
+        """Rewrite `rows` whole from `pages`: their pages placed in one flat pass by a row-major mask, padding after."""
         lens = np.fromiter(map(len, pages), dtype=np.int64, count=len(rows))
-        self.table[rows] = self.pad_page
-        first = np.cumsum(lens) - lens
-        cols = np.arange(int(lens.sum())) - np.repeat(first, lens)
-        self.table[np.repeat(rows, lens), cols] = np.fromiter(chain.from_iterable(pages), dtype=np.int32, count=len(cols))
+        block = np.full((len(rows), self.table.shape[1]), self.pad_page, dtype=np.int32)
+        block[np.arange(block.shape[1]) < lens[:, None]] = np.fromiter(chain.from_iterable(pages), dtype=np.int32, count=int(lens.sum()))
+        self.table[rows] = block
         for r, p in zip(rows, pages):
             self.held[r] = list(p)  # a copy: the sequence extends its own list in place
 
