@@ -9,6 +9,7 @@ the time inside the model's forward, its LM head and the sampler's arithmetic; t
     python bench/host_step.py --batch 256 --steps 48                  # CPU, tiny model, RL sampling
     python bench/host_step.py --batch 256 --mode penalties            # + min_new_tokens and a frequency penalty
     python bench/host_step.py --batch 256 --mode stops                # + a stop string (detokenized every step)
+    python bench/host_step.py --batch 512 --prompt 512 --pages 20000  # rollout-length contexts (33+ pages a row)
 """
 
 from __future__ import annotations
@@ -62,9 +63,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--mode", choices=sorted(MODES), default="sampled")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--pages", type=int, default=4096, help="KV pages of 16 tokens (the batch's contexts must fit)")
     args = ap.parse_args()
-    path = config_only_checkpoint(Path(tempfile.mkdtemp()) / args.shape, args.shape, "float32", max_positions=1024)
-    engine = Engine(str(path), device="cpu", load_format="dummy", page_size=16, num_pages=4096,
+    path = config_only_checkpoint(Path(tempfile.mkdtemp()) / args.shape, args.shape, "float32",
+                                  max_positions=max(1024, args.prompt + args.steps + 1))
+    engine = Engine(str(path), device="cpu", load_format="dummy", page_size=16, num_pages=args.pages,
                     max_running_requests=args.batch, max_num_batched_tokens=max(4096, args.batch * args.prompt))
     sched, runner = engine.scheduler, engine.model_runner
     clock = Clock()

@@ -84,3 +84,23 @@ def test_a_row_that_does_not_convert_names_its_entry_and_leaves_the_table_valid(
     rest = [first[0], first[1]]  # the scheduler drops the bad row and runs the rest
     assert table.update(rest) == 1  # row 1 was left unfilled: written again
     assert_rows(table, rest)
+
+
+def test_the_batch_summary_follows_every_change_of_rows():
+    """The summary is kept between steps: after any change of the rows (a request replaced, rows shifted, the
+    batch shrunk or grown) it equals one computed from the requests themselves."""
+    kinds = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, return_top_p_token_ids=True),
+             SamplingParams(temperature=0.9, top_p=0.8, return_logprob=True), SamplingParams(temperature=1.0, top_logprobs_num=4),
+             SamplingParams(temperature=0.7, top_k=5, return_top_p_token_ids=True), SamplingParams(temperature=1.0, min_p=0.1)]
+    table = RowParamTable(V, capacity=2)
+
+    def expected(params: list[SamplingParams]) -> tuple:
+        filtered = [p.top_p < 1.0 or 0 < p.top_k < V or p.min_p > 0 for p in params]
+        return (all(p.greedy for p in params), any(p.return_logprob for p in params), max(p.top_logprobs_num for p in params),
+                any(filtered), [r for r, p in enumerate(params) if p.return_top_p_token_ids and p.greedy],
+                [r for r, (p, f) in enumerate(zip(params, filtered)) if p.return_top_p_token_ids and not p.greedy and f])
+
+    rows = {k: SamplerRow.of(p, k) for k, p in enumerate(kinds)}
+    for step, batch in enumerate([[0], [0, 1], [0, 1], [2, 0, 1], [2, 1], [2, 1, 3, 4], [2, 1, 3, 4], [5], [4, 0], [0, 1]]):
+        table.update([entry(kinds[k], k, step, rows[k]) for k in batch])
+        assert tuple(table.summary(len(batch))) == expected([kinds[k] for k in batch]), f"step {step}: rows {batch}"

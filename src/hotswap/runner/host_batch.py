@@ -8,6 +8,7 @@ from itertools import chain
 import numpy as np
 
 from hotswap.runner.batch_entry import BatchEntry
+from hotswap.runner.page_table import PageTable
 
 
 @dataclass(slots=True)
@@ -24,16 +25,13 @@ class HostBatch:
     prompt_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # token rows scored for prompt logprobs
 
     @classmethod
-    def build(cls, entries: list[BatchEntry], page_size: int, width: int | None = None, pad_page: int = 0) -> HostBatch:
+    def build(cls, entries: list[BatchEntry], page_size: int, page_table: PageTable | None = None) -> HostBatch:
+        """`page_table`: the runner's, kept between steps (only rows whose pages changed are rewritten); none:
+        a table made for this batch alone."""
         n = len(entries)
         q_lens = np.fromiter((len(e.input_ids) for e in entries), dtype=np.int64, count=n)
         starts = np.fromiter((e.start_pos for e in entries), dtype=np.int64, count=n)
-        page_counts = np.fromiter((len(e.pages) for e in entries), dtype=np.int64, count=n)
-        width = width or int(page_counts.max())
-        table = np.full((n, width), pad_page, dtype=np.int32)
-        # every row's pages in one flat pass, placed by a row-major mask (no numpy call per row)
-        table[np.arange(width) < page_counts[:, None]] = np.fromiter(
-            chain.from_iterable(e.pages for e in entries), dtype=np.int32, count=int(page_counts.sum()))
+        table = (PageTable(rows=n) if page_table is None else page_table).rows([e.pages for e in entries])
         cu = np.zeros(n + 1, dtype=np.int32)
         np.cumsum(q_lens, out=cu[1:])
         is_decode = bool((q_lens == 1).all())

@@ -18,6 +18,7 @@ from hotswap.runner.attention import TorchAttention, TritonAttention
 from hotswap.runner.batch_entry import BatchEntry
 from hotswap.runner.host_batch import HostBatch
 from hotswap.runner.kv_cache import KVCacheStorage
+from hotswap.runner.page_table import PageTable
 from hotswap.runner.penalties import apply_penalties
 from hotswap.runner.prompt_logprobs import score_prompt_rows
 from hotswap.runner.routed_experts import RoutedExpertsTable
@@ -51,6 +52,7 @@ class ModelRunner:
         self.routed_experts = self._make_routed_experts()
         self.attention = self._make_attention()
         self.row_params = RowParamTable(model_config.vocab_size, capacity=config.max_running_requests)
+        self.page_table = PageTable(rows=config.max_running_requests)
         self.cuda_graphs = None
         # under tensor parallelism every rank captures the same buckets, NCCL collectives inside (cuda_graph.py)
         if device.type == "cuda" and config.enable_cuda_graph and isinstance(self.attention, TritonAttention):
@@ -164,25 +166,18 @@ class ModelRunner:
         this step's upload fills from the same table: the sampler reads them there, nothing is uploaded twice."""
         table = self.row_params
         table.update(entries)
-        n, vocab = len(entries), self.model_config.vocab_size
-        floats, ints, flags = table.floats[:, :n], table.ints[:, :n], table.flags[:, :n]
-        # the batch's summary in two reductions (each numpy call costs microseconds of host time every step)
-        all_greedy = bool(flags[0].min())
-        needs_logprobs, max_top, any_keep = flags[1:].max(axis=1).tolist()
-        needs_logprobs, any_keep = bool(needs_logprobs), bool(any_keep)
+        n = len(entries)
+        rows = table.summary(n)
         original = self.config.return_original_logprob
-        greedy, keep = flags[0] != 0, flags[3] != 0
-        keep_greedy = np.flatnonzero(keep & greedy).tolist() if any_keep else []
-        if all_greedy:
+        if rows.all_greedy:
             return SamplingBatch(None, None, None, None, None, None, all_greedy=True, needs_filter=False,
-                                 needs_logprobs=needs_logprobs, max_top_logprobs=max_top, original_logprobs=original,
-                                 keep_greedy_rows=keep_greedy)
-        filters = (floats[1] < 1.0) | (ints[0] < vocab) | (floats[2] > 0)
-        f, i = graph_rows if graph_rows is not None else (self.to_device(floats.copy()), self.to_device(ints.copy()))
+                                 needs_logprobs=rows.needs_logprobs, max_top_logprobs=rows.max_top_logprobs, original_logprobs=original,
+                                 keep_greedy_rows=list(rows.keep_greedy_rows))
+        f, i = graph_rows if graph_rows is not None else (self.to_device(table.floats[:, :n].copy()), self.to_device(table.ints[:, :n].copy()))
         return SamplingBatch(
             temperatures=f[0], top_ps=f[1], min_ps=f[2], top_ks=i[0], seeds=i[1], steps=i[2], all_greedy=False,
-            needs_filter=bool(filters.any()), needs_logprobs=needs_logprobs, max_top_logprobs=max_top, original_logprobs=original,
-            keep_greedy_rows=keep_greedy, keep_filtered_rows=np.flatnonzero(keep & ~greedy & filters).tolist(),
+            needs_filter=rows.needs_filter, needs_logprobs=rows.needs_logprobs, max_top_logprobs=rows.max_top_logprobs,
+            original_logprobs=original, keep_greedy_rows=list(rows.keep_greedy_rows), keep_filtered_rows=list(rows.keep_filtered_rows),
         )
 
     def pending_rows(self, entries: list[BatchEntry], row_offsets: np.ndarray | None) -> np.ndarray | None:
@@ -194,7 +189,7 @@ class ModelRunner:
         if not len(which):
             return None
         rows = which if row_offsets is None else row_offsets[which].astype(np.int64)
-        return np.stack([rows, prev[which]])
+        return np.array((rows, prev[which]))
 
     @torch.inference_mode()
     def run(self, entries: list[BatchEntry], prev_token_ids: torch.Tensor | None = None) -> SampleResult | None:
@@ -203,7 +198,7 @@ class ModelRunner:
         `prev_token_ids` (the step before, still in flight)."""
         to_sample = [e for e in entries if e.sample]
         penalized = any(e.row.penalized for e in to_sample)
-        hb = HostBatch.build(entries, self.kv_cache.page_size)
+        hb = HostBatch.build(entries, self.kv_cache.page_size, self.page_table)
         graphs = self.cuda_graphs
         decode_graph = graphs is not None and graphs.can_run(hb, penalized)
         # built before the forward: a row that cannot run fails alone (BatchRowError) with nothing computed. A
@@ -237,8 +232,8 @@ class ModelRunner:
                 self.tp_peers.send_sampled(result.token_ids)
         else:
             result = empty_result(self.device)
-        scored = [e for e in entries if e.prompt_targets]
-        if scored:
+        if len(hb.prompt_rows):  # some entry scores prompt rows (tested without a pass over every entry)
+            scored = [e for e in entries if e.prompt_targets]
             targets = self.to_device(np.array([t for e in scored for t in e.prompt_targets], dtype=np.int64))
             top_k = max(e.params.top_logprobs_num for e in scored)
             result.prompt_logprobs, result.prompt_top_values, result.prompt_top_ids = score_prompt_rows(logits[n:], targets, top_k)
@@ -259,4 +254,6 @@ class ModelRunner:
             return None
         if len(hb.prompt_rows):
             logits_idx = torch.cat([logits_idx, self.to_device(hb.prompt_rows)])
+        elif hb.is_decode and len(hb.logits_indices) == len(hb.input_ids):  # every row samples, in order: no gather
+            return self.model.compute_logits(hidden)
         return self.model.compute_logits(hidden[logits_idx])

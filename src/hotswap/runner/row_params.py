@@ -44,6 +44,17 @@ class SamplerRow(NamedTuple):
                    params.return_logprob, params.top_logprobs_num, params.return_top_p_token_ids, params.has_penalties)
 
 
+class RowSummary(NamedTuple):
+    """What the sampler needs to know about a batch's rows as a whole (runner.sampling_batch)."""
+
+    all_greedy: bool
+    needs_logprobs: bool
+    max_top_logprobs: int
+    needs_filter: bool  # some row has top-p, top-k or min-p
+    keep_greedy_rows: list[int]  # rows asking for their keep-set (return_top_p_token_ids): greedy ones
+    keep_filtered_rows: list[int]  # and sampled ones with a filter
+
+
 class RowParamTable:
     """float32 [3, rows] (temperature, 0 = greedy; top_p; min_p), int64 [3, rows] (top_k, vocab = off; the
     seed's low 64 bits, which is all the noise reads; output step) and int64 [4, rows] (greedy,
@@ -56,6 +67,7 @@ class RowParamTable:
         self.ints = np.zeros((3, capacity), dtype=np.int64)
         self.flags = np.zeros((4, capacity), dtype=np.int64)
         self.rows: list[SamplerRow | None] = [None] * capacity
+        self._summary: tuple[int, RowSummary] | None = None  # (rows, their summary) until a row is rewritten
 
     def update(self, entries: list[BatchEntry]) -> int:
         """Make the first len(entries) rows those of `entries`; how many rows were rewritten (steps aside).
@@ -75,8 +87,24 @@ class RowParamTable:
         self.ints[2, :n] = np.fromiter((e.step for e in entries), dtype=np.int64, count=n)
         return written
 
+    def summary(self, n: int) -> RowSummary:
+        """The first n rows' summary: computed again only after a row was rewritten (or for another n); a
+        steady decode batch keeps its rows, and a dozen numpy calls a step add up on the host."""
+        if self._summary is None or self._summary[0] != n:
+            floats, ints, flags = self.floats[:, :n], self.ints[:, :n], self.flags[:, :n]
+            needs_logprobs, max_top, any_keep = flags[1:].max(axis=1).tolist()
+            greedy, keep = flags[0] != 0, flags[3] != 0
+            filters = (floats[1] < 1.0) | (ints[0] < self.vocab) | (floats[2] > 0)
+            self._summary = n, RowSummary(
+                all_greedy=bool(greedy.all()), needs_logprobs=bool(needs_logprobs), max_top_logprobs=max_top,
+                needs_filter=bool(filters.any()),
+                keep_greedy_rows=np.flatnonzero(keep & greedy).tolist() if any_keep else [],
+                keep_filtered_rows=np.flatnonzero(keep & ~greedy & filters).tolist() if any_keep else [])
+        return self._summary[1]
+
     def _write(self, r: int, row: SamplerRow, entry: BatchEntry) -> None:
         self.rows[r] = None  # unfilled until every column converted
+        self._summary = None
         try:
             self.floats[:, r] = (row.temperature, row.top_p, row.min_p)
             self.ints[0, r] = row.top_k if row.top_k > 0 else self.vocab

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from hotswap.cache.page_allocator import PageAllocator
 from hotswap.cache.radix_cache import RadixPrefixCache
 from hotswap.runner.batch_entry import BatchEntry
-from hotswap.scheduler.overlap import in_flight_token_is_last, inputs_from_inflight, token_in_flight
+from hotswap.scheduler.overlap import decodes_token_in_flight, in_flight_token_is_last, inputs_from_inflight, token_in_flight
 from hotswap.scheduler.sequence import Sequence, Status
 
 
@@ -102,21 +102,23 @@ class Batcher:
         seqs: list[Sequence] = []
         entries: list[BatchEntry] = []
         i = 0
+        page_size = self.allocator.page_size
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             if in_flight_token_is_last(seq, self.max_context_len):
                 i += 1  # nothing more to compute
                 continue
-            n = min(seq.num_tokens + seq.pending - seq.num_computed, self.chunked_prefill_size, budget)
+            decoding = decodes_token_in_flight(seq)
+            n = 1 if decoding else min(seq.num_tokens + seq.pending - seq.num_computed, self.chunked_prefill_size, budget)
             if n <= 0:  # a prompt-only request (max_new_tokens 0) whose last chunk is in flight
                 i += 1
                 continue
-            need = self._pages_needed(seq, seq.num_computed + n)
-            if need:
+            if seq.num_computed + n > len(seq.pages) * page_size:
+                need = self._pages_needed(seq, seq.num_computed + n)
                 if not self._make_room(seq, need):
                     break
                 seq.pages.extend(self.allocator.allocate(need))
-            entries.append(self._entry(seq, n))
+            entries.append(self._decode_entry(seq) if decoding else self._entry(seq, n))
             seqs.append(seq)
             budget -= n
             i += 1
@@ -298,6 +300,20 @@ class Batcher:
         seq.num_computed = end
         if entry.sample:
             seq.pending += 1
+        return entry
+
+    def _decode_entry(self, seq: Sequence) -> BatchEntry:
+        """`_entry` of a decoding sequence (`decodes_token_in_flight`), built directly: at hundreds of rows
+        this runs for every row of every step, and its one input is known without slicing any tokens."""
+        start = seq.num_computed
+        # positionally (keywords cost about as much again): input_ids (the token in flight, filled on the device),
+        # start_pos, pages, sample, params, row, step, prev_row
+        entry = BatchEntry([0], start, seq.pages, True, seq.req.sampling_params, seq.row(), len(seq.output_ids) + 1,
+                           seq.pending_row)
+        if entry.row.penalized:
+            self._plan_penalties(seq, entry)
+        seq.num_computed = start + 1
+        seq.pending += 1
         return entry
 
     def _plan_penalties(self, seq: Sequence, entry: BatchEntry) -> None:

@@ -42,6 +42,12 @@ def in_flight_token_is_last(seq: Sequence, max_context_len: int) -> bool:
             or seq.num_tokens + seq.pending >= max_context_len)
 
 
+def decodes_token_in_flight(seq: Sequence) -> bool:
+    """Its one input to compute is the token in flight (every earlier token's KV is computed): a decode
+    step whose input the runner takes from the in-flight step's sampled ids, and which samples."""
+    return seq.pending == 1 and seq.num_computed == seq.num_tokens
+
+
 def inputs_from_inflight(seq: Sequence, end: int) -> int:
     """For a step computing up to position `end`: the in-flight row holding its last input, or -1 when
     every input token is already known on the host."""

@@ -1,0 +1,96 @@
+"""The batcher's direct entry for a decoding row (`Batcher._decode_entry`, taken when the row's one input is
+the token in flight) plans exactly what the general `_entry` plans: the same batches, step for step, through
+rows gaining pages, finishing mid-batch, preempted for pages, retracted by a pause, penalties, prompt
+logprobs and prompt chunks mixed with decodes, with one step in flight as the scheduler runs them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hotswap.cache.page_allocator import PageAllocator
+from hotswap.cache.radix_cache import RadixPrefixCache
+from hotswap.protocol import GenerateRequest
+from hotswap.sampling_params import SamplingParams
+from hotswap.scheduler import batcher as batcher_module
+from hotswap.scheduler.batcher import Batcher, ScheduledBatch
+from hotswap.scheduler.overlap import mark_sample_rows
+from hotswap.scheduler.sequence import Sequence, Status
+
+KINDS = [
+    {"temperature": 0.0, "ignore_eos": True},
+    {"temperature": 1.0, "top_p": 0.9, "return_logprob": True, "logprob_start_len": 0},  # prompt logprobs: scored chunks
+    {"temperature": 1.0, "frequency_penalty": 0.5, "repetition_penalty": 1.2, "min_new_tokens": 6, "stop_token_ids": [9]},
+    {"temperature": 0.7, "presence_penalty": 0.3, "ignore_eos": True},
+]
+
+
+def make(rid: int, prompt_len: int, max_new: int) -> Sequence:
+    sp = SamplingParams(max_new_tokens=max_new, **KINDS[rid % len(KINDS)])
+    prompt = [(rid * 13 + j) % 40 + 3 for j in range(prompt_len)]
+    return Sequence(req=GenerateRequest(rid=f"r{rid}", input_ids=prompt, sampling_params=sp, seed=rid, sink=lambda out: None))
+
+
+def snapshot(batch: ScheduledBatch) -> list[tuple]:
+    def arr(a):
+        return None if a is None else list(np.asarray(a))
+
+    return [(s.rid, list(e.input_ids), e.start_pos, list(e.pages), e.sample, e.step, e.prev_row, e.row, e.params is s.req.sampling_params,
+             arr(e.prompt_ids), arr(e.output_ids), e.banned_ids, e.prompt_from, e.prompt_targets) for s, e in zip(batch.seqs, batch.entries)]
+
+
+def read_back(batch: ScheduledBatch, batcher: Batcher, step: int) -> None:
+    """The scheduler's process(): the in-flight step's tokens reach their sequences; length limits finish them."""
+    for s, e in zip(batch.seqs, batch.entries):
+        if not e.sample:
+            continue
+        s.pending -= 1
+        if s.status is Status.FINISHED:
+            continue
+        s.output_ids.append((step * 7 + len(s.output_ids) + int(s.rid[1:])) % 30 + 3)
+        if len(s.output_ids) >= s.req.sampling_params.max_new_tokens:
+            batcher.finish(s)
+
+
+def run_scenario() -> list[list[tuple]]:
+    alloc = PageAllocator(num_pages=24, page_size=4)  # tight: rows preempt each other for pages
+    batcher = Batcher(allocator=alloc, prefix_cache=RadixPrefixCache(alloc), max_running_requests=10, max_num_batched_tokens=48,
+                      max_context_len=60, chunked_prefill_size=16, fail=lambda seq, message: batcher.finish(seq), eos_token_ids=frozenset([2]))
+    arrivals = {0: [(0, 9, 30), (1, 20, 12), (2, 5, 25), (3, 7, 8)], 6: [(4, 30, 10), (5, 6, 40)], 15: [(6, 12, 50), (7, 3, 5)]}
+    steps, inflight = [], None
+    for step in range(160):
+        for rid, prompt_len, max_new in arrivals.get(step, []):
+            batcher.add(make(rid, prompt_len, max_new))
+        if step == 24:  # pause_generation(retract): the step in flight is read back first, as a control request sees none
+            if inflight is not None:
+                read_back(inflight, batcher, step)
+                inflight = None
+            batcher.retract_all()
+        batch = batcher.schedule()
+        if batch is not None:
+            mark_sample_rows(batch.seqs, batch.entries)
+            steps.append(snapshot(batch))
+        if inflight is not None:
+            read_back(inflight, batcher, step)
+        inflight = batch
+        if not batcher.has_work and inflight is None and step > 15:
+            break
+    assert not batcher.has_work and batcher.num_preemptions > 0
+    return steps
+
+
+def test_decode_rows_are_planned_as_the_general_path_plans_them(monkeypatch):
+    decoding = []
+    real = batcher_module.decodes_token_in_flight
+
+    def counted(seq: Sequence) -> bool:
+        decoding.append(real(seq))
+        return decoding[-1]
+
+    monkeypatch.setattr(batcher_module, "decodes_token_in_flight", counted)
+    fast = run_scenario()
+    assert sum(decoding) > 100  # the direct path planned most rows
+    monkeypatch.setattr(batcher_module, "decodes_token_in_flight", lambda seq: False)
+    general = run_scenario()
+    assert len(fast) == len(general)
+    for i, (a, b) in enumerate(zip(fast, general)):
+        assert a == b, f"step {i} differs"
