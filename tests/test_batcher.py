@@ -462,7 +462,7 @@ def _overlapped_run(seed: int) -> int:
             for pos in range(e.start_pos, e.start_pos + len(e.input_ids)):
                 kv[(e.pages[pos // ps], pos % ps)] = (toks[pos] if pos < len(toks) else (id(s), pos), batcher.cache_epoch)
 
-    def read_back_step(pairs, stops=True):
+    def read_back_step(pairs):
         for s, e in pairs:
             if not e.sample:
                 if prompt_scored(s, e):  # Scheduler.process: a prompt-only request is done once prefilled
@@ -476,7 +476,7 @@ def _overlapped_run(seed: int) -> int:
             for key in [k for k, v in kv.items() if v[0] == (id(s), pos)]:
                 kv[key] = (tok, kv[key][1])
             # a stop token (known only now: the step after may be planned for it already) or its length limit
-            if (stops and rng.random() < 0.1) or len(s.output_ids) >= s.req.sampling_params.max_new_tokens:
+            if rng.random() < 0.1 or len(s.output_ids) >= s.req.sampling_params.max_new_tokens:
                 batcher.finish(s)
 
     for step in range(3000):
@@ -510,11 +510,11 @@ def _overlapped_run(seed: int) -> int:
         if batch is not None:
             mark_sample_rows(batch.seqs, batch.entries)
             r = rng.random() if step < 400 else 1.0
-            if r < 0.05:  # the launch fails: Scheduler.launch reads the step in flight back, undoes, aborts
-                if inflight is not None:  # (no stop token then: test_engine_core's device-fault-after-a-stop test)
-                    read_back_step(inflight, stops=False)
-                    inflight = None
+            if r < 0.05:  # the launch fails: Scheduler.launch undoes it, reads the step in flight back, aborts
                 undo_launch(batch.seqs, batch.entries)
+                if inflight is not None:
+                    read_back_step(inflight)
+                    inflight = None
                 for s in batch.seqs:
                     if s.status is not Status.FINISHED:
                         batcher.finish(s)

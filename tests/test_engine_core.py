@@ -255,8 +255,6 @@ def test_failed_batch_aborts_cleanly_and_leaves_no_stale_cache(tiny_qwen3, monke
         assert_idle_invariants(engine)
 
 
-@pytest.mark.xfail(strict=True, reason="Scheduler.launch reads the step in flight back before undoing the failed "
-                   "launch: a request that stopped in that step is cached with num_computed still counting the failed step")
 def test_a_device_fault_right_after_a_stop_token_caches_no_unwritten_kv(tiny_qwen3, monkeypatch):
     """The launch after the step that sampled a request's stop token fails: that request ends (stop), and its
     last position, which only the failed step would have written, must stay out of the prefix cache; a next turn

@@ -69,10 +69,10 @@ def sampled_on_device(inflight: InFlight | None) -> torch.Tensor | None:
 
 
 def undo_launch(seqs: list[Sequence], entries: list[BatchEntry]) -> None:
-    """A step that failed to launch computed nothing: no token is in flight and its KV was never written
-    (so it must stay out of the prefix cache)."""
+    """A step that failed to launch computed nothing: its token is not in flight (a token of the step before may
+    still be) and its KV was never written (so it must stay out of the prefix cache)."""
     for seq, entry in zip(seqs, entries):
-        seq.pending = 0
+        seq.pending -= entry.sample
         seq.num_computed = entry.start_pos
 
 

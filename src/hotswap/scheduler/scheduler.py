@@ -241,9 +241,11 @@ class Scheduler:
             return self.launch(rest, inflight) if rest is not None else None
         except Exception as exc:  # a device fault must not hang clients: fail the batch cleanly
             log.exception("batch failed")
+            # undone first: a sequence that stops in the step in flight is cached when it is read back, and must
+            # not count the positions only this failed step would have written
+            undo_launch(batch.seqs, batch.entries)
             if inflight is not None:
                 self.process(inflight)
-            undo_launch(batch.seqs, batch.entries)
             for seq in batch.seqs:
                 if seq.status is not Status.FINISHED:
                     self.finish(seq, {"type": "abort", "message": f"internal error: {exc}"})
