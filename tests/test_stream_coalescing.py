@@ -6,12 +6,15 @@ front end's JSON encoder (orjson, with `json` for what it cannot encode)."""
 from __future__ import annotations
 
 import asyncio
+import collections
+import datetime
 import json
 import math
 import multiprocessing as mp
 import threading
 from concurrent.futures import Future
 
+import numpy as np
 import pytest
 import torch
 
@@ -202,10 +205,16 @@ def test_outputs_queued_on_the_pipe_while_the_loop_is_busy_go_out_as_one_chunk(t
     assert chunks[1]["meta_info"]["finish_reason"] == {"type": "length", "length": len(ids)}
 
 
-def test_the_json_encoder_sends_non_finite_as_null_and_encodes_what_orjson_cannot():
+def test_the_json_encoder_writes_what_json_writes():
+    """Non-finite floats as null, ints past 64 bits, non-string keys, numpy floats as numbers, namedtuples as
+    arrays, dataclasses and datetimes as their str (json.dumps(default=str)'s reading of them)."""
     obj = {"lp": [float("nan"), -math.inf, -0.5, 1e-05], "big": 2**70, 3: "three", "t": ("é", None)}
     assert json.loads(dumps(obj)) == {"lp": [None, None, -0.5, 1e-05], "big": 2**70, "3": "three", "t": ["é", None]}
     assert json.loads(dumps({"lp": [math.inf], 1: 2})) == {"lp": [None], "1": 2}
+    pair = collections.namedtuple("pair", "lp tid")
+    when = datetime.datetime(2026, 12, 5, 9, 30)
+    odd = {"np": [np.float64(-0.5), np.float64("nan")], "nt": pair(-1.5, 7), "dc": CAPACITY, "at": when}
+    assert json.loads(dumps(odd)) == {"np": [-0.5, None], "nt": [-1.5, 7], "dc": str(CAPACITY), "at": str(when)}
     chunk = {"text": "é\u2028", "meta_info": {"output_token_logprobs": [(-0.1, 5, None)], "finish_reason": None}}
     raw = sse(chunk)
     assert raw.startswith(b"data: ") and raw.endswith(b"\n\n") and b"\n" not in raw[:-2]

@@ -54,12 +54,25 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+def _as_json_does(obj: Any) -> Any:
+    """What `json.dumps(default=str)` writes for what orjson leaves to `default`: a float subclass (a numpy
+    float64) as a number, a tuple subclass (a namedtuple) as an array, anything else (a dataclass, a datetime) as its str."""
+    if isinstance(obj, float):
+        return float(obj)
+    if isinstance(obj, tuple):
+        return list(obj)
+    return str(obj)
+
+
+_ORJSON_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
+
+
 def dumps(obj: Any) -> bytes:
     """Compact UTF-8 JSON; a NaN or inf (a logprob of a masked token) is sent as null. orjson (SGLang's encoder
     too) is about ten times faster than `json` on streamed chunks, which the front end encodes per token
     (docs/benchmarks.md); what it cannot encode (an int past 64 bits) goes through `json`."""
     try:
-        return orjson.dumps(obj, default=str, option=orjson.OPT_NON_STR_KEYS)
+        return orjson.dumps(obj, default=_as_json_does, option=_ORJSON_OPTIONS)
     except TypeError:
         pass
     try:
