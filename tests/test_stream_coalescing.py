@@ -11,6 +11,7 @@ import datetime
 import json
 import math
 import multiprocessing as mp
+import pickle
 import threading
 from concurrent.futures import Future
 
@@ -23,7 +24,7 @@ from hotswap.cache.page_allocator import PoolCapacity
 from hotswap.config import EngineConfig, model_config_for
 from hotswap.engine.api import EngineAPI
 from hotswap.engine.remote import RemoteEngine
-from hotswap.engine.service import EngineInfo
+from hotswap.engine.service import EngineInfo, output_rows, outputs_from_rows
 from hotswap.engine.tokenizer import load_tokenizer
 from hotswap.scheduler.detokenizer import detokenizer_for
 from hotswap.server.http_utils import dumps, sse
@@ -183,7 +184,7 @@ def test_outputs_queued_on_the_pipe_while_the_loop_is_busy_go_out_as_one_chunk(t
             _, batch = ours.recv()
             rid = batch.requests[0].rid
             for k, t in enumerate(ids[:-1]):
-                ours.send(("outputs", [output(rid, [t], done=k)]))
+                ours.send(("outputs", output_rows([output(rid, [t], done=k)])))
             # a control call answered after them: once its reply is read, so are they (the pipe is in order), and the
             # loop, blocked here meanwhile, has not run the consumer yet
             probe = remote.scheduler.submit(p.GetLoadRequest())
@@ -191,7 +192,7 @@ def test_outputs_queued_on_the_pipe_while_the_loop_is_busy_go_out_as_one_chunk(t
             ours.send(("reply", call_id, p.LoadOutput(success=True, message=""), None))
             probe.result(timeout=5)
             chunk = await first
-            ours.send(("outputs", [output(rid, ids[-1:], done=len(ids) - 1, finished=True, text=tokenizer.decode(ids))]))
+            ours.send(("outputs", output_rows([output(rid, ids[-1:], done=len(ids) - 1, finished=True, text=tokenizer.decode(ids))])))
             return [chunk] + [c async for c in stream]
 
         chunks = asyncio.run(main())
@@ -219,3 +220,19 @@ def test_the_json_encoder_writes_what_json_writes():
     raw = sse(chunk)
     assert raw.startswith(b"data: ") and raw.endswith(b"\n\n") and b"\n" not in raw[:-2]
     assert json.loads(raw[len(b"data: "):]) == {"text": "é\u2028", "meta_info": {"output_token_logprobs": [[-0.1, 5, None]], "finish_reason": None}}
+
+
+def test_step_outputs_cross_the_pipe_as_field_tuples_and_come_back_equal():
+    """Every field survives (input logprobs, routing, top-p ids, a finish reason); the rows pickle smaller than
+    the dataclasses, which the engine's process would otherwise pickle under the scheduler's interpreter lock."""
+    full = p.GenerateOutput(rid="r1", new_token_ids=[4, 5], new_logprobs=[-0.5, -1.5], new_top_logprobs=[[(-0.5, 4), (-2.0, 9)], [(-1.5, 5)]],
+                            new_token_versions=["v1", "v2"], text_delta="ab", finished=True, finish_reason={"type": "stop", "matched": 5},
+                            prompt_tokens=7, cached_tokens=3, weight_version="v2", routed_experts="AAAA",
+                            input_token_logprobs=[(None, 1), (-0.25, 2)], input_top_logprobs=[None, [(-0.25, 2)]],
+                            new_top_p_token_ids=[[4, 9], [5]])
+    plain = output(rid="r2", ids=[8], done=0)
+    rows = output_rows([full, plain])
+    assert all(type(row) is tuple for row in rows)
+    assert outputs_from_rows(pickle.loads(pickle.dumps(rows, protocol=5))) == [full, plain]
+    step = [output(rid=f"r{k}", ids=[k], done=3) for k in range(64)]
+    assert len(pickle.dumps(output_rows(step), protocol=5)) < len(pickle.dumps(step, protocol=5))
