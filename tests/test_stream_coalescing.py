@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime
+import gc
 import json
 import math
 import multiprocessing as mp
@@ -27,6 +28,7 @@ from hotswap.engine.remote import RemoteEngine
 from hotswap.engine.service import EngineInfo, output_rows, outputs_from_rows
 from hotswap.engine.tokenizer import load_tokenizer
 from hotswap.scheduler.detokenizer import detokenizer_for
+from hotswap.server.app import GC_FIRST_THRESHOLD, create_app
 from hotswap.server.http_utils import dumps, sse
 
 CAPACITY = PoolCapacity(num_pages=64, page_size=16)
@@ -236,3 +238,20 @@ def test_step_outputs_cross_the_pipe_as_field_tuples_and_come_back_equal():
     assert outputs_from_rows(pickle.loads(pickle.dumps(rows, protocol=5))) == [full, plain]
     step = [output(rid=f"r{k}", ids=[k], done=3) for k in range(64)]
     assert len(pickle.dumps(output_rows(step), protocol=5)) < len(pickle.dumps(step, protocol=5))
+
+
+def test_serving_makes_full_garbage_collections_rare_unless_the_collector_is_off(scripted):
+    """Streaming allocates per token; with CPython's default first threshold the collector's full passes over the
+    whole process cost more than the streaming (GC_FIRST_THRESHOLD's note). The other thresholds are kept, and a
+    collector turned off stays off."""
+    api, _ = scripted
+    saved = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        create_app(api)
+        assert gc.get_threshold() == (GC_FIRST_THRESHOLD, 10, 10)
+        gc.set_threshold(0, 10, 10)
+        create_app(api)
+        assert gc.get_threshold() == (0, 10, 10)
+    finally:
+        gc.set_threshold(*saved)
