@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -142,7 +142,8 @@ def run_path(host: str, port: int, path: str, args, cpu_of, engine_scheduler_tid
         proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("frontend_stream_clients.py"))], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, text=True)
         procs.append((proc, order))
-    results = [json.loads(proc.communicate(order, timeout=600)[0]) for proc, order in procs]
+    with ThreadPoolExecutor(len(procs)) as pool:  # every process gets its order at once
+        results = [json.loads(out) for out, _ in pool.map(lambda po: po[0].communicate(po[1], timeout=600), procs)]
     cpu = cpu_of() - before
     sched_cpu = _proc_cpu_s(f"/proc/self/task/{sched}/stat") - sched_before
     tokens = sum(r["tokens"] for r in results)
