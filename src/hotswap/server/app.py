@@ -492,6 +492,13 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 GC_FIRST_THRESHOLD = 20_000
 
 
+def make_garbage_collections_rare() -> None:
+    """The serving processes' collector setting (GC_FIRST_THRESHOLD); a collector turned off stays off."""
+    first, *older = gc.get_threshold()
+    if first:
+        gc.set_threshold(max(first, GC_FIRST_THRESHOLD), *older)
+
+
 def create_app(engine, *, api_key: str | None = None, served_model_name: str | None = None, policy: AccessPolicy | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> FastAPI:
     """Build the HTTP app on a running Engine. The caller owns the engine (and shuts it down).
@@ -499,9 +506,7 @@ def create_app(engine, *, api_key: str | None = None, served_model_name: str | N
     gets 408 (0: no limit for either)."""
     state = ServerState(engine, api_key=api_key, served_model_name=served_model_name, policy=policy or AccessPolicy())
     sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
-    first, *older = gc.get_threshold()
-    if first:  # 0: the collector was turned off on purpose
-        gc.set_threshold(max(first, GC_FIRST_THRESHOLD), *older)
+    make_garbage_collections_rare()
     app = FastAPI(title="hotswap", version=hotswap.__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.hotswap = state
 
