@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,19 +240,20 @@ def run_clients(engine, path: str, jobs: list, mode: str, args, url: str) -> dic
                             "concurrency": max(1, args.concurrency // procs)})
         p = subprocess.Popen([sys.executable, script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         running.append((p, order))
-    deadline = time.monotonic() + args.http_timeout
-    results = []
-    for p, order in running:
+    # every process gets its order at once (communicating with one after another would start the second
+    # only once the first had finished: --client-procs 2 then ran its halves one after the other)
+    with ThreadPoolExecutor(len(running)) as pool:
+        talks = [pool.submit(p.communicate, order, timeout=args.http_timeout) for p, order in running]
         try:
-            stdout, stderr = p.communicate(order, timeout=max(0.1, deadline - time.monotonic()))
+            outcomes = [talk.result() for talk in talks]
         except subprocess.TimeoutExpired:
             for q, _ in running:
                 q.kill()
             engine.abort_request(abort_all=True)  # the requests still running
             return {"seconds": float("nan"), "tokens": 0, "tail_seconds": float("nan"), "timed_out": args.http_timeout}
+    results = []
+    for (p, _), (stdout, stderr) in zip(running, outcomes):
         if p.returncode:
-            for q, _ in running:
-                q.kill()
             raise RuntimeError(f"{mode}/{path}: the HTTP clients failed:\n{stderr[-4000:]}")
         results.append(json.loads(stdout))
     return {"start": min(r["start"] for r in results), "end": max(r["end"] for r in results),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import time
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import numpy as np
 
@@ -53,31 +54,39 @@ class Collector:
         return self.last is not None and self.last.finished
 
     def add(self, outs: list[p.GenerateOutput]) -> dict:
-        """Take one or more consecutive outputs; returns the coalesced delta (text, ids, versions)."""
+        """Take one or more consecutive outputs; returns the coalesced delta (text, ids, versions). Several
+        outputs (steps the consumer had not read yet) are detokenized together, once."""
         start, old_text = len(self.output_ids), self.text
         for out in outs:
-            self.output_ids += out.new_token_ids
+            ids = out.new_token_ids
+            self.output_ids += ids
             if self.return_logprob:
-                self.token_logprobs += [(lp, tid, None) for lp, tid in zip(out.new_logprobs, out.new_token_ids)]
-                self.top_logprobs += [[(lp, tid, None) for lp, tid in top] for top in out.new_top_logprobs]
-                self.any_top_logprobs = self.any_top_logprobs or any(out.new_top_logprobs)
-            first = self.versions[0] if self.versions else out.new_token_versions[0] if out.new_token_versions else None
-            self.mixed_versions = self.mixed_versions or any(v != first for v in out.new_token_versions)
-            self.versions += out.new_token_versions
-            self.top_p_token_ids += out.new_top_p_token_ids
+                self.token_logprobs += zip(out.new_logprobs, ids, repeat(None))
+                if out.new_top_logprobs:
+                    self.top_logprobs += [[(lp, tid, None) for lp, tid in top] for top in out.new_top_logprobs]
+                    self.any_top_logprobs = self.any_top_logprobs or any(out.new_top_logprobs)
+            versions = out.new_token_versions
+            if versions and not self.mixed_versions:
+                first = self.versions[0] if self.versions else versions[0]
+                self.mixed_versions = versions.count(first) != len(versions)
+            self.versions += versions
+            if out.new_top_p_token_ids:
+                self.top_p_token_ids += out.new_top_p_token_ids
             if out.input_token_logprobs is not None:
                 self.input_token_logprobs = [(lp, tid, None) for lp, tid in out.input_token_logprobs]
                 self.input_top_logprobs = None if out.input_top_logprobs is None else [
                     None if top is None else [(lp, tid, None) for lp, tid in top] for top in out.input_top_logprobs]
             if self.detok is None:
                 self.text += out.text_delta
-            elif out.finished:  # the scheduler's full final text is the answer
-                self.text = out.text_delta
+        last = outs[-1]
+        if self.detok is not None:
+            if last.finished:  # the scheduler's full final text is the answer
+                self.text = last.text_delta
             else:
                 self.text += self.detok.step(self.output_ids)
-            self.last = out
-            if out.finished and self.e2e_latency is None:
-                self.e2e_latency = time.monotonic() - self.started_at
+        self.last = last
+        if last.finished and self.e2e_latency is None:
+            self.e2e_latency = time.monotonic() - self.started_at
         delta_text = self.text[len(old_text) :] if self.text.startswith(old_text) else self.text
         return {"delta_text": delta_text, "delta_output_ids": self.output_ids[start:], "delta_weight_versions": self.versions[start:]}
 

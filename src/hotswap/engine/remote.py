@@ -19,7 +19,7 @@ import torch
 from hotswap import protocol as p
 from hotswap.cache.page_allocator import PoolCapacity
 from hotswap.engine.api import EngineAPI
-from hotswap.engine.service import EngineInfo, close_pipe
+from hotswap.engine.service import EngineInfo, close_pipe, outputs_from_rows
 from hotswap.engine.tokenizer import load_tokenizer
 from hotswap.errors import EngineUnavailableError, HotswapError
 from hotswap.scheduler.detokenizer import detokenizer_for
@@ -100,7 +100,7 @@ class RemoteScheduler:
                 except (EOFError, OSError):
                     return
                 if msg[0] == "outputs":
-                    self._deliver(msg[1])
+                    self._deliver(outputs_from_rows(msg[1]))
                 else:
                     _, call_id, output, error = msg
                     with self._lock:

@@ -9,14 +9,18 @@ Messages (pickled by multiprocessing's Connection; both ends are this package, o
 other: nothing from the network is unpickled here):
   front end -> engine: `(call_id, request)`: any protocol request; a GenerateBatch's requests arrive without
                        their callbacks, which this side fills in
-  engine -> front end: `("outputs", [GenerateOutput, ...])` once per scheduler step with outputs;
+  engine -> front end: `("outputs", rows)` once per scheduler step with outputs: each GenerateOutput as the
+                       tuple of its fields (`output_rows`; a tuple pickles in a third of the time a dataclass
+                       does, and this process's interpreter lock is the scheduler's);
                        `("reply", call_id, output, error)` when the scheduler answers a request
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import operator
 import os
 import queue
 import socket
@@ -31,6 +35,19 @@ from hotswap.config import EngineConfig, ModelConfig
 from hotswap.errors import HotswapError
 
 log = logging.getLogger("hotswap.engine")
+
+_OUTPUT_FIELDS = tuple(f.name for f in dataclasses.fields(p.GenerateOutput))
+_output_row = operator.attrgetter(*_OUTPUT_FIELDS)
+
+
+def output_rows(outs: list[p.GenerateOutput]) -> list[tuple]:
+    """A step's outputs as the pipe carries them: each one's field values, in field order."""
+    return [_output_row(out) for out in outs]
+
+
+def outputs_from_rows(rows: list[tuple]) -> list[p.GenerateOutput]:
+    """`output_rows` undone (both ends of the pipe are this package, so the field order is the same)."""
+    return [p.GenerateOutput(**dict(zip(_OUTPUT_FIELDS, row))) for row in rows]
 
 
 def close_pipe(conn: Connection, readers: tuple[threading.Thread, ...], timeout: float) -> None:
@@ -129,6 +146,8 @@ class EngineService:
 
     def _send(self) -> None:
         while (msg := self._outbox.get()) is not None:
+            if msg[0] == "outputs":
+                msg = ("outputs", output_rows(msg[1]))
             try:
                 self._conn.send(msg)
             except (OSError, ValueError):  # the front end is gone (the reader sees it too)

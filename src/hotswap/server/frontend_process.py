@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from hotswap.engine.service import EngineInfo, EngineService
 from hotswap.server.access import AccessPolicy
+from hotswap.server.app import make_garbage_collections_rare
 from hotswap.server.http_protocol import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_SEND_TIMEOUT_S, bounded_protocol
 
 log = logging.getLogger("hotswap.server")
@@ -132,6 +133,7 @@ class FrontendProcess:
 
     def start(self, timeout: float = 180.0) -> FrontendProcess:
         """Start the process and wait until it answers /health (bounded; its failure to start is raised)."""
+        make_garbage_collections_rare()  # this process's scheduler thread allocates per step as the front end does per token
         self.service.start()
         self.process.start()
         self._theirs.close()
