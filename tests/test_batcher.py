@@ -5,6 +5,7 @@ tokens are appended by hand, as the scheduler's process() does."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -40,15 +41,16 @@ def seq(prompt: list[int], max_new_tokens: int = 4, rid: str = "r") -> Sequence:
     return Sequence(req=GenerateRequest(rid=rid, input_ids=list(prompt), sampling_params=sp, seed=0, sink=lambda out: None))
 
 
-def read_back(batch: ScheduledBatch, batcher: Batcher, token: int = 7) -> None:
-    """What process() does with a step's sampled tokens: append them, finish sequences at their limit."""
+def read_back(batch: ScheduledBatch, batcher: Batcher, token: int | Callable[[Sequence], int] = 7) -> None:
+    """What process() does with a step's sampled tokens: append them (`token`, or `token(seq)`), finish sequences
+    at their limit."""
     for s, e in zip(batch.seqs, batch.entries):
         if not e.sample:
             continue
         s.pending -= 1
         if s.status is Status.FINISHED:
             continue
-        s.output_ids.append(token)
+        s.output_ids.append(token(s) if callable(token) else token)
         if len(s.output_ids) >= s.req.sampling_params.max_new_tokens:
             batcher.finish(s)
 

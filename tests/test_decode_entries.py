@@ -6,6 +6,7 @@ logprobs and prompt chunks mixed with decodes, with one step in flight as the sc
 from __future__ import annotations
 
 import numpy as np
+from test_batcher import read_back
 
 from hotswap.cache.page_allocator import PageAllocator
 from hotswap.cache.radix_cache import RadixPrefixCache
@@ -14,7 +15,7 @@ from hotswap.sampling_params import SamplingParams
 from hotswap.scheduler import batcher as batcher_module
 from hotswap.scheduler.batcher import Batcher, ScheduledBatch
 from hotswap.scheduler.overlap import mark_sample_rows
-from hotswap.scheduler.sequence import Sequence, Status
+from hotswap.scheduler.sequence import Sequence
 
 KINDS = [
     {"temperature": 0.0, "ignore_eos": True},
@@ -38,19 +39,6 @@ def snapshot(batch: ScheduledBatch) -> list[tuple]:
              arr(e.prompt_ids), arr(e.output_ids), e.banned_ids, e.prompt_from, e.prompt_targets) for s, e in zip(batch.seqs, batch.entries)]
 
 
-def read_back(batch: ScheduledBatch, batcher: Batcher, step: int) -> None:
-    """The scheduler's process(): the in-flight step's tokens reach their sequences; length limits finish them."""
-    for s, e in zip(batch.seqs, batch.entries):
-        if not e.sample:
-            continue
-        s.pending -= 1
-        if s.status is Status.FINISHED:
-            continue
-        s.output_ids.append((step * 7 + len(s.output_ids) + int(s.rid[1:])) % 30 + 3)
-        if len(s.output_ids) >= s.req.sampling_params.max_new_tokens:
-            batcher.finish(s)
-
-
 def run_scenario() -> list[list[tuple]]:
     alloc = PageAllocator(num_pages=24, page_size=4)  # tight: rows preempt each other for pages
     batcher = Batcher(allocator=alloc, prefix_cache=RadixPrefixCache(alloc), max_running_requests=10, max_num_batched_tokens=48,
@@ -62,7 +50,7 @@ def run_scenario() -> list[list[tuple]]:
             batcher.add(make(rid, prompt_len, max_new))
         if step == 24:  # pause_generation(retract): the step in flight is read back first, as a control request sees none
             if inflight is not None:
-                read_back(inflight, batcher, step)
+                read_back(inflight, batcher, lambda s: (step * 7 + len(s.output_ids) + int(s.rid[1:])) % 30 + 3)
                 inflight = None
             batcher.retract_all()
         batch = batcher.schedule()
@@ -70,7 +58,7 @@ def run_scenario() -> list[list[tuple]]:
             mark_sample_rows(batch.seqs, batch.entries)
             steps.append(snapshot(batch))
         if inflight is not None:
-            read_back(inflight, batcher, step)
+            read_back(inflight, batcher, lambda s: (step * 7 + len(s.output_ids) + int(s.rid[1:])) % 30 + 3)
         inflight = batch
         if not batcher.has_work and inflight is None and step > 15:
             break
