@@ -3,7 +3,7 @@
 # Run from the repository root on the GPU machine:  bash scripts/gpu_runs.sh STAGE
 #   suite   the whole GPU test suite
 #   dense   issue 19's before/after (throughput, weight sync) and issue 24's sampler + rollouts (0.6B, 8B)
-#   http    issue 24's HTTP and streaming rollouts (needs FastAPI/uvicorn/pydantic wheels in .whl/)
+#   http    issue 24's HTTP and streaming rollouts (needs FastAPI/uvicorn/pydantic/orjson wheels in .whl/)
 #   moe-kernels  issue 20's MoE layer kernels before/after and their tile sweep, batch-1 throughput before
 #   moe     issue 20's Qwen3-30B-A3B throughput, its rollout with and without routed experts (R3)
 #   moe-sync  issue 20's 61 GB update, in process and over the trainer library's CUDA IPC pusher
@@ -30,7 +30,7 @@ run() {  # run NAME SECONDS COMMAND...: one step, its output kept, a failure doe
     tail -n 25 "$out/$name.log"
 }
 
-site_packages() {  # the HTTP stack, carried as wheels in .whl/ (the device has no FastAPI/uvicorn/pydantic)
+site_packages() {  # the HTTP stack, carried as wheels in .whl/ (the device has no FastAPI/uvicorn/pydantic/orjson)
     [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
 }
 
