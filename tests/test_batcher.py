@@ -568,7 +568,7 @@ def test_prompts_sharing_a_long_head_compute_it_once():
     """Prompts with a common system prompt admitted together: the first computes the head, the others wait a
     step and match it; one arriving later matches it too. A head shorter than FOLLOW_MIN_TOKENS is computed
     again rather than waited for."""
-    from hotswap.scheduler.batcher import FOLLOW_MIN_TOKENS
+    from hotswap.scheduler.prompt_sharing import FOLLOW_MIN_TOKENS
 
     batcher, alloc, _ = make_batcher(num_pages=128, page_size=4)
     head = list(range(1000, 1040))  # 40 tokens: 10 pages

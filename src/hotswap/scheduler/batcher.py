@@ -3,13 +3,8 @@
 Running sequences are served first, oldest first; when pages run out the prefix cache is evicted, then
 the newest running sequence is preempted (its pages freed, recomputed later from its tokens).
 
-Prompt pages enter the prefix cache as they are computed, not only when their sequence ends (SGLang caches an
-unfinished request's prompt the same way): a request that arrives while another one with the same prefix runs
-(a sample of the same prompt sent a moment later, prompts sharing a system prompt or few-shot examples) matches
-it. A fresh sequence whose next uncached prompt pages another running sequence is computing right now (GRPO's
-n samples of one prompt admitted together, a batch of prompts with a common head) waits until they are in and
-matches them instead of computing them again; it waits only for at least `FOLLOW_MIN_TOKENS` shared tokens, or
-for all it could match.
+Prompt pages enter the prefix cache as they are computed, and a fresh request waits for pages of its prompt
+another running request is computing right now (scheduler/prompt_sharing.py).
 
 Progress is guaranteed: waiting sequences hold no pages (a prefix match is taken only at the moment of
 admission and given back if admission fails), so when nothing runs every used page is an evictable
@@ -19,7 +14,6 @@ being preempted and re-admitted forever.
 
 from __future__ import annotations
 
-import bisect
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +22,7 @@ from hotswap.cache.page_allocator import PageAllocator
 from hotswap.cache.radix_cache import RadixPrefixCache
 from hotswap.runner.batch_entry import BatchEntry
 from hotswap.scheduler.overlap import decodes_token_in_flight, in_flight_token_is_last, inputs_from_inflight, token_in_flight
+from hotswap.scheduler.prompt_sharing import PromptSharing
 from hotswap.scheduler.sequence import Sequence, Status
 
 
@@ -35,20 +30,6 @@ from hotswap.scheduler.sequence import Sequence, Status
 class ScheduledBatch:
     seqs: list[Sequence]
     entries: list[BatchEntry]
-
-
-FOLLOW_MIN_TOKENS = 32  # a shorter shared run (and not all a prompt could match) is computed again: no wait
-
-
-@dataclass(eq=False, slots=True)
-class _PromptInFlight:
-    """A fresh sequence while it computes full pages of its prompt that the prefix cache lacks."""
-
-    seq: Sequence
-    keys: list[int]  # its prompt's page keys (Sequence.prompt_page_keys)
-    # prompt pages [0, published) are in the prefix cache: matched at admission, or published (a preemption may let
-    # the cache evict some; re-admitted in the same call, it computes and publishes them again)
-    published: int
 
 
 @dataclass(kw_only=True, slots=True)
@@ -65,9 +46,11 @@ class Batcher:
     running: list[Sequence] = field(default_factory=list)
     num_preemptions: int = 0
     cache_epoch: int = 0  # advanced when the weights change: KV computed before may not enter the prefix cache
-    _computing: list[_PromptInFlight] = field(default_factory=list)  # prompts whose pages are still being published
-    _page_owner: dict[int, _PromptInFlight] = field(default_factory=dict)  # page key -> who computes that page now
-    _waits: dict[Sequence, int] = field(default_factory=dict)  # sequences that waited in the last call -> the last page they wait for
+    sharing: PromptSharing | None = field(init=False, default=None)  # with a prefix cache: running prompts' pages
+
+    def __post_init__(self) -> None:
+        if self.prefix_cache is not None:
+            self.sharing = PromptSharing(allocator=self.allocator, prefix_cache=self.prefix_cache)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -96,8 +79,9 @@ class Batcher:
 
     def schedule(self, admit_new: bool = True) -> ScheduledBatch | None:
         """The next step. admit_new=False (a weight update drains) still re-admits sequences that started."""
-        if self._computing:
-            self._publish_prompts()
+        sharing, epoch = self.sharing, self.cache_epoch
+        if sharing is not None:
+            sharing.begin_call(epoch)
         budget = self.max_num_batched_tokens
         seqs: list[Sequence] = []
         entries: list[BatchEntry] = []
@@ -123,18 +107,17 @@ class Batcher:
             budget -= n
             i += 1
         followers: list[Sequence] = []  # fresh sequences waiting for a prompt another one computes now
-        waited, self._waits = self._waits, {}
         while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
             seq = self.waiting[0]
             if token_in_flight(seq):  # preempted with a token in flight: admit it once that token is read back
                 break
             if not (admit_new or seq.admitted):
                 break
-            if self._still_waits(seq, waited.get(seq)):
+            if sharing is not None and sharing.still_waits(seq, epoch):
                 followers.append(self.waiting.popleft())
                 continue
             self._match_prefix(seq)
-            if self._follows_a_prompt_in_flight(seq):
+            if sharing is not None and sharing.follows(seq, self._match_limit(seq), epoch):
                 self._drop_pages(seq)
                 followers.append(self.waiting.popleft())
                 continue
@@ -149,110 +132,19 @@ class Batcher:
                 continue
             self.waiting.popleft()
             seq.pages.extend(self.allocator.allocate(need))
-            seq.cache_epoch = self.cache_epoch  # a waiting sequence holds no pages: all of its KV is computed from here
+            seq.cache_epoch = epoch  # a waiting sequence holds no pages: all of its KV is computed from here
             seq.status = Status.RUNNING
             if not seq.admitted:
                 seq.cached_tokens = seq.num_computed
                 seq.admitted = True
-                self._start_prompt(seq)
+                if sharing is not None:
+                    sharing.start(seq, epoch)
             self.running.append(seq)
             entries.append(self._entry(seq, n))
             seqs.append(seq)
             budget -= n
         self.waiting.extendleft(reversed(followers))  # first in line again, in their order
         return ScheduledBatch(seqs=seqs, entries=entries) if entries else None
-
-    def _follows_a_prompt_in_flight(self, seq: Sequence) -> bool:
-        """A fresh sequence, its prefix matched, whose next prompt pages another running sequence is computing
-        now (planned in this call or an earlier one): it waits, and matches them once they are published. Only
-        for a shared run of at least FOLLOW_MIN_TOKENS, or of every page a match could give it; it then waits
-        for that whole run (`_still_waits`)."""
-        if self.prefix_cache is None or seq.admitted:
-            return False
-        ps = self.allocator.page_size
-        matchable, have = self._match_limit(seq) // ps, len(seq.pages)
-        if matchable <= have:
-            return False
-        keys = seq.prompt_page_keys(ps)
-        last = min(matchable, have + -(-FOLLOW_MIN_TOKENS // ps)) - 1  # keys chain: this page shared => all before
-        owner = self._owner_computing(keys[last])
-        if owner is None:
-            return False
-        # the end of the run it shares with `owner`: the keys chain, so they are equal up to a page, different after
-        shared = bisect.bisect_left(range(last + 1, min(matchable, len(owner.keys))), True, key=lambda j: keys[j] != owner.keys[j])
-        self._waits[seq] = last + shared
-        return True
-
-    def _still_waits(self, seq: Sequence, last: int | None) -> bool:
-        """A sequence that waited in the call before for prompt pages up to its page `last` waits on, without
-        being matched again, while that page is still being computed: it is matched when it starts waiting and
-        once the run it waits for is in, not at every step (a long head computed in many chunks, many waiting)."""
-        if last is None or self._owner_computing(seq.prompt_page_keys(self.allocator.page_size)[last]) is None:
-            return False
-        self._waits[seq] = last
-        return True
-
-    def _owner_computing(self, key: int) -> _PromptInFlight | None:
-        """The sequence computing the prompt page `key` names now, for sequences that may wait for it."""
-        owner = self._page_owner.get(key)
-        return owner if owner is not None and self._publishes(owner) else None
-
-    def _publishes(self, entry: _PromptInFlight) -> bool:
-        """Its sequence still runs on the weights its prompt's KV is computed with: its pages will be published."""
-        return entry.seq.status is Status.RUNNING and entry.seq.cache_epoch == self.cache_epoch
-
-    def _start_prompt(self, seq: Sequence) -> None:
-        """A freshly admitted sequence computes the prompt pages past its match: others may wait for them."""
-        if self.prefix_cache is None:
-            return
-        keys = seq.prompt_page_keys(self.allocator.page_size)
-        entry = _PromptInFlight(seq=seq, keys=keys, published=seq.num_computed // self.allocator.page_size)
-        if entry.published >= len(keys):
-            return
-        for key in keys[entry.published :]:
-            if self._owner_computing(key) is None:
-                self._page_owner[key] = entry
-        self._computing.append(entry)
-
-    def _publish_prompts(self) -> None:
-        """Start of a call: the full prompt pages each fresh sequence planned in the calls before enter the prefix
-        cache (the steps computing them have launched, and run before any step that reads them). Not at the end
-        of the call that plans them: that step may still fail to launch (undo_launch, a row refused), leaving
-        pages never written; their sequence then no longer runs and publishes nothing. A sequence whose prompt
-        is published through its last full page, or that stopped running, is forgotten."""
-        ps, still = self.allocator.page_size, []
-        for entry in self._computing:
-            seq = entry.seq
-            if self._publishes(entry):
-                done = min(seq.num_computed, seq.prompt_len) // ps
-                if done > entry.published:
-                    self._read_cached_copies(seq, self.prefix_cache.insert(seq.req.input_ids[: done * ps], seq.pages))
-                    self._disown(entry, done)
-                    entry.published = done
-                if entry.published < len(entry.keys):
-                    still.append(entry)
-                    continue
-            self._disown(entry, len(entry.keys))
-        self._computing = still
-
-    def _read_cached_copies(self, seq: Sequence, cached: list[int]) -> None:
-        """`seq`, still running, reads the prefix cache's copy of each prompt page the cache already had when its
-        own was published (computed twice at once: another sequence's was cached first) and frees its own: else
-        its copies stay held beside the cache's, pinned under `seq`'s later pages, and the pool is short by them
-        until `seq` ends. Its steps launched so far were given its old page list (a new list is made here)."""
-        own = seq.pages
-        twice = [i for i, p in enumerate(cached) if p != own[i]]
-        if not twice:
-            return
-        self.allocator.retain([cached[i] for i in twice])
-        self.allocator.release([own[i] for i in twice])
-        seq.pages = cached + own[len(cached) :]
-
-    def _disown(self, entry: _PromptInFlight, upto: int) -> None:
-        """Pages [published, upto) of `entry`'s prompt are no longer being computed by it."""
-        for key in entry.keys[entry.published : upto]:
-            if self._page_owner.get(key) is entry:
-                del self._page_owner[key]
 
     def _make_room(self, seq: Sequence, need: int) -> bool:
         """Free `need` pages for running `seq`, preempting the newest sequences; False when `seq` itself
