@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -141,6 +142,15 @@ def graph_time_us(fn, calls: int, reps: int = 20) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / calls)
     return sorted(times)[len(times) // 2]
+
+
+def proc_cpu_s(stat: str) -> float | None:
+    """CPU seconds (user + system) of the process or thread whose /proc stat file this is; None where it is not."""
+    try:
+        fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def print_table(title: str, header: list[str], rows: list[list]) -> str:

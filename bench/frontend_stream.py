@@ -28,8 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import config_only_checkpoint, print_table  # noqa: E402
-from rollout import _proc_cpu_s  # noqa: E402
+from common import config_only_checkpoint, print_table, proc_cpu_s  # noqa: E402
 
 from hotswap import protocol as p  # noqa: E402
 from hotswap.cache.page_allocator import PoolCapacity  # noqa: E402
@@ -136,7 +135,7 @@ def run_path(host: str, port: int, path: str, args, cpu_of, engine_scheduler_tid
     route, bodies = _bodies(path, args.streams, args.tokens)
     procs = []
     sched = engine_scheduler_tid
-    before, sched_before = cpu_of(), _proc_cpu_s(f"/proc/self/task/{sched}/stat")
+    before, sched_before = cpu_of(), proc_cpu_s(f"/proc/self/task/{sched}/stat")
     for k in range(args.client_procs):
         order = json.dumps({"host": host, "port": port, "route": route, "bodies": bodies[k :: args.client_procs]})
         proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("frontend_stream_clients.py"))], stdin=subprocess.PIPE,
@@ -145,7 +144,7 @@ def run_path(host: str, port: int, path: str, args, cpu_of, engine_scheduler_tid
     with ThreadPoolExecutor(len(procs)) as pool:  # every process gets its order at once
         results = [json.loads(out) for out, _ in pool.map(lambda po: po[0].communicate(po[1], timeout=600), procs)]
     cpu = cpu_of() - before
-    sched_cpu = _proc_cpu_s(f"/proc/self/task/{sched}/stat") - sched_before
+    sched_cpu = proc_cpu_s(f"/proc/self/task/{sched}/stat") - sched_before
     tokens = sum(r["tokens"] for r in results)
     wall = max(r["end"] for r in results) - min(r["start"] for r in results)  # from the first request to the last reply
     events = sum(r["events"] for r in results)
@@ -181,12 +180,12 @@ def main() -> None:
         sock.bind(("127.0.0.1", 0))
         server = FrontendProcess(engine, sock, FrontendOptions(host="127.0.0.1", port=sock.getsockname()[1])).start()
         host, port = server.address
-        cpu_of = lambda: _proc_cpu_s(f"/proc/{server.process.pid}/stat")
+        cpu_of = lambda: proc_cpu_s(f"/proc/{server.process.pid}/stat")
     else:
         server = ServerThread(create_app(engine), host="127.0.0.1", port=0).start()
         host, port = "127.0.0.1", server.port
         loop_thread = next(t for t in threading.enumerate() if t.name == "hotswap-http")
-        cpu_of = lambda: _proc_cpu_s(f"/proc/self/task/{loop_thread.native_id}/stat")
+        cpu_of = lambda: proc_cpu_s(f"/proc/self/task/{loop_thread.native_id}/stat")
     rows = []
     try:
         for path in args.paths.split(","):

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -56,6 +55,7 @@ from common import (  # noqa: E402
     device_name,
     matmul_flops_per_s,
     print_table,
+    proc_cpu_s,
 )
 from kernel_profile import profile_call  # noqa: E402
 
@@ -158,23 +158,15 @@ class LoadMonitor:
 CPU_THREADS = ("hotswap-scheduler", "hotswap-http", "hotswap-service-in", "hotswap-service-out")
 
 
-def _proc_cpu_s(stat: str) -> float | None:
-    try:
-        fields = Path(stat).read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
 def threads_cpu_s(frontend_pid: int | None = None) -> dict[str, float]:
     """CPU seconds so far of this process's scheduler thread, HTTP event-loop thread (or, with the front end in
     its own process, the threads serving its pipe, and that whole process) (Linux /proc; {} elsewhere): a loop
     in this process shares the interpreter lock with the scheduler, so its busy time is time the scheduler may wait."""
     out = {}
     for t in threading.enumerate():
-        if t.name in CPU_THREADS and (cpu := _proc_cpu_s(f"/proc/self/task/{t.native_id}/stat")) is not None:
+        if t.name in CPU_THREADS and (cpu := proc_cpu_s(f"/proc/self/task/{t.native_id}/stat")) is not None:
             out[t.name] = cpu
-    if frontend_pid is not None and (cpu := _proc_cpu_s(f"/proc/{frontend_pid}/stat")) is not None:
+    if frontend_pid is not None and (cpu := proc_cpu_s(f"/proc/{frontend_pid}/stat")) is not None:
         out["frontend process"] = cpu
     return out
 
