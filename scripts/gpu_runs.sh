@@ -2,9 +2,13 @@
 # The GPU runs that the open issues' goals need, split so each stage fits one 10-minute device call.
 # Run from the repository root on the GPU machine:  bash scripts/gpu_runs.sh STAGE
 #   suite   the whole GPU test suite
-#   dense   issue 19's before/after (throughput, weight sync) and issue 24's sampler + rollouts (0.6B, 8B)
+#   dense   dense19 + prefill + rollouts:
+#     dense19   issue 19's before/after: throughput and weight sync
+#     prefill   the prefill call's host time before/after
+#     rollouts  issue 24's sampler + offline rollouts (0.6B, 8B)
 #   http    issue 24's HTTP and streaming rollouts (needs FastAPI/uvicorn/pydantic/orjson wheels in .whl/)
 #   moe-kernels  issue 20's MoE layer kernels before/after and their tile sweep, batch-1 throughput before
+#   moe-quick  issue 20's layer kernels (no sweep) and the 30B-A3B throughput, for a short session
 #   moe     issue 20's Qwen3-30B-A3B throughput, its rollout with and without routed experts (R3)
 #   moe-sync  issue 20's 61 GB update, in process and over the trainer library's CUDA IPC pusher
 # With a session's 30 minutes, in this order (measured or estimated device seconds): suite (280), dense (~450),
@@ -16,7 +20,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... (suite|dense|http|moe-kernels|moe|moe-sync, or one step of them)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... (suite|dense|dense19|prefill|rollouts|http|moe-kernels|moe-quick|moe|moe-sync)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/device.txt" 2>&1
@@ -41,24 +45,34 @@ suite)
     PYTHONPATH=/tmp/site:src run gpu_suite 570 python3 -m pytest -m gpu tests -q -p no:cacheprovider -rfE
     ;;
 dense)
+    bash "$0" dense19 prefill rollouts
+    ;;
+dense19)  # issue 19's done-when: throughput and weight sync, before and after, one call
     if [ -d .before/src ]; then
         PYTHONPATH=.before/src run throughput_before 100 python3 .before/bench/throughput.py \
             --shape qwen3-0.6b --cases 1x128x128,64x128x128,256x128x512 --hf none
-        PYTHONPATH=.before/src run weight_sync_before 80 python3 .before/bench/weight_sync.py \
-            --shapes qwen3-0.6b,qwen3-8b --sections tensor,ipc,disk --reps 5
-        # the prefill call as throughput.py times it, median of 20 instead of one, the same file in both trees
-        cp bench/host_prefill.py .before/bench/host_prefill.py
-        PYTHONPATH=.before/src run prefill_before 90 python3 .before/bench/host_prefill.py --device cuda --shape qwen3-0.6b \
-            --cases 1x128,64x128,256x128 --calls 20 --repeats 2
     else
         echo "no .before/src: the before runs are skipped" | tee -a "$out/summary.txt"
     fi
     PYTHONPATH=src run throughput_after 100 python3 bench/throughput.py \
         --shape qwen3-0.6b --cases 1x128x128,64x128x128,256x128x512 --hf none
+    if [ -d .before/src ]; then
+        PYTHONPATH=.before/src run weight_sync_before 80 python3 .before/bench/weight_sync.py \
+            --shapes qwen3-0.6b,qwen3-8b --sections tensor,ipc,disk --reps 5
+    fi
     PYTHONPATH=src run weight_sync_after 80 python3 bench/weight_sync.py \
         --shapes qwen3-0.6b,qwen3-8b --sections tensor,ipc,disk --reps 5
+    ;;
+prefill)  # the prefill call as throughput.py times it, median of 20 instead of one, the same file in both trees
+    if [ -d .before/src ]; then
+        cp bench/host_prefill.py .before/bench/host_prefill.py
+        PYTHONPATH=.before/src run prefill_before 90 python3 .before/bench/host_prefill.py --device cuda --shape qwen3-0.6b \
+            --cases 1x128,64x128,256x128 --calls 20 --repeats 2
+    fi
     PYTHONPATH=src run prefill_after 90 python3 bench/host_prefill.py --device cuda --shape qwen3-0.6b \
         --cases 1x128,64x128,256x128 --calls 20 --repeats 2
+    ;;
+rollouts)  # issue 24's sampler and offline rollouts
     PYTHONPATH=src run sampling 40 python3 bench/sampling.py
     PYTHONPATH=src run rollout_0.6b 200 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline --profile
     PYTHONPATH=src run rollout_8b 200 python3 bench/rollout.py --shape qwen3-8b --prompts 32 --n 8 --paths offline --profile
@@ -82,6 +96,11 @@ moe-kernels)
     fi
     PYTHONPATH=src run moe_kernels 300 python3 bench/moe_kernels.py
     ;;
+moe-quick)  # issue 20's layer kernels without the tile sweep, and the 30B-A3B throughput
+    PYTHONPATH=src run moe_kernels 120 python3 bench/moe_kernels.py --no-sweep
+    PYTHONPATH=src run throughput_moe 200 python3 bench/throughput.py \
+        --shape qwen3-30b-a3b --cases 1x128x128,64x128x128,256x128x512 --hf none
+    ;;
 moe)
     PYTHONPATH=src run throughput_moe 200 python3 bench/throughput.py \
         --shape qwen3-30b-a3b --cases 1x128x128,64x128x128,256x128x512 --hf none
@@ -92,7 +111,7 @@ moe-sync)
     PYTHONPATH=src run weight_sync_moe 570 python3 bench/weight_sync.py --shapes qwen3-30b-a3b --sections tensor,ipc --reps 3 --budget-s 540
     ;;
 *)
-    echo "unknown stage: $stage (suite|dense|http|moe-kernels|moe|moe-sync)" >&2
+    echo "unknown stage: $stage (suite|dense|dense19|prefill|rollouts|http|moe-kernels|moe-quick|moe|moe-sync)" >&2
     exit 2
     ;;
 esac
