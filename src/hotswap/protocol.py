@@ -123,6 +123,31 @@ class CheckInvariantsRequest:
     pass
 
 
+@dataclass(kw_only=True, slots=True)
+class StartProfileRequest:
+    """SGLang's ProfileReqInput (scheduler/profiler.py)."""
+
+    output_dir: str | None = None  # None: SGLANG_TORCH_PROFILER_DIR, else /tmp
+    start_step: int | None = None  # the step count at which to start (None: now)
+    num_steps: int | None = None  # stop by itself after this many steps (None: at stop_profile)
+    activities: list[str] | None = None  # CPU, GPU, MEM, CUDA_PROFILER (None: CPU and GPU)
+    with_stack: bool | None = None
+    record_shapes: bool | None = None
+    profile_by_stage: bool = False
+    merge_profiles: bool = False  # one trace per engine here (rank 0's): nothing to merge
+    profile_prefix: str | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class StopProfileRequest:
+    pass
+
+
+@dataclass(kw_only=True, slots=True)
+class FreezeGCRequest:
+    """SGLang's freeze_gc: objects alive now leave the garbage collector's scans (gc.freeze) in the engine's process."""
+
+
 # ---- weight lifecycle (WeightUpdater) -------------------------------------------------------------
 
 

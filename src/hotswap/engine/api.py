@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import gc
 import queue
 import threading
 import uuid
@@ -311,6 +312,25 @@ class EngineAPI:
 
     def check_invariants(self) -> p.ControlOutput:
         return self._call(p.CheckInvariantsRequest())
+
+    def start_profile(self, output_dir: str | None = None, start_step: int | None = None, num_steps: int | None = None,
+                      activities: list[str] | None = None, with_stack: bool | None = None, record_shapes: bool | None = None,
+                      profile_by_stage: bool = False, merge_profiles: bool = False, profile_prefix: str | None = None) -> p.ControlOutput:
+        """SGLang's start_profile: a torch.profiler trace of the engine's steps, written to `output_dir` at stop_profile
+        or after `num_steps` steps (scheduler/profiler.py)."""
+        return self._call(p.StartProfileRequest(output_dir=output_dir, start_step=start_step, num_steps=num_steps, activities=activities,
+                                                with_stack=with_stack, record_shapes=record_shapes, profile_by_stage=profile_by_stage,
+                                                merge_profiles=merge_profiles, profile_prefix=profile_prefix))
+
+    def stop_profile(self) -> p.ControlOutput:
+        return self._call(p.StopProfileRequest())
+
+    def freeze_gc(self) -> p.ControlOutput:
+        """SGLang's freeze_gc, after warm-up: the objects alive now leave the garbage collector's scans, in the engine's
+        process and in this one (the same process unless this is a RemoteEngine), so its pauses get shorter."""
+        out = self._call(p.FreezeGCRequest())
+        gc.freeze()
+        return out
 
     def capacity(self) -> PoolCapacity:
         """The KV cache's size: pages, tokens per page, and the tokens it holds in all."""

@@ -5,6 +5,7 @@ process and stream its outputs.
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import threading
@@ -27,6 +28,7 @@ from hotswap.scheduler.memory_manager import MemoryManager
 from hotswap.scheduler.output_streamer import OutputStreamer
 from hotswap.scheduler.overlap import InFlight, mark_sample_rows, must_drain_before, sampled_on_device, undo_launch
 from hotswap.scheduler.pause import GenerationPause
+from hotswap.scheduler.profiler import StepProfiler
 from hotswap.scheduler.sequence import Sequence, Status
 from hotswap.scheduler.weight_reads import WeightReads
 from hotswap.scheduler.weight_updater import WeightUpdater
@@ -100,6 +102,7 @@ class Scheduler:
         )
         self.weight_reads = WeightReads(model_runner=model_runner, config=config, ranks=ranks, weights_released=self.memory.weights_released,
                                         is_idle=self.is_idle, flush_cache=self.flush_cache, mark_version=self.sessions.mark)
+        self.profiler = StepProfiler(model_runner.device)
         self.handlers = {
             p.GenerateRequest: self.add_request,
             p.GenerateBatch: self.add_requests,
@@ -107,6 +110,9 @@ class Scheduler:
             p.FlushCacheRequest: self.handle_flush_cache,
             p.GetLoadRequest: self.get_load,
             p.CheckInvariantsRequest: self.check_invariants,
+            p.StartProfileRequest: lambda req: self.profiler.start_profile(req, self.stats["steps"]),
+            p.StopProfileRequest: self.profiler.stop_profile,
+            p.FreezeGCRequest: self.freeze_gc,
             p.UpdateWeightsFromDiskRequest: self.weight_updater.update_weights_from_disk,
             p.UpdateWeightsFromTensorRequest: self.weight_updater.update_weights_from_tensor,
             p.UpdateWeightsFromIPCRequest: self.weight_updater.update_weights_from_ipc,
@@ -340,6 +346,8 @@ class Scheduler:
     def process(self, step: InFlight) -> None:
         """Read back a step's sampled tokens and hand them to their sequences."""
         self.stats["steps"] += 1
+        if self.profiler.armed:
+            self.profiler.after_step(self.stats["steps"])
         result, version = step.result, step.version
         if result is None:
             return
@@ -534,6 +542,12 @@ class Scheduler:
             num_steps=self.stats["steps"],
             num_waiting_tokens=sum(s.num_tokens - s.num_computed for s in self.batcher.waiting),
         )
+
+    def freeze_gc(self, req: p.FreezeGCRequest) -> p.ControlOutput:
+        """SGLang's freeze_gc: what is alive now (the model's modules, the tokenizer, warmed-up caches) is left
+        out of every later collection, so the collector's pauses on this thread stop scanning it."""
+        gc.freeze()
+        return p.ControlOutput(success=True, message=f"Garbage collection frozen ({gc.get_freeze_count()} objects).")
 
     def capacity(self) -> PoolCapacity:
         """The KV cache's size (fixed for the engine's life; read without a trip through the loop)."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hotswap.errors import shown
+from hotswap.scheduler.profiler import default_profile_dir
 from hotswap.server.http_utils import APIError
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -85,13 +86,34 @@ class AccessPolicy:
         if not self.save_roots:
             raise APIError(403, "save_sharded_model is off on this server: start it with --save-root DIR to allow saves under DIR",
                            param="path", type_="PermissionDeniedError")
-        target = Path(os.path.realpath(Path(path).expanduser()))
-        for root in self.save_roots:
-            real_root = Path(os.path.realpath(Path(root).expanduser()))
-            if target == real_root or real_root in target.parents:
-                return
+        if any(_inside(path, root) for root in self.save_roots):
+            return
         raise APIError(403, f"path {shown(path)} is outside the folders this server may save to ({', '.join(self.save_roots)})",
                        param="path", type_="PermissionDeniedError")
+
+    def check_profile_dir(self, output_dir: str) -> None:
+        """start_profile over HTTP writes traces only into the default profile folder (SGLANG_TORCH_PROFILER_DIR, under
+        which any folder goes, else /tmp itself) or inside one of `save_roots` (after resolving symlinks)."""
+        default = default_profile_dir()
+        roots = (*([default] if os.environ.get("SGLANG_TORCH_PROFILER_DIR") else []), *self.save_roots)
+        if _same(output_dir, default) or any(_inside(output_dir, root) for root in roots):
+            return
+        raise APIError(403, f"output_dir {shown(output_dir)} is outside the folders this server may write traces to ({default}"
+                            f"{''.join(', ' + r for r in self.save_roots)}; --save-root DIR adds one)", param="output_dir",
+                       type_="PermissionDeniedError")
+
+
+def _real(path: str) -> Path:
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def _same(path: str, other: str) -> bool:
+    return _real(path) == _real(other)
+
+
+def _inside(path: str, root: str) -> bool:
+    target, real_root = _real(path), _real(root)
+    return target == real_root or real_root in target.parents
 
 
 def _strip_port(host: str) -> str:

@@ -29,6 +29,8 @@ import hotswap
 from hotswap import protocol as p
 from hotswap.server.access import AccessPolicy
 from hotswap.server.body_limit import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, BodyLimits
+from hotswap.server.diagnostics_api import refuse_browser_get
+from hotswap.server.diagnostics_api import register as register_diagnostics_routes
 from hotswap.server.generation import (
     await_generation,
     normalize_sampling_params,
@@ -381,12 +383,7 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache(request: Request) -> JSONResponse:
-        # slime and verl flush with GET. A browser always marks a cross-site request (Origin or
-        # Sec-Fetch-Site; the middleware refuses those it does not allow), so a GET carrying either is
-        # refused here: a link or an <img> on any page cannot flush the cache.
-        if request.method == "GET" and (request.headers.get("origin") is not None
-                                        or request.headers.get("sec-fetch-site", "").lower() in ("cross-site", "same-site")):
-            raise APIError(403, "GET /flush_cache from a browser page is refused; POST it", type_="PermissionDeniedError")
+        refuse_browser_get(request)  # slime and verl flush with GET; a page's link or <img> cannot
         out = await engine.asubmit(p.FlushCacheRequest())
         return JSONResponse(out.to_dict(), status_code=200 if out.success else 400)
 
@@ -539,6 +536,7 @@ def create_app(engine, *, api_key: str | None = None, served_model_name: str | N
     _register_native(app, state)
     register_openai_routes(app, state)
     register_weight_routes(app, state)
+    register_diagnostics_routes(app, state)
     register_vllm_routes(app, state)
     app.add_middleware(BodyLimits, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
     app.add_middleware(ServerMiddleware, state=state)
