@@ -9,6 +9,7 @@ concurrent aborts of one rid."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -45,7 +46,9 @@ STATEFUL = frozenset({"/pause_generation", "/continue_generation", "/pause", "/r
                       "/resume_memory_occupation", "/update_weight_version", "/begin_weight_update", "/end_weight_update",
                       "/areal_pause_generation", "/areal_continue_generation", "/areal_set_update_weight_meta",
                       # an update of no tensors is an update (SGLang's too): it names the new version
-                      "/update_weights_from_tensor", "/update_weights_from_distributed"})
+                      "/update_weights_from_tensor", "/update_weights_from_distributed",
+                      # a body of unknown fields only is a valid start_profile (into the module's profile folder)
+                      "/start_profile", "/freeze_gc"})
 
 
 def base_bodies() -> dict[str, dict]:
@@ -109,6 +112,10 @@ def base_bodies() -> dict[str, dict]:
         "/reset_prefix_cache": {"reset_running_requests": False},
         "/init_weight_transfer_engine": {}, "/collective_rpc": {},
         "/areal_pause_generation": {}, "/areal_continue_generation": {},
+        "/start_profile": {"output_dir": "/nonexistent/hotswap-fuzz-profile", "start_step": None, "num_steps": 2, "activities": ["CPU"],
+                           "with_stack": False, "record_shapes": False, "profile_by_stage": False, "merge_profiles": False,
+                           "profile_prefix": "fuzz"},
+        "/stop_profile": {}, "/freeze_gc": {},
     }
 
 
@@ -249,20 +256,31 @@ def engine(tiny_qwen3):
 
 
 @pytest.fixture(scope="module")
-def server(engine):
-    with ServerThread(create_app(engine, served_model_name="tiny", body_timeout_s=BODY_TIMEOUT_S)) as srv:
-        yield srv
+def server(engine, tmp_path_factory):
+    saved = os.environ.get("SGLANG_TORCH_PROFILER_DIR")
+    os.environ["SGLANG_TORCH_PROFILER_DIR"] = str(tmp_path_factory.mktemp("fuzz_profiles"))  # start_profile's default folder
+    try:
+        with ServerThread(create_app(engine, served_model_name="tiny", body_timeout_s=BODY_TIMEOUT_S)) as srv:
+            yield srv
+    finally:
+        if saved is None:
+            del os.environ["SGLANG_TORCH_PROFILER_DIR"]
+        else:
+            os.environ["SGLANG_TORCH_PROFILER_DIR"] = saved
 
 
 
 def engine_state(engine) -> tuple:
     load = engine.get_load()
-    return load.weight_version, load.paused, tuple(load.memory_released)
+    return load.weight_version, load.paused, tuple(load.memory_released), engine.scheduler.profiler.run is not None
 
 
 def restore(engine, state: tuple) -> None:
-    """Put back what an accepted stateful request changed (pause, released memory, version)."""
-    version, paused, released = state
+    """Put back what an accepted stateful request changed (pause, released memory, version, a profile, the collector)."""
+    version, paused, released, profiling = state
+    gc.unfreeze()
+    if engine.scheduler.profiler.run is not None and not profiling:
+        assert engine.stop_profile().success
     load = engine.get_load()
     if load.memory_released and not released:
         assert engine.resume_memory_occupation(list(load.memory_released)).success
@@ -395,6 +413,7 @@ def test_every_route_survives_hostile_bodies(server, http, engine):
             reply = http.get(f"{url}?{query}")
             if reply.status_code >= 500 and not (reply.status_code == 503 and path in ("/health", "/health_generate")):
                 failures.append(f"GET {url}?{query[:40]} -> {reply.status_code}: {reply.text[:300]}")
+    restore(engine, state0)  # SGLang's GET forms of /start_profile and /freeze_gc act (on an empty body)
     check_alive("GET routes")
 
     assert engine_state(engine) == state0
