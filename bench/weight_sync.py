@@ -259,8 +259,8 @@ def bench_tensor(shape: str, engine, sources, ceil: dict, reps: int) -> None:
                                              "plain_loop_ms": t_plain * 1e3, "ideal_ms": ideal * 1e3, "validate_ms": v * 1e3,
                                              "copy_sync_ms": e * 1e3, "tensors": len(pairs)}
     # rollback protection: an explicit session takes copies of what it overwrites
-    cfg = engine.config
-    saved = (cfg.enable_rollback, cfg.rollback_device_budget_bytes)
+    sessions = engine.scheduler.sessions  # the session machine reads these (the config's fields only seed them)
+    saved = (sessions.enable_rollback, sessions.device_budget_bytes)
 
     def session_update(capture: dict | None = None):
         assert engine.begin_weight_update().success
@@ -276,7 +276,7 @@ def bench_tensor(shape: str, engine, sources, ceil: dict, reps: int) -> None:
              (f"session, rollback (device budget {mib(saved[1])}, rest pinned host)", True, saved[1]),
              ("session, rollback all on device (budget = model)", True, 2 * total)]
     for label, on, budget in cases:
-        cfg.enable_rollback, cfg.rollback_device_budget_bytes = on, budget
+        sessions.enable_rollback, sessions.device_budget_bytes = on, budget
         if on and budget > saved[1] and cuda() and torch.cuda.mem_get_info()[0] < total * 1.2:
             continue
         cap: dict = {}
@@ -286,7 +286,7 @@ def bench_tensor(shape: str, engine, sources, ceil: dict, reps: int) -> None:
         row(label, t, extra)
         RESULTS["figures"][f"{shape}.rollback.{'on' if on else 'off'}{'.device' if budget > saved[1] else ''}"] = {
             "ms": t * 1e3, "device_bytes": cap.get("dev", 0), "host_bytes": cap.get("host", 0), "arena_bytes": cap.get("arena", 0)}
-    cfg.enable_rollback, cfg.rollback_device_budget_bytes = saved
+    sessions.enable_rollback, sessions.device_budget_bytes = saved
     table(f"{shape}.tensor", f"{shape}: update_weights_from_tensor, in process, tensors on the GPU ({len(pairs)} tensors)",
           ["path", "GB", "time ms", "GB/s (r+w)", "ceiling D2D GB/s", "% of ceiling", "extra memory", "note"], rows)
 
@@ -587,8 +587,9 @@ def bench_disk(shape: str, device: str, ceil: dict, layers: int | None, reps: in
                 fast_reader.DEFAULT_REGISTER_THREADS = best[4]
             fast_reader.POPULATE = best[5]
         wu = engine.scheduler.weight_updater
+        sessions = engine.scheduler.sessions
         for on in (False, True):
-            cfg.enable_rollback = on
+            sessions.enable_rollback = on
 
             def upd():
                 res = engine.update_weights_from_disk(str(path))
@@ -597,7 +598,7 @@ def bench_disk(shape: str, device: str, ceil: dict, layers: int | None, reps: in
             upd()
             t = median_time(upd, reps, 0)
             arena = engine.scheduler.sessions.arena.nbytes if on else 0
-            dev = min(total, cfg.rollback_device_budget_bytes) if on else 0
+            dev = min(total, sessions.device_budget_bytes) if on else 0
             st = wu.last_read
             extra = (f"staging {mib(st.staging_bytes)}" if st.staging_bytes else "no staging") + (
                 f" + rollback dev {mib(dev)} + host arena {mib(arena)}" if on else "")
@@ -606,7 +607,7 @@ def bench_disk(shape: str, device: str, ceil: dict, layers: int | None, reps: in
             RESULTS["figures"][f"{shape}.disk.engine.rollback_{'on' if on else 'off'}"] = {
                 "ms": t * 1e3, "GBps": bw / GB, "pct_h2d": 100 * bw / h2d if h2d == h2d else None, "arena_bytes": arena,
                 "device_rollback_bytes": dev, "strategy": cfg.weight_load_strategy, "threads": cfg.weight_load_threads}
-        cfg.enable_rollback = True
+        sessions.enable_rollback = True
         got = {n: float(wm.slots[n].dest.float().sum()) for n in expect}
         assert got == expect, (got, expect)
         files_note = f"{len(files)} shards, {total / GB:.2f} GB" + (f", {layers} of the model's layers" if layers else "")
