@@ -11,7 +11,8 @@
 #   moe-quick  issue 20's layer kernels (no sweep) and the 30B-A3B throughput, for a short session
 #   moe     issue 20's Qwen3-30B-A3B throughput, its rollout with and without routed experts (R3)
 #   moe-sync  issue 20's 61 GB update, in process and over the trainer library's CUDA IPC pusher
-# With a session's 30 minutes, in this order (measured or estimated device seconds): suite (280), dense (~450),
+# With a session's 30 minutes, in this order (measured or estimated device seconds): suite (280 on the H200, 380 on
+# the H100: run it alone), dense19 (~450: throughput 2 x 60, weight sync 2 x up to 150), prefill, rollouts,
 # moe-kernels (~280), http (~270 if streaming keeps up; its limits allow 950), moe (~300), moe-sync (up to 570).
 # "Before" is the tree before the restructure, unpacked beside this one (untracked, so it travels to the
 # device):  git archive 6c9ff7c src bench | (mkdir -p .before && tar -x -C .before)
@@ -42,7 +43,7 @@ for stage in "$@"; do
 case $stage in
 suite)
     site_packages
-    PYTHONPATH=/tmp/site:src run gpu_suite 570 python3 -m pytest -m gpu tests -q -p no:cacheprovider -rfE
+    PYTHONPATH=/tmp/site:src run gpu_suite 570 python3 -m pytest -m gpu tests -q -p no:cacheprovider -rfEs
     ;;
 dense)
     bash "$0" dense19 prefill rollouts
@@ -57,10 +58,10 @@ dense19)  # issue 19's done-when: throughput and weight sync, before and after, 
     PYTHONPATH=src run throughput_after 100 python3 bench/throughput.py \
         --shape qwen3-0.6b --cases 1x128x128,64x128x128,256x128x512 --hf none
     if [ -d .before/src ]; then
-        PYTHONPATH=.before/src run weight_sync_before 80 python3 .before/bench/weight_sync.py \
+        PYTHONPATH=.before/src run weight_sync_before 150 python3 .before/bench/weight_sync.py \
             --shapes qwen3-0.6b,qwen3-8b --sections tensor,ipc,disk --reps 5
     fi
-    PYTHONPATH=src run weight_sync_after 80 python3 bench/weight_sync.py \
+    PYTHONPATH=src run weight_sync_after 150 python3 bench/weight_sync.py \
         --shapes qwen3-0.6b,qwen3-8b --sections tensor,ipc,disk --reps 5
     ;;
 prefill)  # the prefill call as throughput.py times it, median of 20 instead of one, the same file in both trees
