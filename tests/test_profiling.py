@@ -132,3 +132,25 @@ def test_http_routes_need_the_api_key(engine):
         for path in ("/start_profile", "/stop_profile", "/freeze_gc"):
             assert http.post(path, json={}).status_code == 401
         assert not engine.stop_profile().success
+
+
+@pytest.mark.parametrize(("body", "named"), [
+    ({"output_dir": "/tmp/a\x00b"}, "output_dir"),
+    ({"activities": ["A" * 100_000]}, "activities"),
+    ({"num_steps": -(10**4000)}, "num_steps"),
+    ({"profile_prefix": "\x00" * 10}, "profile_prefix"),
+])
+def test_hostile_http_bodies_are_refused_short_and_by_name(engine, tmp_path, body, named):
+    policy = AccessPolicy(save_roots=(str(tmp_path),))
+    with ServerThread(create_app(engine, served_model_name="tiny", policy=policy)) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
+        r = http.post("/start_profile", json={"output_dir": str(tmp_path / "t"), **body})
+        assert r.status_code == 400 and named in r.text and len(r.content) < 2048, r.text[:300]
+    assert not engine.stop_profile().success
+
+
+def test_a_save_path_that_names_no_file_is_refused_by_name(engine, tmp_path):
+    """The save confinement resolved the path before checking it: a NUL byte made that a 500."""
+    policy = AccessPolicy(save_roots=(str(tmp_path),))
+    with ServerThread(create_app(engine, served_model_name="tiny", policy=policy)) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
+        r = http.post("/save_sharded_model", json={"path": str(tmp_path) + "/a\x00b"})
+        assert r.status_code == 400 and r.json()["success"] is False and "path" in r.json()["message"] and "usable path" in r.json()["message"]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from hotswap import protocol as p
+from hotswap.errors import shown
 
 log = logging.getLogger("hotswap.scheduler")
 
@@ -58,10 +59,11 @@ class StepProfiler:
         output_dir = req.output_dir or default_profile_dir()
         try:
             os.makedirs(output_dir, exist_ok=True)
-        except OSError as exc:
-            return p.ControlOutput(success=False, message=f"start_profile refused: cannot create output_dir {output_dir!r}: {exc}")
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the name
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            return p.ControlOutput(success=False, message=f"start_profile refused: cannot create output_dir {shown(output_dir)}: {why}")
         if not os.access(output_dir, os.W_OK):
-            return p.ControlOutput(success=False, message=f"start_profile refused: output_dir {output_dir!r} is not writable")
+            return p.ControlOutput(success=False, message=f"start_profile refused: output_dir {shown(output_dir)} is not writable")
         activities = tuple(req.activities) if req.activities else DEFAULT_ACTIVITIES
         profile_id = f"{time.time():.6f}"
         start = steps_so_far if req.start_step is None else max(req.start_step, steps_so_far)
@@ -104,16 +106,16 @@ class StepProfiler:
             return "a profile is already running; stop_profile first"
         unknown = [a for a in (req.activities or ()) if a not in ACTIVITIES]
         if unknown:
-            return f"unknown activities {unknown}; expected some of {list(ACTIVITIES)}"
+            return f"unknown activities {shown(unknown)}; expected some of {list(ACTIVITIES)}"
         needs_cuda = [a for a in (req.activities or ()) if a in ("MEM", "CUDA_PROFILER")]
         if needs_cuda and self.device.type != "cuda":
             return f"activities {needs_cuda} need a CUDA device; this engine runs on {self.device.type}"
         if req.num_steps is not None and req.num_steps < 1:
-            return f"num_steps must be >= 1 (got {req.num_steps})"
+            return f"num_steps must be >= 1 (got {shown(req.num_steps)})"
         if req.start_step is not None and req.start_step < 0:
-            return f"start_step must be >= 0 (got {req.start_step})"
+            return f"start_step must be >= 0 (got {shown(req.start_step)})"
         if req.profile_prefix and not _SAFE_PREFIX.fullmatch(req.profile_prefix):
-            return f"profile_prefix {req.profile_prefix[:64]!r} may hold only letters, digits, '.', '_' and '-' (it names files)"
+            return f"profile_prefix {shown(req.profile_prefix)} may hold only letters, digits, '.', '_' and '-' (it names files)"
         if req.profile_by_stage:
             return "profile_by_stage is not served: one trace covers prefill and decode steps (they share steps here)"
         return None

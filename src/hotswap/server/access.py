@@ -86,7 +86,8 @@ class AccessPolicy:
         if not self.save_roots:
             raise APIError(403, "save_sharded_model is off on this server: start it with --save-root DIR to allow saves under DIR",
                            param="path", type_="PermissionDeniedError")
-        if any(_inside(path, root) for root in self.save_roots):
+        target = _usable(path, "path")
+        if any(_inside(target, root) for root in self.save_roots):
             return
         raise APIError(403, f"path {shown(path)} is outside the folders this server may save to ({', '.join(self.save_roots)})",
                        param="path", type_="PermissionDeniedError")
@@ -96,7 +97,8 @@ class AccessPolicy:
         which any folder goes, else /tmp itself) or inside one of `save_roots` (after resolving symlinks)."""
         default = default_profile_dir()
         roots = (*([default] if os.environ.get("SGLANG_TORCH_PROFILER_DIR") else []), *self.save_roots)
-        if _same(output_dir, default) or any(_inside(output_dir, root) for root in roots):
+        target = _usable(output_dir, "output_dir")
+        if target == _real(default) or any(_inside(target, root) for root in roots):
             return
         raise APIError(403, f"output_dir {shown(output_dir)} is outside the folders this server may write traces to ({default}"
                             f"{''.join(', ' + r for r in self.save_roots)}; --save-root DIR adds one)", param="output_dir",
@@ -107,12 +109,17 @@ def _real(path: str) -> Path:
     return Path(os.path.realpath(Path(path).expanduser()))
 
 
-def _same(path: str, other: str) -> bool:
-    return _real(path) == _real(other)
+def _usable(path: str, param: str) -> Path:
+    """A client's path resolved (symlinks followed), or 400 when it cannot name a file (a NUL byte, a name too long)."""
+    try:
+        return _real(path)
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise APIError(400, f"{param} {shown(path)} is not a usable path: {why}", param=param) from None
 
 
-def _inside(path: str, root: str) -> bool:
-    target, real_root = _real(path), _real(root)
+def _inside(target: Path, root: str) -> bool:
+    real_root = _real(root)
     return target == real_root or real_root in target.parents
 
 
