@@ -67,7 +67,9 @@ def test_start_step_waits_for_that_step(engine, tmp_path):
 
 @pytest.mark.parametrize(("kwargs", "named"), [
     ({"activities": ["CPU", "DISK"]}, "DISK"),
-    ({"activities": ["MEM"]}, "CUDA"),
+    ({"activities": ["MEM"]}, "MEM"),  # these three record nothing on a CPU engine
+    ({"activities": ["GPU"]}, "GPU"),
+    ({"activities": ["CPU", "CUDA_PROFILER"]}, "CUDA_PROFILER"),
     ({"num_steps": 0}, "num_steps"),
     ({"start_step": -1}, "start_step"),
     ({"profile_by_stage": True}, "profile_by_stage"),
@@ -154,3 +156,13 @@ def test_a_save_path_that_names_no_file_is_refused_by_name(engine, tmp_path):
     with ServerThread(create_app(engine, served_model_name="tiny", policy=policy)) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
         r = http.post("/save_sharded_model", json={"path": str(tmp_path) + "/a\x00b"})
         assert r.status_code == 400 and r.json()["success"] is False and "path" in r.json()["message"] and "usable path" in r.json()["message"]
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_trace_holds_the_kernels_and_mem_writes_a_snapshot(tiny_qwen3, tmp_path):
+    with Engine(str(tiny_qwen3), device="cuda", page_size=4) as eng:
+        assert eng.start_profile(output_dir=str(tmp_path), activities=["CPU", "GPU", "MEM"], num_steps=3).success
+        eng.generate("Alice likes", GREEDY)
+        (path,) = _traces(tmp_path)
+        assert any(e.get("cat") == "kernel" for e in _trace(path)["traceEvents"])
+        assert len(list(tmp_path.glob("*-memory.pickle"))) == 1

@@ -36,21 +36,21 @@ def default_profile_dir() -> str:
 class _Run:
     output_dir: str
     activities: tuple[str, ...]
-    name: str  # file name stem: <prefix><profile_id>-TP-0
+    name: str  # file name stem: [<prefix>-]<profile_id>-TP-0
+    start_at: int  # the step count at which it starts (now, or a start_step ahead)
     stop_after: int | None  # the step count at which it stops by itself
     with_stack: bool
     record_shapes: bool
-    profiler: torch.profiler.profile | None = None  # None until it starts (a start_step still ahead)
+    started: bool = False
+    trace: torch.profiler.profile | None = None  # None without CPU/GPU activities (MEM or CUDA_PROFILER alone)
 
 
 class StepProfiler:
-    """One profiling run at a time. `armed` is the only thing the loop reads on a step without one."""
+    """One profiling run at a time; the loop calls `after_step` only while there is one (`run`)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.run: _Run | None = None
-        self.start_at: int | None = None  # step count at which a run asked for with start_step begins
-        self.armed = False  # a run is on or waits for its start_step
 
     def start_profile(self, req: p.StartProfileRequest, steps_so_far: int) -> p.ControlOutput:
         problem = self._refusal(req)
@@ -64,17 +64,13 @@ class StepProfiler:
             return p.ControlOutput(success=False, message=f"start_profile refused: cannot create output_dir {shown(output_dir)}: {why}")
         if not os.access(output_dir, os.W_OK):
             return p.ControlOutput(success=False, message=f"start_profile refused: output_dir {shown(output_dir)} is not writable")
-        activities = tuple(req.activities) if req.activities else DEFAULT_ACTIVITIES
-        profile_id = f"{time.time():.6f}"
         start = steps_so_far if req.start_step is None else max(req.start_step, steps_so_far)
-        self.run = _Run(output_dir=output_dir, activities=activities,
-                        name=f"{req.profile_prefix + '-' if req.profile_prefix else ''}{profile_id}-TP-0",
+        self.run = _Run(output_dir=output_dir, activities=tuple(req.activities or DEFAULT_ACTIVITIES),
+                        name=f"{req.profile_prefix + '-' if req.profile_prefix else ''}{time.time():.6f}-TP-0", start_at=start,
                         stop_after=None if req.num_steps is None else start + req.num_steps,
                         with_stack=bool(req.with_stack), record_shapes=bool(req.record_shapes))
-        self.armed = True
-        self.start_at = start
         if start <= steps_so_far:
-            self._begin()
+            self._begin(self.run)
         return p.ControlOutput(success=True, message="Start profiling.")
 
     def stop_profile(self, req: p.StopProfileRequest) -> p.ControlOutput:
@@ -85,13 +81,12 @@ class StepProfiler:
                                "Stop profiling. No step had run: nothing was written")
 
     def after_step(self, steps: int) -> None:
-        """Called by the loop after each step while `armed`: starts a run at its start_step, ends it after num_steps."""
+        """Called by the loop after each step while a run is on: starts it at its start_step, ends it after num_steps."""
         run = self.run
-        if run is None:
-            return
-        if run.profiler is None and self.start_at is not None and steps >= self.start_at:
-            self._begin()
-        elif run.profiler is not None and run.stop_after is not None and steps >= run.stop_after:
+        if not run.started:
+            if steps >= run.start_at:
+                self._begin(run)
+        elif run.stop_after is not None and steps >= run.stop_after:
             try:
                 files = self._finish()
             except Exception:  # a full disk must not stop the engine's loop
@@ -104,12 +99,12 @@ class StepProfiler:
     def _refusal(self, req: p.StartProfileRequest) -> str | None:
         if self.run is not None:
             return "a profile is already running; stop_profile first"
-        unknown = [a for a in (req.activities or ()) if a not in ACTIVITIES]
+        activities = req.activities or DEFAULT_ACTIVITIES
+        unknown = [a for a in activities if a not in ACTIVITIES]
         if unknown:
             return f"unknown activities {shown(unknown)}; expected some of {list(ACTIVITIES)}"
-        needs_cuda = [a for a in (req.activities or ()) if a in ("MEM", "CUDA_PROFILER")]
-        if needs_cuda and self.device.type != "cuda":
-            return f"activities {needs_cuda} need a CUDA device; this engine runs on {self.device.type}"
+        if self.device.type != "cuda" and set(activities) != {"CPU"} and set(activities) != {"CPU", "GPU"}:
+            return f"activities {list(activities)}: on a {self.device.type} engine only CPU records anything"
         if req.num_steps is not None and req.num_steps < 1:
             return f"num_steps must be >= 1 (got {shown(req.num_steps)})"
         if req.start_step is not None and req.start_step < 0:
@@ -120,25 +115,23 @@ class StepProfiler:
             return "profile_by_stage is not served: one trace covers prefill and decode steps (they share steps here)"
         return None
 
-    def _begin(self) -> None:
-        run = self.run
+    def _begin(self, run: _Run) -> None:
         kinds = [torch.profiler.ProfilerActivity.CPU] if "CPU" in run.activities else []
         if "GPU" in run.activities and self.device.type == "cuda":
             kinds.append(torch.profiler.ProfilerActivity.CUDA)
         if kinds:
-            run.profiler = torch.profiler.profile(activities=kinds, with_stack=run.with_stack, record_shapes=run.record_shapes)
-            run.profiler.start()
-        else:  # MEM or CUDA_PROFILER alone: no torch.profiler trace, but the run is on
-            run.profiler = _NoTrace()
+            run.trace = torch.profiler.profile(activities=kinds, with_stack=run.with_stack, record_shapes=run.record_shapes)
+            run.trace.start()
         if "MEM" in run.activities:
             torch.cuda.memory._record_memory_history(max_entries=100_000)
         if "CUDA_PROFILER" in run.activities:
             torch.cuda.cudart().cudaProfilerStart()
+        run.started = True
 
     def _finish(self) -> list[str]:
         """Stop the run and write its files (none when it never started)."""
-        run, self.run, self.armed, self.start_at = self.run, None, False, None
-        if run.profiler is None:
+        run, self.run = self.run, None
+        if not run.started:
             return []
         written = []
         if "CUDA_PROFILER" in run.activities:
@@ -148,13 +141,9 @@ class StepProfiler:
             torch.cuda.memory._dump_snapshot(path)  # torch's snapshot format, for pytorch.org/memory_viz
             torch.cuda.memory._record_memory_history(enabled=None)
             written.append(path)
-        if not isinstance(run.profiler, _NoTrace):
-            run.profiler.stop()
+        if run.trace is not None:
+            run.trace.stop()
             path = os.path.join(run.output_dir, f"{run.name}.trace.json.gz")
-            run.profiler.export_chrome_trace(path)
+            run.trace.export_chrome_trace(path)
             written.append(path)
         return written
-
-
-class _NoTrace:
-    """The run's profiler when it records no torch.profiler trace (MEM or CUDA_PROFILER only)."""

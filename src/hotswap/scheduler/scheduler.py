@@ -346,7 +346,7 @@ class Scheduler:
     def process(self, step: InFlight) -> None:
         """Read back a step's sampled tokens and hand them to their sequences."""
         self.stats["steps"] += 1
-        if self.profiler.armed:
+        if self.profiler.run is not None:
             self.profiler.after_step(self.stats["steps"])
         result, version = step.result, step.version
         if result is None:
