@@ -65,6 +65,18 @@ def test_start_step_waits_for_that_step(engine, tmp_path):
     assert _traces(tmp_path) == []
 
 
+def test_a_trace_that_cannot_be_written_costs_the_engine_nothing(engine, tmp_path):
+    """The run ends by itself inside the loop: its folder gone by then, the write fails, is logged, and serving goes on."""
+    folder = tmp_path / "gone"
+    assert engine.start_profile(output_dir=str(folder), num_steps=2).success
+    folder.rmdir()
+    assert engine.generate("Alice likes", GREEDY)["meta_info"]["completion_tokens"] == 6
+    assert not engine.stop_profile().success  # the run is over, not left half-stopped
+    assert engine.start_profile(output_dir=str(tmp_path), num_steps=1).success  # and a new one starts
+    engine.generate("Alice likes", GREEDY)
+    assert len(_traces(tmp_path)) == 1
+
+
 @pytest.mark.parametrize(("kwargs", "named"), [
     ({"activities": ["CPU", "DISK"]}, "DISK"),
     ({"activities": ["MEM"]}, "MEM"),  # these three record nothing on a CPU engine

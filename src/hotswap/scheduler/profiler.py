@@ -103,7 +103,7 @@ class StepProfiler:
         unknown = [a for a in activities if a not in ACTIVITIES]
         if unknown:
             return f"unknown activities {shown(unknown)}; expected some of {list(ACTIVITIES)}"
-        if self.device.type != "cuda" and set(activities) != {"CPU"} and set(activities) != {"CPU", "GPU"}:
+        if self.device.type != "cuda" and not ("CPU" in activities and set(activities) <= {"CPU", "GPU"}):
             return f"activities {list(activities)}: on a {self.device.type} engine only CPU records anything"
         if req.num_steps is not None and req.num_steps < 1:
             return f"num_steps must be >= 1 (got {shown(req.num_steps)})"

@@ -19,10 +19,14 @@ import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hotswap.errors import shown
 from hotswap.scheduler.profiler import default_profile_dir
 from hotswap.server.http_utils import APIError
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _EXEMPT_PATHS = frozenset({"/health"})  # probes from load balancers and orchestrators
@@ -103,6 +107,14 @@ class AccessPolicy:
         raise APIError(403, f"output_dir {shown(output_dir)} is outside the folders this server may write traces to ({default}"
                             f"{''.join(', ' + r for r in self.save_roots)}; --save-root DIR adds one)", param="output_dir",
                        type_="PermissionDeniedError")
+
+
+def refuse_browser_get(request: Request) -> None:
+    """A GET that changes state is refused when a browser sent it (Origin or Sec-Fetch-Site): a link or an <img>
+    on any page cannot trigger it. Frameworks' clients send neither."""
+    if request.method == "GET" and (request.headers.get("origin") is not None
+                                    or request.headers.get("sec-fetch-site", "").lower() in ("cross-site", "same-site")):
+        raise APIError(403, f"GET {request.url.path} from a browser page is refused; POST it", type_="PermissionDeniedError")
 
 
 def _real(path: str) -> Path:

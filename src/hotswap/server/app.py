@@ -27,9 +27,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import hotswap
 from hotswap import protocol as p
-from hotswap.server.access import AccessPolicy
+from hotswap.server.access import AccessPolicy, refuse_browser_get
 from hotswap.server.body_limit import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, BodyLimits
-from hotswap.server.diagnostics_api import refuse_browser_get
 from hotswap.server.diagnostics_api import register as register_diagnostics_routes
 from hotswap.server.generation import (
     await_generation,

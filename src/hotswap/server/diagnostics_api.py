@@ -6,25 +6,18 @@ trace folder is confined: under the default profile folder or one of the server'
 
 from __future__ import annotations
 
-import gc
+import asyncio
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse
 
 from hotswap import protocol as p
-from hotswap.server.http_utils import APIError, JSONResponse, parse_body
+from hotswap.server.access import refuse_browser_get
+from hotswap.server.http_utils import JSONResponse, parse_body
 
 if TYPE_CHECKING:
     from hotswap.server.app import ServerState
-
-
-def refuse_browser_get(request: Request) -> None:
-    """A GET that changes state is refused when a browser sent it (Origin or Sec-Fetch-Site): a link or an <img>
-    on any page cannot trigger it. Frameworks' clients send neither."""
-    if request.method == "GET" and (request.headers.get("origin") is not None
-                                    or request.headers.get("sec-fetch-site", "").lower() in ("cross-site", "same-site")):
-        raise APIError(403, f"GET {request.url.path} from a browser page is refused; POST it", type_="PermissionDeniedError")
 
 
 def _reply(out: p.ControlOutput, text: str):
@@ -52,6 +45,4 @@ def register(app: FastAPI, state: ServerState) -> None:
     @app.api_route("/freeze_gc", methods=["GET", "POST"])
     async def freeze_gc(request: Request):
         refuse_browser_get(request)
-        out = await engine.asubmit(p.FreezeGCRequest())
-        gc.freeze()  # this process too, when the front end runs apart from the engine
-        return _reply(out, "Garbage collection frozen.\n")
+        return _reply(await asyncio.to_thread(engine.freeze_gc), "Garbage collection frozen.\n")  # both processes
