@@ -57,7 +57,7 @@ from hotswap.server.launch import ServerThread
 SEED = int(os.environ.get("HOTSWAP_CHAOS_SEED", "20261205"))
 ROUNDS = int(os.environ.get("HOTSWAP_CHAOS_ROUNDS", "24"))
 CLIENTS = int(os.environ.get("HOTSWAP_CHAOS_CLIENTS", "3"))
-NUM_PAGES = int(os.environ.get("HOTSWAP_CHAOS_PAGES", "40"))  # 160 tokens of KV: a few requests of ~30 tokens each already force preemptions
+NUM_PAGES = int(os.environ.get("HOTSWAP_CHAOS_PAGES", "32"))  # 128 tokens of KV: a few requests of ~30 tokens each force preemptions
 
 pytestmark = pytest.mark.timeout(120 + 10 * ROUNDS)
 
