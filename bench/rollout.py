@@ -171,12 +171,50 @@ def threads_cpu_s(frontend_pid: int | None = None) -> dict[str, float]:
     return out
 
 
+class TritonCompiles:
+    """The Triton kernels compiled while it is entered (knobs.runtime.jit_post_compile_hook; None where this Triton
+    has no such hook): a compile inside a timed run is a one-time cost the run's wall includes."""
+
+    def __init__(self):
+        self.names: list[str] | None = None
+        self.knobs = None
+        try:
+            from triton import knobs
+
+            self.knobs = knobs.runtime if hasattr(knobs.runtime, "jit_post_compile_hook") else None
+        except Exception:  # no Triton (a CPU run), or one without knobs
+            pass
+
+    def _hook(self, *args, **kwargs) -> None:
+        fn = kwargs.get("fn")
+        self.names.append(str(getattr(fn, "name", fn)).rsplit(".", 1)[-1])
+
+    def __enter__(self) -> TritonCompiles:
+        if self.knobs is not None:
+            self.names, self.previous = [], self.knobs.jit_post_compile_hook
+            self.knobs.jit_post_compile_hook = self._hook
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.knobs is not None:
+            self.knobs.jit_post_compile_hook = self.previous
+
+    def summary(self) -> str:
+        if self.names is None:
+            return "-"
+        counts: dict[str, int] = {}
+        for n in self.names:
+            counts[n] = counts.get(n, 0) + 1
+        return f"{len(self.names)}" + (" (" + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())) + ")" if counts else "")
+
+
 def run_path(engine, path: str, w: Workload, mode: str, args, url: str | None, routed_experts: bool = False,
              frontend_pid: int | None = None) -> dict:
     jobs = [(ids, w.sampling_params(i, mode)) for i, ids in enumerate(w.prompts)]
     engine.flush_cache()  # every path starts from the same empty prefix cache
     cpu_before = threads_cpu_s(frontend_pid)
-    with LoadMonitor(engine) as mon:
+    reserved_before = torch.cuda.memory_reserved() if torch.cuda.is_available() else 0
+    with LoadMonitor(engine) as mon, TritonCompiles() as compiles:
         if path == "offline":
             start = time.time()
             outs = offline_rollout(engine, jobs, mode, routed_experts)
@@ -196,7 +234,9 @@ def run_path(engine, path: str, w: Workload, mode: str, args, url: str | None, r
         raise RuntimeError(f"{mode}/{path}: {tokens} output tokens, the workload asked for {sum(w.out_lens)}")
     cpu_after = threads_cpu_s(frontend_pid)
     out = {"seconds": end - start, "tokens": tokens, "tail_seconds": mon.tail_seconds(start, end),
-           "thread_cpu_s": {k: cpu_after[k] - cpu_before[k] for k in cpu_after if k in cpu_before}}
+           "thread_cpu_s": {k: cpu_after[k] - cpu_before[k] for k in cpu_after if k in cpu_before},
+           "triton_compiles": compiles.summary(),
+           "reserved_growth_mib": ((torch.cuda.memory_reserved() if torch.cuda.is_available() else 0) - reserved_before) / 2**20}
     if path == "offline":
         out["prompt_tokens_cached"] = cached
     else:
@@ -273,6 +313,9 @@ def main() -> None:
                     help="client processes sharing the jobs and connections (one asyncio process can be the bound when streaming)")
     ap.add_argument("--http-timeout", type=float, default=300.0, help="seconds one HTTP path may take; then it is aborted and reported")
     ap.add_argument("--max-running", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs of each mode and path (an RL loop repeats its rollout: a one-time cost shows as the first "
+                         "run's excess; the table shows the last, the notes each run's wall and Triton compiles)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engine", action="append", default=[], metavar="FIELD=INT", help="integer EngineConfig override (repeatable)")
     ap.add_argument("--routed-experts", action="store_true",
@@ -346,7 +389,7 @@ def main() -> None:
             return ["-", "-"]
         return [f"{100 * roof['seconds'] / seconds:.1f}%", f"{100 * roof_flops['seconds'] / seconds:.1f}%"]
 
-    results: dict = {"roofline": roof, "roofline_bytes_or_flops": roof_flops, "title": title, "runs": {}}
+    results: dict = {"roofline": roof, "roofline_bytes_or_flops": roof_flops, "title": title, "runs": {}, "repeats": {}}
     rows = []
     warm = Workload(prompts=w.prompts[: args.max_running], out_lens=[min(8, n) for n in w.out_lens[: args.max_running]],
                     seeds=w.seeds[: args.max_running])
@@ -355,7 +398,9 @@ def main() -> None:
             run_path(engine, "offline", warm, mode, args, url)  # graphs, compiles, allocator
             offline = None
             for path in paths:
-                r = run_path(engine, path, w, mode, args, url, frontend_pid=frontend_pid)
+                for _ in range(args.repeats):  # the table shows the last; notes list every repeat
+                    r = run_path(engine, path, w, mode, args, url, frontend_pid=frontend_pid)
+                    results["repeats"].setdefault(f"{mode}/{path}", []).append(r)
                 results["runs"][f"{mode}/{path}"] = r
                 if "timed_out" in r:
                     rows.append([mode, path, f"> {r['timed_out']:g} (aborted)", "-", "-", "-", "-", "-", "-"])
@@ -398,6 +443,10 @@ def main() -> None:
                       f"cache (repeated prompts and shared heads computed once)\n")
         if r.get("thread_cpu_s"):
             notes += f"CPU s during {key}: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["thread_cpu_s"].items())) + "\n"
+    for key, reps in results["repeats"].items():
+        notes += (f"{key}, each run (the table shows the last): "
+                  + "; ".join(f"{r['seconds']:.2f} s, Triton compiles {r['triton_compiles']}, allocator reserved "
+                              f"{r['reserved_growth_mib']:+,.0f} MiB" for r in reps if "seconds" in r) + "\n")
     print(notes, flush=True)
     text += "\n" + notes + profile_text
     if args.out:

@@ -3,13 +3,13 @@
 # Run from the repository root on the GPU machine:  bash scripts/gpu_runs.sh STAGE
 #   suite   the whole GPU test suite
 #   dense   dense19 + prefill + rollouts:
-#     dense19   issue 19's before/after: throughput and weight sync
+#     dense19   issue 19's before/after: throughput19 (throughput) and sync19 (weight sync; sync19-before / -after split it)
 #     prefill   the prefill call's host time before/after
 #     rollouts  issue 24's sampler + offline rollouts (0.6B, 8B)
 #   http    issue 24's HTTP and streaming rollouts (needs FastAPI/uvicorn/pydantic/orjson wheels in .whl/)
 #   moe-kernels  issue 20's MoE layer kernels before/after and their tile sweep, batch-1 throughput before
 #   moe-quick  issue 20's layer kernels (no sweep) and the 30B-A3B throughput, for a short session
-#   moe     issue 20's Qwen3-30B-A3B throughput, its rollout with and without routed experts (R3)
+#   moe     issue 20's Qwen3-30B-A3B throughput, then moe-rollout: its rollout with and without routed experts (R3)
 #   moe-sync  issue 20's 61 GB update, in process and over the trainer library's CUDA IPC pusher
 # With a session's 30 minutes, in this order (measured or estimated device seconds): suite (280 on the H200, 380 on
 # the H100: run it alone), dense19 (~450: throughput 2 x 60, weight sync 2 x up to 150), prefill, rollouts,
@@ -21,7 +21,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... (suite|dense|dense19|prefill|rollouts|http|moe-kernels|moe-quick|moe|moe-sync)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|http|moe-kernels|moe-quick|moe|moe-rollout|moe-sync)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/device.txt" 2>&1
@@ -49,6 +49,9 @@ dense)
     bash "$0" dense19 prefill rollouts
     ;;
 dense19)  # issue 19's done-when: throughput and weight sync, before and after, one call
+    bash "$0" throughput19 sync19
+    ;;
+throughput19)
     if [ -d .before/src ]; then
         PYTHONPATH=.before/src run throughput_before 100 python3 .before/bench/throughput.py \
             --shape qwen3-0.6b --cases 1x128x128,64x128x128,256x128x512 --hf none
@@ -57,12 +60,16 @@ dense19)  # issue 19's done-when: throughput and weight sync, before and after, 
     fi
     PYTHONPATH=src run throughput_after 100 python3 bench/throughput.py \
         --shape qwen3-0.6b --cases 1x128x128,64x128x128,256x128x512 --hf none
-    if [ -d .before/src ]; then
+    ;;
+sync19 | sync19-before | sync19-after)  # weight sync before and after (or one side, to split it over two calls)
+    if [ "$stage" != sync19-after ] && [ -d .before/src ]; then
         PYTHONPATH=.before/src run weight_sync_before 150 python3 .before/bench/weight_sync.py \
             --shapes qwen3-0.6b,qwen3-8b --sections tensor,ipc,disk --reps 5
     fi
-    PYTHONPATH=src run weight_sync_after 150 python3 bench/weight_sync.py \
-        --shapes qwen3-0.6b,qwen3-8b --sections tensor,ipc,disk --reps 5
+    if [ "$stage" != sync19-before ]; then
+        PYTHONPATH=src run weight_sync_after 150 python3 bench/weight_sync.py \
+            --shapes qwen3-0.6b,qwen3-8b --sections tensor,ipc,disk --reps 5
+    fi
     ;;
 prefill)  # the prefill call as throughput.py times it, median of 20 instead of one, the same file in both trees
     if [ -d .before/src ]; then
@@ -107,6 +114,9 @@ moe-quick)  # issue 20's layer kernels without the tile sweep, and the 30B-A3B t
 moe)
     PYTHONPATH=src run throughput_moe 200 python3 bench/throughput.py \
         --shape qwen3-30b-a3b --cases 1x128x128,64x128x128,256x128x512 --hf none
+    bash "$0" moe-rollout
+    ;;
+moe-rollout)
     PYTHONPATH=src run rollout_moe 360 python3 bench/rollout.py --shape qwen3-30b-a3b --prompts 32 --n 8 --modes sampled \
         --paths offline --routed-experts
     ;;
@@ -114,7 +124,7 @@ moe-sync)
     PYTHONPATH=src run weight_sync_moe 570 python3 bench/weight_sync.py --shapes qwen3-30b-a3b --sections tensor,ipc --reps 3 --budget-s 540
     ;;
 *)
-    echo "unknown stage: $stage (suite|dense|dense19|prefill|rollouts|http|moe-kernels|moe-quick|moe|moe-sync)" >&2
+    echo "unknown stage: $stage (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|http|moe-kernels|moe-quick|moe|moe-rollout|moe-sync)" >&2
     exit 2
     ;;
 esac
