@@ -8,6 +8,8 @@
 #     rollouts  issue 24's sampler + offline rollouts (0.6B, 8B)
 #   http    issue 24's HTTP and streaming rollouts (needs FastAPI/uvicorn/pydantic/orjson wheels in .whl/)
 #   moe-kernels  issue 20's MoE layer kernels before/after and their tile sweep, batch-1 throughput before
+#   moe-pair   issue 20's layer kernels before/after, no sweep (fits an H100)
+#   rollout-repeats  issue 24's 0.6B rollout run twice per mode (one-time costs)
 #   moe-quick  issue 20's layer kernels (no sweep) and the 30B-A3B throughput, for a short session
 #   moe     issue 20's Qwen3-30B-A3B throughput, then moe-rollout: its rollout with and without routed experts (R3)
 #   moe-sync  issue 20's 61 GB update, in process and over the trainer library's CUDA IPC pusher
@@ -21,7 +23,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|http|moe-kernels|moe-quick|moe|moe-rollout|moe-sync)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/device.txt" 2>&1
@@ -106,6 +108,13 @@ moe-kernels)
     fi
     PYTHONPATH=src run moe_kernels 300 python3 bench/moe_kernels.py
     ;;
+moe-pair)  # the MoE layer kernels before (d115b5c) and after, same flags, no tile sweep
+    PYTHONPATH=.moe-before/src run moe_kernels_before 45 python3 .moe-before/bench/moe_kernels.py --no-sweep
+    PYTHONPATH=src run moe_kernels_after 60 python3 bench/moe_kernels.py --no-sweep
+    ;;
+rollout-repeats)  # the 0.6B rollout twice per mode: a one-time cost in the first run shows (and its Triton compiles)
+    PYTHONPATH=src run rollout_0.6b_repeats 120 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline --repeats 2
+    ;;
 moe-quick)  # issue 20's layer kernels without the tile sweep, and the 30B-A3B throughput
     PYTHONPATH=src run moe_kernels 120 python3 bench/moe_kernels.py --no-sweep
     PYTHONPATH=src run throughput_moe 200 python3 bench/throughput.py \
@@ -124,7 +133,7 @@ moe-sync)
     PYTHONPATH=src run weight_sync_moe 570 python3 bench/weight_sync.py --shapes qwen3-30b-a3b --sections tensor,ipc --reps 3 --budget-s 540
     ;;
 *)
-    echo "unknown stage: $stage (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|http|moe-kernels|moe-quick|moe|moe-rollout|moe-sync)" >&2
+    echo "unknown stage: $stage (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2
     exit 2
     ;;
 esac
