@@ -29,7 +29,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     args = ap.parse_args()
     path = config_only_checkpoint(Path(tempfile.mkdtemp()) / args.shape, args.shape)
-    engine = Engine(str(path), device="cuda", load_format="dummy", page_size=16, num_pages=20000, max_running_requests=max(args.batch))
+    page_size = 16
+    num_pages = max(args.batch) * -(-(args.prompt + args.steps + 8) // page_size) + 64  # what the runs hold, no more (a 61 GB MoE shape leaves little)
+    engine = Engine(str(path), device="cuda", load_format="dummy", page_size=page_size, num_pages=num_pages,
+                    max_running_requests=max(args.batch))
     runner = engine.model_runner
     for batch in args.batch:
         ids = torch.randint(3, 500, (batch, args.prompt)).tolist()
@@ -45,6 +48,12 @@ def main() -> None:
             graphs.graphs[bs].replay()
         torch.cuda.synchronize()
         replay_ms = (time.perf_counter() - t) / 50 * 1e3
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:  # the decode graph's kernels
+            for _ in range(20):
+                graphs.graphs[bs].replay()
+            torch.cuda.synchronize()
+        print(f"batch {batch}: 20 replays of the decode graph (bucket {bs}), kernels by device time", flush=True)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60), flush=True)
         t = time.perf_counter()
         engine.generate(input_ids=ids, sampling_params=sp)
         total = time.perf_counter() - t
