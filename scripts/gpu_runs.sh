@@ -9,7 +9,7 @@
 #   http    issue 24's HTTP and streaming rollouts (needs FastAPI/uvicorn/pydantic/orjson wheels in .whl/)
 #   moe-kernels  issue 20's MoE layer kernels before/after and their tile sweep, batch-1 throughput before
 #   moe-pair   issue 20's layer kernels before/after, no sweep (fits an H100)
-#   rollout-repeats  issue 24's 0.6B rollout run twice per mode (one-time costs)
+#   rollout-repeats  issue 24's 0.6B rollout run three times per mode (one-time costs, the spread)
 #   moe-quick  issue 20's layer kernels (no sweep) and the 30B-A3B throughput, for a short session
 #   moe     issue 20's Qwen3-30B-A3B throughput, then moe-rollout: its rollout with and without routed experts (R3)
 #   moe-sync  issue 20's 61 GB update, in process and over the trainer library's CUDA IPC pusher
@@ -112,8 +112,8 @@ moe-pair)  # the MoE layer kernels before (d115b5c) and after, same flags, no ti
     PYTHONPATH=.moe-before/src run moe_kernels_before 45 python3 .moe-before/bench/moe_kernels.py --no-sweep
     PYTHONPATH=src run moe_kernels_after 60 python3 bench/moe_kernels.py --no-sweep
     ;;
-rollout-repeats)  # the 0.6B rollout twice per mode: a one-time cost in the first run shows (and its Triton compiles)
-    PYTHONPATH=src run rollout_0.6b_repeats 120 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline --repeats 2
+rollout-repeats)  # the 0.6B rollout three times per mode: a one-time cost in the first run shows (and its Triton compiles)
+    PYTHONPATH=src run rollout_0.6b_repeats 170 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline --repeats 3
     ;;
 moe-quick)  # issue 20's layer kernels without the tile sweep, and the 30B-A3B throughput
     PYTHONPATH=src run moe_kernels 120 python3 bench/moe_kernels.py --no-sweep
