@@ -14,7 +14,8 @@
 #   moe     issue 20's Qwen3-30B-A3B throughput, then moe-rollout: its rollout with and without routed experts (R3)
 #   moe-sync  issue 20's 61 GB update, in process and over the trainer library's CUDA IPC pusher
 # With a session's 30 minutes, in this order (measured or estimated device seconds): suite (280 on the H200, 380 on
-# the H100: run it alone), dense19 (~450: throughput 2 x 60, weight sync 2 x up to 150), prefill, rollouts,
+# the H100: run it alone), dense19 (throughput19 ~130 + sync19 up to 560: run them in calls of their own; the fourteenth session's
+# H100 run reached the 8B IPC section after 150 s per tree, whose producer processes start and fill 16 GB per variant), prefill, rollouts,
 # moe-kernels (~280), http (~270 if streaming keeps up; its limits allow 950), moe (~300), moe-sync (up to 570).
 # "Before" is the tree before the restructure, unpacked beside this one (untracked, so it travels to the
 # device):  git archive 6c9ff7c src bench | (mkdir -p .before && tar -x -C .before)
@@ -65,11 +66,11 @@ throughput19)
     ;;
 sync19 | sync19-before | sync19-after)  # weight sync before and after (or one side, to split it over two calls)
     if [ "$stage" != sync19-after ] && [ -d .before/src ]; then
-        PYTHONPATH=.before/src run weight_sync_before 150 python3 .before/bench/weight_sync.py \
+        PYTHONPATH=.before/src run weight_sync_before 280 python3 .before/bench/weight_sync.py \
             --shapes qwen3-0.6b,qwen3-8b --sections tensor,ipc,disk --reps 5
     fi
     if [ "$stage" != sync19-before ]; then
-        PYTHONPATH=src run weight_sync_after 150 python3 bench/weight_sync.py \
+        PYTHONPATH=src run weight_sync_after 280 python3 bench/weight_sync.py \
             --shapes qwen3-0.6b,qwen3-8b --sections tensor,ipc,disk --reps 5
     fi
     ;;
