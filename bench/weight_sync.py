@@ -8,6 +8,9 @@ Per shape (bf16, random weights, `load_format="dummy"` engines):
   plain `param.copy_(src)` loop over the same tensors; ceiling: the D2D copy measured in this run.
   Also the cost of rollback protection (explicit session, `enable_rollback`) and the time from an update
   returning to the first token of a request (TTFT) beside the TTFT with no update before it.
+- sources (`--sources`): a full second copy of the weights on the device, or, where that does not fit beside the
+  engine's (Qwen3-30B-A3B on an 80 GB card; `auto` decides), views of one random buffer the size of the largest
+  tensor: every byte is still read and written, and the IPC section then runs IPCWeightPusher's layout only.
 - ipc: a producer process (spawn) holds the tensors and sends plain-data CUDA IPC descriptors through a
   queue; the engine loads them; N updates; memory of both sides before and after. Layouts: one allocation
   per tensor, one flat buffer, and IPCWeightPusher's (512 MiB buckets packed into one reused buffer, one
@@ -141,10 +144,19 @@ def make_engine(path: Path, device: str, **kw) -> Engine:
     return Engine(str(path), device=device, load_format="dummy", **kw)
 
 
-def hf_sources(engine, device, seed: int = 0) -> list[tuple[str, torch.Tensor]]:
-    """Random tensors with the engine's HF names and shapes (tied lm_head left out, as HF saves it)."""
+def hf_sources(engine, device, seed: int = 0, aliased: bool = False) -> list[tuple[str, torch.Tensor]]:
+    """Random tensors with the engine's HF names and shapes (tied lm_head left out, as HF saves it).
+    `aliased`: every tensor a view of one random buffer the size of the largest, for a shape whose full set does
+    not fit beside the engine's weights (Qwen3-30B-A3B on an 80 GB card); a copy still reads and writes every byte."""
     wm = engine.model_runner.weight_map
     g = torch.Generator(device=device).manual_seed(seed)
+    if aliased:  # one buffer per dtype
+        largest: dict[torch.dtype, int] = {}
+        for n in wm.names:
+            slot = wm.slots[n]
+            largest[slot.dtype] = max(largest.get(slot.dtype, 0), torch.Size(slot.hf_shape).numel())
+        bufs = {dt: torch.empty(k, dtype=dt, device=device).normal_(0, 0.02, generator=g) for dt, k in largest.items()}
+        return [(n, bufs[wm.slots[n].dtype][: torch.Size(wm.slots[n].hf_shape).numel()].view(wm.slots[n].hf_shape)) for n in wm.names]
     out = []
     for name in wm.names:
         slot = wm.slots[name]
@@ -152,6 +164,18 @@ def hf_sources(engine, device, seed: int = 0) -> list[tuple[str, torch.Tensor]]:
         t.normal_(0, 0.02, generator=g)
         out.append((name, t))
     return out
+
+
+def weights_fit_twice(engine, sources_arg: str) -> bool:
+    """Whether a full second copy of the weights fits in free device memory (with 10 % to spare): `--sources full`
+    forces it, `aliased` refuses it, `auto` asks the device."""
+    if sources_arg != "auto":
+        return sources_arg == "full"
+    if not cuda():
+        return True
+    total = sum(p.numel() * p.element_size() for p in engine.model_runner.model.parameters())
+    free_all()
+    return torch.cuda.mem_get_info()[0] > 1.1 * total
 
 
 def nbytes_of(named) -> int:
@@ -325,10 +349,12 @@ def bench_ttft(shape: str, engine, sources, reps: int) -> None:
 # ---- CUDA IPC from another process ---------------------------------------------------------------
 
 
-def _producer(specs, layout: str, updates: int, q_out, q_in, bucket_bytes: int) -> None:
+def _producer(specs, layout: str, updates: int, q_out, q_in, bucket_bytes: int, aliased: bool) -> None:
     """layout "separate": one allocation per tensor; "flat": all in one buffer; "buckets": what
     IPCWeightPusher sends, buckets of `bucket_bytes` packed one by one into one reused buffer (one message
-    per bucket, the engine's reply before the next is packed)."""
+    per bucket, the engine's reply before the next is packed). `aliased` (buckets only): the trainer's tensors
+    are views of one buffer the size of the largest, as a sharded trainer gathers each bucket's tensors just
+    before packing them; the packed buffer the engine reads is distinct memory either way."""
     import torch
 
     from hotswap.wire.buckets import iter_buckets
@@ -343,10 +369,14 @@ def _producer(specs, layout: str, updates: int, q_out, q_in, bucket_bytes: int) 
             n = torch.Size(shape).numel()
             tensors.append((name, buf[off : off + n].view(shape)))
             off += n
+    elif aliased:
+        buf = torch.empty(max(torch.Size(s).numel() for _, s, _ in specs), dtype=torch.bfloat16, device="cuda").normal_(0, 0.02)
+        tensors = [(name, buf[: torch.Size(shape).numel()].view(shape)) for name, shape, _ in specs]
     else:
         tensors = [(name, torch.empty(shape, dtype=torch.bfloat16, device="cuda")) for name, shape, _ in specs]
-    for _, t in tensors:
-        t.normal_(0, 0.02)
+    if not aliased:
+        for _, t in tensors:
+            t.normal_(0, 0.02)
     buckets = list(iter_buckets(tensors, bucket_bytes)) if layout == "buckets" else [tensors]
     pack = torch.empty(max(sum(t.numel() for _, t in b) for b in buckets), dtype=torch.bfloat16, device="cuda") if layout == "buckets" else None
     torch.cuda.synchronize()
@@ -394,7 +424,9 @@ def _get_alive(q, proc, timeout: float = 300):
                 raise TimeoutError("no message from the peer process") from None
 
 
-def bench_ipc(shape: str, engine, ceil: dict, updates: int, bucket_bytes: int = 512 << 20) -> None:
+def bench_ipc(shape: str, engine, ceil: dict, updates: int, aliased: bool, bucket_bytes: int = 512 << 20) -> None:
+    """`aliased`: a producer holding a full second copy does not fit beside the engine; only IPCWeightPusher's
+    layout runs, its trainer tensors views of one buffer (`_producer`)."""
     import torch.multiprocessing as mp
 
     wm = engine.model_runner.weight_map
@@ -404,11 +436,11 @@ def bench_ipc(shape: str, engine, ceil: dict, updates: int, bucket_bytes: int = 
     rows = []
     d2d = ceil["d2d"]
     wu = engine.scheduler.weight_updater
-    for layout in ("separate", "flat", "buckets"):
+    for layout in ("buckets",) if aliased else ("separate", "flat", "buckets"):
         q_out, q_in = ctx.Queue(), ctx.Queue()
         wu.ipc_mappings = CudaIpcMappings(wu.config.cuda_ipc_cache_bytes)  # unmap the last producer's memory (it exited)
         free_all()  # memory this process cached must not crowd the producer out
-        proc = ctx.Process(target=_producer, args=(specs, layout, updates, q_out, q_in, bucket_bytes), daemon=True)
+        proc = ctx.Process(target=_producer, args=(specs, layout, updates, q_out, q_in, bucket_bytes, aliased), daemon=True)
         proc.start()
         ready = _get_alive(q_out, proc)
         nb = ready["buckets"]
@@ -439,7 +471,8 @@ def bench_ipc(shape: str, engine, ceil: dict, updates: int, bucket_bytes: int = 
         t_med = statistics.median(times[1:] if len(times) > 1 else times)
         bw = 2 * total / t_med
         label = {"flat": "one flat buffer (1 handle)", "separate": f"separate allocations ({len(specs)} handles)",
-                 "buckets": f"IPCWeightPusher's layout: {nb} bucket(s) of <= {mib(bucket_bytes)} packed into one reused buffer, one call each"}[layout]
+                 "buckets": f"IPCWeightPusher's layout: {nb} bucket(s) of <= {mib(bucket_bytes)} packed into one reused buffer, one call each"
+                            + (" (the trainer's tensors views of one buffer: a full copy does not fit)" if aliased else "")}[layout]
         rows.append([f"IPC, {label}", f"{total / GB:.2f}", fmt_ms(t_med), f"{bw / GB:,.0f}", f"{d2d / GB:,.0f}" if d2d == d2d else "-",
                      pct(bw, d2d), "0 (maps the producer's memory)",
                      f"device used {mib(used0)} -> {mib(used_after_first)} (1st) -> {mib(used1)} ({updates}th); "
@@ -840,11 +873,17 @@ def run_shape(shape: str, args, ceil: dict) -> None:
         # the IPC producer sends the same buffers every update, so keeping all of them mapped pins nothing
         # extra; the engine default (1 GiB) is sized for IPCWeightPusher's reused pack buffer instead
         engine = make_engine(path, device, cuda_ipc_cache_bytes=64 << 30)
-        sources = hf_sources(engine, device)
+        aliased = not weights_fit_twice(engine, args.sources)
+        if aliased:
+            print(f"[{shape}] sources aliased ({'--sources aliased' if args.sources == 'aliased' else 'a second copy of the weights does not fit'}): "
+                  "in-process sources are views of one buffer per dtype, the size of the largest tensor; IPC runs IPCWeightPusher's "
+                  "layout only, its trainer tensors views of one buffer too", flush=True)
+        RESULTS["figures"][f"{shape}.sources_aliased"] = aliased
+        sources = hf_sources(engine, device, aliased=aliased)
         try:
             for name, fn in (("tensor", lambda: bench_tensor(shape, engine, sources, ceil, args.reps)),
                              ("ttft", lambda: bench_ttft(shape, engine, sources, args.ttft_reps)),
-                             ("ipc", lambda: bench_ipc(shape, engine, ceil, args.ipc_updates) if on_gpu else None),
+                             ("ipc", lambda: bench_ipc(shape, engine, ceil, args.ipc_updates, aliased) if on_gpu else None),
                              ("distributed", lambda: bench_distributed(shape, engine, args.dist_bytes))):
                 if name in sections and f"{shape}.{name}" not in args.skip.split(","):
                     guarded(f"{shape}.{name}", fn)
@@ -902,6 +941,9 @@ def main() -> None:
     ap.add_argument("--dist-bytes", type=int, default=1 << 30)
     ap.add_argument("--json", default=None)
     ap.add_argument("--skip", default="", help="comma list of SHAPE.SECTION to leave out")
+    ap.add_argument("--sources", choices=("auto", "full", "aliased"), default="auto",
+                    help="in-process sources and IPC producers: a full second copy of the weights, or views of one buffer the "
+                         "size of the largest tensor (auto: aliased where a second copy does not fit, e.g. 30B-A3B on 80 GB)")
     ap.add_argument("--breakdown-8b-only", action="store_true", help="per-tag release/resume timing for qwen3-8b only")
     ap.add_argument("--budget-s", type=float, default=0, help="stop long loops (release cycles) after this many seconds")
     args = ap.parse_args()

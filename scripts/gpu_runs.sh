@@ -12,7 +12,8 @@
 #   rollout-repeats  issue 24's 0.6B rollout run three times per mode (one-time costs, the spread)
 #   moe-quick  issue 20's layer kernels (no sweep) and the 30B-A3B throughput, for a short session
 #   moe     issue 20's Qwen3-30B-A3B throughput, then moe-rollout: its rollout with and without routed experts (R3)
-#   moe-sync  issue 20's 61 GB update, in process and over the trainer library's CUDA IPC pusher
+#   moe-sync  issue 20's 61 GB update, in process and over the trainer library's CUDA IPC pusher (fits an H100:
+#             beside the engine's 61 GB the bench's sources are views of one buffer, `--sources auto`)
 # With a session's 30 minutes, in this order (measured or estimated device seconds): suite (280 on the H200, 380 on
 # the H100: run it alone), dense19 (throughput19 ~130 + sync19 up to 560: run them in calls of their own; the fourteenth session's
 # H100 run reached the 8B IPC section after 150 s per tree, whose producer processes start and fill 16 GB per variant), prefill, rollouts,
