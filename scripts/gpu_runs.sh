@@ -39,6 +39,11 @@ run() {  # run NAME SECONDS COMMAND...: one step, its output kept, a failure doe
     tail -n 25 "$out/$name.log"
 }
 
+# 30B-A3B's batch 256 x 640 tokens holds 16 GB of KV beside 61 GB of weights: more than an 80 GB card; there, 256 x 384
+moe_cases=1x128x128,64x128x128,256x128x512
+gpu_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1)
+[ -n "$gpu_mib" ] && [ "$gpu_mib" -lt 100000 ] && moe_cases=1x128x128,64x128x128,256x128x256
+
 site_packages() {  # the HTTP stack, carried as wheels in .whl/ (the device has no FastAPI/uvicorn/pydantic/orjson)
     [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
 }
@@ -120,11 +125,11 @@ rollout-repeats)  # the 0.6B rollout three times per mode: a one-time cost in th
 moe-quick)  # issue 20's layer kernels without the tile sweep, and the 30B-A3B throughput
     PYTHONPATH=src run moe_kernels 120 python3 bench/moe_kernels.py --no-sweep
     PYTHONPATH=src run throughput_moe 200 python3 bench/throughput.py \
-        --shape qwen3-30b-a3b --cases 1x128x128,64x128x128,256x128x512 --hf none
+        --shape qwen3-30b-a3b --cases "$moe_cases" --hf none
     ;;
 moe)
     PYTHONPATH=src run throughput_moe 200 python3 bench/throughput.py \
-        --shape qwen3-30b-a3b --cases 1x128x128,64x128x128,256x128x512 --hf none
+        --shape qwen3-30b-a3b --cases "$moe_cases" --hf none
     bash "$0" moe-rollout
     ;;
 moe-rollout)
