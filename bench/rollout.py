@@ -15,7 +15,9 @@ current context), at the device-to-device copy bandwidth measured in this run; p
 (--max-running). The tail is the time with fewer than 16 sequences running: for the roofline, its steps;
 for a measured run, the wall time from the last moment 16 or more requests were unfinished to the end
 (from `get_load` polled every few ms; each poll is answered between two scheduler steps). Every path
-checks that it got every token the workload asked for (streams: the last chunk's count).
+checks that it got every token the workload asked for (streams: the last chunk's count). `--repeats N` runs each
+mode and path N times in the same process, as an RL loop repeats its rollout: the table shows the last run, the
+notes every run's wall, the Triton kernels compiled during it and the allocator's growth (one-time costs).
 
 HTTP clients run in a separate process (bench/rollout_clients.py: asyncio + httpx, --concurrency
 connections), so they do not share the engine process's interpreter lock; the server is the engine's own
@@ -36,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -202,9 +205,7 @@ class TritonCompiles:
     def summary(self) -> str:
         if self.names is None:
             return "-"
-        counts: dict[str, int] = {}
-        for n in self.names:
-            counts[n] = counts.get(n, 0) + 1
+        counts = Counter(self.names)
         return f"{len(self.names)}" + (" (" + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())) + ")" if counts else "")
 
 

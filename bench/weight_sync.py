@@ -10,7 +10,8 @@ Per shape (bf16, random weights, `load_format="dummy"` engines):
   returning to the first token of a request (TTFT) beside the TTFT with no update before it.
 - sources (`--sources`): a full second copy of the weights on the device, or, where that does not fit beside the
   engine's (Qwen3-30B-A3B on an 80 GB card; `auto` decides), views of one random buffer the size of the largest
-  tensor: every byte is still read and written, and the IPC section then runs IPCWeightPusher's layout only.
+  tensor: every byte is still read and written. The IPC section decides the same for its producer from what is
+  free when it starts (beside the in-process sources): IPCWeightPusher's layout only, its tensors views of one buffer.
 - ipc: a producer process (spawn) holds the tensors and sends plain-data CUDA IPC descriptors through a
   queue; the engine loads them; N updates; memory of both sides before and after. Layouts: one allocation
   per tensor, one flat buffer, and IPCWeightPusher's (512 MiB buckets packed into one reused buffer, one
@@ -424,14 +425,20 @@ def _get_alive(q, proc, timeout: float = 300):
                 raise TimeoutError("no message from the peer process") from None
 
 
-def bench_ipc(shape: str, engine, ceil: dict, updates: int, aliased: bool, bucket_bytes: int = 512 << 20) -> None:
-    """`aliased`: a producer holding a full second copy does not fit beside the engine; only IPCWeightPusher's
-    layout runs, its trainer tensors views of one buffer (`_producer`)."""
+def bench_ipc(shape: str, engine, ceil: dict, updates: int, sources_arg: str, bucket_bytes: int = 512 << 20) -> None:
+    """Where a producer holding a full copy does not fit in what is free now (beside the engine and the in-process
+    sources; `--sources aliased` forces it), only IPCWeightPusher's layout runs, its trainer tensors views of one
+    buffer (`_producer`)."""
     import torch.multiprocessing as mp
 
     wm = engine.model_runner.weight_map
     specs = [(n, tuple(wm.slots[n].hf_shape), "bf16") for n in wm.names]
     total = sum(torch.Size(s).numel() for _, s, _ in specs) * 2
+    free_all()
+    aliased = sources_arg == "aliased" or (sources_arg == "auto" and torch.cuda.mem_get_info()[0] < 1.1 * total)
+    if aliased:
+        print(f"[{shape}] IPC: a producer holding a full copy does not fit ({mib(torch.cuda.mem_get_info()[0])} free): "
+              "IPCWeightPusher's layout only, its trainer tensors views of one buffer", flush=True)
     ctx = mp.get_context("spawn")
     rows = []
     d2d = ceil["d2d"]
@@ -479,6 +486,7 @@ def bench_ipc(shape: str, engine, ceil: dict, updates: int, aliased: bool, bucke
                      f"producer allocated {mib(ready['allocated'])} -> {mib(done['allocated'])}; consumer allocated {mib(cons0)} -> {mib(cons1)}"])
         RESULTS["figures"][f"{shape}.ipc.{layout}"] = {
             "ms": t_med * 1e3, "GBps_rw": bw / GB, "pct_d2d": 100 * bw / d2d if d2d == d2d else None, "updates": updates, "calls_per_update": nb,
+            "producer_tensors_aliased": aliased,
             "first_ms": times[0] * 1e3, "max_ms": max(times) * 1e3,
             "device_used_before": used0, "device_used_after_first": used_after_first, "device_used_after_all": used1,
             "producer_allocated": [ready["allocated"], done["allocated"]], "producer_reserved": [ready["reserved"], done["reserved"]],
@@ -876,14 +884,13 @@ def run_shape(shape: str, args, ceil: dict) -> None:
         aliased = not weights_fit_twice(engine, args.sources)
         if aliased:
             print(f"[{shape}] sources aliased ({'--sources aliased' if args.sources == 'aliased' else 'a second copy of the weights does not fit'}): "
-                  "in-process sources are views of one buffer per dtype, the size of the largest tensor; IPC runs IPCWeightPusher's "
-                  "layout only, its trainer tensors views of one buffer too", flush=True)
+                  "in-process sources are views of one buffer per dtype, the size of the largest tensor", flush=True)
         RESULTS["figures"][f"{shape}.sources_aliased"] = aliased
         sources = hf_sources(engine, device, aliased=aliased)
         try:
             for name, fn in (("tensor", lambda: bench_tensor(shape, engine, sources, ceil, args.reps)),
                              ("ttft", lambda: bench_ttft(shape, engine, sources, args.ttft_reps)),
-                             ("ipc", lambda: bench_ipc(shape, engine, ceil, args.ipc_updates, aliased) if on_gpu else None),
+                             ("ipc", lambda: bench_ipc(shape, engine, ceil, args.ipc_updates, args.sources) if on_gpu else None),
                              ("distributed", lambda: bench_distributed(shape, engine, args.dist_bytes))):
                 if name in sections and f"{shape}.{name}" not in args.skip.split(","):
                     guarded(f"{shape}.{name}", fn)
