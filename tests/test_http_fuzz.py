@@ -104,6 +104,7 @@ def base_bodies() -> dict[str, dict]:
         "/pause_generation": {"mode": "abort"},
         "/continue_generation": {},
         "/update_weight_version": {"new_version": "v-fuzz", "abort_all_requests": False},
+        "/post_process_weights": {"restore_weights_before_load": True, "post_process_quantization": False},
         "/save_sharded_model": {"path": "/nonexistent/hotswap-fuzz-save", "pattern": None, "max_size": 1 << 20, "overwrite": False},
         "/save_remote_model": {"url": "s3://not-allowed/fuzz", "overwrite": False},
         "/begin_weight_update": {},

@@ -393,6 +393,25 @@ def test_weights_checker_compare_report(served):
     assert r.status_code == 400 and "Unsupported action='frobnicate'" in r.json()["message"]
 
 
+def test_post_process_weights_as_slime_calls_it(served):
+    """slime's `update_weight_from_tensor.py` (miles the same) around an update of a quantized model: POST
+    /post_process_weights {restore_weights_before_load: true, post_process_quantization: false} before sending,
+    {false, true} after; its SGLang build answers {success, message}. hotswap holds no transformed weights: success,
+    and the weights are bit for bit what they were."""
+    eng, c = served
+    before = eng.check_weights("checksum").checksums
+    for body in ({"restore_weights_before_load": True, "post_process_quantization": False},
+                 {"restore_weights_before_load": False, "post_process_quantization": True}, {}):
+        r = c.post("/post_process_weights", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["success"] is True and "weights unchanged" in r.json()["message"]
+    out = eng.post_process_weights(restore_weights_before_load=True)
+    assert out.success and "restore_weights_before_load" in out.message
+    assert eng.check_weights("checksum").checksums == before
+    r = c.post("/post_process_weights", json={"restore_weights_before_load": "yes please"})
+    assert r.status_code == 400 and r.json()["success"] is False and "restore_weights_before_load" in r.json()["message"]
+
+
 # ---- aborts and request ids ----------------------------------------------------------------------------------
 
 

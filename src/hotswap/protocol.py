@@ -287,6 +287,15 @@ class UpdateWeightVersionRequest:
 
 
 @dataclass(kw_only=True, slots=True)
+class PostProcessWeightsRequest:
+    """SGLang's (slime's and miles' builds): around a weight update of a quantized model, restore the loadable layout
+    before it (`restore_weights_before_load`) and rebuild the runtime one after it (`post_process_quantization`)."""
+
+    restore_weights_before_load: bool = False
+    post_process_quantization: bool = False
+
+
+@dataclass(kw_only=True, slots=True)
 class BeginWeightUpdateRequest:
     pass
 

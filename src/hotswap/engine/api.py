@@ -501,6 +501,12 @@ class EngineAPI:
     def update_weight_version(self, new_version: str, abort_all_requests: bool = True) -> p.ControlOutput:
         return self._call(p.UpdateWeightVersionRequest(new_version=str(new_version), abort_all_requests=abort_all_requests))
 
+    def post_process_weights(self, restore_weights_before_load: bool = False, post_process_quantization: bool = False) -> p.ControlOutput:
+        """SGLang's hook around an update of quantized weights (slime, miles); hotswap holds every weight in the layout
+        it is loaded in, so it changes nothing and answers success."""
+        return self._call(p.PostProcessWeightsRequest(restore_weights_before_load=restore_weights_before_load,
+                                                      post_process_quantization=post_process_quantization))
+
     def begin_weight_update(self) -> p.BeginWeightUpdateOutput:
         """Open a multi-call update session; the reply's `session_id` is what its calls and its end give."""
         return self._call(p.BeginWeightUpdateRequest())

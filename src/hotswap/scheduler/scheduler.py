@@ -126,6 +126,7 @@ class Scheduler:
             p.PauseGenerationRequest: self.pause.pause_generation,
             p.ContinueGenerationRequest: self.pause.continue_generation,
             p.UpdateWeightVersionRequest: self.weight_updater.update_weight_version,
+            p.PostProcessWeightsRequest: self.weight_updater.post_process_weights,
             p.BeginWeightUpdateRequest: self.weight_updater.begin_weight_update,
             p.EndWeightUpdateRequest: self.weight_updater.end_weight_update,
             p.ReleaseMemoryOccupationRequest: self.memory.release_memory_occupation,

@@ -196,6 +196,13 @@ class WeightUpdater:
     def end_weight_update(self, req: p.EndWeightUpdateRequest) -> p.WeightUpdateOutput:
         return self.sessions.end(req.weight_version, req.abort, req.session_id)
 
+    def post_process_weights(self, req: p.PostProcessWeightsRequest) -> p.ControlOutput:
+        """Nothing to do, and it says so: every weight is held in the layout it is loaded in (no quantized or repacked
+        weights to restore before an update or rebuild after it), as SGLang's hooks do nothing for unquantized layers."""
+        asked = [name for name in ("restore_weights_before_load", "post_process_quantization") if getattr(req, name)]
+        return p.ControlOutput(success=True, message=f"post_process_weights ({', '.join(asked) or 'nothing asked'}): no weight needs it, "
+                                                     "every weight is held in the layout it is loaded in; weights unchanged")
+
     def update_weight_version(self, req: p.UpdateWeightVersionRequest) -> p.ControlOutput:
         bad_version = version_problem(req.new_version, "new_version")
         if bad_version is not None:

@@ -126,6 +126,7 @@ ROUTES: dict[str, WeightRoute] = {
     "/pause_generation": (p.PauseGenerationRequest, lambda r: r, ("POST",), False),
     "/continue_generation": (p.ContinueGenerationRequest, lambda r: r, ("POST",), False),
     "/update_weight_version": (p.UpdateWeightVersionRequest, lambda r: r, ("POST",), False),
+    "/post_process_weights": (p.PostProcessWeightsRequest, lambda r: r, ("POST",), False),
     "/save_sharded_model": (p.SaveShardedModelRequest, _check_save, ("POST",), False),
     "/save_remote_model": (p.SaveRemoteModelRequest, lambda r: r, ("POST",), False),
     "/begin_weight_update": (p.BeginWeightUpdateRequest, lambda r: r, ("POST",), False),
