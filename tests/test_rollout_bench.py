@@ -41,7 +41,7 @@ def test_rollout_bench_runs_tiny_on_the_cpu(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "rollout.py"), "--device", "cpu", "--tiny", "--modes", "sampled",
                            "--paths", "offline,generate-stream,completions-stream", "--client-procs", "2",
-                           "--incremental-streaming-output", "--json", str(out)],
+                           "--incremental-streaming-output", "--repeats", "2", "--json", str(out)],
                           env=env, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     figures = json.loads(out.read_text())
@@ -52,6 +52,11 @@ def test_rollout_bench_runs_tiny_on_the_cpu(tmp_path):
         if sys.platform == "linux":
             assert run["thread_cpu_s"]["hotswap-scheduler"] >= 0  # /proc ticks: a tiny run may read 0
     assert figures["roofline"]["steps"] > 0
+    # --repeats: every run kept, the table's figure the last one, each with its one-time costs counted
+    for key, reps in figures["repeats"].items():
+        assert len(reps) == 2 and reps[-1] == figures["runs"][key]
+        assert all(isinstance(r["triton_compiles"], str) and "reserved_growth_mib" in r for r in reps)
+    assert "each run (the table shows the last)" in proc.stdout
 
 
 def test_rollout_bench_reports_routed_experts_cost_on_a_tiny_moe(tmp_path):
