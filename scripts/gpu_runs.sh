@@ -134,7 +134,7 @@ moe)
         --shape qwen3-30b-a3b --cases "$moe_cases" --hf none
     bash "$0" moe-rollout
     ;;
-moe-rollout)
+moe-rollout)  # on an 80 GB card the KV pool beside 61 GB of weights (~13 GB, ~140K tokens) is below what 256 sequences reach: it preempts
     PYTHONPATH=src run rollout_moe 360 python3 bench/rollout.py --shape qwen3-30b-a3b --prompts 32 --n 8 --modes sampled \
         --paths offline --routed-experts
     ;;
