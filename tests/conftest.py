@@ -71,6 +71,16 @@ def tiny_qwen3_v2(tiny_qwen3: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="module")
+def engine(tiny_qwen3):
+    """A CPU engine on the tiny Qwen3 checkpoint, one per module (a module needing other settings defines its own)."""
+    from hotswap import Engine
+
+    eng = Engine(str(tiny_qwen3), device="cpu", page_size=4)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
 def server(engine):
     """The module's `engine` fixture served by the app in a thread (as `hotswap serve` runs it)."""
     from hotswap.server.app import create_app

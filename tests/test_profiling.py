@@ -21,13 +21,6 @@ from hotswap.server.launch import ServerThread
 GREEDY = {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_qwen3):
-    eng = Engine(str(tiny_qwen3), device="cpu", page_size=4)
-    yield eng
-    eng.shutdown()
-
-
 def _trace(path: Path) -> dict:
     with gzip.open(path, "rt") as f:
         return json.load(f)

@@ -25,13 +25,6 @@ GREEDY = {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True}
 SLOW = {"max_new_tokens": 400, "temperature": 0, "ignore_eos": True}  # runs until aborted
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_qwen3):
-    eng = Engine(str(tiny_qwen3), device="cpu", page_size=4)
-    yield eng
-    eng.shutdown()
-
-
 def assert_idle(engine: Engine, timeout: float = 10.0) -> None:
     """Nothing runs or waits, every KV page is back (cached prefixes aside) and the accounting holds."""
     wait_idle(engine, timeout)

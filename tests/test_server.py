@@ -21,17 +21,6 @@ GREEDY = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
 PROMPT = "Alice likes 12 apples"
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_qwen3):
-    eng = Engine(str(tiny_qwen3), device="cpu", page_size=4)
-    yield eng
-    eng.shutdown()
-
-
-
-
-
-
 def pick_stop(text: str) -> str:
     """A short plain-ASCII piece from the middle of `text` (clear of partial UTF-8 replacement chars)."""
     for i in range(max(1, len(text) // 3), len(text) - 1):

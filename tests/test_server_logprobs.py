@@ -7,22 +7,9 @@ import base64
 import json
 
 import numpy as np
-import pytest
-
-from hotswap import Engine
 
 GREEDY = {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}
 IDS = [11, 52, 7, 300, 41, 9, 120, 77]
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_qwen3):
-    eng = Engine(str(tiny_qwen3), device="cpu", page_size=4)
-    yield eng
-    eng.shutdown()
-
-
-
 
 
 def test_generate_returns_sglang_input_token_logprobs(http, engine):
