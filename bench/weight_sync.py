@@ -167,16 +167,15 @@ def hf_sources(engine, device, seed: int = 0, aliased: bool = False) -> list[tup
     return out
 
 
-def weights_fit_twice(engine, sources_arg: str) -> bool:
-    """Whether a full second copy of the weights fits in free device memory (with 10 % to spare): `--sources full`
-    forces it, `aliased` refuses it, `auto` asks the device."""
+def second_copy_fits(nbytes: int, sources_arg: str) -> bool:
+    """Whether `nbytes` more (a second copy of the weights) fit in free device memory now, with 10 % to spare:
+    `--sources full` forces yes, `aliased` no, `auto` asks the device."""
     if sources_arg != "auto":
         return sources_arg == "full"
     if not cuda():
         return True
-    total = sum(p.numel() * p.element_size() for p in engine.model_runner.model.parameters())
     free_all()
-    return torch.cuda.mem_get_info()[0] > 1.1 * total
+    return torch.cuda.mem_get_info()[0] > 1.1 * nbytes
 
 
 def nbytes_of(named) -> int:
@@ -434,8 +433,7 @@ def bench_ipc(shape: str, engine, ceil: dict, updates: int, sources_arg: str, bu
     wm = engine.model_runner.weight_map
     specs = [(n, tuple(wm.slots[n].hf_shape), "bf16") for n in wm.names]
     total = sum(torch.Size(s).numel() for _, s, _ in specs) * 2
-    free_all()
-    aliased = sources_arg == "aliased" or (sources_arg == "auto" and torch.cuda.mem_get_info()[0] < 1.1 * total)
+    aliased = not second_copy_fits(total, sources_arg)
     if aliased:
         print(f"[{shape}] IPC: a producer holding a full copy does not fit ({mib(torch.cuda.mem_get_info()[0])} free): "
               "IPCWeightPusher's layout only, its trainer tensors views of one buffer", flush=True)
@@ -881,7 +879,7 @@ def run_shape(shape: str, args, ceil: dict) -> None:
         # the IPC producer sends the same buffers every update, so keeping all of them mapped pins nothing
         # extra; the engine default (1 GiB) is sized for IPCWeightPusher's reused pack buffer instead
         engine = make_engine(path, device, cuda_ipc_cache_bytes=64 << 30)
-        aliased = not weights_fit_twice(engine, args.sources)
+        aliased = not second_copy_fits(sum(p.numel() * p.element_size() for p in engine.model_runner.model.parameters()), args.sources)
         if aliased:
             print(f"[{shape}] sources aliased ({'--sources aliased' if args.sources == 'aliased' else 'a second copy of the weights does not fit'}): "
                   "in-process sources are views of one buffer per dtype, the size of the largest tensor", flush=True)
