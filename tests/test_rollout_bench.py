@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -70,3 +73,27 @@ def test_rollout_bench_reports_routed_experts_cost_on_a_tiny_moe(tmp_path):
     assert set(runs) == {"sampled/offline", "sampled+R3/offline"}
     assert runs["sampled+R3/offline"]["tokens"] == runs["sampled/offline"]["tokens"] > 0
     assert "sampled+R3 | offline" in proc.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_compiles_counts_a_kernel_compiled_inside_it():
+    """The rollout's one-time-cost column reads 0 only if the hook works: a kernel first used inside is counted, by name."""
+    import triton
+    import triton.language as tl
+
+    rb = load_rollout()
+
+    @triton.jit
+    def _bench_probe(x_ptr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(x_ptr + offs, tl.load(x_ptr + offs) + 1)
+
+    x = torch.zeros(16, device="cuda")
+    with rb.TritonCompiles() as compiles:
+        _bench_probe[(1,)](x, BLOCK=16)
+        torch.cuda.synchronize()
+    assert compiles.summary() == "1 (_bench_probe x1)"
+    with rb.TritonCompiles() as again:  # already loaded in this process: nothing to count
+        _bench_probe[(1,)](x, BLOCK=16)
+    assert again.summary() == "0" and x[0].item() == 2

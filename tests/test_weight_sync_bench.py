@@ -28,3 +28,25 @@ def test_weight_sync_bench_tensor_section(tmp_path, sources):
     tensor = figures["figures"]["tiny.tensor"]
     assert tensor["tensors"] > 0 and tensor["ms"] > 0
     assert ("sources aliased" in proc.stdout) == (sources == "aliased")
+
+
+def test_aliased_sources_are_views_of_one_buffer_with_the_engines_shapes(tiny_qwen3):
+    """What lets a 61 GB shape run on an 80 GB card: every aliased source shares its dtype's one buffer."""
+    import importlib.util
+
+    from hotswap import Engine
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("weight_sync_bench", ROOT / "bench" / "weight_sync.py")
+    ws = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ws)
+    with Engine(str(tiny_qwen3), device="cpu", page_size=4) as eng:
+        wm = eng.model_runner.weight_map
+        full, aliased = ws.hf_sources(eng, "cpu"), ws.hf_sources(eng, "cpu", aliased=True)
+        assert [n for n, _ in aliased] == [n for n, _ in full] == list(wm.names)
+        for (name, a), (_, f) in zip(aliased, full):
+            assert a.shape == f.shape == wm.slots[name].hf_shape and a.dtype == f.dtype
+        storages = {t.untyped_storage().data_ptr() for _, t in aliased}
+        assert len(storages) == len({t.dtype for _, t in aliased})  # one buffer per dtype
+        assert len({t.untyped_storage().data_ptr() for _, t in full}) == len(full)
+        assert eng.update_weights_from_tensor(aliased).success
