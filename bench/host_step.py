@@ -10,6 +10,7 @@ the time inside the model's forward, its LM head and the sampler's arithmetic; t
     python bench/host_step.py --batch 256 --mode penalties            # + min_new_tokens and a frequency penalty
     python bench/host_step.py --batch 256 --mode stops                # + a stop string (detokenized every step)
     python bench/host_step.py --batch 512 --prompt 512 --pages 20000  # rollout-length contexts (33+ pages a row)
+    python bench/host_step.py --batch 512 --stream                    # every request streamed: an output per token
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def main() -> None:
     ap.add_argument("--mode", choices=sorted(MODES), default="sampled")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--pages", type=int, default=4096, help="KV pages of 16 tokens (the batch's contexts must fit)")
+    ap.add_argument("--stream", action="store_true", help="stream every request (an output per token, consumed on this thread)")
     args = ap.parse_args()
     path = config_only_checkpoint(Path(tempfile.mkdtemp()) / args.shape, args.shape, "float32",
                                   max_positions=max(1024, args.prompt + args.steps + 1))
@@ -102,14 +104,18 @@ def main() -> None:
     repeats = []
     for r in range(args.repeats):
         steps.clear()
-        engine.generate(input_ids=prompts, sampling_params=dict(sp, seed=r), return_logprob=True)
+        out = engine.generate(input_ids=prompts, sampling_params=dict(sp, seed=r), return_logprob=True, stream=args.stream,
+                              incremental_streaming_output=True if args.stream else None)
+        if args.stream:
+            for _ in out:
+                pass
         engine.flush_cache()
         totals = [sum(s.values()) * 1e3 for s in steps]
         phases = {name: statistics.median(s[name] for s in steps) * 1e3 for name in PHASES}
         repeats.append((statistics.median(totals), statistics.quantiles(totals, n=10)[-1], phases, len(steps)))
     engine.shutdown()
     best = min(repeats, key=lambda r: r[0])
-    print(f"host_step shape={args.shape} batch={args.batch} mode={args.mode} output={args.steps}: host ms per decode step "
+    print(f"host_step shape={args.shape} batch={args.batch} mode={args.mode}{' streamed' if args.stream else ''} output={args.steps}: host ms per decode step "
           f"(median over {best[3]} steps; best of {args.repeats} runs) = {best[0]:.2f}, 90th percentile {best[1]:.2f}; by phase (medians) "
           + ", ".join(f"{k} {v:.2f}" for k, v in best[2].items())
           + "; every run's median: " + " ".join(f"{r[0]:.2f}" for r in repeats))

@@ -32,6 +32,7 @@ def test_serve_arguments():
     args = parser.parse_args(["--model-path", "/m", "--page-size", "4", "--num-pages", "64", "--max-running-requests", "8"])
     assert (args.host, args.port, args.dtype, args.device, args.api_key, args.served_model_name) == ("127.0.0.1", 30000, "auto", "auto", None, None)
     assert engine_kwargs_from_args(args) == {"page_size": 4, "num_pages": 64, "max_running_requests": 8}
+    assert args.frontend_process is True  # the HTTP front end runs in its own process unless --no-frontend-process
 
 
 @pytest.mark.parametrize("frontend_process", [False, True], ids=["in-process", "frontend-process"])
@@ -49,7 +50,7 @@ def test_serve_sigterm_drains_then_aborts(tiny_qwen3, frontend_process):
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "--model-path", str(tiny_qwen3), "--port", str(port), "--device", "cpu", "--page-size", "4",
          "--num-pages", "256", "--drain-timeout", "1", "--api-key", "k", "--log-level", "info"]
-        + (["--frontend-process"] if frontend_process else []),
+        + ([] if frontend_process else ["--no-frontend-process"]),
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     url = f"http://127.0.0.1:{port}"

@@ -1,7 +1,7 @@
 """`EngineAPI`: the offline Python API (SGLang's shapes) over a scheduler. It tokenizes, fans requests out to
 the scheduler through request objects, and assembles outputs; it never touches scheduler state directly.
 Two engines share it: `Engine` (the scheduler thread in this process) and `RemoteEngine` (the scheduler in
-another process, reached over a pipe: the HTTP front end of `hotswap serve --frontend-process`)."""
+another process, reached over a pipe: the HTTP front end of `hotswap serve`)."""
 
 from __future__ import annotations
 

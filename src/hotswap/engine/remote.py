@@ -1,6 +1,6 @@
 """`RemoteEngine`: the EngineAPI in a process other than the engine's, over a pipe to its EngineService
 (engine/service.py). Tokenization, request preparation, output assembly and streamed detokenization run
-here; the scheduler and the model stay in the engine's process. `hotswap serve --frontend-process` runs the
+here; the scheduler and the model stay in the engine's process. `hotswap serve` runs the
 HTTP server on one."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The HTTP front end in a process of its own (`hotswap serve --frontend-process`), as SGLang runs its
+"""The HTTP front end in a process of its own (`hotswap serve`, unless --no-frontend-process), as SGLang runs its
 tokenizer manager apart from its scheduler: uvicorn, request parsing, tokenization, output assembly, SSE and
 streamed detokenization run there on a RemoteEngine; the engine's process keeps the scheduler and the model
 and spends one message per step on the front end (engine/service.py). Hundreds of streams then no longer

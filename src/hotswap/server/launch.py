@@ -88,9 +88,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--incremental-streaming-output", action="store_true",
                         help="a streamed /generate chunk carries only its new text, output ids and logprobs, not everything so "
                              "far (SGLang's flag; off, each chunk repeats the whole output: O(length^2) bytes per stream)")
-    parser.add_argument("--frontend-process", action="store_true",
+    parser.add_argument("--frontend-process", action=argparse.BooleanOptionalAction, default=True,
                         help="run the HTTP front end (uvicorn, tokenization, output assembly, SSE) in its own process, as SGLang "
-                             "runs its tokenizer manager, so hundreds of streams do not hold the interpreter lock the scheduler needs")
+                             "runs its tokenizer manager, so hundreds of streams do not hold the interpreter lock the scheduler needs "
+                             "(default; --no-frontend-process serves HTTP from a thread of the engine's process)")
     parser.add_argument("--max-queue-wait-s", type=float, default=None,
                         help="how long a request may queue while generation is paused or a weight-update session is open (default 300)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
@@ -174,7 +175,7 @@ def serve(args: argparse.Namespace) -> None:
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key (or $HOTSWAP_API_KEY) is empty: give a real key, or leave it unset to serve without one")
     host, port = args.host, int(args.port)
-    frontend_process = bool(getattr(args, "frontend_process", False))
+    frontend_process = bool(getattr(args, "frontend_process", True))
     engine = app = None
     with tqdm(total=4, desc="hotswap", unit="step", bar_format="{desc}: {n_fmt}/{total_fmt} |{bar:12}| {elapsed}{postfix}",
               disable=level in ("critical", "error")) as bar:
