@@ -133,7 +133,9 @@ class CudaIpcMappings:
     The last `MAX_CALLS` calls are remembered too (`repeat`): a push of N buckets repeats N calls a step."""
 
     MAX_VIEWS = 4096  # per storage; a producer sending ever new shapes only rebuilds them
-    MAX_CALLS = 64  # remembered calls: an 8B model pushed in 512 MiB buckets is 32 calls a step
+    # remembered calls: a step's whole push, or the cycle evicts each call before it comes again (an 8B model in
+    # 512 MiB buckets is 32 calls a step, Qwen3-30B-A3B 99, a 235B-A22B ~900); each holds only views and descriptors
+    MAX_CALLS = 1024
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
