@@ -11,7 +11,8 @@ Per shape (bf16, random weights, `load_format="dummy"` engines):
 - sources (`--sources`): a full second copy of the weights on the device, or, where that does not fit beside the
   engine's (Qwen3-30B-A3B on an 80 GB card; `auto` decides), views of one random buffer the size of the largest
   tensor: every byte is still read and written. The IPC section decides the same for its producer from what is
-  free when it starts (beside the in-process sources): IPCWeightPusher's layout only, its tensors views of one buffer.
+  free when it starts (the in-process sources are dropped before it): IPCWeightPusher's layout only, its tensors
+  views of one buffer.
 - ipc: a producer process (spawn) holds the tensors and sends plain-data CUDA IPC descriptors through a
   queue; the engine loads them; N updates; memory of both sides before and after. Layouts: one allocation
   per tensor, one flat buffer, and IPCWeightPusher's (512 MiB buckets packed into one reused buffer, one
@@ -425,9 +426,8 @@ def _get_alive(q, proc, timeout: float = 300):
 
 
 def bench_ipc(shape: str, engine, ceil: dict, updates: int, sources_arg: str, bucket_bytes: int = 512 << 20) -> None:
-    """Where a producer holding a full copy does not fit in what is free now (beside the engine and the in-process
-    sources; `--sources aliased` forces it), only IPCWeightPusher's layout runs, its trainer tensors views of one
-    buffer (`_producer`)."""
+    """Where a producer holding a full copy does not fit in what is free now beside the engine (`--sources aliased`
+    forces it), only IPCWeightPusher's layout runs, its trainer tensors views of one buffer (`_producer`)."""
     import torch.multiprocessing as mp
 
     wm = engine.model_runner.weight_map
@@ -887,8 +887,12 @@ def run_shape(shape: str, args, ceil: dict) -> None:
         sources = hf_sources(engine, device, aliased=aliased)
         try:
             for name, fn in (("tensor", lambda: bench_tensor(shape, engine, sources, ceil, args.reps)),
-                             ("ttft", lambda: bench_ttft(shape, engine, sources, args.ttft_reps)),
-                             ("ipc", lambda: bench_ipc(shape, engine, ceil, args.ipc_updates, args.sources) if on_gpu else None),
+                             ("ttft", lambda: bench_ttft(shape, engine, sources, args.ttft_reps))):
+                if name in sections and f"{shape}.{name}" not in args.skip.split(","):
+                    guarded(f"{shape}.{name}", fn)
+            sources = None  # the sections below do not use them; the IPC producer's full copy needs their memory
+            free_all()
+            for name, fn in (("ipc", lambda: bench_ipc(shape, engine, ceil, args.ipc_updates, args.sources) if on_gpu else None),
                              ("distributed", lambda: bench_distributed(shape, engine, args.dist_bytes))):
                 if name in sections and f"{shape}.{name}" not in args.skip.split(","):
                     guarded(f"{shape}.{name}", fn)

@@ -13,13 +13,15 @@
 #   moe-quick  issue 20's layer kernels (no sweep) and the 30B-A3B throughput, for a short session
 #   moe     issue 20's Qwen3-30B-A3B throughput, then moe-rollout: its rollout with and without routed experts (R3)
 #   moe-sync  issue 20's 61 GB update, in process and over the trainer library's CUDA IPC pusher (fits an H100:
-#             beside the engine's 61 GB the bench's sources are views of one buffer, `--sources auto`)
+#             beside the engine's 61 GB the bench's sources are views of one buffer, `--sources auto`; ~230 s on an H200)
 # Device seconds measured: suite 280 (H200) / 308-380 (H100), run alone; throughput19 ~130; sync19 up to 560 (the
 # 8B IPC section alone needs more than the 150 s it had); moe-pair ~60; rollout-repeats ~120; moe-kernels ~280;
 # http ~270 if streaming keeps up (its limits allow 950); moe ~300; moe-sync up to 570.
-# What the open issues still lack, in order (after the fourteenth session): moe-sync (issue 20's 61 GB update, never
-# run), moe (30B-A3B batch 256 and rollout on the new kernels), http (issue 24's streaming, last run in the ninth
-# session), rollout-repeats and rollouts (8B, the tail), then anything on an H200 to restate the goals there.
+# What the open issues still lack, in order (after the fifteenth session): moe-sync on an H200 (the 61 GB IPC push
+# after CudaIpcMappings remembers a whole step's calls; with the in-process sources dropped first, the separate /
+# flat layouts fit beside the engine there), http with the front end in its own process on the H200 (measured
+# only on an H100: 1.28x / 1.23x), rollout-repeats on the H200 (0.6B at 53 %: what of its 5.3-ms step is host),
+# then a decode-graph kernel table of the 30B-A3B at batch 1 after any fusion (46.5 % on the H200).
 # "Before" is the tree before the restructure, unpacked beside this one (untracked, so it travels to the
 # device):  git archive 6c9ff7c src bench | (mkdir -p .before && tar -x -C .before)
 # The MoE stage compares its decode kernels with the tree before they changed, unpacked the same way:
