@@ -64,15 +64,18 @@ def main() -> None:
     timings: dict[str, float] = {}
     for label, seqs, emit in (("not streamed (peer): append_token", make(False), False),
                               ("streamed: append_token + emit + flush", make(True), True)):
-        t = time.perf_counter()
+        t, sent = time.perf_counter(), 0
         for step in range(args.steps):
             for seq in seqs:
                 streamer.append_token(seq, 7 + step, -1.5, [], "default")
                 if emit:
                     streamer.emit(seq, "default")
             streamer.flush()
+            sent += len(step_outputs)
             step_outputs.clear()
         timings[label] = time.perf_counter() - t
+        if sent != (args.rows * args.steps if emit else 0) or any(s.finish_reason is not None for s in seqs):
+            raise SystemExit(f"{label}: {sent} outputs for {args.rows} x {args.steps} tokens, or a request finished early")
     seqs = make(True)
     for seq in seqs:
         streamer.append_token(seq, 7, -1.5, [], "default")
