@@ -182,6 +182,42 @@ def test_remembered_calls_keep_their_match_and_a_callers_list_is_checked_every_t
             match(caller)
 
 
+def test_a_push_of_many_buckets_is_remembered_whole(tiny_qwen3):
+    """A push visits its buckets in the same order every step, so the per-call caches (copy plans, remembered
+    IPC calls) must hold a whole push: Qwen3-30B-A3B in 512 MiB buckets is 99 calls, and with room for 64 the
+    least recently used entry was always the next one needed: every call of every step missed."""
+    import base64
+    import itertools
+
+    from hotswap import Engine
+    from hotswap.weights.ipc import CudaIpcMappings, cuda_ipc_storage_key
+    from hotswap.wire.buckets import BUCKET_CALLS_REMEMBERED
+
+    calls = 120  # more than the old bound of 64, as a 30B-A3B push is
+    assert BUCKET_CALLS_REMEMBERED >= calls
+
+    def desc(name: str, offset: int) -> dict:
+        return {"name": name, "dtype": "float32", "shape": [2], "stride": [1], "storage_offset": offset, "kind": "cuda_ipc",
+                "device": 0, "handle": base64.b64encode(b"h").decode(), "storage_size": 1 << 12, "storage_handle_offset": 0}
+
+    m = CudaIpcMappings(max_bytes=1 << 20)
+    m.get(cuda_ipc_storage_key(desc("w0", 0)), lambda: torch.UntypedStorage(1 << 12), 1 << 12)
+    pushes = [[desc(f"w{i}", 2 * i)] for i in range(calls)]
+    views = [[(f"w{i}", torch.zeros(2))] for i in range(calls)]
+    for b, v in zip(pushes, views):
+        m.remember(b, v)
+    assert all(m.repeat([dict(d) for d in b]) is v for b, v in zip(pushes, views))  # the next step: every call a hit
+
+    with Engine(str(tiny_qwen3), device="cpu", dtype="float32") as engine:
+        plans, wm = engine.scheduler.weight_updater.tensor_plans, engine.model_runner.weight_map
+        names = list(wm.names)
+        buckets = [list(pair) for pair in itertools.combinations(names, 2)][:calls]  # distinct bucket name sets
+        assert len(buckets) == calls
+        pairs = [[(n, torch.zeros(wm.slots[n].hf_shape)) for n in b] for b in buckets]
+        first = [plans.match(wm, p).plan for p in pairs]
+        assert all(plans.match(wm, p).plan is plan for p, plan in zip(pairs, first))  # the second step reuses every plan
+
+
 def test_in_process_pairs_accept_tensor_subclasses_and_refuse_other_values():
     from hotswap.weights.ipc_grouped import _tensor_pairs
 

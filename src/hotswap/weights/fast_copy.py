@@ -27,6 +27,7 @@ import torch
 from hotswap.errors import CheckpointError, shown
 from hotswap.weights.loader import TensorMeta, check_tensor_metas
 from hotswap.weights.mapping import WeightMap, WeightSlot
+from hotswap.wire.buckets import BUCKET_CALLS_REMEMBERED
 
 try:
     import triton
@@ -94,7 +95,7 @@ class TensorPlanCache:
     """names tuple -> per-tensor targets (None for entries that are skipped: ignored suffixes, a tied
     alias given beside its embedding). Invalidated when the weight map is rebuilt (memory resume)."""
 
-    def __init__(self, max_entries: int = 64):  # an 8B model pushed in 512 MiB buckets: 32 name sets a step
+    def __init__(self, max_entries: int = BUCKET_CALLS_REMEMBERED):  # one name set per bucket call of a push
         self.max_entries = max_entries
         self.weight_map: weakref.ref | None = None  # weak: a rebuilt map drops the old one, and our plans with it
         self.plans: OrderedDict[tuple[str, ...], list[_Target | None]] = OrderedDict()

@@ -19,7 +19,7 @@ from operator import itemgetter
 import torch
 
 from hotswap.errors import HotswapError, shown
-from hotswap.wire.buckets import first_overlap
+from hotswap.wire.buckets import BUCKET_CALLS_REMEMBERED, first_overlap
 from hotswap.wire.dtypes import dtype_from_name
 from hotswap.wire.ipc import B64_FIELDS, CUDA_FIELDS
 
@@ -133,9 +133,7 @@ class CudaIpcMappings:
     The last `MAX_CALLS` calls are remembered too (`repeat`): a push of N buckets repeats N calls a step."""
 
     MAX_VIEWS = 4096  # per storage; a producer sending ever new shapes only rebuilds them
-    # remembered calls: a step's whole push, or the cycle evicts each call before it comes again (an 8B model in
-    # 512 MiB buckets is 32 calls a step, Qwen3-30B-A3B 99, a 235B-A22B ~900); each holds only views and descriptors
-    MAX_CALLS = 1024
+    MAX_CALLS = BUCKET_CALLS_REMEMBERED  # a whole push's calls; each holds only views and descriptors
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes

@@ -15,6 +15,10 @@ Weights = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
 # derived state, never a parameter (old Llama exports carry rotary caches); the engine ignores it too
 SKIPPED_SUFFIXES = (".rotary_emb.inv_freq",)
 SENDABLE_DTYPES = frozenset(DTYPES_BY_NAME.values())
+# How many bucket calls the engine's per-call caches keep (copy plans, remembered IPC descriptors): a whole push's,
+# since a push visits its buckets in the same order every step and an LRU smaller than that misses on every call
+# (Qwen3-30B-A3B in 512 MiB buckets is 99 calls, a 235B-A22B about 900). Each entry is a few small tables.
+BUCKET_CALLS_REMEMBERED = 1024
 
 
 def iter_named_tensors(weights: Weights) -> Iterator[tuple[str, torch.Tensor]]:
