@@ -17,9 +17,9 @@
 # Device seconds measured: suite 280 (H200) / 308-380 (H100), run alone; throughput19 ~130; sync19 up to 560 (the
 # 8B IPC section alone needs more than the 150 s it had); moe-pair ~60; rollout-repeats ~120; moe-kernels ~280;
 # http ~270 if streaming keeps up (its limits allow 950); moe ~300; moe-sync up to 570.
-# What the open issues still lack, in order (after the fifteenth session): moe-sync on an H200 (the 61 GB IPC push
-# after CudaIpcMappings remembers a whole step's calls; with the in-process sources dropped first, the separate /
-# flat layouts fit beside the engine there), http with the front end in its own process on the H200 (measured
+# What the open issues still lack, in order (after the fifteenth session): moe-sync on an H200 (the 61 GB IPC push,
+# 14 % of D2D before its per-call caches held a whole push and its copy tables were built with tensor ops; with the
+# in-process sources dropped first, the separate / flat layouts fit beside the engine there), http with the front end in its own process on the H200 (measured
 # only on an H100: 1.28x / 1.23x), rollout-repeats on the H200 (0.6B at 53 %: what of its 5.3-ms step is host),
 # then a decode-graph kernel table of the 30B-A3B at batch 1 after any fusion (46.5 % on the H200).
 # "Before" is the tree before the restructure, unpacked beside this one (untracked, so it travels to the
