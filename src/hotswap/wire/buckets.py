@@ -17,7 +17,8 @@ SKIPPED_SUFFIXES = (".rotary_emb.inv_freq",)
 SENDABLE_DTYPES = frozenset(DTYPES_BY_NAME.values())
 # How many bucket calls the engine's per-call caches keep (copy plans, remembered IPC descriptors): a whole push's,
 # since a push visits its buckets in the same order every step and an LRU smaller than that misses on every call
-# (Qwen3-30B-A3B in 512 MiB buckets is 99 calls, a 235B-A22B about 900). Each entry is a few small tables.
+# (Qwen3-30B-A3B in 512 MiB buckets is 99 calls, a 235B-A22B about 900). A copy plan's device tables are about
+# 1/8192 of its bucket's bytes: 64 MiB at most for 1,024 buckets of 512 MiB.
 BUCKET_CALLS_REMEMBERED = 1024
 
 
