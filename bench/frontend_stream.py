@@ -163,13 +163,14 @@ def main() -> None:
     ap.add_argument("--paths", default="generate-stream,completions-stream,chat-stream")
     ap.add_argument("--cumulative", action="store_true",
                     help="native chunks in SGLang's default shape (everything so far); else the server's --incremental-streaming-output")
-    ap.add_argument("--frontend-process", action="store_true", help="the front end in its own process, as `hotswap serve --frontend-process`")
+    ap.add_argument("--frontend-process", action="store_true", help="the front end in its own process, as `hotswap serve` runs it")
+    ap.add_argument("--frontend-workers", type=int, default=1, help="with --frontend-process: this many front end processes on the port")
     ap.add_argument("--client-procs", type=int, default=2)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     from hotswap.server.app import create_app
-    from hotswap.server.frontend_process import FrontendOptions, FrontendProcess
+    from hotswap.server.frontend_process import FrontendGroup, FrontendOptions
     from hotswap.server.launch import ServerThread
 
     tmp = tempfile.TemporaryDirectory()
@@ -178,9 +179,9 @@ def main() -> None:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
-        server = FrontendProcess(engine, sock, FrontendOptions(host="127.0.0.1", port=sock.getsockname()[1])).start()
-        host, port = server.address
-        cpu_of = lambda: proc_cpu_s(f"/proc/{server.process.pid}/stat")
+        server = FrontendGroup(engine, sock, FrontendOptions(host="127.0.0.1", port=sock.getsockname()[1]), args.frontend_workers).start()
+        host, port = server.fronts[0].address
+        cpu_of = lambda: sum(proc_cpu_s(f"/proc/{pid}/stat") for pid in server.pids)
     else:
         server = ServerThread(create_app(engine), host="127.0.0.1", port=0).start()
         host, port = "127.0.0.1", server.port
@@ -199,7 +200,7 @@ def main() -> None:
         server.stop()
         engine.shutdown()
     offered = args.streams / (args.step_ms / 1000)
-    where = "front end process" if args.frontend_process else "event-loop thread"
+    where = (f"{args.frontend_workers} front end process(es)" if args.frontend_process else "event-loop thread")
     print_table(f"front end, synthetic scheduler: {args.streams} streams x {args.tokens} tokens, a step every {args.step_ms:g} ms "
                       f"({offered:,.0f} tok/s offered), {'cumulative' if args.cumulative else 'incremental'} native chunks, "
                       f"{args.client_procs} client processes",

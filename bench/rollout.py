@@ -161,16 +161,17 @@ class LoadMonitor:
 CPU_THREADS = ("hotswap-scheduler", "hotswap-http", "hotswap-service-in", "hotswap-service-out")
 
 
-def threads_cpu_s(frontend_pid: int | None = None) -> dict[str, float]:
+def threads_cpu_s(frontend_pids: list[int] = ()) -> dict[str, float]:
     """CPU seconds so far of this process's scheduler thread, HTTP event-loop thread (or, with the front end in
     its own process, the threads serving its pipe, and that whole process) (Linux /proc; {} elsewhere): a loop
     in this process shares the interpreter lock with the scheduler, so its busy time is time the scheduler may wait."""
     out = {}
     for t in threading.enumerate():
         if t.name in CPU_THREADS and (cpu := proc_cpu_s(f"/proc/self/task/{t.native_id}/stat")) is not None:
-            out[t.name] = cpu
-    if frontend_pid is not None and (cpu := proc_cpu_s(f"/proc/{frontend_pid}/stat")) is not None:
-        out["frontend process"] = cpu
+            out[t.name] = out.get(t.name, 0.0) + cpu  # one pipe's threads per front end process: summed
+    cpus = [proc_cpu_s(f"/proc/{pid}/stat") for pid in frontend_pids]
+    if frontend_pids and None not in cpus:
+        out["frontend process" if len(cpus) == 1 else f"{len(cpus)} frontend processes"] = sum(cpus)
     return out
 
 
@@ -210,10 +211,10 @@ class TritonCompiles:
 
 
 def run_path(engine, path: str, w: Workload, mode: str, args, url: str | None, routed_experts: bool = False,
-             frontend_pid: int | None = None) -> dict:
+             frontend_pids: list[int] = ()) -> dict:
     jobs = [(ids, w.sampling_params(i, mode)) for i, ids in enumerate(w.prompts)]
     engine.flush_cache()  # every path starts from the same empty prefix cache
-    cpu_before = threads_cpu_s(frontend_pid)
+    cpu_before = threads_cpu_s(frontend_pids)
     reserved_before = torch.cuda.memory_reserved() if torch.cuda.is_available() else 0
     with LoadMonitor(engine) as mon, TritonCompiles() as compiles:
         if path == "offline":
@@ -233,7 +234,7 @@ def run_path(engine, path: str, w: Workload, mode: str, args, url: str | None, r
             start, end, tokens = res["start"], res["end"], res["tokens"]
     if tokens != sum(w.out_lens):
         raise RuntimeError(f"{mode}/{path}: {tokens} output tokens, the workload asked for {sum(w.out_lens)}")
-    cpu_after = threads_cpu_s(frontend_pid)
+    cpu_after = threads_cpu_s(frontend_pids)
     out = {"seconds": end - start, "tokens": tokens, "tail_seconds": mon.tail_seconds(start, end),
            "thread_cpu_s": {k: cpu_after[k] - cpu_before[k] for k in cpu_after if k in cpu_before},
            "triton_compiles": compiles.summary(),
@@ -326,7 +327,9 @@ def main() -> None:
                     help="serve with SGLang's incremental streaming output: a native /generate chunk carries only its new tokens "
                          "(off: SGLang's default, every chunk repeats the whole output so far)")
     ap.add_argument("--frontend-process", action="store_true",
-                    help="serve HTTP from a front end in its own process (`hotswap serve --frontend-process`) instead of a thread here")
+                    help="serve HTTP from a front end in its own process (`hotswap serve`'s default) instead of a thread here")
+    ap.add_argument("--frontend-workers", type=int, default=1,
+                    help="with --frontend-process: this many front end processes on the port (`hotswap serve --frontend-workers`)")
     ap.add_argument("--profile", action="store_true",
                     help="then run the offline rollout of the first mode once more under torch.profiler: device time by "
                          "kind of kernel, and the device's idle share of the wall")
@@ -367,17 +370,18 @@ def main() -> None:
              f"outputs lognormal median {args.out_median:g} sigma {args.out_sigma:g} "
              f"in [{args.out_min}, {args.out_max}] ({sum(w.out_lens):,} tokens), max_running {args.max_running}, "
              f"{args.concurrency} HTTP clients{', incremental streaming output' if args.incremental_streaming_output else ''}"
-             f"{', HTTP front end in its own process' if args.frontend_process else ''}; "
+             f"{f', HTTP front end in {args.frontend_workers} process(es) of its own' if args.frontend_process else ''}; "
              f"{ceilings_line(device)}")
 
-    server = url = frontend_pid = None
+    server = url = None
+    frontend_pids: list[int] = []
     if any(p != "offline" for p in paths) and args.frontend_process:
-        from hotswap.server.frontend_process import FrontendOptions, FrontendProcess
+        from hotswap.server.frontend_process import FrontendGroup, FrontendOptions
         from hotswap.server.launch import bind_socket
 
         sock = bind_socket("127.0.0.1", 0)
-        server = FrontendProcess(engine, sock, FrontendOptions(host="127.0.0.1", port=sock.getsockname()[1])).start()
-        url, frontend_pid = server.url, server.process.pid
+        server = FrontendGroup(engine, sock, FrontendOptions(host="127.0.0.1", port=sock.getsockname()[1]), args.frontend_workers).start()
+        url, frontend_pids = server.url, server.pids
     elif any(p != "offline" for p in paths):
         from hotswap.server.app import create_app
         from hotswap.server.launch import ServerThread
@@ -400,7 +404,7 @@ def main() -> None:
             offline = None
             for path in paths:
                 for _ in range(args.repeats):  # the table shows the last; notes list every repeat
-                    r = run_path(engine, path, w, mode, args, url, frontend_pid=frontend_pid)
+                    r = run_path(engine, path, w, mode, args, url, frontend_pids=frontend_pids)
                     results["repeats"].setdefault(f"{mode}/{path}", []).append(r)
                 results["runs"][f"{mode}/{path}"] = r
                 if "timed_out" in r:

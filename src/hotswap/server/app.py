@@ -50,6 +50,7 @@ from hotswap.server.http_utils import (
     sse,
 )
 from hotswap.server.metrics import Metrics
+from hotswap.server.metrics_share import MetricsShare
 from hotswap.server.openai_api import register as register_openai_routes
 from hotswap.server.vllm_api import register as register_vllm_routes
 from hotswap.server.weights_api import register as register_weight_routes
@@ -80,6 +81,7 @@ class ServerState:
         self._served_model_name = served_model_name
         self.created = int(time.time())
         self.metrics = Metrics()
+        self.metrics_share: MetricsShare | None = None  # set in a front end process that shares the server with others
         self.draining = False
         self.last_weight_version = "default"
         self.tokenizer = engine.tokenizer
@@ -373,7 +375,8 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
         load = await state.load(timeout=1.0)
-        return PlainTextResponse(state.metrics.render(load, state.served_model_name, state.page_size), media_type="text/plain; version=0.0.4; charset=utf-8")
+        counts = state.metrics if state.metrics_share is None else state.metrics_share.total(state.metrics)
+        return PlainTextResponse(counts.render(load, state.served_model_name, state.page_size), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/get_ipc_token")
     async def get_ipc_token() -> JSONResponse:

@@ -8,20 +8,25 @@ Also the draining uvicorn server both ways of serving use."""
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from multiprocessing.connection import wait as wait_for_exit
 
 from hotswap.engine.service import EngineInfo, EngineService
 from hotswap.server.access import AccessPolicy
 from hotswap.server.app import make_garbage_collections_rare
 from hotswap.server.http_protocol import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_SEND_TIMEOUT_S, bounded_protocol
+from hotswap.server.metrics_share import MetricsShare
 
 log = logging.getLogger("hotswap.server")
 
@@ -70,6 +75,8 @@ class FrontendOptions:
     send_timeout_s: float = DEFAULT_SEND_TIMEOUT_S
     log_level: str = "warning"
     drain_timeout: float = 30.0
+    worker: int = 0  # this front end's index among the server's (`--frontend-workers`)
+    metrics_dir: str | None = None  # where the server's front ends share their route counters (several of them only)
 
 
 def _frontend_main(conn, info: EngineInfo, options: FrontendOptions, sock: socket.socket) -> None:
@@ -89,6 +96,7 @@ def _frontend_main(conn, info: EngineInfo, options: FrontendOptions, sock: socke
             server.should_exit = True
 
     engine = RemoteEngine(conn, info, on_close=stop_serving)
+    share = None
     try:
         app = create_app(engine, api_key=options.api_key, served_model_name=options.served_model_name, policy=options.policy,
                          max_body_bytes=options.max_body_bytes, body_timeout_s=options.body_timeout_s)
@@ -97,6 +105,8 @@ def _frontend_main(conn, info: EngineInfo, options: FrontendOptions, sock: socke
                                 http=bounded_protocol(options.header_timeout_s, options.send_timeout_s))
         server = make_draining_server(config, app.state.hotswap, options.drain_timeout)
         servers.append(server)
+        if options.metrics_dir is not None:
+            share = app.state.hotswap.metrics_share = MetricsShare(options.metrics_dir, options.worker).start(app.state.hotswap.metrics)
         # uvicorn re-raises the signal that stopped it once it has shut down: take it here, so this process
         # closes its pipe and exits 0 instead of dying of it
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -104,6 +114,8 @@ def _frontend_main(conn, info: EngineInfo, options: FrontendOptions, sock: socke
         if engine.scheduler.dead is None:
             server.run(sockets=[sock])
     finally:
+        if share is not None:
+            share.stop()
         engine.shutdown()
         sock.close()
 
@@ -133,10 +145,19 @@ class FrontendProcess:
 
     def start(self, timeout: float = 180.0) -> FrontendProcess:
         """Start the process and wait until it answers /health (bounded; its failure to start is raised)."""
+        return self.spawn().wait_healthy(timeout)
+
+    def spawn(self) -> FrontendProcess:
+        """Start the process without waiting for it (several front ends on one socket: FrontendGroup)."""
         make_garbage_collections_rare()  # this process's scheduler thread allocates per step as the front end does per token
         self.service.start()
         self.process.start()
         self._theirs.close()
+        return self
+
+    def wait_healthy(self, timeout: float = 180.0) -> FrontendProcess:
+        """Wait until the socket answers /health (bounded); raise, stopped, if this process exits first. With
+        several front ends on the socket, any of them may be the one that answers."""
         deadline = time.monotonic() + timeout
         while not self._healthy():
             if not self.process.is_alive():
@@ -180,6 +201,66 @@ class FrontendProcess:
         self._sock.close()
 
     def __enter__(self) -> FrontendProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class FrontendGroup:
+    """`workers` front end processes accepting on one bound socket (`hotswap serve --frontend-workers`, SGLang's
+    --tokenizer-worker-num): request parsing, tokenization, output assembly and SSE spread over several cores
+    (one busy process does not lose throughput on streams, it coalesces their tokens into fewer chunks). Several
+    share their route counters through a folder made here (server/metrics_share.py); `stop` removes it. One
+    worker is exactly one FrontendProcess."""
+
+    def __init__(self, engine, sock: socket.socket, options: FrontendOptions, workers: int = 1):
+        if workers < 1:
+            raise ValueError(f"a front end group needs at least one worker, got {workers}")
+        self.metrics_dir = tempfile.mkdtemp(prefix="hotswap-metrics-") if workers > 1 else None
+        self.fronts = [FrontendProcess(engine, sock if i == 0 else sock.dup(), dataclasses.replace(options, worker=i, metrics_dir=self.metrics_dir))
+                       for i in range(workers)]
+
+    @property
+    def url(self) -> str:
+        return self.fronts[0].url
+
+    @property
+    def pids(self) -> list[int]:
+        return [f.process.pid for f in self.fronts]
+
+    def start(self, timeout: float = 180.0) -> FrontendGroup:
+        """Start every process; return once the socket answers /health (any of them may answer first: the others
+        join as they come up). Any failure to start stops them all and is raised."""
+        try:
+            for front in self.fronts:
+                front.spawn()
+            self.fronts[0].wait_healthy(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def send_signal(self, signum: int = signal.SIGTERM) -> None:
+        for front in self.fronts:
+            front.send_signal(signum)
+
+    def wait_first_exit(self) -> FrontendProcess:
+        """Block until one of the processes exits (for whatever reason); return it, its exit code read."""
+        while not (ended := wait_for_exit([f.process.sentinel for f in self.fronts], timeout=1.0)):
+            pass
+        first = next(f for f in self.fronts if f.process.sentinel in ended)
+        first.process.join(10)  # its sentinel can signal a moment before its exit status is there to read
+        return first
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop every process (SIGTERM: drain, then exit; see FrontendProcess.stop) and remove the shared folder."""
+        for front in self.fronts:
+            front.stop(timeout)
+        if self.metrics_dir is not None:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+    def __enter__(self) -> FrontendGroup:
         return self
 
     def __exit__(self, *exc) -> None:

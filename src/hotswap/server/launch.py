@@ -92,6 +92,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the HTTP front end (uvicorn, tokenization, output assembly, SSE) in its own process, as SGLang "
                              "runs its tokenizer manager, so hundreds of streams do not hold the interpreter lock the scheduler needs "
                              "(default; --no-frontend-process serves HTTP from a thread of the engine's process)")
+    parser.add_argument("--frontend-workers", type=int, default=1,
+                        help="front end processes accepting on the port (SGLang's --tokenizer-worker-num): request parsing, "
+                             "tokenization and output assembly spread over them (default 1; /metrics sums them)")
     parser.add_argument("--max-queue-wait-s", type=float, default=None,
                         help="how long a request may queue while generation is paused or a weight-update session is open (default 300)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
@@ -176,6 +179,9 @@ def serve(args: argparse.Namespace) -> None:
         raise ValueError("--api-key (or $HOTSWAP_API_KEY) is empty: give a real key, or leave it unset to serve without one")
     host, port = args.host, int(args.port)
     frontend_process = bool(getattr(args, "frontend_process", True))
+    workers = int(getattr(args, "frontend_workers", 1))
+    if workers < 1 or (workers > 1 and not frontend_process):
+        raise ValueError(f"--frontend-workers must be at least 1, and 1 with --no-frontend-process; got {workers}")
     engine = app = None
     with tqdm(total=4, desc="hotswap", unit="step", bar_format="{desc}: {n_fmt}/{total_fmt} |{bar:12}| {elapsed}{postfix}",
               disable=level in ("critical", "error")) as bar:
@@ -209,10 +215,10 @@ def serve(args: argparse.Namespace) -> None:
                 engine.shutdown()
             raise
     log.info("serving %s on http://%s:%d (%s%s)", args.model_path, host, port, "api key required" if args.api_key else "no api key",
-             "; HTTP front end in its own process" if frontend_process else "")
+             f"; HTTP front end in {workers} process(es) of its own" if frontend_process else "")
     try:
         if frontend_process:
-            _serve_from_frontend_process(engine, sock, options)
+            _serve_from_frontend_processes(engine, sock, options, workers)
         else:
             _serve_in_process(app, sock, options)
     finally:
@@ -250,23 +256,32 @@ def _serve_in_process(app, sock: socket.socket, options: FrontendOptions) -> Non
             log.info("stopped by signal %d", received[0])
 
 
-def _serve_from_frontend_process(engine, sock: socket.socket, options: FrontendOptions) -> None:
-    """The front end in a spawned process; SIGTERM/SIGINT here go to it as SIGTERM (the first drains, a second
-    exits at once). Returns when it has exited; raises if it exited on its own with an error."""
-    from hotswap.server.frontend_process import FrontendProcess
+def _serve_from_frontend_processes(engine, sock: socket.socket, options: FrontendOptions, workers: int) -> None:
+    """`workers` spawned front end processes accepting on `sock` (FrontendGroup); SIGTERM/SIGINT here go to each
+    as SIGTERM (the first drains, a second exits at once). Returns when they have exited: the first to exit, for
+    whatever reason, takes the others down with it (drained); raises if it exited on its own with an error."""
+    from hotswap.server.frontend_process import FrontendGroup
 
-    front = FrontendProcess(engine, sock, options)
+    group = FrontendGroup(engine, sock, options, workers)
+    signalled: list[int] = []
+
+    def forward(signum, frame) -> None:
+        signalled.append(signum)
+        group.send_signal(signal.SIGTERM)
+
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = {sig: signal.signal(sig, lambda signum, frame: front.send_signal(signal.SIGTERM)) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        front.start()
-        log.info("HTTP front end process %d ready", front.process.pid)
-        code = front.wait()
-        if code not in (0, None):
-            raise RuntimeError(f"the HTTP front end process exited with code {code}")
+        group.start()
+        log.info("HTTP front end process(es) %s ready", ", ".join(map(str, group.pids)))
+        first = group.wait_first_exit()
+        if not signalled:
+            group.send_signal(signal.SIGTERM)
+            if first.process.exitcode != 0:
+                raise RuntimeError(f"the HTTP front end process {first.process.pid} exited with code {first.process.exitcode}")
     finally:
-        front.stop()
+        group.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

@@ -92,6 +92,44 @@ class Metrics:
             self.weight_update_sum[route] += seconds
             self.weight_update_count[route] += 1
 
+    # ---- several front end processes: each counts its own, a scrape shows the sum --------------------
+
+    def snapshot(self) -> dict:
+        """Every counter as JSON-able data (`absorb` adds one into another Metrics)."""
+        with self._lock:
+            return {"http_requests": [[m, r, s, v] for (m, r, s), v in self.http_requests.items()],
+                    "generation_requests": dict(self.generation_requests),
+                    "totals": [self.prompt_tokens, self.completion_tokens, self.cached_tokens, self.finished_requests,
+                               self.aborted_requests, self.disconnects],
+                    "weight_updates": [[r, res, v] for (r, res), v in self.weight_updates.items()],
+                    "weight_update_buckets": {r: list(b) for r, b in self.weight_update_buckets.items()},
+                    "weight_update_sum": dict(self.weight_update_sum), "weight_update_count": dict(self.weight_update_count)}
+
+    def absorb(self, snap: dict) -> None:
+        """Add the counters of a `snapshot` (another front end process's) to these."""
+        with self._lock:
+            for m, r, s, v in snap["http_requests"]:
+                self.http_requests[(m, r, int(s))] += int(v)
+            for r, v in snap["generation_requests"].items():
+                self.generation_requests[r] += int(v)
+            prompt, completion, cached, finished, aborted, disconnects = map(int, snap["totals"])
+            self.prompt_tokens += prompt
+            self.completion_tokens += completion
+            self.cached_tokens += cached
+            self.finished_requests += finished
+            self.aborted_requests += aborted
+            self.disconnects += disconnects
+            for r, res, v in snap["weight_updates"]:
+                self.weight_updates[(r, res)] += int(v)
+            for r, counts in snap["weight_update_buckets"].items():
+                mine = self.weight_update_buckets.setdefault(r, [0] * len(DURATION_BUCKETS))
+                for i, c in enumerate(counts[: len(mine)]):
+                    mine[i] += int(c)
+            for r, v in snap["weight_update_sum"].items():
+                self.weight_update_sum[r] += float(v)
+            for r, v in snap["weight_update_count"].items():
+                self.weight_update_count[r] += int(v)
+
     # ---- exposition --------------------------------------------------------------------------------
 
     def render(self, load=None, model_name: str = "", page_size: int = 1) -> str:

@@ -1,0 +1,135 @@
+"""Several HTTP front end processes on one port (`hotswap serve --frontend-workers N`): every request is served
+whichever process accepts it, /metrics shows the whole server's counters from any of them, and SIGTERM drains
+them all. Their counters are shared through a folder (server/metrics_share.py): the sum is checked here too."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from hotswap.server.metrics import Metrics
+from hotswap.server.metrics_share import MetricsShare
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def counted(metrics: Metrics) -> Metrics:
+    metrics.observe_http("POST", "/generate", 200)
+    metrics.observe_http("GET", "/health", 200)
+    metrics.observe_generation("/generate", [{"meta_info": {"prompt_tokens": 5, "completion_tokens": 7, "cached_tokens": 2,
+                                                            "finish_reason": {"type": "length"}}}])
+    metrics.observe_disconnect()
+    metrics.observe_weight_update("/update_weights_from_disk", True, 0.2)
+    metrics.observe_weight_update("/update_weights_from_disk", False, 0.1)
+    return metrics
+
+
+def test_a_snapshot_absorbed_adds_every_counter():
+    one, two = counted(Metrics()), counted(counted(Metrics()))
+    total = Metrics()
+    total.absorb(one.snapshot())
+    total.absorb(two.snapshot())
+    three = counted(counted(counted(Metrics())))
+    assert total.snapshot() == three.snapshot()
+    assert total.render() == three.render()
+
+
+def test_each_front_end_shows_its_live_counters_plus_the_others_latest(tmp_path):
+    a, b = MetricsShare(str(tmp_path), 0), MetricsShare(str(tmp_path), 1)
+    mine_a, mine_b = counted(Metrics()), counted(counted(Metrics()))
+    assert a.total(mine_a).snapshot() == mine_a.snapshot()  # b has not published: it counts nothing yet
+    b.publish(mine_b)
+    (tmp_path / "worker-7.json").write_text("{not json")  # a file being replaced or damaged is skipped, not fatal
+    assert a.total(mine_a).snapshot() == counted(counted(counted(Metrics()))).snapshot()
+    counted(mine_a)  # a's own requests count at once, the others' as of their last publish
+    assert a.total(mine_a).snapshot()["totals"][0] == 4 * 5
+    b.start(mine_b)  # published every interval and once more when stopped
+    counted(mine_b)
+    b.stop()
+    assert a.total(mine_a).snapshot()["totals"][0] == 5 * 5
+
+
+def wait_healthy(proc: subprocess.Popen, url: str) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, proc.communicate()[1]
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server did not come up"
+        time.sleep(0.1)
+
+
+def generate_requests(metrics_text: str) -> int:
+    m = re.search(r'hotswap_http_requests_total\{method="POST",route="/generate",status="200"\} (\d+)', metrics_text)
+    return int(m.group(1)) if m else 0
+
+
+@pytest.mark.timeout(300)
+def test_two_front_ends_serve_one_port_count_together_and_drain(tiny_qwen3):
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "hotswap.cli", "serve", "--model-path", str(tiny_qwen3), "--port", str(port),
+                             "--device", "cpu", "--page-size", "4", "--num-pages", "512", "--frontend-workers", "2", "--no-warmup",
+                             "--log-level", "info", "--drain-timeout", "2"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(proc, url)
+        body = {"text": "Alice likes", "sampling_params": {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True}}
+
+        def one(i: int) -> tuple[str, list]:
+            with httpx.Client(base_url=url, timeout=60) as c:  # a connection each: the kernel spreads them over both
+                if i % 2:
+                    with c.stream("POST", "/generate", json={**body, "stream": True}) as r:
+                        assert r.status_code == 200
+                        events = [x for x in r.iter_lines() if x.startswith("data: {")]
+                    return "stream", events
+                r = c.post("/generate", json=body)
+                assert r.status_code == 200
+                return "plain", r.json()["output_ids"]
+
+        sent = 24
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(one, range(sent)))
+        plain = {tuple(out) for kind, out in results if kind == "plain"}
+        assert len(plain) == 1 and all(events for kind, events in results if kind == "stream")  # same greedy answer everywhere
+        deadline = time.monotonic() + 20
+        while True:  # each scrape reaches either process; both must show all the requests once the other has published
+            scrapes = [generate_requests(httpx.get(url + "/metrics", timeout=10).text) for _ in range(6)]
+            if all(n == sent for n in scrapes):
+                break
+            assert all(n <= sent for n in scrapes) and time.monotonic() < deadline, scrapes
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read()
+    pids = [int(p) for p in re.search(r"HTTP front end process\(es\) ([\d, ]+) ready", err).group(1).split(", ")]
+    assert len(pids) == 2
+    for pid in pids:  # both exited with the server
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_several_front_ends_need_the_front_end_process(tiny_qwen3):
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "hotswap.cli", "serve", "--model-path", str(tiny_qwen3), "--port", "0", "--device", "cpu",
+                           "--frontend-workers", "2", "--no-frontend-process"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--frontend-workers must be at least 1, and 1 with --no-frontend-process; got 2" in proc.stderr
