@@ -128,6 +128,39 @@ def test_two_front_ends_serve_one_port_count_together_and_drain(tiny_qwen3):
             os.kill(pid, 0)
 
 
+@pytest.mark.timeout(300)
+def test_a_front_end_that_dies_takes_the_server_down_with_it(tiny_qwen3):
+    """No server left answering on a fraction of its processes: one killed, the other drains and exits, and
+    `hotswap serve` reports the failure (exit code not 0) after shutting the engine down."""
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "hotswap.cli", "serve", "--model-path", str(tiny_qwen3), "--port", str(port),
+                             "--device", "cpu", "--page-size", "4", "--num-pages", "256", "--frontend-workers", "2", "--no-warmup",
+                             "--log-level", "info", "--drain-timeout", "1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_healthy(proc, f"http://127.0.0.1:{port}")
+        pids = []
+        deadline = time.monotonic() + 30
+        while not pids:  # the ready line names both processes
+            line = proc.stderr.readline()
+            assert line and time.monotonic() < deadline
+            if m := re.search(r"HTTP front end process\(es\) ([\d, ]+) ready", line):
+                pids = [int(p) for p in m.group(1).split(", ")]
+        os.kill(pids[1], signal.SIGKILL)
+        assert proc.wait(timeout=60) != 0
+        err = proc.stderr.read()
+        assert f"the HTTP front end process {pids[1]} exited with code -9" in err and "engine shut down" in err
+        with pytest.raises(ProcessLookupError):
+            os.kill(pids[0], 0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_several_front_ends_need_the_front_end_process(tiny_qwen3):
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-m", "hotswap.cli", "serve", "--model-path", str(tiny_qwen3), "--port", "0", "--device", "cpu",
