@@ -7,6 +7,7 @@
 #     prefill   the prefill call's host time before/after
 #     rollouts  issue 24's sampler + offline rollouts (0.6B, 8B)
 #   http    issue 24's HTTP and streaming rollouts (needs FastAPI/uvicorn/pydantic/orjson wheels in .whl/)
+#   http-workers  the streaming rollout with one and with two front end processes (~250 s)
 #   moe-kernels  issue 20's MoE layer kernels before/after and their tile sweep, batch-1 throughput before
 #   moe-pair   issue 20's layer kernels before/after, no sweep (fits an H100)
 #   rollout-repeats  issue 24's 0.6B rollout run three times per mode (one-time costs, the spread)
@@ -19,8 +20,8 @@
 # http ~270 if streaming keeps up (its limits allow 950); moe ~300; moe-sync up to 570.
 # What the open issues still lack, in order (after the fifteenth session): moe-sync on an H200 (the 61 GB IPC push,
 # 14 % of D2D before its per-call caches held a whole push and its copy tables were built with tensor ops; with the
-# in-process sources dropped first, the separate / flat layouts fit beside the engine there), http with the front end in its own process on the H200 (measured
-# only on an H100: 1.28x / 1.23x), rollout-repeats on the H200 (0.6B at 53 %: what of its 5.3-ms step is host),
+# in-process sources dropped first, the separate / flat layouts fit beside the engine there), http-workers on the
+# H200 (the front end apart measured only on an H100: 1.28x / 1.23x), rollout-repeats on the H200 (0.6B at 53 %: what of its 5.3-ms step is host),
 # then a decode-graph kernel table of the 30B-A3B at batch 1 after any fusion (46.5 % on the H200).
 # "Before" is the tree before the restructure, unpacked beside this one (untracked, so it travels to the
 # device):  git archive 6c9ff7c src bench | (mkdir -p .before && tar -x -C .before)
@@ -29,7 +30,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/device.txt" 2>&1
@@ -109,6 +110,14 @@ http)
         --frontend-process
     PYTHONPATH=/tmp/site:src run stream_load 150 python3 bench/stream_load.py --shape qwen3-0.6b --clients 512 --tokens 256
     ;;
+http-workers)  # the streaming rollout with the front end in one process and in two (`--frontend-workers`), one call
+    site_packages
+    for workers in 1 2; do
+        PYTHONPATH=/tmp/site:src run "rollout_http_workers$workers" 300 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 \
+            --modes sampled --paths offline,generate,generate-stream,completions-stream --incremental-streaming-output --client-procs 4 \
+            --frontend-process --frontend-workers "$workers"
+    done
+    ;;
 moe-kernels)
     if [ -d .moe-before/src ]; then
         PYTHONPATH=.moe-before/src run moe_kernels_before 60 python3 .moe-before/bench/moe_kernels.py --no-sweep --batches 1,2,4,8
@@ -144,7 +153,7 @@ moe-sync)
     PYTHONPATH=src run weight_sync_moe 570 python3 bench/weight_sync.py --shapes qwen3-30b-a3b --sections tensor,ipc --reps 3 --budget-s 540
     ;;
 *)
-    echo "unknown stage: $stage (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2
+    echo "unknown stage: $stage (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2
     exit 2
     ;;
 esac
