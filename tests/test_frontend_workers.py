@@ -11,15 +11,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
+from serve_support import free_port, serve_env, wait_healthy
 
 from hotswap.server.metrics import Metrics
 from hotswap.server.metrics_share import MetricsShare
-
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 def counted(metrics: Metrics) -> Metrics:
@@ -58,17 +56,20 @@ def test_each_front_end_shows_its_live_counters_plus_the_others_latest(tmp_path)
     assert a.total(mine_a).snapshot()["totals"][0] == 5 * 5
 
 
-def wait_healthy(proc: subprocess.Popen, url: str) -> None:
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, proc.communicate()[1]
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "server did not come up"
-        time.sleep(0.1)
+def serve_two(model, *flags: str) -> tuple[subprocess.Popen, str]:
+    """`hotswap serve` with two front end processes on a free port, healthy."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "hotswap.cli", "serve", "--model-path", str(model), "--port", str(port), "--device", "cpu",
+                             "--page-size", "4", "--frontend-workers", "2", "--no-warmup", "--log-level", "info", *flags],
+                            env=serve_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(proc, url)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, url
 
 
 def generate_requests(metrics_text: str) -> int:
@@ -78,17 +79,8 @@ def generate_requests(metrics_text: str) -> int:
 
 @pytest.mark.timeout(300)
 def test_two_front_ends_serve_one_port_count_together_and_drain(tiny_qwen3):
-    with __import__("socket").socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "hotswap.cli", "serve", "--model-path", str(tiny_qwen3), "--port", str(port),
-                             "--device", "cpu", "--page-size", "4", "--num-pages", "512", "--frontend-workers", "2", "--no-warmup",
-                             "--log-level", "info", "--drain-timeout", "2"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = serve_two(tiny_qwen3, "--num-pages", "512", "--drain-timeout", "2")
     try:
-        wait_healthy(proc, url)
         body = {"text": "Alice likes", "sampling_params": {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True}}
 
         def one(i: int) -> tuple[str, list]:
@@ -132,16 +124,8 @@ def test_two_front_ends_serve_one_port_count_together_and_drain(tiny_qwen3):
 def test_a_front_end_that_dies_takes_the_server_down_with_it(tiny_qwen3):
     """No server left answering on a fraction of its processes: one killed, the other drains and exits, and
     `hotswap serve` reports the failure (exit code not 0) after shutting the engine down."""
-    with __import__("socket").socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "hotswap.cli", "serve", "--model-path", str(tiny_qwen3), "--port", str(port),
-                             "--device", "cpu", "--page-size", "4", "--num-pages", "256", "--frontend-workers", "2", "--no-warmup",
-                             "--log-level", "info", "--drain-timeout", "1"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, _ = serve_two(tiny_qwen3, "--num-pages", "256", "--drain-timeout", "1")
     try:
-        wait_healthy(proc, f"http://127.0.0.1:{port}")
         pids = []
         deadline = time.monotonic() + 30
         while not pids:  # the ready line names both processes
@@ -162,7 +146,6 @@ def test_a_front_end_that_dies_takes_the_server_down_with_it(tiny_qwen3):
 
 
 def test_several_front_ends_need_the_front_end_process(tiny_qwen3):
-    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-m", "hotswap.cli", "serve", "--model-path", str(tiny_qwen3), "--port", "0", "--device", "cpu",
-                           "--frontend-workers", "2", "--no-frontend-process"], env=env, capture_output=True, text=True, timeout=120)
+                           "--frontend-workers", "2", "--no-frontend-process"], env=serve_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--frontend-workers must be at least 1, and 1 with --no-frontend-process; got 2" in proc.stderr

@@ -8,8 +8,6 @@ every request is answered within a bounded time; the server's resident memory st
 from __future__ import annotations
 
 import itertools
-import os
-import socket
 import subprocess
 import sys
 import threading
@@ -21,13 +19,13 @@ import httpx
 import pytest
 from engine_support import sse_events
 from hf_reference import prompt_ids
+from serve_support import free_port, serve_env, wait_healthy
 
 from hotswap import Engine
 from hotswap.testing.tiny_models import build_tiny_checkpoint
 
 pytestmark = pytest.mark.timeout(180)
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 PAGE_SIZE, NUM_PAGES = 4, 40  # 160 tokens: six clients at ~50 tokens each cannot all fit
 MAX_NEW = 32
 GREEDY = {"max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}
@@ -85,18 +83,12 @@ def references(policies) -> dict[str, Reference]:
     return refs
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(policies, tmp_path_factory):
     """`hotswap serve` on policy A in its own process; yields (url, pid)."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("serve_log") / "serve.log"
-    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env = serve_env(OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "hotswap.cli", "serve", "--model-path", str(policies["A"]), "--port", str(port), "--device", "cpu",
            "--page-size", str(PAGE_SIZE), "--num-pages", str(NUM_PAGES), "--served-model-name", "tiny", "--log-level", "warning",
            "--drain-timeout", "1"]
@@ -104,16 +96,7 @@ def server(policies, tmp_path_factory):
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, log_path.read_text()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up:\n" + log_path.read_text()
-            time.sleep(0.1)
+        wait_healthy(proc, url, timeout=90, output=log_path.read_text)
         yield url, proc.pid
     finally:
         proc.terminate()

@@ -4,26 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
+from serve_support import free_port, serve_env, wait_healthy
 
 from hotswap.server.launch import add_serve_arguments, engine_kwargs_from_args
-
-SRC = str(Path(__file__).resolve().parents[1] / "src")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_serve_arguments():
@@ -46,26 +36,16 @@ def test_serve_sigterm_drains_then_aborts(tiny_qwen3, frontend_process):
         "p = argparse.ArgumentParser(); add_serve_arguments(p)\n"
         "serve(p.parse_args(sys.argv[1:]))\n"
     )
-    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "--model-path", str(tiny_qwen3), "--port", str(port), "--device", "cpu", "--page-size", "4",
          "--num-pages", "256", "--drain-timeout", "1", "--api-key", "k", "--log-level", "info"]
         + ([] if frontend_process else ["--no-frontend-process"]),
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=serve_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     url = f"http://127.0.0.1:{port}"
     headers = {"Authorization": "Bearer k"}
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.1)
+        wait_healthy(proc, url, timeout=60)
         with httpx.Client(base_url=url, headers=headers, timeout=30) as c:
             assert c.get("/get_server_info").json()["num_pages"] == 256
             # hold generation so the stream cannot finish by itself: the drain must end it
