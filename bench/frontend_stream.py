@@ -168,6 +168,8 @@ def main() -> None:
     ap.add_argument("--client-procs", type=int, default=2)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.frontend_workers != 1 and not args.frontend_process or args.frontend_workers < 1:
+        ap.error("--frontend-workers takes a count >= 1, and more than 1 only with --frontend-process")
 
     from hotswap.server.app import create_app
     from hotswap.server.frontend_process import FrontendGroup, FrontendOptions

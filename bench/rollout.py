@@ -336,6 +336,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="append the tables to this file")
     ap.add_argument("--json", default=None, help="write every figure to this file")
     args = ap.parse_args()
+    if args.frontend_workers != 1 and not args.frontend_process or args.frontend_workers < 1:
+        ap.error("--frontend-workers takes a count >= 1, and more than 1 only with --frontend-process")
     if args.tiny:
         args.shape = args.shape if args.shape.startswith("tiny") else "tiny"
         for k, v in dict(prompts=4, n=2, prompt_min=8, prompt_max=24, out_median=12, out_min=4, out_max=40, concurrency=8,

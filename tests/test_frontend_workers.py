@@ -145,6 +145,23 @@ def test_a_front_end_that_dies_takes_the_server_down_with_it(tiny_qwen3):
             proc.wait()
 
 
+@pytest.mark.timeout(300)
+def test_a_group_whose_front_ends_cannot_start_is_stopped_whole(engine):
+    """Each worker fails in create_app (an API key of spaces): start raises naming it, every process is gone,
+    the shared counters' folder removed, and the engine still serves."""
+    from hotswap.server.frontend_process import FrontendGroup, FrontendOptions
+    from hotswap.server.launch import bind_socket
+
+    sock = bind_socket("127.0.0.1", 0)
+    group = FrontendGroup(engine, sock, FrontendOptions(host="127.0.0.1", port=sock.getsockname()[1], api_key="  "), workers=2)
+    folder = group.metrics_dir
+    assert os.path.isdir(folder)
+    with pytest.raises(RuntimeError, match="exited during startup"):
+        group.start(timeout=120)
+    assert all(not f.process.is_alive() for f in group.fronts) and not os.path.exists(folder)
+    assert engine.generate("Alice likes", {"max_new_tokens": 2, "temperature": 0})["output_ids"]
+
+
 def test_several_front_ends_need_the_front_end_process(tiny_qwen3):
     proc = subprocess.run([sys.executable, "-m", "hotswap.cli", "serve", "--model-path", str(tiny_qwen3), "--port", "0", "--device", "cpu",
                            "--frontend-workers", "2", "--no-frontend-process"], env=serve_env(), capture_output=True, text=True, timeout=120)

@@ -185,10 +185,6 @@ class FrontendProcess:
         if self.process.is_alive():
             os.kill(self.process.pid, signum)
 
-    def wait(self, timeout: float | None = None) -> int | None:
-        self.process.join(timeout)
-        return self.process.exitcode
-
     def stop(self, timeout: float | None = None) -> None:
         """SIGTERM, wait up to `timeout` (default: the drain timeout plus 15 s), then kill; close the pipe and the socket."""
         if self.process.pid is not None:
@@ -259,9 +255,3 @@ class FrontendGroup:
             front.stop(timeout)
         if self.metrics_dir is not None:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
-
-    def __enter__(self) -> FrontendGroup:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
