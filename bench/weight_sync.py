@@ -425,9 +425,73 @@ def _get_alive(q, proc, timeout: float = 300):
                 raise TimeoutError("no message from the peer process") from None
 
 
-def bench_ipc(shape: str, engine, ceil: dict, updates: int, sources_arg: str, bucket_bytes: int = 512 << 20) -> None:
+def profile_ipc_call(engine, descs: list, nbytes: int, d2d: float, what: str, reps: int = 20) -> None:
+    """One IPC call repeated under torch.profiler: its kernels' device time against its bytes at D2D, and the host
+    calls around them, so a call's time splits into the copy on the device and what waits for it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.update_weights_from_tensor(descs, flush_cache=False)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        for _ in range(reps):
+            engine.update_weights_from_tensor(descs, flush_cache=False)
+        wall = (time.perf_counter() - t) / reps
+    print(f"### profile of one IPC call ({what}; the largest bucket, {nbytes / GB:.3f} GB, {reps} calls): "
+          f"{wall * 1e3:.3f} ms a call; its bytes at D2D {2 * nbytes / d2d * 1e3:.3f} ms", flush=True)
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=60), flush=True)
+    # the same call taken apart: the scheduler thread's round trip, the handler run on this thread (the engine is
+    # idle: nothing else touches the weights), the copy and its synchronisation alone
+    import hotswap.protocol as p
+    from hotswap.weights import fast_copy
+    from hotswap.weights.sources import tensor as tensor_source
+
+    wu = engine.scheduler.weight_updater
+    req = p.UpdateWeightsFromTensorRequest(named_tensors=descs, flush_cache=False)
+    matched = tensor_source.match_tensors(req, wu.model_runner.weight_map, wu.model_runner.device, wu.ipc_mappings, wu.tensor_plans,
+                                          shm_prefix="-")
+
+    def copy_sync():
+        fast_copy.copy_into(matched)
+        torch.cuda.synchronize()
+
+    parts = [("scheduler round trip (get_load)", lambda: engine.get_load()),
+             ("the handler on this thread (resolve, match, session, copy, sync, commit)", lambda: wu.update_weights_from_tensor(req)),
+             ("resolve + match", lambda: tensor_source.match_tensors(req, wu.model_runner.weight_map, wu.model_runner.device, wu.ipc_mappings,
+                                                                    wu.tensor_plans, shm_prefix="-")),
+             ("copy_into + synchronize", copy_sync),
+             ("synchronize alone", torch.cuda.synchronize)]
+    for label, fn in parts:
+        print(f"  {label}: {median_time(fn, reps, 3) * 1e3:.3f} ms", flush=True)
+    # where the hand-off's time goes: the scheduler thread's receipt and reply, stamped beside the caller's
+    sched, stamps = engine.scheduler, []
+    handle = sched._handle
+
+    def stamped(request, fut):
+        stamps.append([time.perf_counter()])
+        handle(request, fut)
+        stamps[-1].append(time.perf_counter())
+
+    sched._handle = stamped
+    try:
+        ends = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            engine.update_weights_from_tensor(descs, flush_cache=False)
+            ends.append((t0, time.perf_counter()))
+    finally:
+        sched._handle = handle
+    wake = statistics.median(s[0] - t0 for s, (t0, _) in zip(stamps, ends)) * 1e3
+    run = statistics.median(s[1] - s[0] for s in stamps) * 1e3
+    back = statistics.median(t1 - s[1] for s, (_, t1) in zip(stamps, ends)) * 1e3
+    print(f"  a call from this thread: submit -> the scheduler takes it {wake:.3f} ms, handler {run:.3f} ms, reply -> this thread "
+          f"has it {back:.3f} ms", flush=True)
+
+
+def bench_ipc(shape: str, engine, ceil: dict, updates: int, sources_arg: str, bucket_mib: list[int]) -> None:
     """Where a producer holding a full copy does not fit in what is free now beside the engine (`--sources aliased`
-    forces it), only IPCWeightPusher's layout runs, its trainer tensors views of one buffer (`_producer`)."""
+    forces it), only IPCWeightPusher's layout runs, its trainer tensors views of one buffer (`_producer`). The
+    bucket layout runs once per size in `bucket_mib`; each row says where a call's time goes (the handler's
+    resolve + match, its copy + sync, and the rest: the queue to the scheduler thread and back, the commit)."""
     import torch.multiprocessing as mp
 
     wm = engine.model_runner.weight_map
@@ -441,7 +505,8 @@ def bench_ipc(shape: str, engine, ceil: dict, updates: int, sources_arg: str, bu
     rows = []
     d2d = ceil["d2d"]
     wu = engine.scheduler.weight_updater
-    for layout in ("buckets",) if aliased else ("separate", "flat", "buckets"):
+    runs = [("buckets", mb << 20) for mb in bucket_mib]
+    for layout, bucket_bytes in runs if aliased else [("separate", 0), ("flat", 0), *runs]:
         q_out, q_in = ctx.Queue(), ctx.Queue()
         wu.ipc_mappings = CudaIpcMappings(wu.config.cuda_ipc_cache_bytes)  # unmap the last producer's memory (it exited)
         free_all()  # memory this process cached must not crowd the producer out
@@ -452,6 +517,8 @@ def bench_ipc(shape: str, engine, ceil: dict, updates: int, sources_arg: str, bu
         used0 = used_bytes()
         cons0 = torch.cuda.memory_allocated()
         times = []  # engine time of each update (all its buckets' calls)
+        largest = (0, None)  # the biggest bucket's descriptors: profiled again after the updates
+        calls = []  # per call after the first update: (engine call, handler's resolve + match, handler's copy + sync) seconds
         used_after_first = None
         for i in range(updates):
             spent = 0.0
@@ -459,7 +526,12 @@ def bench_ipc(shape: str, engine, ceil: dict, updates: int, sources_arg: str, bu
                 msg = _get_alive(q_out, proc)
                 t = time.perf_counter()
                 res = engine.update_weights_from_tensor(msg["descs"], flush_cache=b == nb - 1)
-                spent += time.perf_counter() - t
+                dt = time.perf_counter() - t
+                spent += dt
+                if i:
+                    calls.append((dt, res.extra.get("validate_s", 0.0), res.elapsed_s))
+                if i == updates - 1 and res.num_bytes > largest[0]:
+                    largest = (res.num_bytes, msg["descs"])
                 ok = res.success
                 del msg
                 q_in.put({"ok": ok})
@@ -468,6 +540,15 @@ def bench_ipc(shape: str, engine, ceil: dict, updates: int, sources_arg: str, bu
             if i == 0:
                 used_after_first = used_bytes()
         done = _get_alive(q_out, proc)
+        if layout == "buckets" and largest[1] is not None:  # the producer's buffer lives until "bye"
+            profile_ipc_call(engine, largest[1], largest[0], d2d, f"{shape}, {mib(bucket_bytes)} buckets")
+            one_launch = fast_copy._copy_multi
+            fast_copy._copy_multi = lambda multi, matched: False  # the same call with copy_ per tensor instead
+            try:
+                profile_ipc_call(engine, largest[1], largest[0], d2d, f"{shape}, {mib(bucket_bytes)} buckets, copy_ per tensor")
+            finally:
+                fast_copy._copy_multi = one_launch
+        largest = (0, None)
         gc.collect()
         used1 = used_bytes()
         cons1 = torch.cuda.memory_allocated()
@@ -475,22 +556,28 @@ def bench_ipc(shape: str, engine, ceil: dict, updates: int, sources_arg: str, bu
         proc.join(timeout=60)
         t_med = statistics.median(times[1:] if len(times) > 1 else times)
         bw = 2 * total / t_med
+        per_call = [statistics.median(c[k] for c in calls) * 1e3 for k in range(3)] if calls else [float("nan")] * 3
+        copy_ideal = 2 * total / nb / d2d * 1e3 if d2d == d2d else float("nan")
         label = {"flat": "one flat buffer (1 handle)", "separate": f"separate allocations ({len(specs)} handles)",
                  "buckets": f"IPCWeightPusher's layout: {nb} bucket(s) of <= {mib(bucket_bytes)} packed into one reused buffer, one call each"
                             + (" (the trainer's tensors views of one buffer: a full copy does not fit)" if aliased else "")}[layout]
         rows.append([f"IPC, {label}", f"{total / GB:.2f}", fmt_ms(t_med), f"{bw / GB:,.0f}", f"{d2d / GB:,.0f}" if d2d == d2d else "-",
                      pct(bw, d2d), "0 (maps the producer's memory)",
+                     f"{nb} calls, median {per_call[0]:.3f} ms: resolve + match {per_call[1]:.3f}, copy + sync {per_call[2]:.3f} "
+                     f"(its bytes at D2D {copy_ideal:.3f}), queue + commit {per_call[0] - per_call[1] - per_call[2]:.3f}",
                      f"device used {mib(used0)} -> {mib(used_after_first)} (1st) -> {mib(used1)} ({updates}th); "
                      f"producer allocated {mib(ready['allocated'])} -> {mib(done['allocated'])}; consumer allocated {mib(cons0)} -> {mib(cons1)}"])
-        RESULTS["figures"][f"{shape}.ipc.{layout}"] = {
+        key = layout if bucket_bytes in (0, 512 << 20) else f"{layout}{bucket_bytes >> 20}"
+        RESULTS["figures"][f"{shape}.ipc.{key}"] = {
             "ms": t_med * 1e3, "GBps_rw": bw / GB, "pct_d2d": 100 * bw / d2d if d2d == d2d else None, "updates": updates, "calls_per_update": nb,
             "producer_tensors_aliased": aliased,
-            "first_ms": times[0] * 1e3, "max_ms": max(times) * 1e3,
+            "first_ms": times[0] * 1e3, "max_ms": max(times) * 1e3, "bucket_bytes": bucket_bytes,
+            "call_ms": per_call[0], "call_resolve_match_ms": per_call[1], "call_copy_sync_ms": per_call[2], "call_copy_at_d2d_ms": copy_ideal,
             "device_used_before": used0, "device_used_after_first": used_after_first, "device_used_after_all": used1,
             "producer_allocated": [ready["allocated"], done["allocated"]], "producer_reserved": [ready["reserved"], done["reserved"]],
             "consumer_allocated": [cons0, cons1]}
     table(f"{shape}.ipc", f"{shape}: update_weights_from_tensor from another process over CUDA IPC ({updates} updates, median; engine time)",
-          ["path", "GB", "time ms", "GB/s (r+w)", "ceiling D2D GB/s", "% of ceiling", "extra memory", f"memory over {updates} updates"], rows)
+          ["path", "GB", "time ms", "GB/s (r+w)", "ceiling D2D GB/s", "% of ceiling", "extra memory", "a call", f"memory over {updates} updates"], rows)
 
 
 # ---- disk --------------------------------------------------------------------------------------------
@@ -873,6 +960,7 @@ def run_shape(shape: str, args, ceil: dict) -> None:
     on_gpu = device == "cuda"
     big = shape == "qwen3-8b"
     sections = set(args.sections.split(","))
+    bucket_mib = [int(x) for x in args.ipc_bucket_mib.split(",")]
     if sections & {"tensor", "ttft", "ipc", "distributed"}:
         tmp = Path(tempfile.mkdtemp(prefix="hotswap-ws-"))
         path = config_only_checkpoint(tmp / shape, shape, "bfloat16" if on_gpu else "float32")
@@ -892,7 +980,7 @@ def run_shape(shape: str, args, ceil: dict) -> None:
                     guarded(f"{shape}.{name}", fn)
             sources = None  # the sections below do not use them; the IPC producer's full copy needs their memory
             free_all()
-            for name, fn in (("ipc", lambda: bench_ipc(shape, engine, ceil, args.ipc_updates, args.sources) if on_gpu else None),
+            for name, fn in (("ipc", lambda: bench_ipc(shape, engine, ceil, args.ipc_updates, args.sources, bucket_mib) if on_gpu else None),
                              ("distributed", lambda: bench_distributed(shape, engine, args.dist_bytes))):
                 if name in sections and f"{shape}.{name}" not in args.skip.split(","):
                     guarded(f"{shape}.{name}", fn)
@@ -941,6 +1029,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--ttft-reps", type=int, default=10)
     ap.add_argument("--ipc-updates", type=int, default=100)
+    ap.add_argument("--ipc-bucket-mib", default="512", help="comma list: IPCWeightPusher's bucket sizes to run (MiB)")
     ap.add_argument("--disk-reps", type=int, default=3)
     ap.add_argument("--disk-8b-layers", type=int, default=6)
     ap.add_argument("--grid", action="store_true", help="time a grid of reader strategies / threads / staging")
