@@ -20,8 +20,9 @@ def run_bench(*argv: str) -> str:
 
 def test_stream_output_cost_bench_runs_and_reports_each_row():
     out = run_bench(str(ROOT / "bench" / "stream_output_cost.py"), "--rows", "16", "--steps", "5")
-    for row in ("not streamed (peer)", "streamed: append_token + emit + flush", "the scheduler thread's cost of streaming",
-                "front end pipe"):
+    for row in ("not streamed (peer)", "streamed, GenerateOutputs: append_token + emit + flush",
+                "streamed, token rows (front end process): append_token + emit + flush", "the scheduler thread's cost of streaming",
+                "pickle of one step's GenerateOutputs", "pickle of one step's token rows"):
         assert row in out
     assert "collector thresholds (20000" in out  # the serving processes' setting, as the engine runs it
 

@@ -186,7 +186,7 @@ def test_outputs_queued_on_the_pipe_while_the_loop_is_busy_go_out_as_one_chunk(t
             _, batch = ours.recv()
             rid = batch.requests[0].rid
             for k, t in enumerate(ids[:-1]):
-                ours.send(("outputs", output_rows([output(rid, [t], done=k)])))
+                ours.send(("outputs", output_rows([output(rid, [t], done=k)]), []))
             # a control call answered after them: once its reply is read, so are they (the pipe is in order), and the
             # loop, blocked here meanwhile, has not run the consumer yet
             probe = remote.scheduler.submit(p.GetLoadRequest())
@@ -194,7 +194,7 @@ def test_outputs_queued_on_the_pipe_while_the_loop_is_busy_go_out_as_one_chunk(t
             ours.send(("reply", call_id, p.LoadOutput(success=True, message=""), None))
             probe.result(timeout=5)
             chunk = await first
-            ours.send(("outputs", output_rows([output(rid, ids[-1:], done=len(ids) - 1, finished=True, text=tokenizer.decode(ids))])))
+            ours.send(("outputs", output_rows([output(rid, ids[-1:], done=len(ids) - 1, finished=True, text=tokenizer.decode(ids))]), []))
             return [chunk] + [c async for c in stream]
 
         chunks = asyncio.run(main())

@@ -37,6 +37,18 @@ class GenerateOutput:
     new_top_p_token_ids: list[list[int]] = field(default_factory=list)  # per new token: the ids its filters kept
 
 
+TOKEN_ROW = ("rid", "token_id", "logprob", "weight_version", "prompt_tokens", "cached_tokens")  # logprob None: not asked
+
+
+def output_of_token_row(row: tuple) -> GenerateOutput:
+    """The GenerateOutput a token row (`GenerateRequest.sink_token`) stands for: the one the full path sends."""
+    rid, token_id, logprob, version, prompt_tokens, cached_tokens = row
+    asked = logprob is not None
+    return GenerateOutput(rid=rid, new_token_ids=[token_id], new_logprobs=[logprob] if asked else [], new_top_logprobs=[[]] if asked else [],
+                          new_token_versions=[version], text_delta="", finished=False, finish_reason=None, prompt_tokens=prompt_tokens,
+                          cached_tokens=cached_tokens, weight_version=version)
+
+
 @dataclass(kw_only=True, slots=True)
 class GenerateRequest:
     rid: str
@@ -45,6 +57,10 @@ class GenerateRequest:
     seed: int
     sink: Callable[[GenerateOutput], None]
     flush: Callable[[], None] | None = None  # called once per scheduler step after this step's outputs are sunk
+    # a streamed request's consumer of plain next tokens (the front end process's pipe, engine/service.py): an output
+    # that is one new token and nothing else new comes to it as the tuple TokenRow names instead of to `sink` as a
+    # GenerateOutput, a third of the scheduler thread's cost per token; None: every output goes to `sink`
+    sink_token: Callable[[tuple], None] | None = None
     stream: bool = False  # deliver an output per step (else only the finished one)
     stream_text: bool = False  # detokenize incrementally on the scheduler thread (stop strings need it)
     submitted_at: float = field(default_factory=time.monotonic)  # bounds how long it may wait while generation is held

@@ -100,7 +100,7 @@ class RemoteScheduler:
                 except (EOFError, OSError):
                     return
                 if msg[0] == "outputs":
-                    self._deliver(outputs_from_rows(msg[1]))
+                    self._deliver(outputs_from_rows(msg[1], msg[2]))
                 else:
                     _, call_id, output, error = msg
                     with self._lock:

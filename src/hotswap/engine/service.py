@@ -9,9 +9,11 @@ Messages (pickled by multiprocessing's Connection; both ends are this package, o
 other: nothing from the network is unpickled here):
   front end -> engine: `(call_id, request)`: any protocol request; a GenerateBatch's requests arrive without
                        their callbacks, which this side fills in
-  engine -> front end: `("outputs", rows)` once per scheduler step with outputs: each GenerateOutput as the
-                       tuple of its fields (`output_rows`; a tuple pickles in a third of the time a dataclass
-                       does, and this process's interpreter lock is the scheduler's);
+  engine -> front end: `("outputs", rows, tokens)` once per scheduler step with outputs: each GenerateOutput as
+                       the tuple of its fields (`output_rows`; a tuple pickles in a third of the time a dataclass
+                       does, and this process's interpreter lock is the scheduler's), and each streamed output that
+                       is one plain new token as its token row (protocol.TOKEN_ROW: `GenerateRequest.sink_token`,
+                       no GenerateOutput made here at all);
                        `("reply", call_id, output, error)` when the scheduler answers a request
 """
 
@@ -45,9 +47,12 @@ def output_rows(outs: list[p.GenerateOutput]) -> list[tuple]:
     return [_output_row(out) for out in outs]
 
 
-def outputs_from_rows(rows: list[tuple]) -> list[p.GenerateOutput]:
-    """`output_rows` undone (both ends of the pipe are this package, so the field order is the same)."""
-    return [p.GenerateOutput(**dict(zip(_OUTPUT_FIELDS, row))) for row in rows]
+def outputs_from_rows(rows: list[tuple], tokens: list[tuple] = ()) -> list[p.GenerateOutput]:
+    """A step's message undone: the outputs its token rows stand for, then `output_rows` undone (both ends of the
+    pipe are this package, so the field order is the same). Token rows first keeps each request's order: a step
+    emits at most one output per running request, and a request's finished output (an abort taken while the step
+    ran, say) comes after any token of it; once finished it emits nothing more."""
+    return list(map(p.output_of_token_row, tokens)) + [p.GenerateOutput(**dict(zip(_OUTPUT_FIELDS, row))) for row in rows]
 
 
 def close_pipe(conn: Connection, readers: tuple[threading.Thread, ...], timeout: float) -> None:
@@ -87,6 +92,7 @@ class EngineService:
         self._conn = conn
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # messages to send, in order; None stops the sender
         self._step: list[p.GenerateOutput] = []  # this step's outputs so far (scheduler thread)
+        self._step_tokens: list[tuple] = []  # this step's token rows so far (scheduler thread only: no lock)
         self._step_lock = threading.Lock()
         self._live: set[str] = set()  # rids of this front end's requests not finished yet
         self.closed = threading.Event()
@@ -114,8 +120,10 @@ class EngineService:
     def _flush(self) -> None:
         with self._step_lock:
             outs, self._step = self._step, []
-        if outs:
-            self._outbox.put(("outputs", outs))
+        tokens = self._step_tokens.copy()  # cleared in place: requests hold its bound append as their sink_token
+        self._step_tokens.clear()
+        if outs or tokens:
+            self._outbox.put(("outputs", outs, tokens))
 
     def _reply(self, call_id: int, fut: Future) -> None:
         exc = fut.exception()
@@ -134,7 +142,7 @@ class EngineService:
                     with self._step_lock:
                         self._live.update(req.rid for req in request.requests)
                     for req in request.requests:
-                        req.sink, req.flush = self._sink, self._flush
+                        req.sink, req.flush, req.sink_token = self._sink, self._flush, self._step_tokens.append
                 self.engine.scheduler.submit(request).add_done_callback(functools.partial(self._reply, call_id))
         finally:
             self.closed.set()
@@ -147,7 +155,7 @@ class EngineService:
     def _send(self) -> None:
         while (msg := self._outbox.get()) is not None:
             if msg[0] == "outputs":
-                msg = ("outputs", output_rows(msg[1]))
+                msg = ("outputs", output_rows(msg[1]), msg[2])
             try:
                 self._conn.send(msg)
             except (OSError, ValueError):  # the front end is gone (the reader sees it too)

@@ -118,9 +118,25 @@ class OutputStreamer:
             self._send(seq, weight_version, True, texts.get(id(seq), seq.text))
 
     def emit(self, seq: Sequence, weight_version: str) -> None:
-        """Stream what the client of a running sequence has not seen yet (everything new since the last emit)."""
-        if len(seq.output_ids) - seq.sent_tokens >= self.stream_interval:
-            self._send(seq, weight_version, False, seq.text)
+        """Stream what the client of a running sequence has not seen yet (everything new since the last emit): one
+        plain new token as a token row when the request's consumer takes them, else a GenerateOutput."""
+        new = len(seq.output_ids) - seq.sent_tokens
+        if new < self.stream_interval:
+            return
+        req = seq.req
+        sp = req.sampling_params
+        if (new == 1 and req.sink_token is not None and not req.stream_text and not sp.top_logprobs_num and not sp.return_top_p_token_ids
+                and (seq.sent_input_logprobs or not sp.return_logprob)):
+            seq.sent_tokens += 1
+            try:
+                req.sink_token((req.rid, seq.output_ids[-1], seq.logprobs[-1] if sp.return_logprob else None, seq.token_versions[-1],
+                                len(req.input_ids), seq.cached_tokens))
+            except Exception:  # noqa: BLE001 - as _send: a broken consumer must not end the loop
+                log.exception("delivering an output of %s failed", req.rid)
+            if req.flush is not None:
+                self.pending_flushes[req.flush] = None
+            return
+        self._send(seq, weight_version, False, seq.text)
 
     def flush(self) -> None:
         """Hand this step's outputs over: one call per consumer (e.g. one event-loop wake-up), not per token.
