@@ -104,3 +104,24 @@ def test_the_batch_summary_follows_every_change_of_rows():
     for step, batch in enumerate([[0], [0, 1], [0, 1], [2, 0, 1], [2, 1], [2, 1, 3, 4], [2, 1, 3, 4], [5], [4, 0], [0, 1]]):
         table.update([entry(kinds[k], k, step, rows[k]) for k in batch])
         assert tuple(table.summary(len(batch))) == expected([kinds[k] for k in batch]), f"step {step}: rows {batch}"
+
+
+def test_the_rows_device_copy_starts_every_column_16_byte_aligned_whatever_the_batch_size(tiny_qwen3):
+    """Triton specialises the sampling kernels on their pointers' alignment: a batch whose size left top_p or a seed
+    column unaligned compiled them again in the middle of serving (the first odd-sized HTTP prefill)."""
+    from engine_support import make_engine
+
+    engine = make_engine(tiny_qwen3)
+    try:
+        runner = engine.model_runner
+        rng = np.random.default_rng(0)
+        for n in range(1, 10):
+            runner.row_params.floats[:, :n] = rng.random((3, n), dtype=np.float32)
+            runner.row_params.ints[:, :n] = rng.integers(0, 1 << 40, (3, n))
+            floats, ints = runner.row_columns(n)
+            assert floats.shape == ints.shape == (3, n)
+            assert all(col.data_ptr() % 16 == 0 for col in (*floats, *ints)), n
+            assert np.array_equal(floats.cpu().numpy(), runner.row_params.floats[:, :n])
+            assert np.array_equal(ints.cpu().numpy(), runner.row_params.ints[:, :n])
+    finally:
+        engine.shutdown()

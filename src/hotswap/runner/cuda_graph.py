@@ -33,6 +33,7 @@ from hotswap.kernels import sampling
 from hotswap.models.forward_context import ForwardContext
 from hotswap.runner.extend_graph import ExtendGraphRunner, capture_stream
 from hotswap.runner.host_batch import HostBatch
+from hotswap.runner.row_params import aligned_rows
 from hotswap.runner.staged_inputs import StagedInputs
 
 if TYPE_CHECKING:
@@ -92,7 +93,8 @@ class CudaGraphRunner:
         self.inputs = StagedInputs({
             "input_ids": ((n,), torch.int64), "positions": ((n,), torch.int64), "slot_mapping": ((n,), torch.int64),
             "input_src": ((n,), torch.int64), "seq_lens": ((n,), torch.int32),
-            "floats": ((3, n), torch.float32), "ints": ((3, n), torch.int64),  # the rows of runner/row_params.py
+            # the rows of runner/row_params.py, each column 16-byte aligned (`aligned_rows`)
+            "floats": ((3, aligned_rows(n)), torch.float32), "ints": ((3, aligned_rows(n)), torch.int64),
             "page_table": ((n, w), torch.int32),
         }, dev)
         self.logprobs = torch.zeros(n, dtype=torch.float32, device=dev)

@@ -22,7 +22,7 @@ from hotswap.runner.page_table import PageTable
 from hotswap.runner.penalties import apply_penalties
 from hotswap.runner.prompt_logprobs import score_prompt_rows
 from hotswap.runner.routed_experts import RoutedExpertsTable
-from hotswap.runner.row_params import RowParamTable
+from hotswap.runner.row_params import RowParamTable, aligned_rows
 from hotswap.runner.sampler import SampleResult, SamplingBatch, empty_result, sample
 from hotswap.runner.tp_step_codec import StepMode
 from hotswap.weights.fast_reader import ReaderOptions, load_checkpoint
@@ -173,12 +173,24 @@ class ModelRunner:
             return SamplingBatch(None, None, None, None, None, None, all_greedy=True, needs_filter=False,
                                  needs_logprobs=rows.needs_logprobs, max_top_logprobs=rows.max_top_logprobs, original_logprobs=original,
                                  keep_greedy_rows=list(rows.keep_greedy_rows))
-        f, i = graph_rows if graph_rows is not None else (self.to_device(table.floats[:, :n].copy()), self.to_device(table.ints[:, :n].copy()))
+        f, i = graph_rows if graph_rows is not None else self.row_columns(n)
         return SamplingBatch(
             temperatures=f[0], top_ps=f[1], min_ps=f[2], top_ks=i[0], seeds=i[1], steps=i[2], all_greedy=False,
             needs_filter=rows.needs_filter, needs_logprobs=rows.needs_logprobs, max_top_logprobs=rows.max_top_logprobs,
             original_logprobs=original, keep_greedy_rows=list(rows.keep_greedy_rows), keep_filtered_rows=list(rows.keep_filtered_rows),
         )
+
+    def row_columns(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The row table's first n rows on the device as (floats [3, n], ints [3, n]) views whose columns each start
+        16-byte aligned: the copies hold a multiple of 4 rows. Triton specialises a kernel on its pointers'
+        alignment, so a batch of n rows that left top_p or a seed unaligned compiled the sampling kernels again
+        (about a second, in the middle of serving: the first odd-sized eager step, e.g. an HTTP prefill)."""
+        padded = aligned_rows(n)
+        table = self.row_params
+        floats = np.zeros((3, padded), dtype=np.float32)
+        ints = np.zeros((3, padded), dtype=np.int64)
+        floats[:, :n], ints[:, :n] = table.floats[:, :n], table.ints[:, :n]
+        return self.to_device(floats)[:, :n], self.to_device(ints)[:, :n]
 
     def pending_rows(self, entries: list[BatchEntry], row_offsets: np.ndarray | None) -> np.ndarray | None:
         """The inputs still on the device (sampled by the step in flight): int64 [2, k] of (row in this

@@ -55,6 +55,15 @@ class RowSummary(NamedTuple):
     keep_filtered_rows: list[int]  # and sampled ones with a filter
 
 
+# the device copies of the table hold a multiple of this many rows, so every float32 / int64 column starts 16-byte
+# aligned whatever the batch size: Triton specialises the sampling kernels on their pointers' alignment
+ROW_ALIGN = 4
+
+
+def aligned_rows(n: int) -> int:
+    return -(-n // ROW_ALIGN) * ROW_ALIGN
+
+
 class RowParamTable:
     """float32 [3, rows] (temperature, 0 = greedy; top_p; min_p), int64 [3, rows] (top_k, vocab = off; the
     seed's low 64 bits, which is all the noise reads; output step) and int64 [4, rows] (greedy,
