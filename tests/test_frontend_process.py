@@ -221,3 +221,30 @@ def test_http_front_end_in_its_own_process(tiny_qwen3):
         wait_idle(engine)
     finally:
         engine.shutdown()
+
+
+def test_a_disk_update_through_one_front_end_moves_every_front_ends_model_path(tiny_qwen3, tiny_qwen3_v2):
+    """Several front ends of one server (`--frontend-workers`): the folder the served weights came from is what every
+    one of them reports (`/get_model_info`, the OpenAI model id), not only the one that took the update."""
+    engine = make_engine(tiny_qwen3)
+    siblings: list[EngineService] = []
+    pairs = [mp.Pipe(duplex=True) for _ in range(2)]
+    services = [EngineService(engine, ours, siblings).start() for ours, _ in pairs]
+    remotes = [RemoteEngine(theirs, service.info) for (_, theirs), service in zip(pairs, services)]
+    try:
+        assert [r.model_path for r in remotes] == [str(tiny_qwen3)] * 2
+        assert remotes[0].update_weights_from_disk(str(tiny_qwen3_v2)).success
+        deadline = time.monotonic() + 10
+        while remotes[1].model_path != str(tiny_qwen3_v2) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [r.model_path for r in remotes] == [str(tiny_qwen3_v2)] * 2
+        assert engine.model_path == str(tiny_qwen3_v2)
+        assert not remotes[1].update_weights_from_disk(str(tiny_qwen3_v2) + "-missing").success  # a refusal moves nothing
+        time.sleep(0.1)
+        assert [r.model_path for r in remotes] == [str(tiny_qwen3_v2)] * 2
+    finally:
+        for remote in remotes:
+            remote.shutdown()
+        for service in services:
+            service.close()
+        engine.shutdown()

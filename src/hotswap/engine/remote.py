@@ -39,10 +39,12 @@ class RemoteScheduler:
     """The SchedulerPort of a RemoteEngine: requests go down the pipe; replies resolve their Futures and each
     step's outputs reach their requests' sinks, then each consumer's flush once, as the Scheduler does."""
 
-    def __init__(self, conn: Connection, capacity: PoolCapacity, on_close: Callable[[], None] | None = None):
+    def __init__(self, conn: Connection, capacity: PoolCapacity, on_close: Callable[[], None] | None = None,
+                 on_model_path: Callable[[str], None] | None = None):
         self._conn = conn
         self._capacity = capacity
         self._on_close = on_close
+        self._on_model_path = on_model_path  # another front end's disk update changed the served folder
         self._lock = threading.Lock()  # guards what follows
         self._send_lock = threading.Lock()  # one message at a time down the pipe
         self._ids = itertools.count()
@@ -101,6 +103,9 @@ class RemoteScheduler:
                     return
                 if msg[0] == "outputs":
                     self._deliver(outputs_from_rows(msg[1], msg[2]))
+                elif msg[0] == "model_path":
+                    if self._on_model_path is not None:
+                        self._on_model_path(msg[1])
                 else:
                     _, call_id, output, error = msg
                     with self._lock:
@@ -158,10 +163,13 @@ class RemoteEngine(EngineAPI):
 
     def __init__(self, conn: Connection, info: EngineInfo, on_close: Callable[[], None] | None = None):
         tokenizer = load_tokenizer(info.config)
-        scheduler = RemoteScheduler(conn, info.capacity, on_close)
+        scheduler = RemoteScheduler(conn, info.capacity, on_close, on_model_path=self._follow_model_path)
         super().__init__(info.config, info.model_config, torch.device(info.device), tokenizer, scheduler,
                          functools.partial(detokenizer_for, tokenizer))
         self.model_path = info.model_path
+
+    def _follow_model_path(self, path: str) -> None:
+        self.model_path = path
 
     def shutdown(self) -> None:
         if not self._closed:

@@ -14,7 +14,9 @@ other: nothing from the network is unpickled here):
                        does, and this process's interpreter lock is the scheduler's), and each streamed output that
                        is one plain new token as its token row (protocol.TOKEN_ROW: `GenerateRequest.sink_token`,
                        no GenerateOutput made here at all);
-                       `("reply", call_id, output, error)` when the scheduler answers a request
+                       `("reply", call_id, output, error)` when the scheduler answers a request;
+                       `("model_path", path)` when a sibling front end's update_weights_from_disk changed the folder
+                       the served weights came from (each front end reports it: `/get_model_info`, the OpenAI model id)
 """
 
 from __future__ import annotations
@@ -83,10 +85,13 @@ class EngineInfo:
 class EngineService:
     """Serves one RemoteEngine over `conn`: its requests go to the engine's scheduler; the scheduler's replies
     and per-step outputs go back, in the order the scheduler produced them. When the pipe closes (the front
-    end exited) its unfinished requests are aborted and `closed` is set."""
+    end exited) its unfinished requests are aborted and `closed` is set. `siblings`: the services of the other
+    front ends of one server (`hotswap serve --frontend-workers`), a list every one of them joins."""
 
-    def __init__(self, engine, conn: Connection):
+    def __init__(self, engine, conn: Connection, siblings: list[EngineService] | None = None):
         self.engine = engine
+        self.siblings = siblings if siblings is not None else []
+        self.siblings.append(self)
         self.info = EngineInfo(config=engine.config, model_config=engine.model_config, device=str(engine.device),
                                model_path=str(engine.model_path), capacity=engine.capacity())
         self._conn = conn
@@ -125,9 +130,15 @@ class EngineService:
         if outs or tokens:
             self._outbox.put(("outputs", outs, tokens))
 
-    def _reply(self, call_id: int, fut: Future) -> None:
+    def _reply(self, call_id: int, request, fut: Future) -> None:
         exc = fut.exception()
-        self._outbox.put(("reply", call_id, None if exc is not None else fut.result(), exc))
+        out = None if exc is not None else fut.result()
+        if isinstance(request, p.UpdateWeightsFromDiskRequest) and getattr(out, "success", False):
+            self.engine.model_path = request.model_path  # what the engine's own API reports, as Engine.submit keeps it
+            for sibling in self.siblings:
+                if sibling is not self:
+                    sibling._outbox.put(("model_path", request.model_path))
+        self._outbox.put(("reply", call_id, out, exc))
 
     # ---- the pipe ----
 
@@ -143,7 +154,7 @@ class EngineService:
                         self._live.update(req.rid for req in request.requests)
                     for req in request.requests:
                         req.sink, req.flush, req.sink_token = self._sink, self._flush, self._step_tokens.append
-                self.engine.scheduler.submit(request).add_done_callback(functools.partial(self._reply, call_id))
+                self.engine.scheduler.submit(request).add_done_callback(functools.partial(self._reply, call_id, request))
         finally:
             self.closed.set()
             self._outbox.put(None)

@@ -128,11 +128,12 @@ class FrontendProcess:
         ...   # http://host:port serves until front.stop() (SIGTERM: drain, then exit)
     """
 
-    def __init__(self, engine, sock: socket.socket, options: FrontendOptions):
+    def __init__(self, engine, sock: socket.socket, options: FrontendOptions, siblings: list[EngineService] | None = None):
+        """`siblings`: the engine services of a FrontendGroup's processes, which this one's joins."""
         ctx = mp.get_context("spawn")  # never fork a process holding a CUDA context and threads
         ours, theirs = ctx.Pipe(duplex=True)
         self.options = options
-        self.service = EngineService(engine, ours)
+        self.service = EngineService(engine, ours, siblings)
         self.process = ctx.Process(target=_frontend_main, args=(theirs, self.service.info, options, sock), name="hotswap-frontend")
         self._theirs = theirs
         self._sock = sock  # ours from here: closed by stop()
@@ -214,8 +215,9 @@ class FrontendGroup:
         if workers < 1:
             raise ValueError(f"a front end group needs at least one worker, got {workers}")
         self.metrics_dir = tempfile.mkdtemp(prefix="hotswap-metrics-") if workers > 1 else None
-        self.fronts = [FrontendProcess(engine, sock if i == 0 else sock.dup(), dataclasses.replace(options, worker=i, metrics_dir=self.metrics_dir))
-                       for i in range(workers)]
+        services: list[EngineService] = []  # each tells the others' front ends what only it saw (a new model path)
+        self.fronts = [FrontendProcess(engine, sock if i == 0 else sock.dup(), dataclasses.replace(options, worker=i, metrics_dir=self.metrics_dir),
+                                       services) for i in range(workers)]
 
     @property
     def url(self) -> str:
