@@ -166,3 +166,13 @@ def test_several_front_ends_need_the_front_end_process(tiny_qwen3):
     proc = subprocess.run([sys.executable, "-m", "hotswap.cli", "serve", "--model-path", str(tiny_qwen3), "--port", "0", "--device", "cpu",
                            "--frontend-workers", "2", "--no-frontend-process"], env=serve_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--frontend-workers must be at least 1, and 1 with --no-frontend-process; got 2" in proc.stderr
+
+
+@pytest.mark.parametrize("cores,apart,expected", [(16, True, 2), (4, True, 2), (2, True, 1), (None, True, 1), (16, False, 1)])
+def test_the_default_is_two_front_ends_where_they_run_apart_on_a_machine_with_the_cores(monkeypatch, cores, apart, expected):
+    """One front end process saturates at a rollout's 512 streams (they then end at ~1.27x the offline time; two: ~1.02x);
+    a small machine, or the front end in the engine's process (one thread), keeps one."""
+    from hotswap.server import launch
+
+    monkeypatch.setattr(launch.os, "cpu_count", lambda: cores)
+    assert launch.default_frontend_workers(apart) == expected
