@@ -299,7 +299,7 @@ def _copy_each(items: list[tuple[str, _Target, torch.Tensor]], small_bytes: int 
         else:
             large.append((target, src))
     side = None
-    if nstreams > 1 and large and large[0][0].dest.is_cuda:
+    if nstreams > 1 and len(large) > 1 and large[0][0].dest.is_cuda:  # one copy has nothing to overlap with
         device = large[0][0].dest.device
         current = torch.cuda.current_stream(device)
         side = _side_stream(device)
