@@ -66,6 +66,35 @@ def test_remote_generate_equals_local(linked):
     assert remote.get_load().num_running == 0
 
 
+def test_sampled_streaming_with_logprobs_through_the_pipe_equals_the_engine_in_process(linked, monkeypatch):
+    """The RL shape (temperature 1, a seed, logprobs, n streams): the chunks through the front end's pipe carry the
+    tokens, logprobs and meta the engine gives in process, and most tokens crossed as token rows (test_token_rows.py)."""
+    engine, _, remote = linked
+    crossed = []
+    rebuild = p.output_of_token_row
+    monkeypatch.setattr(p, "output_of_token_row", lambda row: crossed.append(row) or rebuild(row))
+    params = {"max_new_tokens": 12, "temperature": 1.0, "ignore_eos": True, "seed": 11}
+
+    def chunks(api) -> dict[int, list[dict]]:
+        api.flush_cache()
+        got: dict[int, list[dict]] = {}
+        for c in api.generate(["Alice likes", "Bob"], params, stream=True, return_logprob=True, incremental_streaming_output=True):
+            got.setdefault(c["index"], []).append(c)
+        return got
+
+    local, there = chunks(engine), chunks(remote)
+    assert local.keys() == there.keys() == {0, 1}
+    for k in local:
+        ids = [sum((c["output_ids"] for c in chunks_), []) for chunks_ in (local[k], there[k])]
+        lps = [sum((c["meta_info"]["output_token_logprobs"] for c in chunks_), []) for chunks_ in (local[k], there[k])]
+        assert ids[0] == ids[1] and len(ids[0]) == 12
+        assert lps[0] == lps[1]
+        last = [chunks_[-1]["meta_info"] for chunks_ in (local[k], there[k])]
+        assert [m["prompt_tokens"] for m in last] == [last[0]["prompt_tokens"]] * 2
+        assert [m["finish_reason"] for m in last] == [last[0]["finish_reason"]] * 2
+    assert len(crossed) >= 2 * 12 - 2 * 2  # all but each request's first (prompt logprobs) and last output
+
+
 def strip_volatile(meta: dict) -> dict:
     """meta_info without what differs between any two calls (the request id, timings)."""
     return {k: v for k, v in meta.items() if k not in ("id", "e2e_latency")}

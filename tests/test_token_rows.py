@@ -6,14 +6,11 @@ logprobs, stop strings, keep-sets, several tokens at once, the finished output) 
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing as mp
 
 import pytest
-from engine_support import make_engine
 
 from hotswap import protocol as p
-from hotswap.engine.remote import RemoteEngine
-from hotswap.engine.service import EngineService, output_rows, outputs_from_rows
+from hotswap.engine.service import output_rows, outputs_from_rows
 from hotswap.sampling_params import SamplingParams
 from hotswap.scheduler.output_streamer import OutputStreamer
 from hotswap.scheduler.sequence import Sequence
@@ -79,46 +76,3 @@ def test_a_step_message_delivers_token_rows_before_the_outputs_beside_them():
                                    finished=True, finish_reason={"type": "abort", "message": "aborted"})
     outs = outputs_from_rows(output_rows([finished]), [token])
     assert [o.finished for o in outs] == [False, True] and outs[0].new_token_ids == [5]
-
-
-@pytest.fixture
-def linked(tiny_qwen3):
-    engine = make_engine(tiny_qwen3)
-    ours, theirs = mp.Pipe(duplex=True)
-    service = EngineService(engine, ours).start()
-    remote = RemoteEngine(theirs, service.info)
-    try:
-        yield engine, remote
-    finally:
-        remote.shutdown()
-        service.close()
-        engine.shutdown()
-
-
-def test_sampled_streaming_with_logprobs_through_the_pipe_equals_the_engine_in_process(linked, monkeypatch):
-    """The RL shape (temperature 1, a seed, logprobs, n streams): the chunks through the front end's pipe carry the
-    tokens, logprobs and meta the engine gives in process, and most tokens crossed as token rows."""
-    engine, remote = linked
-    crossed = []
-    rebuild = p.output_of_token_row
-    monkeypatch.setattr(p, "output_of_token_row", lambda row: crossed.append(row) or rebuild(row))
-    params = {"max_new_tokens": 12, "temperature": 1.0, "ignore_eos": True, "seed": 11}
-
-    def chunks(api) -> dict[int, list[dict]]:
-        api.flush_cache()
-        got: dict[int, list[dict]] = {}
-        for c in api.generate(["Alice likes", "Bob"], params, stream=True, return_logprob=True, incremental_streaming_output=True):
-            got.setdefault(c["index"], []).append(c)
-        return got
-
-    local, there = chunks(engine), chunks(remote)
-    assert local.keys() == there.keys() == {0, 1}
-    for k in local:
-        ids = [sum((c["output_ids"] for c in chunks_), []) for chunks_ in (local[k], there[k])]
-        lps = [sum((c["meta_info"]["output_token_logprobs"] for c in chunks_), []) for chunks_ in (local[k], there[k])]
-        assert ids[0] == ids[1] and len(ids[0]) == 12
-        assert lps[0] == lps[1]
-        last = [chunks_[-1]["meta_info"] for chunks_ in (local[k], there[k])]
-        assert [m["prompt_tokens"] for m in last] == [last[0]["prompt_tokens"]] * 2
-        assert [m["finish_reason"] for m in last] == [last[0]["finish_reason"]] * 2
-    assert len(crossed) >= 2 * 12 - 2 * 2  # all but each request's first (prompt logprobs) and last output
