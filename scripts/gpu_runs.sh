@@ -18,11 +18,12 @@
 # Device seconds measured: suite 280 (H200) / 308-380 (H100), run alone; throughput19 ~130; sync19 up to 560 (the
 # 8B IPC section alone needs more than the 150 s it had); moe-pair ~60; rollout-repeats ~120; moe-kernels ~280;
 # http ~270 if streaming keeps up (its limits allow 950); moe ~300; moe-sync up to 570.
-# What the open issues still lack, in order (after the fifteenth session): moe-sync on an H200 (the 61 GB IPC push,
-# 14 % of D2D before its per-call caches held a whole push and its copy tables were built with tensor ops; with the
-# in-process sources dropped first, the separate / flat layouts fit beside the engine there), http-workers on the
-# H200 (the front end apart measured only on an H100: 1.28x / 1.23x), rollout-repeats on the H200 (0.6B at 53 %: what of its 5.3-ms step is host),
-# then a decode-graph kernel table of the 30B-A3B at batch 1 after any fusion (46.5 % on the H200).
+# What the open issues still lack, in order (after the sixteenth session, all of it on an H100): the GPU suite on the
+# final tree (the sampling rows' alignment, serve's defaults and fast_copy's single-tensor path changed after it ran);
+# http-workers (the first HTTP path should now show "Triton compiles 0"); moe-rollout three times (R3 at +5.3 % on an
+# H200, one run); the 30B-A3B decode graph at batch 1 after kernel fusions (55.0 % on an H100, 46.5 % on an H200: RMSNorm
+# into the residual's producer, the top-k sum into the down kernel, the router matmul into top-k softmax); moe-sync
+# with --ipc-bucket-mib 512,2048 on an H200 (an H100 gave 47-53 % and 75 %).
 # "Before" is the tree before the restructure, unpacked beside this one (untracked, so it travels to the
 # device):  git archive 6c9ff7c src bench | (mkdir -p .before && tar -x -C .before)
 # The MoE stage compares its decode kernels with the tree before they changed, unpacked the same way:
@@ -150,7 +151,8 @@ moe-rollout)  # on an 80 GB card the KV pool beside 61 GB of weights (~13 GB, ~1
         --paths offline --routed-experts
     ;;
 moe-sync)
-    PYTHONPATH=src run weight_sync_moe 570 python3 bench/weight_sync.py --shapes qwen3-30b-a3b --sections tensor,ipc --reps 3 --budget-s 540
+    PYTHONPATH=src run weight_sync_moe 570 python3 bench/weight_sync.py --shapes qwen3-30b-a3b --sections tensor,ipc --reps 3 --budget-s 540 \
+        --ipc-bucket-mib 512,2048
     ;;
 *)
     echo "unknown stage: $stage (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2
