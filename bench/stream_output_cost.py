@@ -27,10 +27,10 @@ from common import print_table  # noqa: E402
 
 from hotswap import protocol as p  # noqa: E402
 from hotswap.engine.service import output_rows  # noqa: E402
+from hotswap.gc_policy import make_garbage_collections_rare  # noqa: E402
 from hotswap.sampling_params import SamplingParams  # noqa: E402
 from hotswap.scheduler.output_streamer import OutputStreamer  # noqa: E402
 from hotswap.scheduler.sequence import Sequence  # noqa: E402
-from hotswap.server.app import make_garbage_collections_rare  # noqa: E402
 
 
 class NoDecodeTokenizer:

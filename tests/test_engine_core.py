@@ -316,3 +316,21 @@ def test_shutdown_frees_the_engine_state_while_the_object_lives_on(tiny_qwen3):
     assert runner.kv_cache.kv is None and runner.weight_map is None
     assert all(p.numel() == 0 for p in runner.model.parameters())
     assert updater.ipc_mappings.max_bytes == 0 and not updater.ipc_mappings.storages and reads.snapshot is None
+
+
+def test_an_engine_makes_full_garbage_collections_rare_in_its_process(tiny_qwen3):
+    """The offline engine's scheduler thread allocates per row per step as a server's does (hotswap/gc_policy.py): its
+    process gets the serving processes' collector threshold; a collector turned off stays off."""
+    import gc
+
+    from hotswap.gc_policy import GC_FIRST_THRESHOLD
+
+    saved = gc.get_threshold()
+    try:
+        for before, after in (((700, 10, 10), (GC_FIRST_THRESHOLD, 10, 10)), ((0, 10, 10), (0, 10, 10))):
+            gc.set_threshold(*before)
+            engine = make_engine(tiny_qwen3)
+            engine.shutdown()
+            assert gc.get_threshold() == after
+    finally:
+        gc.set_threshold(*saved)

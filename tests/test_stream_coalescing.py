@@ -27,8 +27,9 @@ from hotswap.engine.api import EngineAPI
 from hotswap.engine.remote import RemoteEngine
 from hotswap.engine.service import EngineInfo, output_rows, outputs_from_rows
 from hotswap.engine.tokenizer import load_tokenizer
+from hotswap.gc_policy import GC_FIRST_THRESHOLD
 from hotswap.scheduler.detokenizer import detokenizer_for
-from hotswap.server.app import GC_FIRST_THRESHOLD, create_app
+from hotswap.server.app import create_app
 from hotswap.server.http_utils import dumps, sse
 
 CAPACITY = PoolCapacity(num_pages=64, page_size=16)

@@ -12,6 +12,7 @@ from hotswap.config import EngineConfig, engine_args_from_sglang, model_config_f
 from hotswap.engine.api import EngineAPI, context_length, eos_token_ids
 from hotswap.engine.tokenizer import load_tokenizer
 from hotswap.errors import HotswapError
+from hotswap.gc_policy import make_garbage_collections_rare
 from hotswap.runner.model_runner import ModelRunner
 from hotswap.runner.tp_peers import TPPeers
 from hotswap.scheduler.scheduler import Scheduler
@@ -43,6 +44,7 @@ class Engine(EngineAPI):
             raise HotswapError(f"tensor_parallel_size {tp_size} from {device} needs GPUs up to cuda:{(device.index or 0) + tp_size - 1}; "
                                f"{torch.cuda.device_count()} visible")
         tokenizer = load_tokenizer(config)
+        make_garbage_collections_rare()  # the scheduler thread allocates per row per step (gc_policy.py)
         self.config, self.model_config, self.device = config, model_config, device  # _start_runner reads them
         self.tp_peers: TPPeers | None = None
         # the runner captures CUDA graphs on its device; the caller's current device is left as it was

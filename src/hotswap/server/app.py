@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import gc
 import hmac
 import logging
 import sys
@@ -27,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import hotswap
 from hotswap import protocol as p
+from hotswap.gc_policy import make_garbage_collections_rare
 from hotswap.server.access import AccessPolicy, refuse_browser_get
 from hotswap.server.body_limit import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, BodyLimits
 from hotswap.server.diagnostics_api import register as register_diagnostics_routes
@@ -481,22 +481,6 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
 # switch interval before the scheduler runs again: 5 ms by default, about a whole decode step. A short interval
 # bounds that wait (measured on the H200: docs/benchmarks.md, streaming rollouts).
 GIL_SWITCH_INTERVAL_S = 0.0005
-
-# The cyclic garbage collector's full passes walk every tracked object of the process (an engine's or front end's
-# imports alone hold ~250K), and streaming allocates a few containers per token per stream, so with CPython's
-# default first threshold (700 allocations) a full pass came often enough to cost more than the streaming itself:
-# 256 streams at a step every 2 ms (bench/frontend_stream.py), the front end process's pipe reader spent 1.8 s of
-# CPU for 131K tokens, 0.45 s with this threshold (as with the collector off), and in one process the scheduler's
-# thread 2.2 s against 0.55 s. Reference counting still frees at once whatever is not a cycle.
-GC_FIRST_THRESHOLD = 20_000
-
-
-def make_garbage_collections_rare() -> None:
-    """The serving processes' collector setting (GC_FIRST_THRESHOLD); a collector turned off stays off."""
-    first, *older = gc.get_threshold()
-    if first:
-        gc.set_threshold(max(first, GC_FIRST_THRESHOLD), *older)
-
 
 def create_app(engine, *, api_key: str | None = None, served_model_name: str | None = None, policy: AccessPolicy | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> FastAPI:

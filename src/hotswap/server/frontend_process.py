@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_for_exit
 
 from hotswap.engine.service import EngineInfo, EngineService
+from hotswap.gc_policy import make_garbage_collections_rare
 from hotswap.server.access import AccessPolicy
-from hotswap.server.app import make_garbage_collections_rare
 from hotswap.server.http_protocol import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_SEND_TIMEOUT_S, bounded_protocol
 from hotswap.server.metrics_share import MetricsShare
 
