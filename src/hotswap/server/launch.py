@@ -70,6 +70,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-update-bucket-bytes", type=int, default=None,
                         help="largest bucket an update_weights_from_distributed call may carry, and the relay bucket to "
                              "tensor-parallel workers (default 1 GiB)")
+    parser.add_argument("--cuda-ipc-cache-bytes", type=int, default=None,
+                        help="producer memory kept mapped between CUDA IPC updates (default 1 GiB: one IPCWeightPusher pack buffer); "
+                             "at least the pusher's bucket_bytes, or each call maps its buffer again")
     parser.add_argument("--weight-session-timeout-s", "--weight-update-session-timeout", dest="weight_session_timeout_s", type=float,
                         default=None, help="seconds an open begin_weight_update session may stay idle before it is rolled back (default 600)")
     parser.add_argument("--weight-update-drain-timeout-s", type=float, default=None,
@@ -123,7 +126,7 @@ def default_frontend_workers(frontend_process: bool) -> int:
 def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
     kw: dict = {}
     for name in ("max_running_requests", "page_size", "num_pages", "max_context_len", "kv_cache_memory_fraction", "attention_backend", "seed",
-                 "tensor_parallel_size", "load_format", "tokenizer_path", "chat_template", "weight_update_bucket_bytes",
+                 "tensor_parallel_size", "load_format", "tokenizer_path", "chat_template", "weight_update_bucket_bytes", "cuda_ipc_cache_bytes",
                  "weight_session_timeout_s", "stream_interval", "max_queue_wait_s", "weight_version",
                  "weight_update_drain_timeout_s"):
         value = getattr(args, name, None)
