@@ -285,7 +285,7 @@ def bench_tensor(shape: str, engine, sources, ceil: dict, reps: int) -> None:
                                              "copy_sync_ms": e * 1e3, "tensors": len(pairs)}
     # rollback protection: an explicit session takes copies of what it overwrites
     sessions = engine.scheduler.sessions  # the session machine reads these (the config's fields only seed them)
-    saved = (sessions.enable_rollback, sessions.device_budget_bytes)
+    saved = (sessions.enable_rollback, sessions.device_budget_bytes, sessions.lend_scratch)
 
     def session_update(capture: dict | None = None):
         assert engine.begin_weight_update().success
@@ -294,24 +294,29 @@ def bench_tensor(shape: str, engine, sources, ceil: dict, reps: int) -> None:
         if capture is not None:
             s = wu.sessions.session
             capture["dev"], capture["host"] = s.rollback.extra_bytes
+            capture["kv"] = s.rollback.scratch_bytes
             capture["arena"] = engine.scheduler.sessions.arena.nbytes
         assert engine.end_weight_update().success
 
-    cases = [("session, enable_rollback=False", False, saved[1]),
-             (f"session, rollback (device budget {mib(saved[1])}, rest pinned host)", True, saved[1]),
-             ("session, rollback all on device (budget = model)", True, 2 * total)]
-    for label, on, budget in cases:
-        sessions.enable_rollback, sessions.device_budget_bytes = on, budget
+    no_lending = lambda: None  # noqa: E731 - the session machine's hook, turned off
+    cases = [("session, enable_rollback=False", "off", False, saved[1], saved[2]),
+             ("session, rollback (engine default: originals in the idle KV pool's bytes, then the device budget, then pinned host)",
+              "on.kv", True, saved[1], saved[2]),
+             (f"session, rollback, KV pool not lent (device budget {mib(saved[1])}, rest pinned host)", "on", True, saved[1], no_lending),
+             ("session, rollback all on device (budget = model)", "on.device", True, 2 * total, no_lending)]
+    for label, key, on, budget, lend in cases:
+        sessions.enable_rollback, sessions.device_budget_bytes, sessions.lend_scratch = on, budget, lend
         if on and budget > saved[1] and cuda() and torch.cuda.mem_get_info()[0] < total * 1.2:
             continue
         cap: dict = {}
         session_update(cap)  # warm (pins the host arena once)
         t = median_time(lambda: session_update(cap), max(3, reps // 4), 1)
-        extra = f"dev {mib(cap.get('dev', 0))} + host {mib(cap.get('host', 0))}" if on else "0"
+        extra = f"KV pool {mib(cap.get('kv', 0))} (lent) + dev {mib(cap.get('dev', 0))} + host {mib(cap.get('host', 0))}" if on else "0"
         row(label, t, extra)
-        RESULTS["figures"][f"{shape}.rollback.{'on' if on else 'off'}{'.device' if budget > saved[1] else ''}"] = {
-            "ms": t * 1e3, "device_bytes": cap.get("dev", 0), "host_bytes": cap.get("host", 0), "arena_bytes": cap.get("arena", 0)}
-    sessions.enable_rollback, sessions.device_budget_bytes = saved
+        RESULTS["figures"][f"{shape}.rollback.{key}"] = {
+            "ms": t * 1e3, "kv_pool_bytes": cap.get("kv", 0), "device_bytes": cap.get("dev", 0), "host_bytes": cap.get("host", 0),
+            "arena_bytes": cap.get("arena", 0)}
+    sessions.enable_rollback, sessions.device_budget_bytes, sessions.lend_scratch = saved
     table(f"{shape}.tensor", f"{shape}: update_weights_from_tensor, in process, tensors on the GPU ({len(pairs)} tensors)",
           ["path", "GB", "time ms", "GB/s (r+w)", "ceiling D2D GB/s", "% of ceiling", "extra memory", "note"], rows)
 

@@ -86,6 +86,7 @@ class Scheduler:
             timeout_s=config.weight_session_timeout_s,
             synchronize=self._synchronize,
             enable_rollback=config.enable_rollback,
+            lend_scratch=self.lend_kv_pool,
         )
         self.memory = MemoryManager(device_memory=DeviceMemory(runner=model_runner), why_not_release=self.why_memory_may_not_change,
                                     reset_prefix_cache=self.flush_cache, weights_discarded=lambda: self.sessions.mark("discarded"),
@@ -515,6 +516,20 @@ class Scheduler:
             return False
         self.batcher.invalidate_cache()
         return True
+
+    def lend_kv_pool(self) -> torch.Tensor | None:
+        """The KV pool's bytes, as scratch for an update session's saved originals (weights/rollback.py), when no
+        request holds a page: a 61 GB model's originals then copy on the device (~30 ms on an H200) instead of to
+        pinned host memory (~1.1 s). The prefix cache is emptied first: its KV is about to be overwritten (an update
+        flushes it anyway; an update rolled back loses it). No step runs while the scratch is lent: an update runs
+        between steps, and an open session holds generation. None when requests hold pages (paused in place)."""
+        kv = self.model_runner.kv_cache
+        if self.batcher.running or not kv.has_storage:
+            return None
+        self.batcher.invalidate_cache()
+        if self.allocator.num_free != self.allocator.num_pages:
+            return None
+        return kv.kv.view(-1).view(torch.uint8)
 
     def invalidate_cache(self) -> bool:
         """After committed weight changes: no KV of the old weights may be matched again, even while requests

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -59,14 +60,33 @@ class HostArena:
 
 @dataclass(kw_only=True, slots=True)
 class RollbackBuffer:
-    """Originals live in device memory up to `device_budget_bytes`, then in (pinned) host memory."""
+    """Originals live in memory lent for the session first (`scratch`: the KV pool's bytes when no request holds
+    a page, so a large model's saves copy at device speed instead of to the host), then in device memory up to
+    `device_budget_bytes`, then in (pinned) host memory."""
 
     device_budget_bytes: int
     arena: HostArena | None = None  # shared with later sessions; a private one when not given
+    # asked once, at the first save: a flat uint8 tensor on the weights' device this buffer may fill until it is
+    # cleared, or None (nothing to lend)
+    scratch: Callable[[], torch.Tensor | None] | None = None
+    lent: torch.Tensor | None = None
+    scratch_bytes: int = 0  # used of `lent`
     saved: dict[str, tuple[WeightSlot, torch.Tensor]] = field(default_factory=dict)
     device_bytes: int = 0
     host_bytes: int = 0
     stream: torch.cuda.Stream | None = None
+
+    def _lent_copy(self, src: torch.Tensor) -> torch.Tensor | None:
+        """A view of the lent memory shaped as `src`, or None when it is not lent or `src` does not fit in what is left."""
+        if self.scratch is not None:
+            self.lent, self.scratch = self.scratch(), None
+        nbytes = src.numel() * src.element_size()
+        lent = self.lent
+        if lent is None or lent.device != src.device or self.scratch_bytes + nbytes > lent.numel():
+            return None
+        out = lent[self.scratch_bytes : self.scratch_bytes + nbytes].view(src.dtype).view(src.shape)
+        self.scratch_bytes += -(-nbytes // _ALIGN) * _ALIGN
+        return out
 
     def _host_copy(self, src: torch.Tensor) -> torch.Tensor:
         nbytes = src.numel() * src.element_size()
@@ -91,9 +111,11 @@ class RollbackBuffer:
             return {} if overlap else None
         if todo[0].dest.device.type != "cuda":
             for s in todo:
-                copy = self._host_copy(s.dest)
+                copy = self._lent_copy(s.dest)
+                if copy is None:
+                    copy = self._host_copy(s.dest)
+                    self.host_bytes += copy.numel() * copy.element_size()
                 copy.copy_(s.dest)
-                self.host_bytes += copy.numel() * copy.element_size()
                 self.saved[s.hf_name] = (s, copy)
             return {} if overlap else None
         device = todo[0].dest.device
@@ -103,11 +125,16 @@ class RollbackBuffer:
         self.stream.wait_stream(current)  # save what earlier work wrote
         events: dict[str, torch.cuda.Event] = {}
         with torch.cuda.stream(self.stream):
-            on_device, host = [], []
+            on_device, host, copies, sources = [], [], [], []
             budget = self.device_budget_bytes - self.device_bytes
             for s in todo:
                 nbytes = s.dest.numel() * s.dest.element_size()
-                if nbytes <= budget:
+                lent = self._lent_copy(s.dest)
+                if lent is not None:
+                    copies.append(lent)
+                    sources.append(s)
+                    self.saved[s.hf_name] = (s, lent)
+                elif nbytes <= budget:
                     on_device.append(s)
                     budget -= -(-nbytes // _ALIGN) * _ALIGN
                 else:
@@ -116,20 +143,21 @@ class RollbackBuffer:
                 sizes = [-(-s.dest.numel() * s.dest.element_size() // _ALIGN) * _ALIGN for s in on_device]
                 block = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
                 off = 0
-                copies = []
                 for s, size in zip(on_device, sizes):
                     nbytes = s.dest.numel() * s.dest.element_size()
                     copy = block[off : off + nbytes].view(s.dest.dtype).view(s.dest.shape)
                     off += size
                     copies.append(copy)
+                    sources.append(s)
                     self.device_bytes += size
                     self.saved[s.hf_name] = (s, copy)
+            if copies:
                 # one grouped launch: a copy_ per slot costs a launch each (300 for a 0.6B model) on the host
-                torch._foreach_copy_(copies, [s.dest for s in on_device], non_blocking=True)
+                torch._foreach_copy_(copies, [s.dest for s in sources], non_blocking=True)
                 if overlap:
                     ev = torch.cuda.Event()
                     ev.record(self.stream)
-                    events.update(dict.fromkeys((s.hf_name for s in on_device), ev))
+                    events.update(dict.fromkeys((s.hf_name for s in sources), ev))
             for s in host:
                 copy = self._host_copy(s.dest)
                 self.host_bytes += copy.numel() * copy.element_size()
@@ -165,7 +193,8 @@ class RollbackBuffer:
         if self.stream is not None and self.saved:
             self.stream.synchronize()  # no copy still reads a slice the arena is about to hand out again
         self.saved.clear()
-        self.device_bytes = self.host_bytes = 0
+        self.device_bytes = self.host_bytes = self.scratch_bytes = 0
+        self.lent = self.scratch = None  # the lent memory goes back to its owner
         if self.arena is not None:
             self.arena.reset()
 

@@ -33,6 +33,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from hotswap import protocol as p
 from hotswap.errors import HotswapError, shown
 from hotswap.weights.ranks import WeightRanks
@@ -90,6 +92,9 @@ class Sessions:
     synchronize: Callable[[], None] = lambda: None  # wait for the device's copies (a failed copy fails here)
     enable_rollback: bool = True
     arena: HostArena = field(default_factory=HostArena)  # pinned host for saved originals, kept across sessions (pinning is slow)
+    # device memory a session's saved originals may fill before the budget (the KV pool's bytes when no request
+    # holds a page: the scheduler's `lend_kv_pool`), asked at a session's first save; None: nothing to lend
+    lend_scratch: Callable[[], torch.Tensor | None] = lambda: None
     weight_version: str = "default"
     session: UpdateSession | None = None
     expired_message: str | None = None  # told once to the next call: the last session expired
@@ -114,7 +119,7 @@ class Sessions:
         return s is not None and (s.begun or s.changed or not s.explicit)
 
     def _open(self, *, explicit: bool, opened_by: str, begun: bool = False) -> UpdateSession:
-        rollback = RollbackBuffer(device_budget_bytes=self.device_budget_bytes, arena=self.arena)
+        rollback = RollbackBuffer(device_budget_bytes=self.device_budget_bytes, arena=self.arena, scratch=self.lend_scratch)
         self.session = UpdateSession(explicit=explicit, opened_by=opened_by, rollback=rollback, base_version=self.weight_version, begun=begun)
         return self.session
 
