@@ -58,7 +58,7 @@ class GenerateRequest:
     sink: Callable[[GenerateOutput], None]
     flush: Callable[[], None] | None = None  # called once per scheduler step after this step's outputs are sunk
     # a streamed request's consumer of plain next tokens (the front end process's pipe, engine/service.py): an output
-    # that is one new token and nothing else new comes to it as the tuple TokenRow names instead of to `sink` as a
+    # that is one new token and nothing else new comes to it as the tuple TOKEN_ROW names instead of to `sink` as a
     # GenerateOutput, a third of the scheduler thread's cost per token; None: every output goes to `sink`
     sink_token: Callable[[tuple], None] | None = None
     stream: bool = False  # deliver an output per step (else only the finished one)
