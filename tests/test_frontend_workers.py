@@ -175,4 +175,13 @@ def test_the_default_is_two_front_ends_where_they_run_apart_on_a_machine_with_th
     from hotswap.server import launch
 
     monkeypatch.setattr(launch.os, "cpu_count", lambda: cores)
+    monkeypatch.delattr(launch.os, "sched_getaffinity", raising=False)
     assert launch.default_frontend_workers(apart) == expected
+
+
+def test_the_default_counts_the_cores_this_process_may_use(monkeypatch):
+    from hotswap.server import launch
+
+    monkeypatch.setattr(launch.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert launch.default_frontend_workers(True) == 1  # a 64-core host, two of them ours

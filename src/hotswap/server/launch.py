@@ -98,7 +98,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frontend-workers", type=int, default=None,
                         help="front end processes accepting on the port (SGLang's --tokenizer-worker-num): request parsing, "
                              "tokenization and output assembly spread over them (/metrics sums them). Default: 2 with the front "
-                             "end in its own process on a machine of 4 or more cores (one process is busy all the time at 512 "
+                             "end in its own process with 4 or more cores to run on (one process is busy all the time at 512 "
                              "streams, and streams then lag), else 1")
     parser.add_argument("--max-queue-wait-s", type=float, default=None,
                         help="how long a request may queue while generation is paused or a weight-update session is open (default 300)")
@@ -120,7 +120,8 @@ def default_frontend_workers(frontend_process: bool) -> int:
     """Front end processes when --frontend-workers is not given: two where the front end runs apart and the machine has
     the cores (a 0.6B rollout of 512 streams on an H100: one process was busy 85 % of the run and the streams ended at
     1.26-1.28x the offline time; two, 1.01-1.03x), else one."""
-    return 2 if frontend_process and (os.cpu_count() or 1) >= 4 else 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # the ones this process may use
+    return 2 if frontend_process and cores >= 4 else 1
 
 
 def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
