@@ -80,3 +80,23 @@ def test_requests_paused_in_place_keep_their_pages_and_the_originals_go_to_the_h
         assert sum((c["output_ids"] for c in chunks), []) == reference  # its KV survived, the weights came back
     finally:
         engine.shutdown()
+
+
+def test_a_disk_read_failing_midway_is_undone_from_the_kv_pool(tiny_qwen3, tiny_qwen3_v2, monkeypatch):
+    """A single update from disk saves what it overwrites too (the source can fail after the first copy): with the pool
+    lent, an I/O error partway through the read still leaves every weight as it was."""
+    from engine_support import fail_disk_read
+
+    engine = make_engine(tiny_qwen3, num_pages=2048, weight_load_threads=2, weight_load_staging_bytes=8 * 4096)
+    try:
+        lent = []
+        lend = engine.scheduler.sessions.lend_scratch
+        engine.scheduler.sessions.lend_scratch = lambda: lent.append(lend()) or lent[-1]
+        before = engine.check_weights("checksum").digest
+        fail_disk_read(monkeypatch, at=5)
+        res = engine.update_weights_from_disk(str(tiny_qwen3_v2))
+        assert not res.success and "injected I/O error" in res.message and res.rolled_back
+        assert len(lent) == 1 and lent[0] is not None and lent[0].numel() >= weight_bytes(engine)
+        assert engine.check_weights("checksum").digest == before
+    finally:
+        engine.shutdown()
