@@ -234,3 +234,42 @@ def test_requests_the_loop_never_answered_fail_when_the_engine_shuts_down(tiny_q
     out = eng.scheduler.submit(p.FlushCacheRequest()).result(timeout=5)
     assert not out.success and "shut down" in out.message
     eng.shutdown()
+
+
+def test_generate_requests_arriving_mid_run_keep_the_step_in_flight_and_control_requests_drain_it(tiny_qwen3, monkeypatch):
+    """New requests arrive all the time in RL (n samples, async rollouts): taking one does not need the step in flight
+    read back first, as a control request (an abort, a weight update, a load query) does. Each keeps its tokens."""
+    from hotswap.scheduler import scheduler as scheduler_module
+
+    drains: list[bool] = []
+    real = scheduler_module.must_drain_before
+
+    def counted(inflight, *, control_waiting: bool, update_ready: bool) -> bool:
+        drain = real(inflight, control_waiting=control_waiting, update_ready=update_ready)
+        if drain:
+            drains.append(control_waiting)
+        return drain
+
+    monkeypatch.setattr(scheduler_module, "must_drain_before", counted)
+    with Engine(str(tiny_qwen3), device="cpu", page_size=4) as eng:
+        short = {"max_new_tokens": 4, "temperature": 0.0, "ignore_eos": True}
+        alone = eng.generate(PROMPT, short)["output_ids"]
+        running = threading.Event()
+        long_out: dict = {}
+
+        def long_request():
+            for chunk in eng.generate(PROMPT, {"max_new_tokens": 480, "temperature": 0.0, "ignore_eos": True}, stream=True):
+                running.set()
+                long_out.update(chunk)
+
+        worker = threading.Thread(target=long_request, daemon=True)
+        worker.start()
+        assert running.wait(30)
+        drains.clear()
+        arrived = [eng.generate(PROMPT, short)["output_ids"] for _ in range(8)]  # each submitted while the long one runs
+        assert arrived == [alone] * 8
+        assert worker.is_alive() and drains == []  # no step was read back early for them
+        assert eng.get_load().num_running >= 1  # a control request: the loop reads the step back first
+        assert drains and all(drains)
+        worker.join(60)
+        assert len(long_out["output_ids"]) == 480

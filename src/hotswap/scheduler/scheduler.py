@@ -39,6 +39,8 @@ from hotswap.weights.sources.distributed import WeightGroups
 log = logging.getLogger(__name__)
 
 
+_GENERATE = (p.GenerateBatch, p.GenerateRequest)  # taken with a step in flight; every other request drains it first
+
 # Weight-changing requests wait for running requests to finish on the old weights (SGLang's default),
 # unless generation is paused, a weight-update session is open, or the request aborts everything.
 _DRAIN_FIRST = (
@@ -134,6 +136,11 @@ class Scheduler:
             p.ResumeMemoryOccupationRequest: self.memory.resume_memory_occupation,
         }
         self.inbox: queue.Queue[tuple[object, Future | None]] = queue.Queue()
+        # control requests in the inbox: the step in flight is read back before one is taken; new generate requests
+        # are taken beside it (their admission waits for the next schedule anyway), so arrivals keep the overlap
+        self._controls_queued = 0
+        self._controls_lock = threading.Lock()
+        self._held: tuple[object, Future | None] | None = None  # a control request taken behind generate ones, mid-step
         self.deferred: deque[tuple[object, Future, float]] = deque()  # weight updates waiting for a drain, with their deadline
         self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "steps": 0}
         self._stop = threading.Event()
@@ -160,6 +167,9 @@ class Scheduler:
 
     def submit(self, request) -> Future:
         fut: Future = Future()
+        if not isinstance(request, _GENERATE):
+            with self._controls_lock:
+                self._controls_queued += 1
         self.inbox.put((request, fut))
         if self.dead is not None:  # nothing takes it any more: fail it (and anything queued beside it) now
             self._fail_queued()
@@ -185,10 +195,11 @@ class Scheduler:
         self._fail(deferred)
 
     def _fail_queued(self) -> None:
-        items = []
+        items = [self._held] if self._held is not None and self._held[0] is not None else []
+        self._held = None
         while True:
             try:
-                items.append(self.inbox.get_nowait())
+                items.append(self._took(self.inbox.get_nowait()))
             except queue.Empty:
                 return self._fail(items)
 
@@ -213,10 +224,11 @@ class Scheduler:
             torch.cuda.set_device(next(self.model_runner.model.parameters()).device)
         inflight: InFlight | None = None
         while not self._stop.is_set():
-            if must_drain_before(inflight, control_waiting=not self.inbox.empty(), update_ready=bool(self.deferred) and self.update_may_run()):
+            control_waiting = self._controls_queued > 0 or self._held is not None
+            if must_drain_before(inflight, control_waiting=control_waiting, update_ready=bool(self.deferred) and self.update_may_run()):
                 self.process(inflight)
                 inflight = None
-            self.receive(block=self.nothing_to_run() and inflight is None)
+            self.receive(block=self.nothing_to_run() and inflight is None, step_in_flight=inflight is not None)
             self.run_deferred()
             self.expire_deferred()
             self.pause.expire()
@@ -272,18 +284,36 @@ class Scheduler:
         seqs, entries = batch.seqs[:k] + batch.seqs[k + 1:], batch.entries[:k] + batch.entries[k + 1:]
         return ScheduledBatch(seqs=seqs, entries=entries) if entries else None
 
-    def receive(self, block: bool) -> None:
+    def receive(self, block: bool, step_in_flight: bool = False) -> None:
+        """Take what the inbox holds, in order. With a step in flight only generate requests are taken: a control
+        request met behind them is held (`_held`) until the loop has read the step back."""
         timeout = 0.5 if self.pause.held or self.deferred else None  # sessions, queued requests and deferred updates expire
-        try:
-            item = self.inbox.get(block=block, timeout=timeout if block else None)
-        except queue.Empty:
-            return
+        if self._held is not None:
+            if step_in_flight:
+                return
+            item, self._held = self._held, None
+        else:
+            try:
+                item = self._took(self.inbox.get(block=block, timeout=timeout if block else None))
+            except queue.Empty:
+                return
         while item is not None:
+            if step_in_flight and not isinstance(item[0], _GENERATE):
+                self._held = item
+                return
             self.dispatch(*item)
             try:
-                item = self.inbox.get_nowait()
+                item = self._took(self.inbox.get_nowait())
             except queue.Empty:
                 item = None
+
+    def _took(self, item: tuple[object, Future | None]) -> tuple[object, Future | None]:
+        """An item just taken from the inbox (counted out when it is a control request)."""
+        request = item[0]
+        if request is not None and not isinstance(request, _GENERATE):
+            with self._controls_lock:
+                self._controls_queued -= 1
+        return item
 
     def dispatch(self, request, fut: Future | None) -> None:
         if request is None:
