@@ -19,7 +19,9 @@
 # 8B IPC section alone needs more than the 150 s it had); moe-pair ~60; rollout-repeats ~120; moe-kernels ~280;
 # http ~270 if streaming keeps up (its limits allow 950); moe ~300; moe-sync up to 570.
 # What the open issues still lack, in order (after the sixteenth session, all of it on an H100): the GPU suite on the
-# final tree (the sampling rows' alignment, serve's defaults and fast_copy's single-tensor path changed after it ran);
+# final tree (the sampling rows' alignment, fast_copy's single-tensor path, the rollback's saves into the lent KV pool
+# and the loop taking generate requests with a step in flight changed after it ran); the sessions' rollback with the
+# KV pool lent (`python3 bench/weight_sync.py --shapes qwen3-8b,qwen3-30b-a3b --sections tensor --reps 3`);
 # http-workers (the first HTTP path should now show "Triton compiles 0"); moe-rollout three times (R3 at +5.3 % on an
 # H200, one run); the 30B-A3B decode graph at batch 1 after kernel fusions (55.0 % on an H100, 46.5 % on an H200: RMSNorm
 # into the residual's producer, the top-k sum into the down kernel, the router matmul into top-k softmax); moe-sync
