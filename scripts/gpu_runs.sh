@@ -13,6 +13,7 @@
 #   rollout-repeats  issue 24's 0.6B rollout run three times per mode (one-time costs, the spread)
 #   moe-quick  issue 20's layer kernels (no sweep) and the 30B-A3B throughput, for a short session
 #   moe     issue 20's Qwen3-30B-A3B throughput, then moe-rollout: its rollout with and without routed experts (R3)
+#   sessions  a weight-update session's cost with its saved originals in the lent KV pool and without (8B, 30B-A3B)
 #   moe-sync  issue 20's 61 GB update, in process and over the trainer library's CUDA IPC pusher (fits an H100:
 #             beside the engine's 61 GB the bench's sources are views of one buffer, `--sources auto`; ~230 s on an H200)
 # Device seconds measured: suite 280 (H200) / 308-380 (H100), run alone; throughput19 ~130; sync19 up to 560 (the
@@ -21,7 +22,7 @@
 # What the open issues still lack, in order (after the sixteenth session, all of it on an H100): the GPU suite on the
 # final tree (the sampling rows' alignment, fast_copy's single-tensor path, the rollback's saves into the lent KV pool
 # and the loop taking generate requests with a step in flight changed after it ran); the sessions' rollback with the
-# KV pool lent (`python3 bench/weight_sync.py --shapes qwen3-8b,qwen3-30b-a3b --sections tensor --reps 3`);
+# KV pool lent (stage `sessions`);
 # http-workers (the first HTTP path should now show "Triton compiles 0"); moe-rollout three times (R3 at +5.3 % on an
 # H200, one run); the 30B-A3B decode graph at batch 1 after kernel fusions (55.0 % on an H100, 46.5 % on an H200: RMSNorm
 # into the residual's producer, the top-k sum into the down kernel, the router matmul into top-k softmax); moe-sync
@@ -33,7 +34,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/device.txt" 2>&1
@@ -152,12 +153,16 @@ moe-rollout)  # on an 80 GB card the KV pool beside 61 GB of weights (~13 GB, ~1
     PYTHONPATH=src run rollout_moe 360 python3 bench/rollout.py --shape qwen3-30b-a3b --prompts 32 --n 8 --modes sampled \
         --paths offline --routed-experts
     ;;
+sessions)  # a weight-update session's cost with its originals in the lent KV pool, and with the pool not lent (8B, 30B-A3B)
+    PYTHONPATH=src run weight_sync_sessions 400 python3 bench/weight_sync.py --shapes qwen3-8b,qwen3-30b-a3b --sections tensor --reps 3 \
+        --budget-s 380
+    ;;
 moe-sync)
     PYTHONPATH=src run weight_sync_moe 570 python3 bench/weight_sync.py --shapes qwen3-30b-a3b --sections tensor,ipc --reps 3 --budget-s 540 \
         --ipc-bucket-mib 512,2048
     ;;
 *)
-    echo "unknown stage: $stage (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2
+    echo "unknown stage: $stage (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2
     exit 2
     ;;
 esac
