@@ -277,3 +277,18 @@ def test_a_disk_update_through_one_front_end_moves_every_front_ends_model_path(t
         for service in services:
             service.close()
         engine.shutdown()
+
+
+def test_a_front_end_group_makes_its_engine_services_siblings(tiny_qwen3):
+    """How `hotswap serve --frontend-workers N` wires the test above: one list every service of the group joins."""
+    from hotswap.server.frontend_process import FrontendGroup
+
+    engine = make_engine(tiny_qwen3)
+    sock = bind_socket("127.0.0.1", 0)
+    group = FrontendGroup(engine, sock, FrontendOptions(host="127.0.0.1", port=sock.getsockname()[1]), workers=2)
+    try:
+        services = [front.service for front in group.fronts]
+        assert services[0].siblings is services[1].siblings and services[0].siblings == services
+    finally:
+        group.stop()
+        engine.shutdown()
