@@ -37,11 +37,9 @@ class GenerateOutput:
     new_top_p_token_ids: list[list[int]] = field(default_factory=list)  # per new token: the ids its filters kept
 
 
-TOKEN_ROW = ("rid", "token_id", "logprob", "weight_version", "prompt_tokens", "cached_tokens")  # logprob None: not asked
-
-
 def output_of_token_row(row: tuple) -> GenerateOutput:
-    """The GenerateOutput a token row (`GenerateRequest.sink_token`) stands for: the one the full path sends."""
+    """The GenerateOutput a token row (`GenerateRequest.sink_token`) stands for: the one the full path sends. A row is
+    (rid, token id, logprob or None when not asked, weight version, prompt tokens, cached tokens)."""
     rid, token_id, logprob, version, prompt_tokens, cached_tokens = row
     asked = logprob is not None
     return GenerateOutput(rid=rid, new_token_ids=[token_id], new_logprobs=[logprob] if asked else [], new_top_logprobs=[[]] if asked else [],
@@ -58,7 +56,7 @@ class GenerateRequest:
     sink: Callable[[GenerateOutput], None]
     flush: Callable[[], None] | None = None  # called once per scheduler step after this step's outputs are sunk
     # a streamed request's consumer of plain next tokens (the front end process's pipe, engine/service.py): an output
-    # that is one new token and nothing else new comes to it as the tuple TOKEN_ROW names instead of to `sink` as a
+    # that is one new token and nothing else new comes to it as a token row (`output_of_token_row`) instead of to `sink` as a
     # GenerateOutput, a third of the scheduler thread's cost per token; None: every output goes to `sink`
     sink_token: Callable[[tuple], None] | None = None
     stream: bool = False  # deliver an output per step (else only the finished one)

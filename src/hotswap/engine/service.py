@@ -12,7 +12,7 @@ other: nothing from the network is unpickled here):
   engine -> front end: `("outputs", rows, tokens)` once per scheduler step with outputs: each GenerateOutput as
                        the tuple of its fields (`output_rows`; a tuple pickles in a third of the time a dataclass
                        does, and this process's interpreter lock is the scheduler's), and each streamed output that
-                       is one plain new token as its token row (protocol.TOKEN_ROW: `GenerateRequest.sink_token`,
+                       is one plain new token as its token row (`protocol.output_of_token_row`, `GenerateRequest.sink_token`;
                        no GenerateOutput made here at all);
                        `("reply", call_id, output, error)` when the scheduler answers a request;
                        `("model_path", path)` when a sibling front end's update_weights_from_disk changed the folder

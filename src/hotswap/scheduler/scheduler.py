@@ -549,8 +549,8 @@ class Scheduler:
 
     def lend_kv_pool(self) -> torch.Tensor | None:
         """The KV pool's bytes, as scratch for an update session's saved originals (weights/rollback.py), when no
-        request holds a page: a 61 GB model's originals then copy on the device (~30 ms on an H200) instead of to
-        pinned host memory (~1.1 s). The prefix cache is emptied first: its KV is about to be overwritten (an update
+        request holds a page: a large model's originals then copy on the device instead of to pinned host memory (61 GB
+        took 1.1 s that way on an H100). The prefix cache is emptied first: its KV is about to be overwritten (an update
         flushes it anyway; an update rolled back loses it). No step runs while the scratch is lent: an update runs
         between steps, and an open session holds generation. None when requests hold pages (paused in place)."""
         kv = self.model_runner.kv_cache
