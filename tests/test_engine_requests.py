@@ -273,3 +273,38 @@ def test_generate_requests_arriving_mid_run_keep_the_step_in_flight_and_control_
         assert drains and all(drains)
         worker.join(60)
         assert len(long_out["output_ids"]) == 480
+
+
+def test_a_control_request_met_behind_generate_ones_mid_step_waits_for_the_step_to_be_read_back(tiny_qwen3, monkeypatch):
+    """The race the inbox's order makes: a control request queued after the loop chose not to drain, behind a generate
+    request. It is held until the step in flight is read back (the next loop turn drains for it), then answered."""
+    from hotswap.scheduler import scheduler as scheduler_module
+
+    with Engine(str(tiny_qwen3), device="cpu", page_size=4) as eng:
+        sched = eng.scheduler
+        real = scheduler_module.must_drain_before
+        armed, raced, seen = threading.Event(), [], []
+
+        def racing(inflight, *, control_waiting: bool, update_ready: bool) -> bool:
+            if raced:  # the turns after the race: was a drain asked for the held request alone?
+                seen.append((control_waiting, sched._controls_queued, sched._held is not None))
+            if armed.is_set() and inflight is not None and not control_waiting and sched._controls_queued == 0 and not sched.inbox.empty():
+                armed.clear()
+                raced.append(sched.submit(p.GetLoadRequest()))  # behind the generate request, after this turn's decision
+            return real(inflight, control_waiting=control_waiting, update_ready=update_ready)
+
+        monkeypatch.setattr(scheduler_module, "must_drain_before", racing)
+        running = threading.Event()
+
+        def long_request():
+            for _ in eng.generate(PROMPT, {"max_new_tokens": 480, "temperature": 0.0, "ignore_eos": True}, stream=True):
+                running.set()
+
+        worker = threading.Thread(target=long_request, daemon=True)
+        worker.start()
+        assert running.wait(30)
+        armed.set()
+        assert eng.generate(PROMPT, {"max_new_tokens": 4, "temperature": 0.0})["meta_info"]["completion_tokens"] == 4
+        assert raced and raced[0].result(timeout=10).success
+        assert (True, 0, True) in seen  # the loop drained for the held request (nothing else was queued)
+        worker.join(60)
