@@ -47,12 +47,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import SHAPES, config_only_checkpoint, device_name, print_table  # noqa: E402
 
-from hotswap import Engine  # noqa: E402
+from hotswap import Engine, protocol  # noqa: E402
 from hotswap.weights import fast_copy, fast_reader  # noqa: E402
 from hotswap.weights.fast_reader import ReaderOptions, load_plan  # noqa: E402
 from hotswap.weights.ipc import CudaIpcMappings  # noqa: E402
 from hotswap.weights.loader import plan_checkpoint  # noqa: E402
+from hotswap.weights.sources import tensor as tensor_source  # noqa: E402
 from hotswap.wire.buckets import iter_buckets  # noqa: E402
+from hotswap.wire.ipc import shm_block_prefix  # noqa: E402
 
 GB = 1e9
 RESULTS: dict = {"tables": {}, "figures": {}}
@@ -446,14 +448,14 @@ def profile_ipc_call(engine, descs: list, nbytes: int, d2d: float, what: str, re
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=60), flush=True)
     # the same call taken apart: the scheduler thread's round trip, the handler run on this thread (the engine is
     # idle: nothing else touches the weights), the copy and its synchronisation alone
-    import hotswap.protocol as p
-    from hotswap.weights import fast_copy
-    from hotswap.weights.sources import tensor as tensor_source
-
     wu = engine.scheduler.weight_updater
-    req = p.UpdateWeightsFromTensorRequest(named_tensors=descs, flush_cache=False)
-    matched = tensor_source.match_tensors(req, wu.model_runner.weight_map, wu.model_runner.device, wu.ipc_mappings, wu.tensor_plans,
-                                          shm_prefix="-")
+    req = protocol.UpdateWeightsFromTensorRequest(named_tensors=descs, flush_cache=False)
+
+    def resolve():  # what the handler does before its first copy
+        return tensor_source.match_tensors(req, wu.model_runner.weight_map, wu.model_runner.device, wu.ipc_mappings, wu.tensor_plans,
+                                           shm_prefix=shm_block_prefix(wu.config.ipc_token))
+
+    matched = resolve()
 
     def copy_sync():
         fast_copy.copy_into(matched)
@@ -461,8 +463,7 @@ def profile_ipc_call(engine, descs: list, nbytes: int, d2d: float, what: str, re
 
     parts = [("scheduler round trip (get_load)", lambda: engine.get_load()),
              ("the handler on this thread (resolve, match, session, copy, sync, commit)", lambda: wu.update_weights_from_tensor(req)),
-             ("resolve + match", lambda: tensor_source.match_tensors(req, wu.model_runner.weight_map, wu.model_runner.device, wu.ipc_mappings,
-                                                                    wu.tensor_plans, shm_prefix="-")),
+             ("resolve + match", resolve),
              ("copy_into + synchronize", copy_sync),
              ("synchronize alone", torch.cuda.synchronize)]
     for label, fn in parts:
