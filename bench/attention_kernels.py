@@ -186,6 +186,61 @@ def decode_sweep(B, ctx, configs, layers=28):
         print(f"  B{B:>4} ctx{ctx:>5} {t:7.1f} us ({floor / t:4.0%} of the {floor:.1f} us floor)  {cfg}", flush=True)
 
 
+def rollout_lengths(B: int, seed: int = 0) -> torch.Tensor:
+    """Contexts of B sequences midway through an RL rollout (bench/rollout.py's workload): a prompt of
+    64-512 tokens plus part of a lognormal output (median 384, sigma 0.8, at most 2048), in random order."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(64, 513, (B,), generator=g)
+    out = torch.exp(math.log(384) + 0.8 * torch.randn(B, generator=g)).clamp(32, 2048)
+    return (prompt + out * torch.rand(B, generator=g)).to(torch.int32)
+
+
+def decode_mix_sweep(B: int, hq: int, hkv: int, configs, layers: int = 8):
+    """Decode configs on a rollout's mixed contexts and scattered pages (as a serving KV pool holds them), one
+    CUDA graph of `layers` calls on separate caches; `order` (longest sequence first) is computed outside the
+    graph, as the engine would once a step. Prints every config against the D2D floor of the KV bytes read."""
+    lens = rollout_lengths(B, seed=B + hq)
+    pages = (lens + PS - 1) // PS
+    width = int(pages.max())
+    perm = torch.randperm(int(pages.sum()), device=DEV).to(torch.int32)
+    pt = torch.zeros(B, width, dtype=torch.int32, device=DEV)
+    o = 0
+    for b, n in enumerate(pages.tolist()):
+        pt[b, :n] = perm[o:o + n]
+        o += n
+    seq = lens.to(DEV)
+    order = torch.argsort(seq, descending=True).to(torch.int32)
+    kv = torch.randn(layers, 2, int(pages.sum()), PS, hkv, D, device=DEV, dtype=DT)
+    q = torch.randn(B, hq, D, device=DEV, dtype=DT)
+    out = torch.empty_like(q)
+    nbytes = int(lens.sum()) * hkv * D * 2 * 2 + 2 * B * hq * D * 2
+    floor = nbytes / d2d_bandwidth() * 1e6
+    print(f"\n## decode on rollout contexts: B {B}, Hq {hq}, Hkv {hkv}, contexts {int(lens.min())}-{int(lens.max())} "
+          f"(mean {float(lens.float().mean()):.0f}), {nbytes / 1e6:.0f} MB a call; floor {floor:.1f} us at D2D", flush=True)
+    ref = None
+    res = []
+    for cfg in configs:
+        cfg = dict(cfg)
+        if cfg.pop("sorted", False):
+            cfg["order"] = order
+        layer = iter(i % layers for i in range(10**9))
+
+        def fn(cfg=cfg):
+            cache = kv[next(layer)]
+            ta._decode_launch(q, cache[0], cache[1], pt, seq, 0.088, out, **cfg)
+
+        t = graph_time_us(fn, layers, reps=10)
+        cache = kv[0]
+        ta._decode_launch(q, cache[0], cache[1], pt, seq, 0.088, out, **cfg)
+        if ref is None:
+            ref = out.clone()
+        err = float((out.float() - ref.float()).abs().max())
+        shown = {k: v for k, v in cfg.items() if k != "order"} | {"sorted": "order" in cfg}
+        res.append((t, shown, err))
+    for t, shown, err in sorted(res, key=lambda r: r[0]):
+        print(f"  {t:7.1f} us ({floor / t:4.0%} of the floor)  max |diff| vs first {err:.1e}  {shown}", flush=True)
+
+
 def make_prefill(q_lens, prefixes, hq=HQ, hkv=HKV, d=D, ps=PS, dtype=DT, seed=0):
     g = torch.Generator(device=DEV)
     g.manual_seed(seed)
@@ -303,6 +358,12 @@ def sweeps(which):
             decode_sweep(B, ctx, [dict(num_splits=sp, block_n=bn, num_warps=4, num_stages=st, min_chunk=mc)
                                   for sp in sorted({splits, min(splits, 16), min(splits, 8)})
                                   for bn, mc in ((32, 32), (64, 64)) for st in (1, 2, 3)])
+    if which in ("mix", "all"):
+        tiles = ((64, 4, 1), (64, 4, 2), (32, 4, 2), (32, 2, 1), (64, 8, 2), (128, 8, 2), (64, 4, 3))
+        for B, hq in ((512, 16), (256, 32), (64, 16)):
+            decode_mix_sweep(B, hq, HKV, [dict(num_splits=sp, block_n=bn, num_warps=nw, num_stages=st, min_chunk=bn,
+                                               sorted=so)
+                                          for sp in (1, 2, 4) for bn, nw, st in tiles for so in (False, True) if sp == 1 or (bn, nw, st) in tiles[:3]])
     if which in ("prefill", "all"):
         print("\n## prefill configs (through the tile list)")
         cfgs = [dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=st, pack_gqa=pk)
@@ -313,7 +374,7 @@ def sweeps(which):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sweep", choices=["decode", "prefill", "all"], default=None,
+    ap.add_argument("--sweep", choices=["decode", "mix", "prefill", "all"], default=None,
                     help="only sweep kernel configs (tuning), no table")
     args = ap.parse_args()
     torch.manual_seed(0)

@@ -94,3 +94,14 @@ def test_mixed_batches_equal_a_row_by_row_build():
         assert_same(HostBatch.build(entries, PAGE, kept), expected)
         assert_same(HostBatch.build(entries, PAGE), expected)
 
+
+
+def test_longest_first_orders_rows_by_kv_length_ties_in_batch_order():
+    """The decode kernel's program order: every row once, longest KV first, equal lengths in batch order."""
+    hb = HostBatch.build([BatchEntry(input_ids=[1], start_pos=n - 1, pages=list(range(-(-n // PAGE))), sample=True,
+                                     params=PLAIN, row=SamplerRow.of(PLAIN, i), step=0)
+                          for i, n in enumerate([5, 40, 5, 1, 40, 12])], PAGE)
+    order = hb.longest_first()
+    assert order.dtype == np.int32
+    assert order.tolist() == [1, 4, 5, 0, 2, 3]
+    assert hb.seq_lens[order].tolist() == [40, 40, 12, 5, 5, 1]

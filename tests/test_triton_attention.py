@@ -197,6 +197,26 @@ def test_decode_strided_q_and_zero_len_rows():
     run_decode_case(10, lens, 16, 16, 8, 128, torch.bfloat16, q_view=True, num_splits=1)
 
 
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_in_a_given_order_is_bit_identical(num_splits):
+    """Programs started longest sequence first (`order`, as the runner passes every decode step) compute the
+    same rows bit for bit as in batch order; an order of the wrong shape or dtype is refused by name."""
+    lens = [3, 2000, 17, 640, 1, 1200, 64, 900]
+    gen = _gen(31 + num_splits)
+    k, v, pt = make_paged_kv(lens, 16, 8, 128, torch.bfloat16, gen)
+    q = torch.randn(len(lens), 16, 128, generator=gen).to(torch.bfloat16).to(DEV)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    plain = paged_decode_attention(q, k, v, pt, seq_lens, 0.088, num_splits=num_splits)
+    order = torch.argsort(seq_lens, descending=True).to(torch.int32)
+    ordered = paged_decode_attention(q, k, v, pt, seq_lens, 0.088, num_splits=num_splits, order=order)
+    assert torch.equal(plain, ordered)
+    assert rel_err(ordered, ref_decode(q, k, v, pt, seq_lens, 0.088)) < TOL[torch.bfloat16]
+    with pytest.raises(ValueError, match="order must be int32"):
+        paged_decode_attention(q, k, v, pt, seq_lens, 0.088, order=order.long())
+    with pytest.raises(ValueError, match="order must be int32"):
+        paged_decode_attention(q, k, v, pt, seq_lens, 0.088, order=order[:4])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("B,cap", [(1, MAX_CTX), (8, MAX_CTX), (64, 800)])
 def test_decode_cuda_graph_replay(B, cap):

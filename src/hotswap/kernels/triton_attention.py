@@ -8,7 +8,8 @@ KV cache contract (per layer): ``k_cache``, ``v_cache`` of shape
 Two entry points:
 
 * :func:`paged_decode_attention` -- one query token per sequence. Split-KV ("flash decoding"):
-  grid ``(B, num_kv_heads, num_splits)``; each program handles all ``Hq // Hkv`` query heads
+  grid ``(num_kv_heads, B, num_splits)`` (optionally with the sequences in a given order, longest first);
+  each program handles all ``Hq // Hkv`` query heads
   of one KV head (GQA group packed into one tile, so every KV element is read once) over one
   contiguous chunk of the context, writes a partial output + log-sum-exp into fp32 scratch,
   and a second small kernel merges the splits. With ``num_splits == 1`` the first kernel
@@ -174,7 +175,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _decode_split_kernel(
-        Q, K, V, PT, SEQ, MID_O, MID_LSE, OUT,
+        Q, K, V, PT, SEQ, ORDER, MID_O, MID_LSE, OUT,
         qk_scale,  # scale * log2(e)
         stride_qb, stride_qh,
         stride_kp, stride_vp,  # page strides (inside a page: [PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM] dense)
@@ -190,12 +191,17 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         DIRECT: tl.constexpr,
         MIN_CHUNK: tl.constexpr,
+        HAS_ORDER: tl.constexpr,
         USE_PDL: tl.constexpr,
         PREC: tl.constexpr,
     ):
         wait_previous(USE_PDL)
-        b = tl.program_id(0)
-        hk = tl.program_id(1)
+        # Neighbouring programs are one sequence's KV heads (they read the same pages), and with ORDER the
+        # sequences start longest first, so the last wave of a step with mixed lengths is a short one
+        hk = tl.program_id(0)
+        b = tl.program_id(1)
+        if HAS_ORDER:
+            b = tl.load(ORDER + b)
         split = tl.program_id(2)
 
         seq_len = tl.load(SEQ + b).to(tl.int32)
@@ -454,7 +460,7 @@ def _decode_config(head_dim: int, dtype: torch.dtype, num_splits: int):
 def _decode_launch(
     q, k_cache, v_cache, page_table, seq_lens, scale, out,
     *, num_splits: int, block_n: int, num_warps: int, num_stages: int,
-    min_chunk: int = _DECODE_MIN_CHUNK,
+    min_chunk: int = _DECODE_MIN_CHUNK, order: Optional[torch.Tensor] = None,
 ):
     B, Hq, D = q.shape
     page_size, Hkv = k_cache.shape[1], k_cache.shape[2]
@@ -468,8 +474,8 @@ def _decode_launch(
     else:  # unused: with one split the kernel writes the output directly (DIRECT)
         mid_o = mid_lse = out
     use_pdl = pdl.enabled(q.device, B)
-    _decode_split_kernel[(B, Hkv, num_splits)](
-        q, k_cache, v_cache, page_table, seq_lens, mid_o, mid_lse, out,
+    _decode_split_kernel[(Hkv, B, num_splits)](
+        q, k_cache, v_cache, page_table, seq_lens, seq_lens if order is None else order, mid_o, mid_lse, out,
         float(scale) * _LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), v_cache.stride(0),
@@ -485,6 +491,7 @@ def _decode_launch(
         BLOCK_N=block_n,
         DIRECT=num_splits == 1,
         MIN_CHUNK=min_chunk,
+        HAS_ORDER=order is not None,
         USE_PDL=use_pdl,
         PREC=_precision(q),
         num_warps=num_warps,
@@ -519,6 +526,7 @@ def paged_decode_attention(
     out: Optional[torch.Tensor] = None,
     *,
     num_splits: Optional[int] = None,
+    order: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Paged decode attention (one query token per sequence), split-KV.
 
@@ -532,6 +540,9 @@ def paged_decode_attention(
         scale: softmax scale (usually ``1/sqrt(D)``).
         out: optional ``[B, Hq, D]`` output (dtype of q); allocated if None.
         num_splits: override the shape-derived number of KV splits (1..MAX_DECODE_SPLITS).
+        order: optional int32 ``[B]``, a permutation of the rows: the order their programs start in. Longest
+            KV first (``HostBatch.longest_first``) keeps a batch of mixed lengths from ending on a wave of long
+            sequences (a rollout's 512 rows: 85 -> 99 % of the copy ceiling on an H100). Results do not depend on it.
 
     CUDA graphs: capturable. The only allocations are the output (if ``out`` is None) and, when
     ``num_splits > 1``, fp32 scratch ``[B, Hq, num_splits, D]`` + ``[B, Hq, num_splits]`` whose
@@ -548,6 +559,8 @@ def paged_decode_attention(
         raise ValueError(f"num query heads {Hq} not a multiple of num kv heads {Hkv}")
     if page_table.dim() != 2 or page_table.shape[0] < B or seq_lens.shape[0] < B:
         raise ValueError("page_table must be [B, max_pages] and seq_lens [B]")
+    if order is not None and (order.shape != (B,) or order.dtype != torch.int32):
+        raise ValueError(f"order must be int32 [B={B}], got {order.dtype} {tuple(order.shape)}")
     q = _last_dim_contig(q)
     page_table = _last_dim_contig(page_table)
     seq_lens = _last_dim_contig(seq_lens)
@@ -560,7 +573,7 @@ def paged_decode_attention(
     if num_splits is None:
         num_splits = decode_num_splits(B, Hkv, page_table.shape[1] * page_size, q.device)
     cfg = _decode_config(D, k_cache.dtype, num_splits)
-    return _decode_launch(q, k_cache, v_cache, page_table, seq_lens, scale, out, num_splits=num_splits, **cfg)
+    return _decode_launch(q, k_cache, v_cache, page_table, seq_lens, scale, out, num_splits=num_splits, order=order, **cfg)
 
 
 def _prefill_config(head_dim: int, dtype: torch.dtype):

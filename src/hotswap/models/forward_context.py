@@ -35,5 +35,6 @@ class ForwardContext:
     prefill_tiles: torch.Tensor | None = None  # the prefill kernel's work list under extend CUDA graphs
     input_src: torch.Tensor | None = None  # int64 [T]: row of prev_ids holding the input, or -1
     prev_ids: torch.Tensor | None = None  # int64: the previous step's sampled ids
+    decode_order: torch.Tensor | None = None  # int32 [B]: decode rows longest KV first (`HostBatch.longest_first`)
     # int32 [cache slots, layers, top-k]: MoE layers write token t's expert ids at row slot_mapping[t]
     routed_experts: torch.Tensor | None = None

@@ -103,7 +103,8 @@ class TritonAttention(_PagedBackend):
     def attend(self, layer: int, q: torch.Tensor, scale: float, ctx: ForwardContext) -> torch.Tensor:
         k_cache, v_cache = self.kv_cache(layer)
         if ctx.is_decode:
-            return self.kernels.paged_decode_attention(q, k_cache, v_cache, ctx.page_table, ctx.seq_lens, scale)
+            return self.kernels.paged_decode_attention(q, k_cache, v_cache, ctx.page_table, ctx.seq_lens, scale,
+                                                       order=ctx.decode_order)
         return self.kernels.paged_prefill_attention(
             q, k_cache, v_cache, ctx.page_table, ctx.cu_seqlens_q, ctx.seq_lens, ctx.max_q_len, scale,
             tiles=ctx.prefill_tiles,

@@ -92,7 +92,7 @@ class CudaGraphRunner:
         dev, n, w = self.runner.device, self.max_batch, self.max_pages
         self.inputs = StagedInputs({
             "input_ids": ((n,), torch.int64), "positions": ((n,), torch.int64), "slot_mapping": ((n,), torch.int64),
-            "input_src": ((n,), torch.int64), "seq_lens": ((n,), torch.int32),
+            "input_src": ((n,), torch.int64), "seq_lens": ((n,), torch.int32), "decode_order": ((n,), torch.int32),
             # the rows of runner/row_params.py, each column 16-byte aligned (`aligned_rows`)
             "floats": ((3, aligned_rows(n)), torch.float32), "ints": ((3, aligned_rows(n)), torch.int64),
             "page_table": ((n, w), torch.int32),
@@ -119,7 +119,8 @@ class CudaGraphRunner:
         return ForwardContext(positions=d["positions"][:bs], slot_mapping=d["slot_mapping"][:bs], page_table=d["page_table"][:bs],
                               cu_seqlens_q=self.cu_seqlens_q[: bs + 1], seq_lens=d["seq_lens"][:bs], max_q_len=1, is_decode=True,
                               attention=self.runner.attention, skinny_matmul=self.runner.use_skinny_matmul(bs),
-                              input_src=d["input_src"][:bs], prev_ids=self.prev_ids, routed_experts=self.runner.routed_experts_ids)
+                              input_src=d["input_src"][:bs], prev_ids=self.prev_ids, routed_experts=self.runner.routed_experts_ids,
+                              decode_order=d["decode_order"][:bs])
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -131,6 +132,7 @@ class CudaGraphRunner:
         d["input_src"].fill_(-1)
         d["slot_mapping"].fill_(self.runner.kv_cache.scratch_slot)
         d["seq_lens"].fill_(1)
+        d["decode_order"].copy_(torch.arange(self.max_batch, dtype=torch.int32))
         d["page_table"].fill_(self.runner.kv_cache.scratch_page)
         d["floats"].zero_()  # greedy rows: temperature 0 (top_p, min_p unread)
         d["ints"].zero_()
@@ -187,6 +189,8 @@ class CudaGraphRunner:
         h["positions"][:n] = hb.positions
         h["slot_mapping"][:n] = hb.slot_mapping
         h["seq_lens"][:n] = hb.seq_lens
+        h["decode_order"][:n] = hb.longest_first()
+        h["decode_order"][n:bs] = np.arange(n, bs, dtype=np.int32)  # padded rows last (length 1)
         h["page_table"][:n, :width] = hb.page_table  # cells past a row's pages are never read (attention stops at seq_lens)
         if rows is not None:
             h["floats"][:, :n], h["ints"][:, :n] = rows

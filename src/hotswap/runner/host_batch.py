@@ -24,6 +24,11 @@ class HostBatch:
     is_decode: bool
     prompt_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # token rows scored for prompt logprobs
 
+    def longest_first(self) -> np.ndarray:
+        """int32 [B]: the rows by KV length, longest first. The decode attention kernel starts its programs
+        in this order, so a step's last wave holds short sequences, not the long ones of a rollout's tail."""
+        return np.argsort(-self.seq_lens, kind="stable").astype(np.int32)
+
     @classmethod
     def build(cls, entries: list[BatchEntry], page_size: int, page_table: PageTable | None = None) -> HostBatch:
         """`page_table`: the runner's, kept between steps (only rows whose pages changed are rewritten); none:

@@ -156,6 +156,7 @@ class ModelRunner:
             attention=self.attention,
             skinny_matmul=self.use_skinny_matmul(len(hb.input_ids)),
             routed_experts=self.routed_experts_ids,
+            decode_order=self.to_device(hb.longest_first()) if hb.is_decode else None,
         )
         return self.to_device(hb.input_ids), ctx, self.to_device(hb.logits_indices)
 
