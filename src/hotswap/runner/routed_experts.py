@@ -25,9 +25,13 @@ class RoutedExpertsTable:
     page_size: int
     device: torch.device
     ids: torch.Tensor | None = None  # int32 [shape]; None while released
+    # CUDA: the finish-time gather's own stream, so it waits for nothing but itself (not the step in flight)
+    read_stream: torch.cuda.Stream | None = None
 
     def __post_init__(self) -> None:
         self.allocate_storage()
+        if self.device.type == "cuda":
+            self.read_stream = torch.cuda.Stream(device=self.device)
 
     @classmethod
     def create(cls, *, num_slots: int, num_layers: int, top_k: int, page_size: int, device: torch.device) -> RoutedExpertsTable:
@@ -46,11 +50,23 @@ class RoutedExpertsTable:
     def encode_many(self, spans: list[tuple[list[int], int, int]]) -> list[str]:
         """For each (pages, start, end) of a sequence: positions [start, end) in SGLang's wire form, base64 of
         the int32 (little-endian) array ordered (token, layer, top-k slot). One gather and one device-to-host
-        copy for all of them (a step that finishes many sequences waits once)."""
+        copy for all of them (a step that finishes many sequences waits once). Every position read was written by
+        a step already read back, so on CUDA they run on `read_stream` and wait only for themselves: the step
+        in flight keeps running (a `.cpu()` on the compute stream would wait for it, and lose the overlap)."""
         slots = [self._slots(pages, start, max(start, end)) for pages, start, end in spans]
         flat = np.concatenate(slots) if slots else np.zeros(0, dtype=np.int64)
         if not len(flat):  # nothing forwarded (requests refused while the storage is released): no device work
             return [""] * len(spans)
-        rows = self.ids[torch.from_numpy(flat).to(self.ids.device)].cpu().numpy().astype("<i4")
+        index = torch.from_numpy(flat)
+        if self.read_stream is None:
+            rows = self.ids[index].numpy()
+        else:
+            index = index.pin_memory()
+            with torch.cuda.stream(self.read_stream):
+                host = torch.empty((len(flat), *self.shape[1:]), dtype=torch.int32, pin_memory=True)
+                host.copy_(self.ids[index.to(self.device, non_blocking=True)], non_blocking=True)
+            self.read_stream.synchronize()
+            rows = host.numpy()
+        rows = rows.astype("<i4", copy=False)
         bounds = np.cumsum([0] + [len(s) for s in slots])
         return [base64.b64encode(rows[a:b].tobytes()).decode("ascii") for a, b in zip(bounds[:-1], bounds[1:])]
