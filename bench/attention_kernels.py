@@ -195,11 +195,12 @@ def rollout_lengths(B: int, seed: int = 0) -> torch.Tensor:
     return (prompt + out * torch.rand(B, generator=g)).to(torch.int32)
 
 
-def decode_mix_sweep(B: int, hq: int, hkv: int, configs, layers: int = 8):
-    """Decode configs on a rollout's mixed contexts and scattered pages (as a serving KV pool holds them), one
-    CUDA graph of `layers` calls on separate caches; `order` (longest sequence first) is computed outside the
-    graph, as the engine would once a step. Prints every config against the D2D floor of the KV bytes read."""
-    lens = rollout_lengths(B, seed=B + hq)
+def decode_mix_sweep(B: int, hq: int, hkv: int, configs, layers: int = 8, context: int | None = None):
+    """Decode configs on a rollout's mixed contexts (or all `context` long) and scattered pages (as a serving KV
+    pool holds them), one CUDA graph of `layers` calls on separate caches; `order` (longest sequence first) is
+    computed outside the graph, as the runner does once a step. Prints every config against the D2D floor of
+    the KV bytes read."""
+    lens = rollout_lengths(B, seed=B + hq) if context is None else torch.full((B,), context, dtype=torch.int32)
     pages = (lens + PS - 1) // PS
     width = int(pages.max())
     perm = torch.randperm(int(pages.sum()), device=DEV).to(torch.int32)

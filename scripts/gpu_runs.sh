@@ -14,19 +14,20 @@
 #   moe-quick  issue 20's layer kernels (no sweep) and the 30B-A3B throughput, for a short session
 #   moe     issue 20's Qwen3-30B-A3B throughput, then moe-rollout: its rollout with and without routed experts (R3)
 #   sessions  a weight-update session's cost with its saved originals in the lent KV pool and without (8B, 30B-A3B)
+#   attention-mix  decode attention on a rollout's mixed contexts (program order, tiles, KV splits for mid-size batches)
 #   moe-sync  issue 20's 61 GB update, in process and over the trainer library's CUDA IPC pusher (fits an H100:
 #             beside the engine's 61 GB the bench's sources are views of one buffer, `--sources auto`; ~230 s on an H200)
 # Device seconds measured: suite 280 (H200) / 308-380 (H100), run alone; throughput19 ~130; sync19 up to 560 (the
 # 8B IPC section alone needs more than the 150 s it had); moe-pair ~60; rollout-repeats ~120; moe-kernels ~280;
 # http ~270 if streaming keeps up (its limits allow 950); moe ~300; moe-sync up to 570.
-# What the open issues still lack, in order (after the sixteenth session, all of it on an H100): the GPU suite on the
-# final tree (the sampling rows' alignment, fast_copy's single-tensor path, the rollback's saves into the lent KV pool
-# and the loop taking generate requests with a step in flight changed after it ran); the sessions' rollback with the
-# KV pool lent (stage `sessions`);
-# http-workers (the first HTTP path should now show "Triton compiles 0"); moe-rollout three times (R3 at +5.3 % on an
-# H200, one run); the 30B-A3B decode graph at batch 1 after kernel fusions (55.0 % on an H100, 46.5 % on an H200: RMSNorm
-# into the residual's producer, the top-k sum into the down kernel, the router matmul into top-k softmax); moe-sync
-# with --ipc-bucket-mib 512,2048 on an H200 (an H100 gave 47-53 % and 75 %).
+# What the open issues still lack, in order (after the seventeenth session, whose last call was lost): the GPU suite on
+# the final tree (the decode attention's program order, staged per step into the decode graphs, and the routed experts'
+# gather on its own stream changed after the suite ran on 9ba0290); then `rollouts` (the 0.6B / 8B rollouts with the
+# longest-first attention: H200 before 10.64 s = 54.6 % / 16.25 s = 71.1 %); `attention-mix` (a KV split rule for
+# batches of 16-128 with mixed contexts: 4 splits took batch 64 from 48 to 75 % on an H100, uniform short contexts
+# still to be weighed); moe-rollout three times (R3 with the gather off the compute stream; H200 +5.3 %, one run); the
+# 30B-A3B decode graph at batch 1 after kernel fusions (55.0 % on an H100, 46.5 % on an H200); moe-sync with
+# --ipc-bucket-mib 512,2048 on an H200; `sessions` with a serving-size KV pool.
 # "Before" is the tree before the restructure, unpacked beside this one (untracked, so it travels to the
 # device):  git archive 6c9ff7c src bench | (mkdir -p .before && tar -x -C .before)
 # The MoE stage compares its decode kernels with the tree before they changed, unpacked the same way:
@@ -34,7 +35,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/device.txt" 2>&1
@@ -157,12 +158,15 @@ sessions)  # a weight-update session's cost with its originals in the lent KV po
     PYTHONPATH=src run weight_sync_sessions 400 python3 bench/weight_sync.py --shapes qwen3-8b,qwen3-30b-a3b --sections tensor --reps 3 \
         --budget-s 380
     ;;
+attention-mix)
+    PYTHONPATH=src run attention_mix 300 python3 bench/attention_kernels.py --sweep mix
+    ;;
 moe-sync)
     PYTHONPATH=src run weight_sync_moe 570 python3 bench/weight_sync.py --shapes qwen3-30b-a3b --sections tensor,ipc --reps 3 --budget-s 540 \
         --ipc-bucket-mib 512,2048
     ;;
 *)
-    echo "unknown stage: $stage (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2
+    echo "unknown stage: $stage (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2
     exit 2
     ;;
 esac
