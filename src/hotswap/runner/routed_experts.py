@@ -47,19 +47,19 @@ class RoutedExpertsTable:
         pos = np.arange(start, end)
         return np.asarray(pages, dtype=np.int64)[pos // self.page_size] * self.page_size + pos % self.page_size
 
-    def encode_many(self, spans: list[tuple[list[int], int, int]]) -> list[str]:
+    def encode_many(self, spans: list[tuple[list[int], int, int]], settled: bool = False) -> list[str]:
         """For each (pages, start, end) of a sequence: positions [start, end) in SGLang's wire form, base64 of
         the int32 (little-endian) array ordered (token, layer, top-k slot). One gather and one device-to-host
-        copy for all of them (a step that finishes many sequences waits once). Every position read was written by
-        a step already read back, so on CUDA they run on `read_stream` and wait only for themselves: the step
-        in flight keeps running (a `.cpu()` on the compute stream would wait for it, and lose the overlap)."""
+        copy for all of them (a step that finishes many sequences waits once). `settled`: every position read
+        was written by a step already complete, so on CUDA they run on `read_stream` and wait only for
+        themselves, and the step in flight keeps running; otherwise they wait for the compute stream's work."""
         slots = [self._slots(pages, start, max(start, end)) for pages, start, end in spans]
         flat = np.concatenate(slots) if slots else np.zeros(0, dtype=np.int64)
         if not len(flat):  # nothing forwarded (requests refused while the storage is released): no device work
             return [""] * len(spans)
         index = torch.from_numpy(flat)
-        if self.read_stream is None:
-            rows = self.ids[index].numpy()
+        if not settled or self.read_stream is None:
+            rows = self.ids[index.to(self.device)].cpu().numpy()
         else:
             index = index.pin_memory()
             with torch.cuda.stream(self.read_stream):

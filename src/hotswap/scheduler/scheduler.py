@@ -424,7 +424,7 @@ class Scheduler:
                 done.append(seq)
         self.stats["generated_tokens"] += generated
         if done:
-            self.finish_all(done)
+            self.finish_all(done, settled=True)
 
     # ---- request handlers owned by the scheduler itself ------------------------------------------
 
@@ -485,13 +485,16 @@ class Scheduler:
         seq.finish_reason = reason
         self.finish_all([seq])
 
-    def finish_all(self, seqs: list[Sequence]) -> None:
-        """Release finished sequences (their reasons set) and send their last outputs."""
+    def finish_all(self, seqs: list[Sequence], settled: bool = False) -> None:
+        """Release finished sequences (their reasons set) and send their last outputs. `settled`: they finish as
+        a step is read back, so every position they forwarded was written by a step already complete (the one
+        in flight forwards at most their last sampled token, which is not read): their routing is read without
+        waiting for it. Otherwise (a row dropped at launch, say) the step in flight may still be writing theirs."""
         table = self.model_runner.routed_experts
         asking = [s for s in seqs if s.req.sampling_params.return_routed_experts] if table is not None else []
         # every forwarded position from the asked start (the last sampled token never was), read before the pages go
         spans = [(s.pages, s.req.sampling_params.routed_experts_start_len, min(s.num_computed, s.num_tokens - 1)) for s in asking]
-        for seq, routed in zip(asking, table.encode_many(spans) if asking else []):
+        for seq, routed in zip(asking, table.encode_many(spans, settled=settled) if asking else []):
             seq.routed_experts = routed
         for seq in seqs:
             self.batcher.finish(seq)
