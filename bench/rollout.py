@@ -16,7 +16,8 @@ current context), at the device-to-device copy bandwidth measured in this run; p
 for a measured run, the wall time from the last moment 16 or more requests were unfinished to the end
 (from `get_load` polled every few ms; each poll is answered between two scheduler steps). Every path
 checks that it got every token the workload asked for (streams: the last chunk's count). `--repeats N` runs each
-mode and path N times in the same process, as an RL loop repeats its rollout: the table shows the last run, the
+mode and path N times in the same process, as an RL loop repeats its rollout, in rounds (every mode and path once a
+round), so a cost only a first run pays falls on no mode or path alone: the table shows each one's median run, the
 notes every run's wall, the Triton kernels compiled during it and the allocator's growth (one-time costs).
 
 HTTP clients run in a separate process (bench/rollout_clients.py: asyncio + httpx, --concurrency
@@ -316,8 +317,9 @@ def main() -> None:
     ap.add_argument("--http-timeout", type=float, default=300.0, help="seconds one HTTP path may take; then it is aborted and reported")
     ap.add_argument("--max-running", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=1,
-                    help="runs of each mode and path (an RL loop repeats its rollout: a one-time cost shows as the first "
-                         "run's excess; the table shows the last, the notes each run's wall and Triton compiles)")
+                    help="runs of each mode and path, in rounds of every mode and path once (an RL loop repeats its rollout: "
+                         "a one-time cost shows as a first run's excess); the table shows the median run, the notes each run's "
+                         "wall and Triton compiles")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engine", action="append", default=[], metavar="FIELD=INT", help="integer EngineConfig override (repeatable)")
     ap.add_argument("--routed-experts", action="store_true",
@@ -403,15 +405,21 @@ def main() -> None:
     try:
         for mode in modes:
             run_path(engine, "offline", warm, mode, args, url)  # graphs, compiles, allocator
-            offline = None
-            for path in paths:
-                for _ in range(args.repeats):  # the table shows the last; notes list every repeat
+        for _ in range(args.repeats):  # rounds: modes and paths alternate, so sampled / greedy compares like with like
+            for mode in modes:
+                for path in paths:
                     r = run_path(engine, path, w, mode, args, url, frontend_pids=frontend_pids)
                     results["repeats"].setdefault(f"{mode}/{path}", []).append(r)
-                results["runs"][f"{mode}/{path}"] = r
-                if "timed_out" in r:
-                    rows.append([mode, path, f"> {r['timed_out']:g} (aborted)", "-", "-", "-", "-", "-", "-"])
+        for mode in modes:
+            offline = None
+            for path in paths:
+                reps = results["repeats"][f"{mode}/{path}"]
+                done = sorted((r for r in reps if "timed_out" not in r), key=lambda r: r["seconds"])
+                if not done:
+                    results["runs"][f"{mode}/{path}"] = reps[-1]
+                    rows.append([mode, path, f"> {reps[-1]['timed_out']:g} (aborted)", "-", "-", "-", "-", "-", "-"])
                     continue
+                r = results["runs"][f"{mode}/{path}"] = done[(len(done) - 1) // 2]  # the median run (the faster of two)
                 offline = r["seconds"] if path == "offline" else offline
                 rows.append([mode, path, f"{r['seconds']:.2f}", f"{r['tokens'] / r['seconds']:,.0f}",
                              *of_roofline(r["seconds"]),
@@ -451,7 +459,7 @@ def main() -> None:
         if r.get("thread_cpu_s"):
             notes += f"CPU s during {key}: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["thread_cpu_s"].items())) + "\n"
     for key, reps in results["repeats"].items():
-        notes += (f"{key}, each run (the table shows the last): "
+        notes += (f"{key}, each run in order (the table shows the median): "
                   + "; ".join(f"{r['seconds']:.2f} s, Triton compiles {r['triton_compiles']}, allocator reserved "
                               f"{r['reserved_growth_mib']:+,.0f} MiB" for r in reps if "seconds" in r) + "\n")
     print(notes, flush=True)

@@ -101,7 +101,7 @@ prefill)  # the prefill call as throughput.py times it, median of 20 instead of 
     ;;
 rollouts)  # issue 24's sampler and offline rollouts
     PYTHONPATH=src run sampling 40 python3 bench/sampling.py
-    PYTHONPATH=src run rollout_0.6b 200 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline --profile
+    PYTHONPATH=src run rollout_0.6b 240 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline --repeats 3
     PYTHONPATH=src run rollout_8b 200 python3 bench/rollout.py --shape qwen3-8b --prompts 32 --n 8 --paths offline --profile
     # the rollouts' tail (few sequences at long contexts) as fixed batches, against the same roofline
     PYTHONPATH=src run tail_0.6b 90 python3 bench/throughput.py --shape qwen3-0.6b --cases 1x2048x256,8x2048x256,16x1024x256 --hf none
