@@ -197,6 +197,21 @@ def test_decode_strided_q_and_zero_len_rows():
     run_decode_case(10, lens, 16, 16, 8, 128, torch.bfloat16, q_view=True, num_splits=1)
 
 
+def test_decode_sequence_of_one_split_writes_its_output_itself():
+    """In a launch of several splits, a sequence short enough for one writes its final output directly (the merge
+    skips it): the same bits as a one-split launch, beside longer sequences that are merged."""
+    lens = [1, 40, 64, 65, 700, 2000, 0, 63]
+    gen = _gen(41)
+    k, v, pt = make_paged_kv(lens, 16, 8, 128, torch.bfloat16, gen)
+    q = torch.randn(len(lens), 16, 128, generator=gen).to(torch.bfloat16).to(DEV)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    one = paged_decode_attention(q, k, v, pt, seq_lens, 0.088, num_splits=1)
+    many = paged_decode_attention(q, k, v, pt, seq_lens, 0.088, num_splits=8)
+    short = [b for b, n in enumerate(lens) if n <= 64]
+    assert torch.equal(one[short], many[short])
+    assert rel_err(many, ref_decode(q, k, v, pt, seq_lens, 0.088)) < TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_decode_in_a_given_order_is_bit_identical(num_splits):
     """Programs started longest sequence first (`order`, as the runner passes every decode step) compute the

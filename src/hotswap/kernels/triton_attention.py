@@ -16,7 +16,8 @@ Two entry points:
   writes the final output directly (no scratch, one launch). ``num_splits`` is chosen from
   *shapes only* (batch, kv heads, page-table width, SM count), so the call is CUDA-graph
   capturable: no host syncs, no data-dependent allocation. Inside the kernel, short sequences
-  use fewer of the splits (the idle ones write an empty partial that the merge ignores).
+  use fewer of the splits (the idle ones write nothing the merge reads), and a sequence left with one
+  split writes its final output itself (the merge skips it: no scratch round trip).
 
 * :func:`paged_prefill_attention` -- ragged batch of causal "extend" chunks (prefix already in
   the cache + new tokens whose KV is also already written), flash-attention online softmax
@@ -250,12 +251,11 @@ if HAS_TRITON:
             l_safe = tl.where(l_i > 0.0, l_i, 1.0)
             o = acc / l_safe[:, None]
             o_mask = h_mask[:, None] & d_mask[None, :]
+            out_ptrs = OUT + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
             if DIRECT:
-                tl.store(
-                    OUT + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                    o.to(OUT.dtype.element_ty),
-                    mask=o_mask,
-                )
+                tl.store(out_ptrs, o.to(OUT.dtype.element_ty), mask=o_mask)
+            elif n_split == 1:  # this sequence used one split: its output is final (the merge skips it), bit for bit
+                tl.store(out_ptrs, o.to(OUT.dtype.element_ty), mask=o_mask)
             else:
                 lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
                 row = (b * (NUM_KV_HEADS * GROUP) + heads) * num_splits + split  # [BLOCK_H]
@@ -278,24 +278,25 @@ if HAS_TRITON:
         b = tl.program_id(0)
         h = tl.program_id(1)
         n_split = _active_splits(tl.load(SEQ + b).to(tl.int32), num_splits, MIN_CHUNK)
-        offs_s = tl.arange(0, BLOCK_S)
-        s_mask = offs_s < n_split
-        offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < HEAD_DIM
-        row0 = (b * NUM_HEADS + h) * num_splits
-        lse = tl.load(MID_LSE + row0 + offs_s, mask=s_mask, other=float("-inf"))
-        m = tl.max(lse, 0)
-        m = tl.where(m == float("-inf"), 0.0, m)
-        w = tl.exp2(lse - m)  # splits that saw no key (lse = -inf) weigh 0
-        denom = tl.sum(w, 0)
-        denom = tl.where(denom > 0.0, denom, 1.0)
-        o = tl.load(
-            MID_O + (row0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
-            mask=(s_mask & (lse > float("-inf")))[:, None] & d_mask[None, :],
-            other=0.0,
-        )
-        out = tl.sum(o * w[:, None], 0) / denom
-        tl.store(OUT + b * stride_ob + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty), mask=d_mask)
+        if n_split > 1:  # a sequence of one split wrote its output itself
+            offs_s = tl.arange(0, BLOCK_S)
+            s_mask = offs_s < n_split
+            offs_d = tl.arange(0, BLOCK_D)
+            d_mask = offs_d < HEAD_DIM
+            row0 = (b * NUM_HEADS + h) * num_splits
+            lse = tl.load(MID_LSE + row0 + offs_s, mask=s_mask, other=float("-inf"))
+            m = tl.max(lse, 0)
+            m = tl.where(m == float("-inf"), 0.0, m)
+            w = tl.exp2(lse - m)  # splits that saw no key (lse = -inf) weigh 0
+            denom = tl.sum(w, 0)
+            denom = tl.where(denom > 0.0, denom, 1.0)
+            o = tl.load(
+                MID_O + (row0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=(s_mask & (lse > float("-inf")))[:, None] & d_mask[None, :],
+                other=0.0,
+            )
+            out = tl.sum(o * w[:, None], 0) / denom
+            tl.store(OUT + b * stride_ob + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty), mask=d_mask)
 
     @triton.jit
     def _prefill_kernel(
