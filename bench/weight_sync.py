@@ -972,7 +972,8 @@ def run_shape(shape: str, args, ceil: dict) -> None:
         path = config_only_checkpoint(tmp / shape, shape, "bfloat16" if on_gpu else "float32")
         # the IPC producer sends the same buffers every update, so keeping all of them mapped pins nothing
         # extra; the engine default (1 GiB) is sized for IPCWeightPusher's reused pack buffer instead
-        engine = make_engine(path, device, cuda_ipc_cache_bytes=64 << 30)
+        pool = dict(num_pages=kv_pages_for(shape, int(args.kv_gib * 2**30))) if args.kv_gib > 0 else {}
+        engine = make_engine(path, device, cuda_ipc_cache_bytes=64 << 30, **pool)
         aliased = not second_copy_fits(sum(p.numel() * p.element_size() for p in engine.model_runner.model.parameters()), args.sources)
         if aliased:
             print(f"[{shape}] sources aliased ({'--sources aliased' if args.sources == 'aliased' else 'a second copy of the weights does not fit'}): "
@@ -1049,6 +1050,9 @@ def main() -> None:
                     help="in-process sources and IPC producers: a full second copy of the weights, or views of one buffer the "
                          "size of the largest tensor (auto: aliased where a second copy does not fit, e.g. 30B-A3B on 80 GB)")
     ap.add_argument("--breakdown-8b-only", action="store_true", help="per-tag release/resume timing for qwen3-8b only")
+    ap.add_argument("--kv-gib", type=float, default=0,
+                    help="the tensor / ttft / ipc engine's KV pool in GiB, as a serving engine sizes it (default 1024 pages): "
+                         "what a weight-update session's rollback can borrow (its 'KV pool lent' row)")
     ap.add_argument("--budget-s", type=float, default=0, help="stop long loops (release cycles) after this many seconds")
     args = ap.parse_args()
     if args.json:

@@ -53,6 +53,9 @@ run() {  # run NAME SECONDS COMMAND...: one step, its output kept, a failure doe
 moe_cases=1x128x128,64x128x128,256x128x512
 gpu_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1)
 [ -n "$gpu_mib" ] && [ "$gpu_mib" -lt 100000 ] && moe_cases=1x128x128,64x128x128,256x128x256
+# the sessions stage's KV pool: what serving would leave beside the 30B-A3B's 61 GB of weights
+session_kv_gib=40
+[ -n "$gpu_mib" ] && [ "$gpu_mib" -lt 100000 ] && session_kv_gib=8
 
 site_packages() {  # the HTTP stack, carried as wheels in .whl/ (the device has no FastAPI/uvicorn/pydantic/orjson)
     [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
@@ -154,9 +157,9 @@ moe-rollout)  # on an 80 GB card the KV pool beside 61 GB of weights (~13 GB, ~1
     PYTHONPATH=src run rollout_moe 360 python3 bench/rollout.py --shape qwen3-30b-a3b --prompts 32 --n 8 --modes sampled \
         --paths offline --routed-experts
     ;;
-sessions)  # a weight-update session's cost with its originals in the lent KV pool, and with the pool not lent (8B, 30B-A3B)
+sessions)  # a weight-update session's cost with its originals in the lent KV pool (sized as serving sizes it), and not lent
     PYTHONPATH=src run weight_sync_sessions 400 python3 bench/weight_sync.py --shapes qwen3-8b,qwen3-30b-a3b --sections tensor --reps 3 \
-        --budget-s 380
+        --budget-s 380 --kv-gib "$session_kv_gib"
     ;;
 attention-mix)
     PYTHONPATH=src run attention_mix 300 python3 bench/attention_kernels.py --sweep mix
