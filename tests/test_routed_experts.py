@@ -97,6 +97,45 @@ def test_routing_under_preemption_and_chunked_prefill(tiny_qwen3_moe):
             assert_routing_matches(tiny_qwen3_moe, ids, out)
 
 
+def test_a_row_dropped_at_launch_reads_its_routing_after_the_step_in_flight(tiny_qwen3_moe, monkeypatch):
+    """Sequences finishing as a step is read back have every routed position written by a completed step, so their
+    routing is read without waiting for the step in flight (`settled`, its own stream on CUDA). A row dropped at
+    launch may not: here its second prefill chunk fails while the first may still be in flight, and its routing
+    (the first chunk's positions) is read after that step. Both equal HF's router on the same tokens."""
+    from hotswap.errors import BatchRowError
+    from hotswap.runner.routed_experts import RoutedExpertsTable
+    from hotswap.runner.row_params import RowParamTable
+
+    settled_calls = []
+    encode, update = RoutedExpertsTable.encode_many, RowParamTable.update
+
+    def spy_encode(self, spans, settled=False):
+        settled_calls.append(settled)
+        return encode(self, spans, settled)
+
+    failed_at = []
+
+    def failing_update(self, entries):  # the long prompt's second chunk fails to convert
+        for entry in entries:
+            if entry.params.max_new_tokens == 9 and entry.start_pos > 0 and not failed_at:
+                failed_at.append(entry.start_pos)
+                raise BatchRowError(entry, "this request's sampling parameters cannot run: injected")
+        return update(self, entries)
+
+    prompts = [prompt_ids(500, 9), prompt_ids(501, 40)]
+    monkeypatch.setattr(RoutedExpertsTable, "encode_many", spy_encode)
+    monkeypatch.setattr(RowParamTable, "update", failing_update)
+    with make_engine(tiny_qwen3_moe, chunked_prefill_size=16, max_num_batched_tokens=24) as eng:
+        done, dropped = eng.generate(input_ids=prompts, sampling_params=[SP, dict(SP, max_new_tokens=9)], return_routed_experts=True)
+    assert done["meta_info"]["finish_reason"]["type"] == "length" and dropped["meta_info"]["finish_reason"]["type"] == "abort"
+    assert settled_calls.count(True) == 1 and settled_calls.count(False) == 1
+    assert_routing_matches(tiny_qwen3_moe, prompts[0], done)
+    assert dropped["output_ids"] == [] and 0 < failed_at[0] < len(prompts[1])
+    got = decode_routed_experts(dropped, LAYERS, TOP_K)
+    assert got.shape == (failed_at[0], LAYERS, TOP_K)  # every position the first chunk forwarded
+    assert torch.equal(torch.from_numpy(got), hf_routing(tiny_qwen3_moe, prompts[1][: failed_at[0]]))
+
+
 def test_streamed_request_gets_routing_with_its_last_chunk(tiny_qwen3_moe):
     prompt = prompt_ids(7, 11)
     with make_engine(tiny_qwen3_moe) as eng:

@@ -9,7 +9,7 @@ preempted sequence recomputes both, and nothing is copied per step.
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ class RoutedExpertsTable:
     device: torch.device
     ids: torch.Tensor | None = None  # int32 [shape]; None while released
     # CUDA: the finish-time gather's own stream, so it waits for nothing but itself (not the step in flight)
-    read_stream: torch.cuda.Stream | None = None
+    read_stream: torch.cuda.Stream | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.allocate_storage()
