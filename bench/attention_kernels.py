@@ -163,29 +163,6 @@ def print_decode_table(rows, peak):
               f"{te * 1e6:>8.1f} {err:>8.1e}  {label}")
 
 
-def decode_sweep(B, ctx, configs, layers=28):
-    """Decode configs timed as the engine runs them: one CUDA graph of `layers` calls, each on its own
-    layer's cache (nothing left in L2 from the call before), us per call."""
-    pages_per = -(-ctx // PS)
-    kv = torch.randn(layers, 2, B * pages_per, PS, HKV, D, device=DEV, dtype=DT)
-    pt = torch.arange(B * pages_per, device=DEV, dtype=torch.int32).view(B, pages_per)
-    seq = torch.full((B,), ctx, dtype=torch.int32, device=DEV)
-    q = torch.randn(B, HQ, D, device=DEV, dtype=DT)
-    out = torch.empty_like(q)
-    floor = decode_bytes(B, ctx) / d2d_bandwidth() * 1e6
-    res = []
-    for cfg in configs:
-        layer = iter(i % layers for i in range(10**9))
-
-        def fn(cfg=cfg):
-            cache = kv[next(layer)]
-            ta._decode_launch(q, cache[0], cache[1], pt, seq, 0.088, out, **cfg)
-
-        res.append((graph_time_us(fn, layers, reps=10), cfg))
-    for t, cfg in sorted(res, key=lambda r: r[0])[:6]:
-        print(f"  B{B:>4} ctx{ctx:>5} {t:7.1f} us ({floor / t:4.0%} of the {floor:.1f} us floor)  {cfg}", flush=True)
-
-
 def rollout_lengths(B: int, seed: int = 0) -> torch.Tensor:
     """Contexts of B sequences midway through an RL rollout (bench/rollout.py's workload): a prompt of
     64-512 tokens plus part of a lognormal output (median 384, sigma 0.8, at most 2048), in random order."""
@@ -195,11 +172,12 @@ def rollout_lengths(B: int, seed: int = 0) -> torch.Tensor:
     return (prompt + out * torch.rand(B, generator=g)).to(torch.int32)
 
 
-def decode_mix_sweep(B: int, hq: int, hkv: int, configs, layers: int = 8, context: int | None = None):
-    """Decode configs on a rollout's mixed contexts (or all `context` long) and scattered pages (as a serving KV
-    pool holds them), one CUDA graph of `layers` calls on separate caches; `order` (longest sequence first) is
-    computed outside the graph, as the runner does once a step. Prints every config against the D2D floor of
-    the KV bytes read."""
+def decode_sweep(B: int, hq: int, configs, layers: int = 8, context: int | None = None, top: int | None = None):
+    """Decode configs timed as the engine runs them: one CUDA graph of `layers` calls, each on its own layer's
+    cache (nothing left in L2 from the call before), us per call. Contexts are a rollout's mixed ones, or all
+    `context` long; pages scattered as a serving KV pool holds them. A config's `sorted` starts the sequences
+    longest first (the order computed outside the graph, as the runner does once a step). Prints the `top`
+    fastest configs (all by default) against the D2D floor of the bytes read."""
     lens = rollout_lengths(B, seed=B + hq) if context is None else torch.full((B,), context, dtype=torch.int32)
     pages = (lens + PS - 1) // PS
     width = int(pages.max())
@@ -211,12 +189,12 @@ def decode_mix_sweep(B: int, hq: int, hkv: int, configs, layers: int = 8, contex
         o += n
     seq = lens.to(DEV)
     order = torch.argsort(seq, descending=True).to(torch.int32)
-    kv = torch.randn(layers, 2, int(pages.sum()), PS, hkv, D, device=DEV, dtype=DT)
+    kv = torch.randn(layers, 2, int(pages.sum()), PS, HKV, D, device=DEV, dtype=DT)
     q = torch.randn(B, hq, D, device=DEV, dtype=DT)
     out = torch.empty_like(q)
-    nbytes = int(lens.sum()) * hkv * D * 2 * 2 + 2 * B * hq * D * 2
+    nbytes = int(lens.sum()) * HKV * D * 2 * 2 + 2 * B * hq * D * 2
     floor = nbytes / d2d_bandwidth() * 1e6
-    print(f"\n## decode on rollout contexts: B {B}, Hq {hq}, Hkv {hkv}, contexts {int(lens.min())}-{int(lens.max())} "
+    print(f"\n## decode: B {B}, Hq {hq}, Hkv {HKV}, contexts {int(lens.min())}-{int(lens.max())} "
           f"(mean {float(lens.float().mean()):.0f}), {nbytes / 1e6:.0f} MB a call; floor {floor:.1f} us at D2D", flush=True)
     ref = None
     res = []
@@ -238,7 +216,7 @@ def decode_mix_sweep(B: int, hq: int, hkv: int, configs, layers: int = 8, contex
         err = float((out.float() - ref.float()).abs().max())
         shown = {k: v for k, v in cfg.items() if k != "order"} | {"sorted": "order" in cfg}
         res.append((t, shown, err))
-    for t, shown, err in sorted(res, key=lambda r: r[0]):
+    for t, shown, err in sorted(res, key=lambda r: r[0])[:top]:
         print(f"  {t:7.1f} us ({floor / t:4.0%} of the floor)  max |diff| vs first {err:.1e}  {shown}", flush=True)
 
 
@@ -352,19 +330,23 @@ def host_overheads():
 
 def sweeps(which):
     """Tuning sweeps (the figures behind `_decode_config` / `_prefill_config`)."""
-    if which in ("decode", "all"):
-        print("\n## decode configs (28 layers in one graph)")
+    if which in ("decode", "all"):  # uniform contexts (the figures behind the shape-only split count)
         for B, ctx in ((1, 192), (1, 1024), (1, 4000), (4, 2000), (16, 256), (64, 192), (64, 1000), (128, 256), (256, 384)):
             splits = ta.decode_num_splits(B, HKV, 256 * PS)
-            decode_sweep(B, ctx, [dict(num_splits=sp, block_n=bn, num_warps=4, num_stages=st, min_chunk=mc)
-                                  for sp in sorted({splits, min(splits, 16), min(splits, 8)})
-                                  for bn, mc in ((32, 32), (64, 64)) for st in (1, 2, 3)])
-    if which in ("mix", "all"):
+            decode_sweep(B, HQ, [dict(num_splits=sp, block_n=bn, num_warps=4, num_stages=st, min_chunk=mc)
+                                 for sp in sorted({splits, min(splits, 16), min(splits, 8)})
+                                 for bn, mc in ((32, 32), (64, 64)) for st in (1, 2, 3)], layers=28, context=ctx, top=6)
+    if which in ("mix", "all"):  # a rollout's mixed contexts: tiles and program order, then KV splits for mid-size batches
         tiles = ((64, 4, 1), (64, 4, 2), (32, 4, 2), (32, 2, 1), (64, 8, 2), (128, 8, 2), (64, 4, 3))
         for B, hq in ((512, 16), (256, 32), (64, 16)):
-            decode_mix_sweep(B, hq, HKV, [dict(num_splits=sp, block_n=bn, num_warps=nw, num_stages=st, min_chunk=bn,
-                                               sorted=so)
-                                          for sp in (1, 2, 4) for bn, nw, st in tiles for so in (False, True) if sp == 1 or (bn, nw, st) in tiles[:3]])
+            decode_sweep(B, hq, [dict(num_splits=sp, block_n=bn, num_warps=nw, num_stages=st, min_chunk=bn, sorted=so)
+                                 for sp in (1, 2, 4) for bn, nw, st in tiles for so in (False, True)
+                                 if sp == 1 or (bn, nw, st) in tiles[:3]])
+        # splitting only the long sequences (a 256-token minimum chunk) against one split, on mixed and uniform contexts
+        for B, context in ((16, None), (32, None), (64, None), (128, None), (64, 192), (128, 256)):
+            decode_sweep(B, HQ, [dict(num_splits=sp, block_n=64, num_warps=4, num_stages=st, min_chunk=mc, sorted=True)
+                                 for sp in (1, 2, 4, 8) for st in (1, 2) for mc in (64, 256) if sp > 1 or mc == 64],
+                         context=context)
     if which in ("prefill", "all"):
         print("\n## prefill configs (through the tile list)")
         cfgs = [dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=st, pack_gqa=pk)
