@@ -1,15 +1,16 @@
 """The MoE layer's kernels on one layer of a model shape (default Qwen3-30B-A3B: H 2048, I 768, 128 experts,
 top-8, bf16): each batch size's time beside the bytes it must read at the measured device-to-device bandwidth,
 and beside the PyTorch per-expert loop (`moe_reference`) in the same process; the router after its logits as one
-kernel (`topk_softmax`) beside torch's softmax/top-k/renormalise/cast (`topk_softmax_reference`). At decode
-sizes it also sweeps the per-pair kernels' tile shapes (`PairsBlocks`) and prints the best beside the default.
+kernel (`topk_softmax`) beside torch's softmax/top-k/renormalise/cast (`topk_softmax_reference`). Each call
+starts from the router's logits (at decode sizes the two kernels route the tokens themselves). At decode sizes
+it also sweeps the decode kernels' tile shapes (`PairsBlocks`) and prints the best beside the default.
 
     python bench/moe_kernels.py                                # GPU
     python bench/moe_kernels.py --batches 1,8 --no-sweep
 
 Each case is one CUDA graph of calls cycling over 8 routings and 2 copies of the layer's weights (2.4 GB, far
 more than L2 holds), so a call reads its experts from HBM as in a decode step. Routing is uniform at random
-(k distinct experts a token); the bytes are the distinct experts a call touches, gate/up plus down.
+(random logits: k distinct experts a token); the bytes are the distinct experts a call touches, gate/up plus down.
 """
 
 from __future__ import annotations
@@ -31,17 +32,13 @@ from hotswap.kernels import fused_moe as fm  # noqa: E402
 ROUTINGS, COPIES = 8, 2
 
 
-def routings(t: int, e: int, k: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    out = []
-    for _ in range(ROUTINGS):
-        ids = torch.rand(t, e, device=device).topk(k, dim=-1).indices
-        w = torch.softmax(torch.randn(t, k, device=device), dim=-1).to(torch.bfloat16)
-        out.append((w, ids))
-    return out
+def routings(t: int, e: int, device) -> list[torch.Tensor]:
+    """Router logits [t, e], one set a routing."""
+    return [torch.randn(t, e, device=device, dtype=torch.bfloat16) for _ in range(ROUTINGS)]
 
 
-def bytes_touched(routes, e: int, expert_bytes: int, t: int, h: int) -> float:
-    distinct = sum(torch.unique(ids).numel() for _, ids in routes) / len(routes)
+def bytes_touched(routes, k: int, expert_bytes: int, t: int, h: int) -> float:
+    distinct = sum(torch.unique(fm.topk_softmax_reference(logits, k, True)[1]).numel() for logits in routes) / len(routes)
     return distinct * expert_bytes + 2 * t * h * 2
 
 
@@ -65,13 +62,12 @@ def main() -> None:
         """(us per call, bytes a call reads). `graph=False` for the PyTorch loop, which syncs with the host
         (per-expert counts) and so cannot be captured: timed call by call with events instead."""
         x = torch.randn(t, h, device=dev, dtype=torch.bfloat16)
-        routes = routings(t, e, k, dev)
+        routes = routings(t, e, dev)
         calls = itertools.count()
 
         def one():
             n = next(calls)
-            w, ids = routes[n % ROUTINGS]
-            return fn(x, gate_up[n % COPIES], down[n % COPIES], w, ids)
+            return fn(x, gate_up[n % COPIES], down[n % COPIES], routes[n % ROUTINGS])
 
         if graph:
             us = graph_time_us(one, calls=ROUTINGS * COPIES)
@@ -84,12 +80,13 @@ def main() -> None:
             end.record()
             end.synchronize()
             us = start.elapsed_time(end) * 1e3 / (ROUTINGS * COPIES)
-        return us, bytes_touched(routes, e, expert_bytes, t, h)
+        return us, bytes_touched(routes, k, expert_bytes, t, h)
 
     rows = []
     for t in [int(b) for b in args.batches.split(",")]:
-        us, nbytes = timer(t, fm.fused_moe)
-        ref_us, _ = timer(t, fm.moe_reference, graph=False) if t <= 64 else (float("nan"), 0)
+        us, nbytes = timer(t, lambda x, gu, dn, logits: fm.fused_moe(x, gu, dn, logits, k, True))
+        torch_layer = lambda x, gu, dn, logits: fm.moe_reference(x, gu, dn, *fm.topk_softmax_reference(logits, k, True))  # noqa: E731
+        ref_us, _ = timer(t, torch_layer, graph=False) if t <= 64 else (float("nan"), 0)
         floor_us = nbytes / bw * 1e6
         logits = torch.randn(t, e, device=dev, dtype=torch.bfloat16)
         route_us = graph_time_us(lambda: fm.topk_softmax(logits, k, True), calls=16)
@@ -99,24 +96,28 @@ def main() -> None:
                      f"{torch_route_us:.1f}"])
     print_table(f"MoE layer, {args.shape} (H {h}, I {i}, {e} experts, top-{k}), bf16, {device_name(dev)}; "
                 f"D2D {bw / 1e9:,.0f} GB/s (measured, read + write)",
-                ["tokens", "path", "fused us", "PyTorch loop us", "HBM floor us", "GB/s read", "% of D2D",
+                ["tokens", "path", "fused us (from logits)", "PyTorch loop us", "HBM floor us", "GB/s read", "% of D2D",
                  "routing kernel us", "torch routing us"], rows)
     if args.no_sweep:
         return
     default = fm.PAIRS_BLOCKS
+
+    def pairs(b: fm.PairsBlocks):
+        return lambda x, gu, dn, logits: fm.moe_pairs(x, gu, dn, logits, k, True, blocks=b)
+
     for t in (1, 8):
         found = []
         for n, kk, wp in itertools.product((8, 16, 32, 64), (128, 256, 512), (4, 8)):
             b = fm.PairsBlocks(gate_up_n=n, gate_up_k=kk, gate_up_warps=wp, down_n=default.down_n, down_k=default.down_k,
                                down_warps=default.down_warps)
-            found.append((timer(t, lambda x, gu, dn, w, ids, b=b: fm.moe_pairs(x, gu, dn, w, ids, b))[0], b))
+            found.append((timer(t, pairs(b))[0], b))
         best_gu = min(found, key=lambda f: f[0])[1]
-        for n, kk, wp in itertools.product((8, 16, 32, 64), (128, 256, 512), (4, 8)):
+        for n, kk, wp in itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8)):
             b = fm.PairsBlocks(gate_up_n=best_gu.gate_up_n, gate_up_k=best_gu.gate_up_k, gate_up_warps=best_gu.gate_up_warps,
                                down_n=n, down_k=kk, down_warps=wp)
-            found.append((timer(t, lambda x, gu, dn, w, ids, b=b: fm.moe_pairs(x, gu, dn, w, ids, b))[0], b))
+            found.append((timer(t, pairs(b))[0], b))
         found.sort(key=lambda f: f[0])
-        base = timer(t, fm.moe_pairs)[0]
+        base = timer(t, pairs(default))[0]
         print(f"pairs sweep, {t} token(s): default {base:.1f} us; best: " +
               "; ".join(f"{us:.1f} us {b}" for us, b in found[:4]), flush=True)
 

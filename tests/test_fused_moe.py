@@ -16,13 +16,24 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _layer(t: int, e: int, k: int, h: int, i: int, dtype: torch.dtype, device: str, seed: int = 0):
+    """x, the stacked experts and the router's logits of one random layer."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(t, h, generator=g).to(device, dtype)
     w_gate_up = (torch.randn(e, 2 * i, h, generator=g) * h**-0.5).to(device, dtype)
     w_down = (torch.randn(e, h, i, generator=g) * i**-0.5).to(device, dtype)
-    gate = torch.randn(e, h, generator=g).to(device, dtype)
-    weights, ids = fused_moe.route(x, gate, k, renormalize=True)
-    return x, w_gate_up, w_down, weights, ids
+    logits = torch.nn.functional.linear(x, torch.randn(e, h, generator=g).to(device, dtype))
+    return x, w_gate_up, w_down, logits
+
+
+def _reference(x, w_gate_up, w_down, logits, k, renormalize=True):
+    """The layer in PyTorch (float32): torch's router on the same logits, the per-expert loop."""
+    weights, ids = fused_moe.topk_softmax_reference(logits, k, renormalize)
+    return fused_moe.moe_reference(x.float(), w_gate_up.float(), w_down.float(), weights.float(), ids), ids
+
+
+def _grouped(x, w_gate_up, w_down, logits, k, renormalize=True):
+    """The large-batch path at any size (fused_moe picks it above SMALL_BATCH_MAX_TOKENS only)."""
+    return fused_moe._moe_grouped(x, w_gate_up, w_down, *fused_moe.topk_softmax(logits, k, renormalize))
 
 
 @pytest.mark.parametrize("norm_topk_prob", [True, False])
@@ -35,7 +46,7 @@ def test_router_and_reference_equal_transformers(norm_topk_prob):
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
         x = torch.randn(21, 32, generator=g)
         _, hf_weights, hf_ids = router(x)
-        weights, ids = fused_moe.route(x, router.weight, 3, norm_topk_prob)
+        weights, ids = fused_moe.topk_softmax_reference(torch.nn.functional.linear(x, router.weight), 3, norm_topk_prob)
         assert torch.equal(ids, hf_ids) and torch.equal(weights, hf_weights)
         ours = fused_moe.moe_reference(x, experts.gate_up_proj, experts.down_proj, weights, ids)
         torch.testing.assert_close(ours, experts(x, hf_ids, hf_weights), rtol=1e-5, atol=1e-6)
@@ -63,11 +74,46 @@ def test_align_by_expert_groups_every_pair_once(t, e, k, block_m):
 @pytest.mark.skipif(not INTERPRET, reason="Triton interpreter run: set TRITON_INTERPRET=1 to check the kernels on the CPU")
 @pytest.mark.parametrize("t,e,k", [(1, 8, 1), (3, 8, 2), (12, 8, 3), (2, 128, 8)])
 def test_kernels_in_the_interpreter(t, e, k):
-    x, w_gate_up, w_down, weights, ids = _layer(t, e, k, 32, 16, torch.float32, "cpu")
-    ref = fused_moe.moe_reference(x, w_gate_up, w_down, weights, ids)
-    small = fused_moe.PairsBlocks(gate_up_n=8, gate_up_k=16, down_n=16, down_k=8)  # several tiles per row
-    for path in (fused_moe.moe_pairs, fused_moe._moe_grouped, lambda *a: fused_moe.moe_pairs(*a, small)):
-        torch.testing.assert_close(path(x, w_gate_up, w_down, weights, ids), ref, rtol=1e-5, atol=1e-5)
+    x, w_gate_up, w_down, logits = _layer(t, e, k, 32, 16, torch.float32, "cpu")
+    ref, _ = _reference(x, w_gate_up, w_down, logits, k)
+    small = fused_moe.PairsBlocks(gate_up_n=8, gate_up_k=16, down_n=16, down_k=8)  # several tiles per row and slot
+    for path in (fused_moe.moe_pairs, _grouped, lambda *a: fused_moe.moe_pairs(*a, blocks=small)):
+        torch.testing.assert_close(path(x, w_gate_up, w_down, logits, k, True), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="Triton interpreter run: set TRITON_INTERPRET=1 to check the kernels on the CPU")
+@pytest.mark.parametrize("t,e,k,renormalize", [(1, 8, 2, True), (3, 16, 4, False), (8, 128, 8, True)])
+def test_decode_kernels_route_normalise_and_record_in_the_interpreter(t, e, k, renormalize):
+    """The decode kernels route each token themselves: the output, the experts written to the routed-experts
+    table at each token's slot and layer, and the RMSNorm they apply to x equal torch's router, the torch
+    norm and the per-expert loop; rows of other slots and layers stay as they were."""
+    x, w_gate_up, w_down, logits = _layer(t, e, k, 32, 24, torch.float32, "cpu", seed=t + e)
+    norm_w = torch.rand(32) + 0.5
+    h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm_w
+    ref, ids = _reference(h, w_gate_up, w_down, logits, k, renormalize)
+    table = torch.full((20, 3, k), -7, dtype=torch.int32)
+    slots = torch.randperm(20)[:t]
+    routed = fused_moe.RoutedWrite(table, slots, layer=1)
+    small = fused_moe.PairsBlocks(gate_up_n=8, gate_up_k=16, down_n=8, down_k=16)
+    for blocks in (None, small):
+        table.fill_(-7)
+        out = fused_moe.moe_pairs(x, w_gate_up, w_down, logits, k, renormalize, fused_moe.InputNorm(norm_w, 1e-6), routed,
+                                  blocks=blocks)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        assert torch.equal(table[slots, 1], ids.to(torch.int32))
+        untouched = torch.ones(20, 3, dtype=torch.bool)
+        untouched[slots, 1] = False
+        assert bool((table[untouched] == -7).all())
+
+
+@pytest.mark.skipif(not INTERPRET, reason="Triton interpreter run: set TRITON_INTERPRET=1 to check the kernels on the CPU")
+def test_routing_kernel_records_the_routed_experts_in_the_interpreter():
+    logits = torch.randn(11, 16, generator=torch.Generator().manual_seed(3))
+    table = torch.zeros(30, 4, 6, dtype=torch.int32)
+    slots = torch.randperm(30)[:11]
+    _, ids = fused_moe.topk_softmax(logits, 6, True, fused_moe.RoutedWrite(table, slots, layer=2))
+    assert torch.equal(ids, fused_moe.topk_softmax_reference(logits, 6, True)[1])
+    assert torch.equal(table[slots, 2], ids.to(torch.int32)) and int(table.abs().sum()) == int(ids.sum())
 
 
 @pytest.mark.skipif(not INTERPRET, reason="Triton interpreter run: set TRITON_INTERPRET=1 to check the kernels on the CPU")
@@ -113,16 +159,33 @@ GPU_SHAPES = [  # tokens, experts, top-k, hidden, intermediate
 @pytest.mark.parametrize("t,e,k,h,i", GPU_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fused_moe_equals_reference_on_cuda(t, e, k, h, i, dtype):
-    x, w_gate_up, w_down, weights, ids = _layer(t, e, k, h, i, dtype, "cuda", seed=t + e + k)
-    out = fused_moe.fused_moe(x, w_gate_up, w_down, weights, ids)
+    x, w_gate_up, w_down, logits = _layer(t, e, k, h, i, dtype, "cuda", seed=t + e + k)
+    out = fused_moe.fused_moe(x, w_gate_up, w_down, logits, k, True)
     assert out.dtype == dtype and out.shape == x.shape
-    ref = fused_moe.moe_reference(x.float(), w_gate_up.float(), w_down.float(), weights.float(), ids)
+    ref, _ = _reference(x, w_gate_up, w_down, logits, k)
     err = ((out.float() - ref).norm() / ref.norm()).item()
     assert err < (1e-2 if dtype == torch.bfloat16 else 1e-5), err
-    for path in (fused_moe.moe_pairs, fused_moe._moe_grouped):  # both paths at every size
+    for path in (fused_moe.moe_pairs, _grouped):  # both paths at every size
         if t <= 64:
-            got = path(x, w_gate_up, w_down, weights, ids).float()
+            got = path(x, w_gate_up, w_down, logits, k, True).float()
             assert ((got - ref).norm() / ref.norm()).item() < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 8, 64])
+def test_fused_moe_normalises_and_records_routing_on_cuda(t):
+    """bf16 on the device: the decode kernels' own RMSNorm and both paths' routed-experts table writes."""
+    e, k, h, i = 128, 8, 2048, 768
+    x, w_gate_up, w_down, logits = _layer(t, e, k, h, i, torch.bfloat16, "cuda", seed=t)
+    table = torch.full((512, 4, k), -1, dtype=torch.int32, device="cuda")
+    slots = torch.randperm(512, device="cuda")[:t]
+    routed = fused_moe.RoutedWrite(table, slots, layer=3)
+    norm = fused_moe.InputNorm((torch.rand(h, device="cuda") + 0.5).to(torch.bfloat16), 1e-6) if t == 1 else None
+    h_in = x if norm is None else (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight.float())
+    out = fused_moe.fused_moe(x, w_gate_up, w_down, logits, k, True, norm, routed)
+    ref, ids = _reference(h_in, w_gate_up, w_down, logits, k)
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+    assert torch.equal(table[slots, 3], ids.to(torch.int32)) and int((table != -1).sum()) == t * k
 
 
 @pytest.mark.gpu
@@ -149,14 +212,12 @@ def test_topk_softmax_on_cuda_picks_real_experts_for_a_nan_or_infinite_row(e, k)
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", [4, 256])
 def test_fused_moe_replays_under_a_cuda_graph(t):
-    """No host synchronisation inside: captured once, replayed on new routing, it equals an eager run."""
-    x, w_gate_up, w_down, weights, ids = _layer(t, 64, 8, 512, 256, torch.bfloat16, "cuda")
-    fused_moe.fused_moe(x, w_gate_up, w_down, weights, ids)  # compile outside the capture
+    """No host synchronisation inside: captured once, replayed on new logits, it equals an eager run."""
+    x, w_gate_up, w_down, logits = _layer(t, 64, 8, 512, 256, torch.bfloat16, "cuda")
+    fused_moe.fused_moe(x, w_gate_up, w_down, logits, 8, True)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = fused_moe.fused_moe(x, w_gate_up, w_down, weights, ids)
-    _, _, _, new_weights, new_ids = _layer(t, 64, 8, 512, 256, torch.bfloat16, "cuda", seed=5)
-    weights.copy_(new_weights)
-    ids.copy_(new_ids)
+        out = fused_moe.fused_moe(x, w_gate_up, w_down, logits, 8, True)
+    logits.copy_(_layer(t, 64, 8, 512, 256, torch.bfloat16, "cuda", seed=5)[3])
     graph.replay()
-    assert torch.equal(out, fused_moe.fused_moe(x, w_gate_up, w_down, weights, ids))
+    assert torch.equal(out, fused_moe.fused_moe(x, w_gate_up, w_down, logits, 8, True))

@@ -107,11 +107,17 @@ def test_batch_one_matmul_kernel(hopper, prologue):
 def test_moe_kernels(hopper):
     experts, hidden, inter, top_k = 16, 512, 256, 4
     w_gate_up, w_down = torch.randn(experts, 2 * inter, hidden, dtype=BF16), torch.randn(experts, hidden, inter, dtype=BF16)
-    for tokens in (1, 64):  # the per-pair (decode) path and the grouped one
-        weights, ids = fused_moe.topk_softmax(torch.randn(tokens, experts, dtype=BF16), top_k, True)
-        ids = torch.randint(0, experts, (tokens, top_k))  # the stand-in launch computed nothing: real ids for the grouping
-        fused_moe.fused_moe(torch.randn(tokens, hidden, dtype=BF16), w_gate_up, w_down, weights, ids)
-    assert_compiled(hopper, "_topk_softmax_kernel", "_gate_up_pairs_kernel", "_down_pairs_kernel", "_sum_slots_kernel",
+    table = torch.zeros(16, 2, top_k, dtype=torch.int32)
+    x1 = torch.randn(1, hidden, dtype=BF16)
+    routed = fused_moe.RoutedWrite(table, torch.tensor([3]), layer=1)
+    fused_moe.moe_pairs(x1, w_gate_up, w_down, torch.randn(1, experts, dtype=BF16), top_k, True,  # batch 1: norm + R3
+                        fused_moe.InputNorm(torch.ones(hidden, dtype=BF16), 1e-6), routed)
+    fused_moe.moe_pairs(x1, w_gate_up, w_down, torch.randn(1, experts, dtype=BF16), top_k, False)
+    weights, ids = fused_moe.topk_softmax(torch.randn(64, experts, dtype=BF16), top_k, True,
+                                          fused_moe.RoutedWrite(table, torch.zeros(64, dtype=torch.int64), layer=0))
+    ids = torch.randint(0, experts, (64, top_k))  # the stand-in launch computed nothing: real ids for the grouping
+    fused_moe._moe_grouped(torch.randn(64, hidden, dtype=BF16), w_gate_up, w_down, weights, ids)
+    assert_compiled(hopper, "_topk_softmax_kernel", "_gate_up_pairs_kernel", "_down_pairs_kernel",
                     "_gate_up_grouped_kernel", "_down_grouped_kernel")
 
 

@@ -1,8 +1,9 @@
-"""Mixture-of-experts layer math: the router's top-k, a PyTorch reference (CPU, tests) and the fused
-Triton path (CUDA).
+"""Mixture-of-experts layer math after the router's logits: its top-k, a PyTorch reference (CPU, tests) and
+the fused Triton path (CUDA).
 
 Every path computes, for tokens x [T, H], stacked experts w_gate_up [E, 2I, H] ([gate | up] rows) and
-w_down [E, H, I], and each token's top-k experts `ids` [T, k] with weights `weights` [T, k]:
+w_down [E, H, I], and each token's top-k experts `ids` [T, k] with weights `weights` [T, k] (the router's
+softmax over the logits, as HF's Qwen3MoeTopKRouter computes it):
     out[t] = sum_j weights[t, j] * w_down[ids[t, j]] @ (silu(g) * u),  [g | u] = w_gate_up[ids[t, j]] @ x[t]
 """
 
@@ -13,15 +14,40 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hotswap.kernels import pdl
 
-def route(hidden: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights [T, k] in the hidden dtype, expert ids [T, k] int64) as HF's Qwen3MoeTopKRouter computes
-    them: logits in the model dtype, softmax in float32, top-k, optional renormalisation over the k. On
-    CUDA the steps after the logits are one kernel (`topk_softmax`): at decode sizes each of torch's five
-    launches (softmax, top-k, sum, divide, cast) costs more than its work, 48 layers a step."""
-    logits = F.linear(hidden, gate_weight)
-    after_logits = topk_softmax if available(logits) else topk_softmax_reference
-    return after_logits(logits, top_k, renormalize)
+
+@dataclass(frozen=True)
+class RoutedWrite:
+    """Where a layer records its tokens' expert ids for `return_routed_experts` (R3): token t's k ids go to
+    table[slots[t], layer] (int32 [cache slots, layers, k]); the kernels that pick the experts write them."""
+
+    table: torch.Tensor
+    slots: torch.Tensor
+    layer: int
+
+
+@dataclass(frozen=True)
+class InputNorm:
+    """An RMSNorm the expert kernels apply to x themselves (batch 1: the router's matmul added the residual
+    and normalised its own copy of the row, so no kernel writes the normalised row)."""
+
+    weight: torch.Tensor
+    eps: float
+
+
+def moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, logits: torch.Tensor, top_k: int,
+        renormalize: bool, norm: InputNorm | None = None, routed: RoutedWrite | None = None) -> torch.Tensor:
+    """The layer from the router's logits [T, E] (model dtype): the fused kernels on CUDA, the PyTorch
+    reference elsewhere (which takes no `norm`: only the batch-1 CUDA path fuses it)."""
+    if available(x):
+        return fused_moe(x, w_gate_up, w_down, logits, top_k, renormalize, norm, routed)
+    if norm is not None:
+        raise ValueError("the PyTorch MoE path takes an already normalised x")
+    weights, ids = topk_softmax_reference(logits, top_k, renormalize)
+    if routed is not None:
+        routed.table[routed.slots, routed.layer] = ids.to(torch.int32)
+    return moe_reference(x, w_gate_up, w_down, weights, ids)
 
 
 def topk_softmax_reference(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,6 +87,8 @@ def moe_reference(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
 try:
     import triton
     import triton.language as tl
+
+    from hotswap.kernels.pdl import wait_previous
 except ImportError:  # CPU-only machines: the layers never call these without CUDA
     triton = None
 
@@ -72,16 +100,16 @@ SMALL_BATCH_MAX_TOKENS = 8
 
 @dataclass(frozen=True)
 class PairsBlocks:
-    """Tile shapes of the per-pair (decode) kernels: output columns and reduction width per program, warps.
-    Chosen as the batch-1 matmuls' (kernels/skinny_matmul.py) rule: about 8K weights a tile and a few
-    programs an SM at one token (Qwen3-30B-A3B: 384 gate/up and 512 down programs). bench/moe_kernels.py
-    sweeps them on the device."""
+    """Tile shapes of the decode kernels: output columns and reduction width per program, warps. Chosen as
+    the batch-1 matmuls' (kernels/skinny_matmul.py) rule: about 8K weights a tile and a few programs an SM at
+    one token (Qwen3-30B-A3B: 384 gate/up programs; down: `down_blocks`, 256 at one token, unless down_n is
+    set). bench/moe_kernels.py sweeps them on the device."""
 
     gate_up_n: int = 16
     gate_up_k: int = 256
     gate_up_warps: int = 4
-    down_n: int = 32
-    down_k: int = 256
+    down_n: int = 0  # 0: `down_blocks` picks columns and width for the batch
+    down_k: int = 0
     down_warps: int = 4
 
 
@@ -92,13 +120,17 @@ def available(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda
 
 
-def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, weights: torch.Tensor,
-              ids: torch.Tensor) -> torch.Tensor:
-    """The MoE layer: gate/up and down kernels, then the top-k sum (a small kernel on the decode path, a torch
-    reduction on the large path, where a few torch ops also align the pairs by expert). No host
-    synchronisation: it runs under CUDA graphs, whose shapes fix T."""
+def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, logits: torch.Tensor, top_k: int,
+              renormalize: bool, norm: InputNorm | None = None, routed: RoutedWrite | None = None) -> torch.Tensor:
+    """The MoE layer from the router's logits. Decode sizes: two kernels (`moe_pairs`), which pick the experts
+    themselves. Larger: the routing kernel (`topk_softmax`), a few torch ops aligning the pairs by expert, the
+    grouped gate/up and down kernels and a torch reduction over the k (`norm` is for the decode path only). No
+    host synchronisation: it runs under CUDA graphs, whose shapes fix T."""
     if x.shape[0] <= SMALL_BATCH_MAX_TOKENS:
-        return moe_pairs(x, w_gate_up, w_down, weights, ids)
+        return moe_pairs(x, w_gate_up, w_down, logits, top_k, renormalize, norm, routed)
+    if norm is not None:
+        raise ValueError(f"the grouped MoE path ({x.shape[0]} tokens) takes an already normalised x")
+    weights, ids = topk_softmax(logits, top_k, renormalize, routed)
     return _moe_grouped(x, w_gate_up, w_down, weights, ids)
 
 
@@ -153,42 +185,90 @@ def _moe_grouped(x, w_gate_up, w_down, weights, ids):
     return per_pair.view(t, top_k, h).sum(dim=1)
 
 
-def topk_softmax(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_softmax(logits: torch.Tensor, top_k: int, renormalize: bool,
+                 routed: RoutedWrite | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The router after its logits [T, E], one program per token: float32 softmax over the experts, the k
     most probable (largest first; equal probabilities by lower expert id), renormalised over the k when
-    asked. Returns (weights [T, k] in the logits' dtype, ids [T, k] int64), as `route`'s torch path."""
+    asked. Returns (weights [T, k] in the logits' dtype, ids [T, k] int64), as `topk_softmax_reference`;
+    with `routed`, also writes the ids into its table (no separate cast and scatter a layer)."""
     t, e = logits.shape
     weights = torch.empty(t, top_k, dtype=logits.dtype, device=logits.device)
     ids = torch.empty(t, top_k, dtype=torch.int64, device=logits.device)
     if t:
-        _topk_softmax_kernel[(t,)](logits, weights, ids, e, logits.stride(0), TOP_K=top_k, RENORM=renormalize,
+        table, slots, layer, stride_ts, stride_tl = _routed_args(routed, ids)
+        _topk_softmax_kernel[(t,)](logits, weights, ids, table, slots, e, logits.stride(0), layer, stride_ts, stride_tl,
+                                   TOP_K=top_k, RENORM=renormalize, HAS_TABLE=routed is not None,
                                    BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(top_k))
     return weights, ids
 
 
-# Columns a program of the top-k sum covers.
-SUM_BLOCK = 512
+def _routed_args(routed: RoutedWrite | None, placeholder: torch.Tensor) -> tuple:
+    """(table, slots, layer, slot stride, layer stride) for a kernel's HAS_TABLE arguments."""
+    if routed is None:
+        return placeholder, placeholder, 0, 0, 0
+    table = routed.table
+    if table.dtype != torch.int32 or table.stride(2) != 1:
+        raise ValueError("the routed-experts table must be int32 with its top-k slots contiguous")
+    return table, routed.slots, routed.layer, table.stride(0), table.stride(1)
 
 
-def moe_pairs(x, w_gate_up, w_down, weights, ids, blocks: PairsBlocks = PAIRS_BLOCKS):
-    """The decode path: each (token, slot) pair's programs read only its expert's rows, every pair's down
-    projection in programs of its own (at one token a program per token and column block left most SMs
-    idle); their float32 partials are then summed in slot order, so the result does not depend on timing."""
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":  # Triton's interpreter (tests on the CPU)
+        return 132
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def down_blocks(tokens: int, hidden: int, inter: int, device: torch.device) -> tuple[int, int]:
+    """(columns, reduction width) a program of the down kernel covers. Each program reads its columns of
+    all k of its token's experts, so at one token only H / BN programs run: BN shrinks until they cover
+    every SM twice; the tile stays at about 8K weights, as the batch-1 matmuls' rule has it."""
+    block_n = 32
+    while block_n > 4 and tokens * triton.cdiv(hidden, block_n) < 2 * _sm_count(device):
+        block_n //= 2
+    return block_n, min(triton.next_power_of_2(inter), max(64, 8192 // block_n))
+
+
+def moe_pairs(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, logits: torch.Tensor, top_k: int,
+              renormalize: bool, norm: InputNorm | None = None, routed: RoutedWrite | None = None,
+              blocks: PairsBlocks | None = None) -> torch.Tensor:
+    """The decode path, two kernels. Gate/up: a program per ((token, slot) pair, column block) routes its
+    token from the logits (each program the same float32 softmax and top-k, in registers: no routing kernel
+    of its own), reads only its expert's rows and, with `norm`, normalises x on the fly; the first column
+    block's programs publish the pair's expert and weight (and the R3 table entry). Down: a program per
+    (token, column block) reads those columns of all k experts and adds the weighted products in slot order
+    in float32, so the top-k sum needs no kernel and the result does not depend on timing. Both launch with
+    PDL at decode sizes (kernels/pdl.py)."""
     t, h = x.shape
-    i, top_k = w_gate_up.shape[1] // 2, ids.shape[1]
-    p = t * top_k
-    flat_ids = ids.reshape(-1)
+    e, two_i, _ = w_gate_up.shape
+    i, p = two_i // 2, t * top_k
+    if logits.shape != (t, e):
+        raise ValueError(f"router logits {tuple(logits.shape)} do not match {t} tokens x {e} experts")
+    ids = torch.empty(p, dtype=torch.int64, device=x.device)
+    weights = torch.empty(p, dtype=logits.dtype, device=x.device)
     inter = torch.empty(p, i, dtype=x.dtype, device=x.device)
-    b = blocks
-    _gate_up_pairs_kernel[(p, triton.cdiv(i, b.gate_up_n))](
-        x, w_gate_up, inter, flat_ids, top_k, h, i, x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), inter.stride(0),
-        BN=b.gate_up_n, BK=b.gate_up_k, num_warps=b.gate_up_warps)
-    partial = torch.empty(p, h, dtype=torch.float32, device=x.device)
-    _down_pairs_kernel[(p, triton.cdiv(h, b.down_n))](
-        inter, w_down, partial, flat_ids, weights.reshape(-1), h, i, inter.stride(0), w_down.stride(0), w_down.stride(1),
-        BN=b.down_n, BK=b.down_k, num_warps=b.down_warps)
     out = torch.empty_like(x)
-    _sum_slots_kernel[(t, triton.cdiv(h, SUM_BLOCK))](partial, out, top_k, h, out.stride(0), BLOCK=SUM_BLOCK)
+    if t == 0:
+        return out
+    b = blocks or PAIRS_BLOCKS
+    down_n, down_k = (b.down_n, b.down_k) if b.down_n else down_blocks(t, h, i, x.device)
+    table, slots, layer, stride_ts, stride_tl = _routed_args(routed, ids)
+    use_pdl = pdl.enabled(x.device, t)
+    _gate_up_pairs_kernel[(p, triton.cdiv(i, b.gate_up_n))](
+        x, norm.weight if norm is not None else x, logits, w_gate_up, inter, ids, weights, table, slots,
+        e, h, i, x.stride(0), logits.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), inter.stride(0),
+        layer, stride_ts, stride_tl, norm.eps if norm is not None else 0.0,
+        TOP_K=top_k, RENORM=renormalize, HAS_NORM=norm is not None, HAS_TABLE=routed is not None,
+        BLOCK_E=triton.next_power_of_2(e), BLOCK_TOPK=triton.next_power_of_2(top_k),
+        BN=b.gate_up_n, BK=b.gate_up_k, USE_PDL=use_pdl, num_warps=b.gate_up_warps, launch_pdl=use_pdl)
+    _down_pairs_kernel[(t, triton.cdiv(h, down_n))](
+        inter, w_down, out, ids, weights, h, i, inter.stride(0), w_down.stride(0), w_down.stride(1), out.stride(0),
+        TOP_K=top_k, BN=down_n, BK=down_k, USE_PDL=use_pdl, num_warps=b.down_warps, launch_pdl=use_pdl)
     return out
 
 
@@ -257,10 +337,10 @@ if triton is not None:
         tl.store(out, acc.to(OUT.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _topk_softmax_kernel(LOGITS, W_OUT, IDS_OUT, E, stride_l, TOP_K: tl.constexpr, RENORM: tl.constexpr,
-                             BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Program t: token t's routing, the k picks by repeated maximum over its probabilities."""
-        t = tl.program_id(0).to(tl.int64)
+    def _route_row(LOGITS, t, E, stride_l, TOP_K: tl.constexpr, RENORM: tl.constexpr, BLOCK_E: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+        """Token t's routing from its logits, in registers: (weights [BLOCK_K] float32, ids [BLOCK_K] int64,
+        slots [BLOCK_K]); slots past k hold weight 0. The k picks by repeated maximum of the probabilities."""
         offs = tl.arange(0, BLOCK_E)
         in_row = offs < E
         logit = tl.load(LOGITS + t * stride_l + offs, mask=in_row, other=-float("inf")).to(tl.float32)
@@ -281,21 +361,46 @@ if triton is not None:
             left = tl.where(offs == pick, -1.0, left)
         if RENORM:
             picked_w = picked_w / tl.sum(picked_w, axis=0)  # slots past k hold 0
+        return picked_w, picked_id, slots
+
+    @triton.jit
+    def _topk_softmax_kernel(LOGITS, W_OUT, IDS_OUT, TABLE, SLOTS, E, stride_l, layer, stride_ts, stride_tl,
+                             TOP_K: tl.constexpr, RENORM: tl.constexpr, HAS_TABLE: tl.constexpr,
+                             BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Program t: token t's routing (and its row of the routed-experts table)."""
+        t = tl.program_id(0).to(tl.int64)
+        picked_w, picked_id, slots = _route_row(LOGITS, t, E, stride_l, TOP_K, RENORM, BLOCK_E, BLOCK_K)
         out = t * TOP_K + slots
         tl.store(W_OUT + out, picked_w.to(W_OUT.dtype.element_ty), mask=slots < TOP_K)
         tl.store(IDS_OUT + out, picked_id, mask=slots < TOP_K)
+        if HAS_TABLE:
+            row = tl.load(SLOTS + t).to(tl.int64) * stride_ts + layer * stride_tl
+            tl.store(TABLE + row + slots, picked_id.to(tl.int32), mask=slots < TOP_K)
 
     @triton.jit
-    def _gate_up_pairs_kernel(X, W, Y, IDS, top_k, H, I, stride_xt, stride_we, stride_wn, stride_yt,
-                              BN: tl.constexpr, BK: tl.constexpr):
-        """Program (pair, n): silu(gate) * up for one (token, slot) pair, columns n*BN.., reading only
-        its expert's rows; the next tiles are loaded before the current ones are used (as the batch-1
-        matmuls do), so each program keeps two tiles of reads in flight."""
+    def _gate_up_pairs_kernel(X, NW, LOGITS, W, Y, IDS_OUT, W_OUT, TABLE, SLOTS, E, H, I, stride_xt, stride_lt,
+                              stride_we, stride_wn, stride_yt, layer, stride_ts, stride_tl, eps,
+                              TOP_K: tl.constexpr, RENORM: tl.constexpr, HAS_NORM: tl.constexpr,
+                              HAS_TABLE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_TOPK: tl.constexpr,
+                              BN: tl.constexpr, BK: tl.constexpr, USE_PDL: tl.constexpr):
+        """Program (pair, n): silu(gate) * up for one (token, slot) pair, columns n*BN.., reading only its
+        expert's rows, which it finds by routing the token itself; with HAS_NORM, of rmsnorm(x) * NW,
+        accumulated as (x * NW) @ W^T beside x's sum of squares and scaled at the end. The next tiles are
+        loaded before the current ones are used (as the batch-1 matmuls do)."""
         p = tl.program_id(0)
-        n = tl.program_id(1) * BN + tl.arange(0, BN)
+        pid_n = tl.program_id(1)
+        wait_previous(USE_PDL)  # the logits and x are the previous kernels' output
+        t = (p // TOP_K).to(tl.int64)
+        j = p % TOP_K
+        picked_w, picked_id, slots = _route_row(LOGITS, t, E, stride_lt, TOP_K, RENORM, BLOCK_E, BLOCK_TOPK)
+        e = tl.sum(tl.where(slots == j, picked_id, 0), axis=0)
+        if pid_n == 0:  # one program per pair publishes its routing (for the down kernel and the R3 table)
+            tl.store(IDS_OUT + p, e)
+            tl.store(W_OUT + p, tl.sum(tl.where(slots == j, picked_w, 0.0), axis=0).to(W_OUT.dtype.element_ty))
+            if HAS_TABLE:
+                tl.store(TABLE + tl.load(SLOTS + t).to(tl.int64) * stride_ts + layer * stride_tl + j, e.to(tl.int32))
+        n = pid_n * BN + tl.arange(0, BN)
         n_ok = n < I
-        e = tl.load(IDS + p).to(tl.int64)
-        t = (p // top_k).to(tl.int64)
         kk = tl.arange(0, BK)
         g_ptr = W + e * stride_we + n[:, None].to(tl.int64) * stride_wn
         u_ptr = g_ptr + I * stride_wn
@@ -304,6 +409,7 @@ if triton is not None:
         u_next = tl.load(u_ptr + kk[None, :], mask=w_mask, other=0.0)
         acc_g = tl.zeros((BN,), dtype=tl.float32)
         acc_u = tl.zeros((BN,), dtype=tl.float32)
+        ss = tl.zeros((BK,), dtype=tl.float32)
         for k0 in tl.range(0, H, BK):
             k = k0 + kk
             g, u = g_next, u_next
@@ -312,41 +418,48 @@ if triton is not None:
             g_next = tl.load(g_ptr + nk[None, :], mask=w_mask, other=0.0)
             u_next = tl.load(u_ptr + nk[None, :], mask=w_mask, other=0.0)
             xv = tl.load(X + t * stride_xt + k, mask=k < H, other=0.0).to(tl.float32)
+            if HAS_NORM:
+                ss += xv * xv
+                xv = xv * tl.load(NW + k, mask=k < H, other=0.0).to(tl.float32)
             acc_g += tl.sum(g.to(tl.float32) * xv[None, :], axis=1)
             acc_u += tl.sum(u.to(tl.float32) * xv[None, :], axis=1)
+        if HAS_NORM:
+            scale = tl.rsqrt(tl.sum(ss, axis=0) / H + eps)
+            acc_g = acc_g * scale
+            acc_u = acc_u * scale
         y = acc_g * tl.sigmoid(acc_g) * acc_u
         tl.store(Y + p.to(tl.int64) * stride_yt + n, y.to(Y.dtype.element_ty), mask=n_ok)
 
     @triton.jit
-    def _down_pairs_kernel(Y, W, PART, IDS, TOPK_W, H, I, stride_yt, stride_we, stride_wn,
-                           BN: tl.constexpr, BK: tl.constexpr):
-        """Program (pair, n): routing weight * down projection of one pair's row, columns n*BN.. of H,
-        in float32 at the pair's row of PART [P, H]; next tile loaded ahead as in the gate/up kernel."""
-        p = tl.program_id(0).to(tl.int64)
+    def _down_pairs_kernel(Y, W, OUT, IDS, TOPK_W, H, I, stride_yt, stride_we, stride_wn, stride_ot,
+                           TOP_K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_PDL: tl.constexpr):
+        """Program (token, n): columns n*BN.. of sum_j w_j * W[e_j] @ y_j over the token's k pairs, one loop
+        over (slot, tile) so the next tile, the next slot's first included, is loaded before the current one
+        is used; each slot's product is scaled by its weight and added in slot order, in float32."""
+        t = tl.program_id(0).to(tl.int64)
         n = tl.program_id(1) * BN + tl.arange(0, BN)
         n_ok = n < H
-        e = tl.load(IDS + p).to(tl.int64)
+        wait_previous(USE_PDL)  # the experts, weights and rows are the gate/up kernel's output
         kk = tl.arange(0, BK)
-        rows = W + e * stride_we + n[:, None].to(tl.int64) * stride_wn
-        w_next = tl.load(rows + kk[None, :], mask=n_ok[:, None] & (kk < I)[None, :], other=0.0)
+        tiles = tl.cdiv(I, BK)
+        rows = n[:, None].to(tl.int64) * stride_wn
+        first = t * TOP_K
+        e = tl.load(IDS + first)
+        w_next = tl.load(W + e * stride_we + rows + kk[None, :], mask=n_ok[:, None] & (kk < I)[None, :], other=0.0)
         acc = tl.zeros((BN,), dtype=tl.float32)
-        for k0 in tl.range(0, I, BK):
-            k = k0 + kk
+        total = tl.zeros((BN,), dtype=tl.float32)
+        for step in tl.range(0, TOP_K * tiles):
+            j = step // tiles
+            k = (step - j * tiles) * BK + kk
             wd = w_next
-            nk = k + BK
-            w_next = tl.load(rows + nk[None, :], mask=n_ok[:, None] & (nk < I)[None, :], other=0.0)
-            yv = tl.load(Y + p * stride_yt + k, mask=k < I, other=0.0).to(tl.float32)
+            nj = (step + 1) // tiles
+            # past the last slot the offsets move past I, so the last step loads nothing
+            nk = (step + 1 - nj * tiles) * BK + kk + (nj // TOP_K) * I
+            ne = tl.load(IDS + first + tl.minimum(nj, TOP_K - 1))
+            w_next = tl.load(W + ne * stride_we + rows + nk[None, :], mask=n_ok[:, None] & (nk < I)[None, :], other=0.0)
+            yv = tl.load(Y + (first + j) * stride_yt + k, mask=k < I, other=0.0).to(tl.float32)
             acc += tl.sum(wd.to(tl.float32) * yv[None, :], axis=1)
-        acc = acc * tl.load(TOPK_W + p).to(tl.float32)
-        tl.store(PART + p * H + n, acc, mask=n_ok)
-
-    @triton.jit
-    def _sum_slots_kernel(PART, OUT, top_k, H, stride_ot, BLOCK: tl.constexpr):
-        """Program (token, n): the token's k partials added in slot order, cast to the model dtype."""
-        t = tl.program_id(0).to(tl.int64)
-        n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        ok = n < H
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for j in range(0, top_k):
-            acc += tl.load(PART + (t * top_k + j) * H + n, mask=ok, other=0.0)
-        tl.store(OUT + t * stride_ot + n, acc.to(OUT.dtype.element_ty), mask=ok)
+            if nj != j:  # slot j's last tile: weight it and add it to the sum
+                total += acc * tl.load(TOPK_W + first + j).to(tl.float32)
+                acc = tl.zeros((BN,), dtype=tl.float32)
+        tl.store(OUT + t * stride_ot + n, total.to(OUT.dtype.element_ty), mask=n_ok)

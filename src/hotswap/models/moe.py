@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hotswap.kernels import fused_moe
+from hotswap.kernels import fused_moe, skinny_matmul
 from hotswap.models.forward_context import ForwardContext
 from hotswap.models.layers import MergedColumnLinear, RMSNorm, RowLinear, hf_param
 from hotswap.models.parallel import ExpertShard, ShardSpec, TPInfo
@@ -71,11 +71,8 @@ class SparseMoeBlock(nn.Module):
         self.shared_expert_gate = Router(1, hidden, dtype) if shared_intermediate else None
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        weights, ids = fused_moe.route(h, self.gate.weight, self.top_k, self.renormalize)
-        if ctx.routed_experts is not None:
-            ctx.routed_experts[ctx.slot_mapping, self.layer_id] = ids.to(torch.int32)
-        run = fused_moe.fused_moe if fused_moe.available(h) else fused_moe.moe_reference
-        out = run(h, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+        """The block on an already normalised h."""
+        out = self._experts(h, torch.nn.functional.linear(h, self.gate.weight), ctx, norm=None)
         if self.shared_expert is None:
             return out
         gate = torch.sigmoid(torch.nn.functional.linear(h, self.shared_expert_gate.weight))
@@ -83,6 +80,20 @@ class SparseMoeBlock(nn.Module):
 
     def norm_forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm,
                      ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """The block on norm(x + residual); returns (output, new residual)."""
+        """The block on norm(x + residual); returns (output, new residual). At batch 1 (the fused batch-1
+        matmuls) the router's matmul adds the residual and normalises its row itself, and the expert kernels
+        normalise the new residual on the fly: the layer's MoE half is three kernels, no norm of its own."""
+        if ctx.skinny_matmul and self.shared_expert is None:
+            logits, residual = skinny_matmul.skinny_linear(x, self.gate.weight, prologue=skinny_matmul.ADD_NORM,
+                                                           residual=residual, norm_weight=norm.weight, eps=norm.eps)
+            return self._experts(residual, logits, ctx, fused_moe.InputNorm(norm.weight, norm.eps)), residual
         h, residual = norm.forward_residual(x, residual)
         return self(h, ctx), residual
+
+    def _experts(self, x: torch.Tensor, logits: torch.Tensor, ctx: ForwardContext,
+                 norm: fused_moe.InputNorm | None) -> torch.Tensor:
+        routed = None
+        if ctx.routed_experts is not None:
+            routed = fused_moe.RoutedWrite(ctx.routed_experts, ctx.slot_mapping, self.layer_id)
+        return fused_moe.moe(x, self.experts.gate_up_proj, self.experts.down_proj, logits, self.top_k, self.renormalize,
+                             norm, routed)
