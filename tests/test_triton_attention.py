@@ -212,6 +212,29 @@ def test_decode_sequence_of_one_split_writes_its_output_itself():
     assert rel_err(many, ref_decode(q, k, v, pt, seq_lens, 0.088)) < TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_splits_merged_by_the_last_to_finish_equal_the_merge_kernel(monkeypatch, dtype):
+    """Each sequence's splits are merged by whichever finishes last (a counter per sequence and KV head): the
+    rows equal the merge kernel's within float32 rounding, across launches of any split count, and every
+    counter is zero again after each launch (the next launch, or a graph replay, starts from zero)."""
+    from hotswap.kernels import triton_attention as ta
+
+    lens = [1, 40, 700, 65, 2000, 0, 129, 300]
+    gen = _gen(57)
+    k, v, pt = make_paged_kv(lens, 16, 4, 64, dtype, gen)
+    q = torch.randn(len(lens), 8, 64, generator=gen).to(dtype).to(DEV)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    ref = ref_decode(q, k, v, pt, seq_lens, 0.125)
+    for num_splits in (2, 7, 16):
+        merged = paged_decode_attention(q, k, v, pt, seq_lens, 0.125, num_splits=num_splits)
+        assert int(ta._COUNTERS[q.device].abs().sum()) == 0
+        with monkeypatch.context() as patch:
+            patch.setattr(ta, "_MERGE_IN_PLACE", False)
+            kernel = paged_decode_attention(q, k, v, pt, seq_lens, 0.125, num_splits=num_splits)
+        torch.testing.assert_close(merged.float(), kernel.float(), rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
+        assert rel_err(merged, ref) < TOL[dtype]
+
+
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_decode_in_a_given_order_is_bit_identical(num_splits):
     """Programs started longest sequence first (`order`, as the runner passes every decode step) compute the

@@ -67,6 +67,14 @@ __all__ = [
 #: ``B * Hq * MAX_DECODE_SPLITS * (head_dim + 1) * 4``.
 MAX_DECODE_SPLITS = 64
 
+#: Splits merged by the last of them to finish (a counter per sequence and KV head) instead of by a second
+#: kernel; `HOTSWAP_DECODE_MERGE=0` launches the merge kernel (the A/B switch of the benches).
+_MERGE_IN_PLACE = os.environ.get("HOTSWAP_DECODE_MERGE", "1") != "0"
+#: Counters of the in-place merge, per device: zero between launches (the merging program zeroes its own).
+#: Launches of more (sequence, KV head) pairs than this use the merge kernel.
+_MERGE_COUNTERS = 1 << 16
+_COUNTERS: dict = {}
+
 # Tunables (defaults; measured on H100, see bench/attention_kernels.py).
 _DECODE_TARGET_CTAS_PER_SM = 2  # aim for about this many split-programs per SM
 _DECODE_MIN_CHUNK = 64  # a split never gets fewer tokens than this (inside the kernel)
@@ -176,7 +184,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _decode_split_kernel(
-        Q, K, V, PT, SEQ, ORDER, MID_O, MID_LSE, OUT,
+        Q, K, V, PT, SEQ, ORDER, MID_O, MID_LSE, OUT, COUNTERS,
         qk_scale,  # scale * log2(e)
         stride_qb, stride_qh,
         stride_kp, stride_vp,  # page strides (inside a page: [PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM] dense)
@@ -193,6 +201,8 @@ if HAS_TRITON:
         DIRECT: tl.constexpr,
         MIN_CHUNK: tl.constexpr,
         HAS_ORDER: tl.constexpr,
+        MERGE: tl.constexpr,
+        BLOCK_S: tl.constexpr,
         USE_PDL: tl.constexpr,
         PREC: tl.constexpr,
     ):
@@ -258,9 +268,38 @@ if HAS_TRITON:
                 tl.store(out_ptrs, o.to(OUT.dtype.element_ty), mask=o_mask)
             else:
                 lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
-                row = (b * (NUM_KV_HEADS * GROUP) + heads) * num_splits + split  # [BLOCK_H]
-                tl.store(MID_O + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=o_mask)
-                tl.store(MID_LSE + row, lse, mask=h_mask)
+                row0 = (b * (NUM_KV_HEADS * GROUP) + heads) * num_splits  # [BLOCK_H]
+                tl.store(MID_O + (row0 + split)[:, None] * HEAD_DIM + offs_d[None, :], o, mask=o_mask)
+                tl.store(MID_LSE + row0 + split, lse, mask=h_mask)
+                if MERGE:
+                    # The last of the sequence's splits to finish (for this KV head) merges them, so no second
+                    # kernel is launched: the counter's atomic orders each split's stores before it (release) and
+                    # the last one's loads after it (acquire); the loads skip L1, which is not coherent
+                    counter = COUNTERS + b * NUM_KV_HEADS + hk
+                    if tl.atomic_add(counter, 1, sem="acq_rel") == n_split - 1:
+                        tl.store(counter, 0)  # zero again for the next launch
+                        _merge_splits(MID_O, MID_LSE, row0, offs_d, h_mask, o_mask, out_ptrs, n_split,
+                                      HEAD_DIM, BLOCK_H, BLOCK_D, BLOCK_S)
+
+    @triton.jit
+    def _merge_splits(MID_O, MID_LSE, row0, offs_d, h_mask, o_mask, out_ptrs, n_split,
+                      HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+        """Heads rows row0 [BLOCK_H]: their n_split partial outputs weighted by exp2(lse - max lse), in split
+        order, into the output. A split that saw no key (lse = -inf) weighs 0."""
+        offs_s = tl.arange(0, BLOCK_S)
+        lse_all = tl.load(MID_LSE + row0[:, None] + offs_s[None, :], mask=h_mask[:, None] & (offs_s < n_split)[None, :],
+                          other=float("-inf"), cache_modifier=".cg")
+        m = tl.max(lse_all, 1)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        denom = tl.sum(tl.exp2(lse_all - m[:, None]), 1)
+        denom = tl.where(denom > 0.0, denom, 1.0)
+        merged = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+        for s in range(0, n_split):
+            lse = tl.load(MID_LSE + row0 + s, mask=h_mask, other=float("-inf"), cache_modifier=".cg")
+            o = tl.load(MID_O + (row0 + s)[:, None] * HEAD_DIM + offs_d[None, :],
+                        mask=o_mask & (lse > float("-inf"))[:, None], other=0.0, cache_modifier=".cg")
+            merged += o * tl.exp2(lse - m)[:, None]
+        tl.store(out_ptrs, (merged / denom[:, None]).to(out_ptrs.dtype.element_ty), mask=o_mask)
 
     @triton.jit
     def _decode_reduce_kernel(
@@ -458,6 +497,17 @@ def _decode_config(head_dim: int, dtype: torch.dtype, num_splits: int):
     return dict(block_n=block_n, num_warps=4, num_stages=stages)
 
 
+def _merge_counters(device: torch.device, pairs: int) -> Optional[torch.Tensor]:
+    """The in-place merge's counters for `pairs` (sequence, KV head) pairs, or None for the merge kernel.
+    Allocated once per device, before any CUDA graph captures it (the first decode runs eagerly)."""
+    if not _MERGE_IN_PLACE or pairs > _MERGE_COUNTERS:
+        return None
+    buf = _COUNTERS.get(device)
+    if buf is None:
+        buf = _COUNTERS[device] = torch.zeros(_MERGE_COUNTERS, dtype=torch.int32, device=device)
+    return buf
+
+
 def _decode_launch(
     q, k_cache, v_cache, page_table, seq_lens, scale, out,
     *, num_splits: int, block_n: int, num_warps: int, num_stages: int,
@@ -469,14 +519,17 @@ def _decode_launch(
     block_d = max(16, _next_pow2(D))
     num_splits = int(max(1, min(num_splits, MAX_DECODE_SPLITS)))
     min_chunk = max(int(min_chunk), block_n)
+    counters = None
     if num_splits > 1:
         mid_o = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)
         mid_lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)
+        counters = _merge_counters(q.device, B * Hkv)
     else:  # unused: with one split the kernel writes the output directly (DIRECT)
         mid_o = mid_lse = out
     use_pdl = pdl.enabled(q.device, B)
     _decode_split_kernel[(Hkv, B, num_splits)](
         q, k_cache, v_cache, page_table, seq_lens, seq_lens if order is None else order, mid_o, mid_lse, out,
+        seq_lens if counters is None else counters,
         float(scale) * _LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), v_cache.stride(0),
@@ -493,13 +546,15 @@ def _decode_launch(
         DIRECT=num_splits == 1,
         MIN_CHUNK=min_chunk,
         HAS_ORDER=order is not None,
+        MERGE=counters is not None,
+        BLOCK_S=_next_pow2(num_splits),
         USE_PDL=use_pdl,
         PREC=_precision(q),
         num_warps=num_warps,
         num_stages=num_stages,
         launch_pdl=use_pdl,
     )
-    if num_splits > 1:
+    if num_splits > 1 and counters is None:
         block_s = _next_pow2(num_splits)
         _decode_reduce_kernel[(B, Hq)](
             mid_o, mid_lse, seq_lens, out,
