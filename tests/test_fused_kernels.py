@@ -89,11 +89,12 @@ def test_qk_norm_rope_token_grid_equals_head_grid(monkeypatch, hq, hk, norm):
     """The per-token kernel (many tokens) and the per-(token, head) kernel (few) agree: the same values up to
     the order of the norm's fp32 sum (a last-bit difference in bf16), and the same bits for v."""
     T, d = 33, 128
+    g = torch.Generator().manual_seed(hq + hk)
     rot = RotaryEmbedding(d, 4096, 1e6, None, torch.device("cuda"))
-    qkv = torch.randn(T, (hq + 2 * hk) * d, device="cuda", dtype=torch.bfloat16)
-    qw, kw = (torch.randn(d, device="cuda", dtype=torch.bfloat16), torch.randn(d, device="cuda", dtype=torch.bfloat16)) if norm else (None, None)
-    pos = torch.randint(0, 4000, (T,), device="cuda")
-    slots = torch.randperm(9 * 16, device="cuda")[:T]
+    qkv = torch.randn(T, (hq + 2 * hk) * d, generator=g).to("cuda", torch.bfloat16)
+    qw, kw = (torch.randn(d, generator=g).to("cuda", torch.bfloat16), torch.randn(d, generator=g).to("cuda", torch.bfloat16)) if norm else (None, None)
+    pos = torch.randint(0, 4000, (T,), generator=g).to("cuda")
+    slots = torch.randperm(9 * 16, generator=g)[:T].to("cuda")
     results = []
     for min_tokens in (1, 10**9):
         monkeypatch.setattr(fused, "TOKEN_GRID_MIN_TOKENS", min_tokens)
@@ -104,8 +105,10 @@ def test_qk_norm_rope_token_grid_equals_head_grid(monkeypatch, hq, hk, norm):
         fused.qk_norm_rope(q, k, qw, kw, rot.cos_sin, pos, 1e-6, kv_store=(v, k_cache, v_cache, slots))
         results.append((x, k_cache, v_cache))
     (x1, k1, v1), (x2, k2, v2) = results
-    torch.testing.assert_close(x1, x2, rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(k1, k2, rtol=1e-2, atol=1e-2)
+    # a last-bit difference of the normalised q/k (values up to ~10 here) shows through rotary's differences
+    # x1 * cos - x2 * sin at several bf16 steps of a small result: judged over the whole tensor
+    for a, b in ((x1, x2), (k1, k2)):
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 2e-3
     assert torch.equal(v1, v2) and torch.equal(x1[:, (hq + hk) * d :], x2[:, (hq + hk) * d :])
 
 

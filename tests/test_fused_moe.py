@@ -176,7 +176,9 @@ def test_fused_moe_equals_reference_on_cuda(t, e, k, h, i, dtype):
 def test_fused_moe_normalises_and_records_routing_on_cuda(t):
     """bf16 on the device: the decode kernels' own RMSNorm and both paths' routed-experts table writes."""
     e, k, h, i = 128, 8, 2048, 768
-    x, w_gate_up, w_down, logits = _layer(t, e, k, h, i, torch.bfloat16, "cuda", seed=t)
+    x, w_gate_up, w_down, _ = _layer(t, e, k, h, i, torch.bfloat16, "cuda", seed=t)
+    g = torch.Generator().manual_seed(t)  # distinct logits in bf16 (a shuffled ladder): on ties torch may pick another
+    logits = torch.stack([(torch.randperm(e, generator=g) - e / 2) * 0.05 for _ in range(t)]).to("cuda", torch.bfloat16)
     table = torch.full((512, 4, k), -1, dtype=torch.int32, device="cuda")
     slots = torch.randperm(512, device="cuda")[:t]
     routed = fused_moe.RoutedWrite(table, slots, layer=3)
