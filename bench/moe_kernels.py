@@ -112,7 +112,7 @@ def main() -> None:
                                down_warps=default.down_warps)
             found.append((timer(t, pairs(b))[0], b))
         best_gu = min(found, key=lambda f: f[0])[1]
-        for n, kk, wp in itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8)):
+        for n, kk, wp in itertools.product((8, 16, 32, 64), (128, 256, 512), (4, 8)):
             b = fm.PairsBlocks(gate_up_n=best_gu.gate_up_n, gate_up_k=best_gu.gate_up_k, gate_up_warps=best_gu.gate_up_warps,
                                down_n=n, down_k=kk, down_warps=wp)
             found.append((timer(t, pairs(b))[0], b))

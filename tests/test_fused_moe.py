@@ -10,7 +10,7 @@ import torch
 from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts, Qwen3MoeTopKRouter
 
-from hotswap.kernels import fused_moe
+from hotswap.kernels import arrival, fused_moe
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -84,9 +84,10 @@ def test_kernels_in_the_interpreter(t, e, k):
 @pytest.mark.skipif(not INTERPRET, reason="Triton interpreter run: set TRITON_INTERPRET=1 to check the kernels on the CPU")
 @pytest.mark.parametrize("t,e,k,renormalize", [(1, 8, 2, True), (3, 16, 4, False), (8, 128, 8, True)])
 def test_decode_kernels_route_normalise_and_record_in_the_interpreter(t, e, k, renormalize):
-    """The decode kernels route each token themselves: the output, the experts written to the routed-experts
-    table at each token's slot and layer, and the RMSNorm they apply to x equal torch's router, the torch
-    norm and the per-expert loop; rows of other slots and layers stay as they were."""
+    """The decode kernels route each token themselves: the output (its top-k sum made by the last of a token's
+    k programs to finish), the experts written to the routed-experts table at each token's slot and layer, and
+    the RMSNorm they apply to x equal torch's router, the torch norm and the per-expert loop; rows of other
+    slots and layers stay as they were."""
     x, w_gate_up, w_down, logits = _layer(t, e, k, 32, 24, torch.float32, "cpu", seed=t + e)
     norm_w = torch.rand(32) + 0.5
     h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm_w
@@ -100,6 +101,7 @@ def test_decode_kernels_route_normalise_and_record_in_the_interpreter(t, e, k, r
         out = fused_moe.moe_pairs(x, w_gate_up, w_down, logits, k, renormalize, fused_moe.InputNorm(norm_w, 1e-6), routed,
                                   blocks=blocks)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        assert int(arrival.counters(x.device).abs().sum()) == 0  # the top-k sum's counters zeroed for the next launch
         assert torch.equal(table[slots, 1], ids.to(torch.int32))
         untouched = torch.ones(20, 3, dtype=torch.bool)
         untouched[slots, 1] = False

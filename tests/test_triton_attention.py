@@ -217,6 +217,7 @@ def test_decode_splits_merged_by_the_last_to_finish_equal_the_merge_kernel(monke
     """Each sequence's splits are merged by whichever finishes last (a counter per sequence and KV head): the
     rows equal the merge kernel's within float32 rounding, across launches of any split count, and every
     counter is zero again after each launch (the next launch, or a graph replay, starts from zero)."""
+    from hotswap.kernels import arrival
     from hotswap.kernels import triton_attention as ta
 
     lens = [1, 40, 700, 65, 2000, 0, 129, 300]
@@ -227,7 +228,7 @@ def test_decode_splits_merged_by_the_last_to_finish_equal_the_merge_kernel(monke
     ref = ref_decode(q, k, v, pt, seq_lens, 0.125)
     for num_splits in (2, 7, 16):
         merged = paged_decode_attention(q, k, v, pt, seq_lens, 0.125, num_splits=num_splits)
-        assert int(ta._COUNTERS[q.device].abs().sum()) == 0
+        assert int(arrival.counters(q.device).abs().sum()) == 0
         with monkeypatch.context() as patch:
             patch.setattr(ta, "_MERGE_IN_PLACE", False)
             kernel = paged_decode_attention(q, k, v, pt, seq_lens, 0.125, num_splits=num_splits)
@@ -417,6 +418,7 @@ def test_strided_pages_and_bad_layout():
 @pytest.mark.parametrize("hq,hkv", [(32, 4), (14, 2)])
 def test_prefill_packed_gqa_variant(monkeypatch, hq, hkv):
     # the GQA group packed into one tile (token-major rows) instead of one query head per program
+    from hotswap.kernels import arrival
     from hotswap.kernels import triton_attention as ta
 
     orig = ta._prefill_config

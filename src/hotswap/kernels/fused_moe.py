@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hotswap.kernels import pdl
+from hotswap.kernels import arrival, pdl
 
 
 @dataclass(frozen=True)
@@ -102,14 +102,14 @@ SMALL_BATCH_MAX_TOKENS = 8
 class PairsBlocks:
     """Tile shapes of the decode kernels: output columns and reduction width per program, warps. Chosen as
     the batch-1 matmuls' (kernels/skinny_matmul.py) rule: about 8K weights a tile and a few programs an SM at
-    one token (Qwen3-30B-A3B: 384 gate/up programs; down: `down_blocks`, 256 at one token, unless down_n is
-    set). bench/moe_kernels.py sweeps them on the device."""
+    one token (Qwen3-30B-A3B: 384 gate/up and 512 down programs). bench/moe_kernels.py sweeps them on the
+    device."""
 
     gate_up_n: int = 16
     gate_up_k: int = 256
     gate_up_warps: int = 4
-    down_n: int = 0  # 0: `down_blocks` picks columns and width for the batch
-    down_k: int = 0
+    down_n: int = 32
+    down_k: int = 256
     down_warps: int = 4
 
 
@@ -212,28 +212,6 @@ def _routed_args(routed: RoutedWrite | None, placeholder: torch.Tensor) -> tuple
     return table, routed.slots, routed.layer, table.stride(0), table.stride(1)
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":  # Triton's interpreter (tests on the CPU)
-        return 132
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
-_SM_COUNT: dict[int, int] = {}
-
-
-def down_blocks(tokens: int, hidden: int, inter: int, device: torch.device) -> tuple[int, int]:
-    """(columns, reduction width) a program of the down kernel covers. Each program reads its columns of
-    all k of its token's experts, so at one token only H / BN programs run: BN shrinks until they cover
-    every SM twice; the tile stays at about 8K weights, as the batch-1 matmuls' rule has it."""
-    block_n = 32
-    while block_n > 4 and tokens * triton.cdiv(hidden, block_n) < 2 * _sm_count(device):
-        block_n //= 2
-    return block_n, min(triton.next_power_of_2(inter), max(64, 8192 // block_n))
-
-
 def moe_pairs(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, logits: torch.Tensor, top_k: int,
               renormalize: bool, norm: InputNorm | None = None, routed: RoutedWrite | None = None,
               blocks: PairsBlocks | None = None) -> torch.Tensor:
@@ -241,9 +219,9 @@ def moe_pairs(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, lo
     token from the logits (each program the same float32 softmax and top-k, in registers: no routing kernel
     of its own), reads only its expert's rows and, with `norm`, normalises x on the fly; the first column
     block's programs publish the pair's expert and weight (and the R3 table entry). Down: a program per
-    (token, column block) reads those columns of all k experts and adds the weighted products in slot order
-    in float32, so the top-k sum needs no kernel and the result does not depend on timing. Both launch with
-    PDL at decode sizes (kernels/pdl.py)."""
+    (pair, column block) writes its weighted float32 product; the last of a token's k programs for a column
+    block to finish (kernels/arrival.py) adds the k in slot order, so the top-k sum needs no kernel and the
+    result does not depend on timing. Both launch with PDL at decode sizes (kernels/pdl.py)."""
     t, h = x.shape
     e, two_i, _ = w_gate_up.shape
     i, p = two_i // 2, t * top_k
@@ -256,7 +234,9 @@ def moe_pairs(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, lo
     if t == 0:
         return out
     b = blocks or PAIRS_BLOCKS
-    down_n, down_k = (b.down_n, b.down_k) if b.down_n else down_blocks(t, h, i, x.device)
+    column_blocks = triton.cdiv(h, b.down_n)
+    if t * column_blocks > arrival.SIZE:
+        raise ValueError(f"{t} tokens x {column_blocks} column blocks exceed the {arrival.SIZE} arrival counters")
     table, slots, layer, stride_ts, stride_tl = _routed_args(routed, ids)
     use_pdl = pdl.enabled(x.device, t)
     _gate_up_pairs_kernel[(p, triton.cdiv(i, b.gate_up_n))](
@@ -266,9 +246,11 @@ def moe_pairs(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, lo
         TOP_K=top_k, RENORM=renormalize, HAS_NORM=norm is not None, HAS_TABLE=routed is not None,
         BLOCK_E=triton.next_power_of_2(e), BLOCK_TOPK=triton.next_power_of_2(top_k),
         BN=b.gate_up_n, BK=b.gate_up_k, USE_PDL=use_pdl, num_warps=b.gate_up_warps, launch_pdl=use_pdl)
-    _down_pairs_kernel[(t, triton.cdiv(h, down_n))](
-        inter, w_down, out, ids, weights, h, i, inter.stride(0), w_down.stride(0), w_down.stride(1), out.stride(0),
-        TOP_K=top_k, BN=down_n, BK=down_k, USE_PDL=use_pdl, num_warps=b.down_warps, launch_pdl=use_pdl)
+    partial = torch.empty(p, h, dtype=torch.float32, device=x.device)
+    _down_pairs_kernel[(p, column_blocks)](
+        inter, w_down, partial, out, arrival.counters(x.device), ids, weights, h, i, inter.stride(0), w_down.stride(0),
+        w_down.stride(1), out.stride(0), TOP_K=top_k, BN=b.down_n, BK=b.down_k, USE_PDL=use_pdl, num_warps=b.down_warps,
+        launch_pdl=use_pdl)
     return out
 
 
@@ -431,35 +413,34 @@ if triton is not None:
         tl.store(Y + p.to(tl.int64) * stride_yt + n, y.to(Y.dtype.element_ty), mask=n_ok)
 
     @triton.jit
-    def _down_pairs_kernel(Y, W, OUT, IDS, TOPK_W, H, I, stride_yt, stride_we, stride_wn, stride_ot,
+    def _down_pairs_kernel(Y, W, PART, OUT, COUNTERS, IDS, TOPK_W, H, I, stride_yt, stride_we, stride_wn, stride_ot,
                            TOP_K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_PDL: tl.constexpr):
-        """Program (token, n): columns n*BN.. of sum_j w_j * W[e_j] @ y_j over the token's k pairs, one loop
-        over (slot, tile) so the next tile, the next slot's first included, is loaded before the current one
-        is used; each slot's product is scaled by its weight and added in slot order, in float32."""
-        t = tl.program_id(0).to(tl.int64)
-        n = tl.program_id(1) * BN + tl.arange(0, BN)
+        """Program (pair, n): routing weight * down projection of one pair's row, columns n*BN.. of H, in
+        float32 at the pair's row of PART [P, H] (next tile loaded ahead as in the gate/up kernel); the last
+        of the token's k programs for these columns to finish adds the k rows in slot order into OUT."""
+        p = tl.program_id(0).to(tl.int64)
+        pid_n = tl.program_id(1)
+        n = pid_n * BN + tl.arange(0, BN)
         n_ok = n < H
         wait_previous(USE_PDL)  # the experts, weights and rows are the gate/up kernel's output
+        e = tl.load(IDS + p)
         kk = tl.arange(0, BK)
-        tiles = tl.cdiv(I, BK)
-        rows = n[:, None].to(tl.int64) * stride_wn
-        first = t * TOP_K
-        e = tl.load(IDS + first)
-        w_next = tl.load(W + e * stride_we + rows + kk[None, :], mask=n_ok[:, None] & (kk < I)[None, :], other=0.0)
+        rows = W + e * stride_we + n[:, None].to(tl.int64) * stride_wn
+        w_next = tl.load(rows + kk[None, :], mask=n_ok[:, None] & (kk < I)[None, :], other=0.0)
         acc = tl.zeros((BN,), dtype=tl.float32)
-        total = tl.zeros((BN,), dtype=tl.float32)
-        for step in tl.range(0, TOP_K * tiles):
-            j = step // tiles
-            k = (step - j * tiles) * BK + kk
+        for k0 in tl.range(0, I, BK):
+            k = k0 + kk
             wd = w_next
-            nj = (step + 1) // tiles
-            # past the last slot the offsets move past I, so the last step loads nothing
-            nk = (step + 1 - nj * tiles) * BK + kk + (nj // TOP_K) * I
-            ne = tl.load(IDS + first + tl.minimum(nj, TOP_K - 1))
-            w_next = tl.load(W + ne * stride_we + rows + nk[None, :], mask=n_ok[:, None] & (nk < I)[None, :], other=0.0)
-            yv = tl.load(Y + (first + j) * stride_yt + k, mask=k < I, other=0.0).to(tl.float32)
+            nk = k + BK
+            w_next = tl.load(rows + nk[None, :], mask=n_ok[:, None] & (nk < I)[None, :], other=0.0)
+            yv = tl.load(Y + p * stride_yt + k, mask=k < I, other=0.0).to(tl.float32)
             acc += tl.sum(wd.to(tl.float32) * yv[None, :], axis=1)
-            if nj != j:  # slot j's last tile: weight it and add it to the sum
-                total += acc * tl.load(TOPK_W + first + j).to(tl.float32)
-                acc = tl.zeros((BN,), dtype=tl.float32)
-        tl.store(OUT + t * stride_ot + n, total.to(OUT.dtype.element_ty), mask=n_ok)
+        tl.store(PART + p * H + n, acc * tl.load(TOPK_W + p).to(tl.float32), mask=n_ok)
+        t = p // TOP_K
+        counter = COUNTERS + t * tl.num_programs(1) + pid_n
+        if tl.atomic_add(counter, 1, sem="acq_rel") == TOP_K - 1:  # kernels/arrival.py
+            tl.store(counter, 0)
+            total = tl.zeros((BN,), dtype=tl.float32)
+            for j in range(0, TOP_K):
+                total += tl.load(PART + (t * TOP_K + j) * H + n, mask=n_ok, other=0.0, cache_modifier=".cg")
+            tl.store(OUT + t * stride_ot + n, total.to(OUT.dtype.element_ty), mask=n_ok)

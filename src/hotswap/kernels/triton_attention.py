@@ -39,7 +39,7 @@ from typing import Optional
 
 import torch
 
-from hotswap.kernels import pdl
+from hotswap.kernels import arrival, pdl
 
 try:  # Triton is optional: the module must import on CPU-only machines without it.
     import triton
@@ -67,13 +67,9 @@ __all__ = [
 #: ``B * Hq * MAX_DECODE_SPLITS * (head_dim + 1) * 4``.
 MAX_DECODE_SPLITS = 64
 
-#: Splits merged by the last of them to finish (a counter per sequence and KV head) instead of by a second
-#: kernel; `HOTSWAP_DECODE_MERGE=0` launches the merge kernel (the A/B switch of the benches).
+#: Splits merged by the last of them to finish (kernels/arrival.py: a counter per sequence and KV head) instead
+#: of by a second kernel; `HOTSWAP_DECODE_MERGE=0` launches the merge kernel (the A/B switch of the benches).
 _MERGE_IN_PLACE = os.environ.get("HOTSWAP_DECODE_MERGE", "1") != "0"
-#: Counters of the in-place merge, per device: zero between launches (the merging program zeroes its own).
-#: Launches of more (sequence, KV head) pairs than this use the merge kernel.
-_MERGE_COUNTERS = 1 << 16
-_COUNTERS: dict = {}
 
 # Tunables (defaults; measured on H100, see bench/attention_kernels.py).
 _DECODE_TARGET_CTAS_PER_SM = 2  # aim for about this many split-programs per SM
@@ -497,17 +493,6 @@ def _decode_config(head_dim: int, dtype: torch.dtype, num_splits: int):
     return dict(block_n=block_n, num_warps=4, num_stages=stages)
 
 
-def _merge_counters(device: torch.device, pairs: int) -> Optional[torch.Tensor]:
-    """The in-place merge's counters for `pairs` (sequence, KV head) pairs, or None for the merge kernel.
-    Allocated once per device, before any CUDA graph captures it (the first decode runs eagerly)."""
-    if not _MERGE_IN_PLACE or pairs > _MERGE_COUNTERS:
-        return None
-    buf = _COUNTERS.get(device)
-    if buf is None:
-        buf = _COUNTERS[device] = torch.zeros(_MERGE_COUNTERS, dtype=torch.int32, device=device)
-    return buf
-
-
 def _decode_launch(
     q, k_cache, v_cache, page_table, seq_lens, scale, out,
     *, num_splits: int, block_n: int, num_warps: int, num_stages: int,
@@ -523,7 +508,8 @@ def _decode_launch(
     if num_splits > 1:
         mid_o = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)
         mid_lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)
-        counters = _merge_counters(q.device, B * Hkv)
+        if _MERGE_IN_PLACE and B * Hkv <= arrival.SIZE:
+            counters = arrival.counters(q.device)
     else:  # unused: with one split the kernel writes the output directly (DIRECT)
         mid_o = mid_lse = out
     use_pdl = pdl.enabled(q.device, B)

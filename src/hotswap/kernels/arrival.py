@@ -1,0 +1,25 @@
+"""Arrival counters: the last program of a group to finish merges the group's partial results, so the merge
+needs no kernel launch of its own (decode attention's KV splits, the MoE decode path's top-k sum).
+
+Each program of a group stores its partial result, then adds one to the group's counter with acquire-release
+semantics; the program that sees count == group size - 1 reads every partial (past L1, which is not coherent)
+and zeroes the counter for the next launch. One buffer per device serves every kernel: the kernels of a
+device's forward pass run in one stream order, and each launch leaves its counters at zero.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Counters per device; a launch needs one per group (groups past this use a merge kernel).
+SIZE = 1 << 16
+_BUFFERS: dict[torch.device, torch.Tensor] = {}
+
+
+def counters(device: torch.device) -> torch.Tensor:
+    """The device's int32 counters, all zero between launches. Allocated at the first (eager) launch, before a
+    CUDA graph captures the kernels that use it."""
+    buf = _BUFFERS.get(device)
+    if buf is None:
+        buf = _BUFFERS[device] = torch.zeros(SIZE, dtype=torch.int32, device=device)
+    return buf
