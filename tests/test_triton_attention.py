@@ -418,7 +418,6 @@ def test_strided_pages_and_bad_layout():
 @pytest.mark.parametrize("hq,hkv", [(32, 4), (14, 2)])
 def test_prefill_packed_gqa_variant(monkeypatch, hq, hkv):
     # the GQA group packed into one tile (token-major rows) instead of one query head per program
-    from hotswap.kernels import arrival
     from hotswap.kernels import triton_attention as ta
 
     orig = ta._prefill_config
