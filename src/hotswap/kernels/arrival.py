@@ -1,9 +1,10 @@
 """Arrival counters: the last program of a group to finish merges the group's partial results, so the merge
 needs no kernel launch of its own (decode attention's KV splits, the MoE decode path's top-k sum).
 
-Each program of a group stores its partial result, then adds one to the group's counter with acquire-release
-semantics; the program that sees count == group size - 1 reads every partial (past L1, which is not coherent)
-and zeroes the counter for the next launch. One buffer per device serves every kernel: the kernels of a
+Each program of a group stores its partial result, waits at a barrier for all its threads' stores, then adds
+one to the group's counter with acquire-release semantics (the atomic runs in one thread; the barrier makes
+the release cover the others' stores); the program that sees count == group size - 1 reads every partial
+(past L1, which is not coherent) and zeroes the counter for the next launch. One buffer per device serves every kernel: the kernels of a
 device's forward pass run in one stream order, and each launch leaves its counters at zero.
 """
 

@@ -438,6 +438,7 @@ if triton is not None:
         tl.store(PART + p * H + n, acc * tl.load(TOPK_W + p).to(tl.float32), mask=n_ok)
         t = p // TOP_K
         counter = COUNTERS + t * tl.num_programs(1) + pid_n
+        tl.debug_barrier()  # every thread's stores before the one thread's release
         if tl.atomic_add(counter, 1, sem="acq_rel") == TOP_K - 1:  # kernels/arrival.py
             tl.store(counter, 0)
             total = tl.zeros((BN,), dtype=tl.float32)

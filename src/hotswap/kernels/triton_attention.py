@@ -272,6 +272,7 @@ if HAS_TRITON:
                     # kernel is launched: the counter's atomic orders each split's stores before it (release) and
                     # the last one's loads after it (acquire); the loads skip L1, which is not coherent
                     counter = COUNTERS + b * NUM_KV_HEADS + hk
+                    tl.debug_barrier()  # every thread's stores before the one thread's release
                     if tl.atomic_add(counter, 1, sem="acq_rel") == n_split - 1:
                         tl.store(counter, 0)  # zero again for the next launch
                         _merge_splits(MID_O, MID_LSE, row0, offs_d, h_mask, o_mask, out_ptrs, n_split,
