@@ -15,14 +15,17 @@
 #   moe     issue 20's Qwen3-30B-A3B throughput, then moe-rollout: its rollout with and without routed experts (R3)
 #   sessions  a weight-update session's cost with its saved originals in the lent KV pool and without (8B, 30B-A3B)
 #   attention-mix  decode attention on a rollout's mixed contexts (program order, tiles, KV splits for mid-size batches)
+#   fusions  the eighteenth session's kernel changes: their GPU tests, the MoE layer, 30B-A3B batch 1 before (.moe-before)
+#            and after, the 0.6B batch 1 / 64 with the in-place split merge and with the merge kernel (~450 s on an H100)
 #   moe-sync  issue 20's 61 GB update, in process and over the trainer library's CUDA IPC pusher (fits an H100:
 #             beside the engine's 61 GB the bench's sources are views of one buffer, `--sources auto`; ~230 s on an H200)
 # Device seconds measured: suite 280 (H200) / 308-380 (H100), run alone; throughput19 ~130; sync19 up to 560 (the
 # 8B IPC section alone needs more than the 150 s it had); moe-pair ~60; rollout-repeats ~120; moe-kernels ~280;
 # http ~270 if streaming keeps up (its limits allow 950); moe ~300; moe-sync up to 570.
-# What the open issues still lack, in order (after the seventeenth session, whose last call was lost): the GPU suite on
-# the final tree (the decode attention's program order, staged per step into the decode graphs, and the routed experts'
-# gather on its own stream changed after the suite ran on 9ba0290); then `rollouts` (the 0.6B / 8B rollouts with the
+# What the open issues still lack, in order (after the eighteenth session, which got one machine in ten tries): `fusions`
+# (the MoE decode path in two kernels that route tokens themselves and, at batch 1, normalise x; the top-k sum and
+# attention's KV-split merge done by the last program to finish; with .moe-before = 546a591), then the suite on the
+# final tree (it passed on 546a591's successor 25e16c2 but for three tests since fixed); then `rollouts` (the 0.6B / 8B rollouts with the
 # longest-first attention: H200 before 10.64 s = 54.6 % / 16.25 s = 71.1 %); `attention-mix` (a KV split rule for
 # batches of 16-128 with mixed contexts: 4 splits took batch 64 from 48 to 75 % on an H100, uniform short contexts
 # still to be weighed); moe-rollout three times (R3 with the gather off the compute stream; H200 +5.3 %, one run); the
@@ -35,7 +38,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/device.txt" 2>&1
@@ -161,6 +164,19 @@ sessions)  # a weight-update session's cost with its originals in the lent KV po
     PYTHONPATH=src run weight_sync_sessions 400 python3 bench/weight_sync.py --shapes qwen3-8b,qwen3-30b-a3b --sections tensor --reps 3 \
         --budget-s 380 --kv-gib "$session_kv_gib"
     ;;
+fusions)
+    PYTHONPATH=src run fusion_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_fused_moe.py tests/test_fused_kernels.py \
+        tests/test_triton_attention.py tests/test_moe.py -k "moe or token_grid or last_to_finish or splits or cuda_graph or one_split"
+    PYTHONPATH=src run moe_kernels_pairs 40 python3 bench/moe_kernels.py --no-sweep --batches 1,8
+    PYTHONPATH=src run throughput_moe_b1 130 python3 bench/throughput.py --shape qwen3-30b-a3b --cases 1x128x128 --hf none
+    PYTHONPATH=src run throughput_b1_merge 45 python3 bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,64x128x128 --hf none
+    HOTSWAP_DECODE_MERGE=0 PYTHONPATH=src run throughput_b1_merge_kernel 45 python3 bench/throughput.py --shape qwen3-0.6b \
+        --cases 1x128x128,64x128x128 --hf none
+    if [ -d .moe-before/src ]; then
+        PYTHONPATH=.moe-before/src run throughput_moe_b1_before 110 python3 .moe-before/bench/throughput.py \
+            --shape qwen3-30b-a3b --cases 1x128x128 --hf none
+    fi
+    ;;
 attention-mix)
     PYTHONPATH=src run attention_mix 300 python3 bench/attention_kernels.py --sweep mix
     ;;
@@ -169,7 +185,7 @@ moe-sync)
         --ipc-bucket-mib 512,2048
     ;;
 *)
-    echo "unknown stage: $stage (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2
+    echo "unknown stage: $stage (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2
     exit 2
     ;;
 esac
