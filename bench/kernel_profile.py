@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 # (category, substrings of a kernel's name), first match wins; matched on the lower-cased name
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("attention", ("attention", "_decode_split", "_decode_reduce", "_prefill_kernel", "flash", "sdpa")),
-    ("MoE experts", ("_pairs_kernel", "_grouped_kernel", "_sum_slots", "topk_softmax")),
+    ("MoE experts", ("_pairs_kernel", "_grouped_kernel", "topk_softmax")),
     ("batch-1 matmuls", ("_skinny_kernel",)),
     ("matmuls (cuBLAS)", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "matmul", "addmm", " mm", "linear")),
     ("sampling", ("_partials_kernel", "_finish_kernel", "_chunk_max", "_pick_kernel", "sample", "softmax", "topk",

@@ -12,8 +12,9 @@ Two entry points:
   each program handles all ``Hq // Hkv`` query heads
   of one KV head (GQA group packed into one tile, so every KV element is read once) over one
   contiguous chunk of the context, writes a partial output + log-sum-exp into fp32 scratch,
-  and a second small kernel merges the splits. With ``num_splits == 1`` the first kernel
-  writes the final output directly (no scratch, one launch). ``num_splits`` is chosen from
+  and the last of a sequence's splits to finish merges them (kernels/arrival.py; with
+  ``HOTSWAP_DECODE_MERGE=0`` a second small kernel does). With ``num_splits == 1`` the kernel
+  writes the final output directly (no scratch). ``num_splits`` is chosen from
   *shapes only* (batch, kv heads, page-table width, SM count), so the call is CUDA-graph
   capturable: no host syncs, no data-dependent allocation. Inside the kernel, short sequences
   use fewer of the splits (the idle ones write nothing the merge reads), and a sequence left with one
@@ -589,7 +590,8 @@ def paged_decode_attention(
 
     CUDA graphs: capturable. The only allocations are the output (if ``out`` is None) and, when
     ``num_splits > 1``, fp32 scratch ``[B, Hq, num_splits, D]`` + ``[B, Hq, num_splits]`` whose
-    sizes depend on shapes only. Run once eagerly before capture so the kernels are compiled.
+    sizes depend on shapes only (and, once per device, the merge's arrival counters). Run once eagerly
+    before capture so the kernels are compiled and the counters allocated.
     """
     _require_triton(q, k_cache, v_cache, page_table, seq_lens)
     if q.dim() != 3:
