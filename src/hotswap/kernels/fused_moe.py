@@ -336,8 +336,8 @@ if triton is not None:
         picked_w = tl.zeros((BLOCK_K,), dtype=tl.float32)
         picked_id = tl.zeros((BLOCK_K,), dtype=tl.int64)
         for j in tl.static_range(TOP_K):
-            best = tl.max(left, axis=0)
-            pick = tl.min(tl.where(left == best, offs, BLOCK_E), axis=0)
+            # the largest and, of equal ones, the lowest id, in one reduction (each is a barrier in every program)
+            best, pick = tl.max(left, axis=0, return_indices=True, return_indices_tie_break_left=True)
             picked_w = tl.where(slots == j, tl.where(best > 1.5, float("nan"), best), picked_w)
             picked_id = tl.where(slots == j, pick.to(tl.int64), picked_id)
             left = tl.where(offs == pick, -1.0, left)
