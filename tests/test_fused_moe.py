@@ -71,6 +71,25 @@ def test_align_by_expert_groups_every_pair_once(t, e, k, block_m):
     assert bool((used[1:] > used[:-1]).all())  # each expert's run is one stretch of blocks, in expert order
 
 
+def test_bad_layer_arguments_are_refused_by_name(monkeypatch):
+    """Checked before any kernel runs (no Triton needed): a norm for a path that cannot apply it, logits of another
+    shape, a routed-experts table the kernels cannot write, more column blocks than the arrival counters."""
+    x, w_gate_up, w_down, logits = _layer(9, 8, 2, 32, 16, torch.float32, "cpu")
+    norm = fused_moe.InputNorm(torch.ones(32), 1e-6)
+    with pytest.raises(ValueError, match="already normalised"):
+        fused_moe.moe(x, w_gate_up, w_down, logits, 2, True, norm)
+    with pytest.raises(ValueError, match="grouped MoE path"):
+        fused_moe.fused_moe(x, w_gate_up, w_down, logits, 2, True, norm)
+    with pytest.raises(ValueError, match=r"router logits \(2, 4\) do not match 2 tokens x 8 experts"):
+        fused_moe.moe_pairs(x[:2], w_gate_up, w_down, logits[:2, :4], 2, True)
+    with pytest.raises(ValueError, match="must be int32"):
+        fused_moe.moe_pairs(x[:2], w_gate_up, w_down, logits[:2], 2, True,
+                            routed=fused_moe.RoutedWrite(torch.zeros(4, 2, 2, dtype=torch.int64), torch.arange(2), 0))
+    monkeypatch.setattr(arrival, "SIZE", 1)
+    with pytest.raises(ValueError, match="exceed the 1 arrival counters"):
+        fused_moe.moe_pairs(x[:2], w_gate_up, w_down, logits[:2], 2, True)
+
+
 @pytest.mark.skipif(not INTERPRET, reason="Triton interpreter run: set TRITON_INTERPRET=1 to check the kernels on the CPU")
 @pytest.mark.parametrize("t,e,k", [(1, 8, 1), (3, 8, 2), (12, 8, 3), (2, 128, 8)])
 def test_kernels_in_the_interpreter(t, e, k):

@@ -227,17 +227,17 @@ def moe_pairs(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, lo
     i, p = two_i // 2, t * top_k
     if logits.shape != (t, e):
         raise ValueError(f"router logits {tuple(logits.shape)} do not match {t} tokens x {e} experts")
+    b = blocks or PAIRS_BLOCKS
+    column_blocks = -(-h // b.down_n)
+    if t * column_blocks > arrival.SIZE:
+        raise ValueError(f"{t} tokens x {column_blocks} column blocks exceed the {arrival.SIZE} arrival counters")
     ids = torch.empty(p, dtype=torch.int64, device=x.device)
+    table, slots, layer, stride_ts, stride_tl = _routed_args(routed, ids)
     weights = torch.empty(p, dtype=logits.dtype, device=x.device)
     inter = torch.empty(p, i, dtype=x.dtype, device=x.device)
     out = torch.empty_like(x)
     if t == 0:
         return out
-    b = blocks or PAIRS_BLOCKS
-    column_blocks = triton.cdiv(h, b.down_n)
-    if t * column_blocks > arrival.SIZE:
-        raise ValueError(f"{t} tokens x {column_blocks} column blocks exceed the {arrival.SIZE} arrival counters")
-    table, slots, layer, stride_ts, stride_tl = _routed_args(routed, ids)
     use_pdl = pdl.enabled(x.device, t)
     _gate_up_pairs_kernel[(p, triton.cdiv(i, b.gate_up_n))](
         x, norm.weight if norm is not None else x, logits, w_gate_up, inter, ids, weights, table, slots,
