@@ -35,6 +35,7 @@
 # device):  git archive 6c9ff7c src bench | (mkdir -p .before && tar -x -C .before)
 # The MoE stage compares its decode kernels with the tree before they changed, unpacked the same way:
 #   git archive d115b5c src bench | (mkdir -p .moe-before && tar -x -C .moe-before)
+# (for the fusions stage, the tree before the eighteenth session's fusions: git archive 546a591 instead of d115b5c)
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
