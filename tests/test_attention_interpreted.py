@@ -1,0 +1,52 @@
+"""Decode attention's logic through Triton's interpreter on the CPU (float32; the interpreter's bf16 is not
+faithful): split counts, the in-place merge by the last split to finish against the merge kernel, programs in
+a given order, empty rows. Only under TRITON_INTERPRET=1 (tests/test_kernels_interpreted.py runs it so in CI);
+on a GPU, tests/test_triton_attention.py covers the same in every dtype."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton interpreter run: set TRITON_INTERPRET=1", allow_module_level=True)
+pytest.importorskip("triton")
+
+from test_triton_attention import _gen, make_paged_kv, ref_decode, rel_err  # noqa: E402
+
+from hotswap.kernels import arrival  # noqa: E402
+from hotswap.kernels import triton_attention as ta  # noqa: E402
+
+LENS = [1, 40, 700, 65, 300, 0, 129, 64]
+
+
+def _case(seed: int, hq: int = 8, hkv: int = 4, d: int = 64):
+    gen = _gen(seed)
+    k, v, pt = make_paged_kv(LENS, 16, hkv, d, torch.float32, gen)
+    q = torch.randn(len(LENS), hq, d, generator=gen)
+    return q, k, v, pt, torch.tensor(LENS, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 16])
+def test_splits_merged_in_place_equal_the_merge_kernel_and_the_reference(monkeypatch, num_splits):
+    q, k, v, pt, seq_lens = _case(num_splits)
+    ref = ref_decode(q, k, v, pt, seq_lens, 0.125)
+    merged = ta.paged_decode_attention(q, k, v, pt, seq_lens, 0.125, num_splits=num_splits)
+    if num_splits > 1:
+        assert int(arrival.counters(q.device).abs().sum()) == 0  # zero again for the next launch
+    monkeypatch.setattr(ta, "_MERGE_IN_PLACE", False)
+    kernel = ta.paged_decode_attention(q, k, v, pt, seq_lens, 0.125, num_splits=num_splits)
+    torch.testing.assert_close(merged, kernel, rtol=1e-5, atol=1e-6)
+    assert rel_err(merged, ref) < 2e-3
+    assert bool((merged[LENS.index(0)] == 0).all())  # an empty row (graph padding) is zeros, never NaN
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_programs_in_a_given_order_compute_the_same_rows(num_splits):
+    q, k, v, pt, seq_lens = _case(7 + num_splits, hq=4, hkv=2)
+    order = torch.argsort(seq_lens, descending=True).to(torch.int32)
+    plain = ta.paged_decode_attention(q, k, v, pt, seq_lens, 0.125, num_splits=num_splits)
+    ordered = ta.paged_decode_attention(q, k, v, pt, seq_lens, 0.125, num_splits=num_splits, order=order)
+    assert torch.equal(plain, ordered)
