@@ -82,10 +82,12 @@ def main() -> None:
             us = start.elapsed_time(end) * 1e3 / (ROUTINGS * COPIES)
         return us, bytes_touched(routes, k, expert_bytes, t, h)
 
+    def torch_layer(x, gu, dn, logits):
+        return fm.moe_reference(x, gu, dn, *fm.topk_softmax_reference(logits, k, True))
+
     rows = []
     for t in [int(b) for b in args.batches.split(",")]:
         us, nbytes = timer(t, lambda x, gu, dn, logits: fm.fused_moe(x, gu, dn, logits, k, True))
-        torch_layer = lambda x, gu, dn, logits: fm.moe_reference(x, gu, dn, *fm.topk_softmax_reference(logits, k, True))  # noqa: E731
         ref_us, _ = timer(t, torch_layer, graph=False) if t <= 64 else (float("nan"), 0)
         floor_us = nbytes / bw * 1e6
         logits = torch.randn(t, e, device=dev, dtype=torch.bfloat16)

@@ -29,16 +29,31 @@ def _case(seed: int, hq: int = 8, hkv: int = 4, d: int = 64):
     return q, k, v, pt, torch.tensor(LENS, dtype=torch.int32)
 
 
+class _NoLaunch:
+    """Stands in for the merge kernel where the splits must be merged in place: any launch fails the test."""
+
+    def __getitem__(self, grid):
+        raise AssertionError("the merge kernel was launched")
+
+
 @pytest.mark.parametrize("num_splits", [1, 3, 16])
 def test_splits_merged_in_place_equal_the_merge_kernel_and_the_reference(monkeypatch, num_splits):
+    """In place (no merge kernel launched), the same bits as the merge kernel; the merge kernel also serves a
+    launch of more (sequence, KV head) groups than there are arrival counters."""
     q, k, v, pt, seq_lens = _case(num_splits)
     ref = ref_decode(q, k, v, pt, seq_lens, 0.125)
-    merged = ta.paged_decode_attention(q, k, v, pt, seq_lens, 0.125, num_splits=num_splits)
+    with monkeypatch.context() as patch:
+        patch.setattr(ta, "_decode_reduce_kernel", _NoLaunch())
+        merged = ta.paged_decode_attention(q, k, v, pt, seq_lens, 0.125, num_splits=num_splits)
     if num_splits > 1:
         assert int(arrival.counters(q.device).abs().sum()) == 0  # zero again for the next launch
-    monkeypatch.setattr(ta, "_MERGE_IN_PLACE", False)
-    kernel = ta.paged_decode_attention(q, k, v, pt, seq_lens, 0.125, num_splits=num_splits)
-    torch.testing.assert_close(merged, kernel, rtol=1e-5, atol=1e-6)
+    with monkeypatch.context() as patch:
+        patch.setattr(ta, "_MERGE_IN_PLACE", False)
+        kernel = ta.paged_decode_attention(q, k, v, pt, seq_lens, 0.125, num_splits=num_splits)
+    with monkeypatch.context() as patch:
+        patch.setattr(arrival, "SIZE", len(LENS) * 4 - 1)  # one group short of this launch's 8 rows x 4 KV heads
+        too_many = ta.paged_decode_attention(q, k, v, pt, seq_lens, 0.125, num_splits=num_splits)
+    assert torch.equal(merged, kernel) and torch.equal(kernel, too_many)
     assert rel_err(merged, ref) < 2e-3
     assert bool((merged[LENS.index(0)] == 0).all())  # an empty row (graph padding) is zeros, never NaN
 

@@ -4,15 +4,17 @@ needs no kernel launch of its own (decode attention's KV splits, the MoE decode 
 Each program of a group stores its partial result, waits at a barrier for all its threads' stores, then adds
 one to the group's counter with acquire-release semantics (the atomic runs in one thread; the barrier makes
 the release cover the others' stores); the program that sees count == group size - 1 reads every partial
-(past L1, which is not coherent) and zeroes the counter for the next launch. One buffer per device serves every kernel: the kernels of a
-device's forward pass run in one stream order, and each launch leaves its counters at zero.
+(past L1, which is not coherent) and zeroes the counter for the next launch. One buffer per device serves
+every kernel: the kernels of a device's forward pass run in one stream order, and each launch leaves its
+counters at zero.
 """
 
 from __future__ import annotations
 
 import torch
 
-#: Counters per device; a launch needs one per group (groups past this use a merge kernel).
+#: Counters per device; a launch needs one per group (with more, decode attention launches its merge kernel and
+#: the MoE decode path refuses the batch).
 SIZE = 1 << 16
 _BUFFERS: dict[torch.device, torch.Tensor] = {}
 

@@ -304,36 +304,31 @@ if HAS_TRITON:
         MID_O, MID_LSE, SEQ, OUT,
         stride_ob, stride_oh,
         num_splits,
-        NUM_HEADS: tl.constexpr,
+        NUM_KV_HEADS: tl.constexpr,
+        GROUP: tl.constexpr,
+        BLOCK_H: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_S: tl.constexpr,
         MIN_CHUNK: tl.constexpr,
         USE_PDL: tl.constexpr,
     ):
+        """The merge as a kernel of its own (`HOTSWAP_DECODE_MERGE=0`, or more groups than arrival counters):
+        program (KV head, sequence) runs the in-place merge's `_merge_splits`, so both give the same bits."""
         wait_previous(USE_PDL)
-        b = tl.program_id(0)
-        h = tl.program_id(1)
+        hk = tl.program_id(0)
+        b = tl.program_id(1)
         n_split = _active_splits(tl.load(SEQ + b).to(tl.int32), num_splits, MIN_CHUNK)
         if n_split > 1:  # a sequence of one split wrote its output itself
-            offs_s = tl.arange(0, BLOCK_S)
-            s_mask = offs_s < n_split
+            offs_h = tl.arange(0, BLOCK_H)
+            h_mask = offs_h < GROUP
+            heads = hk * GROUP + offs_h
             offs_d = tl.arange(0, BLOCK_D)
-            d_mask = offs_d < HEAD_DIM
-            row0 = (b * NUM_HEADS + h) * num_splits
-            lse = tl.load(MID_LSE + row0 + offs_s, mask=s_mask, other=float("-inf"))
-            m = tl.max(lse, 0)
-            m = tl.where(m == float("-inf"), 0.0, m)
-            w = tl.exp2(lse - m)  # splits that saw no key (lse = -inf) weigh 0
-            denom = tl.sum(w, 0)
-            denom = tl.where(denom > 0.0, denom, 1.0)
-            o = tl.load(
-                MID_O + (row0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
-                mask=(s_mask & (lse > float("-inf")))[:, None] & d_mask[None, :],
-                other=0.0,
-            )
-            out = tl.sum(o * w[:, None], 0) / denom
-            tl.store(OUT + b * stride_ob + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty), mask=d_mask)
+            o_mask = h_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+            row0 = (b * (NUM_KV_HEADS * GROUP) + heads) * num_splits
+            out_ptrs = OUT + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+            _merge_splits(MID_O, MID_LSE, row0, offs_d, h_mask, o_mask, out_ptrs, n_split,
+                          HEAD_DIM, BLOCK_H, BLOCK_D, BLOCK_S)
 
     @triton.jit
     def _prefill_kernel(
@@ -543,18 +538,19 @@ def _decode_launch(
         launch_pdl=use_pdl,
     )
     if num_splits > 1 and counters is None:
-        block_s = _next_pow2(num_splits)
-        _decode_reduce_kernel[(B, Hq)](
+        _decode_reduce_kernel[(Hkv, B)](
             mid_o, mid_lse, seq_lens, out,
             out.stride(0), out.stride(1),
             num_splits,
-            NUM_HEADS=Hq,
+            NUM_KV_HEADS=Hkv,
+            GROUP=group,
+            BLOCK_H=max(16, _next_pow2(group)),
             HEAD_DIM=D,
             BLOCK_D=block_d,
-            BLOCK_S=block_s,
+            BLOCK_S=_next_pow2(num_splits),
             MIN_CHUNK=min_chunk,
             USE_PDL=use_pdl,
-            num_warps=4 if block_d * block_s >= 2048 else 2,
+            num_warps=4,
             launch_pdl=use_pdl,
         )
     return out
