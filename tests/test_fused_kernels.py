@@ -137,6 +137,40 @@ def test_skinny_matmul_prologues(dtype, n, k):
     assert rel(y, F.linear(F.silu(gate) * up, w)) < 1e-2
 
 
+@pytest.mark.parametrize("hq,hk,d,k,norm,bias", [(16, 8, 128, 1024, True, False), (32, 4, 128, 2048, True, False),
+                                                 (14, 2, 64, 896, False, True)])  # 0.6B, 30B-A3B, Qwen2-0.5B shapes
+def test_skinny_qkv_finishing_its_heads_equals_the_separate_kernel(hq, hk, d, k, norm, bias):
+    """The batch-1 qkv matmul that normalises, rotates and stores its heads in the same launch, against the matmul
+    followed by qk_norm_rope: v and the KV slots bit for bit, q and k up to FMA contraction in the rotary."""
+    from hotswap.kernels import arrival
+    from hotswap.kernels import skinny_matmul as sm
+
+    g = torch.Generator().manual_seed(hq * k)
+    cuda = lambda t: t.to("cuda", torch.bfloat16)  # noqa: E731
+    n = (hq + 2 * hk) * d
+    x, r, nw = cuda(torch.randn(1, k, generator=g)), cuda(torch.randn(1, k, generator=g)), cuda(torch.randn(k, generator=g))
+    w = cuda(torch.randn(n, k, generator=g) * k**-0.5)
+    b = cuda(torch.randn(n, generator=g)) if bias else None
+    qw, kw = (cuda(torch.randn(d, generator=g)), cuda(torch.randn(d, generator=g))) if norm else (None, None)
+    rot = RotaryEmbedding(d, 4096, 1e6, None, torch.device("cuda"))
+    pos, slot = torch.tensor([2999], device="cuda"), torch.tensor([77], device="cuda")
+    empty = torch.full((9, 16, hk, d), float("nan"), device="cuda", dtype=torch.bfloat16)
+    y, new_r = sm.skinny_linear(x, w, b, prologue=sm.ADD_NORM, residual=r, norm_weight=nw, eps=1e-6)
+    k_want, v_want = empty.clone(), empty.clone()
+    q, kk, v = (t.view(1, -1, d) for t in y.split([hq * d, hk * d, hk * d], dim=-1))
+    fused.qk_norm_rope(q, kk, qw, kw, rot.cos_sin, pos, 1e-6, kv_store=(v, k_want, v_want, slot))
+    k_got, v_got = empty.clone(), empty.clone()
+    heads = sm.HeadsEpilogue(hq, hk, d, qw, kw, 1e-6, rot.cos_sin, pos, k_got, v_got, slot)
+    got, got_r = sm.skinny_linear(x, w, b, prologue=sm.ADD_NORM, residual=r, norm_weight=nw, eps=1e-6, heads=heads)
+    assert torch.equal(got_r, new_r) and torch.equal(got[:, (hq + hk) * d:], y[:, (hq + hk) * d:])
+    assert torch.equal(v_got.view(-1, hk, d)[77], v_want.view(-1, hk, d)[77])
+    assert rel(got[:, :(hq + hk) * d], y[:, :(hq + hk) * d]) < 2e-3
+    assert rel(k_got.view(-1, hk, d)[77], k_want.view(-1, hk, d)[77]) < 2e-3
+    assert torch.equal(k_got.view(-1, hk, d)[77], got[0, hq * d:(hq + hk) * d].view(hk, d))
+    assert int(k_got.isnan().sum()) == int(v_got.isnan().sum()) == (9 * 16 - 1) * hk * d  # other slots untouched
+    assert int(arrival.counters(x.device).abs().sum()) == 0
+
+
 def test_embed_pending_takes_device_inputs():
     w = torch.randn(1000, 1024, device="cuda", dtype=torch.bfloat16)
     ids = torch.randint(0, 1000, (37,), device="cuda")

@@ -104,6 +104,23 @@ def test_batch_one_matmul_kernel(hopper, prologue):
     assert_compiled(hopper, "_skinny_kernel")
 
 
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_batch_one_qkv_matmul_finishing_its_heads(hopper, qk_norm):
+    """The q/k/v projection with the heads epilogue (per-head norm, rotary, KV store by the last program of a head)."""
+    hq, hkv, d, k = 16, 8, 128, 1024
+    cache = torch.zeros(64, 16, hkv, d, dtype=BF16)
+    heads = skinny_matmul.HeadsEpilogue(hq, hkv, d, torch.ones(d, dtype=BF16) if qk_norm else None,
+                                        torch.ones(d, dtype=BF16) if qk_norm else None, 1e-6, torch.randn(4096, d),
+                                        torch.tensor([5]), cache, cache.clone(), torch.tensor([70]))
+    skinny_matmul.skinny_linear(torch.randn(1, k, dtype=BF16), torch.randn((hq + 2 * hkv) * d, k, dtype=BF16),
+                                None if qk_norm else torch.randn((hq + 2 * hkv) * d, dtype=BF16), prologue=skinny_matmul.ADD_NORM,
+                                residual=torch.randn(1, k, dtype=BF16), norm_weight=torch.ones(k, dtype=BF16), eps=1e-6,
+                                heads=heads)
+    assert_compiled(hopper, "_skinny_kernel")
+    ptx = "".join(kernel.asm["ptx"] for kernel in hopper["_skinny_kernel"])
+    assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx
+
+
 def test_moe_kernels(hopper):
     experts, hidden, inter, top_k = 16, 512, 256, 4
     w_gate_up, w_down = torch.randn(experts, 2 * inter, hidden, dtype=BF16), torch.randn(experts, hidden, inter, dtype=BF16)

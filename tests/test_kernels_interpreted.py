@@ -1,5 +1,5 @@
 """The Triton kernels' logic on the CPU in CI: the interpreter-only tests (MoE layer and routing, decode
-attention's splits and merges) run in a child pytest with TRITON_INTERPRET=1, which Triton reads when the kernels
+attention's splits and merges, the batch-1 qkv matmul's heads) run in a child pytest with TRITON_INTERPRET=1, which Triton reads when the kernels
 are defined, so this process (whose kernels are compiled ones) cannot run them itself."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("triton")
 
 TESTS = Path(__file__).parent
-INTERPRETED = ["test_fused_moe.py", "test_attention_interpreted.py"]
+INTERPRETED = ["test_fused_moe.py", "test_attention_interpreted.py", "test_skinny_interpreted.py"]
 
 
 def test_kernels_pass_under_the_interpreter():
@@ -26,4 +26,4 @@ def test_kernels_pass_under_the_interpreter():
     tail = done.stdout[-4000:] + done.stderr[-2000:]
     assert done.returncode == 0, tail
     passed = re.search(r"(\d+) passed", done.stdout)
-    assert passed and int(passed.group(1)) >= 25, tail  # the interpreter tests ran, not only the CPU ones
+    assert passed and int(passed.group(1)) >= 32, tail  # the interpreter tests ran, not only the CPU ones

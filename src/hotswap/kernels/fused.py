@@ -49,6 +49,23 @@ if triton is not None:
         tl.store(Y + row * stride_y + cols, w * y, mask=mask)
 
     @triton.jit
+    def norm_rope_head(x1, x2, W, COS_SIN_ROW, eps, HAS_NORM: tl.constexpr, HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """One head's halves [HALF] each: optional RMSNorm with weight W, then rotary by the position's row of
+        the cos | sin table; returns the two rotated halves in the input dtype. The batch-1 qkv matmul's heads
+        epilogue (kernels/skinny_matmul.py) calls it too, so both give the same bits."""
+        offs = tl.arange(0, HALF)
+        if HAS_NORM:
+            f1 = x1.to(tl.float32)
+            f2 = x2.to(tl.float32)
+            var = (tl.sum(f1 * f1, axis=0) + tl.sum(f2 * f2, axis=0)) / HEAD_DIM
+            r = tl.rsqrt(var + eps)
+            x1 = tl.load(W + offs) * (f1 * r).to(x1.dtype)
+            x2 = tl.load(W + HALF + offs) * (f2 * r).to(x2.dtype)
+        cos = tl.load(COS_SIN_ROW + offs).to(x1.dtype)
+        sin = tl.load(COS_SIN_ROW + HALF + offs).to(x1.dtype)
+        return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+    @triton.jit
     def _qk_norm_rope_kernel(Q, K, V, QW, KW, COS_SIN, POS, K_CACHE, V_CACHE, SLOTS,
                              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
                              n_q_heads, n_kv_heads, eps, HAS_NORM: tl.constexpr, STORE_KV: tl.constexpr,
@@ -79,18 +96,7 @@ if triton is not None:
                 wp = KW
             x1 = tl.load(base + offs)
             x2 = tl.load(base + HALF + offs)
-            if HAS_NORM:
-                f1 = x1.to(tl.float32)
-                f2 = x2.to(tl.float32)
-                var = (tl.sum(f1 * f1, axis=0) + tl.sum(f2 * f2, axis=0)) / HEAD_DIM
-                r = tl.rsqrt(var + eps)
-                x1 = tl.load(wp + offs) * (f1 * r).to(x1.dtype)
-                x2 = tl.load(wp + HALF + offs) * (f2 * r).to(x2.dtype)
-            pos = tl.load(POS + t)
-            cos = tl.load(COS_SIN + pos * stride_cs + offs).to(x1.dtype)
-            sin = tl.load(COS_SIN + pos * stride_cs + HALF + offs).to(x1.dtype)
-            y1 = x1 * cos - x2 * sin
-            y2 = x2 * cos + x1 * sin
+            y1, y2 = norm_rope_head(x1, x2, wp, COS_SIN + tl.load(POS + t) * stride_cs, eps, HAS_NORM, HALF, HEAD_DIM)
             tl.store(base + offs, y1)
             tl.store(base + HALF + offs, y2)
             if STORE_KV and h >= n_q_heads:

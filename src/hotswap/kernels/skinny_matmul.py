@@ -3,21 +3,24 @@
 At one row a decoder layer's matmuls are pure weight reads, and cuBLAS's 64x8-tile kernels reach about
 40 % of HBM bandwidth on a 0.6B model's shapes. Here each program owns a few output columns and streams
 its rows of W once, and the cheap step before the matmul runs on the one activation row inside the same
-kernel: add-the-residual + RMSNorm before q/k/v and gate/up, SiLU-and-mul before down. So those steps
-cost no launch of their own, and a layer's decode is four matmul launches, the rotary/KV-store kernel
-and attention. (A tensor-core variant for 2-16 rows was slower than cuBLAS there; those use cuBLAS.)
+kernel: add-the-residual + RMSNorm before q/k/v and gate/up, SiLU-and-mul before down; after q/k/v, the
+heads' norm, rotary and KV-cache store, done by the last program of each head to finish. So those steps
+cost no launch of their own, and a layer's decode is four matmul launches and attention. (A tensor-core variant for 2-16 rows was slower than cuBLAS there; those use cuBLAS.)
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from hotswap.kernels import pdl
+from hotswap.kernels import arrival, pdl
 
 try:
     import triton
     import triton.language as tl
 
+    from hotswap.kernels.fused import norm_rope_head
     from hotswap.kernels.pdl import wait_previous
 except ImportError:  # CPU-only machines: the layers never call these without CUDA
     triton = None
@@ -39,8 +42,9 @@ if triton is not None:
 
     @triton.jit
     def _skinny_kernel(X, R, R_OUT, NW, W, BIAS, Y, N, K, stride_wn, eps,
-                       PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       USE_PDL: tl.constexpr):
+                       QW, KW, COS_SIN, POS, K_CACHE, V_CACHE, SLOTS, COUNTERS, n_q_heads, n_kv_heads, stride_cs,
+                       head_eps, PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       HEADS: tl.constexpr, HAS_QK_NORM: tl.constexpr, HEAD_DIM: tl.constexpr, USE_PDL: tl.constexpr):
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
@@ -81,7 +85,64 @@ if triton is not None:
             acc = acc * tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
         if HAS_BIAS:
             acc += tl.load(BIAS + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(Y + offs_n, acc.to(Y.dtype.element_ty), mask=n_mask)
+        y = acc.to(Y.dtype.element_ty)
+        tl.store(Y + offs_n, y, mask=n_mask)
+        if HEADS:
+            _finish_heads(y, pid, offs_n, Y, QW, KW, COS_SIN, POS, K_CACHE, V_CACHE, SLOTS, COUNTERS, n_q_heads,
+                          n_kv_heads, stride_cs, head_eps, HAS_QK_NORM, BLOCK_N, HEAD_DIM)
+
+    @triton.jit
+    def _finish_heads(y, pid, offs_n, Y, QW, KW, COS_SIN, POS, K_CACHE, V_CACHE, SLOTS, COUNTERS, n_q_heads, n_kv_heads,
+                      stride_cs, eps, HAS_QK_NORM: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """The qkv row's heads, as fused.qk_norm_rope finishes them: a v program writes its columns to the V
+        cache; a q or k head's columns come from HEAD_DIM // BLOCK_N programs, and the last of them to finish
+        (kernels/arrival.py: a counter per head) normalises and rotates the head in place and writes k's to the
+        K cache."""
+        head = (pid * BLOCK_N) // HEAD_DIM
+        slot = tl.load(SLOTS)
+        if head >= n_q_heads + n_kv_heads:
+            hv = head - n_q_heads - n_kv_heads
+            tl.store(V_CACHE + (slot * n_kv_heads + hv) * HEAD_DIM + offs_n - head * HEAD_DIM, y)
+        else:
+            counter = COUNTERS + head
+            tl.debug_barrier()  # every thread's stores before the one thread's release
+            if tl.atomic_add(counter, 1, sem="acq_rel") == HEAD_DIM // BLOCK_N - 1:
+                tl.store(counter, 0)
+                offs = tl.arange(0, HEAD_DIM // 2)
+                base = Y + head * HEAD_DIM
+                x1 = tl.load(base + offs, cache_modifier=".cg")
+                x2 = tl.load(base + HEAD_DIM // 2 + offs, cache_modifier=".cg")
+                if head < n_q_heads:
+                    wp = QW
+                else:
+                    wp = KW
+                y1, y2 = norm_rope_head(x1, x2, wp, COS_SIN + tl.load(POS) * stride_cs, eps, HAS_QK_NORM,
+                                        HEAD_DIM // 2, HEAD_DIM)
+                tl.store(base + offs, y1)
+                tl.store(base + HEAD_DIM // 2 + offs, y2)
+                if head >= n_q_heads:
+                    dst = K_CACHE + (slot * n_kv_heads + head - n_q_heads) * HEAD_DIM
+                    tl.store(dst + offs, y1)
+                    tl.store(dst + HEAD_DIM // 2 + offs, y2)
+
+
+@dataclass(frozen=True)
+class HeadsEpilogue:
+    """What the q/k/v projection's heads need after the matmul, as fused.qk_norm_rope does it in a kernel of its
+    own: per-head RMSNorm weights (Qwen3; None without), the rotary table [positions, head_dim] (cos | sin) and
+    the token's position, and the KV cache (contiguous [..., kv heads, head_dim]) with the token's slot."""
+
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    eps: float
+    cos_sin: torch.Tensor
+    positions: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    slots: torch.Tensor
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -104,7 +165,8 @@ def _blocks(n: int, k: int, device: torch.device) -> tuple[int, int]:
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, prologue: int = PLAIN,
                   residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-                  blocks: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  blocks: tuple[int, int, int] | None = None,
+                  heads: HeadsEpilogue | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """prologue(x) @ weight.T + bias for x [1, K] (SILU_MUL: x is [1, 2K], gate | up).
 
     NORM: rmsnorm(x) * norm_weight; ADD_NORM: the same of x + residual, also returned as the new
@@ -112,6 +174,10 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     The normalised activation stays in float32 (the unfused layers round it to the model dtype twice),
     so results differ from them by bf16 rounding, not more. `blocks` = (BLOCK_N, BLOCK_K, warps) overrides
     the shape heuristic (bench/skinny_matmul.py --sweep).
+
+    `heads` (the q/k/v projection of a decode step) also finishes the heads in this launch, bit for bit as
+    fused.qk_norm_rope(..., kv_store=...) would on y: q and k normalised and rotated in y, k and v written to
+    the KV cache.
     """
     n, k = weight.shape
     if x.shape[0] != 1 or not x.is_contiguous() or weight.stride(-1) != 1 or (residual is not None and not residual.is_contiguous()):
@@ -119,11 +185,38 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     r_out = torch.empty_like(x) if prologue == ADD_NORM else None
     block_n, block_k, warps = blocks or (*_blocks(n, k, x.device), 4)
+    if heads is not None:
+        _check_heads(heads, n, block_n)
+        h = heads
+        head_args = (h.q_norm if h.q_norm is not None else weight, h.k_norm if h.k_norm is not None else weight,
+                     h.cos_sin, h.positions, h.k_cache, h.v_cache, h.slots, arrival.counters(x.device), h.num_q_heads,
+                     h.num_kv_heads, h.cos_sin.stride(0), h.eps)
+    else:
+        head_args = (weight, weight, weight, weight, weight, weight, weight, weight, 0, 0, 0, 0.0)
     use_pdl = pdl.enabled(x.device, 1)
     _skinny_kernel[(triton.cdiv(n, block_n),)](
         x, residual if prologue == ADD_NORM else x, r_out if r_out is not None else x,
         norm_weight if norm_weight is not None else weight, weight, bias if bias is not None else weight, y, n, k,
-        weight.stride(0), eps, PROLOGUE=prologue, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        USE_PDL=use_pdl, num_warps=warps, launch_pdl=use_pdl,
+        weight.stride(0), eps, *head_args, PROLOGUE=prologue, HAS_BIAS=bias is not None, BLOCK_N=block_n,
+        BLOCK_K=block_k, HEADS=heads is not None, HAS_QK_NORM=heads is not None and heads.q_norm is not None,
+        HEAD_DIM=heads.head_dim if heads is not None else 2, USE_PDL=use_pdl, num_warps=warps, launch_pdl=use_pdl,
     )
     return y, r_out
+
+
+def _check_heads(heads: HeadsEpilogue, n: int, block_n: int) -> None:
+    d = heads.head_dim
+    if n != (heads.num_q_heads + 2 * heads.num_kv_heads) * d:
+        raise ValueError(f"heads epilogue: {n} output columns are not q/k/v heads of {heads.num_q_heads} + 2 x "
+                         f"{heads.num_kv_heads} x {d}")
+    if d % block_n or d & (d - 1) or d < 4:
+        raise ValueError(f"heads epilogue: head_dim {d} must be a power of two that {block_n}-column blocks divide")
+    if heads.cos_sin.shape[-1] != d or heads.cos_sin.stride(-1) != 1:
+        raise ValueError(f"heads epilogue: the rotary table's rows must be [cos | sin] of {d}, got {tuple(heads.cos_sin.shape)}")
+    if heads.positions.numel() != 1 or heads.slots.numel() != 1:
+        raise ValueError("heads epilogue: one position and one KV slot (a one-row batch)")
+    for cache in (heads.k_cache, heads.v_cache):
+        if not cache.is_contiguous() or cache.shape[-2:] != (heads.num_kv_heads, d):
+            raise ValueError(f"KV cache must be contiguous with rows of [{heads.num_kv_heads}, {d}], got {tuple(cache.shape)}")
+    if heads.num_q_heads + heads.num_kv_heads > arrival.SIZE:
+        raise ValueError(f"heads epilogue: {heads.num_q_heads + heads.num_kv_heads} heads, more than the {arrival.SIZE} arrival counters")

@@ -8,6 +8,7 @@ from torch import nn
 
 from hotswap.config import ModelConfig
 from hotswap.kernels import fused
+from hotswap.kernels.skinny_matmul import HeadsEpilogue
 from hotswap.models.forward_context import ForwardContext
 from hotswap.models.layers import MergedColumnLinear, RMSNorm, RotaryEmbedding, RowLinear, VocabEmbedding
 from hotswap.models.moe import SparseMoeBlock
@@ -30,9 +31,26 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dt) if cfg.qk_norm else None
         self.rotary = rotary
 
+    def norm_forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                     ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention on norm(x + residual) (norm(x) before the first residual); returns (output, new residual).
+        A one-row decode finishes its heads (norm, rotary, KV store) inside the qkv matmul."""
+        if ctx.skinny_matmul and fused.available(x):
+            k_cache, v_cache = ctx.attention.kv_cache(self.layer_id)
+            has_norm = self.q_norm is not None
+            heads = HeadsEpilogue(self.num_heads, self.num_kv_heads, self.head_dim,
+                                  self.q_norm.weight if has_norm else None, self.k_norm.weight if has_norm else None,
+                                  self.q_norm.eps if has_norm else 0.0, self.rotary.cos_sin, ctx.positions, k_cache,
+                                  v_cache, ctx.slot_mapping)
+            qkv, residual = self.qkv_proj.norm_forward(x, residual, norm, True, heads)
+            q = qkv[:, :self.num_heads * self.head_dim].view(-1, self.num_heads, self.head_dim)
+            out = ctx.attention.attend(self.layer_id, q, self.scale, ctx)
+            return self.o_proj(out.view(-1, self.num_heads * self.head_dim), True), residual
+        qkv, residual = self.qkv_proj.norm_forward(x, residual, norm, ctx.skinny_matmul)
+        return self.forward(qkv, ctx), residual
+
     def forward(self, qkv: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """Attention and o_proj over the already projected q/k/v rows (the layer runs qkv_proj, fused
-        with the input norm)."""
+        """Attention and o_proj over the already projected q/k/v rows."""
         sizes = self.qkv_proj.output_sizes
         q, k, v = qkv.split([sizes["q"], sizes["k"], sizes["v"]], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -86,8 +104,7 @@ class DecoderLayer(nn.Module):
         self.mlp = _mlp(cfg, layer_id, tp)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext):
-        qkv, residual = self.self_attn.qkv_proj.norm_forward(x, residual, self.input_layernorm, ctx.skinny_matmul)
-        x = self.self_attn(qkv, ctx)
+        x, residual = self.self_attn.norm_forward(x, residual, self.input_layernorm, ctx)
         return self.mlp.norm_forward(x, residual, self.post_attention_layernorm, ctx)
 
 

@@ -61,14 +61,15 @@ class MergedColumnLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
-    def norm_forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
-                     skinny: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def norm_forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, skinny: bool,
+                     heads: skinny_matmul.HeadsEpilogue | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """This projection of norm(x + residual), or of norm(x) before the first residual exists;
-        returns (projection, new residual). `skinny` fuses the add and the norm into the matmul."""
+        returns (projection, new residual). `skinny` fuses the add and the norm into the matmul, and `heads`
+        (skinny only) the q/k/v heads' norm, rotary and KV-cache store after it."""
         if skinny:
             prologue = skinny_matmul.NORM if residual is None else skinny_matmul.ADD_NORM
             y, new_residual = skinny_matmul.skinny_linear(x, self.weight, self.bias, prologue=prologue, residual=residual,
-                                                          norm_weight=norm.weight, eps=norm.eps)
+                                                          norm_weight=norm.weight, eps=norm.eps, heads=heads)
             return y, x if residual is None else new_residual
         if residual is None:
             residual, h = x, norm(x)
