@@ -107,11 +107,11 @@ def test_a_row_dropped_at_launch_reads_its_routing_after_the_step_in_flight(tiny
     from hotswap.runner.row_params import RowParamTable
 
     settled_calls = []
-    encode, update = RoutedExpertsTable.encode_many, RowParamTable.update
+    read, update = RoutedExpertsTable.read_many, RowParamTable.update
 
-    def spy_encode(self, spans, settled=False):
+    def spy_read(self, spans, settled=False):
         settled_calls.append(settled)
-        return encode(self, spans, settled)
+        return read(self, spans, settled)
 
     failed_at = []
 
@@ -123,7 +123,7 @@ def test_a_row_dropped_at_launch_reads_its_routing_after_the_step_in_flight(tiny
         return update(self, entries)
 
     prompts = [prompt_ids(500, 9), prompt_ids(501, 40)]
-    monkeypatch.setattr(RoutedExpertsTable, "encode_many", spy_encode)
+    monkeypatch.setattr(RoutedExpertsTable, "read_many", spy_read)
     monkeypatch.setattr(RowParamTable, "update", failing_update)
     with make_engine(tiny_qwen3_moe, chunked_prefill_size=16, max_num_batched_tokens=24) as eng:
         done, dropped = eng.generate(input_ids=prompts, sampling_params=[SP, dict(SP, max_new_tokens=9)], return_routed_experts=True)

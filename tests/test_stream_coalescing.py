@@ -230,7 +230,7 @@ def test_step_outputs_cross_the_pipe_as_field_tuples_and_come_back_equal():
     the dataclasses, which the engine's process would otherwise pickle under the scheduler's interpreter lock."""
     full = p.GenerateOutput(rid="r1", new_token_ids=[4, 5], new_logprobs=[-0.5, -1.5], new_top_logprobs=[[(-0.5, 4), (-2.0, 9)], [(-1.5, 5)]],
                             new_token_versions=["v1", "v2"], text_delta="ab", finished=True, finish_reason={"type": "stop", "matched": 5},
-                            prompt_tokens=7, cached_tokens=3, weight_version="v2", routed_experts="AAAA",
+                            prompt_tokens=7, cached_tokens=3, weight_version="v2", routed_experts=b"\x01\x00\x00\x00",
                             input_token_logprobs=[(None, 1), (-0.25, 2)], input_top_logprobs=[None, [(-0.25, 2)]],
                             new_top_p_token_ids=[[4, 9], [5]])
     plain = output(rid="r2", ids=[8], done=0)

@@ -29,7 +29,9 @@ class GenerateOutput:
     prompt_tokens: int
     cached_tokens: int
     weight_version: str
-    routed_experts: str | None = None  # finished outputs of requests asking for them: see runner/routed_experts.py
+    # finished outputs of requests asking for them: int32 (little-endian) bytes ordered (token, layer, top-k slot), see
+    # runner/routed_experts.py; the collector writes them as SGLang's base64
+    routed_experts: bytes | None = None
     # SGLang's input_token_logprobs as (logprob or None, token id), and input_top_logprobs (None first):
     # sent once, with the request's first output, when it asked for logprobs
     input_token_logprobs: list[tuple[float | None, int]] | None = None

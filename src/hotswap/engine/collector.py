@@ -116,7 +116,7 @@ class Collector:
         if self.mixed_versions:
             meta["weight_versions"] = self.versions[start:]
         if out.routed_experts is not None:
-            meta["routed_experts"] = out.routed_experts
+            meta["routed_experts"] = base64.b64encode(out.routed_experts).decode("ascii")  # SGLang's wire form
             # slime reads it to splice a partial routing onto the rows it holds (0 when absent)
             meta["routed_experts_start_len"] = self.routed_experts_start_len
         if self.return_logprob:

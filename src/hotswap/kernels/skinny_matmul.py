@@ -5,7 +5,8 @@ At one row a decoder layer's matmuls are pure weight reads, and cuBLAS's 64x8-ti
 its rows of W once, and the cheap step before the matmul runs on the one activation row inside the same
 kernel: add-the-residual + RMSNorm before q/k/v and gate/up, SiLU-and-mul before down; after q/k/v, the
 heads' norm, rotary and KV-cache store, done by the last program of each head to finish. So those steps
-cost no launch of their own, and a layer's decode is four matmul launches and attention. (A tensor-core variant for 2-16 rows was slower than cuBLAS there; those use cuBLAS.)
+cost no launch of their own, and a layer's decode is four matmul launches and attention. (A tensor-core
+variant for 2-16 rows was slower than cuBLAS there; those use cuBLAS.)
 """
 
 from __future__ import annotations

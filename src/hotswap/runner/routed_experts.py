@@ -8,7 +8,6 @@ preempted sequence recomputes both, and nothing is copied per step.
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,16 +46,17 @@ class RoutedExpertsTable:
         pos = np.arange(start, end)
         return np.asarray(pages, dtype=np.int64)[pos // self.page_size] * self.page_size + pos % self.page_size
 
-    def encode_many(self, spans: list[tuple[list[int], int, int]], settled: bool = False) -> list[str]:
-        """For each (pages, start, end) of a sequence: positions [start, end) in SGLang's wire form, base64 of
-        the int32 (little-endian) array ordered (token, layer, top-k slot). One gather and one device-to-host
-        copy for all of them (a step that finishes many sequences waits once). `settled`: every position read
-        was written by a step already complete, so on CUDA they run on `read_stream` and wait only for
-        themselves, and the step in flight keeps running; otherwise they wait for the compute stream's work."""
+    def read_many(self, spans: list[tuple[list[int], int, int]], settled: bool = False) -> list[bytes]:
+        """For each (pages, start, end) of a sequence: positions [start, end) as the bytes of the int32
+        (little-endian) array ordered (token, layer, top-k slot); the engine's collector, off the scheduler
+        thread, writes them in SGLang's wire form (base64). One gather and one device-to-host copy for all of
+        them (a step that finishes many sequences waits once). `settled`: every position read was written by a
+        step already complete, so on CUDA they run on `read_stream` and wait only for themselves, and the step in
+        flight keeps running; otherwise they wait for the compute stream's work."""
         slots = [self._slots(pages, start, max(start, end)) for pages, start, end in spans]
         flat = np.concatenate(slots) if slots else np.zeros(0, dtype=np.int64)
         if not len(flat):  # nothing forwarded (requests refused while the storage is released): no device work
-            return [""] * len(spans)
+            return [b""] * len(spans)
         index = torch.from_numpy(flat)
         if not settled or self.read_stream is None:
             rows = self.ids[index.to(self.device)].cpu().numpy()
@@ -69,4 +69,4 @@ class RoutedExpertsTable:
             rows = host.numpy()
         rows = rows.astype("<i4", copy=False)
         bounds = np.cumsum([0] + [len(s) for s in slots])
-        return [base64.b64encode(rows[a:b].tobytes()).decode("ascii") for a, b in zip(bounds[:-1], bounds[1:])]
+        return [rows[a:b].tobytes() for a, b in zip(bounds[:-1], bounds[1:])]

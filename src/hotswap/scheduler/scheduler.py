@@ -494,7 +494,7 @@ class Scheduler:
         asking = [s for s in seqs if s.req.sampling_params.return_routed_experts] if table is not None else []
         # every forwarded position from the asked start (the last sampled token never was), read before the pages go
         spans = [(s.pages, s.req.sampling_params.routed_experts_start_len, min(s.num_computed, s.num_tokens - 1)) for s in asking]
-        for seq, routed in zip(asking, table.encode_many(spans, settled=settled) if asking else []):
+        for seq, routed in zip(asking, table.read_many(spans, settled=settled) if asking else []):
             seq.routed_experts = routed
         for seq in seqs:
             self.batcher.finish(seq)

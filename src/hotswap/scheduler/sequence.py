@@ -46,7 +46,7 @@ class Sequence:
     cache_epoch: int = 0  # the batcher's cache epoch when its pages were taken: KV of older weights is never cached
     status: Status = Status.WAITING
     finish_reason: dict | None = None
-    routed_experts: str | None = None  # read from the KV-side table when the sequence finishes (it asked for them)
+    routed_experts: bytes | None = None  # int32 bytes read from the KV-side table when the sequence finishes (it asked)
     # incremental detokenization (only when the request streams text or has stop strings)
     text: str = ""
     detokenizer: IncrementalDetokenizer | None = None
