@@ -15,6 +15,7 @@
 #   moe     issue 20's Qwen3-30B-A3B throughput, then moe-rollout: its rollout with and without routed experts (R3)
 #   sessions  a weight-update session's cost with its saved originals in the lent KV pool and without (8B, 30B-A3B)
 #   attention-mix  decode attention on a rollout's mixed contexts (program order, tiles, KV splits for mid-size batches)
+#   batch1   batch-1 throughput of the 0.6B and the 30B-A3B (the qkv matmul finishing its heads; ~180 s)
 #   fusions  the eighteenth session's kernel changes: their GPU tests, the MoE layer, 30B-A3B batch 1 before (.moe-before)
 #            and after, the 0.6B batch 1 / 64 with the in-place split merge and with the merge kernel (~450 s on an H100)
 #   moe-sync  issue 20's 61 GB update, in process and over the trainer library's CUDA IPC pusher (fits an H100:
@@ -39,7 +40,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/device.txt" 2>&1
@@ -166,8 +167,9 @@ sessions)  # a weight-update session's cost with its originals in the lent KV po
         --budget-s 380 --kv-gib "$session_kv_gib"
     ;;
 fusions)
-    PYTHONPATH=src run fusion_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_fused_moe.py tests/test_fused_kernels.py \
-        tests/test_triton_attention.py tests/test_moe.py -k "moe or token_grid or last_to_finish or splits or cuda_graph or one_split"
+    PYTHONPATH=src run fusion_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_fused_moe.py tests/test_fused_kernels.py \
+        tests/test_triton_attention.py tests/test_moe.py tests/test_gpu_engine.py \
+        -k "moe or token_grid or last_to_finish or splits or cuda_graph or one_split or finishing_its_heads or bf16_greedy"
     PYTHONPATH=src run moe_kernels_pairs 40 python3 bench/moe_kernels.py --no-sweep --batches 1,8
     PYTHONPATH=src run throughput_moe_b1 130 python3 bench/throughput.py --shape qwen3-30b-a3b --cases 1x128x128 --hf none
     PYTHONPATH=src run throughput_b1_merge 45 python3 bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,64x128x128 --hf none
@@ -178,6 +180,10 @@ fusions)
             --shape qwen3-30b-a3b --cases 1x128x128 --hf none
     fi
     ;;
+batch1)  # the nineteenth session's qkv matmul finishing its heads: batch 1 of the 0.6B and the 30B-A3B (after `fusions`)
+    PYTHONPATH=src run throughput_b1_heads 45 python3 bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,64x128x128 --hf none
+    PYTHONPATH=src run throughput_moe_b1_heads 130 python3 bench/throughput.py --shape qwen3-30b-a3b --cases 1x128x128 --hf none
+    ;;
 attention-mix)
     PYTHONPATH=src run attention_mix 300 python3 bench/attention_kernels.py --sweep mix
     ;;
@@ -186,7 +192,7 @@ moe-sync)
         --ipc-bucket-mib 512,2048
     ;;
 *)
-    echo "unknown stage: $stage (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2
+    echo "unknown stage: $stage (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2
     exit 2
     ;;
 esac
