@@ -81,3 +81,41 @@ def test_heads_epilogue_refuses_what_it_cannot_finish():
         assert torch.equal(c["k_cache"], cache_before)
     with pytest.raises(ValueError, match="divide"):  # 64-column blocks over 32-wide heads
         sm.skinny_linear(c["x"], c["w"], blocks=(64, 32, 4), heads=sm.HeadsEpilogue(**base))
+
+
+@pytest.mark.parametrize("family,layers", [("tiny_qwen3", 2), ("tiny_qwen2", 2), ("tiny_qwen3_moe", 3)])
+def test_a_one_row_decode_through_the_fused_kernels_equals_the_reference_path(family, layers, request, monkeypatch):
+    """The decoder's one-row path with Triton's kernels (interpreted, float32): q/k/v with its heads finished in the
+    matmul (each layer's K/V written to that layer's cache at the token's slot, read back by attention), the
+    batch-1 matmuls' norm and SiLU prologues (and the MoE decode kernels on the MoE model), against the PyTorch
+    layers: the same greedy tokens and logprobs within float32 tolerance."""
+    from engine_support import make_engine
+
+    from hotswap.kernels import fused_moe
+
+    path = request.getfixturevalue(family)
+    prompts = [[3 + (5 * j) % 200 for j in range(6)]]
+    sp = dict(temperature=0.0, max_new_tokens=4, ignore_eos=True)
+
+    def run():
+        with make_engine(path, enable_cuda_graph=False) as eng:
+            out = eng.generate(input_ids=prompts, sampling_params=sp, return_logprob=True)[0]
+        return out["output_ids"], [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]]
+
+    want_ids, want_lps = run()
+    calls = []
+    real_linear = sm.skinny_linear
+
+    def spy_linear(*args, heads=None, **kwargs):
+        calls.append(heads is not None)
+        return real_linear(*args, heads=heads, **kwargs)
+
+    with monkeypatch.context() as patch:  # the kernels' path, as on a GPU at batch 1 (CPU tensors, interpreted)
+        patch.setattr(fused, "available", lambda x: True)
+        patch.setattr(fused_moe, "available", lambda x: True)
+        patch.setattr(sm, "enabled", lambda rows, dtype, device, on: on and rows == 1)
+        patch.setattr(sm, "skinny_linear", spy_linear)
+        got_ids, got_lps = run()
+    assert sum(calls) == layers * 3  # each layer's q/k/v with its heads, at each of the 3 one-row decode steps
+    assert got_ids == want_ids
+    assert max(abs(a - b) for a, b in zip(got_lps, want_lps, strict=True)) < 1e-4
