@@ -15,6 +15,8 @@
 #   moe     issue 20's Qwen3-30B-A3B throughput, then moe-rollout: its rollout with and without routed experts (R3)
 #   sessions  a weight-update session's cost with its saved originals in the lent KV pool and without (8B, 30B-A3B)
 #   attention-mix  decode attention on a rollout's mixed contexts (program order, tiles, KV splits for mid-size batches)
+#   first    one call's worth (~420 s) of the unmeasured: changed kernels' tests, 0.6B batch 1/64 with either merge,
+#            30B-A3B batch 1, one 0.6B rollout per mode (for a session that may get a single machine)
 #   batch1   batch-1 throughput of the 0.6B and the 30B-A3B (the qkv matmul finishing its heads; ~180 s)
 #   fusions  the eighteenth session's kernel changes: their GPU tests, the MoE layer, 30B-A3B batch 1 before (.moe-before)
 #            and after, the 0.6B batch 1 / 64 with the in-place split merge and with the merge kernel (~450 s on an H100)
@@ -23,8 +25,9 @@
 # Device seconds measured: suite 280 (H200) / 308-380 (H100), run alone; throughput19 ~130; sync19 up to 560 (the
 # 8B IPC section alone needs more than the 150 s it had); moe-pair ~60; rollout-repeats ~120; moe-kernels ~280;
 # http ~270 if streaming keeps up (its limits allow 950); moe ~300; moe-sync up to 570.
-# What the open issues still lack, in order (after the eighteenth session, which got one machine in ten tries): `fusions`
-# (the MoE decode path in two kernels that route tokens themselves and, at batch 1, normalise x; the top-k sum and
+# What the open issues still lack, in order (the eighteenth session got one machine in ten tries, the nineteenth none in
+# twelve): `first` (one call's worth of the below, including the nineteenth session's q/k/v matmul finishing its heads),
+# then `fusions` (the MoE decode path in two kernels that route tokens themselves and, at batch 1, normalise x; the top-k sum and
 # attention's KV-split merge done by the last program to finish; with .moe-before = 546a591), then the suite on the
 # final tree (it passed on 546a591's successor 25e16c2 but for three tests since fixed); then `rollouts` (the 0.6B / 8B rollouts with the
 # longest-first attention: H200 before 10.64 s = 54.6 % / 16.25 s = 71.1 %); `attention-mix` (a KV split rule for
@@ -40,7 +43,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|first|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/device.txt" 2>&1
@@ -180,6 +183,17 @@ fusions)
             --shape qwen3-30b-a3b --cases 1x128x128 --hf none
     fi
     ;;
+first)  # one call's worth (~420 s) of what is unmeasured, for a session that may get a single machine: the changed kernels'
+    # GPU tests, batch 1 / 64 of the 0.6B with either split merge, the 30B-A3B at batch 1, one 0.6B rollout per mode
+    PYTHONPATH=src run first_tests 110 python3 -m pytest -q -p no:cacheprovider tests/test_fused_moe.py tests/test_fused_kernels.py \
+        tests/test_triton_attention.py tests/test_gpu_engine.py \
+        -k "moe or token_grid or last_to_finish or splits or one_split or finishing_its_heads or bf16_greedy"
+    PYTHONPATH=src run first_b06 45 python3 bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,64x128x128 --hf none
+    HOTSWAP_DECODE_MERGE=0 PYTHONPATH=src run first_b06_merge_kernel 45 python3 bench/throughput.py --shape qwen3-0.6b \
+        --cases 1x128x128,64x128x128 --hf none
+    PYTHONPATH=src run first_moe_b1 120 python3 bench/throughput.py --shape qwen3-30b-a3b --cases 1x128x128 --hf none
+    PYTHONPATH=src run first_rollout 110 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline
+    ;;
 batch1)  # the nineteenth session's qkv matmul finishing its heads: batch 1 of the 0.6B and the 30B-A3B (after `fusions`)
     PYTHONPATH=src run throughput_b1_heads 45 python3 bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,64x128x128 --hf none
     PYTHONPATH=src run throughput_moe_b1_heads 130 python3 bench/throughput.py --shape qwen3-30b-a3b --cases 1x128x128 --hf none
@@ -192,7 +206,7 @@ moe-sync)
         --ipc-bucket-mib 512,2048
     ;;
 *)
-    echo "unknown stage: $stage (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2
+    echo "unknown stage: $stage (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|first|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2
     exit 2
     ;;
 esac
