@@ -26,7 +26,7 @@
 # 8B IPC section alone needs more than the 150 s it had); moe-pair ~60; rollout-repeats ~120; moe-kernels ~280;
 # http ~270 if streaming keeps up (its limits allow 950); moe ~300; moe-sync up to 570.
 # What the open issues still lack, in order (the eighteenth session got one machine in ten tries, the nineteenth none in
-# twelve): `first` (one call's worth of the below, including the nineteenth session's q/k/v matmul finishing its heads),
+# nineteen): `first` (one call's worth of the below, including the nineteenth session's q/k/v matmul finishing its heads),
 # then `fusions` (the MoE decode path in two kernels that route tokens themselves and, at batch 1, normalise x; the top-k sum and
 # attention's KV-split merge done by the last program to finish; with .moe-before = 546a591), then the suite on the
 # final tree (it passed on 546a591's successor 25e16c2 but for three tests since fixed); then `rollouts` (the 0.6B / 8B rollouts with the
