@@ -27,20 +27,31 @@ from throughput import roofline_tok_s  # noqa: E402
 from hotswap import Engine  # noqa: E402
 from hotswap.kernels import triton_attention as ta  # noqa: E402
 
-CURRENT_SPLITS, CURRENT_CONFIG = ta.decode_num_splits, ta._decode_config
+CURRENT_SPLITS, CURRENT_CONFIG = ta.decode_splits, ta._decode_config
 
 
-def one_stage(head_dim, dtype, num_splits):
-    return dict(CURRENT_CONFIG(head_dim, dtype, num_splits), num_stages=1)
+def one_stage(head_dim, dtype, num_splits, min_chunk=64):
+    return dict(CURRENT_CONFIG(head_dim, dtype, num_splits, min_chunk), num_stages=1)
 
 
-def two_stages(head_dim, dtype, num_splits):
-    return dict(CURRENT_CONFIG(head_dim, dtype, num_splits), num_stages=2)
+def two_stages(head_dim, dtype, num_splits, min_chunk=64):
+    return dict(CURRENT_CONFIG(head_dim, dtype, num_splits, min_chunk), num_stages=2)
 
 
-def short_splits(head_dim, dtype, num_splits):
-    cfg = CURRENT_CONFIG(head_dim, dtype, num_splits)
+def short_splits(head_dim, dtype, num_splits, min_chunk=64):
+    cfg = CURRENT_CONFIG(head_dim, dtype, num_splits, min_chunk)
     return dict(cfg, block_n=32, min_chunk=32) if num_splits > 1 else cfg
+
+
+def eight_splits(batch, num_kv_heads, max_kv_len, device=None):
+    splits, min_chunk = CURRENT_SPLITS(batch, num_kv_heads, max_kv_len, device)
+    return min(splits, 8), min_chunk
+
+
+def no_long_splits(batch, num_kv_heads, max_kv_len, device=None):
+    """The rule before mid-size batches split their long sequences: one split a sequence there."""
+    splits, min_chunk = CURRENT_SPLITS(batch, num_kv_heads, max_kv_len, device)
+    return (1, 64) if min_chunk == ta._LONG_MIN_CHUNK else (splits, min_chunk)
 
 
 # name -> (split rule, launch config)
@@ -48,7 +59,8 @@ VARIANTS = {
     "current": (CURRENT_SPLITS, CURRENT_CONFIG),
     "one-stage": (CURRENT_SPLITS, one_stage),
     "two-stages": (CURRENT_SPLITS, two_stages),
-    "eight-splits": (lambda *a, **k: min(CURRENT_SPLITS(*a, **k), 8), short_splits),
+    "eight-splits": (eight_splits, short_splits),
+    "no-long-splits": (no_long_splits, CURRENT_CONFIG),
 }
 
 
@@ -68,7 +80,7 @@ def main() -> None:
     rows = []
     for rnd in range(args.rounds):
         for name in args.variants.split(","):
-            ta.decode_num_splits, ta._decode_config = VARIANTS[name]
+            ta.decode_splits, ta._decode_config = VARIANTS[name]
             engine = Engine(str(path), device="cuda", load_format="dummy", page_size=16, num_pages=pages,
                             max_running_requests=max(args.batch, 64))
             engine.generate(input_ids=ids, sampling_params=sp)
@@ -87,7 +99,7 @@ def main() -> None:
             tokens = args.batch * args.output
             rows.append([rnd, name, f"{tokens / times[len(times) // 2]:,.0f}", f"{tokens / times[0]:,.0f}", f"{tokens / times[-1]:,.0f}",
                          f"{roof:,.0f}"])
-    ta.decode_num_splits, ta._decode_config = CURRENT_SPLITS, CURRENT_CONFIG
+    ta.decode_splits, ta._decode_config = CURRENT_SPLITS, CURRENT_CONFIG
     print_table(f"decode attention A/B, batch {args.batch}, {args.prompt}/{args.output}, output tok/s over whole generate calls",
                 ["round", "variant", "median", "best", "worst", "decode roofline"], rows)
 

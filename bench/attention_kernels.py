@@ -132,7 +132,7 @@ def run_decode_table(shapes):
         q, k, v, pt, seq = make_decode(B, ctx, seed=B * 7 + ctx)
         scale = 1.0 / math.sqrt(D)
         out = torch.empty_like(q)
-        splits = ta.decode_num_splits(B, HKV, pt.shape[1] * PS, q.device)
+        splits = ta.decode_splits(B, HKV, pt.shape[1] * PS, q.device)[0]
         fn = functools.partial(ta.paged_decode_attention, q, k, v, pt, seq, scale, out=out)
         fn()
         te = bench(fn)
@@ -332,7 +332,7 @@ def sweeps(which):
     """Tuning sweeps (the figures behind `_decode_config` / `_prefill_config`)."""
     if which in ("decode", "all"):  # uniform contexts (the figures behind the shape-only split count)
         for B, ctx in ((1, 192), (1, 1024), (1, 4000), (4, 2000), (16, 256), (64, 192), (64, 1000), (128, 256), (256, 384)):
-            splits = ta.decode_num_splits(B, HKV, 256 * PS)
+            splits = ta.decode_splits(B, HKV, 256 * PS)[0]
             decode_sweep(B, HQ, [dict(num_splits=sp, block_n=bn, num_warps=4, num_stages=st, min_chunk=mc)
                                  for sp in sorted({splits, min(splits, 16), min(splits, 8)})
                                  for bn, mc in ((32, 32), (64, 64)) for st in (1, 2, 3)], layers=28, context=ctx, top=6)
@@ -343,7 +343,7 @@ def sweeps(which):
                                  for sp in (1, 2, 4) for bn, nw, st in tiles for so in (False, True)
                                  if sp == 1 or (bn, nw, st) in tiles[:3]])
         # splitting only the long sequences (a 256-token minimum chunk) against one split, on mixed and uniform contexts
-        for B, context in ((16, None), (32, None), (64, None), (128, None), (64, 192), (128, 256)):
+        for B, context in ((16, None), (32, None), (64, None), (128, None), (64, 192), (128, 256), (64, 1000)):
             decode_sweep(B, HQ, [dict(num_splits=sp, block_n=64, num_warps=4, num_stages=st, min_chunk=mc, sorted=True)
                                  for sp in (1, 2, 4, 8) for st in (1, 2) for mc in (64, 256) if sp > 1 or mc == 64],
                          context=context)

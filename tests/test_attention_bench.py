@@ -29,7 +29,8 @@ def test_mix_sweep_weighs_program_order_and_mid_size_splits(monkeypatch):
     cases = planned(monkeypatch, "mix")
     assert [(B, hq, context) for B, hq, context, _ in cases] == [
         (512, 16, None), (256, 32, None), (64, 16, None),  # a rollout's mixed contexts: tiles and program order
-        (16, 16, None), (32, 16, None), (64, 16, None), (128, 16, None), (64, 16, 192), (128, 16, 256)]  # KV splits
+        (16, 16, None), (32, 16, None), (64, 16, None), (128, 16, None), (64, 16, 192), (128, 16, 256),  # KV splits
+        (64, 16, 1000)]
     for _, _, _, configs in cases[:3]:
         assert {c["sorted"] for c in configs} == {False, True}
     for _, _, _, configs in cases[3:]:

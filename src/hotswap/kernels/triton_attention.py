@@ -14,9 +14,9 @@ Two entry points:
   contiguous chunk of the context, writes a partial output + log-sum-exp into fp32 scratch,
   and the last of a sequence's splits to finish merges them (kernels/arrival.py; with
   ``HOTSWAP_DECODE_MERGE=0`` a second small kernel does). With ``num_splits == 1`` the kernel
-  writes the final output directly (no scratch). ``num_splits`` is chosen from
-  *shapes only* (batch, kv heads, page-table width, SM count), so the call is CUDA-graph
-  capturable: no host syncs, no data-dependent allocation. Inside the kernel, short sequences
+  writes the final output directly (no scratch). ``num_splits`` and the fewest keys a split takes
+  are chosen from *shapes only* (batch, kv heads, page-table width, SM count), so the call is
+  CUDA-graph capturable: no host syncs, no data-dependent allocation. Inside the kernel, short sequences
   use fewer of the splits (the idle ones write nothing the merge reads), and a sequence left with one
   split writes its final output itself (the merge skips it: no scratch round trip).
 
@@ -58,7 +58,7 @@ __all__ = [
     "HAS_TRITON",
     "paged_decode_attention",
     "paged_prefill_attention",
-    "decode_num_splits",
+    "decode_splits",
     "prefill_tile_tokens",
     "MAX_DECODE_SPLITS",
 ]
@@ -75,6 +75,14 @@ _MERGE_IN_PLACE = os.environ.get("HOTSWAP_DECODE_MERGE", "1") != "0"
 # Tunables (defaults; measured on H100, see bench/attention_kernels.py).
 _DECODE_TARGET_CTAS_PER_SM = 2  # aim for about this many split-programs per SM
 _DECODE_MIN_CHUNK = 64  # a split never gets fewer tokens than this (inside the kernel)
+# Mid-size batches (one program per sequence and KV head already fills the GPU, but fewer than this many such
+# programs an SM): split only the long sequences, in up to _LONG_SPLITS chunks of at least _LONG_MIN_CHUNK keys.
+# A rollout's mixed contexts at batch 64 (0.6B heads, H100, `attention_kernels.py --sweep mix`): one split 100.3 us
+# (48 % of the copy floor; the step ends on the long sequences' programs), 4 splits 63.6-67.4 us (71-75 %).
+# Uniform contexts up to the minimum chunk keep one split a sequence (85-97 % there).
+_LONG_SPLIT_MAX_PAIRS_PER_SM = 8
+_LONG_SPLITS = 4
+_LONG_MIN_CHUNK = 256
 
 _LOG2E = 1.4426950408889634
 
@@ -461,33 +469,38 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------------------
 # Launch helpers
 # ----------------------------------------------------------------------------------------
-def decode_num_splits(batch: int, num_kv_heads: int, max_kv_len: int, device=None) -> int:
-    """Number of KV splits the decode kernel uses for these *shapes* (never data values).
+def decode_splits(batch: int, num_kv_heads: int, max_kv_len: int, device=None) -> tuple[int, int]:
+    """(KV splits, minimum keys a split) of the decode kernel for these *shapes* (never data values).
 
     ``max_kv_len`` is the KV capacity of the page table (``page_table.shape[1] * page_size``).
     Deterministic for a given (batch, kv heads, capacity, GPU), so a CUDA graph captured for
-    a batch size keeps using the same scratch layout on replay.
+    a batch size keeps using the same scratch layout on replay. Each sequence uses
+    ``min(ceil(len / min_chunk), splits)`` of the splits, so short ones run one program a KV head.
     """
     if device is None:
         device = torch.device("cuda") if (torch.cuda.is_available() and not _interpret()) else torch.device("cpu")
     sms = _sm_count(torch.device(device))
     pairs = max(1, batch * num_kv_heads)
     want = -(-_DECODE_TARGET_CTAS_PER_SM * sms // pairs)
-    cap = max(1, -(-max_kv_len // _DECODE_MIN_CHUNK))
-    return int(max(1, min(want, cap, MAX_DECODE_SPLITS)))
+    min_chunk = _DECODE_MIN_CHUNK
+    if want == 1 and pairs <= _LONG_SPLIT_MAX_PAIRS_PER_SM * sms:
+        want, min_chunk = _LONG_SPLITS, _LONG_MIN_CHUNK
+    cap = max(1, -(-max_kv_len // min_chunk))
+    return int(max(1, min(want, cap, MAX_DECODE_SPLITS))), min_chunk
 
 
-def _decode_config(head_dim: int, dtype: torch.dtype, num_splits: int):
-    """Launch parameters. At one split per sequence (large batches) one pipeline stage: no prefetch into
-    shared memory, so more programs fit on an SM (batch-64 decode 33.2k -> 33.5k tokens/s on the H100);
+def _decode_config(head_dim: int, dtype: torch.dtype, num_splits: int, min_chunk: int = _DECODE_MIN_CHUNK):
+    """Launch parameters. At one split per sequence (large batches, and mid-size ones where only the long
+    sequences split) one pipeline stage: no prefetch into shared memory, so more programs fit on an SM
+    (batch-64 decode 33.2k -> 33.5k tokens/s on the H100; uniform batch 64 x 192 keys 20.0 against 21.3 us);
     with splits, two stages (one stage was faster alone at batch 1 but slower inside the decode graph,
     1,205 -> 1,179 tokens/s)."""
     block_d = max(16, _next_pow2(head_dim))
     block_n = 64 if block_d <= 128 else 32
     if dtype == torch.float32:
         block_n = min(block_n, 32)
-    stages = 1 if num_splits == 1 else 2
-    return dict(block_n=block_n, num_warps=4, num_stages=stages)
+    stages = 1 if num_splits == 1 or min_chunk >= _LONG_MIN_CHUNK else 2
+    return dict(block_n=block_n, num_warps=4, num_stages=stages, min_chunk=min_chunk)
 
 
 def _decode_launch(
@@ -579,7 +592,7 @@ def paged_decode_attention(
             already in the cache). 0 is allowed (output row is zeros).
         scale: softmax scale (usually ``1/sqrt(D)``).
         out: optional ``[B, Hq, D]`` output (dtype of q); allocated if None.
-        num_splits: override the shape-derived number of KV splits (1..MAX_DECODE_SPLITS).
+        num_splits: override the shape-derived number of KV splits (1..MAX_DECODE_SPLITS; splits of at least 64 keys).
         order: optional int32 ``[B]``, a permutation of the rows: the order their programs start in. Longest
             KV first (``HostBatch.longest_first``) keeps a batch of mixed lengths from ending on a wave of long
             sequences (a rollout's 512 rows: 85 -> 99 % of the copy ceiling on an H100). Results do not depend on it.
@@ -612,8 +625,10 @@ def paged_decode_attention(
     if B == 0:
         return out
     if num_splits is None:
-        num_splits = decode_num_splits(B, Hkv, page_table.shape[1] * page_size, q.device)
-    cfg = _decode_config(D, k_cache.dtype, num_splits)
+        num_splits, min_chunk = decode_splits(B, Hkv, page_table.shape[1] * page_size, q.device)
+    else:
+        min_chunk = _DECODE_MIN_CHUNK
+    cfg = _decode_config(D, k_cache.dtype, num_splits, min_chunk)
     return _decode_launch(q, k_cache, v_cache, page_table, seq_lens, scale, out, num_splits=num_splits, order=order, **cfg)
 
 
