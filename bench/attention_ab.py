@@ -14,6 +14,7 @@ import argparse
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,41 +28,30 @@ from throughput import roofline_tok_s  # noqa: E402
 from hotswap import Engine  # noqa: E402
 from hotswap.kernels import triton_attention as ta  # noqa: E402
 
-CURRENT_SPLITS, CURRENT_CONFIG = ta.decode_splits, ta._decode_config
+CURRENT_PLAN = ta.decode_plan
 
 
-def one_stage(head_dim, dtype, num_splits, min_chunk=64):
-    return dict(CURRENT_CONFIG(head_dim, dtype, num_splits, min_chunk), num_stages=1)
+def one_stage(*shape, **kw):
+    return replace(CURRENT_PLAN(*shape, **kw), num_stages=1)
 
 
-def two_stages(head_dim, dtype, num_splits, min_chunk=64):
-    return dict(CURRENT_CONFIG(head_dim, dtype, num_splits, min_chunk), num_stages=2)
+def two_stages(*shape, **kw):
+    return replace(CURRENT_PLAN(*shape, **kw), num_stages=2)
 
 
-def short_splits(head_dim, dtype, num_splits, min_chunk=64):
-    cfg = CURRENT_CONFIG(head_dim, dtype, num_splits, min_chunk)
-    return dict(cfg, block_n=32, min_chunk=32) if num_splits > 1 else cfg
+def eight_splits(*shape, **kw):
+    plan = CURRENT_PLAN(*shape, **kw)
+    return replace(plan, num_splits=min(plan.num_splits, 8))
 
 
-def eight_splits(batch, num_kv_heads, max_kv_len, device=None):
-    splits, min_chunk = CURRENT_SPLITS(batch, num_kv_heads, max_kv_len, device)
-    return min(splits, 8), min_chunk
+def no_long_splits(*shape, **kw):
+    """The rule before mid-size batches split their long sequences: one split a sequence there, one stage."""
+    plan = CURRENT_PLAN(*shape, **kw)
+    return ta.DecodePlan(1, num_stages=1) if plan.min_chunk == ta._LONG_MIN_CHUNK else plan
 
 
-def no_long_splits(batch, num_kv_heads, max_kv_len, device=None):
-    """The rule before mid-size batches split their long sequences: one split a sequence there."""
-    splits, min_chunk = CURRENT_SPLITS(batch, num_kv_heads, max_kv_len, device)
-    return (1, 64) if min_chunk == ta._LONG_MIN_CHUNK else (splits, min_chunk)
-
-
-# name -> (split rule, launch config)
-VARIANTS = {
-    "current": (CURRENT_SPLITS, CURRENT_CONFIG),
-    "one-stage": (CURRENT_SPLITS, one_stage),
-    "two-stages": (CURRENT_SPLITS, two_stages),
-    "eight-splits": (eight_splits, short_splits),
-    "no-long-splits": (no_long_splits, CURRENT_CONFIG),
-}
+VARIANTS = {"current": CURRENT_PLAN, "one-stage": one_stage, "two-stages": two_stages, "eight-splits": eight_splits,
+            "no-long-splits": no_long_splits}
 
 
 def main() -> None:
@@ -80,7 +70,7 @@ def main() -> None:
     rows = []
     for rnd in range(args.rounds):
         for name in args.variants.split(","):
-            ta.decode_splits, ta._decode_config = VARIANTS[name]
+            ta.decode_plan = VARIANTS[name]
             engine = Engine(str(path), device="cuda", load_format="dummy", page_size=16, num_pages=pages,
                             max_running_requests=max(args.batch, 64))
             engine.generate(input_ids=ids, sampling_params=sp)
@@ -99,7 +89,7 @@ def main() -> None:
             tokens = args.batch * args.output
             rows.append([rnd, name, f"{tokens / times[len(times) // 2]:,.0f}", f"{tokens / times[0]:,.0f}", f"{tokens / times[-1]:,.0f}",
                          f"{roof:,.0f}"])
-    ta.decode_splits, ta._decode_config = CURRENT_SPLITS, CURRENT_CONFIG
+    ta.decode_plan = CURRENT_PLAN
     print_table(f"decode attention A/B, batch {args.batch}, {args.prompt}/{args.output}, output tok/s over whole generate calls",
                 ["round", "variant", "median", "best", "worst", "decode roofline"], rows)
 

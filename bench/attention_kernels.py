@@ -132,7 +132,7 @@ def run_decode_table(shapes):
         q, k, v, pt, seq = make_decode(B, ctx, seed=B * 7 + ctx)
         scale = 1.0 / math.sqrt(D)
         out = torch.empty_like(q)
-        splits = ta.decode_splits(B, HKV, pt.shape[1] * PS, q.device)[0]
+        splits = ta.decode_plan(B, HKV, pt.shape[1] * PS, q.device).num_splits
         fn = functools.partial(ta.paged_decode_attention, q, k, v, pt, seq, scale, out=out)
         fn()
         te = bench(fn)
@@ -329,10 +329,10 @@ def host_overheads():
 
 
 def sweeps(which):
-    """Tuning sweeps (the figures behind `_decode_config` / `_prefill_config`)."""
+    """Tuning sweeps (the figures behind `decode_plan` / `_prefill_config`)."""
     if which in ("decode", "all"):  # uniform contexts (the figures behind the shape-only split count)
         for B, ctx in ((1, 192), (1, 1024), (1, 4000), (4, 2000), (16, 256), (64, 192), (64, 1000), (128, 256), (256, 384)):
-            splits = ta.decode_splits(B, HKV, 256 * PS)[0]
+            splits = ta.decode_plan(B, HKV, 256 * PS).num_splits
             decode_sweep(B, HQ, [dict(num_splits=sp, block_n=bn, num_warps=4, num_stages=st, min_chunk=mc)
                                  for sp in sorted({splits, min(splits, 16), min(splits, 8)})
                                  for bn, mc in ((32, 32), (64, 64)) for st in (1, 2, 3)], layers=28, context=ctx, top=6)

@@ -70,14 +70,16 @@ def test_programs_in_a_given_order_compute_the_same_rows(num_splits):
 def test_split_rule_splits_only_long_sequences_of_mid_size_batches():
     """On a 132-SM GPU (the interpreter's stand-in) with 8 KV heads: small batches split every sequence into
     chunks of at least 64 keys; from 2 programs an SM up to 8, only sequences longer than 256 keys split (in
-    up to 4); beyond that one program a sequence and KV head. Chunks are capped by the page table's capacity."""
-    assert ta.decode_splits(1, 8, 4096) == (33, 64)
-    assert ta.decode_splits(16, 8, 4096) == (3, 64)
-    assert ta.decode_splits(33, 8, 4096) == (4, 256)
-    assert ta.decode_splits(132, 8, 4096) == (4, 256)
-    assert ta.decode_splits(133, 8, 4096) == (1, 64)
-    assert ta.decode_splits(64, 8, 512) == (2, 256)  # two chunks of 256 keys fill the table
-    assert ta._decode_config(128, torch.bfloat16, 4, 256)["num_stages"] == 1  # most sequences run one split
+    up to 4) and one pipeline stage; beyond that one program a sequence and KV head. Chunks are capped by the
+    page table's capacity."""
+    plan = ta.decode_plan
+    assert plan(1, 8, 4096) == ta.DecodePlan(33, 64, 2)
+    assert plan(16, 8, 4096) == ta.DecodePlan(3, 64, 2)
+    assert plan(33, 8, 4096) == ta.DecodePlan(4, 256, 1)  # most sequences of a rollout's mid-size batch run one split
+    assert plan(132, 8, 4096) == ta.DecodePlan(4, 256, 1)
+    assert plan(133, 8, 4096) == ta.DecodePlan(1, 64, 2)
+    assert plan(64, 8, 512) == ta.DecodePlan(2, 256, 1)  # two chunks of 256 keys fill the table
+    assert plan(64, 8, 256) == ta.DecodePlan(1, 256, 1)
 
 
 def test_a_mid_size_launch_merges_its_long_sequences_and_leaves_short_ones_whole(monkeypatch):
@@ -86,11 +88,11 @@ def test_a_mid_size_launch_merges_its_long_sequences_and_leaves_short_ones_whole
     q, k, v, pt, seq_lens = _case(23)
     out = torch.empty_like(q)
     whole = ta.paged_decode_attention(q, k, v, pt, seq_lens, 0.125, num_splits=1)
-    cfg = ta._decode_config(q.shape[-1], q.dtype, 4, 256)  # the one-split launch's tiles, so the same sum order
-    split = ta._decode_launch(q, k, v, pt, seq_lens, 0.125, out.clone(), num_splits=4, **cfg)
+    cfg = ta._decode_config(q.shape[-1], q.dtype, ta.DecodePlan(4, 256, 1))  # the one-split launch's tiles
+    split = ta._decode_launch(q, k, v, pt, seq_lens, 0.125, out.clone(), **cfg)
     with monkeypatch.context() as patch:
         patch.setattr(ta, "_MERGE_IN_PLACE", False)
-        kernel = ta._decode_launch(q, k, v, pt, seq_lens, 0.125, out.clone(), num_splits=4, **cfg)
+        kernel = ta._decode_launch(q, k, v, pt, seq_lens, 0.125, out.clone(), **cfg)
     short = [b for b, n in enumerate(LENS) if n <= 256]
     assert torch.equal(split[short], whole[short]) and torch.equal(split, kernel)
     assert not torch.equal(split[LENS.index(700)], whole[LENS.index(700)])  # 3 chunks merged: another sum order

@@ -36,6 +36,7 @@ Both accumulate in fp32 and return the dtype of ``q``. Sequences with ``seq_len 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -58,7 +59,8 @@ __all__ = [
     "HAS_TRITON",
     "paged_decode_attention",
     "paged_prefill_attention",
-    "decode_splits",
+    "DecodePlan",
+    "decode_plan",
     "prefill_tile_tokens",
     "MAX_DECODE_SPLITS",
 ]
@@ -469,38 +471,49 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------------------
 # Launch helpers
 # ----------------------------------------------------------------------------------------
-def decode_splits(batch: int, num_kv_heads: int, max_kv_len: int, device=None) -> tuple[int, int]:
-    """(KV splits, minimum keys a split) of the decode kernel for these *shapes* (never data values).
+@dataclass(frozen=True)
+class DecodePlan:
+    """How the decode kernel covers a batch: KV splits (the grid's third dim), the fewest keys a split takes
+    (a sequence uses ``min(ceil(len / min_chunk), num_splits)`` of them) and pipeline stages."""
+
+    num_splits: int
+    min_chunk: int = _DECODE_MIN_CHUNK
+    num_stages: int = 2
+
+
+def decode_plan(batch: int, num_kv_heads: int, max_kv_len: int, device=None) -> DecodePlan:
+    """The decode launch for these *shapes* (never data values).
 
     ``max_kv_len`` is the KV capacity of the page table (``page_table.shape[1] * page_size``).
     Deterministic for a given (batch, kv heads, capacity, GPU), so a CUDA graph captured for
-    a batch size keeps using the same scratch layout on replay. Each sequence uses
-    ``min(ceil(len / min_chunk), splits)`` of the splits, so short ones run one program a KV head.
+    a batch size keeps using the same scratch layout on replay.
+
+    Pipeline stages, measured on the H100 (`bench/attention_kernels.py --sweep decode|mix`): two where
+    sequences split (one was faster alone at batch 1 but slower inside the decode graph, 1,205 -> 1,179
+    tokens/s) and from 8 programs an SM up (a rollout's 512 x 0.6B heads 384.5 -> 379.9 us, 256 x 8B heads
+    209.9 -> 205.8; uniform 256 x 384 keys 137.2 / 137.8); one between (more programs fit an SM: uniform
+    64 x 192 keys 20.0 against 21.3 us, 128 x 256 48.5 against 49.6).
     """
     if device is None:
         device = torch.device("cuda") if (torch.cuda.is_available() and not _interpret()) else torch.device("cpu")
     sms = _sm_count(torch.device(device))
     pairs = max(1, batch * num_kv_heads)
     want = -(-_DECODE_TARGET_CTAS_PER_SM * sms // pairs)
-    min_chunk = _DECODE_MIN_CHUNK
+    min_chunk, stages = _DECODE_MIN_CHUNK, 2
     if want == 1 and pairs <= _LONG_SPLIT_MAX_PAIRS_PER_SM * sms:
-        want, min_chunk = _LONG_SPLITS, _LONG_MIN_CHUNK
+        want, min_chunk, stages = _LONG_SPLITS, _LONG_MIN_CHUNK, 1
     cap = max(1, -(-max_kv_len // min_chunk))
-    return int(max(1, min(want, cap, MAX_DECODE_SPLITS))), min_chunk
+    return DecodePlan(int(max(1, min(want, cap, MAX_DECODE_SPLITS))), min_chunk, stages)
 
 
-def _decode_config(head_dim: int, dtype: torch.dtype, num_splits: int, min_chunk: int = _DECODE_MIN_CHUNK):
-    """Launch parameters. At one split per sequence (large batches, and mid-size ones where only the long
-    sequences split) one pipeline stage: no prefetch into shared memory, so more programs fit on an SM
-    (batch-64 decode 33.2k -> 33.5k tokens/s on the H100; uniform batch 64 x 192 keys 20.0 against 21.3 us);
-    with splits, two stages (one stage was faster alone at batch 1 but slower inside the decode graph,
-    1,205 -> 1,179 tokens/s)."""
+def _decode_config(head_dim: int, dtype: torch.dtype, plan: DecodePlan):
+    """Launch parameters of a plan: 64-key tiles (32 for float32 or heads over 128)."""
     block_d = max(16, _next_pow2(head_dim))
     block_n = 64 if block_d <= 128 else 32
     if dtype == torch.float32:
         block_n = min(block_n, 32)
-    stages = 1 if num_splits == 1 or min_chunk >= _LONG_MIN_CHUNK else 2
-    return dict(block_n=block_n, num_warps=4, num_stages=stages, min_chunk=min_chunk)
+    return dict(num_splits=plan.num_splits, block_n=block_n, num_warps=4, num_stages=plan.num_stages,
+                min_chunk=plan.min_chunk)
 
 
 def _decode_launch(
@@ -625,11 +638,11 @@ def paged_decode_attention(
     if B == 0:
         return out
     if num_splits is None:
-        num_splits, min_chunk = decode_splits(B, Hkv, page_table.shape[1] * page_size, q.device)
+        plan = decode_plan(B, Hkv, page_table.shape[1] * page_size, q.device)
     else:
-        min_chunk = _DECODE_MIN_CHUNK
-    cfg = _decode_config(D, k_cache.dtype, num_splits, min_chunk)
-    return _decode_launch(q, k_cache, v_cache, page_table, seq_lens, scale, out, num_splits=num_splits, order=order, **cfg)
+        plan = DecodePlan(num_splits, num_stages=1 if num_splits == 1 else 2)
+    return _decode_launch(q, k_cache, v_cache, page_table, seq_lens, scale, out, order=order,
+                          **_decode_config(D, k_cache.dtype, plan))
 
 
 def _prefill_config(head_dim: int, dtype: torch.dtype):
