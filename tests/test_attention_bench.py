@@ -42,3 +42,17 @@ def test_every_swept_config_is_a_decode_launch_argument(monkeypatch, which):
     takes = set(inspect.signature(ta._decode_launch).parameters) | {"sorted"}  # `sorted` becomes `order`
     for _, _, _, configs in planned(monkeypatch, which):
         assert configs and all(set(c) <= takes for c in configs)
+
+
+def test_every_ab_variant_patches_what_the_engine_reads():
+    """bench/attention_ab.py's variants patch module attributes by name: each must exist (a rename would
+    otherwise leave the variant running the current setting), and the launch-plan variants return plans."""
+    import attention_ab
+
+    for name, patches in attention_ab.VARIANTS.items():
+        for module, attr in patches:
+            assert hasattr(module, attr), (name, attr)
+    for variant in ("one-stage", "two-stages", "eight-splits", "no-long-splits"):
+        plan = attention_ab.VARIANTS[variant][(ta, "decode_plan")](64, 8, 4096, "cpu")
+        assert isinstance(plan, ta.DecodePlan)
+    assert attention_ab.no_long_splits(64, 8, 4096, "cpu") == ta.DecodePlan(1, num_stages=1)

@@ -11,6 +11,7 @@ variant for 2-16 rows was slower than cuBLAS there; those use cuBLAS.)
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,10 @@ except ImportError:  # CPU-only machines: the layers never call these without CU
     triton = None
 
 PLAIN, NORM, ADD_NORM, SILU_MUL = 0, 1, 2, 3
+
+#: The q/k/v matmul finishes its heads (`HeadsEpilogue`); `HOTSWAP_QKV_HEADS=0` launches fused.qk_norm_rope after
+#: it instead (the A/B switch of bench/attention_ab.py).
+HEADS_EPILOGUE = os.environ.get("HOTSWAP_QKV_HEADS", "1") != "0"
 
 #: Longest row the SiLU-and-mul prologue is fused for. Measured on the H100 (bench/skinny_matmul.py),
 #: down_proj at one row: K=3072 (0.6B) 6.3 us fused vs 8.7 us cuBLAS + kernel; K=12288 (8B) 61 vs 41 us.

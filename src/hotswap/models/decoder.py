@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from hotswap.config import ModelConfig
-from hotswap.kernels import fused
-from hotswap.kernels.skinny_matmul import HeadsEpilogue
+from hotswap.kernels import fused, skinny_matmul
 from hotswap.models.forward_context import ForwardContext
 from hotswap.models.layers import MergedColumnLinear, RMSNorm, RotaryEmbedding, RowLinear, VocabEmbedding
 from hotswap.models.moe import SparseMoeBlock
@@ -35,13 +34,14 @@ class Attention(nn.Module):
                      ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention on norm(x + residual) (norm(x) before the first residual); returns (output, new residual).
         A one-row decode finishes its heads (norm, rotary, KV store) inside the qkv matmul."""
-        if ctx.skinny_matmul and fused.available(x):
+        if ctx.skinny_matmul and skinny_matmul.HEADS_EPILOGUE and fused.available(x):
             k_cache, v_cache = ctx.attention.kv_cache(self.layer_id)
             has_norm = self.q_norm is not None
-            heads = HeadsEpilogue(self.num_heads, self.num_kv_heads, self.head_dim,
-                                  self.q_norm.weight if has_norm else None, self.k_norm.weight if has_norm else None,
-                                  self.q_norm.eps if has_norm else 0.0, self.rotary.cos_sin, ctx.positions, k_cache,
-                                  v_cache, ctx.slot_mapping)
+            heads = skinny_matmul.HeadsEpilogue(self.num_heads, self.num_kv_heads, self.head_dim,
+                                                self.q_norm.weight if has_norm else None,
+                                                self.k_norm.weight if has_norm else None,
+                                                self.q_norm.eps if has_norm else 0.0, self.rotary.cos_sin,
+                                                ctx.positions, k_cache, v_cache, ctx.slot_mapping)
             qkv, residual = self.qkv_proj.norm_forward(x, residual, norm, True, heads)
             q = qkv[:, :self.num_heads * self.head_dim].view(-1, self.num_heads, self.head_dim)
             out = ctx.attention.attend(self.layer_id, q, self.scale, ctx)
