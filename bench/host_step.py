@@ -11,11 +11,18 @@ the time inside the model's forward, its LM head and the sampler's arithmetic; t
     python bench/host_step.py --batch 256 --mode stops                # + a stop string (detokenized every step)
     python bench/host_step.py --batch 512 --prompt 512 --pages 20000  # rollout-length contexts (33+ pages a row)
     python bench/host_step.py --batch 512 --stream                    # every request streamed: an output per token
+    python bench/host_step.py --shape qwen3-0.6b --batch 1 --device cuda --profile 25   # the GPU path (decode graphs)
+
+On a GPU the steps run as CUDA graphs and nothing is computed on the host, but `process` also waits for the
+step in flight (the read-back of its sampled ids): `--profile N` prints the N functions of the three phases
+that took the most time, where that wait shows as its own line.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import statistics
 import sys
 import tempfile
@@ -66,10 +73,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--pages", type=int, default=4096, help="KV pages of 16 tokens (the batch's contexts must fit)")
     ap.add_argument("--stream", action="store_true", help="stream every request (an output per token, consumed on this thread)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--profile", type=int, default=0, help="print this many functions of the phases by their own time")
     args = ap.parse_args()
-    path = config_only_checkpoint(Path(tempfile.mkdtemp()) / args.shape, args.shape, "float32",
+    path = config_only_checkpoint(Path(tempfile.mkdtemp()) / args.shape, args.shape, "float32" if args.device == "cpu" else "bfloat16",
                                   max_positions=max(1024, args.prompt + args.steps + 1))
-    engine = Engine(str(path), device="cpu", load_format="dummy", page_size=16, num_pages=args.pages,
+    engine = Engine(str(path), device=args.device, load_format="dummy", page_size=16, num_pages=args.pages,
                     max_running_requests=args.batch, max_num_batched_tokens=max(4096, args.batch * args.prompt))
     sched, runner = engine.scheduler, engine.model_runner
     clock = Clock()
@@ -82,10 +91,18 @@ def main() -> None:
     steps: list[dict[str, float]] = []
     decode = [False]
 
+    prof = cProfile.Profile() if args.profile else None
+
     def timed_phase(name):
         def run(*a, **kw):
             c0, t = clock.compute, time.perf_counter()
-            out = real[name](*a, **kw)
+            if prof is not None:
+                prof.enable()
+            try:
+                out = real[name](*a, **kw)
+            finally:
+                if prof is not None:
+                    prof.disable()
             step[name] = step.get(name, 0.0) + (time.perf_counter() - t) - (clock.compute - c0)
             if name == "launch":
                 entries = a[0].entries
@@ -114,6 +131,8 @@ def main() -> None:
         phases = {name: statistics.median(s[name] for s in steps) * 1e3 for name in PHASES}
         repeats.append((statistics.median(totals), statistics.quantiles(totals, n=10)[-1], phases, len(steps)))
     engine.shutdown()
+    if prof is not None:
+        pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
     best = min(repeats, key=lambda r: r[0])
     print(f"host_step shape={args.shape} batch={args.batch} mode={args.mode}{' streamed' if args.stream else ''} output={args.steps}: host ms per decode step "
           f"(median over {best[3]} steps; best of {args.repeats} runs) = {best[0]:.2f}, 90th percentile {best[1]:.2f}; by phase (medians) "

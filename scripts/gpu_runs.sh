@@ -43,7 +43,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|first|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|first|after-first|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/device.txt" 2>&1
@@ -194,6 +194,14 @@ first)  # one call's worth (~420 s) of what is unmeasured, for a session that ma
     PYTHONPATH=src run first_moe_b1 120 python3 bench/throughput.py --shape qwen3-30b-a3b --cases 1x128x128 --hf none
     PYTHONPATH=src run first_rollout 110 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline
     ;;
+after-first)  # the twentieth session's second call (~470 s): batch 1 host- or GPU-bound (the heads epilogue and the split
+    # merge A/B, each decode graph replayed alone), the rollouts with the mid-size split rule, the batch-1 host profile
+    PYTHONPATH=src run ab_b1 150 python3 bench/attention_ab.py --batch 1 --variants current,merge-kernel,no-heads --rounds 1 --calls 5
+    PYTHONPATH=src run rollout06 110 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline --modes sampled
+    PYTHONPATH=src run rollout8b 150 python3 bench/rollout.py --shape qwen3-8b --prompts 32 --n 8 --paths offline --modes sampled
+    PYTHONPATH=src run host_b1 60 python3 bench/host_step.py --shape qwen3-0.6b --batch 1 --steps 128 --mode greedy --device cuda \
+        --profile 30 --repeats 2
+    ;;
 batch1)  # the nineteenth session's qkv matmul finishing its heads: batch 1 of the 0.6B and the 30B-A3B (after `fusions`)
     PYTHONPATH=src run throughput_b1_heads 45 python3 bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,64x128x128 --hf none
     PYTHONPATH=src run throughput_moe_b1_heads 130 python3 bench/throughput.py --shape qwen3-30b-a3b --cases 1x128x128 --hf none
@@ -206,7 +214,7 @@ moe-sync)
         --ipc-bucket-mib 512,2048
     ;;
 *)
-    echo "unknown stage: $stage (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|first|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2
+    echo "unknown stage: $stage (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|first|after-first|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2
     exit 2
     ;;
 esac
