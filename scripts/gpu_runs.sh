@@ -17,6 +17,8 @@
 #   attention-mix  decode attention on a rollout's mixed contexts (program order, tiles, KV splits for mid-size batches)
 #   first    one call's worth (~420 s) of the unmeasured: changed kernels' tests, 0.6B batch 1/64 with either merge,
 #            30B-A3B batch 1, one 0.6B rollout per mode (for a session that may get a single machine)
+#   after-first  batch 1 host- or GPU-bound (attention_ab.py A/B), the rollouts with the mid-size split plan, the
+#            batch-1 host profile (~470 s)
 #   batch1   batch-1 throughput of the 0.6B and the 30B-A3B (the qkv matmul finishing its heads; ~180 s)
 #   fusions  the eighteenth session's kernel changes: their GPU tests, the MoE layer, 30B-A3B batch 1 before (.moe-before)
 #            and after, the 0.6B batch 1 / 64 with the in-place split merge and with the merge kernel (~450 s on an H100)
@@ -25,16 +27,14 @@
 # Device seconds measured: suite 280 (H200) / 308-380 (H100), run alone; throughput19 ~130; sync19 up to 560 (the
 # 8B IPC section alone needs more than the 150 s it had); moe-pair ~60; rollout-repeats ~120; moe-kernels ~280;
 # http ~270 if streaming keeps up (its limits allow 950); moe ~300; moe-sync up to 570.
-# What the open issues still lack, in order (the eighteenth session got one machine in ten tries, the nineteenth none in
-# nineteen): `first` (one call's worth of the below, including the nineteenth session's q/k/v matmul finishing its heads),
-# then `fusions` (the MoE decode path in two kernels that route tokens themselves and, at batch 1, normalise x; the top-k sum and
-# attention's KV-split merge done by the last program to finish; with .moe-before = 546a591), then the suite on the
-# final tree (it passed on 546a591's successor 25e16c2 but for three tests since fixed); then `rollouts` (the 0.6B / 8B rollouts with the
-# longest-first attention: H200 before 10.64 s = 54.6 % / 16.25 s = 71.1 %); `attention-mix` (a KV split rule for
-# batches of 16-128 with mixed contexts: 4 splits took batch 64 from 48 to 75 % on an H100, uniform short contexts
-# still to be weighed); moe-rollout three times (R3 with the gather off the compute stream; H200 +5.3 %, one run); the
-# 30B-A3B decode graph at batch 1 after kernel fusions (55.0 % on an H100, 46.5 % on an H200); moe-sync with
-# --ipc-bucket-mib 512,2048 on an H200; `sessions` with a serving-size KV pool.
+# What the open issues still lack, in order (the twentieth session got one H100 call in six tries, which ran `first` on
+# 30ced70 and then `suite`: 228 passed): `after-first` (~470 s: batch 1 of the 0.6B, in-place merge and heads epilogue
+# A/B with each decode graph replayed alone, host-bound or not; the 0.6B / 8B rollouts with the mid-size split plan;
+# the batch-1 host profile), then the suite on the final tree (the decode plan changed after it ran), `attention-mix`
+# (the plan against one split, mixed and uniform contexts at batch 16-128), then on an H200: `rollouts` (H200 before
+# 10.64 s = 54.6 % / 16.25 s = 71.1 %; the H100 had 11.58 s = 71.0 % for the 0.6B this session), `batch1` (the 30B-A3B
+# at 60.3 % on the H100 this session, 46.5 % on an H200 before the fusions), moe-rollout three times (R3 +5.3 % on an
+# H200, one run), moe-sync with --ipc-bucket-mib 512,2048, `sessions` with a serving-size KV pool.
 # "Before" is the tree before the restructure, unpacked beside this one (untracked, so it travels to the
 # device):  git archive 6c9ff7c src bench | (mkdir -p .before && tar -x -C .before)
 # The MoE stage compares its decode kernels with the tree before they changed, unpacked the same way:
