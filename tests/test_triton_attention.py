@@ -212,6 +212,27 @@ def test_decode_sequence_of_one_split_writes_its_output_itself():
     assert rel_err(many, ref_decode(q, k, v, pt, seq_lens, 0.088)) < TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("batch", [64, 160])
+def test_decode_plan_of_mid_size_and_large_batches(batch):
+    """The shape-derived plan on a rollout's mixed lengths: at batch 64 (2-8 programs an SM on an H100 / H200) 4
+    splits of at least 256 keys, so rows up to 256 keys run one split and equal a one-split launch bit for bit
+    while the long ones are merged; at batch 160 one split and two pipeline stages, all rows bit for bit."""
+    from hotswap.kernels.triton_attention import decode_plan
+
+    gen = _gen(batch)
+    lens = torch.randint(1, 2001, (batch,), generator=gen).tolist()
+    lens[:4] = [1, 256, 257, 2000]
+    k, v, pt = make_paged_kv(lens, 16, 8, 128, torch.bfloat16, gen)
+    q = torch.randn(batch, 16, 128, generator=gen).to(torch.bfloat16).to(DEV)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    plan = decode_plan(batch, 8, pt.shape[1] * 16, q.device)
+    planned = paged_decode_attention(q, k, v, pt, seq_lens, 0.088)
+    one = paged_decode_attention(q, k, v, pt, seq_lens, 0.088, num_splits=1)
+    whole = [b for b, n in enumerate(lens) if n <= plan.min_chunk or plan.num_splits == 1]
+    assert torch.equal(planned[whole], one[whole])
+    assert rel_err(planned, ref_decode(q, k, v, pt, seq_lens, 0.088)) < TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_decode_splits_merged_by_the_last_to_finish_equal_the_merge_kernel(monkeypatch, dtype):
     """Each sequence's splits are merged by whichever finishes last (a counter per sequence and KV head): the
