@@ -149,9 +149,13 @@ def test_attention_kernels(hopper, dtype):
     for splits in (1, 8):  # one split writes the output itself; several are merged by the last split to finish
         ta.paged_decode_attention(q, k_cache, v_cache, pages, seq_lens, 0.088, num_splits=splits, order=order)
     ta.paged_decode_attention(q, k_cache, v_cache, pages, seq_lens, 0.088)  # batch order, the shape-chosen splits
+    mid = ta._decode_config(128, dtype, ta.DecodePlan(4, 256, 1))  # a mid-size batch's plan: long sequences split
+    ta._decode_launch(q, k_cache, v_cache, pages, seq_lens, 0.088, torch.empty_like(q), order=order, **mid)
     with pytest.MonkeyPatch.context() as patch:  # or by the merge kernel
         patch.setattr(ta, "_MERGE_IN_PLACE", False)
         ta.paged_decode_attention(q, k_cache, v_cache, pages, seq_lens, 0.088, num_splits=8)
     cu = torch.tensor([0, 5, 37, 38, 102], dtype=torch.int32)
     ta.paged_prefill_attention(torch.randn(102, 16, 128, dtype=dtype), k_cache, v_cache, pages, cu, seq_lens, 64, 0.088)
     assert_compiled(hopper, "_decode_split_kernel", "_decode_reduce_kernel", "_prefill_kernel")
+    # unused splits exit before the PDL wait, the others wait (inside the branch) before reading q
+    assert all("griddepcontrol.wait" in k.asm["ptx"] for k in hopper["_decode_split_kernel"])

@@ -8,8 +8,10 @@ here signals `gdc_launch_dependents` first and then waits, so a chain of short k
 each one's weight prefetch overlaps the kernels before it (batch-1 decode 1,137 tokens/s when the signal
 came after the wait, 1,182 with it first).
 
-Every kernel launched with PDL waits in every program before it exits, which keeps the ordering
-transitive: when a kernel's wait returns, every kernel before it in the stream has finished. Kernels not
+Every kernel launched with PDL waits in every program that does work before it exits, and in at least one
+program of its grid, which keeps the ordering transitive: when a kernel's wait returns, every kernel before it
+in the stream has finished. (Decode attention's unused KV splits exit without waiting; a grid ends only when
+all its programs have, so one that waited is enough.) Kernels not
 launched with PDL (cuBLAS, PyTorch) keep plain stream order. CUDA graphs keep the dependency as a
 programmatic edge.
 
@@ -58,7 +60,8 @@ if triton is not None:
     @triton.jit
     def wait_previous(USE_PDL: tl.constexpr):
         """Wait until the previous kernel of the stream has finished (its writes visible) and let the next
-        one start; a no-op for kernels launched without PDL. Every program must call it before it exits."""
+        one start; a no-op for kernels launched without PDL. Every program calls it before reading what an earlier
+        kernel wrote (decode attention's unused splits, which read nothing of it, exit without: the module notes)."""
         if USE_PDL:
             if EARLY_TRIGGER:
                 tl.extra.cuda.gdc_launch_dependents()

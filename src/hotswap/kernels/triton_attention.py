@@ -213,20 +213,23 @@ if HAS_TRITON:
         USE_PDL: tl.constexpr,
         PREC: tl.constexpr,
     ):
-        wait_previous(USE_PDL)
         # Neighbouring programs are one sequence's KV heads (they read the same pages), and with ORDER the
         # sequences start longest first, so the last wave of a step with mixed lengths is a short one
         hk = tl.program_id(0)
         b = tl.program_id(1)
+        # ORDER and SEQ are the step's staged inputs, which no kernel of the step writes: read before the wait
         if HAS_ORDER:
             b = tl.load(ORDER + b)
         split = tl.program_id(2)
 
         seq_len = tl.load(SEQ + b).to(tl.int32)
         # Splits actually used by this sequence (the shape-fixed num_splits is an upper bound); the others
-        # write nothing, and the reduce kernel reads only these (`_active_splits` there too)
+        # write nothing, and the reduce kernel reads only these (`_active_splits` there too). An unused split
+        # exits without waiting for the previous kernel (pdl.py), so it holds no SM slot through that kernel's
+        # tail; split 0 of every (sequence, KV head) waits, so the launch still ends after the previous one.
         n_split = _active_splits(seq_len, num_splits, MIN_CHUNK)
         if split < n_split:
+            wait_previous(USE_PDL)
             chunk = tl.cdiv(tl.cdiv(seq_len, n_split), BLOCK_N) * BLOCK_N
             start = split * chunk
             end = tl.minimum(start + chunk, seq_len)
