@@ -36,16 +36,12 @@ class Attention(nn.Module):
         A one-row decode finishes its heads (norm, rotary, KV store) inside the qkv matmul."""
         if ctx.skinny_matmul and skinny_matmul.HEADS_EPILOGUE and fused.available(x):
             k_cache, v_cache = ctx.attention.kv_cache(self.layer_id)
-            has_norm = self.q_norm is not None
-            heads = skinny_matmul.HeadsEpilogue(self.num_heads, self.num_kv_heads, self.head_dim,
-                                                self.q_norm.weight if has_norm else None,
-                                                self.k_norm.weight if has_norm else None,
-                                                self.q_norm.eps if has_norm else 0.0, self.rotary.cos_sin,
-                                                ctx.positions, k_cache, v_cache, ctx.slot_mapping)
+            q_w, k_w, eps = self._qk_norm()
+            heads = skinny_matmul.HeadsEpilogue(self.num_heads, self.num_kv_heads, self.head_dim, q_w, k_w, eps,
+                                                self.rotary.cos_sin, ctx.positions, k_cache, v_cache, ctx.slot_mapping)
             qkv, residual = self.qkv_proj.norm_forward(x, residual, norm, True, heads)
             q = qkv[:, :self.num_heads * self.head_dim].view(-1, self.num_heads, self.head_dim)
-            out = ctx.attention.attend(self.layer_id, q, self.scale, ctx)
-            return self.o_proj(out.view(-1, self.num_heads * self.head_dim), True), residual
+            return self._project(ctx.attention.attend(self.layer_id, q, self.scale, ctx), ctx), residual
         qkv, residual = self.qkv_proj.norm_forward(x, residual, norm, ctx.skinny_matmul)
         return self.forward(qkv, ctx), residual
 
@@ -57,10 +53,9 @@ class Attention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if fused.available(q):
-            has_norm = self.q_norm is not None
+            q_w, k_w, eps = self._qk_norm()
             k_cache, v_cache = ctx.attention.kv_cache(self.layer_id)
-            fused.qk_norm_rope(q, k, self.q_norm.weight if has_norm else None, self.k_norm.weight if has_norm else None,
-                               self.rotary.cos_sin, ctx.positions, self.q_norm.eps if has_norm else 0.0,
+            fused.qk_norm_rope(q, k, q_w, k_w, self.rotary.cos_sin, ctx.positions, eps,
                                kv_store=(v, k_cache, v_cache, ctx.slot_mapping))
             out = ctx.attention.attend(self.layer_id, q, self.scale, ctx)
         else:
@@ -68,6 +63,16 @@ class Attention(nn.Module):
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = self.rotary(ctx.positions, q, k)
             out = ctx.attention.forward(self.layer_id, q, k, v, self.scale, ctx)
+        return self._project(out, ctx)
+
+    def _qk_norm(self) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+        """(q norm weight, k norm weight, eps) of Qwen3's per-head RMSNorm; (None, None, 0.0) without one."""
+        if self.q_norm is None:
+            return None, None, 0.0
+        return self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
+
+    def _project(self, out: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """o_proj over the attention output [tokens, heads, head_dim]."""
         return self.o_proj(out.view(-1, self.num_heads * self.head_dim), ctx.skinny_matmul)
 
 
