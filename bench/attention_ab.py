@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import config_only_checkpoint, d2d_bytes_per_s, print_table  # noqa: E402
+from common import config_only_checkpoint, d2d_bytes_per_s, decode_graph_replay_ms, print_table  # noqa: E402
 from throughput import roofline_tok_s  # noqa: E402
 
 from hotswap import Engine  # noqa: E402
@@ -66,19 +66,6 @@ VARIANTS = {
 }
 
 
-def replay_ms(engine: Engine, batch: int, replays: int = 50) -> float:
-    """The decode graph of this batch's bucket replayed alone: the GPU's time for one step."""
-    graphs = engine.model_runner.cuda_graphs
-    graph = graphs.graphs[min(b for b in graphs.buckets if b >= batch)]
-    graph.replay()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(replays):
-        graph.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / replays * 1e3
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen3-0.6b")
@@ -116,7 +103,7 @@ def main() -> None:
                     torch.cuda.synchronize()
                     times.append(time.perf_counter() - t)
                     engine.flush_cache()
-                replay = replay_ms(engine, args.batch)
+                replay = decode_graph_replay_ms(engine, args.batch)
                 roof = roofline_tok_s(engine, args.batch, args.prompt, args.output, d2d_bytes_per_s(torch.device("cuda")))
                 engine.shutdown()
             finally:

@@ -123,6 +123,20 @@ def timed(fn, sync: bool):
     return out, time.perf_counter() - t
 
 
+def decode_graph_replay_ms(engine, batch: int, replays: int = 50) -> float:
+    """The engine's captured decode graph for `batch` rows (its bucket) replayed alone: the GPU's time for one
+    decode step, to hold beside a whole step's (a step slower than this is host-bound)."""
+    graphs = engine.model_runner.cuda_graphs
+    graph = graphs.graphs[min(b for b in graphs.buckets if b >= batch)]
+    graph.replay()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(replays):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / replays * 1e3
+
+
 def graph_time_us(fn, calls: int, reps: int = 20) -> float:
     """Median time of one `fn()` call, from a CUDA graph of `calls` calls replayed `reps` times (no
     launch overhead between calls, as inside a decode step's graph)."""

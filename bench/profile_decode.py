@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import config_only_checkpoint, timed  # noqa: E402
+from common import config_only_checkpoint, decode_graph_replay_ms, timed  # noqa: E402
 
 from hotswap import Engine  # noqa: E402
 
@@ -42,12 +42,7 @@ def main() -> None:
         # time replay alone vs the whole step
         graphs = runner.cuda_graphs
         bs = min(b for b in graphs.buckets if b >= batch)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(50):
-            graphs.graphs[bs].replay()
-        torch.cuda.synchronize()
-        replay_ms = (time.perf_counter() - t) / 50 * 1e3
+        replay_ms = decode_graph_replay_ms(engine, batch)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:  # the decode graph's kernels
             for _ in range(20):
                 graphs.graphs[bs].replay()
