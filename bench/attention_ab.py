@@ -1,7 +1,8 @@
 """A/B of decode settings over whole `generate` calls (the kernel-alone sweeps of bench/attention_kernels.py do
 not see PDL or the neighbouring kernels of a decode graph): decode attention's launch plan and split merge, the
-batch-1 q/k/v matmul finishing its heads, and the decode kernel finishing the step's token (q/k norm, rotary, KV store). The peer of each variant is the current setting in the same process;
-the limit is the decode roofline of bench/throughput.py. Beside the calls' tokens/s, each variant's decode graph
+batch-1 q/k/v matmul finishing its heads, and the decode kernel finishing the step's token (q/k norm, rotary, KV
+store). The peer of each variant is the current setting in the same process; the limit is the decode roofline of
+bench/throughput.py. Beside the calls' tokens/s, each variant's decode graph
 is replayed alone: a step slower than the replay is host-bound.
 
 Engines are built one after the other in this process, each with the setting patched in before its graphs

@@ -19,6 +19,7 @@
 #            30B-A3B batch 1, one 0.6B rollout per mode (for a session that may get a single machine)
 #   after-first  batch 1 host- or GPU-bound (attention_ab.py A/B), the rollouts with the mid-size split plan, the
 #            batch-1 host profile (~470 s)
+#   new-token  the decode kernel finishing the step's token: its GPU tests, batch-64 A/B, fixed batches, rollouts (~480 s)
 #   batch1   batch-1 throughput of the 0.6B and the 30B-A3B (the qkv matmul finishing its heads; ~180 s)
 #   fusions  the eighteenth session's kernel changes: their GPU tests, the MoE layer, 30B-A3B batch 1 before (.moe-before)
 #            and after, the 0.6B batch 1 / 64 with the in-place split merge and with the merge kernel (~450 s on an H100)
@@ -43,7 +44,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|first|after-first|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|first|after-first|new-token|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/device.txt" 2>&1
@@ -202,6 +203,17 @@ after-first)  # the twentieth session's second call (~470 s): batch 1 host- or G
     PYTHONPATH=src run host_b1 60 python3 bench/host_step.py --shape qwen3-0.6b --batch 1 --steps 128 --mode greedy --device cuda \
         --profile 30 --repeats 2
     ;;
+new-token)  # the twenty-first session's decode kernel finishing the step's token (~480 s on an H100): its GPU tests, the
+    # batch-64 A/B in one process, the fixed batches, the 0.6B rollout both modes and with the switch off, the 8B rollout
+    PYTHONPATH=src run new_token_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention.py \
+        tests/test_gpu_engine.py -k "new_token or bf16_greedy"
+    PYTHONPATH=src run ab_b64 110 python3 bench/attention_ab.py --batch 64 --variants current,no-new-token --rounds 2 --calls 5
+    PYTHONPATH=src run throughput06 50 python3 bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,64x128x128,256x128x512 --hf none
+    PYTHONPATH=src run rollout06 100 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline
+    HOTSWAP_DECODE_NEW_TOKEN=0 PYTHONPATH=src run rollout06_before 70 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 \
+        --paths offline --modes sampled
+    PYTHONPATH=src run rollout8b 110 python3 bench/rollout.py --shape qwen3-8b --prompts 32 --n 8 --paths offline --modes sampled
+    ;;
 batch1)  # the nineteenth session's qkv matmul finishing its heads: batch 1 of the 0.6B and the 30B-A3B (after `fusions`)
     PYTHONPATH=src run throughput_b1_heads 45 python3 bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,64x128x128 --hf none
     PYTHONPATH=src run throughput_moe_b1_heads 130 python3 bench/throughput.py --shape qwen3-30b-a3b --cases 1x128x128 --hf none
@@ -214,7 +226,7 @@ moe-sync)
         --ipc-bucket-mib 512,2048
     ;;
 *)
-    echo "unknown stage: $stage (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|first|after-first|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2
+    echo "unknown stage: $stage (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|first|after-first|new-token|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2
     exit 2
     ;;
 esac
