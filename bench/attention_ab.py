@@ -1,8 +1,7 @@
 """A/B of decode settings over whole `generate` calls (the kernel-alone sweeps of bench/attention_kernels.py do
-not see PDL or the neighbouring kernels of a decode graph): decode attention's launch plan and split merge, the
-batch-1 q/k/v matmul finishing its heads, and the decode kernel finishing the step's token (q/k norm, rotary, KV
-store). The peer of each variant is the current setting in the same process; the limit is the decode roofline of
-bench/throughput.py. Beside the calls' tokens/s, each variant's decode graph
+not see PDL or the neighbouring kernels of a decode graph): decode attention's launch plan and split merge, and
+the batch-1 q/k/v matmul finishing its heads. The peer of each variant is the current setting in the same process;
+the limit is the decode roofline of bench/throughput.py. Beside the calls' tokens/s, each variant's decode graph
 is replayed alone: a step slower than the replay is host-bound.
 
 Engines are built one after the other in this process, each with the setting patched in before its graphs
@@ -10,7 +9,6 @@ are captured; every setting runs `--rounds` times, `--calls` timed calls each (m
 
     python bench/attention_ab.py --batch 1 --variants current,merge-kernel,no-heads
     python bench/attention_ab.py --batch 64 --variants current,no-long-splits,one-stage
-    python bench/attention_ab.py --batch 64 --variants current,no-new-token
 """
 
 from __future__ import annotations
@@ -65,7 +63,6 @@ VARIANTS = {
     "no-long-splits": {(ta, "decode_plan"): no_long_splits},
     "merge-kernel": {(ta, "_MERGE_IN_PLACE"): False},  # HOTSWAP_DECODE_MERGE=0
     "no-heads": {(skinny_matmul, "HEADS_EPILOGUE"): False},  # HOTSWAP_QKV_HEADS=0
-    "no-new-token": {(ta, "FINISH_NEW_TOKEN"): False},  # HOTSWAP_DECODE_NEW_TOKEN=0
 }
 
 

@@ -13,13 +13,13 @@
 #   rollout-repeats  issue 24's 0.6B rollout run three times per mode (one-time costs, the spread)
 #   moe-quick  issue 20's layer kernels (no sweep) and the 30B-A3B throughput, for a short session
 #   moe     issue 20's Qwen3-30B-A3B throughput, then moe-rollout: its rollout with and without routed experts (R3)
+#   moe-r3  the R3 cost on an 80 GB card: the 30B-A3B rollout at 96 sequences (no preemption), with and without R3
 #   sessions  a weight-update session's cost with its saved originals in the lent KV pool and without (8B, 30B-A3B)
 #   attention-mix  decode attention on a rollout's mixed contexts (program order, tiles, KV splits for mid-size batches)
 #   first    one call's worth (~420 s) of the unmeasured: changed kernels' tests, 0.6B batch 1/64 with either merge,
 #            30B-A3B batch 1, one 0.6B rollout per mode (for a session that may get a single machine)
 #   after-first  batch 1 host- or GPU-bound (attention_ab.py A/B), the rollouts with the mid-size split plan, the
 #            batch-1 host profile (~470 s)
-#   new-token  the decode kernel finishing the step's token: its GPU tests, batch-64 A/B, fixed batches, rollouts (~480 s)
 #   batch1   batch-1 throughput of the 0.6B and the 30B-A3B (the qkv matmul finishing its heads; ~180 s)
 #   fusions  the eighteenth session's kernel changes: their GPU tests, the MoE layer, 30B-A3B batch 1 before (.moe-before)
 #            and after, the 0.6B batch 1 / 64 with the in-place split merge and with the merge kernel (~450 s on an H100)
@@ -44,7 +44,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|first|after-first|new-token|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|first|after-first|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/device.txt" 2>&1
@@ -162,6 +162,10 @@ moe)
         --shape qwen3-30b-a3b --cases "$moe_cases" --hf none
     bash "$0" moe-rollout
     ;;
+moe-r3)  # issue 20's R3 cost on an 80 GB card: 96 sequences, whose KV fits beside the 61 GB of weights (no preemption)
+    PYTHONPATH=src run rollout_moe_r3 400 python3 bench/rollout.py --shape qwen3-30b-a3b --prompts 12 --n 8 --modes sampled \
+        --paths offline --routed-experts
+    ;;
 moe-rollout)  # on an 80 GB card the KV pool beside 61 GB of weights (~13 GB, ~140K tokens) is below what 256 sequences reach: it preempts
     PYTHONPATH=src run rollout_moe 360 python3 bench/rollout.py --shape qwen3-30b-a3b --prompts 32 --n 8 --modes sampled \
         --paths offline --routed-experts
@@ -203,17 +207,6 @@ after-first)  # the twentieth session's second call (~470 s): batch 1 host- or G
     PYTHONPATH=src run host_b1 60 python3 bench/host_step.py --shape qwen3-0.6b --batch 1 --steps 128 --mode greedy --device cuda \
         --profile 30 --repeats 2
     ;;
-new-token)  # the twenty-first session's decode kernel finishing the step's token (~480 s on an H100): its GPU tests, the
-    # batch-64 A/B in one process, the fixed batches, the 0.6B rollout both modes and with the switch off, the 8B rollout
-    PYTHONPATH=src run new_token_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention.py \
-        tests/test_gpu_engine.py -k "new_token or bf16_greedy"
-    PYTHONPATH=src run ab_b64 110 python3 bench/attention_ab.py --batch 64 --variants current,no-new-token --rounds 2 --calls 5
-    PYTHONPATH=src run throughput06 50 python3 bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,64x128x128,256x128x512 --hf none
-    PYTHONPATH=src run rollout06 100 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline
-    HOTSWAP_DECODE_NEW_TOKEN=0 PYTHONPATH=src run rollout06_before 70 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 \
-        --paths offline --modes sampled
-    PYTHONPATH=src run rollout8b 110 python3 bench/rollout.py --shape qwen3-8b --prompts 32 --n 8 --paths offline --modes sampled
-    ;;
 batch1)  # the nineteenth session's qkv matmul finishing its heads: batch 1 of the 0.6B and the 30B-A3B (after `fusions`)
     PYTHONPATH=src run throughput_b1_heads 45 python3 bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,64x128x128 --hf none
     PYTHONPATH=src run throughput_moe_b1_heads 130 python3 bench/throughput.py --shape qwen3-30b-a3b --cases 1x128x128 --hf none
@@ -226,7 +219,7 @@ moe-sync)
         --ipc-bucket-mib 512,2048
     ;;
 *)
-    echo "unknown stage: $stage (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|first|after-first|new-token|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-rollout|moe-sync)" >&2
+    echo "unknown stage: $stage (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|first|after-first|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync)" >&2
     exit 2
     ;;
 esac

@@ -154,14 +154,6 @@ def test_attention_kernels(hopper, dtype):
     with pytest.MonkeyPatch.context() as patch:  # or by the merge kernel
         patch.setattr(ta, "_MERGE_IN_PLACE", False)
         ta.paged_decode_attention(q, k_cache, v_cache, pages, seq_lens, 0.088, num_splits=8)
-    qkv = torch.randn(4, (16 + 2 * 8) * 128, dtype=dtype)  # the step's token unfinished: views of the projection
-    k_new, v_new = qkv[:, 2048:3072].view(4, 8, 128), qkv[:, 3072:].view(4, 8, 128)
-    for norm in (torch.ones(128, dtype=dtype), None):  # Qwen3's q/k norm, or rotary alone
-        token = ta.NewToken(k_new, v_new, norm, norm, 1e-6, torch.randn(4096, 128), seq_lens.long() - 1,
-                            torch.arange(4) * 50 * 16)
-        for splits in (1, 8):
-            ta.paged_decode_attention(qkv[:, :2048].view(4, 16, 128), k_cache, v_cache, pages, seq_lens, 0.088,
-                                      num_splits=splits, order=order, new_token=token)
     cu = torch.tensor([0, 5, 37, 38, 102], dtype=torch.int32)
     ta.paged_prefill_attention(torch.randn(102, 16, 128, dtype=dtype), k_cache, v_cache, pages, cu, seq_lens, 64, 0.088)
     assert_compiled(hopper, "_decode_split_kernel", "_decode_reduce_kernel", "_prefill_kernel")

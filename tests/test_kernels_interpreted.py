@@ -26,4 +26,4 @@ def test_kernels_pass_under_the_interpreter():
     tail = done.stdout[-4000:] + done.stderr[-2000:]
     assert done.returncode == 0, tail
     passed = re.search(r"(\d+) passed", done.stdout)
-    assert passed and int(passed.group(1)) >= 47, tail  # the interpreter tests ran, not only the CPU ones
+    assert passed and int(passed.group(1)) >= 37, tail  # the interpreter tests ran, not only the CPU ones

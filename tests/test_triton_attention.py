@@ -277,41 +277,6 @@ def test_decode_in_a_given_order_is_bit_identical(num_splits):
         paged_decode_attention(q, k, v, pt, seq_lens, 0.088, order=order[:4])
 
 
-@pytest.mark.parametrize("batch,qk_norm", [(1, True), (64, True), (160, True), (64, False)])
-def test_decode_finishing_the_new_token_equals_the_fused_rotary_kernel_before_it(batch, qk_norm):
-    """In bf16 at the shape-chosen plans of batch 1 (many splits), 64 (long rows split) and 160 (one split): the
-    decode kernel given the step's token unfinished (`new_token`) writes the k and v that fused.qk_norm_rope writes
-    (within a bf16 rounding of the norm's sum order) and attends as the kernel after it does."""
-    from hotswap.kernels import fused
-    from hotswap.kernels.triton_attention import NewToken
-    from hotswap.models.layers import RotaryEmbedding
-
-    gen = _gen(batch + qk_norm)
-    lens = torch.randint(1, 2001, (batch,), generator=gen).tolist()
-    lens[:2] = [1, 257][:batch]
-    k, v, pt = make_paged_kv(lens, 16, 8, 128, torch.bfloat16, gen)
-    qkv = (3 * torch.randn(batch, 32 * 128, generator=gen)).to(torch.bfloat16).to(DEV)
-    q, k_new, v_new = (x.view(batch, -1, 128) for x in qkv.split([2048, 1024, 1024], dim=1))
-    norm = (1 + 0.1 * torch.randn(128, generator=gen)).to(torch.bfloat16).to(DEV) if qk_norm else None
-    cos_sin = RotaryEmbedding(128, 4096, 1e6, None, torch.device(DEV)).cos_sin
-    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEV)
-    positions = seq_lens.long() - 1
-    slots = torch.stack([pt[b, (n - 1) // 16].long() * 16 + (n - 1) % 16 for b, n in enumerate(lens)])
-    token = NewToken(k_new, v_new, norm, norm, 1e-6, cos_sin, positions, slots)
-    k_a, v_a, k_b, v_b = k.clone(), v.clone(), k.clone(), v.clone()
-    finished = paged_decode_attention(q, k_a, v_a, pt, seq_lens, 0.088, new_token=token)
-    q_b, k_new_b = q.clone(), k_new.clone()
-    fused.qk_norm_rope(q_b, k_new_b, norm, norm, cos_sin, positions, 1e-6, kv_store=(v_new, k_b, v_b, slots))
-    before = paged_decode_attention(q_b, k_b, v_b, pt, seq_lens, 0.088)
-    written = torch.zeros(k.shape[:2], dtype=torch.bool, device=DEV)
-    written.view(-1)[slots] = True
-    assert torch.equal(v_a.nan_to_num(7.0), v_b.nan_to_num(7.0))
-    assert torch.equal(k_a[~written].nan_to_num(7.0), k[~written].nan_to_num(7.0))
-    torch.testing.assert_close(k_a[written].float(), k_b[written].float(), rtol=1e-2, atol=1e-2)
-    assert rel_err(finished, before) < TOL[torch.bfloat16]
-    assert rel_err(finished, ref_decode(q_b, k_b, v_b, pt, seq_lens, 0.088)) < TOL[torch.bfloat16]
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("B,cap", [(1, MAX_CTX), (8, MAX_CTX), (64, 800)])
 def test_decode_cuda_graph_replay(B, cap):

@@ -18,9 +18,7 @@ Two entry points:
   are chosen from *shapes only* (batch, kv heads, page-table width, SM count), so the call is
   CUDA-graph capturable: no host syncs, no data-dependent allocation. Inside the kernel, short sequences
   use fewer of the splits (the idle ones write nothing the merge reads), and a sequence left with one
-  split writes its final output itself (the merge skips it: no scratch round trip). Given the step's token
-  unfinished (``new_token``), every program normalises and rotates its q heads in registers and the program
-  holding the last key also finishes k, writes k and v to the cache and takes that key from registers.
+  split writes its final output itself (the merge skips it: no scratch round trip).
 
 * :func:`paged_prefill_attention` -- ragged batch of causal "extend" chunks (prefix already in
   the cache + new tokens whose KV is also already written), flash-attention online softmax
@@ -62,9 +60,7 @@ __all__ = [
     "paged_decode_attention",
     "paged_prefill_attention",
     "DecodePlan",
-    "NewToken",
     "decode_plan",
-    "takes_new_token",
     "prefill_tile_tokens",
     "MAX_DECODE_SPLITS",
 ]
@@ -77,10 +73,6 @@ MAX_DECODE_SPLITS = 64
 #: Splits merged by the last of them to finish (kernels/arrival.py: a counter per sequence and KV head) instead
 #: of by a second kernel; `HOTSWAP_DECODE_MERGE=0` launches the merge kernel (the A/B switch of the benches).
 _MERGE_IN_PLACE = os.environ.get("HOTSWAP_DECODE_MERGE", "1") != "0"
-
-#: Decode batches hand the kernel their token unfinished (`NewToken`: q/k norm, rotary and the KV store in the
-#: attention launch); `HOTSWAP_DECODE_NEW_TOKEN=0` runs fused.qk_norm_rope before it (the A/B switch of the benches).
-FINISH_NEW_TOKEN = os.environ.get("HOTSWAP_DECODE_NEW_TOKEN", "1") != "0"
 
 # Tunables (defaults; measured on H100, see bench/attention_kernels.py).
 _DECODE_TARGET_CTAS_PER_SM = 2  # aim for about this many split-programs per SM
@@ -193,28 +185,6 @@ if HAS_TRITON:
         return (page * stride_kp + row)[:, None] + offs_d[None, :], (page * stride_vp + row)[:, None] + offs_d[None, :], kv_mask
 
     @triton.jit
-    def _norm_rope_rows(base, mask, W, cs_row, eps, HAS_NORM: tl.constexpr, HEAD_DIM: tl.constexpr):
-        """Heads whose rows start at `base` ([R] pointers, `mask` [R]): optional per-head RMSNorm with weight W,
-        then neox rotary by the position's row `cs_row` of the cos | sin table; returns [R, HEAD_DIM] in the input
-        dtype, rounded where fused.norm_rope_head rounds. The row is read twice, straight and half-rotated, so it
-        stays one [R, HEAD_DIM] tile."""
-        HALF: tl.constexpr = HEAD_DIM // 2
-        offs = tl.arange(0, HEAD_DIM)
-        rot = (offs + HALF) % HEAD_DIM
-        m = mask[:, None]
-        x = tl.load(base[:, None] + offs[None, :], mask=m, other=0.0)
-        xr = tl.load(base[:, None] + rot[None, :], mask=m, other=0.0)
-        if HAS_NORM:
-            f = x.to(tl.float32)
-            r = tl.rsqrt(tl.sum(f * f, axis=1) / HEAD_DIM + eps)[:, None]
-            xr = tl.load(W + rot)[None, :] * (xr.to(tl.float32) * r).to(x.dtype)
-            x = tl.load(W + offs)[None, :] * (f * r).to(x.dtype)
-        half = offs % HALF
-        cos = tl.load(cs_row + half).to(x.dtype)[None, :]
-        sin = tl.load(cs_row + HALF + half).to(x.dtype)[None, :]
-        return tl.where((offs < HALF)[None, :], x * cos - xr * sin, x * cos + xr * sin)
-
-    @triton.jit
     def _active_splits(seq_len, num_splits, MIN_CHUNK: tl.constexpr):
         """Splits a sequence of `seq_len` keys uses: at least MIN_CHUNK keys each, at most `num_splits`."""
         return tl.maximum(tl.minimum(tl.cdiv(seq_len, MIN_CHUNK), num_splits), 1)
@@ -222,14 +192,11 @@ if HAS_TRITON:
     @triton.jit
     def _decode_split_kernel(
         Q, K, V, PT, SEQ, ORDER, MID_O, MID_LSE, OUT, COUNTERS,
-        K_NEW, V_NEW, QW, KW, COS_SIN, POS, SLOTS,  # NEW_TOKEN: this step's raw k / v rows and how to finish them
         qk_scale,  # scale * log2(e)
         stride_qb, stride_qh,
         stride_kp, stride_vp,  # page strides (inside a page: [PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM] dense)
         stride_ptb,
         stride_ob, stride_oh,
-        stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cs,
-        head_eps,
         num_splits,  # splits of this launch (grid dim 2); scratch MID_* is [B, Hq, num_splits, (D)]
         NUM_KV_HEADS: tl.constexpr,
         GROUP: tl.constexpr,
@@ -243,8 +210,6 @@ if HAS_TRITON:
         HAS_ORDER: tl.constexpr,
         MERGE: tl.constexpr,
         BLOCK_S: tl.constexpr,
-        NEW_TOKEN: tl.constexpr,
-        HAS_QK_NORM: tl.constexpr,
         USE_PDL: tl.constexpr,
         PREC: tl.constexpr,
     ):
@@ -276,6 +241,13 @@ if HAS_TRITON:
             d_mask = offs_d < HEAD_DIM
             offs_n = tl.arange(0, BLOCK_N)
 
+            q = tl.load(
+                Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=h_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            )
+            q = q.to(K.dtype.element_ty)
+
             m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_H], tl.float32)
             acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
@@ -285,39 +257,9 @@ if HAS_TRITON:
             v_base = V + hk * HEAD_DIM
             stride_t: tl.constexpr = NUM_KV_HEADS * HEAD_DIM
 
-            if NEW_TOKEN:
-                # q arrives as the projection left it: normalised and rotated here (every split, in registers).
-                # The split holding the last key (this step's token) finishes its k, writes k and v to the
-                # token's cache slot for later steps, and takes that key from registers, not from the cache
-                cs_row = COS_SIN + tl.load(POS + b) * stride_cs
-                q = _norm_rope_rows(Q + b * stride_qb + heads * stride_qh, h_mask, QW, cs_row, head_eps,
-                                    HAS_QK_NORM, HEAD_DIM).to(K.dtype.element_ty)
-                loop_end = end
-                if seq_len > 0 and split == (seq_len - 1) // chunk:
-                    loop_end = end - 1
-                    kv_row = tl.zeros([1], tl.int32) + hk
-                    k_new = _norm_rope_rows(K_NEW + b * stride_knb + kv_row * stride_knh, kv_row < NUM_KV_HEADS, KW,
-                                            cs_row, head_eps, HAS_QK_NORM, HEAD_DIM)  # [1, HEAD_DIM]
-                    v_new = tl.load(V_NEW + b * stride_vnb + hk * stride_vnh + offs_d[None, :])
-                    slot = tl.load(SLOTS + b).to(tl.int64)
-                    row = (slot % PAGE_SIZE) * stride_t + offs_d[None, :]
-                    tl.store(k_base + (slot // PAGE_SIZE) * stride_kp + row, k_new.to(K.dtype.element_ty))
-                    tl.store(v_base + (slot // PAGE_SIZE) * stride_vp + row, v_new.to(V.dtype.element_ty))
-                    m_i = tl.sum(q.to(tl.float32) * k_new.to(K.dtype.element_ty).to(tl.float32), 1) * qk_scale
-                    l_i = tl.full([BLOCK_H], 1.0, tl.float32)
-                    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32) + v_new.to(V.dtype.element_ty).to(tl.float32)
-            else:
-                q = tl.load(
-                    Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                    mask=h_mask[:, None] & d_mask[None, :],
-                    other=0.0,
-                )
-                q = q.to(K.dtype.element_ty)
-                loop_end = end
-
-            for s in range(start, loop_end, BLOCK_N):
+            for s in range(start, end, BLOCK_N):
                 pos = s + offs_n
-                n_mask = pos < loop_end
+                n_mask = pos < end
                 k_off, v_off, kv_mask = _kv_offsets(pt_row, pos, n_mask, offs_d, d_mask, stride_kp, stride_vp,
                                                     stride_t, PAGE_SIZE, HEAD_DIM, BLOCK_D)
                 k = tl.load(k_base + k_off, mask=kv_mask, other=0.0)
@@ -533,23 +475,6 @@ if HAS_TRITON:
 # Launch helpers
 # ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class NewToken:
-    """A decode step's token as the q/k/v projection left it, for the decode kernel to finish: per-head RMSNorm
-    (Qwen3's q/k norm weights; None without), neox rotary at `positions` by the table `cos_sin` ([positions,
-    head_dim], cos | sin), and k [B, Hkv, D] and v written to the KV cache at `slots`. One launch fewer a layer
-    than fused.qk_norm_rope before the call, which it replaces."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    q_norm: torch.Tensor | None
-    k_norm: torch.Tensor | None
-    eps: float
-    cos_sin: torch.Tensor
-    positions: torch.Tensor
-    slots: torch.Tensor
-
-
-@dataclass(frozen=True)
 class DecodePlan:
     """How the decode kernel covers a batch: KV splits (the grid's third dim), the fewest keys a split takes
     (a sequence uses ``min(ceil(len / min_chunk), num_splits)`` of them) and pipeline stages."""
@@ -597,7 +522,7 @@ def _decode_config(head_dim: int, dtype: torch.dtype, plan: DecodePlan):
 def _decode_launch(
     q, k_cache, v_cache, page_table, seq_lens, scale, out,
     *, num_splits: int, block_n: int, num_warps: int, num_stages: int,
-    min_chunk: int = _DECODE_MIN_CHUNK, order: Optional[torch.Tensor] = None, new_token: Optional[NewToken] = None,
+    min_chunk: int = _DECODE_MIN_CHUNK, order: Optional[torch.Tensor] = None,
 ):
     B, Hq, D = q.shape
     page_size, Hkv = k_cache.shape[1], k_cache.shape[2]
@@ -614,23 +539,14 @@ def _decode_launch(
     else:  # unused: with one split the kernel writes the output directly (DIRECT)
         mid_o = mid_lse = out
     use_pdl = pdl.enabled(q.device, B)
-    t = new_token
-    if t is not None:
-        token_args = (t.k, t.v, q if t.q_norm is None else t.q_norm, q if t.k_norm is None else t.k_norm, t.cos_sin,
-                      t.positions, t.slots)
-        token_strides = (t.k.stride(0), t.k.stride(1), t.v.stride(0), t.v.stride(1), t.cos_sin.stride(0), float(t.eps))
-    else:
-        token_args, token_strides = (q,) * 7, (0, 0, 0, 0, 0, 0.0)
     _decode_split_kernel[(Hkv, B, num_splits)](
         q, k_cache, v_cache, page_table, seq_lens, seq_lens if order is None else order, mid_o, mid_lse, out,
         seq_lens if counters is None else counters,
-        *token_args,
         float(scale) * _LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), v_cache.stride(0),
         page_table.stride(0),
         out.stride(0), out.stride(1),
-        *token_strides,
         num_splits,
         NUM_KV_HEADS=Hkv,
         GROUP=group,
@@ -644,8 +560,6 @@ def _decode_launch(
         HAS_ORDER=order is not None,
         MERGE=counters is not None,
         BLOCK_S=_next_pow2(num_splits),
-        NEW_TOKEN=t is not None,
-        HAS_QK_NORM=t is not None and t.q_norm is not None,
         USE_PDL=use_pdl,
         PREC=_precision(q),
         num_warps=num_warps,
@@ -682,7 +596,6 @@ def paged_decode_attention(
     *,
     num_splits: Optional[int] = None,
     order: Optional[torch.Tensor] = None,
-    new_token: Optional[NewToken] = None,
 ) -> torch.Tensor:
     """Paged decode attention (one query token per sequence), split-KV.
 
@@ -699,10 +612,6 @@ def paged_decode_attention(
         order: optional int32 ``[B]``, a permutation of the rows: the order their programs start in. Longest
             KV first (``HostBatch.longest_first``) keeps a batch of mixed lengths from ending on a wave of long
             sequences (a rollout's 512 rows: 85 -> 99 % of the copy ceiling on an H100). Results do not depend on it.
-        new_token: this step's token as the q/k/v projection left it (`NewToken`): ``q`` is then un-normalised
-            and unrotated, and the kernel finishes q and k, writes k and v to the cache and attends, in place of
-            ``fused.qk_norm_rope(..., kv_store=...)`` before the call (``seq_lens`` then counts the new token, whose
-            KV is not yet in the cache). Needs a power-of-two head_dim (`takes_new_token`).
 
     CUDA graphs: capturable. The only allocations are the output (if ``out`` is None) and, when
     ``num_splits > 1``, fp32 scratch ``[B, Hq, num_splits, D]`` + ``[B, Hq, num_splits]`` whose
@@ -722,8 +631,6 @@ def paged_decode_attention(
         raise ValueError("page_table must be [B, max_pages] and seq_lens [B]")
     if order is not None and (order.shape != (B,) or order.dtype != torch.int32):
         raise ValueError(f"order must be int32 [B={B}], got {order.dtype} {tuple(order.shape)}")
-    if new_token is not None:
-        _check_new_token(new_token, B, Hkv, D, k_cache)
     q = _last_dim_contig(q)
     page_table = _last_dim_contig(page_table)
     seq_lens = _last_dim_contig(seq_lens)
@@ -737,31 +644,8 @@ def paged_decode_attention(
         plan = decode_plan(B, Hkv, page_table.shape[1] * page_size, q.device)
     else:
         plan = DecodePlan(num_splits, num_stages=1 if num_splits == 1 else 2)
-    return _decode_launch(q, k_cache, v_cache, page_table, seq_lens, scale, out, order=order, new_token=new_token,
+    return _decode_launch(q, k_cache, v_cache, page_table, seq_lens, scale, out, order=order,
                           **_decode_config(D, k_cache.dtype, plan))
-
-
-def takes_new_token(head_dim: int) -> bool:
-    """Whether the decode kernel can finish this step's token itself (`NewToken`): its heads are one tile."""
-    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
-
-
-def _check_new_token(t: NewToken, batch: int, num_kv_heads: int, head_dim: int, k_cache: torch.Tensor) -> None:
-    if not takes_new_token(head_dim):
-        raise ValueError(f"new_token: head_dim {head_dim} is not a power of two of at least 16")
-    for name, x in (("k", t.k), ("v", t.v)):
-        if x.shape != (batch, num_kv_heads, head_dim) or x.stride(-1) != 1:
-            raise ValueError(f"new_token.{name} must be [{batch}, {num_kv_heads}, {head_dim}] with a contiguous last dim, "
-                             f"got {tuple(x.shape)}")
-    if t.cos_sin.shape[-1] != head_dim or t.cos_sin.stride(-1) != 1:
-        raise ValueError(f"new_token: the rotary table's rows must be [cos | sin] of {head_dim}, got {tuple(t.cos_sin.shape)}")
-    if t.positions.shape[0] < batch or t.slots.shape[0] < batch:
-        raise ValueError(f"new_token: one position and one KV slot a sequence ({batch}), got "
-                         f"{tuple(t.positions.shape)} / {tuple(t.slots.shape)}")
-    if (t.q_norm is None) != (t.k_norm is None):
-        raise ValueError("new_token: q and k are normalised together or not at all")
-    if k_cache.dtype != t.k.dtype:
-        raise ValueError(f"new_token: k is {t.k.dtype}, the cache {k_cache.dtype}")
 
 
 def _prefill_config(head_dim: int, dtype: torch.dtype):

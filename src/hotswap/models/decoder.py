@@ -8,7 +8,6 @@ from torch import nn
 
 from hotswap.config import ModelConfig
 from hotswap.kernels import fused, skinny_matmul
-from hotswap.kernels.triton_attention import NewToken
 from hotswap.models.forward_context import ForwardContext
 from hotswap.models.layers import MergedColumnLinear, RMSNorm, RotaryEmbedding, RowLinear, VocabEmbedding
 from hotswap.models.moe import SparseMoeBlock
@@ -55,8 +54,10 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if fused.available(q):
             q_w, k_w, eps = self._qk_norm()
-            token = NewToken(k, v, q_w, k_w, eps, self.rotary.cos_sin, ctx.positions, ctx.slot_mapping)
-            out = ctx.attention.attend_new(self.layer_id, q, token, self.scale, ctx)
+            k_cache, v_cache = ctx.attention.kv_cache(self.layer_id)
+            fused.qk_norm_rope(q, k, q_w, k_w, self.rotary.cos_sin, ctx.positions, eps,
+                               kv_store=(v, k_cache, v_cache, ctx.slot_mapping))
+            out = ctx.attention.attend(self.layer_id, q, self.scale, ctx)
         else:
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)

@@ -7,16 +7,13 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from hotswap.kernels import fused, triton_attention
-from hotswap.kernels.triton_attention import NewToken
 from hotswap.models.forward_context import ForwardContext
 from hotswap.runner.kv_cache import KVCacheStorage
 
 
 class AttentionBackend(Protocol):
     """`forward` stores this step's K/V then attends; a caller that wrote K/V into `kv_cache(layer)`
-    itself (the fused rotary kernel does) calls `attend` alone, and one whose q and k still need their norm and
-    rotary (CUDA) calls `attend_new`."""
+    itself (the fused rotary kernel does) calls `attend` alone."""
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                 ctx: ForwardContext) -> torch.Tensor: ...
@@ -24,8 +21,6 @@ class AttentionBackend(Protocol):
     def kv_cache(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def attend(self, layer: int, q: torch.Tensor, scale: float, ctx: ForwardContext) -> torch.Tensor: ...
-
-    def attend_new(self, layer: int, q: torch.Tensor, token: NewToken, scale: float, ctx: ForwardContext) -> torch.Tensor: ...
 
 
 def store_kv(kv_cache: KVCacheStorage, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -53,14 +48,6 @@ class _PagedBackend:
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                 ctx: ForwardContext) -> torch.Tensor:
         store_kv(self.storage, layer, k, v, ctx.slot_mapping)
-        return self.attend(layer, q, scale, ctx)
-
-    def attend_new(self, layer: int, q: torch.Tensor, token: NewToken, scale: float, ctx: ForwardContext) -> torch.Tensor:
-        """Attention for q and this step's `token` as the q/k/v projection left them: the fused kernel normalises
-        and rotates q and k in place and writes k and v to the cache, then `attend` (CUDA tensors)."""
-        k_cache, v_cache = self.kv_cache(layer)
-        fused.qk_norm_rope(q, token.k, token.q_norm, token.k_norm, token.cos_sin, token.positions, token.eps,
-                           kv_store=(token.v, k_cache, v_cache, token.slots))
         return self.attend(layer, q, scale, ctx)
 
 
@@ -108,6 +95,8 @@ class TritonAttention(_PagedBackend):
     """CUDA backend: split-KV decode and paged prefill kernels from hotswap.kernels."""
 
     def __init__(self, kv_cache: KVCacheStorage):
+        from hotswap.kernels import triton_attention
+
         super().__init__(kv_cache)
         self.kernels = triton_attention
 
@@ -120,11 +109,3 @@ class TritonAttention(_PagedBackend):
             q, k_cache, v_cache, ctx.page_table, ctx.cu_seqlens_q, ctx.seq_lens, ctx.max_q_len, scale,
             tiles=ctx.prefill_tiles,
         )
-
-    def attend_new(self, layer: int, q: torch.Tensor, token: NewToken, scale: float, ctx: ForwardContext) -> torch.Tensor:
-        """A decode batch's token is finished inside the decode kernel (one launch fewer a layer)."""
-        if not (ctx.is_decode and self.kernels.FINISH_NEW_TOKEN and self.kernels.takes_new_token(q.shape[-1])):
-            return super().attend_new(layer, q, token, scale, ctx)
-        k_cache, v_cache = self.kv_cache(layer)
-        return self.kernels.paged_decode_attention(q, k_cache, v_cache, ctx.page_table, ctx.seq_lens, scale,
-                                                   order=ctx.decode_order, new_token=token)
