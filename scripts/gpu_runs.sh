@@ -28,14 +28,12 @@
 # Device seconds measured: suite 280 (H200) / 308-380 (H100), run alone; throughput19 ~130; sync19 up to 560 (the
 # 8B IPC section alone needs more than the 150 s it had); moe-pair ~60; rollout-repeats ~120; moe-kernels ~280;
 # http ~270 if streaming keeps up (its limits allow 950); moe ~300; moe-sync up to 570.
-# What the open issues still lack, in order (the twentieth session got one H100 call in six tries, which ran `first` on
-# 30ced70 and then `suite`: 228 passed): `after-first` (~470 s: batch 1 of the 0.6B, in-place merge and heads epilogue
-# A/B with each decode graph replayed alone, host-bound or not; the 0.6B / 8B rollouts with the mid-size split plan;
-# the batch-1 host profile), then the suite on the final tree (the decode plan changed after it ran), `attention-mix`
-# (the plan against one split, mixed and uniform contexts at batch 16-128), then on an H200: `rollouts` (H200 before
-# 10.64 s = 54.6 % / 16.25 s = 71.1 %; the H100 had 11.58 s = 71.0 % for the 0.6B this session), `batch1` (the 30B-A3B
-# at 60.3 % on the H100 this session, 46.5 % on an H200 before the fusions), moe-rollout three times (R3 +5.3 % on an
-# H200, one run), moe-sync with --ipc-bucket-mib 512,2048, `sessions` with a serving-size KV pool.
+# What the open issues still lack, in order (the twenty-first session ran after-first, the suite and moe-r3 on H100s;
+# its new-token stage measured a change that was then reverted): on an H200, `rollouts` (H200 figures predate
+# longest-first attention and the mid-size split plan: 10.64 s = 54.6 % / 16.25 s = 71.1 %; the H100 now has
+# 10.54-10.64 s = 76 % / 19.42 s = 81 %), `batch1` (the 30B-A3B at 60.3 % on the H100, 46.5 % on an H200 before
+# the fusions), moe-rollout three times (R3 +5.3 % on an H200 at 256 sequences, one run), moe-sync with
+# --ipc-bucket-mib 512,2048, `sessions` with a serving-size KV pool, `attention-mix` (the plan against one split).
 # "Before" is the tree before the restructure, unpacked beside this one (untracked, so it travels to the
 # device):  git archive 6c9ff7c src bench | (mkdir -p .before && tar -x -C .before)
 # The MoE stage compares its decode kernels with the tree before they changed, unpacked the same way:
