@@ -14,6 +14,8 @@
 #   moe-quick  issue 20's layer kernels (no sweep) and the 30B-A3B throughput, for a short session
 #   moe     issue 20's Qwen3-30B-A3B throughput, then moe-rollout: its rollout with and without routed experts (R3)
 #   moe-r3  the R3 cost on an 80 GB card: the 30B-A3B rollout at 96 sequences (no preemption), with and without R3
+#   h200    one H200 call (~480 s, `needs_h200`: the 30B-A3B rollout of 256 sequences needs its memory): that rollout with and
+#           without R3, the 30B-A3B batch 1, the 0.6B / 8B rollouts, the 0.6B batch 1 / 64
 #   sessions  a weight-update session's cost with its saved originals in the lent KV pool and without (8B, 30B-A3B)
 #   attention-mix  decode attention on a rollout's mixed contexts (program order, tiles, KV splits for mid-size batches)
 #   first    one call's worth (~420 s) of the unmeasured: changed kernels' tests, 0.6B batch 1/64 with either merge,
@@ -29,11 +31,11 @@
 # 8B IPC section alone needs more than the 150 s it had); moe-pair ~60; rollout-repeats ~120; moe-kernels ~280;
 # http ~270 if streaming keeps up (its limits allow 950); moe ~300; moe-sync up to 570.
 # What the open issues still lack, in order (the twenty-first session ran after-first, the suite and moe-r3 on H100s;
-# its new-token stage measured a change that was then reverted): on an H200, `rollouts` (H200 figures predate
-# longest-first attention and the mid-size split plan: 10.64 s = 54.6 % / 16.25 s = 71.1 %; the H100 now has
-# 10.54-10.64 s = 76 % / 19.42 s = 81 %), `batch1` (the 30B-A3B at 60.3 % on the H100, 46.5 % on an H200 before
-# the fusions), moe-rollout three times (R3 +5.3 % on an H200 at 256 sequences, one run), moe-sync with
-# --ipc-bucket-mib 512,2048, `sessions` with a serving-size KV pool, `attention-mix` (the plan against one split).
+# its new-token stage measured a change that was then reverted; an H200 did not start): `h200` (H200 figures predate
+# longest-first attention, the mid-size split plan and the fusions: 0.6B / 8B rollouts 54.6 / 71.1 %, the 30B-A3B batch
+# 1 46.5 %, R3 +5.3 % at 256 sequences; the H100 now has 76 / 81 %, 60.3 %, R3 +2.3 % at 96 sequences), then
+# moe-sync with --ipc-bucket-mib 512,2048, `sessions` with a serving-size KV pool, `attention-mix` (the plan against one
+# split).
 # "Before" is the tree before the restructure, unpacked beside this one (untracked, so it travels to the
 # device):  git archive 6c9ff7c src bench | (mkdir -p .before && tar -x -C .before)
 # The MoE stage compares its decode kernels with the tree before they changed, unpacked the same way:
@@ -42,7 +44,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|first|after-first|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|first|after-first|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|h200)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/device.txt" 2>&1
@@ -160,6 +162,15 @@ moe)
         --shape qwen3-30b-a3b --cases "$moe_cases" --hf none
     bash "$0" moe-rollout
     ;;
+h200)  # one H200 call's worth (~480 s) of what only an H200 gives: the 30B-A3B rollout of 256 sequences with and without R3
+    # (its KV does not fit beside 61 GB of weights on an 80 GB card), the 30B-A3B batch 1, the 0.6B / 8B rollouts, 0.6B batch 1 / 64
+    PYTHONPATH=src run h200_moe_rollout 240 python3 bench/rollout.py --shape qwen3-30b-a3b --prompts 32 --n 8 --modes sampled \
+        --paths offline --routed-experts
+    PYTHONPATH=src run h200_moe_b1 100 python3 bench/throughput.py --shape qwen3-30b-a3b --cases 1x128x128 --hf none
+    PYTHONPATH=src run h200_rollout06 80 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline
+    PYTHONPATH=src run h200_rollout8b 100 python3 bench/rollout.py --shape qwen3-8b --prompts 32 --n 8 --paths offline --modes sampled
+    PYTHONPATH=src run h200_throughput06 40 python3 bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,64x128x128 --hf none
+    ;;
 moe-r3)  # issue 20's R3 cost on an 80 GB card: 96 sequences, whose KV fits beside the 61 GB of weights (no preemption)
     PYTHONPATH=src run rollout_moe_r3 400 python3 bench/rollout.py --shape qwen3-30b-a3b --prompts 12 --n 8 --modes sampled \
         --paths offline --routed-experts
@@ -217,7 +228,7 @@ moe-sync)
         --ipc-bucket-mib 512,2048
     ;;
 *)
-    echo "unknown stage: $stage (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|first|after-first|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync)" >&2
+    echo "unknown stage: $stage (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|first|after-first|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|h200)" >&2
     exit 2
     ;;
 esac
