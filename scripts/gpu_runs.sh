@@ -66,7 +66,7 @@ gpu_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/d
 session_kv_gib=40
 [ -n "$gpu_mib" ] && [ "$gpu_mib" -lt 100000 ] && session_kv_gib=8
 
-site_packages() {  # the HTTP stack, carried as wheels in .whl/ (the device has no FastAPI/uvicorn/pydantic/orjson)
+site_packages() {  # the HTTP stack and OpenAI client, carried as wheels in .whl/ (filled by scripts/device_wheels.sh)
     [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
 }
 
