@@ -14,6 +14,7 @@
 #   moe-quick  issue 20's layer kernels (no sweep) and the 30B-A3B throughput, for a short session
 #   moe     issue 20's Qwen3-30B-A3B throughput, then moe-rollout: its rollout with and without routed experts (R3)
 #   moe-r3  the R3 cost on an 80 GB card: the 30B-A3B rollout at 96 sequences (no preemption), with and without R3
+#   profile  the decode graphs' kernels by device time: 0.6B batch 1 / 64, 30B-A3B batch 1 (~200 s)
 #   h200    one H200 call (~480 s, `needs_h200`: the 30B-A3B rollout of 256 sequences needs its memory): that rollout with and
 #           without R3, the 30B-A3B batch 1, the 0.6B / 8B rollouts, the 0.6B batch 1 / 64
 #   sessions  a weight-update session's cost with its saved originals in the lent KV pool and without (8B, 30B-A3B)
@@ -33,8 +34,9 @@
 # What the open issues still lack, in order (the twenty-first session ran after-first, the suite and moe-r3 on H100s;
 # its new-token stage measured a change that was then reverted; an H200 did not start): `h200` (H200 figures predate
 # longest-first attention, the mid-size split plan and the fusions: 0.6B / 8B rollouts 54.6 / 71.1 %, the 30B-A3B batch
-# 1 46.5 %, R3 +5.3 % at 256 sequences; the H100 now has 76 / 81 %, 60.3 %, R3 +2.3 % at 96 sequences), then
-# moe-sync with --ipc-bucket-mib 512,2048, `sessions` with a serving-size KV pool, `attention-mix` (the plan against one
+# 1 46.5 %, R3 +5.3 % at 256 sequences; the H100 now has 73-76 / 81 %, 60.3 %, R3 +2.3 % at 96 sequences), `profile`
+# (on any card: the 0.6B's batch 1 / 64 miss 50 % by 1.3 / 4.0 points on the H100, and the last per-kernel split of the
+# batch-64 step is the fifth session's), then moe-sync with --ipc-bucket-mib 512,2048, `sessions` with a serving-size KV pool, `attention-mix` (the plan against one
 # split).
 # "Before" is the tree before the restructure, unpacked beside this one (untracked, so it travels to the
 # device):  git archive 6c9ff7c src bench | (mkdir -p .before && tar -x -C .before)
@@ -44,7 +46,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|first|after-first|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|h200)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|first|after-first|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|h200|profile)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/device.txt" 2>&1
@@ -171,6 +173,11 @@ h200)  # one H200 call's worth (~480 s) of what only an H200 gives: the 30B-A3B 
     PYTHONPATH=src run h200_rollout8b 100 python3 bench/rollout.py --shape qwen3-8b --prompts 32 --n 8 --paths offline --modes sampled
     PYTHONPATH=src run h200_throughput06 40 python3 bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,64x128x128 --hf none
     ;;
+profile)  # the decode graphs' kernels by device time (0.6B batch 1 / 64, 30B-A3B batch 1): the last per-kernel split of the 0.6B's
+    # batch-64 step is the fifth session's; what a fusion or a matmul of ours would have to beat (~200 s)
+    PYTHONPATH=src run profile06 90 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 1 64
+    PYTHONPATH=src run profile_moe 120 python3 bench/profile_decode.py --shape qwen3-30b-a3b --batch 1
+    ;;
 moe-r3)  # issue 20's R3 cost on an 80 GB card: 96 sequences, whose KV fits beside the 61 GB of weights (no preemption)
     PYTHONPATH=src run rollout_moe_r3 400 python3 bench/rollout.py --shape qwen3-30b-a3b --prompts 12 --n 8 --modes sampled \
         --paths offline --routed-experts
@@ -228,7 +235,7 @@ moe-sync)
         --ipc-bucket-mib 512,2048
     ;;
 *)
-    echo "unknown stage: $stage (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|first|after-first|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|h200)" >&2
+    echo "unknown stage: $stage (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|first|after-first|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|h200|profile)" >&2
     exit 2
     ;;
 esac
