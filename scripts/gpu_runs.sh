@@ -36,8 +36,8 @@
 # longest-first attention, the mid-size split plan and the fusions: 0.6B / 8B rollouts 54.6 / 71.1 %, the 30B-A3B batch
 # 1 46.5 %, R3 +5.3 % at 256 sequences; the H100 now has 73-76 / 81 %, 60.3 %, R3 +2.3 % at 96 sequences), `profile`
 # (on any card: the 0.6B's batch 1 / 64 miss 50 % by 1.3 / 4.0 points on the H100, and the last per-kernel split of the
-# batch-64 step is the fifth session's), then moe-sync with --ipc-bucket-mib 512,2048, `sessions` with a serving-size KV pool, `attention-mix` (the plan against one
-# split).
+# batch-64 step is the fifth session's), then moe-sync with --ipc-bucket-mib 512,2048, `sessions` with a serving-size
+# KV pool, `attention-mix` (the plan against one split).
 # "Before" is the tree before the restructure, unpacked beside this one (untracked, so it travels to the
 # device):  git archive 6c9ff7c src bench | (mkdir -p .before && tar -x -C .before)
 # The MoE stage compares its decode kernels with the tree before they changed, unpacked the same way:
