@@ -19,10 +19,6 @@
 #           without R3, the 30B-A3B batch 1, the 0.6B / 8B rollouts, the 0.6B batch 1 / 64
 #   sessions  a weight-update session's cost with its saved originals in the lent KV pool and without (8B, 30B-A3B)
 #   attention-mix  decode attention on a rollout's mixed contexts (program order, tiles, KV splits for mid-size batches)
-#   first    one call's worth (~420 s) of the unmeasured: changed kernels' tests, 0.6B batch 1/64 with either merge,
-#            30B-A3B batch 1, one 0.6B rollout per mode (for a session that may get a single machine)
-#   after-first  batch 1 host- or GPU-bound (attention_ab.py A/B), the rollouts with the mid-size split plan, the
-#            batch-1 host profile (~470 s)
 #   batch1   batch-1 throughput of the 0.6B and the 30B-A3B (the qkv matmul finishing its heads; ~180 s)
 #   fusions  the eighteenth session's kernel changes: their GPU tests, the MoE layer, 30B-A3B batch 1 before (.moe-before)
 #            and after, the 0.6B batch 1 / 64 with the in-place split merge and with the merge kernel (~450 s on an H100)
@@ -31,8 +27,9 @@
 # Device seconds measured: suite 280 (H200) / 308-380 (H100), run alone; throughput19 ~130; sync19 up to 560 (the
 # 8B IPC section alone needs more than the 150 s it had); moe-pair ~60; rollout-repeats ~120; moe-kernels ~280;
 # http ~270 if streaming keeps up (its limits allow 950); moe ~300; moe-sync up to 570.
-# What the open issues still lack, in order (the twenty-first session ran after-first, the suite and moe-r3 on H100s;
-# its new-token stage measured a change that was then reverted; an H200 did not start): `h200` (H200 figures predate
+# What the open issues still lack, in order (the twenty-first session ran the twentieth's one-shot `after-first` stage,
+# since removed with `first`, the suite and moe-r3 on H100s; its new-token stage measured a change that was then
+# reverted; an H200 did not start): `h200` (H200 figures predate
 # longest-first attention, the mid-size split plan and the fusions: 0.6B / 8B rollouts 54.6 / 71.1 %, the 30B-A3B batch
 # 1 46.5 %, R3 +5.3 % at 256 sequences; the H100 now has 73-76 / 81 %, 60.3 %, R3 +2.3 % at 96 sequences), `profile`
 # (on any card: the 0.6B's batch 1 / 64 miss 50 % by 1.3 / 4.0 points on the H100, and the last per-kernel split of the
@@ -46,7 +43,8 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|first|after-first|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|h200|profile)" >&2; exit 2; }
+stages="suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|h200|profile"
+[ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... ($stages)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/device.txt" 2>&1
@@ -204,25 +202,6 @@ fusions)
             --shape qwen3-30b-a3b --cases 1x128x128 --hf none
     fi
     ;;
-first)  # one call's worth (~420 s) of what is unmeasured, for a session that may get a single machine: the changed kernels'
-    # GPU tests, batch 1 / 64 of the 0.6B with either split merge, the 30B-A3B at batch 1, one 0.6B rollout per mode
-    PYTHONPATH=src run first_tests 110 python3 -m pytest -q -p no:cacheprovider tests/test_fused_moe.py tests/test_fused_kernels.py \
-        tests/test_triton_attention.py tests/test_gpu_engine.py \
-        -k "moe or token_grid or last_to_finish or splits or one_split or finishing_its_heads or bf16_greedy"
-    PYTHONPATH=src run first_b06 45 python3 bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,64x128x128 --hf none
-    HOTSWAP_DECODE_MERGE=0 PYTHONPATH=src run first_b06_merge_kernel 45 python3 bench/throughput.py --shape qwen3-0.6b \
-        --cases 1x128x128,64x128x128 --hf none
-    PYTHONPATH=src run first_moe_b1 120 python3 bench/throughput.py --shape qwen3-30b-a3b --cases 1x128x128 --hf none
-    PYTHONPATH=src run first_rollout 110 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline
-    ;;
-after-first)  # the twentieth session's second call (~470 s): batch 1 host- or GPU-bound (the heads epilogue and the split
-    # merge A/B, each decode graph replayed alone), the rollouts with the mid-size split rule, the batch-1 host profile
-    PYTHONPATH=src run ab_b1 150 python3 bench/attention_ab.py --batch 1 --variants current,merge-kernel,no-heads --rounds 1 --calls 5
-    PYTHONPATH=src run rollout06 110 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline --modes sampled
-    PYTHONPATH=src run rollout8b 150 python3 bench/rollout.py --shape qwen3-8b --prompts 32 --n 8 --paths offline --modes sampled
-    PYTHONPATH=src run host_b1 60 python3 bench/host_step.py --shape qwen3-0.6b --batch 1 --steps 128 --mode greedy --device cuda \
-        --profile 30 --repeats 2
-    ;;
 batch1)  # the nineteenth session's qkv matmul finishing its heads: batch 1 of the 0.6B and the 30B-A3B (after `fusions`)
     PYTHONPATH=src run throughput_b1_heads 45 python3 bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,64x128x128 --hf none
     PYTHONPATH=src run throughput_moe_b1_heads 130 python3 bench/throughput.py --shape qwen3-30b-a3b --cases 1x128x128 --hf none
@@ -235,7 +214,7 @@ moe-sync)
         --ipc-bucket-mib 512,2048
     ;;
 *)
-    echo "unknown stage: $stage (suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|first|after-first|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|h200|profile)" >&2
+    echo "unknown stage: $stage ($stages)" >&2
     exit 2
     ;;
 esac
