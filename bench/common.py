@@ -126,8 +126,10 @@ def timed(fn, sync: bool):
 def decode_graph_replay_ms(engine, batch: int, replays: int = 50) -> float:
     """The engine's captured decode graph for `batch` rows (its bucket) replayed alone: the GPU's time for one
     decode step, to hold beside a whole step's (a step slower than this is host-bound)."""
+    from hotswap.runner.cuda_graph import graph_bucket
+
     graphs = engine.model_runner.cuda_graphs
-    graph = graphs.graphs[min(b for b in graphs.buckets if b >= batch)]
+    graph = graphs.graphs[graph_bucket(graphs.buckets, batch)]
     graph.replay()
     torch.cuda.synchronize()
     t = time.perf_counter()

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import config_only_checkpoint, decode_graph_replay_ms, timed  # noqa: E402
 
 from hotswap import Engine  # noqa: E402
+from hotswap.runner.cuda_graph import graph_bucket  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +42,7 @@ def main() -> None:
         engine.flush_cache()
         # time replay alone vs the whole step
         graphs = runner.cuda_graphs
-        bs = min(b for b in graphs.buckets if b >= batch)
+        bs = graph_bucket(graphs.buckets, batch)
         replay_ms = decode_graph_replay_ms(engine, batch)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:  # the decode graph's kernels
             for _ in range(20):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hotswap.runner.cuda_graph import graph_buckets
+from hotswap.runner.cuda_graph import graph_bucket, graph_buckets
 from hotswap.runner.sampler import SamplingBatch, gumbel_noise, kept, reference_sample
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -112,6 +112,11 @@ def test_graph_buckets_reach_max_running_requests():
     assert graph_buckets(1000)[-5:] == [512, 640, 768, 896, 1000]
     assert graph_buckets(1) == [1]
     assert all(a < b for a, b in zip(graph_buckets(1000), graph_buckets(1000)[1:]))
+
+
+def test_a_batch_replays_in_the_smallest_bucket_that_holds_it():
+    buckets = graph_buckets(300)
+    assert [graph_bucket(buckets, n) for n in (1, 3, 4, 5, 256, 257, 300)] == [1, 4, 4, 8, 256, 300, 300]
 
 
 _INTERPRETER_CHECK = textwrap.dedent("""

@@ -226,6 +226,10 @@ def test_decode_plan_of_mid_size_and_large_batches(batch):
     q = torch.randn(batch, 16, 128, generator=gen).to(torch.bfloat16).to(DEV)
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEV)
     plan = decode_plan(batch, 8, pt.shape[1] * 16, q.device)
+    # the rule on a GPU of 64-159 SMs (the H100 and H200 have 132): batch 64 has 2-8 (sequence, KV head) programs an SM,
+    # batch 160 more than 8
+    want = (4, 256, 1) if batch == 64 else (1, 64, 2)
+    assert (plan.num_splits, plan.min_chunk, plan.num_stages) == want
     planned = paged_decode_attention(q, k, v, pt, seq_lens, 0.088)
     one = paged_decode_attention(q, k, v, pt, seq_lens, 0.088, num_splits=1)
     whole = [b for b, n in enumerate(lens) if n <= plan.min_chunk or plan.num_splits == 1]

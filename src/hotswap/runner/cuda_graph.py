@@ -52,6 +52,11 @@ def graph_buckets(limit: int) -> list[int]:
     return [b for b in (*BUCKETS, *wide) if b < limit] + [limit]
 
 
+def graph_bucket(buckets: list[int], rows: int) -> int:
+    """The captured batch size a decode batch of `rows` replays in: the smallest bucket that holds it."""
+    return buckets[bisect.bisect_left(buckets, rows)]
+
+
 class CudaGraphRunner:
     def __init__(self, runner: ModelRunner):
         self.runner = runner
@@ -182,7 +187,7 @@ class CudaGraphRunner:
         tensor-parallel worker, which does not sample). The outputs are views of static buffers: valid until the next decode graph
         step, which is after the caller has read them back."""
         n, width = hb.page_table.shape
-        bs = self.buckets[bisect.bisect_left(self.buckets, n)]
+        bs = graph_bucket(self.buckets, n)
         kv = self.runner.kv_cache
         h = self.inputs.stage()
         h["input_ids"][:n] = hb.input_ids
