@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("triton")
 
 TESTS = Path(__file__).parent
-INTERPRETED = ["test_fused_moe.py", "test_attention_interpreted.py", "test_skinny_interpreted.py"]
+INTERPRETED = ["test_fused_moe.py", "test_attention_interpreted.py", "test_skinny_interpreted.py", "test_rows_interpreted.py"]
 
 
 def test_kernels_pass_under_the_interpreter():

@@ -178,7 +178,8 @@ class EngineConfig:
     enable_cuda_graph: bool = True
     cuda_graph_max_batch: int = 0  # decode graphs for batches up to this many rows (0: max_running_requests)
     extend_cuda_graph_max_tokens: int = 8192  # prefill/mixed steps up to this many tokens replay graphs (0: eager)
-    enable_skinny_matmul: bool = True  # one-token batches use the fused batch-1 matmul kernels (False: cuBLAS)
+    # decode batches of 1 to 64 rows use our matmul kernels (kernels/skinny_matmul.py, rows_matmul.py; False: cuBLAS)
+    enable_skinny_matmul: bool = True
     weight_update_bucket_bytes: int = 1 << 30
     # producer GPU memory kept mapped between CUDA IPC updates (0: none). Kept mappings keep the producer's
     # blocks alive, so the default stays small: it holds IPCWeightPusher's reused pack buffer. Raise it to the

@@ -42,7 +42,7 @@ class Attention(nn.Module):
             qkv, residual = self.qkv_proj.norm_forward(x, residual, norm, True, heads)
             q = qkv[:, :self.num_heads * self.head_dim].view(-1, self.num_heads, self.head_dim)
             return self._project(ctx.attention.attend(self.layer_id, q, self.scale, ctx), ctx), residual
-        qkv, residual = self.qkv_proj.norm_forward(x, residual, norm, ctx.skinny_matmul)
+        qkv, residual = self.qkv_proj.norm_forward(x, residual, norm, ctx.skinny_matmul, rows=ctx.rows_matmul)
         return self.forward(qkv, ctx), residual
 
     def forward(self, qkv: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -73,7 +73,7 @@ class Attention(nn.Module):
 
     def _project(self, out: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """o_proj over the attention output [tokens, heads, head_dim]."""
-        return self.o_proj(out.view(-1, self.num_heads * self.head_dim), ctx.skinny_matmul)
+        return self.o_proj(out.view(-1, self.num_heads * self.head_dim), ctx.skinny_matmul, ctx.rows_matmul)
 
 
 class MLP(nn.Module):
@@ -88,8 +88,8 @@ class MLP(nn.Module):
     def norm_forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm,
                      ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         """The MLP on norm(x + residual); returns (output, new residual)."""
-        gate_up, residual = self.gate_up_proj.norm_forward(x, residual, norm, ctx.skinny_matmul)
-        return self.down_proj.silu_mul_forward(gate_up, ctx.skinny_matmul), residual
+        gate_up, residual = self.gate_up_proj.norm_forward(x, residual, norm, ctx.skinny_matmul, rows=ctx.rows_matmul)
+        return self.down_proj.silu_mul_forward(gate_up, ctx.skinny_matmul, ctx.rows_matmul), residual
 
 
 def _mlp(cfg: ModelConfig, layer_id: int, tp: TPInfo) -> MLP | SparseMoeBlock:

@@ -18,7 +18,8 @@ class ForwardContext:
     Sequence b's new tokens are rows cu_seqlens_q[b]:cu_seqlens_q[b+1] of the flattened batch; its KV
     length after this step is seq_lens[b]; slot_mapping[t] is the flat cache slot (page * page_size +
     offset) where token t's K and V are written. `skinny_matmul` routes the layer matmuls through the
-    fused batch-1 kernels (one row, half precision, CUDA); the runner decides it per batch shape.
+    fused batch-1 kernels (one row, half precision, CUDA) and `rows_matmul` through the few-rows decode kernel
+    (2-64 rows); the runner decides both per batch shape.
     Under CUDA graphs, token t whose `input_src[t]` >= 0 takes its input id from `prev_ids[input_src[t]]`
     (sampled by the step still in flight) instead of input_ids[t].
     """
@@ -32,6 +33,7 @@ class ForwardContext:
     is_decode: bool
     attention: AttentionBackend
     skinny_matmul: bool = False
+    rows_matmul: bool = False
     prefill_tiles: torch.Tensor | None = None  # the prefill kernel's work list under extend CUDA graphs
     input_src: torch.Tensor | None = None  # int64 [T]: row of prev_ids holding the input, or -1
     prev_ids: torch.Tensor | None = None  # int64: the previous step's sampled ids

@@ -8,8 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hotswap.kernels import fused, skinny_matmul
+from hotswap.kernels import fused, rows_matmul, skinny_matmul
 from hotswap.models.parallel import ShardSpec, TPInfo
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, rows: bool = False) -> torch.Tensor:
+    """x @ weight.T (+ bias); `rows`: through the few-rows decode kernel (kernels/rows_matmul.py), not cuBLAS."""
+    return rows_matmul.rows_linear(x, weight, bias) if rows else F.linear(x, weight, bias)
 
 
 def hf_param(shape: tuple[int, ...], dtype: torch.dtype, shards: dict) -> nn.Parameter:
@@ -58,14 +63,15 @@ class MergedColumnLinear(nn.Module):
         self.weight = hf_param((total, in_features), dtype, w_shards)
         self.bias = hf_param((total,), dtype, b_shards) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, rows: bool = False) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, rows)
 
     def norm_forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, skinny: bool,
-                     heads: skinny_matmul.HeadsEpilogue | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     heads: skinny_matmul.HeadsEpilogue | None = None, rows: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """This projection of norm(x + residual), or of norm(x) before the first residual exists;
         returns (projection, new residual). `skinny` fuses the add and the norm into the matmul, and `heads`
-        (skinny only) the q/k/v heads' norm, rotary and KV-cache store after it."""
+        (skinny only) the q/k/v heads' norm, rotary and KV-cache store after it; `rows` runs the matmul on
+        the few-rows decode kernel."""
         if skinny:
             prologue = skinny_matmul.NORM if residual is None else skinny_matmul.ADD_NORM
             y, new_residual = skinny_matmul.skinny_linear(x, self.weight, self.bias, prologue=prologue, residual=residual,
@@ -75,7 +81,7 @@ class MergedColumnLinear(nn.Module):
             residual, h = x, norm(x)
         else:
             h, residual = norm.forward_residual(x, residual)
-        return self(h), residual
+        return self(h, rows), residual
 
 
 class RowLinear(nn.Module):
@@ -89,16 +95,16 @@ class RowLinear(nn.Module):
             (out_features, length), dtype, {None: ShardSpec(1, 0, length, 1, start, length, (out_features, in_features))}
         )
 
-    def forward(self, x: torch.Tensor, skinny: bool = False) -> torch.Tensor:
-        y = skinny_matmul.skinny_linear(x, self.weight)[0] if skinny else F.linear(x, self.weight)
+    def forward(self, x: torch.Tensor, skinny: bool = False, rows: bool = False) -> torch.Tensor:
+        y = skinny_matmul.skinny_linear(x, self.weight)[0] if skinny else linear(x, self.weight, rows=rows)
         return self.tp.all_reduce(y)
 
-    def silu_mul_forward(self, gate_up: torch.Tensor, skinny: bool) -> torch.Tensor:
+    def silu_mul_forward(self, gate_up: torch.Tensor, skinny: bool, rows: bool = False) -> torch.Tensor:
         """This projection of silu(gate) * up, for gate_up = [gate | up] along the last dim."""
         if skinny and self.weight.shape[1] <= skinny_matmul.SILU_MUL_MAX_K:
             y = skinny_matmul.skinny_linear(gate_up, self.weight, prologue=skinny_matmul.SILU_MUL)[0]
         elif fused.available(gate_up):
-            y = F.linear(fused.silu_and_mul(gate_up), self.weight)
+            y = linear(fused.silu_and_mul(gate_up), self.weight, rows=rows)
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             y = F.linear(F.silu(gate) * up, self.weight)

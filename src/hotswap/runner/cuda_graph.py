@@ -124,6 +124,7 @@ class CudaGraphRunner:
         return ForwardContext(positions=d["positions"][:bs], slot_mapping=d["slot_mapping"][:bs], page_table=d["page_table"][:bs],
                               cu_seqlens_q=self.cu_seqlens_q[: bs + 1], seq_lens=d["seq_lens"][:bs], max_q_len=1, is_decode=True,
                               attention=self.runner.attention, skinny_matmul=self.runner.use_skinny_matmul(bs),
+                              rows_matmul=self.runner.use_rows_matmul(bs),
                               input_src=d["input_src"][:bs], prev_ids=self.prev_ids, routed_experts=self.runner.routed_experts_ids,
                               decode_order=d["decode_order"][:bs])
 

@@ -87,6 +87,7 @@ class ExtendGraphRunner:
             positions=d["positions"][:tokens], slot_mapping=d["slot_mapping"][:tokens], page_table=d["page_table"],
             cu_seqlens_q=d["cu_seqlens_q"], seq_lens=d["seq_lens"], max_q_len=tokens, is_decode=False,
             attention=self.runner.attention, skinny_matmul=self.runner.use_skinny_matmul(tokens),
+            rows_matmul=self.runner.use_rows_matmul(tokens),
             prefill_tiles=d["tiles"][: 2 * n_tiles].view(2, n_tiles), input_src=d["input_src"][:tokens], prev_ids=self.prev_ids,
             routed_experts=self.runner.routed_experts_ids,
         )

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from hotswap.config import EngineConfig, ModelConfig
 from hotswap.errors import HotswapError
-from hotswap.kernels import skinny_matmul
+from hotswap.kernels import rows_matmul, skinny_matmul
 from hotswap.models.decoder import CausalLM
 from hotswap.models.forward_context import ForwardContext
 from hotswap.models.parallel import TPInfo
@@ -135,6 +135,9 @@ class ModelRunner:
     def use_skinny_matmul(self, rows: int) -> bool:
         return skinny_matmul.enabled(rows, self.model_config.torch_dtype, self.device, self.config.enable_skinny_matmul)
 
+    def use_rows_matmul(self, rows: int) -> bool:
+        return self.config.enable_skinny_matmul and rows_matmul.enabled(rows, self.model_config.torch_dtype, self.device)
+
     def to_device(self, a) -> torch.Tensor:
         t = torch.from_numpy(a)
         if self.device.type == "cuda":
@@ -154,7 +157,7 @@ class ModelRunner:
             max_q_len=hb.max_q_len,
             is_decode=hb.is_decode,
             attention=self.attention,
-            skinny_matmul=self.use_skinny_matmul(len(hb.input_ids)),
+            skinny_matmul=self.use_skinny_matmul(len(hb.input_ids)), rows_matmul=self.use_rows_matmul(len(hb.input_ids)),
             routed_experts=self.routed_experts_ids,
             decode_order=self.to_device(hb.longest_first()) if hb.is_decode else None,
         )
