@@ -4,9 +4,9 @@ a model shape's four layer matmuls at 16-64 rows.
     python bench/rows_matmul.py --shape qwen3-0.6b --rows 16,64 --sweep
 
 Each case is captured in a CUDA graph over 8 weight copies used in turn (more bytes than L2 holds), so a call
-reads its weights from HBM, as in a decode step. "alone" chains the matmuls back to back; "after norm" puts
-the RMSNorm kernel a decode layer runs before q/k/v and gate/up (launched with PDL) in front of each, which is
-the neighbour whose tail our kernel's L2 prefetch overlaps and cuBLAS's does not.
+reads its weights from HBM, as in a decode step. The first columns chain the matmuls back to back; "in layer"
+puts the kernel a decode layer runs before each in front of it: RMSNorm (launched with PDL) before q/k/v and
+gate/up, SiLU-and-mul before down (which ours takes inside the matmul instead).
 """
 
 from __future__ import annotations
@@ -30,12 +30,16 @@ from hotswap.kernels import fused  # noqa: E402
 from hotswap.kernels import rows_matmul as rm  # noqa: E402
 
 COPIES = 8
+KEYS = ("ours", "ours_no_prefetch", "cublas", "layer_ours", "layer_ours_unfused", "layer_cublas")
 
 
-def cases(shape: dict) -> list[tuple[str, int, int]]:
+def cases(shape: dict) -> list[tuple[str, int, int, str]]:
+    """(name, N, K, the kernel before it in a decode layer: "norm" (RMSNorm, separate for both), "silu" (fused
+    into ours, a kernel of its own before cuBLAS) or "")."""
     h, i, d = shape["hidden_size"], shape["intermediate_size"], shape["head_dim"]
     qkv = (shape["num_attention_heads"] + 2 * shape["num_key_value_heads"]) * d
-    return [("qkv", qkv, h), ("o_proj", h, shape["num_attention_heads"] * d), ("gate_up", 2 * i, h), ("down", h, i)]
+    return [("qkv", qkv, h, "norm"), ("o_proj", h, shape["num_attention_heads"] * d, ""), ("gate_up", 2 * i, h, "norm"),
+            ("down", h, i, "silu")]
 
 
 def sweep_tiles(n: int, k: int, device: torch.device) -> list[rm.Tiles]:
@@ -63,36 +67,42 @@ def main() -> None:
     row_counts = [int(r) for r in args.rows.split(",")]
     table, totals = [], {}
     for rows in row_counts:
-        for name, n, k in cases(SHAPES[args.shape]):
+        for name, n, k, before in cases(SHAPES[args.shape]):
             ws = [torch.randn(n, k, device=dev, dtype=dt) * k**-0.5 for _ in range(COPIES)]
-            x = torch.randn(rows, k, device=dev, dtype=dt)
+            x = torch.randn(rows, 2 * k if before == "silu" else k, device=dev, dtype=dt)
             r = torch.randn(rows, k, device=dev, dtype=dt)
             nw = torch.randn(k, device=dev, dtype=dt)
             it = itertools.count()
-            err = (rm.rows_linear(x, ws[0]).float() - F.linear(x, ws[0]).float()).abs().max().item()
+            x_mm = fused.silu_and_mul(x) if before == "silu" else x  # what the matmul itself multiplies
+            err = (rm.rows_linear(x_mm, ws[0]).float() - F.linear(x_mm, ws[0]).float()).abs().max().item()
+            no_prefetch = dataclasses.replace(rm.tiles_for(n, k, dev), prefetch_k=0)
 
             def ours(tiles=None):
-                return rm.rows_linear(x, ws[next(it) % COPIES], tiles=tiles)
+                return rm.rows_linear(x_mm, ws[next(it) % COPIES], tiles=tiles)
 
             def cublas():
-                return F.linear(x, ws[next(it) % COPIES])
+                return F.linear(x_mm, ws[next(it) % COPIES])
 
-            def after_norm(mm):
-                return lambda: mm(fused.rmsnorm(x, nw, 1e-6, residual=r))
+            def in_layer(mm, fuse_silu=False):
+                """The matmul with the kernel a decode layer runs before it."""
+                if before == "norm":
+                    return lambda: mm(fused.rmsnorm(x, nw, 1e-6, residual=r))
+                if before == "silu":
+                    if fuse_silu:
+                        return lambda: rm.rows_linear(x, ws[next(it) % COPIES], silu_mul=True)
+                    return lambda: mm(fused.silu_and_mul(x))
+                return lambda: mm(x)
 
-            no_prefetch = dataclasses.replace(rm.tiles_for(n, k, dev), prefetch_k=0)
-            t = {"ours": graph_time_us(ours, COPIES), "cublas": graph_time_us(cublas, COPIES),
-                 "ours_no_prefetch": graph_time_us(lambda: ours(no_prefetch), COPIES),
-                 "ours_norm": graph_time_us(after_norm(lambda h: rm.rows_linear(h, ws[next(it) % COPIES])), COPIES),
-                 "cublas_norm": graph_time_us(after_norm(lambda h: F.linear(h, ws[next(it) % COPIES])), COPIES),
-                 "ours_norm_no_prefetch": graph_time_us(after_norm(lambda h: rm.rows_linear(h, ws[next(it) % COPIES],
-                                                                                           tiles=no_prefetch)), COPIES)}
+            t = {"ours": graph_time_us(ours, COPIES), "ours_no_prefetch": graph_time_us(lambda: ours(no_prefetch), COPIES),
+                 "cublas": graph_time_us(cublas, COPIES),
+                 "layer_ours": graph_time_us(in_layer(lambda h: rm.rows_linear(h, ws[next(it) % COPIES]), True), COPIES),
+                 "layer_ours_unfused": graph_time_us(in_layer(lambda h: rm.rows_linear(h, ws[next(it) % COPIES])), COPIES),
+                 "layer_cublas": graph_time_us(in_layer(lambda h: F.linear(h, ws[next(it) % COPIES])), COPIES)}
             floor = n * k * 2 / bw * 1e6
             for key, v in (*t.items(), ("floor", floor)):
                 totals[(rows, key)] = totals.get((rows, key), 0.0) + v
-            table.append([rows, name, f"{n}x{k}", str(rm.tiles_for(n, k, dev)), f"{t['ours']:.2f}", f"{t['ours_no_prefetch']:.2f}",
-                          f"{t['cublas']:.2f}", f"{t['ours_norm']:.2f}", f"{t['ours_norm_no_prefetch']:.2f}",
-                          f"{t['cublas_norm']:.2f}", f"{floor:.2f}",
+            table.append([rows, name + (f" ({before} before)" if before else ""), f"{n}x{k}", str(rm.tiles_for(n, k, dev)),
+                          *(f"{t[key]:.2f}" for key in KEYS), f"{floor:.2f}",
                           f"{100 * floor / t['ours']:.0f}% / {100 * floor / t['cublas']:.0f}%", f"{err:.1e}"])
             if args.sweep and rows == max(row_counts):
                 results = []
@@ -105,15 +115,13 @@ def main() -> None:
                 best = "; ".join(f"{tl} {us:.2f}" for us, tl in results[:5])
                 print(f"sweep {name} {n}x{k} rows {rows}: heuristic {t['ours']:.2f} us, cuBLAS {t['cublas']:.2f}; best: {best}",
                       flush=True)
-        table.append([rows, "layer total", "", "", *(f"{totals[(rows, key)]:.2f}" for key in
-                                                      ("ours", "ours_no_prefetch", "cublas", "ours_norm",
-                                                       "ours_norm_no_prefetch", "cublas_norm", "floor")),
+        table.append([rows, "layer total", "", "", *(f"{totals[(rows, key)]:.2f}" for key in (*KEYS, "floor")),
                       f"{100 * totals[(rows, 'floor')] / totals[(rows, 'ours')]:.0f}% / "
                       f"{100 * totals[(rows, 'floor')] / totals[(rows, 'cublas')]:.0f}%", ""])
     print_table(f"decode matmuls of a few rows, {args.shape}, {device_name(dev)}, bf16, D2D {bw / 1e9:,.0f} GB/s "
                 "(us per call, weights from HBM)",
-                ["rows", "matmul", "N x K", "tiles", "ours us", "ours, no L2 prefetch", "cuBLAS us", "norm + ours us",
-                 "norm + ours, no prefetch", "norm + cuBLAS us",
+                ["rows", "matmul", "N x K", "tiles", "ours us", "ours, no L2 prefetch", "cuBLAS us",
+                 "in layer: ours (silu fused)", "in layer: kernel before + ours", "in layer: kernel before + cuBLAS",
                  "floor us (W at D2D)", "% of floor ours / cuBLAS", "max |ours - cuBLAS|"], table)
 
 
