@@ -6,7 +6,7 @@ a model shape's four layer matmuls at 16-64 rows.
 Each case is captured in a CUDA graph over 8 weight copies used in turn (more bytes than L2 holds), so a call
 reads its weights from HBM, as in a decode step. The first columns chain the matmuls back to back; "in layer"
 puts the kernel a decode layer runs before each in front of it: RMSNorm (launched with PDL) before q/k/v and
-gate/up, SiLU-and-mul before down (which ours takes inside the matmul instead).
+gate/up, SiLU-and-mul before down.
 """
 
 from __future__ import annotations
@@ -30,12 +30,11 @@ from hotswap.kernels import fused  # noqa: E402
 from hotswap.kernels import rows_matmul as rm  # noqa: E402
 
 COPIES = 8
-KEYS = ("ours", "ours_no_prefetch", "cublas", "layer_ours", "layer_ours_unfused", "layer_cublas")
+KEYS = ("ours", "ours_no_prefetch", "cublas", "layer_ours", "layer_cublas")
 
 
 def cases(shape: dict) -> list[tuple[str, int, int, str]]:
-    """(name, N, K, the kernel before it in a decode layer: "norm" (RMSNorm, separate for both), "silu" (fused
-    into ours, a kernel of its own before cuBLAS) or "")."""
+    """(name, N, K, the kernel a decode layer runs before it: "norm" (RMSNorm), "silu" (SiLU-and-mul) or "")."""
     h, i, d = shape["hidden_size"], shape["intermediate_size"], shape["head_dim"]
     qkv = (shape["num_attention_heads"] + 2 * shape["num_key_value_heads"]) * d
     return [("qkv", qkv, h, "norm"), ("o_proj", h, shape["num_attention_heads"] * d, ""), ("gate_up", 2 * i, h, "norm"),
@@ -83,20 +82,17 @@ def main() -> None:
             def cublas():
                 return F.linear(x_mm, ws[next(it) % COPIES])
 
-            def in_layer(mm, fuse_silu=False):
+            def in_layer(mm):
                 """The matmul with the kernel a decode layer runs before it."""
                 if before == "norm":
                     return lambda: mm(fused.rmsnorm(x, nw, 1e-6, residual=r))
                 if before == "silu":
-                    if fuse_silu:
-                        return lambda: rm.rows_linear(x, ws[next(it) % COPIES], silu_mul=True)
                     return lambda: mm(fused.silu_and_mul(x))
                 return lambda: mm(x)
 
             t = {"ours": graph_time_us(ours, COPIES), "ours_no_prefetch": graph_time_us(lambda: ours(no_prefetch), COPIES),
                  "cublas": graph_time_us(cublas, COPIES),
-                 "layer_ours": graph_time_us(in_layer(lambda h: rm.rows_linear(h, ws[next(it) % COPIES]), True), COPIES),
-                 "layer_ours_unfused": graph_time_us(in_layer(lambda h: rm.rows_linear(h, ws[next(it) % COPIES])), COPIES),
+                 "layer_ours": graph_time_us(in_layer(lambda h: rm.rows_linear(h, ws[next(it) % COPIES])), COPIES),
                  "layer_cublas": graph_time_us(in_layer(lambda h: F.linear(h, ws[next(it) % COPIES])), COPIES)}
             floor = n * k * 2 / bw * 1e6
             for key, v in (*t.items(), ("floor", floor)):
@@ -121,7 +117,7 @@ def main() -> None:
     print_table(f"decode matmuls of a few rows, {args.shape}, {device_name(dev)}, bf16, D2D {bw / 1e9:,.0f} GB/s "
                 "(us per call, weights from HBM)",
                 ["rows", "matmul", "N x K", "tiles", "ours us", "ours, no L2 prefetch", "cuBLAS us",
-                 "in layer: ours (silu fused)", "in layer: kernel before + ours", "in layer: kernel before + cuBLAS",
+                 "in layer: kernel before + ours", "in layer: kernel before + cuBLAS",
                  "floor us (W at D2D)", "% of floor ours / cuBLAS", "max |ours - cuBLAS|"], table)
 
 

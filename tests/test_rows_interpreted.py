@@ -44,22 +44,6 @@ def test_a_strided_activation():
     torch.testing.assert_close(got.double(), x.double() @ w.double().T, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("split_k", [1, 2])
-def test_silu_mul_prologue_equals_the_separate_kernel(split_k):
-    """down_proj on [gate | up]: silu(gate) * up inside the matmul, rounded as torch rounds it in the model dtype."""
-    gen = torch.Generator().manual_seed(split_k)
-    n, k = 64, 256
-    gate_up = torch.randn(7, 2 * k, generator=gen)
-    w = torch.randn(n, k, generator=gen) * k**-0.5
-    tiles = rm.Tiles(block_n=64, block_k=64, split_k=split_k, stages=2, warps=4, prefetch_k=0)
-    got = rm.rows_linear(gate_up, w, silu_mul=True, tiles=tiles)
-    gate, up = gate_up.chunk(2, dim=-1)
-    want = (torch.nn.functional.silu(gate) * up).double() @ w.double().T
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="columns"):
-        rm.rows_linear(gate_up[:, :k], w, silu_mul=True, tiles=tiles)
-
-
 def test_default_tiles_split_narrow_weights_and_refuse_uneven_ones():
     cpu = torch.device("cpu")  # the interpreter stands in for a 132-SM GPU
     assert rm.tiles_for(1024, 3072, cpu).split_k == 4  # down_proj of a 0.6B: 16 column tiles, K split to half the SMs

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hotswap.kernels import arrival, fused, pdl
+from hotswap.kernels import arrival, pdl
 
 try:
     import triton
@@ -65,8 +65,8 @@ if triton is not None:
                                   is_pure=False, pack=1)
 
     @triton.jit
-    def _rows_kernel(X, W, BIAS, Y, PARTIALS, COUNTERS, M, N, K, stride_x, stride_w, stride_y,
-                     K_SPLIT: tl.constexpr, SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    def _rows_kernel(X, W, BIAS, Y, PARTIALS, COUNTERS, M, N, stride_x, stride_w, stride_y,
+                     K_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr, PREFETCH_K: tl.constexpr,
                      LINE_ELEMS: tl.constexpr, USE_PDL: tl.constexpr):
         pid_n = tl.program_id(0)
@@ -85,10 +85,6 @@ if triton is not None:
         for k0 in tl.range(0, K_SPLIT, BLOCK_K, num_stages=STAGES):
             w = tl.load(w_rows + k0 + offs_k[None, :])
             x = tl.load(x_cols + k0, mask=m_mask[None, :], other=0.0)
-            if SILU_MUL:  # x is [gate | up]: silu(gate) * up, rounded as the unfused kernel (fused.silu_and_mul) rounds it
-                u = tl.load(x_cols + K + k0, mask=m_mask[None, :], other=0.0)
-                gf = x.to(tl.float32)
-                x = (gf / (1.0 + tl.exp(-gf))).to(u.dtype) * u
             acc = tl.dot(w, x, acc)
         out = Y + offs_m[None, :] * stride_y + offs_n[:, None]
         if SPLIT_K == 1:
@@ -140,17 +136,18 @@ def tiles_for(n: int, k: int, device: torch.device) -> Tiles | None:
     return Tiles(block_n, block_k, split, stages=5 if k // split >= 6 * block_k else 3, warps=4, prefetch_k=prefetch_k)
 
 
-def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, silu_mul: bool = False,
+def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 tiles: Tiles | None = None) -> torch.Tensor:
-    """x [M, K] @ weight [N, K].T (+ bias) for 2 <= M <= MAX_ROWS; `silu_mul`: x is [M, 2K] (gate | up) and the
-    matmul takes silu(gate) * up. cuBLAS (after fused.silu_and_mul) where the shape does not tile. `tiles`
-    overrides the heuristic (bench/rows_matmul.py --sweep)."""
-    m, n, k = x.shape[0], weight.shape[0], weight.shape[1]
-    if x.shape[1] != (2 * k if silu_mul else k):
-        raise ValueError(f"rows_linear: x of {x.shape[1]} columns for a weight of {k}{' (silu_mul: gate | up)' if silu_mul else ''}")
+    """x [M, K] @ weight [N, K].T (+ bias) for 2 <= M <= MAX_ROWS; cuBLAS where the shape does not tile.
+    `tiles` overrides the heuristic (bench/rows_matmul.py --sweep).
+
+    No prologue runs inside the loop: SiLU-and-mul there (down_proj) took 15.6 us against 7.9 for the separate
+    kernel and this one, at 64 rows on the H100 (the computed operand leaves the loop's async copies)."""
+    m, k = x.shape
+    n = weight.shape[0]
     tiles = tiles or tiles_for(n, k, x.device)
     if tiles is None or m > MAX_ROWS or x.stride(-1) != 1 or weight.stride(-1) != 1:
-        return torch.nn.functional.linear(fused.silu_and_mul(x) if silu_mul else x, weight, bias)
+        return torch.nn.functional.linear(x, weight, bias)
     if n % tiles.block_n or k % (tiles.split_k * tiles.block_k) or (k // tiles.split_k) % max(tiles.prefetch_k, 1):
         raise ValueError(f"tiles {tiles} do not divide the {n}x{k} weight")
     block_m = max(16, triton.next_power_of_2(m))
@@ -162,8 +159,8 @@ def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     use_pdl = pdl.enabled(x.device, m)
     line_elems = _LINE // weight.element_size()
     _rows_kernel[(n // tiles.block_n, tiles.split_k)](
-        x, weight, bias if bias is not None else weight, y, partials, counters, m, n, k, x.stride(0), weight.stride(0),
-        y.stride(0), K_SPLIT=k // tiles.split_k, SILU_MUL=silu_mul, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=tiles.block_n,
+        x, weight, bias if bias is not None else weight, y, partials, counters, m, n, x.stride(0), weight.stride(0),
+        y.stride(0), K_SPLIT=k // tiles.split_k, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k, SPLIT_K=tiles.split_k, STAGES=tiles.stages,
         PREFETCH_K=tiles.prefetch_k if use_pdl else 0, LINE_ELEMS=line_elems, USE_PDL=use_pdl,
         num_warps=tiles.warps, launch_pdl=use_pdl,

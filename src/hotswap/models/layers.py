@@ -103,10 +103,8 @@ class RowLinear(nn.Module):
         """This projection of silu(gate) * up, for gate_up = [gate | up] along the last dim."""
         if skinny and self.weight.shape[1] <= skinny_matmul.SILU_MUL_MAX_K:
             y = skinny_matmul.skinny_linear(gate_up, self.weight, prologue=skinny_matmul.SILU_MUL)[0]
-        elif rows:
-            y = rows_matmul.rows_linear(gate_up, self.weight, silu_mul=True)
         elif fused.available(gate_up):
-            y = F.linear(fused.silu_and_mul(gate_up), self.weight)
+            y = linear(fused.silu_and_mul(gate_up), self.weight, rows=rows)
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             y = F.linear(F.silu(gate) * up, self.weight)
