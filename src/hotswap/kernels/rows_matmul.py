@@ -32,6 +32,10 @@ except ImportError:  # CPU-only machines: the layers never call these without CU
 #: Most rows these kernels take; larger batches stay on cuBLAS. `HOTSWAP_ROWS_MATMUL=0` turns them off
 #: (the A/B switch of the benches).
 MAX_ROWS = 64
+#: Largest weight these kernels take. Past it a program's slice is long enough that cuBLAS's grids over every SM
+#: read it as fast or faster (H100, 8B shape: batch 16 at 83.7 % of the roofline with them, 85.2 % without; batch 64
+#: 73.6 against 73.9), while at the 0.6B's 4-13 MB they win on fixed per-launch cost.
+MAX_WEIGHT_BYTES = 16 << 20
 ENABLED = os.environ.get("HOTSWAP_ROWS_MATMUL", "1") != "0"
 #: Weight bytes a line of the L2 prefetch covers.
 _LINE = 128
@@ -138,7 +142,8 @@ def tiles_for(n: int, k: int, device: torch.device) -> Tiles | None:
 
 def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 tiles: Tiles | None = None) -> torch.Tensor:
-    """x [M, K] @ weight [N, K].T (+ bias) for 2 <= M <= MAX_ROWS; cuBLAS where the shape does not tile.
+    """x [M, K] @ weight [N, K].T (+ bias) for 2 <= M <= MAX_ROWS; cuBLAS where the shape does not tile or the
+    weight is over MAX_WEIGHT_BYTES.
     `tiles` overrides the heuristic (bench/rows_matmul.py --sweep).
 
     No prologue runs inside the loop: SiLU-and-mul there (down_proj) took 15.6 us against 7.9 for the separate
@@ -146,7 +151,7 @@ def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     m, k = x.shape
     n = weight.shape[0]
     tiles = tiles or tiles_for(n, k, x.device)
-    if tiles is None or m > MAX_ROWS or x.stride(-1) != 1 or weight.stride(-1) != 1:
+    if tiles is None or m > MAX_ROWS or weight.numel() * weight.element_size() > MAX_WEIGHT_BYTES or x.stride(-1) != 1 or weight.stride(-1) != 1:
         return torch.nn.functional.linear(x, weight, bias)
     if n % tiles.block_n or k % (tiles.split_k * tiles.block_k) or (k // tiles.split_k) % max(tiles.prefetch_k, 1):
         raise ValueError(f"tiles {tiles} do not divide the {n}x{k} weight")
