@@ -28,14 +28,11 @@
 # Device seconds measured: suite 280 (H200) / 308-380 (H100), run alone; throughput19 ~130; sync19 up to 560 (the
 # 8B IPC section alone needs more than the 150 s it had); moe-pair ~60; rollout-repeats ~120; moe-kernels ~280;
 # http ~270 if streaming keeps up (its limits allow 950); moe ~300; moe-sync up to 570.
-# What the open issues still lack, in order (the twenty-first session ran the twentieth's one-shot `after-first` stage,
-# since removed with `first`, the suite and moe-r3 on H100s; its new-token stage measured a change that was then
-# reverted; an H200 did not start): `h200` (H200 figures predate
-# longest-first attention, the mid-size split plan and the fusions: 0.6B / 8B rollouts 54.6 / 71.1 %, the 30B-A3B batch
-# 1 46.5 %, R3 +5.3 % at 256 sequences; the H100 now has 73-76 / 81 %, 60.3 %, R3 +2.3 % at 96 sequences), `profile`
-# (on any card: the 0.6B's batch 1 / 64 miss 50 % by 1.3 / 4.0 points on the H100, and the last per-kernel split of the
-# batch-64 step is the fifth session's), then moe-sync with --ipc-bucket-mib 512,2048, `sessions` with a serving-size
-# KV pool, `attention-mix` (the plan against one split).
+# What the open issues still lack, in order (the twenty-second session ran `profile`, `rows` and the suite on H100s; its
+# one H200 try did not start): `h200` (H200 figures predate longest-first attention, the mid-size split plan, the
+# fusions and the few-rows matmul: 0.6B / 8B rollouts 54.6 / 71.1 %, the 30B-A3B batch 1 46.5 %, R3 +5.3 % at 256
+# sequences; the H100 now has 72-74 / 81 %, 60.3 %, R3 +2.3 % at 96 sequences), then moe-sync with --ipc-bucket-mib
+# 512,2048, `sessions` with a serving-size KV pool, `attention-mix` (the plan against one split).
 # "Before" is the tree before the restructure, unpacked beside this one (untracked, so it travels to the
 # device):  git archive 6c9ff7c src bench | (mkdir -p .before && tar -x -C .before)
 # The MoE stage compares its decode kernels with the tree before they changed, unpacked the same way:

@@ -17,7 +17,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from hotswap.kernels import argmax, fused, fused_moe, pdl, sampling, skinny_matmul  # noqa: E402
+from hotswap.kernels import argmax, fused, fused_moe, pdl, rows_matmul, sampling, skinny_matmul  # noqa: E402
 from hotswap.kernels import triton_attention as ta  # noqa: E402
 
 BF16 = torch.bfloat16
@@ -119,6 +119,18 @@ def test_batch_one_qkv_matmul_finishing_its_heads(hopper, qk_norm):
     assert_compiled(hopper, "_skinny_kernel")
     ptx = "".join(kernel.asm["ptx"] for kernel in hopper["_skinny_kernel"])
     assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx
+
+
+@pytest.mark.parametrize("rows,n,k", [(16, 4096, 1024), (64, 1024, 3072)])  # qkv unsplit, down with K split
+def test_few_rows_matmul_kernel(hopper, monkeypatch, rows, n, k):
+    """The 2-64-row decode matmul with PDL: its L2 prefetch before the wait, and split K's arrival counter."""
+    monkeypatch.setattr(rows_matmul, "_sm_count", lambda device: 132)  # an H100's SMs, for the tiling
+    tiles = rows_matmul.tiles_for(n, k, torch.device("cpu"))
+    rows_matmul.rows_linear(torch.randn(rows, k, dtype=BF16), torch.randn(n, k, dtype=BF16), torch.randn(n, dtype=BF16))
+    assert_compiled(hopper, "_rows_kernel")
+    ptx = "".join(kernel.asm["ptx"] for kernel in hopper["_rows_kernel"])
+    assert "prefetch.global.L2" in ptx and "griddepcontrol.wait" in ptx
+    assert ("atom.global.gpu.acq_rel.add" in ptx) == (tiles.split_k > 1)
 
 
 def test_moe_kernels(hopper):
