@@ -48,10 +48,7 @@ def sweep_tiles(n: int, k: int, device: torch.device) -> list[rm.Tiles]:
             (32, 64), (128, 256), (base.split_k // 2, base.split_k, base.split_k * 2), (3, 5)):
         if split < 1 or n % block_n or k % (split * block_k) or (block_n == 32 and n > 1024):
             continue
-        pf = base.prefetch_k
-        while (k // split) % pf:
-            pf //= 2
-        out.append(rm.Tiles(block_n, block_k, split, stages, 4, pf))
+        out.append(rm.Tiles(block_n, block_k, split, stages, 4, rm.prefetch_k(k // split)))
     return out
 
 

@@ -134,10 +134,16 @@ def tiles_for(n: int, k: int, device: torch.device) -> Tiles | None:
     sms, tiles, split = _sm_count(device), n // block_n, 1
     while 2 * tiles * split <= sms // 2 and k % (2 * split * block_k) == 0:
         split *= 2
-    prefetch_k = 512
-    while (k // split) % prefetch_k:
-        prefetch_k //= 2
-    return Tiles(block_n, block_k, split, stages=5 if k // split >= 6 * block_k else 3, warps=4, prefetch_k=prefetch_k)
+    return Tiles(block_n, block_k, split, stages=5 if k // split >= 6 * block_k else 3, warps=4,
+                 prefetch_k=prefetch_k(k // split))
+
+
+def prefetch_k(k_split: int) -> int:
+    """How much of a program's K range to ask of L2 before the PDL wait: up to 512 weights a row, dividing the range."""
+    pf = 512
+    while k_split % pf:
+        pf //= 2
+    return pf
 
 
 def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
