@@ -149,15 +149,15 @@ def prefetch_k(k_split: int) -> int:
 def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 tiles: Tiles | None = None) -> torch.Tensor:
     """x [M, K] @ weight [N, K].T (+ bias) for 2 <= M <= MAX_ROWS; cuBLAS where the shape does not tile or the
-    weight is over MAX_WEIGHT_BYTES.
-    `tiles` overrides the heuristic (bench/rows_matmul.py --sweep).
+    weight is over MAX_WEIGHT_BYTES. `tiles` overrides the heuristic (bench/rows_matmul.py --sweep).
 
     No prologue runs inside the loop: SiLU-and-mul there (down_proj) took 15.6 us against 7.9 for the separate
     kernel and this one, at 64 rows on the H100 (the computed operand leaves the loop's async copies)."""
     m, k = x.shape
     n = weight.shape[0]
     tiles = tiles or tiles_for(n, k, x.device)
-    if tiles is None or m > MAX_ROWS or weight.numel() * weight.element_size() > MAX_WEIGHT_BYTES or x.stride(-1) != 1 or weight.stride(-1) != 1:
+    too_large = m > MAX_ROWS or weight.numel() * weight.element_size() > MAX_WEIGHT_BYTES
+    if tiles is None or too_large or x.stride(-1) != 1 or weight.stride(-1) != 1:
         return torch.nn.functional.linear(x, weight, bias)
     if n % tiles.block_n or k % (tiles.split_k * tiles.block_k) or (k // tiles.split_k) % max(tiles.prefetch_k, 1):
         raise ValueError(f"tiles {tiles} do not divide the {n}x{k} weight")
