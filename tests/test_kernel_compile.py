@@ -122,9 +122,9 @@ def test_batch_one_qkv_matmul_finishing_its_heads(hopper, qk_norm):
 
 
 @pytest.mark.parametrize("rows,n,k", [(16, 4096, 1024), (64, 1024, 3072)])  # qkv unsplit, down with K split
-def test_few_rows_matmul_kernel(hopper, monkeypatch, rows, n, k):
-    """The 2-64-row decode matmul with PDL: its L2 prefetch before the wait, and split K's arrival counter."""
-    monkeypatch.setattr(rows_matmul, "_sm_count", lambda device: 132)  # an H100's SMs, for the tiling
+def test_few_rows_matmul_kernel(hopper, rows, n, k):
+    """The 2-64-row decode matmul with PDL: its L2 prefetch before the wait, and split K's arrival counter (CPU
+    tensors tile as for an H100's 132 SMs)."""
     tiles = rows_matmul.tiles_for(n, k, torch.device("cpu"))
     rows_matmul.rows_linear(torch.randn(rows, k, dtype=BF16), torch.randn(n, k, dtype=BF16), torch.randn(n, dtype=BF16))
     assert_compiled(hopper, "_rows_kernel")

@@ -37,7 +37,7 @@ def test_rows_matmul_equals_the_reference(rows, split_k, bias, kernel_only):
     x = torch.randn(rows, k, generator=gen)
     w = torch.randn(n, k, generator=gen) * k**-0.5
     b = torch.randn(n, generator=gen) if bias else None
-    tiles = rm.Tiles(block_n=64, block_k=64, split_k=split_k, stages=2, warps=4, prefetch_k=0)
+    tiles = rm.Tiles(block_n=64, block_k=64, split_k=split_k, stages=2, prefetch_k=0)
     got = rm.rows_linear(x, w, b, tiles=tiles)
     want = x.double() @ w.double().T + (0 if b is None else b.double())
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
@@ -50,7 +50,7 @@ def test_a_strided_activation(kernel_only):
     n, k = 64, 256
     x = torch.randn(6, 2 * k, generator=gen)[:, :k]
     w = torch.randn(n, k, generator=gen)
-    got = rm.rows_linear(x, w, tiles=rm.Tiles(block_n=64, block_k=64, split_k=4, stages=1, warps=4, prefetch_k=0))
+    got = rm.rows_linear(x, w, tiles=rm.Tiles(block_n=64, block_k=64, split_k=4, stages=1, prefetch_k=0))
     torch.testing.assert_close(got.double(), x.double() @ w.double().T, rtol=1e-5, atol=1e-4)
 
 
@@ -60,4 +60,4 @@ def test_default_tiles_split_narrow_weights_and_refuse_uneven_ones():
     assert rm.tiles_for(6144, 1024, cpu).split_k == 1  # gate_up: 96 tiles already
     assert rm.tiles_for(1000, 1024, cpu) is None  # no even 64-column tiling: cuBLAS
     with pytest.raises(ValueError, match="do not divide"):
-        rm.rows_linear(torch.randn(4, 96), torch.randn(64, 96), tiles=rm.Tiles(64, 64, 1, 1, 4, 0))
+        rm.rows_linear(torch.randn(4, 96), torch.randn(64, 96), tiles=rm.Tiles(64, 64, 1, 1, 0))

@@ -14,6 +14,7 @@ program finished first.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -49,14 +50,14 @@ def enabled(rows: int, dtype: torch.dtype, device: torch.device) -> bool:
 
 @dataclass(frozen=True)
 class Tiles:
-    """A launch's tiling: BLOCK_N output columns a program over K / split_k of the reduction, BLOCK_K a step,
-    `stages` steps in flight, and the first `prefetch_k` of each program's K range asked of L2 before the wait."""
+    """A launch's tiling (four warps a program): BLOCK_N output columns a program over K / split_k of the reduction,
+    BLOCK_K a step, `stages` steps in flight, and the first `prefetch_k` of each program's K range asked of L2 before
+    the wait."""
 
     block_n: int
     block_k: int
     split_k: int
     stages: int
-    warps: int
     prefetch_k: int
 
 
@@ -123,6 +124,7 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
+@functools.lru_cache(maxsize=None)  # a few shapes a model; called per matmul on the eager path
 def tiles_for(n: int, k: int, device: torch.device) -> Tiles | None:
     """64-column tiles, K split (by powers of two that keep a split's range whole in 128-wide steps) until the grid
     covers about half the SMs, five steps in flight where a program has six or more; None where the shape does not
@@ -134,8 +136,7 @@ def tiles_for(n: int, k: int, device: torch.device) -> Tiles | None:
     sms, tiles, split = _sm_count(device), n // block_n, 1
     while 2 * tiles * split <= sms // 2 and k % (2 * split * block_k) == 0:
         split *= 2
-    return Tiles(block_n, block_k, split, stages=5 if k // split >= 6 * block_k else 3, warps=4,
-                 prefetch_k=prefetch_k(k // split))
+    return Tiles(block_n, block_k, split, stages=5 if k // split >= 6 * block_k else 3, prefetch_k=prefetch_k(k // split))
 
 
 def prefetch_k(k_split: int) -> int:
@@ -172,6 +173,6 @@ def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         y.stride(0), K_SPLIT=k // tiles.split_k, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k, SPLIT_K=tiles.split_k, STAGES=tiles.stages,
         PREFETCH_K=tiles.prefetch_k if use_pdl else 0, LINE_ELEMS=line_elems, USE_PDL=use_pdl,
-        num_warps=tiles.warps, launch_pdl=use_pdl,
+        num_warps=4, launch_pdl=use_pdl,
     )
     return y
