@@ -14,6 +14,7 @@
 #   moe-quick  issue 20's layer kernels (no sweep) and the 30B-A3B throughput, for a short session
 #   moe     issue 20's Qwen3-30B-A3B throughput, then moe-rollout: its rollout with and without routed experts (R3)
 #   moe-r3  the R3 cost on an 80 GB card: the 30B-A3B rollout at 96 sequences (no preemption), with and without R3
+#   epilogues  the few-rows matmul's SiLU-and-mul and q/k/v-heads epilogues: GPU tests, decode and the 0.6B rollout off / on (~420 s)
 #   rows    the few-rows decode matmul (kernels/rows_matmul.py): GPU tests, against cuBLAS with a tile sweep, decode on / off
 #   profile  the decode graphs' kernels by device time: 0.6B batch 1 / 64, 30B-A3B batch 1 (~200 s)
 #   h200    one H200 call (~480 s, `needs_h200`: the 30B-A3B rollout of 256 sequences needs its memory): that rollout with and
@@ -41,7 +42,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stages="suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|h200|profile|rows"
+stages="suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|h200|profile|rows|epilogues"
 [ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... ($stages)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
@@ -177,6 +178,19 @@ rows)  # the few-rows decode matmul: its GPU tests, beside cuBLAS with a tile sw
         HOTSWAP_ROWS_MATMUL=$on PYTHONPATH=src run "throughput_rows$on" 60 python3 bench/throughput.py --shape qwen3-0.6b \
             --cases 1x128x128,16x128x128,64x128x128 --hf none
     done
+    ;;
+epilogues)  # the few-rows matmul's SiLU-and-mul and q/k/v-heads epilogues: GPU tests, whole decode and the 0.6B rollout off / on
+    PYTHONPATH=src run epilogue_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py tests/test_gpu_engine.py \
+        -k "rows_matmul or bf16_greedy or cuda_graph"
+    for on in 0 1; do
+        HOTSWAP_ROWS_EPILOGUES=$on PYTHONPATH=src run "throughput_epilogues$on" 60 python3 bench/throughput.py --shape qwen3-0.6b \
+            --cases 1x128x128,16x128x128,32x128x128,64x128x128 --hf none
+    done
+    for on in 0 1; do
+        HOTSWAP_ROWS_EPILOGUES=$on PYTHONPATH=src run "rollout_epilogues$on" 90 python3 bench/rollout.py --shape qwen3-0.6b \
+            --prompts 64 --n 8 --paths offline --modes sampled
+    done
+    PYTHONPATH=src run profile_epilogues 90 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 64
     ;;
 profile)  # the decode graphs' kernels by device time (0.6B batch 1 / 64, 30B-A3B batch 1): the last per-kernel split of the 0.6B's
     # batch-64 step is the fifth session's; what a fusion or a matmul of ours would have to beat (~200 s)

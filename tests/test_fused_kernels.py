@@ -226,3 +226,39 @@ def test_rows_matmul_against_cublas(rows, n, k, bias, monkeypatch):
     got = rm.rows_linear(x, w, b)
     assert rel(got, want) < 5e-3
     assert torch.equal(got, rm.rows_linear(x, w, b))
+
+
+@pytest.mark.parametrize("rows", [2, 17, 64])
+def test_rows_matmul_epilogues_against_the_separate_kernels(rows, monkeypatch):
+    """The few-rows matmul's epilogues on the 0.6B shapes in bf16: gate_up's SiLU-and-mul the bits of the matmul and
+    fused.silu_and_mul; q/k/v's heads (one head a tile, K split) what fused.qk_norm_rope makes of the matmul, within a
+    bf16 rounding (the head's sum of squares reduces in another order), its KV rows at each row's slot; neither falls
+    back to cuBLAS."""
+    from hotswap.kernels import rows_matmul as rm
+    from hotswap.kernels.skinny_matmul import HeadsEpilogue
+
+    torch.manual_seed(rows)
+    dev, bf = "cuda", torch.bfloat16
+    x = torch.randn(rows, 1024, device=dev, dtype=bf)
+    w_gate_up = torch.randn(6144, 1024, device=dev, dtype=bf) * 1024**-0.5
+    w_qkv = torch.randn(4096, 1024, device=dev, dtype=bf) * 1024**-0.5
+    unfused_act = fused.silu_and_mul(rm.rows_linear(x, w_gate_up))
+    qkv = rm.rows_linear(x, w_qkv)
+    cos_sin = RotaryEmbedding(128, 4096, 1e6, None, torch.device(dev)).cos_sin
+    q_w, k_w = (torch.rand(128, device=dev, dtype=bf) + 0.5 for _ in range(2))
+    pos = torch.randint(0, 4096, (rows,), device=dev)
+    slots = torch.randperm(1024, device=dev)[:rows]
+    k_want, v_want = (torch.zeros(64, 16, 8, 128, device=dev, dtype=bf) for _ in range(2))
+    q, k, v = (t.view(rows, -1, 128) for t in qkv.split([2048, 1024, 1024], dim=-1))
+    fused.qk_norm_rope(q, k, q_w, k_w, cos_sin, pos, 1e-6, kv_store=(v, k_want, v_want, slots))
+    k_got, v_got = torch.zeros_like(k_want), torch.zeros_like(v_want)
+    heads = HeadsEpilogue(16, 8, 128, q_w, k_w, 1e-6, cos_sin, pos, k_got, v_got, slots)
+    monkeypatch.setattr(rm.torch.nn.functional, "linear", lambda *a, **kw: pytest.fail("rows_linear fell back to cuBLAS"))
+    monkeypatch.setattr(fused, "silu_and_mul", lambda *a: pytest.fail("the SiLU epilogue ran as its own kernel"))
+    monkeypatch.setattr(fused, "qk_norm_rope", lambda *a, **kw: pytest.fail("the heads epilogue ran as its own kernel"))
+    assert torch.equal(rm.rows_linear(x, w_gate_up, silu_mul=True), unfused_act)
+    got_q = rm.rows_linear(x, w_qkv, heads=heads)
+    torch.testing.assert_close(got_q, qkv[:, :2048], rtol=8e-3, atol=1e-2)
+    torch.testing.assert_close(k_got, k_want, rtol=8e-3, atol=1e-2)
+    assert torch.equal(v_got, v_want)
+    assert int(k_got.view(-1, 8, 128).abs().sum(dim=(1, 2)).ne(0).sum()) == rows  # only the rows' slots written

@@ -133,6 +133,22 @@ def test_few_rows_matmul_kernel(hopper, rows, n, k):
     assert ("atom.global.gpu.acq_rel.add" in ptx) == (tiles.split_k > 1)
 
 
+@pytest.mark.parametrize("rows", [16, 64])
+def test_few_rows_matmul_epilogues(hopper, rows):
+    """The 2-64-row matmul's SiLU-and-mul (gate_up of a 0.6B) and q/k/v heads (its qkv, a head a tile, K split)
+    epilogues."""
+    x = torch.randn(rows, 1024, dtype=BF16)
+    rows_matmul.rows_linear(x, torch.randn(6144, 1024, dtype=BF16), silu_mul=True)
+    cache = torch.zeros(64, 16, 8, 128, dtype=BF16)
+    positions = torch.arange(rows)
+    heads = skinny_matmul.HeadsEpilogue(16, 8, 128, torch.ones(128, dtype=BF16), torch.ones(128, dtype=BF16), 1e-6,
+                                        torch.randn(4096, 128), positions, cache, cache.clone(), positions)
+    assert rows_matmul.tiles_for(4096, 1024, torch.device("cpu"), 128).split_k > 1
+    rows_matmul.rows_linear(x, torch.randn(4096, 1024, dtype=BF16), heads=heads)
+    assert_compiled(hopper, "_rows_kernel")
+    assert len(hopper["_rows_kernel"]) == 2
+
+
 def test_moe_kernels(hopper):
     experts, hidden, inter, top_k = 16, 512, 256, 4
     w_gate_up, w_down = torch.randn(experts, 2 * inter, hidden, dtype=BF16), torch.randn(experts, hidden, inter, dtype=BF16)

@@ -1,6 +1,7 @@
 """The few-rows decode matmul (kernels/rows_matmul.py) through Triton's interpreter on the CPU (float32): equal to
 x @ W^T at every row count it takes, with and without a bias, with K unsplit and split (whose partials the last
-program of a tile sums), and the same bits whichever program of a tile finishes last. Only under
+program of a tile sums), and the same bits whichever program of a tile finishes last; its SiLU-and-mul and q/k/v
+heads epilogues give what the matmul followed by the kernel each replaces gives. Only under
 TRITON_INTERPRET=1 (tests/test_kernels_interpreted.py runs it so in CI); on a GPU, tests/test_fused_kernels.py
 checks it in bf16."""
 
@@ -15,8 +16,10 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton interpreter run: set TRITON_INTERPRET=1", allow_module_level=True)
 pytest.importorskip("triton")
 
-from hotswap.kernels import arrival  # noqa: E402
+from hotswap.kernels import arrival, fused  # noqa: E402
 from hotswap.kernels import rows_matmul as rm  # noqa: E402
+from hotswap.kernels.skinny_matmul import HeadsEpilogue  # noqa: E402
+from hotswap.models.layers import RotaryEmbedding  # noqa: E402
 
 
 @pytest.fixture
@@ -61,3 +64,122 @@ def test_default_tiles_split_narrow_weights_and_refuse_uneven_ones():
     assert rm.tiles_for(1000, 1024, cpu) is None  # no even 64-column tiling: cuBLAS
     with pytest.raises(ValueError, match="do not divide"):
         rm.rows_linear(torch.randn(4, 96), torch.randn(64, 96), tiles=rm.Tiles(64, 64, 1, 1, 0))
+
+
+@pytest.mark.parametrize("rows", [2, 9, 64])
+@pytest.mark.parametrize("split_k,bias", [(1, False), (2, True)])
+def test_silu_mul_epilogue_equals_the_separate_kernel(rows, split_k, bias, kernel_only):
+    """gate_up's tiles pair gate rows with the matching up rows; silu(gate) * up comes out as fused.silu_and_mul
+    rounds it, bit for bit."""
+    gen = torch.Generator().manual_seed(rows + split_k)
+    n, k = 256, 256
+    x = torch.randn(rows, k, generator=gen)
+    w = torch.randn(n, k, generator=gen) * k**-0.5
+    b = torch.randn(n, generator=gen) if bias else None
+    tiles = rm.Tiles(block_n=64, block_k=64, split_k=split_k, stages=2, prefetch_k=0)
+    got = rm.rows_linear(x, w, b, tiles=tiles, silu_mul=True)
+    assert got.shape == (rows, n // 2)
+    assert torch.equal(got, fused.silu_and_mul(rm.rows_linear(x, w, b, tiles=tiles)))
+    gate, up = (x.double() @ w.double().T + (0 if b is None else b.double())).chunk(2, dim=-1)
+    torch.testing.assert_close(got.double(), torch.nn.functional.silu(gate) * up, rtol=1e-5, atol=1e-5)
+    assert int(arrival.counters(x.device).abs().sum()) == 0
+
+
+def _heads_case(seed: int, rows: int, hq: int, hkv: int, d: int, qk_norm: bool, bias: bool):
+    gen = torch.Generator().manual_seed(seed)
+    k_in, n = 128, (hq + 2 * hkv) * d
+    rnd = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    rot = RotaryEmbedding(d, 512, 10000.0, None, torch.device("cpu"))
+    pages = torch.zeros(16, 8, hkv, d)
+    slots = torch.randperm(128, generator=gen)[:rows]
+    return dict(x=rnd(rows, k_in), w=rnd(n, k_in) * k_in**-0.5, b=rnd(n) if bias else None, qw=rnd(d) if qk_norm else None,
+                kw=rnd(d) if qk_norm else None, cos_sin=rot.cos_sin, pos=torch.randint(0, 512, (rows,), generator=gen),
+                slots=slots, k_cache=pages, v_cache=pages.clone() - 1.0)
+
+
+def _heads(c, hq, hkv, d, k_cache, v_cache):
+    return HeadsEpilogue(hq, hkv, d, c["qw"], c["kw"], 1e-5, c["cos_sin"], c["pos"], k_cache, v_cache, c["slots"])
+
+
+@pytest.mark.parametrize("rows", [2, 7, 64])
+@pytest.mark.parametrize("qk_norm,bias,split_k", [(True, False, 1), (True, False, 2), (False, True, 2)])  # Qwen3; Qwen2
+def test_heads_epilogue_equals_the_separate_kernel(rows, qk_norm, bias, split_k, kernel_only):
+    """q normalised and rotated, k normalised, rotated and stored at each row's KV slot, v stored: what the matmul
+    followed by fused.qk_norm_rope(..., kv_store=...) gives (v bit for bit; q and k within rounding, the head's sum of
+    squares being reduced in another order), and no other slot touched."""
+    hq, hkv, d = 4, 2, 32
+    c = _heads_case(rows, rows, hq, hkv, d, qk_norm, bias)
+    tiles = rm.Tiles(block_n=d, block_k=64, split_k=split_k, stages=2, prefetch_k=0)
+    k_want, v_want = c["k_cache"].clone(), c["v_cache"].clone()
+    y = rm.rows_linear(c["x"], c["w"], c["b"], tiles=tiles)
+    q, k, v = (t.view(rows, -1, d) for t in y.split([hq * d, hkv * d, hkv * d], dim=-1))
+    fused.qk_norm_rope(q, k, c["qw"], c["kw"], c["cos_sin"], c["pos"], 1e-5, kv_store=(v, k_want, v_want, c["slots"]))
+    k_got, v_got = c["k_cache"].clone(), c["v_cache"].clone()
+    got = rm.rows_linear(c["x"], c["w"], c["b"], tiles=tiles, heads=_heads(c, hq, hkv, d, k_got, v_got))
+    assert got.shape == (rows, hq * d)
+    torch.testing.assert_close(got, y[:, :hq * d], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(k_got, k_want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(v_got, v_want)
+    written = torch.zeros(128, dtype=torch.bool)
+    written[c["slots"]] = True
+    assert bool((k_got.view(128, hkv, d)[~written] == 0).all()) and bool((v_got.view(128, hkv, d)[~written] == -1).all())
+    assert bool((v_got.view(128, hkv, d)[written] != -1).any())
+    assert int(arrival.counters(c["x"].device).abs().sum()) == 0
+
+
+def test_heads_epilogue_refuses_what_it_cannot_finish(kernel_only):
+    hq, hkv, d, rows = 4, 2, 32, 3
+    c = _heads_case(5, rows, hq, hkv, d, True, False)
+    tiles = rm.Tiles(block_n=d, block_k=64, split_k=1, stages=1, prefetch_k=0)
+    base = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, q_norm=c["qw"], k_norm=c["kw"], eps=1e-5,
+                cos_sin=c["cos_sin"], positions=c["pos"], k_cache=c["k_cache"], v_cache=c["v_cache"], slots=c["slots"])
+    bad = {"q/k/v heads": dict(num_q_heads=5), "rotary table": dict(cos_sin=c["cos_sin"][:, :16]),
+           "each of the 3 rows": dict(slots=c["slots"][:2]), "KV cache": dict(k_cache=c["k_cache"].transpose(0, 1))}
+    for words, change in bad.items():
+        cache_before = c["k_cache"].clone()
+        with pytest.raises(ValueError, match=words):
+            rm.rows_linear(c["x"], c["w"], tiles=tiles, heads=HeadsEpilogue(**{**base, **change}))
+        assert torch.equal(c["k_cache"], cache_before)
+    with pytest.raises(ValueError, match="tile's width"):  # 64-column tiles over 32-wide heads
+        rm.rows_linear(c["x"], c["w"], tiles=rm.Tiles(64, 64, 1, 1, 0), heads=HeadsEpilogue(**base))
+
+
+@pytest.mark.parametrize("family", ["tiny_qwen3", "tiny_qwen2"])
+def test_a_few_rows_decode_through_the_epilogues_equals_the_reference_path(family, request, monkeypatch):
+    """The decoder on 2-64 rows with Triton's kernels (interpreted, float32): q/k/v with its heads finished in the
+    matmul (each layer's K/V at each token's slot, read back by attention), gate/up with SiLU-and-mul, against the
+    PyTorch layers: the same greedy tokens and logprobs within float32 tolerance."""
+    from engine_support import make_engine
+
+    path = request.getfixturevalue(family)
+    prompts = [[3 + (5 * j + i) % 200 for j in range(6 + 3 * i)] for i in range(3)]
+    sp = dict(temperature=0.0, max_new_tokens=4, ignore_eos=True)
+
+    def run():
+        with make_engine(path, enable_cuda_graph=False) as eng:
+            outs = eng.generate(input_ids=prompts, sampling_params=sp, return_logprob=True)
+        return [o["output_ids"] for o in outs], [lp for o in outs for lp, _, _ in o["meta_info"]["output_token_logprobs"]]
+
+    def small_tiles(n, k, device, block_n=64):  # the tiny model's 64-wide K and 16-wide heads
+        block_n = min(block_n, 32)
+        return rm.Tiles(block_n, 32, 2, 1, 0) if n % block_n == 0 and k % 64 == 0 else None
+
+    want_ids, want_lps = run()
+    calls = []
+    real = rm.rows_linear
+
+    def spy(x, weight, bias=None, tiles=None, *, silu_mul=False, heads=None):
+        calls.append("silu" if silu_mul else "heads" if heads is not None else "plain")
+        return real(x, weight, bias, tiles, silu_mul=silu_mul, heads=heads)
+
+    with monkeypatch.context() as patch:  # the kernels' path, as on a GPU at 2-64 rows (CPU tensors, interpreted)
+        patch.setattr(fused, "available", lambda x: True)
+        patch.setattr(rm, "enabled", lambda rows, dtype, device: 2 <= rows <= rm.MAX_ROWS)
+        patch.setattr(rm, "tiles_for", small_tiles)
+        patch.setattr(rm, "rows_linear", spy)
+        got_ids, got_lps = run()
+    steps = 1 + 3  # the prefill of 3 x 6-12 tokens, then three 3-row decode steps
+    assert calls.count("heads") == calls.count("silu") == 2 * steps  # two layers
+    assert calls.count("plain") == 2 * 2 * steps  # o_proj and down_proj
+    assert got_ids == want_ids
+    assert max(abs(a - b) for a, b in zip(got_lps, want_lps, strict=True)) < 1e-4

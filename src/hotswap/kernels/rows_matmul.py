@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hotswap.kernels import arrival, pdl
+from hotswap.kernels import arrival, fused, pdl
+from hotswap.kernels.skinny_matmul import HeadsEpilogue
 
 try:
     import triton
@@ -38,6 +39,10 @@ MAX_ROWS = 64
 #: 73.6 against 73.9), while at the 0.6B's 4-13 MB they win on fixed per-launch cost.
 MAX_WEIGHT_BYTES = 16 << 20
 ENABLED = os.environ.get("HOTSWAP_ROWS_MATMUL", "1") != "0"
+#: Whether the SiLU-and-mul and q/k/v-heads epilogues run in the matmul (`HOTSWAP_ROWS_EPILOGUES=0`: in kernels of
+#: their own after it, the A/B switch of the benches).
+EPILOGUES = os.environ.get("HOTSWAP_ROWS_EPILOGUES", "1") != "0"
+_PLAIN, _SILU_MUL, _HEADS = 0, 1, 2
 #: Weight bytes a line of the L2 prefetch covers.
 _LINE = 128
 
@@ -70,13 +75,82 @@ if triton is not None:
                                   is_pure=False, pack=1)
 
     @triton.jit
-    def _rows_kernel(X, W, BIAS, Y, PARTIALS, COUNTERS, M, N, stride_x, stride_w, stride_y,
-                     K_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr, PREFETCH_K: tl.constexpr,
-                     LINE_ELEMS: tl.constexpr, USE_PDL: tl.constexpr):
+    def _silu_mul_tile(acc, dtype: tl.constexpr, HALF_N: tl.constexpr, BLOCK_M: tl.constexpr):
+        """silu(gate) * up of a SILU_MUL tile ([gate rows | up rows] x rows), rounded as fused.silu_and_mul rounds."""
+        gate, up = tl.split(tl.permute(tl.reshape(acc, [2, HALF_N, BLOCK_M]), (1, 2, 0)))
+        g = gate.to(dtype)
+        gf = g.to(tl.float32)
+        return (gf / (1.0 + tl.exp(-gf))).to(dtype) * up.to(dtype)
+
+    @triton.jit
+    def _finish_heads(y, head, offs_m, m_mask, Y, stride_y, QW, KW, COS_SIN, POS, K_CACHE, V_CACHE, SLOTS, n_q_heads,
+                      n_kv_heads, stride_cs, eps, HAS_QK_NORM: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      BLOCK_M: tl.constexpr):
+        """One head of every row ([HEAD_DIM, rows], model dtype), as fused.qk_norm_rope finishes it: q normalised and
+        rotated into Y (q only), k normalised, rotated and stored in the K cache at the row's slot, v stored in the V
+        cache."""
+        HALF: tl.constexpr = HEAD_DIM // 2
+        offs = tl.arange(0, HALF)
+        slots = tl.load(SLOTS + offs_m, mask=m_mask, other=0)
+        m = m_mask[None, :]
+        if head >= n_q_heads + n_kv_heads:
+            v_rows = V_CACHE + (slots[None, :] * n_kv_heads + head - n_q_heads - n_kv_heads) * HEAD_DIM
+            tl.store(v_rows + tl.arange(0, HEAD_DIM)[:, None], y, mask=m)
+        else:
+            x1, x2 = tl.split(tl.permute(tl.reshape(y, [2, HALF, BLOCK_M]), (1, 2, 0)))
+            if head < n_q_heads:
+                wp = QW
+            else:
+                wp = KW
+            if HAS_QK_NORM:
+                f1 = x1.to(tl.float32)
+                f2 = x2.to(tl.float32)
+                r = tl.rsqrt((tl.sum(f1 * f1, axis=0) + tl.sum(f2 * f2, axis=0)) / HEAD_DIM + eps)[None, :]
+                x1 = tl.load(wp + offs)[:, None] * (f1 * r).to(x1.dtype)
+                x2 = tl.load(wp + HALF + offs)[:, None] * (f2 * r).to(x2.dtype)
+            cs = COS_SIN + tl.load(POS + offs_m, mask=m_mask, other=0)[None, :] * stride_cs + offs[:, None]
+            cos = tl.load(cs, mask=m, other=0.0).to(x1.dtype)
+            sin = tl.load(cs + HALF, mask=m, other=0.0).to(x1.dtype)
+            y1 = x1 * cos - x2 * sin
+            y2 = x2 * cos + x1 * sin
+            if head < n_q_heads:
+                dst = Y + offs_m[None, :] * stride_y + head * HEAD_DIM + offs[:, None]
+            else:
+                dst = K_CACHE + (slots[None, :] * n_kv_heads + head - n_q_heads) * HEAD_DIM + offs[:, None]
+            tl.store(dst, y1, mask=m)
+            tl.store(dst + HALF, y2, mask=m)
+
+    @triton.jit
+    def _finish(acc, pid_n, offs_n, offs_m, m_mask, BIAS, Y, stride_y, QW, KW, COS_SIN, POS, K_CACHE, V_CACHE, SLOTS,
+                n_q_heads, n_kv_heads, stride_cs, eps, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
+                HAS_QK_NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+        """A tile's whole sum [BLOCK_N, rows] in float32: bias, then the epilogue, then the stores."""
+        if HAS_BIAS:
+            acc += tl.load(BIAS + offs_n).to(tl.float32)[:, None]
+        if EPILOGUE == 1:
+            cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            tl.store(Y + offs_m[None, :] * stride_y + cols[:, None], _silu_mul_tile(acc, Y.dtype.element_ty, BLOCK_N // 2,
+                                                                                    BLOCK_M), mask=m_mask[None, :])
+        elif EPILOGUE == 2:
+            _finish_heads(acc.to(Y.dtype.element_ty), pid_n, offs_m, m_mask, Y, stride_y, QW, KW, COS_SIN, POS, K_CACHE,
+                          V_CACHE, SLOTS, n_q_heads, n_kv_heads, stride_cs, eps, HAS_QK_NORM, BLOCK_N, BLOCK_M)
+        else:
+            tl.store(Y + offs_m[None, :] * stride_y + offs_n[:, None], acc.to(Y.dtype.element_ty), mask=m_mask[None, :])
+
+    @triton.jit
+    def _rows_kernel(X, W, BIAS, Y, PARTIALS, COUNTERS, QW, KW, COS_SIN, POS, K_CACHE, V_CACHE, SLOTS, M, N, stride_x,
+                     stride_w, stride_y, n_q_heads, n_kv_heads, stride_cs, eps,
+                     K_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_QK_NORM: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                     STAGES: tl.constexpr, PREFETCH_K: tl.constexpr, LINE_ELEMS: tl.constexpr, USE_PDL: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        j = tl.arange(0, BLOCK_N)
+        if EPILOGUE == 1:  # SILU_MUL: the tile's first half are gate rows, its second the matching up rows
+            half: tl.constexpr = BLOCK_N // 2
+            offs_n = tl.where(j < half, pid_n * half + j, N // 2 + pid_n * half + j - half)
+        else:
+            offs_n = pid_n * BLOCK_N + j
         offs_m = tl.arange(0, BLOCK_M)
         m_mask = offs_m < M
         k_lo = pid_k * K_SPLIT
@@ -91,14 +165,13 @@ if triton is not None:
             w = tl.load(w_rows + k0 + offs_k[None, :])
             x = tl.load(x_cols + k0, mask=m_mask[None, :], other=0.0)
             acc = tl.dot(w, x, acc)
-        out = Y + offs_m[None, :] * stride_y + offs_n[:, None]
         if SPLIT_K == 1:
-            if HAS_BIAS:
-                acc += tl.load(BIAS + offs_n).to(tl.float32)[:, None]
-            tl.store(out, acc.to(Y.dtype.element_ty), mask=m_mask[None, :])
+            _finish(acc, pid_n, offs_n, offs_m, m_mask, BIAS, Y, stride_y, QW, KW, COS_SIN, POS, K_CACHE, V_CACHE, SLOTS,
+                    n_q_heads, n_kv_heads, stride_cs, eps, HAS_BIAS, EPILOGUE, HAS_QK_NORM, BLOCK_N, BLOCK_M)
         else:
-            # partials [SPLIT_K, N, BLOCK_M] in float32; the tile's last program to finish sums them in split order
-            part = PARTIALS + offs_n[:, None] * BLOCK_M + offs_m[None, :]
+            # partials [SPLIT_K, N, BLOCK_M] in float32 (by tile position); the tile's last program to finish sums them
+            # in split order
+            part = PARTIALS + (pid_n * BLOCK_N + j)[:, None] * BLOCK_M + offs_m[None, :]
             tl.store(part + pid_k * N * BLOCK_M, acc)
             tl.debug_barrier()  # every thread's partial is stored before the one thread's release
             counter = COUNTERS + pid_n
@@ -107,9 +180,8 @@ if triton is not None:
                 total = tl.load(part, cache_modifier=".cg")
                 for s in tl.static_range(1, SPLIT_K):
                     total += tl.load(part + s * N * BLOCK_M, cache_modifier=".cg")
-                if HAS_BIAS:
-                    total += tl.load(BIAS + offs_n).to(tl.float32)[:, None]
-                tl.store(out, total.to(Y.dtype.element_ty), mask=m_mask[None, :])
+                _finish(total, pid_n, offs_n, offs_m, m_mask, BIAS, Y, stride_y, QW, KW, COS_SIN, POS, K_CACHE, V_CACHE,
+                        SLOTS, n_q_heads, n_kv_heads, stride_cs, eps, HAS_BIAS, EPILOGUE, HAS_QK_NORM, BLOCK_N, BLOCK_M)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -125,12 +197,12 @@ def _sm_count(device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=None)  # a few shapes a model; called per matmul on the eager path
-def tiles_for(n: int, k: int, device: torch.device) -> Tiles | None:
-    """64-column tiles, K split (by powers of two that keep a split's range whole in 128-wide steps) until the grid
+def tiles_for(n: int, k: int, device: torch.device, block_n: int = 64) -> Tiles | None:
+    """64-column tiles (a head's width for the heads epilogue), K split (by powers of two that keep a split's range whole in 128-wide steps) until the grid
     covers about half the SMs, five steps in flight where a program has six or more; None where the shape does not
     tile evenly (cuBLAS then). Fewer, longer programs won on the H100 at 64 rows (bench/rows_matmul.py --sweep: a
     0.6B layer's four matmuls 24.2 us against 26.1 with one program an SM, cuBLAS 26.5)."""
-    block_n, block_k = 64, 128
+    block_k = 128
     if n % block_n or k % block_k:
         return None
     sms, tiles, split = _sm_count(device), n // block_n, 1
@@ -147,32 +219,83 @@ def prefetch_k(k_split: int) -> int:
     return pf
 
 
-def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                tiles: Tiles | None = None) -> torch.Tensor:
+def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, tiles: Tiles | None = None, *,
+                silu_mul: bool = False, heads: HeadsEpilogue | None = None) -> torch.Tensor:
     """x [M, K] @ weight [N, K].T (+ bias) for 2 <= M <= MAX_ROWS; cuBLAS where the shape does not tile or the
     weight is over MAX_WEIGHT_BYTES. `tiles` overrides the heuristic (bench/rows_matmul.py --sweep).
+
+    Epilogues, each in place of a kernel of its own: `silu_mul` (gate_up, weight rows [gate | up]) returns
+    silu(gate) * up [M, N / 2], the bits of fused.silu_and_mul; `heads` (q/k/v, HEAD_DIM-column tiles) returns q
+    [M, Hq * D] normalised and rotated and writes k and v to the KV cache, as fused.qk_norm_rope(..., kv_store=...)
+    does up to the order of the per-head sum of squares.
+    Where the kernel does not take the shape (or `HOTSWAP_ROWS_EPILOGUES=0`) those kernels run after the matmul.
 
     No prologue runs inside the loop: SiLU-and-mul there (down_proj) took 15.6 us against 7.9 for the separate
     kernel and this one, at 64 rows on the H100 (the computed operand leaves the loop's async copies)."""
     m, k = x.shape
     n = weight.shape[0]
-    tiles = tiles or tiles_for(n, k, x.device)
+    tiles = tiles or tiles_for(n, k, x.device, heads.head_dim if heads is not None else 64)
     too_large = m > MAX_ROWS or weight.numel() * weight.element_size() > MAX_WEIGHT_BYTES
-    if tiles is None or too_large or x.stride(-1) != 1 or weight.stride(-1) != 1:
+    fits = not (tiles is None or too_large or x.stride(-1) != 1 or weight.stride(-1) != 1)
+    if (silu_mul or heads is not None) and not (fits and EPILOGUES):
+        return _unfused_epilogue(x, weight, bias, tiles if fits else None, silu_mul, heads)
+    if not fits:
         return torch.nn.functional.linear(x, weight, bias)
     if n % tiles.block_n or k % (tiles.split_k * tiles.block_k) or (k // tiles.split_k) % max(tiles.prefetch_k, 1):
         raise ValueError(f"tiles {tiles} do not divide the {n}x{k} weight")
     block_m = max(16, triton.next_power_of_2(m))
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if heads is not None:
+        _check_heads(heads, m, n, tiles.block_n)
+        h = heads
+        y = torch.empty((m, h.num_q_heads * h.head_dim), dtype=x.dtype, device=x.device)
+        head_args = (h.q_norm if h.q_norm is not None else weight, h.k_norm if h.k_norm is not None else weight,
+                     h.cos_sin, h.positions, h.k_cache, h.v_cache, h.slots)
+        head_sizes = (h.num_q_heads, h.num_kv_heads, h.cos_sin.stride(0), h.eps)
+    else:
+        y = torch.empty((m, n // 2 if silu_mul else n), dtype=x.dtype, device=x.device)
+        head_args, head_sizes = (weight,) * 7, (0, 0, 0, 0.0)
     partials = torch.empty((tiles.split_k, n, block_m), dtype=torch.float32, device=x.device) if tiles.split_k > 1 else y
     counters = arrival.counters(x.device)  # a weight under MAX_WEIGHT_BYTES has far fewer column tiles than counters
     use_pdl = pdl.enabled(x.device, m)
     line_elems = _LINE // weight.element_size()
+    epilogue = _HEADS if heads is not None else _SILU_MUL if silu_mul else _PLAIN
     _rows_kernel[(n // tiles.block_n, tiles.split_k)](
-        x, weight, bias if bias is not None else weight, y, partials, counters, m, n, x.stride(0), weight.stride(0),
-        y.stride(0), K_SPLIT=k // tiles.split_k, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=tiles.block_n,
-        BLOCK_K=tiles.block_k, SPLIT_K=tiles.split_k, STAGES=tiles.stages,
+        x, weight, bias if bias is not None else weight, y, partials, counters, *head_args, m, n, x.stride(0),
+        weight.stride(0), y.stride(0), *head_sizes, K_SPLIT=k // tiles.split_k, HAS_BIAS=bias is not None,
+        EPILOGUE=epilogue, HAS_QK_NORM=heads is not None and heads.q_norm is not None, BLOCK_M=block_m,
+        BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, SPLIT_K=tiles.split_k, STAGES=tiles.stages,
         PREFETCH_K=tiles.prefetch_k if use_pdl else 0, LINE_ELEMS=line_elems, USE_PDL=use_pdl,
         num_warps=4, launch_pdl=use_pdl,
     )
     return y
+
+
+def _unfused_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tiles: Tiles | None,
+                      silu_mul: bool, heads: HeadsEpilogue | None) -> torch.Tensor:
+    """The epilogue as its own kernel after the plain matmul (ours where `tiles`, else cuBLAS)."""
+    y = rows_linear(x, weight, bias, tiles) if tiles is not None else torch.nn.functional.linear(x, weight, bias)
+    if silu_mul:
+        return fused.silu_and_mul(y)
+    h = heads
+    q_cols, kv_cols = h.num_q_heads * h.head_dim, h.num_kv_heads * h.head_dim
+    q, k, v = y.split([q_cols, kv_cols, kv_cols], dim=-1)
+    fused.qk_norm_rope(q.view(-1, h.num_q_heads, h.head_dim), k.view(-1, h.num_kv_heads, h.head_dim), h.q_norm, h.k_norm,
+                       h.cos_sin, h.positions, h.eps,
+                       kv_store=(v.view(-1, h.num_kv_heads, h.head_dim), h.k_cache, h.v_cache, h.slots))
+    return q
+
+
+def _check_heads(heads: HeadsEpilogue, rows: int, n: int, block_n: int) -> None:
+    d = heads.head_dim
+    if n != (heads.num_q_heads + 2 * heads.num_kv_heads) * d:
+        raise ValueError(f"heads epilogue: {n} output columns are not q/k/v heads of {heads.num_q_heads} + 2 x "
+                         f"{heads.num_kv_heads} x {d}")
+    if block_n != d or d & (d - 1) or d < 4:
+        raise ValueError(f"heads epilogue: head_dim {d} must be a power of two and the tile's width, got {block_n}")
+    if heads.cos_sin.shape[-1] != d or heads.cos_sin.stride(-1) != 1:
+        raise ValueError(f"heads epilogue: the rotary table's rows must be [cos | sin] of {d}, got {tuple(heads.cos_sin.shape)}")
+    if heads.positions.numel() != rows or heads.slots.numel() != rows:
+        raise ValueError(f"heads epilogue: a position and a KV slot for each of the {rows} rows")
+    for cache in (heads.k_cache, heads.v_cache):
+        if not cache.is_contiguous() or cache.shape[-2:] != (heads.num_kv_heads, d):
+            raise ValueError(f"KV cache must be contiguous with rows of [{heads.num_kv_heads}, {d}], got {tuple(cache.shape)}")

@@ -33,16 +33,17 @@ class Attention(nn.Module):
     def norm_forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
                      ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention on norm(x + residual) (norm(x) before the first residual); returns (output, new residual).
-        A one-row decode finishes its heads (norm, rotary, KV store) inside the qkv matmul."""
-        if ctx.skinny_matmul and skinny_matmul.HEADS_EPILOGUE and fused.available(x):
+        A decode of up to 64 rows (our matmul kernels) finishes its heads (norm, rotary, KV store) inside the qkv
+        matmul."""
+        if ((ctx.skinny_matmul and skinny_matmul.HEADS_EPILOGUE) or ctx.rows_matmul) and fused.available(x):
             k_cache, v_cache = ctx.attention.kv_cache(self.layer_id)
             q_w, k_w, eps = self._qk_norm()
             heads = skinny_matmul.HeadsEpilogue(self.num_heads, self.num_kv_heads, self.head_dim, q_w, k_w, eps,
                                                 self.rotary.cos_sin, ctx.positions, k_cache, v_cache, ctx.slot_mapping)
-            qkv, residual = self.qkv_proj.norm_forward(x, residual, norm, True, heads)
+            qkv, residual = self.qkv_proj.norm_forward(x, residual, norm, ctx.skinny_matmul, heads)
             q = qkv[:, :self.num_heads * self.head_dim].view(-1, self.num_heads, self.head_dim)
             return self._project(ctx.attention.attend(self.layer_id, q, self.scale, ctx), ctx), residual
-        qkv, residual = self.qkv_proj.norm_forward(x, residual, norm, ctx.skinny_matmul, rows=ctx.rows_matmul)
+        qkv, residual = self.qkv_proj.norm_forward(x, residual, norm, ctx.skinny_matmul)
         return self.forward(qkv, ctx), residual
 
     def forward(self, qkv: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -88,8 +89,11 @@ class MLP(nn.Module):
     def norm_forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm,
                      ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         """The MLP on norm(x + residual); returns (output, new residual)."""
-        gate_up, residual = self.gate_up_proj.norm_forward(x, residual, norm, ctx.skinny_matmul, rows=ctx.rows_matmul)
-        return self.down_proj.silu_mul_forward(gate_up, ctx.skinny_matmul, ctx.rows_matmul), residual
+        if ctx.rows_matmul and fused.available(x):  # SiLU-and-mul in the gate/up matmul
+            act, residual = self.gate_up_proj.norm_forward(x, residual, norm, False, silu_mul=True)
+            return self.down_proj(act, rows=True), residual
+        gate_up, residual = self.gate_up_proj.norm_forward(x, residual, norm, ctx.skinny_matmul)
+        return self.down_proj.silu_mul_forward(gate_up, ctx.skinny_matmul), residual
 
 
 def _mlp(cfg: ModelConfig, layer_id: int, tp: TPInfo) -> MLP | SparseMoeBlock:

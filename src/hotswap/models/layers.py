@@ -63,15 +63,17 @@ class MergedColumnLinear(nn.Module):
         self.weight = hf_param((total, in_features), dtype, w_shards)
         self.bias = hf_param((total,), dtype, b_shards) if bias else None
 
-    def forward(self, x: torch.Tensor, rows: bool = False) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, rows)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
 
     def norm_forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, skinny: bool,
-                     heads: skinny_matmul.HeadsEpilogue | None = None, rows: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     heads: skinny_matmul.HeadsEpilogue | None = None,
+                     silu_mul: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """This projection of norm(x + residual), or of norm(x) before the first residual exists;
-        returns (projection, new residual). `skinny` fuses the add and the norm into the matmul, and `heads`
-        (skinny only) the q/k/v heads' norm, rotary and KV-cache store after it; `rows` runs the matmul on
-        the few-rows decode kernel."""
+        returns (projection, new residual). `skinny` fuses the add and the norm into the batch-1 matmul. `heads`
+        finishes the q/k/v heads' norm, rotary and KV-cache store in the matmul (q then leads the projection's
+        columns), and `silu_mul` returns silu(gate) * up of a gate/up projection; without `skinny` both run on the
+        few-rows decode kernel (kernels/rows_matmul.py)."""
         if skinny:
             prologue = skinny_matmul.NORM if residual is None else skinny_matmul.ADD_NORM
             y, new_residual = skinny_matmul.skinny_linear(x, self.weight, self.bias, prologue=prologue, residual=residual,
@@ -81,7 +83,9 @@ class MergedColumnLinear(nn.Module):
             residual, h = x, norm(x)
         else:
             h, residual = norm.forward_residual(x, residual)
-        return self(h, rows), residual
+        if heads is not None or silu_mul:
+            return rows_matmul.rows_linear(h, self.weight, self.bias, silu_mul=silu_mul, heads=heads), residual
+        return self(h), residual
 
 
 class RowLinear(nn.Module):
@@ -99,12 +103,12 @@ class RowLinear(nn.Module):
         y = skinny_matmul.skinny_linear(x, self.weight)[0] if skinny else linear(x, self.weight, rows=rows)
         return self.tp.all_reduce(y)
 
-    def silu_mul_forward(self, gate_up: torch.Tensor, skinny: bool, rows: bool = False) -> torch.Tensor:
+    def silu_mul_forward(self, gate_up: torch.Tensor, skinny: bool) -> torch.Tensor:
         """This projection of silu(gate) * up, for gate_up = [gate | up] along the last dim."""
         if skinny and self.weight.shape[1] <= skinny_matmul.SILU_MUL_MAX_K:
             y = skinny_matmul.skinny_linear(gate_up, self.weight, prologue=skinny_matmul.SILU_MUL)[0]
         elif fused.available(gate_up):
-            y = linear(fused.silu_and_mul(gate_up), self.weight, rows=rows)
+            y = F.linear(fused.silu_and_mul(gate_up), self.weight)
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             y = F.linear(F.silu(gate) * up, self.weight)
