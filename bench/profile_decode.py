@@ -22,6 +22,25 @@ from hotswap import Engine  # noqa: E402
 from hotswap.runner.cuda_graph import graph_bucket  # noqa: E402
 
 
+def print_critical_path(prof: torch.profiler.profile, replays: int) -> None:
+    """Each kernel's share of the wall time: how far its end moves the latest end of the kernels before it. Under PDL
+    kernels overlap, so their durations add up to more than the step; these shares add up to it (gaps included)."""
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    share: dict[str, list[float]] = {}
+    latest = None
+    for e in kernels:
+        start, end = e.time_range.start, e.time_range.end
+        moved = end - latest if latest is not None else end - start
+        latest = end if latest is None else max(latest, end)
+        share.setdefault(e.name[:60], []).append(max(0.0, moved))
+    total = sum(sum(v) for v in share.values())
+    print(f"critical path: {total / replays:.1f} us a replay (first kernel's duration, then each end past the latest)")
+    print(f"{'kernel':<60} {'calls':>6} {'us a replay':>12} {'us a call':>10}")
+    for name, moved in sorted(share.items(), key=lambda kv: -sum(kv[1])):
+        print(f"{name:<60} {len(moved) // replays:>6} {sum(moved) / replays:>12.1f} {sum(moved) / len(moved):>10.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen3-0.6b")
@@ -50,6 +69,7 @@ def main() -> None:
             torch.cuda.synchronize()
         print(f"batch {batch}: 20 replays of the decode graph (bucket {bs}), kernels by device time", flush=True)
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60), flush=True)
+        print_critical_path(prof, 20)
         t = time.perf_counter()
         engine.generate(input_ids=ids, sampling_params=sp)
         total = time.perf_counter() - t
