@@ -184,16 +184,20 @@ epilogues)  # the few-rows matmul's epilogues (SiLU-and-mul, q/k/v heads, residu
     PYTHONPATH=src run epilogue_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py tests/test_gpu_engine.py \
         -k "rows_matmul or bf16_greedy or cuda_graph or logprob"
     for on in 0 norms0 1; do  # off; the SiLU and heads epilogues without the norm one (HOTSWAP_ROWS_NORMS=0); all on
-        flags="HOTSWAP_ROWS_EPILOGUES=$on"
-        [ "$on" = norms0 ] && flags="HOTSWAP_ROWS_EPILOGUES=1 HOTSWAP_ROWS_NORMS=0"
-        env $flags PYTHONPATH=src run "throughput_epilogues$on" 60 python3 bench/throughput.py --shape qwen3-0.6b \
-            --cases 1x128x128,16x128x128,32x128x128,64x128x128 --hf none
+        norms=1; epilogues=$on
+        [ "$on" = norms0 ] && norms=0 && epilogues=1
+        HOTSWAP_ROWS_EPILOGUES=$epilogues HOTSWAP_ROWS_NORMS=$norms PYTHONPATH=src run "throughput_epilogues$on" 60 \
+            python3 bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,16x128x128,32x128x128,64x128x128 --hf none
     done
+    # batch 1 on the few-rows kernels (its norm epilogues) instead of the one-row ones
+    HOTSWAP_ROWS_MIN=1 PYTHONPATH=src run throughput_rows_b1 40 python3 bench/throughput.py --shape qwen3-0.6b \
+        --cases 1x128x128 --hf none
     for on in 0 1; do
         HOTSWAP_ROWS_EPILOGUES=$on PYTHONPATH=src run "rollout_epilogues$on" 90 python3 bench/rollout.py --shape qwen3-0.6b \
             --prompts 64 --n 8 --paths offline --modes sampled
     done
-    PYTHONPATH=src run profile_epilogues 90 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 64
+    PYTHONPATH=src run profile_epilogues 90 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 1 64
+    HOTSWAP_ROWS_NORMS=0 PYTHONPATH=src run profile_norms0 60 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 64
     ;;
 profile)  # the decode graphs' kernels by device time (0.6B batch 1 / 64, 30B-A3B batch 1): the last per-kernel split of the 0.6B's
     # batch-64 step is the fifth session's; what a fusion or a matmul of ours would have to beat (~200 s)

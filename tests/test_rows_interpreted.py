@@ -169,17 +169,13 @@ def test_add_norm_then_pending_norm_equal_the_norm_kernel(rows, split_k, kernel_
     assert int(arrival.counters(x.device).abs().sum()) == 0
 
 
-def test_add_norm_where_the_kernel_does_not_take_the_shape(kernel_only, monkeypatch):
-    """A weight the kernel leaves to cuBLAS: the residual sum normalised by fused.rmsnorm, no pending norm."""
-    gen = torch.Generator().manual_seed(11)
-    x, w, residual, norm_w = (torch.randn(*s, generator=gen) for s in ((4, 96), (64, 96), (4, 64), (64,)))
-    want_residual = residual.clone()
-    want = fused.rmsnorm(x @ w.T, norm_w, 1e-6, residual=want_residual)
-    monkeypatch.undo()  # cuBLAS (F.linear) is the point here
-    h, pending = rm.rows_linear_add_norm(x, w, residual, norm_w, 1e-6)  # K 96: no 128-wide steps
-    assert pending is None
-    torch.testing.assert_close(h, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(residual, want_residual, rtol=1e-6, atol=1e-6)
+def test_add_norm_refuses_a_matmul_the_kernel_does_not_take():
+    x, w, residual, norm_w = torch.randn(4, 96), torch.randn(64, 96), torch.randn(4, 64), torch.randn(64)
+    assert not rm.takes(4, w)  # K 96: no 128-wide steps
+    before = residual.clone()
+    with pytest.raises(ValueError, match="does not take"):
+        rm.rows_linear_add_norm(x, w, residual, norm_w, 1e-6)
+    assert torch.equal(residual, before)
 
 
 @pytest.mark.parametrize("family", ["tiny_qwen3", "tiny_qwen2"])
@@ -234,5 +230,28 @@ def test_a_few_rows_decode_through_the_epilogues_equals_the_reference_path(famil
                 ("heads", True), ("add_norm", True), ("silu", True), ("plain", False)]  # layer 1: down ends the layers
     assert calls == per_step * steps
     assert len(norms) == 2 * steps  # the first layer's input norm and the final norm
+    assert got_ids == want_ids
+    assert max(abs(a - b) for a, b in zip(got_lps, want_lps, strict=True)) < 1e-4
+
+
+def test_a_few_rows_decode_whose_matmuls_the_kernel_does_not_take(tiny_qwen3, monkeypatch):
+    """The tiny model's own shapes (K 64) do not tile: on 2-64 rows every matmul falls back and the norms run as
+    kernels, the same tokens and logprobs as the PyTorch layers."""
+    from engine_support import make_engine
+
+    prompts = [[3 + (7 * j + i) % 200 for j in range(5 + 2 * i)] for i in range(3)]
+    sp = dict(temperature=0.0, max_new_tokens=4, ignore_eos=True)
+
+    def run():
+        with make_engine(tiny_qwen3, enable_cuda_graph=False) as eng:
+            outs = eng.generate(input_ids=prompts, sampling_params=sp, return_logprob=True)
+        return [o["output_ids"] for o in outs], [lp for o in outs for lp, _, _ in o["meta_info"]["output_token_logprobs"]]
+
+    want_ids, want_lps = run()
+    with monkeypatch.context() as patch:
+        patch.setattr(fused, "available", lambda x: True)
+        patch.setattr(rm, "enabled", lambda rows, dtype, device: 2 <= rows <= rm.MAX_ROWS)
+        patch.setattr(rm, "rows_linear_add_norm", lambda *a, **kw: pytest.fail("add-norm on a matmul it does not take"))
+        got_ids, got_lps = run()
     assert got_ids == want_ids
     assert max(abs(a - b) for a, b in zip(got_lps, want_lps, strict=True)) < 1e-4

@@ -34,6 +34,9 @@ except ImportError:  # CPU-only machines: the layers never call these without CU
 #: Most rows these kernels take; larger batches stay on cuBLAS. `HOTSWAP_ROWS_MATMUL=0` turns them off
 #: (the A/B switch of the benches).
 MAX_ROWS = 64
+#: Fewest rows these kernels take; one row has kernels/skinny_matmul.py (`HOTSWAP_ROWS_MIN=1`: these instead, the A/B
+#: switch of the benches).
+MIN_ROWS = int(os.environ.get("HOTSWAP_ROWS_MIN", "2"))
 #: Largest weight these kernels take. Past it a program's slice is long enough that cuBLAS's grids over every SM
 #: read it as fast or faster (H100, 8B shape: batch 16 at 83.7 % of the roofline with them, 85.2 % without; batch 64
 #: 73.6 against 73.9), while at the 0.6B's 4-13 MB they win on fixed per-launch cost.
@@ -50,8 +53,8 @@ _LINE = 128
 
 
 def enabled(rows: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """For half-precision CUDA batches of 2 to MAX_ROWS rows (one row has kernels/skinny_matmul.py)."""
-    return (ENABLED and 2 <= rows <= MAX_ROWS and triton is not None and device.type == "cuda"
+    """For half-precision CUDA batches of MIN_ROWS to MAX_ROWS rows."""
+    return (ENABLED and MIN_ROWS <= rows <= MAX_ROWS and triton is not None and device.type == "cuda"
             and dtype in (torch.bfloat16, torch.float16))
 
 
@@ -287,17 +290,15 @@ def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def rows_linear_add_norm(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
-                         eps: float, tiles: Tiles | None = None) -> tuple[torch.Tensor, PendingNorm | None]:
+                         eps: float, tiles: Tiles | None = None) -> tuple[torch.Tensor, PendingNorm]:
     """o_proj / down_proj with the layer's residual add and the next RMSNorm begun in the epilogue: the residual
     becomes x @ weight.T + residual in place, and each output row is that times `norm_weight`, with its sums of squares
     in the returned PendingNorm for the next matmul (`rows_linear(..., pending=...)`) to finish the norm: no norm kernel
-    runs between the two. Where the kernel does not take the shape: (rmsnorm(new residual), None) by the matmul and
-    fused.rmsnorm, as the layers run them."""
+    runs between the two. Only for a matmul the kernel takes (`takes`)."""
     tiles = _kernel_tiles(x, weight, tiles, 64)
-    if tiles is None or not NORMS:
-        y = rows_linear(x, weight, tiles=tiles) if tiles is not None else torch.nn.functional.linear(x, weight)
-        return fused.rmsnorm(y, norm_weight, eps, residual=residual), None
     m, n = x.shape[0], weight.shape[0]
+    if tiles is None:
+        raise ValueError(f"add-norm epilogue: the kernel does not take {m} rows of a {tuple(weight.shape)} weight")
     if residual.shape != (m, n) or residual.stride(-1) != 1 or norm_weight.shape != (n,):
         raise ValueError(f"add-norm epilogue: a residual of [{m}, {n}] rows and a norm weight of {n}, got "
                          f"{tuple(residual.shape)} and {tuple(norm_weight.shape)}")
@@ -307,15 +308,24 @@ def rows_linear_add_norm(x: torch.Tensor, weight: torch.Tensor, residual: torch.
     return y, PendingNorm(sum_squares, eps)
 
 
+def takes(rows: int, weight: torch.Tensor, block_n: int = 64) -> bool:
+    """Whether rows x [rows, K] @ weight.T run on this kernel (with `block_n`-column tiles) rather than cuBLAS."""
+    return _fits(rows, weight) and tiles_for(*weight.shape, weight.device, block_n) is not None
+
+
+def _fits(rows: int, weight: torch.Tensor) -> bool:
+    return rows <= MAX_ROWS and weight.numel() * weight.element_size() <= MAX_WEIGHT_BYTES and weight.stride(-1) == 1
+
+
 def _kernel_tiles(x: torch.Tensor, weight: torch.Tensor, tiles: Tiles | None, block_n: int) -> Tiles | None:
     """The launch's tiles, or None where the kernel does not take the matmul (cuBLAS then)."""
     m, k = x.shape
     n = weight.shape[0]
-    tiles = tiles or tiles_for(n, k, x.device, block_n)
-    too_large = m > MAX_ROWS or weight.numel() * weight.element_size() > MAX_WEIGHT_BYTES
-    if tiles is None or too_large or x.stride(-1) != 1 or weight.stride(-1) != 1:
+    if x.stride(-1) != 1 or not _fits(m, weight):
         return None
-    if n % tiles.block_n or k % (tiles.split_k * tiles.block_k) or (k // tiles.split_k) % max(tiles.prefetch_k, 1):
+    tiles = tiles or tiles_for(n, k, x.device, block_n)
+    if tiles is not None and (n % tiles.block_n or k % (tiles.split_k * tiles.block_k)
+                              or (k // tiles.split_k) % max(tiles.prefetch_k, 1)):
         raise ValueError(f"tiles {tiles} do not divide the {n}x{k} weight")
     return tiles
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from hotswap.config import ModelConfig
-from hotswap.kernels import fused, skinny_matmul
+from hotswap.kernels import fused, rows_matmul, skinny_matmul
 from hotswap.kernels.rows_matmul import PendingNorm
 from hotswap.models.forward_context import ForwardContext
 from hotswap.models.layers import MergedColumnLinear, RMSNorm, RotaryEmbedding, RowLinear, VocabEmbedding
@@ -136,7 +136,7 @@ class DecoderLayer(nn.Module):
         """Returns (x, residual, pending). On 2-64 rows (kernels/rows_matmul.py, one TP rank, a dense MLP) no norm
         runs as a kernel: o_proj and down_proj add the residual and begin the next RMSNorm (`next_norm`: the next
         layer's input norm), and the matmul after each finishes it from the PendingNorm."""
-        fuse = ctx.rows_matmul and isinstance(self.mlp, MLP) and self.mlp.down_proj.tp.size == 1 and fused.available(x)
+        fuse = self._norms_in_matmuls(x, ctx)
         x, residual, pending = self.self_attn.norm_forward(x, residual, self.input_layernorm, ctx, pending,
                                                            self.post_attention_layernorm if fuse else None)
         if isinstance(self.mlp, MLP):
@@ -144,6 +144,16 @@ class DecoderLayer(nn.Module):
                                          next_norm if fuse else None)
         x, residual = self.mlp.norm_forward(x, residual, self.post_attention_layernorm, ctx)
         return x, residual, None
+
+    def _norms_in_matmuls(self, x: torch.Tensor, ctx: ForwardContext) -> bool:
+        """A dense layer on one TP rank whose four matmuls the few-rows kernel all takes."""
+        if not (ctx.rows_matmul and rows_matmul.NORMS and isinstance(self.mlp, MLP) and self.mlp.down_proj.tp.size == 1
+                and fused.available(x)):
+            return False
+        attn, rows = self.self_attn, x.shape[0]
+        return (rows_matmul.takes(rows, attn.qkv_proj.weight, attn.head_dim) and rows_matmul.takes(rows, attn.o_proj.weight)
+                and rows_matmul.takes(rows, self.mlp.gate_up_proj.weight)
+                and rows_matmul.takes(rows, self.mlp.down_proj.weight))
 
 
 class DecoderModel(nn.Module):

@@ -107,10 +107,9 @@ class RowLinear(nn.Module):
         return self.tp.all_reduce(y)
 
     def add_norm_forward(self, x: torch.Tensor, residual: torch.Tensor,
-                         norm: RMSNorm) -> tuple[torch.Tensor, rows_matmul.PendingNorm | None]:
-        """The projection of 2-64 rows (one TP rank) added to the residual in place, with `norm` begun on the sum
-        (kernels/rows_matmul.rows_linear_add_norm): (sum * norm weight, PendingNorm), or (norm(sum), None) where the
-        kernel does not take the shape."""
+                         norm: RMSNorm) -> tuple[torch.Tensor, rows_matmul.PendingNorm]:
+        """The projection of 2-64 rows (one TP rank, a weight the few-rows kernel takes) added to the residual in place,
+        with `norm` begun on the sum (kernels/rows_matmul.rows_linear_add_norm): (sum * norm weight, PendingNorm)."""
         if self.tp.size != 1:
             raise ValueError("the add-norm epilogue needs the whole sum on one rank (no all-reduce after it)")
         return rows_matmul.rows_linear_add_norm(x, self.weight, residual, norm.weight, norm.eps)
