@@ -14,8 +14,8 @@
 #   moe-quick  issue 20's layer kernels (no sweep) and the 30B-A3B throughput, for a short session
 #   moe     issue 20's Qwen3-30B-A3B throughput, then moe-rollout: its rollout with and without routed experts (R3)
 #   moe-r3  the R3 cost on an 80 GB card: the 30B-A3B rollout at 96 sequences (no preemption), with and without R3
-#   epilogues  the few-rows matmul's epilogues (SiLU-and-mul, q/k/v heads, residual add + norm): GPU tests, decode and the 0.6B
-#              rollout off / on (~300 s)
+#   epilogues  the few-rows matmul's epilogues (SiLU-and-mul, q/k/v heads): GPU tests, decode and the 0.6B rollout off / on,
+#              the decode graphs' critical path (~330 s)
 #   rows    the few-rows decode matmul (kernels/rows_matmul.py): GPU tests, against cuBLAS with a tile sweep, decode on / off
 #   profile  the decode graphs' kernels by device time: 0.6B batch 1 / 64, 30B-A3B batch 1 (~200 s)
 #   h200    one H200 call (~480 s, `needs_h200`: the 30B-A3B rollout of 256 sequences needs its memory): that rollout with and
@@ -180,24 +180,18 @@ rows)  # the few-rows decode matmul: its GPU tests, beside cuBLAS with a tile sw
             --cases 1x128x128,16x128x128,64x128x128 --hf none
     done
     ;;
-epilogues)  # the few-rows matmul's epilogues (SiLU-and-mul, q/k/v heads, residual add + norm): GPU tests, whole decode and the 0.6B rollout off / on
+epilogues)  # the few-rows matmul's epilogues (SiLU-and-mul, q/k/v heads): GPU tests, whole decode and the 0.6B rollout off / on
     PYTHONPATH=src run epilogue_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py tests/test_gpu_engine.py \
         -k "rows_matmul or bf16_greedy or cuda_graph or logprob"
-    for on in 0 norms0 1; do  # off; the SiLU and heads epilogues without the norm one (HOTSWAP_ROWS_NORMS=0); all on
-        norms=1; epilogues=$on
-        [ "$on" = norms0 ] && norms=0 && epilogues=1
-        HOTSWAP_ROWS_EPILOGUES=$epilogues HOTSWAP_ROWS_NORMS=$norms PYTHONPATH=src run "throughput_epilogues$on" 60 \
-            python3 bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,16x128x128,32x128x128,64x128x128 --hf none
+    for on in 0 1; do
+        HOTSWAP_ROWS_EPILOGUES=$on PYTHONPATH=src run "throughput_epilogues$on" 60 python3 bench/throughput.py --shape qwen3-0.6b \
+            --cases 1x128x128,16x128x128,32x128x128,64x128x128 --hf none
     done
-    # batch 1 on the few-rows kernels (its norm epilogues) instead of the one-row ones
-    HOTSWAP_ROWS_MIN=1 PYTHONPATH=src run throughput_rows_b1 40 python3 bench/throughput.py --shape qwen3-0.6b \
-        --cases 1x128x128 --hf none
     for on in 0 1; do
         HOTSWAP_ROWS_EPILOGUES=$on PYTHONPATH=src run "rollout_epilogues$on" 90 python3 bench/rollout.py --shape qwen3-0.6b \
             --prompts 64 --n 8 --paths offline --modes sampled
     done
     PYTHONPATH=src run profile_epilogues 90 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 1 64
-    HOTSWAP_ROWS_NORMS=0 PYTHONPATH=src run profile_norms0 60 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 64
     ;;
 profile)  # the decode graphs' kernels by device time (0.6B batch 1 / 64, 30B-A3B batch 1): the last per-kernel split of the 0.6B's
     # batch-64 step is the fifth session's; what a fusion or a matmul of ours would have to beat (~200 s)

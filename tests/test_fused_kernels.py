@@ -263,26 +263,3 @@ def test_rows_matmul_epilogues_against_the_separate_kernels(rows, monkeypatch):
     torch.testing.assert_close(v_got, v_want, rtol=8e-3, atol=1e-2)  # head-wide tiles split K unlike 64-column ones
     assert int(k_got.view(-1, 8, 128).abs().sum(dim=(1, 2)).ne(0).sum()) == rows  # only the rows' slots written
 
-
-@pytest.mark.parametrize("rows", [2, 17, 64])
-def test_rows_matmul_add_norm_against_the_norm_kernel(rows, monkeypatch):
-    """o_proj (K split) adding the residual in place and beginning the post-attention norm, gate_up finishing it with
-    its SiLU-and-mul, in bf16: within bf16 rounding of the matmul, fused.rmsnorm and gate_up, with no norm kernel and
-    no cuBLAS fallback."""
-    from hotswap.kernels import rows_matmul as rm
-
-    torch.manual_seed(rows)
-    dev, bf = "cuda", torch.bfloat16
-    x, residual = torch.randn(rows, 2048, device=dev, dtype=bf), torch.randn(rows, 1024, device=dev, dtype=bf)
-    w_o = torch.randn(1024, 2048, device=dev, dtype=bf) * 2048**-0.5
-    w_gate_up = torch.randn(6144, 1024, device=dev, dtype=bf) * 1024**-0.5
-    norm_w = torch.rand(1024, device=dev, dtype=bf) + 0.5
-    want_residual = residual.clone()
-    want = rm.rows_linear(fused.rmsnorm(rm.rows_linear(x, w_o), norm_w, 1e-6, residual=want_residual), w_gate_up,
-                          silu_mul=True)
-    monkeypatch.setattr(rm.torch.nn.functional, "linear", lambda *a, **kw: pytest.fail("rows_linear fell back to cuBLAS"))
-    monkeypatch.setattr(fused, "rmsnorm", lambda *a, **kw: pytest.fail("the norm ran as its own kernel"))
-    z, pending = rm.rows_linear_add_norm(x, w_o, residual, norm_w, 1e-6)
-    assert torch.equal(residual, want_residual)  # the residual sum rounds as fused.rmsnorm rounds it
-    got = rm.rows_linear(z, w_gate_up, silu_mul=True, pending=pending)
-    assert rel(got, want) < 1e-2

@@ -135,8 +135,8 @@ def test_few_rows_matmul_kernel(hopper, rows, n, k):
 
 @pytest.mark.parametrize("rows", [16, 64])
 def test_few_rows_matmul_epilogues(hopper, rows):
-    """The 2-64-row matmul's SiLU-and-mul (gate_up of a 0.6B), q/k/v heads (its qkv, a head a tile, K split) and
-    add-norm (o_proj) epilogues, and a pending norm finished by the matmul after."""
+    """The 2-64-row matmul's SiLU-and-mul (gate_up of a 0.6B) and q/k/v heads (its qkv, a head a tile, K split)
+    epilogues."""
     x = torch.randn(rows, 1024, dtype=BF16)
     rows_matmul.rows_linear(x, torch.randn(6144, 1024, dtype=BF16), silu_mul=True)
     cache = torch.zeros(64, 16, 8, 128, dtype=BF16)
@@ -145,13 +145,8 @@ def test_few_rows_matmul_epilogues(hopper, rows):
                                         torch.randn(4096, 128), positions, cache, cache.clone(), positions)
     assert rows_matmul.tiles_for(4096, 1024, torch.device("cpu"), 128).split_k > 1
     rows_matmul.rows_linear(x, torch.randn(4096, 1024, dtype=BF16), heads=heads)
-    # o_proj adding the residual and beginning the post-attention norm, gate_up finishing it (and its SiLU-and-mul)
-    z, pending = rows_matmul.rows_linear_add_norm(torch.randn(rows, 2048, dtype=BF16), torch.randn(1024, 2048, dtype=BF16),
-                                                  torch.randn(rows, 1024, dtype=BF16), torch.ones(1024, dtype=BF16), 1e-6)
-    assert pending is not None
-    rows_matmul.rows_linear(z, torch.randn(6144, 1024, dtype=BF16), silu_mul=True, pending=pending)
     assert_compiled(hopper, "_rows_kernel")
-    assert len(hopper["_rows_kernel"]) == 4
+    assert len(hopper["_rows_kernel"]) == 2
 
 
 def test_moe_kernels(hopper):

@@ -144,47 +144,11 @@ def test_heads_epilogue_refuses_what_it_cannot_finish(kernel_only):
         rm.rows_linear(c["x"], c["w"], tiles=rm.Tiles(64, 64, 1, 1, 0), heads=HeadsEpilogue(**base))
 
 
-@pytest.mark.parametrize("rows", [2, 7, 64])
-@pytest.mark.parametrize("split_k", [1, 4])
-def test_add_norm_then_pending_norm_equal_the_norm_kernel(rows, split_k, kernel_only):
-    """o_proj / down_proj adding the residual in place and beginning the next RMSNorm, the matmul after it finishing
-    the norm (bias after it), against the matmul, fused.rmsnorm with the residual and the next matmul; and the same
-    rows normalised by PendingNorm.apply for a consumer that is not the kernel."""
-    gen = torch.Generator().manual_seed(rows * 3 + split_k)
-    hidden, k_in, n_next = 128, 256, 192
-    rnd = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
-    x, w, residual = rnd(rows, k_in), rnd(hidden, k_in) * k_in**-0.5, rnd(rows, hidden)
-    norm_w, w_next, b_next = rnd(hidden), rnd(n_next, hidden) * hidden**-0.5, rnd(n_next)
-    tiles = rm.Tiles(block_n=64, block_k=64, split_k=split_k, stages=2, prefetch_k=0)
-    next_tiles = rm.Tiles(block_n=64, block_k=64, split_k=2, stages=2, prefetch_k=0)
-    want_residual = residual.clone()
-    want_h = fused.rmsnorm(rm.rows_linear(x, w, tiles=tiles), norm_w, 1e-6, residual=want_residual)
-    want = rm.rows_linear(want_h, w_next, b_next, tiles=next_tiles)
-    z, pending = rm.rows_linear_add_norm(x, w, residual, norm_w, 1e-6, tiles=tiles)
-    torch.testing.assert_close(residual, want_residual, rtol=1e-6, atol=1e-6)  # the new residual, in place
-    assert pending.sum_squares.shape == (hidden // 64, 16 if rows <= 16 else 64)
-    torch.testing.assert_close(pending.apply(z), want_h, rtol=1e-5, atol=1e-5)
-    got = rm.rows_linear(z, w_next, b_next, tiles=next_tiles, pending=pending)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert int(arrival.counters(x.device).abs().sum()) == 0
-
-
-def test_add_norm_refuses_a_matmul_the_kernel_does_not_take():
-    x, w, residual, norm_w = torch.randn(4, 96), torch.randn(64, 96), torch.randn(4, 64), torch.randn(64)
-    assert not rm.takes(4, w)  # K 96: no 128-wide steps
-    before = residual.clone()
-    with pytest.raises(ValueError, match="does not take"):
-        rm.rows_linear_add_norm(x, w, residual, norm_w, 1e-6)
-    assert torch.equal(residual, before)
-
-
 @pytest.mark.parametrize("family", ["tiny_qwen3", "tiny_qwen2"])
 def test_a_few_rows_decode_through_the_epilogues_equals_the_reference_path(family, request, monkeypatch):
     """The decoder on 2-64 rows with Triton's kernels (interpreted, float32): q/k/v with its heads finished in the
-    matmul (each layer's K/V at each token's slot, read back by attention), gate/up with SiLU-and-mul, o_proj and
-    down_proj adding the residual and beginning the next RMSNorm that the matmul after them finishes (no norm kernel
-    but the first layer's and the last), against the PyTorch layers: the same greedy tokens and logprobs within
-    float32 tolerance."""
+    matmul (each layer's K/V at each token's slot, read back by attention), gate/up with SiLU-and-mul, against the
+    PyTorch layers: the same greedy tokens and logprobs within float32 tolerance."""
     from engine_support import make_engine
 
     path = request.getfixturevalue(family)
@@ -201,42 +165,28 @@ def test_a_few_rows_decode_through_the_epilogues_equals_the_reference_path(famil
         return rm.Tiles(block_n, 32, 2, 1, 0) if n % block_n == 0 and k % 64 == 0 else None
 
     want_ids, want_lps = run()
-    calls, norms = [], []
-    linear, add_norm, rmsnorm = rm.rows_linear, rm.rows_linear_add_norm, fused.rmsnorm
+    calls = []
+    real = rm.rows_linear
 
-    def spy_linear(x, weight, bias=None, tiles=None, *, silu_mul=False, heads=None, pending=None):
-        calls.append(("silu" if silu_mul else "heads" if heads is not None else "plain", pending is not None))
-        return linear(x, weight, bias, tiles, silu_mul=silu_mul, heads=heads, pending=pending)
-
-    def spy_add_norm(*args, **kwargs):
-        z, pending = add_norm(*args, **kwargs)
-        calls.append(("add_norm", pending is not None))
-        return z, pending
-
-    def spy_rmsnorm(*args, **kwargs):
-        norms.append(1)
-        return rmsnorm(*args, **kwargs)
+    def spy(x, weight, bias=None, tiles=None, *, silu_mul=False, heads=None):
+        calls.append("silu" if silu_mul else "heads" if heads is not None else "plain")
+        return real(x, weight, bias, tiles, silu_mul=silu_mul, heads=heads)
 
     with monkeypatch.context() as patch:  # the kernels' path, as on a GPU at 2-64 rows (CPU tensors, interpreted)
         patch.setattr(fused, "available", lambda x: True)
-        patch.setattr(fused, "rmsnorm", spy_rmsnorm)
         patch.setattr(rm, "enabled", lambda rows, dtype, device: 2 <= rows <= rm.MAX_ROWS)
         patch.setattr(rm, "tiles_for", small_tiles)
-        patch.setattr(rm, "rows_linear", spy_linear)
-        patch.setattr(rm, "rows_linear_add_norm", spy_add_norm)
+        patch.setattr(rm, "rows_linear", spy)
         got_ids, got_lps = run()
     steps = 1 + 3  # the prefill of 3 x 6-12 tokens, then three 3-row decode steps
-    per_step = [("heads", False), ("add_norm", True), ("silu", True), ("add_norm", True),  # layer 0
-                ("heads", True), ("add_norm", True), ("silu", True), ("plain", False)]  # layer 1: down ends the layers
-    assert calls == per_step * steps
-    assert len(norms) == 2 * steps  # the first layer's input norm and the final norm
+    assert calls == ["heads", "plain", "silu", "plain"] * 2 * steps  # two layers: qkv, o_proj, gate_up, down
     assert got_ids == want_ids
     assert max(abs(a - b) for a, b in zip(got_lps, want_lps, strict=True)) < 1e-4
 
 
 def test_a_few_rows_decode_whose_matmuls_the_kernel_does_not_take(tiny_qwen3, monkeypatch):
-    """The tiny model's own shapes (K 64) do not tile: on 2-64 rows every matmul falls back and the norms run as
-    kernels, the same tokens and logprobs as the PyTorch layers."""
+    """The tiny model's own shapes (K 64) do not tile: on 2-64 rows every matmul falls back to cuBLAS and its
+    epilogues to kernels of their own, the same tokens and logprobs as the PyTorch layers."""
     from engine_support import make_engine
 
     prompts = [[3 + (7 * j + i) % 200 for j in range(5 + 2 * i)] for i in range(3)]
@@ -251,7 +201,7 @@ def test_a_few_rows_decode_whose_matmuls_the_kernel_does_not_take(tiny_qwen3, mo
     with monkeypatch.context() as patch:
         patch.setattr(fused, "available", lambda x: True)
         patch.setattr(rm, "enabled", lambda rows, dtype, device: 2 <= rows <= rm.MAX_ROWS)
-        patch.setattr(rm, "rows_linear_add_norm", lambda *a, **kw: pytest.fail("add-norm on a matmul it does not take"))
+        patch.setattr(rm, "_rows_kernel", None)  # launching it would fail
         got_ids, got_lps = run()
     assert got_ids == want_ids
     assert max(abs(a - b) for a, b in zip(got_lps, want_lps, strict=True)) < 1e-4

@@ -34,9 +34,6 @@ except ImportError:  # CPU-only machines: the layers never call these without CU
 #: Most rows these kernels take; larger batches stay on cuBLAS. `HOTSWAP_ROWS_MATMUL=0` turns them off
 #: (the A/B switch of the benches).
 MAX_ROWS = 64
-#: Fewest rows these kernels take; one row has kernels/skinny_matmul.py (`HOTSWAP_ROWS_MIN=1`: these instead, the A/B
-#: switch of the benches).
-MIN_ROWS = int(os.environ.get("HOTSWAP_ROWS_MIN", "2"))
 #: Largest weight these kernels take. Past it a program's slice is long enough that cuBLAS's grids over every SM
 #: read it as fast or faster (H100, 8B shape: batch 16 at 83.7 % of the roofline with them, 85.2 % without; batch 64
 #: 73.6 against 73.9), while at the 0.6B's 4-13 MB they win on fixed per-launch cost.
@@ -45,16 +42,14 @@ ENABLED = os.environ.get("HOTSWAP_ROWS_MATMUL", "1") != "0"
 #: Whether the SiLU-and-mul and q/k/v-heads epilogues run in the matmul (`HOTSWAP_ROWS_EPILOGUES=0`: in kernels of
 #: their own after it, the A/B switch of the benches).
 EPILOGUES = os.environ.get("HOTSWAP_ROWS_EPILOGUES", "1") != "0"
-#: Whether o_proj / down_proj add the residual and begin the next RMSNorm (`HOTSWAP_ROWS_NORMS=0`: the norm kernel).
-NORMS = EPILOGUES and os.environ.get("HOTSWAP_ROWS_NORMS", "1") != "0"
-_PLAIN, _SILU_MUL, _HEADS, _ADD_NORM = 0, 1, 2, 3
+_PLAIN, _SILU_MUL, _HEADS = 0, 1, 2
 #: Weight bytes a line of the L2 prefetch covers.
 _LINE = 128
 
 
 def enabled(rows: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """For half-precision CUDA batches of MIN_ROWS to MAX_ROWS rows."""
-    return (ENABLED and MIN_ROWS <= rows <= MAX_ROWS and triton is not None and device.type == "cuda"
+    """For half-precision CUDA batches of 2 to MAX_ROWS rows (one row has kernels/skinny_matmul.py)."""
+    return (ENABLED and 2 <= rows <= MAX_ROWS and triton is not None and device.type == "cuda"
             and dtype in (torch.bfloat16, torch.float16))
 
 
@@ -127,44 +122,27 @@ if triton is not None:
 
     @triton.jit
     def _finish(acc, pid_n, offs_n, offs_m, m_mask, BIAS, Y, stride_y, QW, KW, COS_SIN, POS, K_CACHE, V_CACHE, SLOTS,
-                n_q_heads, n_kv_heads, stride_cs, eps, R, NW, SS_OUT, SS_IN, stride_r, norm_eps, HAS_BIAS: tl.constexpr,
-                EPILOGUE: tl.constexpr, HAS_QK_NORM: tl.constexpr, NORM_IN_PARTS: tl.constexpr, HIDDEN: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-        """A tile's whole sum [BLOCK_N, rows] in float32: the input rows' pending RMSNorm (NORM_IN_PARTS: 1 / RMS
-        from the producer's sums of squares), the bias, then the epilogue and the stores."""
-        if NORM_IN_PARTS > 0:
-            ss = tl.load(SS_IN + offs_m, mask=m_mask, other=0.0)
-            for p in tl.static_range(1, NORM_IN_PARTS):
-                ss += tl.load(SS_IN + p * BLOCK_M + offs_m, mask=m_mask, other=0.0)
-            acc = acc * tl.rsqrt(ss / HIDDEN + norm_eps)[None, :]
+                n_q_heads, n_kv_heads, stride_cs, eps, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
+                HAS_QK_NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+        """A tile's whole sum [BLOCK_N, rows] in float32: bias, then the epilogue, then the stores."""
         if HAS_BIAS:
             acc += tl.load(BIAS + offs_n).to(tl.float32)[:, None]
-        m = m_mask[None, :]
         if EPILOGUE == 1:
             cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
             tl.store(Y + offs_m[None, :] * stride_y + cols[:, None], _silu_mul_tile(acc, Y.dtype.element_ty, BLOCK_N // 2,
-                                                                                    BLOCK_M), mask=m)
+                                                                                    BLOCK_M), mask=m_mask[None, :])
         elif EPILOGUE == 2:
             _finish_heads(acc.to(Y.dtype.element_ty), pid_n, offs_m, m_mask, Y, stride_y, QW, KW, COS_SIN, POS, K_CACHE,
                           V_CACHE, SLOTS, n_q_heads, n_kv_heads, stride_cs, eps, HAS_QK_NORM, BLOCK_N, BLOCK_M)
-        elif EPILOGUE == 3:  # ADD_NORM: the residual sum (rounded as the layers round it), kept in place
-            r_tile = R + offs_m[None, :] * stride_r + offs_n[:, None]
-            h = acc.to(Y.dtype.element_ty) + tl.load(r_tile, mask=m, other=0.0)
-            tl.store(r_tile, h, mask=m)
-            hf = h.to(tl.float32)
-            tl.store(SS_OUT + pid_n * BLOCK_M + offs_m, tl.sum(hf * hf, axis=0))
-            z = hf * tl.load(NW + offs_n).to(tl.float32)[:, None]
-            tl.store(Y + offs_m[None, :] * stride_y + offs_n[:, None], z.to(Y.dtype.element_ty), mask=m)
         else:
-            tl.store(Y + offs_m[None, :] * stride_y + offs_n[:, None], acc.to(Y.dtype.element_ty), mask=m)
+            tl.store(Y + offs_m[None, :] * stride_y + offs_n[:, None], acc.to(Y.dtype.element_ty), mask=m_mask[None, :])
 
     @triton.jit
-    def _rows_kernel(X, W, BIAS, Y, PARTIALS, COUNTERS, QW, KW, COS_SIN, POS, K_CACHE, V_CACHE, SLOTS, R, NW, SS_OUT, SS_IN,
-                     M, N, stride_x, stride_w, stride_y, n_q_heads, n_kv_heads, stride_cs, eps, stride_r, norm_eps,
+    def _rows_kernel(X, W, BIAS, Y, PARTIALS, COUNTERS, QW, KW, COS_SIN, POS, K_CACHE, V_CACHE, SLOTS, M, N, stride_x,
+                     stride_w, stride_y, n_q_heads, n_kv_heads, stride_cs, eps,
                      K_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_QK_NORM: tl.constexpr,
-                     NORM_IN_PARTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     SPLIT_K: tl.constexpr, STAGES: tl.constexpr, PREFETCH_K: tl.constexpr, LINE_ELEMS: tl.constexpr,
-                     USE_PDL: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                     STAGES: tl.constexpr, PREFETCH_K: tl.constexpr, LINE_ELEMS: tl.constexpr, USE_PDL: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         j = tl.arange(0, BLOCK_N)
@@ -189,8 +167,7 @@ if triton is not None:
             acc = tl.dot(w, x, acc)
         if SPLIT_K == 1:
             _finish(acc, pid_n, offs_n, offs_m, m_mask, BIAS, Y, stride_y, QW, KW, COS_SIN, POS, K_CACHE, V_CACHE, SLOTS,
-                    n_q_heads, n_kv_heads, stride_cs, eps, R, NW, SS_OUT, SS_IN, stride_r, norm_eps, HAS_BIAS, EPILOGUE,
-                    HAS_QK_NORM, NORM_IN_PARTS, K_SPLIT * SPLIT_K, BLOCK_N, BLOCK_M)
+                    n_q_heads, n_kv_heads, stride_cs, eps, HAS_BIAS, EPILOGUE, HAS_QK_NORM, BLOCK_N, BLOCK_M)
         else:
             # partials [SPLIT_K, N, BLOCK_M] in float32 (by tile position); the tile's last program to finish sums them
             # in split order
@@ -204,8 +181,7 @@ if triton is not None:
                 for s in tl.static_range(1, SPLIT_K):
                     total += tl.load(part + s * N * BLOCK_M, cache_modifier=".cg")
                 _finish(total, pid_n, offs_n, offs_m, m_mask, BIAS, Y, stride_y, QW, KW, COS_SIN, POS, K_CACHE, V_CACHE,
-                        SLOTS, n_q_heads, n_kv_heads, stride_cs, eps, R, NW, SS_OUT, SS_IN, stride_r, norm_eps, HAS_BIAS,
-                        EPILOGUE, HAS_QK_NORM, NORM_IN_PARTS, K_SPLIT * SPLIT_K, BLOCK_N, BLOCK_M)
+                        SLOTS, n_q_heads, n_kv_heads, stride_cs, eps, HAS_BIAS, EPILOGUE, HAS_QK_NORM, BLOCK_N, BLOCK_M)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -243,125 +219,55 @@ def prefetch_k(k_split: int) -> int:
     return pf
 
 
-@dataclass(frozen=True)
-class PendingNorm:
-    """Rows whose RMSNorm the matmul that reads them finishes (`rows_linear_add_norm` makes them): each row holds
-    h * norm weight for the new residual h, and `sum_squares` [producer tiles, row block] (float32) h's sums of squares
-    by the producer's column tile, which the consumer adds up in tile order and scales its sums by 1 / RMS(h)."""
-
-    sum_squares: torch.Tensor
-    eps: float
-
-    def apply(self, z: torch.Tensor) -> torch.Tensor:
-        """The normalised rows themselves, for a consumer that is not this kernel."""
-        ss = self.sum_squares.sum(dim=0)[: z.shape[0]]
-        return (z.float() * torch.rsqrt(ss / z.shape[1] + self.eps)[:, None]).to(z.dtype)
-
-
 def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, tiles: Tiles | None = None, *,
-                silu_mul: bool = False, heads: HeadsEpilogue | None = None,
-                pending: PendingNorm | None = None) -> torch.Tensor:
+                silu_mul: bool = False, heads: HeadsEpilogue | None = None) -> torch.Tensor:
     """x [M, K] @ weight [N, K].T (+ bias) for 2 <= M <= MAX_ROWS; cuBLAS where the shape does not tile or the
     weight is over MAX_WEIGHT_BYTES. `tiles` overrides the heuristic (bench/rows_matmul.py --sweep).
 
     Epilogues, each in place of a kernel of its own: `silu_mul` (gate_up, weight rows [gate | up]) returns
     silu(gate) * up [M, N / 2], the bits of fused.silu_and_mul; `heads` (q/k/v, HEAD_DIM-column tiles) returns q
     [M, Hq * D] normalised and rotated and writes k and v to the KV cache, as fused.qk_norm_rope(..., kv_store=...)
-    does up to the order of the per-head sum of squares. `pending`: x's rows still need the RMSNorm that
-    `rows_linear_add_norm` began; the sums are scaled by it before the bias.
-    Where the kernel does not take the shape (or `HOTSWAP_ROWS_EPILOGUES=0`) those run as kernels of their own.
+    does up to the order of the per-head sum of squares.
+    Where the kernel does not take the shape (or `HOTSWAP_ROWS_EPILOGUES=0`) those kernels run after the matmul.
 
     No prologue runs inside the loop: SiLU-and-mul there (down_proj) took 15.6 us against 7.9 for the separate
     kernel and this one, at 64 rows on the H100 (the computed operand leaves the loop's async copies)."""
-    tiles = _kernel_tiles(x, weight, tiles, heads.head_dim if heads is not None else 64)
-    if (silu_mul or heads is not None or pending is not None) and not (tiles is not None and EPILOGUES):
-        return _unfused_epilogue(x if pending is None else pending.apply(x), weight, bias, tiles, silu_mul, heads)
-    if tiles is None:
+    m, k = x.shape
+    n = weight.shape[0]
+    tiles = tiles or tiles_for(n, k, x.device, heads.head_dim if heads is not None else 64)
+    too_large = m > MAX_ROWS or weight.numel() * weight.element_size() > MAX_WEIGHT_BYTES
+    fits = not (tiles is None or too_large or x.stride(-1) != 1 or weight.stride(-1) != 1)
+    if (silu_mul or heads is not None) and not (fits and EPILOGUES):
+        return _unfused_epilogue(x, weight, bias, tiles if fits else None, silu_mul, heads)
+    if not fits:
         return torch.nn.functional.linear(x, weight, bias)
-    m, n = x.shape[0], weight.shape[0]
+    if n % tiles.block_n or k % (tiles.split_k * tiles.block_k) or (k // tiles.split_k) % max(tiles.prefetch_k, 1):
+        raise ValueError(f"tiles {tiles} do not divide the {n}x{k} weight")
+    block_m = max(16, triton.next_power_of_2(m))
     if heads is not None:
         _check_heads(heads, m, n, tiles.block_n)
-        y = torch.empty((m, heads.num_q_heads * heads.head_dim), dtype=x.dtype, device=x.device)
+        h = heads
+        y = torch.empty((m, h.num_q_heads * h.head_dim), dtype=x.dtype, device=x.device)
+        head_args = (h.q_norm if h.q_norm is not None else weight, h.k_norm if h.k_norm is not None else weight,
+                     h.cos_sin, h.positions, h.k_cache, h.v_cache, h.slots)
+        head_sizes = (h.num_q_heads, h.num_kv_heads, h.cos_sin.stride(0), h.eps)
     else:
         y = torch.empty((m, n // 2 if silu_mul else n), dtype=x.dtype, device=x.device)
-    _launch(x, weight, bias, tiles, _HEADS if heads is not None else _SILU_MUL if silu_mul else _PLAIN, y, heads=heads,
-            pending=pending)
-    return y
-
-
-def rows_linear_add_norm(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
-                         eps: float, tiles: Tiles | None = None) -> tuple[torch.Tensor, PendingNorm]:
-    """o_proj / down_proj with the layer's residual add and the next RMSNorm begun in the epilogue: the residual
-    becomes x @ weight.T + residual in place, and each output row is that times `norm_weight`, with its sums of squares
-    in the returned PendingNorm for the next matmul (`rows_linear(..., pending=...)`) to finish the norm: no norm kernel
-    runs between the two. Only for a matmul the kernel takes (`takes`)."""
-    tiles = _kernel_tiles(x, weight, tiles, 64)
-    m, n = x.shape[0], weight.shape[0]
-    if tiles is None:
-        raise ValueError(f"add-norm epilogue: the kernel does not take {m} rows of a {tuple(weight.shape)} weight")
-    if residual.shape != (m, n) or residual.stride(-1) != 1 or norm_weight.shape != (n,):
-        raise ValueError(f"add-norm epilogue: a residual of [{m}, {n}] rows and a norm weight of {n}, got "
-                         f"{tuple(residual.shape)} and {tuple(norm_weight.shape)}")
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    sum_squares = torch.empty((n // tiles.block_n, _block_m(m)), dtype=torch.float32, device=x.device)
-    _launch(x, weight, None, tiles, _ADD_NORM, y, residual=residual, norm_weight=norm_weight, sum_squares=sum_squares)
-    return y, PendingNorm(sum_squares, eps)
-
-
-def takes(rows: int, weight: torch.Tensor, block_n: int = 64) -> bool:
-    """Whether rows x [rows, K] @ weight.T run on this kernel (with `block_n`-column tiles) rather than cuBLAS."""
-    return _fits(rows, weight) and tiles_for(*weight.shape, weight.device, block_n) is not None
-
-
-def _fits(rows: int, weight: torch.Tensor) -> bool:
-    return rows <= MAX_ROWS and weight.numel() * weight.element_size() <= MAX_WEIGHT_BYTES and weight.stride(-1) == 1
-
-
-def _kernel_tiles(x: torch.Tensor, weight: torch.Tensor, tiles: Tiles | None, block_n: int) -> Tiles | None:
-    """The launch's tiles, or None where the kernel does not take the matmul (cuBLAS then)."""
-    m, k = x.shape
-    n = weight.shape[0]
-    if x.stride(-1) != 1 or not _fits(m, weight):
-        return None
-    tiles = tiles or tiles_for(n, k, x.device, block_n)
-    if tiles is not None and (n % tiles.block_n or k % (tiles.split_k * tiles.block_k)
-                              or (k // tiles.split_k) % max(tiles.prefetch_k, 1)):
-        raise ValueError(f"tiles {tiles} do not divide the {n}x{k} weight")
-    return tiles
-
-
-def _block_m(m: int) -> int:
-    return max(16, triton.next_power_of_2(m))
-
-
-def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tiles: Tiles, epilogue: int, y: torch.Tensor,
-            heads: HeadsEpilogue | None = None, pending: PendingNorm | None = None, residual: torch.Tensor | None = None,
-            norm_weight: torch.Tensor | None = None, sum_squares: torch.Tensor | None = None) -> None:
-    m, k = x.shape
-    n = weight.shape[0]
-    block_m = _block_m(m)
-    if pending is not None and pending.sum_squares.shape[1] != block_m:
-        raise ValueError(f"pending norm of {pending.sum_squares.shape[1]}-row blocks for {m} rows")
-    h = heads
-    head_args = ((h.q_norm if h.q_norm is not None else weight, h.k_norm if h.k_norm is not None else weight, h.cos_sin,
-                  h.positions, h.k_cache, h.v_cache, h.slots) if h is not None else (weight,) * 7)
+        head_args, head_sizes = (weight,) * 7, (0, 0, 0, 0.0)
     partials = torch.empty((tiles.split_k, n, block_m), dtype=torch.float32, device=x.device) if tiles.split_k > 1 else y
     counters = arrival.counters(x.device)  # a weight under MAX_WEIGHT_BYTES has far fewer column tiles than counters
     use_pdl = pdl.enabled(x.device, m)
+    line_elems = _LINE // weight.element_size()
+    epilogue = _HEADS if heads is not None else _SILU_MUL if silu_mul else _PLAIN
     _rows_kernel[(n // tiles.block_n, tiles.split_k)](
-        x, weight, bias if bias is not None else weight, y, partials, counters, *head_args,
-        residual if residual is not None else y, norm_weight if norm_weight is not None else weight,
-        sum_squares if sum_squares is not None else partials, pending.sum_squares if pending is not None else partials,
-        m, n, x.stride(0), weight.stride(0), y.stride(0), h.num_q_heads if h else 0, h.num_kv_heads if h else 0,
-        h.cos_sin.stride(0) if h else 0, h.eps if h else 0.0, residual.stride(0) if residual is not None else 0,
-        pending.eps if pending is not None else 0.0,
-        K_SPLIT=k // tiles.split_k, HAS_BIAS=bias is not None, EPILOGUE=epilogue,
-        HAS_QK_NORM=h is not None and h.q_norm is not None,
-        NORM_IN_PARTS=pending.sum_squares.shape[0] if pending is not None else 0, BLOCK_M=block_m,
+        x, weight, bias if bias is not None else weight, y, partials, counters, *head_args, m, n, x.stride(0),
+        weight.stride(0), y.stride(0), *head_sizes, K_SPLIT=k // tiles.split_k, HAS_BIAS=bias is not None,
+        EPILOGUE=epilogue, HAS_QK_NORM=heads is not None and heads.q_norm is not None, BLOCK_M=block_m,
         BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, SPLIT_K=tiles.split_k, STAGES=tiles.stages,
-        PREFETCH_K=tiles.prefetch_k if use_pdl else 0, LINE_ELEMS=_LINE // weight.element_size(), USE_PDL=use_pdl,
+        PREFETCH_K=tiles.prefetch_k if use_pdl else 0, LINE_ELEMS=line_elems, USE_PDL=use_pdl,
         num_warps=4, launch_pdl=use_pdl,
     )
+    return y
 
 
 def _unfused_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tiles: Tiles | None,
@@ -370,8 +276,6 @@ def _unfused_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     y = rows_linear(x, weight, bias, tiles) if tiles is not None else torch.nn.functional.linear(x, weight, bias)
     if silu_mul:
         return fused.silu_and_mul(y)
-    if heads is None:
-        return y
     h = heads
     q_cols, kv_cols = h.num_q_heads * h.head_dim, h.num_kv_heads * h.head_dim
     q, k, v = y.split([q_cols, kv_cols, kv_cols], dim=-1)

@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from hotswap.config import ModelConfig
-from hotswap.kernels import fused, rows_matmul, skinny_matmul
-from hotswap.kernels.rows_matmul import PendingNorm
+from hotswap.kernels import fused, skinny_matmul
 from hotswap.models.forward_context import ForwardContext
 from hotswap.models.layers import MergedColumnLinear, RMSNorm, RotaryEmbedding, RowLinear, VocabEmbedding
 from hotswap.models.moe import SparseMoeBlock
@@ -31,30 +30,21 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dt) if cfg.qk_norm else None
         self.rotary = rotary
 
-    def norm_forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, ctx: ForwardContext,
-                     pending: PendingNorm | None = None,
-                     then_norm: RMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor, PendingNorm | None]:
-        """Attention on norm(x + residual) (norm(x) before the first residual; with `pending`, x's rows already hold
-        the new residual times the norm's weight and the qkv matmul finishes the norm); returns (output, new
-        residual, None). A decode of up to 64 rows (our matmul kernels) finishes its heads (norm, rotary, KV store)
-        inside the qkv matmul; `then_norm` (2-64 rows) has o_proj add the residual and begin that norm, returning its
-        PendingNorm for the MLP's matmul."""
+    def norm_forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                     ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention on norm(x + residual) (norm(x) before the first residual); returns (output, new residual).
+        A decode of up to 64 rows (our matmul kernels) finishes its heads (norm, rotary, KV store) inside the qkv
+        matmul."""
         if ((ctx.skinny_matmul and skinny_matmul.HEADS_EPILOGUE) or ctx.rows_matmul) and fused.available(x):
             k_cache, v_cache = ctx.attention.kv_cache(self.layer_id)
             q_w, k_w, eps = self._qk_norm()
             heads = skinny_matmul.HeadsEpilogue(self.num_heads, self.num_kv_heads, self.head_dim, q_w, k_w, eps,
                                                 self.rotary.cos_sin, ctx.positions, k_cache, v_cache, ctx.slot_mapping)
-            qkv, residual = self.qkv_proj.norm_forward(x, residual, norm, ctx.skinny_matmul, heads, pending=pending)
+            qkv, residual = self.qkv_proj.norm_forward(x, residual, norm, ctx.skinny_matmul, heads)
             q = qkv[:, :self.num_heads * self.head_dim].view(-1, self.num_heads, self.head_dim)
-            out = ctx.attention.attend(self.layer_id, q, self.scale, ctx).view(-1, self.num_heads * self.head_dim)
-            if then_norm is not None:
-                z, pending = self.o_proj.add_norm_forward(out, residual, then_norm)
-                return z, residual, pending
-            return self.o_proj(out, ctx.skinny_matmul, ctx.rows_matmul), residual, None
-        if pending is not None:
-            raise ValueError("a pending norm needs the fused q/k/v path")
+            return self._project(ctx.attention.attend(self.layer_id, q, self.scale, ctx), ctx), residual
         qkv, residual = self.qkv_proj.norm_forward(x, residual, norm, ctx.skinny_matmul)
-        return self.forward(qkv, ctx), residual, None
+        return self.forward(qkv, ctx), residual
 
     def forward(self, qkv: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Attention and o_proj over the already projected q/k/v rows."""
@@ -96,22 +86,14 @@ class MLP(nn.Module):
         self.gate_up_proj = MergedColumnLinear(cfg.hidden_size, {0: i, 1: i}, False, cfg.torch_dtype, tp)
         self.down_proj = RowLinear(i, cfg.hidden_size, cfg.torch_dtype, tp)
 
-    def norm_forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm, ctx: ForwardContext,
-                     pending: PendingNorm | None = None,
-                     then_norm: RMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor, PendingNorm | None]:
-        """The MLP on norm(x + residual) (with `pending`, as Attention.norm_forward takes it); returns (output, new
-        residual, None), or with `then_norm` (2-64 rows) down_proj's residual sum times that norm's weight and its
-        PendingNorm."""
+    def norm_forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm,
+                     ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MLP on norm(x + residual); returns (output, new residual)."""
         if ctx.rows_matmul and fused.available(x):  # SiLU-and-mul in the gate/up matmul
-            act, residual = self.gate_up_proj.norm_forward(x, residual, norm, False, silu_mul=True, pending=pending)
-            if then_norm is not None:
-                z, pending = self.down_proj.add_norm_forward(act, residual, then_norm)
-                return z, residual, pending
-            return self.down_proj(act, rows=True), residual, None
-        if pending is not None:
-            raise ValueError("a pending norm needs the few-rows gate/up path")
+            act, residual = self.gate_up_proj.norm_forward(x, residual, norm, False, silu_mul=True)
+            return self.down_proj(act, rows=True), residual
         gate_up, residual = self.gate_up_proj.norm_forward(x, residual, norm, ctx.skinny_matmul)
-        return self.down_proj.silu_mul_forward(gate_up, ctx.skinny_matmul), residual, None
+        return self.down_proj.silu_mul_forward(gate_up, ctx.skinny_matmul), residual
 
 
 def _mlp(cfg: ModelConfig, layer_id: int, tp: TPInfo) -> MLP | SparseMoeBlock:
@@ -130,30 +112,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.torch_dtype)
         self.mlp = _mlp(cfg, layer_id, tp)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext,
-                pending: PendingNorm | None = None,
-                next_norm: RMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor, PendingNorm | None]:
-        """Returns (x, residual, pending). On 2-64 rows (kernels/rows_matmul.py, one TP rank, a dense MLP) no norm
-        runs as a kernel: o_proj and down_proj add the residual and begin the next RMSNorm (`next_norm`: the next
-        layer's input norm), and the matmul after each finishes it from the PendingNorm."""
-        fuse = self._norms_in_matmuls(x, ctx)
-        x, residual, pending = self.self_attn.norm_forward(x, residual, self.input_layernorm, ctx, pending,
-                                                           self.post_attention_layernorm if fuse else None)
-        if isinstance(self.mlp, MLP):
-            return self.mlp.norm_forward(x, residual, self.post_attention_layernorm, ctx, pending,
-                                         next_norm if fuse else None)
-        x, residual = self.mlp.norm_forward(x, residual, self.post_attention_layernorm, ctx)
-        return x, residual, None
-
-    def _norms_in_matmuls(self, x: torch.Tensor, ctx: ForwardContext) -> bool:
-        """A dense layer on one TP rank whose four matmuls the few-rows kernel all takes."""
-        if not (ctx.rows_matmul and rows_matmul.NORMS and isinstance(self.mlp, MLP) and self.mlp.down_proj.tp.size == 1
-                and fused.available(x)):
-            return False
-        attn, rows = self.self_attn, x.shape[0]
-        return (rows_matmul.takes(rows, attn.qkv_proj.weight, attn.head_dim) and rows_matmul.takes(rows, attn.o_proj.weight)
-                and rows_matmul.takes(rows, self.mlp.gate_up_proj.weight)
-                and rows_matmul.takes(rows, self.mlp.down_proj.weight))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext):
+        x, residual = self.self_attn.norm_forward(x, residual, self.input_layernorm, ctx)
+        return self.mlp.norm_forward(x, residual, self.post_attention_layernorm, ctx)
 
 
 class DecoderModel(nn.Module):
@@ -166,10 +127,9 @@ class DecoderModel(nn.Module):
         self.rotary = rotary
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x, residual, pending = self.embed_tokens.embed(input_ids, ctx.input_src, ctx.prev_ids), None, None
-        for i, layer in enumerate(self.layers):
-            next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else None
-            x, residual, pending = layer(x, residual, ctx, pending, next_norm)
+        x, residual = self.embed_tokens.embed(input_ids, ctx.input_src, ctx.prev_ids), None
+        for layer in self.layers:
+            x, residual = layer(x, residual, ctx)
         x, _ = self.norm.forward_residual(x, residual)
         return x
 

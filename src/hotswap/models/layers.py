@@ -67,16 +67,13 @@ class MergedColumnLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def norm_forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, skinny: bool,
-                     heads: skinny_matmul.HeadsEpilogue | None = None, silu_mul: bool = False,
-                     pending: rows_matmul.PendingNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     heads: skinny_matmul.HeadsEpilogue | None = None,
+                     silu_mul: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """This projection of norm(x + residual), or of norm(x) before the first residual exists;
         returns (projection, new residual). `skinny` fuses the add and the norm into the batch-1 matmul. `heads`
         finishes the q/k/v heads' norm, rotary and KV-cache store in the matmul (q then leads the projection's
         columns), and `silu_mul` returns silu(gate) * up of a gate/up projection; without `skinny` both run on the
-        few-rows decode kernel (kernels/rows_matmul.py). With `pending` (that kernel only) x's rows already hold the new
-        residual times the norm's weight, and the matmul finishes the norm; the residual is returned as it came."""
-        if pending is not None:
-            return rows_matmul.rows_linear(x, self.weight, self.bias, silu_mul=silu_mul, heads=heads, pending=pending), residual
+        few-rows decode kernel (kernels/rows_matmul.py)."""
         if skinny:
             prologue = skinny_matmul.NORM if residual is None else skinny_matmul.ADD_NORM
             y, new_residual = skinny_matmul.skinny_linear(x, self.weight, self.bias, prologue=prologue, residual=residual,
@@ -105,14 +102,6 @@ class RowLinear(nn.Module):
     def forward(self, x: torch.Tensor, skinny: bool = False, rows: bool = False) -> torch.Tensor:
         y = skinny_matmul.skinny_linear(x, self.weight)[0] if skinny else linear(x, self.weight, rows=rows)
         return self.tp.all_reduce(y)
-
-    def add_norm_forward(self, x: torch.Tensor, residual: torch.Tensor,
-                         norm: RMSNorm) -> tuple[torch.Tensor, rows_matmul.PendingNorm]:
-        """The projection of 2-64 rows (one TP rank, a weight the few-rows kernel takes) added to the residual in place,
-        with `norm` begun on the sum (kernels/rows_matmul.rows_linear_add_norm): (sum * norm weight, PendingNorm)."""
-        if self.tp.size != 1:
-            raise ValueError("the add-norm epilogue needs the whole sum on one rank (no all-reduce after it)")
-        return rows_matmul.rows_linear_add_norm(x, self.weight, residual, norm.weight, norm.eps)
 
     def silu_mul_forward(self, gate_up: torch.Tensor, skinny: bool) -> torch.Tensor:
         """This projection of silu(gate) * up, for gate_up = [gate | up] along the last dim."""

@@ -133,8 +133,7 @@ class ModelRunner:
         self.weight_map = WeightMap(self.model)
 
     def use_skinny_matmul(self, rows: int) -> bool:
-        return (skinny_matmul.enabled(rows, self.model_config.torch_dtype, self.device, self.config.enable_skinny_matmul)
-                and not self.use_rows_matmul(rows))
+        return skinny_matmul.enabled(rows, self.model_config.torch_dtype, self.device, self.config.enable_skinny_matmul)
 
     def use_rows_matmul(self, rows: int) -> bool:
         return self.config.enable_skinny_matmul and rows_matmul.enabled(rows, self.model_config.torch_dtype, self.device)
