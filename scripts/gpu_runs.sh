@@ -14,8 +14,8 @@
 #   moe-quick  issue 20's layer kernels (no sweep) and the 30B-A3B throughput, for a short session
 #   moe     issue 20's Qwen3-30B-A3B throughput, then moe-rollout: its rollout with and without routed experts (R3)
 #   moe-r3  the R3 cost on an 80 GB card: the 30B-A3B rollout at 96 sequences (no preemption), with and without R3
-#   epilogues  the few-rows matmul's epilogues (SiLU-and-mul, q/k/v heads): GPU tests, decode and the 0.6B rollout off / on,
-#              the decode graphs' critical path (~330 s)
+#   epilogues  the few-rows matmul's epilogues (SiLU-and-mul, q/k/v heads) and decode attention's preload: GPU tests, decode
+#              with each off and all on, the decode graphs' critical path (~300 s)
 #   rows    the few-rows decode matmul (kernels/rows_matmul.py): GPU tests, against cuBLAS with a tile sweep, decode on / off
 #   profile  the decode graphs' kernels by device time: 0.6B batch 1 / 64, 30B-A3B batch 1 (~200 s)
 #   h200    one H200 call (~480 s, `needs_h200`: the 30B-A3B rollout of 256 sequences needs its memory): that rollout with and
@@ -180,18 +180,17 @@ rows)  # the few-rows decode matmul: its GPU tests, beside cuBLAS with a tile sw
             --cases 1x128x128,16x128x128,64x128x128 --hf none
     done
     ;;
-epilogues)  # the few-rows matmul's epilogues (SiLU-and-mul, q/k/v heads): GPU tests, whole decode and the 0.6B rollout off / on
+epilogues)  # the few-rows matmul's epilogues (SiLU-and-mul, q/k/v heads) and decode attention's keys loaded before the PDL wait:
+    # their GPU tests, then whole decode with each off and all on, and the decode graphs' critical path (~300 s)
     PYTHONPATH=src run epilogue_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py tests/test_gpu_engine.py \
-        -k "rows_matmul or bf16_greedy or cuda_graph or logprob"
-    for on in 0 1; do
-        HOTSWAP_ROWS_EPILOGUES=$on PYTHONPATH=src run "throughput_epilogues$on" 60 python3 bench/throughput.py --shape qwen3-0.6b \
+        tests/test_triton_attention.py -k "rows_matmul or bf16_greedy or cuda_graph or logprob or decode or split"
+    for off in HOTSWAP_ROWS_EPILOGUES HOTSWAP_DECODE_PRELOAD NONE; do
+        declare -x "$off=0"
+        PYTHONPATH=src run "throughput_off_$off" 60 python3 bench/throughput.py --shape qwen3-0.6b \
             --cases 1x128x128,16x128x128,32x128x128,64x128x128 --hf none
+        unset "$off"
     done
-    for on in 0 1; do
-        HOTSWAP_ROWS_EPILOGUES=$on PYTHONPATH=src run "rollout_epilogues$on" 90 python3 bench/rollout.py --shape qwen3-0.6b \
-            --prompts 64 --n 8 --paths offline --modes sampled
-    done
-    PYTHONPATH=src run profile_epilogues 90 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 1 64
+    PYTHONPATH=src run profile_decode 90 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 1 64
     ;;
 profile)  # the decode graphs' kernels by device time (0.6B batch 1 / 64, 30B-A3B batch 1): the last per-kernel split of the 0.6B's
     # batch-64 step is the fifth session's; what a fusion or a matmul of ours would have to beat (~200 s)

@@ -73,6 +73,9 @@ MAX_DECODE_SPLITS = 64
 #: Splits merged by the last of them to finish (kernels/arrival.py: a counter per sequence and KV head) instead
 #: of by a second kernel; `HOTSWAP_DECODE_MERGE=0` launches the merge kernel (the A/B switch of the benches).
 _MERGE_IN_PLACE = os.environ.get("HOTSWAP_DECODE_MERGE", "1") != "0"
+# Decode splits load their first block of cached keys before the PDL wait (`HOTSWAP_DECODE_PRELOAD=0`: after it, the
+# benches' A/B switch)
+_PRELOAD = os.environ.get("HOTSWAP_DECODE_PRELOAD", "1") != "0"
 
 # Tunables (defaults; measured on H100, see bench/attention_kernels.py).
 _DECODE_TARGET_CTAS_PER_SM = 2  # aim for about this many split-programs per SM
@@ -211,6 +214,7 @@ if HAS_TRITON:
         MERGE: tl.constexpr,
         BLOCK_S: tl.constexpr,
         USE_PDL: tl.constexpr,
+        PRELOAD: tl.constexpr,
         PREC: tl.constexpr,
     ):
         # Neighbouring programs are one sequence's KV heads (they read the same pages), and with ORDER the
@@ -229,7 +233,6 @@ if HAS_TRITON:
         # tail; split 0 of every (sequence, KV head) waits, so the launch still ends after the previous one.
         n_split = _active_splits(seq_len, num_splits, MIN_CHUNK)
         if split < n_split:
-            wait_previous(USE_PDL)
             chunk = tl.cdiv(tl.cdiv(seq_len, n_split), BLOCK_N) * BLOCK_N
             start = split * chunk
             end = tl.minimum(start + chunk, seq_len)
@@ -240,6 +243,31 @@ if HAS_TRITON:
             offs_d = tl.arange(0, BLOCK_D)
             d_mask = offs_d < HEAD_DIM
             offs_n = tl.arange(0, BLOCK_N)
+            pt_row = PT + b * stride_ptb
+            k_base = K + hk * HEAD_DIM
+            v_base = V + hk * HEAD_DIM
+            stride_t: tl.constexpr = NUM_KV_HEADS * HEAD_DIM
+
+            # The split's first block of keys. Every key but the step's own (position seq_len - 1, which the q/k/v
+            # kernel before this one writes) was cached by earlier steps, and the page table is a staged input: with
+            # PRELOAD those keys load before the wait, while the previous kernel still runs, and only the step's own
+            # key after it.
+            pos = start + offs_n
+            n_mask = pos < end
+            k_off, v_off, kv_mask = _kv_offsets(pt_row, pos, n_mask, offs_d, d_mask, stride_kp, stride_vp,
+                                                stride_t, PAGE_SIZE, HEAD_DIM, BLOCK_D)
+            if PRELOAD:
+                cached = kv_mask & (pos < seq_len - 1)[:, None]
+                k = tl.load(k_base + k_off, mask=cached, other=0.0)
+                v = tl.load(v_base + v_off, mask=cached, other=0.0)
+                wait_previous(USE_PDL)
+                own = kv_mask & (pos == seq_len - 1)[:, None]
+                k = tl.where(own, tl.load(k_base + k_off, mask=own, other=0.0), k)
+                v = tl.where(own, tl.load(v_base + v_off, mask=own, other=0.0), v)
+            else:
+                wait_previous(USE_PDL)
+                k = tl.load(k_base + k_off, mask=kv_mask, other=0.0)
+                v = tl.load(v_base + v_off, mask=kv_mask, other=0.0)
 
             q = tl.load(
                 Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
@@ -251,13 +279,12 @@ if HAS_TRITON:
             m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_H], tl.float32)
             acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+            if start < end:  # an empty sequence (a graph's padding row) keeps its zero output
+                qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+                qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
+                m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, PREC)
 
-            pt_row = PT + b * stride_ptb
-            k_base = K + hk * HEAD_DIM
-            v_base = V + hk * HEAD_DIM
-            stride_t: tl.constexpr = NUM_KV_HEADS * HEAD_DIM
-
-            for s in range(start, end, BLOCK_N):
+            for s in range(start + BLOCK_N, end, BLOCK_N):
                 pos = s + offs_n
                 n_mask = pos < end
                 k_off, v_off, kv_mask = _kv_offsets(pt_row, pos, n_mask, offs_d, d_mask, stride_kp, stride_vp,
@@ -561,6 +588,7 @@ def _decode_launch(
         MERGE=counters is not None,
         BLOCK_S=_next_pow2(num_splits),
         USE_PDL=use_pdl,
+        PRELOAD=_PRELOAD,
         PREC=_precision(q),
         num_warps=num_warps,
         num_stages=num_stages,
