@@ -144,27 +144,29 @@ def test_heads_epilogue_refuses_what_it_cannot_finish(kernel_only):
         rm.rows_linear(c["x"], c["w"], tiles=rm.Tiles(64, 64, 1, 1, 0), heads=HeadsEpilogue(**base))
 
 
+def _greedy(path, prompts: list[list[int]]) -> tuple[list[list[int]], list[float]]:
+    """Four greedy tokens of each prompt, eagerly, and their logprobs."""
+    from engine_support import make_engine
+
+    with make_engine(path, enable_cuda_graph=False) as eng:
+        outs = eng.generate(input_ids=prompts, sampling_params=dict(temperature=0.0, max_new_tokens=4, ignore_eos=True),
+                            return_logprob=True)
+    return [o["output_ids"] for o in outs], [lp for o in outs for lp, _, _ in o["meta_info"]["output_token_logprobs"]]
+
+
 @pytest.mark.parametrize("family", ["tiny_qwen3", "tiny_qwen2"])
 def test_a_few_rows_decode_through_the_epilogues_equals_the_reference_path(family, request, monkeypatch):
     """The decoder on 2-64 rows with Triton's kernels (interpreted, float32): q/k/v with its heads finished in the
     matmul (each layer's K/V at each token's slot, read back by attention), gate/up with SiLU-and-mul, against the
     PyTorch layers: the same greedy tokens and logprobs within float32 tolerance."""
-    from engine_support import make_engine
-
     path = request.getfixturevalue(family)
     prompts = [[3 + (5 * j + i) % 200 for j in range(6 + 3 * i)] for i in range(3)]
-    sp = dict(temperature=0.0, max_new_tokens=4, ignore_eos=True)
-
-    def run():
-        with make_engine(path, enable_cuda_graph=False) as eng:
-            outs = eng.generate(input_ids=prompts, sampling_params=sp, return_logprob=True)
-        return [o["output_ids"] for o in outs], [lp for o in outs for lp, _, _ in o["meta_info"]["output_token_logprobs"]]
 
     def small_tiles(n, k, device, block_n=64):  # the tiny model's 64-wide K and 16-wide heads
         block_n = min(block_n, 32)
         return rm.Tiles(block_n, 32, 2, 1, 0) if n % block_n == 0 and k % 64 == 0 else None
 
-    want_ids, want_lps = run()
+    want_ids, want_lps = _greedy(path, prompts)
     calls = []
     real = rm.rows_linear
 
@@ -177,7 +179,7 @@ def test_a_few_rows_decode_through_the_epilogues_equals_the_reference_path(famil
         patch.setattr(rm, "enabled", lambda rows, dtype, device: 2 <= rows <= rm.MAX_ROWS)
         patch.setattr(rm, "tiles_for", small_tiles)
         patch.setattr(rm, "rows_linear", spy)
-        got_ids, got_lps = run()
+        got_ids, got_lps = _greedy(path, prompts)
     steps = 1 + 3  # the prefill of 3 x 6-12 tokens, then three 3-row decode steps
     assert calls == ["heads", "plain", "silu", "plain"] * 2 * steps  # two layers: qkv, o_proj, gate_up, down
     assert got_ids == want_ids
@@ -187,22 +189,13 @@ def test_a_few_rows_decode_through_the_epilogues_equals_the_reference_path(famil
 def test_a_few_rows_decode_whose_matmuls_the_kernel_does_not_take(tiny_qwen3, monkeypatch):
     """Weights over the kernel's size limit (an 8B's): on 2-64 rows every matmul falls back to cuBLAS and its
     epilogues to kernels of their own, the same tokens and logprobs as the PyTorch layers."""
-    from engine_support import make_engine
-
     prompts = [[3 + (7 * j + i) % 200 for j in range(5 + 2 * i)] for i in range(3)]
-    sp = dict(temperature=0.0, max_new_tokens=4, ignore_eos=True)
-
-    def run():
-        with make_engine(tiny_qwen3, enable_cuda_graph=False) as eng:
-            outs = eng.generate(input_ids=prompts, sampling_params=sp, return_logprob=True)
-        return [o["output_ids"] for o in outs], [lp for o in outs for lp, _, _ in o["meta_info"]["output_token_logprobs"]]
-
-    want_ids, want_lps = run()
+    want_ids, want_lps = _greedy(tiny_qwen3, prompts)
     with monkeypatch.context() as patch:
         patch.setattr(fused, "available", lambda x: True)
         patch.setattr(rm, "enabled", lambda rows, dtype, device: 2 <= rows <= rm.MAX_ROWS)
         patch.setattr(rm, "MAX_WEIGHT_BYTES", 0)
         patch.setattr(rm, "_rows_kernel", None)  # launching it would fail
-        got_ids, got_lps = run()
+        got_ids, got_lps = _greedy(tiny_qwen3, prompts)
     assert got_ids == want_ids
     assert max(abs(a - b) for a, b in zip(got_lps, want_lps, strict=True)) < 1e-4
