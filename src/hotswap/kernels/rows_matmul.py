@@ -198,9 +198,9 @@ def _sm_count(device: torch.device) -> int:
 
 @functools.lru_cache(maxsize=None)  # a few shapes a model; called per matmul on the eager path
 def tiles_for(n: int, k: int, device: torch.device, block_n: int = 64) -> Tiles | None:
-    """64-column tiles (a head's width for the heads epilogue), K split (by powers of two that keep a split's range whole in 128-wide steps) until the grid
-    covers about half the SMs, five steps in flight where a program has six or more; None where the shape does not
-    tile evenly (cuBLAS then). Fewer, longer programs won on the H100 at 64 rows (bench/rows_matmul.py --sweep: a
+    """`block_n`-column tiles (64; a head's width for the heads epilogue), K split (by powers of two that keep a split's
+    range whole in 128-wide steps) until the grid covers about half the SMs, five steps in flight where a program has six
+    or more; None where the shape does not tile evenly (cuBLAS then). Fewer, longer programs won on the H100 at 64 rows (bench/rows_matmul.py --sweep: a
     0.6B layer's four matmuls 24.2 us against 26.1 with one program an SM, cuBLAS 26.5)."""
     block_k = 128
     if n % block_n or k % block_k:
