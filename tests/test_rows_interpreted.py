@@ -24,12 +24,17 @@ from hotswap.models.layers import RotaryEmbedding  # noqa: E402
 
 @pytest.fixture
 def kernel_only(monkeypatch):
-    """rows_linear must run its kernel: its cuBLAS fallback fails the test."""
+    """rows_linear must run its kernel: its cuBLAS fallback fails the test, and so does an epilogue run as a kernel of
+    its own after the matmul."""
 
     def fallback(*args, **kwargs):
         raise AssertionError("rows_linear fell back to F.linear")
 
+    def unfused(*args, **kwargs):
+        raise AssertionError("the epilogue ran as a kernel of its own")
+
     monkeypatch.setattr(rm.torch.nn.functional, "linear", fallback)
+    monkeypatch.setattr(rm, "_unfused_epilogue", unfused)
 
 
 @pytest.mark.parametrize("rows", [2, 5, 16, 33, 64])
@@ -179,6 +184,7 @@ def test_a_few_rows_decode_through_the_epilogues_equals_the_reference_path(famil
         patch.setattr(rm, "enabled", lambda rows, dtype, device: 2 <= rows <= rm.MAX_ROWS)
         patch.setattr(rm, "tiles_for", small_tiles)
         patch.setattr(rm, "rows_linear", spy)
+        patch.setattr(rm, "_unfused_epilogue", lambda *a: pytest.fail("an epilogue ran as a kernel of its own"))
         got_ids, got_lps = _greedy(path, prompts)
     steps = 1 + 3  # the prefill of 3 x 6-12 tokens, then three 3-row decode steps
     assert calls == ["heads", "plain", "silu", "plain"] * 2 * steps  # two layers: qkv, o_proj, gate_up, down
