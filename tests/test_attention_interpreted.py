@@ -98,3 +98,19 @@ def test_a_mid_size_launch_merges_its_long_sequences_and_leaves_short_ones_whole
     assert not torch.equal(split[LENS.index(700)], whole[LENS.index(700)])  # 3 chunks merged: another sum order
     assert rel_err(split, ref_decode(q, k, v, pt, seq_lens, 0.125)) < 2e-3
     assert int(arrival.counters(q.device).abs().sum()) == 0
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_keys_loaded_before_the_wait_give_the_same_rows(monkeypatch, num_splits):
+    """The first block of cached keys loaded before the PDL wait (the step's own key after it), as at small batches,
+    gives the bits of loading them all after it, as at large ones; a split's first block that holds the own key
+    (lengths 1, 40, 64) and one that does not (700, 300) both."""
+    q, k, v, pt, seq_lens = _case(11)
+    with monkeypatch.context() as patch:
+        patch.setattr(ta, "_PRELOAD", False)
+        after = ta.paged_decode_attention(q, k, v, pt, seq_lens, 0.125, num_splits=num_splits)
+    with monkeypatch.context() as patch:
+        patch.setattr(ta, "_PRELOAD", True)
+        before = ta.paged_decode_attention(q, k, v, pt, seq_lens, 0.125, num_splits=num_splits)
+    assert torch.equal(before, after)
+    assert rel_err(before, ref_decode(q, k, v, pt, seq_lens, 0.125)) < 2e-3

@@ -1,6 +1,7 @@
 """The Triton kernels' logic on the CPU in CI: the interpreter-only tests (MoE layer and routing, decode
-attention's splits and merges, the batch-1 qkv matmul's heads) run in a child pytest with TRITON_INTERPRET=1, which Triton reads when the kernels
-are defined, so this process (whose kernels are compiled ones) cannot run them itself."""
+attention's splits, merges and early key loads, the batch-1 qkv matmul's heads, the few-rows matmul and its
+epilogues) run in a child pytest with TRITON_INTERPRET=1, which Triton reads when the kernels are defined, so
+this process (whose kernels are compiled ones) cannot run them itself."""
 
 from __future__ import annotations
 
@@ -26,4 +27,4 @@ def test_kernels_pass_under_the_interpreter():
     tail = done.stdout[-4000:] + done.stderr[-2000:]
     assert done.returncode == 0, tail
     passed = re.search(r"(\d+) passed", done.stdout)
-    assert passed and int(passed.group(1)) >= 37, tail  # the interpreter tests ran, not only the CPU ones
+    assert passed and int(passed.group(1)) >= 77, tail  # the interpreter tests ran, not only the CPU ones
