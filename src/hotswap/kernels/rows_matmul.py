@@ -251,7 +251,9 @@ def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         raise ValueError(f"tiles {tiles} do not divide the {n}x{k} weight")
     block_m = max(16, triton.next_power_of_2(m))
     if heads is not None:
-        _check_heads(heads, m, n, tiles.block_n)
+        heads.check(n, m)
+        if tiles.block_n != heads.head_dim:
+            raise ValueError(f"heads epilogue: the tile's width {tiles.block_n} is not head_dim {heads.head_dim}")
         h = heads
         y = torch.empty((m, h.num_q_heads * h.head_dim), dtype=x.dtype, device=x.device)
         head_args = (h.q_norm if h.q_norm is not None else weight, h.k_norm if h.k_norm is not None else weight,
@@ -289,19 +291,3 @@ def _unfused_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                        h.cos_sin, h.positions, h.eps,
                        kv_store=(v.view(-1, h.num_kv_heads, h.head_dim), h.k_cache, h.v_cache, h.slots))
     return q
-
-
-def _check_heads(heads: HeadsEpilogue, rows: int, n: int, block_n: int) -> None:
-    d = heads.head_dim
-    if n != (heads.num_q_heads + 2 * heads.num_kv_heads) * d:
-        raise ValueError(f"heads epilogue: {n} output columns are not q/k/v heads of {heads.num_q_heads} + 2 x "
-                         f"{heads.num_kv_heads} x {d}")
-    if block_n != d or d & (d - 1) or d < 4:
-        raise ValueError(f"heads epilogue: head_dim {d} must be a power of two and the tile's width, got {block_n}")
-    if heads.cos_sin.shape[-1] != d or heads.cos_sin.stride(-1) != 1:
-        raise ValueError(f"heads epilogue: the rotary table's rows must be [cos | sin] of {d}, got {tuple(heads.cos_sin.shape)}")
-    if heads.positions.numel() != rows or heads.slots.numel() != rows:
-        raise ValueError(f"heads epilogue: a position and a KV slot for each of the {rows} rows")
-    for cache in (heads.k_cache, heads.v_cache):
-        if not cache.is_contiguous() or cache.shape[-2:] != (heads.num_kv_heads, d):
-            raise ValueError(f"KV cache must be contiguous with rows of [{heads.num_kv_heads}, {d}], got {tuple(cache.shape)}")

@@ -150,6 +150,23 @@ class HeadsEpilogue:
     v_cache: torch.Tensor
     slots: torch.Tensor
 
+    def check(self, n: int, rows: int) -> None:
+        """What any kernel finishing these heads needs: a projection of `n` columns that are the q/k/v heads, a
+        power-of-two head_dim, [cos | sin] rotary rows, a position and a slot a row, contiguous KV caches."""
+        d = self.head_dim
+        if n != (self.num_q_heads + 2 * self.num_kv_heads) * d:
+            raise ValueError(f"heads epilogue: {n} output columns are not q/k/v heads of {self.num_q_heads} + 2 x "
+                             f"{self.num_kv_heads} x {d}")
+        if d & (d - 1) or d < 4:
+            raise ValueError(f"heads epilogue: head_dim {d} must be a power of two of at least 4")
+        if self.cos_sin.shape[-1] != d or self.cos_sin.stride(-1) != 1:
+            raise ValueError(f"heads epilogue: the rotary table's rows must be [cos | sin] of {d}, got {tuple(self.cos_sin.shape)}")
+        if self.positions.numel() != rows or self.slots.numel() != rows:
+            raise ValueError(f"heads epilogue: one position and one KV slot for each of the {rows} rows")
+        for cache in (self.k_cache, self.v_cache):
+            if not cache.is_contiguous() or cache.shape[-2:] != (self.num_kv_heads, d):
+                raise ValueError(f"KV cache must be contiguous with rows of [{self.num_kv_heads}, {d}], got {tuple(cache.shape)}")
+
 
 _SM_COUNT: dict[int, int] = {}
 
@@ -211,18 +228,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def _check_heads(heads: HeadsEpilogue, n: int, block_n: int) -> None:
-    d = heads.head_dim
-    if n != (heads.num_q_heads + 2 * heads.num_kv_heads) * d:
-        raise ValueError(f"heads epilogue: {n} output columns are not q/k/v heads of {heads.num_q_heads} + 2 x "
-                         f"{heads.num_kv_heads} x {d}")
-    if d % block_n or d & (d - 1) or d < 4:
-        raise ValueError(f"heads epilogue: head_dim {d} must be a power of two that {block_n}-column blocks divide")
-    if heads.cos_sin.shape[-1] != d or heads.cos_sin.stride(-1) != 1:
-        raise ValueError(f"heads epilogue: the rotary table's rows must be [cos | sin] of {d}, got {tuple(heads.cos_sin.shape)}")
-    if heads.positions.numel() != 1 or heads.slots.numel() != 1:
-        raise ValueError("heads epilogue: one position and one KV slot (a one-row batch)")
-    for cache in (heads.k_cache, heads.v_cache):
-        if not cache.is_contiguous() or cache.shape[-2:] != (heads.num_kv_heads, d):
-            raise ValueError(f"KV cache must be contiguous with rows of [{heads.num_kv_heads}, {d}], got {tuple(cache.shape)}")
+    heads.check(n, rows=1)
+    if heads.head_dim % block_n:
+        raise ValueError(f"heads epilogue: {block_n}-column blocks do not divide head_dim {heads.head_dim}")
     if heads.num_q_heads + heads.num_kv_heads > arrival.SIZE:
         raise ValueError(f"heads epilogue: {heads.num_q_heads + heads.num_kv_heads} heads, more than the {arrival.SIZE} arrival counters")
