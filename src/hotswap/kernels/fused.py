@@ -49,21 +49,28 @@ if triton is not None:
         tl.store(Y + row * stride_y + cols, w * y, mask=mask)
 
     @triton.jit
-    def norm_rope_head(x1, x2, W, COS_SIN_ROW, eps, HAS_NORM: tl.constexpr, HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
-        """One head's halves [HALF] each: optional RMSNorm with weight W, then rotary by the position's row of
-        the cos | sin table; returns the two rotated halves in the input dtype. The batch-1 qkv matmul's heads
-        epilogue (kernels/skinny_matmul.py) calls it too, so both give the same bits."""
-        offs = tl.arange(0, HALF)
+    def norm_rotate(x1, x2, w_ptrs, cos, sin, eps, HAS_NORM: tl.constexpr, HALF: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    AXIS: tl.constexpr):
+        """Heads' two halves, their dims along AXIS (other axes: heads or rows): optional RMSNorm by the weights at
+        `w_ptrs` (the first half's, shaped to broadcast like x1), then rotary by cos and sin (model dtype, broadcast
+        likewise); returns the rotated halves. Every per-head norm + rotary of the decoder goes through it
+        (qk_norm_rope's two kernels, the one-row and few-rows q/k/v matmuls' heads epilogues), so they round alike."""
         if HAS_NORM:
             f1 = x1.to(tl.float32)
             f2 = x2.to(tl.float32)
-            var = (tl.sum(f1 * f1, axis=0) + tl.sum(f2 * f2, axis=0)) / HEAD_DIM
-            r = tl.rsqrt(var + eps)
-            x1 = tl.load(W + offs) * (f1 * r).to(x1.dtype)
-            x2 = tl.load(W + HALF + offs) * (f2 * r).to(x2.dtype)
+            r = tl.expand_dims(tl.rsqrt((tl.sum(f1 * f1, axis=AXIS) + tl.sum(f2 * f2, axis=AXIS)) / HEAD_DIM + eps), AXIS)
+            x1 = tl.load(w_ptrs) * (f1 * r).to(x1.dtype)
+            x2 = tl.load(w_ptrs + HALF) * (f2 * r).to(x2.dtype)
+        return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+    @triton.jit
+    def norm_rope_head(x1, x2, W, COS_SIN_ROW, eps, HAS_NORM: tl.constexpr, HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """One head's halves [HALF] each: optional RMSNorm with weight W, then rotary by the position's row of
+        the cos | sin table; returns the two rotated halves in the input dtype."""
+        offs = tl.arange(0, HALF)
         cos = tl.load(COS_SIN_ROW + offs).to(x1.dtype)
         sin = tl.load(COS_SIN_ROW + HALF + offs).to(x1.dtype)
-        return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+        return norm_rotate(x1, x2, W + offs, cos, sin, eps, HAS_NORM, HALF, HEAD_DIM, 0)
 
     @triton.jit
     def _qk_norm_rope_kernel(Q, K, V, QW, KW, COS_SIN, POS, K_CACHE, V_CACHE, SLOTS,
@@ -114,15 +121,7 @@ if triton is not None:
         m = heads_mask[:, None]
         x1 = tl.load(base, mask=m, other=0.0)
         x2 = tl.load(base + HALF, mask=m, other=0.0)
-        if HAS_NORM:
-            f1 = x1.to(tl.float32)
-            f2 = x2.to(tl.float32)
-            var = (tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)) / HEAD_DIM
-            r = tl.rsqrt(var + eps)[:, None]
-            x1 = tl.load(W + offs)[None, :] * (f1 * r).to(x1.dtype)
-            x2 = tl.load(W + HALF + offs)[None, :] * (f2 * r).to(x2.dtype)
-        y1 = x1 * cos[None, :] - x2 * sin[None, :]
-        y2 = x2 * cos[None, :] + x1 * sin[None, :]
+        y1, y2 = norm_rotate(x1, x2, (W + offs)[None, :], cos[None, :], sin[None, :], eps, HAS_NORM, HALF, HEAD_DIM, 1)
         tl.store(base, y1, mask=m)
         tl.store(base + HALF, y2, mask=m)
         return y1, y2

@@ -33,6 +33,7 @@ try:
     import triton
     import triton.language as tl
 
+    from hotswap.kernels.fused import norm_rotate
     from hotswap.kernels.pdl import wait_previous
 except ImportError:  # CPU-only machines: the layers never call these without CUDA
     triton = None
@@ -108,17 +109,10 @@ if triton is not None:
                 wp = QW
             else:
                 wp = KW
-            if HAS_QK_NORM:
-                f1 = x1.to(tl.float32)
-                f2 = x2.to(tl.float32)
-                r = tl.rsqrt((tl.sum(f1 * f1, axis=0) + tl.sum(f2 * f2, axis=0)) / HEAD_DIM + eps)[None, :]
-                x1 = tl.load(wp + offs)[:, None] * (f1 * r).to(x1.dtype)
-                x2 = tl.load(wp + HALF + offs)[:, None] * (f2 * r).to(x2.dtype)
             cs = COS_SIN + tl.load(POS + offs_m, mask=m_mask, other=0)[None, :] * stride_cs + offs[:, None]
             cos = tl.load(cs, mask=m, other=0.0).to(x1.dtype)
             sin = tl.load(cs + HALF, mask=m, other=0.0).to(x1.dtype)
-            y1 = x1 * cos - x2 * sin
-            y2 = x2 * cos + x1 * sin
+            y1, y2 = norm_rotate(x1, x2, (wp + offs)[:, None], cos, sin, eps, HAS_QK_NORM, HALF, HEAD_DIM, 0)
             if head < n_q_heads:
                 dst = Y + offs_m[None, :] * stride_y + head * HEAD_DIM + offs[:, None]
             else:
