@@ -185,11 +185,11 @@ epilogues)  # the few-rows matmul's epilogues (SiLU-and-mul, q/k/v heads) and de
     # their GPU tests, then whole decode with each off and all on, and the decode graphs' critical path (~400 s)
     PYTHONPATH=src run epilogue_tests 240 python3 -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py tests/test_gpu_engine.py \
         tests/test_triton_attention.py -k "rows_matmul or bf16_greedy or cuda_graph or logprob or decode or split"
-    for off in HOTSWAP_ROWS_EPILOGUES HOTSWAP_DECODE_PRELOAD NONE; do
-        declare -x "$off=0"
-        PYTHONPATH=src run "throughput_off_$off" 60 python3 bench/throughput.py --shape qwen3-0.6b \
+    for off in HOTSWAP_ROWS_EPILOGUES HOTSWAP_DECODE_PRELOAD ""; do  # each switched off, then all on
+        [ -n "$off" ] && export "$off=0"
+        PYTHONPATH=src run "throughput_off_${off:-none}" 60 python3 bench/throughput.py --shape qwen3-0.6b \
             --cases 1x128x128,16x128x128,32x128x128,64x128x128 --hf none
-        unset "$off"
+        [ -n "$off" ] && unset "$off"
     done
     PYTHONPATH=src run profile_decode 90 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 1 64
     ;;

@@ -12,11 +12,6 @@ from hotswap.kernels import fused, rows_matmul, skinny_matmul
 from hotswap.models.parallel import ShardSpec, TPInfo
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, rows: bool = False) -> torch.Tensor:
-    """x @ weight.T (+ bias); `rows`: through the few-rows decode kernel (kernels/rows_matmul.py), not cuBLAS."""
-    return rows_matmul.rows_linear(x, weight, bias) if rows else F.linear(x, weight, bias)
-
-
 def hf_param(shape: tuple[int, ...], dtype: torch.dtype, shards: dict) -> nn.Parameter:
     p = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
     p.hf_shards = shards
@@ -100,7 +95,11 @@ class RowLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, skinny: bool = False, rows: bool = False) -> torch.Tensor:
-        y = skinny_matmul.skinny_linear(x, self.weight)[0] if skinny else linear(x, self.weight, rows=rows)
+        """`skinny`: the one-row kernel; `rows`: the few-rows one (kernels/rows_matmul.py); else cuBLAS."""
+        if skinny:
+            y = skinny_matmul.skinny_linear(x, self.weight)[0]
+        else:
+            y = rows_matmul.rows_linear(x, self.weight) if rows else F.linear(x, self.weight)
         return self.tp.all_reduce(y)
 
     def silu_mul_forward(self, gate_up: torch.Tensor, skinny: bool) -> torch.Tensor:
