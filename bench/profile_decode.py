@@ -41,6 +41,24 @@ def print_critical_path(prof: torch.profiler.profile, replays: int) -> None:
         print(f"{name:<60} {len(moved) // replays:>6} {sum(moved) / replays:>12.1f} {sum(moved) / len(moved):>10.2f}")
 
 
+def print_device_gaps(prof: torch.profiler.profile, wall_ms: float, what: str) -> None:
+    """Where a call's wall time went on the device: kernels busy (their union), idle between its first and last
+    kernel, and outside them (host work before the first kernel and after the last one)."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy, end = 0.0, None
+    for s, e in spans:
+        if end is None or s >= end:
+            busy += e - s
+            end = e
+        elif e > end:
+            busy += e - end
+            end = e
+    span = (end - spans[0][0]) / 1e3
+    print(f"{what}: wall {wall_ms:.1f} ms; device busy {busy / 1e3:.1f} ms, idle {span - busy / 1e3:.1f} ms between its "
+          f"first and last kernel, {wall_ms - span:.1f} ms outside them (host before and after)", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen3-0.6b")
@@ -80,15 +98,21 @@ def main() -> None:
         _, t_prefill = timed(lambda: engine.generate(input_ids=ids, sampling_params=dict(sp, max_new_tokens=1)), True)
         engine.flush_cache()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+            t = time.perf_counter()
             engine.generate(input_ids=ids, sampling_params=dict(sp, max_new_tokens=1))
+            wall_ms = (time.perf_counter() - t) * 1e3
         engine.flush_cache()
+        print_device_gaps(prof, wall_ms, f"batch {batch}: prefill (profiled)")
         gpu_ms = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
         print(f"batch {batch}: prefill of {batch}x{args.prompt} tokens (generate, 1 new token) {t_prefill * 1e3:.1f} ms; "
               f"GPU kernel time {gpu_ms:.1f} ms (profiled run)", flush=True)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60), flush=True)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+            t = time.perf_counter()
             engine.generate(input_ids=ids, sampling_params=dict(sp, max_new_tokens=8))
+            wall_ms = (time.perf_counter() - t) * 1e3
         engine.flush_cache()
+        print_device_gaps(prof, wall_ms, f"batch {batch}: prefill and 7 decode steps (profiled)")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60), flush=True)
     engine.shutdown()
 

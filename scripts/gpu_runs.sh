@@ -16,6 +16,8 @@
 #   moe-r3  the R3 cost on an 80 GB card: the 30B-A3B rollout at 96 sequences (no preemption), with and without R3
 #   epilogues  the few-rows matmul's epilogues (SiLU-and-mul, q/k/v heads) and decode attention's preload: GPU tests, decode
 #              with each off and all on, the decode graphs' critical path (~400 s)
+#   evict   evict-first loads of weights and KV (kernels/cache_hints.py) off / on: 0.6B throughput twice each, the sampled
+#           rollout, the decode profile with prefill's device gaps (~330 s)
 #   rows    the few-rows decode matmul (kernels/rows_matmul.py): GPU tests, against cuBLAS with a tile sweep, decode on / off
 #   profile  the decode graphs' kernels by device time: 0.6B batch 1 / 64, 30B-A3B batch 1 (~200 s)
 #   h200    one H200 call (~480 s, `needs_h200`: the 30B-A3B rollout of 256 sequences needs its memory): that rollout with and
@@ -44,7 +46,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stages="suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|h200|profile|rows|epilogues"
+stages="suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|h200|profile|rows|epilogues|evict"
 [ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... ($stages)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
@@ -190,6 +192,20 @@ epilogues)  # the few-rows matmul's epilogues (SiLU-and-mul, q/k/v heads) and de
         PYTHONPATH=src run "throughput_off_${off:-none}" 60 python3 bench/throughput.py --shape qwen3-0.6b \
             --cases 1x128x128,16x128x128,32x128x128,64x128x128 --hf none
         [ -n "$off" ] && unset "$off"
+    done
+    PYTHONPATH=src run profile_decode 90 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 1 64
+    ;;
+evict)  # evict-first loads of weights and KV (kernels/cache_hints.py) off and on, twice each, then the 0.6B sampled rollout
+    # off and on and the decode profile with prefill's device gaps (~330 s)
+    for rep in 1 2; do
+        for on in 0 1; do
+            HOTSWAP_EVICT_FIRST=$on PYTHONPATH=src run "throughput_evict${on}_$rep" 60 python3 bench/throughput.py --shape qwen3-0.6b \
+                --cases 1x128x128,16x128x128,32x128x128,64x128x128 --hf none
+        done
+    done
+    for on in 0 1; do
+        HOTSWAP_EVICT_FIRST=$on PYTHONPATH=src run "rollout_evict$on" 90 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 \
+            --n 8 --paths offline --modes sampled
     done
     PYTHONPATH=src run profile_decode 90 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 1 64
     ;;
