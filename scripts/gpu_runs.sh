@@ -16,8 +16,8 @@
 #   moe-r3  the R3 cost on an 80 GB card: the 30B-A3B rollout at 96 sequences (no preemption), with and without R3
 #   epilogues  the few-rows matmul's epilogues (SiLU-and-mul, q/k/v heads) and decode attention's preload: GPU tests, decode
 #              with each off and all on, the decode graphs' critical path (~400 s)
-#   evict   evict-first loads of weights and KV (kernels/cache_hints.py) off / on: 0.6B throughput twice each, the sampled
-#           rollout, the decode profile with prefill's device gaps (~330 s)
+#   evict   evict-first loads (kernels/cache_hints.py) of neither, the KV, the weights, both: 0.6B batch 1 / 64 and the
+#           batch-64 critical path each, then prefill's host phases (~300 s)
 #   rows    the few-rows decode matmul (kernels/rows_matmul.py): GPU tests, against cuBLAS with a tile sweep, decode on / off
 #   profile  the decode graphs' kernels by device time: 0.6B batch 1 / 64, 30B-A3B batch 1 (~200 s)
 #   h200    one H200 call (~480 s, `needs_h200`: the 30B-A3B rollout of 256 sequences needs its memory): that rollout with and
@@ -195,19 +195,14 @@ epilogues)  # the few-rows matmul's epilogues (SiLU-and-mul, q/k/v heads) and de
     done
     PYTHONPATH=src run profile_decode 90 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 1 64
     ;;
-evict)  # evict-first loads of weights and KV (kernels/cache_hints.py) off and on, twice each, then the 0.6B sampled rollout
-    # off and on and the decode profile with prefill's device gaps (~330 s)
-    for rep in 1 2; do
-        for on in 0 1; do
-            HOTSWAP_EVICT_FIRST=$on PYTHONPATH=src run "throughput_evict${on}_$rep" 60 python3 bench/throughput.py --shape qwen3-0.6b \
-                --cases 1x128x128,16x128x128,32x128x128,64x128x128 --hf none
-        done
+evict)  # evict-first loads (kernels/cache_hints.py) of neither, the KV, the weights, both: 0.6B batch 1 / 64 and the batch-64
+    # graph's critical path each; then prefill's host phases on the GPU (~300 s)
+    for which in 0 kv w 1; do
+        HOTSWAP_EVICT_FIRST=$which PYTHONPATH=src run "throughput_evict_$which" 90 python3 bench/throughput.py --shape qwen3-0.6b \
+            --cases 1x128x128,64x128x128 --hf none
+        HOTSWAP_EVICT_FIRST=$which PYTHONPATH=src run "profile_evict_$which" 60 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 64
     done
-    for on in 0 1; do
-        HOTSWAP_EVICT_FIRST=$on PYTHONPATH=src run "rollout_evict$on" 90 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 \
-            --n 8 --paths offline --modes sampled
-    done
-    PYTHONPATH=src run profile_decode 90 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 1 64
+    PYTHONPATH=src run host_prefill 60 python3 bench/host_prefill.py --device cuda --shape qwen3-0.6b --cases 1x128,64x128 --calls 20
     ;;
 profile)  # the decode graphs' kernels by device time (0.6B batch 1 / 64, 30B-A3B batch 1): the last per-kernel split of the 0.6B's
     # batch-64 step is the fifth session's; what a fusion or a matmul of ours would have to beat (~200 s)

@@ -15,6 +15,13 @@ try:
 except ImportError:  # CPU-only machines: no kernel is launched there
     tl = None
 
-_ON = os.environ.get("HOTSWAP_EVICT_FIRST", "1") != "0"
-#: `eviction_policy` of a load whose lines no later kernel of the step reads.
-ONCE = tl.constexpr("evict_first" if _ON else "") if tl is not None else ""
+_WHICH = os.environ.get("HOTSWAP_EVICT_FIRST", "1")
+
+
+def _policy(on: bool):
+    return tl.constexpr("evict_first" if on else "") if tl is not None else ""
+
+
+#: `eviction_policy` of a load whose lines no later kernel of the step reads: a matmul's weights, decode attention's KV.
+WEIGHTS_ONCE = _policy(_WHICH in ("1", "w"))
+KV_ONCE = _policy(_WHICH in ("1", "kv"))

@@ -47,7 +47,7 @@ try:  # Triton is optional: the module must import on CPU-only machines without 
     import triton
     import triton.language as tl
 
-    from hotswap.kernels.cache_hints import ONCE
+    from hotswap.kernels.cache_hints import KV_ONCE
     from hotswap.kernels.pdl import wait_previous
 
     HAS_TRITON = True
@@ -262,16 +262,16 @@ if HAS_TRITON:
                                                 stride_t, PAGE_SIZE, HEAD_DIM, BLOCK_D)
             if PRELOAD:
                 cached = kv_mask & (pos < seq_len - 1)[:, None]
-                k = tl.load(k_base + k_off, mask=cached, other=0.0, eviction_policy=ONCE)
-                v = tl.load(v_base + v_off, mask=cached, other=0.0, eviction_policy=ONCE)
+                k = tl.load(k_base + k_off, mask=cached, other=0.0, eviction_policy=KV_ONCE)
+                v = tl.load(v_base + v_off, mask=cached, other=0.0, eviction_policy=KV_ONCE)
                 wait_previous(USE_PDL)
                 own = kv_mask & (pos == seq_len - 1)[:, None]
                 k = tl.where(own, tl.load(k_base + k_off, mask=own, other=0.0), k)
                 v = tl.where(own, tl.load(v_base + v_off, mask=own, other=0.0), v)
             else:
                 wait_previous(USE_PDL)
-                k = tl.load(k_base + k_off, mask=kv_mask, other=0.0, eviction_policy=ONCE)
-                v = tl.load(v_base + v_off, mask=kv_mask, other=0.0, eviction_policy=ONCE)
+                k = tl.load(k_base + k_off, mask=kv_mask, other=0.0, eviction_policy=KV_ONCE)
+                v = tl.load(v_base + v_off, mask=kv_mask, other=0.0, eviction_policy=KV_ONCE)
 
             q = tl.load(
                 Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
@@ -293,10 +293,10 @@ if HAS_TRITON:
                 n_mask = pos < end
                 k_off, v_off, kv_mask = _kv_offsets(pt_row, pos, n_mask, offs_d, d_mask, stride_kp, stride_vp,
                                                     stride_t, PAGE_SIZE, HEAD_DIM, BLOCK_D)
-                k = tl.load(k_base + k_off, mask=kv_mask, other=0.0, eviction_policy=ONCE)
+                k = tl.load(k_base + k_off, mask=kv_mask, other=0.0, eviction_policy=KV_ONCE)
                 qk = tl.dot(q, tl.trans(k), input_precision=PREC)
                 qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
-                v = tl.load(v_base + v_off, mask=kv_mask, other=0.0, eviction_policy=ONCE)
+                v = tl.load(v_base + v_off, mask=kv_mask, other=0.0, eviction_policy=KV_ONCE)
                 m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, PREC)
 
             l_safe = tl.where(l_i > 0.0, l_i, 1.0)
