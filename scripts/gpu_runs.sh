@@ -16,8 +16,8 @@
 #   moe-r3  the R3 cost on an 80 GB card: the 30B-A3B rollout at 96 sequences (no preemption), with and without R3
 #   epilogues  the few-rows matmul's epilogues (SiLU-and-mul, q/k/v heads) and decode attention's preload: GPU tests, decode
 #              with each off and all on, the decode graphs' critical path (~400 s)
-#   evict   evict-first loads (kernels/cache_hints.py) of neither, the KV, the weights, both: 0.6B batch 1 / 64 and the
-#           batch-64 critical path each, then prefill's host phases (~300 s)
+#   kv-loads  decode attention's KV loads (evict-first, K and V together) against .before (d7097ab): 0.6B batch 1 / 64 twice,
+#             with the hint off, the sampled rollout (~280 s)
 #   rows    the few-rows decode matmul (kernels/rows_matmul.py): GPU tests, against cuBLAS with a tile sweep, decode on / off
 #   profile  the decode graphs' kernels by device time: 0.6B batch 1 / 64, 30B-A3B batch 1 (~200 s)
 #   h200    one H200 call (~480 s, `needs_h200`: the 30B-A3B rollout of 256 sequences needs its memory): that rollout with and
@@ -46,7 +46,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stages="suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|h200|profile|rows|epilogues|evict"
+stages="suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|h200|profile|rows|epilogues|kv-loads"
 [ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... ($stages)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
@@ -195,14 +195,19 @@ epilogues)  # the few-rows matmul's epilogues (SiLU-and-mul, q/k/v heads) and de
     done
     PYTHONPATH=src run profile_decode 90 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 1 64
     ;;
-evict)  # evict-first loads (kernels/cache_hints.py) of neither, the KV, the weights, both: 0.6B batch 1 / 64 and the batch-64
-    # graph's critical path each; then prefill's host phases on the GPU (~300 s)
-    for which in 0 kv w 1; do
-        HOTSWAP_EVICT_FIRST=$which PYTHONPATH=src run "throughput_evict_$which" 90 python3 bench/throughput.py --shape qwen3-0.6b \
+kv-loads)  # decode attention's KV loads (evict-first, K and V asked for together) against the tree in .before (the
+    # twenty-fourth session's start: git archive d7097ab src bench), and with the hint off; 0.6B batch 1 / 64 twice, the
+    # sampled rollout (~280 s)
+    for rep in 1 2; do
+        PYTHONPATH=.before/src run "throughput_before_$rep" 90 python3 .before/bench/throughput.py --shape qwen3-0.6b \
             --cases 1x128x128,64x128x128 --hf none
-        HOTSWAP_EVICT_FIRST=$which PYTHONPATH=src run "profile_evict_$which" 60 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 64
+        PYTHONPATH=src run "throughput_now_$rep" 90 python3 bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,64x128x128 --hf none
     done
-    PYTHONPATH=src run host_prefill 60 python3 bench/host_prefill.py --device cuda --shape qwen3-0.6b --cases 1x128,64x128 --calls 20
+    HOTSWAP_EVICT_FIRST=0 PYTHONPATH=src run throughput_now_evict0 90 python3 bench/throughput.py --shape qwen3-0.6b \
+        --cases 1x128x128,64x128x128 --hf none
+    PYTHONPATH=.before/src run rollout_before 90 python3 .before/bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 \
+        --paths offline --modes sampled
+    PYTHONPATH=src run rollout_now 90 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline --modes sampled
     ;;
 profile)  # the decode graphs' kernels by device time (0.6B batch 1 / 64, 30B-A3B batch 1): the last per-kernel split of the 0.6B's
     # batch-64 step is the fifth session's; what a fusion or a matmul of ours would have to beat (~200 s)

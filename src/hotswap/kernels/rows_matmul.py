@@ -33,7 +33,6 @@ try:
     import triton
     import triton.language as tl
 
-    from hotswap.kernels.cache_hints import WEIGHTS_ONCE
     from hotswap.kernels.fused import norm_rotate
     from hotswap.kernels.pdl import wait_previous
 except ImportError:  # CPU-only machines: the layers never call these without CUDA
@@ -163,7 +162,7 @@ if triton is not None:
         x_cols = X + offs_m[None, :] * stride_x + k_lo + offs_k[:, None]
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for k0 in tl.range(0, K_SPLIT, BLOCK_K, num_stages=STAGES):
-            w = tl.load(w_rows + k0 + offs_k[None, :], eviction_policy=WEIGHTS_ONCE)
+            w = tl.load(w_rows + k0 + offs_k[None, :])
             x = tl.load(x_cols + k0, mask=m_mask[None, :], other=0.0)
             acc = tl.dot(w, x, acc)
         if SPLIT_K == 1:

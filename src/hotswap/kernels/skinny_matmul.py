@@ -22,7 +22,6 @@ try:
     import triton
     import triton.language as tl
 
-    from hotswap.kernels.cache_hints import WEIGHTS_ONCE
     from hotswap.kernels.fused import norm_rope_head
     from hotswap.kernels.pdl import wait_previous
 except ImportError:  # CPU-only machines: the layers never call these without CUDA
@@ -59,8 +58,7 @@ if triton is not None:
         # The first weight tile is read before waiting for the previous kernel (PDL): no kernel of the
         # step writes W, and at the model's shapes it is most of this program's reads.
         offs_k = tl.arange(0, BLOCK_K)
-        w_next = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & (offs_k < K)[None, :], other=0.0,
-                         eviction_policy=WEIGHTS_ONCE)
+        w_next = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & (offs_k < K)[None, :], other=0.0)
         wait_previous(USE_PDL)
         # One pass: RMSNorm scales the row by a constant, so (x * nw) @ W^T is accumulated beside the
         # row's sum of squares and scaled at the end; W's loads never wait for the norm.
@@ -71,8 +69,7 @@ if triton is not None:
             k_mask = offs_k < K
             w = w_next
             next_k = offs_k + BLOCK_K
-            w_next = tl.load(w_rows + next_k[None, :], mask=n_mask[:, None] & (next_k < K)[None, :], other=0.0,
-                             eviction_policy=WEIGHTS_ONCE)
+            w_next = tl.load(w_rows + next_k[None, :], mask=n_mask[:, None] & (next_k < K)[None, :], other=0.0)
             if PROLOGUE == 3:
                 g = tl.load(X + offs_k, mask=k_mask, other=0.0)
                 u = tl.load(X + K + offs_k, mask=k_mask, other=0.0)
