@@ -16,7 +16,7 @@
 #   moe-r3  the R3 cost on an 80 GB card: the 30B-A3B rollout at 96 sequences (no preemption), with and without R3
 #   epilogues  the few-rows matmul's epilogues (SiLU-and-mul, q/k/v heads) and decode attention's preload: GPU tests, decode
 #              with each off and all on, the decode graphs' critical path (~400 s)
-#   kv-loads  decode attention's KV loads (evict-first, K and V together) against .before (d7097ab): 0.6B batch 1 / 64 twice,
+#   kv-loads  decode attention's KV loads evict-first against .before (d7097ab): 0.6B batch 1 / 64 twice,
 #             with the hint off, the sampled rollout (~280 s)
 #   rows    the few-rows decode matmul (kernels/rows_matmul.py): GPU tests, against cuBLAS with a tile sweep, decode on / off
 #   profile  the decode graphs' kernels by device time: 0.6B batch 1 / 64, 30B-A3B batch 1 (~200 s)
@@ -195,7 +195,7 @@ epilogues)  # the few-rows matmul's epilogues (SiLU-and-mul, q/k/v heads) and de
     done
     PYTHONPATH=src run profile_decode 90 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 1 64
     ;;
-kv-loads)  # decode attention's KV loads (evict-first, K and V asked for together) against the tree in .before (the
+kv-loads)  # decode attention's KV loads (evict-first; K and V asked for together, since reverted) against the tree in .before (the
     # twenty-fourth session's start: git archive d7097ab src bench), and with the hint off; 0.6B batch 1 / 64 twice, the
     # sampled rollout (~280 s)
     for rep in 1 2; do

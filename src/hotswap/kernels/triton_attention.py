@@ -293,11 +293,10 @@ if HAS_TRITON:
                 n_mask = pos < end
                 k_off, v_off, kv_mask = _kv_offsets(pt_row, pos, n_mask, offs_d, d_mask, stride_kp, stride_vp,
                                                     stride_t, PAGE_SIZE, HEAD_DIM, BLOCK_D)
-                # K and V asked for together: one memory round trip a block instead of two (one pipeline stage)
                 k = tl.load(k_base + k_off, mask=kv_mask, other=0.0, eviction_policy=KV_ONCE)
-                v = tl.load(v_base + v_off, mask=kv_mask, other=0.0, eviction_policy=KV_ONCE)
                 qk = tl.dot(q, tl.trans(k), input_precision=PREC)
                 qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
+                v = tl.load(v_base + v_off, mask=kv_mask, other=0.0, eviction_policy=KV_ONCE)
                 m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, PREC)
 
             l_safe = tl.where(l_i > 0.0, l_i, 1.0)
