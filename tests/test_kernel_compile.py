@@ -187,5 +187,5 @@ def test_attention_kernels(hopper, dtype):
     assert_compiled(hopper, "_decode_split_kernel", "_decode_reduce_kernel", "_prefill_kernel")
     # unused splits exit before the PDL wait, the others wait (inside the branch) before reading q
     assert all("griddepcontrol.wait" in k.asm["ptx"] for k in hopper["_decode_split_kernel"])
-    # keys and values are loaded evict-first (kernels/cache_hints.py)
+    # keys and values are loaded evict-first (HOTSWAP_EVICT_FIRST)
     assert all("L2::evict_first" in k.asm["ptx"] for k in hopper["_decode_split_kernel"])

@@ -47,7 +47,6 @@ try:  # Triton is optional: the module must import on CPU-only machines without 
     import triton
     import triton.language as tl
 
-    from hotswap.kernels.cache_hints import KV_ONCE
     from hotswap.kernels.pdl import wait_previous
 
     HAS_TRITON = True
@@ -80,6 +79,13 @@ _MERGE_IN_PLACE = os.environ.get("HOTSWAP_DECODE_MERGE", "1") != "0"
 # the roofline; at batch 32 / 64 (two and four pairs an SM) the early loads compete with the q/k/v matmul still running,
 # 45.1 -> 42.5 % and 46.8 -> 42.9 %.
 _PRELOAD = os.environ.get("HOTSWAP_DECODE_PRELOAD", "1") != "0"
+# Decode loads the cached keys and values evict-first (`HOTSWAP_EVICT_FIRST=0`: as any other data, the benches' A/B
+# switch). At batch 64 x 192 keys a 0.6B layer's KV is 50 MB, an H100's whole L2, streamed once a step, while under PDL
+# the matmul after attention asks L2 for its first weight lines; the hint leaves those in place. H100, 0.6B shape: the
+# batch-64 decode graph 1.558 -> 1.523 ms (attention's share of its critical path 20.4 -> 18.3 us a layer); in another
+# call batch 64 34,309 / 34,517 -> 34,944 / 35,125 tokens/s, the sampled rollout 10.58 -> 10.36 s. The same hint on the
+# matmuls' weight loads measured nothing (1.556 ms).
+_KV_EVICT = "evict_first" if os.environ.get("HOTSWAP_EVICT_FIRST", "1") != "0" else ""
 
 # Tunables (defaults; measured on H100, see bench/attention_kernels.py).
 _DECODE_TARGET_CTAS_PER_SM = 2  # aim for about this many split-programs per SM
@@ -219,6 +225,7 @@ if HAS_TRITON:
         BLOCK_S: tl.constexpr,
         USE_PDL: tl.constexpr,
         PRELOAD: tl.constexpr,
+        KV_EVICT: tl.constexpr,
         PREC: tl.constexpr,
     ):
         # Neighbouring programs are one sequence's KV heads (they read the same pages), and with ORDER the
@@ -262,16 +269,16 @@ if HAS_TRITON:
                                                 stride_t, PAGE_SIZE, HEAD_DIM, BLOCK_D)
             if PRELOAD:
                 cached = kv_mask & (pos < seq_len - 1)[:, None]
-                k = tl.load(k_base + k_off, mask=cached, other=0.0, eviction_policy=KV_ONCE)
-                v = tl.load(v_base + v_off, mask=cached, other=0.0, eviction_policy=KV_ONCE)
+                k = tl.load(k_base + k_off, mask=cached, other=0.0, eviction_policy=KV_EVICT)
+                v = tl.load(v_base + v_off, mask=cached, other=0.0, eviction_policy=KV_EVICT)
                 wait_previous(USE_PDL)
                 own = kv_mask & (pos == seq_len - 1)[:, None]
                 k = tl.where(own, tl.load(k_base + k_off, mask=own, other=0.0), k)
                 v = tl.where(own, tl.load(v_base + v_off, mask=own, other=0.0), v)
             else:
                 wait_previous(USE_PDL)
-                k = tl.load(k_base + k_off, mask=kv_mask, other=0.0, eviction_policy=KV_ONCE)
-                v = tl.load(v_base + v_off, mask=kv_mask, other=0.0, eviction_policy=KV_ONCE)
+                k = tl.load(k_base + k_off, mask=kv_mask, other=0.0, eviction_policy=KV_EVICT)
+                v = tl.load(v_base + v_off, mask=kv_mask, other=0.0, eviction_policy=KV_EVICT)
 
             q = tl.load(
                 Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
@@ -293,10 +300,10 @@ if HAS_TRITON:
                 n_mask = pos < end
                 k_off, v_off, kv_mask = _kv_offsets(pt_row, pos, n_mask, offs_d, d_mask, stride_kp, stride_vp,
                                                     stride_t, PAGE_SIZE, HEAD_DIM, BLOCK_D)
-                k = tl.load(k_base + k_off, mask=kv_mask, other=0.0, eviction_policy=KV_ONCE)
+                k = tl.load(k_base + k_off, mask=kv_mask, other=0.0, eviction_policy=KV_EVICT)
                 qk = tl.dot(q, tl.trans(k), input_precision=PREC)
                 qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
-                v = tl.load(v_base + v_off, mask=kv_mask, other=0.0, eviction_policy=KV_ONCE)
+                v = tl.load(v_base + v_off, mask=kv_mask, other=0.0, eviction_policy=KV_EVICT)
                 m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, PREC)
 
             l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -593,6 +600,7 @@ def _decode_launch(
         BLOCK_S=_next_pow2(num_splits),
         USE_PDL=use_pdl,
         PRELOAD=_PRELOAD and B * Hkv <= _sm_count(q.device),
+        KV_EVICT=_KV_EVICT,
         PREC=_precision(q),
         num_warps=num_warps,
         num_stages=num_stages,
