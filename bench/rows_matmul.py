@@ -45,7 +45,7 @@ def sweep_tiles(n: int, k: int, device: torch.device) -> list[rm.Tiles]:
     base = rm.tiles_for(n, k, device)
     out = []
     splits = sorted({1, base.split_k // 2, base.split_k, base.split_k * 2})  # unsplit too: no partials' round trip
-    for block_n, block_k, split, stages in itertools.product((32, 64), (128, 256), splits, (3, 5)):
+    for block_n, block_k, split, stages in itertools.product((32, 64, 128), (128, 256), splits, (3, 5)):  # 128: x read half as often
         if split < 1 or n % block_n or k % (split * block_k) or (block_n == 32 and n > 1024):
             continue
         out.append(rm.Tiles(block_n, block_k, split, stages, rm.prefetch_k(k // split)))
