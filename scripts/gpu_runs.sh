@@ -198,14 +198,15 @@ epilogues)  # the few-rows matmul's epilogues (SiLU-and-mul, q/k/v heads) and de
 kv-loads)  # decode attention's KV loads (evict-first; K and V asked for together, since reverted) against the tree in .before (the
     # twenty-fourth session's start: git archive d7097ab src bench), and with the hint off; 0.6B batch 1 / 64 twice, the
     # sampled rollout (~280 s)
+    [ -d .before/src ] || echo "no .before/src: the before runs are skipped" | tee -a "$out/summary.txt"
     for rep in 1 2; do
-        PYTHONPATH=.before/src run "throughput_before_$rep" 90 python3 .before/bench/throughput.py --shape qwen3-0.6b \
+        [ -d .before/src ] && PYTHONPATH=.before/src run "throughput_before_$rep" 90 python3 .before/bench/throughput.py --shape qwen3-0.6b \
             --cases 1x128x128,64x128x128 --hf none
         PYTHONPATH=src run "throughput_now_$rep" 90 python3 bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,64x128x128 --hf none
     done
     HOTSWAP_EVICT_FIRST=0 PYTHONPATH=src run throughput_now_evict0 90 python3 bench/throughput.py --shape qwen3-0.6b \
         --cases 1x128x128,64x128x128 --hf none
-    PYTHONPATH=.before/src run rollout_before 90 python3 .before/bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 \
+    [ -d .before/src ] && PYTHONPATH=.before/src run rollout_before 90 python3 .before/bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 \
         --paths offline --modes sampled
     PYTHONPATH=src run rollout_now 90 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline --modes sampled
     ;;
