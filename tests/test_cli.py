@@ -50,11 +50,11 @@ def test_sglang_flags_reach_the_engine(tiny_qwen3, tmp_path):
                               "--weight-update-bucket-bytes", "4096", "--weight-update-session-timeout", "5",
                               "--cuda-ipc-cache-bytes", str(3 << 30)])
     kw = engine_kwargs_from_args(args)
-    assert kw == {"kv_cache_memory_fraction": 0.5, "max_context_len": 128, "tokenizer_path": str(tiny_qwen3),
+    assert kw == {"mem_fraction_static": 0.5, "max_context_len": 128, "tokenizer_path": str(tiny_qwen3),
                   "chat_template": str(template), "weight_update_bucket_bytes": 4096, "weight_session_timeout_s": 5.0,
                   "cuda_ipc_cache_bytes": 3 << 30}
     assert args.trust_remote_code and args.host == "127.0.0.1"  # loopback unless told otherwise
-    del kw["kv_cache_memory_fraction"]  # a GPU sizing knob
+    del kw["mem_fraction_static"]  # a GPU sizing knob
     with Engine(str(tiny_qwen3), device="cpu", page_size=4, num_pages=64, **kw) as eng:
         assert eng.max_context_len == 128 and eng.config.weight_session_timeout_s == 5.0
         assert eng.scheduler.weight_updater.ipc_mappings.max_bytes == 3 << 30

@@ -200,6 +200,20 @@ def test_release_resume_frees_device_memory(tiny_qwen3):
         assert _outputs(eng, [prompt_ids(1, 10)]) == outs
 
 
+def test_mem_fraction_static_leaves_the_rest_of_the_free_memory_free(tiny_qwen3):
+    """SGLang's sizing: weights and KV cache take mem_fraction_static of the memory free at start, the rest stays free
+    for what shares the GPU (a colocated trainer plans on it)."""
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    free_at_start = torch.cuda.mem_get_info()[0]
+    with Engine(str(tiny_qwen3), device="cuda", dtype="float32", mem_fraction_static=0.2, enable_cuda_graph=False) as eng:
+        kv = eng.model_runner.kv_cache
+        static = (kv.num_pages + 1) * kv.bytes_per_page + sum(p.numel() * p.element_size() for p in eng.model_runner.model.parameters())
+        assert abs(static - 0.2 * free_at_start) < 64 << 20, (static, free_at_start)
+        assert torch.cuda.mem_get_info()[0] > 0.8 * free_at_start - (64 << 20)
+
+
 def test_shutdown_returns_device_memory_without_a_gc_pass(tiny_qwen3):
     gc.collect()
     torch.cuda.synchronize()

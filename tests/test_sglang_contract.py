@@ -20,6 +20,7 @@ from test_sglang_payloads import LocalSerializedTensor, file_system_sharing, fla
 from tokenizers import Tokenizer, processors
 
 from hotswap import Engine, HotswapError
+from hotswap.runner.kv_cache import kv_pool_bytes
 from hotswap.server.app import create_app
 from hotswap.server.launch import ServerThread
 from hotswap.testing.tiny_models import build_tiny_checkpoint
@@ -206,12 +207,31 @@ def test_engine_takes_sglang_server_args(tiny_qwen3):
                 custom_weight_loader=None, enable_return_routed_experts=False, page_size=4, chunked_prefill_size=64,
                 max_running_requests=8, log_level="error", tokenizer_path=str(tiny_qwen3)) as eng:
         cfg = eng.config
-        assert (cfg.seed, cfg.kv_cache_memory_fraction, cfg.tensor_parallel_size, cfg.enable_prefix_cache, cfg.max_context_len) == \
+        assert (cfg.seed, cfg.mem_fraction_static, cfg.tensor_parallel_size, cfg.enable_prefix_cache, cfg.max_context_len) == \
             (42, 0.85, 1, False, 256)
-        assert eng.get_server_info()["random_seed"] == 42
+        info = eng.get_server_info()
+        assert (info["random_seed"], info["mem_fraction_static"]) == (42, 0.85)
     for bad, needle in (({"dp_size": 2}, "dp_size must be 1"), ({"custom_weight_loader": ["my.loader"]}, "custom_weight_loader"),
                         ({"no_such_arg": 1}, "unknown engine argument no_such_arg"), ({"tp_size": 2, "tensor_parallel_size": 1}, "disagree")):
         with pytest.raises(HotswapError, match=needle):
+            Engine(model_path=str(tiny_qwen3), device="cpu", **bad)
+
+
+def test_mem_fraction_static_sizes_the_kv_cache_as_sglang_does(tiny_qwen3):
+    """SGLang's mem_fraction_static bounds weights + KV cache to that share of the memory free at start (what a
+    colocated trainer plans around); kv_cache_memory_fraction is the share of what the weights left free."""
+    gib = 1 << 30
+    # an 8B model (16 GiB) on an empty 80 GiB card: SGLang keeps 0.5 x 80 free, the KV cache gets 64 - 40
+    assert kv_pool_bytes(80 * gib, 64 * gib, 0.8, 0.5) == 24 * gib
+    assert kv_pool_bytes(80 * gib, 64 * gib, 0.5, None) == 32 * gib
+    # a trainer holding 30 GiB before the engine starts: the share is of what was free then
+    assert kv_pool_bytes(50 * gib, 34 * gib, 0.8, 0.5) == 9 * gib
+    with pytest.raises(HotswapError, match=r"mem_fraction_static=0.2 leaves no memory for the KV cache: 80.00 GiB"):
+        kv_pool_bytes(80 * gib, 64 * gib, 0.8, 0.2)
+    for bad in ({"mem_fraction_static": 0}, {"mem_fraction_static": 1.5}, {"mem_fraction_static": "0.8"},
+                {"kv_cache_memory_fraction": -0.1}, {"kv_cache_memory_fraction": None}):
+        name = next(iter(bad))
+        with pytest.raises(HotswapError, match=f"{name} must be a fraction in \\(0, 1\\]"):
             Engine(model_path=str(tiny_qwen3), device="cpu", **bad)
 
 

@@ -156,6 +156,11 @@ def _eos_ids(value) -> list[int]:
     return [value] if isinstance(value, int) else [int(v) for v in value]
 
 
+def _check_fraction(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise HotswapError(f"{name} must be a fraction in (0, 1], got {value!r}")
+
+
 @dataclass(kw_only=True, slots=True)
 class EngineConfig:
     """How one engine runs a model. Defaults suit a single GPU; the CPU picks smaller ones."""
@@ -165,8 +170,12 @@ class EngineConfig:
     device: str = "auto"
     load_format: str = "auto"  # "auto": the checkpoint's safetensors; "dummy": random weights (benchmarks)
     page_size: int = 0  # 0 = 16 on CUDA, 4 on CPU
-    num_pages: int = 0  # 0 = sized from kv_cache_memory_fraction on CUDA, 1024 on CPU
-    kv_cache_memory_fraction: float = 0.8
+    num_pages: int = 0  # 0 = sized from mem_fraction_static or kv_cache_memory_fraction on CUDA, 1024 on CPU
+    kv_cache_memory_fraction: float = 0.8  # the share of the memory the weights left free that the KV cache takes
+    # SGLang's --mem-fraction-static, as SGLang sizes with it: weights and KV cache together take this share of the
+    # memory free before the weights loaded, the rest stays free (activations, graphs, a trainer beside the engine).
+    # When set it sizes the KV cache instead of kv_cache_memory_fraction (runner/kv_cache.py: kv_pool_bytes)
+    mem_fraction_static: float | None = None
     max_running_requests: int = 512  # an RL rollout (P prompts x n samples) keeps hundreds of sequences in flight
     max_num_batched_tokens: int = 8192
     chunked_prefill_size: int = 2048
@@ -221,6 +230,9 @@ class EngineConfig:
             raise HotswapError(f"stream_interval must be an integer >= 1, got {self.stream_interval!r}")
         if not self.max_queue_wait_s > 0:
             raise HotswapError(f"max_queue_wait_s must be > 0, got {self.max_queue_wait_s!r}")
+        _check_fraction("kv_cache_memory_fraction", self.kv_cache_memory_fraction)
+        if self.mem_fraction_static is not None:
+            _check_fraction("mem_fraction_static", self.mem_fraction_static)
         if not self.ipc_token:
             self.ipc_token = new_ipc_token()
         shm_block_prefix(self.ipc_token)  # refuses a malformed token
@@ -239,7 +251,6 @@ class EngineConfig:
 # SGLang ServerArgs names frameworks pass to `Engine(**server_args)` -> (our field, value converter)
 _SGLANG_ALIASES: dict[str, tuple[str, object]] = {
     "tp_size": ("tensor_parallel_size", int),
-    "mem_fraction_static": ("kv_cache_memory_fraction", float),  # the share of free memory the KV cache takes
     "disable_radix_cache": ("enable_prefix_cache", lambda v: not v),
     "random_seed": ("seed", lambda v: 0 if v is None else int(v)),
     "context_length": ("max_context_len", lambda v: 0 if v is None else int(v)),

@@ -11,6 +11,26 @@ import torch
 from hotswap.errors import HotswapError
 
 
+def kv_pool_bytes(free_at_start: int, free_after_weights: int, kv_cache_memory_fraction: float,
+                  mem_fraction_static: float | None) -> int:
+    """Device bytes the KV cache may take, from the memory free before the weights loaded and after.
+
+    With SGLang's `mem_fraction_static` this is SGLang's own sizing (its `profile_max_num_token`): what the weights
+    left free less (1 - f) of what was free at start, so weights and KV cache together take f of it and the rest
+    stays free for activations, graphs and whatever else shares the GPU (a trainer beside the engine). Otherwise the
+    KV cache takes `kv_cache_memory_fraction` of what the weights left free."""
+    if mem_fraction_static is None:
+        return int(free_after_weights * kv_cache_memory_fraction)
+    kept_free = int(free_at_start * (1 - mem_fraction_static))
+    if free_after_weights <= kept_free:
+        gib = 1 << 30
+        raise HotswapError(
+            f"mem_fraction_static={mem_fraction_static} leaves no memory for the KV cache: {free_at_start / gib:.2f} GiB "
+            f"was free before the weights loaded, {free_after_weights / gib:.2f} GiB after, and {kept_free / gib:.2f} GiB "
+            f"of it is to stay free; raise mem_fraction_static or give num_pages")
+    return free_after_weights - kept_free
+
+
 class KVCacheStorage:
     """The storage can be released (`free_storage`) and recreated (`allocate_storage`) for the
     `kv_cache` memory tag; the scheduler releases it only when no request holds pages."""

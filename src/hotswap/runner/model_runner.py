@@ -17,7 +17,7 @@ from hotswap.models.parallel import TPInfo
 from hotswap.runner.attention import TorchAttention, TritonAttention
 from hotswap.runner.batch_entry import BatchEntry
 from hotswap.runner.host_batch import HostBatch
-from hotswap.runner.kv_cache import KVCacheStorage
+from hotswap.runner.kv_cache import KVCacheStorage, kv_pool_bytes
 from hotswap.runner.page_table import PageTable
 from hotswap.runner.penalties import apply_penalties
 from hotswap.runner.prompt_logprobs import score_prompt_rows
@@ -38,6 +38,7 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, device: torch.device, tp: TPInfo = TPInfo(),
                  tp_peers: TPPeers | None = None):
         self.config, self.model_config, self.device, self.tp, self.tp_peers = config, model_config, device, tp, tp_peers
+        free_at_start = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0  # sizes the KV cache
         with torch.device(device):
             self.model = CausalLM(model_config, tp)
         self.model.model.rotary.rebuild(device)
@@ -48,7 +49,7 @@ class ModelRunner:
             load_checkpoint(self.weight_map, config.model_path, ReaderOptions.from_config(config))
         else:
             raise HotswapError(f"unknown load_format {config.load_format!r}; use 'auto' or 'dummy'")
-        self.kv_cache = self._make_kv_cache()
+        self.kv_cache = self._make_kv_cache(free_at_start)
         self.routed_experts = self._make_routed_experts()
         self.attention = self._make_attention()
         self.row_params = RowParamTable(model_config.vocab_size, capacity=config.max_running_requests)
@@ -72,7 +73,7 @@ class ModelRunner:
             else:
                 slot.load(torch.empty(slot.hf_shape, dtype=slot.dtype, device=self.device).normal_(0.0, 0.02, generator=g))
 
-    def _make_kv_cache(self) -> KVCacheStorage:
+    def _make_kv_cache(self, free_at_start: int) -> KVCacheStorage:
         cfg, mc = self.config, self.model_config
         page_size = cfg.page_size or (16 if self.device.type == "cuda" else 4)
         kv_heads = max(1, mc.num_kv_heads // self.tp.size)
@@ -81,7 +82,7 @@ class ModelRunner:
             if self.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(self.device)
                 per_page = 2 * mc.num_layers * page_size * kv_heads * mc.head_dim * mc.torch_dtype.itemsize
-                num_pages = int(free * cfg.kv_cache_memory_fraction) // per_page
+                num_pages = kv_pool_bytes(free_at_start, free, cfg.kv_cache_memory_fraction, cfg.mem_fraction_static) // per_page
             else:
                 num_pages = 1024
         if self.tp.size > 1:  # rank 0 hands out pages for every rank: use what the smallest rank holds

@@ -65,8 +65,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="context length (default: the model's)")
     parser.add_argument("--allow-auto-truncate", action="store_true",
                         help="cut a max_new_tokens past the context to fit instead of refusing the request (SGLang's flag)")
-    parser.add_argument("--kv-cache-memory-fraction", "--mem-fraction-static", dest="kv_cache_memory_fraction", type=float, default=None,
+    parser.add_argument("--kv-cache-memory-fraction", type=float, default=None,
                         help="fraction of the GPU memory free after loading the weights that the KV cache takes (default 0.8)")
+    parser.add_argument("--mem-fraction-static", type=float, default=None,
+                        help="SGLang's sizing, in place of --kv-cache-memory-fraction: weights and KV cache together take this "
+                             "fraction of the GPU memory free at start, the rest stays free")
     parser.add_argument("--weight-update-bucket-bytes", type=int, default=None,
                         help="largest bucket an update_weights_from_distributed call may carry, and the relay bucket to "
                              "tensor-parallel workers (default 1 GiB)")
@@ -126,10 +129,10 @@ def default_frontend_workers(frontend_process: bool) -> int:
 
 def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
     kw: dict = {}
-    for name in ("max_running_requests", "page_size", "num_pages", "max_context_len", "kv_cache_memory_fraction", "attention_backend", "seed",
-                 "tensor_parallel_size", "load_format", "tokenizer_path", "chat_template", "weight_update_bucket_bytes", "cuda_ipc_cache_bytes",
-                 "weight_session_timeout_s", "stream_interval", "max_queue_wait_s", "weight_version",
-                 "weight_update_drain_timeout_s"):
+    for name in ("max_running_requests", "page_size", "num_pages", "max_context_len", "kv_cache_memory_fraction", "mem_fraction_static",
+                 "attention_backend", "seed", "tensor_parallel_size", "load_format", "tokenizer_path", "chat_template",
+                 "weight_update_bucket_bytes", "cuda_ipc_cache_bytes", "weight_session_timeout_s", "stream_interval", "max_queue_wait_s",
+                 "weight_version", "weight_update_drain_timeout_s"):
         value = getattr(args, name, None)
         if value is not None:
             kw[name] = value
