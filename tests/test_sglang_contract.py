@@ -21,6 +21,7 @@ from tokenizers import Tokenizer, processors
 
 from hotswap import Engine, HotswapError
 from hotswap.runner.kv_cache import kv_pool_bytes
+from hotswap.sglang_server_args import NOT_COMPARABLE, RUN_ONLY, SGLANG_DEFAULTS
 from hotswap.server.app import create_app
 from hotswap.server.launch import ServerThread
 from hotswap.testing.tiny_models import build_tiny_checkpoint
@@ -217,6 +218,52 @@ def test_engine_takes_sglang_server_args(tiny_qwen3):
             Engine(model_path=str(tiny_qwen3), device="cpu", **bad)
 
 
+def test_engine_takes_verls_rollout_arguments_and_sglangs_none(tiny_qwen3):
+    """verl's SGLang rollout builds its engine with these arguments; SGLang's None ("choose for me") takes our default,
+    chunked_prefill_size=-1 turns chunking off, and its dtype and attention backend names are understood."""
+    prompt = list(range(3, 60))
+    greedy = {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}
+    with Engine(model_path=str(tiny_qwen3), device="cpu", page_size=4) as eng:
+        ref = eng.generate(input_ids=prompt, sampling_params=greedy)["output_ids"]
+    verl = dict(dtype="float", mem_fraction_static=0.5, enable_memory_saver=True, base_gpu_id=0, gpu_id_step=1, tp_size=1, node_rank=0,
+                load_format="auto", dist_init_addr=None, nnodes=1, trust_remote_code=False, max_running_requests=None, port=30000,
+                log_level="info", mm_attention_backend="fa3", attention_backend="fa3", skip_tokenizer_init=False)
+    with Engine(model_path=str(tiny_qwen3), device="cpu", page_size=4, chunked_prefill_size=-1, **verl) as eng:
+        cfg = eng.config
+        assert (cfg.attention_backend, cfg.max_running_requests, cfg.mem_fraction_static) == ("auto", 512, 0.5)
+        assert eng.scheduler.batcher.chunked_prefill_size == cfg.max_num_batched_tokens  # -1: no chunk limit of its own
+        assert eng.generate(input_ids=prompt, sampling_params=greedy)["output_ids"] == ref
+    with Engine(model_path=str(tiny_qwen3), device="cpu", page_size=4, chunked_prefill_size=None, attention_backend="torch_native",
+                context_length=None, cuda_graph_max_bs=None) as eng:
+        assert (eng.config.chunked_prefill_size, eng.config.attention_backend) == (2048, "torch")
+        assert eng.generate(input_ids=prompt, sampling_params=greedy)["output_ids"] == ref
+    for bad, needle in (({"attention_backend": "xformers"}, "unknown attention_backend 'xformers'"),
+                        ({"max_running_requests": "8"}, "max_running_requests must be an integer >= 1, got '8'"),
+                        ({"chunked_prefill_size": 2.5}, "chunked_prefill_size must be an integer, got 2.5"),
+                        ({"gpu_id_step": 2}, "gpu_id_step must be 1")):
+        with pytest.raises(HotswapError, match=needle):
+            Engine(model_path=str(tiny_qwen3), device="cpu", **bad)
+
+
+def test_engine_takes_a_whole_sglang_server_args(tiny_qwen3):
+    """`Engine(**asdict(ServerArgs(...)))`: every field at SGLang's default asks nothing and is taken; fields that only
+    change how SGLang runs are taken at any value; one that changes what it serves is refused by name."""
+    whole = {name: value for name, value in SGLANG_DEFAULTS.items() if value is not NOT_COMPARABLE}
+    run_only = {"disable_overlap_schedule": True, "schedule_policy": "lpm", "enable_torch_compile": True, "log_requests": True,
+                "cuda_graph_bs_decode": [1, 2, 4], "watchdog_timeout": 60}
+    assert set(run_only) <= RUN_ONLY
+    with Engine(model_path=str(tiny_qwen3), **{**whole, **run_only, "device": None, "page_size": 4}) as eng:
+        assert (eng.config.device, eng.config.max_running_requests, eng.config.enable_prefix_cache) == ("auto", 512, True)
+        out = eng.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 3, "temperature": 0, "ignore_eos": True})
+        assert len(out["output_ids"]) == 3
+    for bad, needle in (({"enable_deterministic_inference": True}, "enable_deterministic_inference=True: SGLang's setting is not supported "
+                                                                    "by hotswap \\(only its default False\\)"),
+                        ({"tool_call_parser": "qwen25"}, "tool_call_parser='qwen25'"),
+                        ({"allowed_media_domains": ["x"]}, "allowed_media_domains=\\['x'\\]: SGLang's setting is not supported by hotswap$")):
+        with pytest.raises(HotswapError, match=needle):
+            Engine(model_path=str(tiny_qwen3), device="cpu", **bad)
+
+
 def test_mem_fraction_static_sizes_the_kv_cache_as_sglang_does(tiny_qwen3):
     """SGLang's mem_fraction_static bounds weights + KV cache to that share of the memory free at start (what a
     colocated trainer plans around); kv_cache_memory_fraction is the share of what the weights left free."""
@@ -229,7 +276,7 @@ def test_mem_fraction_static_sizes_the_kv_cache_as_sglang_does(tiny_qwen3):
     with pytest.raises(HotswapError, match=r"mem_fraction_static=0.2 leaves no memory for the KV cache: 80.00 GiB"):
         kv_pool_bytes(80 * gib, 64 * gib, 0.8, 0.2)
     for bad in ({"mem_fraction_static": 0}, {"mem_fraction_static": 1.5}, {"mem_fraction_static": "0.8"},
-                {"kv_cache_memory_fraction": -0.1}, {"kv_cache_memory_fraction": None}):
+                {"kv_cache_memory_fraction": -0.1}, {"kv_cache_memory_fraction": True}):
         name = next(iter(bad))
         with pytest.raises(HotswapError, match=f"{name} must be a fraction in \\(0, 1\\]"):
             Engine(model_path=str(tiny_qwen3), device="cpu", **bad)

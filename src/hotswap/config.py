@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from hotswap.errors import CheckpointError, HotswapError, UnsupportedModelError
+from hotswap.sglang_server_args import NOT_COMPARABLE, RUN_ONLY, SGLANG_DEFAULTS
 from hotswap.wire.ipc import new_ipc_token, shm_block_prefix
 
 # architecture name in config.json -> (attention bias on q/k/v, RMSNorm on q and k per head)
@@ -21,7 +22,8 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2MoeForCausalLM": (True, False),  # q/k/v bias under the name qkv_bias; a gated shared expert
 }
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "float": torch.float32, "half": torch.float16}  # the last two: SGLang's --dtype names
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -156,6 +158,19 @@ def _eos_ids(value) -> list[int]:
     return [value] if isinstance(value, int) else [int(v) for v in value]
 
 
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+# SGLang's attention backends -> ours: its GPU kernels' names run hotswap's own kernels (the same attention, other code),
+# "torch_native" is the PyTorch path; any other name is refused
+_SGLANG_ATTENTION_BACKENDS = {"torch_native": "torch", "fa3": "auto", "fa4": "auto", "flashinfer": "auto", "flex_attention": "auto",
+                              "trtllm_mha": "auto"}
+
+# EngineConfig's integer knobs -> their least value (None: any integer)
+_INTEGER_FLOORS: dict[str, int | None] = {
+    "page_size": 0, "num_pages": 0, "max_running_requests": 1, "max_num_batched_tokens": 1, "chunked_prefill_size": None,
+    "max_context_len": 0, "cuda_graph_max_batch": 0, "extend_cuda_graph_max_tokens": 0,
+}
+
+
 def _check_fraction(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
         raise HotswapError(f"{name} must be a fraction in (0, 1], got {value!r}")
@@ -178,12 +193,12 @@ class EngineConfig:
     mem_fraction_static: float | None = None
     max_running_requests: int = 512  # an RL rollout (P prompts x n samples) keeps hundreds of sequences in flight
     max_num_batched_tokens: int = 8192
-    chunked_prefill_size: int = 2048
+    chunked_prefill_size: int = 2048  # <= 0 (SGLang's -1): no chunk limit of its own, prompts are cut only by max_num_batched_tokens
     max_context_len: int = 0  # 0 = the model's max_position_embeddings
     # SGLang's --allow-auto-truncate: a max_new_tokens past the context is cut to fit instead of refused (400)
     allow_auto_truncate: bool = False
     enable_prefix_cache: bool = True
-    attention_backend: str = "auto"  # "torch" | "triton" | "auto"
+    attention_backend: str = "auto"  # "torch" | "triton" | "auto" (or SGLang's names: _SGLANG_ATTENTION_BACKENDS)
     enable_cuda_graph: bool = True
     cuda_graph_max_batch: int = 0  # decode graphs for batches up to this many rows (0: max_running_requests)
     extend_cuda_graph_max_tokens: int = 8192  # prefill/mixed steps up to this many tokens replay graphs (0: eager)
@@ -231,6 +246,14 @@ class EngineConfig:
         if not self.max_queue_wait_s > 0:
             raise HotswapError(f"max_queue_wait_s must be > 0, got {self.max_queue_wait_s!r}")
         _check_fraction("kv_cache_memory_fraction", self.kv_cache_memory_fraction)
+        self.attention_backend = _SGLANG_ATTENTION_BACKENDS.get(self.attention_backend, self.attention_backend)
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise HotswapError(f"unknown attention_backend {self.attention_backend!r}; use one of {ATTENTION_BACKENDS} "
+                               f"or SGLang's {tuple(_SGLANG_ATTENTION_BACKENDS)}")
+        for name, least in _INTEGER_FLOORS.items():  # checked here: a bad value would otherwise stop the scheduler thread
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or (least is not None and value < least):
+                raise HotswapError(f"{name} must be an integer{'' if least is None else f' >= {least}'}, got {value!r}")
         if self.mem_fraction_static is not None:
             _check_fraction("mem_fraction_static", self.mem_fraction_static)
         if not self.ipc_token:
@@ -282,6 +305,7 @@ _SGLANG_ACCEPTED: dict[str, object] = {
     "tokenizer_mode": _neutral("tokenizer_mode must be 'auto'", lambda v: v in (None, "auto")),
     "kv_cache_dtype": _neutral("kv_cache_dtype must be 'auto' (the model's dtype)", lambda v: v in (None, "auto")),
     "base_gpu_id": _neutral("base_gpu_id: give device='cuda:N' instead", lambda v: v in (None, 0)),
+    "gpu_id_step": _neutral("gpu_id_step must be 1: tensor-parallel ranks take consecutive GPUs", lambda v: v in (None, 1)),
     "enable_dp_attention": _neutral("enable_dp_attention is not supported", lambda v: not v),
     # accepted whatever they say: hotswap's behaviour already matches, or they concern nothing it runs
     "skip_tokenizer_init": None,  # input_ids work either way; text is still detokenized when a tokenizer exists
@@ -300,12 +324,16 @@ _SGLANG_ACCEPTED: dict[str, object] = {
 
 
 def engine_args_from_sglang(args: dict) -> dict:
-    """SGLang's ServerArgs names -> EngineConfig fields (our own names pass through). Raises HotswapError
-    naming each setting that cannot be honoured, and each name that is neither ours nor SGLang's."""
+    """SGLang's ServerArgs names -> EngineConfig fields (our own names pass through; None, SGLang's "choose for me", takes
+    our default). Any other ServerArgs field is taken at SGLang's default or where it only changes how SGLang runs
+    (sglang_server_args.py). Raises HotswapError naming each setting that cannot be honoured, and each name that is
+    neither ours nor SGLang's."""
     ours = {f.name for f in fields(EngineConfig)}
     out, problems = {}, []
     for name, value in args.items():
         if name in ours:
+            if value is None:  # SGLang's "choose for me" (max_running_requests, chunked_prefill_size, ...): our default
+                continue
             target, converted = name, value
         elif name in _SGLANG_ALIASES:
             target, convert = _SGLANG_ALIASES[name]
@@ -319,6 +347,12 @@ def engine_args_from_sglang(args: dict) -> dict:
             reason = check(value) if check is not None else None
             if reason:
                 problems.append(f"{name}={value!r}: {reason}")
+            continue
+        elif name in SGLANG_DEFAULTS:
+            default = SGLANG_DEFAULTS[name]
+            if name not in RUN_ONLY and (default is NOT_COMPARABLE or value != default):
+                problems.append(f"{name}={value!r}: SGLang's setting is not supported by hotswap"
+                                + ("" if default is NOT_COMPARABLE else f" (only its default {default!r})"))
             continue
         else:
             problems.append(f"unknown engine argument {name}")

@@ -32,11 +32,11 @@ class Engine(EngineAPI):
     cannot honour is refused by name (config.engine_args_from_sglang).
     """
 
-    def __init__(self, model_path: str | None = None, dtype: str = "auto", device: str = "auto", **engine_args):
+    def __init__(self, model_path: str | None = None, dtype: str | None = "auto", device: str | None = "auto", **engine_args):
         if model_path is None:
             raise HotswapError("model_path is required")
         engine_args = engine_args_from_sglang(engine_args)
-        config = EngineConfig(model_path=str(model_path), dtype=dtype, device=device, **engine_args)
+        config = EngineConfig(model_path=str(model_path), dtype=dtype or "auto", device=device or "auto", **engine_args)  # None: SGLang's auto
         device = config.resolved_device()
         model_config = model_config_for(config)
         tp_size = config.tensor_parallel_size

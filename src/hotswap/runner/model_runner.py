@@ -112,9 +112,7 @@ class ModelRunner:
             if self.device.type != "cuda":
                 raise HotswapError("attention_backend 'triton' needs a CUDA device")
             return TritonAttention(self.kv_cache)
-        if backend == "torch":
-            return TorchAttention(self.kv_cache)
-        raise HotswapError(f"unknown attention_backend {backend!r}; use 'torch', 'triton' or 'auto'")
+        return TorchAttention(self.kv_cache)  # "torch" (EngineConfig refuses other names)
 
     def close(self) -> None:
         """Free the device memory this runner holds, at engine shutdown: the engine object (and the

@@ -73,7 +73,7 @@ class Scheduler:
             fail=lambda seq, message: self.finish(seq, {"type": "abort", "message": message}),
             max_running_requests=config.max_running_requests,
             max_num_batched_tokens=config.max_num_batched_tokens,
-            chunked_prefill_size=config.chunked_prefill_size,
+            chunked_prefill_size=config.chunked_prefill_size if config.chunked_prefill_size > 0 else config.max_num_batched_tokens,
             max_context_len=max_context_len,
             eos_token_ids=frozenset(eos_token_ids),
         )

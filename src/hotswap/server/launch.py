@@ -80,7 +80,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         default=None, help="seconds an open begin_weight_update session may stay idle before it is rolled back (default 600)")
     parser.add_argument("--weight-update-drain-timeout-s", type=float, default=None,
                         help="seconds a weight update waits for started requests to finish before it is refused (default 600)")
-    parser.add_argument("--attention-backend", default=None, choices=("auto", "torch", "triton"))
+    parser.add_argument("--attention-backend", default=None,
+                        help="auto | torch | triton; SGLang's fa3, fa4, flashinfer, flex_attention and trtllm_mha run hotswap's own "
+                             "GPU kernels, torch_native its PyTorch path")
     parser.add_argument("--disable-cuda-graph", action="store_true", help="run decode eagerly")
     parser.add_argument("--seed", "--random-seed", dest="seed", type=int, default=None, help="engine seed for requests without their own")
     parser.add_argument("--weight-version", default=None, help="the version name the launch weights carry (SGLang's; default 'default')")
