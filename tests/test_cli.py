@@ -18,8 +18,8 @@ import pytest
 
 import hotswap
 from hotswap import Engine
-from hotswap.cli import main
-from hotswap.server.launch import add_serve_arguments, engine_kwargs_from_args
+from hotswap.cli import build_parser, main
+from hotswap.server.launch import add_serve_arguments, engine_kwargs_from_args, sglang_flags
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 ENV = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -108,3 +108,27 @@ def test_readme_links_resolve():
     assert links
     missing = [link for link in links if not (root / link).exists()]
     assert not missing, missing
+
+
+def test_sglang_launch_flags_reach_the_engine_or_are_refused_by_name(tiny_qwen3, capsys):
+    """A framework's `python -m sglang.launch_server ...` command line runs as `hotswap serve ...` unchanged: flags hotswap
+    has no option for are typed as SGLang's defaults and taken or refused by the Engine, by name."""
+    parser = build_parser()
+    argv = ["serve", "--model-path", str(tiny_qwen3), "--tp", "1", "--disable-radix-cache", "--chunked-prefill-size", "-1",
+            "--cuda-graph-bs", "1", "2", "4", "--schedule-policy", "lpm", "--skip-server-warmup", "--max-prefill-tokens=4096",
+            "--log-requests", "--watchdog-timeout", "600", "--page-size", "4"]
+    args, extra = parser.parse_known_args(argv)
+    flags = sglang_flags(extra)
+    assert flags == {"disable_radix_cache": True, "chunked_prefill_size": -1, "cuda_graph_bs": [1, 2, 4], "schedule_policy": "lpm",
+                     "max_prefill_tokens": 4096, "log_requests": True, "watchdog_timeout": 600}
+    assert args.no_warmup and args.tensor_parallel_size == 1
+    args.sglang_args = flags
+    with Engine(args.model_path, device="cpu", **engine_kwargs_from_args(args)) as eng:
+        assert (eng.config.enable_prefix_cache, eng.config.max_num_batched_tokens) == (False, 4096)
+        assert eng.scheduler.batcher.chunked_prefill_size == 4096
+    for bad, needle in ((["--enable-deterministic-inference"], "enable_deterministic_inference=True: SGLang's setting is not supported"),
+                        (["--no-such-flag"], "unrecognized argument '--no-such-flag'"),
+                        (["--watchdog-timeout", "soon"], "--watchdog-timeout takes a number, got 'soon'"),
+                        (["--max-total-tokens"], "--max-total-tokens needs a value")):
+        assert main(["serve", "--model-path", str(tiny_qwen3), "--device", "cpu", "--port", "0", "--log-level", "error", *bad]) == 2
+        assert needle in capsys.readouterr().err

@@ -21,9 +21,9 @@ from tokenizers import Tokenizer, processors
 
 from hotswap import Engine, HotswapError
 from hotswap.runner.kv_cache import kv_pool_bytes
-from hotswap.sglang_server_args import NOT_COMPARABLE, RUN_ONLY, SGLANG_DEFAULTS
 from hotswap.server.app import create_app
 from hotswap.server.launch import ServerThread
+from hotswap.sglang_server_args import NOT_COMPARABLE, RUN_ONLY, SGLANG_DEFAULTS
 from hotswap.testing.tiny_models import build_tiny_checkpoint
 from hotswap.wire.checksum import state_dict_manifest
 

@@ -88,10 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from hotswap.server.launch import BindError
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    from hotswap.server.launch import BindError, sglang_flags
 
+    if extra and args.func is not _serve:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if extra:  # SGLang's launch_server flags (the Engine takes or refuses each by name)
+            args.sglang_args = sglang_flags(extra)
         return args.func(args)
     except ValueError as exc:  # HotswapError and friends: bad input, named
         print(f"hotswap: error: {exc}", file=sys.stderr)

@@ -167,7 +167,12 @@ SGLANG_DEFAULTS: dict[str, object] = {
     None, 'weight_cache_timeout': 1800, 'forward_hooks': None, 'msprobe_dump_config': None,
 }
 
+# Names earlier SGLang releases had and frameworks still pass (their SGLang defaults): the older graph flags, and the
+# streaming flag before its rename (config's aliases map cuda_graph_max_bs and stream_output to ours)
+SGLANG_DEFAULTS.update({"cuda_graph_max_bs": None, "cuda_graph_bs": None, "stream_output": False})
+
 RUN_ONLY: frozenset[str] = frozenset({
+    'cuda_graph_bs',
     'attention_backend', 'batch_notify_size', 'bf16_gemm_backend', 'bucket_e2e_request_latency',
     'bucket_inter_token_latency', 'bucket_time_to_first_token', 'crash_dump_folder', 'cuda_graph_backend_decode',
     'cuda_graph_backend_prefill', 'cuda_graph_bs_decode', 'cuda_graph_bs_prefill', 'cuda_graph_config',

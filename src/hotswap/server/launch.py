@@ -15,6 +15,7 @@ import time
 from typing import TYPE_CHECKING
 
 from hotswap.server.access import AccessPolicy, split_list
+from hotswap.sglang_server_args import SGLANG_DEFAULTS
 
 if TYPE_CHECKING:  # the serving modules pull in torch; `hotswap --help` imports this one
     from hotswap.server.frontend_process import FrontendOptions
@@ -90,7 +91,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on SIGTERM, seconds to let running requests finish before aborting them (default 30)")
     parser.add_argument("--enable-return-routed-experts", action="store_true",
                         help="MoE models: keep each token's routed experts so requests can ask for them (return_routed_experts)")
-    parser.add_argument("--no-warmup", action="store_true", help="skip the one-token warm-up generation at start")
+    parser.add_argument("--no-warmup", "--skip-server-warmup", dest="no_warmup", action="store_true",
+                        help="skip the one-token warm-up generation at start")
     parser.add_argument("--stream-interval", type=int, default=None,
                         help="a streaming request gets an output every this many tokens (SGLang's name; default 1)")
     parser.add_argument("--incremental-streaming-output", action="store_true",
@@ -146,7 +148,51 @@ def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
         kw["enable_return_routed_experts"] = True
     if getattr(args, "incremental_streaming_output", False):
         kw["incremental_streaming_output"] = True
+    kw.update(getattr(args, "sglang_args", None) or {})
     return kw
+
+
+def sglang_flags(extra: list[str]) -> dict[str, object]:
+    """SGLang launch_server flags `hotswap serve` has no option of its own for -> their ServerArgs names and values, typed
+    as SGLang's defaults are (a flag without a value is true; several values are a list). The Engine then takes or refuses
+    each by name (config.engine_args_from_sglang), so a framework's SGLang command line runs unchanged or fails naming
+    what it asked for."""
+    out: dict[str, object] = {}
+    i = 0
+    while i < len(extra):
+        flag, i = extra[i], i + 1
+        name, has_inline, inline = flag.removeprefix("--").partition("=")
+        name = name.replace("-", "_")
+        if not flag.startswith("--") or name not in SGLANG_DEFAULTS:
+            raise ValueError(f"unrecognized argument {flag!r}: neither a hotswap serve option nor an SGLang server flag")
+        values = [inline] if has_inline else []
+        while not has_inline and i < len(extra) and not extra[i].startswith("--"):
+            values.append(extra[i])
+            i += 1
+        default = SGLANG_DEFAULTS[name]
+        if isinstance(default, bool) and not values:
+            out[name] = True
+            continue
+        if not values:
+            raise ValueError(f"--{name.replace('_', '-')} needs a value")
+        typed = [_typed_like(v, default, flag) for v in values]
+        out[name] = typed[0] if len(typed) == 1 else typed
+    return out
+
+
+def _typed_like(text: str, default: object, flag: str) -> object:
+    """`text` as the type of SGLang's default (a number where the default is None and it reads as one)."""
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{flag} takes true or false, got {text!r}")
+        return text.lower() in ("true", "1")
+    for kind in ((int, float) if default is None else (type(default),) if isinstance(default, (int, float)) else ()):
+        try:
+            return kind(text)
+        except ValueError:
+            if default is not None:
+                raise ValueError(f"{flag} takes a number, got {text!r}") from None
+    return text
 
 
 def access_policy_from_args(args: argparse.Namespace) -> AccessPolicy:
