@@ -250,8 +250,8 @@ def test_engine_takes_a_whole_sglang_server_args(tiny_qwen3):
     change how SGLang runs are taken at any value; one that changes what it serves is refused by name."""
     whole = {name: value for name, value in SGLANG_DEFAULTS.items() if value is not NOT_COMPARABLE}
     run_only = {"disable_overlap_schedule": True, "schedule_policy": "lpm", "enable_torch_compile": True, "log_requests": True,
-                "cuda_graph_bs_decode": [1, 2, 4], "watchdog_timeout": 60}
-    assert set(run_only) <= RUN_ONLY
+                "cuda_graph_bs_decode": [1, 2, 4], "watchdog_timeout": 60, "nccl_port": 23456, "dist_timeout": 600}  # slime: nccl_port
+    assert set(run_only) <= RUN_ONLY <= set(SGLANG_DEFAULTS)
     with Engine(model_path=str(tiny_qwen3), **{**whole, **run_only, "device": None, "page_size": 4}) as eng:
         assert (eng.config.device, eng.config.max_running_requests, eng.config.enable_prefix_cache) == ("auto", 512, True)
         out = eng.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 3, "temperature": 0, "ignore_eos": True})

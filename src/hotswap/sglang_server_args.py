@@ -172,7 +172,7 @@ SGLANG_DEFAULTS: dict[str, object] = {
 SGLANG_DEFAULTS.update({"cuda_graph_max_bs": None, "cuda_graph_bs": None, "stream_output": False})
 
 RUN_ONLY: frozenset[str] = frozenset({
-    'cuda_graph_bs',
+    'cuda_graph_bs', 'nccl_port', 'dist_timeout', 'enable_p2p_check', 'cpu_offload_gb', 'engine_info_bootstrap_port',
     'attention_backend', 'batch_notify_size', 'bf16_gemm_backend', 'bucket_e2e_request_latency',
     'bucket_inter_token_latency', 'bucket_time_to_first_token', 'crash_dump_folder', 'cuda_graph_backend_decode',
     'cuda_graph_backend_prefill', 'cuda_graph_bs_decode', 'cuda_graph_bs_prefill', 'cuda_graph_config',
