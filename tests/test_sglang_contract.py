@@ -295,8 +295,17 @@ def test_generate_takes_sglang_arguments_and_refuses_what_it_cannot_serve(served
     areal = {"top_p": 1.0, "top_k": -1, "max_new_tokens": 10, "temperature": 0.0, "stop_token_ids": [], "ignore_eos": True,
              "skip_special_tokens": True, "frequency_penalty": 0.0, "presence_penalty": 0, "repetition_penalty": 1.0, "regex": None}
     assert eng.generate(input_ids=[5, 6, 7], sampling_params=areal)["output_ids"] == out["output_ids"]
+    # every argument of SGLang's Engine.generate, at SGLang's defaults
+    sglang_defaults = {"prompt": None, "image_data": None, "audio_data": None, "video_data": None, "return_logprob": False,
+                       "logprob_start_len": None, "top_logprobs_num": None, "token_ids_logprob": None, "lora_path": None,
+                       "custom_logit_processor": None, "return_hidden_states": False, "return_routed_experts": False, "stream": False,
+                       "bootstrap_host": None, "bootstrap_port": None, "bootstrap_room": None, "data_parallel_rank": None,
+                       "external_trace_header": None, "rid": None}
+    assert eng.generate(input_ids=[5, 6, 7], sampling_params=GREEDY, **sglang_defaults)["output_ids"] == out["output_ids"]
     for kw, name in (({"image_data": ["x.png"]}, "image_data"), ({"lora_path": "adapter"}, "lora_path"),
-                     ({"custom_logit_processor": "{}"}, "custom_logit_processor")):
+                     ({"custom_logit_processor": "{}"}, "custom_logit_processor"), ({"audio_data": "a.wav"}, "audio_data"),
+                     ({"return_hidden_states": True}, "return_hidden_states"), ({"token_ids_logprob": [1]}, "token_ids_logprob"),
+                     ({"data_parallel_rank": 1}, "data_parallel_rank")):
         with pytest.raises(HotswapError, match=name):
             eng.generate("hi", GREEDY, **kw)
         r = c.post("/generate", json={"text": "hi", "sampling_params": GREEDY, **kw})

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -99,11 +99,41 @@ def is_unset(value: object) -> bool:
     return value is None or value is False or value == "" or value == {}
 
 
-def _refuse_unsupported(**given) -> None:
-    """SGLang generate arguments hotswap does not serve: accepted unset, refused by name when set."""
-    for name, value in given.items():
-        if not is_unset(value):
-            raise HotswapError(f"{name} is not supported by hotswap (text-only, no LoRA adapters, no custom logit processors); leave it unset")
+# SGLang's Engine.generate arguments hotswap does not serve -> what they ask for
+_UNSERVED_ARGUMENTS = {
+    "image_data": "image input", "audio_data": "audio input", "video_data": "video input", "lora_path": "LoRA adapters",
+    "custom_logit_processor": "custom logit processors", "token_ids_logprob": "logprobs of chosen token ids",
+    "return_hidden_states": "hidden states", "bootstrap_host": "PD disaggregation", "bootstrap_port": "PD disaggregation",
+    "bootstrap_room": "PD disaggregation",
+}
+
+
+@dataclass(frozen=True)
+class SGLangExtras:
+    """The rest of SGLang's Engine.generate arguments, in one place for `generate` and `async_generate`: those of
+    `_UNSERVED_ARGUMENTS` are accepted unset and refused by name when set; `data_parallel_rank` may only name the one
+    rank there is (0); `external_trace_header` (a tracing header) is taken and not used."""
+
+    image_data: Any = None
+    audio_data: Any = None
+    video_data: Any = None
+    custom_logit_processor: Any = None
+    lora_path: Any = None
+    token_ids_logprob: Any = None
+    return_hidden_states: Any = False
+    bootstrap_host: Any = None
+    bootstrap_port: Any = None
+    bootstrap_room: Any = None
+    data_parallel_rank: Any = None
+    external_trace_header: Any = None
+
+    def check(self) -> None:
+        for name, what in _UNSERVED_ARGUMENTS.items():
+            if not is_unset(getattr(self, name)):
+                raise HotswapError(f"{name} ({what}) is not supported by hotswap; leave it unset")
+        if self.data_parallel_rank not in (None, 0):
+            raise HotswapError(f"data_parallel_rank={self.data_parallel_rank!r} out of range [0, 1): hotswap serves one "
+                               "data-parallel rank")
 
 
 class SchedulerPort(Protocol):
@@ -175,20 +205,25 @@ class EngineAPI:
 
     # ---- generation: one core (prepare -> submit -> feed outputs), thin sync / async / stream wrappers ----
 
-    def generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool = False,
-                 top_logprobs_num: int = 0, stream: bool = False, return_routed_experts: bool = False,
+    def generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool | None = False,
+                 top_logprobs_num: int | None = 0, stream: bool = False, return_routed_experts: bool = False,
                  logprob_start_len: int | None = None, routed_experts_start_len: int = 0, rid: str | list[str] | None = None,
                  image_data=None, custom_logit_processor: str | None = None, lora_path: str | None = None,
-                 incremental_streaming_output: bool | None = None):
+                 incremental_streaming_output: bool | None = None, audio_data=None, video_data=None, token_ids_logprob=None,
+                 return_hidden_states: bool = False, bootstrap_host=None, bootstrap_port=None, bootstrap_room=None,
+                 data_parallel_rank: int | None = None, external_trace_header: dict | None = None):
         """One prompt -> one dict; a list (or n > 1) -> a list of dicts; stream=True -> an iterator of dicts
         (each with an `index` when the call fans out to several requests). `routed_experts_start_len`: the
         routing returned starts at that absolute position (SGLang's field; at most the prompt's length).
-        `rid`: the client's request id (`meta_info.id`, `abort_request(rid)`); SGLang's `image_data`,
-        `custom_logit_processor` and `lora_path` are accepted unset and refused by name when set.
+        `rid`: the client's request id (`meta_info.id`, `abort_request(rid)`). SGLang's other arguments
+        (`image_data`, `lora_path`, `data_parallel_rank`, ...) are taken as `SGLangExtras` says; None for
+        `return_logprob` / `top_logprobs_num` is SGLang's unset (False / 0).
         `incremental_streaming_output`: a streamed chunk's text, output_ids and output logprobs hold only its new
         tokens, not everything so far (None: the engine's `incremental_streaming_output`, SGLang's server flag)."""
         self._check_open()
-        _refuse_unsupported(image_data=image_data, custom_logit_processor=custom_logit_processor, lora_path=lora_path)
+        SGLangExtras(image_data, audio_data, video_data, custom_logit_processor, lora_path, token_ids_logprob, return_hidden_states,
+                     bootstrap_host, bootstrap_port, bootstrap_room, data_parallel_rank, external_trace_header).check()
+        return_logprob, top_logprobs_num = return_logprob or False, top_logprobs_num or 0
         prepared = self.prep.prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num,
                                      return_routed_experts=return_routed_experts, logprob_start_len=logprob_start_len,
                                      routed_experts_start_len=routed_experts_start_len, rid=rid)
@@ -211,15 +246,20 @@ class EngineAPI:
             while not call.done:
                 yield from call.feed(_take(q))
 
-    async def async_generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool = False,
-                             top_logprobs_num: int = 0, stream: bool = False, return_routed_experts: bool = False,
+    async def async_generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool | None = False,
+                             top_logprobs_num: int | None = 0, stream: bool = False, return_routed_experts: bool = False,
                              logprob_start_len: int | None = None, routed_experts_start_len: int = 0,
                              rid: str | list[str] | None = None, image_data=None, custom_logit_processor: str | None = None,
-                             lora_path: str | None = None, incremental_streaming_output: bool | None = None):
+                             lora_path: str | None = None, incremental_streaming_output: bool | None = None, audio_data=None,
+                             video_data=None, token_ids_logprob=None, return_hidden_states: bool = False, bootstrap_host=None,
+                             bootstrap_port=None, bootstrap_room=None, data_parallel_rank: int | None = None,
+                             external_trace_header: dict | None = None):
         """Awaitable generate (arguments as `generate`); with stream=True returns an async iterator of dicts. Tokenization and
         validation run in a worker thread, never on the event loop."""
         self._check_open()
-        _refuse_unsupported(image_data=image_data, custom_logit_processor=custom_logit_processor, lora_path=lora_path)
+        SGLangExtras(image_data, audio_data, video_data, custom_logit_processor, lora_path, token_ids_logprob, return_hidden_states,
+                     bootstrap_host, bootstrap_port, bootstrap_room, data_parallel_rank, external_trace_header).check()
+        return_logprob, top_logprobs_num = return_logprob or False, top_logprobs_num or 0
         prepared = await asyncio.to_thread(functools.partial(
             self.prep.prepare, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num,
             return_routed_experts=return_routed_experts, logprob_start_len=logprob_start_len,
