@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
@@ -108,32 +108,15 @@ _UNSERVED_ARGUMENTS = {
 }
 
 
-@dataclass(frozen=True)
-class SGLangExtras:
-    """The rest of SGLang's Engine.generate arguments, in one place for `generate` and `async_generate`: those of
-    `_UNSERVED_ARGUMENTS` are accepted unset and refused by name when set; `data_parallel_rank` may only name the one
-    rank there is (0); `external_trace_header` (a tracing header) is taken and not used."""
-
-    image_data: Any = None
-    audio_data: Any = None
-    video_data: Any = None
-    custom_logit_processor: Any = None
-    lora_path: Any = None
-    token_ids_logprob: Any = None
-    return_hidden_states: Any = False
-    bootstrap_host: Any = None
-    bootstrap_port: Any = None
-    bootstrap_room: Any = None
-    data_parallel_rank: Any = None
-    external_trace_header: Any = None
-
-    def check(self) -> None:
-        for name, what in _UNSERVED_ARGUMENTS.items():
-            if not is_unset(getattr(self, name)):
-                raise HotswapError(f"{name} ({what}) is not supported by hotswap; leave it unset")
-        if self.data_parallel_rank not in (None, 0):
-            raise HotswapError(f"data_parallel_rank={self.data_parallel_rank!r} out of range [0, 1): hotswap serves one "
-                               "data-parallel rank")
+def _check_sglang_arguments(data_parallel_rank: int | None, **unserved) -> None:
+    """The rest of SGLang's Engine.generate arguments: those of `_UNSERVED_ARGUMENTS` are accepted unset and refused by
+    name when set; `data_parallel_rank` may only name the one rank there is (0). (`external_trace_header`, a tracing
+    header, is taken and not used.)"""
+    for name, value in unserved.items():
+        if not is_unset(value):
+            raise HotswapError(f"{name} ({_UNSERVED_ARGUMENTS[name]}) is not supported by hotswap; leave it unset")
+    if data_parallel_rank not in (None, 0):
+        raise HotswapError(f"data_parallel_rank={data_parallel_rank!r} out of range [0, 1): hotswap serves one data-parallel rank")
 
 
 class SchedulerPort(Protocol):
@@ -216,13 +199,15 @@ class EngineAPI:
         (each with an `index` when the call fans out to several requests). `routed_experts_start_len`: the
         routing returned starts at that absolute position (SGLang's field; at most the prompt's length).
         `rid`: the client's request id (`meta_info.id`, `abort_request(rid)`). SGLang's other arguments
-        (`image_data`, `lora_path`, `data_parallel_rank`, ...) are taken as `SGLangExtras` says; None for
+        (`image_data`, `lora_path`, `data_parallel_rank`, ...) are taken as `_check_sglang_arguments` says; None for
         `return_logprob` / `top_logprobs_num` is SGLang's unset (False / 0).
         `incremental_streaming_output`: a streamed chunk's text, output_ids and output logprobs hold only its new
         tokens, not everything so far (None: the engine's `incremental_streaming_output`, SGLang's server flag)."""
         self._check_open()
-        SGLangExtras(image_data, audio_data, video_data, custom_logit_processor, lora_path, token_ids_logprob, return_hidden_states,
-                     bootstrap_host, bootstrap_port, bootstrap_room, data_parallel_rank, external_trace_header).check()
+        _check_sglang_arguments(data_parallel_rank, image_data=image_data, audio_data=audio_data, video_data=video_data,
+                                custom_logit_processor=custom_logit_processor, lora_path=lora_path, token_ids_logprob=token_ids_logprob,
+                                return_hidden_states=return_hidden_states, bootstrap_host=bootstrap_host, bootstrap_port=bootstrap_port,
+                                bootstrap_room=bootstrap_room)
         return_logprob, top_logprobs_num = return_logprob or False, top_logprobs_num or 0
         prepared = self.prep.prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num,
                                      return_routed_experts=return_routed_experts, logprob_start_len=logprob_start_len,
@@ -257,8 +242,10 @@ class EngineAPI:
         """Awaitable generate (arguments as `generate`); with stream=True returns an async iterator of dicts. Tokenization and
         validation run in a worker thread, never on the event loop."""
         self._check_open()
-        SGLangExtras(image_data, audio_data, video_data, custom_logit_processor, lora_path, token_ids_logprob, return_hidden_states,
-                     bootstrap_host, bootstrap_port, bootstrap_room, data_parallel_rank, external_trace_header).check()
+        _check_sglang_arguments(data_parallel_rank, image_data=image_data, audio_data=audio_data, video_data=video_data,
+                                custom_logit_processor=custom_logit_processor, lora_path=lora_path, token_ids_logprob=token_ids_logprob,
+                                return_hidden_states=return_hidden_states, bootstrap_host=bootstrap_host, bootstrap_port=bootstrap_port,
+                                bootstrap_room=bootstrap_room)
         return_logprob, top_logprobs_num = return_logprob or False, top_logprobs_num or 0
         prepared = await asyncio.to_thread(functools.partial(
             self.prep.prepare, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num,
