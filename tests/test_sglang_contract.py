@@ -264,6 +264,15 @@ def test_engine_takes_a_whole_sglang_server_args(tiny_qwen3):
             Engine(model_path=str(tiny_qwen3), device="cpu", **bad)
 
 
+def test_max_total_tokens_caps_the_kv_cache(tiny_qwen3):
+    with Engine(model_path=str(tiny_qwen3), device="cpu", page_size=4, max_total_tokens=66) as eng:
+        assert eng.model_runner.kv_cache.num_pages == 16 and eng.get_server_info()["max_total_num_tokens"] == 64
+        out = eng.generate(input_ids=list(range(3, 40)), sampling_params={"max_new_tokens": 4, "temperature": 0, "ignore_eos": True})
+        assert len(out["output_ids"]) == 4
+    with pytest.raises(HotswapError, match="max_total_tokens must be an integer >= 0, got -5"):
+        Engine(model_path=str(tiny_qwen3), device="cpu", max_total_tokens=-5)
+
+
 def test_mem_fraction_static_sizes_the_kv_cache_as_sglang_does(tiny_qwen3):
     """SGLang's mem_fraction_static bounds weights + KV cache to that share of the memory free at start (what a
     colocated trainer plans around); kv_cache_memory_fraction is the share of what the weights left free."""

@@ -167,7 +167,7 @@ _SGLANG_ATTENTION_BACKENDS = {"torch_native": "torch", "fa3": "auto", "fa4": "au
 # EngineConfig's integer knobs -> their least value (None: any integer)
 _INTEGER_FLOORS: dict[str, int | None] = {
     "page_size": 0, "num_pages": 0, "max_running_requests": 1, "max_num_batched_tokens": 1, "chunked_prefill_size": None,
-    "max_context_len": 0, "cuda_graph_max_batch": 0, "extend_cuda_graph_max_tokens": 0,
+    "max_context_len": 0, "cuda_graph_max_batch": 0, "extend_cuda_graph_max_tokens": 0, "max_total_tokens": 0,
 }
 
 
@@ -191,6 +191,7 @@ class EngineConfig:
     # memory free before the weights loaded, the rest stays free (activations, graphs, a trainer beside the engine).
     # When set it sizes the KV cache instead of kv_cache_memory_fraction (runner/kv_cache.py: kv_pool_bytes)
     mem_fraction_static: float | None = None
+    max_total_tokens: int = 0  # SGLang's cap on the KV cache's tokens, in whole pages, below what memory allows (0: none)
     max_running_requests: int = 512  # an RL rollout (P prompts x n samples) keeps hundreds of sequences in flight
     max_num_batched_tokens: int = 8192
     chunked_prefill_size: int = 2048  # <= 0 (SGLang's -1): no chunk limit of its own, prompts are cut only by max_num_batched_tokens

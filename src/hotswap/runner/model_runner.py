@@ -85,6 +85,8 @@ class ModelRunner:
                 num_pages = kv_pool_bytes(free_at_start, free, cfg.kv_cache_memory_fraction, cfg.mem_fraction_static) // per_page
             else:
                 num_pages = 1024
+        if cfg.max_total_tokens:  # SGLang's cap, in whole pages
+            num_pages = min(num_pages, max(2, cfg.max_total_tokens // page_size))
         if self.tp.size > 1:  # rank 0 hands out pages for every rank: use what the smallest rank holds
             pages = torch.tensor([num_pages], dtype=torch.int64, device=self.device)
             dist.all_reduce(pages, op=dist.ReduceOp.MIN, group=self.tp.group)
