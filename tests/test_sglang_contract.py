@@ -254,6 +254,9 @@ def test_engine_takes_a_whole_sglang_server_args(tiny_qwen3):
     assert set(run_only) <= RUN_ONLY <= set(SGLANG_DEFAULTS)
     with Engine(model_path=str(tiny_qwen3), **{**whole, **run_only, "device": None, "page_size": 4}) as eng:
         assert (eng.config.device, eng.config.max_running_requests, eng.config.enable_prefix_cache) == ("auto", 512, True)
+        info = json.loads(json.dumps(eng.get_server_info()))  # what /get_server_info sends
+        assert set(whole) <= set(info) and {name: info[name] for name in run_only} == run_only  # read back as launched
+        assert (info["page_size"], info["max_running_requests"], info["tp_size"]) == (4, 512, 1)
         out = eng.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 3, "temperature": 0, "ignore_eos": True})
         assert len(out["output_ids"]) == 3
     for bad, needle in (({"enable_deterministic_inference": True}, "enable_deterministic_inference=True: SGLang's setting is not supported "

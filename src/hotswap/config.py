@@ -171,6 +171,14 @@ _INTEGER_FLOORS: dict[str, int | None] = {
 }
 
 
+def _is_json(value: object) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def _check_fraction(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
         raise HotswapError(f"{name} must be a fraction in (0, 1], got {value!r}")
@@ -240,6 +248,9 @@ class EngineConfig:
     # them (`return_routed_experts`, SGLang's routing replay interface)
     enable_return_routed_experts: bool = False
     weight_version: str = "default"  # the version the launch weights carry (SGLang's --weight-version)
+    # SGLang ServerArgs settings taken with no field of ours (engine_args_from_sglang), as given: get_server_info
+    # reports them, so a framework reading back what it launched with finds it (JSON values only: TP workers get a copy)
+    sglang_settings: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.stream_interval, int) or self.stream_interval < 1:
@@ -329,8 +340,8 @@ def engine_args_from_sglang(args: dict) -> dict:
     our default). Any other ServerArgs field is taken at SGLang's default or where it only changes how SGLang runs
     (sglang_server_args.py). Raises HotswapError naming each setting that cannot be honoured, and each name that is
     neither ours nor SGLang's."""
-    ours = {f.name for f in fields(EngineConfig)}
-    out, problems = {}, []
+    ours = {f.name for f in fields(EngineConfig)} - {"sglang_settings"}
+    out, problems, settings = {}, [], {}
     for name, value in args.items():
         if name in ours:
             if value is None:  # SGLang's "choose for me" (max_running_requests, chunked_prefill_size, ...): our default
@@ -348,12 +359,16 @@ def engine_args_from_sglang(args: dict) -> dict:
             reason = check(value) if check is not None else None
             if reason:
                 problems.append(f"{name}={value!r}: {reason}")
+            elif _is_json(value):
+                settings[name] = value
             continue
         elif name in SGLANG_DEFAULTS:
             default = SGLANG_DEFAULTS[name]
             if name not in RUN_ONLY and (default is NOT_COMPARABLE or value != default):
                 problems.append(f"{name}={value!r}: SGLang's setting is not supported by hotswap"
                                 + ("" if default is NOT_COMPARABLE else f" (only its default {default!r})"))
+            elif _is_json(value):
+                settings[name] = value
             continue
         else:
             problems.append(f"unknown engine argument {name}")
@@ -364,6 +379,8 @@ def engine_args_from_sglang(args: dict) -> dict:
         out[target] = converted
     if problems:
         raise HotswapError("; ".join(problems))
+    if settings:
+        out["sglang_settings"] = settings
     env = os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB")
     if env is not None and "return_original_logprob" not in out:  # SGLang's switch is this variable, read at launch
         out["return_original_logprob"] = env.strip().lower() in ("1", "true")

@@ -30,6 +30,7 @@ from hotswap.engine.request_prep import PreparedCall, RequestPrep
 from hotswap.errors import HotswapError, shown
 from hotswap.runner.device_memory import TAGS as MEMORY_TAGS
 from hotswap.scheduler.detokenizer import IncrementalDetokenizer
+from hotswap.sglang_server_args import NOT_COMPARABLE, SGLANG_DEFAULTS
 
 # vLLM's pause modes -> ours: keep freezes requests in place, wait lets started ones finish first
 VLLM_PAUSE_MODES = {"abort": "abort", "wait": "wait", "keep": "in_place"}
@@ -572,12 +573,15 @@ class EngineAPI:
         return info
 
     def get_server_info(self) -> dict:
-        """SGLang's server info: every EngineConfig field, and the ServerArgs names frameworks read (slime
-        compares `enable_memory_saver` and the parallel sizes with its launch arguments)."""
+        """SGLang's server info: every ServerArgs field (SGLang's default where hotswap has no setting of its own, the
+        value given where one was taken at launch), every EngineConfig field, and the ServerArgs names frameworks read
+        filled from ours (slime compares `enable_memory_saver` and the parallel sizes with its launch arguments)."""
         cfg = self.config
         load = self.get_load()
         capacity = self.capacity()
-        info = dataclasses.asdict(cfg)
+        info = {name: value for name, value in SGLANG_DEFAULTS.items() if value is not NOT_COMPARABLE}  # every ServerArgs field
+        info.update(dataclasses.asdict(cfg))
+        info.update(info.pop("sglang_settings"))
         info.update({
             "model_path": self.model_path, "tokenizer_path": cfg.tokenizer_path or self.model_path,
             "tp_size": cfg.tensor_parallel_size, "dp_size": 1, "pp_size": 1, "ep_size": 1, "nnodes": 1, "node_rank": 0,
