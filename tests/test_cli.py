@@ -115,12 +115,13 @@ def test_sglang_launch_flags_reach_the_engine_or_are_refused_by_name(tiny_qwen3,
     has no option for are typed as SGLang's defaults and taken or refused by the Engine, by name."""
     parser = build_parser()
     argv = ["serve", "--model-path", str(tiny_qwen3), "--tp", "1", "--disable-radix-cache", "--chunked-prefill-size", "-1",
-            "--cuda-graph-bs", "1", "2", "4", "--schedule-policy", "lpm", "--skip-server-warmup", "--max-prefill-tokens=4096",
-            "--log-requests", "--watchdog-timeout", "600", "--page-size", "4"]
+            "--cuda-graph-bs", "1", "2", "4", "--skip-server-warmup", "--max-prefill-tokens=4096",
+            "--log-requests", "--watchdog-timeout", "600", "--page-size", "4", "--dp", "1", "--schedule-pol", "fcfs"]
     args, extra = parser.parse_known_args(argv)
     flags = sglang_flags(extra)
-    assert flags == {"disable_radix_cache": True, "chunked_prefill_size": -1, "cuda_graph_bs": [1, 2, 4], "schedule_policy": "lpm",
-                     "max_prefill_tokens": 4096, "log_requests": True, "watchdog_timeout": 600}
+    assert flags == {"disable_radix_cache": True, "chunked_prefill_size": -1, "cuda_graph_bs": [1, 2, 4],
+                     "max_prefill_tokens": 4096, "log_requests": True, "watchdog_timeout": 600, "dp_size": 1,
+                     "schedule_policy": "fcfs"}  # --dp: SGLang's alias; --schedule-pol: a unique prefix, as its argparse takes it
     assert args.no_warmup and args.tensor_parallel_size == 1
     args.sglang_args = flags
     with Engine(args.model_path, device="cpu", **engine_kwargs_from_args(args)) as eng:
@@ -128,6 +129,8 @@ def test_sglang_launch_flags_reach_the_engine_or_are_refused_by_name(tiny_qwen3,
         assert eng.scheduler.batcher.chunked_prefill_size == 4096
     for bad, needle in ((["--enable-deterministic-inference"], "enable_deterministic_inference=True: SGLang's setting is not supported"),
                         (["--no-such-flag"], "unrecognized argument '--no-such-flag'"),
+                        (["--cuda-graph-max", "8"], "ambiguous argument '--cuda-graph-max': it could be --cuda-graph-max-bs, "),
+                        (["--dp", "2"], "dp_size=2: dp_size must be 1"),
                         (["--watchdog-timeout", "soon"], "--watchdog-timeout takes a number, got 'soon'"),
                         (["--max-total-tokens"], "--max-total-tokens needs a value")):
         assert main(["serve", "--model-path", str(tiny_qwen3), "--device", "cpu", "--port", "0", "--log-level", "error", *bad]) == 2

@@ -171,6 +171,10 @@ SGLANG_DEFAULTS: dict[str, object] = {
 # streaming flag before its rename (config's aliases map cuda_graph_max_bs and stream_output to ours)
 SGLANG_DEFAULTS.update({"cuda_graph_max_bs": None, "cuda_graph_bs": None, "stream_output": False})
 
+# launch_server's other spellings of a field (its argparse also takes any unique prefix of a flag)
+FLAG_ALIASES = {"dp": "dp_size", "data_parallel_size": "dp_size", "pp": "pp_size", "pipeline_parallel_size": "pp_size",
+                "ep": "ep_size", "expert_parallel_size": "ep_size"}
+
 RUN_ONLY: frozenset[str] = frozenset({
     'cuda_graph_bs', 'nccl_port', 'dist_timeout', 'enable_p2p_check', 'cpu_offload_gb', 'engine_info_bootstrap_port',
     'attention_backend', 'batch_notify_size', 'bf16_gemm_backend', 'bucket_e2e_request_latency',

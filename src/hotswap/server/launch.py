@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING
 
 from hotswap.server.access import AccessPolicy, split_list
-from hotswap.sglang_server_args import SGLANG_DEFAULTS
+from hotswap.sglang_server_args import FLAG_ALIASES, SGLANG_DEFAULTS
 
 if TYPE_CHECKING:  # the serving modules pull in torch; `hotswap --help` imports this one
     from hotswap.server.frontend_process import FrontendOptions
@@ -161,10 +161,8 @@ def sglang_flags(extra: list[str]) -> dict[str, object]:
     i = 0
     while i < len(extra):
         flag, i = extra[i], i + 1
-        name, has_inline, inline = flag.removeprefix("--").partition("=")
-        name = name.replace("-", "_")
-        if not flag.startswith("--") or name not in SGLANG_DEFAULTS:
-            raise ValueError(f"unrecognized argument {flag!r}: neither a hotswap serve option nor an SGLang server flag")
+        spelled, has_inline, inline = flag.removeprefix("--").partition("=")
+        name = _sglang_field(spelled.replace("-", "_"), flag)
         values = [inline] if has_inline else []
         while not has_inline and i < len(extra) and not extra[i].startswith("--"):
             values.append(extra[i])
@@ -178,6 +176,20 @@ def sglang_flags(extra: list[str]) -> dict[str, object]:
         typed = [_typed_like(v, default, flag) for v in values]
         out[name] = typed[0] if len(typed) == 1 else typed
     return out
+
+
+def _sglang_field(spelled: str, flag: str) -> str:
+    """The ServerArgs field a launch_server flag names: its own name, an alias, or (as SGLang's argparse takes them) a
+    unique prefix of one."""
+    if flag.startswith("--"):
+        if spelled in SGLANG_DEFAULTS or spelled in FLAG_ALIASES:
+            return FLAG_ALIASES.get(spelled, spelled)
+        matches = sorted({FLAG_ALIASES.get(n, n) for n in (*SGLANG_DEFAULTS, *FLAG_ALIASES) if n.startswith(spelled)})
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise ValueError(f"ambiguous argument {flag!r}: it could be --{', --'.join(m.replace('_', '-') for m in matches)}")
+    raise ValueError(f"unrecognized argument {flag!r}: neither a hotswap serve option nor an SGLang server flag")
 
 
 def _typed_like(text: str, default: object, flag: str) -> object:
