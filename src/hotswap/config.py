@@ -63,6 +63,7 @@ class ModelConfig:
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE: an always-on expert scaled by sigmoid(shared_expert_gate)
+    model_type: str = ""  # config.json's model_type ("qwen3", "qwen3_moe", ...), as SGLang's /model_info reports it
 
     def is_moe_layer(self, layer_id: int) -> bool:
         """HF's rule (Qwen3MoeDecoderLayer): sparse unless listed in mlp_only_layers or off the sparse step."""
@@ -106,6 +107,7 @@ class ModelConfig:
             raise UnsupportedModelError(f"unsupported rope_scaling {rope_scaling!r}; hotswap implements 'llama3'")
         cfg = cls(
             architecture=arch,
+            model_type=str(raw.get("model_type") or ""),
             vocab_size=raw["vocab_size"],
             hidden_size=raw["hidden_size"],
             intermediate_size=raw["intermediate_size"],

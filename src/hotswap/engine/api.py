@@ -568,7 +568,7 @@ class EngineAPI:
         SGLang's /model_info carries."""
         info = self.model_info()
         info.update({"tokenizer_path": self.config.tokenizer_path or self.model_path, "weight_version": self.weight_version,
-                     "preferred_sampling_params": None, "model_type": info["architecture"], "architectures": [info["architecture"]],
+                     "preferred_sampling_params": None, "model_type": self.model_config.model_type, "architectures": [info["architecture"]],
                      "has_image_understanding": False, "has_audio_understanding": False})
         return info
 
