@@ -190,7 +190,8 @@ def test_info_routes_as_frameworks_read_them(served, tiny_qwen3):
         info = c.get(path).json()
         assert info["weight_version"] == "default" and info["model_path"] == str(tiny_qwen3) and info["is_generation"] is True
         assert (info["model_type"], info["architectures"]) == ("qwen3", ["Qwen3ForCausalLM"])  # config.json's, as SGLang reports
-    assert c.get("/get_weight_version").json() == {"weight_version": "default"}
+    for path in ("/weight_version", "/get_weight_version"):  # SGLang's name now, and the one it deprecated
+        assert c.get(path).json() == {"weight_version": "default"}
     loads = c.get("/v1/loads", params={"include": "core"}).json()
     entry = loads["loads"][0]
     assert entry["num_running_reqs"] + entry["num_waiting_reqs"] == 0 and entry["max_total_num_tokens"] > 0

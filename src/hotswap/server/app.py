@@ -367,10 +367,12 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
                  "ts_tic": time.perf_counter(), **load.to_dict()}
         return JSONResponse([entry])
 
-    @app.get("/get_weight_version")
-    async def get_weight_version() -> JSONResponse:
+    async def weight_version() -> JSONResponse:
         load = await state.load(timeout=2.0)
         return JSONResponse({"weight_version": load.weight_version if load else state.last_weight_version})
+
+    for path in ("/weight_version", "/get_weight_version"):  # SGLang's name now, and the one it deprecated
+        app.add_api_route(path, weight_version, methods=["GET"], name=path.strip("/"))
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
