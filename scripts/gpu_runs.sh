@@ -32,12 +32,13 @@
 # Device seconds measured: suite 280 (H200) / 308-380 (H100), run alone; throughput19 ~130; sync19 up to 560 (the
 # 8B IPC section alone needs more than the 150 s it had); moe-pair ~60; rollout-repeats ~120; moe-kernels ~280;
 # http ~270 if streaming keeps up (its limits allow 950); moe ~300; moe-sync up to 570.
-# What the open issues still lack, in order (the twenty-second to twenty-fourth sessions ran on H100s; their four H200
-# tries did not start): `h200` (H200 figures predate longest-first attention, the mid-size split plan, the fusions, the
+# What the open issues still lack, in order (the twenty-second to twenty-fifth sessions ran on H100s; their H200 tries
+# did not start): `h200` (H200 figures predate longest-first attention, the mid-size split plan, the fusions, the
 # few-rows matmul and its epilogues, the evict-first KV loads: 0.6B / 8B rollouts 54.6 / 71.1 %, the 30B-A3B batch 1
-# 46.5 %, R3 +5.3 % at 256 sequences; the H100 now has 77 / 81 %, 60.3 %, R3 +2.3 % at 96 sequences), then the
-# few-rows tiles with unsplit K (`python3 bench/rows_matmul.py --shape qwen3-0.6b --rows 64 --sweep`), then moe-sync
+# 46.5 %, R3 +5.3 % at 256 sequences; the H100 now has 77 / 81 %, 60.3 %, R3 +2.3 % at 96 sequences), then moe-sync
 # with --ipc-bucket-mib 512,2048, `sessions` with a serving-size KV pool, `attention-mix` (the plan against one split).
+# (The few-rows tiles' sweep with unsplit K and 128-column tiles ran in the twenty-fifth session: the heuristic's tiles
+# are its best.)
 # "Before" is the tree before the restructure, unpacked beside this one (untracked, so it travels to the
 # device):  git archive 6c9ff7c src bench | (mkdir -p .before && tar -x -C .before)
 # The MoE stage compares its decode kernels with the tree before they changed, unpacked the same way:
