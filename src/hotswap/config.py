@@ -321,18 +321,15 @@ _SGLANG_ACCEPTED: dict[str, object] = {
     "base_gpu_id": _neutral("base_gpu_id: give device='cuda:N' instead", lambda v: v in (None, 0)),
     "gpu_id_step": _neutral("gpu_id_step must be 1: tensor-parallel ranks take consecutive GPUs", lambda v: v in (None, 1)),
     "enable_dp_attention": _neutral("enable_dp_attention is not supported", lambda v: not v),
-    # accepted whatever they say: hotswap's behaviour already matches, or they concern nothing it runs
+    # accepted whatever they say: hotswap's behaviour already matches, or they concern nothing it runs (logging, metrics
+    # and kernel choices are sglang_server_args.RUN_ONLY's)
     "skip_tokenizer_init": None,  # input_ids work either way; text is still detokenized when a tokenizer exists
     "trust_remote_code": None,  # hotswap implements its models natively: no remote code ever runs
     "enable_memory_saver": None,  # release/resume_memory_occupation always work
-    "enable_return_routed_experts": None,  # wired by the MoE model family
-    "log_level": None,
     "host": None,
     "port": None,
     "dist_init_addr": None,
     "served_model_name": None,
-    "enable_metrics": None,
-    "mm_attention_backend": None,
     "load_balance_method": None,
 }
 

@@ -198,12 +198,17 @@ def _typed_like(text: str, default: object, flag: str) -> object:
         if text.lower() not in ("true", "false", "1", "0"):
             raise ValueError(f"{flag} takes true or false, got {text!r}")
         return text.lower() in ("true", "1")
-    for kind in ((int, float) if default is None else (type(default),) if isinstance(default, (int, float)) else ()):
+    if isinstance(default, (int, float)):
         try:
-            return kind(text)
+            return type(default)(text)
         except ValueError:
-            if default is not None:
-                raise ValueError(f"{flag} takes a number, got {text!r}") from None
+            raise ValueError(f"{flag} takes a number, got {text!r}") from None
+    if default is None:
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
     return text
 
 
