@@ -123,6 +123,9 @@ def test_sglang_launch_flags_reach_the_engine_or_are_refused_by_name(tiny_qwen3,
                      "max_prefill_tokens": 4096, "log_requests": True, "watchdog_timeout": 600, "dp_size": 1,
                      "schedule_policy": "fcfs"}  # --dp: SGLang's alias; --schedule-pol: a unique prefix, as its argparse takes it
     assert args.no_warmup and args.tensor_parallel_size == 1
+    # an inline boolean, a float default, a string where SGLang's default is None
+    assert sglang_flags(["--enable-metrics=false", "--schedule-conservativeness", "0.5", "--tool-call-parser", "qwen25"]) == \
+        {"enable_metrics": False, "schedule_conservativeness": 0.5, "tool_call_parser": "qwen25"}
     args.sglang_args = flags
     with Engine(args.model_path, device="cpu", **engine_kwargs_from_args(args)) as eng:
         assert (eng.config.enable_prefix_cache, eng.config.max_num_batched_tokens) == (False, 4096)

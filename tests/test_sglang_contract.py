@@ -254,10 +254,12 @@ def test_engine_takes_a_whole_sglang_server_args(tiny_qwen3):
     run_only = {"disable_overlap_schedule": True, "schedule_policy": "lpm", "enable_torch_compile": True, "log_requests": True,
                 "cuda_graph_bs_decode": [1, 2, 4], "watchdog_timeout": 60, "nccl_port": 23456, "dist_timeout": 600}  # slime: nccl_port
     assert set(run_only) <= RUN_ONLY <= set(SGLANG_DEFAULTS)
-    with Engine(model_path=str(tiny_qwen3), **{**whole, **run_only, "device": None, "page_size": 4}) as eng:
+    # a run-only value JSON cannot carry is taken, not echoed (TP workers get the settings as JSON)
+    with Engine(model_path=str(tiny_qwen3), **{**whole, **run_only, "custom_sigquit_handler": print, "device": None, "page_size": 4}) as eng:
         assert (eng.config.device, eng.config.max_running_requests, eng.config.enable_prefix_cache) == ("auto", 512, True)
         info = json.loads(json.dumps(eng.get_server_info()))  # what /get_server_info sends
         assert set(whole) <= set(info) and {name: info[name] for name in run_only} == run_only  # read back as launched
+        assert info["custom_sigquit_handler"] is None
         assert (info["page_size"], info["max_running_requests"], info["tp_size"]) == (4, 512, 1)
         out = eng.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 3, "temperature": 0, "ignore_eos": True})
         assert len(out["output_ids"]) == 3
