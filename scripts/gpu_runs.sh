@@ -18,6 +18,7 @@
 #              with each off and all on, the decode graphs' critical path (~400 s)
 #   kv-loads  decode attention's KV loads evict-first against .before (d7097ab): 0.6B batch 1 / 64 twice,
 #             with the hint off, the sampled rollout (~280 s)
+#   knobs   the few-rows matmul's steps in flight and whole-range L2 prefetch, in whole decode (~300 s)
 #   rows    the few-rows decode matmul (kernels/rows_matmul.py): GPU tests, against cuBLAS with a tile sweep, decode on / off
 #   profile  the decode graphs' kernels by device time: 0.6B batch 1 / 64, 30B-A3B batch 1 (~200 s)
 #   h200    one H200 call (~480 s, `needs_h200`: the 30B-A3B rollout of 256 sequences needs its memory): that rollout with and
@@ -47,7 +48,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stages="suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|h200|profile|rows|epilogues|kv-loads"
+stages="suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|h200|profile|rows|knobs|epilogues|kv-loads"
 [ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... ($stages)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
@@ -174,6 +175,12 @@ h200)  # one H200 call's worth (~480 s) of what only an H200 gives: the 30B-A3B 
     PYTHONPATH=src run h200_rollout06 80 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline
     PYTHONPATH=src run h200_rollout8b 100 python3 bench/rollout.py --shape qwen3-8b --prompts 32 --n 8 --paths offline --modes sampled
     PYTHONPATH=src run h200_throughput06 40 python3 bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,64x128x128 --hf none
+    ;;
+knobs)  # the few-rows matmul's steps in flight and its L2 prefetch of the whole K range, in whole decode (0.6B batch 1 / 64)
+    for knobs in "" HOTSWAP_ROWS_STAGES=3 HOTSWAP_ROWS_PREFETCH_ALL=1 HOTSWAP_ROWS_STAGES=4 "HOTSWAP_ROWS_STAGES=3 HOTSWAP_ROWS_PREFETCH_ALL=1" ""; do
+        i=$((${i:-0} + 1)); name=$(echo "${knobs:-default}" | tr ' =' '_-')
+        env $knobs PYTHONPATH=src run "knobs${i}_$name" 90 python3 bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,64x128x128 --hf none
+    done
     ;;
 rows)  # the few-rows decode matmul: its GPU tests, beside cuBLAS with a tile sweep, and whole decode with it on and off
     PYTHONPATH=src run rows_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py tests/test_gpu_engine.py \

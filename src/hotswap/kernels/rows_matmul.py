@@ -52,6 +52,10 @@ EPILOGUES = os.environ.get("HOTSWAP_ROWS_EPILOGUES", "1") != "0"
 _PLAIN, _SILU_MUL, _HEADS = 0, 1, 2
 #: Weight bytes a line of the L2 prefetch covers.
 _LINE = 128
+#: Whether a program asks L2 for its whole K range before the PDL wait instead of its first 512 weights a row, and most
+#: steps in flight (`HOTSWAP_ROWS_PREFETCH_ALL`, `HOTSWAP_ROWS_STAGES`: the A/B switches of the benches).
+PREFETCH_ALL = os.environ.get("HOTSWAP_ROWS_PREFETCH_ALL", "0") == "1"
+STAGES_MAX = int(os.environ.get("HOTSWAP_ROWS_STAGES", "5"))
 
 
 def enabled(rows: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -142,7 +146,7 @@ if triton is not None:
                      stride_w, stride_y, n_q_heads, n_kv_heads, stride_cs, eps,
                      K_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_QK_NORM: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                     STAGES: tl.constexpr, PREFETCH_K: tl.constexpr, LINE_ELEMS: tl.constexpr, USE_PDL: tl.constexpr):
+                     STAGES: tl.constexpr, PREFETCH_K: tl.constexpr, PREFETCH_TOTAL: tl.constexpr, LINE_ELEMS: tl.constexpr, USE_PDL: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         j = tl.arange(0, BLOCK_N)
@@ -156,7 +160,8 @@ if triton is not None:
         k_lo = pid_k * K_SPLIT
         w_rows = W + offs_n[:, None] * stride_w + k_lo
         if PREFETCH_K > 0:  # W's first lines, before the previous kernel has finished (no kernel of the step writes W)
-            _prefetch_l2(w_rows + (tl.arange(0, PREFETCH_K // LINE_ELEMS) * LINE_ELEMS)[None, :])
+            for p in tl.static_range(0, PREFETCH_TOTAL, PREFETCH_K):
+                _prefetch_l2(w_rows + p + (tl.arange(0, PREFETCH_K // LINE_ELEMS) * LINE_ELEMS)[None, :])
         wait_previous(USE_PDL)
         offs_k = tl.arange(0, BLOCK_K)
         x_cols = X + offs_m[None, :] * stride_x + k_lo + offs_k[:, None]
@@ -208,7 +213,8 @@ def tiles_for(n: int, k: int, device: torch.device, block_n: int = 64) -> Tiles 
     sms, tiles, split = _sm_count(device), n // block_n, 1
     while 2 * tiles * split <= sms // 2 and k % (2 * split * block_k) == 0:
         split *= 2
-    return Tiles(block_n, block_k, split, stages=5 if k // split >= 6 * block_k else 3, prefetch_k=prefetch_k(k // split))
+    stages = min(STAGES_MAX, 5 if k // split >= 6 * block_k else 3)
+    return Tiles(block_n, block_k, split, stages=stages, prefetch_k=prefetch_k(k // split))
 
 
 def prefetch_k(k_split: int) -> int:
@@ -266,7 +272,8 @@ def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         weight.stride(0), y.stride(0), *head_sizes, K_SPLIT=k // tiles.split_k, HAS_BIAS=bias is not None,
         EPILOGUE=epilogue, HAS_QK_NORM=heads is not None and heads.q_norm is not None, BLOCK_M=block_m,
         BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, SPLIT_K=tiles.split_k, STAGES=tiles.stages,
-        PREFETCH_K=tiles.prefetch_k if use_pdl else 0, LINE_ELEMS=line_elems, USE_PDL=use_pdl,
+        PREFETCH_K=tiles.prefetch_k if use_pdl else 0, PREFETCH_TOTAL=k // tiles.split_k if PREFETCH_ALL else tiles.prefetch_k,
+        LINE_ELEMS=line_elems, USE_PDL=use_pdl,
         num_warps=4, launch_pdl=use_pdl,
     )
     return y
