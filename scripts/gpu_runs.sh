@@ -177,10 +177,10 @@ h200)  # one H200 call's worth (~480 s) of what only an H200 gives: the 30B-A3B 
     PYTHONPATH=src run h200_throughput06 40 python3 bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,64x128x128 --hf none
     ;;
 knobs)  # the few-rows matmul's steps in flight and its L2 prefetch of the whole K range, in whole decode (0.6B batch 1 / 64)
-    for knobs in "" HOTSWAP_ROWS_STAGES=3 HOTSWAP_ROWS_PREFETCH_ALL=1 HOTSWAP_ROWS_STAGES=4 "HOTSWAP_ROWS_STAGES=3 HOTSWAP_ROWS_PREFETCH_ALL=1" ""; do
-        i=$((${i:-0} + 1)); name=$(echo "${knobs:-default}" | tr ' =' '_-')
+    for knobs in "" HOTSWAP_ROWS_STAGES=4,3 HOTSWAP_ROWS_STAGES=4,4 HOTSWAP_ROWS_STAGES=4,2 HOTSWAP_ROWS_STAGES=5,4 "" HOTSWAP_ROWS_STAGES=4,3; do
+        i=$((${i:-0} + 1)); name=$(echo "${knobs:-default}" | tr ' =,' '_-.')
         (for kv in $knobs; do export "$kv"; done
-         PYTHONPATH=src run "knobs${i}_$name" 90 python3 bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,64x128x128 --hf none)
+         PYTHONPATH=src run "knobs${i}_$name" 90 python3 bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,16x128x128,32x128x128,64x128x128 --hf none)
     done
     ;;
 rows)  # the few-rows decode matmul: its GPU tests, beside cuBLAS with a tile sweep, and whole decode with it on and off

@@ -55,7 +55,7 @@ _LINE = 128
 #: Whether a program asks L2 for its whole K range before the PDL wait instead of its first 512 weights a row, and most
 #: steps in flight (`HOTSWAP_ROWS_PREFETCH_ALL`, `HOTSWAP_ROWS_STAGES`: the A/B switches of the benches).
 PREFETCH_ALL = os.environ.get("HOTSWAP_ROWS_PREFETCH_ALL", "0") == "1"
-STAGES_MAX = int(os.environ.get("HOTSWAP_ROWS_STAGES", "5"))
+STAGES_LONG, STAGES_SHORT = (int(x) for x in os.environ.get("HOTSWAP_ROWS_STAGES", "5,3").split(","))
 
 
 def enabled(rows: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -213,7 +213,7 @@ def tiles_for(n: int, k: int, device: torch.device, block_n: int = 64) -> Tiles 
     sms, tiles, split = _sm_count(device), n // block_n, 1
     while 2 * tiles * split <= sms // 2 and k % (2 * split * block_k) == 0:
         split *= 2
-    stages = min(STAGES_MAX, 5 if k // split >= 6 * block_k else 3)
+    stages = STAGES_LONG if k // split >= 6 * block_k else STAGES_SHORT
     return Tiles(block_n, block_k, split, stages=stages, prefetch_k=prefetch_k(k // split))
 
 
