@@ -18,7 +18,7 @@
 #              with each off and all on, the decode graphs' critical path (~400 s)
 #   kv-loads  decode attention's KV loads evict-first against .before (d7097ab): 0.6B batch 1 / 64 twice,
 #             with the hint off, the sampled rollout (~280 s)
-#   knobs   the few-rows matmul's steps in flight and whole-range L2 prefetch, in whole decode (~300 s)
+#   knobs   the few-rows matmul's steps in flight by rows against 5 / 3 for all rows, in whole decode, and its GPU tests (~250 s)
 #   rows    the few-rows decode matmul (kernels/rows_matmul.py): GPU tests, against cuBLAS with a tile sweep, decode on / off
 #   profile  the decode graphs' kernels by device time: 0.6B batch 1 / 64, 30B-A3B batch 1 (~200 s)
 #   h200    one H200 call (~480 s, `needs_h200`: the 30B-A3B rollout of 256 sequences needs its memory): that rollout with and
@@ -176,11 +176,16 @@ h200)  # one H200 call's worth (~480 s) of what only an H200 gives: the 30B-A3B 
     PYTHONPATH=src run h200_rollout8b 100 python3 bench/rollout.py --shape qwen3-8b --prompts 32 --n 8 --paths offline --modes sampled
     PYTHONPATH=src run h200_throughput06 40 python3 bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,64x128x128 --hf none
     ;;
-knobs)  # the few-rows matmul's steps in flight and its L2 prefetch of the whole K range, in whole decode (0.6B batch 1 / 64)
-    for knobs in "" HOTSWAP_ROWS_STAGES=4,3 HOTSWAP_ROWS_STAGES=4,4 HOTSWAP_ROWS_STAGES=4,2 HOTSWAP_ROWS_STAGES=5,4 "" HOTSWAP_ROWS_STAGES=4,3; do
-        i=$((${i:-0} + 1)); name=$(echo "${knobs:-default}" | tr ' =,' '_-.')
-        (for kv in $knobs; do export "$kv"; done
-         PYTHONPATH=src run "knobs${i}_$name" 90 python3 bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,16x128x128,32x128x128,64x128x128 --hf none)
+knobs)  # the few-rows matmul's steps in flight by rows (stages_for) against the old 5 / 3 for all rows, 0.6B batch 1-64, twice
+    # each, and the kernel's GPU tests (~250 s)
+    PYTHONPATH=src run knobs_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py tests/test_gpu_engine.py \
+        -k "rows_matmul or bf16_greedy or cuda_graph"
+    i=0
+    for stages in "" 5,3 "" 5,3; do
+        i=$((i + 1))
+        (export HOTSWAP_ROWS_STAGES=$stages
+         PYTHONPATH=src run "knobs${i}_stages${stages:-_by_rows}" 90 python3 bench/throughput.py --shape qwen3-0.6b \
+             --cases 1x128x128,16x128x128,32x128x128,64x128x128 --hf none)
     done
     ;;
 rows)  # the few-rows decode matmul: its GPU tests, beside cuBLAS with a tile sweep, and whole decode with it on and off

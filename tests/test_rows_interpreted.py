@@ -67,6 +67,9 @@ def test_default_tiles_split_narrow_weights_and_refuse_uneven_ones():
     assert rm.tiles_for(1024, 3072, cpu).split_k == 4  # down_proj of a 0.6B: 16 column tiles, K split to half the SMs
     assert rm.tiles_for(6144, 1024, cpu).split_k == 1  # gate_up: 96 tiles already
     assert rm.tiles_for(1000, 1024, cpu) is None  # no even 64-column tiling: cuBLAS
+    # steps in flight by rows, as measured in whole decode graphs (rows_matmul.stages_for)
+    assert [rm.tiles_for(1024, 3072, cpu, 64, rows).stages for rows in (32, 64)] == [5, 4]  # down: 6 steps a program
+    assert [rm.tiles_for(1024, 2048, cpu, 64, rows).stages for rows in (32, 64)] == [4, 3]  # o_proj: 4 steps a program
     with pytest.raises(ValueError, match="do not divide"):
         rm.rows_linear(torch.randn(4, 96), torch.randn(64, 96), tiles=rm.Tiles(64, 64, 1, 1, 0))
 
@@ -167,7 +170,7 @@ def test_a_few_rows_decode_through_the_epilogues_equals_the_reference_path(famil
     path = request.getfixturevalue(family)
     prompts = [[3 + (5 * j + i) % 200 for j in range(6 + 3 * i)] for i in range(3)]
 
-    def small_tiles(n, k, device, block_n=64):  # the tiny model's 64-wide K and 16-wide heads
+    def small_tiles(n, k, device, block_n=64, rows=64):  # the tiny model's 64-wide K and 16-wide heads
         block_n = min(block_n, 32)
         return rm.Tiles(block_n, 32, 2, 1, 0) if n % block_n == 0 and k % 64 == 0 else None
 

@@ -52,10 +52,9 @@ EPILOGUES = os.environ.get("HOTSWAP_ROWS_EPILOGUES", "1") != "0"
 _PLAIN, _SILU_MUL, _HEADS = 0, 1, 2
 #: Weight bytes a line of the L2 prefetch covers.
 _LINE = 128
-#: Whether a program asks L2 for its whole K range before the PDL wait instead of its first 512 weights a row, and most
-#: steps in flight (`HOTSWAP_ROWS_PREFETCH_ALL`, `HOTSWAP_ROWS_STAGES`: the A/B switches of the benches).
-PREFETCH_ALL = os.environ.get("HOTSWAP_ROWS_PREFETCH_ALL", "0") == "1"
-STAGES_LONG, STAGES_SHORT = (int(x) for x in os.environ.get("HOTSWAP_ROWS_STAGES", "5,3").split(","))
+#: `HOTSWAP_ROWS_STAGES=LONG,SHORT` sets the steps in flight of K ranges of six steps or more and of shorter ones,
+#: whatever the rows (the A/B switch of the benches; unset: `stages_for`).
+_STAGES_SET = os.environ.get("HOTSWAP_ROWS_STAGES")
 
 
 def enabled(rows: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -146,7 +145,7 @@ if triton is not None:
                      stride_w, stride_y, n_q_heads, n_kv_heads, stride_cs, eps,
                      K_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_QK_NORM: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                     STAGES: tl.constexpr, PREFETCH_K: tl.constexpr, PREFETCH_TOTAL: tl.constexpr, LINE_ELEMS: tl.constexpr, USE_PDL: tl.constexpr):
+                     STAGES: tl.constexpr, PREFETCH_K: tl.constexpr, LINE_ELEMS: tl.constexpr, USE_PDL: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         j = tl.arange(0, BLOCK_N)
@@ -160,8 +159,7 @@ if triton is not None:
         k_lo = pid_k * K_SPLIT
         w_rows = W + offs_n[:, None] * stride_w + k_lo
         if PREFETCH_K > 0:  # W's first lines, before the previous kernel has finished (no kernel of the step writes W)
-            for p in tl.static_range(0, PREFETCH_TOTAL, PREFETCH_K):
-                _prefetch_l2(w_rows + p + (tl.arange(0, PREFETCH_K // LINE_ELEMS) * LINE_ELEMS)[None, :])
+            _prefetch_l2(w_rows + (tl.arange(0, PREFETCH_K // LINE_ELEMS) * LINE_ELEMS)[None, :])
         wait_previous(USE_PDL)
         offs_k = tl.arange(0, BLOCK_K)
         x_cols = X + offs_m[None, :] * stride_x + k_lo + offs_k[:, None]
@@ -202,19 +200,30 @@ def _sm_count(device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=None)  # a few shapes a model; called per matmul on the eager path
-def tiles_for(n: int, k: int, device: torch.device, block_n: int = 64) -> Tiles | None:
+def tiles_for(n: int, k: int, device: torch.device, block_n: int = 64, rows: int = 64) -> Tiles | None:
     """`block_n`-column tiles (64; a head's width for the heads epilogue), K split (by powers of two that keep a split's
-    range whole in 128-wide steps) until the grid covers about half the SMs, five steps in flight where a program has six
-    or more; None where the shape does not tile evenly (cuBLAS then). Fewer, longer programs won on the H100 at 64 rows (bench/rows_matmul.py --sweep: a
-    0.6B layer's four matmuls 24.2 us against 26.1 with one program an SM, cuBLAS 26.5)."""
+    range whole in 128-wide steps) until the grid covers about half the SMs, steps in flight by `stages_for`; None where
+    the shape does not tile evenly (cuBLAS then). Fewer, longer programs won on the H100 at 64 rows (bench/rows_matmul.py
+    --sweep: a 0.6B layer's four matmuls 24.2 us against 26.1 with one program an SM, cuBLAS 26.5)."""
     block_k = 128
     if n % block_n or k % block_k:
         return None
     sms, tiles, split = _sm_count(device), n // block_n, 1
     while 2 * tiles * split <= sms // 2 and k % (2 * split * block_k) == 0:
         split *= 2
-    stages = STAGES_LONG if k // split >= 6 * block_k else STAGES_SHORT
-    return Tiles(block_n, block_k, split, stages=stages, prefetch_k=prefetch_k(k // split))
+    return Tiles(block_n, block_k, split, stages=stages_for(k // split // block_k, rows), prefetch_k=prefetch_k(k // split))
+
+
+def stages_for(steps: int, rows: int) -> int:
+    """Steps in flight for a program's `steps` K steps at `rows` rows. Measured in whole 0.6B decode graphs on the H100
+    (twenty-sixth session, `bash scripts/gpu_runs.sh knobs`): long ranges (six steps or more: gate_up, down) want five
+    at 16-32 rows and four at 33-64 (batch 64 47.3 -> 48.2 % of the roofline; four at 32 rows 44.9 -> 44.0 %); short
+    ones (q/k/v and o_proj, four steps) four at 16-32 rows (42.8 -> 43.4 % at 16) and three at 33-64 (four: 47.8 %)."""
+    if _STAGES_SET:
+        long, short = (int(x) for x in _STAGES_SET.split(","))
+    else:
+        long, short = (5, 4) if rows <= 32 else (4, 3)
+    return long if steps >= 6 else short
 
 
 def prefetch_k(k_split: int) -> int:
@@ -240,7 +249,7 @@ def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     kernel and this one, at 64 rows on the H100 (the computed operand leaves the loop's async copies)."""
     m, k = x.shape
     n = weight.shape[0]
-    tiles = tiles or tiles_for(n, k, x.device, heads.head_dim if heads is not None else 64)
+    tiles = tiles or tiles_for(n, k, x.device, heads.head_dim if heads is not None else 64, 64 if m > 32 else 32)
     too_large = m > MAX_ROWS or weight.numel() * weight.element_size() > MAX_WEIGHT_BYTES
     fits = not (tiles is None or too_large or x.stride(-1) != 1 or weight.stride(-1) != 1)
     if (silu_mul or heads is not None) and not (fits and EPILOGUES):
@@ -272,8 +281,7 @@ def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         weight.stride(0), y.stride(0), *head_sizes, K_SPLIT=k // tiles.split_k, HAS_BIAS=bias is not None,
         EPILOGUE=epilogue, HAS_QK_NORM=heads is not None and heads.q_norm is not None, BLOCK_M=block_m,
         BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, SPLIT_K=tiles.split_k, STAGES=tiles.stages,
-        PREFETCH_K=tiles.prefetch_k if use_pdl else 0, PREFETCH_TOTAL=k // tiles.split_k if PREFETCH_ALL else tiles.prefetch_k,
-        LINE_ELEMS=line_elems, USE_PDL=use_pdl,
+        PREFETCH_K=tiles.prefetch_k if use_pdl else 0, LINE_ELEMS=line_elems, USE_PDL=use_pdl,
         num_warps=4, launch_pdl=use_pdl,
     )
     return y
