@@ -183,8 +183,8 @@ knobs)  # the few-rows matmul's steps in flight by rows (stages_for) against the
     i=0
     for stages in "" 5,3 "" 5,3; do
         i=$((i + 1))
-        (export HOTSWAP_ROWS_STAGES=$stages
-         PYTHONPATH=src run "knobs${i}_stages${stages:-_by_rows}" 90 python3 bench/throughput.py --shape qwen3-0.6b \
+        (export HOTSWAP_ROWS_STAGES=$stages; stages=${stages/,/-}
+         PYTHONPATH=src run "knobs${i}_stages_${stages:-by_rows}" 90 python3 bench/throughput.py --shape qwen3-0.6b \
              --cases 1x128x128,16x128x128,32x128x128,64x128x128 --hf none)
     done
     ;;
