@@ -45,7 +45,7 @@ def sweep_tiles(n: int, k: int, device: torch.device) -> list[rm.Tiles]:
     base = rm.tiles_for(n, k, device)
     out = []
     splits = sorted({1, base.split_k // 2, base.split_k, base.split_k * 2})  # unsplit too: no partials' round trip
-    for block_n, block_k, split, stages in itertools.product((32, 64, 128), (128, 256), splits, (3, 5)):  # 128: x read half as often
+    for block_n, block_k, split, stages in itertools.product((32, 64, 128), (128, 256), splits, (3, 4, 5)):  # 128: x read half as often
         if split < 1 or n % block_n or k % (split * block_k) or (block_n == 32 and n > 1024):
             continue
         out.append(rm.Tiles(block_n, block_k, split, stages, rm.prefetch_k(k // split)))
@@ -71,9 +71,10 @@ def main() -> None:
             it = itertools.count()
             x_mm = fused.silu_and_mul(x) if before == "silu" else x  # what the matmul itself multiplies
             err = (rm.rows_linear(x_mm, ws[0]).float() - F.linear(x_mm, ws[0]).float()).abs().max().item()
-            no_prefetch = dataclasses.replace(rm.tiles_for(n, k, dev), prefetch_k=0)
+            heuristic = rm.tiles_for(n, k, dev, 64, 64 if rows > 32 else 32)  # what rows_linear picks at these rows
+            no_prefetch = dataclasses.replace(heuristic, prefetch_k=0)
             # rows_linear keeps larger weights on cuBLAS: there "ours" times cuBLAS too, and the table says so
-            tiles_label = (str(rm.tiles_for(n, k, dev)) if n * k * 2 <= rm.MAX_WEIGHT_BYTES
+            tiles_label = (str(heuristic) if n * k * 2 <= rm.MAX_WEIGHT_BYTES
                            else f"cuBLAS (weight over {rm.MAX_WEIGHT_BYTES >> 20} MiB)")
 
             def ours(tiles=None):
