@@ -95,6 +95,13 @@ def test_update_from_disk_changes_outputs(served, refs, tiny_qwen3, tiny_qwen3_v
     assert gen_ids(c) == refs["v1"]["ids"]
     r = c.post("/weights_checker", json={"action": "checksum", "expected": c.post("/weights_checker", json={"action": "checksum"}).json()["checksums"]})
     assert r.status_code == 200 and r.json()["mismatches"] == []
+    # SGLang's newer fields: keep_pause leaves generation held until /continue_generation; the others are taken
+    r = c.post("/update_weights_from_disk", json={"model_path": str(tiny_qwen3_v2), "weight_version": "v3", "keep_pause": True,
+                                                  "torch_empty_cache": True, "recapture_cuda_graph": True, "token_step": 7})
+    assert r.status_code == 200 and r.json()["success"] is True and "keep_pause" in r.json()["message"], r.json()
+    assert eng.get_load().paused
+    assert c.post("/continue_generation", json={}).json()["success"] is True
+    assert not eng.get_load().paused and gen_ids(c) == refs["v2"]["ids"]
 
 
 def test_refused_updates_change_nothing(served, refs, tiny_qwen3, tmp_path):
@@ -111,6 +118,9 @@ def test_refused_updates_change_nothing(served, refs, tiny_qwen3, tmp_path):
         ({"model_path": 42}, "model_path"),
         ({}, "model_path"),
         ({"model_path": str(tiny_qwen3), "flush_cache": "maybe"}, "flush_cache"),
+        ({"model_path": str(tiny_qwen3), "is_async": True}, "is_async"),  # SGLang's newer fields nothing here would honour
+        ({"model_path": str(tiny_qwen3), "manifest": {"model.norm.weight": {}}}, "manifest"),
+        ({"model_path": str(tiny_qwen3), "token_step": "five"}, "token_step"),
     ]
     before = digest(c)
     for body, needle in bad_bodies:

@@ -85,6 +85,30 @@ def test_continue_refuses_a_half_pushed_session(engine, tiny_qwen3_v2):
     assert greedy_ids(engine) == [hf_greedy(tiny_qwen3_v2, ids, 8)[0] for ids in PROMPTS]
 
 
+def test_sglang_newer_disk_update_fields(engine, tiny_qwen3_v2):
+    """SGLang's newer UpdateWeightFromDiskReqInput fields: keep_pause holds generation after the update (a request sent
+    then waits) until continue_generation; is_async and a manifest, which nothing here would honour, are refused by
+    name with the weights unchanged; torch_empty_cache, recapture_cuda_graph and token_step are taken."""
+    before = engine.check_weights("checksum").digest
+    for field, value in (("is_async", True), ("manifest", {"model.norm.weight": {"shape": [64]}})):
+        res = engine.update_weights_from_disk(str(tiny_qwen3_v2), **{field: value})
+        assert not res.success and field in res.message and "weights unchanged" in res.message, res.message
+    assert engine.check_weights("checksum").digest == before and engine.weight_version == "default"
+    res = engine.update_weights_from_disk(str(tiny_qwen3_v2), weight_version="step-5", keep_pause=True, torch_empty_cache=True,
+                                          recapture_cuda_graph=True, token_step=5)
+    assert res.success and "keep_pause" in res.message, res.message
+    assert engine.get_load().paused
+    done: list = []
+    waiter = threading.Thread(target=lambda: done.append(engine.generate(input_ids=PROMPTS[0], sampling_params=GREEDY)))
+    waiter.start()
+    time.sleep(0.5)
+    assert not done  # held, not refused
+    assert engine.continue_generation().success
+    waiter.join(timeout=60)
+    assert done and done[0]["output_ids"] == hf_greedy(tiny_qwen3_v2, PROMPTS[0], 8)[0]
+    assert done[0]["meta_info"]["weight_version"] == "step-5"
+
+
 def test_content_changes_without_a_version_are_visible(engine):
     assert engine.update_weight_version("v1").success
     res = engine.update_weights_from_tensor([])

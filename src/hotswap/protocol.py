@@ -169,12 +169,24 @@ class FreezeGCRequest:
 
 @dataclass(kw_only=True, slots=True)
 class UpdateWeightsFromDiskRequest:
+    """SGLang's UpdateWeightFromDiskReqInput. Of its newer fields, `keep_pause` leaves generation paused in place after
+    a successful update (until continue_generation) and `torch_empty_cache` hands the allocator's cached blocks back
+    after it; `recapture_cuda_graph` asks nothing here (the graphs read the weights where the update writes them) and
+    `token_step` is the trainer's step, taken as given. `is_async` and `manifest` are refused when set
+    (weights/sources/disk.check_request): nothing here would honour them."""
+
     model_path: str
     load_format: str | None = None
     weight_version: str | None = None
     flush_cache: bool = True
     abort_all_requests: bool = False
     session_id: str | None = None  # the begin_weight_update session this call belongs to (see weights/session.py); None: as SGLang
+    keep_pause: bool = False
+    torch_empty_cache: bool = False
+    recapture_cuda_graph: bool = False
+    token_step: int = 0
+    is_async: bool = False
+    manifest: dict | None = None
 
 
 @dataclass(kw_only=True, slots=True)

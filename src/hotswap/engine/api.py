@@ -369,11 +369,16 @@ class EngineAPI:
         return self.get_load().weight_version
 
     def update_weights_from_disk(self, model_path: str, load_format: str | None = None, weight_version: str | None = None,
-                                 flush_cache: bool = True, abort_all_requests: bool = False, session_id: str | None = None) -> p.DiskUpdateOutput:
+                                 flush_cache: bool = True, abort_all_requests: bool = False, session_id: str | None = None, *,
+                                 keep_pause: bool = False, torch_empty_cache: bool = False, recapture_cuda_graph: bool = False,
+                                 token_step: int = 0, is_async: bool = False, manifest: dict | None = None) -> p.DiskUpdateOutput:
         """As SGLang's Engine: unpacks as `(success, message, num_paused_requests)`. `session_id` (every weight
-        update method takes it): run only inside that begin_weight_update session, refused once it ended."""
-        out = self.submit(p.UpdateWeightsFromDiskRequest(model_path=str(model_path), load_format=load_format, weight_version=weight_version,
-                                                        flush_cache=flush_cache, abort_all_requests=abort_all_requests, session_id=session_id))
+        update method takes it): run only inside that begin_weight_update session, refused once it ended. SGLang's
+        newer fields as protocol.UpdateWeightsFromDiskRequest takes them."""
+        out = self.submit(p.UpdateWeightsFromDiskRequest(
+            model_path=str(model_path), load_format=load_format, weight_version=weight_version, flush_cache=flush_cache,
+            abort_all_requests=abort_all_requests, session_id=session_id, keep_pause=keep_pause, torch_empty_cache=torch_empty_cache,
+            recapture_cuda_graph=recapture_cuda_graph, token_step=token_step, is_async=is_async, manifest=manifest))
         return p.DiskUpdateOutput.of(out)
 
     def update_weights_from_tensor(self, named_tensors=None, load_format: str | None = None, flush_cache: bool = True,

@@ -116,7 +116,7 @@ class Scheduler:
             p.StartProfileRequest: lambda req: self.profiler.start_profile(req, self.stats["steps"]),
             p.StopProfileRequest: self.profiler.stop_profile,
             p.FreezeGCRequest: self.freeze_gc,
-            p.UpdateWeightsFromDiskRequest: self.weight_updater.update_weights_from_disk,
+            p.UpdateWeightsFromDiskRequest: self.update_weights_from_disk,
             p.UpdateWeightsFromTensorRequest: self.weight_updater.update_weights_from_tensor,
             p.UpdateWeightsFromIPCRequest: self.weight_updater.update_weights_from_ipc,
             p.InitWeightsUpdateGroupRequest: self.weight_updater.init_weights_update_group,
@@ -569,6 +569,18 @@ class Scheduler:
         frozen in place hold pages (their KV stays theirs, never cached)."""
         self.batcher.invalidate_cache()
         return True
+
+    def update_weights_from_disk(self, req: p.UpdateWeightsFromDiskRequest) -> p.WeightUpdateOutput:
+        """The weight updater's disk update, then what SGLang's newer fields ask after a successful one: `keep_pause`
+        holds generation in place until continue_generation, `torch_empty_cache` returns the allocator's cached
+        blocks."""
+        out = self.weight_updater.update_weights_from_disk(req)
+        if out.success and req.torch_empty_cache and self.model_runner.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if out.success and req.keep_pause:
+            held = self.pause.pause_generation(p.PauseGenerationRequest(mode="in_place"))
+            out.message += f"; {held.message} (keep_pause): continue_generation resumes it"
+        return out
 
     def handle_flush_cache(self, req: p.FlushCacheRequest) -> p.ControlOutput:
         if req.reset_running_requests:

@@ -22,6 +22,11 @@ T = TypeVar("T")
 def check_request(req: p.UpdateWeightsFromDiskRequest) -> None:
     if req.load_format not in (None, "auto", "safetensors"):
         raise HotswapError(f"unsupported load_format {shown(req.load_format)}; hotswap loads safetensors")
+    if req.is_async:
+        raise HotswapError("is_async=true is not supported: the update is applied before the reply; leave it false")
+    if req.manifest is not None:
+        raise HotswapError("a manifest is not supported: the checkpoint's own safetensors headers describe its tensors; "
+                           "leave it unset")
 
 
 def plan_disk(model_path: str, weight_map: WeightMap, plans: ReadPlanCache, options: ReaderOptions, timeout_s: float) -> ReadPlan:
