@@ -91,9 +91,10 @@ def test_sglang_newer_disk_update_fields(engine, tiny_qwen3_v2):
     name with the weights unchanged; torch_empty_cache, recapture_cuda_graph and token_step are taken."""
     before = engine.check_weights("checksum").digest
     for field, value in (("is_async", True), ("manifest", {"model.norm.weight": {"shape": [64]}})):
-        res = engine.update_weights_from_disk(str(tiny_qwen3_v2), **{field: value})
+        res = engine.update_weights_from_disk(str(tiny_qwen3_v2), keep_pause=True, **{field: value})
         assert not res.success and field in res.message and "weights unchanged" in res.message, res.message
     assert engine.check_weights("checksum").digest == before and engine.weight_version == "default"
+    assert not engine.get_load().paused  # a refused update holds nothing, keep_pause or not
     res = engine.update_weights_from_disk(str(tiny_qwen3_v2), weight_version="step-5", keep_pause=True, torch_empty_cache=True,
                                           recapture_cuda_graph=True, token_step=5)
     assert res.success and "keep_pause" in res.message, res.message
