@@ -144,9 +144,9 @@ def test_min_new_tokens_masks_stop_tokens_until_reached(tiny_qwen3):
 
 @pytest.mark.parametrize("bad", [{"frequency_penalty": 2.5}, {"presence_penalty": -3}, {"repetition_penalty": 0},
                                  {"min_new_tokens": -1}, {"logit_bias": {"5": 101}}, {"logit_bias": {"x": 1}},
-                                 {"logit_bias": {"100000": 1}}, {"custom_params": {"foo": 1}}])
+                                 {"logit_bias": {"100000": 1}}, {"custom_params": [1]}])
 def test_out_of_range_values_are_refused_by_name(tiny_qwen3, bad):
     with make_engine(tiny_qwen3) as engine:
         with pytest.raises(HotswapError) as exc:
             engine.generate(input_ids=[5, 6], sampling_params=dict(bad, max_new_tokens=2))
-        assert ("foo" if "custom_params" in bad else next(iter(bad))) in str(exc.value)
+        assert next(iter(bad)) in str(exc.value)

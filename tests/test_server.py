@@ -276,6 +276,18 @@ def test_generate_stop_and_no_stop_trim(http):
     assert kept["text"] == base[:idx] + stop
 
 
+def test_custom_params_without_a_processor_are_metadata(http):
+    """Clients tag requests in custom_params (a worker or job id). SGLang ignores them without a custom logit processor,
+    so they change nothing here either; slime's return_top_p_token_ids beside them is still honoured."""
+    sp = {"max_new_tokens": 6, "temperature": 1.0, "top_k": 5, "seed": 11, "ignore_eos": True}
+    base = http.post("/generate", json={"text": PROMPT, "sampling_params": sp}).json()
+    tagged = http.post("/generate", json={"text": PROMPT, "sampling_params": dict(sp, custom_params={
+        "simulation": {"worker_id": 3, "job_id": "j-17"}, "return_top_p_token_ids": True})})
+    assert tagged.status_code == 200, tagged.text
+    assert tagged.json()["output_ids"] == base["output_ids"]
+    assert "top_p_token_ids" in tagged.json()["meta_info"] and "top_p_token_ids" not in base["meta_info"]
+
+
 def test_generate_native_errors(http):
     cases = [
         {"sampling_params": GREEDY},  # neither text nor input_ids
@@ -284,7 +296,8 @@ def test_generate_native_errors(http):
         {"text": "a", "sampling_params": {"bogus_param": 1}},
         {"text": "a", "sampling_params": {"stop": 5}},
         {"text": "a", "sampling_params": {"repetition_penalty": 3.0}},
-        {"text": "a", "sampling_params": {"custom_params": {"unknown": 1}}},
+        {"text": "a", "sampling_params": {"custom_params": "worker-3"}},  # not an object
+        {"text": "a", "sampling_params": {"max_new_tokens": 2, "custom_params": {"x": 1}}, "custom_logit_processor": "{}"},
         {"text": "a", "sampling_params": {"regex": "a+"}},
         {"input_ids": [1, 2], "return_logprob": True, "logprob_start_len": 2},
         {"text": "a", "sampling_params": "greedy"},

@@ -173,15 +173,13 @@ def _is_int(x) -> bool:
 
 
 def _custom_params(value) -> dict:
-    """SGLang's custom_params: only slime's `return_top_p_token_ids` means something here; anything else
-    is refused by name rather than ignored."""
+    """SGLang's custom_params: slime's `return_top_p_token_ids` is honoured. Its other keys are the input of a custom
+    logit processor, which is refused by name when one is given; without one SGLang ignores them, and clients send
+    them as per-request metadata (a worker or job id), so they are ignored here too."""
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise SamplingParamsError("invalid sampling parameter: custom_params must be an object")
-    unknown = sorted(set(value) - {"return_top_p_token_ids"})
-    if unknown:
-        raise SamplingParamsError(f"unsupported custom_params key(s): {', '.join(map(str, unknown))} (only return_top_p_token_ids)")
     return {"return_top_p_token_ids": value["return_top_p_token_ids"]} if "return_top_p_token_ids" in value else {}
 
 
