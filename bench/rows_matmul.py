@@ -41,8 +41,8 @@ def cases(shape: dict) -> list[tuple[str, int, int, str]]:
             ("down", h, i, "silu")]
 
 
-def sweep_tiles(n: int, k: int, device: torch.device) -> list[rm.Tiles]:
-    base = rm.tiles_for(n, k, device)
+def sweep_tiles(n: int, k: int, device: torch.device, rows: int) -> list[rm.Tiles]:
+    base = rm.tiles_for(n, k, device, 64, rows)
     out = []
     splits = sorted({1, base.split_k // 2, base.split_k, base.split_k * 2})  # unsplit too: no partials' round trip
     for block_n, block_k, split, stages in itertools.product((32, 64, 128), (128, 256), splits, (3, 4, 5)):  # 128: x read half as often
@@ -71,7 +71,7 @@ def main() -> None:
             it = itertools.count()
             x_mm = fused.silu_and_mul(x) if before == "silu" else x  # what the matmul itself multiplies
             err = (rm.rows_linear(x_mm, ws[0]).float() - F.linear(x_mm, ws[0]).float()).abs().max().item()
-            heuristic = rm.tiles_for(n, k, dev, 64, 64 if rows > 32 else 32)  # what rows_linear picks at these rows
+            heuristic = rm.tiles_for(n, k, dev, 64, rows)  # what rows_linear picks at these rows
             no_prefetch = dataclasses.replace(heuristic, prefetch_k=0)
             # rows_linear keeps larger weights on cuBLAS: there "ours" times cuBLAS too, and the table says so
             tiles_label = (str(heuristic) if n * k * 2 <= rm.MAX_WEIGHT_BYTES
@@ -103,7 +103,7 @@ def main() -> None:
                           f"{100 * floor / t['ours']:.0f}% / {100 * floor / t['cublas']:.0f}%", f"{err:.1e}"])
             if args.sweep and rows == max(row_counts):
                 results = []
-                for tl in sweep_tiles(n, k, dev):
+                for tl in sweep_tiles(n, k, dev, rows):
                     try:
                         results.append((graph_time_us(lambda tl=tl: ours(tl), COPIES, reps=10), tl))
                     except triton.runtime.errors.OutOfResources:  # too many stages of too wide a tile for shared memory
