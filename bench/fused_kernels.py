@@ -1,17 +1,14 @@
-"""The per-layer elementwise kernels: per-head RMSNorm + rotary + K/V store (`fused.qk_norm_rope`, both of its
-kernels) and the residual add + RMSNorm (`fused.rmsnorm`, swept over rows a program and warps), beside the eager
-PyTorch ops they replace and the bandwidth floor.
+"""The per-layer elementwise kernels of a decode step: per-head RMSNorm + rotary + K/V store
+(`fused.qk_norm_rope`, both of its kernels), beside the eager PyTorch ops it replaces and the bandwidth floor.
 
-Qwen3-0.6B shape (Hq 16, Hkv 8, D 128, bf16; norms also at the 8B's hidden 4096). Timed as a step runs them:
-one CUDA graph of calls each on its own layer's tensors, us per call.
+Qwen3-0.6B shape (Hq 16, Hkv 8, D 128, bf16). Timed as a decode step runs them: one CUDA graph of 28 calls,
+each on its own layer's tensors, us per call.
 
-    python bench/fused_kernels.py                 # both
-    python bench/fused_kernels.py --only rmsnorm  # the norm's sweep alone
+    python bench/fused_kernels.py
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -40,47 +37,7 @@ def eager_reference(q, k, v, qw, kw, rot, pos, k_cache, v_cache, slots):
     v_cache.view(-1, HK, D).index_copy_(0, slots, v)
 
 
-def rmsnorm_sweep() -> None:
-    """The residual add + RMSNorm at decode and prefill row counts: rows a program x warps, the default launch,
-    eager PyTorch (the peer) and the floor (x and the residual read, the residual and y written)."""
-    d2d = d2d_bytes_per_s(torch.device("cuda"))
-    rows_out = []
-    for hidden in (1024, 4096):
-        w = torch.randn(hidden, device="cuda", dtype=torch.bfloat16)
-        for tokens in (64, 2048, 8192, 32768):
-            nbytes = tokens * hidden * 2
-            layers = max(2, min(LAYERS, (2 << 30) // (2 * nbytes)))  # distinct tensors a call, beyond L2 where they can be
-            xs = torch.randn(layers, tokens, hidden, device="cuda", dtype=torch.bfloat16)
-            rs = torch.randn_like(xs)
-
-            def timed(fn, xs=xs, rs=rs) -> float:
-                layer = iter(i % layers for i in range(10**9))
-
-                def call():
-                    i = next(layer)
-                    fn(xs[i], rs[i])
-
-                return graph_time_us(call, layers, reps=10)
-
-            def eager(x, r):
-                r.add_(x)
-                rf = r.float()
-                return w * (rf * torch.rsqrt(rf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(r.dtype)
-
-            variants = {(rpp, nw): timed(lambda x, r, rpp=rpp, nw=nw: fused.rmsnorm(x, w, 1e-6, residual=r, rows_per_program=rpp, num_warps=nw))
-                        for rpp in (1, 2, 4, 8, 16) for nw in (4, 8)}
-            best = min(variants, key=variants.get)
-            default = timed(lambda x, r: fused.rmsnorm(x, w, 1e-6, residual=r))
-            floor = 4 * nbytes / d2d * 1e6
-            rows_out.append([hidden, tokens, f"{default:.2f} ({fused.norm_rows_per_program(tokens)} a program)",
-                             f"{variants[best]:.2f} ({best[0]} a program, {best[1]} warps)",
-                             " ".join(f"{rpp}/{nw}:{t:.1f}" for (rpp, nw), t in variants.items()), f"{timed(eager):.2f}", f"{floor:.2f}"])
-    print_table("residual add + RMSNorm, us per call (a CUDA graph of calls on distinct tensors)",
-                ["hidden", "tokens", "default launch", "best of the sweep", "rows a program / warps: us", "eager PyTorch (peer)",
-                 f"floor at {d2d / 1e12:.2f} TB/s (measured)"], rows_out)
-
-
-def qk_norm_rope_table() -> None:
+def main() -> None:
     rot = RotaryEmbedding(D, 4096, 1e6, None, torch.device("cuda"))
     qw, kw = torch.randn(D, device="cuda", dtype=torch.bfloat16), torch.randn(D, device="cuda", dtype=torch.bfloat16)
     rows = []
@@ -117,16 +74,6 @@ def qk_norm_rope_table() -> None:
     print_table("qk_norm_rope + K/V store, us per call (28 layers in one CUDA graph)",
                 ["tokens", "per (token, head) kernel", "per-token kernel", "used", "eager PyTorch (peer)",
                  f"floor at {d2d_bytes_per_s(torch.device('cuda')) / 1e12:.2f} TB/s (measured)"], rows)
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=("rmsnorm", "qk_norm_rope"), default=None)
-    args = ap.parse_args()
-    if args.only != "rmsnorm":
-        qk_norm_rope_table()
-    if args.only != "qk_norm_rope":
-        rmsnorm_sweep()
 
 
 if __name__ == "__main__":

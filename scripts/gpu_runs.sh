@@ -18,8 +18,6 @@
 #              with each off and all on, the decode graphs' critical path (~400 s)
 #   kv-loads  decode attention's KV loads evict-first against .before (d7097ab): 0.6B batch 1 / 64 twice,
 #             with the hint off, the sampled rollout (~280 s)
-#   norms   the prefill's residual add + RMSNorm by rows a program (sweep, tests, 0.6B batch 64 with 1 / 4 / 8) and the host's
-#           decode step at batch 64 on the GPU (~250 s)
 #   knobs   the few-rows matmul's steps in flight by rows against 5 / 3 for all rows, in whole decode, and its GPU tests (~250 s)
 #   rows    the few-rows decode matmul (kernels/rows_matmul.py): GPU tests, against cuBLAS with a tile sweep, decode on / off
 #   profile  the decode graphs' kernels by device time: 0.6B batch 1 / 64, 30B-A3B batch 1 (~200 s)
@@ -52,7 +50,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stages="suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|h200|profile|rows|knobs|norms|epilogues|kv-loads"
+stages="suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|h200|profile|rows|knobs|epilogues|kv-loads"
 [ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... ($stages)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
@@ -179,18 +177,6 @@ h200)  # one H200 call's worth (~480 s) of what only an H200 gives: the 30B-A3B 
     PYTHONPATH=src run h200_rollout06 80 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline
     PYTHONPATH=src run h200_rollout8b 100 python3 bench/rollout.py --shape qwen3-8b --prompts 32 --n 8 --paths offline --modes sampled
     PYTHONPATH=src run h200_throughput06 40 python3 bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,64x128x128 --hf none
-    ;;
-norms)  # the prefill's residual add + RMSNorm: its sweep of rows a program, its GPU tests, the 0.6B batch 64 with 1 / 4 / 8 rows a
-    # program (the prefill column moves), and the host's decode step at batch 64 on the GPU (~250 s)
-    PYTHONPATH=src run norms_tests 100 python3 -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py tests/test_gpu_engine.py \
-        -k "rmsnorm or bf16_greedy or cuda_graph"
-    PYTHONPATH=src run norms_sweep 120 python3 bench/fused_kernels.py --only rmsnorm
-    for rows in 1 4 8; do
-        HOTSWAP_NORM_ROWS=$rows PYTHONPATH=src run "norms_throughput_rows$rows" 60 python3 bench/throughput.py --shape qwen3-0.6b \
-            --cases 1x128x128,64x128x128 --hf none
-    done
-    PYTHONPATH=src run host_step64 60 python3 bench/host_step.py --shape qwen3-0.6b --batch 64 --prompt 128 --steps 128 \
-        --mode greedy --device cuda --profile 25
     ;;
 knobs)  # the few-rows matmul's steps in flight by rows (stages_for) against the old 5 / 3 for all rows, 0.6B batch 1-64, twice
     # each, and the kernel's GPU tests (~250 s)

@@ -36,21 +36,6 @@ def test_rmsnorm_and_fused_residual(dtype, tol, n):
     assert rel(got, want) < tol
 
 
-@pytest.mark.parametrize("rows_per_program", [1, 2, 8, None])  # None: the launch's own choice for 2,500 rows
-def test_rmsnorm_rows_per_program_equal_each_other(rows_per_program):
-    """A prefill's norm runs several rows a program: each row's result is the one-row program's to float32 rounding
-    (the row's sum may run in another order), and the residual is updated bit for bit the same."""
-    x = torch.randn(2500, 1024, device="cuda", dtype=torch.float32)
-    r = torch.randn_like(x)
-    w = torch.randn(1024, device="cuda", dtype=torch.float32)
-    r_one = r.clone()
-    want = fused.rmsnorm(x, w, 1e-6, residual=r_one, rows_per_program=1)
-    got = fused.rmsnorm(x, w, 1e-6, residual=r, rows_per_program=rows_per_program)
-    assert torch.equal(r, r_one)
-    assert rel(got, want) < 1e-6
-    assert rel(got, ref_rmsnorm(r_one, w, 1e-6)) < 1e-5
-
-
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("head_dim,hq,hk,norm", [(128, 16, 8, True), (64, 8, 1, False), (128, 32, 8, False)])
 @pytest.mark.parametrize("T", [19, 70])  # below and above fused.TOKEN_GRID_MIN_TOKENS: both kernels

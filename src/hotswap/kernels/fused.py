@@ -6,8 +6,6 @@ reference (CPU) path and the tests compare the two.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from hotswap.kernels import pdl
@@ -16,12 +14,6 @@ from hotswap.kernels import pdl
 # H100 (Hq 16, Hkv 8, D 128) per call 1.3 against 2.2 us at 1 token, 3.1 against 2.5 at 64, 160 against
 # 59 at 8192 (batch-64 decode 33.5k -> 33.7-34.1k tokens/s, batch 1 1,199 -> 1,138 with it)
 TOKEN_GRID_MIN_TOKENS = 64
-
-# RMSNorm over more rows than NORM_ROWS_FROM runs NORM_ROWS rows a program (set from bench/fused_kernels.py's
-# sweep); HOTSWAP_NORM_ROWS=N forces N rows a program for every launch
-NORM_ROWS_FROM = 256
-NORM_ROWS = 1
-NORM_ROWS_SET = int(os.environ.get("HOTSWAP_NORM_ROWS", "0"))
 
 try:
     import triton
@@ -39,23 +31,22 @@ def available(x: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _rmsnorm_kernel(X, R, W, Y, n_rows, stride_x, stride_r, stride_y, n_cols, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
-                        ROWS: tl.constexpr, USE_PDL: tl.constexpr):
+    def _rmsnorm_kernel(X, R, W, Y, stride_x, stride_r, stride_y, n_cols, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+                        USE_PDL: tl.constexpr):
         wait_previous(USE_PDL)
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
-        mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-        rows = rows.to(tl.int64)[:, None]
-        x = tl.load(X + rows * stride_x + cols[None, :], mask=mask, other=0.0)
+        mask = cols < n_cols
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
         if HAS_RES:
             # the residual sum is rounded to the model dtype, as the PyTorch reference does
-            x = x + tl.load(R + rows * stride_r + cols[None, :], mask=mask, other=0.0)
-            tl.store(R + rows * stride_r + cols[None, :], x, mask=mask)
+            x = x + tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+            tl.store(R + row * stride_r + cols, x, mask=mask)
         xf = x.to(tl.float32)
-        var = tl.sum(xf * xf, axis=1) / n_cols
-        y = (xf * tl.rsqrt(var + eps)[:, None]).to(x.dtype)
-        w = tl.load(W + cols, mask=cols < n_cols, other=0.0)
-        tl.store(Y + rows * stride_y + cols[None, :], w[None, :] * y, mask=mask)
+        var = tl.sum(xf * xf, axis=0) / n_cols
+        y = (xf * tl.rsqrt(var + eps)).to(x.dtype)
+        w = tl.load(W + cols, mask=mask, other=0.0)
+        tl.store(Y + row * stride_y + cols, w * y, mask=mask)
 
     @triton.jit
     def norm_rotate(x1, x2, w_ptrs, cos, sin, eps, HAS_NORM: tl.constexpr, HALF: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -193,29 +184,16 @@ if triton is not None:
         tl.store(Y + row * stride_y + cols, tl.load(W + tok * stride_w + cols, mask=mask), mask=mask)
 
 
-def norm_rows_per_program(n_rows: int) -> int:
-    """Rows an RMSNorm program takes: one up to a decode batch (more programs, shorter chains); a prefill's
-    thousands of rows in fewer, longer programs (`HOTSWAP_NORM_ROWS` forces a count, the A/B switch)."""
-    if NORM_ROWS_SET:
-        return NORM_ROWS_SET
-    return 1 if n_rows <= NORM_ROWS_FROM else NORM_ROWS
-
-
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, *,
-            rows_per_program: int | None = None, num_warps: int | None = None) -> torch.Tensor:
-    """y = weight * norm(x [+ residual]); with a residual, it is updated in place to x + residual.
-    `rows_per_program` / `num_warps` override the launch's shape (the benches' sweep)."""
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """y = weight * norm(x [+ residual]); with a residual, it is updated in place to x + residual."""
     x2 = x.reshape(-1, x.shape[-1])
     y = torch.empty_like(x2)
     r2 = residual.view(-1, x.shape[-1]) if residual is not None else x2
-    n_rows, n = x2.shape
-    rows = rows_per_program or norm_rows_per_program(n_rows)
-    block = triton.next_power_of_2(n)
-    warps = num_warps or (4 if rows * block <= 4096 else 8)
-    use_pdl = pdl.enabled(x.device, n_rows)
-    _rmsnorm_kernel[(triton.cdiv(n_rows, rows),)](x2, r2, weight, y, n_rows, x2.stride(0), r2.stride(0), y.stride(0), n, eps,
-                                                  HAS_RES=residual is not None, BLOCK=block, ROWS=rows, num_warps=warps,
-                                                  USE_PDL=use_pdl, launch_pdl=use_pdl)
+    n = x2.shape[1]
+    use_pdl = pdl.enabled(x.device, x2.shape[0])
+    _rmsnorm_kernel[(x2.shape[0],)](x2, r2, weight, y, x2.stride(0), r2.stride(0), y.stride(0), n, eps,
+                                    HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(n), num_warps=4 if n <= 4096 else 8,
+                                    USE_PDL=use_pdl, launch_pdl=use_pdl)
     return y.view(x.shape)
 
 
