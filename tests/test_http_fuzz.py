@@ -123,8 +123,8 @@ def base_bodies() -> dict[str, dict]:
 # a second body for the routes whose fields come in more than one shape (token ids, batches, per-prompt lists)
 ALTERNATES = {
     "/generate": {"input_ids": [[5, 6, 7], [8, 9]], "sampling_params": [{**GREEDY, "custom_params": {"return_top_p_token_ids": True}},
-                                                                      {**GREEDY, "n": 2, "temperature": 0.7}],
-                  "rid": ["alt-a", "alt-b"], "return_logprob": [True, False], "top_logprobs_num": [1, 0], "logprob_start_len": [1, 1],
+                                                                      {**GREEDY, "temperature": 0.7}],
+                  "rid": ["alt-a", "alt-b"], "return_logprob": [True, False], "top_logprobs_num": [1, 0], "logprob_start_len": [1, 0],
                   "return_routed_experts": False, "routed_experts_start_len": 0, "image_data": None, "lora_path": None,
                   "custom_logit_processor": None, "stream": True},
     "/v1/completions": {"prompt": [[5, 6, 7], [8]], "max_tokens": 3, "echo": True, "logprobs": 1, "n": 2, "temperature": 0.5, "seed": 4,

@@ -346,6 +346,51 @@ def test_info_routes(http, engine, tiny_qwen3):
     assert int(gen[0].split()[1]) > 0
 
 
+def test_admin_api_key_guards_the_admin_routes_alone(engine):
+    """SGLang's --admin-api-key: admin routes (weights, memory, pause, cache, abort) need it and refuse the API key;
+    generation and status need the API key when one is set, and nothing when only the admin key is."""
+    with ServerThread(create_app(engine, admin_api_key="adm1n", served_model_name="tiny")) as srv:
+        assert httpx.post(srv.url + "/generate", json={"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 1}}).status_code == 200
+        assert httpx.get(srv.url + "/get_server_info").json()["admin_api_key_set"] is True
+        for path in ("/flush_cache", "/update_weights_from_disk", "/pause_generation", "/release_memory_occupation", "/abort_request",
+                     "/update_weight_version", "/begin_weight_update", "/sleep", "/start_profile"):
+            assert httpx.post(srv.url + path, json={}).status_code == 401, path
+        assert httpx.post(srv.url + "/flush_cache", headers={"x-api-key": "adm1n"}).status_code == 200
+    with ServerThread(create_app(engine, api_key="us3r", admin_api_key="adm1n", served_model_name="tiny")) as srv:
+        user, admin = {"Authorization": "Bearer us3r"}, {"Authorization": "Bearer adm1n"}
+        assert httpx.post(srv.url + "/generate", json={"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 1}},
+                          headers=admin).status_code == 401  # the admin key is not the API key
+        assert httpx.get(srv.url + "/get_model_info", headers=user).status_code == 200
+        assert httpx.post(srv.url + "/flush_cache", headers=user).status_code == 401  # nor the API key the admin key
+        assert httpx.post(srv.url + "/flush_cache", headers=admin).status_code == 200
+
+
+def test_batch_logprob_options_per_prompt_and_a_string_rid(http):
+    """SGLang's batch forms (io_struct.GenerateReqInput._normalize_logprob_params / _normalize_rid): return_logprob,
+    top_logprobs_num and logprob_start_len as one value per prompt, each prompt served its own; a string rid for a
+    batch names its prompts `{rid}_{i}`; per-prompt lists with n > 1 are refused, as SGLang refuses them."""
+    ids = [[5, 6, 7, 8], [9, 10, 11]]
+    r = http.post("/generate", json={"input_ids": ids, "sampling_params": dict(GREEDY, max_new_tokens=3), "rid": "batch",
+                                     "return_logprob": [True, False], "top_logprobs_num": [2, 0], "logprob_start_len": [1, 0]})
+    assert r.status_code == 200, r.text
+    first, second = r.json()
+    assert [first["meta_info"]["id"], second["meta_info"]["id"]] == ["batch_0", "batch_1"]
+    lp = first["meta_info"]
+    assert len(lp["output_token_logprobs"]) == 3 and all(len(top) == 2 for top in lp["output_top_logprobs"])
+    assert len(lp["input_token_logprobs"]) == len(ids[0]) - 1  # positions 1..3: the first scored one is null
+    assert "output_token_logprobs" not in second["meta_info"] and "input_token_logprobs" not in second["meta_info"]
+    # the same prompt alone, with its own options, gives the same tokens and logprobs (to float32 rounding: another batch)
+    alone = http.post("/generate", json={"input_ids": ids[0], "sampling_params": dict(GREEDY, max_new_tokens=3), "return_logprob": True,
+                                         "top_logprobs_num": 2, "logprob_start_len": 1}).json()["meta_info"]
+    for want, got in zip(alone["output_token_logprobs"], lp["output_token_logprobs"], strict=True):
+        assert want[1] == got[1] and abs(want[0] - got[0]) < 1e-5
+    for field, value in (("return_logprob", [True, True]), ("top_logprobs_num", [1, 1]), ("logprob_start_len", [0, 0])):
+        r = http.post("/generate", json={"input_ids": ids, "sampling_params": dict(GREEDY, n=2), field: value})
+        assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
+    r = http.post("/generate", json={"input_ids": ids, "sampling_params": GREEDY, "return_logprob": [True]})
+    assert r.status_code == 400 and "1 values for 2 prompts" in r.json()["error"]["message"], r.text
+
+
 def test_abort_by_client_rid_and_engine_id(http, engine):
     """/abort_request reaches a request by the rid its client chose (non-stream and stream) or by meta_info.id."""
     assert http.post("/pause_generation", json={"mode": "in_place"}).status_code == 200
@@ -455,13 +500,20 @@ def test_disconnect_openai_stream_and_nonstream(server, http, engine):
 
 
 def test_api_key(engine):
+    """SGLang's rules (utils/auth.py::decide_request_auth): every route needs the key but the probes (/health*,
+    /ready, /metrics) and OPTIONS; it comes as a bearer token or an x-api-key header."""
     with ServerThread(create_app(engine, api_key="s3cret", served_model_name="tiny")) as srv:
-        assert httpx.get(srv.url + "/health").status_code == 200
-        for method, path in (("GET", "/v1/models"), ("POST", "/generate"), ("GET", "/metrics"), ("GET", "/get_model_info"),
-                             ("POST", "/update_weights_from_disk"), ("GET", "/health_generate"), ("POST", "/flush_cache")):
+        for path in ("/health", "/health_generate", "/metrics"):  # health monitors and Prometheus send no key
+            assert httpx.get(srv.url + path, timeout=30).status_code == 200, path
+        for method, path in (("GET", "/v1/models"), ("POST", "/generate"), ("GET", "/get_model_info"),
+                             ("POST", "/update_weights_from_disk"), ("POST", "/flush_cache"), ("POST", "/abort_request")):
             r = httpx.request(method, srv.url + path, json={})
             assert r.status_code == 401, path
             assert "error" in r.json()
+        r = httpx.post(srv.url + "/generate", json={"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 1}},
+                       headers={"x-api-key": "s3cret"})
+        assert r.status_code == 200, r.text
+        assert httpx.post(srv.url + "/flush_cache", headers={"authorization": "bearer s3cret"}).status_code == 200
         r = httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer wrong"})
         assert r.status_code == 401
         r = httpx.post(srv.url + "/generate", json={"text": "a", "sampling_params": {"max_new_tokens": 2}},

@@ -189,9 +189,9 @@ class EngineAPI:
 
     # ---- generation: one core (prepare -> submit -> feed outputs), thin sync / async / stream wrappers ----
 
-    def generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool | None = False,
-                 top_logprobs_num: int | None = 0, stream: bool = False, return_routed_experts: bool = False,
-                 logprob_start_len: int | None = None, routed_experts_start_len: int = 0, rid: str | list[str] | None = None,
+    def generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool | list[bool] | None = False,
+                 top_logprobs_num: int | list[int] | None = 0, stream: bool = False, return_routed_experts: bool = False,
+                 logprob_start_len: int | list[int] | None = None, routed_experts_start_len: int = 0, rid: str | list[str] | None = None,
                  image_data=None, custom_logit_processor: str | None = None, lora_path: str | None = None,
                  incremental_streaming_output: bool | None = None, audio_data=None, video_data=None, token_ids_logprob=None,
                  return_hidden_states: bool = False, bootstrap_host=None, bootstrap_port=None, bootstrap_room=None,
@@ -201,7 +201,8 @@ class EngineAPI:
         routing returned starts at that absolute position (SGLang's field; at most the prompt's length).
         `rid`: the client's request id (`meta_info.id`, `abort_request(rid)`). SGLang's other arguments
         (`image_data`, `lora_path`, `data_parallel_rank`, ...) are taken as `_check_sglang_arguments` says; None for
-        `return_logprob` / `top_logprobs_num` is SGLang's unset (False / 0).
+        `return_logprob` / `top_logprobs_num` is SGLang's unset (False / 0). `return_logprob`, `top_logprobs_num` and
+        `logprob_start_len` take one value for every prompt or, as SGLang's do, a list of one per prompt (n == 1).
         `incremental_streaming_output`: a streamed chunk's text, output_ids and output logprobs hold only its new
         tokens, not everything so far (None: the engine's `incremental_streaming_output`, SGLang's server flag)."""
         self._check_open()
@@ -232,10 +233,10 @@ class EngineAPI:
             while not call.done:
                 yield from call.feed(_take(q))
 
-    async def async_generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool | None = False,
-                             top_logprobs_num: int | None = 0, stream: bool = False, return_routed_experts: bool = False,
-                             logprob_start_len: int | None = None, routed_experts_start_len: int = 0,
-                             rid: str | list[str] | None = None, image_data=None, custom_logit_processor: str | None = None,
+    async def async_generate(self, prompt=None, sampling_params=None, input_ids=None,
+                             return_logprob: bool | list[bool] | None = False, top_logprobs_num: int | list[int] | None = 0,
+                             stream: bool = False, return_routed_experts: bool = False, logprob_start_len: int | list[int] | None = None,
+                             routed_experts_start_len: int = 0, rid: str | list[str] | None = None, image_data=None, custom_logit_processor: str | None = None,
                              lora_path: str | None = None, incremental_streaming_output: bool | None = None, audio_data=None,
                              video_data=None, token_ids_logprob=None, return_hidden_states: bool = False, bootstrap_host=None,
                              bootstrap_port=None, bootstrap_room=None, data_parallel_rank: int | None = None,

@@ -43,6 +43,18 @@ def _map_distinct(sps: list[SamplingParams], fn: Callable[[SamplingParams], Samp
     return out
 
 
+def _per_prompt(name: str, value, count: int, sps: list[SamplingParams]) -> list:
+    """`value` for each of `count` prompts: one value for all, or SGLang's list of one per prompt, which (as in
+    SGLang) cannot be fanned out over n samples."""
+    if not isinstance(value, list):
+        return [value] * count
+    if len(value) != count:
+        raise HotswapError(f"{name}: {len(value)} values for {count} prompts")
+    if any(sp.n > 1 for sp in sps):
+        raise HotswapError(f"{name} as a list of per-prompt values needs n == 1 (SGLang's rule)")
+    return value
+
+
 def _gives_max_new_tokens(params) -> bool:
     """The caller set max_new_tokens (to a number): SGLang then refuses a prompt + max_new_tokens over the
     context instead of cutting the generation short at it."""
@@ -81,11 +93,14 @@ class RequestPrep:
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
 
-    def prepare(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool = False,
-                top_logprobs_num: int = 0, return_routed_experts: bool = False, logprob_start_len: int | None = None,
-                routed_experts_start_len: int = 0, rid: str | list[str] | None = None) -> PreparedCall:
+    def prepare(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool | list[bool] = False,
+                top_logprobs_num: int | list[int] = 0, return_routed_experts: bool = False,
+                logprob_start_len: int | list[int | None] | None = None, routed_experts_start_len: int = 0,
+                rid: str | list[str] | None = None) -> PreparedCall:
         """Validate everything up front; raises HotswapError on bad input and submits nothing.
-        `logprob_start_len` (SGLang's): prompt logprobs from that position (None or -1: none)."""
+        `logprob_start_len` (SGLang's): prompt logprobs from that position (None or -1: none). `return_logprob`,
+        `top_logprobs_num` and `logprob_start_len` are one value for every prompt or, as SGLang takes them, a list
+        of one per prompt (with n == 1)."""
         if prompt is None and input_ids is None:
             raise HotswapError("give a prompt or input_ids")
         if prompt is not None and input_ids is not None:  # SGLang's rule: the token ids run, the text is not tokenized
@@ -97,10 +112,15 @@ class RequestPrep:
         id_lists, single = self._token_ids(prompt, input_ids)
         sps = self._sampling_params(sampling_params, len(id_lists), return_logprob, top_logprobs_num, return_routed_experts,
                                     routed_experts_start_len)
-        if logprob_start_len is not None:
-            if not isinstance(logprob_start_len, int) or isinstance(logprob_start_len, bool) or logprob_start_len < -1:
-                raise SamplingParamsError(f"invalid logprob_start_len: must be -1 or an integer >= 0, got {shown(logprob_start_len)}")
-            sps = _map_distinct(sps, lambda sp: dataclasses.replace(sp, logprob_start_len=logprob_start_len))
+        starts = _per_prompt("logprob_start_len", logprob_start_len, len(id_lists), sps)
+        for start in starts:
+            if start is not None and (not isinstance(start, int) or isinstance(start, bool) or start < -1):
+                raise SamplingParamsError(f"invalid logprob_start_len: must be -1 or an integer >= 0, got {shown(start)}")
+        if len(set(starts)) == 1:
+            if starts[0] is not None:
+                sps = _map_distinct(sps, lambda sp: dataclasses.replace(sp, logprob_start_len=starts[0]))
+        else:
+            sps = [sp if start is None else dataclasses.replace(sp, logprob_start_len=start) for sp, start in zip(sps, starts)]
         rids = self._rids(rid, len(id_lists), single)
         raw = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(id_lists)
         for i, (ids, sp) in enumerate(zip(id_lists, sps)):
@@ -128,10 +148,14 @@ class RequestPrep:
 
     @staticmethod
     def _rids(rid, count: int, single: bool) -> list[str | None]:
-        """One client rid per prompt (SGLang: a string for one prompt, a list for a batch), or none."""
+        """One client rid per prompt (SGLang: a string for one prompt, a list for a batch, or a string for a batch,
+        whose prompts are then `{rid}_{i}`), or none."""
         if rid is None:
             return [None] * count
-        rids = [rid] if isinstance(rid, str) and single else rid
+        if isinstance(rid, str) and rid:
+            rids = [rid] if single else [f"{rid}_{i}" for i in range(count)]
+        else:
+            rids = rid
         if not isinstance(rids, (list, tuple)) or len(rids) != count or not all(isinstance(r, str) and r for r in rids):
             raise HotswapError(f"rid must be a non-empty string for one prompt or a list of {count} such strings, got {shown(rid)}")
         if any(len(r) > MAX_RID_CHARS for r in rids):  # a rid rides on every output of its request, each step
@@ -160,7 +184,7 @@ class RequestPrep:
             raise HotswapError("empty batch: no prompt given")
         return id_lists, single
 
-    def _sampling_params(self, sampling_params, count: int, return_logprob: bool, top_logprobs_num: int,
+    def _sampling_params(self, sampling_params, count: int, return_logprob, top_logprobs_num,
                          return_routed_experts: bool, routed_experts_start_len: int) -> list[SamplingParams]:
         if isinstance(sampling_params, list):
             if len(sampling_params) != count:
@@ -168,14 +192,22 @@ class RequestPrep:
             sps = [SamplingParams.from_dict(self._from_sglang(sp)) for sp in sampling_params]
         else:
             sps = [SamplingParams.from_dict(self._from_sglang(sampling_params))] * count
-        if not isinstance(return_logprob, bool):
-            raise HotswapError(f"return_logprob must be a boolean, got {shown(return_logprob)}")
-        if not isinstance(top_logprobs_num, int) or isinstance(top_logprobs_num, bool) or top_logprobs_num < 0:
-            raise SamplingParamsError(f"invalid top_logprobs_num: must be an integer >= 0, got {shown(top_logprobs_num)}")
-        merged = bool(return_logprob or top_logprobs_num or return_routed_experts or routed_experts_start_len)  # new objects below
-        if return_logprob or top_logprobs_num:
-            sps = _map_distinct(sps, lambda sp: dataclasses.replace(sp, return_logprob=True,
-                                                                    top_logprobs_num=max(sp.top_logprobs_num, top_logprobs_num)))
+        wants = _per_prompt("return_logprob", return_logprob, count, sps)
+        tops = _per_prompt("top_logprobs_num", top_logprobs_num, count, sps)
+        for want in wants:
+            if not isinstance(want, bool):
+                raise HotswapError(f"return_logprob must be a boolean, got {shown(want)}")
+        for top in tops:
+            if not isinstance(top, int) or isinstance(top, bool) or top < 0:
+                raise SamplingParamsError(f"invalid top_logprobs_num: must be an integer >= 0, got {shown(top)}")
+        merged = bool(any(wants) or any(tops) or return_routed_experts or routed_experts_start_len)  # new objects below
+        if len(set(wants)) == 1 and len(set(tops)) == 1:  # one value for the batch: each distinct object once
+            if wants[0] or tops[0]:
+                sps = _map_distinct(sps, lambda sp: dataclasses.replace(sp, return_logprob=True,
+                                                                        top_logprobs_num=max(sp.top_logprobs_num, tops[0])))
+        else:  # SGLang's per-prompt values
+            sps = [dataclasses.replace(sp, return_logprob=True, top_logprobs_num=max(sp.top_logprobs_num, top)) if want or top else sp
+                   for sp, want, top in zip(sps, wants, tops)]
         if not isinstance(return_routed_experts, bool):
             raise HotswapError(f"return_routed_experts must be a boolean, got {shown(return_routed_experts)}")
         if return_routed_experts:

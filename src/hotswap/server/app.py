@@ -1,6 +1,6 @@
 """The FastAPI app on one Engine: OpenAI routes, SGLang's native routes, weight routes, /metrics.
 
-`create_app(engine, api_key=None, served_model_name=None, policy=None)`; `policy` (server/access.py) says which
+`create_app(engine, api_key=None, admin_api_key=None, served_model_name=None, policy=None)`; `policy` (server/access.py) says which
 Hosts, Origins and save destinations are allowed. Everything the routes need from the engine
 goes through its public API (`async_generate`, `asubmit` (shielded), `tokenizer`, `model_info`); the app never
 blocks the event loop on the scheduler.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
 import logging
 import sys
 import time
@@ -28,6 +27,7 @@ import hotswap
 from hotswap import protocol as p
 from hotswap.gc_policy import make_garbage_collections_rare
 from hotswap.server.access import AccessPolicy, refuse_browser_get
+from hotswap.server.auth import ApiKeys
 from hotswap.server.body_limit import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, BodyLimits
 from hotswap.server.diagnostics_api import register as register_diagnostics_routes
 from hotswap.server.generation import (
@@ -72,11 +72,9 @@ _CLIENT_CLOSED = 499
 class ServerState:
     """What the routes share: the engine, names, limits, metrics, draining flag."""
 
-    def __init__(self, engine, *, api_key: str | None, served_model_name: str | None, policy: AccessPolicy):
-        if api_key is not None and not api_key.strip():
-            raise ValueError("api_key is empty: give a real key, or none to serve without authentication")
+    def __init__(self, engine, *, keys: ApiKeys, served_model_name: str | None, policy: AccessPolicy):
         self.engine = engine
-        self.api_key = api_key
+        self.keys = keys
         self.policy = policy
         self._served_model_name = served_model_name
         self.created = int(time.time())
@@ -190,19 +188,11 @@ class ServerState:
 
 class ServerMiddleware:
     """Pure ASGI (streaming and disconnects pass through untouched): the access policy (Host, Origin, JSON
-    bodies), bearer auth on every route but /health, and a request counter per (method, route, status)."""
+    bodies), the API keys (server/auth.py: SGLang's rules), and a request counter per (method, route, status)."""
 
     def __init__(self, app: ASGIApp, state: ServerState):
         self.app = app
         self.state = state
-        self._key = state.api_key.encode() if state.api_key else None
-
-    def _authorized(self, scope: Scope) -> bool:
-        for name, value in scope.get("headers", ()):
-            if name == b"authorization":
-                scheme, _, token = value.partition(b" ")
-                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._key)
-        return False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -215,9 +205,10 @@ class ServerMiddleware:
             await _send_error(send, err)
             self.state.metrics.observe_http(method, "refused", err.status)
             return
-        if self._key is not None and scope.get("path") != "/health" and not self._authorized(scope):
-            err = APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", type_="AuthenticationError",
-                           code="invalid_api_key")
+        keys = self.state.keys
+        if keys.any and not keys.admits(method, scope.get("path", ""), dict(scope.get("headers", ()))):
+            err = APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>' (the admin "
+                           "key on admin routes when the server has one)", type_="AuthenticationError", code="invalid_api_key")
             await _send_error(send, err, [(b"www-authenticate", b"Bearer")])
             self.state.metrics.observe_http(method, "unauthorized", 401)
             return
@@ -335,7 +326,8 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
 
     async def server_info() -> JSONResponse:
         info = await asyncio.to_thread(engine.get_server_info)
-        info.update({"served_model_name": state.served_model_name, "api_key_set": state.api_key is not None,
+        info.update({"served_model_name": state.served_model_name, "api_key_set": state.keys.api_key is not None,
+                     "admin_api_key_set": state.keys.admin_api_key is not None,
                      "model_info": engine.model_info()})
         return JSONResponse(info)
 
@@ -426,17 +418,12 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
             sps = [normalize_sampling_params(sp) for sp in body.sampling_params]
         else:
             sps = [normalize_sampling_params(body.sampling_params)] * count
-        start = body.logprob_start_len
-        if isinstance(start, list):
-            if len(set(start)) > 1:
-                raise APIError(400, "logprob_start_len: per-prompt values must be equal", param="logprob_start_len")
-            start = start[0] if start else None
-        return_logprob = any(body.return_logprob) if isinstance(body.return_logprob, list) else body.return_logprob
-        top_n = max(body.top_logprobs_num, default=0) if isinstance(body.top_logprobs_num, list) else body.top_logprobs_num
-        # the engine prepares, validates and fans out (prompts x n, seeds) on every path, streaming or not;
-        # a client rid is the engine's id for the request, so /abort_request reaches it directly
+        # the engine prepares, validates and fans out (prompts x n, seeds) on every path, streaming or not, and takes
+        # the logprob options as one value or SGLang's list of one per prompt; a client rid is the engine's id for the
+        # request, so /abort_request reaches it directly
         kwargs = {"prompt": body.text, "input_ids": body.input_ids, "sampling_params": sps if isinstance(body.sampling_params, list) else sps[0],
-                  "return_logprob": return_logprob, "top_logprobs_num": top_n, "logprob_start_len": start,
+                  "return_logprob": body.return_logprob, "top_logprobs_num": body.top_logprobs_num,
+                  "logprob_start_len": body.logprob_start_len,
                   "return_routed_experts": body.return_routed_experts, "routed_experts_start_len": body.routed_experts_start_len,
                   "rid": body.rid, "image_data": body.image_data, "lora_path": body.lora_path,
                   "custom_logit_processor": body.custom_logit_processor}
@@ -484,12 +471,14 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
 # bounds that wait (measured on the H200: docs/benchmarks.md, streaming rollouts).
 GIL_SWITCH_INTERVAL_S = 0.0005
 
-def create_app(engine, *, api_key: str | None = None, served_model_name: str | None = None, policy: AccessPolicy | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> FastAPI:
+def create_app(engine, *, api_key: str | None = None, admin_api_key: str | None = None, served_model_name: str | None = None,
+               policy: AccessPolicy | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> FastAPI:
     """Build the HTTP app on a running Engine. The caller owns the engine (and shuts it down).
+    `api_key` / `admin_api_key`: SGLang's keys (server/auth.py says which routes need which).
     `max_body_bytes`: larger request bodies get 413; `body_timeout_s`: a body not in within this many seconds
     gets 408 (0: no limit for either)."""
-    state = ServerState(engine, api_key=api_key, served_model_name=served_model_name, policy=policy or AccessPolicy())
+    state = ServerState(engine, keys=ApiKeys(api_key, admin_api_key), served_model_name=served_model_name, policy=policy or AccessPolicy())
     sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
     make_garbage_collections_rare()
     app = FastAPI(title="hotswap", version=hotswap.__version__, docs_url=None, redoc_url=None, openapi_url=None)

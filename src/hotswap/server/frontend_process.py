@@ -67,6 +67,7 @@ class FrontendOptions:
     host: str
     port: int
     api_key: str | None = None
+    admin_api_key: str | None = None
     served_model_name: str | None = None
     policy: AccessPolicy = AccessPolicy()
     max_body_bytes: int = 0
@@ -98,7 +99,8 @@ def _frontend_main(conn, info: EngineInfo, options: FrontendOptions, sock: socke
     engine = RemoteEngine(conn, info, on_close=stop_serving)
     share = None
     try:
-        app = create_app(engine, api_key=options.api_key, served_model_name=options.served_model_name, policy=options.policy,
+        app = create_app(engine, api_key=options.api_key, admin_api_key=options.admin_api_key,
+                         served_model_name=options.served_model_name, policy=options.policy,
                          max_body_bytes=options.max_body_bytes, body_timeout_s=options.body_timeout_s)
         config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level, lifespan="off",
                                 timeout_graceful_shutdown=int(options.drain_timeout) + 10,

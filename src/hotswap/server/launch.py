@@ -45,8 +45,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load-format", default=None, choices=("auto", "dummy"),
                         help="'dummy': random weights of the checkpoint's shapes (benchmarks; config.json and tokenizer only)")
     parser.add_argument("--api-key", default=os.environ.get("HOTSWAP_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' on every route but /health (default: $HOTSWAP_API_KEY; "
-                             "an empty key is an error)")
+                        help="require 'Authorization: Bearer KEY' (or 'x-api-key: KEY') on every route but the /health, /ready and "
+                             "/metrics probes (default: $HOTSWAP_API_KEY; an empty key is an error)")
+    parser.add_argument("--admin-api-key", default=os.environ.get("HOTSWAP_ADMIN_API_KEY"),
+                        help="SGLang's: the admin routes (weights, memory, pause, cache, abort, profiling) require this key instead "
+                             "of --api-key; generation and status routes then need --api-key only if it is set (default: "
+                             "$HOTSWAP_ADMIN_API_KEY)")
     parser.add_argument("--allowed-hosts", default="",
                         help="comma-separated Host names accepted besides IP addresses and localhost ('*': any), "
                              "e.g. the name a proxy forwards")
@@ -256,8 +260,10 @@ def serve(args: argparse.Namespace) -> None:
 
     level = getattr(args, "log_level", "info") or "info"
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.api_key is not None and not args.api_key.strip():
-        raise ValueError("--api-key (or $HOTSWAP_API_KEY) is empty: give a real key, or leave it unset to serve without one")
+    admin_api_key = getattr(args, "admin_api_key", None)
+    for flag, key in (("--api-key (or $HOTSWAP_API_KEY)", args.api_key), ("--admin-api-key (or $HOTSWAP_ADMIN_API_KEY)", admin_api_key)):
+        if key is not None and not key.strip():
+            raise ValueError(f"{flag} is empty: give a real key, or leave it unset to serve without one")
     host, port = args.host, int(args.port)
     frontend_process = bool(getattr(args, "frontend_process", True))
     workers = getattr(args, "frontend_workers", None)
@@ -283,14 +289,16 @@ def serve(args: argparse.Namespace) -> None:
                 engine.generate(input_ids=[probe], sampling_params={"max_new_tokens": 1, "temperature": 0.0})
                 engine.generate(input_ids=[probe], sampling_params={"max_new_tokens": 1, "temperature": 1.0}, return_logprob=True)
             bar.update()
-            options = FrontendOptions(host=host, port=port, api_key=args.api_key, served_model_name=args.served_model_name,
+            options = FrontendOptions(host=host, port=port, api_key=args.api_key, admin_api_key=admin_api_key,
+                                      served_model_name=args.served_model_name,
                                       policy=access_policy_from_args(args), max_body_bytes=args.max_body_bytes,
                                       body_timeout_s=args.body_timeout_s, header_timeout_s=args.header_timeout_s,
                                       send_timeout_s=args.send_timeout_s, log_level=level,
                                       drain_timeout=max(0.0, float(getattr(args, "drain_timeout", 30.0))))
             if not frontend_process:  # else the front end process builds its own
                 bar.set_postfix_str("building the app")
-                app = create_app(engine, api_key=options.api_key, served_model_name=options.served_model_name, policy=options.policy,
+                app = create_app(engine, api_key=options.api_key, admin_api_key=options.admin_api_key,
+                                 served_model_name=options.served_model_name, policy=options.policy,
                                  max_body_bytes=options.max_body_bytes, body_timeout_s=options.body_timeout_s)
             bar.update()
             bar.set_postfix_str(f"ready on http://{host}:{port}")
@@ -299,7 +307,8 @@ def serve(args: argparse.Namespace) -> None:
             if engine is not None:
                 engine.shutdown()
             raise
-    log.info("serving %s on http://%s:%d (%s%s)", args.model_path, host, port, "api key required" if args.api_key else "no api key",
+    keys = ", ".join(name for name, key in (("api key", args.api_key), ("admin api key", admin_api_key)) if key) or "no api key"
+    log.info("serving %s on http://%s:%d (%s%s)", args.model_path, host, port, keys,
              f"; HTTP front end in {workers} process(es) of its own" if frontend_process else "")
     try:
         if frontend_process:
