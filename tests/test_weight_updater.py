@@ -216,6 +216,26 @@ def test_update_aborts_running_requests_when_asked(engine, tiny_qwen3_v2):
     assert results[0]["meta_info"]["finish_reason"]["type"] == "abort"
 
 
+def test_an_update_refused_for_its_input_aborts_nothing(engine, tmp_path, tiny_qwen3):
+    """abort_all_requests aborts once the update's input passed its checks: a folder without weights, a payload
+    that names no parameter or a bad version is refused with the requests running on (a refusal changes
+    nothing). The black-box sweep found the disk refusal aborting and the same refusal at the HTTP layer not."""
+    results = []
+    t, ids = _slow_request(engine, results, tokens=400)
+    before = engine.check_weights("checksum").digest
+    for refused in (lambda: engine.update_weights_from_disk(str(tmp_path), abort_all_requests=True),
+                    lambda: engine.update_weights_from_tensor([("model.no_such.weight", torch.zeros(2))], abort_all_requests=True),
+                    lambda: engine.update_weights_from_disk(str(tiny_qwen3), weight_version="x" * 10_000, abort_all_requests=True)):
+        res = refused()
+        assert not res.success and "weights unchanged" in res.message, res.message
+    assert engine.get_load().num_running == 1  # still generating: the refusals ran beside it
+    t.join()
+    meta = results[0]["meta_info"]
+    assert meta["finish_reason"]["type"] == "length", meta["finish_reason"]
+    assert results[0]["output_ids"] == hf_greedy(tiny_qwen3, ids, 400)[0]
+    assert engine.check_weights("checksum").digest == before
+
+
 @pytest.mark.parametrize("mode", ["in_place", "retract"])
 def test_pause_update_continue_reports_per_token_versions(engine, tiny_qwen3_v2, mode):
     results = []

@@ -319,12 +319,10 @@ class Scheduler:
         if request is None:
             return
         waits_for_drain = isinstance(request, p.PauseGenerationRequest) and request.mode == "wait"  # vLLM's wait mode
-        # an update of a session that is not open is refused at once: it aborts nothing and waits for nothing
+        # an update of a session that is not open is refused at once: it waits for nothing; one that aborts every
+        # request (abort_all_requests) runs at once too, and aborts them once its input passed its checks (WeightUpdater._run)
         if isinstance(request, _DRAIN_FIRST) and self.sessions.stale(getattr(request, "session_id", None)) is None:
-            if getattr(request, "abort_all_requests", False):
-                self.abort_all("aborted for a weight update")
-            else:
-                waits_for_drain = True
+            waits_for_drain = not getattr(request, "abort_all_requests", False)
         if waits_for_drain and not self.update_may_run():  # started requests finish first, for a bounded time
             self.deferred.append((request, fut, time.monotonic() + self.config.weight_update_drain_timeout_s))
             return

@@ -57,9 +57,18 @@ class WeightUpdater:
         self.tensor_plans, self.read_plans = TensorPlanCache(), ReadPlanCache()
         self.sessions.session = None
 
-    def _run(self, kind: str, req, apply: Callable[[UpdateSession], tuple[int, int]]) -> p.WeightUpdateOutput:
+    def _run(self, kind: str, req, apply: Callable[[UpdateSession], tuple[int, int]], *,
+             abort_all_requests: bool = False) -> p.WeightUpdateOutput:
+        """Run a call whose source passed its checks. `abort_all_requests` (SGLang's field) aborts every request
+        here, once nothing refuses the call: an update refused for its input (a path, a payload, names, shapes, a
+        version) aborts nothing, as it changes nothing."""
         if self.weights_released():
             return self.sessions.refuse(f"{kind} refused: the weights are released; resume_memory_occupation(['weights']) first")
+        if abort_all_requests:
+            refused = self.sessions.refusal(kind, req.weight_version, req.session_id)
+            if refused is not None:
+                return refused
+            self.abort_all(f"aborted for a weight update ({kind})")
         return self.sessions.run(kind, req.weight_version, req.flush_cache, apply, session_id=req.session_id)
 
     def _load(self, session: UpdateSession, matched: MatchedTensors, *, source_can_fail: bool) -> int:
@@ -81,7 +90,7 @@ class WeightUpdater:
             self.last_read = apply_read(read, options, rollback=self.sessions.guard(session, source_can_fail=True), timeout_s=timeout_s)
             return len(read.slots), self.last_read.nbytes
 
-        return self._run("update_weights_from_disk", req, apply)
+        return self._run("update_weights_from_disk", req, apply, abort_all_requests=req.abort_all_requests)
 
     def update_weights_from_tensor(self, req: p.UpdateWeightsFromTensorRequest) -> p.WeightUpdateOutput:
         try:
@@ -97,7 +106,7 @@ class WeightUpdater:
             self.ranks.relay([(name, t) for name, _, t in matched.items], self.config.weight_update_bucket_bytes)
             return len(matched.items), self._load(session, matched, source_can_fail=False)
 
-        out = self._run("update_weights_from_tensor", req, apply)
+        out = self._run("update_weights_from_tensor", req, apply, abort_all_requests=req.abort_all_requests)
         out.extra["validate_s"] = validate_s
         return out
 
@@ -180,7 +189,7 @@ class WeightUpdater:
             matched = self.tensor_plans.match(self.model_runner.weight_map, list(zip([m.name for m in metas], received)))
             return len(matched.items), self._load(session, matched, source_can_fail=False)
 
-        out = self._run("update_weights_from_distributed", req, apply)
+        out = self._run("update_weights_from_distributed", req, apply, abort_all_requests=req.abort_all_requests)
         if recv_error is not None and recv_error not in out.message:
             out.message += f" (receiving the bucket also failed: {recv_error})"
         out.extra["received"] = recv_error is None

@@ -132,10 +132,9 @@ class Sessions:
 
     # ---- one update call --------------------------------------------------------------------------
 
-    def run(self, kind: str, weight_version: str | None, flush: bool, apply: Callable[[UpdateSession], tuple[int, int]], *,
-            session_id: str | None = None) -> p.WeightUpdateOutput:
-        """Run one update call inside the open session or one of its own; commit or roll back. A call naming a
-        session that is not open is refused and touches nothing."""
+    def refusal(self, kind: str, weight_version: str | None, session_id: str | None) -> p.WeightUpdateOutput | None:
+        """Why an update call may not run now, as its refusal (None: it may): a session that is not open, a bad
+        version, an expired or failed session."""
         stale = self.stale(session_id)
         if stale is not None:
             return self.refuse_stale(f"{kind} refused: {stale}; weights unchanged", session_id)
@@ -147,6 +146,15 @@ class Sessions:
             return self.refuse(f"{kind} refused: {expired}")
         if self.session is not None and self.session.failure is not None:
             return self.refuse(f"{kind} refused: this weight-update session already failed: {self.session.failure}")
+        return None
+
+    def run(self, kind: str, weight_version: str | None, flush: bool, apply: Callable[[UpdateSession], tuple[int, int]], *,
+            session_id: str | None = None) -> p.WeightUpdateOutput:
+        """Run one update call inside the open session or one of its own; commit or roll back. A call naming a
+        session that is not open is refused and touches nothing."""
+        refused = self.refusal(kind, weight_version, session_id)
+        if refused is not None:
+            return refused
         implicit = self.session is None
         session = self.session if not implicit else self._open(explicit=False, opened_by="a single update")
         start = time.perf_counter()
