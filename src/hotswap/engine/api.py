@@ -236,11 +236,11 @@ class EngineAPI:
     async def async_generate(self, prompt=None, sampling_params=None, input_ids=None,
                              return_logprob: bool | list[bool] | None = False, top_logprobs_num: int | list[int] | None = 0,
                              stream: bool = False, return_routed_experts: bool = False, logprob_start_len: int | list[int] | None = None,
-                             routed_experts_start_len: int = 0, rid: str | list[str] | None = None, image_data=None, custom_logit_processor: str | None = None,
-                             lora_path: str | None = None, incremental_streaming_output: bool | None = None, audio_data=None,
-                             video_data=None, token_ids_logprob=None, return_hidden_states: bool = False, bootstrap_host=None,
-                             bootstrap_port=None, bootstrap_room=None, data_parallel_rank: int | None = None,
-                             external_trace_header: dict | None = None):
+                             routed_experts_start_len: int = 0, rid: str | list[str] | None = None, image_data=None,
+                             custom_logit_processor: str | None = None, lora_path: str | None = None,
+                             incremental_streaming_output: bool | None = None, audio_data=None, video_data=None, token_ids_logprob=None,
+                             return_hidden_states: bool = False, bootstrap_host=None, bootstrap_port=None, bootstrap_room=None,
+                             data_parallel_rank: int | None = None, external_trace_header: dict | None = None):
         """Awaitable generate (arguments as `generate`); with stream=True returns an async iterator of dicts. Tokenization and
         validation run in a worker thread, never on the event loop."""
         self._check_open()
