@@ -118,6 +118,30 @@ def test_the_length_limit_is_checked_before_a_stop_token(engine):
     assert ignored["output_ids"] == ref[: k + 2] and ignored["meta_info"]["finish_reason"] == {"type": "length", "length": k + 2}
 
 
+def test_a_matched_stop_tokens_text_is_left_out_of_the_text(engine):
+    """SGLang's trim_matched_stop (detokenizer_manager.py) and vLLM's detokenizer: the stop token that ended a
+    request stays in output_ids and leaves its text out, unless no_stop_trim; streamed deltas add up the same.
+    A client with skip_special_tokens false got '<|im_end|>' at the end of every answer."""
+    ref = engine.generate(PROMPT, GREEDY)["output_ids"]
+    k = next(i for i in range(2, len(ref)) if ref[i] not in ref[:i] and engine.tokenizer.decode([ref[i]]).strip())
+    if set(ref[: k + 1]) & set(engine.eos_token_ids):
+        pytest.skip("the greedy output holds an eos before the chosen stop token")
+    stops = dict(GREEDY, ignore_eos=False, stop_token_ids=[ref[k]], skip_special_tokens=False)
+    out = engine.generate(PROMPT, stops)
+    assert out["output_ids"] == ref[: k + 1] and out["meta_info"]["finish_reason"] == {"type": "stop", "matched": ref[k]}
+    assert out["text"] == engine.tokenizer.decode(ref[:k], skip_special_tokens=False)
+    kept = engine.generate(PROMPT, dict(stops, no_stop_trim=True))
+    assert kept["text"] == engine.tokenizer.decode(ref[: k + 1], skip_special_tokens=False)
+    for keep, want in ((False, out["text"]), (True, kept["text"])):
+        streamed = list(engine.generate(PROMPT, dict(stops, no_stop_trim=keep), stream=True))
+        assert "".join(c["delta_text"] for c in streamed) == want and streamed[-1]["output_ids"] == ref[: k + 1]
+    # eos with its special-token text kept: the same rule
+    eos = engine.eos_token_ids[0]
+    ids = engine.tokenizer.encode(PROMPT)
+    raw = engine.generate(input_ids=ids, sampling_params=dict(GREEDY, ignore_eos=False, logit_bias={eos: 100}, skip_special_tokens=False))
+    assert raw["output_ids"] == [eos] and raw["text"] == ""
+
+
 def spanning_stop(engine: Engine, ids: list[int], start: int) -> tuple[str, int]:
     """A two-character stop string made of the last character of token i's text and the first of token i+1's
     (so it spans a token boundary), from token `start` on, whose first match in the text is that boundary."""

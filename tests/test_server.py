@@ -100,6 +100,73 @@ def test_completion_token_prompt_and_stop(oai, engine):
     assert streamed == cut.choices[0].text
 
 
+def test_openai_routes_take_sglangs_rid_and_vllms_request_fields(http, engine):
+    """From a black-box sweep against SGLang's and vLLM's OpenAI servers: `rid` names the request (the reply's id,
+    /abort_request reaches it); include_stop_str_in_output keeps the stop string; top_k 0 is off (vLLM);
+    continuous_usage_stats puts the counts so far on every chunk; a prompt's cached tokens count once over its n
+    samples; vLLM fields that change what is sampled and are not served are refused by name, not ignored."""
+    ids = engine.tokenizer.encode(PROMPT)
+    r = http.post("/v1/completions", json={"prompt": ids, "max_tokens": 3, "temperature": 0, "rid": "cmpl-mine", "top_k": 0})
+    assert r.status_code == 200 and r.json()["id"] == "cmpl-mine", r.text
+    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "rid": "chat-mine"})
+    assert r.status_code == 200 and r.json()["id"] == "chat-mine", r.text
+    assert http.post("/pause_generation", json={"mode": "in_place"}).status_code == 200
+    try:
+        box = {}
+        t = threading.Thread(target=lambda: box.update(r=http.post("/v1/completions", json={
+            "prompt": ids, "max_tokens": 400, "ignore_eos": True, "rid": "to-abort"})))
+        t.start()
+        deadline = time.monotonic() + 30
+        while engine.get_load().num_waiting < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert http.post("/abort_request", json={"rid": "to-abort"}).status_code == 200
+        t.join(10)
+        assert box["r"].json()["choices"][0]["finish_reason"] == "abort"
+    finally:
+        assert http.post("/continue_generation").status_code == 200
+    text = http.post("/v1/completions", json={"prompt": ids, "max_tokens": 12, "temperature": 0, "ignore_eos": True}).json()["choices"][0]["text"]
+    stop = text[3:5]
+    kept = http.post("/v1/completions", json={"prompt": ids, "max_tokens": 12, "temperature": 0, "ignore_eos": True, "stop": [stop],
+                                              "include_stop_str_in_output": True}).json()["choices"][0]
+    assert kept["finish_reason"] == "stop" and kept["text"] == text[: text.index(stop) + len(stop)]
+    body = {"messages": [{"role": "user", "content": "count"}], "max_tokens": 4, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+        chunks = [json.loads(x[len("data: "):]) for x in resp.iter_lines() if x.startswith("data: {")]
+    counts = [c["usage"]["completion_tokens"] for c in chunks if c["choices"] and c["usage"] is not None]
+    assert counts and counts == sorted(counts) and counts[-1] == 4 and chunks[-1]["usage"]["completion_tokens"] == 4
+    twice = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "count to ten please"}], "max_tokens": 2,
+                                                    "n": 2}).json()["usage"]
+    assert twice.get("prompt_tokens_details", {}).get("cached_tokens", 0) <= twice["prompt_tokens"]
+    for route, field, value in (("/v1/completions", "allowed_token_ids", [5]), ("/v1/completions", "bad_words", ["x"]),
+                                ("/v1/completions", "truncate_prompt_tokens", 2), ("/v1/chat/completions", "echo", True),
+                                ("/v1/chat/completions", "prompt_logprobs", 1)):
+        req = {"prompt": ids} if route == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
+        r = http.post(route, json={**req, "max_tokens": 2, field: value})
+        assert r.status_code == 400 and field in r.json()["error"]["message"], (field, r.text)
+
+
+def test_chat_tool_call_arguments_reach_the_template_as_objects(http, engine):
+    """OpenAI clients send a tool call's arguments as a JSON string; SGLang and vLLM parse them before the chat
+    template runs, and templates such as Qwen3-Coder's iterate them as a mapping (the sweep got a 400 here)."""
+    template = ("{% for m in messages %}{{ m.role }}:{% if m.tool_calls %}{% for c in m.tool_calls %}"
+                "{% for k, v in c.function.arguments|items %}{{ k }}={{ v }};{% endfor %}{% endfor %}"
+                "{% else %}{{ m.content }}{% endif %}\n{% endfor %}")
+    own = engine.tokenizer.chat_template
+    engine.tokenizer.chat_template = template
+    try:
+        messages = [{"role": "user", "content": "weather?"},
+                    {"role": "assistant", "content": None,
+                     "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                    {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+        r = http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1, "return_token_ids": True})
+        assert r.status_code == 200, r.text
+        assert "city=Paris;" in engine.tokenizer.decode(r.json()["prompt_token_ids"])
+    finally:
+        engine.tokenizer.chat_template = own
+
+
 def test_chat_uses_template_and_stream_equals_nonstream(oai, engine):
     messages = [{"role": "system", "content": "Count."}, {"role": "user", "content": "What is the sum of 3 plus 4?"}]
     templ = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -55,7 +55,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_new_tokens: int = 0  # eos and stop_token_ids are masked until this many tokens are out
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI)
-    no_stop_trim: bool = False  # a matched stop string stays in the text
+    no_stop_trim: bool = False  # a matched stop string (or stop token) stays in the text
     # SGLang's `logprob_start_len` (a top-level generate argument there): prompt logprobs from this position;
     # -1: none but the last prompt token's placeholder
     logprob_start_len: int = -1

@@ -110,10 +110,21 @@ class OutputStreamer:
         reason = seq.finish_reason
         return seq.req.stream_text and bool(reason) and reason.get("type") == "stop" and isinstance(reason.get("matched"), str)
 
+    @staticmethod
+    def _text_ids(seq: Sequence) -> list[int]:
+        """The output ids its final text is decoded from: all of them but a matched stop token, whose text is left
+        out unless `no_stop_trim` (SGLang's detokenizer_manager.trim_matched_stop; vLLM leaves it out unless
+        include_stop_str_in_output). `output_ids` keep it."""
+        reason = seq.finish_reason
+        matched = reason.get("matched") if reason else None
+        if type(matched) is int and not seq.req.sampling_params.no_stop_trim and seq.output_ids:
+            return seq.output_ids[:-1]
+        return seq.output_ids
+
     def emit_finished(self, seqs: list[Sequence], weight_version: str) -> None:
         """Send the last output of finished sequences; their full texts are decoded in one call."""
         todo = [s for s in seqs if not self._text_is_final(s)]
-        texts = dict(zip(map(id, todo), self.decode_many([s.output_ids for s in todo], [self._skip(s) for s in todo])))
+        texts = dict(zip(map(id, todo), self.decode_many([self._text_ids(s) for s in todo], [self._skip(s) for s in todo])))
         for seq in seqs:
             self._send(seq, weight_version, True, texts.get(id(seq), seq.text))
 

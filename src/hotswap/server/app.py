@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import sys
 import time
@@ -67,6 +68,29 @@ _MAX_TEMPLATE_KWARGS_BYTES = 16 << 10
 
 # Status code nginx uses for "client closed request"; only ever logged, the client is gone.
 _CLIENT_CLOSED = 499
+
+
+def _parsed_tool_calls(message: dict) -> dict:
+    """{"tool_calls": ...} with each call's `function.arguments` given as a JSON object string parsed to a dict, as
+    SGLang (serving_chat.py: normalize_assistant_tool_call_arguments) and vLLM (chat_utils._postprocess_messages) pass
+    them to the template: OpenAI clients send arguments as a string, and templates iterate them as a mapping
+    (Qwen3-Coder's `arguments|items`) or dump them once (`|tojson`). {} when the message has no such call."""
+    calls = message.get("tool_calls")
+    if not isinstance(calls, list):
+        return {}
+    out, changed = [], False
+    for call in calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        args = fn.get("arguments") if isinstance(fn, dict) else None
+        if isinstance(args, str):
+            try:
+                parsed = json.loads(args)
+            except (ValueError, RecursionError):  # not JSON, or nested past the parser: the template gets the string
+                parsed = None
+            if isinstance(parsed, dict):
+                call, changed = {**call, "function": {**fn, "arguments": parsed}}, True
+        out.append(call)
+    return {"tool_calls": out} if changed else {}
 
 
 class ServerState:
@@ -145,7 +169,7 @@ class ServerState:
                 content = None if m.get("tool_calls") else ""
             elif not isinstance(content, str):
                 raise APIError(400, f"messages[{i}].content must be a string or a list of text parts", param="messages")
-            msgs.append({**m, "content": content})
+            msgs.append({**m, "content": content, **_parsed_tool_calls(m)})
         extra = dict(kwargs or {})
         # only the server's own template runs (transformers renders it in a sandboxed Jinja environment): a
         # template, or any other argument of apply_chat_template itself, is refused when a client sends it

@@ -41,7 +41,12 @@ UNSERVED_GENERATE_FIELDS = {
 }
 # the same on SGLang's OpenAI routes (entrypoints/openai/protocol.py), where lora_path and the like are request fields
 UNSERVED_OPENAI_FIELDS = {**UNSERVED_GENERATE_FIELDS, "lora_path": "LoRA adapters",
-                          "custom_logit_processor": "custom logit processors", "stop_regex": "regex stop conditions"}
+                          "custom_logit_processor": "custom logit processors", "stop_regex": "regex stop conditions",
+                          # vLLM's request fields that change what is sampled or returned (a chat's echo and
+                          # prompt_logprobs: /v1/completions serves both)
+                          "allowed_token_ids": "sampling restricted to given token ids", "bad_words": "banned words",
+                          "truncate_prompt_tokens": "prompt truncation", "echo": "the prompt echoed in a chat reply",
+                          "prompt_logprobs": "prompt logprobs in a chat reply"}
 # data-parallel rank hints: one DP rank here, so 0 (or unset) is the only rank there is
 _DP_RANK_FIELDS = ("data_parallel_rank", "routed_dp_rank")
 

@@ -79,6 +79,7 @@ class _SamplingFields(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
+    include_stop_str_in_output: bool = False  # vLLM's name for SGLang's no_stop_trim (a stop string or token stays in the text)
     repetition_penalty: float | None = None
     min_tokens: int = Field(0, ge=0)  # the engine's min_new_tokens: checked here, under its OpenAI name
     # SGLang's extra fields (MoE routing replay): the reply's `sglext.routed_experts` (SGLang's place: the first
@@ -92,6 +93,9 @@ class _SamplingFields(BaseModel):
     return_tokens_as_token_ids: bool | None = None
     return_token_ids: bool | None = None
     return_meta_info: bool = False
+    # SGLang's request id (the engine's: /abort_request reaches it, the reply's `id` is it); one per prompt, or one
+    # string (a batch's prompts are then `{rid}_{i}`, as SGLang names them)
+    rid: str | list[str] | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -143,7 +147,7 @@ def sampling_dict(state: ServerState, body: _SamplingFields, max_new_tokens: int
         "n": body.n,
         "ignore_eos": body.ignore_eos,
         "skip_special_tokens": body.skip_special_tokens,
-        "no_stop_trim": body.no_stop_trim,
+        "no_stop_trim": body.no_stop_trim or body.include_stop_str_in_output,
         "min_new_tokens": body.min_tokens,
     }
     for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias"):
@@ -156,7 +160,7 @@ def sampling_dict(state: ServerState, body: _SamplingFields, max_new_tokens: int
     if body.top_p is not None:
         sp["top_p"] = body.top_p
     if body.top_k is not None:
-        sp["top_k"] = body.top_k
+        sp["top_k"] = -1 if body.top_k == 0 else body.top_k  # vLLM's 0: off, as its own /inference/v1/generate reads it
     if body.min_p is not None:
         sp["min_p"] = body.min_p
     if body.seed is not None:
@@ -205,13 +209,21 @@ def check_prompt(state: ServerState, ids: list[int], max_tokens: int | None, ind
                             f"exceeds the context length {state.max_context_len}", param=max_tokens_field)
 
 
-def _usage(prompt_tokens: int, outputs: list[dict]) -> dict:
+def _usage(prompt_tokens: int, outputs: list[dict], n: int) -> dict:
+    """`outputs`: prompt-major, `n` a prompt. A prompt's cached tokens count once, its first sample's (SGLang's
+    usage_processor.calculate_response_usage: "cached_tokens should only be counted once")."""
     completion = sum(int(o["meta_info"].get("completion_tokens") or 0) for o in outputs)
-    cached = sum(int(o["meta_info"].get("cached_tokens") or 0) for o in outputs)
+    cached = sum(int(o["meta_info"].get("cached_tokens") or 0) for o in outputs[::n])
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
     if cached:
         usage["prompt_tokens_details"] = {"cached_tokens": cached}
     return usage
+
+
+def _running_usage(prompt_tokens: int, sent: dict[int, int]) -> dict:
+    """A streamed chunk's usage so far: the prompt, and every choice's tokens sent up to it."""
+    completion = sum(sent.values())
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
 def _slices(meta: dict, start: int, end: int) -> tuple[list, list | None]:
@@ -285,10 +297,20 @@ def chat_logprobs(state: ServerState, meta: dict, start: int, end: int, k: int, 
     return {"content": content}
 
 
+def reply_id(rid: str | list[str] | None, prompts: int, prefix: str) -> str:
+    """The reply's `id`: SGLang's, the first request's id (the client's rid, `{rid}_0` for a string naming a batch),
+    else a fresh one."""
+    if isinstance(rid, list) and rid:
+        return rid[0]
+    if isinstance(rid, str) and rid:
+        return rid if prompts == 1 else f"{rid}_0"
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
 async def _generate_all(state: ServerState, request: Request, id_lists: list[list[int]], sp: dict, return_logprob: bool,
-                        top_logprobs_num: int, logprob_start_len: int | None = None) -> list[dict]:
+                        top_logprobs_num: int, logprob_start_len: int | None = None, rid: str | list[str] | None = None) -> list[dict]:
     coro = state.engine.async_generate(input_ids=id_lists, sampling_params=sp, return_logprob=return_logprob,
-                                       top_logprobs_num=top_logprobs_num, logprob_start_len=logprob_start_len)
+                                       top_logprobs_num=top_logprobs_num, logprob_start_len=logprob_start_len, rid=rid)
     outs = await await_generation(request, coro)
     return outs if isinstance(outs, list) else [outs]
 
@@ -320,14 +342,23 @@ def choice_meta_info(out: dict) -> dict:
     return {**out["meta_info"], "output_ids": list(out["output_ids"])}
 
 
-def _stream_response(state: ServerState, route: str, chunks, *, rid: str, object_name: str, created: int, include_usage: bool,
+def _stream_usage(body: _SamplingFields) -> str | None:
+    """What a stream says of usage (`stream_options`): None, "final" (a last chunk with it) or "continuous"
+    (also every chunk with choices: the counts so far, as SGLang's and vLLM's continuous_usage_stats)."""
+    opts = body.stream_options
+    if opts is None or not opts.include_usage:
+        return None
+    return "continuous" if opts.continuous_usage_stats else "final"
+
+
+def _stream_response(state: ServerState, route: str, chunks, *, rid: str, object_name: str, created: int, usage: str | None, n: int,
                      prompt_tokens: int, opening: list[dict], choice, token_ids: bool = False, meta_info: bool = False,
                      opening_extra: dict | None = None) -> DisconnectAwareStreamingResponse:
     """The one OpenAI streaming loop (completions and chat). `opening`: choices sent before any token (echo,
     role), with `opening_extra` top-level fields; `choice(i, text, meta, start, end, finish)`: the route's
     choice for the tokens [start, end) of request i. `token_ids`: each choice carries its new token ids;
-    `meta_info`: a finishing choice carries its request's meta_info."""
-    chunk = _chunker(rid, object_name, created, state.served_model_name, include_usage)
+    `meta_info`: a finishing choice carries its request's meta_info; `usage` as `_stream_usage` says."""
+    chunk = _chunker(rid, object_name, created, state.served_model_name, usage is not None)
 
     async def events():
         sent: dict[int, int] = {}
@@ -352,12 +383,13 @@ def _stream_response(state: ServerState, route: str, chunks, *, rid: str, object
                 sent[i] = end
                 if fin is not None:
                     finals[i] = out
-                yield chunk([c], metadata=_chunk_metadata(out))
+                so_far = {"usage": _running_usage(prompt_tokens, sent)} if usage == "continuous" else {}
+                yield chunk([c], metadata=_chunk_metadata(out), **so_far)
             ext = sglext([finals[i] for i in sorted(finals)])
             if ext:  # SGLang's routing chunk: no choices, the response-level sglext, before the usage chunk
                 yield chunk([], **ext)
-            if include_usage:
-                yield chunk([], usage=_usage(prompt_tokens, [finals[i] for i in sorted(finals)]))
+            if usage is not None:
+                yield chunk([], usage=_usage(prompt_tokens, [finals[i] for i in sorted(finals)], n))
         except Exception as exc:  # noqa: BLE001 - report in-band; the stream has started
             yield stream_error_event(exc)
         finally:
@@ -420,12 +452,14 @@ def register(app: FastAPI, state: ServerState) -> None:
             return await asyncio.to_thread(lambda: [state.decode(ids) for ids in id_lists]) if body.echo else None
 
         n = body.n
-        rid = f"cmpl-{uuid.uuid4().hex}"
+        rid = reply_id(body.rid, len(id_lists), "cmpl")
         created = int(time.time())
         prompt_tokens = sum(len(ids) for ids in id_lists)
+        # one prompt goes as one (the engine then keeps a string rid as it is, as SGLang does)
+        prompts = id_lists[0] if len(id_lists) == 1 else id_lists
 
         if not body.stream:
-            outs = await _generate_all(state, request, id_lists, sp, **lp_args)
+            outs = await _generate_all(state, request, prompts, sp, rid=body.rid, **lp_args)
             state.metrics.observe_generation("/v1/completions", outs)
             echo_texts = await echoed()
             choices = []
@@ -446,9 +480,10 @@ def register(app: FastAPI, state: ServerState) -> None:
                 choices.append(c)
             return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": state.served_model_name,
                                  "system_fingerprint": state.fingerprint(outs), "choices": choices,
-                                 "usage": _usage(prompt_tokens, outs), "metadata": _metadata(outs), **sglext(outs)})
+                                 "usage": _usage(prompt_tokens, outs, n), "metadata": _metadata(outs), **sglext(outs)})
 
-        chunks = await open_stream(state.engine, input_ids=id_lists, sampling_params=sp, incremental_streaming_output=False, **lp_args)
+        chunks = await open_stream(state.engine, input_ids=prompts, sampling_params=sp, incremental_streaming_output=False, rid=body.rid,
+                                   **lp_args)
         echo_texts = await echoed()
         offsets: dict[int, int] = {}
 
@@ -467,8 +502,7 @@ def register(app: FastAPI, state: ServerState) -> None:
         opening = [{"index": i, "text": echo_texts[i // n], "logprobs": None, "finish_reason": None, "matched_stop": None}
                    for i in range(len(id_lists) * n)] if echo_texts is not None else []
         return _stream_response(state, "/v1/completions", chunks, rid=rid, object_name="text_completion", created=created,
-                                include_usage=bool(body.stream_options and body.stream_options.include_usage),
-                                prompt_tokens=prompt_tokens, opening=opening, choice=choice,
+                                usage=_stream_usage(body), n=n, prompt_tokens=prompt_tokens, opening=opening, choice=choice,
                                 token_ids=bool(body.return_token_ids), meta_info=body.return_meta_info)
 
     @app.post("/v1/chat/completions")
@@ -496,12 +530,14 @@ def register(app: FastAPI, state: ServerState) -> None:
         k = body.top_logprobs or 0
         as_ids = body.return_tokens_as_token_ids
         n = body.n
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        if isinstance(body.rid, list):
+            raise APIError(400, "rid must be a string for a chat completion (one prompt)", param="rid")
+        rid = reply_id(body.rid, 1, "chatcmpl")
         created = int(time.time())
         prompt_tokens = len(ids)
 
         if not body.stream:
-            outs = await _generate_all(state, request, [ids], sp, want_lp, k)
+            outs = await _generate_all(state, request, ids, sp, want_lp, k, rid=body.rid)
             state.metrics.observe_generation("/v1/chat/completions", outs)
             choices = []
             for i, out in enumerate(outs):
@@ -518,14 +554,14 @@ def register(app: FastAPI, state: ServerState) -> None:
                     c["meta_info"] = choice_meta_info(out)
                 choices.append(c)
             reply = {"id": rid, "object": "chat.completion", "created": created, "model": state.served_model_name,
-                     "system_fingerprint": state.fingerprint(outs), "choices": choices, "usage": _usage(prompt_tokens, outs),
+                     "system_fingerprint": state.fingerprint(outs), "choices": choices, "usage": _usage(prompt_tokens, outs, n),
                      "metadata": _metadata(outs), **sglext(outs)}
             if body.return_token_ids:
                 reply["prompt_token_ids"] = ids
             return JSONResponse(reply)
 
-        chunks = await open_stream(state.engine, input_ids=[ids], sampling_params=sp, return_logprob=want_lp, top_logprobs_num=k,
-                                   incremental_streaming_output=False)
+        chunks = await open_stream(state.engine, input_ids=ids, sampling_params=sp, return_logprob=want_lp, top_logprobs_num=k,
+                                   incremental_streaming_output=False, rid=body.rid)
 
         def choice(i: int, text: str, meta: dict, start: int, end: int, fin: str | None) -> dict:
             lp = chat_logprobs(state, meta, start, end, k, as_ids) if want_lp else None
@@ -534,8 +570,7 @@ def register(app: FastAPI, state: ServerState) -> None:
         opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None, "matched_stop": None,
                     **({"prompt_token_ids": ids} if body.return_token_ids or body.return_prompt_token_ids else {})} for i in range(n)]
         return _stream_response(state, "/v1/chat/completions", chunks, rid=rid, object_name="chat.completion.chunk", created=created,
-                                include_usage=bool(body.stream_options and body.stream_options.include_usage),
-                                prompt_tokens=prompt_tokens, opening=opening, choice=choice,
+                                usage=_stream_usage(body), n=n, prompt_tokens=prompt_tokens, opening=opening, choice=choice,
                                 token_ids=bool(body.return_token_ids), meta_info=body.return_meta_info,
                                 opening_extra={"prompt_token_ids": ids} if body.return_token_ids else None)
 
