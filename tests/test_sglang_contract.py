@@ -5,6 +5,8 @@ source does. Tiny CPU models; CPU tensors are shared the way a colocated CPU tra
 from __future__ import annotations
 
 import base64
+import dataclasses
+import inspect
 import json
 import shutil
 import threading
@@ -269,6 +271,29 @@ def test_engine_takes_a_whole_sglang_server_args(tiny_qwen3):
                         ({"allowed_media_domains": ["x"]}, "allowed_media_domains=\\['x'\\]: SGLang's setting is not supported by hotswap$")):
         with pytest.raises(HotswapError, match=needle):
             Engine(model_path=str(tiny_qwen3), device="cpu", **bad)
+
+
+def test_engine_takes_server_args_and_sglangs_newer_generate_arguments(tiny_qwen3):
+    """SGLang's Engine(server_args=ServerArgs(...)); generate's newer arguments (engine.py @001067ff): priority,
+    cache_salt and kv_router_hint taken and unused (SGLang ignores priority without priority scheduling), the
+    multimodal and session ones refused by name when set, the data-parallel ranks only 0; and
+    update_weights_from_distributed's sixth positional argument is load_format, as in SGLang."""
+    fields = {name: value for name, value in SGLANG_DEFAULTS.items() if value is not NOT_COMPARABLE}
+    ServerArgs = dataclasses.make_dataclass("ServerArgs", [("model_path", str), *[(name, object, dataclasses.field(default=value))
+                                                                                  for name, value in fields.items()]])
+    with Engine(server_args=ServerArgs(model_path=str(tiny_qwen3), device="cpu", page_size=4)) as eng:
+        assert (eng.config.device, eng.config.page_size) == ("cpu", 4)
+        sp = {"max_new_tokens": 2, "temperature": 0, "ignore_eos": True}
+        out = eng.generate(input_ids=[5, 6, 7], sampling_params=sp, priority=3, cache_salt="tenant-a", kv_router_hint=None,
+                           mm_hashes=None, session_params=None, routed_dp_rank=0)
+        assert len(out["output_ids"]) == 2
+        for bad, needle in (({"session_params": {"id": "s"}}, "session_params \\(continual-prompting sessions\\)"),
+                            ({"mm_hashes": ["h"]}, "mm_hashes \\(multimodal input\\)"),
+                            ({"routed_dp_rank": 1}, "routed_dp_rank=1 out of range")):
+            with pytest.raises(HotswapError, match=needle):
+                eng.generate(input_ids=[5, 6, 7], sampling_params=sp, **bad)
+        bound = inspect.signature(eng.update_weights_from_distributed).bind(["w"], ["bfloat16"], [[2]], "g", True, "flattened_bucket")
+        assert bound.arguments["load_format"] == "flattened_bucket"
 
 
 def test_max_total_tokens_caps_the_kv_cache(tiny_qwen3):

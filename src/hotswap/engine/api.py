@@ -105,19 +105,24 @@ _UNSERVED_ARGUMENTS = {
     "image_data": "image input", "audio_data": "audio input", "video_data": "video input", "lora_path": "LoRA adapters",
     "custom_logit_processor": "custom logit processors", "token_ids_logprob": "logprobs of chosen token ids",
     "return_hidden_states": "hidden states", "bootstrap_host": "PD disaggregation", "bootstrap_port": "PD disaggregation",
-    "bootstrap_room": "PD disaggregation",
+    "bootstrap_room": "PD disaggregation", "mm_hashes": "multimodal input", "mm_content_hashes": "multimodal input",
+    "session_params": "continual-prompting sessions", "session_id": "continual-prompting sessions",
+    "require_reasoning": "reasoning control",
 }
 
 
-def _check_sglang_arguments(data_parallel_rank: int | None, **unserved) -> None:
+def _check_sglang_arguments(dp_ranks: tuple[int | None, ...], **unserved) -> None:
     """The rest of SGLang's Engine.generate arguments: those of `_UNSERVED_ARGUMENTS` are accepted unset and refused by
-    name when set; `data_parallel_rank` may only name the one rank there is (0). (`external_trace_header`, a tracing
-    header, is taken and not used.)"""
+    name when set; the data-parallel ranks (`data_parallel_rank`, `routed_dp_rank`, `disagg_prefill_dp_rank`) may only
+    name the one rank there is (0). Taken and not used: `external_trace_header` (tracing), `priority` (SGLang ignores it
+    without priority scheduling), `cache_salt` (the prefix cache's sharing never changes an output), `kv_router_hint`
+    (a router's hint; one engine here)."""
     for name, value in unserved.items():
         if not is_unset(value):
             raise HotswapError(f"{name} ({_UNSERVED_ARGUMENTS[name]}) is not supported by hotswap; leave it unset")
-    if data_parallel_rank not in (None, 0):
-        raise HotswapError(f"data_parallel_rank={data_parallel_rank!r} out of range [0, 1): hotswap serves one data-parallel rank")
+    for name, rank in zip(("data_parallel_rank", "routed_dp_rank", "disagg_prefill_dp_rank"), dp_ranks):
+        if rank not in (None, 0):
+            raise HotswapError(f"{name}={rank!r} out of range [0, 1): hotswap serves one data-parallel rank")
 
 
 class SchedulerPort(Protocol):
@@ -195,7 +200,10 @@ class EngineAPI:
                  image_data=None, custom_logit_processor: str | None = None, lora_path: str | None = None,
                  incremental_streaming_output: bool | None = None, audio_data=None, video_data=None, token_ids_logprob=None,
                  return_hidden_states: bool = False, bootstrap_host=None, bootstrap_port=None, bootstrap_room=None,
-                 data_parallel_rank: int | None = None, external_trace_header: dict | None = None):
+                 data_parallel_rank: int | None = None, external_trace_header: dict | None = None, mm_hashes=None, mm_content_hashes=None,
+                 session_params=None, session_id=None, require_reasoning: bool = False, priority: int | None = None,
+                 routed_dp_rank: int | None = None, disagg_prefill_dp_rank: int | None = None, kv_router_hint=None, *,
+                 cache_salt: str | None = None):
         """One prompt -> one dict; a list (or n > 1) -> a list of dicts; stream=True -> an iterator of dicts
         (each with an `index` when the call fans out to several requests). `routed_experts_start_len`: the
         routing returned starts at that absolute position (SGLang's field; at most the prompt's length).
@@ -206,10 +214,12 @@ class EngineAPI:
         `incremental_streaming_output`: a streamed chunk's text, output_ids and output logprobs hold only its new
         tokens, not everything so far (None: the engine's `incremental_streaming_output`, SGLang's server flag)."""
         self._check_open()
-        _check_sglang_arguments(data_parallel_rank, image_data=image_data, audio_data=audio_data, video_data=video_data,
-                                custom_logit_processor=custom_logit_processor, lora_path=lora_path, token_ids_logprob=token_ids_logprob,
-                                return_hidden_states=return_hidden_states, bootstrap_host=bootstrap_host, bootstrap_port=bootstrap_port,
-                                bootstrap_room=bootstrap_room)
+        _check_sglang_arguments((data_parallel_rank, routed_dp_rank, disagg_prefill_dp_rank), image_data=image_data, audio_data=audio_data,
+                                video_data=video_data, custom_logit_processor=custom_logit_processor, lora_path=lora_path,
+                                token_ids_logprob=token_ids_logprob, return_hidden_states=return_hidden_states, bootstrap_host=bootstrap_host,
+                                bootstrap_port=bootstrap_port, bootstrap_room=bootstrap_room, mm_hashes=mm_hashes,
+                                mm_content_hashes=mm_content_hashes, session_params=session_params, session_id=session_id,
+                                require_reasoning=require_reasoning)
         return_logprob, top_logprobs_num = return_logprob or False, top_logprobs_num or 0
         prepared = self.prep.prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num,
                                      return_routed_experts=return_routed_experts, logprob_start_len=logprob_start_len,
@@ -240,14 +250,19 @@ class EngineAPI:
                              custom_logit_processor: str | None = None, lora_path: str | None = None,
                              incremental_streaming_output: bool | None = None, audio_data=None, video_data=None, token_ids_logprob=None,
                              return_hidden_states: bool = False, bootstrap_host=None, bootstrap_port=None, bootstrap_room=None,
-                             data_parallel_rank: int | None = None, external_trace_header: dict | None = None):
+                             data_parallel_rank: int | None = None, external_trace_header: dict | None = None, mm_hashes=None,
+                             mm_content_hashes=None, session_params=None, session_id=None, require_reasoning: bool = False,
+                             priority: int | None = None, routed_dp_rank: int | None = None, disagg_prefill_dp_rank: int | None = None,
+                             kv_router_hint=None, *, cache_salt: str | None = None):
         """Awaitable generate (arguments as `generate`); with stream=True returns an async iterator of dicts. Tokenization and
         validation run in a worker thread, never on the event loop."""
         self._check_open()
-        _check_sglang_arguments(data_parallel_rank, image_data=image_data, audio_data=audio_data, video_data=video_data,
-                                custom_logit_processor=custom_logit_processor, lora_path=lora_path, token_ids_logprob=token_ids_logprob,
-                                return_hidden_states=return_hidden_states, bootstrap_host=bootstrap_host, bootstrap_port=bootstrap_port,
-                                bootstrap_room=bootstrap_room)
+        _check_sglang_arguments((data_parallel_rank, routed_dp_rank, disagg_prefill_dp_rank), image_data=image_data, audio_data=audio_data,
+                                video_data=video_data, custom_logit_processor=custom_logit_processor, lora_path=lora_path,
+                                token_ids_logprob=token_ids_logprob, return_hidden_states=return_hidden_states, bootstrap_host=bootstrap_host,
+                                bootstrap_port=bootstrap_port, bootstrap_room=bootstrap_room, mm_hashes=mm_hashes,
+                                mm_content_hashes=mm_content_hashes, session_params=session_params, session_id=session_id,
+                                require_reasoning=require_reasoning)
         return_logprob, top_logprobs_num = return_logprob or False, top_logprobs_num or 0
         prepared = await asyncio.to_thread(functools.partial(
             self.prep.prepare, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num,
@@ -409,8 +424,9 @@ class EngineAPI:
                                                           world_size=world_size, group_name=group_name, backend=backend, timeout_s=timeout_s))
 
     def update_weights_from_distributed(self, names: list[str], dtypes: list, shapes: list, group_name: str = "weight_update_group",
-                                        flush_cache: bool = True, weight_version: str | None = None, load_format: str | None = None,
+                                        flush_cache: bool = True, load_format: str | None = None, weight_version: str | None = None,
                                         abort_all_requests: bool = False, session_id: str | None = None) -> p.WeightUpdateOutput:
+        """SGLang's positional order (names, dtypes, shapes, group_name, flush_cache, load_format); the rest by name."""
         dtypes = [str(d).removeprefix("torch.") for d in dtypes]
         return self._call(p.UpdateWeightsFromDistributedRequest(names=list(names), dtypes=dtypes, shapes=[list(s) for s in shapes],
                                                                 group_name=group_name, flush_cache=flush_cache, weight_version=weight_version,

@@ -4,6 +4,7 @@ offline Python API, SGLang's shapes)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 
@@ -18,6 +19,15 @@ from hotswap.runner.tp_peers import TPPeers
 from hotswap.scheduler.scheduler import Scheduler
 
 
+def _fields_of(server_args) -> dict:
+    """A ServerArgs dataclass's fields (or a dict of them)."""
+    if dataclasses.is_dataclass(server_args) and not isinstance(server_args, type):
+        return {f.name: getattr(server_args, f.name) for f in dataclasses.fields(server_args)}
+    if isinstance(server_args, dict):
+        return dict(server_args)
+    raise HotswapError(f"server_args must be a ServerArgs dataclass or a dict of its fields, got {type(server_args).__name__}")
+
+
 class Engine(EngineAPI):
     """An inference engine on one model replica.
 
@@ -27,12 +37,18 @@ class Engine(EngineAPI):
     `tensor_parallel_size=N` spawns N-1 worker processes (so a script that builds one needs the usual
     `if __name__ == "__main__":` guard); this process is rank 0 and schedules for all of them.
 
-    SGLang's ServerArgs names are accepted too (`Engine(**server_args)` as frameworks build it: `tp_size`,
+    SGLang's ServerArgs names are accepted too (`Engine(**server_args)` or `Engine(server_args=ServerArgs(...))` as
+    frameworks build it: `tp_size`,
     `mem_fraction_static`, `disable_radix_cache`, `random_seed`, `context_length`, ...); a setting hotswap
     cannot honour is refused by name (config.engine_args_from_sglang).
     """
 
-    def __init__(self, model_path: str | None = None, dtype: str | None = "auto", device: str | None = "auto", **engine_args):
+    def __init__(self, model_path: str | None = None, dtype: str | None = "auto", device: str | None = "auto", *, server_args=None,
+                 **engine_args):
+        if server_args is not None:  # SGLang's Engine(server_args=ServerArgs(...)): its fields, under those given beside it
+            engine_args = {**_fields_of(server_args), **engine_args}
+            model_path = model_path if model_path is not None else engine_args.pop("model_path", None)
+            dtype, device = engine_args.pop("dtype", dtype), engine_args.pop("device", device)
         if model_path is None:
             raise HotswapError("model_path is required")
         engine_args = engine_args_from_sglang(engine_args)

@@ -81,8 +81,8 @@ class EngineHandle(Protocol):
                                   group_name: str = ..., backend: str | None = None, timeout_s: float = ...) -> Any: ...
 
     def update_weights_from_distributed(self, names: list[str], dtypes: list, shapes: list, group_name: str = ...,
-                                        flush_cache: bool = True, weight_version: str | None = None,
-                                        load_format: str | None = None, session_id: str | None = None) -> Any: ...
+                                        flush_cache: bool = True, load_format: str | None = None,
+                                        weight_version: str | None = None, session_id: str | None = None) -> Any: ...
 
     def destroy_weights_update_group(self, group_name: str = ...) -> Any: ...
 
@@ -249,8 +249,8 @@ class HttpEngineClient:
             "world_size": int(world_size), "group_name": group_name, "backend": backend, "timeout_s": timeout_s})
 
     def update_weights_from_distributed(self, names: list[str], dtypes: list, shapes: list, group_name: str = "weight_update_group",
-                                        flush_cache: bool = True, weight_version: str | None = None,
-                                        load_format: str | None = None, session_id: str | None = None) -> EngineResult:
+                                        flush_cache: bool = True, load_format: str | None = None,
+                                        weight_version: str | None = None, session_id: str | None = None) -> EngineResult:
         return self.post(self.ROUTES["update_weights_from_distributed"], with_session({
             "names": list(names), "dtypes": [str(d).removeprefix("torch.") for d in dtypes], "shapes": [list(s) for s in shapes],
             "group_name": group_name, "flush_cache": flush_cache, "weight_version": weight_version, "load_format": load_format}, session_id))
