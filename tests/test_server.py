@@ -4,6 +4,7 @@ routes with httpx, errors, auth, and clients that disconnect mid-request."""
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 
@@ -145,6 +146,29 @@ def test_openai_routes_take_sglangs_rid_and_vllms_request_fields(http, engine):
         req = {"prompt": ids} if route == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
         r = http.post(route, json={**req, "max_tokens": 2, field: value})
         assert r.status_code == 400 and field in r.json()["error"]["message"], (field, r.text)
+
+
+def test_chat_samples_with_the_models_generation_config_where_the_request_is_silent(tiny_qwen3, tmp_path):
+    """SGLang's chat (sampling_defaults="model"): temperature, top_p, top_k, min_p and repetition_penalty a request
+    leaves unset come from generation_config.json (Qwen3 ships top_k 20); /v1/completions keeps the protocol's
+    defaults, as SGLang's does. Here top_k 1 makes an unset chat greedy, whatever its seed."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_qwen3, model)
+    gen = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**gen, "temperature": 0.6, "top_k": 1, "do_sample": True}))
+    with Engine(str(model), device="cpu", page_size=4) as eng, ServerThread(create_app(eng, served_model_name="tiny")) as srv, \
+            httpx.Client(base_url=srv.url, timeout=60) as client:
+        assert eng.model_config.sampling_defaults == {"temperature": 0.6, "top_k": 1}
+        chat = {"messages": [{"role": "user", "content": "count"}], "max_tokens": 8, "ignore_eos": True}
+        texts = {client.post("/v1/chat/completions", json={**chat, "seed": seed}).json()["choices"][0]["message"]["content"]
+                 for seed in (1, 2, 3)}
+        assert len(texts) == 1  # top_k 1: every seed samples the same tokens
+        free = {client.post("/v1/chat/completions", json={**chat, "seed": seed, "top_k": -1, "temperature": 5.0}).json()["choices"][0]
+                ["message"]["content"] for seed in (1, 2, 3)}
+        assert len(free) > 1  # the request's own values win
+        plain = {client.post("/v1/completions", json={"prompt": "count", "max_tokens": 8, "ignore_eos": True, "seed": seed,
+                                                      "temperature": 5.0}).json()["choices"][0]["text"] for seed in (1, 2, 3)}
+        assert len(plain) > 1  # completions: no model defaults (SGLang's _build_sampling_params)
 
 
 def test_chat_tool_call_arguments_reach_the_template_as_objects(http, engine):

@@ -64,6 +64,9 @@ class ModelConfig:
     mlp_only_layers: list[int] = field(default_factory=list)
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE: an always-on expert scaled by sigmoid(shared_expert_gate)
     model_type: str = ""  # config.json's model_type ("qwen3", "qwen3_moe", ...), as SGLang's /model_info reports it
+    # generation_config.json's sampling values (GENERATION_SAMPLING_FIELDS it sets): a chat completion that leaves
+    # one unset samples with it, as SGLang's chat does (sampling_defaults="model")
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
 
     def is_moe_layer(self, layer_id: int) -> bool:
         """HF's rule (Qwen3MoeDecoderLayer): sparse unless listed in mlp_only_layers or off the sparse step."""
@@ -128,11 +131,17 @@ class ModelConfig:
         )
         gen_file = path / "generation_config.json"
         if gen_file.is_file():
-            gen_eos = _eos_ids(json.loads(gen_file.read_text()).get("eos_token_id"))
-            cfg.eos_token_ids = sorted(set(cfg.eos_token_ids) | set(gen_eos))
+            gen = json.loads(gen_file.read_text())
+            cfg.eos_token_ids = sorted(set(cfg.eos_token_ids) | set(_eos_ids(gen.get("eos_token_id"))))
+            cfg.sampling_defaults = {k: gen[k] for k in GENERATION_SAMPLING_FIELDS
+                                     if isinstance(gen.get(k), (int, float)) and not isinstance(gen[k], bool)}
         if cfg.num_heads % cfg.num_kv_heads:
             raise CheckpointError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {cfg.num_kv_heads}")
         return cfg
+
+
+# the generation_config.json fields SGLang's chat takes as defaults (ModelConfig.get_default_sampling_params)
+GENERATION_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 def _moe_fields(raw: dict) -> dict:

@@ -135,34 +135,40 @@ def finish_reason(meta: dict) -> str | None:
     return reason.get("type") if reason else None
 
 
-def sampling_dict(state: ServerState, body: _SamplingFields, max_new_tokens: int) -> dict:
-    """The engine's sampling parameters (it validates the values: a bad one is a 400 naming it)."""
+def sampling_dict(state: ServerState, body: _SamplingFields, max_new_tokens: int, defaults: dict | None = None) -> dict:
+    """The engine's sampling parameters (it validates the values: a bad one is a 400 naming it). `defaults`: values
+    for the fields of config.GENERATION_SAMPLING_FIELDS the request leaves unset (a chat's: the model's)."""
+    defaults = defaults or {}
+    given = {name: getattr(body, name) if getattr(body, name) is not None else defaults.get(name)
+             for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
     if body.use_beam_search:
         raise APIError(400, "use_beam_search is not supported by hotswap", param="use_beam_search")
     if body.min_tokens > max_new_tokens:  # under its OpenAI name (the engine's refusal names min_new_tokens)
         raise APIError(400, f"min_tokens ({body.min_tokens}) must be at most max_tokens ({max_new_tokens})", param="min_tokens")
     sp: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
-        "temperature": 1.0 if body.temperature is None else body.temperature,
+        "temperature": 1.0 if given["temperature"] is None else given["temperature"],
         "n": body.n,
         "ignore_eos": body.ignore_eos,
         "skip_special_tokens": body.skip_special_tokens,
         "no_stop_trim": body.no_stop_trim or body.include_stop_str_in_output,
         "min_new_tokens": body.min_tokens,
     }
-    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias"):
+    for name in ("presence_penalty", "frequency_penalty", "logit_bias"):
         if getattr(body, name) is not None:
             sp[name] = getattr(body, name)
+    if given["repetition_penalty"] is not None:
+        sp["repetition_penalty"] = given["repetition_penalty"]
     if body.return_routed_experts:
         sp["return_routed_experts"] = True
     if body.routed_experts_start_len:  # the engine refuses it without return_routed_experts, or past the prompt
         sp["routed_experts_start_len"] = body.routed_experts_start_len
-    if body.top_p is not None:
-        sp["top_p"] = body.top_p
-    if body.top_k is not None:
-        sp["top_k"] = -1 if body.top_k == 0 else body.top_k  # vLLM's 0: off, as its own /inference/v1/generate reads it
-    if body.min_p is not None:
-        sp["min_p"] = body.min_p
+    if given["top_p"] is not None:
+        sp["top_p"] = given["top_p"]
+    if given["top_k"] is not None:
+        sp["top_k"] = -1 if given["top_k"] == 0 else given["top_k"]  # vLLM's 0: off, as its own /inference/v1/generate reads it
+    if given["min_p"] is not None:
+        sp["min_p"] = given["min_p"]
     if body.seed is not None:
         sp["seed"] = body.seed
     if body.stop:
@@ -525,7 +531,8 @@ def register(app: FastAPI, state: ServerState) -> None:
         check_prompt(state, ids, max_tokens, 0, "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
         if max_tokens is None:
             max_tokens = max(1, state.max_context_len - len(ids))
-        sp = sampling_dict(state, body, max_tokens)
+        # the model's generation_config.json values for what the request leaves unset, as SGLang's chat takes them
+        sp = sampling_dict(state, body, max_tokens, state.engine.model_config.sampling_defaults)
         want_lp = body.logprobs
         k = body.top_logprobs or 0
         as_ids = body.return_tokens_as_token_ids
