@@ -137,9 +137,10 @@ def test_openai_routes_take_sglangs_rid_and_vllms_request_fields(http, engine):
         chunks = [json.loads(x[len("data: "):]) for x in resp.iter_lines() if x.startswith("data: {")]
     counts = [c["usage"]["completion_tokens"] for c in chunks if c["choices"] and c["usage"] is not None]
     assert counts and counts == sorted(counts) and counts[-1] == 4 and chunks[-1]["usage"]["completion_tokens"] == 4
-    twice = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "count to ten please"}], "max_tokens": 2,
-                                                    "n": 2}).json()["usage"]
-    assert twice.get("prompt_tokens_details", {}).get("cached_tokens", 0) <= twice["prompt_tokens"]
+    repeat = {"messages": [{"role": "user", "content": "count to ten please, slowly and out loud"}], "max_tokens": 2}
+    http.post("/v1/chat/completions", json=repeat)  # the prompt's pages are cached now: both samples below hit them
+    twice = http.post("/v1/chat/completions", json={**repeat, "n": 2}).json()["usage"]
+    assert 0 < twice["prompt_tokens_details"]["cached_tokens"] <= twice["prompt_tokens"], twice
     for route, field, value in (("/v1/completions", "allowed_token_ids", [5]), ("/v1/completions", "bad_words", ["x"]),
                                 ("/v1/completions", "truncate_prompt_tokens", 2), ("/v1/chat/completions", "echo", True),
                                 ("/v1/chat/completions", "prompt_logprobs", 1)):
