@@ -269,6 +269,21 @@ def test_a_pause_without_updates_does_not_expire(tiny_qwen3):
         assert [ids for ids, _ in outputs(engine)] == reference_ids(tiny_qwen3, PROMPTS)
 
 
+def test_a_pause_holding_updates_does_not_expire(tiny_qwen3, tiny_qwen3_v2):
+    """vLLM's and SGLang's pause lasts until resume, and prime-rl resumes only when its slowest server has loaded
+    (up to 720 s a try): an update made during a pause stays however long the resume takes. It used to be rolled
+    back after weight_session_timeout_s of quiet, serving the old policy without a word (a black-box sweep)."""
+    v2 = checkpoint_tensors(tiny_qwen3_v2)
+    with make_engine(tiny_qwen3, weight_session_timeout_s=0.5) as engine:
+        assert engine.pause_generation("in_place").success
+        assert engine.update_weights_from_disk(str(tiny_qwen3_v2), weight_version="v2").success
+        time.sleep(1.2)
+        assert engine.get_load().paused and engine.weight_version == "v2"
+        assert engine.continue_generation().success
+        assert engine.check_weights("checksum", expected=state_dict_manifest(v2)).success
+        assert [ids for ids, _ in outputs(engine)] == reference_ids(tiny_qwen3_v2, PROMPTS)
+
+
 def test_an_abandoned_session_expires(tiny_qwen3, tiny_qwen3_v2):
     v2 = checkpoint_tensors(tiny_qwen3_v2)
     with make_engine(tiny_qwen3, weight_session_timeout_s=0.5) as engine:

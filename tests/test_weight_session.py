@@ -134,10 +134,14 @@ def test_silent_session_expires_and_rolls_back():
     assert sessions.run("update", None, True, writer(a, 2.0, sessions)).success
 
 
-def test_a_pause_without_updates_never_expires():
+def test_a_pause_never_expires_with_or_without_updates():
     sessions, _ = machine(timeout_s=0.0)
     sessions.open_pause()
     assert not sessions.expire() and sessions.open
+    a = slot("a", [1.0])
+    assert sessions.run("update", "v2", True, writer(a, 2.0, sessions)).success
+    time.sleep(0.01)
+    assert not sessions.expire() and sessions.open and a.dest.tolist() == [2.0] and sessions.weight_version == "v2"
 
 
 def test_mark_makes_content_changes_visible_once():

@@ -232,7 +232,7 @@ class EngineConfig:
     weight_load_strategy: str = "auto"  # disk reads: "auto" (pinned on CUDA) | "pinned" | "register" | "hybrid" | "plain" (weights/fast_reader.py)
     weight_load_threads: int = 16  # reader threads for disk loads
     weight_load_staging_bytes: int = 512 << 20  # pinned host staging for disk loads (and device scratch for dtype casts)
-    weight_session_timeout_s: float = 600.0
+    weight_session_timeout_s: float = 600.0  # a begin_weight_update session idle this long is rolled back (a pause never is)
     # the longest a weight update waits for started requests to finish (SGLang's drain) before it is refused
     weight_update_drain_timeout_s: float = 600.0
     weight_read_timeout_s: float = 600.0  # a disk update whose reads (headers and data) take longer fails, weights untouched

@@ -332,12 +332,19 @@ class Sessions:
     # ---- expiry and versions ----------------------------------------------------------------------
 
     def expire(self) -> bool:
-        """Roll back and close a session whose trainer went silent (died or hung); True when one expired."""
+        """Roll back and close a session whose trainer went silent (died or hung); True when one expired.
+
+        A pause's own session never expires: a pause lasts until continue_generation, as in SGLang and vLLM, and
+        the updates made in it were answered as applied. Rolling them back after a quiet spell (prime-rl resumes
+        only once its slowest server has loaded, 720 s a try) served the old policy under the trainer's new step
+        without a word. A trainer that dies mid-pause leaves the engine paused: requests sent meanwhile are refused
+        after max_queue_wait_s, and continue_generation commits what was loaded. A session begun with
+        begin_weight_update (inside a pause or not) expires: its trainer asked for push-or-nothing."""
         s = self.session
         if s is None or not s.explicit:
             return False
-        if s.opened_by == PAUSE and not s.begun and not s.changed:
-            return False  # a pause holding no updates has nothing to roll back: it lasts until continue_generation
+        if s.opened_by == PAUSE and not s.begun:
+            return False
         idle = time.monotonic() - s.last_activity
         if idle < self.timeout_s:
             return False
