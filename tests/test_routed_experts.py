@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
+import time
 
 import pytest
 import torch
@@ -142,6 +144,31 @@ def test_streamed_request_gets_routing_with_its_last_chunk(tiny_qwen3_moe):
         chunks = list(eng.generate(input_ids=prompt, sampling_params=SP, stream=True, return_routed_experts=True))
         assert all("routed_experts" not in c["meta_info"] for c in chunks[:-1])
         assert_routing_matches(tiny_qwen3_moe, prompt, chunks[-1])
+
+
+def test_a_request_aborted_while_queued_returns_no_routing_key(tiny_qwen3_moe):
+    """SGLang's abort of a request that never ran builds its meta_info without routed_experts (tokenizer_manager
+    _handle_abort_req); slime decodes whatever the key holds into prompt + output - 1 rows, so an empty string
+    there broke its rollout's abort of leftover requests. One that ran returns its rows as always."""
+    with make_engine(tiny_qwen3_moe) as eng:
+        prompt = prompt_ids(3, 8)
+        assert eng.pause_generation("in_place").success
+        try:
+            box = {}
+            t = threading.Thread(target=lambda: box.update(out=eng.generate(input_ids=prompt, sampling_params=SP, return_routed_experts=True)))
+            t.start()
+            deadline = time.monotonic() + 30
+            while eng.get_load().num_waiting < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            assert eng.abort_request(abort_all=True).success
+            t.join(10)
+        finally:
+            assert eng.continue_generation().success
+        meta = box["out"]["meta_info"]
+        assert meta["finish_reason"]["type"] == "abort" and "routed_experts" not in meta
+        ran = eng.generate(input_ids=prompt, sampling_params=SP, return_routed_experts=True)
+        assert_routing_matches(tiny_qwen3_moe, prompt, ran)
 
 
 def test_routing_from_a_start_position(tiny_qwen3_moe):

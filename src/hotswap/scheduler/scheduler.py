@@ -489,7 +489,9 @@ class Scheduler:
         in flight forwards at most their last sampled token, which is not read): their routing is read without
         waiting for it. Otherwise (a row dropped at launch, say) the step in flight may still be writing theirs."""
         table = self.model_runner.routed_experts
-        asking = [s for s in seqs if s.req.sampling_params.return_routed_experts] if table is not None else []
+        # a request that forwarded nothing (aborted while queued) has no routing: its meta_info leaves the key out, as
+        # SGLang's abort of a queued request does (slime reshapes whatever it finds there to prompt + output - 1 rows)
+        asking = [s for s in seqs if s.req.sampling_params.return_routed_experts and s.num_computed] if table is not None else []
         # every forwarded position from the asked start (the last sampled token never was), read before the pages go
         spans = [(s.pages, s.req.sampling_params.routed_experts_start_len, min(s.num_computed, s.num_tokens - 1)) for s in asking]
         for seq, routed in zip(asking, table.read_many(spans, settled=settled) if asking else []):
