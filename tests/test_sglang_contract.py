@@ -185,7 +185,10 @@ def test_info_routes_as_frameworks_read_them(served, tiny_qwen3):
     for path in ("/server_info", "/get_server_info"):
         info = c.get(path).json()
         assert info["tp_size"] == 1 and info["dp_size"] == 1 and info["pp_size"] == 1 and info["page_size"] == 4
-        assert info["enable_memory_saver"] is True and info["model_path"] == str(tiny_qwen3)
+        # as launched (slime's and miles' _init_external assert it against their own launch arguments): this server was
+        # started without enable_memory_saver, on the port it serves on (miles compares the port too), GPU 0
+        assert info["enable_memory_saver"] is False and info["model_path"] == str(tiny_qwen3)
+        assert (info["port"], info["base_gpu_id"]) == (c.base_url.port, 0)
         assert info["max_total_num_tokens"] == eng.capacity().max_total_tokens and info["weight_version"] == "default"
         assert info["max_running_requests"] == eng.config.max_running_requests and info["disaggregation_mode"] == "null"
     for path in ("/model_info", "/get_model_info"):
@@ -215,7 +218,7 @@ def test_engine_takes_sglang_server_args(tiny_qwen3):
         assert (cfg.seed, cfg.mem_fraction_static, cfg.tensor_parallel_size, cfg.enable_prefix_cache, cfg.max_context_len) == \
             (42, 0.85, 1, False, 256)
         info = eng.get_server_info()
-        assert (info["random_seed"], info["mem_fraction_static"]) == (42, 0.85)
+        assert (info["random_seed"], info["mem_fraction_static"], info["enable_memory_saver"]) == (42, 0.85, True)
     for bad, needle in (({"dp_size": 2}, "dp_size must be 1"), ({"custom_weight_loader": ["my.loader"]}, "custom_weight_loader"),
                         ({"no_such_arg": 1}, "unknown engine argument no_such_arg"), ({"tp_size": 2, "tensor_parallel_size": 1}, "disagree")):
         with pytest.raises(HotswapError, match=needle):

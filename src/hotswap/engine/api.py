@@ -597,7 +597,9 @@ class EngineAPI:
     def get_server_info(self) -> dict:
         """SGLang's server info: every ServerArgs field (SGLang's default where hotswap has no setting of its own, the
         value given where one was taken at launch), every EngineConfig field, and the ServerArgs names frameworks read
-        filled from ours (slime compares `enable_memory_saver` and the parallel sizes with its launch arguments)."""
+        filled from ours. slime and miles compare fields with their launch arguments before using an external engine
+        (`_init_external`: `enable_memory_saver` as launched, the parallel sizes, `base_gpu_id`; miles also `port`,
+        which the HTTP route fills from the address it serves on)."""
         cfg = self.config
         load = self.get_load()
         capacity = self.capacity()
@@ -612,7 +614,8 @@ class EngineAPI:
             "context_length": self.max_context_len,
             "mem_fraction_static": cfg.kv_cache_memory_fraction if cfg.mem_fraction_static is None else cfg.mem_fraction_static,
             "disable_radix_cache": not cfg.enable_prefix_cache, "random_seed": cfg.seed, "chunked_prefill_size": cfg.chunked_prefill_size,
-            "disable_cuda_graph": not cfg.enable_cuda_graph, "enable_memory_saver": True, "skip_tokenizer_init": False,
+            "disable_cuda_graph": not cfg.enable_cuda_graph, "skip_tokenizer_init": False,
+            "base_gpu_id": (self.device.index or 0) if self.device.type == "cuda" else 0,
             "weight_version": load.weight_version, "disaggregation_mode": "null", "disaggregation_bootstrap_port": None,
             "encoder_only": False, "enable_lora": False, "enable_dp_attention": False, "num_gpus": cfg.tensor_parallel_size,
             "version": hotswap.__version__, "internal_states": [load.to_dict()],

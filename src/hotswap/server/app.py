@@ -348,8 +348,11 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
         info["served_model_name"] = state.served_model_name
         return JSONResponse(info)
 
-    async def server_info() -> JSONResponse:
+    async def server_info(request: Request) -> JSONResponse:
         info = await asyncio.to_thread(engine.get_server_info)
+        served = request.scope.get("server")  # the address this server listens on, as SGLang reports its --host / --port
+        if served and served[1] is not None:
+            info.update({"host": served[0], "port": served[1]})
         info.update({"served_model_name": state.served_model_name, "api_key_set": state.keys.api_key is not None,
                      "admin_api_key_set": state.keys.admin_api_key is not None,
                      "model_info": engine.model_info()})
