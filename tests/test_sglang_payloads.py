@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import pickle
 import sys
+import time
 import types
 from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
@@ -182,6 +183,52 @@ def test_unknown_load_format_and_bad_envelopes_are_refused():
         decode_serialized_named_tensors([payload], 0, "flattened_bucket")
     with pytest.raises(PayloadError, match="expected a list of"):
         decode_serialized_named_tensors([serialize({"w": torch.ones(2)})], 0, None)
+
+
+def _shared_nest(depth: int, pair) -> object:
+    """An object of `depth` levels, each holding the level below twice: a ~100-byte pickle (the memo shares each
+    level) that stands for 2**depth leaves when hashed or printed in full."""
+    obj: object = (0,)
+    for _ in range(depth):
+        obj = pair(obj)
+    return obj
+
+
+def _pickle_body(obj: object) -> bytes:
+    """`obj`'s protocol-4 opcodes without the header, frame and STOP (its memo indices start at 0)."""
+    data = pickle.dumps(obj, protocol=4)
+    start = 2 + (9 if data[2:3] == pickle.FRAME else 0)
+    return data[start:-1]
+
+
+def _hashing(opcodes: bytes) -> bytes:
+    """A pickle that hashes a 40-deep shared tuple while it loads: built by hand, since building it here would hash it
+    (no memo index is taken before the tuple's own, so its gets stay right)."""
+    return pickle.PROTO + b"\x04" + opcodes + pickle.STOP
+
+
+_NEST = _pickle_body(_shared_nest(40, lambda o: (o, o)))
+
+
+@pytest.mark.parametrize("data", [
+    pytest.param(pickle.dumps([(_shared_nest(40, lambda o: [o, o]), None)], protocol=4), id="a list where a name goes, quoted in the error"),
+    pytest.param(_hashing(pickle.EMPTY_DICT + _NEST + pickle.BININT1 + b"\x01" + pickle.SETITEM), id="a dict key"),
+    pytest.param(_hashing(pickle.EMPTY_DICT + pickle.MARK + _NEST + pickle.BININT1 + b"\x01" + pickle.SETITEMS), id="dict keys"),
+    pytest.param(_hashing(pickle.MARK + _NEST + pickle.BININT1 + b"\x01" + pickle.DICT), id="a dict built whole"),
+    pytest.param(_hashing(pickle.MARK + _NEST + pickle.FROZENSET), id="a frozenset"),
+    pytest.param(_hashing(pickle.EMPTY_SET + pickle.MARK + _NEST + pickle.ADDITEMS), id="a set"),
+])
+def test_a_shared_structure_costs_nothing_to_refuse(data):
+    """A security review's finding: a pickle of a few hundred bytes whose memo shares each level of a nest 40 deep made
+    the error message (a repr cut only after it was built) or the unpickler (hashing a tuple key) take hours and
+    gigabytes on the scheduler thread. Keys must be flat, and refusals quote values through `shown`."""
+    assert len(data) < 1000
+    payload = base64.b64encode(data).decode()
+    for load_format in (None, "flattened_bucket"):
+        start = time.perf_counter()
+        with pytest.raises(PayloadError):
+            decode_serialized_named_tensors([payload], 0, load_format)
+        assert time.perf_counter() - start < 5.0  # hours before the fix (2**40 leaves); microseconds now
 
 
 def test_file_descriptor_sharing_is_refused_with_the_fix():

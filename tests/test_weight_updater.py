@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -214,6 +215,27 @@ def test_update_aborts_running_requests_when_asked(engine, tiny_qwen3_v2):
     t.join()
     assert res.success
     assert results[0]["meta_info"]["finish_reason"]["type"] == "abort"
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs procfs")
+@pytest.mark.parametrize("which", ["index", "shard"])
+def test_a_checkpoint_file_that_is_a_proc_file_is_refused_without_reading_it(engine, tmp_path, tiny_qwen3, which):
+    """procfs files read as regular files of size 0, and some never end (/proc/kmsg): an index or shard symlinked to
+    one held the scheduler in a read for weight_read_timeout_s (a security review). Now the opened file must be a
+    regular one with data: refused at once, weights unchanged."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_qwen3, folder)
+    shard = next(folder.glob("*.safetensors"))
+    if which == "index":
+        (folder / "model.safetensors.index.json").symlink_to("/proc/self/status")
+    else:
+        shard.unlink()
+        shard.symlink_to("/proc/self/status")
+    before = engine.check_weights("checksum").digest
+    start = time.monotonic()
+    res = engine.update_weights_from_disk(str(folder))
+    assert not res.success and "is empty or not a regular file" in res.message, res.message
+    assert time.monotonic() - start < 30 and engine.check_weights("checksum").digest == before
 
 
 def test_an_update_refused_for_its_input_aborts_nothing(engine, tmp_path, tiny_qwen3):

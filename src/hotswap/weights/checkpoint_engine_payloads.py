@@ -121,7 +121,7 @@ def parse_bucket(msg: object, buffer_bytes: int) -> list[BucketEntry]:
     entries = []
     for i, item in enumerate(msg):
         if not isinstance(item, dict) or not {"name", "dtype", "shape", "offset"} <= item.keys():
-            raise PayloadError(f"bucket item {i} must be a dict with name, dtype, shape and offset, got {item!r:.200}")
+            raise PayloadError(f"bucket item {i} must be a dict with name, dtype, shape and offset, got {shown(item)}")
         name, dtype, shape, offset = item["name"], item["dtype"], item["shape"], item["offset"]
         if not isinstance(name, str) or not name:
             raise PayloadError(f"bucket item {i}: name must be a non-empty string, got {shown(name)}")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import stat
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +42,8 @@ def checkpoint_files(model_path: str | Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            weight_map = json.loads(_read_index(index))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError) as exc:
             raise CheckpointError(f"{index} is not a valid safetensors index: {type(exc).__name__}: {exc}") from exc
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise CheckpointError(f"{index} is not a valid safetensors index: weight_map must map tensor names to shard file names")
@@ -55,6 +59,38 @@ def checkpoint_files(model_path: str | Path) -> list[Path]:
     if not files:
         raise CheckpointError(f"{shown(str(path))} holds no *.safetensors files (hotswap loads safetensors only)")
     return _regular(files)
+
+
+MAX_INDEX_BYTES = 64 << 20  # a checkpoint index names its tensors' shards: a few MB for the largest models
+
+
+@contextlib.contextmanager
+def _open_regular(file: Path) -> Iterator[tuple[io.BufferedReader, int]]:
+    """`file` opened for reading with its size, refused unless the opened file itself is a regular one with something in
+    it. Opened non-blocking: a FIFO swapped in after a check, or a file that reads as regular and never ends
+    (/proc/kmsg; procfs reports size 0), is refused or fails at once instead of holding the reader forever."""
+    fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+            raise CheckpointError(f"{file} is empty or not a regular file (a FIFO, device or /proc file never reads as a checkpoint)")
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        yield f, st.st_size
+
+
+def _read_index(index: Path) -> bytes:
+    """A checkpoint index's bytes, at most MAX_INDEX_BYTES of them."""
+    try:
+        with _open_regular(index) as (f, size):
+            if size > MAX_INDEX_BYTES:
+                raise CheckpointError(f"{index} has {size} bytes; a checkpoint index has at most {MAX_INDEX_BYTES}")
+            return f.read(size)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint index {index}: {exc}") from exc
 
 
 def _regular(files: list[Path]) -> list[Path]:
@@ -75,17 +111,16 @@ def _regular(files: list[Path]) -> list[Path]:
 def _raw_header(file: Path) -> tuple[bytes, int]:
     """A file's header bytes (unparsed) and the file's size; raises CheckpointError naming what is wrong."""
     try:
-        with open(file, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
+        with _open_regular(file) as (f, size):
+            if size < 8:
                 raise CheckpointError(f"{file} is truncated (no safetensors header)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > 100 * 1024 * 1024:
-                raise CheckpointError(f"{file} has an implausible header size {n}")
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > min(size - 8, 100 * 1024 * 1024):
+                raise CheckpointError(f"{file} has an implausible header size {n} (the file has {size} bytes)")
             header = f.read(n)
             if len(header) != n:
                 raise CheckpointError(f"{file} is truncated (its header says {n} bytes)")
-        return header, file.stat().st_size
+        return header, size
     except OSError as exc:
         raise CheckpointError(f"cannot read safetensors header of {file}: {exc}") from exc
 

@@ -154,13 +154,13 @@ def unpickle(data: bytes | str, what: str) -> object:
 
 def _int(value: object, what: str, field: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TENSOR_BYTES:
-        raise PayloadError(f"{what}: {field} must be an integer in [0, {MAX_TENSOR_BYTES}], got {value!r:.80}")
+        raise PayloadError(f"{what}: {field} must be an integer in [0, {MAX_TENSOR_BYTES}], got {shown(value)}")
     return value
 
 
 def _ints(value: object, what: str, field: str) -> tuple[int, ...]:
     if not isinstance(value, (tuple, list)) or len(value) > 64:
-        raise PayloadError(f"{what}: {field} must be a sequence of integers, got {value!r:.80}")
+        raise PayloadError(f"{what}: {field} must be a sequence of integers, got {shown(value)}")
     return tuple(_int(x, what, field) for x in value)
 
 
@@ -173,7 +173,7 @@ def _call(obj: object, funcs: frozenset[GlobalRef] | set[GlobalRef], what: str) 
 
 def _view(dtype: object, shape: object, stride: object, offset: object, what: str) -> TensorView:
     if not isinstance(dtype, torch.dtype):
-        raise PayloadError(f"{what}: dtype must be a torch dtype, got {dtype!r:.80}")
+        raise PayloadError(f"{what}: dtype must be a torch dtype, got {shown(dtype)}")
     view = TensorView(dtype=dtype, shape=_ints(shape, what, "shape"), stride=_ints(stride, what, "stride"),
                       storage_offset=_int(offset, what, "storage offset"))
     if math.prod(view.shape) * dtype.itemsize > MAX_TENSOR_BYTES:
@@ -195,11 +195,11 @@ def _parse_cuda(call: RebuildCall, what: str) -> TensorHandle:
     (tensor_cls, size, stride, tensor_offset, storage_cls, dtype, device, storage_handle, storage_size, storage_offset,
      _requires_grad, ref_counter_handle, ref_counter_offset, event_handle, event_sync_required) = call.args
     if not is_ref(tensor_cls, TENSOR_CLASSES) or not is_ref(storage_cls, STORAGE_CLASSES):
-        raise PayloadError(f"{what}: a CUDA tensor handle must name torch's tensor and storage classes, got {tensor_cls!r:.80}, {storage_cls!r:.80}")
+        raise PayloadError(f"{what}: a CUDA tensor handle must name torch's tensor and storage classes, got {shown(tensor_cls)}, {shown(storage_cls)}")
     view = _view(dtype, size, stride, tensor_offset, what)
     if not (isinstance(device, int) and not isinstance(device, bool) and 0 <= device < 1024) and not (
             isinstance(device, str) and 0 < len(device) <= 64 and device.isprintable()):
-        raise PayloadError(f"{what}: device must be a CUDA ordinal or a GPU UUID, got {device!r:.80}")
+        raise PayloadError(f"{what}: device must be a CUDA ordinal or a GPU UUID, got {shown(device)}")
     storage_bytes = _int(storage_size, what, "storage size")
     if not view.numel:
         return EmptyTensorHandle(view=view)
@@ -209,7 +209,7 @@ def _parse_cuda(call: RebuildCall, what: str) -> TensorHandle:
     if event_handle is not None and not (isinstance(event_handle, bytes) and len(event_handle) <= 4096):
         raise PayloadError(f"{what}: event handle must be bytes or None, got {type(event_handle).__name__}")
     if not isinstance(event_sync_required, bool):
-        raise PayloadError(f"{what}: event_sync_required must be a bool, got {event_sync_required!r:.80}")
+        raise PayloadError(f"{what}: event_sync_required must be a bool, got {shown(event_sync_required)}")
     handle = CudaTensorHandle(
         view=view, device=device, storage_handle=storage_handle, storage_size_bytes=storage_bytes,
         storage_offset_bytes=_int(storage_offset, what, "storage offset in its allocation"),
@@ -227,7 +227,7 @@ def _ascii(value: object, what: str, field: str) -> str:
     except UnicodeDecodeError:
         raise PayloadError(f"{what}: {field} is not ASCII") from None
     if not text.isprintable():
-        raise PayloadError(f"{what}: {field} {text!r:.80} has control characters")
+        raise PayloadError(f"{what}: {field} {shown(text)} has control characters")
     return text
 
 
@@ -236,7 +236,7 @@ def _parse_cpu(call: RebuildCall, what: str) -> TensorHandle:
         raise PayloadError(f"{what}: {REBUILD_TENSOR} takes (class, storage, (offset, size, stride, requires_grad))")
     tensor_cls, storage, (offset, size, stride, _requires_grad) = call.args
     if not is_ref(tensor_cls, TENSOR_CLASSES):
-        raise PayloadError(f"{what}: tensor class must be torch.Tensor or a Parameter, got {tensor_cls!r:.80}")
+        raise PayloadError(f"{what}: tensor class must be torch.Tensor or a Parameter, got {shown(tensor_cls)}")
     typed = _call(storage, {REBUILD_TYPED_STORAGE}, what)
     if len(typed.args) != 2:
         raise PayloadError(f"{what}: {REBUILD_TYPED_STORAGE} takes (storage, dtype)")
@@ -254,7 +254,7 @@ def _parse_cpu(call: RebuildCall, what: str) -> TensorHandle:
     _, manager, name, nbytes = storage_call.args
     shm_name = _ascii(name, what, "shared-memory name")
     if not is_torch_shm_name(shm_name):
-        raise PayloadError(f"{what}: {shm_name!r:.80} is not a torch shared-memory object name (/torch_<pid>_<n>_<n>)")
+        raise PayloadError(f"{what}: {shown(shm_name)} is not a torch shared-memory object name (/torch_<pid>_<n>_<n>)")
     handle = SharedFileTensorHandle(view=view, shm_name=shm_name, manager_socket=_ascii(manager, what, "manager socket"),
                                     storage_size_bytes=_int(nbytes, what, "storage size"))
     return _checked(handle, handle.storage_size_bytes, what)
@@ -268,7 +268,7 @@ def parse_tensor(obj: object, what: str) -> TensorHandle:
 
 def _name(value: object, what: str) -> str:
     if not isinstance(value, str) or not value or len(value) > 1024:
-        raise PayloadError(f"{what}: a tensor name must be a non-empty string, got {value!r:.80}")
+        raise PayloadError(f"{what}: a tensor name must be a non-empty string, got {shown(value)}")
     return value
 
 
@@ -312,7 +312,7 @@ def _parse_metadata(record: object, flat: TensorView, i: int) -> _BucketEntry:
     name = _name(s["name"], what)
     dtype = s["dtype"]
     if not isinstance(dtype, torch.dtype):
-        raise PayloadError(f"{shown(name)}: dtype must be a torch dtype, got {dtype!r:.80}")
+        raise PayloadError(f"{shown(name)}: dtype must be a torch dtype, got {shown(dtype)}")
     shape = _ints(s["shape"], repr(name), "shape")
     start, end, numel = (_int(s[k], repr(name), k) for k in ("start_idx", "end_idx", "numel"))
     by_bytes = flat.dtype == torch.uint8  # SGLang's multi-dtype bucket: indices count bytes
@@ -328,7 +328,7 @@ def _parse_metadata(record: object, flat: TensorView, i: int) -> _BucketEntry:
 
 def _parse_bucket(obj: object, what: str) -> tuple[TensorHandle, list[_BucketEntry]]:
     if not isinstance(obj, dict) or set(obj) != {"flattened_tensor", "metadata"}:
-        keys = sorted(map(repr, obj)) if isinstance(obj, dict) else type(obj).__name__
+        keys = sorted(shown(k) for k in list(obj)[:8]) if isinstance(obj, dict) else type(obj).__name__
         raise PayloadError(f"{what}: a flattened_bucket payload is a dict of flattened_tensor and metadata, got {keys}")
     flat = parse_tensor(obj["flattened_tensor"], f"{what}: flattened_tensor")
     if len(flat.view.shape) != 1 or (flat.view.numel > 1 and flat.view.stride != (1,)):
