@@ -257,6 +257,7 @@ def _open_cuda_ipc(d: dict, dtype: torch.dtype, mappings: CudaIpcMappings | None
     device, _, handle_offset, _ = key
 
     def open_storage() -> torch.UntypedStorage:
+        torch.cuda.init()  # opening a handle in a process whose CUDA is not initialised yet segfaults (no-op once it is)
         return torch.UntypedStorage._new_shared_cuda(
             device, raw["handle"], storage_size, handle_offset, raw["ref_counter_handle"], _int_field(d, "ref_counter_offset"),
             raw["event_handle"] or None, bool(d["event_sync_required"]),
