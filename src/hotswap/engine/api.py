@@ -111,18 +111,18 @@ _UNSERVED_ARGUMENTS = {
 }
 
 
-def _check_sglang_arguments(dp_ranks: tuple[int | None, ...], **unserved) -> None:
-    """The rest of SGLang's Engine.generate arguments: those of `_UNSERVED_ARGUMENTS` are accepted unset and refused by
-    name when set; the data-parallel ranks (`data_parallel_rank`, `routed_dp_rank`, `disagg_prefill_dp_rank`) may only
-    name the one rank there is (0). Taken and not used: `external_trace_header` (tracing), `priority` (SGLang ignores it
-    without priority scheduling), `cache_salt` (the prefix cache's sharing never changes an output), `kv_router_hint`
-    (a router's hint; one engine here)."""
-    for name, value in unserved.items():
-        if not is_unset(value):
-            raise HotswapError(f"{name} ({_UNSERVED_ARGUMENTS[name]}) is not supported by hotswap; leave it unset")
-    for name, rank in zip(("data_parallel_rank", "routed_dp_rank", "disagg_prefill_dp_rank"), dp_ranks):
-        if rank not in (None, 0):
-            raise HotswapError(f"{name}={rank!r} out of range [0, 1): hotswap serves one data-parallel rank")
+def _check_sglang_arguments(call: dict) -> None:
+    """The rest of SGLang's Engine.generate arguments, from the call's arguments (`generate`'s locals()): those of
+    `_UNSERVED_ARGUMENTS` are accepted unset and refused by name when set; the data-parallel ranks (`data_parallel_rank`,
+    `routed_dp_rank`, `disagg_prefill_dp_rank`) may only name the one rank there is (0). Taken and not used:
+    `external_trace_header` (tracing), `priority` (SGLang ignores it without priority scheduling), `cache_salt` (the
+    prefix cache's sharing never changes an output), `kv_router_hint` (a router's hint; one engine here)."""
+    for name, what in _UNSERVED_ARGUMENTS.items():
+        if not is_unset(call[name]):
+            raise HotswapError(f"{name} ({what}) is not supported by hotswap; leave it unset")
+    for name in ("data_parallel_rank", "routed_dp_rank", "disagg_prefill_dp_rank"):
+        if call[name] not in (None, 0):
+            raise HotswapError(f"{name}={call[name]!r} out of range [0, 1): hotswap serves one data-parallel rank")
 
 
 class SchedulerPort(Protocol):
@@ -214,12 +214,7 @@ class EngineAPI:
         `incremental_streaming_output`: a streamed chunk's text, output_ids and output logprobs hold only its new
         tokens, not everything so far (None: the engine's `incremental_streaming_output`, SGLang's server flag)."""
         self._check_open()
-        _check_sglang_arguments((data_parallel_rank, routed_dp_rank, disagg_prefill_dp_rank), image_data=image_data, audio_data=audio_data,
-                                video_data=video_data, custom_logit_processor=custom_logit_processor, lora_path=lora_path,
-                                token_ids_logprob=token_ids_logprob, return_hidden_states=return_hidden_states, bootstrap_host=bootstrap_host,
-                                bootstrap_port=bootstrap_port, bootstrap_room=bootstrap_room, mm_hashes=mm_hashes,
-                                mm_content_hashes=mm_content_hashes, session_params=session_params, session_id=session_id,
-                                require_reasoning=require_reasoning)
+        _check_sglang_arguments(locals())
         return_logprob, top_logprobs_num = return_logprob or False, top_logprobs_num or 0
         prepared = self.prep.prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num,
                                      return_routed_experts=return_routed_experts, logprob_start_len=logprob_start_len,
@@ -257,12 +252,7 @@ class EngineAPI:
         """Awaitable generate (arguments as `generate`); with stream=True returns an async iterator of dicts. Tokenization and
         validation run in a worker thread, never on the event loop."""
         self._check_open()
-        _check_sglang_arguments((data_parallel_rank, routed_dp_rank, disagg_prefill_dp_rank), image_data=image_data, audio_data=audio_data,
-                                video_data=video_data, custom_logit_processor=custom_logit_processor, lora_path=lora_path,
-                                token_ids_logprob=token_ids_logprob, return_hidden_states=return_hidden_states, bootstrap_host=bootstrap_host,
-                                bootstrap_port=bootstrap_port, bootstrap_room=bootstrap_room, mm_hashes=mm_hashes,
-                                mm_content_hashes=mm_content_hashes, session_params=session_params, session_id=session_id,
-                                require_reasoning=require_reasoning)
+        _check_sglang_arguments(locals())
         return_logprob, top_logprobs_num = return_logprob or False, top_logprobs_num or 0
         prepared = await asyncio.to_thread(functools.partial(
             self.prep.prepare, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num,
