@@ -101,6 +101,24 @@ def test_completion_token_prompt_and_stop(oai, engine):
     assert streamed == cut.choices[0].text
 
 
+def abort_while_queued(http, engine, route: str, body: dict, rid: str) -> httpx.Response:
+    """POST `body` while generation is paused in place, abort it by `rid` once it waits, and return its reply."""
+    assert http.post("/pause_generation", json={"mode": "in_place"}).status_code == 200
+    try:
+        box = {}
+        t = threading.Thread(target=lambda: box.update(reply=http.post(route, json=body)))
+        t.start()
+        deadline = time.monotonic() + 30
+        while engine.get_load().num_waiting < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert http.post("/abort_request", json={"rid": rid}).status_code == 200
+        t.join(10)
+        return box["reply"]
+    finally:
+        assert http.post("/continue_generation").status_code == 200
+
+
 def test_openai_routes_take_sglangs_rid_and_vllms_request_fields(http, engine):
     """From a black-box sweep against SGLang's and vLLM's OpenAI servers: `rid` names the request (the reply's id,
     /abort_request reaches it); include_stop_str_in_output keeps the stop string; top_k 0 is off (vLLM);
@@ -111,21 +129,9 @@ def test_openai_routes_take_sglangs_rid_and_vllms_request_fields(http, engine):
     assert r.status_code == 200 and r.json()["id"] == "cmpl-mine", r.text
     r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "rid": "chat-mine"})
     assert r.status_code == 200 and r.json()["id"] == "chat-mine", r.text
-    assert http.post("/pause_generation", json={"mode": "in_place"}).status_code == 200
-    try:
-        box = {}
-        t = threading.Thread(target=lambda: box.update(r=http.post("/v1/completions", json={
-            "prompt": ids, "max_tokens": 400, "ignore_eos": True, "rid": "to-abort"})))
-        t.start()
-        deadline = time.monotonic() + 30
-        while engine.get_load().num_waiting < 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        assert http.post("/abort_request", json={"rid": "to-abort"}).status_code == 200
-        t.join(10)
-        assert box["r"].json()["choices"][0]["finish_reason"] == "abort"
-    finally:
-        assert http.post("/continue_generation").status_code == 200
+    aborted = abort_while_queued(http, engine, "/v1/completions", {"prompt": ids, "max_tokens": 400, "ignore_eos": True, "rid": "to-abort"},
+                                 "to-abort")
+    assert aborted.json()["choices"][0]["finish_reason"] == "abort"
     text = http.post("/v1/completions", json={"prompt": ids, "max_tokens": 12, "temperature": 0, "ignore_eos": True}).json()["choices"][0]["text"]
     stop = text[3:5]
     kept = http.post("/v1/completions", json={"prompt": ids, "max_tokens": 12, "temperature": 0, "ignore_eos": True, "stop": [stop],
@@ -485,25 +491,8 @@ def test_batch_logprob_options_per_prompt_and_a_string_rid(http):
 
 def test_abort_by_client_rid_and_engine_id(http, engine):
     """/abort_request reaches a request by the rid its client chose (non-stream and stream) or by meta_info.id."""
-    assert http.post("/pause_generation", json={"mode": "in_place"}).status_code == 200
-    try:
-        results = {}
-
-        def call(name, body):
-            results[name] = http.post("/generate", json=body)
-
-        t = threading.Thread(target=call, args=("plain", {"text": PROMPT, "sampling_params": GREEDY, "rid": "my-rid"}))
-        t.start()
-        deadline = time.monotonic() + 30
-        while engine.get_load().num_waiting < 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        assert http.post("/abort_request", json={"rid": "my-rid"}).status_code == 200
-        t.join(5)
-        out = results["plain"].json()
-        assert out["meta_info"]["finish_reason"]["type"] == "abort" and out["meta_info"]["id"] == "my-rid"
-    finally:
-        assert http.post("/continue_generation").status_code == 200
+    out = abort_while_queued(http, engine, "/generate", {"text": PROMPT, "sampling_params": GREEDY, "rid": "my-rid"}, "my-rid").json()
+    assert out["meta_info"]["finish_reason"]["type"] == "abort" and out["meta_info"]["id"] == "my-rid"
     # a stream: abort by the engine id seen in the first chunk keeps the partial output
     sp = dict(GREEDY, max_new_tokens=400)
     with http.stream("POST", "/generate", json={"text": PROMPT, "sampling_params": sp, "stream": True}) as r:
