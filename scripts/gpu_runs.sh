@@ -40,8 +40,9 @@
 # with --ipc-bucket-mib 512,2048, `sessions` with a serving-size KV pool, `attention-mix` (the plan against one split).
 # (The few-rows tiles' sweep with unsplit K and 128-column tiles ran in the twenty-fifth session: the heuristic's tiles
 # are its best; the twenty-sixth's `knobs` stage chose their steps in flight by rows, batch 64 47.1-47.4 -> 47.6-48.1 %.
-# Its five H200 tries did not start either, and the whole GPU suite last ran on the twenty-fifth session's tree: run
-# `suite` first next time.)
+# Its five H200 tries did not start either. The twenty-seventh ran `suite` on 0ed2f45 (248 passed) and the GPU tests of
+# what changed after it; its four H200 tries did not start: `h200` is still what the issues lack, then `suite` on the
+# tree of the day.)
 # "Before" is the tree before the restructure, unpacked beside this one (untracked, so it travels to the
 # device):  git archive 6c9ff7c src bench | (mkdir -p .before && tar -x -C .before)
 # The MoE stage compares its decode kernels with the tree before they changed, unpacked the same way:
