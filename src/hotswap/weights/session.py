@@ -149,12 +149,15 @@ class Sessions:
         return None
 
     def run(self, kind: str, weight_version: str | None, flush: bool, apply: Callable[[UpdateSession], tuple[int, int]], *,
-            session_id: str | None = None) -> p.WeightUpdateOutput:
+            session_id: str | None = None, on_start: Callable[[], object] | None = None) -> p.WeightUpdateOutput:
         """Run one update call inside the open session or one of its own; commit or roll back. A call naming a
-        session that is not open is refused and touches nothing."""
+        session that is not open is refused and touches nothing. `on_start` runs once nothing refuses the call,
+        before it changes anything (abort_all_requests' abort)."""
         refused = self.refusal(kind, weight_version, session_id)
         if refused is not None:
             return refused
+        if on_start is not None:
+            on_start()
         implicit = self.session is None
         session = self.session if not implicit else self._open(explicit=False, opened_by="a single update")
         start = time.perf_counter()
