@@ -43,16 +43,35 @@ def _map_distinct(sps: list[SamplingParams], fn: Callable[[SamplingParams], Samp
     return out
 
 
-def _per_prompt(name: str, value, count: int, sps: list[SamplingParams]) -> list:
-    """`value` for each of `count` prompts: one value for all, or SGLang's list of one per prompt, which (as in
-    SGLang) cannot be fanned out over n samples."""
+def _per_prompt(name: str, value, count: int, sps: list[SamplingParams], check: Callable[[object], None]) -> list:
+    """`value` for each of `count` prompts, each checked by `check` (raises naming a bad one): one value for all
+    (checked once: a batch of 64 is one value), or SGLang's list of one per prompt, which (as in SGLang) cannot be
+    fanned out over n samples."""
     if not isinstance(value, list):
+        check(value)
         return [value] * count
     if len(value) != count:
         raise HotswapError(f"{name}: {len(value)} values for {count} prompts")
     if any(sp.n > 1 for sp in sps):
         raise HotswapError(f"{name} as a list of per-prompt values needs n == 1 (SGLang's rule)")
+    for v in value:
+        check(v)
     return value
+
+
+def _check_return_logprob(value: object) -> None:
+    if not isinstance(value, bool):
+        raise HotswapError(f"return_logprob must be a boolean, got {shown(value)}")
+
+
+def _check_top_logprobs_num(value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise SamplingParamsError(f"invalid top_logprobs_num: must be an integer >= 0, got {shown(value)}")
+
+
+def _check_logprob_start_len(value: object) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < -1):
+        raise SamplingParamsError(f"invalid logprob_start_len: must be -1 or an integer >= 0, got {shown(value)}")
 
 
 def _gives_max_new_tokens(params) -> bool:
@@ -112,10 +131,7 @@ class RequestPrep:
         id_lists, single = self._token_ids(prompt, input_ids)
         sps = self._sampling_params(sampling_params, len(id_lists), return_logprob, top_logprobs_num, return_routed_experts,
                                     routed_experts_start_len)
-        starts = _per_prompt("logprob_start_len", logprob_start_len, len(id_lists), sps)
-        for start in starts:
-            if start is not None and (not isinstance(start, int) or isinstance(start, bool) or start < -1):
-                raise SamplingParamsError(f"invalid logprob_start_len: must be -1 or an integer >= 0, got {shown(start)}")
+        starts = _per_prompt("logprob_start_len", logprob_start_len, len(id_lists), sps, _check_logprob_start_len)
         if len(set(starts)) == 1:
             if starts[0] is not None:
                 sps = _map_distinct(sps, lambda sp: dataclasses.replace(sp, logprob_start_len=starts[0]))
@@ -192,14 +208,8 @@ class RequestPrep:
             sps = [SamplingParams.from_dict(self._from_sglang(sp)) for sp in sampling_params]
         else:
             sps = [SamplingParams.from_dict(self._from_sglang(sampling_params))] * count
-        wants = _per_prompt("return_logprob", return_logprob, count, sps)
-        tops = _per_prompt("top_logprobs_num", top_logprobs_num, count, sps)
-        for want in wants:
-            if not isinstance(want, bool):
-                raise HotswapError(f"return_logprob must be a boolean, got {shown(want)}")
-        for top in tops:
-            if not isinstance(top, int) or isinstance(top, bool) or top < 0:
-                raise SamplingParamsError(f"invalid top_logprobs_num: must be an integer >= 0, got {shown(top)}")
+        wants = _per_prompt("return_logprob", return_logprob, count, sps, _check_return_logprob)
+        tops = _per_prompt("top_logprobs_num", top_logprobs_num, count, sps, _check_top_logprobs_num)
         merged = bool(any(wants) or any(tops) or return_routed_experts or routed_experts_start_len)  # new objects below
         if len(set(wants)) == 1 and len(set(tops)) == 1:  # one value for the batch: each distinct object once
             if wants[0] or tops[0]:
