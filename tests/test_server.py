@@ -129,6 +129,10 @@ def test_openai_routes_take_sglangs_rid_and_vllms_request_fields(http, engine):
     assert r.status_code == 200 and r.json()["id"] == "cmpl-mine", r.text
     r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "rid": "chat-mine"})
     assert r.status_code == 200 and r.json()["id"] == "chat-mine", r.text
+    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "rid": ["a", "b"]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "rid", r.text  # one prompt, one rid
+    r = http.post("/v1/completions", json={"prompt": [ids, ids], "max_tokens": 1, "rid": "pair"})
+    assert r.status_code == 200 and r.json()["id"] == "pair_0", r.text  # a batch named by one string: SGLang's {rid}_{i}
     aborted = abort_while_queued(http, engine, "/v1/completions", {"prompt": ids, "max_tokens": 400, "ignore_eos": True, "rid": "to-abort"},
                                  "to-abort")
     assert aborted.json()["choices"][0]["finish_reason"] == "abort"
@@ -194,6 +198,10 @@ def test_chat_tool_call_arguments_reach_the_template_as_objects(http, engine):
         r = http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1, "return_token_ids": True})
         assert r.status_code == 200, r.text
         assert "city=Paris;" in engine.tokenizer.decode(r.json()["prompt_token_ids"])
+        # arguments that are not a JSON object reach the template as the string they are: this template refuses it, by name
+        messages[1]["tool_calls"][0]["function"]["arguments"] = "not json"
+        r = http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1})
+        assert r.status_code == 400 and "chat template" in r.json()["error"]["message"], r.text
     finally:
         engine.tokenizer.chat_template = own
 

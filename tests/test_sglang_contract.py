@@ -297,6 +297,8 @@ def test_engine_takes_server_args_and_sglangs_newer_generate_arguments(tiny_qwen
                 eng.generate(input_ids=[5, 6, 7], sampling_params=sp, **bad)
         bound = inspect.signature(eng.update_weights_from_distributed).bind(["w"], ["bfloat16"], [[2]], "g", True, "flattened_bucket")
         assert bound.arguments["load_format"] == "flattened_bucket"
+    with pytest.raises(HotswapError, match="server_args must be a ServerArgs dataclass or a dict"):
+        Engine(server_args=["not", "args"])
 
 
 def test_max_total_tokens_caps_the_kv_cache(tiny_qwen3):

@@ -125,6 +125,19 @@ def test_content_changes_without_a_version_are_visible(engine):
     assert engine.weight_version == "v2+discarded"
 
 
+def test_an_oversized_checkpoint_index_is_refused_unread(engine, tiny_qwen3_v2, tmp_path, monkeypatch):
+    """An index past MAX_INDEX_BYTES is refused by its size, not read whole into memory; weights unchanged."""
+    from hotswap.weights import safetensors_io
+    folder = tmp_path / "indexed"
+    shutil.copytree(tiny_qwen3_v2, folder)
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": {"w": "model.safetensors"}}' + " " * 200)
+    monkeypatch.setattr(safetensors_io, "MAX_INDEX_BYTES", 100)
+    before = engine.check_weights("checksum").digest
+    res = engine.update_weights_from_disk(str(folder))
+    assert not res.success and "a checkpoint index has at most 100" in res.message, res.message
+    assert engine.check_weights("checksum").digest == before and engine.weight_version == "default"
+
+
 def test_checkpoint_that_is_a_fifo_is_refused(engine, tiny_qwen3_v2, tmp_path):
     folder = tmp_path / "fifo"
     shutil.copytree(tiny_qwen3_v2, folder)
