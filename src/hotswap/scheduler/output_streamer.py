@@ -35,8 +35,15 @@ class OutputStreamer:
     # each consumer's per-step flush, called once after the step's outputs are sunk (one hand-off per step)
     pending_flushes: dict = field(init=False, default_factory=dict)  # callable -> None (an ordered set)
 
+    # the text of every special token (what skip_special_tokens leaves out of the text)
+    special_texts: tuple[str, ...] = field(init=False, default=())
+
     def __post_init__(self) -> None:
         self.backend = fast_backend(self.tokenizer)
+        added = getattr(self.tokenizer, "added_tokens_decoder", None) or {}
+        specials = {t.content for t in added.values() if getattr(t, "special", False)}
+        specials.update(getattr(self.tokenizer, "all_special_tokens", None) or ())
+        self.special_texts = tuple(sorted(t for t in specials if t))
 
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         if self.backend is not None:
@@ -93,13 +100,30 @@ class OutputStreamer:
         """Match stop strings that end in the text after `seen` characters: text from before was checked
         already, or was held by min_new_tokens (a stop string wholly inside it does not stop the request)."""
         sp = seq.req.sampling_params
-        if len(seq.text) == seen:
+        if len(seq.text) > seen:
+            found = [(pos, s) for s in sp.stop if (pos := seq.text.find(s, max(0, seen - len(s) + 1))) != -1]
+            if found:
+                pos, s = min(found, key=lambda m: m[0])  # the earliest match ends the text
+                seq.text = seq.text[: pos + len(s) if sp.no_stop_trim else pos]
+                seq.finish_reason = {"type": "stop", "matched": s}
+                return
+        if sp.skip_special_tokens:  # a skipped special token adds no text: checked whether the text grew or not
+            self._check_special_stops(seq)
+
+    def _check_special_stops(self, seq: Sequence) -> None:
+        """A stop string holding a special token's text ("<|im_end|>", "<|eot_id|>") never appears in a text that
+        skips special tokens. SGLang (managers/schedule_batch.py, Req._check_str_based_finish) matches stop strings in
+        the raw decode of the last max-stop-length + 1 tokens too, so they stop there; the text stays as decoded."""
+        sp = seq.req.sampling_params
+        if seq.special_stops is None:
+            seq.special_stops = [s for s in sp.stop if any(t in s for t in self.special_texts)]
+        if not seq.special_stops:
             return
-        found = [(pos, s) for s in sp.stop if (pos := seq.text.find(s, max(0, seen - len(s) + 1))) != -1]
-        if found:
-            pos, s = min(found, key=lambda m: m[0])  # the earliest match ends the text
-            seq.text = seq.text[: pos + len(s) if sp.no_stop_trim else pos]
-            seq.finish_reason = {"type": "stop", "matched": s}
+        tail = self.decode(seq.output_ids[-(max(len(s) for s in seq.special_stops) + 1):], False)
+        for s in seq.special_stops:
+            if s in tail:
+                seq.finish_reason = {"type": "stop", "matched": s}
+                return
 
     def _skip(self, seq: Sequence) -> bool:
         return seq.req.sampling_params.skip_special_tokens

@@ -50,6 +50,9 @@ class Sequence:
     # incremental detokenization (only when the request streams text or has stop strings)
     text: str = ""
     detokenizer: IncrementalDetokenizer | None = None
+    # the stop strings that hold a special token's text (found once): with skip_special_tokens they are matched
+    # against the tokens' raw text, as SGLang matches every stop string (None: not looked for yet)
+    special_stops: list[str] | None = None
     sent_tokens: int = 0
     sent_text: int = 0
     sent_input_logprobs: bool = False

@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import hotswap
 from hotswap import protocol as p
+from hotswap.errors import shown
 from hotswap.gc_policy import make_garbage_collections_rare
 from hotswap.server.access import AccessPolicy, refuse_browser_get
 from hotswap.server.auth import ApiKeys
@@ -65,6 +66,7 @@ _TEMPLATE_OWN_ARGS = frozenset({"chat_template", "conversation", "tools", "docum
                                 "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
                                 "add_generation_prompt", "continue_final_message"})
 _MAX_TEMPLATE_KWARGS_BYTES = 16 << 10
+_CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function", "latest_reminder"})
 
 # Status code nginx uses for "client closed request"; only ever logged, the client is gone.
 _CLIENT_CLOSED = 499
@@ -148,7 +150,9 @@ class ServerState:
         return f"hotswap-{hotswap.__version__}-w{version}"
 
     def render_chat(self, messages: list[dict], *, tools, add_generation_prompt: bool, continue_final_message: bool,
-                    kwargs: dict | None) -> list[int]:
+                    kwargs: dict | None, add_special_tokens: bool = False) -> list[int]:
+        """The prompt ids of a chat. `add_special_tokens`: vLLM's (default False: the template holds its special
+        tokens; true adds the tokenizer's, a BOS, on top), on the chat route and /tokenize alike."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "the model's tokenizer has no chat template; use /v1/completions", param="messages")
         msgs = []
@@ -156,6 +160,13 @@ class ServerState:
             role = m.get("role")
             if not isinstance(role, str) or not role:
                 raise APIError(400, f"messages[{i}].role must be a non-empty string", param="messages")
+            # SGLang's message roles (entrypoints/openai/protocol.py, ChatCompletionMessageGenericParam._normalize_role and
+            # ChatCompletionMessageUserParam): case-insensitive, lowercased, any other refused. Templates test the role by
+            # name, so a "User" or an unknown role was dropped from the prompt without a word.
+            if role.lower() not in _CHAT_ROLES:
+                raise APIError(400, f"messages[{i}].role must be one of {', '.join(sorted(_CHAT_ROLES))} (case-insensitive), "
+                                    f"got {shown(role)}", param="messages")
+            m = {**m, "role": role.lower()}
             content = m.get("content")
             if isinstance(content, list):
                 texts = []
@@ -186,7 +197,7 @@ class ServerState:
                                                       continue_final_message=continue_final_message, **extra)
         except Exception as exc:  # noqa: BLE001 - jinja raises anything; it is the client's template input
             raise APIError(400, f"cannot apply the chat template: {type(exc).__name__}: {exc}", param="messages") from None
-        return self.engine.encode(text, add_special_tokens=False)
+        return self.engine.encode(text, add_special_tokens=add_special_tokens)
 
     async def load(self, timeout: float | None = None) -> p.LoadOutput | None:
         try:

@@ -106,6 +106,7 @@ class CompletionRequest(_SamplingFields):
     prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM's: each prompt token's logprob and the top-k
     best_of: int | None = None
     suffix: str | None = None
+    add_special_tokens: bool = True  # vLLM's: a text prompt gets the tokenizer's special tokens (a BOS) unless false
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -118,8 +119,10 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: Any = None  # vLLM's per-request template: refused by name (never run, never silently dropped)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    add_special_tokens: bool = False  # vLLM's: special tokens (a BOS) added on top of what the template renders
     # SGLang's: each choice carries the prompt's token ids (so does return_token_ids, beside `token_ids`)
     return_prompt_token_ids: bool = False
     # SGLang's pre-computed prompt (protocol.py: "bypasses chat template tokenization entirely"): miles' session
@@ -128,6 +131,15 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 # ---- shared helpers ---------------------------------------------------------------------------------
+
+def refuse_request_chat_template(template: Any) -> None:
+    """A request's own `chat_template` is refused by name, as vLLM refuses it unless started with
+    --trust-request-chat-template (OpenAIServing._validate_chat_template); hotswap runs only the server's template, and
+    dropping the field would render a prompt the client did not ask for."""
+    if template is not None:
+        raise APIError(400, "chat_template is passed with the request: hotswap renders with the server's chat template only "
+                            "(--chat-template at launch)", param="chat_template")
+
 
 def finish_reason(meta: dict) -> str | None:
     """OpenAI's finish_reason: the engine's finish type (stop, length, abort) as it is."""
@@ -431,12 +443,13 @@ def register(app: FastAPI, state: ServerState) -> None:
         if body.best_of is not None and body.best_of != body.n:
             raise APIError(400, "best_of is not supported by hotswap (only best_of == n)", param="best_of")
         prompt = body.prompt
-        if isinstance(prompt, str):
-            id_lists = [await asyncio.to_thread(state.engine.encode, prompt)]  # tokenization never stalls the event loop
+        special = body.add_special_tokens
+        if isinstance(prompt, str):  # tokenization never stalls the event loop
+            id_lists = [await asyncio.to_thread(state.engine.encode, prompt, special)]
         elif not prompt:
             raise APIError(400, "prompt is empty", param="prompt")
         elif isinstance(prompt[0], str):
-            id_lists = await asyncio.to_thread(lambda: [state.engine.encode(x) for x in prompt])
+            id_lists = await asyncio.to_thread(lambda: [state.engine.encode(x, special) for x in prompt])
         elif isinstance(prompt[0], int):
             id_lists = [list(prompt)]
         else:
@@ -519,6 +532,10 @@ def register(app: FastAPI, state: ServerState) -> None:
             raise APIError(400, f"response_format {shown(body.response_format.get('type'))} is not supported by hotswap", param="response_format")
         if isinstance(body.tool_choice, dict) or body.tool_choice == "required":
             raise APIError(400, "forcing tool calls is not supported by hotswap", param="tool_choice")
+        if body.tool_choice not in (None, "none", "auto"):  # vLLM's and SGLang's request models refuse any other value
+            raise APIError(400, f"tool_choice must be \"none\", \"auto\", \"required\" or a named function, got {shown(body.tool_choice)}",
+                           param="tool_choice")
+        refuse_request_chat_template(body.chat_template)
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
         if body.input_ids is not None:  # the caller's prompt as it is; the messages are not rendered
@@ -526,13 +543,19 @@ def register(app: FastAPI, state: ServerState) -> None:
         else:  # the chat template runs in a worker thread, never on the event loop
             ids = await asyncio.to_thread(state.render_chat, body.messages, tools=body.tools if body.tool_choice != "none" else None,
                                           add_generation_prompt=body.add_generation_prompt,
-                                          continue_final_message=body.continue_final_message, kwargs=body.chat_template_kwargs)
+                                          continue_final_message=body.continue_final_message, kwargs=body.chat_template_kwargs,
+                                          add_special_tokens=body.add_special_tokens)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         check_prompt(state, ids, max_tokens, 0, "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
         if max_tokens is None:
             max_tokens = max(1, state.max_context_len - len(ids))
         # the model's generation_config.json values for what the request leaves unset, as SGLang's chat takes them
         sp = sampling_dict(state, body, max_tokens, state.engine.model_config.sampling_defaults)
+        if body.tools and body.tool_choice != "none":
+            # SGLang (serving_chat.py, OpenAIServingChat._process_messages) keeps special tokens in the text of a request
+            # that offers tools: many models mark a call with special tokens (Llama 3's <|python_tag|>, Mistral's
+            # [TOOL_CALLS], DeepSeek's and Kimi's tool-call tokens), and a client parsing the call from the text needs them
+            sp["skip_special_tokens"] = False
         want_lp = body.logprobs
         k = body.top_logprobs or 0
         as_ids = body.return_tokens_as_token_ids

@@ -25,7 +25,7 @@ from hotswap import protocol as p
 from hotswap.errors import shown
 from hotswap.server.generation import await_generation, refuse_constrained_decoding
 from hotswap.server.http_utils import APIError, JSONResponse, parse_body
-from hotswap.server.openai_api import check_prompt, finish_reason, vllm_prompt_logprobs
+from hotswap.server.openai_api import check_prompt, finish_reason, refuse_request_chat_template, vllm_prompt_logprobs
 from hotswap.server.weights_api import check_source_dir
 
 if TYPE_CHECKING:
@@ -80,6 +80,7 @@ class TokenizeBody(BaseModel):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: Any = None  # refused by name, as vLLM refuses an untrusted one
     tools: list[dict[str, Any]] | None = None
     return_token_strs: bool = False
 
@@ -387,13 +388,12 @@ def _tokenize_handler(state: ServerState):
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         tok = state.tokenizer
-        if body.messages is not None:
-            if body.add_special_tokens:
-                raise APIError(400, "add_special_tokens with messages is not supported: the chat template places the special tokens",
-                               param="add_special_tokens")
+        refuse_request_chat_template(body.chat_template)
+        if body.messages is not None:  # vLLM's TokenizeChatRequest: add_special_tokens defaults to False, as on the chat route
             ids: list[int] | list[list[int]] = await asyncio.to_thread(
                 state.render_chat, body.messages, tools=body.tools, add_generation_prompt=body.add_generation_prompt,
-                continue_final_message=body.continue_final_message, kwargs=body.chat_template_kwargs)
+                continue_final_message=body.continue_final_message, kwargs=body.chat_template_kwargs,
+                add_special_tokens=bool(body.add_special_tokens))
         else:
             special = True if body.add_special_tokens is None else body.add_special_tokens
             texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
