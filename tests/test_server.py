@@ -88,6 +88,23 @@ def test_completion_batch_n_seed(oai):
     assert streamed == [c.text for c in a.choices]
 
 
+def test_negative_seeds_as_vllm_takes_them(http):
+    """vLLM's seed range is int64 and -1 means unseeded (SamplingParams); another negative seed is a seed of its own."""
+    body = {"model": "tiny", "prompt": "Bob sees", "max_tokens": 6, "temperature": 1.0, "n": 4}
+    texts = lambda seed: [c["text"] for c in http.post("/v1/completions", json={**body, "seed": seed}).json()["choices"]]
+    assert texts(-5) == texts(-5) and len(set(texts(-5))) > 1
+    assert texts(-1) != texts(-1)  # unseeded: two calls differ
+    r = http.post("/v1/completions", json={**body, "seed": -(2**63) - 1})
+    assert r.status_code == 400, r.text
+
+
+def test_an_overlong_chat_names_its_messages(http, engine):
+    long = " ".join(["word"] * 4 * engine.max_context_len)
+    r = http.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": long}], "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+    assert "context length" in r.json()["error"]["message"]
+
+
 def test_completion_token_prompt_and_stop(oai, engine):
     ids = engine.tokenizer.encode(PROMPT, add_special_tokens=False)
     full = oai.completions.create(model="tiny", prompt=ids, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})

@@ -67,7 +67,7 @@ class _SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # vLLM's range; -1 means unseeded, as vLLM's SamplingParams reads it
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
@@ -181,8 +181,8 @@ def sampling_dict(state: ServerState, body: _SamplingFields, max_new_tokens: int
         sp["top_k"] = -1 if given["top_k"] == 0 else given["top_k"]  # vLLM's 0: off, as its own /inference/v1/generate reads it
     if given["min_p"] is not None:
         sp["min_p"] = given["min_p"]
-    if body.seed is not None:
-        sp["seed"] = body.seed
+    if body.seed is not None and body.seed != -1:
+        sp["seed"] = body.seed & (2**63 - 1)  # another negative seed: a seed of its own in the engine's [0, 2**63)
     if body.stop:
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop)
         if any(not s for s in stops):
@@ -215,13 +215,15 @@ def matched_stop(meta: dict) -> int | str | None:
     return reason.get("matched") if reason else None
 
 
-def check_prompt(state: ServerState, ids: list[int], max_tokens: int | None, index: int, max_tokens_field: str = "max_tokens") -> None:
-    """The prompt fits the context and the KV cache, with `max_tokens` (the request's `max_tokens_field`) after it."""
+def check_prompt(state: ServerState, ids: list[int], max_tokens: int | None, index: int, max_tokens_field: str = "max_tokens",
+                 prompt_field: str = "prompt") -> None:
+    """The prompt (the request's `prompt_field`) fits the context and the KV cache, with `max_tokens` (its
+    `max_tokens_field`) after it."""
     if not ids:
-        raise APIError(400, f"prompt {index} is empty", param="prompt")
+        raise APIError(400, f"prompt {index} is empty", param=prompt_field)
     if len(ids) > state.max_prompt_tokens:
         raise APIError(400, f"prompt {index} has {len(ids)} tokens; this server takes at most {state.max_prompt_tokens} "
-                            f"(context length {state.max_context_len}, KV cache {state.kv_capacity_tokens} tokens)", param="prompt")
+                            f"(context length {state.max_context_len}, KV cache {state.kv_capacity_tokens} tokens)", param=prompt_field)
     if max_tokens is not None and len(ids) + max_tokens > state.max_context_len and not state.allow_auto_truncate:
         raise APIError(400, f"prompt {index} has {len(ids)} tokens and {max_tokens_field} is {max_tokens}: {len(ids) + max_tokens} "
                             f"exceeds the context length {state.max_context_len}", param=max_tokens_field)
@@ -546,7 +548,8 @@ def register(app: FastAPI, state: ServerState) -> None:
                                           continue_final_message=body.continue_final_message, kwargs=body.chat_template_kwargs,
                                           add_special_tokens=body.add_special_tokens)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        check_prompt(state, ids, max_tokens, 0, "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
+        check_prompt(state, ids, max_tokens, 0, "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens",
+                     "input_ids" if body.input_ids is not None else "messages")
         if max_tokens is None:
             max_tokens = max(1, state.max_context_len - len(ids))
         # the model's generation_config.json values for what the request leaves unset, as SGLang's chat takes them
