@@ -61,6 +61,9 @@ class SamplingParams:
     logprob_start_len: int = -1
     return_top_p_token_ids: bool = False  # slime's custom_params flag: each output token's kept ids (top-k/p/min-p)
     routed_experts_start_len: int = 0
+    # SGLang's per-request stream_interval: a streamed request's outputs come every this many tokens (None: the
+    # server's --stream-interval), as its scheduler reads `req.sampling_params.stream_interval or server's`
+    stream_interval: int | None = None
 
     @classmethod
     def from_dict(cls, params: dict | SamplingParams | None) -> SamplingParams:
@@ -87,7 +90,7 @@ class SamplingParams:
             if isinstance(values.get(key), tuple):
                 values[key] = list(values[key])
         for key in ("stop", "stop_token_ids", "logit_bias", "frequency_penalty", "presence_penalty", "repetition_penalty",
-                    "min_new_tokens", "no_stop_trim"):  # None: the default, as SGLang reads it
+                    "min_new_tokens", "no_stop_trim", "stream_interval"):  # None: the default, as SGLang reads it
             if values.get(key) is None:
                 values.pop(key, None)
         sp = cls(**values)
@@ -144,6 +147,8 @@ class SamplingParams:
         if not isinstance(self.logit_bias, dict) or not all(
                 _is_int(t) and t >= 0 and _is_number(b) and -100.0 <= b <= 100.0 for t, b in self.logit_bias.items()):
             raise bad("logit_bias must map token ids (>= 0) to biases in [-100, 100]")
+        if self.stream_interval is not None and (not _is_int(self.stream_interval) or self.stream_interval < 1):
+            raise bad(f"stream_interval must be an integer >= 1, got {shown(self.stream_interval)}")
         if not _is_int(self.logprob_start_len) or self.logprob_start_len < -1:
             raise bad(f"logprob_start_len must be -1 or an integer >= 0, got {shown(self.logprob_start_len)}")
         for name in ("no_stop_trim", "return_top_p_token_ids", "ignore_eos", "keep_stop_token_ids", "skip_special_tokens", "return_logprob"):

@@ -281,7 +281,7 @@ class EngineAPI:
         """Submit every request of a call in one message; outputs reach `sink`, `flush` once per step.
         A client rid already running is refused (SGLang's duplicate-rid check)."""
         reqs, collectors = [], []
-        multi = len(prepared.requests) > 1
+        multi = not prepared.single  # a batch (one prompt in a list included) or n > 1: SGLang's chunks then carry `index`
         rids = [r.rid or uuid.uuid4().hex for r in prepared.requests]
         with self._live_lock:
             taken = sorted(set(rids) & self._live_rids)

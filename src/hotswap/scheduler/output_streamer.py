@@ -155,11 +155,14 @@ class OutputStreamer:
     def emit(self, seq: Sequence, weight_version: str) -> None:
         """Stream what the client of a running sequence has not seen yet (everything new since the last emit): one
         plain new token as a token row when the request's consumer takes them, else a GenerateOutput."""
-        new = len(seq.output_ids) - seq.sent_tokens
-        if new < self.stream_interval:
-            return
         req = seq.req
         sp = req.sampling_params
+        new = len(seq.output_ids) - seq.sent_tokens
+        interval = sp.stream_interval or self.stream_interval  # the request's own interval, else the server's (SGLang's rule)
+        # SGLang's stream_output_generation sends at output lengths 1, 1 + N, 1 + 2N... (len % N == 1 for N > 1): the
+        # first token goes out at once, whatever the interval
+        if new < interval and seq.sent_tokens:
+            return
         if (new == 1 and req.sink_token is not None and not req.stream_text and not sp.top_logprobs_num and not sp.return_top_p_token_ids
                 and (seq.sent_input_logprobs or not sp.return_logprob)):
             seq.sent_tokens += 1

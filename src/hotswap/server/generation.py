@@ -19,8 +19,6 @@ from hotswap.server.http_utils import APIError, await_unless_disconnected, error
 # always send them work; any other value is refused rather than silently ignored. (Constrained-decoding
 # fields: refused below with their own message; sent unset, the engine drops them.)
 _MUST_BE_EMPTY = ("lora_path",)
-# Accepted and ignored: they change nothing observable in hotswap's outputs (or only formatting).
-_IGNORED = ("stream_interval",)  # the server's --stream-interval applies
 
 
 # SGLang GenerateReqInput fields (managers/io_struct.py) hotswap does not serve, and what each asks for. Sent
@@ -83,8 +81,6 @@ def normalize_sampling_params(params: Any) -> dict:
             value = sp.pop(key)
             if not is_unset(value):
                 raise APIError(400, f"sampling parameter {shown(key)} is not supported by hotswap", param=key)
-    for key in _IGNORED:
-        sp.pop(key, None)
     # None means the default (SamplingParams.from_dict reads None as the default for the penalties, logit_bias,
     # no_stop_trim and custom_params itself; the engine reads max_new_tokens None as SGLang: until the context is full)
     for key in ("top_k", "top_p", "min_p", "temperature", "seed", "n"):

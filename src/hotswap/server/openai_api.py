@@ -240,10 +240,11 @@ def _usage(prompt_tokens: int, outputs: list[dict], n: int) -> dict:
     return usage
 
 
-def _running_usage(prompt_tokens: int, sent: dict[int, int]) -> dict:
-    """A streamed chunk's usage so far: the prompt, and every choice's tokens sent up to it."""
-    completion = sum(sent.values())
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+def _running_usage(meta: dict) -> dict:
+    """A streamed chunk's usage so far, of its own choice: that choice's prompt and its tokens so far, as vLLM's
+    (previous_num_tokens[i], num_prompt_tokens[prompt_idx]) and SGLang's (prompt_tokens[index], completion_tokens[index])."""
+    prompt, completion = int(meta.get("prompt_tokens") or 0), int(meta.get("completion_tokens") or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _slices(meta: dict, start: int, end: int) -> tuple[list, list | None]:
@@ -403,7 +404,7 @@ def _stream_response(state: ServerState, route: str, chunks, *, rid: str, object
                 sent[i] = end
                 if fin is not None:
                     finals[i] = out
-                so_far = {"usage": _running_usage(prompt_tokens, sent)} if usage == "continuous" else {}
+                so_far = {"usage": _running_usage(meta)} if usage == "continuous" else {}
                 yield chunk([c], metadata=_chunk_metadata(out), **so_far)
             ext = sglext([finals[i] for i in sorted(finals)])
             if ext:  # SGLang's routing chunk: no choices, the response-level sglext, before the usage chunk
