@@ -192,6 +192,16 @@ def test_generate_inside_an_open_update_session_waits_within_a_bound(engine):
     assert engine.generate(PROMPT, {"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
 
 
+def test_a_request_queued_past_its_bound_while_paused_says_paused(engine):
+    """A pause holds a weight-update session too; the refusal names the pause, not a session nobody opened."""
+    assert engine.pause_generation().success
+    try:
+        with pytest.raises(EngineUnavailableError, match="generation is paused.*max_queue_wait_s"):
+            engine.generate(PROMPT, {"max_new_tokens": 4})
+    finally:
+        assert engine.continue_generation().success
+
+
 def test_stream_interval_batches_tokens_per_output(tiny_qwen3):
     with Engine(str(tiny_qwen3), device="cpu", page_size=4, stream_interval=4) as eng:
         chunks = list(eng.generate(PROMPT, {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True}, stream=True))

@@ -473,7 +473,7 @@ class Scheduler:
         deadline = time.monotonic() - limit
         expired = [s for s in self.batcher.waiting if not s.output_ids and s.req.submitted_at < deadline]
         if expired:
-            why = "a weight-update session is open" if self.sessions.open else "generation is paused"
+            why = "generation is paused" if self.pause.paused else "a weight-update session is open"  # a pause holds a session too
             for seq in expired:
                 seq.finish_reason = {"type": "abort", "status_code": 503,
                                      "message": f"generation is unavailable: {why}; the request waited {limit:g} s (max_queue_wait_s)"}
