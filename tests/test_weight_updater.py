@@ -56,6 +56,22 @@ def test_prefix_cache_flushed_after_update(engine, tiny_qwen3_v2):
     assert out["output_ids"] == hf_greedy(tiny_qwen3_v2, ids, 8)[0]
 
 
+def test_no_update_leaves_old_kv_to_match_whatever_flush_cache_says(engine, tiny_qwen3, tiny_qwen3_v2):
+    """flush_cache=False (slime sends it on every bucket but the last) keeps no KV of the old weights matchable:
+    a prompt cached before an update is computed again, under the new weights it is labelled with."""
+    new = sorted(checkpoint_tensors(tiny_qwen3_v2).items())
+    ids = prompt_ids(6, 40)
+    try:
+        engine.generate(input_ids=ids, sampling_params=GREEDY)
+        assert engine.generate(input_ids=ids, sampling_params=GREEDY)["meta_info"]["cached_tokens"] > 0
+        assert engine.update_weights_from_tensor(new, flush_cache=False, weight_version="v2-noflush").success
+        out = engine.generate(input_ids=ids, sampling_params=GREEDY)
+        assert out["meta_info"]["cached_tokens"] == 0
+        assert out["output_ids"] == hf_greedy(tiny_qwen3_v2, ids, 8)[0]
+    finally:
+        assert engine.update_weights_from_disk(str(tiny_qwen3)).success
+
+
 def _refused_update_keeps_weights(engine, call):
     before = engine.check_weights("checksum").digest
     outputs = greedy_ids(engine)

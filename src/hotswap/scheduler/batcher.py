@@ -263,10 +263,16 @@ class Batcher:
 
     def invalidate_cache(self) -> None:
         """The weights changed: drop every cached prefix, and keep the KV of sequences still holding pages (a
-        pause in place froze them) out of the cache when they finish. Their own pages stay theirs."""
+        pause in place froze them) out of the cache when they finish. Their own pages stay theirs, except those of
+        a sequence frozen while its KV was still being computed (a prompt in chunks, or a recomputation after a
+        preemption or a retract): it is retracted and recomputes with the new weights. Else the tokens it samples
+        next, labelled with the new version, would read KV the old weights computed for positions no token label
+        attributes to them (all of a prompt, when it had sampled nothing yet)."""
         if self.prefix_cache is not None:
             self.prefix_cache.reset()
         self.cache_epoch += 1
+        for seq in reversed([s for s in self.running if _mid_prefill(s)]):  # back first in line, in their order
+            self.preempt(seq, out_of_pages=False)
 
     def preempt(self, seq: Sequence, *, out_of_pages: bool = True) -> None:
         """Free a running sequence's pages and put it first in line; it is recomputed from its tokens."""
@@ -295,3 +301,9 @@ class Batcher:
 
     def all_seqs(self) -> list[Sequence]:
         return [*self.running, *self.waiting]
+
+
+def _mid_prefill(seq: Sequence) -> bool:
+    """Its KV is still being computed: it sampled nothing yet, or it recomputes tokens it had (a decoding sequence
+    lacks only its last sampled token's KV). Never with a token in flight (weights change between steps)."""
+    return not seq.pending and (not seq.output_ids or seq.num_computed < seq.num_tokens - 1)

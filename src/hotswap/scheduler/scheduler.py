@@ -84,7 +84,7 @@ class Scheduler:
         self.sessions = Sessions(
             ranks=ranks,
             device_budget_bytes=config.rollback_device_budget_bytes,
-            flush_cache=self.invalidate_cache,
+            invalidate_cache=self.invalidate_cache,
             timeout_s=config.weight_session_timeout_s,
             synchronize=self._synchronize,
             enable_rollback=config.enable_rollback,

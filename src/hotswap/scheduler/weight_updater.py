@@ -65,7 +65,7 @@ class WeightUpdater:
         if self.weights_released():
             return self.sessions.refuse(f"{kind} refused: the weights are released; resume_memory_occupation(['weights']) first")
         abort = (lambda: self.abort_all(f"aborted for a weight update ({kind})")) if abort_all_requests else None
-        return self.sessions.run(kind, req.weight_version, req.flush_cache, apply, session_id=req.session_id, on_start=abort)
+        return self.sessions.run(kind, req.weight_version, apply, session_id=req.session_id, on_start=abort)
 
     def _load(self, session: UpdateSession, matched: MatchedTensors, *, source_can_fail: bool) -> int:
         return apply_tensors(matched, finite=self.config.check_weights_finite,

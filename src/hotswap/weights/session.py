@@ -87,7 +87,7 @@ class UpdateSession:
 class Sessions:
     ranks: WeightRanks
     device_budget_bytes: int  # saved originals kept on the device up to this, the rest in pinned host memory
-    flush_cache: Callable[[], bool]
+    invalidate_cache: Callable[[], object]  # KV of the old weights is never matched again
     timeout_s: float
     synchronize: Callable[[], None] = lambda: None  # wait for the device's copies (a failed copy fails here)
     enable_rollback: bool = True
@@ -148,7 +148,7 @@ class Sessions:
             return self.refuse(f"{kind} refused: this weight-update session already failed: {self.session.failure}")
         return None
 
-    def run(self, kind: str, weight_version: str | None, flush: bool, apply: Callable[[UpdateSession], tuple[int, int]], *,
+    def run(self, kind: str, weight_version: str | None, apply: Callable[[UpdateSession], tuple[int, int]], *,
             session_id: str | None = None, on_start: Callable[[], object] | None = None) -> p.WeightUpdateOutput:
         """Run one update call inside the open session or one of its own; commit or roll back. A call naming a
         session that is not open is refused and touches nothing. `on_start` runs once nothing refuses the call,
@@ -188,21 +188,24 @@ class Sessions:
         # SGLang's http_server.py ends a versioned update's message so
         versioned = f" Weight version updated to {weight_version}." if weight_version is not None else ""
         if implicit:
-            msg = self.commit(flush)
+            msg = self.commit()
             return p.WeightUpdateOutput(success=True, message=f"{kind}: updated {n} tensor(s); {msg}{versioned}",
                                         weight_version=self.weight_version, num_tensors=n, num_bytes=nbytes, elapsed_s=elapsed)
         return p.WeightUpdateOutput(success=True, message=f"{kind}: applied {n} tensor(s) inside the open session{versioned}",
                                     weight_version=self.weight_version, num_tensors=n, num_bytes=nbytes, elapsed_s=elapsed)
 
-    def commit(self, flush: bool = True) -> str:
-        """Close the open session keeping its updates (every rank drops its saved originals)."""
+    def commit(self) -> str:
+        """Close the open session keeping its updates (every rank drops its saved originals). Changed weights
+        always invalidate the prefix cache, whatever the call's `flush_cache` said: KV the old weights computed is
+        never matched again (SGLang keeps it with flush_cache=False; a request then reads it under the new
+        version's label)."""
         s, self.session = self.session, None
         s.rollback.clear()
         self.ranks.commit()
         if not s.changed:
             return f"nothing to commit; weight version {self.weight_version}"
-        flushed = self.flush_cache() if flush else False
-        return f"weight version {self.weight_version}" + (", prefix cache flushed" if flushed else "")
+        self.invalidate_cache()
+        return f"weight version {self.weight_version}, prefix cache flushed"
 
     def roll_back(self, s: UpdateSession) -> int:
         """Restore the session's saved originals (here and on every rank) and the version it started from."""
