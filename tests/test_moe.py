@@ -305,3 +305,27 @@ def test_ipc_pusher_sends_fused_experts_and_verify_proves_them(fresh, tiny_qwen3
     check = verify_engine_weights(fresh, state)
     assert check.success, check.get("mismatches")
     assert greedy_ids(fresh) == reference_ids(tiny_qwen3_moe_v2)
+
+
+def test_check_weights_takes_a_per_expert_manifest(engine, tiny_qwen3_moe):
+    """The checkpoint's own per-expert layout, which every transport takes, also verifies: its experts are compared
+    expert by expert; a wrong or missing expert is named, and skip_tensor_list may name one expert."""
+    from hotswap.trainer import verify_engine_weights
+
+    per_expert = checkpoint_tensors(tiny_qwen3_moe)
+    name = "model.layers.2.mlp.experts.5.down_proj.weight"
+    assert verify_engine_weights(engine, per_expert).success
+    wrong = {**per_expert, name: per_expert[name] + 1}
+    assert verify_engine_weights(engine, wrong).get("mismatches") == [name]
+    missing = {k: v for k, v in per_expert.items() if k != name}
+    assert verify_engine_weights(engine, missing).get("mismatches") == [name]
+    assert engine.check_weights("checksum", expected=state_dict_manifest(wrong), skip_tensor_list=[name]).success
+    other = "model.layers.2.mlp.experts.6.down_proj.weight"  # the stacked parameter's other experts are still compared
+    res = engine.check_weights("checksum", expected=state_dict_manifest({**wrong, other: per_expert[other] * 2}), skip_tensor_list=[name])
+    assert res.mismatches == [other]
+    fused = hf_state(tiny_qwen3_moe)
+    down = "model.layers.2.mlp.experts.down_proj"
+    changed = {**fused, down: fused[down].clone().index_fill_(0, torch.tensor([5]), 0.0)}
+    assert not engine.check_weights("checksum", expected=state_dict_manifest(changed)).success
+    assert engine.check_weights("checksum", expected=state_dict_manifest(changed), skip_tensor_list=[name]).success
+    assert engine.check_weights("checksum", expected=state_dict_manifest(hf_state(tiny_qwen3_moe))).success  # fused, as before

@@ -65,12 +65,23 @@ class WeightReads:
         skip = set(req.skip_tensor_list or ())
         names = [n for n in wm.names if n not in skip]
         if req.action == "checksum":
-            sums = {name: tensor_sha256(t) for name, t in self._whole(names)}
+            # a manifest may name experts one by one (the checkpoint layout, which every transport takes): those
+            # stacked parameters are compared expert by expert; one expert skipped leaves out a stacked parameter
+            # compared whole
+            by_part = {wm.part_of[n] for n in req.expected or () if n in wm.part_of} - skip
+            whole_skip = {wm.part_of[n] for n in skip if n in wm.part_of} - by_part
+            sums, part_sums = {}, {}
+            for name, t in self._whole(names):
+                sums[name] = tensor_sha256(t)
+                for part in wm.part_names[name] if name in by_part else ():
+                    if part not in skip:
+                        part_sums[part] = tensor_sha256(wm.parts[part].spec.dest_view(t))
             digest = manifest_digest(sums)
             ranks = [self._rank_entry(sums, digest)]
             if req.expected is not None:
-                expected = {n: v for n, v in req.expected.items() if n not in skip}
-                mism = sorted(n for n in set(sums) | set(expected) if sums.get(n) != expected.get(n))
+                expected = {n: v for n, v in req.expected.items() if n not in skip and n not in whole_skip}
+                got = {n: v for n, v in sums.items() if n not in whole_skip and (n not in by_part or n in expected)} | part_sums
+                mism = sorted(n for n in set(got) | set(expected) if got.get(n) != expected.get(n))
                 return p.CheckWeightsOutput(success=not mism, checksums=sums, digest=digest, mismatches=mism, ranks=ranks,
                                             message="all checksums match" if not mism else f"{len(mism)} parameter(s) differ, e.g. {mism[:3]}")
             return p.CheckWeightsOutput(success=True, checksums=sums, digest=digest, ranks=ranks, message=f"{len(sums)} checksums")
