@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer, processors
 
 if importlib.util.find_spec("hotswap") is None:  # allow running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -57,6 +59,22 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
         tie_word_embeddings=True,
         rope_scaling=LLAMA3_ROPE_SCALING,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_bos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Llama whose tokenizer prepends a BOS, `<|im_start|>` (a TemplateProcessing post-processor, as Llama's)."""
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_llama_bos"), "llama")
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    bos = "<|im_start|>"
+    tok.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False),
+                                              processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                                            special_tokens=[(bos, tok.token_to_id(bos))])])
+    tok.save(str(path / "tokenizer.json"))
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["bos_token"] = bos
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -6,34 +6,20 @@ renders its chat template itself (BOS included) and sends the text with add_spec
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import httpx
 import pytest
-from tokenizers import Tokenizer, processors
 
 from hotswap import Engine
 from hotswap.server.app import create_app
 from hotswap.server.launch import ServerThread
-from hotswap.testing.tiny_models import build_tiny_checkpoint
 
 BOS = "<|im_start|>"
 
 
 @pytest.fixture(scope="module")
-def bos_server(tmp_path_factory):
-    """A tiny Llama whose tokenizer prepends BOS (a TemplateProcessing post-processor, as Llama's), served."""
-    path: Path = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_llama_bos"), "llama")
-    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-    tok.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False),
-                                              processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
-                                                                            special_tokens=[(BOS, tok.token_to_id(BOS))])])
-    tok.save(str(path / "tokenizer.json"))
-    config = json.loads((path / "tokenizer_config.json").read_text())
-    config["bos_token"] = BOS
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
-    with Engine(model_path=str(path), device="cpu", page_size=4) as eng, ServerThread(create_app(eng)) as srv:
+def bos_server(tiny_llama_bos):
+    """The BOS-prepending tiny Llama, served."""
+    with Engine(model_path=str(tiny_llama_bos), device="cpu", page_size=4) as eng, ServerThread(create_app(eng)) as srv:
         with httpx.Client(base_url=srv.url, timeout=30) as c:
             yield eng, c
 

@@ -19,14 +19,12 @@ import torch
 from hf_reference import hf_greedy
 from safetensors.torch import load_file
 from test_sglang_payloads import LocalSerializedTensor, file_system_sharing, flattened_bucket, serialize, sglang_names  # noqa: F401
-from tokenizers import Tokenizer, processors
 
 from hotswap import Engine, HotswapError
 from hotswap.runner.kv_cache import kv_pool_bytes
 from hotswap.server.app import create_app
 from hotswap.server.launch import ServerThread
 from hotswap.sglang_server_args import NOT_COMPARABLE, RUN_ONLY, SGLANG_DEFAULTS
-from hotswap.testing.tiny_models import build_tiny_checkpoint
 from hotswap.wire.checksum import state_dict_manifest
 
 openai = pytest.importorskip("openai")  # the OpenAI routes are driven by the official client
@@ -587,22 +585,6 @@ def test_a_request_aborted_before_its_prefill_says_so(served):
 
 
 # ---- tokenization ----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_bos(tmp_path_factory) -> Path:
-    """A Llama checkpoint whose tokenizer prepends BOS (a TemplateProcessing post-processor, as Llama's)."""
-    path = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_llama_bos"), "llama")
-    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-    bos = "<|im_start|>"
-    tok.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False),
-                                              processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                                            special_tokens=[(bos, tok.token_to_id(bos))])])
-    tok.save(str(path / "tokenizer.json"))
-    config = json.loads((path / "tokenizer_config.json").read_text())
-    config["bos_token"] = bos
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
-    return path
 
 
 def test_text_prompts_get_bos_as_the_tokenizer_says(tiny_llama_bos):
