@@ -449,7 +449,9 @@ def test_bad_checkpoints_are_refused_and_change_nothing(rig, api, tiny_qwen3, tm
 
 @pytest.mark.parametrize("api", ["engine", "http"])
 def test_distributed_metadata_refused_before_receiving(rig, api):
-    """Metadata that cannot be received is refused at once (the trainer sends nothing for it here)."""
+    """Metadata that cannot be received is refused at once (the trainer sends nothing for it here). The engine
+    cannot know that: lockstep with a trainer that did broadcast is lost, so the group it names is broken (see
+    test_distributed_refusal_breaks_group.py) and a new one carries the good update."""
     cases = [
         (dict(names=[Q, K], dtypes=["float32"], shapes=[[64, 64]]), "differ in length"),
         (dict(names=[Q], dtypes=["complex128"], shapes=[[64, 64]]), "unknown dtype 'complex128'"),
@@ -463,6 +465,10 @@ def test_distributed_metadata_refused_before_receiving(rig, api):
                      else rig.engine.update_weights_from_distributed(**body))
         assert not res.success and needle in res.message, (body, res.message)
         rig.assert_unchanged(needle)
+        group = rig.engine.scheduler.weight_updater.groups.groups.get(rig.group)
+        if group is not None and group.broken is not None:
+            assert rig.engine.destroy_weights_update_group(rig.group).success
+            rig.join(f"{GROUP}-{api}-{len(needle)}")
     good_update(rig, "distributed", api == "http")
 
 

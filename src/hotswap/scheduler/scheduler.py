@@ -11,7 +11,9 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
+from functools import partial
 
 import torch
 
@@ -328,8 +330,9 @@ class Scheduler:
             return
         self._handle(request, fut)
 
-    def _handle(self, request, fut: Future) -> None:
-        handler = self.handlers.get(type(request))
+    def _handle(self, request, fut: Future, handler: Callable | None = None) -> None:
+        """Run `request` through its handler in the table (or `handler`) and reply."""
+        handler = handler or self.handlers.get(type(request))
         try:
             out = handler(request) if handler else p.ControlOutput(success=False, message=f"unknown request {type(request).__name__}")
         except Exception as exc:  # handlers return refusals; this is the last guard so the engine survives
@@ -362,10 +365,15 @@ class Scheduler:
         now = time.monotonic()
         while self.deferred and self.deferred[0][2] <= now:
             request, fut, _ = self.deferred.popleft()
-            _reply(fut, self.sessions.refuse(
-                f"{type(request).__name__} refused: {self.batcher.num_started} started request(s) did not finish within "
-                f"{self.config.weight_update_drain_timeout_s:g} s (weight_update_drain_timeout_s); pause_generation first or pass "
-                "abort_all_requests=true; weights unchanged"))
+            message = (f"{type(request).__name__} refused: {self.batcher.num_started} started request(s) did not finish within "
+                       f"{self.config.weight_update_drain_timeout_s:g} s (weight_update_drain_timeout_s); pause_generation first or pass "
+                       "abort_all_requests=true")
+            if isinstance(request, p.UpdateWeightsFromDistributedRequest):
+                # the trainer broadcast this bucket meanwhile: take part in it, then refuse, so the group's next
+                # broadcast is not received as the next call's bucket
+                self._handle(request, fut, partial(self.weight_updater.update_weights_from_distributed, refusal=message))
+            else:
+                _reply(fut, self.sessions.refuse(message + "; weights unchanged"))
 
     def schedule(self) -> ScheduledBatch | None:
         if self.pause.held or self.memory.any_released():

@@ -52,7 +52,12 @@ class WeightUpdater:
         self.ipc_mappings = CudaIpcMappings(self.config.cuda_ipc_cache_bytes)
 
     def close(self) -> None:
-        """At engine shutdown: unmap kept IPC storages (they pin the producer's memory) and drop caches."""
+        """At engine shutdown: unmap kept IPC storages (they pin the producer's memory) and drop caches, and leave
+        every trainer group (each is registered in this process's torch.distributed state under its name: left
+        there, an Engine made later in the same process could never join that name again)."""
+        for group in list(self.groups.groups.values()):
+            group.destroy()
+        self.groups.groups.clear()
         self.ipc_mappings = CudaIpcMappings(0)
         self.tensor_plans, self.read_plans = TensorPlanCache(), ReadPlanCache()
         self.sessions.session = None
@@ -142,11 +147,13 @@ class WeightUpdater:
     def destroy_weights_update_group(self, req: p.DestroyWeightsUpdateGroupRequest) -> p.ControlOutput:
         return self.groups.destroy(req.group_name)
 
-    def update_weights_from_distributed(self, req: p.UpdateWeightsFromDistributedRequest) -> p.WeightUpdateOutput:
+    def update_weights_from_distributed(self, req: p.UpdateWeightsFromDistributedRequest, *,
+                                        refusal: str | None = None) -> p.WeightUpdateOutput:
         """Lockstep with the trainer: once the group exists and the metadata can be received, take part in
         every broadcast the request announces, then decide (session state, names, shapes, values): a call of a
-        session that is not open receives its bucket too, then is refused. The output's `extra["received"]`
-        tells the trainer whether lockstep held."""
+        session that is not open receives its bucket too, then is refused; so is one given a `refusal` (the
+        scheduler's, for an update that waited too long for a drain: the trainer broadcast it meanwhile). The
+        output's `extra["received"]` tells the trainer whether lockstep held."""
         def refuse(message: str) -> p.WeightUpdateOutput:
             out = self.sessions.refuse_update(f"update_weights_from_distributed refused: {message}", req.session_id)
             out.extra["received"] = False
@@ -154,12 +161,19 @@ class WeightUpdater:
 
         if self.ranks.broken is not None:
             return refuse(self.ranks.broken)  # before receiving: the trainer learns at once that lockstep is gone
+        group = None
         try:
             group = self.groups.get(req.group_name)
-            # metadata that cannot be received at all is refused up front; the group's timeout frees the trainer
+            # metadata that cannot be received at all is refused up front
             metas = plan_receive(req.names, req.dtypes, req.shapes, req.load_format, max_bytes=self.config.weight_update_bucket_bytes,
                                  max_numel=self.model_runner.weight_map.max_numel)
         except HotswapError as exc:
+            if group is not None:
+                # the trainer broadcasts the bucket meanwhile (SGLang's contract) and nothing here takes part: the
+                # group's next receive would take that broadcast as its own bucket (another tensor's bytes loaded,
+                # or a longer broadcast that aborts the process under gloo). Tear the group down: this frees the
+                # trainer's broadcast with an error, and later calls are refused until the group is made again.
+                group.mark_broken(f"a bucket was refused before receiving it, lockstep with the trainer is lost: {exc}")
             return refuse(str(exc))
         self.ranks.receive(req.group_name, req.names, req.dtypes, req.shapes, req.load_format)  # every rank is a member
         recv_error = refused = None
@@ -182,6 +196,8 @@ class WeightUpdater:
                 raise UpdateFailed(f"receiving the bucket failed: {recv_error}")
             if refused is not None:
                 raise UpdateFailed(refused)
+            if refusal is not None:
+                raise UpdateFailed(refusal)
             matched = self.tensor_plans.match(self.model_runner.weight_map, list(zip([m.name for m in metas], received)))
             return len(matched.items), self._load(session, matched, source_can_fail=False)
 

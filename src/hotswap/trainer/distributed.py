@@ -30,7 +30,15 @@ from hotswap.trainer.push import (
     wait_result,
 )
 from hotswap.wire.buckets import BucketMetadata, flatten_bucket
-from hotswap.wire.process_group import destroy_custom_process_group, init_custom_process_group, retire_process_group, short_error, wait_work
+from hotswap.wire.process_group import (
+    destroy_custom_process_group,
+    forget_reservation,
+    init_custom_process_group,
+    retire_process_group,
+    short_error,
+    tcp_init_method,
+    wait_work,
+)
 
 LOAD_FORMATS = ("flattened_bucket", None)
 
@@ -108,7 +116,7 @@ class DistributedWeightPusher(WeightPusher):
                                      self.world_size, group_name=self.group_name, backend=self.backend, timeout_s=self.timeout_s)
                    for e, offset in zip(self.engines, self.rank_offsets)]
         own = spawn(init_custom_process_group, backend=self.backend,
-                                init_method=f"tcp://{self.master_address}:{self.master_port}", world_size=self.world_size, rank=0,
+                                init_method=tcp_init_method(self.master_address, self.master_port), world_size=self.world_size, rank=0,
                                 group_name=self.group_name, timeout=timedelta(seconds=self.timeout_s))
         # wait for everyone, but stop at the first failure: the others would only give up at the timeout
         pending = {own, *futures}
@@ -121,6 +129,8 @@ class DistributedWeightPusher(WeightPusher):
             self.pg = own.result()
             return [f.result() for f in futures]
         own.add_done_callback(_destroy_if_created)  # a late success of our own rendezvous is undone
+        if not own.done():  # given up: a retry of connect() may take the name again (as the engine side does)
+            forget_reservation(self.group_name)
         results = [f.result() if f.done() else EngineResult(False, "still waiting in the rendezvous (it gives up at its timeout)")
                    for f in futures]
         for engine, r, f in zip(self.engines, results, futures):

@@ -21,6 +21,12 @@ def short_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+def tcp_init_method(host: str, port: int) -> str:
+    """`tcp://host:port`, an IPv6 literal bracketed (given bare or bracketed, as SGLang's NetworkAddress takes it)."""
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
 def init_custom_process_group(*, backend: str, init_method: str, world_size: int, rank: int, group_name: str,
                               timeout: timedelta) -> dist.ProcessGroup:
     """Join (rank > 0) or create (rank 0: the TCP store lives here) a group with its own store namespace.

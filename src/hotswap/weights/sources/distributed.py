@@ -20,7 +20,13 @@ from hotswap import protocol as p
 from hotswap.errors import HotswapError, shown
 from hotswap.weights.distributed import WeightsGroup
 from hotswap.weights.ranks import WeightRanks
-from hotswap.wire.process_group import destroy_custom_process_group, forget_reservation, init_custom_process_group, short_error
+from hotswap.wire.process_group import (
+    destroy_custom_process_group,
+    forget_reservation,
+    init_custom_process_group,
+    short_error,
+    tcp_init_method,
+)
 
 _MAX_WORLD_SIZE = 2**31 - 1  # torch.distributed ranks are 32-bit
 MAX_TIMEOUT_S = 86400.0  # a group's timeout bounds every wait on it: a day at most (time_t and timedelta overflow far beyond)
@@ -72,7 +78,7 @@ class WeightGroups:
             return f"{ranks} (rank_offset {req.rank_offset}) must be in 1..world_size-1={req.world_size - 1}"
         if isinstance(req.timeout_s, bool) or not isinstance(req.timeout_s, (int, float)) or not 0 < req.timeout_s <= MAX_TIMEOUT_S:
             return f"timeout_s must be positive and at most {MAX_TIMEOUT_S:g} s, got {shown(req.timeout_s)}"  # NaN and inf included
-        return backend, f"tcp://{req.master_address}:{req.master_port}"
+        return backend, tcp_init_method(str(req.master_address), req.master_port)
 
     def init(self, req: p.InitWeightsUpdateGroupRequest) -> p.ControlOutput | Future:
         checked = self._check(req)
