@@ -5,6 +5,7 @@ process and stream its outputs.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import queue
@@ -455,7 +456,18 @@ class Scheduler:
         if self.allocator.pages_for(len(req.input_ids) + 1) > self.allocator.num_pages:
             self.finish(seq, {"type": "abort", "message": f"prompt of {len(req.input_ids)} tokens does not fit the KV cache"})
             return
+        self._clamp_to_kv_cache(req)
         self.batcher.add(seq)
+
+    def _clamp_to_kv_cache(self, req: p.GenerateRequest) -> None:
+        """SGLang's init_req_max_new_tokens: max_new_tokens is cut to what the whole KV cache holds beside the prompt
+        (max_req_len = max_total_num_tokens - 1, less the prompt and one), so a request longer than the cache finishes
+        with "length" at that point instead of being aborted there (an abort AReaL re-sends, as prompt + output,
+        forever: that prompt no longer fits)."""
+        sp = req.sampling_params
+        limit = max(1, self.allocator.num_pages * self.allocator.page_size - 2 - len(req.input_ids))
+        if sp.max_new_tokens > limit:
+            req.sampling_params = dataclasses.replace(sp, max_new_tokens=limit, min_new_tokens=min(sp.min_new_tokens, limit))
 
     def _released_refusal(self) -> dict:
         return {"type": "abort", "status_code": 503,
