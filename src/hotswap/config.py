@@ -286,7 +286,10 @@ class EngineConfig:
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dev = torch.device(self.device)
+        try:
+            dev = torch.device(self.device)
+        except (RuntimeError, TypeError):  # torch's "Expected one of cpu, cuda, ipu, ..." lists devices hotswap never runs on
+            raise HotswapError(f"unsupported device {self.device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise HotswapError("device 'cuda' requested but CUDA is not available")
         if dev.type not in ("cpu", "cuda"):

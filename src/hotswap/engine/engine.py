@@ -71,7 +71,10 @@ class Engine(EngineAPI):
         self.scheduler: Scheduler = scheduler  # the thread itself (tests and benches read its state)
         scheduler.start()
         if config.weight_version != "default":  # SGLang's --weight-version: the launch weights' name
-            self._call(p.UpdateWeightVersionRequest(new_version=config.weight_version, abort_all_requests=False))
+            named = self._call(p.UpdateWeightVersionRequest(new_version=config.weight_version, abort_all_requests=False))
+            if not named.success:  # refused (too long, say): fail the launch rather than serve under "default"
+                self.shutdown()
+                raise HotswapError(f"weight_version: {named.message}")
 
     def _start_runner(self) -> ModelRunner:
         """This process's ModelRunner; under tensor parallelism the workers are spawned first and build

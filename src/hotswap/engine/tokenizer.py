@@ -19,6 +19,11 @@ def load_tokenizer(config: EngineConfig):
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as exc:
         raise HotswapError(f"cannot load a tokenizer from {shown(source)}: {exc}") from exc
+    if set(tokenizer.get_vocab()) <= set(tokenizer.all_special_tokens):
+        # transformers builds an empty tokenizer for a folder without tokenizer files: every text prompt would
+        # encode to nothing and every output decode to ""
+        raise HotswapError(f"the tokenizer loaded from {shown(source)} has no vocabulary (only special tokens): the folder holds "
+                           f"no tokenizer files (tokenizer.json, tokenizer.model or vocab.json); copy them in or give tokenizer_path")
     if config.chat_template:
         path = Path(config.chat_template).expanduser()
         if not path.is_file():

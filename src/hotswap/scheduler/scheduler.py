@@ -165,6 +165,9 @@ class Scheduler:
             return
         if self.dead is None:
             self.dead = "the engine was shut down"
+        # the loop may stop before it takes the shutdown's AbortRequest: end what runs or waits here, or the
+        # callers waiting on those requests (other threads, a front end) wait forever
+        self.abort_all(self.dead)
         self._fail_deferred()
         self._fail_queued()
 

@@ -32,22 +32,42 @@ log = logging.getLogger("hotswap.server")
 
 
 def make_draining_server(config, state, drain_timeout: float):
-    """A uvicorn.Server whose first SIGTERM/SIGINT stops new work, lets running requests finish for
-    `drain_timeout` seconds, then aborts what is left (streams end with finish_reason abort); uvicorn
-    then closes the connections and returns. A second signal exits at once."""
+    """A uvicorn.Server whose first SIGTERM/SIGINT starts a drain: the port stays open and new requests (and
+    /health, as SGLang answers during its graceful exit) get 503 while running requests finish for up to
+    `drain_timeout` seconds; what is left is then aborted (streams end with finish_reason abort) and uvicorn
+    closes the connections and returns. A second signal aborts what runs and exits at once."""
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
         drain_timer: threading.Timer | None = None
+        drain_signal: tuple | None = None  # the first signal, handed to uvicorn once the drain is over
+        drain_deadline = 0.0
 
         def handle_exit(self, sig, frame) -> None:  # called from the signal handler
-            if not state.draining:
-                state.draining = True
-                log.info("signal %s: draining for up to %.0f s (running requests finish, new ones get 503)", sig, drain_timeout)
-                self.drain_timer = threading.Timer(drain_timeout, _abort_all, args=(state,))
-                self.drain_timer.daemon = True
-                self.drain_timer.start()
-            super().handle_exit(sig, frame)
+            if state.draining:  # a second signal: end what runs and stop now (its streams get their abort chunk first,
+                # unless the engine cannot answer: then uvicorn stops waiting for them after a second or two)
+                threading.Thread(target=_abort_all, args=(state,), daemon=True).start()
+                force = threading.Timer(2.0, setattr, args=(self, "force_exit", True))
+                force.daemon = True
+                force.start()
+                super().handle_exit(sig, frame)
+                return
+            state.draining = True
+            log.info("signal %s: draining for up to %.0f s (running requests finish, new ones get 503)", sig, drain_timeout)
+            self.drain_signal, self.drain_deadline = (sig, frame), time.monotonic() + drain_timeout
+            self.drain_timer = threading.Timer(drain_timeout, _abort_all, args=(state,))
+            self.drain_timer.daemon = True
+            self.drain_timer.start()
+
+        async def on_tick(self, counter: int) -> bool:
+            if await super().on_tick(counter):
+                return True
+            # uvicorn stops accepting once told to exit: keep serving 503s until every running request has ended
+            # (or the aborts the drain timeout sent had a second to land), then let it close
+            if self.drain_signal is not None and (not self.server_state.tasks or time.monotonic() > self.drain_deadline + 1.0):
+                super().handle_exit(*self.drain_signal)
+                return True
+            return False
 
     return DrainingServer(config)
 

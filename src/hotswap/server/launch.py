@@ -239,9 +239,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-    except OSError as exc:
+    except (OSError, OverflowError) as exc:  # OverflowError: a port outside 0-65535
         sock.close()
-        raise BindError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        raise BindError(f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}") from exc
     # listening from here on: a client that connects once "serving on" is logged, before uvicorn's loop has
     # started, waits in the backlog until it accepts instead of being refused (while the model loads, a
     # connection waits there too, up to the client's own timeout)
@@ -270,6 +270,9 @@ def serve(args: argparse.Namespace) -> None:
     workers = default_frontend_workers(frontend_process) if workers is None else int(workers)
     if workers < 1 or (workers > 1 and not frontend_process):
         raise ValueError(f"--frontend-workers must be at least 1, and 1 with --no-frontend-process; got {workers}")
+    drain = float(getattr(args, "drain_timeout", 30.0))
+    if not drain <= threading.TIMEOUT_MAX:  # nan, inf and huge values would fail only once the model is loaded, or at SIGTERM
+        raise ValueError(f"--drain-timeout must be a number of seconds up to {threading.TIMEOUT_MAX:.0f}; got {drain}")
     engine = app = None
     with tqdm(total=4, desc="hotswap", unit="step", bar_format="{desc}: {n_fmt}/{total_fmt} |{bar:12}| {elapsed}{postfix}",
               disable=level in ("critical", "error")) as bar:
