@@ -65,6 +65,8 @@ class FakeParameterServer:
     abort_at: int | None = None
     vanish_after: int | None = None
     tamper: Callable[[int, list[dict]], None] | None = None
+    abort_with: Exception | None = None  # what the abort at `abort_at` sends (ps.py's RuntimeError by default)
+    final_nones: int = 2  # checkpoint-engine >= 0.4.0 ends with two Nones (release, then done); < 0.4.0 with one
     answers: list[bytes] = field(default_factory=list)
     outcome: str = ""
 
@@ -100,13 +102,14 @@ class FakeParameterServer:
                 self.tamper(i, metas)
             self.answers.append(sock.recv())
             if self.answers[-1] != b"" or i == self.abort_at:
-                sock.send_pyobj(RuntimeError("Some workers failed to update weights"))
+                sock.send_pyobj(self.abort_with if self.abort_with is not None and i == self.abort_at
+                                else RuntimeError("Some workers failed to update weights"))
                 return "aborted"
             sock.send_pyobj(metas)
             if i == self.vanish_after:
                 return "vanished"
         self.answers.append(sock.recv())
-        for _ in range(2):
+        for _ in range(self.final_nones):
             sock.send_pyobj(None)
             sock.recv()
         return "done"
@@ -264,6 +267,29 @@ def test_server_abort_rolls_back(engine, tiny_qwen3_v2):
     res = _fails_and_changes_nothing(engine, ps)
     assert "aborted the update: RuntimeError: Some workers failed to update weights" in res.message
     assert ps.answers == [b"", b"", b""] and res.rolled_back  # buckets 1 and 2 were loaded, then restored
+
+
+def test_an_abort_from_the_wire_is_quoted_cut_short(engine, tiny_qwen3_v2):
+    """ps.py's abort is an exception object from the wire: str() of one whose arg is a list sharing a sublist
+    40 levels deep is 2**40 items long (a 300-byte pickle: here 24, 2**24, which still fails at once unpatched);
+    the failure must quote it cut short, at once."""
+    bomb: list = []
+    for _ in range(24):
+        bomb = [bomb, bomb]
+    ps = FakeParameterServer(split(checkpoint_tensors(tiny_qwen3_v2), 3), abort_at=1, abort_with=RuntimeError(bomb))
+    res = _fails_and_changes_nothing(engine, ps)
+    assert "aborted the update: RuntimeError: ([[[" in res.message and len(res.message) < 1000 and res.rolled_back
+    ps = FakeParameterServer(split(checkpoint_tensors(tiny_qwen3_v2), 3), abort_at=1, abort_with=ValueError("x" * 100_000))
+    res = _fails_and_changes_nothing(engine, ps)
+    assert "aborted the update: ValueError: xxx" in res.message and len(res.message) < 1000
+
+
+def test_a_server_older_than_0_4_is_named_when_its_push_ends_with_one_none(engine, tiny_qwen3_v2):
+    """checkpoint-engine < 0.4.0 (ps.py: recv; send_pyobj(None); recv) ends with one None; >= 0.4.0 (#84) sends
+    a second after releasing its buffer. The timeout waiting for that second None says so, not just "died"."""
+    ps = FakeParameterServer(split(checkpoint_tensors(tiny_qwen3_v2), 2), final_nones=1)
+    res = _fails_and_changes_nothing(engine, ps)
+    assert "died or stalled" in res.message and "checkpoint-engine >= 0.4.0" in res.message and res.rolled_back
 
 
 def test_server_that_vanishes_times_out_and_the_engine_serves_on(engine, tiny_qwen3_v2):

@@ -115,6 +115,14 @@ class _Channel:
             raise ReceiveFailed(f"could not answer the parameter server at {self.address} within {self.timeout_s:g} s") from None
 
 
+def _abort_reason(exc: Exception) -> str:
+    """The server's abort as the failure names it, cut short: its args come from the wire (str() of a list
+    sharing one sublist 40 levels deep is 2**40 items long, from a 300-byte pickle)."""
+    args = exc.args
+    text = args[0] if len(args) == 1 and isinstance(args[0], str) else shown(args)
+    return f"{type(exc).__name__}: {text if len(text) <= 500 else text[:500] + '...'}"
+
+
 def _load(msg: object, buffer: torch.Tensor, load_bucket: LoadBucket, stats: ReceiveStats) -> str | None:
     """Load one bucket; the error to send back, or None. The views die on return: only `buffer` maps the server's memory."""
     where = f"bucket {stats.num_buckets + 1}"
@@ -171,8 +179,14 @@ def _exchange(channel: _Channel, open_buffer: Callable[[object], torch.Tensor] |
                 failure = failure or f"bucket {stats.num_buckets + 1}: {exc}"
                 channel.reply(failure)
                 continue
+            except ReceiveFailed as exc:
+                if released:  # checkpoint-engine < 0.4.0 ends a push with one None, >= 0.4.0 with two
+                    raise ReceiveFailed(f"{exc}; it released its buffer (None) but did not send the second None that "
+                                        "ends a push in checkpoint-engine >= 0.4.0: a parameter server older than 0.4.0 "
+                                        "ends with one None, which this engine does not speak") from None
+                raise
             if isinstance(msg, Exception):
-                return failure or f"the parameter server aborted the update: {type(msg).__name__}: {msg}"
+                return failure or f"the parameter server aborted the update: {_abort_reason(msg)}"
             if msg is None:
                 buffer = None  # unmap before answering: the server frees its buffer next
                 channel.reply(None)
