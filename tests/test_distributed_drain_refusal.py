@@ -9,29 +9,19 @@ import threading
 
 import pytest
 import torch
-from trainer_support import CTX, broadcaster_main
+from trainer_support import broadcaster, join_broadcaster
 
 from hotswap import Engine
-from hotswap.trainer import free_port
 
 NORM, LN = "model.norm.weight", "model.layers.0.input_layernorm.weight"
 
 
 @pytest.fixture
 def rig(tiny_qwen3):
-    commands, events = CTX.Queue(), CTX.Queue()
-    trainer = CTX.Process(target=broadcaster_main, args=(commands, events), daemon=True)
-    trainer.start()
-    with Engine(str(tiny_qwen3), device="cpu", page_size=4, weight_update_drain_timeout_s=0.2, weight_session_timeout_s=10) as eng:
-        port = free_port()
-        commands.put(("join", port, "drain", 30))
-        assert eng.init_weights_update_group("127.0.0.1", port, 1, 2, group_name="drain", backend="gloo", timeout_s=30).success
-        assert events.get(timeout=30) == ("joined", "drain")
+    with broadcaster() as (commands, events), Engine(str(tiny_qwen3), device="cpu", page_size=4, weight_update_drain_timeout_s=0.2,
+                                                     weight_session_timeout_s=10) as eng:
+        join_broadcaster(eng, commands, events, "drain")
         yield eng, commands, events
-    commands.put(None)
-    trainer.join(10)
-    if trainer.is_alive():
-        trainer.kill()
 
 
 def test_update_refused_after_the_drain_timeout_keeps_lockstep(rig):

@@ -7,33 +7,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from trainer_support import CTX, broadcaster_main
+from trainer_support import broadcaster, join_broadcaster
 
 from hotswap import Engine
-from hotswap.trainer import free_port
 
 NORM, LN, LN2 = "model.norm.weight", "model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight"
 
 
 @pytest.fixture
 def rig(tiny_qwen3):
-    commands, events = CTX.Queue(), CTX.Queue()
-    trainer = CTX.Process(target=broadcaster_main, args=(commands, events), daemon=True)
-    trainer.start()
-    with Engine(str(tiny_qwen3), device="cpu", page_size=4, weight_update_bucket_bytes=300, weight_session_timeout_s=10) as eng:
+    with broadcaster() as (commands, events), Engine(str(tiny_qwen3), device="cpu", page_size=4, weight_update_bucket_bytes=300,
+                                                     weight_session_timeout_s=10) as eng:
 
         def join(name):
-            port = free_port()
-            commands.put(("join", port, name, 30))
-            assert eng.init_weights_update_group("127.0.0.1", port, 1, 2, group_name=name, backend="gloo", timeout_s=30).success
-            assert events.get(timeout=30) == ("joined", name)
+            join_broadcaster(eng, commands, events, name)
 
         join("bucket-limit")
         yield eng, commands, events, join
-    commands.put(None)
-    trainer.join(10)
-    if trainer.is_alive():
-        trainer.kill()
 
 
 def test_a_bucket_refused_unreceived_breaks_the_group(rig):

@@ -14,6 +14,8 @@ import os
 import threading
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -326,3 +328,29 @@ def broadcaster_main(commands, events) -> None:
     except BaseException as exc:
         events.put(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
         raise
+
+
+@contextmanager
+def broadcaster() -> Iterator[tuple]:
+    """A `broadcaster_main` trainer process: its (commands, events) queues; ended and reaped on exit."""
+    commands, events = CTX.Queue(), CTX.Queue()
+    trainer = CTX.Process(target=broadcaster_main, args=(commands, events), daemon=True)
+    trainer.start()
+    try:
+        yield commands, events
+    finally:
+        commands.put(None)
+        trainer.join(10)
+        if trainer.is_alive():
+            trainer.kill()
+
+
+def join_broadcaster(engine, commands, events, name: str, timeout_s: float = 30) -> None:
+    """The broadcaster (leaving its previous group) and `engine` make a gloo group of two named `name`."""
+    from hotswap.trainer import free_port
+
+    port = free_port()
+    commands.put(("join", port, name, timeout_s))
+    res = engine.init_weights_update_group("127.0.0.1", port, 1, 2, group_name=name, backend="gloo", timeout_s=timeout_s)
+    assert res.success, res.message
+    assert events.get(timeout=timeout_s) == ("joined", name)
