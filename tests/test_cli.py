@@ -138,3 +138,29 @@ def test_sglang_launch_flags_reach_the_engine_or_are_refused_by_name(tiny_qwen3,
                         (["--max-total-tokens"], "--max-total-tokens needs a value")):
         assert main(["serve", "--model-path", str(tiny_qwen3), "--device", "cpu", "--port", "0", "--log-level", "error", *bad]) == 2
         assert needle in capsys.readouterr().err
+
+
+def test_areals_default_sglang_launch_line_runs(tiny_qwen3, capsys):
+    """AReaL (cli_args.py::SGLangConfig.build_args through get_py_cmd, its defaults: None, False and "" dropped) launches
+    `... --max-loaded-loras 8 --lora-backend triton` without LoRA; SGLang reads LoRA's tuning only when LoRA is enabled
+    (server_args.py::check_lora_server_args), so the line runs as `hotswap serve`. LoRA itself stays refused by name."""
+    m = str(tiny_qwen3)
+    argv = ["serve", "--tokenizer-path", m, "--tokenizer-mode", "auto", "--load-format", "auto", "--trust-remote-code", "--tp-size", "1",
+            "--base-gpu-id", "0", "--nnodes", "1", "--node-rank", "0", "--model-path", m, "--random-seed", "1", "--disable-radix-cache",
+            "--torch-compile-max-bs", "32", "--triton-attention-num-kv-splits", "8", "--num-continuous-decode-steps", "1",
+            "--attention-backend", "fa3", "--context-length", "512", "--mem-fraction-static", "0.9", "--chunked-prefill-size", "-1",
+            "--max-prefill-tokens", "32768", "--schedule-policy", "lpm", "--schedule-conservativeness", "1.0", "--cpu-offload-gb", "0",
+            "--dtype", "bfloat16", "--kv-cache-dtype", "auto", "--dp-size", "1", "--ep-size", "1", "--max-loaded-loras", "8",
+            "--lora-backend", "triton", "--log-level", "warning", "--log-level-http", "warning", "--log-requests-level", "0",
+            "--enable-metrics", "--decode-log-interval", "1", "--host", "127.0.0.1", "--port", "0"]
+    args, extra = build_parser().parse_known_args(argv)
+    args.sglang_args = sglang_flags(extra)
+    with Engine(args.model_path, dtype=args.dtype, device="cpu", page_size=4, num_pages=64, **engine_kwargs_from_args(args)) as eng:
+        assert (eng.config.enable_prefix_cache, eng.config.attention_backend, eng.max_context_len) == (False, "auto", 512)
+        assert eng.get_server_info()["max_loaded_loras"] == 8
+        assert len(eng.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 2, "ignore_eos": True})["output_ids"]) == 2
+    for bad, needle in ((["--enable-lora"], "enable_lora=True: enable_lora is not supported"),
+                        (["--lora-paths", "a=/x"], "lora_paths='a=/x': lora_paths is not supported"),
+                        (["--enable-multimodal"], "enable_multimodal=True: SGLang's setting is not supported")):
+        assert main(["serve", "--model-path", m, "--device", "cpu", "--port", "0", "--log-level", "error", *bad]) == 2
+        assert needle in capsys.readouterr().err

@@ -15,7 +15,8 @@ from hotswap.server.frontend_process import make_draining_server
 from hotswap.server.launch import bind_socket
 
 
-def test_draining_server_answers_503_then_a_second_signal_stops_it(tiny_qwen3):
+def test_draining_server_answers_503_then_a_second_signal_stops_it(tiny_qwen3, monkeypatch):
+    monkeypatch.setenv("SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN", "1")  # a context far past the model's
     engine = Engine(str(tiny_qwen3), device="cpu", page_size=4, max_context_len=200_000)
     sock = bind_socket("127.0.0.1", 0)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"

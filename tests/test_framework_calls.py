@@ -16,6 +16,7 @@ from engine_support import make_engine, wait_idle
 from hotswap.server.app import create_app
 from hotswap.server.generation import UNSERVED_GENERATE_FIELDS
 from hotswap.server.launch import ServerThread
+from hotswap.server.metrics import Metrics
 
 PROMPT = list(range(3, 15))  # 12 token ids
 LONG = {"max_new_tokens": 400, "temperature": 0, "ignore_eos": True}
@@ -164,6 +165,21 @@ def test_prompt_logprob_scoring_as_teachers_ask_for_it(c):
     assert len(meta["input_token_logprobs"]) >= target and all_logprobs[-target:] == pytest.approx(scored[-target:], abs=1e-5)
 
 
+def test_e2e_latency_histogram_sums_over_front_ends():
+    """`sglang:e2e_request_latency_seconds` (SGLang's buckets, metrics/collector.py) counts each finished request's
+    meta_info e2e_latency; a scrape through one of several front end processes shows their sum."""
+    parser = pytest.importorskip("prometheus_client.parser")
+    one, two = Metrics(), Metrics()
+    one.observe_generation("/generate", [{"meta_info": {"e2e_latency": 0.15, "finish_reason": {"type": "length"}}}])
+    two.observe_generation("/generate", [{"meta_info": {"e2e_latency": 3.0}}, {"meta_info": {}}])  # the last: no latency
+    one.absorb(two.snapshot())
+    samples = {(s.name, s.labels.get("le")): s.value for f in parser.text_string_to_metric_families(one.render(model_name="m"))
+               for s in f.samples if f.name == "sglang:e2e_request_latency_seconds"}
+    assert samples[("sglang:e2e_request_latency_seconds_count", None)] == 2
+    assert samples[("sglang:e2e_request_latency_seconds_sum", None)] == pytest.approx(3.15)
+    assert [samples[("sglang:e2e_request_latency_seconds_bucket", le)] for le in ("0.1", "0.2", "2.0", "4.0", "+Inf")] == [0, 1, 1, 2, 2]
+
+
 def test_metrics_under_sglang_and_vllm_names(c, engine):
     """miles `dashboard/sglang_scraper.py::_ingest` keeps `sglang:*` samples (":" read as "_") such as
     num_running_reqs, num_queue_reqs, token_usage, prompt_tokens_total, num_requests_total; prime-rl
@@ -185,6 +201,9 @@ def test_metrics_under_sglang_and_vllm_names(c, engine):
     assert miles["sglang_num_running_reqs"] == 1 and miles["sglang_num_queue_reqs"] == 0
     assert 0 < miles["sglang_token_usage"] < 1 and miles["sglang_num_requests_total"] >= 1
     assert miles["sglang_prompt_tokens_total"] >= len(PROMPT) and miles["sglang_generation_tokens_total"] >= 2
+    # its whitelist's latency families: SGLang's e2e histogram, observed once per finished request
+    assert miles["sglang_e2e_request_latency_seconds_count"] == miles["sglang_num_requests_total"]
+    assert 0 < miles["sglang_e2e_request_latency_seconds_sum"] < 60 * miles["sglang_num_requests_total"]
 
     gauges, counters, cache_config = {}, {}, {}
     for family in parser.text_string_to_metric_families(text):

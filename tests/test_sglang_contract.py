@@ -223,6 +223,21 @@ def test_engine_takes_sglang_server_args(tiny_qwen3):
             Engine(model_path=str(tiny_qwen3), device="cpu", **bad)
 
 
+
+def test_server_info_reads_back_every_sglang_setting_as_launched(tiny_qwen3):
+    """miles `sglang_engine.py::_init_external` asserts `get_server_info()[name] == value` for every key it launched with,
+    its per-group overrides included (`skip_tokenizer_init: true`, `cuda_graph_max_bs: 128` in its PD example): a setting
+    hotswap maps onto a field of its own, or takes under another name, reads back as given, as SGLang's
+    `asdict(server_args)` does."""
+    launched = {"skip_tokenizer_init": True, "cuda_graph_max_bs": 128, "max_prefill_tokens": 4096, "attention_backend": "fa3",
+                "stream_output": True, "disable_radix_cache": True, "context_length": 256, "random_seed": 7, "tp_size": 1}
+    with Engine(model_path=str(tiny_qwen3), device="cpu", page_size=4, num_pages=64, **launched) as eng:
+        info = json.loads(json.dumps(eng.get_server_info()))  # what /get_server_info sends
+        assert {name: info[name] for name in launched} == launched
+        assert (eng.config.attention_backend, eng.config.max_num_batched_tokens, eng.config.cuda_graph_max_batch) == ("auto", 4096, 128)
+        out = eng.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 2, "temperature": 0, "ignore_eos": True})
+        assert len(out["output_ids"]) == 2  # input_ids in, output_ids out
+
 def test_engine_takes_verls_rollout_arguments_and_sglangs_none(tiny_qwen3):
     """verl's SGLang rollout builds its engine with these arguments; SGLang's None ("choose for me") takes our default,
     chunked_prefill_size=-1 turns chunking off, and its dtype and attention backend names are understood."""

@@ -10,17 +10,20 @@ from pathlib import Path
 import torch
 
 from hotswap.errors import CheckpointError, HotswapError, UnsupportedModelError
-from hotswap.sglang_server_args import NOT_COMPARABLE, RUN_ONLY, SGLANG_DEFAULTS
+from hotswap.sglang_server_args import LORA_ONLY, NOT_COMPARABLE, RUN_ONLY, SGLANG_DEFAULTS
 from hotswap.wire.ipc import new_ipc_token, shm_block_prefix
 
-# architecture name in config.json -> (attention bias on q/k/v, RMSNorm on q and k per head)
+# architecture name in config.json -> (the config key switching the q/k/v bias (None: transformers always has one),
+# its default, RMSNorm on q and k per head). `attention_bias` also biases o_proj (transformers' Llama and Qwen3).
 SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": (False, False),
-    "Qwen2ForCausalLM": (True, False),
-    "Qwen3ForCausalLM": (False, True),
-    "Qwen3MoeForCausalLM": (False, True),
-    "Qwen2MoeForCausalLM": (True, False),  # q/k/v bias under the name qkv_bias; a gated shared expert
+    "LlamaForCausalLM": ("attention_bias", False, False),
+    "Qwen2ForCausalLM": (None, True, False),  # Qwen2Attention's q/k/v always have a bias, whatever the config says
+    "Qwen3ForCausalLM": ("attention_bias", False, True),
+    "Qwen3MoeForCausalLM": ("attention_bias", False, True),
+    "Qwen2MoeForCausalLM": ("qkv_bias", True, False),  # q/k/v only (o_proj has none); a gated shared expert
 }
+# the rope types served (models/rope.py), transformers' names
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
            "float": torch.float32, "half": torch.float16}  # the last two: SGLang's --dtype names
@@ -51,8 +54,10 @@ class ModelConfig:
     rope_scaling: dict | None
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool
+    attention_bias: bool  # on q/k/v
     qk_norm: bool
+    o_proj_bias: bool = False  # Llama's and Qwen3's attention_bias
+    mlp_bias: bool = False  # Llama's mlp_bias: gate, up and down projections
     torch_dtype: torch.dtype
     eos_token_ids: list[int] = field(default_factory=list)
     # mixture of experts (Qwen3-MoE); num_experts == 0: every layer is dense
@@ -63,6 +68,9 @@ class ModelConfig:
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE: an always-on expert scaled by sigmoid(shared_expert_gate)
+    # the context length the engine serves (model_config_for sets it; 0: not yet). The rotary table and the widest page
+    # table cover max(context_len, max_position_embeddings) positions (`max_positions`)
+    context_len: int = 0
     model_type: str = ""  # config.json's model_type ("qwen3", "qwen3_moe", ...), as SGLang's /model_info reports it
     # generation_config.json's sampling values (GENERATION_SAMPLING_FIELDS it sets): a chat completion that leaves
     # one unset samples with it, as SGLang's chat does (sampling_defaults="model")
@@ -72,6 +80,10 @@ class ModelConfig:
         """HF's rule (Qwen3MoeDecoderLayer): sparse unless listed in mlp_only_layers or off the sparse step."""
         return (self.num_experts > 0 and layer_id not in self.mlp_only_layers
                 and (layer_id + 1) % self.decoder_sparse_step == 0)
+
+    @property
+    def max_positions(self) -> int:
+        return max(self.context_len, self.max_position_embeddings)
 
     @property
     def moe_layers(self) -> list[int]:
@@ -96,18 +108,12 @@ class ModelConfig:
                 f"unsupported architecture {archs or raw.get('model_type')!r}; "
                 f"hotswap serves {sorted(SUPPORTED_ARCHITECTURES)}"
             )
-        bias_default, qk_norm = SUPPORTED_ARCHITECTURES[arch]
+        bias_key, bias_default, qk_norm = SUPPORTED_ARCHITECTURES[arch]
+        _check_layers(raw, arch)
         heads = raw["num_attention_heads"]
         dtype_name = raw.get("torch_dtype") or raw.get("dtype") or "float32"
-        rope_scaling = raw.get("rope_scaling")
-        rope_theta = raw.get("rope_theta")
-        rope_params = raw.get("rope_parameters")  # transformers >= 5 folds theta and scaling together
-        if isinstance(rope_params, dict):
-            rope_theta = rope_theta or rope_params.get("rope_theta")
-            if rope_params.get("rope_type", "default") != "default":
-                rope_scaling = rope_scaling or rope_params
-        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default", "llama3"):
-            raise UnsupportedModelError(f"unsupported rope_scaling {rope_scaling!r}; hotswap implements 'llama3'")
+        rope_theta, rope_scaling = _rope(raw)
+        attention_bias = bool(raw.get(bias_key, bias_default)) if bias_key else bias_default
         cfg = cls(
             architecture=arch,
             model_type=str(raw.get("model_type") or ""),
@@ -119,11 +125,13 @@ class ModelConfig:
             num_kv_heads=raw.get("num_key_value_heads") or heads,
             head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
             rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta or 10000.0),
-            rope_scaling=rope_scaling if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "llama3" else None,
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
             max_position_embeddings=raw.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            attention_bias=bool(raw.get("attention_bias", raw.get("qkv_bias", bias_default))),
+            attention_bias=attention_bias,
+            o_proj_bias=attention_bias and bias_key == "attention_bias",
+            mlp_bias=bool(raw.get("mlp_bias")) and arch == "LlamaForCausalLM",
             qk_norm=qk_norm,
             torch_dtype=parse_dtype(dtype_name if dtype_name in _DTYPES else "float32"),
             eos_token_ids=_eos_ids(raw.get("eos_token_id")),
@@ -138,6 +146,42 @@ class ModelConfig:
         if cfg.num_heads % cfg.num_kv_heads:
             raise CheckpointError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {cfg.num_kv_heads}")
         return cfg
+
+
+def _rope(raw: dict) -> tuple[float, dict | None]:
+    """(rope_theta, the rope scaling with its `rope_type`, None for plain rotary) as transformers reads them
+    (RotaryEmbeddingConfigMixin.convert_rope_params_to_dict, standardize_rope_params): transformers 4's `rope_scaling`
+    (old ones say `type`) wins over transformers 5's `rope_parameters`, a theta inside the dict over the top-level
+    `rope_theta`, and yarn's and llama3's original_max_position_embeddings defaults to max_position_embeddings."""
+    params = raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), dict) else {}
+    scaling = raw.get("rope_scaling") or params
+    theta = float(scaling.get("rope_theta") or raw.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise UnsupportedModelError(f"unsupported rope type {kind!r} (rope_scaling {scaling!r}); hotswap implements {list(ROPE_TYPES)}")
+    if kind == "default":
+        return theta, None
+    scaling = {k: v for k, v in scaling.items() if k not in ("type", "rope_theta")} | {"rope_type": kind}
+    if kind in ("yarn", "llama3"):
+        scaling.setdefault("original_max_position_embeddings", raw.get("max_position_embeddings"))
+    return theta, scaling
+
+
+def _check_layers(raw: dict, arch: str) -> None:
+    """Refuse what the decoder does not compute, instead of serving other logits than transformers': sliding-window
+    layers (Qwen2's use_sliding_window past max_window_layers, transformers 5's layer_types) and activations
+    other than SiLU (SGLang's LlamaMLP refuses those too)."""
+    act = raw.get("hidden_act", "silu")
+    if act != "silu":
+        raise UnsupportedModelError(f"hidden_act {act!r} is not supported; hotswap's {arch} computes SiLU (silu) only")
+    if not (raw.get("use_sliding_window") and raw.get("sliding_window")):
+        return  # transformers' Qwen2Config / Qwen3Config drop the window then: every layer attends fully
+    types = raw.get("layer_types") or ["sliding_attention" if i >= raw.get("max_window_layers", 28) else "full_attention"
+                                       for i in range(raw["num_hidden_layers"])]
+    sliding = [i for i, t in enumerate(types) if t != "full_attention"]
+    if sliding:
+        raise UnsupportedModelError(f"layers {sliding} use sliding-window attention (use_sliding_window, sliding_window "
+                                    f"{raw.get('sliding_window')}, layer_types); hotswap computes full attention only")
 
 
 # the generation_config.json fields SGLang's chat takes as defaults (ModelConfig.get_default_sampling_params)
@@ -259,8 +303,9 @@ class EngineConfig:
     # them (`return_routed_experts`, SGLang's routing replay interface)
     enable_return_routed_experts: bool = False
     weight_version: str = "default"  # the version the launch weights carry (SGLang's --weight-version)
-    # SGLang ServerArgs settings taken with no field of ours (engine_args_from_sglang), as given: get_server_info
-    # reports them, so a framework reading back what it launched with finds it (JSON values only: TP workers get a copy)
+    # every SGLang ServerArgs setting taken (engine_args_from_sglang), as given under its SGLang name, those that set a
+    # field of ours too: get_server_info reports them, so a framework reading back what it launched with finds it (JSON
+    # values only: TP workers get a copy)
     sglang_settings: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -335,7 +380,7 @@ _SGLANG_ACCEPTED: dict[str, object] = {
     "enable_dp_attention": _neutral("enable_dp_attention is not supported", lambda v: not v),
     # accepted whatever they say: hotswap's behaviour already matches, or they concern nothing it runs (logging, metrics
     # and kernel choices are sglang_server_args.RUN_ONLY's)
-    "skip_tokenizer_init": None,  # input_ids work either way; text is still detokenized when a tokenizer exists
+    "skip_tokenizer_init": None,  # input_ids in, output_ids out either way; the tokenizer still loads (Engine logs it)
     "trust_remote_code": None,  # hotswap implements its models natively: no remote code ever runs
     "enable_memory_saver": None,  # release/resume_memory_occupation always work
     "host": None,
@@ -375,7 +420,7 @@ def engine_args_from_sglang(args: dict) -> dict:
             continue
         elif name in SGLANG_DEFAULTS:
             default = SGLANG_DEFAULTS[name]
-            if name not in RUN_ONLY and (default is NOT_COMPARABLE or value != default):
+            if name not in RUN_ONLY | LORA_ONLY and (default is NOT_COMPARABLE or value != default):
                 problems.append(f"{name}={value!r}: SGLang's setting is not supported by hotswap"
                                 + ("" if default is NOT_COMPARABLE else f" (only its default {default!r})"))
             elif _is_json(value):
@@ -388,6 +433,8 @@ def engine_args_from_sglang(args: dict) -> dict:
             problems.append(f"{name} and {target} disagree ({converted!r} vs {out[target]!r})")
             continue
         out[target] = converted
+        if name in SGLANG_DEFAULTS and _is_json(value):  # get_server_info reads it back under SGLang's name, as given
+            settings[name] = value
     if problems:
         raise HotswapError("; ".join(problems))
     if settings:
@@ -416,4 +463,24 @@ def model_config_for(config: EngineConfig) -> ModelConfig:
         raise HotswapError(f"tensor_parallel_size {tp} does not divide the model's {', '.join(uneven)}")
     if config.enable_return_routed_experts and not mc.num_experts:
         raise HotswapError(f"enable_return_routed_experts needs a mixture-of-experts model; {mc.architecture} has no experts")
+    mc.context_len = _context_len(config.max_context_len, mc)
     return mc
+
+
+def _context_len(asked: int, mc: ModelConfig) -> int:
+    """The context length served: `asked` (max_context_len, SGLang's context_length) or the model's, derived as SGLang's
+    get_context_length derives it (max_position_embeddings, times a linear rope's factor). A longer one is refused
+    unless SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1 (SGLang's ModelConfig._derive_context_length), and always with
+    dynamic rope, whose scaling past max_position_embeddings transformers derives from the batch's longest sequence."""
+    kind = mc.rope_scaling["rope_type"] if mc.rope_scaling else "default"
+    derived = int(mc.max_position_embeddings * (mc.rope_scaling.get("factor", 1) if kind == "linear" else 1))
+    if asked <= derived:
+        return asked or derived
+    if kind == "dynamic":
+        raise HotswapError(f"context length {asked} is greater than max_position_embeddings {derived}: hotswap serves "
+                           "dynamic rope scaling only within it (transformers rescales past it by the batch's longest sequence)")
+    if os.environ.get("SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN", "").strip().lower() not in ("1", "true"):
+        raise HotswapError(f"context length {asked} is greater than the model's derived context length {derived} "
+                           "(max_position_embeddings); set SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1 to serve it anyway, "
+                           "as SGLang asks (the positions past it may give incorrect outputs)")
+    return asked

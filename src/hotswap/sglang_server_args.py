@@ -4,7 +4,8 @@ python/sglang/srt/server_args.py at 001067f, December 2026), for `config.engine_
 A framework may build its engine from a whole ServerArgs (`Engine(**asdict(server_args))`) or pass a few of its
 settings. A field given at SGLang's default asks nothing of hotswap and is accepted; a `RUN_ONLY` field (logging,
 kernel and graph choices, scheduling heuristics, loader threads) changes how SGLang runs, not what it returns, and is
-accepted at any value; any other field away from its default is refused by name.
+accepted at any value, as is a `LORA_ONLY` field (hotswap serves no LoRA); any other field away from its default is
+refused by name.
 """
 
 from __future__ import annotations
@@ -171,6 +172,10 @@ SGLANG_DEFAULTS: dict[str, object] = {
 # streaming flag before its rename (config's aliases map cuda_graph_max_bs and stream_output to ours)
 SGLANG_DEFAULTS.update({"cuda_graph_max_bs": None, "cuda_graph_bs": None, "stream_output": False})
 
+# launch_server switches whose ServerArgs default is None (unset) rather than False: the bare flag sets True, as in
+# SGLang's own launch lines (`--enable-lora`, `--enable-multimodal`)
+NONE_DEFAULT_SWITCHES = frozenset({"enable_lora", "enable_multimodal"})
+
 # launch_server's other spellings of a field (its argparse also takes any unique prefix of a flag)
 FLAG_ALIASES = {"dp": "dp_size", "data_parallel_size": "dp_size", "pp": "pp_size", "pipeline_parallel_size": "pp_size",
                 "ep": "ep_size", "expert_parallel_size": "ep_size"}
@@ -227,4 +232,12 @@ RUN_ONLY: frozenset[str] = frozenset({
     'triton_attention_split_tile_size', 'use_ray', 'uvicorn_access_log_exclude_prefixes', 'warmups', 'watchdog_timeout',
     'weight_loader_disable_mmap', 'weight_loader_drop_cache_after_load', 'weight_loader_prefetch_checkpoints',
     'weight_loader_prefetch_num_threads',
+})
+
+# LoRA's tuning, read only where LoRA is enabled (server_args.py::check_lora_server_args under `if self.enable_lora`, the
+# LoRA manager): hotswap refuses enable_lora and lora_paths, so these never apply. AReaL's launch line always sets
+# max_loaded_loras and lora_backend (cli_args.py::SGLangConfig defaults)
+LORA_ONLY: frozenset[str] = frozenset({
+    'max_lora_rank', 'lora_target_modules', 'max_loaded_loras', 'lora_eviction_policy', 'lora_backend', 'max_lora_chunk_size',
+    'enable_lora_overlap_loading',
 })

@@ -134,7 +134,8 @@ class SchedulerPort(Protocol):
 
 
 def context_length(config: EngineConfig, model_config: ModelConfig) -> int:
-    return config.max_context_len or model_config.max_position_embeddings
+    """The context length model_config_for settled (max_context_len, else the model's)."""
+    return model_config.context_len or config.max_context_len or model_config.max_position_embeddings
 
 
 def eos_token_ids(model_config: ModelConfig, tokenizer) -> list[int]:
@@ -589,7 +590,8 @@ class EngineAPI:
         value given where one was taken at launch), every EngineConfig field, and the ServerArgs names frameworks read
         filled from ours. slime and miles compare fields with their launch arguments before using an external engine
         (`_init_external`: `enable_memory_saver` as launched, the parallel sizes, `base_gpu_id`; miles also `port`,
-        which the HTTP route fills from the address it serves on)."""
+        which the HTTP route fills from the address it serves on, and every override it launched with, such as
+        `skip_tokenizer_init` or `cuda_graph_max_bs`)."""
         cfg = self.config
         load = self.get_load()
         capacity = self.capacity()
@@ -604,7 +606,7 @@ class EngineAPI:
             "context_length": self.max_context_len,
             "mem_fraction_static": cfg.kv_cache_memory_fraction if cfg.mem_fraction_static is None else cfg.mem_fraction_static,
             "disable_radix_cache": not cfg.enable_prefix_cache, "random_seed": cfg.seed, "chunked_prefill_size": cfg.chunked_prefill_size,
-            "disable_cuda_graph": not cfg.enable_cuda_graph, "skip_tokenizer_init": False,
+            "disable_cuda_graph": not cfg.enable_cuda_graph,
             "base_gpu_id": (self.device.index or 0) if self.device.type == "cuda" else 0,
             "weight_version": load.weight_version, "disaggregation_mode": "null", "disaggregation_bootstrap_port": None,
             "encoder_only": False, "enable_lora": False, "enable_dp_attention": False, "num_gpus": cfg.tensor_parallel_size,

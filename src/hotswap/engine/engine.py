@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 
 import torch
 
@@ -17,6 +18,8 @@ from hotswap.gc_policy import make_garbage_collections_rare
 from hotswap.runner.model_runner import ModelRunner
 from hotswap.runner.tp_peers import TPPeers
 from hotswap.scheduler.scheduler import Scheduler
+
+log = logging.getLogger("hotswap.engine")
 
 
 def _fields_of(server_args) -> dict:
@@ -53,6 +56,9 @@ class Engine(EngineAPI):
             raise HotswapError("model_path is required")
         engine_args = engine_args_from_sglang(engine_args)
         config = EngineConfig(model_path=str(model_path), dtype=dtype or "auto", device=device or "auto", **engine_args)  # None: SGLang's auto
+        if config.sglang_settings.get("skip_tokenizer_init"):
+            log.info("skip_tokenizer_init: input_ids in and output_ids out as asked; the tokenizer still loads, so replies also "
+                     "carry text and text prompts are served")
         device = config.resolved_device()
         model_config = model_config_for(config)
         tp_size = config.tensor_parallel_size

@@ -25,7 +25,7 @@ class Attention(nn.Module):
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         dt = cfg.torch_dtype
         self.qkv_proj = MergedColumnLinear(cfg.hidden_size, {"q": q, "k": kv, "v": kv}, cfg.attention_bias, dt, tp)
-        self.o_proj = RowLinear(q, cfg.hidden_size, dt, tp)
+        self.o_proj = RowLinear(q, cfg.hidden_size, dt, tp, bias=cfg.o_proj_bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dt) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dt) if cfg.qk_norm else None
         self.rotary = rotary
@@ -83,8 +83,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPInfo):
         super().__init__()
         i = cfg.intermediate_size
-        self.gate_up_proj = MergedColumnLinear(cfg.hidden_size, {0: i, 1: i}, False, cfg.torch_dtype, tp)
-        self.down_proj = RowLinear(i, cfg.hidden_size, cfg.torch_dtype, tp)
+        self.gate_up_proj = MergedColumnLinear(cfg.hidden_size, {0: i, 1: i}, cfg.mlp_bias, cfg.torch_dtype, tp)
+        self.down_proj = RowLinear(i, cfg.hidden_size, cfg.torch_dtype, tp, bias=cfg.mlp_bias)
 
     def norm_forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm,
                      ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +121,8 @@ class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPInfo):
         super().__init__()
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, cfg.torch_dtype, tp)
-        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, torch.device("cpu"))
+        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_positions, cfg.rope_theta, cfg.rope_scaling, torch.device("cpu"),
+                                 cfg.max_position_embeddings)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp, rotary) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.torch_dtype)
         self.rotary = rotary

@@ -10,6 +10,7 @@ from torch import nn
 
 from hotswap.kernels import fused, rows_matmul, skinny_matmul
 from hotswap.models.parallel import ShardSpec, TPInfo
+from hotswap.models.rope import rope_frequencies
 
 
 def hf_param(shape: tuple[int, ...], dtype: torch.dtype, shards: dict) -> nn.Parameter:
@@ -86,13 +87,15 @@ class MergedColumnLinear(nn.Module):
 class RowLinear(nn.Module):
     """Input-dim sharded projection (o_proj, down_proj); partial sums are all-reduced across TP ranks."""
 
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, tp: TPInfo):
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, tp: TPInfo, bias: bool = False):
         super().__init__()
         start, length = tp.split(in_features)
         self.tp = tp
         self.weight = hf_param(
             (out_features, length), dtype, {None: ShardSpec(1, 0, length, 1, start, length, (out_features, in_features))}
         )
+        # whole on every rank, added once after the all-reduce (Llama's attention_bias / mlp_bias)
+        self.bias = hf_param((out_features,), dtype, {None: ShardSpec(0, 0, out_features, 0, 0, out_features, (out_features,))}) if bias else None
 
     def forward(self, x: torch.Tensor, skinny: bool = False, rows: bool = False) -> torch.Tensor:
         """`skinny`: the one-row kernel; `rows`: the few-rows one (kernels/rows_matmul.py); else cuBLAS."""
@@ -100,7 +103,12 @@ class RowLinear(nn.Module):
             y = skinny_matmul.skinny_linear(x, self.weight)[0]
         else:
             y = rows_matmul.rows_linear(x, self.weight) if rows else F.linear(x, self.weight)
-        return self.tp.all_reduce(y)
+        return self._reduce(y)
+
+    def _reduce(self, y: torch.Tensor) -> torch.Tensor:
+        """The sum of the ranks' partial products, plus the bias."""
+        y = self.tp.all_reduce(y)
+        return y if self.bias is None else y + self.bias
 
     def silu_mul_forward(self, gate_up: torch.Tensor, skinny: bool) -> torch.Tensor:
         """This projection of silu(gate) * up, for gate_up = [gate | up] along the last dim."""
@@ -111,7 +119,7 @@ class RowLinear(nn.Module):
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             y = F.linear(F.silu(gate) * up, self.weight)
-        return self.tp.all_reduce(y)
+        return self._reduce(y)
 
 
 class VocabEmbedding(nn.Module):
@@ -146,23 +154,23 @@ class VocabEmbedding(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """Neox-style rotary embedding with an optional Llama-3 frequency rescale.
+    """Neox-style rotary embedding of any rope type in models/rope.py, as a [positions, cos | sin] table with the
+    attention factor (YaRN's) folded in, as transformers scales cos and sin.
 
-    The cos/sin cache is a non-persistent buffer: `rebuild()` recreates it after memory release.
+    The table is a non-persistent buffer: `rebuild()` recreates it after memory release.
     """
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None, device: torch.device):
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None, device: torch.device,
+                 max_position_embeddings: int = 0):
         super().__init__()
-        self.head_dim, self.max_positions, self.theta, self.scaling = head_dim, max_positions, theta, scaling
+        self.max_positions = max_positions
+        self.inv_freq, self.attention_factor = rope_frequencies(head_dim, theta, scaling, max_position_embeddings or max_positions)
         self.register_buffer("cos_sin", self._build(device), persistent=False)
 
     def _build(self, device: torch.device) -> torch.Tensor:
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim))
-        if self.scaling is not None:
-            inv_freq = _llama3_scale(inv_freq, self.scaling)
         t = torch.arange(self.max_positions, dtype=torch.float32, device=device)
-        freqs = torch.outer(t, inv_freq)
-        return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+        freqs = torch.outer(t, self.inv_freq.to(device))
+        return torch.cat([freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor], dim=-1)
 
     def rebuild(self, device: torch.device) -> None:
         self.cos_sin = self._build(device)
@@ -178,14 +186,3 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
-
-def _llama3_scale(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
-    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
-    old_len = s["original_max_position_embeddings"]
-    low_wavelen, high_wavelen = old_len / low, old_len / high
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return torch.where(medium, smoothed, scaled)

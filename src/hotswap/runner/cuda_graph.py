@@ -63,7 +63,7 @@ class CudaGraphRunner:
         cfg = runner.config
         self.buckets = graph_buckets(min(cfg.cuda_graph_max_batch or cfg.max_running_requests, cfg.max_running_requests))
         self.max_batch = self.buckets[-1]
-        self.max_pages = -(-runner.model_config.max_position_embeddings // runner.kv_cache.page_size)
+        self.max_pages = -(-runner.model_config.max_positions // runner.kv_cache.page_size)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
         self.inputs: StagedInputs | None = None

@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING
 
 from hotswap.server.access import AccessPolicy, split_list
-from hotswap.sglang_server_args import FLAG_ALIASES, SGLANG_DEFAULTS
+from hotswap.sglang_server_args import FLAG_ALIASES, NONE_DEFAULT_SWITCHES, SGLANG_DEFAULTS
 
 if TYPE_CHECKING:  # the serving modules pull in torch; `hotswap --help` imports this one
     from hotswap.server.frontend_process import FrontendOptions
@@ -172,7 +172,7 @@ def sglang_flags(extra: list[str]) -> dict[str, object]:
             values.append(extra[i])
             i += 1
         default = SGLANG_DEFAULTS[name]
-        if isinstance(default, bool) and not values:
+        if (isinstance(default, bool) or name in NONE_DEFAULT_SWITCHES) and not values:
             out[name] = True
             continue
         if not values:

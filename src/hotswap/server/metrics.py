@@ -14,6 +14,8 @@ from collections import defaultdict
 
 # seconds; weight updates range from milliseconds (tiny models, one bucket) to minutes (large disk loads)
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, math.inf)
+# seconds; SGLang's default buckets of sglang:e2e_request_latency_seconds (metrics/collector.py, TokenizerMetricsCollector)
+E2E_BUCKETS = (0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 20.0, 40.0, 60.0, 80.0, 100.0, 200.0, 400.0, 800.0, math.inf)
 
 
 _HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
@@ -35,6 +37,21 @@ def _num(x: float) -> str:
     return repr(float(x)) if isinstance(x, float) else str(x)
 
 
+def _observe(buckets: list[int], bounds: tuple[float, ...], value: float) -> None:
+    """Count `value` in every cumulative bucket it falls under."""
+    for i, bound in enumerate(bounds):
+        if value <= bound:
+            buckets[i] += 1
+
+
+def _histogram(lines: list[str], name: str, labels: dict, bounds: tuple[float, ...], buckets: list[int], total: float, count: int) -> None:
+    """One labelled histogram's samples: its cumulative buckets, sum and count."""
+    for bound, n in zip(bounds, buckets):
+        lines.append(f"{name}_bucket{_labels(**labels, le=_num(bound))} {n}")
+    lines.append(f"{name}_sum{_labels(**labels)} {_num(total)}")
+    lines.append(f"{name}_count{_labels(**labels)} {count}")
+
+
 class Metrics:
     """Thread-safe counters the HTTP layer updates; `render(load)` writes the exposition text."""
 
@@ -52,6 +69,9 @@ class Metrics:
         self.weight_update_buckets: dict[str, list[int]] = {}
         self.weight_update_sum: dict[str, float] = defaultdict(float)
         self.weight_update_count: dict[str, int] = defaultdict(int)
+        self.e2e_buckets = [0] * len(E2E_BUCKETS)  # finished requests' meta_info e2e_latency, cumulative per bound
+        self.e2e_sum = 0.0
+        self.e2e_count = 0
 
     # ---- updates -----------------------------------------------------------------------------------
 
@@ -75,6 +95,10 @@ class Metrics:
                 reason = meta.get("finish_reason") or {}
                 if reason.get("type") == "abort":
                     self.aborted_requests += 1
+                if meta.get("e2e_latency") is not None:
+                    _observe(self.e2e_buckets, E2E_BUCKETS, float(meta["e2e_latency"]))
+                    self.e2e_sum += float(meta["e2e_latency"])
+                    self.e2e_count += 1
 
     def observe_disconnect(self) -> None:
         with self._lock:
@@ -85,10 +109,7 @@ class Metrics:
             self.weight_updates[(route, "success" if success else "failure")] += 1
             if not success:
                 return
-            buckets = self.weight_update_buckets.setdefault(route, [0] * len(DURATION_BUCKETS))
-            for i, bound in enumerate(DURATION_BUCKETS):
-                if seconds <= bound:
-                    buckets[i] += 1
+            _observe(self.weight_update_buckets.setdefault(route, [0] * len(DURATION_BUCKETS)), DURATION_BUCKETS, seconds)
             self.weight_update_sum[route] += seconds
             self.weight_update_count[route] += 1
 
@@ -103,7 +124,8 @@ class Metrics:
                                self.aborted_requests, self.disconnects],
                     "weight_updates": [[r, res, v] for (r, res), v in self.weight_updates.items()],
                     "weight_update_buckets": {r: list(b) for r, b in self.weight_update_buckets.items()},
-                    "weight_update_sum": dict(self.weight_update_sum), "weight_update_count": dict(self.weight_update_count)}
+                    "weight_update_sum": dict(self.weight_update_sum), "weight_update_count": dict(self.weight_update_count),
+                    "e2e": [list(self.e2e_buckets), self.e2e_sum, self.e2e_count]}
 
     def absorb(self, snap: dict) -> None:
         """Add the counters of a `snapshot` (another front end process's) to these."""
@@ -129,6 +151,11 @@ class Metrics:
                 self.weight_update_sum[r] += float(v)
             for r, v in snap["weight_update_count"].items():
                 self.weight_update_count[r] += int(v)
+            buckets, total, count = snap["e2e"]
+            for i, c in enumerate(buckets[: len(self.e2e_buckets)]):
+                self.e2e_buckets[i] += int(c)
+            self.e2e_sum += float(total)
+            self.e2e_count += int(count)
 
     # ---- exposition --------------------------------------------------------------------------------
 
@@ -159,10 +186,8 @@ class Metrics:
             lines.append("# HELP hotswap_weight_update_duration_seconds Wall time of successful weight-update calls.")
             lines.append("# TYPE hotswap_weight_update_duration_seconds histogram")
             for route in sorted(self.weight_update_buckets):
-                for bound, count in zip(DURATION_BUCKETS, self.weight_update_buckets[route]):
-                    lines.append(f"hotswap_weight_update_duration_seconds_bucket{_labels(route=route, le=_num(bound))} {count}")
-                lines.append(f"hotswap_weight_update_duration_seconds_sum{_labels(route=route)} {_num(self.weight_update_sum[route])}")
-                lines.append(f"hotswap_weight_update_duration_seconds_count{_labels(route=route)} {self.weight_update_count[route]}")
+                _histogram(lines, "hotswap_weight_update_duration_seconds", {"route": route}, DURATION_BUCKETS,
+                           self.weight_update_buckets[route], self.weight_update_sum[route], self.weight_update_count[route])
 
         family("hotswap_engine_up", "gauge", "1 when the engine answered the load query.", [({}, 0 if load is None else 1)])
         if load is not None:
@@ -178,14 +203,18 @@ class Metrics:
                    [({}, int(bool(load.paused)))])
             family("hotswap_weight_version_info", "gauge", "The weight version the engine serves (value is always 1).",
                    [({"version": load.weight_version, "model": model_name}, 1)])
-        self._render_sglang(family, load, model_name, page_size)
+        self._render_sglang(family, lines, load, model_name, page_size)
         self._render_vllm(family, load, model_name, page_size)
         return "\n".join(lines) + "\n"
 
-    def _render_sglang(self, family, load, model_name: str, page_size: int) -> None:
-        """SGLang's names (srt/metrics/collector.py), read by miles' dashboard (`sglang_scraper.py`)."""
+    def _render_sglang(self, family, lines: list[str], load, model_name: str, page_size: int) -> None:
+        """SGLang's names (srt/metrics/collector.py), read by miles' dashboard (`sglang_scraper.py`, which also keeps
+        `sglang:e2e_request_latency_seconds` _sum and _count)."""
         labels = {"model_name": model_name, "engine_type": "unified"}
         with self._lock:
+            lines.append("# HELP sglang:e2e_request_latency_seconds Histogram of end-to-end request latency in seconds.")
+            lines.append("# TYPE sglang:e2e_request_latency_seconds histogram")
+            _histogram(lines, "sglang:e2e_request_latency_seconds", labels, E2E_BUCKETS, self.e2e_buckets, self.e2e_sum, self.e2e_count)
             counters = [("prompt_tokens_total", "Prompt tokens.", self.prompt_tokens),
                         ("generation_tokens_total", "Generated tokens.", self.completion_tokens),
                         ("cached_tokens_total", "Prompt tokens served from the prefix cache.", self.cached_tokens),

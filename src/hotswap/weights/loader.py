@@ -11,8 +11,9 @@ from hotswap.errors import CheckpointError, shown
 from hotswap.weights.mapping import WeightMap, WeightSlot
 from hotswap.weights.safetensors_io import TensorInfo, checkpoint_files, read_headers
 
-# Checkpoint entries that are derived state, not parameters (old Llama exports carry rotary caches).
-IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+# Checkpoint entries that are derived state, not parameters (old Llama exports carry rotary caches, ColossalAI's
+# its cos/sin tables: SGLang's load_weights skips the same three).
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".rotary_emb.cos_cached", ".rotary_emb.sin_cached")
 
 
 @dataclass(frozen=True, slots=True)
