@@ -152,7 +152,8 @@ def skyrl_sampling_params(**overrides) -> dict:
 def test_skyrl_generate_tokens(http):
     """SkyRL `RemoteInferenceClient._generate_single`: POST /inference/v1/generate {sampling_params, model,
     token_ids[, cache_salt]} with X-Session-ID; reads choices[0]["token_ids"], ["finish_reason"] and
-    ["logprobs"]["content"][i]["logprob"]. Same tokens and logprobs as SGLang's /generate."""
+    ["logprobs"]["content"][i]["logprob"]. Same tokens and logprobs as SGLang's /generate with the same min_tokens (whose
+    eos mask holds under ignore_eos too, as in SGLang and vLLM; the logprobs are those of the masked distribution)."""
     payload = {"sampling_params": skyrl_sampling_params(), "model": "tiny", "token_ids": PROMPT_IDS, "cache_salt": "v3"}
     r = http.post("/inference/v1/generate", json=payload, headers={"X-Session-ID": "traj-1"})
     assert r.status_code == 200, r.text
@@ -160,7 +161,8 @@ def test_skyrl_generate_tokens(http):
     token_ids, stop_reason = choice["token_ids"], choice["finish_reason"]
     response_logprobs = [info["logprob"] for info in choice["logprobs"]["content"]]
     ref = http.post("/generate", json={"input_ids": PROMPT_IDS, "return_logprob": True,
-                                       "sampling_params": {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}}).json()
+                                       "sampling_params": {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True,
+                                                           "min_new_tokens": 1}}).json()
     assert token_ids == ref["output_ids"] and stop_reason == "length"
     assert response_logprobs == pytest.approx([lp for lp, _, _ in ref["meta_info"]["output_token_logprobs"]], abs=1e-5)
     assert [c["token"] for c in choice["logprobs"]["content"]] == [f"token_id:{t}" for t in token_ids]

@@ -13,6 +13,9 @@ MAX_STOPS = 1024  # stop strings (and stop token ids) per request: each is check
 MAX_TOP_LOGPROBS = 1024
 MAX_STOP_CHARS = 1 << 16  # all stop strings together: after every token each is searched for in the text's last len(stop) characters
 MAX_LOGIT_BIAS = 1024  # logit_bias entries per request: every step writes each into the logits of each of the request's rows
+# SGLang's _SAMPLING_EPS: a temperature below it samples greedily (SamplingParams.__post_init__ makes it top_k 1 at
+# temperature 1), so its logprobs are the raw ones, not those of logits divided by a near-zero temperature
+GREEDY_TEMPERATURE = 1e-6
 
 # constrained decoding (SGLang's and vLLM's names): refused by name wherever a request may carry it
 CONSTRAINED_DECODING_FIELDS = ("regex", "json_schema", "ebnf", "structural_tag", "guided_json", "guided_regex", "guided_choice",
@@ -89,10 +92,9 @@ class SamplingParams:
         for key in ("stop", "stop_token_ids"):
             if isinstance(values.get(key), tuple):
                 values[key] = list(values[key])
-        for key in ("stop", "stop_token_ids", "logit_bias", "frequency_penalty", "presence_penalty", "repetition_penalty",
-                    "min_new_tokens", "no_stop_trim", "stream_interval"):  # None: the default, as SGLang reads it
-            if values.get(key) is None:
-                values.pop(key, None)
+        for key in _NONE_IS_DEFAULT:
+            if key in values and values[key] is None:
+                del values[key]
         sp = cls(**values)
         sp.validate()
         return sp
@@ -157,7 +159,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
     @property
     def has_penalties(self) -> bool:
@@ -167,6 +169,11 @@ class SamplingParams:
 
 
 _FIELD_NAMES = frozenset(f.name for f in fields(SamplingParams))
+# None is the default for these, on every path, as SGLang's SamplingParams.__post_init__ reads it ("so that callers
+# (e.g. /generate) can pass null"); max_new_tokens None (until the context is full) is RequestPrep's
+_NONE_IS_DEFAULT = ("temperature", "top_p", "top_k", "min_p", "n", "seed", "stop", "stop_token_ids", "logit_bias",
+                    "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens", "ignore_eos",
+                    "skip_special_tokens", "no_stop_trim", "stream_interval")
 
 
 def _is_number(x) -> bool:

@@ -139,11 +139,14 @@ def context_length(config: EngineConfig, model_config: ModelConfig) -> int:
 
 
 def eos_token_ids(model_config: ModelConfig, tokenizer) -> list[int]:
-    """The model's end-of-sequence ids (the tokenizer's when the model's config names none)."""
-    eos = list(model_config.eos_token_ids)
-    if not eos and tokenizer.eos_token_id is not None:
-        eos = [tokenizer.eos_token_id]
-    return eos
+    """The ids that end a sequence (and that min_new_tokens masks): the model's (config.json and generation_config.json)
+    and the tokenizer's eos, as SGLang's Req._check_token_based_finish stops at `eos_token_ids` and
+    `tokenizer.eos_token_id` both (a fine-tuned tokenizer often names <|im_end|> where the config kept <|endoftext|>).
+    Ids outside the model's vocabulary can never be sampled."""
+    eos = set(model_config.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    return sorted(t for t in eos if t < model_config.vocab_size)
 
 
 class EngineAPI:

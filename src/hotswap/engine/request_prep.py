@@ -22,9 +22,10 @@ def _drop_neutral(params: dict) -> dict:
     """SGLang sampling parameters that SamplingParams lacks, which frameworks send at their neutral value
     (any other value stays and is refused by name, never silently ignored): unset constrained-decoding
     fields (None, "", {}; set, SamplingParams refuses them by name), and `spaces_between_special_tokens`
-    (a boolean): a fast tokenizer's decode has no such option (SGLang's, with a fast tokenizer, ignores it)."""
-    spaces = params.get("spaces_between_special_tokens", True)
-    if not isinstance(spaces, bool):
+    (a boolean, None its default): a fast tokenizer's decode has no such option (SGLang's, with a fast tokenizer, ignores
+    it)."""
+    spaces = params.get("spaces_between_special_tokens")
+    if spaces is not None and not isinstance(spaces, bool):
         raise SamplingParamsError(f"invalid sampling parameter: spaces_between_special_tokens must be a boolean, got {shown(spaces)}")
     return {k: v for k, v in params.items()
             if k != "spaces_between_special_tokens" and not (k in CONSTRAINED_DECODING_FIELDS and not v)}

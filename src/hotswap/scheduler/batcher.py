@@ -217,7 +217,8 @@ class Batcher:
             entry.prompt_ids = seq.distinct_prompt_ids()
         if entry.step < sp.min_new_tokens:
             if seq.banned_ids is None:
-                seq.banned_ids = sorted(set(sp.stop_token_ids) | (set() if sp.ignore_eos else self.eos_token_ids))
+                # eos too under ignore_eos: SGLang's BatchedMinNewTokensPenalizer and vLLM's min_tokens mask it regardless
+                seq.banned_ids = sorted(set(sp.stop_token_ids) | self.eos_token_ids)
             entry.banned_ids = seq.banned_ids
 
     def _plan_prompt_logprobs(self, seq: Sequence, entry: BatchEntry, end: int) -> None:

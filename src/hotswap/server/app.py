@@ -281,8 +281,8 @@ class GenerateBody(BaseModel):
     input_ids: list[int] | list[list[int]] | None = None
     sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
     stream: bool = False
-    return_logprob: bool | list[bool] = False
-    top_logprobs_num: int | list[int] = 0
+    return_logprob: bool | list[bool] | None = False  # None: unset, as SGLang's Optional fields
+    top_logprobs_num: int | list[int] | None = 0
     logprob_start_len: int | list[int] | None = None
     return_text_in_logprobs: bool = False
     return_routed_experts: bool = False

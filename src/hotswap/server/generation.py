@@ -81,12 +81,7 @@ def normalize_sampling_params(params: Any) -> dict:
             value = sp.pop(key)
             if not is_unset(value):
                 raise APIError(400, f"sampling parameter {shown(key)} is not supported by hotswap", param=key)
-    # None means the default (SamplingParams.from_dict reads None as the default for the penalties, logit_bias,
-    # no_stop_trim and custom_params itself; the engine reads max_new_tokens None as SGLang: until the context is full)
-    for key in ("top_k", "top_p", "min_p", "temperature", "seed", "n"):
-        if key in sp and sp[key] is None:
-            del sp[key]
-    return sp
+    return sp  # None is a field's default (the engine reads it so on every path, as SGLang does)
 
 
 def engine_error(exc: Exception) -> APIError:
