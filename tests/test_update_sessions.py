@@ -295,3 +295,20 @@ def test_an_abandoned_session_expires(tiny_qwen3, tiny_qwen3_v2):
         assert state(engine) == before
         res = engine.end_weight_update()
         assert not res.success and "expired" in res.message
+
+
+def test_a_pause_made_while_a_session_is_open_still_holds_its_updates_together(tiny_qwen3, tiny_qwen3_v2):
+    """begin_weight_update, then pause_generation (another caller's), then end_weight_update: generation stays paused,
+    and the updates made in the rest of the pause form one session, as in any pause, committed or rolled back together
+    at continue_generation. The pause had no session of its own after the end: each later update committed at once, and
+    a refused one left the earlier ones served under their version."""
+    with make_engine(tiny_qwen3) as engine:
+        before = state(engine)
+        assert engine.begin_weight_update().success
+        assert engine.pause_generation("abort").success
+        assert engine.end_weight_update().success
+        assert engine.get_load().paused
+        assert engine.update_weights_from_disk(str(tiny_qwen3_v2), weight_version="v2").success
+        assert not engine.update_weights_from_tensor([("model.norm.weight", torch.zeros(3))]).success
+        assert engine.continue_generation().success
+        assert state(engine) == before and engine.weight_version == "default"

@@ -167,6 +167,18 @@ def test_release_resume_on_cpu(engine):
     assert greedy_ids(engine) == outputs
 
 
+
+def test_empty_tags_release_and_resume_everything_as_sglang(engine):
+    """SGLang's scheduler reads `tags: []` as every tag (release_memory_occupation / resume_memory_occupation:
+    `if tags is None or len(tags) == 0: tags = GPU_MEMORY_ALL_TYPES`); an empty list released nothing here and
+    answered success, and its resume was refused."""
+    outputs = greedy_ids(engine)
+    out = engine.release_memory_occupation([])
+    assert out.success and engine.get_load().memory_released == ["cuda_graph", "kv_cache", "weights"], out.message
+    assert engine.resume_memory_occupation([]).success
+    assert engine.get_load().memory_released == []
+    assert greedy_ids(engine) == outputs
+
 def test_release_refused_while_busy(engine):
     results = []
     sp = {"max_new_tokens": 400, "temperature": 0, "ignore_eos": True}
@@ -195,6 +207,24 @@ def test_save_sharded_model_round_trips(engine, tiny_qwen3_v2, tmp_path):
         assert again.check_weights("checksum").digest == engine.check_weights("checksum").digest
     assert not engine.save_sharded_model(str(out)).success  # refuses to mix with existing shards
 
+
+
+def test_a_save_after_the_launch_folder_is_gone_still_loads(tiny_qwen3, tiny_qwen3_v2, tmp_path):
+    """A trainer's checkpoint retention deletes old step folders, the one the engine was launched from among them: a
+    save took config.json and the tokenizer from that folder only, answered success and wrote weights HF cannot load.
+    They come from the folder the served weights were last read from."""
+    launch, step = tmp_path / "step_0", tmp_path / "step_1"
+    shutil.copytree(tiny_qwen3, launch)
+    shutil.copytree(tiny_qwen3_v2, step)
+    with make_engine(launch) as eng:
+        assert eng.update_weights_from_disk(str(step)).success
+        shutil.rmtree(launch)
+        out = tmp_path / "saved"
+        res = eng.save_sharded_model(str(out))
+        assert res.success, res.message
+        assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+        hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        assert eng.check_weights("checksum", expected=state_dict_manifest(hf.state_dict())).success
 
 def test_save_remote_model(engine, tmp_path):
     res = engine.save_remote_model(f"file://{tmp_path}/remote")

@@ -38,7 +38,9 @@ class MemoryManager:
         return "weights" in self.released
 
     def _tags(self, tags: list[str] | None) -> list[str] | str:
-        if tags is None:
+        """The tags a call names; None or an empty list names every tag, as in SGLang's scheduler (which releases and
+        resumes `GPU_MEMORY_ALL_TYPES` when `not tags`)."""
+        if not tags:
             return list(TAGS)
         if isinstance(tags, str):
             tags = [tags]
@@ -69,7 +71,7 @@ class MemoryManager:
         if isinstance(tags, str):
             return p.ControlOutput(success=False, message=tags)
         released = self.device_memory.released
-        tags = [t for t in tags if t in released] if req.tags is None else tags
+        tags = [t for t in tags if t in released] if not req.tags else tags
         missing = [t for t in tags if t not in released]
         if missing:
             return p.ControlOutput(success=False, message=f"resume refused: {missing} not released")

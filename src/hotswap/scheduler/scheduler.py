@@ -598,6 +598,8 @@ class Scheduler:
         holds generation in place until continue_generation, `torch_empty_cache` returns the allocator's cached
         blocks."""
         out = self.weight_updater.update_weights_from_disk(req)
+        if out.success:
+            self.weight_reads.loaded_from = req.model_path  # a save's config and tokenizer files come from there
         if out.success and req.torch_empty_cache and self.model_runner.device.type == "cuda":
             torch.cuda.empty_cache()
         if out.success and req.keep_pause:

@@ -32,6 +32,7 @@ class WeightReads:
     flush_cache: Callable[[], bool]
     mark_version: Callable[[str], None]  # the weights changed with no version naming them
     snapshot: dict[str, torch.Tensor] | None = None
+    loaded_from: str | None = None  # the folder the last successful disk update read
 
     def _whole(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         return self.ranks.gather(self.model_runner.weight_map, names)
@@ -125,11 +126,18 @@ class WeightReads:
             return p.CheckWeightsOutput(success=False, message=f"reset_tensors failed: {failure}")
         return p.CheckWeightsOutput(success=True, message=f"zeroed {len(wm.names)} tensors")
 
+    def side_files_source(self) -> str:
+        """The folder a save copies config.json and the tokenizer files from: the one the served weights were last read
+        from, else the launch folder, whichever still holds a config.json (a trainer's checkpoint retention deletes old
+        step folders, the launch folder among them: a save then held weights only and no longer loaded)."""
+        candidates = [path for path in (self.loaded_from, self.config.model_path) if path is not None]
+        return next((path for path in candidates if (Path(path) / "config.json").is_file()), self.config.model_path)
+
     def save_sharded_model(self, req: p.SaveShardedModelRequest) -> p.ControlOutput:
         if self.weights_released():
             return p.ControlOutput(success=False, message=RELEASED)
         try:
-            files = saver.save_sharded(self.model_runner.weight_map, self._whole, Path(req.path), self.config.model_path,
+            files = saver.save_sharded(self.model_runner.weight_map, self._whole, Path(req.path), self.side_files_source(),
                                        pattern=req.pattern, max_size=req.max_size, overwrite=req.overwrite)
         except (HotswapError, OSError) as exc:
             return p.ControlOutput(success=False, message=f"save_sharded_model failed: {exc}")
@@ -139,7 +147,7 @@ class WeightReads:
         if self.weights_released():
             return p.ControlOutput(success=False, message=RELEASED)
         try:
-            saver.save_remote(self.model_runner.weight_map, self._whole, req.url, self.config.model_path, overwrite=req.overwrite)
+            saver.save_remote(self.model_runner.weight_map, self._whole, req.url, self.side_files_source(), overwrite=req.overwrite)
         except (HotswapError, OSError, ValueError, ImportError) as exc:
             return p.ControlOutput(success=False, message=f"save_remote_model failed: {exc}")
         return p.ControlOutput(success=True, message=f"saved to {req.url}")

@@ -81,6 +81,7 @@ class UpdateSession:
     num_bytes: int = 0
     changed: bool = False  # some call copied tensors
     id: str = field(default_factory=lambda: secrets.token_hex(8))  # handed out by begin_weight_update
+    paused_inside: bool = False  # generation was paused while this begun session was open: the pause outlives it
 
 
 @dataclass(kw_only=True, slots=True)
@@ -311,15 +312,19 @@ class Sessions:
                                     num_tensors=n, num_bytes=nbytes, elapsed_s=elapsed)
 
     def _after_end(self, s: UpdateSession) -> None:
-        """A session begun inside a pause leaves the pause holding (a fresh pause session) until continue."""
+        """A session begun inside a pause, or paused while open, leaves the pause holding (a fresh pause session) until
+        continue."""
         self.session = None
-        if s.opened_by == PAUSE:
+        if s.opened_by == PAUSE or s.paused_inside:
             self._open(explicit=True, opened_by=PAUSE)
 
     def open_pause(self) -> None:
-        """pause_generation: updates made during the pause form one session, committed at continue."""
+        """pause_generation: updates made during the pause form one session, committed at continue. A begun session
+        open now stays as it is; the pause's own session opens when it ends (`_after_end`)."""
         if self.session is None:
             self._open(explicit=True, opened_by=PAUSE)
+        else:
+            self.session.paused_inside = True
 
     def close_pause(self) -> str | None:
         """continue_generation: commit the pause's updates (or roll back a failed pause session). Returns
