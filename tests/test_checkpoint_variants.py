@@ -61,12 +61,12 @@ def test_scaled_rope_checkpoints_generate_transformers_tokens(family, name, tmp_
     assert_greedy_matches_hf(path, PROMPTS, outs, 6)
 
 
-def _llama_with_biases(path, **flags):
+def _llama_with_biases(path, hidden_size: int = 64, dtype: torch.dtype = torch.float32, **flags):
     """A tiny Llama with transformers' attention_bias (q/k/v and o_proj) and mlp_bias (gate, up, down) switches."""
     tok = build_tokenizer(path)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=512, **flags)
-    model = AutoModelForCausalLM.from_config(config)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **flags)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2)
@@ -143,3 +143,38 @@ def test_rotary_caches_saved_in_a_checkpoint_are_skipped(tmp_path):
         outs = eng.generate(input_ids=PROMPTS[:1], sampling_params={"max_new_tokens": 4, "temperature": 0, "ignore_eos": True},
                             return_logprob=True)
     assert_greedy_matches_hf(path, PROMPTS[:1], outs, 4)
+
+
+GPU_CASES = ["yarn", "biases"]
+
+
+def _gpu_checkpoint(case: str, path, dtype: str):
+    """Wide enough (hidden 128) for the few-rows matmul's tiles: decode batches of 4 run every projection through it, the
+    biases and YaRN's scaled table through the epilogues (bias before SiLU-and-mul; q/k rotated in the heads epilogue)."""
+    if case == "yarn":
+        return build_tiny_checkpoint(path, "qwen3", hidden_size=128, intermediate_size=256, dtype=dtype, rope_scaling=ROPES["yarn"])
+    return _llama_with_biases(path, hidden_size=128, dtype=getattr(torch, dtype), attention_bias=True, mlp_bias=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_variants_on_cuda_float32_match_transformers(case, tmp_path):
+    """Triton attention and the decode graphs on YaRN's table and the o_proj / MLP biases: HF's tokens and logprobs."""
+    path = _gpu_checkpoint(case, tmp_path, "float32")
+    with Engine(str(path), device="cuda", page_size=16) as eng:
+        outs = eng.generate(input_ids=PROMPTS, sampling_params={"max_new_tokens": 6, "temperature": 0, "ignore_eos": True},
+                            return_logprob=True)
+    assert_greedy_matches_hf(path, PROMPTS, outs, 6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_variants_in_bf16_through_the_few_rows_kernels(case, tmp_path):
+    from hf_reference import assert_bf16_greedy_within_hf_rounding
+
+    path = _gpu_checkpoint(case, tmp_path, "bfloat16")
+    prompts = [prompt_ids(90 + i, 12 + 3 * i) for i in range(4)]
+    with Engine(str(path), device="cuda", dtype="bfloat16") as eng:
+        assert eng.model_runner.use_rows_matmul(4)
+        outs = eng.generate(input_ids=prompts, sampling_params={"max_new_tokens": 12, "temperature": 0, "ignore_eos": True})
+    assert_bf16_greedy_within_hf_rounding(path, prompts, [o["output_ids"] for o in outs])
