@@ -13,10 +13,19 @@ from hotswap.wire.checksum import state_dict_manifest
 from hotswap.wire.dtypes import dtype_from_name
 
 
-def engine_dtype(engine: EngineHandle, timeout_s: float | None = DEFAULT_CALL_TIMEOUT_S) -> torch.dtype | None:
-    """The dtype the engine stores its weights in (None if it cannot say in time)."""
+class DtypeUnknown(RuntimeError):
+    """dtype="auto" and the engine did not say which dtype it stores: a manifest in another dtype would report
+    every tensor as differing."""
+
+
+def engine_dtype(engine: EngineHandle, timeout_s: float | None = DEFAULT_CALL_TIMEOUT_S) -> torch.dtype:
+    """The dtype the engine stores its weights in; raises DtypeUnknown naming why it cannot say."""
     r = wait_result(spawn(call_method, engine, "get_model_info"), timeout_s, "get_model_info")
-    return dtype_from_name(r.get("dtype") or "") if r.success else None
+    dtype = dtype_from_name(r.get("dtype") or "") if r.success else None
+    if dtype is None:
+        why = (r.message or "no reply") if not r.success else f"its model info names no weight dtype ({r.get('dtype')!r})"
+        raise DtypeUnknown(f"cannot read the weight dtype of {engine!r} for dtype='auto': {why}; pass the dtype instead")
+    return dtype
 
 
 def verify_engine_weights(engine: EngineHandle, state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | str | None = None) -> EngineResult:
@@ -25,7 +34,10 @@ def verify_engine_weights(engine: EngineHandle, state_dict: Mapping[str, torch.T
     `dtype` casts the trainer's tensors first (an fp32 trainer proving a bf16 engine's weights); "auto"
     asks the engine which dtype it stores. Returns the engine's reply as an EngineResult: `success` when
     every checksum matches, else `data["mismatches"]` names the parameters that differ."""
-    dtype = engine_dtype(engine) if dtype == "auto" else _resolve(dtype)
+    try:
+        dtype = engine_dtype(engine) if dtype == "auto" else _resolve(dtype)
+    except DtypeUnknown as exc:
+        return EngineResult(False, str(exc))
     manifest = state_dict_manifest(state_dict, dtype)
     return wait_result(spawn(call_method, engine, "check_weights", "checksum", expected=manifest), DEFAULT_CALL_TIMEOUT_S,
                        "check_weights('checksum')")
@@ -63,11 +75,14 @@ def verify_engines(engines: EngineHandle | Sequence[EngineHandle], state_dict: M
     per dtype, however many engines), one report per engine naming the tensors that differ. `dtype` as
     in `verify_engine_weights` ("auto": each engine's own)."""
     engines = as_engines(engines)
-    dtypes = [engine_dtype(e, timeout_s) if dtype == "auto" else _resolve(dtype) for e in engines]
+    dtypes = [_dtype_or_error(e, timeout_s) if dtype == "auto" else _resolve(dtype) for e in engines]
     manifests: dict[torch.dtype | None, dict[str, str]] = {}
     futures = [spawn(call_method, e, "check_weights", "checksum") for e in engines]
     reports = []
     for engine, dt, future in zip(engines, dtypes, futures):
+        if isinstance(dt, DtypeUnknown):
+            reports.append(EngineWeightsReport(engine=repr(engine), error=str(dt)))
+            continue
         r = wait_result(future, timeout_s, "check_weights('checksum')")
         got = r.get("checksums")
         if not r.success or not isinstance(got, Mapping):
@@ -79,6 +94,13 @@ def verify_engines(engines: EngineHandle | Sequence[EngineHandle], state_dict: M
         reports.append(EngineWeightsReport(engine=repr(engine), differ=sorted(n for n in want.keys() & got.keys() if want[n] != got[n]),
                                            missing=sorted(want.keys() - got.keys()), extra=sorted(got.keys() - want.keys())))
     return reports
+
+
+def _dtype_or_error(engine: EngineHandle, timeout_s: float | None) -> torch.dtype | DtypeUnknown:
+    try:
+        return engine_dtype(engine, timeout_s)
+    except DtypeUnknown as exc:
+        return exc
 
 
 def _resolve(dtype: torch.dtype | str | None) -> torch.dtype | None:

@@ -148,7 +148,9 @@ class HttpEngineClient:
     Every call is bounded: `connect_timeout_s` for the TCP (and TLS) connection, `timeout_s` for each read
     of the reply (None: wait forever). A distributed update's call returns only after the engine has
     received its bucket, so keep `timeout_s` above the group's timeout. `api_key` goes as
-    `Authorization: Bearer` on every call; redirects are not followed (the key never goes to another
+    `Authorization: Bearer` on every call; `admin_api_key` (a server started with SGLang's `--admin-api-key`,
+    which then refuses the API key on its admin routes and the admin key on the others) takes its place on
+    every call but `get_model_info` and `post(..., admin=False)`; redirects are not followed (the key never goes to another
     host) and no proxy from the environment is used."""
 
     ROUTES = {
@@ -163,11 +165,14 @@ class HttpEngineClient:
         "get_weights_by_name": "/get_weights_by_name",
     }
 
-    def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float | None = 3600.0, connect_timeout_s: float = 10.0):
+    def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float | None = 3600.0, connect_timeout_s: float = 10.0,
+                 admin_api_key: str | None = None):
         self.base_url = validate_base_url(base_url)
-        if api_key is not None and (not isinstance(api_key, str) or not api_key.strip() or any(c in api_key for c in "\r\n")):
-            raise ValueError("api_key must be a non-empty single-line string (or None)")
+        for name, key in (("api_key", api_key), ("admin_api_key", admin_api_key)):
+            if key is not None and (not isinstance(key, str) or not key.strip() or any(c in key for c in "\r\n")):
+                raise ValueError(f"{name} must be a non-empty single-line string (or None)")
         self.api_key = api_key
+        self.admin_api_key = admin_api_key
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         parts = urlsplit(self.base_url)
@@ -206,13 +211,15 @@ class HttpEngineClient:
         finally:
             conn.close()
 
-    def post(self, route: str, body: dict | None, method: str = "POST") -> EngineResult:
+    def post(self, route: str, body: dict | None, method: str = "POST", admin: bool = True) -> EngineResult:
         """POST a JSON body to a route (or GET one with `body=None, method="GET"`); HTTP error statuses still
-        yield the engine's reply when it sent one."""
+        yield the engine's reply when it sent one. `admin=False` for generation and status routes: they take
+        the API key, never the admin key."""
         url = self.base_url + route
         headers = {"Accept": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
+        key = (self.admin_api_key or self.api_key) if admin else self.api_key
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
         data = None
         if body is not None:
             headers["Content-Type"] = "application/json"
@@ -284,7 +291,7 @@ class HttpEngineClient:
         return self.post(self.ROUTES["get_weights_by_name"], {"name": name, "truncate_size": truncate_size})
 
     def get_model_info(self) -> EngineResult:
-        return self.post("/get_model_info", None, method="GET")
+        return self.post("/get_model_info", None, method="GET", admin=False)
 
     def get_ipc_token(self) -> str:
         """The engine's IPC token (shared-memory blocks for it are named with its prefix)."""

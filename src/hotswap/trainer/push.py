@@ -28,6 +28,7 @@ engines' sessions.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -230,9 +231,14 @@ class WeightPusher:
         Returns a PushResult; raises WeightPushError (after rolling the sessions back) on failure."""
         start = time.perf_counter()
         self._before_push()
+        named = iter_named_tensors(weights)
+        first = next(named, None)
+        if first is None:  # committing nothing would label the old weights with the new version
+            raise WeightPushError(f"nothing to push for weight_version {weight_version!r}: the weights hold no tensor (an iterator "
+                                  "already consumed?); no engine was called", rolled_back=True, states=[UNTOUCHED] * len(self.engines))
         self.push_version = weight_version
         try:
-            return self._push(weights, weight_version, progress, start)
+            return self._push(itertools.chain([first], named), weight_version, progress, start)
         finally:
             self.session_ids = [None] * len(self.engines)  # a later call never names this push's sessions
 
@@ -242,7 +248,7 @@ class WeightPusher:
             self._begin()
         t0 = time.perf_counter()
         try:
-            stats = self._send(iter_named_tensors(weights), None if self.use_sessions else weight_version, progress)
+            stats = self._send(weights, None if self.use_sessions else weight_version, progress)
         except BaseException as exc:
             if self.use_sessions:
                 states = self._abort()
@@ -270,8 +276,13 @@ class WeightPusher:
         """Open a session on every engine and keep the ids they answer. A refused begin (a session left open
         by a push that timed out or died) is followed by an abort without an id (that session's id may never
         have reached this pusher) and one more begin; when an engine still has none, every session is
-        aborted and the push refused."""
-        began = self.call_all("begin_weight_update")
+        aborted and the push refused. A begin answered after the wait for it ended opened a session this push
+        never ends, which holds the engine's generation: it is aborted by its id then."""
+        futures = self.submit_all("begin_weight_update")
+        began = self.gather("begin_weight_update", futures)
+        for engine, future, r in zip(self.engines, futures, began):
+            if r.get("timed_out"):
+                future.add_done_callback(lambda f, engine=engine: abort_late_session(engine, f))
         # refused outright (not unreachable, not still in flight): a stale session, most likely
         retry = [i for i, r in enumerate(began) if not r.success and not r.outcome_unknown and "exception" not in r.data]
         for i in retry:
@@ -289,13 +300,16 @@ class WeightPusher:
     def _abort(self, states: Sequence[str] | None = None) -> list[str]:
         """End every session that is (or may be) open without committing; what each engine holds afterwards.
         `states` marks engines with nothing to abort (UNTOUCHED, COMMITTED); the others are all aborted, each by
-        its session id when it gave one (never another push's session). Any answer from the engine means this
-        push's session is not open there now (aborted, or already ended), unless it says it was committed."""
+        its session id when it gave one (never another push's session). An answer of the engine's sessions means
+        this push's session is not open there now (aborted, or already ended), unless it says it was committed; to
+        an abort naming a session that answer is a success or says how the session ended, and any other reply (a
+        front end whose engine process died, a refused key) leaves the engine's state unknown."""
         states = list(states) if states is not None else [UNKNOWN] * len(self.engines)
         todo = [i for i, s in enumerate(states) if s not in (UNTOUCHED, COMMITTED)]
         futures = [spawn(call_method, self.engines[i], "end_weight_update", abort=True, **self.session_kw(i)) for i in todo]
         for i, r in zip(todo, self.gather("end_weight_update(abort=True)", futures)):
-            answered = not r.outcome_unknown and "exception" not in r.data
+            answered = not r.outcome_unknown and "exception" not in r.data and (
+                r.success or ended_as(r) is not None or self.session_ids[i] is None)
             states[i] = COMMITTED if ended_as(r) == "committed" else ROLLED_BACK if answered else UNKNOWN
             if not answered:
                 log.warning("aborting the weight-update session on %r failed: %s", self.engines[i], r.message)
@@ -380,6 +394,15 @@ def all_back(states: Sequence[str]) -> bool:
 def holding(states: Sequence[str], engines: Sequence[EngineHandle]) -> str:
     """'; now: A rolled_back, B committed, ...' for an error message."""
     return "; now: " + ", ".join(f"{e!r} {s}" for e, s in zip(engines, states)) if states else ""
+
+
+def abort_late_session(engine: EngineHandle, begun: Future) -> None:
+    """End the session a begin_weight_update opened after its push stopped waiting for it (by its id: never
+    another push's session)."""
+    sid = session_id_of(begun.result())
+    if sid is not None:
+        r = call_method(engine, "end_weight_update", abort=True, session_id=sid)
+        log.warning("%r opened a weight-update session after its push gave up on it; it was aborted: %s", engine, r.message)
 
 
 def engine_version(pusher: WeightPusher, engine: EngineHandle) -> str | None:
