@@ -231,13 +231,15 @@ def test_prime_rl_renderer_rollout_turns(c, engine):
     `renderers/client.py::generate`: GET /v1/models (the card whose id is the model gives max_model_len), then POST
     /inference/v1/generate {model, token_ids, sampling_params} where sampling_params merges verifiers' extra_body
     into the sampling knobs: prime-rl's `orchestrator/envs.py::_sampling` puts the policy version there as
-    `cache_salt`, and a bridged multi-turn turn adds `routed_experts_prompt_start`; renderers sets logprobs=1,
-    stop_token_ids and skip_special_tokens False. vLLM's SamplingParams ignores keys it lacks; hotswap answered
-    400 "unknown sampling parameter(s): cache_salt", so every turn failed. A bad value is still refused by name."""
+    `cache_salt`, prime-rl's `configs/orchestrator.py::resolve_env_config` adds `top_k: -1`, `min_p: 0.0` and
+    `return_token_ids: true` to every policy env's extra_body, and a bridged multi-turn turn adds
+    `routed_experts_prompt_start`; renderers sets logprobs=1, stop_token_ids and skip_special_tokens False. vLLM's
+    SamplingParams ignores keys it lacks; hotswap answered 400 "unknown sampling parameter(s): cache_salt", then
+    (return_token_ids), so every turn failed. A bad value is still refused by name."""
     card = next(card for card in c.get("/v1/models").json()["data"] if card["id"] == "tiny")
     assert isinstance(card["max_model_len"], int) and card["max_model_len"] > len(PROMPT)
-    sampling = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 4, "logprobs": 1, "cache_salt": "policy-3",
-                "stop_token_ids": engine.eos_token_ids, "skip_special_tokens": False}
+    sampling = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 4, "logprobs": 1, "top_k": -1, "min_p": 0.0, "return_token_ids": True,
+                "cache_salt": "policy-3", "stop_token_ids": engine.eos_token_ids, "skip_special_tokens": False}
     first = c.post("/inference/v1/generate", json={"model": "tiny", "token_ids": PROMPT, "sampling_params": sampling})
     assert first.status_code == 200, first.text
     choice = (first.json().get("choices") or [{}])[0]

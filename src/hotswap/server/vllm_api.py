@@ -114,8 +114,11 @@ class TokensGenerateBody(BaseModel):
 _NEUTRAL_SAMPLING = {"allowed_token_ids": None, "bad_words": None, "structured_outputs": None, "guided_decoding": None,
                      "logits_processors": None, "extra_args": None, "truncate_prompt_tokens": None, "use_beam_search": False,
                      "flat_logprobs": False}
-# output formatting only (token ids are what this route returns): accepted as they come
-_FORMAT_ONLY = ("detokenize", "include_stop_str_in_output", "spaces_between_special_tokens", "output_kind", "skip_special_tokens")
+# output formatting only (token ids are what this route returns): accepted as they come. `return_token_ids` is not a
+# SamplingParams field (vLLM drops it here): prime-rl's `resolve_env_config` puts it in every policy env's extra_body,
+# which verifiers' TrainClient merges into sampling_params
+_FORMAT_ONLY = ("detokenize", "include_stop_str_in_output", "spaces_between_special_tokens", "output_kind", "skip_special_tokens",
+                "return_token_ids")
 # keys verifiers' TrainClient (v1/clients/train.py, renderers.client.generate) puts in sampling_params for prime-rl: its
 # extra_body `cache_salt` (a policy version; hotswap flushes the prefix cache at every update, what the salt is for) and
 # `routed_experts_prompt_start` (where returned routing starts; this route returns no routing, as vLLM without
