@@ -111,7 +111,7 @@ class SyntheticEngine(EngineAPI):
         tokenizer = load_tokenizer(config)
         scheduler = SyntheticScheduler(model_config.vocab_size, step_s, PoolCapacity(num_pages=100_000, page_size=16))
         super().__init__(config, model_config, torch.device("cpu"), tokenizer, scheduler,
-                         lambda skip: detokenizer_for(tokenizer, skip))
+                         lambda skip, prompt_ids: detokenizer_for(tokenizer, skip, prompt_ids))
 
     def shutdown(self) -> None:
         self._closed = True

@@ -125,14 +125,14 @@ def test_batched_final_texts_equal_tokenizer_decode(tiny_qwen3):
         id_lists = [prompt_ids(50 + i, 9) + [specials[i % len(specials)]] + prompt_ids(80 + i, 4) for i in range(6)]
         skips = [i % 2 == 0 for i in range(6)]
         want = [tok.decode(ids, skip_special_tokens=skip) for ids, skip in zip(id_lists, skips)]
-        assert streamer.decode_many(id_lists, skips) == want
+        assert streamer.decode_many(id_lists, skips, [[]] * 6) == want
         assert [streamer.decode(ids, skip) for ids, skip in zip(id_lists, skips)] == want
         # a tokenizer with a clean-up pass configured keeps going through tokenizer.decode
         cleaning = copy.deepcopy(tok)
         cleaning.clean_up_tokenization_spaces = True
         slow = OutputStreamer(tokenizer=cleaning, eos_token_ids=frozenset(), max_context_len=64)
         assert slow.backend is None
-        assert slow.decode_many(id_lists, skips) == [cleaning.decode(ids, skip_special_tokens=skip) for ids, skip in zip(id_lists, skips)]
+        assert slow.decode_many(id_lists, skips, [[]] * 6) == [cleaning.decode(ids, skip_special_tokens=skip) for ids, skip in zip(id_lists, skips)]
         outs = engine.generate(input_ids=[prompt_ids(20 + i, 5) for i in range(5)],
                                sampling_params=[dict(GREEDY, skip_special_tokens=i % 2 == 0) for i in range(5)])
         for i, out in enumerate(outs):

@@ -75,11 +75,16 @@ def test_no_stop_trim_on_every_path(http, oai, engine):
     stop = next(base[i : i + 2] for i in range(2, len(base) - 2) if base[i : i + 2].strip() and base.find(base[i : i + 2]) == i)
     cut = base[: base.index(stop)]
     sp = dict(GREEDY, max_new_tokens=12, stop=[stop])
-    assert engine.generate(input_ids=IDS, sampling_params=dict(sp, no_stop_trim=True))["text"] == cut + stop
+    # SGLang's no_stop_trim keeps all the text of the tokens up to the one completing the stop string; vLLM's
+    # include_stop_str_in_output cuts right after the stop string
+    kept = engine.generate(input_ids=IDS, sampling_params=dict(sp, no_stop_trim=True))
+    whole = engine.tokenizer.decode(kept["output_ids"])
+    assert kept["text"] == whole and whole.startswith(cut + stop)
+    assert engine.generate(input_ids=IDS, sampling_params=dict(sp, include_stop_str_in_output=True))["text"] == cut + stop
     assert engine.generate(input_ids=IDS, sampling_params=sp)["text"] == cut
-    c = oai.completions.create(model="tiny", prompt=IDS, max_tokens=12, temperature=0, stop=[stop], extra_body={"no_stop_trim": True,
-                                                                                                                "ignore_eos": True})
-    assert c.choices[0].text == cut + stop
+    for extra, text in (({"no_stop_trim": True}, whole), ({"include_stop_str_in_output": True}, cut + stop)):
+        c = oai.completions.create(model="tiny", prompt=IDS, max_tokens=12, temperature=0, stop=[stop], extra_body={**extra, "ignore_eos": True})
+        assert c.choices[0].text == text
     with http.stream("POST", "/generate", json={"input_ids": IDS, "sampling_params": dict(sp, no_stop_trim=True), "stream": True}) as r:
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
-    assert events[-1]["text"] == cut + stop and "".join(e["delta_text"] for e in events) == cut + stop
+    assert events[-1]["text"] == whole and "".join(e["delta_text"] for e in events) == whole

@@ -72,6 +72,9 @@ class CountingDetokenizer:
         CountingDetokenizer.calls += 1
         return self.inner.step(ids)
 
+    def rest(self, ids: list[int]) -> str:
+        return self.inner.rest(ids)
+
 
 def output(rid: str, ids: list[int], *, done: int, finished: bool = False, text: str = "", version: str = "v1") -> p.GenerateOutput:
     """One step's output (`text`: a finished output's full text, which the scheduler sends with it)."""
@@ -91,7 +94,7 @@ def scripted(tiny_qwen3, tokenizer):
     config = EngineConfig(model_path=str(tiny_qwen3), device="cpu", incremental_streaming_output=True)
     scheduler = ScriptedScheduler()
     api = EngineAPI(config, model_config_for(config), torch.device("cpu"), tokenizer, scheduler,
-                    lambda skip: CountingDetokenizer(detokenizer_for(tokenizer, skip)))
+                    lambda skip, prompt_ids: CountingDetokenizer(detokenizer_for(tokenizer, skip, prompt_ids)))
     CountingDetokenizer.calls = 0
     return api, scheduler
 

@@ -58,7 +58,10 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_new_tokens: int = 0  # eos and stop_token_ids are masked until this many tokens are out
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI)
-    no_stop_trim: bool = False  # a matched stop string (or stop token) stays in the text
+    # SGLang's no_stop_trim: a matched stop string or token stays, with all the text its tokens decode to (trim_matched_stop
+    # leaves the text untouched); vLLM's include_stop_str_in_output: they stay, the text cut right after a stop string
+    no_stop_trim: bool = False
+    include_stop_str_in_output: bool = False
     # SGLang's `logprob_start_len` (a top-level generate argument there): prompt logprobs from this position;
     # -1: none but the last prompt token's placeholder
     logprob_start_len: int = -1
@@ -153,9 +156,15 @@ class SamplingParams:
             raise bad(f"stream_interval must be an integer >= 1, got {shown(self.stream_interval)}")
         if not _is_int(self.logprob_start_len) or self.logprob_start_len < -1:
             raise bad(f"logprob_start_len must be -1 or an integer >= 0, got {shown(self.logprob_start_len)}")
-        for name in ("no_stop_trim", "return_top_p_token_ids", "ignore_eos", "keep_stop_token_ids", "skip_special_tokens", "return_logprob"):
+        for name in ("no_stop_trim", "include_stop_str_in_output", "return_top_p_token_ids", "ignore_eos", "keep_stop_token_ids",
+                     "skip_special_tokens", "return_logprob"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(f"{name} must be a boolean, got {shown(getattr(self, name))}")
+
+    @property
+    def keeps_stop_text(self) -> bool:
+        """A matched stop token's text stays in the text."""
+        return self.no_stop_trim or self.include_stop_str_in_output
 
     @property
     def greedy(self) -> bool:
@@ -173,7 +182,7 @@ _FIELD_NAMES = frozenset(f.name for f in fields(SamplingParams))
 # (e.g. /generate) can pass null"); max_new_tokens None (until the context is full) is RequestPrep's
 _NONE_IS_DEFAULT = ("temperature", "top_p", "top_k", "min_p", "n", "seed", "stop", "stop_token_ids", "logit_bias",
                     "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens", "ignore_eos",
-                    "skip_special_tokens", "no_stop_trim", "stream_interval")
+                    "skip_special_tokens", "no_stop_trim", "include_stop_str_in_output", "stream_interval")
 
 
 def _is_number(x) -> bool:

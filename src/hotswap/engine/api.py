@@ -153,7 +153,7 @@ class EngineAPI:
     """The engine's public methods over `scheduler` (generation, weights, memory, pause, introspection)."""
 
     def __init__(self, config: EngineConfig, model_config: ModelConfig, device: torch.device, tokenizer, scheduler: SchedulerPort,
-                 detokenizer: Callable[[bool], IncrementalDetokenizer]):
+                 detokenizer: Callable[[bool, list[int]], IncrementalDetokenizer]):
         self.config = config
         self.model_path = config.model_path  # the folder the served weights came from (follows disk updates)
         self.device = device
@@ -162,7 +162,7 @@ class EngineAPI:
         self.max_context_len = context_length(config, model_config)
         self.eos_token_ids = eos_token_ids(model_config, tokenizer)
         self.scheduler = scheduler
-        self._detokenizer = detokenizer  # skip_special_tokens -> the detokenizer of one streamed request
+        self._detokenizer = detokenizer  # (skip_special_tokens, prompt ids) -> the detokenizer of one streamed request
         self.prep = RequestPrep(encode=self.encode, vocab_size=model_config.vocab_size, max_context_len=self.max_context_len,
                                 seed=config.seed, routed_experts_enabled=config.enable_return_routed_experts,
                                 allow_auto_truncate=config.allow_auto_truncate)
@@ -295,11 +295,12 @@ class EngineAPI:
         for i, (r, rid) in enumerate(zip(prepared.requests, rids)):
             sp = r.sampling_params
             # streamed text is detokenized by the consumer unless stop strings need it on the scheduler
-            detok = self._detokenizer(sp.skip_special_tokens) if stream and not sp.stop else None
+            detok = self._detokenizer(sp.skip_special_tokens, r.input_ids) if stream and not sp.stop else None
             req = p.GenerateRequest(rid=rid, input_ids=r.input_ids, sampling_params=sp, seed=r.seed, sink=sink,
                                     flush=flush, stream=stream, stream_text=bool(sp.stop), group=r.group)
             reqs.append(req)
             collectors.append(Collector(rid=req.rid, return_logprob=sp.return_logprob, index=i if multi else None, detok=detok,
+                                        keep_stop_token=sp.keeps_stop_text,
                                         routed_experts_start_len=sp.routed_experts_start_len))
         call = _Call(collectors=collectors, single=prepared.single, stream=stream, incremental=incremental)
         self.scheduler.submit(p.GenerateBatch(requests=reqs))

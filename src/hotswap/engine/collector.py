@@ -12,7 +12,7 @@ import numpy as np
 
 from hotswap import protocol as p
 from hotswap.errors import EngineUnavailableError
-from hotswap.scheduler.detokenizer import IncrementalDetokenizer
+from hotswap.scheduler.detokenizer import IncrementalDetokenizer, text_ids
 
 
 def encode_top_p_token_ids(rows: list[list[int]]) -> tuple[str, str]:
@@ -33,6 +33,7 @@ class Collector:
     index: int | None = None  # the request's place in a fanned-out stream (None: a stream of one)
     routed_experts_start_len: int = 0  # the first position of the returned routing, echoed beside it
     detok: IncrementalDetokenizer | None = None
+    keep_stop_token: bool = False  # the request's: whether a matched stop token's text stays (the final text's ids)
     text: str = ""
     output_ids: list[int] = field(default_factory=list)
     # SGLang's (logprob, token id, text) entries, built once per token as it arrives: a streamed chunk that
@@ -80,8 +81,10 @@ class Collector:
                 self.text += out.text_delta
         last = outs[-1]
         if self.detok is not None:
-            if last.finished:  # the scheduler's full final text is the answer
-                self.text = last.text_delta
+            if last.finished:  # the scheduler's full final text is the answer, unless it no longer extends the text
+                final = last.text_delta  # streamed (IncrementalDetokenizer.rest)
+                ids = text_ids(self.output_ids, last.finish_reason, self.keep_stop_token)
+                self.text = final if final.startswith(self.text) else self.text + self.detok.rest(ids)
             else:
                 self.text += self.detok.step(self.output_ids)
         self.last = last

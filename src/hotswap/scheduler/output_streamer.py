@@ -6,10 +6,16 @@ import logging
 from dataclasses import dataclass, field
 
 from hotswap.protocol import GenerateOutput
-from hotswap.scheduler.detokenizer import IncrementalDetokenizer, fast_backend
+from hotswap.scheduler.detokenizer import IncrementalDetokenizer, fast_backend, output_context, text_ids
 from hotswap.scheduler.sequence import Sequence
 
 log = logging.getLogger(__name__)
+
+
+def _touches(stop: str, special: str) -> bool:
+    """Whether `stop` can match across `special`'s text: it holds it, lies inside it, or runs into or out of it."""
+    return special in stop or stop in special or any(
+        stop.endswith(special[:i]) or stop.startswith(special[-i:]) for i in range(1, min(len(stop), len(special))))
 
 
 def input_logprobs(seq: Sequence) -> tuple[list, list | None]:
@@ -50,17 +56,23 @@ class OutputStreamer:
             return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def decode_many(self, id_lists: list[list[int]], skip_special_tokens: list[bool]) -> list[str]:
-        """Several sequences at once (a step that finishes many requests): one backend call per
-        skip_special_tokens setting instead of a Python-wrapped decode per sequence."""
-        if self.backend is None:
-            return [self.tokenizer.decode(ids, skip_special_tokens=skip) for ids, skip in zip(id_lists, skip_special_tokens)]
+    def decode_many(self, id_lists: list[list[int]], skip_special_tokens: list[bool], contexts: list[list[int]]) -> list[str]:
+        """Several sequences at once (a step that finishes many requests), each the text its ids add after its
+        context (`output_context`): one backend call per skip_special_tokens setting instead of a Python-wrapped
+        decode per sequence."""
         texts: list[str] = [""] * len(id_lists)
         for skip in set(skip_special_tokens):
             rows = [i for i, s in enumerate(skip_special_tokens) if s == skip]
-            for i, text in zip(rows, self.backend.decode_batch([id_lists[i] for i in rows], skip_special_tokens=skip)):
-                texts[i] = text
+            wholes = self._decode_batch([contexts[i] + id_lists[i] for i in rows], skip)
+            heads = self._decode_batch([contexts[i] for i in rows], skip)
+            for i, whole, head in zip(rows, wholes, heads):
+                texts[i] = whole[len(head) :]
         return texts
+
+    def _decode_batch(self, id_lists: list[list[int]], skip: bool) -> list[str]:
+        if self.backend is None:
+            return [self.tokenizer.decode(ids, skip_special_tokens=skip) for ids in id_lists]
+        return self.backend.decode_batch(id_lists, skip_special_tokens=skip)
 
     def append_token(self, seq: Sequence, token: int, logprob: float, top: list[tuple[float, int]], version: str) -> None:
         """Record one sampled token and decide whether the sequence is done."""
@@ -86,37 +98,42 @@ class OutputStreamer:
             if sp.stop and seq.finish_reason is None and len(seq.output_ids) >= sp.min_new_tokens:
                 self._check_stop_strings(seq, seen)
 
-    def detokenizer(self, skip_special_tokens: bool) -> IncrementalDetokenizer:
-        """An incremental detokenizer that gives what `decode` gives (DecodeStream over the backend when there is one)."""
-        return IncrementalDetokenizer(backend=self.backend, decode=self.decode, skip_special_tokens=skip_special_tokens)
+    def detokenizer(self, skip_special_tokens: bool, prompt_ids: list[int]) -> IncrementalDetokenizer:
+        """An incremental detokenizer that gives what `decode` gives for an output after `prompt_ids` (DecodeStream over
+        the backend when there is one)."""
+        return IncrementalDetokenizer(backend=self.backend, decode=self.decode, skip_special_tokens=skip_special_tokens,
+                                      context=output_context(prompt_ids, self.decode))
 
     def _detokenize(self, seq: Sequence) -> None:
         """Append newly complete text; a trailing partial UTF-8 character waits for the next token."""
         if seq.detokenizer is None:
-            seq.detokenizer = self.detokenizer(self._skip(seq))
-        seq.text += seq.detokenizer.step(seq.output_ids)
+            seq.detokenizer = self.detokenizer(self._skip(seq), seq.req.input_ids)
+        seq.text += seq.detokenizer.step(self._text_ids(seq))
 
     def _check_stop_strings(self, seq: Sequence, seen: int) -> None:
         """Match stop strings that end in the text after `seen` characters: text from before was checked
         already, or was held by min_new_tokens (a stop string wholly inside it does not stop the request)."""
         sp = seq.req.sampling_params
         if len(seq.text) > seen:
-            found = [(pos, s) for s in sp.stop if (pos := seq.text.find(s, max(0, seen - len(s) + 1))) != -1]
-            if found:
-                pos, s = min(found, key=lambda m: m[0])  # the earliest match ends the text
-                seq.text = seq.text[: pos + len(s) if sp.no_stop_trim else pos]
-                seq.finish_reason = {"type": "stop", "matched": s}
-                return
+            # the first stop string in the request's order that the new text holds ends it, as SGLang
+            # (Req._check_str_based_finish) and vLLM (check_stop_strings) take it, not the earliest-placed one
+            for s in sp.stop:
+                if (pos := seq.text.find(s, max(0, seen - len(s) + 1))) != -1:
+                    if not sp.no_stop_trim:  # which keeps all the text (the final decode)
+                        seq.text = seq.text[: pos + len(s) if sp.include_stop_str_in_output else pos]
+                    seq.finish_reason = {"type": "stop", "matched": s}
+                    return
         if sp.skip_special_tokens:  # a skipped special token adds no text: checked whether the text grew or not
             self._check_special_stops(seq)
 
     def _check_special_stops(self, seq: Sequence) -> None:
-        """A stop string holding a special token's text ("<|im_end|>", "<|eot_id|>") never appears in a text that
-        skips special tokens. SGLang (managers/schedule_batch.py, Req._check_str_based_finish) matches stop strings in
-        the raw decode of the last max-stop-length + 1 tokens too, so they stop there; the text stays as decoded."""
+        """A stop string holding a special token's text ("<|im_end|>", "<|eot_id|>"), or a piece of it ("<|im_end",
+        "word<|"), never appears in a text that skips special tokens. SGLang (managers/schedule_batch.py,
+        Req._check_str_based_finish) matches stop strings in the raw decode of the last max-stop-length + 1 tokens too,
+        so they stop there; the text stays as decoded."""
         sp = seq.req.sampling_params
         if seq.special_stops is None:
-            seq.special_stops = [s for s in sp.stop if any(t in s for t in self.special_texts)]
+            seq.special_stops = [s for s in sp.stop if any(_touches(s, t) for t in self.special_texts)]
         if not seq.special_stops:
             return
         tail = self.decode(seq.output_ids[-(max(len(s) for s in seq.special_stops) + 1):], False)
@@ -130,27 +147,25 @@ class OutputStreamer:
 
     @staticmethod
     def _text_is_final(seq: Sequence) -> bool:
-        """A stop string matched: the streamed text, cut before it, is the answer (not a fresh decode)."""
+        """A stop string matched: the streamed text, cut at it, is the answer (not a fresh decode; no_stop_trim's is)."""
         reason = seq.finish_reason
-        return seq.req.stream_text and bool(reason) and reason.get("type") == "stop" and isinstance(reason.get("matched"), str)
+        return (seq.req.stream_text and bool(reason) and reason.get("type") == "stop" and isinstance(reason.get("matched"), str)
+                and not seq.req.sampling_params.no_stop_trim)
 
     @staticmethod
     def _text_ids(seq: Sequence) -> list[int]:
-        """The output ids its final text is decoded from: all of them but a matched stop token, whose text is left
-        out unless `no_stop_trim` (SGLang's detokenizer_manager.trim_matched_stop; vLLM leaves it out unless
-        include_stop_str_in_output). `output_ids` keep it."""
-        reason = seq.finish_reason
-        matched = reason.get("matched") if reason else None
-        if type(matched) is int and not seq.req.sampling_params.no_stop_trim and seq.output_ids:
-            return seq.output_ids[:-1]
-        return seq.output_ids
+        return text_ids(seq.output_ids, seq.finish_reason, seq.req.sampling_params.keeps_stop_text)
 
     def emit_finished(self, seqs: list[Sequence], weight_version: str) -> None:
         """Send the last output of finished sequences; their full texts are decoded in one call."""
         todo = [s for s in seqs if not self._text_is_final(s)]
-        texts = dict(zip(map(id, todo), self.decode_many([self._text_ids(s) for s in todo], [self._skip(s) for s in todo])))
+        contexts = [output_context(s.req.input_ids, self.decode) for s in todo]
+        texts = dict(zip(map(id, todo), self.decode_many([self._text_ids(s) for s in todo], [self._skip(s) for s in todo], contexts)))
         for seq in seqs:
-            self._send(seq, weight_version, True, texts.get(id(seq), seq.text))
+            text = texts.get(id(seq), seq.text)
+            if seq.detokenizer is not None and not text.startswith(seq.text):  # see IncrementalDetokenizer.rest
+                text = seq.text + seq.detokenizer.rest(self._text_ids(seq))
+            self._send(seq, weight_version, True, text)
 
     def emit(self, seq: Sequence, weight_version: str) -> None:
         """Stream what the client of a running sequence has not seen yet (everything new since the last emit): one

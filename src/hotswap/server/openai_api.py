@@ -79,7 +79,7 @@ class _SamplingFields(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
-    include_stop_str_in_output: bool = False  # vLLM's name for SGLang's no_stop_trim (a stop string or token stays in the text)
+    include_stop_str_in_output: bool = False  # vLLM's: a stop string or token stays, the text cut right after it
     repetition_penalty: float | None = None
     min_tokens: int = Field(0, ge=0)  # the engine's min_new_tokens: checked here, under its OpenAI name
     # SGLang's extra fields (MoE routing replay): the reply's `sglext.routed_experts` (SGLang's place: the first
@@ -163,7 +163,8 @@ def sampling_dict(state: ServerState, body: _SamplingFields, max_new_tokens: int
         "n": body.n,
         "ignore_eos": body.ignore_eos,
         "skip_special_tokens": body.skip_special_tokens,
-        "no_stop_trim": body.no_stop_trim or body.include_stop_str_in_output,
+        "no_stop_trim": body.no_stop_trim,
+        "include_stop_str_in_output": body.include_stop_str_in_output,
         "min_new_tokens": body.min_tokens,
     }
     for name in ("presence_penalty", "frequency_penalty", "logit_bias"):
