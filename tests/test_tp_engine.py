@@ -7,6 +7,9 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ from hf_reference import UPDATE_GREEDY as GREEDY
 from hf_reference import greedy_ids, hf_greedy, prompt_ids
 from hf_reference import reference_ids as reference
 from safetensors.torch import save_file
+from serve_support import serve_env, wait_healthy
 from trainer_support import TrainerProcess, checkpoint_tensors, serve_engine_http
 
 from hotswap import Engine, HotswapError
@@ -255,6 +259,39 @@ def test_a_dead_worker_fails_requests_instead_of_hanging(tiny_qwen3):
         assert "tensor-parallel engine broken" in again["message"]
         res = eng.update_weights_from_disk(str(tiny_qwen3))
         assert not res.success and "tensor-parallel engine broken" in res.message
+
+
+def test_an_idle_engine_learns_of_a_dead_worker_without_a_request(tiny_qwen3):
+    """`failure()` (what `hotswap serve` polls) names a worker killed while nothing ran, before any collective."""
+    with Engine(str(tiny_qwen3), tensor_parallel_size=2, **ARGS) as eng:
+        assert eng.failure() is None
+        worker = eng.tp_peers.procs[0]
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(10)
+        assert f"worker rank 1 (pid {worker.pid}) exited with code -9" in eng.failure()
+        reason = eng.generate(input_ids=prompt_ids(5, 7), sampling_params=GREEDY)["meta_info"]["finish_reason"]
+        assert reason["type"] == "abort" and "worker rank 1" in reason["message"]
+
+
+def test_serve_exits_when_a_worker_dies(tiny_qwen3):
+    """As SGLang's server, which a failed rank takes down (its SIGQUIT to the launcher, or its watchdog's): `hotswap
+    serve` stops, exiting non-zero and naming the worker, instead of answering /health 200 and every request with
+    an abort for ever. A router, or whatever runs the server, then sees it gone."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "hotswap.cli", "serve", "--model-path", str(tiny_qwen3), "--tp-size", "2", "--device", "cpu",
+                             "--port", str(port), "--page-size", "4", "--num-pages", "64", "--no-frontend-process", "--skip-server-warmup"],
+                            env=serve_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_healthy(proc, f"http://127.0.0.1:{port}", timeout=60)
+        worker = next(int(c) for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+                      if "resource_tracker" not in Path(f"/proc/{c}/cmdline").read_text())
+        os.kill(worker, signal.SIGKILL)
+        assert proc.wait(timeout=30) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert f"worker rank 1 (pid {worker}) exited with code -9" in proc.stderr.read()
 
 
 def test_cli_and_server_take_the_tp_size():

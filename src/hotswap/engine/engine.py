@@ -99,6 +99,13 @@ class Engine(EngineAPI):
             raise HotswapError(reason) from exc
         return runner
 
+    def failure(self) -> str | None:
+        """Why this engine can serve nothing any more (its scheduler stopped on an error, a tensor-parallel worker
+        died or stopped answering), or None. `hotswap serve` polls it and exits, as SGLang's server does when a rank fails."""
+        if self.scheduler.dead is not None:
+            return self.scheduler.dead
+        return None if self.tp_peers is None else self.tp_peers.check_workers()
+
     def shutdown(self) -> None:
         if not self._closed:
             self._closed = True

@@ -133,11 +133,22 @@ class TPPeers:
         if self.broken is None:
             for p in self.procs:
                 p.join(timeout=0.5)  # a worker that died is still exiting when its sockets close
-            dead = [f"worker rank {r} (pid {p.pid}) exited with code {p.exitcode}" for r, p in enumerate(self.procs, 1) if p.exitcode is not None]
-            why = "; ".join(dead) if dead else f"a collective with the workers failed ({short_error(exc)})"
-            self.broken = f"tensor-parallel engine broken: {why}; restart the engine"
-            log.error(self.broken)
+            self._mark_broken(self._exited() or f"a collective with the workers failed ({short_error(exc)})")
         return HotswapError(self.broken)
+
+    def check_workers(self) -> str | None:
+        """`broken`, or broken now if a worker has exited: an idle engine learns of a dead worker here (a server
+        polls it), not only at its next collective. Safe from any thread: it runs no collective."""
+        if self.broken is None and self.ready and (dead := self._exited()):
+            self._mark_broken(dead)
+        return self.broken
+
+    def _exited(self) -> str:
+        return "; ".join(f"worker rank {r} (pid {p.pid}) exited with code {p.exitcode}" for r, p in enumerate(self.procs, 1) if p.exitcode is not None)
+
+    def _mark_broken(self, why: str) -> None:
+        self.broken = f"tensor-parallel engine broken: {why}; restart the engine"
+        log.error(self.broken)
 
     def _send(self, op: Op, args: dict | None = None) -> None:
         if self.broken is not None:

@@ -19,6 +19,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_for_exit
 
@@ -265,10 +266,12 @@ class FrontendGroup:
         for front in self.fronts:
             front.send_signal(signum)
 
-    def wait_first_exit(self) -> FrontendProcess:
-        """Block until one of the processes exits (for whatever reason); return it, its exit code read."""
+    def wait_first_exit(self, until: Callable[[], object]) -> FrontendProcess | None:
+        """Block until one of the processes exits (for whatever reason) and return it, its exit code read; or
+        return None once `until()` is true (asked every second)."""
         while not (ended := wait_for_exit([f.process.sentinel for f in self.fronts], timeout=1.0)):
-            pass
+            if until():
+                return None
         first = next(f for f in self.fronts if f.process.sentinel in ended)
         first.process.join(10)  # its sentinel can signal a moment before its exit status is there to read
         return first

@@ -12,6 +12,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from hotswap.server.access import AccessPolicy, split_list
@@ -317,15 +318,30 @@ def serve(args: argparse.Namespace) -> None:
         if frontend_process:
             _serve_from_frontend_processes(engine, sock, options, workers)
         else:
-            _serve_in_process(app, sock, options)
+            _serve_in_process(app, sock, options, engine.failure)
+        failure = engine.failure()
     finally:
         sock.close()
         engine.shutdown()
         log.info("engine shut down")
+    if failure is not None:  # exit non-zero, so whatever runs the server restarts it
+        raise RuntimeError(f"the server stopped: the engine can serve nothing any more: {failure}")
 
 
-def _serve_in_process(app, sock: socket.socket, options: FrontendOptions) -> None:
-    """uvicorn in this process's main thread; returns once it has drained and stopped."""
+def _stop_on_failure(server, failure: Callable[[], str | None]) -> None:
+    """Drain and stop the server once the engine can serve nothing any more: SGLang's server exits when a rank
+    fails (its scheduler's SIGQUIT, or its watchdog's), rather than answer /health with 200 and every request with an abort."""
+    while not server.should_exit:
+        if (why := failure()) is not None:
+            log.error("%s: stopping the server", why)
+            server.handle_exit(signal.SIGTERM, None)
+            return
+        time.sleep(1.0)
+
+
+def _serve_in_process(app, sock: socket.socket, options: FrontendOptions, failure: Callable[[], str | None]) -> None:
+    """uvicorn in this process's main thread; returns once it has drained and stopped (also when `failure()` says why
+    the engine can serve nothing any more)."""
     import uvicorn
 
     from hotswap.server.frontend_process import make_draining_server
@@ -336,6 +352,7 @@ def _serve_in_process(app, sock: socket.socket, options: FrontendOptions) -> Non
                             timeout_graceful_shutdown=int(options.drain_timeout) + 10, lifespan="off",
                             http=bounded_protocol(options.header_timeout_s, options.send_timeout_s))
     server = make_draining_server(config, app.state.hotswap, options.drain_timeout)
+    threading.Thread(target=_stop_on_failure, args=(server, failure), name="hotswap-engine-watch", daemon=True).start()
     # uvicorn re-raises the signal that stopped it once it has shut down; with the default handlers that
     # would kill the process before the engine shuts down, so take the re-raised signal here instead.
     received: list[int] = []
@@ -372,8 +389,11 @@ def _serve_from_frontend_processes(engine, sock: socket.socket, options: Fronten
     try:
         group.start()
         log.info("HTTP front end process(es) %s ready", ", ".join(map(str, group.pids)))
-        first = group.wait_first_exit()
-        if not signalled:
+        first = group.wait_first_exit(until=engine.failure)
+        if first is None:  # the engine broke: the front ends drain (their /health answers 503) and exit
+            log.error("%s: stopping the server", engine.failure())
+            group.send_signal(signal.SIGTERM)
+        elif not signalled:
             group.send_signal(signal.SIGTERM)
             if first.process.exitcode != 0:
                 raise RuntimeError(f"the HTTP front end process {first.process.pid} exited with code {first.process.exitcode}")
