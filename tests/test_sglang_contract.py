@@ -283,7 +283,7 @@ def test_engine_takes_a_whole_sglang_server_args(tiny_qwen3):
         assert len(out["output_ids"]) == 3
     for bad, needle in (({"enable_deterministic_inference": True}, "enable_deterministic_inference=True: SGLang's setting is not supported "
                                                                     "by hotswap \\(only its default False\\)"),
-                        ({"tool_call_parser": "qwen25"}, "tool_call_parser='qwen25'"),
+                        ({"tool_call_parser": "kimi_k2"}, "tool_call_parser='kimi_k2': hotswap serves the tool-call parsers qwen, qwen25"),
                         ({"allowed_media_domains": ["x"]}, "allowed_media_domains=\\['x'\\]: SGLang's setting is not supported by hotswap$")):
         with pytest.raises(HotswapError, match=needle):
             Engine(model_path=str(tiny_qwen3), device="cpu", **bad)

@@ -10,7 +10,14 @@ from pathlib import Path
 import torch
 
 from hotswap.errors import CheckpointError, HotswapError, UnsupportedModelError
-from hotswap.sglang_server_args import LORA_ONLY, NOT_COMPARABLE, RUN_ONLY, SGLANG_DEFAULTS
+from hotswap.sglang_server_args import (
+    LORA_ONLY,
+    NOT_COMPARABLE,
+    REASONING_PARSERS,
+    RUN_ONLY,
+    SGLANG_DEFAULTS,
+    TOOL_CALL_PARSERS,
+)
 from hotswap.wire.ipc import new_ipc_token, shm_block_prefix
 
 # architecture name in config.json -> (the config key switching the q/k/v bias (None: transformers always has one),
@@ -378,6 +385,11 @@ _SGLANG_ACCEPTED: dict[str, object] = {
     "base_gpu_id": _neutral("base_gpu_id: give device='cuda:N' instead", lambda v: v in (None, 0)),
     "gpu_id_step": _neutral("gpu_id_step must be 1: tensor-parallel ranks take consecutive GPUs", lambda v: v in (None, 1)),
     "enable_dp_attention": _neutral("enable_dp_attention is not supported", lambda v: not v),
+    # the chat route's output parsers (server/chat_parsers.py); other parser names are refused by name
+    "reasoning_parser": _neutral(f"hotswap serves the reasoning parsers {', '.join(REASONING_PARSERS)}",
+                                 lambda v: v is None or v in REASONING_PARSERS),
+    "tool_call_parser": _neutral(f"hotswap serves the tool-call parsers {', '.join(TOOL_CALL_PARSERS)}",
+                                 lambda v: v is None or v in TOOL_CALL_PARSERS),
     # accepted whatever they say: hotswap's behaviour already matches, or they concern nothing it runs (logging, metrics
     # and kernel choices are sglang_server_args.RUN_ONLY's)
     "skip_tokenizer_init": None,  # input_ids in, output_ids out either way; the tokenizer still loads (Engine logs it)

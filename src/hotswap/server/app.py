@@ -111,6 +111,9 @@ class ServerState:
         self.tokenizer = engine.tokenizer
         self.max_context_len = int(engine.max_context_len)
         self.allow_auto_truncate = bool(engine.config.allow_auto_truncate)  # max_tokens past the context: cut, not refused
+        # SGLang's --reasoning-parser / --tool-call-parser (config checks the names): the chat route parses its replies
+        self.reasoning_parser: str | None = engine.config.sglang_settings.get("reasoning_parser")
+        self.tool_call_parser: str | None = engine.config.sglang_settings.get("tool_call_parser")
         capacity = engine.capacity()
         self.page_size = capacity.page_size
         self.kv_capacity_tokens = capacity.max_total_tokens

@@ -16,6 +16,16 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hotswap.errors import shown
+from hotswap.server.chat_parsers import (
+    ReasoningStream,
+    ToolCallStream,
+    chat_template_kwargs,
+    has_tool_call,
+    new_call_id,
+    parse_tool_calls,
+    split_reasoning,
+    thinking_requested,
+)
 from hotswap.server.generation import (
     UNSERVED_OPENAI_FIELDS,
     await_generation,
@@ -128,6 +138,9 @@ class ChatCompletionRequest(_SamplingFields):
     # SGLang's pre-computed prompt (protocol.py: "bypasses chat template tokenization entirely"): miles' session
     # server (rollout/session/core.py) sends its own token-in/token-out ids here
     input_ids: list[int] | None = None
+    # SGLang's, read where the server runs a reasoning parser: reasoning apart in `reasoning_content`, streamed as it comes
+    separate_reasoning: bool = True
+    stream_reasoning: bool = True
 
 
 # ---- shared helpers ---------------------------------------------------------------------------------
@@ -547,7 +560,8 @@ def register(app: FastAPI, state: ServerState) -> None:
         else:  # the chat template runs in a worker thread, never on the event loop
             ids = await asyncio.to_thread(state.render_chat, body.messages, tools=body.tools if body.tool_choice != "none" else None,
                                           add_generation_prompt=body.add_generation_prompt,
-                                          continue_final_message=body.continue_final_message, kwargs=body.chat_template_kwargs,
+                                          continue_final_message=body.continue_final_message,
+                                          kwargs=chat_template_kwargs(state.reasoning_parser, body.chat_template_kwargs),
                                           add_special_tokens=body.add_special_tokens)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         check_prompt(state, ids, max_tokens, 0, "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens",
@@ -570,6 +584,7 @@ def register(app: FastAPI, state: ServerState) -> None:
         rid = reply_id(body.rid, 1, "chatcmpl")
         created = int(time.time())
         prompt_tokens = len(ids)
+        parsing = _ChatParsing(state, body)
 
         if not body.stream:
             outs = await _generate_all(state, request, ids, sp, want_lp, k, rid=body.rid)
@@ -579,8 +594,8 @@ def register(app: FastAPI, state: ServerState) -> None:
                 meta = out["meta_info"]
                 text = out["text"]
                 lp = chat_logprobs(state, meta, 0, len(out["output_ids"]), k, as_ids) if want_lp else None
-                c = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": finish_reason(meta),
-                     "matched_stop": matched_stop(meta), **_routed(meta)}
+                message, fin, matched = parsing.message(text, meta)
+                c = {"index": i, "message": message, "logprobs": lp, "finish_reason": fin, "matched_stop": matched, **_routed(meta)}
                 if body.return_token_ids:
                     c["token_ids"] = list(out["output_ids"])
                 if body.return_token_ids or body.return_prompt_token_ids:  # SGLang serving_chat.py: on the choice
@@ -598,9 +613,12 @@ def register(app: FastAPI, state: ServerState) -> None:
         chunks = await open_stream(state.engine, input_ids=ids, sampling_params=sp, return_logprob=want_lp, top_logprobs_num=k,
                                    incremental_streaming_output=False, rid=body.rid)
 
+        streams: dict[int, _ChoiceStream] = {}
+
         def choice(i: int, text: str, meta: dict, start: int, end: int, fin: str | None) -> dict:
             lp = chat_logprobs(state, meta, start, end, k, as_ids) if want_lp else None
-            return {"index": i, "delta": {"content": text} if text else {}, "logprobs": lp, "finish_reason": fin}
+            delta, fin = streams.setdefault(i, parsing.stream()).delta(text, fin)
+            return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": fin}
 
         opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None, "matched_stop": None,
                     **({"prompt_token_ids": ids} if body.return_token_ids or body.return_prompt_token_ids else {})} for i in range(n)]
@@ -611,6 +629,72 @@ def register(app: FastAPI, state: ServerState) -> None:
 
 
 __all__ = ["ChatCompletionRequest", "CompletionRequest", "register"]
+
+
+# ---- chat output parsers (SGLang's --reasoning-parser / --tool-call-parser) -------------------------------
+
+
+class _ChatParsing:
+    """How a chat reply is parsed, as SGLang's serving_chat.py decides it: reasoning where the server has a parser and
+    the request `separate_reasoning`; tool calls where it has a parser and `tool_choice` is not "none" (SGLang's default:
+    "auto" with tools, "none" without)."""
+
+    def __init__(self, state: ServerState, body: ChatCompletionRequest) -> None:
+        self.reasoning = state.reasoning_parser if body.separate_reasoning else None
+        self.thinking = bool(state.reasoning_parser) and thinking_requested(state.reasoning_parser, body.chat_template_kwargs)
+        self.stream_reasoning = body.stream_reasoning
+        choice = body.tool_choice or ("auto" if body.tools else "none")
+        self.tools = ([f.get("name") if isinstance(f := t.get("function"), dict) else None for t in body.tools or []]
+                      if state.tool_call_parser and choice != "none" else None)
+
+    def message(self, text: str, meta: dict) -> tuple[dict, str | None, int | str | None]:
+        """A whole reply's message, finish_reason and matched_stop (`tool_calls` and no match where it made calls)."""
+        msg: dict[str, Any] = {"role": "assistant", "content": text}
+        fin, matched = finish_reason(meta), matched_stop(meta)
+        if self.reasoning:
+            msg["reasoning_content"], msg["content"] = split_reasoning(text, self.reasoning, self.thinking)
+        if self.tools is not None:
+            msg["tool_calls"] = None
+            if has_tool_call(msg["content"]):
+                msg["content"], calls = parse_tool_calls(msg["content"], self.tools)
+                msg["tool_calls"] = [{"id": new_call_id(), "index": c.tool_index, "type": "function",
+                                      "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+                if calls and fin in ("stop", "length"):
+                    fin, matched = "tool_calls", None
+        return msg, fin, matched
+
+    def stream(self) -> _ChoiceStream:
+        return _ChoiceStream(self)
+
+
+class _ChoiceStream:
+    """One streamed choice's deltas: `reasoning_content`, `content`, and each tool call whole once its block closes (its
+    `index` the call's position in the choice, the key a client gathers a call's deltas by)."""
+
+    def __init__(self, parsing: _ChatParsing) -> None:
+        self.reasoning = ReasoningStream(parsing.reasoning, parsing.thinking, parsing.stream_reasoning) if parsing.reasoning else None
+        self.tools = ToolCallStream(parsing.tools) if parsing.tools is not None else None
+        self.calls = 0
+
+    def delta(self, text: str, fin: str | None) -> tuple[dict, str | None]:
+        reasoning, content = self.reasoning.feed(text) if self.reasoning else ("", text)
+        if self.reasoning and fin is not None:
+            more_reasoning, more_content = self.reasoning.finish()
+            reasoning, content = reasoning + more_reasoning, content + more_content
+        calls: list = []
+        if self.tools:
+            content, calls = self.tools.feed(content)
+            content += self.tools.finish() if fin is not None else ""
+        delta: dict[str, Any] = {}
+        if reasoning:
+            delta["reasoning_content"] = reasoning
+        if content:
+            delta["content"] = content
+        if calls:
+            delta["tool_calls"] = [{"id": new_call_id(), "index": self.calls + j, "type": "function",
+                                    "function": {"name": c.name, "arguments": c.arguments}} for j, c in enumerate(calls)]
+            self.calls += len(calls)
+        return delta, ("tool_calls" if self.calls and fin in ("stop", "length") else fin)
 
 
 def _chunker(rid: str, object_name: str, created: int, model: str, include_usage: bool):

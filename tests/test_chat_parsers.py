@@ -1,0 +1,128 @@
+"""SGLang's reasoning and tool-call parsers (server/chat_parsers.py) on SGLang's own examples
+(test/srt/test_reasoning_parser.py, test/srt/test_function_call_parser.py: Qwen3Detector, DeepSeekR1Detector,
+Qwen25Detector): the whole reply as SGLang's detect_and_parse splits it, and a stream split at any point giving what one
+chunk gives."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from hotswap.server.chat_parsers import (
+    ReasoningStream,
+    ToolCallStream,
+    chat_template_kwargs,
+    has_tool_call,
+    new_call_id,
+    parse_tool_calls,
+    split_reasoning,
+    thinking_requested,
+)
+
+TOOLS = ["get_current_weather", "get_tourist_attractions"]
+WEATHER = '<tool_call>\n{"name": "get_current_weather", "arguments": {"location": "Tokyo", "unit": "celsius"}}\n</tool_call>'
+
+
+def _splits(text: str, seed: int = 0) -> list[list[str]]:
+    """The text in one piece, in characters, at every single cut, and at random cuts."""
+    rng = random.Random(seed)
+    out = [[text], list(text)] + [[text[:i], text[i:]] for i in range(1, len(text))]
+    for _ in range(20):
+        cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(1, 8))))
+        out.append([text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])])
+    return out
+
+
+def _stream_reasoning(pieces: list[str], parser: str, thinking: bool, stream_reasoning: bool = True) -> tuple[str, str]:
+    s = ReasoningStream(parser, thinking, stream_reasoning)
+    parts = [s.feed(p) for p in pieces] + [s.finish()]
+    return "".join(r for r, _ in parts), "".join(c for _, c in parts)
+
+
+REASONING_CASES = [  # (parser, thinking, text, reasoning, content)
+    ("qwen3", True, "<think>I need to think about this</think>The answer is 42.", "I need to think about this", "The answer is 42."),
+    ("qwen3", True, "I need to think about this</think>The answer is 42.", "I need to think about this", "The answer is 42."),
+    ("qwen3", False, "The answer is 42.", "", "The answer is 42."),
+    ("qwen3", False, "<think>Let me think</think>Sure.", "Let me think", "Sure."),
+    ("qwen3", True, "<think>still thinking when cut", "still thinking when cut", ""),
+    ("qwen3", True, "<think>I should call a tool\n" + WEATHER, "I should call a tool\n", WEATHER),
+    ("qwen3", True, "<think>\nplan\n</think>\n\n" + WEATHER, "\nplan\n", "\n\n" + WEATHER),
+    ("deepseek-r1", False, "I need to think about this</think>The answer is 42.", "I need to think about this", "The answer is 42."),
+    ("deepseek-r1", False, "<think>I need to think about this</think>The answer is 42.", "I need to think about this", "The answer is 42."),
+    ("deepseek-r1", False, "truncated reasoning", "truncated reasoning", ""),
+    ("deepseek-r1", True, "<think><think>a</think>b</think>c", "a", "b</think>c"),
+    ("qwen3-thinking", False, "plan</think>answer", "plan", "answer"),
+    ("qwen3-thinking", False, "plan\n" + WEATHER, "plan\n", WEATHER),
+]
+
+
+@pytest.mark.parametrize("parser,thinking,text,reasoning,content", REASONING_CASES)
+def test_reasoning_whole_and_streamed(parser, thinking, text, reasoning, content):
+    assert split_reasoning(text, parser, thinking) == (reasoning, content)
+    for pieces in _splits(text):
+        assert _stream_reasoning(pieces, parser, thinking) == (reasoning, content), pieces
+        assert _stream_reasoning(pieces, parser, thinking, stream_reasoning=False) == (reasoning, content), pieces
+
+
+def test_reasoning_streams_as_it_comes_or_in_one_piece():
+    s = ReasoningStream("qwen3", True)
+    assert s.feed("<think>ab") == ("ab", "")
+    assert s.feed("c</thi") == ("c", "")  # a partial end marker is held back
+    assert s.feed("nk>d") == ("", "d")
+    s = ReasoningStream("qwen3", True, stream_reasoning=False)
+    assert s.feed("<think>ab") == ("", "")
+    assert s.feed("c</think>d") == ("abc", "d")
+
+
+def test_qwen3_thinks_unless_enable_thinking_is_false():
+    assert thinking_requested("qwen3", None) and thinking_requested("qwen3", {"enable_thinking": True})
+    assert not thinking_requested("qwen3", {"enable_thinking": False})
+    assert thinking_requested("deepseek-r1", {"enable_thinking": False})
+    assert thinking_requested("qwen3-thinking", {"enable_thinking": False})
+    assert chat_template_kwargs("qwen3", None) == {"enable_thinking": True}
+    assert chat_template_kwargs("qwen3", {"enable_thinking": False, "x": 1}) == {"enable_thinking": False, "x": 1}
+    assert chat_template_kwargs("deepseek-r1", {"x": 1}) == {"x": 1} and chat_template_kwargs(None, None) is None
+
+
+TOOL_CASES = [  # (text, content, [(tool_index, name, arguments)])
+    ("Hello, world!", "Hello, world!", []),
+    (WEATHER, "", [(0, "get_current_weather", '{"location": "Tokyo", "unit": "celsius"}')]),
+    ("Let me check.\n" + WEATHER + "\n" + WEATHER.replace("Tokyo", "Paris").replace("get_current_weather", "get_tourist_attractions")
+     .replace(', "unit": "celsius"', ""),
+     "Let me check.", [(0, "get_current_weather", '{"location": "Tokyo", "unit": "celsius"}'),
+                       (1, "get_tourist_attractions", '{"location": "Paris"}')]),
+    ('<tool_call>\n{"name": "unknown_tool", "arguments": {}}\n</tool_call>', "", []),  # an unoffered tool: dropped
+    ('Sure.\n<tool_call>\n{"name": "get_current_weather", "arguments": {"location": \n</tool_call>', "Sure.", []),  # bad JSON: dropped
+    ('<tool_call>\n{"name": "get_current_weather", "parameters": {"city": "東京"}}\n</tool_call>', "",
+     [(0, "get_current_weather", '{"city": "東京"}')]),
+]
+
+
+@pytest.mark.parametrize("text,content,calls", TOOL_CASES)
+def test_tool_calls_whole_and_streamed(text, content, calls):
+    got_content, got = parse_tool_calls(text, TOOLS) if has_tool_call(text) else (text, [])
+    assert got_content == content
+    assert [(c.tool_index, c.name, c.arguments) for c in got] == calls
+    whole = None
+    for pieces in _splits(text):
+        s = ToolCallStream(TOOLS)
+        parts = [s.feed(p) for p in pieces]
+        streamed = ("".join(c for c, _ in parts) + s.finish(), [(c.tool_index, c.name, c.arguments) for _, cs in parts for c in cs])
+        whole = whole or streamed
+        assert streamed == whole, pieces
+    assert whole[0].strip() == content.strip() and whole[1] == calls  # the stream keeps the whitespace SGLang's strip() drops
+
+
+def test_unclosed_tool_block_is_dropped_and_partial_marker_is_text():
+    s = ToolCallStream(TOOLS)
+    assert s.feed("ok <tool_ca") == ("ok ", [])
+    assert s.finish() == "<tool_ca"
+    s = ToolCallStream(TOOLS)
+    assert s.feed('ok <tool_call>\n{"name": "get_current_weather"') == ("ok ", [])
+    assert s.finish() == ""
+
+
+def test_call_ids_are_sglangs():
+    ids = {new_call_id() for _ in range(3)}
+    assert len(ids) == 3 and all(i.startswith("call_") and len(i) == 29 for i in ids)
