@@ -11,12 +11,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from hf_reference import prompt_ids
 
-from hotswap.config import EngineConfig, ModelConfig
+from hotswap.config import EngineConfig, ModelConfig, model_config_for
+from hotswap.errors import HotswapError
+from hotswap.models.layers import MergedColumnLinear
 from hotswap.models.parallel import TPInfo
 from hotswap.runner.batch_entry import BatchEntry
 from hotswap.runner.model_runner import ModelRunner
 from hotswap.runner.row_params import SamplerRow
 from hotswap.sampling_params import SamplingParams
+from hotswap.testing.tiny_models import build_tiny_checkpoint
 
 PROMPTS = [prompt_ids(11, 13), prompt_ids(12, 6)]
 STEPS = 5
@@ -86,3 +89,26 @@ def test_tp2_matches_tp1(family, request):
         assert tokens == ref_tokens
         qkv = next(n for n in sizes if n.endswith("layers.0.self_attn.qkv_proj.weight"))
         assert sizes[qkv][0] * 2 == full[qkv][0]  # each rank really holds half of the fused q/k/v rows
+
+
+def test_kv_heads_fewer_than_ranks_are_replicated_in_the_shard_specs():
+    """SGLang's QKVParallelLinear: 2 KV heads (8 rows each) at TP=4 put head rank // 2 on each rank, q still
+    split evenly; a whole tensor is assembled from ranks 0 and 2 only."""
+    shards = [MergedColumnLinear(8, {"q": 32, "k": 16, "v": 16}, True, torch.float32, TPInfo(r, 4), head_rows={"k": 8, "v": 8}).bias.hf_shards
+              for r in range(4)]
+    assert [(s["q"].src_start, s["q"].src_len) for s in shards] == [(0, 8), (8, 8), (16, 8), (24, 8)]
+    for sid in ("k", "v"):
+        assert [(s[sid].src_start, s[sid].src_len, s[sid].dest_len) for s in shards] == [(0, 8, 8), (0, 8, 8), (8, 8, 8), (8, 8, 8)]
+        assert [shards[0][sid].rank_slice(r) for r in range(4)] == [(s[sid].src_start, s[sid].src_len) for s in shards]
+        assert [shards[0][sid].gathered_from(r) for r in range(4)] == [True, False, True, False]
+    assert all(s["q"].gathered_from(r) for s in shards for r in range(4))
+
+
+def test_kv_heads_that_neither_divide_nor_replicate_are_refused(tmp_path):
+    path = build_tiny_checkpoint(tmp_path, "qwen3", num_attention_heads=6, num_key_value_heads=3, head_dim=16, intermediate_size=96)
+    assert model_config_for(EngineConfig(model_path=str(path), device="cpu", tensor_parallel_size=3)).num_kv_heads == 3
+    with pytest.raises(HotswapError, match="tensor_parallel_size 2 does not divide the model's num_key_value_heads 3 "
+                                           r"\(nor is it a multiple of them"):
+        model_config_for(EngineConfig(model_path=str(path), device="cpu", tensor_parallel_size=2))
+    with pytest.raises(ValueError, match="3 heads neither divide over nor replicate evenly across tensor-parallel size 2"):
+        TPInfo(0, 2).split_heads(3, 16)

@@ -14,16 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 from hf_reference import UPDATE_GREEDY as GREEDY
-from hf_reference import greedy_ids, hf_greedy, prompt_ids
+from hf_reference import assert_greedy_matches_hf, greedy_ids, hf_greedy, hf_model, prompt_ids
 from hf_reference import reference_ids as reference
 from safetensors.torch import save_file
 from serve_support import serve_env, wait_healthy
+from test_sglang_payloads import file_system_sharing, flattened_bucket, serialize, sglang_names  # noqa: F401
 from trainer_support import TrainerProcess, checkpoint_tensors, serve_engine_http
 
 from hotswap import Engine, HotswapError
 from hotswap.runner import tp_protocol
 from hotswap.runner.tp_protocol import Op
 from hotswap.runner.tp_step_codec import StepMode
+from hotswap.testing.tiny_models import build_tiny_checkpoint, perturb_checkpoint
 from hotswap.trainer import free_port, state_dict_manifest
 
 # chunked_prefill_size 8: the longer prompts below are prefilled in chunks
@@ -243,6 +245,76 @@ def test_tied_embeddings_split_by_vocab(tiny_llama):
         assert eng.check_weights("checksum", expected=manifest_of(tiny_llama)).success
         head = eng.get_weights_by_name("lm_head.weight", truncate_size=10_000)
         assert torch.equal(torch.tensor(head), checkpoint_tensors(tiny_llama)["model.embed_tokens.weight"])
+
+
+def few_kv_heads(folder: Path, kv_heads: int) -> tuple[Path, Path]:
+    """Qwen2 (k/v biases) with `kv_heads` KV heads, and a perturbed copy."""
+    path = build_tiny_checkpoint(folder / "v1", "qwen2", num_key_value_heads=kv_heads)
+    return path, perturb_checkpoint(path, folder / "v2", seed=1)
+
+
+@pytest.mark.parametrize(("tp", "kv_heads"), [(2, 1), (4, 2)])
+def test_fewer_kv_heads_than_ranks_are_replicated(tp, kv_heads, tmp_path, sglang_names, file_system_sharing):  # noqa: F811
+    """SGLang's QKVParallelLinear replicates KV heads fewer than the ranks: each rank's k/v rows, bias and KV cache
+    hold one head (at TP=4 with 2 heads, ranks 0-1 head 0 and ranks 2-3 head 1). Generation equals TP=1 and
+    transformers; every update lands on every copy, and reads, checksums and saves take each head once."""
+    v1, v2 = few_kv_heads(tmp_path, kv_heads)
+    prompts = [prompt_ids(1, 9), prompt_ids(2, 21)]
+    kw = dict(input_ids=prompts, sampling_params=GREEDY, return_logprob=True)
+    with Engine(str(v1), **ARGS) as tp1:
+        ref = tp1.generate(**kw)
+    ckpt, k, bias = checkpoint_tensors(v1), "model.layers.1.self_attn.k_proj.weight", "model.layers.0.self_attn.v_proj.bias"
+    with Engine(str(v1), tensor_parallel_size=tp, **ARGS) as eng:
+        assert eng.scheduler.model_runner.kv_cache.num_kv_heads == 1
+        got = eng.generate(**kw)
+        assert_greedy_matches_hf(v1, prompts, got, GREEDY["max_new_tokens"])
+        lps = [[torch.tensor([x[0] for x in o["meta_info"]["output_token_logprobs"]]) for o in outs] for outs in (got, ref)]
+        for g, r, o, e in zip(*lps, got, ref):
+            assert o["output_ids"] == e["output_ids"]
+            torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+        for name in (k, bias):
+            assert torch.equal(torch.tensor(eng.get_weights_by_name(name)), ckpt[name]), name
+        assert eng.check_weights("checksum", expected=manifest_of(v1)).success
+        assert eng.update_weights_from_tensor(checkpoint_tensors(v2)).success
+        assert eng.check_weights("checksum", expected=manifest_of(v2)).success
+        assert greedy_ids(eng) == reference(v2)
+        assert eng.update_weights_from_disk(str(v1)).success
+        assert eng.check_weights("checksum", expected=manifest_of(v1)).success
+        payload = serialize(flattened_bucket(list(checkpoint_tensors(v2).items())), output_str=True)  # slime's, one per rank
+        res = eng.update_weights_from_tensor([payload] * tp, load_format="flattened_bucket")
+        assert res.success, res.message
+        assert eng.check_weights("checksum", expected=manifest_of(v2)).success
+        _trainer_push(eng, v1, tp)
+        assert eng.check_weights("checksum", expected=manifest_of(v1)).success
+        bad = checkpoint_tensors(v2)
+        bad[k][0, 0] = float("nan")
+        res = eng.update_weights_from_tensor(bad)
+        assert not res.success and k in res.message
+        assert eng.check_weights("checksum", expected=manifest_of(v1)).success
+        assert eng.begin_weight_update().success  # a session: a good bucket then the bad one, both rolled back
+        assert eng.update_weights_from_tensor({bias: bad[bias]}).success
+        assert not eng.update_weights_from_tensor({k: bad[k]}).success
+        assert not eng.end_weight_update().success
+        assert eng.check_weights("checksum", expected=manifest_of(v1)).success
+        assert eng.check_weights("snapshot").success
+        assert eng.release_memory_occupation().success and eng.resume_memory_occupation().success
+        assert eng.check_weights("compare").success
+        assert greedy_ids(eng) == reference(v1)
+        assert eng.save_sharded_model(str(tmp_path / "saved"), max_size=40_000).success
+    saved = hf_model(str(tmp_path / "saved")).state_dict()
+    assert all(torch.equal(saved[n], t) for n, t in ckpt.items())
+
+
+def _trainer_push(engine, checkpoint: Path, tp: int) -> None:
+    """`checkpoint` pushed by a trainer over a weights update group every engine rank joins."""
+    url, server = serve_engine_http(engine)
+    try:
+        trainer = TrainerProcess({"base_url": url, "checkpoint": str(checkpoint), "master_port": free_port(), "group_name": "kv-push",
+                                  "buckets": 2, "ranks_per_engine": tp, "pushes": [{"version": "pushed"}]})
+        assert trainer.expect("pushed", timeout=60)["version"] == "pushed"
+        assert trainer.expect("closed") == [True] and trainer.join() == 0
+    finally:
+        server.shutdown()
 
 
 def test_a_dead_worker_fails_requests_instead_of_hanging(tiny_qwen3):

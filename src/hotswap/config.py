@@ -469,8 +469,9 @@ def model_config_for(config: EngineConfig) -> ModelConfig:
         raise HotswapError(f"tensor_parallel_size {tp}: {mc.architecture} is a mixture-of-experts model, and hotswap serves those on "
                            "one device only for now (expert weights are not sharded across tensor-parallel ranks); "
                            "use tensor_parallel_size=1")
-    uneven = [f"{what} {n}" for what, n in (("num_attention_heads", mc.num_heads), ("num_key_value_heads", mc.num_kv_heads),
-                                            ("intermediate_size", mc.intermediate_size)) if n % tp]
+    uneven = [f"{what} {n}" for what, n in (("num_attention_heads", mc.num_heads), ("intermediate_size", mc.intermediate_size)) if n % tp]
+    if mc.num_kv_heads % tp and tp % mc.num_kv_heads:  # fewer KV heads than ranks are replicated (SGLang's QKVParallelLinear)
+        uneven.append(f"num_key_value_heads {mc.num_kv_heads} (nor is it a multiple of them, to replicate each on as many ranks)")
     if uneven:
         raise HotswapError(f"tensor_parallel_size {tp} does not divide the model's {', '.join(uneven)}")
     if config.enable_return_routed_experts and not mc.num_experts:

@@ -24,7 +24,8 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim**-0.5
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         dt = cfg.torch_dtype
-        self.qkv_proj = MergedColumnLinear(cfg.hidden_size, {"q": q, "k": kv, "v": kv}, cfg.attention_bias, dt, tp)
+        self.qkv_proj = MergedColumnLinear(cfg.hidden_size, {"q": q, "k": kv, "v": kv}, cfg.attention_bias, dt, tp,
+                                           head_rows={"k": cfg.head_dim, "v": cfg.head_dim})
         self.o_proj = RowLinear(q, cfg.hidden_size, dt, tp, bias=cfg.o_proj_bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dt) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dt) if cfg.qk_norm else None

@@ -43,19 +43,24 @@ class RMSNorm(nn.Module):
 
 
 class MergedColumnLinear(nn.Module):
-    """Several HF projections fused along the output dim (q/k/v or gate/up), each column-sharded for TP."""
+    """Several HF projections fused along the output dim (q/k/v or gate/up), each column-sharded for TP.
+    `head_rows`: the projections made of heads of that many rows (k/v), whose heads are replicated across
+    ranks when there are fewer of them than ranks."""
 
-    def __init__(self, in_features: int, out_sizes: dict, bias: bool, dtype: torch.dtype, tp: TPInfo):
+    def __init__(self, in_features: int, out_sizes: dict, bias: bool, dtype: torch.dtype, tp: TPInfo,
+                 head_rows: dict | None = None):
         super().__init__()
-        local = {sid: tp.split(size) for sid, size in out_sizes.items()}
-        total = sum(length for _, length in local.values())
+        head_rows = head_rows or {}
+        local = {sid: tp.split_heads(size // head_rows[sid], head_rows[sid]) if sid in head_rows else (*tp.split(size), 1)
+                 for sid, size in out_sizes.items()}
+        total = sum(length for _, length, _ in local.values())
         w_shards, b_shards, offset = {}, {}, 0
-        for sid, (src_start, length) in local.items():
+        for sid, (src_start, length, replicas) in local.items():
             full = out_sizes[sid]
-            w_shards[sid] = ShardSpec(0, offset, length, 0, src_start, length, (full, in_features))
-            b_shards[sid] = ShardSpec(0, offset, length, 0, src_start, length, (full,))
+            w_shards[sid] = ShardSpec(0, offset, length, 0, src_start, length, (full, in_features), replicas=replicas)
+            b_shards[sid] = ShardSpec(0, offset, length, 0, src_start, length, (full,), replicas=replicas)
             offset += length
-        self.output_sizes = {sid: length for sid, (_, length) in local.items()}
+        self.output_sizes = {sid: length for sid, (_, length, _) in local.items()}
         self.weight = hf_param((total, in_features), dtype, w_shards)
         self.bias = hf_param((total,), dtype, b_shards) if bias else None
 

@@ -37,6 +37,18 @@ class TPInfo:
         share = total // self.size
         return self.rank * share, share
 
+    def split_heads(self, heads: int, head_dim: int) -> tuple[int, int, int]:
+        """(start, length, replicas) of this rank's rows of `heads` heads of `head_dim` rows: an even share, or, with
+        fewer heads than ranks, head rank // replicas whole, held by replicas = size // heads ranks (SGLang's
+        QKVParallelLinear: num_kv_head_replicas, and its weight loader's shard rank tp_rank // replicas)."""
+        if not heads % self.size:
+            share = heads // self.size * head_dim
+            return self.rank * share, share, 1
+        if self.size % heads:
+            raise ValueError(f"{heads} heads neither divide over nor replicate evenly across tensor-parallel size {self.size}")
+        replicas = self.size // heads
+        return self.rank // replicas * head_dim, head_dim, replicas
+
 
 @dataclass(frozen=True, slots=True)
 class ShardSpec:
@@ -44,7 +56,7 @@ class ShardSpec:
 
     dest_* select the rows of the live parameter; src_* select this rank's part of the full HF tensor.
     `dest_index` (stacked MoE experts): the HF tensor is one entry of the parameter's leading dim; dest_*
-    then narrow that entry.
+    then narrow that entry. `replicas`: how many ranks hold this same slice (k/v heads fewer than ranks).
     """
 
     dest_dim: int
@@ -55,6 +67,7 @@ class ShardSpec:
     src_len: int
     hf_shape: tuple[int, ...]
     dest_index: int | None = None
+    replicas: int = 1
 
     def dest_view(self, param: torch.Tensor) -> torch.Tensor:
         if self.dest_index is not None:
@@ -68,12 +81,18 @@ class ShardSpec:
 
     def rank_slice(self, rank: int) -> tuple[int, int]:
         """(src_start, src_len) that tensor-parallel rank `rank` holds, read off rank 0's spec: every rank
-        holds rank 0's share length except the last vocab shard, which stops at the tensor's end."""
+        holds rank 0's share length except the last vocab shard, which stops at the tensor's end; `replicas`
+        neighbouring ranks hold the same share."""
         full = self.hf_shape[self.src_dim]
         if self.src_len == full:
             return 0, full
-        start = min(rank * self.src_len, full)
+        start = min(rank // self.replicas * self.src_len, full)
         return start, min(self.src_len, full - start)
+
+    def gathered_from(self, rank: int) -> bool:
+        """Whether a whole tensor is assembled with rank `rank`'s slice: a replicated slice is taken once, from
+        the first rank holding it."""
+        return rank % self.replicas == 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -244,7 +244,8 @@ class TPPeers:
 
     def gather(self, weight_map: WeightMap, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """Each named HF tensor whole, one at a time on rank 0's device: a replicated one as rank 0 holds it,
-        a sharded one assembled from every rank's slice (the workers send theirs in the same order)."""
+        a sharded one assembled from every rank's slice, a slice held by several ranks (k/v heads fewer than
+        ranks) taken once (the workers send theirs in the same order)."""
         self._send(Op.GATHER, {"names": names})
         pending = iter(names)
         try:
@@ -263,7 +264,7 @@ class TPPeers:
         spec.src_view(full).copy_(slot.dest)
         for rank in range(1, self.size):
             start, length = spec.rank_slice(rank)
-            if not length:
+            if not length or not spec.gathered_from(rank):
                 continue
             part = full.narrow(spec.src_dim, start, length)
             buf = part if part.is_contiguous() else torch.empty(part.shape, dtype=part.dtype, device=self.device)

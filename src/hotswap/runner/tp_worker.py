@@ -178,7 +178,7 @@ class TPWorker:
         slots = self.runner.weight_map.slots
         for name in args["names"]:
             slot = slots[name]
-            if not slot.is_full and slot.dest.numel():
+            if not slot.is_full and slot.dest.numel() and slot.spec.gathered_from(self.groups.rank):
                 dist.send(slot.dest.contiguous(), dst=0, group=self.groups.device)
 
     # ---- a trainer's weights update group ----------------------------------------------------------
