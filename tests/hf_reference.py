@@ -7,6 +7,8 @@ from functools import lru_cache
 import torch
 from transformers import AutoModelForCausalLM
 
+from hotswap.sampling_params import SamplingParams
+
 
 @lru_cache(maxsize=8)
 def hf_model(path: str):
@@ -22,6 +24,54 @@ def hf_greedy(path, input_ids: list[int], max_new_tokens: int) -> tuple[list[int
     ids = out.sequences[0, len(input_ids):].tolist()
     lps = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, ids)]
     return ids, lps
+
+
+def reference_penalties(x: torch.Tensor, p: SamplingParams, prompt: list[int], output: list[int], banned: list[int]) -> torch.Tensor:
+    """One row, float64, straight from the definitions, in the rule the request asks for. SGLang's (penaltylib:
+    additive frequency and presence, then repetition over the output tokens only; logit_bias last,
+    sampling_batch_info.py); vLLM's (v1/sample/sampler.py: logit_bias, then repetition over prompt and output,
+    then frequency and presence)."""
+    y = x.double().clone()
+
+    def bias():
+        for t, b in p.logit_bias.items():
+            y[t] += b
+
+    def repetition():
+        for t in (set(prompt) if p.vllm_penalty_rule else set()) | set(output):
+            y[t] = y[t] / p.repetition_penalty if y[t] > 0 else y[t] * p.repetition_penalty
+
+    def counts():
+        for t in set(output):
+            y[t] -= p.frequency_penalty * output.count(t) + p.presence_penalty
+
+    for step in (bias, repetition, counts) if p.vllm_penalty_rule else (counts, repetition, bias):
+        step()
+    for t in banned:
+        y[t] = float("-inf")
+    return y
+
+
+@torch.no_grad()
+def hf_penalized_greedy(path, ids: list[int], n: int, p: SamplingParams) -> tuple[list[int], list[float]]:
+    """Greedy continuation of HF's logits under `p`'s penalties (float64), and each chosen token's logprob in the
+    penalized distribution (what hotswap returns, as SGLang and vLLM's processed logprobs do)."""
+    model = hf_model(str(path))
+    out: list[int] = []
+    lps: list[float] = []
+    for _ in range(n):
+        y = reference_penalties(model(torch.tensor([ids + out])).logits[0, -1], p, ids, out, [])
+        out.append(int(y.argmax()))
+        lps.append(torch.log_softmax(y, -1)[out[-1]].item())
+    return out, lps
+
+
+def assert_penalized_greedy_matches_hf(path, ids: list[int], out: dict, p: SamplingParams) -> None:
+    """`out` (generated with return_logprob) holds the penalized greedy tokens of HF's logits and their logprobs."""
+    ref_ids, ref_lps = hf_penalized_greedy(path, ids, p.max_new_tokens, p)
+    assert out["output_ids"] == ref_ids
+    got = [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]]
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(ref_lps, dtype=torch.float64), atol=1e-4, rtol=1e-4)
 
 
 def prompt_ids(seed: int, length: int, vocab: int = 500) -> list[int]:

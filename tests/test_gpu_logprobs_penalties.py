@@ -1,5 +1,5 @@
-"""On CUDA, under the decode and extend CUDA graphs: prompt logprobs, penalties (rows run eagerly) and
-keep-sets equal the CPU engine's. Skipped without CUDA."""
+"""On CUDA, under the decode and extend CUDA graphs: prompt logprobs, penalties (rows run eagerly, SGLang's rule
+and vLLM's) and keep-sets equal the CPU engine's. Skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ def test_cuda_prompt_logprobs_penalties_and_keep_sets_equal_cpu(tiny_qwen3):
                 "custom_params": {"return_top_p_token_ids": True}}
 
     def run(engine):
-        mixed = engine.generate(input_ids=prompts, sampling_params=[penalized, plain, penalized, plain], return_logprob=True,
-                                logprob_start_len=1, top_logprobs_num=2)
+        # SGLang's rule (the default) and vLLM's (its routes' `vllm_penalty_rule`) in one batch
+        mixed = engine.generate(input_ids=prompts, sampling_params=[penalized, plain, dict(penalized, vllm_penalty_rule=True), plain],
+                                return_logprob=True, logprob_start_len=1, top_logprobs_num=2)
         keep = engine.generate(input_ids=prompts[:2], sampling_params=filtered)
         return mixed, keep
 

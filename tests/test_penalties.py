@@ -1,11 +1,11 @@
-"""Penalties, logit_bias and min_new_tokens on the device against float64 references computed here,
-greedy and sampled; neutral values change nothing; out-of-range values are refused by name."""
+"""Penalties, logit_bias and min_new_tokens on the device against float64 references (hf_reference.py: SGLang's
+rule and vLLM's), greedy and sampled; neutral values change nothing; out-of-range values are refused by name."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from hf_reference import hf_model, prompt_ids
+from hf_reference import assert_penalized_greedy_matches_hf, hf_penalized_greedy, prompt_ids, reference_penalties
 
 from hotswap import Engine, HotswapError
 from hotswap.runner.batch_entry import BatchEntry
@@ -17,34 +17,22 @@ from hotswap.sampling_params import SamplingParams
 V = 64
 
 
-def reference_penalties(x: torch.Tensor, p: SamplingParams, prompt: list[int], output: list[int], banned: list[int]) -> torch.Tensor:
-    """One row, float64, straight from the definitions (vLLM's order)."""
-    y = x.double().clone()
-    for t, b in p.logit_bias.items():
-        y[t] += b
-    for t in set(prompt) | set(output):
-        y[t] = y[t] / p.repetition_penalty if y[t] > 0 else y[t] * p.repetition_penalty
-    for t in set(output):
-        y[t] -= p.frequency_penalty * output.count(t) + p.presence_penalty
-    for t in banned:
-        y[t] = float("-inf")
-    return y
-
-
 def entry(params: SamplingParams, prompt: list[int], output: list[int], prev_row: int = -1, banned=None) -> BatchEntry:
     return BatchEntry(input_ids=[0], start_pos=0, pages=[0], sample=True, params=params, row=SamplerRow.of(params, 3), step=len(output),
                       prev_row=prev_row, prompt_ids=prompt, output_ids=output, banned_ids=banned)
 
 
-def test_penalties_equal_a_float64_reference_with_the_token_in_flight():
+@pytest.mark.parametrize("vllm_rule", [False, True])
+def test_penalties_equal_a_float64_reference_with_the_token_in_flight(vllm_rule):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, V, generator=g) * 3
     prev = torch.tensor([7, 11, 7])  # the previous step's sampled ids, still on the device
     params = [
-        SamplingParams(repetition_penalty=1.7, frequency_penalty=0.6, presence_penalty=-0.4),
+        SamplingParams(repetition_penalty=1.7, frequency_penalty=0.6, presence_penalty=-0.4, logit_bias={2: 3.0, 40: -2.0},
+                       vllm_penalty_rule=vllm_rule),
         SamplingParams(),  # neutral row in the same batch
         SamplingParams(frequency_penalty=1.5, logit_bias={3: 5.0, 9: -100.0}, min_new_tokens=9),
-        SamplingParams(repetition_penalty=0.6),
+        SamplingParams(repetition_penalty=0.6, vllm_penalty_rule=not vllm_rule),  # the other rule in the same batch
     ]
     prompts = [[1, 2, 3, 3, 40], [5], [6, 6, 6], [2, 9, 9]]
     outputs = [[2, 2, 50, 7], [1], [6, 30, 30], [1]]
@@ -76,7 +64,7 @@ def test_sampling_reads_the_penalized_logits(greedy):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, V, generator=g)
     p = SamplingParams(temperature=0.0 if greedy else 0.8, top_p=0.9, repetition_penalty=1.9, frequency_penalty=1.0,
-                       logit_bias={5: 2.0})
+                       logit_bias={5: 2.0}, vllm_penalty_rule=not greedy)
     entries = [entry(p, [1, 2, 3], [4, 4, 5]), entry(p, [9], [])]
     y = apply_penalties(x, entries, None, torch.from_numpy)
     wants = torch.stack([reference_penalties(x[0], p, [1, 2, 3], [4, 4, 5], []), reference_penalties(x[1], p, [9], [], [])]).float()
@@ -96,24 +84,20 @@ def make_engine(path, **kw) -> Engine:
     return Engine(str(path), device="cpu", **kw)
 
 
-@torch.no_grad()
-def hf_penalized_greedy(path, ids: list[int], n: int, p: SamplingParams) -> list[int]:
-    model = hf_model(str(path))
-    out: list[int] = []
-    for _ in range(n):
-        logits = model(torch.tensor([ids + out])).logits[0, -1]
-        out.append(int(reference_penalties(logits, p, ids, out, []).argmax()))
-    return out
-
-
-def test_greedy_generation_with_penalties_matches_hf(tiny_qwen3):
+@pytest.mark.parametrize("vllm_rule", [False, True])
+def test_greedy_generation_with_penalties_matches_hf(tiny_qwen3, vllm_rule):
+    """The offline Engine: tokens and logprobs of the rule asked for (SGLang's by default), and not the other's."""
     ids = prompt_ids(21, 10)
     sp = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True, "repetition_penalty": 1.8, "frequency_penalty": 0.7,
-          "presence_penalty": 0.3, "logit_bias": {str(ids[0]): 1.5}}
+          "presence_penalty": 0.3, "logit_bias": {str(ids[0]): 1.5, str(ids[1]): -1.0}}
+    if vllm_rule:
+        sp["vllm_penalty_rule"] = True
     with make_engine(tiny_qwen3) as engine:
-        out = engine.generate(input_ids=ids, sampling_params=sp)
+        out = engine.generate(input_ids=ids, sampling_params=sp, return_logprob=True)
         params = SamplingParams.from_dict(dict(sp))
-        assert out["output_ids"] == hf_penalized_greedy(tiny_qwen3, ids, 12, params)
+        assert_penalized_greedy_matches_hf(tiny_qwen3, ids, out, params)
+        other = SamplingParams.from_dict(dict(sp, vllm_penalty_rule=not vllm_rule))
+        assert hf_penalized_greedy(tiny_qwen3, ids, 12, other) != hf_penalized_greedy(tiny_qwen3, ids, 12, params)
         plain = engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 12, "temperature": 0, "ignore_eos": True})
         assert plain["output_ids"] != out["output_ids"]  # the penalties did something
 

@@ -7,6 +7,10 @@ import base64
 import json
 
 import numpy as np
+import pytest
+from hf_reference import assert_penalized_greedy_matches_hf
+
+from hotswap.sampling_params import SamplingParams
 
 GREEDY = {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}
 IDS = [11, 52, 7, 300, 41, 9, 120, 77]
@@ -56,6 +60,41 @@ def test_penalties_and_bias_over_http(http, oai, engine):
     c = oai.completions.create(model="tiny", prompt=IDS, max_tokens=3, temperature=0, logit_bias={"123": 100})
     plain = engine.generate(input_ids=IDS, sampling_params={"max_new_tokens": 3, "temperature": 0})["output_ids"]
     assert plain != [123] * 3 and c.choices[0].text == engine.tokenizer.decode([123] * 3)
+
+
+PENALIZED = {"repetition_penalty": 1.8, "frequency_penalty": 0.7, "presence_penalty": 0.3, "logit_bias": {str(IDS[0]): 1.5, str(IDS[2]): -1.0}}
+
+
+def _as_meta(ids: list[int], lps: list[float]) -> dict:
+    return {"output_ids": ids, "meta_info": {"output_token_logprobs": [(lp, t, None) for lp, t in zip(lps, ids)]}}
+
+
+@pytest.mark.parametrize("route", ["/generate", "/v1/completions", "/v1/chat/completions", "/inference/v1/generate"])
+def test_penalized_logprobs_follow_each_routes_engine(http, tiny_qwen3, route):
+    """Returned logprobs equal a float64 reference from HF logits of the engine the route serves as: SGLang's rule
+    (repetition over the output only, logit_bias last) on SGLang's routes and the OpenAI ones, vLLM's (repetition
+    over the prompt too, logit_bias first) on vLLM's token route."""
+    n = 6
+    if route == "/generate":
+        body = {"input_ids": IDS, "sampling_params": dict(GREEDY, **PENALIZED), "return_logprob": True}
+        meta = http.post(route, json=body).json()
+        prompt, ids, lps = IDS, meta["output_ids"], [x[0] for x in meta["meta_info"]["output_token_logprobs"]]
+    elif route == "/v1/completions":
+        body = {"model": "tiny", "prompt": IDS, "max_tokens": n, "temperature": 0, "ignore_eos": True, "logprobs": 0,
+                "return_token_ids": True, **PENALIZED}
+        c = http.post(route, json=body).json()["choices"][0]
+        prompt, ids, lps = IDS, c["token_ids"], c["logprobs"]["token_logprobs"]
+    elif route == "/v1/chat/completions":
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hello hello world"}], "max_tokens": n,
+                "temperature": 0, "ignore_eos": True, "logprobs": True, "return_token_ids": True, **PENALIZED}
+        c = http.post(route, json=body).json()["choices"][0]
+        prompt, ids, lps = c["prompt_token_ids"], c["token_ids"], [x["logprob"] for x in c["logprobs"]["content"]]
+    else:
+        sp = {"max_tokens": n, "temperature": 0, "ignore_eos": True, "logprobs": 0, **PENALIZED}
+        c = http.post(route, json={"model": "tiny", "token_ids": IDS, "sampling_params": sp}).json()["choices"][0]
+        prompt, ids, lps = IDS, c["token_ids"], [x["logprob"] for x in c["logprobs"]["content"]]
+    params = SamplingParams.from_dict(dict(PENALIZED, max_new_tokens=n, vllm_penalty_rule=route == "/inference/v1/generate"))
+    assert_penalized_greedy_matches_hf(tiny_qwen3, prompt, _as_meta(ids, lps), params)
 
 
 def test_keep_sets_over_http_as_slime_reads_them(http):

@@ -51,13 +51,16 @@ class SamplingParams:
     # routed_experts_start_len on (request-level fields in SGLang's API; carried here so every route hands
     # them through like return_logprob)
     return_routed_experts: bool = False
-    # penalties and biases, applied to the logits on the device before temperature and filters (vLLM's order):
-    # logit_bias, then repetition (prompt + output tokens), frequency and presence (output tokens), min_new_tokens
+    # penalties and biases, applied to the logits on the device before temperature and filters (runner/penalties.py):
+    # SGLang's rule, frequency and presence (output tokens), repetition (output tokens), logit_bias, min_new_tokens
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
     min_new_tokens: int = 0  # eos and stop_token_ids are masked until this many tokens are out
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI)
+    # vLLM's rule instead (its routes set it): logit_bias, repetition over the prompt and output tokens, then frequency
+    # and presence
+    vllm_penalty_rule: bool = False
     # SGLang's no_stop_trim: a matched stop string or token stays, with all the text its tokens decode to (trim_matched_stop
     # leaves the text untouched); vLLM's include_stop_str_in_output: they stay, the text cut right after a stop string
     no_stop_trim: bool = False
@@ -157,7 +160,7 @@ class SamplingParams:
         if not _is_int(self.logprob_start_len) or self.logprob_start_len < -1:
             raise bad(f"logprob_start_len must be -1 or an integer >= 0, got {shown(self.logprob_start_len)}")
         for name in ("no_stop_trim", "include_stop_str_in_output", "return_top_p_token_ids", "ignore_eos", "keep_stop_token_ids",
-                     "skip_special_tokens", "return_logprob"):
+                     "vllm_penalty_rule", "skip_special_tokens", "return_logprob"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(f"{name} must be a boolean, got {shown(getattr(self, name))}")
 

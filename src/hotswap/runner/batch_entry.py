@@ -25,9 +25,9 @@ class BatchEntry:
     step: int
     prev_row: int = -1  # >= 0: the input token is still on the device, row prev_row of the previous step's sample
     # penalties (only when params.has_penalties): the tokens they count, as the sequence keeps them (the token
-    # in flight, prev_row, is read on the device): the prompt's distinct ids (repetition_penalty only) and the
-    # output so far (repetition, frequency or presence penalty), int64 arrays (lists in tests); and the ids
-    # min_new_tokens still masks (one list per request, made once)
+    # in flight, prev_row, is read on the device): the prompt's distinct ids (repetition_penalty under vLLM's
+    # rule only) and the output so far (repetition, frequency or presence penalty), int64 arrays (lists in
+    # tests); and the ids min_new_tokens still masks (one list per request, made once)
     prompt_ids: np.ndarray | list[int] | None = None
     output_ids: np.ndarray | list[int] | None = None
     banned_ids: list[int] | None = None

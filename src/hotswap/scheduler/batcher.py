@@ -213,7 +213,7 @@ class Batcher:
         sp = seq.req.sampling_params
         if sp.repetition_penalty != 1.0 or sp.frequency_penalty or sp.presence_penalty:
             entry.output_ids = seq.counted_output()
-        if sp.repetition_penalty != 1.0:
+        if sp.repetition_penalty != 1.0 and sp.vllm_penalty_rule:  # SGLang's repetition counts output tokens only
             entry.prompt_ids = seq.distinct_prompt_ids()
         if entry.step < sp.min_new_tokens:
             if seq.banned_ids is None:

@@ -29,7 +29,7 @@ class Sequence:
     input_logprobs: list[float] = field(default_factory=list)
     input_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
     top_p_token_ids: list[list[int]] = field(default_factory=list)  # per output token: the ids the filters kept
-    # penalties read these every step, as int64 arrays: the prompt's distinct ids (repetition_penalty), made
+    # penalties read these every step, as int64 arrays: the prompt's distinct ids (vLLM's repetition_penalty), made
     # once; the output ids, converted as they come (`counted_output`), so a step converts no earlier token
     prompt_token_set: np.ndarray | None = None
     counted_ids: np.ndarray | None = None  # output_ids[:counted_len] as int64, with room to grow

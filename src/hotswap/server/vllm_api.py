@@ -174,7 +174,8 @@ def vllm_sampling_params(sp: dict[str, Any], prompt_len: int, max_context_len: i
     min_tokens = _count(sp, "min_tokens")  # the engine's min_new_tokens
     out: dict[str, Any] = {"n": n, "max_new_tokens": max_context_len - prompt_len if max_tokens is None else max_tokens,
                            "temperature": 1.0 if sp.get("temperature") is None else sp["temperature"],
-                           "ignore_eos": bool(sp.get("ignore_eos", False)), "skip_special_tokens": sp.get("skip_special_tokens", True)}
+                           "ignore_eos": bool(sp.get("ignore_eos", False)), "skip_special_tokens": sp.get("skip_special_tokens", True),
+                           "vllm_penalty_rule": True}  # repetition over the prompt too, logit_bias before the penalties
     if out["ignore_eos"]:
         out["keep_stop_token_ids"] = True  # vLLM's ignore_eos skips only EOS; SGLang's skips stop_token_ids too
     if min_tokens is not None and min_tokens > out["max_new_tokens"]:  # vLLM's rule, under its name
