@@ -58,8 +58,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_new_tokens: int = 0  # eos and stop_token_ids are masked until this many tokens are out
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI)
-    # vLLM's rule instead (its routes set it): logit_bias, repetition over the prompt and output tokens, then frequency
-    # and presence
+    # vLLM's rule instead (vLLM's token route /inference/v1/generate sets it): logit_bias, repetition over the prompt
+    # and output tokens, then frequency and presence
     vllm_penalty_rule: bool = False
     # SGLang's no_stop_trim: a matched stop string or token stays, with all the text its tokens decode to (trim_matched_stop
     # leaves the text untouched); vLLM's include_stop_str_in_output: they stay, the text cut right after a stop string

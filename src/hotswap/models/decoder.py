@@ -1,5 +1,6 @@
-"""The Llama-family decoder (Llama, Qwen2 with q/k/v bias, Qwen3 with q/k RMSNorm; Qwen3-MoE and Qwen2-MoE
-with a sparse MoE block in place of the MLP on their MoE layers) over a paged KV cache."""
+"""The Llama-family decoder (Llama, Qwen2 with q/k/v bias, Qwen3 with q/k RMSNorm; Llama's and Qwen3's
+`attention_bias` on q/k/v and o_proj, Llama's `mlp_bias`; Qwen3-MoE and Qwen2-MoE with a sparse MoE block in place of
+the MLP on their MoE layers) over a paged KV cache, rotary frequencies from models/rope.py."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Penalties and biases on the logits, on the device, before temperature and filters. Each request follows
-one engine's rule (`SamplingParams.vllm_penalty_rule`, set by the vLLM routes only):
+one engine's rule (`SamplingParams.vllm_penalty_rule`, set only by vLLM's token route, server/vllm_api.py):
 - SGLang's (every other path): frequency and presence penalties (additive), then repetition_penalty over the
   output tokens only (multiplicative), then logit_bias (SGLang: penaltylib/repetition_penalty.py cumulates output
   tokens only; orchestrator.py's additive-then-scaling accumulation; sampling_batch_info.py adds logit_bias last);

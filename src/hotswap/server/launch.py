@@ -1,4 +1,5 @@
-"""`hotswap serve`: build the Engine (with a progress bar), run uvicorn, drain on SIGTERM, shut down.
+"""`hotswap serve`: build the Engine (with a progress bar), run uvicorn, drain on SIGTERM, shut down; drain and exit
+non-zero when the engine can serve nothing more (`Engine.failure`: a dead tensor-parallel worker, a stopped scheduler).
 
 Also `ServerThread`, which runs the app on a loopback socket in a background thread (tests, notebooks).
 """

@@ -20,10 +20,11 @@ up and aborted, or inside the session of a later push) is refused there and chan
 names only the push's own session. Engines that answer no id (SGLang) get none: their calls run in
 whatever session is open, as SGLang's callers expect.
 
-A session left open on an engine by a push that timed out is ended by the next push (its refused
-`begin_weight_update` is followed by an id-less abort, since that session's id may never have reached the
-pusher, and one more begin) or expires on the engine. The pusher assumes it is the only writer to its
-engines' sessions.
+A `begin_weight_update` answered after the push stopped waiting for it has its session aborted by the id it
+answered (`abort_late_session`). Any other session left open on an engine by a push that timed out is ended
+by the next push (its refused `begin_weight_update` is followed by an id-less abort, since that session's id
+may never have reached the pusher, and one more begin) or expires on the engine. The pusher assumes it is
+the only writer to its engines' sessions. A push with no tensor is refused before any engine is called.
 """
 
 from __future__ import annotations

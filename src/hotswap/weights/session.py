@@ -1,7 +1,8 @@
 """Update sessions: several calls that are one update, committed or rolled back whole.
 
 A session is opened explicitly (`begin_weight_update`; `pause_generation` opens one that holds the
-updates made during the pause) or implicitly by a single update call. Each call's `apply` runs inside
+updates made during the pause, or, while a begun session is open, once that one ends) or implicitly by a
+single update call. Each call's `apply` runs inside
 it; slices it overwrites are saved first when a later failure could strand them (`guard`); every rank
 agrees on the call's outcome; a failure rolls back every call of the session on every rank.
 
