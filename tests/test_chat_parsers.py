@@ -1,20 +1,23 @@
 """SGLang's reasoning and tool-call parsers (server/chat_parsers.py) on SGLang's own examples
 (test/srt/test_reasoning_parser.py, test/srt/test_function_call_parser.py: Qwen3Detector, DeepSeekR1Detector,
-Qwen25Detector): the whole reply as SGLang's detect_and_parse splits it, and a stream split at any point giving what one
-chunk gives."""
+Qwen25Detector; test_qwen3_coder_detector.py: Qwen3CoderDetector): the whole reply
+as SGLang's detect_and_parse splits it, and a stream split at any point giving what one chunk gives."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
 
 from hotswap.server.chat_parsers import (
+    CoderCallStream,
     ReasoningStream,
     ToolCallStream,
     chat_template_kwargs,
     has_tool_call,
     new_call_id,
+    parse_calls,
     parse_tool_calls,
     split_reasoning,
     thinking_requested,
@@ -126,3 +129,103 @@ def test_unclosed_tool_block_is_dropped_and_partial_marker_is_text():
 def test_call_ids_are_sglangs():
     ids = {new_call_id() for _ in range(3)}
     assert len(ids) == 3 and all(i.startswith("call_") and len(i) == 29 for i in ids)
+
+
+def _fn(name: str, **properties) -> dict:
+    return {"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": properties}}}
+
+
+CODER_TOOLS = [  # SGLang's test_qwen3_coder_detector.py tools, and one with every converted type
+    _fn("get_current_weather", location={"type": "string"}, unit={"type": "string", "enum": ["celsius", "fahrenheit"]},
+        days={"type": "integer"}),
+    _fn("sql_interpreter", query={"type": "string"}, dry_run={"type": "boolean"}),
+    _fn("TodoWrite", todos={"type": "array", "items": {"type": "object"}}),
+    _fn("get_current_time", cities={"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "null"}], "default": None}),
+    _fn("process_optional_list", optional_items_to_process={"anyOf": [
+        {"anyOf": [{"type": "null"}, {"anyOf": [{"type": "array", "items": {}}, {"type": "null"}]}]}, {"type": "null"}]}),
+    _fn("typed", n={"type": "number"}, i={"type": "integer"}, b={"type": "boolean"}, o={"type": "object"},
+        e={"enum": [1, 2]}, t={"type": ["null", "integer"]}),
+]
+
+
+def _coder(name: str, *params: tuple[str, str]) -> str:
+    body = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in params)
+    return f"<tool_call>\n<function={name}>\n{body}</function>\n</tool_call>"
+
+
+CODER_CASES = [  # (text, whole content, streamed content, [(tool_index, name, arguments)])
+    ("This is plain text without any tool calls.", "This is plain text without any tool calls.",
+     "This is plain text without any tool calls.", []),
+    ("Let me check the weather for you.\n\n" + _coder("get_current_weather", ("location", "New York")),
+     "Let me check the weather for you.\n\n", "Let me check the weather for you.\n\n",
+     [(0, "get_current_weather", '{"location": "New York"}')]),
+    (_coder("get_current_weather", ("location", "New York")) + "\n"
+     + _coder("sql_interpreter", ("query", "SELECT * FROM users"), ("dry_run", "True")), "", "\n",
+     [(0, "get_current_weather", '{"location": "New York"}'),
+      (1, "sql_interpreter", '{"query": "SELECT * FROM users", "dry_run": true}')]),
+    (_coder("get_current_weather", ("location", "Tokyo"), ("days", "5")), "", "",
+     [(0, "get_current_weather", '{"location": "Tokyo", "days": 5}')]),
+    (_coder("TodoWrite", ("todos", '[\n  {"content": "Buy groceries", "status": "pending"}\n]')), "", "",
+     [(0, "TodoWrite", '{"todos": [{"content": "Buy groceries", "status": "pending"}]}')]),
+    (_coder("get_current_time", ("cities", '["NYC"]')), "", "", [(0, "get_current_time", '{"cities": ["NYC"]}')]),
+    (_coder("get_current_time", ("cities", "null")), "", "", [(0, "get_current_time", '{"cities": null}')]),
+    (_coder("process_optional_list", ("optional_items_to_process", '[true, null, {"enabled": false}]')), "", "",
+     [(0, "process_optional_list", '{"optional_items_to_process": [true, null, {"enabled": false}]}')]),
+    ("<tool_call>\n<function=get_current_weather>\n<parameter=location></parameter>\n</function>\n</tool_call>", "", "",
+     [(0, "get_current_weather", '{"location": ""}')]),
+    (_coder("sql_interpreter", ("query", "SELECT * FROM users WHERE name = 'John \"Doe\"' AND a < b")), "", "",
+     [(0, "sql_interpreter", '{"query": "SELECT * FROM users WHERE name = \'John \\"Doe\\"\' AND a < b"}')]),
+    # values that do not convert stay strings (a boolean: false); numbers whole only when written so; unknown
+    # parameters and tools keep strings; text after the calls is content only in the stream
+    (_coder("typed", ("n", "5"), ("i", "x7"), ("b", "yes"), ("o", "{'a': (1, 2)}"), ("e", "2"), ("t", "3"), ("zz", "1")),
+     "", "", [(0, "typed", '{"n": 5, "i": "x7", "b": false, "o": {"a": [1, 2]}, "e": 2, "t": 3, "zz": "1"}')]),
+    (_coder("typed", ("n", "5.0"), ("i", "12"), ("b", "TRUE"), ("o", "{not json"), ("n", "1e3")), "", "",
+     [(0, "typed", '{"n": 1000.0, "i": 12, "b": true, "o": "{not json"}')]),
+    ("a <b> c\n" + _coder("nope", ("x", "1")) + "\nDone.", "a <b> c\n", "a <b> c\n\nDone.", [(0, "nope", '{"x": "1"}')]),
+    # a parameter left unclosed ends at the next one or at </function>
+    ("<tool_call>\n<function=get_current_weather>\n<parameter=location>\nParis\n<parameter=days>\n3\n</function>\n</tool_call>",
+     "", "", [(0, "get_current_weather", '{"location": "Paris", "days": 3}')]),
+]
+
+
+def _stream_coder(pieces: list[str]) -> tuple[str, list]:
+    s = CoderCallStream(CODER_TOOLS)
+    parts = [s.feed(p) for p in pieces]
+    return "".join(c for c, _ in parts) + s.finish(), [(c.tool_index, c.name, c.arguments) for _, cs in parts for c in cs]
+
+
+@pytest.mark.parametrize("text,content,streamed_content,calls", CODER_CASES)
+def test_qwen3_coder_calls_whole_and_streamed(text, content, streamed_content, calls):
+    got_content, got = parse_calls(text, "qwen3_coder", CODER_TOOLS) or (text, [])
+    assert got_content == content
+    assert [(c.tool_index, c.name, c.arguments) for c in got] == calls
+    for pieces in _splits(text):
+        assert _stream_coder(pieces) == (streamed_content, calls), pieces
+
+
+def test_qwen3_coder_call_cut_short():
+    """A reply cut inside a call: the whole reply keeps it (its last parameter running to the end), the stream drops it
+    (SGLang's stream never closes an unfinished function); a partial tag outside a call is text."""
+    text = "<tool_call>\n<function=get_current_weather>\n<parameter=location>London"
+    content, [call] = parse_calls(text, "qwen3_coder", CODER_TOOLS)
+    assert (content, call.name, call.arguments) == ("", "get_current_weather", '{"location": "London"}')
+    for pieces in _splits(text):
+        assert _stream_coder(pieces) == ("", []), pieces
+    assert _stream_coder(["ok <tool_ca"]) == ("ok <tool_ca", []) and _stream_coder(["ok <functi", "on=x"]) == ("ok ", [])
+
+
+def test_qwen3_coder_only_parses_a_reply_with_a_marker():
+    assert parse_calls("no call here <tool", "qwen3_coder", CODER_TOOLS) is None
+    assert parse_calls("<function=get_current_weather>\n</function>", "qwen3_coder", CODER_TOOLS) == \
+        ("", [parse_calls(_coder("get_current_weather"), "qwen3_coder", CODER_TOOLS)[1][0]])
+
+
+def test_qwen3_coder_values_that_do_not_parse_stay_strings():
+    """Deep nesting and Python literals that are not JSON stay the text (never an error); a tool without `type` is a
+    function (SGLang's Tool default)."""
+    tools = [{"function": {"name": "f", "parameters": {"properties": {"o": {"type": "object"}}}}}]
+    for value in ("[" * 5000, "{1, 2}", "b'x'", "1+2j"):
+        _, [call] = parse_calls(_coder("f", ("o", value)), "qwen3_coder", tools)
+        assert call.arguments == json.dumps({"o": value}), value
+    _, [call] = parse_calls(_coder("f", ("o", "{'a': None}")), "qwen3_coder", tools)
+    assert call.arguments == '{"o": {"a": null}}'

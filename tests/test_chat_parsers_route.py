@@ -67,8 +67,9 @@ def test_without_tools_the_call_stays_text_and_separate_reasoning_false_keeps_th
     assert c["message"] == {"role": "assistant", "content": REPLY}
 
 
-def test_streamed_deltas(http):
-    body = {"messages": MESSAGES, "max_tokens": 6, "temperature": 0, "tools": TOOLS, "stream": True}
+def _streamed(http, tools: list[dict]) -> tuple[str, str, list[dict], str | None]:
+    """A streamed reply's reasoning, content, tool call deltas and finish_reason."""
+    body = {"messages": MESSAGES, "max_tokens": 6, "temperature": 0, "tools": tools, "stream": True}
     reasoning, content, calls, finish = "", "", [], None
     with http.stream("POST", "/v1/chat/completions", json=body) as r:
         for line in r.iter_lines():
@@ -78,10 +79,43 @@ def test_streamed_deltas(http):
                     content += ch["delta"].get("content") or ""
                     calls += ch["delta"].get("tool_calls") or []
                     finish = ch["finish_reason"] or finish
+    return reasoning, content, calls, finish
+
+
+def test_streamed_deltas(http):
+    reasoning, content, calls, finish = _streamed(http, TOOLS)
     assert reasoning == "The user wants the weather."
     assert content.strip() == "Let me check."
     assert [(c["index"], c["function"]["name"], c["function"]["arguments"]) for c in calls] == [(0, "get_weather", '{"city": "Paris"}')]
     assert calls[0]["id"].startswith("call_") and finish == "tool_calls"
+
+
+CODER_REPLY = ('<think>List the files.</think>\n\nI will run it.\n<tool_call>\n<function=run>\n<parameter=command>\nls -la\n'
+               '</parameter>\n<parameter=timeout>\n30\n</parameter>\n</function>\n</tool_call>')
+CODER_TOOLS = [{"type": "function", "function": {"name": "run", "parameters": {
+    "type": "object", "properties": {"command": {"type": "string"}, "timeout": {"type": "integer"}}}}}]
+
+
+def test_qwen3_coder_calls_whole_and_streamed(engine, monkeypatch):
+    """`--tool-call-parser qwen3_coder` (Qwen3-Coder agentic RL recipes): the XML-like call, its values typed by the
+    tool's schema, whole and streamed; the content before the call unstripped, as Qwen3CoderDetector leaves it."""
+    import httpx
+
+    from hotswap.server.app import create_app
+    from hotswap.server.launch import ServerThread
+
+    monkeypatch.setitem(globals(), "REPLY", CODER_REPLY)
+    monkeypatch.setitem(engine.config.sglang_settings, "tool_call_parser", "qwen3_coder")
+    with ServerThread(create_app(engine, served_model_name="tiny")) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
+        c = _chat(client, tools=CODER_TOOLS)
+        assert c["message"]["reasoning_content"] == "List the files." and c["message"]["content"] == "\n\nI will run it.\n"
+        [call] = c["message"]["tool_calls"]
+        assert call["index"] == 0 and call["function"] == {"name": "run", "arguments": '{"command": "ls -la", "timeout": 30}'}
+        assert c["finish_reason"] == "tool_calls"
+        reasoning, content, calls, finish = _streamed(client, CODER_TOOLS)
+        assert (reasoning, content) == ("List the files.", "\n\nI will run it.\n") and finish == "tool_calls"
+        assert [(c["index"], c["function"]["name"], c["function"]["arguments"]) for c in calls] == \
+            [(0, "run", '{"command": "ls -la", "timeout": 30}')]
 
 
 def test_enable_thinking_reaches_the_template(server, engine):
@@ -124,8 +158,8 @@ def test_unknown_parser_names_are_refused_by_name():
 
     with pytest.raises(HotswapError, match=r"reasoning_parser='kimi'.*deepseek-r1, qwen3, qwen3-thinking"):
         engine_args_from_sglang({"reasoning_parser": "kimi"})
-    with pytest.raises(HotswapError, match=r"tool_call_parser='hermes'.*qwen, qwen25"):
+    with pytest.raises(HotswapError, match=r"tool_call_parser='hermes'.*qwen, qwen25, qwen3_coder"):
         engine_args_from_sglang({"tool_call_parser": "hermes"})
-    for reasoning, tools in (("deepseek-r1", "qwen"), ("qwen3-thinking", "qwen25")):  # miles' e2e launch: qwen3 with qwen
+    for reasoning, tools in (("deepseek-r1", "qwen"), ("qwen3-thinking", "qwen25"), ("qwen3", "qwen3_coder")):  # miles' e2e launch: qwen3 with qwen
         assert engine_args_from_sglang({"reasoning_parser": reasoning, "tool_call_parser": tools})["sglang_settings"] == \
             {"reasoning_parser": reasoning, "tool_call_parser": tools}

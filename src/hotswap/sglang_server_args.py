@@ -179,7 +179,7 @@ NONE_DEFAULT_SWITCHES = frozenset({"enable_lora", "enable_multimodal"})
 # the chat output parsers hotswap serves (server/chat_parsers.py), under SGLang's names (ReasoningParser.DetectorMap,
 # FunctionCallParser.ToolCallParserEnum): qwen3-thinking is Qwen3Detector always reasoning; qwen is qwen25's newer name
 REASONING_PARSERS = ("deepseek-r1", "qwen3", "qwen3-thinking")
-TOOL_CALL_PARSERS = ("qwen", "qwen25")
+TOOL_CALL_PARSERS = ("qwen", "qwen25", "qwen3_coder")
 
 # launch_server's other spellings of a field (its argparse also takes any unique prefix of a flag)
 FLAG_ALIASES = {"dp": "dp_size", "data_parallel_size": "dp_size", "pp": "pp_size", "pipeline_parallel_size": "pp_size",

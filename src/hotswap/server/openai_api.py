@@ -18,11 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from hotswap.errors import shown
 from hotswap.server.chat_parsers import (
     ReasoningStream,
-    ToolCallStream,
+    call_stream,
     chat_template_kwargs,
-    has_tool_call,
     new_call_id,
-    parse_tool_calls,
+    parse_calls,
     split_reasoning,
     thinking_requested,
 )
@@ -644,8 +643,8 @@ class _ChatParsing:
         self.thinking = bool(state.reasoning_parser) and thinking_requested(state.reasoning_parser, body.chat_template_kwargs)
         self.stream_reasoning = body.stream_reasoning
         choice = body.tool_choice or ("auto" if body.tools else "none")
-        self.tools = ([f.get("name") if isinstance(f := t.get("function"), dict) else None for t in body.tools or []]
-                      if state.tool_call_parser and choice != "none" else None)
+        self.tool_parser = state.tool_call_parser if choice != "none" else None
+        self.tools = body.tools or []
 
     def message(self, text: str, meta: dict) -> tuple[dict, str | None, int | str | None]:
         """A whole reply's message, finish_reason and matched_stop (`tool_calls` and no match where it made calls)."""
@@ -653,10 +652,10 @@ class _ChatParsing:
         fin, matched = finish_reason(meta), matched_stop(meta)
         if self.reasoning:
             msg["reasoning_content"], msg["content"] = split_reasoning(text, self.reasoning, self.thinking)
-        if self.tools is not None:
+        if self.tool_parser:
             msg["tool_calls"] = None
-            if has_tool_call(msg["content"]):
-                msg["content"], calls = parse_tool_calls(msg["content"], self.tools)
+            if (parsed := parse_calls(msg["content"], self.tool_parser, self.tools)) is not None:
+                msg["content"], calls = parsed
                 msg["tool_calls"] = [{"id": new_call_id(), "index": c.tool_index, "type": "function",
                                       "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
                 if calls and fin in ("stop", "length"):
@@ -668,12 +667,12 @@ class _ChatParsing:
 
 
 class _ChoiceStream:
-    """One streamed choice's deltas: `reasoning_content`, `content`, and each tool call whole once its block closes (its
+    """One streamed choice's deltas: `reasoning_content`, `content`, and each tool call whole once it closes (its
     `index` the call's position in the choice, the key a client gathers a call's deltas by)."""
 
     def __init__(self, parsing: _ChatParsing) -> None:
         self.reasoning = ReasoningStream(parsing.reasoning, parsing.thinking, parsing.stream_reasoning) if parsing.reasoning else None
-        self.tools = ToolCallStream(parsing.tools) if parsing.tools is not None else None
+        self.tools = call_stream(parsing.tool_parser, parsing.tools) if parsing.tool_parser else None
         self.calls = 0
 
     def delta(self, text: str, fin: str | None) -> tuple[dict, str | None]:
