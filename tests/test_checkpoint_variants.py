@@ -131,6 +131,26 @@ def test_a_context_past_max_position_embeddings_needs_sglangs_switch_and_then_is
         Engine(str(dynamic), device="cpu", max_context_len=256)
 
 
+def test_derived_context_length_is_sglangs(tmp_path):
+    """SGLang's get_context_length: max_position_embeddings times the rope's factor unless the rope names its
+    original_max_position_embeddings (or is llama3); a YaRN table past max_position_embeddings is transformers'."""
+    cases = {"yarn_bare": ({"rope_type": "yarn", "factor": 4.0}, 256), "yarn": (ROPES["yarn"], 64), "linear": (ROPES["linear"], 128),
+             "llama3": (ROPES["llama3"], 64), "dynamic": (ROPES["dynamic"], 64)}
+    for name, (rope, served) in cases.items():
+        path = build_tiny_checkpoint(tmp_path / name, "llama", max_position_embeddings=64, rope_scaling=rope)
+        raw = json.loads((path / "config.json").read_text())
+        raw.pop("rope_parameters", None)  # transformers 4's spelling alone: save_pretrained fills in the original length
+        (path / "config.json").write_text(json.dumps(raw))
+        with Engine(str(path), device="cpu", page_size=4, num_pages=128) as eng:
+            assert eng.max_context_len == served, name
+            if name == "yarn_bare":
+                config = LlamaConfig(hidden_size=64, num_attention_heads=4, head_dim=16, max_position_embeddings=64,
+                                     rope_parameters={**rope, "rope_theta": raw.get("rope_theta", 10000.0)})
+                cos, sin = LlamaRotaryEmbedding(config)(torch.zeros(1), torch.arange(256)[None])
+                table = eng.model_runner.model.model.rotary.cos_sin
+                torch.testing.assert_close(table[:256, :8], cos[0, :, :8], atol=1e-6, rtol=0)
+
+
 def test_rotary_caches_saved_in_a_checkpoint_are_skipped(tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -159,7 +159,8 @@ def _rope(raw: dict) -> tuple[float, dict | None]:
     """(rope_theta, the rope scaling with its `rope_type`, None for plain rotary) as transformers reads them
     (RotaryEmbeddingConfigMixin.convert_rope_params_to_dict, standardize_rope_params): transformers 4's `rope_scaling`
     (old ones say `type`) wins over transformers 5's `rope_parameters`, a theta inside the dict over the top-level
-    `rope_theta`, and yarn's and llama3's original_max_position_embeddings defaults to max_position_embeddings."""
+    `rope_theta`, and llama3's original_max_position_embeddings defaults to max_position_embeddings (yarn's too, in
+    models/rope.py: whether the config gives it decides the derived context length, `_context_len`)."""
     params = raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), dict) else {}
     scaling = raw.get("rope_scaling") or params
     theta = float(scaling.get("rope_theta") or raw.get("rope_theta") or params.get("rope_theta") or 10000.0)
@@ -169,7 +170,7 @@ def _rope(raw: dict) -> tuple[float, dict | None]:
     if kind == "default":
         return theta, None
     scaling = {k: v for k, v in scaling.items() if k not in ("type", "rope_theta")} | {"rope_type": kind}
-    if kind in ("yarn", "llama3"):
+    if kind == "llama3":
         scaling.setdefault("original_max_position_embeddings", raw.get("max_position_embeddings"))
     return theta, scaling
 
@@ -482,11 +483,15 @@ def model_config_for(config: EngineConfig) -> ModelConfig:
 
 def _context_len(asked: int, mc: ModelConfig) -> int:
     """The context length served: `asked` (max_context_len, SGLang's context_length) or the model's, derived as SGLang's
-    get_context_length derives it (max_position_embeddings, times a linear rope's factor). A longer one is refused
-    unless SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1 (SGLang's ModelConfig._derive_context_length), and always with
-    dynamic rope, whose scaling past max_position_embeddings transformers derives from the batch's longest sequence."""
-    kind = mc.rope_scaling["rope_type"] if mc.rope_scaling else "default"
-    derived = int(mc.max_position_embeddings * (mc.rope_scaling.get("factor", 1) if kind == "linear" else 1))
+    get_context_length derives it: max_position_embeddings times the rope's factor, unless the rope names its
+    original_max_position_embeddings (max_position_embeddings is then the scaled length already) or is llama3's. A
+    longer one is refused unless SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1 (SGLang's ModelConfig._derive_context_length).
+    Dynamic rope is served only within max_position_embeddings (past it transformers rescales by the batch's longest
+    sequence), where SGLang derives factor times it."""
+    scaling = mc.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    scaled = kind not in ("default", "llama3", "dynamic") and "original_max_position_embeddings" not in scaling
+    derived = int(mc.max_position_embeddings * (scaling.get("factor", 1) if scaled else 1))
     if asked <= derived:
         return asked or derived
     if kind == "dynamic":

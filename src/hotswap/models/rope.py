@@ -39,7 +39,7 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 
 def _yarn(dim: int, base: float, s: dict, max_position_embeddings: int) -> tuple[torch.Tensor, float]:
-    original = s["original_max_position_embeddings"]
+    original = s.get("original_max_position_embeddings") or max_position_embeddings  # transformers' default
     factor = s.get("factor") or max_position_embeddings / original
     attention_factor = s.get("attention_factor")
     if attention_factor is None:
