@@ -229,3 +229,38 @@ def test_qwen3_coder_values_that_do_not_parse_stay_strings():
         assert call.arguments == json.dumps({"o": value}), value
     _, [call] = parse_calls(_coder("f", ("o", "{'a': None}")), "qwen3_coder", tools)
     assert call.arguments == '{"o": {"a": null}}'
+
+
+def test_json_nested_past_the_parsers_depth_is_no_call_not_an_error():
+    """A call block whose JSON nests past json's recursion limit is dropped as a block that is not JSON (it raised
+    RecursionError: a 500 on the chat route)."""
+    text = '<tool_call>\n{"name": "get_current_weather", "arguments": ' + "[" * 5000 + "]" * 5000 + '}\n</tool_call>'
+    assert parse_tool_calls(text, TOOLS) == ("", [])
+    s = ToolCallStream(TOOLS)
+    assert s.feed(text) == ("", []) and s.finish() == ""
+
+
+HOSTILE = [  # (parser, a ~300 KB reply)
+    ("qwen25", "<tool_call>\n" * 25_000),
+    ("qwen25", '<tool_call>\n{"name": "get_current_weather", "arguments": {"a": "' + "x" * 300_000),
+    ("qwen3_coder", "<tool_call>\n<function=get_current_weather>\n<parameter=location>\n" + "x" * 300_000),
+    ("qwen3_coder", "<function=" + "x" * 300_000),
+]
+
+
+@pytest.mark.parametrize("parser,text", HOSTILE, ids=["openings", "open-json", "open-parameter", "open-function"])
+def test_hostile_replies_parse_in_linear_time(parser, text):
+    """Many unclosed openings, or a call never closed, whole and streamed a few characters at a time: each rescanned
+    the reply from the opening (seconds to tens of seconds for 300 KB)."""
+    import time
+
+    from hotswap.server.chat_parsers import call_stream
+
+    tools = [{"type": "function", "function": {"name": name}} for name in TOOLS]
+    started = time.perf_counter()
+    parse_calls(text, parser, tools)
+    s = call_stream(parser, tools)
+    for i in range(0, len(text), 4):
+        s.feed(text[i:i + 4])
+    s.finish()
+    assert time.perf_counter() - started < 3

@@ -6,6 +6,7 @@ deltas). The tiny model's text is replaced by a reply a Qwen3 model would give, 
 from __future__ import annotations
 
 import json
+from unittest.mock import ANY
 
 import pytest
 
@@ -42,6 +43,11 @@ def engine(tiny_qwen3):
     eng.shutdown()
 
 
+def _stopping(http) -> dict:
+    """Request fields that stop the reply at its first token (finish_reason "stop", as a model ending its turn)."""
+    return {"stop_token_ids": list(range(http.get("/get_model_info").json()["vocab_size"]))}
+
+
 def _chat(http, **extra) -> dict:
     r = http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 6, "temperature": 0, **extra})
     assert r.status_code == 200, r.text
@@ -49,7 +55,7 @@ def _chat(http, **extra) -> dict:
 
 
 def test_reasoning_and_tool_calls_apart(http):
-    c = _chat(http, tools=TOOLS)
+    c = _chat(http, tools=TOOLS, **_stopping(http))
     msg = c["message"]
     assert msg["reasoning_content"] == "The user wants the weather."
     assert msg["content"] == "Let me check."
@@ -57,6 +63,19 @@ def test_reasoning_and_tool_calls_apart(http):
     assert call["id"].startswith("call_") and call["type"] == "function" and call["index"] == 0
     assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
     assert c["finish_reason"] == "tool_calls" and c["matched_stop"] is None
+
+
+def test_no_reasoning_is_null(http, monkeypatch):
+    """SGLang's _build_chat_response: `reasoning_content=reasoning_text if reasoning_text else None`."""
+    monkeypatch.setitem(globals(), "REPLY", "Just the answer.")
+    msg = _chat(http, chat_template_kwargs={"enable_thinking": False})["message"]
+    assert msg == {"role": "assistant", "content": "Just the answer.", "reasoning_content": None}
+
+
+def test_a_call_nested_too_deep_is_dropped_not_a_500(http, monkeypatch):
+    monkeypatch.setitem(globals(), "REPLY", '<tool_call>\n{"name": "get_weather", "arguments": ' + "[" * 5000 + "]" * 5000 + "}\n</tool_call>")
+    c = _chat(http, tools=TOOLS)
+    assert c["message"]["content"] == "" and c["message"]["tool_calls"] == []
 
 
 def test_without_tools_the_call_stays_text_and_separate_reasoning_false_keeps_the_think(http):
@@ -67,9 +86,9 @@ def test_without_tools_the_call_stays_text_and_separate_reasoning_false_keeps_th
     assert c["message"] == {"role": "assistant", "content": REPLY}
 
 
-def _streamed(http, tools: list[dict]) -> tuple[str, str, list[dict], str | None]:
+def _streamed(http, tools: list[dict], **extra) -> tuple[str, str, list[dict], str | None]:
     """A streamed reply's reasoning, content, tool call deltas and finish_reason."""
-    body = {"messages": MESSAGES, "max_tokens": 6, "temperature": 0, "tools": tools, "stream": True}
+    body = {"messages": MESSAGES, "max_tokens": 6, "temperature": 0, "tools": tools, "stream": True, **extra}
     reasoning, content, calls, finish = "", "", [], None
     with http.stream("POST", "/v1/chat/completions", json=body) as r:
         for line in r.iter_lines():
@@ -87,7 +106,16 @@ def test_streamed_deltas(http):
     assert reasoning == "The user wants the weather."
     assert content.strip() == "Let me check."
     assert [(c["index"], c["function"]["name"], c["function"]["arguments"]) for c in calls] == [(0, "get_weather", '{"city": "Paris"}')]
-    assert calls[0]["id"].startswith("call_") and finish == "tool_calls"
+    assert calls[0]["id"].startswith("call_") and finish == "length"  # cut at max_tokens
+    assert _streamed(http, TOOLS, **_stopping(http))[2:] == ([{**calls[0], "id": ANY}], "tool_calls")
+
+
+def test_a_reply_cut_at_the_length_stays_length_with_its_calls(http):
+    """SGLang's serving_chat.py turns only a "stop" into "tool_calls" (_process_tool_calls, and the stream's final
+    finish_reason): a reply cut at max_tokens after a call is "length", so a framework sees it was truncated."""
+    c = _chat(http, tools=TOOLS)
+    assert len(c["message"]["tool_calls"]) == 1 and c["finish_reason"] == "length"
+    assert _streamed(http, TOOLS)[3] == "length"
 
 
 CODER_REPLY = ('<think>List the files.</think>\n\nI will run it.\n<tool_call>\n<function=run>\n<parameter=command>\nls -la\n'
@@ -107,12 +135,12 @@ def test_qwen3_coder_calls_whole_and_streamed(engine, monkeypatch):
     monkeypatch.setitem(globals(), "REPLY", CODER_REPLY)
     monkeypatch.setitem(engine.config.sglang_settings, "tool_call_parser", "qwen3_coder")
     with ServerThread(create_app(engine, served_model_name="tiny")) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
-        c = _chat(client, tools=CODER_TOOLS)
+        c = _chat(client, tools=CODER_TOOLS, **_stopping(client))
         assert c["message"]["reasoning_content"] == "List the files." and c["message"]["content"] == "\n\nI will run it.\n"
         [call] = c["message"]["tool_calls"]
         assert call["index"] == 0 and call["function"] == {"name": "run", "arguments": '{"command": "ls -la", "timeout": 30}'}
         assert c["finish_reason"] == "tool_calls"
-        reasoning, content, calls, finish = _streamed(client, CODER_TOOLS)
+        reasoning, content, calls, finish = _streamed(client, CODER_TOOLS, **_stopping(client))
         assert (reasoning, content) == ("List the files.", "\n\nI will run it.\n") and finish == "tool_calls"
         assert [(c["index"], c["function"]["name"], c["function"]["arguments"]) for c in calls] == \
             [(0, "run", '{"command": "ls -la", "timeout": 30}')]

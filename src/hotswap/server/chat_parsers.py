@@ -33,7 +33,6 @@ from typing import Any
 
 THINK_START, THINK_END = "<think>", "</think>"
 TOOL_START, TOOL_END = "<tool_call>", "</tool_call>"
-_TOOL_BLOCK = re.compile(re.escape(TOOL_START + "\n") + "(.*?)" + re.escape("\n" + TOOL_END), re.DOTALL)
 
 
 @dataclass
@@ -141,7 +140,7 @@ def _calls_in(payload: str, tool_names: list[str]) -> list[ToolCall]:
     """BaseFormatDetector.parse_base_json: a call (or a list of them) naming an offered tool; anything else dropped."""
     try:
         action = json.loads(payload.strip())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # nested past the parser's depth: no call, not a 500
         return []
     calls = []
     for act in action if isinstance(action, list) else [action]:
@@ -159,7 +158,18 @@ def has_tool_call(text: str) -> bool:
 def parse_tool_calls(text: str, tool_names: list[str]) -> tuple[str, list[ToolCall]]:
     """(content, calls) of a whole reply that has a call block: Qwen25Detector.detect_and_parse."""
     content = text[:text.find(TOOL_START + "\n")].strip()
-    return content, [call for payload in _TOOL_BLOCK.findall(text) for call in _calls_in(payload, tool_names)]
+    return content, [call for payload in _tool_blocks(text) for call in _calls_in(payload, tool_names)]
+
+
+def _tool_blocks(text: str) -> list[str]:
+    """The payloads Qwen25Detector's `<tool_call>\\n(.*?)\\n</tool_call>` findall gives, found in linear time (the
+    regex rescans the rest of the reply from each unclosed opening: quadratic in a reply of many)."""
+    opening, closing = TOOL_START + "\n", "\n" + TOOL_END
+    payloads, start = [], text.find(opening)
+    while start != -1 and (end := text.find(closing, start + len(opening))) != -1:
+        payloads.append(text[start + len(opening):end])
+        start = text.find(opening, end + len(closing))
+    return payloads
 
 
 class ToolCallStream:
@@ -169,6 +179,7 @@ class ToolCallStream:
     def __init__(self, tool_names: list[str]) -> None:
         self._tool_names = tool_names
         self._buffer = ""
+        self._searched = 0  # how far an open block was searched for its end (each chunk searches only what is new)
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
         self._buffer += text
@@ -176,9 +187,11 @@ class ToolCallStream:
         while (start := self._buffer.find(TOOL_START)) != -1:
             content.append(self._buffer[:start])
             self._buffer = self._buffer[start:]
-            end = self._buffer.find(TOOL_END, len(TOOL_START))
+            end = self._buffer.find(TOOL_END, max(len(TOOL_START), self._searched))
             if end == -1:
+                self._searched = max(len(TOOL_START), len(self._buffer) - len(TOOL_END) + 1)
                 return _without_ends("".join(content)), calls
+            self._searched = 0
             calls += _calls_in(self._buffer[len(TOOL_START):end], self._tool_names)
             self._buffer = self._buffer[end + len(TOOL_END):]
         keep = _partial_suffix(self._buffer, (TOOL_START, TOOL_END))
@@ -373,6 +386,7 @@ class CoderCallStream:
         self._name: str | None = None  # the open function's
         self._params: dict[str, Any] = {}
         self._calls = 0
+        self._searched = 0  # how much of a waiting buffer was searched for what it waits for (searched once, not per chunk)
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
         self._buffer += text
@@ -380,6 +394,8 @@ class CoderCallStream:
         calls: list[ToolCall] = []
         while self._buffer and (used := self._step(content, calls)):
             self._buffer = self._buffer[used:]
+            self._searched = 0
+        self._searched = len(self._buffer)
         return "".join(content), calls
 
     def _step(self, content: list[str], calls: list[ToolCall]) -> int:
@@ -392,7 +408,7 @@ class CoderCallStream:
             self._inside = False
             return len(TOOL_END)
         if head.startswith(FUNCTION_START):
-            end = head.find(">")
+            end = head.find(">", self._searched)
             if end == -1:
                 return 0
             self._name, self._params = head[len(FUNCTION_START):end], {}
@@ -418,16 +434,16 @@ class CoderCallStream:
         name_end = head.find(">")
         if name_end == -1:
             return 0
-        rest = head[name_end + 1:]
         ends = [(i, n) for tag, n in ((PARAMETER_END, len(PARAMETER_END)), (PARAMETER_START, 0), (FUNCTION_END, 0))
-                if (i := rest.find(tag)) != -1]
+                if (i := head.find(tag, max(name_end + 1, self._searched - len(tag) + 1))) != -1]
         if not ends:
             return 0
         end, skip = min(ends)
         if self._name is not None:  # SGLang adds one outside a function to the last call's JSON; hotswap drops it
             key = head[len(PARAMETER_START):name_end]
-            self._params[key] = coder_value(_coder_value_text(rest[:end]), key, coder_parameters(self._name, self._tools))
-        return name_end + 1 + end + skip
+            value = _coder_value_text(head[name_end + 1:end])
+            self._params[key] = coder_value(value, key, coder_parameters(self._name, self._tools))
+        return end + skip
 
     def finish(self) -> str:
         """Content held back at the end: a partial tag outside a call is text; a call cut short is dropped (SGLang has

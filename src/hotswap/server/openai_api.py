@@ -650,15 +650,16 @@ class _ChatParsing:
         """A whole reply's message, finish_reason and matched_stop (`tool_calls` and no match where it made calls)."""
         msg: dict[str, Any] = {"role": "assistant", "content": text}
         fin, matched = finish_reason(meta), matched_stop(meta)
-        if self.reasoning:
-            msg["reasoning_content"], msg["content"] = split_reasoning(text, self.reasoning, self.thinking)
+        if self.reasoning:  # SGLang's ChatMessage: reasoning_content null where there was none, not ""
+            reasoning, msg["content"] = split_reasoning(text, self.reasoning, self.thinking)
+            msg["reasoning_content"] = reasoning or None
         if self.tool_parser:
             msg["tool_calls"] = None
             if (parsed := parse_calls(msg["content"], self.tool_parser, self.tools)) is not None:
                 msg["content"], calls = parsed
                 msg["tool_calls"] = [{"id": new_call_id(), "index": c.tool_index, "type": "function",
                                       "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
-                if calls and fin in ("stop", "length"):
+                if calls and fin == "stop":  # SGLang's _process_tool_calls: a reply cut at the length stays "length"
                     fin, matched = "tool_calls", None
         return msg, fin, matched
 
@@ -693,7 +694,7 @@ class _ChoiceStream:
             delta["tool_calls"] = [{"id": new_call_id(), "index": self.calls + j, "type": "function",
                                     "function": {"name": c.name, "arguments": c.arguments}} for j, c in enumerate(calls)]
             self.calls += len(calls)
-        return delta, ("tool_calls" if self.calls and fin in ("stop", "length") else fin)
+        return delta, ("tool_calls" if self.calls and fin == "stop" else fin)
 
 
 def _chunker(rid: str, object_name: str, created: int, model: str, include_usage: bool):
