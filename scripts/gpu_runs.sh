@@ -44,6 +44,8 @@
 # Its five H200 tries did not start either. The twenty-seventh ran `suite` on 0ed2f45 (248 passed) and the GPU tests of
 # what changed after it; its four H200 tries did not start: `h200` is still what the issues lack, then `suite` on the
 # tree of the day.)
+# (The twenty-ninth ran `suite` on 5fc05a0 (248 passed) and the 512-row host step; its later H200 and H100 tries did not
+# start: `h200-check` is what the issues lack, with the GPU tests of that session's checkpoint variants, not yet run.)
 # "Before" is the tree before the restructure, unpacked beside this one (untracked, so it travels to the
 # device):  git archive 6c9ff7c src bench | (mkdir -p .before && tar -x -C .before)
 # The MoE stage compares its decode kernels with the tree before they changed, unpacked the same way:
