@@ -62,6 +62,13 @@ def test_penalties_and_bias_over_http(http, oai, engine):
     assert plain != [123] * 3 and c.choices[0].text == engine.tokenizer.decode([123] * 3)
 
 
+def test_native_generate_refuses_the_vllm_penalty_rule(http):
+    """vllm_penalty_rule is the vLLM routes' own switch; SGLang's /generate knows no such sampling parameter."""
+    r = http.post("/generate", json={"input_ids": IDS, "sampling_params": dict(GREEDY, vllm_penalty_rule=True)})
+    assert r.status_code == 400 and "vllm_penalty_rule" in r.text
+    assert http.post("/generate", json={"input_ids": IDS, "sampling_params": dict(GREEDY, vllm_penalty_rule=False)}).status_code == 200
+
+
 PENALIZED = {"repetition_penalty": 1.8, "frequency_penalty": 0.7, "presence_penalty": 0.3, "logit_bias": {str(IDS[0]): 1.5, str(IDS[2]): -1.0}}
 
 

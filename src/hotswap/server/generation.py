@@ -18,7 +18,9 @@ from hotswap.server.http_utils import APIError, await_unless_disconnected, error
 # SGLang sampling parameters hotswap does not implement: sent empty they are dropped, so frameworks that
 # always send them work; any other value is refused rather than silently ignored. (Constrained-decoding
 # fields: refused below with their own message; sent unset, the engine drops them.)
-_MUST_BE_EMPTY = ("lora_path",)
+# set, refused by name: LoRA, and vLLM's penalty rule (SamplingParams.vllm_penalty_rule, which only the vLLM routes
+# set: a native request follows SGLang's, as SGLang's own SamplingParams knows no such field)
+_MUST_BE_EMPTY = ("lora_path", "vllm_penalty_rule")
 
 
 # SGLang GenerateReqInput fields (managers/io_struct.py) hotswap does not serve, and what each asks for. Sent
