@@ -21,7 +21,18 @@ def output_context(prompt_ids: Sequence[int], decode: Callable[[list[int], bool]
     """The prompt tokens an output is decoded after: its last CONTEXT_TOKENS, or none when they end mid-character
     (the output's first bytes would complete it, and the context's text would not be a prefix of the whole)."""
     context = list(prompt_ids[-CONTEXT_TOKENS:])
-    return context if context and "\ufffd" not in decode(context, False) else []
+    return usable_context(context, decode(context, False))
+
+
+def output_contexts(prompts: list[Sequence[int]], decode_batch: Callable[[list[list[int]], bool], list[str]]) -> list[list[int]]:
+    """`output_context` of many prompts in one batched decode (a step that finishes many requests)."""
+    tails = [list(p[-CONTEXT_TOKENS:]) for p in prompts]
+    return [usable_context(t, text) for t, text in zip(tails, decode_batch(tails, False))]
+
+
+def usable_context(context: list[int], text: str) -> list[int]:
+    """`context`, unless its text `text` ends mid-character."""
+    return context if context and "\ufffd" not in text else []
 
 
 def text_ids(output_ids: list[int], finish_reason: dict | None, keep_stop_token: bool) -> list[int]:
@@ -34,19 +45,12 @@ def text_ids(output_ids: list[int], finish_reason: dict | None, keep_stop_token:
     return output_ids
 
 
-def decode_after(decode: Callable[[list[int], bool], str], context: list[int], ids: list[int], skip: bool) -> str:
-    """The text `ids` add after `context` (all of `ids` decoded alone when there is no context)."""
-    if not context:
-        return decode(ids, skip)
-    return decode(context + ids, skip)[len(decode(context, skip)) :]
-
-
 class IncrementalDetokenizer:
     """`backend`: a fast tokenizer's Rust tokenizer, stepped a token at a time by tokenizers' DecodeStream
     (about 1 us a token against 6 for two decodes). None (a slow tokenizer, or one whose `decode` cleans up
     spaces after the Rust decoder): `decode(ids, skip_special_tokens)` twice a step over a sliding window, which
     also takes over from a DecodeStream that refuses a token (an invalid prefix), as vLLM's `_protected_step`
-    recovers from it. Both give the text `decode_after(context, ids)` gives, as it becomes final."""
+    recovers from it. Both give the text `ids` add after `context` when decoded together, as it becomes final."""
 
     __slots__ = ("_backend", "_stream", "_decode", "_skip", "_context", "_seen", "_shown", "_prefix_offset", "_read_offset")
 
@@ -95,7 +99,6 @@ class IncrementalDetokenizer:
             self._prefix_offset, self._read_offset = self._read_offset, len(full_ids)
             return text + full[len(prefix) :]
         return text
-
 
     def rest(self, ids: list[int]) -> str:
         """The text of the tokens of `ids` that `step` has not shown yet, a trailing partial character as U+FFFD:

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 
 from hotswap.protocol import GenerateOutput
-from hotswap.scheduler.detokenizer import IncrementalDetokenizer, fast_backend, output_context, text_ids
+from hotswap.scheduler.detokenizer import IncrementalDetokenizer, fast_backend, output_context, output_contexts, text_ids
 from hotswap.scheduler.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ class OutputStreamer:
     def emit_finished(self, seqs: list[Sequence], weight_version: str) -> None:
         """Send the last output of finished sequences; their full texts are decoded in one call."""
         todo = [s for s in seqs if not self._text_is_final(s)]
-        contexts = [output_context(s.req.input_ids, self.decode) for s in todo]
+        contexts = output_contexts([s.req.input_ids for s in todo], self._decode_batch)
         texts = dict(zip(map(id, todo), self.decode_many([self._text_ids(s) for s in todo], [self._skip(s) for s in todo], contexts)))
         for seq in seqs:
             text = texts.get(id(seq), seq.text)
