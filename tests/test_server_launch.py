@@ -69,3 +69,31 @@ def test_serve_sigterm_drains_then_aborts(tiny_qwen3, frontend_process):
     err = proc.stderr.read()
     assert "hotswap: 4/4" in err  # the load progress bar reached its end
     assert "draining" in err
+
+
+def test_a_scheduler_stopped_on_an_error_stops_the_server(tiny_qwen3, monkeypatch):
+    """The other half of `Engine.failure()`: a scheduler loop that died on an error (every request fails with its
+    reason from then on) is named there, and the server's watch asks uvicorn to drain and exit, as for a dead
+    tensor-parallel worker."""
+    from hotswap import Engine
+    from hotswap.server.launch import _stop_on_failure
+
+    class Uvicorn:
+        should_exit = False
+
+        def handle_exit(self, sig, frame):
+            self.should_exit, self.signal = True, sig
+
+    with Engine(str(tiny_qwen3), device="cpu", page_size=4) as eng:
+        assert eng.failure() is None
+
+        def broken():
+            raise RuntimeError("injected scheduling fault")
+
+        monkeypatch.setattr(eng.scheduler, "schedule", broken)
+        out = eng.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 2})
+        assert out["meta_info"]["finish_reason"]["type"] == "abort" and "injected scheduling fault" in str(out["meta_info"]["finish_reason"])
+        assert "injected scheduling fault" in eng.failure()
+        server = Uvicorn()
+        _stop_on_failure(server, eng.failure)
+        assert server.should_exit and server.signal == signal.SIGTERM
