@@ -386,7 +386,7 @@ _SGLANG_ACCEPTED: dict[str, object] = {
     "base_gpu_id": _neutral("base_gpu_id: give device='cuda:N' instead", lambda v: v in (None, 0)),
     "gpu_id_step": _neutral("gpu_id_step must be 1: tensor-parallel ranks take consecutive GPUs", lambda v: v in (None, 1)),
     "enable_dp_attention": _neutral("enable_dp_attention is not supported", lambda v: not v),
-    # the chat route's output parsers (server/chat_parsers.py); other parser names are refused by name
+    # the chat route's output parsers (server/chat_parsers/: one module per parser family); other parser names are refused by name
     "reasoning_parser": _neutral(f"hotswap serves the reasoning parsers {', '.join(REASONING_PARSERS)}",
                                  lambda v: v is None or v in REASONING_PARSERS),
     "tool_call_parser": _neutral(f"hotswap serves the tool-call parsers {', '.join(TOOL_CALL_PARSERS)}",

@@ -176,7 +176,7 @@ SGLANG_DEFAULTS.update({"cuda_graph_max_bs": None, "cuda_graph_bs": None, "strea
 # SGLang's own launch lines (`--enable-lora`, `--enable-multimodal`)
 NONE_DEFAULT_SWITCHES = frozenset({"enable_lora", "enable_multimodal"})
 
-# the chat output parsers hotswap serves (server/chat_parsers.py), under SGLang's names (ReasoningParser.DetectorMap,
+# the chat output parsers hotswap serves (server/chat_parsers/: one module per parser family), under SGLang's names (ReasoningParser.DetectorMap,
 # FunctionCallParser.ToolCallParserEnum): qwen3-thinking is Qwen3Detector always reasoning; qwen is qwen25's newer name
 REASONING_PARSERS = ("deepseek-r1", "qwen3", "qwen3-thinking")
 TOOL_CALL_PARSERS = ("qwen", "qwen25", "qwen3_coder")
