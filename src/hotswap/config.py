@@ -393,7 +393,7 @@ _SGLANG_ACCEPTED: dict[str, object] = {
                                  lambda v: v is None or v in TOOL_CALL_PARSERS),
     # accepted whatever they say: hotswap's behaviour already matches, or they concern nothing it runs (logging, metrics
     # and kernel choices are sglang_server_args.RUN_ONLY's)
-    "skip_tokenizer_init": None,  # input_ids in, output_ids out either way; the tokenizer still loads (Engine logs it)
+    "skip_tokenizer_init": None,  # read by engine/tokenizer.py: no tokenizer loads, input_ids in and output_ids out
     "trust_remote_code": None,  # hotswap implements its models natively: no remote code ever runs
     "enable_memory_saver": None,  # release/resume_memory_occupation always work
     "host": None,

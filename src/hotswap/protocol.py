@@ -132,6 +132,11 @@ class LoadOutput(ControlOutput):
     num_preemptions: int = 0  # running requests preempted for KV space so far (recomputed later)
     num_steps: int = 0  # forward steps processed so far: it grows while the engine makes progress (/health_generate)
     num_waiting_tokens: int = 0  # tokens the waiting requests have still to prefill (SGLang's pending prefill tokens)
+    num_retracted: int = 0  # waiting requests that had run (preempted or retracted): they recompute their KV when readmitted
+    max_running_requests: int = 0  # the batcher's limit on running requests
+    gen_throughput: float = 0.0  # tokens a second over the latest steps; 0 while idle (SGLang's /v1/loads field)
+    cache_hit_rate: float = 0.0  # prefix-cache share of the latest admitted prompts (SGLang's /v1/loads field)
+    utilization: float = 0.0  # max(running / max_running_requests, KV usage / 0.9) (SGLang's /v1/loads field)
 
 
 @dataclass(kw_only=True, slots=True)

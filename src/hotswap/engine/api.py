@@ -27,6 +27,7 @@ from hotswap.config import EngineConfig, ModelConfig
 from hotswap.engine.collector import Collector
 from hotswap.engine.delivery import CallInbox, Mailboxes
 from hotswap.engine.request_prep import PreparedCall, RequestPrep
+from hotswap.engine.tokenizer import SKIPPED_MESSAGE
 from hotswap.errors import HotswapError, shown
 from hotswap.runner.device_memory import TAGS as MEMORY_TAGS
 from hotswap.scheduler.detokenizer import IncrementalDetokenizer
@@ -144,7 +145,7 @@ def eos_token_ids(model_config: ModelConfig, tokenizer) -> list[int]:
     `tokenizer.eos_token_id` both (a fine-tuned tokenizer often names <|im_end|> where the config kept <|endoftext|>).
     Ids outside the model's vocabulary can never be sampled."""
     eos = set(model_config.eos_token_ids)
-    if tokenizer.eos_token_id is not None:
+    if tokenizer is not None and tokenizer.eos_token_id is not None:  # None: skip_tokenizer_init, the model's eos only
         eos.add(tokenizer.eos_token_id)
     return sorted(t for t in eos if t < model_config.vocab_size)
 
@@ -163,7 +164,8 @@ class EngineAPI:
         self.eos_token_ids = eos_token_ids(model_config, tokenizer)
         self.scheduler = scheduler
         self._detokenizer = detokenizer  # (skip_special_tokens, prompt ids) -> the detokenizer of one streamed request
-        self.prep = RequestPrep(encode=self.encode, vocab_size=model_config.vocab_size, max_context_len=self.max_context_len,
+        self.prep = RequestPrep(encode=self.encode, has_tokenizer=tokenizer is not None, vocab_size=model_config.vocab_size,
+                                max_context_len=self.max_context_len,
                                 seed=config.seed, routed_experts_enabled=config.enable_return_routed_experts,
                                 allow_auto_truncate=config.allow_auto_truncate)
         self._live_rids: set[str] = set()  # request ids of calls in flight (a client rid may not run twice)
@@ -180,6 +182,8 @@ class EngineAPI:
         if not isinstance(text, str):
             raise HotswapError(f"encode tokenizes one text, got {type(text).__name__} (SGLang's Engine.encode computes embeddings, "
                                "which hotswap does not serve)")
+        if self.tokenizer is None:
+            raise HotswapError(SKIPPED_MESSAGE)
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens) if text else []
 
     # ---- lifecycle ---------------------------------------------------------------------------------
@@ -295,11 +299,12 @@ class EngineAPI:
         for i, (r, rid) in enumerate(zip(prepared.requests, rids)):
             sp = r.sampling_params
             # streamed text is detokenized by the consumer unless stop strings need it on the scheduler
-            detok = self._detokenizer(sp.skip_special_tokens, r.input_ids) if stream and not sp.stop else None
+            detok = self._detokenizer(sp.skip_special_tokens, r.input_ids) if stream and not sp.stop and self.tokenizer is not None else None
             req = p.GenerateRequest(rid=rid, input_ids=r.input_ids, sampling_params=sp, seed=r.seed, sink=sink,
                                     flush=flush, stream=stream, stream_text=bool(sp.stop), group=r.group)
             reqs.append(req)
             collectors.append(Collector(rid=req.rid, return_logprob=sp.return_logprob, index=i if multi else None, detok=detok,
+                                        with_text=self.tokenizer is not None,
                                         keep_stop_token=sp.keeps_stop_text,
                                         routed_experts_start_len=sp.routed_experts_start_len))
         call = _Call(collectors=collectors, single=prepared.single, stream=stream, incremental=incremental)

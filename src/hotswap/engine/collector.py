@@ -34,6 +34,7 @@ class Collector:
     routed_experts_start_len: int = 0  # the first position of the returned routing, echoed beside it
     detok: IncrementalDetokenizer | None = None
     keep_stop_token: bool = False  # the request's: whether a matched stop token's text stays (the final text's ids)
+    with_text: bool = True  # False under skip_tokenizer_init: SGLang's output then has no text key (output_ids and meta_info)
     text: str = ""
     output_ids: list[int] = field(default_factory=list)
     # SGLang's (logprob, token id, text) entries, built once per token as it arrives: a streamed chunk that
@@ -136,6 +137,9 @@ class Collector:
         result = {"text": text, "output_ids": self.output_ids[start:], "meta_info": meta}
         if delta is not None:
             result.update(delta)
+        if not self.with_text:
+            del result["text"]
+            result.pop("delta_text", None)
         if self.index is not None:
             result["index"] = self.index
         return result

@@ -12,7 +12,7 @@ import torch
 from hotswap import protocol as p
 from hotswap.config import EngineConfig, engine_args_from_sglang, model_config_for
 from hotswap.engine.api import EngineAPI, context_length, eos_token_ids
-from hotswap.engine.tokenizer import load_tokenizer
+from hotswap.engine.tokenizer import load_tokenizer, skips_tokenizer
 from hotswap.errors import HotswapError
 from hotswap.gc_policy import make_garbage_collections_rare
 from hotswap.runner.model_runner import ModelRunner
@@ -56,9 +56,8 @@ class Engine(EngineAPI):
             raise HotswapError("model_path is required")
         engine_args = engine_args_from_sglang(engine_args)
         config = EngineConfig(model_path=str(model_path), dtype=dtype or "auto", device=device or "auto", **engine_args)  # None: SGLang's auto
-        if config.sglang_settings.get("skip_tokenizer_init"):
-            log.info("skip_tokenizer_init: input_ids in and output_ids out as asked; the tokenizer still loads, so replies also "
-                     "carry text and text prompts are served")
+        if skips_tokenizer(config):
+            log.info("skip_tokenizer_init: no tokenizer loaded; requests give input_ids, replies carry output_ids and no text")
         device = config.resolved_device()
         model_config = model_config_for(config)
         tp_size = config.tensor_parallel_size

@@ -102,6 +102,7 @@ class PreparedCall:
 @dataclass(kw_only=True, slots=True)
 class RequestPrep:
     encode: Callable[[str], list[int]]  # text -> token ids (Engine.encode)
+    has_tokenizer: bool = True  # False under skip_tokenizer_init: stop strings, matched in text, are refused (SGLang's rule)
     vocab_size: int
     max_context_len: int
     seed: int  # the engine's seed: requests without one draw theirs from it
@@ -238,6 +239,9 @@ class RequestPrep:
         since (a merged top_logprobs_num may be out of range)."""
         if revalidate:
             sp.validate()
+        if sp.stop and not self.has_tokenizer:  # SGLang's words (sampling_params.py::raise_if_tokenizer_required)
+            raise SamplingParamsError(f"stop={sp.stop!r} is unavailable when skip_tokenizer_init=True "
+                                      "(requires tokenizer to decode tokens to text for matching).")
         if sp.top_logprobs_num > self.vocab_size:
             raise SamplingParamsError(f"invalid top_logprobs_num: {sp.top_logprobs_num} exceeds the vocabulary ({self.vocab_size})")
         if sp.seed is not None and sp.seed + sp.n - 1 > INT64_MAX:

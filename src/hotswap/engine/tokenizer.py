@@ -1,5 +1,6 @@
 """Load the engine's tokenizer: from the model folder or `tokenizer_path`, with an optional chat template
-file replacing the tokenizer's own (SGLang's --tokenizer-path and --chat-template)."""
+file replacing the tokenizer's own (SGLang's --tokenizer-path and --chat-template); none at all under SGLang's
+skip_tokenizer_init (token ids in, token ids out)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,21 @@ from transformers import AutoTokenizer
 from hotswap.config import EngineConfig
 from hotswap.errors import HotswapError, shown
 
+SKIPPED_MESSAGE = ("The engine initialized with skip_tokenizer_init=True cannot accept text prompts. Please provide input_ids "
+                   "or re-initialize the engine with skip_tokenizer_init=False.")  # SGLang's words (TokenizerManager)
+
+
+def skips_tokenizer(config: EngineConfig) -> bool:
+    """SGLang's skip_tokenizer_init: no tokenizer is loaded (the folder need hold none); requests give input_ids,
+    replies carry output_ids and no text."""
+    return bool(config.sglang_settings.get("skip_tokenizer_init"))
+
 
 def load_tokenizer(config: EngineConfig):
-    """The tokenizer `config` names. Remote code is never run (no trust_remote_code): hotswap serves only the
-    architectures it implements, whose tokenizers transformers loads itself."""
+    """The tokenizer `config` names, or None under skip_tokenizer_init. Remote code is never run (no
+    trust_remote_code): hotswap serves only the architectures it implements, whose tokenizers transformers loads itself."""
+    if skips_tokenizer(config):
+        return None
     source = config.tokenizer_path or config.model_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)

@@ -45,6 +45,8 @@ class Batcher:
     waiting: deque[Sequence] = field(default_factory=deque)
     running: list[Sequence] = field(default_factory=list)
     num_preemptions: int = 0
+    # (prefix-cache hit tokens, prompt tokens) of the requests the latest batch admitting any took in (/v1/loads' cache_hit_rate)
+    last_admission: tuple[int, int] = (0, 0)
     cache_epoch: int = 0  # advanced when the weights change: KV computed before may not enter the prefix cache
     sharing: PromptSharing | None = field(init=False, default=None)  # with a prefix cache: running prompts' pages
 
@@ -107,6 +109,7 @@ class Batcher:
             budget -= n
             i += 1
         followers: list[Sequence] = []  # fresh sequences waiting for a prompt another one computes now
+        hits = prompts = 0
         while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
             seq = self.waiting[0]
             if token_in_flight(seq):  # preempted with a token in flight: admit it once that token is read back
@@ -137,6 +140,7 @@ class Batcher:
             if not seq.admitted:
                 seq.cached_tokens = seq.num_computed
                 seq.admitted = True
+                hits, prompts = hits + seq.cached_tokens, prompts + seq.prompt_len
                 if sharing is not None:
                     sharing.start(seq, epoch)
             self.running.append(seq)
@@ -144,6 +148,8 @@ class Batcher:
             seqs.append(seq)
             budget -= n
         self.waiting.extendleft(reversed(followers))  # first in line again, in their order
+        if prompts:
+            self.last_admission = (hits, prompts)
         return ScheduledBatch(seqs=seqs, entries=entries) if entries else None
 
     def _make_room(self, seq: Sequence, need: int) -> bool:

@@ -31,7 +31,9 @@ def input_logprobs(seq: Sequence) -> tuple[list, list | None]:
 
 @dataclass(kw_only=True, slots=True)
 class OutputStreamer:
-    tokenizer: object  # a transformers tokenizer; only `decode` (and a fast tokenizer's backend) is used
+    # a transformers tokenizer; only `decode` (and a fast tokenizer's backend) is used. None (skip_tokenizer_init):
+    # outputs carry no text (stop strings, which need it, are refused before a request gets here)
+    tokenizer: object | None
     eos_token_ids: frozenset[int]
     max_context_len: int
     stream_interval: int = 1  # a streaming request gets an output every this many tokens (SGLang's stream_interval)
@@ -158,7 +160,7 @@ class OutputStreamer:
 
     def emit_finished(self, seqs: list[Sequence], weight_version: str) -> None:
         """Send the last output of finished sequences; their full texts are decoded in one call."""
-        todo = [s for s in seqs if not self._text_is_final(s)]
+        todo = [s for s in seqs if not self._text_is_final(s)] if self.tokenizer is not None else []
         contexts = output_contexts([s.req.input_ids for s in todo], self._decode_batch)
         texts = dict(zip(map(id, todo), self.decode_many([self._text_ids(s) for s in todo], [self._skip(s) for s in todo], contexts)))
         for seq in seqs:

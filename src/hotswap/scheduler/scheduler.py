@@ -27,6 +27,7 @@ from hotswap.runner.device_memory import DeviceMemory
 from hotswap.runner.model_runner import ModelRunner
 from hotswap.scheduler.batcher import Batcher, ScheduledBatch
 from hotswap.scheduler.invariant_checker import InvariantChecker
+from hotswap.scheduler.load_stats import LoadStats, cache_hit_rate, utilization
 from hotswap.scheduler.memory_manager import MemoryManager
 from hotswap.scheduler.output_streamer import OutputStreamer
 from hotswap.scheduler.overlap import InFlight, mark_sample_rows, must_drain_before, sampled_on_device, undo_launch
@@ -146,6 +147,7 @@ class Scheduler:
         self._held: tuple[object, Future | None] | None = None  # a control request taken behind generate ones, mid-step
         self.deferred: deque[tuple[object, Future, float]] = deque()  # weight updates waiting for a drain, with their deadline
         self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "steps": 0}
+        self.load_stats = LoadStats()  # /v1/loads' gen_throughput
         self._stop = threading.Event()
         self.dead: str | None = None  # why the loop stopped on an error: every request fails with it from then on
         self.thread = threading.Thread(target=self._run, name="hotswap-scheduler", daemon=True)
@@ -435,6 +437,7 @@ class Scheduler:
         self.stats["generated_tokens"] += generated
         if done:
             self.finish_all(done, settled=True)
+        self.load_stats.on_step(generated, busy=self.batcher.has_work)
 
     # ---- request handlers owned by the scheduler itself ------------------------------------------
 
@@ -615,9 +618,11 @@ class Scheduler:
         return p.ControlOutput(success=True, message="cache flushed")
 
     def get_load(self, req: p.GetLoadRequest) -> p.LoadOutput:
+        running, max_running = len(self.batcher.running), self.batcher.max_running_requests
+        kv_usage = self.allocator.num_used / self.allocator.num_pages if self.allocator.num_pages else 0.0
         return p.LoadOutput(
             success=True,
-            num_running=len(self.batcher.running),
+            num_running=running,
             num_waiting=len(self.batcher.waiting) + len(self.deferred),
             kv_pages_used=self.allocator.num_used,
             kv_pages_total=self.allocator.num_pages,
@@ -627,6 +632,11 @@ class Scheduler:
             num_preemptions=self.batcher.num_preemptions,
             num_steps=self.stats["steps"],
             num_waiting_tokens=sum(s.num_tokens - s.num_computed for s in self.batcher.waiting),
+            num_retracted=sum(1 for s in self.batcher.waiting if s.admitted),
+            max_running_requests=max_running,
+            gen_throughput=self.load_stats.gen_throughput(),
+            cache_hit_rate=cache_hit_rate(*self.batcher.last_admission),
+            utilization=utilization(running, max_running, kv_usage),
         )
 
     def freeze_gc(self, req: p.FreezeGCRequest) -> p.ControlOutput:

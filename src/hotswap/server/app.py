@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict
@@ -51,6 +52,10 @@ from hotswap.server.http_utils import (
     parse_body,
     sse,
 )
+from hotswap.server.loads import TokenLoad, parse_query
+from hotswap.server.loads import entry as load_entry
+from hotswap.server.loads import envelope as loads_envelope
+from hotswap.server.loads import prometheus as loads_prometheus
 from hotswap.server.metrics import Metrics
 from hotswap.server.metrics_share import MetricsShare
 from hotswap.server.openai_api import register as register_openai_routes
@@ -95,6 +100,14 @@ def _parsed_tool_calls(message: dict) -> dict:
     return {"tool_calls": out} if changed else {}
 
 
+def accelerator_name(device) -> str | None:
+    """The GPU's name for /v1/loads (SGLang's `accelerator`); None on CPU, and in a front end process, which never
+    starts CUDA itself."""
+    if device.type != "cuda" or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.get_device_name(device)
+
+
 class ServerState:
     """What the routes share: the engine, names, limits, metrics, draining flag."""
 
@@ -120,6 +133,7 @@ class ServerState:
         # the scheduler needs ceil((prompt + 1) / page_size) pages for a prompt
         self.max_prompt_tokens = min(self.max_context_len - 1, self.kv_capacity_tokens - 1)
         self.token_text = functools.lru_cache(maxsize=1 << 16)(self._token_text)
+        self.accelerator = accelerator_name(engine.device)
 
     @property
     def model_path(self) -> str:
@@ -131,8 +145,16 @@ class ServerState:
 
     # ---- helpers the routes use --------------------------------------------------------------------
 
-    def _token_text(self, tid: int) -> str:
-        return self.tokenizer.decode([tid])
+    def _token_text(self, tid: int) -> str | None:
+        """A token's text; None without a tokenizer (skip_tokenizer_init), as SGLang's logprob entries then hold."""
+        return self.tokenizer.decode([tid]) if self.tokenizer is not None else None
+
+    def require_tokenizer(self, route: str) -> None:
+        """Routes that read or write text need the tokenizer skip_tokenizer_init left out: a clear 400 (SGLang's
+        chat route fails there with a 500 on its missing tokenizer, its completions route with a 400 or a 500)."""
+        if self.tokenizer is None:
+            raise APIError(400, f"{route} needs a tokenizer, and this server was started with skip_tokenizer_init: it takes "
+                                "token ids and returns token ids; use /generate with input_ids")
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
@@ -378,16 +400,16 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
         app.add_api_route(path, server_info, methods=["GET"], name=path.strip("/"))
 
     @app.get("/v1/loads")
-    async def loads() -> JSONResponse:
-        """SGLang's per-DP load envelope (one DP rank here); slime polls it after abort_all until idle."""
+    async def loads(include: str | None = None, dp_rank: str | None = None, format: str | None = None) -> Response:  # noqa: A002
+        """SGLang's per-DP load reply (one DP rank here); slime polls it after abort_all until idle, sgl-model-gateway
+        and smg read token_usage, gen_throughput and cache_hit_rate from it (server/loads.py)."""
+        query = parse_query(include, dp_rank, format)
         load, used, tokens = await state.sglang_load()
-        total = state.kv_capacity_tokens
-        now = time.time()
-        entry = {"dp_rank": 0, "timestamp": now, "num_running_reqs": load.num_running, "num_waiting_reqs": load.num_waiting,
-                 "num_reqs": load.num_running + load.num_waiting, "num_used_tokens": used, "num_total_tokens": tokens,
-                 "max_total_num_tokens": total, "token_usage": used / total if total else 0.0,
-                 "max_running_requests": engine.config.max_running_requests, "weight_version": load.weight_version}
-        return JSONResponse({"timestamp": now, "version": hotswap.__version__, "dp_rank_count": 1, "loads": [entry]})
+        rows = [] if query.dp_rank not in (None, 0) else [load_entry(load, TokenLoad(used=used, total=tokens, capacity=state.kv_capacity_tokens), query)]
+        if query.prometheus:
+            return PlainTextResponse(loads_prometheus(rows), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return JSONResponse(loads_envelope(rows, version=hotswap.__version__, accelerator=state.accelerator,
+                                           num_accelerators=engine.config.tensor_parallel_size))
 
     @app.get("/get_load")
     async def get_load() -> JSONResponse:

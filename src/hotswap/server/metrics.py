@@ -230,7 +230,10 @@ class Metrics:
                                    ("num_queue_reqs", "Queued requests.", load.num_waiting),
                                    ("num_used_tokens", "KV-cache tokens in use.", used),
                                    ("token_usage", "Fraction of KV-cache tokens in use.", used / total if total else 0.0),
-                                   ("cache_hit_rate", "Prefix-cache hit rate (cached / prompt tokens, since start).", hit_rate)):
+                                   ("cache_hit_rate", "Prefix-cache hit rate (cached / prompt tokens, since start).", hit_rate),
+                                   ("gen_throughput", "Generation throughput (tokens/s) over the latest steps; 0 while idle.",
+                                    load.gen_throughput),
+                                   ("utilization", "max(running / max_running_requests, token_usage / 0.9).", load.utilization)):
             family(f"sglang:{name}", "gauge", help_, [(labels, value)])
 
     def _render_vllm(self, family, load, model_name: str, page_size: int) -> None:

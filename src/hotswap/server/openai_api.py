@@ -454,6 +454,7 @@ def register(app: FastAPI, state: ServerState) -> None:
     async def completions(request: Request):
         body = await parse_body(request, CompletionRequest)
         state.check_serving()
+        state.require_tokenizer("/v1/completions")
         if body.suffix:
             raise APIError(400, "suffix is not supported by hotswap", param="suffix")
         if body.best_of is not None and body.best_of != body.n:
@@ -544,6 +545,7 @@ def register(app: FastAPI, state: ServerState) -> None:
     async def chat_completions(request: Request):
         body = await parse_body(request, ChatCompletionRequest)
         state.check_serving()
+        state.require_tokenizer("/v1/chat/completions")
         if body.response_format and body.response_format.get("type", "text") != "text":
             raise APIError(400, f"response_format {shown(body.response_format.get('type'))} is not supported by hotswap", param="response_format")
         if isinstance(body.tool_choice, dict) or body.tool_choice == "required":

@@ -389,6 +389,7 @@ def _not_served(route: str):
 def _tokenize_handler(state: ServerState):
     async def handler(request: Request) -> JSONResponse:
         body = await parse_body(request, TokenizeBody)
+        state.require_tokenizer(request.url.path)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         tok = state.tokenizer
@@ -419,6 +420,7 @@ def _detokenize_handler(state: ServerState, skip_default: bool):
 
     async def handler(request: Request) -> JSONResponse:
         body = await parse_body(request, DetokenizeBody)
+        state.require_tokenizer(request.url.path)
         vocab = int(state.engine.model_info()["vocab_size"])
         single = not body.tokens or isinstance(body.tokens[0], int)
         lists = [body.tokens] if single else body.tokens
