@@ -126,6 +126,8 @@ def test_sglang_launch_flags_reach_the_engine_or_are_refused_by_name(tiny_qwen3,
     # an inline boolean, a float default, a string where SGLang's default is None
     assert sglang_flags(["--enable-metrics=false", "--schedule-conservativeness", "0.5", "--tool-call-parser", "qwen25"]) == \
         {"enable_metrics": False, "schedule_conservativeness": 0.5, "tool_call_parser": "qwen25"}
+    # SGLang's watchdog_timeout is a float (default written 300): a fraction of a second is taken, as its argparse does
+    assert sglang_flags(["--watchdog-timeout", "2.5"]) == {"watchdog_timeout": 2.5}
     args.sglang_args = flags
     with Engine(args.model_path, device="cpu", **engine_kwargs_from_args(args)) as eng:
         assert (eng.config.enable_prefix_cache, eng.config.max_num_batched_tokens) == (False, 4096)

@@ -333,6 +333,32 @@ def test_a_dead_worker_fails_requests_instead_of_hanging(tiny_qwen3):
         assert not res.success and "tensor-parallel engine broken" in res.message
 
 
+def test_a_hung_worker_fails_a_step_within_the_watchdog_timeout(tiny_qwen3):
+    """A worker that hangs (stopped, not dead) fails the next step after SGLang's `watchdog_timeout` (our step bound),
+    not after `tp_timeout_s` (the bound of a load), naming the bound and the worker; `failure()` (what `hotswap serve`
+    polls, to exit) says so and a weight update is refused with the weights unchanged."""
+    with Engine(str(tiny_qwen3), tensor_parallel_size=2, watchdog_timeout=1, tp_timeout_s=60, **ARGS) as eng:
+        assert eng.config.step_timeout_s == 1.0 and eng.get_server_info()["watchdog_timeout"] == 1
+        assert greedy_ids(eng) == reference(tiny_qwen3)
+        worker = eng.tp_peers.procs[0]
+        os.kill(worker.pid, signal.SIGSTOP)
+        try:
+            reason = eng.generate(input_ids=prompt_ids(5, 7), sampling_params=GREEDY)["meta_info"]["finish_reason"]
+            assert reason["type"] == "abort" and "a forward step got no answer within 1 s (step_timeout_s, SGLang's watchdog_timeout)" in reason["message"]
+            assert f"rank 1 (pid {worker.pid})" in reason["message"] and "a worker is hung" in reason["message"]
+            assert eng.failure() == reason["message"].removeprefix("internal error: ")  # the worker named, not only the watchdog's bound
+            res = eng.update_weights_from_disk(str(tiny_qwen3))
+            assert not res.success and "weights unchanged" in res.message
+        finally:
+            os.kill(worker.pid, signal.SIGCONT)
+
+
+def test_the_tp_bounds_are_checked_before_anything_starts(tiny_qwen3):
+    for bad in (dict(tp_timeout_s=0), dict(watchdog_timeout=float("inf")), dict(step_timeout_s=float("nan")), dict(tp_timeout_s="60")):
+        with pytest.raises(HotswapError, match="_timeout_s must be a number of seconds"):
+            Engine(str(tiny_qwen3), tensor_parallel_size=2, **bad, **ARGS)
+
+
 def test_an_idle_engine_learns_of_a_dead_worker_without_a_request(tiny_qwen3):
     """`failure()` (what `hotswap serve` polls) names a worker killed while nothing ran, before any collective."""
     with Engine(str(tiny_qwen3), tensor_parallel_size=2, **ARGS) as eng:

@@ -233,6 +233,9 @@ _INTEGER_FLOORS: dict[str, int | None] = {
     "max_context_len": 0, "cuda_graph_max_batch": 0, "extend_cuda_graph_max_tokens": 0, "max_total_tokens": 0,
 }
 
+# process-group timeouts become timedeltas: a week stands for "never" and stays finite
+_MAX_TIMEOUT_S = 7 * 24 * 3600.0
+
 
 def _is_json(value: object) -> bool:
     try:
@@ -301,7 +304,13 @@ class EngineConfig:
     incremental_streaming_output: bool = False
     max_queue_wait_s: float = 300.0  # the longest a request queues while generation is paused or a session is open
     tensor_parallel_size: int = 1  # > 1: one worker process per extra rank (cuda:k+r; gloo ranks on the CPU)
-    tp_timeout_s: float = 600.0  # the longest rank 0 waits on a tensor-parallel worker before declaring the engine broken
+    # the longest rank 0 waits on a tensor-parallel worker in a startup or weight op (a load, a gather) before declaring
+    # the engine broken
+    tp_timeout_s: float = 600.0
+    # SGLang's watchdog_timeout (its default): a forward step running longer (a hung device, or a tensor-parallel
+    # rank) fails the engine and `hotswap serve` exits, as SGLang's watchdog ends its server (scheduler/watchdog.py);
+    # it also bounds each wait of a step on a tensor-parallel worker (and a worker's on rank 0)
+    step_timeout_s: float = 300.0
     # shared-memory blocks of update_weights_from_tensor must be named with this token's prefix
     # (hotswap.wire.ipc.shm_block_prefix); "" = a fresh random token, handed out by get_ipc_token
     ipc_token: str = ""
@@ -321,6 +330,10 @@ class EngineConfig:
             raise HotswapError(f"stream_interval must be an integer >= 1, got {self.stream_interval!r}")
         if not self.max_queue_wait_s > 0:
             raise HotswapError(f"max_queue_wait_s must be > 0, got {self.max_queue_wait_s!r}")
+        for name in ("tp_timeout_s", "step_timeout_s"):  # process-group timeouts: a finite number of seconds
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < _MAX_TIMEOUT_S:
+                raise HotswapError(f"{name} must be a number of seconds in (0, {_MAX_TIMEOUT_S:g}), got {value!r}")
         _check_fraction("kv_cache_memory_fraction", self.kv_cache_memory_fraction)
         self.attention_backend = _SGLANG_ATTENTION_BACKENDS.get(self.attention_backend, self.attention_backend)
         if self.attention_backend not in ATTENTION_BACKENDS:
@@ -360,6 +373,7 @@ _SGLANG_ALIASES: dict[str, tuple[str, object]] = {
     "cuda_graph_max_bs": ("cuda_graph_max_batch", lambda v: 0 if v is None else int(v)),
     "max_prefill_tokens": ("max_num_batched_tokens", int),
     "stream_output": ("incremental_streaming_output", bool),  # the flag's name before SGLang renamed it
+    "watchdog_timeout": ("step_timeout_s", float),
 }
 
 

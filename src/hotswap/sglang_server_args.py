@@ -176,6 +176,10 @@ SGLANG_DEFAULTS.update({"cuda_graph_max_bs": None, "cuda_graph_bs": None, "strea
 # SGLang's own launch lines (`--enable-lora`, `--enable-multimodal`)
 NONE_DEFAULT_SWITCHES = frozenset({"enable_lora", "enable_multimodal"})
 
+# fields SGLang annotates float whose default is written as an int: its launch_server flag takes a fraction
+# (`watchdog_timeout: A[float, ...] = 300`)
+FLOAT_FIELDS = frozenset({"watchdog_timeout"})
+
 # the chat output parsers hotswap serves (server/chat_parsers/: one module per parser family), under SGLang's names (ReasoningParser.DetectorMap,
 # FunctionCallParser.ToolCallParserEnum): qwen3-thinking is Qwen3Detector always reasoning; qwen is qwen25's newer name
 REASONING_PARSERS = ("deepseek-r1", "qwen3", "qwen3-thinking")

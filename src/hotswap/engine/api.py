@@ -615,6 +615,7 @@ class EngineAPI:
             "context_length": self.max_context_len,
             "mem_fraction_static": cfg.kv_cache_memory_fraction if cfg.mem_fraction_static is None else cfg.mem_fraction_static,
             "disable_radix_cache": not cfg.enable_prefix_cache, "random_seed": cfg.seed, "chunked_prefill_size": cfg.chunked_prefill_size,
+            "watchdog_timeout": cfg.step_timeout_s,
             "disable_cuda_graph": not cfg.enable_cuda_graph,
             "base_gpu_id": (self.device.index or 0) if self.device.type == "cuda" else 0,
             "weight_version": load.weight_version, "disaggregation_mode": "null", "disaggregation_bootstrap_port": None,

@@ -99,11 +99,13 @@ class Engine(EngineAPI):
         return runner
 
     def failure(self) -> str | None:
-        """Why this engine can serve nothing any more (its scheduler stopped on an error, a tensor-parallel worker
-        died or stopped answering), or None. `hotswap serve` polls it and exits, as SGLang's server does when a rank fails."""
+        """Why this engine can serve nothing any more (its scheduler stopped on an error or a step hung past
+        `step_timeout_s`, a tensor-parallel worker died or stopped answering), or None. `hotswap serve` polls it and
+        exits, as SGLang's server does when a rank fails."""
         if self.scheduler.dead is not None:
             return self.scheduler.dead
-        return None if self.tp_peers is None else self.tp_peers.check_workers()
+        tp = None if self.tp_peers is None else self.tp_peers.check_workers()  # names the worker: before the watchdog's
+        return tp or self.scheduler.watchdog.expired
 
     def shutdown(self) -> None:
         if not self._closed:

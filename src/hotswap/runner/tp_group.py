@@ -3,7 +3,8 @@
 - `control` (gloo, host memory): commands, batch metadata and outcomes. Its timeout is unbounded because
   an idle worker waits in it for the next command; rank 0 bounds each of its own waits instead.
 - `device` (NCCL on CUDA, gloo on the CPU): the model's all-reduces and all-gathers, the sampled ids, the
-  weight relay and gathers. Bounded by `timeout_s`.
+  weight relay and gathers. Bounded by `timeout_s` while the ranks start (they load at their own pace), then by the
+  step bound (`bound_steps`): a forward step must not wait on a hung rank for as long as a load may take.
 
 Neither is the default process group, so an engine can live in a process that has its own (a trainer's).
 """
@@ -15,7 +16,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch.distributed.distributed_c10d import PrefixStore, _new_process_group_helper, _world
+from torch.distributed.distributed_c10d import PrefixStore, _new_process_group_helper, _set_pg_timeout, _world
 
 from hotswap.models.parallel import TPInfo
 
@@ -43,6 +44,11 @@ class TPGroups:
         control = _group(store, f"{prefix}-control", rank, size, "gloo", UNBOUNDED)
         device = _group(store, f"{prefix}-device", rank, size, backend, timedelta(seconds=timeout_s))
         return cls(rank=rank, size=size, store=store, control=control, device=device, backend=backend)
+
+    def bound_steps(self, timeout_s: float) -> None:
+        """From now on each device-group collective (a step's, one bucket of a relay, one tensor of a gather) gives
+        up after `timeout_s`. Every rank calls it once it has started, before its first step."""
+        _set_pg_timeout(timedelta(seconds=timeout_s), self.device)
 
     @property
     def info(self) -> TPInfo:

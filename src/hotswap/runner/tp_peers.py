@@ -50,7 +50,8 @@ class TPPeers:
     groups: TPGroups
     procs: list  # the worker of rank r at procs[r - 1] (multiprocessing processes)
     device: torch.device  # rank 0's
-    timeout_s: float
+    timeout_s: float  # the bound of a startup or weight op (tp_timeout_s)
+    step_timeout_s: float  # the bound of a forward step, and of each device-group transfer once started (SGLang's watchdog_timeout)
     relay_group: WeightsGroup = field(init=False)  # the device group as a broadcast channel from rank 0 (weight relays)
     ready: bool = False  # every worker built its runner and serves commands
     broken: str | None = None  # why nothing may run any more
@@ -59,7 +60,7 @@ class TPPeers:
 
     def __post_init__(self) -> None:
         self.relay_group = WeightsGroup("tensor-parallel relay", self.groups.device, 0, self.groups.size, self.groups.backend, self.device,
-                                        op_timeout_s=self.timeout_s)
+                                        op_timeout_s=self.step_timeout_s)
 
     # ---- startup and shutdown ----------------------------------------------------------------------
 
@@ -88,11 +89,13 @@ class TPPeers:
         except BaseException:
             _stop(procs, 0.0)
             raise
-        return cls(groups=groups, procs=procs, device=device, timeout_s=config.tp_timeout_s)
+        return cls(groups=groups, procs=procs, device=device, timeout_s=config.tp_timeout_s, step_timeout_s=config.step_timeout_s)
 
     def wait_ready(self) -> None:
-        """Every worker built its model runner (raises naming the worker's error otherwise)."""
+        """Every worker built its model runner (raises naming the worker's error otherwise); from now on steps are
+        bounded by `step_timeout_s`."""
         _wait_for(self.groups.store, self.procs, "ready", self.timeout_s)
+        self.groups.bound_steps(self.step_timeout_s)
         self.ready = True
 
     def worker_error(self) -> str | None:
@@ -128,13 +131,21 @@ class TPPeers:
 
     # ---- failures ----------------------------------------------------------------------------------
 
-    def _fail(self, exc: BaseException) -> HotswapError:
-        """A collective with the workers failed: the ranks may be out of step, so nothing may run any more."""
+    def _fail(self, exc: BaseException, during: str, step: bool) -> HotswapError:
+        """A collective with the workers failed `during` an op: the ranks may be out of step, so nothing may run
+        any more. The reason names a worker that exited, else the bound a hung worker ran past."""
         if self.broken is None:
             for p in self.procs:
                 p.join(timeout=0.5)  # a worker that died is still exiting when its sockets close
-            self._mark_broken(self._exited() or f"a collective with the workers failed ({short_error(exc)})")
+            self._mark_broken(self._exited() or self._unanswered(exc, during, step))
         return HotswapError(self.broken)
+
+    def _unanswered(self, exc: BaseException, during: str, step: bool) -> str:
+        bound, knob = (self.step_timeout_s, "step_timeout_s, SGLang's watchdog_timeout") if step else (self.timeout_s, "tp_timeout_s")
+        if not _timed_out(exc):
+            return f"{during} failed ({short_error(exc)})"
+        alive = ", ".join(f"rank {r} (pid {p.pid})" for r, p in enumerate(self.procs, 1))
+        return f"{during} got no answer within {bound:g} s ({knob}) from workers still running ({alive}): a worker is hung ({short_error(exc)})"
 
     def check_workers(self) -> str | None:
         """`broken`, or broken now if a worker has exited: an idle engine learns of a dead worker here (a server
@@ -156,7 +167,7 @@ class TPPeers:
         try:
             send_command(self.groups.control, op, args, self.timeout_s)
         except Exception as exc:
-            raise self._fail(exc) from exc
+            raise self._fail(exc, f"the weight op {op.name}", step=False) from exc
 
     # ---- batches -----------------------------------------------------------------------------------
 
@@ -167,17 +178,17 @@ class TPPeers:
         if self.broken is not None:
             raise HotswapError(self.broken)
         try:
-            send_step(self.groups.control, self.replica, hb, fix, mode, self.timeout_s)
+            send_step(self.groups.control, self.replica, hb, fix, mode, self.step_timeout_s)
             return compute()
         except Exception as exc:
-            raise self._fail(exc) from exc
+            raise self._fail(exc, "a forward step", step=True) from exc
 
     def send_sampled(self, token_ids: torch.Tensor) -> None:
         """The workers' copy of the sampled ids: the next batch may take its inputs from them on the device."""
         try:
             dist.broadcast(token_ids, src=0, group=self.groups.device)
         except Exception as exc:
-            raise self._fail(exc) from exc
+            raise self._fail(exc, "a forward step (its sampled ids)", step=True) from exc
 
     # ---- weight ops --------------------------------------------------------------------------------
 
@@ -190,7 +201,7 @@ class TPPeers:
             send_command(self.groups.control, Op.AGREE, None, self.timeout_s)
             outcomes = exchange(self.groups.control, self.size, {"failure": failure}, self.timeout_s)
         except Exception as exc:
-            return failure or str(self._fail(exc))
+            return failure or str(self._fail(exc, "agreeing on a weight op's outcome", step=False))
         if failure is not None:
             return failure
         return next((f"tensor-parallel rank {r}: {o['failure']}" for r, o in enumerate(outcomes) if o["failure"] is not None), None)
@@ -208,7 +219,7 @@ class TPPeers:
             try:
                 self.relay_group.broadcast_from_trainer(flat)
             except Exception as exc:
-                raise self._fail(exc) from exc
+                raise self._fail(exc, "relaying a weight bucket", step=True) from exc
 
     def receive(self, group_name: str, names: list[str], dtypes: list[str], shapes: list[list[int]], load_format: str | None) -> None:
         """Every worker takes part in a trainer's broadcast of one bucket, as rank 0 is about to."""
@@ -271,7 +282,7 @@ class TPPeers:
             try:
                 dist.recv(buf, src=rank, group=self.groups.device)
             except Exception as exc:
-                raise self._fail(exc) from exc
+                raise self._fail(exc, f"gathering a tensor from worker rank {rank}", step=True) from exc
             if buf is not part:
                 part.copy_(buf)
         return full
@@ -329,6 +340,12 @@ def _wait_for(store: dist.Store, procs: list, stage: str, timeout_s: float) -> N
             raise HotswapError(f"tensor-parallel worker rank(s) {sorted(pending)} did not start within {timeout_s:g} s")
         if pending:
             time.sleep(0.02)
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """A collective that gave up waiting (gloo's "Timed out waiting", a work's wait timeout), not one that broke."""
+    text = str(exc).lower()
+    return "timed out" in text or "timeout" in text
 
 
 def _stop(procs: list, grace_s: float) -> None:

@@ -236,8 +236,9 @@ def worker_main(spec_json: str) -> None:
         runner = ModelRunner(config, model_config_for(config), device, groups.info)
         worker = TPWorker(groups=groups, runner=runner, config=config, memory=DeviceMemory(runner=runner),
                           relay_group=WeightsGroup("tensor-parallel relay", groups.device, rank, groups.size, groups.backend, device,
-                                                   op_timeout_s=config.tp_timeout_s),
+                                                   op_timeout_s=config.step_timeout_s),
                           rollback=RollbackBuffer(device_budget_bytes=config.rollback_device_budget_bytes, arena=HostArena()))
+        groups.bound_steps(config.step_timeout_s)  # a rank 0 hung mid-step ends this worker as a hung worker ends rank 0's step
         store.set(f"ready/{rank}", "")
     except BaseException as exc:
         store.set(f"error/{rank}", f"{type(exc).__name__}: {exc}")

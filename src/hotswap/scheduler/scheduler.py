@@ -34,6 +34,7 @@ from hotswap.scheduler.overlap import InFlight, mark_sample_rows, must_drain_bef
 from hotswap.scheduler.pause import GenerationPause
 from hotswap.scheduler.profiler import StepProfiler
 from hotswap.scheduler.sequence import Sequence, Status
+from hotswap.scheduler.watchdog import StepWatchdog
 from hotswap.scheduler.weight_reads import WeightReads
 from hotswap.scheduler.weight_updater import WeightUpdater
 from hotswap.weights.ranks import LocalRanks
@@ -151,16 +152,19 @@ class Scheduler:
         self._stop = threading.Event()
         self.dead: str | None = None  # why the loop stopped on an error: every request fails with it from then on
         self.thread = threading.Thread(target=self._run, name="hotswap-scheduler", daemon=True)
+        self.watchdog = StepWatchdog(timeout_s=config.step_timeout_s)  # a step that hangs fails the engine (Engine.failure)
 
     # ---- the loop --------------------------------------------------------------------------------
 
     def start(self) -> None:
         self.thread.start()
+        self.watchdog.start()
 
     def stop(self) -> None:
         """Stop the loop; whatever it had not answered (deferred or still queued requests) fails with the
         reason, so no caller waits on a loop that is gone."""
         self._stop.set()
+        self.watchdog.stop()
         self.inbox.put((None, None))
         self.thread.join(timeout=30)
         if self.thread.is_alive():  # a stuck step: its state stays with it
@@ -263,7 +267,8 @@ class Scheduler:
     def launch(self, batch: ScheduledBatch, inflight: InFlight | None) -> InFlight | None:
         mark_sample_rows(batch.seqs, batch.entries)
         try:
-            result = self.model_runner.run(batch.entries, sampled_on_device(inflight))
+            with self.watchdog.watching("launching a forward step"):
+                result = self.model_runner.run(batch.entries, sampled_on_device(inflight))
         except BatchRowError as exc:  # one request cannot run (found before the forward): it fails alone
             rest = self.drop_row(batch, exc)
             return self.launch(rest, inflight) if rest is not None else None
@@ -395,7 +400,8 @@ class Scheduler:
         result, version = step.result, step.version
         if result is None:
             return
-        ids, lps, top_values, top_ids = result.to_lists()
+        with self.watchdog.watching("reading back a forward step"):  # the device sync: where a hung kernel shows
+            ids, lps, top_values, top_ids = result.to_lists()
         tops = list(zip(top_values, top_ids)) if top_values is not None else None
         keeps = result.keep_sets() if result.keep_rows else None
         prompt = result.prompt_lists()

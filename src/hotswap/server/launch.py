@@ -1,5 +1,6 @@
 """`hotswap serve`: build the Engine (with a progress bar), run uvicorn, drain on SIGTERM, shut down; drain and exit
-non-zero when the engine can serve nothing more (`Engine.failure`: a dead tensor-parallel worker, a stopped scheduler).
+non-zero when the engine can serve nothing more (`Engine.failure`: a dead or hung tensor-parallel worker, a stopped
+scheduler, a step hung past `step_timeout_s`).
 
 Also `ServerThread`, which runs the app on a loopback socket in a background thread (tests, notebooks).
 """
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from hotswap.server.access import AccessPolicy, split_list
-from hotswap.sglang_server_args import FLAG_ALIASES, NONE_DEFAULT_SWITCHES, SGLANG_DEFAULTS
+from hotswap.sglang_server_args import FLAG_ALIASES, FLOAT_FIELDS, NONE_DEFAULT_SWITCHES, SGLANG_DEFAULTS
 
 if TYPE_CHECKING:  # the serving modules pull in torch; `hotswap --help` imports this one
     from hotswap.server.frontend_process import FrontendOptions
@@ -173,7 +174,7 @@ def sglang_flags(extra: list[str]) -> dict[str, object]:
         while not has_inline and i < len(extra) and not extra[i].startswith("--"):
             values.append(extra[i])
             i += 1
-        default = SGLANG_DEFAULTS[name]
+        default = float(SGLANG_DEFAULTS[name]) if name in FLOAT_FIELDS else SGLANG_DEFAULTS[name]
         if (isinstance(default, bool) or name in NONE_DEFAULT_SWITCHES) and not values:
             out[name] = True
             continue
