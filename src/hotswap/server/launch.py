@@ -314,12 +314,14 @@ def serve(args: argparse.Namespace) -> None:
                 engine.shutdown()
             raise
     keys = ", ".join(name for name, key in (("api key", args.api_key), ("admin api key", admin_api_key)) if key) or "no api key"
-    log.info("serving %s on http://%s:%d (%s%s)", args.model_path, host, port, keys,
-             f"; HTTP front end in {workers} process(es) of its own" if frontend_process else "")
+    # the line launchers and tests wait for: logged once requests are answered (a front end process takes seconds to start)
+    serving = f"serving {args.model_path} on http://{host}:{port} ({keys}" + (f"; HTTP front end in {workers} process(es) of its own)"
+                                                                             if frontend_process else ")")
     try:
         if frontend_process:
-            _serve_from_frontend_processes(engine, sock, options, workers)
+            _serve_from_frontend_processes(engine, sock, options, workers, serving)
         else:
+            log.info("%s", serving)  # the socket listens already: a request waits in its backlog until uvicorn accepts it
             _serve_in_process(app, sock, options, engine.failure)
         failure = engine.failure()
     finally:
@@ -372,7 +374,7 @@ def _serve_in_process(app, sock: socket.socket, options: FrontendOptions, failur
             log.info("stopped by signal %d", received[0])
 
 
-def _serve_from_frontend_processes(engine, sock: socket.socket, options: FrontendOptions, workers: int) -> None:
+def _serve_from_frontend_processes(engine, sock: socket.socket, options: FrontendOptions, workers: int, serving: str) -> None:
     """`workers` spawned front end processes accepting on `sock` (FrontendGroup); SIGTERM/SIGINT here go to each
     as SIGTERM (the first drains, a second exits at once). Returns when they have exited: the first to exit, for
     whatever reason, takes the others down with it (drained); raises if it exited on its own with an error."""
@@ -390,7 +392,7 @@ def _serve_from_frontend_processes(engine, sock: socket.socket, options: Fronten
         previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         group.start()
-        log.info("HTTP front end process(es) %s ready", ", ".join(map(str, group.pids)))
+        log.info("%s: front end process(es) %s ready", serving, ", ".join(map(str, group.pids)))
         first = group.wait_first_exit(until=engine.failure)
         if first is None:  # the engine broke: the front ends drain (their /health answers 503) and exit
             log.error("%s: stopping the server", engine.failure())
