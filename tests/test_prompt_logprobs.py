@@ -97,7 +97,7 @@ def test_prompt_logprobs_streamed_once(tiny_qwen3):
 def test_logprob_start_len_is_validated(tiny_qwen3):
     with make_engine(tiny_qwen3) as engine:
         with pytest.raises(HotswapError, match="logprob_start_len"):
-            engine.generate(input_ids=[5, 6, 7], sampling_params=GREEDY, return_logprob=True, logprob_start_len=3)
+            engine.generate(input_ids=[5, 6, 7], sampling_params=GREEDY, return_logprob=True, logprob_start_len=4)
         with pytest.raises(HotswapError, match="logprob_start_len"):
             engine.generate(input_ids=[5, 6, 7], sampling_params=GREEDY, return_logprob=True, logprob_start_len=-2)
 

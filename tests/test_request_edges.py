@@ -67,7 +67,7 @@ def test_max_new_tokens_zero_returns_the_prompt_logprobs_and_no_tokens(engine):
     assert len(batch[1]["meta_info"]["input_token_logprobs"]) == len(engine.tokenizer.encode("Bob sees 3 birds")) - 1
     tops = engine.generate(PROMPT, {"max_new_tokens": 0}, return_logprob=True, logprob_start_len=0, top_logprobs_num=2)["meta_info"]
     assert tops["input_top_logprobs"][0] is None and all(len(top) == 2 for top in tops["input_top_logprobs"][1:])
-    assert len(tops["input_top_logprobs"]) == len(ids) and "output_top_logprobs" not in tops
+    assert len(tops["input_top_logprobs"]) == len(ids) and tops["output_top_logprobs"] == []  # SGLang sets it, empty
     assert engine.generate(PROMPT, {"max_new_tokens": 0})["meta_info"]["finish_reason"] == {"type": "length", "length": 0}
     assert_idle(engine)
 
@@ -157,7 +157,7 @@ def spanning_stop(engine: Engine, ids: list[int], start: int) -> tuple[str, int]
     pytest.skip("no stop string spans a token boundary in this output")
 
 
-def test_stop_strings_span_tokens_and_wait_for_min_new_tokens(engine):
+def test_stop_strings_span_tokens_and_wait_for_min_new_tokens_only_under_vllms_rule(engine):
     ref = engine.generate(PROMPT, dict(GREEDY, max_new_tokens=40))
     text, ids = ref["text"], ref["output_ids"]
     stop, last = spanning_stop(engine, ids, 1)
@@ -170,10 +170,15 @@ def test_stop_strings_span_tokens_and_wait_for_min_new_tokens(engine):
     for keep, want in ((False, out["text"]), (True, kept["text"])):
         streamed = list(engine.generate(PROMPT, dict(GREEDY, max_new_tokens=40, stop=[stop], no_stop_trim=keep), stream=True))
         assert "".join(c["delta_text"] for c in streamed) == want and streamed[-1]["output_ids"] == out["output_ids"]
-    # held: a stop string that ends before min_new_tokens tokens are out does not stop the request
-    held = engine.generate(PROMPT, dict(GREEDY, max_new_tokens=40, stop=[stop], min_new_tokens=last + 2))
-    assert len(held["output_ids"]) >= last + 2
-    later = text.find(stop, len(engine.tokenizer.decode(ids[: last + 1])))
+    # SGLang's rule (Req.check_finished): stop strings match from the first token, min_new_tokens or not (it masks
+    # only eos and stop_token_ids); hotswap held them until min_new_tokens tokens were out
+    early = engine.generate(PROMPT, dict(GREEDY, max_new_tokens=40, stop=[stop], min_new_tokens=last + 2))
+    assert early["output_ids"] == out["output_ids"] and early["text"] == out["text"]
+    assert early["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    # vLLM's rule (its route): held until more than min_tokens are out, the text of those never matching
+    held = engine.generate(PROMPT, dict(GREEDY, max_new_tokens=40, stop=[stop], min_new_tokens=last + 2, vllm_penalty_rule=True))
+    assert len(held["output_ids"]) > last + 2
+    later = text.find(stop, max(0, len(engine.tokenizer.decode(ids[: last + 2])) - len(stop) + 1))
     reason = held["meta_info"]["finish_reason"]
     assert reason == ({"type": "length", "length": 40} if later == -1 else {"type": "stop", "matched": stop})
     assert held["text"] == (text if later == -1 else text[:later])

@@ -422,7 +422,7 @@ def test_generate_native_errors(http):
         {"text": "a", "sampling_params": {"custom_params": "worker-3"}},  # not an object
         {"text": "a", "sampling_params": {"max_new_tokens": 2, "custom_params": {"x": 1}}, "custom_logit_processor": "{}"},
         {"text": "a", "sampling_params": {"regex": "a+"}},
-        {"input_ids": [1, 2], "return_logprob": True, "logprob_start_len": 2},
+        {"input_ids": [1, 2], "return_logprob": True, "logprob_start_len": 3},  # past the end (2 is a start: SGLang scores nothing)
         {"text": "a", "sampling_params": "greedy"},
         {"input_ids": [10**9]},
         {"input_ids": []},

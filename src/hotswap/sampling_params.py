@@ -59,7 +59,7 @@ class SamplingParams:
     min_new_tokens: int = 0  # eos and stop_token_ids are masked until this many tokens are out
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI)
     # vLLM's rule instead (vLLM's token route /inference/v1/generate sets it): logit_bias, repetition over the prompt
-    # and output tokens, then frequency and presence
+    # and output tokens, then frequency and presence; and stop strings wait until more than min_new_tokens are out
     vllm_penalty_rule: bool = False
     # SGLang's no_stop_trim: a matched stop string or token stays, with all the text its tokens decode to (trim_matched_stop
     # leaves the text untouched); vLLM's include_stop_str_in_output: they stay, the text cut right after a stop string
@@ -98,6 +98,8 @@ class SamplingParams:
         for key in ("stop", "stop_token_ids"):
             if isinstance(values.get(key), tuple):
                 values[key] = list(values[key])
+        if isinstance(values.get("stop_token_ids"), list):  # SGLang's __post_init__ drops None entries
+            values["stop_token_ids"] = [t for t in values["stop_token_ids"] if t is not None]
         for key in _NONE_IS_DEFAULT:
             if key in values and values[key] is None:
                 del values[key]

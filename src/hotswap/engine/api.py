@@ -303,8 +303,8 @@ class EngineAPI:
             req = p.GenerateRequest(rid=rid, input_ids=r.input_ids, sampling_params=sp, seed=r.seed, sink=sink,
                                     flush=flush, stream=stream, stream_text=bool(sp.stop), group=r.group)
             reqs.append(req)
-            collectors.append(Collector(rid=req.rid, return_logprob=sp.return_logprob, index=i if multi else None, detok=detok,
-                                        with_text=self.tokenizer is not None,
+            collectors.append(Collector(rid=req.rid, return_logprob=sp.return_logprob, top_logprobs=sp.top_logprobs_num > 0,
+                                        index=i if multi else None, detok=detok, with_text=self.tokenizer is not None,
                                         keep_stop_token=sp.keeps_stop_text,
                                         routed_experts_start_len=sp.routed_experts_start_len))
         call = _Call(collectors=collectors, single=prepared.single, stream=stream, incremental=incremental)

@@ -30,6 +30,8 @@ class Collector:
 
     rid: str
     return_logprob: bool
+    # top_logprobs_num > 0: SGLang's meta_info then holds output_top_logprobs (and input_top_logprobs), empty or not
+    top_logprobs: bool = False
     index: int | None = None  # the request's place in a fanned-out stream (None: a stream of one)
     routed_experts_start_len: int = 0  # the first position of the returned routing, echoed beside it
     detok: IncrementalDetokenizer | None = None
@@ -40,8 +42,7 @@ class Collector:
     # SGLang's (logprob, token id, text) entries, built once per token as it arrives: a streamed chunk that
     # repeats them all (SGLang's cumulative shape) then copies a list instead of rebuilding every entry
     token_logprobs: list[tuple] = field(default_factory=list)
-    top_logprobs: list[list[tuple]] = field(default_factory=list)
-    any_top_logprobs: bool = False
+    top_entries: list[list[tuple]] = field(default_factory=list)
     versions: list[str] = field(default_factory=list)
     mixed_versions: bool = False  # the tokens came from more than one weight version
     top_p_token_ids: list[list[int]] = field(default_factory=list)
@@ -65,8 +66,7 @@ class Collector:
             if self.return_logprob:
                 self.token_logprobs += zip(out.new_logprobs, ids, repeat(None))
                 if out.new_top_logprobs:
-                    self.top_logprobs += [[(lp, tid, None) for lp, tid in top] for top in out.new_top_logprobs]
-                    self.any_top_logprobs = self.any_top_logprobs or any(out.new_top_logprobs)
+                    self.top_entries += [[(lp, tid, None) for lp, tid in top] for top in out.new_top_logprobs]
             versions = out.new_token_versions
             if versions and not self.mixed_versions:
                 first = self.versions[0] if self.versions else versions[0]
@@ -125,10 +125,10 @@ class Collector:
             meta["routed_experts_start_len"] = self.routed_experts_start_len
         if self.return_logprob:
             meta["output_token_logprobs"] = self.token_logprobs[start:]
-            if self.any_top_logprobs:
-                meta["output_top_logprobs"] = self.top_logprobs[start:]
-            if self.input_token_logprobs is not None:
-                meta["input_token_logprobs"] = list(self.input_token_logprobs)
+            if self.top_logprobs:
+                meta["output_top_logprobs"] = self.top_entries[start:]
+            # SGLang's add_logprob_to_meta_info always sets it (empty where no prompt position was asked for)
+            meta["input_token_logprobs"] = list(self.input_token_logprobs or ())
             if self.input_top_logprobs is not None:
                 meta["input_top_logprobs"] = list(self.input_top_logprobs)
         if self.top_p_token_ids and out.finished:  # slime's replay fields: int32 ids and offsets, base64

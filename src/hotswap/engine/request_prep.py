@@ -147,8 +147,10 @@ class RequestPrep:
                 raise SamplingParamsError(f"prompt {i} has {len(ids)} tokens and max_new_tokens is {sp.max_new_tokens}: "
                                           f"{len(ids) + sp.max_new_tokens} exceeds the context length {self.max_context_len} "
                                           "(allow_auto_truncate on the engine, --allow-auto-truncate on the server, cuts it to fit)")
-            if sp.logprob_start_len >= len(ids):
-                raise SamplingParamsError(f"invalid logprob_start_len: {sp.logprob_start_len} is not a position of prompt {i} "
+            # SGLang's scheduler (handle_generate_request): ignored without return_logprob; up to the prompt's length (which
+            # scores no prompt token), a start past it refused
+            if sp.return_logprob and sp.logprob_start_len > len(ids):
+                raise SamplingParamsError(f"invalid logprob_start_len: {sp.logprob_start_len} is past the end of prompt {i} "
                                           f"({len(ids)} tokens)")
             if sp.routed_experts_start_len > len(ids):  # SGLang's range: [0, prompt tokens]
                 raise HotswapError(f"routed_experts_start_len {sp.routed_experts_start_len} is past the end of prompt {i} "
@@ -213,13 +215,16 @@ class RequestPrep:
         wants = _per_prompt("return_logprob", return_logprob, count, sps, _check_return_logprob)
         tops = _per_prompt("top_logprobs_num", top_logprobs_num, count, sps, _check_top_logprobs_num)
         merged = bool(any(wants) or any(tops) or return_routed_experts or routed_experts_start_len)  # new objects below
+        # top_logprobs_num is merged (and so range-checked) whatever return_logprob says; without return_logprob it asks
+        # for nothing (SGLang: Req.return_logprob gates every logprob, TokenizerManager adds none to meta_info) and
+        # `_checked` drops it once checked
         if len(set(wants)) == 1 and len(set(tops)) == 1:  # one value for the batch: each distinct object once
             if wants[0] or tops[0]:
-                sps = _map_distinct(sps, lambda sp: dataclasses.replace(sp, return_logprob=True,
+                sps = _map_distinct(sps, lambda sp: dataclasses.replace(sp, return_logprob=sp.return_logprob or wants[0],
                                                                         top_logprobs_num=max(sp.top_logprobs_num, tops[0])))
         else:  # SGLang's per-prompt values
-            sps = [dataclasses.replace(sp, return_logprob=True, top_logprobs_num=max(sp.top_logprobs_num, top)) if want or top else sp
-                   for sp, want, top in zip(sps, wants, tops)]
+            sps = [dataclasses.replace(sp, return_logprob=sp.return_logprob or want, top_logprobs_num=max(sp.top_logprobs_num, top))
+                   if want or top else sp for sp, want, top in zip(sps, wants, tops)]
         if not isinstance(return_routed_experts, bool):
             raise HotswapError(f"return_routed_experts must be a boolean, got {shown(return_routed_experts)}")
         if return_routed_experts:
@@ -251,6 +256,8 @@ class RequestPrep:
                 raise SamplingParamsError(f"invalid sampling parameter: {name} names a token id outside the vocabulary [0, {self.vocab_size})")
         if sp.top_k >= self.vocab_size:  # the whole vocabulary: the same as off
             sp = dataclasses.replace(sp, top_k=-1)
+        if sp.top_logprobs_num and not sp.return_logprob:  # checked above; without return_logprob it asks for nothing
+            sp = dataclasses.replace(sp, top_logprobs_num=0)
         return sp
 
     def _from_sglang(self, params):
@@ -262,6 +269,8 @@ class RequestPrep:
         params = _drop_neutral(params)
         if "sampling_seed" in params:
             seed = params.pop("sampling_seed")
+            if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= INT64_MAX):
+                raise SamplingParamsError(f"invalid sampling parameter: sampling_seed must be an integer in [0, 2**63), got {shown(seed)}")
             if seed is not None and params.get("seed") is None:
                 params["seed"] = seed
         if "max_new_tokens" in params and params["max_new_tokens"] is None:

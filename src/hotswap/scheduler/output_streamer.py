@@ -25,7 +25,7 @@ def input_logprobs(seq: Sequence) -> tuple[list, list | None]:
     s = seq.prompt_logprob_start
     ids = seq.req.input_ids[s:]
     values = [None, *seq.input_logprobs]
-    tops = [None, *seq.input_top_logprobs] if seq.req.sampling_params.top_logprobs_num else None
+    tops = [None, *seq.input_top_logprobs][: len(ids)] if seq.req.sampling_params.top_logprobs_num else None
     return list(zip(values, ids)), tops
 
 
@@ -96,8 +96,10 @@ class OutputStreamer:
         if seq.req.stream_text:
             seen = len(seq.text)
             self._detokenize(seq)
-            # min_new_tokens holds stop strings as it holds eos and stop_token_ids (masked on the device)
-            if sp.stop and seq.finish_reason is None and len(seq.output_ids) >= sp.min_new_tokens:
+            # SGLang (Req.check_finished) matches stop strings from the first token: min_new_tokens masks only eos and
+            # stop_token_ids, on the device. vLLM's rule (its route): stop strings wait until more than min_tokens are
+            # out, and text from before then never matches (Detokenizer.update's stop_check_offset)
+            if sp.stop and seq.finish_reason is None and (not sp.vllm_penalty_rule or len(seq.output_ids) > sp.min_new_tokens):
                 self._check_stop_strings(seq, seen)
 
     def detokenizer(self, skip_special_tokens: bool, prompt_ids: list[int]) -> IncrementalDetokenizer:
@@ -114,7 +116,7 @@ class OutputStreamer:
 
     def _check_stop_strings(self, seq: Sequence, seen: int) -> None:
         """Match stop strings that end in the text after `seen` characters: text from before was checked
-        already, or was held by min_new_tokens (a stop string wholly inside it does not stop the request)."""
+        already, or was held by vLLM's min_tokens (a stop string wholly inside it does not stop the request)."""
         sp = seq.req.sampling_params
         if len(seq.text) > seen:
             # the first stop string in the request's order that the new text holds ends it, as SGLang

@@ -116,9 +116,13 @@ class Sequence:
 
     @property
     def prompt_logprob_start(self) -> int:
-        """The first prompt position whose logits score a prompt token (SGLang: -1 means the last)."""
-        start = self.req.sampling_params.logprob_start_len
-        return self.prompt_len - 1 if start < 0 or not self.req.sampling_params.return_logprob else start
+        """The first prompt position whose logits score a prompt token. SGLang (scheduler's handle_generate_request): -1
+        means the last for a request that samples (its `[None, id]` entry), and past the end, none at all, for one that
+        samples nothing (max_new_tokens 0: prompt scoring asked for no prompt position)."""
+        sp = self.req.sampling_params
+        if sp.logprob_start_len < 0 or not sp.return_logprob:
+            return self.prompt_len if sp.max_new_tokens == 0 else self.prompt_len - 1
+        return sp.logprob_start_len
 
     @property
     def prompt_logprobs_owed(self) -> int:
