@@ -78,7 +78,10 @@ class TorchAttention(_PagedBackend):
         return out
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, ctx: ForwardContext) -> torch.Tensor:
-        """One query per sequence: gather every sequence's pages at once and mask past its length."""
+        """One query per sequence: gather every sequence's pages at once and mask past its length. The rows past a
+        length (the rest of its last page, other sequences' longer tails, padding pages) hold whatever an earlier
+        owner of the page left; they are zeroed, not only masked: a stale NaN or inf there (a request run on
+        weights that overflowed) would turn the masked score and the zero-weighted value into NaN."""
         ps = self.storage.page_size
         lens = ctx.seq_lens.long()
         n_pages = int((lens.max() + ps - 1) // ps)
@@ -87,6 +90,8 @@ class TorchAttention(_PagedBackend):
         kb = _gather_heads(k_cache, pages, group)  # [B, H, L, D]
         vb = _gather_heads(v_cache, pages, group)
         mask = torch.arange(kb.shape[2], device=q.device).unsqueeze(0) < lens.unsqueeze(1)  # [B, L]
+        live = mask[:, None, :, None]
+        kb, vb = kb.where(live, 0.0), vb.where(live, 0.0)
         o = F.scaled_dot_product_attention(q.unsqueeze(2), kb, vb, attn_mask=mask[:, None, None, :], scale=scale)
         return o.squeeze(2)
 

@@ -220,6 +220,8 @@ def kept(x: torch.Tensor, ts: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
         cum = torch.exp((s - m) / ts).cumsum(dim=-1)
         n_gt = v - torch.searchsorted(s.flip(-1).contiguous(), s.contiguous(), right=True)  # tokens strictly above each
         above = torch.where(n_gt > 0, cum.gather(1, (n_gt - 1).clamp_min(0)), 0.0)
-        n_keep = (above <= sb.top_ps.unsqueeze(1) * cum[:, -1:]).sum(dim=-1, keepdim=True)
+        # at least one: a row whose logits hold a NaN keeps none by the comparison (and gathering at -1 would fail
+        # the whole batch, every other request in it aborted); such a row's sample is its own
+        n_keep = (above <= sb.top_ps.unsqueeze(1) * cum[:, -1:]).sum(dim=-1, keepdim=True).clamp_min(1)
         keep &= x >= s.gather(1, n_keep - 1)
     return keep
