@@ -8,6 +8,7 @@ import json
 import shutil
 
 import httpx
+import pytest
 
 from hotswap import Engine
 from hotswap.server.app import create_app
@@ -27,7 +28,8 @@ def test_a_temperature_below_sglangs_epsilon_samples_greedily(engine):
     greedy = engine.generate(input_ids=IDS, sampling_params={"max_new_tokens": 4, "temperature": 0}, return_logprob=True)
     tiny = engine.generate(input_ids=IDS, sampling_params={"max_new_tokens": 4, "temperature": 1e-7, "seed": 3}, return_logprob=True)
     assert tiny["output_ids"] == greedy["output_ids"]
-    assert _lps(tiny) == _lps(greedy) and all(lp < -0.1 for lp in _lps(tiny))
+    # the second request's prompt is a prefix-cache hit, computed in another order: equal to float32 rounding
+    assert _lps(tiny) == pytest.approx(_lps(greedy), abs=1e-5) and all(lp < -0.1 for lp in _lps(tiny))
 
 
 def test_null_sampling_fields_are_their_defaults_on_every_path(engine):
