@@ -78,7 +78,8 @@ def test_default_tiles_split_narrow_weights_and_refuse_uneven_ones():
 @pytest.mark.parametrize("split_k,bias", [(1, False), (2, True)])
 def test_silu_mul_epilogue_equals_the_separate_kernel(rows, split_k, bias, kernel_only):
     """gate_up's tiles pair gate rows with the matching up rows; silu(gate) * up comes out as fused.silu_and_mul
-    rounds it, bit for bit."""
+    rounds it (bit for bit on a GPU, tests/test_fused_kernels.py; under the interpreter numpy evaluates the two
+    kernels' exp with this CPU's vector code, which may differ in the last bits: float32 rounding allowed here)."""
     gen = torch.Generator().manual_seed(rows + split_k)
     n, k = 256, 256
     x = torch.randn(rows, k, generator=gen)
@@ -87,7 +88,7 @@ def test_silu_mul_epilogue_equals_the_separate_kernel(rows, split_k, bias, kerne
     tiles = rm.Tiles(block_n=64, block_k=64, split_k=split_k, stages=2, prefetch_k=0)
     got = rm.rows_linear(x, w, b, tiles=tiles, silu_mul=True)
     assert got.shape == (rows, n // 2)
-    assert torch.equal(got, fused.silu_and_mul(rm.rows_linear(x, w, b, tiles=tiles)))
+    torch.testing.assert_close(got, fused.silu_and_mul(rm.rows_linear(x, w, b, tiles=tiles)), rtol=1e-5, atol=1e-5)
     gate, up = (x.double() @ w.double().T + (0 if b is None else b.double())).chunk(2, dim=-1)
     torch.testing.assert_close(got.double(), torch.nn.functional.silu(gate) * up, rtol=1e-5, atol=1e-5)
     assert int(arrival.counters(x.device).abs().sum()) == 0
