@@ -315,8 +315,7 @@ def serve(args: argparse.Namespace) -> None:
             raise
     keys = ", ".join(name for name, key in (("api key", args.api_key), ("admin api key", admin_api_key)) if key) or "no api key"
     # the line launchers and tests wait for: logged once requests are answered (a front end process takes seconds to start)
-    serving = f"serving {args.model_path} on http://{host}:{port} ({keys}" + (f"; HTTP front end in {workers} process(es) of its own)"
-                                                                             if frontend_process else ")")
+    serving = f"serving {args.model_path} on http://{host}:{port} ({keys})"
     try:
         if frontend_process:
             _serve_from_frontend_processes(engine, sock, options, workers, serving)
@@ -392,7 +391,7 @@ def _serve_from_frontend_processes(engine, sock: socket.socket, options: Fronten
         previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         group.start()
-        log.info("%s: front end process(es) %s ready", serving, ", ".join(map(str, group.pids)))
+        log.info("%s; HTTP front end process(es) %s ready", serving, ", ".join(map(str, group.pids)))
         first = group.wait_first_exit(until=engine.failure)
         if first is None:  # the engine broke: the front ends drain (their /health answers 503) and exit
             log.error("%s: stopping the server", engine.failure())
