@@ -260,7 +260,8 @@ def test_engine_takes_verls_rollout_arguments_and_sglangs_none(tiny_qwen3):
     for bad, needle in (({"attention_backend": "xformers"}, "unknown attention_backend 'xformers'"),
                         ({"max_running_requests": "8"}, "max_running_requests must be an integer >= 1, got '8'"),
                         ({"chunked_prefill_size": 2.5}, "chunked_prefill_size must be an integer, got 2.5"),
-                        ({"gpu_id_step": 2}, "gpu_id_step must be 1")):
+                        ({"gpu_id_step": 0}, "gpu_id_step must be an integer >= 1, got 0"),
+                        ({"base_gpu_id": -1}, "base_gpu_id must be an integer >= 0, got -1")):
         with pytest.raises(HotswapError, match=needle):
             Engine(model_path=str(tiny_qwen3), device="cpu", **bad)
 

@@ -231,6 +231,7 @@ _SGLANG_ATTENTION_BACKENDS = {"torch_native": "torch", "fa3": "auto", "fa4": "au
 _INTEGER_FLOORS: dict[str, int | None] = {
     "page_size": 0, "num_pages": 0, "max_running_requests": 1, "max_num_batched_tokens": 1, "chunked_prefill_size": None,
     "max_context_len": 0, "cuda_graph_max_batch": 0, "extend_cuda_graph_max_tokens": 0, "max_total_tokens": 0,
+    "base_gpu_id": 0, "gpu_id_step": 1,
 }
 
 # process-group timeouts become timedeltas: a week stands for "never" and stays finite
@@ -303,7 +304,11 @@ class EngineConfig:
     # its new tokens. Off (SGLang's default) every chunk repeats everything so far: O(length^2) bytes per stream
     incremental_streaming_output: bool = False
     max_queue_wait_s: float = 300.0  # the longest a request queues while generation is paused or a session is open
-    tensor_parallel_size: int = 1  # > 1: one worker process per extra rank (cuda:k+r; gloo ranks on the CPU)
+    tensor_parallel_size: int = 1  # > 1: one worker process per extra rank (cuda:k+r*step; gloo ranks on the CPU)
+    # SGLang's placement on a host whose GPUs are all visible (slime's and AReaL's engines per node): rank r runs on GPU
+    # base_gpu_id + r * gpu_id_step. With device 'cuda' / 'auto' base_gpu_id picks rank 0's GPU; 'cuda:N' already does
+    base_gpu_id: int = 0
+    gpu_id_step: int = 1
     # the longest rank 0 waits on a tensor-parallel worker in a startup or weight op (a load, a gather) before declaring
     # the engine broken
     tp_timeout_s: float = 600.0
@@ -351,7 +356,7 @@ class EngineConfig:
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            return self._placed(torch.device("cuda")) if torch.cuda.is_available() else torch.device("cpu")
         try:
             dev = torch.device(self.device)
         except (RuntimeError, TypeError):  # torch's "Expected one of cpu, cuda, ipu, ..." lists devices hotswap never runs on
@@ -360,7 +365,20 @@ class EngineConfig:
             raise HotswapError("device 'cuda' requested but CUDA is not available")
         if dev.type not in ("cpu", "cuda"):
             raise HotswapError(f"unsupported device {self.device!r}; use 'cpu', 'cuda' or 'auto'")
-        return dev
+        return self._placed(dev)
+
+    def _placed(self, dev: torch.device) -> torch.device:
+        """Rank 0's GPU under SGLang's base_gpu_id; every rank's GPU must exist."""
+        if dev.type != "cuda":
+            return dev
+        if dev.index is not None and self.base_gpu_id not in (0, dev.index):
+            raise HotswapError(f"device {self.device!r} and base_gpu_id {self.base_gpu_id} name different GPUs: give one of them")
+        index = dev.index if dev.index is not None else self.base_gpu_id
+        last = index + (self.tensor_parallel_size - 1) * self.gpu_id_step
+        if last >= torch.cuda.device_count():
+            raise HotswapError(f"GPU {last} (rank {self.tensor_parallel_size - 1} of GPU {index} + rank x gpu_id_step "
+                               f"{self.gpu_id_step}) does not exist: {torch.cuda.device_count()} GPU(s) are visible")
+        return dev if dev.index == index or (dev.index is None and index == 0) else torch.device("cuda", index)
 
 
 # SGLang ServerArgs names frameworks pass to `Engine(**server_args)` -> (our field, value converter)
@@ -374,6 +392,8 @@ _SGLANG_ALIASES: dict[str, tuple[str, object]] = {
     "max_prefill_tokens": ("max_num_batched_tokens", int),
     "stream_output": ("incremental_streaming_output", bool),  # the flag's name before SGLang renamed it
     "watchdog_timeout": ("step_timeout_s", float),
+    "base_gpu_id": ("base_gpu_id", lambda v: 0 if v is None else v),
+    "gpu_id_step": ("gpu_id_step", lambda v: 1 if v is None else v),
 }
 
 
@@ -397,8 +417,6 @@ _SGLANG_ACCEPTED: dict[str, object] = {
     "speculative_algorithm": _neutral("speculative decoding is not supported", lambda v: v in (None, "")),
     "tokenizer_mode": _neutral("tokenizer_mode must be 'auto'", lambda v: v in (None, "auto")),
     "kv_cache_dtype": _neutral("kv_cache_dtype must be 'auto' (the model's dtype)", lambda v: v in (None, "auto")),
-    "base_gpu_id": _neutral("base_gpu_id: give device='cuda:N' instead", lambda v: v in (None, 0)),
-    "gpu_id_step": _neutral("gpu_id_step must be 1: tensor-parallel ranks take consecutive GPUs", lambda v: v in (None, 1)),
     "enable_dp_attention": _neutral("enable_dp_attention is not supported", lambda v: not v),
     # the chat route's output parsers (server/chat_parsers/: one module per parser family); other parser names are refused by name
     "reasoning_parser": _neutral(f"hotswap serves the reasoning parsers {', '.join(REASONING_PARSERS)}",

@@ -55,8 +55,9 @@ class TPGroups:
         return TPInfo(self.rank, self.size, self.device)
 
 
-def worker_device(device: torch.device, rank: int) -> torch.device:
-    """Rank r's device: the next GPUs after rank 0's (cuda:k -> cuda:k+r); every rank of a CPU engine on the CPU."""
+def worker_device(device: torch.device, rank: int, gpu_id_step: int = 1) -> torch.device:
+    """Rank r's device: SGLang's base_gpu_id + r * gpu_id_step from rank 0's GPU (cuda:k -> cuda:k+r*step); every rank
+    of a CPU engine on the CPU."""
     if device.type != "cuda":
         return device
-    return torch.device("cuda", (device.index or 0) + rank)
+    return torch.device("cuda", (device.index or 0) + rank * gpu_id_step)

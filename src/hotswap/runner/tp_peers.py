@@ -79,7 +79,7 @@ class TPPeers:
         procs = []
         for rank in range(1, size):
             spec = {"rank": rank, "size": size, "port": store.port, "prefix": prefix, "backend": backend,
-                    "device": str(worker_device(device, rank)), "config": asdict(config)}
+                    "device": str(worker_device(device, rank, config.gpu_id_step)), "config": asdict(config)}
             procs.append(ctx.Process(target=worker_main, args=(json.dumps(spec),), name=f"hotswap-tp-rank{rank}", daemon=True))
         for p in procs:
             p.start()
