@@ -14,6 +14,7 @@ from engine_support import fail_disk_read, make_engine
 from hf_reference import UPDATE_GREEDY as GREEDY
 from hf_reference import UPDATE_PROMPTS as PROMPTS
 from hf_reference import greedy_ids, hf_greedy, prompt_ids, reference_ids
+from safetensors.torch import save_file
 from trainer_support import checkpoint_tensors
 from transformers import AutoModelForCausalLM
 
@@ -407,3 +408,28 @@ def _generate_or_error(engine, errors: list) -> None:
         engine.generate(input_ids=PROMPTS[0], sampling_params=GREEDY)
     except HotswapError as exc:
         errors.append(str(exc))
+
+
+def test_a_tied_lm_head_beside_its_embedding_is_skipped_in_any_order(tiny_llama, tmp_path):
+    """A tied model's state holding lm_head.weight with other values than the embedding: SGLang's load_weights skips
+    lm_head when tied, so the embedding serves. The first given used to win: lm_head from disk (files sorted by name),
+    the embedding from a trainer's list."""
+    tensors = checkpoint_tensors(tiny_llama)
+    embed = tensors["model.embed_tokens.weight"]
+    other = torch.randn_like(embed)
+    folder = tmp_path / "both"
+    shutil.copytree(tiny_llama, folder)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    save_file({**tensors, "lm_head.weight": other}, str(folder / "model.safetensors"))
+    with make_engine(tiny_llama) as eng:
+        assert eng.update_weights_from_disk(str(folder)).success
+        torch.testing.assert_close(torch.tensor(eng.get_weights_by_name("lm_head.weight", truncate_size=4)), embed[:4], rtol=0, atol=0)
+        for order in ([("lm_head.weight", other), ("model.embed_tokens.weight", embed)],
+                      [("model.embed_tokens.weight", embed), ("lm_head.weight", other)]):
+            assert eng.update_weights_from_tensor(order).success
+            torch.testing.assert_close(torch.tensor(eng.get_weights_by_name("model.embed_tokens.weight", truncate_size=4)), embed[:4],
+                                       rtol=0, atol=0)
+        assert eng.update_weights_from_tensor([("lm_head.weight", other)]).success  # alone, it still loads (into the embedding)
+        torch.testing.assert_close(torch.tensor(eng.get_weights_by_name("model.embed_tokens.weight", truncate_size=4)), other[:4],
+                                   rtol=0, atol=0)

@@ -29,16 +29,17 @@ def check_tensor_metas(weight_map: WeightMap, metas: list[TensorMeta], *, requir
     pairs: list[tuple[TensorMeta, WeightSlot]] = []
     seen: dict[str, str] = {}  # slot name -> the incoming name that filled it
     parts_seen: dict[str, int] = {}  # canonical name -> how many of its per-expert parts came
+    # a tied alias (lm_head.weight) given beside what it aliases is skipped whatever the order, as SGLang's load_weights
+    # skips lm_head when tied: the embedding is what serves, from disk (files sorted by name) as from a trainer's list
+    given = {meta.name for meta in metas}
     for meta in metas:
-        if meta.name.endswith(IGNORED_SUFFIXES):
+        if meta.name.endswith(IGNORED_SUFFIXES) or weight_map.aliases.get(meta.name) in given:
             continue
         slot = weight_map.resolve(meta.name)
         if slot is None:
             problems.append(f"unknown parameter {shown(meta.name)}")
             continue
         if slot.hf_name in seen:
-            if meta.name in weight_map.aliases or seen[slot.hf_name] in weight_map.aliases:
-                continue  # tied lm_head alongside the embedding: one tensor, loaded once
             problems.append(f"parameter {shown(meta.name)} given twice")
             continue
         seen[slot.hf_name] = meta.name
