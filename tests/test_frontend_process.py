@@ -140,6 +140,64 @@ def test_abort_by_rid_through_the_pipe(linked):
     wait_idle(engine)
 
 
+async def until(predicate, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.005)
+
+
+async def cancel_then_resend(engine, service, remote, resend):
+    """Cancel a running request of rid "r1" and send "r1" again (`resend()`) before the engine's outputs can come back
+    (they wait on the service's step lock): the old request's abort reaches the front end after the new request's route
+    is set."""
+    old = asyncio.ensure_future(remote.async_generate("Alice likes", {"max_new_tokens": 400, "ignore_eos": True}, rid="r1"))
+    await until(lambda: engine.get_load().num_running == 1, "the first request never ran")
+    with service._step_lock:
+        old.cancel()
+        await asyncio.gather(old, return_exceptions=True)
+        new = asyncio.ensure_future(resend())
+        await until(lambda: "r1" in remote._live_rids, "the resent request was never sent")
+    return await new
+
+
+def test_a_rid_resent_right_after_its_call_was_cancelled_gets_its_own_reply(linked):
+    """A framework that times a request out and retries it under the same rid must get the retry's reply, not the
+    cancelled request's abort (and its tokens); both end, nothing is left running."""
+    engine, service, remote = linked
+    short = {"max_new_tokens": 8, "temperature": 0.0, "ignore_eos": True}
+    out = asyncio.run(cancel_then_resend(engine, service, remote, lambda: remote.async_generate("Bob", short, rid="r1")))
+    assert out["meta_info"]["finish_reason"] == {"type": "length", "length": 8}
+    assert out["output_ids"] == engine.generate("Bob", short)["output_ids"]
+    wait_idle(engine)
+    assert engine.check_invariants().success
+
+
+def test_a_closing_front_end_aborts_a_rid_resent_after_a_cancel(linked):
+    """The engine's side counts a rid once per request: the cancelled request's end must not make it forget the
+    retry, which the front end's exit then aborts (held by a pause, it could not end on its own)."""
+    engine, service, remote = linked
+
+    async def resend():
+        stream = await remote.async_generate("Bob", {"max_new_tokens": 400, "ignore_eos": True}, rid="r1", stream=True)
+        await anext(stream)  # the old request's last output came before this one's first
+        return stream
+
+    async def main() -> None:
+        stream = await cancel_then_resend(engine, service, remote, resend)
+        assert engine.pause_generation(mode="in_place").success
+        remote.shutdown()  # the front end exits with the retry running: only the engine's side can abort it now
+        await stream.aclose()
+
+    try:
+        asyncio.run(main())
+        assert service.closed.wait(10)
+        wait_idle(engine)
+    finally:
+        engine.continue_generation()
+    assert engine.check_invariants().success
+
+
 def test_a_request_that_does_not_pickle_is_refused_by_name(linked):
     """A request the pipe cannot carry (an in-process object) fails with an error naming it; nothing reaches the
     engine and the link goes on working."""

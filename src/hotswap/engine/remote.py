@@ -10,6 +10,7 @@ import functools
 import itertools
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
@@ -49,7 +50,10 @@ class RemoteScheduler:
         self._send_lock = threading.Lock()  # one message at a time down the pipe
         self._ids = itertools.count()
         self._calls: dict[int, Future] = {}
-        self._routes: dict[str, tuple[Callable, Callable | None]] = {}  # rid -> (sink, flush) until its last output
+        # rid -> the (sink, flush) of each request of that rid not finished yet, oldest first: a client may re-send a rid as soon
+        # as its cancelled call sent the abort, before the aborted request's last output is back; the engine ends the old
+        # one first (the abort goes down the pipe ahead of the new request), so outputs go to the oldest route
+        self._routes: dict[str, deque[tuple[Callable, Callable | None]]] = {}
         self.dead: str | None = None
         self._reader = threading.Thread(target=self._read, name="hotswap-remote-in", daemon=True)
         self._reader.start()
@@ -62,14 +66,15 @@ class RemoteScheduler:
         end aborted (503, naming why) as the Scheduler ends those it can no longer take."""
         fut: Future = Future()
         if isinstance(request, p.GenerateBatch):
-            routes = {r.rid: (r.sink, r.flush) for r in request.requests}
+            routes = [(r.rid, (r.sink, r.flush)) for r in request.requests]
             request = p.GenerateBatch(requests=[dataclasses.replace(r, sink=None, flush=None) for r in request.requests])
         else:
-            routes = {}
+            routes = []
         with self._lock:
             reason = self.dead
-            self._routes.update(routes)  # registered either way: a refusal below ends them through _deliver
             if reason is None:
+                for rid, route in routes:
+                    self._routes.setdefault(rid, deque()).append(route)
                 call_id = next(self._ids)
                 self._calls[call_id] = fut
         if reason is None:
@@ -80,6 +85,8 @@ class RemoteScheduler:
             except Exception as exc:  # noqa: BLE001 - the pipe is gone, or the request does not pickle
                 with self._lock:
                     self._calls.pop(call_id, None)
+                    # never sent: no output of the engine will come for them (those _fail_all ended already are left out)
+                    routes = [(rid, route) for rid, route in routes if self._drop_route(rid, route)]
                 if isinstance(exc, (OSError, ValueError)):
                     error: HotswapError = EngineUnavailableError(f"the engine process is unreachable: {exc}")
                 else:
@@ -87,8 +94,18 @@ class RemoteScheduler:
         else:
             error = EngineUnavailableError(reason)
         fut.set_exception(error)
-        self._deliver([_aborted(rid, str(error)) for rid in routes])  # those _fail_all ended already are skipped
+        self._hand_over([(_aborted(rid, str(error)), route) for rid, route in routes])
         return fut
+
+    def _drop_route(self, rid: str, route: tuple[Callable, Callable | None]) -> bool:
+        """Under the lock: forget `route` of `rid` (a request that was never sent); False if it was gone already."""
+        held = self._routes.get(rid)
+        if held is None or route not in held:
+            return False
+        held.remove(route)
+        if not held:
+            del self._routes[rid]
+        return True
 
     def close(self, timeout: float = 10.0) -> None:
         close_pipe(self._conn, (self._reader,), timeout)
@@ -122,10 +139,26 @@ class RemoteScheduler:
             self._fail_all(reason)
 
     def _deliver(self, outs: list[p.GenerateOutput]) -> None:
-        """As the Scheduler's OutputStreamer: each output to its request's sink, then each consumer's flush once;
-        a failing consumer costs only itself."""
+        """As the Scheduler's OutputStreamer: each output to the oldest unfinished request of its rid (its last
+        output retires that route)."""
         with self._lock:  # once per step, not per output
-            routed = [(out, self._routes.pop(out.rid, None) if out.finished else self._routes.get(out.rid)) for out in outs]
+            routed = [(out, self._route(out)) for out in outs]
+        self._hand_over(routed)
+
+    def _route(self, out: p.GenerateOutput) -> tuple[Callable, Callable | None] | None:
+        """Under the lock: where `out` goes (None: its request was ended here already)."""
+        held = self._routes.get(out.rid)
+        if not held:
+            return None
+        if not out.finished:
+            return held[0]
+        route = held.popleft()
+        if not held:
+            del self._routes[out.rid]
+        return route
+
+    def _hand_over(self, routed: list[tuple[p.GenerateOutput, tuple[Callable, Callable | None] | None]]) -> None:
+        """Each output to its sink, then each consumer's flush once; a failing consumer costs only itself."""
         flushes: dict = {}
         for out, route in routed:
             if route is None:
@@ -148,11 +181,11 @@ class RemoteScheduler:
         with self._lock:
             self.dead = reason
             calls, self._calls = self._calls, {}
-            rids = list(self._routes)
+            routes, self._routes = self._routes, {}
         for fut in calls.values():
             if not fut.done():
                 fut.set_exception(EngineUnavailableError(reason))
-        self._deliver([_aborted(rid, reason) for rid in rids])
+        self._hand_over([(_aborted(rid, reason), route) for rid, held in routes.items() for route in held])
         if self._on_close is not None:
             self._on_close()
 

@@ -29,6 +29,7 @@ import os
 import queue
 import socket
 import threading
+from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -99,7 +100,9 @@ class EngineService:
         self._step: list[p.GenerateOutput] = []  # this step's outputs so far (scheduler thread)
         self._step_tokens: list[tuple] = []  # this step's token rows so far (scheduler thread only: no lock)
         self._step_lock = threading.Lock()
-        self._live: set[str] = set()  # rids of this front end's requests not finished yet
+        # rids of this front end's requests not finished yet, with how many run under each (a rid re-sent after a cancel
+        # may arrive before the old request's abort has ended it)
+        self._live: Counter[str] = Counter()
         self.closed = threading.Event()
         self._reader = threading.Thread(target=self._read, name="hotswap-service-in", daemon=True)
         self._sender = threading.Thread(target=self._send, name="hotswap-service-out", daemon=True)
@@ -120,7 +123,9 @@ class EngineService:
         with self._step_lock:
             self._step.append(out)
             if out.finished:
-                self._live.discard(out.rid)
+                self._live[out.rid] -= 1
+                if self._live[out.rid] <= 0:
+                    del self._live[out.rid]
 
     def _flush(self) -> None:
         with self._step_lock:
@@ -159,7 +164,7 @@ class EngineService:
             self.closed.set()
             self._outbox.put(None)
             with self._step_lock:
-                orphans, self._live = self._live, set()
+                orphans, self._live = set(self._live), Counter()
             for rid in orphans:
                 self.engine.scheduler.submit(p.AbortRequest(rid=rid, message="the front end closed"))
 
