@@ -22,7 +22,9 @@ from hotswap.kernels import triton_attention as ta  # noqa: E402
 LENS = [1, 40, 700, 65, 300, 0, 129, 64]
 
 
-def _case(seed: int, hq: int = 8, hkv: int = 4, d: int = 64):
+def _case(seed: int, hq: int = 4, hkv: int = 2, d: int = 64):
+    """Two KV heads of two query heads each: the grid still spans KV heads (head offsets, group rows) at half the
+    interpreted programs of four."""
     gen = _gen(seed)
     k, v, pt = make_paged_kv(LENS, 16, hkv, d, torch.float32, gen)
     q = torch.randn(len(LENS), hq, d, generator=gen)
@@ -51,7 +53,7 @@ def test_splits_merged_in_place_equal_the_merge_kernel_and_the_reference(monkeyp
         patch.setattr(ta, "_MERGE_IN_PLACE", False)
         kernel = ta.paged_decode_attention(q, k, v, pt, seq_lens, 0.125, num_splits=num_splits)
     with monkeypatch.context() as patch:
-        patch.setattr(arrival, "SIZE", len(LENS) * 4 - 1)  # one group short of this launch's 8 rows x 4 KV heads
+        patch.setattr(arrival, "SIZE", len(LENS) * k.shape[2] - 1)  # one group short of this launch's 8 rows x 2 KV heads
         too_many = ta.paged_decode_attention(q, k, v, pt, seq_lens, 0.125, num_splits=num_splits)
     assert torch.equal(merged, kernel) and torch.equal(kernel, too_many)
     assert rel_err(merged, ref) < 2e-3
@@ -60,7 +62,7 @@ def test_splits_merged_in_place_equal_the_merge_kernel_and_the_reference(monkeyp
 
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_programs_in_a_given_order_compute_the_same_rows(num_splits):
-    q, k, v, pt, seq_lens = _case(7 + num_splits, hq=4, hkv=2)
+    q, k, v, pt, seq_lens = _case(7 + num_splits)
     order = torch.argsort(seq_lens, descending=True).to(torch.int32)
     plain = ta.paged_decode_attention(q, k, v, pt, seq_lens, 0.125, num_splits=num_splits)
     ordered = ta.paged_decode_attention(q, k, v, pt, seq_lens, 0.125, num_splits=num_splits, order=order)

@@ -33,6 +33,25 @@ def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("demo-cache")
 
 
+SHORT_STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, cache):
+    """One short run per transport, made once for the module: the per-transport checks and the cross-transport
+    comparison read the same logs (each run spawns a trainer process, the bulk of its cost)."""
+    logs: dict[str, tuple[dict, Path]] = {}
+
+    def run(sync: str) -> tuple[dict, Path]:
+        if sync not in logs:
+            tmp = tmp_path_factory.mktemp(f"short-{sync}")
+            args = demo_args(tmp, cache, "--sync", sync, "--steps", str(SHORT_STEPS), "--prompts-per-step", "16", "--group-size", "4")
+            logs[sync] = run_rl(args, out=open(os.devnull, "w")), tmp / "out"
+        return logs[sync]
+
+    return run
+
+
 # ---- the pieces ----------------------------------------------------------------------------------------
 
 
@@ -63,11 +82,9 @@ def test_group_advantages_are_relative_to_each_group():
 
 
 @pytest.mark.parametrize("sync", ["distributed", "ipc", "disk"])
-def test_short_run_pushes_verified_versions(sync, tmp_path, cache):
-    steps = 3
-    args = demo_args(tmp_path, cache, "--sync", sync, "--steps", str(steps), "--prompts-per-step", "16", "--group-size", "4")
-    log = run_rl(args, out=open(os.devnull, "w"))
-    out = tmp_path / "out"
+def test_short_run_pushes_verified_versions(sync, short_run):
+    steps = SHORT_STEPS
+    log, out = short_run(sync)
     assert json.loads((out / "log.json").read_text()) == json.loads(json.dumps(log))
     png = out / "reward_sync.png"
     assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 10_000
@@ -115,12 +132,9 @@ def test_default_run_learns_from_chance_to_target(tmp_path, cache):
     assert s["all_checksums_ok"] and s["num_pushes"] == 61
 
 
-def test_transports_give_bit_identical_runs(tmp_path, cache):
+def test_transports_give_bit_identical_runs(short_run):
     """Pushes are exact, so the same seed gives the same rollouts whichever way the weights travel."""
-    logs = {}
-    for sync in ("distributed", "disk"):
-        args = demo_args(tmp_path / sync, cache, "--sync", sync, "--steps", "2", "--prompts-per-step", "8", "--group-size", "4")
-        logs[sync] = run_rl(args, out=open(os.devnull, "w"))
+    logs = {sync: short_run(sync)[0] for sync in ("distributed", "disk")}
     digests = {k: [s["push"]["checksum_digest"] for s in v["steps"] if s["push"]] for k, v in logs.items()}
     assert digests["distributed"] == digests["disk"]
     assert [s["reward"] for s in logs["distributed"]["steps"]] == [s["reward"] for s in logs["disk"]["steps"]]

@@ -1,7 +1,7 @@
 """The Triton kernels' logic on the CPU in CI: the interpreter-only tests (MoE layer and routing, decode
 attention's splits, merges and early key loads, the batch-1 qkv matmul's heads, the few-rows matmul and its
-epilogues) run in a child pytest with TRITON_INTERPRET=1, which Triton reads when the kernels are defined, so
-this process (whose kernels are compiled ones) cannot run them itself."""
+epilogues, the fused sampling kernels) run in one child pytest with TRITON_INTERPRET=1, which Triton reads when
+the kernels are defined, so this process (whose kernels are compiled ones) cannot run them itself."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import pytest
 pytest.importorskip("triton")
 
 TESTS = Path(__file__).parent
-INTERPRETED = ["test_fused_moe.py", "test_attention_interpreted.py", "test_skinny_interpreted.py", "test_rows_interpreted.py"]
+INTERPRETED = ["test_fused_moe.py", "test_attention_interpreted.py", "test_skinny_interpreted.py", "test_rows_interpreted.py",
+               "test_sampling_interpreted.py"]
 
 
 def test_kernels_pass_under_the_interpreter():

@@ -51,13 +51,14 @@ def make_runner(path: str, tp: TPInfo) -> ModelRunner:
     return ModelRunner(cfg, ModelConfig.from_pretrained(path), torch.device("cpu"), tp)
 
 
-def _worker(rank: int, world: int, port: int, path: str, out, received) -> None:
+def _worker(rank: int, world: int, port: int, paths: list[str], out, received) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        runner = make_runner(path, TPInfo(rank, world, dist.group.WORLD))
-        logits, tokens = greedy_run(runner)
-        sizes = {n: tuple(p.shape) for n, p in runner.model.named_parameters()}
-        out.put((rank, logits, tokens, sizes))
+        for path in paths:  # one group for every checkpoint: spawning the ranks costs more than a run
+            runner = make_runner(path, TPInfo(rank, world, dist.group.WORLD))
+            logits, tokens = greedy_run(runner)
+            sizes = {n: tuple(p.shape) for n, p in runner.model.named_parameters()}
+            out.put((path, rank, logits, tokens, sizes))
         received.wait(120)  # a queued tensor is shared by handle: this process must outlive the parent's get
     finally:
         dist.destroy_process_group()
@@ -69,20 +70,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("family", ["tiny_qwen3", "tiny_qwen2", "tiny_llama"])
-def test_tp2_matches_tp1(family, request):
-    path = str(request.getfixturevalue(family))
-    ref_logits, ref_tokens = greedy_run(make_runner(path, TPInfo()))
+FAMILIES = ["tiny_qwen3", "tiny_qwen2", "tiny_llama"]
+
+
+@pytest.fixture(scope="module")
+def tp2_runs(request) -> dict[str, list]:
+    """Each family's TP=2 results, both ranks, from one pair of rank processes that run every family in turn."""
+    paths = [str(request.getfixturevalue(family)) for family in FAMILIES]
     ctx = mp.get_context("spawn")
     out, received = ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, path, out, received)) for port in [_free_port()] for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, paths, out, received)) for port in [_free_port()] for r in range(2)]
     for p in procs:
         p.start()
-    results = sorted(out.get(timeout=120) for _ in procs)
+    results = [out.get(timeout=120) for _ in procs for _ in paths]
     received.set()
     for p in procs:
         p.join(timeout=30)
         assert p.exitcode == 0
+    return {family: sorted((r[1:] for r in results if r[0] == path), key=lambda r: r[0]) for family, path in zip(FAMILIES, paths)}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tp2_matches_tp1(family, request, tp2_runs):
+    path = str(request.getfixturevalue(family))
+    ref_logits, ref_tokens = greedy_run(make_runner(path, TPInfo()))
+    results = tp2_runs[family]
+    assert [rank for rank, *_ in results] == [0, 1]
     full = {n: tuple(p.shape) for n, p in make_runner(path, TPInfo()).model.named_parameters()}
     for _rank, logits, tokens, sizes in results:
         torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
