@@ -22,6 +22,7 @@ from test_sglang_payloads import file_system_sharing, flattened_bucket, serializ
 from trainer_support import TrainerProcess, checkpoint_tensors, serve_engine_http
 
 from hotswap import Engine, HotswapError
+from hotswap.config import EngineConfig, engine_args_from_sglang
 from hotswap.runner import tp_protocol
 from hotswap.runner.tp_protocol import Op
 from hotswap.runner.tp_step_codec import StepMode
@@ -354,9 +355,12 @@ def test_a_hung_worker_fails_a_step_within_the_watchdog_timeout(tiny_qwen3):
 
 
 def test_the_tp_bounds_are_checked_before_anything_starts(tiny_qwen3):
-    for bad in (dict(tp_timeout_s=0), dict(watchdog_timeout=float("inf")), dict(step_timeout_s=float("nan")), dict(tp_timeout_s="60")):
-        with pytest.raises(HotswapError, match="_timeout_s must be a number of seconds"):
+    for bad in (dict(tp_timeout_s=0), dict(watchdog_timeout=-1), dict(step_timeout_s=float("nan")), dict(tp_timeout_s="60")):
+        with pytest.raises(HotswapError, match="_timeout_s must be a positive number of seconds"):
             Engine(str(tiny_qwen3), tensor_parallel_size=2, **bad, **ARGS)
+    # a watchdog turned off by a huge value (or inf) waits a week: process-group timeouts must stay finite
+    for off in (1e9, float("inf")):
+        assert EngineConfig(model_path="m", **engine_args_from_sglang({"watchdog_timeout": off})).step_timeout_s == 7 * 24 * 3600
 
 
 def test_an_idle_engine_learns_of_a_dead_worker_without_a_request(tiny_qwen3):

@@ -335,10 +335,11 @@ class EngineConfig:
             raise HotswapError(f"stream_interval must be an integer >= 1, got {self.stream_interval!r}")
         if not self.max_queue_wait_s > 0:
             raise HotswapError(f"max_queue_wait_s must be > 0, got {self.max_queue_wait_s!r}")
-        for name in ("tp_timeout_s", "step_timeout_s"):  # process-group timeouts: a finite number of seconds
+        for name in ("tp_timeout_s", "step_timeout_s"):  # process-group timeouts: a positive number of seconds
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < _MAX_TIMEOUT_S:
-                raise HotswapError(f"{name} must be a number of seconds in (0, {_MAX_TIMEOUT_S:g}), got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:  # NaN too
+                raise HotswapError(f"{name} must be a positive number of seconds, got {value!r}")
+            setattr(self, name, min(float(value), _MAX_TIMEOUT_S))  # a huge value (a watchdog turned off) stands for a week
         _check_fraction("kv_cache_memory_fraction", self.kv_cache_memory_fraction)
         self.attention_backend = _SGLANG_ATTENTION_BACKENDS.get(self.attention_backend, self.attention_backend)
         if self.attention_backend not in ATTENTION_BACKENDS:

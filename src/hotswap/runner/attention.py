@@ -31,10 +31,13 @@ def store_kv(kv_cache: KVCacheStorage, layer: int, k: torch.Tensor, v: torch.Ten
     v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
-def _gather_heads(cache: torch.Tensor, pages: torch.Tensor, group: int) -> torch.Tensor:
+def _gather_heads(cache: torch.Tensor, pages: torch.Tensor, group: int, live: torch.Tensor | None = None) -> torch.Tensor:
     """The KV rows of `pages` ([..., n]) as [..., H, n * page_size, D], each kv head repeated for its
-    `group` query heads."""
-    rows = cache[pages].flatten(-4, -3)  # [..., L, Hkv, D]
+    `group` query heads; rows where `live` ([..., L]) is False are zeroed (in the gathered copy, before the
+    repeat: a pass over Hkv heads, not H)."""
+    rows = cache[pages].flatten(-4, -3)  # [..., L, Hkv, D], a copy: the cache is never written here
+    if live is not None:
+        rows.masked_fill_(~live[..., None, None], 0.0)
     return rows.transpose(-3, -2).repeat_interleave(group, dim=-3)
 
 
@@ -87,11 +90,9 @@ class TorchAttention(_PagedBackend):
         n_pages = int((lens.max() + ps - 1) // ps)
         pages = ctx.page_table[:, :n_pages].long()
         group = q.shape[1] // k_cache.shape[2]
-        kb = _gather_heads(k_cache, pages, group)  # [B, H, L, D]
-        vb = _gather_heads(v_cache, pages, group)
-        mask = torch.arange(kb.shape[2], device=q.device).unsqueeze(0) < lens.unsqueeze(1)  # [B, L]
-        live = mask[:, None, :, None]
-        kb, vb = kb.where(live, 0.0), vb.where(live, 0.0)
+        mask = torch.arange(n_pages * ps, device=q.device).unsqueeze(0) < lens.unsqueeze(1)  # [B, L]
+        kb = _gather_heads(k_cache, pages, group, mask)  # [B, H, L, D]
+        vb = _gather_heads(v_cache, pages, group, mask)
         o = F.scaled_dot_product_attention(q.unsqueeze(2), kb, vb, attn_mask=mask[:, None, None, :], scale=scale)
         return o.squeeze(2)
 

@@ -40,7 +40,6 @@ class LoadStats:
         return round(tokens / elapsed, 2) if elapsed > 0 else 0.0
 
 
-
 def cache_hit_rate(hit_tokens: int, prompt_tokens: int) -> float:
     """The prefix-cache share of the latest admitted batch's prompts (SGLang: its last prefill batch's
     hit tokens over hit plus new tokens, scheduler_metrics_mixin.py::log_prefill_stats)."""

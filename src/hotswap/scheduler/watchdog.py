@@ -21,11 +21,12 @@ log = logging.getLogger(__name__)
 @dataclass(kw_only=True)
 class StepWatchdog:
     timeout_s: float
-    expired: str | None = None  # why the engine failed: a step ran past the bound (set once, never cleared)
-    _since: float | None = None  # when the step part now running began (monotonic), None while none runs
-    _what: str = ""
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    # why the engine failed: a step ran past the bound (set once, never cleared)
+    expired: str | None = field(init=False, default=None)
+    _since: float | None = field(init=False, default=None)  # when the step part now running began (monotonic), None while none runs
+    _what: str = field(init=False, default="")
+    _stop: threading.Event = field(init=False, default_factory=threading.Event)
+    _thread: threading.Thread | None = field(init=False, default=None)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._watch, name="hotswap-step-watchdog", daemon=True)
