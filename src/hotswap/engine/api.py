@@ -158,6 +158,8 @@ class EngineAPI:
         self.config = config
         self.model_path = config.model_path  # the folder the served weights came from (follows disk updates)
         self.device = device
+        # the GPU's name (SGLang's /v1/loads `accelerator`); asked by the engine's process, which runs CUDA
+        self.accelerator: str | None = None
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.max_context_len = context_length(config, model_config)

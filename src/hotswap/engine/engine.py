@@ -60,10 +60,6 @@ class Engine(EngineAPI):
             log.info("skip_tokenizer_init: no tokenizer loaded; requests give input_ids, replies carry output_ids and no text")
         device = config.resolved_device()
         model_config = model_config_for(config)
-        tp_size = config.tensor_parallel_size
-        if device.type == "cuda" and (device.index or 0) + tp_size > torch.cuda.device_count():
-            raise HotswapError(f"tensor_parallel_size {tp_size} from {device} needs GPUs up to cuda:{(device.index or 0) + tp_size - 1}; "
-                               f"{torch.cuda.device_count()} visible")
         tokenizer = load_tokenizer(config)
         make_garbage_collections_rare()  # the scheduler thread allocates per row per step (gc_policy.py)
         self.config, self.model_config, self.device = config, model_config, device  # _start_runner reads them
@@ -73,6 +69,7 @@ class Engine(EngineAPI):
             self.model_runner = self._start_runner()
         scheduler = Scheduler(config, self.model_runner, tokenizer, eos_token_ids(model_config, tokenizer), context_length(config, model_config))
         super().__init__(config, model_config, device, tokenizer, scheduler, scheduler.streamer.detokenizer)
+        self.accelerator = torch.cuda.get_device_name(device) if device.type == "cuda" else None
         self.scheduler: Scheduler = scheduler  # the thread itself (tests and benches read its state)
         scheduler.start()
         if config.weight_version != "default":  # SGLang's --weight-version: the launch weights' name

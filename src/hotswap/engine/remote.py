@@ -200,6 +200,7 @@ class RemoteEngine(EngineAPI):
         super().__init__(info.config, info.model_config, torch.device(info.device), tokenizer, scheduler,
                          functools.partial(detokenizer_for, tokenizer))
         self.model_path = info.model_path
+        self.accelerator = info.accelerator
 
     def _follow_model_path(self, path: str) -> None:
         self.model_path = path

@@ -81,6 +81,7 @@ class EngineInfo:
     device: str
     model_path: str  # the folder the served weights came from now
     capacity: PoolCapacity
+    accelerator: str | None  # the GPU's name (a front end process never starts CUDA to ask it)
 
 
 class EngineService:
@@ -94,7 +95,8 @@ class EngineService:
         self.siblings = siblings if siblings is not None else []
         self.siblings.append(self)
         self.info = EngineInfo(config=engine.config, model_config=engine.model_config, device=str(engine.device),
-                               model_path=str(engine.model_path), capacity=engine.capacity())
+                               model_path=str(engine.model_path), capacity=engine.capacity(),
+                               accelerator=engine.accelerator)
         self._conn = conn
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # messages to send, in order; None stops the sender
         self._step: list[p.GenerateOutput] = []  # this step's outputs so far (scheduler thread)

@@ -16,7 +16,6 @@ import sys
 import time
 from typing import Any
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict
@@ -100,14 +99,6 @@ def _parsed_tool_calls(message: dict) -> dict:
     return {"tool_calls": out} if changed else {}
 
 
-def accelerator_name(device) -> str | None:
-    """The GPU's name for /v1/loads (SGLang's `accelerator`); None on CPU, and in a front end process, which never
-    starts CUDA itself."""
-    if device.type != "cuda" or not torch.cuda.is_initialized():
-        return None
-    return torch.cuda.get_device_name(device)
-
-
 class ServerState:
     """What the routes share: the engine, names, limits, metrics, draining flag."""
 
@@ -133,7 +124,6 @@ class ServerState:
         # the scheduler needs ceil((prompt + 1) / page_size) pages for a prompt
         self.max_prompt_tokens = min(self.max_context_len - 1, self.kv_capacity_tokens - 1)
         self.token_text = functools.lru_cache(maxsize=1 << 16)(self._token_text)
-        self.accelerator = accelerator_name(engine.device)
 
     @property
     def model_path(self) -> str:
@@ -408,7 +398,7 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
         rows = [] if query.dp_rank not in (None, 0) else [load_entry(load, TokenLoad(used=used, total=tokens, capacity=state.kv_capacity_tokens), query)]
         if query.prometheus:
             return PlainTextResponse(loads_prometheus(rows), media_type="text/plain; version=0.0.4; charset=utf-8")
-        return JSONResponse(loads_envelope(rows, version=hotswap.__version__, accelerator=state.accelerator,
+        return JSONResponse(loads_envelope(rows, version=hotswap.__version__, accelerator=engine.accelerator,
                                            num_accelerators=engine.config.tensor_parallel_size))
 
     @app.get("/get_load")
