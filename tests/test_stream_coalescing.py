@@ -178,7 +178,7 @@ def test_outputs_queued_on_the_pipe_while_the_loop_is_busy_go_out_as_one_chunk(t
     config = EngineConfig(model_path=str(tiny_qwen3), device="cpu")
     ours, theirs = mp.Pipe(duplex=True)
     remote = RemoteEngine(theirs, EngineInfo(config=config, model_config=model_config_for(config), device="cpu",
-                                             model_path=str(tiny_qwen3), capacity=CAPACITY))
+                                             model_path=str(tiny_qwen3), capacity=CAPACITY, accelerator=None))
     ids = tokenizer.encode("é!x yz", add_special_tokens=False)
     try:
         async def main() -> list[dict]:
