@@ -379,7 +379,7 @@ class EngineConfig:
         if last >= torch.cuda.device_count():
             raise HotswapError(f"GPU {last} (rank {self.tensor_parallel_size - 1} of GPU {index} + rank x gpu_id_step "
                                f"{self.gpu_id_step}) does not exist: {torch.cuda.device_count()} GPU(s) are visible")
-        return dev if dev.index == index or (dev.index is None and index == 0) else torch.device("cuda", index)
+        return dev if self.base_gpu_id == 0 else torch.device("cuda", index)  # a bare 'cuda' stays as given
 
 
 # SGLang ServerArgs names frameworks pass to `Engine(**server_args)` -> (our field, value converter)

@@ -7,6 +7,11 @@ from dataclasses import dataclass, field, fields
 from hotswap.errors import ConstrainedDecodingError, SamplingParamsError, shown
 
 INT64_MAX = 2**63 - 1  # seeds and top_k travel to the device as int64
+
+
+def is_seed(value: object) -> bool:
+    """A seed the device takes: an integer (not a bool) in [0, 2**63)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= INT64_MAX
 MAX_STOPS = 1024  # stop strings (and stop token ids) per request: each is checked after every token, on the scheduler thread
 # top logprobs per position: SGLang sets no limit (verl's distillation teacher asks for its topk, 32 or 128), but each
 # one is a (logprob, id, text) entry in every position's reply; the OpenAI and vLLM routes keep their own limit of 20
@@ -121,7 +126,7 @@ class SamplingParams:
             raise bad(f"top_k must be -1 (off) or in [1, 2**63), got {shown(self.top_k)}")
         if not isinstance(self.min_p, (int, float)) or not 0.0 <= self.min_p <= 1.0:
             raise bad(f"min_p must be in [0, 1], got {shown(self.min_p)}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= INT64_MAX):
+        if self.seed is not None and not is_seed(self.seed):
             raise bad(f"seed must be an integer in [0, 2**63), got {shown(self.seed)}")
         if not isinstance(self.n, int) or not 1 <= self.n <= 256:
             raise bad(f"n must be in [1, 256], got {shown(self.n)}")

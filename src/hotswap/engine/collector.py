@@ -133,13 +133,12 @@ class Collector:
                 meta["input_top_logprobs"] = list(self.input_top_logprobs)
         if self.top_p_token_ids and out.finished:  # slime's replay fields: int32 ids and offsets, base64
             meta["top_p_token_ids"], meta["top_p_token_offsets"] = encode_top_p_token_ids(self.top_p_token_ids)
-        text = self.text if since is None or delta is None else delta["delta_text"]
-        result = {"text": text, "output_ids": self.output_ids[start:], "meta_info": meta}
+        result: dict = {}
+        if self.with_text:  # under skip_tokenizer_init SGLang's output has no text keys
+            result["text"] = self.text if since is None or delta is None else delta["delta_text"]
+        result |= {"output_ids": self.output_ids[start:], "meta_info": meta}
         if delta is not None:
-            result.update(delta)
-        if not self.with_text:
-            del result["text"]
-            result.pop("delta_text", None)
+            result |= delta if self.with_text else {k: v for k, v in delta.items() if k != "delta_text"}
         if self.index is not None:
             result["index"] = self.index
         return result

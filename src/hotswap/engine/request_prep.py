@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hotswap.errors import HotswapError, SamplingParamsError, shown
-from hotswap.sampling_params import CONSTRAINED_DECODING_FIELDS, INT64_MAX, SamplingParams
+from hotswap.sampling_params import CONSTRAINED_DECODING_FIELDS, INT64_MAX, SamplingParams, is_seed
 
 _PLAIN_INT = {int}
 MAX_RID_CHARS = 1024
@@ -269,7 +269,7 @@ class RequestPrep:
         params = _drop_neutral(params)
         if "sampling_seed" in params:
             seed = params.pop("sampling_seed")
-            if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= INT64_MAX):
+            if seed is not None and not is_seed(seed):
                 raise SamplingParamsError(f"invalid sampling parameter: sampling_seed must be an integer in [0, 2**63), got {shown(seed)}")
             if seed is not None and params.get("seed") is None:
                 params["seed"] = seed
