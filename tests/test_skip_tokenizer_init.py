@@ -95,3 +95,12 @@ def test_text_routes_refuse_by_name_and_info_reads_back(c, bare_checkpoint):
     assert c.get("/get_server_info").json()["skip_tokenizer_init"] is True
     # SGLang reports ServerArgs.tokenizer_path, which defaults to the model path whether or not it is loaded
     assert c.get("/get_model_info").json()["tokenizer_path"] == str(bare_checkpoint)
+
+
+def test_streamed_chunks_keep_their_token_deltas_without_text(engine):
+    """A streamed chunk drops only the text keys: its new ids (delta_output_ids) still add up to the whole output."""
+    greedy = {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True}
+    whole = engine.generate(input_ids=PROMPT, sampling_params=greedy)["output_ids"]
+    chunks = list(engine.generate(input_ids=PROMPT, sampling_params=greedy, stream=True))
+    assert chunks and all("text" not in ch and "delta_text" not in ch for ch in chunks)
+    assert [t for ch in chunks for t in ch["delta_output_ids"]] == whole
