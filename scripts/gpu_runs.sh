@@ -184,9 +184,9 @@ h200)  # one H200 call's worth (~480 s) of what only an H200 gives: the 30B-A3B 
     ;;
 h200-check)  # the twenty-ninth session's one H200 call (~510 s, `needs_h200`): the GPU tests of its checkpoint variants (YaRN's
     # table, o_proj / MLP biases through the few-rows kernels) and the engine's, then the rollouts of `h200` (30B-A3B with
-    # and without R3, 0.6B, 8B)
-    PYTHONPATH=src run h200_check_tests 110 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_checkpoint_variants.py \
-        tests/test_gpu_engine.py -rfEs
+    # and without R3, 0.6B, 8B); with the thirtieth's non-finite rows through the Triton decode
+    PYTHONPATH=src run h200_check_tests 140 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_checkpoint_variants.py \
+        tests/test_gpu_engine.py tests/test_nonfinite_rows.py -rfEs
     PYTHONPATH=src run h200_moe_rollout 240 python3 bench/rollout.py --shape qwen3-30b-a3b --prompts 32 --n 8 --modes sampled \
         --paths offline --routed-experts
     PYTHONPATH=src run h200_rollout06 80 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline
