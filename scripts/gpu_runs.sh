@@ -22,6 +22,7 @@
 #   rows    the few-rows decode matmul (kernels/rows_matmul.py): GPU tests, against cuBLAS with a tile sweep, decode on / off
 #   profile  the decode graphs' kernels by device time: 0.6B batch 1 / 64, 30B-A3B batch 1 (~200 s)
 #   h200-check  the GPU tests of the twenty-ninth session's checkpoint variants and the engine, then h200's rollouts (~530 s)
+#   h100-check  h200-check for an 80 GB card, with the 0.6B batch 1 / 64 and the 30B-A3B batch 1 (~500 s)
 #   h200    one H200 call (~480 s, `needs_h200`: the 30B-A3B rollout of 256 sequences needs its memory): that rollout with and
 #           without R3, the 30B-A3B batch 1, the 0.6B / 8B rollouts, the 0.6B batch 1 / 64
 #   sessions  a weight-update session's cost with its saved originals in the lent KV pool and without (8B, 30B-A3B)
@@ -54,7 +55,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stages="suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|h200|h200-check|profile|rows|knobs|epilogues|kv-loads"
+stages="suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|h200|h200-check|h100-check|profile|rows|knobs|epilogues|kv-loads"
 [ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... ($stages)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
@@ -191,6 +192,15 @@ h200-check)  # the twenty-ninth session's one H200 call (~510 s, `needs_h200`): 
         --paths offline --routed-experts
     PYTHONPATH=src run h200_rollout06 80 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline
     PYTHONPATH=src run h200_rollout8b 100 python3 bench/rollout.py --shape qwen3-8b --prompts 32 --n 8 --paths offline --modes sampled
+    ;;
+h100-check)  # h200-check's shape for an 80 GB card (~500 s): the same GPU tests, the 0.6B / 8B rollouts, the 0.6B batch 1 / 64
+    # and the 30B-A3B batch 1 (its 256-sequence rollout needs an H200's memory)
+    PYTHONPATH=src run h100_check_tests 140 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_checkpoint_variants.py \
+        tests/test_gpu_engine.py tests/test_nonfinite_rows.py -rfEs
+    PYTHONPATH=src run h100_rollout06 80 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline
+    PYTHONPATH=src run h100_rollout8b 100 python3 bench/rollout.py --shape qwen3-8b --prompts 32 --n 8 --paths offline --modes sampled
+    PYTHONPATH=src run h100_throughput06 45 python3 bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,64x128x128 --hf none
+    PYTHONPATH=src run h100_moe_b1 130 python3 bench/throughput.py --shape qwen3-30b-a3b --cases 1x128x128 --hf none
     ;;
 knobs)  # the few-rows matmul's steps in flight by rows (stages_for) against the old 5 / 3 for all rows, 0.6B batch 1-64, twice
     # each, and the kernel's GPU tests (~250 s)
