@@ -257,7 +257,7 @@ def bench_tensor(shape: str, engine, sources, ceil: dict, reps: int) -> None:
     from hotswap.weights.ipc_grouped import resolve_grouped
 
     def host_checks():
-        wu.tensor_plans.match(wm, resolve_grouped(sources, engine.model_runner.device, wu.ipc_mappings))
+        wu.tensor_plans.match(wm, resolve_grouped(sources, wu.ipc_mappings))
 
     t_checks = median_time(host_checks, reps, 2)
     t_round = median_time(lambda: engine.get_load(), reps, 2)
@@ -452,7 +452,7 @@ def profile_ipc_call(engine, descs: list, nbytes: int, d2d: float, what: str, re
     req = protocol.UpdateWeightsFromTensorRequest(named_tensors=descs, flush_cache=False)
 
     def resolve():  # what the handler does before its first copy
-        return tensor_source.match_tensors(req, wu.model_runner.weight_map, wu.model_runner.device, wu.ipc_mappings, wu.tensor_plans,
+        return tensor_source.match_tensors(req, wu.model_runner.weight_map, wu.ipc_mappings, wu.tensor_plans,
                                            shm_prefix=shm_block_prefix(wu.config.ipc_token))
 
     matched = resolve()

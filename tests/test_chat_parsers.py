@@ -1,4 +1,4 @@
-"""SGLang's reasoning and tool-call parsers (server/chat_parsers.py) on SGLang's own examples
+"""SGLang's reasoning and tool-call parsers (server/chat_parsers/) on SGLang's own examples
 (test/srt/test_reasoning_parser.py, test/srt/test_function_call_parser.py: Qwen3Detector, DeepSeekR1Detector,
 Qwen25Detector; test_qwen3_coder_detector.py: Qwen3CoderDetector): the whole reply
 as SGLang's detect_and_parse splits it, and a stream split at any point giving what one chunk gives."""

@@ -41,10 +41,10 @@ def test_one_generate_call_is_admitted_at_once(tiny_qwen3):
     prompts of 4 new tokens take 4 steps (submitted one by one, the first steps would see a few)."""
     prompts = [prompt_ids(300 + i, 6) for i in range(16)]
     with make_engine(tiny_qwen3) as engine:
-        before = engine.scheduler.stats["steps"]
+        before = engine.scheduler.num_steps
         outs = engine.generate(input_ids=prompts, sampling_params=dict(GREEDY, max_new_tokens=4))
         assert [len(o["output_ids"]) for o in outs] == [4] * 16
-        assert engine.scheduler.stats["steps"] - before == 4
+        assert engine.scheduler.num_steps - before == 4
 
 
 def test_shared_prefix_hits_cache_and_matches(tiny_qwen3):

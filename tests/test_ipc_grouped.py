@@ -23,7 +23,7 @@ def fake_open(monkeypatch):
     storages: dict[str, torch.Tensor] = {}
     opened: list[str] = []
 
-    def resolve(items, device, mappings=None, *, shm_prefix=None):
+    def resolve(items, mappings=None, *, shm_prefix=None):
         out = []
         for d in items:
             if isinstance(d, dict):
@@ -47,7 +47,7 @@ def test_shared_storage_opened_once(fake_open):
     other = torch.randn(7, 3, dtype=torch.bfloat16)
     storages["H1"], storages["H2"] = flat, other
     items = [descriptor(n, t, "H1") for n, t in views.items()] + [descriptor("e", other, "H2"), ("f", torch.ones(2))]
-    got = resolve_grouped(items, torch.device("cpu"))
+    got = resolve_grouped(items)
     assert [n for n, _ in got] == ["a", "b", "c", "d", "e", "f"]
     for (name, t), want in zip(got, [*views.values(), other, torch.ones(2)]):
         assert t.shape == want.shape and t.stride() == want.stride() and torch.equal(t, want), name
@@ -61,11 +61,11 @@ def test_shared_storage_checks_each_view(fake_open):
     good = descriptor("a", flat[:50], "H")
     bad = dict(descriptor("b", flat[50:], "H"), storage_offset=90)
     with pytest.raises(HotswapError, match="reach past"):
-        resolve_grouped([good, bad], torch.device("cpu"))
+        resolve_grouped([good, bad])
     with pytest.raises(HotswapError, match="stride"):
-        resolve_grouped([good, dict(descriptor("b", flat[50:], "H"), stride=[1, 1])], torch.device("cpu"))
+        resolve_grouped([good, dict(descriptor("b", flat[50:], "H"), stride=[1, 1])])
     with pytest.raises(HotswapError, match="dtype"):
-        resolve_grouped([dict(good, dtype="int7"), descriptor("b", flat[50:], "H")], torch.device("cpu"))
+        resolve_grouped([dict(good, dtype="int7"), descriptor("b", flat[50:], "H")])
 
 
 def test_ipc_mappings_keep_recent_storages_within_their_bound():

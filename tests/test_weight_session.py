@@ -16,7 +16,7 @@ from hotswap.weights.session import Sessions
 def slot(name: str, values: list[float]) -> WeightSlot:
     t = torch.tensor(values)
     spec = ShardSpec(dest_dim=0, dest_start=0, dest_len=len(values), src_dim=0, src_start=0, src_len=len(values), hf_shape=(len(values),))
-    return WeightSlot(name, name, None, spec, t)
+    return WeightSlot(name, spec, t)
 
 
 def machine(timeout_s: float = 600.0) -> tuple[Sessions, list[str]]:
@@ -84,7 +84,7 @@ def test_rollback_of_overlapping_slots_restores_the_originals():
     copy already holds the expert's new values, so a rollback must restore the earliest save last."""
     stack = slot("experts.gate_up_proj", [1.0, 2.0, 3.0, 4.0])
     spec = ShardSpec(dest_dim=0, dest_start=1, dest_len=2, src_dim=0, src_start=0, src_len=2, hf_shape=(2,))
-    expert = WeightSlot("experts.1.gate_proj", stack.param_name, None, spec, stack.dest[1:3])
+    expert = WeightSlot("experts.1.gate_proj", spec, stack.dest[1:3])
     sessions, _ = machine()
     assert sessions.begin().success
     assert sessions.run("bucket", None, writer(expert, 9.0, sessions)).success

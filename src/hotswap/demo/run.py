@@ -85,8 +85,9 @@ def _resolve_devices(args) -> tuple[str, str, str | None]:
     return str(engine_t), str(trainer_t), backend
 
 
-def _rollouts(engine, task: DigitTask, args, expected_version: str, max_new_tokens: int):
-    """Sample G completions for each of B fresh prompts; score them; check every rollout's weight version."""
+def _rollouts(engine, task: DigitTask, args, max_new_tokens: int):
+    """Sample G completions for each of B fresh prompts; score them; count the weight versions they report (the
+    caller checks them against the version just pushed)."""
     from hotswap.demo.trainer import Batch
 
     problems = task.sample(args.prompts_per_step)
@@ -187,7 +188,7 @@ def run_rl(args, out=None) -> dict:
         table.header()
         version = "step-0"
         for step in range(args.steps + 1):
-            batch, gen_s, versions, example = _rollouts(engine, task, args, version, max_new_tokens)
+            batch, gen_s, versions, example = _rollouts(engine, task, args, max_new_tokens)
             if set(versions) != {version}:
                 raise RuntimeError(f"step {step}: rollouts report weight versions {versions}, expected only {version!r} (just pushed)")
             rec = {"step": step, "weight_version": version, "rollout_versions": versions, "versions_ok": True,

@@ -88,7 +88,6 @@ class PreparedRequest:
     input_ids: list[int]
     sampling_params: SamplingParams
     seed: int
-    prompt_index: int  # which prompt of the call it samples
     rid: str | None = None  # the client's request id (SGLang's `rid`): the engine's id for it, in `meta_info.id`
     group: str | None = None  # the client's rid of the prompt whose n samples this is one of (aborting it aborts them all)
 
@@ -162,7 +161,7 @@ class RequestPrep:
                 seed = sp.seed + k if sp.seed is not None else self._draw_seed()
                 # n samples of one rid: the first keeps it, the others are `rid-k`
                 sample_rid = None if rids[i] is None else rids[i] if k == 0 else f"{rids[i]}-{k}"
-                requests.append(PreparedRequest(input_ids=ids, sampling_params=one, seed=seed, prompt_index=i, rid=sample_rid,
+                requests.append(PreparedRequest(input_ids=ids, sampling_params=one, seed=seed, rid=sample_rid,
                                                 group=rids[i] if sp.n > 1 else None))
         return PreparedCall(requests=requests, single=single and sps[0].n == 1)
 

@@ -28,6 +28,7 @@ import torch
 
 from hotswap.kernels import arrival, fused, pdl
 from hotswap.kernels.skinny_matmul import HeadsEpilogue
+from hotswap.kernels.sm_count import sm_count
 
 try:
     import triton
@@ -187,18 +188,6 @@ if triton is not None:
                         SLOTS, n_q_heads, n_kv_heads, stride_cs, eps, HAS_BIAS, EPILOGUE, HAS_QK_NORM, BLOCK_N, BLOCK_M)
 
 
-_SM_COUNT: dict[int, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":  # Triton's interpreter (tests on the CPU)
-        return 132
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
 @functools.lru_cache(maxsize=None)  # a few shapes a model; called per matmul on the eager path
 def tiles_for(n: int, k: int, device: torch.device, block_n: int = 64, rows: int = 64) -> Tiles | None:
     """`block_n`-column tiles (64; a head's width for the heads epilogue), K split (by powers of two that keep a split's
@@ -208,7 +197,7 @@ def tiles_for(n: int, k: int, device: torch.device, block_n: int = 64, rows: int
     block_k = 128
     if n % block_n or k % block_k:
         return None
-    sms, tiles, split = _sm_count(device), n // block_n, 1
+    sms, tiles, split = sm_count(device), n // block_n, 1
     while 2 * tiles * split <= sms // 2 and k % (2 * split * block_k) == 0:
         split *= 2
     return Tiles(block_n, block_k, split, stages=stages_for(k // split // block_k, rows), prefetch_k=prefetch_k(k // split))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from hotswap.kernels import arrival, pdl
+from hotswap.kernels.sm_count import sm_count
 
 try:
     import triton
@@ -168,18 +169,9 @@ class HeadsEpilogue:
                 raise ValueError(f"KV cache must be contiguous with rows of [{self.num_kv_heads}, {d}], got {tuple(cache.shape)}")
 
 
-_SM_COUNT: dict[int, int] = {}
-
-
 def _blocks(n: int, k: int, device: torch.device) -> tuple[int, int]:
     """Enough programs to cover every SM twice; at most 8K weights a tile."""
-    if device.type != "cuda":  # Triton's interpreter (tests on the CPU)
-        wanted = 264
-    else:
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        if idx not in _SM_COUNT:
-            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-        wanted = 2 * _SM_COUNT[idx]
+    wanted = 2 * sm_count(device)
     block_n = 2
     while block_n < 32 and n // (block_n * 2) >= wanted:
         block_n *= 2

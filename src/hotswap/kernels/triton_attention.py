@@ -42,6 +42,7 @@ from typing import Optional
 import torch
 
 from hotswap.kernels import arrival, pdl
+from hotswap.kernels.sm_count import sm_count
 
 try:  # Triton is optional: the module must import on CPU-only machines without it.
     import triton
@@ -101,9 +102,6 @@ _LONG_MIN_CHUNK = 256
 
 _LOG2E = 1.4426950408889634
 
-_SM_COUNT: dict = {}
-
-
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -121,17 +119,6 @@ def _require_triton(*tensors: torch.Tensor) -> None:
                     "hotswap.kernels.triton_attention: all tensors must be CUDA tensors "
                     f"(got a tensor on {t.device})."
                 )
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    n = _SM_COUNT.get(idx)
-    if n is None:
-        n = torch.cuda.get_device_properties(idx).multi_processor_count
-        _SM_COUNT[idx] = n
-    return n
 
 
 def _next_pow2(x: int) -> int:
@@ -537,7 +524,7 @@ def decode_plan(batch: int, num_kv_heads: int, max_kv_len: int, device=None) -> 
     """
     if device is None:
         device = torch.device("cuda") if (torch.cuda.is_available() and not _interpret()) else torch.device("cpu")
-    sms = _sm_count(torch.device(device))
+    sms = sm_count(torch.device(device))
     pairs = max(1, batch * num_kv_heads)
     want = -(-_DECODE_TARGET_CTAS_PER_SM * sms // pairs)
     min_chunk, stages = _DECODE_MIN_CHUNK, 2
@@ -599,7 +586,7 @@ def _decode_launch(
         MERGE=counters is not None,
         BLOCK_S=_next_pow2(num_splits),
         USE_PDL=use_pdl,
-        PRELOAD=_PRELOAD and B * Hkv <= _sm_count(q.device),
+        PRELOAD=_PRELOAD and B * Hkv <= sm_count(q.device),
         KV_EVICT=_KV_EVICT,
         PREC=_precision(q),
         num_warps=num_warps,

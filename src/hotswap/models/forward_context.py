@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from hotswap.runner.attention import AttentionBackend
+
+class AttentionBackend(Protocol):
+    """What the model asks of attention (the runner's backends implement it: runner/attention.py). `forward`
+    stores this step's K/V then attends; a caller that wrote K/V into `kv_cache(layer)` itself (the fused
+    rotary kernel does) calls `attend` alone."""
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                ctx: ForwardContext) -> torch.Tensor: ...
+
+    def kv_cache(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def attend(self, layer: int, q: torch.Tensor, scale: float, ctx: ForwardContext) -> torch.Tensor: ...
 
 
 @dataclass(slots=True)

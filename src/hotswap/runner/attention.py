@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 import torch.nn.functional as F
 
 from hotswap.models.forward_context import ForwardContext
 from hotswap.runner.kv_cache import KVCacheStorage
-
-
-class AttentionBackend(Protocol):
-    """`forward` stores this step's K/V then attends; a caller that wrote K/V into `kv_cache(layer)`
-    itself (the fused rotary kernel does) calls `attend` alone."""
-
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                ctx: ForwardContext) -> torch.Tensor: ...
-
-    def kv_cache(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    def attend(self, layer: int, q: torch.Tensor, scale: float, ctx: ForwardContext) -> torch.Tensor: ...
 
 
 def store_kv(kv_cache: KVCacheStorage, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -12,7 +12,6 @@ worker must not hang the engine); workers wait for commands without a limit (an 
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 from enum import IntEnum
 
 import numpy as np
@@ -21,6 +20,7 @@ import torch.distributed as dist
 
 from hotswap.runner.host_batch import HostBatch
 from hotswap.runner.tp_step_codec import StepMode, StepReplica
+from hotswap.wire.process_group import wait_work
 
 MESSAGE_LEN = 2048
 HEADER_ARGS = 9  # a STEP's: tokens, rows, table width, sampled rows, pending-input rows, max q len, is_decode, StepMode, prompt rows
@@ -46,15 +46,8 @@ class Op(IntEnum):
     ADVANCE = 16  # a decode step as a delta against the last step (tp_step_codec); then as STEP
 
 
-def _wait(work, timeout_s: float | None) -> None:
-    if timeout_s is None:
-        work.wait()
-    else:
-        work.wait(timeout=timedelta(seconds=timeout_s))
-
-
 def _broadcast(t: torch.Tensor, group, timeout_s: float | None) -> None:
-    _wait(dist.broadcast(t, src=0, group=group, async_op=True), timeout_s)
+    wait_work(dist.broadcast(t, src=0, group=group, async_op=True), timeout_s)
 
 
 def _send(group, op: Op, args: list[int], payload: np.ndarray, timeout_s: float) -> None:
@@ -137,10 +130,10 @@ def exchange(group, size: int, outcome: dict, timeout_s: float | None) -> list[d
     data = json.dumps(outcome).encode()
     n = torch.tensor([len(data)], dtype=torch.int64)
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(size)]
-    _wait(dist.all_gather(sizes, n, group=group, async_op=True), timeout_s)
+    wait_work(dist.all_gather(sizes, n, group=group, async_op=True), timeout_s)
     width = int(max(s.item() for s in sizes))
     mine = torch.zeros(width, dtype=torch.uint8)
     mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     parts = [torch.zeros(width, dtype=torch.uint8) for _ in range(size)]
-    _wait(dist.all_gather(parts, mine, group=group, async_op=True), timeout_s)
+    wait_work(dist.all_gather(parts, mine, group=group, async_op=True), timeout_s)
     return [json.loads(p[: int(s.item())].numpy().tobytes().decode()) for p, s in zip(parts, sizes)]

@@ -1,5 +1,5 @@
 """SGLang's `start_profile` / `stop_profile`: a torch.profiler trace of the scheduler's steps, written as a
-Chrome trace (`<output_dir>/<prefix><profile_id>-TP-0.trace.json.gz`, SGLang's file name), for RL frameworks
+Chrome trace (`<output_dir>/[<prefix>-]<profile_id>-TP-0.trace.json.gz`, SGLang's file name), for RL frameworks
 that profile their rollouts through the engine (slime's `start_profile`, its tools/profile_rollout.py).
 
 The profiler runs on the scheduler thread (torch.profiler records the CPU ops of the thread that starts it,
@@ -45,12 +45,12 @@ class _Run:
     trace: torch.profiler.profile | None = None  # None without CPU/GPU activities (MEM or CUDA_PROFILER alone)
 
 
+@dataclass(kw_only=True, slots=True)
 class StepProfiler:
     """One profiling run at a time; the loop calls `after_step` only while there is one (`run`)."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.run: _Run | None = None
+    device: torch.device
+    run: _Run | None = None
 
     def start_profile(self, req: p.StartProfileRequest, steps_so_far: int) -> p.ControlOutput:
         problem = self._refusal(req)

@@ -89,7 +89,7 @@ class Scheduler:
         self.sessions = Sessions(
             ranks=ranks,
             device_budget_bytes=config.rollback_device_budget_bytes,
-            invalidate_cache=self.invalidate_cache,
+            invalidate_cache=self.batcher.invalidate_cache,
             timeout_s=config.weight_session_timeout_s,
             synchronize=self._synchronize,
             enable_rollback=config.enable_rollback,
@@ -110,7 +110,7 @@ class Scheduler:
         )
         self.weight_reads = WeightReads(model_runner=model_runner, config=config, ranks=ranks, weights_released=self.memory.weights_released,
                                         is_idle=self.is_idle, flush_cache=self.flush_cache, mark_version=self.sessions.mark)
-        self.profiler = StepProfiler(model_runner.device)
+        self.profiler = StepProfiler(device=model_runner.device)
         self.handlers = {
             p.GenerateRequest: self.add_request,
             p.GenerateBatch: self.add_requests,
@@ -118,7 +118,7 @@ class Scheduler:
             p.FlushCacheRequest: self.handle_flush_cache,
             p.GetLoadRequest: self.get_load,
             p.CheckInvariantsRequest: self.check_invariants,
-            p.StartProfileRequest: lambda req: self.profiler.start_profile(req, self.stats["steps"]),
+            p.StartProfileRequest: lambda req: self.profiler.start_profile(req, self.num_steps),
             p.StopProfileRequest: self.profiler.stop_profile,
             p.FreezeGCRequest: self.freeze_gc,
             p.UpdateWeightsFromDiskRequest: self.update_weights_from_disk,
@@ -147,7 +147,7 @@ class Scheduler:
         self._controls_lock = threading.Lock()
         self._held: tuple[object, Future | None] | None = None  # a control request taken behind generate ones, mid-step
         self.deferred: deque[tuple[object, Future, float]] = deque()  # weight updates waiting for a drain, with their deadline
-        self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "steps": 0}
+        self.num_steps = 0  # steps read back: profiling runs count them, /get_load reports them
         self.load_stats = LoadStats()  # /v1/loads' gen_throughput
         self._stop = threading.Event()
         self.dead: str | None = None  # why the loop stopped on an error: every request fails with it from then on
@@ -394,9 +394,9 @@ class Scheduler:
 
     def process(self, step: InFlight) -> None:
         """Read back a step's sampled tokens and hand them to their sequences."""
-        self.stats["steps"] += 1
+        self.num_steps += 1
         if self.profiler.run is not None:
-            self.profiler.after_step(self.stats["steps"])
+            self.profiler.after_step(self.num_steps)
         result, version = step.result, step.version
         if result is None:
             return
@@ -440,7 +440,6 @@ class Scheduler:
             generated += 1
             if seq.finish_reason is not None:
                 done.append(seq)
-        self.stats["generated_tokens"] += generated
         if done:
             self.finish_all(done, settled=True)
         self.load_stats.on_step(generated, busy=self.batcher.has_work)
@@ -452,8 +451,6 @@ class Scheduler:
             self.add_request(req)
 
     def add_request(self, req: p.GenerateRequest) -> None:
-        self.stats["requests"] += 1
-        self.stats["prompt_tokens"] += len(req.input_ids)
         seq = Sequence(req=req)
         # nothing can run until a resume, which may never come: refuse now. While generation is held (paused,
         # a weight-update session) a request queues like any other, as behind SGLang's pause gate (tokenizer
@@ -596,12 +593,6 @@ class Scheduler:
             return None
         return kv.kv.view(-1).view(torch.uint8)
 
-    def invalidate_cache(self) -> bool:
-        """After committed weight changes: no KV of the old weights may be matched again, even while requests
-        frozen in place hold pages (their KV stays theirs, never cached)."""
-        self.batcher.invalidate_cache()
-        return True
-
     def update_weights_from_disk(self, req: p.UpdateWeightsFromDiskRequest) -> p.WeightUpdateOutput:
         """The weight updater's disk update, then what SGLang's newer fields ask after a successful one: `keep_pause`
         holds generation in place until continue_generation, `torch_empty_cache` returns the allocator's cached
@@ -636,7 +627,7 @@ class Scheduler:
             paused=self.pause.held,
             memory_released=sorted(self.memory.released),
             num_preemptions=self.batcher.num_preemptions,
-            num_steps=self.stats["steps"],
+            num_steps=self.num_steps,
             num_waiting_tokens=sum(s.num_tokens - s.num_computed for s in self.batcher.waiting),
             num_retracted=sum(1 for s in self.batcher.waiting if s.admitted),
             max_running_requests=max_running,

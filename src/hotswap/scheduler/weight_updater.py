@@ -24,7 +24,7 @@ from hotswap.weights.checkpoint_engine_receiver import BufferSource, ReceiveStat
 from hotswap.weights.distributed import WeightsGroupError
 from hotswap.weights.distributed_receiver import ShortBroadcast, plan_receive, receive_bucket
 from hotswap.weights.fast_copy import MatchedTensors, TensorPlanCache
-from hotswap.weights.fast_reader import ReaderOptions, ReadPlanCache
+from hotswap.weights.fast_reader import ReaderOptions, ReadPlanCache, ReadStats
 from hotswap.weights.ipc import CudaIpcMappings
 from hotswap.weights.ranks import WeightRanks
 from hotswap.weights.session import Sessions, UpdateFailed, UpdateSession, version_problem
@@ -46,7 +46,7 @@ class WeightUpdater:
     read_plans: ReadPlanCache = field(default_factory=ReadPlanCache)  # checkpoint layout -> validated read tasks
     ipc_mappings: CudaIpcMappings = field(init=False)  # CUDA IPC storages kept open between updates
     ipc_source: BufferSource = field(default_factory=BufferSource)  # checkpoint-engine's buffers: CUDA IPC (tests: a CPU stand-in)
-    last_read: object = None  # fast_reader.ReadStats of the last disk load
+    last_read: ReadStats | None = None  # how the last disk load read its checkpoint
 
     def __post_init__(self) -> None:
         self.ipc_mappings = CudaIpcMappings(self.config.cuda_ipc_cache_bytes)
@@ -96,7 +96,7 @@ class WeightUpdater:
     def update_weights_from_tensor(self, req: p.UpdateWeightsFromTensorRequest) -> p.WeightUpdateOutput:
         try:
             start = time.perf_counter()
-            matched = tensor.match_tensors(req, self.model_runner.weight_map, self.model_runner.device, self.ipc_mappings, self.tensor_plans,
+            matched = tensor.match_tensors(req, self.model_runner.weight_map, self.ipc_mappings, self.tensor_plans,
                                            shm_prefix=shm_block_prefix(self.config.ipc_token))
             validate_s = time.perf_counter() - start
         except HotswapError as exc:

@@ -159,7 +159,7 @@ def finish_reason(meta: dict) -> str | None:
     return reason.get("type") if reason else None
 
 
-def sampling_dict(state: ServerState, body: _SamplingFields, max_new_tokens: int, defaults: dict | None = None) -> dict:
+def sampling_dict(body: _SamplingFields, max_new_tokens: int, defaults: dict | None = None) -> dict:
     """The engine's sampling parameters (it validates the values: a bad one is a 400 naming it). `defaults`: values
     for the fields of config.GENERATION_SAMPLING_FIELDS the request leaves unset (a chat's: the model's)."""
     defaults = defaults or {}
@@ -474,7 +474,7 @@ def register(app: FastAPI, state: ServerState) -> None:
         for i, ids in enumerate(id_lists):
             check_prompt(state, ids, body.max_tokens, i)
         max_tokens = body.max_tokens if body.max_tokens is not None else 16
-        sp = sampling_dict(state, body, max_tokens)
+        sp = sampling_dict(body, max_tokens)
         want_lp = body.logprobs is not None
         k = body.logprobs or 0
         as_ids = body.return_tokens_as_token_ids
@@ -570,7 +570,7 @@ def register(app: FastAPI, state: ServerState) -> None:
         if max_tokens is None:
             max_tokens = max(1, state.max_context_len - len(ids))
         # the model's generation_config.json values for what the request leaves unset, as SGLang's chat takes them
-        sp = sampling_dict(state, body, max_tokens, state.engine.model_config.sampling_defaults)
+        sp = sampling_dict(body, max_tokens, state.engine.model_config.sampling_defaults)
         if body.tools and body.tool_choice != "none":
             # SGLang (serving_chat.py, OpenAIServingChat._process_messages) keeps special tokens in the text of a request
             # that offers tools: many models mark a call with special tokens (Llama 3's <|python_tag|>, Mistral's

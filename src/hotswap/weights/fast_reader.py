@@ -82,15 +82,10 @@ class ReadStats:
     elapsed_s: float = 0.0
     strategy: str = ""
     threads: int = 0
-    num_tasks: int = 0
     staging_bytes: int = 0  # pinned host staging allocated
     scratch_bytes: int = 0  # device scratch allocated (dtype conversions, dim>0 TP slices)
     registered_bytes: int = 0  # page cache registered at the peak (no new memory)
     fell_back: str | None = None  # why "register" fell back to "pinned"
-
-    @property
-    def gb_per_s(self) -> float:
-        return self.nbytes / self.elapsed_s / 1e9 if self.elapsed_s else float("nan")
 
 
 @dataclass(slots=True)
@@ -256,7 +251,7 @@ def run_read(read: ReadPlan, options: ReaderOptions, wait_for: dict[str, torch.c
     elif strategy in ("auto", "plain"):
         strategy = "pinned"  # measured fastest on the H100 host (docs/benchmarks.md); "register"/"hybrid" on request
     files, tasks, threads, chunk = read.files, read.tasks, read.threads, read.chunk
-    stats = ReadStats(nbytes=read.nbytes, strategy=strategy, threads=threads, num_tasks=len(tasks))
+    stats = ReadStats(nbytes=read.nbytes, strategy=strategy, threads=threads)
     start = time.perf_counter()
     fds: list[int] = []
     try:

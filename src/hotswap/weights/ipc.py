@@ -271,7 +271,7 @@ def _open_cuda_ipc(d: dict, dtype: torch.dtype, mappings: CudaIpcMappings | None
     return mappings.view(key, (dtype, shape, tuple(stride), storage_offset), make_view) if mappings is not None else make_view()
 
 
-def resolve_named_tensors(items, device: torch.device, mappings: CudaIpcMappings | None = None, *,
+def resolve_named_tensors(items, mappings: CudaIpcMappings | None = None, *,
                           shm_prefix: str | None = None) -> list[tuple[str, torch.Tensor]]:
     """In-process (name, tensor) pairs pass through; descriptors are opened (shm data is copied out, CUDA
     IPC maps the producer's memory, through `mappings` when given). Only shared-memory blocks named with

@@ -73,21 +73,21 @@ def _geometry(d: dict) -> tuple | None:
     return g[1:] if isinstance(g[0], str) and g[0] else None
 
 
-def resolve_grouped(items, device: torch.device, mappings: CudaIpcMappings | None = None, *,
+def resolve_grouped(items, mappings: CudaIpcMappings | None = None, *,
                     shm_prefix: str | None = None) -> list[tuple[str, torch.Tensor]]:
     """`resolve_named_tensors` with one open per shared producer storage (same result, same errors); the
     same descriptors as the previous call resolve to its result (`CudaIpcMappings.repeat`). Shared-memory
     blocks must be named with `shm_prefix` (see `resolve_named_tensors`)."""
     if not isinstance(items, (list, tuple)):
-        return resolve_named_tensors(items, device, mappings, shm_prefix=shm_prefix)
+        return resolve_named_tensors(items, mappings, shm_prefix=shm_prefix)
     if items and type(items[0]) is not dict:
         pairs = _tensor_pairs(items)
-        return pairs if pairs is not None else _resolve(items, device, mappings, shm_prefix)
+        return pairs if pairs is not None else _resolve(items, mappings, shm_prefix)
     if mappings is None or not items:
-        return _resolve(items, device, mappings, shm_prefix)
+        return _resolve(items, mappings, shm_prefix)
     out = mappings.repeat(items)
     if out is None:
-        out = _resolve(items, device, mappings, shm_prefix)
+        out = _resolve(items, mappings, shm_prefix)
         mappings.remember(items, out)
     return out
 
@@ -103,7 +103,7 @@ def _tensor_pairs(items) -> list[tuple[str, torch.Tensor]] | None:
     return items if type(items) is list else list(items)
 
 
-def _resolve(items, device: torch.device, mappings: CudaIpcMappings | None, shm_prefix: str | None) -> list[tuple[str, torch.Tensor]]:
+def _resolve(items, mappings: CudaIpcMappings | None, shm_prefix: str | None) -> list[tuple[str, torch.Tensor]]:
     groups: dict[tuple, list[int]] = {}
     for i, item in enumerate(items):
         key = _group_key(item)
@@ -111,11 +111,11 @@ def _resolve(items, device: torch.device, mappings: CudaIpcMappings | None, shm_
             groups.setdefault(key, []).append(i)
     shared = {key: idx for key, idx in groups.items() if len(idx) > 1 and _whole_dtype(items[idx[-1]]) is not None}
     if not shared:
-        return resolve_named_tensors(items, device, mappings, shm_prefix=shm_prefix)
+        return resolve_named_tensors(items, mappings, shm_prefix=shm_prefix)
     grouped = {i for idx in shared.values() for i in idx}
     out: list = [None] * len(items)
     rest = [i for i in range(len(items)) if i not in grouped]
-    for i, pair in zip(rest, resolve_named_tensors([items[i] for i in rest], device, mappings, shm_prefix=shm_prefix)):
+    for i, pair in zip(rest, resolve_named_tensors([items[i] for i in rest], mappings, shm_prefix=shm_prefix)):
         out[i] = pair
     for idx in shared.values():
         last = items[idx[-1]]
@@ -124,7 +124,7 @@ def _resolve(items, device: torch.device, mappings: CudaIpcMappings | None, shm_
             raise HotswapError(f"{shown(last.get('name'))}: field 'storage_size' must be an integer, got {shown(size)}")
         itemsize = _whole_dtype(last).itemsize
         whole = dict(last, name=f"{last.get('name')} (storage)", shape=[size // itemsize], stride=[1], storage_offset=0)
-        _, flat = resolve_named_tensors([whole], device, mappings)[0]
+        _, flat = resolve_named_tensors([whole], mappings)[0]
         storage = flat.untyped_storage()
         key = cuda_ipc_storage_key(whole) if mappings is not None else None  # opened above, so well-formed
         for i in idx:

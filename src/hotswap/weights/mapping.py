@@ -24,8 +24,6 @@ from hotswap.models.parallel import ExpertShard, ShardSpec
 @dataclass(frozen=True, slots=True)
 class WeightSlot:
     hf_name: str
-    param_name: str
-    shard_id: str | int | None
     spec: ShardSpec
     dest: torch.Tensor  # view of this rank's part of the live parameter
 
@@ -67,7 +65,7 @@ class WeightMap:
         for param_name, param in model.named_parameters():
             for shard_id, spec in param.hf_shards.items():
                 hf = hf_name_for(param_name, shard_id, model.packed_modules)
-                slot = WeightSlot(hf, param_name, shard_id, spec, spec.dest_view(param.data))
+                slot = WeightSlot(hf, spec, spec.dest_view(param.data))
                 if isinstance(shard_id, ExpertShard):
                     self.parts[hf] = slot
                     self.part_of[hf] = param_name

@@ -89,7 +89,7 @@ class UpdateSession:
 class Sessions:
     ranks: WeightRanks
     device_budget_bytes: int  # saved originals kept on the device up to this, the rest in pinned host memory
-    invalidate_cache: Callable[[], object]  # KV of the old weights is never matched again
+    invalidate_cache: Callable[[], None]  # KV of the old weights is never matched again
     timeout_s: float
     synchronize: Callable[[], None] = lambda: None  # wait for the device's copies (a failed copy fails here)
     enable_rollback: bool = True

@@ -13,7 +13,7 @@ from hotswap.weights.mapping import WeightMap
 from hotswap.weights.sglang_payloads import decode_serialized_named_tensors
 
 
-def match_tensors(req: p.UpdateWeightsFromTensorRequest, weight_map: WeightMap, device: torch.device, mappings: CudaIpcMappings,
+def match_tensors(req: p.UpdateWeightsFromTensorRequest, weight_map: WeightMap, mappings: CudaIpcMappings,
                   plans: TensorPlanCache, *, shm_prefix: str) -> MatchedTensors:
     """Open the handles (one open per shared IPC storage; shared-memory blocks only under this engine's
     `shm_prefix`; SGLang's `serialized_named_tensors` through the restricted decoder, this rank's payload,
@@ -25,7 +25,7 @@ def match_tensors(req: p.UpdateWeightsFromTensorRequest, weight_map: WeightMap, 
         return plans.match(weight_map, decoded.named_tensors)
     if req.load_format not in (None, "direct"):
         raise HotswapError(f"unsupported load_format {shown(req.load_format)} for named_tensors (\"flattened_bucket\" comes as serialized_named_tensors)")
-    return match_named(resolve_grouped(req.named_tensors, device, mappings, shm_prefix=shm_prefix), weight_map, mappings, plans)
+    return match_named(resolve_grouped(req.named_tensors, mappings, shm_prefix=shm_prefix), weight_map, mappings, plans)
 
 
 def match_named(named: list[tuple[str, torch.Tensor]], weight_map: WeightMap, mappings: CudaIpcMappings,
