@@ -129,6 +129,8 @@ def _check_sglang_arguments(call: dict) -> None:
 class SchedulerPort(Protocol):
     """What the API needs of a scheduler: the Scheduler itself, or a proxy to one in another process."""
 
+    dead: str | None  # why it stopped serving (an error in its loop, or the engine's process gone), or None
+
     def submit(self, request) -> Future: ...
 
     def capacity(self) -> PoolCapacity: ...
@@ -174,6 +176,11 @@ class EngineAPI:
         self._live_lock = threading.Lock()
         self._mailboxes = Mailboxes(abort=lambda rid: self.scheduler.submit(p.AbortRequest(rid=rid, message="the consumer's event loop closed")))
         self._closed = False
+
+    def failure(self) -> str | None:
+        """Why this engine can serve nothing any more, or None: its scheduler stopped (behind a front end process:
+        the engine's process is gone); the in-process Engine adds its own checks."""
+        return self.scheduler.dead
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """The one tokenization of text (the Engine, /generate, OpenAI and vLLM routes): as the tokenizer's own

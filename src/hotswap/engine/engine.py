@@ -99,8 +99,8 @@ class Engine(EngineAPI):
         """Why this engine can serve nothing any more (its scheduler stopped on an error or a step hung past
         `step_timeout_s`, a tensor-parallel worker died or stopped answering), or None. `hotswap serve` polls it and
         exits, as SGLang's server does when a rank fails."""
-        if self.scheduler.dead is not None:
-            return self.scheduler.dead
+        if (dead := super().failure()) is not None:
+            return dead
         tp = None if self.tp_peers is None else self.tp_peers.check_workers()  # names the worker: before the watchdog's
         return tp or self.scheduler.watchdog.expired
 

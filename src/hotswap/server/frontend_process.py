@@ -134,7 +134,7 @@ def _frontend_main(conn, info: EngineInfo, options: FrontendOptions, sock: socke
         # closes its pipe and exits 0 instead of dying of it
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda signum, frame: None)
-        if engine.scheduler.dead is None:
+        if engine.failure() is None:
             server.run(sockets=[sock])
     finally:
         if share is not None:
