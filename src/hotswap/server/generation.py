@@ -12,7 +12,7 @@ from starlette.requests import Request
 
 from hotswap.engine.api import is_unset
 from hotswap.errors import ConstrainedDecodingError, EngineUnavailableError, shown
-from hotswap.sampling_params import refuse_constrained_decoding as check_constrained_decoding
+from hotswap.sampling_params import refuse_constrained_decoding
 from hotswap.server.http_utils import APIError, await_unless_disconnected, error_body, sse
 
 # SGLang sampling parameters hotswap does not implement: sent empty they are dropped, so frameworks that
@@ -61,10 +61,10 @@ def refuse_unserved_fields(extra: dict[str, Any], unserved: dict[str, str] = UNS
             raise APIError(400, f"{key}={shown(value)} out of range [0, 1): hotswap serves one data-parallel rank", param=key)
 
 
-def refuse_constrained_decoding(fields: dict) -> None:
+def refuse_constrained_decoding_over_http(fields: dict) -> None:
     """sampling_params.refuse_constrained_decoding as HTTP's 400 naming the field (`param`)."""
     try:
-        check_constrained_decoding(fields)
+        refuse_constrained_decoding(fields)
     except ConstrainedDecodingError as exc:
         raise APIError(400, str(exc), param=exc.field) from None
 
@@ -77,7 +77,7 @@ def normalize_sampling_params(params: Any) -> dict:
     if not isinstance(params, dict):
         raise APIError(400, f"sampling_params must be an object, got {type(params).__name__}", param="sampling_params")
     sp = dict(params)
-    refuse_constrained_decoding(sp)
+    refuse_constrained_decoding_over_http(sp)
     for key in _MUST_BE_EMPTY:
         if key in sp:
             value = sp.pop(key)

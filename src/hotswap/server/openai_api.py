@@ -29,7 +29,7 @@ from hotswap.server.generation import (
     UNSERVED_OPENAI_FIELDS,
     await_generation,
     open_stream,
-    refuse_constrained_decoding,
+    refuse_constrained_decoding_over_http,
     refuse_unserved_fields,
     stream_error_event,
 )
@@ -65,7 +65,7 @@ class _SamplingFields(BaseModel):
         (lora_path, session_params, return_hidden_states...), are refused by name when set, never dropped with
         the other unknown fields (an APIError passes through pydantic as it is: the one message, with `param`)."""
         if isinstance(data, dict):
-            refuse_constrained_decoding(data)
+            refuse_constrained_decoding_over_http(data)
             refuse_unserved_fields({k: v for k, v in data.items() if k not in cls.model_fields}, UNSERVED_OPENAI_FIELDS)
         return data
 

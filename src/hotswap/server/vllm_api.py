@@ -23,7 +23,7 @@ from starlette.responses import Response
 
 from hotswap import protocol as p
 from hotswap.errors import shown
-from hotswap.server.generation import await_generation, refuse_constrained_decoding
+from hotswap.server.generation import await_generation, refuse_constrained_decoding_over_http
 from hotswap.server.http_utils import APIError, JSONResponse, parse_body
 from hotswap.server.openai_api import check_prompt, finish_reason, refuse_request_chat_template, vllm_prompt_logprobs
 from hotswap.server.weights_api import check_source_dir
@@ -154,7 +154,7 @@ def vllm_sampling_params(sp: dict[str, Any], prompt_len: int, max_context_len: i
     """vLLM SamplingParams -> our sampling dict and logprob counts. Raises APIError(400) naming the field.
     (The prompt's fit in the context, with max_tokens after it, is the route's `check_prompt`, as on the
     OpenAI routes.)"""
-    refuse_constrained_decoding(sp)
+    refuse_constrained_decoding_over_http(sp)
     unknown = sorted(set(sp) - set(_NEUTRAL_SAMPLING) - set(_FORMAT_ONLY) - set(_SERVED) - set(_POSITIONING))
     if unknown:
         raise APIError(400, f"unknown or unsupported sampling parameter(s): {', '.join(unknown)}", param="sampling_params")
