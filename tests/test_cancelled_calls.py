@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import signal
 import socket
@@ -71,6 +72,32 @@ def test_a_timed_out_async_generate_aborts_its_requests(engine, kwargs, running)
                 await asyncio.wait_for(task, 0.01)
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_loop_closed_right_after_a_cut_stream_is_not_kept(engine):
+    """A framework that runs each batch on a fresh event loop (`run_until_complete`, then `close`; `asyncio.run` when the
+    timing falls so) and cuts a stream: the abort's last output wakes a loop that never runs again. That loop, its
+    mailbox and the outputs in it were kept for good, one per such batch; a later loop's first call now drops them."""
+
+    async def cut_stream() -> None:
+        stream = await engine.async_generate(input_ids=[5, 6, 7, 8], sampling_params=LONG, stream=True)
+        async for _ in stream:
+            break
+        await stream.aclose()
+
+    gc.collect()
+    before = len(engine._mailboxes._boxes)
+    for _ in range(10):
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(cut_stream())
+        # two steps of another request: the step that took the abort has handed the cut stream's last output to this
+        # loop's mailbox and scheduled its wake-up, which never runs
+        engine.generate(input_ids=[9, 10, 11], sampling_params={"max_new_tokens": 2, "ignore_eos": True})
+        loop.close()
+    out = asyncio.run(engine.async_generate(input_ids=[5, 6], sampling_params={"max_new_tokens": 1}))
+    assert out["meta_info"]["completion_tokens"] == 1
+    gc.collect()
+    assert len(engine._mailboxes._boxes) <= before
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["generate", "stream"])

@@ -73,11 +73,16 @@ class LoopMailbox:
                 raise RuntimeError("the event loop is closed")
             loop.call_soon_threadsafe(self._drain)
         except RuntimeError:  # the loop is closed: its consumers are gone; abort only their requests
-            self._closed = True
-            with self._lock:
-                items, self._items = self._items, []
-            for rid in {out.rid for _, out in items if not out.finished}:
-                self._abort(rid)
+            self.discard()
+
+    def discard(self) -> None:
+        """The loop closed: drop what waits for it (which holds the loop through its consumers' events) and abort
+        the requests still running for it. Nothing is delivered here any more."""
+        self._closed = True
+        with self._lock:
+            items, self._items = self._items, []
+        for rid in {out.rid for _, out in items if not out.finished}:
+            self._abort(rid)
 
     def _drain(self) -> None:
         """On the loop: deliver everything gathered since the last drain."""
@@ -97,9 +102,17 @@ class Mailboxes:
         self._boxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopMailbox] = weakref.WeakKeyDictionary()
 
     def for_running_loop(self) -> LoopMailbox:
+        """This loop's mailbox. A new loop's first call also drops the mailboxes of loops that closed: one whose wake-up
+        was scheduled just before its loop closed (`run_until_complete` then `close`, or `asyncio.run`, right after a
+        cancelled call) still holds that step's outputs, whose consumers' events hold the closed loop, so its weak key
+        never dies and each such loop stayed for good."""
         loop = asyncio.get_running_loop()
         with self._lock:
             box = self._boxes.get(loop)
-            if box is None:
-                box = self._boxes[loop] = LoopMailbox(loop, self._abort)
-            return box
+            if box is not None:
+                return box
+            stale = [self._boxes.pop(old) for old in [old for old in self._boxes if old.is_closed()]]
+            box = self._boxes[loop] = LoopMailbox(loop, self._abort)
+        for old_box in stale:
+            old_box.discard()
+        return box
