@@ -14,7 +14,7 @@ from hotswap.protocol import GenerateRequest
 from hotswap.sampling_params import SamplingParams
 from hotswap.scheduler import batcher as batcher_module
 from hotswap.scheduler.batcher import Batcher, ScheduledBatch
-from hotswap.scheduler.overlap import mark_sample_rows
+from hotswap.scheduler.overlap import DECODE, NOTHING, OTHER, mark_sample_rows
 from hotswap.scheduler.sequence import Sequence
 
 KINDS = [
@@ -68,17 +68,33 @@ def run_scenario() -> list[list[tuple]]:
 
 def test_decode_rows_are_planned_as_the_general_path_plans_them(monkeypatch):
     decoding = []
-    real = batcher_module.decodes_token_in_flight
+    real = batcher_module.running_step
 
-    def counted(seq: Sequence) -> bool:
-        decoding.append(real(seq))
-        return decoding[-1]
+    def counted(seq: Sequence, max_context_len: int) -> int:
+        decoding.append(real(seq, max_context_len) == DECODE)
+        return real(seq, max_context_len)
 
-    monkeypatch.setattr(batcher_module, "decodes_token_in_flight", counted)
+    monkeypatch.setattr(batcher_module, "running_step", counted)
     fast = run_scenario()
     assert sum(decoding) > 100  # the direct path planned most rows
-    monkeypatch.setattr(batcher_module, "decodes_token_in_flight", lambda seq: False)
+    monkeypatch.setattr(batcher_module, "running_step", lambda seq, limit: OTHER if real(seq, limit) == DECODE else real(seq, limit))
     general = run_scenario()
     assert len(fast) == len(general)
     for i, (a, b) in enumerate(zip(fast, general)):
         assert a == b, f"step {i} differs"
+
+
+def test_running_step_is_the_two_overlap_rules():
+    """`running_step` against the rules as written before it fused them: the token in flight is the last one
+    (length limits), else the one input is the token in flight; every combination of a small state space."""
+    for pending in (0, 1):
+        for out_len in range(4):
+            for max_new in range(1, 5):
+                for max_ctx in range(4, 9):
+                    for computed in range(3, 8):
+                        seq = make(0, 3, max_new)
+                        seq.output_ids, seq.pending, seq.num_computed = list(range(out_len)), pending, computed
+                        last = bool(pending) and (out_len + pending >= max_new or 3 + out_len + pending >= max_ctx)
+                        decoding = pending == 1 and computed == 3 + out_len
+                        want = NOTHING if last else DECODE if decoding else OTHER
+                        assert batcher_module.running_step(seq, max_ctx) == want, (pending, out_len, max_new, max_ctx, computed)

@@ -105,3 +105,20 @@ def test_longest_first_orders_rows_by_kv_length_ties_in_batch_order():
     assert order.dtype == np.int32
     assert order.tolist() == [1, 4, 5, 0, 2, 3]
     assert hb.seq_lens[order].tolist() == [40, 40, 12, 5, 5, 1]
+
+
+def test_one_input_rows_that_do_not_all_sample_equal_a_row_by_row_build():
+    """`_build_decode` (every row one input) when some rows do not sample and some score a prompt token: a
+    prompt chunk of one token can be both, and the decode path must then give the general path's arrays."""
+    rng = random.Random(5)
+    for trial in range(20):
+        pages = [[rng.randrange(1, 500) for _ in range(rng.randint(1, 4))] for _ in range(rng.randint(1, 9))]
+        entries = random_batch(rng, pages, trial, decode_only=True)
+        for e in entries:
+            if rng.random() < 0.3:
+                e.sample = False
+            elif rng.random() < 0.3:
+                e.prompt_targets = [rng.randrange(1000)]
+        expected = row_by_row(entries)
+        assert expected["is_decode"] is True
+        assert_same(HostBatch.build(entries, PAGE), expected)

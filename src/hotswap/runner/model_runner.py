@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import compress
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,6 +32,8 @@ from hotswap.weights.mapping import WeightMap
 
 if TYPE_CHECKING:
     from hotswap.runner.tp_peers import TPPeers
+
+_PREV_ROW, _SAMPLE, _PENALIZED = attrgetter("prev_row"), attrgetter("sample"), attrgetter("row.penalized")
 
 
 class ModelRunner:
@@ -179,8 +183,9 @@ class ModelRunner:
                                  needs_logprobs=rows.needs_logprobs, max_top_logprobs=rows.max_top_logprobs, original_logprobs=original,
                                  keep_greedy_rows=list(rows.keep_greedy_rows))
         f, i = graph_rows if graph_rows is not None else self.row_columns(n)
+        (temperatures, top_ps, min_ps), (top_ks, seeds, steps) = f.unbind(), i.unbind()  # the rows' views, two calls not six
         return SamplingBatch(
-            temperatures=f[0], top_ps=f[1], min_ps=f[2], top_ks=i[0], seeds=i[1], steps=i[2], all_greedy=False,
+            temperatures=temperatures, top_ps=top_ps, min_ps=min_ps, top_ks=top_ks, seeds=seeds, steps=steps, all_greedy=False,
             needs_filter=rows.needs_filter, needs_logprobs=rows.needs_logprobs, max_top_logprobs=rows.max_top_logprobs,
             original_logprobs=original, keep_greedy_rows=list(rows.keep_greedy_rows), keep_filtered_rows=list(rows.keep_filtered_rows),
         )
@@ -201,7 +206,7 @@ class ModelRunner:
         """The inputs still on the device (sampled by the step in flight): int64 [2, k] of (row in this
         batch's input_ids, row in the previous step's sampled ids), or None when every input is known.
         `row_offsets`: each entry's first input row (None: entry i is row i, a decode batch)."""
-        prev = np.fromiter((e.prev_row for e in entries), dtype=np.int64, count=len(entries))
+        prev = np.fromiter(map(_PREV_ROW, entries), dtype=np.int64, count=len(entries))
         which = np.flatnonzero(prev >= 0)
         if not len(which):
             return None
@@ -213,8 +218,8 @@ class ModelRunner:
         """Forward the batch; sample for the entries with `sample` set (in their order) and score the prompt
         rows entries ask logprobs for. Inputs marked `prev_row` are filled on the device from
         `prev_token_ids` (the step before, still in flight)."""
-        to_sample = [e for e in entries if e.sample]
-        penalized = any(e.row.penalized for e in to_sample)
+        to_sample = list(compress(entries, map(_SAMPLE, entries)))  # per-row passes in C: `map` over attribute getters
+        penalized = any(map(_PENALIZED, to_sample))
         hb = HostBatch.build(entries, self.kv_cache.page_size, self.page_table)
         graphs = self.cuda_graphs
         decode_graph = graphs is not None and graphs.can_run(hb, penalized)

@@ -11,6 +11,7 @@ upload a step already makes) and the eager sampler uploads them once.
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -55,6 +56,8 @@ class RowSummary(NamedTuple):
     keep_filtered_rows: list[int]  # and sampled ones with a filter
 
 
+_ROW, _STEP = attrgetter("row"), attrgetter("step")  # a step reads these of every entry: `map` passes in C
+
 # the device copies of the table hold a multiple of this many rows, so every float32 / int64 column starts 16-byte
 # aligned whatever the batch size: Triton specialises the sampling kernels on their pointers' alignment
 ROW_ALIGN = 4
@@ -85,7 +88,7 @@ class RowParamTable:
         n = len(entries)
         if n > len(self.rows):
             self._grow(n)
-        new = [e.row for e in entries]
+        new = list(map(_ROW, entries))
         written = 0
         if new != self.rows[:n]:
             rows = self.rows
@@ -93,7 +96,7 @@ class RowParamTable:
                 if row is not rows[r] and row != rows[r]:
                     self._write(r, row, entries[r])
                     written += 1
-        self.ints[2, :n] = np.fromiter((e.step for e in entries), dtype=np.int64, count=n)
+        self.ints[2, :n] = np.fromiter(map(_STEP, entries), dtype=np.int64, count=n)
         return written
 
     def summary(self, n: int) -> RowSummary:

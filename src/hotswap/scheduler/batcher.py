@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from hotswap.cache.page_allocator import PageAllocator
 from hotswap.cache.radix_cache import RadixPrefixCache
 from hotswap.runner.batch_entry import BatchEntry
-from hotswap.scheduler.overlap import decodes_token_in_flight, in_flight_token_is_last, inputs_from_inflight, token_in_flight
+from hotswap.scheduler.overlap import DECODE, NOTHING, inputs_from_inflight, running_step, token_in_flight
 from hotswap.scheduler.prompt_sharing import PromptSharing
 from hotswap.scheduler.sequence import Sequence, Status
 
@@ -91,10 +91,11 @@ class Batcher:
         page_size = self.allocator.page_size
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if in_flight_token_is_last(seq, self.max_context_len):
+            step = running_step(seq, self.max_context_len)
+            if step == NOTHING:
                 i += 1  # nothing more to compute
                 continue
-            decoding = decodes_token_in_flight(seq)
+            decoding = step == DECODE
             n = 1 if decoding else min(seq.num_tokens + seq.pending - seq.num_computed, self.chunked_prefill_size, budget)
             if n <= 0:  # a prompt-only request (max_new_tokens 0) whose last chunk is in flight
                 i += 1
@@ -201,7 +202,7 @@ class Batcher:
         return entry
 
     def _decode_entry(self, seq: Sequence) -> BatchEntry:
-        """`_entry` of a decoding sequence (`decodes_token_in_flight`), built directly: at hundreds of rows
+        """`_entry` of a decoding sequence (`running_step` DECODE), built directly: at hundreds of rows
         this runs for every row of every step, and its one input is known without slicing any tokens."""
         start = seq.num_computed
         # positionally (keywords cost about as much again): input_ids (the token in flight, filled on the device),

@@ -78,12 +78,12 @@ class OutputStreamer:
 
     def append_token(self, seq: Sequence, token: int, logprob: float, top: list[tuple[float, int]], version: str) -> None:
         """Record one sampled token and decide whether the sequence is done."""
+        sp = seq.req.sampling_params
         seq.output_ids.append(token)
-        if seq.req.sampling_params.return_logprob:
+        if sp.return_logprob:
             seq.logprobs.append(logprob)
             seq.top_logprobs.append(top)
         seq.token_versions.append(version)
-        sp = seq.req.sampling_params
         # SGLang's order: the length limit first (a last allowed token that is eos still reports length)
         if len(seq.output_ids) >= sp.max_new_tokens:
             seq.finish_reason = {"type": "length", "length": sp.max_new_tokens}

@@ -10,12 +10,16 @@ the in-flight step's sampled rows. The runner fills such inputs from the previou
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import compress
+from operator import attrgetter
 
 import torch
 
 from hotswap.runner.batch_entry import BatchEntry
 from hotswap.runner.sampler import SampleResult
 from hotswap.scheduler.sequence import Sequence
+
+_SAMPLE = attrgetter("sample")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -33,19 +37,23 @@ def token_in_flight(seq: Sequence) -> bool:
     return seq.pending > 0
 
 
-def in_flight_token_is_last(seq: Sequence, max_context_len: int) -> bool:
-    """The token in flight is its last for sure (length limits; eos is only known after read-back), so
-    there is nothing more to compute for it this step."""
-    if not seq.pending:
-        return False
-    return (len(seq.output_ids) + seq.pending >= seq.req.sampling_params.max_new_tokens
-            or seq.num_tokens + seq.pending >= max_context_len)
+NOTHING, DECODE, OTHER = -1, 0, 1  # what `running_step` says a running sequence computes this step
 
 
-def decodes_token_in_flight(seq: Sequence) -> bool:
-    """Its one input to compute is the token in flight (every earlier token's KV is computed): a decode
-    step whose input the runner takes from the in-flight step's sampled ids, and which samples."""
-    return seq.pending == 1 and seq.num_computed == seq.num_tokens
+def running_step(seq: Sequence, max_context_len: int) -> int:
+    """What a running sequence computes this step, by the two rules overlap adds (its token count read once:
+    the batcher asks this of every running row, every step):
+    NOTHING: the token in flight is its last for sure (length limits; eos is only known after read-back);
+    DECODE: its one input is the token in flight (every earlier token's KV is computed): a decode step whose
+    input the runner takes from the in-flight step's sampled ids, and which samples;
+    OTHER: whatever else is left to compute (a prompt chunk, a recomputation after a preemption)."""
+    pending = seq.pending
+    if not pending:
+        return OTHER
+    num_tokens = seq.num_tokens
+    if len(seq.output_ids) + pending >= seq.req.sampling_params.max_new_tokens or num_tokens + pending >= max_context_len:
+        return NOTHING
+    return DECODE if pending == 1 and seq.num_computed == num_tokens else OTHER
 
 
 def inputs_from_inflight(seq: Sequence, end: int) -> int:
@@ -56,11 +64,8 @@ def inputs_from_inflight(seq: Sequence, end: int) -> int:
 
 def mark_sample_rows(seqs: list[Sequence], entries: list[BatchEntry]) -> None:
     """Record which sampled row of the step being launched holds each sequence's next token."""
-    row = 0
-    for seq, entry in zip(seqs, entries):
-        if entry.sample:
-            seq.pending_row = row
-            row += 1
+    for row, seq in enumerate(compress(seqs, map(_SAMPLE, entries))):  # the sampling rows, picked in C
+        seq.pending_row = row
 
 
 def sampled_on_device(inflight: InFlight | None) -> torch.Tensor | None:

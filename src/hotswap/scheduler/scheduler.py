@@ -409,6 +409,7 @@ class Scheduler:
         k = -1
         at = 0  # the next scored prompt row
         generated = 0
+        append_token, emit, finished = self.streamer.append_token, self.streamer.emit, Status.FINISHED  # looked up once, not per row
         for seq, entry in zip(step.seqs, step.entries):
             if entry.prompt_targets:
                 m = len(entry.prompt_targets)
@@ -422,7 +423,7 @@ class Scheduler:
                 continue
             k += 1
             seq.pending -= 1
-            if seq.status is Status.FINISHED:  # aborted, or it stopped while this step ran: drop the token
+            if seq.status is finished:  # aborted, or it stopped while this step ran: drop the token
                 continue
             top = []
             if tops is not None and seq.req.sampling_params.top_logprobs_num:
@@ -431,9 +432,9 @@ class Scheduler:
             try:
                 if keeps is not None and keeps[k] is not None:
                     seq.top_p_token_ids.append(keeps[k])
-                self.streamer.append_token(seq, ids[k], lps[k] if lps is not None else 0.0, top, version)
+                append_token(seq, ids[k], lps[k] if lps is not None else 0.0, top, version)
                 if seq.finish_reason is None and seq.req.stream:
-                    self.streamer.emit(seq, version)
+                    emit(seq, version)
             except Exception as exc:  # one request's output handling failed: it fails alone, the loop goes on
                 log.exception("handling a token of %s failed", seq.rid)
                 seq.finish_reason = {"type": "abort", "message": f"internal error: {type(exc).__name__}: {exc}"}
