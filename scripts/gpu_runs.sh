@@ -2,6 +2,7 @@
 # The GPU runs that the open issues' goals need, split so each stage fits one 10-minute device call.
 # Run from the repository root on the GPU machine:  bash scripts/gpu_runs.sh STAGE
 #   suite   the whole GPU test suite
+#   final   the suite, then the 0.6B sampled rollout and batch 1 / 64 (~540 s on an H100)
 #   dense   dense19 + prefill + rollouts:
 #     dense19   issue 19's before/after: throughput19 (throughput) and sync19 (weight sync; sync19-before / -after split it)
 #     prefill   the prefill call's host time before/after
@@ -55,7 +56,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stages="suite|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|h200|h200-check|h100-check|profile|rows|knobs|epilogues|kv-loads"
+stages="suite|final|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|h200|h200-check|h100-check|profile|rows|knobs|epilogues|kv-loads"
 [ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... ($stages)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
@@ -87,6 +88,12 @@ case $stage in
 suite)
     site_packages
     PYTHONPATH=/tmp/site:src run gpu_suite 570 python3 -m pytest -m gpu tests -q -p no:cacheprovider -rfEs
+    ;;
+final)  # the GPU suite on the tree of the day, then the 0.6B rollout and batch 1 / 64 (one call, ~540 s on an H100)
+    site_packages
+    PYTHONPATH=/tmp/site:src run gpu_suite 430 python3 -m pytest -m gpu tests -q -p no:cacheprovider -rfEs
+    PYTHONPATH=src run final_rollout06 70 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline --modes sampled
+    PYTHONPATH=src run final_throughput06 45 python3 bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,64x128x128 --hf none
     ;;
 dense)
     bash "$0" dense19 prefill rollouts
