@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -50,9 +51,11 @@ class StepProfiler:
     """One profiling run at a time; the loop calls `after_step` only while there is one (`run`)."""
 
     device: torch.device
+    steps: Callable[[], int]  # the loop's steps so far (a run's start_step counts them)
     run: _Run | None = None
 
-    def start_profile(self, req: p.StartProfileRequest, steps_so_far: int) -> p.ControlOutput:
+    def start_profile(self, req: p.StartProfileRequest) -> p.ControlOutput:
+        steps_so_far = self.steps()
         problem = self._refusal(req)
         if problem:
             return p.ControlOutput(success=False, message=f"start_profile refused: {problem}")

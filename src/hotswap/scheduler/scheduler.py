@@ -110,7 +110,7 @@ class Scheduler:
         )
         self.weight_reads = WeightReads(model_runner=model_runner, config=config, ranks=ranks, weights_released=self.memory.weights_released,
                                         is_idle=self.is_idle, flush_cache=self.flush_cache, mark_version=self.sessions.mark)
-        self.profiler = StepProfiler(device=model_runner.device)
+        self.profiler = StepProfiler(device=model_runner.device, steps=lambda: self.num_steps)
         self.handlers = {
             p.GenerateRequest: self.add_request,
             p.GenerateBatch: self.add_requests,
@@ -118,7 +118,7 @@ class Scheduler:
             p.FlushCacheRequest: self.handle_flush_cache,
             p.GetLoadRequest: self.get_load,
             p.CheckInvariantsRequest: self.check_invariants,
-            p.StartProfileRequest: lambda req: self.profiler.start_profile(req, self.num_steps),
+            p.StartProfileRequest: self.profiler.start_profile,
             p.StopProfileRequest: self.profiler.stop_profile,
             p.FreezeGCRequest: self.freeze_gc,
             p.UpdateWeightsFromDiskRequest: self.update_weights_from_disk,
