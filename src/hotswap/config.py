@@ -18,6 +18,7 @@ from hotswap.sglang_server_args import (
     SGLANG_DEFAULTS,
     TOOL_CALL_PARSERS,
 )
+from hotswap.wire.dtypes import DTYPES_BY_NAME
 from hotswap.wire.ipc import new_ipc_token, shm_block_prefix
 
 # architecture name in config.json -> (the config key switching the q/k/v bias (None: transformers always has one),
@@ -32,8 +33,8 @@ SUPPORTED_ARCHITECTURES = {
 # the rope types served (models/rope.py), transformers' names
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-           "float": torch.float32, "half": torch.float16}  # the last two: SGLang's --dtype names
+# the dtypes a model is served in, by the names requests use (SGLang's --dtype "float" / "half" among them): float64 is not one
+_DTYPES = {name: dtype for name, dtype in DTYPES_BY_NAME.items() if dtype is not torch.float64}
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
