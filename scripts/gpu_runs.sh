@@ -48,6 +48,8 @@
 # tree of the day.)
 # (The twenty-ninth ran `suite` on 5fc05a0 (248 passed) and the 512-row host step; its later H200 and H100 tries did not
 # start: `h200-check` is what the issues lack, with the GPU tests of that session's checkpoint variants, not yet run.)
+# (The thirtieth and thirty-first sessions started no machine in 38 tries: still `h200-check` (`needs_h200`), then `final`
+# on the tree of the day, then a `bench/host_step.py --device cuda` A/B of the thirty-first's per-row host work.)
 # "Before" is the tree before the restructure, unpacked beside this one (untracked, so it travels to the
 # device):  git archive 6c9ff7c src bench | (mkdir -p .before && tar -x -C .before)
 # The MoE stage compares its decode kernels with the tree before they changed, unpacked the same way:
