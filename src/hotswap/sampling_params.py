@@ -7,11 +7,6 @@ from dataclasses import dataclass, field, fields
 from hotswap.errors import ConstrainedDecodingError, SamplingParamsError, shown
 
 INT64_MAX = 2**63 - 1  # seeds and top_k travel to the device as int64
-
-
-def is_seed(value: object) -> bool:
-    """A seed the device takes: an integer (not a bool) in [0, 2**63)."""
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= INT64_MAX
 MAX_STOPS = 1024  # stop strings (and stop token ids) per request: each is checked after every token, on the scheduler thread
 # top logprobs per position: SGLang sets no limit (verl's distillation teacher asks for its topk, 32 or 128), but each
 # one is a (logprob, id, text) entry in every position's reply; the OpenAI and vLLM routes keep their own limit of 20
@@ -25,6 +20,11 @@ GREEDY_TEMPERATURE = 1e-6
 # constrained decoding (SGLang's and vLLM's names): refused by name wherever a request may carry it
 CONSTRAINED_DECODING_FIELDS = ("regex", "json_schema", "ebnf", "structural_tag", "guided_json", "guided_regex", "guided_choice",
                                "guided_grammar", "guided_decoding", "guided_decoding_backend", "structured_outputs")
+
+
+def is_seed(value: object) -> bool:
+    """A seed the device takes: an integer (not a bool) in [0, 2**63)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= INT64_MAX
 
 
 def refuse_constrained_decoding(values: dict) -> None:

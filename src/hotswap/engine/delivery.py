@@ -111,7 +111,8 @@ class Mailboxes:
             box = self._boxes.get(loop)
             if box is not None:
                 return box
-            stale = [self._boxes.pop(old) for old in [old for old in self._boxes if old.is_closed()]]
+            closed = [old for old in self._boxes if old.is_closed()]
+            stale = [self._boxes.pop(old) for old in closed]
             box = self._boxes[loop] = LoopMailbox(loop, self._abort)
         for old_box in stale:
             old_box.discard()

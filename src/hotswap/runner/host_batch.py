@@ -11,6 +11,10 @@ import numpy as np
 from hotswap.runner.batch_entry import BatchEntry
 from hotswap.runner.page_table import PageTable
 
+# the entries' fields a build reads, as `map` passes in C
+_INPUT_IDS, _START_POS, _PAGES, _SAMPLE = (attrgetter(name) for name in ("input_ids", "start_pos", "pages", "sample"))
+_PROMPT_TARGETS = attrgetter("prompt_targets")
+
 
 @dataclass(slots=True)
 class HostBatch:
@@ -58,22 +62,15 @@ class HostBatch:
     def _build_decode(cls, entries: list[BatchEntry], id_lists: list[list[int]], starts: np.ndarray, table: np.ndarray,
                       page_size: int) -> HostBatch:
         """`build` of a batch whose every row has one input: row i is token i, so the cumulated query lengths
-        are 0..n, the positions are the starts, and when every row samples (a steady decode batch) its
-        logits rows are 0..n-1: the same arrays, with about half the numpy calls a step."""
+        are 0..n, the positions are the starts and the logits rows are the sampling rows' own indices: the same
+        arrays, with about half the numpy calls a step."""
         n = len(entries)
         cu = np.arange(n + 1, dtype=np.int32)
         ids = np.fromiter(chain.from_iterable(id_lists), dtype=np.int64, count=n)
         page_of, offset = np.divmod(starts, page_size)
         slots = table[np.arange(n), page_of].astype(np.int64) * page_size + offset
-        if all(map(_SAMPLE, entries)):
-            logits_indices = np.arange(n, dtype=np.int64)
-        else:
-            logits_indices = np.flatnonzero(np.fromiter(map(_SAMPLE, entries), dtype=bool, count=n)).astype(np.int64)
+        logits_indices = np.flatnonzero(np.fromiter(map(_SAMPLE, entries), dtype=bool, count=n)).astype(np.int64, copy=False)
         return cls(ids, starts, slots, cu, (starts + 1).astype(np.int32), table, logits_indices, 1, True, _scored_rows(entries, cu))
-
-
-_INPUT_IDS, _START_POS, _PAGES, _SAMPLE = (attrgetter(name) for name in ("input_ids", "start_pos", "pages", "sample"))
-_PROMPT_TARGETS = attrgetter("prompt_targets")
 
 
 def _scored_rows(entries: list[BatchEntry], cu: np.ndarray) -> np.ndarray:

@@ -409,7 +409,7 @@ class Scheduler:
         k = -1
         at = 0  # the next scored prompt row
         generated = 0
-        append_token, emit, finished = self.streamer.append_token, self.streamer.emit, Status.FINISHED  # looked up once, not per row
+        append_token, emit = self.streamer.append_token, self.streamer.emit  # looked up once, not per row
         for seq, entry in zip(step.seqs, step.entries):
             if entry.prompt_targets:
                 m = len(entry.prompt_targets)
@@ -423,7 +423,7 @@ class Scheduler:
                 continue
             k += 1
             seq.pending -= 1
-            if seq.status is finished:  # aborted, or it stopped while this step ran: drop the token
+            if seq.status is Status.FINISHED:  # aborted, or it stopped while this step ran: drop the token
                 continue
             top = []
             if tops is not None and seq.req.sampling_params.top_logprobs_num:
