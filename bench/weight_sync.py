@@ -15,8 +15,8 @@ Per shape (bf16, random weights, `load_format="dummy"` engines):
   views of one buffer.
 - ipc: a producer process (spawn) holds the tensors and sends plain-data CUDA IPC descriptors through a
   queue; the engine loads them; N updates; memory of both sides before and after. Layouts: one allocation
-  per tensor, one flat buffer, and IPCWeightPusher's (512 MiB buckets packed into one reused buffer, one
-  call per bucket: the engine time of all of a push's calls).
+  per tensor, one flat buffer, and IPCWeightPusher's (512 MiB buckets, those of several tensors packed into one
+  reused buffer, one call per bucket: the engine time of all of a push's calls).
 - disk: random bf16 sharded safetensors written to a temp dir and read once (page cache); the reader's
   strategies, the engine's `update_weights_from_disk` end to end (with and without rollback), the
   previous per-tensor path and `safetensors.torch.load_file(device="cuda")`; ceiling: pinned H2D.
@@ -359,10 +359,10 @@ def bench_ttft(shape: str, engine, sources, reps: int) -> None:
 
 def _producer(specs, layout: str, updates: int, q_out, q_in, bucket_bytes: int, aliased: bool) -> None:
     """layout "separate": one allocation per tensor; "flat": all in one buffer; "buckets": what
-    IPCWeightPusher sends, buckets of `bucket_bytes` packed one by one into one reused buffer (one message
-    per bucket, the engine's reply before the next is packed). `aliased` (buckets only): the trainer's tensors
-    are views of one buffer the size of the largest, as a sharded trainer gathers each bucket's tensors just
-    before packing them; the packed buffer the engine reads is distinct memory either way."""
+    IPCWeightPusher sends, buckets of `bucket_bytes`, those of several tensors packed one by one into one reused
+    buffer, those of one tensor sent as they are (one message per bucket, the engine's reply before the next is
+    packed). `aliased` (buckets only): the trainer's tensors are views of one buffer the size of the largest, as a
+    sharded trainer gathers each bucket's tensors just before sending them; the packed buffer is distinct memory."""
     import torch
 
     from hotswap.wire.buckets import iter_buckets
@@ -386,15 +386,19 @@ def _producer(specs, layout: str, updates: int, q_out, q_in, bucket_bytes: int, 
         for _, t in tensors:
             t.normal_(0, 0.02)
     buckets = list(iter_buckets(tensors, bucket_bytes)) if layout == "buckets" else [tensors]
-    pack = torch.empty(max(sum(t.numel() for _, t in b) for b in buckets), dtype=torch.bfloat16, device="cuda") if layout == "buckets" else None
+    # as IPCWeightPusher._gpu_tensors packs a trainer's own tensors: a bucket of several into the reused buffer, a bucket
+    # of one (50 of the 30B-A3B's 99 at 512 MiB: its 805 MB gate_up tensors) sent as it is, with no copy on the trainer's side
+    packed = [len(b) > 1 for b in buckets] if layout == "buckets" else [False] * len(buckets)
+    pack = (torch.empty(max(sum(t.numel() for _, t in b) for b, p in zip(buckets, packed) if p), dtype=torch.bfloat16, device="cuda")
+            if any(packed) else None)
     torch.cuda.synchronize()
     mem0 = (torch.cuda.memory_allocated(), torch.cuda.memory_reserved())
     q_out.put({"ready": True, "allocated": mem0[0], "reserved": mem0[1], "buckets": len(buckets)})
     t0 = time.perf_counter()
     for i in range(updates):
-        for bucket in buckets:
+        for bucket, packs in zip(buckets, packed):
             sent = bucket
-            if pack is not None:
+            if packs:
                 off, sent = 0, []
                 for name, t in bucket:
                     view = pack[off : off + t.numel()].view(t.shape)
@@ -565,7 +569,8 @@ def bench_ipc(shape: str, engine, ceil: dict, updates: int, sources_arg: str, bu
         per_call = [statistics.median(c[k] for c in calls) * 1e3 for k in range(3)] if calls else [float("nan")] * 3
         copy_ideal = 2 * total / nb / d2d * 1e3 if d2d == d2d else float("nan")
         label = {"flat": "one flat buffer (1 handle)", "separate": f"separate allocations ({len(specs)} handles)",
-                 "buckets": f"IPCWeightPusher's layout: {nb} bucket(s) of <= {mib(bucket_bytes)} packed into one reused buffer, one call each"
+                 "buckets": f"IPCWeightPusher's layout: {nb} bucket(s) of <= {mib(bucket_bytes)} (those of several tensors packed "
+                            "into one reused buffer), one call each"
                             + (" (the trainer's tensors views of one buffer: a full copy does not fit)" if aliased else "")}[layout]
         rows.append([f"IPC, {label}", f"{total / GB:.2f}", fmt_ms(t_med), f"{bw / GB:,.0f}", f"{d2d / GB:,.0f}" if d2d == d2d else "-",
                      pct(bw, d2d), "0 (maps the producer's memory)",
