@@ -31,6 +31,8 @@
 #   batch1   batch-1 throughput of the 0.6B and the 30B-A3B (the qkv matmul finishing its heads; ~180 s)
 #   fusions  the eighteenth session's kernel changes: their GPU tests, the MoE layer, 30B-A3B batch 1 before (.moe-before)
 #            and after, the 0.6B batch 1 / 64 with the in-place split merge and with the merge kernel (~450 s on an H100)
+#   host-ab  the host step's per-row work since the thirty-first session's start, on the graph path: 0.6B batch 64 throughput
+#            and host step, before / after twice (~240 s; before: git archive be24495 src bench | (mkdir -p .hs-before && tar -x -C .hs-before))
 #   moe-sync  issue 20's 61 GB update, in process and over the trainer library's CUDA IPC pusher (fits an H100:
 #             beside the engine's 61 GB the bench's sources are views of one buffer, `--sources auto`; ~230 s on an H200)
 # Device seconds measured: suite 280 (H200) / 308-380 (H100), run alone; throughput19 ~130; sync19 up to 560 (the
@@ -58,7 +60,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stages="suite|final|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|h200|h200-check|h100-check|profile|rows|knobs|epilogues|kv-loads"
+stages="suite|final|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|host-ab|h200|h200-check|h100-check|profile|rows|knobs|epilogues|kv-loads"
 [ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... ($stages)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
@@ -296,6 +298,17 @@ batch1)  # the nineteenth session's qkv matmul finishing its heads: batch 1 of t
     ;;
 attention-mix)
     PYTHONPATH=src run attention_mix 300 python3 bench/attention_kernels.py --sweep mix
+    ;;
+host-ab)  # the host step's changes since .hs-before (unpacked from the thirty-first session's start, be24495) on the graph path:
+    # the 0.6B batch 64 throughput and host step, before / after interleaved twice (~240 s)
+    for round in 1 2; do
+        for side in before after; do
+            root=.; [ "$side" = before ] && root=.hs-before  # each bench puts its own tree's src first on the path
+            run "host_ab_tput_${side}_$round" 60 python3 $root/bench/throughput.py --shape qwen3-0.6b --cases 64x128x128 --hf none
+            run "host_ab_step_${side}_$round" 60 python3 $root/bench/host_step.py --shape qwen3-0.6b --batch 64 --prompt 128 \
+                --steps 128 --mode sampled --device cuda
+        done
+    done
     ;;
 moe-sync)
     PYTHONPATH=src run weight_sync_moe 570 python3 bench/weight_sync.py --shapes qwen3-30b-a3b --sections tensor,ipc --reps 3 --budget-s 540 \
