@@ -113,6 +113,8 @@ class FlushCacheRequest:
     # vLLM's reset_prefix_cache(reset_running_requests=True): running requests give their pages back first and are
     # recomputed from their tokens when they run again (SkyRL resets so while a keep-pause freezes them)
     reset_running_requests: bool = False
+    # SGLang's /flush_cache?timeout=: with requests running, wait up to this many seconds for them to finish (0: refuse at once)
+    timeout_s: float = 0.0
 
 
 @dataclass(kw_only=True, slots=True)

@@ -357,8 +357,10 @@ class EngineAPI:
         # then raise InvalidStateError in the scheduler thread and end it); the request completes regardless
         return await asyncio.shield(asyncio.wrap_future(self.scheduler.submit(request)))
 
-    def flush_cache(self) -> p.ControlOutput:
-        return self._call(p.FlushCacheRequest())
+    def flush_cache(self, timeout_s: float = 0.0) -> p.ControlOutput:
+        """SGLang's flush_cache; `timeout_s` (its HTTP route's `timeout`) waits that long for running requests to finish
+        instead of refusing the flush at once (scheduler/cache_flush.py)."""
+        return self._call(p.FlushCacheRequest(timeout_s=timeout_s))
 
     def get_load(self) -> p.LoadOutput:
         return self._call(p.GetLoadRequest())

@@ -26,6 +26,7 @@ from hotswap.errors import BatchRowError, shown
 from hotswap.runner.device_memory import DeviceMemory
 from hotswap.runner.model_runner import ModelRunner
 from hotswap.scheduler.batcher import Batcher, ScheduledBatch
+from hotswap.scheduler.cache_flush import CacheFlush
 from hotswap.scheduler.invariant_checker import InvariantChecker
 from hotswap.scheduler.load_stats import LoadStats, cache_hit_rate, utilization
 from hotswap.scheduler.memory_manager import MemoryManager
@@ -85,6 +86,8 @@ class Scheduler:
         self.streamer = OutputStreamer(tokenizer=tokenizer, eos_token_ids=frozenset(eos_token_ids), max_context_len=max_context_len,
                                        stream_interval=config.stream_interval)
         self.invariants = InvariantChecker(allocator=self.allocator, prefix_cache=self.prefix_cache)
+        self.cache_flush = CacheFlush(num_running=lambda: len(self.batcher.running), invalidate_cache=self.batcher.invalidate_cache,
+                                      retract_all=self.batcher.retract_all)
         ranks = model_runner.tp_peers or LocalRanks()
         self.sessions = Sessions(
             ranks=ranks,
@@ -96,7 +99,7 @@ class Scheduler:
             lend_scratch=self.lend_kv_pool,
         )
         self.memory = MemoryManager(device_memory=DeviceMemory(runner=model_runner), why_not_release=self.why_memory_may_not_change,
-                                    reset_prefix_cache=self.flush_cache, weights_discarded=lambda: self.sessions.mark("discarded"),
+                                    reset_prefix_cache=self.cache_flush.flush, weights_discarded=lambda: self.sessions.mark("discarded"),
                                     peers=model_runner.tp_peers)
         self.pause = GenerationPause(sessions=self.sessions, abort_all=self.abort_all, retract_all=self.batcher.retract_all)
         self.weight_updater = WeightUpdater(
@@ -109,13 +112,13 @@ class Scheduler:
             groups=WeightGroups(ranks=ranks, device=model_runner.device, op_timeout_s=config.weight_session_timeout_s),
         )
         self.weight_reads = WeightReads(model_runner=model_runner, config=config, ranks=ranks, weights_released=self.memory.weights_released,
-                                        is_idle=self.is_idle, flush_cache=self.flush_cache, mark_version=self.sessions.mark)
+                                        is_idle=self.is_idle, flush_cache=self.cache_flush.flush, mark_version=self.sessions.mark)
         self.profiler = StepProfiler(device=model_runner.device, steps=lambda: self.num_steps)
         self.handlers = {
             p.GenerateRequest: self.add_request,
             p.GenerateBatch: self.add_requests,
             p.AbortRequest: self.abort,
-            p.FlushCacheRequest: self.handle_flush_cache,
+            p.FlushCacheRequest: self.cache_flush.handle,
             p.GetLoadRequest: self.get_load,
             p.CheckInvariantsRequest: self.check_invariants,
             p.StartProfileRequest: self.profiler.start_profile,
@@ -205,6 +208,7 @@ class Scheduler:
     def _fail_deferred(self) -> None:
         deferred, self.deferred = [(r, f) for r, f, _ in self.deferred], deque()
         self._fail(deferred)
+        self.cache_flush.fail_waiting(self.dead)
 
     def _fail_queued(self) -> None:
         items = [self._held] if self._held is not None and self._held[0] is not None else []
@@ -243,6 +247,7 @@ class Scheduler:
             self.receive(block=self.nothing_to_run() and inflight is None, step_in_flight=inflight is not None)
             self.run_deferred()
             self.expire_deferred()
+            self.cache_flush.settle()
             self.pause.expire()
             self.expire_held()
             self.refuse_queued_while_released()
@@ -300,7 +305,8 @@ class Scheduler:
     def receive(self, block: bool, step_in_flight: bool = False) -> None:
         """Take what the inbox holds, in order. With a step in flight only generate requests are taken: a control
         request met behind them is held (`_held`) until the loop has read the step back."""
-        timeout = 0.5 if self.pause.held or self.deferred else None  # sessions, queued requests and deferred updates expire
+        # sessions, queued requests, deferred updates and a flush waiting for running requests expire
+        timeout = 0.5 if self.pause.held or self.deferred or self.cache_flush.waiting else None
         if self._held is not None:
             if step_in_flight:
                 return
@@ -573,13 +579,6 @@ class Scheduler:
         if self.model_runner.device.type == "cuda":
             torch.cuda.synchronize(self.model_runner.device)
 
-    def flush_cache(self) -> bool:
-        """Drop every cached prefix; refused (False) while requests run (SGLang's flush_cache rule)."""
-        if self.batcher.running:
-            return False
-        self.batcher.invalidate_cache()
-        return True
-
     def lend_kv_pool(self) -> torch.Tensor | None:
         """The KV pool's bytes, as scratch for an update session's saved originals (weights/rollback.py), when no
         request holds a page: a large model's originals then copy on the device instead of to pinned host memory (61 GB
@@ -607,13 +606,6 @@ class Scheduler:
             held = self.pause.pause_generation(p.PauseGenerationRequest(mode="in_place"))
             out.message += f"; {held.message} (keep_pause): continue_generation resumes it"
         return out
-
-    def handle_flush_cache(self, req: p.FlushCacheRequest) -> p.ControlOutput:
-        if req.reset_running_requests:
-            self.batcher.retract_all()  # their KV goes with the cache; they recompute it (with the weights then served)
-        if not self.flush_cache():
-            return p.ControlOutput(success=False, message=f"cannot flush the cache while {len(self.batcher.running)} request(s) are running")
-        return p.ControlOutput(success=True, message="cache flushed")
 
     def get_load(self, req: p.GetLoadRequest) -> p.LoadOutput:
         running, max_running = len(self.batcher.running), self.batcher.max_running_requests

@@ -49,6 +49,7 @@ from hotswap.server.http_utils import (
     error_body,
     error_response,
     parse_body,
+    query_float,
     sse,
 )
 from hotswap.server.loads import TokenLoad, parse_query
@@ -432,8 +433,10 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache(request: Request) -> JSONResponse:
+        """SGLang's: `?timeout=` (seconds, >= 0) waits that long for running requests to finish before refusing."""
         refuse_browser_get(request)  # slime and verl flush with GET; a page's link or <img> cannot
-        out = await engine.asubmit(p.FlushCacheRequest())
+        timeout_s = query_float(request, "timeout", default=0.0, minimum=0.0)
+        out = await engine.asubmit(p.FlushCacheRequest(timeout_s=timeout_s))
         return JSONResponse(out.to_dict(), status_code=200 if out.success else 400)
 
     @app.post("/abort_request")

@@ -16,6 +16,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from hotswap.errors import shown
+
 T = TypeVar("T")
 
 SSE_DONE = b"data: [DONE]\n\n"
@@ -98,6 +100,33 @@ def error_response(err: APIError) -> JSONResponse:
 
 def sse(obj: Any) -> bytes:
     return b"data: " + dumps(obj) + b"\n\n"
+
+
+def query_bool(request: Request, name: str, default: bool) -> bool:
+    """A boolean query parameter as FastAPI's Query() reads one; anything else is a 400 naming it."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise APIError(400, f"query parameter {name}={shown(raw)} is not a boolean", param=name)
+
+
+def query_float(request: Request, name: str, default: float, minimum: float) -> float:
+    """A finite number >= `minimum` from the query string (FastAPI's Query(ge=...)); anything else is a 400 naming it."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= minimum):
+        raise APIError(400, f"query parameter {name}={shown(raw)} must be a finite number >= {minimum:g}", param=name)
+    return value
 
 
 def format_validation_error(exc: ValidationError) -> str:

@@ -24,7 +24,7 @@ from starlette.responses import Response
 from hotswap import protocol as p
 from hotswap.errors import shown
 from hotswap.server.generation import await_generation, refuse_constrained_decoding_over_http
-from hotswap.server.http_utils import APIError, JSONResponse, parse_body
+from hotswap.server.http_utils import APIError, JSONResponse, parse_body, query_bool
 from hotswap.server.openai_api import check_prompt, finish_reason, refuse_request_chat_template, vllm_prompt_logprobs
 from hotswap.server.weights_api import check_source_dir
 
@@ -35,18 +35,6 @@ _LOGPROB_FLOOR = -9999.0  # vLLM clamps logprobs in its token-id replies to this
 
 
 # ---- query parameters as FastAPI's Query() reads them ----------------------------------------------
-
-
-def _query_bool(request: Request, name: str, default: bool) -> bool:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    value = raw.strip().lower()
-    if value in ("true", "1", "yes", "on"):
-        return True
-    if value in ("false", "0", "no", "off"):
-        return False
-    raise APIError(400, f"query parameter {name}={shown(raw)} is not a boolean", param=name)
 
 
 def _query_tags(request: Request) -> list[str] | None:
@@ -249,9 +237,9 @@ def register(app: FastAPI, state: ServerState) -> None:
     @app.post("/pause")
     async def pause(request: Request) -> JSONResponse:
         mode = request.query_params.get("mode", "abort")
-        if _query_bool(request, "wait_for_inflight_requests", False) and "mode" not in request.query_params:
+        if query_bool(request, "wait_for_inflight_requests", False) and "mode" not in request.query_params:
             mode = "wait"  # vLLM's deprecated spelling of mode=wait
-        out = await _control(engine.pause, mode, _query_bool(request, "clear_cache", True))
+        out = await _control(engine.pause, mode, query_bool(request, "clear_cache", True))
         if not out.success:
             raise _refused(out)
         return JSONResponse({"status": "paused"})
@@ -293,13 +281,13 @@ def register(app: FastAPI, state: ServerState) -> None:
     @app.post("/reset_prefix_cache")
     async def reset_prefix_cache(request: Request) -> JSONResponse:
         body = await parse_body(request, dict[str, Any])  # optional: an empty body reads as {}
-        running = _query_bool(request, "reset_running_requests", bool(body.get("reset_running_requests", False)))
+        running = query_bool(request, "reset_running_requests", bool(body.get("reset_running_requests", False)))
         reset = await asyncio.to_thread(engine.reset_prefix_cache, running)
         return JSONResponse({"success": reset})
 
     @app.get("/get_world_size")
     async def get_world_size(request: Request) -> JSONResponse:
-        _query_bool(request, "include_dp", True)  # validated; data parallelism is one engine per server here
+        query_bool(request, "include_dp", True)  # validated; data parallelism is one engine per server here
         return JSONResponse({"world_size": int(engine.model_info()["tensor_parallel_size"])})
 
     @app.get("/liveness")
