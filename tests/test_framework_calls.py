@@ -13,8 +13,8 @@ import httpx
 import pytest
 from engine_support import make_engine, wait_idle
 
+from hotswap.engine.unserved import UNSERVED_GENERATE_FIELDS
 from hotswap.server.app import create_app
-from hotswap.server.generation import UNSERVED_GENERATE_FIELDS
 from hotswap.server.launch import ServerThread
 from hotswap.server.metrics import Metrics
 

@@ -304,8 +304,8 @@ def test_engine_takes_server_args_and_sglangs_newer_generate_arguments(tiny_qwen
         out = eng.generate(input_ids=[5, 6, 7], sampling_params=sp, priority=3, cache_salt="tenant-a", kv_router_hint=None,
                            mm_hashes=None, session_params=None, routed_dp_rank=0)
         assert len(out["output_ids"]) == 2
-        for bad, needle in (({"session_params": {"id": "s"}}, "session_params \\(continual-prompting sessions\\)"),
-                            ({"mm_hashes": ["h"]}, "mm_hashes \\(multimodal input\\)"),
+        for bad, needle in (({"session_params": {"id": "s"}}, "'session_params' \\(continual-prompting sessions\\)"),
+                            ({"mm_hashes": ["h"]}, "'mm_hashes' \\(multimodal input\\)"),
                             ({"routed_dp_rank": 1}, "routed_dp_rank=1 out of range")):
             with pytest.raises(HotswapError, match=needle):
                 eng.generate(input_ids=[5, 6, 7], sampling_params=sp, **bad)
@@ -386,6 +386,33 @@ def test_generate_takes_sglang_arguments_and_refuses_what_it_cannot_serve(served
     finally:
         c.post("/continue_generation", json={})
     first.join(30)
+
+
+def test_unserved_generate_fields_have_one_table_and_one_message(served):
+    """SGLang's GenerateReqInput (managers/io_struct.py) fields hotswap does not serve are one table
+    (engine/unserved.py) for Engine.generate, /generate and the OpenAI routes: set, each path refuses them with
+    the one message (over HTTP a 400 whose `param` names the field); the data-parallel ranks pass at 0 only.
+    Before, /generate ignored a set mm_hashes the Engine refused, refused disagg_prefill_dp_rank=0 the Engine
+    took, and the two quoted field names differently; the Engine refused session_id, which SGLang's io_struct.py
+    says changes nothing of the prompt (taken and unused on every path now, as /generate and the OpenAI routes did)."""
+    eng, c = served
+    completion = {"model": "m", "prompt": [5, 6, 7], "max_tokens": 2}
+    for kw, openai in (({"session_params": {"id": "s"}}, True), ({"mm_hashes": ["h"]}, False), ({"routed_dp_rank": 1}, True),
+                       ({"disagg_prefill_dp_rank": 2}, True)):
+        field = next(iter(kw))
+        with pytest.raises(HotswapError) as err:
+            eng.generate(input_ids=[5, 6, 7], sampling_params=GREEDY, **kw)
+        for url, body in (("/generate", {"input_ids": [5, 6, 7], "sampling_params": GREEDY}), ("/v1/completions", completion)):
+            r = c.post(url, json={**body, **kw})
+            if url == "/v1/completions" and not openai:  # not a field of SGLang's OpenAI requests: ignored, as SGLang does
+                assert r.status_code == 200, r.text
+                continue
+            assert r.status_code == 400, (url, field, r.text)
+            assert r.json()["error"]["message"] == str(err.value) and r.json()["error"]["param"] == field
+    for kw in ({"disagg_prefill_dp_rank": 0}, {"session_id": "s"}):
+        assert len(eng.generate(input_ids=[5, 6, 7], sampling_params=GREEDY, **kw)["output_ids"]) == GREEDY["max_new_tokens"]
+        assert c.post("/generate", json={"input_ids": [5, 6, 7], "sampling_params": GREEDY, **kw}).status_code == 200
+        assert c.post("/v1/completions", json={**completion, **kw}).status_code == 200
 
 
 def test_constrained_decoding_is_refused_everywhere(served):

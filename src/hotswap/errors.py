@@ -30,6 +30,14 @@ class ConstrainedDecodingError(SamplingParamsError):
         return (type(self), (self.field, str(self)))
 
 
+class UnservedFieldError(HotswapError):
+    """An SGLang request field hotswap does not serve is set (engine/unserved.py); `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 class EngineUnavailableError(HotswapError):
     """Generation cannot run now (memory released, or held past the queue bound); the message says why.
     Over HTTP: 503."""

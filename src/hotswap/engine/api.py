@@ -28,6 +28,7 @@ from hotswap.engine.collector import Collector
 from hotswap.engine.delivery import CallInbox, Mailboxes
 from hotswap.engine.request_prep import PreparedCall, RequestPrep
 from hotswap.engine.tokenizer import SKIPPED_MESSAGE
+from hotswap.engine.unserved import refuse_unserved_fields
 from hotswap.errors import HotswapError, shown
 from hotswap.runner.device_memory import TAGS as MEMORY_TAGS
 from hotswap.scheduler.detokenizer import IncrementalDetokenizer
@@ -91,39 +92,6 @@ def _take(q: queue.Queue) -> list[p.GenerateOutput]:
             items.append(q.get_nowait())
         except queue.Empty:
             return items
-
-
-def is_unset(value: object) -> bool:
-    """An SGLang field a framework sends without asking for anything: None, False, "", {}, or a list of those
-    (one per prompt of a batch, e.g. image_data=[None, None])."""
-    if isinstance(value, (list, tuple)):
-        return all(is_unset(v) for v in value)
-    return value is None or value is False or value == "" or value == {}
-
-
-# SGLang's Engine.generate arguments hotswap does not serve -> what they ask for
-_UNSERVED_ARGUMENTS = {
-    "image_data": "image input", "audio_data": "audio input", "video_data": "video input", "lora_path": "LoRA adapters",
-    "custom_logit_processor": "custom logit processors", "token_ids_logprob": "logprobs of chosen token ids",
-    "return_hidden_states": "hidden states", "bootstrap_host": "PD disaggregation", "bootstrap_port": "PD disaggregation",
-    "bootstrap_room": "PD disaggregation", "mm_hashes": "multimodal input", "mm_content_hashes": "multimodal input",
-    "session_params": "continual-prompting sessions", "session_id": "continual-prompting sessions",
-    "require_reasoning": "reasoning control",
-}
-
-
-def _check_sglang_arguments(call: dict) -> None:
-    """The rest of SGLang's Engine.generate arguments, from the call's arguments (`generate`'s locals()): those of
-    `_UNSERVED_ARGUMENTS` are accepted unset and refused by name when set; the data-parallel ranks (`data_parallel_rank`,
-    `routed_dp_rank`, `disagg_prefill_dp_rank`) may only name the one rank there is (0). Taken and not used:
-    `external_trace_header` (tracing), `priority` (SGLang ignores it without priority scheduling), `cache_salt` (the
-    prefix cache's sharing never changes an output), `kv_router_hint` (a router's hint; one engine here)."""
-    for name, what in _UNSERVED_ARGUMENTS.items():
-        if not is_unset(call[name]):
-            raise HotswapError(f"{name} ({what}) is not supported by hotswap; leave it unset")
-    for name in ("data_parallel_rank", "routed_dp_rank", "disagg_prefill_dp_rank"):
-        if call[name] not in (None, 0):
-            raise HotswapError(f"{name}={call[name]!r} out of range [0, 1): hotswap serves one data-parallel rank")
 
 
 class SchedulerPort(Protocol):
@@ -225,13 +193,13 @@ class EngineAPI:
         (each with an `index` when the call fans out to several requests). `routed_experts_start_len`: the
         routing returned starts at that absolute position (SGLang's field; at most the prompt's length).
         `rid`: the client's request id (`meta_info.id`, `abort_request(rid)`). SGLang's other arguments
-        (`image_data`, `lora_path`, `data_parallel_rank`, ...) are taken as `_check_sglang_arguments` says; None for
+        (`image_data`, `lora_path`, `data_parallel_rank`, ...) are taken as engine/unserved.py says; None for
         `return_logprob` / `top_logprobs_num` is SGLang's unset (False / 0). `return_logprob`, `top_logprobs_num` and
         `logprob_start_len` take one value for every prompt or, as SGLang's do, a list of one per prompt (n == 1).
         `incremental_streaming_output`: a streamed chunk's text, output_ids and output logprobs hold only its new
         tokens, not everything so far (None: the engine's `incremental_streaming_output`, SGLang's server flag)."""
         self._check_open()
-        _check_sglang_arguments(locals())
+        refuse_unserved_fields(locals())
         return_logprob, top_logprobs_num = return_logprob or False, top_logprobs_num or 0
         prepared = self.prep.prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num,
                                      return_routed_experts=return_routed_experts, logprob_start_len=logprob_start_len,
@@ -269,7 +237,7 @@ class EngineAPI:
         """Awaitable generate (arguments as `generate`); with stream=True returns an async iterator of dicts. Tokenization and
         validation run in a worker thread, never on the event loop."""
         self._check_open()
-        _check_sglang_arguments(locals())
+        refuse_unserved_fields(locals())
         return_logprob, top_logprobs_num = return_logprob or False, top_logprobs_num or 0
         prepared = await asyncio.to_thread(functools.partial(
             self.prep.prepare, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num,

@@ -36,7 +36,7 @@ from hotswap.server.generation import (
     await_generation,
     normalize_sampling_params,
     open_stream,
-    refuse_unserved_fields,
+    refuse_unserved_fields_over_http,
     stream_error_event,
 )
 from hotswap.server.http_utils import (
@@ -290,7 +290,7 @@ async def _send_error(send: Send, err: APIError, extra_headers: list[tuple[bytes
 
 class GenerateBody(BaseModel):
     """SGLang's GenerateReqInput, the fields hotswap serves. SGLang's fields it does not serve are refused when
-    set (generation.UNSERVED_GENERATE_FIELDS); keys SGLang does not know are ignored, as SGLang ignores them."""
+    set (engine/unserved.py); keys SGLang does not know are ignored, as SGLang ignores them."""
 
     model_config = ConfigDict(extra="allow")
     text: str | list[str] | None = None
@@ -456,7 +456,7 @@ def _register_native(app: FastAPI, state: ServerState) -> None:
     @app.post("/generate")
     async def generate(request: Request):
         body = await parse_body(request, GenerateBody)
-        refuse_unserved_fields(body.model_extra or {})
+        refuse_unserved_fields_over_http(body.model_extra or {})
         state.check_serving()
         if body.text is None and body.input_ids is None:
             raise APIError(400, "give text or input_ids", param="text")

@@ -10,8 +10,8 @@ from typing import Any
 
 from starlette.requests import Request
 
-from hotswap.engine.api import is_unset
-from hotswap.errors import ConstrainedDecodingError, EngineUnavailableError, shown
+from hotswap.engine.unserved import UNSERVED_GENERATE_FIELDS, is_unset, refuse_unserved_fields
+from hotswap.errors import ConstrainedDecodingError, EngineUnavailableError, UnservedFieldError, shown
 from hotswap.sampling_params import refuse_constrained_decoding
 from hotswap.server.http_utils import APIError, await_unless_disconnected, error_body, sse
 
@@ -23,42 +23,13 @@ from hotswap.server.http_utils import APIError, await_unless_disconnected, error
 _MUST_BE_EMPTY = ("lora_path", "vllm_penalty_rule")
 
 
-# SGLang GenerateReqInput fields (managers/io_struct.py) hotswap does not serve, and what each asks for. Sent
-# unset (None, false, empty: what frameworks send by default) they pass; set, they are refused by name, never
-# silently ignored (an ignored token_ids_logprob or session_params would hand back a reply missing what was asked).
-UNSERVED_GENERATE_FIELDS = {
-    "token_ids_logprob": "logprobs of chosen token ids", "return_hidden_states": "hidden states",
-    "return_sampling_mask": "sampling masks", "return_flat_raw_top_logprobs": "flat top-logprob arrays",
-    "return_flat_raw_top_logprobs_b64": "flat top-logprob arrays", "return_indexer_topk": "indexer top-k",
-    "return_entropy": "entropy", "return_prompt_token_ids": "prompt token ids in the reply", "return_bytes": "image bytes",
-    "input_embeds": "input embeddings", "positional_embed_overrides": "input embeddings",
-    "video_data": "video input", "audio_data": "audio input",
-    "session_params": "continual-prompting sessions", "bootstrap_host": "PD disaggregation",
-    "bootstrap_port": "PD disaggregation", "bootstrap_room": "PD disaggregation", "bootstrap_pair_key": "PD disaggregation",
-    "decode_tp_size": "PD disaggregation", "disagg_prefill_dp_rank": "PD disaggregation",
-    "max_thinking_tokens": "thinking budgets", "require_reasoning": "reasoning control",
-    "multi_item_delimiter_indices": "multi-item scoring",
-}
-# the same on SGLang's OpenAI routes (entrypoints/openai/protocol.py), where lora_path and the like are request fields
-UNSERVED_OPENAI_FIELDS = {**UNSERVED_GENERATE_FIELDS, "lora_path": "LoRA adapters",
-                          "custom_logit_processor": "custom logit processors", "stop_regex": "regex stop conditions",
-                          # vLLM's request fields that change what is sampled or returned (a chat's echo and
-                          # prompt_logprobs: /v1/completions serves both)
-                          "allowed_token_ids": "sampling restricted to given token ids", "bad_words": "banned words",
-                          "truncate_prompt_tokens": "prompt truncation", "echo": "the prompt echoed in a chat reply",
-                          "prompt_logprobs": "prompt logprobs in a chat reply"}
-# data-parallel rank hints: one DP rank here, so 0 (or unset) is the only rank there is
-_DP_RANK_FIELDS = ("data_parallel_rank", "routed_dp_rank")
-
-
-def refuse_unserved_fields(extra: dict[str, Any], unserved: dict[str, str] = UNSERVED_GENERATE_FIELDS) -> None:
-    """Refuse (400 naming the field) an SGLang request field of `unserved` that is set; others pass. `extra`:
-    the request's fields its model does not declare."""
-    for key, value in extra.items():
-        if key in unserved and not is_unset(value):
-            raise APIError(400, f"{key!r} ({unserved[key]}) is not supported by hotswap; leave it unset", param=key)
-        if key in _DP_RANK_FIELDS and value not in (None, 0):
-            raise APIError(400, f"{key}={shown(value)} out of range [0, 1): hotswap serves one data-parallel rank", param=key)
+def refuse_unserved_fields_over_http(extra: dict[str, Any], unserved: dict[str, str] = UNSERVED_GENERATE_FIELDS) -> None:
+    """engine/unserved.py's refusal as HTTP's 400 naming the field (`param`). `extra`: the request's fields its
+    model does not declare."""
+    try:
+        refuse_unserved_fields(extra, unserved)
+    except UnservedFieldError as exc:
+        raise APIError(400, str(exc), param=exc.field) from None
 
 
 def refuse_constrained_decoding_over_http(fields: dict) -> None:

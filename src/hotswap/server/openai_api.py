@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from hotswap.engine.unserved import UNSERVED_OPENAI_FIELDS
 from hotswap.errors import shown
 from hotswap.server.chat_parsers import (
     ReasoningStream,
@@ -26,11 +27,10 @@ from hotswap.server.chat_parsers import (
     thinking_requested,
 )
 from hotswap.server.generation import (
-    UNSERVED_OPENAI_FIELDS,
     await_generation,
     open_stream,
     refuse_constrained_decoding_over_http,
-    refuse_unserved_fields,
+    refuse_unserved_fields_over_http,
     stream_error_event,
 )
 from hotswap.server.http_utils import (
@@ -66,7 +66,7 @@ class _SamplingFields(BaseModel):
         the other unknown fields (an APIError passes through pydantic as it is: the one message, with `param`)."""
         if isinstance(data, dict):
             refuse_constrained_decoding_over_http(data)
-            refuse_unserved_fields({k: v for k, v in data.items() if k not in cls.model_fields}, UNSERVED_OPENAI_FIELDS)
+            refuse_unserved_fields_over_http({k: v for k, v in data.items() if k not in cls.model_fields}, UNSERVED_OPENAI_FIELDS)
         return data
 
     model: str | None = None
