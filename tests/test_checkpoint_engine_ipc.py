@@ -211,7 +211,7 @@ def test_push_in_three_buckets_then_back(engine, tiny_qwen3, tiny_qwen3_v2):
     res = push(engine, ps, weight_version="ce-1")
     assert res.success, res.message
     assert ps.outcome == "done" and ps.answers == [b""] * 4
-    assert res.weight_version == "ce-1" and res.num_tensors == len(new) and res.extra["buckets"] == 3
+    assert res.weight_version == "ce-1" and res.num_tensors == len(new) and res.extra.buckets == 3
     assert res.num_bytes == sum(t.numel() * t.element_size() for t in new.values())
     assert engine.check_weights("checksum", expected=state_dict_manifest(new)).success
     assert greedy_ids(engine) == reference_ids(tiny_qwen3_v2)

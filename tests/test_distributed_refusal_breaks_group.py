@@ -31,7 +31,7 @@ def test_a_bucket_refused_unreceived_breaks_the_group(rig):
     before = eng.check_weights("checksum").digest
     commands.put(("send", [torch.full((64,), 3.25), torch.full((64,), 4.5)]))  # 512 bytes announced and sent
     res = eng.update_weights_from_distributed([NORM, LN], ["float32"] * 2, [[64], [64]], group_name="bucket-limit")
-    assert not res.success and "exceeds the configured limit of 300 bytes" in res.message and res.extra["received"] is False
+    assert not res.success and "exceeds the configured limit of 300 bytes" in res.message and res.extra.received is False
     kind, why = events.get(timeout=15)  # the trainer's broadcast is not left waiting for a partner
     assert kind == "failed", (kind, why)
     res = eng.update_weights_from_distributed([LN2], ["float32"], [[64]], group_name="bucket-limit")

@@ -57,7 +57,7 @@ def test_update_without_group_is_refused(engine, tiny_qwen3):
     res = engine.update_weights_from_distributed(["model.norm.weight"], ["float32"], [[64]], group_name="nope")
     assert not res.success
     assert "no weights update group 'nope'" in res.message and "init_weights_update_group" in res.message
-    assert res.extra["received"] is False
+    assert res.extra.received is False
     assert not engine.destroy_weights_update_group("nope").success
     assert engine.check_weights("checksum").digest == before
     assert greedy_ids(engine) == reference(tiny_qwen3)

@@ -141,7 +141,7 @@ def test_parameter_server_pushes_into_the_engine(tiny_qwen3, tiny_qwen3_v2):
             for i, path in enumerate(plan):
                 out, report = ps.push(engine, f"step-{i}", path, weight_version=f"ce-{i}")
                 assert out.success, out.message
-                assert out.weight_version == f"ce-{i}" and out.extra["buckets"] >= 3, out
+                assert out.weight_version == f"ce-{i}" and out.extra.buckets >= 3, out
                 weights = checkpoint_tensors(path)
                 assert out.num_tensors == len(weights)
                 assert engine.check_weights("checksum", expected=state_dict_manifest(weights)).success

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from concurrent.futures import Future
 
 import pytest
 import torch
 from trainer_support import checkpoint_tensors
 
 from hotswap import Engine
-from hotswap.protocol import ControlOutput, WeightUpdateOutput
+from hotswap.protocol import ControlOutput, WeightUpdateExtra, WeightUpdateOutput
 from hotswap.trainer import (
     BucketMetadata,
     DiskWeightPusher,
@@ -26,6 +27,8 @@ from hotswap.trainer import (
     state_dict_manifest,
     verify_engine_weights,
 )
+from hotswap.trainer.client import EngineConnectionError
+from hotswap.trainer.push import call_result, wait_result
 from hotswap.weights.distributed_receiver import BucketMeta, bucket_layout
 
 
@@ -71,9 +74,34 @@ def test_tied_aliases_are_sent_once_from_a_mapping():
     assert [n for n, _ in iter_named_tensors(list(sd.items()))] == ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"]
 
 
+def test_weight_update_extra_is_explicit_fields_on_the_wire_shape_trainers_read():
+    """WeightUpdateOutput.extra's four facts are fields; the reply's `extra` object still holds only those set, in
+    the order set (an older trainer reads `extra.get("received")` / `extra["session"]`)."""
+    out = WeightUpdateOutput(success=True)
+    assert json.loads(json.dumps(out))["extra"] == {}
+    out.extra.received = False
+    out.extra.validate_s = 0.5
+    wire = json.dumps(out.to_dict())
+    assert '"extra": {"received": false, "validate_s": 0.5}' in wire and out.extra.buckets is None
+    assert EngineResult.of(json.loads(wire)).received is False and EngineResult.of(out).received is False
+
+
+def test_engine_result_keeps_what_the_caller_saw_apart_from_the_reply():
+    """A call that raised or got no reply in time is told by EngineResult's own fields; `data` holds only reply fields."""
+    exc = EngineConnectionError("gone", outcome_unknown=True)
+
+    def unreachable():
+        raise exc
+
+    r = call_result(unreachable)
+    assert not r and r.exception is exc and r.outcome_unknown and not r.timed_out and r.data == {}
+    late = wait_result(Future(), 0, "begin_weight_update")
+    assert not late and late.timed_out and late.outcome_unknown and late.exception is None and late.data == {}
+
+
 def test_engine_result_normalises_every_reply_shape():
     assert EngineResult.of(ControlOutput(success=True, message="ok")) == EngineResult(True, "ok", {})
-    r = EngineResult.of(WeightUpdateOutput(success=False, message="no", extra={"received": False}))
+    r = EngineResult.of(WeightUpdateOutput(success=False, message="no", extra=WeightUpdateExtra(received=False)))
     assert not r and r.message == "no" and r.received is False and r.get("weight_version") == ""
     assert EngineResult.of({"success": True, "message": "m", "x": 1}).get("x") == 1
     assert EngineResult.of((False, "tuple")) == EngineResult(False, "tuple")

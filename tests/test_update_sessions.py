@@ -183,7 +183,7 @@ def test_hung_trainer_times_out_mid_broadcast(tiny_qwen3, tiny_qwen3_v2):
         assert time.monotonic() - start < 2.0 + 1.5
         assert [ids for ids, _ in outs] == old and engine.check_weights("checksum").digest == before
         refused = engine.update_weights_from_distributed(["model.norm.weight"], ["float32"], [[64]], group_name="hung")
-        assert not refused.success and "broken" in refused.message and refused.extra["received"] is False
+        assert not refused.success and "broken" in refused.message and refused.extra.received is False
         trainer.kill()
         assert engine.destroy_weights_update_group("hung").success
         server.shutdown()

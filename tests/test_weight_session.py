@@ -166,7 +166,7 @@ def test_a_bucket_of_an_aborted_session_is_refused_and_changes_nothing():
     assert sessions.end(None, abort=True, session_id=sid).success
     late = sessions.run("bucket", "v2", writer(a, 9.0, sessions), session_id=sid)
     assert not late.success and f"session '{sid}' is not open: it was aborted; weights unchanged" in late.message
-    assert late.extra["session"] == "aborted" and not late.rolled_back
+    assert late.extra.session == "aborted" and not late.rolled_back
     assert a.dest.tolist() == [1.0] and sessions.weight_version == "default" and sessions.session is None and flushes == []
     refused = sessions.refuse_update("bucket refused: bad shape", sid)  # a validation refusal of that late call
     assert not refused.success and "is not open" in refused.message and sessions.session is None
@@ -206,11 +206,11 @@ def test_stale_end_and_abort_leave_the_open_session_alone():
     open_id = sessions.begin().session_id
     assert sessions.run("bucket", None, writer(a, 7.0, sessions), session_id=open_id).success
     out = sessions.end(None, abort=True, session_id=aborted)
-    assert out.success and not out.rolled_back and "nothing to abort" in out.message and out.extra["session"] == "aborted"
+    assert out.success and not out.rolled_back and "nothing to abort" in out.message and out.extra.session == "aborted"
     out = sessions.end(None, abort=True, session_id=committed)
-    assert not out.success and "it was committed" in out.message and out.extra["session"] == "committed"
+    assert not out.success and "it was committed" in out.message and out.extra.session == "committed"
     out = sessions.end(None, abort=True, session_id="never-opened")
-    assert not out.success and "nothing aborted" in out.message and out.extra["session"] == "unknown"
+    assert not out.success and "nothing aborted" in out.message and out.extra.session == "unknown"
     out = sessions.end("v9", abort=False, session_id=aborted)
     assert not out.success and "nothing committed" in out.message
     assert sessions.session.id == open_id and sessions.session.failure is None and a.dest.tolist() == [7.0]
@@ -228,5 +228,5 @@ def test_a_late_call_of_an_expired_session_hears_of_the_expiry():
     late = sessions.run("bucket", None, writer(a, 9.0, sessions), session_id=sid)
     assert not late.success and "it expired" in late.message and "expired after" in late.message and a.dest.tolist() == [1.0]
     out = sessions.end(None, abort=True, session_id=sid)  # the trainer's abort: its session's updates are gone, as it wants
-    assert out.success and out.extra["session"] == "expired"
+    assert out.success and out.extra.session == "expired"
     assert sessions.run("update", None, writer(a, 2.0, sessions)).success  # the expiry was told once, to its trainer

@@ -514,7 +514,7 @@ def test_distributed_group_lifecycle_refusals(rig):
     start = time.monotonic()  # the trainer announces a bucket and never broadcasts it
     res = rig.engine.update_weights_from_distributed([Q], ["float32"], [[64, 64]], group_name=rig.group, weight_version="bad")
     waited = time.monotonic() - start
-    assert not res.success and "receiving the bucket failed" in res.message and res.extra["received"] is False
+    assert not res.success and "receiving the bucket failed" in res.message and res.extra.received is False
     assert OP_TIMEOUT_S <= waited < OP_TIMEOUT_S + 5
     rig.assert_unchanged("silent trainer")
     res = rig.engine.update_weights_from_distributed([Q], ["float32"], [[64, 64]], group_name=rig.group)

@@ -351,6 +351,24 @@ class BeginWeightUpdateOutput(ControlOutput):
 
 
 @dataclass(kw_only=True, slots=True)
+class WeightUpdateExtra(dict):
+    """hotswap's facts about one update, beside SGLang's fields: the reply's `extra` object, which holds only the
+    facts set (in the order set), as trainers read it (`extra.get("received")`)."""
+
+    validate_s: float | None = None  # seconds spent checking the new tensors before applying them
+    buckets: int | None = None  # checkpoint-engine buckets received
+    received: bool | None = None  # update_weights_from_distributed: this engine took part in the broadcasts (lockstep held)
+    session: str | None = None  # how the update session a stale call named had ended (weights/session.py)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if value is None:
+            dict.pop(self, name, None)
+        else:
+            dict.__setitem__(self, name, value)
+
+
+@dataclass(kw_only=True, slots=True)
 class WeightUpdateOutput(ControlOutput):
     weight_version: str = ""
     num_tensors: int = 0
@@ -358,7 +376,7 @@ class WeightUpdateOutput(ControlOutput):
     elapsed_s: float = 0.0
     rolled_back: bool = False
     num_paused_requests: int = 0  # SGLang's: started requests held (paused in place or retracted) across the update
-    extra: dict = field(default_factory=dict)
+    extra: WeightUpdateExtra = field(default_factory=WeightUpdateExtra)
 
 
 @dataclass(kw_only=True, slots=True)

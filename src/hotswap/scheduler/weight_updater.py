@@ -108,7 +108,7 @@ class WeightUpdater:
             return len(matched.items), self._load(session, matched, source_can_fail=False)
 
         out = self._run("update_weights_from_tensor", req, apply, abort_all_requests=req.abort_all_requests)
-        out.extra["validate_s"] = validate_s
+        out.extra.validate_s = validate_s
         return out
 
     def update_weights_from_ipc(self, req: p.UpdateWeightsFromIPCRequest) -> p.WeightUpdateOutput:
@@ -138,7 +138,7 @@ class WeightUpdater:
         if not took_part:  # refused before the exchange began
             refuse_exchange(address, out.message, timeout_s=timeout_s)
         if received:
-            out.extra["buckets"] = received[0].num_buckets
+            out.extra.buckets = received[0].num_buckets
         return out
 
     def init_weights_update_group(self, req: p.InitWeightsUpdateGroupRequest) -> p.ControlOutput | Future:
@@ -153,10 +153,10 @@ class WeightUpdater:
         every broadcast the request announces, then decide (session state, names, shapes, values): a call of a
         session that is not open receives its bucket too, then is refused; so is one given a `refusal` (the
         scheduler's, for an update that waited too long for a drain: the trainer broadcast it meanwhile). The
-        output's `extra["received"]` tells the trainer whether lockstep held."""
+        output's `extra.received` tells the trainer whether lockstep held."""
         def refuse(message: str) -> p.WeightUpdateOutput:
             out = self.sessions.refuse_update(f"update_weights_from_distributed refused: {message}", req.session_id)
-            out.extra["received"] = False
+            out.extra.received = False
             return out
 
         if self.ranks.broken is not None:
@@ -204,7 +204,7 @@ class WeightUpdater:
         out = self._run("update_weights_from_distributed", req, apply, abort_all_requests=req.abort_all_requests)
         if recv_error is not None and recv_error not in out.message:
             out.message += f" (receiving the bucket also failed: {recv_error})"
-        out.extra["received"] = recv_error is None
+        out.extra.received = recv_error is None
         return out
 
     # ---- explicit sessions and the version -------------------------------------------------------

@@ -19,11 +19,17 @@ from urllib.parse import urlsplit
 
 @dataclass(frozen=True, slots=True)
 class EngineResult:
-    """One engine reply: `success`, `message`, and every other field of it in `data`."""
+    """One engine reply: `success`, `message`, and every other field of the reply in `data`; the fields after
+    `data` are what the caller saw itself when no reply came (the engine never sends them)."""
 
     success: bool
     message: str = ""
     data: dict = field(default_factory=dict)
+    exception: BaseException | None = None  # the call raised this instead of answering (unreachable engine, bad input)
+    # the call may have reached the engine and run there, but no reply came (a read timeout, a connection dropped
+    # after the request was sent): the engine's state must be asked, not assumed
+    outcome_unknown: bool = False
+    timed_out: bool = False  # no reply within the caller's time limit (the engine may still act on the call)
 
     def __bool__(self) -> bool:
         return self.success
@@ -37,12 +43,6 @@ class EngineResult:
         (None when the engine does not say, e.g. SGLang)."""
         extra = self.data.get("extra")
         return extra.get("received") if isinstance(extra, Mapping) else None
-
-    @property
-    def outcome_unknown(self) -> bool:
-        """The call may have reached the engine and run there, but no reply came (a read timeout, a connection
-        dropped after the request was sent): the engine's state must be asked, not assumed."""
-        return bool(self.data.get("outcome_unknown"))
 
     @classmethod
     def of(cls, reply: Any) -> EngineResult:

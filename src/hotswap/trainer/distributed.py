@@ -210,7 +210,7 @@ class DistributedWeightPusher(WeightPusher):
             sent_error = short_error(exc)
         deadline = time.monotonic() + self.timeout_s
         results = [wait_result(f, deadline - time.monotonic(), "update_weights_from_distributed", self.timeout_s) for f in futures]
-        if sent_error is None and any(r.received is False or r.get("timed_out") for r in results):
+        if sent_error is None and any(r.received is False or r.timed_out for r in results):
             # an engine refused without receiving: this process's broadcast has no partner any more
             raise self._break_group(f"update_weights_from_distributed failed without receiving: {engine_failures(results, self.engines)}",
                                     results, works)

@@ -105,9 +105,9 @@ def call_result(fn: Callable, *args, **kwargs) -> EngineResult:
     try:
         return EngineResult.of(fn(*args, **kwargs))
     except EngineConnectionError as exc:
-        return EngineResult(False, str(exc), {"exception": exc, "outcome_unknown": exc.outcome_unknown})
+        return EngineResult(False, str(exc), exception=exc, outcome_unknown=exc.outcome_unknown)
     except Exception as exc:
-        return EngineResult(False, f"{type(exc).__name__}: {exc}", {"exception": exc})
+        return EngineResult(False, f"{type(exc).__name__}: {exc}", exception=exc)
 
 
 def call_method(engine: EngineHandle, method: str, *args, **kwargs) -> EngineResult:
@@ -141,7 +141,7 @@ def wait_result(future: Future, timeout_s: float | None, what: str, limit_s: flo
         return future.result(timeout=None if timeout_s is None else max(0.0, timeout_s))
     except FutureTimeout:
         return EngineResult(False, f"{what}: no reply within {limit_s or timeout_s:g} s (the engine may still act on it)",
-                            {"outcome_unknown": True, "timed_out": True})
+                            outcome_unknown=True, timed_out=True)
 
 
 def engine_failures(results: Sequence[EngineResult], engines: Sequence[EngineHandle]) -> str:
@@ -282,10 +282,10 @@ class WeightPusher:
         futures = self.submit_all("begin_weight_update")
         began = self.gather("begin_weight_update", futures)
         for engine, future, r in zip(self.engines, futures, began):
-            if r.get("timed_out"):
+            if r.timed_out:
                 future.add_done_callback(lambda f, engine=engine: abort_late_session(engine, f))
         # refused outright (not unreachable, not still in flight): a stale session, most likely
-        retry = [i for i, r in enumerate(began) if not r.success and not r.outcome_unknown and "exception" not in r.data]
+        retry = [i for i, r in enumerate(began) if not r.success and not r.outcome_unknown and r.exception is None]
         for i in retry:
             stale = self.call_one(self.engines[i], "end_weight_update", abort=True)
             if stale.success:
@@ -309,7 +309,7 @@ class WeightPusher:
         todo = [i for i, s in enumerate(states) if s not in (UNTOUCHED, COMMITTED)]
         futures = [spawn(call_method, self.engines[i], "end_weight_update", abort=True, **self.session_kw(i)) for i in todo]
         for i, r in zip(todo, self.gather("end_weight_update(abort=True)", futures)):
-            answered = not r.outcome_unknown and "exception" not in r.data and (
+            answered = not r.outcome_unknown and r.exception is None and (
                 r.success or ended_as(r) is not None or self.session_ids[i] is None)
             states[i] = COMMITTED if ended_as(r) == "committed" else ROLLED_BACK if answered else UNKNOWN
             if not answered:
@@ -319,7 +319,7 @@ class WeightPusher:
     def _commit(self, weight_version: str | None) -> list[EngineResult]:
         """Phase 2: commit on every engine; a lost reply is settled by reading the engine's version back."""
         ends = self.call_each("end_weight_update", weight_version=weight_version)
-        states = [COMMITTED if r.success else UNKNOWN if r.outcome_unknown or "exception" in r.data else ROLLED_BACK for r in ends]
+        states = [COMMITTED if r.success else UNKNOWN if r.outcome_unknown or r.exception is not None else ROLLED_BACK for r in ends]
         for i, r in enumerate(ends):
             if r.outcome_unknown:
                 states[i] = self._settle_commit(i, weight_version)
@@ -348,7 +348,7 @@ class WeightPusher:
             return COMMITTED
         if abort.success:
             return ROLLED_BACK
-        if abort.outcome_unknown or "exception" in abort.data or weight_version is None:
+        if abort.outcome_unknown or abort.exception is not None or weight_version is None:
             return UNKNOWN
         version = engine_version(self, engine)  # no session open: the commit ran, or failed, since the first read
         return COMMITTED if version == weight_version else ROLLED_BACK if version is not None else UNKNOWN

@@ -249,7 +249,7 @@ class Sessions:
         if self.expired_id == session_id:  # its trainer hears of the expiry now
             message += f" ({self.take_expired()})"
         out = self.refuse(message + ("; the open session is untouched" if self.session is not None else ""))
-        out.extra["session"] = self.ended.get(session_id, UNKNOWN)
+        out.extra.session = self.ended.get(session_id, UNKNOWN)
         return out
 
     def _record_end(self, s: UpdateSession, how: str) -> None:
