@@ -9,6 +9,7 @@ import torch
 from hotswap import Engine
 from hotswap.runner.attention import TritonAttention
 from hotswap.runner.batch_entry import BatchEntry
+from hotswap.runner.host_batch import HostBatch
 from hotswap.runner.row_params import SamplerRow
 from hotswap.sampling_params import SamplingParams
 
@@ -39,10 +40,10 @@ def test_decode_steps_carry_the_longest_first_order_to_the_kernel(tiny_qwen3):
     with Engine(str(tiny_qwen3), device="cpu", page_size=4) as engine:
         runner = engine.model_runner
         lengths = [5, 17, 3, 17, 9]
-        _, ctx, _ = runner.build_context(entries(lengths, decode=True, page_size=4))
+        _, ctx, _ = runner.device_context(HostBatch.build(entries(lengths, decode=True, page_size=4), 4))
         assert ctx.is_decode and ctx.decode_order.dtype == torch.int32
         assert ctx.decode_order.tolist() == [1, 3, 4, 0, 2]  # longest first, equal lengths in batch order
-        _, prefill, _ = runner.build_context(entries([5, 9], decode=False, page_size=4))
+        _, prefill, _ = runner.device_context(HostBatch.build(entries([5, 9], decode=False, page_size=4), 4))
         assert not prefill.is_decode and prefill.decode_order is None
 
         backend = TritonAttention(runner.kv_cache)

@@ -16,6 +16,7 @@ from hotswap.errors import HotswapError
 from hotswap.models.layers import MergedColumnLinear
 from hotswap.models.parallel import TPInfo
 from hotswap.runner.batch_entry import BatchEntry
+from hotswap.runner.host_batch import HostBatch
 from hotswap.runner.model_runner import ModelRunner
 from hotswap.runner.row_params import SamplerRow
 from hotswap.sampling_params import SamplingParams
@@ -33,9 +34,7 @@ def greedy_run(runner: ModelRunner) -> tuple[torch.Tensor, list[list[int]]]:
     seqs = [list(p) for p in PROMPTS]
     entries = [BatchEntry(input_ids=list(p), start_pos=0, pages=pages[i], sample=True, params=sp, row=SamplerRow.of(sp, 0), step=0)
                for i, p in enumerate(PROMPTS)]
-    with torch.inference_mode():
-        ids, ctx, idx = runner.build_context(entries)
-        first_logits = runner.model.compute_logits(runner.model(ids, ctx)[idx])
+    first_logits = runner.forward(HostBatch.build(entries, PAGE, runner.page_table), None, None)  # the prefill step's own forward
     for step in range(STEPS):
         result = runner.run(entries)
         toks = result.token_ids.tolist()

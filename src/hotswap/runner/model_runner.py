@@ -149,9 +149,6 @@ class ModelRunner:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
 
-    def build_context(self, entries: list[BatchEntry]) -> tuple[torch.Tensor, ForwardContext, torch.Tensor]:
-        return self.device_context(HostBatch.build(entries, self.kv_cache.page_size))
-
     def device_context(self, hb: HostBatch) -> tuple[torch.Tensor, ForwardContext, torch.Tensor]:
         ctx = ForwardContext(
             positions=self.to_device(hb.positions),
