@@ -441,7 +441,7 @@ def _overlapped_run(seed: int) -> int:
     import random
 
     from hotswap.scheduler.overlap import mark_sample_rows
-    from hotswap.scheduler.scheduler import prompt_scored
+    from hotswap.scheduler.step_output import prompt_scored
 
     rng = random.Random(seed)
     ps = rng.choice([2, 4])

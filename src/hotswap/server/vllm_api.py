@@ -25,7 +25,8 @@ from hotswap import protocol as p
 from hotswap.errors import shown
 from hotswap.server.generation import await_generation, refuse_constrained_decoding_over_http
 from hotswap.server.http_utils import APIError, JSONResponse, parse_body, query_bool
-from hotswap.server.openai_api import check_prompt, finish_reason, refuse_request_chat_template, vllm_prompt_logprobs
+from hotswap.server.openai_replies import finish_reason, vllm_prompt_logprobs
+from hotswap.server.openai_requests import check_prompt, refuse_request_chat_template
 from hotswap.server.weights_api import check_source_dir
 
 if TYPE_CHECKING:
