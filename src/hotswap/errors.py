@@ -37,6 +37,9 @@ class UnservedFieldError(HotswapError):
         super().__init__(message)
         self.field = field
 
+    def __reduce__(self):  # crosses the front end's pipe, as ConstrainedDecodingError does
+        return (type(self), (self.field, str(self)))
+
 
 class EngineUnavailableError(HotswapError):
     """Generation cannot run now (memory released, or held past the queue bound); the message says why.
