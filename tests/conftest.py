@@ -124,6 +124,25 @@ def oai(server):
 
 
 @pytest.fixture
+def served(tiny_qwen3):
+    """A fresh CPU engine on the tiny Qwen3 (for tests that change its weights or state) behind a loopback server in a
+    thread: (engine, an httpx client of the server)."""
+    import httpx
+
+    from hotswap import Engine
+    from hotswap.server.app import create_app
+    from hotswap.server.launch import ServerThread
+
+    eng = Engine(str(tiny_qwen3), device="cpu", page_size=4)
+    srv = ServerThread(create_app(eng)).start()
+    client = httpx.Client(base_url=srv.url, timeout=60)
+    yield eng, client
+    client.close()
+    srv.stop()
+    eng.shutdown()
+
+
+@pytest.fixture
 def base_url(engine):
     """The module's `engine` fixture served over HTTP on a free loopback port."""
     from trainer_support import serve_engine_http

@@ -9,27 +9,12 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 from engine_support import make_engine, wait_idle
 from safetensors.torch import load_file
 from test_sglang_payloads import file_system_sharing, flattened_bucket, serialize, sglang_names  # noqa: F401
 
-from hotswap.server.app import create_app
-from hotswap.server.launch import ServerThread
-
 PROMPT = list(range(3, 15))
 GREEDY = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
-
-
-@pytest.fixture()
-def served(tiny_qwen3):
-    eng = make_engine(tiny_qwen3)
-    srv = ServerThread(create_app(eng)).start()
-    client = httpx.Client(base_url=srv.url, timeout=60)
-    yield eng, client
-    client.close()
-    srv.stop()
-    eng.shutdown()
 
 
 def greedy_ids(client: httpx.Client) -> list[int]:

@@ -67,17 +67,6 @@ def v2_ids(tiny_qwen3_v2) -> list[list[int]]:
         return texts(eng)
 
 
-@pytest.fixture()
-def served(tiny_qwen3):
-    eng = Engine(str(tiny_qwen3), device="cpu", page_size=4)
-    srv = ServerThread(create_app(eng)).start()
-    client = httpx.Client(base_url=srv.url, timeout=60)
-    yield eng, client
-    client.close()
-    srv.stop()
-    eng.shutdown()
-
-
 # ---- get_weights_by_name --------------------------------------------------------------------------
 
 
