@@ -16,7 +16,13 @@ Per shape (bf16, random weights, `load_format="dummy"` engines):
 - ipc: a producer process (spawn) holds the tensors and sends plain-data CUDA IPC descriptors through a
   queue; the engine loads them; N updates; memory of both sides before and after. Layouts: one allocation
   per tensor, one flat buffer, and IPCWeightPusher's (512 MiB buckets, those of several tensors packed into one
-  reused buffer, one call per bucket: the engine time of all of a push's calls).
+  reused buffer, one call per bucket, one at a time as `calls_in_flight=1`: the engine time of all of a push's calls;
+  calls in flight are measured by the pusher section, which runs the pusher itself through the same queue hand-off).
+- pusher (not in the default sections): IPCWeightPusher in a trainer process pushing into the engine through a queue
+  hand-off per call (as ipc's producer) and behind its HTTP server (`create_app`), whole pushes, `--pusher-in-flight`
+  settings of `calls_in_flight` interleaved; on a CPU machine it runs too (shared memory):
+  `OMP_NUM_THREADS=1 ... --shapes tiny --sections pusher --pusher-bucket-kib 1024,128` (without it the two processes'
+  torch threads oversubscribe a small CPU).
 - disk: random bf16 sharded safetensors written to a temp dir and read once (page cache); the reader's
   strategies, the engine's `update_weights_from_disk` end to end (with and without rollback), the
   previous per-tensor path and `safetensors.torch.load_file(device="cuda")`; ceiling: pinned H2D.
@@ -37,6 +43,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -591,6 +598,142 @@ def bench_ipc(shape: str, engine, ceil: dict, updates: int, sources_arg: str, bu
           ["path", "GB", "time ms", "GB/s (r+w)", "ceiling D2D GB/s", "% of ceiling", "extra memory", "a call", f"memory over {updates} updates"], rows)
 
 
+# ---- IPCWeightPusher end to end, over HTTP ------------------------------------------------------------
+
+
+class QueueEngine:
+    """The trainer's handle on the bench's engine through two queues, as `_producer` hands descriptors over but for
+    any method (`_serve_queue` runs them): each call waits for its own reply, so calls from several threads are in
+    flight together, and a call costs a queue hand-off each way instead of an HTTP request."""
+
+    def __init__(self, q_req, q_resp):
+        import itertools
+        import threading
+
+        self.q_req, self.q_resp, self.ids, self.lock, self.waiting = q_req, q_resp, itertools.count(), threading.Lock(), {}
+        threading.Thread(target=self._replies, daemon=True).start()
+
+    def _replies(self) -> None:
+        while True:
+            i, out = self.q_resp.get()
+            with self.lock:
+                self.waiting.pop(i).set_result(out)
+
+    def __getattr__(self, method: str):
+        from concurrent.futures import Future
+
+        def call(*args, **kwargs):
+            fut: Future = Future()
+            with self.lock:
+                i = next(self.ids)
+                self.waiting[i] = fut
+            self.q_req.put((i, method, args, kwargs))
+            return fut.result(timeout=600)
+
+        return call
+
+
+def _serve_queue(engine, q_req, q_resp) -> None:
+    """The engine side of `QueueEngine`: each call on a thread of its own (as the pusher calls an in-process engine),
+    its reply as plain data; None ends."""
+    import threading
+
+    def run(i: int, method: str, args, kwargs) -> None:
+        try:
+            out = getattr(engine, method)(*args, **kwargs)
+            q_resp.put((i, out.to_dict() if hasattr(out, "to_dict") else out))
+        except Exception as exc:
+            q_resp.put((i, {"success": False, "message": f"{type(exc).__name__}: {exc}"}))
+
+    while (item := q_req.get()) is not None:
+        threading.Thread(target=run, args=item, daemon=True).start()
+
+
+def _pusher_trainer(url: str | None, queues, specs, dtype, device: str, aliased: bool, bucket_bytes: int, in_flight: list[int], reps: int,
+                    sessions: bool, q_out) -> None:
+    """A trainer process: IPCWeightPusher into the bench's engine over HTTP (`url`) or `queues` (shared memory on
+    CPU, CUDA IPC on a GPU), `reps` pushes per `calls_in_flight` setting, the settings interleaved; each push's
+    elapsed and transfer (buckets only) seconds. `aliased`: the tensors are views of one buffer the size of the largest."""
+    try:
+        import torch
+
+        from hotswap.trainer import HttpEngineClient, IPCWeightPusher
+
+        if device == "cuda":
+            torch.cuda.set_device(0)
+        if aliased:
+            buf = torch.empty(max(torch.Size(s).numel() for _, s in specs), dtype=dtype, device=device).normal_(0, 0.02)
+            weights = [(name, buf[: torch.Size(shape).numel()].view(shape)) for name, shape in specs]
+        else:
+            weights = [(name, torch.empty(shape, dtype=dtype, device=device).normal_(0, 0.02)) for name, shape in specs]
+        handle = HttpEngineClient(url, timeout_s=600) if url else QueueEngine(*queues)
+        pushers = {n: IPCWeightPusher(handle, bucket_bytes=bucket_bytes, calls_in_flight=n, use_sessions=sessions) for n in in_flight}
+        times: dict[int, list[tuple[float, float]]] = {n: [] for n in in_flight}
+        for r in range(reps):
+            for n in in_flight:  # interleaved: a drift in the machine's speed hits every setting alike
+                res = pushers[n].push(weights, weight_version=f"pusher-{n}-{r}")
+                times[n].append((res.elapsed_s, res.transfer_s))
+        q_out.put({"times": times, "buckets": res.num_buckets, "bytes": res.num_bytes})
+    except BaseException as exc:
+        q_out.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def bench_pusher(shape: str, engine, in_flight: list[int], bucket_kib: list[int], reps: int, sources_arg: str,
+                 transports: list[str], sessions: bool) -> None:
+    """IPCWeightPusher from a trainer process into this engine, as a trainer on the same host drives it: behind the
+    engine's HTTP server ("http") or through a queue hand-off per call ("queue": `_producer`'s transport, the cost
+    of a call nearer an in-process one). Whole pushes (begin, buckets, commit) with `calls_in_flight` of each
+    setting, interleaved; the first push of each is left out (it maps the buffers). Each row: median, min and max.
+    `sessions` False: every call commits on its own, as the ipc section's calls (inside a session the engine
+    also saves each original it overwrites, which on a large model outweighs the calls' fixed costs)."""
+    import torch.multiprocessing as mp
+
+    from hotswap.server.app import create_app
+    from hotswap.server.launch import ServerThread
+
+    wm = engine.model_runner.weight_map
+    dtype = next(engine.model_runner.model.parameters()).dtype
+    specs = [(n, tuple(wm.slots[n].hf_shape)) for n in wm.names]
+    total = sum(torch.Size(s).numel() for _, s in specs) * dtype.itemsize
+    device = "cuda" if cuda() else "cpu"
+    aliased = cuda() and not second_copy_fits(total, sources_arg)
+    ctx = mp.get_context("spawn")
+    rows = []
+    with ServerThread(create_app(engine, served_model_name=shape)) as srv:
+        for transport, kib in [(t, k) for t in transports for k in bucket_kib]:
+            q, queues = ctx.Queue(), (ctx.Queue(), ctx.Queue())
+            server = threading.Thread(target=_serve_queue, args=(engine, *queues), daemon=True)
+            server.start()
+            proc = ctx.Process(target=_pusher_trainer, args=(srv.url if transport == "http" else None, queues, specs, dtype, device, aliased,
+                                                             kib << 10, in_flight, reps, sessions, q), daemon=True)
+            proc.start()
+            try:
+                out = _get_alive(q, proc, timeout=3600)
+            finally:
+                queues[0].put(None)
+            proc.join(timeout=60)
+            if "error" in out:
+                raise RuntimeError(f"the trainer process failed: {out['error']}")
+            base = None
+            for n in in_flight:
+                pushes = out["times"][n][1:] or out["times"][n]
+                elapsed, transfer = [p[0] for p in pushes], [p[1] for p in pushes]
+                med = statistics.median(elapsed)
+                base = base or med
+                rows.append([f"{transport}, {kib} KiB buckets ({out['buckets']} calls), {n} in flight", f"{out['bytes'] / GB:.4f}",
+                             f"{med * 1e3:.2f} ({min(elapsed) * 1e3:.2f}-{max(elapsed) * 1e3:.2f})",
+                             f"{statistics.median(transfer) * 1e3:.2f} ({min(transfer) * 1e3:.2f}-{max(transfer) * 1e3:.2f})",
+                             f"{out['bytes'] / med / GB:,.3f}", f"{base / med:.2f}x", len(pushes)])
+                RESULTS["figures"][f"{shape}.pusher.{transport}.{kib}k.in_flight{n}"] = {
+                    "bucket_bytes": kib << 10, "calls": out["buckets"], "bytes": out["bytes"], "pushes": len(pushes), "aliased": aliased,
+                    "sessions": sessions,
+                    "elapsed_ms": [p * 1e3 for p in elapsed], "transfer_ms": [p * 1e3 for p in transfer]}
+    table(f"{shape}.pusher", f"{shape}: IPCWeightPusher from another process ({device}: "
+          f"{'CUDA IPC' if device == 'cuda' else 'shared memory'}; {'sessions' if sessions else 'no sessions'}; settings interleaved, "
+          "first push left out)",
+          ["buckets", "GB", "push ms: median (min-max)", "buckets only ms", "GB/s", "speed vs the first setting", "pushes"], rows)
+
+
 # ---- disk --------------------------------------------------------------------------------------------
 
 
@@ -972,7 +1115,7 @@ def run_shape(shape: str, args, ceil: dict) -> None:
     big = shape == "qwen3-8b"
     sections = set(args.sections.split(","))
     bucket_mib = [int(x) for x in args.ipc_bucket_mib.split(",")]
-    if sections & {"tensor", "ttft", "ipc", "distributed"}:
+    if sections & {"tensor", "ttft", "ipc", "pusher", "distributed"}:
         tmp = Path(tempfile.mkdtemp(prefix="hotswap-ws-"))
         path = config_only_checkpoint(tmp / shape, shape, "bfloat16" if on_gpu else "float32")
         # the IPC producer sends the same buffers every update, so keeping all of them mapped pins nothing
@@ -993,6 +1136,9 @@ def run_shape(shape: str, args, ceil: dict) -> None:
             sources = None  # the sections below do not use them; the IPC producer's full copy needs their memory
             free_all()
             for name, fn in (("ipc", lambda: bench_ipc(shape, engine, ceil, args.ipc_updates, args.sources, bucket_mib) if on_gpu else None),
+                             ("pusher", lambda: bench_pusher(shape, engine, [int(x) for x in args.pusher_in_flight.split(",")],
+                                                             [int(x) for x in args.pusher_bucket_kib.split(",")], args.pusher_reps, args.sources,
+                                                             args.pusher_transport.split(","), not args.pusher_no_sessions)),
                              ("distributed", lambda: bench_distributed(shape, engine, args.dist_bytes))):
                 if name in sections and f"{shape}.{name}" not in args.skip.split(","):
                     guarded(f"{shape}.{name}", fn)
@@ -1042,6 +1188,11 @@ def main() -> None:
     ap.add_argument("--ttft-reps", type=int, default=10)
     ap.add_argument("--ipc-updates", type=int, default=100)
     ap.add_argument("--ipc-bucket-mib", default="512", help="comma list: IPCWeightPusher's bucket sizes to run (MiB)")
+    ap.add_argument("--pusher-in-flight", default="1,2", help="comma list: IPCWeightPusher's calls_in_flight settings (section pusher)")
+    ap.add_argument("--pusher-bucket-kib", default="524288", help="comma list: its bucket sizes (KiB) (section pusher)")
+    ap.add_argument("--pusher-transport", default="queue,http", help="comma list: queue (a hand-off per call) and/or http (section pusher)")
+    ap.add_argument("--pusher-no-sessions", action="store_true", help="the pusher with use_sessions=False (section pusher)")
+    ap.add_argument("--pusher-reps", type=int, default=10, help="pushes per setting, interleaved (section pusher)")
     ap.add_argument("--disk-reps", type=int, default=3)
     ap.add_argument("--disk-8b-layers", type=int, default=6)
     ap.add_argument("--grid", action="store_true", help="time a grid of reader strategies / threads / staging")

@@ -355,16 +355,19 @@ class WeightPusher:
 
     def _send(self, named, weight_version: str | None, progress: Callable | None) -> dict:
         """Send every bucket through `push_bucket`; returns {"num_tensors", "num_bytes", "num_buckets", "last_results"}."""
-        stats = {"num_tensors": 0, "num_bytes": 0, "num_buckets": 0, "last_results": []}
+        stats = new_stats()
         for bucket in iter_buckets(named, self.bucket_bytes, self.dtype):
-            results = self.push_bucket(bucket, weight_version=weight_version)
-            stats["num_tensors"] += len(bucket)
-            stats["num_bytes"] += sum(tensor_nbytes(t, self.dtype) for _, t in bucket)
-            stats["num_buckets"] += 1
-            stats["last_results"] = results
-            if progress is not None:
-                progress(stats["num_buckets"] - 1, stats["num_tensors"], stats["num_bytes"])
+            self._landed(stats, progress, bucket, self.push_bucket(bucket, weight_version=weight_version))
         return stats
+
+    def _landed(self, stats: dict, progress: Callable | None, bucket: list[tuple[str, torch.Tensor]], results: list[EngineResult]) -> None:
+        """Count a bucket every engine loaded (buckets land in order) and report it to `progress`."""
+        stats["num_tensors"] += len(bucket)
+        stats["num_bytes"] += sum(tensor_nbytes(t, self.dtype) for _, t in bucket)
+        stats["num_buckets"] += 1
+        stats["last_results"] = results
+        if progress is not None:
+            progress(stats["num_buckets"] - 1, stats["num_tensors"], stats["num_bytes"])
 
     def push_bucket(self, bucket: list[tuple[str, torch.Tensor]], *, weight_version: str | None = None) -> list[EngineResult]:
         """Deliver one bucket to every engine (each transport's own job)."""
@@ -373,6 +376,11 @@ class WeightPusher:
     def _before_push(self) -> None:
         pass
 
+
+
+def new_stats() -> dict:
+    """What `_send` returns, before any bucket landed."""
+    return {"num_tensors": 0, "num_bytes": 0, "num_buckets": 0, "last_results": []}
 
 
 def session_id_of(reply: EngineResult) -> str | None:

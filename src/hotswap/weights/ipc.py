@@ -123,7 +123,7 @@ class CudaIpcMappings:
 
     Opening a handle maps the producer's memory, opens its IPC event and ref-counter file; doing that and
     unmapping again on every update cost 5.5-6 ms a push on the H100 whatever its size. A trainer that
-    sends the same buffers each step (its live parameters, or `IPCWeightPusher`'s reused pack buffer)
+    sends the same buffers each step (its live parameters, or `IPCWeightPusher`'s reused pack buffers)
     pays it once. A cached mapping keeps the producer's block alive (torch's IPC ref counter): a
     producer that allocates fresh buffers every push (an FSDP gather, say) has up to the bound of its
     freed memory held here, which on a shared GPU is memory its trainer lacks, hence a small default. On a
