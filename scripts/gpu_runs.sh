@@ -31,6 +31,7 @@
 #   batch1   batch-1 throughput of the 0.6B and the 30B-A3B (the qkv matmul finishing its heads; ~180 s)
 #   fusions  the eighteenth session's kernel changes: their GPU tests, the MoE layer, 30B-A3B batch 1 before (.moe-before)
 #            and after, the 0.6B batch 1 / 64 with the in-place split merge and with the merge kernel (~450 s on an H100)
+#   pusher   IPCWeightPusher's calls_in_flight 1 against 2 on the 61 GB push, through a queue and over HTTP (sessions off)
 #   host-ab  the host step's per-row work since the thirty-first session's start, on the graph path: 0.6B batch 64 throughput
 #            and host step, before / after twice (~240 s; before: git archive be24495 src bench | (mkdir -p .hs-before && tar -x -C .hs-before))
 #   moe-sync  issue 20's 61 GB update, in process and over the trainer library's CUDA IPC pusher (fits an H100:
@@ -60,7 +61,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stages="suite|final|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|host-ab|h200|h200-check|h100-check|profile|rows|knobs|epilogues|kv-loads"
+stages="suite|final|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|host-ab|pusher|h200|h200-check|h100-check|profile|rows|knobs|epilogues|kv-loads"
 [ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... ($stages)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
@@ -309,6 +310,11 @@ host-ab)  # the host step's changes since .hs-before (unpacked from the thirty-f
                 --steps 128 --mode sampled --device cuda
         done
     done
+    ;;
+pusher)  # the trainer library's IPC pusher, calls_in_flight 1 against 2, on the 61 GB 30B-A3B push (queue and HTTP; sessions off, as
+    # the ipc section's figures; needs the FastAPI/uvicorn wheels in .whl/ for HTTP)
+    site_packages
+    PYTHONPATH=/tmp/site:src run pusher_moe 420 python3 bench/weight_sync.py --shapes qwen3-30b-a3b --sections pusher --pusher-no-sessions
     ;;
 moe-sync)
     PYTHONPATH=src run weight_sync_moe 570 python3 bench/weight_sync.py --shapes qwen3-30b-a3b --sections tensor,ipc --reps 3 --budget-s 540 \
