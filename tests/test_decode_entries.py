@@ -39,10 +39,12 @@ def snapshot(batch: ScheduledBatch) -> list[tuple]:
              arr(e.prompt_ids), arr(e.output_ids), e.banned_ids, e.prompt_from, e.prompt_targets) for s, e in zip(batch.seqs, batch.entries)]
 
 
-def run_scenario() -> list[list[tuple]]:
+def run_scenario(keep_decode: bool = False) -> list[list[tuple]]:
+    """`keep_decode` off: every decode row planned by `_decode_entry` (tests/test_kept_decode.py compares the two)."""
     alloc = PageAllocator(num_pages=24, page_size=4)  # tight: rows preempt each other for pages
     batcher = Batcher(allocator=alloc, prefix_cache=RadixPrefixCache(alloc), max_running_requests=10, max_num_batched_tokens=48,
-                      max_context_len=60, chunked_prefill_size=16, fail=lambda seq, message: batcher.finish(seq), eos_token_ids=frozenset([2]))
+                      max_context_len=60, chunked_prefill_size=16, fail=lambda seq, message: batcher.finish(seq), eos_token_ids=frozenset([2]),
+                      keep_decode=keep_decode)
     arrivals = {0: [(0, 9, 30), (1, 20, 12), (2, 5, 25), (3, 7, 8)], 6: [(4, 30, 10), (5, 6, 40)], 15: [(6, 12, 50), (7, 3, 5)]}
     steps, inflight = [], None
     for step in range(160):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from hotswap.cache.page_allocator import PageAllocator
 from hotswap.cache.radix_cache import RadixPrefixCache
 from hotswap.runner.batch_entry import BatchEntry
+from hotswap.scheduler.kept_decode import KeptDecode
 from hotswap.scheduler.overlap import DECODE, NOTHING, inputs_from_inflight, running_step, token_in_flight
 from hotswap.scheduler.prompt_sharing import PromptSharing
 from hotswap.scheduler.sequence import Sequence, Status
@@ -49,6 +50,8 @@ class Batcher:
     last_admission: tuple[int, int] = (0, 0)
     cache_epoch: int = 0  # advanced when the weights change: KV computed before may not enter the prefix cache
     sharing: PromptSharing | None = field(init=False, default=None)  # with a prefix cache: running prompts' pages
+    keep_decode: bool = True  # advance the last batch's leading decode entries in place (kept_decode.py); off: every row built again
+    kept: KeptDecode | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if self.prefix_cache is not None:
@@ -88,6 +91,14 @@ class Batcher:
         seqs: list[Sequence] = []
         entries: list[BatchEntry] = []
         i = 0
+        kept = self.kept if self.keep_decode else None
+        if kept is not None:
+            entries = kept.advance(self.running, budget, self.allocator, self._plan_penalties)
+            i = len(entries)
+            if i:
+                seqs = self.running[:i]
+                budget -= i
+        advanced = lead = i  # rows 0..lead-1 of the batch: decode rows of running[0..lead-1]
         page_size = self.allocator.page_size
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -105,10 +116,14 @@ class Batcher:
                 if not self._make_room(seq, need):
                     break
                 seq.pages.extend(self.allocator.allocate(need))
+            if decoding and lead == i == len(entries):
+                lead += 1
             entries.append(self._decode_entry(seq) if decoding else self._entry(seq, n))
             seqs.append(seq)
             budget -= n
             i += 1
+        if self.keep_decode and not (kept is not None and lead == advanced == len(kept.seqs)):
+            self.kept = KeptDecode.of(seqs[:lead], entries[:lead], self.max_context_len) if lead else None
         followers: list[Sequence] = []  # fresh sequences waiting for a prompt another one computes now
         hits = prompts = 0
         while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
