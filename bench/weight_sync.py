@@ -678,12 +678,13 @@ def _pusher_trainer(url: str | None, queues, specs, dtype, device: str, aliased:
         q_out.put({"error": f"{type(exc).__name__}: {exc}"})
 
 
-def bench_pusher(shape: str, engine, in_flight: list[int], bucket_kib: list[int], reps: int, sources_arg: str,
+def bench_pusher(shape: str, engine, ceil: dict, in_flight: list[int], bucket_kib: list[int], reps: int, sources_arg: str,
                  transports: list[str], sessions: bool) -> None:
     """IPCWeightPusher from a trainer process into this engine, as a trainer on the same host drives it: behind the
     engine's HTTP server ("http") or through a queue hand-off per call ("queue": `_producer`'s transport, the cost
     of a call nearer an in-process one). Whole pushes (begin, buckets, commit) with `calls_in_flight` of each
-    setting, interleaved; the first push of each is left out (it maps the buffers). Each row: median, min and max.
+    setting, interleaved; the first push of each is left out (it maps the buffers). Each row: median, min and max, and
+    the median's bytes read + written against the D2D copy rate measured in this run (on a GPU).
     `sessions` False: every call commits on its own, as the ipc section's calls (inside a session the engine
     also saves each original it overwrites, which on a large model outweighs the calls' fixed costs)."""
     import torch.multiprocessing as mp
@@ -723,7 +724,8 @@ def bench_pusher(shape: str, engine, in_flight: list[int], bucket_kib: list[int]
                 rows.append([f"{transport}, {kib} KiB buckets ({out['buckets']} calls), {n} in flight", f"{out['bytes'] / GB:.4f}",
                              f"{med * 1e3:.2f} ({min(elapsed) * 1e3:.2f}-{max(elapsed) * 1e3:.2f})",
                              f"{statistics.median(transfer) * 1e3:.2f} ({min(transfer) * 1e3:.2f}-{max(transfer) * 1e3:.2f})",
-                             f"{out['bytes'] / med / GB:,.3f}", f"{base / med:.2f}x", len(pushes)])
+                             f"{2 * out['bytes'] / med / GB:,.3f}", f"{ceil['d2d'] / GB:,.0f}" if ceil["d2d"] == ceil["d2d"] else "-",
+                             pct(2 * out["bytes"] / med, ceil["d2d"]), f"{base / med:.2f}x", len(pushes)])
                 RESULTS["figures"][f"{shape}.pusher.{transport}.{kib}k.in_flight{n}"] = {
                     "bucket_bytes": kib << 10, "calls": out["buckets"], "bytes": out["bytes"], "pushes": len(pushes), "aliased": aliased,
                     "sessions": sessions,
@@ -731,7 +733,8 @@ def bench_pusher(shape: str, engine, in_flight: list[int], bucket_kib: list[int]
     table(f"{shape}.pusher", f"{shape}: IPCWeightPusher from another process ({device}: "
           f"{'CUDA IPC' if device == 'cuda' else 'shared memory'}; {'sessions' if sessions else 'no sessions'}; settings interleaved, "
           "first push left out)",
-          ["buckets", "GB", "push ms: median (min-max)", "buckets only ms", "GB/s", "speed vs the first setting", "pushes"], rows)
+          ["buckets", "GB", "push ms: median (min-max)", "buckets only ms", "GB/s (r+w)", "ceiling D2D GB/s", "% of ceiling",
+           "speed vs the first setting", "pushes"], rows)
 
 
 # ---- disk --------------------------------------------------------------------------------------------
@@ -1136,7 +1139,7 @@ def run_shape(shape: str, args, ceil: dict) -> None:
             sources = None  # the sections below do not use them; the IPC producer's full copy needs their memory
             free_all()
             for name, fn in (("ipc", lambda: bench_ipc(shape, engine, ceil, args.ipc_updates, args.sources, bucket_mib) if on_gpu else None),
-                             ("pusher", lambda: bench_pusher(shape, engine, [int(x) for x in args.pusher_in_flight.split(",")],
+                             ("pusher", lambda: bench_pusher(shape, engine, ceil, [int(x) for x in args.pusher_in_flight.split(",")],
                                                              [int(x) for x in args.pusher_bucket_kib.split(",")], args.pusher_reps, args.sources,
                                                              args.pusher_transport.split(","), not args.pusher_no_sessions)),
                              ("distributed", lambda: bench_distributed(shape, engine, args.dist_bytes))):
