@@ -15,7 +15,8 @@ the time inside the model's forward, its LM head and the sampler's arithmetic; t
 
 On a GPU the steps run as CUDA graphs and nothing is computed on the host, but `process` also waits for the
 step in flight (the read-back of its sampled ids): `--profile N` prints the N functions of the three phases
-that took the most time, where that wait shows as its own line.
+that took the most time, where that wait shows as its own line; the compute the timings subtract is left out
+of the profile too, so on the CPU it lists the host functions.
 """
 
 from __future__ import annotations
@@ -48,18 +49,41 @@ MODES = {
 
 
 class Clock:
-    """Compute time (model, LM head, sampler arithmetic), accumulated by the wrapped functions."""
+    """Compute time (model, LM head, sampler arithmetic), accumulated by the wrapped functions. `prof`: the
+    phases' profiler (`--profile`), paused inside those functions, so it lists the host work the timings keep,
+    not the compute they subtract (which on the CPU filled the top of the list)."""
 
-    def __init__(self) -> None:
+    def __init__(self, prof: cProfile.Profile | None = None) -> None:
         self.compute = 0.0
+        self.prof = prof
+        self.profiling = False  # inside a phase and outside compute: the profiler runs
+
+    def phase(self, fn, *args, **kwargs):
+        """Run one phase of the scheduler loop, profiled when asked."""
+        if self.prof is None:
+            return fn(*args, **kwargs)
+        self.profiling = True
+        self.prof.enable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.prof.disable()
+            self.profiling = False
 
     def wrap_compute(self, fn):
         def timed(*args, **kwargs):
+            paused = self.profiling
+            if paused:
+                self.prof.disable()
+                self.profiling = False
             t = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
                 self.compute += time.perf_counter() - t
+                if paused:
+                    self.profiling = True
+                    self.prof.enable()
         return timed
 
 
@@ -81,7 +105,8 @@ def main() -> None:
     engine = Engine(str(path), device=args.device, load_format="dummy", page_size=16, num_pages=args.pages,
                     max_running_requests=args.batch, max_num_batched_tokens=max(4096, args.batch * args.prompt))
     sched, runner = engine.scheduler, engine.model_runner
-    clock = Clock()
+    prof = cProfile.Profile() if args.profile else None
+    clock = Clock(prof)
     model = runner.model
     model.forward = clock.wrap_compute(model.forward)
     model.compute_logits = clock.wrap_compute(model.compute_logits)
@@ -91,18 +116,10 @@ def main() -> None:
     steps: list[dict[str, float]] = []
     decode = [False]
 
-    prof = cProfile.Profile() if args.profile else None
-
     def timed_phase(name):
         def run(*a, **kw):
             c0, t = clock.compute, time.perf_counter()
-            if prof is not None:
-                prof.enable()
-            try:
-                out = real[name](*a, **kw)
-            finally:
-                if prof is not None:
-                    prof.disable()
+            out = clock.phase(real[name], *a, **kw)
             step[name] = step.get(name, 0.0) + (time.perf_counter() - t) - (clock.compute - c0)
             if name == "launch":
                 entries = a[0].entries

@@ -45,7 +45,7 @@ class HostBatch:
         q_list = list(map(len, id_lists))
         starts = np.fromiter(map(_START_POS, entries), dtype=np.int64, count=n)
         table = (PageTable(rows=n) if page_table is None else page_table).rows(list(map(_PAGES, entries)))
-        if min(q_list) == 1 == max(q_list):
+        if q_list.count(1) == n:  # one C pass, where min and max were two
             return cls._build_decode(entries, id_lists, starts, table, page_size)
         q_lens = np.array(q_list, dtype=np.int64)
         cu = np.zeros(n + 1, dtype=np.int32)

@@ -78,22 +78,25 @@ class OutputStreamer:
 
     def append_token(self, seq: Sequence, token: int, logprob: float, top: list[tuple[float, int]], version: str) -> None:
         """Record one sampled token and decide whether the sequence is done."""
-        sp = seq.req.sampling_params
-        seq.output_ids.append(token)
+        req = seq.req  # every step calls this for every row: each attribute read once
+        sp = req.sampling_params
+        output_ids = seq.output_ids
+        output_ids.append(token)
         if sp.return_logprob:
             seq.logprobs.append(logprob)
             seq.top_logprobs.append(top)
         seq.token_versions.append(version)
+        n = len(output_ids)
         # SGLang's order: the length limit first (a last allowed token that is eos still reports length)
-        if len(seq.output_ids) >= sp.max_new_tokens:
+        if n >= sp.max_new_tokens:
             seq.finish_reason = {"type": "length", "length": sp.max_new_tokens}
         elif (not sp.ignore_eos and token in self.eos_token_ids
               or (not sp.ignore_eos or sp.keep_stop_token_ids) and token in sp.stop_token_ids):
             # SGLang's rule: ignore_eos turns off every token-based stop, stop_token_ids included (vLLM's keeps them)
             seq.finish_reason = {"type": "stop", "matched": token}
-        elif seq.num_tokens >= self.max_context_len:
-            seq.finish_reason = {"type": "length", "length": len(seq.output_ids)}
-        if seq.req.stream_text:
+        elif len(req.input_ids) + n >= self.max_context_len:  # seq.num_tokens, without the property call
+            seq.finish_reason = {"type": "length", "length": n}
+        if req.stream_text:
             seen = len(seq.text)
             self._detokenize(seq)
             # SGLang (Req.check_finished) matches stop strings from the first token: min_new_tokens masks only eos and

@@ -26,6 +26,8 @@ def hand_out(step: InFlight, tokens: tuple, streamer: OutputStreamer) -> tuple[l
     at = 0  # the next scored prompt row
     generated = 0
     append_token, emit = streamer.append_token, streamer.emit  # looked up once, not per row
+    if lps is None:
+        lps = [0.0] * len(ids)
     for seq, entry in zip(step.seqs, step.entries):
         if entry.prompt_targets:
             m = len(entry.prompt_targets)
@@ -48,7 +50,7 @@ def hand_out(step: InFlight, tokens: tuple, streamer: OutputStreamer) -> tuple[l
         try:
             if keeps is not None and keeps[k] is not None:
                 seq.top_p_token_ids.append(keeps[k])
-            append_token(seq, ids[k], lps[k] if lps is not None else 0.0, top, version)
+            append_token(seq, ids[k], lps[k], top, version)
             if seq.finish_reason is None and seq.req.stream:
                 emit(seq, version)
         except Exception as exc:  # one request's output handling failed: it fails alone, the loop goes on
