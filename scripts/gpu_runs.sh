@@ -2,7 +2,7 @@
 # The GPU runs that the open issues' goals need, split so each stage fits one 10-minute device call.
 # Run from the repository root on the GPU machine:  bash scripts/gpu_runs.sh STAGE
 #   suite   the whole GPU test suite
-#   final   the suite, then the 0.6B sampled rollout and batch 1 / 64 (~540 s on an H100)
+#   final / final2  the GPU suite in two halves, one call each (the whole took ~540 s on an H100, thirty-second session)
 #   dense   dense19 + prefill + rollouts:
 #     dense19   issue 19's before/after: throughput19 (throughput) and sync19 (weight sync; sync19-before / -after split it)
 #     prefill   the prefill call's host time before/after
@@ -36,7 +36,7 @@
 #            and host step, before / after twice (~240 s; before: git archive be24495 src bench | (mkdir -p .hs-before && tar -x -C .hs-before))
 #   moe-sync  issue 20's 61 GB update, in process and over the trainer library's CUDA IPC pusher (fits an H100:
 #             beside the engine's 61 GB the bench's sources are views of one buffer, `--sources auto`; ~230 s on an H200)
-# Device seconds measured: suite 280 (H200) / 308-380 (H100), run alone; throughput19 ~130; sync19 up to 560 (the
+# Device seconds measured: suite 280 (H200) / 308-380 (H100), run alone (~540 on an H100 in the thirty-second session, 262 tests); throughput19 ~130; sync19 up to 560 (the
 # 8B IPC section alone needs more than the 150 s it had); moe-pair ~60; rollout-repeats ~120; moe-kernels ~280;
 # http ~270 if streaming keeps up (its limits allow 950); moe ~300; moe-sync up to 570.
 # What the open issues still lack, in order (the twenty-second to twenty-fifth sessions ran on H100s; their H200 tries
@@ -53,6 +53,9 @@
 # start: `h200-check` is what the issues lack, with the GPU tests of that session's checkpoint variants, not yet run.)
 # (The thirtieth and thirty-first sessions started no machine in 38 tries: still `h200-check` (`needs_h200`), then `final`
 # on the tree of the day, then a `bench/host_step.py --device cuda` A/B of the thirty-first's per-row host work.)
+# (The thirty-second ran the GPU suite on 192e808 on an H100, split in two calls: 255 passed, 7 skipped, none failed; its other
+# tries did not start. Next: `h200-check` (`needs_h200`) or `h100-check`, then `host-ab` (the kept decode batch and the
+# per-row host work on the graph path), `pusher` (calls_in_flight 1 against 2), `moe-sync`.)
 # "Before" is the tree before the restructure, unpacked beside this one (untracked, so it travels to the
 # device):  git archive 6c9ff7c src bench | (mkdir -p .before && tar -x -C .before)
 # The MoE stage compares its decode kernels with the tree before they changed, unpacked the same way:
@@ -61,7 +64,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stages="suite|final|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|host-ab|pusher|h200|h200-check|h100-check|profile|rows|knobs|epilogues|kv-loads"
+stages="suite|final|final2|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|host-ab|pusher|h200|h200-check|h100-check|profile|rows|knobs|epilogues|kv-loads"
 [ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... ($stages)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
@@ -94,11 +97,16 @@ suite)
     site_packages
     PYTHONPATH=/tmp/site:src run gpu_suite 570 python3 -m pytest -m gpu tests -q -p no:cacheprovider -rfEs
     ;;
-final)  # the GPU suite on the tree of the day, then the 0.6B rollout and batch 1 / 64 (one call, ~540 s on an H100)
+final)  # the GPU suite on the tree of the day, split in two calls (~540 s on an H100 in the thirty-second session, past one
+    # call with anything beside it): `final` runs the first half of the GPU tests, `final2` the rest
     site_packages
-    PYTHONPATH=/tmp/site:src run gpu_suite 430 python3 -m pytest -m gpu tests -q -p no:cacheprovider -rfEs
-    PYTHONPATH=src run final_rollout06 70 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline --modes sampled
-    PYTHONPATH=src run final_throughput06 45 python3 bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,64x128x128 --hf none
+    PYTHONPATH=/tmp/site:src python3 -m pytest -m gpu tests -q -p no:cacheprovider --co 2>/dev/null | grep '::' > /tmp/gpu_ids
+    PYTHONPATH=/tmp/site:src run gpu_suite_1 560 python3 -m pytest -q -p no:cacheprovider -rfEs --durations=15 $(head -n 140 /tmp/gpu_ids)
+    ;;
+final2)
+    site_packages
+    PYTHONPATH=/tmp/site:src python3 -m pytest -m gpu tests -q -p no:cacheprovider --co 2>/dev/null | grep '::' > /tmp/gpu_ids
+    PYTHONPATH=/tmp/site:src run gpu_suite_2 560 python3 -m pytest -q -p no:cacheprovider -rfEs --durations=15 $(tail -n +141 /tmp/gpu_ids)
     ;;
 dense)
     bash "$0" dense19 prefill rollouts
