@@ -4,9 +4,11 @@ disk reads."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterable
 
+import httpx
 import pytest
 
 from hotswap import Engine
@@ -57,3 +59,16 @@ def fail_disk_read(monkeypatch: pytest.MonkeyPatch, at: int) -> Callable:
 
     monkeypatch.setattr(fast_reader, "_read_into", failing)
     return real
+
+
+def generate_in_background(eng: Engine, client: httpx.Client, body: dict) -> tuple[threading.Thread, dict]:
+    """POST /generate from a thread; returns once the engine runs the request (a bounded wait). The reply
+    is in the dict's "r" once the thread ends."""
+    results: dict = {}
+    t = threading.Thread(target=lambda: results.setdefault("r", client.post("/generate", json=body)))
+    t.start()
+    deadline = time.monotonic() + 20
+    while eng.get_load().num_running < 1:
+        assert time.monotonic() < deadline, "the request never started running"
+        time.sleep(0.01)
+    return t, results

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
-from engine_support import make_engine, wait_idle
+from engine_support import generate_in_background, make_engine, wait_idle
 from safetensors.torch import load_file
 from test_sglang_payloads import file_system_sharing, flattened_bucket, serialize, sglang_names  # noqa: F401
 
@@ -51,15 +51,9 @@ def test_miles_fsdp_colocated_update_with_a_request_in_flight(served, tiny_qwen3
     eng, c = served
     with make_engine(tiny_qwen3_v2) as ref:
         want = ref.generate(input_ids=PROMPT, sampling_params=GREEDY)["output_ids"]
-    results: dict = {}
     long = {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 400, "temperature": 0, "ignore_eos": True},
             "return_logprob": True}
-    rollout = threading.Thread(target=lambda: results.setdefault("r", c.post("/generate", json=long)))
-    rollout.start()
-    deadline = time.monotonic() + 20
-    while eng.get_load().num_running < 1:
-        assert time.monotonic() < deadline, "the rollout request never started"
-        time.sleep(0.01)
+    rollout, results = generate_in_background(eng, c, long)
 
     flushed: dict = {}  # miles ray.get()s the pause and the flush futures together: the flush may come first
     flusher = threading.Thread(target=lambda: flushed.setdefault("tries", miles_flush_cache(c)))

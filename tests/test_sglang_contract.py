@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from engine_support import generate_in_background
 from hf_reference import hf_greedy
 from safetensors.torch import load_file
 from test_sglang_payloads import LocalSerializedTensor, file_system_sharing, flattened_bucket, serialize, sglang_names  # noqa: F401
@@ -46,19 +47,6 @@ def texts(engine_or_client, prompts=PROMPTS) -> list[list[int]]:
     r = engine_or_client.post("/generate", json={"text": prompts, "sampling_params": GREEDY})
     r.raise_for_status()
     return [o["output_ids"] for o in r.json()]
-
-
-def generate_in_background(eng: Engine, client: httpx.Client, body: dict) -> tuple[threading.Thread, dict]:
-    """POST /generate from a thread; returns once the engine runs the request (a bounded wait). The reply
-    is in the dict's "r" once the thread ends."""
-    results: dict = {}
-    t = threading.Thread(target=lambda: results.setdefault("r", client.post("/generate", json=body)))
-    t.start()
-    deadline = time.monotonic() + 20
-    while eng.get_load().num_running < 1:
-        assert time.monotonic() < deadline, "the request never started running"
-        time.sleep(0.01)
-    return t, results
 
 
 @pytest.fixture(scope="module")
