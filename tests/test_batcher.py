@@ -41,9 +41,10 @@ def seq(prompt: list[int], max_new_tokens: int = 4, rid: str = "r") -> Sequence:
     return Sequence(req=GenerateRequest(rid=rid, input_ids=list(prompt), sampling_params=sp, seed=0, sink=lambda out: None))
 
 
-def read_back(batch: ScheduledBatch, batcher: Batcher, token: int | Callable[[Sequence], int] = 7) -> None:
+def read_back(batch: ScheduledBatch, batcher: Batcher, token: int | Callable[[Sequence], int] = 7,
+              stops: Callable[[Sequence], bool] = lambda seq: False) -> None:
     """What process() does with a step's sampled tokens: append them (`token`, or `token(seq)`), finish sequences
-    at their limit."""
+    at their limit or when `stops(seq)` says so (an eos, say)."""
     for s, e in zip(batch.seqs, batch.entries):
         if not e.sample:
             continue
@@ -51,7 +52,7 @@ def read_back(batch: ScheduledBatch, batcher: Batcher, token: int | Callable[[Se
         if s.status is Status.FINISHED:
             continue
         s.output_ids.append(token(s) if callable(token) else token)
-        if len(s.output_ids) >= s.req.sampling_params.max_new_tokens:
+        if stops(s) or len(s.output_ids) >= s.req.sampling_params.max_new_tokens:
             batcher.finish(s)
 
 

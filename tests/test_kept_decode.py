@@ -11,6 +11,7 @@ import random
 import numpy as np
 from engine_support import make_engine
 from hf_reference import prompt_ids
+from test_batcher import read_back
 from test_decode_entries import make, run_scenario, snapshot
 
 from hotswap.cache.page_allocator import PageAllocator
@@ -62,16 +63,6 @@ def churn(keep_decode: bool, seed: int) -> list[list[tuple]]:
     inflight: ScheduledBatch | None = None
     rid = 0
 
-    def read_back(batch: ScheduledBatch) -> None:
-        for s, e in zip(batch.seqs, batch.entries):
-            if not e.sample:
-                continue
-            s.pending -= 1
-            if s.status is Status.FINISHED:
-                continue
-            s.output_ids.append(rng.randrange(3, 40))
-            if rng.random() < 0.03 or len(s.output_ids) >= s.req.sampling_params.max_new_tokens:
-                batcher.finish(s)
 
     for step in range(400):
         if step < 250 and rng.random() < 0.15:
@@ -84,7 +75,7 @@ def churn(keep_decode: bool, seed: int) -> list[list[tuple]]:
                 rid += 1
         event = rng.random()
         if event < 0.06 and inflight is not None:  # a control request: the step in flight is read back first
-            read_back(inflight)
+            read_back(inflight, batcher, token=lambda seq: rng.randrange(3, 40), stops=lambda seq: rng.random() < 0.03)
             inflight = None
             if event < 0.02:  # a weight update: KV computed before may not be cached, mid-prefill rows recompute
                 batcher.invalidate_cache()
@@ -95,7 +86,7 @@ def churn(keep_decode: bool, seed: int) -> list[list[tuple]]:
             mark_sample_rows(batch.seqs, batch.entries)
             steps.append(snapshot(batch))
         if inflight is not None:
-            read_back(inflight)
+            read_back(inflight, batcher, token=lambda seq: rng.randrange(3, 40), stops=lambda seq: rng.random() < 0.03)
         inflight = batch
         if step > 250 and not batcher.has_work and inflight is None:
             break
