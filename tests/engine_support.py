@@ -67,8 +67,13 @@ def generate_in_background(eng: Engine, client: httpx.Client, body: dict) -> tup
     results: dict = {}
     t = threading.Thread(target=lambda: results.setdefault("r", client.post("/generate", json=body)))
     t.start()
-    deadline = time.monotonic() + 20
-    while eng.get_load().num_running < 1:
-        assert time.monotonic() < deadline, "the request never started running"
-        time.sleep(0.01)
+    wait_running(eng, 1)
     return t, results
+
+
+def wait_running(engine: Engine, n: int, timeout: float = 20.0) -> None:
+    """Wait until `n` requests run (a bounded wait)."""
+    deadline = time.monotonic() + timeout
+    while engine.get_load().num_running < n:
+        assert time.monotonic() < deadline, f"{n} request(s) never ran: {engine.get_load()}"
+        time.sleep(0.005)

@@ -9,7 +9,7 @@ import time
 
 import httpx
 import pytest
-from engine_support import make_engine, wait_idle
+from engine_support import make_engine, wait_idle, wait_running
 
 from hotswap.scheduler.pause import GenerationPause
 from hotswap.server.app import create_app
@@ -25,10 +25,7 @@ def start_frozen(engine) -> tuple[threading.Thread, dict]:
     results: dict = {}
     t = threading.Thread(target=lambda: results.setdefault("out", engine.generate(input_ids=PROMPT, sampling_params=LONG)))
     t.start()
-    deadline = time.monotonic() + 20
-    while engine.get_load().num_running < 1:
-        assert time.monotonic() < deadline, "the request never started running"
-        time.sleep(0.005)
+    wait_running(engine, 1)
     assert engine.pause_generation(mode="in_place").success
     assert engine.get_load().num_running == 1
     return t, results

@@ -13,20 +13,12 @@ import json
 import signal
 import socket
 import threading
-import time
 from urllib.parse import urlsplit
 
 import pytest
-from engine_support import wait_idle
+from engine_support import wait_idle, wait_running
 
 LONG = {"max_new_tokens": 500, "temperature": 0.0, "ignore_eos": True}
-
-
-def wait_running(engine, n: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while engine.get_load().num_running < n:
-        assert time.monotonic() < deadline, f"{n} request(s) never ran: {engine.get_load()}"
-        time.sleep(0.005)
 
 
 def pause_when_running(engine, running: int) -> None:
