@@ -200,3 +200,42 @@ def test_an_engine_with_the_kept_batch_runs_the_same_steps(tiny_qwen3, monkeypat
         assert a == b, f"step {i}: entries differ"
     for i, (a, b) in enumerate(zip(kept_seen[1], re_seen[1])):
         assert a == b, f"array record {i} differs"
+
+
+def test_a_kept_row_that_fails_at_launch_fails_alone(tiny_qwen3, monkeypatch):
+    """A kept decode row whose parameters cannot run at step 5 (`BatchRowError` at launch): that request ends alone
+    (abort, its tokens so far) and the others decode on, in place, to the tokens of a run without the fault and of
+    a run that builds every row."""
+    from hotswap.errors import BatchRowError
+    from hotswap.runner.row_params import RowParamTable
+
+    prompts = [prompt_ids(80 + i, 5 + i) for i in range(4)]
+    params = [{"max_new_tokens": 11 if i == 2 else 12, "temperature": 0.0, "ignore_eos": True} for i in range(4)]
+    update = RowParamTable.update
+    failed: list[int] = []
+
+    def failing_update(self, entries):
+        for entry in entries:
+            if entry.params.max_new_tokens == 11 and entry.step == 5 and not failed:
+                failed.append(entry.step)
+                raise BatchRowError(entry, "this request's sampling parameters cannot run: injected")
+        return update(self, entries)
+
+    def run(keep: bool, fault: bool) -> list[tuple[list[int], str]]:
+        failed.clear()
+        with monkeypatch.context() as m:
+            if fault:
+                m.setattr(RowParamTable, "update", failing_update)
+            with make_engine(tiny_qwen3) as engine:
+                engine.scheduler.batcher.keep_decode = keep
+                outs = engine.generate(input_ids=prompts, sampling_params=params)
+        return [(o["output_ids"], o["meta_info"]["finish_reason"]["type"]) for o in outs]
+
+    clean = run(keep=True, fault=False)
+    taken = count_kept_rows(monkeypatch)
+    kept = run(keep=True, fault=True)
+    assert failed == [5] and sum(taken) > 10  # the fault hit a decode step served from the kept batch
+    assert kept == run(keep=False, fault=True)
+    assert [kind for _, kind in kept] == ["length", "length", "abort", "length"]
+    assert [ids for i, (ids, _) in enumerate(kept) if i != 2] == [ids for i, (ids, _) in enumerate(clean) if i != 2]
+    assert kept[2][0] == clean[2][0][: len(kept[2][0])] and len(kept[2][0]) < 11  # its tokens before the fault
