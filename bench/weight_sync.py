@@ -653,7 +653,8 @@ def _pusher_trainer(url: str | None, queues, specs, dtype, device: str, aliased:
                     sessions: bool, q_out) -> None:
     """A trainer process: IPCWeightPusher into the bench's engine over HTTP (`url`) or `queues` (shared memory on
     CPU, CUDA IPC on a GPU), `reps` pushes per `calls_in_flight` setting, the settings interleaved; each push's
-    elapsed and transfer (buckets only) seconds. `aliased`: the tensors are views of one buffer the size of the largest."""
+    elapsed and transfer (buckets only) seconds. `aliased`: the tensors are views of one buffer the size of the largest, so
+    every bucket shares one storage and the pusher sends it as it is (no packing: the pack-buffer ring is not timed then)."""
     try:
         import torch
 
