@@ -35,6 +35,7 @@ Per shape (bf16, random weights, `load_format="dummy"` engines):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -679,6 +680,14 @@ def _pusher_trainer(url: str | None, queues, specs, dtype, device: str, aliased:
         q_out.put({"error": f"{type(exc).__name__}: {exc}"})
 
 
+def _http_server(engine, shape: str):
+    """The engine behind its HTTP app (imported here: a queue-only run needs no FastAPI)."""
+    from hotswap.server.app import create_app
+    from hotswap.server.launch import ServerThread
+
+    return ServerThread(create_app(engine, served_model_name=shape))
+
+
 def bench_pusher(shape: str, engine, ceil: dict, in_flight: list[int], bucket_kib: list[int], reps: int, sources_arg: str,
                  transports: list[str], sessions: bool) -> None:
     """IPCWeightPusher from a trainer process into this engine, as a trainer on the same host drives it: behind the
@@ -690,9 +699,6 @@ def bench_pusher(shape: str, engine, ceil: dict, in_flight: list[int], bucket_ki
     also saves each original it overwrites, which on a large model outweighs the calls' fixed costs)."""
     import torch.multiprocessing as mp
 
-    from hotswap.server.app import create_app
-    from hotswap.server.launch import ServerThread
-
     wm = engine.model_runner.weight_map
     dtype = next(engine.model_runner.model.parameters()).dtype
     specs = [(n, tuple(wm.slots[n].hf_shape)) for n in wm.names]
@@ -701,7 +707,7 @@ def bench_pusher(shape: str, engine, ceil: dict, in_flight: list[int], bucket_ki
     aliased = cuda() and not second_copy_fits(total, sources_arg)
     ctx = mp.get_context("spawn")
     rows = []
-    with ServerThread(create_app(engine, served_model_name=shape)) as srv:
+    with _http_server(engine, shape) if "http" in transports else contextlib.nullcontext() as srv:
         for transport, kib in [(t, k) for t in transports for k in bucket_kib]:
             q, queues = ctx.Queue(), (ctx.Queue(), ctx.Queue())
             server = threading.Thread(target=_serve_queue, args=(engine, *queues), daemon=True)
