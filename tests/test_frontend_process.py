@@ -350,3 +350,43 @@ def test_a_front_end_group_makes_its_engine_services_siblings(tiny_qwen3):
     finally:
         group.stop()
         engine.shutdown()
+
+
+def test_model_info_after_another_front_ends_disk_update_names_the_new_folder(tiny_qwen3, tiny_qwen3_v2):
+    """get_model_info reads the model path after its round trip to the engine, so a disk update another front end made
+    before it shows even when this front end has not yet taken the announcement (its reader is held here until the call
+    is in flight)."""
+    engine = make_engine(tiny_qwen3)
+    siblings: list[EngineService] = []
+    pairs = [mp.Pipe(duplex=True) for _ in range(2)]
+    services = [EngineService(engine, ours, siblings).start() for ours, _ in pairs]
+    remotes = [RemoteEngine(theirs, service.info) for (_, theirs), service in zip(pairs, services)]
+    entered, release = threading.Event(), threading.Event()
+    follow = remotes[1].scheduler._on_model_path
+
+    def held(path: str) -> None:
+        entered.set()
+        release.wait(30)
+        follow(path)
+
+    remotes[1].scheduler._on_model_path = held
+    try:
+        assert remotes[0].update_weights_from_disk(str(tiny_qwen3_v2)).success
+        assert entered.wait(30)
+        result: dict = {}
+        t = threading.Thread(target=lambda: result.update(info=remotes[1].get_model_info()))
+        t.start()
+        deadline = time.monotonic() + 10
+        while not remotes[1].scheduler._calls:  # its call to the engine is sent (and waits behind the announcement)
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        release.set()
+        t.join(30)
+        assert result["info"]["model_path"] == str(tiny_qwen3_v2)
+    finally:
+        release.set()
+        for remote in remotes:
+            remote.shutdown()
+        for service in services:
+            service.close()
+        engine.shutdown()

@@ -46,6 +46,12 @@ class EngineUnavailableError(HotswapError):
     Over HTTP: 503."""
 
 
+def duplicate_rid_message(taken: list[str]) -> str:
+    """SGLang's duplicate-rid refusal (tokenizer_manager: "Duplicate request ID detected"), in one wording for the
+    engine's own check and for the one across a server's front end processes (engine/service.py)."""
+    return f"duplicate request id: {', '.join(map(repr, taken))} is already running"
+
+
 class BatchRowError(HotswapError):
     """One row of a batch cannot run (found before the forward): that request fails alone and the rest of
     the batch runs without it. `entry` is the row's BatchEntry."""

@@ -30,7 +30,7 @@ from hotswap.engine.request_prep import PreparedCall, RequestPrep
 from hotswap.engine.tokenizer import SKIPPED_MESSAGE
 from hotswap.engine.unserved import refuse_unserved_fields
 from hotswap.engine.vllm_shims import VllmControl
-from hotswap.errors import HotswapError
+from hotswap.errors import HotswapError, duplicate_rid_message
 from hotswap.scheduler.detokenizer import IncrementalDetokenizer
 from hotswap.sglang_server_args import NOT_COMPARABLE, SGLANG_DEFAULTS
 
@@ -56,22 +56,23 @@ class _Call:
 
     def feed(self, outs: list[p.GenerateOutput]) -> list[dict]:
         """Take a batch of outputs; several for one request coalesce into one chunk (returned when streaming).
-        Raises EngineUnavailableError when the engine refused a request."""
+        Raises the refusal (EngineUnavailableError, or HotswapError for bad input) when the engine refused a request."""
         groups: dict[str, list[p.GenerateOutput]] = {}
         for out in outs:
             groups.setdefault(out.rid, []).append(out)
-        chunks = []
+        chunks, refusals = [], []
         for rid, group in groups.items():
             c = self.by_rid[rid]
             since = len(c.output_ids)
             delta = c.add(group)
             if c.finished:
                 self.remaining -= 1
-                refused = c.refusal()
-                if refused is not None:
-                    raise refused
+                if (refused := c.refusal()) is not None:
+                    refusals.append(refused)
             if self.stream:
                 chunks.append(c.to_dict(delta, since if self.incremental else None))
+        if refusals:  # raised once every output is taken: a refused request left unfinished would be aborted by its rid
+            raise refusals[0]
         return chunks
 
     def result(self):
@@ -267,7 +268,7 @@ class EngineAPI(VllmControl):
         with self._live_lock:
             taken = sorted(set(rids) & self._live_rids)
             if taken:
-                raise HotswapError(f"duplicate request id: {', '.join(map(repr, taken))} is already running")
+                raise HotswapError(duplicate_rid_message(taken))
             self._live_rids.update(rids)
         for i, (r, rid) in enumerate(zip(prepared.requests, rids)):
             sp = r.sampling_params
@@ -488,8 +489,10 @@ class EngineAPI(VllmControl):
     def get_model_info(self) -> dict:
         """SGLang's model info: model_info() with the tokenizer path, the current weight version and the keys
         SGLang's /model_info carries."""
+        version = self.weight_version  # first: behind a front end process, a disk update another front end made is
+        # announced down this pipe before any reply that follows it, so the path read after this reply is the new one
         info = self.model_info()
-        info.update({"tokenizer_path": self.config.tokenizer_path or self.model_path, "weight_version": self.weight_version,
+        info.update({"tokenizer_path": self.config.tokenizer_path or self.model_path, "weight_version": version,
                      "preferred_sampling_params": None, "model_type": self.model_config.model_type, "architectures": [info["architecture"]],
                      "has_image_understanding": False, "has_audio_understanding": False})
         return info

@@ -11,7 +11,7 @@ from itertools import repeat
 import numpy as np
 
 from hotswap import protocol as p
-from hotswap.errors import EngineUnavailableError
+from hotswap.errors import EngineUnavailableError, HotswapError
 from hotswap.scheduler.detokenizer import IncrementalDetokenizer, text_ids
 
 
@@ -94,11 +94,16 @@ class Collector:
         delta_text = self.text[len(old_text) :] if self.text.startswith(old_text) else self.text
         return {"delta_text": delta_text, "delta_output_ids": self.output_ids[start:], "delta_weight_versions": self.versions[start:]}
 
-    def refusal(self) -> EngineUnavailableError | None:
-        """The engine refused to run this request (memory released, held past the queue bound)."""
+    def refusal(self) -> HotswapError | None:
+        """The engine refused to run this request: 503, generation cannot run now (memory released, held past the
+        queue bound); 400, the request itself (its rid runs already on another front end of the server: engine/service.py)."""
         reason = self.last.finish_reason if self.last is not None else None
-        if reason and reason.get("type") == "abort" and reason.get("status_code") == 503 and not self.output_ids:
+        if not reason or reason.get("type") != "abort" or self.output_ids:
+            return None
+        if reason.get("status_code") == 503:
             return EngineUnavailableError(reason.get("message", "generation is unavailable"))
+        if reason.get("status_code") == 400:
+            return HotswapError(reason.get("message", "the request was refused"))
         return None
 
     def to_dict(self, delta: dict | None = None, since: int | None = None) -> dict:

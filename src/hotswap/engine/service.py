@@ -37,9 +37,13 @@ from multiprocessing.connection import Connection
 from hotswap import protocol as p
 from hotswap.cache.page_allocator import PoolCapacity
 from hotswap.config import EngineConfig, ModelConfig
-from hotswap.errors import HotswapError
+from hotswap.errors import HotswapError, duplicate_rid_message
 
 log = logging.getLogger("hotswap.engine")
+
+# held while a front end's rids are checked against its siblings' and taken: two front ends sending one rid at once
+# cannot both find it free
+_ADMISSION = threading.Lock()
 
 _OUTPUT_FIELDS = tuple(f.name for f in dataclasses.fields(p.GenerateOutput))
 _output_row = operator.attrgetter(*_OUTPUT_FIELDS)
@@ -157,8 +161,9 @@ class EngineService:
                 except (EOFError, OSError):
                     return
                 if isinstance(request, p.GenerateBatch):
-                    with self._step_lock:
-                        self._live.update(req.rid for req in request.requests)
+                    if taken := self._admit(request):
+                        self._refuse(call_id, request, taken)
+                        continue
                     for req in request.requests:
                         req.sink, req.flush, req.sink_token = self._sink, self._flush, self._step_tokens.append
                 self.engine.scheduler.submit(request).add_done_callback(functools.partial(self._reply, call_id, request))
@@ -169,6 +174,32 @@ class EngineService:
                 orphans, self._live = set(self._live), Counter()
             for rid in orphans:
                 self.engine.scheduler.submit(p.AbortRequest(rid=rid, message="the front end closed"))
+
+    def _admit(self, batch: p.GenerateBatch) -> list[str]:
+        """Take the batch's rids as this front end's, unless one runs already for a sibling: the rids that do (the
+        front end checked its own: engine/api.py). SGLang refuses a rid that is running; one app serving the engine
+        knows every running rid, several front ends know theirs only."""
+        rids = [req.rid for req in batch.requests]
+        with _ADMISSION:
+            taken: set[str] = set()
+            for sibling in self.siblings:
+                if sibling is not self:
+                    with sibling._step_lock:
+                        taken.update(rid for rid in rids if sibling._live.get(rid, 0) > 0)
+            if not taken:
+                with self._step_lock:
+                    self._live.update(rids)
+        return sorted(taken)
+
+    def _refuse(self, call_id: int, batch: p.GenerateBatch, taken: list[str]) -> None:
+        """The whole batch refused, as the engine's own check refuses it (400, naming the rids): each request's one
+        and last output says so, and nothing of it reaches the scheduler."""
+        reason = {"type": "abort", "status_code": 400, "message": duplicate_rid_message(taken)}
+        outs = [p.GenerateOutput(rid=req.rid, new_token_ids=[], new_logprobs=[], new_top_logprobs=[], new_token_versions=[],
+                                 text_delta="", finished=True, finish_reason=reason, prompt_tokens=len(req.input_ids),
+                                 cached_tokens=0, weight_version="") for req in batch.requests]
+        self._outbox.put(("outputs", outs, []))
+        self._outbox.put(("reply", call_id, None, None))
 
     def _send(self) -> None:
         while (msg := self._outbox.get()) is not None:
