@@ -34,6 +34,7 @@
 #   pusher   IPCWeightPusher's calls_in_flight 1 against 2 on the 61 GB push, through a queue and over HTTP (sessions off)
 #   host-ab  the host step's per-row work since the thirty-first session's start, on the graph path: 0.6B batch 64 throughput
 #            and host step, before / after twice (~240 s; before: git archive be24495 src bench | (mkdir -p .hs-before && tar -x -C .hs-before))
+#   pusher-sizes  replies after the copies: the tensor paths' GPU tests, the pusher before / after in 512 MiB buckets, after in 2 GiB (~330 s)
 #   moe-sync  issue 20's 61 GB update, in process and over the trainer library's CUDA IPC pusher (fits an H100:
 #             beside the engine's 61 GB the bench's sources are views of one buffer, `--sources auto`; ~230 s on an H200)
 # Device seconds measured: suite 280 (H200) / 308-380 (H100), run alone (~540 on an H100 in the thirty-second session, 262 tests); throughput19 ~130; sync19 up to 560 (the
@@ -64,7 +65,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stages="suite|final|final2|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|host-ab|pusher|h200|h200-check|h100-check|profile|rows|knobs|epilogues|kv-loads"
+stages="suite|final|final2|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|host-ab|pusher|pusher-sizes|h200|h200-check|h100-check|profile|rows|knobs|epilogues|kv-loads"
 [ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... ($stages)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
@@ -323,6 +324,20 @@ pusher)  # the trainer library's IPC pusher, calls_in_flight 1 against 2, on the
     # the ipc section's figures; needs the FastAPI/uvicorn wheels in .whl/ for HTTP)
     site_packages
     PYTHONPATH=/tmp/site:src run pusher_moe 420 python3 bench/weight_sync.py --shapes qwen3-30b-a3b --sections pusher --pusher-no-sessions
+    ;;
+pusher-sizes)  # replies after the copies (scheduler/copy_replies.py): the GPU tests of the tensor paths, then the pusher through a
+    # queue (no FastAPI needed) on the 61 GB 30B-A3B push, before (.pipe-before: git archive 9180763 src bench) and after, 512 MiB
+    # buckets 1-2 calls in flight, then after alone in 2 GiB buckets and 3 in flight (~330 s)
+    PYTHONPATH=src run copy_replies_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_copy_replies.py \
+        tests/test_trainer_pipeline.py tests/test_gpu_weight_copy.py tests/test_sglang_payloads.py -rfEs
+    for side in before after; do
+        root=.; [ "$side" = before ] && root=.pipe-before
+        [ -d "$root/src" ] || continue
+        run "pusher_512_$side" 100 python3 $root/bench/weight_sync.py --shapes qwen3-30b-a3b --sections pusher --pusher-no-sessions \
+            --pusher-transport queue --pusher-bucket-kib 524288 --pusher-in-flight 1,2 --pusher-reps 6
+    done
+    run pusher_sizes_after 120 python3 bench/weight_sync.py --shapes qwen3-30b-a3b --sections pusher --pusher-no-sessions \
+        --pusher-transport queue --pusher-bucket-kib 524288,2097152 --pusher-in-flight 2,3 --pusher-reps 6
     ;;
 moe-sync)
     PYTHONPATH=src run weight_sync_moe 570 python3 bench/weight_sync.py --shapes qwen3-30b-a3b --sections tensor,ipc --reps 3 --budget-s 540 \

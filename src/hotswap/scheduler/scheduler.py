@@ -27,6 +27,7 @@ from hotswap.runner.device_memory import DeviceMemory
 from hotswap.runner.model_runner import ModelRunner
 from hotswap.scheduler.batcher import Batcher, ScheduledBatch
 from hotswap.scheduler.cache_flush import CacheFlush
+from hotswap.scheduler.copy_replies import CopyReplies
 from hotswap.scheduler.invariant_checker import InvariantChecker
 from hotswap.scheduler.load_stats import LoadStats, cache_hit_rate, utilization
 from hotswap.scheduler.memory_manager import MemoryManager
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 
 
 _GENERATE = (p.GenerateBatch, p.GenerateRequest)  # taken with a step in flight; every other request drains it first
+# taken while tensor updates' copies still run (scheduler/copy_replies.py); every other request waits for them first
+_BESIDE_COPIES = (*_GENERATE, p.UpdateWeightsFromTensorRequest)
 
 # Weight-changing requests wait for running requests to finish on the old weights (SGLang's default),
 # unless generation is paused, a weight-update session is open, or the request aborts everything.
@@ -103,6 +106,7 @@ class Scheduler:
                                     reset_prefix_cache=self.cache_flush.flush, weights_discarded=lambda: self.sessions.mark("discarded"),
                                     peers=model_runner.tp_peers)
         self.pause = GenerationPause(sessions=self.sessions, abort_all=self.abort_all, retract_all=self.batcher.retract_all)
+        self.copies = CopyReplies()
         self.weight_updater = WeightUpdater(
             model_runner=model_runner,
             config=config,
@@ -111,6 +115,7 @@ class Scheduler:
             weights_released=self.memory.weights_released,
             abort_all=self.abort_all,
             groups=WeightGroups(ranks=ranks, device=model_runner.device, op_timeout_s=config.weight_session_timeout_s),
+            copies=self.copies,
         )
         self.weight_reads = WeightReads(model_runner=model_runner, config=config, ranks=ranks, weights_released=self.memory.weights_released,
                                         is_idle=self.is_idle, flush_cache=self.cache_flush.flush, mark_version=self.sessions.mark)
@@ -210,6 +215,11 @@ class Scheduler:
         deferred, self.deferred = [(r, f) for r, f, _ in self.deferred], deque()
         self._fail(deferred)
         self.cache_flush.fail_waiting(self.dead)
+        try:  # copies launched before the loop stopped: their callers get the outcome when the device can say it
+            self.copies.settle_all()
+        except Exception:
+            log.exception("waiting for the tensor updates' copies failed")
+        self.copies.fail_all(self.dead)
 
     def _fail_queued(self) -> None:
         items = [self._held] if self._held is not None and self._held[0] is not None else []
@@ -245,7 +255,12 @@ class Scheduler:
             if must_drain_before(inflight, control_waiting=control_waiting, update_ready=bool(self.deferred) and self.update_may_run()):
                 self.process(inflight)
                 inflight = None
-            self.receive(block=self.nothing_to_run() and inflight is None, step_in_flight=inflight is not None)
+            idle = self.nothing_to_run() and inflight is None
+            if idle and self.copies.pending:  # the copies' replies, unless a request (the next bucket) comes first
+                with self.watchdog.watching("a tensor update's copy"):
+                    self.copies.wait_oldest(interrupted=lambda: self._held is not None or not self.inbox.empty())
+            self.receive(block=idle and not self.copies.pending, step_in_flight=inflight is not None)
+            self.copies.settle()
             self.run_deferred()
             self.expire_deferred()
             self.cache_flush.settle()
@@ -351,19 +366,26 @@ class Scheduler:
     def _handle(self, request, fut: Future, handler: Callable | None = None) -> None:
         """Run `request` through its handler in the table (or `handler`) and reply."""
         handler = handler or self.handlers.get(type(request))
+        if not isinstance(request, _BESIDE_COPIES):
+            self.copies.settle_all()
         try:
             out = handler(request) if handler else p.ControlOutput(success=False, message=f"unknown request {type(request).__name__}")
         except Exception as exc:  # handlers return refusals; this is the last guard so the engine survives
             log.exception("handler failed")
             out = p.ControlOutput(success=False, message=f"{type(request).__name__} failed: {exc}")
-        if isinstance(out, p.WeightUpdateOutput) and isinstance(request, _DRAIN_FIRST):
-            # SGLang's num_paused_requests: started requests held across the update (a pause in place or
-            # retracted); 0 when the update drained them or aborted them
-            out.num_paused_requests = self.batcher.num_started
-        if isinstance(out, Future):  # finished off this thread (a group rendezvous): reply when it resolves
-            out.add_done_callback(lambda done: _reply(fut, done.result()))
+        # SGLang's num_paused_requests: started requests held across the update (a pause in place or retracted); 0 when
+        # the update drained them or aborted them
+        paused = self.batcher.num_started if isinstance(request, _DRAIN_FIRST) else None
+
+        def answer(result) -> None:
+            if paused is not None and isinstance(result, p.WeightUpdateOutput):
+                result.num_paused_requests = paused
+            _reply(fut, result)
+
+        if isinstance(out, Future):  # finished later (a group rendezvous off this thread, a tensor update's copies)
+            out.add_done_callback(lambda done: answer(done.result()))
             return
-        _reply(fut, out)
+        answer(out)
 
     def update_may_run(self) -> bool:
         """A weight update runs once every started request has finished on the old weights (SGLang's

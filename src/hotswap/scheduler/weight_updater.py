@@ -19,6 +19,7 @@ from hotswap import protocol as p
 from hotswap.config import EngineConfig
 from hotswap.errors import HotswapError
 from hotswap.runner.model_runner import ModelRunner
+from hotswap.scheduler.copy_replies import CopyReplies
 from hotswap.weights.apply import apply_read, apply_tensors
 from hotswap.weights.checkpoint_engine_receiver import BufferSource, ReceiveStats, find_address, refuse_exchange
 from hotswap.weights.distributed import WeightsGroupError
@@ -42,6 +43,7 @@ class WeightUpdater:
     weights_released: Callable[[], bool]
     abort_all: Callable[[str], int]
     groups: distributed.WeightGroups
+    copies: CopyReplies = field(default_factory=CopyReplies)  # tensor updates whose copies still run, their replies held
     tensor_plans: TensorPlanCache = field(default_factory=TensorPlanCache)  # names -> slots, for repeated tensor updates
     read_plans: ReadPlanCache = field(default_factory=ReadPlanCache)  # checkpoint layout -> validated read tasks
     ipc_mappings: CudaIpcMappings = field(init=False)  # CUDA IPC storages kept open between updates
@@ -63,14 +65,14 @@ class WeightUpdater:
         self.sessions.session = None
 
     def _run(self, kind: str, req, apply: Callable[[UpdateSession], tuple[int, int]], *,
-             abort_all_requests: bool = False) -> p.WeightUpdateOutput:
+             abort_all_requests: bool = False, sync: bool = True) -> p.WeightUpdateOutput:
         """Run a call whose source passed its checks. `abort_all_requests` (SGLang's field) aborts every request
         here, once nothing refuses the call: an update refused for its input (a path, a payload, names, shapes, a
         version) aborts nothing, as it changes nothing."""
         if self.weights_released():
             return self.sessions.refuse(f"{kind} refused: the weights are released; resume_memory_occupation(['weights']) first")
         abort = (lambda: self.abort_all(f"aborted for a weight update ({kind})")) if abort_all_requests else None
-        return self.sessions.run(kind, req.weight_version, apply, session_id=req.session_id, on_start=abort)
+        return self.sessions.run(kind, req.weight_version, apply, session_id=req.session_id, on_start=abort, sync=sync)
 
     def _load(self, session: UpdateSession, matched: MatchedTensors, *, source_can_fail: bool) -> int:
         return apply_tensors(matched, finite=self.config.check_weights_finite,
@@ -93,7 +95,13 @@ class WeightUpdater:
 
         return self._run("update_weights_from_disk", req, apply, abort_all_requests=req.abort_all_requests)
 
-    def update_weights_from_tensor(self, req: p.UpdateWeightsFromTensorRequest) -> p.WeightUpdateOutput:
+    def update_weights_from_tensor(self, req: p.UpdateWeightsFromTensorRequest) -> p.WeightUpdateOutput | Future:
+        """A call that commits on its own on one GPU rank returns once its copies are launched: its reply (a Future)
+        is sent when they ran, and the next call is taken meanwhile (scheduler/copy_replies.py). Any other call
+        waits for those copies first."""
+        deferred = self.replies_after_copies()
+        if not deferred:
+            self.copies.settle_all()
         try:
             start = time.perf_counter()
             matched = tensor.match_tensors(req, self.model_runner.weight_map, self.ipc_mappings, self.tensor_plans,
@@ -107,9 +115,17 @@ class WeightUpdater:
             self.ranks.relay([(name, t) for name, _, t in matched.items], self.config.weight_update_bucket_bytes)
             return len(matched.items), self._load(session, matched, source_can_fail=False)
 
-        out = self._run("update_weights_from_tensor", req, apply, abort_all_requests=req.abort_all_requests)
+        out = self._run("update_weights_from_tensor", req, apply, abort_all_requests=req.abort_all_requests, sync=not deferred)
         out.extra.validate_s = validate_s
+        if deferred and out.success:  # a failed call waited for what it launched (Sessions.run)
+            return self.copies.defer(out, start, keep_alive=matched)
         return out
+
+    def replies_after_copies(self) -> bool:
+        """A tensor update now would commit on its own on one GPU rank: its reply may wait for its copies while the
+        next call is taken. Inside a session a call saves originals and may roll back, and other ranks agree on it: those
+        reply after a synchronisation, as before."""
+        return self.sessions.session is None and self.ranks.size == 1 and self.model_runner.device.type == "cuda"
 
     def update_weights_from_ipc(self, req: p.UpdateWeightsFromIPCRequest) -> p.WeightUpdateOutput:
         """checkpoint-engine's push: buckets arrive one by one over ZMQ; a failure in a later bucket rolls

@@ -151,10 +151,11 @@ class Sessions:
         return None
 
     def run(self, kind: str, weight_version: str | None, apply: Callable[[UpdateSession], tuple[int, int]], *,
-            session_id: str | None = None, on_start: Callable[[], object] | None = None) -> p.WeightUpdateOutput:
+            session_id: str | None = None, on_start: Callable[[], object] | None = None, sync: bool = True) -> p.WeightUpdateOutput:
         """Run one update call inside the open session or one of its own; commit or roll back. A call naming a
         session that is not open is refused and touches nothing. `on_start` runs once nothing refuses the call,
-        before it changes anything (abort_all_requests' abort)."""
+        before it changes anything (abort_all_requests' abort). `sync` False: the copies may still run when this
+        returns (a call whose reply waits for them: scheduler/copy_replies.py)."""
         refused = self.refusal(kind, weight_version, session_id)
         if refused is not None:
             return refused
@@ -166,11 +167,14 @@ class Sessions:
         reason = None
         try:
             n, nbytes = apply(session)
-            self.synchronize()
+            if sync:
+                self.synchronize()
         except Exception as exc:
             reason = str(exc) if isinstance(exc, HotswapError) else f"{type(exc).__name__}: {exc}"
         reason = self.ranks.agree(reason)  # every rank loads its slices; any failure fails them all
         if reason is not None:
+            if not sync:
+                self.synchronize()  # what was launched before the failure has run before the caller hears of it
             restored = self.roll_back(session)
             if implicit:
                 self.session = None

@@ -1,0 +1,177 @@
+"""A tensor update that commits on its own replies when its copies ran on the device, and the scheduler takes the
+next call meanwhile (scheduler/copy_replies.py): replies go out in order and only once their copy completed, any
+other control request waits for every copy, and a loop that stops answers every held reply. On the CPU the device
+is a stand-in (events completed by hand); on a GPU calls sent back to back land the last one's bytes, each
+reply after its copy."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from hotswap import protocol as p
+from hotswap.scheduler.copy_replies import CopyReplies
+
+
+class HandEvent:
+    """A copy's completion, set by the test."""
+
+    def __init__(self) -> None:
+        self.completed = False
+        self.waited = 0
+
+    def query(self) -> bool:
+        return self.completed
+
+    def synchronize(self) -> None:
+        self.waited += 1
+        self.completed = True
+
+
+def replies_with(events: list[HandEvent]) -> CopyReplies:
+    def mark() -> HandEvent:
+        events.append(HandEvent())
+        return events[-1]
+
+    return CopyReplies(mark_done=mark)
+
+
+def output(version: str) -> p.WeightUpdateOutput:
+    return p.WeightUpdateOutput(success=True, message=f"updated to {version}", weight_version=version)
+
+
+def test_replies_wait_for_their_copy_and_go_out_in_order():
+    events: list[HandEvent] = []
+    copies = replies_with(events)
+    held = object()
+    first = copies.defer(output("v1"), time.perf_counter(), keep_alive=held)
+    second = copies.defer(output("v2"), time.perf_counter(), keep_alive=None)
+    copies.settle()
+    assert not first.done() and not second.done()
+    events[1].completed = True  # the later copy completing first answers nothing: replies keep their order
+    copies.settle()
+    assert not first.done() and not second.done() and copies.pending[0].keep_alive is held
+    events[0].completed = True
+    copies.settle()
+    assert first.result().weight_version == "v1" and second.result().weight_version == "v2"
+    assert first.result().elapsed_s > 0 and not copies.pending  # what the copies read is let go with the reply
+
+
+def test_waiting_for_the_oldest_stops_for_an_arriving_request():
+    events: list[HandEvent] = []
+    copies = replies_with(events)
+    reply = copies.defer(output("v1"), time.perf_counter(), keep_alive=None)
+    copies.wait_oldest(interrupted=lambda: True)  # the next bucket is queued: it is taken before the reply goes out
+    assert not reply.done()
+    threading.Timer(0.05, lambda: setattr(events[0], "completed", True)).start()
+    copies.wait_oldest(interrupted=lambda: False)
+    assert reply.result().success
+
+
+def test_settle_all_waits_for_the_last_copy_and_fail_all_answers_the_rest():
+    events: list[HandEvent] = []
+    copies = replies_with(events)
+    a, b = (copies.defer(output(v), time.perf_counter(), keep_alive=None) for v in ("v1", "v2"))
+    copies.settle_all()  # the stream runs copies in order: the last one's completion covers every earlier one
+    assert events[1].waited == 1 and events[0].waited == 0
+    events[0].completed = True  # (a device event that completed later is also complete now)
+    copies.settle()
+    assert a.result().success and b.result().success
+    c = copies.defer(output("v3"), time.perf_counter(), keep_alive=None)
+    copies.fail_all("the engine was shut down")
+    assert not c.result().success and "outcome unknown: the engine was shut down" in c.result().message and not copies.pending
+
+
+@pytest.fixture
+def held_copies(tiny_qwen3, monkeypatch):
+    """A CPU engine whose tensor updates reply as a GPU engine's do (after their copies), the copies' completion in
+    the test's hands: (engine, the events, one per call, in order)."""
+    from engine_support import make_engine
+
+    from hotswap.scheduler.weight_updater import WeightUpdater
+
+    monkeypatch.setattr(WeightUpdater, "replies_after_copies", lambda self: self.sessions.session is None)
+    engine = make_engine(tiny_qwen3)
+    events: list[HandEvent] = []
+    engine.scheduler.copies.mark_done = lambda: events.append(HandEvent()) or events[-1]
+    try:
+        yield engine, events
+    finally:
+        engine.shutdown()
+
+
+def _update(engine, version: str):
+    from trainer_support import checkpoint_tensors
+
+    named = [(n, t) for n, t in checkpoint_tensors(engine.model_path).items() if n.endswith("layers.0.mlp.down_proj.weight")]
+    return engine.scheduler.submit(p.UpdateWeightsFromTensorRequest(named_tensors=named, weight_version=version))
+
+
+def _wait_for(predicate, limit_s: float = 10) -> None:
+    deadline = time.monotonic() + limit_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_the_scheduler_replies_after_the_copy_and_takes_the_next_call_meanwhile(held_copies):
+    engine, events = held_copies
+    first = _update(engine, "v1")
+    _wait_for(lambda: len(events) == 1)
+    second = _update(engine, "v2")  # taken while the first call's copy "runs"
+    _wait_for(lambda: len(events) == 2)
+    time.sleep(0.05)
+    assert not first.done() and not second.done() and engine.weight_version == "v2"
+    events[0].completed = True
+    assert first.result(timeout=10).weight_version == "v1" and not second.done()
+    events[1].completed = True
+    assert second.result(timeout=10).success and not engine.scheduler.copies.pending
+
+
+def test_another_control_request_waits_for_every_copy(held_copies):
+    engine, events = held_copies
+    update = _update(engine, "v1")
+    _wait_for(lambda: len(events) == 1)
+    load = engine.scheduler.submit(p.GetLoadRequest())
+    assert load.result(timeout=10) is not None and events[0].waited == 1  # it waited for the copy, whose reply went first
+    assert update.done() and update.result().success
+
+
+def test_a_shutdown_answers_the_held_replies(held_copies):
+    engine, events = held_copies
+    update = _update(engine, "v1")
+    _wait_for(lambda: len(events) == 1)
+    engine.shutdown()
+    assert update.result(timeout=10).success and events[0].waited == 1
+
+
+@pytest.mark.gpu
+def test_gpu_tensor_updates_sent_back_to_back_land_in_order(tiny_qwen3):
+    """Calls queued together: the scheduler takes each while the last one's copy runs; every reply comes after its
+    copy, in order, the last call's bytes and version stay, and a generate sent among them finishes."""
+    import torch
+
+    from hotswap import Engine
+
+    with Engine(str(tiny_qwen3), device="cuda", dtype="bfloat16") as engine:
+        name = "model.layers.0.mlp.down_proj.weight"
+        shape = engine.model_runner.weight_map.slots[name].hf_shape
+        sources = [torch.full(shape, float(k + 1), dtype=torch.bfloat16, device="cuda") for k in range(6)]
+        generated = []
+        futures = []
+        for k, src in enumerate(sources):
+            futures.append(engine.scheduler.submit(p.UpdateWeightsFromTensorRequest(named_tensors=[(name, src)], weight_version=f"b{k}")))
+            if k == 2:
+                worker = threading.Thread(target=lambda: generated.append(engine.generate(input_ids=[1, 2, 3], sampling_params={
+                    "max_new_tokens": 4, "temperature": 0, "ignore_eos": True})))
+                worker.start()
+        outs = [f.result(timeout=60) for f in futures]
+        worker.join(timeout=60)
+        assert all(o.success for o in outs), [o.message for o in outs]
+        assert [o.weight_version for o in outs] == [f"b{k}" for k in range(6)] and all(o.elapsed_s > 0 for o in outs)
+        assert engine.weight_version == "b5" and not engine.scheduler.copies.pending
+        assert len(generated) == 1 and len(generated[0]["output_ids"]) == 4
+        got = torch.tensor(engine.get_weights_by_name(name), dtype=torch.float32)
+        assert torch.equal(got, sources[-1][: len(got)].float().cpu())
