@@ -34,6 +34,7 @@
 #   pusher   IPCWeightPusher's calls_in_flight 1 against 2 on the 61 GB push, through a queue and over HTTP (sessions off)
 #   host-ab  the host step's per-row work since the thirty-first session's start, on the graph path: 0.6B batch 64 throughput
 #            and host step, before / after twice (~240 s; before: git archive be24495 src bench | (mkdir -p .hs-before && tar -x -C .hs-before))
+#   copies-quick  pusher-sizes for a short budget: the GPU tests and the pusher after only (~200 s)
 #   pusher-sizes  replies after the copies: the tensor paths' GPU tests, the pusher before / after in 512 MiB buckets, after in 2 GiB (~330 s)
 #   moe-sync  issue 20's 61 GB update, in process and over the trainer library's CUDA IPC pusher (fits an H100:
 #             beside the engine's 61 GB the bench's sources are views of one buffer, `--sources auto`; ~230 s on an H200)
@@ -65,7 +66,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stages="suite|final|final2|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|host-ab|pusher|pusher-sizes|h200|h200-check|h100-check|profile|rows|knobs|epilogues|kv-loads"
+stages="suite|final|final2|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|host-ab|pusher|pusher-sizes|copies-quick|h200|h200-check|h100-check|profile|rows|knobs|epilogues|kv-loads"
 [ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... ($stages)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
@@ -324,6 +325,13 @@ pusher)  # the trainer library's IPC pusher, calls_in_flight 1 against 2, on the
     # the ipc section's figures; needs the FastAPI/uvicorn wheels in .whl/ for HTTP)
     site_packages
     PYTHONPATH=/tmp/site:src run pusher_moe 420 python3 bench/weight_sync.py --shapes qwen3-30b-a3b --sections pusher --pusher-no-sessions
+    ;;
+copies-quick)  # pusher-sizes for a short budget (~200 s): the tensor paths' GPU tests, the pusher after only (the before figures: the
+    # thirty-third session's call 3, same settings), 512 MiB buckets 1-3 in flight and 2 GiB 2 in flight
+    PYTHONPATH=src run copy_replies_tests 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_copy_replies.py \
+        tests/test_trainer_pipeline.py tests/test_gpu_weight_copy.py -rfEs
+    run pusher_quick 130 python3 bench/weight_sync.py --shapes qwen3-30b-a3b --sections pusher --pusher-no-sessions \
+        --pusher-transport queue --pusher-bucket-kib 524288,2097152 --pusher-in-flight 1,2,3 --pusher-reps 4
     ;;
 pusher-sizes)  # replies after the copies (scheduler/copy_replies.py): the GPU tests of the tensor paths, then the pusher through a
     # queue (no FastAPI needed) on the 61 GB 30B-A3B push, before (.pipe-before: git archive 9180763 src bench) and after, 512 MiB
