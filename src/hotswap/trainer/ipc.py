@@ -69,15 +69,14 @@ class IPCWeightPusher(WeightPusher):
     the abort names an ended session and is refused; without (`use_sessions=False`) every bucket that landed
     stays applied, those already in flight after the failed one (at most `calls_in_flight - 1`) included.
 
-    Figures: on an H100 an engine call costs ~0.35 ms beside its copy (hand-offs, launch and sync, the GPU switching
-    from this process's packing to the engine): a 61 GB MoE push in 512 MiB buckets, one call at a time, is 99 calls
-    and 47-53 % of the D2D copy rate, in 2 GiB buckets 33 calls and 75 % (docs/benchmarks.md). What calls in flight
-    gain on a GPU is not measured yet (`bench/weight_sync.py --sections pusher`). Measured only on 2 shared CPU cores
-    (shared memory, a 2.9 MB checkpoint, the settings interleaved, 3 runs of 19 pushes each): over HTTP in 128 KiB
-    buckets (23 calls of 3.5-5.5 ms) two in flight made a push 1.11-1.31x faster by median, the pushes' ranges
-    overlapping; in 1 MiB buckets (3 calls) 1.02-1.09x, within the noise. For a large model raise `bucket_bytes`,
-    and the engines' `cuda_ipc_cache_bytes` (`--cuda-ipc-cache-bytes`) to at least `calls_in_flight * bucket_bytes`
-    (the default, 1 GiB, holds two 512 MiB buffers), or each call maps a buffer again."""
+    Figures: on an H100 an engine call costs ~0.45 ms beside its copy (hand-offs, matching, commit, launch and sync):
+    the 61 GB MoE push in 512 MiB buckets (99 calls, the trainer's tensors sharing one storage, so sent unpacked, no
+    sessions) took 164 ms one call at a time (25 % of the D2D copy rate) and 94 ms with two in flight (43 %; over HTTP
+    208 -> 119 ms), the engine's serial work a call then the bound (docs/benchmarks.md). An engine now takes the next
+    call while the last one's copy runs (its reply waits for the copy: scheduler/copy_replies.py), not yet measured.
+    For a large model raise `bucket_bytes`, and the engines' `cuda_ipc_cache_bytes` (`--cuda-ipc-cache-bytes`) to at
+    least `calls_in_flight * bucket_bytes` (the default, 1 GiB, holds two 512 MiB buffers), or each call maps a buffer
+    again."""
 
     def __init__(self, engines: EngineHandle | Sequence[EngineHandle], *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                  dtype: torch.dtype | None = None, flush_cache: bool = True, use_sessions: bool = True, pack_cuda: bool = True,
