@@ -58,6 +58,9 @@
 # (The thirty-second ran the GPU suite on 192e808 on an H100, split in two calls: 255 passed, 7 skipped, none failed; its other
 # tries did not start. Next: `h200-check` (`needs_h200`) or `h100-check`, then `host-ab` (the kept decode batch and the
 # per-row host work on the graph path), `pusher` (calls_in_flight 1 against 2), `moe-sync`.)
+# (The thirty-third ran `h100-check`, `host-ab`, `pusher` and a batch-64 profile on an H100; its later tries did not start. Next,
+# first: `copies-quick` (the GPU tests of replies after the copies, scheduler/copy_replies.py, never run on a GPU, and the 61 GB
+# push with it), then `final` / `final2` on the tree of the day, then `h200-check` (`needs_h200`).)
 # "Before" is the tree before the restructure, unpacked beside this one (untracked, so it travels to the
 # device):  git archive 6c9ff7c src bench | (mkdir -p .before && tar -x -C .before)
 # The MoE stage compares its decode kernels with the tree before they changed, unpacked the same way:
