@@ -74,11 +74,9 @@ def test_settle_all_waits_for_the_last_copy_and_fail_all_answers_the_rest():
     events: list[HandEvent] = []
     copies = replies_with(events)
     a, b = (copies.defer(output(v), time.perf_counter(), keep_alive=None) for v in ("v1", "v2"))
-    copies.settle_all()  # the stream runs copies in order: the last one's completion covers every earlier one
-    assert events[1].waited == 1 and events[0].waited == 0
-    events[0].completed = True  # (a device event that completed later is also complete now)
-    copies.settle()
-    assert a.result().success and b.result().success
+    copies.settle_all()
+    assert events[0].waited == events[1].waited == 1
+    assert a.result().success and b.result().success and not copies.pending
     c = copies.defer(output("v3"), time.perf_counter(), keep_alive=None)
     copies.fail_all("the engine was shut down")
     assert not c.result().success and "outcome unknown: the engine was shut down" in c.result().message and not copies.pending
@@ -123,7 +121,7 @@ def test_the_scheduler_replies_after_the_copy_and_takes_the_next_call_meanwhile(
     second = _update(engine, "v2")  # taken while the first call's copy "runs"
     _wait_for(lambda: len(events) == 2)
     time.sleep(0.05)
-    assert not first.done() and not second.done() and engine.weight_version == "v2"
+    assert not first.done() and not second.done() and engine.scheduler.sessions.weight_version == "v2"  # committed, not yet answered
     events[0].completed = True
     assert first.result(timeout=10).weight_version == "v1" and not second.done()
     events[1].completed = True
@@ -134,8 +132,10 @@ def test_another_control_request_waits_for_every_copy(held_copies):
     engine, events = held_copies
     update = _update(engine, "v1")
     _wait_for(lambda: len(events) == 1)
-    load = engine.scheduler.submit(p.GetLoadRequest())
-    assert load.result(timeout=10) is not None and events[0].waited == 1  # it waited for the copy, whose reply went first
+    load = engine.scheduler.submit(p.GetLoadRequest())  # routers poll it: answered beside the copy
+    assert load.result(timeout=10).weight_version == "v1" and not update.done()
+    check = engine.scheduler.submit(p.CheckWeightsRequest(action="checksum"))
+    assert check.result(timeout=10).success and events[0].waited == 1  # it waited for the copy, whose reply went first
     assert update.done() and update.result().success
 
 

@@ -1,5 +1,5 @@
-"""The CopyReplies component: a tensor update's reply sent when its copy has run on the device, not before the
-scheduler thread may take the next call.
+"""The CopyReplies component: a tensor update's reply is sent once its copy has run on the device, and the scheduler
+thread takes the next call meanwhile.
 
 A trainer pushing buckets keeps calls in flight (IPCWeightPusher's `calls_in_flight`, slime's in-flight buckets) so
 that bucket k+1 is on its way while the engine loads bucket k. An engine that synchronises the device inside each
@@ -78,9 +78,9 @@ class CopyReplies:
 
     def settle_all(self) -> None:
         """Wait for every copy and send every reply: before anything but another such call or a generate request."""
-        if self.pending:
-            self.pending[-1].done.synchronize()
-            self.settle()
+        for pending in self.pending:  # on one stream the first wait covers the rest
+            pending.done.synchronize()
+        self.settle()
 
     def fail_all(self, message: str) -> None:
         """The loop stopped: each caller learns its copy's outcome is unknown."""

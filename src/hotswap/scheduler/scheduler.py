@@ -48,8 +48,9 @@ log = logging.getLogger(__name__)
 
 
 _GENERATE = (p.GenerateBatch, p.GenerateRequest)  # taken with a step in flight; every other request drains it first
-# taken while tensor updates' copies still run (scheduler/copy_replies.py); every other request waits for them first
-_BESIDE_COPIES = (*_GENERATE, p.UpdateWeightsFromTensorRequest)
+# taken while tensor updates' copies still run (scheduler/copy_replies.py): generation, the next such call, and /get_load
+# (routers poll it; it reads counters and the version committed); every other request waits for the copies first
+_BESIDE_COPIES = (*_GENERATE, p.UpdateWeightsFromTensorRequest, p.GetLoadRequest)
 
 # Weight-changing requests wait for running requests to finish on the old weights (SGLang's default),
 # unless generation is paused, a weight-update session is open, or the request aborts everything.
