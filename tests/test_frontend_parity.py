@@ -336,10 +336,11 @@ def test_greedy_after_the_update_agrees(pair):
     assert_same(*both(pair, "POST", "/generate", json=GENERATE_CASES["greedy"]))
 
 
-def abort_elsewhere(url: str, on: Callable[[int], contextlib.AbstractContextManager]) -> tuple[dict, dict]:
-    """Pause (in place) and admit a request through worker 0; through worker 1 read the load and abort it by rid, then
-    continue: (the load read while it waited, its reply)."""
-    body = {"text": "Alice", "sampling_params": {**GREEDY, "max_new_tokens": 50}, "rid": "held-one"}
+@contextlib.contextmanager
+def held_by_worker0(url: str, on: Callable[[int], contextlib.AbstractContextManager], rid: str):
+    """Pause (in place) and admit a request `rid` through worker 0; yields (its body, its reply holder: "r" once it
+    ends). On leaving, through worker 1, abort it and continue, then wait for its reply (through worker 0)."""
+    body = {"text": "Alice", "sampling_params": {**GREEDY, "max_new_tokens": 50}, "rid": rid}
     result: dict = {}
     with on(0):
         assert send(url, "POST", "/pause_generation", json={"mode": "in_place"}).status_code == 200
@@ -350,12 +351,22 @@ def abort_elsewhere(url: str, on: Callable[[int], contextlib.AbstractContextMana
         while send(url, "GET", "/get_load").json()[0]["num_reqs"] == 0:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-    with on(1):
+    try:
+        yield body, result
+    finally:
+        with on(1):
+            send(url, "POST", "/abort_request", json={"rid": rid})
+            send(url, "POST", "/continue_generation", json={})
+        t.join(30)
+        client.close()
+
+
+def abort_elsewhere(url: str, on: Callable[[int], contextlib.AbstractContextManager]) -> tuple[dict, dict]:
+    """A request held by worker 0; through worker 1 read the load and abort it by rid: (the load read while it waited,
+    its reply)."""
+    with held_by_worker0(url, on, "held-one") as (_, result), on(1):
         load = send(url, "GET", "/get_load").json()[0]
         assert send(url, "POST", "/abort_request", json={"rid": "held-one"}).status_code == 200
-        assert send(url, "POST", "/continue_generation", json={}).status_code == 200
-    t.join(30)  # its reply comes through worker 0, running again
-    client.close()
     return load, result["r"]
 
 
@@ -372,31 +383,14 @@ def test_abort_of_a_request_another_worker_admitted(pair):
 
 
 def duplicate_elsewhere(url: str, on: Callable[[int], contextlib.AbstractContextManager]) -> tuple[httpx.Response, httpx.Response]:
-    """Pause (in place) and admit rid "dup" through worker 0; send rid "dup" again through worker 1 (the same prompt,
-    streamed and not): (the second call's replies)."""
-    body = {"text": "Alice", "sampling_params": {**GREEDY, "max_new_tokens": 50}, "rid": "dup"}
-    result: dict = {}
-    with on(0):
-        assert send(url, "POST", "/pause_generation", json={"mode": "in_place"}).status_code == 200
-        client = httpx.Client(base_url=url, timeout=60, headers=KEYS)
-        t = threading.Thread(target=lambda: result.update(r=client.post("/generate", json=body)))
-        t.start()
-        deadline = time.monotonic() + 20
-        while send(url, "GET", "/get_load").json()[0]["num_reqs"] == 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-    try:
+    """A request "dup" held by worker 0; send rid "dup" again through worker 1 (the same prompt, streamed and not): (the
+    second call's replies)."""
+    with held_by_worker0(url, on, "dup") as (body, result):
         with on(1):
             # a bound on the wait, not a timing: a duplicate taken as a new request would wait for the pause to end
             again = send(url, "POST", "/generate", json=body, timeout=10)
             again_stream = send(url, "POST", "/generate", json={**body, "stream": True}, timeout=10)
             load = send(url, "GET", "/get_load").json()[0]
-    finally:
-        with on(1):
-            send(url, "POST", "/abort_request", json={"rid": "dup"})
-            send(url, "POST", "/continue_generation", json={})
-        t.join(30)
-        client.close()
     assert load["num_reqs"] == 1  # the duplicate did not queue beside the first
     assert result["r"].json()["meta_info"]["finish_reason"]["type"] == "abort"
     return again, again_stream
