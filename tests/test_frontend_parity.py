@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -18,11 +16,12 @@ from collections.abc import Callable
 import httpx
 import pytest
 from engine_support import make_engine
+from frontend_support import launched, only_worker
+from frontend_support import send as send_once
 
 from hotswap.server.access import AccessPolicy
 from hotswap.server.app import create_app
-from hotswap.server.frontend_process import FrontendGroup, FrontendOptions
-from hotswap.server.launch import ServerThread, bind_socket
+from hotswap.server.launch import ServerThread
 
 KEY, ADMIN = "user-key", "admin-key"
 MAX_BODY = 64 << 10
@@ -40,37 +39,17 @@ def pair(tiny_qwen3):
     `hotswap serve` sets them up (host policy, keys, body limit)."""
     options = {"api_key": KEY, "admin_api_key": ADMIN, "policy": AccessPolicy(allowed_hosts=("127.0.0.1",)), "max_body_bytes": MAX_BODY}
     local_engine, remote_engine = make_engine(tiny_qwen3), make_engine(tiny_qwen3)
-    sock = bind_socket("127.0.0.1", 0)
-    group = FrontendGroup(remote_engine, sock, FrontendOptions(host="127.0.0.1", port=sock.getsockname()[1], **options), workers=2)
     try:
-        with ServerThread(create_app(local_engine, **options)) as local:
-            group.start()
-            for front in group.fronts:  # every worker up before anything is compared
-                front.wait_healthy()
+        with ServerThread(create_app(local_engine, **options)) as local, launched(remote_engine, **options) as group:
             yield local.url, group
     finally:
-        group.stop(timeout=10)
         local_engine.shutdown()
         remote_engine.shutdown()
 
 
-@contextlib.contextmanager
-def only_worker(group: FrontendGroup, index: int):
-    """Every connection made meanwhile is accepted by worker `index`: the others are stopped (SIGSTOP) until the block ends."""
-    others = [f.process.pid for i, f in enumerate(group.fronts) if i != index]
-    for pid in others:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for pid in others:
-            os.kill(pid, signal.SIGCONT)
-
-
 def send(url: str, method: str, path: str, headers: dict | None = None, timeout: float = 30, **kw) -> httpx.Response:
-    """One request on a fresh connection."""
-    with httpx.Client(base_url=url, timeout=timeout) as c:
-        return c.request(method, path, headers={**KEYS, **(headers or {})}, **kw)
+    """One request on a fresh connection, with keys that pass every route."""
+    return send_once(url, method, path, headers={**KEYS, **(headers or {})}, timeout=timeout, **kw)
 
 
 def both(pair, method: str, path: str, worker: int | None = None, **kw) -> tuple[httpx.Response, httpx.Response]:

@@ -12,6 +12,7 @@ import time
 import httpx
 import pytest
 from engine_support import make_engine, sse_events, wait_idle
+from frontend_support import linked_pipe
 
 from hotswap import protocol as p
 from hotswap.engine.remote import RemoteEngine
@@ -29,14 +30,10 @@ SAMPLED = {"max_new_tokens": 8, "temperature": 1.0, "ignore_eos": True, "seed": 
 def linked(tiny_qwen3):
     """(engine, its service, a RemoteEngine on the other end of the pipe)."""
     engine = make_engine(tiny_qwen3)
-    ours, theirs = mp.Pipe(duplex=True)
-    service = EngineService(engine, ours).start()
-    remote = RemoteEngine(theirs, service.info)
     try:
-        yield engine, service, remote
+        with linked_pipe(engine) as (service, remote):
+            yield engine, service, remote
     finally:
-        remote.shutdown()
-        service.close()
         engine.shutdown()
 
 

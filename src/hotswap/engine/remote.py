@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 
 import torch
 
@@ -78,19 +79,22 @@ class RemoteScheduler:
                 call_id = next(self._ids)
                 self._calls[call_id] = fut
         if reason is None:
+            error: HotswapError | None = None
             try:
-                with self._send_lock:
-                    self._conn.send((call_id, request))
-                return fut
-            except Exception as exc:  # noqa: BLE001 - the pipe is gone, or the request does not pickle
-                with self._lock:
-                    self._calls.pop(call_id, None)
-                    # never sent: no output of the engine will come for them (those _fail_all ended already are left out)
-                    routes = [(rid, route) for rid, route in routes if self._drop_route(rid, route)]
-                if isinstance(exc, (OSError, ValueError)):
-                    error: HotswapError = EngineUnavailableError(f"the engine process is unreachable: {exc}")
-                else:
-                    error = HotswapError(f"cannot send {type(request).__name__} to the engine process: {type(exc).__name__}: {exc}")
+                blob = ForkingPickler.dumps((call_id, request))
+            except Exception as exc:  # noqa: BLE001 - the request does not pickle (whatever it raises: a ValueError too)
+                error = HotswapError(f"cannot send {type(request).__name__} to the engine process: {type(exc).__name__}: {exc}")
+            else:
+                try:
+                    with self._send_lock:
+                        self._conn.send_bytes(blob)
+                    return fut
+                except (OSError, ValueError) as exc:  # the pipe is gone
+                    error = EngineUnavailableError(f"the engine process is unreachable: {exc}")
+            with self._lock:
+                self._calls.pop(call_id, None)
+                # never sent: no output of the engine will come for them (those _fail_all ended already are left out)
+                routes = [(rid, route) for rid, route in routes if self._drop_route(rid, route)]
         else:
             error = EngineUnavailableError(reason)
         fut.set_exception(error)

@@ -33,6 +33,7 @@ from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 
 from hotswap import protocol as p
 from hotswap.cache.page_allocator import PoolCapacity
@@ -62,14 +63,19 @@ def outputs_from_rows(rows: list[tuple], tokens: list[tuple] = ()) -> list[p.Gen
     return list(map(p.output_of_token_row, tokens)) + [p.GenerateOutput(**dict(zip(_OUTPUT_FIELDS, row))) for row in rows]
 
 
-def close_pipe(conn: Connection, readers: tuple[threading.Thread, ...], timeout: float) -> None:
-    """Close a duplex Pipe end (a socket) whose reader may be blocked in recv: shut the socket down first, so
-    the reader sees EOF instead of a handle closed under it, join the threads (bounded), then close."""
+def shut_down(conn: Connection) -> None:
+    """Shut a Pipe end's socket down both ways: the peer's reader sees EOF, ours too, and the handle stays valid."""
     try:
         with socket.socket(fileno=os.dup(conn.fileno())) as sock:
             sock.shutdown(socket.SHUT_RDWR)
     except OSError:  # closed already
         pass
+
+
+def close_pipe(conn: Connection, readers: tuple[threading.Thread, ...], timeout: float) -> None:
+    """Close a duplex Pipe end (a socket) whose reader may be blocked in recv: shut the socket down first, so
+    the reader sees EOF instead of a handle closed under it, join the threads (bounded), then close."""
+    shut_down(conn)
     for t in readers:
         if t.is_alive() and t is not threading.current_thread():
             t.join(timeout)
@@ -160,6 +166,10 @@ class EngineService:
                     call_id, request = self._conn.recv()
                 except (EOFError, OSError):
                     return
+                except Exception:  # noqa: BLE001 - a message that does not unpickle: the front end must not wait on us forever
+                    log.exception("a message from the front end could not be read: closing its pipe")
+                    shut_down(self._conn)  # it sees the pipe close: its calls fail, naming it, and it exits
+                    return
                 if isinstance(request, p.GenerateBatch):
                     if taken := self._admit(request):
                         self._refuse(call_id, request, taken)
@@ -206,11 +216,43 @@ class EngineService:
             if msg[0] == "outputs":
                 msg = ("outputs", output_rows(msg[1]), msg[2])
             try:
-                self._conn.send(msg)
+                blob = ForkingPickler.dumps(msg)
+                if msg[0] == "reply" and msg[3] is not None:
+                    # pickle rebuilds an exception by calling its class with its args: one whose __init__ wants other
+                    # arguments pickles here and fails there, where it would stop the front end's reader for good
+                    ForkingPickler.loads(blob)
+            except Exception as exc:  # noqa: BLE001 - something in it does not pickle: the rest goes, what does not fails by name
+                blob = ForkingPickler.dumps(self._sendable(msg, f"{type(exc).__name__}: {exc}"))
+            try:
+                self._conn.send_bytes(blob)
             except (OSError, ValueError):  # the front end is gone (the reader sees it too)
                 return
-            except Exception as exc:  # noqa: BLE001 - an output or error that does not pickle: the caller gets why
-                if msg[0] != "reply":
-                    log.exception("outputs could not be sent to the front end")
-                    continue
-                self._outbox.put(("reply", msg[1], None, HotswapError(f"the engine's reply could not be sent: {type(exc).__name__}: {exc}")))
+
+    def _sendable(self, msg: tuple, why: str) -> tuple:
+        """`msg` (a reply or a step's outputs; nothing else can fail to pickle) with what does not pickle replaced: a
+        reply by an error saying so, naming the one it stands for; an output by its request's last output, aborted
+        with why (500), the request aborted on the engine too (its KV freed). Every other output of the step goes."""
+        if msg[0] == "reply":
+            error = f" ({type(msg[3]).__name__}: {msg[3]})" if msg[3] is not None else ""
+            return ("reply", msg[1], None, HotswapError(f"the engine's reply{error} could not be sent: {why}"))
+        log.error("an output could not be sent to the front end (%s): its request ends aborted", why)
+        return ("outputs", [row if _pickles(row) else self._unsendable(row, why) for row in msg[1]], msg[2])
+
+    def _unsendable(self, row: tuple, why: str) -> tuple:
+        """The row of an output that does not pickle replaced by its request's aborted end; the request aborted."""
+        out = p.GenerateOutput(**dict(zip(_OUTPUT_FIELDS, row)))
+        message = f"an output of this request could not be sent to the front end: {why}"
+        if not out.finished:
+            self.engine.scheduler.submit(p.AbortRequest(rid=out.rid, message=message))
+        reason = {"type": "abort", "status_code": 500, "message": message}
+        return _output_row(p.GenerateOutput(rid=out.rid, new_token_ids=[], new_logprobs=[], new_top_logprobs=[], new_token_versions=[],
+                                            text_delta="", finished=True, finish_reason=reason, prompt_tokens=out.prompt_tokens,
+                                            cached_tokens=out.cached_tokens, weight_version=out.weight_version))
+
+
+def _pickles(value: object) -> bool:
+    try:
+        ForkingPickler.dumps(value)
+    except Exception:  # noqa: BLE001
+        return False
+    return True

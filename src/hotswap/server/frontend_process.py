@@ -26,6 +26,7 @@ from multiprocessing.connection import wait as wait_for_exit
 from hotswap.engine.service import EngineInfo, EngineService
 from hotswap.gc_policy import make_garbage_collections_rare
 from hotswap.server.access import AccessPolicy
+from hotswap.server.body_limit import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
 from hotswap.server.http_protocol import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_SEND_TIMEOUT_S, bounded_protocol
 from hotswap.server.metrics_share import MetricsShare
 
@@ -91,8 +92,9 @@ class FrontendOptions:
     admin_api_key: str | None = None
     served_model_name: str | None = None
     policy: AccessPolicy = AccessPolicy()
-    max_body_bytes: int = 0
-    body_timeout_s: float = 0.0
+    # create_app's (and serve's) bounds unless told otherwise: a front end process is no less exposed than the app in a thread
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
     send_timeout_s: float = DEFAULT_SEND_TIMEOUT_S
     log_level: str = "warning"
