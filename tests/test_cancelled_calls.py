@@ -92,20 +92,40 @@ def test_a_loop_closed_right_after_a_cut_stream_is_not_kept(engine):
     assert len(engine._mailboxes._boxes) <= before
 
 
+@contextlib.contextmanager
+def ctrl_c_reaches_the_main_thread():
+    """Python's own SIGINT handling in the main thread for the block (a test run earlier in this worker process may have
+    left another handler, or SIGINT blocked), restored after."""
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        signal.signal(signal.SIGINT, handler)
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["generate", "stream"])
 def test_ctrl_c_in_a_blocking_generate_aborts_its_request(engine, stream):
+    raised = threading.Event()
+
     def interrupt() -> None:
         pause_when_running(engine, 1)
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        if not raised.wait(20):  # no KeyboardInterrupt came: end the call, so the test fails instead of waiting for good
+            engine.abort_request(abort_all=True)
 
     helper = threading.Thread(target=interrupt)
-    helper.start()
-    with all_freed_by_abort(engine):
-        with pytest.raises(KeyboardInterrupt):
-            out = engine.generate("Alice likes", LONG, stream=stream)
-            for _ in out if stream else ():
-                pass
-        helper.join(30)
+    with ctrl_c_reaches_the_main_thread(), all_freed_by_abort(engine):
+        helper.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                out = engine.generate("Alice likes", LONG, stream=stream)
+                for _ in out if stream else ():
+                    pass
+        finally:
+            raised.set()
+            helper.join(30)
 
 
 @pytest.mark.parametrize(("path", "body", "running"), [
