@@ -77,3 +77,25 @@ def wait_running(engine: Engine, n: int, timeout: float = 20.0) -> None:
     while engine.get_load().num_running < n:
         assert time.monotonic() < deadline, f"{n} request(s) never ran: {engine.get_load()}"
         time.sleep(0.005)
+
+
+# 2 prompts x n = 3, streamed over /v1/completions: six engine requests behind one connection
+SIX_STREAMS_BODY = json.dumps({"prompt": ["Alice likes 12 apples", "Bob sees"], "n": 3, "max_tokens": 400, "temperature": 0.8,
+                               "seed": 1, "ignore_eos": True, "stream": True}).encode()
+
+
+def read_first_event(sock) -> bytes:
+    """What a raw socket receives up to and with the first SSE event of the reply."""
+    got = b""
+    while b"data: " not in got:
+        got += sock.recv(4096)
+    return got
+
+
+def close_with_reset(sock) -> None:
+    """Close a raw socket with RST (linger 0), as a killed client's kernel does."""
+    import socket
+    import struct
+
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()

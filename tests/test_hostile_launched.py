@@ -13,13 +13,12 @@ import json
 import os
 import signal
 import socket
-import struct
 import threading
 import time
 from concurrent.futures import Future
 
 import pytest
-from engine_support import make_engine, wait_idle
+from engine_support import SIX_STREAMS_BODY, close_with_reset, make_engine, read_first_event, wait_idle
 from frontend_support import launched, linked_pipe, only_worker, send
 
 from hotswap import protocol as p
@@ -90,16 +89,11 @@ def wait_running(engine, n: int, timeout: float = 20.0, until=lambda: False) -> 
 def test_a_reset_mid_stream_aborts_every_fanned_out_request_on_the_engine(group, engine):
     """A stream of 2 prompts x n=3 through worker 0 whose client resets after its first chunk: the front end process
     sees it and the abort crosses the pipe; all six engine requests end and their pages come back."""
-    body = json.dumps({"prompt": [PROMPT, "Bob sees"], "n": 3, "max_tokens": 400, "temperature": 0.8, "seed": 1, "ignore_eos": True,
-                       "stream": True}).encode()
     with only_worker(group, 0):
-        sock = raw(group, "/v1/completions", body)
-        got = b""
-        while b"data: " not in got:
-            got += sock.recv(4096)
+        sock = raw(group, "/v1/completions", SIX_STREAMS_BODY)
+        read_first_event(sock)
     assert engine.get_load().num_running + engine.get_load().num_waiting == 6
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with RST
-    sock.close()
+    close_with_reset(sock)
     clean(engine)
     others_served(group)
 

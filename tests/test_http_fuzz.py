@@ -16,7 +16,6 @@ import math
 import os
 import random
 import socket
-import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-from engine_support import wait_idle
+from engine_support import SIX_STREAMS_BODY, close_with_reset, read_first_event, wait_idle
 
 from hotswap import Engine
 from hotswap.server.access import AccessPolicy
@@ -613,15 +612,10 @@ def test_a_client_gone_mid_body_is_a_disconnect_not_a_server_error(server, http,
 def test_a_reset_mid_stream_aborts_every_fanned_out_request_and_frees_the_cache(server, http, engine):
     """An SSE stream of 2 prompts x n=3 whose client resets the connection after the first chunk: all six
     engine requests are aborted and their pages come back (the prefix cache then flushes to an empty pool)."""
-    body = json.dumps({"prompt": [PROMPT, "Bob sees"], "n": 3, "max_tokens": 400, "temperature": 0.8, "seed": 1, "ignore_eos": True,
-                       "stream": True}).encode()
-    sock = _raw(server, _request_head("/v1/completions", len(body)) + body)
-    got = b""
-    while b"data: " not in got:
-        got += sock.recv(4096)
+    sock = _raw(server, _request_head("/v1/completions", len(SIX_STREAMS_BODY)) + SIX_STREAMS_BODY)
+    read_first_event(sock)
     assert engine.get_load().num_running + engine.get_load().num_waiting == 6
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with RST
-    sock.close()
+    close_with_reset(sock)
     wait_idle(engine)
     assert engine.flush_cache().success
     assert engine.get_load().kv_pages_used == 0
