@@ -49,6 +49,15 @@ def output_of_token_row(row: tuple) -> GenerateOutput:
                           cached_tokens=cached_tokens, weight_version=version)
 
 
+def aborted_output(rid: str, message: str, status_code: int, *, prompt_tokens: int = 0, cached_tokens: int = 0,
+                   weight_version: str = "") -> GenerateOutput:
+    """A request's last output when it ends without its tokens: aborted with `message` and the HTTP status its caller
+    gets (503 the engine cannot serve it, 400 the request is refused, 500 it failed on the way)."""
+    return GenerateOutput(rid=rid, new_token_ids=[], new_logprobs=[], new_top_logprobs=[], new_token_versions=[], text_delta="",
+                          finished=True, finish_reason={"type": "abort", "message": message, "status_code": status_code},
+                          prompt_tokens=prompt_tokens, cached_tokens=cached_tokens, weight_version=weight_version)
+
+
 @dataclass(kw_only=True, slots=True)
 class GenerateRequest:
     rid: str

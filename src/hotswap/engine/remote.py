@@ -29,14 +29,6 @@ from hotswap.scheduler.detokenizer import detokenizer_for
 log = logging.getLogger("hotswap.engine")
 
 
-def _aborted(rid: str, reason: str) -> p.GenerateOutput:
-    """The last output of a request the engine's process can no longer serve (503: the engine is unavailable;
-    a request with no token yet is refused as such)."""
-    return p.GenerateOutput(rid=rid, new_token_ids=[], new_logprobs=[], new_top_logprobs=[], new_token_versions=[], text_delta="",
-                            finished=True, finish_reason={"type": "abort", "message": reason, "status_code": 503}, prompt_tokens=0,
-                            cached_tokens=0, weight_version="")
-
-
 class RemoteScheduler:
     """The SchedulerPort of a RemoteEngine: requests go down the pipe; replies resolve their Futures and each
     step's outputs reach their requests' sinks, then each consumer's flush once, as the Scheduler does."""
@@ -98,7 +90,7 @@ class RemoteScheduler:
         else:
             error = EngineUnavailableError(reason)
         fut.set_exception(error)
-        self._hand_over([(_aborted(rid, str(error)), route) for rid, route in routes])
+        self._hand_over([(p.aborted_output(rid, str(error), 503), route) for rid, route in routes])
         return fut
 
     def _drop_route(self, rid: str, route: tuple[Callable, Callable | None]) -> bool:
@@ -189,7 +181,7 @@ class RemoteScheduler:
         for fut in calls.values():
             if not fut.done():
                 fut.set_exception(EngineUnavailableError(reason))
-        self._hand_over([(_aborted(rid, reason), route) for rid, held in routes.items() for route in held])
+        self._hand_over([(p.aborted_output(rid, reason, 503), route) for rid, held in routes.items() for route in held])
         if self._on_close is not None:
             self._on_close()
 

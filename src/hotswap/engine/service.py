@@ -204,10 +204,8 @@ class EngineService:
     def _refuse(self, call_id: int, batch: p.GenerateBatch, taken: list[str]) -> None:
         """The whole batch refused, as the engine's own check refuses it (400, naming the rids): each request's one
         and last output says so, and nothing of it reaches the scheduler."""
-        reason = {"type": "abort", "status_code": 400, "message": duplicate_rid_message(taken)}
-        outs = [p.GenerateOutput(rid=req.rid, new_token_ids=[], new_logprobs=[], new_top_logprobs=[], new_token_versions=[],
-                                 text_delta="", finished=True, finish_reason=reason, prompt_tokens=len(req.input_ids),
-                                 cached_tokens=0, weight_version="") for req in batch.requests]
+        message = duplicate_rid_message(taken)
+        outs = [p.aborted_output(req.rid, message, 400, prompt_tokens=len(req.input_ids)) for req in batch.requests]
         self._outbox.put(("outputs", outs, []))
         self._outbox.put(("reply", call_id, None, None))
 
@@ -244,10 +242,8 @@ class EngineService:
         message = f"an output of this request could not be sent to the front end: {why}"
         if not out.finished:
             self.engine.scheduler.submit(p.AbortRequest(rid=out.rid, message=message))
-        reason = {"type": "abort", "status_code": 500, "message": message}
-        return _output_row(p.GenerateOutput(rid=out.rid, new_token_ids=[], new_logprobs=[], new_top_logprobs=[], new_token_versions=[],
-                                            text_delta="", finished=True, finish_reason=reason, prompt_tokens=out.prompt_tokens,
-                                            cached_tokens=out.cached_tokens, weight_version=out.weight_version))
+        return _output_row(p.aborted_output(out.rid, message, 500, prompt_tokens=out.prompt_tokens, cached_tokens=out.cached_tokens,
+                                            weight_version=out.weight_version))
 
 
 def _pickles(value: object) -> bool:
