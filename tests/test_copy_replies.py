@@ -147,6 +147,42 @@ def test_a_shutdown_answers_the_held_replies(held_copies):
     assert update.result(timeout=10).success and events[0].waited == 1
 
 
+def test_a_call_failing_mid_copy_answers_at_once_and_holds_nothing(held_copies, monkeypatch):
+    """A fault inside the copies of a call whose reply would wait for them: it fails now, naming the fault, the weights
+    as they were (checksums), no copy held; the next call replies after its copy as before."""
+    from hotswap.scheduler import weight_updater
+
+    engine, events = held_copies
+    before = engine.check_weights("checksum").digest
+
+    def fault(*args, **kwargs):
+        raise RuntimeError("injected copy fault")
+
+    real = weight_updater.apply_tensors
+    monkeypatch.setattr(weight_updater, "apply_tensors", fault)
+    out = _update(engine, "v1").result(timeout=10)
+    assert not out.success and "injected copy fault" in out.message and "weights unchanged" in out.message
+    assert events == [] and not engine.scheduler.copies.pending and engine.check_weights("checksum").digest == before
+    monkeypatch.setattr(weight_updater, "apply_tensors", real)
+    update = _update(engine, "v2")
+    _wait_for(lambda: len(events) == 1)
+    events[0].completed = True
+    assert update.result(timeout=10).success
+
+
+def test_a_session_begun_behind_a_held_copy_starts_after_it(held_copies):
+    """begin_weight_update waits for the copies held before it, so a call inside the session (which saves originals and
+    may roll back) never runs beside one."""
+    engine, events = held_copies
+    update = _update(engine, "v1")
+    _wait_for(lambda: len(events) == 1)
+    begun = engine.scheduler.submit(p.BeginWeightUpdateRequest())
+    assert begun.result(timeout=10).success and events[0].waited == 1 and update.result(timeout=10).success
+    inside = _update(engine, None).result(timeout=10)  # inside the session: answered after a synchronisation, nothing held
+    assert inside.success and len(events) == 1 and not engine.scheduler.copies.pending
+    assert engine.scheduler.submit(p.EndWeightUpdateRequest(abort=True)).result(timeout=10).success
+
+
 @pytest.mark.gpu
 def test_gpu_tensor_updates_sent_back_to_back_land_in_order(tiny_qwen3):
     """Calls queued together: the scheduler takes each while the last one's copy runs; every reply comes after its

@@ -97,11 +97,9 @@ class WeightUpdater:
 
     def update_weights_from_tensor(self, req: p.UpdateWeightsFromTensorRequest) -> p.WeightUpdateOutput | Future:
         """A call that commits on its own on one GPU rank returns once its copies are launched: its reply (a Future)
-        is sent when they ran, and the next call is taken meanwhile (scheduler/copy_replies.py). Any other call
-        waits for those copies first."""
+        is sent when they ran, and the next call is taken meanwhile (scheduler/copy_replies.py). Any other call finds
+        no copy held: only such calls hold one, and what opens a session (begin_weight_update) waited for them."""
         deferred = self.replies_after_copies()
-        if not deferred:
-            self.copies.settle_all()
         try:
             start = time.perf_counter()
             matched = tensor.match_tensors(req, self.model_runner.weight_map, self.ipc_mappings, self.tensor_plans,
