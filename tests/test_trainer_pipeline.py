@@ -162,14 +162,14 @@ def test_a_bucket_in_flight_that_lands_after_the_abort_is_refused(engine, tiny_q
 
 
 def test_without_sessions_the_buckets_in_flight_after_a_failed_one_stay_applied(engine, tiny_qwen3, tiny_qwen3_v2):
-    """SGLang's mode (no sessions): each call is atomic on its own, so what landed stays: buckets 0 and 2 (sent
-    while bucket 1 was in flight), not 1 (refused) nor 3 (never sent)."""
+    """SGLang's mode (no sessions): each call is atomic on its own, so what landed stays: with two calls in flight,
+    buckets 0 and 2 (sent while bucket 1 was in flight), not 1 (refused) nor 3 (never sent)."""
     v1, v2 = checkpoint_tensors(tiny_qwen3), checkpoint_tensors(tiny_qwen3_v2)
     bucket_bytes = bucket_bytes_for(v2, BUCKETS)
     names = bucket_names(v2, bucket_bytes)
     try:
         with pytest.raises(WeightPushError, match="shape"):
-            IPCWeightPusher(engine, bucket_bytes=bucket_bytes, use_sessions=False).push(faulted(v2, bucket_bytes, 1, "shape"),
+            IPCWeightPusher(engine, bucket_bytes=bucket_bytes, use_sessions=False, calls_in_flight=2).push(faulted(v2, bucket_bytes, 1, "shape"),
                                                                                      weight_version="partial")
         assert set(verify_engine_weights(engine, v2).get("mismatches")) == set(names[1] + names[3])
         assert engine.weight_version == "partial"  # set by the first call that landed, as SGLang does

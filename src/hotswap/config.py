@@ -283,10 +283,10 @@ class EngineConfig:
     enable_skinny_matmul: bool = True
     weight_update_bucket_bytes: int = 1 << 30
     # producer GPU memory kept mapped between CUDA IPC updates (0: none). Kept mappings keep the producer's
-    # blocks alive, so the default stays small: it holds IPCWeightPusher's two reused pack buffers (calls_in_flight=2) of
-    # 512 MiB (bucket_bytes); at least calls_in_flight * bucket_bytes for other settings. Raise it to the
+    # blocks alive, so the default stays small: it holds IPCWeightPusher's three reused pack buffers (calls_in_flight=3)
+    # of 512 MiB (bucket_bytes); at least calls_in_flight * bucket_bytes for other settings. Raise it to the
     # model's size when a trainer sends handles of its live parameters (the same buffers every push).
-    cuda_ipc_cache_bytes: int = 1 << 30
+    cuda_ipc_cache_bytes: int = 3 << 29
     weight_load_strategy: str = "auto"  # disk reads: "auto" (pinned on CUDA) | "pinned" | "register" | "hybrid" | "plain" (weights/fast_reader.py)
     weight_load_threads: int = 16  # reader threads for disk loads
     weight_load_staging_bytes: int = 512 << 20  # pinned host staging for disk loads (and device scratch for dtype casts)

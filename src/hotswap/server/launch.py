@@ -82,8 +82,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest bucket an update_weights_from_distributed call may carry, and the relay bucket to "
                              "tensor-parallel workers (default 1 GiB)")
     parser.add_argument("--cuda-ipc-cache-bytes", type=int, default=None,
-                        help="producer memory kept mapped between CUDA IPC updates (default 1 GiB: IPCWeightPusher's two pack buffers "
-                             "of 512 MiB); at least the pusher's calls_in_flight * bucket_bytes, or each call maps a buffer again")
+                        help="producer memory kept mapped between CUDA IPC updates (default 1.5 GiB: IPCWeightPusher's three pack "
+                             "buffers of 512 MiB); at least the pusher's calls_in_flight * bucket_bytes, or each call maps a buffer again")
     parser.add_argument("--weight-session-timeout-s", "--weight-update-session-timeout", dest="weight_session_timeout_s", type=float,
                         default=None, help="seconds an open begin_weight_update session may stay idle before it is rolled back (default 600)")
     parser.add_argument("--weight-update-drain-timeout-s", type=float, default=None,

@@ -69,18 +69,19 @@ class IPCWeightPusher(WeightPusher):
     the abort names an ended session and is refused; without (`use_sessions=False`) every bucket that landed
     stays applied, those already in flight after the failed one (at most `calls_in_flight - 1`) included.
 
-    Figures: on an H100 an engine call costs ~0.45 ms beside its copy (hand-offs, matching, commit, launch and sync):
-    the 61 GB MoE push in 512 MiB buckets (99 calls, the trainer's tensors sharing one storage, so sent unpacked, no
-    sessions) took 164 ms one call at a time (25 % of the D2D copy rate) and 94 ms with two in flight (43 %; over HTTP
-    208 -> 119 ms), the engine's serial work a call then the bound (docs/benchmarks.md). An engine now takes the next
-    call while the last one's copy runs (its reply waits for the copy: scheduler/copy_replies.py), not yet measured.
-    For a large model raise `bucket_bytes`, and the engines' `cuda_ipc_cache_bytes` (`--cuda-ipc-cache-bytes`) to at
-    least `calls_in_flight * bucket_bytes` (the default, 1 GiB, holds two 512 MiB buffers), or each call maps a buffer
-    again."""
+    Figures (H100, the 61 GB MoE push, the trainer's tensors sharing one storage so sent unpacked, no sessions;
+    docs/benchmarks.md): an engine call costs ~0.45 ms beside its copy, and an engine takes the next call while the
+    last one's copy runs (its reply waits for the copy: scheduler/copy_replies.py), so calls in flight overlap that
+    fixed work with the bytes. Through a queue, 512 MiB buckets (99 calls) took 193 / 102 / 74 ms with 1 / 2 / 3 in
+    flight (21 / 40 / 55 % of the D2D copy rate); 2 GiB buckets (33 calls) 101 / 53 / 42 ms (40 / 76 / 96 %); over
+    HTTP 2 GiB buckets 116 / 65 / 49 ms (35 / 62 / 83 %). For a large model raise `bucket_bytes`, the engines'
+    `weight_update_bucket_bytes` to hold a bucket, and their `cuda_ipc_cache_bytes` (`--cuda-ipc-cache-bytes`) to at
+    least `calls_in_flight * bucket_bytes` (the default, 1.5 GiB, holds three 512 MiB buffers), or each call maps a
+    buffer again."""
 
     def __init__(self, engines: EngineHandle | Sequence[EngineHandle], *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                  dtype: torch.dtype | None = None, flush_cache: bool = True, use_sessions: bool = True, pack_cuda: bool = True,
-                 call_timeout_s: float | None = DEFAULT_CALL_TIMEOUT_S, calls_in_flight: int = 2):
+                 call_timeout_s: float | None = DEFAULT_CALL_TIMEOUT_S, calls_in_flight: int = 3):
         super().__init__(engines, bucket_bytes=bucket_bytes, dtype=dtype, flush_cache=flush_cache, use_sessions=use_sessions,
                          call_timeout_s=call_timeout_s)
         if calls_in_flight < 1:
