@@ -102,6 +102,16 @@ def decode_step_seconds(engine, batch: int, avg_ctx: float, bandwidth: float, fl
     return max(read, compute), compute > read
 
 
+def prefill_seconds(engine, batch: int, prompt: int, bandwidth: float, flops: float) -> float:
+    """The least seconds a prefill of `batch` prompts of `prompt` tokens takes: every weight read once and the prompts'
+    KV written at `bandwidth`, or its FLOPs at `flops` where those take longer (every weight per token, attention over
+    half the prompt on average: decode_step_flops of that many rows). A timed generate includes its prefill, so its
+    ceiling does too."""
+    rank_share = engine.model_runner.kv_cache.num_kv_heads / engine.model_config.num_kv_heads
+    read = (weight_bytes(engine) + batch * prompt * kv_bytes_per_token(engine) * rank_share) / bandwidth
+    return max(read, decode_step_flops(engine, batch * prompt, prompt / 2) / flops)
+
+
 def kv_bytes_per_token(engine) -> int:
     mc = engine.model_config
     return 2 * mc.num_kv_heads * mc.head_dim * mc.torch_dtype.itemsize * mc.num_layers

@@ -3,7 +3,8 @@ memory-bound decode roofline at the device-to-device bandwidth measured in the r
 weights plus every sequence's KV at its average context; an MoE model only the experts its batch routes
 to, see common.decode_step_bytes), and the same with arithmetic: each step the longer of its bytes at that
 bandwidth and its FLOPs (common.decode_step_flops) at a dense matmul's rate measured in the run
-(common.decode_step_seconds).
+(common.decode_step_seconds), and that of the whole timed run: the timed generate includes the prefill of the
+prompts, so its ceiling adds the prefill's least time (common.prefill_seconds) to the decode steps'.
 
     python bench/throughput.py --shape tiny                      # CPU
     python bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,64x128x128,256x128x512 --hf dynamic,static
@@ -30,6 +31,7 @@ from common import (  # noqa: E402
     decode_step_seconds,
     device_name,
     matmul_flops_per_s,
+    prefill_seconds,
     print_table,
     timed,
 )
@@ -40,6 +42,13 @@ from hotswap import Engine  # noqa: E402
 def roofline_tok_s(engine, batch: int, prompt: int, output: int, bandwidth: float, flops: float = float("inf")) -> float:
     """Decode tokens/s at the roofline: bytes at `bandwidth`, or FLOPs at `flops` where they take longer."""
     return batch / decode_step_seconds(engine, batch, prompt + output / 2, bandwidth, flops)[0]
+
+
+def run_roofline_tok_s(engine, batch: int, prompt: int, output: int, bandwidth: float, flops: float) -> float:
+    """Output tokens/s of the whole timed run at its ceiling: the prefill's least time, then `output` decode steps
+    at the bytes-or-FLOPs roofline."""
+    step = decode_step_seconds(engine, batch, prompt + output / 2, bandwidth, flops)[0]
+    return batch * output / (prefill_seconds(engine, batch, prompt, bandwidth, flops) + output * step)
 
 
 def hf_model_like(engine, device):
@@ -99,6 +108,7 @@ def main() -> None:
         ours = batch * output / t
         roof = roofline_tok_s(engine, batch, prompt, output, bandwidth)
         roof_flops = roofline_tok_s(engine, batch, prompt, output, bandwidth, flops)
+        roof_run = run_roofline_tok_s(engine, batch, prompt, output, bandwidth, flops) if on_gpu else float("nan")
         row = [f"{batch}, {prompt}/{output}", f"{ours:,.0f}", f"{batch * prompt / t_prefill:,.0f}"]
         hf_cells = []
         for kind in hf_kinds:
@@ -115,11 +125,12 @@ def main() -> None:
                     break
                 same += 1
             hf_cells.append(f"{batch * output / t_hf:,.0f} ({same}/{output} same)")
-        row += hf_cells + ([f"{roof:,.0f}", f"{100 * ours / roof:.1f}%", f"{roof_flops:,.0f}", f"{100 * ours / roof_flops:.1f}%"]
-                           if on_gpu else ["-"] * 4)
+        row += hf_cells + ([f"{roof:,.0f}", f"{100 * ours / roof:.1f}%", f"{roof_flops:,.0f}", f"{100 * ours / roof_flops:.1f}%",
+                            f"{roof_run:,.0f}", f"{100 * ours / roof_run:.1f}%"] if on_gpu else ["-"] * 6)
         rows.append(row)
     header = (["batch, prompt/output", "hotswap output tok/s", "hotswap prefill tok/s"] + [f"HF {k} tok/s (greedy prefix = ours)" for k in hf_kinds]
-              + ["decode roofline tok/s", "% of roofline", "bytes-or-FLOPs roofline tok/s", "% of it"])
+              + ["decode roofline tok/s", "% of roofline", "bytes-or-FLOPs roofline tok/s", "% of it",
+                 "whole-run roofline tok/s (prefill + decode)", "% of that"])
     variant = "".join(f", {k}={v}" for k, v in overrides.items())
     d2d = f"; {ceilings_line(device)}, dense matmul {flops / 1e12:,.0f} TFLOP/s (measured)" if on_gpu else ""
     text = print_table(f"throughput, {args.shape}, {device_name(device)}, {engine.model_config.torch_dtype}{variant}{d2d}", header, rows)
