@@ -104,12 +104,15 @@ def decode_step_seconds(engine, batch: int, avg_ctx: float, bandwidth: float, fl
 
 def prefill_seconds(engine, batch: int, prompt: int, bandwidth: float, flops: float) -> float:
     """The least seconds a prefill of `batch` prompts of `prompt` tokens takes: every weight read once and the prompts'
-    KV written at `bandwidth`, or its FLOPs at `flops` where those take longer (every weight per token, attention over
-    half the prompt on average: decode_step_flops of that many rows). A timed generate includes its prefill, so its
-    ceiling does too."""
+    KV written at `bandwidth`, or its FLOPs at `flops` where those take longer (decode_step_flops of that many rows:
+    every weight per token and attention over half the prompt on average, less the LM head of every token but each
+    prompt's last, the only one sampled). A timed generate includes its prefill, so its ceiling does too."""
     rank_share = engine.model_runner.kv_cache.num_kv_heads / engine.model_config.num_kv_heads
     read = (weight_bytes(engine) + batch * prompt * kv_bytes_per_token(engine) * rank_share) / bandwidth
-    return max(read, decode_step_flops(engine, batch * prompt, prompt / 2) / flops)
+    slots = engine.model_runner.weight_map.slots
+    head = slots["lm_head.weight"] if "lm_head.weight" in slots else slots["model.embed_tokens.weight"]
+    unsampled = 2 * head.dest.numel() * batch * (prompt - 1)
+    return max(read, (decode_step_flops(engine, batch * prompt, prompt / 2) - unsampled) / flops)
 
 
 def kv_bytes_per_token(engine) -> int:
