@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHAPES, config_only_checkpoint, device_name, print_table  # noqa: E402
 
 from hotswap import Engine, protocol  # noqa: E402
+from hotswap.scheduler.weight_updater import WeightUpdater  # noqa: E402
 from hotswap.weights import fast_copy, fast_reader  # noqa: E402
 from hotswap.weights.fast_reader import ReaderOptions, load_plan  # noqa: E402
 from hotswap.weights.ipc import CudaIpcMappings  # noqa: E402
@@ -63,6 +64,8 @@ from hotswap.weights.loader import plan_checkpoint  # noqa: E402
 from hotswap.weights.sources import tensor as tensor_source  # noqa: E402
 from hotswap.wire.buckets import iter_buckets  # noqa: E402
 from hotswap.wire.ipc import shm_block_prefix  # noqa: E402
+
+_ENGINE_REPLIES = WeightUpdater.replies_after_copies  # the pusher section's A/B patches and restores it
 
 GB = 1e9
 RESULTS: dict = {"tables": {}, "figures": {}}
@@ -689,14 +692,16 @@ def _http_server(engine, shape: str):
 
 
 def bench_pusher(shape: str, engine, ceil: dict, in_flight: list[int], bucket_kib: list[int], reps: int, sources_arg: str,
-                 transports: list[str], sessions: bool) -> None:
+                 transports: list[str], sessions: bool, replies: list[str]) -> None:
     """IPCWeightPusher from a trainer process into this engine, as a trainer on the same host drives it: behind the
     engine's HTTP server ("http") or through a queue hand-off per call ("queue": `_producer`'s transport, the cost
     of a call nearer an in-process one). Whole pushes (begin, buckets, commit) with `calls_in_flight` of each
     setting, interleaved; the first push of each is left out (it maps the buffers). Each row: median, min and max, and
     the median's bytes read + written against the D2D copy rate measured in this run (on a GPU).
     `sessions` False: every call commits on its own, as the ipc section's calls (inside a session the engine
-    also saves each original it overwrites, which on a large model outweighs the calls' fixed costs)."""
+    also saves each original it overwrites, which on a large model outweighs the calls' fixed costs). `replies`:
+    "after-copies" (the engine's way: scheduler/copy_replies.py) and/or "synchronised" (each call synchronises the
+    device before replying, as before the thirty-third session; the A/B of it, one setting after the other)."""
     import torch.multiprocessing as mp
 
     wm = engine.model_runner.weight_map
@@ -708,7 +713,8 @@ def bench_pusher(shape: str, engine, ceil: dict, in_flight: list[int], bucket_ki
     ctx = mp.get_context("spawn")
     rows = []
     with _http_server(engine, shape) if "http" in transports else contextlib.nullcontext() as srv:
-        for transport, kib in [(t, k) for t in transports for k in bucket_kib]:
+        for reply, transport, kib in [(r, t, k) for r in replies for t in transports for k in bucket_kib]:
+            _set_replies(engine, reply)
             q, queues = ctx.Queue(), (ctx.Queue(), ctx.Queue())
             server = threading.Thread(target=_serve_queue, args=(engine, *queues), daemon=True)
             server.start()
@@ -728,12 +734,13 @@ def bench_pusher(shape: str, engine, ceil: dict, in_flight: list[int], bucket_ki
                 elapsed, transfer = [p[0] for p in pushes], [p[1] for p in pushes]
                 med = statistics.median(elapsed)
                 base = base or med
-                rows.append([f"{transport}, {kib} KiB buckets ({out['buckets']} calls), {n} in flight", f"{out['bytes'] / GB:.4f}",
+                label = f"{transport}, {kib} KiB buckets ({out['buckets']} calls), {n} in flight" + (f", replies {reply}" if len(replies) > 1 else "")
+                rows.append([label, f"{out['bytes'] / GB:.4f}",
                              f"{med * 1e3:.2f} ({min(elapsed) * 1e3:.2f}-{max(elapsed) * 1e3:.2f})",
                              f"{statistics.median(transfer) * 1e3:.2f} ({min(transfer) * 1e3:.2f}-{max(transfer) * 1e3:.2f})",
                              f"{2 * out['bytes'] / med / GB:,.3f}", f"{ceil['d2d'] / GB:,.0f}" if ceil["d2d"] == ceil["d2d"] else "-",
                              pct(2 * out["bytes"] / med, ceil["d2d"]), f"{base / med:.2f}x", len(pushes)])
-                RESULTS["figures"][f"{shape}.pusher.{transport}.{kib}k.in_flight{n}"] = {
+                RESULTS["figures"][f"{shape}.pusher.{transport}.{kib}k.in_flight{n}.{reply}"] = {
                     "bucket_bytes": kib << 10, "calls": out["buckets"], "bytes": out["bytes"], "pushes": len(pushes), "aliased": aliased,
                     "sessions": sessions,
                     "elapsed_ms": [p * 1e3 for p in elapsed], "transfer_ms": [p * 1e3 for p in transfer]}
@@ -742,6 +749,19 @@ def bench_pusher(shape: str, engine, ceil: dict, in_flight: list[int], bucket_ki
           "first push left out)",
           ["buckets", "GB", "push ms: median (min-max)", "buckets only ms", "GB/s (r+w)", "ceiling D2D GB/s", "% of ceiling",
            "speed vs the first setting", "pushes"], rows)
+    _set_replies(engine, "after-copies")
+
+
+def _set_replies(engine, how: str) -> None:
+    """The engine's tensor updates reply after their copies (its way) or after a synchronisation (the bench's A/B; the
+    updater is a slots dataclass, so its class is patched, and put back)."""
+    cls = type(engine.scheduler.weight_updater)
+    if how == "synchronised":
+        cls.replies_after_copies = lambda self: False
+    elif how == "after-copies":
+        cls.replies_after_copies = _ENGINE_REPLIES
+    else:
+        raise ValueError(f"--pusher-replies: {how!r} is neither after-copies nor synchronised")
 
 
 # ---- disk --------------------------------------------------------------------------------------------
@@ -1148,7 +1168,8 @@ def run_shape(shape: str, args, ceil: dict) -> None:
             for name, fn in (("ipc", lambda: bench_ipc(shape, engine, ceil, args.ipc_updates, args.sources, bucket_mib) if on_gpu else None),
                              ("pusher", lambda: bench_pusher(shape, engine, ceil, [int(x) for x in args.pusher_in_flight.split(",")],
                                                              [int(x) for x in args.pusher_bucket_kib.split(",")], args.pusher_reps, args.sources,
-                                                             args.pusher_transport.split(","), not args.pusher_no_sessions)),
+                                                             args.pusher_transport.split(","), not args.pusher_no_sessions,
+                                                             args.pusher_replies.split(","))),
                              ("distributed", lambda: bench_distributed(shape, engine, args.dist_bytes))):
                 if name in sections and f"{shape}.{name}" not in args.skip.split(","):
                     guarded(f"{shape}.{name}", fn)
@@ -1202,6 +1223,8 @@ def main() -> None:
     ap.add_argument("--pusher-bucket-kib", default="524288", help="comma list: its bucket sizes (KiB) (section pusher)")
     ap.add_argument("--pusher-transport", default="queue,http", help="comma list: queue (a hand-off per call) and/or http (section pusher)")
     ap.add_argument("--pusher-no-sessions", action="store_true", help="the pusher with use_sessions=False (section pusher)")
+    ap.add_argument("--pusher-replies", default="after-copies",
+                    help="comma list: after-copies (the engine's way) and/or synchronised (each call syncs before its reply) (section pusher)")
     ap.add_argument("--pusher-reps", type=int, default=10, help="pushes per setting, interleaved (section pusher)")
     ap.add_argument("--disk-reps", type=int, default=3)
     ap.add_argument("--disk-8b-layers", type=int, default=6)

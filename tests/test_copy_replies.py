@@ -90,7 +90,7 @@ def held_copies(tiny_qwen3, monkeypatch):
 
     from hotswap.scheduler.weight_updater import WeightUpdater
 
-    monkeypatch.setattr(WeightUpdater, "replies_after_copies", lambda self: self.sessions.session is None)
+    monkeypatch.setattr(WeightUpdater, "replies_after_copies", lambda self: True)
     engine = make_engine(tiny_qwen3)
     events: list[HandEvent] = []
     engine.scheduler.copies.mark_done = lambda: events.append(HandEvent()) or events[-1]
@@ -100,10 +100,11 @@ def held_copies(tiny_qwen3, monkeypatch):
         engine.shutdown()
 
 
-def _update(engine, version: str):
+def _update(engine, version: str | None, layer: int = 0, scale: float = 1.0):
     from trainer_support import checkpoint_tensors
 
-    named = [(n, t) for n, t in checkpoint_tensors(engine.model_path).items() if n.endswith("layers.0.mlp.down_proj.weight")]
+    named = [(n, t * scale) for n, t in checkpoint_tensors(engine.model_path).items()
+             if n.endswith(f"layers.{layer}.mlp.down_proj.weight")]
     return engine.scheduler.submit(p.UpdateWeightsFromTensorRequest(named_tensors=named, weight_version=version))
 
 
@@ -171,16 +172,50 @@ def test_a_call_failing_mid_copy_answers_at_once_and_holds_nothing(held_copies, 
 
 
 def test_a_session_begun_behind_a_held_copy_starts_after_it(held_copies):
-    """begin_weight_update waits for the copies held before it, so a call inside the session (which saves originals and
-    may roll back) never runs beside one."""
+    """begin_weight_update waits for the copies held before it; the calls inside the session reply after their copies
+    too, and ending the session waits for them first."""
     engine, events = held_copies
     update = _update(engine, "v1")
     _wait_for(lambda: len(events) == 1)
     begun = engine.scheduler.submit(p.BeginWeightUpdateRequest())
     assert begun.result(timeout=10).success and events[0].waited == 1 and update.result(timeout=10).success
-    inside = _update(engine, None).result(timeout=10)  # inside the session: answered after a synchronisation, nothing held
-    assert inside.success and len(events) == 1 and not engine.scheduler.copies.pending
-    assert engine.scheduler.submit(p.EndWeightUpdateRequest(abort=True)).result(timeout=10).success
+    before = engine.check_weights("checksum").digest  # a control request: answered with nothing held
+    inside = _update(engine, None, scale=2.0)
+    _wait_for(lambda: len(events) == 2)
+    time.sleep(0.05)
+    assert not inside.done()
+    ended = engine.scheduler.submit(p.EndWeightUpdateRequest(abort=True))
+    assert ended.result(timeout=10).success and events[1].waited == 1
+    assert inside.result(timeout=10).success and not engine.scheduler.copies.pending
+    assert engine.check_weights("checksum").digest == before
+
+
+def test_a_session_call_failing_behind_held_copies_rolls_back_every_call(held_copies):
+    """Inside a session, calls 1 and 2 hold their replies while their copies "run"; call 3 fails (a bad shape): it
+    answers the failure once the earlier replies went out, each a success, in order, and the session is marked failed.
+    Ending it refuses the commit and restores the weights of before the session, bit for bit."""
+    import torch
+
+    engine, events = held_copies
+    begin = engine.scheduler.submit(p.BeginWeightUpdateRequest()).result(timeout=10)
+    assert begin.success
+    before = engine.check_weights("checksum").digest
+    first, second = _update(engine, None, layer=0, scale=2.0), _update(engine, None, layer=1, scale=3.0)
+    _wait_for(lambda: len(events) == 2)
+    bad = engine.scheduler.submit(p.UpdateWeightsFromTensorRequest(
+        named_tensors=[("model.layers.0.mlp.down_proj.weight", torch.zeros(3, 3))]))
+    _wait_for(lambda: len(events) == 3)  # the refusal is held behind the two replies, in order
+    time.sleep(0.05)
+    assert not first.done() and not second.done() and not bad.done()
+    events[0].completed = True
+    assert first.result(timeout=10).success and not second.done() and not bad.done()
+    events[1].completed = events[2].completed = True
+    assert second.result(timeout=10).success
+    out = bad.result(timeout=10)
+    assert not out.success and "shape" in out.message, out.message
+    commit = engine.scheduler.submit(p.EndWeightUpdateRequest()).result(timeout=10)  # a failed session ends rolled back
+    assert not commit.success and commit.rolled_back, commit.message
+    assert engine.check_weights("checksum").digest == before and not engine.scheduler.copies.pending
 
 
 @pytest.mark.gpu
@@ -211,3 +246,32 @@ def test_gpu_tensor_updates_sent_back_to_back_land_in_order(tiny_qwen3):
         assert len(generated) == 1 and len(generated[0]["output_ids"]) == 4
         got = torch.tensor(engine.get_weights_by_name(name), dtype=torch.float32)
         assert torch.equal(got, sources[-1][: len(got)].float().cpu())
+
+
+@pytest.mark.gpu
+def test_gpu_session_calls_back_to_back_commit_or_roll_back_bit_exact(tiny_qwen3):
+    """Inside a session, calls queued together reply after their copies (and saves), in order; a session whose third
+    call is refused ends rolled back to the checksum it began from, a second one commits the last call's bytes."""
+    import torch
+
+    from hotswap import Engine
+
+    with Engine(str(tiny_qwen3), device="cuda", dtype="bfloat16") as engine:
+        name = "model.layers.0.mlp.down_proj.weight"
+        shape = engine.model_runner.weight_map.slots[name].hf_shape
+        sources = [torch.full(shape, float(k + 1), dtype=torch.bfloat16, device="cuda") for k in range(5)]
+        submit = engine.scheduler.submit
+        before = engine.check_weights("checksum").digest
+        assert submit(p.BeginWeightUpdateRequest()).result(timeout=60).success
+        calls = [submit(p.UpdateWeightsFromTensorRequest(named_tensors=[(name, src if k != 2 else src[:1])]))
+                 for k, src in enumerate(sources)]
+        outs = [f.result(timeout=60) for f in calls]
+        assert [o.success for o in outs] == [True, True, False, False, False], [o.message for o in outs]
+        assert not submit(p.EndWeightUpdateRequest()).result(timeout=60).success  # failed: rolled back
+        assert engine.check_weights("checksum").digest == before and not engine.scheduler.copies.pending
+        assert submit(p.BeginWeightUpdateRequest()).result(timeout=60).success
+        calls = [submit(p.UpdateWeightsFromTensorRequest(named_tensors=[(name, src)])) for src in sources]
+        assert all(f.result(timeout=60).success for f in calls)
+        assert submit(p.EndWeightUpdateRequest(weight_version="s2")).result(timeout=60).success
+        got = torch.tensor(engine.get_weights_by_name(name), dtype=torch.float32)
+        assert engine.weight_version == "s2" and torch.equal(got, sources[-1][: len(got)].float().cpu())

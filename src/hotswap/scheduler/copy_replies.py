@@ -4,11 +4,11 @@ thread takes the next call meanwhile.
 A trainer pushing buckets keeps calls in flight (IPCWeightPusher's `calls_in_flight`, slime's in-flight buckets) so
 that bucket k+1 is on its way while the engine loads bucket k. An engine that synchronises the device inside each
 call still loads them one at a time with its own fixed work between the copies (taking the call, matching the
-names, committing, replying: ~0.45 ms a call on an H100 beside a 0.43-ms copy of a 512 MiB bucket). Here a call
-that commits on its own (no open session, one rank) launches its copy, records an event and returns; the next
-call already queued is taken and its copy queued behind, and each reply goes out, in order, once its event
-completed. The reply still means what it meant: the bytes are in the weights and the caller may reuse its
-buffers. Until then the call's matched tensors (the trainer's mapped memory among them) are held here.
+names, committing, replying: ~0.45 ms a call on an H100 beside a 0.43-ms copy of a 512 MiB bucket). Here a call on
+one GPU rank (inside a session or not) launches its copy, records an event and returns; the next call already queued
+is taken and its copy queued behind, and each reply goes out, in order, once its event completed (a call refused or
+failed meanwhile replies behind them). The reply still means what it meant: the bytes are in the weights and the
+caller may reuse its buffers. Until then the call's matched tensors (the trainer's mapped memory among them) are held here.
 
 Steps of generation launched meanwhile run after the copies on the same stream, under the version the call set;
 any other control request waits for every copy first (`settle_all`)."""
@@ -91,5 +91,6 @@ class CopyReplies:
 
     @staticmethod
     def _resolve(pending: PendingCopy) -> None:
-        pending.out.elapsed_s = time.perf_counter() - pending.started
+        if pending.out.success:  # a refusal held only to keep the replies' order took no time of its own
+            pending.out.elapsed_s = time.perf_counter() - pending.started
         pending.reply.set_result(pending.out)

@@ -96,17 +96,18 @@ class WeightUpdater:
         return self._run("update_weights_from_disk", req, apply, abort_all_requests=req.abort_all_requests)
 
     def update_weights_from_tensor(self, req: p.UpdateWeightsFromTensorRequest) -> p.WeightUpdateOutput | Future:
-        """A call that commits on its own on one GPU rank returns once its copies are launched: its reply (a Future)
-        is sent when they ran, and the next call is taken meanwhile (scheduler/copy_replies.py). Any other call finds
-        no copy held: only such calls hold one, and what opens a session (begin_weight_update) waited for them."""
+        """On one GPU rank the call returns once its copies are launched: its reply (a Future) is sent when they ran, and
+        the next call is taken meanwhile (scheduler/copy_replies.py). Any other call finds no copy held: only such calls
+        hold one, and every other control request (ending a session among them) waited for them."""
         deferred = self.replies_after_copies()
+        start = time.perf_counter()
         try:
-            start = time.perf_counter()
             matched = tensor.match_tensors(req, self.model_runner.weight_map, self.ipc_mappings, self.tensor_plans,
                                            shm_prefix=shm_block_prefix(self.config.ipc_token))
-            validate_s = time.perf_counter() - start
         except HotswapError as exc:
-            return self.sessions.refuse_update(f"update_weights_from_tensor refused: {exc}; weights unchanged", req.session_id)
+            out = self.sessions.refuse_update(f"update_weights_from_tensor refused: {exc}; weights unchanged", req.session_id)
+            return self._in_order(out, start) if deferred else out
+        validate_s = time.perf_counter() - start
 
         def apply(session: UpdateSession) -> tuple[int, int]:
             # the tensors are here only: the other ranks get them broadcast and take their slices
@@ -115,15 +116,22 @@ class WeightUpdater:
 
         out = self._run("update_weights_from_tensor", req, apply, abort_all_requests=req.abort_all_requests, sync=not deferred)
         out.extra.validate_s = validate_s
-        if deferred and out.success:  # a failed call waited for what it launched (Sessions.run)
+        if deferred and out.success:
             return self.copies.defer(out, start, keep_alive=matched)
-        return out
+        return self._in_order(out, start) if deferred else out  # a failed call waited for what it launched (Sessions.run)
+
+    def _in_order(self, out: p.WeightUpdateOutput, start: float) -> p.WeightUpdateOutput | Future:
+        """A call that launched no copy of its own replies at once, unless earlier calls' replies are still held: then
+        behind them, so a trainer hears of its buckets in the order it sent them."""
+        return self.copies.defer(out, start, keep_alive=None) if self.copies.pending else out
 
     def replies_after_copies(self) -> bool:
-        """A tensor update now would commit on its own on one GPU rank: its reply may wait for its copies while the
-        next call is taken. Inside a session a call saves originals and may roll back, and other ranks agree on it: those
-        reply after a synchronisation, as before."""
-        return self.sessions.session is None and self.ranks.size == 1 and self.model_runner.device.type == "cuda"
+        """A tensor update now may reply once its copies ran while the next call is taken: on one GPU rank, inside a
+        session or not. Inside one a call first saves the originals it overwrites (weights/rollback.py: the copies
+        wait for the saves on the device), and whatever rolls back (a later call failing, an abort, an expiry)
+        synchronises before restoring, so a held reply means what it would have meant. Other ranks agree on each call,
+        so there every call replies after a synchronisation."""
+        return self.ranks.size == 1 and self.model_runner.device.type == "cuda"
 
     def update_weights_from_ipc(self, req: p.UpdateWeightsFromIPCRequest) -> p.WeightUpdateOutput:
         """checkpoint-engine's push: buckets arrive one by one over ZMQ; a failure in a later bucket rolls
