@@ -61,6 +61,10 @@
 # (The thirty-third ran `h100-check`, `host-ab`, `pusher` and a batch-64 profile on an H100; its later tries did not start. Next,
 # first: `copies-quick` (the GPU tests of replies after the copies, scheduler/copy_replies.py, never run on a GPU, and the 61 GB
 # push with it), then `final` / `final2` on the tree of the day, then `h200-check` (`needs_h200`).)
+# (The thirty-fourth ran `copies-quick`, `final`, `final2`, `moe-sync`, the pusher over HTTP, issue 24's HTTP rollout with two
+# front ends and the 8B pusher with sessions `--pusher-replies after-copies,synchronised` on an H100; two H200 tries did not
+# start. Next: `h200` or `h200-check` (`needs_h200`: no H200 figure since the seventeenth session), then a profile of a
+# session call's own work on the pusher's default path (8B: ~1.9 ms a call with three in flight against ~0.4 ms of bytes).)
 # "Before" is the tree before the restructure, unpacked beside this one (untracked, so it travels to the
 # device):  git archive 6c9ff7c src bench | (mkdir -p .before && tar -x -C .before)
 # The MoE stage compares its decode kernels with the tree before they changed, unpacked the same way:
