@@ -63,8 +63,8 @@
 # push with it), then `final` / `final2` on the tree of the day, then `h200-check` (`needs_h200`).)
 # (The thirty-fourth ran `copies-quick`, `final`, `final2`, `moe-sync`, the pusher over HTTP, issue 24's HTTP rollout with two
 # front ends and the 8B pusher with sessions `--pusher-replies after-copies,synchronised` on an H100; two H200 tries did not
-# start. Next: `h200` or `h200-check` (`needs_h200`: no H200 figure since the seventeenth session), then a profile of a
-# session call's own work on the pusher's default path (8B: ~1.9 ms a call with three in flight against ~0.4 ms of bytes).)
+# start. Next: `h200` or `h200-check` (`needs_h200`: no H200 figure since the seventeenth session), then the pusher's default
+# path (sessions) with the trainer on another GPU or unpacked, to separate its packing from the engine's saves.)
 # "Before" is the tree before the restructure, unpacked beside this one (untracked, so it travels to the
 # device):  git archive 6c9ff7c src bench | (mkdir -p .before && tar -x -C .before)
 # The MoE stage compares its decode kernels with the tree before they changed, unpacked the same way:
