@@ -171,6 +171,26 @@ def test_a_call_failing_mid_copy_answers_at_once_and_holds_nothing(held_copies, 
     assert update.result(timeout=10).success
 
 
+def test_a_refusal_behind_held_replies_comes_after_them(held_copies):
+    """SGLang's mode (no session): a bucket naming no weight, sent while two earlier buckets' replies wait for their
+    copies, is refused behind them, so a trainer reading its replies in order hears of the refusal last."""
+    import torch
+
+    engine, events = held_copies
+    first, second = _update(engine, "v1"), _update(engine, "v2", layer=1)
+    _wait_for(lambda: len(events) == 2)
+    bad = engine.scheduler.submit(p.UpdateWeightsFromTensorRequest(named_tensors=[("model.no_such.weight", torch.zeros(2))]))
+    _wait_for(lambda: len(events) == 3)
+    time.sleep(0.05)
+    assert not bad.done()
+    for event in events:
+        event.completed = True
+    assert first.result(timeout=10).success and second.result(timeout=10).success
+    out = bad.result(timeout=10)
+    assert not out.success and "no_such" in out.message and out.elapsed_s in (None, 0, 0.0), out
+    assert engine.weight_version == "v2" and not engine.scheduler.copies.pending
+
+
 def test_a_session_begun_behind_a_held_copy_starts_after_it(held_copies):
     """begin_weight_update waits for the copies held before it; the calls inside the session reply after their copies
     too, and ending the session waits for them first."""
