@@ -712,7 +712,7 @@ def bench_pusher(shape: str, engine, ceil: dict, in_flight: list[int], bucket_ki
     aliased = cuda() and not second_copy_fits(total, sources_arg)
     ctx = mp.get_context("spawn")
     rows = []
-    with _http_server(engine, shape) if "http" in transports else contextlib.nullcontext() as srv:
+    with _http_server(engine, shape) if "http" in transports else contextlib.nullcontext() as srv, _replies_restored(engine):
         for reply, transport, kib in [(r, t, k) for r in replies for t in transports for k in bucket_kib]:
             _set_replies(engine, reply)
             q, queues = ctx.Queue(), (ctx.Queue(), ctx.Queue())
@@ -749,7 +749,15 @@ def bench_pusher(shape: str, engine, ceil: dict, in_flight: list[int], bucket_ki
           "first push left out)",
           ["buckets", "GB", "push ms: median (min-max)", "buckets only ms", "GB/s (r+w)", "ceiling D2D GB/s", "% of ceiling",
            "speed vs the first setting", "pushes"], rows)
-    _set_replies(engine, "after-copies")
+
+
+@contextlib.contextmanager
+def _replies_restored(engine):
+    """The engine's own replies again after the pusher section, whatever ended it."""
+    try:
+        yield
+    finally:
+        _set_replies(engine, "after-copies")
 
 
 def _set_replies(engine, how: str) -> None:
