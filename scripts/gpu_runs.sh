@@ -36,6 +36,8 @@
 #            and host step, before / after twice (~240 s; before: git archive be24495 src bench | (mkdir -p .hs-before && tar -x -C .hs-before))
 #   copies-quick  pusher-sizes for a short budget: the GPU tests and the pusher after only (~200 s)
 #   pusher-sizes  replies after the copies: the tensor paths' GPU tests, the pusher before / after in 512 MiB buckets, after in 2 GiB (~330 s)
+#   pusher-sessions  the pusher's default path (sessions) on the 8B, its buckets unpacked (`--sources aliased`) so only the
+#             engine's saves and copies move bytes, replies after the copies against synchronised, and without sessions (~150 s)
 #   moe-sync  issue 20's 61 GB update, in process and over the trainer library's CUDA IPC pusher (fits an H100:
 #             beside the engine's 61 GB the bench's sources are views of one buffer, `--sources auto`; ~230 s on an H200)
 # Device seconds measured: suite 280 (H200) / 308-380 (H100), run alone (~540 on an H100 in the thirty-second session, 262 tests); throughput19 ~130; sync19 up to 560 (the
@@ -63,8 +65,8 @@
 # push with it), then `final` / `final2` on the tree of the day, then `h200-check` (`needs_h200`).)
 # (The thirty-fourth ran `copies-quick`, `final`, `final2`, `moe-sync`, the pusher over HTTP, issue 24's HTTP rollout with two
 # front ends and the 8B pusher with sessions `--pusher-replies after-copies,synchronised` on an H100; two H200 tries did not
-# start. Next: `h200` or `h200-check` (`needs_h200`: no H200 figure since the seventeenth session), then the pusher's default
-# path (sessions) with the trainer on another GPU or unpacked, to separate its packing from the engine's saves.)
+# start. Next: `h200` or `h200-check` (`needs_h200`: no H200 figure since the seventeenth session), then `pusher-sessions`
+# (the pusher's default path with its buckets unpacked, to separate the trainer's packing from the engine's saves).)
 # "Before" is the tree before the restructure, unpacked beside this one (untracked, so it travels to the
 # device):  git archive 6c9ff7c src bench | (mkdir -p .before && tar -x -C .before)
 # The MoE stage compares its decode kernels with the tree before they changed, unpacked the same way:
@@ -73,7 +75,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stages="suite|final|final2|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|host-ab|pusher|pusher-sizes|copies-quick|h200|h200-check|h100-check|profile|rows|knobs|epilogues|kv-loads"
+stages="suite|final|final2|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|host-ab|pusher|pusher-sizes|pusher-sessions|copies-quick|h200|h200-check|h100-check|profile|rows|knobs|epilogues|kv-loads"
 [ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... ($stages)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
@@ -332,6 +334,13 @@ pusher)  # the trainer library's IPC pusher, calls_in_flight 1 against 2, on the
     # the ipc section's figures; needs the FastAPI/uvicorn wheels in .whl/ for HTTP)
     site_packages
     PYTHONPATH=/tmp/site:src run pusher_moe 420 python3 bench/weight_sync.py --shapes qwen3-30b-a3b --sections pusher --pusher-no-sessions
+    ;;
+pusher-sessions)  # the pusher's default path (sessions) on the 8B with unpacked buckets: what the engine's saves cost a push, and
+    # whether replies after the copies help there (the thirty-fourth session's packed run: 58.8 / 59.7 ms, bytes-bound)
+    PYTHONPATH=src run pusher_sessions 150 python3 bench/weight_sync.py --shapes qwen3-8b --sections pusher --kv-gib 24 \
+        --sources aliased --pusher-transport queue --pusher-in-flight 1,3 --pusher-replies after-copies,synchronised --pusher-reps 3
+    PYTHONPATH=src run pusher_no_sessions 80 python3 bench/weight_sync.py --shapes qwen3-8b --sections pusher --kv-gib 24 \
+        --sources aliased --pusher-transport queue --pusher-in-flight 1,3 --pusher-no-sessions --pusher-reps 3
     ;;
 copies-quick)  # pusher-sizes for a short budget (~200 s): the tensor paths' GPU tests, the pusher after only (the before figures: the
     # thirty-third session's call 3, same settings), 512 MiB buckets 1-3 in flight and 2 GiB 2 in flight
