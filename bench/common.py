@@ -58,7 +58,7 @@ def decode_step_bytes(engine, batch: int, avg_ctx: float) -> float:
     (expected distinct count under uniform top-k routing: E * (1 - (1 - k/E)^batch)), plus the KV."""
     mc = engine.model_config
     # under tensor parallelism: one rank's share (the weight map holds rank 0's slices, its cache its KV heads)
-    kv = batch * avg_ctx * kv_bytes_per_token(engine) * engine.model_runner.kv_cache.num_kv_heads / mc.num_kv_heads
+    kv = batch * avg_ctx * kv_bytes_per_token(engine) * rank_share(engine)
     if not mc.num_experts:
         return weight_bytes(engine) + kv
     slots = engine.model_runner.weight_map.slots
@@ -89,8 +89,7 @@ def decode_step_flops(engine, batch: int, avg_ctx: float) -> float:
         experts = sum(size(n) for n in slots if ".mlp.experts." in n) / itemsize
         per_expert = 3 * mc.moe_intermediate_size * mc.hidden_size
         params += len(mc.moe_layers) * mc.num_experts_per_tok * per_expert - experts
-    rank_share = engine.model_runner.kv_cache.num_kv_heads / mc.num_kv_heads  # one rank's heads under TP
-    attention = 4 * avg_ctx * mc.num_heads * rank_share * mc.head_dim * mc.num_layers
+    attention = 4 * avg_ctx * mc.num_heads * rank_share(engine) * mc.head_dim * mc.num_layers
     return batch * (2 * params + attention)
 
 
@@ -107,12 +106,16 @@ def prefill_seconds(engine, batch: int, prompt: int, bandwidth: float, flops: fl
     KV written at `bandwidth`, or its FLOPs at `flops` where those take longer (decode_step_flops of that many rows:
     every weight per token and attention over half the prompt on average, less the LM head of every token but each
     prompt's last, the only one sampled). A timed generate includes its prefill, so its ceiling does too."""
-    rank_share = engine.model_runner.kv_cache.num_kv_heads / engine.model_config.num_kv_heads
-    read = (weight_bytes(engine) + batch * prompt * kv_bytes_per_token(engine) * rank_share) / bandwidth
+    read = (weight_bytes(engine) + batch * prompt * kv_bytes_per_token(engine) * rank_share(engine)) / bandwidth
     slots = engine.model_runner.weight_map.slots
     head = slots["lm_head.weight"] if "lm_head.weight" in slots else slots["model.embed_tokens.weight"]
     unsampled = 2 * head.dest.numel() * batch * (prompt - 1)
     return max(read, (decode_step_flops(engine, batch * prompt, prompt / 2) - unsampled) / flops)
+
+
+def rank_share(engine) -> float:
+    """The share of the attention heads (and so of the KV) this engine's rank holds: 1 without tensor parallelism."""
+    return engine.model_runner.kv_cache.num_kv_heads / engine.model_config.num_kv_heads
 
 
 def kv_bytes_per_token(engine) -> int:

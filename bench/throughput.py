@@ -44,11 +44,11 @@ def roofline_tok_s(engine, batch: int, prompt: int, output: int, bandwidth: floa
     return batch / decode_step_seconds(engine, batch, prompt + output / 2, bandwidth, flops)[0]
 
 
-def run_roofline_tok_s(engine, batch: int, prompt: int, output: int, bandwidth: float, flops: float) -> float:
-    """Output tokens/s of the whole timed run at its ceiling: the prefill's least time, then `output` decode steps
-    at the bytes-or-FLOPs roofline."""
-    step = decode_step_seconds(engine, batch, prompt + output / 2, bandwidth, flops)[0]
-    return batch * output / (prefill_seconds(engine, batch, prompt, bandwidth, flops) + output * step)
+def run_roofline_tok_s(engine, batch: int, prompt: int, output: int, decode_tok_s: float, bandwidth: float, flops: float) -> float:
+    """Output tokens/s of the whole timed run at its ceiling: the prefill's least time, then the `output` decode steps
+    at `decode_tok_s` (the bytes-or-FLOPs roofline)."""
+    tokens = batch * output
+    return tokens / (prefill_seconds(engine, batch, prompt, bandwidth, flops) + tokens / decode_tok_s)
 
 
 def hf_model_like(engine, device):
@@ -108,7 +108,7 @@ def main() -> None:
         ours = batch * output / t
         roof = roofline_tok_s(engine, batch, prompt, output, bandwidth)
         roof_flops = roofline_tok_s(engine, batch, prompt, output, bandwidth, flops)
-        roof_run = run_roofline_tok_s(engine, batch, prompt, output, bandwidth, flops) if on_gpu else float("nan")
+        roof_run = run_roofline_tok_s(engine, batch, prompt, output, roof_flops, bandwidth, flops) if on_gpu else float("nan")
         row = [f"{batch}, {prompt}/{output}", f"{ours:,.0f}", f"{batch * prompt / t_prefill:,.0f}"]
         hf_cells = []
         for kind in hf_kinds:

@@ -105,8 +105,8 @@ class WeightUpdater:
             matched = tensor.match_tensors(req, self.model_runner.weight_map, self.ipc_mappings, self.tensor_plans,
                                            shm_prefix=shm_block_prefix(self.config.ipc_token))
         except HotswapError as exc:
-            out = self.sessions.refuse_update(f"update_weights_from_tensor refused: {exc}; weights unchanged", req.session_id)
-            return self._in_order(out, start) if deferred else out
+            return self._in_order(self.sessions.refuse_update(f"update_weights_from_tensor refused: {exc}; weights unchanged",
+                                                              req.session_id), start)
         validate_s = time.perf_counter() - start
 
         def apply(session: UpdateSession) -> tuple[int, int]:
@@ -118,11 +118,11 @@ class WeightUpdater:
         out.extra.validate_s = validate_s
         if deferred and out.success:
             return self.copies.defer(out, start, keep_alive=matched)
-        return self._in_order(out, start) if deferred else out  # a failed call waited for what it launched (Sessions.run)
+        return self._in_order(out, start)  # a failed call waited for what it launched (Sessions.run)
 
     def _in_order(self, out: p.WeightUpdateOutput, start: float) -> p.WeightUpdateOutput | Future:
-        """A call that launched no copy of its own replies at once, unless earlier calls' replies are still held: then
-        behind them, so a trainer hears of its buckets in the order it sent them."""
+        """A call that launched no copy of its own replies at once, unless earlier calls' replies are still held (only
+        where replies wait for copies): then behind them, so a trainer hears of its buckets in the order it sent them."""
         return self.copies.defer(out, start, keep_alive=None) if self.copies.pending else out
 
     def replies_after_copies(self) -> bool:
