@@ -148,6 +148,46 @@ def test_a_shutdown_answers_the_held_replies(held_copies):
     assert update.result(timeout=10).success and events[0].waited == 1
 
 
+def test_a_device_fault_at_shutdown_tells_the_held_caller_the_outcome_is_unknown(held_copies):
+    """The loop stops while a copy is held and waiting for it fails (the device faulted): the caller is answered, not
+    left waiting, and told the outcome is unknown."""
+    engine, events = held_copies
+    update = _update(engine, "v1")
+    _wait_for(lambda: len(events) == 1)
+
+    def fault() -> None:
+        raise RuntimeError("injected device fault")
+
+    events[0].synchronize = fault
+    engine.shutdown()
+    out = update.result(timeout=10)
+    assert not out.success and "outcome unknown" in out.message, out.message
+
+
+def test_a_held_reply_counts_the_requests_paused_across_it(held_copies):
+    """SGLang's num_paused_requests on a reply sent after its copy: the started request paused in place is counted,
+    as on a reply sent at once."""
+    import threading as th
+
+    engine, events = held_copies
+    done = []
+    worker = th.Thread(target=lambda: done.append(engine.generate(input_ids=[1, 2, 3], sampling_params={
+        "max_new_tokens": 400, "temperature": 0, "ignore_eos": True})))
+    worker.start()
+    try:
+        _wait_for(lambda: engine.scheduler.batcher.num_started == 1)
+        assert engine.scheduler.submit(p.PauseGenerationRequest(mode="in_place")).result(timeout=10).success
+        update = _update(engine, "v1")
+        _wait_for(lambda: len(events) == 1)
+        events[0].completed = True
+        out = update.result(timeout=10)
+        assert out.success and out.num_paused_requests == 1, out
+    finally:
+        engine.scheduler.submit(p.ContinueGenerationRequest()).result(timeout=10)
+        worker.join(60)
+    assert len(done[0]["output_ids"]) == 400
+
+
 def test_a_call_failing_mid_copy_answers_at_once_and_holds_nothing(held_copies, monkeypatch):
     """A fault inside the copies of a call whose reply would wait for them: it fails now, naming the fault, the weights
     as they were (checksums), no copy held; the next call replies after its copy as before."""
