@@ -43,7 +43,7 @@ class WeightUpdater:
     weights_released: Callable[[], bool]
     abort_all: Callable[[str], int]
     groups: distributed.WeightGroups
-    copies: CopyReplies = field(default_factory=CopyReplies)  # tensor updates whose copies still run, their replies held
+    copies: CopyReplies  # tensor updates whose copies still run, their replies held (the scheduler's)
     tensor_plans: TensorPlanCache = field(default_factory=TensorPlanCache)  # names -> slots, for repeated tensor updates
     read_plans: ReadPlanCache = field(default_factory=ReadPlanCache)  # checkpoint layout -> validated read tasks
     ipc_mappings: CudaIpcMappings = field(init=False)  # CUDA IPC storages kept open between updates
