@@ -193,6 +193,7 @@ def test_shared_memory_buckets_for_many_engines_hold_one_bucket_per_call_in_flig
     import gc
     import os
     import secrets
+    import threading
     from multiprocessing import shared_memory
 
     weights = {f"model.layers.{i}.w": torch.randn(64, 64) for i in range(12)}  # 16 KiB each in fp32, 8 KiB in bf16
@@ -214,6 +215,7 @@ def test_shared_memory_buckets_for_many_engines_hold_one_bucket_per_call_in_flig
         return total
 
     peaks = []
+    measuring = threading.Lock()
 
     class ShmEngine:
         """Reads what it is given (and checks it) while measuring what the trainer holds meanwhile."""
@@ -231,14 +233,18 @@ def test_shared_memory_buckets_for_many_engines_hold_one_bucket_per_call_in_flig
             return {"success": True, "weight_version": weight_version}
 
         def update_weights_from_tensor(self, named_tensors, **kw):
-            peaks.append(shm_bytes() + extra_tensor_bytes() - baseline)
-            d = named_tensors[0]
-            block = shared_memory.SharedMemory(name=d["shm_name"])
-            try:
-                got = torch.frombuffer(block.buf, dtype=torch.bfloat16, count=64 * 64, offset=d["offset"]).clone().view(64, 64)
-            finally:
-                block.close()
-            assert d["dtype"] == "bfloat16" and torch.equal(got, weights[d["name"]].to(torch.bfloat16))
+            # one engine at a time measures and checks: the tensors another engine's check makes are not the trainer's
+            with measuring:
+                peaks.append(shm_bytes() + extra_tensor_bytes() - baseline)
+                d = named_tensors[0]
+                block = shared_memory.SharedMemory(name=d["shm_name"])
+                try:
+                    got = torch.frombuffer(block.buf, dtype=torch.bfloat16, count=64 * 64, offset=d["offset"]).clone().view(64, 64)
+                finally:
+                    block.close()
+                same = d["dtype"] == "bfloat16" and torch.equal(got, weights[d["name"]].to(torch.bfloat16))
+                del got
+            assert same
             return {"success": True}
 
     engines = [ShmEngine() for _ in range(3)]
