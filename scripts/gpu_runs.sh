@@ -75,7 +75,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stages="suite|final|final2|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|host-ab|pusher|pusher-sizes|pusher-sessions|copies-quick|h200|h200-check|h100-check|profile|rows|knobs|epilogues|kv-loads"
+stages="suite|final|final2|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|host-ab|pusher|pusher-sizes|pusher-sessions|copies-quick|h200|h200-check|h100-check|profile|sum-in-norm|rows|knobs|epilogues|kv-loads"
 [ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... ($stages)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
@@ -243,6 +243,24 @@ knobs)  # the few-rows matmul's steps in flight by rows (stages_for) against the
         (export HOTSWAP_ROWS_STAGES=$stages; stages=${stages/,/-}
          PYTHONPATH=src run "knobs${i}_stages_${stages:-by_rows}" 90 python3 bench/throughput.py --shape qwen3-0.6b \
              --cases 1x128x128,16x128x128,32x128x128,64x128x128 --hf none)
+    done
+    ;;
+sum-in-norm)  # o_proj's and down_proj's split-K partials summed by the norm after them (kernels/split_sum.py), against
+    # the tiles' last programs summing them (HOTSWAP_ROWS_SUM_IN_NORM=0): the GPU tests, then 0.6B batch 16-64 twice
+    # interleaved, the profile of the batch-64 graph and the sampled rollout, each way (~400 s)
+    PYTHONPATH=src run sum_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py tests/test_gpu_engine.py \
+        tests/test_checkpoint_variants.py -k "rows_matmul or bf16_greedy or cuda_graph or few_rows or rmsnorm"
+    for round in 1 2; do
+        for on in 0 1; do
+            HOTSWAP_ROWS_SUM_IN_NORM=$on PYTHONPATH=src run "throughput_sum${on}_$round" 60 python3 bench/throughput.py \
+                --shape qwen3-0.6b --cases 16x128x128,32x128x128,64x128x128 --hf none
+        done
+    done
+    for on in 0 1; do
+        HOTSWAP_ROWS_SUM_IN_NORM=$on PYTHONPATH=src run "profile_sum$on" 60 python3 bench/profile_decode.py --shape qwen3-0.6b \
+            --batch 64
+        HOTSWAP_ROWS_SUM_IN_NORM=$on PYTHONPATH=src run "rollout_sum$on" 90 python3 bench/rollout.py --shape qwen3-0.6b \
+            --prompts 64 --n 8 --paths offline --modes sampled
     done
     ;;
 rows)  # the few-rows decode matmul: its GPU tests, beside cuBLAS with a tile sweep, and whole decode with it on and off

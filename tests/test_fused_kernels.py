@@ -229,6 +229,29 @@ def test_rows_matmul_against_cublas(rows, n, k, bias, monkeypatch):
 
 
 @pytest.mark.parametrize("rows", [2, 17, 64])
+@pytest.mark.parametrize("n,k", [(1024, 2048), (1024, 3072)])
+def test_rows_matmul_split_sums_into_the_norm(rows, n, k, monkeypatch):
+    """o_proj's and down_proj's shapes (K split) in bf16 under PDL: the partials left to the residual add + RMSNorm give
+    the bits, residual included, of the matmul's own sum followed by the norm."""
+    from hotswap.kernels import rows_matmul as rm
+    from hotswap.kernels.split_sum import SplitSum
+
+    torch.manual_seed(rows + k)
+    dev, bf = "cuda", torch.bfloat16
+    x = torch.randn(rows, k, device=dev, dtype=bf)
+    w = torch.randn(n, k, device=dev, dtype=bf) * k**-0.5
+    residual = torch.randn(rows, n, device=dev, dtype=bf)
+    norm_w = torch.rand(n, device=dev, dtype=bf) + 0.5
+    monkeypatch.setattr(rm.torch.nn.functional, "linear", lambda *a, **kw: pytest.fail("rows_linear fell back to cuBLAS"))
+    r_want, r_got = residual.clone(), residual.clone()
+    want = fused.rmsnorm(rm.rows_linear(x, w), norm_w, 1e-6, residual=r_want)
+    sums = rm.rows_linear(x, w, split_sum=True)
+    assert isinstance(sums, SplitSum)
+    got = fused.rmsnorm(sums, norm_w, 1e-6, residual=r_got)
+    assert torch.equal(got, want) and torch.equal(r_got, r_want)
+
+
+@pytest.mark.parametrize("rows", [2, 17, 64])
 def test_rows_matmul_epilogues_against_the_separate_kernels(rows, monkeypatch):
     """The few-rows matmul's epilogues on the 0.6B shapes in bf16: gate_up's SiLU-and-mul the bits of the matmul and
     fused.silu_and_mul; q/k/v's heads (one head a tile, K split) what fused.qk_norm_rope makes of the matmul, within a

@@ -126,8 +126,11 @@ def test_few_rows_matmul_kernel(hopper, rows, n, k):
     """The 2-64-row decode matmul with PDL: its L2 prefetch before the wait, and split K's arrival counter (CPU
     tensors tile as for an H100's 132 SMs)."""
     tiles = rows_matmul.tiles_for(n, k, torch.device("cpu"))
-    rows_matmul.rows_linear(torch.randn(rows, k, dtype=BF16), torch.randn(n, k, dtype=BF16), torch.randn(n, dtype=BF16))
-    assert_compiled(hopper, "_rows_kernel")
+    x, w = torch.randn(rows, k, dtype=BF16), torch.randn(n, k, dtype=BF16)
+    rows_matmul.rows_linear(x, w, torch.randn(n, dtype=BF16))
+    sums = rows_matmul.rows_linear(x, w, split_sum=True)  # split K: partials left to the norm, which sums them
+    fused.rmsnorm(sums, torch.ones(n, dtype=BF16), 1e-6, residual=torch.randn(rows, n, dtype=BF16))
+    assert_compiled(hopper, "_rows_kernel", "_rmsnorm_kernel")
     ptx = "".join(kernel.asm["ptx"] for kernel in hopper["_rows_kernel"])
     assert "prefetch.global.L2" in ptx and "griddepcontrol.wait" in ptx
     assert ("atom.global.gpu.acq_rel.add" in ptx) == (tiles.split_k > 1)

@@ -19,6 +19,7 @@ pytest.importorskip("triton")
 from hotswap.kernels import arrival, fused  # noqa: E402
 from hotswap.kernels import rows_matmul as rm  # noqa: E402
 from hotswap.kernels.skinny_matmul import HeadsEpilogue  # noqa: E402
+from hotswap.kernels.split_sum import SplitSum  # noqa: E402
 from hotswap.models.layers import RotaryEmbedding  # noqa: E402
 
 
@@ -72,6 +73,39 @@ def test_default_tiles_split_narrow_weights_and_refuse_uneven_ones():
     assert [rm.tiles_for(1024, 2048, cpu, 64, rows).stages for rows in (32, 64)] == [4, 3]  # o_proj: 4 steps a program
     with pytest.raises(ValueError, match="do not divide"):
         rm.rows_linear(torch.randn(4, 96), torch.randn(64, 96), tiles=rm.Tiles(64, 64, 1, 1, 0))
+
+
+@pytest.mark.parametrize("rows", [2, 9, 64])
+@pytest.mark.parametrize("split_k", [2, 4])
+def test_split_sums_left_to_the_norm_give_its_bits(rows, split_k, kernel_only):
+    """A split-K matmul asked for a SplitSum leaves its float32 partials [splits, rows, N]; the residual add + RMSNorm
+    that sums them gives the bits, residual included, of the norm after the matmul's own last-program sum."""
+    gen = torch.Generator().manual_seed(rows + split_k)
+    n, k = 128, 512
+    x = torch.randn(rows, k, generator=gen)
+    w = torch.randn(n, k, generator=gen) * k**-0.5
+    residual, norm_w = torch.randn(rows, n, generator=gen), torch.rand(n, generator=gen) + 0.5
+    tiles = rm.Tiles(block_n=64, block_k=64, split_k=split_k, stages=2, prefetch_k=0)
+    sums = rm.rows_linear(x, w, tiles=tiles, split_sum=True)
+    assert isinstance(sums, SplitSum) and sums.partials.shape == (split_k, rows, n) and sums.shape == (rows, n)
+    torch.testing.assert_close(sums.partials.sum(0).double(), x.double() @ w.double().T, rtol=1e-5, atol=1e-5)
+    r_want, r_got = residual.clone(), residual.clone()
+    want = fused.rmsnorm(rm.rows_linear(x, w, tiles=tiles), norm_w, 1e-6, residual=r_want)
+    got = fused.rmsnorm(sums, norm_w, 1e-6, residual=r_got)
+    assert torch.equal(got, want) and torch.equal(r_got, r_want)
+
+
+def test_split_sums_only_where_nothing_comes_between(kernel_only):
+    """Unsplit K, a bias (added before rounding) or an epilogue keep the matmul's own output."""
+    gen = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(4, 256, generator=gen), torch.randn(128, 256, generator=gen), torch.randn(128, generator=gen)
+    split, whole = rm.Tiles(64, 64, 2, 1, 0), rm.Tiles(64, 64, 1, 1, 0)
+    assert isinstance(rm.rows_linear(x, w, tiles=split, split_sum=True), SplitSum)
+    assert isinstance(rm.rows_linear(x, w, tiles=whole, split_sum=True), torch.Tensor)
+    assert isinstance(rm.rows_linear(x, w, b, tiles=split, split_sum=True), torch.Tensor)
+    assert isinstance(rm.rows_linear(x, w, tiles=split, silu_mul=True, split_sum=True), torch.Tensor)
+    with pytest.raises(ValueError, match="float32 partials"):
+        SplitSum(torch.zeros(1, 4, 128), torch.float32)
 
 
 @pytest.mark.parametrize("rows", [2, 9, 64])
@@ -179,9 +213,10 @@ def test_a_few_rows_decode_through_the_epilogues_equals_the_reference_path(famil
     calls = []
     real = rm.rows_linear
 
-    def spy(x, weight, bias=None, tiles=None, *, silu_mul=False, heads=None):
-        calls.append("silu" if silu_mul else "heads" if heads is not None else "plain")
-        return real(x, weight, bias, tiles, silu_mul=silu_mul, heads=heads)
+    def spy(x, weight, bias=None, tiles=None, *, silu_mul=False, heads=None, split_sum=False):
+        y = real(x, weight, bias, tiles, silu_mul=silu_mul, heads=heads, split_sum=split_sum)
+        calls.append("silu" if silu_mul else "heads" if heads is not None else "sums" if isinstance(y, SplitSum) else "plain")
+        return y
 
     with monkeypatch.context() as patch:  # the kernels' path, as on a GPU at 2-64 rows (CPU tensors, interpreted)
         patch.setattr(fused, "available", lambda x: True)
@@ -191,7 +226,8 @@ def test_a_few_rows_decode_through_the_epilogues_equals_the_reference_path(famil
         patch.setattr(rm, "_unfused_epilogue", lambda *a: pytest.fail("an epilogue ran as a kernel of its own"))
         got_ids, got_lps = _greedy(path, prompts)
     steps = 1 + 3  # the prefill of 3 x 6-12 tokens, then three 3-row decode steps
-    assert calls == ["heads", "plain", "silu", "plain"] * 2 * steps  # two layers: qkv, o_proj, gate_up, down
+    # two layers: qkv, o_proj, gate_up, down; o_proj's and down's split-K partials summed by the norm after them
+    assert calls == ["heads", "sums", "silu", "sums"] * 2 * steps
     assert got_ids == want_ids
     assert max(abs(a - b) for a, b in zip(got_lps, want_lps, strict=True)) < 1e-4
 

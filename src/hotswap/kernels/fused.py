@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from hotswap.kernels import pdl
+from hotswap.kernels.split_sum import SplitSum
 
 # qk_norm_rope runs one program per token from this many tokens up, one per (token, head) below: on the
 # H100 (Hq 16, Hkv 8, D 128) per call 1.3 against 2.2 us at 1 token, 3.1 against 2.5 at 64, 160 against
@@ -24,20 +25,24 @@ except ImportError:  # CPU-only machines: the layers never call these without CU
     triton = None
 
 
-def available(x: torch.Tensor) -> bool:
+def available(x: torch.Tensor | SplitSum) -> bool:
     return triton is not None and x.is_cuda
 
 
 if triton is not None:
 
     @triton.jit
-    def _rmsnorm_kernel(X, R, W, Y, stride_x, stride_r, stride_y, n_cols, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
-                        USE_PDL: tl.constexpr):
+    def _rmsnorm_kernel(X, R, W, Y, stride_x, stride_r, stride_y, stride_split, n_cols, eps, HAS_RES: tl.constexpr,
+                        SPLITS: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
         wait_previous(USE_PDL)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+        if SPLITS > 1:  # X holds a split-K matmul's float32 partials (rows_matmul.SplitSum): summed in split order, rounded
+            for s in tl.static_range(1, SPLITS):
+                x += tl.load(X + s * stride_split + row * stride_x + cols, mask=mask, other=0.0)
+            x = x.to(Y.dtype.element_ty)
         if HAS_RES:
             # the residual sum is rounded to the model dtype, as the PyTorch reference does
             x = x + tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
@@ -184,16 +189,24 @@ if triton is not None:
         tl.store(Y + row * stride_y + cols, tl.load(W + tok * stride_w + cols, mask=mask), mask=mask)
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """y = weight * norm(x [+ residual]); with a residual, it is updated in place to x + residual."""
-    x2 = x.reshape(-1, x.shape[-1])
-    y = torch.empty_like(x2)
-    r2 = residual.view(-1, x.shape[-1]) if residual is not None else x2
-    n = x2.shape[1]
-    use_pdl = pdl.enabled(x.device, x2.shape[0])
-    _rmsnorm_kernel[(x2.shape[0],)](x2, r2, weight, y, x2.stride(0), r2.stride(0), y.stride(0), n, eps,
-                                    HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(n), num_warps=4 if n <= 4096 else 8,
-                                    USE_PDL=use_pdl, launch_pdl=use_pdl)
+def rmsnorm(x: torch.Tensor | SplitSum, weight: torch.Tensor, eps: float,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
+    """y = weight * norm(x [+ residual]); with a residual, it is updated in place to x + residual. `x` may be a split-K
+    matmul's partials (rows_matmul.SplitSum), whose sum is this kernel's first step."""
+    if isinstance(x, SplitSum):
+        splits, x2 = x.partials.shape[0], x.partials
+        y = torch.empty(x.shape, dtype=x.dtype, device=x2.device)
+        stride_x, stride_split = x2.stride(1), x2.stride(0)
+    else:
+        splits, x2 = 1, x.reshape(-1, x.shape[-1])
+        y = torch.empty_like(x2)
+        stride_x, stride_split = x2.stride(0), 0
+    rows, n = y.shape
+    r2 = residual.view(-1, n) if residual is not None else y
+    use_pdl = pdl.enabled(y.device, rows)
+    _rmsnorm_kernel[(rows,)](x2, r2, weight, y, stride_x, r2.stride(0), y.stride(0), stride_split, n, eps,
+                             HAS_RES=residual is not None, SPLITS=splits, BLOCK=triton.next_power_of_2(n),
+                             num_warps=4 if n <= 4096 else 8, USE_PDL=use_pdl, launch_pdl=use_pdl)
     return y.view(x.shape)
 
 

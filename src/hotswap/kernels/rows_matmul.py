@@ -9,7 +9,9 @@ writes W), then runs a pipelined tensor-core loop with W as the MMA's first oper
 rows as the second ("swap AB": the tensor cores want 64 rows, the batch has fewer). Shapes with few
 column tiles (o_proj and down_proj have N = hidden) split K over several programs; the last program of a
 tile to finish (kernels/arrival.py) sums the partials in a fixed order, so results do not depend on which
-program finished first.
+program finished first. Where the caller's next kernel is the residual add + RMSNorm (o_proj, down_proj), the
+partials are left to it instead (`SplitSum`): that kernel sums them in the same order, so the bits are the same and
+the matmul ends without its tiles' last program.
 
 Two epilogues replace kernels of their own: gate_up's SiLU-and-mul (a tile pairs gate rows with the matching
 up rows) and q/k/v's heads (a tile is one head: q/k norm, rotary, the KV-cache store). The residual add and
@@ -29,6 +31,7 @@ import torch
 from hotswap.kernels import arrival, fused, pdl
 from hotswap.kernels.skinny_matmul import HeadsEpilogue
 from hotswap.kernels.sm_count import sm_count
+from hotswap.kernels.split_sum import SplitSum
 
 try:
     import triton
@@ -47,6 +50,9 @@ MAX_ROWS = 64
 #: 73.6 against 73.9), while at the 0.6B's 4-13 MB they win on fixed per-launch cost.
 MAX_WEIGHT_BYTES = 16 << 20
 ENABLED = os.environ.get("HOTSWAP_ROWS_MATMUL", "1") != "0"
+#: Whether a split-K matmul whose caller takes a `SplitSum` leaves its partials to the next kernel
+#: (`HOTSWAP_ROWS_SUM_IN_NORM=0`: its tiles' last programs sum them; the A/B switch of the benches).
+SUM_IN_NORM = os.environ.get("HOTSWAP_ROWS_SUM_IN_NORM", "1") != "0"
 #: Whether the SiLU-and-mul and q/k/v-heads epilogues run in the matmul (`HOTSWAP_ROWS_EPILOGUES=0`: in kernels of
 #: their own after it, the A/B switch of the benches).
 EPILOGUES = os.environ.get("HOTSWAP_ROWS_EPILOGUES", "1") != "0"
@@ -146,7 +152,8 @@ if triton is not None:
                      stride_w, stride_y, n_q_heads, n_kv_heads, stride_cs, eps,
                      K_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_QK_NORM: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                     STAGES: tl.constexpr, PREFETCH_K: tl.constexpr, LINE_ELEMS: tl.constexpr, USE_PDL: tl.constexpr):
+                     STAGES: tl.constexpr, PREFETCH_K: tl.constexpr, LINE_ELEMS: tl.constexpr, USE_PDL: tl.constexpr,
+                     DEFER: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         j = tl.arange(0, BLOCK_N)
@@ -169,7 +176,9 @@ if triton is not None:
             w = tl.load(w_rows + k0 + offs_k[None, :])
             x = tl.load(x_cols + k0, mask=m_mask[None, :], other=0.0)
             acc = tl.dot(w, x, acc)
-        if SPLIT_K == 1:
+        if DEFER:  # partials [SPLIT_K, M, N], summed by the kernel that reads them (SplitSum)
+            tl.store(PARTIALS + (pid_k * M + offs_m[None, :]) * N + offs_n[:, None], acc, mask=m_mask[None, :])
+        elif SPLIT_K == 1:
             _finish(acc, pid_n, offs_n, offs_m, m_mask, BIAS, Y, stride_y, QW, KW, COS_SIN, POS, K_CACHE, V_CACHE, SLOTS,
                     n_q_heads, n_kv_heads, stride_cs, eps, HAS_BIAS, EPILOGUE, HAS_QK_NORM, BLOCK_N, BLOCK_M)
         else:
@@ -224,7 +233,8 @@ def prefetch_k(k_split: int) -> int:
 
 
 def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, tiles: Tiles | None = None, *,
-                silu_mul: bool = False, heads: HeadsEpilogue | None = None) -> torch.Tensor:
+                silu_mul: bool = False, heads: HeadsEpilogue | None = None,
+                split_sum: bool = False) -> torch.Tensor | SplitSum:
     """x [M, K] @ weight [N, K].T (+ bias) for 2 <= M <= MAX_ROWS; cuBLAS where the shape does not tile or the
     weight is over MAX_WEIGHT_BYTES. `tiles` overrides the heuristic (bench/rows_matmul.py --sweep).
 
@@ -233,6 +243,8 @@ def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     [M, Hq * D] normalised and rotated and writes k and v to the KV cache, as fused.qk_norm_rope(..., kv_store=...)
     does up to the order of the per-head sum of squares.
     Where the kernel does not take the shape (or `HOTSWAP_ROWS_EPILOGUES=0`) those kernels run after the matmul.
+    `split_sum` (no bias, no epilogue; the caller's next kernel is fused.rmsnorm) returns a `SplitSum` where K is split:
+    the partials' sum is then the norm kernel's first step, not a last program's here.
 
     No prologue runs inside the loop: SiLU-and-mul there (down_proj) took 15.6 us against 7.9 for the separate
     kernel and this one, at 64 rows on the H100 (the computed operand leaves the loop's async copies)."""
@@ -248,6 +260,8 @@ def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if n % tiles.block_n or k % (tiles.split_k * tiles.block_k) or (k // tiles.split_k) % max(tiles.prefetch_k, 1):
         raise ValueError(f"tiles {tiles} do not divide the {n}x{k} weight")
     block_m = max(16, triton.next_power_of_2(m))
+    defer = split_sum and SUM_IN_NORM and tiles.split_k > 1 and bias is None and not silu_mul and heads is None
+    head_args, head_sizes = (weight,) * 7, (0, 0, 0, 0.0)
     if heads is not None:
         heads.check(n, m)
         if tiles.block_n != heads.head_dim:
@@ -257,10 +271,14 @@ def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         head_args = (h.q_norm if h.q_norm is not None else weight, h.k_norm if h.k_norm is not None else weight,
                      h.cos_sin, h.positions, h.k_cache, h.v_cache, h.slots)
         head_sizes = (h.num_q_heads, h.num_kv_heads, h.cos_sin.stride(0), h.eps)
+    elif defer:  # the output is the partials [splits, M, N]
+        y = torch.empty((tiles.split_k, m, n), dtype=torch.float32, device=x.device)
     else:
         y = torch.empty((m, n // 2 if silu_mul else n), dtype=x.dtype, device=x.device)
-        head_args, head_sizes = (weight,) * 7, (0, 0, 0, 0.0)
-    partials = torch.empty((tiles.split_k, n, block_m), dtype=torch.float32, device=x.device) if tiles.split_k > 1 else y
+    if tiles.split_k > 1 and not defer:  # by tile position, for the tiles' last programs
+        partials = torch.empty((tiles.split_k, n, block_m), dtype=torch.float32, device=x.device)
+    else:
+        partials = y
     counters = arrival.counters(x.device)  # a weight under MAX_WEIGHT_BYTES has far fewer column tiles than counters
     use_pdl = pdl.enabled(x.device, m)
     line_elems = _LINE // weight.element_size()
@@ -271,9 +289,9 @@ def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         EPILOGUE=epilogue, HAS_QK_NORM=heads is not None and heads.q_norm is not None, BLOCK_M=block_m,
         BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, SPLIT_K=tiles.split_k, STAGES=tiles.stages,
         PREFETCH_K=tiles.prefetch_k if use_pdl else 0, LINE_ELEMS=line_elems, USE_PDL=use_pdl,
-        num_warps=4, launch_pdl=use_pdl,
+        DEFER=defer, num_warps=4, launch_pdl=use_pdl,
     )
-    return y
+    return SplitSum(y, x.dtype) if defer else y
 
 
 def _unfused_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tiles: Tiles | None,

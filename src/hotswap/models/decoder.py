@@ -9,6 +9,7 @@ from torch import nn
 
 from hotswap.config import ModelConfig
 from hotswap.kernels import fused, skinny_matmul
+from hotswap.kernels.split_sum import SplitSum
 from hotswap.models.forward_context import ForwardContext
 from hotswap.models.layers import MergedColumnLinear, RMSNorm, RotaryEmbedding, RowLinear, VocabEmbedding
 from hotswap.models.moe import SparseMoeBlock
@@ -31,8 +32,10 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dt) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dt) if cfg.qk_norm else None
         self.rotary = rotary
+        # o_proj's output goes straight into the MLP's residual add + norm (a MoE block routes it first)
+        self.o_proj_into_norm = not cfg.is_moe_layer(layer_id)
 
-    def norm_forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+    def norm_forward(self, x: torch.Tensor | SplitSum, residual: torch.Tensor | None, norm: RMSNorm,
                      ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention on norm(x + residual) (norm(x) before the first residual); returns (output, new residual).
         A decode of up to 64 rows (our matmul kernels) finishes its heads (norm, rotary, KV store) inside the qkv
@@ -74,9 +77,10 @@ class Attention(nn.Module):
             return None, None, 0.0
         return self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
 
-    def _project(self, out: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def _project(self, out: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | SplitSum:
         """o_proj over the attention output [tokens, heads, head_dim]."""
-        return self.o_proj(out.view(-1, self.num_heads * self.head_dim), ctx.skinny_matmul, ctx.rows_matmul)
+        return self.o_proj(out.view(-1, self.num_heads * self.head_dim), ctx.skinny_matmul, ctx.rows_matmul,
+                           into_norm=self.o_proj_into_norm)
 
 
 class MLP(nn.Module):
@@ -88,12 +92,13 @@ class MLP(nn.Module):
         self.gate_up_proj = MergedColumnLinear(cfg.hidden_size, {0: i, 1: i}, cfg.mlp_bias, cfg.torch_dtype, tp)
         self.down_proj = RowLinear(i, cfg.hidden_size, cfg.torch_dtype, tp, bias=cfg.mlp_bias)
 
-    def norm_forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm,
-                     ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """The MLP on norm(x + residual); returns (output, new residual)."""
+    def norm_forward(self, x: torch.Tensor | SplitSum, residual: torch.Tensor, norm: RMSNorm,
+                     ctx: ForwardContext) -> tuple[torch.Tensor | SplitSum, torch.Tensor]:
+        """The MLP on norm(x + residual); returns (output, new residual). The output goes into the next residual add +
+        norm (the next layer's or the final one), so down_proj may leave it as split-K partials."""
         if ctx.rows_matmul and fused.available(x):  # SiLU-and-mul in the gate/up matmul
             act, residual = self.gate_up_proj.norm_forward(x, residual, norm, False, silu_mul=True)
-            return self.down_proj(act, rows=True), residual
+            return self.down_proj(act, rows=True, into_norm=True), residual
         gate_up, residual = self.gate_up_proj.norm_forward(x, residual, norm, ctx.skinny_matmul)
         return self.down_proj.silu_mul_forward(gate_up, ctx.skinny_matmul), residual
 

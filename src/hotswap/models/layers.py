@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hotswap.kernels import fused, rows_matmul, skinny_matmul
+from hotswap.kernels.split_sum import SplitSum
 from hotswap.models.parallel import ShardSpec, TPInfo
 from hotswap.models.rope import rope_frequencies
 
@@ -34,8 +35,9 @@ class RMSNorm(nn.Module):
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(orig)
 
-    def forward_residual(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add the residual then normalise; returns (normed, new residual) as HF does in the layer's dtype."""
+    def forward_residual(self, x: torch.Tensor | SplitSum, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the residual then normalise; returns (normed, new residual) as HF does in the layer's dtype. `x` may be a
+        split-K matmul's partials (RowLinear's `into_norm`), which the fused kernel sums first."""
         if fused.available(x):
             return fused.rmsnorm(x, self.weight, self.eps, residual=residual), residual  # residual updated in place
         residual = x + residual
@@ -67,7 +69,7 @@ class MergedColumnLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
-    def norm_forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, skinny: bool,
+    def norm_forward(self, x: torch.Tensor | SplitSum, residual: torch.Tensor | None, norm: RMSNorm, skinny: bool,
                      heads: skinny_matmul.HeadsEpilogue | None = None,
                      silu_mul: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """This projection of norm(x + residual), or of norm(x) before the first residual exists;
@@ -102,12 +104,19 @@ class RowLinear(nn.Module):
         # whole on every rank, added once after the all-reduce (Llama's attention_bias / mlp_bias)
         self.bias = hf_param((out_features,), dtype, {None: ShardSpec(0, 0, out_features, 0, 0, out_features, (out_features,))}) if bias else None
 
-    def forward(self, x: torch.Tensor, skinny: bool = False, rows: bool = False) -> torch.Tensor:
-        """`skinny`: the one-row kernel; `rows`: the few-rows one (kernels/rows_matmul.py); else cuBLAS."""
+    def forward(self, x: torch.Tensor, skinny: bool = False, rows: bool = False,
+                into_norm: bool = False) -> torch.Tensor | SplitSum:
+        """`skinny`: the one-row kernel; `rows`: the few-rows one (kernels/rows_matmul.py); else cuBLAS. `into_norm`:
+        the caller's next step is RMSNorm.forward_residual, which takes the few-rows kernel's split-K partials as they
+        are (one rank, no bias: nothing to add before the norm)."""
         if skinny:
             y = skinny_matmul.skinny_linear(x, self.weight)[0]
+        elif rows:
+            y = rows_matmul.rows_linear(x, self.weight, split_sum=into_norm and self.tp.size == 1 and self.bias is None)
+            if isinstance(y, SplitSum):
+                return y
         else:
-            y = rows_matmul.rows_linear(x, self.weight) if rows else F.linear(x, self.weight)
+            y = F.linear(x, self.weight)
         return self._reduce(y)
 
     def _reduce(self, y: torch.Tensor) -> torch.Tensor:
