@@ -9,15 +9,16 @@ writes W), then runs a pipelined tensor-core loop with W as the MMA's first oper
 rows as the second ("swap AB": the tensor cores want 64 rows, the batch has fewer). Shapes with few
 column tiles (o_proj and down_proj have N = hidden) split K over several programs; the last program of a
 tile to finish (kernels/arrival.py) sums the partials in a fixed order, so results do not depend on which
-program finished first. Where the caller's next kernel is the residual add + RMSNorm (o_proj, down_proj), the
-partials are left to it instead (`SplitSum`): that kernel sums them in the same order, so the bits are the same and
-the matmul ends without its tiles' last program.
+program finished first.
 
 Two epilogues replace kernels of their own: gate_up's SiLU-and-mul (a tile pairs gate rows with the matching
 up rows) and q/k/v's heads (a tile is one head: q/k norm, rotary, the KV-cache store). The residual add and
 RMSNorm stay a kernel: begun in o_proj's / down_proj's epilogue and finished by the next matmul from per-tile
 sums of squares, they cost the matmuls more than the norm kernels held (twenty-third session: batch-64 graph
-1.634 against 1.610 ms on the H100).
+1.634 against 1.610 ms on the H100). Instead that kernel sums o_proj's and down_proj's split-K partials
+(`split_sum`, kernels/split_sum.py), in the same order, so the bits are the same and those matmuls end without
+their tiles' last programs (thirty-fifth session, H100: a batch-64 step's matmuls 771 -> 669 us on the critical
+path, its norms 92 -> 131 us, the graph 1.509 -> 1.468 ms).
 """
 
 from __future__ import annotations
