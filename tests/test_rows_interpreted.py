@@ -232,6 +232,35 @@ def test_a_few_rows_decode_through_the_epilogues_equals_the_reference_path(famil
     assert max(abs(a - b) for a, b in zip(got_lps, want_lps, strict=True)) < 1e-4
 
 
+def test_a_few_rows_moe_decode_sums_o_proj_in_its_norm(tiny_qwen3_moe, monkeypatch):
+    """A MoE layer's o_proj leaves its split-K partials to the block's residual add + norm too: the same greedy tokens and
+    logprobs as the PyTorch layers."""
+    prompts = [[3 + (5 * j + i) % 200 for j in range(6 + 3 * i)] for i in range(3)]
+
+    def small_tiles(n, k, device, block_n=64, rows=64):
+        block_n = min(block_n, 32)
+        return rm.Tiles(block_n, 32, 2, 1, 0) if n % block_n == 0 and k % 64 == 0 else None
+
+    want_ids, want_lps = _greedy(tiny_qwen3_moe, prompts)
+    sums = []
+    real = rm.rows_linear
+
+    def spy(*args, **kwargs):
+        y = real(*args, **kwargs)
+        sums.append(isinstance(y, SplitSum))
+        return y
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fused, "available", lambda x: True)
+        patch.setattr(rm, "enabled", lambda rows, dtype, device: 2 <= rows <= rm.MAX_ROWS)
+        patch.setattr(rm, "tiles_for", small_tiles)
+        patch.setattr(rm, "rows_linear", spy)
+        got_ids, got_lps = _greedy(tiny_qwen3_moe, prompts)
+    assert any(sums)  # o_proj's partials reached the MoE block's norm
+    assert got_ids == want_ids
+    assert max(abs(a - b) for a, b in zip(got_lps, want_lps, strict=True)) < 1e-4
+
+
 def test_a_few_rows_decode_whose_matmuls_the_kernel_does_not_take(tiny_qwen3, monkeypatch):
     """Weights over the kernel's size limit (an 8B's): on 2-64 rows every matmul falls back to cuBLAS and its
     epilogues to kernels of their own, the same tokens and logprobs as the PyTorch layers."""

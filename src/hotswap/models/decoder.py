@@ -32,8 +32,6 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dt) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dt) if cfg.qk_norm else None
         self.rotary = rotary
-        # o_proj's output goes straight into the MLP's residual add + norm (a MoE block routes it first)
-        self.o_proj_into_norm = not cfg.is_moe_layer(layer_id)
 
     def norm_forward(self, x: torch.Tensor | SplitSum, residual: torch.Tensor | None, norm: RMSNorm,
                      ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,9 +76,10 @@ class Attention(nn.Module):
         return self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
 
     def _project(self, out: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | SplitSum:
-        """o_proj over the attention output [tokens, heads, head_dim]."""
+        """o_proj over the attention output [tokens, heads, head_dim]; the output goes into the MLP's (or MoE block's)
+        residual add + norm, so it may be left as split-K partials."""
         return self.o_proj(out.view(-1, self.num_heads * self.head_dim), ctx.skinny_matmul, ctx.rows_matmul,
-                           into_norm=self.o_proj_into_norm)
+                           into_norm=True)
 
 
 class MLP(nn.Module):

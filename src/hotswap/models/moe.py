@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from hotswap.kernels import fused_moe, skinny_matmul
+from hotswap.kernels.split_sum import SplitSum
 from hotswap.models.forward_context import ForwardContext
 from hotswap.models.layers import MergedColumnLinear, RMSNorm, RowLinear, hf_param
 from hotswap.models.parallel import ExpertShard, ShardSpec, TPInfo
@@ -78,9 +79,10 @@ class SparseMoeBlock(nn.Module):
         gate = torch.sigmoid(torch.nn.functional.linear(h, self.shared_expert_gate.weight))
         return out + gate * self.shared_expert(h)
 
-    def norm_forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm,
+    def norm_forward(self, x: torch.Tensor | SplitSum, residual: torch.Tensor, norm: RMSNorm,
                      ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """The block on norm(x + residual); returns (output, new residual). At batch 1 (the fused batch-1
+        """The block on norm(x + residual); returns (output, new residual); `x` may be o_proj's split-K partials (2-64
+        rows), which the norm sums. At batch 1 (the fused batch-1
         matmuls) the router's matmul adds the residual and normalises its row itself, and the expert kernels
         normalise the new residual on the fly: the layer's MoE half is three kernels, no norm of its own."""
         if ctx.skinny_matmul and self.shared_expert is None:
