@@ -123,8 +123,8 @@ def test_batch_one_qkv_matmul_finishing_its_heads(hopper, qk_norm):
 
 @pytest.mark.parametrize("rows,n,k", [(16, 4096, 1024), (64, 1024, 3072)])  # qkv unsplit, down with K split
 def test_few_rows_matmul_kernel(hopper, rows, n, k):
-    """The 2-64-row decode matmul with PDL: its L2 prefetch before the wait, and split K's arrival counter (CPU
-    tensors tile as for an H100's 132 SMs)."""
+    """The 2-64-row decode matmul with PDL: its L2 prefetch before the wait, split K's arrival counter, and its partials
+    left to the norm that sums them (CPU tensors tile as for an H100's 132 SMs)."""
     tiles = rows_matmul.tiles_for(n, k, torch.device("cpu"))
     x, w = torch.randn(rows, k, dtype=BF16), torch.randn(n, k, dtype=BF16)
     rows_matmul.rows_linear(x, w, torch.randn(n, dtype=BF16))

@@ -1,9 +1,9 @@
 """The few-rows decode matmul (kernels/rows_matmul.py) through Triton's interpreter on the CPU (float32): equal to
 x @ W^T at every row count it takes, with and without a bias, with K unsplit and split (whose partials the last
 program of a tile sums), and the same bits whichever program of a tile finishes last; its SiLU-and-mul and q/k/v
-heads epilogues give what the matmul followed by the kernel each replaces gives. Only under
-TRITON_INTERPRET=1 (tests/test_kernels_interpreted.py runs it so in CI); on a GPU, tests/test_fused_kernels.py
-checks it in bf16."""
+heads epilogues give what the matmul followed by the kernel each replaces gives, and its partials left to the norm
+after it (SplitSum) the bits of its own sum. Only under TRITON_INTERPRET=1 (tests/test_kernels_interpreted.py runs
+it so in CI); on a GPU, tests/test_fused_kernels.py checks it in bf16."""
 
 from __future__ import annotations
 
@@ -197,6 +197,12 @@ def _greedy(path, prompts: list[list[int]]) -> tuple[list[list[int]], list[float
     return [o["output_ids"] for o in outs], [lp for o in outs for lp, _, _ in o["meta_info"]["output_token_logprobs"]]
 
 
+def _small_tiles(n, k, device, block_n=64, rows=64):
+    """Tiles for the tiny models' 64-wide K and 16-wide heads, K split in two."""
+    block_n = min(block_n, 32)
+    return rm.Tiles(block_n, 32, 2, 1, 0) if n % block_n == 0 and k % 64 == 0 else None
+
+
 @pytest.mark.parametrize("family", ["tiny_qwen3", "tiny_qwen2"])
 def test_a_few_rows_decode_through_the_epilogues_equals_the_reference_path(family, request, monkeypatch):
     """The decoder on 2-64 rows with Triton's kernels (interpreted, float32): q/k/v with its heads finished in the
@@ -204,10 +210,6 @@ def test_a_few_rows_decode_through_the_epilogues_equals_the_reference_path(famil
     PyTorch layers: the same greedy tokens and logprobs within float32 tolerance."""
     path = request.getfixturevalue(family)
     prompts = [[3 + (5 * j + i) % 200 for j in range(6 + 3 * i)] for i in range(3)]
-
-    def small_tiles(n, k, device, block_n=64, rows=64):  # the tiny model's 64-wide K and 16-wide heads
-        block_n = min(block_n, 32)
-        return rm.Tiles(block_n, 32, 2, 1, 0) if n % block_n == 0 and k % 64 == 0 else None
 
     want_ids, want_lps = _greedy(path, prompts)
     calls = []
@@ -221,7 +223,7 @@ def test_a_few_rows_decode_through_the_epilogues_equals_the_reference_path(famil
     with monkeypatch.context() as patch:  # the kernels' path, as on a GPU at 2-64 rows (CPU tensors, interpreted)
         patch.setattr(fused, "available", lambda x: True)
         patch.setattr(rm, "enabled", lambda rows, dtype, device: 2 <= rows <= rm.MAX_ROWS)
-        patch.setattr(rm, "tiles_for", small_tiles)
+        patch.setattr(rm, "tiles_for", _small_tiles)
         patch.setattr(rm, "rows_linear", spy)
         patch.setattr(rm, "_unfused_epilogue", lambda *a: pytest.fail("an epilogue ran as a kernel of its own"))
         got_ids, got_lps = _greedy(path, prompts)
@@ -237,10 +239,6 @@ def test_a_few_rows_moe_decode_sums_o_proj_in_its_norm(tiny_qwen3_moe, monkeypat
     logprobs as the PyTorch layers."""
     prompts = [[3 + (5 * j + i) % 200 for j in range(6 + 3 * i)] for i in range(3)]
 
-    def small_tiles(n, k, device, block_n=64, rows=64):
-        block_n = min(block_n, 32)
-        return rm.Tiles(block_n, 32, 2, 1, 0) if n % block_n == 0 and k % 64 == 0 else None
-
     want_ids, want_lps = _greedy(tiny_qwen3_moe, prompts)
     sums = []
     real = rm.rows_linear
@@ -253,7 +251,7 @@ def test_a_few_rows_moe_decode_sums_o_proj_in_its_norm(tiny_qwen3_moe, monkeypat
     with monkeypatch.context() as patch:
         patch.setattr(fused, "available", lambda x: True)
         patch.setattr(rm, "enabled", lambda rows, dtype, device: 2 <= rows <= rm.MAX_ROWS)
-        patch.setattr(rm, "tiles_for", small_tiles)
+        patch.setattr(rm, "tiles_for", _small_tiles)
         patch.setattr(rm, "rows_linear", spy)
         got_ids, got_lps = _greedy(tiny_qwen3_moe, prompts)
     assert any(sums)  # o_proj's partials reached the MoE block's norm
