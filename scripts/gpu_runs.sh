@@ -67,7 +67,7 @@
 # front ends and the 8B pusher with sessions `--pusher-replies after-copies,synchronised` on an H100; two H200 tries did not
 # start. Next: `h200` or `h200-check` (`needs_h200`: no H200 figure since the seventeenth session), then `pusher-sessions`
 # (the pusher's default path with its buckets unpacked, to separate the trainer's packing from the engine's saves).)
-# (The thirty-fifth ran an L2-prefetch probe (dropped), `sum-in-norm` (kept: batch 64 48.4-49.3 %) and the norm's warps on an
+# (The thirty-fifth ran an L2-prefetch probe (dropped), `sum-in-norm` (kept: batch 64 48.4-49.0 %) and the norm's warps on an
 # H100; six tries did not start. Next: `final` / `final2` on the tree of the day (the suite last ran on 273d181; only the
 # few-rows kernels' GPU tests ran on this session's tree), then `h200-check` (`needs_h200`), `pusher-sessions`. Batch 64
 # still wants ~1 point: the norm that sums the partials costs 2.29 us a call against 1.62 before, decode attention 522 us
