@@ -34,10 +34,13 @@ if triton is not None:
     @triton.jit
     def _rmsnorm_kernel(X, R, W, Y, stride_x, stride_r, stride_y, stride_split, n_cols, eps, HAS_RES: tl.constexpr,
                         SPLITS: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-        wait_previous(USE_PDL)
-        row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
+        # the norm's weight before the wait (no kernel of a step writes weights), so after it only x and the residual
+        # are a round trip away; loaded after the row's sum of squares it was a second one
+        w = tl.load(W + cols, mask=mask, other=0.0)
+        wait_previous(USE_PDL)
+        row = tl.program_id(0)
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
         if SPLITS > 1:  # X holds a split-K matmul's float32 partials (rows_matmul.SplitSum): summed in split order, rounded
             for s in tl.static_range(1, SPLITS):
@@ -50,7 +53,6 @@ if triton is not None:
         xf = x.to(tl.float32)
         var = tl.sum(xf * xf, axis=0) / n_cols
         y = (xf * tl.rsqrt(var + eps)).to(x.dtype)
-        w = tl.load(W + cols, mask=mask, other=0.0)
         tl.store(Y + row * stride_y + cols, w * y, mask=mask)
 
     @triton.jit
