@@ -68,7 +68,8 @@
 # start. Next: `h200` or `h200-check` (`needs_h200`: no H200 figure since the seventeenth session), then `pusher-sessions`
 # (the pusher's default path with its buckets unpacked, to separate the trainer's packing from the engine's saves).)
 # (The thirty-fifth ran an L2-prefetch probe (dropped), `sum-in-norm` (kept: batch 64 48.4-49.0 %) and the norm's warps on an
-# H100; six tries did not start. Next: `final` / `final2` on the tree of the day (the suite last ran on 273d181; only the
+# H100; six tries did not start. Next: `norm-ab` (the norm's weight before the PDL wait, built after the budget was spent),
+# then `final` / `final2` on the tree of the day (the suite last ran on 273d181; only the
 # few-rows kernels' GPU tests ran on this session's tree), then `h200-check` (`needs_h200`), `pusher-sessions`. Batch 64
 # still wants ~1 point: the norm that sums the partials costs 2.29 us a call against 1.62 before, decode attention 522 us
 # a step against ~353 of KV.)
@@ -80,7 +81,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stages="suite|final|final2|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|host-ab|pusher|pusher-sizes|pusher-sessions|copies-quick|h200|h200-check|h100-check|profile|sum-in-norm|rows|knobs|epilogues|kv-loads"
+stages="suite|final|final2|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|host-ab|pusher|pusher-sizes|pusher-sessions|copies-quick|h200|h200-check|h100-check|profile|sum-in-norm|norm-ab|rows|knobs|epilogues|kv-loads"
 [ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... ($stages)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
@@ -267,6 +268,20 @@ sum-in-norm)  # o_proj's and down_proj's split-K partials summed by the norm aft
         HOTSWAP_ROWS_SUM_IN_NORM=$on PYTHONPATH=src run "rollout_sum$on" 90 python3 bench/rollout.py --shape qwen3-0.6b \
             --prompts 64 --n 8 --paths offline --modes sampled
     done
+    ;;
+norm-ab)  # the RMSNorm kernel's weight loaded before the PDL wait (eb3faeb, not yet measured) against the tree before it,
+    # unpacked in .before (git archive c41cfeb src bench | (mkdir -p .before && tar -x -C .before)): its GPU tests, then the
+    # 0.6B batch 16-64 and the batch-64 profile each way, interleaved (~300 s)
+    PYTHONPATH=src run norm_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py tests/test_gpu_engine.py \
+        -k "rmsnorm or rows_matmul or bf16_greedy"
+    for round in 1 2; do
+        PYTHONPATH=.before/src run "throughput_before_$round" 60 python3 .before/bench/throughput.py --shape qwen3-0.6b \
+            --cases 16x128x128,32x128x128,64x128x128 --hf none
+        PYTHONPATH=src run "throughput_now_$round" 60 python3 bench/throughput.py --shape qwen3-0.6b \
+            --cases 16x128x128,32x128x128,64x128x128 --hf none
+    done
+    PYTHONPATH=.before/src run profile_before 60 python3 .before/bench/profile_decode.py --shape qwen3-0.6b --batch 64
+    PYTHONPATH=src run profile_now 60 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 64
     ;;
 rows)  # the few-rows decode matmul: its GPU tests, beside cuBLAS with a tile sweep, and whole decode with it on and off
     PYTHONPATH=src run rows_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py tests/test_gpu_engine.py \
