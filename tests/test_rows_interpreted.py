@@ -203,15 +203,14 @@ def _small_tiles(n, k, device, block_n=64, rows=64):
     return rm.Tiles(block_n, 32, 2, 1, 0) if n % block_n == 0 and k % 64 == 0 else None
 
 
-@pytest.mark.parametrize("family", ["tiny_qwen3", "tiny_qwen2"])
-def test_a_few_rows_decode_through_the_epilogues_equals_the_reference_path(family, request, monkeypatch):
-    """The decoder on 2-64 rows with Triton's kernels (interpreted, float32): q/k/v with its heads finished in the
-    matmul (each layer's K/V at each token's slot, read back by attention), gate/up with SiLU-and-mul, against the
-    PyTorch layers: the same greedy tokens and logprobs within float32 tolerance."""
-    path = request.getfixturevalue(family)
-    prompts = [[3 + (5 * j + i) % 200 for j in range(6 + 3 * i)] for i in range(3)]
+PROMPTS = [[3 + (5 * j + i) % 200 for j in range(6 + 3 * i)] for i in range(3)]
+STEPS = 1 + 3  # the prefill of 3 x 6-12 tokens, then three 3-row decode steps
 
-    want_ids, want_lps = _greedy(path, prompts)
+
+def _kernel_decode(path, monkeypatch) -> tuple[list[str], list[list[int]], list[float]]:
+    """PROMPTS decoded on the kernels' path, as on a GPU at 2-64 rows (CPU tensors, interpreted): each few-rows matmul
+    call by what it returned ("heads", "silu", "sums" for split-K partials left to the norm, "plain"), the tokens and
+    their logprobs."""
     calls = []
     real = rm.rows_linear
 
@@ -220,43 +219,56 @@ def test_a_few_rows_decode_through_the_epilogues_equals_the_reference_path(famil
         calls.append("silu" if silu_mul else "heads" if heads is not None else "sums" if isinstance(y, SplitSum) else "plain")
         return y
 
-    with monkeypatch.context() as patch:  # the kernels' path, as on a GPU at 2-64 rows (CPU tensors, interpreted)
-        patch.setattr(fused, "available", lambda x: True)
-        patch.setattr(rm, "enabled", lambda rows, dtype, device: 2 <= rows <= rm.MAX_ROWS)
-        patch.setattr(rm, "tiles_for", _small_tiles)
-        patch.setattr(rm, "rows_linear", spy)
-        patch.setattr(rm, "_unfused_epilogue", lambda *a: pytest.fail("an epilogue ran as a kernel of its own"))
-        got_ids, got_lps = _greedy(path, prompts)
-    steps = 1 + 3  # the prefill of 3 x 6-12 tokens, then three 3-row decode steps
-    # two layers: qkv, o_proj, gate_up, down; o_proj's and down's split-K partials summed by the norm after them
-    assert calls == ["heads", "sums", "silu", "sums"] * 2 * steps
-    assert got_ids == want_ids
-    assert max(abs(a - b) for a, b in zip(got_lps, want_lps, strict=True)) < 1e-4
-
-
-def test_a_few_rows_moe_decode_sums_o_proj_in_its_norm(tiny_qwen3_moe, monkeypatch):
-    """A MoE layer's o_proj leaves its split-K partials to the block's residual add + norm too: the same greedy tokens and
-    logprobs as the PyTorch layers."""
-    prompts = [[3 + (5 * j + i) % 200 for j in range(6 + 3 * i)] for i in range(3)]
-
-    want_ids, want_lps = _greedy(tiny_qwen3_moe, prompts)
-    sums = []
-    real = rm.rows_linear
-
-    def spy(*args, **kwargs):
-        y = real(*args, **kwargs)
-        sums.append(isinstance(y, SplitSum))
-        return y
-
     with monkeypatch.context() as patch:
         patch.setattr(fused, "available", lambda x: True)
         patch.setattr(rm, "enabled", lambda rows, dtype, device: 2 <= rows <= rm.MAX_ROWS)
         patch.setattr(rm, "tiles_for", _small_tiles)
         patch.setattr(rm, "rows_linear", spy)
-        got_ids, got_lps = _greedy(tiny_qwen3_moe, prompts)
-    assert any(sums)  # o_proj's partials reached the MoE block's norm
+        patch.setattr(rm, "_unfused_epilogue", lambda *a: pytest.fail("an epilogue ran as a kernel of its own"))
+        ids, lps = _greedy(path, PROMPTS)
+    return calls, ids, lps
+
+
+def _assert_same_decode(path, got_ids: list[list[int]], got_lps: list[float]) -> None:
+    """The PyTorch layers' greedy tokens, and logprobs within float32 tolerance."""
+    want_ids, want_lps = _greedy(path, PROMPTS)
     assert got_ids == want_ids
     assert max(abs(a - b) for a, b in zip(got_lps, want_lps, strict=True)) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["tiny_qwen3", "tiny_qwen2"])
+def test_a_few_rows_decode_through_the_epilogues_equals_the_reference_path(family, request, monkeypatch):
+    """The decoder on 2-64 rows with Triton's kernels (interpreted, float32): q/k/v with its heads finished in the
+    matmul (each layer's K/V at each token's slot, read back by attention), gate/up with SiLU-and-mul, o_proj's and
+    down's split-K partials summed by the norm after them, against the PyTorch layers."""
+    path = request.getfixturevalue(family)
+    calls, ids, lps = _kernel_decode(path, monkeypatch)
+    assert calls == ["heads", "sums", "silu", "sums"] * 2 * STEPS  # two layers: qkv, o_proj, gate_up, down
+    _assert_same_decode(path, ids, lps)
+
+
+def test_a_few_rows_moe_decode_sums_o_proj_in_its_norm(tiny_qwen3_moe, monkeypatch):
+    """A MoE layer's o_proj leaves its split-K partials to the block's residual add + norm too (its experts are kernels of
+    their own): the PyTorch layers' tokens and logprobs."""
+    import json
+
+    config = json.loads((tiny_qwen3_moe / "config.json").read_text())
+    layers = [["heads", "sums"] + (["silu", "sums"] if i in config["mlp_only_layers"] else [])  # a dense MLP among them
+              for i in range(config["num_hidden_layers"])]
+    calls, ids, lps = _kernel_decode(tiny_qwen3_moe, monkeypatch)
+    assert calls == sum(layers, []) * STEPS
+    _assert_same_decode(tiny_qwen3_moe, ids, lps)
+
+
+def test_a_few_rows_decode_keeps_a_biased_o_proj_whole(tmp_path, monkeypatch):
+    """An o_proj with a bias (Qwen3's attention_bias) adds it after the matmul's sum, so it leaves no partials to the
+    norm; down_proj (no bias) still does: the PyTorch layers' tokens and logprobs."""
+    from hotswap.testing.tiny_models import build_tiny_checkpoint
+
+    path = build_tiny_checkpoint(tmp_path, "qwen3", attention_bias=True)
+    calls, ids, lps = _kernel_decode(path, monkeypatch)
+    assert calls == ["heads", "plain", "silu", "sums"] * 2 * STEPS
+    _assert_same_decode(path, ids, lps)
 
 
 def test_a_few_rows_decode_whose_matmuls_the_kernel_does_not_take(tiny_qwen3, monkeypatch):
