@@ -75,8 +75,8 @@ class IPCWeightPusher(WeightPusher):
     fixed work with the bytes. Through a queue, 512 MiB buckets (99 calls) took 193 / 102 / 74 ms with 1 / 2 / 3 in
     flight (21 / 40 / 55 % of the D2D copy rate); 2 GiB buckets (33 calls) 101 / 53 / 42 ms (40 / 76 / 96 %); over
     HTTP 2 GiB buckets 116 / 65 / 49 ms (35 / 62 / 83 %). With sessions (the default) each call first saves what it
-    overwrites and replies after a synchronisation: the same push took 1.26 s, its originals mostly in pinned host
-    memory beside 61 GB of weights on an 80 GB card. For a large model raise `bucket_bytes` (the trainer's extra
+    overwrites (its reply still waits only for its copies): the same push took 1.26 s, its originals mostly in pinned
+    host memory beside 61 GB of weights on an 80 GB card. For a large model raise `bucket_bytes` (the trainer's extra
     memory is `calls_in_flight` such buffers when it packs) and the engines' `cuda_ipc_cache_bytes`
     (`--cuda-ipc-cache-bytes`) to at least `calls_in_flight * bucket_bytes` (the default, 1.5 GiB, holds three 512 MiB
     buffers), or each call maps a buffer again."""
