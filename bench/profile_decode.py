@@ -22,23 +22,41 @@ from hotswap import Engine  # noqa: E402
 from hotswap.runner.cuda_graph import graph_bucket  # noqa: E402
 
 
-def print_critical_path(prof: torch.profiler.profile, replays: int) -> None:
+def print_critical_path(prof: torch.profiler.profile, replays: int, layers: int) -> None:
     """Each kernel's share of the wall time: how far its end moves the latest end of the kernels before it. Under PDL
-    kernels overlap, so their durations add up to more than the step; these shares add up to it (gaps included)."""
+    kernels overlap, so their durations add up to more than the step; these shares add up to it (gaps included).
+    A kernel called several times a layer (the few-rows matmul: q/k/v, o_proj, gate_up, down) is also listed by its
+    place in the layer ([0], [1], ...), with its own duration beside its share."""
     kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
                      key=lambda e: e.time_range.start)
+    calls: dict[str, int] = {}
+    for e in kernels:
+        calls[e.name[:60]] = calls.get(e.name[:60], 0) + 1
     share: dict[str, list[float]] = {}
+    by_place: dict[str, list[tuple[float, float]]] = {}
+    seen: dict[str, int] = {}
     latest = None
     for e in kernels:
         start, end = e.time_range.start, e.time_range.end
-        moved = end - latest if latest is not None else end - start
+        moved = max(0.0, end - latest if latest is not None else end - start)
         latest = end if latest is None else max(latest, end)
-        share.setdefault(e.name[:60], []).append(max(0.0, moved))
+        name = e.name[:60]
+        share.setdefault(name, []).append(moved)
+        per_layer, rest = divmod(calls[name] // replays, layers)
+        if per_layer > 1 and not rest:
+            place = f"{name[:54]}[{seen.get(name, 0) % per_layer}]"
+            seen[name] = seen.get(name, 0) + 1
+            by_place.setdefault(place, []).append((moved, end - start))
     total = sum(sum(v) for v in share.values())
     print(f"critical path: {total / replays:.1f} us a replay (first kernel's duration, then each end past the latest)")
     print(f"{'kernel':<60} {'calls':>6} {'us a replay':>12} {'us a call':>10}")
     for name, moved in sorted(share.items(), key=lambda kv: -sum(kv[1])):
         print(f"{name:<60} {len(moved) // replays:>6} {sum(moved) / replays:>12.1f} {sum(moved) / len(moved):>10.2f}")
+    if by_place:
+        print(f"{'kernel by its place in a layer':<60} {'calls':>6} {'us a replay':>12} {'us a call':>10} {'own us a call':>14}")
+        for place, rows in sorted(by_place.items()):
+            print(f"{place:<60} {len(rows) // replays:>6} {sum(m for m, _ in rows) / replays:>12.1f} "
+                  f"{sum(m for m, _ in rows) / len(rows):>10.2f} {sum(d for _, d in rows) / len(rows):>14.2f}")
 
 
 def print_device_gaps(prof: torch.profiler.profile, wall_ms: float, what: str) -> None:
@@ -87,7 +105,7 @@ def main() -> None:
             torch.cuda.synchronize()
         print(f"batch {batch}: 20 replays of the decode graph (bucket {bs}), kernels by device time", flush=True)
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60), flush=True)
-        print_critical_path(prof, 20)
+        print_critical_path(prof, 20, len(runner.model.model.layers))
         t = time.perf_counter()
         engine.generate(input_ids=ids, sampling_params=sp)
         total = time.perf_counter() - t
