@@ -101,15 +101,29 @@ if triton is not None:
         return (gf / (1.0 + tl.exp(-gf))).to(dtype) * up.to(dtype)
 
     @triton.jit
-    def _finish_heads(y, head, offs_m, m_mask, Y, stride_y, QW, KW, COS_SIN, POS, K_CACHE, V_CACHE, SLOTS, n_q_heads,
-                      n_kv_heads, stride_cs, eps, HAS_QK_NORM: tl.constexpr, HEAD_DIM: tl.constexpr,
-                      BLOCK_M: tl.constexpr):
-        """One head of every row ([HEAD_DIM, rows], model dtype), as fused.qk_norm_rope finishes it: q normalised and
-        rotated into Y (q only), k normalised, rotated and stored in the K cache at the row's slot, v stored in the V
-        cache."""
+    def _head_inputs(head, offs_m, m_mask, COS_SIN, POS, SLOTS, n_q_heads, n_kv_heads, stride_cs, dtype: tl.constexpr,
+                     HEAD_DIM: tl.constexpr):
+        """What a head's epilogue reads besides the matmul's sum: the rows' KV-cache slots and, for a q or k head, the
+        rotary table's cos and sin at their positions ([HEAD_DIM / 2, rows], `dtype`). Staged inputs and a table that no
+        kernel of a step writes: the kernel loads them before its PDL wait, so the epilogue after the loop waits on
+        none of them (it loaded positions, then cos / sin, two dependent round trips after the sum)."""
         HALF: tl.constexpr = HEAD_DIM // 2
         offs = tl.arange(0, HALF)
         slots = tl.load(SLOTS + offs_m, mask=m_mask, other=0)
+        rotated = m_mask & (offs_m * 0 + head < n_q_heads + n_kv_heads)  # v heads load none
+        cs = COS_SIN + tl.load(POS + offs_m, mask=rotated, other=0)[None, :] * stride_cs + offs[:, None]
+        cos = tl.load(cs, mask=rotated[None, :], other=0.0).to(dtype)
+        sin = tl.load(cs + HALF, mask=rotated[None, :], other=0.0).to(dtype)
+        return slots, cos, sin
+
+    @triton.jit
+    def _finish_heads(y, head, offs_m, m_mask, Y, stride_y, QW, KW, K_CACHE, V_CACHE, slots, cos, sin, n_q_heads,
+                      n_kv_heads, eps, HAS_QK_NORM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+        """One head of every row ([HEAD_DIM, rows], model dtype), as fused.qk_norm_rope finishes it: q normalised and
+        rotated into Y (q only), k normalised, rotated and stored in the K cache at the row's slot, v stored in the V
+        cache (`slots`, `cos`, `sin`: `_head_inputs`)."""
+        HALF: tl.constexpr = HEAD_DIM // 2
+        offs = tl.arange(0, HALF)
         m = m_mask[None, :]
         if head >= n_q_heads + n_kv_heads:
             v_rows = V_CACHE + (slots[None, :] * n_kv_heads + head - n_q_heads - n_kv_heads) * HEAD_DIM
@@ -120,9 +134,6 @@ if triton is not None:
                 wp = QW
             else:
                 wp = KW
-            cs = COS_SIN + tl.load(POS + offs_m, mask=m_mask, other=0)[None, :] * stride_cs + offs[:, None]
-            cos = tl.load(cs, mask=m, other=0.0).to(x1.dtype)
-            sin = tl.load(cs + HALF, mask=m, other=0.0).to(x1.dtype)
             y1, y2 = norm_rotate(x1, x2, (wp + offs)[:, None], cos, sin, eps, HAS_QK_NORM, HALF, HEAD_DIM, 0)
             if head < n_q_heads:
                 dst = Y + offs_m[None, :] * stride_y + head * HEAD_DIM + offs[:, None]
@@ -132,8 +143,8 @@ if triton is not None:
             tl.store(dst + HALF, y2, mask=m)
 
     @triton.jit
-    def _finish(acc, pid_n, offs_n, offs_m, m_mask, BIAS, Y, stride_y, QW, KW, COS_SIN, POS, K_CACHE, V_CACHE, SLOTS,
-                n_q_heads, n_kv_heads, stride_cs, eps, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
+    def _finish(acc, pid_n, offs_n, offs_m, m_mask, BIAS, Y, stride_y, QW, KW, K_CACHE, V_CACHE, slots, cos, sin,
+                n_q_heads, n_kv_heads, eps, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
                 HAS_QK_NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
         """A tile's whole sum [BLOCK_N, rows] in float32: bias, then the epilogue, then the stores."""
         if HAS_BIAS:
@@ -143,8 +154,8 @@ if triton is not None:
             tl.store(Y + offs_m[None, :] * stride_y + cols[:, None], _silu_mul_tile(acc, Y.dtype.element_ty, BLOCK_N // 2,
                                                                                     BLOCK_M), mask=m_mask[None, :])
         elif EPILOGUE == 2:
-            _finish_heads(acc.to(Y.dtype.element_ty), pid_n, offs_m, m_mask, Y, stride_y, QW, KW, COS_SIN, POS, K_CACHE,
-                          V_CACHE, SLOTS, n_q_heads, n_kv_heads, stride_cs, eps, HAS_QK_NORM, BLOCK_N, BLOCK_M)
+            _finish_heads(acc.to(Y.dtype.element_ty), pid_n, offs_m, m_mask, Y, stride_y, QW, KW, K_CACHE, V_CACHE, slots,
+                          cos, sin, n_q_heads, n_kv_heads, eps, HAS_QK_NORM, BLOCK_N, BLOCK_M)
         else:
             tl.store(Y + offs_m[None, :] * stride_y + offs_n[:, None], acc.to(Y.dtype.element_ty), mask=m_mask[None, :])
 
@@ -169,6 +180,11 @@ if triton is not None:
         w_rows = W + offs_n[:, None] * stride_w + k_lo
         if PREFETCH_K > 0:  # W's first lines, before the previous kernel has finished (no kernel of the step writes W)
             _prefetch_l2(w_rows + (tl.arange(0, PREFETCH_K // LINE_ELEMS) * LINE_ELEMS)[None, :])
+        if EPILOGUE == 2:
+            slots, cos, sin = _head_inputs(pid_n, offs_m, m_mask, COS_SIN, POS, SLOTS, n_q_heads, n_kv_heads, stride_cs,
+                                           Y.dtype.element_ty, BLOCK_N)
+        else:  # unused by the other epilogues
+            slots, cos, sin = 0, 0.0, 0.0
         wait_previous(USE_PDL)
         offs_k = tl.arange(0, BLOCK_K)
         x_cols = X + offs_m[None, :] * stride_x + k_lo + offs_k[:, None]
@@ -180,8 +196,8 @@ if triton is not None:
         if DEFER:  # partials [SPLIT_K, M, N], summed by the kernel that reads them (SplitSum)
             tl.store(PARTIALS + (pid_k * M + offs_m[None, :]) * N + offs_n[:, None], acc, mask=m_mask[None, :])
         elif SPLIT_K == 1:
-            _finish(acc, pid_n, offs_n, offs_m, m_mask, BIAS, Y, stride_y, QW, KW, COS_SIN, POS, K_CACHE, V_CACHE, SLOTS,
-                    n_q_heads, n_kv_heads, stride_cs, eps, HAS_BIAS, EPILOGUE, HAS_QK_NORM, BLOCK_N, BLOCK_M)
+            _finish(acc, pid_n, offs_n, offs_m, m_mask, BIAS, Y, stride_y, QW, KW, K_CACHE, V_CACHE, slots, cos, sin,
+                    n_q_heads, n_kv_heads, eps, HAS_BIAS, EPILOGUE, HAS_QK_NORM, BLOCK_N, BLOCK_M)
         else:
             # partials [SPLIT_K, N, BLOCK_M] in float32 (by tile position); the tile's last program to finish sums them
             # in split order
@@ -194,8 +210,8 @@ if triton is not None:
                 total = tl.load(part, cache_modifier=".cg")
                 for s in tl.static_range(1, SPLIT_K):
                     total += tl.load(part + s * N * BLOCK_M, cache_modifier=".cg")
-                _finish(total, pid_n, offs_n, offs_m, m_mask, BIAS, Y, stride_y, QW, KW, COS_SIN, POS, K_CACHE, V_CACHE,
-                        SLOTS, n_q_heads, n_kv_heads, stride_cs, eps, HAS_BIAS, EPILOGUE, HAS_QK_NORM, BLOCK_N, BLOCK_M)
+                _finish(total, pid_n, offs_n, offs_m, m_mask, BIAS, Y, stride_y, QW, KW, K_CACHE, V_CACHE, slots, cos, sin,
+                        n_q_heads, n_kv_heads, eps, HAS_BIAS, EPILOGUE, HAS_QK_NORM, BLOCK_N, BLOCK_M)
 
 
 @functools.lru_cache(maxsize=None)  # a few shapes a model; called per matmul on the eager path
