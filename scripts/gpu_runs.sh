@@ -81,7 +81,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stages="suite|final|final2|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|host-ab|pusher|pusher-sizes|pusher-sessions|copies-quick|h200|h200-check|h100-check|profile|sum-in-norm|norm-ab|heads-ab|rows|knobs|epilogues|kv-loads"
+stages="suite|final|final2|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|host-ab|pusher|pusher-sizes|pusher-sessions|copies-quick|h200|h200-check|h100-check|profile|sum-in-norm|norm-ab|heads-pages|rows|knobs|epilogues|kv-loads"
 [ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... ($stages)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
@@ -283,19 +283,24 @@ norm-ab)  # the RMSNorm kernel's weight loaded before the PDL wait (eb3faeb, not
     done
     PYTHONPATH=src run profile_now 60 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 64
     ;;
-heads-ab)  # the q/k/v matmul's heads epilogue with slots, positions and cos / sin loaded before the PDL wait against the tree
-    # before it, unpacked in .before (git archive 1f3c262 src bench | (mkdir -p .before && tar -x -C .before), with this bench/profile_decode.py): the few-rows
-    # kernels' GPU tests, then the 0.6B batch 32 / 64 each way, interleaved, and the batch-64 profile each way (~300 s)
-    PYTHONPATH=src run heads_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py tests/test_gpu_engine.py \
-        -k "rows_matmul or bf16_greedy or heads"
+heads-pages)  # the q/k/v matmul's heads epilogue with its staged inputs loaded before the PDL wait, and decode attention's
+    # blocks loading keys and values together with the next block's pages looked up meanwhile, against the tree before
+    # both, unpacked in .before (git archive 1f3c262 src bench | (mkdir -p .before && tar -x -C .before), with this
+    # bench/profile_decode.py copied in): the GPU tests of both kernels, then the 0.6B batch 32 / 64 before, with the
+    # heads change only (HOTSWAP_DECODE_PAGES_AHEAD=0) and with both, interleaved twice, and the batch-64 profile each way (~330 s)
+    PYTHONPATH=src run heads_pages_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py tests/test_gpu_engine.py \
+        tests/test_triton_attention.py -k "rows_matmul or bf16_greedy or heads or decode"
     for round in 1 2; do
         PYTHONPATH=.before/src run "throughput_before_$round" 60 python3 .before/bench/throughput.py --shape qwen3-0.6b \
             --cases 32x128x128,64x128x128 --hf none
-        PYTHONPATH=src run "throughput_now_$round" 60 python3 bench/throughput.py --shape qwen3-0.6b \
+        HOTSWAP_DECODE_PAGES_AHEAD=0 PYTHONPATH=src run "throughput_heads_$round" 60 python3 bench/throughput.py \
+            --shape qwen3-0.6b --cases 32x128x128,64x128x128 --hf none
+        PYTHONPATH=src run "throughput_both_$round" 60 python3 bench/throughput.py --shape qwen3-0.6b \
             --cases 32x128x128,64x128x128 --hf none
     done
     PYTHONPATH=.before/src run profile_before 60 python3 .before/bench/profile_decode.py --shape qwen3-0.6b --batch 64
-    PYTHONPATH=src run profile_now 60 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 64
+    HOTSWAP_DECODE_PAGES_AHEAD=0 PYTHONPATH=src run profile_heads 60 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 64
+    PYTHONPATH=src run profile_both 60 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 64
     ;;
 rows)  # the few-rows decode matmul: its GPU tests, beside cuBLAS with a tile sweep, and whole decode with it on and off
     PYTHONPATH=src run rows_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py tests/test_gpu_engine.py \
