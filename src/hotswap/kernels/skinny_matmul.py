@@ -60,6 +60,11 @@ if triton is not None:
         # step writes W, and at the model's shapes it is most of this program's reads.
         offs_k = tl.arange(0, BLOCK_K)
         w_next = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+        if HEADS:  # the token's slot and rotary row: staged inputs, read before the wait too (else two round trips late)
+            slot = tl.load(SLOTS)
+            cos_sin_row = COS_SIN + tl.load(POS) * stride_cs
+        else:
+            slot, cos_sin_row = 0, COS_SIN
         wait_previous(USE_PDL)
         # One pass: RMSNorm scales the row by a constant, so (x * nw) @ W^T is accumulated beside the
         # row's sum of squares and scaled at the end; W's loads never wait for the norm.
@@ -95,18 +100,17 @@ if triton is not None:
         y = acc.to(Y.dtype.element_ty)
         tl.store(Y + offs_n, y, mask=n_mask)
         if HEADS:
-            _finish_heads(y, pid, offs_n, Y, QW, KW, COS_SIN, POS, K_CACHE, V_CACHE, SLOTS, COUNTERS, n_q_heads,
-                          n_kv_heads, stride_cs, head_eps, HAS_QK_NORM, BLOCK_N, HEAD_DIM)
+            _finish_heads(y, pid, offs_n, Y, QW, KW, cos_sin_row, K_CACHE, V_CACHE, slot, COUNTERS, n_q_heads,
+                          n_kv_heads, head_eps, HAS_QK_NORM, BLOCK_N, HEAD_DIM)
 
     @triton.jit
-    def _finish_heads(y, pid, offs_n, Y, QW, KW, COS_SIN, POS, K_CACHE, V_CACHE, SLOTS, COUNTERS, n_q_heads, n_kv_heads,
-                      stride_cs, eps, HAS_QK_NORM: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    def _finish_heads(y, pid, offs_n, Y, QW, KW, cos_sin_row, K_CACHE, V_CACHE, slot, COUNTERS, n_q_heads, n_kv_heads,
+                      eps, HAS_QK_NORM: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         """The qkv row's heads, as fused.qk_norm_rope finishes them: a v program writes its columns to the V
-        cache; a q or k head's columns come from HEAD_DIM // BLOCK_N programs, and the last of them to finish
-        (kernels/arrival.py: a counter per head) normalises and rotates the head in place and writes k's to the
-        K cache."""
+        cache at the token's `slot`; a q or k head's columns come from HEAD_DIM // BLOCK_N programs, and the last of
+        them to finish (kernels/arrival.py: a counter per head) normalises and rotates the head in place (by the
+        rotary table's row at `cos_sin_row`) and writes k's to the K cache."""
         head = (pid * BLOCK_N) // HEAD_DIM
-        slot = tl.load(SLOTS)
         if head >= n_q_heads + n_kv_heads:
             hv = head - n_q_heads - n_kv_heads
             tl.store(V_CACHE + (slot * n_kv_heads + hv) * HEAD_DIM + offs_n - head * HEAD_DIM, y)
@@ -123,8 +127,7 @@ if triton is not None:
                     wp = QW
                 else:
                     wp = KW
-                y1, y2 = norm_rope_head(x1, x2, wp, COS_SIN + tl.load(POS) * stride_cs, eps, HAS_QK_NORM,
-                                        HEAD_DIM // 2, HEAD_DIM)
+                y1, y2 = norm_rope_head(x1, x2, wp, cos_sin_row, eps, HAS_QK_NORM, HEAD_DIM // 2, HEAD_DIM)
                 tl.store(base + offs, y1)
                 tl.store(base + HEAD_DIM // 2 + offs, y2)
                 if head >= n_q_heads:
