@@ -5,6 +5,7 @@ its shared sampling parameters once. Asserted on the ops a step dispatches, not 
 from __future__ import annotations
 
 import enum
+import random
 
 import pytest
 import torch
@@ -103,6 +104,17 @@ def test_one_sampling_dict_for_a_batch_is_checked_once_and_shared(monkeypatch):
     # a list of dicts is still one SamplingParams per prompt, each checked
     call = prep.prepare(None, [{"max_new_tokens": 4, "seed": i} for i in range(4)], prompts[:4])
     assert [r.sampling_params.seed for r in call.requests] == [0, 1, 2, 3]
+
+
+def test_requests_without_a_seed_draw_theirs_from_the_engine_seed_in_request_order():
+    """Drawn for a whole call at once (RequestPrep._draw_seeds): the same seeds, in the same order, as one draw per request."""
+    prep = RequestPrep(encode=lambda text: [], vocab_size=1000, max_context_len=512, seed=3)
+    rng = random.Random(3)
+    first = prep.prepare(None, [{"max_new_tokens": 1, "n": 2}, {"max_new_tokens": 1, "seed": 40, "n": 2}, {"max_new_tokens": 1}],
+                         [[5], [6], [7]])
+    second = prep.prepare(None, {"max_new_tokens": 1}, [[5], [6]])
+    expected = [rng.getrandbits(62), rng.getrandbits(62), 40, 41, rng.getrandbits(62), rng.getrandbits(62), rng.getrandbits(62)]
+    assert [r.seed for r in first.requests + second.requests] == expected
 
 
 class Token(enum.IntEnum):

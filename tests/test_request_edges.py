@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -15,6 +16,7 @@ import pytest
 from engine_support import wait_idle
 
 from hotswap import Engine
+from hotswap.engine.api import fresh_rids
 from hotswap.engine.request_prep import RequestPrep
 from hotswap.errors import HotswapError
 from hotswap.server.app import create_app
@@ -267,6 +269,16 @@ def test_aborting_a_prompts_rid_aborts_its_n_samples_and_no_request_sharing_its_
         t.join(30)
         assert other["out"]["meta_info"]["finish_reason"] == {"type": "length", "length": 60}
     assert_idle(engine)
+
+
+def test_engine_made_rids_are_uuid4_hex_and_distinct(engine):
+    """A request sent without a rid gets what SGLang gives it, uuid.uuid4().hex (made in batches: engine/api.py fresh_rids)."""
+    outs = engine.generate(input_ids=[[5, 6, 7]] * 3, sampling_params=dict(GREEDY, max_new_tokens=1, n=2))
+    rids = [o["meta_info"]["id"] for o in outs] + fresh_rids(300)
+    assert len(set(rids)) == len(rids) == 306
+    for rid in rids:
+        u = uuid.UUID(hex=rid)
+        assert u.hex == rid and u.version == 4 and u.variant == uuid.RFC_4122
 
 
 @pytest.fixture(scope="module")

@@ -86,6 +86,30 @@ def test_a_row_that_does_not_convert_names_its_entry_and_leaves_the_table_valid(
     assert_rows(table, rest)
 
 
+def test_new_rows_written_together_fail_only_the_first_row_that_does_not_convert():
+    """A batch of new requests is converted column by column at once (RowParamTable._write); a bad value in one of them
+    still fails that row alone, the one the door missed first: rows before it are written, rows after it left as they were."""
+    good = [SamplingParams(temperature=0.1 * (i + 1), top_k=i + 1, return_logprob=i % 2 == 0) for i in range(6)]
+    bad = SamplingParams(temperature=0.8)
+    bad.min_p = "low"
+    worse = SamplingParams(temperature=0.8)
+    worse.top_p = None
+    table = RowParamTable(V, capacity=8)
+    old = [entry(good[5], 50 + i, 0) for i in range(6)]
+    table.update(old)
+    fresh = [entry(good[0], 1, 0), entry(good[1], 2, 0), entry(bad, 3, 0), entry(good[2], 4, 0), entry(worse, 5, 0), entry(good[3], 6, 0)]
+    with pytest.raises(BatchRowError, match="cannot run") as info:
+        table.update(fresh)
+    assert info.value.entry is fresh[2]
+    assert table.rows[2] is None and table.rows[3:6] == [e.row for e in old[3:]]  # row 2 unfilled, rows 3.. untouched
+    expect = expected(fresh[:2] + old[2:])
+    keep = [0, 1, 3, 4, 5]
+    assert all(np.array_equal(got[:, keep], want[:, keep]) for got, want in zip((table.floats, table.ints, table.flags), expect))
+    rest = fresh[:2] + fresh[3:4] + fresh[5:]
+    assert table.update(rest) == 2  # rows 2 and 3 took other requests; rows 0 and 1 were written already
+    assert_rows(table, rest)
+
+
 def test_the_batch_summary_follows_every_change_of_rows():
     """The summary is kept between steps: after any change of the rows (a request replaced, rows shifted, the
     batch shrunk or grown) it equals one computed from the requests themselves."""

@@ -156,9 +156,10 @@ class RequestPrep:
                                    f"({len(ids)} tokens)")
         requests = []
         ones = _map_distinct(sps, lambda sp: dataclasses.replace(sp, n=1) if sp.n != 1 else sp)  # what each sample runs
+        drawn = iter(self._draw_seeds(sum(sp.n for sp in sps if sp.seed is None)))  # in request order, as drawn one by one
         for i, (ids, sp, one) in enumerate(zip(id_lists, sps, ones)):
             for k in range(sp.n):
-                seed = sp.seed + k if sp.seed is not None else self._draw_seed()
+                seed = sp.seed + k if sp.seed is not None else next(drawn)
                 # n samples of one rid: the first keeps it, the others are `rid-k`
                 sample_rid = None if rids[i] is None else rids[i] if k == 0 else f"{rids[i]}-{k}"
                 requests.append(PreparedRequest(input_ids=ids, sampling_params=one, seed=seed, rid=sample_rid,
@@ -291,6 +292,7 @@ class RequestPrep:
         if len(ids) >= self.max_context_len:
             raise HotswapError(f"prompt {i} has {len(ids)} tokens; the context length is {self.max_context_len}")
 
-    def _draw_seed(self) -> int:
+    def _draw_seeds(self, count: int) -> list[int]:
+        """Seeds for `count` requests without one, drawn from the engine's seed (one lock hold for a whole call)."""
         with self._rng_lock:
-            return self._rng.getrandbits(62)
+            return [self._rng.getrandbits(62) for _ in range(count)]

@@ -89,15 +89,22 @@ class RowParamTable:
         if n > len(self.rows):
             self._grow(n)
         new = list(map(_ROW, entries))
-        written = 0
+        changed = []
         if new != self.rows[:n]:
             rows = self.rows
-            for r, row in enumerate(new):
-                if row is not rows[r] and row != rows[r]:
-                    self._write(r, row, entries[r])
-                    written += 1
+            changed = [r for r, row in enumerate(new) if row is not rows[r] and row != rows[r]]
+        if changed:
+            try:
+                self._write(changed, [new[r] for r in changed])
+            except (OverflowError, TypeError, ValueError):  # some row does not convert: row by row, to fail only that one
+                for r in changed:
+                    try:
+                        self._write([r], [new[r]])
+                    except (OverflowError, TypeError, ValueError) as exc:
+                        self.rows[r], self._summary = None, None  # unfilled: written again whatever comes in its place
+                        raise BatchRowError(entries[r], f"this request's sampling parameters cannot run: {exc}") from exc
         self.ints[2, :n] = np.fromiter(map(_STEP, entries), dtype=np.int64, count=n)
-        return written
+        return len(changed)
 
     def summary(self, n: int) -> RowSummary:
         """The first n rows' summary: computed again only after a row was rewritten (or for another n); a
@@ -114,17 +121,19 @@ class RowParamTable:
                 keep_filtered_rows=np.flatnonzero(keep & ~greedy & filters).tolist() if any_keep else [])
         return self._summary[1]
 
-    def _write(self, r: int, row: SamplerRow, entry: BatchEntry) -> None:
-        self.rows[r] = None  # unfilled until every column converted
+    def _write(self, rs: list[int], rows: list[SamplerRow]) -> None:
+        """Rows `rs` from `rows`, a column at a time (a batch of new requests: 64 rows were 256 numpy writes); every
+        column is converted first, so a value that does not convert leaves the table as it was."""
+        cols = SamplerRow._make(zip(*rows))  # each field: a tuple of the rows' values
+        floats = np.array((cols.temperature, cols.top_p, cols.min_p), dtype=np.float32)
+        ints = np.array(([k if k > 0 else self.vocab for k in cols.top_k],
+                         [(s + 2**63) % 2**64 - 2**63 for s in cols.seed]), dtype=np.int64)  # the seed's low 64 bits: none overflows
+        flags = np.array(([t == 0.0 for t in cols.temperature], cols.return_logprob, cols.top_logprobs_num, cols.return_top_p_token_ids),
+                         dtype=np.int64)
+        self.floats[:, rs], self.ints[:2, rs], self.flags[:, rs] = floats, ints, flags
+        for r, row in zip(rs, rows):
+            self.rows[r] = row
         self._summary = None
-        try:
-            self.floats[:, r] = (row.temperature, row.top_p, row.min_p)
-            self.ints[0, r] = row.top_k if row.top_k > 0 else self.vocab
-            self.ints[1, r] = (row.seed + 2**63) % 2**64 - 2**63  # the low 64 bits as int64: no seed overflows
-            self.flags[:, r] = (row.temperature == 0.0, row.return_logprob, row.top_logprobs_num, row.return_top_p_token_ids)
-        except (OverflowError, TypeError, ValueError) as exc:
-            raise BatchRowError(entry, f"this request's sampling parameters cannot run: {exc}") from exc
-        self.rows[r] = row
 
     def _grow(self, n: int) -> None:
         cap = max(n, 2 * len(self.rows))

@@ -135,8 +135,9 @@ class Batcher:
             if sharing is not None and sharing.still_waits(seq, epoch):
                 followers.append(self.waiting.popleft())
                 continue
-            self._match_prefix(seq)
-            if sharing is not None and sharing.follows(seq, self._match_limit(seq), epoch):
+            limit = self._match_limit(seq)
+            self._match_prefix(seq, limit)
+            if sharing is not None and sharing.follows(seq, limit, epoch):
                 self._drop_pages(seq)
                 followers.append(self.waiting.popleft())
                 continue
@@ -195,7 +196,10 @@ class Batcher:
         known = seq.num_tokens
         row = seq.row()
         # tokens not read back yet (in flight) are placeholders, filled on the device
-        input_ids = [0] * n if start >= known else seq.tokens_slice(start, min(end, known)) + [0] * max(0, end - known)
+        if end <= known:  # a prompt chunk, or a recomputation of known tokens
+            input_ids = seq.tokens_slice(start, end)
+        else:
+            input_ids = [0] * n if start >= known else seq.tokens_slice(start, known) + [0] * (end - known)
         entry = BatchEntry(
             input_ids=input_ids,
             start_pos=start,
@@ -262,11 +266,11 @@ class Batcher:
             limit = min(limit, seq.prompt_logprobs_owed)
         return limit
 
-    def _match_prefix(self, seq: Sequence) -> None:
-        """Take cached pages for the prompt's prefix, leaving at least one token to compute."""
+    def _match_prefix(self, seq: Sequence, limit: int) -> None:
+        """Take cached pages for the first `limit` tokens (`_match_limit`), leaving at least one token to compute."""
         if self.prefix_cache is None:
             return
-        pages = self.prefix_cache.match(seq.token_ids[: self._match_limit(seq)])
+        pages = self.prefix_cache.match(seq.tokens_slice(0, limit))
         self.allocator.retain(pages)
         seq.pages = pages
         seq.num_computed = len(pages) * self.allocator.page_size
@@ -281,7 +285,7 @@ class Batcher:
         """Hand a sequence's computed full pages to the prefix cache (unless the weights changed since they
         were computed) and drop its own references."""
         if self.prefix_cache is not None and seq.num_computed and seq.cache_epoch == self.cache_epoch:
-            self.prefix_cache.insert(seq.token_ids[: seq.num_computed], seq.pages)
+            self.prefix_cache.insert(seq.tokens_slice(0, seq.num_computed), seq.pages)
         self._drop_pages(seq)
 
     def invalidate_cache(self) -> None:

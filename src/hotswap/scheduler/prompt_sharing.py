@@ -129,9 +129,9 @@ class PromptSharing:
         its copies stay held beside the cache's, pinned under `seq`'s later pages, and the pool is short by them
         until `seq` ends. Its steps launched so far were given its old page list (a new list is made here)."""
         own = seq.pages
-        twice = [i for i, p in enumerate(cached) if p != own[i]]
-        if not twice:
+        if cached == own[: len(cached)]:  # the common case: its own pages went in (one comparison in C)
             return
+        twice = [i for i, p in enumerate(cached) if p != own[i]]
         self.allocator.retain([cached[i] for i in twice])
         self.allocator.release([own[i] for i in twice])
         seq.pages = cached + own[len(cached) :]
