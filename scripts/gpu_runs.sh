@@ -284,25 +284,25 @@ norm-ab)  # the RMSNorm kernel's weight loaded before the PDL wait (eb3faeb, not
     PYTHONPATH=src run profile_now 60 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 64
     ;;
 heads-pages)  # the q/k/v matmuls' heads epilogues (few rows, one row) with their staged inputs loaded before the PDL wait, and decode attention's
-    # blocks loading keys and values together with the next block's pages looked up meanwhile, against the tree before
-    # both, unpacked in .before (git archive 1f3c262 src bench | (mkdir -p .before && tar -x -C .before), with this
+    # blocks loading keys and values together with the next block's pages looked up meanwhile (HOTSWAP_DECODE_PAGES_AHEAD=1,
+    # off by default until measured), against the tree before both, unpacked in .before (git archive 1f3c262 src bench | (mkdir -p .before && tar -x -C .before), with this
     # bench/profile_decode.py copied in): the GPU tests of both kernels, then the 0.6B batch 1 / 32 / 64 before, with the
     # heads changes only (HOTSWAP_DECODE_PAGES_AHEAD=0) and with both, interleaved (ROUNDS=2: twice), and the batch-64 profile
     # each way (~220 s a round; NO_PROFILES=1 skips the tests and profiles)
-    [ -n "${NO_PROFILES:-}" ] || PYTHONPATH=src run heads_pages_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py \
+    [ -n "${NO_PROFILES:-}" ] || HOTSWAP_DECODE_PAGES_AHEAD=1 PYTHONPATH=src run heads_pages_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py \
         tests/test_gpu_engine.py tests/test_triton_attention.py -k "rows_matmul or bf16_greedy or heads or decode"
     for round in $(seq "${ROUNDS:-1}"); do
         PYTHONPATH=.before/src run "throughput_before_$round" 60 python3 .before/bench/throughput.py --shape qwen3-0.6b \
             --cases 1x128x128,32x128x128,64x128x128 --hf none
         HOTSWAP_DECODE_PAGES_AHEAD=0 PYTHONPATH=src run "throughput_heads_$round" 60 python3 bench/throughput.py \
             --shape qwen3-0.6b --cases 1x128x128,32x128x128,64x128x128 --hf none
-        PYTHONPATH=src run "throughput_both_$round" 60 python3 bench/throughput.py --shape qwen3-0.6b \
+        HOTSWAP_DECODE_PAGES_AHEAD=1 PYTHONPATH=src run "throughput_both_$round" 60 python3 bench/throughput.py --shape qwen3-0.6b \
             --cases 1x128x128,32x128x128,64x128x128 --hf none
     done
     [ -n "${NO_PROFILES:-}" ] && continue  # a short budget: the throughput rounds only (`NO_PROFILES=1`)
     PYTHONPATH=.before/src run profile_before 60 python3 .before/bench/profile_decode.py --shape qwen3-0.6b --batch 64
     HOTSWAP_DECODE_PAGES_AHEAD=0 PYTHONPATH=src run profile_heads 60 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 64
-    PYTHONPATH=src run profile_both 60 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 64
+    HOTSWAP_DECODE_PAGES_AHEAD=1 PYTHONPATH=src run profile_both 60 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 64
     ;;
 rows)  # the few-rows decode matmul: its GPU tests, beside cuBLAS with a tile sweep, and whole decode with it on and off
     PYTHONPATH=src run rows_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py tests/test_gpu_engine.py \

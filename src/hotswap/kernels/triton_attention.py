@@ -87,9 +87,11 @@ _PRELOAD = os.environ.get("HOTSWAP_DECODE_PRELOAD", "1") != "0"
 # call batch 64 34,309 / 34,517 -> 34,944 / 35,125 tokens/s, the sampled rollout 10.58 -> 10.36 s. The same hint on the
 # matmuls' weight loads measured nothing (1.556 ms).
 _KV_EVICT = "evict_first" if os.environ.get("HOTSWAP_EVICT_FIRST", "1") != "0" else ""
-# A split's blocks after its first load their keys and values together and look up the next block's pages meanwhile
-# (`HOTSWAP_DECODE_PAGES_AHEAD=0`: pages, then keys, then values, one after the other; the benches' A/B switch).
-_PAGES_AHEAD = os.environ.get("HOTSWAP_DECODE_PAGES_AHEAD", "1") != "0"
+# `HOTSWAP_DECODE_PAGES_AHEAD=1`: a split's blocks after its first load their keys and values together and look up
+# the next block's pages meanwhile (one round trip a block), instead of the pages, then the keys, then the values.
+# Built and tested (interpreted, both ways) in the thirty-sixth session, not yet measured on a GPU: off until
+# `bash scripts/gpu_runs.sh heads-pages` says whether the values held through the dot cost more than the trips saved.
+_PAGES_AHEAD = os.environ.get("HOTSWAP_DECODE_PAGES_AHEAD", "0") == "1"
 
 # Tunables (defaults; measured on H100, see bench/attention_kernels.py).
 _DECODE_TARGET_CTAS_PER_SM = 2  # aim for about this many split-programs per SM
