@@ -73,6 +73,10 @@
 # few-rows kernels' GPU tests ran on this session's tree), then `h200-check` (`needs_h200`), `pusher-sessions`. Batch 64
 # still wants ~1 point: the norm that sums the partials costs 2.29 us a call against 1.62 before, decode attention 522 us
 # a step against ~353 of KV.)
+# (The thirty-sixth ran `norm-ab` (kept: batch 64 49.5 / 50.4 %) and decode attention knobs (none kept) on an H100; its
+# eleven later tries (H100 and H200 kinds) started no machine. Next, first: `heads-pages` (ROUNDS=2; the q/k/v heads
+# epilogues' staged inputs before the PDL wait, and HOTSWAP_DECODE_PAGES_AHEAD=1, off until it measures a gain: flip its
+# default or drop it), then `suite` on the tree of the day (last whole on 273d181), then `h200-check` (`needs_h200`).)
 # "Before" is the tree before the restructure, unpacked beside this one (untracked, so it travels to the
 # device):  git archive 6c9ff7c src bench | (mkdir -p .before && tar -x -C .before)
 # The MoE stage compares its decode kernels with the tree before they changed, unpacked the same way:
