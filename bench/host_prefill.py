@@ -13,6 +13,7 @@ many calls instead of throughput.py's single call, and its phases as they are (p
 device).
 
     python bench/host_prefill.py --cases 1x128,64x128,256x128
+    python bench/host_prefill.py --cases 64x128 --stub-compute      # CPU: the model returns zeros at once, host work only
     python bench/host_prefill.py --device cuda --shape qwen3-0.6b --cases 1x128,64x128,256x128 --calls 20
 
 Only names both trees have are used, so this file in another tree's bench/ measures that tree the same way
@@ -70,6 +71,15 @@ class Clock:
         return timed
 
 
+def stub_compute(model: torch.nn.Module) -> None:
+    """The model's forward and LM head return zeros of their shapes at once (CPU): a call's time is then its host work,
+    steadier on a shared 2-core machine than the compute taken out of a real forward's wall time."""
+    hidden = model.model.embed_tokens.weight.shape[1]
+    vocab = model.compute_logits(torch.zeros(1, hidden)).shape[-1]
+    model.forward = lambda input_ids, ctx: torch.zeros(input_ids.shape[0], hidden)
+    model.compute_logits = lambda h: torch.zeros(h.shape[0], vocab)
+
+
 def one_run(engine: Engine, clock: Clock, prompts: list[list[int]], calls: int, gpu: bool) -> list[dict[str, float]]:
     sp = {"max_new_tokens": 1, "temperature": 0, "ignore_eos": True}
     rows = []
@@ -98,8 +108,11 @@ def main() -> None:
     ap.add_argument("--cases", default="64x128", help="BATCHxPROMPT,...")
     ap.add_argument("--calls", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--stub-compute", action="store_true", help="CPU only: the model returns zeros at once (stub_compute)")
     args = ap.parse_args()
     gpu = args.device.startswith("cuda")
+    if gpu and args.stub_compute:
+        ap.error("--stub-compute is for the CPU: on a GPU the compute is the device's, outside the host time already")
     cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
     if not gpu:
         torch.set_num_threads(1)  # the model's compute is taken out; one thread keeps it from crowding the host threads
@@ -111,6 +124,8 @@ def main() -> None:
                     num_pages=widest * -(-(longest + 8) // page) + 256)
     clock = Clock()
     model, sched = engine.model_runner.model, engine.scheduler
+    if args.stub_compute:
+        stub_compute(model)
     model.forward = clock.wrap_compute(model.forward)
     model.compute_logits = clock.wrap_compute(model.compute_logits)
     for name in PHASES:
