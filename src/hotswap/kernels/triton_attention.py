@@ -299,32 +299,26 @@ if HAS_TRITON:
                 qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
                 m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, PREC)
 
+            # PAGES_AHEAD: each block's keys and values load together, and the next block's pages are looked up while
+            # they load (one round trip a block); else the pages, then the keys, then (after the dot) the values
             if PAGES_AHEAD:
-                # each block's keys and values load together, and the next block's pages are looked up while they
-                # load: one round trip a block instead of the page table's, then the keys', then the values'
                 pages = _kv_pages(pt_row, start + BLOCK_N + offs_n, start + BLOCK_N + offs_n < end, PAGE_SIZE)
-                for s in range(start + BLOCK_N, end, BLOCK_N):
-                    pos = s + offs_n
-                    n_mask = pos < end
-                    k_off, v_off, kv_mask = _page_offsets(pages, pos, n_mask, offs_d, d_mask, stride_kp, stride_vp,
-                                                          stride_t, PAGE_SIZE, HEAD_DIM, BLOCK_D)
-                    k = tl.load(k_base + k_off, mask=kv_mask, other=0.0, eviction_policy=KV_EVICT)
+            for s in range(start + BLOCK_N, end, BLOCK_N):
+                pos = s + offs_n
+                n_mask = pos < end
+                if not PAGES_AHEAD:
+                    pages = _kv_pages(pt_row, pos, n_mask, PAGE_SIZE)
+                k_off, v_off, kv_mask = _page_offsets(pages, pos, n_mask, offs_d, d_mask, stride_kp, stride_vp,
+                                                      stride_t, PAGE_SIZE, HEAD_DIM, BLOCK_D)
+                k = tl.load(k_base + k_off, mask=kv_mask, other=0.0, eviction_policy=KV_EVICT)
+                if PAGES_AHEAD:
                     v = tl.load(v_base + v_off, mask=kv_mask, other=0.0, eviction_policy=KV_EVICT)
                     pages = _kv_pages(pt_row, pos + BLOCK_N, pos + BLOCK_N < end, PAGE_SIZE)
-                    qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-                    qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
-                    m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, PREC)
-            else:
-                for s in range(start + BLOCK_N, end, BLOCK_N):
-                    pos = s + offs_n
-                    n_mask = pos < end
-                    k_off, v_off, kv_mask = _kv_offsets(pt_row, pos, n_mask, offs_d, d_mask, stride_kp, stride_vp,
-                                                        stride_t, PAGE_SIZE, HEAD_DIM, BLOCK_D)
-                    k = tl.load(k_base + k_off, mask=kv_mask, other=0.0, eviction_policy=KV_EVICT)
-                    qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-                    qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
+                qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+                qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
+                if not PAGES_AHEAD:
                     v = tl.load(v_base + v_off, mask=kv_mask, other=0.0, eviction_policy=KV_EVICT)
-                    m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, PREC)
+                m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, PREC)
 
             l_safe = tl.where(l_i > 0.0, l_i, 1.0)
             o = acc / l_safe[:, None]
