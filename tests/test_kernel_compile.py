@@ -6,6 +6,8 @@ interpreter accepts) fails here, in CI, instead of on the lent GPU. Skipped wher
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -61,6 +63,14 @@ def hopper(monkeypatch):
         driver._active = previous
 
 
+def loads_before_wait(kernel) -> int:
+    """Global loads a PDL-launched kernel's PTX issues before its wait on the previous kernel: what it reads that no
+    kernel of the step writes (weights, staged inputs, the rotary table)."""
+    ptx = kernel.asm["ptx"]
+    assert "griddepcontrol.wait" in ptx
+    return len(re.findall(r"\bld\.global", ptx.split("griddepcontrol.wait", 1)[0]))
+
+
 def assert_compiled(compiled: dict, *names: str) -> None:
     for name in names:
         assert compiled.get(name), f"{name} was not compiled"
@@ -80,6 +90,9 @@ def test_norm_rotary_and_elementwise_kernels(hopper):
                            kv_store=(v, cache, cache.clone(), positions))
     fused.embed_pending(torch.arange(4), torch.full((4,), -1), torch.zeros(8, dtype=torch.int64), torch.randn(100, 1024, dtype=BF16))
     assert_compiled(hopper, "_rmsnorm_kernel", "_silu_mul_kernel", "_qk_norm_rope_kernel", "_qk_norm_rope_token_kernel", "_embed_kernel")
+    # the decode norms (PDL) load their weight before the wait
+    pdl_norms = [k for k in hopper["_rmsnorm_kernel"] if "griddepcontrol.wait" in k.asm["ptx"]]
+    assert pdl_norms and all(loads_before_wait(k) >= 1 for k in pdl_norms)
 
 
 def test_sampling_and_argmax_kernels(hopper):
@@ -119,6 +132,10 @@ def test_batch_one_qkv_matmul_finishing_its_heads(hopper, qk_norm):
     assert_compiled(hopper, "_skinny_kernel")
     ptx = "".join(kernel.asm["ptx"] for kernel in hopper["_skinny_kernel"])
     assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx
+    # the token's slot and position load before the wait, beside the first weight tile
+    skinny_matmul.skinny_linear(torch.randn(1, k, dtype=BF16), torch.randn((hq + 2 * hkv) * d, k, dtype=BF16))
+    with_heads, without = hopper["_skinny_kernel"]
+    assert loads_before_wait(with_heads) >= loads_before_wait(without) + 2
 
 
 @pytest.mark.parametrize("rows,n,k", [(16, 4096, 1024), (64, 1024, 3072)])  # qkv unsplit, down with K split
@@ -150,6 +167,9 @@ def test_few_rows_matmul_epilogues(hopper, rows):
     rows_matmul.rows_linear(x, torch.randn(4096, 1024, dtype=BF16), heads=heads)
     assert_compiled(hopper, "_rows_kernel")
     assert len(hopper["_rows_kernel"]) == 2
+    # the heads epilogue's slots, positions and cos / sin load before the wait; SiLU-and-mul's tile reads nothing there
+    silu_mul, with_heads = hopper["_rows_kernel"]
+    assert loads_before_wait(silu_mul) == 0 and loads_before_wait(with_heads) >= 4
 
 
 def test_moe_kernels(hopper):
