@@ -110,7 +110,8 @@ if triton is not None:
         HALF: tl.constexpr = HEAD_DIM // 2
         offs = tl.arange(0, HALF)
         slots = tl.load(SLOTS + offs_m, mask=m_mask, other=0)
-        rotated = m_mask & (offs_m * 0 + head < n_q_heads + n_kv_heads)  # v heads load none
+        # v heads load none (the head test broadcast to the rows: a mask must be a tensor, in the interpreter too)
+        rotated = m_mask & (offs_m * 0 + head < n_q_heads + n_kv_heads)
         cs = COS_SIN + tl.load(POS + offs_m, mask=rotated, other=0)[None, :] * stride_cs + offs[:, None]
         cos = tl.load(cs, mask=rotated[None, :], other=0.0).to(dtype)
         sin = tl.load(cs + HALF, mask=rotated[None, :], other=0.0).to(dtype)
