@@ -117,17 +117,3 @@ def test_keys_loaded_before_the_wait_give_the_same_rows(monkeypatch, num_splits)
     assert torch.equal(before, after)
     assert rel_err(before, ref_decode(q, k, v, pt, seq_lens, 0.125)) < 2e-3
 
-
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_pages_looked_up_a_block_ahead_give_the_same_rows(monkeypatch, num_splits):
-    """Later blocks loading keys and values together, the next block's pages looked up while they load
-    (`HOTSWAP_DECODE_PAGES_AHEAD=1`), give the bits of the pages-then-keys-then-values loop: sequences of one block,
-    of many blocks across pages (700, 300, 129) and splits ending mid-page."""
-    q, k, v, pt, seq_lens = _case(5)
-    runs = {}
-    for ahead in (False, True):
-        with monkeypatch.context() as patch:
-            patch.setattr(ta, "_PAGES_AHEAD", ahead)
-            runs[ahead] = ta.paged_decode_attention(q, k, v, pt, seq_lens, 0.125, num_splits=num_splits)
-    assert torch.equal(runs[True], runs[False])
-    assert rel_err(runs[True], ref_decode(q, k, v, pt, seq_lens, 0.125)) < 2e-3

@@ -205,11 +205,6 @@ def test_attention_kernels(hopper, dtype):
     with pytest.MonkeyPatch.context() as patch:  # or by the merge kernel
         patch.setattr(ta, "_MERGE_IN_PLACE", False)
         ta.paged_decode_attention(q, k_cache, v_cache, pages, seq_lens, 0.088, num_splits=8)
-    with pytest.MonkeyPatch.context() as patch:  # later blocks' pages looked up a block ahead, pipelined (2 stages) or not
-        patch.setattr(ta, "_PAGES_AHEAD", True)
-        for splits in (1, 8):
-            ta.paged_decode_attention(q, k_cache, v_cache, pages, seq_lens, 0.088, num_splits=splits)
-        ta._decode_launch(q, k_cache, v_cache, pages, seq_lens, 0.088, torch.empty_like(q), order=order, **mid)
     cu = torch.tensor([0, 5, 37, 38, 102], dtype=torch.int32)
     ta.paged_prefill_attention(torch.randn(102, 16, 128, dtype=dtype), k_cache, v_cache, pages, cu, seq_lens, 64, 0.088)
     assert_compiled(hopper, "_decode_split_kernel", "_decode_reduce_kernel", "_prefill_kernel")

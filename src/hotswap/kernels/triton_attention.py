@@ -87,11 +87,6 @@ _PRELOAD = os.environ.get("HOTSWAP_DECODE_PRELOAD", "1") != "0"
 # call batch 64 34,309 / 34,517 -> 34,944 / 35,125 tokens/s, the sampled rollout 10.58 -> 10.36 s. The same hint on the
 # matmuls' weight loads measured nothing (1.556 ms).
 _KV_EVICT = "evict_first" if os.environ.get("HOTSWAP_EVICT_FIRST", "1") != "0" else ""
-# `HOTSWAP_DECODE_PAGES_AHEAD=1`: a split's blocks after its first load their keys and values together and look up
-# the next block's pages meanwhile (one round trip a block), instead of the pages, then the keys, then the values.
-# Built and tested (interpreted, both ways) in the thirty-sixth session, not yet measured on a GPU: off until
-# `bash scripts/gpu_runs.sh heads-pages` says whether the values held through the dot cost more than the trips saved.
-_PAGES_AHEAD = os.environ.get("HOTSWAP_DECODE_PAGES_AHEAD", "0") == "1"
 
 # Tunables (defaults; measured on H100, see bench/attention_kernels.py).
 _DECODE_TARGET_CTAS_PER_SM = 2  # aim for about this many split-programs per SM
@@ -177,22 +172,11 @@ if HAS_TRITON:
         return m_new, l_i, acc
 
     @triton.jit
-    def _kv_pages(pt_row, pos, n_mask, PAGE_SIZE: tl.constexpr):
-        """The cache pages holding keys at positions `pos` ([BLOCK_N]) of one sequence (its page-table row)."""
-        return tl.load(pt_row + pos // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
-
-    @triton.jit
     def _kv_offsets(pt_row, pos, n_mask, offs_d, d_mask, stride_kp, stride_vp,
                     STRIDE_T: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
         """Offsets of the K and V rows of keys at positions `pos` ([BLOCK_N]) in one sequence's pages, and
         the load mask. Inside a page a key's heads are dense: row `slot` of a KV head is at slot * STRIDE_T."""
-        return _page_offsets(_kv_pages(pt_row, pos, n_mask, PAGE_SIZE), pos, n_mask, offs_d, d_mask, stride_kp, stride_vp,
-                             STRIDE_T, PAGE_SIZE, HEAD_DIM, BLOCK_D)
-
-    @triton.jit
-    def _page_offsets(page, pos, n_mask, offs_d, d_mask, stride_kp, stride_vp,
-                      STRIDE_T: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-        """`_kv_offsets` with the pages already looked up (`_kv_pages`)."""
+        page = tl.load(pt_row + pos // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
         row = (pos % PAGE_SIZE).to(tl.int64) * STRIDE_T
         if BLOCK_D == HEAD_DIM:
             kv_mask = n_mask[:, None]
@@ -229,7 +213,6 @@ if HAS_TRITON:
         USE_PDL: tl.constexpr,
         PRELOAD: tl.constexpr,
         KV_EVICT: tl.constexpr,
-        PAGES_AHEAD: tl.constexpr,
         PREC: tl.constexpr,
     ):
         # Neighbouring programs are one sequence's KV heads (they read the same pages), and with ORDER the
@@ -299,25 +282,15 @@ if HAS_TRITON:
                 qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
                 m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, PREC)
 
-            # PAGES_AHEAD: each block's keys and values load together, and the next block's pages are looked up while
-            # they load (one round trip a block); else the pages, then the keys, then (after the dot) the values
-            if PAGES_AHEAD:
-                pages = _kv_pages(pt_row, start + BLOCK_N + offs_n, start + BLOCK_N + offs_n < end, PAGE_SIZE)
             for s in range(start + BLOCK_N, end, BLOCK_N):
                 pos = s + offs_n
                 n_mask = pos < end
-                if not PAGES_AHEAD:
-                    pages = _kv_pages(pt_row, pos, n_mask, PAGE_SIZE)
-                k_off, v_off, kv_mask = _page_offsets(pages, pos, n_mask, offs_d, d_mask, stride_kp, stride_vp,
-                                                      stride_t, PAGE_SIZE, HEAD_DIM, BLOCK_D)
+                k_off, v_off, kv_mask = _kv_offsets(pt_row, pos, n_mask, offs_d, d_mask, stride_kp, stride_vp,
+                                                    stride_t, PAGE_SIZE, HEAD_DIM, BLOCK_D)
                 k = tl.load(k_base + k_off, mask=kv_mask, other=0.0, eviction_policy=KV_EVICT)
-                if PAGES_AHEAD:
-                    v = tl.load(v_base + v_off, mask=kv_mask, other=0.0, eviction_policy=KV_EVICT)
-                    pages = _kv_pages(pt_row, pos + BLOCK_N, pos + BLOCK_N < end, PAGE_SIZE)
                 qk = tl.dot(q, tl.trans(k), input_precision=PREC)
                 qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
-                if not PAGES_AHEAD:
-                    v = tl.load(v_base + v_off, mask=kv_mask, other=0.0, eviction_policy=KV_EVICT)
+                v = tl.load(v_base + v_off, mask=kv_mask, other=0.0, eviction_policy=KV_EVICT)
                 m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, PREC)
 
             l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -615,7 +588,6 @@ def _decode_launch(
         USE_PDL=use_pdl,
         PRELOAD=_PRELOAD and B * Hkv <= sm_count(q.device),
         KV_EVICT=_KV_EVICT,
-        PAGES_AHEAD=_PAGES_AHEAD,
         PREC=_precision(q),
         num_warps=num_warps,
         num_stages=num_stages,
