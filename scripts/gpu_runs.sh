@@ -85,20 +85,22 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stages="suite|final|final2|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|host-ab|pusher|pusher-sizes|pusher-sessions|copies-quick|h200|h200-check|h100-check|profile|sum-in-norm|norm-ab|heads-pages|rows|knobs|epilogues|kv-loads"
+stages="suite|final|final2|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|host-ab|pusher|pusher-sizes|pusher-sessions|copies-quick|h200|h200-check|h100-check|profile|sum-in-norm|norm-ab|rows-split|rows|knobs|epilogues|kv-loads"
 [ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... ($stages)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/device.txt" 2>&1
 
-run() {  # run NAME SECONDS COMMAND...: one step, its output kept, a failure does not stop the stage
-    local name=$1 limit=$2
+run() {  # run NAME[:LOG] SECONDS COMMAND...: one step, its output kept (appended to LOG.log when named: the device tool
+    # returns at most 8 files a call), a failure does not stop the stage
+    local name=${1%%:*} log=${1#*:} limit=$2
     shift 2
     echo "== $name: $*" | tee -a "$out/summary.txt"
+    echo "== $name: $*" >> "$out/$log.log"
     local began=$SECONDS
-    timeout "$limit" "$@" > "$out/$name.log" 2>&1
+    timeout "$limit" "$@" >> "$out/$log.log" 2>&1
     echo "   exit $? ($((SECONDS - began)) s)" | tee -a "$out/summary.txt"
-    tail -n 25 "$out/$name.log"
+    tail -n 25 "$out/$log.log"
 }
 
 # 30B-A3B's batch 256 x 640 tokens holds 16 GB of KV beside 61 GB of weights: more than an 80 GB card; there, 256 x 384
@@ -287,26 +289,22 @@ norm-ab)  # the RMSNorm kernel's weight loaded before the PDL wait (eb3faeb, not
     done
     PYTHONPATH=src run profile_now 60 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 64
     ;;
-heads-pages)  # the q/k/v matmuls' heads epilogues (few rows, one row) with their staged inputs loaded before the PDL wait, and decode attention's
-    # blocks loading keys and values together with the next block's pages looked up meanwhile (HOTSWAP_DECODE_PAGES_AHEAD=1,
-    # off by default until measured), against the tree before both, unpacked in .before (git archive 1f3c262 src bench | (mkdir -p .before && tar -x -C .before), with this
-    # bench/profile_decode.py copied in): the GPU tests of both kernels, then the 0.6B batch 1 / 32 / 64 before, with the
-    # heads changes only (HOTSWAP_DECODE_PAGES_AHEAD=0) and with both, interleaved (ROUNDS=2: twice), and the batch-64 profile
-    # each way (~220 s a round; NO_PROFILES=1 skips the tests and profiles)
-    [ -n "${NO_PROFILES:-}" ] || HOTSWAP_DECODE_PAGES_AHEAD=1 PYTHONPATH=src run heads_pages_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py \
-        tests/test_gpu_engine.py tests/test_triton_attention.py -k "rows_matmul or bf16_greedy or heads or decode"
-    for round in $(seq "${ROUNDS:-1}"); do
-        PYTHONPATH=.before/src run "throughput_before_$round" 60 python3 .before/bench/throughput.py --shape qwen3-0.6b \
-            --cases 1x128x128,32x128x128,64x128x128 --hf none
-        HOTSWAP_DECODE_PAGES_AHEAD=0 PYTHONPATH=src run "throughput_heads_$round" 60 python3 bench/throughput.py \
-            --shape qwen3-0.6b --cases 1x128x128,32x128x128,64x128x128 --hf none
-        HOTSWAP_DECODE_PAGES_AHEAD=1 PYTHONPATH=src run "throughput_both_$round" 60 python3 bench/throughput.py --shape qwen3-0.6b \
-            --cases 1x128x128,32x128x128,64x128x128 --hf none
+rows-split)  # the few-rows matmuls' K splits in whole decode (temporary knobs in kernels/rows_matmul.py): as they are (q/k/v
+    # split 2, the others until the grid covers half the SMs), q/k/v split 4 and 1 (HOTSWAP_ROWS_HEADS_SPLIT), every split
+    # grown until the grid covers all the SMs (HOTSWAP_ROWS_GRID=1.0), interleaved, ROUNDS times (default 2; ~17 s a run),
+    # into one log; then the batch-64 profile with q/k/v split 4 (~170 s)
+    for round in $(seq "${ROUNDS:-2}"); do
+        for knob in none HOTSWAP_ROWS_HEADS_SPLIT=4 HOTSWAP_ROWS_HEADS_SPLIT=1 HOTSWAP_ROWS_GRID=1.0; do
+            (export "${knob/none/NO_KNOB=1}"
+             PYTHONPATH=src run "${knob#HOTSWAP_ROWS_}_round$round:rows_split" 60 python3 bench/throughput.py --shape qwen3-0.6b \
+                 --cases 1x128x128,32x128x128,64x128x128 --hf none)
+        done
     done
-    [ -n "${NO_PROFILES:-}" ] && continue  # a short budget: the throughput rounds only (`NO_PROFILES=1`)
-    PYTHONPATH=.before/src run profile_before 60 python3 .before/bench/profile_decode.py --shape qwen3-0.6b --batch 64
-    HOTSWAP_DECODE_PAGES_AHEAD=0 PYTHONPATH=src run profile_heads 60 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 64
-    HOTSWAP_DECODE_PAGES_AHEAD=1 PYTHONPATH=src run profile_both 60 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 64
+    HOTSWAP_ROWS_HEADS_SPLIT=4 PYTHONPATH=src run profile_heads_split4 60 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 64
+    for knob in HOTSWAP_ROWS_HEADS_SPLIT=4 HOTSWAP_ROWS_GRID=1.0; do  # the variants' bits against the separate kernels and cuBLAS
+        (export "$knob"; PYTHONPATH=src run "tests_${knob#HOTSWAP_ROWS_}:rows_split_tests" 90 python3 -m pytest -q -p no:cacheprovider \
+             tests/test_fused_kernels.py -k "rows_matmul")
+    done
     ;;
 rows)  # the few-rows decode matmul: its GPU tests, beside cuBLAS with a tile sweep, and whole decode with it on and off
     PYTHONPATH=src run rows_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py tests/test_gpu_engine.py \

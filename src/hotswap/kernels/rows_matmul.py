@@ -63,6 +63,11 @@ _LINE = 128
 #: `HOTSWAP_ROWS_STAGES=LONG,SHORT` sets the steps in flight of K ranges of six steps or more and of shorter ones,
 #: whatever the rows (the A/B switch of the benches; unset: `stages_for`).
 _STAGES_SET = os.environ.get("HOTSWAP_ROWS_STAGES")
+#: Temporary A/B knobs (thirty-seventh session, to be removed once measured): `HOTSWAP_ROWS_HEADS_SPLIT=N` splits the
+#: q/k/v (heads epilogue) matmul's K N ways; `HOTSWAP_ROWS_GRID=F` grows the other splits until the grid covers F of
+#: the SMs (default 0.5).
+_HEADS_SPLIT = int(os.environ.get("HOTSWAP_ROWS_HEADS_SPLIT", "0"))
+_GRID = float(os.environ.get("HOTSWAP_ROWS_GRID", "0.5"))
 
 
 def enabled(rows: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -225,8 +230,10 @@ def tiles_for(n: int, k: int, device: torch.device, block_n: int = 64, rows: int
     if n % block_n or k % block_k:
         return None
     sms, tiles, split = sm_count(device), n // block_n, 1
-    while 2 * tiles * split <= sms // 2 and k % (2 * split * block_k) == 0:
+    while 2 * tiles * split <= int(sms * _GRID) and k % (2 * split * block_k) == 0:
         split *= 2
+    if _HEADS_SPLIT and block_n != 64:
+        split = _HEADS_SPLIT
     return Tiles(block_n, block_k, split, stages=stages_for(k // split // block_k, rows), prefetch_k=prefetch_k(k // split))
 
 
