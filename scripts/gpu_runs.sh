@@ -77,6 +77,10 @@
 # eleven later tries (H100 and H200 kinds) started no machine. Next, first: `heads-pages` (ROUNDS=2; the q/k/v heads
 # epilogues' staged inputs before the PDL wait, and HOTSWAP_DECODE_PAGES_AHEAD=1, off until it measures a gain: flip its
 # default or drop it), then `suite` on the tree of the day (last whole on 273d181), then `h200-check` (`needs_h200`).)
+# (The thirty-seventh ran `heads-pages` (since removed: the q/k/v heads epilogue's inputs before the wait and the host trims
+# kept, batch 64 50.0 / 50.1 %; attention's pages a block ahead dropped) and `suite` (263 passed) on an H100; its later
+# tries (H100 and H200 kinds) mostly started no machine. Next: `rows-split` (the few-rows matmuls' K splits in whole
+# decode: keep a knob's setting as the default if it wins, else remove the knobs), then `h200-check` (`needs_h200`).)
 # "Before" is the tree before the restructure, unpacked beside this one (untracked, so it travels to the
 # device):  git archive 6c9ff7c src bench | (mkdir -p .before && tar -x -C .before)
 # The MoE stage compares its decode kernels with the tree before they changed, unpacked the same way:
