@@ -75,6 +75,18 @@ def test_default_tiles_split_narrow_weights_and_refuse_uneven_ones():
         rm.rows_linear(torch.randn(4, 96), torch.randn(64, 96), tiles=rm.Tiles(64, 64, 1, 1, 0))
 
 
+def test_the_split_switches_of_the_rows_split_stage(monkeypatch):
+    """`HOTSWAP_ROWS_HEADS_SPLIT` sets the q/k/v (heads) matmul's split alone; `HOTSWAP_ROWS_GRID` how much of the GPU
+    the splits grow to cover (bash scripts/gpu_runs.sh rows-split)."""
+    cpu, tiles_for = torch.device("cpu"), rm.tiles_for.__wrapped__  # uncached: the switches are read at import
+    monkeypatch.setattr(rm, "_GRID", 0.5)
+    monkeypatch.setattr(rm, "_HEADS_SPLIT", 4)
+    assert tiles_for(4096, 1024, cpu, 128).split_k == 4 and tiles_for(1024, 3072, cpu).split_k == 4
+    monkeypatch.setattr(rm, "_HEADS_SPLIT", 0)
+    monkeypatch.setattr(rm, "_GRID", 1.0)
+    assert tiles_for(4096, 1024, cpu, 128).split_k == 4 and tiles_for(1024, 3072, cpu).split_k == 8
+
+
 @pytest.mark.parametrize("rows", [2, 9, 64])
 @pytest.mark.parametrize("split_k", [2, 4])
 def test_split_sums_left_to_the_norm_give_its_bits(rows, split_k, kernel_only):

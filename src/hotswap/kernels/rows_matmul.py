@@ -63,9 +63,10 @@ _LINE = 128
 #: `HOTSWAP_ROWS_STAGES=LONG,SHORT` sets the steps in flight of K ranges of six steps or more and of shorter ones,
 #: whatever the rows (the A/B switch of the benches; unset: `stages_for`).
 _STAGES_SET = os.environ.get("HOTSWAP_ROWS_STAGES")
-#: Temporary A/B knobs (thirty-seventh session, to be removed once measured): `HOTSWAP_ROWS_HEADS_SPLIT=N` splits the
-#: q/k/v (heads epilogue) matmul's K N ways; `HOTSWAP_ROWS_GRID=F` grows the other splits until the grid covers F of
-#: the SMs (default 0.5).
+#: The K-split A/B switches of `bash scripts/gpu_runs.sh rows-split` (built in the thirty-seventh session, not yet run on
+#: a GPU; the run that measures them keeps a winner as the default and removes them): `HOTSWAP_ROWS_HEADS_SPLIT=N` splits
+#: the q/k/v (heads epilogue) matmul's K N ways; `HOTSWAP_ROWS_GRID=F` grows the splits until the grid covers F of the
+#: SMs (0.5: `tiles_for`'s rule).
 _HEADS_SPLIT = int(os.environ.get("HOTSWAP_ROWS_HEADS_SPLIT", "0"))
 _GRID = float(os.environ.get("HOTSWAP_ROWS_GRID", "0.5"))
 
