@@ -81,10 +81,11 @@ def test_the_split_switches_of_the_rows_split_stage(monkeypatch):
     cpu, tiles_for = torch.device("cpu"), rm.tiles_for.__wrapped__  # uncached: the switches are read at import
     monkeypatch.setattr(rm, "_GRID", 0.5)
     monkeypatch.setattr(rm, "_HEADS_SPLIT", 4)
-    assert tiles_for(4096, 1024, cpu, 128).split_k == 4 and tiles_for(1024, 3072, cpu).split_k == 4
+    assert tiles_for(4096, 1024, cpu, 128, heads=True).split_k == 4 and tiles_for(4096, 1024, cpu, 128).split_k == 2
+    assert tiles_for(1024, 3072, cpu).split_k == 4
     monkeypatch.setattr(rm, "_HEADS_SPLIT", 0)
     monkeypatch.setattr(rm, "_GRID", 1.0)
-    assert tiles_for(4096, 1024, cpu, 128).split_k == 4 and tiles_for(1024, 3072, cpu).split_k == 8
+    assert tiles_for(4096, 1024, cpu, 128, heads=True).split_k == 4 and tiles_for(1024, 3072, cpu).split_k == 8
 
 
 @pytest.mark.parametrize("rows", [2, 9, 64])

@@ -222,8 +222,8 @@ if triton is not None:
 
 
 @functools.lru_cache(maxsize=None)  # a few shapes a model; called per matmul on the eager path
-def tiles_for(n: int, k: int, device: torch.device, block_n: int = 64, rows: int = 64) -> Tiles | None:
-    """`block_n`-column tiles (64; a head's width for the heads epilogue), K split (by powers of two that keep a split's
+def tiles_for(n: int, k: int, device: torch.device, block_n: int = 64, rows: int = 64, heads: bool = False) -> Tiles | None:
+    """`block_n`-column tiles (64; a head's width for the heads epilogue, `heads`), K split (by powers of two that keep a split's
     range whole in 128-wide steps) until the grid covers about half the SMs, steps in flight by `stages_for`; None where
     the shape does not tile evenly (cuBLAS then). Fewer, longer programs won on the H100 at 64 rows (bench/rows_matmul.py
     --sweep: a 0.6B layer's four matmuls 24.2 us against 26.1 with one program an SM, cuBLAS 26.5)."""
@@ -233,7 +233,7 @@ def tiles_for(n: int, k: int, device: torch.device, block_n: int = 64, rows: int
     sms, tiles, split = sm_count(device), n // block_n, 1
     while 2 * tiles * split <= int(sms * _GRID) and k % (2 * split * block_k) == 0:
         split *= 2
-    if _HEADS_SPLIT and block_n != 64:
+    if heads and _HEADS_SPLIT:
         split = _HEADS_SPLIT
     return Tiles(block_n, block_k, split, stages=stages_for(k // split // block_k, rows), prefetch_k=prefetch_k(k // split))
 
@@ -276,7 +276,7 @@ def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     kernel and this one, at 64 rows on the H100 (the computed operand leaves the loop's async copies)."""
     m, k = x.shape
     n = weight.shape[0]
-    tiles = tiles or tiles_for(n, k, x.device, heads.head_dim if heads is not None else 64, m)
+    tiles = tiles or (tiles_for(n, k, x.device, heads.head_dim, m, heads=True) if heads is not None else tiles_for(n, k, x.device, 64, m))
     too_large = m > MAX_ROWS or weight.numel() * weight.element_size() > MAX_WEIGHT_BYTES
     fits = not (tiles is None or too_large or x.stride(-1) != 1 or weight.stride(-1) != 1)
     if (silu_mul or heads is not None) and not (fits and EPILOGUES):
