@@ -210,7 +210,7 @@ def _greedy(path, prompts: list[list[int]]) -> tuple[list[list[int]], list[float
     return [o["output_ids"] for o in outs], [lp for o in outs for lp, _, _ in o["meta_info"]["output_token_logprobs"]]
 
 
-def _small_tiles(n, k, device, block_n=64, rows=64):
+def _small_tiles(n, k, device, block_n=64, rows=64, heads=False):
     """Tiles for the tiny models' 64-wide K and 16-wide heads, K split in two."""
     block_n = min(block_n, 32)
     return rm.Tiles(block_n, 32, 2, 1, 0) if n % block_n == 0 and k % 64 == 0 else None
