@@ -298,9 +298,9 @@ rows-split)  # the few-rows matmuls' K splits in whole decode (temporary knobs i
     # grown until the grid covers all the SMs (HOTSWAP_ROWS_GRID=1.0), interleaved, ROUNDS times (default 2; ~17 s a run),
     # into one log; then the batch-64 profile with q/k/v split 4 (~170 s)
     for round in $(seq "${ROUNDS:-2}"); do
-        for knob in none HOTSWAP_ROWS_HEADS_SPLIT=4 HOTSWAP_ROWS_HEADS_SPLIT=1 HOTSWAP_ROWS_GRID=1.0; do
-            (export "${knob/none/NO_KNOB=1}"
-             PYTHONPATH=src run "${knob#HOTSWAP_ROWS_}_round$round:rows_split" 60 python3 bench/throughput.py --shape qwen3-0.6b \
+        for knob in "" HOTSWAP_ROWS_HEADS_SPLIT=4 HOTSWAP_ROWS_HEADS_SPLIT=1 HOTSWAP_ROWS_GRID=1.0; do
+            ([ -z "$knob" ] || export "$knob"
+             PYTHONPATH=src run "${knob:-default}_round$round:rows_split" 60 python3 bench/throughput.py --shape qwen3-0.6b \
                  --cases 1x128x128,32x128x128,64x128x128 --hf none)
         done
     done

@@ -116,4 +116,3 @@ def test_keys_loaded_before_the_wait_give_the_same_rows(monkeypatch, num_splits)
         before = ta.paged_decode_attention(q, k, v, pt, seq_lens, 0.125, num_splits=num_splits)
     assert torch.equal(before, after)
     assert rel_err(before, ref_decode(q, k, v, pt, seq_lens, 0.125)) < 2e-3
-

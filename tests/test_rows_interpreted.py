@@ -88,6 +88,23 @@ def test_the_split_switches_of_the_rows_split_stage(monkeypatch):
     assert tiles_for(4096, 1024, cpu, 128, heads=True).split_k == 4 and tiles_for(1024, 3072, cpu).split_k == 8
 
 
+def test_the_heads_matmul_asks_for_heads_tiles(monkeypatch, kernel_only):
+    """rows_linear tells `tiles_for` which matmul finishes heads (so the q/k/v switch reaches it, whatever the head
+    width), and a plain one that it does not."""
+    asked = []
+
+    def recorded(n, k, device, block_n=64, rows=64, heads=False):
+        asked.append((block_n, heads))
+        return rm.Tiles(block_n, 64, 1, 1, 0)
+
+    monkeypatch.setattr(rm, "tiles_for", recorded)
+    hq, hkv, d = 4, 2, 32
+    c = _heads_case(1, 3, hq, hkv, d, True, False)
+    rm.rows_linear(c["x"], c["w"])
+    rm.rows_linear(c["x"], c["w"], heads=_heads(c, hq, hkv, d, c["k_cache"], c["v_cache"]))
+    assert asked == [(64, False), (d, True)]
+
+
 @pytest.mark.parametrize("rows", [2, 9, 64])
 @pytest.mark.parametrize("split_k", [2, 4])
 def test_split_sums_left_to_the_norm_give_its_bits(rows, split_k, kernel_only):

@@ -276,7 +276,7 @@ def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     kernel and this one, at 64 rows on the H100 (the computed operand leaves the loop's async copies)."""
     m, k = x.shape
     n = weight.shape[0]
-    tiles = tiles or (tiles_for(n, k, x.device, heads.head_dim, m, heads=True) if heads is not None else tiles_for(n, k, x.device, 64, m))
+    tiles = tiles or tiles_for(n, k, x.device, heads.head_dim if heads is not None else 64, m, heads is not None)
     too_large = m > MAX_ROWS or weight.numel() * weight.element_size() > MAX_WEIGHT_BYTES
     fits = not (tiles is None or too_large or x.stride(-1) != 1 or weight.stride(-1) != 1)
     if (silu_mul or heads is not None) and not (fits and EPILOGUES):
