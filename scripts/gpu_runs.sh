@@ -295,15 +295,17 @@ norm-ab)  # the RMSNorm kernel's weight loaded before the PDL wait (eb3faeb, not
     ;;
 rows-split)  # the few-rows matmuls' K splits in whole decode (temporary knobs in kernels/rows_matmul.py): as they are (q/k/v
     # split 2, the others until the grid covers half the SMs), q/k/v split 4 and 1 (HOTSWAP_ROWS_HEADS_SPLIT), every split
-    # grown until the grid covers all the SMs (HOTSWAP_ROWS_GRID=1.0), interleaved, ROUNDS times (default 2; ~17 s a run),
-    # into one log; then the batch-64 profile with q/k/v split 4 (~170 s)
+    # grown until the grid covers all the SMs (HOTSWAP_ROWS_GRID=1.0), and small batches' decode attention in 32-key splits
+    # (HOTSWAP_DECODE_MIN_CHUNK=32), interleaved, ROUNDS times (default 2; ~17 s a run), into one log; then the 32-key
+    # splits alone, short to long contexts (~40 s), the batch-64 profile with q/k/v split 4 (~170 s with the rest)
     for round in $(seq "${ROUNDS:-2}"); do
-        for knob in "" HOTSWAP_ROWS_HEADS_SPLIT=4 HOTSWAP_ROWS_HEADS_SPLIT=1 HOTSWAP_ROWS_GRID=1.0; do
+        for knob in "" HOTSWAP_ROWS_HEADS_SPLIT=4 HOTSWAP_ROWS_HEADS_SPLIT=1 HOTSWAP_ROWS_GRID=1.0 HOTSWAP_DECODE_MIN_CHUNK=32; do
             ([ -z "$knob" ] || export "$knob"
              PYTHONPATH=src run "${knob:-default}_round$round:rows_split" 60 python3 bench/throughput.py --shape qwen3-0.6b \
                  --cases 1x128x128,32x128x128,64x128x128 --hf none)
         done
     done
+    PYTHONPATH=src run attention_short 90 python3 bench/attention_kernels.py --sweep short
     HOTSWAP_ROWS_HEADS_SPLIT=4 PYTHONPATH=src run profile_heads_split4 60 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 64
     for knob in HOTSWAP_ROWS_HEADS_SPLIT=4 HOTSWAP_ROWS_GRID=1.0; do  # the variants' bits against the separate kernels and cuBLAS
         (export "$knob"; PYTHONPATH=src run "tests_${knob#HOTSWAP_ROWS_}:rows_split_tests" 90 python3 -m pytest -q -p no:cacheprovider \

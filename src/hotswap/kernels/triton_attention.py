@@ -93,6 +93,10 @@ _KV_EVICT = "evict_first" if os.environ.get("HOTSWAP_EVICT_FIRST", "1") != "0" e
 # Tunables (defaults; measured on H100, see bench/attention_kernels.py).
 _DECODE_TARGET_CTAS_PER_SM = 2  # aim for about this many split-programs per SM
 _DECODE_MIN_CHUNK = 64  # a split never gets fewer tokens than this (inside the kernel)
+# A/B switch, not yet measured in whole decode (`HOTSWAP_DECODE_MIN_CHUNK=32`): small batches' splits of 32 keys in the
+# same 64-key tiles (half masked), so a short context spreads over twice the programs while long ones split as before
+# (at most num_splits). Kernel alone on the H100, batch 1 x 192 keys: 32-key splits and tiles 4.3 us, 64-key 4.7.
+_DECODE_MIN_CHUNK = int(os.environ.get("HOTSWAP_DECODE_MIN_CHUNK", _DECODE_MIN_CHUNK))
 # Mid-size batches (one program per sequence and KV head already fills the GPU, but fewer than this many such
 # programs an SM): split only the long sequences, in up to _LONG_SPLITS chunks of at least _LONG_MIN_CHUNK keys.
 # A rollout's mixed contexts at batch 64 (0.6B heads, H100, `attention_kernels.py --sweep mix`): one split 100.3 us
@@ -209,6 +213,7 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         DIRECT: tl.constexpr,
         MIN_CHUNK: tl.constexpr,
+        CHUNK_ALIGN: tl.constexpr,
         HAS_ORDER: tl.constexpr,
         MERGE: tl.constexpr,
         BLOCK_S: tl.constexpr,
@@ -233,7 +238,8 @@ if HAS_TRITON:
         # tail; split 0 of every (sequence, KV head) waits, so the launch still ends after the previous one.
         n_split = _active_splits(seq_len, num_splits, MIN_CHUNK)
         if split < n_split:
-            chunk = tl.cdiv(tl.cdiv(seq_len, n_split), BLOCK_N) * BLOCK_N
+            # whole tiles but where a chunk is shorter than a tile (CHUNK_ALIGN = min(MIN_CHUNK, BLOCK_N))
+            chunk = tl.cdiv(tl.cdiv(seq_len, n_split), CHUNK_ALIGN) * CHUNK_ALIGN
             start = split * chunk
             end = tl.minimum(start + chunk, seq_len)
 
@@ -556,7 +562,7 @@ def _decode_launch(
     group = Hq // Hkv
     block_d = max(16, _next_pow2(D))
     num_splits = int(max(1, min(num_splits, MAX_DECODE_SPLITS)))
-    min_chunk = max(int(min_chunk), block_n)
+    min_chunk = max(int(min_chunk), 16)
     counters = None
     if num_splits > 1:
         mid_o = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)
@@ -584,6 +590,7 @@ def _decode_launch(
         BLOCK_N=block_n,
         DIRECT=num_splits == 1,
         MIN_CHUNK=min_chunk,
+        CHUNK_ALIGN=min(min_chunk, block_n),
         HAS_ORDER=order is not None,
         MERGE=counters is not None,
         BLOCK_S=_next_pow2(num_splits),
