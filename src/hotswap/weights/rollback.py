@@ -96,9 +96,6 @@ class RollbackBuffer:
             self.arena = HostArena()
         return self.arena.take(nbytes, pin=True).view(src.dtype).view(src.shape)
 
-    def protect(self, slot: WeightSlot) -> None:
-        self.protect_many([slot])
-
     def protect_many(self, slots: list[WeightSlot], overlap: bool = False) -> dict[str, torch.cuda.Event] | None:
         """Save the originals of `slots` (those not saved yet in this session).
 
