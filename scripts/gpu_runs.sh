@@ -22,6 +22,7 @@
 #   knobs   the few-rows matmul's steps in flight by rows against 5 / 3 for all rows, in whole decode, and its GPU tests (~250 s)
 #   rows    the few-rows decode matmul (kernels/rows_matmul.py): GPU tests, against cuBLAS with a tile sweep, decode on / off
 #   profile  the decode graphs' kernels by device time: 0.6B batch 1 / 64, 30B-A3B batch 1 (~200 s)
+#   h200-goals  issue 24's goals on an H200 (~430 s, `needs_h200`): 0.6B batch 1 / 64, 0.6B / 8B rollouts, 0.6B streaming
 #   h200-check  the GPU tests of the twenty-ninth session's checkpoint variants and the engine, then h200's rollouts (~530 s)
 #   h100-check  h200-check for an 80 GB card, with the 0.6B batch 1 / 64 and the 30B-A3B batch 1 (~500 s)
 #   h200    one H200 call (~480 s, `needs_h200`: the 30B-A3B rollout of 256 sequences needs its memory): that rollout with and
@@ -89,7 +90,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stages="suite|final|final2|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|host-ab|pusher|pusher-sizes|pusher-sessions|copies-quick|h200|h200-check|h100-check|profile|sum-in-norm|norm-ab|rows-split|rows|knobs|epilogues|kv-loads"
+stages="suite|final|final2|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|host-ab|pusher|pusher-sizes|pusher-sessions|copies-quick|h200|h200-goals|h200-check|h100-check|profile|sum-in-norm|norm-ab|rows-split|rows|knobs|epilogues|kv-loads"
 [ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... ($stages)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
@@ -230,6 +231,16 @@ h200)  # one H200 call's worth (~480 s) of what only an H200 gives: the 30B-A3B 
     PYTHONPATH=src run h200_rollout06 80 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline
     PYTHONPATH=src run h200_rollout8b 100 python3 bench/rollout.py --shape qwen3-8b --prompts 32 --n 8 --paths offline --modes sampled
     PYTHONPATH=src run h200_throughput06 40 python3 bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,64x128x128 --hf none
+    ;;
+h200-goals)  # issue 24's goals on the card its table names (~430 s, `needs_h200`; no H200 figure since the seventeenth
+    # session): 0.6B batch 1 / 64, the 0.6B and 8B rollouts sampled and greedy, the 0.6B streaming rollout (carry .whl)
+    site_packages
+    PYTHONPATH=src run h200_throughput06:h200_goals 60 python3 bench/throughput.py --shape qwen3-0.6b \
+        --cases 1x128x128,64x128x128 --hf none
+    PYTHONPATH=src run h200_rollout06:h200_goals 100 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline
+    PYTHONPATH=src run h200_rollout8b:h200_goals 160 python3 bench/rollout.py --shape qwen3-8b --prompts 32 --n 8 --paths offline
+    PYTHONPATH=/tmp/site:src run h200_stream06:h200_goals 150 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 \
+        --modes sampled --paths offline,generate,generate-stream --incremental-streaming-output --client-procs 4 --frontend-process
     ;;
 h200-check)  # the twenty-ninth session's one H200 call (~510 s, `needs_h200`): the GPU tests of its checkpoint variants (YaRN's
     # table, o_proj / MLP biases through the few-rows kernels) and the engine's, then the rollouts of `h200` (30B-A3B with
