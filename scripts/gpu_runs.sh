@@ -308,7 +308,8 @@ rows-split)  # the few-rows matmuls' K splits in whole decode (temporary knobs i
     # split 2, the others until the grid covers half the SMs), q/k/v split 4 and 1 (HOTSWAP_ROWS_HEADS_SPLIT), every split
     # grown until the grid covers all the SMs (HOTSWAP_ROWS_GRID=1.0), and small batches' decode attention in 32-key splits
     # (HOTSWAP_DECODE_MIN_CHUNK=32), interleaved, ROUNDS times (default 2; ~17 s a run), into one log; then the 32-key
-    # splits alone, short to long contexts (~40 s), the batch-64 profile with q/k/v split 4 (~170 s with the rest)
+    # splits alone, short to long contexts (~40 s), the batch-64 profile with q/k/v split 4, batch 1's with 64- and 32-key
+    # splits, the kernels' GPU tests with each rows switch (~470 s in all)
     for round in $(seq "${ROUNDS:-2}"); do
         for knob in "" HOTSWAP_ROWS_HEADS_SPLIT=4 HOTSWAP_ROWS_HEADS_SPLIT=1 HOTSWAP_ROWS_GRID=1.0 HOTSWAP_DECODE_MIN_CHUNK=32; do
             ([ -z "$knob" ] || export "$knob"
@@ -317,11 +318,17 @@ rows-split)  # the few-rows matmuls' K splits in whole decode (temporary knobs i
         done
     done
     PYTHONPATH=src run attention_short 90 python3 bench/attention_kernels.py --sweep short
-    HOTSWAP_ROWS_HEADS_SPLIT=4 PYTHONPATH=src run profile_heads_split4 60 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 64
+    HOTSWAP_ROWS_HEADS_SPLIT=4 PYTHONPATH=src run profile_heads_split4:profiles 60 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 64
+    for knob in HOTSWAP_DECODE_MIN_CHUNK=64 HOTSWAP_DECODE_MIN_CHUNK=32; do  # batch 1's attention a layer, each way
+        (export "$knob"; PYTHONPATH=src run "profile_b1_${knob#HOTSWAP_DECODE_}:profiles" 60 python3 bench/profile_decode.py \
+             --shape qwen3-0.6b --batch 1)
+    done
     for knob in HOTSWAP_ROWS_HEADS_SPLIT=4 HOTSWAP_ROWS_GRID=1.0; do  # the variants' bits against the separate kernels and cuBLAS
         (export "$knob"; PYTHONPATH=src run "tests_${knob#HOTSWAP_ROWS_}:rows_split_tests" 90 python3 -m pytest -q -p no:cacheprovider \
              tests/test_fused_kernels.py -k "rows_matmul")
     done
+    HOTSWAP_DECODE_MIN_CHUNK=32 PYTHONPATH=src run tests_MIN_CHUNK32:rows_split_tests 90 python3 -m pytest -q -p no:cacheprovider \
+        tests/test_triton_attention.py -k decode
     ;;
 rows)  # the few-rows decode matmul: its GPU tests, beside cuBLAS with a tile sweep, and whole decode with it on and off
     PYTHONPATH=src run rows_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py tests/test_gpu_engine.py \
