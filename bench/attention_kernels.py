@@ -336,11 +336,6 @@ def sweeps(which):
             decode_sweep(B, HQ, [dict(num_splits=sp, block_n=bn, num_warps=4, num_stages=st, min_chunk=mc)
                                  for sp in sorted({splits, min(splits, 16), min(splits, 8)})
                                  for bn, mc in ((32, 32), (64, 64)) for st in (1, 2, 3)], layers=28, context=ctx, top=6)
-    if which in ("short", "all"):  # small batches' splits of 32 keys in 64-key tiles against 64-key splits, short to long
-        for B, ctx in ((1, 192), (1, 1024), (1, 2500), (1, 4000), (4, 2000), (8, 256)):
-            splits = ta.decode_plan(B, HKV, 256 * PS).num_splits
-            decode_sweep(B, HQ, [dict(num_splits=splits, block_n=64, num_warps=4, num_stages=2, min_chunk=mc)
-                                 for mc in (64, 32)], layers=28, context=ctx)
     if which in ("mix", "all"):  # a rollout's mixed contexts: tiles and program order, then KV splits for mid-size batches
         tiles = ((64, 4, 1), (64, 4, 2), (32, 4, 2), (32, 2, 1), (64, 8, 2), (128, 8, 2), (64, 4, 3))
         for B, hq in ((512, 16), (256, 32), (64, 16)):
@@ -362,7 +357,7 @@ def sweeps(which):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sweep", choices=["decode", "short", "mix", "prefill", "all"], default=None,
+    ap.add_argument("--sweep", choices=["decode", "mix", "prefill", "all"], default=None,
                     help="only sweep kernel configs (tuning), no table")
     args = ap.parse_args()
     torch.manual_seed(0)

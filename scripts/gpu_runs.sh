@@ -22,6 +22,7 @@
 #   knobs   the few-rows matmul's steps in flight by rows against 5 / 3 for all rows, in whole decode, and its GPU tests (~250 s)
 #   rows    the few-rows decode matmul (kernels/rows_matmul.py): GPU tests, against cuBLAS with a tile sweep, decode on / off
 #   profile  the decode graphs' kernels by device time: 0.6B batch 1 / 64, 30B-A3B batch 1 (~200 s)
+#   merge-tile  decode attention's split merge as one tile of partials a head against the serial merge (.before = 0fdb108)
 #   h200-goals  issue 24's goals on an H200 (~430 s, `needs_h200`): 0.6B batch 1 / 64, 0.6B / 8B rollouts, 0.6B streaming
 #   h200-check  the GPU tests of the twenty-ninth session's checkpoint variants and the engine, then h200's rollouts (~530 s)
 #   h100-check  h200-check for an 80 GB card, with the 0.6B batch 1 / 64 and the 30B-A3B batch 1 (~500 s)
@@ -82,6 +83,11 @@
 # kept, batch 64 50.0 / 50.1 %; attention's pages a block ahead dropped) and `suite` (263 passed) on an H100; its later
 # tries (H100 and H200 kinds) mostly started no machine. Next: `rows-split` (the few-rows matmuls' K splits in whole
 # decode: keep a knob's setting as the default if it wins, else remove the knobs), then `h200-check` (`needs_h200`).)
+# (The thirty-eighth ran `rows-split` on an H100 (since removed: no K split kept, nor small batches' 32-key attention
+# splits); its other tries (H100 and H200 kinds, 18:05-19:35 UTC) started no machine. It then changed decode attention's
+# split merge (one tile of partials a head instead of a loop over them), checked in the interpreter and compiled for
+# sm_90 only. Next, first: `merge-tile` (its GPU tests and the before / after figures), then `h200-goals` (`needs_h200`,
+# carry .whl: issue 24's goals on the card its table names), then `suite` on the tree of the day.)
 # "Before" is the tree before the restructure, unpacked beside this one (untracked, so it travels to the
 # device):  git archive 6c9ff7c src bench | (mkdir -p .before && tar -x -C .before)
 # The MoE stage compares its decode kernels with the tree before they changed, unpacked the same way:
@@ -90,7 +96,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stages="suite|final|final2|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|host-ab|pusher|pusher-sizes|pusher-sessions|copies-quick|h200|h200-goals|h200-check|h100-check|profile|sum-in-norm|norm-ab|rows-split|rows|knobs|epilogues|kv-loads"
+stages="suite|final|final2|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|host-ab|pusher|pusher-sizes|pusher-sessions|copies-quick|h200|h200-goals|h200-check|h100-check|profile|sum-in-norm|norm-ab|merge-tile|rows|knobs|epilogues|kv-loads"
 [ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... ($stages)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
@@ -304,31 +310,18 @@ norm-ab)  # the RMSNorm kernel's weight loaded before the PDL wait (eb3faeb, not
     done
     PYTHONPATH=src run profile_now 60 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 64
     ;;
-rows-split)  # the few-rows matmuls' K splits in whole decode (temporary knobs in kernels/rows_matmul.py): as they are (q/k/v
-    # split 2, the others until the grid covers half the SMs), q/k/v split 4 and 1 (HOTSWAP_ROWS_HEADS_SPLIT), every split
-    # grown until the grid covers all the SMs (HOTSWAP_ROWS_GRID=1.0), and small batches' decode attention in 32-key splits
-    # (HOTSWAP_DECODE_MIN_CHUNK=32), interleaved, ROUNDS times (default 2; ~17 s a run), into one log; then the 32-key
-    # splits alone, short to long contexts (~40 s), the batch-64 profile with q/k/v split 4, batch 1's with 64- and 32-key
-    # splits, the kernels' GPU tests with each rows switch (~470 s in all)
-    for round in $(seq "${ROUNDS:-2}"); do
-        for knob in "" HOTSWAP_ROWS_HEADS_SPLIT=4 HOTSWAP_ROWS_HEADS_SPLIT=1 HOTSWAP_ROWS_GRID=1.0 HOTSWAP_DECODE_MIN_CHUNK=32; do
-            ([ -z "$knob" ] || export "$knob"
-             PYTHONPATH=src run "${knob:-default}_round$round:rows_split" 60 python3 bench/throughput.py --shape qwen3-0.6b \
-                 --cases 1x128x128,32x128x128,64x128x128 --hf none)
+merge-tile)  # decode attention's split merge loading each head's partials as one tile (thirty-eighth session, not yet run on a
+    # GPU) against the serial merge before it (0fdb108, unpacked in .before: git archive 0fdb108 src bench | (mkdir -p .before
+    # && tar -x -C .before)): its GPU tests, then batch 1 / 4 at short and long contexts (the rollout's tail) and batch 64,
+    # interleaved twice (~300 s)
+    PYTHONPATH=src run attention_tests:merge_tile_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention.py \
+        tests/test_fused_kernels.py -k "decode or attention"
+    for round in 1 2; do
+        for tree in .before .; do
+            PYTHONPATH=$tree/src run "throughput_${tree#.}_$round:merge_tile" 90 python3 $tree/bench/throughput.py --shape qwen3-0.6b \
+                --cases 1x128x128,1x2048x512,4x2048x512,64x128x128 --hf none
         done
     done
-    PYTHONPATH=src run attention_short 90 python3 bench/attention_kernels.py --sweep short
-    HOTSWAP_ROWS_HEADS_SPLIT=4 PYTHONPATH=src run profile_heads_split4:profiles 60 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 64
-    for knob in HOTSWAP_DECODE_MIN_CHUNK=64 HOTSWAP_DECODE_MIN_CHUNK=32; do  # batch 1's attention a layer, each way
-        (export "$knob"; PYTHONPATH=src run "profile_b1_${knob#HOTSWAP_DECODE_}:profiles" 60 python3 bench/profile_decode.py \
-             --shape qwen3-0.6b --batch 1)
-    done
-    for knob in HOTSWAP_ROWS_HEADS_SPLIT=4 HOTSWAP_ROWS_GRID=1.0; do  # the variants' bits against the separate kernels and cuBLAS
-        (export "$knob"; PYTHONPATH=src run "tests_${knob#HOTSWAP_ROWS_}:rows_split_tests" 90 python3 -m pytest -q -p no:cacheprovider \
-             tests/test_fused_kernels.py -k "rows_matmul")
-    done
-    HOTSWAP_DECODE_MIN_CHUNK=32 PYTHONPATH=src run tests_MIN_CHUNK32:rows_split_tests 90 python3 -m pytest -q -p no:cacheprovider \
-        tests/test_triton_attention.py -k decode
     ;;
 rows)  # the few-rows decode matmul: its GPU tests, beside cuBLAS with a tile sweep, and whole decode with it on and off
     PYTHONPATH=src run rows_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py tests/test_gpu_engine.py \

@@ -102,27 +102,6 @@ def test_a_mid_size_launch_merges_its_long_sequences_and_leaves_short_ones_whole
     assert int(arrival.counters(q.device).abs().sum()) == 0
 
 
-def test_chunks_shorter_than_a_tile_split_short_sequences_finer(monkeypatch):
-    """32-key splits in 64-key tiles (`HOTSWAP_DECODE_MIN_CHUNK=32`): a sequence of 65 keys takes three splits, not
-    two, the tiles half masked; merged in place or by the kernel, the rows match the reference and a one-split
-    launch's rows where a sequence takes one split (lengths 1 and 0)."""
-    q, k, v, pt, seq_lens = _case(29)
-    out = torch.empty_like(q)
-    cfg = ta._decode_config(q.shape[-1], torch.bfloat16, ta.DecodePlan(8, 32, 2))  # bf16's 64-key tiles
-    assert (cfg["block_n"], cfg["min_chunk"]) == (64, 32)
-    fine = ta._decode_launch(q, k, v, pt, seq_lens, 0.125, out.clone(), **cfg)
-    with monkeypatch.context() as patch:
-        patch.setattr(ta, "_MERGE_IN_PLACE", False)
-        kernel = ta._decode_launch(q, k, v, pt, seq_lens, 0.125, out.clone(), **cfg)
-    coarse = ta._decode_launch(q, k, v, pt, seq_lens, 0.125, out.clone(), **(cfg | {"min_chunk": 64}))
-    whole = ta.paged_decode_attention(q, k, v, pt, seq_lens, 0.125, num_splits=1)
-    assert torch.equal(fine, kernel)
-    assert rel_err(fine, ref_decode(q, k, v, pt, seq_lens, 0.125)) < 2e-3
-    assert torch.equal(fine[[0, 5]], whole[[0, 5]])
-    assert not torch.equal(fine[LENS.index(65)], coarse[LENS.index(65)])  # three partials merged against two
-    assert int(arrival.counters(q.device).abs().sum()) == 0
-
-
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_keys_loaded_before_the_wait_give_the_same_rows(monkeypatch, num_splits):
     """The first block of cached keys loaded before the PDL wait (the step's own key after it), as at small batches,

@@ -197,7 +197,7 @@ def test_attention_kernels(hopper, dtype):
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     q = torch.randn(4, 16, 128, dtype=dtype)
     order = torch.argsort(seq_lens, descending=True).to(torch.int32)
-    for splits in (1, 8):  # one split writes the output itself; several are merged by the last split to finish
+    for splits in (1, 8, 64):  # one split writes the output itself; several (up to the most) are merged by the last to finish
         ta.paged_decode_attention(q, k_cache, v_cache, pages, seq_lens, 0.088, num_splits=splits, order=order)
     ta.paged_decode_attention(q, k_cache, v_cache, pages, seq_lens, 0.088)  # batch order, the shape-chosen splits
     mid = ta._decode_config(128, dtype, ta.DecodePlan(4, 256, 1))  # a mid-size batch's plan: long sequences split

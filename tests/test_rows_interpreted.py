@@ -75,36 +75,6 @@ def test_default_tiles_split_narrow_weights_and_refuse_uneven_ones():
         rm.rows_linear(torch.randn(4, 96), torch.randn(64, 96), tiles=rm.Tiles(64, 64, 1, 1, 0))
 
 
-def test_the_split_switches_of_the_rows_split_stage(monkeypatch):
-    """`HOTSWAP_ROWS_HEADS_SPLIT` sets the q/k/v (heads) matmul's split alone; `HOTSWAP_ROWS_GRID` how much of the GPU
-    the splits grow to cover (bash scripts/gpu_runs.sh rows-split)."""
-    cpu, tiles_for = torch.device("cpu"), rm.tiles_for.__wrapped__  # uncached: the switches are read at import
-    monkeypatch.setattr(rm, "_GRID", 0.5)
-    monkeypatch.setattr(rm, "_HEADS_SPLIT", 4)
-    assert tiles_for(4096, 1024, cpu, 128, heads=True).split_k == 4 and tiles_for(4096, 1024, cpu, 128).split_k == 2
-    assert tiles_for(1024, 3072, cpu).split_k == 4
-    monkeypatch.setattr(rm, "_HEADS_SPLIT", 0)
-    monkeypatch.setattr(rm, "_GRID", 1.0)
-    assert tiles_for(4096, 1024, cpu, 128, heads=True).split_k == 4 and tiles_for(1024, 3072, cpu).split_k == 8
-
-
-def test_the_heads_matmul_asks_for_heads_tiles(monkeypatch, kernel_only):
-    """rows_linear tells `tiles_for` which matmul finishes heads (so the q/k/v switch reaches it, whatever the head
-    width), and a plain one that it does not."""
-    asked = []
-
-    def recorded(n, k, device, block_n=64, rows=64, heads=False):
-        asked.append((block_n, heads))
-        return rm.Tiles(block_n, 64, 1, 1, 0)
-
-    monkeypatch.setattr(rm, "tiles_for", recorded)
-    hq, hkv, d = 4, 2, 32
-    c = _heads_case(1, 3, hq, hkv, d, True, False)
-    rm.rows_linear(c["x"], c["w"])
-    rm.rows_linear(c["x"], c["w"], heads=_heads(c, hq, hkv, d, c["k_cache"], c["v_cache"]))
-    assert asked == [(64, False), (d, True)]
-
-
 @pytest.mark.parametrize("rows", [2, 9, 64])
 @pytest.mark.parametrize("split_k", [2, 4])
 def test_split_sums_left_to_the_norm_give_its_bits(rows, split_k, kernel_only):
@@ -227,7 +197,7 @@ def _greedy(path, prompts: list[list[int]]) -> tuple[list[list[int]], list[float
     return [o["output_ids"] for o in outs], [lp for o in outs for lp, _, _ in o["meta_info"]["output_token_logprobs"]]
 
 
-def _small_tiles(n, k, device, block_n=64, rows=64, heads=False):
+def _small_tiles(n, k, device, block_n=64, rows=64):
     """Tiles for the tiny models' 64-wide K and 16-wide heads, K split in two."""
     block_n = min(block_n, 32)
     return rm.Tiles(block_n, 32, 2, 1, 0) if n % block_n == 0 and k % 64 == 0 else None

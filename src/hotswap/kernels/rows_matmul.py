@@ -63,12 +63,6 @@ _LINE = 128
 #: `HOTSWAP_ROWS_STAGES=LONG,SHORT` sets the steps in flight of K ranges of six steps or more and of shorter ones,
 #: whatever the rows (the A/B switch of the benches; unset: `stages_for`).
 _STAGES_SET = os.environ.get("HOTSWAP_ROWS_STAGES")
-#: The K-split A/B switches of `bash scripts/gpu_runs.sh rows-split` (built in the thirty-seventh session, not yet run on
-#: a GPU; the run that measures them keeps a winner as the default and removes them): `HOTSWAP_ROWS_HEADS_SPLIT=N` splits
-#: the q/k/v (heads epilogue) matmul's K N ways; `HOTSWAP_ROWS_GRID=F` grows the splits until the grid covers F of the
-#: SMs (0.5: `tiles_for`'s rule).
-_HEADS_SPLIT = int(os.environ.get("HOTSWAP_ROWS_HEADS_SPLIT", "0"))
-_GRID = float(os.environ.get("HOTSWAP_ROWS_GRID", "0.5"))
 
 
 def enabled(rows: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -222,19 +216,20 @@ if triton is not None:
 
 
 @functools.lru_cache(maxsize=None)  # a few shapes a model; called per matmul on the eager path
-def tiles_for(n: int, k: int, device: torch.device, block_n: int = 64, rows: int = 64, heads: bool = False) -> Tiles | None:
-    """`block_n`-column tiles (64; a head's width for the heads epilogue, `heads`), K split (by powers of two that keep a split's
+def tiles_for(n: int, k: int, device: torch.device, block_n: int = 64, rows: int = 64) -> Tiles | None:
+    """`block_n`-column tiles (64; a head's width for the heads epilogue), K split (by powers of two that keep a split's
     range whole in 128-wide steps) until the grid covers about half the SMs, steps in flight by `stages_for`; None where
     the shape does not tile evenly (cuBLAS then). Fewer, longer programs won on the H100 at 64 rows (bench/rows_matmul.py
-    --sweep: a 0.6B layer's four matmuls 24.2 us against 26.1 with one program an SM, cuBLAS 26.5)."""
+    --sweep: a 0.6B layer's four matmuls 24.2 us against 26.1 with one program an SM, cuBLAS 26.5). Measured in whole
+    0.6B decode on the H100 and not kept (thirty-eighth session, `rows-split`): every split grown to cover all the SMs,
+    batch 32 / 64 -1.5 to -2 % in tokens/s; the q/k/v matmul split four ways instead of two, its critical path 8.99
+    against 8.96 us a call, batch 64 +0.7 / +2.9 % but batch 32 -1 / -2.6 % against one run of the default."""
     block_k = 128
     if n % block_n or k % block_k:
         return None
     sms, tiles, split = sm_count(device), n // block_n, 1
-    while 2 * tiles * split <= int(sms * _GRID) and k % (2 * split * block_k) == 0:
+    while 2 * tiles * split <= sms // 2 and k % (2 * split * block_k) == 0:
         split *= 2
-    if heads and _HEADS_SPLIT:
-        split = _HEADS_SPLIT
     return Tiles(block_n, block_k, split, stages=stages_for(k // split // block_k, rows), prefetch_k=prefetch_k(k // split))
 
 
@@ -276,7 +271,7 @@ def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     kernel and this one, at 64 rows on the H100 (the computed operand leaves the loop's async copies)."""
     m, k = x.shape
     n = weight.shape[0]
-    tiles = tiles or tiles_for(n, k, x.device, heads.head_dim if heads is not None else 64, m, heads is not None)
+    tiles = tiles or tiles_for(n, k, x.device, heads.head_dim if heads is not None else 64, m)
     too_large = m > MAX_ROWS or weight.numel() * weight.element_size() > MAX_WEIGHT_BYTES
     fits = not (tiles is None or too_large or x.stride(-1) != 1 or weight.stride(-1) != 1)
     if (silu_mul or heads is not None) and not (fits and EPILOGUES):

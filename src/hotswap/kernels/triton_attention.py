@@ -89,14 +89,13 @@ _PRELOAD = os.environ.get("HOTSWAP_DECODE_PRELOAD", "1") != "0"
 _KV_EVICT = "evict_first" if os.environ.get("HOTSWAP_EVICT_FIRST", "1") != "0" else ""
 # Measured and dropped (thirty-seventh session, H100): later blocks loading keys and values together with the next
 # block's pages looked up meanwhile: batch-64 attention 545 against 536 us a step, the values held through the dot.
+# Measured and dropped (thirty-eighth session, H100, 31353b0): small batches' splits of 32 keys in the same 64-key tiles
+# (a short context over twice the programs): batch 1 1,177 / 1,182 against 1,226-1,236 tokens/s, attention 7.39 against
+# 6.51 us a layer on the batch-1 graph's critical path; alone, 28 layers at 1 x 192 keys 7.0 against 5.6 us a call.
 
 # Tunables (defaults; measured on H100, see bench/attention_kernels.py).
 _DECODE_TARGET_CTAS_PER_SM = 2  # aim for about this many split-programs per SM
 _DECODE_MIN_CHUNK = 64  # a split never gets fewer tokens than this (inside the kernel)
-# A/B switch, not yet measured in whole decode (`HOTSWAP_DECODE_MIN_CHUNK=32`): small batches' splits of 32 keys in the
-# same 64-key tiles (half masked), so a short context spreads over twice the programs while long ones split as before
-# (at most num_splits). Kernel alone on the H100, batch 1 x 192 keys: 32-key splits and tiles 4.3 us, 64-key 4.7.
-_DECODE_MIN_CHUNK = int(os.environ.get("HOTSWAP_DECODE_MIN_CHUNK", _DECODE_MIN_CHUNK))
 # Mid-size batches (one program per sequence and KV head already fills the GPU, but fewer than this many such
 # programs an SM): split only the long sequences, in up to _LONG_SPLITS chunks of at least _LONG_MIN_CHUNK keys.
 # A rollout's mixed contexts at batch 64 (0.6B heads, H100, `attention_kernels.py --sweep mix`): one split 100.3 us
@@ -213,7 +212,6 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         DIRECT: tl.constexpr,
         MIN_CHUNK: tl.constexpr,
-        CHUNK_ALIGN: tl.constexpr,
         HAS_ORDER: tl.constexpr,
         MERGE: tl.constexpr,
         BLOCK_S: tl.constexpr,
@@ -238,8 +236,7 @@ if HAS_TRITON:
         # tail; split 0 of every (sequence, KV head) waits, so the launch still ends after the previous one.
         n_split = _active_splits(seq_len, num_splits, MIN_CHUNK)
         if split < n_split:
-            # whole tiles but where a chunk is shorter than a tile (CHUNK_ALIGN = min(MIN_CHUNK, BLOCK_N))
-            chunk = tl.cdiv(tl.cdiv(seq_len, n_split), CHUNK_ALIGN) * CHUNK_ALIGN
+            chunk = tl.cdiv(tl.cdiv(seq_len, n_split), BLOCK_N) * BLOCK_N
             start = split * chunk
             end = tl.minimum(start + chunk, seq_len)
 
@@ -322,28 +319,34 @@ if HAS_TRITON:
                     tl.debug_barrier()  # every thread's stores before the one thread's release
                     if tl.atomic_add(counter, 1, sem="acq_rel") == n_split - 1:
                         tl.store(counter, 0)  # zero again for the next launch
-                        _merge_splits(MID_O, MID_LSE, row0, offs_d, h_mask, o_mask, out_ptrs, n_split,
-                                      HEAD_DIM, BLOCK_H, BLOCK_D, BLOCK_S)
+                        _merge_splits(MID_O, MID_LSE, (b * NUM_KV_HEADS + hk) * GROUP, num_splits, n_split,
+                                      OUT + b * stride_ob + hk * GROUP * stride_oh, stride_oh, GROUP, HEAD_DIM, BLOCK_D, BLOCK_S)
 
     @triton.jit
-    def _merge_splits(MID_O, MID_LSE, row0, offs_d, h_mask, o_mask, out_ptrs, n_split,
-                      HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-        """Heads rows row0 [BLOCK_H]: their n_split partial outputs weighted by exp2(lse - max lse), in split
-        order, into the output. A split that saw no key (lse = -inf) weighs 0."""
+    def _merge_splits(MID_O, MID_LSE, first_head, num_splits, n_split, out_row, stride_oh, GROUP: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+        """Heads first_head .. + GROUP of one sequence (rows of MID_* [B * Hq, num_splits, (D)]; outputs at out_row +
+        head * stride_oh): each head's n_split partial outputs weighted by exp2(lse - max lse). A split that saw no key
+        (lse = -inf) weighs 0. Each head's partials load as one [splits, D] tile, every head's loads issued together:
+        one round trip to L2 whatever the splits (a loop over them waited once a split, ~0.5 us each on the H100: a
+        1 x 1024-key call 12.1 us with 16 splits against 5.6 with 3 at 192 keys). The loads skip L1, which is not
+        coherent with the other splits' stores."""
         offs_s = tl.arange(0, BLOCK_S)
-        lse_all = tl.load(MID_LSE + row0[:, None] + offs_s[None, :], mask=h_mask[:, None] & (offs_s < n_split)[None, :],
-                          other=float("-inf"), cache_modifier=".cg")
-        m = tl.max(lse_all, 1)
-        m = tl.where(m == float("-inf"), 0.0, m)
-        denom = tl.sum(tl.exp2(lse_all - m[:, None]), 1)
-        denom = tl.where(denom > 0.0, denom, 1.0)
-        merged = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-        for s in range(0, n_split):
-            lse = tl.load(MID_LSE + row0 + s, mask=h_mask, other=float("-inf"), cache_modifier=".cg")
-            o = tl.load(MID_O + (row0 + s)[:, None] * HEAD_DIM + offs_d[None, :],
-                        mask=o_mask & (lse > float("-inf"))[:, None], other=0.0, cache_modifier=".cg")
-            merged += o * tl.exp2(lse - m)[:, None]
-        tl.store(out_ptrs, (merged / denom[:, None]).to(out_ptrs.dtype.element_ty), mask=o_mask)
+        s_mask = offs_s < n_split
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HEAD_DIM
+        for g in tl.static_range(GROUP):
+            row0 = (first_head + g) * num_splits
+            lse = tl.load(MID_LSE + row0 + offs_s, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
+            m = tl.max(lse, 0)
+            m = tl.where(m == float("-inf"), 0.0, m)
+            w = tl.exp2(lse - m)
+            denom = tl.sum(w, 0)
+            denom = tl.where(denom > 0.0, denom, 1.0)
+            o = tl.load(MID_O + (row0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                        mask=(s_mask & (lse > float("-inf")))[:, None] & d_mask[None, :], other=0.0, cache_modifier=".cg")
+            merged = tl.sum(o * w[:, None], 0) / denom
+            tl.store(out_row + g * stride_oh + offs_d, merged.to(out_row.dtype.element_ty), mask=d_mask)
 
     @triton.jit
     def _decode_reduce_kernel(
@@ -352,7 +355,6 @@ if HAS_TRITON:
         num_splits,
         NUM_KV_HEADS: tl.constexpr,
         GROUP: tl.constexpr,
-        BLOCK_H: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_S: tl.constexpr,
@@ -366,15 +368,8 @@ if HAS_TRITON:
         b = tl.program_id(1)
         n_split = _active_splits(tl.load(SEQ + b).to(tl.int32), num_splits, MIN_CHUNK)
         if n_split > 1:  # a sequence of one split wrote its output itself
-            offs_h = tl.arange(0, BLOCK_H)
-            h_mask = offs_h < GROUP
-            heads = hk * GROUP + offs_h
-            offs_d = tl.arange(0, BLOCK_D)
-            o_mask = h_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-            row0 = (b * (NUM_KV_HEADS * GROUP) + heads) * num_splits
-            out_ptrs = OUT + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-            _merge_splits(MID_O, MID_LSE, row0, offs_d, h_mask, o_mask, out_ptrs, n_split,
-                          HEAD_DIM, BLOCK_H, BLOCK_D, BLOCK_S)
+            _merge_splits(MID_O, MID_LSE, (b * NUM_KV_HEADS + hk) * GROUP, num_splits, n_split,
+                          OUT + b * stride_ob + hk * GROUP * stride_oh, stride_oh, GROUP, HEAD_DIM, BLOCK_D, BLOCK_S)
 
     @triton.jit
     def _prefill_kernel(
@@ -562,7 +557,7 @@ def _decode_launch(
     group = Hq // Hkv
     block_d = max(16, _next_pow2(D))
     num_splits = int(max(1, min(num_splits, MAX_DECODE_SPLITS)))
-    min_chunk = max(int(min_chunk), 16)
+    min_chunk = max(int(min_chunk), block_n)
     counters = None
     if num_splits > 1:
         mid_o = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)
@@ -590,7 +585,6 @@ def _decode_launch(
         BLOCK_N=block_n,
         DIRECT=num_splits == 1,
         MIN_CHUNK=min_chunk,
-        CHUNK_ALIGN=min(min_chunk, block_n),
         HAS_ORDER=order is not None,
         MERGE=counters is not None,
         BLOCK_S=_next_pow2(num_splits),
@@ -609,7 +603,6 @@ def _decode_launch(
             num_splits,
             NUM_KV_HEADS=Hkv,
             GROUP=group,
-            BLOCK_H=max(16, _next_pow2(group)),
             HEAD_DIM=D,
             BLOCK_D=block_d,
             BLOCK_S=_next_pow2(num_splits),
