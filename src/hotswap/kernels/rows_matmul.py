@@ -222,8 +222,8 @@ def tiles_for(n: int, k: int, device: torch.device, block_n: int = 64, rows: int
     the shape does not tile evenly (cuBLAS then). Fewer, longer programs won on the H100 at 64 rows (bench/rows_matmul.py
     --sweep: a 0.6B layer's four matmuls 24.2 us against 26.1 with one program an SM, cuBLAS 26.5). Measured in whole
     0.6B decode on the H100 and not kept (thirty-eighth session, `rows-split`): every split grown to cover all the SMs,
-    batch 32 / 64 -1.5 to -2 % in tokens/s; the q/k/v matmul split four ways instead of two, its critical path 8.99
-    against 8.96 us a call, batch 64 +0.7 / +2.9 % but batch 32 -1 / -2.6 % against one run of the default."""
+    batch 32 / 64 -1.1 to -3.3 % in tokens/s; the q/k/v matmul split four ways instead of two, its critical path 8.99
+    us a call (8.96 at split 2, the thirty-seventh's profile), batch 64 +0.7 / +2.9 % but batch 32 -1 / -2.6 % against one run of the default."""
     block_k = 128
     if n % block_n or k % block_k:
         return None
