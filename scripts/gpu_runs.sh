@@ -318,7 +318,8 @@ merge-tile)  # decode attention's split merge loading each head's partials as on
         tests/test_fused_kernels.py -k "decode or attention"
     for round in 1 2; do
         for tree in .before .; do
-            PYTHONPATH=$tree/src run "throughput_${tree#.}_$round:merge_tile" 90 python3 $tree/bench/throughput.py --shape qwen3-0.6b \
+            side=after; [ "$tree" = . ] || side=before
+            PYTHONPATH=$tree/src run "throughput_${side}_$round:merge_tile" 90 python3 $tree/bench/throughput.py --shape qwen3-0.6b \
                 --cases 1x128x128,1x2048x512,4x2048x512,64x128x128 --hf none
         done
     done
