@@ -60,6 +60,25 @@ def test_splits_merged_in_place_equal_the_merge_kernel_and_the_reference(monkeyp
     assert bool((merged[LENS.index(0)] == 0).all())  # an empty row (graph padding) is zeros, never NaN
 
 
+def test_the_merge_reads_only_the_splits_a_sequence_used(monkeypatch):
+    """16 splits launched, at most 11 used (700 keys in 64-key chunks): the merge's tile of partials masks the rest,
+    which here hold NaN, in place and in the merge kernel (as tests/test_triton_attention.py does on a GPU)."""
+    q, k, v, pt, seq_lens = _case(31)
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    ref = ref_decode(q, k, v, pt, seq_lens, 0.125)
+    merged = ta.paged_decode_attention(q, k, v, pt, seq_lens, 0.125, num_splits=16)
+    monkeypatch.setattr(ta, "_MERGE_IN_PLACE", False)
+    kernel = ta.paged_decode_attention(q, k, v, pt, seq_lens, 0.125, num_splits=16)
+    assert torch.equal(merged, kernel)
+    assert rel_err(merged, ref) < 2e-3
+
+
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_programs_in_a_given_order_compute_the_same_rows(num_splits):
     q, k, v, pt, seq_lens = _case(7 + num_splits)

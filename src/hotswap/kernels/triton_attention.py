@@ -319,23 +319,24 @@ if HAS_TRITON:
                     tl.debug_barrier()  # every thread's stores before the one thread's release
                     if tl.atomic_add(counter, 1, sem="acq_rel") == n_split - 1:
                         tl.store(counter, 0)  # zero again for the next launch
-                        _merge_splits(MID_O, MID_LSE, (b * NUM_KV_HEADS + hk) * GROUP, num_splits, n_split,
-                                      OUT + b * stride_ob + hk * GROUP * stride_oh, stride_oh, GROUP, HEAD_DIM, BLOCK_D, BLOCK_S)
+                        _merge_splits(MID_O, MID_LSE, OUT, b, hk, stride_ob, stride_oh, num_splits, n_split,
+                                      NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_D, BLOCK_S)
 
     @triton.jit
-    def _merge_splits(MID_O, MID_LSE, first_head, num_splits, n_split, out_row, stride_oh, GROUP: tl.constexpr,
-                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-        """Heads first_head .. + GROUP of one sequence (rows of MID_* [B * Hq, num_splits, (D)]; outputs at out_row +
-        head * stride_oh): each head's n_split partial outputs weighted by exp2(lse - max lse). A split that saw no key
-        (lse = -inf) weighs 0. Each head's partials load as one [splits, D] tile, every head's loads issued together,
-        so the merge waits on L2 about once whatever the splits. It replaces a loop over the splits, which the
-        thirty-eighth session's sweep put at ~0.5 us a split by estimate (H100, 28 layers in one graph: 1 x 1024 keys in 16
-        splits 12.1 us a call, 1 x 192 in 3 splits 5.6); not yet timed on a GPU. The loads skip L1, which is not coherent
-        with the other splits' stores."""
+    def _merge_splits(MID_O, MID_LSE, OUT, b, hk, stride_ob, stride_oh, num_splits, n_split, NUM_KV_HEADS: tl.constexpr,
+                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+        """The GROUP query heads of sequence b's KV head hk (MID_* [B, Hq, num_splits, (D)]): each head's n_split partial
+        outputs weighted by exp2(lse - max lse), into OUT. A split that saw no key (lse = -inf) weighs 0. Each head's
+        partials load as one [splits, D] tile, every head's loads issued together, so the merge waits on L2 about once
+        whatever the splits. It replaces a loop over the splits, which the thirty-eighth session's sweep put at ~0.5 us a
+        split by estimate (H100, 28 layers in one graph: 1 x 1024 keys in 16 splits 12.1 us a call, 1 x 192 in 3 splits
+        5.6); not yet timed on a GPU. The loads skip L1, which is not coherent with the other splits' stores."""
         offs_s = tl.arange(0, BLOCK_S)
         s_mask = offs_s < n_split
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < HEAD_DIM
+        first_head = (b * NUM_KV_HEADS + hk) * GROUP
+        out_row = OUT + b * stride_ob + hk * GROUP * stride_oh
         for g in tl.static_range(GROUP):
             row0 = (first_head + g) * num_splits
             lse = tl.load(MID_LSE + row0 + offs_s, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
@@ -369,8 +370,8 @@ if HAS_TRITON:
         b = tl.program_id(1)
         n_split = _active_splits(tl.load(SEQ + b).to(tl.int32), num_splits, MIN_CHUNK)
         if n_split > 1:  # a sequence of one split wrote its output itself
-            _merge_splits(MID_O, MID_LSE, (b * NUM_KV_HEADS + hk) * GROUP, num_splits, n_split,
-                          OUT + b * stride_ob + hk * GROUP * stride_oh, stride_oh, GROUP, HEAD_DIM, BLOCK_D, BLOCK_S)
+            _merge_splits(MID_O, MID_LSE, OUT, b, hk, stride_ob, stride_oh, num_splits, n_split,
+                          NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_D, BLOCK_S)
 
     @triton.jit
     def _prefill_kernel(
