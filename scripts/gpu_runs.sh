@@ -22,6 +22,7 @@
 #   knobs   the few-rows matmul's steps in flight by rows against 5 / 3 for all rows, in whole decode, and its GPU tests (~250 s)
 #   rows    the few-rows decode matmul (kernels/rows_matmul.py): GPU tests, against cuBLAS with a tile sweep, decode on / off
 #   profile  the decode graphs' kernels by device time: 0.6B batch 1 / 64, 30B-A3B batch 1 (~200 s)
+#   merge-h200  merge-tile's tests and one before / after round, then (H200) the offline rollouts, else a second round
 #   merge-tile  decode attention's split merge as one tile of partials a head against the serial merge (.before = 0fdb108)
 #   h200-goals  issue 24's goals on an H200 (~430 s, `needs_h200`): 0.6B batch 1 / 64, 0.6B / 8B rollouts, 0.6B streaming
 #   h200-check  the GPU tests of the twenty-ninth session's checkpoint variants and the engine, then h200's rollouts (~530 s)
@@ -96,7 +97,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stages="suite|final|final2|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|host-ab|pusher|pusher-sizes|pusher-sessions|copies-quick|h200|h200-goals|h200-check|h100-check|profile|sum-in-norm|norm-ab|merge-tile|rows|knobs|epilogues|kv-loads"
+stages="suite|final|final2|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|host-ab|pusher|pusher-sizes|pusher-sessions|copies-quick|h200|h200-goals|h200-check|h100-check|profile|sum-in-norm|norm-ab|merge-tile|merge-h200|rows|knobs|epilogues|kv-loads"
 [ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... ($stages)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
@@ -323,6 +324,25 @@ merge-tile)  # decode attention's split merge loading each head's partials as on
                 --cases 1x128x128,1x2048x512,4x2048x512,64x128x128 --hf none
         done
     done
+    ;;
+merge-h200)  # one call for a scarce machine (~560 s): merge-tile's GPU tests and one round of its before / after, then on an
+    # H200 issue 24's offline rollouts (0.6B sampled and greedy, 8B sampled), on an H100 merge-tile's second round
+    PYTHONPATH=src run attention_tests:merge_tile_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention.py \
+        tests/test_fused_kernels.py -k "decode or attention"
+    rounds="1"
+    [ -n "$gpu_mib" ] && [ "$gpu_mib" -lt 100000 ] && rounds="1 2"
+    for round in $rounds; do
+        for tree in . .before; do
+            side=after; [ "$tree" = . ] || side=before
+            PYTHONPATH=$tree/src run "throughput_${side}_$round:merge_tile" 90 python3 $tree/bench/throughput.py --shape qwen3-0.6b \
+                --cases 1x128x128,1x2048x512,4x2048x512,64x128x128 --hf none
+        done
+    done
+    if [ "$rounds" = 1 ]; then
+        PYTHONPATH=src run h200_rollout06:h200_goals 100 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline
+        PYTHONPATH=src run h200_rollout8b:h200_goals 130 python3 bench/rollout.py --shape qwen3-8b --prompts 32 --n 8 --paths offline \
+            --modes sampled
+    fi
     ;;
 rows)  # the few-rows decode matmul: its GPU tests, beside cuBLAS with a tile sweep, and whole decode with it on and off
     PYTHONPATH=src run rows_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py tests/test_gpu_engine.py \
