@@ -22,6 +22,7 @@
 #   knobs   the few-rows matmul's steps in flight by rows against 5 / 3 for all rows, in whole decode, and its GPU tests (~250 s)
 #   rows    the few-rows decode matmul (kernels/rows_matmul.py): GPU tests, against cuBLAS with a tile sweep, decode on / off
 #   profile  the decode graphs' kernels by device time: 0.6B batch 1 / 64, 30B-A3B batch 1 (~200 s)
+#   merge-small  the split merge's 8-row tile for short contexts against the whole tile (.before = c250578; ~450 s)
 #   merge-h200  merge-tile's tests and one before / after round, then (H200) the offline rollouts, else a second round
 #   merge-tile  decode attention's split merge as one tile of partials a head against the serial merge (.before = 0fdb108)
 #   h200-goals  issue 24's goals on an H200 (~430 s, `needs_h200`): 0.6B batch 1 / 64, 0.6B / 8B rollouts, 0.6B streaming
@@ -89,6 +90,11 @@
 # split merge (one tile of partials a head instead of a loop over them), checked in the interpreter and compiled for
 # sm_90 only. Next, first: `merge-tile` (its GPU tests and the before / after figures), then `h200-goals` (`needs_h200`,
 # carry .whl: issue 24's goals on the card its table names), then `suite` on the tree of the day.)
+# (The thirty-ninth ran `merge-h200` on an H100 after four failed starts (its tests ran out of 150 s compiling; they passed in
+# a second call, 105, with the engine's and the checkpoint variants' GPU tests, 16 + 4) and the sampled 0.6B rollout
+# before / after; the tile merge is kept (batch 1 at 2,048 + 512 tokens +22 %, at 128 + 128 -2 %). It then gave short
+# contexts an 8-row tile, compiled for sm_90 and checked in the interpreter only. Next, first: `merge-small`, then
+# `h200-goals` (`needs_h200`, carry .whl), then `suite` on the tree of the day.)
 # "Before" is the tree before the restructure, unpacked beside this one (untracked, so it travels to the
 # device):  git archive 6c9ff7c src bench | (mkdir -p .before && tar -x -C .before)
 # The MoE stage compares its decode kernels with the tree before they changed, unpacked the same way:
@@ -97,7 +103,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stages="suite|final|final2|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|host-ab|pusher|pusher-sizes|pusher-sessions|copies-quick|h200|h200-goals|h200-check|h100-check|profile|sum-in-norm|norm-ab|merge-tile|merge-h200|rows|knobs|epilogues|kv-loads"
+stages="suite|final|final2|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|host-ab|pusher|pusher-sizes|pusher-sessions|copies-quick|h200|h200-goals|h200-check|h100-check|profile|sum-in-norm|norm-ab|merge-tile|merge-h200|merge-small|rows|knobs|epilogues|kv-loads"
 [ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... ($stages)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
@@ -324,6 +330,20 @@ merge-tile)  # decode attention's split merge loading each head's partials as on
                 --cases 1x128x128,1x2048x512,4x2048x512,64x128x128 --hf none
         done
     done
+    ;;
+merge-small)  # the split merge's small tile (a sequence of at most 8 splits merges an 8-row tile, thirty-ninth session, not
+    # yet run on a GPU) against the launch's whole tile (c250578, unpacked in .before: git archive c250578 src bench |
+    # (mkdir -p .before && tar -x -C .before)): batch 1 / 4 at 128- and 2,048-token prompts and batch 64, interleaved twice,
+    # then decode attention's GPU tests (~450 s on a cold machine; its first run compiles every kernel)
+    for round in 1 2; do
+        for tree in . .before; do
+            side=after; [ "$tree" = . ] || side=before
+            PYTHONPATH=$tree/src run "throughput_${side}_$round:merge_small" 90 python3 $tree/bench/throughput.py --shape qwen3-0.6b \
+                --cases 1x128x128,1x2048x512,4x2048x512,64x128x128 --hf none
+        done
+    done
+    PYTHONPATH=src run attention_tests:merge_small_tests 280 python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention.py \
+        tests/test_fused_kernels.py -k "decode or attention"
     ;;
 merge-h200)  # one call for a scarce machine (~560 s): merge-tile's GPU tests and one round of its before / after, then on an
     # H200 issue 24's offline rollouts (0.6B sampled and greedy, 8B sampled), on an H100 merge-tile's second round

@@ -107,6 +107,7 @@ _LONG_MIN_CHUNK = 256
 
 _LOG2E = 1.4426950408889634
 
+
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -164,6 +165,8 @@ def _last_dim_contig(x: torch.Tensor) -> torch.Tensor:
 # Kernels
 # ----------------------------------------------------------------------------------------
 if HAS_TRITON:
+    # a sequence that used at most this many splits merges them in a tile of this many rows (`_merge_splits`)
+    _SMALL_SPLITS = tl.constexpr(8)
 
     @triton.jit
     def _softmax_step(qk, v, m_i, l_i, acc, PREC: tl.constexpr):
@@ -328,9 +331,27 @@ if HAS_TRITON:
         """The GROUP query heads of sequence b's KV head hk (MID_* [B, Hq, num_splits, (D)]): each head's n_split partial
         outputs weighted by exp2(lse - max lse), into OUT. A split that saw no key (lse = -inf) weighs 0. Each head's
         partials load as one [splits, D] tile, every head's loads issued together, so the merge waits on L2 about once
-        whatever the splits. It replaces a loop over the splits, which the thirty-eighth session's sweep put at ~0.5 us a
-        split by estimate (H100, 28 layers in one graph: 1 x 1024 keys in 16 splits 12.1 us a call, 1 x 192 in 3 splits
-        5.6); not yet timed on a GPU. The loads skip L1, which is not coherent with the other splits' stores."""
+        whatever the splits. H100, 0.6B shape, against the loop over splits it replaced (0fdb108): batch 1 at 2,048 +
+        512 tokens 812 -> 987-989 tokens/s; at 128 + 128 1,195 / 1,214 -> 1,175 / 1,179, a tile of the launch's 64 rows
+        (33 splits launched, 2-4 used). Masked rows still issue their instructions and widen the reductions (sm_90 PTX at
+        33 splits: 20 more barriers and 28 more L2 load instructions than the loop; at 8 rows, 4 more and 12 fewer), so
+        a sequence of at most _SMALL_SPLITS splits merges a tile of that many rows (not yet timed). The loads skip L1,
+        which is not coherent with the other splits' stores."""
+        if BLOCK_S > _SMALL_SPLITS:
+            if n_split <= _SMALL_SPLITS:
+                _merge_tile(MID_O, MID_LSE, OUT, b, hk, stride_ob, stride_oh, num_splits, n_split, NUM_KV_HEADS, GROUP,
+                            HEAD_DIM, BLOCK_D, _SMALL_SPLITS)
+            else:
+                _merge_tile(MID_O, MID_LSE, OUT, b, hk, stride_ob, stride_oh, num_splits, n_split, NUM_KV_HEADS, GROUP,
+                            HEAD_DIM, BLOCK_D, BLOCK_S)
+        else:
+            _merge_tile(MID_O, MID_LSE, OUT, b, hk, stride_ob, stride_oh, num_splits, n_split, NUM_KV_HEADS, GROUP,
+                        HEAD_DIM, BLOCK_D, BLOCK_S)
+
+    @triton.jit
+    def _merge_tile(MID_O, MID_LSE, OUT, b, hk, stride_ob, stride_oh, num_splits, n_split, NUM_KV_HEADS: tl.constexpr,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+        """`_merge_splits` over a [BLOCK_S, D] tile a head (n_split <= BLOCK_S)."""
         offs_s = tl.arange(0, BLOCK_S)
         s_mask = offs_s < n_split
         offs_d = tl.arange(0, BLOCK_D)
