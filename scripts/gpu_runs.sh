@@ -23,8 +23,8 @@
 #   rows    the few-rows decode matmul (kernels/rows_matmul.py): GPU tests, against cuBLAS with a tile sweep, decode on / off
 #   profile  the decode graphs' kernels by device time: 0.6B batch 1 / 64, 30B-A3B batch 1 (~200 s)
 #   merge-small  the split merge's 8-row tile for short contexts against the whole tile (.before = c250578; ~450 s)
-#   merge-h200  merge-tile's tests and one before / after round, then (H200) the offline rollouts, else a second round
-#   merge-tile  decode attention's split merge as one tile of partials a head against the serial merge (.before = 0fdb108)
+#   merge-h200  decode attention's tile merge against the loop over splits (.before = 0fdb108): its GPU tests, one before /
+#               after round, then (H200) the offline rollouts, else a second round (~560 s)
 #   h200-goals  issue 24's goals on an H200 (~430 s, `needs_h200`): 0.6B batch 1 / 64, 0.6B / 8B rollouts, 0.6B streaming
 #   h200-check  the GPU tests of the twenty-ninth session's checkpoint variants and the engine, then h200's rollouts (~530 s)
 #   h100-check  h200-check for an 80 GB card, with the 0.6B batch 1 / 64 and the 30B-A3B batch 1 (~500 s)
@@ -88,7 +88,7 @@
 # (The thirty-eighth ran `rows-split` on an H100 (since removed: no K split kept, nor small batches' 32-key attention
 # splits); its other tries (H100 and H200 kinds, 18:05-19:35 UTC) started no machine. It then changed decode attention's
 # split merge (one tile of partials a head instead of a loop over them), checked in the interpreter and compiled for
-# sm_90 only. Next, first: `merge-tile` (its GPU tests and the before / after figures), then `h200-goals` (`needs_h200`,
+# sm_90 only. Next, first: `merge-tile` (its GPU tests and the before / after figures; run as `merge-h200`), then `h200-goals` (`needs_h200`,
 # carry .whl: issue 24's goals on the card its table names), then `suite` on the tree of the day.)
 # (The thirty-ninth ran `merge-h200` on an H100 after four failed starts (its tests ran out of 150 s compiling; they passed in
 # a second call, 105, with the engine's and the checkpoint variants' GPU tests, 16 + 4) and the sampled 0.6B rollout
@@ -103,7 +103,7 @@
 # Logs go to $OUT when set (the device tool returns that folder), else bench/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stages="suite|final|final2|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|host-ab|pusher|pusher-sizes|pusher-sessions|copies-quick|h200|h200-goals|h200-check|h100-check|profile|sum-in-norm|norm-ab|merge-tile|merge-h200|merge-small|rows|knobs|epilogues|kv-loads"
+stages="suite|final|final2|dense|dense19|throughput19|sync19[-before|-after]|prefill|rollouts|rollout-repeats|http|http-workers|sessions|fusions|batch1|attention-mix|moe-kernels|moe-pair|moe-quick|moe|moe-r3|moe-rollout|moe-sync|host-ab|pusher|pusher-sizes|pusher-sessions|copies-quick|h200|h200-goals|h200-check|h100-check|profile|sum-in-norm|norm-ab|merge-h200|merge-small|rows|knobs|epilogues|kv-loads"
 [ $# -gt 0 ] || { echo "usage: bash scripts/gpu_runs.sh STAGE... ($stages)" >&2; exit 2; }
 out=${OUT:-bench/results/gpu_runs}
 mkdir -p "$out"
@@ -131,6 +131,18 @@ session_kv_gib=40
 
 site_packages() {  # the HTTP stack and OpenAI client, carried as wheels in .whl/ (filled by scripts/device_wheels.sh)
     [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+}
+
+ab_throughput() {  # ab_throughput LOG "ROUNDS": bench/throughput.py's 0.6B batch 1 / 4 at 128- and 2,048-token prompts and
+    # batch 64, this tree then .before's, each round
+    local log=$1 round tree side
+    for round in $2; do
+        for tree in . .before; do
+            side=after; [ "$tree" = . ] || side=before
+            PYTHONPATH=$tree/src run "throughput_${side}_$round:$log" 90 python3 $tree/bench/throughput.py --shape qwen3-0.6b \
+                --cases 1x128x128,1x2048x512,4x2048x512,64x128x128 --hf none
+        done
+    done
 }
 
 for stage in "$@"; do
@@ -317,47 +329,22 @@ norm-ab)  # the RMSNorm kernel's weight loaded before the PDL wait (eb3faeb, not
     done
     PYTHONPATH=src run profile_now 60 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 64
     ;;
-merge-tile)  # decode attention's split merge loading each head's partials as one tile (thirty-eighth session, not yet run on a
-    # GPU) against the serial merge before it (0fdb108, unpacked in .before: git archive 0fdb108 src bench | (mkdir -p .before
-    # && tar -x -C .before)): its GPU tests, then batch 1 / 4 at short and long contexts (the rollout's tail) and batch 64,
-    # interleaved twice (~300 s)
-    PYTHONPATH=src run attention_tests:merge_tile_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention.py \
-        tests/test_fused_kernels.py -k "decode or attention"
-    for round in 1 2; do
-        for tree in .before .; do
-            side=after; [ "$tree" = . ] || side=before
-            PYTHONPATH=$tree/src run "throughput_${side}_$round:merge_tile" 90 python3 $tree/bench/throughput.py --shape qwen3-0.6b \
-                --cases 1x128x128,1x2048x512,4x2048x512,64x128x128 --hf none
-        done
-    done
-    ;;
 merge-small)  # the split merge's small tile (a sequence of at most 8 splits merges an 8-row tile, thirty-ninth session, not
     # yet run on a GPU) against the launch's whole tile (c250578, unpacked in .before: git archive c250578 src bench |
     # (mkdir -p .before && tar -x -C .before)): batch 1 / 4 at 128- and 2,048-token prompts and batch 64, interleaved twice,
     # then decode attention's GPU tests (~450 s on a cold machine; its first run compiles every kernel)
-    for round in 1 2; do
-        for tree in . .before; do
-            side=after; [ "$tree" = . ] || side=before
-            PYTHONPATH=$tree/src run "throughput_${side}_$round:merge_small" 90 python3 $tree/bench/throughput.py --shape qwen3-0.6b \
-                --cases 1x128x128,1x2048x512,4x2048x512,64x128x128 --hf none
-        done
-    done
+    ab_throughput merge_small "1 2"
     PYTHONPATH=src run attention_tests:merge_small_tests 280 python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention.py \
         tests/test_fused_kernels.py -k "decode or attention"
     ;;
-merge-h200)  # one call for a scarce machine (~560 s): merge-tile's GPU tests and one round of its before / after, then on an
-    # H200 issue 24's offline rollouts (0.6B sampled and greedy, 8B sampled), on an H100 merge-tile's second round
+merge-h200)  # one call for a scarce machine (~560 s, ran in the thirty-ninth session): decode attention's tile merge (thirty-
+    # eighth session) against the loop over splits before it (0fdb108 in .before): its GPU tests and one before / after
+    # round, then on an H200 issue 24's offline rollouts (0.6B sampled and greedy, 8B sampled), on an H100 a second round
     PYTHONPATH=src run attention_tests:merge_tile_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention.py \
         tests/test_fused_kernels.py -k "decode or attention"
     rounds="1"
     [ -n "$gpu_mib" ] && [ "$gpu_mib" -lt 100000 ] && rounds="1 2"
-    for round in $rounds; do
-        for tree in . .before; do
-            side=after; [ "$tree" = . ] || side=before
-            PYTHONPATH=$tree/src run "throughput_${side}_$round:merge_tile" 90 python3 $tree/bench/throughput.py --shape qwen3-0.6b \
-                --cases 1x128x128,1x2048x512,4x2048x512,64x128x128 --hf none
-        done
-    done
+    ab_throughput merge_tile "$rounds"
     if [ "$rounds" = 1 ]; then
         PYTHONPATH=src run h200_rollout06:h200_goals 100 python3 bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline
         PYTHONPATH=src run h200_rollout8b:h200_goals 130 python3 bench/rollout.py --shape qwen3-8b --prompts 32 --n 8 --paths offline \
