@@ -62,7 +62,8 @@ def test_splits_merged_in_place_equal_the_merge_kernel_and_the_reference(monkeyp
 
 def test_the_merge_reads_only_the_splits_a_sequence_used(monkeypatch):
     """16 splits launched, at most 11 used (700 keys in 64-key chunks): the merge's tile of partials masks the rest,
-    which here hold NaN, in place and in the merge kernel (as tests/test_triton_attention.py does on a GPU)."""
+    which here hold NaN, in place and in the merge kernel (as tests/test_triton_attention.py does on a GPU). The rows
+    of 2-5 splits merge the 8-row tile, the one of 11 the launch's 16 rows."""
     q, k, v, pt, seq_lens = _case(31)
     real_empty = torch.empty
 
