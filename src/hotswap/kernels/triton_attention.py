@@ -341,12 +341,9 @@ if HAS_TRITON:
             if n_split <= _SMALL_SPLITS:
                 _merge_tile(MID_O, MID_LSE, OUT, b, hk, stride_ob, stride_oh, num_splits, n_split, NUM_KV_HEADS, GROUP,
                             HEAD_DIM, BLOCK_D, _SMALL_SPLITS)
-            else:
-                _merge_tile(MID_O, MID_LSE, OUT, b, hk, stride_ob, stride_oh, num_splits, n_split, NUM_KV_HEADS, GROUP,
-                            HEAD_DIM, BLOCK_D, BLOCK_S)
-        else:
-            _merge_tile(MID_O, MID_LSE, OUT, b, hk, stride_ob, stride_oh, num_splits, n_split, NUM_KV_HEADS, GROUP,
-                        HEAD_DIM, BLOCK_D, BLOCK_S)
+                return
+        _merge_tile(MID_O, MID_LSE, OUT, b, hk, stride_ob, stride_oh, num_splits, n_split, NUM_KV_HEADS, GROUP,
+                    HEAD_DIM, BLOCK_D, BLOCK_S)
 
     @triton.jit
     def _merge_tile(MID_O, MID_LSE, OUT, b, hk, stride_ob, stride_oh, num_splits, n_split, NUM_KV_HEADS: tl.constexpr,
