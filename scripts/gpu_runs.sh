@@ -88,11 +88,11 @@
 # (The thirty-eighth ran `rows-split` on an H100 (since removed: no K split kept, nor small batches' 32-key attention
 # splits); its other tries (H100 and H200 kinds, 18:05-19:35 UTC) started no machine. It then changed decode attention's
 # split merge (one tile of partials a head instead of a loop over them), checked in the interpreter and compiled for
-# sm_90 only. Next, first: `merge-tile` (its GPU tests and the before / after figures; run as `merge-h200`), then `h200-goals` (`needs_h200`,
-# carry .whl: issue 24's goals on the card its table names), then `suite` on the tree of the day.)
-# (The thirty-ninth ran `merge-h200` on an H100 after nine tries that started none (its tests ran out of 150 s compiling; they passed in
-# a second call, 105, with the engine's and the checkpoint variants' GPU tests, 16 + 4) and the sampled 0.6B rollout
-# before / after; the tile merge is kept (batch 1 at 2,048 + 512 tokens +22 %, at 128 + 128 -2 %). It then gave short
+# sm_90 only. Next, first: `merge-tile` (its GPU tests and the before / after figures; run as `merge-h200`), then
+# `h200-goals` (`needs_h200`, carry .whl: issue 24's goals on the card its table names), then `suite` on the tree of the day.)
+# (The thirty-ninth ran `merge-h200` on an H100 after nine tries that started none (its tests ran out of 150 s compiling;
+# they passed in a second call, 105, with the engine's and the checkpoint variants' GPU tests, 16 + 4) and the sampled
+# 0.6B rollout before / after; the tile merge is kept (batch 1 at 2,048 + 512 tokens +22 %, at 128 + 128 -2 %). It then gave short
 # contexts an 8-row tile, compiled for sm_90 and checked in the interpreter only. Next, first: `merge-small`, then
 # `h200-goals` (`needs_h200`, carry .whl), then `suite` on the tree of the day.)
 # "Before" is the tree before the restructure, unpacked beside this one (untracked, so it travels to the
