@@ -60,24 +60,51 @@ def test_splits_merged_in_place_equal_the_merge_kernel_and_the_reference(monkeyp
     assert bool((merged[LENS.index(0)] == 0).all())  # an empty row (graph padding) is zeros, never NaN
 
 
-def test_the_merge_reads_only_the_splits_a_sequence_used(monkeypatch):
+@pytest.fixture
+def nan_scratch(monkeypatch) -> list[torch.Tensor]:
+    """torch.empty fills floating tensors with NaN (the kernels' scratch and outputs); yields those it made."""
+    real_empty, made = torch.empty, []
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            made.append(t.fill_(float("nan")))
+        return t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    return made
+
+
+def test_the_merge_reads_only_the_splits_a_sequence_used(monkeypatch, nan_scratch):
     """16 splits launched, at most 11 used (700 keys in 64-key chunks): the merge's tile of partials masks the rest,
     which here hold NaN, in place and in the merge kernel (as tests/test_triton_attention.py does on a GPU). The rows
     of 2-5 splits merge the 8-row tile, the one of 11 the launch's 16 rows."""
     q, k, v, pt, seq_lens = _case(31)
-    real_empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
     ref = ref_decode(q, k, v, pt, seq_lens, 0.125)
     merged = ta.paged_decode_attention(q, k, v, pt, seq_lens, 0.125, num_splits=16)
     monkeypatch.setattr(ta, "_MERGE_IN_PLACE", False)
     kernel = ta.paged_decode_attention(q, k, v, pt, seq_lens, 0.125, num_splits=16)
     assert torch.equal(merged, kernel)
     assert rel_err(merged, ref) < 2e-3
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_splits_that_whole_blocks_leave_without_keys_write_nothing(monkeypatch, nan_scratch, in_place):
+    """1,100 keys over 16 launched splits want 69 keys a split; rounded up to whole 32-key blocks (float32) that is 96,
+    so 12 splits hold keys and the other 4 write nothing: their scratch rows stay NaN, and the merge (the last of the
+    12 to finish, or the merge kernel) reads only the 12."""
+    monkeypatch.setattr(ta, "_MERGE_IN_PLACE", in_place)
+    gen = _gen(41)
+    lens = [1100, 5, 0]
+    k, v, pt = make_paged_kv(lens, 16, 2, 64, torch.float32, gen)
+    q = torch.randn(len(lens), 4, 64, generator=gen)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    ref = ref_decode(q, k, v, pt, seq_lens, 0.125)
+    out = ta.paged_decode_attention(q, k, v, pt, seq_lens, 0.125, num_splits=16)
+    (partials,) = [t for t in nan_scratch if t.shape == (3, 4, 16, 64)]
+    assert bool(partials[0, :, :12].isfinite().all()) and bool(partials[0, :, 12:].isnan().all())
+    assert rel_err(out, ref) < 2e-3 and bool((out[2] == 0).all())
+    assert int(arrival.counters(q.device).abs().sum()) == 0
 
 
 @pytest.mark.parametrize("num_splits", [1, 4])
