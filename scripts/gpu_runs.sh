@@ -22,7 +22,7 @@
 #   knobs   the few-rows matmul's steps in flight by rows against 5 / 3 for all rows, in whole decode, and its GPU tests (~250 s)
 #   rows    the few-rows decode matmul (kernels/rows_matmul.py): GPU tests, against cuBLAS with a tile sweep, decode on / off
 #   profile  the decode graphs' kernels by device time: 0.6B batch 1 / 64, 30B-A3B batch 1 (~200 s)
-#   merge-small  the split merge's 8-row tile for short contexts against the whole tile (.before = c250578; ~450 s)
+#   merge-small  the split merge's 8-row tile and the idle splits' trim, apart (.small = fcacd67, .before = c250578; ~520 s)
 #   merge-h200  decode attention's tile merge against the loop over splits (.before = 0fdb108): its GPU tests, one before /
 #               after round, then (H200) the offline rollouts, else a second round (~560 s)
 #   h200-goals  issue 24's goals on an H200 (~430 s, `needs_h200`): 0.6B batch 1 / 64, 0.6B / 8B rollouts, 0.6B streaming
@@ -92,9 +92,10 @@
 # `h200-goals` (`needs_h200`, carry .whl: issue 24's goals on the card its table names), then `suite` on the tree of the day.)
 # (The thirty-ninth ran `merge-h200` on an H100 after nine tries that started none (its tests ran out of 150 s compiling;
 # they passed in a second call, 105, with the engine's and the checkpoint variants' GPU tests, 16 + 4) and the sampled
-# 0.6B rollout before / after; the tile merge is kept (batch 1 at 2,048 + 512 tokens +22 %, at 128 + 128 -2 %). It then gave short
-# contexts an 8-row tile, compiled for sm_90 and checked in the interpreter only. Next, first: `merge-small`, then
-# `h200-goals` (`needs_h200`, carry .whl), then `suite` on the tree of the day.)
+# 0.6B rollout before / after; the tile merge is kept (batch 1 at 2,048 + 512 tokens +22 %, at 128 + 128 -2 %). It then
+# gave short contexts an 8-row tile and stopped the splits that whole key blocks leave without keys, compiled for sm_90
+# and checked in the interpreter only. Next, first: `merge-small`, then `h200-goals` (`needs_h200`, carry .whl), then
+# `suite` on the tree of the day.)
 # "Before" is the tree before the restructure, unpacked beside this one (untracked, so it travels to the
 # device):  git archive 6c9ff7c src bench | (mkdir -p .before && tar -x -C .before)
 # The MoE stage compares its decode kernels with the tree before they changed, unpacked the same way:
@@ -133,12 +134,12 @@ site_packages() {  # the HTTP stack and OpenAI client, carried as wheels in .whl
     [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
 }
 
-ab_throughput() {  # ab_throughput LOG "ROUNDS": bench/throughput.py's 0.6B batch 1 / 4 at 128- and 2,048-token prompts and
-    # batch 64, this tree then .before's, each round
+ab_throughput() {  # ab_throughput LOG "ROUNDS" ["TREES"]: bench/throughput.py's 0.6B batch 1 / 4 at 128- and 2,048-token
+    # prompts and batch 64, in each round once a tree (default ". .before"; logs name . "after", .NAME "NAME")
     local log=$1 round tree side
     for round in $2; do
-        for tree in . .before; do
-            side=after; [ "$tree" = . ] || side=before
+        for tree in ${3:-. .before}; do
+            side=${tree#.}; [ -n "$side" ] || side=after
             PYTHONPATH=$tree/src run "throughput_${side}_$round:$log" 90 python3 $tree/bench/throughput.py --shape qwen3-0.6b \
                 --cases 1x128x128,1x2048x512,4x2048x512,64x128x128 --hf none
         done
@@ -329,11 +330,14 @@ norm-ab)  # the RMSNorm kernel's weight loaded before the PDL wait (eb3faeb, not
     done
     PYTHONPATH=src run profile_now 60 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 64
     ;;
-merge-small)  # the split merge's small tile (a sequence of at most 8 splits merges an 8-row tile, thirty-ninth session, not
-    # yet run on a GPU) against the launch's whole tile (c250578, unpacked in .before: git archive c250578 src bench |
-    # (mkdir -p .before && tar -x -C .before)): batch 1 / 4 at 128- and 2,048-token prompts and batch 64, interleaved twice,
-    # then decode attention's GPU tests (~450 s on a cold machine; its first run compiles every kernel)
-    ab_throughput merge_small "1 2"
+merge-small)  # the thirty-ninth session's two decode attention changes, not yet run on a GPU, apart: this tree (a sequence
+    # of at most 8 splits merges an 8-row tile, and splits that whole key blocks leave without keys write nothing),
+    # .small (fcacd67: the 8-row tile only) and .before (c250578: the launch's whole tile); unpack them with
+    #   git archive fcacd67 src bench | (mkdir -p .small && tar -x -C .small)
+    #   git archive c250578 src bench | (mkdir -p .before && tar -x -C .before)
+    # batch 1 / 4 at 128- and 2,048-token prompts and batch 64, interleaved twice, then decode attention's GPU tests
+    # (~520 s on a cold machine: its first runs compile every kernel)
+    ab_throughput merge_small "1 2" ". .small .before"
     PYTHONPATH=src run attention_tests:merge_small_tests 280 python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention.py \
         tests/test_fused_kernels.py -k "decode or attention"
     ;;
