@@ -88,6 +88,18 @@ def test_the_merge_reads_only_the_splits_a_sequence_used(monkeypatch, nan_scratc
     assert rel_err(merged, ref) < 2e-3
 
 
+def test_a_sequence_of_8_splits_merges_the_small_tile_and_one_of_9_the_launchs(nan_scratch):
+    """The small tile's edge: 500 keys in eight 64-key splits merge an 8-row tile, 540 in nine the launch's 16 rows;
+    a tile one row short of a sequence's splits would drop a partial (the scratch is NaN past the used splits)."""
+    gen = _gen(43)
+    lens = [500, 540]
+    k, v, pt = make_paged_kv(lens, 16, 2, 64, torch.float32, gen)
+    q = torch.randn(len(lens), 4, 64, generator=gen)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    out = ta.paged_decode_attention(q, k, v, pt, seq_lens, 0.125, num_splits=16)
+    assert rel_err(out, ref_decode(q, k, v, pt, seq_lens, 0.125)) < 2e-3
+
+
 @pytest.mark.parametrize("in_place", [True, False])
 def test_splits_that_whole_blocks_leave_without_keys_write_nothing(monkeypatch, nan_scratch, in_place):
     """1,100 keys over 16 launched splits want 69 keys a split; rounded up to whole 32-key blocks (float32) that is 96,

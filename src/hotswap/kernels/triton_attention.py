@@ -194,17 +194,13 @@ if HAS_TRITON:
         return (page * stride_kp + row)[:, None] + offs_d[None, :], (page * stride_vp + row)[:, None] + offs_d[None, :], kv_mask
 
     @triton.jit
-    def _split_keys(seq_len, num_splits, MIN_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Keys a split of a `seq_len`-key sequence takes: the sequence over at most `num_splits` splits of at least
-        MIN_CHUNK keys, rounded up to whole BLOCK_N blocks."""
+    def _used_splits(seq_len, num_splits, MIN_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
+        """(splits, keys a split) of a `seq_len`-key sequence: over at most `num_splits` splits of at least MIN_CHUNK keys,
+        each rounded up to whole BLOCK_N blocks, and only the splits that then hold keys (one for an empty sequence):
+        2,300 keys over 33 splits take 128 each, in 18 splits, not 33."""
         wanted = tl.maximum(tl.minimum(tl.cdiv(seq_len, MIN_CHUNK), num_splits), 1)
-        return tl.maximum(tl.cdiv(tl.cdiv(seq_len, wanted), BLOCK_N), 1) * BLOCK_N
-
-    @triton.jit
-    def _active_splits(seq_len, chunk):
-        """Splits that hold keys, `chunk` each (one for an empty sequence). Fewer than `_split_keys` wanted where the
-        rounding to whole blocks grew the chunk: 2,300 keys over 33 splits take 128 each, in 18 splits, not 33."""
-        return tl.maximum(tl.cdiv(seq_len, chunk), 1)
+        chunk = tl.maximum(tl.cdiv(tl.cdiv(seq_len, wanted), BLOCK_N), 1) * BLOCK_N
+        return tl.maximum(tl.cdiv(seq_len, chunk), 1), chunk
 
     @triton.jit
     def _decode_split_kernel(
@@ -243,11 +239,10 @@ if HAS_TRITON:
 
         seq_len = tl.load(SEQ + b).to(tl.int32)
         # Splits actually used by this sequence (the shape-fixed num_splits is an upper bound); the others
-        # write nothing, and the merge reads only these (`_active_splits` in the merge kernel too). An unused split
+        # write nothing, and the merge reads only these (`_used_splits` in the merge kernel too). An unused split
         # exits without waiting for the previous kernel (pdl.py), so it holds no SM slot through that kernel's
         # tail; split 0 of every (sequence, KV head) waits, so the launch still ends after the previous one.
-        chunk = _split_keys(seq_len, num_splits, MIN_CHUNK, BLOCK_N)
-        n_split = _active_splits(seq_len, chunk)
+        n_split, chunk = _used_splits(seq_len, num_splits, MIN_CHUNK, BLOCK_N)
         if split < n_split:
             start = split * chunk
             end = tl.minimum(start + chunk, seq_len)
@@ -396,8 +391,7 @@ if HAS_TRITON:
         wait_previous(USE_PDL)
         hk = tl.program_id(0)
         b = tl.program_id(1)
-        seq_len = tl.load(SEQ + b).to(tl.int32)
-        n_split = _active_splits(seq_len, _split_keys(seq_len, num_splits, MIN_CHUNK, BLOCK_N))
+        n_split, _ = _used_splits(tl.load(SEQ + b).to(tl.int32), num_splits, MIN_CHUNK, BLOCK_N)
         if n_split > 1:  # a sequence of one split wrote its output itself
             _merge_splits(MID_O, MID_LSE, OUT, b, hk, stride_ob, stride_oh, num_splits, n_split,
                           NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_D, BLOCK_S)
