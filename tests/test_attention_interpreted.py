@@ -100,25 +100,6 @@ def test_a_sequence_of_8_splits_merges_the_small_tile_and_one_of_9_the_launchs(n
     assert rel_err(out, ref_decode(q, k, v, pt, seq_lens, 0.125)) < 2e-3
 
 
-@pytest.mark.parametrize("in_place", [True, False])
-def test_splits_that_whole_blocks_leave_without_keys_write_nothing(monkeypatch, nan_scratch, in_place):
-    """1,100 keys over 16 launched splits want 69 keys a split; rounded up to whole 32-key blocks (float32) that is 96,
-    so 12 splits hold keys and the other 4 write nothing: their scratch rows stay NaN, and the merge (the last of the
-    12 to finish, or the merge kernel) reads only the 12."""
-    monkeypatch.setattr(ta, "_MERGE_IN_PLACE", in_place)
-    gen = _gen(41)
-    lens = [1100, 5, 0]
-    k, v, pt = make_paged_kv(lens, 16, 2, 64, torch.float32, gen)
-    q = torch.randn(len(lens), 4, 64, generator=gen)
-    seq_lens = torch.tensor(lens, dtype=torch.int32)
-    ref = ref_decode(q, k, v, pt, seq_lens, 0.125)
-    out = ta.paged_decode_attention(q, k, v, pt, seq_lens, 0.125, num_splits=16)
-    (partials,) = [t for t in nan_scratch if t.shape == (3, 4, 16, 64)]
-    assert bool(partials[0, :, :12].isfinite().all()) and bool(partials[0, :, 12:].isnan().all())
-    assert rel_err(out, ref) < 2e-3 and bool((out[2] == 0).all())
-    assert int(arrival.counters(q.device).abs().sum()) == 0
-
-
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_programs_in_a_given_order_compute_the_same_rows(num_splits):
     q, k, v, pt, seq_lens = _case(7 + num_splits)

@@ -17,8 +17,7 @@ Two entry points:
   writes the final output directly (no scratch). ``num_splits`` and the fewest keys a split takes
   are chosen from *shapes only* (batch, kv heads, page-table width, SM count), so the call is
   CUDA-graph capturable: no host syncs, no data-dependent allocation. Inside the kernel, short sequences
-  use fewer of the splits (as do long ones whose chunks round up to whole key blocks; the idle splits write
-  nothing and the merge reads nothing of theirs), and a sequence left with one
+  use fewer of the splits (the idle ones write nothing the merge reads), and a sequence left with one
   split writes its final output itself (the merge skips it: no scratch round trip).
 
 * :func:`paged_prefill_attention` -- ragged batch of causal "extend" chunks (prefix already in
@@ -194,13 +193,9 @@ if HAS_TRITON:
         return (page * stride_kp + row)[:, None] + offs_d[None, :], (page * stride_vp + row)[:, None] + offs_d[None, :], kv_mask
 
     @triton.jit
-    def _used_splits(seq_len, num_splits, MIN_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
-        """(splits, keys a split) of a `seq_len`-key sequence: over at most `num_splits` splits of at least MIN_CHUNK keys,
-        each rounded up to whole BLOCK_N blocks, and only the splits that then hold keys (one for an empty sequence):
-        2,300 keys over 33 splits take 128 each, in 18 splits, not 33."""
-        wanted = tl.maximum(tl.minimum(tl.cdiv(seq_len, MIN_CHUNK), num_splits), 1)
-        chunk = tl.maximum(tl.cdiv(tl.cdiv(seq_len, wanted), BLOCK_N), 1) * BLOCK_N
-        return tl.maximum(tl.cdiv(seq_len, chunk), 1), chunk
+    def _active_splits(seq_len, num_splits, MIN_CHUNK: tl.constexpr):
+        """Splits a sequence of `seq_len` keys uses: at least MIN_CHUNK keys each, at most `num_splits`."""
+        return tl.maximum(tl.minimum(tl.cdiv(seq_len, MIN_CHUNK), num_splits), 1)
 
     @triton.jit
     def _decode_split_kernel(
@@ -239,11 +234,12 @@ if HAS_TRITON:
 
         seq_len = tl.load(SEQ + b).to(tl.int32)
         # Splits actually used by this sequence (the shape-fixed num_splits is an upper bound); the others
-        # write nothing, and the merge reads only these (`_used_splits` in the merge kernel too). An unused split
+        # write nothing, and the reduce kernel reads only these (`_active_splits` there too). An unused split
         # exits without waiting for the previous kernel (pdl.py), so it holds no SM slot through that kernel's
         # tail; split 0 of every (sequence, KV head) waits, so the launch still ends after the previous one.
-        n_split, chunk = _used_splits(seq_len, num_splits, MIN_CHUNK, BLOCK_N)
+        n_split = _active_splits(seq_len, num_splits, MIN_CHUNK)
         if split < n_split:
+            chunk = tl.cdiv(tl.cdiv(seq_len, n_split), BLOCK_N) * BLOCK_N
             start = split * chunk
             end = tl.minimum(start + chunk, seq_len)
 
@@ -339,7 +335,8 @@ if HAS_TRITON:
         512 tokens 812 -> 987-989 tokens/s; at 128 + 128 1,195 / 1,214 -> 1,175 / 1,179, a tile of the launch's 64 rows
         (33 splits launched, 2-4 used). Masked rows still issue their instructions and widen the reductions (sm_90 PTX at
         33 splits: 20 more barriers and 28 more L2 load instructions than the loop; at 8 rows, 4 more and 12 fewer), so
-        a sequence of at most _SMALL_SPLITS splits merges a tile of that many rows (not yet timed). The loads skip L1,
+        a sequence of at most _SMALL_SPLITS splits merges a tile of that many rows: batch 1 at 128 + 128 1,178 / 1,181 ->
+        1,236 / 1,232 tokens/s (H100, fortieth session; the loop's 1,195 / 1,214 in the thirty-ninth). The loads skip L1,
         which is not coherent with the other splits' stores."""
         if BLOCK_S > _SMALL_SPLITS:
             if n_split <= _SMALL_SPLITS:
@@ -383,7 +380,6 @@ if HAS_TRITON:
         BLOCK_D: tl.constexpr,
         BLOCK_S: tl.constexpr,
         MIN_CHUNK: tl.constexpr,
-        BLOCK_N: tl.constexpr,
         USE_PDL: tl.constexpr,
     ):
         """The merge as a kernel of its own (`HOTSWAP_DECODE_MERGE=0`, or more groups than arrival counters):
@@ -391,7 +387,7 @@ if HAS_TRITON:
         wait_previous(USE_PDL)
         hk = tl.program_id(0)
         b = tl.program_id(1)
-        n_split, _ = _used_splits(tl.load(SEQ + b).to(tl.int32), num_splits, MIN_CHUNK, BLOCK_N)
+        n_split = _active_splits(tl.load(SEQ + b).to(tl.int32), num_splits, MIN_CHUNK)
         if n_split > 1:  # a sequence of one split wrote its output itself
             _merge_splits(MID_O, MID_LSE, OUT, b, hk, stride_ob, stride_oh, num_splits, n_split,
                           NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_D, BLOCK_S)
@@ -632,7 +628,6 @@ def _decode_launch(
             BLOCK_D=block_d,
             BLOCK_S=_next_pow2(num_splits),
             MIN_CHUNK=min_chunk,
-            BLOCK_N=block_n,
             USE_PDL=use_pdl,
             num_warps=4,
             launch_pdl=use_pdl,
