@@ -336,7 +336,7 @@ if HAS_TRITON:
         (33 splits launched, 2-4 used). Masked rows still issue their instructions and widen the reductions (sm_90 PTX at
         33 splits: 20 more barriers and 28 more L2 load instructions than the loop; at 8 rows, 4 more and 12 fewer), so
         a sequence of at most _SMALL_SPLITS splits merges a tile of that many rows: batch 1 at 128 + 128 1,178 / 1,181 ->
-        1,236 / 1,232 tokens/s (H100, fortieth session; the loop's 1,195 / 1,214 in the thirty-ninth). The loads skip L1,
+        1,250 / 1,210 tokens/s (H100, fortieth session; the loop's 1,195 / 1,214 in the thirty-ninth). The loads skip L1,
         which is not coherent with the other splits' stores."""
         if BLOCK_S > _SMALL_SPLITS:
             if n_split <= _SMALL_SPLITS:
