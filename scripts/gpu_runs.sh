@@ -22,7 +22,7 @@
 #   knobs   the few-rows matmul's steps in flight by rows against 5 / 3 for all rows, in whole decode, and its GPU tests (~250 s)
 #   rows    the few-rows decode matmul (kernels/rows_matmul.py): GPU tests, against cuBLAS with a tile sweep, decode on / off
 #   profile  the decode graphs' kernels by device time: 0.6B batch 1 / 64, 30B-A3B batch 1 (~200 s)
-#   merge-small  the split merge's 8-row tile and the idle splits' trim, apart (.small = fcacd67, .before = c250578; ~520 s)
+#   merge-small  the split merge's 8-row tile and the idle splits' trim, apart (. = 8fa57ae, .small = fcacd67, .before = c250578; ~415 s, fortieth session)
 #   merge-h200  decode attention's tile merge against the loop over splits (.before = 0fdb108): its GPU tests, one before /
 #               after round, then (H200) the offline rollouts, else a second round (~560 s)
 #   h200-goals  issue 24's goals on an H200 (~430 s, `needs_h200`): 0.6B batch 1 / 64, 0.6B / 8B rollouts, 0.6B streaming
@@ -330,8 +330,9 @@ norm-ab)  # the RMSNorm kernel's weight loaded before the PDL wait (eb3faeb, not
     done
     PYTHONPATH=src run profile_now 60 python3 bench/profile_decode.py --shape qwen3-0.6b --batch 64
     ;;
-merge-small)  # the thirty-ninth session's two decode attention changes, not yet run on a GPU, apart: this tree (a sequence
-    # of at most 8 splits merges an 8-row tile, and splits that whole key blocks leave without keys write nothing),
+merge-small)  # the thirty-ninth session's two decode attention changes apart, as run in the fortieth with this tree at 8fa57ae
+    # (a sequence of at most 8 splits merges an 8-row tile, and splits that whole key blocks leave without keys write
+    # nothing; the second was then reverted, so this tree is now .small's kernel),
     # .small (fcacd67: the 8-row tile only) and .before (c250578: the launch's whole tile); unpack them with
     #   git archive fcacd67 src bench | (mkdir -p .small && tar -x -C .small)
     #   git archive c250578 src bench | (mkdir -p .before && tar -x -C .before)
