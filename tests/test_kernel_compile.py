@@ -19,7 +19,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from hotswap.kernels import argmax, fused, fused_moe, pdl, rows_matmul, sampling, skinny_matmul  # noqa: E402
+from hotswap.kernels import argmax, fused, fused_moe, l2_prefetch, pdl, rows_matmul, sampling, skinny_matmul  # noqa: E402
 from hotswap.kernels import triton_attention as ta  # noqa: E402
 
 BF16 = torch.bfloat16
@@ -93,6 +93,15 @@ def test_norm_rotary_and_elementwise_kernels(hopper):
     # the decode norms (PDL) load their weight before the wait
     pdl_norms = [k for k in hopper["_rmsnorm_kernel"] if "griddepcontrol.wait" in k.asm["ptx"]]
     assert pdl_norms and all(loads_before_wait(k) >= 1 for k in pdl_norms)
+
+
+def test_l2_prefetch_kernel(hopper):
+    """ptxas takes the inline TMA bulk prefetch (sm_90): one predicated instruction a lane, and no load or store."""
+    l2_prefetch.prefetch(torch.empty(1024, 3072 * 2, dtype=BF16), torch.empty(1024, 3072, dtype=BF16))
+    assert_compiled(hopper, "_prefetch_kernel")
+    ptx = hopper["_prefetch_kernel"][0].asm["ptx"]
+    assert len(re.findall(r"cp\.async\.bulk\.prefetch\.L2\.global", ptx)) == 2  # A's branch and B's
+    assert not re.search(r"\b(ld|st)\.global", ptx)
 
 
 def test_sampling_and_argmax_kernels(hopper):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from hotswap.config import ModelConfig
-from hotswap.kernels import fused, skinny_matmul
+from hotswap.kernels import fused, l2_prefetch, skinny_matmul
 from hotswap.kernels.split_sum import SplitSum
 from hotswap.models.forward_context import ForwardContext
 from hotswap.models.layers import MergedColumnLinear, RMSNorm, RotaryEmbedding, RowLinear, VocabEmbedding
@@ -34,16 +34,18 @@ class Attention(nn.Module):
         self.rotary = rotary
 
     def norm_forward(self, x: torch.Tensor | SplitSum, residual: torch.Tensor | None, norm: RMSNorm,
-                     ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+                     ctx: ForwardContext, ahead: l2_prefetch.Ahead | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention on norm(x + residual) (norm(x) before the first residual); returns (output, new residual).
         A decode of up to 64 rows (our matmul kernels) finishes its heads (norm, rotary, KV store) inside the qkv
-        matmul."""
+        matmul, and asks L2 for the weights `ahead` once that matmul is queued."""
         if ((ctx.skinny_matmul and skinny_matmul.HEADS_EPILOGUE) or ctx.rows_matmul) and fused.available(x):
             k_cache, v_cache = ctx.attention.kv_cache(self.layer_id)
             q_w, k_w, eps = self._qk_norm()
             heads = skinny_matmul.HeadsEpilogue(self.num_heads, self.num_kv_heads, self.head_dim, q_w, k_w, eps,
                                                 self.rotary.cos_sin, ctx.positions, k_cache, v_cache, ctx.slot_mapping)
             qkv, residual = self.qkv_proj.norm_forward(x, residual, norm, ctx.skinny_matmul, heads)
+            if ahead is not None:
+                ahead.ask()
             q = qkv[:, :self.num_heads * self.head_dim].view(-1, self.num_heads, self.head_dim)
             return self._project(ctx.attention.attend(self.layer_id, q, self.scale, ctx), ctx), residual
         qkv, residual = self.qkv_proj.norm_forward(x, residual, norm, ctx.skinny_matmul)
@@ -118,8 +120,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.torch_dtype)
         self.mlp = _mlp(cfg, layer_id, tp)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext):
-        x, residual = self.self_attn.norm_forward(x, residual, self.input_layernorm, ctx)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext,
+                side: l2_prefetch.SideStream | None = None):
+        """With `side`, a dense layer's MLP weights are asked of L2 while its attention runs (kernels/l2_prefetch.py)."""
+        ahead = None
+        if side is not None and isinstance(self.mlp, MLP):
+            ahead = l2_prefetch.Ahead(side, self.mlp.gate_up_proj.weight, self.mlp.down_proj.weight)
+        x, residual = self.self_attn.norm_forward(x, residual, self.input_layernorm, ctx, ahead)
         return self.mlp.norm_forward(x, residual, self.post_attention_layernorm, ctx)
 
 
@@ -132,11 +139,15 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp, rotary) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.torch_dtype)
         self.rotary = rotary
+        self.l2_side = l2_prefetch.SideStream()
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x, residual = self.embed_tokens.embed(input_ids, ctx.input_src, ctx.prev_ids), None
+        side = self.l2_side if ctx.is_decode and l2_prefetch.wanted(x) else None
         for layer in self.layers:
-            x, residual = layer(x, residual, ctx)
+            x, residual = layer(x, residual, ctx, side)
+        if side is not None:
+            side.join()
         x, _ = self.norm.forward_residual(x, residual)
         return x
 

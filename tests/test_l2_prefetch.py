@@ -1,0 +1,73 @@
+"""The small batches' L2 prefetch of the MLP weights (kernels/l2_prefetch.py): what it asks for, when a forward forks
+it, and on a GPU that decode with it gives the tokens decode without it gives, bit for bit (it is a hint), in CUDA
+graphs and eagerly. Its sm_90 build: tests/test_kernel_compile.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_reference import prompt_ids
+
+from hotswap import Engine
+from hotswap.kernels import l2_prefetch
+from hotswap.testing.tiny_models import build_tiny_checkpoint
+
+GREEDY = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
+
+
+@pytest.mark.parametrize("nbytes", [16, l2_prefetch.CHUNK, 32 * l2_prefetch.CHUNK, 32 * l2_prefetch.CHUNK + 16,
+                                    12_582_912])
+def test_the_lanes_ask_for_every_byte_once(nbytes):
+    """Lane i of program p asks for min(CHUNK, nbytes - offset) bytes at offset (p * 32 + i) * CHUNK, none past the
+    end (the kernel's `_chunks`); the launch's programs cover the tensor and none of them is idle."""
+    programs = l2_prefetch._programs(nbytes)
+    offsets = [(p * 32 + i) * l2_prefetch.CHUNK for p in range(programs) for i in range(32)]
+    sizes = [max(0, min(nbytes - off, l2_prefetch.CHUNK)) for off in offsets]
+    assert sum(sizes) == nbytes
+    assert all(s % 16 == 0 for s in sizes)
+    assert (programs - 1) * 32 * l2_prefetch.CHUNK < nbytes
+
+
+def test_only_whole_aligned_tensors_are_asked_for():
+    w = torch.empty(64, 100, dtype=torch.bfloat16)
+    assert l2_prefetch._asked_bytes(w) == 64 * 100 * 2
+    assert l2_prefetch._asked_bytes(torch.empty(1001, dtype=torch.bfloat16)) == 2000  # rounded down to 16 bytes
+    assert l2_prefetch._asked_bytes(w.t()) == 0  # not contiguous
+    assert l2_prefetch._asked_bytes(w.view(-1)[4:]) == 0  # 8 bytes past an aligned start
+
+
+def test_a_forward_forks_it_only_when_on_on_a_hopper_for_few_rows(monkeypatch):
+    x = torch.zeros(1, 64)
+    monkeypatch.setattr(l2_prefetch, "ENABLED", True)
+    assert not l2_prefetch.wanted(x)  # no CUDA tensor
+    monkeypatch.setattr(l2_prefetch, "ENABLED", False)
+    assert not l2_prefetch.wanted(x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 4])
+def test_decode_with_the_prefetch_gives_the_same_tokens(batch, tmp_path, monkeypatch):
+    """Batch 1 runs the one-row matmuls, batch 4 the few-rows ones (hidden 128 fits their tiles); with the prefetch
+    on, every dense layer's forward asked for its gate/up and down weights, and the tokens are those without it."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs a Hopper GPU (TMA bulk prefetches)")
+    path = build_tiny_checkpoint(tmp_path / "qwen3", "qwen3", hidden_size=128, intermediate_size=256, dtype="bfloat16")
+    prompts = [prompt_ids(110 + i, 10 + 3 * i) for i in range(batch)]
+
+    def run(graphs: bool) -> tuple[list, set]:
+        with Engine(str(path), device="cuda", dtype="bfloat16", enable_cuda_graph=graphs) as eng:
+            out = [o["output_ids"] for o in eng.generate(input_ids=prompts, sampling_params=GREEDY)]
+            layers = eng.model_runner.model.model.layers
+            return out, {(la.mlp.gate_up_proj.weight.data_ptr(), la.mlp.down_proj.weight.data_ptr()) for la in layers}
+
+    ref, _ = run(graphs=True)
+    asked = []
+    issue = l2_prefetch.prefetch
+    monkeypatch.setattr(l2_prefetch, "ENABLED", True)
+    monkeypatch.setattr(l2_prefetch, "prefetch", lambda a, b: (asked.append((a.data_ptr(), b.data_ptr())), issue(a, b)))
+    for graphs in (True, False):
+        asked.clear()
+        got, weights = run(graphs)
+        assert got == ref
+        assert weights <= set(asked)
+    torch.cuda.synchronize()
