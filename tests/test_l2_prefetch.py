@@ -71,3 +71,11 @@ def test_decode_with_the_prefetch_gives_the_same_tokens(batch, tmp_path, monkeyp
         assert got == ref
         assert weights <= set(asked)
     torch.cuda.synchronize()
+
+
+def test_weights_past_half_the_l2_are_not_asked_for(monkeypatch):
+    """With a 50 MB L2 (an H100's), the 0.6B shape's MLP weights (19 MB) are asked for, the 1.7B's (75 MB) are not."""
+    monkeypatch.setattr(l2_prefetch, "_budget", lambda device: 25 * 2**20)
+    bf16 = torch.bfloat16
+    assert l2_prefetch.fits(torch.empty(2 * 3072, 1024, dtype=bf16), torch.empty(1024, 3072, dtype=bf16))
+    assert not l2_prefetch.fits(torch.empty(2 * 6144, 2048, dtype=bf16), torch.empty(2048, 6144, dtype=bf16))

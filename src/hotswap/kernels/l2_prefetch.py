@@ -7,7 +7,8 @@ stream once the q/k/v matmul has run, a kernel on a side stream asks L2 for the 
 fire and forget, nothing waits for them), so the gate/up and down matmuls find them there. The side stream joins the
 step's stream at the end of the forward, so a CUDA graph captures the branch whole.
 
-Only steps of at most `MAX_ROWS` tokens fork it: at batch 64 attention streams its KV near the bandwidth, and the same
+Only a layer whose two weights fit in half the L2 asks (the 0.6B's 19 MB of 50 MB; the 1.7B's 75 MB and larger do not),
+and only steps of at most `MAX_ROWS` tokens fork it: at batch 64 attention streams its KV near the bandwidth, and the same
 prefetch (the layer's o_proj, gate/up and down weights) lost 1.3 % there (thirty-fifth session). Off by default until
 measured at small batches: `HOTSWAP_L2_PREFETCH=1` turns it on, `HOTSWAP_L2_PREFETCH_MAX_ROWS` moves the bound.
 """
@@ -30,19 +31,25 @@ MAX_ROWS = int(os.environ.get("HOTSWAP_L2_PREFETCH_MAX_ROWS", "4"))
 #: Bytes one bulk prefetch asks for; a program's 32 lanes ask for 32 such chunks (512 KiB).
 CHUNK = 16384
 _LANES = 32
-_CAPABLE: dict[int, bool] = {}
+_L2_BUDGET: dict[int, int] = {}  # device index -> bytes a layer may ask for (0: no TMA bulk prefetch there)
+
+
+def _budget(device: torch.device) -> int:
+    """Half the device's L2 where it has TMA bulk prefetches (compute capability 9.0+), else 0."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    budget = _L2_BUDGET.get(idx)
+    if budget is None:
+        props = torch.cuda.get_device_properties(idx)
+        budget = _L2_BUDGET[idx] = props.L2_cache_size // 2 if props.major >= 9 else 0
+    return budget
 
 
 def wanted(x: torch.Tensor) -> bool:
     """Whether a forward over `x` (its tokens in dim 0) forks the prefetches: on, at most MAX_ROWS tokens, and a
-    device with TMA bulk prefetches (compute capability 9.0+)."""
+    device with TMA bulk prefetches."""
     if not ENABLED or triton is None or x.device.type != "cuda" or x.shape[0] > MAX_ROWS:
         return False
-    idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    ok = _CAPABLE.get(idx)
-    if ok is None:
-        ok = _CAPABLE[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
-    return ok
+    return _budget(x.device) > 0
 
 
 if triton is not None:
@@ -85,6 +92,11 @@ def _asked_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size() // 16 * 16
 
 
+def fits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the bytes asked of `a` and `b` fit the L2 budget (past it they would evict each other)."""
+    return _asked_bytes(a) + _asked_bytes(b) <= _budget(a.device)
+
+
 def prefetch(a: torch.Tensor, b: torch.Tensor) -> None:
     """Ask L2 for the bytes of `a` and `b` on the current stream; the kernel ends once the prefetches are issued."""
     a_bytes, b_bytes = _asked_bytes(a), _asked_bytes(b)
@@ -103,6 +115,9 @@ class SideStream:
         self._pending: list[torch.cuda.Stream] = []
 
     def ask(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Fork a prefetch of `a` and `b` where they `fit`."""
+        if not fits(a, b):
+            return
         side = self._streams.get(a.device)
         if side is None:
             side = self._streams[a.device] = torch.cuda.Stream(a.device)
