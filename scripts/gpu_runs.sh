@@ -23,7 +23,7 @@
 #   rows    the few-rows decode matmul (kernels/rows_matmul.py): GPU tests, against cuBLAS with a tile sweep, decode on / off
 #   profile  the decode graphs' kernels by device time: 0.6B batch 1 / 64, 30B-A3B batch 1 (~200 s)
 #   merge-small  the split merge's 8-row tile and the idle splits' trim, apart (. = 8fa57ae, .small = fcacd67, .before = c250578; ~415 s, fortieth session)
-#   l2-small  the small batches' L2 prefetch of the MLP weights on / off: GPU tests, batch 1 / 4 / 16, profile, rollout (~350 s)
+#   l2-small  the small batches' L2 prefetch of the MLP weights on / off: GPU tests, batch 1 / 4 / 16, profiles, rollout (~370 s)
 #   merge-h200  decode attention's tile merge against the loop over splits (.before = 0fdb108): its GPU tests, one before /
 #               after round, then (H200) the offline rollouts, else a second round (~560 s)
 #   h200-goals  issue 24's goals on an H200 (~430 s, `needs_h200`): 0.6B batch 1 / 64, 0.6B / 8B rollouts, 0.6B streaming
@@ -345,8 +345,8 @@ merge-small)  # the thirty-ninth session's two decode attention changes apart, a
     ;;
 l2-small)  # the small batches' L2 prefetch of the MLP weights while attention runs (kernels/l2_prefetch.py, fortieth
     # session, off by default until this runs) against off: its GPU tests, 0.6B batch 1 (short and long contexts), 4 and
-    # 16 interleaved twice (the bound moved to 16 rows so batch 16 takes it), the batch-1 profile with it, the sampled
-    # rollout each way, whose tail runs few rows (~350 s on a cold machine)
+    # 16 interleaved twice (the bound moved to 16 rows so batch 16 takes it), the batch-1 profile each way, the sampled
+    # rollout each way, whose tail runs few rows (~370 s on a cold machine)
     PYTHONPATH=src run l2_tests:l2_small_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_l2_prefetch.py
     for round in 1 2; do
         for on in 0 1; do
@@ -354,8 +354,10 @@ l2-small)  # the small batches' L2 prefetch of the MLP weights while attention r
                 python3 bench/throughput.py --shape qwen3-0.6b --cases 1x128x128,1x2048x512,4x128x128,16x128x128 --hf none
         done
     done
-    HOTSWAP_L2_PREFETCH=1 PYTHONPATH=src run profile_l2:l2_small_profile 60 python3 bench/profile_decode.py --shape qwen3-0.6b \
-        --batch 1
+    for on in 0 1; do
+        HOTSWAP_L2_PREFETCH=$on PYTHONPATH=src run "profile_l2_$on:l2_small_profile" 60 python3 bench/profile_decode.py \
+            --shape qwen3-0.6b --batch 1
+    done
     for on in 0 1; do
         HOTSWAP_L2_PREFETCH=$on HOTSWAP_L2_PREFETCH_MAX_ROWS=16 PYTHONPATH=src run "rollout_l2_$on:l2_small" 90 python3 \
             bench/rollout.py --shape qwen3-0.6b --prompts 64 --n 8 --paths offline --modes sampled
