@@ -92,6 +92,9 @@ _KV_EVICT = "evict_first" if os.environ.get("HOTSWAP_EVICT_FIRST", "1") != "0" e
 # Measured and dropped (thirty-eighth session, H100, 31353b0): small batches' splits of 32 keys in the same 64-key tiles
 # (a short context over twice the programs): batch 1 1,177 / 1,182 against 1,226-1,236 tokens/s, attention 7.39 against
 # 6.51 us a layer on the batch-1 graph's critical path; alone, 28 layers at 1 x 192 keys 7.0 against 5.6 us a call.
+# Measured and dropped (fortieth session, H100, eb4cf32): at long contexts, the splits that the chunks' rounding up to
+# whole key blocks leaves without keys (2,300 keys over 33 splits: 15) exiting at once and left out of the merge's count:
+# batch 1 at 2,048 + 512 tokens 995 / 997 against 1,014 / 1,014 tokens/s without it.
 
 # Tunables (defaults; measured on H100, see bench/attention_kernels.py).
 _DECODE_TARGET_CTAS_PER_SM = 2  # aim for about this many split-programs per SM
@@ -234,7 +237,7 @@ if HAS_TRITON:
 
         seq_len = tl.load(SEQ + b).to(tl.int32)
         # Splits actually used by this sequence (the shape-fixed num_splits is an upper bound); the others
-        # write nothing, and the reduce kernel reads only these (`_active_splits` there too). An unused split
+        # write nothing, and the merge reads only these (`_active_splits` in the merge kernel too). An unused split
         # exits without waiting for the previous kernel (pdl.py), so it holds no SM slot through that kernel's
         # tail; split 0 of every (sequence, KV head) waits, so the launch still ends after the previous one.
         n_split = _active_splits(seq_len, num_splits, MIN_CHUNK)
