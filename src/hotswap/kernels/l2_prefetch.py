@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hotswap.kernels.sm_count import device_properties
+
 try:
     import triton
     import triton.language as tl
@@ -31,17 +33,13 @@ MAX_ROWS = int(os.environ.get("HOTSWAP_L2_PREFETCH_MAX_ROWS", "4"))
 #: Bytes one bulk prefetch asks for; a program's 32 lanes ask for 32 such chunks (512 KiB).
 CHUNK = 16384
 _LANES = 32
-_L2_BUDGET: dict[int, int] = {}  # device index -> bytes a layer may ask for (0: no TMA bulk prefetch there)
 
 
 def _budget(device: torch.device) -> int:
-    """Half the device's L2 where it has TMA bulk prefetches (compute capability 9.0+), else 0."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    budget = _L2_BUDGET.get(idx)
-    if budget is None:
-        props = torch.cuda.get_device_properties(idx)
-        budget = _L2_BUDGET[idx] = props.L2_cache_size // 2 if props.major >= 9 else 0
-    return budget
+    """Bytes a layer may ask for: half the device's L2 where it has TMA bulk prefetches (compute capability 9.0+),
+    else 0."""
+    props = device_properties(device)
+    return props.L2_cache_size // 2 if props.major >= 9 else 0
 
 
 def wanted(x: torch.Tensor) -> bool:
