@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 
 TESTS = Path(__file__).parent
 INTERPRETED = ["test_fused_moe.py", "test_attention_interpreted.py", "test_skinny_interpreted.py", "test_rows_interpreted.py",
-               "test_sampling_interpreted.py"]
+               "test_sampling_interpreted.py", "test_prefetch_interpreted.py"]
 
 
 def test_kernels_pass_under_the_interpreter():

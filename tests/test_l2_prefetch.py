@@ -1,8 +1,11 @@
 """The small batches' L2 prefetch of the MLP weights (kernels/l2_prefetch.py): what it asks for, when a forward forks
 it, and on a GPU that decode with it gives the tokens decode without it gives, bit for bit (it is a hint), in CUDA
-graphs and eagerly. Its sm_90 build: tests/test_kernel_compile.py."""
+graphs and eagerly. Its sm_90 build: tests/test_kernel_compile.py; its lanes' byte spans through Triton's
+interpreter: tests/test_prefetch_interpreted.py."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,19 +18,6 @@ from hotswap.testing.tiny_models import build_tiny_checkpoint
 GREEDY = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
 
 
-@pytest.mark.parametrize("nbytes", [16, l2_prefetch.CHUNK, 32 * l2_prefetch.CHUNK, 32 * l2_prefetch.CHUNK + 16,
-                                    12_582_912])
-def test_the_lanes_ask_for_every_byte_once(nbytes):
-    """Lane i of program p asks for min(CHUNK, nbytes - offset) bytes at offset (p * 32 + i) * CHUNK, none past the
-    end (the kernel's `_chunks`); the launch's programs cover the tensor and none of them is idle."""
-    programs = l2_prefetch._programs(nbytes)
-    offsets = [(p * 32 + i) * l2_prefetch.CHUNK for p in range(programs) for i in range(32)]
-    sizes = [max(0, min(nbytes - off, l2_prefetch.CHUNK)) for off in offsets]
-    assert sum(sizes) == nbytes
-    assert all(s % 16 == 0 for s in sizes)
-    assert (programs - 1) * 32 * l2_prefetch.CHUNK < nbytes
-
-
 def test_only_whole_aligned_tensors_are_asked_for():
     w = torch.empty(64, 100, dtype=torch.bfloat16)
     assert l2_prefetch._asked_bytes(w) == 64 * 100 * 2
@@ -37,11 +27,18 @@ def test_only_whole_aligned_tensors_are_asked_for():
 
 
 def test_a_forward_forks_it_only_when_on_on_a_hopper_for_few_rows(monkeypatch):
-    x = torch.zeros(1, 64)
+    """On, a CUDA device with an L2 budget (a Hopper's: a stand-in here) and at most MAX_ROWS tokens; else not."""
+    on_cuda = lambda rows: SimpleNamespace(device=torch.device("cuda", 0), shape=(rows, 64))  # noqa: E731
     monkeypatch.setattr(l2_prefetch, "ENABLED", True)
-    assert not l2_prefetch.wanted(x)  # no CUDA tensor
+    monkeypatch.setattr(l2_prefetch, "_budget", lambda device: 25 * 2**20)
+    assert l2_prefetch.wanted(on_cuda(l2_prefetch.MAX_ROWS))
+    assert not l2_prefetch.wanted(on_cuda(l2_prefetch.MAX_ROWS + 1))
+    assert not l2_prefetch.wanted(torch.zeros(1, 64))  # a CPU tensor
+    monkeypatch.setattr(l2_prefetch, "_budget", lambda device: 0)  # before Hopper: no TMA bulk prefetch
+    assert not l2_prefetch.wanted(on_cuda(1))
+    monkeypatch.setattr(l2_prefetch, "_budget", lambda device: 25 * 2**20)
     monkeypatch.setattr(l2_prefetch, "ENABLED", False)
-    assert not l2_prefetch.wanted(x)
+    assert not l2_prefetch.wanted(on_cuda(1))
 
 
 @pytest.mark.gpu
@@ -70,7 +67,6 @@ def test_decode_with_the_prefetch_gives_the_same_tokens(batch, tmp_path, monkeyp
         got, weights = run(graphs)
         assert got == ref
         assert weights <= set(asked)
-    torch.cuda.synchronize()
 
 
 def test_weights_past_half_the_l2_are_not_asked_for(monkeypatch):

@@ -61,11 +61,16 @@ if triton is not None:
             "=r,l,r", [ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
-    def _chunks(BASE, nbytes, program, CHUNK_BYTES: tl.constexpr, LANES: tl.constexpr):
-        """Lane i of `program` asks for chunk program * LANES + i of the `nbytes` at BASE."""
+    def _spans(nbytes, program, CHUNK_BYTES: tl.constexpr, LANES: tl.constexpr):
+        """(byte offset, bytes) lane i of `program` asks for: chunk program * LANES + i of `nbytes`, 0 bytes past them."""
         offs = (program * LANES + tl.arange(0, LANES)).to(tl.int64) * CHUNK_BYTES
         size = tl.minimum(nbytes - offs, CHUNK_BYTES)
-        size = tl.where(size > 0, size, 0).to(tl.int32)
+        return offs, tl.where(size > 0, size, 0).to(tl.int32)
+
+    @triton.jit
+    def _chunks(BASE, nbytes, program, CHUNK_BYTES: tl.constexpr, LANES: tl.constexpr):
+        """`program`'s lanes ask L2 for their `_spans` of the `nbytes` at BASE."""
+        offs, size = _spans(nbytes, program, CHUNK_BYTES, LANES)
         _ask_l2(BASE.to(tl.pointer_type(tl.uint8)) + offs, size)
 
     @triton.jit
